@@ -1,0 +1,125 @@
+"""Tokenizer: a ``tokenizers.Tokenizer`` plus BOS/EOS handling and the chat template."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import tokenizers
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+@dataclass
+class Tokenizer:
+    backend: tokenizers.Tokenizer
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    add_bos: bool = False
+    chat_template: str | None = None
+    special_tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size()
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        # The backend's post-processor may already add BOS (Llama 2/3 tokenizer.json do).
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if (add_special_tokens and self.add_bos and self.bos_token_id is not None
+                and (not ids or ids[0] != self.bos_token_id)):
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    # ---- chat -----------------------------------------------------------
+    def apply_chat_template(self, messages: list[dict[str, str]],
+                            add_generation_prompt: bool = True) -> str:
+        if not self.chat_template:
+            raise TokenizerError(
+                "this model has no chat template; use `llamadist generate --prompt` instead of chat")
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
+
+        def raise_exception(msg: str) -> None:
+            raise TokenizerError(f"chat template error: {msg}")
+
+        env.globals["raise_exception"] = raise_exception
+        env.filters["tojson"] = lambda x, **kw: json.dumps(x, ensure_ascii=False)
+        try:
+            template = env.from_string(self.chat_template)
+            return template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                   **self.special_tokens)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"chat template error: {e}") from None
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        text = self.apply_chat_template(messages)
+        # The template already holds any BOS text it wants; do not add another.
+        ids = self.backend.encode(text, add_special_tokens=False).ids
+        if self.add_bos and self.bos_token_id is not None and (not ids or ids[0] != self.bos_token_id):
+            bos_text = self.backend.id_to_token(self.bos_token_id)
+            if bos_text is not None and not text.startswith(bos_text):
+                ids = [self.bos_token_id] + ids
+        return ids
+
+
+def _token_str(value: Any) -> str | None:
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+def load_hf_tokenizer(folder: Path, eos_from_config: tuple[int, ...] = (),
+                      bos_from_config: int | None = None) -> Tokenizer:
+    """Read tokenizer.json, tokenizer_config.json and generation_config.json from a folder."""
+    tj = folder / "tokenizer.json"
+    if not tj.is_file():
+        raise TokenizerError(
+            f"no tokenizer.json in {folder}; llamadist needs the fast-tokenizer file "
+            f"(save it with `tokenizer.save_pretrained(...)` from transformers)")
+    try:
+        backend = tokenizers.Tokenizer.from_file(str(tj))
+    except Exception as e:  # the tokenizers library raises a bare Exception
+        raise TokenizerError(f"{tj} could not be read: {e}") from None
+    cfg: dict[str, Any] = {}
+    if (folder / "tokenizer_config.json").is_file():
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    gen: dict[str, Any] = {}
+    if (folder / "generation_config.json").is_file():
+        gen = json.loads((folder / "generation_config.json").read_text())
+
+    special = {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    special = {k: v for k, v in special.items() if v}
+
+    def tok_id(key: str) -> int | None:
+        return backend.token_to_id(special[key]) if key in special else None
+
+    eos: list[int] = []
+    for src in (gen.get("eos_token_id"), list(eos_from_config), tok_id("eos_token")):
+        for e in (src if isinstance(src, list) else [src]):
+            if e is not None and e not in eos:
+                eos.append(int(e))
+    bos = gen.get("bos_token_id", bos_from_config)
+    if bos is None:
+        bos = tok_id("bos_token")
+    template = cfg.get("chat_template")
+    if isinstance(template, list):  # a list of named templates
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    return Tokenizer(backend=backend, bos_token_id=bos, eos_token_ids=tuple(eos),
+                     pad_token_id=tok_id("pad_token"), add_bos=bool(cfg.get("add_bos_token", False)),
+                     chat_template=template, special_tokens=special)
