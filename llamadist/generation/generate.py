@@ -1,0 +1,229 @@
+"""Generation: one iterator shared by the CLI, the chat loop and the benchmarks.
+
+A batch of prompts of different lengths is left-padded into shared cache slots;
+each sequence gets its own RoPE positions and a mask that hides the padding, so
+its tokens are those it would get alone.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from llamadist.config import ModelConfig
+from llamadist.generation.sampling import SamplingParams, sample
+from llamadist.generation.tokenizer import Tokenizer
+
+
+class ContextLimitError(ValueError):
+    """A request that cannot fit the context, refused before any compute."""
+
+
+class StepModel(Protocol):
+    """What generation drives: the in-process Engine or a distributed pipeline."""
+    config: ModelConfig
+    max_seq_len: int
+    max_batch: int
+    device: torch.device
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
+                valid: torch.Tensor | None = None, logits: str = "last") -> torch.Tensor: ...
+
+
+@dataclass
+class Sequence:
+    prompt_token_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    _emitted: int = 0  # characters of text already streamed
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt
+    token_id: int
+    text: str  # newly streamable text (may be "" while a stop string or UTF-8 char is pending)
+    finished: bool
+
+
+@dataclass
+class GenerationStats:
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    prompt_tokens: int = 0
+    decode_steps: int = 0
+    batch_size: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps * self.batch_size / self.decode_s if self.decode_s else 0.0
+
+    def to_dict(self) -> dict:
+        return {"prefill_s": self.prefill_s, "decode_s": self.decode_s,
+                "prompt_tokens": self.prompt_tokens, "decode_steps": self.decode_steps,
+                "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+def check_context(prompts: list[list[int]], max_new_tokens: int, max_seq_len: int,
+                  max_batch: int | None = None) -> None:
+    if not prompts:
+        raise ValueError("no prompts given")
+    if max_batch is not None and len(prompts) > max_batch:
+        raise ValueError(f"{len(prompts)} prompts but the engine was built for a batch of "
+                         f"{max_batch}; raise max_batch")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"prompt {i} is empty after tokenization")
+    longest = max(len(p) for p in prompts)
+    if longest > max_seq_len:
+        raise ContextLimitError(f"prompt of {longest} tokens is longer than the context limit "
+                                f"of {max_seq_len} tokens")
+    if longest + max_new_tokens > max_seq_len:
+        raise ContextLimitError(
+            f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
+            f"{longest + max_new_tokens} exceeds the context limit of {max_seq_len} tokens; "
+            f"lower --max-new-tokens to {max_seq_len - longest} or shorten the prompt")
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, max_seq_len: int, device: torch.device
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """-> tokens (B, L), positions (B, L), valid (B, max_seq_len) or None when no padding."""
+    longest = max(len(p) for p in prompts)
+    pads = [longest - len(p) for p in prompts]
+    tokens = torch.tensor([[pad_id] * n + p for n, p in zip(pads, prompts)], dtype=torch.long)
+    pad_t = torch.tensor(pads).view(-1, 1)
+    positions = (torch.arange(longest).view(1, -1) - pad_t).clamp(min=0)
+    valid = None
+    if any(pads):
+        valid = torch.ones(len(prompts), max_seq_len, dtype=torch.bool)
+        valid[:, :longest] = torch.arange(longest).view(1, -1) >= pad_t
+        valid = valid.to(device)
+    return tokens.to(device), positions.to(device), valid
+
+
+class Generator:
+    """Streams tokens for a batch of tokenized prompts through a StepModel."""
+
+    def __init__(self, model: StepModel, tokenizer: Tokenizer | None, params: SamplingParams,
+                 eos_token_ids: tuple[int, ...] = ()):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.params = params
+        self.eos = set(eos_token_ids) | set(tokenizer.eos_token_ids if tokenizer else ())
+        self.stats = GenerationStats()
+        self.sequences: list[Sequence] = []
+
+    def stream(self, prompts: list[list[int]]) -> Iterator[list[StreamEvent]]:
+        """Yield, after each step, one event per sequence that produced a token."""
+        p = self.params
+        check_context(prompts, p.max_new_tokens, self.model.max_seq_len, self.model.max_batch)
+        self.sequences = [Sequence(list(x)) for x in prompts]
+        self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), batch_size=len(prompts))
+        if p.max_new_tokens == 0:
+            return
+        dev = self.model.device
+        gen = torch.Generator(device=dev)
+        gen.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
+        pad = self.tokenizer.pad_token_id if self.tokenizer and self.tokenizer.pad_token_id is not None else 0
+        tokens, positions, valid = left_pad(prompts, pad, self.model.max_seq_len, dev)
+        seen = self._seen(prompts, dev) if p.repetition_penalty != 1.0 else None
+
+        t0 = time.perf_counter()
+        logits = self.model.forward(tokens, positions, 0, valid)  # (B, 1, V)
+        slot, pos = tokens.shape[1], positions[:, -1:] + 1
+        for step in range(p.max_new_tokens):
+            next_tok = sample(logits[:, -1], p, gen, seen)  # (B,)
+            if seen is not None:
+                seen[torch.arange(len(prompts), device=dev), next_tok] = True
+            ids = next_tok.tolist()  # the one host sync per step: stop checks need it
+            now = time.perf_counter()
+            if step == 0:
+                self.stats.prefill_s = now - t0
+            else:
+                self.stats.decode_s += now - t0
+                self.stats.decode_steps += 1
+            events = self._advance(ids, step)
+            yield events
+            if all(s.done for s in self.sequences) or step == p.max_new_tokens - 1:
+                break
+            t0 = time.perf_counter()
+            logits = self.model.forward(next_tok.view(-1, 1), pos, slot, valid)
+            slot, pos = slot + 1, pos + 1
+
+    def _seen(self, prompts: list[list[int]], dev: torch.device) -> torch.Tensor:
+        vocab = self.model.config.vocab_size
+        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=dev)
+        for i, ptoks in enumerate(prompts):
+            seen[i, torch.tensor(ptoks, device=dev)] = True
+        return seen
+
+    def _advance(self, ids: list[int], step: int) -> list[StreamEvent]:
+        events = []
+        for i, (seq, tok) in enumerate(zip(self.sequences, ids)):
+            if seq.done:
+                continue
+            seq.token_ids.append(tok)
+            if tok in self.eos and not self.params.ignore_eos:
+                seq.token_ids.pop()  # EOS ends the sequence and is not part of its text
+                seq.finish_reason = "stop"
+            elif step == self.params.max_new_tokens - 1:
+                seq.finish_reason = "length"
+            events.append(StreamEvent(i, tok, self._new_text(seq), seq.done))
+        return events
+
+    def _new_text(self, seq: Sequence) -> str:
+        if self.tokenizer is None:
+            return ""
+        text = self.tokenizer.decode(seq.token_ids)
+        for stop in self.params.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+                seq.finish_reason = "stop"
+        seq.text = text
+        if not seq.done:
+            # Hold back an unfinished UTF-8 character and any tail that may begin a stop string.
+            safe = len(text.rstrip("\ufffd"))
+            for stop in self.params.stop:
+                for k in range(min(len(stop) - 1, safe), 0, -1):
+                    if text[safe - k:safe] == stop[:k]:
+                        safe -= k
+                        break
+        else:
+            safe = len(text)
+        delta = text[seq._emitted:safe] if safe > seq._emitted else ""
+        seq._emitted = max(seq._emitted, safe)
+        return delta
+
+
+@dataclass
+class GenerationResult:
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    stats: dict
+
+    def to_dict(self) -> dict:
+        return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
+                "text": self.text, "finish_reason": self.finish_reason, "stats": self.stats}
+
+
+def generate(model: StepModel, tokenizer: Tokenizer | None, prompts: list[list[int]],
+             params: SamplingParams) -> list[GenerationResult]:
+    """Run to completion and return one result per prompt."""
+    gen = Generator(model, tokenizer, params)
+    for _ in gen.stream(prompts):
+        pass
+    stats = gen.stats.to_dict()
+    return [GenerationResult(s.prompt_token_ids, s.token_ids, s.text, s.finish_reason, stats)
+            for s in gen.sequences]

@@ -1,0 +1,158 @@
+"""The pure Llama model: embedding, RMSNorm, RoPE, GQA attention over a caller-owned
+KV cache, SwiGLU MLP, final norm and head.
+
+No torch.distributed here. A ``Llama`` may hold any contiguous range of decoder
+layers (a pipeline stage); layers keep their global index, so a stage with
+layers 12..23 names its parameters ``model.layers.12.…`` exactly like the
+Hugging Face checkpoint. Build it on the meta device and let
+:mod:`llamadist.weights.loader` fill in the tensors the stage owns.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamadist.config import ModelConfig
+from llamadist.model.rope import RotaryTable, apply_rotary
+from llamadist.runtime.kv_cache import LayerCache, KVCache
+
+# Cache start position: a Python int (eager path) or a 0-d long tensor (graph path).
+Start = int | torch.Tensor
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in float32, as the reference does, then cast back before the scale.
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, bias = config.hidden_size, config.attention_bias
+        self.head_dim = config.head_dim
+        self.q_proj = nn.Linear(d, config.q_size, bias=bias)
+        self.k_proj = nn.Linear(d, config.kv_size, bias=bias)
+        self.v_proj = nn.Linear(d, config.kv_size, bias=bias)
+        self.o_proj = nn.Linear(config.q_size, d, bias=bias)
+        # Set by llamadist.model.fuse: one (q|k|v) matmul instead of three.
+        self.qkv_proj: nn.Linear | None = None
+        self.qkv_split: tuple[int, int, int] = (0, 0, 0)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_proj is not None:
+            return self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.project(x)
+        # Head counts come from the projection widths, so a tensor-parallel
+        # shard of this module (fewer heads) runs through the same code.
+        q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        keys, values = cache.write(k, v, start)  # (B, H_kv, S, D)
+        gqa = q.shape[1] != keys.shape[1]
+        if mask is None and t > 1:
+            # Only a fresh prefill (start == 0, all tokens valid) takes this path:
+            # the engine passes an explicit mask whenever start > 0 and t > 1.
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
+        return self.o_proj(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_up_proj: nn.Linear | None = None  # set by llamadist.model.fuse
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerCache, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    """A contiguous slice ``[layers.start, layers.stop)`` of a Llama model.
+
+    The first stage holds the embedding (``has_embed``), the last the final
+    norm and head (``has_head``). The full model is ``Llama(config)``.
+    """
+
+    def __init__(self, config: ModelConfig, layers: range | None = None,
+                 has_embed: bool | None = None, has_head: bool | None = None):
+        super().__init__()
+        layers = range(config.num_layers) if layers is None else layers
+        self.config = config
+        self.layer_range = layers
+        self.has_embed = layers.start == 0 if has_embed is None else has_embed
+        self.has_head = layers.stop == config.num_layers if has_head is None else has_head
+        self.model = nn.Module()
+        self.model.embed_tokens = (nn.Embedding(config.vocab_size, config.hidden_size)
+                                   if self.has_embed else None)
+        self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layers})
+        self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.has_head else None
+        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+                        if self.has_head else None)
+        if config.tie_word_embeddings and self.has_embed and self.has_head:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.rope: RotaryTable | None = None
+
+    def setup_rope(self, max_positions: int, device: torch.device | str) -> None:
+        """Precompute the cos/sin table on the stage's device (after loading)."""
+        self.rope = RotaryTable(self.config, max_positions, device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: Start,
+                mask: torch.Tensor | None = None, logits: str = "last") -> torch.Tensor:
+        """Run this stage.
+
+        x: token ids (B, T) on the first stage, hidden states (B, T, D) otherwise.
+        positions: (B, T) RoPE positions. start: the cache slot of x[:, 0].
+        mask: (B, 1, T, S) bool, True where a query may attend; None for no padding.
+        logits: on the last stage, "last" (B, 1, V), "all" (B, T, V) or "none" (hidden).
+        """
+        h = self.model.embed_tokens(x) if self.has_embed else x
+        assert self.rope is not None, "call setup_rope() before forward"
+        cos, sin = self.rope.lookup(positions, h.dtype)
+        for idx, layer in self.model.layers.items():
+            h = layer(h, cos, sin, cache.layer(int(idx)), start, mask)
+        if not self.has_head or logits == "none":
+            return h
+        if logits == "last":
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))

@@ -1,0 +1,101 @@
+"""A pipeline stage: a slice of the model on one device, with its own KV caches."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llamadist.config import ModelConfig
+from llamadist.model.llama import Llama, Start
+from llamadist.runtime.kv_cache import KVCache
+from llamadist.weights.checkpoint import Checkpoint
+from llamadist.weights.loader import LoadStats, ShardFn, load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class StageStats:
+    compute_s: float = 0.0
+    transfer_s: float = 0.0
+    bytes_in: int = 0
+    calls: int = 0
+    load: LoadStats | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {"compute_s": self.compute_s, "transfer_s": self.transfer_s,
+             "bytes_in": self.bytes_in, "calls": self.calls}
+        if self.load:
+            d["load_s"] = self.load.seconds
+            d["weight_bytes"] = self.load.bytes
+        return d
+
+
+class Stage:
+    """Layers ``[layers.start, layers.stop)`` on ``device``, with ``lanes`` KV caches
+    (one per micro-batch in flight)."""
+
+    def __init__(self, model: Llama, device: torch.device, dtype: torch.dtype, batch_size: int,
+                 max_seq_len: int, lanes: int = 1, num_kv_heads: int | None = None):
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.layers = model.layer_range
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.caches = [KVCache(model.config, self.layers, batch_size, max_seq_len, device, dtype,
+                               num_kv_heads) for _ in range(lanes)]
+        self.stats = StageStats()
+
+    @property
+    def has_embed(self) -> bool:
+        return self.model.has_embed
+
+    @property
+    def has_head(self) -> bool:
+        return self.model.has_head
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, start: Start,
+                mask: torch.Tensor | None, lane: int = 0, logits: str = "last",
+                timed: bool = False) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self.model(x, positions, self.caches[lane], start, mask, logits)
+        if timed:
+            sync(self.device)
+            self.stats.compute_s += time.perf_counter() - t0
+        self.stats.calls += 1
+        return out
+
+
+def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dtype: torch.dtype,
+                batch_size: int, max_seq_len: int, *, has_embed: bool | None = None,
+                has_head: bool | None = None, lanes: int = 1, shard_fn: ShardFn | None = None,
+                config: ModelConfig | None = None, progress: bool = False) -> Stage:
+    """Build a stage on the meta device and stream in only its own tensors."""
+    config = config or ckpt.config
+    device = torch.device(device)
+    with torch.device("meta"):
+        model = Llama(config, layers, has_embed=has_embed, has_head=has_head)
+    stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress)
+    model.setup_rope(max_seq_len, device)
+    model.eval()
+    stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes)
+    stage.stats.load = stats
+    return stage

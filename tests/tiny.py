@@ -1,0 +1,72 @@
+"""Tiny random Llama checkpoints saved as real Hugging Face folders, for fast tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Distributed inference splits a model across devices, processes and hosts.",
+    "Once upon a time there was a tiny language model that dreamed of GPUs.",
+    "def main():\n    print('hello world')\n",
+    "1 2 3 4 5 6 7 8 9 10 100 1000",
+] * 20
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + "
+          "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+CONFIGS = {
+    # multi-head attention, untied head
+    "mha": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=4, tie_word_embeddings=False, rope_theta=10000.0),
+    # grouped-query attention, tied embeddings
+    "gqa_tied": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=5,
+                     num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=True,
+                     rope_theta=100000.0),
+    # llama3 rope scaling and an explicit head_dim that is not hidden/heads
+    "llama3": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=4,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+                   tie_word_embeddings=False, rope_theta=500000.0,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 64}),
+}
+
+
+def make_tokenizer(folder: Path) -> int:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                   "<|im_end|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "chat_template": CHATML, "add_bos_token": False,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tok.get_vocab_size()
+
+
+def make_tiny_model(folder: Path, kind: str = "gqa_tied", seed: int = 0) -> Path:
+    """Write config.json, model.safetensors, tokenizer files and generation_config.json."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(folder)
+    cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, **CONFIGS[kind])
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    # Larger-than-default weights make the logits spread, so greedy choices are not near-ties.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
