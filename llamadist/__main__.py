@@ -1,0 +1,5 @@
+import sys
+
+from llamadist.cli import main
+
+sys.exit(main())

@@ -1,0 +1,101 @@
+"""Generation semantics: batching, seeds, sampling knobs, stop conditions, limits."""
+
+import pytest
+import torch
+
+from llamadist.api import LLM
+from llamadist.generation.generate import ContextLimitError, Generator, generate
+from llamadist.generation.sampling import SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model):
+    return LLM(str(tiny_model), max_batch=4, max_seq_len=128)
+
+
+PROMPTS = ["The quick brown fox", "Distributed inference splits a model across devices and",
+           "1 2 3", "Once upon a time there was a tiny language model that dreamed"]
+
+
+def test_batch_of_four_equals_each_alone(llm):
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    batched = llm.generate(PROMPTS, params)
+    assert len({len(r.prompt_token_ids) for r in batched}) == 4  # really different lengths
+    for prompt, res in zip(PROMPTS, batched):
+        alone = llm.generate(prompt, params)[0]
+        assert res.token_ids == alone.token_ids
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(llm):
+    p = dict(max_new_tokens=24, temperature=1.3, top_p=0.95, seed=1234, ignore_eos=True)
+    a = llm.generate(PROMPTS[:2], SamplingParams(**p))
+    b = llm.generate(PROMPTS[:2], SamplingParams(**p))
+    c = llm.generate(PROMPTS[:2], SamplingParams(**{**p, "seed": 99}))
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+
+
+def test_top_k_one_equals_greedy(llm):
+    greedy = llm.generate(PROMPTS, max_new_tokens=12, ignore_eos=True)
+    topk1 = llm.generate(PROMPTS, max_new_tokens=12, temperature=0.8, top_k=1, seed=5,
+                         ignore_eos=True)
+    assert [r.token_ids for r in greedy] == [r.token_ids for r in topk1]
+
+
+def test_sample_filters():
+    logits = torch.tensor([[5.0, 4.0, 1.0, -3.0, 0.0]])
+    gen = torch.Generator().manual_seed(0)
+    draws = {int(sample(logits, SamplingParams(temperature=1.0, top_k=2), gen)) for _ in range(200)}
+    assert draws == {0, 1}
+    draws = {int(sample(logits, SamplingParams(temperature=1.0, top_p=0.5), gen)) for _ in range(50)}
+    assert draws == {0}  # token 0 alone holds > 50% of the mass
+    draws = {int(sample(logits, SamplingParams(temperature=1.0, min_p=0.2), gen)) for _ in range(200)}
+    assert draws == {0, 1}  # p1/p0 = e^-1 > 0.2; p2/p0 = e^-4 < 0.2
+
+
+def test_repetition_penalty_changes_output(llm):
+    plain = llm.generate(PROMPTS[0], max_new_tokens=20, ignore_eos=True)[0].token_ids
+    pen = llm.generate(PROMPTS[0], max_new_tokens=20, repetition_penalty=5.0, ignore_eos=True)[0]
+    # With a strong penalty, greedy decoding cannot repeat a token it already produced.
+    assert len(set(pen.token_ids)) == len(pen.token_ids) or pen.token_ids != plain
+
+
+def test_stream_text_equals_final_text_and_stop_string(llm):
+    full = llm.generate(PROMPTS[1], max_new_tokens=20, ignore_eos=True)[0].text
+    assert "".join(llm.stream(PROMPTS[1], max_new_tokens=20, ignore_eos=True)) == full
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    if stop.strip():
+        res = llm.generate(PROMPTS[1], max_new_tokens=20, stop=(stop,), ignore_eos=True)[0]
+        assert res.finish_reason == "stop" and stop not in res.text
+        assert full.startswith(res.text)
+
+
+def test_eos_ends_sequence(llm):
+    out = llm.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True)[0]
+    # Declare the first generated token an EOS: the sequence stops at once with no tokens.
+    gen = Generator(llm.engine, llm.tokenizer, SamplingParams(max_new_tokens=10),
+                    eos_token_ids=(out.token_ids[0],))
+    for _ in gen.stream([out.prompt_token_ids]):
+        pass
+    assert gen.sequences[0].token_ids == [] and gen.sequences[0].finish_reason == "stop"
+
+
+def test_context_limit_refused_before_compute(llm):
+    ids = list(range(3, 120))
+    with pytest.raises(ContextLimitError, match=r"117 tokens \+ max_new_tokens 20 = 137 .* 128"):
+        generate(llm.engine, None, [ids], SamplingParams(max_new_tokens=20))
+    with pytest.raises(ContextLimitError, match="longer than the context limit"):
+        generate(llm.engine, None, [list(range(3, 200))], SamplingParams(max_new_tokens=1))
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
+                                    (dict(top_k=-2), "top_k"), (dict(min_p=1.0), "min_p")])
+def test_bad_sampling_params(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw)
+
+
+def test_chat_template(llm):
+    text = llm.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert llm.chat([{"role": "user", "content": "hi"}], max_new_tokens=4) is not None
