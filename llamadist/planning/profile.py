@@ -1,0 +1,213 @@
+"""Per-layer cost of a Llama model, computed from its config alone (no weights, no device).
+
+One row per piece a pipeline stage can own: ``embed``, ``layers.{i}`` for every decoder layer,
+and ``head`` (final norm + lm_head). FLOP counts use 2 FLOPs per multiply-add; norms, RoPE,
+SiLU and softmax are ignored (they are memory-bound and small next to the matmuls).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from llamadist.config import ModelConfig
+from llamadist.planning.units import PlanningError, format_bytes, format_flops
+
+DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
+                  "fp32": "float32", "float": "float32"}
+# A planning default that keeps KV estimates sane for 128k-context configs (Llama 3.1).
+DEFAULT_MAX_SEQ_LEN = 4096
+
+
+def canonical_dtype(dtype: str) -> str:
+    name = str(dtype).removeprefix("torch.").lower()
+    name = _DTYPE_ALIASES.get(name, name)
+    if name not in DTYPE_BYTES:
+        raise PlanningError(
+            f"unknown dtype {dtype!r}; valid: {', '.join(DTYPE_BYTES)} "
+            f"(or {', '.join(_DTYPE_ALIASES)})")
+    return name
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost of one row. ``kind`` is "embed", "decoder" or "head"; ``index`` is the global
+    decoder-layer index (None for embed/head). ``tied`` marks a head whose lm_head shares the
+    embedding tensor: it is still counted, because a last stage that is not the first stage
+    must hold its own copy."""
+
+    name: str
+    kind: str
+    index: int | None
+    params: int
+    weight_bytes: int
+    matmul_flops_per_token: int      # 2 * (weights used in matmuls)
+    attn_flops_per_ctx_token: int    # QK^T + AV per query token per cached token
+    decode_flops_per_token: int      # at the profile's seq_len of context
+    prefill_flops: int               # for one prompt of seq_len tokens
+    kv_bytes_per_token: int          # K and V for one token of one sequence
+    tied: bool = False
+
+    def decode_flops(self, context: int) -> int:
+        """FLOPs for one new token attending to ``context`` cached tokens."""
+        return self.matmul_flops_per_token + self.attn_flops_per_ctx_token * context
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    model: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    dtype: str
+    bytes_per_param: int
+    seq_len: int
+    tie_word_embeddings: bool
+    embed: LayerCost
+    layers: tuple[LayerCost, ...]
+    head: LayerCost
+
+    @property
+    def rows(self) -> tuple[LayerCost, ...]:
+        return (self.embed, *self.layers, self.head)
+
+    @property
+    def tied_bytes(self) -> int:
+        """Bytes shared by embed and head when tied (saved when one stage holds both)."""
+        return self.embed.weight_bytes if self.tie_word_embeddings else 0
+
+    @property
+    def total_params(self) -> int:
+        """Unique parameters (the tied matrix once), as Hugging Face counts them."""
+        tied = self.embed.params if self.tie_word_embeddings else 0
+        return sum(r.params for r in self.rows) - tied
+
+    @property
+    def total_weight_bytes(self) -> int:
+        """Weight bytes on a single device (the tied matrix once)."""
+        return sum(r.weight_bytes for r in self.rows) - self.tied_bytes
+
+    @property
+    def total_decode_flops_per_token(self) -> int:
+        return sum(r.decode_flops_per_token for r in self.rows)
+
+    @property
+    def total_prefill_flops(self) -> int:
+        return sum(r.prefill_flops for r in self.rows)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return sum(r.kv_bytes_per_token for r in self.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["layers"] = [asdict(r) for r in self.layers]
+        d["totals"] = {
+            "params": self.total_params, "weight_bytes": self.total_weight_bytes,
+            "decode_flops_per_token": self.total_decode_flops_per_token,
+            "prefill_flops": self.total_prefill_flops,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelProfile":
+        d = {k: v for k, v in d.items() if k != "totals"}
+        d["embed"] = LayerCost(**d["embed"])
+        d["head"] = LayerCost(**d["head"])
+        d["layers"] = tuple(LayerCost(**r) for r in d["layers"])
+        return cls(**d)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelProfile":
+        return cls.from_dict(json.loads(text))
+
+
+def model_summary(config: ModelConfig) -> str:
+    return (f"llama L={config.num_layers} hidden={config.hidden_size} "
+            f"heads={config.num_heads}/{config.num_kv_heads} ffn={config.intermediate_size} "
+            f"vocab={config.vocab_size}{' tied' if config.tie_word_embeddings else ''}")
+
+
+def _decoder_row(config: ModelConfig, i: int, nbytes: int, seq_len: int) -> LayerCost:
+    d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    attn_w = d * q + 2 * d * kv + q * d                    # q, k, v, o projections
+    mlp_w = 3 * d * f                                      # gate, up, down
+    biases = (q + 2 * kv + d if config.attention_bias else 0) + (2 * f + d if config.mlp_bias else 0)
+    params = attn_w + mlp_w + biases + 2 * d               # + two RMSNorm weights
+    matmul = 2 * (attn_w + mlp_w)
+    attn_ctx = 4 * config.num_heads * config.head_dim      # 2 for QK^T, 2 for AV
+    # Causal prefill: token t attends to t+1 tokens -> sum = seq*(seq+1)/2 context tokens.
+    prefill = matmul * seq_len + attn_ctx * seq_len * (seq_len + 1) // 2
+    return LayerCost(
+        name=f"layers.{i}", kind="decoder", index=i, params=params, weight_bytes=params * nbytes,
+        matmul_flops_per_token=matmul, attn_flops_per_ctx_token=attn_ctx,
+        decode_flops_per_token=matmul + attn_ctx * seq_len, prefill_flops=prefill,
+        kv_bytes_per_token=2 * kv * nbytes)
+
+
+def profile(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None) -> ModelProfile:
+    """Cost of every piece of ``config`` at ``dtype``; ``seq_len`` is the context used for the
+    decode attention term and the prefill length (default min(max_position_embeddings, 4096))."""
+    dtype = canonical_dtype(dtype)
+    nbytes = DTYPE_BYTES[dtype]
+    if seq_len is None:
+        seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+    if seq_len < 1:
+        raise PlanningError(f"seq_len must be at least 1, got {seq_len}")
+    v, d = config.vocab_size, config.hidden_size
+    # The embedding is a gather: no FLOPs, and it reads one row per token.
+    embed = LayerCost("embed", "embed", None, v * d, v * d * nbytes, 0, 0, 0, 0, 0)
+    head_flops = 2 * v * d
+    # Prefill only needs logits for the last prompt token, so the head costs one token.
+    head = LayerCost("head", "head", None, v * d + d, (v * d + d) * nbytes, head_flops, 0,
+                     head_flops, head_flops, 0, tied=config.tie_word_embeddings)
+    layers = tuple(_decoder_row(config, i, nbytes, seq_len) for i in range(config.num_layers))
+    return ModelProfile(
+        model=model_summary(config), num_layers=config.num_layers, hidden_size=d, vocab_size=v,
+        dtype=dtype, bytes_per_param=nbytes, seq_len=seq_len,
+        tie_word_embeddings=config.tie_word_embeddings, embed=embed, layers=layers, head=head)
+
+
+def format_profile_table(prof: ModelProfile) -> str:
+    """Readable table: one line per row (identical consecutive decoder layers collapsed)."""
+    hdr = (f"{'row':<20}{'params':>14}{'weights':>13}{'decode/token':>16}"
+           f"{'prefill':>16}{'KV/token':>12}")
+    lines = [f"model: {prof.model}", f"dtype: {prof.dtype}  seq_len: {prof.seq_len}", hdr,
+             "-" * len(hdr)]
+
+    def line(label: str, r: LayerCost, count: int = 1) -> str:
+        return (f"{label:<20}{r.params * count:>14,}{format_bytes(r.weight_bytes * count):>13}"
+                f"{format_flops(r.decode_flops_per_token * count):>16}"
+                f"{format_flops(r.prefill_flops * count):>16}"
+                f"{format_bytes(r.kv_bytes_per_token * count):>12}")
+
+    lines.append(line("embed", prof.embed))
+    i = 0
+    while i < len(prof.layers):
+        j = i
+        while j + 1 < len(prof.layers) and _same_cost(prof.layers[j + 1], prof.layers[i]):
+            j += 1
+        label = f"layers.{i}" if i == j else f"layers.{i}-{j} (each)"
+        lines.append(line(label, prof.layers[i]))
+        i = j + 1
+    lines.append(line("head (tied)" if prof.head.tied else "head", prof.head))
+    lines.append("-" * len(hdr))
+    lines.append(
+        f"{'total':<20}{prof.total_params:>14,}{format_bytes(prof.total_weight_bytes):>13}"
+        f"{format_flops(prof.total_decode_flops_per_token):>16}"
+        f"{format_flops(prof.total_prefill_flops):>16}{format_bytes(prof.kv_bytes_per_token):>12}")
+    if prof.tie_word_embeddings:
+        lines.append(f"note: embed and head share one matrix ({format_bytes(prof.tied_bytes)}); "
+                     "a last stage on another device holds its own copy")
+    return "\n".join(lines)
+
+
+def _same_cost(a: LayerCost, b: LayerCost) -> bool:
+    return (a.params, a.decode_flops_per_token, a.kv_bytes_per_token) == \
+        (b.params, b.decode_flops_per_token, b.kv_bytes_per_token)
