@@ -15,7 +15,7 @@ LOGIT_TOL = 1e-4  # fp32, max abs difference
 @pytest.fixture(scope="module", params=["mha", "gqa_tied", "llama3"])
 def pair(request, tiny_models):
     folder = tiny_models[request.param]
-    hf = transformers.LlamaForCausalLM.from_pretrained(folder, torch_dtype=torch.float32).eval()
+    hf = transformers.LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     ours = Engine.load(str(folder), max_seq_len=128, max_batch=2)
     return hf, ours
 
