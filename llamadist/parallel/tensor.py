@@ -1,0 +1,204 @@
+"""Tensor parallelism (Megatron-style) as an explicit pass over a meta-built Llama stage.
+
+How a decoder layer is cut across the ``tp`` ranks of one tensor-parallel group:
+
+    q_proj, k_proj, v_proj   ColumnParallelLinear  rows (output features) split by head
+    o_proj                   RowParallelLinear     columns split by head; all-reduce
+    gate_proj, up_proj       ColumnParallelLinear  rows split by intermediate feature
+    down_proj                RowParallelLinear     columns split; all-reduce
+    embed_tokens             VocabParallelEmbedding vocab rows split; masked lookup; all-reduce
+    lm_head                  VocabParallelHead      vocab rows split; local logits; all-gather
+    norms                    replicated
+
+So a layer costs two all-reduces of the (B, T, D) hidden state; everything between a
+column and its row partner stays local. The Llama module itself is unchanged:
+``Attention`` derives head counts from the projection widths, so a rank holding
+``H / tp`` query heads runs the same code.
+
+GQA. KV heads are split when ``num_kv_heads % tp == 0``. When ``tp > num_kv_heads``
+(and ``tp % num_kv_heads == 0``) they are replicated instead: rank ``r`` holds KV head
+``r * num_kv_heads // tp``, the one its query heads attend with, and its KV cache holds
+one head (``tp_kv_heads``). Query heads must divide by ``tp``.
+
+The head. Each rank computes logits for its vocab slice and all-gathers them, so every
+rank ends with the identical full (B, T, V) logits. A replicated head would cost every
+rank the largest matrix of the model (V x D: 1 GiB in bf16 for Llama 3 8B) in memory and
+in bandwidth on every decode step; the gather moves only B x V logits. Because the
+gathered logits are the same bytes on every rank, greedy decoding picks the same token
+everywhere, and sampling does too *provided every rank uses a generator seeded with the
+same seed and calls it the same number of times* (the runtime must share the seed:
+``SamplingParams(seed=None)`` draws a different random seed per process).
+
+Order of the passes: build on meta -> pipeline cut -> ``apply_tensor_parallel`` ->
+``load_weights(..., shard_fn=tp_shard_fn(...))`` (each rank reads only its slice) ->
+optional fusion (fusing q|k|v or gate|up of the *local* shards into one plain Linear is
+correct, since column-parallel layers have no collective) -> ``setup_rope``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from llamadist.model.llama import Llama
+from llamadist.parallel.tp_layout import (TensorParallelError, TPSizes, check_tp, tp_kv_heads,
+                                          tp_shard_fn, tp_sizes, vocab_range)
+
+Group = dist.ProcessGroup | None
+
+__all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
+           "VocabParallelHead", "apply_tensor_parallel", "build_tp_stage", "tp_shard_fn",
+           "tp_kv_heads", "tp_sizes", "check_tp", "vocab_range", "TPSizes",
+           "TensorParallelError"]
+
+
+# ---- the parallel modules ------------------------------------------------
+def _empty_param(*shape: int, device: torch.device) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device=device), requires_grad=False)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y_local = x @ W_local^T + b_local: this rank's slice of the output features.
+
+    weight (out_local, in), bias (out_local,). No collective: the output stays sharded
+    (heads or intermediate features) for the row-parallel partner that follows."""
+
+    def __init__(self, in_features: int, out_local: int, bias: bool,
+                 device: torch.device | str = "meta"):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_local
+        self.weight = _empty_param(out_local, in_features, device=torch.device(device))
+        self.bias = _empty_param(out_local, device=torch.device(device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out_local)
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W_local^T) + b: input features sharded, output replicated.
+
+    weight (out, in_local); bias (out,) replicated and added once, after the reduce."""
+
+    def __init__(self, in_local: int, out_features: int, bias: bool, group: Group,
+                 device: torch.device | str = "meta"):
+        super().__init__()
+        self.in_features, self.out_features = in_local, out_features
+        self.group = group
+        self.weight = _empty_param(out_features, in_local, device=torch.device(device))
+        self.bias = _empty_param(out_features, device=torch.device(device)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight)  # (..., in_local) -> (..., out) partial sum
+        dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
+        return y if self.bias is None else y + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rows [vocab_start, vocab_end) of the embedding; ids outside give zeros, and the
+    all-reduce adds the one rank that owns each id. weight (V_local, D)."""
+
+    def __init__(self, vocab_size: int, dim: int, tp_rank: int, tp_size: int, group: Group,
+                 device: torch.device | str = "meta"):
+        super().__init__()
+        self.vocab_size, self.dim, self.group = vocab_size, dim, group
+        self.vocab_start, self.vocab_end = vocab_range(vocab_size, tp_rank, tp_size)
+        self.weight = _empty_param(self.vocab_end - self.vocab_start, dim,
+                                  device=torch.device(device))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        outside = (ids < self.vocab_start) | (ids >= self.vocab_end)  # (B, T)
+        local = (ids - self.vocab_start).masked_fill(outside, 0)
+        h = F.embedding(local, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)  # (B, T, D)
+        dist.all_reduce(h, op=dist.ReduceOp.SUM, group=self.group)
+        return h
+
+
+class VocabParallelHead(nn.Module):
+    """Logits for vocab rows [vocab_start, vocab_end), all-gathered into the full (..., V)
+    on every rank (see the module docstring for why not a replicated head)."""
+
+    def __init__(self, dim: int, vocab_size: int, tp_rank: int, tp_size: int, group: Group,
+                 device: torch.device | str = "meta"):
+        super().__init__()
+        self.vocab_size, self.tp_size, self.group = vocab_size, tp_size, group
+        self.vocab_start, self.vocab_end = vocab_range(vocab_size, tp_rank, tp_size)
+        self.per_rank = -(-vocab_size // tp_size)
+        self.weight = _empty_param(self.vocab_end - self.vocab_start, dim,
+                                  device=torch.device(device))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        local = F.linear(h, self.weight)  # (B, T, V_local)
+        pad = self.per_rank - local.shape[-1]
+        if pad:  # all_gather needs equal sizes: pad the short last slice, trim after
+            local = F.pad(local, (0, pad))
+        parts = [torch.empty_like(local) for _ in range(self.tp_size)]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)[..., :self.vocab_size]  # (B, T, V)
+
+
+# ---- the pass ------------------------------------------------------------
+def apply_tensor_parallel(model: Llama, group: Group, tp_rank: int, tp_size: int) -> Llama:
+    """Swap the linear layers, embedding and head of a meta-built stage for their parallel
+    counterparts, in place, before loading; returns ``model``. ``group`` is the
+    tensor-parallel ProcessGroup this rank belongs to (rank ``tp_rank`` of ``tp_size``)."""
+    config = model.config
+    sizes = tp_sizes(config, tp_rank, tp_size)
+    if tp_size == 1:
+        return model
+    if any(not p.is_meta for p in model.parameters()):
+        raise TensorParallelError("apply_tensor_parallel must run on a meta-built model, "
+                                  "before load_weights (each rank then reads only its shard)")
+    d, hd = config.hidden_size, config.head_dim
+    for layer in model.model.layers.values():
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_proj is not None or mlp.gate_up_proj is not None:
+            raise TensorParallelError("apply tensor parallel before fusing q|k|v / gate|up")
+        ab, mb = config.attention_bias, config.mlp_bias
+        attn.q_proj = ColumnParallelLinear(d, sizes.q_heads * hd, ab)
+        attn.k_proj = ColumnParallelLinear(d, sizes.kv_heads * hd, ab)
+        attn.v_proj = ColumnParallelLinear(d, sizes.kv_heads * hd, ab)
+        attn.o_proj = RowParallelLinear(sizes.q_heads * hd, d, ab, group)
+        mlp.gate_proj = ColumnParallelLinear(d, sizes.intermediate, mb)
+        mlp.up_proj = ColumnParallelLinear(d, sizes.intermediate, mb)
+        mlp.down_proj = RowParallelLinear(sizes.intermediate, d, mb, group)
+    tied = (model.lm_head is not None and model.model.embed_tokens is not None
+            and model.lm_head.weight is model.model.embed_tokens.weight)
+    if model.model.embed_tokens is not None:
+        model.model.embed_tokens = VocabParallelEmbedding(config.vocab_size, d, tp_rank,
+                                                          tp_size, group)
+    if model.lm_head is not None:
+        model.lm_head = VocabParallelHead(d, config.vocab_size, tp_rank, tp_size, group)
+        if tied:  # both hold the same vocab rows, so the tie survives the split
+            model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def build_tp_stage(ckpt, layers: range, device: torch.device | str, dtype: torch.dtype,
+                   batch_size: int, max_seq_len: int, group: Group, tp_rank: int,
+                   tp_size: int, *, has_embed: bool | None = None,
+                   has_head: bool | None = None, lanes: int = 1, progress: bool = False,
+                   fuse: bool | None = None):
+    """``runtime.stage.build_stage`` with the tensor-parallel pass between the meta build and
+    the load: this rank's shard of layers ``layers``, its KV cache sized by tp_kv_heads.
+    ``group``: the TP device group (NCCL on GPU, gloo on CPU) of this stage's ranks.
+    ``fuse``: concatenate the local q|k|v and gate|up shards after loading (default: CUDA)."""
+    from llamadist.runtime.stage import Stage
+    from llamadist.weights.loader import load_weights
+
+    config, device = ckpt.config, torch.device(device)
+    with torch.device("meta"):
+        model = Llama(config, layers, has_embed=has_embed, has_head=has_head)
+    apply_tensor_parallel(model, group, tp_rank, tp_size)
+    stats = load_weights(model, ckpt, device, dtype, shard_fn=tp_shard_fn(config, tp_rank, tp_size),
+                         progress=progress)
+    model.setup_rope(max_seq_len, device)
+    if fuse if fuse is not None else device.type == "cuda":
+        from llamadist.model.fuse import fuse_projections
+        fuse_projections(model)  # column shards have no collective, so they fuse as-is
+    model.eval()
+    stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes,
+                  num_kv_heads=tp_kv_heads(config, tp_size))
+    stage.stats.load = stats
+    return stage

@@ -1,0 +1,430 @@
+"""The automatic planner: enumerate (tp, pp, dp, layer split) layouts over a cluster,
+predict each one's memory per device and time per token, keep those that fit, rank them.
+
+Cost model (one decode step; every weight and the KV cache are read once per step):
+
+    stage compute   max(FLOPs / tp / device FLOP/s, bytes read / tp / device bandwidth)
+    tensor parallel 2 all-reduces per layer of the (u, D) hidden state, each
+                    latency + 2 (tp-1)/tp * bytes / link bandwidth; plus one for the
+                    vocab-parallel embedding and an all-gather of the (u, V) logits
+    pipeline        latency + u * D * bytes / link bandwidth per stage boundary
+    latency         one micro-batch goes through the stages in turn: the sum (the
+                    pipeline bubble: each stage idles while the others work)
+    throughput      m = min(pp, batch) micro-batches in flight: a step takes
+                    max(sum of stage times, m * slowest stage)
+
+A link is the intra-node one when every device it joins sits on one node, the
+inter-node one otherwise; so TP groups land inside a node and pipeline cuts across
+nodes exactly when the bandwidths say so. The layer split of each replica is the
+min-max dynamic programme of :mod:`llamadist.planning.strategies` (over contiguous
+splits, with stages that do not fit their memory forbidden), so heterogeneous devices
+get more or fewer layers. Prefill is not modelled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
+
+from llamadist.config import ModelConfig
+from llamadist.parallel.tp_layout import TensorParallelError, check_tp, tp_kv_heads
+from llamadist.planning.devices import (REFERENCE_BANDWIDTH, REFERENCE_FLOPS, DeviceSpec,
+                                        parse_memory)
+from llamadist.planning.plan import Plan, Stage
+from llamadist.planning.profile import ModelProfile
+from llamadist.planning.strategies import CostModel, headroom_bytes, partition_dp
+from llamadist.planning.units import PlanningError, format_bytes, format_seconds
+
+OBJECTIVES = ("latency", "throughput")
+NVLINK_BW, INFINIBAND_BW = 300e9, 25e9          # bytes/s: NVLink-class, 200 Gb/s IB
+NVLINK_LATENCY, NETWORK_LATENCY = 10e-6, 30e-6  # seconds per collective or send
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices in rank order and the node each sits on, with the two kinds of link."""
+
+    devices: tuple[DeviceSpec, ...]
+    node_of: tuple[int, ...]
+    intra_bw: float = NVLINK_BW
+    inter_bw: float = INFINIBAND_BW
+    intra_latency_s: float = NVLINK_LATENCY
+    inter_latency_s: float = NETWORK_LATENCY
+
+    def link(self, idx: Sequence[int]) -> tuple[float, float]:
+        """(bandwidth, latency) of the link joining devices ``idx``."""
+        if len({self.node_of[i] for i in idx}) <= 1:
+            return self.intra_bw, self.intra_latency_s
+        return self.inter_bw, self.inter_latency_s
+
+
+def make_cluster(devices: Sequence[DeviceSpec] | None = None, *, gpus: int | None = None,
+                 nodes: int = 1, gpu_memory: int | str = "80GiB",
+                 intra_bw: float = NVLINK_BW, inter_bw: float = INFINIBAND_BW,
+                 intra_latency_s: float = NVLINK_LATENCY,
+                 inter_latency_s: float = NETWORK_LATENCY) -> Cluster:
+    """``devices`` (in rank order) or ``gpus`` reference GPUs in total, spread evenly over
+    ``nodes``; device j sits on node j // (devices per node)."""
+    count = len(devices) if devices is not None else (gpus or 0)
+    if count < 1:
+        raise PlanningError("give devices or a positive number of GPUs (--gpus N)")
+    if nodes < 1 or count % nodes:
+        raise PlanningError(f"{count} devices cannot be spread evenly over {nodes} nodes; "
+                            f"give a device count that divides by the node count")
+    per = count // nodes
+    if devices is None:
+        mem = parse_memory(gpu_memory)
+        devices = [DeviceSpec(f"node{j // per}/cuda:{j % per}" if nodes > 1 else f"cuda:{j}",
+                              mem, 1.0, "cuda", REFERENCE_FLOPS, REFERENCE_BANDWIDTH)
+                   for j in range(gpus)]
+    devices = tuple(devices)
+    return Cluster(devices, tuple(j // per for j in range(len(devices))), intra_bw, inter_bw,
+                   intra_latency_s, inter_latency_s)
+
+
+@dataclass(frozen=True)
+class StagePlacement:
+    """One pipeline stage of one replica: layers [start, end) on a TP group of devices.
+    Bytes are per device; times are for one micro-batch."""
+
+    start: int
+    end: int
+    devices: tuple[str, ...]
+    weight_bytes: int
+    kv_bytes: int
+    usable_bytes: int
+    compute_s: float
+    tp_comm_s: float
+    send_s: float                 # hidden state to the next stage (0 on the last)
+
+    @property
+    def memory_bytes(self) -> int:
+        return self.weight_bytes + self.kv_bytes
+
+    @property
+    def time_s(self) -> float:
+        return self.compute_s + self.tp_comm_s + self.send_s
+
+
+@dataclass(frozen=True)
+class AutoCandidate:
+    """A layout: ``dp`` replicas, each ``pp`` stages of ``tp`` devices. ``step_s`` is the
+    time for every sequence of the batch to get one token (the per-sequence latency);
+    ``time_per_token_s`` is what the objective ranks by."""
+
+    tp: int
+    pp: int
+    dp: int
+    objective: str
+    batch_size: int
+    max_seq_len: int
+    micro_batches: int
+    replicas: tuple[tuple[StagePlacement, ...], ...]
+    step_s: float
+    tokens_per_s: float
+    why: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+
+    @property
+    def stages(self) -> tuple[StagePlacement, ...]:
+        return self.replicas[0]
+
+    @property
+    def splits(self) -> tuple[tuple[int, int], ...]:
+        return tuple((s.start, s.end) for s in self.stages)
+
+    @property
+    def time_per_token_s(self) -> float:
+        return self.step_s if self.objective == "latency" else 1.0 / self.tokens_per_s
+
+    @property
+    def bottleneck_s(self) -> float:
+        """Slowest stage of any replica (what the split's min-max DP minimises)."""
+        return max(s.time_s for r in self.replicas for s in r)
+
+    @property
+    def memory_per_device(self) -> dict[str, int]:
+        return {d: s.memory_bytes for r in self.replicas for s in r for d in s.devices}
+
+    @property
+    def max_memory_bytes(self) -> int:
+        return max(self.memory_per_device.values())
+
+    def breakdown(self) -> dict[str, float]:
+        """Seconds per step along the slowest replica: compute, TP and PP communication."""
+        r = max(self.replicas, key=lambda st: sum(s.time_s for s in st))
+        return {"compute": sum(s.compute_s for s in r), "tp_comm": sum(s.tp_comm_s for s in r),
+                "pp_comm": sum(s.send_s for s in r)}
+
+    @property
+    def bubble(self) -> float:
+        """Fraction of device time idle in a step (pipeline bubble)."""
+        busy = sum(s.time_s for s in self.stages) * self.micro_batches
+        return max(0.0, 1.0 - busy / (self.pp * self.step_s)) if self.step_s else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.update(label=self.label, time_per_token_s=self.time_per_token_s,
+                 memory_per_device=self.memory_per_device, bubble=self.bubble)
+        return d
+
+    def to_plan(self, model: str, num_layers: int, dtype: str) -> Plan:
+        """Replica 0 as a Plan (device = the first device of each TP group, ``tp`` set)."""
+        k = len(self.stages)
+        stages = tuple(Stage(i, s.start, s.end, s.devices[0], i == 0, i == k - 1,
+                             s.weight_bytes, s.kv_bytes, s.time_s)
+                       for i, s in enumerate(self.stages))
+        return Plan(model, num_layers, stages, "auto", dtype, self.batch_size,
+                    self.max_seq_len, self.tp).validate()
+
+
+# ---- cost of one stage ------------------------------------------------------
+@dataclass(frozen=True)
+class CostContext:
+    """What every stage estimate needs: the profile's prefix sums (via a batch-1
+    CostModel), the cluster, the config (for TP head checks) and the context length."""
+
+    cm: CostModel               # batch 1: prefix sums of weights, KV/token, FLOPs/token
+    cluster: Cluster
+    config: ModelConfig | None
+    context: int
+    headroom: float | int
+
+    def kv_factor(self, tp: int) -> float:
+        """Share of a layer's KV one device holds (KV heads replicated when tp > kv)."""
+        if self.config is None:
+            return 1.0 / tp
+        return tp_kv_heads(self.config, tp) / self.config.num_kv_heads
+
+    def kv_proj_extra(self, tp: int) -> int:
+        """Bytes per layer above weights / tp when replicated KV heads copy k/v_proj."""
+        c = self.config
+        if c is None or c.num_kv_heads % tp == 0:
+            return 0
+        local = tp_kv_heads(c, tp) - c.num_kv_heads / tp
+        return int(2 * c.hidden_size * c.head_dim * local * self.cm.profile.bytes_per_param)
+
+    def usable(self, group: Sequence[int]) -> int:
+        devs = [self.cluster.devices[j] for j in group]
+        return min(d.memory_bytes - headroom_bytes(d, self.headroom) for d in devs)
+
+
+class ReplicaCost:
+    """The stages of one replica: ``pp`` TP groups of ``tp`` consecutive devices of
+    ``block``; a micro-batch of ``u`` sequences; KV caches for ``seqs`` sequences.
+    Per-group constants are computed once, so the split's DP costs O(1) per call."""
+
+    def __init__(self, c: CostContext, tp: int, block: Sequence[int], u: int, seqs: int):
+        self.c, self.tp, self.u, self.seqs = c, tp, u, seqs
+        self.groups = [list(block[i:i + tp]) for i in range(0, len(block), tp)]
+        cl, p = c.cluster, c.cm.profile
+        self.kvf, self.extra = c.kv_factor(tp), c.kv_proj_extra(tp)
+        self.hidden = u * p.hidden_size * p.bytes_per_param            # (u, D) activations
+        self.logits = u * p.vocab_size * p.bytes_per_param               # (u, V) logits
+        self.rates = [(min(cl.devices[j].flops for j in g),
+                       min(cl.devices[j].mem_bandwidth for j in g)) for g in self.groups]
+        self.usable = [c.usable(g) for g in self.groups]
+        self.tp_link = [cl.link(g) for g in self.groups]
+        self.send_link = [cl.link([g[0], h[0]]) for g, h in zip(self.groups, self.groups[1:])]
+
+    @property
+    def k(self) -> int:
+        return len(self.groups)
+
+    def numbers(self, i: int, s: int, e: int) -> tuple[float, float, float, float, float]:
+        """(weight bytes, KV bytes, compute s, TP comm s, send s) of stage i on [s, e)."""
+        cm, p, tp, u = self.c.cm, self.c.cm.profile, self.tp, self.u
+        first, last, n = i == 0, i == self.k - 1, e - s
+        weights = cm.weight_bytes(s, e, first, last) / tp + n * self.extra
+        kv_seq = (cm.kv[e] - cm.kv[s]) * self.c.context * self.kvf     # per sequence
+        flops = u * (cm.flops[e] - cm.flops[s] + (p.head.matmul_flops_per_token if last else 0))
+        dev_flops, dev_bw = self.rates[i]
+        compute = max(flops / tp / dev_flops, (weights + kv_seq * u) / dev_bw)
+        tp_comm = 0.0
+        if tp > 1:
+            bw, lat = self.tp_link[i]
+            tp_comm = (2 * n + first) * (lat + 2 * (tp - 1) / tp * self.hidden / bw)
+            if last:  # all-gather of the vocab-parallel logits
+                tp_comm += lat + (tp - 1) / tp * self.logits / bw
+        send = 0.0
+        if not last:
+            bw, lat = self.send_link[i]
+            send = lat + self.hidden / bw
+        return weights, kv_seq * self.seqs, compute, tp_comm, send
+
+    def placement(self, i: int, s: int, e: int) -> StagePlacement:
+        w, kv, compute, tp_comm, send = self.numbers(i, s, e)
+        names = tuple(self.c.cluster.devices[j].name for j in self.groups[i])
+        return StagePlacement(s, e, names, int(w), int(kv), self.usable[i], compute, tp_comm, send)
+
+    def stages(self, ends: Sequence[int]) -> tuple[StagePlacement, ...]:
+        return tuple(self.placement(i, s, e) for i, (s, e) in enumerate(zip([0, *ends[:-1]], ends)))
+
+    def time_cost(self, i: int, s: int, e: int) -> float:
+        """Stage time, or inf when it does not fit its devices' memory."""
+        w, kv, compute, tp_comm, send = self.numbers(i, s, e)
+        return compute + tp_comm + send if w + kv <= self.usable[i] else math.inf
+
+    def memory_cost(self, i: int, s: int, e: int) -> float:
+        w, kv, *_ = self.numbers(i, s, e)
+        return (w + kv) / self.usable[i] if self.usable[i] > 0 else math.inf
+
+    def split(self) -> list[int]:
+        """Stage ends minimising the slowest stage among splits that fit ([] if none fits),
+        then the most even split with that bottleneck (the strategies' DP, reused)."""
+        n = self.c.cm.profile.num_layers
+        worst, ends = partition_dp(n, self.k, self.time_cost)
+        if worst == math.inf:
+            return []
+        _, even = partition_dp(n, self.k, self.time_cost, bound=worst)
+        return even or ends
+
+    def shortfall(self) -> tuple[int, StagePlacement]:
+        """Bytes over budget of the worst device under the most memory-balanced split."""
+        n = self.c.cm.profile.num_layers
+        _, ends = partition_dp(n, self.k, self.memory_cost)
+        stages = self.stages(ends) if ends else (self.placement(0, 0, n),)
+        worst = max(stages, key=lambda st: st.memory_bytes - st.usable_bytes)
+        return worst.memory_bytes - worst.usable_bytes, worst
+
+
+# ---- enumeration ------------------------------------------------------------
+def layouts(n_devices: int, num_layers: int, batch_size: int,
+            config: ModelConfig | None) -> list[tuple[int, int, int]]:
+    """Every (tp, pp, dp) with tp * pp * dp <= n_devices that the model allows."""
+    out = []
+    for tp in range(1, n_devices + 1):
+        if config is not None:
+            try:
+                check_tp(config, tp)
+            except TensorParallelError:
+                continue
+        for pp in range(1, min(num_layers, n_devices // tp) + 1):
+            for dp in range(1, min(batch_size, n_devices // (tp * pp)) + 1):
+                out.append((tp, pp, dp))
+    return out
+
+
+def _candidate(c: CostContext, tp: int, pp: int, dp: int, objective: str,
+               batch_size: int) -> AutoCandidate | None:
+    replicas, periods, tokens = [], [], 0.0
+    for r in range(dp):
+        seqs = batch_size // dp + (1 if r < batch_size % dp else 0)
+        m = min(pp, seqs) if objective == "throughput" else 1
+        u = -(-seqs // m)
+        rc = ReplicaCost(c, tp, range(r * tp * pp, (r + 1) * tp * pp), u, seqs)
+        ends = rc.split()
+        if not ends:
+            return None
+        stages = rc.stages(ends)
+        period = max(sum(s.time_s for s in stages), m * max(s.time_s for s in stages))
+        replicas.append(stages)
+        periods.append(period)
+        tokens += seqs / period
+    m = min(pp, batch_size // dp) if objective == "throughput" else 1
+    return AutoCandidate(tp, pp, dp, objective, batch_size, c.context, m, tuple(replicas),
+                         max(periods), tokens)
+
+
+def auto_plan(profile: ModelProfile, devices: Sequence[DeviceSpec] | None = None, *,
+              gpus: int | None = None, nodes: int = 1, gpu_memory: int | str = "80GiB",
+              intra_bw: float = NVLINK_BW, inter_bw: float = INFINIBAND_BW,
+              intra_latency_s: float = NVLINK_LATENCY, inter_latency_s: float = NETWORK_LATENCY,
+              objective: str = "latency", batch_size: int = 1, max_seq_len: int | None = None,
+              config: ModelConfig | None = None, headroom: float | int = 0.1,
+              top: int = 5) -> list[AutoCandidate]:
+    """The ``top`` layouts that fit, best first; the first carries ``why`` it wins.
+
+    ``devices`` in rank order (or ``gpus`` reference GPUs of ``gpu_memory`` each), spread
+    evenly over ``nodes``; bandwidths in bytes/s. ``config`` enables the head-count checks
+    of tensor parallelism (without it every tp is assumed to divide). Raises PlanningError
+    with the shortfall in bytes when no layout fits."""
+    if objective not in OBJECTIVES:
+        raise PlanningError(f"unknown objective {objective!r}; choose {' or '.join(OBJECTIVES)}")
+    if batch_size < 1:
+        raise PlanningError(f"batch_size must be positive, got {batch_size}")
+    cluster = make_cluster(devices, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory,
+                           intra_bw=intra_bw, inter_bw=inter_bw,
+                           intra_latency_s=intra_latency_s, inter_latency_s=inter_latency_s)
+    context = max_seq_len or profile.seq_len
+    c = CostContext(CostModel.build(profile, 1, context), cluster, config, context, headroom)
+    options = layouts(len(cluster.devices), profile.num_layers, batch_size, config)
+    cands = [x for x in (_candidate(c, *o, objective, batch_size) for o in options) if x]
+    if not cands:
+        raise _nothing_fits(c, options, batch_size)
+    cands.sort(key=lambda x: (x.time_per_token_s, x.tp * x.pp * x.dp, x.max_memory_bytes))
+    best = replace(cands[0], why=_why(cands, len(options) - len(cands), cluster))
+    return [best, *cands[1:top]]
+
+
+def _nothing_fits(c: CostContext, options: list[tuple[int, int, int]], batch: int) -> PlanningError:
+    best = None
+    for tp, pp, dp in options:
+        seqs = -(-batch // dp)
+        short, st = ReplicaCost(c, tp, range(tp * pp), 1, seqs).shortfall()
+        if best is None or short < best[0]:
+            best = (short, st, (tp, pp, dp))
+    if best is None:
+        return PlanningError("no tensor/pipeline layout is possible for this model on these "
+                             f"{len(c.cluster.devices)} devices")
+    short, st, (tp, pp, dp) = best
+    p = c.cm.profile
+    total = p.total_weight_bytes + p.kv_bytes_per_token * c.context * batch
+    usable = sum(c.usable([j]) for j in range(len(c.cluster.devices)))
+    return PlanningError(
+        f"the model fits on no layout of these {len(c.cluster.devices)} devices: the closest, "
+        f"tp={tp} pp={pp} dp={dp}, needs {short} bytes ({format_bytes(short)}) more on "
+        f"{', '.join(st.devices)} (layers {st.start}..{st.end - 1}: {st.memory_bytes} bytes "
+        f"per device, {st.usable_bytes} usable after headroom); the model needs {total} bytes "
+        f"(weights {p.dtype} + KV cache for batch {batch} x {c.context} tokens) and the "
+        f"devices offer {usable} bytes in all")
+
+
+def _why(cands: list[AutoCandidate], rejected: int, cluster: Cluster) -> str:
+    win = cands[0]
+    fit = (f"; {rejected} layout{'s' if rejected > 1 else ''} did not fit in memory"
+           if rejected else "")
+    if len(cands) == 1:
+        return f"{win.label} is the only layout that fits in memory{fit}"
+    run = next((x for x in cands[1:] if (x.tp, x.pp, x.dp) != (win.tp, win.pp, win.dp)),
+               cands[1])
+    wb, rb = win.breakdown(), run.breakdown()
+    key = max(wb, key=lambda k: rb[k] - wb[k])
+    what = {"compute": "compute and memory reads", "tp_comm": "tensor-parallel all-reduces",
+            "pp_comm": "pipeline sends"}[key]
+    links = ""
+    if key != "compute" and len(set(cluster.node_of)) > 1:
+        links = (f" (links: {cluster.intra_bw / 1e9:g} GB/s in a node, "
+                 f"{cluster.inter_bw / 1e9:g} GB/s between nodes)")
+    return (f"{win.label} wins with {format_seconds(win.time_per_token_s)}/token against "
+            f"{format_seconds(run.time_per_token_s)} for {run.label}, mostly on {what}: "
+            f"{format_seconds(wb[key])} vs {format_seconds(rb[key])} per step{links}{fit}")
+
+
+def format_auto_plans(cands: Sequence[AutoCandidate]) -> str:
+    """A table of the candidates (best first), the winner's stages and why it wins."""
+    if not cands:
+        return "no layout fits"
+    hdr = (f"{'#':>2}  {'layout':<18}{'gpus':>5}  {'split':<26}{'mem/device':>12}{'time/token':>12}"
+           f"{'tokens/s':>11}{'bubble':>8}")
+    lines = [f"objective: {cands[0].objective}  batch_size={cands[0].batch_size} "
+             f"max_seq_len={cands[0].max_seq_len}", hdr, "-" * len(hdr)]
+    for i, x in enumerate(cands):
+        split = ",".join(f"{s}:{e}" for s, e in x.splits)
+        split = split if len(split) <= 24 else split[:21] + "..."
+        lines.append(f"{i:>2}  {x.label:<18}{x.tp * x.pp * x.dp:>5}  {split:<26}{format_bytes(x.max_memory_bytes):>12}"
+                     f"{format_seconds(x.time_per_token_s):>12}{x.tokens_per_s:>11.1f}"
+                     f"{x.bubble:>8.0%}")
+    lines.append("-" * len(hdr))
+    win = cands[0]
+    for r, stages in enumerate(win.replicas):
+        for i, s in enumerate(stages):
+            lines.append(f"replica {r} stage {i}: layers [{s.start}, {s.end}) on "
+                         f"{', '.join(s.devices)}: {format_bytes(s.memory_bytes)}/device of "
+                         f"{format_bytes(s.usable_bytes)} usable, {format_seconds(s.time_s)}")
+    lines.append(f"why: {win.why}")
+    return "\n".join(lines)
