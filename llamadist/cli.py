@@ -7,6 +7,10 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from functools import partial
+
+from llamadist.distributed.cli_args import (add_distributed_args, add_grid_args, in_worker,
+                                             launch_workers, wants_distributed)
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError,
                                                 IndexError, TypeError)
@@ -23,6 +27,10 @@ def _add_placement(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--max-seq-len", type=int, help="KV-cache length (default: what the request needs)")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly on CUDA instead of replaying captured CUDA graphs")
+    g.add_argument("--no-compile", action="store_true",
+                   help="capture the eager decoder layers (skip torch.compile's fused kernels)")
 
 
 def _add_sampling(p: argparse.ArgumentParser, max_new: int = 128) -> None:
@@ -35,6 +43,29 @@ def _add_sampling(p: argparse.ArgumentParser, max_new: int = 128) -> None:
     g.add_argument("--repetition-penalty", type=float, default=1.0)
     g.add_argument("--seed", type=int)
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _int_or_list(text: str) -> int | list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    return values[0] if len(values) == 1 else values
+
+
+def _add_shape_bench(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("random-weight shapes (llamadist.bench_gpu)")
+    g.add_argument("--shape", help="llama3-8b | llama2-7b | llama3-70b | smollm2-135m: random "
+                   "weights built on the device, random token ids, no checkpoint")
+    g.add_argument("--stages", default="1", help="pipeline stages on the one device, e.g. 1,2,4")
+    g.add_argument("--compare", choices=["hf"], help="also run transformers on the same weights")
+    g.add_argument("--graph-modes", help="decode paths to time: compiled,eager,off "
+                   "(default: compiled, or what --no-compile/--no-cuda-graphs say)")
+    g.add_argument("--hf-gen-len", type=int, default=32, help="tokens per transformers run")
+    g.add_argument("--prefill-reps", type=int, default=3)
+    g.add_argument("--stage-stats", action="store_true", help="also a timed run per stage")
+    g.add_argument("--load-compare", action="store_true",
+                   help="write a safetensors checkpoint and time loading it unsplit vs 2 stages")
+    g.add_argument("--load-repeats", type=int, default=2)
+    g.add_argument("--checkpoint-dir", help="where --load-compare writes (default: temp dir)")
+    g.add_argument("--json-out", help="write every measurement as JSON to this file")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +86,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--save", help="write the plan as JSON")
     p.add_argument("--plot", help="draw memory and predicted time per device to a PNG")
+    add_grid_args(p)  # --pp/--tp/--dp: also show which rank runs which stage
+    g = p.add_argument_group("automatic layout (tp x pp x dp)")
+    g.add_argument("--auto", action="store_true", help="search tp, pp, dp and the layer split")
+    g.add_argument("--gpus", type=int, help="GPUs in all (default: the --devices count)")
+    g.add_argument("--nodes", type=int, default=1, help="hosts the GPUs are spread over")
+    g.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    g.add_argument("--gpu-memory", default="80GiB", help="memory per GPU when not discovered")
+    g.add_argument("--intra-bw", type=float, default=300e9, help="bytes/s inside a node")
+    g.add_argument("--inter-bw", type=float, default=25e9, help="bytes/s between nodes")
 
     for name, hlp in (("generate", "generate text for one or more prompts"),
                       ("chat", "interactive chat with the model's chat template")):
@@ -62,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("model", help="HF folder, .gguf file, or alias smollm2-135m")
         _add_placement(p)
         _add_sampling(p, 128 if name == "generate" else 512)
+        add_distributed_args(p)
         if name == "generate":
             p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
             p.add_argument("--prompts-file", help="a file with one prompt per line")
@@ -77,21 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
 
     p = sub.add_parser("bench", help="latency and throughput of a batch through the split model")
-    p.add_argument("model")
+    p.add_argument("model", nargs="?", help="a checkpoint (or give --shape for random weights)")
     _add_placement(p)
     p.add_argument("--prompts", help="file with one prompt per line")
-    p.add_argument("--batch", type=int, default=4, help="number of prompts if no --prompts file")
+    p.add_argument("--batch", type=_int_or_list, default=4,
+                   help="number of prompts if no --prompts file (--shape: a list, e.g. 1,8,32)")
+    _add_shape_bench(p)
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--gen-len", type=int, default=32)
+    add_distributed_args(p)
     p.add_argument("--json", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # workers rerun the command line
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handler: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    if args.command in ("generate", "chat", "bench") and wants_distributed(args) and not in_worker():
+        handler = partial(launch_workers, args.command)  # start workers before importing torch
     try:
         return handler(args) or 0
     except KeyboardInterrupt:
@@ -107,19 +154,50 @@ def main(argv: list[str] | None = None) -> int:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from llamadist.planning.commands import analyze_command
-    from llamadist.weights.checkpoint import open_checkpoint
-    config = open_checkpoint(args.model).config
+    config = model_config(args.model)
     print(analyze_command(config, args.dtype, args.seq_len, args.json))
+    return 0
+
+
+def model_config(model: str):
+    """A checkpoint's config, or a named shape's (planning needs no weights)."""
+    from llamadist.config import NAMED_SHAPES, named_shape
+    from llamadist.weights.checkpoint import open_checkpoint
+    return named_shape(model) if model in NAMED_SHAPES else open_checkpoint(model).config
+
+
+def _cmd_auto_plan(args: argparse.Namespace, config, dtype: str, max_seq: int) -> int:
+    from llamadist.planning.auto import auto_plan, format_auto_plans
+    from llamadist.planning.devices import parse_devices
+    from llamadist.planning.profile import profile
+    prof = profile(config, dtype=dtype, seq_len=max_seq)
+    devices = None if args.gpus else parse_devices(args.devices, args.max_memory, args.device_speed)
+    cands = auto_plan(prof, devices, gpus=args.gpus, nodes=args.nodes,
+                      gpu_memory=args.gpu_memory, intra_bw=args.intra_bw, inter_bw=args.inter_bw,
+                      objective=args.objective, batch_size=args.batch_size, max_seq_len=max_seq,
+                      config=config)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in cands], indent=2))
+    else:
+        print(format_auto_plans(cands))
+    if args.save:
+        cands[0].to_plan(prof.model, config.num_layers, prof.dtype).save(args.save)
+        print(f"saved the winning layout's plan to {args.save}", file=sys.stderr)
     return 0
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     from llamadist.planning.commands import plan_command
-    from llamadist.weights.checkpoint import open_checkpoint
-    config = open_checkpoint(args.model).config
+    config = model_config(args.model)
     devices = args.devices or "cpu"
     dtype = args.dtype or ("bfloat16" if devices.startswith("cuda") else "float32")
     max_seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
+    if args.auto:
+        return _cmd_auto_plan(args, config, dtype, max_seq)
+    if args.pp or args.tp > 1 or args.dp > 1:
+        from llamadist.distributed.layout import plan_ranks_command
+        print(plan_ranks_command(config, args, dtype, max_seq))
+        return 0
     print(plan_command(config, devices, args.max_memory, args.device_speed, args.strategy,
                        args.boundaries, args.plan, args.batch_size, max_seq, dtype, args.json,
                        args.save, args.plot))

@@ -8,9 +8,16 @@ import sys
 import time
 
 from llamadist.api import LLM
+from llamadist.distributed.cli_args import wants_distributed
 from llamadist.generation.generate import check_context
 from llamadist.generation.sampling import SamplingParams
 from llamadist.weights.checkpoint import open_checkpoint
+
+
+def _distributed(kind: str, args: argparse.Namespace) -> int:
+    # Over processes (--nproc/--pp/--tp/--dp, or under torchrun): llamadist.distributed.
+    from llamadist.distributed.commands import run_distributed
+    return run_distributed(kind, args)
 
 
 def sampling_from_args(args: argparse.Namespace) -> SamplingParams:
@@ -30,10 +37,13 @@ def load_llm(args: argparse.Namespace, max_batch: int, needed_len: int | None = 
     ckpt = ckpt or open_checkpoint(args.model)
     limit = ckpt.config.max_position_embeddings
     max_seq = args.max_seq_len or (_cache_len(needed_len, limit) if needed_len else min(limit, 4096))
-    return LLM(ckpt, tokenizer=tokenizer, devices=args.devices, strategy=args.strategy,
-               max_memory=args.max_memory, device_speed=args.device_speed,
-               boundaries=args.boundaries, plan=args.plan, dtype=args.dtype, max_batch=max_batch,
-               max_seq_len=max_seq, progress=sys.stderr.isatty())
+    llm = LLM(ckpt, tokenizer=tokenizer, devices=args.devices, strategy=args.strategy,
+              max_memory=args.max_memory, device_speed=args.device_speed,
+              boundaries=args.boundaries, plan=args.plan, dtype=args.dtype, max_batch=max_batch,
+              max_seq_len=max_seq, progress=sys.stderr.isatty())
+    llm.engine.cuda_graphs = llm.engine.cuda_graphs and not getattr(args, "no_cuda_graphs", False)
+    llm.engine.compile_layers = not getattr(args, "no_compile", False)
+    return llm
 
 
 def _read_prompts(args: argparse.Namespace) -> list[str]:
@@ -47,6 +57,8 @@ def _read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def generate_cmd(args: argparse.Namespace) -> int:
+    if wants_distributed(args):
+        return _distributed("generate", args)
     params = sampling_from_args(args)
     prompts = _read_prompts(args)
     ckpt = open_checkpoint(args.model)
@@ -85,6 +97,8 @@ def generate_cmd(args: argparse.Namespace) -> int:
 
 
 def chat_cmd(args: argparse.Namespace) -> int:
+    if wants_distributed(args):
+        return _distributed("chat", args)
     params = sampling_from_args(args)
     llm = load_llm(args, max_batch=1)
     if not llm.tokenizer.chat_template:
@@ -129,6 +143,15 @@ def _fit_history(llm: LLM, system: list[dict], history: list[dict], max_new: int
 
 
 def bench_cmd(args: argparse.Namespace) -> int:
+    if getattr(args, "shape", None):
+        from llamadist.bench_gpu import bench_shape_cmd
+        return bench_shape_cmd(args)
+    if not args.model:
+        raise ValueError("give a model (checkpoint folder, .gguf or alias) or --shape NAME")
+    if isinstance(args.batch, list):
+        raise ValueError(f"--batch {args.batch}: a list of batch sizes needs --shape")
+    if wants_distributed(args):
+        return _distributed("bench", args)
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()
     if args.prompts:

@@ -110,6 +110,29 @@ def left_pad(prompts: list[list[int]], pad_id: int, max_seq_len: int, device: to
     return tokens.to(device), positions.to(device), valid
 
 
+class _HostCopy:
+    """Token ids copied to pinned host memory behind a CUDA event: waiting on the event
+    waits for this step's tokens only, where ``.tolist()`` would also wait for the next
+    step already queued behind them on the stream (and so never overlap host and device)."""
+
+    def __init__(self, n: int, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.buf = torch.empty(n, dtype=torch.long, pin_memory=True) if self.cuda else None
+        self.event: torch.cuda.Event | None = None
+
+    def start(self, tok: torch.Tensor) -> None:
+        if self.cuda:
+            self.buf.copy_(tok, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record(torch.cuda.current_stream(tok.device))
+
+    def result(self, tok: torch.Tensor) -> list[int]:
+        if not self.cuda:
+            return tok.tolist()
+        self.event.synchronize()
+        return self.buf.tolist()
+
+
 class Generator:
     """Streams tokens for a batch of tokenized prompts through a StepModel."""
 
@@ -140,24 +163,43 @@ class Generator:
         t0 = time.perf_counter()
         logits = self.model.forward(tokens, positions, 0, valid)  # (B, 1, V)
         slot, pos = tokens.shape[1], positions[:, -1:] + 1
+        next_tok = self._sample(logits, gen, seen)  # (B,)
+        fetch = _HostCopy(len(prompts), next_tok.device)
+        fetch.start(next_tok)
+        last = t0
         for step in range(p.max_new_tokens):
-            next_tok = sample(logits[:, -1], p, gen, seen)  # (B,)
-            if seen is not None:
-                seen[torch.arange(len(prompts), device=dev), next_tok] = True
-            ids = next_tok.tolist()  # the one host sync per step: stop checks need it
+            more = step < p.max_new_tokens - 1
+            # Queue the next step before waiting for this one's tokens, so the device works
+            # while the host checks stops and streams text (not right after the prefill,
+            # whose time is reported alone). A step queued past a stop is simply dropped.
+            ahead = more and step > 0
+            if ahead:
+                logits = self.model.forward(next_tok.view(-1, 1), pos, slot, valid)
+            ids = fetch.result(next_tok)  # the one host sync per step: stop checks need it
             now = time.perf_counter()
             if step == 0:
                 self.stats.prefill_s = now - t0
             else:
-                self.stats.decode_s += now - t0
+                self.stats.decode_s += now - last
                 self.stats.decode_steps += 1
+            last = now
             events = self._advance(ids, step)
             yield events
-            if all(s.done for s in self.sequences) or step == p.max_new_tokens - 1:
+            if all(s.done for s in self.sequences) or not more:
                 break
-            t0 = time.perf_counter()
-            logits = self.model.forward(next_tok.view(-1, 1), pos, slot, valid)
+            if not ahead:
+                logits = self.model.forward(next_tok.view(-1, 1), pos, slot, valid)
             slot, pos = slot + 1, pos + 1
+            next_tok = self._sample(logits, gen, seen)
+            fetch.start(next_tok)
+
+    def _sample(self, logits: torch.Tensor, gen: torch.Generator,
+                seen: torch.Tensor | None) -> torch.Tensor:
+        """(B, 1, V) logits -> (B,) token ids, on the device; marks them seen."""
+        tok = sample(logits[:, -1], self.params, gen, seen)
+        if seen is not None:
+            seen[torch.arange(len(tok), device=tok.device), tok] = True
+        return tok
 
     def _seen(self, prompts: list[list[int]], dev: torch.device) -> torch.Tensor:
         vocab = self.model.config.vocab_size

@@ -1,0 +1,55 @@
+"""The (dp, pp, tp) process grid as plain arithmetic (no torch: the launcher and
+`llamadist plan` use it before any process exists).
+
+Tensor parallelism is innermost, so the TP ranks of one stage are neighbours (one node,
+the fastest link), then pipeline stages, then replicas:
+
+    rank = dp_idx * pp * tp + pp_idx * tp + tp_idx
+
+    world 8, dp=1 pp=2 tp=4:   stage 0 = ranks 0-3 (a TP group), stage 1 = ranks 4-7
+                               pipeline groups {0,4} {1,5} {2,6} {3,7}
+"""
+
+from __future__ import annotations
+
+
+class GridError(ValueError):
+    """A (pp, tp, dp) grid that does not fit the number of processes."""
+
+
+def grid_size(nproc: int | None, pp: int | None, tp: int, dp: int) -> tuple[int, int]:
+    """-> (nproc, pp), filling in whichever was not given, or raise GridError."""
+    for name, v in (("tp", tp), ("dp", dp), ("pp", pp), ("nproc", nproc)):
+        if v is not None and v < 1:
+            raise GridError(f"--{name} must be >= 1, got {v}")
+    if pp is None:
+        if nproc is None:
+            return tp * dp, 1
+        if nproc % (tp * dp):
+            raise GridError(f"--nproc {nproc} does not divide by tp={tp} x dp={dp} = {tp * dp}")
+        pp = nproc // (tp * dp)
+    total = pp * tp * dp
+    if nproc is not None and nproc != total:
+        raise GridError(f"--nproc {nproc} with pp={pp} x tp={tp} x dp={dp} = {total}: the grid "
+                        f"must multiply to the number of processes")
+    return total, pp
+
+
+def coords(rank: int, pp: int, tp: int, dp: int) -> tuple[int, int, int]:
+    """Global rank -> (dp_idx, pp_idx, tp_idx)."""
+    return rank // (pp * tp), (rank // tp) % pp, rank % tp
+
+
+def rank_of(dp_idx: int, pp_idx: int, tp_idx: int, pp: int, tp: int) -> int:
+    return dp_idx * pp * tp + pp_idx * tp + tp_idx
+
+
+def group_ranks(dim: str, pp: int, tp: int, dp: int) -> list[list[int]]:
+    """Every group of one dimension ("pp", "tp" or "dp"), as lists of global ranks."""
+    if dim == "tp":
+        return [[rank_of(d, p, t, pp, tp) for t in range(tp)] for d in range(dp) for p in range(pp)]
+    if dim == "pp":
+        return [[rank_of(d, p, t, pp, tp) for p in range(pp)] for d in range(dp) for t in range(tp)]
+    if dim == "dp":
+        return [[rank_of(d, p, t, pp, tp) for d in range(dp)] for p in range(pp) for t in range(tp)]
+    raise ValueError(f"unknown dimension {dim!r}")

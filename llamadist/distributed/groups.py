@@ -1,0 +1,167 @@
+"""Process groups: one small object per parallel dimension, like vLLM's GroupCoordinator.
+
+The world is the (dp, pp, tp) grid of :mod:`llamadist.distributed.grid` (TP innermost).
+Each dimension gets a :class:`Group` with a *device* group (NCCL on GPU, gloo on CPU) for
+tensors and a *CPU* gloo group for metadata and control, so a small header never waits
+behind a GPU kernel and a dead peer is noticed by gloo's socket even when NCCL would hang.
+Nothing here is global state: :class:`ParallelGroups` is built once and passed explicitly.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from llamadist.distributed.grid import coords, grid_size, group_ranks
+
+log = logging.getLogger(__name__)
+
+# Generous limit for waits that may legitimately be long (weights loading on another rank,
+# a chat user typing): a dead peer still fails them at once, through the closed socket.
+CONTROL_TIMEOUT = datetime.timedelta(hours=24)
+
+
+@dataclass
+class Group:
+    """This rank's view of one group: global ranks in order, and the two process groups."""
+    name: str
+    ranks: list[int]
+    rank: int  # global rank of this process
+    device_group: dist.ProcessGroup | None = None
+    cpu_group: dist.ProcessGroup | None = None
+
+    @property
+    def world_size(self) -> int:
+        return len(self.ranks)
+
+    @property
+    def rank_in_group(self) -> int:
+        return self.ranks.index(self.rank)
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank_in_group == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank_in_group == self.world_size - 1
+
+    @property
+    def first_rank(self) -> int:
+        return self.ranks[0]
+
+    @property
+    def last_rank(self) -> int:
+        return self.ranks[-1]
+
+    @property
+    def next_rank(self) -> int:
+        """Global rank after this one (wrapping: the last stage's next is the first)."""
+        return self.ranks[(self.rank_in_group + 1) % self.world_size]
+
+    @property
+    def prev_rank(self) -> int:
+        return self.ranks[(self.rank_in_group - 1) % self.world_size]
+
+
+@dataclass
+class DistContext:
+    """What torchrun (or our launcher) told this process, and the device it computes on."""
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str  # of the device groups: "nccl" or "gloo"
+
+
+class ParallelGroups:
+    """The pp, tp and dp groups of this rank, plus a world-wide CPU ``control`` group
+    (requests, results, statistics) with a long timeout."""
+
+    def __init__(self, ctx: DistContext, pp: int, tp: int = 1, dp: int = 1,
+                 timeout: float = 60.0):
+        nproc, pp = grid_size(ctx.world_size, pp, tp, dp)
+        self.ctx, self.pp_size, self.tp_size, self.dp_size = ctx, pp, tp, dp
+        self.rank = ctx.rank
+        self.dp_index, self.pp_index, self.tp_index = coords(ctx.rank, pp, tp, dp)
+        limit = datetime.timedelta(seconds=timeout)
+        self.timeout = timeout
+        # new_group is collective over the whole world: every rank creates every group, in
+        # the same order, and keeps the one it belongs to.
+        self.groups: dict[str, Group] = {}
+        for dim in ("tp", "pp", "dp"):
+            for ranks in group_ranks(dim, pp, tp, dp):
+                dev = dist.new_group(ranks, timeout=limit, backend=ctx.backend)
+                cpu = dist.new_group(ranks, timeout=limit, backend="gloo")
+                if ctx.rank in ranks:
+                    self.groups[dim] = Group(dim, ranks, ctx.rank, dev, cpu)
+        self.control = dist.new_group(list(range(nproc)), timeout=CONTROL_TIMEOUT,
+                                      backend="gloo")
+        log.info("rank %d: dp %d/%d, pp %d/%d, tp %d/%d on %s", ctx.rank, self.dp_index, dp,
+                 self.pp_index, pp, self.tp_index, tp, ctx.device)
+
+    @property
+    def pp(self) -> Group:
+        return self.groups["pp"]
+
+    @property
+    def tp(self) -> Group:
+        return self.groups["tp"]
+
+    @property
+    def dp(self) -> Group:
+        return self.groups["dp"]
+
+    @property
+    def world_size(self) -> int:
+        return self.ctx.world_size
+
+    @property
+    def is_driver(self) -> bool:
+        """Global rank 0 (first stage, tp 0, replica 0): reads input, prints output."""
+        return self.rank == 0
+
+    def describe(self) -> str:
+        return (f"rank {self.rank} = dp {self.dp_index} pp {self.pp_index} tp {self.tp_index} "
+                f"on {self.ctx.device}")
+
+
+def init_distributed(timeout: float = 60.0, device: str | None = None) -> DistContext:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT). ``device``: "cuda" asks for cuda:LOCAL_RANK
+    (falls back to CPU with a warning when CUDA is absent); anything else means CPU.
+    More local ranks than GPUs (a test on one GPU) share them round-robin; NCCL refuses two
+    ranks on one GPU, so tensors then travel through host memory over gloo."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want_cuda = bool(device) and "cuda" in device
+    if want_cuda and not torch.cuda.is_available():
+        log.warning("rank %d: CUDA asked for but not available; running on CPU", rank)
+        want_cuda = False
+    if want_cuda:
+        n_gpus = torch.cuda.device_count()
+        dev = torch.device("cuda", local_rank % n_gpus)
+        torch.cuda.set_device(dev)
+        backend = "nccl"
+        if int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > n_gpus:
+            log.warning("rank %d: %s local ranks share %d GPU(s); stage messages go through "
+                        "host memory (gloo), not NCCL", rank, os.environ["LOCAL_WORLD_SIZE"],
+                        n_gpus)
+            backend = "gloo"
+    else:
+        dev, backend = torch.device("cpu"), "gloo"
+    # NVLink SHARP multicast stays off: it needs fabric features the hosts may lack.
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    if not dist.is_initialized():
+        kwargs = {"device_id": dev} if backend == "nccl" else {}
+        # Joining waits for every rank; a slow host start is allowed the control timeout.
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=max(timeout, 300.0)),
+                                **kwargs)
+    return DistContext(rank, world, local_rank, dev, backend)

@@ -1,0 +1,110 @@
+"""A worker's session: join the world, build the groups, agree on the layout, load this
+rank's stage, and exchange requests and results with rank 0 over the control group.
+
+Rank 0 alone decides (plans the layout, tokenizes, validates, picks the sampling seed) and
+broadcasts; every other rank follows, so planning that discovers free memory cannot give
+two ranks two different layouts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+
+from llamadist.distributed.faults import PeerError, Watchdog
+from llamadist.distributed.groups import ParallelGroups, init_distributed
+from llamadist.runtime.pipeline import PipelineRunner, PipelineSpec, build_pipeline_stage
+
+log = logging.getLogger(__name__)
+
+
+def setup_worker_logging(rank: int, verbose: bool) -> None:
+    """Rank-tagged records on stderr; INFO only from rank 0 unless LLAMADIST_LOG_ALL_RANKS."""
+    all_ranks = os.environ.get("LLAMADIST_LOG_ALL_RANKS") == "1"
+    level = logging.INFO if verbose and (rank == 0 or all_ranks) else logging.WARNING
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = f"[rank {rank} %(relativeCreated)d ms] %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(logging.Formatter(fmt))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+@dataclass
+class Session:
+    groups: ParallelGroups
+    watchdog: Watchdog
+    timeout: float
+    runner: PipelineRunner | None = None
+
+    @classmethod
+    def start(cls, pp: int | None = None, tp: int = 1, dp: int = 1, timeout: float = 60.0,
+              device: str | None = None) -> "Session":
+        ctx = init_distributed(timeout, device)
+        groups = ParallelGroups(ctx, pp, tp, dp, timeout)
+        return cls(groups, Watchdog(ctx.rank, timeout), timeout)
+
+    @property
+    def rank(self) -> int:
+        return self.groups.rank
+
+    @property
+    def is_driver(self) -> bool:
+        return self.groups.is_driver
+
+    def broadcast(self, obj: Any, what: str = "the next request") -> Any:
+        """Rank 0's ``obj`` on every rank (others pass None). No deadline: a chat user may
+        think for minutes; a dead rank 0 still fails it at once (closed socket)."""
+        box = [obj]
+        try:
+            dist.broadcast_object_list(box, src=0, group=self.groups.control)
+        except RuntimeError as e:
+            raise PeerError(0, f"lost a peer while waiting for {what}: "
+                               f"{str(e).splitlines()[0][:160]}") from e
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's ``obj``, in rank order, on rank 0 (None elsewhere)."""
+        out = [None] * self.groups.world_size if self.is_driver else None
+        # No deadline either: a data-parallel replica may finish long before another.
+        try:
+            dist.gather_object(obj, out, dst=0, group=self.groups.control)
+        except RuntimeError as e:
+            raise PeerError(-1, f"lost a peer while gathering results: "
+                                f"{str(e).splitlines()[0][:160]}") from e
+        return out
+
+    def barrier(self, what: str) -> None:
+        """Every rank here (control group: no deadline, a dead rank still fails it)."""
+        try:
+            dist.barrier(group=self.groups.control)
+        except RuntimeError as e:
+            raise PeerError(-1, f"lost a peer while waiting for {what}: "
+                                f"{str(e).splitlines()[0][:160]}") from e
+
+    def load(self, ckpt, spec: PipelineSpec, tokenizer, progress: bool = False) -> PipelineRunner:
+        """Build this rank's stage (only its layers, only its TP shard) and its runner."""
+        if len(spec.layer_ranges) != self.groups.pp_size:
+            raise ValueError(f"{len(spec.layer_ranges)} stages planned for "
+                             f"pp={self.groups.pp_size}")
+        stage = build_pipeline_stage(ckpt, spec, self.groups, progress=progress)
+        log.info("%s: layers [%d, %d) loaded", self.groups.describe(), stage.layers.start,
+                 stage.layers.stop)
+        self.runner = PipelineRunner(self.groups, stage, ckpt.config, tokenizer, self.timeout,
+                                     self.watchdog)
+        # Loading times differ by stage; --timeout bounds a step, not a slow neighbour's load.
+        self.barrier("every rank to load its stage")
+        return self.runner
+
+    def close(self) -> None:
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - shutting down; nothing to recover
+            log.debug("destroy_process_group: %s", e)

@@ -1,0 +1,267 @@
+"""The pipeline over processes (gloo on CPU) against the single-process Engine.
+
+Launches are the expensive part (each rank imports torch), so one launch runs several
+requests: a 2-stage world (greedy with 1, 2 and 4 micro-batches, seeded sampling with 1
+and 3) and a 3-stage world. Tolerance: 1e-5 max abs logit difference in float32 (the
+stages run the same kernels; only each micro-batch's own padding changes shapes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamadist.distributed.launch import Launcher
+from llamadist.generation.generate import generate
+from llamadist.generation.sampling import SamplingParams
+from llamadist.runtime.engine import Engine
+from llamadist.weights.checkpoint import open_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("pipeline_worker.py")
+LOGIT_TOL = 1e-5
+MAX_SEQ = 64
+NEW = 10
+PROMPTS = ["The quick brown fox", "Distributed inference splits a model", "1 2 3",
+           "Once upon a time there was a tiny language model", "def main():"]
+GREEDY = dict(max_new_tokens=NEW, ignore_eos=True)
+SAMPLED = dict(max_new_tokens=NEW, ignore_eos=True, temperature=0.9, top_k=20, seed=7)
+
+
+def worker_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.update(extra)
+    return env
+
+
+class Recorder:
+    """A StepModel around the Engine that keeps each step's last-position logits."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.steps = engine, []
+        self.config, self.max_seq_len = engine.config, engine.max_seq_len
+        self.max_batch, self.device = engine.max_batch, engine.device
+
+    def forward(self, tokens, positions, start, valid=None, logits="last"):
+        out = self.engine.forward(tokens, positions, start, valid, logits)
+        self.steps.append(out[:, -1].float().clone())  # (B, V)
+        return out
+
+
+@pytest.fixture(scope="module")
+def encoded(tiny_model) -> list[list[int]]:
+    tok = open_checkpoint(tiny_model).tokenizer()
+    return [tok.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model, encoded) -> dict:
+    """Greedy tokens and per-step logits of the single-process Engine."""
+    rec = Recorder(Engine.load(str(tiny_model), max_batch=len(encoded), max_seq_len=MAX_SEQ))
+    results = generate(rec, None, encoded, SamplingParams(**GREEDY))
+    return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
+
+
+def run_worker_world(tmp: Path, model: Path, nproc: int, pp: int, ranges: list, jobs: list,
+                     prompts: list[list[int]], dp: int = 1) -> dict[str, dict]:
+    cfg = {"model": str(model), "out": str(tmp), "pp": pp, "dp": dp, "layer_ranges": ranges,
+           "max_seq_len": MAX_SEQ, "prompts": prompts, "jobs": jobs}
+    path = tmp / "config.json"
+    path.write_text(json.dumps(cfg))
+    code = Launcher([str(WORKER), str(path)], nproc, env=worker_env()).run()
+    assert code == 0, f"workers failed with exit code {code}"
+    return {j["name"]: torch.load(tmp / f"{j['name']}.pt") for j in jobs}
+
+
+@pytest.fixture(scope="module")
+def pp2(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
+    jobs = [{"name": "greedy_m1", "micro_batches": 1, "params": GREEDY},
+            {"name": "greedy_m2", "micro_batches": 2, "params": GREEDY},
+            {"name": "greedy_m4", "micro_batches": 4, "params": GREEDY},
+            {"name": "sampled_m1", "micro_batches": 1, "params": SAMPLED},
+            {"name": "sampled_m3", "micro_batches": 3, "params": SAMPLED}]
+    return run_worker_world(tmp_path_factory.mktemp("pp2"), tiny_model, 2, 2,
+                            [[0, 3], [3, 5]], jobs, encoded)
+
+
+@pytest.fixture(scope="module")
+def pp3(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
+    jobs = [{"name": "greedy_m1", "micro_batches": 1, "params": GREEDY},
+            {"name": "greedy_m3", "micro_batches": 3, "params": GREEDY}]
+    return run_worker_world(tmp_path_factory.mktemp("pp3"), tiny_model, 3, 3,
+                            [[0, 2], [2, 4], [4, 5]], jobs, encoded)
+
+
+def check_logits(got: dict, ref_steps: list[torch.Tensor]) -> None:
+    """got: {(row, step): (V,)} from the last stage; ref_steps[step]: (B, V)."""
+    assert len(got) == sum(len(s) for s in ref_steps)
+    worst = max((got[(row, step)] - ref[row]).abs().max().item()
+                for step, ref in enumerate(ref_steps) for row in range(ref.shape[0]))
+    assert worst <= LOGIT_TOL, f"max abs logit difference {worst:.2e} > {LOGIT_TOL}"
+
+
+# ---- 2 and 3 processes against the Engine ----------------------------------------
+@pytest.mark.parametrize("job", ["greedy_m1", "greedy_m2", "greedy_m4"])
+def test_two_stages_match_engine(pp2, reference, job):
+    assert pp2[job]["tokens"] == reference["tokens"]
+    check_logits(pp2[job]["logits"], reference["logits"])
+
+
+@pytest.mark.parametrize("job", ["greedy_m1", "greedy_m3"])
+def test_three_stages_match_engine(pp3, reference, job):
+    assert pp3[job]["tokens"] == reference["tokens"]
+    check_logits(pp3[job]["logits"], reference["logits"])
+
+
+def test_sampling_does_not_depend_on_micro_batching(pp2, reference):
+    a, b = pp2["sampled_m1"]["tokens"], pp2["sampled_m3"]["tokens"]
+    assert a == b
+    assert a != reference["tokens"]  # really sampled, not greedy
+
+
+# ---- the command line: launcher, torchrun, data parallel, chat, bench -------------
+def llamadist(*args: str, env: dict | None = None, stdin: str | None = None,
+              timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llamadist", *args], cwd=ROOT, text=True,
+                          capture_output=True, env=env or worker_env(), input=stdin,
+                          timeout=timeout)
+
+
+def json_tokens(stdout: str) -> list[list[int]]:
+    return [json.loads(line)["token_ids"] for line in stdout.splitlines() if line.startswith("{")]
+
+
+def prompt_args() -> list[str]:
+    return [a for p in PROMPTS for a in ("--prompt", p)]
+
+
+def test_cli_data_parallel_with_stop_string(tiny_model, reference, encoded):
+    """Two replicas, each stopping its own sequences at a stop string, as in-process."""
+    tok = open_checkpoint(tiny_model).tokenizer()
+    texts = [tok.decode(t) for t in reference["tokens"]]
+    text = next(t for t in texts if sum(c.isascii() and c.isprintable() for c in t) >= 4)
+    chars = [c for c in text if c.isascii() and c.isprintable()]
+    stop = "".join(chars[2:4])  # occurs in at least one greedy continuation
+    engine = Engine.load(str(tiny_model), max_batch=len(encoded), max_seq_len=MAX_SEQ)
+    want = generate(engine, tok, encoded, SamplingParams(max_new_tokens=NEW, stop=(stop,)))
+    assert any(r.finish_reason == "stop" for r in want)
+    out = llamadist("generate", str(tiny_model), "--nproc", "2", "--dp", "2", "--max-new-tokens",
+                    str(NEW), "--max-seq-len", str(MAX_SEQ), f"--stop={stop}", "--json",
+                    *prompt_args())
+    assert out.returncode == 0, out.stderr
+    got = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    assert [(g["token_ids"], g["text"], g["finish_reason"]) for g in got] == \
+        [(r.token_ids, r.text, r.finish_reason) for r in want]
+
+
+def test_torchrun(tiny_model, reference):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "llamadist",
+                          "generate", str(tiny_model), "--pp", "2", "--micro-batches", "2",
+                          "--max-new-tokens", str(NEW),
+                          "--max-seq-len", str(MAX_SEQ), "--json", *prompt_args()],
+                         cwd=ROOT, text=True, capture_output=True, env=worker_env(), timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json_tokens(out.stdout) == reference["tokens"]
+
+
+def test_chat_reads_stdin_on_rank0(tiny_model):
+    out = llamadist("chat", str(tiny_model), "--nproc", "2", "--max-new-tokens", "4",
+                    stdin="hello there\n/reset\nand again\n")  # EOF ends the chat
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("> ")  # rank 0 prompted, read, replied
+    assert "(history cleared)" in out.stderr
+
+
+def test_bench_reports_busy_time_per_stage(tiny_model):
+    out = llamadist("bench", str(tiny_model), "--nproc", "2", "--batch", "4", "--prompt-len",
+                    "8", "--gen-len", "6", "--json")
+    assert out.returncode == 0, out.stderr
+    rep = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rep["stages"] == 2 and rep["micro_batches"] == 2 and len(rep["ranks"]) == 2
+    assert all(0 < r["busy"] <= 1 and r["compute_s"] > 0 for r in rep["ranks"])
+    assert 0 <= rep["bubble"] < 1
+
+
+# ---- refusals and faults -----------------------------------------------------------
+def test_bad_grid_is_refused(tiny_model, capsys):
+    from llamadist.cli import main
+    assert main(["generate", str(tiny_model), "--nproc", "3", "--pp", "2", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "--nproc 3 with pp=2 x tp=1 x dp=1 = 2" in err and "multiply" in err
+
+
+def live_tagged(tag: str) -> list[int]:
+    """Pids of live processes whose environment carries ``tag`` (no psutil)."""
+    pids = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                env = (d / "environ").read_bytes()
+                state = (d / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if tag.encode() in env and state != "Z":
+                pids.append(int(d.name))
+    return pids
+
+
+def run_until_exit(args: list[str], env: dict, marker: str, timeout: float
+                   ) -> tuple[int, str, float]:
+    """Run llamadist; -> (exit code, stderr, seconds from ``marker`` on stderr to exit)."""
+    p = subprocess.Popen([sys.executable, "-m", "llamadist", *args], cwd=ROOT, env=env, text=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines, seen_at = [], None
+    deadline = time.monotonic() + timeout
+    for line in p.stderr:
+        lines.append(line)
+        if marker in line and seen_at is None:
+            seen_at = time.monotonic()
+        assert time.monotonic() < deadline, "launcher did not exit in time:\n" + "".join(lines)
+    code = p.wait(timeout=10)
+    assert seen_at is not None, "".join(lines)
+    return code, "".join(lines), time.monotonic() - seen_at
+
+
+@pytest.mark.parametrize("mode", ["die", "hang"])
+def test_failed_rank_stops_everyone(tiny_model, mode, tmp_path):
+    tag = f"LLAMADIST_TEST_TAG_{mode}_{os.getpid()}"
+    hook = "LLAMADIST_TEST_DIE_AT_STEP" if mode == "die" else "LLAMADIST_TEST_HANG_AT_STEP"
+    env = worker_env(**{hook: "1:3", tag: "1"})
+    limit = 4.0
+    nproc = "2" if mode == "die" else "3"  # a hang in the middle of 3 stages: blame travels
+    args = ["generate", str(tiny_model), "--nproc", nproc, "--max-new-tokens", str(NEW),
+            "--timeout", str(limit), "--prompt", "a", "--prompt", "b"]
+    code, err, after = run_until_exit(args, env, "dying at step" if mode == "die" else "hanging",
+                                      timeout=90)
+    assert code != 0
+    if mode == "die":
+        assert "rank 1 (pid" in err and "exited with code 17" in err, err
+        assert after < limit, f"{after:.1f} s from the death to the launcher's exit"
+    else:
+        assert "rank 1 (pid" in err and "stopped answering" in err, err
+        assert after < limit + 4, f"{after:.1f} s from the hang to the launcher's exit"
+    time.sleep(0.2)
+    assert live_tagged(tag) == [], "worker processes left behind"
+
+
+# ---- a real model ------------------------------------------------------------------
+def test_smollm2_two_stages_match_engine(smollm2):
+    prompts = ["The capital of France is", "Water boils at"]
+    ckpt = open_checkpoint(smollm2)
+    tok = ckpt.tokenizer()
+    engine = Engine.load(str(smollm2), max_batch=2, max_seq_len=64)
+    ref = generate(engine, tok, [tok.encode(p) for p in prompts],
+                   SamplingParams(max_new_tokens=8))
+    out = llamadist("generate", str(smollm2), "--nproc", "2", "--micro-batches", "2",
+                    "--max-new-tokens", "8", "--max-seq-len", "64", "--json",
+                    *[a for p in prompts for a in ("--prompt", p)])
+    assert out.returncode == 0, out.stderr
+    assert json_tokens(out.stdout) == [r.token_ids for r in ref]
