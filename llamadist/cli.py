@@ -198,7 +198,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         from llamadist.distributed.layout import plan_ranks_command
         print(plan_ranks_command(config, args, dtype, max_seq))
         return 0
-    print(plan_command(config, devices, args.max_memory, args.device_speed, args.strategy,
+    strategy = args.strategy or ("custom" if args.boundaries else "uniform")
+    print(plan_command(config, devices, args.max_memory, args.device_speed, strategy,
                        args.boundaries, args.plan, args.batch_size, max_seq, dtype, args.json,
                        args.save, args.plot))
     return 0

@@ -161,6 +161,15 @@ def test_cli_data_parallel_with_stop_string(tiny_model, reference, encoded):
         [(r.token_ids, r.text, r.finish_reason) for r in want]
 
 
+def test_cli_tensor_x_pipeline_parallel(tiny_model, reference):
+    """TP=2 inside each of PP=2 stages: 4 processes, the single-process greedy tokens."""
+    out = llamadist("generate", str(tiny_model), "--nproc", "4", "--tp", "2", "--pp", "2",
+                    "--max-new-tokens", str(NEW), "--max-seq-len", str(MAX_SEQ), "--json",
+                    *prompt_args())
+    assert out.returncode == 0, out.stderr
+    assert json_tokens(out.stdout) == reference["tokens"]
+
+
 def test_torchrun(tiny_model, reference):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "llamadist",
