@@ -18,7 +18,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, K
 
 def _add_placement(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("placement")
-    g.add_argument("--devices", help="comma list, e.g. cuda:0,cuda:1,cpu (default: cpu)")
+    g.add_argument("--devices", "--device", dest="devices",
+                   help="comma list, e.g. cuda:0,cuda:1,cpu (default: cpu)")
     g.add_argument("--strategy", help="uniform | memory | compute | mixed | custom")
     g.add_argument("--max-memory", help="one budget per device, e.g. 20GiB,20GiB,64GiB")
     g.add_argument("--device-speed", help="relative speeds, e.g. 1,1,0.05")

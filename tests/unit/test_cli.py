@@ -59,3 +59,41 @@ def test_bench_json(capsys, tiny_model):
     rep = json.loads(capsys.readouterr().out)
     assert rep["batch"] == 2 and len(rep["stages"]) == 2
     assert all(s["compute_s"] > 0 for s in rep["stages"])
+
+
+def test_plan_save_then_generate_with_plan(capsys, tiny_model, tmp_path):
+    plan = tmp_path / "plan.json"
+    assert main(["plan", str(tiny_model), "--devices", "cpu,cpu", "--strategy", "compute",
+                 "--device-speed", "1,3", "--save", str(plan)]) == 0
+    capsys.readouterr()
+    base = ["generate", str(tiny_model), "--prompt", "The quick brown fox", "--max-new-tokens",
+            "8", "--json"]
+    assert main(base + ["--plan", str(plan)]) == 0
+    planned = json.loads(capsys.readouterr().out)
+    assert main(base) == 0
+    assert planned["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+
+
+def test_sharded_safetensors_checkpoint(capsys, tiny_model, tmp_path):
+    """A checkpoint saved in several shards with an index loads to the same tokens."""
+    import torch
+    from transformers import LlamaForCausalLM
+    import shutil
+    out = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(tiny_model, dtype=torch.float32).save_pretrained(
+        out, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model / f, out / f)
+    assert (out / "model.safetensors.index.json").is_file()
+    assert len(list(out.glob("model-*.safetensors"))) > 1
+    base = ["--prompt", "Once upon a time", "--max-new-tokens", "8", "--json"]
+    assert main(["generate", str(out)] + base) == 0
+    sharded = json.loads(capsys.readouterr().out)
+    assert main(["generate", str(tiny_model)] + base) == 0
+    assert sharded["token_ids"] == json.loads(capsys.readouterr().out)["token_ids"]
+
+
+def test_analyze_json(capsys, tiny_model):
+    assert main(["analyze", str(tiny_model), "--json"]) == 0
+    prof = json.loads(capsys.readouterr().out)
+    assert prof["layers"] and len(prof["layers"]) == 5

