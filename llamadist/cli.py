@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
         _add_placement(p)
         _add_sampling(p, 128 if name == "generate" else 512)
         add_distributed_args(p)
+        p.add_argument("--auto", action="store_true",
+                       help="let the planner choose --tp/--pp/--dp and the split for --devices")
         if name == "generate":
             p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
             p.add_argument("--prompts-file", help="a file with one prompt per line")
@@ -138,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     handler: Callable[[argparse.Namespace], int] = COMMANDS[args.command]
+    if args.command != "plan" and getattr(args, "auto", False):
+        try:
+            apply_auto_layout(args)
+        except USER_ERRORS as e:
+            print(f"llamadist: error: {e}", file=sys.stderr)
+            return 2
     if args.command in ("generate", "chat", "bench") and wants_distributed(args) and not in_worker():
         handler = partial(launch_workers, args.command)  # start workers before importing torch
     try:
@@ -151,6 +159,51 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"llamadist: error: {msg}", file=sys.stderr)
         return 2
+
+
+def _drop_options(argv: list[str], flags: set[str], valued: set[str]) -> list[str]:
+    """argv without the given flags and valued options (``--opt V`` or ``--opt=V``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in flags or a.split("=", 1)[0] in valued and "=" in a:
+            continue
+        elif a in valued:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def apply_auto_layout(args: argparse.Namespace) -> None:
+    """`--auto` on generate/chat/bench: let the planner pick tp x pp x dp and the layer split
+    for the given devices, then run as if those flags had been typed (workers rerun argv)."""
+    from llamadist.planning.auto import auto_plan
+    from llamadist.planning.devices import parse_devices
+    from llamadist.planning.profile import profile
+    config = model_config(args.model)
+    devices = args.devices or "cpu"
+    dtype = args.dtype or ("bfloat16" if devices.startswith("cuda") else "float32")
+    max_seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
+    specs = parse_devices(devices, args.max_memory, args.device_speed)
+    best = auto_plan(profile(config, dtype=dtype, seq_len=max_seq), specs, objective="latency",
+                     max_seq_len=max_seq, config=config, top=1)[0]
+    bounds = ",".join(f"{s.start}:{s.end}" for s in best.stages)
+    nproc = best.tp * best.pp * best.dp
+    used = [s.devices[0] for s in best.stages]
+    kinds = {d.split(":")[0] for d in used}
+    # One process: the stage's own device. Over processes: one kind means each rank takes
+    # its own device of that kind (cuda:LOCAL_RANK); mixed kinds are named per stage.
+    devs = used[0] if nproc == 1 else (kinds.pop() if len(kinds) == 1 else ",".join(used))
+    flags = ["--tp", str(best.tp), "--pp", str(best.pp), "--dp", str(best.dp), "--nproc",
+             str(nproc), "--boundaries", bounds, "--devices", devs]
+    args.tp, args.pp, args.dp, args.nproc = best.tp, best.pp, best.dp, nproc
+    args.boundaries, args.strategy, args.auto, args.devices = bounds, "custom", False, devs
+    args.max_memory = args.device_speed = None  # budgets were for the planner's device list
+    args.argv = _drop_options(args.argv, {"--auto"}, {"--devices", "--device", "--max-memory",
+                                                       "--device-speed", "--strategy"}) + flags
+    print(f"auto layout: {best.label} with stages {bounds} ({best.why})", file=sys.stderr)
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

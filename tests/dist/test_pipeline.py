@@ -170,6 +170,17 @@ def test_cli_tensor_x_pipeline_parallel(tiny_model, reference):
     assert json_tokens(out.stdout) == reference["tokens"]
 
 
+def test_auto_layout_feeds_generate(tiny_model, reference):
+    """--auto: budgets too small for one device make the planner pick 2 pipeline stages,
+    which run over 2 processes with the single-process tokens."""
+    out = llamadist("generate", str(tiny_model), "--devices", "cpu,cpu", "--max-memory",
+                    "700KB,700KB", "--auto", "--max-new-tokens", str(NEW), "--max-seq-len",
+                    str(MAX_SEQ), "--json", *prompt_args())
+    assert out.returncode == 0, out.stderr
+    assert "auto layout: tp=1 pp=2 dp=1" in out.stderr
+    assert json_tokens(out.stdout) == reference["tokens"]
+
+
 def test_torchrun(tiny_model, reference):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "llamadist",
