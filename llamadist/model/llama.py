@@ -24,13 +24,14 @@ from llamadist.runtime.kv_cache import LayerCache, KVCache
 # Cache start position: a Python int (eager path) or a 0-d long tensor (graph path).
 Start = int | torch.Tensor
 
-# One-token attention under torch.compile: "reduce" writes it as two sums that Inductor
-# turns into a few Triton reductions parallel over the cache slots; "sdpa" keeps SDPA
-# (cuDNN's kernel is latency-bound for one sequence: 16 us per layer at 640 slots on an
-# H100); "auto" takes reduce for a batch of one and SDPA otherwise. Measured on the
-# Llama-3-8B shape, H100, 640 slots, ms per step: batch 1 reduce 6.56 / sdpa 6.74,
-# batch 32 reduce 10.16 / sdpa 7.79. Eager decode always uses SDPA.
-COMPILED_DECODE_ATTENTION = os.environ.get("LLAMADIST_DECODE_ATTENTION", "auto")
+# One-token attention under torch.compile: "sdpa" (default) keeps SDPA; "reduce" writes
+# it as two float32 sums that Inductor turns into Triton reductions parallel over the
+# cache slots; "auto" takes reduce for a batch of one. cuDNN's kernel is latency-bound for
+# one sequence (16 us per layer at 640 slots on an H100), but reduce did not win beyond
+# run-to-run spread: Llama-3-8B shape, H100, 640 slots, ms per step, two runs each:
+# batch 1 reduce 6.56, 6.73 / sdpa 6.74, 6.75; batch 8 7.62 / 6.96; batch 32 10.16 / 7.79.
+# Eager decode always uses SDPA.
+COMPILED_DECODE_ATTENTION = os.environ.get("LLAMADIST_DECODE_ATTENTION", "sdpa")
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -57,6 +57,11 @@ class Engine:
         self.stages = stages
         self.ckpt = ckpt
         self.timed = False  # sync after each stage to attribute time (costs a little speed)
+        # One-token decode through per-stage CUDA graphs (llamadist.runtime.cuda_graph);
+        # set before the first decode step. compile_layers: torch.compile each layer first.
+        self.cuda_graphs = any(s.device.type == "cuda" for s in stages)
+        self.compile_layers = True
+        self._graphs = None
 
     @property
     def max_seq_len(self) -> int:
@@ -99,6 +104,9 @@ class Engine:
                 lane: int = 0) -> torch.Tensor:
         """tokens (B, T), positions (B, T), valid (B, S) or None -> logits (B, 1|T, V)."""
         t = tokens.shape[1]
+        if (t == 1 and logits == "last" and lane == 0 and self.cuda_graphs
+                and not isinstance(start, torch.Tensor)):
+            return self.decode_graphs().forward(tokens, positions, int(start), valid)
         mask = attention_mask(valid, int(start), t) if not isinstance(start, torch.Tensor) else None
         x = tokens
         for stage in self.stages:
@@ -110,12 +118,21 @@ class Engine:
             mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         if x.device != stage.device:
             t0 = time.perf_counter()
-            x = x.to(stage.device, non_blocking=True)
+            # Non-blocking only towards CUDA: a non-blocking copy to the CPU returns before
+            # the data lands, and the CPU stage would read it too early.
+            x = x.to(stage.device, non_blocking=stage.device.type == "cuda")
             if self.timed:
                 sync(stage.device)
                 stage.stats.transfer_s += time.perf_counter() - t0
             stage.stats.bytes_in += x.nbytes
         return x, positions.to(stage.device), None if mask is None else mask.to(stage.device)
+
+    def decode_graphs(self):
+        """The static decode path (created on first use; captures lazily per bucket)."""
+        if self._graphs is None:
+            from llamadist.runtime.cuda_graph import DecodeGraphs
+            self._graphs = DecodeGraphs(self, compile_layers=self.compile_layers)
+        return self._graphs
 
     def stage_stats(self) -> list[dict]:
         return [dict(stage=i, layers=[s.layers.start, s.layers.stop], device=str(s.device),

@@ -2,7 +2,7 @@
 
 The runtime owns it and passes it into ``forward``; it never moves between devices.
 Slots are shared across the batch (prompts are left-padded), so one start index
-addresses every sequence: the write is a plain slice, or an ``index_copy_`` with a
+addresses every sequence: the write is a plain slice, or an indexed write at a
 device tensor when the step is captured in a CUDA graph.
 """
 
@@ -32,8 +32,10 @@ class LayerCache:
         kc, vc = (self.k, self.v) if b == self.k.shape[0] else (self.k[:b], self.v[:b])
         if isinstance(start, torch.Tensor):
             idx = start + torch.arange(t, device=k.device)
-            kc.index_copy_(2, idx, k)
-            vc.index_copy_(2, idx, v)
+            # Index assignment (index_put_), which torch.compile keeps as an in-place
+            # write into the cache rather than a functional copy of it.
+            kc[:, :, idx] = k
+            vc[:, :, idx] = v
             return kc, vc
         end = start + t
         if end > kc.shape[2]:

@@ -87,14 +87,19 @@ class Stage:
 def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dtype: torch.dtype,
                 batch_size: int, max_seq_len: int, *, has_embed: bool | None = None,
                 has_head: bool | None = None, lanes: int = 1, shard_fn: ShardFn | None = None,
-                config: ModelConfig | None = None, progress: bool = False) -> Stage:
-    """Build a stage on the meta device and stream in only its own tensors."""
+                config: ModelConfig | None = None, progress: bool = False,
+                fuse: bool | None = None) -> Stage:
+    """Build a stage on the meta device and stream in only its own tensors.
+    ``fuse``: concatenate q/k/v and gate/up after loading (default: on CUDA)."""
     config = config or ckpt.config
     device = torch.device(device)
     with torch.device("meta"):
         model = Llama(config, layers, has_embed=has_embed, has_head=has_head)
     stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress)
     model.setup_rope(max_seq_len, device)
+    if fuse if fuse is not None else device.type == "cuda":
+        from llamadist.model.fuse import fuse_projections
+        fuse_projections(model)
     model.eval()
     stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes)
     stage.stats.load = stats

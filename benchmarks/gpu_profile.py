@@ -1,0 +1,143 @@
+"""Where one decode step's time goes on the GPU (a companion to ``llamadist bench --shape``).
+
+1. Each weight matrix of a layer (fused shapes) alone through F.linear at M = batch rows:
+   the bandwidth cuBLAS reaches, and the sum over the model (the matmul-only floor).
+2. The captured decode graph replayed back to back (no host work between steps).
+3. The kernels of one compiled decode step under torch.profiler (not captured, so each
+   kernel shows with its own time).
+
+    PYTHONPATH=. python3 benchmarks/gpu_profile.py --shape llama3-8b --batch 1,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from llamadist.bench_gpu import (copy_bandwidth, int_list, make_engine, random_model,
+                                 run_ours, sync_all)
+from llamadist.config import named_shape
+from llamadist.model import llama
+from llamadist.model.fuse import fuse_projections
+
+
+def linear_table(config, dev, dtype, m: int, copy_bps: float) -> float:
+    d, f = config.hidden_size, config.intermediate_size
+    shapes = [("qkv", config.q_size + 2 * config.kv_size, d), ("o", d, config.q_size),
+              ("gate_up", 2 * f, d), ("down", d, f), ("head", config.vocab_size, d)]
+    total = 0.0
+    for name, out_f, in_f in shapes:
+        nbytes = out_f * in_f * 2
+        copies = max(1, -(-256 * 2 ** 20 // nbytes))  # rotate through > L2 worth of weights
+        ws = [torch.randn(out_f, in_f, dtype=dtype, device=dev) for _ in range(copies)]
+        x = torch.randn(m, in_f, dtype=dtype, device=dev)
+        for w in ws:
+            F.linear(x, w)
+        reps = 20 * copies
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(3):
+            a.record()
+            for i in range(reps):
+                F.linear(x, ws[i % copies])
+            b.record()
+            b.synchronize()
+            times.append(a.elapsed_time(b) / 1e3 / reps)
+        t = statistics.median(times)
+        count = 1 if name == "head" else config.num_layers
+        total += count * t
+        print(f"  M={m:<3} {name:<8} {out_f:>6}x{in_f:<6} {t * 1e6:8.1f} us "
+              f"{nbytes / t / 1e12:6.2f} TB/s {nbytes / t / copy_bps:6.1%} of copy")
+        del ws
+    print(f"  M={m}: matmuls alone {total * 1e3:.2f} ms per step")
+    return total
+
+
+def graph_replay_ms(engine, b: int) -> float:
+    dec = engine._graphs.decoders[0]
+    graph = dec.buckets[b].graph
+    for _ in range(3):
+        graph.replay()
+    a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(20):
+        graph.replay()
+    e.record()
+    e.synchronize()
+    return a.elapsed_time(e) / 20
+
+
+def kernel_profile(engine, b: int, rows: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+    dec = engine._graphs.decoders[0]
+    bk = dec.buckets[b]
+    with torch.inference_mode():
+        for _ in range(2):
+            dec._forward(bk)
+        sync_all()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                dec._forward(bk)
+            sync_all()
+    events = prof.key_averages()
+    key = "self_device_time_total"
+    if not hasattr(events[0], key):
+        key = "self_cuda_time_total"
+    total_us = sum(getattr(e, key) for e in events) / 5
+    print(f"  kernels of one step (uncaptured): {total_us / 1e3:.2f} ms, "
+          f"{sum(e.count for e in events if getattr(e, key) > 0) / 5:.0f} launches")
+    print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--batch", default="1,32")
+    ap.add_argument("--prompt-len", type=int, default=512)
+    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--blas", default="")
+    ap.add_argument("--attention", default="reduce,sdpa")
+    args = ap.parse_args()
+    config, dev, dtype = named_shape(args.shape), torch.device("cuda:0"), torch.bfloat16
+    copy_bps = copy_bandwidth(dev, 4 << 30)
+    print(f"copy {copy_bps / 1e12:.2f} TB/s")
+    for lib in filter(None, args.blas.split(",")):
+        if lib != "default":
+            torch.backends.cuda.preferred_blas_library(lib)
+        print(f"linear alone, blas={lib}")
+        for m in int_list(args.batch):
+            linear_table(config, dev, dtype, m, copy_bps)
+    torch.backends.cuda.preferred_blas_library("cublas")
+    full = fuse_projections(random_model(config, dev, dtype))
+    max_seq = (args.prompt_len + 128 + 127) // 128 * 128
+    ms: dict[str, dict[int, float]] = {}
+    for attn in args.attention.split(","):
+        llama.COMPILED_DECODE_ATTENTION = attn  # read when the layer is traced
+        ms[attn] = {}
+        gen = torch.Generator().manual_seed(0)
+        for b in int_list(args.batch):
+            prompts = torch.randint(0, config.vocab_size, (b, args.prompt_len), generator=gen)
+            engine = make_engine(config, full, [range(config.num_layers)], [str(dev)], dtype, b,
+                                 max_seq)
+            r = run_ours(engine, prompts, 64, 1)
+            ms[attn][b] = r["decode_ms"]
+            print(f"attention {attn}, batch {b}: generator {r['decode_ms']:.2f} ms/step, graph "
+                  f"replay {graph_replay_ms(engine, b):.2f} ms/step")
+            kernel_profile(engine, b, args.rows)
+            del engine
+            gc.collect()
+            torch.cuda.empty_cache()
+    best = {b: min(v[b] for v in ms.values()) for b in next(iter(ms.values()))}
+    score = {a: sum(v[b] / best[b] for b in v) for a, v in ms.items()}
+    print(f"decode ms/step by attention: {ms}")
+    print(f"best-decode-attention={min(score, key=score.get)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""CUDA-graph decode: each stage captures its one-token step once per batch bucket and
+replays it, so a decode step costs one graph launch per stage instead of dozens of
+kernel launches per layer from Python.
+
+Static shapes: the step reads its inputs from buffers that live as long as its graph
+(token ids or hidden state, RoPE positions, the cache slot ``start`` as a 0-d device
+tensor, ``valid``), attends over the whole preallocated cache, and builds on the device
+the mask that hides slots not yet written and padding. Each stage on its own device has
+its own graphs and memory pool; stages not on CUDA (CPU offload) run eagerly in the same
+loop. Optionally each decoder layer runs through ``torch.compile`` (regional: one
+compiled artifact serves every layer and every stage of the same shapes), which fuses
+RMSNorm, RoPE, the residual adds and SwiGLU into a few kernels; the matmuls and the
+attention stay cuBLAS and SDPA. The graph is captured on the first decode step of a
+bucket, after warm-up runs that compile and write the same cache slot the replay writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from llamadist.runtime.kv_cache import KVCache, LayerCache
+from llamadist.runtime.stage import Stage, sync
+
+if TYPE_CHECKING:
+    from llamadist.runtime.engine import Engine
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2
+_COMPILED_LAYER = None
+
+
+def _call_layer(layer, h, cos, sin, cache, start, mask):
+    return layer(h, cos, sin, cache, start, mask)
+
+
+def compiled_layer_call():
+    """``layer_fn`` for Llama.forward: the decoder layer under torch.compile, shared by
+    every layer (parameters are inputs, so one compilation per input shape)."""
+    global _COMPILED_LAYER
+    if _COMPILED_LAYER is None:
+        import torch._dynamo
+        cfg = torch._dynamo.config
+        # One entry per batch bucket and dtype; the default limit of 8 would silently
+        # fall back to eager for a model used with many buckets.
+        cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
+        _COMPILED_LAYER = torch.compile(_call_layer, fullgraph=True, dynamic=False)
+    return _COMPILED_LAYER
+
+
+def bucket_sizes(max_batch: int) -> list[int]:
+    """Powers of two below ``max_batch``, then ``max_batch``: a batch runs in the
+    smallest bucket that holds it (extra rows compute garbage that nobody reads)."""
+    sizes, n = [], 1
+    while n < max_batch:
+        sizes.append(n)
+        n *= 2
+    return sizes + [max_batch]
+
+
+class _CacheRows:
+    """The first ``n`` rows of a stage's KVCache, with KVCache's ``layer(i)``."""
+
+    def __init__(self, cache: KVCache, n: int):
+        self.layers = {i: LayerCache(c.k[:n], c.v[:n]) for i, c in cache.layers.items()}
+
+    def layer(self, i: int) -> LayerCache:
+        return self.layers[i]
+
+
+@dataclass
+class _Bucket:
+    size: int
+    x: torch.Tensor          # (N, 1) token ids, or (N, 1, D) hidden state
+    positions: torch.Tensor  # (N, 1) long
+    start: torch.Tensor      # () long: the cache slot this step writes
+    valid: torch.Tensor      # (N, S) bool: slot holds a real token
+    cache: _CacheRows
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None  # (N, 1, V) logits or (N, 1, D) hidden
+
+
+class StageDecoder:
+    """Static-shape decode of one stage; captured in CUDA graphs when on CUDA."""
+
+    def __init__(self, stage: Stage, *, compile_layers: bool = True, capture: bool = True):
+        self.stage = stage
+        self.device = stage.device
+        self.capture = capture and stage.device.type == "cuda"
+        self.layer_fn = compiled_layer_call() if compile_layers else None
+        self.sizes = bucket_sizes(stage.batch_size)
+        self.buckets: dict[int, _Bucket] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.slots = torch.arange(stage.max_seq_len, device=stage.device)  # (S,)
+        self.prepare_s = 0.0  # warm-up, compilation and capture
+
+    def _bucket(self, b: int, like: torch.Tensor) -> _Bucket:
+        n = next((s for s in self.sizes if s >= b), None)
+        if n is None:
+            raise IndexError(f"batch of {b} but the KV cache was built for {self.stage.batch_size}")
+        if n not in self.buckets:
+            dev, s = self.device, self.stage.max_seq_len
+            if like.dim() == 2:
+                x = torch.zeros(n, 1, dtype=torch.long, device=dev)
+            else:
+                x = torch.zeros(n, 1, like.shape[-1], dtype=self.stage.dtype, device=dev)
+            self.buckets[n] = _Bucket(n, x, torch.zeros(n, 1, dtype=torch.long, device=dev),
+                                      torch.zeros((), dtype=torch.long, device=dev),
+                                      torch.ones(n, s, dtype=torch.bool, device=dev),
+                                      _CacheRows(self.stage.caches[0], n))
+        return self.buckets[n]
+
+    def load(self, x: torch.Tensor, positions: torch.Tensor, start: int,
+             valid: torch.Tensor | None) -> _Bucket:
+        """Copy this step's inputs into the static buffers (across devices if need be)."""
+        b = x.shape[0]
+        bk = self._bucket(b, x)
+        bk.x[:b].copy_(x, non_blocking=True)
+        bk.positions[:b].copy_(positions, non_blocking=True)
+        bk.start.fill_(start)
+        if valid is None:
+            bk.valid[:b].fill_(True)
+        else:
+            bk.valid[:b].copy_(valid, non_blocking=True)
+        return bk
+
+    def step(self, bk: _Bucket, b: int) -> torch.Tensor:
+        """Run (replay) the step for the loaded bucket -> rows [:b] of its output."""
+        if bk.graph is not None:
+            bk.graph.replay()
+        elif self.capture and bk.out is None:
+            self._capture(bk)
+        else:
+            bk.out = self._forward(bk)
+        return bk.out[:b]
+
+    def _forward(self, bk: _Bucket) -> torch.Tensor:
+        n, s = bk.size, self.stage.max_seq_len
+        # Slot j is visible to the query at slot `start` if it holds a real token at or
+        # before it; the query always sees itself, so padded rows stay finite.
+        visible = ((self.slots <= bk.start) & bk.valid) | (self.slots == bk.start)  # (N, S)
+        # Additive, once per step: SDPA would otherwise convert a bool mask in every layer.
+        mask = torch.zeros(n, 1, 1, s, dtype=self.stage.dtype, device=self.device)
+        mask.masked_fill_(~visible.view(n, 1, 1, s), float("-inf"))
+        return self.stage.model(bk.x, bk.positions, bk.cache, bk.start, mask,
+                                logits="last", layer_fn=self.layer_fn)
+
+    def _warmup(self, bk: _Bucket) -> None:
+        # Compilation and cuBLAS/attention workspace set-up must happen outside capture.
+        # Each run writes the same values into the same cache slot as the replay will.
+        for _ in range(WARMUP_STEPS):
+            try:
+                self._forward(bk)
+            except Exception as e:  # a compiler failure must not stop generation
+                if self.layer_fn is None:
+                    raise
+                log.warning("torch.compile of the decoder layer failed (%s: %s); capturing "
+                            "the eager layers instead", type(e).__name__, e)
+                self.layer_fn = None
+                self._forward(bk)
+
+    def _capture(self, bk: _Bucket) -> None:
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._warmup(bk)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                bk.out = self._forward(bk)
+            graph.replay()
+        bk.graph = graph
+        self.prepare_s += time.perf_counter() - t0
+        log.info("captured decode graph: layers %d..%d on %s, bucket %d, %.1f s",
+                 self.stage.layers.start, self.stage.layers.stop - 1, self.device, bk.size,
+                 time.perf_counter() - t0)
+
+
+class DecodeGraphs:
+    """The engine's one-token decode through per-stage static steps (graphs on CUDA)."""
+
+    def __init__(self, engine: "Engine", *, compile_layers: bool = True, capture: bool = True,
+                 static_cpu: bool = False):
+        self.engine = engine
+        self.decoders = [StageDecoder(s, compile_layers=compile_layers, capture=capture)
+                         if s.device.type == "cuda" or static_cpu else None
+                         for s in engine.stages]
+
+    @property
+    def prepare_s(self) -> float:
+        return sum(d.prepare_s for d in self.decoders if d is not None)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
+                valid: torch.Tensor | None) -> torch.Tensor:
+        """tokens (B, 1), positions (B, 1), valid (B, S) or None -> logits (B, 1, V).
+        The logits are a view of a static buffer: read them before the next step."""
+        from llamadist.runtime.engine import attention_mask
+        eng, timed = self.engine, self.engine.timed
+        x, b, mask = tokens, tokens.shape[0], None
+        for stage, dec in zip(eng.stages, self.decoders):
+            if dec is None:  # eager stage (CPU offload)
+                if mask is None and valid is not None:
+                    mask = attention_mask(valid, start, 1)
+                x, pos, m = eng._to(stage, x, positions, mask)
+                x = stage.forward(x, pos, start, m, timed=timed)
+                continue
+            if x.device != stage.device:
+                stage.stats.bytes_in += x.nbytes
+            t0 = time.perf_counter()
+            bk = dec.load(x, positions, start, valid)
+            if timed:
+                sync(stage.device)
+                t1 = time.perf_counter()
+                stage.stats.transfer_s += t1 - t0
+                t0 = t1
+            x = dec.step(bk, b)
+            if timed:
+                sync(stage.device)
+                stage.stats.compute_s += time.perf_counter() - t0
+            stage.stats.calls += 1
+        return x
