@@ -1,5 +1,5 @@
 """Parallel layouts side by side: one process against TP, PP, DP (and TP x PP) over
-processes, the same model and batch in one run, with the auto planner's prediction.
+processes, the same model and batch in one run.
 
     python benchmarks/layouts.py [--model smollm2-135m] [--batch 8] [--devices cpu|cuda]
         [--layouts "1,pp2,dp2,tp3"]
