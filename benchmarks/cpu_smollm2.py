@@ -118,7 +118,7 @@ def main() -> None:
         hf_rate, hf_tokens = time_hf(hf, ids, args.gen, args.repeats)
 
     step_bytes = weight_bytes  # per decode step every weight is read once (KV is tiny here)
-    print(f"\n| system | decode tok/s | ms/token | MBU | load s |")
+    print("\n| system | decode tok/s | ms/token | MBU | load s |")
     print("| --- | --- | --- | --- | --- |")
     for name, rate, load in (("transformers (eager)", hf_rate, hf_load),
                              ("llamadist, 1 stage", decode[1], loads[1]),
