@@ -18,7 +18,7 @@ from llamadist.generation.generate import GenerationResult, Generator, StreamEve
 from llamadist.generation.sampling import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer
 from llamadist.runtime.engine import Engine
-from llamadist.runtime.stage import build_stage, parse_dtype
+from llamadist.runtime.stage import parse_dtype
 from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
 
 
@@ -61,11 +61,8 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
 
 def build_engine(ckpt: Checkpoint, layout: Layout, dtype: torch.dtype, max_batch: int,
                  max_seq_len: int, progress: bool = False) -> Engine:
-    n = len(layout.layer_ranges)
-    stages = [build_stage(ckpt, layers, dev, dtype, max_batch, max_seq_len,
-                          has_embed=i == 0, has_head=i == n - 1, progress=progress)
-              for i, (layers, dev) in enumerate(zip(layout.layer_ranges, layout.devices))]
-    return Engine(ckpt.config, stages, ckpt)
+    return Engine.build(ckpt, layout.layer_ranges, layout.devices, dtype, max_batch,
+                        max_seq_len, progress=progress)
 
 
 class LLM:

@@ -77,10 +77,6 @@ def _sampling(args: argparse.Namespace, **over: Any) -> SamplingParams:
     return replace(params, seed=seed, **over)
 
 
-def _cache_len(needed: int, limit: int) -> int:
-    return min(limit, (needed + 255) // 256 * 256)
-
-
 def _spec(session: Session, args: argparse.Namespace, config, batch: int, max_seq: int
           ) -> PipelineSpec:
     """Rank 0's decision: layout, dtype, per-replica batch and micro-batches."""
@@ -137,7 +133,7 @@ def _sequences(reports: list[dict]) -> list[dict]:
 
 # ---- generate ------------------------------------------------------------------
 def _generate(session: Session, args: argparse.Namespace) -> int:
-    from llamadist.commands import _read_prompts
+    from llamadist.commands import _cache_len, _read_prompts
     from llamadist.weights.checkpoint import open_checkpoint
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()
@@ -266,6 +262,7 @@ class _ChatState:
 
 # ---- bench ---------------------------------------------------------------------
 def _bench(session: Session, args: argparse.Namespace) -> int:
+    from llamadist.commands import _cache_len
     from llamadist.weights.checkpoint import open_checkpoint
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()

@@ -140,6 +140,11 @@ def init_distributed(timeout: float = 60.0, device: str | None = None) -> DistCo
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    kinds = {d.strip().split(":")[0] for d in (device or "cpu").split(",") if d.strip()}
+    if len(kinds) > 1:
+        raise ValueError(f"--devices {device} mixes device kinds; over processes give one kind "
+                         "(cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a mixed list "
+                         "such as cuda:0,cpu in one process (without --nproc/--pp)")
     want_cuda = bool(device) and "cuda" in device
     if want_cuda and not torch.cuda.is_available():
         log.warning("rank %d: CUDA asked for but not available; running on CPU", rank)

@@ -176,8 +176,8 @@ class Launcher:
             p.wait()
 
     def run(self) -> int:
-        self.start()
         try:
+            self.start()  # inside the try: a failed start must not strand the ranks started
             return self.wait()
         except KeyboardInterrupt:
             return 130

@@ -24,7 +24,8 @@ class ContextLimitError(ValueError):
 
 
 class StepModel(Protocol):
-    """What generation drives: the in-process Engine or a distributed pipeline."""
+    """What generation drives: the in-process Engine (the multi-process pipeline runs its
+    own lockstep loop, see runtime/pipeline.py)."""
     config: ModelConfig
     max_seq_len: int
     max_batch: int

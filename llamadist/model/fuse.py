@@ -49,7 +49,9 @@ def fuse_projections(model: nn.Module) -> nn.Module:
     """Fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` in every layer of
     ``model`` (in place; returns it). Outputs equal the unfused model's up to the
     matmul library's summation order (bitwise on most paths, 1e-6 relative in fp32)."""
-    for module in list(model.modules()):
+    # Collect only the Attention/MLP blocks: a list of every module would keep the
+    # replaced Linears (and their weights) alive until the whole pass ends.
+    for module in [m for m in model.modules() if isinstance(m, (Attention, MLP))]:
         if isinstance(module, Attention):
             fuse_attention(module)
         elif isinstance(module, MLP):

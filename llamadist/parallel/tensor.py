@@ -31,8 +31,8 @@ same seed and calls it the same number of times* (the runtime must share the see
 
 Order of the passes: build on meta -> pipeline cut -> ``apply_tensor_parallel`` ->
 ``load_weights(..., shard_fn=tp_shard_fn(...))`` (each rank reads only its slice) ->
-optional fusion (fusing q|k|v or gate|up of the *local* shards into one plain Linear is
-correct, since column-parallel layers have no collective) -> ``setup_rope``.
+``setup_rope`` -> optional fusion (fusing q|k|v or gate|up of the *local* shards into one
+plain Linear is correct, since column-parallel layers have no collective).
 """
 
 from __future__ import annotations
@@ -184,21 +184,12 @@ def build_tp_stage(ckpt, layers: range, device: torch.device | str, dtype: torch
     the load: this rank's shard of layers ``layers``, its KV cache sized by tp_kv_heads.
     ``group``: the TP device group (NCCL on GPU, gloo on CPU) of this stage's ranks.
     ``fuse``: concatenate the local q|k|v and gate|up shards after loading (default: CUDA)."""
-    from llamadist.runtime.stage import Stage
-    from llamadist.weights.loader import load_weights
+    from llamadist.runtime.stage import build_stage
 
-    config, device = ckpt.config, torch.device(device)
-    with torch.device("meta"):
-        model = Llama(config, layers, has_embed=has_embed, has_head=has_head)
-    apply_tensor_parallel(model, group, tp_rank, tp_size)
-    stats = load_weights(model, ckpt, device, dtype, shard_fn=tp_shard_fn(config, tp_rank, tp_size),
-                         progress=progress)
-    model.setup_rope(max_seq_len, device)
-    if fuse if fuse is not None else device.type == "cuda":
-        from llamadist.model.fuse import fuse_projections
-        fuse_projections(model)  # column shards have no collective, so they fuse as-is
-    model.eval()
-    stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes,
-                  num_kv_heads=tp_kv_heads(config, tp_size))
-    stage.stats.load = stats
-    return stage
+    config = ckpt.config
+    # Column shards have no collective, so the fused q|k|v and gate|up of a shard are exact.
+    return build_stage(ckpt, layers, device, dtype, batch_size, max_seq_len,
+                       has_embed=has_embed, has_head=has_head, lanes=lanes, progress=progress,
+                       fuse=fuse, prepare=lambda m: apply_tensor_parallel(m, group, tp_rank, tp_size),
+                       shard_fn=tp_shard_fn(config, tp_rank, tp_size),
+                       num_kv_heads=tp_kv_heads(config, tp_size))

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 
 import torch
 
 from llamadist.config import ModelConfig
-from llamadist.model.llama import Start
 from llamadist.runtime.stage import Stage, build_stage, parse_dtype, sync
 from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
 
@@ -42,13 +40,6 @@ def attention_mask(valid: torch.Tensor | None, start: int, t: int) -> torch.Tens
     allowed = causal.unsqueeze(0) & valid_keys.unsqueeze(1)  # (B, T, end)
     allowed = allowed | (k_slot == q_slot).unsqueeze(0)
     return allowed.unsqueeze(1)
-
-
-@dataclass
-class EngineSpec:
-    """Where each stage goes: half-open layer ranges and their devices."""
-    layer_ranges: list[range]
-    devices: list[torch.device]
 
 
 class Engine:
@@ -88,26 +79,35 @@ class Engine:
             if len(devices) != 1:
                 raise ValueError("give layer_ranges for more than one device (or use a Plan)")
             layer_ranges = [range(config.num_layers)]
+        return cls.build(ckpt, layer_ranges, devices, parse_dtype(dtype), max_batch,
+                         max_seq_len or config.max_position_embeddings, progress=progress)
+
+    @classmethod
+    def build(cls, ckpt: Checkpoint, layer_ranges: list[range], devices: list[str],
+              dtype: torch.dtype, max_batch: int, max_seq_len: int,
+              progress: bool = False) -> "Engine":
+        """One stage per (layer range, device); each reads only its own tensors."""
         if len(layer_ranges) != len(devices):
             raise ValueError(f"{len(layer_ranges)} layer ranges but {len(devices)} devices")
-        max_seq_len = max_seq_len or config.max_position_embeddings
-        torch_dtype = parse_dtype(dtype)
-        stages = []
-        for i, (layers, dev) in enumerate(zip(layer_ranges, devices)):
-            stages.append(build_stage(ckpt, layers, dev, torch_dtype, max_batch, max_seq_len,
-                                      has_embed=i == 0, has_head=i == len(devices) - 1,
-                                      progress=progress))
-        return cls(config, stages, ckpt)
+        n = len(devices)
+        stages = [build_stage(ckpt, layers, dev, dtype, max_batch, max_seq_len,
+                              has_embed=i == 0, has_head=i == n - 1, progress=progress)
+                  for i, (layers, dev) in enumerate(zip(layer_ranges, devices))]
+        return cls(ckpt.config, stages, ckpt)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: Start,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
                 valid: torch.Tensor | None = None, logits: str = "last",
                 lane: int = 0) -> torch.Tensor:
         """tokens (B, T), positions (B, T), valid (B, S) or None -> logits (B, 1|T, V)."""
+        if isinstance(start, torch.Tensor):
+            # A device-tensor start (attend over every slot) is the graph path's own
+            # business: it builds the full-length mask that such a start needs.
+            raise TypeError("Engine.forward takes an int start; the CUDA-graph path owns "
+                            "tensor starts")
         t = tokens.shape[1]
-        if (t == 1 and logits == "last" and lane == 0 and self.cuda_graphs
-                and not isinstance(start, torch.Tensor)):
-            return self.decode_graphs().forward(tokens, positions, int(start), valid)
-        mask = attention_mask(valid, int(start), t) if not isinstance(start, torch.Tensor) else None
+        if t == 1 and logits == "last" and lane == 0 and self.cuda_graphs:
+            return self.decode_graphs().forward(tokens, positions, start, valid)
+        mask = attention_mask(valid, start, t)
         x = tokens
         for stage in self.stages:
             x, pos, m = self._to(stage, x, positions, mask)

@@ -65,10 +65,3 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(c.k.nbytes + c.v.nbytes for c in self.layers.values())
-
-    @staticmethod
-    def bytes_needed(config: ModelConfig, num_layers: int, batch_size: int, max_seq_len: int,
-                     dtype: torch.dtype, num_kv_heads: int | None = None) -> int:
-        heads = num_kv_heads or config.num_kv_heads
-        elem = torch.empty(0, dtype=dtype).element_size()
-        return 2 * num_layers * batch_size * heads * max_seq_len * config.head_dim * elem

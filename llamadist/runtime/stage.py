@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from llamadist.config import ModelConfig
 from llamadist.model.llama import Llama, Start
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.weights.checkpoint import Checkpoint
@@ -36,7 +36,6 @@ class StageStats:
     bytes_in: int = 0
     calls: int = 0
     load: LoadStats | None = None
-    extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = {"compute_s": self.compute_s, "transfer_s": self.transfer_s,
@@ -86,21 +85,24 @@ class Stage:
 
 def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dtype: torch.dtype,
                 batch_size: int, max_seq_len: int, *, has_embed: bool | None = None,
-                has_head: bool | None = None, lanes: int = 1, shard_fn: ShardFn | None = None,
-                config: ModelConfig | None = None, progress: bool = False,
-                fuse: bool | None = None) -> Stage:
+                has_head: bool | None = None, lanes: int = 1, progress: bool = False,
+                fuse: bool | None = None, prepare: Callable[[Llama], object] | None = None,
+                shard_fn: ShardFn | None = None, num_kv_heads: int | None = None) -> Stage:
     """Build a stage on the meta device and stream in only its own tensors.
-    ``fuse``: concatenate q/k/v and gate/up after loading (default: on CUDA)."""
-    config = config or ckpt.config
+    ``fuse``: concatenate q/k/v and gate/up after loading (default: on CUDA).
+    ``prepare`` runs on the meta model before loading (the tensor-parallel pass), with
+    ``shard_fn`` the slice each parameter reads and ``num_kv_heads`` this rank's KV heads."""
     device = torch.device(device)
     with torch.device("meta"):
-        model = Llama(config, layers, has_embed=has_embed, has_head=has_head)
+        model = Llama(ckpt.config, layers, has_embed=has_embed, has_head=has_head)
+    if prepare is not None:
+        prepare(model)
     stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress)
     model.setup_rope(max_seq_len, device)
     if fuse if fuse is not None else device.type == "cuda":
         from llamadist.model.fuse import fuse_projections
         fuse_projections(model)
     model.eval()
-    stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes)
+    stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes, num_kv_heads)
     stage.stats.load = stats
     return stage
