@@ -74,7 +74,7 @@ def prompts_for(model: str, batch: int, prompt_len: int) -> list[list[int]]:
 
 def one_process(model: str, args: argparse.Namespace, device: str) -> dict:
     """The in-process Engine, one stage, all cores: warm-up, then one timed request."""
-    from llamadist.api import default_dtype
+    from llamadist.config import default_dtype
     from llamadist.generation.generate import Generator
     from llamadist.generation.sampling import SamplingParams
     from llamadist.runtime.engine import Engine

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, default_dtype
 from llamadist.generation.generate import GenerationResult, Generator, StreamEvent
 from llamadist.generation.sampling import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer
@@ -30,10 +30,6 @@ class Layout:
     plan: object | None = None  # the llamadist.planning Plan it came from, if any
 
 
-def default_dtype(devices: list[str]) -> str:
-    return "bfloat16" if all(d.startswith("cuda") for d in devices) else "float32"
-
-
 def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = None,
                    strategy: str | None = None, max_memory: str | None = None,
                    device_speed: str | None = None, boundaries: str | None = None,
@@ -48,6 +44,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     if plan is not None:
         p = Plan.load(plan)
         p.validate(config.num_layers)
+        parse_devices(",".join(p.devices))  # a device this machine lacks: a clear error
     else:
         dev_str = devices if isinstance(devices, str) or devices is None else ",".join(devices)
         dev_str = dev_str or "cpu"

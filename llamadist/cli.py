@@ -9,6 +9,7 @@ import sys
 from collections.abc import Callable
 from functools import partial
 
+from llamadist.config import default_dtype
 from llamadist.distributed.cli_args import (add_distributed_args, add_grid_args, in_worker,
                                              launch_workers, wants_distributed)
 
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("analyze", help="per-layer parameters, bytes, FLOPs and KV bytes")
     p.add_argument("model")
     p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"])
-    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--seq-len", type=int,
+                   help="context for prefill FLOPs (default: min(model context, 4096))")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("plan", help="cut the model across devices and show the stages")
@@ -184,7 +186,7 @@ def apply_auto_layout(args: argparse.Namespace) -> None:
     from llamadist.planning.profile import profile
     config = model_config(args.model)
     devices = args.devices or "cpu"
-    dtype = args.dtype or ("bfloat16" if devices.startswith("cuda") else "float32")
+    dtype = args.dtype or default_dtype(devices)
     max_seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
     specs = parse_devices(devices, args.max_memory, args.device_speed)
     best = auto_plan(profile(config, dtype=dtype, seq_len=max_seq), specs, objective="latency",
@@ -243,8 +245,7 @@ def _cmd_auto_plan(args: argparse.Namespace, config, dtype: str, max_seq: int) -
 def _cmd_plan(args: argparse.Namespace) -> int:
     from llamadist.planning.commands import plan_command
     config = model_config(args.model)
-    devices = args.devices or "cpu"
-    dtype = args.dtype or ("bfloat16" if devices.startswith("cuda") else "float32")
+    dtype = args.dtype or default_dtype(args.devices or "cpu")
     max_seq = args.max_seq_len or min(config.max_position_embeddings, 4096)
     if args.auto:
         return _cmd_auto_plan(args, config, dtype, max_seq)
@@ -253,6 +254,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(plan_ranks_command(config, args, dtype, max_seq))
         return 0
     strategy = args.strategy or ("custom" if args.boundaries else "uniform")
+    # devices None with --plan: the plan file's own devices
+    devices = args.devices or (None if args.plan else "cpu")
     print(plan_command(config, devices, args.max_memory, args.device_speed, strategy,
                        args.boundaries, args.plan, args.batch_size, max_seq, dtype, args.json,
                        args.save, args.plot))

@@ -150,6 +150,8 @@ def bench_cmd(args: argparse.Namespace) -> int:
         raise ValueError("give a model (checkpoint folder, .gguf or alias) or --shape NAME")
     if isinstance(args.batch, list):
         raise ValueError(f"--batch {args.batch}: a list of batch sizes needs --shape")
+    if not args.prompts and args.batch < 1:
+        raise ValueError(f"--batch must be >= 1, got {args.batch}")
     if wants_distributed(args):
         return _distributed("bench", args)
     ckpt = open_checkpoint(args.model)

@@ -153,6 +153,12 @@ class ModelConfig:
         return cls(**d)
 
 
+def default_dtype(devices: str | list[str]) -> str:
+    """bfloat16 when every device is a GPU, else float32: one rule for planning and running."""
+    names = devices.split(",") if isinstance(devices, str) else devices
+    return "bfloat16" if all(d.strip().startswith("cuda") for d in names) else "float32"
+
+
 # Named shapes for benchmarks and planning without weights (random init).
 NAMED_SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,

@@ -9,18 +9,25 @@ import os
 DEFAULT_TIMEOUT_S = 60.0
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def add_grid_args(p: argparse.ArgumentParser) -> argparse._ArgumentGroup:
     g = p.add_argument_group("processes (pipeline over torch.distributed)")
-    g.add_argument("--pp", type=int, help="pipeline stages, one process each (default: "
+    g.add_argument("--pp", type=positive_int, help="pipeline stages, one process each (default: "
                    "nproc / (tp x dp))")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per stage")
-    g.add_argument("--dp", type=int, default=1, help="data-parallel replicas")
+    g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per stage")
+    g.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas")
     return g
 
 
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g = add_grid_args(p)
-    g.add_argument("--nproc", type=int, help="start this many local worker processes "
+    g.add_argument("--nproc", type=positive_int, help="start this many local worker processes "
                    "(default: pp x tp x dp); not needed under torchrun")
     g.add_argument("--micro-batches", type=int, help="micro-batches in flight through the "
                    "pipeline (default: the number of stages, at most one per prompt)")

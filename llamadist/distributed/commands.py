@@ -80,7 +80,7 @@ def _sampling(args: argparse.Namespace, **over: Any) -> SamplingParams:
 def _spec(session: Session, args: argparse.Namespace, config, batch: int, max_seq: int
           ) -> PipelineSpec:
     """Rank 0's decision: layout, dtype, per-replica batch and micro-batches."""
-    from llamadist.api import default_dtype
+    from llamadist.config import default_dtype
     g = session.groups
     dtype = args.dtype or default_dtype(stage_devices(args.devices, g.pp_size))
     per_replica = math.ceil(batch / g.dp_size)

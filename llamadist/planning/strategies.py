@@ -298,6 +298,9 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], strategy: st
     for activations: a float in [0, 1) is a fraction of its budget, otherwise bytes."""
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if boundaries is not None and strategy != "custom":
+        raise PlanningError(f"--boundaries go with the custom strategy, not {strategy!r}: drop "
+                            "--strategy or pass --strategy custom")
     devices, n = list(devices), profile.num_layers
     if not devices:
         raise PlanningError("no devices to plan for")

@@ -137,3 +137,22 @@ def test_bad_boundaries(capsys, tiny_model):
     code, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi",
                         "--devices", "cpu,cpu", "--boundaries", "0:2,3:5")
     assert_one_line_error(code, err, "2")
+
+
+def test_boundaries_need_custom_strategy(capsys, tiny_model):
+    code, err = run_cli(capsys, "plan", str(tiny_model), "--devices", "cpu,cpu", "--strategy",
+                        "uniform", "--boundaries", "0:2,2:5")
+    assert_one_line_error(code, err, "custom")
+
+
+def test_plan_file_naming_a_missing_device(capsys, tiny_model, tmp_path):
+    from llamadist.planning.plan import Plan
+    plan = tmp_path / "p.json"
+    assert main(["plan", str(tiny_model), "--devices", "cpu,cpu", "--save", str(plan)]) == 0
+    capsys.readouterr()
+    p = Plan.load(plan)
+    text = plan.read_text().replace('"cpu"', '"cuda:7"')
+    plan.write_text(text)
+    assert Plan.load(plan).devices != p.devices
+    code, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--plan", str(plan))
+    assert_one_line_error(code, err, "cuda:7")
