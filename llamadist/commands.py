@@ -9,7 +9,7 @@ import time
 
 from llamadist.api import LLM
 from llamadist.distributed.cli_args import wants_distributed
-from llamadist.generation.generate import check_context
+from llamadist.generation.generate import check_context, fit_history
 from llamadist.generation.sampling import SamplingParams
 from llamadist.weights.checkpoint import open_checkpoint
 
@@ -122,7 +122,8 @@ def chat_cmd(args: argparse.Namespace) -> int:
         if not cmd:
             continue
         history.append({"role": "user", "content": line})
-        history = _fit_history(llm, system, history, params.max_new_tokens)
+        history = fit_history(llm.encode, system, history, params.max_new_tokens,
+                              llm.max_seq_len)
         reply = []
         try:
             for piece in llm.stream(system + history, params):
@@ -133,13 +134,6 @@ def chat_cmd(args: argparse.Namespace) -> int:
             print("\n(interrupted)", file=sys.stderr)
         print()
         history.append({"role": "assistant", "content": "".join(reply)})
-
-
-def _fit_history(llm: LLM, system: list[dict], history: list[dict], max_new: int) -> list[dict]:
-    """Drop the oldest turns until the conversation plus the reply fits the cache."""
-    while len(history) > 1 and len(llm.encode(system + history)) + max_new > llm.max_seq_len:
-        history = history[2:] if len(history) > 2 else history[1:]
-    return history
 
 
 def bench_cmd(args: argparse.Namespace) -> int:

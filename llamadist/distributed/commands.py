@@ -23,7 +23,7 @@ from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.distributed.cli_args import in_worker, launch_workers
 from llamadist.distributed.layout import plan_layout, stage_devices
 from llamadist.distributed.session import Session, setup_worker_logging
-from llamadist.generation.generate import check_context
+from llamadist.generation.generate import check_context, fit_history
 from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.pipeline import PipelineSpec, Request
 
@@ -252,9 +252,8 @@ class _ChatState:
                 break
         params = _sampling(self.args)
         self.history.append({"role": "user", "content": line})
-        while (len(self.history) > 1 and len(self.tok.encode_chat(self.system + self.history))
-               + params.max_new_tokens > self.max_seq_len):
-            self.history = self.history[2:] if len(self.history) > 2 else self.history[1:]
+        self.history = fit_history(self.tok.encode_chat, self.system, self.history,
+                                   params.max_new_tokens, self.max_seq_len)
         ids = self.tok.encode_chat(self.system + self.history)
         check_context([ids], params.max_new_tokens, self.max_seq_len)
         return Request([ids], params, 1)

@@ -8,7 +8,7 @@ its tokens are those it would get alone.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -95,6 +95,33 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, max_seq_len: in
             f"lower --max-new-tokens to {max_seq_len - longest} or shorten the prompt")
 
 
+def pad_id(tokenizer: Tokenizer | None) -> int:
+    """The id left padding uses (its value never matters: padded slots are masked)."""
+    return tokenizer.pad_token_id if tokenizer and tokenizer.pad_token_id is not None else 0
+
+
+def seen_mask(prompts: list[list[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """(B, V) bool: the tokens each prompt already holds, for the repetition penalty."""
+    seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
+    for i, ptoks in enumerate(prompts):
+        seen[i, torch.tensor(ptoks, device=device)] = True
+    return seen
+
+
+def mark_seen(seen: torch.Tensor | None, tokens: torch.Tensor) -> None:
+    """Add the sampled tokens (B,) to ``seen`` (B, V), in place."""
+    if seen is not None:
+        seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+
+
+def fit_history(encode: Callable[[list[dict]], list[int]], system: list[dict],
+                history: list[dict], max_new: int, max_seq_len: int) -> list[dict]:
+    """Drop the oldest turns until the conversation plus the reply fits the cache."""
+    while len(history) > 1 and len(encode(system + history)) + max_new > max_seq_len:
+        history = history[2:] if len(history) > 2 else history[1:]
+    return history
+
+
 def left_pad(prompts: list[list[int]], pad_id: int, max_seq_len: int, device: torch.device
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """-> tokens (B, L), positions (B, L), valid (B, max_seq_len) or None when no padding."""
@@ -157,9 +184,10 @@ class Generator:
         dev = self.model.device
         gen = torch.Generator(device=dev)
         gen.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
-        pad = self.tokenizer.pad_token_id if self.tokenizer and self.tokenizer.pad_token_id is not None else 0
-        tokens, positions, valid = left_pad(prompts, pad, self.model.max_seq_len, dev)
-        seen = self._seen(prompts, dev) if p.repetition_penalty != 1.0 else None
+        tokens, positions, valid = left_pad(prompts, pad_id(self.tokenizer),
+                                            self.model.max_seq_len, dev)
+        seen = (seen_mask(prompts, self.model.config.vocab_size, dev)
+                if p.repetition_penalty != 1.0 else None)
 
         t0 = time.perf_counter()
         logits = self.model.forward(tokens, positions, 0, valid)  # (B, 1, V)
@@ -198,16 +226,8 @@ class Generator:
                 seen: torch.Tensor | None) -> torch.Tensor:
         """(B, 1, V) logits -> (B,) token ids, on the device; marks them seen."""
         tok = sample(logits[:, -1], self.params, gen, seen)
-        if seen is not None:
-            seen[torch.arange(len(tok), device=tok.device), tok] = True
+        mark_seen(seen, tok)
         return tok
-
-    def _seen(self, prompts: list[list[int]], dev: torch.device) -> torch.Tensor:
-        vocab = self.model.config.vocab_size
-        seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=dev)
-        for i, ptoks in enumerate(prompts):
-            seen[i, torch.tensor(ptoks, device=dev)] = True
-        return seen
 
     def _advance(self, ids: list[int], step: int) -> list[StreamEvent]:
         events = []

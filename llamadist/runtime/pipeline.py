@@ -43,7 +43,8 @@ from llamadist.config import ModelConfig
 from llamadist.distributed.faults import Watchdog, fault_hook
 from llamadist.distributed.groups import ParallelGroups
 from llamadist.distributed.p2p import P2P, Kind, LinkStats, Message
-from llamadist.generation.generate import Generator, Sequence, StreamEvent, left_pad
+from llamadist.generation.generate import (Generator, Sequence, StreamEvent, left_pad, mark_seen,
+                                         pad_id, seen_mask)
 from llamadist.generation.sampling import SamplingParams, sample
 from llamadist.generation.tokenizer import Tokenizer
 from llamadist.runtime.engine import attention_mask
@@ -124,11 +125,8 @@ class LaneSampler:
         self.gens = None
         if not params.greedy:
             self.gens = [torch.Generator(device=device).manual_seed(params.seed + r) for r in rows]
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(len(rows), vocab, dtype=torch.bool, device=device)  # (B_m, V)
-            for i, p in enumerate(prompts):
-                self.seen[i, torch.tensor(p, device=device)] = True
+        self.seen = (seen_mask(prompts, vocab, device)  # (B_m, V)
+                     if params.repetition_penalty != 1.0 else None)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B_m, V) -> tokens (B_m,) long."""
@@ -138,8 +136,7 @@ class LaneSampler:
             tok = torch.cat([sample(logits[i:i + 1], self.params, g,
                                     None if self.seen is None else self.seen[i:i + 1])
                              for i, g in enumerate(self.gens)])
-        if self.seen is not None:
-            self.seen[torch.arange(len(tok), device=tok.device), tok] = True
+        mark_seen(self.seen, tok)
         return tok
 
 
@@ -202,8 +199,7 @@ class PipelineRunner:
         self.stats.wall_s = time.perf_counter() - t0
 
     def _make_lanes(self, rows: range, prompts: list[list[int]], m: int) -> list[Lane]:
-        pad = self.tokenizer.pad_token_id if self.tokenizer and self.tokenizer.pad_token_id \
-            is not None else 0
+        pad = pad_id(self.tokenizer)
         lanes = []
         for i, part in enumerate(split_rows(len(rows), m) if len(rows) else []):
             if i >= len(self.stage.caches) or len(part) > self.stage.batch_size:
