@@ -5,6 +5,8 @@
 2. The captured decode graph replayed back to back (no host work between steps).
 3. The kernels of one compiled decode step under torch.profiler (not captured, so each
    kernel shows with its own time).
+4. One layer's decode attention alone, replayed in a CUDA graph: SDPA over the whole
+   static cache (masked), SDPA over the live slots only, and the split-KV kernel.
 
     PYTHONPATH=. python3 benchmarks/gpu_profile.py --shape llama3-8b --batch 1,32
 """
@@ -94,6 +96,46 @@ def kernel_profile(engine, b: int, rows: int) -> None:
     print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70))
 
 
+def attention_table(config, dev, dtype, batches: list[int], lengths: list[int],
+                    copy_bps: float) -> None:
+    from llamadist.kernels import decode_attention as split_kv
+    hk, g, d = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+
+    def graph_us(fn) -> float:
+        for _ in range(2):
+            fn()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(200):
+            graph.replay()
+        e.record()
+        e.synchronize()
+        return a.elapsed_time(e) / 200 * 1e3
+
+    for b in batches:
+        for cache in lengths:
+            q = torch.randn(b, hk, g, d, device=dev, dtype=dtype)
+            k, v = (torch.randn(b, hk, cache, d, device=dev, dtype=dtype) for _ in range(2))
+            for live in sorted({576, cache // 2, cache}):
+                if live > cache:
+                    continue
+                start = torch.tensor(live - 1, device=dev)
+                mask = torch.zeros(b, 1, 1, cache, device=dev, dtype=dtype)
+                mask[..., live:] = float("-inf")
+                kl, vl = k[:, :, :live], v[:, :, :live]
+                t = {"sdpa whole cache": graph_us(lambda: F.scaled_dot_product_attention(
+                         q, k, v, attn_mask=mask)),
+                     "sdpa live slots": graph_us(lambda: F.scaled_dot_product_attention(q, kl, vl)),
+                     "split-kv": graph_us(lambda: split_kv.decode_attention(q, k, v, mask, start))}
+                kv_bytes = 2 * b * hk * live * d * k.element_size()
+                print(f"  attention b={b:<3} cache={cache:<5} live={live:<5} " + "  ".join(
+                    f"{name} {us:6.1f} us ({kv_bytes / (us * 1e-6) / copy_bps:4.0%})"
+                    for name, us in t.items()))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama3-8b")
@@ -101,7 +143,11 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--blas", default="")
-    ap.add_argument("--attention", default="reduce,sdpa")
+    ap.add_argument("--attention", default="split,sdpa",
+                    help="decode attention modes to compare (llama.DECODE_ATTENTION)")
+    ap.add_argument("--max-seq-len", type=int, default=0, help="cache slots (default: fit)")
+    ap.add_argument("--attention-table", default="640,4224",
+                    help="cache lengths for the attention-alone table ('' to skip)")
     args = ap.parse_args()
     config, dev, dtype = named_shape(args.shape), torch.device("cuda:0"), torch.bfloat16
     copy_bps = copy_bandwidth(dev, 4 << 30)
@@ -113,11 +159,14 @@ def main() -> int:
         for m in int_list(args.batch):
             linear_table(config, dev, dtype, m, copy_bps)
     torch.backends.cuda.preferred_blas_library("cublas")
+    if args.attention_table:
+        attention_table(config, dev, dtype, int_list(args.batch), int_list(args.attention_table),
+                        copy_bps)
     full = fuse_projections(random_model(config, dev, dtype))
-    max_seq = (args.prompt_len + 128 + 127) // 128 * 128
+    max_seq = args.max_seq_len or (args.prompt_len + 128 + 127) // 128 * 128
     ms: dict[str, dict[int, float]] = {}
     for attn in args.attention.split(","):
-        llama.COMPILED_DECODE_ATTENTION = attn  # read when the layer is traced
+        llama.DECODE_ATTENTION = attn  # read when the layer is traced
         ms[attn] = {}
         gen = torch.Generator().manual_seed(0)
         for b in int_list(args.batch):

@@ -18,46 +18,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import ModelConfig
+from llamadist.kernels import decode_attention as split_kv
 from llamadist.model.rope import RotaryTable, apply_rotary
 from llamadist.runtime.kv_cache import LayerCache, KVCache
 
 # Cache start position: a Python int (eager path) or a 0-d long tensor (graph path).
 Start = int | torch.Tensor
 
-# One-token attention under torch.compile: "sdpa" (default) keeps SDPA; "reduce" writes
-# it as two float32 sums that Inductor turns into Triton reductions parallel over the
-# cache slots; "auto" takes reduce for a batch of one. cuDNN's kernel is latency-bound for
-# one sequence (16 us per layer at 640 slots on an H100), but reduce did not win beyond
-# run-to-run spread: Llama-3-8B shape, H100, 640 slots, ms per step, two runs each:
-# batch 1 reduce 6.56, 6.73 / sdpa 6.74, 6.75; batch 8 7.62 / 6.96; batch 32 10.16 / 7.79.
-# Eager decode always uses SDPA.
-COMPILED_DECODE_ATTENTION = os.environ.get("LLAMADIST_DECODE_ATTENTION", "sdpa")
+# One-token attention on the static-cache (CUDA graph) path: "split" (default) takes the
+# split-KV Triton kernel of llamadist.kernels.decode_attention where it applies (CUDA,
+# Triton, head size a power of two), "sdpa" always takes PyTorch's SDPA over the whole
+# cache. The eager path (int start, the cache sliced to the live length) uses SDPA.
+DECODE_ATTENTION = os.environ.get("LLAMADIST_DECODE_ATTENTION", "split")
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None) -> torch.Tensor:
+                     mask: torch.Tensor | None, start: Start) -> torch.Tensor:
     """q (B, H_kv, G, D) against keys/values (B, H_kv, S, D) -> (B, H_kv, G, D).
     mask (B, 1, 1, S): bool (True = visible) or additive float; None = all visible."""
-    mode = COMPILED_DECODE_ATTENTION
-    if mode == "auto":
-        mode = "reduce" if q.shape[0] == 1 else "sdpa"
-    if not (torch.compiler.is_compiling() and mode == "reduce"):
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return decode_attention_reduce(q, keys, values, mask)
-
-
-def decode_attention_reduce(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                            mask: torch.Tensor | None) -> torch.Tensor:
-    """decode_attention as sums and a softmax in float32 (what Inductor fuses)."""
-    scale = q.shape[-1] ** -0.5
-    # (B, H_kv, G, S): float32 dot products, summed over D
-    scores = (q.unsqueeze(3).float() * keys.unsqueeze(2).float()).sum(-1) * scale
-    if mask is not None:
-        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
-                  else scores + mask.float())
-    p = torch.softmax(scores, dim=-1)
-    out = (p.unsqueeze(-1) * values.unsqueeze(2).float()).sum(-2)  # (B, H_kv, G, D)
-    return out.to(q.dtype)
+    if (DECODE_ATTENTION == "split" and isinstance(start, torch.Tensor)
+            and split_kv.usable(q, keys, mask)):
+        return split_kv.decode_attention(q, keys, values, mask, start)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
 
 
 class RMSNorm(nn.Module):
@@ -110,7 +92,7 @@ class Attention(nn.Module):
             # K/V once (enable_gqa with a mask can fall back to the math path, which
             # copies K/V G times). mask (B, 1, 1, S) broadcasts over H_kv and G.
             qg = q.reshape(b, keys.shape[1], -1, self.head_dim)
-            out = decode_attention(qg, keys, values, mask)
+            out = decode_attention(qg, keys, values, mask, start)
             return self.o_proj(out.reshape(b, 1, -1))  # heads in order h = kv * G + g
         if mask is None:
             # Only a fresh prefill (start == 0, all tokens valid) takes this path:
@@ -149,8 +131,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerCache, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
+        x, mlp_out = self.forward_deferred(x, None, cos, sin, cache, start, mask)
+        return x + mlp_out
+
+    def forward_deferred(self, x: torch.Tensor, pending: torch.Tensor | None,
+                         cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache, start: Start,
+                         mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer with its last residual add left to the caller: takes the previous
+        layer's pending MLP output (added here first) and returns (x, mlp_out) with the
+        layer's output = x + mlp_out. Under torch.compile the add then fuses into this
+        layer's first RMSNorm instead of costing a kernel of its own."""
+        if pending is not None:
+            x = x + pending
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x, self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(nn.Module):
@@ -196,17 +190,22 @@ class Llama(nn.Module):
         positions: (B, T) RoPE positions. start: the cache slot of x[:, 0].
         mask: (B, 1, T, S) bool, True where a query may attend; None for no padding.
         logits: on the last stage, "last" (B, 1, V), "all" (B, T, V) or "none" (hidden).
-        layer_fn: calls each decoder layer as ``layer_fn(layer, h, cos, sin, cache, start,
-        mask)``; the CUDA-graph runtime passes a compiled one (same math, fused kernels).
+        layer_fn: calls each decoder layer as ``layer_fn(layer, h, pending, cos, sin, cache,
+        start, mask) -> (h, pending)``, the contract of ``DecoderLayer.forward_deferred``;
+        the CUDA-graph runtime passes a compiled one (same math, fused kernels).
         """
         h = self.model.embed_tokens(x) if self.has_embed else x
         assert self.rope is not None, "call setup_rope() before forward"
         cos, sin = self.rope.lookup(positions, h.dtype)
+        pending = None
         for idx, layer in self.model.layers.items():
             if layer_fn is None:
                 h = layer(h, cos, sin, cache.layer(int(idx)), start, mask)
             else:
-                h = layer_fn(layer, h, cos, sin, cache.layer(int(idx)), start, mask)
+                h, pending = layer_fn(layer, h, pending, cos, sin, cache.layer(int(idx)), start,
+                                      mask)
+        if pending is not None:
+            h = h + pending
         if not self.has_head or logits == "none":
             return h
         if logits == "last":

@@ -4,14 +4,17 @@ kernel launches per layer from Python.
 
 Static shapes: the step reads its inputs from buffers that live as long as its graph
 (token ids or hidden state, RoPE positions, the cache slot ``start`` as a 0-d device
-tensor, ``valid``), attends over the whole preallocated cache, and builds on the device
-the mask that hides slots not yet written and padding. Each stage on its own device has
-its own graphs and memory pool; stages not on CUDA (CPU offload) run eagerly in the same
-loop. Optionally each decoder layer runs through ``torch.compile`` (regional: one
-compiled artifact serves every layer and every stage of the same shapes), which fuses
-RMSNorm, RoPE, the residual adds and SwiGLU into a few kernels; the matmuls and the
-attention stay cuBLAS and SDPA. The graph is captured on the first decode step of a
-bucket, after warm-up runs that compile and write the same cache slot the replay writes.
+tensor, ``valid``) and builds on the device the mask that hides slots not yet written
+and padding. On CUDA the split-KV kernel of :mod:`llamadist.kernels.decode_attention`
+reads ``start`` and attends over the live slots only; SDPA (its fallback) attends over
+the whole preallocated cache, masked. Each stage on its own device has its own graphs
+and memory pool; stages not on CUDA (CPU offload) run eagerly in the same loop.
+Optionally each decoder layer runs through ``torch.compile`` (regional: one compiled
+artifact serves every layer and every stage of the same shapes), which fuses RMSNorm
+with the residual adds (each layer's last add into the next layer's first norm), RoPE
+with the K/V cache write, and SwiGLU into a few kernels; the matmuls stay cuBLAS. The
+graph is captured on the first decode step of a bucket, after warm-up runs that compile
+and write the same cache slot the replay writes.
 """
 
 from __future__ import annotations
@@ -35,13 +38,14 @@ WARMUP_STEPS = 2
 _COMPILED_LAYER = None
 
 
-def _call_layer(layer, h, cos, sin, cache, start, mask):
-    return layer(h, cos, sin, cache, start, mask)
+def _call_layer(layer, h, pending, cos, sin, cache, start, mask):
+    return layer.forward_deferred(h, pending, cos, sin, cache, start, mask)
 
 
 def compiled_layer_call():
     """``layer_fn`` for Llama.forward: the decoder layer under torch.compile, shared by
-    every layer (parameters are inputs, so one compilation per input shape)."""
+    every layer (parameters are inputs, so one compilation per input shape, and one more
+    for a stage's first layer, which has no pending residual)."""
     global _COMPILED_LAYER
     if _COMPILED_LAYER is None:
         import torch._dynamo
@@ -67,7 +71,8 @@ class _CacheRows:
     """The first ``n`` rows of a stage's KVCache, with KVCache's ``layer(i)``."""
 
     def __init__(self, cache: KVCache, n: int):
-        self.layers = {i: LayerCache(c.k[:n], c.v[:n]) for i, c in cache.layers.items()}
+        self.layers = {i: LayerCache(c.k[:n], c.v[:n], None if c.kv is None else c.kv[:, :n])
+                       for i, c in cache.layers.items()}
 
     def layer(self, i: int) -> LayerCache:
         return self.layers[i]

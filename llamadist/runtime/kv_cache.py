@@ -19,6 +19,9 @@ from llamadist.config import ModelConfig
 class LayerCache:
     k: torch.Tensor  # (B, H_kv, S, D)
     v: torch.Tensor  # (B, H_kv, S, D)
+    # (2, B, H_kv, S, D) when k and v are its two halves: a graph step then writes both
+    # with one indexed store, which torch.compile fuses with RoPE into one kernel.
+    kv: torch.Tensor | None = None
 
     def write(self, k: torch.Tensor, v: torch.Tensor,
               start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,6 +37,10 @@ class LayerCache:
             idx = start + torch.arange(t, device=k.device)
             # Index assignment (index_put_), which torch.compile keeps as an in-place
             # write into the cache rather than a functional copy of it.
+            if self.kv is not None:
+                kv = self.kv if b == self.k.shape[0] else self.kv[:, :b]
+                kv[:, :, :, idx] = torch.stack((k, v))
+                return kv[0], kv[1]
             kc[:, :, idx] = k
             vc[:, :, idx] = v
             return kc, vc
@@ -52,10 +59,11 @@ class KVCache:
                  max_seq_len: int, device: torch.device | str, dtype: torch.dtype,
                  num_kv_heads: int | None = None):
         heads = num_kv_heads or config.num_kv_heads
-        shape = (batch_size, heads, max_seq_len, config.head_dim)
-        self.layers = {i: LayerCache(torch.zeros(shape, device=device, dtype=dtype),
-                                     torch.zeros(shape, device=device, dtype=dtype))
-                       for i in layer_ids}
+        shape = (2, batch_size, heads, max_seq_len, config.head_dim)
+        self.layers = {}
+        for i in layer_ids:
+            kv = torch.zeros(shape, device=device, dtype=dtype)
+            self.layers[i] = LayerCache(kv[0], kv[1], kv)
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
 

@@ -54,13 +54,16 @@ def test_static_decode_equals_eager_on_cpu(tiny_model, devices):
     pytest.param("cuda:0,cpu", False, marks=on_gpu),
 ])
 def test_graph_greedy_tokens_equal_eager(tiny_models, devices, compile_layers):
+    from llamadist.kernels import decode_attention as split_kv
     llm = LLM(str(tiny_models["llama3"]), devices=devices, dtype="float32", max_batch=4,
               max_seq_len=128)
     llm.engine.cuda_graphs = False
     ref = _tokens(llm)
     llm.engine.cuda_graphs = True
     llm.engine.compile_layers = compile_layers
+    launches = split_kv.launches
     assert _tokens(llm) == ref
+    assert split_kv.launches > launches  # head size 32: the split-KV kernel served
     graphs = llm.engine._graphs
     cuda_stages = [d for d in graphs.decoders if d is not None]
     assert cuda_stages and all(d.buckets[4].graph is not None for d in cuda_stages)
@@ -96,18 +99,75 @@ def test_fuse_is_idempotent(tiny_model):
     assert {n: p.data_ptr() for n, p in stage.model.named_parameters()} == before
 
 
-@pytest.mark.parametrize("masked", ["none", "bool", "additive"])
-def test_decode_attention_reduce_equals_sdpa(masked):
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("b,hk,g,s,d,start", [
+    (1, 8, 4, 640, 128, 575),   # Llama-3-8B at batch 1
+    (3, 2, 3, 4224, 64, 0),     # first slot only; SmolLM2's 3 query heads per KV head
+    (2, 1, 1, 100, 16, 99),     # MHA, cache full, a partial tile
+    (32, 8, 4, 640, 128, 300),  # batch 32: few splits
+])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_split_kv_decode_attention_equals_sdpa(dtype, tol, b, hk, g, s, d, start, masked):
+    """The Triton kernel against SDPA in float64 over the live slots [0, start]."""
     import torch.nn.functional as F
-    from llamadist.model.llama import decode_attention_reduce
+    from llamadist.kernels import decode_attention as split_kv
     torch.manual_seed(0)
-    b, hk, g, s, d = 3, 2, 4, 40, 16
-    q, k, v = (torch.randn(b, hk, n, d, dtype=torch.float64) for n in (g, s, s))
-    visible = torch.rand(b, 1, 1, s) < 0.6
-    visible[..., 0] = True
-    mask = {"none": None, "bool": visible,
-            "additive": torch.zeros(b, 1, 1, s, dtype=torch.float64).masked_fill(
-                ~visible, float("-inf"))}[masked]
-    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    got = decode_attention_reduce(q, k, v, mask).double()
-    assert ((got - ref).norm() / ref.norm()).item() < 1e-6
+    dev = "cuda:0"
+    q = torch.randn(b, hk, g, d, device=dev, dtype=dtype)
+    k, v = (torch.randn(b, hk, s, d, device=dev, dtype=dtype) for _ in range(2))
+    visible = (torch.arange(s, device=dev) <= start).expand(b, s).clone()
+    if masked:
+        visible &= torch.rand(b, s, device=dev) < 0.7
+    visible[:, start] = True
+    additive = torch.zeros(b, 1, 1, s, device=dev, dtype=dtype).masked_fill(
+        ~visible.view(b, 1, 1, s), float("-inf"))
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+                                         attn_mask=additive.double())
+    assert split_kv.usable(q, k, additive if masked else None)
+    got = split_kv.decode_attention(q, k, v, additive if masked else None,
+                                    torch.tensor(start, device=dev))
+    assert got.dtype == dtype and got.shape == q.shape
+    assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+def test_split_kv_decode_attention_declines_what_it_cannot_run():
+    from llamadist.kernels import decode_attention as split_kv
+    q, k = torch.zeros(1, 2, 4, 64), torch.zeros(1, 2, 8, 64)
+    assert not split_kv.usable(q, k, None)  # CPU
+    if HAS_CUDA:
+        qc, kc = q.cuda(), k.cuda()
+        assert split_kv.usable(qc, kc, None)
+        assert not split_kv.usable(qc[..., :48], kc[..., :48], None)  # head size 48
+        assert not split_kv.usable(qc, kc, torch.ones(1, 1, 1, 8, dtype=torch.bool,
+                                                      device="cuda"))  # bool mask
+
+
+def test_split_kv_num_splits(monkeypatch):
+    from llamadist.kernels import decode_attention as split_kv
+    monkeypatch.setattr(split_kv, "_multiprocessors", lambda index: 132)
+    dev = torch.device("cuda", 0)
+    assert split_kv.num_splits(dev, 8, 640) == 16     # batch 1: ~2 programs per SM, capped
+    assert split_kv.num_splits(dev, 8, 131072) == 64  # by the tiles, then by MAX_SPLITS
+    assert split_kv.num_splits(dev, 256, 640) == 2    # batch 32
+    assert split_kv.num_splits(dev, 8, 10) == 1       # one tile
+
+
+def test_deferred_residual_equals_plain_layers(tiny_model):
+    """The layer_fn contract (each layer's last residual add left to the next layer) gives
+    the plain forward's logits, on the static path the graphs use (tensor start)."""
+    from llamadist.runtime.cuda_graph import _call_layer
+    ckpt = open_checkpoint(tiny_model)
+    stage = build_stage(ckpt, range(ckpt.config.num_layers), "cpu", torch.float32, 2, 32)
+    torch.manual_seed(0)
+    ids = torch.randint(3, ckpt.config.vocab_size, (2, 6))
+    pos = torch.arange(6).expand(2, 6)
+    stage.forward(ids, pos, 0, None)  # fill slots 0..5
+    step = {}
+    for name, fn in (("plain", None), ("deferred", _call_layer)):
+        step[name] = stage.model(ids[:, :1], pos[:, :1] + 6, stage.caches[0],
+                                 torch.tensor(6), None, layer_fn=fn)
+    assert torch.equal(step["plain"], step["deferred"])
+    cache = stage.caches[0].layer(0)
+    assert cache.kv is not None and cache.k.data_ptr() == cache.kv[0].data_ptr()
