@@ -58,11 +58,12 @@ def num_splits(device: torch.device, rows: int, max_slots: int) -> int:
 
 if triton is not None:
     @triton.jit
-    def _split_kernel(Q, K, V, Mask, Start, Acc, ML,
-                      sq_b, sq_h, sq_g, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b,
+    def _split_kernel(Q, K, V, Mask, Start, Cos, Sin, Acc, ML,
+                      sq_b, sq_h, sq_g, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sc_b,
                       n_bh, H_KV, G, qk_scale,
                       D: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
-                      SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+                      SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, ROPE: tl.constexpr,
+                      IEEE: tl.constexpr):
         bh = tl.program_id(0)
         split = tl.program_id(1)
         b = bh // H_KV
@@ -75,8 +76,16 @@ if triton is not None:
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, D)
         offs_n = tl.arange(0, BLOCK)
-        q = tl.load(Q + b * sq_b + h * sq_h + offs_g[:, None] * sq_g + offs_d[None, :],
-                    mask=offs_g[:, None] < G, other=0.0)
+        q_rows = Q + b * sq_b + h * sq_h + offs_g[:, None] * sq_g
+        q = tl.load(q_rows + offs_d[None, :], mask=offs_g[:, None] < G, other=0.0)
+        if ROPE:  # q * cos + rotate_half(q) * sin, rotate_half(q) = (-q[D/2:], q[:D/2])
+            half = D // 2
+            q_swap = tl.load(q_rows + ((offs_d + half) % D)[None, :], mask=offs_g[:, None] < G,
+                             other=0.0).to(tl.float32)
+            cos = tl.load(Cos + b * sc_b + offs_d).to(tl.float32)
+            sin = tl.load(Sin + b * sc_b + offs_d).to(tl.float32)
+            sign = tl.where(offs_d < half, -1.0, 1.0)
+            q = (q.to(tl.float32) * cos[None, :] + q_swap * (sign * sin)[None, :]).to(q.dtype)
         k_base = K + b * sk_b + h * sk_h
         v_base = V + b * sv_b + h * sv_h
 
@@ -139,7 +148,8 @@ if triton is not None:
 
 
 def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-            mask: torch.Tensor | None, start: torch.Tensor) -> torch.Tensor:
+            mask: torch.Tensor | None, start: torch.Tensor, cos: torch.Tensor | None,
+            sin: torch.Tensor | None) -> torch.Tensor:
     global launches
     launches += 1
     b, h_kv, g, d = q.shape
@@ -152,15 +162,22 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     acc = torch.empty(n_bh, splits, g, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(2, n_bh, splits, g, dtype=torch.float32, device=q.device)
     out = torch.empty(b, h_kv, g, d, dtype=q.dtype, device=q.device)
-    mask_arg = mask if mask is not None else q  # never read when HAS_MASK is False
+    # Absent inputs are passed as q, never read (HAS_MASK / ROPE are False).
     sm_b = mask.stride(0) if mask is not None else 0
+    rope = cos is not None
+    if rope:
+        cos, sin = cos.reshape(cos.shape[0], d), sin.reshape(sin.shape[0], d)  # (B, D)
+        if cos.stride(-1) != 1 or sin.stride() != cos.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
     _split_kernel[(n_bh, splits)](
-        q, keys, values, mask_arg, start, acc, ml,
+        q, keys, values, q if mask is None else mask, start,
+        cos if rope else q, sin if rope else q, acc, ml,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), sm_b,
+        cos.stride(0) if rope else 0,
         n_bh, h_kv, g, d ** -0.5 * 1.4426950408889634,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N, SPLITS=splits,
-        HAS_MASK=mask is not None, IEEE=q.dtype == torch.float32,
+        HAS_MASK=mask is not None, ROPE=rope, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2)
     _merge_kernel[(n_bh * g,)](acc, ml, out, out.stride(0), out.stride(1), out.stride(2),
                                n_bh, h_kv, g, D=d, SPLITS=splits, num_warps=4)
@@ -170,16 +187,22 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
 if triton is not None:
     @torch.library.custom_op("llamadist::decode_attention", mutates_args=())
     def _decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                             mask: torch.Tensor | None, start: torch.Tensor) -> torch.Tensor:
-        return _launch(q, keys, values, mask, start)
+                             mask: torch.Tensor | None, start: torch.Tensor,
+                             cos: torch.Tensor | None, sin: torch.Tensor | None
+                             ) -> torch.Tensor:
+        return _launch(q, keys, values, mask, start, cos, sin)
 
     @_decode_attention_op.register_fake
-    def _(q, keys, values, mask, start):
+    def _(q, keys, values, mask, start, cos, sin):
         return q.new_empty(q.shape)
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None, start: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor | None, start: torch.Tensor,
+                     cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
+                     ) -> torch.Tensor:
     """q (B, H_kv, G, D) against slots [0, start] of keys/values (B, H_kv, S, D), with
-    an additive mask (B, 1, 1, S) or None -> (B, H_kv, G, D). Check ``usable`` first."""
-    return torch.ops.llamadist.decode_attention(q, keys, values, mask, start)
+    an additive mask (B, 1, 1, S) or None -> (B, H_kv, G, D). With cos/sin (B, 1, 1, D),
+    q is rotated (RoPE, rotate-half convention) in the kernel as it is loaded, which
+    saves the separate elementwise kernel. Check ``usable`` first."""
+    return torch.ops.llamadist.decode_attention(q, keys, values, mask, start, cos, sin)

@@ -33,13 +33,16 @@ DECODE_ATTENTION = os.environ.get("LLAMADIST_DECODE_ATTENTION", "split")
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None, start: Start) -> torch.Tensor:
-    """q (B, H_kv, G, D) against keys/values (B, H_kv, S, D) -> (B, H_kv, G, D).
-    mask (B, 1, 1, S): bool (True = visible) or additive float; None = all visible."""
+                     mask: torch.Tensor | None, start: Start, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """q (B, H_kv, G, D) before RoPE against keys/values (B, H_kv, S, D) -> (B, H_kv, G, D).
+    mask (B, 1, 1, S): bool (True = visible) or additive float; None = all visible.
+    cos/sin (B, 1, 1, D): q's rotation (the split-KV kernel applies it as it loads q)."""
     if (DECODE_ATTENTION == "split" and isinstance(start, torch.Tensor)
             and split_kv.usable(q, keys, mask)):
-        return split_kv.decode_attention(q, keys, values, mask, start)
-    return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return split_kv.decode_attention(q, keys, values, mask, start, cos, sin)
+    return F.scaled_dot_product_attention(apply_rotary(q, cos, sin), keys, values,
+                                          attn_mask=mask)
 
 
 class RMSNorm(nn.Module):
@@ -83,17 +86,18 @@ class Attention(nn.Module):
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = v.view(b, t, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        keys, values = cache.write(k, v, start)  # (B, H_kv, S, D)
+        keys, values = cache.write(apply_rotary(k, cos, sin), v, start)  # (B, H_kv, S, D)
         gqa = q.shape[1] != keys.shape[1]
         if t == 1:
             # Decode: the G query heads that share a KV head become G query rows of one
             # plain attention problem, (B, H_kv, G, D), so a fused SDPA kernel reads each
             # K/V once (enable_gqa with a mask can fall back to the math path, which
-            # copies K/V G times). mask (B, 1, 1, S) broadcasts over H_kv and G.
+            # copies K/V G times). mask (B, 1, 1, S) broadcasts over H_kv and G, cos/sin
+            # (B, 1, 1, D) too: q is rotated inside decode_attention.
             qg = q.reshape(b, keys.shape[1], -1, self.head_dim)
-            out = decode_attention(qg, keys, values, mask, start)
+            out = decode_attention(qg, keys, values, mask, start, cos, sin)
             return self.o_proj(out.reshape(b, 1, -1))  # heads in order h = kv * G + g
+        q = apply_rotary(q, cos, sin)
         if mask is None:
             # Only a fresh prefill (start == 0, all tokens valid) takes this path:
             # the engine passes an explicit mask whenever start > 0 and t > 1.

@@ -11,8 +11,8 @@ the whole preallocated cache, masked. Each stage on its own device has its own g
 and memory pool; stages not on CUDA (CPU offload) run eagerly in the same loop.
 Optionally each decoder layer runs through ``torch.compile`` (regional: one compiled
 artifact serves every layer and every stage of the same shapes), which fuses RMSNorm
-with the residual adds (each layer's last add into the next layer's first norm), RoPE
-with the K/V cache write, and SwiGLU into a few kernels; the matmuls stay cuBLAS. The
+with the residual adds (each layer's last add into the next layer's first norm), k's
+RoPE with the K/V cache write, and SwiGLU into a few kernels; the matmuls stay cuBLAS. The
 graph is captured on the first decode step of a bucket, after warm-up runs that compile
 and write the same cache slot the replay writes.
 """

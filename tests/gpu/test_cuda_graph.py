@@ -106,13 +106,16 @@ def test_fuse_is_idempotent(tiny_model):
     (2, 1, 1, 100, 16, 99),     # MHA, cache full, a partial tile
     (32, 8, 4, 640, 128, 300),  # batch 32: few splits
 ])
-@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("masked,rope", [(False, False), (True, False), (True, True)])
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
-def test_split_kv_decode_attention_equals_sdpa(dtype, tol, b, hk, g, s, d, start, masked):
-    """The Triton kernel against SDPA in float64 over the live slots [0, start]."""
+def test_split_kv_decode_attention_equals_sdpa(dtype, tol, b, hk, g, s, d, start, masked,
+                                               rope):
+    """The Triton kernel against SDPA in float64 over the live slots [0, start], with q
+    rotated by the kernel (rope) or not."""
     import torch.nn.functional as F
     from llamadist.kernels import decode_attention as split_kv
+    from llamadist.model.rope import apply_rotary
     torch.manual_seed(0)
     dev = "cuda:0"
     q = torch.randn(b, hk, g, d, device=dev, dtype=dtype)
@@ -123,11 +126,16 @@ def test_split_kv_decode_attention_equals_sdpa(dtype, tol, b, hk, g, s, d, start
     visible[:, start] = True
     additive = torch.zeros(b, 1, 1, s, device=dev, dtype=dtype).masked_fill(
         ~visible.view(b, 1, 1, s), float("-inf"))
-    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(),
+    angle = torch.rand(b, 1, 1, d // 2, device=dev) * 100
+    angle = torch.cat((angle, angle), dim=-1)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
+    q_ref = apply_rotary(q.double(), cos.double(), sin.double()) if rope else q.double()
+    ref = F.scaled_dot_product_attention(q_ref, k.double(), v.double(),
                                          attn_mask=additive.double())
     assert split_kv.usable(q, k, additive if masked else None)
     got = split_kv.decode_attention(q, k, v, additive if masked else None,
-                                    torch.tensor(start, device=dev))
+                                    torch.tensor(start, device=dev),
+                                    cos if rope else None, sin if rope else None)
     assert got.dtype == dtype and got.shape == q.shape
     assert ((got.double() - ref).norm() / ref.norm()).item() < tol
 
