@@ -60,18 +60,21 @@ def linear_table(config, dev, dtype, m: int, copy_bps: float) -> float:
     return total
 
 
-def graph_replay_ms(engine, b: int) -> float:
-    dec = engine._graphs.decoders[0]
-    graph = dec.buckets[b].graph
+def replay_ms(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Mean ms per replay of ``graph``, back to back, after 3 warm-up replays."""
     for _ in range(3):
         graph.replay()
     a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     a.record()
-    for _ in range(20):
+    for _ in range(reps):
         graph.replay()
     e.record()
     e.synchronize()
-    return a.elapsed_time(e) / 20
+    return a.elapsed_time(e) / reps
+
+
+def graph_replay_ms(engine, b: int) -> float:
+    return replay_ms(engine._graphs.decoders[0].buckets[b].graph, 20)
 
 
 def kernel_profile(engine, b: int, rows: int) -> None:
@@ -107,13 +110,7 @@ def attention_table(config, dev, dtype, batches: list[int], lengths: list[int],
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             fn()
-        a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(200):
-            graph.replay()
-        e.record()
-        e.synchronize()
-        return a.elapsed_time(e) / 200 * 1e3
+        return replay_ms(graph, 200) * 1e3
 
     for b in batches:
         for cache in lengths:
