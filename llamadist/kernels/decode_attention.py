@@ -40,7 +40,8 @@ def usable(q: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None) -> bo
             and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and keys.dtype == q.dtype and 16 <= d <= 256 and d & (d - 1) == 0
             and (mask is None or (mask.is_floating_point() and mask.dim() == 4
-                                  and mask.shape[1] == mask.shape[2] == 1)))
+                                  and mask.shape[1] == mask.shape[2] == 1
+                                  and mask.stride(-1) == 1)))
 
 
 @functools.cache
@@ -163,7 +164,8 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     ml = torch.empty(2, n_bh, splits, g, dtype=torch.float32, device=q.device)
     out = torch.empty(b, h_kv, g, d, dtype=q.dtype, device=q.device)
     # Absent inputs are passed as q, never read (HAS_MASK / ROPE are False).
-    sm_b = mask.stride(0) if mask is not None else 0
+    # A mask or cos/sin of batch 1 broadcasts over the batch (row stride 0).
+    sm_b = mask.stride(0) if mask is not None and mask.shape[0] > 1 else 0
     rope = cos is not None
     if rope:
         cos, sin = cos.reshape(cos.shape[0], d), sin.reshape(sin.shape[0], d)  # (B, D)
@@ -174,7 +176,7 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         cos if rope else q, sin if rope else q, acc, ml,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), sm_b,
-        cos.stride(0) if rope else 0,
+        cos.stride(0) if rope and cos.shape[0] > 1 else 0,
         n_bh, h_kv, g, d ** -0.5 * 1.4426950408889634,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N, SPLITS=splits,
         HAS_MASK=mask is not None, ROPE=rope, IEEE=q.dtype == torch.float32,

@@ -179,3 +179,25 @@ def test_deferred_residual_equals_plain_layers(tiny_model):
     assert torch.equal(step["plain"], step["deferred"])
     cache = stage.caches[0].layer(0)
     assert cache.kv is not None and cache.k.data_ptr() == cache.kv[0].data_ptr()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_split_kv_decode_attention_broadcasts_batch_one_mask_and_rope():
+    import torch.nn.functional as F
+    from llamadist.kernels import decode_attention as split_kv
+    from llamadist.model.rope import apply_rotary
+    torch.manual_seed(0)
+    b, hk, g, s, d, start, dev = 3, 2, 4, 100, 32, 60, "cuda:0"
+    q = torch.randn(b, hk, g, d, device=dev)
+    k, v = (torch.randn(b, hk, s, d, device=dev) for _ in range(2))
+    angle = torch.rand(1, 1, 1, d // 2, device=dev) * 6
+    angle = torch.cat((angle, angle), dim=-1)
+    mask = torch.zeros(1, 1, 1, s, device=dev)
+    mask[..., start + 1:] = float("-inf")
+    mask[..., 3] = float("-inf")
+    ref = F.scaled_dot_product_attention(apply_rotary(q, angle.cos(), angle.sin()).double(),
+                                         k.double(), v.double(), attn_mask=mask.double())
+    got = split_kv.decode_attention(q, k, v, mask, torch.tensor(start, device=dev),
+                                    angle.cos(), angle.sin())
+    assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-5
