@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import ModelConfig
+from llamadist.kernels import cpu_decode
 from llamadist.kernels import decode_attention as split_kv
 from llamadist.model.rope import RotaryTable, apply_rotary
 from llamadist.runtime.kv_cache import LayerCache, KVCache
@@ -45,6 +46,14 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
                                           attn_mask=mask)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose few-row float32 CPU calls (decode) take the CPU linear kernel of
+    llamadist.kernels.cpu_decode; every other call is F.linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_decode.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -64,12 +73,12 @@ class Attention(nn.Module):
         super().__init__()
         d, bias = config.hidden_size, config.attention_bias
         self.head_dim = config.head_dim
-        self.q_proj = nn.Linear(d, config.q_size, bias=bias)
-        self.k_proj = nn.Linear(d, config.kv_size, bias=bias)
-        self.v_proj = nn.Linear(d, config.kv_size, bias=bias)
-        self.o_proj = nn.Linear(config.q_size, d, bias=bias)
+        self.q_proj = Linear(d, config.q_size, bias=bias)
+        self.k_proj = Linear(d, config.kv_size, bias=bias)
+        self.v_proj = Linear(d, config.kv_size, bias=bias)
+        self.o_proj = Linear(config.q_size, d, bias=bias)
         # Set by llamadist.model.fuse: one (q|k|v) matmul instead of three.
-        self.qkv_proj: nn.Linear | None = None
+        self.qkv_proj: Linear | None = None
         self.qkv_split: tuple[int, int, int] = (0, 0, 0)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,10 +121,10 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(d, f, bias=bias)
-        self.up_proj = nn.Linear(d, f, bias=bias)
-        self.down_proj = nn.Linear(f, d, bias=bias)
-        self.gate_up_proj: nn.Linear | None = None  # set by llamadist.model.fuse
+        self.gate_proj = Linear(d, f, bias=bias)
+        self.up_proj = Linear(d, f, bias=bias)
+        self.down_proj = Linear(f, d, bias=bias)
+        self.gate_up_proj: Linear | None = None  # set by llamadist.model.fuse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
@@ -175,7 +184,7 @@ class Llama(nn.Module):
             if self.has_embed else None)
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layers})
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.has_head else None
-        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (Linear(config.hidden_size, config.vocab_size, bias=False)
                         if self.has_head else None)
         if config.tie_word_embeddings and self.has_embed and self.has_head:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -42,6 +42,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from llamadist.kernels.cpu_decode import linear
 from llamadist.model.llama import Llama
 from llamadist.parallel.tp_layout import (TensorParallelError, TPSizes, check_tp, tp_kv_heads,
                                           tp_shard_fn, tp_sizes, vocab_range)
@@ -73,7 +74,7 @@ class ColumnParallelLinear(nn.Module):
         self.bias = _empty_param(out_local, device=torch.device(device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)  # (..., in) -> (..., out_local)
+        return linear(x, self.weight, self.bias)  # (..., in) -> (..., out_local)
 
 
 class RowParallelLinear(nn.Module):
@@ -90,7 +91,7 @@ class RowParallelLinear(nn.Module):
         self.bias = _empty_param(out_features, device=torch.device(device)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (..., in_local) -> (..., out) partial sum
+        y = linear(x, self.weight)  # (..., in_local) -> (..., out) partial sum
         dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
         return y if self.bias is None else y + self.bias
 
@@ -129,7 +130,7 @@ class VocabParallelHead(nn.Module):
                                   device=torch.device(device))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = F.linear(h, self.weight)  # (B, T, V_local)
+        local = linear(h, self.weight)  # (B, T, V_local)
         pad = self.per_rank - local.shape[-1]
         if pad:  # all_gather needs equal sizes: pad the short last slice, trim after
             local = F.pad(local, (0, pad))

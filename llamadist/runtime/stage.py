@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llamadist.kernels import cpu_decode
 from llamadist.model.llama import Llama, Start
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.weights.checkpoint import Checkpoint
@@ -75,7 +76,9 @@ class Stage:
                 mask: torch.Tensor | None, lane: int = 0, logits: str = "last",
                 timed: bool = False) -> torch.Tensor:
         t0 = time.perf_counter()
-        out = self.model(x, positions, self.caches[lane], start, mask, logits)
+        # On the CPU a decode step runs each decoder layer as one C call where it applies.
+        layer_fn = cpu_decode.decode_layer if self.device.type == "cpu" else None
+        out = self.model(x, positions, self.caches[lane], start, mask, logits, layer_fn)
         if timed:
             sync(self.device)
             self.stats.compute_s += time.perf_counter() - t0
@@ -89,7 +92,8 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
                 fuse: bool | None = None, prepare: Callable[[Llama], object] | None = None,
                 shard_fn: ShardFn | None = None, num_kv_heads: int | None = None) -> Stage:
     """Build a stage on the meta device and stream in only its own tensors.
-    ``fuse``: concatenate q/k/v and gate/up after loading (default: on CUDA).
+    ``fuse``: concatenate q/k/v and gate/up after loading (default on: one matmul each,
+    and the CPU decode layer of llamadist.kernels.cpu_decode needs it).
     ``prepare`` runs on the meta model before loading (the tensor-parallel pass), with
     ``shard_fn`` the slice each parameter reads and ``num_kv_heads`` this rank's KV heads."""
     device = torch.device(device)
@@ -99,7 +103,7 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
         prepare(model)
     stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress)
     model.setup_rope(max_seq_len, device)
-    if fuse if fuse is not None else device.type == "cuda":
+    if fuse is None or fuse:
         from llamadist.model.fuse import fuse_projections
         fuse_projections(model)
     model.eval()

@@ -1,0 +1,203 @@
+/* CPU decode kernels, float32: the linear y = x W^T (+ b) for a few rows of x, and a
+   whole decoder layer for one new token per sequence.
+
+   Decode reads every weight once per step and does two flops per four bytes, so the step
+   runs at the speed the weights stream from memory, plus whatever the step spends around
+   its matmuls. PyTorch's CPU matmul reads these shapes at about half the machine's read
+   bandwidth, and a decoder layer run op by op costs some forty PyTorch calls of a few
+   microseconds each (benchmarks/RESULTS.md). Here the matmul loop takes eight weight rows
+   at a time with eight independent accumulators (FMA latency hidden, eight sequential
+   streams for the prefetcher), and the layer is one call: one OpenMP parallel region in
+   which the threads split every matmul's rows and every attention's heads, with a
+   barrier between the steps.
+
+   Written with GCC vector extensions, not intrinsics: built with -march=native it becomes
+   AVX2/AVX-512 FMA code on x86 and NEON on ARM. Built at run time by cpu_decode.py;
+   OpenMP comes from the runtime PyTorch already loaded (same soname), so this code and
+   PyTorch share one thread pool and torch.set_num_threads applies to both. */
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) {
+    v8 v;
+    memcpy(&v, p, sizeof v); /* unaligned load; compiles to one vector load */
+    return v;
+}
+
+static inline float hsum8(v8 v) {
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+/* Dot products of the 8 weight rows at w (row length k_dim) with x: out[0..8). */
+static inline void dot8(const float *w, const float *x, int64_t k_dim, float *out) {
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
+    int64_t k = 0;
+    for (; k + 8 <= k_dim; k += 8) {
+        v8 xv = load8(x + k);
+        a0 += load8(w + k) * xv;
+        a1 += load8(w + k_dim + k) * xv;
+        a2 += load8(w + 2 * k_dim + k) * xv;
+        a3 += load8(w + 3 * k_dim + k) * xv;
+        a4 += load8(w + 4 * k_dim + k) * xv;
+        a5 += load8(w + 5 * k_dim + k) * xv;
+        a6 += load8(w + 6 * k_dim + k) * xv;
+        a7 += load8(w + 7 * k_dim + k) * xv;
+    }
+    out[0] = hsum8(a0); out[1] = hsum8(a1); out[2] = hsum8(a2); out[3] = hsum8(a3);
+    out[4] = hsum8(a4); out[5] = hsum8(a5); out[6] = hsum8(a6); out[7] = hsum8(a7);
+    for (; k < k_dim; ++k)
+        for (int i = 0; i < 8; ++i) out[i] += w[i * k_dim + k] * x[k];
+}
+
+static inline float dot1(const float *w, const float *x, int64_t k_dim) {
+    v8 a = {0};
+    int64_t k = 0;
+    for (; k + 8 <= k_dim; k += 8) a += load8(w + k) * load8(x + k);
+    float s = hsum8(a);
+    for (; k < k_dim; ++k) s += w[k] * x[k];
+    return s;
+}
+
+/* y[r] (=|+=) x[r] W^T + bias for rows r < m: x (m, k) with row stride ldx, w (n, k)
+   contiguous, y (m, n) with row stride ldy. An orphaned worksharing loop: inside a
+   parallel region the threads split the 8-row weight blocks; each block is read from
+   memory once and from cache for the further rows of x. */
+static void linear_for(const float *x, const float *w, const float *bias, float *y,
+                       int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
+                       int accumulate) {
+    const int64_t blocks = (n + 7) / 8;
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t j0 = b * 8, width = n - j0 < 8 ? n - j0 : 8;
+        for (int64_t r = 0; r < m; ++r) {
+            float out[8];
+            if (width == 8) {
+                dot8(w + j0 * k, x + r * ldx, k, out);
+            } else {
+                for (int64_t i = 0; i < width; ++i) out[i] = dot1(w + (j0 + i) * k, x + r * ldx, k);
+            }
+            float *yr = y + r * ldy + j0;
+            for (int64_t i = 0; i < width; ++i) {
+                float v = out[i] + (bias ? bias[j0 + i] : 0.0f);
+                yr[i] = accumulate ? yr[i] + v : v;
+            }
+        }
+    }
+}
+
+void llamadist_linear_f32(const float *x, const float *w, const float *bias, float *y,
+                          int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy) {
+#pragma omp parallel
+    linear_for(x, w, bias, y, m, n, k, ldx, ldy, 0);
+}
+
+/* out = weight * x / sqrt(mean(x^2) + eps) for one row of d. */
+static void rms_norm(const float *x, const float *weight, float *out, int64_t d, float eps) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < d; ++i) ss += x[i] * x[i];
+    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (int64_t i = 0; i < d; ++i) out[i] = weight[i] * (x[i] * inv);
+}
+
+/* x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2]). */
+static void rotate(const float *x, const float *cos, const float *sin, float *out, int64_t d) {
+    const int64_t h = d / 2;
+    for (int64_t i = 0; i < h; ++i) {
+        out[i] = x[i] * cos[i] - x[i + h] * sin[i];
+        out[i + h] = x[i + h] * cos[i + h] + x[i] * sin[i + h];
+    }
+}
+
+/* The shapes and tensors of one decoder layer's decode step (see cpu_decode.py). */
+typedef struct {
+    int64_t batch, dim, heads, kv_heads, head_dim, inter, len; /* len: slots to attend */
+    int64_t start;                      /* slot of the new token */
+    float eps;
+    float *h;                           /* (batch, dim) residual stream, updated in place */
+    const float *norm1, *norm2;         /* (dim) */
+    const float *w_qkv, *b_qkv;         /* (q + 2 kv, dim), bias or NULL */
+    const float *w_o, *b_o;             /* (dim, q) */
+    const float *w_gu, *b_gu;           /* (2 inter, dim): gate rows then up rows */
+    const float *w_down, *b_down;       /* (dim, inter) */
+    float *k_cache, *v_cache;           /* (batch, kv_heads, slots, head_dim), strided */
+    int64_t cache_b, cache_h;           /* element strides of batch and head; slot = head_dim */
+    const float *cos, *sin;             /* (batch, head_dim) rows, stride cs_b */
+    int64_t cs_b;
+    const uint8_t *mask;                /* (batch, len) bool, row stride mask_b; NULL = all */
+    int64_t mask_b;
+    float *scratch;                     /* see cpu_decode.py: scratch_floats() */
+} layer_args;
+
+void llamadist_decode_layer_f32(const layer_args *a) {
+    const int64_t B = a->batch, D = a->dim, hd = a->head_dim, H = a->heads, Hkv = a->kv_heads;
+    const int64_t q_size = H * hd, kv_size = Hkv * hd, qkv_n = q_size + 2 * kv_size;
+    const int64_t group = H / Hkv, F = a->inter;
+    float *xn = a->scratch;                 /* (B, D) normed input */
+    float *qkv = xn + B * D;                /* (B, qkv_n) */
+    float *att = qkv + B * qkv_n;           /* (B, q_size) attention output */
+    float *gu = att + B * q_size;           /* (B, 2F) gate|up, then silu(gate) * up */
+    float *probs = gu + B * 2 * F;          /* (B * H, len) */
+    const float scale = 1.0f / sqrtf((float)hd);
+#pragma omp parallel
+    {
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);
+        linear_for(xn, a->w_qkv, a->b_qkv, qkv, B, qkv_n, D, D, qkv_n, 0);
+        /* RoPE on q (in place) and k (into the cache); v into the cache. */
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * (H + Hkv); ++bh) {
+            const int64_t b = bh / (H + Hkv), head = bh % (H + Hkv);
+            const float *cs = a->cos + b * a->cs_b, *sn = a->sin + b * a->cs_b;
+            float *row = qkv + b * qkv_n;
+            if (head < H) {
+                float tmp[hd];
+                rotate(row + head * hd, cs, sn, tmp, hd);
+                memcpy(row + head * hd, tmp, sizeof tmp);
+            } else {
+                const int64_t kh = head - H, slot = b * a->cache_b + kh * a->cache_h + a->start * hd;
+                rotate(row + q_size + kh * hd, cs, sn, a->k_cache + slot, hd);
+                memcpy(a->v_cache + slot, row + q_size + kv_size + kh * hd, hd * sizeof(float));
+            }
+        }
+        /* Attention: one query head per iteration over slots [0, len). */
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh) {
+            const int64_t b = bh / H, head = bh % H, kh = head / group;
+            const float *q = qkv + b * qkv_n + head * hd;
+            const float *keys = a->k_cache + b * a->cache_b + kh * a->cache_h;
+            const float *vals = a->v_cache + b * a->cache_b + kh * a->cache_h;
+            const uint8_t *mask = a->mask ? a->mask + b * a->mask_b : NULL;
+            float *p = probs + bh * a->len, mx = -INFINITY;
+            for (int64_t s = 0; s < a->len; ++s) {
+                p[s] = (mask && !mask[s]) ? -INFINITY : dot1(keys + s * hd, q, hd) * scale;
+                mx = p[s] > mx ? p[s] : mx;
+            }
+            float *o = att + b * q_size + head * hd, total = 0.0f;
+            for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
+            for (int64_t s = 0; s < a->len; ++s) {
+                if (p[s] == -INFINITY) continue;
+                const float e = expf(p[s] - mx);
+                total += e;
+                const float *v = vals + s * hd;
+                for (int64_t i = 0; i < hd; ++i) o[i] += e * v[i];
+            }
+            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+            for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+        }
+        linear_for(att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D, 1); /* h += o_proj */
+#pragma omp for schedule(static)
+        for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm2, xn + b * D, D, a->eps);
+        linear_for(xn, a->w_gu, a->b_gu, gu, B, 2 * F, D, D, 2 * F, 0);
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < B * F; ++i) {
+            float *row = gu + (i / F) * 2 * F;
+            const float g = row[i % F];
+            row[i % F] = g / (1.0f + expf(-g)) * row[F + i % F];
+        }
+        linear_for(gu, a->w_down, a->b_down, a->h, B, D, F, 2 * F, D, 1); /* h += down */
+    }
+}

@@ -1,0 +1,264 @@
+"""CPU decode kernels (float32): ``linear(x, weight, bias)``, which is ``F.linear`` with a
+kernel of our own for a few rows, and ``decode_layer``, a whole decoder layer for one new
+token per sequence in one call (the ``layer_fn`` of ``Llama.forward`` on the CPU).
+
+Batch-1 decode on a CPU is a chain of GEMVs, each reading its whole weight once; the step
+runs at the speed the weights stream from memory, plus what it spends around them.
+PyTorch's CPU matmul reads these shapes at about half the machine's read bandwidth, and
+a layer run op by op is some forty PyTorch calls (benchmarks/RESULTS.md); the loops in
+``cpu_decode.c`` read the weights at about the bandwidth of a plain ``sum`` and run the
+layer as one OpenMP parallel region. It is compiled on
+first use with the machine's C compiler (``$CC``, else ``cc``; ``-O3 -march=native
+-fopenmp``, under a second) into ``$LLAMADIST_CACHE`` (default ``~/.cache/llamadist``),
+keyed by the source, the flags and the CPU, and called through ctypes.
+
+Everything else goes to ``F.linear``: other devices and dtypes, more than ``MAX_ROWS``
+rows (prefill: a GEMM, where the BLAS is the better tool), tensors that need autograd.
+Without a compiler, or with ``LLAMADIST_CPU_KERNELS=0``, every call does, after one
+warning that says what it costs and how to fix it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_decode.c")
+# Rows of x up to which the kernel beats the BLAS (each 8-row weight block is read from
+# memory once and from cache for every further row; past 32 rows the GEMM of the BLAS wins).
+# Measured with benchmarks/cpu_linear.py; RESULTS.md has the table.
+MAX_ROWS = 32
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+ENV_SWITCH = "LLAMADIST_CPU_KERNELS"
+
+_fn = None          # the ctypes linear once built
+_layer_fn = None    # the ctypes decoder layer
+_tried = False      # built (or failed) already in this process
+_lock = threading.Lock()
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LLAMADIST_CACHE"):
+        return Path(os.environ["LLAMADIST_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llamadist"
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the machine and, on Linux, the CPU's model and flags
+    (a cache directory shared between hosts must not hand one CPU another's build)."""
+    sig = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("model name", "flags", "Features", "CPU part")):
+                    sig += line
+                if line.strip() == "":
+                    break  # the first processor's block is enough
+    except OSError:
+        pass
+    return sig
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or "cc"
+    if shutil.which(cc) is None:
+        raise RuntimeError(f"no C compiler '{cc}' on PATH")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp]
+        res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0 and "-march=native" in cmd:  # a compiler without it
+            cmd.remove("-march=native")
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {res.stderr.strip()[:500]}")
+        os.replace(tmp, out)  # atomic: concurrent ranks building at once are safe
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def library_path() -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+                         + (os.environ.get("CC") or "cc").encode()
+                         + _cpu_signature().encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / f"cpu_decode-{key}.so"
+
+
+def _load():
+    """Build (once per machine) and load the kernel; None where it cannot be had."""
+    global _fn, _tried
+    with _lock:
+        if _tried:
+            return _fn
+        _tried = True
+        if os.environ.get(ENV_SWITCH, "1") == "0":
+            return None
+        path = library_path()
+        try:
+            if not path.exists():
+                log.info("building the CPU decode kernels: %s", path)
+                _compile(path)
+            lib = ctypes.CDLL(str(path))
+        except (OSError, RuntimeError) as e:
+            log.warning("llamadist: the CPU decode kernels are unavailable (%s); CPU decode uses "
+                        "PyTorch's matmul, about half as fast. Install a C compiler (gcc) or "
+                        "set CC; %s=0 silences this.", e, ENV_SWITCH)
+            return None
+        global _layer_fn
+        _layer_fn = lib.llamadist_decode_layer_f32
+        _layer_fn.restype = None
+        _layer_fn.argtypes = [ctypes.POINTER(LayerArgs)]
+        fn = lib.llamadist_linear_f32
+        fn.restype = None
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+        _fn = fn
+        return fn
+
+
+def available() -> bool:
+    """True when the kernel is built and loaded (building it now if needed)."""
+    return (_fn if _tried else _load()) is not None
+
+
+def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``linear`` sends this call to the kernel (without building it)."""
+    return (x.device.type == "cpu" and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0
+            and weight.is_contiguous()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor,
+           bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; a few float32 rows on the CPU go to our kernel."""
+    if not takes(x, weight) or (bias is not None and bias.dtype != torch.float32):
+        return F.linear(x, weight, bias)
+    fn = _fn if _tried else _load()
+    if fn is None:
+        return F.linear(x, weight, bias)
+    n, k = weight.shape
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32)
+    if bias is not None:
+        bias = bias.contiguous()
+    fn(x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
+       y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n)
+    return y
+
+
+# ---- the decoder layer -----------------------------------------------------
+_P = ctypes.c_void_p
+
+
+class LayerArgs(ctypes.Structure):
+    """``layer_args`` of cpu_decode.c, field for field."""
+    _fields_ = [("batch", ctypes.c_int64), ("dim", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64),
+                ("inter", ctypes.c_int64), ("len", ctypes.c_int64), ("start", ctypes.c_int64),
+                ("eps", ctypes.c_float), ("h", _P), ("norm1", _P), ("norm2", _P),
+                ("w_qkv", _P), ("b_qkv", _P), ("w_o", _P), ("b_o", _P), ("w_gu", _P),
+                ("b_gu", _P), ("w_down", _P), ("b_down", _P), ("k_cache", _P), ("v_cache", _P),
+                ("cache_b", ctypes.c_int64), ("cache_h", ctypes.c_int64), ("cos", _P),
+                ("sin", _P), ("cs_b", ctypes.c_int64), ("mask", _P), ("mask_b", ctypes.c_int64),
+                ("scratch", _P)]
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _layer_weights(layer) -> tuple | None:
+    """(weights kept alive, LayerArgs with the weight fields set) for a layer whose
+    projections are fused plain Linears in float32 on the CPU (not tensor-parallel
+    shards, whose o/down need an all-reduce); None otherwise. Cached on the layer and
+    rebuilt when any of its weights is replaced."""
+    from llamadist.model.llama import Linear  # the model imports this module
+    attn, mlp = layer.self_attn, layer.mlp
+    mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    if any(type(m) is not Linear for m in mods):
+        return None
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    tensors = tuple(t for m in mods for t in (m.weight, m.bias)) + tuple(n.weight for n in norms)
+    cached = layer.__dict__.get("_cpu_decode")
+    if cached is not None and all(a is b for a, b in zip(cached[0], tensors)):
+        return cached
+    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32
+                              or not t.is_contiguous()) for t in tensors):
+        return None
+    if norms[0].eps != norms[1].eps:
+        return None
+    q, kv, _ = attn.qkv_split
+    hd = attn.head_dim
+    a = LayerArgs(dim=norms[0].weight.shape[0], heads=q // hd, kv_heads=kv // hd, head_dim=hd,
+                  inter=mlp.down_proj.weight.shape[1], eps=norms[0].eps)
+    (a.w_qkv, a.b_qkv, a.w_o, a.b_o, a.w_gu, a.b_gu, a.w_down, a.b_down, a.norm1,
+     a.norm2) = (_ptr(t) for t in tensors)
+    entry = layer.__dict__["_cpu_decode"] = (tensors, a)
+    return entry
+
+
+def scratch_floats(a: LayerArgs) -> int:
+    """Floats of scratch the C layer uses: normed input, q|k|v, attention output,
+    gate|up and the attention probabilities."""
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    return a.batch * (a.dim + q + 2 * kv + q + 2 * a.inter + a.heads * a.len)
+
+
+def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor,
+                 sin: torch.Tensor, cache, start, mask: torch.Tensor | None):
+    """``DecoderLayer.forward_deferred`` for one new token per sequence, in one C call
+    where it applies (float32 on the CPU, fused projections, an int start, a bool or no
+    mask); anywhere else the layer's own forward. Returns (h, None): no residual is left
+    pending. The cache gets this token's K and V at slot ``start``, as ``cache.write``."""
+    if pending is not None:
+        h = h + pending
+    fast = (isinstance(start, int) and h.dim() == 3 and h.shape[1] == 1
+            and h.dtype == torch.float32 and h.device.type == "cpu"
+            and (_layer_fn if _tried else (_load() and _layer_fn)) is not None)
+    found = _layer_weights(layer) if fast else None
+    b, length = h.shape[0], start + 1
+    k_cache, v_cache = cache.k, cache.v
+    if found is not None:
+        fast = (b <= k_cache.shape[0] and length <= k_cache.shape[2]
+                and k_cache.dtype == torch.float32 and k_cache.stride(3) == 1
+                and k_cache.stride(2) == k_cache.shape[3] and v_cache.stride() == k_cache.stride()
+                and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == length
+                                      and mask.stride(-1) == 1)))
+    if found is None or not fast:
+        return layer.forward_deferred(h, None, cos, sin, cache, start, mask)
+    _, proto = found
+    a = LayerArgs.from_buffer_copy(proto)
+    out = h.contiguous().clone()  # the caller's h stays as it was
+    cos = cos.reshape(-1, a.head_dim).contiguous()
+    sin = sin.reshape(-1, a.head_dim).contiguous()
+    a.batch, a.len, a.start = b, length, start
+    a.h, a.cos, a.sin = out.data_ptr(), cos.data_ptr(), sin.data_ptr()
+    a.cs_b = a.head_dim if cos.shape[0] > 1 else 0
+    a.k_cache, a.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
+    a.cache_b, a.cache_h = k_cache.stride(0), k_cache.stride(1)
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], length)
+        a.mask, a.mask_b = mask.data_ptr(), (mask.stride(0) if mask.shape[0] > 1 else 0)
+    scratch = torch.empty(scratch_floats(a))
+    a.scratch = scratch.data_ptr()
+    _layer_fn(ctypes.byref(a))
+    return out, None

@@ -1,0 +1,162 @@
+"""The CPU decode kernels (llamadist/kernels/cpu_decode.c) against the PyTorch paths they
+replace: the linear against F.linear in float64, the one-call decoder layer against
+DecoderLayer.forward_deferred (output and the K/V it writes), and the fallbacks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamadist.config import ModelConfig
+from llamadist.kernels import cpu_decode
+from llamadist.model.fuse import fuse_projections
+from llamadist.model.llama import Llama
+from llamadist.model.rope import RotaryTable
+from llamadist.runtime.kv_cache import KVCache
+
+pytestmark = pytest.mark.skipif(not cpu_decode.available(),
+                                reason="no C compiler: the kernels cannot be built here")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 5, cpu_decode.MAX_ROWS])
+@pytest.mark.parametrize("n,k", [(64, 64), (13, 7), (200, 576), (9, 1000)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_float64(rows, n, k, bias):
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    assert cpu_decode.takes(x, w)
+    y = cpu_decode.linear(x, w, b)
+    ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-4)
+
+
+def test_linear_keeps_leading_dims_and_strided_input():
+    x = torch.randn(2, 1, 24)[..., :16]  # rows of a wider tensor: last dim strided by 24
+    w = torch.randn(40, 16)
+    y = cpu_decode.linear(x, w)
+    assert y.shape == (2, 1, 40)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_leaves_other_calls_to_torch():
+    w = torch.randn(32, 16)
+    assert not cpu_decode.takes(torch.randn(cpu_decode.MAX_ROWS + 1, 16), w)  # prefill: GEMM
+    assert not cpu_decode.takes(torch.randn(1, 16, dtype=torch.bfloat16), w.bfloat16())
+    assert not cpu_decode.takes(torch.randn(1, 16), w.t().contiguous().t())  # strided weight
+    assert not cpu_decode.takes(torch.randn(1, 15), w)  # shape mismatch: F.linear's error
+    with pytest.raises(RuntimeError):
+        cpu_decode.linear(torch.randn(1, 15), w)
+    x = torch.randn(1, 16, requires_grad=True)
+    assert not cpu_decode.takes(x, w)
+    cpu_decode.linear(x, w).sum().backward()  # autograd still works: it went to F.linear
+    assert x.grad is not None
+
+
+CONFIGS = {
+    "gqa": dict(hidden_size=64, intermediate_size=160, num_attention_heads=8,
+                num_key_value_heads=2),
+    "mha_bias": dict(hidden_size=48, intermediate_size=96, num_attention_heads=4,
+                     num_key_value_heads=4, attention_bias=True, mlp_bias=True),
+    # nothing a multiple of 8: the kernels' tails
+    "odd": dict(hidden_size=36, intermediate_size=44, num_attention_heads=3,
+                num_key_value_heads=1, head_dim=10),
+}
+
+
+def random_layer_model(kind: str, seed: int = 0) -> Llama:
+    cfg = ModelConfig.from_hf_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=50,
+                                        num_hidden_layers=2, rms_norm_eps=1e-5,
+                                        rope_theta=10000.0, **CONFIGS[kind]))
+    torch.manual_seed(seed)
+    model = Llama(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.setup_rope(64, "cpu")
+    return fuse_projections(model).eval()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("batch,masked", [(1, False), (3, False), (3, True)])
+def test_decode_layer_matches_pytorch_layer(kind, batch, masked):
+    model = random_layer_model(kind)
+    cfg = model.config
+    layer = model.model.layers["1"]
+    start = 11
+    caches = [KVCache(cfg, [1], batch + 1, 32, "cpu", torch.float32) for _ in range(2)]
+    for c in caches[1:]:  # the same history in both caches
+        c.layer(1).kv.copy_(caches[0].layer(1).kv.normal_())
+    h = torch.randn(batch, 1, cfg.hidden_size)
+    pending = torch.randn(batch, 1, cfg.hidden_size)
+    rope = RotaryTable(cfg, 64, "cpu")
+    positions = torch.tensor([[start - i] for i in range(batch)])
+    cos, sin = rope.lookup(positions, torch.float32)
+    mask = None
+    if masked:  # left padding: sequence i sees slots [i, start]
+        mask = torch.arange(start + 1)[None, :] >= torch.arange(batch)[:, None]
+        mask = mask[:, None, None, :]
+    h_before = h.clone()
+    with torch.inference_mode():
+        x, p = layer.forward_deferred(h, pending, cos, sin, caches[0].layer(1), start, mask)
+        ref = x + p
+        out, none = cpu_decode.decode_layer(layer, h, pending, cos, sin, caches[1].layer(1),
+                                            start, mask)
+    assert none is None
+    assert torch.equal(h, h_before)  # the caller's tensor is not written
+    assert "_cpu_decode" in layer.__dict__  # it took the C path, not the fallback
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(caches[1].layer(1).kv, caches[0].layer(1).kv, rtol=1e-6, atol=1e-6)
+
+
+def test_decode_layer_falls_back_where_it_does_not_apply():
+    model = random_layer_model("gqa")
+    layer = model.model.layers["0"]
+    cfg = model.config
+    cache = KVCache(cfg, [0], 1, 16, "cpu", torch.float32).layer(0)
+    cos, sin = RotaryTable(cfg, 16, "cpu").lookup(torch.tensor([[3, 4]]), torch.float32)
+    h = torch.randn(1, 2, cfg.hidden_size)  # two tokens: a prefill, not a decode step
+    with torch.inference_mode():
+        _, pending = cpu_decode.decode_layer(layer, h, None, cos, sin, cache, 3, None)
+    assert pending is not None and "_cpu_decode" not in layer.__dict__
+    # A write past the cache's end: the cache's own error, from the fallback.
+    with pytest.raises(IndexError, match="KV cache holds 16"), torch.inference_mode():
+        cpu_decode.decode_layer(layer, h[:, :1], None, cos[:, :, :1], sin[:, :, :1], cache, 16,
+                                None)
+
+
+def test_layer_args_rebuilt_when_weights_change():
+    model = random_layer_model("gqa")
+    layer = model.model.layers["0"]
+    first = cpu_decode._layer_weights(layer)
+    assert cpu_decode._layer_weights(layer) is first
+    layer.mlp.down_proj.weight = torch.nn.Parameter(layer.mlp.down_proj.weight.clone(),
+                                                    requires_grad=False)
+    assert cpu_decode._layer_weights(layer) is not first
+
+
+def test_without_a_compiler_decode_still_runs_and_says_why(tiny_model, tmp_path):
+    """No C compiler: one warning naming the fix, and the same tokens from PyTorch's path."""
+    code = ("import sys, json; from llamadist import LLM; "
+            "llm = LLM(sys.argv[1]); "
+            "r = llm.generate(['The quick brown'], max_new_tokens=8); print(json.dumps(r[0].token_ids))")
+    runs = {}
+    for name, env in {"kernels": {}, "no compiler": {"CC": "/nonexistent/cc"}}.items():
+        full = dict(os.environ, LLAMADIST_CACHE=str(tmp_path / name), **env)
+        res = subprocess.run([sys.executable, "-c", code, str(tiny_model)], env=full,
+                             capture_output=True, text=True, timeout=300, check=False)
+        assert res.returncode == 0, res.stderr
+        runs[name] = res
+    assert runs["kernels"].stdout == runs["no compiler"].stdout
+    err = runs["no compiler"].stderr
+    assert "CPU decode kernels are unavailable" in err and "/nonexistent/cc" in err
+    assert "Install a C compiler" in err
+    assert "unavailable" not in runs["kernels"].stderr
+    assert list((tmp_path / "kernels" / "kernels").glob("cpu_decode-*.so"))
