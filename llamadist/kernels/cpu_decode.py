@@ -133,7 +133,7 @@ def _load():
 
 
 def available() -> bool:
-    """True when the kernel is built and loaded (building it now if needed)."""
+    """True when the kernels are built and loaded (building them now if needed)."""
     return (_fn if _tried else _load()) is not None
 
 
@@ -239,12 +239,11 @@ def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torc
     if pending is not None:
         h = h + pending
     fast = (isinstance(start, int) and h.dim() == 3 and h.shape[1] == 1
-            and h.dtype == torch.float32 and h.device.type == "cpu"
-            and (_layer_fn if _tried else (_load() and _layer_fn)) is not None)
+            and h.dtype == torch.float32 and h.device.type == "cpu" and available())
     found = _layer_weights(layer) if fast else None
-    b, length = h.shape[0], start + 1
-    k_cache, v_cache = cache.k, cache.v
     if found is not None:
+        b, length = h.shape[0], start + 1
+        k_cache, v_cache = cache.k, cache.v
         fast = (b <= k_cache.shape[0] and length <= k_cache.shape[2]
                 and k_cache.dtype == torch.float32 and k_cache.stride(3) == 1
                 and k_cache.stride(2) == k_cache.shape[3] and v_cache.stride() == k_cache.stride()

@@ -180,11 +180,11 @@ def build_tp_stage(ckpt, layers: range, device: torch.device | str, dtype: torch
                    batch_size: int, max_seq_len: int, group: Group, tp_rank: int,
                    tp_size: int, *, has_embed: bool | None = None,
                    has_head: bool | None = None, lanes: int = 1, progress: bool = False,
-                   fuse: bool | None = None):
+                   fuse: bool = True):
     """``runtime.stage.build_stage`` with the tensor-parallel pass between the meta build and
     the load: this rank's shard of layers ``layers``, its KV cache sized by tp_kv_heads.
     ``group``: the TP device group (NCCL on GPU, gloo on CPU) of this stage's ranks.
-    ``fuse``: concatenate the local q|k|v and gate|up shards after loading (default: CUDA)."""
+    ``fuse``: concatenate the local q|k|v and gate|up shards after loading (default on)."""
     from llamadist.runtime.stage import build_stage
 
     config = ckpt.config

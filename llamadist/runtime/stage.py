@@ -89,7 +89,7 @@ class Stage:
 def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dtype: torch.dtype,
                 batch_size: int, max_seq_len: int, *, has_embed: bool | None = None,
                 has_head: bool | None = None, lanes: int = 1, progress: bool = False,
-                fuse: bool | None = None, prepare: Callable[[Llama], object] | None = None,
+                fuse: bool = True, prepare: Callable[[Llama], object] | None = None,
                 shard_fn: ShardFn | None = None, num_kv_heads: int | None = None) -> Stage:
     """Build a stage on the meta device and stream in only its own tensors.
     ``fuse``: concatenate q/k/v and gate/up after loading (default on: one matmul each,
@@ -103,7 +103,7 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
         prepare(model)
     stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress)
     model.setup_rope(max_seq_len, device)
-    if fuse is None or fuse:
+    if fuse:
         from llamadist.model.fuse import fuse_projections
         fuse_projections(model)
     model.eval()
