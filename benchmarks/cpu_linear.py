@@ -48,11 +48,12 @@ def time_pair(weights: list[torch.Tensor], rows: int, reps: int) -> tuple[float,
     assert torch.allclose(cpu_decode.linear(x, weights[0]), F.linear(x, weights[0]),
                           rtol=1e-4, atol=1e-3)
     fn = cpu_decode._fn  # called directly: linear() hands more than MAX_ROWS rows to torch
+    threads = torch.get_num_threads()
 
     def ours():
         for w in weights:
             y = torch.empty(rows, n)
-            fn(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), rows, n, k, k, n)
+            fn(x.data_ptr(), w.data_ptr(), None, y.data_ptr(), rows, n, k, k, n, threads)
 
     def peer():
         for w in weights:

@@ -14,7 +14,8 @@
    Written with GCC vector extensions, not intrinsics: built with -march=native it becomes
    AVX2/AVX-512 FMA code on x86 and NEON on ARM. Built at run time by cpu_decode.py;
    OpenMP comes from the runtime PyTorch already loaded (same soname), so this code and
-   PyTorch share one thread pool and torch.set_num_threads applies to both. */
+   PyTorch share one thread pool; the caller passes torch.get_num_threads() as the team
+   size (OpenMP's own default is per calling thread, PyTorch's setting is global). */
 
 #include <math.h>
 #include <stdint.h>
@@ -90,8 +91,9 @@ static void linear_for(const float *x, const float *w, const float *bias, float 
 }
 
 void llamadist_linear_f32(const float *x, const float *w, const float *bias, float *y,
-                          int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy) {
-#pragma omp parallel
+                          int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
+                          int threads) {
+#pragma omp parallel num_threads(threads)
     linear_for(x, w, bias, y, m, n, k, ldx, ldy, 0);
 }
 
@@ -130,6 +132,7 @@ typedef struct {
     const uint8_t *mask;                /* (batch, len) bool, row stride mask_b; NULL = all */
     int64_t mask_b;
     float *scratch;                     /* see cpu_decode.py: scratch_floats() */
+    int64_t threads;                    /* OpenMP team size */
 } layer_args;
 
 void llamadist_decode_layer_f32(const layer_args *a) {
@@ -142,7 +145,7 @@ void llamadist_decode_layer_f32(const layer_args *a) {
     float *gu = att + B * q_size;           /* (B, 2F) gate|up, then silu(gate) * up */
     float *probs = gu + B * 2 * F;          /* (B * H, len) */
     const float scale = 1.0f / sqrtf((float)hd);
-#pragma omp parallel
+#pragma omp parallel num_threads((int)a->threads)
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);

@@ -127,7 +127,7 @@ def _load():
         _layer_fn.argtypes = [ctypes.POINTER(LayerArgs)]
         fn = lib.llamadist_linear_f32
         fn.restype = None
-        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+        fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
         _fn = fn
         return fn
 
@@ -162,7 +162,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     if bias is not None:
         bias = bias.contiguous()
     fn(x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(),
-       y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n)
+       y.data_ptr(), x2.shape[0], n, k, x2.stride(0), n, torch.get_num_threads())
     return y
 
 
@@ -180,7 +180,7 @@ class LayerArgs(ctypes.Structure):
                 ("b_gu", _P), ("w_down", _P), ("b_down", _P), ("k_cache", _P), ("v_cache", _P),
                 ("cache_b", ctypes.c_int64), ("cache_h", ctypes.c_int64), ("cos", _P),
                 ("sin", _P), ("cs_b", ctypes.c_int64), ("mask", _P), ("mask_b", ctypes.c_int64),
-                ("scratch", _P)]
+                ("scratch", _P), ("threads", ctypes.c_int64)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -266,5 +266,6 @@ def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torc
         a.mask, a.mask_b = mask.data_ptr(), (mask.stride(0) if mask.shape[0] > 1 else 0)
     scratch = torch.empty(scratch_floats(a))
     a.scratch = scratch.data_ptr()
+    a.threads = torch.get_num_threads()
     _layer_fn(ctypes.byref(a))
     return out, None
