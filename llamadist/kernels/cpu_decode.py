@@ -7,10 +7,10 @@ runs at the speed the weights stream from memory, plus what it spends around the
 PyTorch's CPU matmul reads these shapes at about half the machine's read bandwidth, and
 a layer run op by op is some forty PyTorch calls (benchmarks/RESULTS.md); the loops in
 ``cpu_decode.c`` read the weights at about the bandwidth of a plain ``sum`` and run the
-layer as one OpenMP parallel region. It is compiled on
-first use with the machine's C compiler (``$CC``, else ``cc``; ``-O3 -march=native
--fopenmp``, under a second) into ``$LLAMADIST_CACHE`` (default ``~/.cache/llamadist``),
-keyed by the source, the flags and the CPU, and called through ctypes.
+layer as one OpenMP parallel region. It is compiled on first use with the machine's C
+compiler (``$CC``, else ``cc``; ``-O3 -march=native -fopenmp``, under a second) into
+``$LLAMADIST_CACHE`` (default ``~/.cache/llamadist``), keyed by the source, the flags
+and the CPU, and called through ctypes.
 
 Everything else goes to ``F.linear``: other devices and dtypes, more than ``MAX_ROWS``
 rows (prefill: a GEMM, where the BLAS is the better tool), tensors that need autograd.
@@ -73,8 +73,12 @@ def _cpu_signature() -> str:
     return sig
 
 
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
 def _compile(out: Path) -> None:
-    cc = os.environ.get("CC") or "cc"
+    cc = _compiler()
     if shutil.which(cc) is None:
         raise RuntimeError(f"no C compiler '{cc}' on PATH")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,14 +100,14 @@ def _compile(out: Path) -> None:
 
 def library_path() -> Path:
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
-                         + (os.environ.get("CC") or "cc").encode()
+                         + _compiler().encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu_decode-{key}.so"
 
 
 def _load():
     """Build (once per machine) and load the kernel; None where it cannot be had."""
-    global _fn, _tried
+    global _fn, _layer_fn, _tried
     with _lock:
         if _tried:
             return _fn
@@ -121,7 +125,6 @@ def _load():
                         "PyTorch's matmul, about half as fast. Install a C compiler (gcc) or "
                         "set CC; %s=0 silences this.", e, ENV_SWITCH)
             return None
-        global _layer_fn
         _layer_fn = lib.llamadist_decode_layer_f32
         _layer_fn.restype = None
         _layer_fn.argtypes = [ctypes.POINTER(LayerArgs)]
@@ -141,8 +144,9 @@ def takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``linear`` sends this call to the kernel (without building it)."""
     return (x.device.type == "cpu" and x.dtype == torch.float32
             and weight.dtype == torch.float32 and weight.device.type == "cpu"
-            and weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1] and x.numel() <= MAX_ROWS * x.shape[-1] and x.numel() > 0
-            and weight.is_contiguous()
+            and weight.dim() == 2 and weight.is_contiguous()
+            and x.dim() >= 1 and x.shape[-1] == weight.shape[1]
+            and 0 < x.numel() <= MAX_ROWS * x.shape[-1]
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
 
 
@@ -253,7 +257,7 @@ def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torc
         return layer.forward_deferred(h, None, cos, sin, cache, start, mask)
     _, proto = found
     a = LayerArgs.from_buffer_copy(proto)
-    out = h.contiguous().clone()  # the caller's h stays as it was
+    out = h.clone(memory_format=torch.contiguous_format)  # the caller's h stays as it was
     cos = cos.reshape(-1, a.head_dim).contiguous()
     sin = sin.reshape(-1, a.head_dim).contiguous()
     a.batch, a.len, a.start = b, length, start
