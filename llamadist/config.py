@@ -159,6 +159,83 @@ def default_dtype(devices: str | list[str]) -> str:
     return "bfloat16" if all(d.strip().startswith("cuda") for d in names) else "float32"
 
 
+# The KV-cache length when neither the user nor the request says: the model's context, capped.
+DEFAULT_MAX_SEQ_LEN = 4096
+# Seconds a rank waits for a silent peer before every process exits.
+DEFAULT_TIMEOUT_S = 60.0
+DECODE_ATTENTION_CHOICES = ("split", "sdpa")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How to run a model, decided once (from flags or the Python API) and passed down.
+
+    Every default lives here. ``None`` means "decide from the model and the request" and is
+    resolved by the methods below, never by the code that receives the config.
+
+    max_seq_len      KV-cache length per sequence (None: what the request needs, rounded
+                     up to 256, or min(context, DEFAULT_MAX_SEQ_LEN) when unknown)
+    max_batch        sequences decoded together
+    dtype            weights and activations (None: bfloat16 on all-GPU layouts, else float32)
+    micro_batches    micro-batches in flight through a multi-process pipeline (None: the
+                     number of stages, at most one per sequence)
+    cuda_graphs      decode through captured CUDA graphs on CUDA devices
+    compile          torch.compile the decoder layers inside the graphs
+    cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
+    decode_attention "split" (the split-KV Triton kernel where it applies) or "sdpa"
+    timeout          seconds a rank waits for a silent peer
+    """
+    max_seq_len: int | None = None
+    max_batch: int = 8
+    dtype: str | None = None
+    micro_batches: int | None = None
+    cuda_graphs: bool = True
+    compile: bool = True
+    cpu_kernels: bool = True
+    decode_attention: str = "split"
+    timeout: float = DEFAULT_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if self.max_seq_len is not None and self.max_seq_len < 1:
+            raise ConfigError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
+        if self.max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+        if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16 or "
+                              f"float16")
+        if self.micro_batches is not None and self.micro_batches < 1:
+            raise ConfigError(f"--micro-batches must be >= 1, got {self.micro_batches}")
+        if self.decode_attention not in DECODE_ATTENTION_CHOICES:
+            raise ConfigError(f"decode_attention must be one of "
+                              f"{', '.join(DECODE_ATTENTION_CHOICES)}, got "
+                              f"{self.decode_attention!r}")
+        if not self.timeout > 0:
+            raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
+
+    def dtype_for(self, devices: str | list[str]) -> str:
+        return self.dtype or default_dtype(devices)
+
+    def seq_len_for(self, context: int, needed: int | None = None) -> int:
+        """The KV-cache length for a model of ``context`` positions serving requests that
+        need ``needed`` slots (prompt + new tokens; None: unknown). An explicit max_seq_len
+        above the context is refused here, with the numbers."""
+        if self.max_seq_len is not None:
+            if self.max_seq_len > context:
+                raise ConfigError(f"--max-seq-len {self.max_seq_len} is above the model's "
+                                  f"context of {context} positions; use at most {context}")
+            return self.max_seq_len
+        if needed is not None:
+            return min(context, (needed + 255) // 256 * 256)
+        return min(context, DEFAULT_MAX_SEQ_LEN)
+
+    def micro_batches_for(self, stages: int, batch: int) -> int:
+        return max(1, min(self.micro_batches or stages, batch))
+
+    def replace(self, **changes: Any) -> "RuntimeConfig":
+        from dataclasses import replace
+        return replace(self, **changes)
+
+
 # Named shapes for benchmarks and planning without weights (random init).
 NAMED_SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-135m": dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30,
