@@ -8,58 +8,25 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from llamadist.config import ModelConfig, default_dtype
+from llamadist.config import RuntimeConfig
 from llamadist.generation.generate import GenerationResult, Generator, StreamEvent
 from llamadist.generation.sampling import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer
+from llamadist.planning.layout import Layout, resolve_layout
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import parse_dtype
 from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
 
 
-@dataclass
-class Layout:
-    """Resolved placement: one (layer range, device) per pipeline stage."""
-    layer_ranges: list[range]
-    devices: list[str]
-    plan: object | None = None  # the llamadist.planning Plan it came from, if any
-
-
-def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = None,
-                   strategy: str | None = None, max_memory: str | None = None,
-                   device_speed: str | None = None, boundaries: str | None = None,
-                   plan: str | None = None, dtype: str = "float32", max_batch: int = 1,
-                   max_seq_len: int = 2048) -> Layout:
-    """Turn the user's placement options into stages, through the planner."""
-    from llamadist.planning.devices import parse_devices
-    from llamadist.planning.plan import Plan
-    from llamadist.planning.profile import profile
-    from llamadist.planning.strategies import make_plan
-
-    if plan is not None:
-        p = Plan.load(plan)
-        p.validate(config.num_layers)
-        parse_devices(",".join(p.devices))  # a device this machine lacks: a clear error
-    else:
-        dev_str = devices if isinstance(devices, str) or devices is None else ",".join(devices)
-        dev_str = dev_str or "cpu"
-        specs = parse_devices(dev_str, max_memory=max_memory, speeds=device_speed)
-        if strategy is None:
-            strategy = "custom" if boundaries else "uniform"
-        p = make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs, strategy=strategy,
-                      boundaries=boundaries, batch_size=max_batch, max_seq_len=max_seq_len)
-    return Layout([range(s.start, s.end) for s in p.stages], [s.device for s in p.stages], p)
-
-
-def build_engine(ckpt: Checkpoint, layout: Layout, dtype: torch.dtype, max_batch: int,
-                 max_seq_len: int, progress: bool = False) -> Engine:
-    return Engine.build(ckpt, layout.layer_ranges, layout.devices, dtype, max_batch,
-                        max_seq_len, progress=progress)
+def build_engine(ckpt: Checkpoint, layout: Layout, runtime: RuntimeConfig,
+                 progress: bool = False) -> Engine:
+    """The in-process engine for a resolved layout (runtime.max_seq_len resolved)."""
+    return Engine.build(ckpt, list(layout.layer_ranges), list(layout.devices),
+                        parse_dtype(runtime.dtype_for(list(layout.devices))), runtime.max_batch,
+                        runtime.max_seq_len, progress=progress, runtime=runtime)
 
 
 class LLM:
@@ -70,19 +37,29 @@ class LLM:
                  strategy: str | None = None, max_memory: str | None = None,
                  device_speed: str | None = None, boundaries: str | None = None,
                  plan: str | None = None, dtype: str | None = None, max_batch: int = 8,
-                 max_seq_len: int | None = None, progress: bool = False):
+                 max_seq_len: int | None = None, runtime: RuntimeConfig | None = None,
+                 layout: Layout | None = None, progress: bool = False):
+        """``runtime`` (a RuntimeConfig) or the keywords dtype/max_batch/max_seq_len say how
+        to run; ``layout`` (a planning Layout) or the placement keywords say where."""
         self.ckpt = open_checkpoint(model) if isinstance(model, (str, Path)) else model
         self.config = self.ckpt.config
         self.tokenizer = tokenizer or self.ckpt.tokenizer()
-        dev_list = (devices.split(",") if isinstance(devices, str) else devices) or ["cpu"]
-        self.dtype = dtype or default_dtype(dev_list)
-        self.max_seq_len = min(max_seq_len or 4096, self.config.max_position_embeddings)
-        self.layout = resolve_layout(self.config, devices=devices, strategy=strategy,
-                                     max_memory=max_memory, device_speed=device_speed,
-                                     boundaries=boundaries, plan=plan, dtype=self.dtype,
-                                     max_batch=max_batch, max_seq_len=self.max_seq_len)
-        self.engine = build_engine(self.ckpt, self.layout, parse_dtype(self.dtype), max_batch,
-                                   self.max_seq_len, progress=progress)
+        if runtime is None:
+            runtime = RuntimeConfig(max_seq_len=max_seq_len, max_batch=max_batch, dtype=dtype)
+        runtime = runtime.replace(
+            max_seq_len=runtime.seq_len_for(self.config.max_position_embeddings))
+        if layout is None:
+            dev = devices if isinstance(devices, str) or devices is None else ",".join(devices)
+            layout = resolve_layout(self.config, devices=dev, strategy=strategy,
+                                    max_memory=max_memory, device_speed=device_speed,
+                                    boundaries=boundaries, plan=plan,
+                                    dtype=runtime.dtype_for(dev or "cpu"),
+                                    max_batch=runtime.max_batch,
+                                    max_seq_len=runtime.max_seq_len)
+        self.runtime, self.layout = runtime, layout
+        self.dtype = runtime.dtype_for(list(layout.devices))
+        self.max_seq_len = runtime.max_seq_len
+        self.engine = build_engine(self.ckpt, layout, runtime, progress=progress)
 
     def _params(self, params: SamplingParams | None, overrides: dict) -> SamplingParams:
         if params is not None and overrides:

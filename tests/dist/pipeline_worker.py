@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, f
 
 import torch  # noqa: E402
 
-from llamadist.distributed.session import Session, setup_worker_logging  # noqa: E402
+from llamadist.runtime.worker import Session, setup_worker_logging  # noqa: E402
 from llamadist.generation.sampling import SamplingParams  # noqa: E402
 from llamadist.runtime.pipeline import PipelineSpec, Request  # noqa: E402
 from llamadist.weights.checkpoint import open_checkpoint  # noqa: E402

@@ -9,7 +9,8 @@ import torch
 from llamadist.distributed.faults import EXIT_PEER_LOST
 from llamadist.distributed.grid import GridError, coords, grid_size, group_ranks, rank_of
 from llamadist.distributed.launch import WorkerExit, blame
-from llamadist.distributed.layout import format_rank_table, stage_devices
+from llamadist.cli.plan import format_rank_table
+from llamadist.planning.layout import stage_devices
 from llamadist.distributed.p2p import Kind, Message, decode_header, encode_header
 from llamadist.runtime.pipeline import Lane, replica_rows, split_rows
 
@@ -80,7 +81,7 @@ def test_rank_table_and_stage_devices():
     assert stage_devices("cpu,cpu", 2) == ["cpu", "cpu"]
     with pytest.raises(ValueError, match="give one per stage"):
         stage_devices("cpu,cpu", 3)
-    table = format_rank_table([(0, 3), (3, 5)], ["cuda:0", "cuda:1"], 4, 2, 2, 1)
+    table = format_rank_table([(0, 3), (3, 5)], ["cuda:0", "cuda:1"], 2, 2, 1)
     rows = table.splitlines()[2:]
     assert len(rows) == 4 and "[3, 5)" in rows[2] and "head" in rows[3]
     assert "cuda:LOCAL_RANK" in rows[0] and "1/2 shard" in rows[0]

@@ -12,7 +12,7 @@ import pytest
 
 from llamadist.config import ModelConfig, named_shape
 from llamadist.planning import devices as devmod
-from llamadist.planning.commands import analyze_command, plan_command
+from llamadist.cli.plan import analyze_command, plan_command
 from llamadist.planning.devices import DeviceSpec, parse_devices, parse_memory
 from llamadist.planning.plan import Plan, Stage, format_plan_table, validate_stages
 from llamadist.planning.profile import ModelProfile, format_profile_table, profile

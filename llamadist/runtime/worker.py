@@ -1,4 +1,4 @@
-"""A worker's session: join the world, build the groups, agree on the layout, load this
+"""One rank's worker session: join the world, build the groups, agree on the layout, load this
 rank's stage, and exchange requests and results with rank 0 over the control group.
 
 Rank 0 alone decides (plans the layout, tokenizes, validates, picks the sampling seed) and

@@ -1,17 +1,13 @@
-"""generate, chat and bench over processes.
-
-Outside a worker these commands launch ``nproc`` local workers running the same command
-line (``distributed.launch``); inside one (started by torchrun or by the launcher) they
-run the session: rank 0 plans, tokenizes and broadcasts; every rank loads its stage and
-runs the pipeline loop; rank 0 prints. Single-process runs never come here.
-"""
+"""generate, chat and bench as one rank of a multi-process run (started by the launcher or
+by torchrun): rank 0 builds the Job (the front process's layout when it started us) and
+broadcasts what every rank must agree on; every rank loads its stage and runs the pipeline
+loop; rank 0 prints."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -19,30 +15,23 @@ import time
 from dataclasses import asdict, replace
 from typing import Any
 
+from llamadist.cli.chat import ChatSession
+from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
+from llamadist.cli.args import USER_ERRORS
+from llamadist.config import DEFAULT_TIMEOUT_S
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
-from llamadist.distributed.cli_args import in_worker, launch_workers
-from llamadist.distributed.layout import plan_layout, stage_devices
-from llamadist.distributed.session import Session, setup_worker_logging
-from llamadist.generation.generate import check_context, fit_history
-from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.pipeline import PipelineSpec, Request
+from llamadist.runtime.worker import Session, setup_worker_logging
 
 log = logging.getLogger(__name__)
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, IndexError, TypeError)
 
-
-def run_distributed(kind: str, args: argparse.Namespace) -> int:
-    """Entry point from llamadist.commands for "generate", "chat" and "bench"."""
-    if not in_worker():
-        return launch_workers(kind, args)
-    world = int(os.environ["WORLD_SIZE"])
-    if args.nproc is not None and args.nproc != world:
-        raise ValueError(f"--nproc {args.nproc} but torchrun started {world} processes")
+def run_rank(kind: str, args: argparse.Namespace) -> int:
     rank = int(os.environ["RANK"])
     setup_worker_logging(rank, args.verbose)
     try:
-        session = Session.start(args.pp, args.tp, args.dp, args.timeout, args.devices)
+        session = Session.start(args.pp, args.tp, args.dp, args.timeout or DEFAULT_TIMEOUT_S,
+                                args.devices)
         code = {"generate": _generate, "chat": _chat, "bench": _bench}[kind](session, args)
         session.close()
         return code
@@ -69,30 +58,22 @@ def _die(rank: int, message: str, code: int) -> None:
     os._exit(code)
 
 
-# ---- shared pieces -----------------------------------------------------------
-def _sampling(args: argparse.Namespace, **over: Any) -> SamplingParams:
-    from llamadist.commands import sampling_from_args
-    params = sampling_from_args(args)
-    seed = params.seed if params.seed is not None else random.randrange(2**31)
-    return replace(params, seed=seed, **over)
+def _spec(session: Session, job: Job) -> PipelineSpec:
+    """What every rank must agree on before loading, from rank 0's Job."""
+    g, layout = session.groups, job.layout
+    if (layout.pp, layout.tp, layout.dp) != (g.pp_size, g.tp_size, g.dp_size):
+        raise ValueError(f"the layout (pp={layout.pp} tp={layout.tp} dp={layout.dp}) does not "
+                         f"match the process grid (pp={g.pp_size} tp={g.tp_size} "
+                         f"dp={g.dp_size}): give the same --pp/--tp/--dp to every rank")
+    per_replica = -(-max(1, len(job.encoded)) // g.dp_size)
+    return PipelineSpec([(r.start, r.stop) for r in layout.layer_ranges],
+                        job.runtime.dtype_for(list(layout.devices)), per_replica,
+                        job.max_seq_len, job.runtime.micro_batches_for(g.pp_size, per_replica))
 
 
-def _spec(session: Session, args: argparse.Namespace, config, batch: int, max_seq: int
-          ) -> PipelineSpec:
-    """Rank 0's decision: layout, dtype, per-replica batch and micro-batches."""
-    from llamadist.config import default_dtype
-    g = session.groups
-    dtype = args.dtype or default_dtype(stage_devices(args.devices, g.pp_size))
-    per_replica = math.ceil(batch / g.dp_size)
-    micro = args.micro_batches or g.pp_size
-    if micro < 1:
-        raise ValueError(f"--micro-batches must be >= 1, got {micro}")
-    layout = plan_layout(config, g.pp_size, args.devices, strategy=args.strategy,
-                         max_memory=args.max_memory, device_speed=args.device_speed,
-                         boundaries=args.boundaries, plan=args.plan, dtype=dtype,
-                         max_batch=per_replica, max_seq_len=max_seq)
-    return PipelineSpec([(r.start, r.stop) for r in layout.layer_ranges], dtype, per_replica,
-                        max_seq, min(micro, per_replica))
+def _seeded(params):
+    """Rank 0 picks the seed of an unseeded request, so every rank samples alike."""
+    return params if params.seed is not None else replace(params, seed=random.randrange(2**31))
 
 
 def _agree(session: Session, decide) -> Any:
@@ -109,6 +90,12 @@ def _agree(session: Session, decide) -> Any:
             print(f"llamadist: error: {setup[1]}", file=sys.stderr)
         return None
     return setup
+
+
+def _open(args: argparse.Namespace):
+    from llamadist.weights.checkpoint import open_checkpoint
+    ckpt = open_checkpoint(args.model)
+    return ckpt, ckpt.tokenizer()
 
 
 def _report(session: Session) -> list[dict] | None:
@@ -131,24 +118,13 @@ def _sequences(reports: list[dict]) -> list[dict]:
     return [s for r in firsts for s in r["sequences"]]
 
 
-# ---- generate ------------------------------------------------------------------
 def _generate(session: Session, args: argparse.Namespace) -> int:
-    from llamadist.commands import _cache_len, _read_prompts
-    from llamadist.weights.checkpoint import open_checkpoint
-    ckpt = open_checkpoint(args.model)
-    tok = ckpt.tokenizer()
+    ckpt, tok = _open(args)
 
     def decide() -> tuple[PipelineSpec, Request, list[str]]:
-        prompts = _read_prompts(args)
-        enc = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p)
-               for p in prompts]
-        params = _sampling(args)
-        check_context(enc, params.max_new_tokens, ckpt.config.max_position_embeddings)
-        limit = ckpt.config.max_position_embeddings
-        max_seq = args.max_seq_len or _cache_len(max(map(len, enc)) + params.max_new_tokens, limit)
-        check_context(enc, params.max_new_tokens, max_seq)
-        spec = _spec(session, args, ckpt.config, len(enc), max_seq)
-        return spec, Request(enc, params, spec.micro_batches), prompts
+        job = generate_job(args, ckpt, tok)
+        spec = _spec(session, job)
+        return spec, Request(job.encoded, _seeded(job.params), spec.micro_batches), job.prompts
 
     setup = _agree(session, decide)
     if setup is None:
@@ -173,16 +149,7 @@ def _print_generate(args: argparse.Namespace, prompts: list[str], seqs: list[dic
     stats = {"prefill_s": r0["prefill_s"], "decode_s": r0["decode_s"],
              "prompt_tokens": sum(len(s["prompt_token_ids"]) for s in seqs),
              "decode_tokens_per_s": r0["decode_tokens"] / r0["decode_s"] if r0["decode_s"] else 0.0}
-    if args.json:
-        for prompt, s in zip(prompts, seqs):
-            print(json.dumps({"prompt": prompt, "prompt_token_ids": s["prompt_token_ids"],
-                              "token_ids": s["token_ids"], "text": s["text"],
-                              "finish_reason": s["finish_reason"], "stats": stats}))
-    elif streaming:
-        print()
-    else:
-        for i, (prompt, s) in enumerate(zip(prompts, seqs)):
-            print(f"--- [{i}] {prompt}\n{s['text']}")
+    print_sequences(args, prompts, seqs, stats, streaming)
     print(f"prefill {stats['prefill_s'] * 1e3:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} "
           f"tokens/s ({len(spec.layer_ranges)} stage(s) x {len(reports)} process(es), "
           f"{spec.micro_batches} micro-batch(es), {spec.dtype})", file=sys.stderr)
@@ -191,25 +158,23 @@ def _print_generate(args: argparse.Namespace, prompts: list[str], seqs: list[dic
             print(json.dumps({k: v for k, v in r.items() if k != "sequences"}), file=sys.stderr)
 
 
-# ---- chat ----------------------------------------------------------------------
 def _chat(session: Session, args: argparse.Namespace) -> int:
-    from llamadist.weights.checkpoint import open_checkpoint
-    ckpt = open_checkpoint(args.model)
-    tok = ckpt.tokenizer()
+    ckpt, tok = _open(args)
 
-    def decide() -> PipelineSpec:
-        if not tok.chat_template:
-            raise ValueError("this model has no chat template; use `llamadist generate` instead")
-        limit = ckpt.config.max_position_embeddings
-        return _spec(session, args, ckpt.config, 1, args.max_seq_len or min(limit, 4096))
+    def decide() -> tuple[PipelineSpec, object]:
+        job = chat_job(args, ckpt, tok)
+        return _spec(session, job), job.params
 
-    spec = _agree(session, decide)
-    if spec is None:
+    setup = _agree(session, decide)
+    if setup is None:
         return 2 if session.is_driver else 0
+    spec, params = setup
     runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty())
-    chat = _ChatState(args, tok, spec.max_seq_len) if session.is_driver else None
+    chat = ChatSession(args.system, tok.encode_chat, spec.max_seq_len) \
+        if session.is_driver else None
     while True:
-        req = session.broadcast(chat.next_request() if chat else None)
+        ids = chat.next_prompt(params) if chat else None
+        req = session.broadcast(Request([ids], _seeded(params), 1) if ids else None)
         if req is None:
             return 0
         reply = []
@@ -221,64 +186,16 @@ def _chat(session: Session, args: argparse.Namespace) -> int:
                 sys.stdout.flush()
         if chat:
             print()
-            chat.history.append({"role": "assistant", "content": "".join(reply)})
+            chat.answered("".join(reply))
 
 
-class _ChatState:
-    """Rank 0's side of the chat: reads stdin, keeps the history, builds requests."""
-
-    def __init__(self, args: argparse.Namespace, tok, max_seq_len: int):
-        self.args, self.tok, self.max_seq_len = args, tok, max_seq_len
-        self.system = [{"role": "system", "content": args.system}] if args.system else []
-        self.history: list[dict[str, str]] = []
-        print("chat with the model; /reset clears the history, /quit or Ctrl-D exits",
-              file=sys.stderr)
-
-    def next_request(self) -> Request | None:
-        while True:
-            try:
-                line = input("> ")
-            except (EOFError, KeyboardInterrupt):
-                print(file=sys.stderr)
-                return None
-            cmd = line.strip()
-            if cmd in ("/quit", "/exit"):
-                return None
-            if cmd == "/reset":
-                self.history = []
-                print("(history cleared)", file=sys.stderr)
-                continue
-            if cmd:
-                break
-        params = _sampling(self.args)
-        self.history.append({"role": "user", "content": line})
-        self.history = fit_history(self.tok.encode_chat, self.system, self.history,
-                                   params.max_new_tokens, self.max_seq_len)
-        ids = self.tok.encode_chat(self.system + self.history)
-        check_context([ids], params.max_new_tokens, self.max_seq_len)
-        return Request([ids], params, 1)
-
-
-# ---- bench ---------------------------------------------------------------------
 def _bench(session: Session, args: argparse.Namespace) -> int:
-    from llamadist.commands import _cache_len
-    from llamadist.weights.checkpoint import open_checkpoint
-    ckpt = open_checkpoint(args.model)
-    tok = ckpt.tokenizer()
+    ckpt, tok = _open(args)
 
     def decide() -> tuple[PipelineSpec, Request]:
-        if args.prompts:
-            with open(args.prompts) as f:
-                enc = [tok.encode(t.rstrip("\n")) for t in f if t.strip()]
-        else:
-            base = tok.encode("The history of distributed computing begins with " * 64)
-            enc = [base[i:i + args.prompt_len] for i in range(args.batch)]
-        params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True, seed=0)
-        max_seq = args.max_seq_len or _cache_len(max(map(len, enc)) + args.gen_len,
-                                                 ckpt.config.max_position_embeddings)
-        check_context(enc, args.gen_len, max_seq)
-        spec = _spec(session, args, ckpt.config, len(enc), max_seq)
-        return spec, Request(enc, params, spec.micro_batches)
+        job = bench_job(args, ckpt, tok)
+        spec = _spec(session, job)
+        return spec, Request(job.encoded, job.params, spec.micro_batches)
 
     setup = _agree(session, decide)
     if setup is None:

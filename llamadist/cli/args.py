@@ -1,0 +1,159 @@
+"""The command line's flags, grouped as the commands share them, and the one place they turn
+into a RuntimeConfig and SamplingParams. No torch import here: the parser must be fast."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from llamadist.config import DEFAULT_TIMEOUT_S, RuntimeConfig
+
+DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+# What a user's input can cause, reported as one line; anything else (KeyError, TypeError,
+# ...) is a bug in llamadist and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def int_or_list(text: str) -> int | list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or a comma list of integers, "
+                                         f"got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes must be >= 1, got {text!r}")
+    return values[0] if len(values) == 1 else values
+
+
+def add_placement(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("placement")
+    g.add_argument("--devices", "--device", dest="devices",
+                   help="comma list, e.g. cuda:0,cuda:1,cpu (default: cpu)")
+    g.add_argument("--strategy", choices=["uniform", "memory", "compute", "mixed", "custom"],
+                   help="how to cut the layers over the devices (default: uniform, or custom "
+                   "with --boundaries)")
+    g.add_argument("--max-memory", help="one budget per device, e.g. 20GiB,20GiB,64GiB "
+                   "(default: the free memory of devices that are here)")
+    g.add_argument("--device-speed", help="one relative speed per device, 1.0 = the planner's "
+                   "reference GPU (400 TFLOP/s, 3 TB/s: an H100 at realistic rates), e.g. "
+                   "1,1,0.05")
+    g.add_argument("--boundaries", help="custom half-open stages, e.g. 0:7,7:19,19:30")
+    g.add_argument("--plan", help="a plan JSON file written by `llamadist plan --save`")
+    g.add_argument("--dtype", choices=DTYPE_CHOICES,
+                   help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--max-seq-len", type=positive_int,
+                   help="KV-cache length (default: what the request needs, at most the "
+                   "model's context)")
+
+
+def add_runtime(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("runtime")
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="decode eagerly on CUDA instead of replaying captured CUDA graphs")
+    g.add_argument("--no-compile", action="store_true",
+                   help="capture the eager decoder layers (skip torch.compile's fused kernels)")
+
+
+def add_grid(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("processes (tp x pp x dp over torch.distributed)")
+    g.add_argument("--pp", type=positive_int, help="pipeline stages, one process each "
+                   "(default: nproc / (tp x dp))")
+    g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per stage")
+    g.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas")
+
+
+def add_processes(p: argparse.ArgumentParser) -> None:
+    add_grid(p)
+    g = p.add_argument_group("process control")
+    g.add_argument("--nproc", type=positive_int, help="start this many local worker processes "
+                   "(default: pp x tp x dp); not needed under torchrun")
+    g.add_argument("--micro-batches", type=positive_int, help="micro-batches in flight through "
+                   "the pipeline (default: the number of stages, at most one per prompt)")
+    g.add_argument("--timeout", type=positive_float, help="seconds a rank waits for a silent "
+                   f"peer before every process exits (default {DEFAULT_TIMEOUT_S:.0f})")
+    g.add_argument("--auto", action="store_true",
+                   help="let the planner choose tp x pp x dp and the layer split for --devices")
+
+
+def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--min-p", type=float, default=0.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfig:
+    """The one RuntimeConfig of a run, from its flags (a flag not given keeps the default)."""
+    given = {"max_seq_len": getattr(args, "max_seq_len", None),
+             "dtype": getattr(args, "dtype", None),
+             "micro_batches": getattr(args, "micro_batches", None),
+             "timeout": getattr(args, "timeout", None)}
+    return RuntimeConfig(max_batch=max_batch,
+                         cuda_graphs=not getattr(args, "no_cuda_graphs", False),
+                         compile=not getattr(args, "no_compile", False),
+                         **{k: v for k, v in given.items() if v is not None})
+
+
+def sampling_params(args: argparse.Namespace):
+    from llamadist.generation.sampling import SamplingParams
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                          repetition_penalty=args.repetition_penalty, seed=args.seed,
+                          stop=tuple(args.stop))
+
+
+def in_worker() -> bool:
+    """True inside a process started by torchrun or by the local launcher."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def wants_processes(args: argparse.Namespace) -> bool:
+    """Run over processes: asked for on the command line, or started by torchrun."""
+    if in_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return True
+    sizes = (getattr(args, "nproc", None), getattr(args, "pp", None), getattr(args, "tp", 1),
+             getattr(args, "dp", 1))
+    return any((v or 1) > 1 for v in sizes)
+
+
+def read_lines(path: str, what: str) -> list[str]:
+    """Non-empty lines of a text file, or a clear error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [line.rstrip("\n") for line in f if line.strip()]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ValueError(f"{what} {path} is a directory; give a text file, one prompt per "
+                         f"line") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not UTF-8 text; give a text file, one prompt per "
+                         f"line") from None
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        prompts += read_lines(args.prompts_file, "--prompts-file")
+    if not prompts:
+        raise ValueError("no prompt given: pass --prompt TEXT (repeatable) or --prompts-file FILE")
+    return prompts

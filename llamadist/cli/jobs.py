@@ -1,0 +1,101 @@
+"""What a run command asks for, checked in full before any weight loads: the prompts,
+their token ids, the sampling parameters, the RuntimeConfig and the Layout. The front
+process builds a Job to refuse bad requests before starting workers; rank 0 of a
+multi-process run builds the same Job and hands it to every rank."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import dataclass, replace
+
+from llamadist.cli.args import read_lines, read_prompts, runtime_config, sampling_params
+from llamadist.cli.layout import LAYOUT_ENV, decide_layout
+from llamadist.config import RuntimeConfig
+from llamadist.generation.generate import check_context
+from llamadist.generation.sampling import SamplingParams
+from llamadist.planning.layout import Layout
+
+BENCH_TEXT = "The history of distributed computing begins with "
+
+
+@dataclass
+class Job:
+    prompts: list[str]            # what the user typed (generate), for the output
+    encoded: list[list[int]]      # token ids per prompt
+    params: SamplingParams
+    runtime: RuntimeConfig        # max_seq_len resolved
+    layout: Layout
+
+    @property
+    def max_seq_len(self) -> int:
+        assert self.runtime.max_seq_len is not None
+        return self.runtime.max_seq_len
+
+
+def _finish(args: argparse.Namespace, ckpt, prompts: list[str], encoded: list[list[int]],
+            params: SamplingParams, batch: int, needed: int | None) -> Job:
+    """Resolve the runtime (KV length from what the request needs) and the layout."""
+    context = ckpt.config.max_position_embeddings
+    if encoded:
+        check_context(encoded, params.max_new_tokens, context)
+    runtime = runtime_config(args, max_batch=batch)
+    runtime = replace(runtime, max_seq_len=runtime.seq_len_for(context, needed))
+    if encoded:
+        check_context(encoded, params.max_new_tokens, runtime.max_seq_len)
+    layout = inherited_layout() or decide_layout(ckpt.config, args, runtime,
+                                                 runtime.max_seq_len, batch)
+    return Job(prompts, encoded, params, runtime, layout)
+
+
+def inherited_layout() -> Layout | None:
+    """The layout the front process chose, in a worker it started (None elsewhere)."""
+    text = os.environ.get(LAYOUT_ENV)
+    return Layout.from_json(text) if text else None
+
+
+def generate_job(args: argparse.Namespace, ckpt, tok) -> Job:
+    prompts = read_prompts(args)
+    enc = [tok.encode_chat([{"role": "user", "content": p}]) if args.chat else tok.encode(p)
+           for p in prompts]
+    params = sampling_params(args)
+    needed = max(map(len, enc)) + params.max_new_tokens
+    return _finish(args, ckpt, prompts, enc, params, len(enc), needed)
+
+
+def chat_job(args: argparse.Namespace, ckpt, tok) -> Job:
+    if not tok.chat_template:
+        raise ValueError("this model has no chat template; use `llamadist generate` instead")
+    return _finish(args, ckpt, [], [], sampling_params(args), 1, None)
+
+
+def bench_job(args: argparse.Namespace, ckpt, tok) -> Job:
+    if isinstance(args.batch, list):
+        raise ValueError(f"--batch {','.join(map(str, args.batch))}: a list of batch sizes "
+                         f"needs --shape")
+    if args.prompts:
+        enc = [tok.encode(t) for t in read_lines(args.prompts, "--prompts")]
+        if not enc:
+            raise ValueError(f"--prompts {args.prompts} has no prompt (no non-empty line)")
+    else:
+        base = tok.encode(BENCH_TEXT * (args.prompt_len // 4 + 8))
+        enc = [base[i:i + args.prompt_len] for i in range(args.batch)]
+    params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True, seed=0)
+    needed = max(map(len, enc)) + args.gen_len
+    return _finish(args, ckpt, [], enc, params, len(enc), needed)
+
+
+def print_sequences(args: argparse.Namespace, prompts: list[str], seqs: list[dict],
+                    stats: dict, streamed: bool) -> None:
+    """generate's output: JSON rows, the streamed text's newline, or one block per prompt."""
+    if args.json:
+        for prompt, s in zip(prompts, seqs):
+            print(json.dumps({"prompt": prompt, "prompt_token_ids": s["prompt_token_ids"],
+                              "token_ids": s["token_ids"], "text": s["text"],
+                              "finish_reason": s["finish_reason"], "stats": stats}))
+    elif streamed:
+        print()
+    else:
+        for i, (prompt, s) in enumerate(zip(prompts, seqs)):
+            print(f"--- [{i}] {prompt}\n{s['text']}")

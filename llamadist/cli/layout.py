@@ -1,0 +1,98 @@
+"""From placement flags to a checked Layout, in the front process, before any worker starts
+or any weight loads: the process grid, the model's divisibility, the layer split and every
+stage's memory, or the auto planner's choice."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from llamadist.cli.args import in_worker
+from llamadist.config import ModelConfig, RuntimeConfig
+from llamadist.distributed.grid import GridError, grid_size
+from llamadist.planning.layout import Layout, resolve_layout, stage_devices
+
+LAYOUT_ENV = "LLAMADIST_LAYOUT"  # the front process's Layout, handed to the workers it starts
+
+
+def check_grid(config: ModelConfig, pp: int, tp: int) -> None:
+    """Refuse a grid the model cannot take, naming the numbers and the fix."""
+    from llamadist.parallel.tp_layout import check_tp
+    if pp > config.num_layers:
+        raise GridError(f"{pp} pipeline stages for {config.num_layers} layers: each stage needs "
+                        f"at least one layer; use --pp {config.num_layers} or fewer")
+    if tp > 1:
+        check_tp(config, tp)
+
+
+def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
+                max_seq_len: int, batch: int) -> Layout:
+    """`--auto`: the planner's best tp x pp x dp and layer split for --devices."""
+    from llamadist.planning.auto import auto_plan
+    from llamadist.planning.devices import parse_devices
+    from llamadist.planning.profile import profile
+    devices = args.devices or "cpu"
+    dtype = runtime.dtype_for(devices)
+    specs = parse_devices(devices, args.max_memory, args.device_speed)
+    best = auto_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
+                     objective="latency", batch_size=batch, max_seq_len=max_seq_len,
+                     config=config, top=1)[0]
+    nproc = best.tp * best.pp * best.dp
+    used = [s.devices[0] for s in best.stages]
+    kinds = {d.split(":")[0] for d in used}
+    # Over processes with one kind of device, each rank takes its own (cuda:LOCAL_RANK).
+    if nproc > 1 and len(kinds) == 1:
+        used = [kinds.pop()] * len(used)
+    why = best.why
+    if nproc == 1 and len(specs) > 1:
+        why += f" (one process: it predicts the fastest step for {len(specs)} devices)"
+    return Layout(tuple(range(s.start, s.end) for s in best.stages), tuple(used), best.tp,
+                  best.dp, nproc, why)
+
+
+def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
+                  max_seq_len: int, batch: int) -> Layout:
+    """The run's layout from its flags; every check that can fail does so here."""
+    if getattr(args, "auto", False):
+        layout = auto_layout(config, args, runtime, max_seq_len, batch)
+        print(f"auto layout: tp={layout.tp} pp={layout.pp} dp={layout.dp}, stages "
+              f"{layout.bounds}, {layout.processes} process(es): {layout.why}", file=sys.stderr)
+        return layout
+    tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
+    # Under torchrun the world is already there: its size is the process count.
+    nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
+    nproc, pp = grid_size(nproc, getattr(args, "pp", None), tp, dp)
+    if nproc == 1:
+        return resolve_layout(config, devices=args.devices, strategy=args.strategy,
+                              max_memory=args.max_memory, device_speed=args.device_speed,
+                              boundaries=args.boundaries, plan=args.plan,
+                              dtype=runtime.dtype_for(args.devices or "cpu"), max_batch=batch,
+                              max_seq_len=max_seq_len)
+    check_grid(config, pp, tp)
+    given = [d.strip() for d in (args.devices or "cpu").split(",") if d.strip()]
+    if len({d.split(":")[0] for d in given}) > 1:
+        raise GridError(f"--devices {args.devices} mixes device kinds; over processes give one "
+                        f"kind (cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a mixed "
+                        f"list such as cuda:0,cpu in one process (without --nproc/--pp)")
+    names = stage_devices(args.devices, pp, gpus=cuda_count() if "cuda" in given[0] else None)
+    placed = resolve_layout(config, devices=names, strategy=args.strategy,
+                            max_memory=args.max_memory, device_speed=args.device_speed,
+                            boundaries=args.boundaries, plan=args.plan,
+                            dtype=runtime.dtype_for(names), max_batch=-(-batch // dp),
+                            max_seq_len=max_seq_len)
+    if placed.pp != pp:
+        raise GridError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
+                        f"stages (--pp)")
+    # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
+    devices = placed.devices if len(given) == pp else tuple(given * pp)
+    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan)
+
+
+def cuda_count() -> int:
+    """GPUs on this machine (a run on CUDA needs at least one)."""
+    import torch
+    n = torch.cuda.device_count()
+    if n == 0:
+        raise GridError("--devices cuda but this machine has no CUDA device; use --devices cpu")
+    return n

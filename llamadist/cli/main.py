@@ -1,0 +1,149 @@
+"""llamadist's command line: analyze | plan | generate | chat | bench | convert.
+
+The parser and the dispatch. Every run command checks the whole request (layout, memory,
+context) before any process starts or any weight loads; a user error ends with one
+`llamadist: error: ...` line and exit code 2, a bug keeps its traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from llamadist.cli.args import (DTYPE_CHOICES, USER_ERRORS, add_grid, add_placement,
+                                add_processes, add_runtime, add_sampling, int_or_list,
+                                positive_int)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def _add_shape_bench(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("random-weight shapes (no checkpoint)")
+    g.add_argument("--shape", help="llama3-8b | llama2-7b | llama3-70b | smollm2-135m: random "
+                   "weights built on the device, random token ids")
+    g.add_argument("--stages", default="1", help="pipeline stages on the one device, e.g. 1,2,4")
+    g.add_argument("--compare", choices=["hf"], help="also run transformers on the same weights")
+    g.add_argument("--graph-modes", help="decode paths to time: compiled,eager,off "
+                   "(default: compiled, or what --no-compile/--no-cuda-graphs say)")
+    g.add_argument("--hf-gen-len", type=int, default=32, help="tokens per transformers run")
+    g.add_argument("--prefill-reps", type=int, default=3)
+    g.add_argument("--stage-stats", action="store_true", help="also a timed run per stage")
+    g.add_argument("--load-compare", action="store_true",
+                   help="write a safetensors checkpoint and time loading it unsplit vs 2 stages")
+    g.add_argument("--load-repeats", type=int, default=2)
+    g.add_argument("--checkpoint-dir", help="where --load-compare writes (default: temp dir)")
+    g.add_argument("--json-out", help="write every measurement as JSON to this file")
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="cut the model across devices and show the stages")
+    p.add_argument("model", help="HF folder, .gguf file, alias, or a shape name (llama3-8b ...)")
+    add_placement(p)
+    p.add_argument("--batch-size", type=positive_int, default=1)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--save", help="write the plan as JSON")
+    p.add_argument("--plot", help="draw memory and predicted time per device to a PNG")
+    add_grid(p)  # --pp/--tp/--dp: also show which rank runs which stage
+    g = p.add_argument_group("automatic layout (tp x pp x dp)")
+    g.add_argument("--auto", action="store_true", help="search tp, pp, dp and the layer split")
+    g.add_argument("--gpus", type=positive_int, help="GPUs in all (default: the --devices count)")
+    g.add_argument("--nodes", type=positive_int, default=1, help="hosts the GPUs are spread over")
+    g.add_argument("--objective", choices=["latency", "throughput"], default="latency")
+    g.add_argument("--gpu-memory", default="80GiB", help="memory per GPU when not discovered")
+    g.add_argument("--intra-bw", type=float, default=300e9, help="bytes/s inside a node")
+    g.add_argument("--inter-bw", type=float, default=25e9, help="bytes/s between nodes")
+
+
+def _add_run(sub, name: str, hlp: str, max_new: int) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=hlp)
+    p.add_argument("model", help="HF folder, .gguf file, or alias smollm2-135m")
+    add_placement(p)
+    add_runtime(p)
+    add_sampling(p, max_new)
+    add_processes(p)
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="llamadist", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("analyze", help="per-layer parameters, bytes, FLOPs and KV bytes")
+    p.add_argument("model")
+    p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES)
+    p.add_argument("--seq-len", type=positive_int,
+                   help="context for prefill FLOPs (default: min(model context, 4096))")
+    p.add_argument("--json", action="store_true")
+    _add_plan(sub)
+
+    p = _add_run(sub, "generate", "generate text for one or more prompts", 128)
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
+    p.add_argument("--prompts-file", help="a text file with one prompt per line")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt in the chat template")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.add_argument("--stats", action="store_true", help="print per-stage statistics")
+    p = _add_run(sub, "chat", "interactive chat with the model's chat template", 512)
+    p.add_argument("--system", help="system message")
+
+    p = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file")
+    p.add_argument("gguf", help="a .gguf file (or the alias smollm2-135m)")
+    p.add_argument("out_dir", help="the folder to write (created if missing)")
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
+
+    p = sub.add_parser("bench", help="latency and throughput of a batch through the split model")
+    p.add_argument("model", nargs="?", help="a checkpoint (or give --shape for random weights)")
+    add_placement(p)
+    add_runtime(p)
+    p.add_argument("--prompts", help="a text file with one prompt per line")
+    p.add_argument("--batch", type=int_or_list, default=4,
+                   help="number of prompts if no --prompts file (--shape: a list, e.g. 1,8,32)")
+    _add_shape_bench(p)
+    p.add_argument("--prompt-len", type=positive_int, default=64)
+    p.add_argument("--gen-len", type=positive_int, default=32)
+    add_processes(p)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _run(kind: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from llamadist.cli.run import run_command
+        return run_command(kind, args)
+    return handler
+
+
+def _planning(name: str) -> Handler:
+    def handler(args: argparse.Namespace) -> int:
+        from llamadist.cli import plan
+        return getattr(plan, name)(args)
+    return handler
+
+
+COMMANDS: dict[str, Handler] = {
+    "analyze": _planning("analyze_cmd"),
+    "plan": _planning("plan_cmd"),
+    "convert": _planning("convert_cmd"),
+    "generate": _run("generate"),
+    "chat": _run("chat"),
+    "bench": _run("bench"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # workers rerun the command line
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args) or 0
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    except USER_ERRORS as e:
+        if args.verbose:
+            raise
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"llamadist: error: {msg}", file=sys.stderr)
+        return 2

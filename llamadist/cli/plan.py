@@ -1,0 +1,179 @@
+"""The planning commands: `analyze`, `plan` (a strategy's stages, the rank table of a
+process grid, or the auto planner's layouts) and `convert`. The text builders return what
+to print, so tests need no subprocess; the ``*_cmd`` functions take the parsed flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from llamadist.config import ModelConfig, RuntimeConfig
+from llamadist.distributed.grid import coords, grid_size
+from llamadist.planning.devices import parse_devices
+from llamadist.planning.plan import Plan, format_plan_table
+from llamadist.planning.profile import format_profile_table, profile
+from llamadist.planning.strategies import make_plan, overbudget_stages
+from llamadist.planning.units import PlanningError
+
+log = logging.getLogger(__name__)
+
+
+def analyze_command(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None,
+                    as_json: bool = False) -> str:
+    """`llamadist analyze`: the per-layer profile of ``config``.
+
+    dtype    weight dtype: bfloat16 | float16 | float32 (aliases bf16, fp16, fp32)
+    seq_len  context for decode attention FLOPs and prefill length
+             (None: min(max_position_embeddings, 4096))
+    as_json  return ModelProfile JSON instead of the table
+    """
+    prof = profile(config, dtype=dtype, seq_len=seq_len)
+    return prof.to_json() if as_json else format_profile_table(prof)
+
+
+def plan_command(config: ModelConfig, devices: str | None = None, max_memory: str | None = None,
+                 device_speed: str | None = None, strategy: str = "uniform",
+                 boundaries: str | None = None, plan_file: str | None = None,
+                 batch_size: int = 1, max_seq_len: int | None = None, dtype: str = "bfloat16",
+                 as_json: bool = False, save: str | None = None, plot: str | None = None,
+                 headroom: float | int = 0.1, check_available: bool = True) -> str:
+    """`llamadist plan`: one stage per device, printed as a table (or Plan JSON).
+
+    devices        "cuda:0,cuda:1,cpu" (a device may repeat); None: every visible GPU, or cpu;
+                   with plan_file and no devices, the plan file's devices are used
+    max_memory     per-device budgets "20GiB,20GiB,64GiB" ("" / "auto" entries are
+                   discovered: free memory, split evenly between repeats of one device)
+    device_speed   per-device relative speeds "1,1,0.05" (1 = an H100); None: per-kind defaults
+    strategy       uniform | memory | compute | mixed | custom
+    boundaries     custom only: "0:7,7:19,19:30" (half-open layer ranges)
+    plan_file      custom only: take the boundaries from a saved plan JSON
+    batch_size, max_seq_len   size the KV cache and the predicted decode step
+    dtype          weight and KV dtype
+    as_json        return the Plan JSON (messages go to logging so the output stays parseable)
+    save           write the Plan JSON to this path
+    plot           write a PNG of the plan to this path (needs matplotlib)
+    headroom       per-device activation reserve: fraction of the budget if < 1, else bytes
+    check_available  False to plan for GPUs this machine lacks (budgets then must be explicit)
+    """
+    if plan_file is not None and devices is None:
+        devices = ",".join(Plan.load(plan_file).devices)
+    specs = parse_devices(devices, max_memory, device_speed, check_available=check_available)
+    prof = profile(config, dtype=dtype, seq_len=max_seq_len)
+    if plan_file is not None:
+        if strategy not in ("custom", "uniform"):
+            log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
+        strategy, boundaries = "custom", Path(plan_file)
+    plan = make_plan(prof, specs, strategy=strategy, boundaries=boundaries,
+                     batch_size=batch_size, max_seq_len=max_seq_len, headroom=headroom)
+    notes = [f"error: {w}" for w in overbudget_stages(plan)]
+    if save:
+        notes.append(f"saved plan to {plan.save(save)}")
+    if plot:
+        from llamadist.planning.plot import plot_plan  # lazy: matplotlib is optional
+        notes.append(f"wrote plot to {plot_plan(plan, specs, plot)}")
+    if as_json:
+        for note in notes:
+            if note.startswith("error"):
+                log.warning(note)
+            else:
+                log.info(note)
+        return plan.to_json()
+    return "\n".join([format_plan_table(plan), *notes])
+
+
+def model_config(model: str) -> ModelConfig:
+    """A checkpoint's config, or a named shape's (planning needs no weights)."""
+    from llamadist.config import NAMED_SHAPES, named_shape
+    from llamadist.weights.checkpoint import open_checkpoint
+    return named_shape(model) if model in NAMED_SHAPES else open_checkpoint(model).config
+
+
+def analyze_cmd(args: argparse.Namespace) -> int:
+    print(analyze_command(model_config(args.model), args.dtype, args.seq_len, args.json))
+    return 0
+
+
+def plan_cmd(args: argparse.Namespace) -> int:
+    config = model_config(args.model)
+    runtime = RuntimeConfig(max_seq_len=args.max_seq_len, dtype=args.dtype)
+    dtype = runtime.dtype_for(args.devices or "cpu")
+    max_seq = runtime.seq_len_for(config.max_position_embeddings)
+    if args.auto:
+        return _auto_plan(args, config, dtype, max_seq)
+    nproc, pp = grid_size(None, args.pp, args.tp, args.dp)
+    if args.pp or args.tp > 1 or args.dp > 1:
+        from llamadist.cli.layout import check_grid
+        from llamadist.planning.layout import stage_devices
+        check_grid(config, pp, args.tp)
+        devices = ",".join(stage_devices(args.devices, pp))
+    else:
+        # devices None with --plan: the plan file's own devices
+        devices = args.devices or (None if args.plan else "cpu")
+    strategy = args.strategy or ("custom" if args.boundaries else "uniform")
+    common = (config, devices, args.max_memory, args.device_speed, strategy, args.boundaries,
+              args.plan, args.batch_size, max_seq, dtype)
+    text = plan_command(*common, args.json, args.save, args.plot, check_available=False)
+    plan = Plan.from_json(plan_command(*common, True, check_available=False))
+    if nproc > 1 and not args.json:
+        text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
+                                            list(plan.devices), pp, args.tp, args.dp)
+    print(text)
+    over = overbudget_stages(plan)
+    if over:  # the table above shows it; the exit code tells scripts
+        raise PlanningError(f"the plan does not fit: {over[0]}")
+    return 0
+
+
+def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_seq: int) -> int:
+    from llamadist.planning.auto import auto_plan, format_auto_plans
+    prof = profile(config, dtype=dtype, seq_len=max_seq)
+    devices = None if args.gpus else parse_devices(args.devices, args.max_memory,
+                                                   args.device_speed, check_available=False)
+    cands = auto_plan(prof, devices, gpus=args.gpus, nodes=args.nodes,
+                      gpu_memory=args.gpu_memory, intra_bw=args.intra_bw, inter_bw=args.inter_bw,
+                      objective=args.objective, batch_size=args.batch_size, max_seq_len=max_seq,
+                      config=config)
+    if args.json:
+        print(json.dumps([c.to_dict() for c in cands], indent=2))
+    else:
+        print(format_auto_plans(cands))
+    if args.save:
+        cands[0].to_plan(prof.model, config.num_layers, prof.dtype).save(args.save)
+        print(f"saved the winning layout's plan to {args.save}", file=sys.stderr)
+    return 0
+
+
+def format_rank_table(stages: list[tuple[int, int]], devices: list[str], pp: int, tp: int,
+                      dp: int) -> str:
+    """Which global rank runs which stage (``stages``: half-open layer ranges)."""
+    nproc, pp = grid_size(None, pp, tp, dp)
+    if len(stages) != pp:
+        raise ValueError(f"{len(stages)} stages planned for pp={pp}")
+    lines = [f"ranks: {nproc} processes = dp {dp} x pp {pp} x tp {tp} (tp innermost)",
+             f"{'rank':>5} {'dp':>3} {'pp':>3} {'tp':>3}  {'layers':>10}  {'holds':<11} device"]
+    for rank in range(nproc):
+        d, p, t = coords(rank, pp, tp, dp)
+        start, stop = stages[p]
+        extra = "+".join(x for x, on in (("embed", p == 0), ("head", p == pp - 1)) if on) or "-"
+        dev = "cuda:LOCAL_RANK" if devices[p].startswith("cuda") else devices[p]
+        lines.append(f"{rank:>5} {d:>3} {p:>3} {t:>3}  {f'[{start}, {stop})':>10}  "
+                     f"{extra:<11} {dev}" + (f" (1/{tp} shard)" if tp > 1 else ""))
+    return "\n".join(lines)
+
+
+def convert_cmd(args: argparse.Namespace) -> int:
+    from llamadist.weights.checkpoint import resolve_model_path
+    from llamadist.weights.gguf import convert_gguf_to_hf
+    src = Path(resolve_model_path(args.gguf))
+    if src.is_dir() or src.suffix != ".gguf":
+        raise ValueError(f"convert reads a .gguf file, got {args.gguf}; a Hugging Face folder "
+                         f"needs no conversion (pass it to any command as it is)")
+    out = Path(args.out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} exists and is not a folder; give a new or empty folder to "
+                         f"write the Hugging Face checkpoint into")
+    print(f"wrote {convert_gguf_to_hf(src, out, dtype=args.dtype)}")
+    return 0

@@ -1,0 +1,116 @@
+"""generate, chat and bench: the request is checked in full (Job), then run in this process
+or over worker processes (the launcher starts them; cli.ranks is what each rank runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from llamadist.cli.args import in_worker
+from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
+from llamadist.cli.layout import LAYOUT_ENV
+
+
+def run_command(kind: str, args: argparse.Namespace) -> int:
+    """Entry point of the three run commands."""
+    if kind == "bench" and getattr(args, "shape", None):
+        from llamadist.cli.bench_shape import bench_shape_cmd
+        return bench_shape_cmd(args)
+    if kind == "bench" and not args.model:
+        raise ValueError("give a model (checkpoint folder, .gguf or alias) or --shape NAME")
+    if in_worker():
+        from llamadist.cli.ranks import run_rank
+        return run_rank(kind, args)
+    from llamadist.weights.checkpoint import open_checkpoint
+    ckpt = open_checkpoint(args.model)
+    tok = ckpt.tokenizer()
+    job = {"generate": generate_job, "chat": chat_job, "bench": bench_job}[kind](args, ckpt, tok)
+    if job.layout.processes > 1:
+        return launch(kind, args, job)
+    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty())
+    return {"generate": _generate, "chat": _chat, "bench": _bench}[kind](args, job, llm)
+
+
+def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
+    """Start the layout's worker processes on this host; each reruns this command line as
+    one rank and takes the layout decided here."""
+    from llamadist.distributed.launch import launch as start
+    env = {LAYOUT_ENV: job.layout.to_json()}
+    return start(["-m", "llamadist", *args.argv], job.layout.processes, env=env,
+                 stdin_to_rank0=kind == "chat")
+
+
+def load_llm(job: Job, ckpt, tok, progress: bool = False):
+    from llamadist.api import LLM
+    return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress)
+
+
+def _generate(args: argparse.Namespace, job: Job, llm) -> int:
+    llm.engine.timed = bool(args.stats)
+    gen, events = llm.stream_tokens(job.encoded, job.params)
+    streaming = len(job.prompts) == 1 and not args.json
+    for step in events:
+        if streaming:
+            sys.stdout.write("".join(e.text for e in step))
+            sys.stdout.flush()
+    stats = gen.stats.to_dict()
+    seqs = [{"prompt_token_ids": s.prompt_token_ids, "token_ids": s.token_ids, "text": s.text,
+             "finish_reason": s.finish_reason} for s in gen.sequences]
+    print_sequences(args, job.prompts, seqs, stats, streaming)
+    print(f"prefill {stats['prefill_s'] * 1e3:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} "
+          f"tokens/s ({len(llm.engine.stages)} stage(s), {llm.dtype})", file=sys.stderr)
+    if args.stats:
+        for s in llm.engine.stage_stats():
+            print(json.dumps(s), file=sys.stderr)
+    return 0
+
+
+def _chat(args: argparse.Namespace, job: Job, llm) -> int:
+    from llamadist.cli.chat import ChatSession
+    chat = ChatSession(args.system, llm.tokenizer.encode_chat, job.max_seq_len)
+    while (ids := chat.next_prompt(job.params)) is not None:
+        reply = []
+        try:
+            _, events = llm.stream_tokens([ids], job.params)
+            for step in events:
+                for e in step:
+                    reply.append(e.text)
+                    sys.stdout.write(e.text)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            print("\n(interrupted)", file=sys.stderr)
+        print()
+        chat.answered("".join(reply))
+    return 0
+
+
+def _bench(args: argparse.Namespace, job: Job, llm) -> int:
+    load_s = sum(s.stats.load.seconds for s in llm.engine.stages if s.stats.load)
+    llm.engine.timed = True
+    t0 = time.perf_counter()
+    gen, events = llm.stream_tokens(job.encoded, job.params)
+    for _ in events:
+        pass
+    wall = time.perf_counter() - t0
+    st = gen.stats.to_dict()
+    report = {"batch": len(job.encoded), "prompt_tokens": st["prompt_tokens"],
+              "gen_len": args.gen_len, "load_s": load_s, "prefill_s": st["prefill_s"],
+              "decode_ms_per_step": 1e3 * st["decode_s"] / max(1, st["decode_steps"]),
+              "decode_tokens_per_s": st["decode_tokens_per_s"], "wall_s": wall,
+              "stages": llm.engine.stage_stats()}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"batch {report['batch']}, {report['prompt_tokens']} prompt tokens, {args.gen_len} new "
+          f"each; load {load_s:.2f} s; prefill {st['prefill_s'] * 1e3:.1f} ms; decode "
+          f"{report['decode_ms_per_step']:.2f} ms/step, {st['decode_tokens_per_s']:.1f} tokens/s")
+    print(f"{'stage':>5} {'layers':>9} {'device':>8} {'compute s':>10} {'transfer s':>10} "
+          f"{'MB in':>8} {'busy %':>7}")
+    for s in report["stages"]:
+        busy = 100 * s["compute_s"] / wall if wall else 0
+        print(f"{s['stage']:>5} {s['layers'][0]:>4}:{s['layers'][1]:<4} {s['device']:>8} "
+              f"{s['compute_s']:>10.3f} {s['transfer_s']:>10.4f} {s['bytes_in'] / 1e6:>8.2f} "
+              f"{busy:>6.1f}%")
+    return 0

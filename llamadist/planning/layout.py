@@ -1,0 +1,98 @@
+"""The layout a run uses: which layers each pipeline stage holds, on which device, and the
+process grid (tp x pp x dp) around them. Decided once, before any process starts or any
+weight loads, from the user's placement flags, a plan file or the auto planner."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from llamadist.config import ModelConfig
+from llamadist.planning.units import PlanningError
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Resolved placement.
+
+    layer_ranges  half-open layer range of each pipeline stage
+    devices       one device per stage; over processes a bare kind ("cuda", "cpu") means
+                  each rank's own device of that kind (cuda:LOCAL_RANK)
+    tp, dp        tensor-parallel ranks per stage and data-parallel replicas
+    processes     1: every stage runs in this process; else pp x tp x dp ranks, one stage each
+    why           how it was chosen (the auto planner's reason), for the user
+    """
+    layer_ranges: tuple[range, ...]
+    devices: tuple[str, ...]
+    tp: int = 1
+    dp: int = 1
+    processes: int = 1
+    why: str = ""
+    plan: object | None = field(default=None, compare=False)  # the planning.Plan, if any
+
+    @property
+    def pp(self) -> int:
+        return len(self.layer_ranges)
+
+    @property
+    def bounds(self) -> str:
+        return ",".join(f"{r.start}:{r.stop}" for r in self.layer_ranges)
+
+    def to_json(self) -> str:
+        return json.dumps({"layers": [[r.start, r.stop] for r in self.layer_ranges],
+                           "devices": list(self.devices), "tp": self.tp, "dp": self.dp,
+                           "processes": self.processes, "why": self.why})
+
+    @classmethod
+    def from_json(cls, text: str) -> "Layout":
+        d = json.loads(text)
+        return cls(tuple(range(a, b) for a, b in d["layers"]), tuple(d["devices"]), d["tp"],
+                   d["dp"], d["processes"], d.get("why", ""))
+
+
+def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list[str]:
+    """The device names the planner sees, one per stage. ``--devices cuda`` (or cpu) over
+    processes means every rank uses its own cuda:LOCAL_RANK; the planner is told
+    cuda:0..pp-1 (a single host's view, or identical hosts), wrapped round-robin over
+    ``gpus`` when a run has fewer GPUs than stages (they share)."""
+    names = [d.strip() for d in (devices or "cpu").split(",") if d.strip()]
+    if len(names) == pp:
+        return names
+    if len(names) != 1:
+        raise PlanningError(f"--devices lists {len(names)} devices for {pp} pipeline stages: "
+                            f"give one per stage, or one kind (cpu or cuda) for all")
+    if names[0].startswith("cuda") and ":" not in names[0]:
+        return [f"cuda:{i % (gpus or pp)}" for i in range(pp)]
+    return [names[0]] * pp
+
+
+def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = None,
+                   strategy: str | None = None, max_memory: str | None = None,
+                   device_speed: str | None = None, boundaries: str | None = None,
+                   plan: str | None = None, dtype: str = "float32", max_batch: int = 1,
+                   max_seq_len: int = 2048) -> Layout:
+    """One process: the user's placement options turned into stages through the planner,
+    with every stage checked against its device's memory budget."""
+    from llamadist.planning.devices import parse_devices
+    from llamadist.planning.plan import Plan
+    from llamadist.planning.profile import profile
+    from llamadist.planning.strategies import make_plan, overbudget_stages
+
+    if plan is not None:
+        p = Plan.load(plan)
+        p.validate(config.num_layers)
+        parse_devices(",".join(p.devices))  # a device this machine lacks: a clear error
+    else:
+        dev_str = devices if isinstance(devices, str) or devices is None else ",".join(devices)
+        specs = parse_devices(dev_str or "cpu", max_memory=max_memory, speeds=device_speed)
+        if strategy is None:
+            strategy = "custom" if boundaries else "uniform"
+        p = make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
+                      strategy=strategy, boundaries=boundaries, batch_size=max_batch,
+                      max_seq_len=max_seq_len)
+    over = overbudget_stages(p)
+    if over:
+        raise PlanningError(f"{over[0]}; give the device more memory (--max-memory), more "
+                            f"devices, a shorter --max-seq-len or a smaller batch")
+    return Layout(tuple(range(s.start, s.end) for s in p.stages),
+                  tuple(s.device for s in p.stages), plan=p)
