@@ -16,7 +16,8 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from llamadist.cli.chat import ChatSession
-from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
+from llamadist.cli.jobs import (Job, bench_job, chat_job, generate_job, inherited_layout,
+                                print_sequences)
 from llamadist.cli.args import USER_ERRORS
 from llamadist.config import DEFAULT_TIMEOUT_S
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
@@ -29,9 +30,12 @@ log = logging.getLogger(__name__)
 def run_rank(kind: str, args: argparse.Namespace) -> int:
     rank = int(os.environ["RANK"])
     setup_worker_logging(rank, args.verbose)
+    # The grid: the layout the front process decided (--auto included), else the flags.
+    layout = inherited_layout()
+    pp, tp, dp, devices = ((layout.pp, layout.tp, layout.dp, ",".join(layout.devices))
+                           if layout else (args.pp, args.tp, args.dp, args.devices))
     try:
-        session = Session.start(args.pp, args.tp, args.dp, args.timeout or DEFAULT_TIMEOUT_S,
-                                args.devices)
+        session = Session.start(pp, tp, dp, args.timeout or DEFAULT_TIMEOUT_S, devices)
         code = {"generate": _generate, "chat": _chat, "bench": _bench}[kind](session, args)
         session.close()
         return code

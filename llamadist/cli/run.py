@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -37,7 +38,7 @@ def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
     """Start the layout's worker processes on this host; each reruns this command line as
     one rank and takes the layout decided here."""
     from llamadist.distributed.launch import launch as start
-    env = {LAYOUT_ENV: job.layout.to_json()}
+    env = {**os.environ, LAYOUT_ENV: job.layout.to_json()}
     return start(["-m", "llamadist", *args.argv], job.layout.processes, env=env,
                  stdin_to_rank0=kind == "chat")
 

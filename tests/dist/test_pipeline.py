@@ -171,13 +171,14 @@ def test_cli_tensor_x_pipeline_parallel(tiny_model, reference):
 
 
 def test_auto_layout_feeds_generate(tiny_model, reference):
-    """--auto: budgets too small for one device make the planner pick 2 pipeline stages,
-    which run over 2 processes with the single-process tokens."""
+    """--auto: budgets too small for one device (weights plus the KV cache of the 4 prompts)
+    make the planner split the model over both devices, as 2 processes (tp=2, which halves
+    the KV cache as well, is the layout that fits), with the single-process tokens."""
     out = llamadist("generate", str(tiny_model), "--devices", "cpu,cpu", "--max-memory",
                     "700KB,700KB", "--auto", "--max-new-tokens", str(NEW), "--max-seq-len",
                     str(MAX_SEQ), "--json", *prompt_args())
     assert out.returncode == 0, out.stderr
-    assert "auto layout: tp=1 pp=2 dp=1" in out.stderr
+    assert "auto layout: tp=2 pp=1 dp=1" in out.stderr and "2 process(es)" in out.stderr
     assert json_tokens(out.stdout) == reference["tokens"]
 
 
