@@ -113,12 +113,12 @@ def _gpu_rates(gpu_name: str | None) -> tuple[float, float]:
     return REFERENCE_FLOPS, REFERENCE_BANDWIDTH
 
 
-def _canonical_name(name: str, inventory: list[tuple[str, int]]) -> str:
+def _canonical_name(name: str) -> str:
     raw = name.strip().lower()
     m = _NAME_RE.match(raw)
     if not m:
         raise PlanningError(f"unknown device {name.strip()!r}; valid forms: {VALID_FORMS} "
-                            f"(present here: {', '.join(_present(inventory))})")
+                            f"(present here: {', '.join(_present(_cuda_inventory()))})")
     return "cpu" if raw == "cpu" else f"cuda:{int(m.group(2) or 0)}"
 
 
@@ -134,7 +134,7 @@ def check_devices_present(names: Sequence[str],
     present = _present(inventory)
     missing = []
     for n in names:
-        canon = _canonical_name(n, inventory)
+        canon = _canonical_name(n)
         if canon not in present and canon not in missing:
             missing.append(canon)
     if missing:
@@ -175,16 +175,17 @@ def parse_devices(devices: str | Sequence[str] | None = None,
         names = [n for n in _split_list(devices) if n != ""]
         if not names:
             raise PlanningError("no devices given")
-    inventory = _cuda_inventory()
-    names = [_canonical_name(n, inventory) for n in names]
-    if check_available:
-        check_devices_present(names, inventory)
+    names = [_canonical_name(n) for n in names]
     budgets = _split_list(max_memory)
     speed_list = _split_list(speeds)
     for label, values in (("--max-memory budgets", budgets), ("--device-speed values", speed_list)):
         if values is not None and len(values) != len(names):
             raise PlanningError(f"{len(names)} devices ({', '.join(names)}) but {len(values)} "
                                 f"{label} ({', '.join(map(str, values))}); give one per device")
+    inventory = _cuda_inventory() if _needs_inventory(names, budgets, speed_list,
+                                                      check_available) else []
+    if check_available:
+        check_devices_present(names, inventory)
     memory = _resolve_budgets(names, budgets, inventory)
     out = []
     for i, name in enumerate(names):
@@ -193,6 +194,21 @@ def parse_devices(devices: str | Sequence[str] | None = None,
             spec = with_speed(spec, _parse_speed(speed_list[i], name))
         out.append(spec)
     return out
+
+
+def _is_auto(budget: Any) -> bool:
+    return isinstance(budget, str) and budget.strip().lower() in ("", "auto")
+
+
+def _needs_inventory(names: list[str], budgets: list[Any] | None, speeds: list[Any] | None,
+                     check_available: bool) -> bool:
+    """Whether torch must be asked about GPUs: to check presence, to discover a GPU's free
+    memory, or to take a GPU's rates from its model name. Explicit budgets and speeds plan
+    without importing torch at all."""
+    if check_available:
+        return True
+    return any(n != "cpu" and (budgets is None or _is_auto(budgets[i]) or speeds is None)
+               for i, n in enumerate(names))
 
 
 def _parse_speed(value: float | str, name: str) -> float:
@@ -238,7 +254,7 @@ def _resolve_budgets(names: list[str], budgets: list[Any] | None,
     explicit: list[int | None] = [None] * len(names)
     if budgets is not None:
         for i, b in enumerate(budgets):
-            if not (isinstance(b, str) and b.strip().lower() in ("", "auto")):
+            if not _is_auto(b):
                 explicit[i] = parse_memory(b)
     out: list[int] = []
     for i, name in enumerate(names):
