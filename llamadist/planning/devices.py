@@ -27,9 +27,10 @@ KNOWN_GPUS: dict[str, tuple[float, float]] = {
     "L4": (6e13, 2.7e11), "V100": (8e13, 8e11), "T4": (3e13, 2.7e11),
 }
 VALID_FORMS = "cpu, cuda, cuda:N"
-# Help text for --device-speed (what 1.0 means), kept next to the numbers it refers to.
+# Help text for --device-speed (what 1.0 means), kept next to the numbers it refers to;
+# no "%" in it, so argparse and print show it alike.
 DEVICE_SPEED_HELP = ("relative speed per device, e.g. 1,1,0.05: 1.0 = an H100 (400 TFLOP/s "
-                     "bf16 and 3 TB/s memory bandwidth, sustained), 0.05 = 5%% of that")
+                     "bf16 and 3 TB/s memory bandwidth, sustained); 0.05 = 1/20 of that")
 _NAME_RE = re.compile(r"^(cpu|cuda(?::(\d+))?)$")
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 _UNITS = {"": 1, "b": 1,

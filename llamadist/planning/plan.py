@@ -22,8 +22,11 @@ class Stage:
     """One pipeline stage. ``weight_bytes`` includes embed/head when held (a tied head on a
     stage other than the first counts its own copy); ``kv_bytes`` is the preallocated cache
     for batch_size * max_seq_len tokens; ``predicted_time_s`` is one decode step of the
-    batch through this stage. ``budget_bytes``/``headroom_bytes`` are the device entry's
-    budget and the part reserved for activations (None when unknown)."""
+    batch through this stage by the one cost model (CostModel.decode_time; a plan from the
+    auto planner adds its collectives and the send to the next stage, which it knows the
+    links for). ``budget_bytes``/``headroom_bytes`` are the device entry's budget and the
+    part reserved for activations (None when unknown); checks.check_fits refuses a stage
+    over it."""
 
     index: int
     start: int
