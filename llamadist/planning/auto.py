@@ -1,24 +1,27 @@
 """The automatic planner: enumerate (tp, pp, dp, layer split) layouts over a cluster,
 predict each one's memory per device and time per token, keep those that fit, rank them.
 
-Cost model (one decode step; every weight and the KV cache are read once per step):
+Every number comes from the one cost model, :mod:`llamadist.planning.cost`:
 
-    stage compute   max(FLOPs / tp / device FLOP/s, bytes read / tp / device bandwidth)
-    tensor parallel 2 all-reduces per layer of the (u, D) hidden state, each
-                    latency + 2 (tp-1)/tp * bytes / link bandwidth; plus one for the
-                    vocab-parallel embedding and an all-gather of the (u, V) logits
-    pipeline        latency + u * D * bytes / link bandwidth per stage boundary
+    stage compute   CostModel.decode_time: max(FLOPs / tp / device FLOP/s,
+                    bytes read / device bandwidth), as the strategies charge it
+    tensor parallel tp_comm_time: 2 ring all-reduces of the (u, D) hidden state per layer,
+                    one for the vocab-parallel embedding, an all-gather of the (u, V)
+                    logits; each 2 (tp - 1) messages of latency plus bytes / bandwidth
+    pipeline        send_time: one message of u * D * bytes per stage boundary
     latency         one micro-batch goes through the stages in turn: the sum (the
                     pipeline bubble: each stage idles while the others work)
     throughput      m = min(pp, batch) micro-batches in flight: a step takes
                     max(sum of stage times, m * slowest stage)
 
 A link is the intra-node one when every device it joins sits on one node, the
-inter-node one otherwise; so TP groups land inside a node and pipeline cuts across
-nodes exactly when the bandwidths say so. The layer split of each replica is the
-min-max dynamic programme of :mod:`llamadist.planning.strategies` (over contiguous
-splits, with stages that do not fit their memory forbidden), so heterogeneous devices
-get more or fewer layers. Prefill is not modelled.
+inter-node one otherwise (a ring waits for its slowest hop); so TP groups land inside a
+node and pipeline cuts across nodes exactly when bandwidth and latency say so. The layer
+split of each replica is the min-max dynamic programme of
+:mod:`llamadist.planning.strategies` (over contiguous splits, with stages that do not fit
+their memory forbidden), so heterogeneous devices get more or fewer layers. Layouts the
+model cannot take (tp that does not divide the heads, more stages than layers) are left
+out by :func:`llamadist.planning.checks.grid_problems`, the check the run commands use.
 """
 
 from __future__ import annotations
@@ -28,17 +31,19 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 from llamadist.config import ModelConfig
-from llamadist.parallel.tp_layout import TensorParallelError, check_tp, tp_kv_heads
+from llamadist.planning.checks import grid_problems
+from llamadist.planning.cost import (CostModel, Link, headroom_bytes, make_link, send_time,
+                                     tp_comm_time)
 from llamadist.planning.devices import (REFERENCE_BANDWIDTH, REFERENCE_FLOPS, DeviceSpec,
                                         parse_memory)
 from llamadist.planning.plan import Plan, Stage
 from llamadist.planning.profile import ModelProfile
-from llamadist.planning.strategies import CostModel, headroom_bytes, partition_dp
+from llamadist.planning.strategies import partition_dp
+from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError, format_bytes, format_seconds
 
 OBJECTIVES = ("latency", "throughput")
-NVLINK_BW, INFINIBAND_BW = 300e9, 25e9          # bytes/s: NVLink-class, 200 Gb/s IB
-NVLINK_LATENCY, NETWORK_LATENCY = 10e-6, 30e-6  # seconds per collective or send
+INTRA_LINK, INTER_LINK = "nvlink", "infiniband"    # presets of planning.cost.LINKS
 
 
 @dataclass(frozen=True)
@@ -47,25 +52,25 @@ class Cluster:
 
     devices: tuple[DeviceSpec, ...]
     node_of: tuple[int, ...]
-    intra_bw: float = NVLINK_BW
-    inter_bw: float = INFINIBAND_BW
-    intra_latency_s: float = NVLINK_LATENCY
-    inter_latency_s: float = NETWORK_LATENCY
+    intra: Link = make_link(INTRA_LINK)
+    inter: Link = make_link(INTER_LINK)
 
-    def link(self, idx: Sequence[int]) -> tuple[float, float]:
-        """(bandwidth, latency) of the link joining devices ``idx``."""
-        if len({self.node_of[i] for i in idx}) <= 1:
-            return self.intra_bw, self.intra_latency_s
-        return self.inter_bw, self.inter_latency_s
+    def link(self, idx: Sequence[int]) -> Link:
+        """The link joining devices ``idx``: a ring or a send over several nodes waits on
+        the inter-node link."""
+        return self.intra if len({self.node_of[i] for i in idx}) <= 1 else self.inter
 
 
 def make_cluster(devices: Sequence[DeviceSpec] | None = None, *, gpus: int | None = None,
                  nodes: int = 1, gpu_memory: int | str = "80GiB",
-                 intra_bw: float = NVLINK_BW, inter_bw: float = INFINIBAND_BW,
-                 intra_latency_s: float = NVLINK_LATENCY,
-                 inter_latency_s: float = NETWORK_LATENCY) -> Cluster:
+                 intra_link: str | Link = INTRA_LINK, inter_link: str | Link = INTER_LINK,
+                 intra_bw: float | None = None, inter_bw: float | None = None,
+                 intra_latency_s: float | None = None,
+                 inter_latency_s: float | None = None) -> Cluster:
     """``devices`` (in rank order) or ``gpus`` reference GPUs in total, spread evenly over
-    ``nodes``; device j sits on node j // (devices per node)."""
+    ``nodes``; device j sits on node j // (devices per node). Links are presets of
+    :data:`llamadist.planning.cost.LINKS` (or Links); a bandwidth (bytes/s) or latency
+    (seconds per message) given here overrides the preset's."""
     count = len(devices) if devices is not None else (gpus or 0)
     if count < 1:
         raise PlanningError("give devices or a positive number of GPUs (--gpus N)")
@@ -79,8 +84,9 @@ def make_cluster(devices: Sequence[DeviceSpec] | None = None, *, gpus: int | Non
                               mem, 1.0, "cuda", REFERENCE_FLOPS, REFERENCE_BANDWIDTH)
                    for j in range(gpus)]
     devices = tuple(devices)
-    return Cluster(devices, tuple(j // per for j in range(len(devices))), intra_bw, inter_bw,
-                   intra_latency_s, inter_latency_s)
+    return Cluster(devices, tuple(j // per for j in range(len(devices))),
+                   make_link(intra_link, intra_bw, intra_latency_s),
+                   make_link(inter_link, inter_bw, inter_latency_s))
 
 
 @dataclass(frozen=True)
@@ -155,7 +161,9 @@ class AutoCandidate:
         return max(self.memory_per_device.values())
 
     def breakdown(self) -> dict[str, float]:
-        """Seconds per step along the slowest replica: compute, TP and PP communication."""
+        """Seconds of one micro-batch through the slowest replica, by part: compute and
+        memory reads, tensor-parallel all-reduces, pipeline sends (they add up to the
+        per-token latency; the bubble is in :attr:`bubble`)."""
         r = max(self.replicas, key=lambda st: sum(s.time_s for s in st))
         return {"compute": sum(s.compute_s for s in r), "tp_comm": sum(s.tp_comm_s for s in r),
                 "pp_comm": sum(s.send_s for s in r)}
@@ -169,17 +177,20 @@ class AutoCandidate:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(label=self.label, time_per_token_s=self.time_per_token_s,
-                 memory_per_device=self.memory_per_device, bubble=self.bubble)
+                 memory_per_device=self.memory_per_device, bubble=self.bubble,
+                 breakdown_s=self.breakdown())
         return d
 
     def to_plan(self, model: str, num_layers: int, dtype: str) -> Plan:
-        """Replica 0 as a Plan (device = the first device of each TP group, ``tp`` set)."""
+        """Replica 0's layer split as a Plan: one stage per TP group, named by the group's
+        first device. A Plan holds only the pipeline split; run it with this candidate's
+        ``--tp`` and ``--dp`` (see :attr:`label`)."""
         k = len(self.stages)
         stages = tuple(Stage(i, s.start, s.end, s.devices[0], i == 0, i == k - 1,
                              s.weight_bytes, s.kv_bytes, s.time_s)
                        for i, s in enumerate(self.stages))
         return Plan(model, num_layers, stages, "auto", dtype, self.batch_size,
-                    self.max_seq_len, self.tp).validate()
+                    self.max_seq_len).validate()
 
 
 # ---- cost of one stage ------------------------------------------------------
@@ -221,10 +232,8 @@ class ReplicaCost:
     def __init__(self, c: CostContext, tp: int, block: Sequence[int], u: int, seqs: int):
         self.c, self.tp, self.u, self.seqs = c, tp, u, seqs
         self.groups = [list(block[i:i + tp]) for i in range(0, len(block), tp)]
-        cl, p = c.cluster, c.cm.profile
+        cl = c.cluster
         self.kvf, self.extra = c.kv_factor(tp), c.kv_proj_extra(tp)
-        self.hidden = u * p.hidden_size * p.bytes_per_param            # (u, D) activations
-        self.logits = u * p.vocab_size * p.bytes_per_param               # (u, V) logits
         self.rates = [(min(cl.devices[j].flops for j in g),
                        min(cl.devices[j].mem_bandwidth for j in g)) for g in self.groups]
         self.usable = [c.usable(g) for g in self.groups]
@@ -235,26 +244,17 @@ class ReplicaCost:
     def k(self) -> int:
         return len(self.groups)
 
-    def numbers(self, i: int, s: int, e: int) -> tuple[float, float, float, float, float]:
-        """(weight bytes, KV bytes, compute s, TP comm s, send s) of stage i on [s, e)."""
+    def numbers(self, i: int, s: int, e: int) -> tuple[float, int, float, float, float]:
+        """(weight bytes, KV bytes, compute s, TP comm s, send s) of stage i on [s, e),
+        per device of its TP group, from the one cost model."""
         cm, p, tp, u = self.c.cm, self.c.cm.profile, self.tp, self.u
-        first, last, n = i == 0, i == self.k - 1, e - s
-        weights = cm.weight_bytes(s, e, first, last) / tp + n * self.extra
-        kv_seq = (cm.kv[e] - cm.kv[s]) * self.c.context * self.kvf     # per sequence
-        flops = u * (cm.flops[e] - cm.flops[s] + (p.head.matmul_flops_per_token if last else 0))
-        dev_flops, dev_bw = self.rates[i]
-        compute = max(flops / tp / dev_flops, (weights + kv_seq * u) / dev_bw)
-        tp_comm = 0.0
-        if tp > 1:
-            bw, lat = self.tp_link[i]
-            tp_comm = (2 * n + first) * (lat + 2 * (tp - 1) / tp * self.hidden / bw)
-            if last:  # all-gather of the vocab-parallel logits
-                tp_comm += lat + (tp - 1) / tp * self.logits / bw
-        send = 0.0
-        if not last:
-            bw, lat = self.send_link[i]
-            send = lat + self.hidden / bw
-        return weights, kv_seq * self.seqs, compute, tp_comm, send
+        first, last = i == 0, i == self.k - 1
+        weights = cm.weight_bytes(s, e, first, last, tp, self.extra)
+        compute = cm.decode_time(*self.rates[i], s, e, first, last, batch=u, tp=tp,
+                                 kv_share=self.kvf, extra_layer_bytes=self.extra)
+        tp_comm = tp_comm_time(p, e - s, first, last, u, tp, self.tp_link[i])
+        send = 0.0 if last else send_time(p, u, self.send_link[i])
+        return weights, cm.kv_bytes(s, e, self.seqs, self.kvf), compute, tp_comm, send
 
     def placement(self, i: int, s: int, e: int) -> StagePlacement:
         w, kv, compute, tp_comm, send = self.numbers(i, s, e)
@@ -295,18 +295,13 @@ class ReplicaCost:
 # ---- enumeration ------------------------------------------------------------
 def layouts(n_devices: int, num_layers: int, batch_size: int,
             config: ModelConfig | None) -> list[tuple[int, int, int]]:
-    """Every (tp, pp, dp) with tp * pp * dp <= n_devices that the model allows."""
-    out = []
-    for tp in range(1, n_devices + 1):
-        if config is not None:
-            try:
-                check_tp(config, tp)
-            except TensorParallelError:
-                continue
-        for pp in range(1, min(num_layers, n_devices // tp) + 1):
-            for dp in range(1, min(batch_size, n_devices // (tp * pp)) + 1):
-                out.append((tp, pp, dp))
-    return out
+    """Every (tp, pp, dp) with tp * pp * dp <= n_devices that the model allows, by the same
+    check the run commands use (:func:`llamadist.planning.checks.grid_problems`)."""
+    return [(tp, pp, dp)
+            for tp in range(1, n_devices + 1)
+            for pp in range(1, n_devices // tp + 1)
+            for dp in range(1, min(batch_size, n_devices // (tp * pp)) + 1)
+            if not grid_problems(num_layers, None, pp, tp, dp, config)]
 
 
 def _candidate(c: CostContext, tp: int, pp: int, dp: int, objective: str,
@@ -332,15 +327,18 @@ def _candidate(c: CostContext, tp: int, pp: int, dp: int, objective: str,
 
 def auto_plan(profile: ModelProfile, devices: Sequence[DeviceSpec] | None = None, *,
               gpus: int | None = None, nodes: int = 1, gpu_memory: int | str = "80GiB",
-              intra_bw: float = NVLINK_BW, inter_bw: float = INFINIBAND_BW,
-              intra_latency_s: float = NVLINK_LATENCY, inter_latency_s: float = NETWORK_LATENCY,
+              intra_link: str | Link = INTRA_LINK, inter_link: str | Link = INTER_LINK,
+              intra_bw: float | None = None, inter_bw: float | None = None,
+              intra_latency_s: float | None = None, inter_latency_s: float | None = None,
               objective: str = "latency", batch_size: int = 1, max_seq_len: int | None = None,
               config: ModelConfig | None = None, headroom: float | int = 0.1,
               top: int = 5) -> list[AutoCandidate]:
     """The ``top`` layouts that fit, best first; the first carries ``why`` it wins.
 
     ``devices`` in rank order (or ``gpus`` reference GPUs of ``gpu_memory`` each), spread
-    evenly over ``nodes``; bandwidths in bytes/s. ``config`` enables the head-count checks
+    evenly over ``nodes``. Links: ``intra_link``/``inter_link`` name presets of
+    :data:`llamadist.planning.cost.LINKS` (nvlink, pcie, infiniband, ethernet);
+    ``*_bw`` (bytes/s) and ``*_latency_s`` (seconds per message) override them. ``config`` enables the head-count checks
     of tensor parallelism (without it every tp is assumed to divide). Raises PlanningError
     with the shortfall in bytes when no layout fits."""
     if objective not in OBJECTIVES:
@@ -348,6 +346,7 @@ def auto_plan(profile: ModelProfile, devices: Sequence[DeviceSpec] | None = None
     if batch_size < 1:
         raise PlanningError(f"batch_size must be positive, got {batch_size}")
     cluster = make_cluster(devices, gpus=gpus, nodes=nodes, gpu_memory=gpu_memory,
+                           intra_link=intra_link, inter_link=inter_link,
                            intra_bw=intra_bw, inter_bw=inter_bw,
                            intra_latency_s=intra_latency_s, inter_latency_s=inter_latency_s)
     context = max_seq_len or profile.seq_len
@@ -398,28 +397,41 @@ def _why(cands: list[AutoCandidate], rejected: int, cluster: Cluster) -> str:
             "pp_comm": "pipeline sends"}[key]
     links = ""
     if key != "compute" and len(set(cluster.node_of)) > 1:
-        links = (f" (links: {cluster.intra_bw / 1e9:g} GB/s in a node, "
-                 f"{cluster.inter_bw / 1e9:g} GB/s between nodes)")
+        a, b = cluster.intra, cluster.inter
+        links = (f" (links: {a.bandwidth / 1e9:g} GB/s and {a.latency_s * 1e6:g} us/message "
+                 f"in a node, {b.bandwidth / 1e9:g} GB/s and {b.latency_s * 1e6:g} us/message "
+                 f"between nodes)")
     return (f"{win.label} wins with {format_seconds(win.time_per_token_s)}/token against "
             f"{format_seconds(run.time_per_token_s)} for {run.label}, mostly on {what}: "
             f"{format_seconds(wb[key])} vs {format_seconds(rb[key])} per step{links}{fit}")
 
 
 def format_auto_plans(cands: Sequence[AutoCandidate]) -> str:
-    """A table of the candidates (best first), the winner's stages and why it wins."""
+    """A table of the candidates (best first) with each prediction's parts (compute and
+    memory reads, tensor-parallel all-reduces, pipeline sends, bubble), then the winner's
+    stages and why it wins."""
     if not cands:
         return "no layout fits"
-    hdr = (f"{'#':>2}  {'layout':<18}{'gpus':>5}  {'split':<26}{'mem/device':>12}{'time/token':>12}"
-           f"{'tokens/s':>11}{'bubble':>8}")
+    hdr = (f"{'#':>2}  {'layout':<16}{'gpus':>5}  {'split':<20}{'mem/device':>12}"
+           f"{'time/token':>12}{'compute':>11}{'all-reduce':>11}{'p2p':>10}{'bubble':>8}"
+           f"{'tokens/s':>10}")
     lines = [f"objective: {cands[0].objective}  batch_size={cands[0].batch_size} "
              f"max_seq_len={cands[0].max_seq_len}", hdr, "-" * len(hdr)]
     for i, x in enumerate(cands):
         split = ",".join(f"{s}:{e}" for s, e in x.splits)
-        split = split if len(split) <= 24 else split[:21] + "..."
-        lines.append(f"{i:>2}  {x.label:<18}{x.tp * x.pp * x.dp:>5}  {split:<26}{format_bytes(x.max_memory_bytes):>12}"
-                     f"{format_seconds(x.time_per_token_s):>12}{x.tokens_per_s:>11.1f}"
-                     f"{x.bubble:>8.0%}")
+        split = split if len(split) <= 18 else split[:15] + "..."
+        parts = x.breakdown()
+        lines.append(f"{i:>2}  {x.label:<16}{x.tp * x.pp * x.dp:>5}  {split:<20}"
+                     f"{format_bytes(x.max_memory_bytes):>12}"
+                     f"{format_seconds(x.time_per_token_s):>12}"
+                     f"{format_seconds(parts['compute']):>11}"
+                     f"{format_seconds(parts['tp_comm']):>11}"
+                     f"{format_seconds(parts['pp_comm']):>10}{x.bubble:>8.0%}"
+                     f"{x.tokens_per_s:>10.1f}")
     lines.append("-" * len(hdr))
+    lines.append("compute = compute and memory reads, all-reduce = tensor-parallel collectives, "
+                 "p2p = pipeline sends: seconds of one micro-batch through every stage; "
+                 "bubble = share of device time idle")
     win = cands[0]
     for r, stages in enumerate(win.replicas):
         for i, s in enumerate(stages):

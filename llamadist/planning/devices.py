@@ -1,5 +1,9 @@
 """Device specs for planning: name, memory budget and speed, parsed from the command line
-or discovered. Pure apart from discovery, which reads /proc/meminfo and (if importable) torch."""
+or discovered. Pure apart from discovery, which reads /proc/meminfo and (if importable) torch.
+
+Planning is for hardware that need not be here: a device this machine lacks is planned with
+the budget given for it. Only running needs the devices present: the run side calls
+:func:`check_devices_present`."""
 
 from __future__ import annotations
 
@@ -23,6 +27,10 @@ KNOWN_GPUS: dict[str, tuple[float, float]] = {
     "L4": (6e13, 2.7e11), "V100": (8e13, 8e11), "T4": (3e13, 2.7e11),
 }
 VALID_FORMS = "cpu, cuda, cuda:N"
+# Help text for --device-speed (what 1.0 means), kept next to the numbers it refers to;
+# no "%" in it, so argparse and print show it alike.
+DEVICE_SPEED_HELP = ("relative speed per device, e.g. 1,1,0.05: 1.0 = an H100 (400 TFLOP/s "
+                     "bf16 and 3 TB/s memory bandwidth, sustained); 0.05 = 1/20 of that")
 _NAME_RE = re.compile(r"^(cpu|cuda(?::(\d+))?)$")
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*$")
 _UNITS = {"": 1, "b": 1,
@@ -106,18 +114,37 @@ def _gpu_rates(gpu_name: str | None) -> tuple[float, float]:
     return REFERENCE_FLOPS, REFERENCE_BANDWIDTH
 
 
-def _canonical_name(name: str, inventory: list[tuple[str, int]], check_available: bool) -> str:
+def _canonical_name(name: str) -> str:
     raw = name.strip().lower()
     m = _NAME_RE.match(raw)
-    available = ["cpu"] + [f"cuda:{i}" for i in range(len(inventory))]
     if not m:
         raise PlanningError(f"unknown device {name.strip()!r}; valid forms: {VALID_FORMS} "
-                            f"(available here: {', '.join(available)})")
-    canon = "cpu" if raw == "cpu" else f"cuda:{int(m.group(2) or 0)}"
-    if check_available and canon not in available:
-        raise PlanningError(f"device {canon} is not available; available devices: "
-                            f"{', '.join(available)}")
-    return canon
+                            f"(present here: {', '.join(_present(_cuda_inventory()))})")
+    return "cpu" if raw == "cpu" else f"cuda:{int(m.group(2) or 0)}"
+
+
+def _present(inventory: list[tuple[str, int]]) -> list[str]:
+    return ["cpu"] + [f"cuda:{i}" for i in range(len(inventory))]
+
+
+def check_devices_present(names: Sequence[str],
+                          inventory: list[tuple[str, int]] | None = None) -> None:
+    """Raise PlanningError unless every device in ``names`` is on this machine: the run
+    side calls this before loading weights (planning never needs it)."""
+    inventory = _cuda_inventory() if inventory is None else inventory
+    present = _present(inventory)
+    missing = []
+    for n in names:
+        canon = _canonical_name(n)
+        if canon not in present and canon not in missing:
+            missing.append(canon)
+    if missing:
+        which = ", ".join(missing)
+        raise PlanningError(
+            f"device{'s' if len(missing) > 1 else ''} {which} "
+            f"{'are' if len(missing) > 1 else 'is'} not present on this machine (present: "
+            f"{', '.join(present)}); a plan may name absent devices, but running needs them: "
+            f"pass --devices with present ones")
 
 
 def _split_list(value: str | Sequence[Any] | None) -> list[Any] | None:
@@ -131,14 +158,17 @@ def _split_list(value: str | Sequence[Any] | None) -> list[Any] | None:
 def parse_devices(devices: str | Sequence[str] | None = None,
                   max_memory: str | Sequence[str | int] | None = None,
                   speeds: str | Sequence[float | str] | None = None,
-                  check_available: bool = True) -> list[DeviceSpec]:
+                  check_available: bool = False) -> list[DeviceSpec]:
     """One DeviceSpec per entry of ``devices`` ("cuda:0,cuda:1,cpu"; None = discover).
 
-    ``max_memory``: one budget per entry; an empty or "auto" entry is discovered, and a
-    device named several times splits its discovered free memory evenly among those entries.
-    ``speeds``: one relative speed per entry (1 = the reference GPU), overriding the per-kind
-    FLOP/s and bandwidth. ``check_available=False`` allows planning for GPUs this machine
-    lacks (every budget must then be explicit)."""
+    Devices need not be present: planning for hardware that is not here is the point.
+    ``max_memory``: one budget per entry; an empty or "auto" entry is discovered (only a
+    present device can be), and a device named several times splits its discovered free
+    memory evenly among those entries. An absent device without a budget is a
+    PlanningError naming it and --max-memory. ``speeds``: one relative speed per entry
+    (1 = the reference GPU), overriding the per-kind FLOP/s and bandwidth.
+    ``check_available=True`` also requires every device present (see
+    :func:`check_devices_present`), for callers about to run on them."""
     if devices is None or (isinstance(devices, str) and not devices.strip()):
         specs = discover_devices()
         names = [s.name for s in specs]
@@ -146,14 +176,17 @@ def parse_devices(devices: str | Sequence[str] | None = None,
         names = [n for n in _split_list(devices) if n != ""]
         if not names:
             raise PlanningError("no devices given")
-    inventory = _cuda_inventory()
-    names = [_canonical_name(n, inventory, check_available) for n in names]
+    names = [_canonical_name(n) for n in names]
     budgets = _split_list(max_memory)
     speed_list = _split_list(speeds)
     for label, values in (("--max-memory budgets", budgets), ("--device-speed values", speed_list)):
         if values is not None and len(values) != len(names):
             raise PlanningError(f"{len(names)} devices ({', '.join(names)}) but {len(values)} "
                                 f"{label} ({', '.join(map(str, values))}); give one per device")
+    inventory = _cuda_inventory() if _needs_inventory(names, budgets, speed_list,
+                                                      check_available) else []
+    if check_available:
+        check_devices_present(names, inventory)
     memory = _resolve_budgets(names, budgets, inventory)
     out = []
     for i, name in enumerate(names):
@@ -162,6 +195,21 @@ def parse_devices(devices: str | Sequence[str] | None = None,
             spec = with_speed(spec, _parse_speed(speed_list[i], name))
         out.append(spec)
     return out
+
+
+def _is_auto(budget: Any) -> bool:
+    return isinstance(budget, str) and budget.strip().lower() in ("", "auto")
+
+
+def _needs_inventory(names: list[str], budgets: list[Any] | None, speeds: list[Any] | None,
+                     check_available: bool) -> bool:
+    """Whether torch must be asked about GPUs: to check presence, to discover a GPU's free
+    memory, or to take a GPU's rates from its model name. Explicit budgets and speeds plan
+    without importing torch at all."""
+    if check_available:
+        return True
+    return any(n != "cpu" and (budgets is None or _is_auto(budgets[i]) or speeds is None)
+               for i, n in enumerate(names))
 
 
 def _parse_speed(value: float | str, name: str) -> float:
@@ -196,8 +244,9 @@ def _discovered_free(name: str, inventory: list[tuple[str, int]]) -> int:
         return _cpu_available_bytes()
     idx = int(name.split(":")[1])
     if idx >= len(inventory):
-        raise PlanningError(f"cannot discover the memory of {name} (not present here); "
-                            f"give its budget with --max-memory")
+        raise PlanningError(f"device {name} is not present here, so its memory cannot be "
+                            f"discovered: give its budget with --max-memory (one per device, "
+                            f"e.g. 80GiB)")
     return inventory[idx][1]
 
 
@@ -206,7 +255,7 @@ def _resolve_budgets(names: list[str], budgets: list[Any] | None,
     explicit: list[int | None] = [None] * len(names)
     if budgets is not None:
         for i, b in enumerate(budgets):
-            if not (isinstance(b, str) and b.strip().lower() in ("", "auto")):
+            if not _is_auto(b):
                 explicit[i] = parse_memory(b)
     out: list[int] = []
     for i, name in enumerate(names):

@@ -1,11 +1,14 @@
 """The plan: which device runs which contiguous, half-open range [start, end) of decoder
 layers, with the embedding on the first stage and the head on the last. Frozen, JSON
-round-trippable, and checked by ``validate`` with errors that name the offending layers."""
+round-trippable, and checked by ``validate`` with errors that name the offending layers.
+
+A plan is the pipeline split of one replica and nothing more: tensor and data parallelism
+are chosen at run time (``--tp``, ``--dp``), so a plan does not claim them."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +22,11 @@ class Stage:
     """One pipeline stage. ``weight_bytes`` includes embed/head when held (a tied head on a
     stage other than the first counts its own copy); ``kv_bytes`` is the preallocated cache
     for batch_size * max_seq_len tokens; ``predicted_time_s`` is one decode step of the
-    batch through this stage. ``budget_bytes``/``headroom_bytes`` are the device entry's
-    budget and the part reserved for activations (None when unknown)."""
+    batch through this stage by the one cost model (CostModel.decode_time; a plan from the
+    auto planner adds its collectives and the send to the next stage, which it knows the
+    links for). ``budget_bytes``/``headroom_bytes`` are the device entry's budget and the
+    part reserved for activations (None when unknown); checks.check_fits refuses a stage
+    over it."""
 
     index: int
     start: int
@@ -63,7 +69,6 @@ class Plan:
     dtype: str
     batch_size: int = 1
     max_seq_len: int = 2048
-    tp: int = 1
 
     @property
     def devices(self) -> tuple[str, ...]:
@@ -100,26 +105,47 @@ class Plan:
         return {"format": PLAN_FORMAT, **d}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+    def from_dict(cls, d: Any, source: str = "plan") -> "Plan":
+        """A Plan from parsed JSON, every field checked; errors name ``source`` (the file)
+        and the field, e.g. "plan file p.json: field 'stages[1].end' must be an integer"."""
+        where = f"{source}:"
+        if not isinstance(d, dict):
+            raise PlanningError(f"{where} expected a JSON object with the fields "
+                                f"{', '.join(_names(cls))}, got {_json_kind(d)}")
         d = dict(d)
         fmt = d.pop("format", PLAN_FORMAT)
         if fmt != PLAN_FORMAT:
-            raise PlanningError(f"plan format {fmt!r} is not {PLAN_FORMAT!r}")
+            raise PlanningError(f"{where} field 'format' is {fmt!r}, not {PLAN_FORMAT!r}")
+        tp = d.pop("tp", 1)   # written by older versions; only tp 1 is what a plan runs as
+        if tp != 1:
+            raise PlanningError(f"{where} field 'tp' is {tp!r}, but a plan holds only the "
+                                f"pipeline split: remove the field and run with --tp {tp}")
+        stages = d.get("stages")
+        if not isinstance(stages, list) or not stages:
+            raise PlanningError(f"{where} field 'stages' must be a non-empty list of stage "
+                                f"objects, got {_json_kind(stages)}")
+        d["stages"] = tuple(Stage(**_checked(Stage, st, f"{where} field 'stages[{i}]", "."))
+                            for i, st in enumerate(stages))
+        plan = cls(**_checked(cls, d, f"{where} field '", ""))
+        for name in ("num_layers", "batch_size", "max_seq_len"):
+            if getattr(plan, name) < 1:
+                raise PlanningError(f"{where} field '{name}' must be at least 1, got "
+                                    f"{getattr(plan, name)}")
         try:
-            d["stages"] = tuple(Stage(**s) for s in d["stages"])
-            return cls(**d)
-        except (KeyError, TypeError) as e:
-            raise PlanningError(f"malformed plan: {e}") from None
+            return plan.validate()
+        except PlanningError as e:
+            raise PlanningError(f"{where} {e}") from None
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent)
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
+    def from_json(cls, text: str, source: str = "plan") -> "Plan":
         try:
-            return cls.from_dict(json.loads(text))
+            data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise PlanningError(f"plan is not valid JSON: {e}") from None
+            raise PlanningError(f"{source} is not valid JSON: {e}") from None
+        return cls.from_dict(data, source)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -131,7 +157,62 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanningError(f"no plan file at {path}")
-        return cls.from_json(path.read_text())
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanningError(f"plan file {path} cannot be read as text: {e}") from None
+        return cls.from_json(text, f"plan file {path}")
+
+
+# ---- checked JSON fields ---------------------------------------------------
+_JSON_TYPES = {"int": "an integer", "float": "a number", "bool": "true or false",
+               "str": "a string"}
+
+
+def _names(cls: type) -> list[str]:
+    return [f.name for f in fields(cls)]
+
+
+def _json_kind(v: Any) -> str:
+    if v is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object"}.get(type(v), type(v).__name__) + f" ({v!r:.40})"
+
+
+def _type_ok(kind: str, v: Any) -> bool:
+    if kind == "bool":
+        return isinstance(v, bool)
+    if kind == "int":
+        return isinstance(v, int) and not isinstance(v, bool)
+    if kind == "float":
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+    return isinstance(v, str)
+
+
+def _checked(cls: type, d: Any, prefix: str, sep: str) -> dict[str, Any]:
+    """``d``'s fields for ``cls(**...)``, each present (unless it has a default), known and
+    of its annotated type (int, float, bool, str, optionally "| None"); messages read
+    "<prefix><sep>field' must be ..."."""
+    if not isinstance(d, dict):
+        raise PlanningError(f"{prefix}' must be an object, got {_json_kind(d)}")
+    known = {f.name: f for f in fields(cls)}
+    for key in d:
+        if key not in known:
+            raise PlanningError(f"{prefix}{sep}{key}' is not a field of a "
+                                f"{cls.__name__.lower()} (fields: {', '.join(known)})")
+    for name, f in known.items():
+        if name not in d:
+            if f.default is MISSING:
+                raise PlanningError(f"{prefix}{sep}{name}' is missing")
+            continue
+        kind, _, optional = str(f.type).partition(" | ")
+        v = d[name]
+        if kind in _JSON_TYPES and not (v is None and optional == "None") \
+                and not _type_ok(kind, v):
+            want = _JSON_TYPES[kind] + (" or null" if optional == "None" else "")
+            raise PlanningError(f"{prefix}{sep}{name}' must be {want}, got {_json_kind(v)}")
+    return dict(d)
 
 
 def _span(a: int, b: int) -> str:
@@ -202,8 +283,8 @@ def format_plan_table(plan: Plan) -> str:
     hdr = (f"{'stage':>5}  {'device':<8}{'layers':>12}{'n':>4}  {'extra':<11}{'weights':>12}"
            f"{'KV cache':>12}{'total':>12}{'budget':>12}{'time/step':>12}")
     lines = [f"plan: {plan.strategy}  model: {plan.model}",
-             f"dtype={plan.dtype} batch_size={plan.batch_size} max_seq_len={plan.max_seq_len} "
-             f"tp={plan.tp}", hdr, "-" * len(hdr)]
+             f"dtype={plan.dtype} batch_size={plan.batch_size} max_seq_len={plan.max_seq_len}",
+             hdr, "-" * len(hdr)]
     for s in plan.stages:
         extra = "+".join(x for x, on in (("embed", s.has_embed), ("head", s.has_head)) if on)
         budget = "-" if s.budget_bytes is None else format_bytes(s.budget_bytes)

@@ -7,17 +7,19 @@ compute  minimise the slowest stage's predicted decode time (exact min-max DP)
 mixed    like compute, but only over splits where every stage fits its budget
 custom   explicit boundaries ("0:7,7:19,19:30", [(0, 7), ...]) or a saved plan file
 
-One cost model serves all of them, so predicted times are comparable across strategies.
+One cost model (:mod:`llamadist.planning.cost`) serves all of them and the auto planner, so
+predicted times are comparable across strategies.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+from llamadist.planning.checks import grid_problems, plan_problems
+from llamadist.planning.cost import CostModel, headroom_bytes
 from llamadist.planning.devices import DeviceSpec
 from llamadist.planning.plan import Plan, Stage, validate_stages
 from llamadist.planning.profile import ModelProfile
@@ -27,67 +29,6 @@ STRATEGIES = ("uniform", "memory", "compute", "mixed", "custom")
 Boundaries = str | Path | Sequence[tuple[int, int]]
 _RANGES_RE = re.compile(r"^\s*\d+\s*:\s*\d+\s*(,\s*\d+\s*:\s*\d+\s*)*$")
 _EPS = 1e-9
-
-
-@dataclass(frozen=True)
-class CostModel:
-    """Memory and time of a stage holding layers [s, e), in O(1) from prefix sums.
-
-    Time is one decode step of ``batch`` tokens at a full context of ``context`` tokens:
-    max(FLOPs / device FLOP/s, bytes read / device bandwidth), since decode is usually
-    bandwidth-bound (every weight and the whole KV cache are read once per step)."""
-
-    profile: ModelProfile
-    batch: int
-    context: int
-    weights: tuple[int, ...]     # prefix sums over decoder layers
-    kv: tuple[int, ...]          # KV bytes per token, prefix
-    flops: tuple[int, ...]       # decode FLOPs per token at ``context``, prefix
-
-    @classmethod
-    def build(cls, profile: ModelProfile, batch: int, context: int) -> "CostModel":
-        def prefix(values: list[int]) -> tuple[int, ...]:
-            out = [0]
-            for v in values:
-                out.append(out[-1] + v)
-            return tuple(out)
-        rows = profile.layers
-        return cls(profile, batch, context, prefix([r.weight_bytes for r in rows]),
-                   prefix([r.kv_bytes_per_token for r in rows]),
-                   prefix([r.decode_flops(context) for r in rows]))
-
-    def weight_bytes(self, s: int, e: int, first: bool, last: bool) -> int:
-        p = self.profile
-        w = self.weights[e] - self.weights[s]
-        w += (p.embed.weight_bytes if first else 0) + (p.head.weight_bytes if last else 0)
-        if first and last:  # one stage holds both ends: a tied matrix is stored once
-            w -= p.tied_bytes
-        return w
-
-    def kv_bytes(self, s: int, e: int) -> int:
-        return (self.kv[e] - self.kv[s]) * self.batch * self.context
-
-    def memory(self, s: int, e: int, first: bool, last: bool) -> int:
-        return self.weight_bytes(s, e, first, last) + self.kv_bytes(s, e)
-
-    def time(self, dev: DeviceSpec, s: int, e: int, first: bool, last: bool) -> float:
-        p = self.profile
-        flops = self.batch * (self.flops[e] - self.flops[s]
-                              + (p.head.matmul_flops_per_token if last else 0))
-        read = self.weights[e] - self.weights[s] + self.kv_bytes(s, e)
-        read += p.head.weight_bytes if last else 0
-        # The embedding gathers one row per token rather than reading the whole table.
-        read += self.batch * p.hidden_size * p.bytes_per_param if first else 0
-        return max(flops / dev.flops, read / dev.mem_bandwidth)
-
-
-def headroom_bytes(dev: DeviceSpec, headroom: float | int) -> int:
-    """A float in [0, 1) is a fraction of the device's budget; anything else is bytes."""
-    if headroom < 0:
-        raise PlanningError(f"headroom must not be negative, got {headroom}")
-    if isinstance(headroom, float) and headroom < 1:
-        return int(dev.memory_bytes * headroom)
-    return int(headroom)
 
 
 # ---- exact contiguous partition (DP) ----------------------------------
@@ -295,7 +236,11 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], strategy: st
               max_seq_len: int | None = None, headroom: float | int = 0.1) -> Plan:
     """One stage per entry of ``devices``, in order. ``max_seq_len`` (default: the profile's
     seq_len) and ``batch_size`` size the KV cache; ``headroom`` is reserved on every device
-    for activations: a float in [0, 1) is a fraction of its budget, otherwise bytes."""
+    for activations: a float in [0, 1) is a fraction of its budget, otherwise bytes.
+
+    memory and mixed refuse to return a plan that does not fit; uniform, compute and custom
+    return it with its shortfalls so ``plan`` can show them: callers about to run pass the
+    plan through :func:`llamadist.planning.checks.check_fits`."""
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if boundaries is not None and strategy != "custom":
@@ -304,9 +249,9 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], strategy: st
     devices, n = list(devices), profile.num_layers
     if not devices:
         raise PlanningError("no devices to plan for")
-    if len(devices) > n:
-        raise PlanningError(f"{len(devices)} stages (devices {', '.join(d.name for d in devices)})"
-                            f" but the model has only {n} layers; use at most {n} devices")
+    problems = grid_problems(n, None, len(devices))   # the run commands' check, pp = stages
+    if problems:
+        raise PlanningError(f"devices {', '.join(d.name for d in devices)}: {problems[0]}")
     context = profile.seq_len if max_seq_len is None else max_seq_len
     if batch_size < 1 or context < 1:
         raise PlanningError(f"batch_size and max_seq_len must be positive, got {batch_size} "
@@ -329,7 +274,5 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], strategy: st
 
 
 def overbudget_stages(plan: Plan) -> list[str]:
-    """Warnings for stages over their usable budget (uniform/compute/custom don't enforce it)."""
-    return [f"stage {s.index} on {s.device} needs {format_bytes(s.shortfall_bytes)} more than "
-            f"its budget ({s.memory_bytes} bytes needed, budget {s.budget_bytes} bytes, "
-            f"headroom {s.headroom_bytes} bytes)" for s in plan.stages if s.shortfall_bytes]
+    """Kept for callers of the old name: :func:`llamadist.planning.checks.plan_problems`."""
+    return plan_problems(plan)

@@ -129,8 +129,7 @@ def test_parse_devices_cpu_defaults(one_gpu):
 
 
 @pytest.mark.parametrize("bad,needle", [("tpu:0", "valid forms: cpu, cuda, cuda:N"),
-                                        ("cuda:x", "valid forms"),
-                                        ("cuda:3", "cuda:3 is not available")])
+                                        ("cuda:x", "valid forms")])
 def test_parse_devices_unknown(one_gpu, bad, needle):
     with pytest.raises(PlanningError) as e:
         parse_devices(bad)
@@ -351,7 +350,7 @@ def test_no_usable_memory_error():
 
 
 def test_more_stages_than_layers_and_unknown_strategy():
-    with pytest.raises(PlanningError, match="5 stages .* only 4 layers"):
+    with pytest.raises(PlanningError, match="5 pipeline stages .* only 4 layers.*--pp 4"):
         make_plan(profile(tiny(4)), [cpu(BIG)] * 5, "uniform")
     with pytest.raises(PlanningError) as e:
         make_plan(profile(tiny(4)), [cpu(BIG)], "greedy")

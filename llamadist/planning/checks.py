@@ -1,0 +1,93 @@
+"""Checks that refuse a request before any process starts or any weight loads: a layout the
+model cannot take, and a plan whose stages do not fit their devices. Pure: the run
+commands, ``plan`` and ``plan --auto`` all call these, so they refuse the same things with
+the same words. Each message is one line naming the problem and the fix.
+"""
+
+from __future__ import annotations
+
+from llamadist.config import ModelConfig
+from llamadist.planning.plan import Plan, Stage
+from llamadist.planning.tp_shapes import TensorParallelError, check_tp
+from llamadist.planning.units import PlanningError, format_bytes
+
+
+# ---- the process grid ----------------------------------------------------
+def grid_problems(num_layers: int, nproc: int | None, pp: int, tp: int = 1, dp: int = 1,
+                  config: ModelConfig | None = None) -> list[str]:
+    """Why a grid of ``pp`` stages x ``tp`` x ``dp`` on ``nproc`` processes (None: not
+    given) cannot run a model of ``num_layers`` layers; [] when it can. ``config`` adds the
+    tensor-parallel head checks (parallel.tensor's rules)."""
+    problems = [f"--{name} must be >= 1, got {v}"
+                for name, v in (("pp", pp), ("tp", tp), ("dp", dp), ("nproc", nproc))
+                if v is not None and v < 1]
+    if problems:
+        return problems
+    if nproc is not None and nproc != pp * tp * dp:
+        problems.append(f"--nproc {nproc} but pp={pp} x tp={tp} x dp={dp} = {pp * tp * dp}: "
+                        f"give --nproc {pp * tp * dp} or a grid that multiplies to {nproc}")
+    if pp > num_layers:
+        problems.append(f"{pp} pipeline stages but the model has only {num_layers} layers "
+                        f"(a stage holds at least one): use --pp {num_layers} or fewer")
+    if config is not None and tp > 1:
+        try:
+            check_tp(config, tp)
+        except TensorParallelError as e:
+            problems.append(str(e))
+    return problems
+
+
+def check_grid(config: ModelConfig, nproc: int | None, pp: int | None, tp: int = 1,
+               dp: int = 1) -> tuple[int, int, int, int]:
+    """-> (nproc, pp, tp, dp) with ``nproc`` or ``pp`` filled in when not given, or raise
+    PlanningError naming every problem (tp against the heads, pp against the layers,
+    nproc against pp x tp x dp)."""
+    for name, v in (("tp", tp), ("dp", dp)):
+        if v < 1:
+            raise PlanningError(f"--{name} must be >= 1, got {v}")
+    if pp is None:
+        if nproc is None:
+            pp = 1
+        elif nproc % (tp * dp):
+            raise PlanningError(f"--nproc {nproc} does not divide by tp={tp} x dp={dp} = "
+                                f"{tp * dp}: give --nproc a multiple of {tp * dp}")
+        else:
+            pp = nproc // (tp * dp)
+    problems = grid_problems(config.num_layers, nproc, pp, tp, dp, config)
+    if problems:
+        raise PlanningError("; ".join(problems))
+    return pp * tp * dp, pp, tp, dp
+
+
+# ---- memory ----------------------------------------------------------------
+def stage_problem(stage: Stage) -> str | None:
+    """One line when ``stage`` needs more than its device's usable budget, else None."""
+    if not stage.shortfall_bytes:
+        return None
+    usable = stage.budget_bytes - stage.headroom_bytes
+    return (f"stage {stage.index} on {stage.device} needs {format_bytes(stage.memory_bytes)} "
+            f"for layers {stage.start}..{stage.end - 1} (weights "
+            f"{format_bytes(stage.weight_bytes)} + KV cache {format_bytes(stage.kv_bytes)}) "
+            f"but {stage.device} has {format_bytes(usable)} usable (budget "
+            f"{format_bytes(stage.budget_bytes)} less {format_bytes(stage.headroom_bytes)} "
+            f"headroom): {format_bytes(stage.shortfall_bytes)} short")
+
+
+def plan_problems(plan: Plan) -> list[str]:
+    """One line per stage over its device's budget ([] when every stage fits or the
+    budgets are unknown). ``plan`` prints these under its table, then exits non-zero."""
+    return [p for p in map(stage_problem, plan.stages) if p is not None]
+
+
+def check_fits(plan: Plan) -> Plan:
+    """Raise PlanningError naming each stage that does not fit (device, need, budget,
+    shortfall) and the ways out; return ``plan`` when all fit. The KV cache is part of
+    each stage's need, so a --max-seq-len or --max-batch too large for the devices fails
+    here with the KV bytes in the message."""
+    problems = plan_problems(plan)
+    if problems:
+        raise PlanningError(
+            f"the plan does not fit: {'; '.join(problems)} (KV cache for batch "
+            f"{plan.batch_size} x {plan.max_seq_len} tokens); give a larger --max-memory, "
+            f"more devices, a smaller --max-seq-len or --max-batch, or --strategy memory")
+    return plan

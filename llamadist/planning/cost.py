@@ -1,0 +1,233 @@
+"""The one cost model: memory and time of a pipeline stage, and of the messages around it.
+
+Every strategy (:mod:`llamadist.planning.strategies`) and the auto planner
+(:mod:`llamadist.planning.auto`) call these functions, so one stage costs the same
+wherever it is planned.
+
+Decode step of ``batch`` sequences through layers [s, e) on one device of a tensor-parallel
+group of ``tp`` devices. Decode is usually bandwidth-bound: every weight and every cached
+token is read once per step, so
+
+    time       = max(FLOPs / tp / device FLOP/s, bytes read / device bandwidth)
+    bytes read = layer weights / tp + this device's share of the batch's KV cache
+               + the head's (V, D) slice (last stage)
+               + B rows of the embedding (first stage: a lookup gathers one row per
+                 token; it never reads the whole (V, D) table)
+
+Prefill of a prompt of T tokens: T x the matmul FLOPs plus causal attention over
+T (T + 1) / 2 token pairs; the weights are read once and the KV cache written once.
+
+Messages follow the alpha-beta (Hockney) model: ``latency_s`` per message plus
+bytes / bandwidth. A ring all-reduce of n bytes over p ranks is 2 (p - 1) steps each
+moving n / p bytes (Thakur, Rabenseifner, Gropp, "Optimization of collective
+communication operations in MPICH", 2005):
+
+    all-reduce  2 (p - 1) alpha + 2 (p - 1) / p * n / beta
+    all-gather  (p - 1) alpha + (p - 1) / p * n / beta        (n = the gathered size)
+    send/recv   alpha + n / beta
+
+Every ring step waits for its slowest hop, so a group spanning nodes pays the inter-node
+link on every step. NCCL's tree and low-latency protocols do better on tiny messages, so
+for decode's small hidden states this over- rather than under-states the latency.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llamadist.planning.devices import DeviceSpec
+from llamadist.planning.profile import ModelProfile
+from llamadist.planning.units import PlanningError
+
+
+# ---- links ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Link:
+    """A link between devices: sustained one-way bandwidth (bytes/s) and the fixed cost
+    of one message (seconds): the beta and alpha of the alpha-beta model."""
+
+    name: str
+    bandwidth: float
+    latency_s: float
+
+    def __post_init__(self) -> None:
+        if not self.bandwidth > 0 or self.latency_s < 0:
+            raise PlanningError(f"link {self.name}: bandwidth must be positive and latency "
+                                f"not negative, got {self.bandwidth} B/s, {self.latency_s} s")
+
+    def send_s(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth
+
+    def all_reduce_s(self, nbytes: float, ranks: int) -> float:
+        if ranks <= 1:
+            return 0.0
+        steps = 2 * (ranks - 1)
+        return steps * self.latency_s + steps / ranks * nbytes / self.bandwidth
+
+    def all_gather_s(self, nbytes: float, ranks: int) -> float:
+        """``nbytes`` is the gathered (full) size; each rank contributes 1 / ranks."""
+        if ranks <= 1:
+            return 0.0
+        steps = ranks - 1
+        return steps * self.latency_s + steps / ranks * nbytes / self.bandwidth
+
+
+# Order-of-magnitude defaults; the planner only needs them right to within a factor of
+# two or so. Measure your own (nccl-tests all_reduce_perf / sendrecv_perf) and pass them.
+LINKS: dict[str, Link] = {
+    # H100 SXM NVLink 4: 18 links x 25 GB/s = 450 GB/s each way (NVIDIA H100 datasheet,
+    # "900 GB/s" counts both ways); 300 GB/s is a sustained figure below that peak.
+    # nccl-tests reports roughly 10-20 us for a tiny all-reduce over 8 NVLink GPUs, about
+    # 1 us for each of the ring's 14 steps.
+    "nvlink": Link("nvlink", 300e9, 1e-6),
+    # PCIe 4.0 x16: 16 GT/s x 16 lanes with 128b/130b coding = 31.5 GB/s each way raw;
+    # DMA copies reach about 25 GB/s. A GPU-to-GPU message through the root complex (or
+    # bounced through host memory) costs a few microseconds.
+    "pcie": Link("pcie", 25e9, 5e-6),
+    # HDR InfiniBand: 200 Gb/s = 25 GB/s per port (NDR 400 Gb/s doubles it). RDMA verbs
+    # take 1-2 us one way; NCCL's network proxy adds a few more per message.
+    "infiniband": Link("infiniband", 25e9, 5e-6),
+    # 10 Gb Ethernet: 1.25 GB/s. A TCP message through the kernel stack (NCCL's socket
+    # transport, gloo) costs tens of microseconds.
+    "ethernet": Link("ethernet", 1.25e9, 50e-6),
+}
+
+
+def make_link(preset: str | Link, bandwidth: float | None = None,
+              latency_s: float | None = None) -> Link:
+    """A preset by name (or a Link), with the bandwidth and/or latency overridden."""
+    if isinstance(preset, str):
+        if preset not in LINKS:
+            raise PlanningError(f"unknown link {preset!r}; choose one of {', '.join(LINKS)}")
+        preset = LINKS[preset]
+    return Link(preset.name,
+                preset.bandwidth if bandwidth is None else bandwidth,
+                preset.latency_s if latency_s is None else latency_s)
+
+
+# ---- compute and memory of a stage ----------------------------------------
+def _prefix(values: list[int]) -> tuple[int, ...]:
+    out = [0]
+    for v in values:
+        out.append(out[-1] + v)
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Memory and time of a stage holding layers [s, e), in O(1) from prefix sums.
+
+    ``batch`` sequences (the default for every method) with KV caches of ``context``
+    tokens; decode attends to all ``context`` cached tokens (the worst step)."""
+
+    profile: ModelProfile
+    batch: int
+    context: int
+    weights: tuple[int, ...]     # prefix sums over decoder layers: weight bytes
+    kv: tuple[int, ...]          # KV bytes per token of one sequence
+    matmul: tuple[int, ...]      # matmul FLOPs per token
+    attn: tuple[int, ...]        # attention FLOPs per query token per cached token
+
+    @classmethod
+    def build(cls, profile: ModelProfile, batch: int, context: int) -> "CostModel":
+        rows = profile.layers
+        return cls(profile, batch, context, _prefix([r.weight_bytes for r in rows]),
+                   _prefix([r.kv_bytes_per_token for r in rows]),
+                   _prefix([r.matmul_flops_per_token for r in rows]),
+                   _prefix([r.attn_flops_per_ctx_token for r in rows]))
+
+    # -- memory (bytes per device) --
+    def weight_bytes(self, s: int, e: int, first: bool, last: bool, tp: int = 1,
+                     extra_layer_bytes: float = 0) -> float:
+        """Weights on one device of the TP group; ``extra_layer_bytes`` per layer is what
+        tensor parallelism replicates (k/v_proj when tp > num_kv_heads). An int for tp 1."""
+        p = self.profile
+        w = self.weights[e] - self.weights[s]
+        w += (p.embed.weight_bytes if first else 0) + (p.head.weight_bytes if last else 0)
+        if first and last:  # one stage holds both ends: a tied matrix is stored once
+            w -= p.tied_bytes
+        return w if tp == 1 and not extra_layer_bytes else w / tp + (e - s) * extra_layer_bytes
+
+    def kv_bytes(self, s: int, e: int, seqs: int | None = None, share: float = 1.0) -> int:
+        """KV cache of ``seqs`` sequences x ``context`` tokens; ``share`` is the part of
+        each layer's KV heads one device holds (1 / tp, or more when heads are copied)."""
+        seqs = self.batch if seqs is None else seqs
+        return int((self.kv[e] - self.kv[s]) * self.context * seqs * share)
+
+    def memory(self, s: int, e: int, first: bool, last: bool) -> int:
+        return self.weight_bytes(s, e, first, last) + self.kv_bytes(s, e)
+
+    # -- time --
+    def decode_flops(self, s: int, e: int, last: bool, batch: int | None = None) -> int:
+        b = self.batch if batch is None else batch
+        per_token = self.matmul[e] - self.matmul[s] + (self.attn[e] - self.attn[s]) * self.context
+        return b * (per_token + (self.profile.head.matmul_flops_per_token if last else 0))
+
+    def decode_time(self, flops: float, bandwidth: float, s: int, e: int, first: bool,
+                    last: bool, batch: int | None = None, tp: int = 1, kv_share: float = 1.0,
+                    extra_layer_bytes: float = 0) -> float:
+        """Seconds for one decode step of ``batch`` tokens through [s, e) on a device of
+        ``flops`` FLOP/s and ``bandwidth`` bytes/s (one device of a TP group of ``tp``)."""
+        p, b = self.profile, self.batch if batch is None else batch
+        read = (self.weights[e] - self.weights[s]) / tp + (e - s) * extra_layer_bytes
+        read += self.kv_bytes(s, e, b, kv_share)
+        read += p.head.weight_bytes / tp if last else 0
+        read += b * p.hidden_size * p.bytes_per_param if first else 0   # (B, D) gathered rows
+        return max(self.decode_flops(s, e, last, b) / tp / flops, read / bandwidth)
+
+    def prefill_flops(self, s: int, e: int, last: bool, prompt_len: int,
+                      batch: int | None = None) -> int:
+        """FLOPs for ``batch`` prompts of ``prompt_len`` tokens (causal attention; the head
+        runs on the last token only, as generation needs no other logits)."""
+        b, t = self.batch if batch is None else batch, prompt_len
+        per_seq = ((self.matmul[e] - self.matmul[s]) * t
+                   + (self.attn[e] - self.attn[s]) * t * (t + 1) // 2)
+        return b * (per_seq + (self.profile.head.matmul_flops_per_token if last else 0))
+
+    def prefill_time(self, flops: float, bandwidth: float, s: int, e: int, first: bool,
+                     last: bool, prompt_len: int, batch: int | None = None, tp: int = 1,
+                     kv_share: float = 1.0, extra_layer_bytes: float = 0) -> float:
+        """Seconds to prefill ``batch`` prompts of ``prompt_len`` tokens through [s, e):
+        weights read once, the prompts' KV written once, usually compute-bound."""
+        p, b = self.profile, self.batch if batch is None else batch
+        moved = (self.weights[e] - self.weights[s]) / tp + (e - s) * extra_layer_bytes
+        moved += (self.kv[e] - self.kv[s]) * prompt_len * b * kv_share
+        moved += p.head.weight_bytes / tp if last else 0
+        moved += b * prompt_len * p.hidden_size * p.bytes_per_param if first else 0
+        return max(self.prefill_flops(s, e, last, prompt_len, b) / tp / flops,
+                   moved / bandwidth)
+
+    def time(self, dev: DeviceSpec, s: int, e: int, first: bool, last: bool) -> float:
+        """Decode time of the whole batch on one device (a DeviceSpec), no tensor parallel."""
+        return self.decode_time(dev.flops, dev.mem_bandwidth, s, e, first, last)
+
+
+# ---- communication of a stage ------------------------------------------------
+def tp_comm_time(profile: ModelProfile, layers: int, first: bool, last: bool, batch: int,
+                 tp: int, link: Link) -> float:
+    """Tensor-parallel collectives of one decode step of ``batch`` tokens through a stage
+    of ``layers`` layers: two all-reduces of the (B, D) hidden state per layer (after
+    o_proj and down_proj), one after the vocab-parallel embedding (first stage), and an
+    all-gather of the (B, V) logits (last stage)."""
+    if tp <= 1:
+        return 0.0
+    hidden = batch * profile.hidden_size * profile.bytes_per_param
+    t = (2 * layers + first) * link.all_reduce_s(hidden, tp)
+    if last:
+        t += link.all_gather_s(batch * profile.vocab_size * profile.bytes_per_param, tp)
+    return t
+
+
+def send_time(profile: ModelProfile, batch: int, link: Link) -> float:
+    """The (B, D) hidden state from one pipeline stage to the next: one message."""
+    return link.send_s(batch * profile.hidden_size * profile.bytes_per_param)
+
+
+def headroom_bytes(dev: DeviceSpec, headroom: float | int) -> int:
+    """Bytes of ``dev``'s budget kept free for activations: a float in [0, 1) is a fraction
+    of the budget; anything else is bytes."""
+    if headroom < 0:
+        raise PlanningError(f"headroom must not be negative, got {headroom}")
+    if isinstance(headroom, float) and headroom < 1:
+        return int(dev.memory_bytes * headroom)
+    return int(headroom)
