@@ -7,6 +7,7 @@ import argparse
 import os
 
 from llamadist.config import DEFAULT_TIMEOUT_S, RuntimeConfig
+from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
 # What a user's input can cause, reported as one line; anything else (KeyError, TypeError,
@@ -48,9 +49,7 @@ def add_placement(p: argparse.ArgumentParser) -> None:
                    "with --boundaries)")
     g.add_argument("--max-memory", help="one budget per device, e.g. 20GiB,20GiB,64GiB "
                    "(default: the free memory of devices that are here)")
-    g.add_argument("--device-speed", help="one relative speed per device, 1.0 = the planner's "
-                   "reference GPU (400 TFLOP/s, 3 TB/s: an H100 at realistic rates), e.g. "
-                   "1,1,0.05")
+    g.add_argument("--device-speed", help=DEVICE_SPEED_HELP)
     g.add_argument("--boundaries", help="custom half-open stages, e.g. 0:7,7:19,19:30")
     g.add_argument("--plan", help="a plan JSON file written by `llamadist plan --save`")
     g.add_argument("--dtype", choices=DTYPE_CHOICES,

@@ -10,20 +10,11 @@ import sys
 
 from llamadist.cli.args import in_worker
 from llamadist.config import ModelConfig, RuntimeConfig
-from llamadist.distributed.grid import GridError, grid_size
+from llamadist.planning.checks import check_grid
 from llamadist.planning.layout import Layout, resolve_layout, stage_devices
+from llamadist.planning.units import PlanningError
 
 LAYOUT_ENV = "LLAMADIST_LAYOUT"  # the front process's Layout, handed to the workers it starts
-
-
-def check_grid(config: ModelConfig, pp: int, tp: int) -> None:
-    """Refuse a grid the model cannot take, naming the numbers and the fix."""
-    from llamadist.parallel.tp_layout import check_tp
-    if pp > config.num_layers:
-        raise GridError(f"{pp} pipeline stages for {config.num_layers} layers: each stage needs "
-                        f"at least one layer; use --pp {config.num_layers} or fewer")
-    if tp > 1:
-        check_tp(config, tp)
 
 
 def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
@@ -62,17 +53,16 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
     # Under torchrun the world is already there: its size is the process count.
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
-    nproc, pp = grid_size(nproc, getattr(args, "pp", None), tp, dp)
+    nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp)
     if nproc == 1:
         return resolve_layout(config, devices=args.devices, strategy=args.strategy,
                               max_memory=args.max_memory, device_speed=args.device_speed,
                               boundaries=args.boundaries, plan=args.plan,
                               dtype=runtime.dtype_for(args.devices or "cpu"), max_batch=batch,
                               max_seq_len=max_seq_len)
-    check_grid(config, pp, tp)
     given = [d.strip() for d in (args.devices or "cpu").split(",") if d.strip()]
     if len({d.split(":")[0] for d in given}) > 1:
-        raise GridError(f"--devices {args.devices} mixes device kinds; over processes give one "
+        raise PlanningError(f"--devices {args.devices} mixes device kinds; over processes give one "
                         f"kind (cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a mixed "
                         f"list such as cuda:0,cpu in one process (without --nproc/--pp)")
     names = stage_devices(args.devices, pp, gpus=cuda_count() if "cuda" in given[0] else None)
@@ -82,7 +72,7 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             dtype=runtime.dtype_for(names), max_batch=-(-batch // dp),
                             max_seq_len=max_seq_len)
     if placed.pp != pp:
-        raise GridError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
+        raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                         f"stages (--pp)")
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
@@ -94,5 +84,5 @@ def cuda_count() -> int:
     import torch
     n = torch.cuda.device_count()
     if n == 0:
-        raise GridError("--devices cuda but this machine has no CUDA device; use --devices cpu")
+        raise PlanningError("--devices cuda but this machine has no CUDA device; use --devices cpu")
     return n

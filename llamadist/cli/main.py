@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from llamadist.cli.args import (DTYPE_CHOICES, USER_ERRORS, add_grid, add_placement,
                                 add_processes, add_runtime, add_sampling, int_or_list,
-                                positive_int)
+                                positive_float, positive_int)
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -51,8 +51,19 @@ def _add_plan(sub) -> None:
     g.add_argument("--nodes", type=positive_int, default=1, help="hosts the GPUs are spread over")
     g.add_argument("--objective", choices=["latency", "throughput"], default="latency")
     g.add_argument("--gpu-memory", default="80GiB", help="memory per GPU when not discovered")
-    g.add_argument("--intra-bw", type=float, default=300e9, help="bytes/s inside a node")
-    g.add_argument("--inter-bw", type=float, default=25e9, help="bytes/s between nodes")
+    links = ["nvlink", "pcie", "infiniband", "ethernet"]
+    g.add_argument("--intra-link", choices=links, default="nvlink",
+                   help="the link between GPUs of a node (default nvlink)")
+    g.add_argument("--inter-link", choices=links, default="infiniband",
+                   help="the link between nodes (default infiniband)")
+    g.add_argument("--intra-bw", type=positive_float, help="bytes/s inside a node "
+                   "(overrides the link's)")
+    g.add_argument("--inter-bw", type=positive_float, help="bytes/s between nodes "
+                   "(overrides the link's)")
+    g.add_argument("--intra-latency", type=positive_float, help="seconds per message inside "
+                   "a node (overrides the link's)")
+    g.add_argument("--inter-latency", type=positive_float, help="seconds per message between "
+                   "nodes (overrides the link's)")
 
 
 def _add_run(sub, name: str, hlp: str, max_new: int) -> argparse.ArgumentParser:
@@ -116,8 +127,8 @@ def _run(kind: str) -> Handler:
 
 def _planning(name: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
-        from llamadist.cli import plan
-        return getattr(plan, name)(args)
+        import llamadist.cli.plan as planning_commands
+        return getattr(planning_commands, name)(args)
     return handler
 
 

@@ -105,9 +105,9 @@ def plan_cmd(args: argparse.Namespace) -> int:
         return _auto_plan(args, config, dtype, max_seq)
     nproc, pp = grid_size(None, args.pp, args.tp, args.dp)
     if args.pp or args.tp > 1 or args.dp > 1:
-        from llamadist.cli.layout import check_grid
+        from llamadist.planning.checks import check_grid
         from llamadist.planning.layout import stage_devices
-        check_grid(config, pp, args.tp)
+        check_grid(config, nproc, pp, args.tp, args.dp)
         devices = ",".join(stage_devices(args.devices, pp))
     else:
         # devices None with --plan: the plan file's own devices
@@ -133,7 +133,9 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
     devices = None if args.gpus else parse_devices(args.devices, args.max_memory,
                                                    args.device_speed, check_available=False)
     cands = auto_plan(prof, devices, gpus=args.gpus, nodes=args.nodes,
-                      gpu_memory=args.gpu_memory, intra_bw=args.intra_bw, inter_bw=args.inter_bw,
+                      gpu_memory=args.gpu_memory, intra_link=args.intra_link,
+                      inter_link=args.inter_link, intra_bw=args.intra_bw, inter_bw=args.inter_bw,
+                      intra_latency_s=args.intra_latency, inter_latency_s=args.inter_latency,
                       objective=args.objective, batch_size=args.batch_size, max_seq_len=max_seq,
                       config=config)
     if args.json:
@@ -142,7 +144,9 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
         print(format_auto_plans(cands))
     if args.save:
         cands[0].to_plan(prof.model, config.num_layers, prof.dtype).save(args.save)
-        print(f"saved the winning layout's plan to {args.save}", file=sys.stderr)
+        best = cands[0]
+        print(f"saved the winning layout's stages to {args.save}; run them with --tp {best.tp} "
+              f"--pp {best.pp} --dp {best.dp} --plan {args.save}", file=sys.stderr)
     return 0
 
 

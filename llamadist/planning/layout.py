@@ -73,15 +73,16 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    max_seq_len: int = 2048) -> Layout:
     """One process: the user's placement options turned into stages through the planner,
     with every stage checked against its device's memory budget."""
-    from llamadist.planning.devices import parse_devices
+    from llamadist.planning.checks import check_fits
+    from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.plan import Plan
     from llamadist.planning.profile import profile
-    from llamadist.planning.strategies import make_plan, overbudget_stages
+    from llamadist.planning.strategies import make_plan
 
     if plan is not None:
         p = Plan.load(plan)
         p.validate(config.num_layers)
-        parse_devices(",".join(p.devices))  # a device this machine lacks: a clear error
+        check_devices_present(p.devices)
     else:
         dev_str = devices if isinstance(devices, str) or devices is None else ",".join(devices)
         specs = parse_devices(dev_str or "cpu", max_memory=max_memory, speeds=device_speed)
@@ -90,9 +91,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
         p = make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
                       strategy=strategy, boundaries=boundaries, batch_size=max_batch,
                       max_seq_len=max_seq_len)
-    over = overbudget_stages(p)
-    if over:
-        raise PlanningError(f"{over[0]}; give the device more memory (--max-memory), more "
-                            f"devices, a shorter --max-seq-len or a smaller batch")
+    check_devices_present(p.devices)
+    check_fits(p)
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), plan=p)
