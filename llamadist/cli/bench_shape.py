@@ -57,7 +57,7 @@ class ShapeOptions:
     shape: str = "smollm2-135m"
     devices: str | None = None          # first device runs unsplit layouts; default cuda:0 or cpu
     strategy: str | None = None         # with max_memory, device_speed, boundaries: a planned
-    max_memory: str | None = None       # layout over several devices (api.resolve_layout)
+    max_memory: str | None = None       # layout over several devices (planning.layout)
     device_speed: str | None = None
     boundaries: str | None = None
     dtype: str | None = None            # default bfloat16 on CUDA, float32 on CPU
@@ -408,12 +408,12 @@ def layouts(run: ShapeRun, batch: int) -> list[tuple[list[range], list[str]]]:
     ``--stages`` uniform stages on the one device."""
     o = run.opts
     if len(device_list(o.devices)) > 1 or o.strategy or o.max_memory or o.boundaries:
-        from llamadist.api import resolve_layout
+        from llamadist.planning.layout import resolve_layout
         lay = resolve_layout(run.config, devices=o.devices, strategy=o.strategy,
                              max_memory=o.max_memory, device_speed=o.device_speed,
                              boundaries=o.boundaries, dtype=run.dtype_name, max_batch=batch,
                              max_seq_len=run.max_seq)
-        return [(lay.layer_ranges, lay.devices)]
+        return [(list(lay.layer_ranges), list(lay.devices))]
     return [(uniform_ranges(run.config.num_layers, k), [str(run.device)] * k)
             for k in o.stages]
 

@@ -24,8 +24,17 @@ def ns(**kw) -> argparse.Namespace:
     return argparse.Namespace(**base)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread: on a shared, loaded machine extra threads spin-wait and run slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def cpu_run(tmp_path_factory):
+def cpu_run(one_thread, tmp_path_factory):
     """One run: batch 2, unsplit and as 2 stages on the CPU (shares one random model)."""
     out = tmp_path_factory.mktemp("bench") / "res.json"
     rc = bench_shape_cmd(ns(batch=[2], stages="1,2", json_out=str(out)))
@@ -97,3 +106,11 @@ def test_missing_cuda_index_names_the_devices_there(monkeypatch):
 def test_bad_options_fail_before_any_work(kw, match):
     with pytest.raises(ValueError, match=match):
         bench_shape_cmd(ns(**kw))
+
+
+def test_planned_layout_with_boundaries_and_stage_stats(capsys):
+    assert bench_shape_cmd(ns(devices="cpu,cpu", boundaries="0:10,10:30", gen_len=2,
+                              stage_stats=True)) == 0
+    out = capsys.readouterr().out
+    assert "stage 0 layers 0:10 on cpu" in out and "stage 1 layers 10:30 on cpu" in out
+    assert out.splitlines()[1].split()[:4] == ["llamadist", "off", "2", "1"]
