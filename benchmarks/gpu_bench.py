@@ -5,7 +5,9 @@ benchmarks/results_gpu.md (one call on a lent machine runs several phases).
 
 Each phase is a subprocess with its own time limit (the remaining budget caps it); its
 output is appended to OUT/run.log and each benchmark phase writes OUT/<phase>.json.
-The benchmark logic itself is ``llamadist bench --shape`` (llamadist/bench_gpu.py).
+The benchmark logic itself is ``llamadist bench --shape`` (llamadist/cli/bench_shape.py),
+with benchmarks/hf_compare.py (transformers on the same weights) and
+benchmarks/load_compare.py (checkpoint loading) around it.
 """
 
 from __future__ import annotations
@@ -19,34 +21,33 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, os.getcwd())
-from llamadist.bench_gpu import format_rows  # noqa: E402
+from llamadist.cli.bench_shape import format_rows  # noqa: E402
 
 PY = sys.executable
 BENCH = [PY, "-m", "llamadist", "bench", "--shape"]
+HF = [PY, "benchmarks/hf_compare.py", "--shape"]
+LOAD = [PY, "benchmarks/load_compare.py", "--shape"]
 PHASES: dict[str, tuple[list[str], int]] = {
     "env": ([PY, "-c", "import torch, transformers, importlib.util as u; "
              "print(torch.__version__, torch.version.cuda, transformers.__version__, "
              "torch.cuda.get_device_name(0), torch.cuda.mem_get_info(0)); "
              "print('gguf', u.find_spec('gguf') is not None, 'triton', "
-             "u.find_spec('triton') is not None); import llamadist.api, llamadist.bench_gpu"], 60),
+             "u.find_spec('triton') is not None); import llamadist.api, llamadist.cli.bench_shape"], 60),
     "tests": ([PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/gpu/test_cuda_graph.py"],
               300),
     # Llama-3-8B shape: batches 1, 8, 32; 1, 2 and 4 stages on the one GPU; transformers.
-    "bench": (BENCH + ["llama3-8b", "--batch", "1,8,32", "--prompt-len", "512", "--gen-len",
-                       "128", "--stages", "1,2,4", "--compare", "hf", "--graph-modes",
-                       "compiled,eager,off"], 480),
+    "bench": (HF + ["llama3-8b", "--batch", "1,8,32", "--prompt-len", "512", "--gen-len",
+                    "128", "--stages", "1,2,4", "--graph-modes", "compiled,eager,off"], 480),
     "prefill": (BENCH + ["llama3-8b", "--batch", "1", "--prompt-len", "4096", "--gen-len", "16",
                          "--stages", "1", "--graph-modes", "compiled"], 150),
-    "load": (BENCH + ["llama3-8b", "--batch", "1", "--prompt-len", "64", "--gen-len", "8",
-                      "--graph-modes", "compiled", "--load-compare", "--load-repeats", "2"], 240),
+    "load": (LOAD + ["llama3-8b", "--repeats", "2"], 240),
     "offload": (BENCH + ["llama3-8b", "--batch", "1", "--prompt-len", "32", "--gen-len", "8",
                          "--prefill-reps", "1", "--devices", "cuda:0,cpu", "--strategy", "mixed", "--max-memory",
                          "12GiB,64GiB", "--graph-modes", "compiled", "--stage-stats"], 240),
     "profile": ([PY, "benchmarks/gpu_profile.py", "--shape", "llama3-8b", "--batch", "1,8",
                  "--rows", "12"], 200),
-    "small": (BENCH + ["smollm2-135m", "--batch", "1,32", "--prompt-len", "512", "--gen-len",
-                       "128", "--stages", "1,2", "--compare", "hf", "--graph-modes",
-                       "compiled,off"], 200),
+    "small": (HF + ["smollm2-135m", "--batch", "1,32", "--prompt-len", "512", "--gen-len",
+                    "128", "--stages", "1,2", "--graph-modes", "compiled,off"], 200),
 }
 
 
@@ -68,7 +69,7 @@ def main() -> int:
         for phase in args.phases.split(","):
             cmd, limit = PHASES[phase]
             cmd = cmd + extra.get(phase, [])
-            if cmd[:len(BENCH)] == BENCH:
+            if any(cmd[:len(c)] == c for c in (BENCH, HF, LOAD)):
                 cmd = cmd + ["--json-out", str(out / f"{phase}.json")]
             left = t_end - time.time()
             if left < 20:
@@ -92,7 +93,8 @@ def main() -> int:
         for k in ("logits_vs_hf", "fused_vs_unfused", "load"):
             if k in res:
                 print(f"{k}: {res[k]}")
-        print(format_rows(res))
+        if res.get("rows"):
+            print(format_rows(res))
     return 0
 
 

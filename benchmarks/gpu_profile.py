@@ -21,8 +21,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from llamadist.bench_gpu import (copy_bandwidth, int_list, make_engine, random_model,
-                                 run_ours, sync_all)
+from llamadist.cli.bench_shape import (copy_bandwidth, int_list, make_engine, random_model,
+                                       run_ours, sync_all)
 from llamadist.config import named_shape
 from llamadist.model import llama
 from llamadist.model.fuse import fuse_projections

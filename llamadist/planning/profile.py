@@ -211,3 +211,23 @@ def format_profile_table(prof: ModelProfile) -> str:
 def _same_cost(a: LayerCost, b: LayerCost) -> bool:
     return (a.params, a.decode_flops_per_token, a.kv_bytes_per_token) == \
         (b.params, b.decode_flops_per_token, b.kv_bytes_per_token)
+
+
+# ---- whole-model step costs (what a benchmark divides by its measured time) ----------------
+def decode_step_bytes(prof: ModelProfile, batch: int, context: float) -> float:
+    """Bytes one decode step of ``batch`` sequences must read from memory: every decoder
+    layer's weights and the head once (a tied head reads the embedding matrix, counted
+    once), one embedding row per sequence, and K and V of ``context`` cached positions
+    per sequence (``context`` may be a mean over steps, hence float)."""
+    weights = sum(r.weight_bytes for r in prof.layers) + prof.head.weight_bytes
+    embed_rows = batch * prof.hidden_size * prof.bytes_per_param
+    return weights + embed_rows + batch * context * prof.kv_bytes_per_token
+
+
+def prefill_flops(prof: ModelProfile, batch: int, tokens: int) -> int:
+    """FLOPs of a causal prefill of ``tokens`` prompt tokens for each of ``batch`` sequences
+    (any length, not only the profile's seq_len); the head runs on the last token only."""
+    causal_ctx = tokens * (tokens + 1) // 2  # token t attends to t+1 positions
+    layers = sum(r.matmul_flops_per_token * tokens + r.attn_flops_per_ctx_token * causal_ctx
+                 for r in prof.layers)
+    return batch * (layers + prof.head.matmul_flops_per_token)
