@@ -23,16 +23,10 @@ def _add_shape_bench(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shape", help="llama3-8b | llama2-7b | llama3-70b | smollm2-135m: random "
                    "weights built on the device, random token ids")
     g.add_argument("--stages", default="1", help="pipeline stages on the one device, e.g. 1,2,4")
-    g.add_argument("--compare", choices=["hf"], help="also run transformers on the same weights")
     g.add_argument("--graph-modes", help="decode paths to time: compiled,eager,off "
                    "(default: compiled, or what --no-compile/--no-cuda-graphs say)")
-    g.add_argument("--hf-gen-len", type=int, default=32, help="tokens per transformers run")
-    g.add_argument("--prefill-reps", type=int, default=3)
+    g.add_argument("--prefill-reps", type=positive_int, default=3)
     g.add_argument("--stage-stats", action="store_true", help="also a timed run per stage")
-    g.add_argument("--load-compare", action="store_true",
-                   help="write a safetensors checkpoint and time loading it unsplit vs 2 stages")
-    g.add_argument("--load-repeats", type=int, default=2)
-    g.add_argument("--checkpoint-dir", help="where --load-compare writes (default: temp dir)")
     g.add_argument("--json-out", help="write every measurement as JSON to this file")
 
 
