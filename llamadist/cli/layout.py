@@ -47,6 +47,10 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     """The run's layout from its flags; every check that can fail does so here."""
     if getattr(args, "auto", False):
         layout = auto_layout(config, args, runtime, max_seq_len, batch)
+        asked = getattr(args, "nproc", None)
+        if asked is not None and asked != layout.processes:
+            print(f"--auto: running {layout.processes} process(es), not --nproc {asked}: the "
+                  f"planner chose the fastest layout that fits --devices", file=sys.stderr)
         print(f"auto layout: tp={layout.tp} pp={layout.pp} dp={layout.dp}, stages "
               f"{layout.bounds}, {layout.processes} process(es): {layout.why}", file=sys.stderr)
         return layout

@@ -18,6 +18,13 @@ from llamadist.cli.args import (DTYPE_CHOICES, USER_ERRORS, add_grid, add_placem
 Handler = Callable[[argparse.Namespace], int]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with llamadist's one-line errors (the usage is one --help away)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"llamadist: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _add_shape_bench(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("random-weight shapes (no checkpoint)")
     g.add_argument("--shape", help="llama3-8b | llama2-7b | llama3-70b | smollm2-135m: random "
@@ -71,7 +78,7 @@ def _add_run(sub, name: str, hlp: str, max_new: int) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="llamadist", description=__doc__)
+    parser = Parser(prog="llamadist", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
