@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from llamadist.config import ModelConfig, named_shape
+from llamadist.config import ModelConfig, RuntimeConfig, named_shape
 from llamadist.generation.generate import Generator
 from llamadist.generation.sampling import SamplingParams
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
 from llamadist.runtime.engine import Engine
+from llamadist.runtime.kernel_passes import apply_kernel_passes
 from llamadist.runtime.stage import Stage, parse_dtype
 from llamadist.weights.loader import _retie, _set_param
 
@@ -157,7 +158,11 @@ def uniform_ranges(n: int, k: int) -> list[range]:
 
 
 def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], devices: list[str],
-                dtype: torch.dtype, batch: int, max_seq: int) -> Engine:
+                dtype: torch.dtype, batch: int, max_seq: int,
+                runtime: RuntimeConfig | None = None) -> Engine:
+    """An engine over random (or ``full``'s shared) weights, with the kernel passes that
+    build_stage would apply for ``runtime`` (None: RuntimeConfig())."""
+    runtime = runtime or RuntimeConfig()
     stages, n = [], len(ranges)
     full_dev = next(full.parameters()).device if full is not None else None
     for i, (r, d) in enumerate(zip(ranges, devices)):
@@ -167,8 +172,9 @@ def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], de
         else:
             m = fuse_projections(random_model(config, d, dtype, r, i == 0, i == n - 1, seed=i + 1))
         m.setup_rope(max_seq, d)
-        stages.append(Stage(m, d, dtype, batch, max_seq))
-    return Engine(config, stages)
+        apply_kernel_passes(m, d, runtime)
+        stages.append(Stage(m, d, dtype, batch, max_seq, runtime=runtime))
+    return Engine(config, stages, runtime=runtime)
 
 
 # ---- our engine -----------------------------------------------------------------------------
@@ -537,9 +543,8 @@ def _bench_hf(res, full, config, dev, prompts, args, ceil, elem) -> None:
 def _bench_ours(res, config, full, ranges, devices, dtype, b, max_seq, prompts, mode, args,
                 ceil, elem) -> None:
     def run() -> dict:
-        engine = make_engine(config, full, ranges, devices, dtype, b, max_seq)
-        engine.cuda_graphs = mode != "off"
-        engine.compile_layers = mode == "compiled"
+        runtime = RuntimeConfig(cuda_graphs=mode != "off", compile=mode == "compiled")
+        engine = make_engine(config, full, ranges, devices, dtype, b, max_seq, runtime)
         offload = len(set(devices)) > 1
         try:
             return run_ours(engine, prompts, args.gen_len, args.prefill_reps,

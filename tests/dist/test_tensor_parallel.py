@@ -51,7 +51,7 @@ class RecordingCheckpoint:
 
 def _run_job(folder: str, prompt: list[int], rank: int, world: int, group,
              fuse: bool = False) -> dict:
-    from llamadist.parallel.tensor import build_tp_stage
+    from llamadist.runtime.stage import build_tp_stage
     from llamadist.weights.safetensors_ckpt import HFCheckpoint
     ckpt = RecordingCheckpoint(HFCheckpoint(Path(folder)))
     L = ckpt.config.num_layers
