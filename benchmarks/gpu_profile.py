@@ -23,8 +23,7 @@ import torch.nn.functional as F
 
 from llamadist.cli.bench_shape import (copy_bandwidth, int_list, make_engine, random_model,
                                        run_ours, sync_all)
-from llamadist.config import named_shape
-from llamadist.model import llama
+from llamadist.config import RuntimeConfig, named_shape
 from llamadist.model.fuse import fuse_projections
 
 
@@ -141,7 +140,7 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=30)
     ap.add_argument("--blas", default="")
     ap.add_argument("--attention", default="split,sdpa",
-                    help="decode attention modes to compare (llama.DECODE_ATTENTION)")
+                    help="decode attention modes to compare (RuntimeConfig.decode_attention)")
     ap.add_argument("--max-seq-len", type=int, default=0, help="cache slots (default: fit)")
     ap.add_argument("--attention-table", default="640,4224",
                     help="cache lengths for the attention-alone table ('' to skip)")
@@ -163,13 +162,12 @@ def main() -> int:
     max_seq = args.max_seq_len or (args.prompt_len + 128 + 127) // 128 * 128
     ms: dict[str, dict[int, float]] = {}
     for attn in args.attention.split(","):
-        llama.DECODE_ATTENTION = attn  # read when the layer is traced
         ms[attn] = {}
         gen = torch.Generator().manual_seed(0)
         for b in int_list(args.batch):
             prompts = torch.randint(0, config.vocab_size, (b, args.prompt_len), generator=gen)
             engine = make_engine(config, full, [range(config.num_layers)], [str(dev)], dtype, b,
-                                 max_seq)
+                                 max_seq, RuntimeConfig(decode_attention=attn))
             r = run_ours(engine, prompts, 64, 1)
             ms[attn][b] = r["decode_ms"]
             print(f"attention {attn}, batch {b}: generator {r['decode_ms']:.2f} ms/step, graph "

@@ -30,13 +30,14 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llamadist.config import ModelConfig, named_shape
+from llamadist.config import ModelConfig, RuntimeConfig, named_shape
 from llamadist.generation.generate import Generator
 from llamadist.generation.sampling import SamplingParams
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
 from llamadist.planning.profile import ModelProfile, decode_step_bytes, prefill_flops, profile
 from llamadist.runtime.engine import Engine
+from llamadist.runtime.kernel_passes import apply_kernel_passes
 from llamadist.runtime.stage import Stage, parse_dtype
 from llamadist.weights.loader import _retie, _set_param
 
@@ -213,9 +214,12 @@ def uniform_ranges(n: int, k: int) -> list[range]:
 
 
 def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], devices: list[str],
-                dtype: torch.dtype, batch: int, max_seq: int) -> Engine:
+                dtype: torch.dtype, batch: int, max_seq: int,
+                runtime: RuntimeConfig | None = None) -> Engine:
     """One stage per (range, device): stages on ``full``'s device share its (fused) modules,
-    stages elsewhere get their own random weights."""
+    stages elsewhere get their own random weights; the kernel passes build_stage would apply
+    for ``runtime`` (None: RuntimeConfig())."""
+    runtime = runtime or RuntimeConfig()
     stages, n = [], len(ranges)
     full_dev = next(full.parameters()).device if full is not None else None
     for i, (r, d) in enumerate(zip(ranges, devices)):
@@ -225,8 +229,9 @@ def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], de
         else:
             m = fuse_projections(random_model(config, d, dtype, r, i == 0, i == n - 1, seed=i + 1))
         m.setup_rope(max_seq, d)
-        stages.append(Stage(m, d, dtype, batch, max_seq))
-    return Engine(config, stages)
+        apply_kernel_passes(m, d, runtime)
+        stages.append(Stage(m, d, dtype, batch, max_seq, runtime=runtime))
+    return Engine(config, stages, runtime=runtime)
 
 
 def fits(prof: ModelProfile, dev: torch.device) -> bool:
@@ -438,9 +443,9 @@ def bench_layout(run: ShapeRun, full: Llama | None, ranges: list[range], devices
     o = run.opts
 
     def measure() -> dict:
-        engine = make_engine(run.config, full, ranges, devices, run.dtype, batch, run.max_seq)
-        engine.cuda_graphs = mode != "off"
-        engine.compile_layers = mode == "compiled"
+        runtime = RuntimeConfig(cuda_graphs=mode != "off", compile=mode == "compiled")
+        engine = make_engine(run.config, full, ranges, devices, run.dtype, batch, run.max_seq,
+                             runtime)
         try:
             return run_ours(engine, run.prompts[batch], o.gen_len, o.prefill_reps,
                             timed_stats=len(set(devices)) > 1 or o.stage_stats)

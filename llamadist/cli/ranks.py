@@ -18,7 +18,7 @@ from typing import Any
 from llamadist.cli.chat import ChatSession
 from llamadist.cli.jobs import (Job, bench_job, chat_job, generate_job, inherited_layout,
                                 print_sequences)
-from llamadist.cli.args import USER_ERRORS
+from llamadist.cli.args import USER_ERRORS, runtime_config
 from llamadist.config import DEFAULT_TIMEOUT_S
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.runtime.pipeline import PipelineSpec, Request
@@ -134,7 +134,8 @@ def _generate(session: Session, args: argparse.Namespace) -> int:
     if setup is None:
         return 2 if session.is_driver else 0
     spec, req, prompts = setup
-    runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty())
+    runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty(),
+                          runtime=runtime_config(args))
     runner.timed = bool(args.stats)
     streaming = session.is_driver and len(req.prompts) == 1 and not args.json
     for step in runner.run(req):
@@ -173,7 +174,8 @@ def _chat(session: Session, args: argparse.Namespace) -> int:
     if setup is None:
         return 2 if session.is_driver else 0
     spec, params = setup
-    runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty())
+    runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty(),
+                          runtime=runtime_config(args))
     chat = ChatSession(args.system, tok.encode_chat, spec.max_seq_len) \
         if session.is_driver else None
     while True:
@@ -206,7 +208,7 @@ def _bench(session: Session, args: argparse.Namespace) -> int:
         return 2 if session.is_driver else 0
     spec, req = setup
     t0 = time.perf_counter()
-    runner = session.load(ckpt, spec, tok)
+    runner = session.load(ckpt, spec, tok, runtime=runtime_config(args))
     load_s = time.perf_counter() - t0
     runner.timed = True
     # One short warm-up request: first calls allocate and pick kernels on every rank.

@@ -1,6 +1,8 @@
 """CPU decode kernels (float32): ``linear(x, weight, bias)``, which is ``F.linear`` with a
-kernel of our own for a few rows, and ``decode_layer``, a whole decoder layer for one new
-token per sequence in one call (the ``layer_fn`` of ``Llama.forward`` on the CPU).
+kernel of our own for a few rows (``CpuLinear`` is the nn.Linear that calls it), and
+``decode_layer``, a whole decoder layer for one new token per sequence in one call (the
+``layer_fn`` of ``Llama.forward`` on the CPU). This module knows nothing of the model: the
+runtime's kernel pass (llamadist.runtime.kernel_passes) swaps these in over a built one.
 
 Batch-1 decode on a CPU is a chain of GEMVs, each reading its whole weight once; the step
 runs at the speed the weights stream from memory, plus what it spends around them.
@@ -14,8 +16,8 @@ and the CPU, and called through ctypes.
 
 Everything else goes to ``F.linear``: other devices and dtypes, more than ``MAX_ROWS``
 rows (prefill: a GEMM, where the BLAS is the better tool), tensors that need autograd.
-Without a compiler, or with ``LLAMADIST_CPU_KERNELS=0``, every call does, after one
-warning that says what it costs and how to fix it.
+Without a compiler every call does, after one warning that says what it costs and how to
+fix it. Not to use the kernels at all, leave the pass out (``RuntimeConfig.cpu_kernels``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,6 @@ SOURCE = Path(__file__).with_name("cpu_decode.c")
 # Measured with benchmarks/cpu_linear.py; RESULTS.md has the table.
 MAX_ROWS = 32
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
-ENV_SWITCH = "LLAMADIST_CPU_KERNELS"
 
 _fn = None          # the ctypes linear once built
 _layer_fn = None    # the ctypes decoder layer
@@ -112,8 +114,6 @@ def _load():
         if _tried:
             return _fn
         _tried = True
-        if os.environ.get(ENV_SWITCH, "1") == "0":
-            return None
         path = library_path()
         try:
             if not path.exists():
@@ -123,7 +123,7 @@ def _load():
         except (OSError, RuntimeError) as e:
             log.warning("llamadist: the CPU decode kernels are unavailable (%s); CPU decode uses "
                         "PyTorch's matmul, about half as fast. Install a C compiler (gcc) or "
-                        "set CC; %s=0 silences this.", e, ENV_SWITCH)
+                        "set CC; RuntimeConfig(cpu_kernels=False) silences this.", e)
             return None
         _layer_fn = lib.llamadist_decode_layer_f32
         _layer_fn.restype = None
@@ -170,6 +170,20 @@ def linear(x: torch.Tensor, weight: torch.Tensor,
     return y
 
 
+class CpuLinear(nn.Linear):
+    """nn.Linear whose few-row float32 CPU calls (decode) take ``linear``'s kernel; every
+    other call is F.linear. Same parameters and state as nn.Linear, so a pass may swap a
+    built module's class in place."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)
+
+
+# The projection classes the C decoder layer reads weights from: plain (unsharded)
+# linears. Tensor-parallel shards are other classes: their o/down need an all-reduce.
+_PLAIN_LINEARS = (nn.Linear, CpuLinear)
+
+
 # ---- the decoder layer -----------------------------------------------------
 _P = ctypes.c_void_p
 
@@ -196,10 +210,9 @@ def _layer_weights(layer) -> tuple | None:
     projections are fused plain Linears in float32 on the CPU (not tensor-parallel
     shards, whose o/down need an all-reduce); None otherwise. Cached on the layer and
     rebuilt when any of its weights is replaced."""
-    from llamadist.model.llama import Linear  # the model imports this module
     attn, mlp = layer.self_attn, layer.mlp
     mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
-    if any(type(m) is not Linear for m in mods):
+    if any(type(m) not in _PLAIN_LINEARS for m in mods):
         return None
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
     # Read _parameters directly: this runs 30 times a step, and each nn.Module

@@ -49,12 +49,16 @@ def _multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def num_splits(device: torch.device, rows: int, max_slots: int) -> int:
-    """Programs per (sequence, KV head): about two per multiprocessor in all, a power of
-    two (the merge kernel's tile), never more than the cache has tiles."""
-    want = -(-2 * _multiprocessors(device.index or 0) // rows)
+def num_splits(multiprocessors: int, rows: int, max_slots: int) -> int:
+    """Programs per (sequence, KV head) for ``rows`` = B * H_kv of them over a cache of
+    ``max_slots`` slots: about two per multiprocessor in all (``want`` rounded up), a power
+    of two (the merge kernel's tile), never more than the cache has tiles (a split past
+    the last tile would only read nothing) nor MAX_SPLITS."""
+    want = -(-2 * multiprocessors // rows)
     tiles = -(-max_slots // BLOCK_N)
-    return max(1, min(MAX_SPLITS, 1 << math.ceil(math.log2(max(1, min(want, tiles))))))
+    up = 1 << math.ceil(math.log2(max(1, want)))   # smallest power of two >= want
+    down = 1 << math.floor(math.log2(max(1, tiles)))  # largest power of two <= tiles
+    return min(MAX_SPLITS, up, down)
 
 
 if triton is not None:
@@ -158,7 +162,7 @@ def _launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         q = q.contiguous()
     if keys.stride(-1) != 1 or values.stride(-1) != 1:
         raise ValueError("decode attention needs K/V with a contiguous last dimension")
-    splits = num_splits(q.device, b * h_kv, keys.shape[2])
+    splits = num_splits(_multiprocessors(q.device.index or 0), b * h_kv, keys.shape[2])
     n_bh = b * h_kv
     acc = torch.empty(n_bh, splits, g, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(2, n_bh, splits, g, dtype=torch.float32, device=q.device)

@@ -14,14 +14,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from llamadist.model.llama import MLP, Attention, Linear
+from llamadist.model.llama import MLP, Attention
 
 
-def _concat_linear(parts: list[nn.Linear]) -> Linear:
-    """One Linear whose output is the concatenation of ``parts``' outputs."""
+def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the concatenation of ``parts``' outputs, of the parts'
+    own class (a kernel pass run before fusion keeps its kernel)."""
     w = torch.cat([p.weight.detach() for p in parts], dim=0)  # (sum out, in)
     has_bias = parts[0].bias is not None
-    fused = Linear(w.shape[1], w.shape[0], bias=has_bias, device="meta")
+    fused = type(parts[0])(w.shape[1], w.shape[0], bias=has_bias, device="meta")
     fused.weight = nn.Parameter(w, requires_grad=False)
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]),

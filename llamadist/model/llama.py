@@ -1,16 +1,18 @@
 """The pure Llama model: embedding, RMSNorm, RoPE, GQA attention over a caller-owned
 KV cache, SwiGLU MLP, final norm and head.
 
-No torch.distributed here. A ``Llama`` may hold any contiguous range of decoder
-layers (a pipeline stage); layers keep their global index, so a stage with
-layers 12..23 names its parameters ``model.layers.12.…`` exactly like the
-Hugging Face checkpoint. Build it on the meta device and let
-:mod:`llamadist.weights.loader` fill in the tensors the stage owns.
+No torch.distributed and no kernels here (DESIGN principle 1): plain ``nn.Linear`` and
+SDPA; faster kernels are swapped in by passes over a built model
+(:mod:`llamadist.runtime.kernel_passes`), like projection fusion (:mod:`.fuse`).
+
+A ``Llama`` may hold any contiguous range of decoder layers (a pipeline stage); layers
+keep their global index, so a stage with layers 12..23 names its parameters
+``model.layers.12.…`` exactly like the Hugging Face checkpoint. Build it on the meta
+device and let :mod:`llamadist.weights.loader` fill in the tensors the stage owns.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -18,40 +20,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import ModelConfig
-from llamadist.kernels import cpu_decode
-from llamadist.kernels import decode_attention as split_kv
+from llamadist.model.cache import LayerKV, StageKV, Start
 from llamadist.model.rope import RotaryTable, apply_rotary
-from llamadist.runtime.kv_cache import LayerCache, KVCache
 
-# Cache start position: a Python int (eager path) or a 0-d long tensor (graph path).
-Start = int | torch.Tensor
-
-# One-token attention on the static-cache (CUDA graph) path: "split" (default) takes the
-# split-KV Triton kernel of llamadist.kernels.decode_attention where it applies (CUDA,
-# Triton, head size a power of two), "sdpa" always takes PyTorch's SDPA over the whole
-# cache. The eager path (int start, the cache sliced to the live length) uses SDPA.
-DECODE_ATTENTION = os.environ.get("LLAMADIST_DECODE_ATTENTION", "split")
+# One-token attention: (q, keys, values, mask, start, cos, sin) -> out, shapes as in
+# sdpa_decode_attention. A kernel pass may set another on each Attention (the split-KV
+# Triton kernel on CUDA: llamadist.runtime.kernel_passes); it must give the same values.
+DecodeAttention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+                            Start, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor | None, start: Start, cos: torch.Tensor,
-                     sin: torch.Tensor) -> torch.Tensor:
+def sdpa_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                          mask: torch.Tensor | None, start: Start, cos: torch.Tensor,
+                          sin: torch.Tensor) -> torch.Tensor:
     """q (B, H_kv, G, D) before RoPE against keys/values (B, H_kv, S, D) -> (B, H_kv, G, D).
     mask (B, 1, 1, S): bool (True = visible) or additive float; None = all visible.
-    cos/sin (B, 1, 1, D): q's rotation (the split-KV kernel applies it as it loads q)."""
-    if (DECODE_ATTENTION == "split" and isinstance(start, torch.Tensor)
-            and split_kv.usable(q, keys, mask)):
-        return split_kv.decode_attention(q, keys, values, mask, start, cos, sin)
+    cos/sin (B, 1, 1, D): q's rotation. ``start`` is unused here (the keys end at the
+    live length, or the mask hides the rest); a kernel may read it instead of the mask."""
     return F.scaled_dot_product_attention(apply_rotary(q, cos, sin), keys, values,
                                           attn_mask=mask)
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose few-row float32 CPU calls (decode) take the CPU linear kernel of
-    llamadist.kernels.cpu_decode; every other call is F.linear."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_decode.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -73,13 +60,15 @@ class Attention(nn.Module):
         super().__init__()
         d, bias = config.hidden_size, config.attention_bias
         self.head_dim = config.head_dim
-        self.q_proj = Linear(d, config.q_size, bias=bias)
-        self.k_proj = Linear(d, config.kv_size, bias=bias)
-        self.v_proj = Linear(d, config.kv_size, bias=bias)
-        self.o_proj = Linear(config.q_size, d, bias=bias)
+        self.q_proj = nn.Linear(d, config.q_size, bias=bias)
+        self.k_proj = nn.Linear(d, config.kv_size, bias=bias)
+        self.v_proj = nn.Linear(d, config.kv_size, bias=bias)
+        self.o_proj = nn.Linear(config.q_size, d, bias=bias)
         # Set by llamadist.model.fuse: one (q|k|v) matmul instead of three.
-        self.qkv_proj: Linear | None = None
+        self.qkv_proj: nn.Linear | None = None
         self.qkv_split: tuple[int, int, int] = (0, 0, 0)
+        # The one-token attention; a kernel pass may swap it (see DecodeAttention).
+        self.decode_attention: DecodeAttention = sdpa_decode_attention
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
@@ -87,7 +76,7 @@ class Attention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: LayerKV, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x)
         # Head counts come from the projection widths, so a tensor-parallel
@@ -102,9 +91,9 @@ class Attention(nn.Module):
             # plain attention problem, (B, H_kv, G, D), so a fused SDPA kernel reads each
             # K/V once (enable_gqa with a mask can fall back to the math path, which
             # copies K/V G times). mask (B, 1, 1, S) broadcasts over H_kv and G, cos/sin
-            # (B, 1, 1, D) too: q is rotated inside decode_attention.
+            # (B, 1, 1, D) too: q is rotated inside self.decode_attention.
             qg = q.reshape(b, keys.shape[1], -1, self.head_dim)
-            out = decode_attention(qg, keys, values, mask, start, cos, sin)
+            out = self.decode_attention(qg, keys, values, mask, start, cos, sin)
             return self.o_proj(out.reshape(b, 1, -1))  # heads in order h = kv * G + g
         q = apply_rotary(q, cos, sin)
         if mask is None:
@@ -121,10 +110,10 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear(d, f, bias=bias)
-        self.up_proj = Linear(d, f, bias=bias)
-        self.down_proj = Linear(f, d, bias=bias)
-        self.gate_up_proj: Linear | None = None  # set by llamadist.model.fuse
+        self.gate_proj = nn.Linear(d, f, bias=bias)
+        self.up_proj = nn.Linear(d, f, bias=bias)
+        self.down_proj = nn.Linear(f, d, bias=bias)
+        self.gate_up_proj: nn.Linear | None = None  # set by llamadist.model.fuse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
@@ -143,12 +132,12 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerCache, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: LayerKV, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
         x, mlp_out = self.forward_deferred(x, None, cos, sin, cache, start, mask)
         return x + mlp_out
 
     def forward_deferred(self, x: torch.Tensor, pending: torch.Tensor | None,
-                         cos: torch.Tensor, sin: torch.Tensor, cache: LayerCache, start: Start,
+                         cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV, start: Start,
                          mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer with its last residual add left to the caller: takes the previous
         layer's pending MLP output (added here first) and returns (x, mlp_out) with the
@@ -184,7 +173,7 @@ class Llama(nn.Module):
             if self.has_embed else None)
         self.model.layers = nn.ModuleDict({str(i): DecoderLayer(config) for i in layers})
         self.model.norm = RMSNorm(config.hidden_size, config.rms_norm_eps) if self.has_head else None
-        self.lm_head = (Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (nn.Linear(config.hidden_size, config.vocab_size, bias=False)
                         if self.has_head else None)
         if config.tie_word_embeddings and self.has_embed and self.has_head:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -194,7 +183,7 @@ class Llama(nn.Module):
         """Precompute the cos/sin table on the stage's device (after loading)."""
         self.rope = RotaryTable(self.config, max_positions, device)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: KVCache, start: Start,
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: StageKV, start: Start,
                 mask: torch.Tensor | None = None, logits: str = "last",
                 layer_fn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
         """Run this stage.

@@ -32,7 +32,11 @@ same seed and calls it the same number of times* (the runtime must share the see
 Order of the passes: build on meta -> pipeline cut -> ``apply_tensor_parallel`` ->
 ``load_weights(..., shard_fn=tp_shard_fn(...))`` (each rank reads only its slice) ->
 ``setup_rope`` -> optional fusion (fusing q|k|v or gate|up of the *local* shards into one
-plain Linear is correct, since column-parallel layers have no collective).
+plain Linear is correct, since column-parallel layers have no collective) -> kernel passes.
+``tensor_parallel_pass`` hands the first and the load's arguments to the runtime's
+``build_stage`` (llamadist.runtime.stage.build_tp_stage); this package never imports the
+runtime. The parallel linears multiply through ``linear_fn`` (F.linear), which the
+runtime's CPU kernel pass may swap for the C GEMV.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from llamadist.kernels.cpu_decode import linear
+from llamadist.config import ModelConfig
 from llamadist.model.llama import Llama
 from llamadist.parallel.tp_layout import (TensorParallelError, TPSizes, check_tp, tp_kv_heads,
                                           tp_shard_fn, tp_sizes, vocab_range)
@@ -50,7 +54,7 @@ from llamadist.parallel.tp_layout import (TensorParallelError, TPSizes, check_tp
 Group = dist.ProcessGroup | None
 
 __all__ = ["ColumnParallelLinear", "RowParallelLinear", "VocabParallelEmbedding",
-           "VocabParallelHead", "apply_tensor_parallel", "build_tp_stage", "tp_shard_fn",
+           "VocabParallelHead", "apply_tensor_parallel", "tensor_parallel_pass", "tp_shard_fn",
            "tp_kv_heads", "tp_sizes", "check_tp", "vocab_range", "TPSizes",
            "TensorParallelError"]
 
@@ -72,9 +76,10 @@ class ColumnParallelLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_local
         self.weight = _empty_param(out_local, in_features, device=torch.device(device))
         self.bias = _empty_param(out_local, device=torch.device(device)) if bias else None
+        self.linear_fn = F.linear  # a kernel pass may swap it (same signature and values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)  # (..., in) -> (..., out_local)
+        return self.linear_fn(x, self.weight, self.bias)  # (..., in) -> (..., out_local)
 
 
 class RowParallelLinear(nn.Module):
@@ -89,9 +94,10 @@ class RowParallelLinear(nn.Module):
         self.group = group
         self.weight = _empty_param(out_features, in_local, device=torch.device(device))
         self.bias = _empty_param(out_features, device=torch.device(device)) if bias else None
+        self.linear_fn = F.linear  # a kernel pass may swap it (same signature and values)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight)  # (..., in_local) -> (..., out) partial sum
+        y = self.linear_fn(x, self.weight)  # (..., in_local) -> (..., out) partial sum
         dist.all_reduce(y, op=dist.ReduceOp.SUM, group=self.group)
         return y if self.bias is None else y + self.bias
 
@@ -128,9 +134,10 @@ class VocabParallelHead(nn.Module):
         self.per_rank = -(-vocab_size // tp_size)
         self.weight = _empty_param(self.vocab_end - self.vocab_start, dim,
                                   device=torch.device(device))
+        self.linear_fn = F.linear  # a kernel pass may swap it (same signature and values)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        local = linear(h, self.weight)  # (B, T, V_local)
+        local = self.linear_fn(h, self.weight)  # (B, T, V_local)
         pad = self.per_rank - local.shape[-1]
         if pad:  # all_gather needs equal sizes: pad the short last slice, trim after
             local = F.pad(local, (0, pad))
@@ -176,21 +183,12 @@ def apply_tensor_parallel(model: Llama, group: Group, tp_rank: int, tp_size: int
     return model
 
 
-def build_tp_stage(ckpt, layers: range, device: torch.device | str, dtype: torch.dtype,
-                   batch_size: int, max_seq_len: int, group: Group, tp_rank: int,
-                   tp_size: int, *, has_embed: bool | None = None,
-                   has_head: bool | None = None, lanes: int = 1, progress: bool = False,
-                   fuse: bool = True):
-    """``runtime.stage.build_stage`` with the tensor-parallel pass between the meta build and
-    the load: this rank's shard of layers ``layers``, its KV cache sized by tp_kv_heads.
-    ``group``: the TP device group (NCCL on GPU, gloo on CPU) of this stage's ranks.
-    ``fuse``: concatenate the local q|k|v and gate|up shards after loading (default on)."""
-    from llamadist.runtime.stage import build_stage
-
-    config = ckpt.config
-    # Column shards have no collective, so the fused q|k|v and gate|up of a shard are exact.
-    return build_stage(ckpt, layers, device, dtype, batch_size, max_seq_len,
-                       has_embed=has_embed, has_head=has_head, lanes=lanes, progress=progress,
-                       fuse=fuse, prepare=lambda m: apply_tensor_parallel(m, group, tp_rank, tp_size),
-                       shard_fn=tp_shard_fn(config, tp_rank, tp_size),
-                       num_kv_heads=tp_kv_heads(config, tp_size))
+def tensor_parallel_pass(config: ModelConfig, group: Group, tp_rank: int,
+                         tp_size: int) -> dict:
+    """The keywords of ``runtime.stage.build_stage`` that make a stage this rank's shard:
+    ``prepare`` (apply_tensor_parallel on the meta model), ``shard_fn`` (the slice each
+    tensor reads) and ``num_kv_heads`` (the KV heads this rank caches)."""
+    check_tp(config, tp_size)
+    return dict(prepare=lambda m: apply_tensor_parallel(m, group, tp_rank, tp_size),
+                shard_fn=tp_shard_fn(config, tp_rank, tp_size),
+                num_kv_heads=tp_kv_heads(config, tp_size))

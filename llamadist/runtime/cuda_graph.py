@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from llamadist.runtime.kv_cache import KVCache, LayerCache
-from llamadist.runtime.stage import Stage, sync
-
-if TYPE_CHECKING:
-    from llamadist.runtime.engine import Engine
+from llamadist.runtime.mask import attention_mask
+from llamadist.runtime.stage import Stage, sync, to_stage
 
 log = logging.getLogger(__name__)
 
@@ -189,14 +187,15 @@ class StageDecoder:
 
 
 class DecodeGraphs:
-    """The engine's one-token decode through per-stage static steps (graphs on CUDA)."""
+    """The engine's one-token decode through per-stage static steps (graphs on CUDA);
+    ``stages`` in pipeline order (the engine's)."""
 
-    def __init__(self, engine: "Engine", *, compile_layers: bool = True, capture: bool = True,
-                 static_cpu: bool = False):
-        self.engine = engine
+    def __init__(self, stages: Sequence[Stage], *, compile_layers: bool = True,
+                 capture: bool = True, static_cpu: bool = False):
+        self.stages = list(stages)
         self.decoders = [StageDecoder(s, compile_layers=compile_layers, capture=capture)
                          if s.device.type == "cuda" or static_cpu else None
-                         for s in engine.stages]
+                         for s in self.stages]
 
     @property
     def prepare_s(self) -> float:
@@ -204,17 +203,16 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,
-                valid: torch.Tensor | None) -> torch.Tensor:
+                valid: torch.Tensor | None, timed: bool = False) -> torch.Tensor:
         """tokens (B, 1), positions (B, 1), valid (B, S) or None -> logits (B, 1, V).
-        The logits are a view of a static buffer: read them before the next step."""
-        from llamadist.runtime.engine import attention_mask
-        eng, timed = self.engine, self.engine.timed
+        The logits are a view of a static buffer: read them before the next step.
+        ``timed``: sync after each stage to attribute its time (Engine.timed)."""
         x, b, mask = tokens, tokens.shape[0], None
-        for stage, dec in zip(eng.stages, self.decoders):
+        for stage, dec in zip(self.stages, self.decoders):
             if dec is None:  # eager stage (CPU offload)
                 if mask is None and valid is not None:
                     mask = attention_mask(valid, start, 1)
-                x, pos, m = eng._to(stage, x, positions, mask)
+                x, pos, m = to_stage(stage, x, positions, mask, timed)
                 x = stage.forward(x, pos, start, m, timed=timed)
                 continue
             if x.device != stage.device:

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.distributed.faults import Watchdog, fault_hook
 from llamadist.distributed.groups import ParallelGroups
 from llamadist.distributed.p2p import P2P, Kind, LinkStats, Message
@@ -47,8 +47,8 @@ from llamadist.generation.generate import (Generator, Sequence, StreamEvent, lef
                                          pad_id, seen_mask)
 from llamadist.generation.sampling import SamplingParams, sample
 from llamadist.generation.tokenizer import Tokenizer
-from llamadist.runtime.engine import attention_mask
-from llamadist.runtime.stage import Stage, build_stage, parse_dtype, sync
+from llamadist.runtime.mask import attention_mask
+from llamadist.runtime.stage import Stage, build_stage, build_tp_stage, parse_dtype, sync
 from llamadist.weights.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
@@ -289,16 +289,16 @@ class PipelineRunner:
 
 
 def build_pipeline_stage(ckpt: Checkpoint, spec: PipelineSpec, groups: ParallelGroups,
-                         progress: bool = False) -> Stage:
-    """Build and load only this rank's stage (and only its TP shard of it)."""
+                         progress: bool = False, runtime: RuntimeConfig | None = None) -> Stage:
+    """Build and load only this rank's stage (and only its TP shard of it), with the
+    kernels ``runtime`` asks for (None: RuntimeConfig())."""
     start, stop = spec.layer_ranges[groups.pp_index]
     n_stages = len(spec.layer_ranges)
     kw = dict(has_embed=groups.pp_index == 0, has_head=groups.pp_index == n_stages - 1,
-              lanes=spec.micro_batches, progress=progress)
+              lanes=spec.micro_batches, progress=progress, runtime=runtime)
     batch = spec.lane_rows or lane_batch(spec.max_batch, spec.micro_batches)
     dtype, device = parse_dtype(spec.dtype), groups.ctx.device
     if groups.tp_size > 1:
-        from llamadist.parallel.tensor import build_tp_stage
         return build_tp_stage(ckpt, range(start, stop), device, dtype, batch, spec.max_seq_len,
                               groups.tp.device_group, groups.tp_index, groups.tp_size, **kw)
     return build_stage(ckpt, range(start, stop), device, dtype, batch, spec.max_seq_len, **kw)

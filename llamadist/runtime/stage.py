@@ -1,4 +1,8 @@
-"""A pipeline stage: a slice of the model on one device, with its own KV caches."""
+"""A pipeline stage: a slice of the model on one device, with its own KV caches.
+
+``build_stage`` is where a stage's model gets its passes, in order: build on meta ->
+``prepare`` (the tensor-parallel pass) -> load this stage's tensors -> fuse projections ->
+the kernel passes of ``RuntimeConfig`` (llamadist.runtime.kernel_passes)."""
 
 from __future__ import annotations
 
@@ -8,8 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
-from llamadist.kernels import cpu_decode
-from llamadist.model.llama import Llama, Start
+from llamadist.config import RuntimeConfig
+from llamadist.model.cache import Start
+from llamadist.model.fuse import fuse_projections
+from llamadist.model.llama import Llama
+from llamadist.parallel.tensor import Group, tensor_parallel_pass
+from llamadist.runtime.kernel_passes import apply_kernel_passes, decode_layer_fn
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.weights.checkpoint import Checkpoint
 from llamadist.weights.loader import LoadStats, ShardFn, load_weights
@@ -49,10 +57,12 @@ class StageStats:
 
 class Stage:
     """Layers ``[layers.start, layers.stop)`` on ``device``, with ``lanes`` KV caches
-    (one per micro-batch in flight)."""
+    (one per micro-batch in flight). ``runtime`` picks the eager steps' ``layer_fn``
+    (the C decoder layer on the CPU unless ``cpu_kernels`` is off)."""
 
     def __init__(self, model: Llama, device: torch.device, dtype: torch.dtype, batch_size: int,
-                 max_seq_len: int, lanes: int = 1, num_kv_heads: int | None = None):
+                 max_seq_len: int, lanes: int = 1, num_kv_heads: int | None = None,
+                 runtime: RuntimeConfig | None = None):
         self.model = model
         self.device = device
         self.dtype = dtype
@@ -62,6 +72,7 @@ class Stage:
         self.caches = [KVCache(model.config, self.layers, batch_size, max_seq_len, device, dtype,
                                num_kv_heads) for _ in range(lanes)]
         self.stats = StageStats()
+        self.layer_fn = decode_layer_fn(device, runtime or RuntimeConfig())
 
     @property
     def has_embed(self) -> bool:
@@ -77,8 +88,7 @@ class Stage:
                 timed: bool = False) -> torch.Tensor:
         t0 = time.perf_counter()
         # On the CPU a decode step runs each decoder layer as one C call where it applies.
-        layer_fn = cpu_decode.decode_layer if self.device.type == "cpu" else None
-        out = self.model(x, positions, self.caches[lane], start, mask, logits, layer_fn)
+        out = self.model(x, positions, self.caches[lane], start, mask, logits, self.layer_fn)
         if timed:
             sync(self.device)
             self.stats.compute_s += time.perf_counter() - t0
@@ -90,13 +100,17 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
                 batch_size: int, max_seq_len: int, *, has_embed: bool | None = None,
                 has_head: bool | None = None, lanes: int = 1, progress: bool = False,
                 fuse: bool = True, prepare: Callable[[Llama], object] | None = None,
-                shard_fn: ShardFn | None = None, num_kv_heads: int | None = None) -> Stage:
+                shard_fn: ShardFn | None = None, num_kv_heads: int | None = None,
+                runtime: RuntimeConfig | None = None) -> Stage:
     """Build a stage on the meta device and stream in only its own tensors.
     ``fuse``: concatenate q/k/v and gate/up after loading (default on: one matmul each,
     and the CPU decode layer of llamadist.kernels.cpu_decode needs it).
     ``prepare`` runs on the meta model before loading (the tensor-parallel pass), with
-    ``shard_fn`` the slice each parameter reads and ``num_kv_heads`` this rank's KV heads."""
+    ``shard_fn`` the slice each parameter reads and ``num_kv_heads`` this rank's KV heads.
+    ``runtime``: which kernels serve (``cpu_kernels``, ``decode_attention``); None is
+    ``RuntimeConfig()``, every kernel that applies on ``device``."""
     device = torch.device(device)
+    runtime = runtime or RuntimeConfig()
     with torch.device("meta"):
         model = Llama(ckpt.config, layers, has_embed=has_embed, has_head=has_head)
     if prepare is not None:
@@ -104,9 +118,37 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
     stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress)
     model.setup_rope(max_seq_len, device)
     if fuse:
-        from llamadist.model.fuse import fuse_projections
         fuse_projections(model)
+    apply_kernel_passes(model, device, runtime)
     model.eval()
-    stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes, num_kv_heads)
+    stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes, num_kv_heads, runtime)
     stage.stats.load = stats
     return stage
+
+
+def build_tp_stage(ckpt: Checkpoint, layers: range, device: torch.device | str,
+                   dtype: torch.dtype, batch_size: int, max_seq_len: int, group: Group,
+                   tp_rank: int, tp_size: int, **kw) -> Stage:
+    """``build_stage`` of this rank's tensor-parallel shard of ``layers``: the pass of
+    llamadist.parallel.tensor between the meta build and the load (each rank reads only
+    its slice), its KV cache sized by the rank's KV heads. ``group``: the TP device group
+    (NCCL on GPU, gloo on CPU) of this stage's ranks. ``kw``: build_stage's keywords
+    (``fuse`` is exact on shards too: column shards have no collective)."""
+    return build_stage(ckpt, layers, device, dtype, batch_size, max_seq_len,
+                       **tensor_parallel_pass(ckpt.config, group, tp_rank, tp_size), **kw)
+
+
+def to_stage(stage: Stage, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+             timed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """x (B, T[, D]), positions (B, T) and mask onto ``stage``'s device, counting the bytes
+    (and, if ``timed``, the seconds) of the hidden state that crossed."""
+    if x.device != stage.device:
+        t0 = time.perf_counter()
+        # Non-blocking only towards CUDA: a non-blocking copy to the CPU returns before
+        # the data lands, and the CPU stage would read it too early.
+        x = x.to(stage.device, non_blocking=stage.device.type == "cuda")
+        if timed:
+            sync(stage.device)
+            stage.stats.transfer_s += time.perf_counter() - t0
+        stage.stats.bytes_in += x.nbytes
+    return x, positions.to(stage.device), None if mask is None else mask.to(stage.device)

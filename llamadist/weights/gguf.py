@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from llamadist.config import ConfigError, ModelConfig
 from llamadist.generation.tokenizer import Tokenizer
-from llamadist.weights.checkpoint import CheckpointError, Shard
+from llamadist.weights.base import CheckpointError, Shard
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def _one_line(e: BaseException) -> str:
 
 
 class GGUFCheckpoint:
-    """A GGUF file as a :class:`~llamadist.weights.checkpoint.Checkpoint` in HF naming."""
+    """A GGUF file as a :class:`~llamadist.weights.base.Checkpoint` in HF naming."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from llamadist.weights.checkpoint import Checkpoint, CheckpointError, Shard
+from llamadist.weights.base import Checkpoint, CheckpointError, Shard
 
 log = logging.getLogger(__name__)
 

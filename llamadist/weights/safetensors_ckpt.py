@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from llamadist.config import ModelConfig
-from llamadist.weights.checkpoint import CheckpointError, Shard
+from llamadist.weights.base import CheckpointError, Shard
 
 
 class HFCheckpoint:

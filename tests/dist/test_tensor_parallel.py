@@ -51,7 +51,7 @@ class RecordingCheckpoint:
 
 def _run_job(folder: str, prompt: list[int], rank: int, world: int, group,
              fuse: bool = False) -> dict:
-    from llamadist.parallel.tensor import build_tp_stage
+    from llamadist.runtime.stage import build_tp_stage
     from llamadist.weights.safetensors_ckpt import HFCheckpoint
     ckpt = RecordingCheckpoint(HFCheckpoint(Path(folder)))
     L = ckpt.config.num_layers
@@ -272,3 +272,23 @@ def test_pass_needs_a_meta_model():
 def test_unknown_parameter_has_no_silent_rule():
     with pytest.raises(TensorParallelError, match="no tensor-parallel rule"):
         tp_shard_fn(_config(), 0, 2)("model.layers.0.self_attn.rotary.weight", (8,))
+
+
+def test_cpu_kernel_pass_reaches_the_parallel_linears():
+    """The runtime's CPU pass swaps the kernel into the TP modules' matmul (linear_fn);
+    before it they are plain F.linear, the pure model's math."""
+    import torch.nn.functional as F
+
+    from llamadist.kernels import cpu_decode
+    from llamadist.model.llama import Llama
+    from llamadist.parallel.tensor import (ColumnParallelLinear, RowParallelLinear,
+                                           VocabParallelHead)
+    from llamadist.runtime.kernel_passes import use_cpu_linear
+    with torch.device("meta"):
+        model = Llama(_config(num_heads=4, num_kv_heads=2, hidden_size=32))
+    apply_tensor_parallel(model, None, 0, 2)
+    kinds = (ColumnParallelLinear, RowParallelLinear, VocabParallelHead)
+    parallel = [m for m in model.modules() if isinstance(m, kinds)]
+    assert parallel and all(m.linear_fn is F.linear for m in parallel)
+    use_cpu_linear(model)
+    assert all(m.linear_fn is cpu_decode.linear for m in parallel)

@@ -40,7 +40,7 @@ def test_static_decode_equals_eager_on_cpu(tiny_model, devices):
     without capture, on the CPU."""
     llm = LLM(str(tiny_model), devices=devices, max_batch=4, max_seq_len=128)
     ref = _tokens(llm)
-    llm.engine._graphs = DecodeGraphs(llm.engine, compile_layers=False, static_cpu=True)
+    llm.engine._graphs = DecodeGraphs(llm.engine.stages, compile_layers=False, static_cpu=True)
     llm.engine.cuda_graphs = True
     assert _tokens(llm) == ref
     assert sorted(llm.engine._graphs.decoders[0].buckets) == [1, 4]
@@ -150,16 +150,6 @@ def test_split_kv_decode_attention_declines_what_it_cannot_run():
         assert not split_kv.usable(qc[..., :48], kc[..., :48], None)  # head size 48
         assert not split_kv.usable(qc, kc, torch.ones(1, 1, 1, 8, dtype=torch.bool,
                                                       device="cuda"))  # bool mask
-
-
-def test_split_kv_num_splits(monkeypatch):
-    from llamadist.kernels import decode_attention as split_kv
-    monkeypatch.setattr(split_kv, "_multiprocessors", lambda index: 132)
-    dev = torch.device("cuda", 0)
-    assert split_kv.num_splits(dev, 8, 640) == 16     # batch 1: ~2 programs per SM, capped
-    assert split_kv.num_splits(dev, 8, 131072) == 64  # by the tiles, then by MAX_SPLITS
-    assert split_kv.num_splits(dev, 256, 640) == 2    # batch 32
-    assert split_kv.num_splits(dev, 8, 10) == 1       # one tile
 
 
 def test_deferred_residual_equals_plain_layers(tiny_model):

@@ -12,11 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.kernels import cpu_decode
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
 from llamadist.model.rope import RotaryTable
+from llamadist.runtime.engine import Engine
 from llamadist.runtime.kv_cache import KVCache
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(),
@@ -160,3 +161,41 @@ def test_without_a_compiler_decode_still_runs_and_says_why(tiny_model, tmp_path)
     assert "Install a C compiler" in err
     assert "unavailable" not in runs["kernels"].stderr
     assert list((tmp_path / "kernels" / "kernels").glob("cpu_decode-*.so"))
+
+
+def _greedy(engine: Engine, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after ``prompt`` through the engine's eager steps (batch 1)."""
+    ids = torch.tensor([prompt])  # (1, T)
+    t = ids.shape[1]
+    out = []
+    with torch.inference_mode():
+        logits = engine.forward(ids, torch.arange(t).view(1, t), 0)  # (1, 1, V)
+        for i in range(n):
+            tok = int(logits[0, -1].argmax())
+            out.append(tok)
+            logits = engine.forward(torch.tensor([[tok]]), torch.tensor([[t + i]]), t + i)
+    return out
+
+
+def test_cpu_kernels_are_the_default_and_change_no_token(tiny_model):
+    """The kernel pass runs by default on the CPU (CpuLinear, the C decoder layer as
+    layer_fn, and the C layer really serves a decode step); RuntimeConfig(cpu_kernels=False)
+    leaves the pure model; both give the same greedy tokens."""
+    fast = Engine.load(str(tiny_model), max_seq_len=64)
+    plain = Engine.load(str(tiny_model), max_seq_len=64,
+                        runtime=RuntimeConfig(cpu_kernels=False))
+    model = fast.stages[0].model
+    assert fast.stages[0].layer_fn is cpu_decode.decode_layer
+    assert type(model.lm_head) is cpu_decode.CpuLinear
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives
+    assert all(type(layer.self_attn.qkv_proj) is cpu_decode.CpuLinear
+               and type(layer.mlp.down_proj) is cpu_decode.CpuLinear
+               for layer in model.model.layers.values())
+    assert plain.stages[0].layer_fn is None
+    assert not any(isinstance(m, cpu_decode.CpuLinear) for m in plain.stages[0].model.modules())
+    prompt = [5, 17, 42, 8, 99, 3]
+    tokens = _greedy(fast, prompt, 12)
+    assert all("_cpu_decode" in layer.__dict__ for layer in model.model.layers.values())
+    assert not any("_cpu_decode" in layer.__dict__
+                   for layer in plain.stages[0].model.model.layers.values())
+    assert tokens == _greedy(plain, prompt, 12)

@@ -1,0 +1,93 @@
+"""Kernel passes: swap the faster kernels into a built, loaded model (DESIGN principle 1).
+
+The model (llamadist.model) is plain PyTorch: nn.Linear and SDPA. The kernels
+(llamadist.kernels) know nothing of the model. This module, above both, decides which
+kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
+
+* ``use_cpu_linear``: every plain nn.Linear becomes a ``CpuLinear`` (a few float32 rows
+  on the CPU go to the C GEMV), and the tensor-parallel linears' ``linear_fn`` becomes
+  ``cpu_decode.linear``. The C decoder layer, ``cpu_decode.decode_layer``, is a
+  ``layer_fn`` rather than a module swap: ``decode_layer_fn`` says when a stage uses it.
+* ``set_decode_attention``: each Attention's one-token attention, on CUDA the split-KV
+  Triton kernel where it applies (a tensor start: the graph path) or SDPA, as
+  ``RuntimeConfig.decode_attention`` says.
+
+Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamadist.config import RuntimeConfig
+from llamadist.kernels import cpu_decode
+from llamadist.kernels import decode_attention as split_kv
+from llamadist.model.cache import Start
+from llamadist.model.llama import Attention, DecodeAttention, sdpa_decode_attention
+
+LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def use_cpu_linear(model: nn.Module) -> nn.Module:
+    """Route ``model``'s linear layers through ``cpu_decode.linear`` (in place; returns it).
+
+    A plain nn.Linear changes class to CpuLinear, which adds no state: its Parameter
+    objects stay, so a tied head stays tied and nothing is copied. Modules with their
+    own matmul hook (the tensor-parallel linears' ``linear_fn = F.linear``) get the
+    kernel through it. Subclasses of nn.Linear other than CpuLinear are left alone."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = cpu_decode.CpuLinear
+        elif getattr(module, "linear_fn", None) is F.linear:
+            module.linear_fn = cpu_decode.linear
+    return model
+
+
+def split_kv_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                              mask: torch.Tensor | None, start: Start, cos: torch.Tensor,
+                              sin: torch.Tensor) -> torch.Tensor:
+    """``Attention.decode_attention`` through the split-KV kernel where it serves: a device
+    start (the static-cache graph path: the kernel reads the live length from it) and
+    ``split_kv.usable``; SDPA over the given keys otherwise. Shapes as in
+    llamadist.model.llama.sdpa_decode_attention."""
+    if isinstance(start, torch.Tensor) and split_kv.usable(q, keys, mask):
+        return split_kv.decode_attention(q, keys, values, mask, start, cos, sin)
+    return sdpa_decode_attention(q, keys, values, mask, start, cos, sin)
+
+
+DECODE_ATTENTIONS: dict[str, DecodeAttention] = {"split": split_kv_decode_attention,
+                                                 "sdpa": sdpa_decode_attention}
+
+
+def set_decode_attention(model: nn.Module, name: str) -> nn.Module:
+    """Give every Attention of ``model`` the one-token attention ``name`` (a key of
+    DECODE_ATTENTIONS; in place). Setting both ways lets a benchmark compare them on
+    one shared model."""
+    fn = DECODE_ATTENTIONS[name]
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.decode_attention = fn
+    return model
+
+
+def decode_layer_fn(device: torch.device, runtime: RuntimeConfig) -> LayerFn | None:
+    """The ``layer_fn`` of a stage's eager steps: on the CPU with ``cpu_kernels``, the C
+    decoder layer (it falls back to the layer's own forward where it does not apply);
+    None (each layer's forward) elsewhere."""
+    if device.type == "cpu" and runtime.cpu_kernels:
+        return cpu_decode.decode_layer
+    return None
+
+
+def apply_kernel_passes(model: nn.Module, device: torch.device,
+                        runtime: RuntimeConfig) -> nn.Module:
+    """The passes ``runtime`` asks for that can serve on ``device`` (in place)."""
+    if device.type == "cpu" and runtime.cpu_kernels:
+        use_cpu_linear(model)
+    if device.type == "cuda":  # the split-KV kernel runs on CUDA only
+        set_decode_attention(model, runtime.decode_attention)
+    return model
