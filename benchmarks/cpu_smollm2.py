@@ -20,7 +20,9 @@ from pathlib import Path
 
 import torch
 
-from llamadist.api import build_engine, resolve_layout
+from llamadist.api import build_engine
+from llamadist.config import RuntimeConfig
+from llamadist.planning.layout import resolve_layout
 from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
 from llamadist.weights.checkpoint import open_checkpoint, resolve_model_path
@@ -71,7 +73,8 @@ def time_hf(model, ids: list[int], gen: int, repeats: int) -> tuple[float, list[
 def load_engine(ckpt, devices: str, max_seq: int):
     t0 = time.perf_counter()
     layout = resolve_layout(ckpt.config, devices=devices, max_seq_len=max_seq)
-    eng = build_engine(ckpt, layout, torch.float32, 1, max_seq)
+    eng = build_engine(ckpt, layout, RuntimeConfig(max_seq_len=max_seq, max_batch=1,
+                                                   dtype="float32"))
     return eng, time.perf_counter() - t0
 
 

@@ -45,8 +45,8 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     g.add_argument("--devices", "--device", dest="devices",
                    help="comma list, e.g. cuda:0,cuda:1,cpu (default: cpu)")
     g.add_argument("--strategy", choices=["uniform", "memory", "compute", "mixed", "custom"],
-                   help="how to cut the layers over the devices (default: uniform, or custom "
-                   "with --boundaries)")
+                   help="how to cut the layers over the devices (default: custom with "
+                   "--boundaries, else uniform when it fits, else mixed)")
     g.add_argument("--max-memory", help="one budget per device, e.g. 20GiB,20GiB,64GiB "
                    "(default: the free memory of devices that are here)")
     g.add_argument("--device-speed", help=DEVICE_SPEED_HELP)

@@ -35,7 +35,7 @@ def analyze_command(config: ModelConfig, dtype: str = "bfloat16", seq_len: int |
 
 
 def plan_command(config: ModelConfig, devices: str | None = None, max_memory: str | None = None,
-                 device_speed: str | None = None, strategy: str = "uniform",
+                 device_speed: str | None = None, strategy: str | None = None,
                  boundaries: str | None = None, plan_file: str | None = None,
                  batch_size: int = 1, max_seq_len: int | None = None, dtype: str = "bfloat16",
                  as_json: bool = False, save: str | None = None, plot: str | None = None,
@@ -47,7 +47,8 @@ def plan_command(config: ModelConfig, devices: str | None = None, max_memory: st
     max_memory     per-device budgets "20GiB,20GiB,64GiB" ("" / "auto" entries are
                    discovered: free memory, split evenly between repeats of one device)
     device_speed   per-device relative speeds "1,1,0.05" (1 = an H100); None: per-kind defaults
-    strategy       uniform | memory | compute | mixed | custom
+    strategy       uniform | memory | compute | mixed | custom; None: custom with
+                   boundaries, else uniform when it fits, else mixed
     boundaries     custom only: "0:7,7:19,19:30" (half-open layer ranges)
     plan_file      custom only: take the boundaries from a saved plan JSON
     batch_size, max_seq_len   size the KV cache and the predicted decode step
@@ -63,7 +64,7 @@ def plan_command(config: ModelConfig, devices: str | None = None, max_memory: st
     specs = parse_devices(devices, max_memory, device_speed, check_available=check_available)
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
     if plan_file is not None:
-        if strategy not in ("custom", "uniform"):
+        if strategy not in (None, "custom", "uniform"):
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
         strategy, boundaries = "custom", Path(plan_file)
     plan = make_plan(prof, specs, strategy=strategy, boundaries=boundaries,
@@ -112,8 +113,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
     else:
         # devices None with --plan: the plan file's own devices
         devices = args.devices or (None if args.plan else "cpu")
-    strategy = args.strategy or ("custom" if args.boundaries else "uniform")
-    common = (config, devices, args.max_memory, args.device_speed, strategy, args.boundaries,
+    common = (config, devices, args.max_memory, args.device_speed, args.strategy, args.boundaries,
               args.plan, args.batch_size, max_seq, dtype)
     text = plan_command(*common, args.json, args.save, args.plot, check_available=False)
     plan = Plan.from_json(plan_command(*common, True, check_available=False))

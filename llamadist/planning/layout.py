@@ -86,8 +86,6 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     else:
         dev_str = devices if isinstance(devices, str) or devices is None else ",".join(devices)
         specs = parse_devices(dev_str or "cpu", max_memory=max_memory, speeds=device_speed)
-        if strategy is None:
-            strategy = "custom" if boundaries else "uniform"
         p = make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
                       strategy=strategy, boundaries=boundaries, batch_size=max_batch,
                       max_seq_len=max_seq_len)

@@ -231,16 +231,22 @@ def _custom_ends(boundaries: Boundaries | None, devices: Sequence[DeviceSpec],
     return [e for _, e in ranges]
 
 
-def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], strategy: str = "uniform",
-              boundaries: Boundaries | None = None, batch_size: int = 1,
-              max_seq_len: int | None = None, headroom: float | int = 0.1) -> Plan:
+def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
+              strategy: str | None = "uniform", boundaries: Boundaries | None = None,
+              batch_size: int = 1, max_seq_len: int | None = None,
+              headroom: float | int = 0.1) -> Plan:
     """One stage per entry of ``devices``, in order. ``max_seq_len`` (default: the profile's
     seq_len) and ``batch_size`` size the KV cache; ``headroom`` is reserved on every device
     for activations: a float in [0, 1) is a fraction of its budget, otherwise bytes.
 
+    ``strategy`` None is the default a user gets: custom when ``boundaries`` are given, else
+    uniform when its even split fits every budget, else mixed (speed- and memory-aware).
+
     memory and mixed refuse to return a plan that does not fit; uniform, compute and custom
     return it with its shortfalls so ``plan`` can show them: callers about to run pass the
     plan through :func:`llamadist.planning.checks.check_fits`."""
+    if strategy is None:
+        return _default_plan(profile, devices, boundaries, batch_size, max_seq_len, headroom)
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if boundaries is not None and strategy != "custom":
@@ -271,6 +277,21 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], strategy: st
     else:
         ends = _custom_ends(boundaries, devices, n)
     return _build_plan(profile, devices, ends, strategy, model, headroom)
+
+
+def _default_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
+                  boundaries: Boundaries | None, batch_size: int, max_seq_len: int | None,
+                  headroom: float | int) -> Plan:
+    if boundaries is not None:
+        return make_plan(profile, devices, "custom", boundaries, batch_size, max_seq_len,
+                         headroom)
+    even = make_plan(profile, devices, "uniform", None, batch_size, max_seq_len, headroom)
+    if not plan_problems(even):
+        return even
+    try:
+        return make_plan(profile, devices, "mixed", None, batch_size, max_seq_len, headroom)
+    except PlanningError:
+        return even  # nothing fits: the even split, whose shortfalls callers show or refuse
 
 
 def overbudget_stages(plan: Plan) -> list[str]:

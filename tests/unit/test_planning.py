@@ -422,7 +422,7 @@ def test_commands(tmp_path, one_gpu):
     assert again.strategy == "custom" and again.devices == ("cpu", "cpu")
     assert again.boundaries == Plan.load(tmp_path / "p.json").boundaries
     warn = plan_command(cfg, devices="cpu,cpu", max_memory="100MiB,10MiB", strategy="uniform")
-    assert "warning: stage 1 on cpu needs" in warn
+    assert "error: stage 1 on cpu needs" in warn
 
 
 def test_plot_without_matplotlib_names_pip_install(tmp_path, monkeypatch):

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from llamadist.api import build_engine, resolve_layout
+from llamadist.api import build_engine
+from llamadist.config import RuntimeConfig
+from llamadist.planning.layout import resolve_layout
 from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.engine import Engine
@@ -30,7 +32,8 @@ def split_engine(ckpt, strategy: str, stages: int, max_seq: int = 96) -> Engine:
                             device_speed=speeds, max_memory=",".join(["4GiB"] * stages),
                             max_batch=2, max_seq_len=max_seq)
     assert len(layout.layer_ranges) == stages
-    return build_engine(ckpt, layout, torch.float32, 2, max_seq)
+    return build_engine(ckpt, layout, RuntimeConfig(max_seq_len=max_seq, max_batch=2,
+                                                   dtype="float32"))
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +113,7 @@ def smollm2_reference(smollm2, tmp_path_factory):
     tok = ckpt.tokenizer()
     ids = tok.encode("The three primary colors are")
     one = build_engine(ckpt, resolve_layout(ckpt.config, devices="cpu", max_seq_len=64),
-                       torch.float32, 1, 64)
+                       RuntimeConfig(max_seq_len=64, max_batch=1, dtype="float32"))
     x, pos = torch.tensor([ids]), torch.arange(len(ids)).view(1, -1)
     logits = one.forward(x, pos, 0, None, logits="all")
     tokens = generate(one, tok, [ids], SamplingParams(max_new_tokens=12, ignore_eos=True))

@@ -1,0 +1,194 @@
+"""The front door: a request that cannot run is refused before any process starts or any
+weight loads, with one `llamadist: error:` line and a non-zero exit; planning works for
+hardware that is not here."""
+
+import json
+
+import pytest
+import torch
+
+from llamadist.cli import main
+
+
+def run_cli(capsys, *argv):
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err.strip().splitlines()
+
+
+def one_line_error(code, err, *needles):
+    assert code == 2, err
+    lines = [line for line in err if line.startswith("llamadist: error:")]
+    assert len(lines) == 1, err
+    assert not any("Traceback" in line or "[rank" in line for line in err), err
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
+# ---- planning for hardware that is not here -------------------------------------------
+def test_plan_for_gpus_this_machine_lacks(capsys):
+    flags = ["plan", "llama3-70b", "--devices", "cuda:0,cuda:1,cpu", "--max-memory",
+             "80GiB,80GiB,64GiB", "--device-speed", "1,1,0.05"]
+    code, out, err = run_cli(capsys, *flags, "--dtype", "bfloat16")
+    assert code == 0, err
+    assert "cuda:0" in out and "cuda:1" in out and "cpu" in out
+    # float32 (the default with a CPU in the list) needs 280 GB: planned, shown, refused
+    code, out, err = run_cli(capsys, *flags)
+    assert "cuda:1" in out
+    one_line_error(code, err, "does not fit", "short")
+
+
+def test_plan_for_an_absent_gpu_wants_its_budget(capsys):
+    if torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    code, _, err = run_cli(capsys, "plan", "llama3-8b", "--devices", "cuda:3")
+    one_line_error(code, err, "cuda:3", "--max-memory")
+
+
+def test_running_on_an_absent_device_is_refused(capsys, tiny_model):
+    if torch.cuda.device_count() > 3:
+        pytest.skip("this machine has a cuda:3")
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--devices",
+                           "cuda:3", "--max-memory", "1GiB")
+    one_line_error(code, err, "cuda:3", "not present")
+
+
+# ---- memory ------------------------------------------------------------------------------
+def test_run_over_the_memory_budget_names_device_and_shortfall(capsys, smollm2):
+    code, _, err = run_cli(capsys, "generate", str(smollm2), "--prompt", "hi", "--devices",
+                           "cpu,cpu", "--max-memory", "1MiB,1MiB")
+    one_line_error(code, err, "stage 0 on cpu", "budget 1.00 MiB", "short")
+
+
+def test_plan_over_budget_prints_the_table_and_exits_non_zero(capsys, tiny_model):
+    code, out, err = run_cli(capsys, "plan", str(tiny_model), "--devices", "cpu,cpu",
+                             "--max-memory", "10KiB,10KiB")
+    assert "stage" in out and "cpu" in out  # the table, so the user sees what is over
+    one_line_error(code, err, "does not fit", "10.00 KiB")
+
+
+def test_max_seq_len_above_the_context(capsys, tiny_model):
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi",
+                           "--max-seq-len", "1000")
+    one_line_error(code, err, "--max-seq-len 1000", "context of 256")
+
+
+def test_kv_cache_that_cannot_fit_is_refused_with_numbers(capsys):
+    code, _, err = run_cli(capsys, "plan", "llama3-8b", "--devices", "cpu", "--max-memory",
+                           "24GiB", "--max-seq-len", "8192", "--batch-size", "64")
+    line = one_line_error(code, err, "KV cache 128.00 GiB", "24.00 GiB")
+    assert "cpu" in line
+
+
+# ---- impossible layouts, refused before any process starts -------------------------------
+@pytest.mark.parametrize("flags, needles", [
+    (["--tp", "4"], ["tensor parallel 4", "9 query heads"]),
+    (["--nproc", "4", "--tp", "2", "--pp", "2"], ["tensor parallel 2", "9 query heads"]),
+    (["--nproc", "40", "--pp", "40"], ["40 pipeline stages", "30 layers"]),
+    (["--nproc", "3", "--pp", "2"], ["--nproc 3", "pp=2"]),
+])
+def test_impossible_layout(capsys, smollm2, flags, needles):
+    code, _, err = run_cli(capsys, "generate", str(smollm2), "--prompt", "hi", *flags)
+    one_line_error(code, err, *needles)
+
+
+def test_plan_refuses_an_impossible_layout_too(capsys):
+    code, _, err = run_cli(capsys, "plan", "smollm2-135m", "--tp", "4")
+    one_line_error(code, err, "tensor parallel 4", "9 query heads")
+
+
+def test_mixed_device_kinds_over_processes(capsys, tiny_model):
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--nproc",
+                           "2", "--devices", "cuda:0,cpu", "--max-memory", "1GiB,1GiB")
+    one_line_error(code, err, "mixes device kinds")
+
+
+def test_auto_says_why_it_runs_fewer_processes(capsys, tiny_model):
+    code, out, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--nproc",
+                             "2", "--auto", "--max-new-tokens", "2", "--json")
+    assert code == 0, err
+    assert any("running 1 process(es), not --nproc 2" in line for line in err), err
+    assert len(json.loads(out)["token_ids"]) == 2
+
+
+# ---- no tracebacks -----------------------------------------------------------------------
+def test_shape_bench_on_a_missing_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "bench", "--shape", "llama3-8b", "--devices", "cuda:0")
+    one_line_error(code, err, "cuda:0", "--devices cpu")
+
+
+@pytest.mark.parametrize("flag, value", [("--timeout", "0"), ("--max-seq-len", "0"),
+                                         ("--max-new-tokens", "-1")])
+def test_bad_numbers(capsys, tiny_model, flag, value):
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", flag, value)
+    one_line_error(code, err, flag, value)
+
+
+def test_convert_onto_an_existing_file(capsys, smollm2, tmp_path):
+    target = tmp_path / "taken"
+    target.write_text("mine")
+    code, _, err = run_cli(capsys, "convert", str(smollm2), str(target))
+    one_line_error(code, err, str(target), "not a folder")
+    assert target.read_text() == "mine"
+
+
+def test_convert_wants_a_gguf(capsys, tiny_model, tmp_path):
+    code, _, err = run_cli(capsys, "convert", str(tiny_model), str(tmp_path / "out"))
+    one_line_error(code, err, ".gguf", str(tiny_model))
+
+
+@pytest.mark.parametrize("content, needles", [
+    (b"\x00\xff\x10garbage", ["bad.json"]),
+    (b'{"stages": 3}', ["bad.json", "stages"]),
+    (b"[1, 2]", ["bad.json"]),
+])
+def test_bad_plan_file(capsys, tiny_model, tmp_path, content, needles):
+    bad = tmp_path / "bad.json"
+    bad.write_bytes(content)
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--plan",
+                           str(bad))
+    one_line_error(code, err, *needles)
+
+
+def test_plan_file_missing(capsys, tiny_model, tmp_path):
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--plan",
+                           str(tmp_path / "nope.json"))
+    one_line_error(code, err, "nope.json")
+
+
+def test_binary_prompts_file(capsys, tiny_model, tmp_path):
+    f = tmp_path / "prompts.bin"
+    f.write_bytes(bytes(range(256)) * 4)
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompts-file", str(f))
+    one_line_error(code, err, "prompts.bin", "not UTF-8")
+
+
+def test_missing_prompts_file(capsys, tiny_model, tmp_path):
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompts-file",
+                           str(tmp_path / "absent.txt"))
+    one_line_error(code, err, "absent.txt", "no such file")
+
+
+def test_a_bug_keeps_its_traceback(capsys, monkeypatch):
+    """Only user errors become one line; a programming error is not swallowed."""
+    import llamadist.cli.plan as commands
+
+    def broken(*a, **k):
+        raise KeyError("a bug")
+    monkeypatch.setattr(commands, "analyze_command", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["analyze", "smollm2-135m"])
+
+
+def test_device_speed_help_says_what_one_means(capsys):
+    with pytest.raises(SystemExit):
+        main(["plan", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "1.0 = an H100" in text
+
