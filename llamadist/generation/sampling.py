@@ -16,6 +16,9 @@ process count. Three things make that so:
 * An unseeded request gets a seed from the operating system (``new_seed``), recorded so
   the run can be repeated; the caller's global torch RNG is never read or reseeded.
 
+A seed is folded into a 32-bit stream key (``seed_key``): two seeds with the same key draw
+the same stream, a 2^-32 chance per pair that costs nothing but two alike requests.
+
 The draw is the exponential race: argmax(p / E) with E = -log(U) ~ Exp(1) picks token i
 with probability p_i, without renormalising and without a host sync. The trade against
 ``Tensor.exponential_``: about twenty elementwise integer passes over (B, V) per sampled
