@@ -43,6 +43,12 @@ def test_seeded_request_same_alone_and_in_a_batch(llms, alone, max_batch):
     assert [r.token_ids for r in batched] == alone
 
 
+def test_layout_does_not_matter(tiny_model, alone):
+    two_stages = LLM(str(tiny_model), devices="cpu,cpu", max_batch=4, max_seq_len=128)
+    assert len(two_stages.engine.stages) == 2
+    assert [r.token_ids for r in two_stages.generate(PROMPTS, SAMPLED)] == alone
+
+
 def test_batch_order_does_not_matter(llms, alone):
     rev = llms[4].generate(PROMPTS[::-1], SAMPLED)
     assert [r.token_ids for r in rev] == alone[::-1]
