@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 
 from llamadist.config import ModelConfig
-from llamadist.generation.sampling import SamplingParams, sample
+from llamadist.generation.sampling import Sampler, SamplingParams, request_seeds
 from llamadist.generation.tokenizer import Tokenizer
 
 
@@ -41,6 +41,8 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or stop string) or "length"
+    params: SamplingParams | None = None  # this request's own (None: the Generator's)
+    seed: int | None = None  # the concrete seed its tokens were sampled with
     _emitted: int = 0  # characters of text already streamed
 
     @property
@@ -108,10 +110,13 @@ def seen_mask(prompts: list[list[int]], vocab: int, device: torch.device) -> tor
     return seen
 
 
-def mark_seen(seen: torch.Tensor | None, tokens: torch.Tensor) -> None:
-    """Add the sampled tokens (B,) to ``seen`` (B, V), in place."""
-    if seen is not None:
-        seen[torch.arange(len(tokens), device=tokens.device), tokens] = True
+def make_sampler(prompts: list[list[int]], params: list[SamplingParams], seeds: list[int],
+                 vocab: int, device: torch.device) -> Sampler:
+    """The sampler for a batch of requests (with the prompts' tokens marked seen when a
+    request asks for a repetition penalty)."""
+    penalised = any(p.repetition_penalty != 1.0 for p in params)
+    seen = seen_mask(prompts, vocab, device) if penalised else None
+    return Sampler(params, seeds, device, seen)
 
 
 def fit_history(encode: Callable[[list[dict]], list[int]], system: list[dict],
@@ -162,7 +167,11 @@ class _HostCopy:
 
 
 class Generator:
-    """Streams tokens for a batch of tokenized prompts through a StepModel."""
+    """Streams tokens for a batch of tokenized prompts through a StepModel.
+
+    ``params`` is every request's default; ``stream`` may give each prompt its own. A
+    request's tokens depend only on its prompt, its params and its seed (see
+    ``generation.sampling``), so splitting prompts into batches changes nothing."""
 
     def __init__(self, model: StepModel, tokenizer: Tokenizer | None, params: SamplingParams,
                  eos_token_ids: tuple[int, ...] = ()):
@@ -173,31 +182,39 @@ class Generator:
         self.stats = GenerationStats()
         self.sequences: list[Sequence] = []
 
-    def stream(self, prompts: list[list[int]]) -> Iterator[list[StreamEvent]]:
-        """Yield, after each step, one event per sequence that produced a token."""
-        p = self.params
-        check_context(prompts, p.max_new_tokens, self.model.max_seq_len, self.model.max_batch)
-        self.sequences = [Sequence(list(x)) for x in prompts]
+    def stream(self, prompts: list[list[int]], params: list[SamplingParams] | None = None
+               ) -> Iterator[list[StreamEvent]]:
+        """Yield, after each step, one event per sequence that produced a token.
+        ``params``: one per prompt (default: the Generator's for all); an unseeded request
+        gets a seed from the OS, kept in ``sequences[i].seed``."""
+        per = list(params) if params is not None else [self.params] * len(prompts)
+        if len(per) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per)} sampling params")
+        most = max((p.max_new_tokens for p in per), default=0)
+        check_context(prompts, most, self.model.max_seq_len, self.model.max_batch)
+        seeds = request_seeds(per)
+        self.sequences = [Sequence(list(x), params=p, seed=s)
+                          for x, p, s in zip(prompts, per, seeds)]
         self.stats = GenerationStats(prompt_tokens=sum(map(len, prompts)), batch_size=len(prompts))
-        if p.max_new_tokens == 0:
+        for seq in self.sequences:
+            if seq.params.max_new_tokens == 0 and most > 0:
+                seq.finish_reason = "length"
+        if most == 0:
             return
         dev = self.model.device
-        gen = torch.Generator(device=dev)
-        gen.manual_seed(p.seed if p.seed is not None else int(torch.seed() % 2**63))
         tokens, positions, valid = left_pad(prompts, pad_id(self.tokenizer),
                                             self.model.max_seq_len, dev)
-        seen = (seen_mask(prompts, self.model.config.vocab_size, dev)
-                if p.repetition_penalty != 1.0 else None)
+        sampler = make_sampler(prompts, per, seeds, self.model.config.vocab_size, dev)
 
         t0 = time.perf_counter()
         logits = self.model.forward(tokens, positions, 0, valid)  # (B, 1, V)
         slot, pos = tokens.shape[1], positions[:, -1:] + 1
-        next_tok = self._sample(logits, gen, seen)  # (B,)
+        next_tok = sampler(logits[:, -1])  # (B,)
         fetch = _HostCopy(len(prompts), next_tok.device)
         fetch.start(next_tok)
         last = t0
-        for step in range(p.max_new_tokens):
-            more = step < p.max_new_tokens - 1
+        for step in range(most):
+            more = step < most - 1
             # Queue the next step before waiting for this one's tokens, so the device works
             # while the host checks stops and streams text (not right after the prefill,
             # whose time is reported alone). A step queued past a stop is simply dropped.
@@ -219,26 +236,20 @@ class Generator:
             if not ahead:
                 logits = self.model.forward(next_tok.view(-1, 1), pos, slot, valid)
             slot, pos = slot + 1, pos + 1
-            next_tok = self._sample(logits, gen, seen)
+            next_tok = sampler(logits[:, -1])
             fetch.start(next_tok)
-
-    def _sample(self, logits: torch.Tensor, gen: torch.Generator,
-                seen: torch.Tensor | None) -> torch.Tensor:
-        """(B, 1, V) logits -> (B,) token ids, on the device; marks them seen."""
-        tok = sample(logits[:, -1], self.params, gen, seen)
-        mark_seen(seen, tok)
-        return tok
 
     def _advance(self, ids: list[int], step: int) -> list[StreamEvent]:
         events = []
         for i, (seq, tok) in enumerate(zip(self.sequences, ids)):
             if seq.done:
                 continue
+            p = seq.params or self.params
             seq.token_ids.append(tok)
-            if tok in self.eos and not self.params.ignore_eos:
+            if tok in self.eos and not p.ignore_eos:
                 seq.token_ids.pop()  # EOS ends the sequence and is not part of its text
                 seq.finish_reason = "stop"
-            elif step == self.params.max_new_tokens - 1:
+            elif step == p.max_new_tokens - 1:
                 seq.finish_reason = "length"
             events.append(StreamEvent(i, tok, self._new_text(seq), seq.done))
         return events
@@ -246,8 +257,9 @@ class Generator:
     def _new_text(self, seq: Sequence) -> str:
         if self.tokenizer is None:
             return ""
+        stops = (seq.params or self.params).stop
         text = self.tokenizer.decode(seq.token_ids)
-        for stop in self.params.stop:
+        for stop in stops:
             cut = text.find(stop)
             if cut >= 0:
                 text = text[:cut]
@@ -256,7 +268,7 @@ class Generator:
         if not seq.done:
             # Hold back an unfinished UTF-8 character and any tail that may begin a stop string.
             safe = len(text.rstrip("\ufffd"))
-            for stop in self.params.stop:
+            for stop in stops:
                 for k in range(min(len(stop) - 1, safe), 0, -1):
                     if text[safe - k:safe] == stop[:k]:
                         safe -= k
@@ -275,18 +287,26 @@ class GenerationResult:
     text: str
     finish_reason: str | None
     stats: dict
+    seed: int | None = None  # the seed it was sampled with (repeat a run by passing it)
 
     def to_dict(self) -> dict:
         return {"prompt_token_ids": self.prompt_token_ids, "token_ids": self.token_ids,
-                "text": self.text, "finish_reason": self.finish_reason, "stats": self.stats}
+                "text": self.text, "finish_reason": self.finish_reason, "seed": self.seed,
+                "stats": self.stats}
+
+    @classmethod
+    def of(cls, seq: Sequence, stats: dict) -> "GenerationResult":
+        return cls(seq.prompt_token_ids, seq.token_ids, seq.text, seq.finish_reason, stats,
+                   seq.seed)
 
 
 def generate(model: StepModel, tokenizer: Tokenizer | None, prompts: list[list[int]],
-             params: SamplingParams) -> list[GenerationResult]:
-    """Run to completion and return one result per prompt."""
-    gen = Generator(model, tokenizer, params)
-    for _ in gen.stream(prompts):
+             params: SamplingParams | list[SamplingParams]) -> list[GenerationResult]:
+    """Run to completion and return one result per prompt (``params``: one for all, or
+    one per prompt)."""
+    shared = params if isinstance(params, SamplingParams) else params[0]
+    gen = Generator(model, tokenizer, shared)
+    for _ in gen.stream(prompts, None if isinstance(params, SamplingParams) else params):
         pass
     stats = gen.stats.to_dict()
-    return [GenerationResult(s.prompt_token_ids, s.token_ids, s.text, s.finish_reason, stats)
-            for s in gen.sequences]
+    return [GenerationResult.of(s, stats) for s in gen.sequences]

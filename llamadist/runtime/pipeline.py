@@ -15,9 +15,11 @@ Design (chosen over wrapping a StepModel for the unchanged Generator, and why):
   every stage is busy in the steady state (round-robin; the only bubble is filling and
   draining), which a StepModel driven by ``Generator`` cannot do: it needs the whole
   batch's logits at each step, so each step would pay the full (P-1)/(M+P-1) bubble.
-* The last stage samples (``generation.sampling.sample``) with one seeded generator per
-  sequence (seed + global row), so tokens do not depend on how rows are grouped into
-  micro-batches or replicas; greedy output equals the single-process Engine's.
+* The last stage samples with ``generation.sampling.Sampler``: each row with its own
+  request's seed (``Request.seeds``, or the params' seed for all) and counter-based noise,
+  so a request's tokens do not depend on how rows are grouped into micro-batches or
+  replicas, nor on the process count: they equal the single-process Engine's, greedy or
+  seeded (up to float rounding of the logits).
 * The first stage owns the sequences: it checks EOS, stop strings and max tokens (the
   same ``Generator._advance`` bookkeeping as in-process generation), stops lanes that are
   done, and when every lane is done sends END down the pipeline, which every rank
@@ -43,9 +45,9 @@ from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.distributed.faults import Watchdog, fault_hook
 from llamadist.distributed.groups import ParallelGroups
 from llamadist.distributed.p2p import P2P, Kind, LinkStats, Message
-from llamadist.generation.generate import (Generator, Sequence, StreamEvent, left_pad, mark_seen,
-                                         pad_id, seen_mask)
-from llamadist.generation.sampling import SamplingParams, sample
+from llamadist.generation.generate import (Generator, Sequence, StreamEvent, left_pad,
+                                           make_sampler, pad_id)
+from llamadist.generation.sampling import Sampler, SamplingParams
 from llamadist.generation.tokenizer import Tokenizer
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.stage import Stage, build_stage, build_tp_stage, parse_dtype, sync
@@ -72,6 +74,20 @@ class Request:
     params: SamplingParams  # with a concrete seed, chosen by rank 0
     micro_batches: int
     record_logits: bool = False  # keep the last stage's logits (tests compare them)
+    seeds: list[int] | None = None  # one per prompt (default: params.seed for every prompt)
+
+    def __post_init__(self) -> None:
+        if self.seeds is None and self.params.seed is None and not self.params.greedy:
+            raise ValueError("a pipeline request needs concrete seeds (rank 0 chooses them), "
+                             "so that every rank samples the same tokens")
+        if self.seeds is not None and len(self.seeds) != len(self.prompts):
+            raise ValueError(f"{len(self.prompts)} prompts but {len(self.seeds)} seeds")
+
+    def seed(self, row: int) -> int:
+        """Prompt ``row``'s seed: its own, never derived from its row."""
+        if self.seeds is not None:
+            return self.seeds[row]
+        return self.params.seed if self.params.seed is not None else 0  # greedy: unused
 
 
 def split_rows(n: int, parts: int) -> list[range]:
@@ -115,29 +131,11 @@ class Lane:
         return self.positions[:, -1:] + step, slot, attention_mask(self.valid, slot, 1)
 
 
-class LaneSampler:
-    """Sampling for one lane on the last stage: a generator per sequence, so the draw for a
-    row does not depend on which rows share its micro-batch."""
-
-    def __init__(self, params: SamplingParams, rows: range, prompts: list[list[int]],
-                 vocab: int, device: torch.device):
-        self.params = params
-        self.gens = None
-        if not params.greedy:
-            self.gens = [torch.Generator(device=device).manual_seed(params.seed + r) for r in rows]
-        self.seen = (seen_mask(prompts, vocab, device)  # (B_m, V)
-                     if params.repetition_penalty != 1.0 else None)
-
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits (B_m, V) -> tokens (B_m,) long."""
-        if self.gens is None:
-            tok = sample(logits, self.params, None, self.seen)
-        else:
-            tok = torch.cat([sample(logits[i:i + 1], self.params, g,
-                                    None if self.seen is None else self.seen[i:i + 1])
-                             for i, g in enumerate(self.gens)])
-        mark_seen(self.seen, tok)
-        return tok
+def lane_sampler(req: Request, rows: range, vocab: int, device: torch.device) -> Sampler:
+    """Sampling for one lane on the last stage: every row with its own request's seed, so
+    its draw does not depend on which rows share its micro-batch."""
+    return make_sampler([req.prompts[r] for r in rows], [req.params] * len(rows),
+                        [req.seed(r) for r in rows], vocab, device)
 
 
 @dataclass
@@ -187,12 +185,12 @@ class PipelineRunner:
         lanes = self._make_lanes(rows, prompts, req.micro_batches) \
             if req.params.max_new_tokens > 0 else []
         if self.stage.has_head:
-            self._samplers = {ln.index: LaneSampler(req.params, ln.rows, [req.prompts[r] for r in
-                              ln.rows], self.config.vocab_size, self.stage.device) for ln in lanes}
+            self._samplers = {ln.index: lane_sampler(req, ln.rows, self.config.vocab_size,
+                                                     self.stage.device) for ln in lanes}
         if self.pp.is_first:
-            yield from self._drive(lanes, req.params, rows.start, t0)
+            yield from self._drive(lanes, req, rows.start, t0)
             if not lanes:
-                self.sequences = [Sequence(list(p)) for p in prompts]
+                self.sequences = [Sequence(list(req.prompts[r]), seed=req.seed(r)) for r in rows]
         else:
             self._serve(lanes)
         self.p2p.flush()
@@ -211,15 +209,16 @@ class PipelineRunner:
                               self.stage.device))
         return lanes
 
-    def _drive(self, lanes: list[Lane], params: SamplingParams, row0: int,
+    def _drive(self, lanes: list[Lane], req: Request, row0: int,
                t0: float) -> Iterator[list[StreamEvent]]:
         """First stage: inject prefills, then turn each lane's returning tokens into its
         next decode step until every sequence has stopped."""
-        trackers = {}
+        params, trackers = req.params, {}
         for ln in lanes:
             trackers[ln.index] = tracker = Generator(None, self.tokenizer, params,
                                                      self.config.eos_token_ids)
-            tracker.sequences = [Sequence(list(p)) for p in ln.prompts]
+            tracker.sequences = [Sequence(list(p), seed=req.seed(r))
+                                 for r, p in zip(ln.rows, ln.prompts)]
             self._step(ln, 0, ln.tokens)
         active, first_back = len(lanes), 0
         while active:
