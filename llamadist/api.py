@@ -88,8 +88,7 @@ class LLM:
             gen, events = self.stream_tokens(batch, params, **overrides)
             for _ in events:
                 pass
-            results += [GenerationResult(s.prompt_token_ids, s.token_ids, s.text, s.finish_reason,
-                                         gen.stats.to_dict()) for s in gen.sequences]
+            results += [GenerationResult.of(s, gen.stats.to_dict()) for s in gen.sequences]
         return results
 
     def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None,

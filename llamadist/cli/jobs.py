@@ -93,7 +93,8 @@ def print_sequences(args: argparse.Namespace, prompts: list[str], seqs: list[dic
         for prompt, s in zip(prompts, seqs):
             print(json.dumps({"prompt": prompt, "prompt_token_ids": s["prompt_token_ids"],
                               "token_ids": s["token_ids"], "text": s["text"],
-                              "finish_reason": s["finish_reason"], "stats": stats}))
+                              "finish_reason": s["finish_reason"], "seed": s["seed"],
+                              "stats": stats}))
     elif streamed:
         print()
     else:

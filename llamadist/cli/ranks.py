@@ -9,18 +9,18 @@ import argparse
 import json
 import logging
 import os
-import random
 import sys
 import time
 from dataclasses import asdict, replace
 from typing import Any
 
+from llamadist.cli.args import USER_ERRORS, runtime_config
 from llamadist.cli.chat import ChatSession
 from llamadist.cli.jobs import (Job, bench_job, chat_job, generate_job, inherited_layout,
                                 print_sequences)
-from llamadist.cli.args import USER_ERRORS, runtime_config
 from llamadist.config import DEFAULT_TIMEOUT_S
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
+from llamadist.generation.sampling import request_seeds
 from llamadist.runtime.pipeline import PipelineSpec, Request
 from llamadist.runtime.worker import Session, setup_worker_logging
 
@@ -75,11 +75,6 @@ def _spec(session: Session, job: Job) -> PipelineSpec:
                         job.max_seq_len, job.runtime.micro_batches_for(g.pp_size, per_replica))
 
 
-def _seeded(params):
-    """Rank 0 picks the seed of an unseeded request, so every rank samples alike."""
-    return params if params.seed is not None else replace(params, seed=random.randrange(2**31))
-
-
 def _agree(session: Session, decide) -> Any:
     """Rank 0 runs ``decide()``; its result (or its user error) reaches every rank."""
     setup: Any = None
@@ -128,7 +123,8 @@ def _generate(session: Session, args: argparse.Namespace) -> int:
     def decide() -> tuple[PipelineSpec, Request, list[str]]:
         job = generate_job(args, ckpt, tok)
         spec = _spec(session, job)
-        return spec, Request(job.encoded, _seeded(job.params), spec.micro_batches), job.prompts
+        seeds = request_seeds([job.params] * len(job.encoded))  # rank 0 draws, every rank uses
+        return spec, Request(job.encoded, job.params, spec.micro_batches, seeds=seeds), job.prompts
 
     setup = _agree(session, decide)
     if setup is None:
@@ -180,7 +176,8 @@ def _chat(session: Session, args: argparse.Namespace) -> int:
         if session.is_driver else None
     while True:
         ids = chat.next_prompt(params) if chat else None
-        req = session.broadcast(Request([ids], _seeded(params), 1) if ids else None)
+        req = session.broadcast(Request([ids], params, 1, seeds=request_seeds([params]))
+                                if ids else None)
         if req is None:
             return 0
         reply = []

@@ -58,7 +58,7 @@ def _generate(args: argparse.Namespace, job: Job, llm) -> int:
             sys.stdout.flush()
     stats = gen.stats.to_dict()
     seqs = [{"prompt_token_ids": s.prompt_token_ids, "token_ids": s.token_ids, "text": s.text,
-             "finish_reason": s.finish_reason} for s in gen.sequences]
+             "finish_reason": s.finish_reason, "seed": s.seed} for s in gen.sequences]
     print_sequences(args, job.prompts, seqs, stats, streaming)
     print(f"prefill {stats['prefill_s'] * 1e3:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} "
           f"tokens/s ({len(llm.engine.stages)} stage(s), {llm.dtype})", file=sys.stderr)
