@@ -184,6 +184,8 @@ class RuntimeConfig:
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
     decode_attention "split" (the split-KV Triton kernel where it applies) or "sdpa"
     timeout          seconds a rank waits for a silent peer
+    timed            synchronise after each stage so its time is its own (per-stage
+                     statistics; costs a little speed)
     """
     max_seq_len: int | None = None
     max_batch: int = 8
@@ -194,6 +196,7 @@ class RuntimeConfig:
     cpu_kernels: bool = True
     decode_attention: str = "split"
     timeout: float = DEFAULT_TIMEOUT_S
+    timed: bool = False
 
     def __post_init__(self) -> None:
         if self.max_seq_len is not None and self.max_seq_len < 1:

@@ -109,6 +109,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
     return RuntimeConfig(max_batch=max_batch,
                          cuda_graphs=not getattr(args, "no_cuda_graphs", False),
                          compile=not getattr(args, "no_compile", False),
+                         timed=getattr(args, "command", None) == "bench"
+                         or bool(getattr(args, "stats", False)),
                          **{k: v for k, v in given.items() if v is not None})
 
 

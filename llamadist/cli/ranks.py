@@ -132,7 +132,6 @@ def _generate(session: Session, args: argparse.Namespace) -> int:
     spec, req, prompts = setup
     runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty(),
                           runtime=runtime_config(args))
-    runner.timed = bool(args.stats)
     streaming = session.is_driver and len(req.prompts) == 1 and not args.json
     for step in runner.run(req):
         if streaming:
@@ -207,7 +206,6 @@ def _bench(session: Session, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     runner = session.load(ckpt, spec, tok, runtime=runtime_config(args))
     load_s = time.perf_counter() - t0
-    runner.timed = True
     # One short warm-up request: first calls allocate and pick kernels on every rank.
     for _ in runner.run(replace(req, params=replace(req.params, max_new_tokens=2))):
         pass

@@ -49,7 +49,6 @@ def load_llm(job: Job, ckpt, tok, progress: bool = False):
 
 
 def _generate(args: argparse.Namespace, job: Job, llm) -> int:
-    llm.engine.timed = bool(args.stats)
     gen, events = llm.stream_tokens(job.encoded, job.params)
     streaming = len(job.prompts) == 1 and not args.json
     for step in events:
@@ -89,7 +88,6 @@ def _chat(args: argparse.Namespace, job: Job, llm) -> int:
 
 def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     load_s = sum(s.stats.load.seconds for s in llm.engine.stages if s.stats.load)
-    llm.engine.timed = True
     t0 = time.perf_counter()
     gen, events = llm.stream_tokens(job.encoded, job.params)
     for _ in events:

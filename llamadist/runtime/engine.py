@@ -35,7 +35,7 @@ class Engine:
         self.stages = stages
         self.ckpt = ckpt
         self.runtime = runtime or RuntimeConfig()
-        self.timed = False  # sync after each stage to attribute time (costs a little speed)
+        self.timed = self.runtime.timed  # sync after each stage to attribute its time
         # Read by the first decode step (the graphs are made then); kept as attributes
         # so tests can compare paths on one engine.
         self.cuda_graphs = self.runtime.cuda_graphs and any(s.device.type == "cuda"

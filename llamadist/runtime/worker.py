@@ -101,7 +101,7 @@ class Session:
         log.info("%s: layers [%d, %d) loaded", self.groups.describe(), stage.layers.start,
                  stage.layers.stop)
         self.runner = PipelineRunner(self.groups, stage, ckpt.config, tokenizer, self.timeout,
-                                     self.watchdog)
+                                     self.watchdog, timed=bool(runtime and runtime.timed))
         # Loading times differ by stage; --timeout bounds a step, not a slow neighbour's load.
         self.barrier("every rank to load its stage")
         return self.runner

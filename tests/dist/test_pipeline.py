@@ -216,7 +216,7 @@ def test_bad_grid_is_refused(tiny_model, capsys):
     from llamadist.cli import main
     assert main(["generate", str(tiny_model), "--nproc", "3", "--pp", "2", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
-    assert "--nproc 3 with pp=2 x tp=1 x dp=1 = 2" in err and "multiplies to 3" in err
+    assert "--nproc 3 but pp=2 x tp=1 x dp=1 = 2" in err and "multiplies to 3" in err
 
 
 def live_tagged(tag: str) -> list[int]:
