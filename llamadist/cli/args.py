@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from llamadist.config import DEFAULT_TIMEOUT_S, RuntimeConfig
+from llamadist.config import DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, RuntimeConfig
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -65,6 +65,11 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="decode eagerly on CUDA instead of replaying captured CUDA graphs")
     g.add_argument("--no-compile", action="store_true",
                    help="capture the eager decoder layers (skip torch.compile's fused kernels)")
+    g.add_argument("--no-cpu-kernels", action="store_true",
+                   help="decode on the CPU through PyTorch instead of llamadist's C kernels")
+    g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),
+                   help="one-token attention under CUDA graphs: split (the split-KV kernel, "
+                   "default where it applies) or sdpa")
 
 
 def add_grid(p: argparse.ArgumentParser) -> None:
@@ -105,10 +110,12 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
     given = {"max_seq_len": getattr(args, "max_seq_len", None),
              "dtype": getattr(args, "dtype", None),
              "micro_batches": getattr(args, "micro_batches", None),
-             "timeout": getattr(args, "timeout", None)}
+             "timeout": getattr(args, "timeout", None),
+             "decode_attention": getattr(args, "decode_attention", None)}
     return RuntimeConfig(max_batch=max_batch,
                          cuda_graphs=not getattr(args, "no_cuda_graphs", False),
                          compile=not getattr(args, "no_compile", False),
+                         cpu_kernels=not getattr(args, "no_cpu_kernels", False),
                          timed=getattr(args, "command", None) == "bench"
                          or bool(getattr(args, "stats", False)),
                          **{k: v for k, v in given.items() if v is not None})

@@ -65,6 +65,8 @@ class ShapeOptions:
     max_seq_len: int | None = None      # default prompt + gen rounded up to 128
     no_cuda_graphs: bool = False
     no_compile: bool = False
+    no_cpu_kernels: bool = False
+    decode_attention: str = "split"
     batch: list[int] = field(default_factory=lambda: [1])   # int or "1,8,32" or a list
     prompt_len: int = 64
     gen_len: int = 32
@@ -443,7 +445,9 @@ def bench_layout(run: ShapeRun, full: Llama | None, ranges: list[range], devices
     o = run.opts
 
     def measure() -> dict:
-        runtime = RuntimeConfig(cuda_graphs=mode != "off", compile=mode == "compiled")
+        runtime = RuntimeConfig(cuda_graphs=mode != "off", compile=mode == "compiled",
+                                cpu_kernels=not o.no_cpu_kernels,
+                                decode_attention=o.decode_attention)
         engine = make_engine(run.config, full, ranges, devices, run.dtype, batch, run.max_seq,
                              runtime)
         try:

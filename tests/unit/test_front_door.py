@@ -192,3 +192,37 @@ def test_device_speed_help_says_what_one_means(capsys):
     text = " ".join(capsys.readouterr().out.split())
     assert "1.0 = an H100" in text
 
+
+
+# ---- one RuntimeConfig, built once from the flags and passed down ------------------------
+def test_flags_become_one_runtime_config_that_reaches_the_engine(tiny_model):
+    from llamadist.cli.jobs import generate_job
+    from llamadist.cli.main import build_parser
+    from llamadist.cli.run import load_llm
+    from llamadist.weights.checkpoint import open_checkpoint
+    args = build_parser().parse_args([
+        "generate", str(tiny_model), "--prompt", "hi", "--prompt", "there", "--no-cuda-graphs",
+        "--no-compile", "--no-cpu-kernels", "--decode-attention", "sdpa", "--timeout", "5",
+        "--max-seq-len", "64", "--micro-batches", "2", "--dtype", "float32",
+        "--max-new-tokens", "8"])
+    ckpt = open_checkpoint(args.model)
+    job = generate_job(args, ckpt, ckpt.tokenizer())
+    rt = job.runtime
+    assert (rt.max_seq_len, rt.max_batch, rt.dtype, rt.micro_batches, rt.timeout) == \
+        (64, 2, "float32", 2, 5.0)
+    assert not (rt.cuda_graphs or rt.compile or rt.cpu_kernels)
+    assert rt.decode_attention == "sdpa"
+    llm = load_llm(job, ckpt, ckpt.tokenizer())
+    assert llm.engine.runtime is rt and llm.max_seq_len == 64
+    assert all(s.layer_fn is None for s in llm.engine.stages)  # no C decode layer
+
+
+def test_kv_length_defaults_to_what_the_request_needs(tiny_model):
+    from llamadist.cli.jobs import generate_job
+    from llamadist.cli.main import build_parser
+    from llamadist.weights.checkpoint import open_checkpoint
+    args = build_parser().parse_args(["generate", str(tiny_model), "--prompt", "hi",
+                                      "--max-new-tokens", "10"])
+    ckpt = open_checkpoint(args.model)
+    # prompt + 10 new tokens, rounded up to 256, at most the 256-token context
+    assert generate_job(args, ckpt, ckpt.tokenizer()).max_seq_len == 256
