@@ -213,7 +213,7 @@ def test_flags_become_one_runtime_config_that_reaches_the_engine(tiny_model):
     assert not (rt.cuda_graphs or rt.compile or rt.cpu_kernels)
     assert rt.decode_attention == "sdpa"
     llm = load_llm(job, ckpt, ckpt.tokenizer())
-    assert llm.engine.runtime is rt and llm.max_seq_len == 64
+    assert llm.engine.runtime == rt and llm.max_seq_len == 64
     assert all(s.layer_fn is None for s in llm.engine.stages)  # no C decode layer
 
 
