@@ -36,18 +36,26 @@ class LLM:
                  devices: str | list[str] | None = None,
                  strategy: str | None = None, max_memory: str | None = None,
                  device_speed: str | None = None, boundaries: str | None = None,
-                 plan: str | None = None, dtype: str | None = None, max_batch: int = 8,
-                 max_seq_len: int | None = None, runtime: RuntimeConfig | None = None,
-                 layout: Layout | None = None, progress: bool = False):
-        """``runtime`` (a RuntimeConfig) or the keywords dtype/max_batch/max_seq_len say how
-        to run; ``layout`` (a planning Layout) or the placement keywords say where."""
+                 plan: str | None = None, dtype: str | None = None,
+                 max_batch: int | None = None, max_seq_len: int | None = None,
+                 runtime: RuntimeConfig | None = None, layout: Layout | None = None,
+                 progress: bool = False):
+        """How to run: ``runtime`` (a RuntimeConfig) or the keywords dtype / max_batch /
+        max_seq_len, not both (RuntimeConfig holds the defaults). Where: ``layout`` (a
+        one-process planning Layout) or the placement keywords, not both."""
         self.ckpt = open_checkpoint(model) if isinstance(model, (str, Path)) else model
         self.config = self.ckpt.config
         self.tokenizer = tokenizer or self.ckpt.tokenizer()
-        if runtime is None:
-            runtime = RuntimeConfig(max_seq_len=max_seq_len, max_batch=max_batch, dtype=dtype)
+        how = {k: v for k, v in (("dtype", dtype), ("max_batch", max_batch),
+                                 ("max_seq_len", max_seq_len)) if v is not None}
+        if runtime is not None and how:
+            raise TypeError(f"give runtime= or {', '.join(how)}=, not both")
+        runtime = runtime or RuntimeConfig(**how)
         runtime = runtime.replace(
             max_seq_len=runtime.seq_len_for(self.config.max_position_embeddings))
+        where = {k: v for k, v in (("devices", devices), ("strategy", strategy),
+                                   ("max_memory", max_memory), ("device_speed", device_speed),
+                                   ("boundaries", boundaries), ("plan", plan)) if v is not None}
         if layout is None:
             dev = devices if isinstance(devices, str) or devices is None else ",".join(devices)
             layout = resolve_layout(self.config, devices=dev, strategy=strategy,
@@ -56,6 +64,12 @@ class LLM:
                                     dtype=runtime.dtype_for(dev or "cpu"),
                                     max_batch=runtime.max_batch,
                                     max_seq_len=runtime.max_seq_len)
+        elif where:
+            raise TypeError(f"give layout= or {', '.join(where)}=, not both")
+        elif layout.processes > 1 or layout.tp > 1 or layout.dp > 1:
+            raise ValueError(f"LLM runs in this process; the layout asks for tp={layout.tp} "
+                             f"dp={layout.dp} over {layout.processes} processes: run it with "
+                             f"`llamadist generate --nproc ...` or torchrun")
         self.runtime, self.layout = runtime, layout
         self.dtype = runtime.dtype_for(list(layout.devices))
         self.max_seq_len = runtime.max_seq_len

@@ -37,6 +37,13 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                 "head_dim": self.head_dim, "max_position_embeddings": self.max_position_embeddings}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+        if bad:
+            raise ConfigError(f"config sizes must be positive: {', '.join(bad)}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads={self.num_heads} is not a multiple of "
@@ -59,6 +66,8 @@ class ModelConfig:
     # ---- Hugging Face config.json ---------------------------------------
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise ConfigError(f"config.json holds a {type(d).__name__}, not an object")
         archs = d.get("architectures") or []
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES and not set(archs) & set(SUPPORTED_ARCHITECTURES):
@@ -103,6 +112,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            # a field of the wrong type or value (null, a string, 0 heads): name it
+            raise ConfigError(f"config.json has a field llamadist cannot read ({e}); check "
+                              f"its sizes and head counts") from None
 
     @classmethod
     def from_json_file(cls, path: str | Path) -> "ModelConfig":

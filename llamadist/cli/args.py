@@ -134,15 +134,6 @@ def in_worker() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
-def wants_processes(args: argparse.Namespace) -> bool:
-    """Run over processes: asked for on the command line, or started by torchrun."""
-    if in_worker() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return True
-    sizes = (getattr(args, "nproc", None), getattr(args, "pp", None), getattr(args, "tp", 1),
-             getattr(args, "dp", 1))
-    return any((v or 1) > 1 for v in sizes)
-
-
 def read_lines(path: str, what: str) -> list[str]:
     """Non-empty lines of a text file, or a clear error naming the file."""
     try:

@@ -35,6 +35,7 @@ from llamadist.generation.generate import Generator
 from llamadist.generation.sampling import SamplingParams
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
+from llamadist.planning.strategies import uniform_ends
 from llamadist.planning.profile import ModelProfile, decode_step_bytes, prefill_flops, profile
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.kernel_passes import apply_kernel_passes
@@ -206,13 +207,9 @@ def share_model(full: Llama, layers: range, has_embed: bool, has_head: bool) -> 
 
 
 def uniform_ranges(n: int, k: int) -> list[range]:
-    base, extra = divmod(n, k)
-    out, s = [], 0
-    for i in range(k):
-        e = s + base + (1 if i < extra else 0)
-        out.append(range(s, e))
-        s = e
-    return out
+    """n layers in k near-equal stages: the planner's uniform split."""
+    ends = uniform_ends(n, k)
+    return [range(s, e) for s, e in zip([0, *ends], ends)]
 
 
 def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], devices: list[str],
@@ -295,7 +292,9 @@ def run_ours(engine: Engine, prompts: torch.Tensor, gen_len: int, prefill_reps: 
 
 
 def timed_stage_run(engine: Engine, ids: list[list[int]], n: int) -> dict:
-    """A second generation with a sync after every stage: where the time goes per stage."""
+    """A second generation with a sync after every stage: where the time goes per stage.
+    The same engine in a measurement mode (not a run-time setting): timing switched on for
+    this run only, so both runs share the weights and the captured graphs."""
     engine.timed = True
     for s in engine.stages:
         s.stats.compute_s = s.stats.transfer_s = 0.0

@@ -79,7 +79,11 @@ def bench_job(args: argparse.Namespace, ckpt, tok) -> Job:
         if not enc:
             raise ValueError(f"--prompts {args.prompts} has no prompt (no non-empty line)")
     else:
-        base = tok.encode(BENCH_TEXT * (args.prompt_len // 4 + 8))
+        # Prompt i is the text's tokens [i, i + prompt_len): distinct rows of equal length.
+        need, repeats, base = args.prompt_len + args.batch, 8, []
+        while len(base) < need:
+            repeats *= 2
+            base = tok.encode(BENCH_TEXT * repeats)
         enc = [base[i:i + args.prompt_len] for i in range(args.batch)]
     params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True, seed=0)
     needed = max(map(len, enc)) + args.gen_len

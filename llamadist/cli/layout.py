@@ -12,6 +12,7 @@ from llamadist.cli.args import in_worker
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.planning.checks import check_grid
 from llamadist.planning.layout import Layout, resolve_layout, stage_devices
+from llamadist.planning.plan import Plan
 from llamadist.planning.units import PlanningError
 
 LAYOUT_ENV = "LLAMADIST_LAYOUT"  # the front process's Layout, handed to the workers it starts
@@ -21,22 +22,31 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
                 max_seq_len: int, batch: int) -> Layout:
     """`--auto`: the planner's best tp x pp x dp and layer split for --devices."""
     from llamadist.planning.auto import auto_plan
-    from llamadist.planning.devices import parse_devices
+    from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.profile import profile
+    if in_worker():
+        raise PlanningError("--auto chooses the number of processes itself: start llamadist "
+                            "without torchrun (or give --pp/--tp/--dp instead of --auto)")
     devices = args.devices or "cpu"
-    dtype = runtime.dtype_for(devices)
+    check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, args.max_memory, args.device_speed)
-    best = auto_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
-                     objective="latency", batch_size=batch, max_seq_len=max_seq_len,
+    best = auto_plan(profile(config, dtype=runtime.dtype_for(devices), seq_len=max_seq_len),
+                     specs, objective="latency", batch_size=batch, max_seq_len=max_seq_len,
                      config=config, top=1)[0]
     nproc = best.tp * best.pp * best.dp
     used = [s.devices[0] for s in best.stages]
     kinds = {d.split(":")[0] for d in used}
-    # Over processes with one kind of device, each rank takes its own (cuda:LOCAL_RANK).
-    if nproc > 1 and len(kinds) == 1:
-        used = [kinds.pop()] * len(used)
     why = best.why
-    if nproc == 1 and len(specs) > 1:
+    if len(kinds) > 1 and best.tp == best.dp == 1:
+        # A pipeline over mixed device kinds runs in one process (one backend per group).
+        nproc, why = 1, why + " (mixed device kinds: the stages run in one process)"
+    elif len(kinds) > 1:
+        raise PlanningError(f"--auto chose tp={best.tp} dp={best.dp} over mixed device kinds "
+                            f"({', '.join(used)}), which needs one kind per process group: "
+                            f"give --devices of one kind")
+    elif nproc > 1:
+        used = [kinds.pop()] * len(used)  # each rank takes its own device (cuda:LOCAL_RANK)
+    if nproc == 1 and len(specs) > 1 and len(kinds) == 1:
         why += f" (one process: it predicts the fastest step for {len(specs)} devices)"
     return Layout(tuple(range(s.start, s.end) for s in best.stages), tuple(used), best.tp,
                   best.dp, nproc, why)
@@ -58,26 +68,25 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     # Under torchrun the world is already there: its size is the process count.
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
     nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp)
+    placement = dict(strategy=args.strategy, max_memory=args.max_memory,
+                     device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
+                     max_seq_len=max_seq_len)
     if nproc == 1:
-        return resolve_layout(config, devices=args.devices, strategy=args.strategy,
-                              max_memory=args.max_memory, device_speed=args.device_speed,
-                              boundaries=args.boundaries, plan=args.plan,
-                              dtype=runtime.dtype_for(args.devices or "cpu"), max_batch=batch,
-                              max_seq_len=max_seq_len)
-    given = [d.strip() for d in (args.devices or "cpu").split(",") if d.strip()]
+        return resolve_layout(config, devices=args.devices, max_batch=batch,
+                              dtype=runtime.dtype_for(args.devices or "cpu"), **placement)
+    wanted = args.devices or (",".join(Plan.load(args.plan).devices) if args.plan else "cpu")
+    given = [d.strip() for d in wanted.split(",") if d.strip()]
     if len({d.split(":")[0] for d in given}) > 1:
-        raise PlanningError(f"--devices {args.devices} mixes device kinds; over processes give one "
-                        f"kind (cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a mixed "
-                        f"list such as cuda:0,cpu in one process (without --nproc/--pp)")
-    names = stage_devices(args.devices, pp, gpus=cuda_count() if "cuda" in given[0] else None)
-    placed = resolve_layout(config, devices=names, strategy=args.strategy,
-                            max_memory=args.max_memory, device_speed=args.device_speed,
-                            boundaries=args.boundaries, plan=args.plan,
-                            dtype=runtime.dtype_for(names), max_batch=-(-batch // dp),
-                            max_seq_len=max_seq_len)
+        raise PlanningError(f"--devices {wanted} mixes device kinds; over processes give one "
+                            f"kind (cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a "
+                            f"mixed list such as cuda:0,cpu in one process (without "
+                            f"--nproc/--pp/--tp/--dp)")
+    names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
+    placed = resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp,
+                            dtype=runtime.dtype_for(names), **placement)
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
-                        f"stages (--pp)")
+                            f"stages (--pp)")
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
     return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan)
@@ -88,5 +97,6 @@ def cuda_count() -> int:
     import torch
     n = torch.cuda.device_count()
     if n == 0:
-        raise PlanningError("--devices cuda but this machine has no CUDA device; use --devices cpu")
+        raise PlanningError("--devices cuda but this machine has no CUDA device; use --devices "
+                            "cpu")
     return n

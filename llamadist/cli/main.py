@@ -14,6 +14,7 @@ from collections.abc import Callable
 from llamadist.cli.args import (DTYPE_CHOICES, USER_ERRORS, add_grid, add_placement,
                                 add_processes, add_runtime, add_sampling, int_or_list,
                                 positive_float, positive_int)
+from llamadist.config import DEFAULT_MAX_SEQ_LEN
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model")
     p.add_argument("--dtype", default="bfloat16", choices=DTYPE_CHOICES)
     p.add_argument("--seq-len", type=positive_int,
-                   help="context for prefill FLOPs (default: min(model context, 4096))")
+                   help="context for prefill FLOPs (default: the model's context, at most "
+                   f"{DEFAULT_MAX_SEQ_LEN})")
     p.add_argument("--json", action="store_true")
     _add_plan(sub)
 

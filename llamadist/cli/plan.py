@@ -15,7 +15,8 @@ from llamadist.distributed.grid import coords, grid_size
 from llamadist.planning.devices import parse_devices
 from llamadist.planning.plan import Plan, format_plan_table
 from llamadist.planning.profile import format_profile_table, profile
-from llamadist.planning.strategies import make_plan, overbudget_stages
+from llamadist.planning.checks import check_grid, plan_problems
+from llamadist.planning.strategies import make_plan
 from llamadist.planning.units import PlanningError
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ def analyze_command(config: ModelConfig, dtype: str = "bfloat16", seq_len: int |
 
     dtype    weight dtype: bfloat16 | float16 | float32 (aliases bf16, fp16, fp32)
     seq_len  context for decode attention FLOPs and prefill length
-             (None: min(max_position_embeddings, 4096))
+             (None: RuntimeConfig's default, min(context, DEFAULT_MAX_SEQ_LEN))
     as_json  return ModelProfile JSON instead of the table
     """
     prof = profile(config, dtype=dtype, seq_len=seq_len)
@@ -39,7 +40,7 @@ def plan_command(config: ModelConfig, devices: str | None = None, max_memory: st
                  boundaries: str | None = None, plan_file: str | None = None,
                  batch_size: int = 1, max_seq_len: int | None = None, dtype: str = "bfloat16",
                  as_json: bool = False, save: str | None = None, plot: str | None = None,
-                 headroom: float | int = 0.1, check_available: bool = True) -> str:
+                 headroom: float | int = 0.1, tp: int = 1) -> str:
     """`llamadist plan`: one stage per device, printed as a table (or Plan JSON).
 
     devices        "cuda:0,cuda:1,cpu" (a device may repeat); None: every visible GPU, or cpu;
@@ -57,19 +58,35 @@ def plan_command(config: ModelConfig, devices: str | None = None, max_memory: st
     save           write the Plan JSON to this path
     plot           write a PNG of the plan to this path (needs matplotlib)
     headroom       per-device activation reserve: fraction of the budget if < 1, else bytes
-    check_available  False to plan for GPUs this machine lacks (budgets then must be explicit)
+    tp             each stage a tensor-parallel group of tp such devices (memory per shard)
+    Devices need not be on this machine (absent ones need an explicit budget).
     """
+    return plan_and_text(config, devices, max_memory, device_speed, strategy, boundaries,
+                         plan_file, batch_size, max_seq_len, dtype, as_json, save, plot,
+                         headroom, tp)[1]
+
+
+def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | None,
+                  device_speed: str | None, strategy: str | None, boundaries: str | None,
+                  plan_file: str | None, batch_size: int, max_seq_len: int | None, dtype: str,
+                  as_json: bool, save: str | None, plot: str | None, headroom: float | int,
+                  tp: int) -> tuple[Plan, str]:
+    """plan_command's work: the Plan and the text to print."""
     if plan_file is not None and devices is None:
         devices = ",".join(Plan.load(plan_file).devices)
-    specs = parse_devices(devices, max_memory, device_speed, check_available=check_available)
+    specs = parse_devices(devices, max_memory, device_speed)
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
     if plan_file is not None:
         if strategy not in (None, "custom", "uniform"):
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
         strategy, boundaries = "custom", Path(plan_file)
     plan = make_plan(prof, specs, strategy=strategy, boundaries=boundaries,
-                     batch_size=batch_size, max_seq_len=max_seq_len, headroom=headroom)
-    notes = [f"error: {w}" for w in overbudget_stages(plan)]
+                     batch_size=batch_size, max_seq_len=max_seq_len, headroom=headroom, tp=tp,
+                     config=config)
+    notes = [f"error: {w}" for w in plan_problems(plan)]
+    if tp > 1:
+        notes.insert(0, f"memory and time are per device of each stage's {tp}-way "
+                        f"tensor-parallel group")
     if save:
         notes.append(f"saved plan to {plan.save(save)}")
     if plot:
@@ -81,8 +98,8 @@ def plan_command(config: ModelConfig, devices: str | None = None, max_memory: st
                 log.warning(note)
             else:
                 log.info(note)
-        return plan.to_json()
-    return "\n".join([format_plan_table(plan), *notes])
+        return plan, plan.to_json()
+    return plan, "\n".join([format_plan_table(plan), *notes])
 
 
 def model_config(model: str) -> ModelConfig:
@@ -104,24 +121,21 @@ def plan_cmd(args: argparse.Namespace) -> int:
     max_seq = runtime.seq_len_for(config.max_position_embeddings)
     if args.auto:
         return _auto_plan(args, config, dtype, max_seq)
-    nproc, pp = grid_size(None, args.pp, args.tp, args.dp)
-    if args.pp or args.tp > 1 or args.dp > 1:
-        from llamadist.planning.checks import check_grid
+    nproc, pp, _, _ = check_grid(config, None, args.pp, args.tp, args.dp)
+    if nproc > 1:
         from llamadist.planning.layout import stage_devices
-        check_grid(config, nproc, pp, args.tp, args.dp)
         devices = ",".join(stage_devices(args.devices, pp))
     else:
         # devices None with --plan: the plan file's own devices
         devices = args.devices or (None if args.plan else "cpu")
-    common = (config, devices, args.max_memory, args.device_speed, args.strategy, args.boundaries,
-              args.plan, args.batch_size, max_seq, dtype)
-    text = plan_command(*common, args.json, args.save, args.plot, check_available=False)
-    plan = Plan.from_json(plan_command(*common, True, check_available=False))
+    plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
+                               args.strategy, args.boundaries, args.plan, args.batch_size,
+                               max_seq, dtype, args.json, args.save, args.plot, 0.1, args.tp)
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
                                             list(plan.devices), pp, args.tp, args.dp)
     print(text)
-    over = overbudget_stages(plan)
+    over = plan_problems(plan)
     if over:  # the table above shows it; the exit code tells scripts
         raise PlanningError(f"the plan does not fit: {over[0]}")
     return 0

@@ -18,9 +18,9 @@ from llamadist.cli.args import USER_ERRORS, runtime_config
 from llamadist.cli.chat import ChatSession
 from llamadist.cli.jobs import (Job, bench_job, chat_job, generate_job, inherited_layout,
                                 print_sequences)
-from llamadist.config import DEFAULT_TIMEOUT_S
+from llamadist.config import RuntimeConfig
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
-from llamadist.generation.sampling import request_seeds
+from llamadist.generation.sampling import SamplingParams, request_seeds
 from llamadist.runtime.pipeline import PipelineSpec, Request
 from llamadist.runtime.worker import Session, setup_worker_logging
 
@@ -35,7 +35,8 @@ def run_rank(kind: str, args: argparse.Namespace) -> int:
     pp, tp, dp, devices = ((layout.pp, layout.tp, layout.dp, ",".join(layout.devices))
                            if layout else (args.pp, args.tp, args.dp, args.devices))
     try:
-        session = Session.start(pp, tp, dp, args.timeout or DEFAULT_TIMEOUT_S, devices)
+        # the timeout is needed before rank 0's Job exists: the flags' RuntimeConfig gives it
+        session = Session.start(pp, tp, dp, runtime_config(args).timeout, devices)
         code = {"generate": _generate, "chat": _chat, "bench": _bench}[kind](session, args)
         session.close()
         return code
@@ -120,18 +121,19 @@ def _sequences(reports: list[dict]) -> list[dict]:
 def _generate(session: Session, args: argparse.Namespace) -> int:
     ckpt, tok = _open(args)
 
-    def decide() -> tuple[PipelineSpec, Request, list[str]]:
+    def decide() -> tuple[RuntimeConfig, PipelineSpec, Request, list[str]]:
         job = generate_job(args, ckpt, tok)
         spec = _spec(session, job)
         seeds = request_seeds([job.params] * len(job.encoded))  # rank 0 draws, every rank uses
-        return spec, Request(job.encoded, job.params, spec.micro_batches, seeds=seeds), job.prompts
+        req = Request(job.encoded, job.params, spec.micro_batches, seeds=seeds)
+        return job.runtime, spec, req, job.prompts
 
     setup = _agree(session, decide)
     if setup is None:
         return 2 if session.is_driver else 0
-    spec, req, prompts = setup
+    runtime, spec, req, prompts = setup  # rank 0's RuntimeConfig: one for every rank
     runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty(),
-                          runtime=runtime_config(args))
+                          runtime=runtime)
     streaming = session.is_driver and len(req.prompts) == 1 and not args.json
     for step in runner.run(req):
         if streaming:
@@ -161,16 +163,16 @@ def _print_generate(args: argparse.Namespace, prompts: list[str], seqs: list[dic
 def _chat(session: Session, args: argparse.Namespace) -> int:
     ckpt, tok = _open(args)
 
-    def decide() -> tuple[PipelineSpec, object]:
+    def decide() -> tuple[RuntimeConfig, PipelineSpec, SamplingParams]:
         job = chat_job(args, ckpt, tok)
-        return _spec(session, job), job.params
+        return job.runtime, _spec(session, job), job.params
 
     setup = _agree(session, decide)
     if setup is None:
         return 2 if session.is_driver else 0
-    spec, params = setup
+    runtime, spec, params = setup
     runner = session.load(ckpt, spec, tok, progress=session.is_driver and sys.stderr.isatty(),
-                          runtime=runtime_config(args))
+                          runtime=runtime)
     chat = ChatSession(args.system, tok.encode_chat, spec.max_seq_len) \
         if session.is_driver else None
     while True:
@@ -194,17 +196,17 @@ def _chat(session: Session, args: argparse.Namespace) -> int:
 def _bench(session: Session, args: argparse.Namespace) -> int:
     ckpt, tok = _open(args)
 
-    def decide() -> tuple[PipelineSpec, Request]:
+    def decide() -> tuple[RuntimeConfig, PipelineSpec, Request]:
         job = bench_job(args, ckpt, tok)
         spec = _spec(session, job)
-        return spec, Request(job.encoded, job.params, spec.micro_batches)
+        return job.runtime, spec, Request(job.encoded, job.params, spec.micro_batches)
 
     setup = _agree(session, decide)
     if setup is None:
         return 2 if session.is_driver else 0
-    spec, req = setup
+    runtime, spec, req = setup
     t0 = time.perf_counter()
-    runner = session.load(ckpt, spec, tok, runtime=runtime_config(args))
+    runner = session.load(ckpt, spec, tok, runtime=runtime)
     load_s = time.perf_counter() - t0
     # One short warm-up request: first calls allocate and pick kernels on every rank.
     for _ in runner.run(replace(req, params=replace(req.params, max_new_tokens=2))):

@@ -18,6 +18,7 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     """Entry point of the three run commands."""
     if kind == "bench" and getattr(args, "shape", None):
         from llamadist.cli.bench_shape import bench_shape_cmd
+        refuse_with_shape(args)
         return bench_shape_cmd(args)
     if kind == "bench" and not args.model:
         raise ValueError("give a model (checkpoint folder, .gguf or alias) or --shape NAME")
@@ -32,6 +33,19 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
         return launch(kind, args, job)
     llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty())
     return {"generate": _generate, "chat": _chat, "bench": _bench}[kind](args, job, llm)
+
+
+def refuse_with_shape(args: argparse.Namespace) -> None:
+    """bench --shape runs random weights in this process: process and plan flags would be
+    ignored, so they are refused."""
+    given = [flag for flag, on in (("--nproc", args.nproc), ("--pp", args.pp),
+                                   ("--tp", args.tp > 1), ("--dp", args.dp > 1),
+                                   ("--auto", args.auto), ("--plan", args.plan),
+                                   ("--micro-batches", args.micro_batches),
+                                   ("--timeout", args.timeout), ("a model", args.model)) if on]
+    if given:
+        raise ValueError(f"bench --shape runs random weights in one process; drop "
+                         f"{', '.join(given)} (or bench a checkpoint instead of --shape)")
 
 
 def launch(kind: str, args: argparse.Namespace, job: Job) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from llamadist.config import DEFAULT_TIMEOUT_S
 from llamadist.distributed.grid import coords, grid_size, group_ranks
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class ParallelGroups:
     (requests, results, statistics) with a long timeout."""
 
     def __init__(self, ctx: DistContext, pp: int, tp: int = 1, dp: int = 1,
-                 timeout: float = 60.0):
+                 timeout: float = DEFAULT_TIMEOUT_S):
         nproc, pp = grid_size(ctx.world_size, pp, tp, dp)
         self.ctx, self.pp_size, self.tp_size, self.dp_size = ctx, pp, tp, dp
         self.rank = ctx.rank
@@ -131,7 +132,8 @@ class ParallelGroups:
                 f"on {self.ctx.device}")
 
 
-def init_distributed(timeout: float = 60.0, device: str | None = None) -> DistContext:
+def init_distributed(timeout: float = DEFAULT_TIMEOUT_S,
+                     device: str | None = None) -> DistContext:
     """Join the process group described by torchrun's environment (RANK, WORLD_SIZE,
     LOCAL_RANK, MASTER_ADDR, MASTER_PORT). ``device``: "cuda" asks for cuda:LOCAL_RANK
     (falls back to CPU with a warning when CUDA is absent); anything else means CPU.

@@ -76,6 +76,19 @@ class Tokenizer:
         return ids
 
 
+def _json_object(path: Path) -> dict[str, Any]:
+    """A JSON object file's contents ({} when the file is absent), or a clear error."""
+    if not path.is_file():
+        return {}
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(d, dict):
+        raise TokenizerError(f"{path} holds a {type(d).__name__}, not a JSON object")
+    return d
+
+
 def _token_str(value: Any) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
@@ -94,12 +107,8 @@ def load_hf_tokenizer(folder: Path, eos_from_config: tuple[int, ...] = (),
         backend = tokenizers.Tokenizer.from_file(str(tj))
     except Exception as e:  # the tokenizers library raises a bare Exception
         raise TokenizerError(f"{tj} could not be read: {e}") from None
-    cfg: dict[str, Any] = {}
-    if (folder / "tokenizer_config.json").is_file():
-        cfg = json.loads((folder / "tokenizer_config.json").read_text())
-    gen: dict[str, Any] = {}
-    if (folder / "generation_config.json").is_file():
-        gen = json.loads((folder / "generation_config.json").read_text())
+    cfg = _json_object(folder / "tokenizer_config.json")
+    gen = _json_object(folder / "generation_config.json")
 
     special = {k: _token_str(cfg.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
     special = {k: v for k, v in special.items() if v}

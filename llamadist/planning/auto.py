@@ -33,13 +33,12 @@ from typing import Any, Sequence
 from llamadist.config import ModelConfig
 from llamadist.planning.checks import grid_problems
 from llamadist.planning.cost import (CostModel, Link, headroom_bytes, make_link, send_time,
-                                     tp_comm_time)
+                                     tp_comm_time, tp_extra_layer_bytes, tp_kv_share)
 from llamadist.planning.devices import (REFERENCE_BANDWIDTH, REFERENCE_FLOPS, DeviceSpec,
                                         parse_memory)
 from llamadist.planning.plan import Plan, Stage
 from llamadist.planning.profile import ModelProfile
 from llamadist.planning.strategies import partition_dp
-from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError, format_bytes, format_seconds
 
 OBJECTIVES = ("latency", "throughput")
@@ -205,20 +204,6 @@ class CostContext:
     context: int
     headroom: float | int
 
-    def kv_factor(self, tp: int) -> float:
-        """Share of a layer's KV one device holds (KV heads replicated when tp > kv)."""
-        if self.config is None:
-            return 1.0 / tp
-        return tp_kv_heads(self.config, tp) / self.config.num_kv_heads
-
-    def kv_proj_extra(self, tp: int) -> int:
-        """Bytes per layer above weights / tp when replicated KV heads copy k/v_proj."""
-        c = self.config
-        if c is None or c.num_kv_heads % tp == 0:
-            return 0
-        local = tp_kv_heads(c, tp) - c.num_kv_heads / tp
-        return int(2 * c.hidden_size * c.head_dim * local * self.cm.profile.bytes_per_param)
-
     def usable(self, group: Sequence[int]) -> int:
         devs = [self.cluster.devices[j] for j in group]
         return min(d.memory_bytes - headroom_bytes(d, self.headroom) for d in devs)
@@ -233,7 +218,8 @@ class ReplicaCost:
         self.c, self.tp, self.u, self.seqs = c, tp, u, seqs
         self.groups = [list(block[i:i + tp]) for i in range(0, len(block), tp)]
         cl = c.cluster
-        self.kvf, self.extra = c.kv_factor(tp), c.kv_proj_extra(tp)
+        self.kvf = tp_kv_share(c.config, tp)
+        self.extra = tp_extra_layer_bytes(c.config, tp, c.cm.profile.bytes_per_param)
         self.rates = [(min(cl.devices[j].flops for j in g),
                        min(cl.devices[j].mem_bandwidth for j in g)) for g in self.groups]
         self.usable = [c.usable(g) for g in self.groups]

@@ -82,12 +82,13 @@ def plan_problems(plan: Plan) -> list[str]:
 def check_fits(plan: Plan) -> Plan:
     """Raise PlanningError naming each stage that does not fit (device, need, budget,
     shortfall) and the ways out; return ``plan`` when all fit. The KV cache is part of
-    each stage's need, so a --max-seq-len or --max-batch too large for the devices fails
+    each stage's need, so a --max-seq-len or a batch too large for the devices fails
     here with the KV bytes in the message."""
     problems = plan_problems(plan)
     if problems:
         raise PlanningError(
             f"the plan does not fit: {'; '.join(problems)} (KV cache for batch "
             f"{plan.batch_size} x {plan.max_seq_len} tokens); give a larger --max-memory, "
-            f"more devices, a smaller --max-seq-len or --max-batch, or --strategy memory")
+            f"more devices, a smaller --max-seq-len or fewer prompts at once, or --strategy "
+            f"memory")
     return plan

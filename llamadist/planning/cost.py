@@ -35,8 +35,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from llamadist.config import ModelConfig
 from llamadist.planning.devices import DeviceSpec
 from llamadist.planning.profile import ModelProfile
+from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError
 
 
@@ -118,7 +120,10 @@ class CostModel:
     """Memory and time of a stage holding layers [s, e), in O(1) from prefix sums.
 
     ``batch`` sequences (the default for every method) with KV caches of ``context``
-    tokens; decode attends to all ``context`` cached tokens (the worst step)."""
+    tokens; decode attends to all ``context`` cached tokens (the worst step). With ``tp``
+    > 1 each stage is a tensor-parallel group and ``memory``/``time`` are one device's:
+    weights / tp (plus ``extra_layer_bytes`` per layer that TP copies), ``kv_share`` of
+    each layer's KV cache."""
 
     profile: ModelProfile
     batch: int
@@ -127,14 +132,20 @@ class CostModel:
     kv: tuple[int, ...]          # KV bytes per token of one sequence
     matmul: tuple[int, ...]      # matmul FLOPs per token
     attn: tuple[int, ...]        # attention FLOPs per query token per cached token
+    tp: int = 1
+    kv_share: float = 1.0
+    extra_layer_bytes: float = 0
 
     @classmethod
-    def build(cls, profile: ModelProfile, batch: int, context: int) -> "CostModel":
+    def build(cls, profile: ModelProfile, batch: int, context: int, tp: int = 1,
+              config: ModelConfig | None = None) -> "CostModel":
         rows = profile.layers
         return cls(profile, batch, context, _prefix([r.weight_bytes for r in rows]),
                    _prefix([r.kv_bytes_per_token for r in rows]),
                    _prefix([r.matmul_flops_per_token for r in rows]),
-                   _prefix([r.attn_flops_per_ctx_token for r in rows]))
+                   _prefix([r.attn_flops_per_ctx_token for r in rows]), tp,
+                   tp_kv_share(config, tp),
+                   tp_extra_layer_bytes(config, tp, profile.bytes_per_param))
 
     # -- memory (bytes per device) --
     def weight_bytes(self, s: int, e: int, first: bool, last: bool, tp: int = 1,
@@ -155,7 +166,9 @@ class CostModel:
         return int((self.kv[e] - self.kv[s]) * self.context * seqs * share)
 
     def memory(self, s: int, e: int, first: bool, last: bool) -> int:
-        return self.weight_bytes(s, e, first, last) + self.kv_bytes(s, e)
+        """Bytes on one device of the stage (one shard of its TP group)."""
+        return (self.weight_bytes(s, e, first, last, self.tp, self.extra_layer_bytes)
+                + self.kv_bytes(s, e, share=self.kv_share))
 
     # -- time --
     def decode_flops(self, s: int, e: int, last: bool, batch: int | None = None) -> int:
@@ -198,8 +211,26 @@ class CostModel:
                    moved / bandwidth)
 
     def time(self, dev: DeviceSpec, s: int, e: int, first: bool, last: bool) -> float:
-        """Decode time of the whole batch on one device (a DeviceSpec), no tensor parallel."""
-        return self.decode_time(dev.flops, dev.mem_bandwidth, s, e, first, last)
+        """Decode time of the whole batch on one device (a DeviceSpec) of the stage's TP
+        group (its collectives are the auto planner's business: it knows the links)."""
+        return self.decode_time(dev.flops, dev.mem_bandwidth, s, e, first, last, tp=self.tp,
+                                kv_share=self.kv_share,
+                                extra_layer_bytes=self.extra_layer_bytes)
+
+
+def tp_kv_share(config: ModelConfig | None, tp: int) -> float:
+    """Share of a layer's KV one device holds (KV heads replicated when tp > kv)."""
+    if config is None:
+        return 1.0 / tp
+    return tp_kv_heads(config, tp) / config.num_kv_heads
+
+
+def tp_extra_layer_bytes(config: ModelConfig | None, tp: int, bytes_per_param: float) -> int:
+    """Bytes per layer above weights / tp when replicated KV heads copy k/v_proj."""
+    if config is None or config.num_kv_heads % tp == 0:
+        return 0
+    local = tp_kv_heads(config, tp) - config.num_kv_heads / tp
+    return int(2 * config.hidden_size * config.head_dim * local * bytes_per_param)
 
 
 # ---- communication of a stage ------------------------------------------------

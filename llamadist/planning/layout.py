@@ -69,27 +69,33 @@ def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list
 def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = None,
                    strategy: str | None = None, max_memory: str | None = None,
                    device_speed: str | None = None, boundaries: str | None = None,
-                   plan: str | None = None, dtype: str = "float32", max_batch: int = 1,
-                   max_seq_len: int = 2048) -> Layout:
-    """One process: the user's placement options turned into stages through the planner,
-    with every stage checked against its device's memory budget."""
+                   plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
+                   tp: int = 1) -> Layout:
+    """The user's placement options turned into stages through the planner, every stage
+    checked against its device's budget for this run's batch, KV length and ``tp`` (each
+    stage then a tensor-parallel group: memory per shard). A plan file gives the stages;
+    they are costed again on this run's devices, budgets and lengths, not the file's."""
     from llamadist.planning.checks import check_fits
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.plan import Plan
     from llamadist.planning.profile import profile
     from llamadist.planning.strategies import make_plan
 
+    if isinstance(devices, (list, tuple)):
+        devices = ",".join(devices)
     if plan is not None:
-        p = Plan.load(plan)
-        p.validate(config.num_layers)
-        check_devices_present(p.devices)
-    else:
-        dev_str = devices if isinstance(devices, str) or devices is None else ",".join(devices)
-        specs = parse_devices(dev_str or "cpu", max_memory=max_memory, speeds=device_speed)
-        p = make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
-                      strategy=strategy, boundaries=boundaries, batch_size=max_batch,
-                      max_seq_len=max_seq_len)
-    check_devices_present(p.devices)
-    check_fits(p)
+        if strategy not in (None, "custom") or boundaries is not None:
+            raise PlanningError(f"--plan {plan} gives the stages: drop --strategy and "
+                                f"--boundaries (or drop --plan)")
+        saved = Plan.load(plan)
+        saved.validate(config.num_layers)
+        devices = devices or ",".join(saved.devices)
+        strategy, boundaries = "custom", ",".join(f"{s.start}:{s.end}" for s in saved.stages)
+    devices = devices or "cpu"
+    check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
+    specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
+    p = check_fits(make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
+                             strategy=strategy, boundaries=boundaries, batch_size=max_batch,
+                             max_seq_len=max_seq_len, tp=tp, config=config))
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), plan=p)

@@ -11,14 +11,13 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.planning.units import PlanningError, format_bytes, format_flops
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 _DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16",
                   "fp32": "float32", "float": "float32"}
 # A planning default that keeps KV estimates sane for 128k-context configs (Llama 3.1).
-DEFAULT_MAX_SEQ_LEN = 4096
 
 
 def canonical_dtype(dtype: str) -> str:
@@ -153,11 +152,11 @@ def _decoder_row(config: ModelConfig, i: int, nbytes: int, seq_len: int) -> Laye
 
 def profile(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None) -> ModelProfile:
     """Cost of every piece of ``config`` at ``dtype``; ``seq_len`` is the context used for the
-    decode attention term and the prefill length (default min(max_position_embeddings, 4096))."""
+    decode attention term and the prefill length (default: RuntimeConfig's KV length)."""
     dtype = canonical_dtype(dtype)
     nbytes = DTYPE_BYTES[dtype]
     if seq_len is None:
-        seq_len = min(config.max_position_embeddings, DEFAULT_MAX_SEQ_LEN)
+        seq_len = RuntimeConfig().seq_len_for(config.max_position_embeddings)
     if seq_len < 1:
         raise PlanningError(f"seq_len must be at least 1, got {seq_len}")
     v, d = config.vocab_size, config.hidden_size

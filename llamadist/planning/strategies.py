@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 from typing import Callable, Sequence
 
+from llamadist.config import ModelConfig
 from llamadist.planning.checks import grid_problems, plan_problems
 from llamadist.planning.cost import CostModel, headroom_bytes
 from llamadist.planning.devices import DeviceSpec
@@ -89,8 +90,9 @@ def _build_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], ends: list
         first, last = i == 0, i == k - 1
         stages.append(Stage(
             index=i, start=start, end=end, device=dev.name, has_embed=first, has_head=last,
-            weight_bytes=model.weight_bytes(start, end, first, last),
-            kv_bytes=model.kv_bytes(start, end),
+            weight_bytes=model.weight_bytes(start, end, first, last, model.tp,
+                                            model.extra_layer_bytes),
+            kv_bytes=model.kv_bytes(start, end, share=model.kv_share),
             predicted_time_s=model.time(dev, start, end, first, last),
             budget_bytes=dev.memory_bytes, headroom_bytes=headroom_bytes(dev, headroom)))
         start = end
@@ -234,10 +236,14 @@ def _custom_ends(boundaries: Boundaries | None, devices: Sequence[DeviceSpec],
 def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
               strategy: str | None = "uniform", boundaries: Boundaries | None = None,
               batch_size: int = 1, max_seq_len: int | None = None,
-              headroom: float | int = 0.1) -> Plan:
+              headroom: float | int = 0.1, tp: int = 1,
+              config: ModelConfig | None = None) -> Plan:
     """One stage per entry of ``devices``, in order. ``max_seq_len`` (default: the profile's
     seq_len) and ``batch_size`` size the KV cache; ``headroom`` is reserved on every device
     for activations: a float in [0, 1) is a fraction of its budget, otherwise bytes.
+
+    ``tp`` > 1: each stage is a tensor-parallel group of ``tp`` devices like the one named,
+    and every memory and time is one device's shard (``config`` says how KV heads split).
 
     ``strategy`` None is the default a user gets: custom when ``boundaries`` are given, else
     uniform when its even split fits every budget, else mixed (speed- and memory-aware).
@@ -246,7 +252,8 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     return it with its shortfalls so ``plan`` can show them: callers about to run pass the
     plan through :func:`llamadist.planning.checks.check_fits`."""
     if strategy is None:
-        return _default_plan(profile, devices, boundaries, batch_size, max_seq_len, headroom)
+        return _default_plan(profile, devices, boundaries, batch_size, max_seq_len, headroom,
+                             tp, config)
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if boundaries is not None and strategy != "custom":
@@ -262,7 +269,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     if batch_size < 1 or context < 1:
         raise PlanningError(f"batch_size and max_seq_len must be positive, got {batch_size} "
                             f"and {context}")
-    model = CostModel.build(profile, batch_size, context)
+    model = CostModel.build(profile, batch_size, context, tp, config)
     usable = [d.memory_bytes - headroom_bytes(d, headroom) for d in devices]
     if strategy == "uniform":
         ends = uniform_ends(n, len(devices))
@@ -281,19 +288,14 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
 
 def _default_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
                   boundaries: Boundaries | None, batch_size: int, max_seq_len: int | None,
-                  headroom: float | int) -> Plan:
+                  headroom: float | int, tp: int, config: ModelConfig | None) -> Plan:
+    rest = (batch_size, max_seq_len, headroom, tp, config)
     if boundaries is not None:
-        return make_plan(profile, devices, "custom", boundaries, batch_size, max_seq_len,
-                         headroom)
-    even = make_plan(profile, devices, "uniform", None, batch_size, max_seq_len, headroom)
+        return make_plan(profile, devices, "custom", boundaries, *rest)
+    even = make_plan(profile, devices, "uniform", None, *rest)
     if not plan_problems(even):
         return even
     try:
-        return make_plan(profile, devices, "mixed", None, batch_size, max_seq_len, headroom)
+        return make_plan(profile, devices, "mixed", None, *rest)
     except PlanningError:
         return even  # nothing fits: the even split, whose shortfalls callers show or refuse
-
-
-def overbudget_stages(plan: Plan) -> list[str]:
-    """Kept for callers of the old name: :func:`llamadist.planning.checks.plan_problems`."""
-    return plan_problems(plan)

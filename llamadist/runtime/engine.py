@@ -71,9 +71,9 @@ class Engine:
             if len(devices) != 1:
                 raise ValueError("give layer_ranges for more than one device (or use a Plan)")
             layer_ranges = [range(config.num_layers)]
-        return cls.build(ckpt, layer_ranges, devices, parse_dtype(dtype), max_batch,
-                         max_seq_len or config.max_position_embeddings, progress=progress,
-                         runtime=runtime)
+        seq = RuntimeConfig(max_seq_len=max_seq_len).seq_len_for(config.max_position_embeddings)
+        return cls.build(ckpt, layer_ranges, devices, parse_dtype(dtype), max_batch, seq,
+                         progress=progress, runtime=runtime)
 
     @classmethod
     def build(cls, ckpt: Checkpoint, layer_ranges: list[range], devices: list[str],

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch.distributed as dist
 
-from llamadist.config import RuntimeConfig
+from llamadist.config import DEFAULT_TIMEOUT_S, RuntimeConfig
 from llamadist.distributed.faults import PeerError, Watchdog
 from llamadist.distributed.groups import ParallelGroups, init_distributed
 from llamadist.runtime.pipeline import PipelineRunner, PipelineSpec, build_pipeline_stage
@@ -46,7 +46,8 @@ class Session:
     runner: PipelineRunner | None = None
 
     @classmethod
-    def start(cls, pp: int | None = None, tp: int = 1, dp: int = 1, timeout: float = 60.0,
+    def start(cls, pp: int | None = None, tp: int = 1, dp: int = 1,
+              timeout: float = DEFAULT_TIMEOUT_S,
               device: str | None = None) -> "Session":
         ctx = init_distributed(timeout, device)
         groups = ParallelGroups(ctx, pp, tp, dp, timeout)

@@ -3,6 +3,7 @@ weight loads, with one `llamadist: error:` line and a non-zero exit; planning wo
 hardware that is not here."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -217,12 +218,94 @@ def test_flags_become_one_runtime_config_that_reaches_the_engine(tiny_model):
     assert all(s.layer_fn is None for s in llm.engine.stages)  # no C decode layer
 
 
-def test_kv_length_defaults_to_what_the_request_needs(tiny_model):
-    from llamadist.cli.jobs import generate_job
+def test_kv_length_defaults_to_what_the_request_needs(smollm2):
+    from llamadist.cli.jobs import chat_job, generate_job
     from llamadist.cli.main import build_parser
     from llamadist.weights.checkpoint import open_checkpoint
-    args = build_parser().parse_args(["generate", str(tiny_model), "--prompt", "hi",
-                                      "--max-new-tokens", "10"])
-    ckpt = open_checkpoint(args.model)
-    # prompt + 10 new tokens, rounded up to 256, at most the 256-token context
-    assert generate_job(args, ckpt, ckpt.tokenizer()).max_seq_len == 256
+    ckpt = open_checkpoint(smollm2)  # a context of 8192 positions
+    tok = ckpt.tokenizer()
+    job = generate_job(build_parser().parse_args(
+        ["generate", str(smollm2), "--prompt", "hi", "--max-new-tokens", "300"]), ckpt, tok)
+    assert job.max_seq_len == 512  # 1 + 300 tokens, rounded up to 256
+    chat = chat_job(build_parser().parse_args(["chat", str(smollm2)]), ckpt, tok)
+    assert chat.max_seq_len == 4096  # an open-ended request: the context, capped
+
+
+# ---- review fixes: tensor-parallel budgets, --auto and --plan checks, bad checkpoints -----
+def test_plan_budgets_are_per_tensor_parallel_shard(capsys):
+    flags = ["plan", "smollm2-135m", "--devices", "cpu", "--max-memory", "400MiB",
+             "--dtype", "float32"]
+    code, out, err = run_cli(capsys, *flags, "--tp", "3")
+    assert code == 0, err
+    assert "3-way tensor-parallel" in out and "1/3 shard" in out
+    code, _, err = run_cli(capsys, *flags)  # the whole model on one such device: too big
+    one_line_error(code, err, "does not fit", "400.00 MiB")
+
+
+def test_auto_refuses_an_absent_device(capsys, tiny_model):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--auto",
+                           "--devices", "cuda:0", "--max-memory", "80GiB")
+    one_line_error(code, err, "cuda:0", "not present")
+
+
+def test_plan_file_is_costed_on_this_run(capsys, tiny_model, tmp_path):
+    plan = tmp_path / "p.json"
+    assert main(["plan", str(tiny_model), "--devices", "cpu,cpu", "--save", str(plan)]) == 0
+    capsys.readouterr()
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--plan",
+                           str(plan), "--max-memory", "10KiB,10KiB")
+    one_line_error(code, err, "does not fit", "10.00 KiB")
+    code, _, err = run_cli(capsys, "generate", str(tiny_model), "--prompt", "hi", "--plan",
+                           str(plan), "--strategy", "memory")
+    one_line_error(code, err, "--plan", "drop --strategy")
+
+
+def test_bench_prompts_have_the_asked_length(capsys, tiny_model):
+    code, out, err = run_cli(capsys, "bench", str(tiny_model), "--batch", "70", "--prompt-len",
+                             "4", "--gen-len", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["prompt_tokens"] == 70 * 4
+
+
+def test_shape_bench_refuses_process_flags(capsys):
+    code, _, err = run_cli(capsys, "bench", "--shape", "smollm2-135m", "--devices", "cpu",
+                           "--nproc", "2", "--pp", "2")
+    one_line_error(code, err, "--nproc", "--pp", "one process")
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("hidden_size", None, "cannot read"), ("num_attention_heads", 0, "cannot read"),
+    ("num_hidden_layers", 0, "num_hidden_layers=0")])
+def test_corrupt_config_field(capsys, tiny_model, tmp_path, field, value, needle):
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    cfg = json.loads((m / "config.json").read_text())
+    cfg[field] = value
+    (m / "config.json").write_text(json.dumps(cfg))
+    code, _, err = run_cli(capsys, "generate", str(m), "--prompt", "hi")
+    one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("name, content", [("config.json", "[1]"),
+                                           ("generation_config.json", "[]"),
+                                           ("tokenizer_config.json", "{not json")])
+def test_corrupt_json_files(capsys, tiny_model, tmp_path, name, content):
+    m = tmp_path / "m"
+    shutil.copytree(tiny_model, m)
+    (m / name).write_text(content)
+    code, _, err = run_cli(capsys, "generate", str(m), "--prompt", "hi")
+    one_line_error(code, err, name)
+
+
+def test_llm_takes_runtime_or_keywords_not_both(tiny_model):
+    from llamadist.api import LLM
+    from llamadist.config import RuntimeConfig
+    from llamadist.planning.layout import Layout
+    with pytest.raises(TypeError, match="max_batch"):
+        LLM(tiny_model, runtime=RuntimeConfig(), max_batch=4)
+    with pytest.raises(ValueError, match="over 2 processes"):
+        LLM(tiny_model, layout=Layout((range(0, 5),), ("cpu",), tp=2, processes=2))
+    llm = LLM(tiny_model)
+    assert llm.runtime.max_batch == 8 and llm.max_seq_len == 256  # RuntimeConfig's defaults
