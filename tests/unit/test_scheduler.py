@@ -131,8 +131,9 @@ def test_preemption_when_blocks_run_out_and_resume_with_prompt_and_outputs(prefi
     s = make(num_blocks=7, block_size=4, max_batch=2, max_batch_tokens=32, max_seq_len=64,
              prefix_caching=prefix_caching)
     a, b = req("a", range(1, 9), max_new=13), req("b", range(20, 28), max_new=13)
-    s.add(a)
-    s.add(b)
+    c = req("c", range(40, 42), max_new=2)  # waits behind a and b (max_batch 2)
+    for r in (a, b, c):
+        s.add(r)
     resumed = None
     for _ in range(200):
         if not s.has_unfinished:
@@ -141,12 +142,12 @@ def test_preemption_when_blocks_run_out_and_resume_with_prompt_and_outputs(prefi
         if step.preempted:
             assert step.preempted == [b]  # the most recently admitted
             assert b.status is RequestStatus.WAITING and b.num_computed == 0
-            assert b.block_ids == [] and list(s.waiting)[0] is b and b.output_ids
+            assert b.block_ids == [] and list(s.waiting) == [b, c] and b.output_ids
             assert [c.request for c in step.chunks] == [a]  # nothing admitted this step
             outputs_at_preemption = list(b.output_ids)
-        for c in step.chunks:
-            if c.request is b and resumed is None and b.num_preemptions:
-                resumed = c
+        for ch in step.chunks:
+            if ch.request is b and resumed is None and b.num_preemptions:
+                resumed = ch
                 assert b.output_ids == outputs_at_preemption
         s.update(step, sampled_for(step))
     assert s.preemptions >= 1 and b.num_preemptions >= 1 and a.num_preemptions == 0
@@ -157,8 +158,8 @@ def test_preemption_when_blocks_run_out_and_resume_with_prompt_and_outputs(prefi
         assert resumed.start > 0 and resumed.start % 4 == 0
     else:
         assert resumed.start == 0
-    for r, prompt in ((a, range(1, 9)), (b, range(20, 28))):
-        assert r.finish_reason == "length" and r.output_ids == expected_outputs(prompt, 13)
+    for r, prompt, n in ((a, range(1, 9), 13), (b, range(20, 28), 13), (c, range(40, 42), 2)):
+        assert r.finish_reason == "length" and r.output_ids == expected_outputs(prompt, n)
     assert s.blocks_used == 0
 
 
@@ -172,6 +173,27 @@ def test_running_request_preempts_itself_when_it_is_the_latest():
     run_step(s)  # a needs a 2nd block (gets it); b needs a 2nd: none left -> b itself
     assert b.status is RequestStatus.WAITING and b.num_preemptions == 1
     assert a.status is RequestStatus.RUNNING and len(a.block_ids) == 2
+
+
+def test_a_step_that_preempts_admits_nobody():
+    # 6 usable blocks of 4, budget 4: a holds 4 blocks, b 2; a's next token needs a 5th
+    s = make(num_blocks=7, block_size=4, max_batch=2, max_batch_tokens=4, max_seq_len=64,
+             prefix_caching=False)
+    a, b = req("a", range(1, 17), max_new=8), req("b", range(20, 28), max_new=8)
+    s.add(a)
+    for _ in range(4):
+        run_step(s)  # a: 16 prompt tokens in 4 chunks, first token sampled
+    s.add(b)
+    run_step(s)  # a decodes (5th block), b gets 3 tokens (its 1st block)
+    step = None
+    for _ in range(20):
+        step = s.schedule()
+        if step.preempted:
+            break
+        s.update(step, sampled_for(step))
+    assert step.preempted == [b]
+    assert s.blocks_free >= 1  # b's next chunk would fit, but it is not readmitted now
+    assert [c.request for c in step.chunks] == [a] and list(s.waiting) == [b]
 
 
 # ---- refusal --------------------------------------------------------------------------
@@ -326,8 +348,9 @@ def check_invariants(s, live, max_batch, max_batch_tokens, step):
 def test_random_simulation(depth, prefix_caching, seed):
     rng = random.Random(seed)
     bs, max_batch, budget = 4, 5, 12
+    ticks = iter(range(10**9))
     s = Scheduler(BlockPool(13, bs, prefix_caching), max_batch, budget, max_seq_len=40,
-                  clock=lambda: 0.0)
+                  clock=lambda: float(next(ticks)))
     systems = [[rng.randrange(1, 50) for _ in range(rng.choice([4, 8, 11]))] for _ in range(3)]
     pending = []
     for i in range(80):
@@ -375,6 +398,10 @@ def test_random_simulation(depth, prefix_caching, seed):
     assert s.blocks_used == 0 and s.num_running == s.num_waiting == 0
     reasons = {r.finish_reason for r in everyone}
     assert reasons == {"length", "stop", "cancelled"}
+    # first come, first served: first admissions in arrival order
+    first = sorted((r for r in everyone if r.first_scheduled_s is not None),
+                   key=lambda r: r.first_scheduled_s)
+    assert [int(r.id[1:]) for r in first] == sorted(int(r.id[1:]) for r in first)
     assert s.preemptions > 10
 
 
