@@ -6,7 +6,9 @@ Policy (first come, first served):
 
 1. Running requests first, in admission order: each computes its next token (a decode)
    or the next chunk of its prompt (chunked prefill), within the step's token budget
-   ``max_batch_tokens``.
+   ``max_batch_tokens``. A prefill chunk leaves one token of the budget for every
+   decode after it, so decodes never stall behind a long prompt (``max_batch_tokens >=
+   max_batch`` makes room for all of them).
 2. When a running request cannot get a block, the most recently admitted running
    request is preempted (blocks freed, back to the front of the waiting queue, computed
    tokens forgotten, outputs kept) and the allocation retried; if the request itself is
@@ -214,18 +216,27 @@ class Scheduler:
         return step
 
     def _schedule_running(self, step: SchedulerStep, budget: int) -> int:
+        # Requests with a step in flight wait for its result.
+        todo = [r for r in self.running if r not in self._in_flight]
+        # One token of the budget is kept for each decode later in the order, so a chunked
+        # prefill ahead of them (a resumed request, or one whose earlier chunk was in
+        # flight when they were admitted) never stalls their decoding.
+        decodes = {r for r in todo if r.num_tokens - r.num_computed == 1}
+        reserve = len(decodes)
         scheduled: set[Request] = set()
-        for req in list(self.running):
-            if budget == 0:
-                break
-            if req.status is not RequestStatus.RUNNING or req in self._in_flight:
-                continue  # preempted a moment ago, or its last step is not back yet
-            n = min(req.num_tokens - req.num_computed, budget)
-            if not self._allocate_or_preempt(req, n, step, scheduled):
+        for req in todo:
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted a moment ago
+            reserve -= req in decodes
+            n = min(req.num_tokens - req.num_computed, budget - reserve)
+            if n <= 0:
                 continue
-            step.chunks.append(self._chunk(req, n))
-            scheduled.add(req)
-            budget -= n
+            # (A decode preempted later in the loop keeps its reserved token unused: at
+            # most one token per victim, in a step already short of blocks.)
+            if self._allocate_or_preempt(req, n, step, scheduled):
+                step.chunks.append(self._chunk(req, n))
+                scheduled.add(req)
+                budget -= n
         return budget
 
     def _allocate_or_preempt(self, req: Request, n: int, step: SchedulerStep,

@@ -119,6 +119,22 @@ def test_chunked_prefill_alone_uses_the_whole_budget():
     assert sizes == [256, 256, 256, 232]
 
 
+def test_a_prefill_ahead_in_the_order_never_stalls_later_decodes():
+    s = make(num_blocks=100, block_size=4, max_batch=4, max_batch_tokens=64)
+    long = req("long", range(1000, 1200), max_new=2)
+    s.add(long)
+    first = s.schedule()  # long: 64 tokens, in flight (a pipeline keeps it going)
+    s.add(req("d1", range(1, 6), max_new=20))
+    s.add(req("d2", range(7, 12), max_new=20))
+    second = s.schedule()  # long is in flight: d1 and d2 are admitted behind it
+    assert shape(second) == [("d1", 0, 5, True), ("d2", 0, 5, True)]
+    s.update(first, sampled_for(first))
+    s.update(second, sampled_for(second))
+    assert [r.id for r in s.running] == ["long", "d1", "d2"]
+    assert shape(s.schedule()) == [("long", 64, 62, False), ("d1", 5, 1, True),
+                                   ("d2", 5, 1, True)]
+
+
 def test_budget_below_max_batch_is_refused():
     with pytest.raises(ValueError, match="max_batch_tokens"):
         Scheduler(BlockPool(8, 4), max_batch=8, max_batch_tokens=4, max_seq_len=64)
@@ -316,7 +332,7 @@ def test_schedule_twice_before_update_never_schedules_a_request_twice():
 
 
 # ---- randomized simulation ------------------------------------------------------------
-def check_invariants(s, live, max_batch, max_batch_tokens, step):
+def check_invariants(s, live, max_batch, max_batch_tokens, step, busy):
     pool = s.pool
     holders = defaultdict(list)
     for r in live:
@@ -341,6 +357,9 @@ def check_invariants(s, live, max_batch, max_batch_tokens, step):
         r = c.request
         assert len(r.block_ids) * pool.block_size >= c.end
         assert c.sample == (c.end == r.num_tokens)
+    for r in s.running:  # decodes never stall: unscheduled only when out of blocks
+        if r.num_tokens - r.num_computed == 1 and r not in busy:
+            assert r.num_tokens > len(r.block_ids) * pool.block_size, r.id
 
 
 @pytest.mark.parametrize("depth,prefix_caching,seed", [
@@ -375,7 +394,8 @@ def test_random_simulation(depth, prefix_caching, seed):
             chunks_of[r].append("preempted")
         for c in step.chunks:
             chunks_of[c.request].append(c)
-        check_invariants(s, everyone, max_batch, budget, step)
+        busy = {c.request for st in [*in_flight, step] for c in st.chunks}
+        check_invariants(s, everyone, max_batch, budget, step, busy)
         if step:
             in_flight.append(step)
         if in_flight and (len(in_flight) >= depth or not step):
