@@ -32,7 +32,9 @@ finishes with "cancelled". Every finish frees the request's blocks at once.
 Steps in flight: ``schedule`` may be called again before ``update`` of earlier steps
 (a pipeline keeps one step per stage in flight); a request with a chunk in flight is
 neither scheduled again nor preempted until its step is updated. ``update`` calls for a
-request must come in the order its steps were scheduled.
+request must come in the order its steps were scheduled. A request cancelled while in
+flight frees its blocks at once and the next step may reuse them: safe because every
+stage runs steps in the order they were scheduled, so the old step's writes come first.
 """
 
 from __future__ import annotations
