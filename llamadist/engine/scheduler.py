@@ -1,0 +1,319 @@
+"""Continuous batching over a paged KV cache: which tokens of which requests each step
+computes. Pure Python over request states and block counts; it never knows how the model
+is laid out.
+
+Policy (first come, first served):
+
+1. Running requests first, in admission order: each computes its next token (a decode)
+   or the next chunk of its prompt (chunked prefill), within the step's token budget
+   ``max_batch_tokens``. A prefill chunk leaves one token of the budget for every
+   decode after it, so decodes never stall behind a long prompt (``max_batch_tokens >=
+   max_batch`` makes room for all of them).
+2. When a running request cannot get a block, the most recently admitted running
+   request is preempted (blocks freed, back to the front of the waiting queue, computed
+   tokens forgotten, outputs kept) and the allocation retried; if the request itself is
+   the most recent, it is the one preempted. The earliest admitted request therefore
+   always progresses, and since ``add`` refuses any request that could not fit the
+   whole pool alone, no request ever fails because others hold blocks.
+3. Then waiting requests are admitted in order while fewer than ``max_batch`` run, budget
+   is left and blocks allow; a prompt gets what is left of the budget and continues next
+   step. Admission stops at the first request that does not fit (no overtaking). No
+   admission happens in a step that preempted: memory is tight, admitting would thrash.
+4. A (re)admitted request first reuses the longest cached prefix of prompt + outputs; a
+   preempted request thus resumes by recomputing prompt + outputs so far, mostly from
+   the prefix cache.
+
+Who finishes a request: ``update`` marks "length" when a request has its
+``max_new_tokens`` (the one place that rule lives). The engine calls ``finish`` for
+"stop" (EOS, stop strings: it alone detokenizes) after ``update``; a token that is both
+a stop and the last allowed one is reported "stop", as vLLM and OpenAI do. ``cancel``
+finishes with "cancelled". Every finish frees the request's blocks at once.
+
+Steps in flight: ``schedule`` may be called again before ``update`` of earlier steps
+(a pipeline keeps one step per stage in flight); a request with a chunk in flight is
+neither scheduled again nor preempted until its step is updated. ``update`` calls for a
+request must come in the order its steps were scheduled. A request cancelled while in
+flight frees its blocks at once and the next step may reuse them: safe because every
+stage runs steps in the order they were scheduled, so the old step's writes come first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from llamadist.engine.kv_blocks import BlockPool
+from llamadist.engine.request import FINISH_REASONS, Request, RequestStatus
+
+
+class RequestTooLarge(ValueError):
+    """A request that alone can never fit (context length or KV blocks)."""
+
+
+@dataclass(frozen=True, eq=False)
+class Chunk:
+    """Compute ``request.all_ids[start:start + num_tokens]`` this step (``start`` is the
+    request's ``num_computed``); ``sample``: the chunk reaches the request's last token,
+    so its last position's logits are sampled."""
+    request: Request
+    start: int
+    num_tokens: int
+    sample: bool
+
+    @property
+    def end(self) -> int:
+        return self.start + self.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.tokens(self.start, self.end)
+
+    def __repr__(self) -> str:
+        return (f"Chunk({self.request.id!r}, start={self.start}, "
+                f"num_tokens={self.num_tokens}, sample={self.sample})")
+
+
+@dataclass
+class SchedulerStep:
+    chunks: list[Chunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)  # while building this step
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks)
+
+
+class Scheduler:
+    def __init__(self, pool: BlockPool, max_batch: int, max_batch_tokens: int,
+                 max_seq_len: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        if max_batch_tokens < max_batch:
+            raise ValueError(f"max_batch_tokens ({max_batch_tokens}) must be >= max_batch "
+                             f"({max_batch}): every running sequence needs one token of the "
+                             f"step's budget to decode")
+        if max_seq_len < 1:
+            raise ValueError(f"max_seq_len must be >= 1, got {max_seq_len}")
+        self.pool = pool
+        self.max_batch = max_batch
+        self.max_batch_tokens = max_batch_tokens
+        self.max_seq_len = max_seq_len
+        self.clock = clock
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # admission order
+        self.preemptions = 0
+        self._requests: dict[str, Request] = {}  # unfinished, by id
+        self._in_flight: set[Request] = set()
+        self._length_finished: dict[str, Request] = {}  # by the latest update
+
+    # ---- gauges ----------------------------------------------------------------------
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def blocks_used(self) -> int:
+        return self.pool.num_used
+
+    @property
+    def blocks_free(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self._requests)
+
+    def get(self, request_id: str) -> Request | None:
+        """An unfinished request by id."""
+        return self._requests.get(request_id)
+
+    # ---- requests in and out -----------------------------------------------------------
+    def add(self, req: Request) -> None:
+        """Queue a request (refused with ``RequestTooLarge`` if it alone can never fit). A
+        request asking for 0 new tokens is finished ("length") at once."""
+        if req.id in self._requests:
+            raise ValueError(f"request id {req.id!r} is already queued or running")
+        self._check_fits(req)
+        if req.arrival_s is None:
+            req.arrival_s = self.clock()
+        req.status = RequestStatus.WAITING
+        self._requests[req.id] = req
+        self.waiting.append(req)
+        if req.remaining_new <= 0:
+            self._finish(req, "length")
+
+    def _check_fits(self, req: Request) -> None:
+        p, m, s = len(req.prompt_ids), req.params.max_new_tokens, self.max_seq_len
+        if p + m > s:
+            fix = (f"lower max_new_tokens to {s - p} or less, shorten the prompt"
+                   if p < s else "shorten the prompt")
+            raise RequestTooLarge(
+                f"request {req.id!r} needs {p + m} positions (prompt {p} + max_new_tokens "
+                f"{m}) but max_seq_len is {s}: {fix}, or raise --max-seq-len (up to the "
+                f"model's context)")
+        # The last sampled token is never fed back, so its K/V are never stored.
+        kv_tokens = p + max(m, 1) - 1
+        blocks, usable = self.pool.blocks_for(kv_tokens), self.pool.num_usable
+        if blocks > usable:
+            bs = self.pool.block_size
+            raise RequestTooLarge(
+                f"request {req.id!r} needs {blocks} KV blocks of {bs} tokens ({kv_tokens} "
+                f"cached tokens: prompt {p} + max_new_tokens {m} - 1) but the KV cache has "
+                f"only {usable} usable blocks ({usable * bs} tokens): lower "
+                f"max_new_tokens, shorten the prompt, or give the KV cache more memory")
+
+    def cancel(self, request_id: str) -> bool:
+        """Finish a waiting or running request as "cancelled", freeing its blocks now.
+        False if no such unfinished request."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return False
+        self._finish(req, "cancelled")
+        return True
+
+    def finish(self, request_id: str, reason: str) -> bool:
+        """The engine finishes a request ("stop": EOS or a stop string). False if it was
+        not unfinished; a "stop" on the token that just hit the length limit turns its
+        "length" into "stop"."""
+        if reason not in FINISH_REASONS:
+            raise ValueError(f"finish reason must be one of {FINISH_REASONS}, got {reason!r}")
+        req = self._requests.get(request_id)
+        if req is None:
+            late = self._length_finished.get(request_id)
+            if late is None or reason != "stop":
+                return False
+            late.finish_reason = "stop"
+            return True
+        self._finish(req, reason)
+        return True
+
+    def _finish(self, req: Request, reason: str) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        else:
+            self.waiting.remove(req)
+        self.pool.free(req)
+        self._in_flight.discard(req)
+        del self._requests[req.id]
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        req.finished_s = self.clock()
+
+    # ---- one step --------------------------------------------------------------------
+    def schedule(self) -> SchedulerStep:
+        step = SchedulerStep()
+        budget = self._schedule_running(step, self.max_batch_tokens)
+        if not step.preempted:
+            self._admit_waiting(step, budget)
+        self._in_flight.update(c.request for c in step.chunks)
+        return step
+
+    def _schedule_running(self, step: SchedulerStep, budget: int) -> int:
+        # Requests with a step in flight wait for its result.
+        todo = [r for r in self.running if r not in self._in_flight]
+        # One token of the budget is kept for each decode later in the order, so a chunked
+        # prefill ahead of them (a resumed request, or one whose earlier chunk was in
+        # flight when they were admitted) never stalls their decoding.
+        decodes = {r for r in todo if r.num_tokens - r.num_computed == 1}
+        reserve = len(decodes)
+        scheduled: set[Request] = set()
+        for req in todo:
+            if req.status is not RequestStatus.RUNNING:
+                continue  # preempted a moment ago
+            reserve -= req in decodes
+            n = min(req.num_tokens - req.num_computed, budget - reserve)
+            if n <= 0:
+                continue
+            # (A decode preempted later in the loop keeps its reserved token unused: at
+            # most one token per victim, in a step already short of blocks.)
+            if self._allocate_or_preempt(req, n, step, scheduled):
+                step.chunks.append(self._chunk(req, n))
+                scheduled.add(req)
+                budget -= n
+        return budget
+
+    def _allocate_or_preempt(self, req: Request, n: int, step: SchedulerStep,
+                             scheduled: set[Request]) -> bool:
+        while not self.pool.allocate(req, n):
+            victim = next((r for r in reversed(self.running)
+                           if r not in scheduled and r not in self._in_flight), None)
+            if victim is None:
+                return False  # everyone else is in flight: try again next step
+            self._preempt(victim)
+            step.preempted.append(victim)
+            if victim is req:
+                return False
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.pool.free(req)
+        req.num_computed = 0
+        req.num_preemptions += 1
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)  # later victims are earlier admitted: order kept
+        self.preemptions += 1
+
+    def _admit_waiting(self, step: SchedulerStep, budget: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
+            req = self.waiting[0]
+            prefix, num_cached = self.pool.match_prefix(req.all_ids)
+            n = min(req.num_tokens - num_cached, budget)
+            if not self.pool.allocate(req, n, prefix):
+                return  # first come, first served: nobody overtakes the head
+            self.waiting.popleft()
+            req.num_computed = num_cached
+            if req.first_scheduled_s is None:
+                req.first_scheduled_s = self.clock()
+                req.num_cached_prompt = min(num_cached, len(req.prompt_ids))
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            step.chunks.append(self._chunk(req, n))
+            budget -= n
+
+    @staticmethod
+    def _chunk(req: Request, n: int) -> Chunk:
+        start = req.num_computed
+        return Chunk(req, start, n, sample=start + n == req.num_tokens)
+
+    # ---- results of a step -------------------------------------------------------------
+    def update(self, step: SchedulerStep, sampled: dict[str, int | None]) -> list[Request]:
+        """Advance each chunk's request by its tokens, append the sampled token of each
+        chunk with ``sample`` (``sampled[request.id]``), register newly full blocks in the
+        prefix cache, and finish requests that reached max_new_tokens ("length"); returns
+        those. Chunks of requests finished meanwhile (cancelled) are ignored."""
+        finished: list[Request] = []
+        self._length_finished.clear()
+        for c in step.chunks:
+            req = c.request
+            self._in_flight.discard(req)
+            if req.status is not RequestStatus.RUNNING:
+                continue
+            if req.num_computed != c.start:
+                raise RuntimeError(f"request {req.id!r}: chunk starts at {c.start} but "
+                                   f"{req.num_computed} tokens are computed (steps updated "
+                                   f"out of order?)")
+            req.num_computed = c.end
+            if c.sample:
+                token = sampled.get(req.id)
+                if token is None:
+                    raise ValueError(f"request {req.id!r}: its chunk samples but no token "
+                                     f"came back for it")
+                req.output_ids.append(token)
+                if req.first_token_s is None:
+                    req.first_token_s = self.clock()
+            self.pool.commit(req)
+            if req.remaining_new <= 0:
+                self._finish(req, "length")
+                self._length_finished[req.id] = req
+                finished.append(req)
+        return finished
