@@ -72,7 +72,8 @@ def time_hf(model, ids: list[int], gen: int, repeats: int) -> tuple[float, list[
 
 def load_engine(ckpt, devices: str, max_seq: int):
     t0 = time.perf_counter()
-    layout = resolve_layout(ckpt.config, devices=devices, max_seq_len=max_seq)
+    layout = resolve_layout(ckpt.config, devices=devices, dtype="float32", max_batch=1,
+                            max_seq_len=max_seq)
     eng = build_engine(ckpt, layout, RuntimeConfig(max_seq_len=max_seq, max_batch=1,
                                                    dtype="float32"))
     return eng, time.perf_counter() - t0

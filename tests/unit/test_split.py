@@ -30,7 +30,7 @@ def split_engine(ckpt, strategy: str, stages: int, max_seq: int = 96) -> Engine:
     speeds = ",".join(str(1.0 + i) for i in range(stages)) if strategy in ("compute", "mixed") else None
     layout = resolve_layout(cfg, devices=devices, strategy=strategy, boundaries=boundaries,
                             device_speed=speeds, max_memory=",".join(["4GiB"] * stages),
-                            max_batch=2, max_seq_len=max_seq)
+                            dtype="float32", max_batch=2, max_seq_len=max_seq)
     assert len(layout.layer_ranges) == stages
     return build_engine(ckpt, layout, RuntimeConfig(max_seq_len=max_seq, max_batch=2,
                                                    dtype="float32"))
@@ -112,8 +112,9 @@ def smollm2_reference(smollm2, tmp_path_factory):
     ckpt = open_checkpoint(folder)
     tok = ckpt.tokenizer()
     ids = tok.encode("The three primary colors are")
-    one = build_engine(ckpt, resolve_layout(ckpt.config, devices="cpu", max_seq_len=64),
-                       RuntimeConfig(max_seq_len=64, max_batch=1, dtype="float32"))
+    layout = resolve_layout(ckpt.config, devices="cpu", dtype="float32", max_batch=1,
+                            max_seq_len=64)
+    one = build_engine(ckpt, layout, RuntimeConfig(max_seq_len=64, max_batch=1, dtype="float32"))
     x, pos = torch.tensor([ids]), torch.arange(len(ids)).view(1, -1)
     logits = one.forward(x, pos, 0, None, logits="all")
     tokens = generate(one, tok, [ids], SamplingParams(max_new_tokens=12, ignore_eos=True))
