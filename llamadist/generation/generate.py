@@ -257,27 +257,36 @@ class Generator:
     def _new_text(self, seq: Sequence) -> str:
         if self.tokenizer is None:
             return ""
-        stops = (seq.params or self.params).stop
-        text = self.tokenizer.decode(seq.token_ids)
-        for stop in stops:
-            cut = text.find(stop)
-            if cut >= 0:
-                text = text[:cut]
-                seq.finish_reason = "stop"
-        seq.text = text
-        if not seq.done:
-            # Hold back an unfinished UTF-8 character and any tail that may begin a stop string.
-            safe = len(text.rstrip("\ufffd"))
-            for stop in stops:
-                for k in range(min(len(stop) - 1, safe), 0, -1):
-                    if text[safe - k:safe] == stop[:k]:
-                        safe -= k
-                        break
-        else:
-            safe = len(text)
-        delta = text[seq._emitted:safe] if safe > seq._emitted else ""
-        seq._emitted = max(seq._emitted, safe)
+        seq.text, delta, stopped = text_delta(self.tokenizer, seq.token_ids,
+                                              (seq.params or self.params).stop, seq._emitted,
+                                              seq.done)
+        if stopped:
+            seq.finish_reason = "stop"
+        seq._emitted += len(delta)
         return delta
+
+
+def text_delta(tokenizer: Tokenizer, token_ids: list[int], stops: tuple[str, ...],
+               emitted: int, done: bool) -> tuple[str, str, bool]:
+    """The text of ``token_ids`` cut at the first stop string, the part of it that may be
+    streamed now beyond the ``emitted`` characters already sent, and whether a stop string
+    ended it. An unfinished UTF-8 character and any tail that may begin a stop string are
+    held back until the sequence is done."""
+    text = tokenizer.decode(token_ids)
+    stopped = False
+    for stop in stops:
+        cut = text.find(stop)
+        if cut >= 0:
+            text, stopped = text[:cut], True
+    safe = len(text)
+    if not (done or stopped):
+        safe = len(text.rstrip("\ufffd"))
+        for stop in stops:
+            for k in range(min(len(stop) - 1, safe), 0, -1):
+                if text[safe - k:safe] == stop[:k]:
+                    safe -= k
+                    break
+    return text, text[emitted:safe] if safe > emitted else "", stopped
 
 
 @dataclass
