@@ -136,6 +136,18 @@ class PagedLayer:
         self.k, self.v = kv[0], kv[1]
         self.batch = batch
 
+    def int32_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For the C decode layer: block tables (S, MB) and sequence lengths (S,) as
+        contiguous int32, and the longest length; made once per batch."""
+        found = self.batch.cached.get("int32")
+        if found is None:
+            b = self.batch
+            found = (b.block_tables.to(torch.int32).contiguous(),
+                     b.seq_lens.to(torch.int32).contiguous(),
+                     max(s + n for s, n in zip(b.starts, b.query_lens)))
+            b.cached["int32"] = found
+        return found
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write k/v (N, H_kv, D) at the batch's slots, then attend q (N, H, D) -> (N, H, D)."""
         h_kv, d = self.k.shape[2:]

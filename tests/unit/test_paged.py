@@ -111,3 +111,67 @@ def test_num_blocks_for(tiny_models):
     assert num_blocks_for(cfg, 4, per_block, 16, torch.bfloat16) == 2
     assert num_blocks_for(cfg, 4, per_block, 16, torch.float32, num_kv_heads=1) == 2
     assert num_blocks_for(cfg, 4, per_block - 1, 16, torch.float32) == 0
+
+
+def counting_c_layer(monkeypatch) -> dict:
+    """Wrap the C decoder layer: counts its static and its paged (block-table) calls."""
+    assert cpu_decode.available()
+    inner = cpu_decode._layer_fn
+    calls = {"static": 0, "paged": 0}
+
+    def layer_fn(args):
+        a = ctypes.cast(args, ctypes.POINTER(cpu_decode.LayerArgs)).contents
+        calls["paged" if a.block_table else "static"] += 1
+        inner(args)
+    monkeypatch.setattr(cpu_decode, "_layer_fn", layer_fn)
+    return calls
+
+
+@pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler")
+@pytest.mark.parametrize("kind", ["mha", "gqa_tied", "llama3"])
+def test_c_paged_decode_equals_pytorch_paged(tiny_models, kind, monkeypatch):
+    """The C decoder layer in its block-table mode against the PyTorch paged path: the
+    same logits and the same K/V written into the blocks, on decode steps only."""
+    _, torch_path = engines(tiny_models[kind], cpu_kernels=False)
+    _, c_path = engines(tiny_models[kind], cpu_kernels=True)
+    a, b, c = prompts(torch_path.config.vocab_size)
+    calls = counting_c_layer(monkeypatch)
+    prefill = [(a, TABLES[0], 0, 16), (b, TABLES[1], 0, 9), (c, TABLES[2], 0, 3)]
+    for engine in (torch_path, c_path):
+        step(engine, prefill)
+    assert calls["paged"] == 0  # a prefill is not a decode step
+    for i in range(3):  # three decode steps, rows of different lengths
+        seqs = [(a, TABLES[0], 16 + i, 1), (b, TABLES[1], 9 + i, 1), (c, TABLES[2], 3 + i, 1)]
+        torch.testing.assert_close(step(c_path, seqs), step(torch_path, seqs), **TOL)
+    layers = c_path.config.num_layers
+    assert calls == {"static": 0, "paged": 3 * layers}
+    for i in range(layers):
+        torch.testing.assert_close(c_path.stages[0].paged.kv(i),
+                                   torch_path.stages[0].paged.kv(i), **TOL)
+
+
+@pytest.mark.skipif(not cpu_decode.available(), reason="no C compiler")
+@pytest.mark.parametrize("kind", ["gqa", "mha_bias", "odd"])
+def test_c_paged_layer_on_odd_shapes(kind, monkeypatch):
+    """One decoder layer, C block-table mode against the PyTorch paged attend: head_dim
+    10 and nothing a multiple of 8 ("odd"), biases, block size 3, rows of lengths 1..8
+    over scrambled blocks, with history already in the blocks."""
+    from llamadist.model.rope import RotaryTable
+    from llamadist.runtime.paged_kv import PagedKVCache
+    from tests.unit.test_cpu_decode import random_layer_model
+    model = random_layer_model(kind)
+    cfg, layer = model.config, model.model.layers["1"]
+    caches = [PagedKVCache(cfg, [1], 12, 3, "cpu", torch.float32) for _ in range(2)]
+    caches[1].kv(1).copy_(caches[0].kv(1).normal_())
+    batch = PagedBatch.build([([5, 0, 9], 7, 1), ([11], 0, 1), ([2, 8, 4], 4, 1)], 3)
+    h = torch.randn(3, 1, cfg.hidden_size)
+    cos, sin = RotaryTable(cfg, 16, "cpu").lookup(batch.positions.view(3, 1), torch.float32)
+    calls = counting_c_layer(monkeypatch)
+    with torch.inference_mode():
+        x, pending = layer.forward_deferred(h, None, cos, sin,
+                                            caches[0].bind(batch).layer(1), 0, None)
+        out, none = cpu_decode.decode_layer(layer, h, None, cos, sin,
+                                            caches[1].bind(batch).layer(1), 0, None)
+    assert none is None and calls["paged"] == 1
+    torch.testing.assert_close(out, x + pending, rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(caches[1].kv(1), caches[0].kv(1), rtol=1e-6, atol=1e-6)
