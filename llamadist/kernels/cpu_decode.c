@@ -128,7 +128,7 @@ typedef struct {
     const float *w_gu, *b_gu;           /* (2 inter, dim): gate rows then up rows */
     const float *w_down, *b_down;       /* (dim, inter) */
     float *k_cache, *v_cache;           /* static: (batch, kv_heads, slots, head_dim);
-                                           paged: (blocks, block_size, kv_heads, head_dim) */
+                                           paged: (blocks, kv_heads, block_size, head_dim) */
     int64_t cache_b, cache_h, cache_t;  /* element strides of a row (static) or a block
                                            (paged), of a head and of a slot */
     int64_t block_size;                 /* 0: static cache; else slots per block */

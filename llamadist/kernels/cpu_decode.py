@@ -310,20 +310,20 @@ def _static_args(proto: LayerArgs, h: torch.Tensor, cache, start,
 
 def _paged_args(proto: LayerArgs, h: torch.Tensor, cache,
                 mask: torch.Tensor | None) -> tuple[LayerArgs, tuple] | None:
-    """LayerArgs over a paged cache: cache.k/v (blocks, block_size, H_kv, D) and
+    """LayerArgs over a paged cache: cache.k/v (blocks, H_kv, block_size, D) and
     ``cache.int32_tables()`` -> (block tables (B, MB) int32, lengths (B,) int32 with the
     new token, the longest length), row b of h being sequence b; None where the C layer
     does not apply (a mask, rows that are not the cache's sequences)."""
     k, v = cache.k, cache.v
     tables, lens, longest = cache.int32_tables()
-    if not (mask is None and _cache_ok(k, v) and k.is_contiguous()
+    if not (mask is None and _cache_ok(k, v)
             and tables.shape[0] == h.shape[0] == lens.shape[0]
             and tables.is_contiguous() and lens.is_contiguous()):
         return None
     a = LayerArgs.from_buffer_copy(proto)
     a.len = longest
     a.k_cache, a.v_cache = k.data_ptr(), v.data_ptr()
-    a.cache_b, a.cache_h, a.cache_t = k.stride(0), k.stride(2), k.stride(1)
-    a.block_size = k.shape[1]
+    a.cache_b, a.cache_h, a.cache_t = k.stride(0), k.stride(1), k.stride(2)
+    a.block_size = k.shape[2]
     a.block_table, a.bt_stride, a.lens = tables.data_ptr(), tables.stride(0), lens.data_ptr()
     return a, (tables, lens)

@@ -99,20 +99,27 @@ def attention_groups(batch: PagedBatch) -> list[AttentionGroup]:
     return groups
 
 
-def gather(cache: torch.Tensor, block_tables: torch.Tensor, kv_len: int) -> torch.Tensor:
-    """cache (num_blocks, bs, H_kv, D), block_tables (S, MB) -> (S, H_kv, kv_len, D), a
-    strided view of one gathered copy."""
-    s, mb = block_tables.shape
-    blocks = cache[block_tables]  # (S, MB, bs, H_kv, D)
-    flat = blocks.view(s, mb * cache.shape[1], *cache.shape[2:])  # (S, MB*bs, H_kv, D)
-    return flat[:, :kv_len].transpose(1, 2)
+def gather_rows(block_tables: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(S, MB) block ids -> (S, H_kv, MB) rows of a cache viewed as (blocks * H_kv, bs, D)."""
+    heads = torch.arange(num_kv_heads, device=block_tables.device).view(1, -1, 1)
+    return block_tables.unsqueeze(1) * num_kv_heads + heads
+
+
+def gather(cache: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """cache (num_blocks, H_kv, bs, D), rows (S, H_kv, MB) from gather_rows ->
+    (S, H_kv, kv_len, D): one gathered copy, viewed."""
+    _, h_kv, bs, d = cache.shape
+    s, _, mb = rows.shape
+    blocks = cache.view(-1, bs, d)[rows]  # (S, H_kv, MB, bs, D)
+    return blocks.view(s, h_kv, mb * bs, d)[:, :, :kv_len]
 
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     g: AttentionGroup) -> torch.Tensor:
     """q (N_g, H, D) rotated -> (N_g, H, D) over the group's gathered K/V."""
-    keys = gather(k_cache, g.block_tables, g.kv_len)  # (S_g, H_kv, L, D)
-    values = gather(v_cache, g.block_tables, g.kv_len)
+    rows = gather_rows(g.block_tables, k_cache.shape[1])  # (S_g, H_kv, MB)
+    keys = gather(k_cache, rows, g.kv_len)  # (S_g, H_kv, L, D)
+    values = gather(v_cache, rows, g.kv_len)
     s, h_kv = keys.shape[:2]
     n, h, d = q.shape
     if g.q_len == 1:
@@ -130,11 +137,23 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 class PagedLayer:
     """One layer's view of the paged cache for one batch (a FlatLayerKV). ``k``/``v``
-    (num_blocks, bs, H_kv, D) and ``batch`` are what the C decode layer reads too."""
+    (num_blocks, H_kv, bs, D) and ``batch`` are what the C decode layer reads too."""
 
     def __init__(self, kv: torch.Tensor, batch: PagedBatch):
         self.k, self.v = kv[0], kv[1]
         self.batch = batch
+
+    def write_rows(self, h_kv: int) -> torch.Tensor:
+        """(N * H_kv,) row of each token's K/V per head in the cache viewed as (blocks *
+        H_kv * bs, D), token-major; made once per batch."""
+        rows = self.batch.cached.get(("write", h_kv))
+        if rows is None:
+            bs = self.batch.block_size
+            slots = self.batch.slot_mapping.view(-1, 1)  # (N, 1)
+            heads = torch.arange(h_kv, device=slots.device).view(1, -1)
+            rows = (((slots // bs) * h_kv + heads) * bs + slots % bs).view(-1)
+            self.batch.cached[("write", h_kv)] = rows
+        return rows
 
     def int32_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """For the C decode layer: block tables (S, MB) and sequence lengths (S,) as
@@ -150,10 +169,10 @@ class PagedLayer:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write k/v (N, H_kv, D) at the batch's slots, then attend q (N, H, D) -> (N, H, D)."""
-        h_kv, d = self.k.shape[2:]
-        slots = self.batch.slot_mapping
-        self.k.view(-1, h_kv, d).index_copy_(0, slots, k.to(self.k.dtype))
-        self.v.view(-1, h_kv, d).index_copy_(0, slots, v.to(self.v.dtype))
+        n, h_kv, d = k.shape
+        rows = self.write_rows(h_kv)  # (N * H_kv,)
+        self.k.view(-1, d).index_copy_(0, rows, k.reshape(n * h_kv, d).to(self.k.dtype))
+        self.v.view(-1, d).index_copy_(0, rows, v.reshape(n * h_kv, d).to(self.v.dtype))
         groups = attention_groups(self.batch)
         if len(groups) == 1 and groups[0].tokens is None:
             return group_attention(q, self.k, self.v, groups[0])
