@@ -1,5 +1,6 @@
 /* CPU decode kernels, float32: the linear y = x W^T (+ b) for a few rows of x, and a
-   whole decoder layer for one new token per sequence.
+   whole decoder layer for one new token per sequence, over a static KV cache (a row of
+   slots per sequence) or a paged one (per row a block table and a length).
 
    Decode reads every weight once per step and does two flops per four bytes, so the step
    runs at the speed the weights stream from memory, plus whatever the step spends around
@@ -116,8 +117,9 @@ static void rotate(const float *x, const float *cos, const float *sin, float *ou
 
 /* The shapes and tensors of one decoder layer's decode step (see cpu_decode.py). */
 typedef struct {
-    int64_t batch, dim, heads, kv_heads, head_dim, inter, len; /* len: slots to attend */
-    int64_t start;                      /* slot of the new token */
+    int64_t batch, dim, heads, kv_heads, head_dim, inter;
+    int64_t len;                        /* slots to attend (paged: the longest row's) */
+    int64_t start;                      /* static: slot of the new token */
     float eps;
     float *h;                           /* (batch, dim) residual stream, updated in place */
     const float *norm1, *norm2;         /* (dim) */
@@ -125,8 +127,15 @@ typedef struct {
     const float *w_o, *b_o;             /* (dim, q) */
     const float *w_gu, *b_gu;           /* (2 inter, dim): gate rows then up rows */
     const float *w_down, *b_down;       /* (dim, inter) */
-    float *k_cache, *v_cache;           /* (batch, kv_heads, slots, head_dim), strided */
-    int64_t cache_b, cache_h;           /* element strides of batch and head; slot = head_dim */
+    float *k_cache, *v_cache;           /* static: (batch, kv_heads, slots, head_dim);
+                                           paged: (blocks, kv_heads, block_size, head_dim) */
+    int64_t cache_b, cache_h, cache_t;  /* element strides of a row (static) or a block
+                                           (paged), of a head and of a slot */
+    int64_t block_size;                 /* 0: static cache; else slots per block */
+    const int32_t *block_table;         /* paged: (batch, bt_stride) block ids per row */
+    int64_t bt_stride;
+    const int32_t *lens;                /* paged: (batch) slots per row, the new one's
+                                           included (static: len for every row) */
     const float *cos, *sin;             /* (batch, head_dim) rows, stride cs_b */
     int64_t cs_b;
     const uint8_t *mask;                /* (batch, len) bool, row stride mask_b; NULL = all */
@@ -134,6 +143,47 @@ typedef struct {
     float *scratch;                     /* see cpu_decode.py: scratch_floats() */
     int64_t threads;                    /* OpenMP team size */
 } layer_args;
+
+/* Element offset of row b's slot s, head 0: in a static cache the row's own slot s, in a
+   paged one offset s % block_size of the row's block s / block_size. */
+static inline int64_t slot_at(const layer_args *a, int64_t b, int64_t s) {
+    if (!a->block_size) return b * a->cache_b + s * a->cache_t;
+    return (int64_t)a->block_table[b * a->bt_stride + s / a->block_size] * a->cache_b
+           + (s % a->block_size) * a->cache_t;
+}
+
+/* One query head q (hd) of row b over its slots [0, len) of KV head kh -> o (hd).
+   p: len floats of scratch. Slots are read run by run: a run is one block (paged) or
+   the whole row (static), its slots cache_t apart. */
+static void attend_head(const layer_args *a, int64_t b, int64_t kh, const float *q,
+                        float *p, float *o, int64_t len) {
+    const int64_t hd = a->head_dim, run = a->block_size ? a->block_size : len;
+    const uint8_t *mask = a->mask ? a->mask + b * a->mask_b : NULL;
+    const float scale = 1.0f / sqrtf((float)hd);
+    float mx = -INFINITY, total = 0.0f;
+    for (int64_t s0 = 0; s0 < len; s0 += run) {
+        const int64_t n = len - s0 < run ? len - s0 : run;
+        const float *keys = a->k_cache + slot_at(a, b, s0) + kh * a->cache_h;
+        for (int64_t i = 0; i < n; ++i) {
+            const int64_t s = s0 + i;
+            p[s] = (mask && !mask[s]) ? -INFINITY : dot1(keys + i * a->cache_t, q, hd) * scale;
+            mx = p[s] > mx ? p[s] : mx;
+        }
+    }
+    for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
+    for (int64_t s0 = 0; s0 < len; s0 += run) {
+        const int64_t n = len - s0 < run ? len - s0 : run;
+        const float *vals = a->v_cache + slot_at(a, b, s0) + kh * a->cache_h;
+        for (int64_t j = 0; j < n; ++j) {
+            if (p[s0 + j] == -INFINITY) continue;
+            const float e = expf(p[s0 + j] - mx), *v = vals + j * a->cache_t;
+            total += e;
+            for (int64_t i = 0; i < hd; ++i) o[i] += e * v[i];
+        }
+    }
+    const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+}
 
 void llamadist_decode_layer_f32(const layer_args *a) {
     const int64_t B = a->batch, D = a->dim, hd = a->head_dim, H = a->heads, Hkv = a->kv_heads;
@@ -144,7 +194,6 @@ void llamadist_decode_layer_f32(const layer_args *a) {
     float *att = qkv + B * qkv_n;           /* (B, q_size) attention output */
     float *gu = att + B * q_size;           /* (B, 2F) gate|up, then silu(gate) * up */
     float *probs = gu + B * 2 * F;          /* (B * H, len) */
-    const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp parallel num_threads((int)a->threads)
     {
 #pragma omp for schedule(static)
@@ -161,35 +210,18 @@ void llamadist_decode_layer_f32(const layer_args *a) {
                 rotate(row + head * hd, cs, sn, tmp, hd);
                 memcpy(row + head * hd, tmp, sizeof tmp);
             } else {
-                const int64_t kh = head - H, slot = b * a->cache_b + kh * a->cache_h + a->start * hd;
+                const int64_t kh = head - H, pos = a->lens ? a->lens[b] - 1 : a->start;
+                const int64_t slot = slot_at(a, b, pos) + kh * a->cache_h;
                 rotate(row + q_size + kh * hd, cs, sn, a->k_cache + slot, hd);
                 memcpy(a->v_cache + slot, row + q_size + kv_size + kh * hd, hd * sizeof(float));
             }
         }
-        /* Attention: one query head per iteration over slots [0, len). */
+        /* Attention: one query head per iteration over its row's slots. */
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * H; ++bh) {
-            const int64_t b = bh / H, head = bh % H, kh = head / group;
-            const float *q = qkv + b * qkv_n + head * hd;
-            const float *keys = a->k_cache + b * a->cache_b + kh * a->cache_h;
-            const float *vals = a->v_cache + b * a->cache_b + kh * a->cache_h;
-            const uint8_t *mask = a->mask ? a->mask + b * a->mask_b : NULL;
-            float *p = probs + bh * a->len, mx = -INFINITY;
-            for (int64_t s = 0; s < a->len; ++s) {
-                p[s] = (mask && !mask[s]) ? -INFINITY : dot1(keys + s * hd, q, hd) * scale;
-                mx = p[s] > mx ? p[s] : mx;
-            }
-            float *o = att + b * q_size + head * hd, total = 0.0f;
-            for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
-            for (int64_t s = 0; s < a->len; ++s) {
-                if (p[s] == -INFINITY) continue;
-                const float e = expf(p[s] - mx);
-                total += e;
-                const float *v = vals + s * hd;
-                for (int64_t i = 0; i < hd; ++i) o[i] += e * v[i];
-            }
-            const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-            for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
+            const int64_t b = bh / H, head = bh % H;
+            attend_head(a, b, head / group, qkv + b * qkv_n + head * hd, probs + bh * a->len,
+                        att + b * q_size + head * hd, a->lens ? a->lens[b] : a->len);
         }
         linear_for(att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D, 1); /* h += o_proj */
 #pragma omp for schedule(static)

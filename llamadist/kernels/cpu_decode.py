@@ -196,7 +196,9 @@ class LayerArgs(ctypes.Structure):
                 ("eps", ctypes.c_float), ("h", _P), ("norm1", _P), ("norm2", _P),
                 ("w_qkv", _P), ("b_qkv", _P), ("w_o", _P), ("b_o", _P), ("w_gu", _P),
                 ("b_gu", _P), ("w_down", _P), ("b_down", _P), ("k_cache", _P), ("v_cache", _P),
-                ("cache_b", ctypes.c_int64), ("cache_h", ctypes.c_int64), ("cos", _P),
+                ("cache_b", ctypes.c_int64), ("cache_h", ctypes.c_int64),
+                ("cache_t", ctypes.c_int64), ("block_size", ctypes.c_int64),
+                ("block_table", _P), ("bt_stride", ctypes.c_int64), ("lens", _P), ("cos", _P),
                 ("sin", _P), ("cs_b", ctypes.c_int64), ("mask", _P), ("mask_b", ctypes.c_int64),
                 ("scratch", _P), ("threads", ctypes.c_int64)]
 
@@ -250,39 +252,78 @@ def scratch_floats(a: LayerArgs) -> int:
 def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor,
                  sin: torch.Tensor, cache, start, mask: torch.Tensor | None):
     """``DecoderLayer.forward_deferred`` for one new token per sequence, in one C call
-    where it applies (float32 on the CPU, fused projections, an int start, a bool or no
-    mask); anywhere else the layer's own forward. Returns (h, None): no residual is left
-    pending. The cache gets this token's K and V at slot ``start``, as ``cache.write``."""
+    where it applies (float32 on the CPU, fused projections, and either an int start
+    with a bool or no mask over a static cache, or a paged cache: see ``_paged_args``);
+    anywhere else the layer's own forward. Returns (h, None): no residual is left
+    pending. The cache gets this token's K and V at slot ``start`` (static) or at each
+    row's slot (paged), as the cache's own write would put them."""
     if pending is not None:
         h = h + pending
-    fast = (isinstance(start, int) and h.dim() == 3 and h.shape[1] == 1
-            and h.dtype == torch.float32 and h.device.type == "cpu" and available())
+    fast = (h.dim() == 3 and h.shape[1] == 1 and h.dtype == torch.float32
+            and h.device.type == "cpu" and available())
     found = _layer_weights(layer) if fast else None
     if found is not None:
-        b, length = h.shape[0], start + 1
-        k_cache, v_cache = cache.k, cache.v
-        fast = (b <= k_cache.shape[0] and length <= k_cache.shape[2]
-                and k_cache.dtype == torch.float32 and k_cache.stride(3) == 1
-                and k_cache.stride(2) == k_cache.shape[3] and v_cache.stride() == k_cache.stride()
-                and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == length
-                                      and mask.stride(-1) == 1)))
-    if found is None or not fast:
+        paged = hasattr(cache, "int32_tables")
+        keep = (_paged_args(found[1], h, cache, mask) if paged
+                else _static_args(found[1], h, cache, start, mask))
+    if found is None or keep is None:
         return layer.forward_deferred(h, None, cos, sin, cache, start, mask)
-    _, proto = found
-    a = LayerArgs.from_buffer_copy(proto)
+    a, kept = keep
     out = h.clone(memory_format=torch.contiguous_format)  # the caller's h stays as it was
     cos = cos.reshape(-1, a.head_dim).contiguous()
     sin = sin.reshape(-1, a.head_dim).contiguous()
-    a.batch, a.len, a.start = b, length, start
+    a.batch = h.shape[0]
     a.h, a.cos, a.sin = out.data_ptr(), cos.data_ptr(), sin.data_ptr()
     a.cs_b = a.head_dim if cos.shape[0] > 1 else 0
-    a.k_cache, a.v_cache = k_cache.data_ptr(), v_cache.data_ptr()
-    a.cache_b, a.cache_h = k_cache.stride(0), k_cache.stride(1)
-    if mask is not None:
-        mask = mask.reshape(mask.shape[0], length)
-        a.mask, a.mask_b = mask.data_ptr(), (mask.stride(0) if mask.shape[0] > 1 else 0)
     scratch = torch.empty(scratch_floats(a))
     a.scratch = scratch.data_ptr()
     a.threads = torch.get_num_threads()
     _layer_fn(ctypes.byref(a))
     return out, None
+
+
+def _cache_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
+    return (k.dtype == torch.float32 and k.device.type == "cpu" and k.stride(-1) == 1
+            and v.stride() == k.stride() and v.dtype == k.dtype)
+
+
+def _static_args(proto: LayerArgs, h: torch.Tensor, cache, start,
+                 mask: torch.Tensor | None) -> tuple[LayerArgs, tuple] | None:
+    """LayerArgs over a static cache (cache.k/v (B, H_kv, S, D), slots D apart) for the
+    token at slot ``start`` (an int); None where the C layer does not apply."""
+    b, length = h.shape[0], (start + 1 if isinstance(start, int) else 0)
+    k, v = cache.k, cache.v
+    if not (isinstance(start, int) and b <= k.shape[0] and length <= k.shape[2]
+            and _cache_ok(k, v) and k.stride(2) == k.shape[3]
+            and (mask is None or (mask.dtype == torch.bool and mask.shape[-1] == length
+                                  and mask.stride(-1) == 1))):
+        return None
+    a = LayerArgs.from_buffer_copy(proto)
+    a.len, a.start = length, start
+    a.k_cache, a.v_cache = k.data_ptr(), v.data_ptr()
+    a.cache_b, a.cache_h, a.cache_t = k.stride(0), k.stride(1), k.stride(2)
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], length)
+        a.mask, a.mask_b = mask.data_ptr(), (mask.stride(0) if mask.shape[0] > 1 else 0)
+    return a, (mask,)
+
+
+def _paged_args(proto: LayerArgs, h: torch.Tensor, cache,
+                mask: torch.Tensor | None) -> tuple[LayerArgs, tuple] | None:
+    """LayerArgs over a paged cache: cache.k/v (blocks, H_kv, block_size, D) and
+    ``cache.int32_tables()`` -> (block tables (B, MB) int32, lengths (B,) int32 with the
+    new token, the longest length), row b of h being sequence b; None where the C layer
+    does not apply (a mask, rows that are not the cache's sequences)."""
+    k, v = cache.k, cache.v
+    tables, lens, longest = cache.int32_tables()
+    if not (mask is None and _cache_ok(k, v)
+            and tables.shape[0] == h.shape[0] == lens.shape[0]
+            and tables.is_contiguous() and lens.is_contiguous()):
+        return None
+    a = LayerArgs.from_buffer_copy(proto)
+    a.len = longest
+    a.k_cache, a.v_cache = k.data_ptr(), v.data_ptr()
+    a.cache_b, a.cache_h, a.cache_t = k.stride(0), k.stride(1), k.stride(2)
+    a.block_size = k.shape[2]
+    a.block_table, a.bt_stride, a.lens = tables.data_ptr(), tables.stride(0), lens.data_ptr()
+    return a, (tables, lens)

@@ -4,6 +4,12 @@ writes this step's keys and values and reads back what to attend over.
 
 ``llamadist.runtime.kv_cache.KVCache`` / ``LayerCache`` are the implementations; any
 object with these methods serves (a test's, a graph bucket's view of the first rows).
+
+A flat batch (continuous batching over a paged cache) uses ``FlatLayerKV`` instead: the
+model hands over this step's rotated q/k/v token by token, and the runtime's object
+stores k/v in its blocks and attends each token over its own sequence's context
+(``llamadist.runtime.paged_kv``). ``Attention.forward`` takes this path whenever the
+layer's cache has an ``attend`` method.
 """
 
 from __future__ import annotations
@@ -30,5 +36,16 @@ class LayerKV(Protocol):
 class StageKV(Protocol):
     """The caches of a stage's layers, by global layer index."""
 
-    def layer(self, i: int) -> LayerKV:
+    def layer(self, i: int) -> "LayerKV | FlatLayerKV":
+        ...
+
+
+class FlatLayerKV(Protocol):
+    """One decoder layer's keys and values for a flat batch of N tokens from S sequences,
+    each token at its own position (the runtime's batch metadata says which sequence)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Store k/v (N, H_kv, D) (k rotated) at each token's slot, then return causal
+        attention of q (N, H, D) (rotated) over each token's own sequence, up to and
+        including the token itself: (N, H, D)."""
         ...

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import ModelConfig
-from llamadist.model.cache import LayerKV, StageKV, Start
+from llamadist.model.cache import FlatLayerKV, LayerKV, StageKV, Start
 from llamadist.model.rope import RotaryTable, apply_rotary
 
 # One-token attention: (q, keys, values, mask, start, cos, sin) -> out, shapes as in
@@ -76,9 +76,13 @@ class Attention(nn.Module):
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerKV, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
+                cache: LayerKV | FlatLayerKV, start: Start,
+                mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x)
+        attend = getattr(cache, "attend", None)
+        if attend is not None:
+            return self.forward_flat(q, k, v, cos, sin, attend)
         # Head counts come from the projection widths, so a tensor-parallel
         # shard of this module (fewer heads) runs through the same code.
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -104,6 +108,21 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
         out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
         return self.o_proj(out)
+
+
+    def forward_flat(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     cos: torch.Tensor, sin: torch.Tensor,
+                     attend: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """A flat batch: the B*T tokens of q/k/v (B, T, *) are N independent tokens, each
+        at its own position; ``attend`` (FlatLayerKV.attend) stores k/v and attends each
+        token over its own sequence. cos/sin (B, 1, T, D)."""
+        b, t, _ = q.shape
+        hd = self.head_dim
+        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
+        q = apply_rotary(q.view(b, t, -1, hd), cos, sin).view(b * t, -1, hd)  # (N, H, D)
+        k = apply_rotary(k.view(b, t, -1, hd), cos, sin).view(b * t, -1, hd)  # (N, H_kv, D)
+        out = attend(q, k, v.reshape(b * t, -1, hd))  # (N, H, D)
+        return self.o_proj(out.reshape(b, t, -1))
 
 
 class MLP(nn.Module):
@@ -185,7 +204,8 @@ class Llama(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: StageKV, start: Start,
                 mask: torch.Tensor | None = None, logits: str = "last",
-                layer_fn: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+                layer_fn: Callable[..., torch.Tensor] | None = None,
+                logits_index: torch.Tensor | None = None) -> torch.Tensor:
         """Run this stage.
 
         x: token ids (B, T) on the first stage, hidden states (B, T, D) otherwise.
@@ -195,6 +215,12 @@ class Llama(nn.Module):
         layer_fn: calls each decoder layer as ``layer_fn(layer, h, pending, cos, sin, cache,
         start, mask) -> (h, pending)``, the contract of ``DecoderLayer.forward_deferred``;
         the CUDA-graph runtime passes a compiled one (same math, fused kernels).
+        logits_index: (S,) indices into the B*T flattened tokens (a flat batch: each
+        sequence's last token); given, the last stage returns their logits (S, V) only.
+
+        A flat batch (continuous batching) passes a cache whose layers have ``attend``
+        (FlatLayerKV): x (1, N) or (N, 1), positions of the same shape, start and mask
+        unused.
         """
         h = self.model.embed_tokens(x) if self.has_embed else x
         assert self.rope is not None, "call setup_rope() before forward"
@@ -210,6 +236,8 @@ class Llama(nn.Module):
             h = h + pending
         if not self.has_head or logits == "none":
             return h
-        if logits == "last":
+        if logits_index is not None:
+            h = h.reshape(-1, h.shape[-1])[logits_index]  # (S, D)
+        elif logits == "last":
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))

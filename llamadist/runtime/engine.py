@@ -13,6 +13,7 @@ import torch
 
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.runtime.mask import attention_mask
+from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage, build_stage, parse_dtype, to_stage
 from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
 
@@ -107,6 +108,26 @@ class Engine:
         for stage in self.stages:
             x, pos, m = to_stage(stage, x, positions, mask, self.timed)
             x = stage.forward(x, pos, start, m, lane=lane, logits=logits, timed=self.timed)
+        return x
+
+    def init_paged(self, num_blocks: int, block_size: int) -> None:
+        """Give every stage a paged KV cache of ``num_blocks`` blocks (the same block ids
+        on every stage; size it with llamadist.runtime.paged_kv.num_blocks_for)."""
+        for stage in self.stages:
+            stage.init_paged(num_blocks, block_size)
+
+    def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+        """One flat step: tokens (N,) in the batch's order (each chunk's tokens, chunk by
+        chunk), ``batch`` from PagedBatch.build on the host -> logits (S, V) of each
+        sequence's last token, on the last stage's device."""
+        x = tokens
+        on_device: dict[torch.device, PagedBatch] = {}  # moved (and its groups made) once
+        for stage in self.stages:
+            if stage.device not in on_device:
+                on_device[stage.device] = batch.to(stage.device)
+            b = on_device[stage.device]
+            x, _, _ = to_stage(stage, x, b.positions, None, self.timed)
+            x = stage.forward_paged(x, b, timed=self.timed)
         return x
 
     def decode_graphs(self):

@@ -19,6 +19,7 @@ from llamadist.model.llama import Llama
 from llamadist.parallel.tensor import Group, tensor_parallel_pass
 from llamadist.runtime.kernel_passes import apply_kernel_passes, decode_layer_fn
 from llamadist.runtime.kv_cache import KVCache
+from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
 from llamadist.weights.checkpoint import Checkpoint
 from llamadist.weights.loader import LoadStats, ShardFn, load_weights
 
@@ -73,6 +74,8 @@ class Stage:
                                num_kv_heads) for _ in range(lanes)]
         self.stats = StageStats()
         self.layer_fn = decode_layer_fn(device, runtime or RuntimeConfig())
+        self.num_kv_heads = num_kv_heads
+        self.paged: PagedKVCache | None = None  # made by init_paged
 
     @property
     def has_embed(self) -> bool:
@@ -89,6 +92,33 @@ class Stage:
         t0 = time.perf_counter()
         # On the CPU a decode step runs each decoder layer as one C call where it applies.
         out = self.model(x, positions, self.caches[lane], start, mask, logits, self.layer_fn)
+        if timed:
+            sync(self.device)
+            self.stats.compute_s += time.perf_counter() - t0
+        self.stats.calls += 1
+        return out
+
+    def init_paged(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """Allocate this stage's paged KV cache (its layers, its KV heads, its device)."""
+        self.paged = PagedKVCache(self.model.config, self.layers, num_blocks, block_size,
+                                  self.device, self.dtype, self.num_kv_heads)
+        return self.paged
+
+    @torch.inference_mode()
+    def forward_paged(self, x: torch.Tensor, batch: PagedBatch,
+                      timed: bool = False) -> torch.Tensor:
+        """One flat step over the paged cache. x: token ids (N,) on the first stage, the
+        previous stage's hidden states (B, T, D) otherwise; ``batch`` on this device.
+        Returns hidden (B, T, D) with (B, T) = batch.token_shape, or on the last stage
+        the logits (S, V) of each sequence's last token."""
+        if self.paged is None:
+            raise RuntimeError("call init_paged() before forward_paged()")
+        t0 = time.perf_counter()
+        b, t = batch.token_shape
+        if x.dim() == 1:
+            x = x.view(b, t)
+        out = self.model(x, batch.positions.view(b, t), self.paged.bind(batch), 0, None,
+                         "last", self.layer_fn, logits_index=batch.last_token_index)
         if timed:
             sync(self.device)
             self.stats.compute_s += time.perf_counter() - t0

@@ -1,0 +1,194 @@
+"""Attention of a flat batch over the paged KV cache, in PyTorch (CPU or GPU).
+
+``PagedStep`` is what ``Llama.forward`` takes as its cache for a flat batch; each layer's
+``PagedLayer.attend`` (llamadist.model.cache.FlatLayerKV) writes the step's K/V at the
+batch's slots and attends every token over its own sequence.
+
+The sequences of a step are split in two groups, each one SDPA call over K/V gathered
+from the blocks into a padded (S_g, H_kv, L_g, D) view:
+
+* decodes (one token each): the G query heads of a KV head become G query rows,
+  q (S_d, H_kv, G, D), as in the static decode path, masked to each sequence's length;
+* chunks of more than one token (prefills): queries padded to (S_p, H, T_max, D) with a
+  causal mask by position. Padding every sequence of the step to the longest chunk would
+  cost S * T_max query rows (a 512-token chunk next to 31 decodes: 16,384 rows for 543
+  real ones); split, the decodes cost S_d rows and the prefills their own padding.
+
+A per-sequence loop is the other way to avoid the padding: one SDPA call per sequence
+and layer, so 20-50 microseconds of Python per sequence per layer, which at 32
+sequences and 30 layers is tens of milliseconds a step. Two calls do not grow with S.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
+
+
+@dataclass
+class AttentionGroup:
+    """Some sequences of a batch attended by one SDPA call.
+    tokens: (N_g,) flat indices of the group's tokens; None when the group is the whole
+    batch in order. pad_index: (N_g,) each token's row in the padded (S_g * T) queries;
+    None when T == 1. block_tables (S_g, MB_g); kv_len L_g slots gathered per sequence;
+    mask (S_g, 1, T, L_g) bool (True = visible) or None (all visible)."""
+    tokens: torch.Tensor | None
+    pad_index: torch.Tensor | None
+    block_tables: torch.Tensor
+    q_len: int
+    kv_len: int
+    mask: torch.Tensor | None
+
+
+def _decode_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGroup:
+    lens = [batch.starts[s] + 1 for s in seqs]
+    kv_len = max(lens)
+    idx = None if whole else torch.tensor(seqs, device=batch.device)
+    tables = batch.block_tables if whole else batch.block_tables[idx]
+    mask = None
+    if min(lens) != kv_len:
+        seq_lens = batch.seq_lens if whole else batch.seq_lens[idx]
+        keys = torch.arange(kv_len, device=batch.device)
+        mask = (keys.view(1, kv_len) < seq_lens.view(-1, 1)).view(len(seqs), 1, 1, kv_len)
+    tokens = None if whole else batch.last_token_index[idx]
+    return AttentionGroup(tokens, None, tables[:, :_blocks(kv_len, batch)], 1, kv_len, mask)
+
+
+def _prefill_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGroup:
+    dev = batch.device
+    q_len = max(batch.query_lens[s] for s in seqs)
+    kv_len = max(batch.starts[s] + batch.query_lens[s] for s in seqs)
+    idx = torch.tensor(seqs, device=dev)
+    tables = batch.block_tables[idx][:, :_blocks(kv_len, batch)]
+    # Each token's flat index and its row in the padded queries, sequence by sequence.
+    qlen_t = torch.tensor([batch.query_lens[s] for s in seqs], device=dev)  # (S_g,)
+    n_g = sum(batch.query_lens[s] for s in seqs)
+    local = torch.repeat_interleave(torch.arange(len(seqs), device=dev), qlen_t,
+                                    output_size=n_g)  # (N_g,) sequence within the group
+    first = torch.cumsum(qlen_t, 0) - qlen_t  # (S_g,) group-local index of its first token
+    offset = torch.arange(n_g, device=dev) - first[local]  # (N_g,) index within the chunk
+    tokens = None if whole else batch.query_start[idx][local] + offset
+    # Query i of sequence s sits at position starts[s] + i and sees keys at <= that.
+    q_pos = (torch.tensor([batch.starts[s] for s in seqs], device=dev).view(-1, 1)
+             + torch.arange(q_len, device=dev).view(1, -1))  # (S_g, T)
+    mask = torch.arange(kv_len, device=dev).view(1, 1, kv_len) <= q_pos.unsqueeze(-1)
+    return AttentionGroup(tokens, local * q_len + offset, tables, q_len, kv_len,
+                          mask.unsqueeze(1))
+
+
+def _blocks(kv_len: int, batch: PagedBatch) -> int:
+    return -(-kv_len // batch.block_size)
+
+
+def attention_groups(batch: PagedBatch) -> list[AttentionGroup]:
+    """The batch's groups (decodes, then prefills), built once per batch and device."""
+    groups = batch.cached.get("groups")
+    if groups is None:
+        decode = [s for s, n in enumerate(batch.query_lens) if n == 1]
+        prefill = [s for s, n in enumerate(batch.query_lens) if n > 1]
+        groups = []
+        if decode:
+            groups.append(_decode_group(batch, decode, whole=not prefill))
+        if prefill:
+            groups.append(_prefill_group(batch, prefill, whole=not decode))
+        batch.cached["groups"] = groups
+    return groups
+
+
+def gather_rows(block_tables: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """(S, MB) block ids -> (S, H_kv, MB) rows of a cache viewed as (blocks * H_kv, bs, D)."""
+    heads = torch.arange(num_kv_heads, device=block_tables.device).view(1, -1, 1)
+    return block_tables.unsqueeze(1) * num_kv_heads + heads
+
+
+def gather(cache: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """cache (num_blocks, H_kv, bs, D), rows (S, H_kv, MB) from gather_rows ->
+    (S, H_kv, kv_len, D): one gathered copy, viewed."""
+    _, h_kv, bs, d = cache.shape
+    s, _, mb = rows.shape
+    blocks = cache.view(-1, bs, d)[rows]  # (S, H_kv, MB, bs, D)
+    return blocks.view(s, h_kv, mb * bs, d)[:, :, :kv_len]
+
+
+def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    g: AttentionGroup) -> torch.Tensor:
+    """q (N_g, H, D) rotated -> (N_g, H, D) over the group's gathered K/V."""
+    rows = gather_rows(g.block_tables, k_cache.shape[1])  # (S_g, H_kv, MB)
+    keys = gather(k_cache, rows, g.kv_len)  # (S_g, H_kv, L, D)
+    values = gather(v_cache, rows, g.kv_len)
+    s, h_kv = keys.shape[:2]
+    n, h, d = q.shape
+    if g.q_len == 1:
+        qg = q.view(s, h_kv, h // h_kv, d)  # heads h = kv * G + g: G query rows per KV head
+        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).view(n, h, d)
+    qp = q
+    if g.pad_index is not None:
+        qp = q.new_zeros(s * g.q_len, h, d).index_copy_(0, g.pad_index, q)
+    qp = qp.view(s, g.q_len, h, d).transpose(1, 2)  # (S_g, H, T, D)
+    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=g.mask,
+                                         enable_gqa=h != h_kv)
+    out = out.transpose(1, 2).reshape(s * g.q_len, h, d)
+    return out if g.pad_index is None else out.index_select(0, g.pad_index)
+
+
+class PagedLayer:
+    """One layer's view of the paged cache for one batch (a FlatLayerKV). ``k``/``v``
+    (num_blocks, H_kv, bs, D) and ``batch`` are what the C decode layer reads too."""
+
+    def __init__(self, kv: torch.Tensor, batch: PagedBatch):
+        self.k, self.v = kv[0], kv[1]
+        self.batch = batch
+
+    def write_rows(self, h_kv: int) -> torch.Tensor:
+        """(N * H_kv,) row of each token's K/V per head in the cache viewed as (blocks *
+        H_kv * bs, D), token-major; made once per batch."""
+        rows = self.batch.cached.get(("write", h_kv))
+        if rows is None:
+            bs = self.batch.block_size
+            slots = self.batch.slot_mapping.view(-1, 1)  # (N, 1)
+            heads = torch.arange(h_kv, device=slots.device).view(1, -1)
+            rows = (((slots // bs) * h_kv + heads) * bs + slots % bs).view(-1)
+            self.batch.cached[("write", h_kv)] = rows
+        return rows
+
+    def int32_tables(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For the C decode layer: block tables (S, MB) and sequence lengths (S,) as
+        contiguous int32, and the longest length; made once per batch."""
+        found = self.batch.cached.get("int32")
+        if found is None:
+            b = self.batch
+            found = (b.block_tables.to(torch.int32).contiguous(),
+                     b.seq_lens.to(torch.int32).contiguous(),
+                     max(s + n for s, n in zip(b.starts, b.query_lens)))
+            b.cached["int32"] = found
+        return found
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Write k/v (N, H_kv, D) at the batch's slots, then attend q (N, H, D) -> (N, H, D)."""
+        n, h_kv, d = k.shape
+        rows = self.write_rows(h_kv)  # (N * H_kv,)
+        self.k.view(-1, d).index_copy_(0, rows, k.reshape(n * h_kv, d).to(self.k.dtype))
+        self.v.view(-1, d).index_copy_(0, rows, v.reshape(n * h_kv, d).to(self.v.dtype))
+        groups = attention_groups(self.batch)
+        if len(groups) == 1 and groups[0].tokens is None:
+            return group_attention(q, self.k, self.v, groups[0])
+        out = torch.empty_like(q)
+        for g in groups:
+            out.index_copy_(0, g.tokens, group_attention(q.index_select(0, g.tokens),
+                                                         self.k, self.v, g))
+        return out
+
+
+class PagedStep:
+    """The StageKV of one step: ``layer(i)`` is layer i's PagedLayer for ``batch``."""
+
+    def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+        self.cache = cache
+        self.batch = batch
+
+    def layer(self, i: int) -> PagedLayer:
+        return PagedLayer(self.cache.kv(i), self.batch)
