@@ -1,0 +1,209 @@
+"""The engine loop: requests enter at any time, each step the scheduler picks the work
+(decodes, prefill chunks) within the KV blocks and the token budget, the model runs it as
+one flat batch over the paged cache, the sampler draws each request's next token, and
+every request's new text streams out. Continuous batching: a request joins at the next
+step after it arrives and leaves (freeing its blocks) the step it finishes.
+
+    engine = LLMEngine(model, tokenizer, runtime)
+    engine.add_request(prompt_ids, SamplingParams(max_new_tokens=32), "a")
+    while engine.has_unfinished:
+        for out in engine.step():
+            print(out.request_id, out.text, end="")
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from llamadist.config import RuntimeConfig
+from llamadist.engine.kv_blocks import BlockPool
+from llamadist.engine.request import Request
+from llamadist.engine.scheduler import Scheduler, SchedulerStep
+from llamadist.generation.generate import make_sampler, text_delta
+from llamadist.generation.sampling import SamplingParams, new_seed
+from llamadist.generation.tokenizer import Tokenizer
+from llamadist.runtime.engine import Engine
+from llamadist.runtime.paged_kv import PagedBatch
+
+DEFAULT_BLOCK_SIZE = 16
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+    request_id: str
+    token_id: int | None     # the sampled token (None when the step only cut text)
+    text: str                # text newly safe to show (stop strings and UTF-8 held back)
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0           # computed this run (prefix-cache hits excluded)
+    cached_prompt_tokens: int = 0    # reused from the prefix cache
+    generated_tokens: int = 0
+    busy_s: float = 0.0              # time inside step()
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Text:
+    """A request's streamed-text state."""
+    emitted: int = 0
+    text: str = ""
+    stops: tuple[str, ...] = field(default_factory=tuple)
+
+
+class LLMEngine:
+    """Continuous batching over an in-process ``runtime.engine.Engine`` (one or more stages
+    on local devices) with a paged KV cache sized from ``num_blocks`` (or, when None, from
+    ``runtime.max_batch`` sequences of ``runtime.max_seq_len`` tokens)."""
+
+    def __init__(self, model: Engine, tokenizer: Tokenizer | None, runtime: RuntimeConfig,
+                 num_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
+                 max_batch_tokens: int | None = None, prefix_caching: bool = True):
+        assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
+        self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
+        self.block_size = block_size
+        per_seq = -(-runtime.max_seq_len // block_size)
+        # +1: block 0 is the null block padding rows point at
+        num_blocks = num_blocks or runtime.max_batch * per_seq + 1
+        model.init_paged(num_blocks, block_size)
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching)
+        budget = max_batch_tokens or max(runtime.max_batch, 2048)
+        self.scheduler = Scheduler(self.pool, runtime.max_batch, budget, runtime.max_seq_len)
+        self.eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids
+                                                        if tokenizer else ())
+        self.stats = EngineStats()
+        self._texts: dict[str, _Text] = {}
+        self._ids = itertools.count()
+        self._first_device = model.stages[0].device
+
+    # ---- requests --------------------------------------------------------------------
+    def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> Request:
+        """Queue a request (refused at once, with the numbers, if it alone cannot fit)."""
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._texts:
+            raise ValueError(f"request id {rid!r} is already in use")
+        seed = params.seed if params.seed is not None else new_seed()
+        req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic())
+        self.scheduler.add(req)
+        self._texts[rid] = _Text(stops=tuple(params.stop))
+        return req
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request and free its blocks now; False if it is unknown or done."""
+        return self.scheduler.cancel(request_id)
+
+    def get(self, request_id: str) -> Request | None:
+        return self.scheduler.get(request_id)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def gauges(self) -> dict:
+        s = self.scheduler
+        return {"running": s.num_running, "waiting": s.num_waiting,
+                "kv_blocks_used": s.blocks_used, "kv_blocks_free": s.blocks_free,
+                "preemptions": s.preemptions}
+
+    # ---- one step ----------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run and sample one step; the outputs of the requests it advanced."""
+        t0 = time.perf_counter()
+        step = self.scheduler.schedule()
+        if not step:
+            return []
+        sampled = self._run(step)
+        finished = {r.id for r in self.scheduler.update(step, sampled)}
+        outputs = [self._output(self.scheduler.get(rid) or self._done(step, rid), tok,
+                                rid in finished) for rid, tok in sampled.items()]
+        self.stats.steps += 1
+        self.stats.busy_s += time.perf_counter() - t0
+        return outputs
+
+    @torch.inference_mode()
+    def _run(self, step: SchedulerStep) -> dict[str, int]:
+        """The model over the step's chunks; the sampled token of each chunk that ends at
+        its request's last token."""
+        chunks = step.chunks
+        tokens = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
+        batch = PagedBatch.build([(c.request.block_ids, c.start, c.num_tokens) for c in chunks],
+                                 self.block_size)
+        logits = self.model.forward_paged(tokens.to(self._first_device), batch)  # (S, V)
+        for c in chunks:
+            if c.start < len(c.request.prompt_ids):
+                prompt_part = min(c.end, len(c.request.prompt_ids)) - c.start
+                self.stats.prompt_tokens += prompt_part
+        rows = [i for i, c in enumerate(chunks) if c.sample]
+        if not rows:
+            return {}
+        reqs = [chunks[i].request for i in rows]
+        sampler = make_sampler([r.all_ids for r in reqs], [r.params for r in reqs],
+                               [r.seed for r in reqs], logits.shape[-1], logits.device)
+        # Step k of a request is its k-th sampled token, wherever and however it ran.
+        sampler.steps = torch.tensor([len(r.output_ids) for r in reqs], device=logits.device)
+        ids = sampler.sample(logits[rows]).tolist()
+        return {r.id: t for r, t in zip(reqs, ids)}
+
+    def _done(self, step: SchedulerStep, rid: str) -> Request:
+        return next(c.request for c in step.chunks if c.request.id == rid)
+
+    def _output(self, req: Request, tok: int, finished_by_length: bool) -> RequestOutput:
+        """EOS and stop strings (the engine's to decide: it has the tokenizer), the text
+        delta, the per-request timings."""
+        self.stats.generated_tokens += 1
+        now = time.monotonic()
+        if len(req.output_ids) == 1:  # its first token (the scheduler timed it)
+            self.stats.cached_prompt_tokens += req.num_cached_prompt
+        state = self._texts[req.id]
+        reason = req.finish_reason if finished_by_length else None
+        if tok in self.eos and not req.params.ignore_eos:
+            req.output_ids.pop()  # EOS ends the request and is not part of its text
+            reason = "stop"
+        done = reason is not None
+        delta = ""
+        if self.tokenizer is not None:
+            state.text, delta, stopped = text_delta(self.tokenizer, req.output_ids,
+                                                    state.stops, state.emitted, done)
+            state.emitted += len(delta)
+            if stopped:
+                reason, done = "stop", True
+        if done:
+            if reason == "stop":
+                self.scheduler.finish(req.id, "stop")
+            req.finish_reason, req.finished_s = reason, now
+        return RequestOutput(req.id, tok, delta, done, reason)
+
+    def text(self, request_id: str) -> str:
+        """The request's text so far (cut at a stop string)."""
+        return self._texts[request_id].text
+
+    def release(self, request_id: str) -> None:
+        """Forget a finished request's text state (the engine keeps nothing else)."""
+        self._texts.pop(request_id, None)
+
+    # ---- drive to completion -----------------------------------------------------------
+    def stream(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams]) -> Iterator[list[tuple[int, RequestOutput]]]:
+        """Submit every prompt now and yield, after each step, (prompt index, output)
+        pairs; the scheduler keeps at most runtime.max_batch of them running."""
+        per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
+        index = {r.id: i for i, r in enumerate(reqs)}
+        while any(not r.finished for r in reqs):
+            outs = self.step()
+            mine = [(index[o.request_id], o) for o in outs if o.request_id in index]
+            if mine:
+                yield mine

@@ -1,0 +1,139 @@
+"""The engine loop: every request's tokens equal that request run alone, whatever arrives
+when, however few sequences may run at once, when blocks run out, with shared prefixes."""
+
+import pytest
+import torch
+
+from llamadist.config import RuntimeConfig
+from llamadist.engine.engine import LLMEngine
+from llamadist.generation.generate import generate
+from llamadist.generation.sampling import SamplingParams
+from llamadist.runtime.engine import Engine
+from llamadist.weights.checkpoint import open_checkpoint
+
+MAX_SEQ = 96
+PROMPTS = ["The quick brown fox", "1 2 3 4 5 6 7", "def main():", "Once upon a time, in a",
+           "hello", "A B C D E F G H I J K L"]
+SYSTEM = "You are a helpful assistant who answers briefly and well. "
+
+
+def engine_for(path, stages: int = 1, max_batch: int = 3, num_blocks: int | None = None,
+               block_size: int = 4, budget: int | None = None) -> LLMEngine:
+    ckpt = open_checkpoint(path)
+    n = ckpt.config.num_layers
+    cuts = [round(i * n / stages) for i in range(stages + 1)]
+    runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=max_batch, dtype="float32")
+    model = Engine.build(ckpt, [range(a, b) for a, b in zip(cuts, cuts[1:])], ["cpu"] * stages,
+                         torch.float32, 1, MAX_SEQ, runtime=runtime)
+    return LLMEngine(model, ckpt.tokenizer(), runtime, num_blocks=num_blocks,
+                     block_size=block_size, max_batch_tokens=budget)
+
+
+@pytest.fixture(scope="module")
+def alone(tiny_model):
+    """Each prompt's tokens through the static one-request path (the reference)."""
+    ckpt = open_checkpoint(tiny_model)
+    tok = ckpt.tokenizer()
+    model = Engine.load(str(tiny_model), max_seq_len=MAX_SEQ)
+
+    def run(prompt: str, params: SamplingParams) -> list[int]:
+        return generate(model, tok, [tok.encode(prompt)], params)[0].token_ids
+    return run
+
+
+def drive(engine: LLMEngine, arrivals: dict[int, list[tuple[str, str, SamplingParams]]]
+          ) -> dict[str, list[int]]:
+    """Add requests at the given step numbers, run until all finish; tokens per id."""
+    tok = engine.tokenizer
+    step, out = 0, {}
+    while arrivals or engine.has_unfinished:
+        for rid, text, params in arrivals.pop(step, []):
+            out[rid] = engine.add_request(tok.encode(text), params, rid)
+        engine.step()
+        step += 1
+        assert step < 2000, "the engine stopped making progress"
+    return {rid: r.output_ids for rid, r in out.items()}
+
+
+GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
+
+
+def test_staggered_arrivals_give_each_request_its_tokens_alone(tiny_model, alone):
+    engine = engine_for(tiny_model, max_batch=2)
+    arrivals = {0: [("a", PROMPTS[0], GREEDY), ("b", PROMPTS[1], GREEDY)],
+                3: [("c", PROMPTS[2], GREEDY)], 4: [("d", PROMPTS[3], GREEDY)],
+                9: [("e", PROMPTS[4], GREEDY), ("f", PROMPTS[5], GREEDY)]}
+    texts = {rid: t for v in arrivals.values() for rid, t, _ in v}
+    got = drive(engine, arrivals)
+    for rid, text in texts.items():
+        assert got[rid] == alone(text, GREEDY), rid
+    assert engine.gauges()["kv_blocks_used"] == 0  # every block released
+
+
+def test_preemption_under_a_small_block_budget(tiny_model, alone):
+    # 12 usable blocks of 4 slots: three 10-token prompts growing to 30 tokens cannot all
+    # stay resident, so requests are preempted and recomputed.
+    engine = engine_for(tiny_model, max_batch=3, num_blocks=13, budget=16)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    arrivals = {0: [(str(i), PROMPTS[i], params) for i in range(3)]}
+    got = drive(engine, arrivals)
+    assert engine.scheduler.preemptions > 0
+    for i in range(3):
+        assert got[str(i)] == alone(PROMPTS[i], params)
+
+
+def test_chunked_prefill_over_stages_and_shared_prefix(tiny_model, alone):
+    engine = engine_for(tiny_model, stages=3, max_batch=4, budget=8)
+    prompts = [SYSTEM + p for p in PROMPTS[:4]]
+    got = drive(engine, {0: [("0", prompts[0], GREEDY)],
+                         2: [(str(i), prompts[i], GREEDY) for i in range(1, 4)]})
+    for i, p in enumerate(prompts):
+        assert got[str(i)] == alone(p, GREEDY)
+    assert engine.stats.cached_prompt_tokens > 0  # later requests reused the system prompt
+
+
+def test_seeded_sampling_equals_alone(tiny_model, alone):
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_p=0.9, seed=1234,
+                            ignore_eos=True)
+    engine = engine_for(tiny_model, max_batch=2, budget=6)
+    got = drive(engine, {0: [(str(i), PROMPTS[i], params) for i in range(2)],
+                         1: [(str(i), PROMPTS[i], params) for i in range(2, 5)]})
+    for i in range(5):
+        assert got[str(i)] == alone(PROMPTS[i], params)
+
+
+def test_cancel_frees_blocks_and_others_continue(tiny_model, alone):
+    engine = engine_for(tiny_model, max_batch=2)
+    tok = engine.tokenizer
+    a = engine.add_request(tok.encode(PROMPTS[0]), GREEDY, "a")
+    b = engine.add_request(tok.encode(PROMPTS[1]), GREEDY, "b")
+    for _ in range(3):
+        engine.step()
+    used = engine.gauges()["kv_blocks_used"]
+    assert engine.cancel("a") and a.finish_reason == "cancelled"
+    assert engine.gauges()["kv_blocks_used"] < used
+    while engine.has_unfinished:
+        engine.step()
+    assert b.output_ids == alone(PROMPTS[1], GREEDY)
+    assert not engine.cancel("a")
+
+
+def test_stop_string_and_text(tiny_model, alone):
+    full = alone(PROMPTS[0], GREEDY)
+    text = open_checkpoint(tiny_model).tokenizer().decode(full)
+    stop = text[len(text) // 2:len(text) // 2 + 3]
+    engine = engine_for(tiny_model)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,))
+    req = engine.add_request(engine.tokenizer.encode(PROMPTS[0]), params, "s")
+    streamed = ""
+    while engine.has_unfinished:
+        for out in engine.step():
+            streamed += out.text
+    assert req.finish_reason == "stop"
+    assert streamed == engine.text("s") == text[:text.find(stop)]
+
+
+def test_a_request_too_large_is_refused_with_numbers(tiny_model):
+    engine = engine_for(tiny_model)
+    with pytest.raises(ValueError, match=str(MAX_SEQ)):
+        engine.add_request([1] * 90, SamplingParams(max_new_tokens=20))
