@@ -7,12 +7,15 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 
 from llamadist.config import RuntimeConfig
-from llamadist.generation.generate import GenerationResult, Generator, StreamEvent
+from llamadist.engine.engine import LLMEngine, RequestOutput, run_stats
+from llamadist.engine.request import Request
+from llamadist.generation.generate import GenerationResult
 from llamadist.generation.sampling import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer
 from llamadist.planning.layout import Layout, resolve_layout
@@ -22,11 +25,13 @@ from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
 
 
 def build_engine(ckpt: Checkpoint, layout: Layout, runtime: RuntimeConfig,
-                 progress: bool = False) -> Engine:
-    """The in-process engine for a resolved layout (runtime.max_seq_len resolved)."""
+                 progress: bool = False, static_cache: bool = True) -> Engine:
+    """The stages of a resolved layout in this process (runtime.max_seq_len resolved);
+    ``static_cache`` False when only the paged engine will run them."""
     return Engine.build(ckpt, list(layout.layer_ranges), list(layout.devices),
                         parse_dtype(runtime.dtype_for(list(layout.devices))), runtime.max_batch,
-                        runtime.max_seq_len, progress=progress, runtime=runtime)
+                        runtime.max_seq_len, progress=progress, runtime=runtime,
+                        static_cache=static_cache)
 
 
 class LLM:
@@ -73,46 +78,56 @@ class LLM:
         self.runtime, self.layout = runtime, layout
         self.dtype = runtime.dtype_for(list(layout.devices))
         self.max_seq_len = runtime.max_seq_len
-        self.engine = build_engine(self.ckpt, layout, runtime, progress=progress)
+        # The stages (runtime.engine.Engine) and the continuous-batching loop over them.
+        self.engine = build_engine(self.ckpt, layout, runtime, progress=progress,
+                                   static_cache=False)
+        self.llm_engine = LLMEngine(self.engine, self.tokenizer, runtime)
 
-    def _params(self, params: SamplingParams | None, overrides: dict) -> SamplingParams:
+    def _params(self, params: SamplingParams | list[SamplingParams] | None,
+                overrides: dict) -> SamplingParams | list[SamplingParams]:
         if params is not None and overrides:
             raise TypeError("give either a SamplingParams or keyword overrides, not both")
-        return params or SamplingParams(**overrides)
+        return params if params is not None else SamplingParams(**overrides)
 
     def encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
         if isinstance(prompt, list):
             return self.tokenizer.encode_chat(prompt)
         return self.tokenizer.encode(prompt)
 
-    def stream_tokens(self, prompts: list[list[int]], params: SamplingParams | None = None,
-                      **overrides) -> tuple[Generator, Iterator[list[StreamEvent]]]:
-        """Start generating for tokenized prompts: the Generator (sequences, stats) and its
-        iterator of per-step events."""
-        gen = Generator(self.engine, self.tokenizer, self._params(params, overrides),
-                        self.config.eos_token_ids)
-        return gen, gen.stream(prompts)
+    def submit(self, prompts: list[list[int]],
+               params: SamplingParams | list[SamplingParams] | None = None, **overrides
+               ) -> tuple[list[Request], Iterator[list[tuple[int, RequestOutput]]]]:
+        """Queue tokenized prompts (one SamplingParams for all, or one each): the requests,
+        and the iterator that runs the engine and yields each step's (index, output)
+        pairs. Requests are batched continuously, at most runtime.max_batch at once."""
+        return self.llm_engine.submit(prompts, self._params(params, overrides))
 
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None,
                  **overrides) -> list[GenerationResult]:
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        results: list[GenerationResult] = []
-        for start in range(0, len(prompts), self.engine.max_batch):
-            batch = [self.encode(p) for p in prompts[start:start + self.engine.max_batch]]
-            gen, events = self.stream_tokens(batch, params, **overrides)
-            for _ in events:
-                pass
-            results += [GenerationResult.of(s, gen.stats.to_dict()) for s in gen.sequences]
-        return results
+        t0 = time.perf_counter()
+        reqs, steps = self.submit([self.encode(p) for p in prompts], params, **overrides)
+        texts = [""] * len(reqs)
+        for step in steps:
+            for i, out in step:
+                texts[i] += out.text
+        stats = run_stats(reqs, time.perf_counter() - t0)
+        return [GenerationResult(r.prompt_ids, r.output_ids, text, r.finish_reason, stats,
+                                 r.seed) for r, text in zip(reqs, texts)]
 
     def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None,
                **overrides) -> Iterator[str]:
         """Yield text pieces of one prompt (or chat history) as they are generated."""
-        _, events = self.stream_tokens([self.encode(prompt)], params, **overrides)
-        for step in events:
-            for e in step:
-                if e.text:
-                    yield e.text
+        return self.stream_ids(self.encode(prompt), params, **overrides)
+
+    def stream_ids(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                   **overrides) -> Iterator[str]:
+        """stream() for a prompt already tokenized."""
+        _, steps = self.submit([prompt_ids], params, **overrides)
+        for step in steps:
+            for _, out in step:
+                if out.text:
+                    yield out.text
 
     def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None,
              **overrides) -> str:

@@ -188,7 +188,9 @@ class RuntimeConfig:
 
     max_seq_len      KV-cache length per sequence (None: what the request needs, rounded
                      up to 256, or min(context, DEFAULT_MAX_SEQ_LEN) when unknown)
-    max_batch        sequences decoded together
+    max_batch        sequences decoded together (the engine's running requests at most)
+    max_batch_tokens tokens one engine step computes at most (decodes plus prefill chunks;
+                     at least max_batch, so every running sequence can always decode)
     dtype            weights and activations (None: bfloat16 on all-GPU layouts, else float32)
     micro_batches    micro-batches in flight through a multi-process pipeline (None: the
                      number of stages, at most one per sequence)
@@ -197,11 +199,14 @@ class RuntimeConfig:
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
     decode_attention "split" (the split-KV Triton kernel where it applies) or "sdpa"
     timeout          seconds a rank waits for a silent peer
+    kv_block_size    tokens per paged KV block (None: 16 with GPUs, 128 on CPUs only, where
+                     the C attention pays a fixed cost per block)
     timed            synchronise after each stage so its time is its own (per-stage
                      statistics; costs a little speed)
     """
     max_seq_len: int | None = None
     max_batch: int = 8
+    max_batch_tokens: int = 2048
     dtype: str | None = None
     micro_batches: int | None = None
     cuda_graphs: bool = True
@@ -209,13 +214,16 @@ class RuntimeConfig:
     cpu_kernels: bool = True
     decode_attention: str = "split"
     timeout: float = DEFAULT_TIMEOUT_S
+    kv_block_size: int | None = None
     timed: bool = False
 
     def __post_init__(self) -> None:
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
         if self.max_batch < 1:
-            raise ConfigError(f"max_batch must be >= 1, got {self.max_batch}")
+            raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
+        if self.max_batch_tokens < 1:
+            raise ConfigError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16 or "
                               f"float16")
@@ -225,11 +233,19 @@ class RuntimeConfig:
             raise ConfigError(f"decode_attention must be one of "
                               f"{', '.join(DECODE_ATTENTION_CHOICES)}, got "
                               f"{self.decode_attention!r}")
+        if self.kv_block_size is not None and self.kv_block_size < 1:
+            raise ConfigError(f"kv_block_size must be >= 1, got {self.kv_block_size}")
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
 
     def dtype_for(self, devices: str | list[str]) -> str:
         return self.dtype or default_dtype(devices)
+
+    def block_size_for(self, devices: str | list[str]) -> int:
+        if self.kv_block_size is not None:
+            return self.kv_block_size
+        names = devices.split(",") if isinstance(devices, str) else devices
+        return 16 if any(d.strip().startswith("cuda") for d in names) else 128
 
     def seq_len_for(self, context: int, needed: int | None = None) -> int:
         """The KV-cache length for a model of ``context`` positions serving requests that

@@ -65,6 +65,10 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="decode eagerly on CUDA instead of replaying captured CUDA graphs")
     g.add_argument("--no-compile", action="store_true",
                    help="capture the eager decoder layers (skip torch.compile's fused kernels)")
+    g.add_argument("--max-batch", type=positive_int, help="sequences decoded at once (default: "
+                   "every prompt of the request; more wait and join as others finish)")
+    g.add_argument("--max-batch-tokens", type=positive_int, help="tokens one step computes at "
+                   "most: decodes plus chunks of long prompts (default 2048)")
     g.add_argument("--no-cpu-kernels", action="store_true",
                    help="decode on the CPU through PyTorch instead of llamadist's C kernels")
     g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),
@@ -112,7 +116,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "micro_batches": getattr(args, "micro_batches", None),
              "timeout": getattr(args, "timeout", None),
              "decode_attention": getattr(args, "decode_attention", None)}
-    return RuntimeConfig(max_batch=max_batch,
+    given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
+    return RuntimeConfig(max_batch=getattr(args, "max_batch", None) or max_batch,
                          cuda_graphs=not getattr(args, "no_cuda_graphs", False),
                          compile=not getattr(args, "no_compile", False),
                          cpu_kernels=not getattr(args, "no_cpu_kernels", False),

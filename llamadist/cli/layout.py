@@ -71,8 +71,9 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len)
-    if nproc == 1:
-        return resolve_layout(config, devices=args.devices, max_batch=batch,
+    if nproc == 1:  # the engine keeps at most runtime.max_batch sequences resident
+        return resolve_layout(config, devices=args.devices,
+                              max_batch=min(batch, runtime.max_batch),
                               dtype=runtime.dtype_for(args.devices or "cpu"), **placement)
     wanted = args.devices or (",".join(Plan.load(args.plan).devices) if args.plan else "cpu")
     given = [d.strip() for d in wanted.split(",") if d.strip()]

@@ -8,10 +8,12 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 
 from llamadist.cli.args import in_worker
 from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
 from llamadist.cli.layout import LAYOUT_ENV
+from llamadist.engine.engine import run_stats
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
@@ -62,22 +64,36 @@ def load_llm(job: Job, ckpt, tok, progress: bool = False):
     return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress)
 
 
-def _generate(args: argparse.Namespace, job: Job, llm) -> int:
-    gen, events = llm.stream_tokens(job.encoded, job.params)
-    streaming = len(job.prompts) == 1 and not args.json
-    for step in events:
-        if streaming:
-            sys.stdout.write("".join(e.text for e in step))
+def _stream(llm, job: Job, echo: bool) -> tuple[list, list[str], dict]:
+    """Run the job's prompts through the engine: requests, texts, run statistics."""
+    t0 = time.perf_counter()
+    reqs, steps = llm.submit(job.encoded, job.params)
+    texts = [""] * len(reqs)
+    for step in steps:
+        for i, out in step:
+            texts[i] += out.text
+            if echo:
+                sys.stdout.write(out.text)
+        if echo:
             sys.stdout.flush()
-    stats = gen.stats.to_dict()
-    seqs = [{"prompt_token_ids": s.prompt_token_ids, "token_ids": s.token_ids, "text": s.text,
-             "finish_reason": s.finish_reason, "seed": s.seed} for s in gen.sequences]
+    return reqs, texts, run_stats(reqs, time.perf_counter() - t0)
+
+
+def _generate(args: argparse.Namespace, job: Job, llm) -> int:
+    streaming = len(job.prompts) == 1 and not args.json
+    reqs, texts, stats = _stream(llm, job, streaming)
+    seqs = [{"prompt_token_ids": r.prompt_ids, "token_ids": r.output_ids, "text": text,
+             "finish_reason": r.finish_reason, "seed": r.seed} for r, text in zip(reqs, texts)]
     print_sequences(args, job.prompts, seqs, stats, streaming)
     print(f"prefill {stats['prefill_s'] * 1e3:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} "
-          f"tokens/s ({len(llm.engine.stages)} stage(s), {llm.dtype})", file=sys.stderr)
+          f"tokens/s, {stats['tokens_per_s']:.1f} output tokens/s overall "
+          f"({len(llm.engine.stages)} stage(s), {llm.dtype}, at most "
+          f"{job.runtime.max_batch} sequences at once)", file=sys.stderr)
     if args.stats:
         for s in llm.engine.stage_stats():
             print(json.dumps(s), file=sys.stderr)
+        print(json.dumps(llm.llm_engine.stats.to_dict() | llm.llm_engine.gauges()),
+              file=sys.stderr)
     return 0
 
 
@@ -87,11 +103,9 @@ def _chat(args: argparse.Namespace, job: Job, llm) -> int:
     while (ids := chat.next_prompt(job.params)) is not None:
         reply = []
         try:
-            _, events = llm.stream_tokens([ids], job.params)
-            for step in events:
-                for e in step:
-                    reply.append(e.text)
-                    sys.stdout.write(e.text)
+            for piece in llm.stream_ids(ids, job.params):
+                reply.append(piece)
+                sys.stdout.write(piece)
                 sys.stdout.flush()
         except KeyboardInterrupt:
             print("\n(interrupted)", file=sys.stderr)
@@ -102,23 +116,28 @@ def _chat(args: argparse.Namespace, job: Job, llm) -> int:
 
 def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     load_s = sum(s.stats.load.seconds for s in llm.engine.stages if s.stats.load)
-    t0 = time.perf_counter()
-    gen, events = llm.stream_tokens(job.encoded, job.params)
-    for _ in events:
-        pass
-    wall = time.perf_counter() - t0
-    st = gen.stats.to_dict()
+    # One short warm-up request: first calls allocate and pick kernels.
+    warm = replace(job, encoded=job.encoded[:1], params=replace(job.params, max_new_tokens=2))
+    _stream(llm, warm, False)
+    for s in llm.engine.stages:
+        s.stats = replace(s.stats, compute_s=0.0, transfer_s=0.0, bytes_in=0, calls=0)
+    reqs, _, st = _stream(llm, job, False)
+    wall = st["wall_s"]
     report = {"batch": len(job.encoded), "prompt_tokens": st["prompt_tokens"],
               "gen_len": args.gen_len, "load_s": load_s, "prefill_s": st["prefill_s"],
-              "decode_ms_per_step": 1e3 * st["decode_s"] / max(1, st["decode_steps"]),
-              "decode_tokens_per_s": st["decode_tokens_per_s"], "wall_s": wall,
+              "decode_ms_per_step": 1e3 * st["decode_s"] / max(1, args.gen_len - 1),
+              "decode_tokens_per_s": st["decode_tokens_per_s"],
+              "tokens_per_s": st["tokens_per_s"], "ttft_p50_s": st["ttft_p50_s"],
+              "tpot_p50_s": st["tpot_p50_s"], "wall_s": wall,
+              "engine": llm.llm_engine.stats.to_dict() | llm.llm_engine.gauges(),
               "stages": llm.engine.stage_stats()}
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"batch {report['batch']}, {report['prompt_tokens']} prompt tokens, {args.gen_len} new "
           f"each; load {load_s:.2f} s; prefill {st['prefill_s'] * 1e3:.1f} ms; decode "
-          f"{report['decode_ms_per_step']:.2f} ms/step, {st['decode_tokens_per_s']:.1f} tokens/s")
+          f"{report['decode_ms_per_step']:.2f} ms/step, {st['decode_tokens_per_s']:.1f} tokens/s;"
+          f" overall {st['tokens_per_s']:.1f} output tokens/s")
     print(f"{'stage':>5} {'layers':>9} {'device':>8} {'compute s':>10} {'transfer s':>10} "
           f"{'MB in':>8} {'busy %':>7}")
     for s in report["stages"]:

@@ -30,9 +30,6 @@ from llamadist.generation.tokenizer import Tokenizer
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.paged_kv import PagedBatch
 
-DEFAULT_BLOCK_SIZE = 16
-
-
 @dataclass
 class RequestOutput:
     """What one step produced for one request."""
@@ -55,6 +52,26 @@ class EngineStats:
         return dict(self.__dict__)
 
 
+def run_stats(requests: Sequence[Request], wall_s: float) -> dict:
+    """What a run of ``requests`` submitted together cost: prefill_s until every request
+    had its first token (as a static batch's prefill), decode tokens/s after that, output
+    tokens/s over the whole run, and the p50 time to first token and per output token."""
+    n = len(requests)
+    generated = sum(len(r.output_ids) for r in requests)
+    ttft = sorted(r.ttft_s for r in requests if r.ttft_s is not None)
+    tpot = sorted(r.tpot_s for r in requests if r.tpot_s is not None)
+    prefill_s = ttft[-1] if ttft else 0.0
+    decode_s = max(0.0, wall_s - prefill_s)
+    decode_tokens = max(0, generated - n)
+    return {"prefill_s": prefill_s, "decode_s": decode_s,
+            "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
+            "generated_tokens": generated, "wall_s": wall_s,
+            "decode_tokens_per_s": decode_tokens / decode_s if decode_s else 0.0,
+            "tokens_per_s": generated / wall_s if wall_s else 0.0,
+            "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
+            "tpot_p50_s": tpot[len(tpot) // 2] if tpot else None}
+
+
 @dataclass
 class _Text:
     """A request's streamed-text state."""
@@ -69,17 +86,18 @@ class LLMEngine:
     ``runtime.max_batch`` sequences of ``runtime.max_seq_len`` tokens)."""
 
     def __init__(self, model: Engine, tokenizer: Tokenizer | None, runtime: RuntimeConfig,
-                 num_blocks: int | None = None, block_size: int = DEFAULT_BLOCK_SIZE,
-                 max_batch_tokens: int | None = None, prefix_caching: bool = True):
+                 num_blocks: int | None = None, block_size: int | None = None,
+                 prefix_caching: bool = True):
         assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
         self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
+        block_size = block_size or runtime.block_size_for([str(s.device) for s in model.stages])
         self.block_size = block_size
         per_seq = -(-runtime.max_seq_len // block_size)
         # +1: block 0 is the null block padding rows point at
         num_blocks = num_blocks or runtime.max_batch * per_seq + 1
         model.init_paged(num_blocks, block_size)
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
-        budget = max_batch_tokens or max(runtime.max_batch, 2048)
+        budget = max(runtime.max_batch, runtime.max_batch_tokens)
         self.scheduler = Scheduler(self.pool, runtime.max_batch, budget, runtime.max_seq_len)
         self.eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids
                                                         if tokenizer else ())
@@ -195,15 +213,31 @@ class LLMEngine:
         self._texts.pop(request_id, None)
 
     # ---- drive to completion -----------------------------------------------------------
-    def stream(self, prompts: Sequence[Sequence[int]],
-               params: SamplingParams | Sequence[SamplingParams]) -> Iterator[list[tuple[int, RequestOutput]]]:
-        """Submit every prompt now and yield, after each step, (prompt index, output)
-        pairs; the scheduler keeps at most runtime.max_batch of them running."""
+    def submit(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams]
+               ) -> tuple[list[Request], Iterator[list[tuple[int, RequestOutput]]]]:
+        """Queue every prompt now (all refused before any runs if one cannot fit); the
+        requests, and an iterator that steps the engine and yields, after each step, the
+        (prompt index, output) pairs of these requests. The scheduler keeps at most
+        runtime.max_batch of them running; other requests share the steps."""
         per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(per) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(per)} sampling params")
+        for p, sp in zip(prompts, per):
+            self.scheduler.check(len(p), sp)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
-        index = {r.id: i for i, r in enumerate(reqs)}
-        while any(not r.finished for r in reqs):
-            outs = self.step()
-            mine = [(index[o.request_id], o) for o in outs if o.request_id in index]
-            if mine:
-                yield mine
+
+        def steps() -> Iterator[list[tuple[int, RequestOutput]]]:
+            index = {r.id: i for i, r in enumerate(reqs)}
+            try:
+                while any(not r.finished for r in reqs):
+                    mine = [(index[o.request_id], o) for o in self.step()
+                            if o.request_id in index]
+                    if mine:
+                        yield mine
+            finally:  # abandoned (an error, Ctrl-C, a closed stream): free the blocks
+                for r in reqs:
+                    if not r.finished:
+                        self.cancel(r.id)
+                    self.release(r.id)
+        return reqs, steps()

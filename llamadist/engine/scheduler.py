@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 
 from llamadist.engine.kv_blocks import BlockPool
 from llamadist.engine.request import FINISH_REASONS, Request, RequestStatus
+from llamadist.generation.sampling import SamplingParams
 
 
 class RequestTooLarge(ValueError):
@@ -150,6 +151,11 @@ class Scheduler:
         self.waiting.append(req)
         if req.remaining_new <= 0:
             self._finish(req, "length")
+
+    def check(self, num_prompt_tokens: int, params: SamplingParams,
+              request_id: str = "(new)") -> None:
+        """Refuse, before anything is queued, a request that alone could never fit."""
+        self._check_fits(Request(request_id, [0] * num_prompt_tokens, params, 0))
 
     def _check_fits(self, req: Request) -> None:
         p, m, s = len(req.prompt_ids), req.params.max_new_tokens, self.max_seq_len

@@ -79,14 +79,17 @@ class Engine:
     @classmethod
     def build(cls, ckpt: Checkpoint, layer_ranges: list[range], devices: list[str],
               dtype: torch.dtype, max_batch: int, max_seq_len: int,
-              progress: bool = False, runtime: RuntimeConfig | None = None) -> "Engine":
-        """One stage per (layer range, device); each reads only its own tensors."""
+              progress: bool = False, runtime: RuntimeConfig | None = None,
+              static_cache: bool = True) -> "Engine":
+        """One stage per (layer range, device); each reads only its own tensors.
+        ``static_cache`` False: no preallocated (max_batch, max_seq_len) KV cache, for an
+        engine that only runs paged steps (init_paged gives it its cache)."""
         if len(layer_ranges) != len(devices):
             raise ValueError(f"{len(layer_ranges)} layer ranges but {len(devices)} devices")
         n = len(devices)
         stages = [build_stage(ckpt, layers, dev, dtype, max_batch, max_seq_len,
                               has_embed=i == 0, has_head=i == n - 1, progress=progress,
-                              runtime=runtime)
+                              runtime=runtime, lanes=1 if static_cache else 0)
                   for i, (layers, dev) in enumerate(zip(layer_ranges, devices))]
         return cls(ckpt.config, stages, ckpt, runtime)
 

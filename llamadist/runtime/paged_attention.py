@@ -190,6 +190,7 @@ class PagedStep:
     """The StageKV of one step: ``layer(i)`` is layer i's PagedLayer for ``batch``."""
 
     def __init__(self, cache: PagedKVCache, batch: PagedBatch):
+        cache.check(batch)
         self.cache = cache
         self.batch = batch
 

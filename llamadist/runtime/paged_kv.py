@@ -24,7 +24,7 @@ head's keys in one block are block_size * D contiguous floats:
 A step is described by a ``PagedBatch`` built from one chunk per sequence,
 ``(block_table, start, num_tokens)``: the sequence computes positions
 [start, start+num_tokens) and its slots below ``start`` already hold its K/V.
-``PagedKVCache.bind(batch)`` is the cache the model's forward takes (its layers have
+``paged_attention.PagedStep(cache, batch)`` is the cache the model's forward takes (its layers have
 ``attend``: llamadist.model.cache.FlatLayerKV); llamadist.runtime.paged_attention does
 the attention.
 """
@@ -90,16 +90,14 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.layers.values())
 
-    def bind(self, batch: "PagedBatch"):
-        """The StageKV of one step: this cache read and written as ``batch`` says."""
-        from llamadist.runtime.paged_attention import PagedStep
+    def check(self, batch: "PagedBatch") -> None:
+        """Refuse a batch built for another block size or living on another device."""
         if batch.block_size != self.block_size:
             raise ValueError(f"batch built for block_size {batch.block_size}, cache has "
                              f"{self.block_size}")
         if batch.device != self.device:
             raise ValueError(f"batch on {batch.device}, cache on {self.device}: "
                              f"use batch.to(device)")
-        return PagedStep(self, batch)
 
 
 @dataclass

@@ -19,6 +19,7 @@ from llamadist.model.llama import Llama
 from llamadist.parallel.tensor import Group, tensor_parallel_pass
 from llamadist.runtime.kernel_passes import apply_kernel_passes, decode_layer_fn
 from llamadist.runtime.kv_cache import KVCache
+from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
 from llamadist.weights.checkpoint import Checkpoint
 from llamadist.weights.loader import LoadStats, ShardFn, load_weights
@@ -117,7 +118,7 @@ class Stage:
         b, t = batch.token_shape
         if x.dim() == 1:
             x = x.view(b, t)
-        out = self.model(x, batch.positions.view(b, t), self.paged.bind(batch), 0, None,
+        out = self.model(x, batch.positions.view(b, t), PagedStep(self.paged, batch), 0, None,
                          "last", self.layer_fn, logits_index=batch.last_token_index)
         if timed:
             sync(self.device)

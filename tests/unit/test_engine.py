@@ -22,11 +22,12 @@ def engine_for(path, stages: int = 1, max_batch: int = 3, num_blocks: int | None
     ckpt = open_checkpoint(path)
     n = ckpt.config.num_layers
     cuts = [round(i * n / stages) for i in range(stages + 1)]
-    runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=max_batch, dtype="float32")
+    runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=max_batch, dtype="float32",
+                            max_batch_tokens=budget or 2048)
     model = Engine.build(ckpt, [range(a, b) for a, b in zip(cuts, cuts[1:])], ["cpu"] * stages,
                          torch.float32, 1, MAX_SEQ, runtime=runtime)
     return LLMEngine(model, ckpt.tokenizer(), runtime, num_blocks=num_blocks,
-                     block_size=block_size, max_batch_tokens=budget)
+                     block_size=block_size)
 
 
 @pytest.fixture(scope="module")

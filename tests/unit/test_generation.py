@@ -4,13 +4,21 @@ import pytest
 import torch
 
 from llamadist.api import LLM
+from llamadist.engine.scheduler import RequestTooLarge
 from llamadist.generation.generate import ContextLimitError, Generator, generate
 from llamadist.generation.sampling import Sampler, SamplingParams, apply_repetition_penalty
+from llamadist.runtime.engine import Engine
 
 
 @pytest.fixture(scope="module")
 def llm(tiny_model):
     return LLM(str(tiny_model), max_batch=4, max_seq_len=128)
+
+
+@pytest.fixture(scope="module")
+def static(tiny_model):
+    """The static-cache path (one left-padded batch), which the pipeline ranks still run."""
+    return Engine.load(str(tiny_model), max_batch=4, max_seq_len=128)
 
 
 PROMPTS = ["The quick brown fox", "Distributed inference splits a model across devices and",
@@ -89,22 +97,32 @@ def test_stream_text_equals_final_text_and_stop_string(llm):
     assert len(res.token_ids) < 20
 
 
-def test_eos_ends_sequence(llm):
+def test_eos_ends_sequence(llm, static):
     out = llm.generate(PROMPTS[0], max_new_tokens=10, ignore_eos=True)[0]
     # Declare the first generated token an EOS: the sequence stops at once with no tokens.
-    gen = Generator(llm.engine, llm.tokenizer, SamplingParams(max_new_tokens=10),
+    eos, llm.llm_engine.eos = llm.llm_engine.eos, {out.token_ids[0]}
+    try:
+        res = llm.generate(PROMPTS[0], max_new_tokens=10)[0]
+    finally:
+        llm.llm_engine.eos = eos
+    assert res.token_ids == [] and res.finish_reason == "stop"
+    gen = Generator(static, llm.tokenizer, SamplingParams(max_new_tokens=10),
                     eos_token_ids=(out.token_ids[0],))
     for _ in gen.stream([out.prompt_token_ids]):
         pass
     assert gen.sequences[0].token_ids == [] and gen.sequences[0].finish_reason == "stop"
 
 
-def test_context_limit_refused_before_compute(llm):
+def test_context_limit_refused_before_compute(llm, static):
     ids = list(range(3, 120))
+    with pytest.raises(RequestTooLarge, match=r"needs 137 positions \(prompt 117 \+ "
+                                               r"max_new_tokens 20\) but max_seq_len is 128"):
+        llm.submit([ids], SamplingParams(max_new_tokens=20))
+    assert llm.llm_engine.gauges()["waiting"] == 0  # refused before anything was queued
     with pytest.raises(ContextLimitError, match=r"117 tokens \+ max_new_tokens 20 = 137 .* 128"):
-        generate(llm.engine, None, [ids], SamplingParams(max_new_tokens=20))
+        generate(static, None, [ids], SamplingParams(max_new_tokens=20))
     with pytest.raises(ContextLimitError, match="longer than the context limit"):
-        generate(llm.engine, None, [list(range(3, 200))], SamplingParams(max_new_tokens=1))
+        generate(static, None, [list(range(3, 200))], SamplingParams(max_new_tokens=1))
 
 
 @pytest.mark.parametrize("kw,msg", [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"),
@@ -119,10 +137,8 @@ def test_chat_template(llm):
     assert text == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
     msgs = [{"role": "user", "content": "hi"}]
     reply = llm.chat(msgs, max_new_tokens=4, ignore_eos=True)
-    gen, events = llm.stream_tokens([llm.tokenizer.encode(text)], max_new_tokens=4,
-                                    ignore_eos=True)
-    for _ in events:
-        pass
-    seq = gen.sequences[0]
-    assert len(seq.token_ids) == 4 and seq.finish_reason == "length"
-    assert reply == seq.text == llm.tokenizer.decode(seq.token_ids)
+    reqs, steps = llm.submit([llm.tokenizer.encode(text)], max_new_tokens=4, ignore_eos=True)
+    streamed = "".join(out.text for step in steps for _, out in step)
+    seq = reqs[0]
+    assert len(seq.output_ids) == 4 and seq.finish_reason == "length"
+    assert reply == streamed == llm.tokenizer.decode(seq.output_ids)

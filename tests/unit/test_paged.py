@@ -12,6 +12,7 @@ import torch
 from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode
 from llamadist.runtime.engine import Engine
+from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, block_bytes, num_blocks_for
 
 BS = 4  # block size: small, so every sequence spans several blocks
@@ -169,9 +170,9 @@ def test_c_paged_layer_on_odd_shapes(kind, monkeypatch):
     calls = counting_c_layer(monkeypatch)
     with torch.inference_mode():
         x, pending = layer.forward_deferred(h, None, cos, sin,
-                                            caches[0].bind(batch).layer(1), 0, None)
+                                            PagedStep(caches[0], batch).layer(1), 0, None)
         out, none = cpu_decode.decode_layer(layer, h, None, cos, sin,
-                                            caches[1].bind(batch).layer(1), 0, None)
+                                            PagedStep(caches[1], batch).layer(1), 0, None)
     assert none is None and calls["paged"] == 1
     torch.testing.assert_close(out, x + pending, rtol=1e-5, atol=2e-5)
     torch.testing.assert_close(caches[1].kv(1), caches[0].kv(1), rtol=1e-6, atol=1e-6)

@@ -10,6 +10,7 @@ from llamadist.api import LLM
 from llamadist.generation.generate import Generator, generate
 from llamadist.generation.sampling import (Sampler, SamplingParams, reference_uniform, seed_key,
                                            uniform)
+from llamadist.runtime.engine import Engine
 
 PROMPTS = ["The quick brown fox", "Distributed inference splits a model across devices and",
            "1 2 3", "Once upon a time there was a tiny language model that dreamed"]
@@ -21,6 +22,12 @@ SAMPLED = SamplingParams(max_new_tokens=16, temperature=0.8, top_p=0.9, seed=123
 def llms(tiny_model) -> dict[int, LLM]:
     """The tiny model built for max_batch 1, 2 and 4."""
     return {b: LLM(str(tiny_model), max_batch=b, max_seq_len=128) for b in (1, 2, 4)}
+
+
+@pytest.fixture(scope="module")
+def static(tiny_model):
+    """The static-cache path (one left-padded batch), which the pipeline ranks still run."""
+    return Engine.load(str(tiny_model), max_batch=4, max_seq_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +66,13 @@ def test_seed_changes_tokens(llms, alone):
     assert [r.token_ids for r in other] != alone
 
 
-def test_each_request_its_own_params(llms, alone):
+def test_each_request_its_own_params(llms, alone, static):
     """Mixed knobs in one batch: every row gets what it gets alone."""
     mixed = [SAMPLED, SamplingParams(max_new_tokens=16, ignore_eos=True),  # greedy
              SamplingParams(max_new_tokens=7, temperature=1.2, top_k=5, min_p=0.05, seed=7,
                             ignore_eos=True),
              SamplingParams(max_new_tokens=16, repetition_penalty=3.0, ignore_eos=True)]
-    eng = llms[4].engine
+    eng = static
     enc = [llms[4].encode(p) for p in PROMPTS]
     together = generate(eng, llms[4].tokenizer, enc, mixed)
     each = [generate(eng, llms[4].tokenizer, [e], p)[0] for e, p in zip(enc, mixed)]
@@ -83,22 +90,28 @@ def test_unseeded_leaves_global_rng_alone_and_records_its_seed(llms):
     before = torch.get_rng_state()
     runs = []
     for _ in range(2):
-        gen, events = llms[4].stream_tokens(enc, p)
-        for _ in events:
+        reqs, steps = llms[4].submit(enc, p)
+        for _ in steps:
             pass
-        runs.append(gen.sequences)
+        runs.append(reqs)
     assert torch.equal(torch.get_rng_state(), before)
     seeds = [s.seed for run in runs for s in run]
     assert all(isinstance(s, int) for s in seeds) and len(set(seeds)) == 4  # fresh per request
-    assert runs[0][0].token_ids != runs[1][0].token_ids  # so unseeded runs differ
+    assert runs[0][0].output_ids != runs[1][0].output_ids  # so unseeded runs differ
     # The recorded seed repeats the request.
     again = llms[1].generate(PROMPTS[1], SamplingParams(**{**p.__dict__, "seed": seeds[1]}))
-    assert again[0].token_ids == runs[0][1].token_ids
+    assert again[0].token_ids == runs[0][1].output_ids
 
 
-def test_greedy_is_argmax(llms):
+def test_static_path_samples_like_the_engine(llms, alone, static):
+    """The static-cache path (the pipeline ranks') draws the same seeded tokens."""
+    enc = [llms[1].encode(p) for p in PROMPTS]
+    assert [r.token_ids for r in generate(static, llms[1].tokenizer, enc, SAMPLED)] == alone
+
+
+def test_greedy_is_argmax(llms, static):
     """Greedy tokens are the plain argmax of the engine's logits, step by step."""
-    eng, tok = llms[1].engine, llms[1].tokenizer
+    eng, tok = static, llms[1].tokenizer
     ids = tok.encode(PROMPTS[1])
     want, x, pos = [], torch.tensor([ids]), torch.arange(len(ids)).view(1, -1)
     for step in range(8):
