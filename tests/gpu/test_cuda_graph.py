@@ -7,9 +7,12 @@ GPU cases are marked ``gpu`` and skipped without CUDA; the same checks run on th
 import pytest
 import torch
 
-from llamadist.api import LLM
+from llamadist.api import build_engine
+from llamadist.config import RuntimeConfig
+from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
 from llamadist.model.fuse import fuse_projections, is_fused
+from llamadist.planning.layout import resolve_layout
 from llamadist.runtime.cuda_graph import DecodeGraphs, bucket_sizes
 from llamadist.runtime.stage import build_stage
 from llamadist.weights.checkpoint import open_checkpoint
@@ -22,9 +25,25 @@ PROMPTS = ["The quick brown fox", "Distributed inference splits a model across d
 PARAMS = SamplingParams(max_new_tokens=24, ignore_eos=True)
 
 
-def _tokens(llm: LLM) -> tuple[list[list[int]], list[int]]:
-    batch = [r.token_ids for r in llm.generate(PROMPTS, PARAMS)]  # padded batch of 4
-    alone = llm.generate(PROMPTS[2], PARAMS)[0].token_ids  # bucket 1, no padding
+class Static:
+    """The static-cache engine (what DecodeGraphs captures) with its tokenizer."""
+
+    def __init__(self, path, devices: str, dtype: str | None = None):
+        ckpt = open_checkpoint(path)
+        rt = RuntimeConfig(max_seq_len=128, max_batch=4, dtype=dtype)
+        layout = resolve_layout(ckpt.config, devices=devices, dtype=rt.dtype_for(devices),
+                                max_batch=4, max_seq_len=128)
+        self.engine = build_engine(ckpt, layout, rt)
+        self.tokenizer = ckpt.tokenizer()
+
+    def generate(self, prompts: list[str]) -> list[list[int]]:
+        ids = [self.tokenizer.encode(p) for p in prompts]
+        return [r.token_ids for r in generate(self.engine, self.tokenizer, ids, PARAMS)]
+
+
+def _tokens(llm: Static) -> tuple[list[list[int]], list[int]]:
+    batch = llm.generate(PROMPTS)  # padded batch of 4
+    alone = llm.generate(PROMPTS[2:3])[0]  # bucket 1, no padding
     return batch, alone
 
 
@@ -38,7 +57,7 @@ def test_bucket_sizes():
 def test_static_decode_equals_eager_on_cpu(tiny_model, devices):
     """The graph path's math (full-cache mask built from `valid`, tensor start, buckets)
     without capture, on the CPU."""
-    llm = LLM(str(tiny_model), devices=devices, max_batch=4, max_seq_len=128)
+    llm = Static(tiny_model, devices)
     ref = _tokens(llm)
     llm.engine._graphs = DecodeGraphs(llm.engine.stages, compile_layers=False, static_cpu=True)
     llm.engine.cuda_graphs = True
@@ -55,8 +74,7 @@ def test_static_decode_equals_eager_on_cpu(tiny_model, devices):
 ])
 def test_graph_greedy_tokens_equal_eager(tiny_models, devices, compile_layers):
     from llamadist.kernels import decode_attention as split_kv
-    llm = LLM(str(tiny_models["llama3"]), devices=devices, dtype="float32", max_batch=4,
-              max_seq_len=128)
+    llm = Static(tiny_models["llama3"], devices, dtype="float32")
     llm.engine.cuda_graphs = False
     ref = _tokens(llm)
     llm.engine.cuda_graphs = True

@@ -7,8 +7,9 @@ import torch
 
 from llamadist.api import LLM
 from llamadist.cli import main
-from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
+from llamadist.runtime.engine import Engine
+from llamadist.runtime.paged_kv import PagedBatch
 
 transformers = pytest.importorskip("transformers")
 
@@ -26,13 +27,19 @@ def ours(smollm2):
     return LLM(str(smollm2), max_batch=2, max_seq_len=128)
 
 
-def test_logits_match_transformers_gguf(ours, hf_model):
+def test_logits_match_transformers_gguf(smollm2, ours, hf_model):
     ids = ours.tokenizer.encode(PROMPT)
     x = torch.tensor([ids])
     with torch.no_grad():
-        ref = hf_model(x).logits
-    got = ours.engine.forward(x, torch.arange(len(ids)).view(1, -1), 0, None, logits="all")
+        ref = hf_model(x).logits  # (1, T, V)
+    # The paged path: the prompt as one chunk on fresh blocks, then the last position's
+    # logits (the engine samples nothing else).
+    static = Engine.load(str(smollm2), max_seq_len=128)
+    got = static.forward(x, torch.arange(len(ids)).view(1, -1), 0, None, logits="all")
     assert (got - ref).abs().max().item() <= 1e-3  # fp32; dequantised weights identical
+    static.init_paged(num_blocks=4, block_size=64)
+    last = static.forward_paged(x.view(-1), PagedBatch.build([([1, 2], 0, len(ids))], 64))
+    assert (last[0] - ref[0, -1]).abs().max().item() <= 1e-3
 
 
 def test_32_greedy_tokens_identical_to_transformers(ours, hf_model):
@@ -40,9 +47,10 @@ def test_32_greedy_tokens_identical_to_transformers(ours, hf_model):
     with torch.no_grad():
         ref = hf_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
-    got = generate(ours.engine, ours.tokenizer, [ids],
-                   SamplingParams(max_new_tokens=32, ignore_eos=True))[0].token_ids
-    assert got == ref
+    reqs, steps = ours.submit([ids], SamplingParams(max_new_tokens=32, ignore_eos=True))
+    for _ in steps:  # through the continuous-batching engine, as users run it
+        pass
+    assert reqs[0].output_ids == ref
 
 
 def test_chat_answer_is_sensible(ours):

@@ -1,0 +1,226 @@
+"""Serving benchmark: many requests of different lengths through llamadist's continuous-
+batching engine, against transformers' continuous batching (`generate_batch`, paged and
+sdpa attention) and llamadist's static batch, in the same run on the same weights.
+
+    python benchmarks/serving.py --model smollm2-135m --device cpu \
+        [--requests 32] [--prompt-min 128] [--prompt-max 1024] [--new 256] [--rate R] \
+        [--peers static,hf-paged,hf-sdpa] [--max-batch N] [--json-out F]
+    python benchmarks/serving.py --shape llama3-8b --device cuda ...   # random bf16 weights
+
+Requests get random token ids (lengths uniform in [prompt-min, prompt-max]) and ignore EOS.
+`--rate R` sends them as a Poisson process of R requests/s to llamadist (the peers get them
+all at once); without it all arrive at once. Reports output tokens/s, time to first token
+and time per output token (p50, p99), and the workload's roofline bound from its FLOPs and
+bytes (planning.profile) against the machine's measured matmul and read rates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from llamadist.api import LLM
+from llamadist.config import RuntimeConfig
+from llamadist.engine.engine import run_stats
+from llamadist.generation.generate import generate
+from llamadist.generation.sampling import SamplingParams
+from llamadist.planning.profile import decode_step_bytes, prefill_flops, profile
+from llamadist.runtime.engine import Engine
+
+
+def checkpoint(args: argparse.Namespace) -> Path:
+    """A Hugging Face folder on disk, as users run it: SmolLM2 converted from its GGUF, or
+    random weights of a named shape."""
+    root = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="llamadist-serving-"))
+    dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    smollm2 = root / f"smollm2-{dtype}"
+    if not (smollm2 / "config.json").is_file():
+        from llamadist.weights.checkpoint import resolve_model_path
+        from llamadist.weights.gguf import convert_gguf_to_hf
+        convert_gguf_to_hf(resolve_model_path(args.model), smollm2, dtype=dtype, progress=False)
+    if not args.shape:
+        return smollm2
+    folder = root / f"{args.shape}-{dtype}"
+    if not (folder / "config.json").is_file():
+        # random weights of the shape with SmolLM2's vocabulary and tokenizer
+        sys.path.insert(0, str(Path(__file__).parent))
+        from load_compare import write_checkpoint
+
+        from llamadist.cli.bench_shape import random_model
+        from llamadist.config import named_shape
+        config = replace(named_shape(args.shape), vocab_size=49152, eos_token_ids=(2,),
+                         torch_dtype=dtype)
+        model = random_model(config, torch.device("cpu"), getattr(torch, dtype))
+        write_checkpoint(model, config, folder)
+        for f in smollm2.glob("*.json"):
+            if f.name != "config.json":
+                shutil.copy(f, folder / f.name)
+    return folder
+
+
+def workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[float]]:
+    rng = random.Random(args.seed)
+    prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(args.prompt_min,
+                                                                   args.prompt_max))]
+               for _ in range(args.requests)]
+    t, arrivals = 0.0, []
+    for _ in prompts:
+        arrivals.append(t)
+        t += rng.expovariate(args.rate) if args.rate else 0.0
+    return prompts, arrivals
+
+
+def pct(values: list[float], q: float) -> float | None:
+    values = sorted(v for v in values if v is not None)
+    return values[min(len(values) - 1, int(q * len(values)))] if values else None
+
+
+def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int) -> dict:
+    eng = llm.llm_engine
+    params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    t0 = time.perf_counter()
+    reqs, pending = [], list(zip(prompts, arrivals))
+    while pending or eng.has_unfinished:
+        now = time.perf_counter() - t0
+        while pending and pending[0][1] <= now:
+            reqs.append(eng.add_request(pending.pop(0)[0], params))
+        if eng.has_unfinished:
+            eng.step()
+        elif pending:
+            time.sleep(min(0.01, pending[0][1] - now))
+    stats = run_stats(reqs, time.perf_counter() - t0)
+    stats["ttft_p99_s"] = pct([r.ttft_s for r in reqs], 0.99)
+    stats["tpot_p99_s"] = pct([r.tpot_s for r in reqs], 0.99)
+    stats["preemptions"] = eng.scheduler.preemptions
+    return stats
+
+
+def run_static(folder: Path, prompts: list[list[int]], new: int, device: str,
+               max_seq: int) -> dict:
+    """Today's static batching: every prompt left-padded into one batch."""
+    eng = Engine.load(str(folder), devices=[device], max_batch=len(prompts), max_seq_len=max_seq,
+                      dtype="bfloat16" if device.startswith("cuda") else "float32")
+    t0 = time.perf_counter()
+    res = generate(eng, None, prompts, SamplingParams(max_new_tokens=new, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    out = sum(len(r.token_ids) for r in res)
+    return {"tokens_per_s": out / wall, "wall_s": wall, "generated_tokens": out,
+            "prefill_s": res[0].stats["prefill_s"]}
+
+
+def run_hf(folder: Path, prompts: list[list[int]], new: int, device: str, attn: str) -> dict:
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype,
+                                                 attn_implementation=attn).to(device).eval()
+    cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None,
+                           pad_token_id=0)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        outs = model.generate_batch(inputs=prompts, generation_config=cfg)
+    wall = time.perf_counter() - t0
+    n = sum(len(o.generated_tokens) for o in outs.values())
+    return {"tokens_per_s": n / wall, "wall_s": wall, "generated_tokens": n}
+
+
+def rates(device: str) -> tuple[float, float]:
+    """(matmul FLOP/s, read bytes/s) measured now on ``device``."""
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    n = 4096 if device.startswith("cuda") else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    x = torch.randn(64 * 2**20 // (2 if dtype == torch.bfloat16 else 1), device=device,
+                    dtype=dtype)
+    best_mm = best_rd = math.inf
+    for _ in range(5):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        a @ a
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+        x.sum()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        best_mm, best_rd = min(best_mm, t1 - t0), min(best_rd, t2 - t1)
+    return 2 * n ** 3 / best_mm, x.nbytes / best_rd
+
+
+def roofline(config, dtype: str, prompts: list[list[int]], new: int, batch: int,
+             flops_s: float, bytes_s: float) -> dict:
+    """Output tokens/s the machine could at best give this workload: FLOPs of every
+    prefill and decode, and bytes of every decode step (weights once per step for the
+    running batch, plus each sequence's KV), whichever bounds."""
+    prof = profile(config, dtype=dtype)
+    flops = sum(prefill_flops(prof, 1, len(p)) for p in prompts)
+    decode_flop_token = sum(r.matmul_flops_per_token for r in prof.layers) + \
+        prof.head.matmul_flops_per_token
+    flops += len(prompts) * new * decode_flop_token
+    steps = math.ceil(len(prompts) / batch) * new
+    mean_ctx = sum(len(p) for p in prompts) / len(prompts) + new / 2
+    nbytes = steps * decode_step_bytes(prof, min(batch, len(prompts)), mean_ctx)
+    bound_s = max(flops / flops_s, nbytes / bytes_s)
+    return {"flops": flops, "bytes": nbytes, "bound_s": bound_s,
+            "bound_tokens_per_s": len(prompts) * new / bound_s}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--shape", help="random weights of a named shape instead of --model")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--prompt-min", type=int, default=128)
+    p.add_argument("--prompt-max", type=int, default=1024)
+    p.add_argument("--new", type=int, default=256)
+    p.add_argument("--rate", type=float, help="Poisson arrivals per second (default: all at once)")
+    p.add_argument("--max-batch", type=int, help="llamadist's running requests (default: all)")
+    p.add_argument("--peers", default="static,hf-paged,hf-sdpa")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir")
+    p.add_argument("--json-out")
+    args = p.parse_args(argv)
+    folder = checkpoint(args)
+    max_seq = args.prompt_max + args.new
+    batch = args.max_batch or args.requests
+    llm = LLM(str(folder), devices=args.device, runtime=RuntimeConfig(
+        max_seq_len=max_seq, max_batch=batch))
+    prompts, arrivals = workload(args, llm.config.vocab_size)
+    flops_s, bytes_s = rates(args.device)
+    res = {"machine": platform.processor() or platform.machine(), "device": args.device,
+           "threads": torch.get_num_threads(), "args": vars(args),
+           "matmul_flops_s": flops_s, "read_bytes_s": bytes_s,
+           "roofline": roofline(llm.config, llm.dtype, prompts, args.new, batch, flops_s,
+                                bytes_s)}
+    run_ours(llm, prompts[:2], [0.0, 0.0], 4)  # warm-up: first calls pick kernels
+    res["llamadist"] = run_ours(llm, prompts, arrivals, args.new)
+    del llm
+    for peer in [x for x in args.peers.split(",") if x]:
+        if peer == "static":
+            res[peer] = run_static(folder, prompts, args.new, args.device, max_seq)
+        elif peer.startswith("hf-"):
+            res[peer] = run_hf(folder, prompts, args.new, args.device, peer[3:])
+    ours = res["llamadist"]["tokens_per_s"]
+    for peer in [x for x in args.peers.split(",") if x]:
+        res[peer]["llamadist_ratio"] = ours / res[peer]["tokens_per_s"]
+    res["llamadist"]["of_roofline"] = ours / res["roofline"]["bound_tokens_per_s"]
+    print(json.dumps(res, indent=2))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
