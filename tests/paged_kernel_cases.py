@@ -81,5 +81,43 @@ def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"))
     return bad
 
 
+def model_case(path: str, device: str = "cpu") -> tuple[list, list]:
+    """Greedy tokens of three requests through LLMEngine with the PyTorch paged path, then
+    with the kernel and the static buffers of llamadist.runtime.paged_graphs (no capture
+    off CUDA): the graph path's bookkeeping end to end. Returns (reference, kernel path)."""
+    from llamadist.config import RuntimeConfig
+    from llamadist.engine.engine import LLMEngine
+    from llamadist.generation.sampling import SamplingParams
+    from llamadist.kernels.paged_attention import paged_decode
+    from llamadist.runtime.engine import Engine
+    from llamadist.runtime.paged_graphs import PagedGraphs
+    runtime = RuntimeConfig(max_seq_len=64, max_batch=3, dtype="float32", cpu_kernels=False)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 13, 2, 7], [3] * 11, [8, 1]]
+    out = []
+    for kernel in (False, True):
+        model = Engine.load(path, devices=[device], max_batch=3, max_seq_len=64,
+                            runtime=runtime)
+        engine = LLMEngine(model, None, runtime, block_size=4)
+        if kernel:
+            for s in model.stages:
+                s.paged.decode_fn = paged_decode
+            model._paged_graphs = PagedGraphs(model.stages, 3, compile_layers=False,
+                                              capture=False)
+            model.cuda_graphs = True
+        reqs = [engine.add_request(p, params) for p in prompts]
+        while engine.has_unfinished:
+            engine.step()
+        out.append([r.output_ids for r in reqs])
+        if kernel:  # the decode-only steps went through the buckets (3, then fewer rows)
+            assert model._paged_graphs.decoders[0].buckets
+    return out[0], out[1]
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["model"]:  # python -m tests.paged_kernel_cases model PATH
+        patch_interpreter()
+        ref, got = model_case(sys.argv[2])
+        print("model tokens equal" if ref == got else f"FAIL {ref} != {got}")
+        sys.exit(0 if ref == got else 1)
     sys.exit(1 if main(*sys.argv[1:2]) else 0)

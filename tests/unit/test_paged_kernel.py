@@ -32,11 +32,29 @@ def test_num_splits():
             assert n <= max(1, -(-slots // BLOCK_N))
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-def test_kernel_interpreted_matches_pytorch_paged_path():
+no_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                               reason="triton not installed")
+
+
+def _interpreted(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    proc = subprocess.run([sys.executable, "-m", "tests.paged_kernel_cases", "cpu"], cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "tests.paged_kernel_cases", *args], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
+
+
+@no_triton
+def test_kernel_interpreted_matches_pytorch_paged_path():
+    proc = _interpreted("cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert proc.stdout.count("splits=") == 24  # 2 dtypes x 4 cases x 3 split counts
+
+
+@no_triton
+@pytest.mark.parametrize("kind", ["llama3", "gqa_tied"])
+def test_graph_path_buffers_interpreted_equal_pytorch_tokens(tiny_models, kind):
+    """LLMEngine's decode-only steps through the paged graphs' static buffers (padding rows,
+    buckets) and the interpreted kernel, without capture: the same greedy tokens as the
+    PyTorch paged path."""
+    proc = _interpreted("model", str(tiny_models[kind]))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
