@@ -43,6 +43,7 @@ class Engine:
                                                             for s in stages)
         self.compile_layers = self.runtime.compile
         self._graphs = None
+        self._paged_graphs = None
 
     @property
     def max_seq_len(self) -> int:
@@ -122,7 +123,13 @@ class Engine:
     def forward_paged(self, tokens: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
         """One flat step: tokens (N,) in the batch's order (each chunk's tokens, chunk by
         chunk), ``batch`` from PagedBatch.build on the host -> logits (S, V) of each
-        sequence's last token, on the last stage's device."""
+        sequence's last token, on the last stage's device. A decode-only step goes through
+        the per-bucket CUDA graphs (llamadist.runtime.paged_graphs) when ``cuda_graphs``
+        and every stage is on CUDA with the paged kernel; its logits are then a view of a
+        static buffer, valid until the next step."""
+        graphs = self.paged_graphs() if batch.is_decode and self.cuda_graphs else None
+        if graphs is not None and graphs.accepts(batch):
+            return graphs.forward(tokens, batch, timed=self.timed)
         x = tokens
         on_device: dict[torch.device, PagedBatch] = {}  # moved (and its groups made) once
         for stage in self.stages:
@@ -139,6 +146,17 @@ class Engine:
             from llamadist.runtime.cuda_graph import DecodeGraphs
             self._graphs = DecodeGraphs(self.stages, compile_layers=self.compile_layers)
         return self._graphs
+
+    def paged_graphs(self):
+        """The paged decode graphs (made on first use, capturing lazily per bucket), or
+        None where the stages do not support them (PagedGraphs.supports)."""
+        if self._paged_graphs is None:
+            from llamadist.runtime.paged_graphs import PagedGraphs
+            if not PagedGraphs.supports(self.stages):
+                return None
+            self._paged_graphs = PagedGraphs(self.stages, self.max_batch,
+                                             compile_layers=self.compile_layers)
+        return self._paged_graphs
 
     def stage_stats(self) -> list[dict]:
         return [dict(stage=i, layers=[s.layers.start, s.layers.stop], device=str(s.device),

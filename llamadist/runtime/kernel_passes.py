@@ -11,6 +11,11 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
 * ``set_decode_attention``: each Attention's one-token attention, on CUDA the split-KV
   Triton kernel where it applies (a tensor start: the graph path) or SDPA, as
   ``RuntimeConfig.decode_attention`` says.
+* ``paged_decode_fn``: the paged cache's decode-only attention (every sequence one token),
+  on CUDA with ``decode_attention == "split"`` the Triton paged kernel
+  (llamadist.kernels.paged_attention), which also writes the step's K/V; None keeps the
+  PyTorch paged path (gather + SDPA). Like ``decode_layer_fn`` it is a function the stage
+  holds, not a module swap: the paged attention lives in the runtime's cache object.
 
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """
@@ -26,10 +31,14 @@ from torch import nn
 from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode
 from llamadist.kernels import decode_attention as split_kv
+from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.model.cache import Start
 from llamadist.model.llama import Attention, DecodeAttention, sdpa_decode_attention
 
 LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+# (q (S, H, D), k (S, H_kv, D), v, kv (2, NB, H_kv, bs, D), slot_mapping (S,),
+#  block_tables (S, MB) int32, seq_lens (S,) int32, splits) -> (S, H, D); writes k/v.
+PagedDecode = Callable[..., torch.Tensor]
 
 
 def use_cpu_linear(model: nn.Module) -> nn.Module:
@@ -80,6 +89,16 @@ def decode_layer_fn(device: torch.device, runtime: RuntimeConfig) -> LayerFn | N
     None (each layer's forward) elsewhere."""
     if device.type == "cpu" and runtime.cpu_kernels:
         return cpu_decode.decode_layer
+    return None
+
+
+def paged_decode_fn(device: torch.device, runtime: RuntimeConfig) -> PagedDecode | None:
+    """The paged cache's decode-only attention on ``device``: the Triton paged kernel on
+    CUDA when ``runtime.decode_attention`` is "split" and Triton is present, else None
+    (the PyTorch paged path)."""
+    if (device.type == "cuda" and runtime.decode_attention == "split"
+            and paged_kernel.triton is not None):
+        return paged_kernel.paged_decode
     return None
 
 

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
 
 
@@ -142,9 +143,11 @@ class PagedLayer:
     """One layer's view of the paged cache for one batch (a FlatLayerKV). ``k``/``v``
     (num_blocks, H_kv, bs, D) and ``batch`` are what the C decode layer reads too."""
 
-    def __init__(self, kv: torch.Tensor, batch: PagedBatch):
+    def __init__(self, kv: torch.Tensor, batch: PagedBatch, decode_fn=None):
+        self.kv = kv  # (2, num_blocks, H_kv, bs, D)
         self.k, self.v = kv[0], kv[1]
         self.batch = batch
+        self.decode_fn = decode_fn  # PagedKVCache.decode_fn
 
     def write_rows(self, h_kv: int) -> torch.Tensor:
         """(N * H_kv,) row of each token's K/V per head in the cache viewed as (blocks *
@@ -170,9 +173,36 @@ class PagedLayer:
             b.cached["int32"] = found
         return found
 
+    def kernel_inputs(self, h_kv: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """For the paged decode kernel: block tables (S, MB) and sequence lengths (S,) as
+        contiguous int32 (the tensors themselves when they already are: a CUDA graph's
+        static buffers), and the split count for (S * H_kv) rows over MB blocks; made once
+        per batch, outside any compiled region (the graph path makes it before capture)."""
+        key = ("kernel", h_kv)
+        found = self.batch.cached.get(key)
+        if found is None:
+            b = self.batch
+            tables, lens = b.block_tables, b.seq_lens
+            # The kernel takes any row stride of the tables, unit strides otherwise.
+            if tables.dtype != torch.int32 or tables.stride(-1) != 1:
+                tables = tables.to(torch.int32).contiguous()
+            if lens.dtype != torch.int32 or lens.stride(-1) != 1:
+                lens = lens.to(torch.int32).contiguous()
+            splits = paged_kernel.splits_for(b.device, b.num_seqs * h_kv,
+                                             tables.shape[1] * b.block_size)
+            found = self.batch.cached[key] = (tables, lens, splits)
+        return found
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write k/v (N, H_kv, D) at the batch's slots, then attend q (N, H, D) -> (N, H, D)."""
         n, h_kv, d = k.shape
+        if (self.decode_fn is not None and self.batch.is_decode
+                and paged_kernel.usable(q, self.kv)):
+            # One token per sequence: the kernel writes k/v and reads the block tables and
+            # lengths on the device (no host-side lengths: graph-safe).
+            tables, lens, splits = self.kernel_inputs(h_kv)
+            return self.decode_fn(q, k, v, self.kv, self.batch.slot_mapping, tables, lens,
+                                  splits)
         rows = self.write_rows(h_kv)  # (N * H_kv,)
         self.k.view(-1, d).index_copy_(0, rows, k.reshape(n * h_kv, d).to(self.k.dtype))
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(n * h_kv, d).to(self.v.dtype))
@@ -195,4 +225,4 @@ class PagedStep:
         self.batch = batch
 
     def layer(self, i: int) -> PagedLayer:
-        return PagedLayer(self.cache.kv(i), self.batch)
+        return PagedLayer(self.cache.kv(i), self.batch, self.cache.decode_fn)

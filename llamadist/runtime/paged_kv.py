@@ -81,6 +81,9 @@ class PagedKVCache:
         self.dtype = dtype
         shape = (2, num_blocks, self.num_kv_heads, block_size, self.head_dim)
         self.layers = {i: torch.zeros(shape, device=device, dtype=dtype) for i in layer_ids}
+        # Decode-only steps' attention (llamadist.runtime.kernel_passes.paged_decode_fn:
+        # the Triton paged kernel on CUDA); None: the PyTorch path for every step.
+        self.decode_fn = None
 
     def kv(self, i: int) -> torch.Tensor:
         """Layer ``i``'s (2, num_blocks, H_kv, block_size, D)."""

@@ -17,7 +17,8 @@ from llamadist.model.cache import Start
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
 from llamadist.parallel.tensor import Group, tensor_parallel_pass
-from llamadist.runtime.kernel_passes import apply_kernel_passes, decode_layer_fn
+from llamadist.runtime.kernel_passes import (apply_kernel_passes, decode_layer_fn,
+                                             paged_decode_fn)
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
@@ -75,6 +76,8 @@ class Stage:
                                num_kv_heads) for _ in range(lanes)]
         self.stats = StageStats()
         self.layer_fn = decode_layer_fn(device, runtime or RuntimeConfig())
+        # The paged cache's decode-only attention (the Triton kernel on CUDA) or None.
+        self.paged_decode = paged_decode_fn(device, runtime or RuntimeConfig())
         self.num_kv_heads = num_kv_heads
         self.paged: PagedKVCache | None = None  # made by init_paged
 
@@ -103,6 +106,7 @@ class Stage:
         """Allocate this stage's paged KV cache (its layers, its KV heads, its device)."""
         self.paged = PagedKVCache(self.model.config, self.layers, num_blocks, block_size,
                                   self.device, self.dtype, self.num_kv_heads)
+        self.paged.decode_fn = self.paged_decode
         return self.paged
 
     @torch.inference_mode()

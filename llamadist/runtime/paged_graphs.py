@@ -1,0 +1,217 @@
+"""CUDA graphs for decode-only steps over the paged KV cache (continuous batching).
+
+A decode-only step (every sequence computes one token) has the same shapes whatever its
+sequences, once its inputs are padded to a batch bucket and its block tables to a fixed
+width: each stage captures it once per bucket and replays it. The step's inputs live in
+one static int32 device buffer per (stage, bucket), filled by one host-to-device copy:
+
+    [positions (Nb,) | slot_mapping (Nb,) | seq_lens (Nb,) | block_tables (Nb * MB,)]
+
+with MB = ceil(max_seq_len / block_size). Padding rows (the bucket's rows past the step's
+S sequences) sit at position 0, write their K/V into slot 0 of block 0 (the null block,
+which the block pool never hands out), attend over that one slot (seq_len 1) and their
+outputs are dropped. The Triton paged kernel (llamadist.kernels.paged_attention) reads
+the tables and lengths from the buffer, so the graph serves any step of its bucket.
+The decoder layers run through torch.compile (the one compiled layer of
+llamadist.runtime.cuda_graph) when ``compile_layers``; if compilation fails, the eager
+layers are captured instead. Graphs need every stage on CUDA with the paged kernel
+(``PagedGraphs.supports``); otherwise the engine runs the step eagerly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from llamadist.runtime.cuda_graph import WARMUP_STEPS, bucket_sizes, compiled_layer_call
+from llamadist.runtime.paged_kv import PagedBatch
+from llamadist.runtime.stage import Stage, sync
+
+log = logging.getLogger(__name__)
+
+
+def bucket_for(n: int, sizes: Sequence[int]) -> int:
+    """The smallest bucket of ``sizes`` holding ``n`` sequences; past the largest, the
+    next power of two (a batch larger than planned still gets a graph)."""
+    fit = [s for s in sizes if s >= n]
+    return min(fit) if fit else 1 << (n - 1).bit_length()
+
+
+def pack_decode(batch: PagedBatch, size: int, max_blocks: int) -> torch.Tensor:
+    """A decode-only ``batch`` (host) padded to ``size`` rows: the flat int32 buffer
+    [positions | slot_mapping | seq_lens | block_tables (size, max_blocks)] described in
+    the module docstring, length size * (3 + max_blocks)."""
+    s, mb = batch.num_seqs, batch.block_tables.shape[1]
+    if not batch.is_decode:
+        raise ValueError("pack_decode takes decode-only batches (one token per sequence)")
+    if s > size or mb > max_blocks:
+        raise ValueError(f"{s} sequences of {mb} blocks do not fit a bucket of {size} "
+                         f"rows of {max_blocks} blocks")
+    out = torch.zeros(size * (3 + max_blocks), dtype=torch.int32)
+    out[:s] = batch.positions
+    out[size:size + s] = batch.slot_mapping
+    lens = out[2 * size:3 * size]
+    lens.fill_(1)  # padding rows attend over the null block's slot 0 only
+    lens[:s] = batch.seq_lens
+    out[3 * size:].view(size, max_blocks)[:s, :mb] = batch.block_tables
+    return out
+
+
+def static_batch(packed: torch.Tensor, size: int, max_blocks: int,
+                 block_size: int) -> PagedBatch:
+    """The PagedBatch whose tensors are views of a bucket's device buffer ``packed``."""
+    dev = packed.device
+    rows = torch.arange(size, device=dev)
+    return PagedBatch(block_size=block_size, positions=packed[:size],
+                      slot_mapping=packed[size:2 * size], query_start=torch.arange(
+                          size + 1, device=dev),
+                      seq_lens=packed[2 * size:3 * size],
+                      block_tables=packed[3 * size:].view(size, max_blocks),
+                      last_token_index=rows, query_lens=(1,) * size, starts=(0,) * size)
+
+
+@dataclass
+class PagedBucket:
+    size: int
+    x: torch.Tensor        # (Nb, 1) token ids, or (Nb, 1, D) hidden state
+    packed: torch.Tensor   # (Nb * (3 + MB),) int32: see the module docstring
+    batch: PagedBatch      # views of ``packed``
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None  # (Nb, V) logits or (Nb, 1, D) hidden
+
+
+class PagedStageDecoder:
+    """One stage's paged decode step per bucket, captured on the bucket's first step."""
+
+    def __init__(self, stage: Stage, max_blocks: int, *, compile_layers: bool = True,
+                 capture: bool = True):
+        if stage.paged is None:
+            raise RuntimeError("call init_paged() before making paged graphs")
+        self.stage = stage
+        self.max_blocks = max_blocks
+        self.capture = capture and stage.device.type == "cuda"
+        self.layer_fn = compiled_layer_call() if compile_layers else None
+        self.buckets: dict[int, PagedBucket] = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.prepare_s = 0.0
+
+    def bucket(self, size: int, first: bool, hidden: int) -> PagedBucket:
+        bk = self.buckets.get(size)
+        if bk is None:
+            st, dev = self.stage, self.stage.device
+            x = (torch.zeros(size, 1, dtype=torch.long, device=dev) if first
+                 else torch.zeros(size, 1, hidden, dtype=st.dtype, device=dev))
+            packed = torch.zeros(size * (3 + self.max_blocks), dtype=torch.int32, device=dev)
+            batch = static_batch(packed, size, self.max_blocks, st.paged.block_size)
+            # The kernel's inputs, made here (outside torch.compile and capture): the
+            # static views themselves and the bucket's split count.
+            h_kv = st.paged.num_kv_heads
+            from llamadist.kernels.paged_attention import splits_for
+            batch.cached[("kernel", h_kv)] = (
+                batch.block_tables, batch.seq_lens,
+                splits_for(dev, size * h_kv, self.max_blocks * st.paged.block_size))
+            bk = self.buckets[size] = PagedBucket(size, x, packed, batch)
+        return bk
+
+    def step(self, bk: PagedBucket) -> torch.Tensor:
+        """Run (replay) the loaded bucket -> its whole output (Nb rows)."""
+        if bk.graph is not None:
+            bk.graph.replay()
+        elif self.capture and bk.out is None:
+            self._capture(bk)
+        else:
+            bk.out = self._forward(bk)
+        return bk.out
+
+    def _forward(self, bk: PagedBucket) -> torch.Tensor:
+        st = self.stage
+        return st.model(bk.x, bk.batch.positions.view(bk.size, 1), st.paged.bind(bk.batch),
+                        0, None, "last", self.layer_fn,
+                        logits_index=bk.batch.last_token_index)
+
+    def _warmup(self, bk: PagedBucket) -> None:
+        # Compilation and workspace set-up outside capture; each run writes the same K/V
+        # into the same slots as the replay that follows.
+        for _ in range(WARMUP_STEPS):
+            try:
+                self._forward(bk)
+            except Exception as e:  # a compiler failure must not stop generation
+                if self.layer_fn is None:
+                    raise
+                log.warning("torch.compile of the paged decoder layer failed (%s: %s); "
+                            "capturing the eager layers instead", type(e).__name__, e)
+                self.layer_fn = None
+                self._forward(bk)
+
+    def _capture(self, bk: PagedBucket) -> None:
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.stage.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._warmup(bk)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                bk.out = self._forward(bk)
+            graph.replay()
+        bk.graph = graph
+        self.prepare_s += time.perf_counter() - t0
+        log.info("captured paged decode graph: layers %d..%d on %s, bucket %d, %.1f s",
+                 self.stage.layers.start, self.stage.layers.stop - 1, self.stage.device,
+                 bk.size, time.perf_counter() - t0)
+
+
+class PagedGraphs:
+    """The engine's decode-only paged steps through per-stage graphs (``stages`` in
+    pipeline order, each with its paged cache)."""
+
+    def __init__(self, stages: Sequence[Stage], max_batch: int, *,
+                 compile_layers: bool = True, capture: bool = True):
+        self.stages = list(stages)
+        self.sizes = bucket_sizes(max_batch)
+        self.block_size = self.stages[0].paged.block_size
+        self.max_blocks = -(-max(s.max_seq_len for s in self.stages) // self.block_size)
+        self.decoders = [PagedStageDecoder(s, self.max_blocks, compile_layers=compile_layers,
+                                           capture=capture) for s in self.stages]
+
+    @staticmethod
+    def supports(stages: Sequence[Stage]) -> bool:
+        """Every stage on CUDA with a paged cache and the paged decode kernel."""
+        return all(s.device.type == "cuda" and s.paged is not None
+                   and s.paged.decode_fn is not None for s in stages)
+
+    def accepts(self, batch: PagedBatch) -> bool:
+        return (batch.is_decode and batch.block_size == self.block_size
+                and batch.block_tables.shape[1] <= self.max_blocks)
+
+    @property
+    def prepare_s(self) -> float:
+        return sum(d.prepare_s for d in self.decoders)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, batch: PagedBatch,
+                timed: bool = False) -> torch.Tensor:
+        """tokens (S,) on the first stage's device, ``batch`` decode-only on the host ->
+        logits (S, V), a view of a static buffer: read it before the next step."""
+        s = batch.num_seqs
+        size = bucket_for(s, self.sizes)
+        packed = pack_decode(batch.to("cpu"), size, self.max_blocks)  # host, one copy each
+        x = tokens.view(s, 1)
+        for i, (stage, dec) in enumerate(zip(self.stages, self.decoders)):
+            t0 = time.perf_counter()
+            bk = dec.bucket(size, i == 0, x.shape[-1])
+            bk.packed.copy_(packed, non_blocking=True)
+            if x.device != stage.device:
+                stage.stats.bytes_in += x.nbytes
+            bk.x[:s].copy_(x, non_blocking=True)
+            x = dec.step(bk)[:s]
+            if timed:
+                sync(stage.device)
+                stage.stats.compute_s += time.perf_counter() - t0
+            stage.stats.calls += 1
+        return x

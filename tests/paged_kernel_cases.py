@@ -1,0 +1,123 @@
+"""Cases for the Triton paged decode kernel (llamadist.kernels.paged_attention) against the
+PyTorch paged path (llamadist.runtime.paged_attention): shared by the CPU interpreter test
+(tests/unit/test_paged_kernel.py runs ``python -m tests.paged_kernel_cases`` with
+TRITON_INTERPRET=1) and the GPU test (tests/gpu/test_paged_gpu.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+# (H, H_kv, D, block_size, seq lens): GQA with G = 4 (Llama-3-8B's), MHA, G = 8 and a
+# head size that is no power of two; lengths across block and tile edges.
+CASES = [
+    (8, 2, 32, 16, [1, 17, 64, 130]),
+    (4, 4, 16, 8, [5, 9, 33]),
+    (16, 2, 64, 16, [200, 3]),
+    (4, 2, 24, 4, [7, 70]),
+]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+def run_case(h: int, h_kv: int, d: int, bs: int, lens: list[int], dtype: torch.dtype,
+             device: str, splits: int, seed: int = 0) -> tuple[float, float]:
+    """Max |kernel - PyTorch| of the outputs (S, H, D) and of the written caches after one
+    decode step of sequences of ``lens`` (their last token is this step's)."""
+    from llamadist.kernels.paged_attention import paged_decode
+    from llamadist.runtime.paged_attention import PagedLayer
+    from llamadist.runtime.paged_kv import PagedBatch
+    g = torch.Generator().manual_seed(seed)
+    need = [-(-n // bs) for n in lens]
+    num_blocks = sum(need) + 3
+    # Shuffled block ids (never block 0, the null block), so tables are not contiguous.
+    ids = (torch.randperm(num_blocks - 1, generator=g) + 1).tolist()
+    tables, at = [], 0
+    for n in need:
+        tables.append(ids[at:at + n])
+        at += n
+    batch = PagedBatch.build([(t, n - 1, 1) for t, n in zip(tables, lens)], bs).to(device)
+    kv = torch.randn(2, num_blocks, h_kv, bs, d, generator=g).to(device, dtype)
+    s = len(lens)
+    q = torch.randn(s, h, d, generator=g).to(device, dtype)
+    k = torch.randn(s, h_kv, d, generator=g).to(device, dtype)
+    v = torch.randn(s, h_kv, d, generator=g).to(device, dtype)
+    ref_kv = kv.clone()
+    ref = PagedLayer(ref_kv, batch).attend(q, k, v)  # (S, H, D)
+    out = paged_decode(q, k, v, kv, batch.slot_mapping, batch.block_tables.to(torch.int32),
+                       batch.seq_lens.to(torch.int32), splits)
+    return ((out.float() - ref.float()).abs().max().item(),
+            (kv.float() - ref_kv.float()).abs().max().item())
+
+
+def patch_interpreter() -> None:
+    """Triton's interpreter turns a scalar (a 1-element array) into a loop bound with
+    ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension; use .item()."""
+    import triton.runtime.interpreter as ti
+    if getattr(ti, "_llamadist_patched", False):
+        return
+    original = ti._patch_lang_tensor
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+    ti._patch_lang_tensor = patched
+    ti._llamadist_patched = True
+
+
+def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> int:
+    if device == "cpu":
+        patch_interpreter()
+    bad = 0
+    for name in dtypes:
+        dtype = getattr(torch, name)
+        for case in CASES:
+            for splits in (1, 2, 4):
+                err, kv_err = run_case(*case, dtype, device, splits)
+                ok = err <= TOL[dtype] and kv_err == 0.0
+                bad += not ok
+                print(f"{name} {case} splits={splits}: out {err:.2e} kv {kv_err:.1e}"
+                      f"{'' if ok else '  FAIL'}")
+    return bad
+
+
+def model_case(path: str, device: str = "cpu") -> tuple[list, list]:
+    """Greedy tokens of three requests through LLMEngine with the PyTorch paged path, then
+    with the kernel and the static buffers of llamadist.runtime.paged_graphs (no capture
+    off CUDA): the graph path's bookkeeping end to end. Returns (reference, kernel path)."""
+    from llamadist.config import RuntimeConfig
+    from llamadist.engine.engine import LLMEngine
+    from llamadist.generation.sampling import SamplingParams
+    from llamadist.kernels.paged_attention import paged_decode
+    from llamadist.runtime.engine import Engine
+    from llamadist.runtime.paged_graphs import PagedGraphs
+    runtime = RuntimeConfig(max_seq_len=64, max_batch=3, dtype="float32", cpu_kernels=False)
+    params = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    prompts = [[5, 9, 13, 2, 7], [3] * 11, [8, 1]]
+    out = []
+    for kernel in (False, True):
+        model = Engine.load(path, devices=[device], max_batch=3, max_seq_len=64,
+                            runtime=runtime)
+        engine = LLMEngine(model, None, runtime, block_size=4)
+        if kernel:
+            for s in model.stages:
+                s.paged.decode_fn = paged_decode
+            model._paged_graphs = PagedGraphs(model.stages, 3, compile_layers=False,
+                                              capture=False)
+            model.cuda_graphs = True
+        reqs = [engine.add_request(p, params) for p in prompts]
+        while engine.has_unfinished:
+            engine.step()
+        out.append([r.output_ids for r in reqs])
+        if kernel:  # the decode-only steps went through the buckets (3, then fewer rows)
+            assert model._paged_graphs.decoders[0].buckets
+    return out[0], out[1]
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["model"]:  # python -m tests.paged_kernel_cases model PATH
+        patch_interpreter()
+        ref, got = model_case(sys.argv[2])
+        print("model tokens equal" if ref == got else f"FAIL {ref} != {got}")
+        sys.exit(0 if ref == got else 1)
+    sys.exit(1 if main(*sys.argv[1:2]) else 0)

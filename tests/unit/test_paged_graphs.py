@@ -1,0 +1,68 @@
+"""The paged decode graphs' bookkeeping (llamadist/runtime/paged_graphs.py), without CUDA:
+bucket choice, padding rows, the static buffer filled right, and the static batch's views.
+The captured graphs themselves: tests/gpu/test_paged_gpu.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamadist.runtime.cuda_graph import bucket_sizes
+from llamadist.runtime.paged_graphs import bucket_for, pack_decode, static_batch
+from llamadist.runtime.paged_kv import PagedBatch
+
+
+def test_bucket_for():
+    sizes = bucket_sizes(24)  # [1, 2, 4, 8, 16, 24]
+    assert [bucket_for(n, sizes) for n in (1, 2, 3, 5, 9, 17, 24)] == [1, 2, 4, 8, 16, 24, 24]
+    assert bucket_for(25, sizes) == 32 and bucket_for(100, sizes) == 128  # past the plan
+
+
+def _decode_batch():
+    # Three sequences of 5, 17 and 1 tokens (block size 4), each decoding its last one.
+    chunks = [([3, 7], 4, 1), ([9, 2, 5, 6, 8], 16, 1), ([4], 0, 1)]
+    return PagedBatch.build(chunks, 4)
+
+
+def test_pack_decode_rows_and_padding():
+    batch = _decode_batch()
+    size, mb = 4, 6
+    packed = pack_decode(batch, size, mb)
+    assert packed.dtype == torch.int32 and packed.shape == (size * (3 + mb),)
+    sb = static_batch(packed, size, mb, 4)
+    assert sb.positions.tolist() == [4, 16, 0, 0]
+    # slot = block * 4 + offset: position 4 -> block 7 offset 0, 16 -> block 8, 0 -> block 4
+    assert sb.slot_mapping.tolist() == [28, 32, 16, 0]   # padding: the null block's slot 0
+    assert sb.seq_lens.tolist() == [5, 17, 1, 1]         # padding attends over one slot
+    assert sb.block_tables.tolist() == [[3, 7, 0, 0, 0, 0], [9, 2, 5, 6, 8, 0],
+                                        [4, 0, 0, 0, 0, 0], [0] * 6]
+    assert sb.last_token_index.tolist() == [0, 1, 2, 3]
+    assert sb.is_decode and sb.token_shape == (4, 1)
+    # The static batch's tensors are views of the one buffer a step copies into.
+    for t in (sb.positions, sb.slot_mapping, sb.seq_lens, sb.block_tables):
+        assert t.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
+    assert sb.block_tables.stride() == (mb, 1)
+
+
+def test_pack_decode_refuses_what_does_not_fit():
+    batch = _decode_batch()
+    with pytest.raises(ValueError):
+        pack_decode(batch, 2, 6)        # 3 sequences, 2 rows
+    with pytest.raises(ValueError):
+        pack_decode(batch, 4, 4)        # 5 blocks, 4 columns
+    prefill = PagedBatch.build([([1, 2], 0, 5)], 4)
+    with pytest.raises(ValueError):
+        pack_decode(prefill, 4, 6)
+
+
+def test_refilling_a_bucket_clears_the_previous_step():
+    """A smaller step after a larger one leaves no stale rows: every row is rewritten."""
+    size, mb = 4, 6
+    buf = torch.full((size * (3 + mb),), 99, dtype=torch.int32)
+    buf.copy_(pack_decode(_decode_batch(), size, mb))
+    buf.copy_(pack_decode(PagedBatch.build([([5], 2, 1)], 4), size, mb))
+    sb = static_batch(buf, size, mb, 4)
+    assert sb.positions.tolist() == [2, 0, 0, 0]
+    assert sb.slot_mapping.tolist() == [22, 0, 0, 0]
+    assert sb.seq_lens.tolist() == [3, 1, 1, 1]
+    assert sb.block_tables.tolist() == [[5, 0, 0, 0, 0, 0]] + [[0] * 6] * 3
