@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from llamadist.runtime.cuda_graph import WARMUP_STEPS, bucket_sizes, compiled_layer_call
+from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage, sync
 
@@ -129,7 +130,7 @@ class PagedStageDecoder:
 
     def _forward(self, bk: PagedBucket) -> torch.Tensor:
         st = self.stage
-        return st.model(bk.x, bk.batch.positions.view(bk.size, 1), st.paged.bind(bk.batch),
+        return st.model(bk.x, bk.batch.positions.view(bk.size, 1), PagedStep(st.paged, bk.batch),
                         0, None, "last", self.layer_fn,
                         logits_index=bk.batch.last_token_index)
 

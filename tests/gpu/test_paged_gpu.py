@@ -67,7 +67,7 @@ def _static_alone(path, dtype) -> dict[str, list[int]]:
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_graph_tokens_equal_eager_and_static(tiny_models, kind, dtype):
     path = tiny_models[kind]
-    from llamadist.kernels import paged_attention  # noqa: F401 (registers the op)
+    import llamadist.kernels.paged_attention  # noqa: F401 (registers the op)
     eager, _ = _engine_tokens(path, dtype, graphs=False)
     graph, model = _engine_tokens(path, dtype, graphs=True)
     assert graph == eager
