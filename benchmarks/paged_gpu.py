@@ -33,8 +33,9 @@ GiB = 1 << 30
 def paged_decode_ms(engine, batch: int, prompt: int, steps: int, max_seq: int) -> dict:
     """LLMEngine over ``engine``: ``batch`` random prompts of ``prompt`` tokens, prefilled,
     then ``steps`` decode-only steps timed (after 8 untimed ones: capture, compile)."""
-    runtime = RuntimeConfig(max_seq_len=max_seq, max_batch=batch, dtype="bfloat16")
-    llm = LLMEngine(engine, None, runtime, max_batch_tokens=8192)
+    runtime = RuntimeConfig(max_seq_len=max_seq, max_batch=batch, dtype="bfloat16",
+                            max_batch_tokens=8192)
+    llm = LLMEngine(engine, None, runtime)
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_new_tokens=steps + 16, ignore_eos=True)
     reqs = [llm.add_request(torch.randint(0, engine.config.vocab_size, (prompt,),

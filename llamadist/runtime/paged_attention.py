@@ -128,7 +128,7 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     n, h, d = q.shape
     if g.q_len == 1:
         qg = q.view(s, h_kv, h // h_kv, d)  # heads h = kv * G + g: G query rows per KV head
-        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).view(n, h, d)
+        return F.scaled_dot_product_attention(qg, keys, values, attn_mask=g.mask).reshape(n, h, d)
     qp = q
     if g.pad_index is not None:
         qp = q.new_zeros(s * g.q_len, h, d).index_copy_(0, g.pad_index, q)
