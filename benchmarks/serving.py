@@ -62,7 +62,7 @@ def checkpoint(args: argparse.Namespace) -> Path:
         from llamadist.config import named_shape
         config = replace(named_shape(args.shape), vocab_size=49152, eos_token_ids=(2,),
                          torch_dtype=dtype)
-        model = random_model(config, torch.device("cpu"), getattr(torch, dtype))
+        model = random_model(config, torch.device(args.device), getattr(torch, dtype))
         write_checkpoint(model, config, folder)
         for f in smollm2.glob("*.json"):
             if f.name != "config.json":
