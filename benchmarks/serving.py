@@ -127,11 +127,11 @@ def run_hf(folder: Path, prompts: list[list[int]], new: int, device: str, attn: 
                                                  attn_implementation=attn).to(device).eval()
     cfg = GenerationConfig(max_new_tokens=new, do_sample=False, eos_token_id=None,
                            pad_token_id=0)
-    with torch.inference_mode():  # warm-up, as ours gets: first calls pick kernels
+    with torch.no_grad():  # warm-up, as ours gets (generate_batch refuses inference mode)
         model.generate_batch(inputs=prompts[:1], generation_config=GenerationConfig(
             max_new_tokens=2, do_sample=False, eos_token_id=None, pad_token_id=0))
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():
         outs = model.generate_batch(inputs=prompts, generation_config=cfg)
     wall = time.perf_counter() - t0
     n = sum(len(o.generated_tokens) for o in outs.values())

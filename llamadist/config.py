@@ -190,7 +190,8 @@ class RuntimeConfig:
                      up to 256, or min(context, DEFAULT_MAX_SEQ_LEN) when unknown)
     max_batch        sequences decoded together (the engine's running requests at most)
     max_batch_tokens tokens one engine step computes at most (decodes plus prefill chunks;
-                     at least max_batch, so every running sequence can always decode)
+                     at least max_batch, so every running sequence can always decode; None:
+                     8192 with GPUs, whose matmuls want long chunks, 2048 on CPUs only)
     dtype            weights and activations (None: bfloat16 on all-GPU layouts, else float32)
     micro_batches    micro-batches in flight through a multi-process pipeline (None: the
                      number of stages, at most one per sequence)
@@ -206,7 +207,7 @@ class RuntimeConfig:
     """
     max_seq_len: int | None = None
     max_batch: int = 8
-    max_batch_tokens: int = 2048
+    max_batch_tokens: int | None = None
     dtype: str | None = None
     micro_batches: int | None = None
     cuda_graphs: bool = True
@@ -222,7 +223,7 @@ class RuntimeConfig:
             raise ConfigError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch must be >= 1, got {self.max_batch}")
-        if self.max_batch_tokens < 1:
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
             raise ConfigError(f"--max-batch-tokens must be >= 1, got {self.max_batch_tokens}")
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16 or "
@@ -240,6 +241,13 @@ class RuntimeConfig:
 
     def dtype_for(self, devices: str | list[str]) -> str:
         return self.dtype or default_dtype(devices)
+
+    def batch_tokens_for(self, devices: str | list[str]) -> int:
+        if self.max_batch_tokens is not None:
+            return max(self.max_batch, self.max_batch_tokens)
+        names = devices.split(",") if isinstance(devices, str) else devices
+        gpu = any(d.strip().startswith("cuda") for d in names)
+        return max(self.max_batch, 8192 if gpu else 2048)
 
     def block_size_for(self, devices: str | list[str]) -> int:
         if self.kv_block_size is not None:

@@ -68,7 +68,7 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-batch", type=positive_int, help="sequences decoded at once (default: "
                    "every prompt of the request; more wait and join as others finish)")
     g.add_argument("--max-batch-tokens", type=positive_int, help="tokens one step computes at "
-                   "most: decodes plus chunks of long prompts (default 2048)")
+                   "most: decodes plus chunks of long prompts (default 8192 with GPUs, 2048 on CPUs)")
     g.add_argument("--no-cpu-kernels", action="store_true",
                    help="decode on the CPU through PyTorch instead of llamadist's C kernels")
     g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),

@@ -90,14 +90,15 @@ class LLMEngine:
                  prefix_caching: bool = True):
         assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
         self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
-        block_size = block_size or runtime.block_size_for([str(s.device) for s in model.stages])
+        devices = [str(s.device) for s in model.stages]
+        block_size = block_size or runtime.block_size_for(devices)
         self.block_size = block_size
         per_seq = -(-runtime.max_seq_len // block_size)
         # +1: block 0 is the null block padding rows point at
         num_blocks = num_blocks or runtime.max_batch * per_seq + 1
         model.init_paged(num_blocks, block_size)
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
-        budget = max(runtime.max_batch, runtime.max_batch_tokens)
+        budget = runtime.batch_tokens_for(devices)
         self.scheduler = Scheduler(self.pool, runtime.max_batch, budget, runtime.max_seq_len)
         self.eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids
                                                         if tokenizer else ())

@@ -209,11 +209,38 @@ class PagedLayer:
         groups = attention_groups(self.batch)
         if len(groups) == 1 and groups[0].tokens is None:
             return group_attention(q, self.k, self.v, groups[0])
+        kernel = self.decode_fn is not None and paged_kernel.usable(q, self.kv)
         out = torch.empty_like(q)
         for g in groups:
-            out.index_copy_(0, g.tokens, group_attention(q.index_select(0, g.tokens),
-                                                         self.k, self.v, g))
+            if kernel and g.q_len == 1:
+                # A mixed step's decodes through the kernel too: gathering their whole
+                # contexts for SDPA would read every cached K/V row twice over.
+                tokens, slots, tables, lens, splits = self.decode_subset(h_kv)
+                part = self.decode_fn(q.index_select(0, tokens), k.index_select(0, tokens),
+                                      v.index_select(0, tokens), self.kv, slots, tables,
+                                      lens, splits)  # rewrites the same K/V: harmless
+            else:
+                part = group_attention(q.index_select(0, g.tokens), self.k, self.v, g)
+            out.index_copy_(0, g.tokens, part)
         return out
+
+    def decode_subset(self, h_kv: int) -> tuple[torch.Tensor, ...]:
+        """The kernel's inputs for the one-token sequences of a mixed batch: their flat
+        token indices (S_d,), slots (S_d,), int32 block tables (S_d, MB) and lengths
+        (S_d,), and the split count; made once per batch."""
+        key = ("decode_subset", h_kv)
+        found = self.batch.cached.get(key)
+        if found is None:
+            b = self.batch
+            seqs = torch.tensor([s for s, n in enumerate(b.query_lens) if n == 1],
+                                device=b.device)
+            tokens = b.last_token_index[seqs]
+            tables = b.block_tables[seqs].to(torch.int32).contiguous()
+            lens = b.seq_lens[seqs].to(torch.int32).contiguous()
+            splits = paged_kernel.splits_for(b.device, len(seqs) * h_kv,
+                                             tables.shape[1] * b.block_size)
+            found = b.cached[key] = (tokens, b.slot_mapping[tokens], tables, lens, splits)
+        return found
 
 
 class PagedStep:
