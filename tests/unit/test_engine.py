@@ -138,3 +138,24 @@ def test_a_request_too_large_is_refused_with_numbers(tiny_model):
     engine = engine_for(tiny_model)
     with pytest.raises(ValueError, match=str(MAX_SEQ)):
         engine.add_request([1] * 90, SamplingParams(max_new_tokens=20))
+
+
+def test_cli_prompts_file_with_max_batch_each_equal_alone(smollm2, tmp_path, capsys):
+    """Eight prompts through `generate --max-batch 3`: at most three run at once, the
+    others join as earlier ones finish, and each gets the tokens it gets alone."""
+    import json
+
+    from llamadist.cli import main
+    prompts = ["The capital of France is", "Water boils at", "def add(a, b):",
+               "The three primary colors are", "Once upon a time", "1, 2, 3, 4,",
+               "My favourite food is", "The sun rises in the"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts) + "\n")
+    common = ["--max-new-tokens", "8", "--json"]
+    assert main(["generate", str(smollm2), "--prompts-file", str(f), "--max-batch", "3",
+                 *common]) == 0
+    together = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
+    from llamadist.api import LLM
+    one = LLM(str(smollm2), max_batch=1, max_seq_len=256)  # one request at a time
+    alone = [one.generate(p, max_new_tokens=8)[0].token_ids for p in prompts]
+    assert together == alone and all(alone)
