@@ -139,12 +139,15 @@ def run_hf(folder: Path, prompts: list[list[int]], new: int, device: str, attn: 
 
 
 def rates(device: str) -> tuple[float, float]:
-    """(matmul FLOP/s, read bytes/s) measured now on ``device``."""
+    """(matmul FLOP/s, memory bytes/s) measured now on ``device``: bytes/s is a sum's read
+    rate on the CPU (a decode step reads and writes almost nothing) and a copy's read +
+    write rate on CUDA (a reduction does not reach a GPU's bandwidth)."""
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     n = 4096 if device.startswith("cuda") else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     x = torch.randn(64 * 2**20 // (2 if dtype == torch.bfloat16 else 1), device=device,
                     dtype=dtype)
+    y = torch.empty_like(x) if device.startswith("cuda") else None
     best_mm = best_rd = math.inf
     for _ in range(5):
         if device.startswith("cuda"):
@@ -154,12 +157,15 @@ def rates(device: str) -> tuple[float, float]:
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         t1 = time.perf_counter()
-        x.sum()
         if device.startswith("cuda"):
+            y.copy_(x)
             torch.cuda.synchronize()
+        else:
+            x.sum()
         t2 = time.perf_counter()
         best_mm, best_rd = min(best_mm, t1 - t0), min(best_rd, t2 - t1)
-    return 2 * n ** 3 / best_mm, x.nbytes / best_rd
+    moved = 2 * x.nbytes if device.startswith("cuda") else x.nbytes
+    return 2 * n ** 3 / best_mm, moved / best_rd
 
 
 def roofline(config, dtype: str, prompts: list[list[int]], new: int, batch: int,
