@@ -117,7 +117,9 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "timeout": getattr(args, "timeout", None),
              "decode_attention": getattr(args, "decode_attention", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
-    return RuntimeConfig(max_batch=getattr(args, "max_batch", None) or max_batch,
+    asked = getattr(args, "max_batch", None)
+    # at most the request's own sequences: the KV memory is planned for max_batch of them
+    return RuntimeConfig(max_batch=min(asked, max_batch) if asked else max_batch,
                          cuda_graphs=not getattr(args, "no_cuda_graphs", False),
                          compile=not getattr(args, "no_compile", False),
                          cpu_kernels=not getattr(args, "no_cpu_kernels", False),

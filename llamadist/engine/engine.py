@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -54,15 +54,16 @@ class EngineStats:
 
 def run_stats(requests: Sequence[Request], wall_s: float) -> dict:
     """What a run of ``requests`` submitted together cost: prefill_s until every request
-    had its first token (as a static batch's prefill), decode tokens/s after that, output
-    tokens/s over the whole run, and the p50 time to first token and per output token."""
-    n = len(requests)
+    had its first token (as a static batch's prefill), decode tokens/s (tokens after each
+    request's first, from the first token on), output tokens/s over the whole run, and
+    the p50 time to first token and per output token."""
     generated = sum(len(r.output_ids) for r in requests)
     ttft = sorted(r.ttft_s for r in requests if r.ttft_s is not None)
     tpot = sorted(r.tpot_s for r in requests if r.tpot_s is not None)
     prefill_s = ttft[-1] if ttft else 0.0
-    decode_s = max(0.0, wall_s - prefill_s)
-    decode_tokens = max(0, generated - n)
+    # decode: every token after a request's first, over the time since the first token
+    decode_s = max(0.0, wall_s - (ttft[0] if ttft else 0.0))
+    decode_tokens = sum(max(0, len(r.output_ids) - 1) for r in requests)
     return {"prefill_s": prefill_s, "decode_s": decode_s,
             "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
             "generated_tokens": generated, "wall_s": wall_s,
@@ -70,14 +71,6 @@ def run_stats(requests: Sequence[Request], wall_s: float) -> dict:
             "tokens_per_s": generated / wall_s if wall_s else 0.0,
             "ttft_p50_s": ttft[len(ttft) // 2] if ttft else None,
             "tpot_p50_s": tpot[len(tpot) // 2] if tpot else None}
-
-
-@dataclass
-class _Text:
-    """A request's streamed-text state."""
-    emitted: int = 0
-    text: str = ""
-    stops: tuple[str, ...] = field(default_factory=tuple)
 
 
 class LLMEngine:
@@ -93,9 +86,10 @@ class LLMEngine:
         devices = [str(s.device) for s in model.stages]
         block_size = block_size or runtime.block_size_for(devices)
         self.block_size = block_size
-        per_seq = -(-runtime.max_seq_len // block_size)
-        # +1: block 0 is the null block padding rows point at
-        num_blocks = num_blocks or runtime.max_batch * per_seq + 1
+        # The KV memory the plan checked: max_batch sequences of max_seq_len tokens (+1:
+        # block 0 is the null block padding rows point at). Fewer blocks than max_batch
+        # full sequences need is fine: the scheduler preempts and recomputes.
+        num_blocks = num_blocks or -(-runtime.max_batch * runtime.max_seq_len // block_size) + 1
         model.init_paged(num_blocks, block_size)
         self.pool = BlockPool(num_blocks, block_size, prefix_caching)
         budget = runtime.batch_tokens_for(devices)
@@ -103,7 +97,7 @@ class LLMEngine:
         self.eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids
                                                         if tokenizer else ())
         self.stats = EngineStats()
-        self._texts: dict[str, _Text] = {}
+        self._queues: dict[str, list[RequestOutput]] = {}  # outputs held for submit()'s iterators
         self._ids = itertools.count()
         self._first_device = model.stages[0].device
 
@@ -112,12 +106,9 @@ class LLMEngine:
                     request_id: str | None = None) -> Request:
         """Queue a request (refused at once, with the numbers, if it alone cannot fit)."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if rid in self._texts:
-            raise ValueError(f"request id {rid!r} is already in use")
         seed = params.seed if params.seed is not None else new_seed()
         req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic())
-        self.scheduler.add(req)
-        self._texts[rid] = _Text(stops=tuple(params.stop))
+        self.scheduler.add(req)  # refuses an id already queued or running
         return req
 
     def cancel(self, request_id: str) -> bool:
@@ -139,15 +130,28 @@ class LLMEngine:
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one step; the outputs of the requests it advanced."""
+        """Schedule, run and sample one step; the outputs of the requests it advanced.
+        Not thread-safe: one caller steps the engine (add and cancel between steps)."""
         t0 = time.perf_counter()
         step = self.scheduler.schedule()
         if not step:
             return []
-        sampled = self._run(step)
+        try:
+            sampled = self._run(step)
+        except BaseException:  # Ctrl-C, out of memory: the step never happened
+            self.scheduler.abort(step)
+            raise
         finished = {r.id for r in self.scheduler.update(step, sampled)}
-        outputs = [self._output(self.scheduler.get(rid) or self._done(step, rid), tok,
-                                rid in finished) for rid, tok in sampled.items()]
+        by_id = {c.request.id: c.request for c in step.chunks}
+        outputs = []
+        for rid, tok in sampled.items():
+            req = by_id[rid]
+            if req.finish_reason == "cancelled":  # cancelled during the step: no token
+                continue
+            out = self._output(req, tok, rid in finished)
+            outputs.append(out)
+            if rid in self._queues:
+                self._queues[rid].append(out)
         self.stats.steps += 1
         self.stats.busy_s += time.perf_counter() - t0
         return outputs
@@ -176,9 +180,6 @@ class LLMEngine:
         ids = sampler.sample(logits[rows]).tolist()
         return {r.id: t for r, t in zip(reqs, ids)}
 
-    def _done(self, step: SchedulerStep, rid: str) -> Request:
-        return next(c.request for c in step.chunks if c.request.id == rid)
-
     def _output(self, req: Request, tok: int, finished_by_length: bool) -> RequestOutput:
         """EOS and stop strings (the engine's to decide: it has the tokenizer), the text
         delta, the per-request timings."""
@@ -186,7 +187,6 @@ class LLMEngine:
         now = time.monotonic()
         if len(req.output_ids) == 1:  # its first token (the scheduler timed it)
             self.stats.cached_prompt_tokens += req.num_cached_prompt
-        state = self._texts[req.id]
         reason = req.finish_reason if finished_by_length else None
         if tok in self.eos and not req.params.ignore_eos:
             req.output_ids.pop()  # EOS ends the request and is not part of its text
@@ -194,9 +194,9 @@ class LLMEngine:
         done = reason is not None
         delta = ""
         if self.tokenizer is not None:
-            state.text, delta, stopped = text_delta(self.tokenizer, req.output_ids,
-                                                    state.stops, state.emitted, done)
-            state.emitted += len(delta)
+            req.text, delta, stopped = text_delta(self.tokenizer, req.output_ids,
+                                                  tuple(req.params.stop), req.emitted, done)
+            req.emitted += len(delta)
             if stopped:
                 reason, done = "stop", True
         if done:
@@ -205,40 +205,40 @@ class LLMEngine:
             req.finish_reason, req.finished_s = reason, now
         return RequestOutput(req.id, tok, delta, done, reason)
 
-    def text(self, request_id: str) -> str:
-        """The request's text so far (cut at a stop string)."""
-        return self._texts[request_id].text
-
-    def release(self, request_id: str) -> None:
-        """Forget a finished request's text state (the engine keeps nothing else)."""
-        self._texts.pop(request_id, None)
-
     # ---- drive to completion -----------------------------------------------------------
     def submit(self, prompts: Sequence[Sequence[int]],
                params: SamplingParams | Sequence[SamplingParams]
                ) -> tuple[list[Request], Iterator[list[tuple[int, RequestOutput]]]]:
-        """Queue every prompt now (all refused before any runs if one cannot fit); the
-        requests, and an iterator that steps the engine and yields, after each step, the
-        (prompt index, output) pairs of these requests. The scheduler keeps at most
-        runtime.max_batch of them running; other requests share the steps."""
+        """Queue every prompt now (all refused before any is queued if one cannot fit);
+        the requests, and an iterator that steps the engine and yields, after each step,
+        the (prompt index, output) pairs of these requests. Several iterators may be
+        consumed in turn: each keeps its own requests' outputs, whoever stepped. Closing
+        an iterator (or dropping it after it started) cancels what it has not finished."""
         per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per)} sampling params")
         for p, sp in zip(prompts, per):
             self.scheduler.check(len(p), sp)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
+        for r in reqs:
+            self._queues[r.id] = []
+        return reqs, self._drain(reqs)
 
-        def steps() -> Iterator[list[tuple[int, RequestOutput]]]:
-            index = {r.id: i for i, r in enumerate(reqs)}
-            try:
-                while any(not r.finished for r in reqs):
-                    mine = [(index[o.request_id], o) for o in self.step()
-                            if o.request_id in index]
-                    if mine:
-                        yield mine
-            finally:  # abandoned (an error, Ctrl-C, a closed stream): free the blocks
-                for r in reqs:
-                    if not r.finished:
-                        self.cancel(r.id)
-                    self.release(r.id)
-        return reqs, steps()
+    def _drain(self, reqs: list[Request]) -> Iterator[list[tuple[int, RequestOutput]]]:
+        index = {r.id: i for i, r in enumerate(reqs)}
+        try:
+            while True:
+                mine = [(index[rid], out) for rid in index for out in self._queues[rid]]
+                for rid in index:
+                    self._queues[rid].clear()
+                if mine:  # drained before the end check: another caller may have stepped
+                    yield sorted(mine, key=lambda pair: pair[0])
+                elif all(r.finished for r in reqs):
+                    return
+                else:
+                    self.step()
+        finally:  # abandoned (an error, Ctrl-C, a closed stream): free the blocks
+            for r in reqs:
+                if not r.finished:
+                    self.cancel(r.id)
+                self._queues.pop(r.id, None)

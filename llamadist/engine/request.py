@@ -41,6 +41,8 @@ class Request:
     first_token_s: float | None = None
     finished_s: float | None = None
     num_preemptions: int = 0
+    text: str = ""   # the engine's detokenized output so far (cut at a stop string)
+    emitted: int = 0  # characters of ``text`` already streamed
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -292,6 +292,13 @@ class Scheduler:
         return Chunk(req, start, n, sample=start + n == req.num_tokens)
 
     # ---- results of a step -------------------------------------------------------------
+    def abort(self, step: SchedulerStep) -> None:
+        """Forget a step that failed before its results came back: its requests are no
+        longer in flight, and since nothing advanced, scheduling them again recomputes
+        exactly the same chunks."""
+        for c in step.chunks:
+            self._in_flight.discard(c.request)
+
     def update(self, step: SchedulerStep, sampled: dict[str, int | None]) -> list[Request]:
         """Advance each chunk's request by its tokens, append the sampled token of each
         chunk with ``sample`` (``sampled[request.id]``), register newly full blocks in the

@@ -46,6 +46,8 @@ class AttentionGroup:
     q_len: int
     kv_len: int
     mask: torch.Tensor | None
+    fresh: bool = False  # one sequence's whole context is this chunk: causal SDPA on its
+    # own k/v, nothing to gather
 
 
 def _decode_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGroup:
@@ -93,12 +95,19 @@ def attention_groups(batch: PagedBatch) -> list[AttentionGroup]:
     groups = batch.cached.get("groups")
     if groups is None:
         decode = [s for s, n in enumerate(batch.query_lens) if n == 1]
-        prefill = [s for s, n in enumerate(batch.query_lens) if n > 1]
+        prefill = [s for s, n in enumerate(batch.query_lens) if n > 1 and batch.starts[s] > 0]
+        fresh = [s for s, n in enumerate(batch.query_lens) if n > 1 and batch.starts[s] == 0]
+        alone = len(batch.query_lens) == 1
         groups = []
         if decode:
-            groups.append(_decode_group(batch, decode, whole=not prefill))
+            groups.append(_decode_group(batch, decode, whole=not (prefill or fresh)))
         if prefill:
-            groups.append(_prefill_group(batch, prefill, whole=not decode))
+            groups.append(_prefill_group(batch, prefill, whole=not (decode or fresh)))
+        for s in fresh:  # a prompt's first chunk: flash-style causal attention, no gather
+            a, b = batch.query_start[s].item(), batch.query_start[s + 1].item()
+            tokens = None if alone else torch.arange(a, b, device=batch.device)
+            groups.append(AttentionGroup(tokens, None, batch.block_tables[:0], b - a, b - a,
+                                         None, fresh=True))
         batch.cached["groups"] = groups
     return groups
 
@@ -116,6 +125,17 @@ def gather(cache: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor
     s, _, mb = rows.shape
     blocks = cache.view(-1, bs, d)[rows]  # (S, H_kv, MB, bs, D)
     return blocks.view(s, h_kv, mb * bs, d)[:, :, :kv_len]
+
+
+def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One sequence whose context is exactly these T tokens: q (T, H, D), k/v (T, H_kv, D)
+    -> (T, H, D), causal, through SDPA's fused kernels (no mask tensor, no gather)."""
+    t, h, d = q.shape
+    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0),
+                                         k.transpose(0, 1).unsqueeze(0).to(q.dtype),
+                                         v.transpose(0, 1).unsqueeze(0).to(q.dtype),
+                                         is_causal=True, enable_gqa=h != k.shape[1])
+    return out[0].transpose(0, 1).reshape(t, h, d)
 
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -208,6 +228,8 @@ class PagedLayer:
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(n * h_kv, d).to(self.v.dtype))
         groups = attention_groups(self.batch)
         if len(groups) == 1 and groups[0].tokens is None:
+            if groups[0].fresh:
+                return fresh_attention(q, k, v)
             return group_attention(q, self.k, self.v, groups[0])
         kernel = self.decode_fn is not None and paged_kernel.usable(q, self.kv)
         out = torch.empty_like(q)
@@ -219,6 +241,9 @@ class PagedLayer:
                 part = self.decode_fn(q.index_select(0, tokens), k.index_select(0, tokens),
                                       v.index_select(0, tokens), self.kv, slots, tables,
                                       lens, splits)  # rewrites the same K/V: harmless
+            elif g.fresh:
+                part = fresh_attention(q.index_select(0, g.tokens), k.index_select(0, g.tokens),
+                                       v.index_select(0, g.tokens))
             else:
                 part = group_attention(q.index_select(0, g.tokens), self.k, self.v, g)
             out.index_copy_(0, g.tokens, part)

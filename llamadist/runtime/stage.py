@@ -93,6 +93,11 @@ class Stage:
     def forward(self, x: torch.Tensor, positions: torch.Tensor, start: Start,
                 mask: torch.Tensor | None, lane: int = 0, logits: str = "last",
                 timed: bool = False) -> torch.Tensor:
+        if lane >= len(self.caches):
+            raise RuntimeError(f"stage {self.layers.start}:{self.layers.stop} has "
+                               f"{len(self.caches)} static KV cache lanes (built for the "
+                               f"paged engine: use forward_paged, or build it with a static "
+                               f"cache)")
         t0 = time.perf_counter()
         # On the CPU a decode step runs each decoder layer as one C call where it applies.
         out = self.model(x, positions, self.caches[lane], start, mask, logits, self.layer_fn)

@@ -1,6 +1,8 @@
 """The engine loop: every request's tokens equal that request run alone, whatever arrives
 when, however few sequences may run at once, when blocks run out, with shared prefixes."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -122,7 +124,10 @@ def test_cancel_frees_blocks_and_others_continue(tiny_model, alone):
 def test_stop_string_and_text(tiny_model, alone):
     full = alone(PROMPTS[0], GREEDY)
     text = open_checkpoint(tiny_model).tokenizer().decode(full)
-    stop = text[len(text) // 2:len(text) // 2 + 3]
+    # 3 printable characters from the middle (fails, rather than skips, if there are none)
+    mid = next(i for i in range(len(text) // 2, len(text) - 2)
+               if text[i:i + 3].strip() and text[i:i + 3].isprintable())
+    stop = text[mid:mid + 3]
     engine = engine_for(tiny_model)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,))
     req = engine.add_request(engine.tokenizer.encode(PROMPTS[0]), params, "s")
@@ -131,7 +136,48 @@ def test_stop_string_and_text(tiny_model, alone):
         for out in engine.step():
             streamed += out.text
     assert req.finish_reason == "stop"
-    assert streamed == engine.text("s") == text[:text.find(stop)]
+    assert streamed == req.text == text[:text.find(stop)]
+
+
+def test_interleaved_submits_keep_their_outputs_and_cleanup(tiny_model, alone):
+    """Two submit() iterators consumed in turn: each gets all of its own outputs (whoever
+    stepped); closing one early cancels its unfinished request and frees its blocks."""
+    engine = engine_for(tiny_model, max_batch=4)
+    tok = engine.tokenizer
+    (a,), it_a = engine.submit([tok.encode(PROMPTS[0])], GREEDY)
+    (b,), it_b = engine.submit([tok.encode(PROMPTS[1])], GREEDY)
+    seen_a, seen_b = [], []
+    for step_a, step_b in itertools.zip_longest(it_a, it_b, fillvalue=[]):
+        seen_a += [o.token_id for _, o in step_a]
+        seen_b += [o.token_id for _, o in step_b]
+    assert seen_a == a.output_ids == alone(PROMPTS[0], GREEDY)
+    assert seen_b == b.output_ids == alone(PROMPTS[1], GREEDY)
+    (c,), it_c = engine.submit([tok.encode(PROMPTS[2])], GREEDY)
+    next(it_c)
+    it_c.close()
+    assert c.finish_reason == "cancelled" and engine.gauges()["kv_blocks_used"] == 0
+
+
+def test_eos_on_the_last_allowed_token_is_stop(tiny_model, alone):
+    """A token that is EOS and also the max_new_tokens-th: "stop", and not in the text."""
+    ref = alone(PROMPTS[3], GREEDY)
+    k = next(i for i in range(1, len(ref)) if ref[i] not in ref[:i])  # its first appearance
+    engine = engine_for(tiny_model)
+    engine.eos = {ref[k]}
+    req = engine.add_request(engine.tokenizer.encode(PROMPTS[3]),
+                             SamplingParams(max_new_tokens=k + 1), "e")
+    while engine.has_unfinished:
+        engine.step()
+    assert req.finish_reason == "stop" and req.output_ids == ref[:k]
+
+
+def test_seeded_sampling_survives_preemption(tiny_model, alone):
+    params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
+    engine = engine_for(tiny_model, max_batch=3, num_blocks=13, budget=16)
+    got = drive(engine, {0: [(str(i), PROMPTS[i], params) for i in range(3)]})
+    assert engine.scheduler.preemptions > 0
+    for i in range(3):
+        assert got[str(i)] == alone(PROMPTS[i], params)
 
 
 def test_a_request_too_large_is_refused_with_numbers(tiny_model):
@@ -155,7 +201,9 @@ def test_cli_prompts_file_with_max_batch_each_equal_alone(smollm2, tmp_path, cap
     assert main(["generate", str(smollm2), "--prompts-file", str(f), "--max-batch", "3",
                  *common]) == 0
     together = [json.loads(line)["token_ids"] for line in capsys.readouterr().out.splitlines()]
-    from llamadist.api import LLM
-    one = LLM(str(smollm2), max_batch=1, max_seq_len=256)  # one request at a time
-    alone = [one.generate(p, max_new_tokens=8)[0].token_ids for p in prompts]
+    # the reference: each prompt alone through the static path (another implementation)
+    static = Engine.load(str(smollm2), max_seq_len=256)
+    tok = open_checkpoint(smollm2).tokenizer()
+    alone = [generate(static, tok, [tok.encode(p)], SamplingParams(max_new_tokens=8))[0].token_ids
+             for p in prompts]
     assert together == alone and all(alone)
