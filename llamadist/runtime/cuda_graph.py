@@ -88,7 +88,50 @@ class _Bucket:
     out: torch.Tensor | None = None  # (N, 1, V) logits or (N, 1, D) hidden
 
 
-class StageDecoder:
+class GraphCapture:
+    """Warm-up and capture of one stage's decode step for one bucket, shared by the static
+    and the paged decoders. Subclasses provide ``_forward(bucket)``, ``layer_fn`` (a
+    compiled layer call, or None for the eager layers), ``pool``, ``stage`` and ``kind``
+    (for the log); a bucket has ``out``, ``graph`` and ``size``."""
+
+    kind = "decode"
+    prepare_s = 0.0
+
+    def _warmup(self, bk) -> None:
+        # Compilation and cuBLAS/attention workspace set-up must happen outside capture.
+        # Each run writes the same values into the same cache slot as the replay will.
+        for _ in range(WARMUP_STEPS):
+            try:
+                self._forward(bk)
+            except Exception as e:  # a compiler failure must not stop generation
+                if self.layer_fn is None:
+                    raise
+                log.warning("torch.compile of the %s decoder layer failed (%s: %s); "
+                            "capturing the eager layers instead", self.kind,
+                            type(e).__name__, e)
+                self.layer_fn = None
+                self._forward(bk)
+
+    def _capture(self, bk) -> None:
+        t0 = time.perf_counter()
+        with torch.cuda.device(self.stage.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._warmup(bk)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                bk.out = self._forward(bk)
+            graph.replay()
+        bk.graph = graph
+        self.prepare_s += time.perf_counter() - t0
+        log.info("captured %s graph: layers %d..%d on %s, bucket %d, %.1f s", self.kind,
+                 self.stage.layers.start, self.stage.layers.stop - 1, self.stage.device,
+                 bk.size, time.perf_counter() - t0)
+
+
+class StageDecoder(GraphCapture):
     """Static-shape decode of one stage; captured in CUDA graphs when on CUDA."""
 
     def __init__(self, stage: Stage, *, compile_layers: bool = True, capture: bool = True):
@@ -152,39 +195,6 @@ class StageDecoder:
         mask.masked_fill_(~visible.view(n, 1, 1, s), float("-inf"))
         return self.stage.model(bk.x, bk.positions, bk.cache, bk.start, mask,
                                 logits="last", layer_fn=self.layer_fn)
-
-    def _warmup(self, bk: _Bucket) -> None:
-        # Compilation and cuBLAS/attention workspace set-up must happen outside capture.
-        # Each run writes the same values into the same cache slot as the replay will.
-        for _ in range(WARMUP_STEPS):
-            try:
-                self._forward(bk)
-            except Exception as e:  # a compiler failure must not stop generation
-                if self.layer_fn is None:
-                    raise
-                log.warning("torch.compile of the decoder layer failed (%s: %s); capturing "
-                            "the eager layers instead", type(e).__name__, e)
-                self.layer_fn = None
-                self._forward(bk)
-
-    def _capture(self, bk: _Bucket) -> None:
-        t0 = time.perf_counter()
-        with torch.cuda.device(self.device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._warmup(bk)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                bk.out = self._forward(bk)
-            graph.replay()
-        bk.graph = graph
-        self.prepare_s += time.perf_counter() - t0
-        log.info("captured decode graph: layers %d..%d on %s, bucket %d, %.1f s",
-                 self.stage.layers.start, self.stage.layers.stop - 1, self.device, bk.size,
-                 time.perf_counter() - t0)
-
 
 class DecodeGraphs:
     """The engine's one-token decode through per-stage static steps (graphs on CUDA);

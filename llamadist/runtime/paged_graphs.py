@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamadist.runtime.cuda_graph import WARMUP_STEPS, bucket_sizes, compiled_layer_call
+from llamadist.runtime.cuda_graph import GraphCapture, bucket_sizes, compiled_layer_call
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage, sync
@@ -85,8 +85,10 @@ class PagedBucket:
     out: torch.Tensor | None = None  # (Nb, V) logits or (Nb, 1, D) hidden
 
 
-class PagedStageDecoder:
+class PagedStageDecoder(GraphCapture):
     """One stage's paged decode step per bucket, captured on the bucket's first step."""
+
+    kind = "paged decode"
 
     def __init__(self, stage: Stage, max_blocks: int, *, compile_layers: bool = True,
                  capture: bool = True):
@@ -133,38 +135,6 @@ class PagedStageDecoder:
         return st.model(bk.x, bk.batch.positions.view(bk.size, 1), PagedStep(st.paged, bk.batch),
                         0, None, "last", self.layer_fn,
                         logits_index=bk.batch.last_token_index)
-
-    def _warmup(self, bk: PagedBucket) -> None:
-        # Compilation and workspace set-up outside capture; each run writes the same K/V
-        # into the same slots as the replay that follows.
-        for _ in range(WARMUP_STEPS):
-            try:
-                self._forward(bk)
-            except Exception as e:  # a compiler failure must not stop generation
-                if self.layer_fn is None:
-                    raise
-                log.warning("torch.compile of the paged decoder layer failed (%s: %s); "
-                            "capturing the eager layers instead", type(e).__name__, e)
-                self.layer_fn = None
-                self._forward(bk)
-
-    def _capture(self, bk: PagedBucket) -> None:
-        t0 = time.perf_counter()
-        with torch.cuda.device(self.stage.device):
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._warmup(bk)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
-                bk.out = self._forward(bk)
-            graph.replay()
-        bk.graph = graph
-        self.prepare_s += time.perf_counter() - t0
-        log.info("captured paged decode graph: layers %d..%d on %s, bucket %d, %.1f s",
-                 self.stage.layers.start, self.stage.layers.stop - 1, self.stage.device,
-                 bk.size, time.perf_counter() - t0)
 
 
 class PagedGraphs:
