@@ -86,6 +86,15 @@ def _prefill_group(batch: PagedBatch, seqs: list[int], whole: bool) -> Attention
                           mask.unsqueeze(1))
 
 
+def _fresh_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGroup:
+    """Sequences whose context is exactly this step's chunk (start 0): right-padded to the
+    longest, so plain causal attention is exact for every real token (a padded key sits
+    after every real query)."""
+    g = _prefill_group(batch, seqs, whole)
+    return AttentionGroup(g.tokens, g.pad_index, g.block_tables, g.q_len, g.q_len, None,
+                          fresh=True)
+
+
 def _blocks(kv_len: int, batch: PagedBatch) -> int:
     return -(-kv_len // batch.block_size)
 
@@ -97,17 +106,13 @@ def attention_groups(batch: PagedBatch) -> list[AttentionGroup]:
         decode = [s for s, n in enumerate(batch.query_lens) if n == 1]
         prefill = [s for s, n in enumerate(batch.query_lens) if n > 1 and batch.starts[s] > 0]
         fresh = [s for s, n in enumerate(batch.query_lens) if n > 1 and batch.starts[s] == 0]
-        alone = len(batch.query_lens) == 1
         groups = []
         if decode:
             groups.append(_decode_group(batch, decode, whole=not (prefill or fresh)))
         if prefill:
             groups.append(_prefill_group(batch, prefill, whole=not (decode or fresh)))
-        for s in fresh:  # a prompt's first chunk: flash-style causal attention, no gather
-            a, b = batch.query_start[s].item(), batch.query_start[s + 1].item()
-            tokens = None if alone else torch.arange(a, b, device=batch.device)
-            groups.append(AttentionGroup(tokens, None, batch.block_tables[:0], b - a, b - a,
-                                         None, fresh=True))
+        if fresh:  # prompts' first chunks: causal attention on their own K/V, no gather
+            groups.append(_fresh_group(batch, fresh, whole=len(fresh) == len(batch.query_lens)))
         batch.cached["groups"] = groups
     return groups
 
@@ -127,15 +132,24 @@ def gather(cache: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor
     return blocks.view(s, h_kv, mb * bs, d)[:, :, :kv_len]
 
 
-def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """One sequence whose context is exactly these T tokens: q (T, H, D), k/v (T, H_kv, D)
-    -> (T, H, D), causal, through SDPA's fused kernels (no mask tensor, no gather)."""
-    t, h, d = q.shape
-    out = F.scaled_dot_product_attention(q.transpose(0, 1).unsqueeze(0),
-                                         k.transpose(0, 1).unsqueeze(0).to(q.dtype),
-                                         v.transpose(0, 1).unsqueeze(0).to(q.dtype),
-                                         is_causal=True, enable_gqa=h != k.shape[1])
-    return out[0].transpose(0, 1).reshape(t, h, d)
+def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                    g: AttentionGroup) -> torch.Tensor:
+    """Sequences whose context is exactly their chunk: q (N_g, H, D), k/v (N_g, H_kv, D),
+    right-padded to (S_g, T) -> (N_g, H, D), causal, through SDPA's fused kernels (no
+    mask tensor, nothing gathered from the cache)."""
+    n, h, d = q.shape
+    s = len(g.block_tables)  # S_g (the tables only count the sequences here)
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # (N_g, H_x, D) -> (S_g, H_x, T, D)
+        if g.pad_index is not None:
+            x = x.new_zeros(s * g.q_len, x.shape[1], d).index_copy_(0, g.pad_index, x)
+        return x.view(s, g.q_len, x.shape[1], d).transpose(1, 2)
+
+    out = F.scaled_dot_product_attention(padded(q), padded(k.to(q.dtype)),
+                                         padded(v.to(q.dtype)), is_causal=True,
+                                         enable_gqa=h != k.shape[1])
+    out = out.transpose(1, 2).reshape(s * g.q_len, h, d)
+    return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
 
 def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -229,7 +243,7 @@ class PagedLayer:
         groups = attention_groups(self.batch)
         if len(groups) == 1 and groups[0].tokens is None:
             if groups[0].fresh:
-                return fresh_attention(q, k, v)
+                return fresh_attention(q, k, v, groups[0])
             return group_attention(q, self.k, self.v, groups[0])
         kernel = self.decode_fn is not None and paged_kernel.usable(q, self.kv)
         out = torch.empty_like(q)
@@ -243,7 +257,7 @@ class PagedLayer:
                                       lens, splits)  # rewrites the same K/V: harmless
             elif g.fresh:
                 part = fresh_attention(q.index_select(0, g.tokens), k.index_select(0, g.tokens),
-                                       v.index_select(0, g.tokens))
+                                       v.index_select(0, g.tokens), g)
             else:
                 part = group_attention(q.index_select(0, g.tokens), self.k, self.v, g)
             out.index_copy_(0, g.tokens, part)
