@@ -173,8 +173,10 @@ class LLMEngine:
         if not rows:
             return {}
         reqs = [chunks[i].request for i in rows]
-        sampler = make_sampler([r.all_ids for r in reqs], [r.params for r in reqs],
-                               [r.seed for r in reqs], logits.shape[-1], logits.device)
+        # the tokens seen so far matter only to a repetition penalty: build them only then
+        seen = [r.all_ids if r.params.repetition_penalty != 1.0 else [] for r in reqs]
+        sampler = make_sampler(seen, [r.params for r in reqs], [r.seed for r in reqs],
+                               logits.shape[-1], logits.device)
         # Step k of a request is its k-th sampled token, wherever and however it ran.
         sampler.steps = torch.tensor([len(r.output_ids) for r in reqs], device=logits.device)
         ids = sampler.sample(logits[rows]).tolist()

@@ -106,7 +106,7 @@ def seen_mask(prompts: list[list[int]], vocab: int, device: torch.device) -> tor
     """(B, V) bool: the tokens each prompt already holds, for the repetition penalty."""
     seen = torch.zeros(len(prompts), vocab, dtype=torch.bool, device=device)
     for i, ptoks in enumerate(prompts):
-        seen[i, torch.tensor(ptoks, device=device)] = True
+        seen[i, torch.tensor(ptoks, dtype=torch.long, device=device)] = True
     return seen
 
 

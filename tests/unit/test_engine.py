@@ -180,6 +180,15 @@ def test_seeded_sampling_survives_preemption(tiny_model, alone):
         assert got[str(i)] == alone(PROMPTS[i], params)
 
 
+def test_a_penalised_request_beside_a_plain_one(tiny_model, alone):
+    """Only the row that asks for a repetition penalty gets it, as when alone."""
+    pen = SamplingParams(max_new_tokens=12, repetition_penalty=3.0, ignore_eos=True)
+    engine = engine_for(tiny_model, max_batch=2)
+    got = drive(engine, {0: [("p", PROMPTS[0], pen), ("g", PROMPTS[1], GREEDY)]})
+    assert got["p"] == alone(PROMPTS[0], pen) != alone(PROMPTS[0], GREEDY)
+    assert got["g"] == alone(PROMPTS[1], GREEDY)
+
+
 def test_a_request_too_large_is_refused_with_numbers(tiny_model):
     engine = engine_for(tiny_model)
     with pytest.raises(ValueError, match=str(MAX_SEQ)):
