@@ -97,6 +97,17 @@ class GraphCapture:
     kind = "decode"
     prepare_s = 0.0
 
+    def run(self, bk) -> torch.Tensor:
+        """The loaded bucket's step: replayed once captured, captured on its first run
+        when capturing, else run eagerly -> its whole output."""
+        if bk.graph is not None:
+            bk.graph.replay()
+        elif self.capture and bk.out is None:
+            self._capture(bk)
+        else:
+            bk.out = self._forward(bk)
+        return bk.out
+
     def _warmup(self, bk) -> None:
         # Compilation and cuBLAS/attention workspace set-up must happen outside capture.
         # Each run writes the same values into the same cache slot as the replay will.
@@ -177,13 +188,7 @@ class StageDecoder(GraphCapture):
 
     def step(self, bk: _Bucket, b: int) -> torch.Tensor:
         """Run (replay) the step for the loaded bucket -> rows [:b] of its output."""
-        if bk.graph is not None:
-            bk.graph.replay()
-        elif self.capture and bk.out is None:
-            self._capture(bk)
-        else:
-            bk.out = self._forward(bk)
-        return bk.out[:b]
+        return self.run(bk)[:b]
 
     def _forward(self, bk: _Bucket) -> torch.Tensor:
         n, s = bk.size, self.stage.max_seq_len

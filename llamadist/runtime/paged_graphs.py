@@ -122,13 +122,7 @@ class PagedStageDecoder(GraphCapture):
 
     def step(self, bk: PagedBucket) -> torch.Tensor:
         """Run (replay) the loaded bucket -> its whole output (Nb rows)."""
-        if bk.graph is not None:
-            bk.graph.replay()
-        elif self.capture and bk.out is None:
-            self._capture(bk)
-        else:
-            bk.out = self._forward(bk)
-        return bk.out
+        return self.run(bk)
 
     def _forward(self, bk: PagedBucket) -> torch.Tensor:
         st = self.stage
