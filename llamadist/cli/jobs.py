@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import dataclass, replace
 
 from llamadist.cli.args import read_lines, read_prompts, runtime_config, sampling_params
@@ -104,3 +105,4 @@ def print_sequences(args: argparse.Namespace, prompts: list[str], seqs: list[dic
     else:
         for i, (prompt, s) in enumerate(zip(prompts, seqs)):
             print(f"--- [{i}] {prompt}\n{s['text']}")
+    sys.stdout.flush()  # the text before the statistics that follow on stderr
