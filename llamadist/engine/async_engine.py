@@ -1,0 +1,159 @@
+"""The engine driven by one background thread, for callers on other threads or in asyncio
+(the HTTP server): ``submit`` returns a stream of a request's outputs that can be iterated
+(blocking) or async-iterated, and cancelled. The thread alone touches the LLMEngine:
+submissions and cancellations reach it through a command queue, between steps.
+
+    engine = AsyncEngine(llm.llm_engine)
+    stream = engine.submit(prompt_ids, SamplingParams(max_new_tokens=32))
+    async for out in stream:          # or: for out in stream
+        print(out.text, end="")
+    engine.shutdown()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Sequence
+
+from llamadist.engine.engine import LLMEngine, RequestOutput
+from llamadist.engine.request import Request
+from llamadist.generation.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+_END = object()  # a stream's last item
+
+
+class RequestStream:
+    """One request's outputs as they come: ``for out in stream`` or ``async for``; the
+    engine's error, if it failed, is raised to the reader. ``request`` is filled in once
+    the engine thread queued it."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str):
+        self.request_id = request_id
+        self.request: Request | None = None
+        self._engine = engine
+        self._items: queue.Queue = queue.Queue()
+        self._done = False
+
+    def _put(self, item) -> None:
+        self._items.put(item)
+
+    def _next(self, item) -> RequestOutput:
+        if item is _END:
+            self._done = True
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        return item
+
+    def __iter__(self) -> "RequestStream":
+        return self
+
+    def __next__(self) -> RequestOutput:
+        if self._done:
+            raise StopIteration
+        return self._next(self._items.get())
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        item = await asyncio.get_running_loop().run_in_executor(None, self._items.get)
+        try:
+            return self._next(item)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+    def cancel(self) -> None:
+        """Stop the request and free its KV blocks (the stream then ends)."""
+        self._engine._commands.put(("cancel", self.request_id))
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.Queue = queue.Queue()
+        self._streams: dict[str, RequestStream] = {}
+        self._ids = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="llamadist-engine",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+               request_id: str | None = None) -> RequestStream:
+        """Queue a request from any thread; refused at once (ValueError with the numbers)
+        if it alone cannot fit, or if the engine has stopped."""
+        if self._stop.is_set():
+            raise RuntimeError(f"the engine has stopped ({self.error or 'shut down'})")
+        self.engine.scheduler.check(len(prompt_ids), params)  # reads fixed sizes only
+        with self._lock:
+            if request_id is None:
+                self._ids += 1
+                request_id = f"async-{self._ids}"
+        stream = RequestStream(self, request_id)
+        self._commands.put(("add", (stream, list(prompt_ids), params)))
+        return stream
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the thread; unfinished requests are cancelled and their streams end."""
+        self._stop.set()
+        self._commands.put(("wake", None))
+        self._thread.join(timeout)
+
+    # ---- the engine thread -------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self._apply_commands(block=not self.engine.has_unfinished)
+                if self.engine.has_unfinished:
+                    for out in self.engine.step():
+                        self._deliver(out)
+        except BaseException as e:  # noqa: BLE001 - every reader learns why, then we stop
+            log.exception("the engine thread failed")
+            self.error = e
+            self._stop.set()
+        finally:
+            for rid, stream in list(self._streams.items()):
+                self.engine.cancel(rid)
+                stream._put(self.error if self.error else _END)
+            self._streams.clear()
+
+    def _apply_commands(self, block: bool) -> None:
+        try:
+            kind, arg = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if kind == "add":
+                stream, prompt_ids, params = arg
+                try:
+                    stream.request = self.engine.add_request(prompt_ids, params,
+                                                             stream.request_id)
+                    self._streams[stream.request_id] = stream
+                except ValueError as e:  # e.g. an id already in use: that reader learns it
+                    stream._put(e)
+            elif kind == "cancel" and arg in self._streams:
+                self.engine.cancel(arg)
+                self._streams.pop(arg)._put(_END)
+            try:
+                kind, arg = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, out: RequestOutput) -> None:
+        stream = self._streams.get(out.request_id)
+        if stream is None:
+            return
+        stream._put(out)
+        if out.finished:
+            stream._put(_END)
+            del self._streams[out.request_id]
