@@ -12,27 +12,10 @@ the fastest link), then pipeline stages, then replicas:
 
 from __future__ import annotations
 
+# The process count from the grid (and back) is planning's arithmetic too: one copy.
+from llamadist.planning.checks import GridError, grid_size
 
-class GridError(ValueError):
-    """A (pp, tp, dp) grid that does not fit the number of processes."""
-
-
-def grid_size(nproc: int | None, pp: int | None, tp: int, dp: int) -> tuple[int, int]:
-    """-> (nproc, pp), filling in whichever was not given, or raise GridError."""
-    for name, v in (("tp", tp), ("dp", dp), ("pp", pp), ("nproc", nproc)):
-        if v is not None and v < 1:
-            raise GridError(f"--{name} must be >= 1, got {v}")
-    if pp is None:
-        if nproc is None:
-            return tp * dp, 1
-        if nproc % (tp * dp):
-            raise GridError(f"--nproc {nproc} does not divide by tp={tp} x dp={dp} = {tp * dp}")
-        pp = nproc // (tp * dp)
-    total = pp * tp * dp
-    if nproc is not None and nproc != total:
-        raise GridError(f"--nproc {nproc} with pp={pp} x tp={tp} x dp={dp} = {total}: the grid "
-                        f"must multiply to the number of processes")
-    return total, pp
+__all__ = ["GridError", "coords", "grid_size", "group_ranks", "rank_of"]
 
 
 def coords(rank: int, pp: int, tp: int, dp: int) -> tuple[int, int, int]:

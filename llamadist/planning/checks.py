@@ -13,6 +13,29 @@ from llamadist.planning.units import PlanningError, format_bytes
 
 
 # ---- the process grid ----------------------------------------------------
+class GridError(PlanningError):
+    """A (pp, tp, dp) grid that does not fit the number of processes."""
+
+
+def grid_size(nproc: int | None, pp: int | None, tp: int, dp: int) -> tuple[int, int]:
+    """-> (nproc, pp), filling in whichever was not given, or raise GridError."""
+    for name, v in (("tp", tp), ("dp", dp), ("pp", pp), ("nproc", nproc)):
+        if v is not None and v < 1:
+            raise GridError(f"--{name} must be >= 1, got {v}")
+    if pp is None:
+        if nproc is None:
+            return tp * dp, 1
+        if nproc % (tp * dp):
+            raise GridError(f"--nproc {nproc} does not divide by tp={tp} x dp={dp} = "
+                            f"{tp * dp}: give --nproc a multiple of {tp * dp}")
+        pp = nproc // (tp * dp)
+    total = pp * tp * dp
+    if nproc is not None and nproc != total:
+        raise GridError(f"--nproc {nproc} with pp={pp} x tp={tp} x dp={dp} = {total}: the grid "
+                        f"must multiply to the number of processes")
+    return total, pp
+
+
 def grid_problems(num_layers: int, nproc: int | None, pp: int, tp: int = 1, dp: int = 1,
                   config: ModelConfig | None = None) -> list[str]:
     """Why a grid of ``pp`` stages x ``tp`` x ``dp`` on ``nproc`` processes (None: not
@@ -42,17 +65,8 @@ def check_grid(config: ModelConfig, nproc: int | None, pp: int | None, tp: int =
     """-> (nproc, pp, tp, dp) with ``nproc`` or ``pp`` filled in when not given, or raise
     PlanningError naming every problem (tp against the heads, pp against the layers,
     nproc against pp x tp x dp)."""
-    for name, v in (("tp", tp), ("dp", dp)):
-        if v < 1:
-            raise PlanningError(f"--{name} must be >= 1, got {v}")
-    if pp is None:
-        if nproc is None:
-            pp = 1
-        elif nproc % (tp * dp):
-            raise PlanningError(f"--nproc {nproc} does not divide by tp={tp} x dp={dp} = "
-                                f"{tp * dp}: give --nproc a multiple of {tp * dp}")
-        else:
-            pp = nproc // (tp * dp)
+    if pp is None:  # filled in from nproc (GridError when it does not divide)
+        _, pp = grid_size(nproc, None, tp, dp)
     problems = grid_problems(config.num_layers, nproc, pp, tp, dp, config)
     if problems:
         raise PlanningError("; ".join(problems))
