@@ -166,10 +166,15 @@ class ModelConfig:
         return cls(**d)
 
 
+def gpu_flags(devices: str | list[str]) -> list[bool]:
+    """Whether each device of "cuda:0,cpu" (or a list of names) is a GPU."""
+    names = devices.split(",") if isinstance(devices, str) else devices
+    return [d.strip().startswith("cuda") for d in names]
+
+
 def default_dtype(devices: str | list[str]) -> str:
     """bfloat16 when every device is a GPU, else float32: one rule for planning and running."""
-    names = devices.split(",") if isinstance(devices, str) else devices
-    return "bfloat16" if all(d.strip().startswith("cuda") for d in names) else "float32"
+    return "bfloat16" if all(gpu_flags(devices)) else "float32"
 
 
 # The KV-cache length when neither the user nor the request says: the model's context, capped.
@@ -245,15 +250,12 @@ class RuntimeConfig:
     def batch_tokens_for(self, devices: str | list[str]) -> int:
         if self.max_batch_tokens is not None:
             return max(self.max_batch, self.max_batch_tokens)
-        names = devices.split(",") if isinstance(devices, str) else devices
-        gpu = any(d.strip().startswith("cuda") for d in names)
-        return max(self.max_batch, 8192 if gpu else 2048)
+        return max(self.max_batch, 8192 if any(gpu_flags(devices)) else 2048)
 
     def block_size_for(self, devices: str | list[str]) -> int:
         if self.kv_block_size is not None:
             return self.kv_block_size
-        names = devices.split(",") if isinstance(devices, str) else devices
-        return 16 if any(d.strip().startswith("cuda") for d in names) else 128
+        return 16 if any(gpu_flags(devices)) else 128
 
     def seq_len_for(self, context: int, needed: int | None = None) -> int:
         """The KV-cache length for a model of ``context`` positions serving requests that
