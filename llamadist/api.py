@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -102,18 +102,27 @@ class LLM:
         pairs. Requests are batched continuously, at most runtime.max_batch at once."""
         return self.llm_engine.submit(prompts, self._params(params, overrides))
 
+    def run(self, prompts: list[list[int]],
+            params: SamplingParams | list[SamplingParams] | None = None,
+            on_output: Callable[[int, RequestOutput], None] | None = None, **overrides
+            ) -> tuple[list[Request], dict]:
+        """Run tokenized prompts to completion (``on_output(index, output)`` sees each
+        output as it comes): the finished requests (text in ``request.text``) and the
+        run's statistics (engine.run_stats)."""
+        t0 = time.perf_counter()
+        reqs, steps = self.submit(prompts, params, **overrides)
+        for step in steps:
+            if on_output is not None:
+                for i, out in step:
+                    on_output(i, out)
+        return reqs, run_stats(reqs, time.perf_counter() - t0)
+
     def generate(self, prompts: str | list[str], params: SamplingParams | None = None,
                  **overrides) -> list[GenerationResult]:
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        t0 = time.perf_counter()
-        reqs, steps = self.submit([self.encode(p) for p in prompts], params, **overrides)
-        texts = [""] * len(reqs)
-        for step in steps:
-            for i, out in step:
-                texts[i] += out.text
-        stats = run_stats(reqs, time.perf_counter() - t0)
-        return [GenerationResult(r.prompt_ids, r.output_ids, text, r.finish_reason, stats,
-                                 r.seed) for r, text in zip(reqs, texts)]
+        reqs, stats = self.run([self.encode(p) for p in prompts], params, **overrides)
+        return [GenerationResult(r.prompt_ids, r.output_ids, r.text, r.finish_reason, stats,
+                                 r.seed) for r in reqs]
 
     def stream(self, prompt: str | list[dict[str, str]], params: SamplingParams | None = None,
                **overrides) -> Iterator[str]:

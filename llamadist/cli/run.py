@@ -7,13 +7,12 @@ import argparse
 import json
 import os
 import sys
-import time
 from dataclasses import replace
 
 from llamadist.cli.args import in_worker
 from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
 from llamadist.cli.layout import LAYOUT_ENV
-from llamadist.engine.engine import EngineStats, run_stats
+from llamadist.engine.engine import EngineStats
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
@@ -64,26 +63,16 @@ def load_llm(job: Job, ckpt, tok, progress: bool = False):
     return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress)
 
 
-def _stream(llm, job: Job, echo: bool) -> tuple[list, list[str], dict]:
-    """Run the job's prompts through the engine: requests, texts, run statistics."""
-    t0 = time.perf_counter()
-    reqs, steps = llm.submit(job.encoded, job.params)
-    texts = [""] * len(reqs)
-    for step in steps:
-        for i, out in step:
-            texts[i] += out.text
-            if echo:
-                sys.stdout.write(out.text)
-        if echo:
-            sys.stdout.flush()
-    return reqs, texts, run_stats(reqs, time.perf_counter() - t0)
+def _echo(_: int, out) -> None:
+    sys.stdout.write(out.text)
+    sys.stdout.flush()
 
 
 def _generate(args: argparse.Namespace, job: Job, llm) -> int:
     streaming = len(job.prompts) == 1 and not args.json
-    reqs, texts, stats = _stream(llm, job, streaming)
-    seqs = [{"prompt_token_ids": r.prompt_ids, "token_ids": r.output_ids, "text": text,
-             "finish_reason": r.finish_reason, "seed": r.seed} for r, text in zip(reqs, texts)]
+    reqs, stats = llm.run(job.encoded, job.params, _echo if streaming else None)
+    seqs = [{"prompt_token_ids": r.prompt_ids, "token_ids": r.output_ids, "text": r.text,
+             "finish_reason": r.finish_reason, "seed": r.seed} for r in reqs]
     print_sequences(args, job.prompts, seqs, stats, streaming)
     print(f"prefill {stats['prefill_s'] * 1e3:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} "
           f"tokens/s, {stats['tokens_per_s']:.1f} output tokens/s overall "
@@ -121,12 +110,12 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     vocab = llm.config.vocab_size
     warm = replace(job, encoded=[[(t + 1) % vocab for t in p] for p in job.encoded],
                    params=replace(job.params, max_new_tokens=3))
-    _stream(llm, warm, False)
+    llm.run(warm.encoded, warm.params)
     for s in llm.engine.stages:
         s.stats = replace(s.stats, compute_s=0.0, transfer_s=0.0, bytes_in=0, calls=0)
     llm.llm_engine.stats = EngineStats()
     llm.llm_engine.scheduler.preemptions = 0
-    reqs, _, st = _stream(llm, job, False)
+    _, st = llm.run(job.encoded, job.params)
     wall = st["wall_s"]
     report = {"batch": len(job.encoded), "prompt_tokens": st["prompt_tokens"],
               "gen_len": args.gen_len, "load_s": load_s, "prefill_s": st["prefill_s"],
