@@ -1,15 +1,15 @@
-"""Pipeline over processes: a batch of prompts through 2 processes with and without
-micro-batching, against one process, in the same run on the same machine.
+"""Pipeline over processes: a batch of prompts through 2 processes (the engine keeps one
+step per stage in flight), against one process, in the same run on the same machine.
 
     python benchmarks/pipeline_cpu.py [--model smollm2-135m] [--batch 8] [--gen-len 32]
-                                      [--micro-batches 1,2,4] [--device cpu|cuda]
+                                      [--max-batch 4,8] [--device cpu|cuda]
     python benchmarks/pipeline_cpu.py --random 512:8     # a random model, hidden 512, 8 layers
 
 One process runs the in-process Engine with every core; each of the 2 pipeline processes
 gets half of the cores (OMP_NUM_THREADS), so the comparison spends the same hardware.
-Pipeline runs go through `llamadist bench --nproc 2 --json` (one warm-up request, then the
-timed one) and report each stage's busy time; the bubble is the idle share of the stages'
-time over the whole request (prefill, decode, fill and drain).
+Every run goes through `llamadist bench --json` (one warm-up, then the timed run); the
+pipeline runs report each stage's busy time; the bubble is the idle share of the stages'
+time over the whole run (prefill, decode, fill and drain).
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -64,54 +63,25 @@ def random_model(folder: Path, hidden: int, layers: int) -> Path:
     return folder
 
 
-def prompts_for(model: str, batch: int, prompt_len: int) -> list[list[int]]:
-    # The same prompts `llamadist bench` builds, so every run sees identical work.
-    from llamadist.weights.checkpoint import open_checkpoint
-    tok = open_checkpoint(model).tokenizer()
-    base = tok.encode("The history of distributed computing begins with " * 64)
-    return [base[i:i + prompt_len] for i in range(batch)]
-
-
-def one_process(model: str, args: argparse.Namespace, device: str) -> dict:
-    """The in-process Engine, one stage, all cores: warm-up, then one timed request."""
-    from llamadist.config import default_dtype
-    from llamadist.generation.generate import Generator
-    from llamadist.generation.sampling import SamplingParams
-    from llamadist.runtime.engine import Engine
-    from llamadist.runtime.stage import sync
-    enc = prompts_for(model, args.batch, args.prompt_len)
-    max_seq = (args.prompt_len + args.gen_len + 255) // 256 * 256
-    engine = Engine.load(model, devices=[device], dtype=default_dtype([device]),
-                         max_batch=args.batch, max_seq_len=max_seq)
-    engine.timed = True
-    for gen_len in (2, args.gen_len):  # warm-up, then timed
-        gen = Generator(engine, None, SamplingParams(max_new_tokens=gen_len, ignore_eos=True))
-        t0 = time.perf_counter()
-        for _ in gen.stream(enc):
-            pass
-        sync(engine.device)
-        wall = time.perf_counter() - t0
-    st = gen.stats
-    return {"run": "1 process", "processes": 1, "micro_batches": 1, "wall_s": wall,
-            "tokens_per_s": args.batch * args.gen_len / wall, "prefill_s": st.prefill_s,
-            "decode_tokens_per_s": st.decode_tokens_per_s, "busy": [1.0], "bubble": 0.0}
-
-
-def pipeline(model: str, args: argparse.Namespace, micro: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, args.threads // 2)))
-    cmd = [sys.executable, "-m", "llamadist", "bench", model, "--nproc", "2", "--micro-batches",
-           str(micro), "--batch", str(args.batch), "--prompt-len", str(args.prompt_len),
-           "--gen-len", str(args.gen_len), "--devices", args.device, "--strategy",
-           args.strategy, "--json"]
+def bench(model: str, args: argparse.Namespace, nproc: int, max_batch: int) -> dict:
+    """`llamadist bench --json` (a warm-up, then the timed run, through the engine) in one
+    process with every core, or over 2 processes with half of the cores each."""
+    threads = args.threads if nproc == 1 else max(1, args.threads // 2)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    cmd = [sys.executable, "-m", "llamadist", "bench", model, "--batch", str(args.batch),
+           "--max-batch", str(max_batch), "--prompt-len", str(args.prompt_len),
+           "--gen-len", str(args.gen_len), "--devices", args.device, "--json"]
+    if nproc > 1:
+        cmd += ["--nproc", str(nproc), "--strategy", args.strategy]
     out = subprocess.run(cmd, cwd=ROOT, env=env, text=True, capture_output=True, timeout=900)
     if out.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr}")
     rep = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"run": f"2 processes, {micro} micro-batch{'es' if micro > 1 else ''}",
-            "processes": 2, "micro_batches": rep["micro_batches"], "wall_s": rep["wall_s"],
-            "tokens_per_s": rep["tokens_per_s"], "prefill_s": rep["prefill_s"],
-            "decode_tokens_per_s": rep["decode_tokens_per_s"],
-            "busy": [r["busy"] for r in rep["ranks"]], "bubble": rep["bubble"]}
+    busy = [s["busy"] for s in rep["stages"]] if nproc > 1 else [1.0]
+    return {"run": f"{nproc} process{'es' if nproc > 1 else ''}, at most {max_batch} at once",
+            "wall_s": rep["wall_s"], "tokens_per_s": rep["tokens_per_s"],
+            "prefill_s": rep["prefill_s"], "decode_tokens_per_s": rep["decode_tokens_per_s"],
+            "busy": busy, "bubble": 1 - sum(busy) / len(busy)}
 
 
 def table(rows: list[dict]) -> str:
@@ -134,7 +104,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=32)
     ap.add_argument("--gen-len", type=int, default=32)
-    ap.add_argument("--micro-batches", default="1,2,4")
+    ap.add_argument("--max-batch", default="4,8", help="sequences at once (the scheduler "
+                    "keeps one step per stage in flight, each with a share of them)")
     ap.add_argument("--strategy", default="compute", help="how the planner cuts the layers "
                     "(compute balances the head's cost against the layers')")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -145,9 +116,8 @@ def main() -> None:
         hidden, layers = (int(x) for x in args.random.split(":"))
         model = str(random_model(Path(tempfile.mkdtemp()) / "random", hidden, layers))
     torch.set_num_threads(args.threads)
-    dev = "cuda:0" if args.device == "cuda" else "cpu"
-    rows = [one_process(model, args, dev)]
-    rows += [pipeline(model, args, int(m)) for m in args.micro_batches.split(",")]
+    rows = [bench(model, args, 1, args.batch)]
+    rows += [bench(model, args, 2, int(m)) for m in args.max_batch.split(",")]
     name = args.random and f"random hidden {args.random.replace(':', ', layers ')}" or args.model
     print(f"# pipeline over processes: {name}, batch {args.batch}, prompt {args.prompt_len}, "
           f"{args.gen_len} new tokens each, {args.device}, strategy {args.strategy}")

@@ -82,6 +82,25 @@ class LLM:
         self.engine = build_engine(self.ckpt, layout, runtime, progress=progress,
                                    static_cache=False)
         self.llm_engine = LLMEngine(self.engine, self.tokenizer, runtime)
+        self._stage_stats = self.engine.stage_stats
+
+    @classmethod
+    def over(cls, llm_engine: LLMEngine, ckpt: Checkpoint, tokenizer: Tokenizer,
+             runtime: RuntimeConfig, layout: Layout,
+             stage_stats: Callable[[], list[dict]]) -> "LLM":
+        """The same API over an engine built elsewhere (rank 0 of a multi-process run,
+        whose executors drive the worker ranks); ``stage_stats`` reports every stage."""
+        self = cls.__new__(cls)
+        self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, tokenizer
+        self.runtime, self.layout, self.max_seq_len = runtime, layout, runtime.max_seq_len
+        self.dtype = runtime.dtype_for(list(layout.devices))
+        self.engine, self.llm_engine, self._stage_stats = None, llm_engine, stage_stats
+        return self
+
+    def stage_stats(self) -> list[dict]:
+        """Per stage (per rank over processes): layers, device, compute seconds, bytes in,
+        load seconds."""
+        return self._stage_stats()
 
     def _params(self, params: SamplingParams | list[SamplingParams] | None,
                 overrides: dict) -> SamplingParams | list[SamplingParams]:

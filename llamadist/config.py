@@ -198,8 +198,6 @@ class RuntimeConfig:
                      at least max_batch, so every running sequence can always decode; None:
                      8192 with GPUs, whose matmuls want long chunks, 2048 on CPUs only)
     dtype            weights and activations (None: bfloat16 on all-GPU layouts, else float32)
-    micro_batches    micro-batches in flight through a multi-process pipeline (None: the
-                     number of stages, at most one per sequence)
     cuda_graphs      decode through captured CUDA graphs on CUDA devices
     compile          torch.compile the decoder layers inside the graphs
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
@@ -214,7 +212,6 @@ class RuntimeConfig:
     max_batch: int = 8
     max_batch_tokens: int | None = None
     dtype: str | None = None
-    micro_batches: int | None = None
     cuda_graphs: bool = True
     compile: bool = True
     cpu_kernels: bool = True
@@ -233,8 +230,6 @@ class RuntimeConfig:
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16 or "
                               f"float16")
-        if self.micro_batches is not None and self.micro_batches < 1:
-            raise ConfigError(f"--micro-batches must be >= 1, got {self.micro_batches}")
         if self.decode_attention not in DECODE_ATTENTION_CHOICES:
             raise ConfigError(f"decode_attention must be one of "
                               f"{', '.join(DECODE_ATTENTION_CHOICES)}, got "
@@ -269,9 +264,6 @@ class RuntimeConfig:
         if needed is not None:
             return min(context, (needed + 255) // 256 * 256)
         return min(context, DEFAULT_MAX_SEQ_LEN)
-
-    def micro_batches_for(self, stages: int, batch: int) -> int:
-        return max(1, min(self.micro_batches or stages, batch))
 
     def replace(self, **changes: Any) -> "RuntimeConfig":
         from dataclasses import replace

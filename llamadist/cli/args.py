@@ -89,8 +89,6 @@ def add_processes(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("process control")
     g.add_argument("--nproc", type=positive_int, help="start this many local worker processes "
                    "(default: pp x tp x dp); not needed under torchrun")
-    g.add_argument("--micro-batches", type=positive_int, help="micro-batches in flight through "
-                   "the pipeline (default: the number of stages, at most one per prompt)")
     g.add_argument("--timeout", type=positive_float, help="seconds a rank waits for a silent "
                    f"peer before every process exits (default {DEFAULT_TIMEOUT_S:.0f})")
     g.add_argument("--auto", action="store_true",
@@ -113,7 +111,6 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
     """The one RuntimeConfig of a run, from its flags (a flag not given keeps the default)."""
     given = {"max_seq_len": getattr(args, "max_seq_len", None),
              "dtype": getattr(args, "dtype", None),
-             "micro_batches": getattr(args, "micro_batches", None),
              "timeout": getattr(args, "timeout", None),
              "decode_attention": getattr(args, "decode_attention", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)

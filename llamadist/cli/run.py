@@ -12,7 +12,6 @@ from dataclasses import replace
 from llamadist.cli.args import in_worker
 from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
 from llamadist.cli.layout import LAYOUT_ENV
-from llamadist.engine.engine import EngineStats
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
@@ -33,7 +32,7 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     if job.layout.processes > 1:
         return launch(kind, args, job)
     llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty())
-    return {"generate": _generate, "chat": _chat, "bench": _bench}[kind](args, job, llm)
+    return COMMANDS[kind](args, job, llm)
 
 
 def refuse_with_shape(args: argparse.Namespace) -> None:
@@ -42,7 +41,6 @@ def refuse_with_shape(args: argparse.Namespace) -> None:
     given = [flag for flag, on in (("--nproc", args.nproc), ("--pp", args.pp),
                                    ("--tp", args.tp > 1), ("--dp", args.dp > 1),
                                    ("--auto", args.auto), ("--plan", args.plan),
-                                   ("--micro-batches", args.micro_batches),
                                    ("--timeout", args.timeout), ("a model", args.model)) if on]
     if given:
         raise ValueError(f"bench --shape runs random weights in one process; drop "
@@ -76,10 +74,10 @@ def _generate(args: argparse.Namespace, job: Job, llm) -> int:
     print_sequences(args, job.prompts, seqs, stats, streaming)
     print(f"prefill {stats['prefill_s'] * 1e3:.1f} ms, decode {stats['decode_tokens_per_s']:.1f} "
           f"tokens/s, {stats['tokens_per_s']:.1f} output tokens/s overall "
-          f"({len(llm.engine.stages)} stage(s), {llm.dtype}, at most "
-          f"{job.runtime.max_batch} sequences at once)", file=sys.stderr)
+          f"({job.layout.pp} stage(s) x {job.layout.processes} process(es), {llm.dtype}, "
+          f"at most {job.runtime.max_batch} sequences at once)", file=sys.stderr)
     if args.stats:
-        for s in llm.engine.stage_stats():
+        for s in llm.stage_stats():
             print(json.dumps(s), file=sys.stderr)
         print(json.dumps(llm.llm_engine.stats.to_dict() | llm.llm_engine.gauges()),
               file=sys.stderr)
@@ -104,27 +102,29 @@ def _chat(args: argparse.Namespace, job: Job, llm) -> int:
 
 
 def _bench(args: argparse.Namespace, job: Job, llm) -> int:
-    load_s = sum(s.stats.load.seconds for s in llm.engine.stages if s.stats.load)
     # A warm-up of the whole batch's shapes (first calls allocate, pick kernels, capture
     # graph buckets) on other tokens, so the timed run finds nothing in the prefix cache.
     vocab = llm.config.vocab_size
     warm = replace(job, encoded=[[(t + 1) % vocab for t in p] for p in job.encoded],
                    params=replace(job.params, max_new_tokens=3))
     llm.run(warm.encoded, warm.params)
-    for s in llm.engine.stages:
-        s.stats = replace(s.stats, compute_s=0.0, transfer_s=0.0, bytes_in=0, calls=0)
-    llm.llm_engine.stats = EngineStats()
-    llm.llm_engine.scheduler.preemptions = 0
+    llm.llm_engine.reset_stats()  # the engine's counters now, every stage's at the next step
     _, st = llm.run(job.encoded, job.params)
     wall = st["wall_s"]
+    stages = llm.stage_stats()
+    for s in stages:  # compute time is device time when --timed (else launch time on GPUs)
+        s["busy"] = s["compute_s"] / wall if wall else 0.0
+    loads = [s.get("load_s", 0.0) for s in stages]  # one after another in one process
+    load_s = sum(loads) if job.layout.processes == 1 else max(loads, default=0.0)
     report = {"batch": len(job.encoded), "prompt_tokens": st["prompt_tokens"],
-              "gen_len": args.gen_len, "load_s": load_s, "prefill_s": st["prefill_s"],
+              "gen_len": args.gen_len, "generated_tokens": st["generated_tokens"],
+              "load_s": load_s, "prefill_s": st["prefill_s"],
               "decode_ms_per_step": 1e3 * st["decode_s"] / max(1, args.gen_len - 1),
               "decode_tokens_per_s": st["decode_tokens_per_s"],
               "tokens_per_s": st["tokens_per_s"], "ttft_p50_s": st["ttft_p50_s"],
               "tpot_p50_s": st["tpot_p50_s"], "wall_s": wall,
               "engine": llm.llm_engine.stats.to_dict() | llm.llm_engine.gauges(),
-              "stages": llm.engine.stage_stats()}
+              "processes": job.layout.processes, "stages": stages}
     if args.json:
         print(json.dumps(report))
         return 0
@@ -135,8 +135,11 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     print(f"{'stage':>5} {'layers':>9} {'device':>8} {'compute s':>10} {'transfer s':>10} "
           f"{'MB in':>8} {'busy %':>7}")
     for s in report["stages"]:
-        busy = 100 * s["compute_s"] / wall if wall else 0
+        busy = 100 * s["busy"]
         print(f"{s['stage']:>5} {s['layers'][0]:>4}:{s['layers'][1]:<4} {s['device']:>8} "
               f"{s['compute_s']:>10.3f} {s['transfer_s']:>10.4f} {s['bytes_in'] / 1e6:>8.2f} "
               f"{busy:>6.1f}%")
     return 0
+
+
+COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench}

@@ -103,6 +103,10 @@ class ParallelGroups:
                     self.groups[dim] = Group(dim, ranks, ctx.rank, dev, cpu)
         self.control = dist.new_group(list(range(nproc)), timeout=CONTROL_TIMEOUT,
                                       backend="gloo")
+        # The engine's step messages between the front (rank 0) and every replica's ranks:
+        # point to point, apart from the control group's collectives.
+        self.steps = Group("steps", list(range(nproc)), ctx.rank, None,
+                           dist.new_group(list(range(nproc)), timeout=limit, backend="gloo"))
         log.info("rank %d: dp %d/%d, pp %d/%d, tp %d/%d on %s", ctx.rank, self.dp_index, dp,
                  self.pp_index, pp, self.tp_index, tp, ctx.device)
 

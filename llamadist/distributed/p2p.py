@@ -1,18 +1,19 @@
 """Point-to-point stage messages: a fixed-size header over the CPU gloo group, then the
 tensor over the device group (NCCL on GPU), or over the CPU group when it is a CPU tensor.
 
-    header (int64, HEADER_LEN): kind, step, lane, start, dtype code, ndim, shape[0..3], on_cpu
+    header (int64, HEADER_LEN): kind, step, lane, start, dtype code, ndim, shape[0..3],
+                                where the tensor comes (0 none, 1 CPU group, 2 device group)
 
 Only hidden states travel on the device group, and always forward (stage s -> s+1), so
 each NCCL pair carries one direction: NCCL sends block until the matching receive runs,
-and a pair used both ways by several micro-batches in flight could deadlock. The sampled
+and a pair used both ways by several steps in flight could deadlock. The sampled
 tokens (a few bytes, needed on the host anyway for stop checks) go back to the first
 stage on the CPU group.
 
 The header has a fixed size, so the receiver can post its receive *before* it knows what
 is coming (``post``) and let it land while the stage computes. Sends are asynchronous
 (``isend``): the sender keeps the tensors alive until the work completes and goes on to
-its next micro-batch, so a transfer overlaps the next compute. Every blocking wait has a
+its next step, so a transfer overlaps the next compute. Every blocking wait has a
 timeout (gloo's per-operation one, plus the watchdog for NCCL): a dead or silent peer
 raises :class:`PeerError` naming its rank.
 """
@@ -36,21 +37,24 @@ log = logging.getLogger(__name__)
 HEADER_LEN = 11
 MAX_NDIM = 4
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int64: 3,
-               torch.int32: 4, torch.bool: 5}
+               torch.int32: 4, torch.bool: 5, torch.uint8: 6}
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+IDLE_TIMEOUT_S = 24 * 3600.0  # waiting for work that may never come (see P2P.recv)
 
 
 class Kind(IntEnum):
     HIDDEN = 1  # stage output (B, T, D) for the next stage
     TOKENS = 2  # sampled tokens (B,) from the last stage back to the first
-    END = 3  # no more work for this request; no tensor follows
+    END = 3  # no more work: the receiver passes it on and leaves its loop
+    STEP = 4  # a scheduled step (runtime.step_work.StepWork.pack: uint8 on the CPU)
+    IDLE = 5  # nothing in flight: the receiver may wait without a deadline until the next STEP
 
 
 @dataclass
 class Message:
     kind: Kind
     step: int = 0  # generation step: 0 is the prefill, k > 0 feeds the k-th sampled token
-    lane: int = 0  # micro-batch (and KV-cache lane) index
+    lane: int = 0  # free for the sender (the engine keys steps by their StepWork)
     start: int = 0  # cache slot of the first position
     tensor: torch.Tensor | None = None
 
@@ -63,16 +67,18 @@ def encode_header(msg: Message) -> torch.Tensor:
     dtype = DTYPE_CODES[t.dtype] if t is not None else 0
     vals = [int(msg.kind), msg.step, msg.lane, msg.start, dtype, len(shape)]
     vals += shape + [0] * (MAX_NDIM - len(shape))
-    vals.append(int(t is not None and t.device.type == "cpu"))
+    vals.append(0 if t is None else 1 if t.device.type == "cpu" else 2)  # where it comes
     return torch.tensor(vals, dtype=torch.int64)
 
 
-def decode_header(h: torch.Tensor) -> tuple[Message, tuple[int, ...], torch.dtype, bool]:
-    """-> (message without its tensor, shape, dtype, whether the tensor comes on the CPU)."""
+def decode_header(h: torch.Tensor
+                  ) -> tuple[Message, tuple[int, ...] | None, torch.dtype, bool]:
+    """-> (message without its tensor, the tensor's shape (None: no tensor follows), its
+    dtype, whether it comes on the CPU group)."""
     v = h.tolist()
-    ndim = v[5]
+    ndim, where = v[5], v[6 + MAX_NDIM]
     msg = Message(Kind(v[0]), v[1], v[2], v[3])
-    return msg, tuple(v[6:6 + ndim]), CODE_DTYPES[v[4]], bool(v[6 + MAX_NDIM])
+    return msg, tuple(v[6:6 + ndim]) if where else None, CODE_DTYPES[v[4]], where == 1
 
 
 @dataclass
@@ -128,14 +134,17 @@ class P2P:
             header = torch.empty(HEADER_LEN, dtype=torch.int64)
             self._posted[src] = _Posted(header, dist.irecv(header, src, group=self.group.cpu_group))
 
-    def recv(self, src: int) -> Message:
-        """Block (at most ``timeout``) for the next message from global rank ``src``."""
+    def recv(self, src: int, idle: bool = False) -> Message:
+        """Block (at most ``timeout``) for the next message from global rank ``src``.
+        ``idle``: the message may be long in coming (a worker waiting for the next request
+        of a server): no deadline for its header, but a dead peer still fails it at once
+        (its socket closes); the tensor after the header keeps the deadline."""
         self.post(src)
         posted = self._posted.pop(src)
         t0 = time.perf_counter()
-        self._wait(posted.work, src, "a message")
+        self._wait(posted.work, src, "a message", IDLE_TIMEOUT_S if idle else None)
         msg, shape, dtype, on_cpu = decode_header(posted.header)
-        if msg.kind != Kind.END:
+        if shape is not None:
             buf = torch.empty(shape, dtype=dtype, device="cpu" if on_cpu else self.device)
             group = self.group.cpu_group if on_cpu else self.group.device_group
             self._wait(dist.irecv(buf, src, group=group), src, "a tensor")
@@ -151,12 +160,13 @@ class P2P:
                 self._wait(w, None, "a send to complete")
         self._pending.clear()
 
-    def _wait(self, work: dist.Work, peer: int | None, what: str) -> None:
+    def _wait(self, work: dist.Work, peer: int | None, what: str,
+              seconds: float | None = None) -> None:
         peer_txt = f"rank {peer}" if peer is not None else "a peer"
         me = self.group.rank
-        limit = datetime.timedelta(seconds=self.timeout)
+        limit = datetime.timedelta(seconds=seconds or self.timeout)
         try:
-            if self.watchdog is None:
+            if self.watchdog is None or seconds:
                 work.wait(timeout=limit)
             else:
                 with self.watchdog.guard(f"rank {me} waiting for {what} from {peer_txt}"):

@@ -94,7 +94,7 @@ class AsyncEngine:
         if it alone cannot fit, or if the engine has stopped."""
         if self._stop.is_set():
             raise RuntimeError(f"the engine has stopped ({self.error or 'shut down'})")
-        self.engine.scheduler.check(len(prompt_ids), params)  # reads fixed sizes only
+        self.engine.check(len(prompt_ids), params)  # reads fixed sizes only
         with self._lock:
             if request_id is None:
                 self._ids += 1

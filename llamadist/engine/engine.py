@@ -15,20 +15,20 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, field
 
 from llamadist.config import RuntimeConfig
+from llamadist.engine.executor import Executor, LocalExecutor
 from llamadist.engine.kv_blocks import BlockPool
 from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler, SchedulerStep
-from llamadist.generation.generate import make_sampler, text_delta
+from llamadist.generation.generate import text_delta
 from llamadist.generation.sampling import SamplingParams, new_seed
 from llamadist.generation.tokenizer import Tokenizer
 from llamadist.runtime.engine import Engine
-from llamadist.runtime.paged_kv import PagedBatch
+from llamadist.runtime.step_work import SampleSpec, SeqWork, StepWork
 
 @dataclass
 class RequestOutput:
@@ -73,116 +73,200 @@ def run_stats(requests: Sequence[Request], wall_s: float) -> dict:
             "tpot_p50_s": tpot[len(tpot) // 2] if tpot else None}
 
 
-class LLMEngine:
-    """Continuous batching over an in-process ``runtime.engine.Engine`` (one or more stages
-    on local devices) with a paged KV cache sized from ``num_blocks`` (or, when None, from
-    ``runtime.max_batch`` sequences of ``runtime.max_seq_len`` tokens)."""
+@dataclass(eq=False)
+class Replica:
+    """One data-parallel replica under the engine: its executor, its own KV blocks and
+    scheduler, and its steps in flight (oldest first)."""
+    executor: Executor
+    scheduler: Scheduler
+    in_flight: deque = field(default_factory=deque)  # (launch order, SchedulerStep, StepWork)
+    reset_pending: bool = False
+    busy: bool = False  # steps launched since the executor was last told it is idle
 
-    def __init__(self, model: Engine, tokenizer: Tokenizer | None, runtime: RuntimeConfig,
+    @property
+    def load(self) -> int:
+        return self.scheduler.num_running + self.scheduler.num_waiting
+
+
+class LLMEngine:
+    """Continuous batching over one executor, or several data-parallel replicas behind
+    one queue (a new request goes to the least loaded). ``model``: an executor, a list of
+    them, or an in-process ``runtime.engine.Engine`` (wrapped in a LocalExecutor). Each
+    replica's paged KV cache has ``num_blocks`` blocks (None: ``runtime.max_batch``
+    sequences of ``runtime.max_seq_len`` tokens)."""
+
+    def __init__(self, model: Engine | Executor | Sequence[Executor],
+                 tokenizer: Tokenizer | None, runtime: RuntimeConfig,
                  num_blocks: int | None = None, block_size: int | None = None,
                  prefix_caching: bool = True):
         assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
-        self.model, self.tokenizer, self.runtime = model, tokenizer, runtime
-        devices = [str(s.device) for s in model.stages]
-        block_size = block_size or runtime.block_size_for(devices)
-        self.block_size = block_size
+        executors = ([LocalExecutor(model)] if isinstance(model, Engine)
+                     else list(model) if isinstance(model, (list, tuple)) else [model])
+        self.tokenizer, self.runtime = tokenizer, runtime
+        self.config = executors[0].config
+        devices = executors[0].devices
+        self.block_size = block_size = block_size or runtime.block_size_for(devices)
         # The KV memory the plan checked: max_batch sequences of max_seq_len tokens (+1:
         # block 0 is the null block padding rows point at). Fewer blocks than max_batch
         # full sequences need is fine: the scheduler preempts and recomputes.
-        num_blocks = num_blocks or -(-runtime.max_batch * runtime.max_seq_len // block_size) + 1
-        model.init_paged(num_blocks, block_size)
-        self.pool = BlockPool(num_blocks, block_size, prefix_caching)
+        self.num_blocks = num_blocks = num_blocks or self.default_blocks(runtime, block_size)
         budget = runtime.batch_tokens_for(devices)
-        self.scheduler = Scheduler(self.pool, runtime.max_batch, budget, runtime.max_seq_len)
-        self.eos = set(model.config.eos_token_ids) | set(tokenizer.eos_token_ids
+        self.replicas = []
+        for ex in executors:
+            ex.init_paged(num_blocks, block_size)
+            pool = BlockPool(num_blocks, block_size, prefix_caching)
+            sched = Scheduler(pool, runtime.max_batch, budget, runtime.max_seq_len)
+            self.replicas.append(Replica(ex, sched))
+        self.eos = set(self.config.eos_token_ids) | set(tokenizer.eos_token_ids
                                                         if tokenizer else ())
         self.stats = EngineStats()
         self._queues: dict[str, list[RequestOutput]] = {}  # outputs held for submit()'s iterators
         self._ids = itertools.count()
-        self._first_device = model.stages[0].device
+        self._launches = itertools.count()
+        self._where: dict[str, Replica] = {}  # unfinished requests' replicas
+
+    @staticmethod
+    def default_blocks(runtime: RuntimeConfig, block_size: int) -> int:
+        """runtime.max_batch sequences of runtime.max_seq_len tokens, plus the null block."""
+        return -(-runtime.max_batch * runtime.max_seq_len // block_size) + 1
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """The first replica's scheduler (every replica's has the same limits)."""
+        return self.replicas[0].scheduler
 
     # ---- requests --------------------------------------------------------------------
+    def check(self, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """Refuse (RequestTooLarge, with the numbers) a request that alone cannot fit."""
+        self.scheduler.check(num_prompt_tokens, params)
+
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
                     request_id: str | None = None) -> Request:
-        """Queue a request (refused at once, with the numbers, if it alone cannot fit)."""
+        """Queue a request (refused at once, with the numbers, if it alone cannot fit) on
+        the least loaded replica."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self._where:
+            raise ValueError(f"request id {rid!r} is already queued or running")
         seed = params.seed if params.seed is not None else new_seed()
         req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic())
-        self.scheduler.add(req)  # refuses an id already queued or running
+        rep = min(self.replicas, key=lambda r: r.load)
+        rep.scheduler.add(req)
+        if not req.finished:
+            self._where[rid] = rep
         return req
 
     def cancel(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; False if it is unknown or done."""
-        return self.scheduler.cancel(request_id)
+        rep = self._where.pop(request_id, None)
+        if rep is None or not rep.scheduler.cancel(request_id):
+            return False
+        self._settle(rep)
+        return True
+
+    def _settle(self, rep: Replica) -> None:
+        """Tell an executor whose replica ran out of work that nothing is in flight."""
+        if rep.busy and not rep.in_flight and not rep.scheduler.has_unfinished:
+            rep.busy = False
+            rep.executor.idle()
 
     def get(self, request_id: str) -> Request | None:
-        return self.scheduler.get(request_id)
+        rep = self._where.get(request_id)
+        return rep.scheduler.get(request_id) if rep else None
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return any(r.scheduler.has_unfinished or r.in_flight for r in self.replicas)
 
     def gauges(self) -> dict:
-        s = self.scheduler
-        return {"running": s.num_running, "waiting": s.num_waiting,
-                "kv_blocks_used": s.blocks_used, "kv_blocks_free": s.blocks_free,
-                "preemptions": s.preemptions}
+        ss = [r.scheduler for r in self.replicas]
+        return {"running": sum(s.num_running for s in ss),
+                "waiting": sum(s.num_waiting for s in ss),
+                "kv_blocks_used": sum(s.blocks_used for s in ss),
+                "kv_blocks_free": sum(s.blocks_free for s in ss),
+                "preemptions": sum(s.preemptions for s in ss)}
+
+    def reset_stats(self) -> None:
+        """Zero the counters (after a warm-up run)."""
+        self.stats = EngineStats()
+        for r in self.replicas:
+            r.scheduler.preemptions = 0
+            r.reset_pending = True  # the stages zero theirs at the next step
+
+    def close(self) -> None:
+        """Let the executors go (worker ranks leave their loops)."""
+        for r in self.replicas:
+            r.executor.close()
 
     # ---- one step ----------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run and sample one step; the outputs of the requests it advanced.
-        Not thread-safe: one caller steps the engine (add and cancel between steps)."""
+        """Launch steps until every executor has ``depth`` in flight, then finish the
+        oldest: sample, advance, stream. The outputs of the requests it advanced. Not
+        thread-safe: one caller steps the engine (add and cancel between steps)."""
         t0 = time.perf_counter()
-        step = self.scheduler.schedule()
-        if not step:
-            return []
         try:
-            sampled = self._run(step)
-        except BaseException:  # Ctrl-C, out of memory: the step never happened
-            self.scheduler.abort(step)
+            self._launch()
+            live = [r for r in self.replicas if r.in_flight]
+            if not live:
+                return []
+            rep = min(live, key=lambda r: r.in_flight[0][0])
+            _, step, work = rep.in_flight[0]
+            tokens = rep.executor.collect()
+            rep.in_flight.popleft()
+        except BaseException:  # Ctrl-C, out of memory, a lost rank: the steps never happened
+            for r in self.replicas:
+                while r.in_flight:
+                    r.scheduler.abort(r.in_flight.popleft()[1])
             raise
-        finished = {r.id for r in self.scheduler.update(step, sampled)}
-        by_id = {c.request.id: c.request for c in step.chunks}
+        sampled = dict(zip(work.sampled_ids, tokens))
+        finished = {r.id for r in rep.scheduler.update(step, sampled)}
         outputs = []
-        for rid, tok in sampled.items():
-            req = by_id[rid]
-            if req.finish_reason == "cancelled":  # cancelled during the step: no token
-                continue
-            out = self._output(req, tok, rid in finished)
+        for c in step.chunks:
+            req = c.request
+            if req.id not in sampled or req.finish_reason == "cancelled":
+                continue  # a prefill chunk, or cancelled during the step: no token
+            out = self._output(rep, req, sampled[req.id], req.id in finished)
             outputs.append(out)
-            if rid in self._queues:
-                self._queues[rid].append(out)
+            if req.id in self._queues:
+                self._queues[req.id].append(out)
+            if out.finished:
+                self._where.pop(req.id, None)
+        self._settle(rep)
         self.stats.steps += 1
         self.stats.busy_s += time.perf_counter() - t0
         return outputs
 
-    @torch.inference_mode()
-    def _run(self, step: SchedulerStep) -> dict[str, int]:
-        """The model over the step's chunks; the sampled token of each chunk that ends at
-        its request's last token."""
-        chunks = step.chunks
-        tokens = torch.tensor([t for c in chunks for t in c.token_ids], dtype=torch.long)
-        batch = PagedBatch.build([(c.request.block_ids, c.start, c.num_tokens) for c in chunks],
-                                 self.block_size)
-        logits = self.model.forward_paged(tokens.to(self._first_device), batch)  # (S, V)
-        for c in chunks:
-            if c.start < len(c.request.prompt_ids):
-                prompt_part = min(c.end, len(c.request.prompt_ids)) - c.start
-                self.stats.prompt_tokens += prompt_part
-        rows = [i for i, c in enumerate(chunks) if c.sample]
-        if not rows:
-            return {}
-        reqs = [chunks[i].request for i in rows]
-        # the tokens seen so far matter only to a repetition penalty: build them only then
-        seen = [r.all_ids if r.params.repetition_penalty != 1.0 else [] for r in reqs]
-        sampler = make_sampler(seen, [r.params for r in reqs], [r.seed for r in reqs],
-                               logits.shape[-1], logits.device)
-        # Step k of a request is its k-th sampled token, wherever and however it ran.
-        sampler.steps = torch.tensor([len(r.output_ids) for r in reqs], device=logits.device)
-        ids = sampler.sample(logits[rows]).tolist()
-        return {r.id: t for r, t in zip(reqs, ids)}
+    def _launch(self) -> None:
+        for rep in self.replicas:
+            depth = rep.executor.depth
+            per_step = -(-self.runtime.max_batch // depth)
+            while len(rep.in_flight) < depth:
+                step = rep.scheduler.schedule(per_step)
+                if not step:
+                    break
+                work = self._work(step)
+                work.reset_stats, rep.reset_pending = rep.reset_pending, False
+                rep.executor.launch(work)
+                rep.busy = True
+                rep.in_flight.append((next(self._launches), step, work))
 
-    def _output(self, req: Request, tok: int, finished_by_length: bool) -> RequestOutput:
+    def _work(self, step: SchedulerStep) -> StepWork:
+        """The step as the executor sees it (host data; see runtime.step_work)."""
+        seqs = []
+        for c in step.chunks:
+            req = c.request
+            if c.start < len(req.prompt_ids):
+                self.stats.prompt_tokens += min(c.end, len(req.prompt_ids)) - c.start
+            spec = None
+            if c.sample:
+                # the tokens seen so far matter only to a repetition penalty
+                seen = tuple(req.all_ids) if req.params.repetition_penalty != 1.0 else ()
+                spec = SampleSpec(req.params, req.seed, len(req.output_ids), seen)
+            seqs.append(SeqWork(req.id, tuple(c.token_ids), tuple(req.block_ids), c.start,
+                                spec))
+        return StepWork(seqs, self.block_size)
+
+    def _output(self, rep: Replica, req: Request, tok: int,
+                finished_by_length: bool) -> RequestOutput:
         """EOS and stop strings (the engine's to decide: it has the tokenizer), the text
         delta, the per-request timings."""
         self.stats.generated_tokens += 1
@@ -203,7 +287,7 @@ class LLMEngine:
                 reason, done = "stop", True
         if done:
             if reason == "stop":
-                self.scheduler.finish(req.id, "stop")
+                rep.scheduler.finish(req.id, "stop")
             req.finish_reason, req.finished_s = reason, now
         return RequestOutput(req.id, tok, delta, done, reason)
 
@@ -220,7 +304,7 @@ class LLMEngine:
         if len(per) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per)} sampling params")
         for p, sp in zip(prompts, per):
-            self.scheduler.check(len(p), sp)
+            self.check(len(p), sp)
         reqs = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
         for r in reqs:
             self._queues[r.id] = []

@@ -215,17 +215,21 @@ class Scheduler:
         req.finished_s = self.clock()
 
     # ---- one step --------------------------------------------------------------------
-    def schedule(self) -> SchedulerStep:
+    def schedule(self, max_seqs: int | None = None) -> SchedulerStep:
+        """The next step: at most ``max_seqs`` sequences (None: max_batch). A pipeline
+        with P stages in flight asks for about max_batch / P, so the running requests
+        split into P groups that take turns, one group per stage."""
         step = SchedulerStep()
-        budget = self._schedule_running(step, self.max_batch_tokens)
+        limit = self.max_batch if max_seqs is None else max(1, max_seqs)
+        budget = self._schedule_running(step, self.max_batch_tokens, limit)
         if not step.preempted:
-            self._admit_waiting(step, budget)
+            self._admit_waiting(step, budget, limit)
         self._in_flight.update(c.request for c in step.chunks)
         return step
 
-    def _schedule_running(self, step: SchedulerStep, budget: int) -> int:
-        # Requests with a step in flight wait for its result.
-        todo = [r for r in self.running if r not in self._in_flight]
+    def _schedule_running(self, step: SchedulerStep, budget: int, limit: int) -> int:
+        # Requests with a step in flight wait for its result; the earliest admitted first.
+        todo = [r for r in self.running if r not in self._in_flight][:limit]
         # One token of the budget is kept for each decode later in the order, so a chunked
         # prefill ahead of them (a resumed request, or one whose earlier chunk was in
         # flight when they were admitted) never stalls their decoding.
@@ -269,8 +273,9 @@ class Scheduler:
         self.waiting.appendleft(req)  # later victims are earlier admitted: order kept
         self.preemptions += 1
 
-    def _admit_waiting(self, step: SchedulerStep, budget: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch:
+    def _admit_waiting(self, step: SchedulerStep, budget: int, limit: int) -> None:
+        while (self.waiting and budget > 0 and len(self.running) < self.max_batch
+               and len(step.chunks) < limit):
             req = self.waiting[0]
             prefix, num_cached = self.pool.match_prefix(req.all_ids)
             n = min(req.num_tokens - num_cached, budget)

@@ -24,8 +24,8 @@ class ContextLimitError(ValueError):
 
 
 class StepModel(Protocol):
-    """What generation drives: the in-process Engine (the multi-process pipeline runs its
-    own lockstep loop, see runtime/pipeline.py)."""
+    """What the static generation loop drives: the in-process Engine (bench --shape and
+    the reference runs of tests; requests go through llamadist.engine)."""
     config: ModelConfig
     max_seq_len: int
     max_batch: int

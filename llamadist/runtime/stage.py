@@ -60,7 +60,7 @@ class StageStats:
 
 class Stage:
     """Layers ``[layers.start, layers.stop)`` on ``device``, with ``lanes`` KV caches
-    (one per micro-batch in flight). ``runtime`` picks the eager steps' ``layer_fn``
+    (static generation; the engine gives it a paged one instead). ``runtime`` picks the eager steps' ``layer_fn``
     (the C decoder layer on the CPU unless ``cpu_kernels`` is off)."""
 
     def __init__(self, model: Llama, device: torch.device, dtype: torch.dtype, batch_size: int,
@@ -106,6 +106,10 @@ class Stage:
             self.stats.compute_s += time.perf_counter() - t0
         self.stats.calls += 1
         return out
+
+    def reset_stats(self) -> None:
+        """Zero the run counters (the load's statistics stay)."""
+        self.stats = StageStats(load=self.stats.load)
 
     def init_paged(self, num_blocks: int, block_size: int) -> PagedKVCache:
         """Allocate this stage's paged KV cache (its layers, its KV heads, its device)."""

@@ -1,5 +1,6 @@
 """One rank's worker session: join the world, build the groups, agree on the layout, load this
-rank's stage, and exchange requests and results with rank 0 over the control group.
+rank's stage (a ``StageRank``), and exchange setup and results with rank 0 over the control
+group (the steps themselves travel as runtime.stage_rank describes).
 
 Rank 0 alone decides (plans the layout, tokenizes, validates, picks the sampling seed) and
 broadcasts; every other rank follows, so planning that discovers free memory cannot give
@@ -19,7 +20,9 @@ import torch.distributed as dist
 from llamadist.config import DEFAULT_TIMEOUT_S, RuntimeConfig
 from llamadist.distributed.faults import PeerError, Watchdog
 from llamadist.distributed.groups import ParallelGroups, init_distributed
-from llamadist.runtime.pipeline import PipelineRunner, PipelineSpec, build_pipeline_stage
+from llamadist.runtime.stage import Stage, build_stage, build_tp_stage, parse_dtype
+from llamadist.runtime.stage_rank import StageRank
+from llamadist.weights.checkpoint import Checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +41,39 @@ def setup_worker_logging(rank: int, verbose: bool) -> None:
     root.setLevel(level)
 
 
+@dataclass(frozen=True)
+class RankSpec:
+    """What every rank must agree on before loading (rank 0 decides and broadcasts)."""
+    layer_ranges: tuple[tuple[int, int], ...]  # half-open, one per pipeline stage
+    dtype: str
+    runtime: RuntimeConfig  # rank 0's, max_seq_len resolved
+    num_blocks: int         # paged KV blocks per stage (the same block ids on every stage)
+    block_size: int
+
+
+def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
+                     progress: bool = False) -> Stage:
+    """Build and load only this rank's stage (and only its TP shard of it), with the
+    kernels ``spec.runtime`` asks for and no static KV cache (the paged one comes next)."""
+    start, stop = spec.layer_ranges[groups.pp_index]
+    rt = spec.runtime
+    kw = dict(has_embed=groups.pp_index == 0, has_head=groups.pp_index == groups.pp_size - 1,
+              lanes=0, progress=progress, runtime=rt)
+    dtype, device = parse_dtype(spec.dtype), groups.ctx.device
+    if groups.tp_size > 1:
+        return build_tp_stage(ckpt, range(start, stop), device, dtype, rt.max_batch,
+                              rt.max_seq_len, groups.tp.device_group, groups.tp_index,
+                              groups.tp_size, **kw)
+    return build_stage(ckpt, range(start, stop), device, dtype, rt.max_batch, rt.max_seq_len,
+                       **kw)
+
+
 @dataclass
 class Session:
     groups: ParallelGroups
     watchdog: Watchdog
     timeout: float
-    runner: PipelineRunner | None = None
+    rank_stage: StageRank | None = None
 
     @classmethod
     def start(cls, pp: int | None = None, tp: int = 1, dp: int = 1,
@@ -91,21 +121,22 @@ class Session:
             raise PeerError(-1, f"lost a peer while waiting for {what}: "
                                 f"{str(e).splitlines()[0][:160]}") from e
 
-    def load(self, ckpt, spec: PipelineSpec, tokenizer, progress: bool = False,
-             runtime: RuntimeConfig | None = None) -> PipelineRunner:
-        """Build this rank's stage (only its layers, only its TP shard) and its runner,
-        with the kernel passes ``runtime`` asks for."""
+    def load(self, ckpt: Checkpoint, spec: RankSpec, progress: bool = False,
+             record_logits: bool = False) -> StageRank:
+        """Build this rank's stage (only its layers, only its TP shard) with its paged KV
+        cache, ready to run steps."""
         if len(spec.layer_ranges) != self.groups.pp_size:
             raise ValueError(f"{len(spec.layer_ranges)} stages planned for "
                              f"pp={self.groups.pp_size}")
-        stage = build_pipeline_stage(ckpt, spec, self.groups, progress=progress, runtime=runtime)
+        stage = build_rank_stage(ckpt, spec, self.groups, progress=progress)
         log.info("%s: layers [%d, %d) loaded", self.groups.describe(), stage.layers.start,
                  stage.layers.stop)
-        self.runner = PipelineRunner(self.groups, stage, ckpt.config, tokenizer, self.timeout,
-                                     self.watchdog, timed=bool(runtime and runtime.timed))
+        self.rank_stage = StageRank(self.groups, stage, spec.runtime, self.timeout,
+                                    self.watchdog, record_logits=record_logits)
+        self.rank_stage.init_paged(spec.num_blocks, spec.block_size)
         # Loading times differ by stage; --timeout bounds a step, not a slow neighbour's load.
         self.barrier("every rank to load its stage")
-        return self.runner
+        return self.rank_stage
 
     def close(self) -> None:
         try:

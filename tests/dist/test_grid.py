@@ -1,5 +1,5 @@
-"""The pieces of the process pipeline that need no processes: the grid, the message
-header, micro-batch splitting, the launcher's blame and the rank table."""
+"""The pieces of the multi-process engine that need no processes: the grid, the message
+header, the step message, the launcher's blame and the rank table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from llamadist.distributed.launch import WorkerExit, blame
 from llamadist.cli.plan import format_rank_table
 from llamadist.planning.layout import stage_devices
 from llamadist.distributed.p2p import Kind, Message, decode_header, encode_header
-from llamadist.runtime.pipeline import Lane, replica_rows, split_rows
+from llamadist.generation.sampling import SamplingParams
+from llamadist.runtime.step_work import SampleSpec, SeqWork, StepWork
 
 
 def test_grid_sizes_and_refusals():
@@ -45,25 +46,25 @@ def test_header_round_trip():
     msg, shape, dtype, on_cpu = decode_header(encode_header(Message(Kind.HIDDEN, 7, 2, 40, hidden)))
     assert (msg.kind, msg.step, msg.lane, msg.start) == (Kind.HIDDEN, 7, 2, 40)
     assert shape == (3, 1, 64) and dtype == torch.bfloat16 and on_cpu
-    msg, shape, _, _ = decode_header(encode_header(Message(Kind.END)))
-    assert msg.kind == Kind.END and shape == ()
+    for kind in (Kind.END, Kind.IDLE):  # no tensor follows
+        msg, shape, _, _ = decode_header(encode_header(Message(kind)))
+        assert msg.kind == kind and shape is None
+    empty = torch.zeros(0, dtype=torch.long)  # a step that samples nothing: a tensor still
+    assert decode_header(encode_header(Message(Kind.TOKENS, tensor=empty)))[1] == (0,)
 
 
-def test_micro_batches_and_replicas():
-    assert split_rows(8, 2) == [range(0, 4), range(4, 8)]
-    assert split_rows(5, 3) == [range(0, 2), range(2, 4), range(4, 5)]
-    assert split_rows(2, 4) == [range(0, 1), range(1, 2)]  # never an empty micro-batch
-    assert replica_rows(5, 2, 1) == range(3, 5)
-    assert replica_rows(1, 2, 1) == range(1, 1)  # a replica with nothing to do
-
-
-def test_lane_pads_on_its_own():
-    lane = Lane(0, range(2, 4), [[5, 6, 7], [8]], pad_id=0, max_seq_len=16,
-                device=torch.device("cpu"))
-    assert lane.tokens.tolist() == [[5, 6, 7], [0, 0, 8]]
-    positions, start, mask = lane.inputs(2)  # second decode step
-    assert start == 4 and positions.tolist() == [[4], [2]]
-    assert mask.shape == (2, 1, 1, 5) and mask[1, 0, 0].tolist() == [False, False, True, True, True]
+def test_step_message_round_trip():
+    """A step crosses processes as bytes and builds the same PagedBatch on the other side."""
+    spec = SampleSpec(SamplingParams(temperature=0.7, seed=3, stop=("x",)), 3, 2, (5, 6))
+    work = StepWork([SeqWork("a", (5, 6, 7), (1, 2, 4), 6, spec),
+                     SeqWork("b", (9,), (3,), 0, None)], 4, reset_stats=True)
+    packed = work.pack()
+    assert packed.dtype == torch.uint8 and packed.dim() == 1
+    back = StepWork.unpack(packed)
+    assert back.seqs == work.seqs and back.block_size == 4 and back.reset_stats
+    assert back.sampled_ids == ["a"] and back.tokens().tolist() == [5, 6, 7, 9]
+    a, b = work.batch(), back.batch()
+    assert torch.equal(a.slot_mapping, b.slot_mapping) and b.positions.tolist() == [6, 7, 8, 0]
 
 
 def test_blame_prefers_the_rank_with_its_own_error():

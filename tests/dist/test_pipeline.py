@@ -1,9 +1,10 @@
-"""The pipeline over processes (gloo on CPU) against the single-process Engine.
+"""The engine over processes (gloo on CPU) against one process.
 
 Launches are the expensive part (each rank imports torch), so one launch runs several
-requests: a 2-stage world (greedy with 1, 2 and 4 micro-batches, seeded sampling with 1
-and 3) and a 3-stage world. Tolerance: 1e-5 max abs logit difference in float32 (the
-stages run the same kernels; only each micro-batch's own padding changes shapes).
+jobs through rank 0's engine: a 2-stage world (greedy with every request in one step,
+with at most 2 at once, with a KV budget so small the scheduler preempts; seeded
+sampling at two batch sizes) and a 3-stage world. Tolerance: 1e-5 max abs logit
+difference in float32 (the same stage code; only the batch shapes differ).
 """
 
 from __future__ import annotations
@@ -25,10 +26,11 @@ from llamadist.runtime.engine import Engine
 from llamadist.weights.checkpoint import open_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
-WORKER = Path(__file__).with_name("pipeline_worker.py")
+WORKER = Path(__file__).with_name("engine_worker.py")
 LOGIT_TOL = 1e-5
 MAX_SEQ = 64
 NEW = 10
+BLOCK = 4  # small blocks: requests grow by blocks, so a small budget forces preemption
 PROMPTS = ["The quick brown fox", "Distributed inference splits a model", "1 2 3",
            "Once upon a time there was a tiny language model", "def main():"]
 GREEDY = dict(max_new_tokens=NEW, ignore_eos=True)
@@ -63,7 +65,7 @@ def encoded(tiny_model) -> list[list[int]]:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model, encoded) -> dict:
-    """Greedy tokens and per-step logits of the single-process Engine."""
+    """Greedy tokens and per-step logits of the single-process static Engine."""
     rec = Recorder(Engine.load(str(tiny_model), max_batch=len(encoded), max_seq_len=MAX_SEQ))
     results = generate(rec, None, encoded, SamplingParams(**GREEDY))
     return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
@@ -72,7 +74,8 @@ def reference(tiny_model, encoded) -> dict:
 def run_worker_world(tmp: Path, model: Path, nproc: int, pp: int, ranges: list, jobs: list,
                      prompts: list[list[int]], dp: int = 1) -> dict[str, dict]:
     cfg = {"model": str(model), "out": str(tmp), "pp": pp, "dp": dp, "layer_ranges": ranges,
-           "max_seq_len": MAX_SEQ, "prompts": prompts, "jobs": jobs}
+           "max_seq_len": MAX_SEQ, "prompts": prompts, "jobs": jobs, "block_size": BLOCK,
+           "num_blocks": len(prompts) * MAX_SEQ // BLOCK + 1}
     path = tmp / "config.json"
     path.write_text(json.dumps(cfg))
     code = Launcher([str(WORKER), str(path)], nproc, env=worker_env()).run()
@@ -82,46 +85,52 @@ def run_worker_world(tmp: Path, model: Path, nproc: int, pp: int, ranges: list, 
 
 @pytest.fixture(scope="module")
 def pp2(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
-    jobs = [{"name": "greedy_m1", "micro_batches": 1, "params": GREEDY},
-            {"name": "greedy_m2", "micro_batches": 2, "params": GREEDY},
-            {"name": "greedy_m4", "micro_batches": 4, "params": GREEDY},
-            {"name": "sampled_m1", "micro_batches": 1, "params": SAMPLED},
-            {"name": "sampled_m3", "micro_batches": 3, "params": SAMPLED}]
+    jobs = [{"name": "greedy_b5", "max_batch": 5, "params": GREEDY},
+            {"name": "greedy_b2", "max_batch": 2, "params": GREEDY},
+            # 12 blocks of 4 (11 usable: 44 tokens) for 5 requests of up to 22 tokens
+            {"name": "greedy_preempt", "max_batch": 5, "num_blocks": 12, "params": GREEDY},
+            {"name": "sampled_b5", "max_batch": 5, "params": SAMPLED},
+            {"name": "sampled_b2", "max_batch": 2, "params": SAMPLED}]
     return run_worker_world(tmp_path_factory.mktemp("pp2"), tiny_model, 2, 2,
                             [[0, 3], [3, 5]], jobs, encoded)
 
 
 @pytest.fixture(scope="module")
 def pp3(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
-    jobs = [{"name": "greedy_m1", "micro_batches": 1, "params": GREEDY},
-            {"name": "greedy_m3", "micro_batches": 3, "params": GREEDY}]
+    jobs = [{"name": "greedy_b5", "max_batch": 5, "params": GREEDY},
+            {"name": "greedy_b3", "max_batch": 3, "max_batch_tokens": 8, "params": GREEDY}]
     return run_worker_world(tmp_path_factory.mktemp("pp3"), tiny_model, 3, 3,
                             [[0, 2], [2, 4], [4, 5]], jobs, encoded)
 
 
-def check_logits(got: dict, ref_steps: list[torch.Tensor]) -> None:
-    """got: {(row, step): (V,)} from the last stage; ref_steps[step]: (B, V)."""
+def check_logits(name: str, got: dict, ref_steps: list[torch.Tensor]) -> None:
+    """got: {("name/row", step): (V,)} from the sampling rank; ref_steps[step]: (B, V)."""
     assert len(got) == sum(len(s) for s in ref_steps)
-    worst = max((got[(row, step)] - ref[row]).abs().max().item()
+    worst = max((got[(f"{name}/{row}", step)] - ref[row]).abs().max().item()
                 for step, ref in enumerate(ref_steps) for row in range(ref.shape[0]))
     assert worst <= LOGIT_TOL, f"max abs logit difference {worst:.2e} > {LOGIT_TOL}"
 
 
-# ---- 2 and 3 processes against the Engine ----------------------------------------
-@pytest.mark.parametrize("job", ["greedy_m1", "greedy_m2", "greedy_m4"])
-def test_two_stages_match_engine(pp2, reference, job):
+# ---- 2 and 3 processes against one -------------------------------------------------
+@pytest.mark.parametrize("job", ["greedy_b5", "greedy_b2", "greedy_preempt"])
+def test_two_stages_match_one_process(pp2, reference, job):
     assert pp2[job]["tokens"] == reference["tokens"]
-    check_logits(pp2[job]["logits"], reference["logits"])
+    check_logits(job, pp2[job]["logits"], reference["logits"])
 
 
-@pytest.mark.parametrize("job", ["greedy_m1", "greedy_m3"])
-def test_three_stages_match_engine(pp3, reference, job):
+def test_small_kv_budget_preempted(pp2):
+    assert pp2["greedy_preempt"]["preemptions"] > 0
+    assert pp2["greedy_b5"]["preemptions"] == 0
+
+
+@pytest.mark.parametrize("job", ["greedy_b5", "greedy_b3"])
+def test_three_stages_match_one_process(pp3, reference, job):
     assert pp3[job]["tokens"] == reference["tokens"]
-    check_logits(pp3[job]["logits"], reference["logits"])
+    check_logits(job, pp3[job]["logits"], reference["logits"])
 
 
-def test_sampling_does_not_depend_on_micro_batching(pp2, reference):
-    a, b = pp2["sampled_m1"]["tokens"], pp2["sampled_m3"]["tokens"]
+def test_sampling_does_not_depend_on_the_batch(pp2, reference):
+    a, b = pp2["sampled_b5"]["tokens"], pp2["sampled_b2"]["tokens"]
     assert a == b
     assert a != reference["tokens"]  # really sampled, not greedy
 
@@ -185,7 +194,7 @@ def test_auto_layout_feeds_generate(tiny_model, reference):
 def test_torchrun(tiny_model, reference):
     torchrun = Path(sys.executable).with_name("torchrun")
     out = subprocess.run([str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "llamadist",
-                          "generate", str(tiny_model), "--pp", "2", "--micro-batches", "2",
+                          "generate", str(tiny_model), "--pp", "2", "--max-batch", "2",
                           "--max-new-tokens", str(NEW),
                           "--max-seq-len", str(MAX_SEQ), "--json", *prompt_args()],
                          cwd=ROOT, text=True, capture_output=True, env=worker_env(), timeout=120)
@@ -206,9 +215,9 @@ def test_bench_reports_busy_time_per_stage(tiny_model):
                     "8", "--gen-len", "6", "--json")
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout.strip().splitlines()[-1])
-    assert rep["stages"] == 2 and rep["micro_batches"] == 2 and len(rep["ranks"]) == 2
-    assert all(0 < r["busy"] <= 1 and r["compute_s"] > 0 for r in rep["ranks"])
-    assert 0 <= rep["bubble"] < 1
+    assert rep["processes"] == 2 and [s["stage"] for s in rep["stages"]] == [0, 1]
+    assert all(0 < s["busy"] <= 1 and s["compute_s"] > 0 for s in rep["stages"])
+    assert rep["generated_tokens"] == 4 * 6
 
 
 # ---- refusals and faults -----------------------------------------------------------
@@ -274,15 +283,20 @@ def test_failed_rank_stops_everyone(tiny_model, mode, tmp_path):
 
 
 # ---- a real model ------------------------------------------------------------------
-def test_smollm2_two_stages_match_engine(smollm2):
-    prompts = ["The capital of France is", "Water boils at"]
+def test_smollm2_eight_prompts_three_at_once_over_two_stages(smollm2, tmp_path):
+    """`generate --prompts-file F --max-batch 3 --nproc 2 --pp 2` with 8 prompts: at most
+    three run at once over the two processes, and each gets the tokens it gets alone."""
+    prompts = ["The capital of France is", "Water boils at", "def add(a, b):",
+               "The three primary colors are", "Once upon a time", "1, 2, 3, 4,",
+               "My favourite food is", "The sun rises in the"]
+    f = tmp_path / "prompts.txt"
+    f.write_text("\n".join(prompts) + "\n")
     ckpt = open_checkpoint(smollm2)
     tok = ckpt.tokenizer()
-    engine = Engine.load(str(smollm2), max_batch=2, max_seq_len=64)
-    ref = generate(engine, tok, [tok.encode(p) for p in prompts],
-                   SamplingParams(max_new_tokens=8))
-    out = llamadist("generate", str(smollm2), "--nproc", "2", "--micro-batches", "2",
-                    "--max-new-tokens", "8", "--max-seq-len", "64", "--json",
-                    *[a for p in prompts for a in ("--prompt", p)])
+    engine = Engine.load(str(smollm2), max_seq_len=256)
+    alone = [generate(engine, tok, [tok.encode(p)], SamplingParams(max_new_tokens=8))[0].token_ids
+             for p in prompts]
+    out = llamadist("generate", str(smollm2), "--nproc", "2", "--pp", "2", "--max-batch", "3",
+                    "--prompts-file", str(f), "--max-new-tokens", "8", "--json")
     assert out.returncode == 0, out.stderr
-    assert json_tokens(out.stdout) == [r.token_ids for r in ref]
+    assert json_tokens(out.stdout) == alone and all(alone)

@@ -1,5 +1,5 @@
 """The sampler over processes: a seeded request gives the same tokens over 2 pipeline
-processes (2 micro-batches, so rows are regrouped) as in one process, in a batch or alone."""
+processes (at most 2 sequences per step, so rows are regrouped) as in one process, in a batch or alone."""
 
 from __future__ import annotations
 
@@ -37,6 +37,6 @@ def test_seeded_tokens_same_over_two_processes_and_alone(tiny_model):
     greedy = [llm.generate(p, max_new_tokens=NEW)[0].token_ids for p in PROMPTS]
     assert alone != greedy  # really sampled
     one = run_cli(str(tiny_model))
-    two = run_cli(str(tiny_model), "--nproc", "2", "--pp", "2", "--micro-batches", "2")
+    two = run_cli(str(tiny_model), "--nproc", "2", "--pp", "2", "--max-batch", "2")
     assert one == alone
     assert two == alone

@@ -204,13 +204,12 @@ def test_flags_become_one_runtime_config_that_reaches_the_engine(tiny_model):
     args = build_parser().parse_args([
         "generate", str(tiny_model), "--prompt", "hi", "--prompt", "there", "--no-cuda-graphs",
         "--no-compile", "--no-cpu-kernels", "--decode-attention", "sdpa", "--timeout", "5",
-        "--max-seq-len", "64", "--micro-batches", "2", "--dtype", "float32",
+        "--max-seq-len", "64", "--max-batch", "2", "--dtype", "float32",
         "--max-new-tokens", "8"])
     ckpt = open_checkpoint(args.model)
     job = generate_job(args, ckpt, ckpt.tokenizer())
     rt = job.runtime
-    assert (rt.max_seq_len, rt.max_batch, rt.dtype, rt.micro_batches, rt.timeout) == \
-        (64, 2, "float32", 2, 5.0)
+    assert (rt.max_seq_len, rt.max_batch, rt.dtype, rt.timeout) == (64, 2, "float32", 5.0)
     assert not (rt.cuda_graphs or rt.compile or rt.cpu_kernels)
     assert rt.decode_attention == "sdpa"
     llm = load_llm(job, ckpt, ckpt.tokenizer())

@@ -331,6 +331,19 @@ def test_schedule_twice_before_update_never_schedules_a_request_twice():
     assert len(s.schedule().chunks) == 3
 
 
+def test_max_seqs_splits_the_running_requests_into_groups_that_take_turns():
+    """A pipeline asks for a share of max_batch per step: each step takes the earliest
+    requests not in flight, so the groups alternate, one per stage."""
+    s = make(max_batch=5)
+    for i in range(5):
+        s.add(req(f"r{i}", range(10 * i + 1, 10 * i + 4), max_new=4))
+    steps = [s.schedule(max_seqs=2) for _ in range(4)]
+    ids = [[c.request.id for c in st.chunks] for st in steps]
+    assert ids == [["r0", "r1"], ["r2", "r3"], ["r4"], []]
+    s.update(steps[0], sampled_for(steps[0]))
+    assert [c.request.id for c in s.schedule(max_seqs=2).chunks] == ["r0", "r1"]
+
+
 # ---- randomized simulation ------------------------------------------------------------
 def check_invariants(s, live, max_batch, max_batch_tokens, step, busy):
     pool = s.pool

@@ -1,0 +1,128 @@
+"""Executors: what runs a scheduled step under the engine. One interface, two kinds.
+
+* ``LocalExecutor``: the stages of ``runtime.engine.Engine`` in this process (one or more,
+  on any local devices). One step in flight.
+* ``RankExecutor``: one data-parallel replica of a multi-process layout, driven from the
+  front process (rank 0) through ``runtime.stage_rank.StageRank``. It keeps ``depth`` =
+  pipeline stages steps in flight, so every stage is busy.
+
+The engine calls ``launch(work)`` up to ``depth`` times, then ``collect()`` for the oldest
+step: the sampled tokens of its sequences that sample (``StepWork.sampled_ids`` order).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Protocol
+
+import torch
+
+from llamadist.config import ModelConfig
+from llamadist.distributed.p2p import Kind, Message
+from llamadist.runtime.engine import Engine
+from llamadist.runtime.stage_rank import StageRank
+from llamadist.runtime.step_work import StepWork, sample_step
+
+
+class Executor(Protocol):
+    config: ModelConfig
+    devices: list[str]  # every device it computes on (the defaults of block size, budget)
+    depth: int          # steps it keeps in flight
+
+    def init_paged(self, num_blocks: int, block_size: int) -> None: ...
+
+    def launch(self, work: StepWork) -> None: ...
+
+    def collect(self) -> list[int]: ...
+
+    def idle(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalExecutor:
+    """Stages in this process. The sampled tokens' copy to the host is started at launch
+    and waited for at collect."""
+
+    depth = 1
+
+    def __init__(self, model: Engine):
+        self.model = model
+        self.config = model.config
+        self.devices = [str(s.device) for s in model.stages]
+        self._first = model.stages[0].device
+        self._done: deque[torch.Tensor] = deque()
+
+    def init_paged(self, num_blocks: int, block_size: int) -> None:
+        self.model.init_paged(num_blocks, block_size)
+
+    @torch.inference_mode()
+    def launch(self, work: StepWork) -> None:
+        if work.reset_stats:
+            for s in self.model.stages:
+                s.reset_stats()
+        logits = self.model.forward_paged(work.tokens(self._first), work.batch())  # (S, V)
+        self._done.append(sample_step(logits, work).to("cpu", non_blocking=True))
+
+    def collect(self) -> list[int]:
+        tokens = self._done.popleft()
+        if tokens.device.type == "cpu" and self._first.type == "cuda":
+            torch.cuda.current_stream(self.model.device).synchronize()
+        return tokens.tolist()
+
+    def idle(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._done.clear()
+
+
+class RankExecutor:
+    """Replica ``replica`` of a multi-process layout, seen from the front process (rank 0,
+    which is replica 0's first stage: it computes that stage itself at launch)."""
+
+    def __init__(self, rank: StageRank, replica: int, devices: list[str]):
+        self.rank, self.replica = rank, replica
+        self.config = rank.stage.model.config
+        self.devices = devices
+        self.depth = rank.groups.pp_size
+        self.leader, self.sampler = rank.replica_ranks(replica)
+        self._local: deque[torch.Tensor] = deque()  # tokens sampled here (one stage, tp 1)
+
+    def init_paged(self, num_blocks: int, block_size: int) -> None:
+        """Every rank made its cache at setup (runtime.worker.RankSpec): check the engine
+        uses no more blocks than it holds, of the same size."""
+        have, size = self.rank.paged_shape
+        if num_blocks > have or block_size != size:
+            raise ValueError(f"the engine asks for {num_blocks} blocks of {block_size} but "
+                             f"the ranks made {have} of {size}")
+
+    def launch(self, work: StepWork) -> None:
+        packed = work.pack()
+        if self.leader != self.rank.groups.rank:
+            self.rank.front.send(self.leader, Message(Kind.STEP, tensor=packed))
+            return
+        with torch.inference_mode():
+            tokens = self.rank.run(work, packed)
+        if tokens is not None:
+            self._local.append(tokens)
+
+    def collect(self) -> list[int]:
+        if self._local:
+            return self._local.popleft().tolist()
+        return self.rank.front.recv(self.sampler).tensor.tolist()
+
+    def idle(self) -> None:
+        """The replica has nothing in flight: its ranks may wait without a deadline."""
+        if self.leader != self.rank.groups.rank:
+            self.rank.front.send(self.leader, Message(Kind.IDLE))
+        else:
+            self.rank.idle()
+
+    def close(self) -> None:
+        """Tell the replica's ranks to leave (replica 0: the front's own paths)."""
+        if self.leader != self.rank.groups.rank:
+            self.rank.front.send(self.leader, Message(Kind.END))
+            self.rank.front.flush()
+        else:
+            self.rank.close()

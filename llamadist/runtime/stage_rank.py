@@ -1,0 +1,181 @@
+"""One rank's stage in the multi-process engine: it runs each scheduled step on its layers
+and passes it on. The scheduler lives in the front process (rank 0); the ranks only
+compute, in the order steps were scheduled, so their paged KV caches agree.
+
+    front (rank 0 = replica 0's stage 0, tp 0)
+      │ StepWork ──► replica k's leader (stage 0, tp 0)   [steps group, CPU]
+      │               ├─ StepWork ──► its TP peers          [tp group, CPU]
+      │               └─ StepWork + hidden ──► stage 1 ──► … ──► last stage
+      ◄────────────── sampled tokens (tp 0 of the last stage) [steps group, CPU]
+
+* Every message of a step travels with its ``StepWork`` (host data, a few hundred bytes
+  to a few KB), so each stage builds its own ``PagedBatch`` and nothing else is shared.
+* Several steps may be in flight (one per stage): a stage runs whatever arrives, in order.
+* Hidden states travel on the pipeline's device group (NCCL on GPU), only forward; tokens
+  and step descriptions on CPU gloo groups (see distributed.p2p).
+* The stage runs through ``runtime.engine.Engine`` like one process does: the same paged
+  step, the same per-bucket CUDA graphs for decode steps, the same kernels.
+* END (sent by the front when it closes) travels the same paths; every rank leaves.
+* Deadlines: while its replica has work (a STEP seen, no IDLE since), a rank waits for the
+  next message at most ``timeout`` seconds, so a rank that hangs is blamed by the next one;
+  after IDLE (the front sends it when the replica has nothing left) it waits as long as
+  it takes (a server with no clients); a dead peer still fails the wait at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from llamadist.config import RuntimeConfig
+from llamadist.distributed.faults import Watchdog, fault_hook
+from llamadist.distributed.grid import rank_of
+from llamadist.distributed.groups import ParallelGroups
+from llamadist.distributed.p2p import P2P, Kind, Message
+from llamadist.runtime.engine import Engine
+from llamadist.runtime.stage import Stage
+from llamadist.runtime.step_work import StepWork, sample_step
+
+log = logging.getLogger(__name__)
+CPU = torch.device("cpu")
+
+
+@dataclass
+class RankStats:
+    steps: int = 0
+    compute_s: float = 0.0  # inside the stage (device time when runtime.timed)
+    wait_s: float = 0.0     # blocked receiving: this rank's bubble
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class StageRank:
+    groups: ParallelGroups
+    stage: Stage
+    runtime: RuntimeConfig
+    timeout: float
+    watchdog: Watchdog | None = None
+    record_logits: bool = False  # keep the sampled rows' fp32 logits (tests)
+    recorded: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
+    stats: RankStats = field(default_factory=RankStats)
+
+    def __post_init__(self) -> None:
+        g = self.groups
+        rt = self.runtime
+        if g.tp_size > 1 and g.ctx.backend != "nccl":
+            rt = rt.replace(cuda_graphs=False)  # a gloo all-reduce cannot be captured
+        self.model = Engine(self.stage.model.config, [self.stage], runtime=rt)
+        self.pipe = P2P(g.pp, self.stage.device, self.timeout, self.watchdog)
+        self.tp_link = P2P(g.tp, CPU, self.timeout, self.watchdog)
+        self.front = P2P(g.steps, CPU, self.timeout, self.watchdog)
+        self.busy = False  # between a STEP and the next IDLE: waits have a deadline
+
+    # ---- who talks to whom ----------------------------------------------------------
+    @property
+    def is_leader(self) -> bool:
+        """Stage 0, TP rank 0 of its replica: takes steps from the front."""
+        return self.groups.pp.is_first and self.groups.tp_index == 0
+
+    @property
+    def samples(self) -> bool:
+        return self.stage.has_head and self.groups.tp_index == 0
+
+    def replica_ranks(self, replica: int) -> tuple[int, int]:
+        """(leader, sampler): the global ranks replica ``replica`` takes steps at and
+        returns tokens from."""
+        g = self.groups
+        return (rank_of(replica, 0, 0, g.pp_size, g.tp_size),
+                rank_of(replica, g.pp_size - 1, 0, g.pp_size, g.tp_size))
+
+    def init_paged(self, num_blocks: int, block_size: int) -> None:
+        self.model.init_paged(num_blocks, block_size)
+        self.paged_shape = (num_blocks, block_size)
+
+    # ---- one step on this stage ---------------------------------------------------------
+    def run(self, work: StepWork, packed: torch.Tensor, x: torch.Tensor | None = None
+            ) -> torch.Tensor | None:
+        """Run this stage on ``work`` (x: the previous stage's hidden state; the first
+        stage reads the tokens from ``work``) and pass it on; -> the sampled tokens (CPU)
+        on the rank that samples, else None."""
+        if work.reset_stats:
+            self.stats = RankStats()
+            self.stage.reset_stats()
+            self.pipe.stats = type(self.pipe.stats)()
+        fault_hook(self.groups.rank, self.stats.steps)
+        if self.groups.pp.is_first and self.groups.tp_index == 0:
+            for peer in self.groups.tp.ranks[1:]:
+                self.tp_link.send(peer, Message(Kind.STEP, tensor=packed))
+        if x is None:
+            x = work.tokens(self.stage.device)
+        t0 = time.perf_counter()
+        out = self.model.forward_paged(x, work.batch())
+        self.stats.compute_s += time.perf_counter() - t0
+        self.stats.steps += 1
+        if not self.stage.has_head:
+            nxt = self.groups.pp.next_rank
+            self.pipe.send(nxt, Message(Kind.STEP, tensor=packed))
+            self.pipe.send(nxt, Message(Kind.HIDDEN, tensor=out))
+            return None
+        if not self.samples:
+            return None
+        tokens = sample_step(out, work)
+        if self.record_logits:
+            rows = [i for i, s in enumerate(work.seqs) if s.sample is not None]
+            for i in rows:
+                s = work.seqs[i]
+                self.recorded[(s.request_id, s.sample.step)] = out[i].float().cpu()
+        return tokens.cpu()
+
+    # ---- a rank other than the front ------------------------------------------------------
+    def serve(self) -> None:
+        """Run steps as they arrive until END (every rank but the front)."""
+        g = self.groups
+        while True:
+            t0 = time.perf_counter()
+            if self.is_leader:
+                src, link = 0, self.front
+            elif g.pp.is_first:
+                src, link = g.tp.first_rank, self.tp_link
+            else:
+                src, link = g.pp.prev_rank, self.pipe
+            msg = link.recv(src, idle=not self.busy)
+            if msg.kind in (Kind.END, Kind.IDLE):
+                self.stats.wait_s += time.perf_counter() - t0
+                if msg.kind == Kind.END:
+                    self.close()
+                    return
+                self.idle()
+                continue
+            self.busy = True
+            hidden = None
+            if not g.pp.is_first:
+                hidden = self.pipe.recv(src).tensor
+            self.stats.wait_s += time.perf_counter() - t0
+            tokens = self.run(StepWork.unpack(msg.tensor), msg.tensor, hidden)
+            if tokens is not None:
+                self.front.send(0, Message(Kind.TOKENS, tensor=tokens))
+
+    def _pass_on(self, kind: Kind) -> None:
+        """Send a control message on every path this rank feeds steps to."""
+        g = self.groups
+        if g.pp.is_first and g.tp_index == 0:
+            for peer in g.tp.ranks[1:]:
+                self.tp_link.send(peer, Message(kind))
+        if not g.pp.is_last:
+            self.pipe.send(g.pp.next_rank, Message(kind))
+
+    def idle(self) -> None:
+        """Nothing in flight any more: from here waits have no deadline."""
+        self.busy = False
+        self._pass_on(Kind.IDLE)
+
+    def close(self) -> None:
+        """Send END on every path this rank feeds, then wait for the sends to land."""
+        self._pass_on(Kind.END)
+        for link in (self.tp_link, self.pipe, self.front):
+            link.flush()
