@@ -10,6 +10,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from llamadist.cli.args import USER_ERRORS, runtime_config
 from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, inherited_layout
@@ -17,10 +19,12 @@ from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.runtime.worker import RankSpec, Session, setup_worker_logging
 
 log = logging.getLogger(__name__)
+Command = Callable[[argparse.Namespace, Job, Any], int]  # cli.run's generate, chat, bench
 JOBS = {"generate": generate_job, "chat": chat_job, "bench": bench_job}
 
 
-def run_rank(kind: str, args: argparse.Namespace) -> int:
+def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
+    """This rank's part of ``kind``; on rank 0, ``command`` (cli.run's) runs the job."""
     rank = int(os.environ["RANK"])
     setup_worker_logging(rank, args.verbose)
     # The grid: the layout the front process decided (--auto included), else the flags.
@@ -30,7 +34,7 @@ def run_rank(kind: str, args: argparse.Namespace) -> int:
     try:
         # the timeout is needed before rank 0's Job exists: the flags' RuntimeConfig gives it
         session = Session.start(pp, tp, dp, runtime_config(args).timeout, devices)
-        code = _run(kind, session, args)
+        code = _run(kind, session, args, command)
         session.close()
         return code
     except PeerError as e:
@@ -90,7 +94,7 @@ def _agree(session: Session, args: argparse.Namespace, kind: str, ckpt, tok
     return job, setup
 
 
-def _run(kind: str, session: Session, args: argparse.Namespace) -> int:
+def _run(kind: str, session: Session, args: argparse.Namespace, command: Command) -> int:
     from llamadist.weights.checkpoint import open_checkpoint
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()
@@ -104,11 +108,10 @@ def _run(kind: str, session: Session, args: argparse.Namespace) -> int:
         session.gather(rank_report(session))
         return 0
     from llamadist.api import LLM
-    from llamadist.cli.run import COMMANDS
     engine = front_engine(session, spec, tok)
     llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine))
     try:
-        return COMMANDS[kind](args, job, llm)
+        return command(args, job, llm)
     finally:
         llm.stage_stats()  # closes the engine (every rank leaves its loop) if not yet
 

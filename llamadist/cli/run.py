@@ -24,7 +24,7 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
         raise ValueError("give a model (checkpoint folder, .gguf or alias) or --shape NAME")
     if in_worker():
         from llamadist.cli.ranks import run_rank
-        return run_rank(kind, args)
+        return run_rank(kind, args, COMMANDS[kind])
     from llamadist.weights.checkpoint import open_checkpoint
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()
