@@ -22,6 +22,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "cpu_quant.h"
+
 typedef float v8 __attribute__((vector_size(32)));
 
 static inline v8 load8(const float *p) {
@@ -123,10 +125,10 @@ typedef struct {
     float eps;
     float *h;                           /* (batch, dim) residual stream, updated in place */
     const float *norm1, *norm2;         /* (dim) */
-    const float *w_qkv, *b_qkv;         /* (q + 2 kv, dim), bias or NULL */
-    const float *w_o, *b_o;             /* (dim, q) */
-    const float *w_gu, *b_gu;           /* (2 inter, dim): gate rows then up rows */
-    const float *w_down, *b_down;       /* (dim, inter) */
+    const void *w_qkv; const float *b_qkv; /* (q + 2 kv, dim), bias or NULL */
+    const void *w_o; const float *b_o;     /* (dim, q) */
+    const void *w_gu; const float *b_gu;   /* (2 inter, dim): gate rows then up rows */
+    const void *w_down; const float *b_down; /* (dim, inter) */
     float *k_cache, *v_cache;           /* static: (batch, kv_heads, slots, head_dim);
                                            paged: (blocks, kv_heads, block_size, head_dim) */
     int64_t cache_b, cache_h, cache_t;  /* element strides of a row (static) or a block
@@ -142,7 +144,21 @@ typedef struct {
     int64_t mask_b;
     float *scratch;                     /* see cpu_decode.py: scratch_floats() */
     int64_t threads;                    /* OpenMP team size */
+    int64_t t_qkv, t_o, t_gu, t_down;   /* weight formats: 0 float32, else a ggml block
+                                           type (the w_* point at blocks, cpu_quant.h) */
+    void *qscratch;                     /* quantized activations (quantized weights only) */
 } layer_args;
+
+/* linear_for over a float32 weight, or quant_linear_for over GGUF blocks. */
+static void any_linear_for(int64_t type, const float *x, const void *w, const float *bias,
+                           float *y, int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
+                           int accumulate, void *qscratch) {
+    if (type == QT_F32)
+        linear_for(x, (const float *)w, bias, y, m, n, k, ldx, ldy, accumulate);
+    else
+        quant_linear_for((int)type, x, (const uint8_t *)w, bias, y, m, n, k, ldx, ldy,
+                         accumulate, qscratch);
+}
 
 /* Element offset of row b's slot s, head 0: in a static cache the row's own slot s, in a
    paged one offset s % block_size of the row's block s / block_size. */
@@ -194,11 +210,12 @@ void llamadist_decode_layer_f32(const layer_args *a) {
     float *att = qkv + B * qkv_n;           /* (B, q_size) attention output */
     float *gu = att + B * q_size;           /* (B, 2F) gate|up, then silu(gate) * up */
     float *probs = gu + B * 2 * F;          /* (B * H, len) */
+    void *qs = a->qscratch;
 #pragma omp parallel num_threads((int)a->threads)
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);
-        linear_for(xn, a->w_qkv, a->b_qkv, qkv, B, qkv_n, D, D, qkv_n, 0);
+        any_linear_for(a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B, qkv_n, D, D, qkv_n, 0, qs);
         /* RoPE on q (in place) and k (into the cache); v into the cache. */
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * (H + Hkv); ++bh) {
@@ -223,16 +240,16 @@ void llamadist_decode_layer_f32(const layer_args *a) {
             attend_head(a, b, head / group, qkv + b * qkv_n + head * hd, probs + bh * a->len,
                         att + b * q_size + head * hd, a->lens ? a->lens[b] : a->len);
         }
-        linear_for(att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D, 1); /* h += o_proj */
+        any_linear_for(a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D, 1, qs); /* h += o */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm2, xn + b * D, D, a->eps);
-        linear_for(xn, a->w_gu, a->b_gu, gu, B, 2 * F, D, D, 2 * F, 0);
+        any_linear_for(a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F, D, D, 2 * F, 0, qs);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * F; ++i) {
             float *row = gu + (i / F) * 2 * F;
             const float g = row[i % F];
             row[i % F] = g / (1.0f + expf(-g)) * row[F + i % F];
         }
-        linear_for(gu, a->w_down, a->b_down, a->h, B, D, F, 2 * F, D, 1); /* h += down */
+        any_linear_for(a->t_down, gu, a->w_down, a->b_down, a->h, B, D, F, 2 * F, D, 1, qs);
     }
 }

@@ -41,6 +41,10 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
+# Built together into one library: the quantized linears (cpu_quant.c) serve the decode
+# layer's projections when its weights are GGUF blocks.
+SOURCES = [SOURCE, SOURCE.with_name("cpu_quant.c")]
+HEADERS = [SOURCE.with_name("cpu_quant.h")]
 # Rows of x up to which the kernel beats the BLAS (each 8-row weight block is read from
 # memory once and from cache for every further row; past 32 rows the GEMM of the BLAS wins).
 # Measured with benchmarks/cpu_linear.py; RESULTS.md has the table.
@@ -49,6 +53,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 
 _fn = None          # the ctypes linear once built
 _layer_fn = None    # the ctypes decoder layer
+_lib = None         # the loaded library (cpu_quant.py binds its functions from it)
 _tried = False      # built (or failed) already in this process
 _lock = threading.Lock()
 
@@ -87,7 +92,7 @@ def _compile(out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp]
+        cmd = [cc, *FLAGS, *map(str, SOURCES), "-o", tmp]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if res.returncode != 0 and "-march=native" in cmd:  # a compiler without it
             cmd.remove("-march=native")
@@ -101,7 +106,8 @@ def _compile(out: Path) -> None:
 
 
 def library_path() -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+    key = hashlib.sha256(b"".join(f.read_bytes() for f in SOURCES + HEADERS)
+                         + " ".join(FLAGS).encode()
                          + _compiler().encode()
                          + _cpu_signature().encode()).hexdigest()[:16]
     return cache_dir() / "kernels" / f"cpu_decode-{key}.so"
@@ -109,7 +115,7 @@ def library_path() -> Path:
 
 def _load():
     """Build (once per machine) and load the kernel; None where it cannot be had."""
-    global _fn, _layer_fn, _tried
+    global _fn, _layer_fn, _lib, _tried
     with _lock:
         if _tried:
             return _fn
@@ -125,6 +131,7 @@ def _load():
                         "PyTorch's matmul, about half as fast. Install a C compiler (gcc) or "
                         "set CC; RuntimeConfig(cpu_kernels=False) silences this.", e)
             return None
+        _lib = lib
         _layer_fn = lib.llamadist_decode_layer_f32
         _layer_fn.restype = None
         _layer_fn.argtypes = [ctypes.POINTER(LayerArgs)]
@@ -133,6 +140,13 @@ def _load():
         fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
         _fn = fn
         return fn
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library (building it now if needed), or None."""
+    if not _tried:
+        _load()
+    return _lib
 
 
 def available() -> bool:
@@ -200,7 +214,9 @@ class LayerArgs(ctypes.Structure):
                 ("cache_t", ctypes.c_int64), ("block_size", ctypes.c_int64),
                 ("block_table", _P), ("bt_stride", ctypes.c_int64), ("lens", _P), ("cos", _P),
                 ("sin", _P), ("cs_b", ctypes.c_int64), ("mask", _P), ("mask_b", ctypes.c_int64),
-                ("scratch", _P), ("threads", ctypes.c_int64)]
+                ("scratch", _P), ("threads", ctypes.c_int64), ("t_qkv", ctypes.c_int64),
+                ("t_o", ctypes.c_int64), ("t_gu", ctypes.c_int64), ("t_down", ctypes.c_int64),
+                ("qscratch", _P)]
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

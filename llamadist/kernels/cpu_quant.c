@@ -1,0 +1,383 @@
+/* Quantized linears on GGUF blocks (layouts in quant_ref.py), for decode and prefill.
+
+   Q4_0, Q4_1, Q8_0 (blocks of 32 along the input): x is quantized per block of 32 to
+   int8 with an f32 scale d and the block sum s = d * sum(q) (llama.cpp's q8_1), and each
+   weight block meets its x block in an integer dot product, dequantized in registers:
+       Q8_0  dw dx sum(qw qx)      Q4_0  dw (dx sum(qw qx) - 8 s)      Q4_1  dw dx sum(qw qx) + m s
+   The error this adds is x's rounding, at most dx / 2 per input (tests/unit/test_quant.py
+   bounds it). Q4_K, Q5_K, Q6_K (blocks of 256): each block is dequantized into 256 floats
+   on the stack (L1) and dotted with x in float32; x is not quantized.
+
+   Runtime dispatch: the integer dot products exist three times, plain C, AVX2 (+FMA, F16C:
+   every x86 since Haswell / Zen 1) and AVX-512 (F, BW, DQ, VL: two blocks per 512-bit
+   register; no VNNI, no AMX assumed), each function built with its own
+   __attribute__((target)), and the first call picks the best the CPU has
+   (__builtin_cpu_supports); llamadist_quant_set_isa forces a lower one (tests run all
+   three on one machine). Built with cpu_decode.c into one library (cpu_decode.py). */
+
+#include "cpu_quant.h"
+
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
+#define INLINE static inline __attribute__((always_inline))
+
+typedef float (*qdot_fn)(const uint8_t *w, const int8_t *q, const float *d, const float *s,
+                         int64_t nb);
+
+static int block_weights(int type) { return type >= QT_Q4_K ? 256 : 32; }
+
+static int block_bytes(int type) {
+    switch (type) {
+    case QT_Q4_0: return 18;
+    case QT_Q4_1: return 20;
+    case QT_Q8_0: return 34;
+    case QT_Q4_K: return 144;
+    case QT_Q5_K: return 176;
+    case QT_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+static inline float f16(const uint8_t *p) { /* little-endian IEEE half -> float */
+    uint16_t h;
+    memcpy(&h, p, 2);
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t bits;
+    if (e == 0) {
+        const float f = ldexpf((float)m, -24); /* zero or subnormal */
+        return sign ? -f : f;
+    }
+    bits = e == 31 ? sign | 0x7f800000u | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---- x -> int8 blocks of 32 (the reference is quant_ref.quantize_q8) ---- */
+static void quantize_row_q8(const float *x, int64_t k, int8_t *q, float *d, float *s) {
+    for (int64_t b = 0; b < k / 32; ++b) {
+        const float *xb = x + 32 * b;
+        float amax = 0.0f;
+        for (int i = 0; i < 32; ++i) amax = fmaxf(amax, fabsf(xb[i]));
+        const float db = amax / 127.0f, inv = db > 0.0f ? 1.0f / db : 0.0f;
+        int sum = 0;
+        for (int i = 0; i < 32; ++i) {
+            const int v = (int)roundf(xb[i] * inv);
+            q[32 * b + i] = (int8_t)v;
+            sum += v;
+        }
+        d[b] = db;
+        s[b] = db * (float)sum;
+    }
+}
+
+/* ---- plain C ---- */
+INLINE float row_dot_c(int type, const uint8_t *w, const int8_t *q, const float *d,
+                       const float *s, int64_t nb) {
+    const int bb = block_bytes(type);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = w + b * bb;
+        const int8_t *qb = q + 32 * b;
+        int dot = 0;
+        if (type == QT_Q8_0) {
+            const int8_t *qw = (const int8_t *)(blk + 2);
+            for (int j = 0; j < 32; ++j) dot += qw[j] * qb[j];
+        } else {
+            const uint8_t *qs = blk + (type == QT_Q4_1 ? 4 : 2);
+            for (int j = 0; j < 16; ++j) dot += (qs[j] & 15) * qb[j] + (qs[j] >> 4) * qb[j + 16];
+        }
+        const float dw = f16(blk);
+        if (type == QT_Q4_0) acc += dw * (d[b] * (float)dot - 8.0f * s[b]);
+        else if (type == QT_Q4_1) acc += dw * d[b] * (float)dot + f16(blk + 2) * s[b];
+        else acc += dw * d[b] * (float)dot;
+    }
+    return acc;
+}
+
+static float dot_q4_0_c(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_c(QT_Q4_0, w, q, d, s, nb); }
+static float dot_q4_1_c(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_c(QT_Q4_1, w, q, d, s, nb); }
+static float dot_q8_0_c(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_c(QT_Q8_0, w, q, d, s, nb); }
+
+/* ---- AVX2 ---- */
+TGT_AVX2 INLINE __m256i nibbles32(const uint8_t *p) { /* 16 bytes -> 32 bytes: lo, then hi */
+    const __m128i r = _mm_loadu_si128((const __m128i *)p), m4 = _mm_set1_epi8(15);
+    return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r, 4), m4), _mm_and_si128(r, m4));
+}
+
+TGT_AVX2 INLINE __m256i block_dot_avx2(int type, const uint8_t *blk, const int8_t *qx) {
+    const __m256i y = _mm256_loadu_si256((const __m256i *)qx), ones = _mm256_set1_epi16(1);
+    if (type == QT_Q8_0) { /* signed x signed: |w| times y with w's sign */
+        const __m256i x = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        return _mm256_madd_epi16(
+            _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), ones);
+    }
+    const __m256i x = nibbles32(blk + (type == QT_Q4_1 ? 4 : 2));
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), ones); /* 8 int32 partial sums */
+}
+
+TGT_AVX2 INLINE float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+TGT_AVX2 INLINE float f16c(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return _cvtsh_ss(h);
+}
+
+/* The per-block float terms: the integer sum's scale, and what is added beside it. */
+TGT_AVX2 INLINE float block_scale(const uint8_t *blk, const float *d, int64_t b) {
+    return f16c(blk) * d[b];
+}
+
+TGT_AVX2 INLINE float block_extra(int type, const uint8_t *blk, const float *s, int64_t b) {
+    if (type == QT_Q4_0) return -8.0f * f16c(blk) * s[b];
+    if (type == QT_Q4_1) return f16c(blk + 2) * s[b];
+    return 0.0f;
+}
+
+TGT_AVX2 INLINE float row_dot_avx2(int type, const uint8_t *w, const int8_t *q, const float *d,
+                                   const float *s, int64_t nb) {
+    const int bb = block_bytes(type);
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float extra = 0.0f;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) { /* two chains: FMA latency */
+        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;
+        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);
+        const __m256i p1 = block_dot_avx2(type, b1, q + 32 * b + 32);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(b0, d, b)), _mm256_cvtepi32_ps(p0), acc0);
+        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(b1, d, b + 1)), _mm256_cvtepi32_ps(p1), acc1);
+        extra += block_extra(type, b0, s, b) + block_extra(type, b1, s, b + 1);
+    }
+    for (; b < nb; ++b) {
+        const uint8_t *b0 = w + b * bb;
+        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);
+        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(b0, d, b)), _mm256_cvtepi32_ps(p0), acc0);
+        extra += block_extra(type, b0, s, b);
+    }
+    return hsum256(_mm256_add_ps(acc0, acc1)) + extra;
+}
+
+TGT_AVX2 static float dot_q4_0_avx2(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx2(QT_Q4_0, w, q, d, s, nb); }
+TGT_AVX2 static float dot_q4_1_avx2(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx2(QT_Q4_1, w, q, d, s, nb); }
+TGT_AVX2 static float dot_q8_0_avx2(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx2(QT_Q8_0, w, q, d, s, nb); }
+
+/* ---- AVX-512: two blocks per register (lanes 0-7 block b, 8-15 block b+1) ---- */
+TGT_AVX512 INLINE __m512i pair_dot_avx512(int type, const uint8_t *b0, const uint8_t *b1,
+                                          const int8_t *qx) {
+    const __m512i y = _mm512_loadu_si512((const void *)qx), ones = _mm512_set1_epi16(1);
+    if (type == QT_Q8_0) {
+        const __m512i x = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+            _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+        const __mmask64 neg = _mm512_movepi8_mask(x); /* y with w's sign, times |w| */
+        const __m512i sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
+        return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(x), sy), ones);
+    }
+    const int off = type == QT_Q4_1 ? 4 : 2;
+    const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(b0 + off)),
+                                         nibbles32(b1 + off), 1);
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), ones);
+}
+
+TGT_AVX512 INLINE float row_dot_avx512(int type, const uint8_t *w, const int8_t *q,
+                                       const float *d, const float *s, int64_t nb) {
+    const int bb = block_bytes(type);
+    __m512 acc = _mm512_setzero_ps();
+    float extra = 0.0f;
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {
+        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;
+        const __m512i p = pair_dot_avx512(type, b0, b1, q + 32 * b);
+        const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(block_scale(b0, d, b)),
+                                             _mm256_set1_ps(block_scale(b1, d, b + 1)), 1);
+        acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
+        extra += block_extra(type, b0, s, b) + block_extra(type, b1, s, b + 1);
+    }
+    float total = _mm512_reduce_add_ps(acc);
+    if (b < nb) { /* an odd block: the AVX2 path */
+        const uint8_t *b0 = w + b * bb;
+        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);
+        total += block_scale(b0, d, b) * hsum256(_mm256_cvtepi32_ps(p0))
+                 + block_extra(type, b0, s, b);
+    }
+    return total + extra;
+}
+
+TGT_AVX512 static float dot_q4_0_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q4_0, w, q, d, s, nb); }
+TGT_AVX512 static float dot_q4_1_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q4_1, w, q, d, s, nb); }
+TGT_AVX512 static float dot_q8_0_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q8_0, w, q, d, s, nb); }
+
+/* ---- dispatch ---- */
+static int isa_level = -1; /* 0 plain C, 1 AVX2, 2 AVX-512 */
+
+static int best_isa(void) {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
+        return 2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
+    return 0;
+}
+
+static int current_isa(void) {
+    if (isa_level < 0) isa_level = best_isa();
+    return isa_level;
+}
+
+/* Force a dispatch level (-1: the best); returns the level in effect, never above what
+   the CPU has. */
+int llamadist_quant_set_isa(int level) {
+    const int best = best_isa();
+    isa_level = level < 0 || level > best ? best : level;
+    return isa_level;
+}
+
+static qdot_fn pick_dot(int type) {
+    static const qdot_fn table[3][3] = {
+        {dot_q4_0_c, dot_q4_1_c, dot_q8_0_c},
+        {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2},
+        {dot_q4_0_avx512, dot_q4_1_avx512, dot_q8_0_avx512}};
+    const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
+    return table[current_isa()][col];
+}
+
+/* ---- dequantization (prefill tiles, embedding rows, and the K types' GEMV) ---- */
+static void k_scale_min(int j, const uint8_t *q, float *sc, float *mn) {
+    if (j < 4) {
+        *sc = (float)(q[j] & 63);
+        *mn = (float)(q[j + 4] & 63);
+    } else {
+        *sc = (float)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
+        *mn = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
+    }
+}
+
+static void dequant_k(int type, const uint8_t *blk, float *out) {
+    if (type == QT_Q6_K) {
+        const uint8_t *ql = blk, *qh = blk + 128;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = f16(blk + 208);
+        for (int half = 0; half < 2; ++half, ql += 64, qh += 32, sc += 8, out += 128)
+            for (int l = 0; l < 32; ++l) {
+                const int is = l / 16;
+                out[l] = d * sc[is] * (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
+                out[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
+                out[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
+                out[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
+            }
+        return;
+    }
+    const float d = f16(blk), dmin = f16(blk + 2);
+    const uint8_t *scales = blk + 4, *qh = blk + 16, *qs = blk + (type == QT_Q5_K ? 48 : 16);
+    for (int j = 0; j < 8; ++j) { /* sub-block j: nibble (j & 1) of qs[32 (j / 2) + l] */
+        float sc, mn;
+        k_scale_min(j, scales, &sc, &mn);
+        const float a = d * sc, c = dmin * mn;
+        const uint8_t *src = qs + 32 * (j / 2);
+        for (int l = 0; l < 32; ++l) {
+            int q = (j & 1) ? src[l] >> 4 : src[l] & 0xF;
+            if (type == QT_Q5_K) q += ((qh[l] >> j) & 1) << 4;
+            out[32 * j + l] = a * (float)q - c;
+        }
+    }
+}
+
+static void dequant_block(int type, const uint8_t *blk, float *out) {
+    if (type >= QT_Q4_K) {
+        dequant_k(type, blk, out);
+        return;
+    }
+    const float d = f16(blk);
+    if (type == QT_Q8_0) {
+        for (int j = 0; j < 32; ++j) out[j] = d * (float)(int8_t)blk[2 + j];
+        return;
+    }
+    const uint8_t *qs = blk + (type == QT_Q4_1 ? 4 : 2);
+    const float m = type == QT_Q4_1 ? f16(blk + 2) : -8.0f * d;
+    for (int j = 0; j < 16; ++j) {
+        out[j] = d * (float)(qs[j] & 15) + m;
+        out[j + 16] = d * (float)(qs[j] >> 4) + m;
+    }
+}
+
+/* rows of W (rows, k) in blocks of `type` -> out (rows, k) float32. */
+void llamadist_dequant_rows(int type, const uint8_t *w, int64_t rows, int64_t k, float *out,
+                            int threads) {
+    const int64_t bw = block_weights(type), bb = block_bytes(type), nb = k / bw;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < nb; ++b) dequant_block(type, w + (r * nb + b) * bb, out + r * k + b * bw);
+}
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static float kdot(int type, const uint8_t *w, const float *x, int64_t nb) {
+    float tmp[256] __attribute__((aligned(64)));
+    const int bb = block_bytes(type);
+    v8 acc = {0};
+    for (int64_t b = 0; b < nb; ++b, x += 256) {
+        dequant_k(type, w + b * bb, tmp);
+        for (int i = 0; i < 256; i += 8) {
+            v8 xv, wv;
+            memcpy(&xv, x + i, sizeof xv);
+            memcpy(&wv, tmp + i, sizeof wv);
+            acc += xv * wv;
+        }
+    }
+    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+}
+
+/* ---- the linear ---- */
+int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k) {
+    return m * k + 2 * m * (k / 32) * (int64_t)sizeof(float);
+}
+
+void quant_linear_for(int type, const float *x, const uint8_t *w, const float *bias,
+                      float *y, int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
+                      int accumulate, void *scratch) {
+    const int is_k = type >= QT_Q4_K;
+    const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
+    float *xd = (float *)scratch, *xs = xd + m * (k / 32);
+    int8_t *xq = (int8_t *)(xs + m * (k / 32));
+    if (!is_k) {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r)
+            quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * nb, xs + r * nb);
+    } /* the loop's implicit barrier: every thread sees all of x quantized */
+    const qdot_fn dot = is_k ? NULL : pick_dot(type);
+#pragma omp for schedule(static)
+    for (int64_t j = 0; j < n; ++j) {
+        const uint8_t *wr = w + j * rb;
+        for (int64_t r = 0; r < m; ++r) { /* the row is read from memory once, then cache */
+            float v = is_k ? kdot(type, wr, x + r * ldx, nb)
+                           : dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb);
+            v += bias ? bias[j] : 0.0f;
+            float *o = y + r * ldy + j;
+            *o = accumulate ? *o + v : v;
+        }
+    }
+}
+
+void llamadist_qlinear(int type, const float *x, const uint8_t *w, const float *bias, float *y,
+                       int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy, void *scratch,
+                       int threads) {
+    current_isa(); /* decide before the team starts */
+#pragma omp parallel num_threads(threads)
+    quant_linear_for(type, x, w, bias, y, m, n, k, ldx, ldy, 0, scratch);
+}
+
+/* The activation quantization alone, for tests: x (m, k) -> q (m, k), d, s (m, k/32). */
+void llamadist_quantize_q8(const float *x, int64_t m, int64_t k, int64_t ldx, int8_t *q,
+                           float *d, float *s) {
+    for (int64_t r = 0; r < m; ++r)
+        quantize_row_q8(x + r * ldx, k, q + r * k, d + r * (k / 32), s + r * (k / 32));
+}

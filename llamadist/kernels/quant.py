@@ -1,0 +1,185 @@
+"""``QuantizedTensor``: a weight matrix kept as its GGUF blocks, a first-class weight.
+
+It is no torch.Tensor: it holds ``blocks``, a (out, row bytes) uint8 tensor, its ggml
+type and its logical (out, in) shape, and takes part in three torch functions through
+``__torch_function__``, so the pure model's modules run on it unchanged:
+
+* ``F.linear(x, w, bias)``: up to ``MAX_ROWS`` float32 rows on the CPU, the C GEMV of
+  cpu_quant.c (x quantized to int8 per 32 for Q4_0 / Q4_1 / Q8_0); more rows (prefill),
+  tiles of W dequantized to x's dtype and multiplied by PyTorch's GEMM.
+* ``F.embedding(ids, w)``: only the looked-up rows are dequantized.
+* ``torch.cat([w1, w2], dim=0)``: the projection fusion (llamadist.model.fuse); parts of
+  different types fall back to one float matrix.
+
+Anything else (``w + 1``, ``w.to(...)``) raises a TypeError that names the function. The
+loader (llamadist.weights.loader) puts one in a module's ``weight`` slot in place of the
+Parameter. Row slices (output features) are free; column slices must fall on block
+boundaries (blocks run along the input dimension), as tensor parallelism asks.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from llamadist.kernels import cpu_quant
+from llamadist.kernels.cpu_decode import MAX_ROWS
+from llamadist.kernels.quant_ref import FORMATS, block_shape, dequantize
+
+log = logging.getLogger(__name__)
+
+# Floats of W a prefill tile dequantizes at once (16 MiB): big enough for the GEMM to run
+# at speed, small enough to stay out of the way of the model's own memory.
+TILE_FLOATS = 1 << 22
+
+
+class QuantizedTensor:
+    """W (out, in) as GGUF blocks: ``blocks`` (out, in / block * block bytes) uint8 on the
+    CPU, ``qtype`` a ggml type id of quant_ref.FORMATS. ``act_dtype`` is the dtype the
+    model computes in (what an embedding lookup returns)."""
+
+    def __init__(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
+                 act_dtype: torch.dtype = torch.float32) -> None:
+        if qtype not in FORMATS:
+            raise ValueError(f"ggml type {qtype} is not a supported block format "
+                             f"({', '.join(n for n, _, _ in FORMATS.values())})")
+        block, size = block_shape(qtype)
+        rows, cols = shape
+        if (blocks.dtype != torch.uint8 or blocks.dim() != 2 or cols % block
+                or tuple(blocks.shape) != (rows, cols // block * size)):
+            raise ValueError(f"{FORMATS[qtype][0]} {shape}: expected uint8 blocks of shape "
+                             f"({rows}, {cols // block * size}), got {blocks.dtype} "
+                             f"{tuple(blocks.shape)}")
+        self.blocks = blocks.contiguous()
+        self.qtype = qtype
+        self.shape = torch.Size(shape)
+        self.act_dtype = act_dtype
+
+    # ---- what the loader, the passes and the kernels ask of a weight ------------------
+    @property
+    def type_name(self) -> str:
+        return FORMATS[self.qtype][0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.uint8  # never float32: float-only kernels pass it by
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.nbytes
+
+    is_meta = False
+    requires_grad = False
+
+    def dim(self) -> int:
+        return 2
+
+    def size(self, d: int | None = None) -> Any:
+        return self.shape if d is None else self.shape[d]
+
+    def detach(self) -> "QuantizedTensor":
+        return self
+
+    def __repr__(self) -> str:
+        return f"QuantizedTensor({self.type_name}, shape={tuple(self.shape)})"
+
+    # ---- slices --------------------------------------------------------------------
+    def rows(self, start: int, stop: int) -> "QuantizedTensor":
+        """Output features [start, stop): whole rows of blocks."""
+        return QuantizedTensor(self.blocks[start:stop], self.qtype, (stop - start, self.shape[1]),
+                               self.act_dtype)
+
+    def cols(self, start: int, stop: int) -> "QuantizedTensor":
+        """Input features [start, stop), which must fall on block boundaries."""
+        block, size = block_shape(self.qtype)
+        if start % block or stop % block:
+            raise ValueError(f"a {self.type_name} weight {tuple(self.shape)} cannot be cut at "
+                             f"input columns [{start}, {stop}): its blocks hold {block} "
+                             f"consecutive inputs; cut at multiples of {block}")
+        part = self.blocks[:, start // block * size:stop // block * size]
+        return QuantizedTensor(part, self.qtype, (self.shape[0], stop - start), self.act_dtype)
+
+    # ---- arithmetic ----------------------------------------------------------------
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0,
+                   stop: int | None = None) -> torch.Tensor:
+        """Rows [start, stop) as a float tensor (the C kernel, else the numpy reference)."""
+        part = self.blocks[start:stop]
+        if cpu_quant.available():
+            out = cpu_quant.dequant_rows(part, self.qtype, self.shape[1])
+        else:
+            out = torch.from_numpy(dequantize(part.numpy(), self.qtype, self.shape[1])
+                                   .astype(np.float32))
+        return out.to(dtype)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        impl = _HANDLED.get(func)
+        if impl is None:
+            raise TypeError(f"{getattr(func, '__name__', func)} does not take a QuantizedTensor "
+                            f"(it serves F.linear, F.embedding and torch.cat); call "
+                            f".dequantize() first")
+        return impl(*args, **(kwargs or {}))
+
+
+def linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, bias) with W quantized: x (..., in) -> (..., out)."""
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise RuntimeError(f"linear: x has {x.shape[-1]} features, the weight {tuple(w.shape)}")
+    x2 = x.reshape(-1, k)
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and 0 < x2.shape[0] <= MAX_ROWS
+            and (bias is None or bias.dtype == torch.float32) and cpu_quant.available()
+            and not (torch.is_grad_enabled() and x.requires_grad)):
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        y = cpu_quant.qlinear(x2, w.blocks, w.qtype, n,
+                              None if bias is None else bias.contiguous())
+        return y.view(*x.shape[:-1], n)
+    return _tiled_linear(x2, w, bias).view(*x.shape[:-1], n)
+
+
+def _tiled_linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (m, k) @ W^T one tile of W's rows at a time, each dequantized to x's dtype."""
+    n, k = w.shape
+    y = torch.empty(x.shape[0], n, dtype=x.dtype, device=x.device)
+    step = max(64, TILE_FLOATS // k)
+    for j in range(0, n, step):
+        tile = w.dequantize(x.dtype, j, j + step).to(x.device)
+        y[:, j:j + step] = x @ tile.t()
+    return y if bias is None else y.add_(bias)
+
+
+def embedding(ids: torch.Tensor, w: QuantizedTensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    """F.embedding: ids (...) -> (..., in) in w.act_dtype, dequantizing only those rows."""
+    if any(a not in (None, False, 2.0) for a in list(args) + list(kwargs.values())):
+        raise TypeError("a quantized embedding supports no padding_idx / max_norm / sparse")
+    picked = QuantizedTensor(w.blocks[ids.reshape(-1).cpu()], w.qtype,
+                             (ids.numel(), w.shape[1]), w.act_dtype)
+    return picked.dequantize(w.act_dtype).view(*ids.shape, w.shape[1]).to(ids.device)
+
+
+def cat(parts: list[Any] | tuple[Any, ...], dim: int = 0) -> Any:
+    """Rows of same-type quantized parts, concatenated (the projection fusion); parts of
+    different types (a Q4_K_M file's Q6_K v beside Q4_K q/k) become one float matrix."""
+    if dim != 0:
+        raise TypeError("quantized weights concatenate along rows (dim=0) only")
+    if not all(isinstance(p, QuantizedTensor) for p in parts):
+        raise TypeError("torch.cat of quantized and float weights")
+    first = parts[0]
+    if all(p.qtype == first.qtype and p.shape[1] == first.shape[1] for p in parts):
+        return QuantizedTensor(torch.cat([p.blocks for p in parts]), first.qtype,
+                               (sum(p.shape[0] for p in parts), first.shape[1]), first.act_dtype)
+    log.info("fusing weights of types %s: dequantized to %s",
+             [p.type_name for p in parts], first.act_dtype)
+    return torch.cat([p.dequantize(first.act_dtype) for p in parts])
+
+
+_HANDLED = {F.linear: linear, F.embedding: embedding, torch.cat: cat}

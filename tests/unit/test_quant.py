@@ -1,0 +1,136 @@
+"""GGUF block formats: the numpy reference against gguf's own dequantize, and every C
+kernel (plain C, AVX2, AVX-512 where the CPU has it) against float64
+dequantize-then-matmul on random blocks, odd sizes and tails included.
+
+Tolerances, relative to max |reference| of the output:
+* K types (x stays float32): 2e-6, float32 rounding of a dot product.
+* Q4_0 / Q4_1 / Q8_0 against x's own int8 quantization (quant_ref.quantize_q8): 2e-6:
+  the integer dot products are exact, only the per-block float terms round.
+* the same against the unquantized x: 3e-2, x's rounding (|dx| / 2 per input) through
+  k random weights; measured ~5e-3 at k = 160. The int8 error itself is bounded per
+  input in test_activation_quantization_error.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llamadist.kernels import cpu_quant
+from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, dequantize, quantize_q8
+
+pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler")
+TYPES = list(FORMATS)
+
+
+def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
+    """Random block bytes with finite, varied f16 scales (and mins)."""
+    name, block, size = FORMATS[qtype]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    scales = rng.uniform(0.001, 0.03, (rows, cols // block, 2)).astype(np.float16)
+    scales[..., 1] *= rng.choice([-1, 1], scales[..., 1].shape)
+    as_bytes = scales.view(np.uint8).reshape(rows, cols // block, 4)
+    if name == "Q6_K":
+        raw[..., -2:] = as_bytes[..., 0:2]
+    elif name in ("Q4_0", "Q8_0"):
+        raw[..., 0:2] = as_bytes[..., 0:2]
+    else:  # Q4_1 (d, m), K types (d, dmin)
+        raw[..., 0:4] = as_bytes
+    return raw.reshape(rows, -1)
+
+
+def levels() -> list[int]:
+    best = cpu_quant.set_isa(-1)
+    return list(range(best + 1))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
+def test_reference_dequantize_matches_gguf(qtype):
+    rng = np.random.default_rng(qtype)
+    block = FORMATS[qtype][1]
+    raw = random_blocks(qtype, 7, 3 * block, rng)
+    ours = dequantize(raw, qtype, 3 * block)
+    theirs = gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(qtype))
+    assert ours.dtype == np.float64
+    np.testing.assert_array_equal(ours, theirs.astype(np.float64))
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
+def test_c_dequantize_equals_reference(qtype):
+    rng = np.random.default_rng(10 + qtype)
+    block = FORMATS[qtype][1]
+    raw = random_blocks(qtype, 5, 3 * block, rng)
+    got = QuantizedTensor(torch.from_numpy(raw), qtype, (5, 3 * block)).dequantize().numpy()
+    ref = dequantize(raw, qtype, 3 * block)
+    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+
+
+def test_activation_quantization_error():
+    """x -> int8 per 32: the C code equals the reference bit for bit, and |x - d q| <= d/2."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((3, 96)) * rng.uniform(0.01, 10, (3, 96))).astype(np.float32)
+    x[1, :32] = 0.0  # an all-zero block: d = 0, q = 0
+    q, d, s = quantize_q8(x)
+    cq, cd, cs = (t.numpy() for t in cpu_quant.quantize_q8(torch.from_numpy(x)))
+    np.testing.assert_array_equal(cq, q)
+    np.testing.assert_array_equal(cd, d)
+    np.testing.assert_array_equal(cs, s)
+    back = q.reshape(3, 3, 32).astype(np.float64) * d[..., None]
+    err = np.abs(back - x.reshape(3, 3, 32))
+    assert (err <= d[..., None] / 2 * (1 + 1e-6)).all()
+    assert np.abs(q).max() <= 127 and (d[1, 0] == 0 and (q[1, :32] == 0).all())
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
+@pytest.mark.parametrize("rows,nblocks,m", [(1, 1, 1), (37, 5, 1), (13, 3, 4), (64, 2, 33)])
+def test_linear_against_float64(qtype, rows, nblocks, m):
+    """Every dispatch level; m = 33 rows is the prefill (tiled dequantize + GEMM) path;
+    odd block counts exercise the AVX-512 path's single-block tail."""
+    rng = np.random.default_rng(rows * 100 + nblocks + qtype)
+    cols = nblocks * FORMATS[qtype][1]
+    raw = random_blocks(qtype, rows, cols, rng)
+    w = dequantize(raw, qtype, cols)
+    x = rng.standard_normal((m, cols)).astype(np.float32)
+    bias = rng.standard_normal(rows).astype(np.float32)
+    qt = QuantizedTensor(torch.from_numpy(raw), qtype, (rows, cols))
+    exact = x.astype(np.float64) @ w.T + bias
+    int8 = FORMATS[qtype][1] == 32 and m <= 32  # the GEMV quantizes x; the tiles do not
+    if int8:
+        q, d, _ = quantize_q8(x)
+        xq = (q.reshape(m, -1, 32).astype(np.float64) * d[..., None]).reshape(m, cols)
+        on_int8 = xq @ w.T + bias
+    try:
+        for level in levels():
+            cpu_quant.set_isa(level)
+            with torch.no_grad():
+                y = F.linear(torch.from_numpy(x), qt, torch.from_numpy(bias)).numpy()
+            scale = np.abs(exact).max()
+            assert np.abs(y - (on_int8 if int8 else exact)).max() <= 2e-6 * scale, level
+            assert np.abs(y - exact).max() <= 3e-2 * scale, level
+    finally:
+        cpu_quant.set_isa(-1)
+
+
+def test_embedding_and_cat_and_slices():
+    rng = np.random.default_rng(5)
+    q8 = TYPE_IDS["Q8_0"]
+    raw = random_blocks(q8, 10, 64, rng)
+    w = dequantize(raw, q8, 64)
+    qt = QuantizedTensor(torch.from_numpy(raw), q8, (10, 64))
+    ids = torch.tensor([[3, 3, 9], [0, 1, 2]])
+    got = F.embedding(ids, qt).numpy()
+    np.testing.assert_allclose(got, w[ids.numpy()], rtol=0, atol=1e-6)
+    both = torch.cat([qt.rows(0, 4), qt.rows(4, 10)], dim=0)
+    assert isinstance(both, QuantizedTensor) and torch.equal(both.blocks, qt.blocks)
+    np.testing.assert_allclose(qt.cols(32, 64).dequantize().numpy(), w[:, 32:], atol=1e-6)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        qt.cols(16, 64)
+    with pytest.raises(TypeError, match="does not take a QuantizedTensor"):
+        torch.add(qt, 1)
+    mixed = torch.cat([qt, QuantizedTensor(torch.from_numpy(random_blocks(2, 3, 64, rng)), 2,
+                                           (3, 64))])
+    assert isinstance(mixed, torch.Tensor) and mixed.shape == (13, 64)
