@@ -43,16 +43,18 @@ class LLM:
                  device_speed: str | None = None, boundaries: str | None = None,
                  plan: str | None = None, dtype: str | None = None,
                  max_batch: int | None = None, max_seq_len: int | None = None,
+                 weights: str | None = None,
                  runtime: RuntimeConfig | None = None, layout: Layout | None = None,
                  progress: bool = False):
         """How to run: ``runtime`` (a RuntimeConfig) or the keywords dtype / max_batch /
-        max_seq_len, not both (RuntimeConfig holds the defaults). Where: ``layout`` (a
+        max_seq_len / weights, not both (RuntimeConfig holds the defaults). Where: ``layout`` (a
         one-process planning Layout) or the placement keywords, not both."""
         self.ckpt = open_checkpoint(model) if isinstance(model, (str, Path)) else model
         self.config = self.ckpt.config
         self.tokenizer = tokenizer or self.ckpt.tokenizer()
         how = {k: v for k, v in (("dtype", dtype), ("max_batch", max_batch),
-                                 ("max_seq_len", max_seq_len)) if v is not None}
+                                 ("max_seq_len", max_seq_len), ("weights", weights))
+               if v is not None}
         if runtime is not None and how:
             raise TypeError(f"give runtime= or {', '.join(how)}=, not both")
         runtime = runtime or RuntimeConfig(**how)

@@ -182,6 +182,7 @@ DEFAULT_MAX_SEQ_LEN = 4096
 # Seconds a rank waits for a silent peer before every process exits.
 DEFAULT_TIMEOUT_S = 60.0
 DECODE_ATTENTION_CHOICES = ("split", "sdpa")
+WEIGHTS_CHOICES = ("native", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,11 @@ class RuntimeConfig:
     max_batch_tokens tokens one engine step computes at most (decodes plus prefill chunks;
                      at least max_batch, so every running sequence can always decode; None:
                      8192 with GPUs, whose matmuls want long chunks, 2048 on CPUs only)
-    dtype            weights and activations (None: bfloat16 on all-GPU layouts, else float32)
+    dtype            activations, and float weights (None: a float ``weights``, else
+                     bfloat16 on all-GPU layouts, else float32)
+    weights          a quantized checkpoint's weights: "native" keeps its blocks (GGUF
+                     Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K on CPU stages, llamadist.kernels.quant),
+                     a float dtype dequantizes at load (it must then match ``dtype``)
     cuda_graphs      decode through captured CUDA graphs on CUDA devices
     compile          torch.compile the decoder layers inside the graphs
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
@@ -219,8 +224,15 @@ class RuntimeConfig:
     timeout: float = DEFAULT_TIMEOUT_S
     kv_block_size: int | None = None
     timed: bool = False
+    weights: str = "native"
 
     def __post_init__(self) -> None:
+        if self.weights not in WEIGHTS_CHOICES:
+            raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS_CHOICES)}, got "
+                              f"{self.weights!r}")
+        if self.weights != "native" and self.dtype not in (None, self.weights):
+            raise ConfigError(f"--weights {self.weights} with --dtype {self.dtype}: float "
+                              f"weights run in the activation dtype; give one of the two")
         if self.max_seq_len is not None and self.max_seq_len < 1:
             raise ConfigError(f"--max-seq-len must be >= 1, got {self.max_seq_len}")
         if self.max_batch < 1:
@@ -240,6 +252,8 @@ class RuntimeConfig:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
 
     def dtype_for(self, devices: str | list[str]) -> str:
+        if self.dtype is None and self.weights != "native":
+            return self.weights
         return self.dtype or default_dtype(devices)
 
     def batch_tokens_for(self, devices: str | list[str]) -> int:

@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from llamadist.config import DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, RuntimeConfig
+from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, WEIGHTS_CHOICES,
+                              RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -53,7 +54,10 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     g.add_argument("--boundaries", help="custom half-open stages, e.g. 0:7,7:19,19:30")
     g.add_argument("--plan", help="a plan JSON file written by `llamadist plan --save`")
     g.add_argument("--dtype", choices=DTYPE_CHOICES,
-                   help="weights and activations (default: bfloat16 on CUDA, float32 on CPU)")
+                   help="activations and float weights (default: bfloat16 on CUDA, float32 on CPU)")
+    g.add_argument("--weights", choices=list(WEIGHTS_CHOICES),
+                   help="a quantized (GGUF) checkpoint's weights: native keeps Q4_0/Q4_1/Q8_0/"
+                   "Q4_K/Q5_K/Q6_K blocks on CPU stages (default); a float type dequantizes")
     g.add_argument("--max-seq-len", type=positive_int,
                    help="KV-cache length (default: what the request needs, at most the "
                    "model's context)")
@@ -112,7 +116,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
     given = {"max_seq_len": getattr(args, "max_seq_len", None),
              "dtype": getattr(args, "dtype", None),
              "timeout": getattr(args, "timeout", None),
-             "decode_attention": getattr(args, "decode_attention", None)}
+             "decode_attention": getattr(args, "decode_attention", None),
+             "weights": getattr(args, "weights", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

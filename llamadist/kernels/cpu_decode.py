@@ -219,32 +219,48 @@ class LayerArgs(ctypes.Structure):
                 ("qscratch", _P)]
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
+def _ptr(t) -> int | None:
+    """The data pointer of a tensor, of a QuantizedTensor's blocks, or None."""
+    if hasattr(t, "qtype"):
+        return t.blocks.data_ptr()
     return None if t is None else t.data_ptr()
+
+
+def _weight(module: nn.Module):
+    """A linear's weight: its Parameter, or the QuantizedTensor in the Parameter's place
+    (read without nn.Module.__getattr__, which costs a microsecond a call)."""
+    w = module._parameters.get("weight")
+    return module.__dict__.get("weight") if w is None else w
+
+
+def _usable(t) -> bool:
+    """A weight the C layer reads: float32 on the CPU, contiguous, or CPU GGUF blocks
+    (a llamadist.kernels.quant.QuantizedTensor, known here by its ``qtype``: that module
+    imports this one)."""
+    if hasattr(t, "qtype"):
+        return t.device.type == "cpu"
+    return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
 def _layer_weights(layer) -> tuple | None:
     """(weights kept alive, LayerArgs with the weight fields set) for a layer whose
-    projections are fused plain Linears in float32 on the CPU (not tensor-parallel
-    shards, whose o/down need an all-reduce); None otherwise. Cached on the layer and
-    rebuilt when any of its weights is replaced."""
+    projections are fused plain Linears on the CPU with float32 or quantized (GGUF
+    block) weights (not tensor-parallel shards, whose o/down need an all-reduce); None
+    otherwise. Cached on the layer and rebuilt when any of its weights is replaced."""
     attn, mlp = layer.self_attn, layer.mlp
     mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if any(type(m) not in _PLAIN_LINEARS for m in mods):
         return None
     norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    # Read _parameters directly: this runs 30 times a step, and each nn.Module
-    # __getattr__ costs about a microsecond. A Linear's holds (weight, bias or None).
-    tensors = (*mods[0]._parameters.values(), *mods[1]._parameters.values(),
-               *mods[2]._parameters.values(), *mods[3]._parameters.values(),
+    # This runs 30 times a step: plain dict reads, no nn.Module __getattr__.
+    tensors = (_weight(mods[0]), mods[0]._parameters.get("bias"), _weight(mods[1]),
+               mods[1]._parameters.get("bias"), _weight(mods[2]), mods[2]._parameters.get("bias"),
+               _weight(mods[3]), mods[3]._parameters.get("bias"),
                norms[0]._parameters["weight"], norms[1]._parameters["weight"])
     cached = layer.__dict__.get("_cpu_decode")
     if cached is not None and all(map(operator.is_, cached[0], tensors)):
         return cached
-    if len(tensors) != 10:
-        return None
-    if any(t is not None and (t.device.type != "cpu" or t.dtype != torch.float32
-                              or not t.is_contiguous()) for t in tensors):
+    if any(t is not None and not _usable(t) for t in tensors):
         return None
     if norms[0].eps != norms[1].eps:
         return None
@@ -254,8 +270,18 @@ def _layer_weights(layer) -> tuple | None:
                   inter=mlp.down_proj.weight.shape[1], eps=norms[0].eps)
     (a.w_qkv, a.b_qkv, a.w_o, a.b_o, a.w_gu, a.b_gu, a.w_down, a.b_down, a.norm1,
      a.norm2) = (_ptr(t) for t in tensors)
+    a.t_qkv, a.t_o, a.t_gu, a.t_down = (getattr(t, "qtype", 0) for t in tensors[0:8:2])
     entry = layer.__dict__["_cpu_decode"] = (tensors, a)
     return entry
+
+
+def qscratch_bytes(a: LayerArgs) -> int:
+    """Bytes of quantized activations the C layer needs (0 with float32 weights): rows of
+    the widest linear input (dim, attention output or intermediate)."""
+    if not (a.t_qkv or a.t_o or a.t_gu or a.t_down):
+        return 0
+    k = max(a.dim, a.heads * a.head_dim, a.inter)
+    return a.batch * k + 2 * a.batch * (k // 32) * 4  # int8 x, then a scale and a sum per 32
 
 
 def scratch_floats(a: LayerArgs) -> int:
@@ -293,6 +319,8 @@ def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torc
     a.cs_b = a.head_dim if cos.shape[0] > 1 else 0
     scratch = torch.empty(scratch_floats(a))
     a.scratch = scratch.data_ptr()
+    qscratch = torch.empty(qscratch_bytes(a), dtype=torch.uint8)
+    a.qscratch = qscratch.data_ptr()
     a.threads = torch.get_num_threads()
     _layer_fn(ctypes.byref(a))
     return out, None

@@ -23,7 +23,11 @@ def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
     w = torch.cat([p.weight.detach() for p in parts], dim=0)  # (sum out, in)
     has_bias = parts[0].bias is not None
     fused = type(parts[0])(w.shape[1], w.shape[0], bias=has_bias, device="meta")
-    fused.weight = nn.Parameter(w, requires_grad=False)
+    if isinstance(w, torch.Tensor):
+        fused.weight = nn.Parameter(w, requires_grad=False)
+    else:  # a tensor-like weight (quantized blocks, which torch.cat concatenated) as it is
+        del fused.weight
+        fused.weight = w
     if has_bias:
         fused.bias = nn.Parameter(torch.cat([p.bias.detach() for p in parts]),
                                   requires_grad=False)

@@ -23,7 +23,7 @@ from llamadist.runtime.kv_cache import KVCache
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
 from llamadist.weights.checkpoint import Checkpoint
-from llamadist.weights.loader import LoadStats, ShardFn, load_weights
+from llamadist.weights.loader import LoadStats, ShardFn, load_weights, trim_heap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -159,10 +159,12 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
         model = Llama(ckpt.config, layers, has_embed=has_embed, has_head=has_head)
     if prepare is not None:
         prepare(model)
-    stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress)
+    stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress,
+                         native=runtime.weights == "native")
     model.setup_rope(max_seq_len, device)
     if fuse:
         fuse_projections(model)
+    trim_heap()  # the buffers the load and the fusion freed
     apply_kernel_passes(model, device, runtime)
     model.eval()
     stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes, num_kv_heads, runtime)

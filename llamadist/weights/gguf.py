@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import mmap
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -27,7 +28,10 @@ from tqdm import tqdm
 
 from llamadist.config import ConfigError, ModelConfig
 from llamadist.generation.tokenizer import Tokenizer
+from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.quant_ref import FORMATS
 from llamadist.weights.base import CheckpointError, Shard
+from llamadist.weights.gguf_meta import Reader, metadata
 
 log = logging.getLogger(__name__)
 
@@ -85,20 +89,6 @@ def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
 
 
-class _Reader(gguf.GGUFReader):
-    """GGUFReader reading through a plain ndarray view of its memmap (still memory-mapped).
-
-    Parsing a 50k-token vocabulary makes ~10^6 small slices, and np.memmap's per-slice
-    bookkeeping makes that ~3x slower (SmolLM2: 5.7 s -> 2.0 s to open). If a gguf
-    release renames ``_get`` this override is simply never called.
-    """
-
-    def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
-        if isinstance(self.data, np.memmap):
-            self.data = self.data.view(np.ndarray)
-        return super()._get(offset, dtype, count, override_order)
-
-
 def _one_line(e: BaseException) -> str:
     return " ".join(f"{type(e).__name__}: {e}".split())
 
@@ -109,13 +99,14 @@ class GGUFCheckpoint:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:  # GGUFReader memory-maps the file and parses only the header here
-            self._reader = _Reader(self.path)
+            self._reader = Reader(self.path)
         except OSError as e:
             raise CheckpointError(f"{self.path} cannot be opened: {_one_line(e)}") from None
         except Exception as e:  # gguf/numpy raise ValueError, IndexError, struct/overflow errors
             raise CheckpointError(
                 f"{self.path} is not a readable GGUF file (truncated or corrupt?): {_one_line(e)}"
             ) from None
+        self._meta = metadata(self._reader)
         arch = self._field("general.architecture")
         if arch != "llama":
             raise ConfigError(f"{self.path}: GGUF architecture {arch!r} is not supported; "
@@ -126,12 +117,11 @@ class GGUFCheckpoint:
 
     # ---- metadata --------------------------------------------------------
     def _field(self, key: str, default: Any = None) -> Any:
-        f = self._reader.fields.get(key)
-        return default if f is None else f.contents()
+        return self._meta.get(key, default)
 
     def _count(self, key: str) -> int:
-        f = self._reader.fields.get(key)
-        return 0 if f is None else len(f.data)
+        v = self._meta.get(key)
+        return 0 if v is None else len(v) if isinstance(v, list) else 1
 
     def _read_config(self) -> ModelConfig:
         k = lambda name, default=None: self._field(f"llama.{name}", default)  # noqa: E731
@@ -211,6 +201,64 @@ class GGUFCheckpoint:
         out = np.asarray(out, dtype=np.float32)
         return out if out.flags.writeable else out.copy()  # F32 comes back as a memmap view
 
+    def _rows(self, name: str, shape: tuple[int, ...], dim: int, start: int,
+              stop: int) -> tuple[int, int]:
+        """The rows [lo, hi) to read for a shard: its own rows (dim 0; widened to whole
+        heads for q/k, whose permutation stays within a head) or all of them (dim 1)."""
+        heads = self._qk_heads(name)
+        if dim != 0:
+            return 0, shape[0]
+        if heads is not None:
+            hd = shape[0] // heads
+            return start // hd * hd, -(-stop // hd) * hd
+        return start, stop
+
+    def _release(self, t: Any) -> None:
+        """Drop the file pages of tensor ``t`` from this process's memory map once it has
+        been copied (the page cache keeps them): without this every tensor read stays
+        resident and the peak memory counts the file on top of the loaded weights."""
+        mm = getattr(getattr(self._reader.data, "base", None), "_mmap", None)
+        if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
+            return
+        lo = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo, t.data_offset + int(t.n_bytes) - lo)
+        except (OSError, ValueError):
+            pass
+
+    def quant_type(self, name: str) -> int | None:
+        """The ggml block type of a 2-D tensor that ``get_quantized`` keeps in its blocks
+        (kernels.quant_ref.FORMATS); None for float tensors and other types."""
+        t = self._tensor(name)
+        qtype = int(t.tensor_type)
+        return qtype if qtype in FORMATS and len(t.shape) == 2 else None
+
+    def get_quantized(self, name: str, shard: Shard | None = None,
+                      act_dtype: torch.dtype = torch.float32) -> QuantizedTensor:
+        """A 2-D block tensor (or a shard of it) as its blocks, in HF layout (q/k rows
+        un-permuted). Rows (dim 0) slice freely; columns (dim 1) only at block boundaries,
+        else a CheckpointError says where the blocks allow a cut."""
+        t, shape, qtype = self._tensor(name), self.shape(name), self.quant_type(name)
+        if qtype is None:
+            raise CheckpointError(f"{self.path}: {t.name} ({t.tensor_type.name}) is not a "
+                                  f"block type llamadist keeps quantized")
+        dim, start, stop = shard if shard is not None else (0, 0, shape[0])
+        lo, hi = self._rows(name, shape, dim, start, stop)
+        raw = t.data[lo:hi]  # (rows, row bytes), a view of the file
+        heads = self._qk_heads(name)
+        if heads is not None:  # a permutation of whole rows: the blocks move as they are
+            raw = reverse_permute(raw, (hi - lo) // (shape[0] // heads))
+        raw = np.array(raw, dtype=np.uint8, order="C", copy=True)  # one copy, owned
+        self._release(t)
+        qt = QuantizedTensor(torch.from_numpy(raw), qtype, (hi - lo, shape[1]), act_dtype)
+        if dim == 0:
+            return qt.rows(start - lo, stop - lo) if (start - lo, stop - lo) != (0, hi - lo) else qt
+        try:
+            return qt.cols(start, stop)
+        except ValueError as e:
+            raise CheckpointError(f"{self.path}: {name}: {e} (tensor parallel: use a tp "
+                                  f"that cuts there, or --weights float32)") from None
+
     def get(self, name: str, shard: Shard | None = None) -> torch.Tensor:
         t = self._tensor(name)
         shape = self.shape(name)
@@ -219,14 +267,10 @@ class GGUFCheckpoint:
         # t.data is (rows, bytes per row) for block types, so only 2-D rows can be sliced
         # before dequantizing (a 1-D block tensor is a byte vector).
         by_rows = dim == 0 and (len(shape) > 1 or t.tensor_type in _ELEMENT_TYPES)
-        if not by_rows:
-            lo, hi = 0, shape[0]  # columns cross quantization blocks: read everything
-        elif heads is not None:  # the permutation stays within a head: read whole heads
-            hd = shape[0] // heads
-            lo, hi = start // hd * hd, -(-stop // hd) * hd
-        else:
-            lo, hi = start, stop  # ggml rows are independent: read only the shard's rows
+        # columns cross quantization blocks: read everything; ggml rows are independent
+        lo, hi = self._rows(name, shape, dim, start, stop) if by_rows else (0, shape[0])
         w = self._dequant(t, slice(lo, hi) if by_rows else None).reshape(hi - lo, *shape[1:])
+        self._release(t)
         if heads is not None:  # (rows, in) with rows = whole heads of head_dim
             w = reverse_permute(w, (hi - lo) // (shape[0] // heads))
         out = torch.from_numpy(np.ascontiguousarray(w))

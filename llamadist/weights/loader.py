@@ -3,10 +3,16 @@
 Tensors are read one at a time from the checkpoint, sliced (tensor parallel)
 before they reach the device, cast, and moved; nothing else of the model is
 ever read. Every expected weight must arrive exactly once, with the right shape.
+
+``native=True`` keeps a quantized checkpoint's block tensors (GGUF Q4_0 ... Q6_K) as
+they are, a ``QuantizedTensor`` (llamadist.kernels.quant) in the module's ``weight``
+slot instead of a Parameter, on CPU stages; float tensors load as before, and a stage
+on another device dequantizes (its kernels are still to come).
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import sys
 import time
@@ -18,6 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from llamadist.kernels.quant import QuantizedTensor
 from llamadist.weights.base import Checkpoint, CheckpointError, Shard
 
 log = logging.getLogger(__name__)
@@ -40,16 +47,28 @@ def source_name(param: str, ckpt_names: set[str], tied: bool) -> str:
     return param
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor) -> None:
+def _set_param(model: nn.Module, name: str, value: torch.Tensor | QuantizedTensor) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    if isinstance(value, QuantizedTensor):  # no Parameter: a plain attribute in its place
+        owner._parameters.pop(leaf, None)
+        setattr(owner, leaf, value)
+    else:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+
+
+def _keeps_blocks(ckpt: Checkpoint, name: str, device: torch.device | str) -> bool:
+    """Whether ``name`` loads as its quantized blocks (a CPU stage, a block type)."""
+    quant_type = getattr(ckpt, "quant_type", None)
+    return (torch.device(device).type == "cpu" and quant_type is not None
+            and quant_type(name) is not None)
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
                  dtype: torch.dtype, shard_fn: ShardFn | None = None,
-                 progress: bool = False) -> LoadStats:
-    """Materialise every parameter of ``model`` (built on meta) from ``ckpt``."""
+                 progress: bool = False, native: bool = False) -> LoadStats:
+    """Materialise every parameter of ``model`` (built on meta) from ``ckpt``; with
+    ``native``, quantized tensors stay quantized (see the module docstring)."""
     t0 = time.perf_counter()
     names = ckpt.names()
     tied = ckpt.config.tie_word_embeddings
@@ -72,13 +91,14 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
     for pname, src in bar:
         full_shape = ckpt.shape(src)
         shard = shard_fn(pname, full_shape) if shard_fn else None
-        tensor = ckpt.get(src, shard)
+        blocks = native and _keeps_blocks(ckpt, src, device)
+        tensor = ckpt.get_quantized(src, shard, dtype) if blocks else ckpt.get(src, shard)
         expected = tuple(params[pname].shape)
         if tuple(tensor.shape) != expected:
             raise CheckpointError(
                 f"{ckpt.path}: weight {src!r} has shape {tuple(tensor.shape)}, expected {expected} "
                 "from config.json; the checkpoint and its config disagree")
-        value = tensor.to(dtype=dtype).to(device, non_blocking=True)
+        value = tensor if blocks else tensor.to(dtype=dtype).to(device, non_blocking=True)
         _set_param(model, pname, value)
         nbytes += value.nbytes
     _retie(model)
@@ -90,10 +110,22 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
     return LoadStats(len(wanted), nbytes, time.perf_counter() - t0)
 
 
+def trim_heap() -> None:
+    """Hand freed heap pages back to the system (glibc's malloc_trim; a no-op elsewhere).
+    Loading, un-permuting and fusing free many mid-sized buffers between live ones; glibc
+    keeps those pages resident (~30 MB for SmolLM2's fusion) until asked."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _retie(model: nn.Module) -> None:
     # Replacing the embedding's Parameter broke the tie; point the head at it again.
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     head = getattr(model, "lm_head", None)
     cfg = getattr(model, "config", None)
     if embed is not None and head is not None and cfg is not None and cfg.tie_word_embeddings:
+        if not isinstance(embed.weight, nn.Parameter):  # quantized blocks: shared as they are
+            head._parameters.pop("weight", None)
         head.weight = embed.weight
