@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, WEIGHTS_CHOICES,
-                              RuntimeConfig)
+from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S,
+                              QUANT_ACTIVATIONS_CHOICES, WEIGHTS_CHOICES, RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -75,6 +75,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    "most: decodes plus chunks of long prompts (default 8192 with GPUs, 2048 on CPUs)")
     g.add_argument("--no-cpu-kernels", action="store_true",
                    help="decode on the CPU through PyTorch instead of llamadist's C kernels")
+    g.add_argument("--quant-activations", choices=list(QUANT_ACTIVATIONS_CHOICES),
+                   help="what native Q4_0/Q4_1/Q8_0 weights meet in the CPU GEMV: float32 "
+                   "(default, exact) or int8 (x quantized per 32 as llama.cpp does: faster)")
     g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),
                    help="one-token attention under CUDA graphs: split (the split-KV kernel, "
                    "default where it applies) or sdpa")
@@ -117,7 +120,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "dtype": getattr(args, "dtype", None),
              "timeout": getattr(args, "timeout", None),
              "decode_attention": getattr(args, "decode_attention", None),
-             "weights": getattr(args, "weights", None)}
+             "weights": getattr(args, "weights", None),
+             "quant_activations": getattr(args, "quant_activations", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

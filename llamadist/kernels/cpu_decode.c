@@ -147,16 +147,17 @@ typedef struct {
     int64_t t_qkv, t_o, t_gu, t_down;   /* weight formats: 0 float32, else a ggml block
                                            type (the w_* point at blocks, cpu_quant.h) */
     void *qscratch;                     /* quantized activations (quantized weights only) */
+    int64_t int8_x;                     /* quantized weights: x to int8 (cpu_quant.h) */
 } layer_args;
 
 /* linear_for over a float32 weight, or quant_linear_for over GGUF blocks. */
-static void any_linear_for(int64_t type, const float *x, const void *w, const float *bias,
-                           float *y, int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
-                           int accumulate, void *qscratch) {
+static void any_linear_for(int int8_x, int64_t type, const float *x, const void *w,
+                           const float *bias, float *y, int64_t m, int64_t n, int64_t k,
+                           int64_t ldx, int64_t ldy, int accumulate, void *qscratch) {
     if (type == QT_F32)
         linear_for(x, (const float *)w, bias, y, m, n, k, ldx, ldy, accumulate);
     else
-        quant_linear_for((int)type, x, (const uint8_t *)w, bias, y, m, n, k, ldx, ldy,
+        quant_linear_for((int)type, int8_x, x, (const uint8_t *)w, bias, y, m, n, k, ldx, ldy,
                          accumulate, qscratch);
 }
 
@@ -211,11 +212,12 @@ void llamadist_decode_layer_f32(const layer_args *a) {
     float *gu = att + B * q_size;           /* (B, 2F) gate|up, then silu(gate) * up */
     float *probs = gu + B * 2 * F;          /* (B * H, len) */
     void *qs = a->qscratch;
+    const int q8 = (int)a->int8_x;
 #pragma omp parallel num_threads((int)a->threads)
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);
-        any_linear_for(a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B, qkv_n, D, D, qkv_n, 0, qs);
+        any_linear_for(q8, a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B, qkv_n, D, D, qkv_n, 0, qs);
         /* RoPE on q (in place) and k (into the cache); v into the cache. */
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * (H + Hkv); ++bh) {
@@ -240,16 +242,17 @@ void llamadist_decode_layer_f32(const layer_args *a) {
             attend_head(a, b, head / group, qkv + b * qkv_n + head * hd, probs + bh * a->len,
                         att + b * q_size + head * hd, a->lens ? a->lens[b] : a->len);
         }
-        any_linear_for(a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D, 1, qs); /* h += o */
+        any_linear_for(q8, a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D, 1,
+                       qs); /* h += o_proj */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm2, xn + b * D, D, a->eps);
-        any_linear_for(a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F, D, D, 2 * F, 0, qs);
+        any_linear_for(q8, a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F, D, D, 2 * F, 0, qs);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * F; ++i) {
             float *row = gu + (i / F) * 2 * F;
             const float g = row[i % F];
             row[i % F] = g / (1.0f + expf(-g)) * row[F + i % F];
         }
-        any_linear_for(a->t_down, gu, a->w_down, a->b_down, a->h, B, D, F, 2 * F, D, 1, qs);
+        any_linear_for(q8, a->t_down, gu, a->w_down, a->b_down, a->h, B, D, F, 2 * F, D, 1, qs);
     }
 }

@@ -216,7 +216,7 @@ class LayerArgs(ctypes.Structure):
                 ("sin", _P), ("cs_b", ctypes.c_int64), ("mask", _P), ("mask_b", ctypes.c_int64),
                 ("scratch", _P), ("threads", ctypes.c_int64), ("t_qkv", ctypes.c_int64),
                 ("t_o", ctypes.c_int64), ("t_gu", ctypes.c_int64), ("t_down", ctypes.c_int64),
-                ("qscratch", _P)]
+                ("qscratch", _P), ("int8_x", ctypes.c_int64)]
 
 
 def _ptr(t) -> int | None:
@@ -322,6 +322,7 @@ def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torc
     qscratch = torch.empty(qscratch_bytes(a), dtype=torch.uint8)
     a.qscratch = qscratch.data_ptr()
     a.threads = torch.get_num_threads()
+    a.int8_x = any(getattr(t, "int8_x", False) for t in found[0][0:8:2])  # set by a pass
     _layer_fn(ctypes.byref(a))
     return out, None
 

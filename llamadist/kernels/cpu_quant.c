@@ -27,6 +27,7 @@
 
 typedef float (*qdot_fn)(const uint8_t *w, const int8_t *q, const float *d, const float *s,
                          int64_t nb);
+typedef float (*fdot_fn)(const uint8_t *w, const float *x, int64_t nb);
 
 static int block_weights(int type) { return type >= QT_Q4_K ? 256 : 32; }
 
@@ -216,6 +217,114 @@ TGT_AVX512 static float dot_q4_0_avx512(const uint8_t *w, const int8_t *q, const
 TGT_AVX512 static float dot_q4_1_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q4_1, w, q, d, s, nb); }
 TGT_AVX512 static float dot_q8_0_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q8_0, w, q, d, s, nb); }
 
+/* ---- float32 x: each block dequantized in registers, then FMA with x ---- */
+INLINE float row_dot_fx_c(int type, const uint8_t *w, const float *x, int64_t nb) {
+    const int bb = block_bytes(type);
+    float acc = 0.0f;
+    for (int64_t b = 0; b < nb; ++b, x += 32) {
+        const uint8_t *blk = w + b * bb;
+        const float d = f16(blk);
+        float sum = 0.0f, xs = 0.0f;
+        if (type == QT_Q8_0) {
+            const int8_t *qw = (const int8_t *)(blk + 2);
+            for (int j = 0; j < 32; ++j) sum += (float)qw[j] * x[j];
+            acc += d * sum;
+            continue;
+        }
+        const uint8_t *qs = blk + (type == QT_Q4_1 ? 4 : 2);
+        for (int j = 0; j < 16; ++j) {
+            sum += (float)(qs[j] & 15) * x[j] + (float)(qs[j] >> 4) * x[j + 16];
+            xs += x[j] + x[j + 16];
+        }
+        acc += d * sum + (type == QT_Q4_1 ? f16(blk + 2) : -8.0f * d) * xs;
+    }
+    return acc;
+}
+
+static float fdot_q4_0_c(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_c(QT_Q4_0, w, x, nb); }
+static float fdot_q4_1_c(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_c(QT_Q4_1, w, x, nb); }
+static float fdot_q8_0_c(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_c(QT_Q8_0, w, x, nb); }
+
+/* 32 weights of a block as four groups of 8 int32 (AVX2) */
+TGT_AVX2 INLINE void block_ints_avx2(int type, const uint8_t *blk, __m256i q[4]) {
+    if (type == QT_Q8_0) {
+        const __m128i a = _mm_loadu_si128((const __m128i *)(blk + 2));
+        const __m128i b = _mm_loadu_si128((const __m128i *)(blk + 18));
+        q[0] = _mm256_cvtepi8_epi32(a);
+        q[1] = _mm256_cvtepi8_epi32(_mm_srli_si128(a, 8));
+        q[2] = _mm256_cvtepi8_epi32(b);
+        q[3] = _mm256_cvtepi8_epi32(_mm_srli_si128(b, 8));
+        return;
+    }
+    const __m128i r = _mm_loadu_si128((const __m128i *)(blk + (type == QT_Q4_1 ? 4 : 2)));
+    const __m128i m4 = _mm_set1_epi8(15), lo = _mm_and_si128(r, m4);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(r, 4), m4);
+    q[0] = _mm256_cvtepu8_epi32(lo);
+    q[1] = _mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8));
+    q[2] = _mm256_cvtepu8_epi32(hi);
+    q[3] = _mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8));
+}
+
+/* The block's affine map w = d q + m: (d, m) */
+TGT_AVX2 INLINE void block_affine(int type, const uint8_t *blk, float *d, float *m) {
+    *d = f16c(blk);
+    *m = type == QT_Q4_1 ? f16c(blk + 2) : type == QT_Q4_0 ? -8.0f * *d : 0.0f;
+}
+
+TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x, int64_t nb) {
+    const int bb = block_bytes(type);
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    for (int64_t b = 0; b < nb; ++b, x += 32) {
+        const uint8_t *blk = w + b * bb;
+        __m256i q[4];
+        float d, m;
+        block_ints_avx2(type, blk, q);
+        block_affine(type, blk, &d, &m);
+        const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
+        for (int g = 0; g < 4; ++g) {
+            const __m256 wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[g]), dv, mv);
+            acc[g] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 8 * g), acc[g]);
+        }
+    }
+    return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+TGT_AVX2 static float fdot_q4_0_avx2(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx2(QT_Q4_0, w, x, nb); }
+TGT_AVX2 static float fdot_q4_1_avx2(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx2(QT_Q4_1, w, x, nb); }
+TGT_AVX2 static float fdot_q8_0_avx2(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx2(QT_Q8_0, w, x, nb); }
+
+TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const float *x,
+                                          int64_t nb) {
+    const int bb = block_bytes(type);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b, x += 32) {
+        const uint8_t *blk = w + b * bb;
+        __m512i q0, q1;
+        if (type == QT_Q8_0) {
+            q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
+            q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)));
+        } else {
+            const __m128i r = _mm_loadu_si128((const __m128i *)(blk + (type == QT_Q4_1 ? 4 : 2)));
+            const __m128i m4 = _mm_set1_epi8(15);
+            q0 = _mm512_cvtepu8_epi32(_mm_and_si128(r, m4));
+            q1 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(r, 4), m4));
+        }
+        float d, m;
+        block_affine(type, blk, &d, &m);
+        const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
+        acc0 = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q0), dv, mv),
+                               _mm512_loadu_ps(x), acc0);
+        acc1 = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), dv, mv),
+                               _mm512_loadu_ps(x + 16), acc1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+TGT_AVX512 static float fdot_q4_0_avx512(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx512(QT_Q4_0, w, x, nb); }
+TGT_AVX512 static float fdot_q4_1_avx512(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx512(QT_Q4_1, w, x, nb); }
+TGT_AVX512 static float fdot_q8_0_avx512(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx512(QT_Q8_0, w, x, nb); }
+
 /* ---- dispatch ---- */
 static int isa_level = -1; /* 0 plain C, 1 AVX2, 2 AVX-512 */
 
@@ -246,6 +355,15 @@ static qdot_fn pick_dot(int type) {
         {dot_q4_0_c, dot_q4_1_c, dot_q8_0_c},
         {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2},
         {dot_q4_0_avx512, dot_q4_1_avx512, dot_q8_0_avx512}};
+    const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
+    return table[current_isa()][col];
+}
+
+static fdot_fn pick_fdot(int type) {
+    static const fdot_fn table[3][3] = {
+        {fdot_q4_0_c, fdot_q4_1_c, fdot_q8_0_c},
+        {fdot_q4_0_avx2, fdot_q4_1_avx2, fdot_q8_0_avx2},
+        {fdot_q4_0_avx512, fdot_q4_1_avx512, fdot_q8_0_avx512}};
     const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
     return table[current_isa()][col];
 }
@@ -341,25 +459,27 @@ int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k) {
     return m * k + 2 * m * (k / 32) * (int64_t)sizeof(float);
 }
 
-void quant_linear_for(int type, const float *x, const uint8_t *w, const float *bias,
-                      float *y, int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
-                      int accumulate, void *scratch) {
-    const int is_k = type >= QT_Q4_K;
+void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
+                      const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
+                      int64_t ldy, int accumulate, void *scratch) {
+    const int is_k = type >= QT_Q4_K, q8 = int8_x && !is_k;
     const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
     float *xd = (float *)scratch, *xs = xd + m * (k / 32);
     int8_t *xq = (int8_t *)(xs + m * (k / 32));
-    if (!is_k) {
+    if (q8) {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r)
             quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * nb, xs + r * nb);
     } /* the loop's implicit barrier: every thread sees all of x quantized */
-    const qdot_fn dot = is_k ? NULL : pick_dot(type);
+    const qdot_fn dot = q8 ? pick_dot(type) : NULL;
+    const fdot_fn fdot = q8 || is_k ? NULL : pick_fdot(type);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n; ++j) {
         const uint8_t *wr = w + j * rb;
         for (int64_t r = 0; r < m; ++r) { /* the row is read from memory once, then cache */
             float v = is_k ? kdot(type, wr, x + r * ldx, nb)
-                           : dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb);
+                      : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
+                           : fdot(wr, x + r * ldx, nb);
             v += bias ? bias[j] : 0.0f;
             float *o = y + r * ldy + j;
             *o = accumulate ? *o + v : v;
@@ -367,12 +487,12 @@ void quant_linear_for(int type, const float *x, const uint8_t *w, const float *b
     }
 }
 
-void llamadist_qlinear(int type, const float *x, const uint8_t *w, const float *bias, float *y,
-                       int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy, void *scratch,
-                       int threads) {
+void llamadist_qlinear(int type, int int8_x, const float *x, const uint8_t *w,
+                       const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
+                       int64_t ldy, void *scratch, int threads) {
     current_isa(); /* decide before the team starts */
 #pragma omp parallel num_threads(threads)
-    quant_linear_for(type, x, w, bias, y, m, n, k, ldx, ldy, 0, scratch);
+    quant_linear_for(type, int8_x, x, w, bias, y, m, n, k, ldx, ldy, 0, scratch);
 }
 
 /* The activation quantization alone, for tests: x (m, k) -> q (m, k), d, s (m, k/32). */

@@ -1,8 +1,9 @@
 """ctypes bindings of cpu_quant.c, the quantized (GGUF block) linears on the CPU.
 
 They live in the same library as cpu_decode.c (built by cpu_decode.py at first use), so
-the C decoder layer calls them too. ``qlinear`` is the decode GEMV (x quantized to int8
-per 32 for Q4_0 / Q4_1 / Q8_0; K types dequantize in float32), ``dequant_rows`` the
+the C decoder layer calls them too. ``qlinear`` is the decode GEMV (each weight block
+dequantized in registers and met by x in float32; or, for Q4_0 / Q4_1 / Q8_0, x quantized
+to int8 per 32 and integer dot products), ``dequant_rows`` the
 block -> float32 conversion behind prefill tiles and embedding rows, ``quantize_q8`` the
 activation quantization alone (for its tests), ``set_isa`` the dispatch level (0 plain C,
 1 AVX2, 2 AVX-512; tests force each in turn).
@@ -28,7 +29,7 @@ def _lib() -> ctypes.CDLL | None:
         if lib is None:
             return None
         lib.llamadist_qlinear.restype = None
-        lib.llamadist_qlinear.argtypes = ([ctypes.c_int] + [_P] * 4 + [_I64] * 5
+        lib.llamadist_qlinear.argtypes = ([ctypes.c_int] * 2 + [_P] * 4 + [_I64] * 5
                                           + [_P, ctypes.c_int])
         lib.llamadist_dequant_rows.restype = None
         lib.llamadist_dequant_rows.argtypes = [ctypes.c_int, _P, _I64, _I64, _P, ctypes.c_int]
@@ -60,14 +61,15 @@ def scratch_bytes(m: int, k: int) -> int:
 
 
 def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int,
-            bias: torch.Tensor | None = None) -> torch.Tensor:
+            bias: torch.Tensor | None = None, int8_x: bool = False) -> torch.Tensor:
     """x (m, k) float32 (rows with unit stride) @ W^T + bias -> (m, n) float32, W (n, k)
-    as ``blocks`` (n, row bytes) of ggml type ``qtype``."""
+    as ``blocks`` (n, row bytes) of ggml type ``qtype``; ``int8_x``: x quantized to int8
+    per 32 first (Q4_0 / Q4_1 / Q8_0; ignored for the K types)."""
     lib = _lib()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    scratch = torch.empty(scratch_bytes(m, k), dtype=torch.uint8)
-    lib.llamadist_qlinear(qtype, x.data_ptr(), blocks.data_ptr(),
+    scratch = torch.empty(scratch_bytes(m, k) if int8_x else 0, dtype=torch.uint8)
+    lib.llamadist_qlinear(qtype, int(int8_x), x.data_ptr(), blocks.data_ptr(),
                           None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
                           x.stride(0), n, scratch.data_ptr(), torch.get_num_threads())
     return y

@@ -5,8 +5,9 @@ type and its logical (out, in) shape, and takes part in three torch functions th
 ``__torch_function__``, so the pure model's modules run on it unchanged:
 
 * ``F.linear(x, w, bias)``: up to ``MAX_ROWS`` float32 rows on the CPU, the C GEMV of
-  cpu_quant.c (x quantized to int8 per 32 for Q4_0 / Q4_1 / Q8_0); more rows (prefill),
-  tiles of W dequantized to x's dtype and multiplied by PyTorch's GEMM.
+  cpu_quant.c (weight blocks dequantized in registers; with ``int8_x``, x quantized to
+  int8 per 32 and integer dot products, as llama.cpp does); more rows (prefill), tiles of
+  W dequantized to x's dtype and multiplied by PyTorch's GEMM.
 * ``F.embedding(ids, w)``: only the looked-up rows are dequantized.
 * ``torch.cat([w1, w2], dim=0)``: the projection fusion (llamadist.model.fuse); parts of
   different types fall back to one float matrix.
@@ -40,7 +41,11 @@ TILE_FLOATS = 1 << 22
 class QuantizedTensor:
     """W (out, in) as GGUF blocks: ``blocks`` (out, in / block * block bytes) uint8 on the
     CPU, ``qtype`` a ggml type id of quant_ref.FORMATS. ``act_dtype`` is the dtype the
-    model computes in (what an embedding lookup returns)."""
+    model computes in (what an embedding lookup returns). ``int8_x``: the GEMV quantizes
+    x to int8 per 32 (Q4_0 / Q4_1 / Q8_0; set by the kernel pass of
+    ``RuntimeConfig.quant_activations``), else x meets the weights in float32."""
+
+    int8_x = False
 
     def __init__(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
                  act_dtype: torch.dtype = torch.float32) -> None:
@@ -141,7 +146,7 @@ def linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         y = cpu_quant.qlinear(x2, w.blocks, w.qtype, n,
-                              None if bias is None else bias.contiguous())
+                              None if bias is None else bias.contiguous(), w.int8_x)
         return y.view(*x.shape[:-1], n)
     return _tiled_linear(x2, w, bias).view(*x.shape[:-1], n)
 
@@ -167,22 +172,26 @@ def embedding(ids: torch.Tensor, w: QuantizedTensor, *args: Any, **kwargs: Any) 
 
 
 def cat(parts: list[Any] | tuple[Any, ...], dim: int = 0) -> Any:
-    """Rows of same-type quantized parts, concatenated (the projection fusion); parts of
-    different types (a Q4_K_M file's Q6_K v beside Q4_K q/k) become one float matrix."""
+    """Rows of same-type quantized parts, concatenated (the projection fusion). Parts of
+    different types (a Q4_K_M file's Q6_K v beside Q4_K q/k, or a float part) become one
+    float matrix, in the float part's dtype or the parts' activation dtype."""
     if dim != 0:
         raise TypeError("quantized weights concatenate along rows (dim=0) only")
-    if not all(isinstance(p, QuantizedTensor) for p in parts):
-        raise TypeError("torch.cat of quantized and float weights")
-    first = parts[0]
-    if all(p.qtype == first.qtype and p.shape[1] == first.shape[1] for p in parts):
+    quant = [p for p in parts if isinstance(p, QuantizedTensor)]
+    first = quant[0]
+    if len(quant) == len(parts) and all(p.qtype == first.qtype and p.shape[1] == first.shape[1]
+                                        for p in parts):
         # numpy's allocation, not torch.cat's: measured, glibc then hands the parts' pages
         # back as they are freed (torch.cat left ~30 MB resident over SmolLM2's fusion)
         blocks = torch.from_numpy(np.concatenate([p.blocks.numpy() for p in parts]))
         return QuantizedTensor(blocks, first.qtype, (sum(p.shape[0] for p in parts),
                                                      first.shape[1]), first.act_dtype)
+    floats = [p for p in parts if not isinstance(p, QuantizedTensor)]
+    dtype = floats[0].dtype if floats else first.act_dtype
     log.info("fusing weights of types %s: dequantized to %s",
-             [p.type_name for p in parts], first.act_dtype)
-    return torch.cat([p.dequantize(first.act_dtype) for p in parts])
+             [getattr(p, "type_name", str(p.dtype)) for p in parts], dtype)
+    return torch.cat([p.dequantize(dtype) if isinstance(p, QuantizedTensor) else p
+                      for p in parts])
 
 
 _HANDLED = {F.linear: linear, F.embedding: embedding, torch.cat: cat}

@@ -17,6 +17,10 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   PyTorch paged path (gather + SDPA). Like ``decode_layer_fn`` it is a function the stage
   holds, not a module swap: the paged attention lives in the runtime's cache object.
 
+* ``set_quant_activations``: whether the CPU GEMV over quantized (GGUF block) weights
+  quantizes x to int8 first (``RuntimeConfig.quant_activations``); a flag on each
+  ``QuantizedTensor`` (llamadist.kernels.quant), read by its F.linear and the C layer.
+
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """
 
@@ -32,6 +36,7 @@ from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode
 from llamadist.kernels import decode_attention as split_kv
 from llamadist.kernels import paged_attention as paged_kernel
+from llamadist.kernels.quant import QuantizedTensor
 from llamadist.model.cache import Start
 from llamadist.model.llama import Attention, DecodeAttention, sdpa_decode_attention
 
@@ -53,6 +58,16 @@ def use_cpu_linear(model: nn.Module) -> nn.Module:
             module.__class__ = cpu_decode.CpuLinear
         elif getattr(module, "linear_fn", None) is F.linear:
             module.linear_fn = cpu_decode.linear
+    return model
+
+
+def set_quant_activations(model: nn.Module, int8: bool) -> nn.Module:
+    """Make every quantized weight of ``model`` meet int8 (``int8``) or float32 x in the
+    CPU GEMV (in place; returns it). Tied weights are one object, set once."""
+    for module in model.modules():
+        w = module.__dict__.get("weight")
+        if isinstance(w, QuantizedTensor):
+            w.int8_x = int8
     return model
 
 
@@ -107,6 +122,7 @@ def apply_kernel_passes(model: nn.Module, device: torch.device,
     """The passes ``runtime`` asks for that can serve on ``device`` (in place)."""
     if device.type == "cpu" and runtime.cpu_kernels:
         use_cpu_linear(model)
+    set_quant_activations(model, runtime.quant_activations == "int8")
     if device.type == "cuda":  # the split-KV kernel runs on CUDA only
         set_decode_attention(model, runtime.decode_attention)
     return model

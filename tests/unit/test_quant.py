@@ -3,9 +3,10 @@ kernel (plain C, AVX2, AVX-512 where the CPU has it) against float64
 dequantize-then-matmul on random blocks, odd sizes and tails included.
 
 Tolerances, relative to max |reference| of the output:
-* K types (x stays float32): 2e-6, float32 rounding of a dot product.
-* Q4_0 / Q4_1 / Q8_0 against x's own int8 quantization (quant_ref.quantize_q8): 2e-6:
-  the integer dot products are exact, only the per-block float terms round.
+* float32 x (the default; K types always): 2e-6, float32 rounding of a dot product.
+* int8 x (Q4_0 / Q4_1 / Q8_0, ``int8_x``) against x's own int8 quantization
+  (quant_ref.quantize_q8): 2e-6: the integer dot products are exact, only the per-block
+  float terms round;
 * the same against the unquantized x: 3e-2, x's rounding (|dx| / 2 per input) through
   k random weights; measured ~5e-3 at k = 160. The int8 error itself is bounded per
   input in test_activation_quantization_error.
@@ -85,9 +86,10 @@ def test_activation_quantization_error():
     assert np.abs(q).max() <= 127 and (d[1, 0] == 0 and (q[1, :32] == 0).all())
 
 
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float-x", "int8-x"])
 @pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
 @pytest.mark.parametrize("rows,nblocks,m", [(1, 1, 1), (37, 5, 1), (13, 3, 4), (64, 2, 33)])
-def test_linear_against_float64(qtype, rows, nblocks, m):
+def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
     """Every dispatch level; m = 33 rows is the prefill (tiled dequantize + GEMM) path;
     odd block counts exercise the AVX-512 path's single-block tail."""
     rng = np.random.default_rng(rows * 100 + nblocks + qtype)
@@ -97,20 +99,23 @@ def test_linear_against_float64(qtype, rows, nblocks, m):
     x = rng.standard_normal((m, cols)).astype(np.float32)
     bias = rng.standard_normal(rows).astype(np.float32)
     qt = QuantizedTensor(torch.from_numpy(raw), qtype, (rows, cols))
+    qt.int8_x = int8_x
     exact = x.astype(np.float64) @ w.T + bias
-    int8 = FORMATS[qtype][1] == 32 and m <= 32  # the GEMV quantizes x; the tiles do not
+    # only the GEMV (m <= 32) of the 32-blocks quantizes x; K types and tiles never do
+    int8 = int8_x and FORMATS[qtype][1] == 32 and m <= 32
+    want = exact
     if int8:
         q, d, _ = quantize_q8(x)
         xq = (q.reshape(m, -1, 32).astype(np.float64) * d[..., None]).reshape(m, cols)
-        on_int8 = xq @ w.T + bias
+        want = xq @ w.T + bias
     try:
         for level in levels():
             cpu_quant.set_isa(level)
             with torch.no_grad():
                 y = F.linear(torch.from_numpy(x), qt, torch.from_numpy(bias)).numpy()
             scale = np.abs(exact).max()
-            assert np.abs(y - (on_int8 if int8 else exact)).max() <= 2e-6 * scale, level
-            assert np.abs(y - exact).max() <= 3e-2 * scale, level
+            assert np.abs(y - want).max() <= 2e-6 * scale, level
+            assert np.abs(y - exact).max() <= (3e-2 if int8 else 2e-6) * scale, level
     finally:
         cpu_quant.set_isa(-1)
 
