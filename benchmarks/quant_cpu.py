@@ -1,0 +1,127 @@
+"""SmolLM2-135M Q4_1 on the CPU: native quantized weights against the dequantized float32
+model, in one run on one machine (issue 16).
+
+    python benchmarks/quant_cpu.py [--gen 64] [--repeats 5] [--prompt-tokens 128]
+                                   [--threads N] [--llama-bench PATH]
+
+Three engines from the same GGUF: ``--weights native`` with float32 activations (the
+default: blocks dequantized in registers), native with ``--quant-activations int8``
+(llama.cpp's scheme) and ``--weights float32`` (today's dequantize-at-load). Repeats are
+interleaved (A B C A B C ...) so a noisy neighbour hurts all three alike; the table shows
+the median and the best decode tokens/s (batch 1, greedy), prefill tokens/s of a
+``--prompt-tokens`` prompt, the weight bytes a decode step reads and the rate it reads
+them at. ``--llama-bench``: llama.cpp's llama-bench on the same file and thread count,
+in the same run (not part of llamadist; build it yourself, see RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+from llamadist.api import build_engine
+from llamadist.config import RuntimeConfig
+from llamadist.generation.generate import generate
+from llamadist.generation.sampling import SamplingParams
+from llamadist.kernels.quant import QuantizedTensor
+from llamadist.planning.layout import resolve_layout
+from llamadist.weights.checkpoint import open_checkpoint, resolve_model_path
+
+CONFIGS = {"native (float32 x)": dict(weights="native"),
+           "native (int8 x)": dict(weights="native", quant_activations="int8"),
+           "float32 (dequantized)": dict(weights="float32")}
+TEXT = ("The history of distributed computing begins with time-sharing systems, in which many "
+        "users shared one large machine, and continues through networks of workstations, ")
+
+
+def weight_bytes(engine) -> int:
+    """Bytes of distinct weights a decode step reads (a tied head counted once)."""
+    seen: dict[int, int] = {}
+    for stage in engine.stages:
+        for m in stage.model.modules():
+            w = m.__dict__.get("weight", m._parameters.get("weight"))
+            if isinstance(w, (torch.Tensor, QuantizedTensor)):
+                seen[id(w)] = w.nbytes
+    return sum(seen.values())
+
+
+def load(ckpt, max_seq: int, **runtime) -> tuple[object, float]:
+    t0 = time.perf_counter()
+    layout = resolve_layout(ckpt.config, devices="cpu", dtype="float32", max_batch=1,
+                            max_seq_len=max_seq)
+    eng = build_engine(ckpt, layout, RuntimeConfig(max_seq_len=max_seq, max_batch=1,
+                                                   dtype="float32", **runtime))
+    return eng, time.perf_counter() - t0
+
+
+def run_once(engine, ids: list[int], gen: int) -> tuple[float, float, list[int]]:
+    """(decode tokens/s, prefill tokens/s, tokens) of one greedy generation."""
+    res = generate(engine, None, [ids], SamplingParams(max_new_tokens=gen, ignore_eos=True))[0]
+    s = res.stats
+    return s["decode_tokens_per_s"], s["prompt_tokens"] / s["prefill_s"], res.token_ids
+
+
+def llama_bench(path: str, model: str, threads: int, gen: int, prompt: int) -> str:
+    cmd = [path, "-m", model, "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", "3"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    rows = [line for line in res.stdout.splitlines() if re.search(r"\| *(pp|tg)\d+", line)]
+    return "\n".join([" ".join(cmd)] + rows) if rows else res.stdout + res.stderr
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gen", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = resolve_model_path("smollm2-135m")
+    ckpt = open_checkpoint(path)
+    tok = ckpt.tokenizer()
+    ids = (tok.encode(TEXT * 20))[:args.prompt_tokens]
+    max_seq = args.prompt_tokens + args.gen + 8
+    engines = {name: load(ckpt, max_seq, **rt) for name, rt in CONFIGS.items()}
+    results: dict[str, list[tuple[float, float, list[int]]]] = {n: [] for n in CONFIGS}
+    for name, (eng, _) in engines.items():  # warm-up: kernels built, caches touched
+        run_once(eng, ids, 4)
+    for _ in range(args.repeats):
+        for name, (eng, _) in engines.items():
+            results[name].append(run_once(eng, ids, args.gen))
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
+                if ln.startswith("model name")), platform.processor())
+    print(f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()}"
+          f" threads), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
+          f"{os.getloadavg()[0]:.1f}; batch 1, greedy, {args.gen} new tokens after a "
+          f"{len(ids)}-token prompt, {args.repeats} interleaved repeats\n")
+    print("| weights | decode tok/s median | best | prefill tok/s median | weight MB "
+          "| GB/s at median | load s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    base = statistics.median(r[0] for r in results["float32 (dequantized)"])
+    for name, runs in results.items():
+        eng, load_s = engines[name]
+        dec = statistics.median(r[0] for r in runs)
+        mb = weight_bytes(eng) / 1e6
+        print(f"| {name} | {dec:.1f} ({dec / base:.2f}x) | {max(r[0] for r in runs):.1f} | "
+              f"{statistics.median(r[1] for r in runs):.0f} | {mb:.0f} | {mb * dec / 1e3:.1f} "
+              f"| {load_s:.2f} |")
+    ref = results["float32 (dequantized)"][0][2]
+    for name, runs in results.items():
+        same = sum(a == b for a, b in zip(runs[0][2], ref))
+        print(f"- {name}: {same}/{len(ref)} greedy tokens equal to the float32 model's")
+    if args.llama_bench:
+        print("\nllama.cpp, same file, same threads:\n" + llama_bench(
+            args.llama_bench, str(path), torch.get_num_threads(), args.gen, args.prompt_tokens))
+
+
+if __name__ == "__main__":
+    main()
