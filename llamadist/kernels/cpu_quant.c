@@ -21,42 +21,11 @@
 #include <math.h>
 #include <string.h>
 
-#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
-#define TGT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
-#define INLINE static inline __attribute__((always_inline))
 
 typedef float (*qdot_fn)(const uint8_t *w, const int8_t *q, const float *d, const float *s,
                          int64_t nb);
 typedef float (*fdot_fn)(const uint8_t *w, const float *x, int64_t nb);
 
-static int block_weights(int type) { return type >= QT_Q4_K ? 256 : 32; }
-
-static int block_bytes(int type) {
-    switch (type) {
-    case QT_Q4_0: return 18;
-    case QT_Q4_1: return 20;
-    case QT_Q8_0: return 34;
-    case QT_Q4_K: return 144;
-    case QT_Q5_K: return 176;
-    case QT_Q6_K: return 210;
-    default: return 0;
-    }
-}
-
-static inline float f16(const uint8_t *p) { /* little-endian IEEE half -> float */
-    uint16_t h;
-    memcpy(&h, p, 2);
-    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
-    uint32_t bits;
-    if (e == 0) {
-        const float f = ldexpf((float)m, -24); /* zero or subnormal */
-        return sign ? -f : f;
-    }
-    bits = e == 31 ? sign | 0x7f800000u | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 
 /* ---- x -> int8 blocks of 32 (the reference is quant_ref.quantize_q8) ---- */
 static void quantize_row_q8(const float *x, int64_t k, int8_t *q, float *d, float *s) {
@@ -337,7 +306,7 @@ static int best_isa(void) {
     return 0;
 }
 
-static int current_isa(void) {
+int current_isa(void) {
     if (isa_level < 0) isa_level = best_isa();
     return isa_level;
 }
@@ -368,47 +337,7 @@ static fdot_fn pick_fdot(int type) {
     return table[current_isa()][col];
 }
 
-/* ---- dequantization (prefill tiles, embedding rows, and the K types' GEMV) ---- */
-static void k_scale_min(int j, const uint8_t *q, float *sc, float *mn) {
-    if (j < 4) {
-        *sc = (float)(q[j] & 63);
-        *mn = (float)(q[j + 4] & 63);
-    } else {
-        *sc = (float)((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4));
-        *mn = (float)((q[j + 4] >> 4) | ((q[j] >> 6) << 4));
-    }
-}
-
-static void dequant_k(int type, const uint8_t *blk, float *out) {
-    if (type == QT_Q6_K) {
-        const uint8_t *ql = blk, *qh = blk + 128;
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        const float d = f16(blk + 208);
-        for (int half = 0; half < 2; ++half, ql += 64, qh += 32, sc += 8, out += 128)
-            for (int l = 0; l < 32; ++l) {
-                const int is = l / 16;
-                out[l] = d * sc[is] * (((ql[l] & 0xF) | ((qh[l] & 3) << 4)) - 32);
-                out[l + 32] = d * sc[is + 2] * (((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32);
-                out[l + 64] = d * sc[is + 4] * (((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32);
-                out[l + 96] = d * sc[is + 6] * (((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32);
-            }
-        return;
-    }
-    const float d = f16(blk), dmin = f16(blk + 2);
-    const uint8_t *scales = blk + 4, *qh = blk + 16, *qs = blk + (type == QT_Q5_K ? 48 : 16);
-    for (int j = 0; j < 8; ++j) { /* sub-block j: nibble (j & 1) of qs[32 (j / 2) + l] */
-        float sc, mn;
-        k_scale_min(j, scales, &sc, &mn);
-        const float a = d * sc, c = dmin * mn;
-        const uint8_t *src = qs + 32 * (j / 2);
-        for (int l = 0; l < 32; ++l) {
-            int q = (j & 1) ? src[l] >> 4 : src[l] & 0xF;
-            if (type == QT_Q5_K) q += ((qh[l] >> j) & 1) << 4;
-            out[32 * j + l] = a * (float)q - c;
-        }
-    }
-}
-
+/* ---- dequantization (prefill tiles, embedding rows) ---- */
 static void dequant_block(int type, const uint8_t *blk, float *out) {
     if (type >= QT_Q4_K) {
         dequant_k(type, blk, out);
@@ -436,24 +365,6 @@ void llamadist_dequant_rows(int type, const uint8_t *w, int64_t rows, int64_t k,
         for (int64_t b = 0; b < nb; ++b) dequant_block(type, w + (r * nb + b) * bb, out + r * k + b * bw);
 }
 
-typedef float v8 __attribute__((vector_size(32)));
-
-static float kdot(int type, const uint8_t *w, const float *x, int64_t nb) {
-    float tmp[256] __attribute__((aligned(64)));
-    const int bb = block_bytes(type);
-    v8 acc = {0};
-    for (int64_t b = 0; b < nb; ++b, x += 256) {
-        dequant_k(type, w + b * bb, tmp);
-        for (int i = 0; i < 256; i += 8) {
-            v8 xv, wv;
-            memcpy(&xv, x + i, sizeof xv);
-            memcpy(&wv, tmp + i, sizeof wv);
-            acc += xv * wv;
-        }
-    }
-    return ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-}
-
 /* ---- the linear ---- */
 int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k) {
     return m * k + 2 * m * (k / 32) * (int64_t)sizeof(float);
@@ -470,14 +381,22 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r)
             quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * nb, xs + r * nb);
-    } /* the loop's implicit barrier: every thread sees all of x quantized */
+    } else if (is_k) { /* the sums of x's runs of 32 (the K types' mins) */
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < m; ++r)
+            for (int64_t b = 0; b < k / 32; ++b) {
+                float sum = 0.0f;
+                for (int i = 0; i < 32; ++i) sum += x[r * ldx + 32 * b + i];
+                xs[r * (k / 32) + b] = sum;
+            }
+    } /* the loops' implicit barrier: every thread sees all of x prepared */
     const qdot_fn dot = q8 ? pick_dot(type) : NULL;
     const fdot_fn fdot = q8 || is_k ? NULL : pick_fdot(type);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n; ++j) {
         const uint8_t *wr = w + j * rb;
         for (int64_t r = 0; r < m; ++r) { /* the row is read from memory once, then cache */
-            float v = is_k ? kdot(type, wr, x + r * ldx, nb)
+            float v = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
                       : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
                            : fdot(wr, x + r * ldx, nb);
             v += bias ? bias[j] : 0.0f;

@@ -20,4 +20,48 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
                       const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
                       int64_t ldy, int accumulate, void *scratch);
 
+/* ---- shared by cpu_quant.c and cpu_quant_k.c ---- */
+#include <math.h>
+#include <string.h>
+
+#define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
+#define TGT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
+#define INLINE static inline __attribute__((always_inline))
+
+static inline int block_weights(int type) { return type >= QT_Q4_K ? 256 : 32; }
+
+static inline int block_bytes(int type) {
+    switch (type) {
+    case QT_Q4_0: return 18;
+    case QT_Q4_1: return 20;
+    case QT_Q8_0: return 34;
+    case QT_Q4_K: return 144;
+    case QT_Q5_K: return 176;
+    case QT_Q6_K: return 210;
+    default: return 0;
+    }
+}
+
+static inline float f16(const uint8_t *p) { /* little-endian IEEE half -> float */
+    uint16_t h;
+    memcpy(&h, p, 2);
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 0x1f, m = h & 0x3ff;
+    uint32_t bits;
+    if (e == 0) {
+        const float f = ldexpf((float)m, -24); /* zero or subnormal */
+        return sign ? -f : f;
+    }
+    bits = e == 31 ? sign | 0x7f800000u | (m << 13) : sign | ((e + 112) << 23) | (m << 13);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c) */
+
+/* cpu_quant_k.c: one K block -> 256 floats; a weight row of nb K blocks . x, with
+   xsum32 the sums of x's runs of 32 (see quant_linear_for). */
+void dequant_k(int type, const uint8_t *blk, float *out);
+float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int64_t nb);
+
 #endif

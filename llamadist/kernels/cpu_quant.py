@@ -68,7 +68,7 @@ def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int,
     lib = _lib()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    scratch = torch.empty(scratch_bytes(m, k) if int8_x else 0, dtype=torch.uint8)
+    scratch = torch.empty(scratch_bytes(m, k), dtype=torch.uint8)
     lib.llamadist_qlinear(qtype, int(int8_x), x.data_ptr(), blocks.data_ptr(),
                           None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
                           x.stride(0), n, scratch.data_ptr(), torch.get_num_threads())
