@@ -117,6 +117,12 @@ static void rotate(const float *x, const float *cos, const float *sin, float *ou
     }
 }
 
+/* Rows of one weight format within a fused weight (float32 or GGUF blocks). */
+typedef struct {
+    const void *w;
+    int64_t type, rows;
+} wseg;
+
 /* The shapes and tensors of one decoder layer's decode step (see cpu_decode.py). */
 typedef struct {
     int64_t batch, dim, heads, kv_heads, head_dim, inter;
@@ -148,6 +154,8 @@ typedef struct {
                                            type (the w_* point at blocks, cpu_quant.h) */
     void *qscratch;                     /* quantized activations (quantized weights only) */
     int64_t int8_x;                     /* quantized weights: x to int8 (cpu_quant.h) */
+    wseg seg_qkv[3], seg_gu[2];         /* a fusion of parts of different formats: its */
+    int64_t n_seg_qkv, n_seg_gu;        /* row blocks in order (0: w_qkv / w_gu alone) */
 } layer_args;
 
 /* linear_for over a float32 weight, or quant_linear_for over GGUF blocks. */
@@ -159,6 +167,20 @@ static void any_linear_for(int int8_x, int64_t type, const float *x, const void 
     else
         quant_linear_for((int)type, int8_x, x, (const uint8_t *)w, bias, y, m, n, k, ldx, ldy,
                          accumulate, qscratch);
+}
+
+/* any_linear_for over a fused weight's row blocks in turn (nseg 0: w of `type` alone). */
+static void seg_linear_for(int int8_x, const wseg *segs, int64_t nseg, int64_t type,
+                           const float *x, const void *w, const float *bias, float *y,
+                           int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
+                           void *qscratch) {
+    if (!nseg) {
+        any_linear_for(int8_x, type, x, w, bias, y, m, n, k, ldx, ldy, 0, qscratch);
+        return;
+    }
+    for (int64_t s = 0, row = 0; s < nseg; row += segs[s].rows, ++s)
+        any_linear_for(int8_x, segs[s].type, x, segs[s].w, bias ? bias + row : NULL, y + row,
+                       m, segs[s].rows, k, ldx, ldy, 0, qscratch);
 }
 
 /* Element offset of row b's slot s, head 0: in a static cache the row's own slot s, in a
@@ -217,7 +239,8 @@ void llamadist_decode_layer_f32(const layer_args *a) {
     {
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);
-        any_linear_for(q8, a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B, qkv_n, D, D, qkv_n, 0, qs);
+        seg_linear_for(q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B,
+                       qkv_n, D, D, qkv_n, qs);
         /* RoPE on q (in place) and k (into the cache); v into the cache. */
 #pragma omp for schedule(static)
         for (int64_t bh = 0; bh < B * (H + Hkv); ++bh) {
@@ -246,7 +269,8 @@ void llamadist_decode_layer_f32(const layer_args *a) {
                        qs); /* h += o_proj */
 #pragma omp for schedule(static)
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm2, xn + b * D, D, a->eps);
-        any_linear_for(q8, a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F, D, D, 2 * F, 0, qs);
+        seg_linear_for(q8, a->seg_gu, a->n_seg_gu, a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F,
+                       D, D, 2 * F, qs);
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < B * F; ++i) {
             float *row = gu + (i / F) * 2 * F;

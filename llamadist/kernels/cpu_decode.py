@@ -202,6 +202,11 @@ _PLAIN_LINEARS = (nn.Linear, CpuLinear)
 _P = ctypes.c_void_p
 
 
+class WSeg(ctypes.Structure):
+    """``wseg`` of cpu_decode.c: rows of one weight format within a fused weight."""
+    _fields_ = [("w", _P), ("type", ctypes.c_int64), ("rows", ctypes.c_int64)]
+
+
 class LayerArgs(ctypes.Structure):
     """``layer_args`` of cpu_decode.c, field for field."""
     _fields_ = [("batch", ctypes.c_int64), ("dim", ctypes.c_int64), ("heads", ctypes.c_int64),
@@ -216,11 +221,15 @@ class LayerArgs(ctypes.Structure):
                 ("sin", _P), ("cs_b", ctypes.c_int64), ("mask", _P), ("mask_b", ctypes.c_int64),
                 ("scratch", _P), ("threads", ctypes.c_int64), ("t_qkv", ctypes.c_int64),
                 ("t_o", ctypes.c_int64), ("t_gu", ctypes.c_int64), ("t_down", ctypes.c_int64),
-                ("qscratch", _P), ("int8_x", ctypes.c_int64)]
+                ("qscratch", _P), ("int8_x", ctypes.c_int64), ("seg_qkv", WSeg * 3),
+                ("seg_gu", WSeg * 2), ("n_seg_qkv", ctypes.c_int64), ("n_seg_gu", ctypes.c_int64)]
 
 
 def _ptr(t) -> int | None:
-    """The data pointer of a tensor, of a QuantizedTensor's blocks, or None."""
+    """The data pointer of a tensor, of a QuantizedTensor's blocks, or None (also for a
+    RowStack, whose parts go to the segments: ``_set_segments``)."""
+    if hasattr(t, "parts"):
+        return None
     if hasattr(t, "qtype"):
         return t.blocks.data_ptr()
     return None if t is None else t.data_ptr()
@@ -235,8 +244,10 @@ def _weight(module: nn.Module):
 
 def _usable(t) -> bool:
     """A weight the C layer reads: float32 on the CPU, contiguous, or CPU GGUF blocks
-    (a llamadist.kernels.quant.QuantizedTensor, known here by its ``qtype``: that module
-    imports this one)."""
+    (a llamadist.kernels.quant.QuantizedTensor, known here by its ``qtype``, or a RowStack
+    of such parts, by its ``parts``: that module imports this one)."""
+    if hasattr(t, "parts"):
+        return all(map(_usable, t.parts))
     if hasattr(t, "qtype"):
         return t.device.type == "cpu"
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
@@ -271,14 +282,31 @@ def _layer_weights(layer) -> tuple | None:
     (a.w_qkv, a.b_qkv, a.w_o, a.b_o, a.w_gu, a.b_gu, a.w_down, a.b_down, a.norm1,
      a.norm2) = (_ptr(t) for t in tensors)
     a.t_qkv, a.t_o, a.t_gu, a.t_down = (getattr(t, "qtype", 0) for t in tensors[0:8:2])
+    if not (_set_segments(a.seg_qkv, tensors[0], 3, "n_seg_qkv", a)
+            and _set_segments(a.seg_gu, tensors[4], 2, "n_seg_gu", a)):
+        return None
     entry = layer.__dict__["_cpu_decode"] = (tensors, a)
     return entry
+
+
+def _set_segments(segs, w, most: int, count: str, a: LayerArgs) -> bool:
+    """Fill a fused weight's segments from a RowStack's parts (nothing for a plain weight);
+    False if it has more parts than the C layer takes."""
+    parts = getattr(w, "parts", None)
+    if parts is None:
+        return True
+    if len(parts) > most:
+        return False
+    for seg, part in zip(segs, parts):
+        seg.w, seg.type, seg.rows = _ptr(part), getattr(part, "qtype", 0), part.shape[0]
+    setattr(a, count, len(parts))
+    return True
 
 
 def qscratch_bytes(a: LayerArgs) -> int:
     """Bytes of quantized activations the C layer needs (0 with float32 weights): rows of
     the widest linear input (dim, attention output or intermediate)."""
-    if not (a.t_qkv or a.t_o or a.t_gu or a.t_down):
+    if not (a.t_qkv or a.t_o or a.t_gu or a.t_down or a.n_seg_qkv or a.n_seg_gu):
         return 0
     k = max(a.dim, a.heads * a.head_dim, a.inter)
     return a.batch * k + 2 * a.batch * (k // 32) * 4  # int8 x, then a scale and a sum per 32

@@ -172,26 +172,70 @@ def embedding(ids: torch.Tensor, w: QuantizedTensor, *args: Any, **kwargs: Any) 
 
 
 def cat(parts: list[Any] | tuple[Any, ...], dim: int = 0) -> Any:
-    """Rows of same-type quantized parts, concatenated (the projection fusion). Parts of
-    different types (a Q4_K_M file's Q6_K v beside Q4_K q/k, or a float part) become one
-    float matrix, in the float part's dtype or the parts' activation dtype."""
+    """Rows of quantized parts, concatenated (the projection fusion): one QuantizedTensor
+    when every part has one type, else a ``RowStack`` (a Q4_K_M file's Q6_K v beside its
+    Q4_K q and k, or a float part), which keeps each part as it is."""
     if dim != 0:
         raise TypeError("quantized weights concatenate along rows (dim=0) only")
-    quant = [p for p in parts if isinstance(p, QuantizedTensor)]
-    first = quant[0]
-    if len(quant) == len(parts) and all(p.qtype == first.qtype and p.shape[1] == first.shape[1]
-                                        for p in parts):
+    first = parts[0]
+    if all(isinstance(p, QuantizedTensor) and p.qtype == first.qtype
+           and p.shape[1] == first.shape[1] for p in parts):
         # numpy's allocation, not torch.cat's: measured, glibc then hands the parts' pages
         # back as they are freed (torch.cat left ~30 MB resident over SmolLM2's fusion)
         blocks = torch.from_numpy(np.concatenate([p.blocks.numpy() for p in parts]))
         return QuantizedTensor(blocks, first.qtype, (sum(p.shape[0] for p in parts),
                                                      first.shape[1]), first.act_dtype)
-    floats = [p for p in parts if not isinstance(p, QuantizedTensor)]
-    dtype = floats[0].dtype if floats else first.act_dtype
-    log.info("fusing weights of types %s: dequantized to %s",
-             [getattr(p, "type_name", str(p.dtype)) for p in parts], dtype)
-    return torch.cat([p.dequantize(dtype) if isinstance(p, QuantizedTensor) else p
-                      for p in parts])
+    return RowStack([q for p in parts for q in (p.parts if isinstance(p, RowStack) else [p])])
+
+
+class RowStack:
+    """W (out, in) as row blocks of different formats: ``parts`` (QuantizedTensors and
+    float tensors, same ``in``), stacked along the output features. F.linear runs each
+    part and concatenates the outputs; the C decoder layer runs each part in turn."""
+
+    def __init__(self, parts: list[Any]) -> None:
+        cols = {int(p.shape[1]) for p in parts}
+        if len(cols) != 1:
+            raise ValueError(f"row blocks of different widths {sorted(cols)}")
+        self.parts = [p.detach() for p in parts]
+        self.shape = torch.Size((sum(int(p.shape[0]) for p in parts), cols.pop()))
+
+    dtype = torch.uint8  # never float32: float-only kernels pass it by
+    is_meta = False
+    requires_grad = False
+    int8_x = property(lambda self: any(getattr(p, "int8_x", False) for p in self.parts))
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def dim(self) -> int:
+        return 2
+
+    def detach(self) -> "RowStack":
+        return self
+
+    def __repr__(self) -> str:
+        kinds = [getattr(p, "type_name", str(p.dtype)) for p in self.parts]
+        return f"RowStack({kinds}, shape={tuple(self.shape)})"
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func is F.linear:
+            return _stack_linear(*args, **(kwargs or {}))
+        if func is torch.cat:
+            return cat(*args, **(kwargs or {}))
+        raise TypeError(f"{getattr(func, '__name__', func)} does not take a RowStack "
+                        f"(it serves F.linear and torch.cat)")
+
+
+def _stack_linear(x: torch.Tensor, w: RowStack, bias: torch.Tensor | None = None) -> torch.Tensor:
+    y = torch.cat([F.linear(x, p) for p in w.parts], dim=-1)  # (..., out)
+    return y if bias is None else y + bias
 
 
 _HANDLED = {F.linear: linear, F.embedding: embedding, torch.cat: cat}

@@ -36,7 +36,7 @@ from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode
 from llamadist.kernels import decode_attention as split_kv
 from llamadist.kernels import paged_attention as paged_kernel
-from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.quant import QuantizedTensor, RowStack
 from llamadist.model.cache import Start
 from llamadist.model.llama import Attention, DecodeAttention, sdpa_decode_attention
 
@@ -66,8 +66,9 @@ def set_quant_activations(model: nn.Module, int8: bool) -> nn.Module:
     CPU GEMV (in place; returns it). Tied weights are one object, set once."""
     for module in model.modules():
         w = module.__dict__.get("weight")
-        if isinstance(w, QuantizedTensor):
-            w.int8_x = int8
+        for part in w.parts if isinstance(w, RowStack) else [w]:
+            if isinstance(part, QuantizedTensor):
+                part.int8_x = int8
     return model
 
 

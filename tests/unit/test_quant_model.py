@@ -55,11 +55,14 @@ def test_tiny_native_keeps_blocks_and_matches_float(tiny):
     kinds = {n: type(m.__dict__.get("weight", m._parameters.get("weight"))).__name__
              for n, m in native.model.named_modules() if "proj" in n or "head" in n}
     # layer 1 o_proj (Q8_0) and down_proj (Q4_0) stay blocks; layer 0's q|k|v mixes F32
-    # with Q8_0 and F16, so its fusion is float; lm_head is Q8_0
+    # with Q8_0 and F16 and its gate|up Q4_1 with Q4_K: row stacks; lm_head is Q8_0
     assert kinds["model.layers.1.self_attn.o_proj"] == "QuantizedTensor"
     assert kinds["model.layers.1.mlp.down_proj"] == "QuantizedTensor"
-    assert kinds["model.layers.0.self_attn.qkv_proj"] == "Parameter"
+    assert kinds["model.layers.0.self_attn.qkv_proj"] == "RowStack"
+    assert kinds["model.layers.0.mlp.gate_up_proj"] == "RowStack"
     assert kinds["lm_head"] == "QuantizedTensor"
+    args = cpu_decode._layer_weights(native.model.model.layers["0"])[1]  # the C layer takes it
+    assert (args.n_seg_qkv, args.n_seg_gu, args.seg_gu[0].type, args.seg_gu[1].type) == (3, 2, 3, 12)
     ids = torch.tensor([[5, 9, 30, 7, 2], [1, 3, 3, 80, 6]])
     a, b = logits(native, ids), logits(ref, ids)
     assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-6
