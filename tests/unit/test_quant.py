@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from llamadist.kernels import cpu_quant
-from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.quant import QuantizedTensor, RowStack
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, dequantize, quantize_q8
 
 pytestmark = pytest.mark.skipif(not cpu_quant.available(), reason="no C compiler")
@@ -136,6 +136,10 @@ def test_embedding_and_cat_and_slices():
         qt.cols(16, 64)
     with pytest.raises(TypeError, match="does not take a QuantizedTensor"):
         torch.add(qt, 1)
-    mixed = torch.cat([qt, QuantizedTensor(torch.from_numpy(random_blocks(2, 3, 64, rng)), 2,
-                                           (3, 64))])
-    assert isinstance(mixed, torch.Tensor) and mixed.shape == (13, 64)
+    q40 = QuantizedTensor(torch.from_numpy(random_blocks(2, 3, 64, rng)), 2, (3, 64))
+    f32 = torch.randn(2, 64)
+    mixed = torch.cat([qt, q40, f32])  # parts of three formats: a RowStack
+    assert isinstance(mixed, RowStack) and mixed.shape == (15, 64)
+    x = torch.randn(3, 64)
+    want = x.double() @ torch.cat([qt.dequantize(), q40.dequantize(), f32]).double().t()
+    assert (F.linear(x, mixed).double() - want).abs().max() <= 2e-6 * want.abs().max()
