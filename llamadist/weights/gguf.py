@@ -218,11 +218,12 @@ class GGUFCheckpoint:
         been copied (the page cache keeps them): without this every tensor read stays
         resident and the peak memory counts the file on top of the loaded weights."""
         mm = getattr(getattr(self._reader.data, "base", None), "_mmap", None)
-        if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise"):
+        dontneed = getattr(mmap, "MADV_DONTNEED", None)  # absent on Windows
+        if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise") or dontneed is None:
             return
         lo = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
         try:
-            mm.madvise(mmap.MADV_DONTNEED, lo, t.data_offset + int(t.n_bytes) - lo)
+            mm.madvise(dontneed, lo, t.data_offset + int(t.n_bytes) - lo)
         except (OSError, ValueError):
             pass
 
