@@ -31,7 +31,8 @@ from llamadist.generation.tokenizer import Tokenizer
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS
 from llamadist.weights.base import CheckpointError, Shard
-from llamadist.weights.gguf_meta import Reader, metadata
+from llamadist.weights.gguf_meta import Lazy, Reader, metadata
+from llamadist.weights.loader import trim_heap
 
 log = logging.getLogger(__name__)
 
@@ -117,11 +118,12 @@ class GGUFCheckpoint:
 
     # ---- metadata --------------------------------------------------------
     def _field(self, key: str, default: Any = None) -> Any:
-        return self._meta.get(key, default)
+        value = self._meta.get(key, default)
+        return self._reader.read(value) if hasattr(self._reader, "read") else value
 
     def _count(self, key: str) -> int:
         v = self._meta.get(key)
-        return 0 if v is None else len(v) if isinstance(v, list) else 1
+        return 0 if v is None else len(v) if isinstance(v, (list, Lazy)) else 1
 
     def _read_config(self) -> ModelConfig:
         k = lambda name, default=None: self._field(f"llama.{name}", default)  # noqa: E731
@@ -307,9 +309,11 @@ class GGUFCheckpoint:
                 single=f"{tokens[bos]} $A", pair=f"{tokens[bos]} $A $B:1",
                 special_tokens=[(tokens[bos], bos)])
         pad = self._field("tokenizer.ggml.padding_token_id")
-        return Tokenizer(backend=backend, bos_token_id=bos, eos_token_ids=self.config.eos_token_ids,
-                         pad_token_id=pad, add_bos=add_bos,
-                         chat_template=self._field("tokenizer.chat_template"), special_tokens=special)
+        tok = Tokenizer(backend=backend, bos_token_id=bos, eos_token_ids=self.config.eos_token_ids,
+                        pad_token_id=pad, add_bos=add_bos,
+                        chat_template=self._field("tokenizer.chat_template"), special_tokens=special)
+        trim_heap()  # the vocabulary's transient dicts and lists (~4 MB resident otherwise)
+        return tok
 
 
 def _llama3_scaling_from_freqs(freqs: np.ndarray, base: float, head_dim: int) -> dict[str, Any] | None:

@@ -5,7 +5,8 @@ gguf's reader keeps several numpy views per value of every metadata array: for a
 vocabulary with its merges that is ~10^6 small objects, ~70 MB of memory that glibc and
 Python's allocator mostly keep after they are freed (SmolLM2: the process held 47 MB more
 after loading its metadata), a large part of a small quantized model's footprint. Here a
-string array is one list of str, read with ``struct`` straight from the memory map.
+string array is one list of str, read with ``struct`` straight from the memory map, and
+only when asked for: arrays longer than LAZY_ITEMS stay in the file until then.
 """
 
 from __future__ import annotations
@@ -21,6 +22,29 @@ from gguf.gguf_reader import ReaderField
 _SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q",
             12: "d"}
 _STRING, _ARRAY = 8, 9
+# Arrays longer than this (a vocabulary, its merges) are read when asked for, not kept.
+LAZY_ITEMS = 4096
+
+
+class Lazy:
+    """A long metadata array left in the file: ``n`` values of GGUF type ``vtype`` (an
+    array type) at ``offset``; ``Reader.read(lazy)`` reads it."""
+
+    def __init__(self, offset: int, vtype: int, n: int) -> None:
+        self.offset, self.vtype, self.n = offset, vtype, n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def _skip_strings(buf: memoryview, offs: int, n: int) -> int:
+    """The offset after n strings at offs, reading only their lengths."""
+    for _ in range(n):
+        (length,) = struct.unpack_from("<Q", buf, offs)
+        offs += 8 + length
+    if offs > len(buf):
+        raise ValueError("a string array runs past the end of the file")
+    return offs
 
 
 def _string(buf: memoryview, offs: int) -> tuple[str, int]:
@@ -82,7 +106,7 @@ class Reader(gguf.GGUFReader):
             start = offs
             key, offs = _string(buf, offs)
             (vtype,) = struct.unpack_from("<I", buf, offs)
-            value, offs = _value(buf, offs + 4, vtype)
+            value, offs = self._field_value(buf, offs + 4, vtype)
             self.meta[key] = value
             if key == "general.alignment":  # GGUFReader.__init__ reads it from fields
                 part = np.array([value], dtype=np.uint32 if vtype == 4 else np.int64)
@@ -91,8 +115,28 @@ class Reader(gguf.GGUFReader):
         return offs
 
 
+    def _field_value(self, buf: memoryview, offs: int, vtype: int) -> tuple[Any, int]:
+        """A value, or for a long array of strings or numbers a ``Lazy`` in its place."""
+        if vtype == _ARRAY:
+            itype, n = struct.unpack_from("<IQ", buf, offs)
+            if n > LAZY_ITEMS and (itype == _STRING or itype in _SCALARS):
+                end = (_skip_strings(buf, offs + 12, n) if itype == _STRING
+                       else offs + 12 + n * struct.calcsize("<" + _SCALARS[itype]))
+                if end > len(buf):
+                    raise ValueError(f"an array at offset {offs} runs past the end of the file")
+                return Lazy(offs, vtype, n), end
+        return _value(buf, offs, vtype)
+
+    def read(self, value: Any) -> Any:
+        """A metadata value, reading a ``Lazy`` array from the file now."""
+        if isinstance(value, Lazy):
+            return _value(memoryview(self.data), value.offset, value.vtype)[0]
+        return value
+
+
 def metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """{key: value} of a reader's metadata (``Reader.meta`` when it parsed it)."""
+    """{key: value} of a reader's metadata (``Reader.meta`` when it parsed it: long arrays
+    are ``Lazy`` there, for ``Reader.read``)."""
     meta = getattr(reader, "meta", None)
     if meta is None:
         meta = {k: f.contents() for k, f in reader.fields.items()}
