@@ -24,7 +24,7 @@
 
 typedef float (*qdot_fn)(const uint8_t *w, const int8_t *q, const float *d, const float *s,
                          int64_t nb);
-typedef float (*fdot_fn)(const uint8_t *w, const float *x, int64_t nb);
+typedef float (*fdot_fn)(const uint8_t *w, const float *x, const float *xs, int64_t nb);
 
 
 /* ---- x -> int8 blocks of 32 (the reference is quant_ref.quantize_q8) ---- */
@@ -187,7 +187,9 @@ TGT_AVX512 static float dot_q4_1_avx512(const uint8_t *w, const int8_t *q, const
 TGT_AVX512 static float dot_q8_0_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q8_0, w, q, d, s, nb); }
 
 /* ---- float32 x: each block dequantized in registers, then FMA with x ---- */
-INLINE float row_dot_fx_c(int type, const uint8_t *w, const float *x, int64_t nb) {
+INLINE float row_dot_fx_c(int type, const uint8_t *w, const float *x, const float *xs,
+                          int64_t nb) {
+    (void)xs;
     const int bb = block_bytes(type);
     float acc = 0.0f;
     for (int64_t b = 0; b < nb; ++b, x += 32) {
@@ -210,9 +212,9 @@ INLINE float row_dot_fx_c(int type, const uint8_t *w, const float *x, int64_t nb
     return acc;
 }
 
-static float fdot_q4_0_c(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_c(QT_Q4_0, w, x, nb); }
-static float fdot_q4_1_c(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_c(QT_Q4_1, w, x, nb); }
-static float fdot_q8_0_c(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_c(QT_Q8_0, w, x, nb); }
+static float fdot_q4_0_c(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_c(QT_Q4_0, w, x, xs, nb); }
+static float fdot_q4_1_c(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_c(QT_Q4_1, w, x, xs, nb); }
+static float fdot_q8_0_c(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_c(QT_Q8_0, w, x, xs, nb); }
 
 /* 32 weights of a block as four groups of 8 int32 (AVX2) */
 TGT_AVX2 INLINE void block_ints_avx2(int type, const uint8_t *blk, __m256i q[4]) {
@@ -240,33 +242,38 @@ TGT_AVX2 INLINE void block_affine(int type, const uint8_t *blk, float *d, float 
     *m = type == QT_Q4_1 ? f16c(blk + 2) : type == QT_Q4_0 ? -8.0f * *d : 0.0f;
 }
 
-TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x, int64_t nb) {
+/* sum over blocks of d sum(q x) + m xs[b]: the affine map applied once a block, to sums */
+TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x,
+                                      const float *xs, int64_t nb) {
     const int bb = block_bytes(type);
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                     _mm256_setzero_ps()};
+    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+    float corr = 0.0f;
     for (int64_t b = 0; b < nb; ++b, x += 32) {
         const uint8_t *blk = w + b * bb;
         __m256i q[4];
         float d, m;
         block_ints_avx2(type, blk, q);
         block_affine(type, blk, &d, &m);
-        const __m256 dv = _mm256_set1_ps(d), mv = _mm256_set1_ps(m);
-        for (int g = 0; g < 4; ++g) {
-            const __m256 wv = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[g]), dv, mv);
-            acc[g] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + 8 * g), acc[g]);
-        }
+        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), _mm256_loadu_ps(x));
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[1]), _mm256_loadu_ps(x + 8), t);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[2]), _mm256_loadu_ps(x + 16), t);
+        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), _mm256_loadu_ps(x + 24), t);
+        if (b & 1) acc1 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc1);
+        else acc0 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc0);
+        corr += m * xs[b];
     }
-    return hsum256(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    return hsum256(_mm256_add_ps(acc0, acc1)) + corr;
 }
 
-TGT_AVX2 static float fdot_q4_0_avx2(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx2(QT_Q4_0, w, x, nb); }
-TGT_AVX2 static float fdot_q4_1_avx2(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx2(QT_Q4_1, w, x, nb); }
-TGT_AVX2 static float fdot_q8_0_avx2(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx2(QT_Q8_0, w, x, nb); }
+TGT_AVX2 static float fdot_q4_0_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx2(QT_Q4_0, w, x, xs, nb); }
+TGT_AVX2 static float fdot_q4_1_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx2(QT_Q4_1, w, x, xs, nb); }
+TGT_AVX2 static float fdot_q8_0_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx2(QT_Q8_0, w, x, xs, nb); }
 
 TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const float *x,
-                                          int64_t nb) {
+                                          const float *xs, int64_t nb) {
     const int bb = block_bytes(type);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+    float corr = 0.0f;
     for (int64_t b = 0; b < nb; ++b, x += 32) {
         const uint8_t *blk = w + b * bb;
         __m512i q0, q1;
@@ -281,18 +288,18 @@ TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const floa
         }
         float d, m;
         block_affine(type, blk, &d, &m);
-        const __m512 dv = _mm512_set1_ps(d), mv = _mm512_set1_ps(m);
-        acc0 = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q0), dv, mv),
-                               _mm512_loadu_ps(x), acc0);
-        acc1 = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), dv, mv),
-                               _mm512_loadu_ps(x + 16), acc1);
+        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), _mm512_loadu_ps(x + 16),
+                                         _mm512_mul_ps(_mm512_cvtepi32_ps(q0), _mm512_loadu_ps(x)));
+        if (b & 1) acc1 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc1);
+        else acc0 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc0);
+        corr += m * xs[b];
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + corr;
 }
 
-TGT_AVX512 static float fdot_q4_0_avx512(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx512(QT_Q4_0, w, x, nb); }
-TGT_AVX512 static float fdot_q4_1_avx512(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx512(QT_Q4_1, w, x, nb); }
-TGT_AVX512 static float fdot_q8_0_avx512(const uint8_t *w, const float *x, int64_t nb) { return row_dot_fx_avx512(QT_Q8_0, w, x, nb); }
+TGT_AVX512 static float fdot_q4_0_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q4_0, w, x, xs, nb); }
+TGT_AVX512 static float fdot_q4_1_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q4_1, w, x, xs, nb); }
+TGT_AVX512 static float fdot_q8_0_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q8_0, w, x, xs, nb); }
 
 /* ---- dispatch ---- */
 static int isa_level = -1; /* 0 plain C, 1 AVX2, 2 AVX-512 */
@@ -381,7 +388,7 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r)
             quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * nb, xs + r * nb);
-    } else if (is_k) { /* the sums of x's runs of 32 (the K types' mins) */
+    } else { /* the sums of x's runs of 32 (the blocks' offsets m, the K types' mins) */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r)
             for (int64_t b = 0; b < k / 32; ++b) {
@@ -398,7 +405,7 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
         for (int64_t r = 0; r < m; ++r) { /* the row is read from memory once, then cache */
             float v = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
                       : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
-                           : fdot(wr, x + r * ldx, nb);
+                           : fdot(wr, x + r * ldx, xs + r * (k / 32), nb);
             v += bias ? bias[j] : 0.0f;
             float *o = y + r * ldy + j;
             *o = accumulate ? *o + v : v;
