@@ -2,7 +2,7 @@
 model, in one run on one machine (issue 16).
 
     python benchmarks/quant_cpu.py [--gen 64] [--repeats 5] [--prompt-tokens 128]
-                                   [--threads N] [--llama-bench PATH]
+                                   [--threads N] [--models F.gguf ...] [--llama-bench PATH]
 
 Three engines from the same GGUF: ``--weights native`` with float32 activations (the
 default: blocks dequantized in registers), native with ``--quant-activations int8``
@@ -10,8 +10,10 @@ default: blocks dequantized in registers), native with ``--quant-activations int
 interleaved (A B C A B C ...) so a noisy neighbour hurts all three alike; the table shows
 the median and the best decode tokens/s (batch 1, greedy), prefill tokens/s of a
 ``--prompt-tokens`` prompt, the weight bytes a decode step reads and the rate it reads
-them at. ``--llama-bench``: llama.cpp's llama-bench on the same file and thread count,
-in the same run (not part of llamadist; build it yourself, see RESULTS.md).
+them at. ``--models``: more GGUF files of the same model (other types, made with
+llama.cpp's llama-quantize) in the same run. ``--llama-bench``: llama.cpp's llama-bench on
+the same files and thread count, in the same run (not part of llamadist; build it
+yourself, see RESULTS.md).
 """
 
 from __future__ import annotations
@@ -75,38 +77,33 @@ def llama_bench(path: str, model: str, threads: int, gen: int, prompt: int) -> s
     return "\n".join([" ".join(cmd)] + rows) if rows else res.stdout + res.stderr
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--gen", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary")
-    args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    path = resolve_model_path("smollm2-135m")
-    ckpt = open_checkpoint(path)
-    tok = ckpt.tokenizer()
-    ids = (tok.encode(TEXT * 20))[:args.prompt_tokens]
-    max_seq = args.prompt_tokens + args.gen + 8
-    engines = {name: load(ckpt, max_seq, **rt) for name, rt in CONFIGS.items()}
-    results: dict[str, list[tuple[float, float, list[int]]]] = {n: [] for n in CONFIGS}
-    for name, (eng, _) in engines.items():  # warm-up: kernels built, caches touched
-        run_once(eng, ids, 4)
-    for _ in range(args.repeats):
-        for name, (eng, _) in engines.items():
-            results[name].append(run_once(eng, ids, args.gen))
+def engines_for(paths: list[str], max_seq: int) -> dict[str, tuple[object, float]]:
+    """{row label: (engine, load seconds)}: the three ways for a file with block tensors,
+    the file as stored (F16/F32: float32) otherwise."""
+    out = {}
+    for path in paths:
+        ckpt = open_checkpoint(path)
+        quant_type = getattr(ckpt, "quant_type", lambda name: None)
+        blocks = any(quant_type(n) is not None for n in ckpt.names())
+        for name, rt in CONFIGS.items():
+            if blocks or name.startswith("float32"):
+                label = f"{os.path.basename(path)}: {name if blocks else 'float32'}"
+                out[label] = load(ckpt, max_seq, **rt)
+    return out
+
+
+def report(results: dict, engines: dict, args: argparse.Namespace, n_prompt: int) -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
     print(f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()}"
           f" threads), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average "
           f"{os.getloadavg()[0]:.1f}; batch 1, greedy, {args.gen} new tokens after a "
-          f"{len(ids)}-token prompt, {args.repeats} interleaved repeats\n")
+          f"{n_prompt}-token prompt, {args.repeats} interleaved repeats\n")
     print("| weights | decode tok/s median | best | prefill tok/s median | weight MB "
           "| GB/s at median | load s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    base = statistics.median(r[0] for r in results["float32 (dequantized)"])
+    base_label = next(k for k in results if k.endswith("float32 (dequantized)"))
+    base = statistics.median(r[0] for r in results[base_label])
     for name, runs in results.items():
         eng, load_s = engines[name]
         dec = statistics.median(r[0] for r in runs)
@@ -114,13 +111,40 @@ def main() -> None:
         print(f"| {name} | {dec:.1f} ({dec / base:.2f}x) | {max(r[0] for r in runs):.1f} | "
               f"{statistics.median(r[1] for r in runs):.0f} | {mb:.0f} | {mb * dec / 1e3:.1f} "
               f"| {load_s:.2f} |")
-    ref = results["float32 (dequantized)"][0][2]
+    ref = results[base_label][0][2]
     for name, runs in results.items():
         same = sum(a == b for a, b in zip(runs[0][2], ref))
-        print(f"- {name}: {same}/{len(ref)} greedy tokens equal to the float32 model's")
+        print(f"- {name}: {same}/{len(ref)} greedy tokens equal to {base_label}'s")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--gen", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--models", nargs="*", help="GGUF files of SmolLM2 in other types (e.g. "
+                   "Q8_0, F16 from llama-quantize); default: the Q4_1 file alone")
+    p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = [str(resolve_model_path("smollm2-135m"))] + (args.models or [])
+    tok = open_checkpoint(paths[0]).tokenizer()
+    ids = (tok.encode(TEXT * 20))[:args.prompt_tokens]
+    engines = engines_for(paths, args.prompt_tokens + args.gen + 8)
+    results: dict[str, list[tuple[float, float, list[int]]]] = {n: [] for n in engines}
+    for name, (eng, _) in engines.items():  # warm-up: kernels built, caches touched
+        run_once(eng, ids, 4)
+    for _ in range(args.repeats):
+        for name, (eng, _) in engines.items():
+            results[name].append(run_once(eng, ids, args.gen))
+    report(results, engines, args, len(ids))
     if args.llama_bench:
-        print("\nllama.cpp, same file, same threads:\n" + llama_bench(
-            args.llama_bench, str(path), torch.get_num_threads(), args.gen, args.prompt_tokens))
+        print("\nllama.cpp, same files, same threads:")
+        for path in paths:
+            print(llama_bench(args.llama_bench, path, torch.get_num_threads(), args.gen,
+                              args.prompt_tokens))
 
 
 if __name__ == "__main__":

@@ -202,7 +202,8 @@ class RuntimeConfig:
     dtype            activations, and float weights (None: a float ``weights``, else
                      bfloat16 on all-GPU layouts, else float32)
     weights          a quantized checkpoint's weights: "native" keeps its blocks (GGUF
-                     Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K on CPU stages, llamadist.kernels.quant),
+                     Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, and F16/BF16 tensors as stored, on CPU
+                     stages: llamadist.kernels.quant),
                      a float dtype dequantizes at load (it must then match ``dtype``)
     quant_activations  what native Q4_0/Q4_1/Q8_0 weights meet in the CPU GEMV: "float32"
                      (x as it is: the dequantized model's values) or "int8" (x quantized

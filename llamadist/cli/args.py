@@ -56,8 +56,9 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", choices=DTYPE_CHOICES,
                    help="activations and float weights (default: bfloat16 on CUDA, float32 on CPU)")
     g.add_argument("--weights", choices=list(WEIGHTS_CHOICES),
-                   help="a quantized (GGUF) checkpoint's weights: native keeps Q4_0/Q4_1/Q8_0/"
-                   "Q4_K/Q5_K/Q6_K blocks on CPU stages (default); a float type dequantizes")
+                   help="a GGUF checkpoint's weights: native keeps Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/"
+                   "Q6_K blocks and F16/BF16 tensors as stored on CPU stages (default); a "
+                   "float type dequantizes")
     g.add_argument("--max-seq-len", type=positive_int,
                    help="KV-cache length (default: what the request needs, at most the "
                    "model's context)")

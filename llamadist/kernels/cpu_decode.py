@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("cpu_decode.c")
 # Built together into one library: the quantized linears (cpu_quant.c) serve the decode
 # layer's projections when its weights are GGUF blocks.
-SOURCES = [SOURCE, SOURCE.with_name("cpu_quant.c"), SOURCE.with_name("cpu_quant_k.c")]
+SOURCES = [SOURCE] + [SOURCE.with_name(f"cpu_quant{s}.c") for s in ("", "_k", "_half")]
 HEADERS = [SOURCE.with_name("cpu_quant.h")]
 # Rows of x up to which the kernel beats the BLAS (each 8-row weight block is read from
 # memory once and from cache for every further row; past 32 rows the GEMM of the BLAS wins).

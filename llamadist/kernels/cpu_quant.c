@@ -346,7 +346,7 @@ static fdot_fn pick_fdot(int type) {
 
 /* ---- dequantization (prefill tiles, embedding rows) ---- */
 static void dequant_block(int type, const uint8_t *blk, float *out) {
-    if (type >= QT_Q4_K) {
+    if (IS_K(type)) {
         dequant_k(type, blk, out);
         return;
     }
@@ -368,8 +368,14 @@ void llamadist_dequant_rows(int type, const uint8_t *w, int64_t rows, int64_t k,
                             int threads) {
     const int64_t bw = block_weights(type), bb = block_bytes(type), nb = k / bw;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; ++r)
-        for (int64_t b = 0; b < nb; ++b) dequant_block(type, w + (r * nb + b) * bb, out + r * k + b * bw);
+    for (int64_t r = 0; r < rows; ++r) {
+        if (IS_HALF(type)) {
+            dequant_half(type, w + r * k * 2, k, out + r * k);
+            continue;
+        }
+        for (int64_t b = 0; b < nb; ++b)
+            dequant_block(type, w + (r * nb + b) * bb, out + r * k + b * bw);
+    }
 }
 
 /* ---- the linear ---- */
@@ -380,7 +386,7 @@ int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k) {
 void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
                       const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
                       int64_t ldy, int accumulate, void *scratch) {
-    const int is_k = type >= QT_Q4_K, q8 = int8_x && !is_k;
+    const int is_k = IS_K(type), half = IS_HALF(type), q8 = int8_x && !is_k && !half;
     const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
     float *xd = (float *)scratch, *xs = xd + m * (k / 32);
     int8_t *xq = (int8_t *)(xs + m * (k / 32));
@@ -398,12 +404,13 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
             }
     } /* the loops' implicit barrier: every thread sees all of x prepared */
     const qdot_fn dot = q8 ? pick_dot(type) : NULL;
-    const fdot_fn fdot = q8 || is_k ? NULL : pick_fdot(type);
+    const fdot_fn fdot = q8 || is_k || half ? NULL : pick_fdot(type);
 #pragma omp for schedule(static)
     for (int64_t j = 0; j < n; ++j) {
         const uint8_t *wr = w + j * rb;
         for (int64_t r = 0; r < m; ++r) { /* the row is read from memory once, then cache */
-            float v = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
+            float v = half ? hdot(type, wr, x + r * ldx, k)
+                      : is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
                       : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
                            : fdot(wr, x + r * ldx, xs + r * (k / 32), nb);
             v += bias ? bias[j] : 0.0f;

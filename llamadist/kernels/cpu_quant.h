@@ -5,8 +5,11 @@
 #include <stdint.h>
 
 /* ggml type ids; 0 is float32 (the weight is a plain float matrix) */
-enum { QT_F32 = 0, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8, QT_Q4_K = 12, QT_Q5_K = 13,
-       QT_Q6_K = 14 };
+enum { QT_F32 = 0, QT_F16 = 1, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8, QT_Q4_K = 12,
+       QT_Q5_K = 13, QT_Q6_K = 14, QT_BF16 = 30 };
+
+#define IS_K(t) ((t) >= QT_Q4_K && (t) <= QT_Q6_K)  /* blocks of 256 */
+#define IS_HALF(t) ((t) == QT_F16 || (t) == QT_BF16)  /* 16-bit floats: blocks of 1 */
 
 /* Bytes of scratch quant_linear_for needs for m rows of k inputs. */
 int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k);
@@ -28,7 +31,7 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
 #define TGT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
 #define INLINE static inline __attribute__((always_inline))
 
-static inline int block_weights(int type) { return type >= QT_Q4_K ? 256 : 32; }
+static inline int block_weights(int type) { return IS_K(type) ? 256 : IS_HALF(type) ? 1 : 32; }
 
 static inline int block_bytes(int type) {
     switch (type) {
@@ -38,6 +41,7 @@ static inline int block_bytes(int type) {
     case QT_Q4_K: return 144;
     case QT_Q5_K: return 176;
     case QT_Q6_K: return 210;
+    case QT_F16: case QT_BF16: return 2;
     default: return 0;
     }
 }
@@ -63,5 +67,9 @@ int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c) */
    xsum32 the sums of x's runs of 32 (see quant_linear_for). */
 void dequant_k(int type, const uint8_t *blk, float *out);
 float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int64_t nb);
+
+/* cpu_quant_half.c: k 16-bit floats (F16 or BF16) -> floats; a row of k of them . x */
+void dequant_half(int type, const uint8_t *w, int64_t k, float *out);
+float hdot(int type, const uint8_t *w, const float *x, int64_t k);
 
 #endif

@@ -10,6 +10,7 @@ here byte by byte so they can be checked against the ``gguf`` package's own dequ
     Q4_K 256 w /144 B: f16 d, f16 dmin, 12 B of 6-bit (scale, min) x 8, q[128] nibbles
     Q5_K 256 w /176 B: as Q4_K plus qh[32], the fifth bit of each weight
     Q6_K 256 w /210 B: ql[128], qh[64], int8 scales[16], f16 d
+    F16, BF16  1 w / 2 B: a 16-bit float (kept as stored: half the bytes of float32)
 
 The C kernels (cpu_quant.c) are checked against ``dequantize`` here. ``quantize_q8``
 is the activation quantization the C GEMV applies to x before its integer dot products
@@ -24,6 +25,7 @@ import numpy as np
 FORMATS: dict[int, tuple[str, int, int]] = {
     2: ("Q4_0", 32, 18), 3: ("Q4_1", 32, 20), 8: ("Q8_0", 32, 34),
     12: ("Q4_K", 256, 144), 13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210),
+    1: ("F16", 1, 2), 30: ("BF16", 1, 2),
 }
 TYPE_IDS: dict[str, int] = {name: t for t, (name, _, _) in FORMATS.items()}
 
@@ -64,6 +66,11 @@ def _k_quants(qs: np.ndarray) -> np.ndarray:
 def _dequant_blocks(b: np.ndarray, qtype: int) -> np.ndarray:
     """(nblocks, size) uint8 -> (nblocks, block) float64."""
     name = FORMATS[qtype][0]
+    if name == "F16":
+        return np.ascontiguousarray(b).view(np.float16).astype(np.float64)
+    if name == "BF16":
+        bits = np.ascontiguousarray(b).view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32).astype(np.float64)
     if name == "Q8_0":
         return _f16(b[:, 0:2]) * b[:, 2:].view(np.int8).astype(np.float64)
     if name == "Q4_0":

@@ -230,8 +230,8 @@ class GGUFCheckpoint:
             pass
 
     def quant_type(self, name: str) -> int | None:
-        """The ggml block type of a 2-D tensor that ``get_quantized`` keeps in its blocks
-        (kernels.quant_ref.FORMATS); None for float tensors and other types."""
+        """The ggml type of a 2-D tensor that ``get_quantized`` keeps as stored (the block
+        types and F16/BF16 of kernels.quant_ref.FORMATS); None for F32 and other types."""
         t = self._tensor(name)
         qtype = int(t.tensor_type)
         return qtype if qtype in FORMATS and len(t.shape) == 2 else None
@@ -251,7 +251,8 @@ class GGUFCheckpoint:
         heads = self._qk_heads(name)
         if heads is not None:  # a permutation of whole rows: the blocks move as they are
             raw = reverse_permute(raw, (hi - lo) // (shape[0] // heads))
-        raw = np.array(raw, dtype=np.uint8, order="C", copy=True)  # one copy, owned
+        # one copy, owned; F16 comes as float16 elements, the rest as bytes: keep the bytes
+        raw = np.array(raw, order="C", copy=True).view(np.uint8).reshape(hi - lo, -1)
         self._release(t)
         qt = QuantizedTensor(torch.from_numpy(raw), qtype, (hi - lo, shape[1]), act_dtype)
         if dim == 0:

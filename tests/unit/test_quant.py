@@ -1,4 +1,5 @@
-"""GGUF block formats: the numpy reference against gguf's own dequantize, and every C
+"""GGUF block formats (and F16/BF16 tensors, blocks of one): the numpy reference against
+gguf's own dequantize, and every C
 kernel (plain C, AVX2, AVX-512 where the CPU has it) against float64
 dequantize-then-matmul on random blocks, odd sizes and tails included.
 
@@ -31,6 +32,11 @@ TYPES = list(FORMATS)
 def random_blocks(qtype: int, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Random block bytes with finite, varied f16 scales (and mins)."""
     name, block, size = FORMATS[qtype]
+    if name in ("F16", "BF16"):  # finite 16-bit floats, as bytes
+        x = rng.standard_normal((rows, cols)).astype(np.float32)
+        bits = (x.astype(np.float16).view(np.uint16) if name == "F16"
+                else (x.view(np.uint32) >> 16).astype(np.uint16))
+        return bits.view(np.uint8).reshape(rows, -1)
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     scales = rng.uniform(0.001, 0.03, (rows, cols // block, 2)).astype(np.float16)
     scales[..., 1] *= rng.choice([-1, 1], scales[..., 1].shape)
@@ -63,10 +69,10 @@ def test_reference_dequantize_matches_gguf(qtype):
 @pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
 def test_c_dequantize_equals_reference(qtype):
     rng = np.random.default_rng(10 + qtype)
-    block = FORMATS[qtype][1]
-    raw = random_blocks(qtype, 5, 3 * block, rng)
-    got = QuantizedTensor(torch.from_numpy(raw), qtype, (5, 3 * block)).dequantize().numpy()
-    ref = dequantize(raw, qtype, 3 * block)
+    cols = 3 * FORMATS[qtype][1] if FORMATS[qtype][1] > 1 else 43  # halves: odd, with tails
+    raw = random_blocks(qtype, 5, cols, rng)
+    got = QuantizedTensor(torch.from_numpy(raw), qtype, (5, cols)).dequantize().numpy()
+    ref = dequantize(raw, qtype, cols)
     assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
 
 
@@ -88,7 +94,8 @@ def test_activation_quantization_error():
 
 @pytest.mark.parametrize("int8_x", [False, True], ids=["float-x", "int8-x"])
 @pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
-@pytest.mark.parametrize("rows,nblocks,m", [(1, 1, 1), (37, 5, 1), (13, 3, 4), (64, 2, 33)])
+@pytest.mark.parametrize("rows,nblocks,m", [(1, 1, 1), (37, 5, 1), (13, 3, 4), (64, 2, 33),
+                                            (9, 77, 1)])
 def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
     """Every dispatch level; m = 33 rows is the prefill (tiled dequantize + GEMM) path;
     odd block counts exercise the AVX-512 path's single-block tail."""

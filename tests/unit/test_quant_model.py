@@ -79,6 +79,8 @@ def test_tiny_native_keeps_blocks_and_matches_float(tiny):
     ("model.layers.0.self_attn.k_proj.weight", (0, 10, 100)),   # crossing a head
     ("model.layers.1.self_attn.o_proj.weight", (1, 64, 192)),   # Q8_0 columns on blocks
     ("model.layers.0.mlp.down_proj.weight", (1, 256, 512)),     # Q6_K columns on blocks
+    ("model.layers.0.self_attn.v_proj.weight", (1, 3, 200)),    # F16 columns: anywhere
+    ("model.embed_tokens.weight", (0, 5, 50)),                  # F16 rows
 ])
 def test_tiny_quantized_shards_equal_float_shards(tiny, name, shard):
     ck = GGUFCheckpoint(tiny)
@@ -92,7 +94,7 @@ def test_tiny_shard_off_the_blocks_is_refused(tiny):
     with pytest.raises(CheckpointError, match=r"multiples of 256.*tensor parallel"):
         ck.get_quantized("model.layers.0.mlp.down_proj.weight", (1, 128, 384))  # Q6_K
     with pytest.raises(CheckpointError, match="not a block type"):
-        ck.get_quantized("model.layers.0.self_attn.v_proj.weight")  # F16
+        ck.get_quantized("model.layers.1.mlp.up_proj.weight")  # Q5_0: dequantized at load
 
 
 def test_missing_weight_still_fails_native(tiny, tmp_path):

@@ -1,0 +1,82 @@
+/* 16-bit float weights (GGUF F16 and BF16 tensors) kept as they are: the GEMV row dot
+   product with float32 x, each weight widened to float32 in registers (F16C's vcvtph2ps;
+   bf16 is the top half of a float32, so a 16-bit shift), plain C / AVX2 / AVX-512 as
+   dispatched in cpu_quant.c; and their conversion to floats for prefill tiles. A row
+   holds k weights, any k (tails in plain C). */
+
+#include "cpu_quant.h"
+
+#include <immintrin.h>
+
+static inline float bf16(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+    const uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float half_at(int type, const uint8_t *w, int64_t i) {
+    return type == QT_BF16 ? bf16(w + 2 * i) : f16(w + 2 * i);
+}
+
+void dequant_half(int type, const uint8_t *w, int64_t k, float *out) {
+    for (int64_t i = 0; i < k; ++i) out[i] = half_at(type, w, i);
+}
+
+static float hdot_c(int type, const uint8_t *w, const float *x, int64_t from, int64_t k) {
+    float acc = 0.0f;
+    for (int64_t i = from; i < k; ++i) acc += half_at(type, w, i) * x[i];
+    return acc;
+}
+
+TGT_AVX2 INLINE __m256 widen8(int type, const uint8_t *p) { /* 8 halves -> 8 floats */
+    const __m128i h = _mm_loadu_si128((const __m128i *)p);
+    if (type == QT_F16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+TGT_AVX2 static float hdot_avx2(int type, const uint8_t *w, const float *x, int64_t k) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
+           a3 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) { /* four chains: FMA latency */
+        a0 = _mm256_fmadd_ps(widen8(type, w + 2 * i), _mm256_loadu_ps(x + i), a0);
+        a1 = _mm256_fmadd_ps(widen8(type, w + 2 * i + 16), _mm256_loadu_ps(x + i + 8), a1);
+        a2 = _mm256_fmadd_ps(widen8(type, w + 2 * i + 32), _mm256_loadu_ps(x + i + 16), a2);
+        a3 = _mm256_fmadd_ps(widen8(type, w + 2 * i + 48), _mm256_loadu_ps(x + i + 24), a3);
+    }
+    for (; i + 8 <= k; i += 8)
+        a0 = _mm256_fmadd_ps(widen8(type, w + 2 * i), _mm256_loadu_ps(x + i), a0);
+    const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + hdot_c(type, w, x, i, k);
+}
+
+TGT_AVX512 INLINE __m512 widen16(int type, const uint8_t *p) { /* 16 halves -> 16 floats */
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    if (type == QT_F16) return _mm512_cvtph_ps(h);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+TGT_AVX512 static float hdot_avx512(int type, const uint8_t *w, const float *x, int64_t k) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= k; i += 32) {
+        a0 = _mm512_fmadd_ps(widen16(type, w + 2 * i), _mm512_loadu_ps(x + i), a0);
+        a1 = _mm512_fmadd_ps(widen16(type, w + 2 * i + 32), _mm512_loadu_ps(x + i + 16), a1);
+    }
+    for (; i + 16 <= k; i += 16)
+        a0 = _mm512_fmadd_ps(widen16(type, w + 2 * i), _mm512_loadu_ps(x + i), a0);
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1)) + hdot_c(type, w, x, i, k);
+}
+
+float hdot(int type, const uint8_t *w, const float *x, int64_t k) {
+    switch (current_isa()) {
+    case 2: return hdot_avx512(type, w, x, k);
+    case 1: return hdot_avx2(type, w, x, k);
+    default: return hdot_c(type, w, x, 0, k);
+    }
+}
