@@ -12,16 +12,17 @@ the median and the best decode tokens/s (batch 1, greedy), prefill tokens/s of a
 ``--prompt-tokens`` prompt, the weight bytes a decode step reads and the rate it reads
 them at. ``--models``: more GGUF files of the same model (other types, made with
 llama.cpp's llama-quantize) in the same run. ``--llama-bench``: llama.cpp's llama-bench on
-the same files and thread count, in the same run (not part of llamadist; build it
-yourself, see RESULTS.md).
+the same files, thread count, prompt and generation lengths, one repetition inside each
+round of the interleaved repeats (not part of llamadist; build it yourself, see
+RESULTS.md); its rows come last in the table (decode and prefill tokens/s).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
-import re
 import statistics
 import subprocess
 import time
@@ -70,11 +71,15 @@ def run_once(engine, ids: list[int], gen: int) -> tuple[float, float, list[int]]
     return s["decode_tokens_per_s"], s["prompt_tokens"] / s["prefill_s"], res.token_ids
 
 
-def llama_bench(path: str, model: str, threads: int, gen: int, prompt: int) -> str:
-    cmd = [path, "-m", model, "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", "3"]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    rows = [line for line in res.stdout.splitlines() if re.search(r"\| *(pp|tg)\d+", line)]
-    return "\n".join([" ".join(cmd)] + rows) if rows else res.stdout + res.stderr
+def llama_bench(path: str, model: str, threads: int, gen: int, prompt: int) -> tuple[float, float]:
+    """(decode tokens/s, prefill tokens/s) of one llama-bench repetition on ``model``."""
+    cmd = [path, "-m", model, "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", "1",
+           "-o", "jsonl"]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    rows = [json.loads(line) for line in res.stdout.splitlines() if line.startswith("{")]
+    tg = next(r["avg_ts"] for r in rows if r["n_gen"])
+    pp = next(r["avg_ts"] for r in rows if r["n_prompt"])
+    return tg, pp
 
 
 def engines_for(paths: list[str], max_seq: int) -> dict[str, tuple[object, float]]:
@@ -92,7 +97,8 @@ def engines_for(paths: list[str], max_seq: int) -> dict[str, tuple[object, float
     return out
 
 
-def report(results: dict, engines: dict, args: argparse.Namespace, n_prompt: int) -> None:
+def report(results: dict, engines: dict, llama: dict, args: argparse.Namespace,
+           n_prompt: int) -> None:
     cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
                 if ln.startswith("model name")), platform.processor())
     print(f"{cpu}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()}"
@@ -111,6 +117,11 @@ def report(results: dict, engines: dict, args: argparse.Namespace, n_prompt: int
         print(f"| {name} | {dec:.1f} ({dec / base:.2f}x) | {max(r[0] for r in runs):.1f} | "
               f"{statistics.median(r[1] for r in runs):.0f} | {mb:.0f} | {mb * dec / 1e3:.1f} "
               f"| {load_s:.2f} |")
+    for path, runs in llama.items():
+        dec = statistics.median(r[0] for r in runs)
+        print(f"| llama.cpp, {os.path.basename(path)} | {dec:.1f} ({dec / base:.2f}x) | "
+              f"{max(r[0] for r in runs):.1f} | {statistics.median(r[1] for r in runs):.0f} | "
+              f"| | |")
     ref = results[base_label][0][2]
     for name, runs in results.items():
         same = sum(a == b for a, b in zip(runs[0][2], ref))
@@ -136,15 +147,14 @@ def main() -> None:
     results: dict[str, list[tuple[float, float, list[int]]]] = {n: [] for n in engines}
     for name, (eng, _) in engines.items():  # warm-up: kernels built, caches touched
         run_once(eng, ids, 4)
-    for _ in range(args.repeats):
+    llama: dict[str, list[tuple[float, float]]] = {p: [] for p in paths} if args.llama_bench else {}
+    for _ in range(args.repeats):  # interleaved, llama.cpp included: one noise for all
         for name, (eng, _) in engines.items():
             results[name].append(run_once(eng, ids, args.gen))
-    report(results, engines, args, len(ids))
-    if args.llama_bench:
-        print("\nllama.cpp, same files, same threads:")
-        for path in paths:
-            print(llama_bench(args.llama_bench, path, torch.get_num_threads(), args.gen,
-                              args.prompt_tokens))
+        for path in llama:
+            llama[path].append(llama_bench(args.llama_bench, path, torch.get_num_threads(),
+                                           args.gen, args.prompt_tokens))
+    report(results, engines, llama, args, len(ids))
 
 
 if __name__ == "__main__":
