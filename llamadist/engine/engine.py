@@ -28,7 +28,8 @@ from llamadist.generation.generate import text_delta
 from llamadist.generation.sampling import SamplingParams, new_seed
 from llamadist.generation.tokenizer import Tokenizer
 from llamadist.runtime.engine import Engine
-from llamadist.runtime.step_work import SampleSpec, SeqWork, StepWork
+from llamadist.runtime.step_work import (SampleSpec, SeqWork, StepWork, TokenLogprob,
+                                         unpack_sampled)
 
 @dataclass
 class RequestOutput:
@@ -38,6 +39,7 @@ class RequestOutput:
     text: str                # text newly safe to show (stop strings and UTF-8 held back)
     finished: bool
     finish_reason: str | None
+    logprobs: TokenLogprob | None = None  # when the request's params ask for them
 
 
 @dataclass
@@ -149,6 +151,8 @@ class LLMEngine:
             raise ValueError(f"request id {rid!r} is already queued or running")
         seed = params.seed if params.seed is not None else new_seed()
         req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic())
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(req.prompt_ids)
         rep = min(self.replicas, key=lambda r: r.load)
         rep.scheduler.add(req)
         if not req.finished:
@@ -217,6 +221,8 @@ class LLMEngine:
                 while r.in_flight:
                     r.scheduler.abort(r.in_flight.popleft()[1])
             raise
+        tokens, logprobs, scored = unpack_sampled(tokens, work)
+        self._record_scores(work, scored)
         sampled = dict(zip(work.sampled_ids, tokens))
         finished = {r.id for r in rep.scheduler.update(step, sampled)}
         outputs = []
@@ -225,6 +231,7 @@ class LLMEngine:
             if req.id not in sampled or req.finish_reason == "cancelled":
                 continue  # a prefill chunk, or cancelled during the step: no token
             out = self._output(rep, req, sampled[req.id], req.id in finished)
+            out.logprobs = logprobs.get(req.id)
             outputs.append(out)
             if req.id in self._queues:
                 self._queues[req.id].append(out)
@@ -234,6 +241,15 @@ class LLMEngine:
         self.stats.steps += 1
         self.stats.busy_s += time.perf_counter() - t0
         return outputs
+
+    def _record_scores(self, work: StepWork, scored: dict[str, list[TokenLogprob]]) -> None:
+        """Prompt tokens' logprobs into their requests, by position (a recomputed chunk
+        writes the same values again)."""
+        for s in work.seqs:
+            req = self.get(s.request_id)
+            if s.request_id in scored and req is not None and req.prompt_logprobs is not None:
+                for j, entry in enumerate(scored[s.request_id]):
+                    req.prompt_logprobs[s.start + 1 + j] = entry
 
     def _launch(self) -> None:
         for rep in self.replicas:
@@ -262,8 +278,18 @@ class LLMEngine:
                 seen = tuple(req.all_ids) if req.params.repetition_penalty != 1.0 else ()
                 spec = SampleSpec(req.params, req.seed, len(req.output_ids), seen)
             seqs.append(SeqWork(req.id, tuple(c.token_ids), tuple(req.block_ids), c.start,
-                                spec))
+                                spec, *self._score(req, c.start, c.end)))
         return StepWork(seqs, self.block_size)
+
+    @staticmethod
+    def _score(req: Request, start: int, end: int) -> tuple[tuple[int, ...], int]:
+        """A request asking for its prompt's logprobs: the logits at positions [start,
+        min(end, P - 1)) score the prompt tokens after them."""
+        k = req.params.prompt_logprobs
+        p = len(req.prompt_ids)
+        if k is None or start >= p - 1:
+            return (), 0
+        return tuple(req.prompt_ids[start + 1:min(end, p - 1) + 1]), k
 
     def _output(self, rep: Replica, req: Request, tok: int,
                 finished_by_length: bool) -> RequestOutput:

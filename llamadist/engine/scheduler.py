@@ -278,6 +278,8 @@ class Scheduler:
                and len(step.chunks) < limit):
             req = self.waiting[0]
             prefix, num_cached = self.pool.match_prefix(req.all_ids)
+            if req.params.prompt_logprobs is not None and req.first_token_s is None:
+                prefix, num_cached = [], 0  # its prompt's logits are wanted: compute it all
             n = min(req.num_tokens - num_cached, budget)
             if not self.pool.allocate(req, n, prefix):
                 return  # first come, first served: nobody overtakes the head

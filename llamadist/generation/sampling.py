@@ -45,6 +45,11 @@ class SamplingParams:
     seed: int | None = None  # the request's seed; None: one from the OS, recorded per sequence
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # the chosen token's log-probability and the top ``logprobs`` others' (None: none),
+    # of the model's own distribution (log-softmax of the raw logits, before temperature,
+    # penalty and filters)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,6 +60,10 @@ class SamplingParams:
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0,
              f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (self.logprobs is None or self.logprobs >= 0,
+             f"logprobs must be >= 0, got {self.logprobs}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}"),
         ]
         for ok, msg in checks:
             if not ok:

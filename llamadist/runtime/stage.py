@@ -124,7 +124,8 @@ class Stage:
         """One flat step over the paged cache. x: token ids (N,) on the first stage, the
         previous stage's hidden states (B, T, D) otherwise; ``batch`` on this device.
         Returns hidden (B, T, D) with (B, T) = batch.token_shape, or on the last stage
-        the logits (S, V) of each sequence's last token."""
+        the logits (S, V) of each sequence's last token (then the E rows of
+        ``batch.logits_index`` beyond them, if any)."""
         if self.paged is None:
             raise RuntimeError("call init_paged() before forward_paged()")
         t0 = time.perf_counter()
@@ -132,7 +133,8 @@ class Stage:
         if x.dim() == 1:
             x = x.view(b, t)
         out = self.model(x, batch.positions.view(b, t), PagedStep(self.paged, batch), 0, None,
-                         "last", self.layer_fn, logits_index=batch.last_token_index)
+                         "last", self.layer_fn, logits_index=batch.last_token_index
+                         if batch.logits_index is None else batch.logits_index)
         if timed:
             sync(self.device)
             self.stats.compute_s += time.perf_counter() - t0
