@@ -71,6 +71,13 @@ def chat_job(args: argparse.Namespace, ckpt, tok) -> Job:
     return _finish(args, ckpt, [], [], sampling_params(args), 1, None)
 
 
+def serve_job(args: argparse.Namespace, ckpt, tok) -> Job:
+    """The server's engine: --max-batch sequences at once (default RuntimeConfig's), each
+    up to --max-seq-len (default: the model's context, at most DEFAULT_MAX_SEQ_LEN)."""
+    batch = args.max_batch or RuntimeConfig.max_batch
+    return _finish(args, ckpt, [], [], SamplingParams(), batch, None)
+
+
 def bench_job(args: argparse.Namespace, ckpt, tok) -> Job:
     if isinstance(args.batch, list):
         raise ValueError(f"--batch {','.join(map(str, args.batch))}: a list of batch sizes "
@@ -89,6 +96,9 @@ def bench_job(args: argparse.Namespace, ckpt, tok) -> Job:
     params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True, seed=0)
     needed = max(map(len, enc)) + args.gen_len
     return _finish(args, ckpt, [], enc, params, len(enc), needed)
+
+
+JOBS = {"generate": generate_job, "chat": chat_job, "bench": bench_job, "serve": serve_job}
 
 
 def print_sequences(args: argparse.Namespace, prompts: list[str], seqs: list[dict],

@@ -1,4 +1,4 @@
-"""llamadist's command line: analyze | plan | generate | chat | bench | convert.
+"""llamadist's command line: analyze | plan | generate | chat | bench | serve | convert.
 
 The parser and the dispatch. Every run command checks the whole request (layout, memory,
 context) before any process starts or any weight loads; a user error ends with one
@@ -101,6 +101,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_run(sub, "chat", "interactive chat with the model's chat template", 512)
     p.add_argument("--system", help="system message")
 
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with metrics and a "
+                       "web chat page")
+    p.add_argument("model", help="HF folder, .gguf file, or alias smollm2-135m")
+    add_placement(p)
+    add_runtime(p)
+    add_processes(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
+                   "this host only; 0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    g.add_argument("--served-model-name", help="the model's name in the API (default: the "
+                   "folder's name or the alias)")
+    g.add_argument("--max-queue", type=positive_int, default=256, help="requests queued or "
+                   "running at most; more are answered 429 (default 256)")
+    g.add_argument("--stats", action="store_true", help="time each stage (per-stage busy "
+                   "seconds in /metrics; costs a sync per stage on GPUs)")
+
     p = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file")
     p.add_argument("gguf", help="a .gguf file (or the alias smollm2-135m)")
     p.add_argument("out_dir", help="the folder to write (created if missing)")
@@ -142,6 +160,7 @@ COMMANDS: dict[str, Handler] = {
     "generate": _run("generate"),
     "chat": _run("chat"),
     "bench": _run("bench"),
+    "serve": _run("serve"),
 }
 
 

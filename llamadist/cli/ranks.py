@@ -1,4 +1,4 @@
-"""generate, chat and bench as one rank of a multi-process run (started by the launcher or
+"""generate, chat, bench and serve as one rank of a multi-process run (started by the launcher or
 by torchrun). Rank 0 is the front: it builds the Job (the front process's layout when it
 started us), broadcasts what every rank must agree on (``RankSpec``), and runs the same
 engine and the same commands as one process does (cli.run), its executors driving the
@@ -14,13 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from llamadist.cli.args import USER_ERRORS, runtime_config
-from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, inherited_layout
+from llamadist.cli.jobs import JOBS, Job, inherited_layout
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.runtime.worker import RankSpec, Session, setup_worker_logging
 
 log = logging.getLogger(__name__)
-Command = Callable[[argparse.Namespace, Job, Any], int]  # cli.run's generate, chat, bench
-JOBS = {"generate": generate_job, "chat": chat_job, "bench": bench_job}
+Command = Callable[[argparse.Namespace, Job, Any], int]  # cli.run's generate, chat, bench, serve
 
 
 def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:

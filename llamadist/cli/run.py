@@ -1,4 +1,4 @@
-"""generate, chat and bench: the request is checked in full (Job), then run in this process
+"""generate, chat, bench and serve: the request is checked in full (Job), then run in this process
 or over worker processes (the launcher starts them; cli.ranks is what each rank runs)."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import sys
 from dataclasses import replace
 
 from llamadist.cli.args import in_worker
-from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
+from llamadist.cli.jobs import JOBS, Job, print_sequences
 from llamadist.cli.layout import LAYOUT_ENV
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
-    """Entry point of the three run commands."""
+    """Entry point of the four run commands."""
     if kind == "bench" and getattr(args, "shape", None):
         from llamadist.cli.bench_shape import bench_shape_cmd
         refuse_with_shape(args)
@@ -28,7 +28,7 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     from llamadist.weights.checkpoint import open_checkpoint
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()
-    job = {"generate": generate_job, "chat": chat_job, "bench": bench_job}[kind](args, ckpt, tok)
+    job = JOBS[kind](args, ckpt, tok)
     if job.layout.processes > 1:
         return launch(kind, args, job)
     llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty())
@@ -53,7 +53,7 @@ def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
     from llamadist.distributed.launch import launch as start
     env = {**os.environ, LAYOUT_ENV: job.layout.to_json()}
     return start(["-m", "llamadist", *args.argv], job.layout.processes, env=env,
-                 stdin_to_rank0=kind == "chat")
+                 stdin_to_rank0=kind == "chat", term_to_rank0=kind == "serve")
 
 
 def load_llm(job: Job, ckpt, tok, progress: bool = False):
@@ -142,4 +142,9 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     return 0
 
 
-COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench}
+def _serve(args: argparse.Namespace, job: Job, llm) -> int:
+    from llamadist.serve.server import serve
+    return serve(args, job, llm)
+
+
+COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench, "serve": _serve}
