@@ -22,7 +22,7 @@ MAX_STOP_CHARS = 256       # characters per stop string
 MAX_TOP_LOGPROBS = 20      # OpenAI's limit for chat (completions: 5; we allow 20 for both)
 SEED_LIMIT = 2**63 - 1
 
-Float = Annotated[float, Field(strict=False, allow_inf_nan=False)]
+Float = Annotated[float, Field(allow_inf_nan=False)]  # strict: ints yes, bools and strings no
 StopText = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
 
 
