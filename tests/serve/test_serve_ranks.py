@@ -1,0 +1,37 @@
+"""`llamadist serve --nproc 2 --pp 2`: the HTTP front on rank 0 next to the engine's
+driver, the other stage in a worker rank; the same answers as one process, streamed or
+not; logprobs travel back from the sampling rank; SIGTERM to the launcher ends every
+rank with exit 0."""
+
+import pytest
+
+from tests.serve.conftest import ServerProcess
+
+openai = pytest.importorskip("openai")
+MSG = [{"role": "user", "content": "Once upon a time there was"}]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_ranks") / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--max-batch", "4", "--served-model-name", "tiny", log_path=log)
+    yield server
+    assert server.stop() == 0, log.read_text()[-3000:]
+
+
+def test_chat_over_two_ranks_equals_one_process(two_ranks, client):
+    ranks = openai.OpenAI(base_url=two_ranks.url + "/v1", api_key="none", max_retries=0)
+    kw = dict(model="tiny", messages=MSG, max_tokens=16, temperature=0, logprobs=True,
+              top_logprobs=2)
+    want = client.chat.completions.create(**kw)
+    got = ranks.chat.completions.create(**kw)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage == want.usage
+    lp = [(e.token, e.logprob) for e in got.choices[0].logprobs.content]
+    assert [t for t, _ in lp] == [e.token for e in want.choices[0].logprobs.content]
+    assert [v for _, v in lp] == pytest.approx(
+        [e.logprob for e in want.choices[0].logprobs.content], abs=1e-4)
+    streamed = "".join(c.choices[0].delta.content or "" for c in ranks.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=16, temperature=0, stream=True))
+    assert streamed == want.choices[0].message.content
