@@ -79,6 +79,26 @@ def _add_run(sub, name: str, hlp: str, max_new: int) -> argparse.ArgumentParser:
     return p
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with metrics and a "
+                       "web chat page")
+    p.add_argument("model", help="HF folder, .gguf file, or alias smollm2-135m")
+    add_placement(p)
+    add_runtime(p)
+    add_processes(p)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
+                   "this host only; 0.0.0.0 for every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    g.add_argument("--served-model-name", help="the model's name in the API (default: the "
+                   "folder's name or the alias)")
+    g.add_argument("--max-queue", type=positive_int, default=256, help="requests queued or "
+                   "running at most; more are answered 429 (default 256)")
+    g.add_argument("--stats", action="store_true", help="time each stage (per-stage busy "
+                   "seconds in /metrics; costs a sync per stage on GPUs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="llamadist", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -102,23 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add_run(sub, "chat", "interactive chat with the model's chat template", 512)
     p.add_argument("--system", help="system message")
 
-    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with metrics and a "
-                       "web chat page")
-    p.add_argument("model", help="HF folder, .gguf file, or alias smollm2-135m")
-    add_placement(p)
-    add_runtime(p)
-    add_processes(p)
-    g = p.add_argument_group("server")
-    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: "
-                   "this host only; 0.0.0.0 for every interface)")
-    g.add_argument("--port", type=int, default=8000)
-    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
-    g.add_argument("--served-model-name", help="the model's name in the API (default: the "
-                   "folder's name or the alias)")
-    g.add_argument("--max-queue", type=positive_int, default=256, help="requests queued or "
-                   "running at most; more are answered 429 (default 256)")
-    g.add_argument("--stats", action="store_true", help="time each stage (per-stage busy "
-                   "seconds in /metrics; costs a sync per stage on GPUs)")
+    _add_serve(sub)
 
     p = sub.add_parser("convert", help="write a Hugging Face folder from a GGUF file")
     p.add_argument("gguf", help="a .gguf file (or the alias smollm2-135m)")

@@ -46,17 +46,19 @@ def test_chat_whole_and_streamed_agree(client):
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
-def test_completions_stream_and_n(client):
+def test_completions_stream_and_n(client, tiny_model):
     whole = client.completions.create(model="tiny", prompt="The quick brown fox", max_tokens=10,
-                                      temperature=0, n=2)
+                                      temperature=0, n=2, logprobs=0)
     assert [c.index for c in whole.choices] == [0, 1]
     assert whole.choices[0].text == whole.choices[1].text  # greedy: n equal choices
     streamed = "".join(c.choices[0].text for c in client.completions.create(
         model="tiny", prompt="The quick brown fox", max_tokens=10, temperature=0, stream=True))
     assert streamed == whole.choices[0].text
-    assert whole.usage.completion_tokens == 2 * len(whole.choices[0].logprobs.tokens
-                                                    if whole.choices[0].logprobs else
-                                                    [0] * (whole.usage.completion_tokens // 2))
+    per_choice = [len(c.logprobs.tokens) for c in whole.choices]
+    assert whole.usage.completion_tokens == sum(per_choice) and per_choice[0] > 0
+    from llamadist.weights.checkpoint import open_checkpoint
+    n_prompt = len(open_checkpoint(tiny_model).tokenizer().encode("The quick brown fox"))
+    assert whole.usage.prompt_tokens == n_prompt  # the prompt counted once, not per choice
 
 
 def test_stop_strings_cut_the_text(client):
