@@ -146,9 +146,14 @@ class AsyncEngine:
             self.error = e
             self._stop.set()
         finally:
-            for rid, stream in list(self._streams.items()):
-                self.engine.cancel(rid)
-                stream._put(self.error if self.error else _END)
+            for stream in self._streams.values():  # every reader first: cancelling below
+                stream._put(self.error if self.error else _END)  # may fail (ranks gone)
+            for rid in list(self._streams):
+                try:
+                    self.engine.cancel(rid)
+                except Exception:  # noqa: BLE001 - a failed engine: its error is reported
+                    if self.error is None:
+                        raise
             self._streams.clear()
 
     def _apply_commands(self, block: bool) -> None:

@@ -24,7 +24,7 @@ from llamadist.serve.openai_api import Frontend, Job, sse
 from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 
 log = logging.getLogger(__name__)
-DISCONNECT_POLL_S = 0.5
+DISCONNECT_POLL_S = 0.2
 
 
 @dataclass

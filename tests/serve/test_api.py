@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from tests.serve.conftest import ROOT, http
+from tests.serve.conftest import API_KEY, ROOT, http
 
 openai = pytest.importorskip("openai")
 PROMPTS = ["The quick brown fox", "1 2 3 4 5 6 7", "def main():", "Once upon a time",
@@ -185,3 +185,32 @@ def test_errors_api_key_model_queue(client, tiny_server):
     with pytest.raises(openai.RateLimitError, match="queue is full"):
         client.completions.create(model="tiny", prompt="hi", max_tokens=2, n=13)
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+
+
+def test_disconnected_whole_request_is_cancelled(tiny_server):
+    """A non-streaming client that goes away: its choices are cancelled, blocks freed."""
+    import http.client
+    import json as js
+    key = "llamadist_requests_finished_total{reason=cancelled}"
+    done = "llamadist_requests_finished_total{reason=length}"
+    m0 = metrics(tiny_server.url)
+    before, before_done = m0.get(key, 0), m0.get(done, 0)
+    conn = http.client.HTTPConnection("127.0.0.1", tiny_server.port, timeout=30)
+    conn.request("POST", "/v1/completions", js.dumps({
+        "model": "tiny", "prompt": "The quick brown fox", "max_tokens": 240, "n": 8,
+        "temperature": 0, "ignore_eos": True}),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    time.sleep(0.3)
+    conn.sock.shutdown(2)
+    conn.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        m = metrics(tiny_server.url)
+        if (m.get(key, 0) + m.get(done, 0) >= before + before_done + 8
+                and m["llamadist_kv_blocks_used"] == 0):
+            break
+        time.sleep(0.1)
+    # 8 choices at most 4 at once: at least the 4 not yet done were cancelled
+    assert m[key] + m.get(done, 0) == before + before_done + 8 and m[key] >= before + 4
+    assert m["llamadist_kv_blocks_used"] == 0
+    assert m["llamadist_requests_running"] == 0 and m["llamadist_requests_waiting"] == 0

@@ -35,3 +35,48 @@ def test_chat_over_two_ranks_equals_one_process(two_ranks, client):
     streamed = "".join(c.choices[0].delta.content or "" for c in ranks.chat.completions.create(
         model="tiny", messages=MSG, max_tokens=16, temperature=0, stream=True))
     assert streamed == want.choices[0].message.content
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    import os
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def test_a_dead_worker_ends_open_streams_with_an_error(tiny_model, tmp_path):
+    import os
+    import signal
+    from tests.serve.conftest import http
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--served-model-name", "tiny", log_path=tmp_path / "server.log")
+    try:
+        ranks = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                              timeout=30)
+        stream = ranks.completions.create(model="tiny", prompt="The quick brown fox",
+                                          max_tokens=240, temperature=0, stream=True,
+                                          extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        rank0, rank1 = children(server.proc.pid)  # the launcher's two workers
+        os.kill(rank1, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine failed"):
+            for _ in it:
+                pass
+        try:  # 503 until the launcher, seeing a rank gone, ends the run (2 s later)
+            health = http("GET", server.url + "/health", timeout=5)
+            assert health[0] == 503
+        except OSError:
+            pass
+    finally:
+        code = server.stop()
+    assert code not in (0, -9), "the launcher reported no failure"
