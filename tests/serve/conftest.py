@@ -65,6 +65,8 @@ class ServerProcess:
 
     def stop(self) -> int:
         """SIGTERM, as a service manager would: the server must exit 0 by itself."""
+        if self.proc.poll() is not None:
+            return self.proc.returncode
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(30)

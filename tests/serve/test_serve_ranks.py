@@ -37,6 +37,38 @@ def test_chat_over_two_ranks_equals_one_process(two_ranks, client):
     assert streamed == want.choices[0].message.content
 
 
+def test_sigterm_with_an_open_stream_exits_0(two_ranks):
+    """Last in this module: SIGTERM while a stream is open; the stream ends (finished or
+    cancelled after the grace period), every rank exits and the launcher returns 0."""
+    import os
+    import threading
+    import time
+    ranks = openai.OpenAI(base_url=two_ranks.url + "/v1", api_key="none", max_retries=0,
+                          timeout=60)
+    stream = ranks.completions.create(model="tiny", prompt="The quick brown fox",
+                                      max_tokens=200, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    ended = threading.Event()
+
+    def read_rest() -> None:
+        try:
+            for _ in it:
+                pass
+        except openai.APIError:
+            pass  # cut when the grace period ran out
+        ended.set()
+    threading.Thread(target=read_rest, daemon=True).start()
+    workers = children(two_ranks.proc.pid)
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    assert two_ranks.stop() == 0
+    assert ended.wait(10) and time.monotonic() - t0 < 20
+    for pid in workers:  # no rank left behind
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
 def children(pid: int) -> list[int]:
     """The processes whose parent is ``pid`` (from /proc)."""
     import os
