@@ -274,9 +274,10 @@ class LLMEngine:
                 self.stats.prompt_tokens += min(c.end, len(req.prompt_ids)) - c.start
             spec = None
             if c.sample:
-                # the tokens seen so far matter only to a repetition penalty
+                # the tokens seen so far matter only to the penalties that ask for them
                 seen = tuple(req.all_ids) if req.params.repetition_penalty != 1.0 else ()
-                spec = SampleSpec(req.params, req.seed, len(req.output_ids), seen)
+                outs = tuple(req.output_ids) if req.params.counts_outputs else ()
+                spec = SampleSpec(req.params, req.seed, len(req.output_ids), seen, outs)
             seqs.append(SeqWork(req.id, tuple(c.token_ids), tuple(req.block_ids), c.start,
                                 spec, *self._score(req, c.start, c.end)))
         return StepWork(seqs, self.block_size)

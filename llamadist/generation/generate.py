@@ -111,12 +111,21 @@ def seen_mask(prompts: list[list[int]], vocab: int, device: torch.device) -> tor
 
 
 def make_sampler(prompts: list[list[int]], params: list[SamplingParams], seeds: list[int],
-                 vocab: int, device: torch.device) -> Sampler:
+                 vocab: int, device: torch.device,
+                 outputs: list[list[int]] | None = None) -> Sampler:
     """The sampler for a batch of requests (with the prompts' tokens marked seen when a
-    request asks for a repetition penalty)."""
+    request asks for a repetition penalty, and ``outputs``, the tokens generated so far,
+    counted when one asks for a presence or frequency penalty)."""
     penalised = any(p.repetition_penalty != 1.0 for p in params)
     seen = seen_mask(prompts, vocab, device) if penalised else None
-    return Sampler(params, seeds, device, seen)
+    counts = None
+    if any(p.counts_outputs for p in params):
+        counts = torch.zeros(len(params), vocab, dtype=torch.float32)  # (B, V)
+        for i, out in enumerate(outputs or [[] for _ in params]):
+            if out:
+                counts[i].index_add_(0, torch.tensor(out), torch.ones(len(out)))
+        counts = counts.to(device)
+    return Sampler(params, seeds, device, seen, counts)
 
 
 def fit_history(encode: Callable[[list[dict]], list[int]], system: list[dict],

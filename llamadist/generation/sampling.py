@@ -42,6 +42,10 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from a token's logit once it was generated (presence) and per
+    # time it was generated (frequency); the prompt does not count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None  # the request's seed; None: one from the OS, recorded per sequence
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
@@ -60,6 +64,10 @@ class SamplingParams:
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0,
              f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
             (self.logprobs is None or self.logprobs >= 0,
              f"logprobs must be >= 0, got {self.logprobs}"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
@@ -68,6 +76,11 @@ class SamplingParams:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    @property
+    def counts_outputs(self) -> bool:
+        """The sampler needs the counts of the tokens generated so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -156,7 +169,11 @@ class Sampler:
     seed; ``steps`` counts each row's sampled tokens (on the device, so no host sync)."""
 
     def __init__(self, params: Sequence[SamplingParams], seeds: Sequence[int],
-                 device: torch.device | str, seen: torch.Tensor | None = None):
+                 device: torch.device | str, seen: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None):
+        """``seen`` (B, V) bool: the tokens a repetition penalty applies to; ``counts``
+        (B, V) float32: how often each token was generated (presence and frequency
+        penalties); each needed only when some row asks for its penalty."""
         if len(params) != len(seeds):
             raise ValueError(f"{len(params)} params but {len(seeds)} seeds")
         dev = torch.device(device)
@@ -177,6 +194,9 @@ class Sampler:
         self.any_min_p = any(p.min_p > 0 and not p.greedy for p in params)
         self.penalty = col([p.repetition_penalty for p in params], torch.float32)
         self.seen = seen if any(p.repetition_penalty != 1.0 for p in params) else None
+        self.presence = col([p.presence_penalty for p in params], torch.float32)
+        self.frequency = col([p.frequency_penalty for p in params], torch.float32)
+        self.counts = counts if any(p.counts_outputs for p in params) else None
         self.keys = torch.tensor([seed_key(s) for s in seeds], dtype=torch.int64).to(dev)  # (B,)
         self.steps = torch.zeros(len(seeds), dtype=torch.int64, device=dev)  # (B,)
 
@@ -185,8 +205,11 @@ class Sampler:
         step and marks the tokens seen."""
         tok = self.sample(logits)
         self.steps += 1
+        rows = torch.arange(len(tok), device=tok.device)
         if self.seen is not None:
-            self.seen[torch.arange(len(tok), device=tok.device), tok] = True
+            self.seen[rows, tok] = True
+        if self.counts is not None:
+            self.counts[rows, tok] += 1
         return tok
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -194,6 +217,9 @@ class Sampler:
         logits = logits.float()
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        if self.counts is not None:
+            logits = (logits - self.frequency * self.counts
+                      - self.presence * (self.counts > 0).float())
         best = logits.argmax(dim=-1)
         if self.all_greedy:
             return best

@@ -38,6 +38,7 @@ class SampleSpec:
     seed: int
     step: int
     seen: tuple[int, ...] = ()  # prompt + outputs, only when a repetition penalty needs them
+    outputs: tuple[int, ...] = ()  # outputs, only when a presence/frequency penalty needs them
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,8 @@ def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
     else:
         specs = [work.seqs[i].sample for i in rows]
         sampler = make_sampler([list(s.seen) for s in specs], [s.params for s in specs],
-                               [s.seed for s in specs], logits.shape[-1], logits.device)
+                               [s.seed for s in specs], logits.shape[-1], logits.device,
+                               [list(s.outputs) for s in specs])
         sampler.steps = torch.tensor([s.step for s in specs], device=logits.device)
         tokens = sampler.sample(logits[rows])
     packed = _logprobs(logits, work, tokens, rows)

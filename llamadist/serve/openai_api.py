@@ -124,7 +124,9 @@ class Frontend:
         return SamplingParams(
             max_new_tokens=max(new, 1), temperature=body.temperature,
             top_k=max(body.top_k, 0), top_p=body.top_p, min_p=body.min_p,
-            repetition_penalty=body.penalty(), seed=seed, stop=body.stops(),
+            repetition_penalty=body.repetition_penalty,
+            presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+            seed=seed, stop=body.stops(),
             ignore_eos=body.ignore_eos, logprobs=num_logprobs,
             prompt_logprobs=num_logprobs if echo and num_logprobs is not None else None)
 

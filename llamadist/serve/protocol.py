@@ -3,9 +3,8 @@ unknown field (a typo must not be silently ignored), the body's size. A bad requ
 becomes ``ApiError`` (HTTP status, a message naming the field and the limit, the field),
 answered in the OpenAI error format; the server keeps serving.
 
-Extensions beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty``,
-``ignore_eos``. ``presence_penalty`` and ``frequency_penalty`` map onto the engine's
-one penalty (see ``penalty``)."""
+Extensions beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty`` (the
+multiplicative one, on prompt and output tokens), ``ignore_eos``."""
 
 from __future__ import annotations
 
@@ -74,7 +73,7 @@ class Sampling(Strict):
     top_p: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
     top_k: Annotated[StrictInt, Field(ge=-1, le=1 << 20)] = 0   # -1 and 0: off
     min_p: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0
-    repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] | None = None
+    repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] = 1.0
     presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
     seed: Annotated[StrictInt, Field(ge=-SEED_LIMIT, le=SEED_LIMIT)] | None = None
@@ -90,14 +89,6 @@ class Sampling(Strict):
             raise ApiError(400, "stop: a stop string must not be empty", "stop")
         return tuple(stops)
 
-    def penalty(self) -> float:
-        """The engine's multiplicative repetition penalty (on every token seen so far,
-        prompt included). Given, it wins; else presence + frequency penalty p in [-4, 4]
-        maps to 1 + p/4 when p >= 0 and 1 / (1 - p/4) when p < 0 (0 -> off, 4 -> 2)."""
-        if self.repetition_penalty is not None:
-            return self.repetition_penalty
-        p = self.presence_penalty + self.frequency_penalty
-        return 1 + p / 4 if p >= 0 else 1 / (1 - p / 4)
 
 
 class ChatRequest(Sampling):

@@ -214,3 +214,13 @@ def test_disconnected_whole_request_is_cancelled(tiny_server):
     assert m[key] + m.get(done, 0) == before + before_done + 8 and m[key] >= before + 4
     assert m["llamadist_kv_blocks_used"] == 0
     assert m["llamadist_requests_running"] == 0 and m["llamadist_requests_waiting"] == 0
+
+
+def test_penalties_reach_the_sampler(client):
+    def run(**kw) -> str:
+        return client.completions.create(model="tiny", prompt="The quick brown fox",
+                                         max_tokens=40, temperature=0,
+                                         extra_body={"ignore_eos": True}, **kw).choices[0].text
+    plain = run()
+    assert run(presence_penalty=2.0) != plain and run(frequency_penalty=2.0) != plain
+    assert run(presence_penalty=0.0, frequency_penalty=0.0) == plain
