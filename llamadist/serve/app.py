@@ -52,6 +52,11 @@ class Server:
         self.in_flight += n
 
     def release(self, job: Job) -> None:
+        """The job is over (answered, streamed, or its client gone): once per job."""
+        if job.released:
+            return
+        job.released = True
+        self.frontend.cancel(job)  # whatever has not finished
         self.in_flight -= len(job.choices)
         for c in job.choices:
             self.metrics.observe(c.stream.request if c.stream else None)
@@ -75,7 +80,7 @@ class Server:
             job = self.frontend.completion_job(parse(CompletionRequest, body))
         self.admit(job)
         if job.body.stream:
-            return StreamingResponse(self._stream(job), media_type="text/event-stream")
+            return JobStream(self._stream(job), job, self)
         try:
             return JSONResponse(await self._whole(job, request))
         finally:
@@ -118,6 +123,22 @@ class Server:
             yield sse(e.body())
         finally:
             self.release(job)
+
+
+class JobStream(StreamingResponse):
+    """The job's server-sent events; the job is released however the response ends,
+    even when the client left before its first chunk (the body never started, so its
+    own ``finally`` never runs)."""
+
+    def __init__(self, body, job: Job, server: Server):
+        super().__init__(body, media_type="text/event-stream")
+        self.job, self.server = job, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.server.release(self.job)
 
 
 def error_response(e: ApiError) -> JSONResponse:

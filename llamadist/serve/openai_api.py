@@ -46,6 +46,7 @@ class Job:
     num_logprobs: int | None       # None: no logprobs; k: the chosen token's and the top k
     echo: bool = False
     params: list[SamplingParams] = field(default_factory=list)  # one per choice
+    released: bool = False  # the server has let it go (its queue places given back)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
 

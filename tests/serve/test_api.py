@@ -224,3 +224,27 @@ def test_penalties_reach_the_sampler(client):
     plain = run()
     assert run(presence_penalty=2.0) != plain and run(frequency_penalty=2.0) != plain
     assert run(presence_penalty=0.0, frequency_penalty=0.0) == plain
+
+
+def test_clients_leaving_at_once_give_their_queue_places_back(tiny_server, client):
+    """More streaming clients than --max-queue (12) leave right after sending: their places
+    and blocks come back, so the server is not left answering 429 or full."""
+    import http.client
+    import json as js
+    for _ in range(16):
+        conn = http.client.HTTPConnection("127.0.0.1", tiny_server.port, timeout=30)
+        conn.request("POST", "/v1/completions", js.dumps({
+            "model": "tiny", "prompt": "The quick brown fox", "max_tokens": 200,
+            "stream": True, "ignore_eos": True}),
+            {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+        conn.sock.shutdown(2)
+        conn.close()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = metrics(tiny_server.url)
+        if m["llamadist_kv_blocks_used"] == 0 and m["llamadist_requests_waiting"] == 0:
+            break
+        time.sleep(0.1)
+    assert m["llamadist_kv_blocks_used"] == 0 and m["llamadist_requests_running"] == 0
+    r = client.completions.create(model="tiny", prompt="hi", max_tokens=2, n=12)
+    assert len(r.choices) == 12  # all 12 places free again
