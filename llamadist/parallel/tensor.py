@@ -161,13 +161,17 @@ def apply_tensor_parallel(model: Llama, group: Group, tp_rank: int, tp_size: int
     d, hd = config.hidden_size, config.head_dim
     for layer in model.model.layers.values():
         attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv_proj is not None or mlp.gate_up_proj is not None:
+        if attn.qkv_proj is not None or (mlp is not None and mlp.gate_up_proj is not None):
             raise TensorParallelError("apply tensor parallel before fusing q|k|v / gate|up")
         ab, mb = config.attention_bias, config.mlp_bias
         attn.q_proj = ColumnParallelLinear(d, sizes.q_heads * hd, ab)
         attn.k_proj = ColumnParallelLinear(d, sizes.kv_heads * hd, ab)
         attn.v_proj = ColumnParallelLinear(d, sizes.kv_heads * hd, ab)
         attn.o_proj = RowParallelLinear(sizes.q_heads * hd, d, ab, group)
+        if mlp is None:
+            # A mixture-of-experts block stays whole on every TP rank (its input is the
+            # replicated hidden state): the expert-parallel pass is what splits it.
+            continue
         mlp.gate_proj = ColumnParallelLinear(d, sizes.intermediate, mb)
         mlp.up_proj = ColumnParallelLinear(d, sizes.intermediate, mb)
         mlp.down_proj = RowParallelLinear(sizes.intermediate, d, mb, group)

@@ -1,0 +1,150 @@
+"""Mixtral (sparse mixture of experts) against transformers' MixtralForCausalLM on the same
+weights: tiny random configurations (4 experts top-2 GQA, 8 experts top-1, 3 experts top-2
+tied), loaded from Hugging Face folders and from a GGUF with stacked experts."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from llamadist import LLM, SamplingParams
+from llamadist.cli import main
+from llamadist.config import ConfigError, ModelConfig
+from llamadist.generation.generate import generate
+from llamadist.runtime.engine import Engine
+from llamadist.weights.gguf import GGUFCheckpoint
+from llamadist.weights.safetensors_ckpt import HFCheckpoint
+from tests.moe_gguf import write_mixtral_gguf
+from tests.tiny import MOE_CONFIGS
+
+transformers = pytest.importorskip("transformers")
+
+LOGIT_TOL = 1e-4  # fp32, max abs difference
+KINDS = list(MOE_CONFIGS)
+
+
+@pytest.fixture(scope="module", params=KINDS)
+def pair(request, tiny_mixtrals):
+    folder = tiny_mixtrals[request.param]
+    hf = transformers.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return folder, hf
+
+
+def hf_greedy(hf, ids: list[int], n: int = 32) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return out[0, len(ids):].tolist()
+
+
+# ---- configuration ---------------------------------------------------------------------
+def test_config_reads_experts(tiny_mixtrals):
+    for kind, folder in tiny_mixtrals.items():
+        cfg = ModelConfig.from_json_file(folder / "config.json")
+        assert cfg.is_moe and cfg.num_experts == MOE_CONFIGS[kind]["num_local_experts"]
+        assert cfg.num_experts_per_tok == MOE_CONFIGS[kind]["num_experts_per_tok"]
+        assert ModelConfig.from_hf_dict(cfg.to_hf_dict()) == cfg  # the HF dict round trip
+
+
+@pytest.mark.parametrize("model_type,arch,named", [
+    ("qwen2_moe", "Qwen2MoeForCausalLM", "Qwen2-MoE"),
+    ("deepseek_v3", "DeepseekV3ForCausalLM", "DeepSeek-V3"),
+    ("dbrx", "DbrxForCausalLM", "DBRX")])
+def test_unsupported_moe_refused_by_name(tiny_mixtrals, model_type, arch, named):
+    d = json.loads((tiny_mixtrals["moe_top1"] / "config.json").read_text())
+    d.update(model_type=model_type, architectures=[arch])
+    with pytest.raises(ConfigError, match=f"{arch}.*{named}.*not implemented"):
+        ModelConfig.from_hf_dict(d)
+
+
+def test_mixtral_config_errors(tiny_mixtrals):
+    d = json.loads((tiny_mixtrals["moe_top1"] / "config.json").read_text())
+    with pytest.raises(ConfigError, match="sliding_window=64"):
+        ModelConfig.from_hf_dict({**d, "sliding_window": 64})
+    assert ModelConfig.from_hf_dict({**d, "sliding_window": 4096}).is_moe  # >= context: none
+    with pytest.raises(ConfigError, match="num_experts_per_tok=9"):
+        ModelConfig.from_hf_dict({**d, "num_experts_per_tok": 9})
+
+
+# ---- the model against transformers ----------------------------------------------------
+def test_logits_match_transformers(pair):
+    folder, hf = pair
+    ours = Engine.load(str(folder), max_seq_len=128, max_batch=2)
+    torch.manual_seed(1)
+    ids = torch.randint(3, hf.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        ref = hf(ids).logits
+    got = ours.forward(ids, torch.arange(40).expand(2, 40), 0, None, logits="all")
+    assert got.shape == ref.shape
+    assert (got - ref).abs().max().item() <= LOGIT_TOL
+    # the decode path (one token through the KV cache) too
+    ours.forward(ids[:, :32], torch.arange(32).expand(2, 32), 0)
+    for t in range(32, 40):
+        step = ours.forward(ids[:, t:t + 1], torch.full((2, 1), t), t)
+        assert (step[:, 0] - ref[:, t]).abs().max().item() <= LOGIT_TOL
+
+
+def test_32_greedy_tokens_static_path(pair):
+    folder, hf = pair
+    ours = Engine.load(str(folder), max_seq_len=128, max_batch=1)
+    ids = list(range(7, 19))
+    got = generate(ours, None, [ids], SamplingParams(max_new_tokens=32, ignore_eos=True))
+    assert got[0].token_ids == hf_greedy(hf, ids)
+
+
+def test_32_greedy_tokens_llm_batched(pair):
+    """Two prompts of different lengths batched continuously through the paged engine:
+    each one's tokens equal transformers' greedy tokens for it alone."""
+    folder, hf = pair
+    llm = LLM(str(folder), max_seq_len=128, max_batch=2)
+    prompts = [list(range(5, 17)), [40, 41, 300, 7, 9]]
+    reqs, _ = llm.run(prompts, SamplingParams(max_new_tokens=32, ignore_eos=True))
+    assert [r.output_ids for r in reqs] == [hf_greedy(hf, p) for p in prompts]
+
+
+def test_cli_generate_equals_transformers(capsys, tiny_mixtrals):
+    folder = tiny_mixtrals["moe_top1"]
+    hf = transformers.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    base = ["generate", str(folder), "--prompt", "The quick brown fox", "--max-new-tokens",
+            "32", "--json"]
+    assert main(base) == 0
+    row = json.loads(capsys.readouterr().out)
+    got, ref = row["token_ids"], hf_greedy(hf, row["prompt_token_ids"])
+    assert got == ref[:len(got)]  # the CLI stops at EOS (id 2); transformers was told not to
+    assert len(got) == 32 or (got[-1] == 2 and 2 not in got[:-1])
+    # a pipeline cut through the MoE layers gives the same tokens
+    assert main(base + ["--devices", "cpu,cpu", "--boundaries", "0:1,1:2"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == row["token_ids"]
+
+
+# ---- GGUF: stacked experts -------------------------------------------------------------
+def test_gguf_round_trip_same_tokens(tmp_path, tiny_mixtrals):
+    folder = tiny_mixtrals["moe_top1"]  # its greedy tokens vary (24 distinct of 32)
+    path = write_mixtral_gguf(folder, tmp_path / "tiny-mixtral.gguf")
+    g, h = GGUFCheckpoint(path), HFCheckpoint(folder)
+    assert g.config.num_experts == 8 and g.config.num_experts_per_tok == 1
+    assert g.names() == h.names()
+    for name in h.names():
+        assert torch.equal(g.get(name), h.get(name)), name
+    params = SamplingParams(max_new_tokens=32, ignore_eos=True)
+    prompt = list(range(5, 17))
+    a, _ = LLM(str(folder), max_seq_len=128).run([prompt], params)
+    b, _ = LLM(str(path), max_seq_len=128).run([prompt], params)
+    assert len(a[0].output_ids) == 32 and a[0].output_ids == b[0].output_ids
+
+
+def test_gguf_quantized_stacked_experts(tmp_path, tiny_mixtrals):
+    """A Q8_0 stack: each expert (and a row slice of it) reads back as its own slice of
+    the dequantized stack."""
+    folder = tiny_mixtrals["moe_top2_gqa"]
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    ck = GGUFCheckpoint(write_mixtral_gguf(folder, tmp_path / "q8.gguf", expert_type=q8))
+    t = next(t for t in ck._reader.tensors if t.name == "blk.1.ffn_down_exps.weight")
+    stack = gguf.quants.dequantize(t.data, q8).reshape(4, 64, 96)  # (E, D, F)
+    for e in range(4):
+        name = f"model.layers.1.block_sparse_moe.experts.{e}.w2.weight"
+        assert ck.shape(name) == (64, 96)
+        assert np.array_equal(ck.get(name).numpy(), stack[e])
+        assert np.array_equal(ck.get(name, (0, 16, 40)).numpy(), stack[e, 16:40])
