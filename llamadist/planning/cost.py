@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from llamadist.config import ModelConfig
 from llamadist.planning.devices import DeviceSpec
-from llamadist.planning.profile import ModelProfile
+from llamadist.planning.profile import ModelProfile, expected_experts
 from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError
 
@@ -123,7 +123,12 @@ class CostModel:
     tokens; decode attends to all ``context`` cached tokens (the worst step). With ``tp``
     > 1 each stage is a tensor-parallel group and ``memory``/``time`` are one device's:
     weights / tp (plus ``extra_layer_bytes`` per layer that TP copies), ``kv_share`` of
-    each layer's KV cache."""
+    each layer's KV cache.
+
+    Mixture of experts: a layer's experts are not split by tensor parallelism (each TP
+    rank holds them whole, llamadist.parallel.tensor) but by expert parallelism: one
+    device holds ``1 / ep`` of them (llamadist.parallel.expert). A decode step reads only
+    the experts its tokens were routed to (profile.expected_experts)."""
 
     profile: ModelProfile
     batch: int
@@ -135,17 +140,36 @@ class CostModel:
     tp: int = 1
     kv_share: float = 1.0
     extra_layer_bytes: float = 0
+    experts: tuple[int, ...] = ()  # prefix sums over decoder layers: expert bytes (MoE)
+    ep: int = 1                    # expert-parallel ranks sharing each layer's experts
 
     @classmethod
     def build(cls, profile: ModelProfile, batch: int, context: int, tp: int = 1,
-              config: ModelConfig | None = None) -> "CostModel":
+              config: ModelConfig | None = None, ep: int = 1) -> "CostModel":
         rows = profile.layers
         return cls(profile, batch, context, _prefix([r.weight_bytes for r in rows]),
                    _prefix([r.kv_bytes_per_token for r in rows]),
                    _prefix([r.matmul_flops_per_token for r in rows]),
                    _prefix([r.attn_flops_per_ctx_token for r in rows]), tp,
                    tp_kv_share(config, tp),
-                   tp_extra_layer_bytes(config, tp, profile.bytes_per_param))
+                   tp_extra_layer_bytes(config, tp, profile.bytes_per_param),
+                   _prefix([r.expert_bytes for r in rows]), ep)
+
+    def _expert_bytes(self, s: int, e: int) -> int:
+        return self.experts[e] - self.experts[s] if self.experts else 0
+
+    def _layer_weights(self, s: int, e: int, tp: int, extra_layer_bytes: float,
+                       tokens: int | None = None) -> float:
+        """Weights of layers [s, e) on one device: the dense part / tp (plus what TP
+        copies), the experts / ep; ``tokens`` given: only the experts a step of that many
+        tokens touches (what a decode step reads)."""
+        experts = self._expert_bytes(s, e)
+        dense = self.weights[e] - self.weights[s] - experts
+        if experts and tokens is not None:
+            row = next(r for r in self.profile.layers[s:e] if r.num_experts)  # all alike
+            experts *= expected_experts(row.num_experts, row.experts_per_token,
+                                        tokens) / row.num_experts
+        return dense / tp + (e - s) * extra_layer_bytes + experts / self.ep
 
     # -- memory (bytes per device) --
     def weight_bytes(self, s: int, e: int, first: bool, last: bool, tp: int = 1,
@@ -153,11 +177,12 @@ class CostModel:
         """Weights on one device of the TP group; ``extra_layer_bytes`` per layer is what
         tensor parallelism replicates (k/v_proj when tp > num_kv_heads). An int for tp 1."""
         p = self.profile
-        w = self.weights[e] - self.weights[s]
-        w += (p.embed.weight_bytes if first else 0) + (p.head.weight_bytes if last else 0)
+        ends = (p.embed.weight_bytes if first else 0) + (p.head.weight_bytes if last else 0)
         if first and last:  # one stage holds both ends: a tied matrix is stored once
-            w -= p.tied_bytes
-        return w if tp == 1 and not extra_layer_bytes else w / tp + (e - s) * extra_layer_bytes
+            ends -= p.tied_bytes
+        if tp == 1 and not extra_layer_bytes and self.ep == 1:
+            return self.weights[e] - self.weights[s] + ends  # an int
+        return self._layer_weights(s, e, tp, extra_layer_bytes) + ends / tp
 
     def kv_bytes(self, s: int, e: int, seqs: int | None = None, share: float = 1.0) -> int:
         """KV cache of ``seqs`` sequences x ``context`` tokens; ``share`` is the part of
@@ -182,7 +207,7 @@ class CostModel:
         """Seconds for one decode step of ``batch`` tokens through [s, e) on a device of
         ``flops`` FLOP/s and ``bandwidth`` bytes/s (one device of a TP group of ``tp``)."""
         p, b = self.profile, self.batch if batch is None else batch
-        read = (self.weights[e] - self.weights[s]) / tp + (e - s) * extra_layer_bytes
+        read = self._layer_weights(s, e, tp, extra_layer_bytes, tokens=b)
         read += self.kv_bytes(s, e, b, kv_share)
         read += p.head.weight_bytes / tp if last else 0
         read += b * p.hidden_size * p.bytes_per_param if first else 0   # (B, D) gathered rows
@@ -203,7 +228,7 @@ class CostModel:
         """Seconds to prefill ``batch`` prompts of ``prompt_len`` tokens through [s, e):
         weights read once, the prompts' KV written once, usually compute-bound."""
         p, b = self.profile, self.batch if batch is None else batch
-        moved = (self.weights[e] - self.weights[s]) / tp + (e - s) * extra_layer_bytes
+        moved = self._layer_weights(s, e, tp, extra_layer_bytes, tokens=b * prompt_len)
         moved += (self.kv[e] - self.kv[s]) * prompt_len * b * kv_share
         moved += p.head.weight_bytes / tp if last else 0
         moved += b * prompt_len * p.hidden_size * p.bytes_per_param if first else 0

@@ -148,3 +148,60 @@ def test_gguf_quantized_stacked_experts(tmp_path, tiny_mixtrals):
         assert ck.shape(name) == (64, 96)
         assert np.array_equal(ck.get(name).numpy(), stack[e])
         assert np.array_equal(ck.get(name, (0, 16, 40)).numpy(), stack[e, 16:40])
+
+
+# ---- planning: total and active parameters, bytes, FLOPs --------------------------------
+def test_profile_mixtral_8x7b_counts():
+    """transformers' MixtralForCausalLM(MixtralConfig()) has 46,702,792,704 parameters
+    (counted on the meta device); a token uses 12.88 B of them (2 of 8 experts)."""
+    from llamadist.config import named_shape
+    from llamadist.planning.profile import format_profile_table, profile
+    p = profile(named_shape("mixtral-8x7b"))
+    assert p.total_params == 46_702_792_704
+    expert = 3 * 4096 * 14336
+    assert p.total_active_params == p.total_params - 32 * 6 * expert == 12_879_925_248
+    assert p.total_weight_bytes == 2 * p.total_params
+    assert p.total_active_weight_bytes == 2 * p.total_active_params
+    assert "active per token" in format_profile_table(p)
+    totals = p.to_dict()["totals"]
+    assert totals["active_params"] == p.total_active_params
+    assert type(p).from_json(p.to_json()) == p
+
+
+def test_profile_matches_transformers_parameter_count(tiny_mixtrals):
+    from llamadist.planning.profile import profile
+    for kind, folder in tiny_mixtrals.items():
+        cfg = ModelConfig.from_json_file(folder / "config.json")
+        with torch.device("meta"):
+            hf = transformers.MixtralForCausalLM(transformers.MixtralConfig.from_pretrained(folder))
+        p = profile(cfg, dtype="float32", seq_len=16)
+        assert p.total_params == sum(t.numel() for t in hf.parameters()), kind
+        row = p.layers[0]
+        d, f, e, k = cfg.hidden_size, cfg.intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+        attn = 2 * d * cfg.q_size + 2 * d * cfg.kv_size
+        assert row.expert_bytes == 4 * e * 3 * d * f
+        # FLOPs per token: attention projections, the router, k experts (not all e)
+        assert row.matmul_flops_per_token == 2 * (attn + d * e + k * 3 * d * f)
+
+
+def test_decode_bytes_and_budgets_count_experts():
+    """A decode step reads the routed experts only (k at batch 1, nearly all at batch 64);
+    memory budgets count every expert, divided by the expert-parallel ranks."""
+    from llamadist.config import named_shape
+    from llamadist.planning.cost import CostModel
+    from llamadist.planning.profile import decode_step_bytes, expected_experts, profile
+    p = profile(named_shape("mixtral-8x7b"))
+    per_expert = p.layers[0].expert_bytes / 8
+    assert expected_experts(8, 2, 1) == 2 and expected_experts(8, 2, 64) == pytest.approx(8)
+    one = decode_step_bytes(p, 1, 0)
+    assert one == pytest.approx(p.total_active_weight_bytes - p.embed.weight_bytes
+                                + 4096 * 2)  # routed weights + head + one embedding row
+    assert decode_step_bytes(p, 64, 0) - one == pytest.approx(
+        32 * 6 * per_expert + 63 * 4096 * 2, rel=1e-6)
+    whole = CostModel.build(p, 1, 1024).weight_bytes(0, 32, True, True)
+    assert whole == p.total_weight_bytes
+    half = CostModel.build(p, 1, 1024, ep=2).weight_bytes(0, 32, True, True)
+    assert half == pytest.approx(whole - 32 * 4 * per_expert)
+    # tensor parallelism keeps experts whole on each rank (llamadist.parallel.tensor)
+    tp2 = CostModel.build(p, 1, 1024, tp=2).weight_bytes(0, 32, True, True, tp=2)
+    assert tp2 == pytest.approx((whole - 32 * 8 * per_expert) / 2 + 32 * 8 * per_expert)
