@@ -22,7 +22,7 @@ and computes them with nn.Linear; a grouped-GEMM kernel is a pass's business.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -60,15 +60,17 @@ class Expert(nn.Module):
 
 class SparseMoE(nn.Module):
     """Route each token to ``top_k`` of ``num_experts`` experts; sum their outputs weighted
-    by the router. ``experts`` holds every expert here; a pass may keep only some."""
+    by the router. ``experts``: the global indices held (default all); a module holding
+    some returns the part of the sum its experts contribute."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, experts: Sequence[int] | None = None):
         super().__init__()
         d, e = config.hidden_size, config.num_experts
         self.num_experts, self.top_k = e, config.num_experts_per_tok
         self.gate = nn.Linear(d, e, bias=False)  # the router: (N, D) -> (N, E)
+        held = range(e) if experts is None else experts
         self.experts = nn.ModuleDict({str(i): Expert(d, config.intermediate_size)
-                                      for i in range(e)})
+                                      for i in held})
         self.routing: Routing = ROUTINGS[config.routing]
         # A module added to every token's output (Qwen2-MoE / DeepSeek style); none in
         # Mixtral. Its weights would load under its own HF name like any module.
