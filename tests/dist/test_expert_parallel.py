@@ -29,7 +29,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [40, 41, 300, 7, 9, 200,
 
 
 # ---- the in-test driver (runs inside each spawned rank) ----------------------
-def _build(job: dict, rank: int, world: int, group, lanes: int = 1):
+def _build(job: dict, rank: int, world: int, groups, lanes: int = 1):
     from llamadist.parallel.expert import expert_parallel_pass
     from llamadist.parallel.tensor import tensor_parallel_pass
     from llamadist.runtime.stage import build_stage
@@ -38,9 +38,10 @@ def _build(job: dict, rank: int, world: int, group, lanes: int = 1):
     cfg = ckpt.config
     kw: dict = {}
     if job.get("tp"):  # attention tensor-parallel, experts expert-parallel, same ranks
-        kw = tensor_parallel_pass(cfg, group, rank, world)
-    kw.update(expert_parallel_pass(cfg, group, rank, world, job.get("dispatch", "replicated"),
-                                   before=kw.get("prepare")))
+        kw = tensor_parallel_pass(cfg, groups.tp.device_group, rank, world)
+    ep = groups.ep
+    kw.update(expert_parallel_pass(cfg, ep.device_group, ep.rank_in_group, ep.world_size,
+                                   job.get("dispatch", "replicated"), before=kw.get("prepare")))
     stage = build_stage(ckpt, range(cfg.num_layers), "cpu", torch.float32, 2, MAX_SEQ,
                         lanes=lanes, **kw)
     return ckpt, stage
@@ -55,8 +56,8 @@ def _decode(stage, last: torch.Tensor, pos: int) -> list[int]:
     return out
 
 
-def _stage_job(job: dict, rank: int, world: int, group) -> dict:
-    ckpt, stage = _build(job, rank, world, group)
+def _stage_job(job: dict, rank: int, world: int, groups) -> dict:
+    ckpt, stage = _build(job, rank, world, groups)
     # "gather": each rank serves its own prompt (data-parallel attention)
     prompt = PROMPTS[rank % 2] if job.get("dispatch") == "gather" else PROMPTS[0]
     ids, t = torch.tensor([prompt]), len(prompt)
@@ -68,14 +69,14 @@ def _stage_job(job: dict, rank: int, world: int, group) -> dict:
             "reads": [n for n, *_ in ckpt.reads], "experts": sorted(map(int, moe.experts))}
 
 
-def _engine_job(job: dict, rank: int, world: int, group) -> dict:
+def _engine_job(job: dict, rank: int, world: int, groups) -> dict:
     """Two prompts batched continuously by the paged engine on every rank in lockstep
     (the scheduler is deterministic, so every rank runs the same steps)."""
     from llamadist.config import RuntimeConfig
     from llamadist.engine.engine import LLMEngine
     from llamadist.generation.sampling import SamplingParams
     from llamadist.runtime.engine import Engine
-    ckpt, stage = _build(job, rank, world, group, lanes=0)
+    ckpt, stage = _build(job, rank, world, groups, lanes=0)
     runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=2)
     llm = LLMEngine(Engine(ckpt.config, [stage], ckpt, runtime), None, runtime)
     reqs, steps = llm.submit(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
@@ -85,13 +86,19 @@ def _engine_job(job: dict, rank: int, world: int, group) -> dict:
 
 
 def _worker(rank: int, world: int, store: str, jobs: list[dict], out_dir: str) -> None:
+    from llamadist.distributed.groups import DistContext, ParallelGroups
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        group = dist.new_group(list(range(world)))  # the EP group, passed explicitly
+        # One stage: world 2 is tp=2 (EP over the TP ranks), world 4 is dp=4 (EP over the
+        # replicas); either way the ep group is all ranks, passed explicitly.
+        ctx = DistContext(rank, world, rank, torch.device("cpu"), "gloo")
+        tp = 2 if world == 2 else 1
+        groups = ParallelGroups(ctx, pp=1, tp=tp, dp=world // tp, expert_parallel=True)
+        assert groups.ep.ranks == list(range(world))
         for job in jobs:
             run = _engine_job if job.get("engine") else _stage_job
-            torch.save(run(job, rank, world, group), Path(out_dir) / f"{job['name']}.{rank}.pt")
+            torch.save(run(job, rank, world, groups), Path(out_dir) / f"{job['name']}.{rank}.pt")
     finally:
         dist.destroy_process_group()
 
