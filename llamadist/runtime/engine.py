@@ -41,6 +41,12 @@ class Engine:
         # so tests can compare paths on one engine.
         self.cuda_graphs = self.runtime.cuda_graphs and any(s.device.type == "cuda"
                                                             for s in stages)
+        if self.cuda_graphs and config.is_moe:
+            # The MoE block gathers each expert's tokens (data-dependent shapes), which a
+            # CUDA graph cannot capture; MoE decode runs eagerly until a grouped-GEMM
+            # kernel with static shapes replaces the expert loop.
+            log.info("mixture-of-experts model: decoding without CUDA graphs")
+            self.cuda_graphs = False
         self.compile_layers = self.runtime.compile
         self._graphs = None
         self._paged_graphs = None

@@ -205,3 +205,14 @@ def test_decode_bytes_and_budgets_count_experts():
     # tensor parallelism keeps experts whole on each rank (llamadist.parallel.tensor)
     tp2 = CostModel.build(p, 1, 1024, tp=2).weight_bytes(0, 32, True, True, tp=2)
     assert tp2 == pytest.approx((whole - 32 * 8 * per_expert) / 2 + 32 * 8 * per_expert)
+
+
+def test_moe_decodes_without_cuda_graphs(tiny_mixtrals):
+    """The expert loop has data-dependent shapes: a CUDA stage of an MoE model decodes
+    eagerly (a dense model on the same stage keeps its graphs)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+    cfg = ModelConfig.from_json_file(tiny_mixtrals["moe_top1"] / "config.json")
+    on_cuda = [SimpleNamespace(device=torch.device("cuda"))]  # only .device is read here
+    assert Engine(cfg, on_cuda).cuda_graphs is False
+    assert Engine(replace(cfg, num_experts=0, num_experts_per_tok=0), on_cuda).cuda_graphs
