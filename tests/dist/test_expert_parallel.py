@@ -4,7 +4,8 @@ with the pass of llamadist.parallel.expert) and through the continuous-batching 
 
 Two spawns: a world of 2 (ep 2 with 4 experts and with 3 uneven experts, ep 2 with
 tensor-parallel attention on the same ranks, ep 2 "gather" dispatch with a different
-prompt on each rank, and the paged engine), a world of 4 (ep 4 with 8 and 4 experts).
+prompt on each rank, the paged engine, and a model cut into two pipeline stages), a world
+of 4 (ep 4 with 8 and 4 experts).
 Tolerance: 1e-4 max abs logit difference in float32 (the reduce only reorders sums).
 """
 
@@ -29,7 +30,8 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16], [40, 41, 300, 7, 9, 200,
 
 
 # ---- the in-test driver (runs inside each spawned rank) ----------------------
-def _build(job: dict, rank: int, world: int, groups, lanes: int = 1):
+def _build(job: dict, rank: int, world: int, groups, lanes: int = 1,
+           layers: range | None = None):
     from llamadist.parallel.expert import expert_parallel_pass
     from llamadist.parallel.tensor import tensor_parallel_pass
     from llamadist.runtime.stage import build_stage
@@ -42,8 +44,8 @@ def _build(job: dict, rank: int, world: int, groups, lanes: int = 1):
     ep = groups.ep
     kw.update(expert_parallel_pass(cfg, ep.device_group, ep.rank_in_group, ep.world_size,
                                    job.get("dispatch", "replicated"), before=kw.get("prepare")))
-    stage = build_stage(ckpt, range(cfg.num_layers), "cpu", torch.float32, 2, MAX_SEQ,
-                        lanes=lanes, **kw)
+    layers = range(cfg.num_layers) if layers is None else layers
+    stage = build_stage(ckpt, layers, "cpu", torch.float32, 2, MAX_SEQ, lanes=lanes, **kw)
     return ckpt, stage
 
 
@@ -67,6 +69,34 @@ def _stage_job(job: dict, rank: int, world: int, groups) -> dict:
     moe = stage.model.model.layers["0"].block_sparse_moe
     return {"prefill": prefill[0].clone(), "greedy": greedy, "prompt": prompt,
             "reads": [n for n, *_ in ckpt.reads], "experts": sorted(map(int, moe.experts))}
+
+
+class _TwoStages:
+    """Layers [0, 1) then [1, L): a pipeline cut, each stage expert-parallel on its own
+    (both in this process; the hidden state passes between them directly)."""
+
+    def __init__(self, first, second):
+        self.stages = (first, second)
+
+    def forward(self, x, positions, start, mask, logits="last"):
+        h = self.stages[0].forward(x, positions, start, mask)  # (B, T, D) hidden
+        return self.stages[1].forward(h, positions, start, mask, logits=logits)
+
+
+def _pipeline_job(job: dict, rank: int, world: int, groups) -> dict:
+    ckpt, first = _build(job, rank, world, groups, layers=range(1))
+    ckpt2, second = _build(job, rank, world, groups, layers=range(1, ckpt.config.num_layers))
+    assert first.model.has_embed and not first.model.has_head and second.model.has_head
+    pipe = _TwoStages(first, second)
+    prompt = PROMPTS[0]
+    ids, t = torch.tensor([prompt]), len(prompt)
+    with torch.inference_mode():
+        prefill = pipe.forward(ids, torch.arange(t).view(1, t), 0, None, logits="all")
+        greedy = _decode(pipe, prefill[:, -1], t)
+    moe = second.model.model.layers["1"].block_sparse_moe
+    return {"prefill": prefill[0].clone(), "greedy": greedy, "prompt": prompt,
+            "reads": [n for n, *_ in ckpt.reads + ckpt2.reads],
+            "experts": sorted(map(int, moe.experts))}
 
 
 def _engine_job(job: dict, rank: int, world: int, groups) -> dict:
@@ -97,7 +127,8 @@ def _worker(rank: int, world: int, store: str, jobs: list[dict], out_dir: str) -
         groups = ParallelGroups(ctx, pp=1, tp=tp, dp=world // tp, expert_parallel=True)
         assert groups.ep.ranks == list(range(world))
         for job in jobs:
-            run = _engine_job if job.get("engine") else _stage_job
+            run = {"engine": _engine_job, "pipeline": _pipeline_job}.get(job.get("kind"),
+                                                                          _stage_job)
             torch.save(run(job, rank, world, groups), Path(out_dir) / f"{job['name']}.{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -141,7 +172,8 @@ def ep2(tiny_mixtrals, tmp_path_factory):
             {"name": "uneven", "folder": f["moe_e3_tied"]},
             {"name": "tp_ep", "folder": f["moe_top2_gqa"], "tp": True},
             {"name": "gather", "folder": f["moe_top1"], "dispatch": "gather"},
-            {"name": "engine", "folder": f["moe_top1"], "engine": True}]
+            {"name": "engine", "folder": f["moe_top1"], "kind": "engine"},
+            {"name": "pipeline", "folder": f["moe_top2_gqa"], "kind": "pipeline"}]
     return run_ep(2, jobs, tmp_path_factory.mktemp("ep2"))
 
 
@@ -190,6 +222,12 @@ def test_ep2_matches_one_process(name, kind, experts, ep2, refs):
 def test_ep2_with_tensor_parallel_attention(ep2, refs):
     _check(ep2["tp_ep"], refs, "moe_top2_gqa")
     _check_reads(ep2["tp_ep"], 4)
+
+
+def test_ep2_on_two_pipeline_stages(ep2, refs):
+    """Layers [0, 1) and [1, 3) as two stages, each with its own EP pass."""
+    _check(ep2["pipeline"], refs, "moe_top2_gqa")
+    _check_reads(ep2["pipeline"], 4)
 
 
 def test_ep2_gather_dispatch_different_tokens_per_rank(ep2, refs):

@@ -114,8 +114,11 @@ def test_cli_generate_equals_transformers(capsys, tiny_mixtrals):
     got, ref = row["token_ids"], hf_greedy(hf, row["prompt_token_ids"])
     assert got == ref[:len(got)]  # the CLI stops at EOS (id 2); transformers was told not to
     assert len(got) == 32 or (got[-1] == 2 and 2 not in got[:-1])
-    # a pipeline cut through the MoE layers gives the same tokens
+    # a pipeline cut through the MoE layers, and PyTorch instead of the C kernels, give
+    # the same tokens
     assert main(base + ["--devices", "cpu,cpu", "--boundaries", "0:1,1:2"]) == 0
+    assert json.loads(capsys.readouterr().out)["token_ids"] == row["token_ids"]
+    assert main(base + ["--no-cpu-kernels"]) == 0
     assert json.loads(capsys.readouterr().out)["token_ids"] == row["token_ids"]
 
 
@@ -133,6 +136,21 @@ def test_gguf_round_trip_same_tokens(tmp_path, tiny_mixtrals):
     a, _ = LLM(str(folder), max_seq_len=128).run([prompt], params)
     b, _ = LLM(str(path), max_seq_len=128).run([prompt], params)
     assert len(a[0].output_ids) == 32 and a[0].output_ids == b[0].output_ids
+
+
+def test_gguf_converts_back_to_a_mixtral_folder(tmp_path, tiny_mixtrals):
+    """convert_gguf_to_hf writes a folder transformers loads as MixtralForCausalLM, with
+    the original logits."""
+    from llamadist.weights.gguf import convert_gguf_to_hf
+    folder = tiny_mixtrals["moe_top2_gqa"]
+    out = convert_gguf_to_hf(write_mixtral_gguf(folder, tmp_path / "m.gguf"), tmp_path / "hf",
+                             progress=False)
+    a = transformers.MixtralForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    b = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(b).__name__ == "MixtralForCausalLM"
+    ids = torch.arange(5, 25).view(1, -1)
+    with torch.no_grad():
+        assert (a(ids).logits - b(ids).logits).abs().max().item() <= 1e-5
 
 
 def test_gguf_quantized_stacked_experts(tmp_path, tiny_mixtrals):
@@ -216,3 +234,36 @@ def test_moe_decodes_without_cuda_graphs(tiny_mixtrals):
     on_cuda = [SimpleNamespace(device=torch.device("cuda"))]  # only .device is read here
     assert Engine(cfg, on_cuda).cuda_graphs is False
     assert Engine(replace(cfg, num_experts=0, num_experts_per_tok=0), on_cuda).cuda_graphs
+
+
+# ---- the block's extension points ------------------------------------------------------
+def test_shared_expert_and_routing_are_replaceable(tiny_mixtrals):
+    """A shared expert is added to every token and a routing rule is a plain function:
+    other MoE families fit the block without rewriting it."""
+    from llamadist.model.moe import Expert, SparseMoE
+    cfg = ModelConfig.from_json_file(tiny_mixtrals["moe_top2_gqa"] / "config.json")
+    torch.manual_seed(0)
+    moe = SparseMoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(2, 5, cfg.hidden_size)
+    with torch.no_grad():
+        base = moe(x)
+        # by hand: softmax over 4 experts, top 2 renormalised
+        probs = torch.softmax(moe.gate(x), -1)
+        w, i = probs.topk(2, -1)
+        w = w / w.sum(-1, keepdim=True)
+        want = sum(w[..., j, None] * torch.stack([moe.experts[str(int(e))](t)
+                                                  for t, e in zip(x.reshape(-1, x.shape[-1]),
+                                                                  i[..., j].flatten())])
+                   .view_as(x) for j in range(2))
+        assert (base - want).abs().max().item() < 1e-5
+        moe.shared_expert = Expert(cfg.hidden_size, 32)
+        shared = moe.shared_expert(x)
+        assert (moe(x) - base - shared).abs().max().item() < 1e-6
+        moe.shared_expert = None
+        moe.routing = lambda logits, k: (torch.ones(logits.shape[0], 1), logits.argmax(-1, True))
+        top1 = moe(x)
+        first = moe.experts["0"](x)
+        mask = (moe.gate(x).argmax(-1) == 0)
+        assert (top1[mask] - first[mask]).abs().max().item() < 1e-6
