@@ -75,6 +75,9 @@ class SparseMoE(nn.Module):
         # A module added to every token's output (Qwen2-MoE / DeepSeek style); none in
         # Mixtral. Its weights would load under its own HF name like any module.
         self.shared_expert: nn.Module | None = None
+        # Tokens routed to each expert, (E,) long, while a caller counts (count_routing);
+        # None: not counted.
+        self.routed: torch.Tensor | None = None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> top-k weights (N, k) float32 and expert indices (N, k). The
@@ -98,12 +101,32 @@ class SparseMoE(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, D): every token of the batch
         weights, index = self.route(x2)
+        self.count(index)
         out = self.expert_sum(x2, weights, index)
         if self.shared_expert is not None:
             out = out + self.shared_expert(x2)
         return out.view(shape)
 
-    def expert_counts(self, x: torch.Tensor) -> torch.Tensor:
-        """Tokens routed to each expert for x (..., D): (E,) long (load statistics)."""
-        _, index = self.route(x.reshape(-1, x.shape[-1]))
-        return torch.bincount(index.flatten(), minlength=self.num_experts)
+    def count(self, index: torch.Tensor) -> None:
+        """Add a step's routing (N, k) to ``routed`` when counting."""
+        if self.routed is not None:
+            self.routed += torch.bincount(index.flatten(), minlength=self.num_experts)
+
+
+def count_routing(model: nn.Module) -> None:
+    """Start (or restart from zero) counting the tokens routed to each expert in every
+    SparseMoE of ``model``."""
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            module.routed = torch.zeros(module.num_experts, dtype=torch.long,
+                                        device=module.gate.weight.device)
+
+
+def routing_counts(model: nn.Module) -> dict[int, list[int]]:
+    """{global layer index: tokens routed to each expert} of the counting SparseMoEs of a
+    model (``model.layers.{i}.block_sparse_moe``); {} when none counts."""
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SparseMoE) and module.routed is not None:
+            out[int(name.split("layers.")[1].split(".")[0])] = module.routed.tolist()
+    return out

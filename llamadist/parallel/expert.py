@@ -78,6 +78,7 @@ class ExpertParallelMoE(SparseMoE):
             out = self._gather_forward(x2)
         else:
             weights, index = self.route(x2)  # the same on every rank
+            self.count(index)
             out = self.expert_sum(x2, weights, index)  # (N, D) partial: this rank's experts
             dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.group)
         if self.shared_expert is not None:  # replicated: added once, after the reduce
@@ -96,6 +97,7 @@ class ExpertParallelMoE(SparseMoE):
         dist.all_gather(parts, F.pad(x2, (0, 0, 0, width - x2.shape[0])), group=self.group)
         tokens = torch.cat([p[:c] for p, c in zip(parts, counts)])  # (sum N_r, D)
         weights, index = self.route(tokens)
+        self.count(index)  # every rank counts every rank's tokens
         partial = self.expert_sum(tokens, weights, index)  # (sum N_r, D)
         # Back into equal-width per-rank blocks for the reduce-scatter; trim the padding.
         blocks = list(partial.split(counts))

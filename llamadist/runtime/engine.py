@@ -165,5 +165,13 @@ class Engine:
         return self._paged_graphs
 
     def stage_stats(self) -> list[dict]:
-        return [dict(stage=i, layers=[s.layers.start, s.layers.stop], device=str(s.device),
-                     **s.stats.to_dict()) for i, s in enumerate(self.stages)]
+        """Per stage: layers, device, timings; with ``expert_load`` (tokens routed to each
+        expert per MoE layer, keyed by layer index) for a mixture-of-experts model."""
+        out = []
+        for i, s in enumerate(self.stages):
+            d = dict(stage=i, layers=[s.layers.start, s.layers.stop], device=str(s.device),
+                     **s.stats.to_dict())
+            if self.config.is_moe:
+                d["expert_load"] = {str(k): v for k, v in s.expert_load().items()}
+            out.append(d)
+        return out

@@ -112,7 +112,7 @@ def _engine_job(job: dict, rank: int, world: int, groups) -> dict:
     reqs, steps = llm.submit(PROMPTS, SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True))
     for _ in steps:
         pass
-    return {"tokens": [r.output_ids for r in reqs]}
+    return {"tokens": [r.output_ids for r in reqs], "load": stage.expert_load()}
 
 
 def _worker(rank: int, world: int, store: str, jobs: list[dict], out_dir: str) -> None:
@@ -240,6 +240,9 @@ def test_ep2_gather_dispatch_different_tokens_per_rank(ep2, refs):
 def test_ep2_inside_the_paged_engine(ep2, refs):
     want = [refs[("moe_top1", i)]["tokens"] for i in range(2)]
     assert [r["tokens"] for r in ep2["engine"]] == [want, want]
+    # every rank routes (and counts) every token: 21 prompt + 2 x 15 decoded, top-1
+    loads = [r["load"] for r in ep2["engine"]]
+    assert loads[0] == loads[1] and all(sum(v) == 51 for v in loads[0].values())
 
 
 @pytest.mark.parametrize("name,kind,n", [("top1", "moe_top1", 8), ("top2", "moe_top2_gqa", 4)])

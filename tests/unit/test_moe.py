@@ -267,3 +267,16 @@ def test_shared_expert_and_routing_are_replaceable(tiny_mixtrals):
         first = moe.experts["0"](x)
         mask = (moe.gate(x).argmax(-1) == 0)
         assert (top1[mask] - first[mask]).abs().max().item() < 1e-6
+
+
+def test_bench_reports_expert_load(capsys, tiny_mixtrals):
+    """Tokens routed per expert per layer, counted over the timed run only: every
+    prompt token and every decoded token goes to k experts in each layer."""
+    folder = tiny_mixtrals["moe_top2_gqa"]
+    assert main(["bench", str(folder), "--batch", "2", "--prompt-len", "16", "--gen-len", "5",
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    load = report["stages"][0]["expert_load"]
+    assert sorted(load) == ["0", "1", "2"] and all(len(v) == 4 for v in load.values())
+    routed = (report["prompt_tokens"] + 2 * (5 - 1)) * 2  # top-2
+    assert all(sum(v) == routed for v in load.values())
