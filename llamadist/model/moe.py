@@ -89,12 +89,20 @@ class SparseMoE(nn.Module):
         """sum_j weights[n, j] * expert[index[n, j]](x[n]) over the experts this module
         holds (every expert, or a pass's share of them): (N, D) in x's dtype."""
         out = torch.zeros_like(x)
-        for key, expert in self.experts.items():
-            rows, slot = torch.where(index == int(key))  # tokens routed to this expert
-            if rows.numel() == 0:
-                continue
-            y = expert(x[rows]) * weights[rows, slot, None]  # (n_e, D) float32
-            out.index_add_(0, rows, y.to(x.dtype))
+        flat = index.flatten()  # (N*k,) one assignment per (token, slot), token-major
+        order = flat.argsort(stable=True)  # assignments grouped by expert
+        rows = order // index.shape[1]  # (N*k,) the token of each assignment
+        w = weights.flatten()[order]  # (N*k,) float32
+        # One host sync for every expert's count, instead of one per expert.
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        start = 0
+        for e, n in enumerate(counts):
+            expert = self.experts[str(e)] if n and str(e) in self.experts else None
+            if expert is not None:
+                r = rows[start:start + n]  # (n_e,) distinct tokens: top-k experts differ
+                y = expert(x[r]) * w[start:start + n, None]  # (n_e, D) float32
+                out.index_add_(0, r, y.to(x.dtype))
+            start += n
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
