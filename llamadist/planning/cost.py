@@ -66,6 +66,18 @@ class Link:
         steps = 2 * (ranks - 1)
         return steps * self.latency_s + steps / ranks * nbytes / self.bandwidth
 
+    def all_to_all_s(self, nbytes: float, ranks: int) -> float:
+        """``nbytes`` leave each rank, spread evenly over the ranks (its own share stays):
+        pairwise exchange, (p - 1) steps of n / p bytes."""
+        if ranks <= 1:
+            return 0.0
+        steps = ranks - 1
+        return steps * self.latency_s + steps / ranks * nbytes / self.bandwidth
+
+    def reduce_scatter_s(self, nbytes: float, ranks: int) -> float:
+        """``nbytes`` is the full (reduced) size; each rank ends with 1 / ranks of it."""
+        return self.all_gather_s(nbytes, ranks)
+
     def all_gather_s(self, nbytes: float, ranks: int) -> float:
         """``nbytes`` is the gathered (full) size; each rank contributes 1 / ranks."""
         if ranks <= 1:
@@ -272,6 +284,33 @@ def tp_comm_time(profile: ModelProfile, layers: int, first: bool, last: bool, ba
     if last:
         t += link.all_gather_s(batch * profile.vocab_size * profile.bytes_per_param, tp)
     return t
+
+
+def ep_comm_time(profile: ModelProfile, layers: int, batch: int, ep: int, link: Link,
+                 dispatch: str = "replicated") -> float:
+    """Expert-parallel collectives of one decode step of ``batch`` tokens per rank through
+    ``layers`` MoE layers (llamadist.parallel.expert's dispatches, and the all-to-all one
+    would use):
+
+    replicated  every rank holds the same B tokens: one all-reduce of (B, D) per layer
+    gather      each rank its own B tokens: all-gather (ep B, D), reduce-scatter back
+    all_to_all  each token's hidden state to its k experts' ranks and the k results back:
+                two all-to-alls of (B k, D) per layer (not implemented in the runtime)
+    """
+    if ep <= 1 or not profile.is_moe:
+        return 0.0
+    row = next(r for r in profile.layers if r.num_experts)
+    hidden = batch * profile.hidden_size * profile.bytes_per_param
+    if dispatch == "replicated":
+        per_layer = link.all_reduce_s(hidden, ep)
+    elif dispatch == "gather":
+        per_layer = link.all_gather_s(ep * hidden, ep) + link.reduce_scatter_s(ep * hidden, ep)
+    elif dispatch == "all_to_all":
+        per_layer = 2 * link.all_to_all_s(hidden * row.experts_per_token, ep)
+    else:
+        raise PlanningError(f"unknown dispatch {dispatch!r}; choose replicated, gather or "
+                            f"all_to_all")
+    return layers * per_layer
 
 
 def send_time(profile: ModelProfile, batch: int, link: Link) -> float:

@@ -280,3 +280,31 @@ def test_bench_reports_expert_load(capsys, tiny_mixtrals):
     assert sorted(load) == ["0", "1", "2"] and all(len(v) == 4 for v in load.values())
     routed = (report["prompt_tokens"] + 2 * (5 - 1)) * 2  # top-2
     assert all(sum(v) == routed for v in load.values())
+
+
+def test_plans_count_experts_per_ep_rank_and_ep_collectives():
+    """Two devices whose budgets hold Mixtral 8x7B's stages only when each holds half the
+    experts; the EP collectives by the alpha-beta model."""
+    from llamadist.config import named_shape
+    from llamadist.planning.cost import LINKS, ep_comm_time
+    from llamadist.planning.devices import DeviceSpec
+    from llamadist.planning.profile import profile
+    from llamadist.planning.strategies import make_plan
+    from llamadist.planning.units import PlanningError
+    cfg = named_shape("mixtral-8x7b")
+    p = profile(cfg, seq_len=1024)
+    gpu = DeviceSpec("cuda:0", 30 * 2**30, 1.0, "gpu", 1e15, 4e12)  # 30 GiB: < 87 GiB / 2
+    with pytest.raises(PlanningError):
+        make_plan(p, [gpu, gpu], "memory", max_seq_len=1024, config=cfg)
+    plan = make_plan(p, [gpu, gpu], "memory", max_seq_len=1024, config=cfg, ep=4)
+    expert = p.layers[0].expert_bytes
+    assert sum(s.weight_bytes for s in plan.stages) == pytest.approx(
+        p.total_weight_bytes - 32 * expert * 3 / 4, rel=1e-9)
+    link = LINKS["nvlink"]
+    hidden = 8 * 4096 * 2
+    assert ep_comm_time(p, 32, 8, 1, link) == 0.0
+    assert ep_comm_time(p, 32, 8, 4, link) == pytest.approx(32 * link.all_reduce_s(hidden, 4))
+    a2a = ep_comm_time(p, 32, 8, 4, link, "all_to_all")
+    assert a2a == pytest.approx(32 * 2 * link.all_to_all_s(2 * hidden, 4))
+    gather = ep_comm_time(p, 32, 8, 4, link, "gather")
+    assert gather > ep_comm_time(p, 32, 8, 4, link)  # 4x the tokens cross, twice
