@@ -53,9 +53,14 @@ class Expert(nn.Module):
         self.w1 = nn.Linear(dim, inter, bias=False)  # gate
         self.w2 = nn.Linear(inter, dim, bias=False)  # down
         self.w3 = nn.Linear(dim, inter, bias=False)  # up
+        self.w13: nn.Linear | None = None  # w1 | w3 in one matmul, set by llamadist.model.fuse
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        if self.w13 is not None:
+            gate, up = self.w13(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.w1(x), self.w3(x)
+        return self.w2(F.silu(gate) * up)
 
 
 class SparseMoE(nn.Module):

@@ -72,6 +72,8 @@ def test_mixtral_config_errors(tiny_mixtrals):
 def test_logits_match_transformers(pair):
     folder, hf = pair
     ours = Engine.load(str(folder), max_seq_len=128, max_batch=2)
+    expert = ours.stages[0].model.model.layers["0"].block_sparse_moe.experts["0"]
+    assert expert.w13 is not None  # the fused w1|w3 path (llamadist.model.fuse) is tested
     torch.manual_seed(1)
     ids = torch.randint(3, hf.config.vocab_size, (2, 40))
     with torch.no_grad():
