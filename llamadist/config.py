@@ -104,6 +104,7 @@ class ModelConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"config.json holds a {type(d).__name__}, not an object")
         _check_architecture(d)
+        moe = _moe_fields(d)
         try:
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
@@ -138,7 +139,7 @@ class ModelConfig:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
-                **_moe_fields(d),
+                **moe,
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
@@ -222,14 +223,17 @@ def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
     shorter than the context would change attention, which we do not implement."""
     if d.get("model_type") != "mixtral" and "MixtralForCausalLM" not in (d.get("architectures") or []):
         return {}
-    window, context = d.get("sliding_window"), int(d.get("max_position_embeddings", 2048))
-    if window is not None and int(window) < context:
+    window, context = d.get("sliding_window"), d.get("max_position_embeddings", 2048)
+    if isinstance(window, int) and isinstance(context, int) and window < context:
         raise ConfigError(f"sliding_window={window} is shorter than the context of {context} "
                           f"positions; llamadist's attention has no sliding window")
     if d.get("shared_expert_intermediate_size") or d.get("n_shared_experts"):
         raise ConfigError("a shared expert in a Mixtral config is not supported")
-    return dict(num_experts=int(d.get("num_local_experts", 8)),
-                num_experts_per_tok=int(d.get("num_experts_per_tok", 2)))
+    experts, k = d.get("num_local_experts", 8), d.get("num_experts_per_tok", 2)
+    if not (isinstance(experts, int) and isinstance(k, int)):
+        raise ConfigError(f"config.json: num_local_experts={experts!r} and "
+                          f"num_experts_per_tok={k!r} must be integers")
+    return dict(num_experts=experts, num_experts_per_tok=k)
 
 
 def gpu_flags(devices: str | list[str]) -> list[bool]:

@@ -66,6 +66,8 @@ def test_mixtral_config_errors(tiny_mixtrals):
     assert ModelConfig.from_hf_dict({**d, "sliding_window": 4096}).is_moe  # >= context: none
     with pytest.raises(ConfigError, match="num_experts_per_tok=9"):
         ModelConfig.from_hf_dict({**d, "num_experts_per_tok": 9})
+    with pytest.raises(ConfigError, match="num_local_experts=None"):
+        ModelConfig.from_hf_dict({**d, "num_local_experts": None})
 
 
 # ---- the model against transformers ----------------------------------------------------
