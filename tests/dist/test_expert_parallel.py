@@ -99,6 +99,28 @@ def _pipeline_job(job: dict, rank: int, world: int, groups) -> dict:
             "experts": sorted(map(int, moe.experts))}
 
 
+def _module_job(job: dict, rank: int, world: int, groups) -> dict:
+    """The gather dispatch at the module level with uneven token counts, one rank with
+    none (a data-parallel replica with nothing to do still joins the collectives)."""
+    from llamadist.model.moe import SparseMoE
+    from llamadist.parallel.expert import ExpertParallelMoE, expert_shares
+    cfg = ModelConfig.from_json_file(Path(job["folder"]) / "config.json")
+    torch.manual_seed(0)  # the same full block on every rank
+    full = SparseMoE(cfg)
+    for p in full.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    x = torch.randn(5, cfg.hidden_size)  # the same 5 tokens on every rank
+    ep = groups.ep
+    part = ExpertParallelMoE(cfg, expert_shares(cfg.num_experts, ep.world_size)[ep.rank_in_group],
+                             ep.device_group, "gather")
+    loaded = part.load_state_dict(full.state_dict(), strict=False)  # its experts, the router
+    assert not loaded.missing_keys
+    mine = x[:3] if rank == 0 else x[3:3]  # rank 0: 3 tokens, rank 1: none
+    with torch.no_grad():
+        return {"got": part(mine.unsqueeze(0)), "want": full(mine.unsqueeze(0)),
+                "held": sorted(map(int, part.experts))}
+
+
 def _engine_job(job: dict, rank: int, world: int, groups) -> dict:
     """Two prompts batched continuously by the paged engine on every rank in lockstep
     (the scheduler is deterministic, so every rank runs the same steps)."""
@@ -127,8 +149,8 @@ def _worker(rank: int, world: int, store: str, jobs: list[dict], out_dir: str) -
         groups = ParallelGroups(ctx, pp=1, tp=tp, dp=world // tp, expert_parallel=True)
         assert groups.ep.ranks == list(range(world))
         for job in jobs:
-            run = {"engine": _engine_job, "pipeline": _pipeline_job}.get(job.get("kind"),
-                                                                          _stage_job)
+            run = {"engine": _engine_job, "pipeline": _pipeline_job,
+                   "module": _module_job}.get(job.get("kind"), _stage_job)
             torch.save(run(job, rank, world, groups), Path(out_dir) / f"{job['name']}.{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -173,7 +195,8 @@ def ep2(tiny_mixtrals, tmp_path_factory):
             {"name": "tp_ep", "folder": f["moe_top2_gqa"], "tp": True},
             {"name": "gather", "folder": f["moe_top1"], "dispatch": "gather"},
             {"name": "engine", "folder": f["moe_top1"], "kind": "engine"},
-            {"name": "pipeline", "folder": f["moe_top2_gqa"], "kind": "pipeline"}]
+            {"name": "pipeline", "folder": f["moe_top2_gqa"], "kind": "pipeline"},
+            {"name": "module", "folder": f["moe_top2_gqa"], "kind": "module"}]
     return run_ep(2, jobs, tmp_path_factory.mktemp("ep2"))
 
 
@@ -235,6 +258,15 @@ def test_ep2_gather_dispatch_different_tokens_per_rank(ep2, refs):
     reduce-scatter gives each the one-process result for its own prompt."""
     assert [r["prompt"] for r in ep2["gather"]] == PROMPTS
     _check(ep2["gather"], refs, "moe_top1")
+
+
+def test_ep2_gather_uneven_and_empty_ranks(ep2):
+    res = ep2["module"]
+    assert [r["held"] for r in res] == [[0, 1], [2, 3]]
+    got, want = res[0]["got"], res[0]["want"]
+    assert got.shape == (1, 3, 64) and got.abs().max().item() > 0
+    assert (got - want).abs().max().item() <= 1e-6
+    assert res[1]["got"].shape == (1, 0, 64)
 
 
 def test_ep2_inside_the_paged_engine(ep2, refs):
