@@ -137,10 +137,11 @@ class CostModel:
     weights / tp (plus ``extra_layer_bytes`` per layer that TP copies), ``kv_share`` of
     each layer's KV cache.
 
-    Mixture of experts: a layer's experts are not split by tensor parallelism (each TP
-    rank holds them whole, llamadist.parallel.tensor) but by expert parallelism: one
-    device holds ``1 / ep`` of them (llamadist.parallel.expert). A decode step reads only
-    the experts its tokens were routed to (profile.expected_experts)."""
+    Mixture of experts: a layer's experts are split by expert parallelism, one device
+    holding ``1 / ep`` of them (llamadist.parallel.expert); tensor parallelism spreads
+    them over its ranks the same way (EP = TP) when there are at least ``tp`` experts,
+    else keeps them whole on each rank (llamadist.parallel.tensor). A decode step reads
+    only the experts its tokens were routed to (profile.expected_experts)."""
 
     profile: ModelProfile
     batch: int
@@ -177,11 +178,15 @@ class CostModel:
         tokens touches (what a decode step reads)."""
         experts = self._expert_bytes(s, e)
         dense = self.weights[e] - self.weights[s] - experts
-        if experts and tokens is not None:
-            row = next(r for r in self.profile.layers[s:e] if r.num_experts)  # all alike
+        if not experts:
+            return dense / tp + (e - s) * extra_layer_bytes
+        row = next(r for r in self.profile.layers[s:e] if r.num_experts)  # all alike
+        if tokens is not None:
             experts *= expected_experts(row.num_experts, row.experts_per_token,
                                         tokens) / row.num_experts
-        return dense / tp + (e - s) * extra_layer_bytes + experts / self.ep
+        # TP ranks share the experts too when each gets one or more (parallel.tensor)
+        ep = max(self.ep, tp if tp <= row.num_experts else 1)
+        return dense / tp + (e - s) * extra_layer_bytes + experts / ep
 
     # -- memory (bytes per device) --
     def weight_bytes(self, s: int, e: int, first: bool, last: bool, tp: int = 1,

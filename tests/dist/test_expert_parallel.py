@@ -11,6 +11,10 @@ Tolerance: 1e-4 max abs logit difference in float32 (the reduce only reorders su
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -38,12 +42,12 @@ def _build(job: dict, rank: int, world: int, groups, lanes: int = 1,
     from llamadist.weights.safetensors_ckpt import HFCheckpoint
     ckpt = RecordingCheckpoint(HFCheckpoint(Path(job["folder"])))
     cfg = ckpt.config
-    kw: dict = {}
-    if job.get("tp"):  # attention tensor-parallel, experts expert-parallel, same ranks
-        kw = tensor_parallel_pass(cfg, groups.tp.device_group, rank, world)
     ep = groups.ep
-    kw.update(expert_parallel_pass(cfg, ep.device_group, ep.rank_in_group, ep.world_size,
-                                   job.get("dispatch", "replicated"), before=kw.get("prepare")))
+    if job.get("tp"):  # attention tensor-parallel; the TP pass spreads the experts (EP = TP)
+        kw = tensor_parallel_pass(cfg, groups.tp.device_group, rank, world)
+    else:
+        kw = expert_parallel_pass(cfg, ep.device_group, ep.rank_in_group, ep.world_size,
+                                  job.get("dispatch", "replicated"))
     layers = range(cfg.num_layers) if layers is None else layers
     stage = build_stage(ckpt, layers, "cpu", torch.float32, 2, MAX_SEQ, lanes=lanes, **kw)
     return ckpt, stage
@@ -242,8 +246,11 @@ def test_ep2_matches_one_process(name, kind, experts, ep2, refs):
     _check_reads(ep2[name], sum(map(len, experts)))
 
 
-def test_ep2_with_tensor_parallel_attention(ep2, refs):
+def test_tensor_parallel_pass_spreads_the_experts(ep2, refs):
+    """tensor_parallel_pass alone (as the multi-process --tp path builds stages): attention
+    tensor-parallel, each rank holding and reading half of the experts."""
     _check(ep2["tp_ep"], refs, "moe_top2_gqa")
+    assert [r["experts"] for r in ep2["tp_ep"]] == [[0, 1], [2, 3]]
     _check_reads(ep2["tp_ep"], 4)
 
 
@@ -282,6 +289,25 @@ def test_ep4_matches_one_process(name, kind, n, ep4, refs):
     _check(ep4[name], refs, kind)
     assert [len(r["experts"]) for r in ep4[name]] == [n // 4] * 4
     _check_reads(ep4[name], n)
+
+
+# ---- the command line's --tp (experts spread over the TP ranks) -------------------------
+@pytest.mark.parametrize("grid", [["--nproc", "2", "--tp", "2"],
+                                  ["--nproc", "4", "--tp", "2", "--pp", "2"]])
+def test_cli_tensor_parallel_mixtral(tiny_mixtrals, grid):
+    """The multi-process command line, whose --tp builds stages through
+    tensor_parallel_pass: the one-process greedy tokens (EOS aside)."""
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    prompt = "The quick brown fox"
+    args = [sys.executable, "-m", "llamadist", "generate", str(tiny_mixtrals["moe_top1"]),
+            "--prompt", prompt, "--max-new-tokens", str(NEW_TOKENS), "--json"]
+    one = subprocess.run(args, cwd=root, env=env, text=True, capture_output=True, timeout=120)
+    many = subprocess.run(args + grid, cwd=root, env=env, text=True, capture_output=True,
+                          timeout=240)
+    assert one.returncode == 0 and many.returncode == 0, many.stderr[-2000:]
+    got, want = (json.loads(r.stdout.splitlines()[-1])["token_ids"] for r in (many, one))
+    assert got == want and len(want) >= 4
 
 
 # ---- the pass itself (no processes) ------------------------------------------------

@@ -224,9 +224,12 @@ def test_decode_bytes_and_budgets_count_experts():
     assert whole == p.total_weight_bytes
     half = CostModel.build(p, 1, 1024, ep=2).weight_bytes(0, 32, True, True)
     assert half == pytest.approx(whole - 32 * 4 * per_expert)
-    # tensor parallelism keeps experts whole on each rank (llamadist.parallel.tensor)
+    # tensor parallelism spreads the experts over its ranks too (EP = TP) ...
     tp2 = CostModel.build(p, 1, 1024, tp=2).weight_bytes(0, 32, True, True, tp=2)
-    assert tp2 == pytest.approx((whole - 32 * 8 * per_expert) / 2 + 32 * 8 * per_expert)
+    assert tp2 == pytest.approx(whole / 2)
+    # ... unless there are fewer experts than ranks: then each rank holds them all
+    tp16 = CostModel.build(p, 1, 1024, tp=16).weight_bytes(0, 32, True, True, tp=16)
+    assert tp16 == pytest.approx((whole - 32 * 8 * per_expert) / 16 + 32 * 8 * per_expert)
 
 
 def test_moe_decodes_without_cuda_graphs(tiny_mixtrals):
