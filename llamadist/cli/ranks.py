@@ -130,10 +130,13 @@ def rank_report(session: Session) -> dict:
     """This rank's statistics, shaped like an in-process stage's (cli.run prints both)."""
     g, rs = session.groups, session.rank_stage
     st = rs.stage
-    return {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
-            "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
-            **st.stats.to_dict(), **rs.stats.to_dict(),
-            "bytes_sent": rs.pipe.stats.bytes_sent}
+    report = {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
+              "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
+              **st.stats.to_dict(), **rs.stats.to_dict(),
+              "bytes_sent": rs.pipe.stats.bytes_sent}
+    if st.model.config.is_moe:
+        report["expert_load"] = {str(k): v for k, v in st.expert_load().items()}
+    return report
 
 
 class FrontStats:

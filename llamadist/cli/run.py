@@ -139,6 +139,12 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
         print(f"{s['stage']:>5} {s['layers'][0]:>4}:{s['layers'][1]:<4} {s['device']:>8} "
               f"{s['compute_s']:>10.3f} {s['transfer_s']:>10.4f} {s['bytes_in'] / 1e6:>8.2f} "
               f"{busy:>6.1f}%")
+    loads = [v for s in report["stages"] for v in s.get("expert_load", {}).values()]
+    if loads:  # routing balance: each expert's share of the routed tokens, over all layers
+        shares = [c / max(1, sum(layer)) for layer in loads for c in layer]
+        print(f"routing over {len(loads)} MoE layers: an expert's share of a layer's routed "
+              f"tokens ranges {min(shares):.1%}-{max(shares):.1%} (uniform "
+              f"{1 / len(loads[0]):.1%}); per layer in --json (stages[].expert_load)")
     return 0
 
 
