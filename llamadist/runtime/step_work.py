@@ -87,5 +87,7 @@ def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
     specs = [work.seqs[i].sample for i in rows]
     sampler = make_sampler([list(s.seen) for s in specs], [s.params for s in specs],
                            [s.seed for s in specs], logits.shape[-1], logits.device)
-    sampler.steps = torch.tensor([s.step for s in specs], device=logits.device)
+    if not sampler.all_greedy:  # an argmax draws nothing: its step does not matter
+        sampler.steps = torch.tensor([s.step for s in specs]).to(logits.device,
+                                                                   non_blocking=True)
     return sampler.sample(logits[rows])
