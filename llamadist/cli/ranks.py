@@ -109,6 +109,8 @@ def _run(kind: str, session: Session, args: argparse.Namespace, command: Command
         return 0
     from llamadist.api import LLM
     engine = front_engine(session, spec, tok)
+    if kind not in ("generate", "chat"):  # as cli.run: interactive commands capture lazily
+        engine.warmup()
     llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine))
     try:
         return command(args, job, llm)

@@ -31,7 +31,9 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     job = {"generate": generate_job, "chat": chat_job, "bench": bench_job}[kind](args, ckpt, tok)
     if job.layout.processes > 1:
         return launch(kind, args, job)
-    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty())
+    # an interactive command's first token should not wait for every bucket's capture
+    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty(),
+                   warmup=kind not in INTERACTIVE)
     return COMMANDS[kind](args, job, llm)
 
 
@@ -56,9 +58,10 @@ def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
                  stdin_to_rank0=kind == "chat")
 
 
-def load_llm(job: Job, ckpt, tok, progress: bool = False):
+def load_llm(job: Job, ckpt, tok, progress: bool = False, warmup: bool = True):
     from llamadist.api import LLM
-    return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress)
+    return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress,
+               warmup=warmup)
 
 
 def _echo(_: int, out) -> None:
@@ -149,3 +152,4 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
 
 
 COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench}
+INTERACTIVE = ("generate", "chat")  # no warm-up: graphs are captured as buckets first run

@@ -129,7 +129,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self._launches = itertools.count()
         self._where: dict[str, Replica] = {}  # unfinished requests' replicas
-        self.warmup_s = self.warmup()
+        self.warmup_s = 0.0  # set by warmup()
 
     def warmup(self, force: bool = False) -> float:
         """Run one decode step of every batch bucket through each executor on a GPU (on
@@ -147,6 +147,7 @@ class LLMEngine:
                 rep.executor.collect()
                 ran = True
         spent = time.perf_counter() - t0 if ran else 0.0
+        self.warmup_s += spent
         if spent:
             log.info("warm-up (graph capture of %s-sequence buckets): %.1f s",
                      bucket_sizes(self.runtime.max_batch), spent)

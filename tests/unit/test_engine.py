@@ -77,7 +77,7 @@ def test_warmup_steps_leave_no_trace(tiny_model, alone):
     """The warm-up's dummy decode steps (every bucket, rows on the null block, nothing
     sampled) change no request's tokens and hold no block."""
     engine = engine_for(tiny_model, max_batch=3)
-    assert engine.warmup_s == 0.0  # CPU only: nothing to capture
+    assert engine.warmup() == 0.0  # CPU only: nothing to capture
     assert engine.warmup(force=True) > 0
     assert engine.gauges()["kv_blocks_used"] == 0 and engine.stats.steps == 0
     got = drive(engine, {0: [("a", PROMPTS[0], GREEDY), ("b", PROMPTS[1], GREEDY)]})
