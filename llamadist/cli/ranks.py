@@ -108,6 +108,8 @@ def _run(kind: str, session: Session, args: argparse.Namespace, command: Command
         return 0
     from llamadist.api import LLM
     engine = front_engine(session, spec, tok)
+    if kind not in ("generate", "chat"):  # as cli.run: interactive commands capture lazily
+        engine.warmup()
     llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine))
     try:
         return command(args, job, llm)
@@ -129,10 +131,13 @@ def rank_report(session: Session) -> dict:
     """This rank's statistics, shaped like an in-process stage's (cli.run prints both)."""
     g, rs = session.groups, session.rank_stage
     st = rs.stage
-    return {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
-            "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
-            **st.stats.to_dict(), **rs.stats.to_dict(),
-            "bytes_sent": rs.pipe.stats.bytes_sent}
+    report = {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
+              "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
+              **st.stats.to_dict(), **rs.stats.to_dict(),
+              "bytes_sent": rs.pipe.stats.bytes_sent}
+    if st.model.config.is_moe:
+        report["expert_load"] = {str(k): v for k, v in st.expert_load().items()}
+    return report
 
 
 class FrontStats:

@@ -31,7 +31,9 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     job = JOBS[kind](args, ckpt, tok)
     if job.layout.processes > 1:
         return launch(kind, args, job)
-    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty())
+    # an interactive command's first token should not wait for every bucket's capture
+    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty(),
+                   warmup=kind not in INTERACTIVE)
     return COMMANDS[kind](args, job, llm)
 
 
@@ -56,9 +58,10 @@ def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
                  stdin_to_rank0=kind == "chat", term_to_rank0=kind == "serve")
 
 
-def load_llm(job: Job, ckpt, tok, progress: bool = False):
+def load_llm(job: Job, ckpt, tok, progress: bool = False, warmup: bool = True):
     from llamadist.api import LLM
-    return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress)
+    return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress,
+               warmup=warmup)
 
 
 def _echo(_: int, out) -> None:
@@ -139,6 +142,12 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
         print(f"{s['stage']:>5} {s['layers'][0]:>4}:{s['layers'][1]:<4} {s['device']:>8} "
               f"{s['compute_s']:>10.3f} {s['transfer_s']:>10.4f} {s['bytes_in'] / 1e6:>8.2f} "
               f"{busy:>6.1f}%")
+    loads = [v for s in report["stages"] for v in s.get("expert_load", {}).values()]
+    if loads:  # routing balance: each expert's share of the routed tokens, over all layers
+        shares = [c / max(1, sum(layer)) for layer in loads for c in layer]
+        print(f"routing over {len(loads)} MoE layers: an expert's share of a layer's routed "
+              f"tokens ranges {min(shares):.1%}-{max(shares):.1%} (uniform "
+              f"{1 / len(loads[0]):.1%}); per layer in --json (stages[].expert_load)")
     return 0
 
 
@@ -148,3 +157,4 @@ def _serve(args: argparse.Namespace, job: Job, llm) -> int:
 
 
 COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench, "serve": _serve}
+INTERACTIVE = ("generate", "chat")  # no warm-up: graphs are captured as buckets first run

@@ -14,6 +14,7 @@ step after it arrives and leaves (freeing its blocks) the step it finishes.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -21,15 +22,19 @@ from dataclasses import dataclass, field
 
 from llamadist.config import RuntimeConfig
 from llamadist.engine.executor import Executor, LocalExecutor
-from llamadist.engine.kv_blocks import BlockPool
+from llamadist.engine.kv_blocks import NULL_BLOCK, BlockPool
 from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler, SchedulerStep
 from llamadist.generation.generate import text_delta
 from llamadist.generation.sampling import SamplingParams, new_seed
-from llamadist.generation.tokenizer import Tokenizer
+from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer
+from llamadist.runtime.cuda_graph import bucket_sizes
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.step_work import (SampleSpec, SeqWork, StepWork, TokenLogprob,
                                          unpack_sampled)
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RequestOutput:
@@ -126,6 +131,29 @@ class LLMEngine:
         self._ids = itertools.count()
         self._launches = itertools.count()
         self._where: dict[str, Replica] = {}  # unfinished requests' replicas
+        self.warmup_s = 0.0  # set by warmup()
+
+    def warmup(self, force: bool = False) -> float:
+        """Run one decode step of every batch bucket through each executor on a GPU (on
+        any device when ``force``), so its CUDA graphs are captured (and layers compiled)
+        now, not while requests wait. The steps' rows all read and write the null block's
+        slot 0 and sample nothing. Seconds spent (0.0 when nothing needed it)."""
+        t0, ran = time.perf_counter(), False
+        for rep in self.replicas:
+            if not force and not any(d.startswith("cuda") for d in rep.executor.devices):
+                continue
+            for size in bucket_sizes(self.runtime.max_batch):
+                seqs = [SeqWork(f"warmup-{i}", (0,), (NULL_BLOCK,), 0, None)
+                        for i in range(size)]
+                rep.executor.launch(StepWork(seqs, self.block_size))
+                rep.executor.collect()
+                ran = True
+        spent = time.perf_counter() - t0 if ran else 0.0
+        self.warmup_s += spent
+        if spent:
+            log.info("warm-up (graph capture of %s-sequence buckets): %.1f s",
+                     bucket_sizes(self.runtime.max_batch), spent)
+        return spent
 
     @staticmethod
     def default_blocks(runtime: RuntimeConfig, block_size: int) -> int:
@@ -307,8 +335,11 @@ class LLMEngine:
         done = reason is not None
         delta = ""
         if self.tokenizer is not None:
+            if req.decoder is None:
+                req.decoder = IncrementalDecoder(self.tokenizer)
             req.text, delta, stopped = text_delta(self.tokenizer, req.output_ids,
-                                                  tuple(req.params.stop), req.emitted, done)
+                                                  tuple(req.params.stop), req.emitted, done,
+                                                  req.decoder)
             req.emitted += len(delta)
             if stopped:
                 reason, done = "stop", True

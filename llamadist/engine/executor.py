@@ -98,12 +98,11 @@ class RankExecutor:
                              f"the ranks made {have} of {size}")
 
     def launch(self, work: StepWork) -> None:
-        packed = work.pack()
         if self.leader != self.rank.groups.rank:
-            self.rank.front.send(self.leader, Message(Kind.STEP, tensor=packed))
+            self.rank.front.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
             return
         with torch.inference_mode():
-            tokens = self.rank.run(work, packed)
+            tokens = self.rank.run(work)
         if tokens is not None:
             self._local.append(tokens)
 

@@ -16,7 +16,7 @@ import torch
 
 from llamadist.config import ModelConfig
 from llamadist.generation.sampling import Sampler, SamplingParams, request_seeds
-from llamadist.generation.tokenizer import Tokenizer
+from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class ContextLimitError(ValueError):
@@ -276,12 +276,15 @@ class Generator:
 
 
 def text_delta(tokenizer: Tokenizer, token_ids: list[int], stops: tuple[str, ...],
-               emitted: int, done: bool) -> tuple[str, str, bool]:
+               emitted: int, done: bool, decoder: IncrementalDecoder | None = None
+               ) -> tuple[str, str, bool]:
     """The text of ``token_ids`` cut at the first stop string, the part of it that may be
     streamed now beyond the ``emitted`` characters already sent, and whether a stop string
     ended it. An unfinished UTF-8 character and any tail that may begin a stop string are
-    held back until the sequence is done."""
-    text = tokenizer.decode(token_ids)
+    held back until the sequence is done. ``decoder``: the sequence's own incremental
+    decoder (its text so far), instead of decoding every token again."""
+    # the last call decodes in full: exactly the text of the whole list
+    text = tokenizer.decode(token_ids) if done or decoder is None else decoder.update(token_ids)
     stopped = False
     for stop in stops:
         cut = text.find(stop)

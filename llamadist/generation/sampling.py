@@ -178,27 +178,30 @@ class Sampler:
             raise ValueError(f"{len(params)} params but {len(seeds)} seeds")
         dev = torch.device(device)
         self.params, self.seeds = list(params), list(seeds)
-
-        def col(values: list, dtype: torch.dtype) -> torch.Tensor:  # (B, 1)
-            return torch.tensor(values, dtype=dtype).view(-1, 1).to(dev)
-
-        self.greedy = col([p.greedy for p in params], torch.bool)
         self.all_greedy = all(p.greedy for p in params)
-        self.temperature = col([p.temperature if not p.greedy else 1.0 for p in params],
-                               torch.float32)
-        self.top_k = col([p.top_k for p in params], torch.int64)
+        penalised = any(p.repetition_penalty != 1.0 for p in params)
+        self.seen = seen if penalised else None
         self.any_top_k = any(p.top_k > 0 and not p.greedy for p in params)
-        self.top_p = col([p.top_p for p in params], torch.float32)
         self.any_top_p = any(p.top_p < 1.0 and not p.greedy for p in params)
-        self.min_p = col([p.min_p for p in params], torch.float32)
         self.any_min_p = any(p.min_p > 0 and not p.greedy for p in params)
-        self.penalty = col([p.repetition_penalty for p in params], torch.float32)
-        self.seen = seen if any(p.repetition_penalty != 1.0 for p in params) else None
-        self.presence = col([p.presence_penalty for p in params], torch.float32)
-        self.frequency = col([p.frequency_penalty for p in params], torch.float32)
         self.counts = counts if any(p.counts_outputs for p in params) else None
-        self.keys = torch.tensor([seed_key(s) for s in seeds], dtype=torch.int64).to(dev)  # (B,)
         self.steps = torch.zeros(len(seeds), dtype=torch.int64, device=dev)  # (B,)
+        if self.all_greedy and not penalised and self.counts is None:
+            return  # an argmax needs no per-row knobs (and no host-to-device copies)
+        # Every per-row knob in two host tensors, each copied to the device once (a copy
+        # from pageable memory waits for the GPU; eight of them per step did).
+        floats = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, p.min_p,
+                                p.repetition_penalty, float(p.greedy), p.presence_penalty,
+                                p.frequency_penalty] for p in params],
+                              dtype=torch.float32).to(dev, non_blocking=True)  # (B, 7)
+        ints = torch.tensor([[p.top_k, seed_key(s)] for p, s in zip(params, seeds)],
+                            dtype=torch.int64).to(dev, non_blocking=True)  # (B, 2)
+        self.temperature, self.top_p, self.min_p, self.penalty = (
+            floats[:, i:i + 1] for i in range(4))  # (B, 1) each
+        self.greedy = floats[:, 4:5] > 0.5
+        self.presence, self.frequency = floats[:, 5:6], floats[:, 6:7]  # (B, 1) each
+        self.top_k = ints[:, 0:1]
+        self.keys = ints[:, 1].contiguous()  # (B,)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,) long, on the logits' device; advances every row's

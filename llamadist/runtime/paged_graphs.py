@@ -161,15 +161,17 @@ class PagedGraphs:
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: PagedBatch,
                 timed: bool = False) -> torch.Tensor:
-        """tokens (S,) on the first stage's device, ``batch`` decode-only on the host ->
-        logits (S, V), a view of a static buffer: read it before the next step."""
+        """tokens (S,) on the first stage's device (or, when the first stage has no
+        embedding, as in a pipeline rank, its input hidden state (S, 1, D)), ``batch``
+        decode-only on the host -> logits (S, V) (or the last stage's hidden state), a view
+        of a static buffer: read it before the next step."""
         s = batch.num_seqs
         size = bucket_for(s, self.sizes)
         packed = pack_decode(batch.to("cpu"), size, self.max_blocks)  # host, one copy each
-        x = tokens.view(s, 1)
-        for i, (stage, dec) in enumerate(zip(self.stages, self.decoders)):
+        x = tokens.view(s, 1) if tokens.dim() == 1 else tokens
+        for stage, dec in zip(self.stages, self.decoders):
             t0 = time.perf_counter()
-            bk = dec.bucket(size, i == 0, x.shape[-1])
+            bk = dec.bucket(size, stage.has_embed, x.shape[-1])
             bk.packed.copy_(packed, non_blocking=True)
             if x.device != stage.device:
                 stage.stats.bytes_in += x.nbytes

@@ -97,19 +97,22 @@ class StageRank:
         self.paged_shape = (num_blocks, block_size)
 
     # ---- one step on this stage ---------------------------------------------------------
-    def run(self, work: StepWork, packed: torch.Tensor, x: torch.Tensor | None = None
-            ) -> torch.Tensor | None:
-        """Run this stage on ``work`` (x: the previous stage's hidden state; the first
-        stage reads the tokens from ``work``) and pass it on; -> the sampled tokens (CPU)
-        on the rank that samples, else None."""
+    def run(self, work: StepWork, packed: torch.Tensor | None = None,
+            x: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Run this stage on ``work`` (``packed``: its bytes, if it came as a message;
+        x: the previous stage's hidden state; the first stage reads the tokens from
+        ``work``) and pass it on; -> the sampled tokens (CPU) on the rank that samples,
+        else None."""
         if work.reset_stats:
             self.stats = RankStats()
             self.stage.reset_stats()
             self.pipe.stats = type(self.pipe.stats)()
         fault_hook(self.groups.rank, self.stats.steps)
-        if self.groups.pp.is_first and self.groups.tp_index == 0:
-            for peer in self.groups.tp.ranks[1:]:
-                self.tp_link.send(peer, Message(Kind.STEP, tensor=packed))
+        peers = self.groups.tp.ranks[1:] if self.is_leader else []
+        if packed is None and (peers or not self.stage.has_head):
+            packed = work.pack()  # only when another rank needs it
+        for peer in peers:
+            self.tp_link.send(peer, Message(Kind.STEP, tensor=packed))
         if x is None:
             x = work.tokens(self.stage.device)
         t0 = time.perf_counter()
@@ -117,6 +120,8 @@ class StageRank:
         self.stats.compute_s += time.perf_counter() - t0
         self.stats.steps += 1
         if not self.stage.has_head:
+            if out.device.type == "cuda":
+                out = out.clone()  # a graph's static buffer: the next replay must not race the send
             nxt = self.groups.pp.next_rank
             self.pipe.send(nxt, Message(Kind.STEP, tensor=packed))
             self.pipe.send(nxt, Message(Kind.HIDDEN, tensor=out))

@@ -116,7 +116,9 @@ def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
         sampler = make_sampler([list(s.seen) for s in specs], [s.params for s in specs],
                                [s.seed for s in specs], logits.shape[-1], logits.device,
                                [list(s.outputs) for s in specs])
-        sampler.steps = torch.tensor([s.step for s in specs], device=logits.device)
+        if not sampler.all_greedy:  # an argmax draws nothing: its step does not matter
+            sampler.steps = torch.tensor([s.step for s in specs]).to(logits.device,
+                                                                       non_blocking=True)
         tokens = sampler.sample(logits[rows])
     packed = _logprobs(logits, work, tokens, rows)
     return tokens if packed is None else torch.cat([tokens, packed.view(torch.int64)])

@@ -73,6 +73,17 @@ def test_staggered_arrivals_give_each_request_its_tokens_alone(tiny_model, alone
     assert engine.gauges()["kv_blocks_used"] == 0  # every block released
 
 
+def test_warmup_steps_leave_no_trace(tiny_model, alone):
+    """The warm-up's dummy decode steps (every bucket, rows on the null block, nothing
+    sampled) change no request's tokens and hold no block."""
+    engine = engine_for(tiny_model, max_batch=3)
+    assert engine.warmup() == 0.0  # CPU only: nothing to capture
+    assert engine.warmup(force=True) > 0
+    assert engine.gauges()["kv_blocks_used"] == 0 and engine.stats.steps == 0
+    got = drive(engine, {0: [("a", PROMPTS[0], GREEDY), ("b", PROMPTS[1], GREEDY)]})
+    assert got == {"a": alone(PROMPTS[0], GREEDY), "b": alone(PROMPTS[1], GREEDY)}
+
+
 def test_preemption_under_a_small_block_budget(tiny_model, alone):
     # 12 usable blocks of 4 slots: three 10-token prompts growing to 30 tokens cannot all
     # stay resident, so requests are preempted and recomputed.
