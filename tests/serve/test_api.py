@@ -248,3 +248,11 @@ def test_clients_leaving_at_once_give_their_queue_places_back(tiny_server, clien
     assert m["llamadist_kv_blocks_used"] == 0 and m["llamadist_requests_running"] == 0
     r = client.completions.create(model="tiny", prompt="hi", max_tokens=2, n=12)
     assert len(r.choices) == 12  # all 12 places free again
+
+
+def test_a_taken_port_is_refused_before_loading(tiny_server, tiny_model):
+    out = subprocess.run([sys.executable, "-m", "llamadist", "serve", str(tiny_model),
+                          "--port", str(tiny_server.port)], capture_output=True, text=True,
+                         cwd=ROOT, timeout=120)
+    assert out.returncode == 2
+    assert f"--port {tiny_server.port}: cannot listen there" in out.stderr
