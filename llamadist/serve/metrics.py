@@ -1,13 +1,14 @@
 """The server's Prometheus metrics: the engine's gauges and counters read at each scrape
 (requests running and waiting, KV blocks, preemptions, prompt and generated tokens),
-per-stage busy time, and histograms the server fills as requests finish (time to first
+per-stage busy time, the process's and its CUDA devices' memory, and histograms the server fills as requests finish (time to first
 token, time per output token, end-to-end latency, queue time)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from llamadist.engine.async_engine import AsyncEngine
@@ -50,6 +51,14 @@ class EngineCollector:
                                   value=st.busy_s)
         yield GaugeMetricFamily(f"{PREFIX}_engine_alive", "1 while the engine thread runs",
                                 value=1.0 if self.engine.alive else 0.0)
+        cuda = _cuda_memory()
+        if cuda:
+            mem = GaugeMetricFamily(f"{PREFIX}_device_memory_allocated_bytes",
+                                    "torch's allocated memory per CUDA device of this process",
+                                    labels=["device"])
+            for dev, value in cuda:
+                mem.add_metric([dev], value)
+            yield mem
         if self.stage_stats is not None:
             busy = CounterMetricFamily(f"{PREFIX}_stage_busy_seconds",
                                        "compute seconds per pipeline stage",
@@ -59,12 +68,21 @@ class EngineCollector:
             yield busy
 
 
+def _cuda_memory() -> list[tuple[str, float]]:
+    import torch
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return [(f"cuda:{i}", float(torch.cuda.memory_allocated(i)))
+            for i in range(torch.cuda.device_count())]
+
+
 class ServeMetrics:
     def __init__(self, engine: AsyncEngine,
                  stage_stats: Callable[[], list[dict]] | None = None):
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine, stage_stats))
         r = self.registry
+        ProcessCollector(registry=r)  # the front process's memory, CPU seconds, open files
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first token",
                               buckets=TTFT_BUCKETS, registry=r)
         self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
