@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi")
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 

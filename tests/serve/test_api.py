@@ -12,7 +12,7 @@ import torch
 
 from tests.serve.conftest import API_KEY, ROOT, http
 
-openai = pytest.importorskip("openai")
+import openai  # a test dependency: missing, the tests fail (they never skip)
 PROMPTS = ["The quick brown fox", "1 2 3 4 5 6 7", "def main():", "Once upon a time",
            "Distributed inference splits", "hello world", "The lazy dog", "100 1000"]
 MSG = [{"role": "user", "content": "Once upon a time there was"}]
