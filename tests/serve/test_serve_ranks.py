@@ -112,3 +112,28 @@ def test_a_dead_worker_ends_open_streams_with_an_error(tiny_model, tmp_path):
     finally:
         code = server.stop()
     assert code not in (0, -9), "the launcher reported no failure"
+
+
+def test_a_hung_worker_turns_health_503_within_the_timeout(tiny_model, tmp_path):
+    """Rank 1 stops answering at its 10th step (alive, silent): rank 0 gives up after
+    --timeout 3, the open stream ends with an error event and /health answers 503."""
+    import time
+    from tests.serve.conftest import http
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--timeout", "3", "--served-model-name", "tiny",
+                           log_path=tmp_path / "server.log",
+                           env={"LLAMADIST_TEST_HANG_AT_STEP": "1:10"})
+    try:
+        ranks = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                              timeout=60)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError, match="engine failed"):
+            for _ in ranks.completions.create(model="tiny", prompt="The quick brown fox",
+                                              max_tokens=100, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True}):
+                pass
+        status, body = http("GET", server.url + "/health")
+        assert status == 503 and b"rank 1" in body, body
+        assert time.monotonic() - t0 < 3 + 10  # the timeout, plus the steps before it
+    finally:
+        server.stop()  # rank 1 is still hung: the exit code is the launcher's to judge
