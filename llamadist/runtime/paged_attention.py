@@ -132,15 +132,6 @@ def gather(cache: torch.Tensor, rows: torch.Tensor, kv_len: int) -> torch.Tensor
     return blocks.view(s, h_kv, mb * bs, d)[:, :, :kv_len]
 
 
-def heads_for(x: torch.Tensor, h: int, dim: int) -> torch.Tensor:
-    """K or V with its H_kv heads (along ``dim``) repeated to the H query heads. SDPA's
-    ``enable_gqa`` would skip the copy, but with it torch takes the math kernel, which
-    writes the whole (S, H, T, L) score tensor: gigabytes per layer for a batch of long
-    prompts. The repeat costs one copy of K/V; the fused kernels then apply."""
-    h_kv = x.shape[dim]
-    return x if h_kv == h else x.repeat_interleave(h // h_kv, dim=dim)
-
-
 def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                     g: AttentionGroup) -> torch.Tensor:
     """Sequences whose context is exactly their chunk: q (N_g, H, D), k/v (N_g, H_kv, D),
@@ -154,9 +145,9 @@ def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             x = x.new_zeros(s * g.q_len, x.shape[1], d).index_copy_(0, g.pad_index, x)
         return x.view(s, g.q_len, x.shape[1], d).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(padded(q), padded(heads_for(k.to(q.dtype), h, 1)),
-                                         padded(heads_for(v.to(q.dtype), h, 1)),
-                                         is_causal=True)
+    out = F.scaled_dot_product_attention(padded(q), padded(k.to(q.dtype)),
+                                         padded(v.to(q.dtype)), is_causal=True,
+                                         enable_gqa=h != k.shape[1])
     out = out.transpose(1, 2).reshape(s * g.q_len, h, d)
     return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
@@ -176,8 +167,8 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if g.pad_index is not None:
         qp = q.new_zeros(s * g.q_len, h, d).index_copy_(0, g.pad_index, q)
     qp = qp.view(s, g.q_len, h, d).transpose(1, 2)  # (S_g, H, T, D)
-    out = F.scaled_dot_product_attention(qp, heads_for(keys, h, 1), heads_for(values, h, 1),
-                                         attn_mask=g.mask)
+    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=g.mask,
+                                         enable_gqa=h != h_kv)
     out = out.transpose(1, 2).reshape(s * g.q_len, h, d)
     return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
