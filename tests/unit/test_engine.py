@@ -96,6 +96,15 @@ def test_preemption_under_a_small_block_budget(tiny_model, alone):
         assert got[str(i)] == alone(PROMPTS[i], params)
 
 
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_every_stage_count_in_one_process(tiny_model, alone, stages):
+    """1, 2 and 4 stages (3 is below) in one process, staggered and capped at 2 at once."""
+    engine = engine_for(tiny_model, stages=stages, max_batch=2, budget=16)
+    got = drive(engine, {0: [("a", PROMPTS[0], GREEDY), ("b", PROMPTS[1], GREEDY)],
+                         2: [("c", PROMPTS[2], GREEDY)]})
+    assert got == {rid: alone(PROMPTS[i], GREEDY) for i, rid in enumerate("abc")}
+
+
 def test_chunked_prefill_over_stages_and_shared_prefix(tiny_model, alone):
     engine = engine_for(tiny_model, stages=3, max_batch=4, budget=8)
     prompts = [SYSTEM + p for p in PROMPTS[:4]]
