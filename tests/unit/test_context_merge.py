@@ -133,3 +133,21 @@ def test_ring_plan_trims_each_step_to_half_a_block():
 def test_decode_owner_round_robin_by_block():
     assert [decode_owner(p, 3, 2) for p in range(8)] == [0, 0, 1, 1, 2, 2, 0, 0]
     assert [decode_owner(p, 2) for p in range(4)] == [0, 1, 0, 1]
+
+
+def test_cp_costs_in_the_planning_model():
+    """Ring traffic of a Llama-3-8B-shaped prefill (bf16, 8 KV heads of 128: 4 KiB of K/V
+    per token and layer) and the decode merge's two all-reduces."""
+    from llamadist.config import ModelConfig
+    from llamadist.planning.cost import Link, cp_decode_comm_time, cp_prefill_comm_time
+    from llamadist.planning.profile import profile
+    cfg = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                      num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128)
+    prof = profile(cfg, "bfloat16", 32768)
+    link = Link("test", 100e9, 2e-6)
+    block = 8192 * 4096  # 32768 / 4 tokens x 4 KiB
+    assert cp_prefill_comm_time(prof, 32, 32768, 4, link) == pytest.approx(
+        32 * 3 * (2e-6 + block / 100e9))
+    assert cp_prefill_comm_time(prof, 32, 32768, 1, link) == 0.0
+    merge = link.all_reduce_s(2 * 32 * 4, 2) + link.all_reduce_s(2 * (4096 + 32) * 4, 2)
+    assert cp_decode_comm_time(prof, 32, 2, 2, link) == pytest.approx(32 * merge)
