@@ -58,14 +58,33 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
 
 
+# Score elements materialised at once (64 MiB in fp32): longer query blocks go in row
+# chunks, each exact on its own (rows are independent), so a 8k x 8k ring block of 32
+# heads costs this much memory instead of 8 GiB.
+MAX_SCORES = 1 << 24
+
+
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      mask: torch.Tensor | None = None,
-                      scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask: torch.Tensor | None = None, scale: float | None = None,
+                      max_scores: int = MAX_SCORES) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (..., T, H, D) over k/v (..., S, H_kv, D) -> (out (..., T, H, D),
     lse (..., T, H)), both in fp32 (fp64 for fp64 inputs). mask (..., T, S) bool, True =
     visible; None = all visible. Rows with no visible key (S == 0 included): out 0,
-    lse -inf. The scores are materialised ((..., H, T, S)): for ring blocks and decode
-    shards; a fused kernel that returns lse may replace it (same values)."""
+    lse -inf. The scores are materialised, ``max_scores`` elements at a time (query rows
+    in chunks); a fused kernel that returns lse may replace this (same values)."""
+    per_row = q[..., 0, :, 0].numel() * max(1, k.shape[-3])  # batch x H x S
+    rows = max(1, max_scores // per_row)
+    t = q.shape[-3]
+    if t <= rows:
+        return _partial(q, k, v, mask, scale)
+    parts = [_partial(q[..., i:i + rows, :, :], k, v,
+                      None if mask is None else mask[..., i:i + rows, :], scale)
+             for i in range(0, t, rows)]
+    return torch.cat([o for o, _ in parts], -3), torch.cat([lse for _, lse in parts], -2)
+
+
+def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+             scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
     *batch, t, h, d = q.shape
     h_kv = k.shape[-2]
     acc = _acc_dtype(q.dtype)

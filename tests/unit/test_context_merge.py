@@ -151,3 +151,18 @@ def test_cp_costs_in_the_planning_model():
     assert cp_prefill_comm_time(prof, 32, 32768, 1, link) == 0.0
     merge = link.all_reduce_s(2 * 32 * 4, 2) + link.all_reduce_s(2 * (4096 + 32) * 4, 2)
     assert cp_decode_comm_time(prof, 32, 2, 2, link) == pytest.approx(32 * merge)
+
+
+def test_query_row_chunks_give_the_same_partials():
+    """A bounded score buffer: 13 query rows in chunks of 2 (max_scores = 2 rows x H x S),
+    masked, with a batch dimension, equal the one-shot result."""
+    q, k, v = _qkv(13, 10, seed=4)
+    mask = torch.arange(10).view(1, -1) <= torch.arange(13).view(-1, 1) - 3
+    whole = partial_attention(q, k, v, mask)
+    parts = partial_attention(q, k, v, mask, max_scores=2 * H * 10)
+    assert torch.allclose(parts[0], whole[0], atol=1e-12)
+    assert torch.allclose(parts[1], whole[1], atol=1e-12)
+    qb, kb, vb = q.expand(3, 13, H, D), k.expand(3, 10, H_KV, D), v.expand(3, 10, H_KV, D)
+    batched = partial_attention(qb, kb, vb, mask.expand(3, 13, 10), max_scores=7)
+    assert torch.allclose(batched[0][2], whole[0], atol=1e-12)
+    assert torch.allclose(batched[1][1], whole[1], atol=1e-12)
