@@ -8,6 +8,8 @@ Two spawns (worlds of 2 and 3 ranks), each running every job once:
   slots masked), merged across the ranks;
 * model: a tiny Llama (GQA, llama3 RoPE scaling) prefilled context-parallel by the
   unchanged model through ContextParallelKV, then greedy decode on the sharded cache;
+* paged: the same through runtime.paged_context (each rank's share in its own paged
+  blocks), the prompts decoded together as one flat batch;
 * sub (world 3 only): the ring on a CP group of global ranks [1, 2] (p2p peers are
   global ranks, not group ranks).
 Tolerance: 1e-5 max abs in float32 (the merge only reorders sums).
@@ -105,6 +107,18 @@ def _decode_job(group, rank: int, cp: int) -> dict:
     return out
 
 
+def _last_logits(logits: torch.Tensor, mine: torch.Tensor, length: int, cp: int, group,
+                 rank: int, granule: int = 1) -> torch.Tensor:
+    """The prompt's last token's logits, broadcast from the rank that holds that token."""
+    last = torch.empty(CFG.vocab_size)
+    holder = next(r for r, s in enumerate(balanced_split(length, cp, granule))
+                  if length - 1 in s)
+    if holder == rank:
+        last = logits[mine.tolist().index(length - 1)].clone()
+    dist.broadcast(last, dist.get_global_rank(group, holder) if group else holder, group=group)
+    return last
+
+
 def _model_job(group, rank: int, cp: int) -> dict:
     from llamadist.parallel.context_kv import ContextParallelKV
     model, out = tiny_llama(), {}
@@ -118,14 +132,7 @@ def _model_job(group, rank: int, cp: int) -> dict:
             else:
                 kv.relay(CFG.num_heads)
                 logits = torch.empty(0, CFG.vocab_size)
-            # the last prompt token's logits live on the rank that holds it: broadcast
-            last = torch.empty(CFG.vocab_size)
-            holder = next(r for r, s in enumerate(balanced_split(len(prompt), cp))
-                          if len(prompt) - 1 in s)
-            if holder == rank:
-                last = logits[mine.tolist().index(len(prompt) - 1)].clone()
-            dist.broadcast(last, dist.get_global_rank(group, holder) if group else holder,
-                           group=group)
+            last = _last_logits(logits, mine, len(prompt), cp, group, rank)
             tokens, steps = [], []
             for i in range(NEW_TOKENS):
                 tok = int(last.argmax())
@@ -139,12 +146,49 @@ def _model_job(group, rank: int, cp: int) -> dict:
     return out
 
 
+def _paged_job(group, rank: int, cp: int) -> dict:
+    """The prompts of 11 and 45 tokens ring-prefilled one by one into this rank's paged
+    cache (blocks of 4, the split by blocks), then decoded together as one flat batch,
+    each new token stored by its owner."""
+    from llamadist.runtime.paged_context import PagedShardStep, ShardStep
+    from llamadist.runtime.paged_kv import PagedKVCache
+    bs, model = 4, tiny_llama()
+    cache = PagedKVCache(CFG, range(CFG.num_layers), 30, bs, "cpu", torch.float32)
+    batch = [p for p in prompts() if len(p) > 2]
+    tables = [list(range(29 - 12 * s, 29 - 12 * s - 12, -1)) for s in range(len(batch))]
+    held, last, out = [], [], {}
+    with torch.inference_mode():
+        for table, prompt in zip(tables, batch):
+            step, mine = ShardStep.prefill(table, len(prompt), cp, rank, bs, granule=bs)
+            ids = torch.tensor(prompt)[mine].view(1, -1)
+            logits = model(ids, mine.view(1, -1), PagedShardStep(cache, step, group), 0,
+                           logits="all")[0]
+            held.append(len(mine))
+            last.append(_last_logits(logits, mine, len(prompt), cp, group, rank, bs))
+            out[len(prompt)] = {"positions": mine, "logits": logits, "tokens": [], "steps": []}
+        last = torch.stack(last)  # (S, V)
+        for i in range(NEW_TOKENS):
+            toks = last.argmax(-1)  # (S,)
+            pos = [len(p) + i for p in batch]
+            step = ShardStep.decode(tables, held, [decode_owner(p, cp, bs) == rank
+                                                   for p in pos], bs)
+            last = model(toks.view(-1, 1), torch.tensor(pos).view(-1, 1),
+                         PagedShardStep(cache, step, group), 0)[:, -1]  # (S, V)
+            held = step.local_lens.tolist()
+            for s, p in enumerate(batch):
+                out[len(p)]["tokens"].append(int(toks[s]))
+                out[len(p)]["steps"].append(last[s].clone())
+    for p, h in zip(batch, held):
+        out[len(p)]["held"] = h
+    return out
+
+
 def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         res = {"ring": _ring_job(None, rank, world), "decode": _decode_job(None, rank, world),
-               "model": _model_job(None, rank, world)}
+               "model": _model_job(None, rank, world), "paged": _paged_job(None, rank, world)}
         if world == 3:
             sub = dist.new_group([1, 2])  # collective: every rank creates it
             if rank in (1, 2):
@@ -245,3 +289,21 @@ def test_model_prefill_and_decode_match_one_process(world, reference):
         assert held == list(range(t + NEW_TOKENS))  # every K/V stored exactly once
     if cp == 3:  # the 2-token prompt leaves rank 2 nothing: it only relays the ring
         assert len(results[2]["model"][2]["positions"]) == 0
+
+
+def test_paged_shards_prefill_and_batched_decode_match_one_process(world, reference):
+    """runtime.paged_context: each rank's share in its own paged blocks; the two prompts
+    decoded together in one flat step per token."""
+    cp, results = world
+    for t in (11, 45):
+        ref = reference[t]
+        for rank, res in enumerate(results):
+            got = res["paged"][t]
+            mine = got["positions"]
+            assert len(mine), f"rank {rank} holds none of prompt {t}"
+            err = (got["logits"] - ref["logits"][mine]).abs().max().item()
+            assert err <= TOL, f"prompt {t} rank {rank} paged prefill: {err:.2e}"
+            assert got["tokens"] == ref["tokens"], f"prompt {t} rank {rank} greedy tokens"
+            err = (torch.stack(got["steps"]) - ref["decode_logits"]).abs().max().item()
+            assert err <= TOL, f"prompt {t} rank {rank} paged decode logits: {err:.2e}"
+        assert sum(res["paged"][t]["held"] for res in results) == t + NEW_TOKENS
