@@ -318,6 +318,37 @@ def ep_comm_time(profile: ModelProfile, layers: int, batch: int, ep: int, link: 
     return layers * per_layer
 
 
+def cp_prefill_comm_time(profile: ModelProfile, layers: int, prompt_len: int, cp: int,
+                         link: Link, kv_share: float = 1.0) -> float:
+    """Ring-attention traffic of one prompt of ``prompt_len`` tokens split over ``cp``
+    context-parallel ranks (llamadist.parallel.context), through ``layers`` layers: per
+    layer each rank passes a K/V block of its ceil(L / cp) tokens to the next rank cp - 1
+    times (all ranks at once, so one hop's time per step). The sends overlap the block's
+    attention; this is the time exposed only when it exceeds that compute (roughly
+    prefill FLOPs / cp / cp per step). ``kv_share``: the part of the KV heads a rank
+    holds under tensor parallelism."""
+    if cp <= 1:
+        return 0.0
+    per_layer_kv = profile.kv_bytes_per_token / max(1, profile.num_layers)
+    block = -(-prompt_len // cp) * per_layer_kv * kv_share
+    return layers * (cp - 1) * link.send_s(block)
+
+
+def cp_decode_comm_time(profile: ModelProfile, layers: int, batch: int, cp: int, link: Link,
+                        head_dim: int = 128) -> float:
+    """Sharded-KV decode merge of ``batch`` new tokens through ``layers`` layers: per
+    layer an all-reduce MAX of the (B, H) log-sum-exps and one all-reduce SUM of the
+    packed (B, H, D + 1) weighted outputs and weights, all fp32 (merge_across). The
+    profile knows H * D (from its attention FLOPs), not H: ``head_dim`` splits it."""
+    if cp <= 1:
+        return 0.0
+    q_size = profile.layers[0].attn_flops_per_ctx_token // 4 if profile.layers else 0
+    heads = max(1, q_size // head_dim)
+    per_layer = (link.all_reduce_s(batch * heads * 4, cp)
+                 + link.all_reduce_s(batch * (q_size + heads) * 4, cp))
+    return layers * per_layer
+
+
 def send_time(profile: ModelProfile, batch: int, link: Link) -> float:
     """The (B, D) hidden state from one pipeline stage to the next: one message."""
     return link.send_s(batch * profile.hidden_size * profile.bytes_per_param)
