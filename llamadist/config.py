@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "mixtral")
@@ -236,6 +239,17 @@ def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
     return dict(num_experts=experts, num_experts_per_tok=k)
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without waiting, so
+    the host does not stop for the work already queued on the device (a copy from
+    pageable memory waits for it)."""
+    import torch  # here: the rest of this module needs no torch
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def gpu_flags(devices: str | list[str]) -> list[bool]:
     """Whether each device of "cuda:0,cpu" (or a list of names) is a GPU."""
     names = devices.split(",") if isinstance(devices, str) else devices
@@ -277,6 +291,10 @@ class RuntimeConfig:
                      the C attention pays a fixed cost per block)
     timed            synchronise after each stage so its time is its own (per-stage
                      statistics; costs a little speed)
+    schedule_ahead   on a GPU in one process, schedule and launch the next step before
+                     the current one's tokens are back (decodes read them on the device),
+                     so the host's work hides behind the device's; off until measured on
+                     a GPU (tested on the CPU, where it is forced)
     """
     max_seq_len: int | None = None
     max_batch: int = 8
@@ -289,6 +307,7 @@ class RuntimeConfig:
     timeout: float = DEFAULT_TIMEOUT_S
     kv_block_size: int | None = None
     timed: bool = False
+    schedule_ahead: bool = False
 
     def __post_init__(self) -> None:
         if self.max_seq_len is not None and self.max_seq_len < 1:

@@ -107,7 +107,9 @@ class LLMEngine:
                  num_blocks: int | None = None, block_size: int | None = None,
                  prefix_caching: bool = True):
         assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
-        executors = ([LocalExecutor(model)] if isinstance(model, Engine)
+        ahead = runtime.schedule_ahead and model.stages[0].device.type == "cuda" \
+            if isinstance(model, Engine) else False
+        executors = ([LocalExecutor(model, ahead)] if isinstance(model, Engine)
                      else list(model) if isinstance(model, (list, tuple)) else [model])
         self.tokenizer, self.runtime = tokenizer, runtime
         self.config = executors[0].config
@@ -252,12 +254,15 @@ class LLMEngine:
         tokens, logprobs, scored = unpack_sampled(tokens, work)
         self._record_scores(work, scored)
         sampled = dict(zip(work.sampled_ids, tokens))
+        # requests that finished while the step ran (cancelled; stopped, with a decode
+        # scheduled ahead) get nothing from it
+        live = {c.request.id for c in step.chunks if not c.request.finished}
         finished = {r.id for r in rep.scheduler.update(step, sampled)}
         outputs = []
         for c in step.chunks:
             req = c.request
-            if req.id not in sampled or req.finish_reason == "cancelled":
-                continue  # a prefill chunk, or cancelled during the step: no token
+            if req.id not in sampled or req.id not in live:
+                continue  # a prefill chunk, or a request that finished meanwhile
             out = self._output(rep, req, sampled[req.id], req.id in finished)
             out.logprobs = logprobs.get(req.id)
             outputs.append(out)
@@ -283,19 +288,23 @@ class LLMEngine:
         for rep in self.replicas:
             depth = rep.executor.depth
             per_step = -(-self.runtime.max_batch // depth)
-            while len(rep.in_flight) < depth:
-                step = rep.scheduler.schedule(per_step)
+            # an executor that takes decodes scheduled ahead keeps one more step in flight
+            ahead = getattr(rep.executor, "ahead", False)
+            while len(rep.in_flight) < depth + ahead:
+                step = rep.scheduler.schedule(per_step, ahead=ahead and bool(rep.in_flight))
                 if not step:
                     break
-                work = self._work(step)
+                work = self._work(step, rep.in_flight[-1][2] if rep.in_flight else None)
                 work.reset_stats, rep.reset_pending = rep.reset_pending, False
                 rep.executor.launch(work)
                 rep.busy = True
                 rep.in_flight.append((next(self._launches), step, work))
 
-    def _work(self, step: SchedulerStep) -> StepWork:
-        """The step as the executor sees it (host data; see runtime.step_work)."""
+    def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:
+        """The step as the executor sees it (host data; see runtime.step_work); ``prev``:
+        the step launched just before it, whose samples its pending chunks read."""
         seqs = []
+        prev_rows = {rid: i for i, rid in enumerate(prev.sampled_ids)} if prev else {}
         for c in step.chunks:
             req = c.request
             if c.start < len(req.prompt_ids):
@@ -305,9 +314,12 @@ class LLMEngine:
                 # the tokens seen so far matter only to the penalties that ask for them
                 seen = tuple(req.all_ids) if req.params.repetition_penalty != 1.0 else ()
                 outs = tuple(req.output_ids) if req.params.counts_outputs else ()
-                spec = SampleSpec(req.params, req.seed, len(req.output_ids), seen, outs)
+                # a pending chunk samples the token after the one still in flight
+                spec = SampleSpec(req.params, req.seed, len(req.output_ids) + c.pending,
+                                  seen, outs)
             seqs.append(SeqWork(req.id, tuple(c.token_ids), tuple(req.block_ids), c.start,
-                                spec, *self._score(req, c.start, c.end)))
+                                spec, *self._score(req, c.start, c.end),
+                                prev_index=prev_rows[req.id] if c.pending else -1))
         return StepWork(seqs, self.block_size)
 
     @staticmethod

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llamadist.config import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -193,9 +195,10 @@ class Sampler:
         floats = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, p.min_p,
                                 p.repetition_penalty, float(p.greedy), p.presence_penalty,
                                 p.frequency_penalty] for p in params],
-                              dtype=torch.float32).to(dev, non_blocking=True)  # (B, 7)
-        ints = torch.tensor([[p.top_k, seed_key(s)] for p, s in zip(params, seeds)],
-                            dtype=torch.int64).to(dev, non_blocking=True)  # (B, 2)
+                              dtype=torch.float32)
+        floats = to_device(floats, dev)  # (B, 7)
+        ints = to_device(torch.tensor([[p.top_k, seed_key(s)] for p, s in zip(params, seeds)],
+                                      dtype=torch.int64), dev)  # (B, 2)
         self.temperature, self.top_p, self.min_p, self.penalty = (
             floats[:, i:i + 1] for i in range(4))  # (B, 1) each
         self.greedy = floats[:, 4:5] > 0.5

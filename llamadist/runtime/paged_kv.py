@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, to_device
 
 # One sequence's work in a step: (block_table, start, num_tokens).
 Chunk = tuple[Sequence[int], int, int]
@@ -188,8 +188,7 @@ class PagedBatch:
         device = torch.device(device)
         if device == self.device:
             return self
-        nb = device.type == "cuda"
-        moved = {name: getattr(self, name).to(device, non_blocking=nb)
+        moved = {name: to_device(getattr(self, name), device)
                  for name in ("positions", "slot_mapping", "query_start", "seq_lens",
                               "block_tables", "last_token_index", "logits_index")
                  if getattr(self, name) is not None}

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from llamadist.generation.generate import make_sampler
+from llamadist.config import to_device
 from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.paged_kv import PagedBatch
 
@@ -54,6 +55,9 @@ class SeqWork:
     # as the log-probabilities of these next tokens (and the top ``score_top`` others')
     score: tuple[int, ...] = ()
     score_top: int = 0
+    # >= 0: the one token is not known on the host yet: it is the ``prev_index``-th token
+    # sampled by the step launched just before this one (scheduled ahead, on a GPU)
+    prev_index: int = -1
 
     @property
     def num_logprobs(self) -> int | None:
@@ -71,7 +75,18 @@ class StepWork:
     def tokens(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """(N,) every sequence's tokens, sequence after sequence."""
         flat = [t for s in self.seqs for t in s.token_ids]
-        return torch.tensor(flat, dtype=torch.long).to(device)
+        return to_device(torch.tensor(flat, dtype=torch.long), device)
+
+    def pending(self) -> tuple[list[int], list[int]]:
+        """(flat token indices, indices into the previous step's sampled tokens) of the
+        tokens to take from that step's output."""
+        at, src, pos = [], [], 0
+        for s in self.seqs:
+            if s.prev_index >= 0:
+                at.append(pos)
+                src.append(s.prev_index)
+            pos += len(s.token_ids)
+        return at, src
 
     def batch(self) -> PagedBatch:
         """The host PagedBatch of this step (built once)."""
@@ -117,8 +132,7 @@ def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
                                [s.seed for s in specs], logits.shape[-1], logits.device,
                                [list(s.outputs) for s in specs])
         if not sampler.all_greedy:  # an argmax draws nothing: its step does not matter
-            sampler.steps = torch.tensor([s.step for s in specs]).to(logits.device,
-                                                                       non_blocking=True)
+            sampler.steps = to_device(torch.tensor([s.step for s in specs]), logits.device)
         tokens = sampler.sample(logits[rows])
     packed = _logprobs(logits, work, tokens, rows)
     return tokens if packed is None else torch.cat([tokens, packed.view(torch.int64)])
