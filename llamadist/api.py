@@ -45,10 +45,12 @@ class LLM:
                  max_batch: int | None = None, max_seq_len: int | None = None,
                  weights: str | None = None,
                  runtime: RuntimeConfig | None = None, layout: Layout | None = None,
-                 progress: bool = False):
+                 progress: bool = False, warmup: bool = True):
         """How to run: ``runtime`` (a RuntimeConfig) or the keywords dtype / max_batch /
         max_seq_len / weights, not both (RuntimeConfig holds the defaults). Where: ``layout`` (a
-        one-process planning Layout) or the placement keywords, not both."""
+        one-process planning Layout) or the placement keywords, not both. ``warmup``: on
+        GPUs, capture every batch bucket's decode graph now (compiling the layers takes
+        10-20 s) rather than when a batch of that size first runs."""
         self.ckpt = open_checkpoint(model) if isinstance(model, (str, Path)) else model
         self.config = self.ckpt.config
         self.tokenizer = tokenizer or self.ckpt.tokenizer()
@@ -84,6 +86,8 @@ class LLM:
         self.engine = build_engine(self.ckpt, layout, runtime, progress=progress,
                                    static_cache=False)
         self.llm_engine = LLMEngine(self.engine, self.tokenizer, runtime)
+        if warmup:
+            self.llm_engine.warmup()
         self._stage_stats = self.engine.stage_stats
 
     @classmethod

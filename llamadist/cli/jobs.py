@@ -71,6 +71,34 @@ def chat_job(args: argparse.Namespace, ckpt, tok) -> Job:
     return _finish(args, ckpt, [], [], sampling_params(args), 1, None)
 
 
+def serve_job(args: argparse.Namespace, ckpt, tok) -> Job:
+    """The server's engine: --max-batch sequences at once (default RuntimeConfig's), each
+    up to --max-seq-len (default: the model's context, at most DEFAULT_MAX_SEQ_LEN)."""
+    check_port(args.host, args.port)
+    batch = args.max_batch or RuntimeConfig.max_batch
+    return _finish(args, ckpt, [], [], SamplingParams(), batch, None)
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse, before any weight loads, an address the server could not listen on."""
+    import socket
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port {port}: a port is 0-65535")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host}: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(f"--host {host} --port {port}: cannot listen there "
+                             f"({e.strerror}); choose another port or stop what holds "
+                             f"it") from None
+
+
 def bench_job(args: argparse.Namespace, ckpt, tok) -> Job:
     if isinstance(args.batch, list):
         raise ValueError(f"--batch {','.join(map(str, args.batch))}: a list of batch sizes "
@@ -89,6 +117,9 @@ def bench_job(args: argparse.Namespace, ckpt, tok) -> Job:
     params = SamplingParams(max_new_tokens=args.gen_len, ignore_eos=True, seed=0)
     needed = max(map(len, enc)) + args.gen_len
     return _finish(args, ckpt, [], enc, params, len(enc), needed)
+
+
+JOBS = {"generate": generate_job, "chat": chat_job, "bench": bench_job, "serve": serve_job}
 
 
 def print_sequences(args: argparse.Namespace, prompts: list[str], seqs: list[dict],

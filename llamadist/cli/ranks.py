@@ -1,4 +1,4 @@
-"""generate, chat and bench as one rank of a multi-process run (started by the launcher or
+"""generate, chat, bench and serve as one rank of a multi-process run (started by the launcher or
 by torchrun). Rank 0 is the front: it builds the Job (the front process's layout when it
 started us), broadcasts what every rank must agree on (``RankSpec``), and runs the same
 engine and the same commands as one process does (cli.run), its executors driving the
@@ -14,13 +14,12 @@ from collections.abc import Callable
 from typing import Any
 
 from llamadist.cli.args import USER_ERRORS, runtime_config
-from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, inherited_layout
+from llamadist.cli.jobs import JOBS, Job, inherited_layout
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.runtime.worker import RankSpec, Session, setup_worker_logging
 
 log = logging.getLogger(__name__)
-Command = Callable[[argparse.Namespace, Job, Any], int]  # cli.run's generate, chat, bench
-JOBS = {"generate": generate_job, "chat": chat_job, "bench": bench_job}
+Command = Callable[[argparse.Namespace, Job, Any], int]  # cli.run's generate, chat, bench, serve
 
 
 def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
@@ -109,6 +108,8 @@ def _run(kind: str, session: Session, args: argparse.Namespace, command: Command
         return 0
     from llamadist.api import LLM
     engine = front_engine(session, spec, tok)
+    if kind not in ("generate", "chat"):  # as cli.run: interactive commands capture lazily
+        engine.warmup()
     llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine))
     try:
         return command(args, job, llm)
@@ -130,10 +131,13 @@ def rank_report(session: Session) -> dict:
     """This rank's statistics, shaped like an in-process stage's (cli.run prints both)."""
     g, rs = session.groups, session.rank_stage
     st = rs.stage
-    return {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
-            "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
-            **st.stats.to_dict(), **rs.stats.to_dict(),
-            "bytes_sent": rs.pipe.stats.bytes_sent}
+    report = {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
+              "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
+              **st.stats.to_dict(), **rs.stats.to_dict(),
+              "bytes_sent": rs.pipe.stats.bytes_sent}
+    if st.model.config.is_moe:
+        report["expert_load"] = {str(k): v for k, v in st.expert_load().items()}
+    return report
 
 
 class FrontStats:

@@ -1,4 +1,4 @@
-"""generate, chat and bench: the request is checked in full (Job), then run in this process
+"""generate, chat, bench and serve: the request is checked in full (Job), then run in this process
 or over worker processes (the launcher starts them; cli.ranks is what each rank runs)."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ import sys
 from dataclasses import replace
 
 from llamadist.cli.args import in_worker
-from llamadist.cli.jobs import Job, bench_job, chat_job, generate_job, print_sequences
+from llamadist.cli.jobs import JOBS, Job, print_sequences
 from llamadist.cli.layout import LAYOUT_ENV
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
-    """Entry point of the three run commands."""
+    """Entry point of the four run commands."""
     if kind == "bench" and getattr(args, "shape", None):
         from llamadist.cli.bench_shape import bench_shape_cmd
         refuse_with_shape(args)
@@ -28,10 +28,12 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     from llamadist.weights.checkpoint import open_checkpoint
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()
-    job = {"generate": generate_job, "chat": chat_job, "bench": bench_job}[kind](args, ckpt, tok)
+    job = JOBS[kind](args, ckpt, tok)
     if job.layout.processes > 1:
         return launch(kind, args, job)
-    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty())
+    # an interactive command's first token should not wait for every bucket's capture
+    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty(),
+                   warmup=kind not in INTERACTIVE)
     return COMMANDS[kind](args, job, llm)
 
 
@@ -53,12 +55,13 @@ def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
     from llamadist.distributed.launch import launch as start
     env = {**os.environ, LAYOUT_ENV: job.layout.to_json()}
     return start(["-m", "llamadist", *args.argv], job.layout.processes, env=env,
-                 stdin_to_rank0=kind == "chat")
+                 stdin_to_rank0=kind == "chat", term_to_rank0=kind == "serve")
 
 
-def load_llm(job: Job, ckpt, tok, progress: bool = False):
+def load_llm(job: Job, ckpt, tok, progress: bool = False, warmup: bool = True):
     from llamadist.api import LLM
-    return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress)
+    return LLM(ckpt, tokenizer=tok, layout=job.layout, runtime=job.runtime, progress=progress,
+               warmup=warmup)
 
 
 def _echo(_: int, out) -> None:
@@ -139,7 +142,19 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
         print(f"{s['stage']:>5} {s['layers'][0]:>4}:{s['layers'][1]:<4} {s['device']:>8} "
               f"{s['compute_s']:>10.3f} {s['transfer_s']:>10.4f} {s['bytes_in'] / 1e6:>8.2f} "
               f"{busy:>6.1f}%")
+    loads = [v for s in report["stages"] for v in s.get("expert_load", {}).values()]
+    if loads:  # routing balance: each expert's share of the routed tokens, over all layers
+        shares = [c / max(1, sum(layer)) for layer in loads for c in layer]
+        print(f"routing over {len(loads)} MoE layers: an expert's share of a layer's routed "
+              f"tokens ranges {min(shares):.1%}-{max(shares):.1%} (uniform "
+              f"{1 / len(loads[0]):.1%}); per layer in --json (stages[].expert_load)")
     return 0
 
 
-COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench}
+def _serve(args: argparse.Namespace, job: Job, llm) -> int:
+    from llamadist.serve.server import serve
+    return serve(args, job, llm)
+
+
+COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench, "serve": _serve}
+INTERACTIVE = ("generate", "chat")  # no warm-up: graphs are captured as buckets first run

@@ -82,10 +82,12 @@ class DistContext:
 
 class ParallelGroups:
     """The pp, tp and dp groups of this rank, plus a world-wide CPU ``control`` group
-    (requests, results, statistics) with a long timeout."""
+    (requests, results, statistics) with a long timeout. ``expert_parallel`` adds the
+    ``ep`` group: the tp x dp ranks of this rank's stage, which share its experts
+    (llamadist.parallel.expert); every rank must pass the same value."""
 
     def __init__(self, ctx: DistContext, pp: int, tp: int = 1, dp: int = 1,
-                 timeout: float = DEFAULT_TIMEOUT_S):
+                 timeout: float = DEFAULT_TIMEOUT_S, expert_parallel: bool = False):
         nproc, pp = grid_size(ctx.world_size, pp, tp, dp)
         self.ctx, self.pp_size, self.tp_size, self.dp_size = ctx, pp, tp, dp
         self.rank = ctx.rank
@@ -95,7 +97,7 @@ class ParallelGroups:
         # new_group is collective over the whole world: every rank creates every group, in
         # the same order, and keeps the one it belongs to.
         self.groups: dict[str, Group] = {}
-        for dim in ("tp", "pp", "dp"):
+        for dim in ("tp", "pp", "dp") + (("ep",) if expert_parallel else ()):
             for ranks in group_ranks(dim, pp, tp, dp):
                 dev = dist.new_group(ranks, timeout=limit, backend=ctx.backend)
                 cpu = dist.new_group(ranks, timeout=limit, backend="gloo")
@@ -121,6 +123,13 @@ class ParallelGroups:
     @property
     def dp(self) -> Group:
         return self.groups["dp"]
+
+    @property
+    def ep(self) -> Group:
+        if "ep" not in self.groups:
+            raise RuntimeError("no expert-parallel group: build ParallelGroups with "
+                               "expert_parallel=True")
+        return self.groups["ep"]
 
     @property
     def world_size(self) -> int:

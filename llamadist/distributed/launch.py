@@ -111,9 +111,11 @@ class Launcher:
     """``nproc`` copies of ``python ARGV`` with worker environments, as one process group."""
 
     def __init__(self, argv: list[str], nproc: int, env: dict[str, str] | None = None,
-                 stdin_to_rank0: bool = False, grace: float = GRACE_S):
+                 stdin_to_rank0: bool = False, grace: float = GRACE_S,
+                 term_to_rank0: bool = False):
         self.argv, self.nproc, self.grace = argv, nproc, grace
         self.base_env, self.stdin_to_rank0 = env, stdin_to_rank0
+        self.term_to_rank0 = term_to_rank0  # a server: SIGTERM lets rank 0 close the run
         self.procs: list[subprocess.Popen] = []
         self.pgid: list[int] = []
 
@@ -130,6 +132,8 @@ class Launcher:
             self.procs.append(p)
             if relay:
                 threading.Thread(target=_relay_stdin, args=(p,), daemon=True).start()
+        if self.term_to_rank0:
+            signal.signal(signal.SIGTERM, lambda *_: self.procs[0].send_signal(signal.SIGTERM))
         log.info("started %d workers (pids %s) on port %d", self.nproc,
                  [p.pid for p in self.procs], port)
 
@@ -199,6 +203,8 @@ def _relay_stdin(p: subprocess.Popen) -> None:
 
 
 def launch(argv: list[str], nproc: int, env: dict[str, str] | None = None,
-           stdin_to_rank0: bool = False) -> int:
-    """Run ``python ARGV`` as ``nproc`` local workers; returns the exit code to use."""
-    return Launcher(argv, nproc, env, stdin_to_rank0).run()
+           stdin_to_rank0: bool = False, term_to_rank0: bool = False) -> int:
+    """Run ``python ARGV`` as ``nproc`` local workers; returns the exit code to use.
+    ``term_to_rank0``: the launcher's SIGTERM goes to rank 0 (a server, which then stops
+    serving and closes every rank) instead of ending the launcher at once."""
+    return Launcher(argv, nproc, env, stdin_to_rank0, term_to_rank0=term_to_rank0).run()

@@ -29,7 +29,9 @@ _END = object()  # a stream's last item
 class RequestStream:
     """One request's outputs as they come: ``for out in stream`` or ``async for``; the
     engine's error, if it failed, is raised to the reader. ``request`` is filled in once
-    the engine thread queued it."""
+    the engine thread queued it. A stream submitted inside a running event loop is fed
+    through that loop (``async for`` then waits without holding a thread: a server with
+    hundreds of open streams must not need a thread each)."""
 
     def __init__(self, engine: "AsyncEngine", request_id: str):
         self.request_id = request_id
@@ -37,9 +39,20 @@ class RequestStream:
         self._engine = engine
         self._items: queue.Queue = queue.Queue()
         self._done = False
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+            self._async_items: asyncio.Queue | None = asyncio.Queue()
+        except RuntimeError:  # no loop in this thread: a blocking reader
+            self._loop, self._async_items = None, None
 
     def _put(self, item) -> None:
-        self._items.put(item)
+        if self._loop is None:
+            self._items.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._async_items.put_nowait, item)
+        except RuntimeError:  # the loop has closed: nobody is reading any more
+            pass
 
     def _next(self, item) -> RequestOutput:
         if item is _END:
@@ -56,6 +69,9 @@ class RequestStream:
     def __next__(self) -> RequestOutput:
         if self._done:
             raise StopIteration
+        if self._loop is not None:
+            raise TypeError("this stream was submitted inside an event loop: read it with "
+                            "`async for`")
         return self._next(self._items.get())
 
     def __aiter__(self) -> "RequestStream":
@@ -64,7 +80,10 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await asyncio.get_running_loop().run_in_executor(None, self._items.get)
+        if self._async_items is not None:
+            item = await self._async_items.get()
+        else:
+            item = await asyncio.get_running_loop().run_in_executor(None, self._items.get)
         try:
             return self._next(item)
         except StopIteration:
@@ -103,6 +122,11 @@ class AsyncEngine:
         self._commands.put(("add", (stream, list(prompt_ids), params)))
         return stream
 
+    @property
+    def alive(self) -> bool:
+        """The engine thread is stepping (False once it failed or was shut down)."""
+        return self._thread.is_alive() and not self._stop.is_set()
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the thread; unfinished requests are cancelled and their streams end."""
         self._stop.set()
@@ -122,9 +146,14 @@ class AsyncEngine:
             self.error = e
             self._stop.set()
         finally:
-            for rid, stream in list(self._streams.items()):
-                self.engine.cancel(rid)
-                stream._put(self.error if self.error else _END)
+            for stream in self._streams.values():  # every reader first: cancelling below
+                stream._put(self.error if self.error else _END)  # may fail (ranks gone)
+            for rid in list(self._streams):
+                try:
+                    self.engine.cancel(rid)
+                except Exception:  # noqa: BLE001 - a failed engine: its error is reported
+                    if self.error is None:
+                        raise
             self._streams.clear()
 
     def _apply_commands(self, block: bool) -> None:

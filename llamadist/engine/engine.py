@@ -14,6 +14,7 @@ step after it arrives and leaves (freeing its blocks) the step it finishes.
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -21,14 +22,19 @@ from dataclasses import dataclass, field
 
 from llamadist.config import RuntimeConfig
 from llamadist.engine.executor import Executor, LocalExecutor
-from llamadist.engine.kv_blocks import BlockPool
+from llamadist.engine.kv_blocks import NULL_BLOCK, BlockPool
 from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler, SchedulerStep
 from llamadist.generation.generate import text_delta
 from llamadist.generation.sampling import SamplingParams, new_seed
-from llamadist.generation.tokenizer import Tokenizer
+from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer
+from llamadist.runtime.cuda_graph import bucket_sizes
 from llamadist.runtime.engine import Engine
-from llamadist.runtime.step_work import SampleSpec, SeqWork, StepWork
+from llamadist.runtime.step_work import (SampleSpec, SeqWork, StepWork, TokenLogprob,
+                                         unpack_sampled)
+
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class RequestOutput:
@@ -38,6 +44,7 @@ class RequestOutput:
     text: str                # text newly safe to show (stop strings and UTF-8 held back)
     finished: bool
     finish_reason: str | None
+    logprobs: TokenLogprob | None = None  # when the request's params ask for them
 
 
 @dataclass
@@ -100,7 +107,9 @@ class LLMEngine:
                  num_blocks: int | None = None, block_size: int | None = None,
                  prefix_caching: bool = True):
         assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
-        executors = ([LocalExecutor(model)] if isinstance(model, Engine)
+        ahead = runtime.schedule_ahead and model.stages[0].device.type == "cuda" \
+            if isinstance(model, Engine) else False
+        executors = ([LocalExecutor(model, ahead)] if isinstance(model, Engine)
                      else list(model) if isinstance(model, (list, tuple)) else [model])
         self.tokenizer, self.runtime = tokenizer, runtime
         self.config = executors[0].config
@@ -124,6 +133,29 @@ class LLMEngine:
         self._ids = itertools.count()
         self._launches = itertools.count()
         self._where: dict[str, Replica] = {}  # unfinished requests' replicas
+        self.warmup_s = 0.0  # set by warmup()
+
+    def warmup(self, force: bool = False) -> float:
+        """Run one decode step of every batch bucket through each executor on a GPU (on
+        any device when ``force``), so its CUDA graphs are captured (and layers compiled)
+        now, not while requests wait. The steps' rows all read and write the null block's
+        slot 0 and sample nothing. Seconds spent (0.0 when nothing needed it)."""
+        t0, ran = time.perf_counter(), False
+        for rep in self.replicas:
+            if not force and not any(d.startswith("cuda") for d in rep.executor.devices):
+                continue
+            for size in bucket_sizes(self.runtime.max_batch):
+                seqs = [SeqWork(f"warmup-{i}", (0,), (NULL_BLOCK,), 0, None)
+                        for i in range(size)]
+                rep.executor.launch(StepWork(seqs, self.block_size))
+                rep.executor.collect()
+                ran = True
+        spent = time.perf_counter() - t0 if ran else 0.0
+        self.warmup_s += spent
+        if spent:
+            log.info("warm-up (graph capture of %s-sequence buckets): %.1f s",
+                     bucket_sizes(self.runtime.max_batch), spent)
+        return spent
 
     @staticmethod
     def default_blocks(runtime: RuntimeConfig, block_size: int) -> int:
@@ -149,6 +181,8 @@ class LLMEngine:
             raise ValueError(f"request id {rid!r} is already queued or running")
         seed = params.seed if params.seed is not None else new_seed()
         req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic())
+        if params.prompt_logprobs is not None:
+            req.prompt_logprobs = [None] * len(req.prompt_ids)
         rep = min(self.replicas, key=lambda r: r.load)
         rep.scheduler.add(req)
         if not req.finished:
@@ -217,14 +251,20 @@ class LLMEngine:
                 while r.in_flight:
                     r.scheduler.abort(r.in_flight.popleft()[1])
             raise
+        tokens, logprobs, scored = unpack_sampled(tokens, work)
+        self._record_scores(work, scored)
         sampled = dict(zip(work.sampled_ids, tokens))
+        # requests that finished while the step ran (cancelled; stopped, with a decode
+        # scheduled ahead) get nothing from it
+        live = {c.request.id for c in step.chunks if not c.request.finished}
         finished = {r.id for r in rep.scheduler.update(step, sampled)}
         outputs = []
         for c in step.chunks:
             req = c.request
-            if req.id not in sampled or req.finish_reason == "cancelled":
-                continue  # a prefill chunk, or cancelled during the step: no token
+            if req.id not in sampled or req.id not in live:
+                continue  # a prefill chunk, or a request that finished meanwhile
             out = self._output(rep, req, sampled[req.id], req.id in finished)
+            out.logprobs = logprobs.get(req.id)
             outputs.append(out)
             if req.id in self._queues:
                 self._queues[req.id].append(out)
@@ -235,35 +275,62 @@ class LLMEngine:
         self.stats.busy_s += time.perf_counter() - t0
         return outputs
 
+    def _record_scores(self, work: StepWork, scored: dict[str, list[TokenLogprob]]) -> None:
+        """Prompt tokens' logprobs into their requests, by position (a recomputed chunk
+        writes the same values again)."""
+        for s in work.seqs:
+            req = self.get(s.request_id)
+            if s.request_id in scored and req is not None and req.prompt_logprobs is not None:
+                for j, entry in enumerate(scored[s.request_id]):
+                    req.prompt_logprobs[s.start + 1 + j] = entry
+
     def _launch(self) -> None:
         for rep in self.replicas:
             depth = rep.executor.depth
             per_step = -(-self.runtime.max_batch // depth)
-            while len(rep.in_flight) < depth:
-                step = rep.scheduler.schedule(per_step)
+            # an executor that takes decodes scheduled ahead keeps one more step in flight
+            ahead = getattr(rep.executor, "ahead", False)
+            while len(rep.in_flight) < depth + ahead:
+                step = rep.scheduler.schedule(per_step, ahead=ahead and bool(rep.in_flight))
                 if not step:
                     break
-                work = self._work(step)
+                work = self._work(step, rep.in_flight[-1][2] if rep.in_flight else None)
                 work.reset_stats, rep.reset_pending = rep.reset_pending, False
                 rep.executor.launch(work)
                 rep.busy = True
                 rep.in_flight.append((next(self._launches), step, work))
 
-    def _work(self, step: SchedulerStep) -> StepWork:
-        """The step as the executor sees it (host data; see runtime.step_work)."""
+    def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:
+        """The step as the executor sees it (host data; see runtime.step_work); ``prev``:
+        the step launched just before it, whose samples its pending chunks read."""
         seqs = []
+        prev_rows = {rid: i for i, rid in enumerate(prev.sampled_ids)} if prev else {}
         for c in step.chunks:
             req = c.request
             if c.start < len(req.prompt_ids):
                 self.stats.prompt_tokens += min(c.end, len(req.prompt_ids)) - c.start
             spec = None
             if c.sample:
-                # the tokens seen so far matter only to a repetition penalty
+                # the tokens seen so far matter only to the penalties that ask for them
                 seen = tuple(req.all_ids) if req.params.repetition_penalty != 1.0 else ()
-                spec = SampleSpec(req.params, req.seed, len(req.output_ids), seen)
+                outs = tuple(req.output_ids) if req.params.counts_outputs else ()
+                # a pending chunk samples the token after the one still in flight
+                spec = SampleSpec(req.params, req.seed, len(req.output_ids) + c.pending,
+                                  seen, outs)
             seqs.append(SeqWork(req.id, tuple(c.token_ids), tuple(req.block_ids), c.start,
-                                spec))
+                                spec, *self._score(req, c.start, c.end),
+                                prev_index=prev_rows[req.id] if c.pending else -1))
         return StepWork(seqs, self.block_size)
+
+    @staticmethod
+    def _score(req: Request, start: int, end: int) -> tuple[tuple[int, ...], int]:
+        """A request asking for its prompt's logprobs: the logits at positions [start,
+        min(end, P - 1)) score the prompt tokens after them."""
+        k = req.params.prompt_logprobs
+        p = len(req.prompt_ids)
+        if k is None or start >= p - 1:
+            return (), 0
+        return tuple(req.prompt_ids[start + 1:min(end, p - 1) + 1]), k
 
     def _output(self, rep: Replica, req: Request, tok: int,
                 finished_by_length: bool) -> RequestOutput:
@@ -280,8 +347,11 @@ class LLMEngine:
         done = reason is not None
         delta = ""
         if self.tokenizer is not None:
+            if req.decoder is None:
+                req.decoder = IncrementalDecoder(self.tokenizer)
             req.text, delta, stopped = text_delta(self.tokenizer, req.output_ids,
-                                                  tuple(req.params.stop), req.emitted, done)
+                                                  tuple(req.params.stop), req.emitted, done,
+                                                  req.decoder)
             req.emitted += len(delta)
             if stopped:
                 reason, done = "stop", True

@@ -17,7 +17,7 @@ from typing import Protocol
 
 import torch
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, to_device
 from llamadist.distributed.p2p import Kind, Message
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage_rank import StageRank
@@ -42,16 +42,23 @@ class Executor(Protocol):
 
 class LocalExecutor:
     """Stages in this process. The sampled tokens' copy to the host is started at launch
-    and waited for at collect."""
+    and waited for at collect. ``ahead``: the engine may launch the next step before
+    collecting this one, its decodes reading their input tokens from this step's output on
+    the device; on a GPU the host's work for a step then runs while the device computes
+    the one before (RuntimeConfig.schedule_ahead)."""
 
     depth = 1
 
-    def __init__(self, model: Engine):
+    def __init__(self, model: Engine, ahead: bool = False):
         self.model = model
         self.config = model.config
         self.devices = [str(s.device) for s in model.stages]
         self._first = model.stages[0].device
-        self._done: deque[torch.Tensor] = deque()
+        self.ahead = ahead
+        # per launched step: its sampled tokens on the host, and (on a GPU) the event that
+        # says they arrived (a stream sync would also wait for the step launched after)
+        self._done: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+        self._last: torch.Tensor | None = None  # the latest step's sampled tokens (device)
 
     def init_paged(self, num_blocks: int, block_size: int) -> None:
         self.model.init_paged(num_blocks, block_size)
@@ -61,13 +68,24 @@ class LocalExecutor:
         if work.reset_stats:
             for s in self.model.stages:
                 s.reset_stats()
-        logits = self.model.forward_paged(work.tokens(self._first), work.batch())  # (S, V)
-        self._done.append(sample_step(logits, work).to("cpu", non_blocking=True))
+        tokens = work.tokens(self._first)
+        at, src = work.pending()
+        if at:  # decodes scheduled ahead: their inputs are the previous step's samples
+            assert self._last is not None, "a pending token needs a step launched before"
+            tokens[to_device(torch.tensor(at), self._first)] = \
+                self._last[to_device(torch.tensor(src), self._last.device)].to(self._first)
+        logits = self.model.forward_paged(tokens, work.batch())  # (S, V)
+        self._last = sample_step(logits, work)
+        host, arrived = self._last.to("cpu", non_blocking=True), None
+        if self._last.device.type == "cuda":
+            arrived = torch.cuda.Event()
+            arrived.record(torch.cuda.current_stream(self._last.device))
+        self._done.append((host, arrived))
 
     def collect(self) -> list[int]:
-        tokens = self._done.popleft()
-        if tokens.device.type == "cpu" and self._first.type == "cuda":
-            torch.cuda.current_stream(self.model.device).synchronize()
+        tokens, arrived = self._done.popleft()
+        if arrived is not None:
+            arrived.synchronize()
         return tokens.tolist()
 
     def idle(self) -> None:

@@ -43,6 +43,10 @@ class Request:
     num_preemptions: int = 0
     text: str = ""   # the engine's detokenized output so far (cut at a stop string)
     emitted: int = 0  # characters of ``text`` already streamed
+    decoder: object | None = field(default=None, repr=False)  # its IncrementalDecoder
+    # params.prompt_logprobs: one entry per prompt token (None for the first, which no
+    # logits predict), filled as the prompt's chunks are computed
+    prompt_logprobs: list | None = None
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

@@ -31,8 +31,12 @@ finishes with "cancelled". Every finish frees the request's blocks at once.
 
 Steps in flight: ``schedule`` may be called again before ``update`` of earlier steps
 (a pipeline keeps one step per stage in flight); a request with a chunk in flight is
-neither scheduled again nor preempted until its step is updated. ``update`` calls for a
-request must come in the order its steps were scheduled. A request cancelled while in
+neither scheduled again nor preempted until its step is updated, except with ``ahead``:
+a decode whose input is the token its step in flight samples (a ``pending`` chunk, so an
+executor on a GPU can take it from that step's output on the device while the host
+schedules the next step). ``update`` calls for a request must come in the order its steps
+were scheduled. A request that stops (EOS, a stop string) while a pending chunk is in
+flight wastes that chunk: ``update`` ignores chunks of finished requests. A request cancelled while in
 flight frees its blocks at once and the next step may reuse them: safe because every
 stage runs steps in the order they were scheduled, so the old step's writes come first.
 """
@@ -62,6 +66,9 @@ class Chunk:
     start: int
     num_tokens: int
     sample: bool
+    # scheduled ahead: its one token is the one the request's step in flight samples,
+    # unknown on the host until then (the executor takes it from that step's output)
+    pending: bool = False
 
     @property
     def end(self) -> int:
@@ -69,11 +76,14 @@ class Chunk:
 
     @property
     def token_ids(self) -> list[int]:
+        if self.pending:
+            return [0]  # a placeholder: see ``pending``
         return self.request.tokens(self.start, self.end)
 
     def __repr__(self) -> str:
         return (f"Chunk({self.request.id!r}, start={self.start}, "
-                f"num_tokens={self.num_tokens}, sample={self.sample})")
+                f"num_tokens={self.num_tokens}, sample={self.sample}"
+                f"{', pending' if self.pending else ''})")
 
 
 @dataclass
@@ -109,7 +119,10 @@ class Scheduler:
         self.running: list[Request] = []  # admission order
         self.preemptions = 0
         self._requests: dict[str, Request] = {}  # unfinished, by id
-        self._in_flight: set[Request] = set()
+        # chunks in flight per request (two when a decode was scheduled ahead), and the
+        # latest of them
+        self._in_flight: dict[Request, int] = {}
+        self._flying: dict[Request, Chunk] = {}
         self._length_finished: dict[str, Request] = {}  # by the latest update
 
     # ---- gauges ----------------------------------------------------------------------
@@ -208,45 +221,68 @@ class Scheduler:
         else:
             self.waiting.remove(req)
         self.pool.free(req)
-        self._in_flight.discard(req)
+        self._in_flight.pop(req, None)
+        self._flying.pop(req, None)
         del self._requests[req.id]
         req.status = RequestStatus.FINISHED
         req.finish_reason = reason
         req.finished_s = self.clock()
 
     # ---- one step --------------------------------------------------------------------
-    def schedule(self, max_seqs: int | None = None) -> SchedulerStep:
+    def schedule(self, max_seqs: int | None = None, ahead: bool = False) -> SchedulerStep:
         """The next step: at most ``max_seqs`` sequences (None: max_batch). A pipeline
         with P stages in flight asks for about max_batch / P, so the running requests
-        split into P groups that take turns, one group per stage."""
+        split into P groups that take turns, one group per stage. ``ahead``: a request
+        whose step in flight samples its next token may decode that token in this step
+        (a ``pending`` chunk), so the host schedules while the device computes; see
+        ``can_go_ahead`` for which may."""
         step = SchedulerStep()
         limit = self.max_batch if max_seqs is None else max(1, max_seqs)
-        budget = self._schedule_running(step, self.max_batch_tokens, limit)
+        budget = self._schedule_running(step, self.max_batch_tokens, limit, ahead)
         if not step.preempted:
             self._admit_waiting(step, budget, limit)
-        self._in_flight.update(c.request for c in step.chunks)
+        for c in step.chunks:
+            self._in_flight[c.request] = self._in_flight.get(c.request, 0) + 1
+            self._flying[c.request] = c
         return step
 
-    def _schedule_running(self, step: SchedulerStep, budget: int, limit: int) -> int:
-        # Requests with a step in flight wait for its result; the earliest admitted first.
-        todo = [r for r in self.running if r not in self._in_flight][:limit]
+    def can_go_ahead(self, req: Request) -> bool:
+        """One chunk in flight that samples the request's next token, and tokens left
+        after it; not a request whose sampling needs its outputs on the host (penalties)."""
+        c = self._flying.get(req)
+        p = req.params
+        return (self._in_flight.get(req) == 1 and c is not None and c.sample
+                and c.end == req.num_tokens and req.remaining_new > 1
+                and p.repetition_penalty == 1.0 and not p.presence_penalty
+                and not p.frequency_penalty)
+
+    def _schedule_running(self, step: SchedulerStep, budget: int, limit: int,
+                          ahead: bool = False) -> int:
+        # Requests with a step in flight wait for its result (unless they may go ahead);
+        # the earliest admitted first.
+        todo = [r for r in self.running
+                if r not in self._in_flight or (ahead and self.can_go_ahead(r))][:limit]
         # One token of the budget is kept for each decode later in the order, so a chunked
         # prefill ahead of them (a resumed request, or one whose earlier chunk was in
         # flight when they were admitted) never stalls their decoding.
-        decodes = {r for r in todo if r.num_tokens - r.num_computed == 1}
+        going = {r for r in todo if r in self._in_flight}  # ahead: one pending token each
+        decodes = {r for r in todo if r.num_tokens - r.num_computed == 1} | going
         reserve = len(decodes)
         scheduled: set[Request] = set()
         for req in todo:
             if req.status is not RequestStatus.RUNNING:
                 continue  # preempted a moment ago
             reserve -= req in decodes
-            n = min(req.num_tokens - req.num_computed, budget - reserve)
+            left = 1 if req in going else req.num_tokens - req.num_computed
+            n = min(left, budget - reserve)
             if n <= 0:
                 continue
             # (A decode preempted later in the loop keeps its reserved token unused: at
             # most one token per victim, in a step already short of blocks.)
-            if self._allocate_or_preempt(req, n, step, scheduled):
-                step.chunks.append(self._chunk(req, n))
+            start = self._flying[req].end if req in going else req.num_computed
+            if self._allocate_or_preempt(req, start + n - req.num_computed, step, scheduled):
+                step.chunks.append(Chunk(req, start, n, sample=True, pending=True)
+                                   if req in going else self._chunk(req, n))
                 scheduled.add(req)
                 budget -= n
         return budget
@@ -278,6 +314,8 @@ class Scheduler:
                and len(step.chunks) < limit):
             req = self.waiting[0]
             prefix, num_cached = self.pool.match_prefix(req.all_ids)
+            if req.params.prompt_logprobs is not None and req.first_token_s is None:
+                prefix, num_cached = [], 0  # its prompt's logits are wanted: compute it all
             n = min(req.num_tokens - num_cached, budget)
             if not self.pool.allocate(req, n, prefix):
                 return  # first come, first served: nobody overtakes the head
@@ -302,7 +340,16 @@ class Scheduler:
         longer in flight, and since nothing advanced, scheduling them again recomputes
         exactly the same chunks."""
         for c in step.chunks:
-            self._in_flight.discard(c.request)
+            self._land(c)
+
+    def _land(self, c: Chunk) -> None:
+        """A chunk's step is over (done or aborted): it is no longer in flight."""
+        left = self._in_flight.get(c.request, 0) - 1
+        if left > 0:
+            self._in_flight[c.request] = left
+        else:
+            self._in_flight.pop(c.request, None)
+            self._flying.pop(c.request, None)
 
     def update(self, step: SchedulerStep, sampled: dict[str, int | None]) -> list[Request]:
         """Advance each chunk's request by its tokens, append the sampled token of each
@@ -313,7 +360,7 @@ class Scheduler:
         self._length_finished.clear()
         for c in step.chunks:
             req = c.request
-            self._in_flight.discard(req)
+            self._land(c)
             if req.status is not RequestStatus.RUNNING:
                 continue
             if req.num_computed != c.start:

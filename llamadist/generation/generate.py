@@ -16,7 +16,7 @@ import torch
 
 from llamadist.config import ModelConfig
 from llamadist.generation.sampling import Sampler, SamplingParams, request_seeds
-from llamadist.generation.tokenizer import Tokenizer
+from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer
 
 
 class ContextLimitError(ValueError):
@@ -111,12 +111,21 @@ def seen_mask(prompts: list[list[int]], vocab: int, device: torch.device) -> tor
 
 
 def make_sampler(prompts: list[list[int]], params: list[SamplingParams], seeds: list[int],
-                 vocab: int, device: torch.device) -> Sampler:
+                 vocab: int, device: torch.device,
+                 outputs: list[list[int]] | None = None) -> Sampler:
     """The sampler for a batch of requests (with the prompts' tokens marked seen when a
-    request asks for a repetition penalty)."""
+    request asks for a repetition penalty, and ``outputs``, the tokens generated so far,
+    counted when one asks for a presence or frequency penalty)."""
     penalised = any(p.repetition_penalty != 1.0 for p in params)
     seen = seen_mask(prompts, vocab, device) if penalised else None
-    return Sampler(params, seeds, device, seen)
+    counts = None
+    if any(p.counts_outputs for p in params):
+        counts = torch.zeros(len(params), vocab, dtype=torch.float32)  # (B, V)
+        for i, out in enumerate(outputs or [[] for _ in params]):
+            if out:
+                counts[i].index_add_(0, torch.tensor(out), torch.ones(len(out)))
+        counts = counts.to(device)
+    return Sampler(params, seeds, device, seen, counts)
 
 
 def fit_history(encode: Callable[[list[dict]], list[int]], system: list[dict],
@@ -267,12 +276,15 @@ class Generator:
 
 
 def text_delta(tokenizer: Tokenizer, token_ids: list[int], stops: tuple[str, ...],
-               emitted: int, done: bool) -> tuple[str, str, bool]:
+               emitted: int, done: bool, decoder: IncrementalDecoder | None = None
+               ) -> tuple[str, str, bool]:
     """The text of ``token_ids`` cut at the first stop string, the part of it that may be
     streamed now beyond the ``emitted`` characters already sent, and whether a stop string
     ended it. An unfinished UTF-8 character and any tail that may begin a stop string are
-    held back until the sequence is done."""
-    text = tokenizer.decode(token_ids)
+    held back until the sequence is done. ``decoder``: the sequence's own incremental
+    decoder (its text so far), instead of decoding every token again."""
+    # the last call decodes in full: exactly the text of the whole list
+    text = tokenizer.decode(token_ids) if done or decoder is None else decoder.update(token_ids)
     stopped = False
     for stop in stops:
         cut = text.find(stop)

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llamadist.config import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -42,9 +44,18 @@ class SamplingParams:
     top_p: float = 1.0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
+    # OpenAI's: subtracted from a token's logit once it was generated (presence) and per
+    # time it was generated (frequency); the prompt does not count
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
     seed: int | None = None  # the request's seed; None: one from the OS, recorded per sequence
     stop: tuple[str, ...] = field(default_factory=tuple)
     ignore_eos: bool = False
+    # the chosen token's log-probability and the top ``logprobs`` others' (None: none),
+    # of the model's own distribution (log-softmax of the raw logits, before temperature,
+    # penalty and filters)
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
         checks = [
@@ -55,10 +66,23 @@ class SamplingParams:
             (0 <= self.min_p < 1, f"min_p must be in [0, 1), got {self.min_p}"),
             (self.repetition_penalty > 0,
              f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2 <= self.presence_penalty <= 2,
+             f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (-2 <= self.frequency_penalty <= 2,
+             f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}"),
+            (self.logprobs is None or self.logprobs >= 0,
+             f"logprobs must be >= 0, got {self.logprobs}"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0,
+             f"prompt_logprobs must be >= 0, got {self.prompt_logprobs}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    @property
+    def counts_outputs(self) -> bool:
+        """The sampler needs the counts of the tokens generated so far."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property
     def greedy(self) -> bool:
@@ -147,37 +171,51 @@ class Sampler:
     seed; ``steps`` counts each row's sampled tokens (on the device, so no host sync)."""
 
     def __init__(self, params: Sequence[SamplingParams], seeds: Sequence[int],
-                 device: torch.device | str, seen: torch.Tensor | None = None):
+                 device: torch.device | str, seen: torch.Tensor | None = None,
+                 counts: torch.Tensor | None = None):
+        """``seen`` (B, V) bool: the tokens a repetition penalty applies to; ``counts``
+        (B, V) float32: how often each token was generated (presence and frequency
+        penalties); each needed only when some row asks for its penalty."""
         if len(params) != len(seeds):
             raise ValueError(f"{len(params)} params but {len(seeds)} seeds")
         dev = torch.device(device)
         self.params, self.seeds = list(params), list(seeds)
-
-        def col(values: list, dtype: torch.dtype) -> torch.Tensor:  # (B, 1)
-            return torch.tensor(values, dtype=dtype).view(-1, 1).to(dev)
-
-        self.greedy = col([p.greedy for p in params], torch.bool)
         self.all_greedy = all(p.greedy for p in params)
-        self.temperature = col([p.temperature if not p.greedy else 1.0 for p in params],
-                               torch.float32)
-        self.top_k = col([p.top_k for p in params], torch.int64)
+        penalised = any(p.repetition_penalty != 1.0 for p in params)
+        self.seen = seen if penalised else None
         self.any_top_k = any(p.top_k > 0 and not p.greedy for p in params)
-        self.top_p = col([p.top_p for p in params], torch.float32)
         self.any_top_p = any(p.top_p < 1.0 and not p.greedy for p in params)
-        self.min_p = col([p.min_p for p in params], torch.float32)
         self.any_min_p = any(p.min_p > 0 and not p.greedy for p in params)
-        self.penalty = col([p.repetition_penalty for p in params], torch.float32)
-        self.seen = seen if any(p.repetition_penalty != 1.0 for p in params) else None
-        self.keys = torch.tensor([seed_key(s) for s in seeds], dtype=torch.int64).to(dev)  # (B,)
+        self.counts = counts if any(p.counts_outputs for p in params) else None
         self.steps = torch.zeros(len(seeds), dtype=torch.int64, device=dev)  # (B,)
+        if self.all_greedy and not penalised and self.counts is None:
+            return  # an argmax needs no per-row knobs (and no host-to-device copies)
+        # Every per-row knob in two host tensors, each copied to the device once (a copy
+        # from pageable memory waits for the GPU; eight of them per step did).
+        floats = torch.tensor([[p.temperature if not p.greedy else 1.0, p.top_p, p.min_p,
+                                p.repetition_penalty, float(p.greedy), p.presence_penalty,
+                                p.frequency_penalty] for p in params],
+                              dtype=torch.float32)
+        floats = to_device(floats, dev)  # (B, 7)
+        ints = to_device(torch.tensor([[p.top_k, seed_key(s)] for p, s in zip(params, seeds)],
+                                      dtype=torch.int64), dev)  # (B, 2)
+        self.temperature, self.top_p, self.min_p, self.penalty = (
+            floats[:, i:i + 1] for i in range(4))  # (B, 1) each
+        self.greedy = floats[:, 4:5] > 0.5
+        self.presence, self.frequency = floats[:, 5:6], floats[:, 6:7]  # (B, 1) each
+        self.top_k = ints[:, 0:1]
+        self.keys = ints[:, 1].contiguous()  # (B,)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """logits (B, V) -> tokens (B,) long, on the logits' device; advances every row's
         step and marks the tokens seen."""
         tok = self.sample(logits)
         self.steps += 1
+        rows = torch.arange(len(tok), device=tok.device)
         if self.seen is not None:
-            self.seen[torch.arange(len(tok), device=tok.device), tok] = True
+            self.seen[rows, tok] = True
+        if self.counts is not None:
+            self.counts[rows, tok] += 1
         return tok
 
     def sample(self, logits: torch.Tensor) -> torch.Tensor:
@@ -185,6 +223,9 @@ class Sampler:
         logits = logits.float()
         if self.seen is not None:
             logits = apply_repetition_penalty(logits, self.seen, self.penalty)
+        if self.counts is not None:
+            logits = (logits - self.frequency * self.counts
+                      - self.presence * (self.counts > 0).float())
         best = logits.argmax(dim=-1)
         if self.all_greedy:
             return best

@@ -132,3 +132,32 @@ def load_hf_tokenizer(folder: Path, eos_from_config: tuple[int, ...] = (),
     return Tokenizer(backend=backend, bos_token_id=bos, eos_token_ids=tuple(eos),
                      pad_token_id=tok_id("pad_token"), add_bos=bool(cfg.get("add_bos_token", False)),
                      chat_template=template, special_tokens=special)
+
+
+class IncrementalDecoder:
+    """The text of a token list that only grows, decoding a short window per new token
+    instead of the whole list (which costs O(length) per token: at 256 requests it was
+    a fifth of a serving run's time).
+
+    The window starts a few tokens back (``prefix``), so a tokenizer that drops the
+    leading space of a sequence's first token, or merges bytes across tokens, decodes the
+    window's old part and the whole window alike; the new text is their difference. While
+    the window ends in an unfinished UTF-8 character nothing is added."""
+
+    def __init__(self, tokenizer: "Tokenizer"):
+        self.tokenizer = tokenizer
+        self.text = ""
+        self.prefix = 0  # window start
+        self.read = 0    # tokens whose text is in self.text
+
+    def update(self, ids: list[int]) -> str:
+        """The text of ``ids`` (the previous call's list plus new tokens)."""
+        if len(ids) < self.read:
+            raise ValueError("IncrementalDecoder: the token list shrank")
+        if len(ids) > self.read:
+            old = self.tokenizer.decode(ids[self.prefix:self.read])
+            new = self.tokenizer.decode(ids[self.prefix:])
+            if len(new) > len(old) and not new.endswith("\ufffd"):
+                self.text += new[len(old):]
+                self.prefix, self.read = max(0, len(ids) - 4), len(ids)
+        return self.text

@@ -259,6 +259,8 @@ def _layer_weights(layer) -> tuple | None:
     block) weights (not tensor-parallel shards, whose o/down need an all-reduce); None
     otherwise. Cached on the layer and rebuilt when any of its weights is replaced."""
     attn, mlp = layer.self_attn, layer.mlp
+    if mlp is None:  # a mixture-of-experts layer: its own forward (experts as CpuLinear)
+        return None
     mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
     if any(type(m) not in _PLAIN_LINEARS for m in mods):
         return None

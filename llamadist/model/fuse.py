@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from llamadist.model.llama import MLP, Attention
+from llamadist.model.moe import Expert
 
 
 def _concat_linear(parts: list[nn.Linear]) -> nn.Linear:
@@ -50,17 +51,27 @@ def fuse_mlp(mlp: MLP) -> None:
     del mlp.gate_proj, mlp.up_proj
 
 
+def fuse_expert(expert: Expert) -> None:
+    if expert.w13 is not None:
+        return
+    expert.w13 = _concat_linear([expert.w1, expert.w3])
+    del expert.w1, expert.w3
+
+
 def fuse_projections(model: nn.Module) -> nn.Module:
-    """Fuse q/k/v into ``qkv_proj`` and gate/up into ``gate_up_proj`` in every layer of
-    ``model`` (in place; returns it). Outputs equal the unfused model's up to the
-    matmul library's summation order (bitwise on most paths, 1e-6 relative in fp32)."""
-    # Collect only the Attention/MLP blocks: a list of every module would keep the
-    # replaced Linears (and their weights) alive until the whole pass ends.
-    for module in [m for m in model.modules() if isinstance(m, (Attention, MLP))]:
+    """Fuse q/k/v into ``qkv_proj``, gate/up into ``gate_up_proj`` and each MoE expert's
+    w1/w3 into ``w13`` in every layer of ``model`` (in place; returns it). Outputs equal
+    the unfused model's up to the matmul library's summation order (bitwise on most
+    paths, 1e-6 relative in fp32)."""
+    # Collect only the blocks to fuse: a list of every module would keep the replaced
+    # Linears (and their weights) alive until the whole pass ends.
+    for module in [m for m in model.modules() if isinstance(m, (Attention, MLP, Expert))]:
         if isinstance(module, Attention):
             fuse_attention(module)
         elif isinstance(module, MLP):
             fuse_mlp(module)
+        else:
+            fuse_expert(module)
     return model
 
 

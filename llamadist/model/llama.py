@@ -1,5 +1,5 @@
 """The pure Llama model: embedding, RMSNorm, RoPE, GQA attention over a caller-owned
-KV cache, SwiGLU MLP, final norm and head.
+KV cache, SwiGLU MLP (or Mixtral's sparse MoE block, :mod:`.moe`), final norm and head.
 
 No torch.distributed and no kernels here (DESIGN principle 1): plain ``nn.Linear`` and
 SDPA; faster kernels are swapped in by passes over a built model
@@ -21,6 +21,7 @@ from torch import nn
 
 from llamadist.config import ModelConfig
 from llamadist.model.cache import FlatLayerKV, LayerKV, StageKV, Start
+from llamadist.model.moe import SparseMoE
 from llamadist.model.rope import RotaryTable, apply_rotary
 
 # One-token attention: (q, keys, values, mask, start, cos, sin) -> out, shapes as in
@@ -143,12 +144,21 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """Attention then the feed-forward block: a dense SwiGLU ``mlp`` (Llama) or a sparse
+    ``block_sparse_moe`` (Mixtral, llamadist.model.moe); the other attribute is None, so
+    parameter names stay the checkpoint's."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(config)
+        self.mlp = None if config.is_moe else MLP(config)
+        self.block_sparse_moe = SparseMoE(config) if config.is_moe else None
+
+    @property
+    def feed_forward(self) -> nn.Module:
+        return self.mlp if self.mlp is not None else self.block_sparse_moe
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerKV, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
@@ -165,7 +175,7 @@ class DecoderLayer(nn.Module):
         if pending is not None:
             x = x + pending
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
-        return x, self.mlp(self.post_attention_layernorm(x))
+        return x, self.feed_forward(self.post_attention_layernorm(x))
 
 
 class Llama(nn.Module):

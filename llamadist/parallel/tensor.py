@@ -9,6 +9,9 @@ How a decoder layer is cut across the ``tp`` ranks of one tensor-parallel group:
     embed_tokens             VocabParallelEmbedding vocab rows split; masked lookup; all-reduce
     lm_head                  VocabParallelHead      vocab rows split; local logits; all-gather
     norms                    replicated
+    block_sparse_moe         not split here: tensor_parallel_pass spreads the experts
+                             over the same ranks (llamadist.parallel.expert, EP = TP),
+                             whole experts, one all-reduce after the block
 
 So a layer costs two all-reduces of the (B, T, D) hidden state; everything between a
 column and its row partner stays local. The Llama module itself is unchanged:
@@ -48,6 +51,7 @@ from torch import nn
 
 from llamadist.config import ModelConfig
 from llamadist.model.llama import Llama
+from llamadist.parallel.expert import apply_expert_parallel
 from llamadist.parallel.tp_layout import (TensorParallelError, TPSizes, check_tp, tp_kv_heads,
                                           tp_shard_fn, tp_sizes, vocab_range)
 
@@ -161,13 +165,17 @@ def apply_tensor_parallel(model: Llama, group: Group, tp_rank: int, tp_size: int
     d, hd = config.hidden_size, config.head_dim
     for layer in model.model.layers.values():
         attn, mlp = layer.self_attn, layer.mlp
-        if attn.qkv_proj is not None or mlp.gate_up_proj is not None:
+        if attn.qkv_proj is not None or (mlp is not None and mlp.gate_up_proj is not None):
             raise TensorParallelError("apply tensor parallel before fusing q|k|v / gate|up")
         ab, mb = config.attention_bias, config.mlp_bias
         attn.q_proj = ColumnParallelLinear(d, sizes.q_heads * hd, ab)
         attn.k_proj = ColumnParallelLinear(d, sizes.kv_heads * hd, ab)
         attn.v_proj = ColumnParallelLinear(d, sizes.kv_heads * hd, ab)
         attn.o_proj = RowParallelLinear(sizes.q_heads * hd, d, ab, group)
+        if mlp is None:
+            # A mixture-of-experts block: not sliced by this pass (its input is the
+            # replicated hidden state); tensor_parallel_pass adds the expert-parallel pass.
+            continue
         mlp.gate_proj = ColumnParallelLinear(d, sizes.intermediate, mb)
         mlp.up_proj = ColumnParallelLinear(d, sizes.intermediate, mb)
         mlp.down_proj = RowParallelLinear(sizes.intermediate, d, mb, group)
@@ -187,8 +195,22 @@ def tensor_parallel_pass(config: ModelConfig, group: Group, tp_rank: int,
                          tp_size: int) -> dict:
     """The keywords of ``runtime.stage.build_stage`` that make a stage this rank's shard:
     ``prepare`` (apply_tensor_parallel on the meta model), ``shard_fn`` (the slice each
-    tensor reads) and ``num_kv_heads`` (the KV heads this rank caches)."""
+    tensor reads) and ``num_kv_heads`` (the KV heads this rank caches).
+
+    A mixture-of-experts model's experts are spread over the same ranks (EP = TP: rank r
+    holds and reads only its share of whole experts, ``moe_tp_experts``), so no rank
+    holds them all; with fewer experts than ranks they stay whole on every rank."""
     check_tp(config, tp_size)
-    return dict(prepare=lambda m: apply_tensor_parallel(m, group, tp_rank, tp_size),
-                shard_fn=tp_shard_fn(config, tp_rank, tp_size),
+
+    def prepare(model: Llama) -> None:
+        apply_tensor_parallel(model, group, tp_rank, tp_size)
+        if moe_tp_experts(config, tp_size):
+            apply_expert_parallel(model, group, tp_rank, tp_size)
+    return dict(prepare=prepare, shard_fn=tp_shard_fn(config, tp_rank, tp_size),
                 num_kv_heads=tp_kv_heads(config, tp_size))
+
+
+def moe_tp_experts(config: ModelConfig, tp_size: int) -> bool:
+    """Whether tensor parallelism over ``tp_size`` ranks spreads an MoE model's experts over
+    them (at least one expert per rank), rather than keeping every expert on every rank."""
+    return config.is_moe and 1 < tp_size <= config.num_experts

@@ -44,8 +44,8 @@ def tp_shard_fn(config: ModelConfig, tp_rank: int, tp_size: int) -> ShardFn:
     vocab = vocab_range(config.vocab_size, tp_rank, tp_size)
 
     def shard(name: str, full_shape: tuple[int, ...]) -> Shard | None:
-        if tp_size == 1 or name.endswith(_REPLICATED):
-            return None
+        if tp_size == 1 or name.endswith(_REPLICATED) or ".block_sparse_moe." in name:
+            return None  # MoE router and whole experts (tensor.py spreads them by EP)
         if name in _VOCAB:
             return (0, *vocab)
         module, _, leaf = name.rpartition(".")

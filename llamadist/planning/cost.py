@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from llamadist.config import ModelConfig
 from llamadist.planning.devices import DeviceSpec
-from llamadist.planning.profile import ModelProfile
+from llamadist.planning.profile import ModelProfile, expected_experts
 from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError
 
@@ -65,6 +65,18 @@ class Link:
             return 0.0
         steps = 2 * (ranks - 1)
         return steps * self.latency_s + steps / ranks * nbytes / self.bandwidth
+
+    def all_to_all_s(self, nbytes: float, ranks: int) -> float:
+        """``nbytes`` leave each rank, spread evenly over the ranks (its own share stays):
+        pairwise exchange, (p - 1) steps of n / p bytes."""
+        if ranks <= 1:
+            return 0.0
+        steps = ranks - 1
+        return steps * self.latency_s + steps / ranks * nbytes / self.bandwidth
+
+    def reduce_scatter_s(self, nbytes: float, ranks: int) -> float:
+        """``nbytes`` is the full (reduced) size; each rank ends with 1 / ranks of it."""
+        return self.all_gather_s(nbytes, ranks)
 
     def all_gather_s(self, nbytes: float, ranks: int) -> float:
         """``nbytes`` is the gathered (full) size; each rank contributes 1 / ranks."""
@@ -123,7 +135,13 @@ class CostModel:
     tokens; decode attends to all ``context`` cached tokens (the worst step). With ``tp``
     > 1 each stage is a tensor-parallel group and ``memory``/``time`` are one device's:
     weights / tp (plus ``extra_layer_bytes`` per layer that TP copies), ``kv_share`` of
-    each layer's KV cache."""
+    each layer's KV cache.
+
+    Mixture of experts: a layer's experts are split by expert parallelism, one device
+    holding ``1 / ep`` of them (llamadist.parallel.expert); tensor parallelism spreads
+    them over its ranks the same way (EP = TP) when there are at least ``tp`` experts,
+    else keeps them whole on each rank (llamadist.parallel.tensor). A decode step reads
+    only the experts its tokens were routed to (profile.expected_experts)."""
 
     profile: ModelProfile
     batch: int
@@ -135,17 +153,40 @@ class CostModel:
     tp: int = 1
     kv_share: float = 1.0
     extra_layer_bytes: float = 0
+    experts: tuple[int, ...] = ()  # prefix sums over decoder layers: expert bytes (MoE)
+    ep: int = 1                    # expert-parallel ranks sharing each layer's experts
 
     @classmethod
     def build(cls, profile: ModelProfile, batch: int, context: int, tp: int = 1,
-              config: ModelConfig | None = None) -> "CostModel":
+              config: ModelConfig | None = None, ep: int = 1) -> "CostModel":
         rows = profile.layers
         return cls(profile, batch, context, _prefix([r.weight_bytes for r in rows]),
                    _prefix([r.kv_bytes_per_token for r in rows]),
                    _prefix([r.matmul_flops_per_token for r in rows]),
                    _prefix([r.attn_flops_per_ctx_token for r in rows]), tp,
                    tp_kv_share(config, tp),
-                   tp_extra_layer_bytes(config, tp, profile.bytes_per_param))
+                   tp_extra_layer_bytes(config, tp, profile.bytes_per_param),
+                   _prefix([r.expert_bytes for r in rows]), ep)
+
+    def _expert_bytes(self, s: int, e: int) -> int:
+        return self.experts[e] - self.experts[s] if self.experts else 0
+
+    def _layer_weights(self, s: int, e: int, tp: int, extra_layer_bytes: float,
+                       tokens: int | None = None) -> float:
+        """Weights of layers [s, e) on one device: the dense part / tp (plus what TP
+        copies), the experts / ep; ``tokens`` given: only the experts a step of that many
+        tokens touches (what a decode step reads)."""
+        experts = self._expert_bytes(s, e)
+        dense = self.weights[e] - self.weights[s] - experts
+        if not experts:
+            return dense / tp + (e - s) * extra_layer_bytes
+        row = next(r for r in self.profile.layers[s:e] if r.num_experts)  # all alike
+        if tokens is not None:
+            experts *= expected_experts(row.num_experts, row.experts_per_token,
+                                        tokens) / row.num_experts
+        # TP ranks share the experts too when each gets one or more (parallel.tensor)
+        ep = max(self.ep, tp if tp <= row.num_experts else 1)
+        return dense / tp + (e - s) * extra_layer_bytes + experts / ep
 
     # -- memory (bytes per device) --
     def weight_bytes(self, s: int, e: int, first: bool, last: bool, tp: int = 1,
@@ -153,11 +194,12 @@ class CostModel:
         """Weights on one device of the TP group; ``extra_layer_bytes`` per layer is what
         tensor parallelism replicates (k/v_proj when tp > num_kv_heads). An int for tp 1."""
         p = self.profile
-        w = self.weights[e] - self.weights[s]
-        w += (p.embed.weight_bytes if first else 0) + (p.head.weight_bytes if last else 0)
+        ends = (p.embed.weight_bytes if first else 0) + (p.head.weight_bytes if last else 0)
         if first and last:  # one stage holds both ends: a tied matrix is stored once
-            w -= p.tied_bytes
-        return w if tp == 1 and not extra_layer_bytes else w / tp + (e - s) * extra_layer_bytes
+            ends -= p.tied_bytes
+        if tp == 1 and not extra_layer_bytes and self.ep == 1:
+            return self.weights[e] - self.weights[s] + ends  # an int
+        return self._layer_weights(s, e, tp, extra_layer_bytes) + ends / tp
 
     def kv_bytes(self, s: int, e: int, seqs: int | None = None, share: float = 1.0) -> int:
         """KV cache of ``seqs`` sequences x ``context`` tokens; ``share`` is the part of
@@ -182,7 +224,7 @@ class CostModel:
         """Seconds for one decode step of ``batch`` tokens through [s, e) on a device of
         ``flops`` FLOP/s and ``bandwidth`` bytes/s (one device of a TP group of ``tp``)."""
         p, b = self.profile, self.batch if batch is None else batch
-        read = (self.weights[e] - self.weights[s]) / tp + (e - s) * extra_layer_bytes
+        read = self._layer_weights(s, e, tp, extra_layer_bytes, tokens=b)
         read += self.kv_bytes(s, e, b, kv_share)
         read += p.head.weight_bytes / tp if last else 0
         read += b * p.hidden_size * p.bytes_per_param if first else 0   # (B, D) gathered rows
@@ -203,7 +245,7 @@ class CostModel:
         """Seconds to prefill ``batch`` prompts of ``prompt_len`` tokens through [s, e):
         weights read once, the prompts' KV written once, usually compute-bound."""
         p, b = self.profile, self.batch if batch is None else batch
-        moved = (self.weights[e] - self.weights[s]) / tp + (e - s) * extra_layer_bytes
+        moved = self._layer_weights(s, e, tp, extra_layer_bytes, tokens=b * prompt_len)
         moved += (self.kv[e] - self.kv[s]) * prompt_len * b * kv_share
         moved += p.head.weight_bytes / tp if last else 0
         moved += b * prompt_len * p.hidden_size * p.bytes_per_param if first else 0
@@ -247,6 +289,64 @@ def tp_comm_time(profile: ModelProfile, layers: int, first: bool, last: bool, ba
     if last:
         t += link.all_gather_s(batch * profile.vocab_size * profile.bytes_per_param, tp)
     return t
+
+
+def ep_comm_time(profile: ModelProfile, layers: int, batch: int, ep: int, link: Link,
+                 dispatch: str = "replicated") -> float:
+    """Expert-parallel collectives of one decode step of ``batch`` tokens per rank through
+    ``layers`` MoE layers (llamadist.parallel.expert's dispatches, and the all-to-all one
+    would use):
+
+    replicated  every rank holds the same B tokens: one all-reduce of (B, D) per layer
+    gather      each rank its own B tokens: all-gather (ep B, D), reduce-scatter back
+    all_to_all  each token's hidden state to its k experts' ranks and the k results back:
+                two all-to-alls of (B k, D) per layer (not implemented in the runtime)
+    """
+    if ep <= 1 or not profile.is_moe:
+        return 0.0
+    row = next(r for r in profile.layers if r.num_experts)
+    hidden = batch * profile.hidden_size * profile.bytes_per_param
+    if dispatch == "replicated":
+        per_layer = link.all_reduce_s(hidden, ep)
+    elif dispatch == "gather":
+        per_layer = link.all_gather_s(ep * hidden, ep) + link.reduce_scatter_s(ep * hidden, ep)
+    elif dispatch == "all_to_all":
+        per_layer = 2 * link.all_to_all_s(hidden * row.experts_per_token, ep)
+    else:
+        raise PlanningError(f"unknown dispatch {dispatch!r}; choose replicated, gather or "
+                            f"all_to_all")
+    return layers * per_layer
+
+
+def cp_prefill_comm_time(profile: ModelProfile, layers: int, prompt_len: int, cp: int,
+                         link: Link, kv_share: float = 1.0) -> float:
+    """Ring-attention traffic of one prompt of ``prompt_len`` tokens split over ``cp``
+    context-parallel ranks (llamadist.parallel.context), through ``layers`` layers: per
+    layer each rank passes a K/V block of its ceil(L / cp) tokens to the next rank cp - 1
+    times (all ranks at once, so one hop's time per step). The sends overlap the block's
+    attention; this is the time exposed only when it exceeds that compute (roughly
+    prefill FLOPs / cp / cp per step). ``kv_share``: the part of the KV heads a rank
+    holds under tensor parallelism."""
+    if cp <= 1:
+        return 0.0
+    per_layer_kv = profile.kv_bytes_per_token / max(1, profile.num_layers)
+    block = -(-prompt_len // cp) * per_layer_kv * kv_share
+    return layers * (cp - 1) * link.send_s(block)
+
+
+def cp_decode_comm_time(profile: ModelProfile, layers: int, batch: int, cp: int, link: Link,
+                        head_dim: int = 128) -> float:
+    """Sharded-KV decode merge of ``batch`` new tokens through ``layers`` layers: per
+    layer an all-reduce MAX of the (B, H) log-sum-exps and one all-reduce SUM of the
+    packed (B, H, D + 1) weighted outputs and weights, all fp32 (merge_across). The
+    profile knows H * D (from its attention FLOPs), not H: ``head_dim`` splits it."""
+    if cp <= 1:
+        return 0.0
+    q_size = profile.layers[0].attn_flops_per_ctx_token // 4 if profile.layers else 0
+    heads = max(1, q_size // head_dim)
+    per_layer = (link.all_reduce_s(batch * heads * 4, cp)
+                 + link.all_reduce_s(batch * (q_size + heads) * 4, cp))
+    return layers * per_layer
 
 
 def send_time(profile: ModelProfile, batch: int, link: Link) -> float:

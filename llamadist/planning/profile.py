@@ -3,6 +3,12 @@
 One row per piece a pipeline stage can own: ``embed``, ``layers.{i}`` for every decoder layer,
 and ``head`` (final norm + lm_head). FLOP counts use 2 FLOPs per multiply-add; norms, RoPE,
 SiLU and softmax are ignored (they are memory-bound and small next to the matmuls).
+
+Mixture-of-experts layers (Mixtral) hold every expert (``params``, ``weight_bytes``: what
+memory budgets count) but a token runs only the router and ``k`` of the ``E`` experts
+(``active_params``, ``active_weight_bytes``, and the FLOPs per token). A decode step of B
+tokens reads the experts any of them was routed to: ``expected_experts`` of them under
+uniform routing (``layer_read_bytes``).
 """
 
 from __future__ import annotations
@@ -48,6 +54,19 @@ class LayerCost:
     prefill_flops: int               # for one prompt of seq_len tokens
     kv_bytes_per_token: int          # K and V for one token of one sequence
     tied: bool = False
+    # Mixture of experts: the layer's E experts (k run per token) and their bytes, all E.
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_bytes: int = 0
+    # What one token uses (the router and k experts); None: everything (a dense row).
+    active_params: int | None = None
+    active_weight_bytes: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.active_params is None:
+            object.__setattr__(self, "active_params", self.params)
+        if self.active_weight_bytes is None:
+            object.__setattr__(self, "active_weight_bytes", self.weight_bytes)
 
     def decode_flops(self, context: int) -> int:
         """FLOPs for one new token attending to ``context`` cached tokens."""
@@ -89,6 +108,21 @@ class ModelProfile:
         return sum(r.weight_bytes for r in self.rows) - self.tied_bytes
 
     @property
+    def total_active_params(self) -> int:
+        """Parameters one token uses (MoE: router and k experts per layer; the tied
+        matrix once): Mixtral 8x7B's "12.9B active of 46.7B"."""
+        tied = self.embed.params if self.tie_word_embeddings else 0
+        return sum(r.active_params for r in self.rows) - tied
+
+    @property
+    def total_active_weight_bytes(self) -> int:
+        return sum(r.active_weight_bytes for r in self.rows) - self.tied_bytes
+
+    @property
+    def is_moe(self) -> bool:
+        return any(r.num_experts for r in self.layers)
+
+    @property
     def total_decode_flops_per_token(self) -> int:
         return sum(r.decode_flops_per_token for r in self.rows)
 
@@ -105,6 +139,8 @@ class ModelProfile:
         d["layers"] = [asdict(r) for r in self.layers]
         d["totals"] = {
             "params": self.total_params, "weight_bytes": self.total_weight_bytes,
+            "active_params": self.total_active_params,
+            "active_weight_bytes": self.total_active_weight_bytes,
             "decode_flops_per_token": self.total_decode_flops_per_token,
             "prefill_flops": self.total_prefill_flops,
             "kv_bytes_per_token": self.kv_bytes_per_token,
@@ -128,18 +164,28 @@ class ModelProfile:
 
 
 def model_summary(config: ModelConfig) -> str:
-    return (f"llama L={config.num_layers} hidden={config.hidden_size} "
-            f"heads={config.num_heads}/{config.num_kv_heads} ffn={config.intermediate_size} "
+    moe = (f" experts={config.num_experts} top{config.num_experts_per_tok}"
+           if config.is_moe else "")
+    return (f"{'mixtral' if config.is_moe else 'llama'} L={config.num_layers} "
+            f"hidden={config.hidden_size} heads={config.num_heads}/{config.num_kv_heads} "
+            f"ffn={config.intermediate_size}{moe} "
             f"vocab={config.vocab_size}{' tied' if config.tie_word_embeddings else ''}")
 
 
 def _decoder_row(config: ModelConfig, i: int, nbytes: int, seq_len: int) -> LayerCost:
     d, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     attn_w = d * q + 2 * d * kv + q * d                    # q, k, v, o projections
-    mlp_w = 3 * d * f                                      # gate, up, down
-    biases = (q + 2 * kv + d if config.attention_bias else 0) + (2 * f + d if config.mlp_bias else 0)
-    params = attn_w + mlp_w + biases + 2 * d               # + two RMSNorm weights
-    matmul = 2 * (attn_w + mlp_w)
+    expert_w = 3 * d * f                                   # gate, up, down (w1, w3, w2)
+    e, k = config.num_experts, config.num_experts_per_tok
+    biases = q + 2 * kv + d if config.attention_bias else 0
+    if e:  # router (E, D) + E experts; a token runs the router and k experts
+        ffn_w, active_ffn_w = d * e + e * expert_w, d * e + k * expert_w
+    else:
+        ffn_w = active_ffn_w = expert_w
+        biases += 2 * f + d if config.mlp_bias else 0
+    params = attn_w + ffn_w + biases + 2 * d               # + two RMSNorm weights
+    active = params - ffn_w + active_ffn_w
+    matmul = 2 * (attn_w + active_ffn_w)
     attn_ctx = 4 * config.num_heads * config.head_dim      # 2 for QK^T, 2 for AV
     # Causal prefill: token t attends to t+1 tokens -> sum = seq*(seq+1)/2 context tokens.
     prefill = matmul * seq_len + attn_ctx * seq_len * (seq_len + 1) // 2
@@ -147,7 +193,9 @@ def _decoder_row(config: ModelConfig, i: int, nbytes: int, seq_len: int) -> Laye
         name=f"layers.{i}", kind="decoder", index=i, params=params, weight_bytes=params * nbytes,
         matmul_flops_per_token=matmul, attn_flops_per_ctx_token=attn_ctx,
         decode_flops_per_token=matmul + attn_ctx * seq_len, prefill_flops=prefill,
-        kv_bytes_per_token=2 * kv * nbytes)
+        kv_bytes_per_token=2 * kv * nbytes, num_experts=e, experts_per_token=k,
+        expert_bytes=e * expert_w * nbytes, active_params=active,
+        active_weight_bytes=active * nbytes)
 
 
 def profile(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None) -> ModelProfile:
@@ -197,6 +245,13 @@ def format_profile_table(prof: ModelProfile) -> str:
         i = j + 1
     lines.append(line("head (tied)" if prof.head.tied else "head", prof.head))
     lines.append("-" * len(hdr))
+    if prof.is_moe:
+        r = prof.layers[0]
+        lines.append(
+            f"{'active per token':<20}{prof.total_active_params:>14,}"
+            f"{format_bytes(prof.total_active_weight_bytes):>13}   "
+            f"(router + {r.experts_per_token} of {r.num_experts} experts per layer; decode "
+            f"FLOPs count the active experts, weights every expert)")
     lines.append(
         f"{'total':<20}{prof.total_params:>14,}{format_bytes(prof.total_weight_bytes):>13}"
         f"{format_flops(prof.total_decode_flops_per_token):>16}"
@@ -213,12 +268,31 @@ def _same_cost(a: LayerCost, b: LayerCost) -> bool:
 
 
 # ---- whole-model step costs (what a benchmark divides by its measured time) ----------------
+def expected_experts(num_experts: int, k: int, tokens: int) -> float:
+    """Experts a batch of ``tokens`` tokens touches, each routed to k of E distinct experts
+    uniformly: E (1 - (1 - k / E)^tokens). 1 token: k; many tokens: all E."""
+    if not num_experts:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - k / num_experts) ** tokens)
+
+
+def layer_read_bytes(row: LayerCost, tokens: int) -> float:
+    """Weight bytes a step of ``tokens`` tokens reads from a decoder row: everything but
+    the experts, plus the experts routed to (``expected_experts``; dense rows: all)."""
+    if not row.num_experts:
+        return float(row.weight_bytes)
+    per_expert = row.expert_bytes / row.num_experts
+    touched = expected_experts(row.num_experts, row.experts_per_token, tokens)
+    return row.weight_bytes - row.expert_bytes + touched * per_expert
+
+
 def decode_step_bytes(prof: ModelProfile, batch: int, context: float) -> float:
     """Bytes one decode step of ``batch`` sequences must read from memory: every decoder
-    layer's weights and the head once (a tied head reads the embedding matrix, counted
-    once), one embedding row per sequence, and K and V of ``context`` cached positions
-    per sequence (``context`` may be a mean over steps, hence float)."""
-    weights = sum(r.weight_bytes for r in prof.layers) + prof.head.weight_bytes
+    layer's weights (of an MoE layer, only the experts its tokens were routed to:
+    ``layer_read_bytes``) and the head once (a tied head reads the embedding matrix,
+    counted once), one embedding row per sequence, and K and V of ``context`` cached
+    positions per sequence (``context`` may be a mean over steps, hence float)."""
+    weights = sum(layer_read_bytes(r, batch) for r in prof.layers) + prof.head.weight_bytes
     embed_rows = batch * prof.hidden_size * prof.bytes_per_param
     return weights + embed_rows + batch * context * prof.kv_bytes_per_token
 

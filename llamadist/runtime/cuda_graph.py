@@ -42,8 +42,11 @@ def _call_layer(layer, h, pending, cos, sin, cache, start, mask):
 
 def compiled_layer_call():
     """``layer_fn`` for Llama.forward: the decoder layer under torch.compile, shared by
-    every layer (parameters are inputs, so one compilation per input shape, and one more
-    for a stage's first layer, which has no pending residual)."""
+    every layer (parameters are inputs). Shapes are static at the first batch size seen
+    (the one-sequence bucket, where fused kernels matter most) and dynamic in the batch
+    from the second (torch's automatic dynamic shapes): two compilations in all, and two
+    more for a stage's first layer, which has no pending residual, instead of two per
+    batch bucket (9 buckets at max_batch 256 took minutes to warm up)."""
     global _COMPILED_LAYER
     if _COMPILED_LAYER is None:
         import torch._dynamo
@@ -51,7 +54,7 @@ def compiled_layer_call():
         # One entry per batch bucket and dtype; the default limit of 8 would silently
         # fall back to eager for a model used with many buckets.
         cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-        _COMPILED_LAYER = torch.compile(_call_layer, fullgraph=True, dynamic=False)
+        _COMPILED_LAYER = torch.compile(_call_layer, fullgraph=True, dynamic=None)
     return _COMPILED_LAYER
 
 

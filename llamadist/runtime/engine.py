@@ -41,6 +41,12 @@ class Engine:
         # so tests can compare paths on one engine.
         self.cuda_graphs = self.runtime.cuda_graphs and any(s.device.type == "cuda"
                                                             for s in stages)
+        if self.cuda_graphs and config.is_moe:
+            # The MoE block gathers each expert's tokens (data-dependent shapes), which a
+            # CUDA graph cannot capture; MoE decode runs eagerly until a grouped-GEMM
+            # kernel with static shapes replaces the expert loop.
+            log.info("mixture-of-experts model: decoding without CUDA graphs")
+            self.cuda_graphs = False
         self.compile_layers = self.runtime.compile
         self._graphs = None
         self._paged_graphs = None
@@ -159,5 +165,13 @@ class Engine:
         return self._paged_graphs
 
     def stage_stats(self) -> list[dict]:
-        return [dict(stage=i, layers=[s.layers.start, s.layers.stop], device=str(s.device),
-                     **s.stats.to_dict()) for i, s in enumerate(self.stages)]
+        """Per stage: layers, device, timings; with ``expert_load`` (tokens routed to each
+        expert per MoE layer, keyed by layer index) for a mixture-of-experts model."""
+        out = []
+        for i, s in enumerate(self.stages):
+            d = dict(stage=i, layers=[s.layers.start, s.layers.stop], device=str(s.device),
+                     **s.stats.to_dict())
+            if self.config.is_moe:
+                d["expert_load"] = {str(k): v for k, v in s.expert_load().items()}
+            out.append(d)
+        return out

@@ -168,6 +168,8 @@ class PagedGraphs:
         s = batch.num_seqs
         size = bucket_for(s, self.sizes)
         packed = pack_decode(batch.to("cpu"), size, self.max_blocks)  # host, one copy each
+        if self.stages[0].device.type == "cuda":
+            packed = packed.pin_memory()  # so the copies below do not wait for the device
         x = tokens.view(s, 1) if tokens.dim() == 1 else tokens
         for stage, dec in zip(self.stages, self.decoders):
             t0 = time.perf_counter()

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, to_device
 
 # One sequence's work in a step: (block_table, start, num_tokens).
 Chunk = tuple[Sequence[int], int, int]
@@ -122,6 +122,9 @@ class PagedBatch:
     last_token_index: torch.Tensor
     query_lens: tuple[int, ...]
     starts: tuple[int, ...]
+    # (S + E,) the flat indices whose logits the last stage returns: last_token_index,
+    # then E more (a request scoring its prompt); None: last_token_index alone
+    logits_index: torch.Tensor | None = None
     # Derived per device on first use by llamadist.runtime.paged_attention.
     cached: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -170,8 +173,9 @@ class PagedBatch:
 
     @property
     def is_decode(self) -> bool:
-        """Every sequence computes one token (the C decode layer's case)."""
-        return self.num_tokens == self.num_seqs
+        """Every sequence computes one token (the C decode layer's case) and only the
+        last tokens' logits are wanted (the decode graphs' case)."""
+        return self.num_tokens == self.num_seqs and self.logits_index is None
 
     @property
     def token_shape(self) -> tuple[int, int]:
@@ -184,8 +188,8 @@ class PagedBatch:
         device = torch.device(device)
         if device == self.device:
             return self
-        nb = device.type == "cuda"
-        moved = {name: getattr(self, name).to(device, non_blocking=nb)
+        moved = {name: to_device(getattr(self, name), device)
                  for name in ("positions", "slot_mapping", "query_start", "seq_lens",
-                              "block_tables", "last_token_index")}
+                              "block_tables", "last_token_index", "logits_index")
+                 if getattr(self, name) is not None}
         return replace(self, **moved, cached={})

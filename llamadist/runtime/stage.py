@@ -16,6 +16,7 @@ from llamadist.config import RuntimeConfig
 from llamadist.model.cache import Start
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
+from llamadist.model.moe import count_routing, routing_counts
 from llamadist.parallel.tensor import Group, tensor_parallel_pass
 from llamadist.runtime.kernel_passes import (apply_kernel_passes, decode_layer_fn,
                                              paged_decode_fn)
@@ -80,6 +81,17 @@ class Stage:
         self.paged_decode = paged_decode_fn(device, runtime or RuntimeConfig())
         self.num_kv_heads = num_kv_heads
         self.paged: PagedKVCache | None = None  # made by init_paged
+        if model.config.is_moe:  # per-expert load statistics (expert_load)
+            count_routing(model)
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """Tokens routed to each expert, per MoE layer of this stage, since it was built or
+        ``reset_expert_load``; {} for a dense model."""
+        return routing_counts(self.model)
+
+    def reset_expert_load(self) -> None:
+        if self.model.config.is_moe:
+            count_routing(self.model)
 
     @property
     def has_embed(self) -> bool:
@@ -108,8 +120,9 @@ class Stage:
         return out
 
     def reset_stats(self) -> None:
-        """Zero the run counters (the load's statistics stay)."""
+        """Zero the run counters and the expert load (the load's statistics stay)."""
         self.stats = StageStats(load=self.stats.load)
+        self.reset_expert_load()
 
     def init_paged(self, num_blocks: int, block_size: int) -> PagedKVCache:
         """Allocate this stage's paged KV cache (its layers, its KV heads, its device)."""
@@ -124,7 +137,8 @@ class Stage:
         """One flat step over the paged cache. x: token ids (N,) on the first stage, the
         previous stage's hidden states (B, T, D) otherwise; ``batch`` on this device.
         Returns hidden (B, T, D) with (B, T) = batch.token_shape, or on the last stage
-        the logits (S, V) of each sequence's last token."""
+        the logits (S, V) of each sequence's last token (then the E rows of
+        ``batch.logits_index`` beyond them, if any)."""
         if self.paged is None:
             raise RuntimeError("call init_paged() before forward_paged()")
         t0 = time.perf_counter()
@@ -132,7 +146,8 @@ class Stage:
         if x.dim() == 1:
             x = x.view(b, t)
         out = self.model(x, batch.positions.view(b, t), PagedStep(self.paged, batch), 0, None,
-                         "last", self.layer_fn, logits_index=batch.last_token_index)
+                         "last", self.layer_fn, logits_index=batch.last_token_index
+                         if batch.logits_index is None else batch.logits_index)
         if timed:
             sync(self.device)
             self.stats.compute_s += time.perf_counter() - t0

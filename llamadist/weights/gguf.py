@@ -15,7 +15,7 @@ import logging
 import math
 import mmap
 import re
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,15 @@ LAYER_NAMES: dict[str, str] = {
 GLOBAL_NAMES: dict[str, str] = {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head",
 }
+# Mixtral (llama.cpp writes it as arch "llama" with llama.expert_count): the router, and
+# each layer's experts stacked into one (E, out, in) tensor per projection.
+MOE_ROUTER = ("ffn_gate_inp", "block_sparse_moe.gate")
+STACKED_EXPERTS: dict[str, str] = {"ffn_gate_exps": "w1", "ffn_up_exps": "w3",
+                                   "ffn_down_exps": "w2"}
+# Older llama.cpp files store one tensor per expert: blk.{i}.ffn_gate.{e}.weight.
+_PER_EXPERT = {"ffn_gate": "w1", "ffn_up": "w3", "ffn_down": "w2"}
 _GGUF_NAME = re.compile(r"^(?:blk\.(\d+)\.)?(\w+)\.(weight|bias)$")
+_GGUF_EXPERT = re.compile(r"^blk\.(\d+)\.(ffn_gate|ffn_up|ffn_down)\.(\d+)\.weight$")
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type)
 _UNKNOWN, _CONTROL, _USER_DEFINED = 2, 3, 4
@@ -69,15 +77,58 @@ PRE_TOKENIZER_SPLITS: dict[str, str] = {
 
 def hf_name(gguf_name: str) -> str | None:
     """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if unknown."""
+    e = _GGUF_EXPERT.match(gguf_name)
+    if e is not None:
+        return _expert_name(int(e.group(1)), int(e.group(3)), _PER_EXPERT[e.group(2)])
     m = _GGUF_NAME.match(gguf_name)
     if m is None:
         return None
     layer, leaf, suffix = m.groups()
+    if layer is not None and leaf == MOE_ROUTER[0]:
+        return f"model.layers.{layer}.{MOE_ROUTER[1]}.{suffix}"
     if layer is not None and leaf in LAYER_NAMES:
         return f"model.layers.{layer}.{LAYER_NAMES[leaf]}.{suffix}"
     if layer is None and leaf in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[leaf]}.{suffix}"
     return None
+
+
+def _expert_name(layer: int, expert: int, leaf: str) -> str:
+    return f"model.layers.{layer}.block_sparse_moe.experts.{expert}.{leaf}.weight"
+
+
+def stacked_expert_names(gguf_name: str, num_experts: int) -> list[str]:
+    """``blk.3.ffn_gate_exps.weight`` -> the HF names of its ``num_experts`` slices
+    (``model.layers.3.block_sparse_moe.experts.{e}.w1.weight``); [] for other names."""
+    m = _GGUF_NAME.match(gguf_name)
+    if m is None or m.group(1) is None or m.group(2) not in STACKED_EXPERTS:
+        return []
+    return [_expert_name(int(m.group(1)), e, STACKED_EXPERTS[m.group(2)])
+            for e in range(num_experts)]
+
+
+@dataclass(frozen=True)
+class _ExpertSlice:
+    """Expert ``index`` of a stacked (E, out, in) GGUF tensor, with the reader tensor's
+    attributes the reading code uses: one expert's rows, dequantized alone."""
+    tensor: Any
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.tensor.name}[{self.index}]"
+
+    @property
+    def tensor_type(self) -> Any:
+        return self.tensor.tensor_type
+
+    @property
+    def shape(self) -> np.ndarray:
+        return self.tensor.shape[:2]  # GGUF order (in, out): drop the expert dimension
+
+    @property
+    def data(self) -> np.ndarray:
+        return self.tensor.data[self.index]  # (out, in) elements or (out, row bytes)
 
 
 def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -111,10 +162,15 @@ class GGUFCheckpoint:
         arch = self._field("general.architecture")
         if arch != "llama":
             raise ConfigError(f"{self.path}: GGUF architecture {arch!r} is not supported; "
-                              f"llamadist runs 'llama' GGUF files")
+                              f"llamadist runs 'llama' GGUF files (Llama and Mixtral)")
         self._tensors = {t.name: t for t in self._reader.tensors}
-        self._by_hf = {h: t for t in self._reader.tensors if (h := hf_name(t.name)) is not None}
         self.config = self._read_config()
+        self._by_hf: dict[str, Any] = {}
+        for t in self._reader.tensors:
+            for e, h in enumerate(stacked_expert_names(t.name, self.config.num_experts)):
+                self._by_hf[h] = _ExpertSlice(t, e)
+            if (h := hf_name(t.name)) is not None:
+                self._by_hf[h] = t
 
     # ---- metadata --------------------------------------------------------
     def _field(self, key: str, default: Any = None) -> Any:
@@ -151,6 +207,8 @@ class GGUFCheckpoint:
                 bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
                 eos_token_ids=tuple(dict.fromkeys(int(e) for e in eos if e is not None)),
                 torch_dtype="float32",
+                num_experts=int(k("expert_count", 0)),
+                num_experts_per_tok=int(k("expert_used_count", 0)),
             )
         except TypeError:  # int(None): a required key is missing
             raise ConfigError(f"{self.path}: GGUF metadata lacks a required llama.* key "

@@ -37,6 +37,8 @@ def run_job(session: Session, job: dict, cfg: dict, tok) -> list[list[int]]:
     # a job's num_blocks below the ranks' cache: the scheduler must preempt
     engine = LLMEngine(execs, tok, runtime, job.get("num_blocks", cfg["num_blocks"]),
                        cfg["block_size"])
+    if job.get("warmup"):  # dummy decode steps of every bucket, sampling nothing
+        engine.warmup(force=True)
     params = SamplingParams(**job["params"])
     reqs = [engine.add_request(p, params, f"{job['name']}/{i}")
             for i, p in enumerate(cfg["prompts"])]

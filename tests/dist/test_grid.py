@@ -36,8 +36,12 @@ def test_tensor_parallel_is_innermost():
     assert group_ranks("tp", pp, tp, dp) == [[0, 1], [2, 3], [4, 5], [6, 7]]
     assert group_ranks("pp", pp, tp, dp) == [[0, 2], [1, 3], [4, 6], [5, 7]]
     assert group_ranks("dp", pp, tp, dp) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    # Experts spread over one stage's tp x dp ranks (EP = TP x DP).
+    assert group_ranks("ep", pp, tp, dp) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert group_ranks("ep", 2, 2, 1) == group_ranks("tp", 2, 2, 1)
+    assert group_ranks("ep", 2, 1, 2) == group_ranks("dp", 2, 1, 2)
     # Every rank is in exactly one group of each dimension.
-    for dim in ("tp", "pp", "dp"):
+    for dim in ("tp", "pp", "dp", "ep"):
         assert sorted(r for g in group_ranks(dim, pp, tp, dp) for r in g) == list(range(8))
 
 

@@ -85,7 +85,7 @@ def run_worker_world(tmp: Path, model: Path, nproc: int, pp: int, ranges: list, 
 
 @pytest.fixture(scope="module")
 def pp2(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
-    jobs = [{"name": "greedy_b5", "max_batch": 5, "params": GREEDY},
+    jobs = [{"name": "greedy_b5", "max_batch": 5, "params": GREEDY, "warmup": True},
             {"name": "greedy_b2", "max_batch": 2, "params": GREEDY},
             # 12 blocks of 4 (11 usable: 44 tokens) for 5 requests of up to 22 tokens
             {"name": "greedy_preempt", "max_batch": 5, "num_blocks": 12, "params": GREEDY},

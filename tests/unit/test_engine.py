@@ -8,6 +8,7 @@ import torch
 
 from llamadist.config import RuntimeConfig
 from llamadist.engine.engine import LLMEngine
+from llamadist.engine.executor import LocalExecutor
 from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.engine import Engine
@@ -20,7 +21,10 @@ SYSTEM = "You are a helpful assistant who answers briefly and well. "
 
 
 def engine_for(path, stages: int = 1, max_batch: int = 3, num_blocks: int | None = None,
-               block_size: int = 4, budget: int | None = None) -> LLMEngine:
+               block_size: int = 4, budget: int | None = None,
+               ahead: bool = False) -> LLMEngine:
+    """``ahead``: decodes scheduled before the step in flight is collected (what the
+    engine does on GPUs), forced on the CPU."""
     ckpt = open_checkpoint(path)
     n = ckpt.config.num_layers
     cuts = [round(i * n / stages) for i in range(stages + 1)]
@@ -28,8 +32,8 @@ def engine_for(path, stages: int = 1, max_batch: int = 3, num_blocks: int | None
                             max_batch_tokens=budget or 2048)
     model = Engine.build(ckpt, [range(a, b) for a, b in zip(cuts, cuts[1:])], ["cpu"] * stages,
                          torch.float32, 1, MAX_SEQ, runtime=runtime)
-    return LLMEngine(model, ckpt.tokenizer(), runtime, num_blocks=num_blocks,
-                     block_size=block_size)
+    return LLMEngine(LocalExecutor(model, ahead=ahead), ckpt.tokenizer(), runtime,
+                     num_blocks=num_blocks, block_size=block_size)
 
 
 @pytest.fixture(scope="module")
@@ -61,22 +65,43 @@ def drive(engine: LLMEngine, arrivals: dict[int, list[tuple[str, str, SamplingPa
 GREEDY = SamplingParams(max_new_tokens=12, ignore_eos=True)
 
 
-def test_staggered_arrivals_give_each_request_its_tokens_alone(tiny_model, alone):
-    engine = engine_for(tiny_model, max_batch=2)
+@pytest.mark.parametrize("ahead", [False, True])
+def test_staggered_arrivals_give_each_request_its_tokens_alone(tiny_model, alone, ahead):
+    engine = engine_for(tiny_model, ahead=ahead, max_batch=2)
     arrivals = {0: [("a", PROMPTS[0], GREEDY), ("b", PROMPTS[1], GREEDY)],
                 3: [("c", PROMPTS[2], GREEDY)], 4: [("d", PROMPTS[3], GREEDY)],
                 9: [("e", PROMPTS[4], GREEDY), ("f", PROMPTS[5], GREEDY)]}
     texts = {rid: t for v in arrivals.values() for rid, t, _ in v}
+    pending, schedule = [], engine.scheduler.schedule
+
+    def counted(*args, **kw):  # how many decodes went ahead of their step in flight
+        step = schedule(*args, **kw)
+        pending.extend(c for c in step.chunks if c.pending)
+        return step
+    engine.scheduler.schedule = counted
     got = drive(engine, arrivals)
+    assert bool(pending) == ahead and (not ahead or len(pending) > 20)
     for rid, text in texts.items():
         assert got[rid] == alone(text, GREEDY), rid
     assert engine.gauges()["kv_blocks_used"] == 0  # every block released
 
 
-def test_preemption_under_a_small_block_budget(tiny_model, alone):
+def test_warmup_steps_leave_no_trace(tiny_model, alone):
+    """The warm-up's dummy decode steps (every bucket, rows on the null block, nothing
+    sampled) change no request's tokens and hold no block."""
+    engine = engine_for(tiny_model, max_batch=3)
+    assert engine.warmup() == 0.0  # CPU only: nothing to capture
+    assert engine.warmup(force=True) > 0
+    assert engine.gauges()["kv_blocks_used"] == 0 and engine.stats.steps == 0
+    got = drive(engine, {0: [("a", PROMPTS[0], GREEDY), ("b", PROMPTS[1], GREEDY)]})
+    assert got == {"a": alone(PROMPTS[0], GREEDY), "b": alone(PROMPTS[1], GREEDY)}
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_preemption_under_a_small_block_budget(tiny_model, alone, ahead):
     # 12 usable blocks of 4 slots: three 10-token prompts growing to 30 tokens cannot all
     # stay resident, so requests are preempted and recomputed.
-    engine = engine_for(tiny_model, max_batch=3, num_blocks=13, budget=16)
+    engine = engine_for(tiny_model, ahead=ahead, max_batch=3, num_blocks=13, budget=16)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     arrivals = {0: [(str(i), PROMPTS[i], params) for i in range(3)]}
     got = drive(engine, arrivals)
@@ -85,8 +110,18 @@ def test_preemption_under_a_small_block_budget(tiny_model, alone):
         assert got[str(i)] == alone(PROMPTS[i], params)
 
 
-def test_chunked_prefill_over_stages_and_shared_prefix(tiny_model, alone):
-    engine = engine_for(tiny_model, stages=3, max_batch=4, budget=8)
+@pytest.mark.parametrize("stages", [1, 2, 4])
+def test_every_stage_count_in_one_process(tiny_model, alone, stages):
+    """1, 2 and 4 stages (3 is below) in one process, staggered and capped at 2 at once."""
+    engine = engine_for(tiny_model, stages=stages, max_batch=2, budget=16)
+    got = drive(engine, {0: [("a", PROMPTS[0], GREEDY), ("b", PROMPTS[1], GREEDY)],
+                         2: [("c", PROMPTS[2], GREEDY)]})
+    assert got == {rid: alone(PROMPTS[i], GREEDY) for i, rid in enumerate("abc")}
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_chunked_prefill_over_stages_and_shared_prefix(tiny_model, alone, ahead):
+    engine = engine_for(tiny_model, ahead=ahead, stages=3, max_batch=4, budget=8)
     prompts = [SYSTEM + p for p in PROMPTS[:4]]
     got = drive(engine, {0: [("0", prompts[0], GREEDY)],
                          2: [(str(i), prompts[i], GREEDY) for i in range(1, 4)]})
@@ -105,8 +140,9 @@ def test_seeded_sampling_equals_alone(tiny_model, alone):
         assert got[str(i)] == alone(PROMPTS[i], params)
 
 
-def test_cancel_frees_blocks_and_others_continue(tiny_model, alone):
-    engine = engine_for(tiny_model, max_batch=2)
+@pytest.mark.parametrize("ahead", [False, True])
+def test_cancel_frees_blocks_and_others_continue(tiny_model, alone, ahead):
+    engine = engine_for(tiny_model, ahead=ahead, max_batch=2)
     tok = engine.tokenizer
     a = engine.add_request(tok.encode(PROMPTS[0]), GREEDY, "a")
     b = engine.add_request(tok.encode(PROMPTS[1]), GREEDY, "b")
@@ -121,14 +157,15 @@ def test_cancel_frees_blocks_and_others_continue(tiny_model, alone):
     assert not engine.cancel("a")
 
 
-def test_stop_string_and_text(tiny_model, alone):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_stop_string_and_text(tiny_model, alone, ahead):
     full = alone(PROMPTS[0], GREEDY)
     text = open_checkpoint(tiny_model).tokenizer().decode(full)
     # 3 printable characters from the middle (fails, rather than skips, if there are none)
     mid = next(i for i in range(len(text) // 2, len(text) - 2)
                if text[i:i + 3].strip() and text[i:i + 3].isprintable())
     stop = text[mid:mid + 3]
-    engine = engine_for(tiny_model)
+    engine = engine_for(tiny_model, ahead=ahead)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True, stop=(stop,))
     req = engine.add_request(engine.tokenizer.encode(PROMPTS[0]), params, "s")
     streamed = ""
@@ -139,10 +176,11 @@ def test_stop_string_and_text(tiny_model, alone):
     assert streamed == req.text == text[:text.find(stop)]
 
 
-def test_interleaved_submits_keep_their_outputs_and_cleanup(tiny_model, alone):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_interleaved_submits_keep_their_outputs_and_cleanup(tiny_model, alone, ahead):
     """Two submit() iterators consumed in turn: each gets all of its own outputs (whoever
     stepped); closing one early cancels its unfinished request and frees its blocks."""
-    engine = engine_for(tiny_model, max_batch=4)
+    engine = engine_for(tiny_model, ahead=ahead, max_batch=4)
     tok = engine.tokenizer
     (a,), it_a = engine.submit([tok.encode(PROMPTS[0])], GREEDY)
     (b,), it_b = engine.submit([tok.encode(PROMPTS[1])], GREEDY)
@@ -158,11 +196,12 @@ def test_interleaved_submits_keep_their_outputs_and_cleanup(tiny_model, alone):
     assert c.finish_reason == "cancelled" and engine.gauges()["kv_blocks_used"] == 0
 
 
-def test_eos_on_the_last_allowed_token_is_stop(tiny_model, alone):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_eos_on_the_last_allowed_token_is_stop(tiny_model, alone, ahead):
     """A token that is EOS and also the max_new_tokens-th: "stop", and not in the text."""
     ref = alone(PROMPTS[3], GREEDY)
     k = next(i for i in range(1, len(ref)) if ref[i] not in ref[:i])  # its first appearance
-    engine = engine_for(tiny_model)
+    engine = engine_for(tiny_model, ahead=ahead)
     engine.eos = {ref[k]}
     req = engine.add_request(engine.tokenizer.encode(PROMPTS[3]),
                              SamplingParams(max_new_tokens=k + 1), "e")
@@ -171,9 +210,10 @@ def test_eos_on_the_last_allowed_token_is_stop(tiny_model, alone):
     assert req.finish_reason == "stop" and req.output_ids == ref[:k]
 
 
-def test_seeded_sampling_survives_preemption(tiny_model, alone):
+@pytest.mark.parametrize("ahead", [False, True])
+def test_seeded_sampling_survives_preemption(tiny_model, alone, ahead):
     params = SamplingParams(max_new_tokens=20, temperature=1.0, seed=7, ignore_eos=True)
-    engine = engine_for(tiny_model, max_batch=3, num_blocks=13, budget=16)
+    engine = engine_for(tiny_model, ahead=ahead, max_batch=3, num_blocks=13, budget=16)
     got = drive(engine, {0: [(str(i), PROMPTS[i], params) for i in range(3)]})
     assert engine.scheduler.preemptions > 0
     for i in range(3):

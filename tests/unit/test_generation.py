@@ -8,6 +8,7 @@ from llamadist.engine.scheduler import RequestTooLarge
 from llamadist.generation.generate import ContextLimitError, Generator, generate
 from llamadist.generation.sampling import Sampler, SamplingParams, apply_repetition_penalty
 from llamadist.runtime.engine import Engine
+from llamadist.weights.checkpoint import open_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +143,29 @@ def test_chat_template(llm):
     seq = reqs[0]
     assert len(seq.output_ids) == 4 and seq.finish_reason == "length"
     assert reply == streamed == llm.tokenizer.decode(seq.output_ids)
+
+
+@pytest.mark.parametrize("which", ["tiny", "smollm2"])
+def test_incremental_decoder_equals_decoding_in_full(which, tiny_model, request):
+    """After each new token the incremental text is the full decode without a trailing
+    unfinished character; the engine's streamed text therefore never changes."""
+    import random
+
+    from llamadist.generation.tokenizer import IncrementalDecoder
+    if which == "smollm2":
+        path = request.getfixturevalue("smollm2")
+    else:
+        path = tiny_model
+    tok = open_checkpoint(path).tokenizer()
+    rng = random.Random(0)
+    text = "Héllo wörld, 你好 🙂 naïve café — ok\n  spaced   out" * 2
+    seqs = [tok.encode(text, add_special_tokens=False),
+            [rng.randrange(tok.vocab_size) for _ in range(120)]]
+    for ids in seqs:
+        dec = IncrementalDecoder(tok)
+        for n in range(1, len(ids) + 1):
+            full = tok.decode(ids[:n])
+            got = dec.update(ids[:n])
+            assert full.startswith(got), (n, got, full)  # never a wrong character
+            if not full.endswith("\ufffd"):
+                assert got == full, (n, got, full)  # nothing held back once complete

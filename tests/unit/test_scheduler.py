@@ -369,15 +369,19 @@ def check_invariants(s, live, max_batch, max_batch_tokens, step, busy):
     for c in step.chunks:
         r = c.request
         assert len(r.block_ids) * pool.block_size >= c.end
-        assert c.sample == (c.end == r.num_tokens)
+        if c.pending:  # its token is the one the request's step in flight samples
+            assert c.sample and c.num_tokens == 1 and c.end == r.num_tokens + 1
+        else:
+            assert c.sample == (c.end == r.num_tokens)
     for r in s.running:  # decodes never stall: unscheduled only when out of blocks
         if r.num_tokens - r.num_computed == 1 and r not in busy:
             assert r.num_tokens > len(r.block_ids) * pool.block_size, r.id
 
 
-@pytest.mark.parametrize("depth,prefix_caching,seed", [
-    (1, True, 0), (1, False, 1), (2, True, 2), (3, True, 3), (1, True, 4)])
-def test_random_simulation(depth, prefix_caching, seed):
+@pytest.mark.parametrize("depth,prefix_caching,seed,ahead", [
+    (1, True, 0, False), (1, False, 1, False), (2, True, 2, False), (3, True, 3, False),
+    (1, True, 4, False), (2, True, 5, True), (2, False, 6, True), (3, True, 7, True)])
+def test_random_simulation(depth, prefix_caching, seed, ahead):
     rng = random.Random(seed)
     bs, max_batch, budget = 4, 5, 12
     ticks = iter(range(10**9))
@@ -393,6 +397,7 @@ def test_random_simulation(depth, prefix_caching, seed):
     everyone = list(pending)
     chunks_of = defaultdict(list)  # request -> chunks since its last (re)admission
     in_flight = deque()
+    ahead_chunks = 0  # chunks scheduled ahead
     for _ in range(5000):
         if not pending and not s.has_unfinished and not in_flight:
             break
@@ -402,7 +407,8 @@ def test_random_simulation(depth, prefix_caching, seed):
             victim = rng.choice([r for r in everyone if r.status is not RequestStatus.FINISHED
                                  and r.arrival_s is not None])
             s.cancel(victim.id)
-        step = s.schedule()
+        step = s.schedule(ahead=ahead and bool(in_flight))
+        ahead_chunks += sum(c.pending for c in step.chunks)
         for r in step.preempted:
             chunks_of[r].append("preempted")
         for c in step.chunks:
@@ -431,6 +437,7 @@ def test_random_simulation(depth, prefix_caching, seed):
     assert s.blocks_used == 0 and s.num_running == s.num_waiting == 0
     reasons = {r.finish_reason for r in everyone}
     assert reasons == {"length", "stop", "cancelled"}
+    assert (ahead_chunks > 100) == ahead, ahead_chunks
     # first come, first served: first admissions in arrival order
     first = sorted((r for r in everyone if r.first_scheduled_s is not None),
                    key=lambda r: r.first_scheduled_s)

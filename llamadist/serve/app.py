@@ -1,0 +1,199 @@
+"""The HTTP front: an ASGI app (FastAPI on Starlette, served by uvicorn) over one
+AsyncEngine. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+GET /health, GET /metrics, GET / (the chat page).
+
+Every bad request is answered in the OpenAI error format with a 4xx (400 a bad field,
+401 a wrong or missing key, 404 an unknown model or route, 413 a body too large, 429 a
+full queue) and the server keeps serving; 503 when the engine has stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from llamadist.serve import responses
+from llamadist.serve.metrics import ServeMetrics
+from llamadist.serve.openai_api import Frontend, Job, sse
+from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
+
+log = logging.getLogger(__name__)
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    api_key: str | None = None
+    max_queue: int = 256   # engine requests queued or running at most; more get 429
+
+
+class Server:
+    """The app's state: the front end, the metrics, the requests in flight."""
+
+    def __init__(self, frontend: Frontend, metrics: ServeMetrics, config: ServeConfig):
+        self.frontend, self.metrics, self.config = frontend, metrics, config
+        self.in_flight = 0
+
+    def admit(self, job: Job) -> None:
+        """Queue the job's choices, or 429 when the queue would be over its limit."""
+        n = len(job.choices)
+        if self.in_flight + n > self.config.max_queue:
+            raise ApiError(429, f"the queue is full ({self.in_flight} requests queued or "
+                                f"running, --max-queue {self.config.max_queue}); retry later",
+                           kind="rate_limit_error")
+        self.frontend.submit(job)
+        self.in_flight += n
+
+    def release(self, job: Job) -> None:
+        """The job is over (answered, streamed, or its client gone): once per job."""
+        if job.released:
+            return
+        job.released = True
+        self.frontend.cancel(job)  # whatever has not finished
+        self.in_flight -= len(job.choices)
+        for c in job.choices:
+            self.metrics.observe(c.stream.request if c.stream else None)
+
+    def check_key(self, request: Request) -> None:
+        key = self.config.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise ApiError(401, "a wrong or missing API key: send 'Authorization: Bearer KEY'",
+                           kind="authentication_error")
+
+    # ---- one completion request -------------------------------------------------------
+    async def complete(self, request: Request, kind: str) -> Response:
+        self.check_key(request)
+        body = await request.body()
+        if kind == "chat":
+            job = self.frontend.chat_job(parse(ChatRequest, body))
+        else:
+            job = self.frontend.completion_job(parse(CompletionRequest, body))
+        self.admit(job)
+        if job.body.stream:
+            return JobStream(self._stream(job), job, self)
+        try:
+            return JSONResponse(await self._whole(job, request))
+        finally:
+            self.release(job)
+
+    async def _whole(self, job: Job, request: Request) -> dict:
+        async def drain() -> None:
+            async for _ in self.frontend.outputs(job):
+                pass
+        task = asyncio.ensure_future(drain())
+        try:
+            while not task.done():
+                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+                if not task.done() and await request.is_disconnected():
+                    task.cancel()  # the client left: the choices are cancelled
+                    raise ApiError(499, "the client disconnected")
+            task.result()
+        finally:
+            task.cancel()
+        return responses.whole_response(job, self.frontend.tokenizer, self.config.model_name)
+
+    async def _stream(self, job: Job):
+        tok, model = self.frontend.tokenizer, self.config.model_name
+        try:
+            if job.kind == "chat":
+                for c in job.choices:
+                    yield sse(responses.chunk(job, model, {
+                        "index": c.index, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None}))
+            async for c, out in self.frontend.outputs(job):
+                if out.text or out.finished or job.num_logprobs is not None:
+                    yield sse(responses.chunk(job, model, responses.delta_choice(
+                        job, tok, c, out.text, out.logprobs,
+                        out.finish_reason if out.finished else None)))
+            opts = job.body.stream_options
+            if opts is not None and opts.include_usage:
+                yield sse(responses.usage_chunk(job, model))
+            yield sse("[DONE]")
+        except ApiError as e:  # the engine failed mid-stream: an error event, then the end
+            yield sse(e.body())
+        finally:
+            self.release(job)
+
+
+class JobStream(StreamingResponse):
+    """The job's server-sent events; the job is released however the response ends,
+    even when the client left before its first chunk (the body never started, so its
+    own ``finally`` never runs)."""
+
+    def __init__(self, body, job: Job, server: Server):
+        super().__init__(body, media_type="text/event-stream")
+        self.job, self.server = job, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.server.release(self.job)
+
+
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def build_app(server: Server) -> FastAPI:
+    app = FastAPI(title="llamadist", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError) -> JSONResponse:
+        server.metrics.requests.labels("error", str(e.status)).inc()
+        return error_response(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error_response(ApiError(e.status_code, str(e.detail),
+                                       kind="not_found_error" if e.status_code == 404
+                                       else "invalid_request_error"))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        resp = await server.complete(request, "chat")
+        server.metrics.requests.labels("chat", str(resp.status_code)).inc()
+        return resp
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        resp = await server.complete(request, "completion")
+        server.metrics.requests.labels("completions", str(resp.status_code)).inc()
+        return resp
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        server.check_key(request)
+        f = server.frontend
+        return {"object": "list", "data": [{
+            "id": server.config.model_name, "object": "model", "created": 0,
+            "owned_by": "llamadist", "max_model_len": f.max_seq_len}]}
+
+    @app.get("/health")
+    async def health() -> Response:
+        if server.frontend.engine.alive:
+            return JSONResponse({"status": "ok"})
+        err = server.frontend.engine.error
+        return JSONResponse({"status": "error", "error": str(err) if err else "stopped"},
+                            status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(server.metrics.text(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/")
+    async def page() -> HTMLResponse:
+        html = resources.files("llamadist.serve").joinpath("static/chat.html").read_text()
+        return HTMLResponse(html)
+
+    return app

@@ -1,0 +1,113 @@
+"""The server's Prometheus metrics: the engine's gauges and counters read at each scrape
+(requests running and waiting, KV blocks, preemptions, prompt and generated tokens),
+per-stage busy time, the process's and its CUDA devices' memory, and histograms the server fills as requests finish (time to first
+token, time per output token, end-to-end latency, queue time)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector,
+                               generate_latest)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from llamadist.engine.async_engine import AsyncEngine
+from llamadist.engine.request import Request
+
+PREFIX = "llamadist"
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class EngineCollector:
+    """Reads the engine at scrape time (plain counts: safe to read from another thread)."""
+
+    def __init__(self, engine: AsyncEngine, stage_stats: Callable[[], list[dict]] | None):
+        self.engine, self.stage_stats = engine, stage_stats
+
+    def collect(self):
+        g = self.engine.engine.gauges()
+        st = self.engine.engine.stats
+        for name, key, doc in (("requests_running", "running", "requests being computed"),
+                               ("requests_waiting", "waiting", "requests queued"),
+                               ("kv_blocks_used", "kv_blocks_used", "paged KV blocks held"),
+                               ("kv_blocks_free", "kv_blocks_free", "paged KV blocks free")):
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", doc, value=g[key])
+        total = g["kv_blocks_used"] + g["kv_blocks_free"]
+        yield GaugeMetricFamily(f"{PREFIX}_kv_cache_usage", "fraction of KV blocks used",
+                                value=g["kv_blocks_used"] / total if total else 0.0)
+        yield CounterMetricFamily(f"{PREFIX}_preemptions", "requests preempted",
+                                  value=g["preemptions"])
+        yield CounterMetricFamily(f"{PREFIX}_prompt_tokens", "prompt tokens computed",
+                                  value=st.prompt_tokens)
+        yield CounterMetricFamily(f"{PREFIX}_cached_prompt_tokens",
+                                  "prompt tokens reused from the prefix cache",
+                                  value=st.cached_prompt_tokens)
+        yield CounterMetricFamily(f"{PREFIX}_generation_tokens", "tokens generated",
+                                  value=st.generated_tokens)
+        yield CounterMetricFamily(f"{PREFIX}_engine_steps", "engine steps", value=st.steps)
+        yield CounterMetricFamily(f"{PREFIX}_engine_busy_seconds", "seconds inside steps",
+                                  value=st.busy_s)
+        yield GaugeMetricFamily(f"{PREFIX}_engine_alive", "1 while the engine thread runs",
+                                value=1.0 if self.engine.alive else 0.0)
+        cuda = _cuda_memory()
+        if cuda:
+            mem = GaugeMetricFamily(f"{PREFIX}_device_memory_allocated_bytes",
+                                    "torch's allocated memory per CUDA device of this process",
+                                    labels=["device"])
+            for dev, value in cuda:
+                mem.add_metric([dev], value)
+            yield mem
+        if self.stage_stats is not None:
+            busy = CounterMetricFamily(f"{PREFIX}_stage_busy_seconds",
+                                       "compute seconds per pipeline stage",
+                                       labels=["stage", "device"])
+            for s in self.stage_stats():
+                busy.add_metric([str(s["stage"]), s["device"]], s.get("compute_s", 0.0))
+            yield busy
+
+
+def _cuda_memory() -> list[tuple[str, float]]:
+    import torch
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return []
+    return [(f"cuda:{i}", float(torch.cuda.memory_allocated(i)))
+            for i in range(torch.cuda.device_count())]
+
+
+class ServeMetrics:
+    def __init__(self, engine: AsyncEngine,
+                 stage_stats: Callable[[], list[dict]] | None = None):
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine, stage_stats))
+        r = self.registry
+        ProcessCollector(registry=r)  # the front process's memory, CPU seconds, open files
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first token",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram(f"{PREFIX}_time_per_output_token_seconds",
+                              "mean time per output token after the first",
+                              buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "arrival to finish",
+                             buckets=E2E_BUCKETS, registry=r)
+        self.queue = Histogram(f"{PREFIX}_queue_time_seconds", "arrival to first admission",
+                               buckets=TTFT_BUCKETS, registry=r)
+        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and "
+                                "status", ["route", "status"], registry=r)
+        self.finished = Counter(f"{PREFIX}_requests_finished", "engine requests by finish "
+                                "reason", ["reason"], registry=r)
+
+    def observe(self, req: Request | None) -> None:
+        """A finished (or cancelled) engine request's timings."""
+        if req is None:
+            return
+        self.finished.labels(req.finish_reason or "cancelled").inc()
+        for hist, value in ((self.ttft, req.ttft_s), (self.tpot, req.tpot_s),
+                            (self.queue, req.queue_s)):
+            if value is not None:
+                hist.observe(value)
+        if req.finished_s is not None and req.arrival_s is not None:
+            self.e2e.observe(req.finished_s - req.arrival_s)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)

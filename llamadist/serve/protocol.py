@@ -1,0 +1,154 @@
+"""The OpenAI API's request bodies, checked strictly: every field's type and range, no
+unknown field (a typo must not be silently ignored), the body's size. A bad request
+becomes ``ApiError`` (HTTP status, a message naming the field and the limit, the field),
+answered in the OpenAI error format; the server keeps serving.
+
+Extensions beyond OpenAI's fields: ``top_k``, ``min_p``, ``repetition_penalty`` (the
+multiplicative one, on prompt and output tokens), ``ignore_eos``."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, \
+    ValidationError
+
+MAX_BODY_BYTES = 4 << 20   # a larger body is refused (413) before it is parsed
+MAX_N = 16                 # choices per request
+MAX_STOP = 16              # stop strings per request
+MAX_STOP_CHARS = 256       # characters per stop string
+MAX_TOP_LOGPROBS = 20      # OpenAI's limit for chat (completions: 5; we allow 20 for both)
+SEED_LIMIT = 2**63 - 1
+
+Float = Annotated[float, Field(allow_inf_nan=False)]  # strict: ints yes, bools and strings no
+StopText = Annotated[StrictStr, Field(max_length=MAX_STOP_CHARS)]
+
+
+class ApiError(Exception):
+    """An error answered to the client: ``status`` (4xx), ``message``, ``param``."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param,
+                          "code": self.status}}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StreamOptions(Strict):
+    include_usage: StrictBool = False
+
+
+class TextPart(Strict):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class Message(Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Union[StrictStr, list[TextPart], None] = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(p.text for p in self.content)
+
+
+class Sampling(Strict):
+    """The fields chat and completions share."""
+    model: StrictStr | None = None
+    stream: StrictBool = False
+    stream_options: StreamOptions | None = None
+    temperature: Annotated[Float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[Float, Field(gt=0.0, le=1.0)] = 1.0
+    top_k: Annotated[StrictInt, Field(ge=-1, le=1 << 20)] = 0   # -1 and 0: off
+    min_p: Annotated[Float, Field(ge=0.0, lt=1.0)] = 0.0
+    repetition_penalty: Annotated[Float, Field(gt=0.0, le=10.0)] = 1.0
+    presence_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[Float, Field(ge=-2.0, le=2.0)] = 0.0
+    seed: Annotated[StrictInt, Field(ge=-SEED_LIMIT, le=SEED_LIMIT)] | None = None
+    stop: Union[StopText, Annotated[list[StopText], Field(max_length=MAX_STOP)], None] = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1
+    max_tokens: Annotated[StrictInt, Field(ge=0, le=1 << 30)] | None = None
+    ignore_eos: StrictBool = False
+    user: Annotated[StrictStr, Field(max_length=256)] | None = None
+
+    def stops(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if any(not s for s in stops):
+            raise ApiError(400, "stop: a stop string must not be empty", "stop")
+        return tuple(stops)
+
+
+
+class ChatRequest(Sampling):
+    messages: Annotated[list[Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1, le=1 << 30)] | None = None
+    logprobs: StrictBool = False
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None \
+            else self.max_tokens
+
+    def num_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the top k."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs: needs logprobs true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+Prompt = Union[StrictStr, Annotated[list[StrictStr], Field(min_length=1, max_length=64)],
+               Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]]
+
+
+class CompletionRequest(Sampling):
+    prompt: Prompt
+    echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    suffix: None = None
+
+    def limit(self) -> int | None:
+        return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if all(isinstance(p, str) for p in self.prompt):
+            return list(self.prompt)
+        return [list(self.prompt)]
+
+
+def _where(loc: tuple) -> str:
+    return ".".join(str(part) for part in loc) or "body"
+
+
+def parse(kind: type[Strict], body: bytes) -> Any:
+    """The request object of ``body``, or ApiError 400 naming the first bad field."""
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(413, f"body: {len(body)} bytes, more than the limit of "
+                            f"{MAX_BODY_BYTES}")
+    try:
+        data = json.loads(body.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ApiError(400, f"body: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise ApiError(400, f"body: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"body: expected a JSON object, got {type(data).__name__}")
+    try:
+        return kind.model_validate(data)
+    except ValidationError as e:
+        err = e.errors(include_url=False)[0]
+        where = _where(err["loc"])
+        raise ApiError(400, f"{where}: {err['msg']}", where) from None

@@ -1,0 +1,139 @@
+"""`llamadist serve --nproc 2 --pp 2`: the HTTP front on rank 0 next to the engine's
+driver, the other stage in a worker rank; the same answers as one process, streamed or
+not; logprobs travel back from the sampling rank; SIGTERM to the launcher ends every
+rank with exit 0."""
+
+import pytest
+
+from tests.serve.conftest import ServerProcess
+
+import openai  # a test dependency: missing, the tests fail (they never skip)
+MSG = [{"role": "user", "content": "Once upon a time there was"}]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_ranks") / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--max-batch", "4", "--served-model-name", "tiny", log_path=log)
+    yield server
+    assert server.stop() == 0, log.read_text()[-3000:]
+
+
+def test_chat_over_two_ranks_equals_one_process(two_ranks, client):
+    ranks = openai.OpenAI(base_url=two_ranks.url + "/v1", api_key="none", max_retries=0)
+    kw = dict(model="tiny", messages=MSG, max_tokens=16, temperature=0, logprobs=True,
+              top_logprobs=2)
+    want = client.chat.completions.create(**kw)
+    got = ranks.chat.completions.create(**kw)
+    assert got.choices[0].message.content == want.choices[0].message.content
+    assert got.usage == want.usage
+    lp = [(e.token, e.logprob) for e in got.choices[0].logprobs.content]
+    assert [t for t, _ in lp] == [e.token for e in want.choices[0].logprobs.content]
+    assert [v for _, v in lp] == pytest.approx(
+        [e.logprob for e in want.choices[0].logprobs.content], abs=1e-4)
+    streamed = "".join(c.choices[0].delta.content or "" for c in ranks.chat.completions.create(
+        model="tiny", messages=MSG, max_tokens=16, temperature=0, stream=True))
+    assert streamed == want.choices[0].message.content
+
+
+def test_sigterm_with_an_open_stream_exits_0(two_ranks):
+    """Last in this module: SIGTERM while a stream is open; the stream ends (finished or
+    cancelled after the grace period), every rank exits and the launcher returns 0."""
+    import os
+    import threading
+    import time
+    ranks = openai.OpenAI(base_url=two_ranks.url + "/v1", api_key="none", max_retries=0,
+                          timeout=60)
+    stream = ranks.completions.create(model="tiny", prompt="The quick brown fox",
+                                      max_tokens=200, temperature=0, stream=True,
+                                      extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    ended = threading.Event()
+
+    def read_rest() -> None:
+        try:
+            for _ in it:
+                pass
+        except openai.APIError:
+            pass  # cut when the grace period ran out
+        ended.set()
+    threading.Thread(target=read_rest, daemon=True).start()
+    workers = children(two_ranks.proc.pid)
+    assert len(workers) == 2
+    t0 = time.monotonic()
+    assert two_ranks.stop() == 0
+    assert ended.wait(10) and time.monotonic() - t0 < 20
+    for pid in workers:  # no rank left behind
+        assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
+
+
+def children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    import os
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry))
+    return sorted(out)
+
+
+def test_a_dead_worker_ends_open_streams_with_an_error(tiny_model, tmp_path):
+    import os
+    import signal
+    from tests.serve.conftest import http
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--served-model-name", "tiny", log_path=tmp_path / "server.log")
+    try:
+        ranks = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                              timeout=30)
+        stream = ranks.completions.create(model="tiny", prompt="The quick brown fox",
+                                          max_tokens=240, temperature=0, stream=True,
+                                          extra_body={"ignore_eos": True})
+        it = iter(stream)
+        next(it)
+        rank0, rank1 = children(server.proc.pid)  # the launcher's two workers
+        os.kill(rank1, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine failed"):
+            for _ in it:
+                pass
+        try:  # 503 until the launcher, seeing a rank gone, ends the run (2 s later)
+            health = http("GET", server.url + "/health", timeout=5)
+            assert health[0] == 503
+        except OSError:
+            pass
+    finally:
+        code = server.stop()
+    assert code not in (0, -9), "the launcher reported no failure"
+
+
+def test_a_hung_worker_turns_health_503_within_the_timeout(tiny_model, tmp_path):
+    """Rank 1 stops answering at its 10th step (alive, silent): rank 0 gives up after
+    --timeout 3, the open stream ends with an error event and /health answers 503."""
+    import time
+    from tests.serve.conftest import http
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--timeout", "3", "--served-model-name", "tiny",
+                           log_path=tmp_path / "server.log",
+                           env={"LLAMADIST_TEST_HANG_AT_STEP": "1:10"})
+    try:
+        ranks = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
+                              timeout=60)
+        t0 = time.monotonic()
+        with pytest.raises(openai.APIError, match="engine failed"):
+            for _ in ranks.completions.create(model="tiny", prompt="The quick brown fox",
+                                              max_tokens=100, temperature=0, stream=True,
+                                              extra_body={"ignore_eos": True}):
+                pass
+        status, body = http("GET", server.url + "/health")
+        assert status == 503 and b"rank 1" in body, body
+        assert time.monotonic() - t0 < 3 + 10  # the timeout, plus the steps before it
+    finally:
+        server.stop()  # rank 1 is still hung: the exit code is the launcher's to judge
