@@ -279,7 +279,8 @@ class GGUFCheckpoint:
         resident and the peak memory counts the file on top of the loaded weights."""
         mm = getattr(getattr(self._reader.data, "base", None), "_mmap", None)
         dontneed = getattr(mmap, "MADV_DONTNEED", None)  # absent on Windows
-        if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise") or dontneed is None:
+        if (not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise") or dontneed is None
+                or not hasattr(t, "data_offset")):  # an expert's slice: its tensor is shared
             return
         lo = t.data_offset // mmap.PAGESIZE * mmap.PAGESIZE
         try:

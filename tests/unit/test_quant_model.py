@@ -201,3 +201,25 @@ def test_smollm2_generate_peak_memory(smollm2):
     kv = 30 * 2 * 3 * 64 * 4 * 384
     bound = (smollm2.stat().st_size + kv + base) * 1.2
     assert used <= bound, f"peak {used / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+
+
+def test_mixtral_q8_experts_stay_blocks_and_give_the_same_tokens(tmp_path, tiny_mixtrals):
+    """Stacked Q8_0 experts (one GGUF tensor per projection): each expert loads as its own
+    blocks, and native greedy tokens equal those of the same file dequantized."""
+    import gguf
+
+    from llamadist.api import LLM
+    from llamadist.generation.sampling import SamplingParams
+    from tests.moe_gguf import write_mixtral_gguf
+    path = write_mixtral_gguf(tiny_mixtrals["moe_top2_gqa"], tmp_path / "q8.gguf",
+                              expert_type=gguf.GGMLQuantizationType.Q8_0)
+    ck = GGUFCheckpoint(path)
+    name = "model.layers.1.block_sparse_moe.experts.2.w2.weight"
+    assert torch.equal(ck.get_quantized(name, (0, 16, 40)).dequantize(), ck.get(name, (0, 16, 40)))
+    params = SamplingParams(max_new_tokens=16, ignore_eos=True)
+    llms = {w: LLM(str(path), max_seq_len=64, weights=w) for w in ("native", "float32")}
+    expert = llms["native"].engine.stages[0].model.model.layers["1"].block_sparse_moe.experts["2"]
+    assert isinstance(expert.w2.weight, QuantizedTensor)  # and w1|w3 fused as blocks
+    assert isinstance(expert.w13.weight, QuantizedTensor)
+    runs = {w: llm.run([list(range(5, 17))], params)[0] for w, llm in llms.items()}
+    assert runs["native"][0].output_ids == runs["float32"][0].output_ids
