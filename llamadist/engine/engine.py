@@ -107,10 +107,11 @@ class LLMEngine:
                  num_blocks: int | None = None, block_size: int | None = None,
                  prefix_caching: bool = True):
         assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
-        ahead = runtime.schedule_ahead and model.stages[0].device.type == "cuda" \
-            if isinstance(model, Engine) else False
-        executors = ([LocalExecutor(model, ahead)] if isinstance(model, Engine)
-                     else list(model) if isinstance(model, (list, tuple)) else [model])
+        if isinstance(model, Engine):
+            on_gpu = model.stages[0].device.type == "cuda"
+            executors = [LocalExecutor(model, ahead=runtime.schedule_ahead and on_gpu)]
+        else:
+            executors = list(model) if isinstance(model, (list, tuple)) else [model]
         self.tokenizer, self.runtime = tokenizer, runtime
         self.config = executors[0].config
         devices = executors[0].devices
