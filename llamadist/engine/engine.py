@@ -54,6 +54,8 @@ class EngineStats:
     cached_prompt_tokens: int = 0    # reused from the prefix cache
     generated_tokens: int = 0
     busy_s: float = 0.0              # time inside step()
+    recoveries: int = 0              # executors replaced after a failure
+    replayed_requests: int = 0       # requests recomputed by them
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -220,6 +222,22 @@ class LLMEngine:
                 "kv_blocks_free": sum(s.blocks_free for s in ss),
                 "preemptions": sum(s.preemptions for s in ss)}
 
+    def replace_executor(self, index: int, executor: Executor) -> int:
+        """Replica ``index``'s executor failed (its steps in flight were aborted when
+        ``step`` raised): run its requests on ``executor`` from now on. Its KV cache is
+        lost, so every running request is recomputed from its prompt and the tokens it
+        already has (with its seed and step count, a request's tokens equal a run without
+        the failure). Returns how many requests are replayed."""
+        rep = self.replicas[index]
+        if rep.in_flight:
+            raise RuntimeError("replace_executor while steps are in flight")
+        executor.init_paged(self.num_blocks, self.block_size)
+        rep.executor = executor
+        replayed = rep.scheduler.requeue_all()
+        self.stats.recoveries += 1
+        self.stats.replayed_requests += replayed
+        return replayed
+
     def reset_stats(self) -> None:
         """Zero the counters (after a warm-up run)."""
         self.stats = EngineStats()
@@ -297,7 +315,11 @@ class LLMEngine:
                     break
                 work = self._work(step, rep.in_flight[-1][2] if rep.in_flight else None)
                 work.reset_stats, rep.reset_pending = rep.reset_pending, False
-                rep.executor.launch(work)
+                try:
+                    rep.executor.launch(work)
+                except BaseException:  # never launched: step() aborts the ones that were
+                    rep.scheduler.abort(step)
+                    raise
                 rep.busy = True
                 rep.in_flight.append((next(self._launches), step, work))
 

@@ -64,6 +64,13 @@ class BlockPool:
         self._evictable: OrderedDict[int, None] = OrderedDict()  # free but cached; LRU first
         self._keys: dict[Request, list[BlockKey]] = {}  # keys of each request's full blocks
 
+    def forget_cache(self) -> None:
+        """The cache's contents are gone (its device or process was lost): no block may be
+        reused as a cached prefix. Only for a pool no request holds blocks of."""
+        if any(self._ref[1:]):
+            raise RuntimeError("forget_cache with blocks still held by requests")
+        self.__init__(self.num_blocks, self.block_size, self.prefix_caching)
+
     # ---- gauges ----------------------------------------------------------------------
     @property
     def num_usable(self) -> int:

@@ -300,6 +300,23 @@ class Scheduler:
                 return False
         return True
 
+    def requeue_all(self) -> int:
+        """The KV cache was lost (a worker died): every running request goes back to the
+        front of the waiting queue, in admission order, its outputs kept, so it is
+        recomputed from its prompt and outputs (replay); the prefix cache is emptied.
+        Steps in flight must have been aborted first. Returns how many were requeued."""
+        if self._in_flight:
+            raise RuntimeError("abort the steps in flight before requeueing")
+        moved = list(self.running)
+        for req in reversed(moved):
+            self.running.remove(req)
+            self.pool.free(req)
+            req.num_computed = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
+        self.pool.forget_cache()
+        return len(moved)
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.pool.free(req)

@@ -256,3 +256,50 @@ def test_cli_prompts_file_with_max_batch_each_equal_alone(smollm2, tmp_path, cap
     alone = [generate(static, tok, [tok.encode(p)], SamplingParams(max_new_tokens=8))[0].token_ids
              for p in prompts]
     assert together == alone and all(alone)
+
+
+class DiesAt:
+    """An executor that fails at its ``at``-th launch, as a lost worker would."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at, self.launches = inner, at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def launch(self, work):
+        self.launches += 1
+        if self.launches == self.at:
+            raise RuntimeError("lost the worker")
+        self.inner.launch(work)
+
+
+@pytest.mark.parametrize("ahead", [False, True])
+def test_a_lost_executor_is_replaced_and_its_requests_replay(tiny_model, alone, ahead):
+    """The executor dies mid-generation; a new one takes its place, every request is
+    recomputed from its prompt and the tokens it already streamed, and each ends with the
+    tokens and text of a run without the failure (greedy and seeded)."""
+    engine = engine_for(tiny_model, ahead=ahead, max_batch=2)
+    engine.replicas[0].executor = DiesAt(engine.replicas[0].executor, at=7)
+    seeded = SamplingParams(max_new_tokens=12, temperature=1.0, seed=5, ignore_eos=True)
+    tok = engine.tokenizer
+    asked = {"a": (PROMPTS[0], GREEDY), "b": (PROMPTS[1], seeded), "c": (PROMPTS[2], GREEDY)}
+    reqs = {rid: engine.add_request(tok.encode(p), sp, rid) for rid, (p, sp) in asked.items()}
+    streamed = {rid: [] for rid in asked}
+    replayed = None
+    while engine.has_unfinished:
+        try:
+            outs = engine.step()
+        except RuntimeError as e:
+            assert "lost the worker" in str(e) and replayed is None
+            fresh = engine_for(tiny_model).replicas[0].executor.model
+            replayed = engine.replace_executor(0, LocalExecutor(fresh, ahead=ahead))
+            continue
+        for out in outs:
+            streamed[out.request_id].append(out.token_id)
+    assert replayed == 2 and engine.stats.recoveries == 1  # two were running
+    for rid, (prompt, params) in asked.items():
+        want = alone(prompt, params)
+        assert reqs[rid].output_ids == want == streamed[rid], rid  # nothing lost or repeated
+        assert reqs[rid].text == tok.decode(want)
+    assert engine.gauges()["kv_blocks_used"] == 0

@@ -344,6 +344,33 @@ def test_max_seqs_splits_the_running_requests_into_groups_that_take_turns():
     assert [c.request.id for c in s.schedule(max_seqs=2).chunks] == ["r0", "r1"]
 
 
+def test_requeue_all_replays_running_requests_first_and_forgets_the_cache():
+    """After a lost KV cache: the running requests wait again ahead of the queue, in
+    admission order, with their outputs; nothing is held or cached; they recompute."""
+    s = make(max_batch=2)
+    for i in range(3):
+        s.add(req(f"r{i}", range(10 * i + 1, 10 * i + 9), max_new=6))
+    for _ in range(3):
+        run_step(s)
+    outputs = {r.id: list(r.output_ids) for r in s.running}
+    assert sorted(outputs) == ["r0", "r1"] and all(outputs.values())
+    with pytest.raises(RuntimeError, match="in flight"):
+        s.schedule()
+        s.requeue_all()
+    s = make(max_batch=2)
+    for i in range(3):
+        s.add(req(f"r{i}", range(10 * i + 1, 10 * i + 9), max_new=6))
+    for _ in range(3):
+        run_step(s)
+    assert s.requeue_all() == 2
+    assert [r.id for r in s.waiting] == ["r0", "r1", "r2"] and not s.running
+    assert s.blocks_used == 0 and s.pool.num_cached == 0
+    assert all(r.num_computed == 0 for r in s.waiting)
+    first = s.schedule()  # r0 and r1 recompute prompt + outputs from scratch
+    assert [(c.request.id, c.start, c.num_tokens) for c in first.chunks] == \
+        [(rid, 0, 8 + len(outputs[rid])) for rid in ("r0", "r1")]
+
+
 # ---- randomized simulation ------------------------------------------------------------
 def check_invariants(s, live, max_batch, max_batch_tokens, step, busy):
     pool = s.pool
