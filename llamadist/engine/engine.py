@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from llamadist.config import RuntimeConfig
 from llamadist.engine.executor import Executor, LocalExecutor
 from llamadist.engine.kv_blocks import NULL_BLOCK, BlockPool
+from llamadist.distributed.faults import PeerError
 from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler, SchedulerStep
 from llamadist.generation.generate import text_delta
@@ -265,10 +266,16 @@ class LLMEngine:
             _, step, work = rep.in_flight[0]
             tokens = rep.executor.collect()
             rep.in_flight.popleft()
-        except BaseException:  # Ctrl-C, out of memory, a lost rank: the steps never happened
-            for r in self.replicas:
+        except BaseException as failure:  # Ctrl-C, out of memory, a lost rank: the steps
+            for r in self.replicas:           # never happened
                 while r.in_flight:
                     r.scheduler.abort(r.in_flight.popleft()[1])
+                if isinstance(failure, PeerError):
+                    continue  # nothing to drain from a lost rank: replace_executor
+                try:
+                    r.executor.reset()  # its results of those steps are dropped
+                except Exception as e:  # noqa: BLE001 - reported; the failure is raised
+                    log.warning("could not reset the executor of a failed step: %s", e)
             raise
         tokens, logprobs, scored = unpack_sampled(tokens, work)
         self._record_scores(work, scored)

@@ -37,6 +37,8 @@ class Executor(Protocol):
 
     def idle(self) -> None: ...
 
+    def reset(self) -> None: ...  # forget launched, uncollected steps (the engine aborted them)
+
     def close(self) -> None: ...
 
 
@@ -91,8 +93,12 @@ class LocalExecutor:
     def idle(self) -> None:
         pass
 
-    def close(self) -> None:
+    def reset(self) -> None:
         self._done.clear()
+        self._last = None
+
+    def close(self) -> None:
+        self.reset()
 
 
 class RankExecutor:
@@ -106,6 +112,7 @@ class RankExecutor:
         self.depth = rank.groups.pp_size
         self.leader, self.sampler = rank.replica_ranks(replica)
         self._local: deque[torch.Tensor] = deque()  # tokens sampled here (one stage, tp 1)
+        self._outstanding = 0  # launched, not yet collected
 
     def init_paged(self, num_blocks: int, block_size: int) -> None:
         """Every rank made its cache at setup (runtime.worker.RankSpec): check the engine
@@ -118,16 +125,24 @@ class RankExecutor:
     def launch(self, work: StepWork) -> None:
         if self.leader != self.rank.groups.rank:
             self.rank.front.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
-            return
-        with torch.inference_mode():
-            tokens = self.rank.run(work)
-        if tokens is not None:
-            self._local.append(tokens)
+        else:
+            with torch.inference_mode():
+                tokens = self.rank.run(work)
+            if tokens is not None:
+                self._local.append(tokens)
+        self._outstanding += 1
 
     def collect(self) -> list[int]:
+        self._outstanding -= 1
         if self._local:
             return self._local.popleft().tolist()
         return self.rank.front.recv(self.sampler).tensor.tolist()
+
+    def reset(self) -> None:
+        """Receive and drop the tokens of steps the engine aborted, so the next collect
+        gets its own step's (the ranks computed them anyway, in order)."""
+        while self._outstanding > 0:
+            self.collect()
 
     def idle(self) -> None:
         """The replica has nothing in flight: its ranks may wait without a deadline."""

@@ -303,3 +303,39 @@ def test_a_lost_executor_is_replaced_and_its_requests_replay(tiny_model, alone, 
         assert reqs[rid].output_ids == want == streamed[rid], rid  # nothing lost or repeated
         assert reqs[rid].text == tok.decode(want)
     assert engine.gauges()["kv_blocks_used"] == 0
+
+
+class InterruptedCollect:
+    """An executor whose ``at``-th collect is interrupted (Ctrl-C while waiting)."""
+
+    def __init__(self, inner, at: int):
+        self.inner, self.at, self.collects = inner, at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def collect(self):
+        self.collects += 1
+        if self.collects == self.at:
+            raise KeyboardInterrupt
+        return self.inner.collect()
+
+
+def test_an_interrupted_step_with_one_scheduled_ahead_resumes_exactly(tiny_model, alone):
+    """Two steps in flight (one scheduled ahead), the wait for the first interrupted: both
+    are aborted, the executor forgets their results, and stepping on gives every request
+    its tokens alone (the next collect is not handed a stale step's tokens)."""
+    engine = engine_for(tiny_model, ahead=True, max_batch=2)
+    engine.replicas[0].executor = InterruptedCollect(engine.replicas[0].executor, at=5)
+    tok = engine.tokenizer
+    reqs = [engine.add_request(tok.encode(PROMPTS[i]), GREEDY, str(i)) for i in range(2)]
+    interrupted = False
+    while engine.has_unfinished:
+        try:
+            engine.step()
+        except KeyboardInterrupt:
+            interrupted = True
+            assert not engine.replicas[0].in_flight
+    assert interrupted
+    for i, r in enumerate(reqs):
+        assert r.output_ids == alone(PROMPTS[i], GREEDY)
