@@ -239,6 +239,30 @@ class LLMEngine:
         self.stats.replayed_requests += replayed
         return replayed
 
+    def fail_over(self, index: int) -> int:
+        """Replica ``index`` is lost for good (its steps in flight were aborted when
+        ``step`` raised): its requests move to the live replicas now, the least loaded
+        first, and replay there from prompt + outputs. Returns how many moved."""
+        if len(self.replicas) < 2:
+            raise RuntimeError("no other replica to take the requests: use replace_executor")
+        rep = self.replicas[index]
+        if rep.in_flight:
+            raise RuntimeError("fail_over while steps are in flight")
+        rep.scheduler.requeue_all()
+        moved = rep.scheduler.release_all()
+        del self.replicas[index]
+        try:
+            rep.executor.close()
+        except Exception as e:  # noqa: BLE001 - it is gone either way
+            log.warning("closing the lost replica's executor: %s", e)
+        for req in moved:
+            target = min(self.replicas, key=lambda r: r.load)
+            target.scheduler.adopt([req])
+            self._where[req.id] = target
+        self.stats.recoveries += 1
+        self.stats.replayed_requests += len(moved)
+        return len(moved)
+
     def reset_stats(self) -> None:
         """Zero the counters (after a warm-up run)."""
         self.stats = EngineStats()

@@ -317,6 +317,27 @@ class Scheduler:
         self.pool.forget_cache()
         return len(moved)
 
+    def release_all(self) -> list[Request]:
+        """Hand every unfinished request over (to another replica's scheduler): all must
+        be waiting (``requeue_all`` first). This scheduler is left empty."""
+        if self.running:
+            raise RuntimeError("requeue the running requests before releasing them")
+        out = list(self.waiting)
+        self.waiting.clear()
+        self._requests.clear()
+        return out
+
+    def adopt(self, reqs: list[Request]) -> None:
+        """Take requests another replica's scheduler released: at the front of the queue,
+        in their order (they were admitted before anything waiting here)."""
+        for req in reqs:
+            if req.id in self._requests:
+                raise ValueError(f"request id {req.id!r} is already queued or running")
+            self._check_fits(req)
+        for req in reversed(reqs):
+            self._requests[req.id] = req
+            self.waiting.appendleft(req)
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.pool.free(req)

@@ -339,3 +339,32 @@ def test_an_interrupted_step_with_one_scheduled_ahead_resumes_exactly(tiny_model
     assert interrupted
     for i, r in enumerate(reqs):
         assert r.output_ids == alone(PROMPTS[i], GREEDY)
+
+
+def test_a_lost_replica_s_requests_move_to_the_live_one(tiny_model, alone):
+    """Two data-parallel replicas; one dies mid-generation: its requests (running and
+    waiting) move to the other at once and end as without the failure."""
+    ckpt = open_checkpoint(tiny_model)
+    runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=2, dtype="float32",
+                            max_batch_tokens=2048)
+
+    def replica():
+        model = Engine.build(ckpt, [range(ckpt.config.num_layers)], ["cpu"], torch.float32,
+                             1, MAX_SEQ, runtime=runtime)
+        return LocalExecutor(model)
+    engine = LLMEngine([replica(), DiesAt(replica(), at=4)], ckpt.tokenizer(), runtime,
+                       block_size=4)
+    tok = engine.tokenizer
+    reqs = [engine.add_request(tok.encode(PROMPTS[i]), GREEDY, str(i)) for i in range(5)]
+    assert {id(engine._where[r.id]) for r in reqs} == {id(r) for r in engine.replicas}
+    moved = None
+    while engine.has_unfinished:
+        try:
+            engine.step()
+        except RuntimeError as e:
+            assert "lost the worker" in str(e) and moved is None
+            moved = engine.fail_over(1)
+    assert moved >= 2 and len(engine.replicas) == 1
+    for i, r in enumerate(reqs):
+        assert r.output_ids == alone(PROMPTS[i], GREEDY), i
+    assert engine.gauges()["kv_blocks_used"] == 0 and engine.gauges()["waiting"] == 0
