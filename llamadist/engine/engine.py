@@ -339,7 +339,7 @@ class LLMEngine:
             depth = rep.executor.depth
             per_step = -(-self.runtime.max_batch // depth)
             # an executor that takes decodes scheduled ahead keeps one more step in flight
-            ahead = getattr(rep.executor, "ahead", False)
+            ahead = rep.executor.ahead
             while len(rep.in_flight) < depth + ahead:
                 step = rep.scheduler.schedule(per_step, ahead=ahead and bool(rep.in_flight))
                 if not step:

@@ -28,6 +28,7 @@ class Executor(Protocol):
     config: ModelConfig
     devices: list[str]  # every device it computes on (the defaults of block size, budget)
     depth: int          # steps it keeps in flight
+    ahead: bool         # takes decodes scheduled ahead (one more step in flight)
 
     def init_paged(self, num_blocks: int, block_size: int) -> None: ...
 
@@ -105,12 +106,15 @@ class RankExecutor:
     """Replica ``replica`` of a multi-process layout, seen from the front process (rank 0,
     which is replica 0's first stage: it computes that stage itself at launch)."""
 
+    ahead = False  # the sampled tokens live on the last stage's rank, not the first's
+
     def __init__(self, rank: StageRank, replica: int, devices: list[str]):
         self.rank, self.replica = rank, replica
         self.config = rank.stage.model.config
         self.devices = devices
         self.depth = rank.groups.pp_size
         self.leader, self.sampler = rank.replica_ranks(replica)
+        self.remote = self.leader != rank.groups.rank  # else this process is its first stage
         self._local: deque[torch.Tensor] = deque()  # tokens sampled here (one stage, tp 1)
         self._outstanding = 0  # launched, not yet collected
 
@@ -123,7 +127,7 @@ class RankExecutor:
                              f"the ranks made {have} of {size}")
 
     def launch(self, work: StepWork) -> None:
-        if self.leader != self.rank.groups.rank:
+        if self.remote:
             self.rank.front.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
         else:
             with torch.inference_mode():
@@ -146,14 +150,14 @@ class RankExecutor:
 
     def idle(self) -> None:
         """The replica has nothing in flight: its ranks may wait without a deadline."""
-        if self.leader != self.rank.groups.rank:
+        if self.remote:
             self.rank.front.send(self.leader, Message(Kind.IDLE))
         else:
             self.rank.idle()
 
     def close(self) -> None:
         """Tell the replica's ranks to leave (replica 0: the front's own paths)."""
-        if self.leader != self.rank.groups.rank:
+        if self.remote:
             self.rank.front.send(self.leader, Message(Kind.END))
             self.rank.front.flush()
         else:

@@ -168,7 +168,7 @@ class StageRank:
     def _pass_on(self, kind: Kind) -> None:
         """Send a control message on every path this rank feeds steps to."""
         g = self.groups
-        if g.pp.is_first and g.tp_index == 0:
+        if self.is_leader:
             for peer in g.tp.ranks[1:]:
                 self.tp_link.send(peer, Message(kind))
         if not g.pp.is_last:
