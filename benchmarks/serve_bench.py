@@ -122,7 +122,8 @@ def free_port() -> int:
 
 def start_server(model: str, max_batch: int, max_seq_len: int, extra: list[str]):
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+        x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)}
     proc = subprocess.Popen([sys.executable, "-m", "llamadist", "serve", model, "--port",
                              str(port), "--max-batch", str(max_batch), "--max-seq-len",
                              str(max_seq_len), "--max-queue", "100000", *extra], env=env)
@@ -173,7 +174,8 @@ def main() -> None:
         model = served_model(url)
         asyncio.run(run_level(url, model, work[:max(levels)], 4, max(levels)))  # warm-up
         for c in levels:
-            rows.append(asyncio.run(run_level(url, model, work, args.max_tokens, c)))
+            rows.append(asyncio.run(run_level(url, model, work[:max(args.requests, c)],
+                                              args.max_tokens, c)))
             print(json.dumps(rows[-1]), flush=True)
     finally:
         if proc is not None:
@@ -181,11 +183,13 @@ def main() -> None:
             print(f"server exit code {proc.wait(60)}", file=sys.stderr)
     if args.engine and args.model:
         for c in levels:
-            rows.append(engine_level(args.model, work, args.max_tokens, c, seq_len))
+            rows.append(engine_level(args.model, work[:max(args.requests, c)], args.max_tokens,
+                                     c, seq_len))
             print(json.dumps(rows[-1]), flush=True)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "machine": platform.machine(), "cpus": os.cpu_count(), "model": source,
-            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens, "requests": n}
+            "prompt_len": args.prompt_len, "max_tokens": args.max_tokens,
+            "requests_per_level": f"max({args.requests}, concurrency)"}
     print(json.dumps(meta))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

