@@ -29,15 +29,22 @@ a dequantized matmul elsewhere) and ``torch.cat`` along rows (projection fusion)
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from llamadist.kernels.quant_ref import FORMATS, _k_quants, _k_scales, dequantize
+from llamadist.kernels import wquant_triton
+from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, _k_quants, _k_scales, dequantize
 
 KINDS = ("int8", "int4", "fp8")
+# Triton's interpreter (CPU tensors) stands in for a GPU in tests: the kernels then serve
+# CPU tensors too.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 INT4_GROUP = 128
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
@@ -226,11 +233,69 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
     """F.linear(x, W, bias): x (..., K) -> (..., N) in x's dtype."""
     if x.shape[-1] != w.shape[1]:
         raise RuntimeError(f"linear: x has {x.shape[-1]} features, the weight {tuple(w.shape)}")
-    if x.device.type == "cuda":
-        from llamadist.kernels import wquant_triton
-        if wquant_triton.triton is not None:
-            return wquant_triton.packed_linear(x, w, bias)
+    if wquant_triton.triton is not None and (x.is_cuda or INTERPRET):
+        return wquant_triton.packed_linear(x, w, bias)
     return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear whose ``weight`` is a PackedWeight, made by ``as_packed_linear``: the
+    weight's tensors are also buffers (``qweight``, ``wscale``, ``woffset``) and the
+    product is the custom op llamadist::packed_linear, so torch.compile traces the module
+    (a plain object's __torch_function__ would break its graph)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = wquant_triton.packed_linear_op
+        if op is not None and (x.is_cuda or INTERPRET):
+            return op(x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
+                      self.group, self.out_features, self.in_features)
+        return linear(x, self.weight, self.bias)
+
+
+def as_packed_linear(module: nn.Linear) -> nn.Linear:
+    """Turn a plain nn.Linear holding a PackedWeight into a PackedLinear (in place; no
+    copy: the buffers are the weight's own tensors)."""
+    w = module.__dict__.get("weight")
+    if type(module) is not nn.Linear or not isinstance(w, PackedWeight):
+        return module
+    module.__class__ = PackedLinear
+    module.register_buffer("qweight", w.q, persistent=False)
+    module.register_buffer("wscale", w.scale, persistent=False)
+    module.register_buffer("woffset", w.offset, persistent=False)
+    module.kind_id, module.group = wquant_triton.KIND_IDS[w.kind], w.group
+    return module
+
+
+# ---- float -> GGUF blocks, for CPU stages ------------------------------------------------
+def to_gguf_blocks(w: torch.Tensor, kind: str, act_dtype: torch.dtype = torch.float32,
+                   name: str = "weight") -> QuantizedTensor:
+    """A float W (N, K) as GGUF blocks the CPU kernels run: int8 -> Q8_0 (d = max|w| / 127
+    per 32), int4 -> Q4_1 (d = (max - min) / 15, m = min per 32); d and m in f16 as ggml
+    stores them, each weight within half a step of its f16 grid."""
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"a CPU stage quantizes to int8 (Q8_0) or int4 (Q4_1), not {kind}")
+    n, k = w.shape
+    if k % 32:
+        raise ValueError(f"{name} {tuple(w.shape)}: GGUF blocks hold 32 inputs and {k} is "
+                         f"not a multiple; leave this stage unquantized (cpu=none)")
+    x = w.detach().float().cpu().numpy().reshape(n, k // 32, 32)
+    if kind == "int8":
+        d = (np.abs(x).max(-1) / 127).astype(np.float16)
+        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1).astype(np.float32), 0)
+        q = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)
+        out = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1)
+    else:
+        lo = x.min(-1).astype(np.float16)
+        d = ((x.max(-1) - lo.astype(np.float32)) / 15).astype(np.float16)
+        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1).astype(np.float32), 0)
+        q = np.clip(np.rint((x - lo.astype(np.float32)[..., None]) * inv[..., None]), 0, 15)
+        q = q.astype(np.uint8)
+        qs = q[..., :16] | (q[..., 16:] << 4)
+        out = np.concatenate([d[..., None].view(np.uint8), lo[..., None].view(np.uint8), qs],
+                             axis=-1)
+    qtype = TYPE_IDS["Q8_0" if kind == "int8" else "Q4_1"]
+    return QuantizedTensor(torch.from_numpy(np.ascontiguousarray(out).reshape(n, -1)), qtype,
+                           (n, k), act_dtype)
 
 
 def cat(parts: list[Any] | tuple[Any, ...], dim: int = 0) -> Any:
