@@ -103,3 +103,86 @@ def test_empty_and_3d_inputs():
     assert y.shape == (2, 3, 40)
     assert torch.allclose(y, T.packed_linear(x.reshape(6, 130), pw).view(2, 3, 40))
     assert T.packed_linear(x[:0], pw).shape == (0, 3, 40)
+
+
+def test_packed_linear_module_compiles_without_graph_breaks():
+    """The kernel pass's PackedLinear: buffers + the custom op, so torch.compile traces
+    it whole (fullgraph) and gives the eager values."""
+    from torch import nn
+    lin = nn.Linear(130, 40, bias=True, device="meta")
+    del lin.weight
+    lin.weight = W.quantize_int4(torch.randn(40, 130)).to(DEVICE)
+    lin.bias = nn.Parameter(torch.randn(40, device=DEVICE), requires_grad=False)
+    W.as_packed_linear(lin)
+    assert type(lin) is W.PackedLinear
+    x = torch.randn(3, 130, device=DEVICE)
+    eager = lin(x)
+    compiled = torch.compile(lin, fullgraph=True, backend="eager")(x)
+    assert torch.equal(eager, compiled)
+    want = x.double() @ lin.weight.dequantize(torch.float64).t() + lin.bias.double()
+    assert (eager.double() - want).abs().max().item() <= 1e-4
+
+
+# ---- whole models on CUDA ---------------------------------------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _dequantized(stage) -> None:
+    from torch import nn
+    for m in stage.model.modules():
+        w = m.__dict__.get("weight")
+        if isinstance(w, W.PackedWeight):
+            m.__class__ = nn.Linear
+            del m.weight
+            m.weight = nn.Parameter(w.dequantize(stage.dtype), requires_grad=False)
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_tiny_quantized_on_cuda_equals_dequantized_and_graphs(tiny_model, kind):
+    from llamadist.api import LLM
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime.stage import build_stage
+    from llamadist.weights.checkpoint import open_checkpoint
+    rt = RuntimeConfig(quantize=kind, dtype="float32")
+
+    def build():
+        return build_stage(open_checkpoint(tiny_model), range(5), "cuda:0", torch.float32, 1,
+                           32, runtime=rt)
+    st, ref = build(), build()
+    assert type(st.model.model.layers["0"].mlp.gate_up_proj) is W.PackedLinear
+    _dequantized(ref)
+    ids = torch.tensor([[5, 9, 33, 100, 7, 8, 250, 3]], device="cuda:0")
+    pos = torch.arange(8, device="cuda:0").view(1, -1)
+    got = st.forward(ids, pos, 0, None, logits="all")
+    want = ref.forward(ids, pos, 0, None, logits="all")
+    assert (got - want).abs().max().item() <= 1e-3
+    prompts = ["The quick brown fox", "1 2 3 4 5"]
+    graphs = LLM(tiny_model, devices="cuda:0", runtime=rt.replace(max_batch=2))
+    eager = LLM(tiny_model, devices="cuda:0", runtime=rt.replace(max_batch=2,
+                                                                  cuda_graphs=False))
+    a = [r.output_ids for r in graphs.generate(prompts, max_new_tokens=16, ignore_eos=True)]
+    b = [r.output_ids for r in eager.generate(prompts, max_new_tokens=16, ignore_eos=True)]
+    assert a == b
+
+
+@cuda_only
+def test_smollm2_gguf_on_cuda_runs_int4_and_int8_blocks(smollm2):
+    """Q4_1 / Q8_0 layers convert exactly to int4 / int8: the logits equal the CPU
+    stage's native blocks' (float32 both) up to summation order."""
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime.stage import build_stage
+    from llamadist.weights.checkpoint import open_checkpoint
+    rt = RuntimeConfig(dtype="float32")
+    gpu = build_stage(open_checkpoint(smollm2), range(30), "cuda:0", torch.float32, 1, 64,
+                      runtime=rt)
+    cpu = build_stage(open_checkpoint(smollm2), range(30), "cpu", torch.float32, 1, 64,
+                      runtime=rt)
+    kinds = {m.weight.kind for m in gpu.model.modules() if type(m) is W.PackedLinear}
+    assert kinds == {"int4", "int8"}
+    ids = open_checkpoint(smollm2).tokenizer().encode("The three primary colors are")
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids)).view(1, -1)
+    a = gpu.forward(x.cuda(), pos.cuda(), 0, None, logits="all").cpu()
+    b = cpu.forward(x, pos, 0, None, logits="all")
+    assert (a - b).abs().max().item() <= 2e-3 * b.abs().max().item()
