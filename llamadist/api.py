@@ -72,7 +72,8 @@ class LLM:
                                     boundaries=boundaries, plan=plan,
                                     dtype=runtime.dtype_for(dev or "cpu"),
                                     max_batch=runtime.max_batch,
-                                    max_seq_len=runtime.max_seq_len)
+                                    max_seq_len=runtime.max_seq_len,
+                                    quantize=runtime.quantize)
         elif where:
             raise TypeError(f"give layout= or {', '.join(where)}=, not both")
         elif layout.processes > 1 or layout.tp > 1 or layout.dp > 1:

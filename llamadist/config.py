@@ -268,6 +268,45 @@ DEFAULT_TIMEOUT_S = 60.0
 DECODE_ATTENTION_CHOICES = ("split", "sdpa")
 WEIGHTS_CHOICES = ("native", "float32", "bfloat16", "float16")
 QUANT_ACTIVATIONS_CHOICES = ("float32", "int8")
+QUANTIZE_CHOICES = ("int8", "int4", "fp8")  # --quantize: a float weight's format at load
+QUANTIZE_HELP = ("int8 | int4 | fp8, or per device: cuda:0=int4,cpu=int8 (a kind, cuda or "
+                 "cpu, names all its devices; native or none: no quantization there)")
+
+
+def parse_quantize(spec: str | None) -> dict[str, str | None]:
+    """--quantize "int4" -> {"*": "int4"}; "cuda:0=int4,cpu=native" -> {"cuda:0": "int4",
+    "cpu": None}. Refuses an unknown format or a malformed entry, naming it."""
+    if spec is None:
+        return {}
+    out: dict[str, str | None] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        device, _, fmt = part.rpartition("=")
+        device = device.strip() or "*"
+        fmt = fmt.strip()
+        if fmt not in QUANTIZE_CHOICES + ("native", "none"):
+            raise ConfigError(f"--quantize {spec}: unknown format {fmt!r}; give "
+                              f"{', '.join(QUANTIZE_CHOICES)} (or native / none), for every "
+                              f"device or per device as cuda:0=int4,cpu=int8")
+        if device in out:
+            raise ConfigError(f"--quantize {spec}: {device} is given twice")
+        out[device] = None if fmt in ("native", "none") else fmt
+    if not out:
+        raise ConfigError(f"--quantize {spec!r}: give a format ({', '.join(QUANTIZE_CHOICES)})")
+    return out
+
+
+def quantize_for(spec: str | None, device: str) -> str | None:
+    """The weight format --quantize ``spec`` gives the stage on ``device`` (None: as the
+    checkpoint stores it): the exact device's entry, else its kind's, else the bare one.
+    fp8 on a CPU stage is refused (the CPU kernels take GGUF blocks: int8 or int4)."""
+    table = parse_quantize(spec)
+    device = str(device)
+    kind = device.split(":")[0]
+    fmt = table.get(device, table.get(kind, table.get("*")))
+    if fmt == "fp8" and kind == "cpu":
+        raise ConfigError(f"--quantize {spec}: fp8 on the CPU stage ({device}) is not "
+                          f"supported; give cpu=int8 or cpu=int4 (GGUF Q8_0 / Q4_1 blocks)")
+    return fmt
 
 
 @dataclass(frozen=True)
@@ -289,6 +328,10 @@ class RuntimeConfig:
                      Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K, and F16/BF16 tensors as stored, on CPU
                      stages: llamadist.kernels.quant),
                      a float dtype dequantizes at load (it must then match ``dtype``)
+    quantize         the decoder layers' linear weights quantized at load (None: as stored):
+                     "int8" | "int4" | "fp8" for every stage, or per device
+                     ("cuda:0=int4,cpu=int8"); GPU stages run them through Triton
+                     (llamadist.kernels.wquant), CPU stages as GGUF Q8_0 / Q4_1 blocks
     quant_activations  what native Q4_0/Q4_1/Q8_0 weights meet in the CPU GEMV: "float32"
                      (x as it is: the dequantized model's values) or "int8" (x quantized
                      per 32, as llama.cpp does: faster, ~1% perplexity on SmolLM2)
@@ -321,8 +364,10 @@ class RuntimeConfig:
     schedule_ahead: bool = True
     weights: str = "native"
     quant_activations: str = "float32"
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
+        parse_quantize(self.quantize)  # refuses a malformed --quantize here, before any load
         if self.quant_activations not in QUANT_ACTIVATIONS_CHOICES:
             raise ConfigError(f"--quant-activations must be one of "
                               f"{', '.join(QUANT_ACTIVATIONS_CHOICES)}, got "
@@ -355,6 +400,10 @@ class RuntimeConfig:
         if self.dtype is None and self.weights != "native":
             return self.weights
         return self.dtype or default_dtype(devices)
+
+    def quantize_for(self, device: str) -> str | None:
+        """This run's weight format for the stage on ``device`` (module quantize_for)."""
+        return quantize_for(self.quantize, device)
 
     def batch_tokens_for(self, devices: str | list[str]) -> int:
         if self.max_batch_tokens is not None:

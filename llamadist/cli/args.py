@@ -7,7 +7,8 @@ import argparse
 import os
 
 from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S,
-                              QUANT_ACTIVATIONS_CHOICES, WEIGHTS_CHOICES, RuntimeConfig)
+                              QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HELP, WEIGHTS_CHOICES,
+                              RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -62,6 +63,9 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=positive_int,
                    help="KV-cache length (default: what the request needs, at most the "
                    "model's context)")
+    g.add_argument("--quantize", help="quantize the decoder layers' linear weights at load: "
+                   + QUANTIZE_HELP + "; GPU stages run Triton kernels, CPU stages GGUF "
+                   "Q8_0 / Q4_1 blocks")
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:
@@ -126,7 +130,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "decode_attention": getattr(args, "decode_attention", None),
              "weights": getattr(args, "weights", None),
              "quant_activations": getattr(args, "quant_activations", None),
-             "schedule_ahead": getattr(args, "schedule_ahead", None)}
+             "schedule_ahead": getattr(args, "schedule_ahead", None),
+             "quantize": getattr(args, "quantize", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

@@ -70,7 +70,7 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp)
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
-                     max_seq_len=max_seq_len)
+                     max_seq_len=max_seq_len, quantize=runtime.quantize)
     if nproc == 1:  # the engine keeps at most runtime.max_batch sequences resident
         return resolve_layout(config, devices=args.devices,
                               max_batch=min(batch, runtime.max_batch),

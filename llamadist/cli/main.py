@@ -1,4 +1,5 @@
-"""llamadist's command line: analyze | plan | generate | chat | bench | serve | convert.
+"""llamadist's command line: analyze | plan | generate | chat | bench | serve | convert |
+perplexity.
 
 The parser and the dispatch. Every run command checks the whole request (layout, memory,
 context) before any process starts or any weight loads; a user error ends with one
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from llamadist.cli.args import (DTYPE_CHOICES, USER_ERRORS, add_grid, add_placement,
                                 add_processes, add_runtime, add_sampling, int_or_list,
                                 positive_float, positive_int)
+from llamadist.cli.perplexity import add_perplexity
 from llamadist.config import DEFAULT_MAX_SEQ_LEN
 
 Handler = Callable[[argparse.Namespace], int]
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gen-len", type=positive_int, default=32)
     add_processes(p)
     p.add_argument("--json", action="store_true")
+    add_perplexity(sub)
     return parser
 
 
@@ -160,6 +163,11 @@ def _serve(args: argparse.Namespace) -> int:
     return _run("serve")(args)
 
 
+def _perplexity(args: argparse.Namespace) -> int:
+    from llamadist.cli.perplexity import perplexity_cmd
+    return perplexity_cmd(args)
+
+
 def _planning(name: str) -> Handler:
     def handler(args: argparse.Namespace) -> int:
         import llamadist.cli.plan as planning_commands
@@ -175,6 +183,7 @@ COMMANDS: dict[str, Handler] = {
     "chat": _run("chat"),
     "bench": _run("bench"),
     "serve": _serve,
+    "perplexity": _perplexity,
 }
 
 

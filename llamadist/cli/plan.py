@@ -17,7 +17,7 @@ from llamadist.planning.plan import Plan, format_plan_table
 from llamadist.planning.profile import format_profile_table, profile
 from llamadist.planning.checks import check_grid, plan_problems
 from llamadist.planning.strategies import make_plan
-from llamadist.planning.units import PlanningError
+from llamadist.planning.units import PlanningError, format_bytes
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +70,10 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   device_speed: str | None, strategy: str | None, boundaries: str | None,
                   plan_file: str | None, batch_size: int, max_seq_len: int | None, dtype: str,
                   as_json: bool, save: str | None, plot: str | None, headroom: float | int,
-                  tp: int) -> tuple[Plan, str]:
-    """plan_command's work: the Plan and the text to print."""
+                  tp: int, quantize: str | None = None) -> tuple[Plan, str]:
+    """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
+    stage's weights counted in its format, and the bytes it saves per layer noted)."""
+    from llamadist.config import quantize_for
     if plan_file is not None and devices is None:
         devices = ",".join(Plan.load(plan_file).devices)
     specs = parse_devices(devices, max_memory, device_speed)
@@ -80,10 +82,11 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
         if strategy not in (None, "custom", "uniform"):
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
         strategy, boundaries = "custom", Path(plan_file)
+    formats = [quantize_for(quantize, d.name) for d in specs]
     plan = make_plan(prof, specs, strategy=strategy, boundaries=boundaries,
                      batch_size=batch_size, max_seq_len=max_seq_len, headroom=headroom, tp=tp,
-                     config=config)
-    notes = [f"error: {w}" for w in plan_problems(plan)]
+                     config=config, formats=formats if any(formats) else None)
+    notes = [f"error: {w}" for w in plan_problems(plan)] + format_notes(prof, specs, formats)
     if tp > 1:
         notes.insert(0, f"memory and time are per device of each stage's {tp}-way "
                         f"tensor-parallel group")
@@ -100,6 +103,23 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                 log.info(note)
         return plan, plan.to_json()
     return plan, "\n".join([format_plan_table(plan), *notes])
+
+
+def format_notes(prof, specs, formats: list[str | None]) -> list[str]:
+    """One line per (format, device kind): a decoder layer's predicted bytes and the bytes
+    the format saves against the profile's dtype (no accuracy claim: measure it with
+    `llamadist perplexity`)."""
+    from llamadist.planning.profile import layer_bytes
+    row, out, seen = prof.layers[0], [], set()
+    for spec, fmt in zip(specs, formats):
+        if fmt is None or (fmt, spec.kind) in seen:
+            continue
+        seen.add((fmt, spec.kind))
+        q = layer_bytes(row, fmt, spec.kind, prof.bytes_per_param)
+        out.append(f"weights {fmt} on {spec.kind}: {format_bytes(q)} per decoder layer "
+                   f"instead of {format_bytes(row.weight_bytes)} in {prof.dtype} "
+                   f"({format_bytes(row.weight_bytes - q)} saved per layer, predicted)")
+    return out
 
 
 def model_config(model: str) -> ModelConfig:
@@ -130,7 +150,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
         devices = args.devices or (None if args.plan else "cpu")
     plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
                                args.strategy, args.boundaries, args.plan, args.batch_size,
-                               max_seq, dtype, args.json, args.save, args.plot, 0.1, args.tp)
+                               max_seq, dtype, args.json, args.save, args.plot, 0.1, args.tp,
+                               quantize=args.quantize)
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
                                             list(plan.devices), pp, args.tp, args.dp)

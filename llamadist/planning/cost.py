@@ -33,11 +33,12 @@ for decode's small hidden states this over- rather than under-states the latency
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from llamadist.config import ModelConfig
 from llamadist.planning.devices import DeviceSpec
-from llamadist.planning.profile import ModelProfile, expected_experts
+from llamadist.planning.profile import ModelProfile, expected_experts, layer_bytes
 from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError
 
@@ -155,6 +156,8 @@ class CostModel:
     extra_layer_bytes: float = 0
     experts: tuple[int, ...] = ()  # prefix sums over decoder layers: expert bytes (MoE)
     ep: int = 1                    # expert-parallel ranks sharing each layer's experts
+    # per stage i: the cost model of its weight format (--quantize), from with_formats
+    stage_models: tuple["CostModel | None", ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def build(cls, profile: ModelProfile, batch: int, context: int, tp: int = 1,
@@ -167,6 +170,23 @@ class CostModel:
                    tp_kv_share(config, tp),
                    tp_extra_layer_bytes(config, tp, profile.bytes_per_param),
                    _prefix([r.expert_bytes for r in rows]), ep)
+
+    def with_formats(self, formats: Sequence[str | None], kinds: Sequence[str]) -> "CostModel":
+        """This model with stage i's decoder linears in ``formats[i]`` (None: the profile's
+        dtype) on a ``kinds[i]`` device ("cuda", "cpu"): what ``at(i)`` returns."""
+        made: dict[tuple[str, str], CostModel] = {}
+        nbytes = self.profile.bytes_per_param
+        for fmt, kind in zip(formats, kinds):
+            if fmt is not None and (fmt, kind) not in made:
+                rows = [layer_bytes(r, fmt, kind, nbytes) for r in self.profile.layers]
+                made[(fmt, kind)] = replace(self, weights=_prefix(rows), stage_models=())
+        return replace(self, stage_models=tuple(None if f is None else made[(f, k)]
+                                                for f, k in zip(formats, kinds)))
+
+    def at(self, i: int) -> "CostModel":
+        """The cost model of stage i (its weight format's bytes), this one by default."""
+        m = self.stage_models[i] if i < len(self.stage_models) else None
+        return self if m is None else m
 
     def _expert_bytes(self, s: int, e: int) -> int:
         return self.experts[e] - self.experts[s] if self.experts else 0

@@ -70,11 +70,13 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    strategy: str | None = None, max_memory: str | None = None,
                    device_speed: str | None = None, boundaries: str | None = None,
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
-                   tp: int = 1) -> Layout:
+                   tp: int = 1, quantize: str | None = None) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
     checked against its device's budget for this run's batch, KV length and ``tp`` (each
     stage then a tensor-parallel group: memory per shard). A plan file gives the stages;
-    they are costed again on this run's devices, budgets and lengths, not the file's."""
+    they are costed again on this run's devices, budgets and lengths, not the file's.
+    ``quantize`` (RuntimeConfig.quantize): each stage's weights counted in its format."""
+    from llamadist.config import quantize_for
     from llamadist.planning.checks import check_fits
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.plan import Plan
@@ -94,8 +96,10 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     devices = devices or "cpu"
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
+    formats = [quantize_for(quantize, d.name) for d in specs]
     p = check_fits(make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
                              strategy=strategy, boundaries=boundaries, batch_size=max_batch,
-                             max_seq_len=max_seq_len, tp=tp, config=config))
+                             max_seq_len=max_seq_len, tp=tp, config=config,
+                             formats=formats if any(formats) else None))
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), plan=p)

@@ -39,6 +39,7 @@ class Stage:
     predicted_time_s: float = 0.0
     budget_bytes: int | None = None
     headroom_bytes: int = 0
+    weight_format: str | None = None  # its decoder linears' --quantize format (None: dtype)
 
     @property
     def layers(self) -> range:

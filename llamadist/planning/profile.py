@@ -61,12 +61,16 @@ class LayerCost:
     # What one token uses (the router and k experts); None: everything (a dense row).
     active_params: int | None = None
     active_weight_bytes: int | None = None
+    # (out, in) of each linear --quantize quantizes (q, k, v, o; gate, up, down when dense)
+    linear_shapes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.active_params is None:
             object.__setattr__(self, "active_params", self.params)
         if self.active_weight_bytes is None:
             object.__setattr__(self, "active_weight_bytes", self.weight_bytes)
+        # JSON gives lists: tuples, so a profile equals its round trip
+        object.__setattr__(self, "linear_shapes", tuple(tuple(x) for x in self.linear_shapes))
 
     def decode_flops(self, context: int) -> int:
         """FLOPs for one new token attending to ``context`` cached tokens."""
@@ -195,7 +199,29 @@ def _decoder_row(config: ModelConfig, i: int, nbytes: int, seq_len: int) -> Laye
         decode_flops_per_token=matmul + attn_ctx * seq_len, prefill_flops=prefill,
         kv_bytes_per_token=2 * kv * nbytes, num_experts=e, experts_per_token=k,
         expert_bytes=e * expert_w * nbytes, active_params=active,
-        active_weight_bytes=active * nbytes)
+        active_weight_bytes=active * nbytes,
+        linear_shapes=((q, d), (kv, d), (kv, d), (d, q)) + (() if e else ((f, d), (f, d), (d, f))))
+
+
+def quantized_matrix_bytes(n: int, k: int, fmt: str, kind: str = "cuda") -> int:
+    """Bytes of an (n, k) weight in ``fmt`` (--quantize) on a ``kind`` device, as the loader
+    stores it (llamadist.kernels.wquant): on GPUs int8 and fp8 one byte a weight plus a
+    float32 scale a row, int4 half a byte plus a float32 scale and offset per 128; on the
+    CPU GGUF blocks of 32, Q8_0 (34 bytes) and Q4_1 (20 bytes)."""
+    if kind == "cpu":
+        return n * -(-k // 32) * {"int8": 34, "int4": 20}[fmt]
+    if fmt == "int4":
+        return n * ((k + 1) // 2) + 8 * n * -(-k // 128)
+    return n * k + 4 * n
+
+
+def layer_bytes(row: LayerCost, fmt: str | None, kind: str, nbytes: float) -> int:
+    """A decoder row's weight bytes with its linears in ``fmt`` (None: as profiled)."""
+    if fmt is None or not row.linear_shapes:
+        return row.weight_bytes
+    linear = sum(n * k for n, k in row.linear_shapes)
+    packed = sum(quantized_matrix_bytes(n, k, fmt, kind) for n, k in row.linear_shapes)
+    return int(row.weight_bytes - linear * nbytes + packed)
 
 
 def profile(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None) -> ModelProfile:

@@ -84,16 +84,18 @@ def _balanced(num_layers: int, k: int, cost: Callable[[int, int, int], float]
 
 # ---- plan assembly -----------------------------------------------------
 def _build_plan(profile: ModelProfile, devices: Sequence[DeviceSpec], ends: list[int],
-                strategy: str, model: CostModel, headroom: float | int) -> Plan:
+                strategy: str, model: CostModel, headroom: float | int,
+                formats: Sequence[str | None] | None = None) -> Plan:
     k, stages, start = len(devices), [], 0
     for i, (dev, end) in enumerate(zip(devices, ends)):
         first, last = i == 0, i == k - 1
         stages.append(Stage(
             index=i, start=start, end=end, device=dev.name, has_embed=first, has_head=last,
-            weight_bytes=model.weight_bytes(start, end, first, last, model.tp,
-                                            model.extra_layer_bytes),
+            weight_bytes=model.at(i).weight_bytes(start, end, first, last, model.tp,
+                                                  model.extra_layer_bytes),
             kv_bytes=model.kv_bytes(start, end, share=model.kv_share),
-            predicted_time_s=model.time(dev, start, end, first, last),
+            predicted_time_s=model.at(i).time(dev, start, end, first, last),
+            weight_format=formats[i] if formats else None,
             budget_bytes=dev.memory_bytes, headroom_bytes=headroom_bytes(dev, headroom)))
         start = end
     plan = Plan(model=profile.model, num_layers=profile.num_layers, stages=tuple(stages),
@@ -110,7 +112,7 @@ def _fits_cost(model: CostModel, devices: Sequence[DeviceSpec], usable: list[int
     def cost(i: int, s: int, e: int) -> float:
         if usable[i] <= 0:
             return math.inf
-        return model.memory(s, e, i == 0, i == k - 1) / usable[i]
+        return model.at(i).memory(s, e, i == 0, i == k - 1) / usable[i]
     return cost
 
 
@@ -128,7 +130,7 @@ def _shortfall_error(model: CostModel, devices: Sequence[DeviceSpec], usable: li
     _, ends = _balanced(n, k, cost)
     worst, starts = None, [0] + ends[:-1]
     for i, (s, e) in enumerate(zip(starts, ends)):
-        need = model.memory(s, e, i == 0, i == k - 1)
+        need = model.at(i).memory(s, e, i == 0, i == k - 1)
         if worst is None or need - usable[i] > worst[0]:
             worst = (need - usable[i], i, s, e, need)
     short, i, s, e, need = worst
@@ -136,7 +138,7 @@ def _shortfall_error(model: CostModel, devices: Sequence[DeviceSpec], usable: li
     fit = _layers_that_fit(n, k, cost)
     fits = (f"the model fits in {fit} of {n} layers on these devices" if fit else
             f"not even one layer per device fits ({n} layers, {k} devices)")
-    total = sum(model.memory(s_, e_, j == 0, j == k - 1)
+    total = sum(model.at(j).memory(s_, e_, j == 0, j == k - 1)
                 for j, (s_, e_) in enumerate(zip(starts, ends)))
     fits += (f"; in total the stages need {total} bytes and the budgets leave {sum(usable)} "
              f"bytes after headroom")
@@ -188,9 +190,9 @@ def _compute_ends(model: CostModel, devices: Sequence[DeviceSpec],
 
     def cost(i: int, s: int, e: int) -> float:
         first, last = i == 0, i == k - 1
-        if usable is not None and model.memory(s, e, first, last) > usable[i]:
+        if usable is not None and model.at(i).memory(s, e, first, last) > usable[i]:
             return math.inf
-        return model.time(devices[i], s, e, first, last)
+        return model.at(i).time(devices[i], s, e, first, last)
     return _balanced(model.profile.num_layers, k, cost)[1]   # [] when nothing fits
 
 
@@ -237,7 +239,8 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
               strategy: str | None = "uniform", boundaries: Boundaries | None = None,
               batch_size: int = 1, max_seq_len: int | None = None,
               headroom: float | int = 0.1, tp: int = 1,
-              config: ModelConfig | None = None, ep: int = 1) -> Plan:
+              config: ModelConfig | None = None, ep: int = 1,
+              formats: Sequence[str | None] | None = None) -> Plan:
     """One stage per entry of ``devices``, in order. ``max_seq_len`` (default: the profile's
     seq_len) and ``batch_size`` size the KV cache; ``headroom`` is reserved on every device
     for activations: a float in [0, 1) is a fraction of its budget, otherwise bytes.
@@ -246,6 +249,8 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     and every memory and time is one device's shard (``config`` says how KV heads split).
     ``ep`` > 1: a mixture-of-experts model's experts are spread over ``ep`` ranks per stage
     (each device holds 1 / ep of them; tensor parallelism keeps them whole).
+    ``formats``: each stage's weight format (--quantize: int8 / int4 / fp8, None as the
+    profile's dtype); memory and time count that format's bytes for the stage's layers.
 
     ``strategy`` None is the default a user gets: custom when ``boundaries`` are given, else
     uniform when its even split fits every budget, else mixed (speed- and memory-aware).
@@ -255,7 +260,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     plan through :func:`llamadist.planning.checks.check_fits`."""
     if strategy is None:
         return _default_plan(profile, devices, boundaries, batch_size, max_seq_len, headroom,
-                             tp, config, ep)
+                             tp, config, ep, formats)
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if boundaries is not None and strategy != "custom":
@@ -272,6 +277,10 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
         raise PlanningError(f"batch_size and max_seq_len must be positive, got {batch_size} "
                             f"and {context}")
     model = CostModel.build(profile, batch_size, context, tp, config, ep)
+    if formats and any(formats):
+        if len(formats) != len(devices):
+            raise PlanningError(f"{len(formats)} weight formats for {len(devices)} devices")
+        model = model.with_formats(formats, [d.kind for d in devices])
     usable = [d.memory_bytes - headroom_bytes(d, headroom) for d in devices]
     if strategy == "uniform":
         ends = uniform_ends(n, len(devices))
@@ -285,14 +294,14 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
             raise _shortfall_error(model, devices, usable, headroom)
     else:
         ends = _custom_ends(boundaries, devices, n)
-    return _build_plan(profile, devices, ends, strategy, model, headroom)
+    return _build_plan(profile, devices, ends, strategy, model, headroom, formats)
 
 
 def _default_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
                   boundaries: Boundaries | None, batch_size: int, max_seq_len: int | None,
                   headroom: float | int, tp: int, config: ModelConfig | None,
-                  ep: int = 1) -> Plan:
-    rest = (batch_size, max_seq_len, headroom, tp, config, ep)
+                  ep: int = 1, formats: Sequence[str | None] | None = None) -> Plan:
+    rest = (batch_size, max_seq_len, headroom, tp, config, ep, formats)
     if boundaries is not None:
         return make_plan(profile, devices, "custom", boundaries, *rest)
     even = make_plan(profile, devices, "uniform", None, *rest)

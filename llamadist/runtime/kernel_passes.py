@@ -21,6 +21,11 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   quantizes x to int8 first (``RuntimeConfig.quant_activations``); a flag on each
   ``QuantizedTensor`` (llamadist.kernels.quant), read by its F.linear and the C layer.
 
+* ``use_packed_linear``: every nn.Linear holding a GPU-quantized weight
+  (llamadist.kernels.wquant.PackedWeight: ``--quantize``, or GGUF blocks on a GPU stage)
+  becomes a ``PackedLinear``, whose product is the Triton kernel behind a torch custom op
+  that torch.compile and the CUDA-graph capture take as one opaque kernel.
+
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """
 
@@ -37,6 +42,7 @@ from llamadist.kernels import cpu_decode
 from llamadist.kernels import decode_attention as split_kv
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
+from llamadist.kernels.wquant import as_packed_linear
 from llamadist.model.cache import Start
 from llamadist.model.llama import Attention, DecodeAttention, sdpa_decode_attention
 
@@ -58,6 +64,15 @@ def use_cpu_linear(model: nn.Module) -> nn.Module:
             module.__class__ = cpu_decode.CpuLinear
         elif getattr(module, "linear_fn", None) is F.linear:
             module.linear_fn = cpu_decode.linear
+    return model
+
+
+def use_packed_linear(model: nn.Module) -> nn.Module:
+    """Swap PackedLinear into every plain nn.Linear of ``model`` that holds a PackedWeight
+    (in place; returns it)."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            as_packed_linear(module)
     return model
 
 
@@ -121,6 +136,7 @@ def paged_decode_fn(device: torch.device, runtime: RuntimeConfig) -> PagedDecode
 def apply_kernel_passes(model: nn.Module, device: torch.device,
                         runtime: RuntimeConfig) -> nn.Module:
     """The passes ``runtime`` asks for that can serve on ``device`` (in place)."""
+    use_packed_linear(model)  # before use_cpu_linear claims the plain Linears
     if device.type == "cpu" and runtime.cpu_kernels:
         use_cpu_linear(model)
     set_quant_activations(model, runtime.quant_activations == "int8")

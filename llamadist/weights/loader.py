@@ -6,14 +6,19 @@ ever read. Every expected weight must arrive exactly once, with the right shape.
 
 ``native=True`` keeps a quantized checkpoint's block tensors (GGUF Q4_0 ... Q6_K) as
 they are, a ``QuantizedTensor`` (llamadist.kernels.quant) in the module's ``weight``
-slot instead of a Parameter, on CPU stages; float tensors load as before, and a stage
-on another device dequantizes (its kernels are still to come).
+slot instead of a Parameter, on CPU stages; on a GPU stage the decoder layers' block
+linears convert to int8 / int4 (a ``PackedWeight``, llamadist.kernels.wquant) and the
+rest (embedding, head) dequantize. ``quantize`` ("int8" | "int4" | "fp8") quantizes the
+decoder layers' linear weights at load from their float values (a GGUF's dequantized):
+``PackedWeight`` on a GPU, GGUF Q8_0 / Q4_1 blocks on the CPU. Either way each weight
+is sliced (tensor parallel) before it is quantized.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import re
 import sys
 import time
 from collections import Counter
@@ -25,10 +30,16 @@ from torch import nn
 from tqdm import tqdm
 
 from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.quant_ref import TYPE_IDS
+from llamadist.kernels.wquant import PackedWeight, from_gguf, quantize, to_gguf_blocks
 from llamadist.weights.base import Checkpoint, CheckpointError, Shard
 
 log = logging.getLogger(__name__)
 
+# The weights --quantize and GPU stages quantize: the decoder layers' linears (not the
+# embedding, the head, norms or MoE experts).
+LAYER_LINEAR = re.compile(r"\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+HALF_TYPES = (TYPE_IDS["F16"], TYPE_IDS["BF16"])
 # Maps a parameter name to the slice of the checkpoint tensor this rank owns.
 ShardFn = Callable[[str, tuple[int, ...]], Shard | None]
 
@@ -47,28 +58,47 @@ def source_name(param: str, ckpt_names: set[str], tied: bool) -> str:
     return param
 
 
-def _set_param(model: nn.Module, name: str, value: torch.Tensor | QuantizedTensor) -> None:
+Weight = torch.Tensor | QuantizedTensor | PackedWeight
+
+
+def _set_param(model: nn.Module, name: str, value: Weight) -> None:
     owner_name, _, leaf = name.rpartition(".")
     owner = model.get_submodule(owner_name) if owner_name else model
-    if isinstance(value, QuantizedTensor):  # no Parameter: a plain attribute in its place
+    if not isinstance(value, torch.Tensor):  # no Parameter: a plain attribute in its place
         owner._parameters.pop(leaf, None)
         setattr(owner, leaf, value)
     else:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 
 
-def _keeps_blocks(ckpt: Checkpoint, name: str, device: torch.device | str) -> bool:
-    """Whether ``name`` loads as its quantized blocks (a CPU stage, a block type)."""
+def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
+              device: torch.device, dtype: torch.dtype, native: bool,
+              fmt: str | None) -> Weight:
+    """One parameter's value on ``device``, as the module docstring says."""
     quant_type = getattr(ckpt, "quant_type", None)
-    return (torch.device(device).type == "cpu" and quant_type is not None
-            and quant_type(name) is not None)
+    qtype = quant_type(src) if quant_type is not None else None
+    if fmt is not None and LAYER_LINEAR.search(pname):
+        w = ckpt.get(src, shard)  # float (a block tensor dequantized)
+        if device.type == "cpu":
+            return to_gguf_blocks(w, fmt, dtype, src)
+        return quantize(w.to(device), fmt)
+    if native and qtype is not None and device.type == "cpu":
+        return ckpt.get_quantized(src, shard, dtype)
+    if (native and qtype is not None and qtype not in HALF_TYPES and device.type == "cuda"
+            and LAYER_LINEAR.search(pname)):
+        blocks = ckpt.get_quantized(src, shard, dtype)
+        return from_gguf(blocks.blocks, blocks.qtype, tuple(blocks.shape)).to(device)
+    return ckpt.get(src, shard).to(dtype=dtype).to(device, non_blocking=True)
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
                  dtype: torch.dtype, shard_fn: ShardFn | None = None,
-                 progress: bool = False, native: bool = False) -> LoadStats:
+                 progress: bool = False, native: bool = False,
+                 quantize: str | None = None) -> LoadStats:
     """Materialise every parameter of ``model`` (built on meta) from ``ckpt``; with
-    ``native``, quantized tensors stay quantized (see the module docstring)."""
+    ``native``, quantized tensors stay quantized; ``quantize`` (int8 | int4 | fp8) the
+    decoder layers' linears are quantized at load (see the module docstring)."""
+    device = torch.device(device)
     t0 = time.perf_counter()
     names = ckpt.names()
     tied = ckpt.config.tie_word_embeddings
@@ -91,21 +121,24 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
     for pname, src in bar:
         full_shape = ckpt.shape(src)
         shard = shard_fn(pname, full_shape) if shard_fn else None
-        blocks = native and _keeps_blocks(ckpt, src, device)
-        tensor = ckpt.get_quantized(src, shard, dtype) if blocks else ckpt.get(src, shard)
         expected = tuple(params[pname].shape)
-        if tuple(tensor.shape) != expected:
+        got = tuple(full_shape) if shard is None else None
+        if got is not None and got != expected:  # before reading (and quantizing) it
             raise CheckpointError(
-                f"{ckpt.path}: weight {src!r} has shape {tuple(tensor.shape)}, expected {expected} "
+                f"{ckpt.path}: weight {src!r} has shape {got}, expected {expected} "
                 "from config.json; the checkpoint and its config disagree")
-        value = tensor if blocks else tensor.to(dtype=dtype).to(device, non_blocking=True)
+        value = _load_one(ckpt, pname, src, shard, device, dtype, native, quantize)
+        if tuple(value.shape) != expected:
+            raise CheckpointError(
+                f"{ckpt.path}: weight {src!r} has shape {tuple(value.shape)}, expected "
+                f"{expected} from config.json; the checkpoint and its config disagree")
         _set_param(model, pname, value)
         nbytes += value.nbytes
     _retie(model)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"weights never loaded: {left}")
-    if torch.device(device).type == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize(device)
     return LoadStats(len(wanted), nbytes, time.perf_counter() - t0)
 

@@ -1,0 +1,323 @@
+"""Weight-only quantized matrices for GPU stages: int8, int4 and fp8 (``PackedWeight``).
+
+W (N out, K in) is stored as codes plus one scale (and, for int4, one offset) per group of
+``group`` consecutive inputs of a row; G = ceil(K / group) groups per row:
+
+    int8  q int8 (N, K),                         w = scale[n, k // group] * q
+    int4  q uint8 (N, ceil(K / 2)), two codes    w = scale[n, k // group] * c + offset[...]
+          a byte (input 2j low nibble, 2j + 1    (c in 0..15)
+          high nibble)
+    fp8   q uint8 (N, K): float8 e4m3 bits       w = scale[n, 0] * e4m3(q)  (one scale a row)
+
+``--quantize`` makes them from float weights at load: int8 one scale per output channel
+(group = K, symmetric: scale = max|w| / 127), int4 group 128 asymmetric (scale = (max -
+min) / 15, offset = min), fp8 one scale per channel (max|w| / 448). Each stays within
+half a step of w (int8, int4: |w - w'| <= scale / 2; fp8: half a unit of e4m3's last place,
+|w|/16, plus the subnormal step scale * 2^-10), which the tests check.
+
+A GGUF block tensor on a GPU stage converts without loss where the format allows:
+Q8_0 -> int8 group 32 (its f16 d as the scale), Q4_0 -> int4 group 32 (scale d, offset
+-8d), Q4_1 -> int4 (d, m), Q4_K -> int4 group 32 (d * sc, -dmin * m, in float32); Q5_K
+and Q6_K are requantized to int8 group 32 from their exact values (within half an int8
+step). The scales keep the dtype they were made in (float16 from GGUF's d, else float32);
+the kernels read them in float32.
+
+``PackedWeight`` sits in a Linear's ``weight`` slot (as kernels.quant.QuantizedTensor
+does on CPU stages) and serves ``F.linear`` (the Triton kernels of wquant_triton on CUDA,
+a dequantized matmul elsewhere) and ``torch.cat`` along rows (projection fusion).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llamadist.kernels import wquant_triton
+from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, _k_quants, _k_scales, dequantize
+
+KINDS = ("int8", "int4", "fp8")
+# Triton's interpreter (CPU tensors) stands in for a GPU in tests: the kernels then serve
+# CPU tensors too.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INT4_GROUP = 128
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+
+
+class PackedWeight:
+    """W (N, K) in one of KINDS: ``q`` codes, ``scale`` (N, G), ``offset`` (N, G) or None,
+    ``group`` inputs per scale. Not a torch.Tensor: F.linear and torch.cat take it through
+    ``__torch_function__``; anything else raises a TypeError naming the function."""
+
+    def __init__(self, kind: str, q: torch.Tensor, scale: torch.Tensor,
+                 offset: torch.Tensor | None, group: int, shape: tuple[int, int]) -> None:
+        if kind not in KINDS:
+            raise ValueError(f"unknown weight format {kind!r}; choose one of {', '.join(KINDS)}")
+        n, k = shape
+        groups = -(-k // group)
+        cols = (k + 1) // 2 if kind == "int4" else k
+        want_q = torch.int8 if kind == "int8" else torch.uint8
+        if (q.dtype != want_q or tuple(q.shape) != (n, cols)
+                or tuple(scale.shape) != (n, groups)
+                or (offset is None) != (kind != "int4")
+                or (offset is not None and tuple(offset.shape) != (n, groups))):
+            raise ValueError(f"{kind} {shape} group {group}: expected {want_q} codes ({n}, "
+                             f"{cols}) and scales ({n}, {groups}), got {q.dtype} "
+                             f"{tuple(q.shape)} and {tuple(scale.shape)}")
+        self.kind, self.group = kind, group
+        self.q, self.scale, self.offset = q.contiguous(), scale.contiguous(), offset
+        if offset is not None:
+            self.offset = offset.contiguous()
+        self.shape = torch.Size(shape)
+
+    dtype = torch.uint8  # never a float: float-only kernels pass it by
+    is_meta = False
+    requires_grad = False
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in (self.q, self.scale, self.offset) if t is not None)
+
+    def dim(self) -> int:
+        return 2
+
+    def size(self, d: int | None = None) -> Any:
+        return self.shape if d is None else self.shape[d]
+
+    def detach(self) -> "PackedWeight":
+        return self
+
+    def to(self, device: torch.device | str) -> "PackedWeight":
+        move = (lambda t: None if t is None else t.to(device, non_blocking=True))
+        return PackedWeight(self.kind, move(self.q), move(self.scale), move(self.offset),
+                            self.group, tuple(self.shape))
+
+    def __repr__(self) -> str:
+        return f"PackedWeight({self.kind}, group={self.group}, shape={tuple(self.shape)})"
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W (N, K) in ``dtype``, computed in float64 where asked, else float32."""
+        n, k = self.shape
+        calc = torch.float64 if dtype == torch.float64 else torch.float32
+        if self.kind == "int8":
+            codes = self.q.to(calc)
+        elif self.kind == "int4":
+            codes = unpack_int4(self.q, k).to(calc)
+        else:
+            codes = self.q.view(torch.float8_e4m3fn).to(calc)
+        idx = torch.arange(k, device=self.q.device) // self.group
+        w = codes * self.scale.to(calc)[:, idx]
+        if self.offset is not None:
+            w = w + self.offset.to(calc)[:, idx]
+        return w.to(dtype)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        impl = _HANDLED.get(func)
+        if impl is None:
+            raise TypeError(f"{getattr(func, '__name__', func)} does not take a PackedWeight "
+                            f"(it serves F.linear and torch.cat); call .dequantize() first")
+        return impl(*args, **(kwargs or {}))
+
+
+# ---- formats -----------------------------------------------------------------------
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 -> (N, ceil(K / 2)) uint8, input 2j in the low nibble."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8)
+    if k % 2:
+        c = torch.cat([c, c.new_zeros(n, 1)], dim=1)
+    return c[:, 0::2] | (c[:, 1::2] << 4)
+
+
+def unpack_int4(q: torch.Tensor, k: int) -> torch.Tensor:
+    """(N, ceil(K / 2)) uint8 -> (N, K) codes 0..15 (uint8)."""
+    return torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], -1)[:, :k]
+
+
+def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
+    """(N, K) -> (N, G, group) float32, the last group padded with zeros."""
+    n, k = w.shape
+    g = -(-k // group)
+    w = w.float()
+    if g * group != k:
+        w = torch.cat([w, w.new_zeros(n, g * group - k)], dim=1)
+    return w.view(n, g, group)
+
+
+def quantize_int8(w: torch.Tensor, group: int | None = None) -> PackedWeight:
+    """Symmetric int8, one scale per ``group`` inputs (None: one per output channel)."""
+    n, k = w.shape
+    group = group or k
+    wg = _groups(w, group)
+    scale = wg.abs().amax(-1) / 127                                 # (N, G)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(wg / scale[..., None]).clamp_(-127, 127).to(torch.int8)
+    return PackedWeight("int8", q.view(n, -1)[:, :k], scale, None, group, (n, k))
+
+
+def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> PackedWeight:
+    """Asymmetric int4 per ``group`` inputs: codes 0..15 between the group's min and max."""
+    if group % 2:
+        raise ValueError(f"int4 groups hold an even number of inputs, got {group}")
+    n, k = w.shape
+    wg = _groups(w, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = (hi - lo) / 15
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((wg - lo[..., None]) / scale[..., None]).clamp_(0, 15)
+    return PackedWeight("int4", pack_int4(codes.view(n, -1)[:, :k]), scale, lo, group, (n, k))
+
+
+def quantize_fp8(w: torch.Tensor) -> PackedWeight:
+    """float8 e4m3 with one float32 scale per output channel (max|w| maps to 448)."""
+    n, k = w.shape
+    scale = w.float().abs().amax(-1, keepdim=True) / FP8_MAX         # (N, 1)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (w.float() / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return PackedWeight("fp8", q.view(torch.uint8), scale, None, k, (n, k))
+
+
+QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
+
+
+def quantize(w: torch.Tensor, kind: str) -> PackedWeight:
+    """W (N, K) float -> ``kind`` with its --quantize layout (on w's device)."""
+    if kind not in QUANTIZERS:
+        raise ValueError(f"--quantize {kind!r}: choose one of {', '.join(KINDS)}")
+    return QUANTIZERS[kind](w)
+
+
+# ---- GGUF blocks -> GPU formats -------------------------------------------------------
+def _f16(b: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16).reshape(b.shape[:-1]))
+
+
+def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
+    """A GGUF block matrix (N, row bytes) uint8 of ggml type ``qtype`` -> int8 / int4 (see
+    the module docstring for which, and where it is exact)."""
+    name = FORMATS[qtype][0]
+    n, k = shape
+    b = blocks.numpy().reshape(n, k // 32 if name in ("Q8_0", "Q4_0", "Q4_1") else k // 256, -1)
+    if name == "Q8_0":
+        q = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(n, k))
+        return PackedWeight("int8", q, _f16(b[..., 0:2]), None, 32, shape)
+    if name in ("Q4_0", "Q4_1"):
+        qs = b[..., 2:] if name == "Q4_0" else b[..., 4:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
+        d = _f16(b[..., 0:2])
+        m = -8 * d if name == "Q4_0" else _f16(b[..., 2:4])
+        return PackedWeight("int4", pack_int4(torch.from_numpy(codes)), d, m, 32, shape)
+    if name == "Q4_K":
+        d, dmin = _f16(b[..., 0:2]).float(), _f16(b[..., 2:4]).float()   # (N, nb)
+        sc, mn = (torch.from_numpy(a).float() for a in _k_scales(b[..., 4:16]))  # (N, nb, 8)
+        codes = torch.from_numpy(_k_quants(b[..., 16:144])).reshape(n, k)
+        scale = (d[..., None] * sc).reshape(n, -1)
+        offset = (-dmin[..., None] * mn).reshape(n, -1)
+        return PackedWeight("int4", pack_int4(codes), scale, offset, 32, shape)
+    w = torch.from_numpy(dequantize(blocks.numpy(), qtype, k))  # Q5_K, Q6_K: exact values
+    return quantize_int8(w, group=32)
+
+
+# ---- torch functions -------------------------------------------------------------------
+def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, W, bias): x (..., K) -> (..., N) in x's dtype."""
+    if x.shape[-1] != w.shape[1]:
+        raise RuntimeError(f"linear: x has {x.shape[-1]} features, the weight {tuple(w.shape)}")
+    if wquant_triton.triton is not None and (x.is_cuda or INTERPRET):
+        return wquant_triton.packed_linear(x, w, bias)
+    return F.linear(x, w.dequantize(x.dtype), bias)
+
+
+class PackedLinear(nn.Linear):
+    """An nn.Linear whose ``weight`` is a PackedWeight, made by ``as_packed_linear``: the
+    weight's tensors are also buffers (``qweight``, ``wscale``, ``woffset``) and the
+    product is the custom op llamadist::packed_linear, so torch.compile traces the module
+    (a plain object's __torch_function__ would break its graph)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = wquant_triton.packed_linear_op
+        if op is not None and (x.is_cuda or INTERPRET):
+            return op(x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
+                      self.group, self.out_features, self.in_features)
+        return linear(x, self.weight, self.bias)
+
+
+def as_packed_linear(module: nn.Linear) -> nn.Linear:
+    """Turn a plain nn.Linear holding a PackedWeight into a PackedLinear (in place; no
+    copy: the buffers are the weight's own tensors)."""
+    w = module.__dict__.get("weight")
+    if type(module) is not nn.Linear or not isinstance(w, PackedWeight):
+        return module
+    module.__class__ = PackedLinear
+    module.register_buffer("qweight", w.q, persistent=False)
+    module.register_buffer("wscale", w.scale, persistent=False)
+    module.register_buffer("woffset", w.offset, persistent=False)
+    module.kind_id, module.group = wquant_triton.KIND_IDS[w.kind], w.group
+    return module
+
+
+# ---- float -> GGUF blocks, for CPU stages ------------------------------------------------
+def to_gguf_blocks(w: torch.Tensor, kind: str, act_dtype: torch.dtype = torch.float32,
+                   name: str = "weight") -> QuantizedTensor:
+    """A float W (N, K) as GGUF blocks the CPU kernels run: int8 -> Q8_0 (d = max|w| / 127
+    per 32), int4 -> Q4_1 (d = (max - min) / 15, m = min per 32); d and m in f16 as ggml
+    stores them, each weight within half a step of its f16 grid."""
+    if kind not in ("int8", "int4"):
+        raise ValueError(f"a CPU stage quantizes to int8 (Q8_0) or int4 (Q4_1), not {kind}")
+    n, k = w.shape
+    if k % 32:
+        raise ValueError(f"{name} {tuple(w.shape)}: GGUF blocks hold 32 inputs and {k} is "
+                         f"not a multiple; leave this stage unquantized (cpu=none)")
+    x = w.detach().float().cpu().numpy().reshape(n, k // 32, 32)
+    if kind == "int8":
+        d = (np.abs(x).max(-1) / 127).astype(np.float16)
+        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1).astype(np.float32), 0)
+        q = np.clip(np.rint(x * inv[..., None]), -127, 127).astype(np.int8)
+        out = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1)
+    else:
+        lo = x.min(-1).astype(np.float16)
+        d = ((x.max(-1) - lo.astype(np.float32)) / 15).astype(np.float16)
+        inv = np.where(d > 0, 1 / np.where(d > 0, d, 1).astype(np.float32), 0)
+        q = np.clip(np.rint((x - lo.astype(np.float32)[..., None]) * inv[..., None]), 0, 15)
+        q = q.astype(np.uint8)
+        qs = q[..., :16] | (q[..., 16:] << 4)
+        out = np.concatenate([d[..., None].view(np.uint8), lo[..., None].view(np.uint8), qs],
+                             axis=-1)
+    qtype = TYPE_IDS["Q8_0" if kind == "int8" else "Q4_1"]
+    return QuantizedTensor(torch.from_numpy(np.ascontiguousarray(out).reshape(n, -1)), qtype,
+                           (n, k), act_dtype)
+
+
+def cat(parts: list[Any] | tuple[Any, ...], dim: int = 0) -> Any:
+    """Rows of parts of one kind and group (the projection fusion), as one PackedWeight;
+    parts that differ (a Q4_K_M file's int8 v beside its int4 q and k) as a RowStack that
+    runs each part (eager only: torch.compile then falls back to the eager layers)."""
+    first = parts[0]
+    if dim == 0 and all(isinstance(p, (PackedWeight, torch.Tensor)) for p in parts) and not all(
+            isinstance(p, PackedWeight) and p.kind == first.kind and p.group == first.group
+            and p.shape[1] == first.shape[1] and p.scale.dtype == first.scale.dtype
+            for p in parts):
+        from llamadist.kernels.quant import RowStack
+        return RowStack(list(parts))
+    if dim != 0 or not all(isinstance(p, PackedWeight) and p.kind == first.kind
+                           and p.group == first.group and p.shape[1] == first.shape[1]
+                           and p.scale.dtype == first.scale.dtype for p in parts):
+        raise TypeError(f"packed weights concatenate along rows (dim=0) with one kind and "
+                        f"group; got {[repr(p) for p in parts]} along dim {dim}")
+    join = (lambda ts: None if ts[0] is None else torch.cat(ts))
+    return PackedWeight(first.kind, join([p.q for p in parts]), join([p.scale for p in parts]),
+                        join([p.offset for p in parts]), first.group,
+                        (sum(p.shape[0] for p in parts), first.shape[1]))
+
+
+_HANDLED = {F.linear: linear, torch.cat: cat}

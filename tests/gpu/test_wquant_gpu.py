@@ -1,0 +1,188 @@
+"""The Triton weight-only kernels (llamadist.kernels.wquant_triton) against float64
+dequantize-then-matmul, on random weights of every format, odd sizes and tails, GEMV and
+GEMM row counts. On CUDA (marked gpu); without CUDA they also run on CPU tensors under
+Triton's interpreter: ``TRITON_INTERPRET=1 pytest tests/gpu/test_wquant_gpu.py`` (in a
+venv with triton; the interpreter has no bfloat16 dot, so bf16 is checked on CUDA only).
+
+Tolerance, with S = |x| @ |W|^T (the sum of the products' magnitudes) per output:
+* float32 x: |y - ref| <= 2e-5 S (float32 accumulation; the dot runs in IEEE fp32);
+* float16 / bfloat16 x: <= 2^-7 S + 2^-7 |ref| (grouped formats round each dequantized
+  weight to x's dtype before the tensor-core dot, ~2^-9 relative for bf16, and y is
+  rounded to x's dtype).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llamadist.kernels import wquant as W
+from llamadist.kernels import wquant_triton as T
+from llamadist.kernels.quant_ref import TYPE_IDS
+from tests.quant_blocks import random_blocks
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(DEVICE is None or T.triton is None,
+                                 reason="needs CUDA (or TRITON_INTERPRET=1 with triton)")]
+
+DTYPES = ["float32", "float16"] + (["bfloat16"] if DEVICE == "cuda" else [])
+ROWS = [1, 2, 3, 4, 5, 16, 33] + ([130] if DEVICE == "cuda" else [])
+SHAPES = [(37, 300), (64, 257), (96, 512)]
+
+
+def _q8_0(n: int, k: int) -> W.PackedWeight:
+    b = random_blocks(TYPE_IDS["Q8_0"], n, k, np.random.default_rng(n + k))
+    return W.from_gguf(torch.from_numpy(b), TYPE_IDS["Q8_0"], (n, k))
+
+
+def _q4_k(n: int, k: int) -> W.PackedWeight:
+    b = random_blocks(TYPE_IDS["Q4_K"], n, k, np.random.default_rng(n + k))
+    return W.from_gguf(torch.from_numpy(b), TYPE_IDS["Q4_K"], (n, k))
+
+
+FORMATS = {"int8": W.quantize_int8, "int8_g32": lambda w: W.quantize_int8(w, 32),
+           "int4": W.quantize_int4, "int4_g32": lambda w: W.quantize_int4(w, 32),
+           "fp8": W.quantize_fp8}
+
+
+def check(pw: W.PackedWeight, m: int, dtype: torch.dtype, bias: bool) -> None:
+    n, k = pw.shape
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    pw = pw.to(DEVICE)
+    y = T.packed_linear(x.to(DEVICE), pw, None if b is None else b.to(DEVICE)).cpu()
+    assert y.dtype == dtype and y.shape == (m, n)
+    wd = pw.dequantize(torch.float64).cpu()
+    ref = x.double() @ wd.t() + (0 if b is None else b.double())
+    s = x.double().abs() @ wd.abs().t()
+    tol = 2e-5 * s if dtype == torch.float32 else 2.0 ** -7 * (s + ref.abs())
+    err = (y.double() - ref).abs()
+    assert (err <= tol + 1e-6).all(), f"max error {err.max():.3g}, at most {tol.max():.3g}"
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("n,k", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_formats_against_float64(fmt, n, k, dtype):
+    w = torch.randn(n, k) * torch.logspace(-2, 0, n).view(-1, 1)
+    pw = FORMATS[fmt](w)
+    for m in ROWS:
+        check(pw, m, getattr(torch, dtype), bias=m % 2 == 1)
+
+
+@pytest.mark.parametrize("conv", [_q8_0, _q4_k], ids=["Q8_0", "Q4_K"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gguf_converted_against_float64(conv, dtype):
+    pw = conv(48, 512)
+    for m in ROWS:
+        check(pw, m, getattr(torch, dtype), bias=False)
+
+
+def test_fp8_decodes_every_finite_code():
+    """All 254 finite e4m3 bit patterns (subnormals, both signs) as one weight row each."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    pw = W.PackedWeight("fp8", codes.view(-1, 1).repeat(1, 32), torch.full((254, 1), 0.5),
+                        None, 32, (254, 32))
+    x = torch.zeros(1, 32)
+    x[0, 5] = 1.0
+    y = T.packed_linear(x.to(DEVICE), pw.to(DEVICE)).cpu()[0]
+    want = codes.view(torch.float8_e4m3fn).float() * 0.5
+    assert torch.equal(y, want)
+
+
+def test_empty_and_3d_inputs():
+    pw = W.quantize_int4(torch.randn(40, 130)).to(DEVICE)
+    x = torch.randn(2, 3, 130, device=DEVICE)
+    y = T.packed_linear(x, pw)
+    assert y.shape == (2, 3, 40)
+    assert torch.allclose(y, T.packed_linear(x.reshape(6, 130), pw).view(2, 3, 40))
+    assert T.packed_linear(x[:0], pw).shape == (0, 3, 40)
+
+
+def test_packed_linear_module_compiles_without_graph_breaks():
+    """The kernel pass's PackedLinear: buffers + the custom op, so torch.compile traces
+    it whole (fullgraph) and gives the eager values."""
+    from torch import nn
+    lin = nn.Linear(130, 40, bias=True, device="meta")
+    del lin.weight
+    lin.weight = W.quantize_int4(torch.randn(40, 130)).to(DEVICE)
+    lin.bias = nn.Parameter(torch.randn(40, device=DEVICE), requires_grad=False)
+    W.as_packed_linear(lin)
+    assert type(lin) is W.PackedLinear
+    x = torch.randn(3, 130, device=DEVICE)
+    eager = lin(x)
+    compiled = torch.compile(lin, fullgraph=True, backend="eager")(x)
+    assert torch.equal(eager, compiled)
+    want = x.double() @ lin.weight.dequantize(torch.float64).t() + lin.bias.double()
+    assert (eager.double() - want).abs().max().item() <= 1e-4
+
+
+# ---- whole models on CUDA ---------------------------------------------------------------
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _dequantized(stage) -> None:
+    from torch import nn
+    for m in stage.model.modules():
+        w = m.__dict__.get("weight")
+        if isinstance(w, W.PackedWeight):
+            m.__class__ = nn.Linear
+            del m.weight
+            m.weight = nn.Parameter(w.dequantize(stage.dtype), requires_grad=False)
+
+
+@cuda_only
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_tiny_quantized_on_cuda_equals_dequantized_and_graphs(tiny_model, kind):
+    from llamadist.api import LLM
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime.stage import build_stage
+    from llamadist.weights.checkpoint import open_checkpoint
+    rt = RuntimeConfig(quantize=kind, dtype="float32")
+
+    def build():
+        return build_stage(open_checkpoint(tiny_model), range(5), "cuda:0", torch.float32, 1,
+                           32, runtime=rt)
+    st, ref = build(), build()
+    assert type(st.model.model.layers["0"].mlp.gate_up_proj) is W.PackedLinear
+    _dequantized(ref)
+    ids = torch.tensor([[5, 9, 33, 100, 7, 8, 250, 3]], device="cuda:0")
+    pos = torch.arange(8, device="cuda:0").view(1, -1)
+    got = st.forward(ids, pos, 0, None, logits="all")
+    want = ref.forward(ids, pos, 0, None, logits="all")
+    assert (got - want).abs().max().item() <= 1e-3
+    prompts = ["The quick brown fox", "1 2 3 4 5"]
+    graphs = LLM(tiny_model, devices="cuda:0", runtime=rt.replace(max_batch=2))
+    eager = LLM(tiny_model, devices="cuda:0", runtime=rt.replace(max_batch=2,
+                                                                  cuda_graphs=False))
+    a = [r.output_ids for r in graphs.generate(prompts, max_new_tokens=16, ignore_eos=True)]
+    b = [r.output_ids for r in eager.generate(prompts, max_new_tokens=16, ignore_eos=True)]
+    assert a == b
+
+
+@cuda_only
+def test_smollm2_gguf_on_cuda_runs_int4_and_int8_blocks(smollm2):
+    """Q4_1 / Q8_0 layers convert exactly to int4 / int8: the logits equal the CPU
+    stage's native blocks' (float32 both) up to summation order."""
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime.stage import build_stage
+    from llamadist.weights.checkpoint import open_checkpoint
+    rt = RuntimeConfig(dtype="float32")
+    gpu = build_stage(open_checkpoint(smollm2), range(30), "cuda:0", torch.float32, 1, 64,
+                      runtime=rt)
+    cpu = build_stage(open_checkpoint(smollm2), range(30), "cpu", torch.float32, 1, 64,
+                      runtime=rt)
+    kinds = {m.weight.kind for m in gpu.model.modules() if type(m) is W.PackedLinear}
+    assert kinds == {"int4", "int8"}
+    ids = open_checkpoint(smollm2).tokenizer().encode("The three primary colors are")
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids)).view(1, -1)
+    a = gpu.forward(x.cuda(), pos.cuda(), 0, None, logits="all").cpu()
+    b = cpu.forward(x, pos, 0, None, logits="all")
+    assert (a - b).abs().max().item() <= 2e-3 * b.abs().max().item()

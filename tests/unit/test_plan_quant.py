@@ -1,0 +1,71 @@
+"""Bits per stage in planning: each stage's --quantize format counted in its real bytes
+(planning.profile.layer_bytes), so the memory strategy fits more layers on a small
+device, a model that did not fit now does, and the plan records each stage's format."""
+
+from __future__ import annotations
+
+import pytest
+
+from llamadist.config import named_shape
+from llamadist.kernels import wquant
+from llamadist.planning.devices import parse_devices
+from llamadist.planning.plan import Plan
+from llamadist.planning.profile import layer_bytes, profile, quantized_matrix_bytes
+from llamadist.planning.strategies import make_plan
+from llamadist.planning.units import PlanningError
+
+CFG = named_shape("llama3-8b")
+PROF = profile(CFG, dtype="bfloat16", seq_len=1024)
+
+
+def test_bytes_match_what_the_loader_stores():
+    import torch
+    for n, k in [(40, 300), (64, 256)]:
+        w = torch.randn(n, k)
+        for fmt in ("int8", "int4", "fp8"):
+            assert quantized_matrix_bytes(n, k, fmt, "cuda") == wquant.quantize(w, fmt).nbytes
+        for fmt in ("int8", "int4"):
+            if k % 32 == 0:
+                assert (quantized_matrix_bytes(n, k, fmt, "cpu")
+                        == wquant.to_gguf_blocks(w, fmt).nbytes)
+    row = PROF.layers[0]
+    # Llama-3-8B: 218 M weights a layer in its linears, ~416 MiB in bf16
+    int4 = layer_bytes(row, "int4", "cuda", 2)
+    int8 = layer_bytes(row, "int8", "cuda", 2)
+    assert 0.27 < int4 / row.weight_bytes < 0.29 and 0.5 < int8 / row.weight_bytes < 0.51
+
+
+def _plan(formats, budgets="4GiB,20GiB", strategy="memory"):
+    specs = parse_devices("cuda:0,cuda:1", budgets, check_available=False)
+    return make_plan(PROF, specs, strategy=strategy, batch_size=1, max_seq_len=1024,
+                     config=CFG, formats=formats)
+
+
+def test_memory_strategy_fits_more_layers_on_a_small_device_with_int4():
+    dense = _plan(None)
+    small = _plan(["int4", None])
+    assert small.stages[0].num_layers > dense.stages[0].num_layers
+    assert small.stages[0].weight_format == "int4" and small.stages[1].weight_format is None
+    per_layer = layer_bytes(PROF.layers[0], "int4", "cuda", 2)
+    embed = PROF.embed.weight_bytes
+    assert small.stages[0].weight_bytes == embed + per_layer * small.stages[0].num_layers
+    # the field survives the plan file
+    assert Plan.from_json(small.to_json()).stages[0].weight_format == "int4"
+
+
+def test_a_model_too_big_for_two_small_gpus_fits_in_int4():
+    with pytest.raises(PlanningError, match="needs .* more"):
+        _plan(None, "5GiB,5GiB")
+    fit = _plan(["int4", "int4"], "5GiB,5GiB")
+    assert sum(s.num_layers for s in fit.stages) == 32
+    assert all(s.weight_bytes + s.kv_bytes <= 5 * 2 ** 30 for s in fit.stages)
+
+
+def test_plan_command_notes_the_bytes_saved(capsys):
+    from llamadist.cli.main import main
+    assert main(["plan", "llama3-8b", "--devices", "cuda:0,cpu", "--max-memory",
+                 "10GiB,64GiB", "--dtype", "bfloat16", "--quantize", "cuda:0=int4,cpu=int8",
+                 "--max-seq-len", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "weights int4 on cuda: 117.02 MiB per decoder layer instead of 416.02 MiB" in out
+    assert "weights int8 on cpu: 221.02 MiB" in out

@@ -1,0 +1,92 @@
+"""--quantize at load: the per-device spec, float checkpoints quantized on CPU stages to
+GGUF Q8_0 / Q4_1 blocks (the CPU kernels' formats) giving the dequantized model's logits,
+and the command line. GPU stages (PackedWeight + Triton): tests/gpu/test_wquant_gpu.py."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llamadist.cli.main import main
+from llamadist.config import ConfigError, RuntimeConfig, parse_quantize, quantize_for
+from llamadist.kernels.quant import QuantizedTensor
+from llamadist.kernels.wquant import to_gguf_blocks
+from llamadist.runtime.stage import build_stage
+from llamadist.weights.checkpoint import open_checkpoint
+
+
+def test_spec_per_device():
+    assert parse_quantize(None) == {}
+    assert quantize_for("int4", "cuda:1") == "int4" == quantize_for("int4", "cpu")
+    spec = "cuda:0=int4,cuda=fp8,cpu=native"
+    assert [quantize_for(spec, d) for d in ("cuda:0", "cuda:3", "cpu")] == ["int4", "fp8", None]
+    assert quantize_for("cuda:0=int8", "cpu") is None
+    with pytest.raises(ConfigError, match="unknown format 'int3'"):
+        RuntimeConfig(quantize="cuda:0=int3")
+    with pytest.raises(ConfigError, match="given twice"):
+        parse_quantize("cpu=int8,cpu=int4")
+    with pytest.raises(ConfigError, match="fp8 on the CPU stage"):
+        quantize_for("fp8", "cpu")
+
+
+@pytest.mark.parametrize("kind,qtype", [("int8", "Q8_0"), ("int4", "Q4_1")])
+def test_float_to_gguf_blocks_within_half_a_step(kind, qtype):
+    from llamadist.kernels.quant_ref import dequantize
+    w = torch.randn(6, 96) * 0.1 + 0.02
+    q = to_gguf_blocks(w, kind)
+    assert q.type_name == qtype and q.shape == (6, 96)
+    deq = torch.from_numpy(dequantize(q.blocks.numpy(), q.qtype, 96))
+    b = q.blocks.numpy().reshape(6, 3, -1)
+    d = torch.from_numpy(b[..., 0:2].copy().view(np.float16).astype(np.float64))  # (6, 3, 1)
+    step = d.repeat_interleave(32, dim=1).view(6, 96)
+    # half a step of the f16 grid, plus f16's rounding of the minimum (Q4_1's m)
+    slack = 0 if kind == "int8" else w.abs().double() * 2 ** -11
+    assert ((deq - w.double()).abs() <= step / 2 * 1.001 + slack + 1e-7).all()
+    with pytest.raises(ValueError, match="not a multiple"):
+        to_gguf_blocks(torch.randn(2, 40), kind)
+
+
+def _dequantized_copy(stage) -> None:
+    """Every QuantizedTensor weight of ``stage`` replaced by its float values (in place)."""
+    for m in stage.model.modules():
+        w = m.__dict__.get("weight")
+        if isinstance(w, QuantizedTensor):
+            del m.weight
+            m.weight = nn.Parameter(w.dequantize(), requires_grad=False)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_cpu_stage_quantized_equals_its_dequantized_model(tiny_model, kind):
+    ids = torch.tensor([[5, 9, 33, 100, 7, 8, 250, 3]])
+    pos = torch.arange(8).view(1, -1)
+
+    def build():
+        return build_stage(open_checkpoint(tiny_model), range(5), "cpu", torch.float32, 1, 32,
+                           runtime=RuntimeConfig(quantize=kind))
+    st = build()
+    layer = st.model.model.layers["1"]
+    assert isinstance(layer.mlp.gate_up_proj.weight, QuantizedTensor)
+    assert isinstance(layer.self_attn.o_proj.weight, QuantizedTensor)
+    assert isinstance(st.model.model.embed_tokens.weight, nn.Parameter)  # not quantized
+    ref = build()
+    _dequantized_copy(ref)
+    got = st.forward(ids, pos, 0, None, logits="all")
+    want = ref.forward(ids, pos, 0, None, logits="all")
+    assert (got - want).abs().max().item() <= 1e-4
+    # one decode step through the C decoder layer on the blocks
+    nxt = torch.tensor([[int(got[0, -1].argmax())]])
+    a = st.forward(nxt, torch.tensor([[8]]), 8, None)
+    b = ref.forward(nxt, torch.tensor([[8]]), 8, None)
+    assert (a - b).abs().max().item() <= 1e-4
+
+
+def test_generate_with_quantize_and_refusals(tiny_model, capsys):
+    args = ["generate", str(tiny_model), "--prompt", "hello", "--max-new-tokens", "4",
+            "--json"]
+    assert main(args + ["--quantize", "int4"]) == 0
+    assert main(args + ["--quantize", "fp8"]) == 2
+    assert "fp8 on the CPU stage" in capsys.readouterr().err
+    assert main(args + ["--quantize", "cpu=int5"]) == 2
+    assert "unknown format 'int5'" in capsys.readouterr().err
