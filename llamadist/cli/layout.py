@@ -64,10 +64,10 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
         print(f"auto layout: tp={layout.tp} pp={layout.pp} dp={layout.dp}, stages "
               f"{layout.bounds}, {layout.processes} process(es): {layout.why}", file=sys.stderr)
         return layout
-    tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
+    tp, dp, cp = getattr(args, "tp", 1), getattr(args, "dp", 1), getattr(args, "cp", 1)
     # Under torchrun the world is already there: its size is the process count.
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
-    nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp)
+    nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp, cp)
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len)
@@ -83,14 +83,14 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"mixed list such as cuda:0,cpu in one process (without "
                             f"--nproc/--pp/--tp/--dp)")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
-    placed = resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp,
+    placed = resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp, cp=cp,
                             dtype=runtime.dtype_for(names), **placement)
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                             f"stages (--pp)")
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
-    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan)
+    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan, cp=cp)
 
 
 def cuda_count() -> int:

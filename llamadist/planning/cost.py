@@ -158,13 +158,15 @@ class CostModel:
 
     @classmethod
     def build(cls, profile: ModelProfile, batch: int, context: int, tp: int = 1,
-              config: ModelConfig | None = None, ep: int = 1) -> "CostModel":
+              config: ModelConfig | None = None, ep: int = 1, cp: int = 1) -> "CostModel":
+        """``cp`` > 1: a stage's KV cache is split over that many context-parallel ranks
+        (one device holds 1 / cp of every sequence's)."""
         rows = profile.layers
         return cls(profile, batch, context, _prefix([r.weight_bytes for r in rows]),
                    _prefix([r.kv_bytes_per_token for r in rows]),
                    _prefix([r.matmul_flops_per_token for r in rows]),
                    _prefix([r.attn_flops_per_ctx_token for r in rows]), tp,
-                   tp_kv_share(config, tp),
+                   tp_kv_share(config, tp) / max(1, cp),
                    tp_extra_layer_bytes(config, tp, profile.bytes_per_param),
                    _prefix([r.expert_bytes for r in rows]), ep)
 
