@@ -20,7 +20,7 @@ import torch
 from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.engine import Engine
-from tests.dist.test_pipeline import (GREEDY, MAX_SEQ, NEW, Recorder, check_logits,
+from tests.dist.test_pipeline import (GREEDY, MAX_SEQ, Recorder, check_logits,
                                       llamadist, run_worker_world)
 
 LENGTHS = [37, 3, 4, 8, 50]
