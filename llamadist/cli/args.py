@@ -78,6 +78,8 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    "every prompt of the request; more wait and join as others finish)")
     g.add_argument("--max-batch-tokens", type=positive_int, help="tokens one step computes at "
                    "most: decodes plus chunks of long prompts (default 8192 with GPUs, 2048 on CPUs)")
+    g.add_argument("--kv-block-size", type=positive_int, help="tokens per paged KV block "
+                   "(default 16 with GPUs, 128 on CPUs); under --cp, each rank's stripe")
     g.add_argument("--no-cpu-kernels", action="store_true",
                    help="decode on the CPU through PyTorch instead of llamadist's C kernels")
     g.add_argument("--quant-activations", choices=list(QUANT_ACTIVATIONS_CHOICES),
@@ -92,10 +94,12 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
 
 
 def add_grid(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("processes (tp x pp x dp over torch.distributed)")
+    g = p.add_argument_group("processes (tp x cp x pp x dp over torch.distributed)")
     g.add_argument("--pp", type=positive_int, help="pipeline stages, one process each "
-                   "(default: nproc / (tp x dp))")
+                   "(default: nproc / (tp x cp x dp))")
     g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per stage")
+    g.add_argument("--cp", type=positive_int, default=1, help="context-parallel ranks per "
+                   "stage: each holds a stripe of every request's KV cache (long contexts)")
     g.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas")
 
 
@@ -103,7 +107,7 @@ def add_processes(p: argparse.ArgumentParser) -> None:
     add_grid(p)
     g = p.add_argument_group("process control")
     g.add_argument("--nproc", type=positive_int, help="start this many local worker processes "
-                   "(default: pp x tp x dp); not needed under torchrun")
+                   "(default: pp x tp x cp x dp); not needed under torchrun")
     g.add_argument("--timeout", type=positive_float, help="seconds a rank waits for a silent "
                    f"peer before every process exits (default {DEFAULT_TIMEOUT_S:.0f})")
     g.add_argument("--auto", action="store_true",
@@ -131,7 +135,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "weights": getattr(args, "weights", None),
              "quant_activations": getattr(args, "quant_activations", None),
              "schedule_ahead": getattr(args, "schedule_ahead", None),
-             "quantize": getattr(args, "quantize", None)}
+             "quantize": getattr(args, "quantize", None),
+             "kv_block_size": getattr(args, "kv_block_size", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

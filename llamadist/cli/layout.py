@@ -33,7 +33,7 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     best = auto_plan(profile(config, dtype=runtime.dtype_for(devices), seq_len=max_seq_len),
                      specs, objective="latency", batch_size=batch, max_seq_len=max_seq_len,
                      config=config, top=1)[0]
-    nproc = best.tp * best.pp * best.dp
+    nproc = best.num_devices
     used = [s.devices[0] for s in best.stages]
     kinds = {d.split(":")[0] for d in used}
     why = best.why
@@ -49,7 +49,7 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     if nproc == 1 and len(specs) > 1 and len(kinds) == 1:
         why += f" (one process: it predicts the fastest step for {len(specs)} devices)"
     return Layout(tuple(range(s.start, s.end) for s in best.stages), tuple(used), best.tp,
-                  best.dp, nproc, why)
+                  best.dp, nproc, why, cp=best.cp)
 
 
 def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
@@ -61,13 +61,14 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
         if asked is not None and asked != layout.processes:
             print(f"--auto: running {layout.processes} process(es), not --nproc {asked}: the "
                   f"planner chose the fastest layout that fits --devices", file=sys.stderr)
-        print(f"auto layout: tp={layout.tp} pp={layout.pp} dp={layout.dp}, stages "
+        cp = f" cp={layout.cp}" if layout.cp > 1 else ""
+        print(f"auto layout: tp={layout.tp}{cp} pp={layout.pp} dp={layout.dp}, stages "
               f"{layout.bounds}, {layout.processes} process(es): {layout.why}", file=sys.stderr)
         return layout
-    tp, dp = getattr(args, "tp", 1), getattr(args, "dp", 1)
+    tp, dp, cp = getattr(args, "tp", 1), getattr(args, "dp", 1), getattr(args, "cp", 1)
     # Under torchrun the world is already there: its size is the process count.
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
-    nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp)
+    nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp, cp)
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize)
@@ -83,14 +84,14 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"mixed list such as cuda:0,cpu in one process (without "
                             f"--nproc/--pp/--tp/--dp)")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
-    placed = resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp,
+    placed = resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp, cp=cp,
                             dtype=runtime.dtype_for(names), **placement)
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                             f"stages (--pp)")
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
-    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan)
+    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan, cp=cp)
 
 
 def cuda_count() -> int:

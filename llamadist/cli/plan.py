@@ -180,8 +180,9 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
     if args.save:
         cands[0].to_plan(prof.model, config.num_layers, prof.dtype).save(args.save)
         best = cands[0]
-        print(f"saved the winning layout's stages to {args.save}; run them with --tp {best.tp} "
-              f"--pp {best.pp} --dp {best.dp} --plan {args.save}", file=sys.stderr)
+        cp = f" --cp {best.cp}" if best.cp > 1 else ""
+        print(f"saved the winning layout's stages to {args.save}; run them with --tp {best.tp}"
+              f"{cp} --pp {best.pp} --dp {best.dp} --plan {args.save}", file=sys.stderr)
     return 0
 
 

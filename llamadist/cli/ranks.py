@@ -30,9 +30,10 @@ def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
     layout = inherited_layout()
     pp, tp, dp, devices = ((layout.pp, layout.tp, layout.dp, ",".join(layout.devices))
                            if layout else (args.pp, args.tp, args.dp, args.devices))
+    cp = layout.cp if layout else getattr(args, "cp", 1)
     try:
         # the timeout is needed before rank 0's Job exists: the flags' RuntimeConfig gives it
-        session = Session.start(pp, tp, dp, runtime_config(args).timeout, devices)
+        session = Session.start(pp, tp, dp, runtime_config(args).timeout, devices, cp)
         code = _run(kind, session, args, command)
         session.close()
         return code
@@ -63,15 +64,17 @@ def rank_spec(session: Session, job: Job) -> RankSpec:
     """What every rank must agree on before loading, from rank 0's Job."""
     from llamadist.engine.engine import LLMEngine
     g, layout, rt = session.groups, job.layout, job.runtime
-    if (layout.pp, layout.tp, layout.dp) != (g.pp_size, g.tp_size, g.dp_size):
-        raise ValueError(f"the layout (pp={layout.pp} tp={layout.tp} dp={layout.dp}) does not "
-                         f"match the process grid (pp={g.pp_size} tp={g.tp_size} "
-                         f"dp={g.dp_size}): give the same --pp/--tp/--dp to every rank")
+    if (layout.pp, layout.tp, layout.dp, layout.cp) != (g.pp_size, g.tp_size, g.dp_size,
+                                                        g.cp_size):
+        raise ValueError(f"the layout (pp={layout.pp} tp={layout.tp} cp={layout.cp} "
+                         f"dp={layout.dp}) does not match the process grid (pp={g.pp_size} "
+                         f"tp={g.tp_size} cp={g.cp_size} dp={g.dp_size}): give the same "
+                         f"--pp/--tp/--cp/--dp to every rank")
     devices = list(layout.devices)
-    block_size = rt.block_size_for(devices)
+    block_size = rt.block_size_for(devices)  # each rank's; the scheduler's is cp of them
     return RankSpec(tuple((r.start, r.stop) for r in layout.layer_ranges),
-                    rt.dtype_for(devices), rt, LLMEngine.default_blocks(rt, block_size),
-                    block_size)
+                    rt.dtype_for(devices), rt,
+                    LLMEngine.default_blocks(rt, block_size * layout.cp), block_size)
 
 
 def _agree(session: Session, args: argparse.Namespace, kind: str, ckpt, tok
@@ -124,7 +127,8 @@ def front_engine(session: Session, spec: RankSpec, tok):
     g = session.groups
     devices = [str(g.ctx.device)] * (g.pp_size * g.tp_size)
     executors = [RankExecutor(session.rank_stage, k, devices) for k in range(g.dp_size)]
-    return LLMEngine(executors, tok, spec.runtime, spec.num_blocks, spec.block_size)
+    return LLMEngine(executors, tok, spec.runtime, spec.num_blocks,
+                     spec.block_size * g.cp_size)
 
 
 def rank_report(session: Session) -> dict:
@@ -132,6 +136,7 @@ def rank_report(session: Session) -> dict:
     g, rs = session.groups, session.rank_stage
     st = rs.stage
     report = {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
+              "cp": g.cp_index,
               "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
               **st.stats.to_dict(), **rs.stats.to_dict(),
               "bytes_sent": rs.pipe.stats.bytes_sent}

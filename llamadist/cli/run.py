@@ -42,6 +42,7 @@ def refuse_with_shape(args: argparse.Namespace) -> None:
     ignored, so they are refused."""
     given = [flag for flag, on in (("--nproc", args.nproc), ("--pp", args.pp),
                                    ("--tp", args.tp > 1), ("--dp", args.dp > 1),
+                                   ("--cp", getattr(args, "cp", 1) > 1),
                                    ("--auto", args.auto), ("--plan", args.plan),
                                    ("--timeout", args.timeout), ("a model", args.model)) if on]
     if given:

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from llamadist.config import DEFAULT_TIMEOUT_S
-from llamadist.distributed.grid import coords, grid_size, group_ranks
+from llamadist.distributed.grid import coords, cp_index, grid_size, group_ranks
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +84,29 @@ class ParallelGroups:
     """The pp, tp and dp groups of this rank, plus a world-wide CPU ``control`` group
     (requests, results, statistics) with a long timeout. ``expert_parallel`` adds the
     ``ep`` group: the tp x dp ranks of this rank's stage, which share its experts
-    (llamadist.parallel.expert); every rank must pass the same value."""
+    (llamadist.parallel.expert); every rank must pass the same value. ``cp`` > 1 adds
+    the ``cp`` groups (the ranks that split each long request's sequence, one per stage
+    and TP index) and ``stage`` (the cp x tp ranks of one stage of one replica, to which
+    the stage's leader fans a step out)."""
 
     def __init__(self, ctx: DistContext, pp: int, tp: int = 1, dp: int = 1,
-                 timeout: float = DEFAULT_TIMEOUT_S, expert_parallel: bool = False):
-        nproc, pp = grid_size(ctx.world_size, pp, tp, dp)
+                 timeout: float = DEFAULT_TIMEOUT_S, expert_parallel: bool = False,
+                 cp: int = 1):
+        nproc, pp = grid_size(ctx.world_size, pp, tp, dp, cp)
         self.ctx, self.pp_size, self.tp_size, self.dp_size = ctx, pp, tp, dp
+        self.cp_size = cp
         self.rank = ctx.rank
-        self.dp_index, self.pp_index, self.tp_index = coords(ctx.rank, pp, tp, dp)
+        self.dp_index, self.pp_index, self.tp_index = coords(ctx.rank, pp, tp, dp, cp)
+        self.cp_index = cp_index(ctx.rank, tp, cp)
         limit = datetime.timedelta(seconds=timeout)
         self.timeout = timeout
         # new_group is collective over the whole world: every rank creates every group, in
         # the same order, and keeps the one it belongs to.
         self.groups: dict[str, Group] = {}
-        for dim in ("tp", "pp", "dp") + (("ep",) if expert_parallel else ()):
-            for ranks in group_ranks(dim, pp, tp, dp):
+        dims = ("tp", "pp", "dp") + (("ep",) if expert_parallel else ()) + \
+            (("cp", "stage") if cp > 1 else ())
+        for dim in dims:
+            for ranks in group_ranks(dim, pp, tp, dp, cp):
                 dev = dist.new_group(ranks, timeout=limit, backend=ctx.backend)
                 cpu = dist.new_group(ranks, timeout=limit, backend="gloo")
                 if ctx.rank in ranks:
@@ -109,8 +117,9 @@ class ParallelGroups:
         # point to point, apart from the control group's collectives.
         self.steps = Group("steps", list(range(nproc)), ctx.rank, None,
                            dist.new_group(list(range(nproc)), timeout=limit, backend="gloo"))
-        log.info("rank %d: dp %d/%d, pp %d/%d, tp %d/%d on %s", ctx.rank, self.dp_index, dp,
-                 self.pp_index, pp, self.tp_index, tp, ctx.device)
+        log.info("rank %d: dp %d/%d, pp %d/%d, cp %d/%d, tp %d/%d on %s", ctx.rank,
+                 self.dp_index, dp, self.pp_index, pp, self.cp_index, cp, self.tp_index, tp,
+                 ctx.device)
 
     @property
     def pp(self) -> Group:
@@ -123,6 +132,18 @@ class ParallelGroups:
     @property
     def dp(self) -> Group:
         return self.groups["dp"]
+
+    @property
+    def cp(self) -> Group:
+        if "cp" not in self.groups:
+            raise RuntimeError("no context-parallel group: build ParallelGroups with cp > 1")
+        return self.groups["cp"]
+
+    @property
+    def stage(self) -> Group:
+        """The ranks a step is fanned out to at this stage: cp x tp (the TP group when
+        cp == 1)."""
+        return self.groups.get("stage", self.groups["tp"])
 
     @property
     def ep(self) -> Group:
@@ -141,8 +162,9 @@ class ParallelGroups:
         return self.rank == 0
 
     def describe(self) -> str:
-        return (f"rank {self.rank} = dp {self.dp_index} pp {self.pp_index} tp {self.tp_index} "
-                f"on {self.ctx.device}")
+        cp = f" cp {self.cp_index}" if self.cp_size > 1 else ""
+        return (f"rank {self.rank} = dp {self.dp_index} pp {self.pp_index}{cp} tp "
+                f"{self.tp_index} on {self.ctx.device}")
 
 
 def init_distributed(timeout: float = DEFAULT_TIMEOUT_S,

@@ -120,10 +120,11 @@ class Attention(nn.Module):
         b, t, _ = q.shape
         hd = self.head_dim
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
-        q = apply_rotary(q.view(b, t, -1, hd), cos, sin).view(b * t, -1, hd)  # (N, H, D)
-        k = apply_rotary(k.view(b, t, -1, hd), cos, sin).view(b * t, -1, hd)  # (N, H_kv, D)
-        out = attend(q, k, v.reshape(b * t, -1, hd))  # (N, H, D)
-        return self.o_proj(out.reshape(b, t, -1))
+        h, h_kv = q.shape[-1] // hd, k.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
+        q = apply_rotary(q.view(b, t, h, hd), cos, sin).view(b * t, h, hd)  # (N, H, D)
+        k = apply_rotary(k.view(b, t, h_kv, hd), cos, sin).view(b * t, h_kv, hd)  # (N, H_kv, D)
+        out = attend(q, k, v.reshape(b * t, h_kv, hd))  # (N, H, D)
+        return self.o_proj(out.reshape(b, t, h * hd))
 
 
 class MLP(nn.Module):

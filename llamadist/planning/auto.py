@@ -9,6 +9,11 @@ Every number comes from the one cost model, :mod:`llamadist.planning.cost`:
                     one for the vocab-parallel embedding, an all-gather of the (u, V)
                     logits; each 2 (tp - 1) messages of latency plus bytes / bandwidth
     pipeline        send_time: one message of u * D * bytes per stage boundary
+    context par.    only when no layout without it fits (one sequence's KV cache at
+                    max_seq_len too large for the devices): each stage is cp x tp
+                    devices, each holding 1 / cp of every sequence's KV cache; a decode
+                    step pays cp_decode_comm_time (queries gathered, partials merged), and
+                    ``ring_prefill_s`` reports a max_seq_len prompt's ring traffic
     latency         one micro-batch goes through the stages in turn: the sum (the
                     pipeline bubble: each stage idles while the others work)
     throughput      m = min(pp, batch) micro-batches in flight: a step takes
@@ -32,8 +37,9 @@ from typing import Any, Sequence
 
 from llamadist.config import ModelConfig
 from llamadist.planning.checks import grid_problems
-from llamadist.planning.cost import (CostModel, Link, headroom_bytes, make_link, send_time,
-                                     tp_comm_time, tp_extra_layer_bytes, tp_kv_share)
+from llamadist.planning.cost import (CostModel, Link, cp_decode_comm_time, cp_prefill_comm_time,
+                                     headroom_bytes, make_link, send_time, tp_comm_time,
+                                     tp_extra_layer_bytes, tp_kv_share)
 from llamadist.planning.devices import (REFERENCE_BANDWIDTH, REFERENCE_FLOPS, DeviceSpec,
                                         parse_memory)
 from llamadist.planning.plan import Plan, Stage
@@ -102,6 +108,8 @@ class StagePlacement:
     compute_s: float
     tp_comm_s: float
     send_s: float                 # hidden state to the next stage (0 on the last)
+    cp_comm_s: float = 0.0        # context-parallel merges of a decode step
+    ring_prefill_s: float = 0.0   # ring traffic of one max_seq_len prompt (CP only)
 
     @property
     def memory_bytes(self) -> int:
@@ -109,7 +117,7 @@ class StagePlacement:
 
     @property
     def time_s(self) -> float:
-        return self.compute_s + self.tp_comm_s + self.send_s
+        return self.compute_s + self.tp_comm_s + self.send_s + self.cp_comm_s
 
 
 @dataclass(frozen=True)
@@ -129,10 +137,16 @@ class AutoCandidate:
     step_s: float
     tokens_per_s: float
     why: str = ""
+    cp: int = 1
 
     @property
     def label(self) -> str:
-        return f"tp={self.tp} pp={self.pp} dp={self.dp}"
+        cp = f" cp={self.cp}" if self.cp > 1 else ""
+        return f"tp={self.tp}{cp} pp={self.pp} dp={self.dp}"
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp * self.cp * self.pp * self.dp
 
     @property
     def stages(self) -> tuple[StagePlacement, ...]:
@@ -164,8 +178,11 @@ class AutoCandidate:
         memory reads, tensor-parallel all-reduces, pipeline sends (they add up to the
         per-token latency; the bubble is in :attr:`bubble`)."""
         r = max(self.replicas, key=lambda st: sum(s.time_s for s in st))
-        return {"compute": sum(s.compute_s for s in r), "tp_comm": sum(s.tp_comm_s for s in r),
-                "pp_comm": sum(s.send_s for s in r)}
+        parts = {"compute": sum(s.compute_s for s in r), "tp_comm": sum(s.tp_comm_s for s in r),
+                 "pp_comm": sum(s.send_s for s in r)}
+        if self.cp > 1:
+            parts["cp_comm"] = sum(s.cp_comm_s for s in r)
+        return parts
 
     @property
     def bubble(self) -> float:
@@ -214,11 +231,14 @@ class ReplicaCost:
     ``block``; a micro-batch of ``u`` sequences; KV caches for ``seqs`` sequences.
     Per-group constants are computed once, so the split's DP costs O(1) per call."""
 
-    def __init__(self, c: CostContext, tp: int, block: Sequence[int], u: int, seqs: int):
-        self.c, self.tp, self.u, self.seqs = c, tp, u, seqs
-        self.groups = [list(block[i:i + tp]) for i in range(0, len(block), tp)]
+    def __init__(self, c: CostContext, tp: int, block: Sequence[int], u: int, seqs: int,
+                 cp: int = 1):
+        self.c, self.tp, self.u, self.seqs, self.cp = c, tp, u, seqs, cp
+        n = tp * cp  # a stage: cp x tp devices
+        self.groups = [list(block[i:i + n]) for i in range(0, len(block), n)]
         cl = c.cluster
-        self.kvf = tp_kv_share(c.config, tp)
+        self.kvf = tp_kv_share(c.config, tp) / cp
+        self.cp_link = [cl.link(g) for g in self.groups]
         self.extra = tp_extra_layer_bytes(c.config, tp, c.cm.profile.bytes_per_param)
         self.rates = [(min(cl.devices[j].flops for j in g),
                        min(cl.devices[j].mem_bandwidth for j in g)) for g in self.groups]
@@ -239,13 +259,23 @@ class ReplicaCost:
         compute = cm.decode_time(*self.rates[i], s, e, first, last, batch=u, tp=tp,
                                  kv_share=self.kvf, extra_layer_bytes=self.extra)
         tp_comm = tp_comm_time(p, e - s, first, last, u, tp, self.tp_link[i])
+        tp_comm += self.cp_comm(i, s, e)
         send = 0.0 if last else send_time(p, u, self.send_link[i])
         return weights, cm.kv_bytes(s, e, self.seqs, self.kvf), compute, tp_comm, send
 
+    def cp_comm(self, i: int, s: int, e: int) -> float:
+        cfg = self.c.config
+        return cp_decode_comm_time(self.c.cm.profile, e - s, self.u, self.cp, self.cp_link[i],
+                                   cfg.head_dim if cfg else 128)
+
     def placement(self, i: int, s: int, e: int) -> StagePlacement:
         w, kv, compute, tp_comm, send = self.numbers(i, s, e)
+        cp = self.cp_comm(i, s, e)
+        ring = cp_prefill_comm_time(self.c.cm.profile, e - s, self.c.context, self.cp,
+                                    self.cp_link[i], self.kvf * self.cp)
         names = tuple(self.c.cluster.devices[j].name for j in self.groups[i])
-        return StagePlacement(s, e, names, int(w), int(kv), self.usable[i], compute, tp_comm, send)
+        return StagePlacement(s, e, names, int(w), int(kv), self.usable[i], compute,
+                              tp_comm - cp, send, cp, ring)
 
     def stages(self, ends: Sequence[int]) -> tuple[StagePlacement, ...]:
         return tuple(self.placement(i, s, e) for i, (s, e) in enumerate(zip([0, *ends[:-1]], ends)))
@@ -291,13 +321,14 @@ def layouts(n_devices: int, num_layers: int, batch_size: int,
 
 
 def _candidate(c: CostContext, tp: int, pp: int, dp: int, objective: str,
-               batch_size: int) -> AutoCandidate | None:
+               batch_size: int, cp: int = 1) -> AutoCandidate | None:
     replicas, periods, tokens = [], [], 0.0
+    n = tp * cp * pp  # devices per replica
     for r in range(dp):
         seqs = batch_size // dp + (1 if r < batch_size % dp else 0)
         m = min(pp, seqs) if objective == "throughput" else 1
         u = -(-seqs // m)
-        rc = ReplicaCost(c, tp, range(r * tp * pp, (r + 1) * tp * pp), u, seqs)
+        rc = ReplicaCost(c, tp, range(r * n, (r + 1) * n), u, seqs, cp)
         ends = rc.split()
         if not ends:
             return None
@@ -308,7 +339,7 @@ def _candidate(c: CostContext, tp: int, pp: int, dp: int, objective: str,
         tokens += seqs / period
     m = min(pp, batch_size // dp) if objective == "throughput" else 1
     return AutoCandidate(tp, pp, dp, objective, batch_size, c.context, m, tuple(replicas),
-                         max(periods), tokens)
+                         max(periods), tokens, cp=cp)
 
 
 def auto_plan(profile: ModelProfile, devices: Sequence[DeviceSpec] | None = None, *,
@@ -339,9 +370,14 @@ def auto_plan(profile: ModelProfile, devices: Sequence[DeviceSpec] | None = None
     c = CostContext(CostModel.build(profile, 1, context), cluster, config, context, headroom)
     options = layouts(len(cluster.devices), profile.num_layers, batch_size, config)
     cands = [x for x in (_candidate(c, *o, objective, batch_size) for o in options) if x]
+    n = len(cluster.devices)
+    for cp in range(2, n + 1) if not cands else ():  # CP only when nothing else fits
+        cands += [x for x in (_candidate(c, *o, objective, batch_size, cp)
+                              for o in layouts(n // cp, profile.num_layers, batch_size, config))
+                  if x]
     if not cands:
         raise _nothing_fits(c, options, batch_size)
-    cands.sort(key=lambda x: (x.time_per_token_s, x.tp * x.pp * x.dp, x.max_memory_bytes))
+    cands.sort(key=lambda x: (x.time_per_token_s, x.num_devices, x.max_memory_bytes))
     best = replace(cands[0], why=_why(cands, len(options) - len(cands), cluster))
     return [best, *cands[1:top]]
 
@@ -373,14 +409,17 @@ def _why(cands: list[AutoCandidate], rejected: int, cluster: Cluster) -> str:
     win = cands[0]
     fit = (f"; {rejected} layout{'s' if rejected > 1 else ''} did not fit in memory"
            if rejected else "")
+    if win.cp > 1:
+        fit += (f"; context parallelism because no layout without it fits one sequence's KV "
+                f"cache of {win.max_seq_len} tokens (ring prefill traffic of such a prompt: "
+                f"{format_seconds(sum(s.ring_prefill_s for s in win.stages))})")
     if len(cands) == 1:
         return f"{win.label} is the only layout that fits in memory{fit}"
-    run = next((x for x in cands[1:] if (x.tp, x.pp, x.dp) != (win.tp, win.pp, win.dp)),
-               cands[1])
+    run = next((x for x in cands[1:] if x.label != win.label), cands[1])
     wb, rb = win.breakdown(), run.breakdown()
-    key = max(wb, key=lambda k: rb[k] - wb[k])
+    key = max(wb, key=lambda k: rb.get(k, 0.0) - wb[k])
     what = {"compute": "compute and memory reads", "tp_comm": "tensor-parallel all-reduces",
-            "pp_comm": "pipeline sends"}[key]
+            "pp_comm": "pipeline sends", "cp_comm": "context-parallel merges"}[key]
     links = ""
     if key != "compute" and len(set(cluster.node_of)) > 1:
         a, b = cluster.intra, cluster.inter
@@ -389,7 +428,8 @@ def _why(cands: list[AutoCandidate], rejected: int, cluster: Cluster) -> str:
                  f"between nodes)")
     return (f"{win.label} wins with {format_seconds(win.time_per_token_s)}/token against "
             f"{format_seconds(run.time_per_token_s)} for {run.label}, mostly on {what}: "
-            f"{format_seconds(wb[key])} vs {format_seconds(rb[key])} per step{links}{fit}")
+            f"{format_seconds(wb[key])} vs {format_seconds(rb.get(key, 0.0))} per step{links}"
+            f"{fit}")
 
 
 def format_auto_plans(cands: Sequence[AutoCandidate]) -> str:
@@ -407,15 +447,16 @@ def format_auto_plans(cands: Sequence[AutoCandidate]) -> str:
         split = ",".join(f"{s}:{e}" for s, e in x.splits)
         split = split if len(split) <= 18 else split[:15] + "..."
         parts = x.breakdown()
-        lines.append(f"{i:>2}  {x.label:<16}{x.tp * x.pp * x.dp:>5}  {split:<20}"
+        lines.append(f"{i:>2}  {x.label:<16}{x.num_devices:>5}  {split:<20}"
                      f"{format_bytes(x.max_memory_bytes):>12}"
                      f"{format_seconds(x.time_per_token_s):>12}"
                      f"{format_seconds(parts['compute']):>11}"
-                     f"{format_seconds(parts['tp_comm']):>11}"
+                     f"{format_seconds(parts['tp_comm'] + parts.get('cp_comm', 0.0)):>11}"
                      f"{format_seconds(parts['pp_comm']):>10}{x.bubble:>8.0%}"
                      f"{x.tokens_per_s:>10.1f}")
     lines.append("-" * len(hdr))
-    lines.append("compute = compute and memory reads, all-reduce = tensor-parallel collectives, "
+    lines.append("compute = compute and memory reads, all-reduce = tensor- (and context-) "
+                 "parallel collectives, "
                  "p2p = pipeline sends: seconds of one micro-batch through every stage; "
                  "bubble = share of device time idle")
     win = cands[0]

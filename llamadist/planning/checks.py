@@ -14,41 +14,50 @@ from llamadist.planning.units import PlanningError, format_bytes
 
 # ---- the process grid ----------------------------------------------------
 class GridError(PlanningError):
-    """A (pp, tp, dp) grid that does not fit the number of processes."""
+    """A (pp, tp, dp, cp) grid that does not fit the number of processes."""
 
 
-def grid_size(nproc: int | None, pp: int | None, tp: int, dp: int) -> tuple[int, int]:
+def _grid(tp: int, dp: int, cp: int, pp: int | None = None) -> str:
+    """The grid's factors as messages name them (cp only when used: old words kept)."""
+    return (f"pp={pp} x " if pp is not None else "") + f"tp={tp} x " + \
+        (f"cp={cp} x " if cp != 1 else "") + f"dp={dp}"
+
+
+def grid_size(nproc: int | None, pp: int | None, tp: int, dp: int,
+              cp: int = 1) -> tuple[int, int]:
     """-> (nproc, pp), filling in whichever was not given, or raise GridError."""
-    for name, v in (("tp", tp), ("dp", dp), ("pp", pp), ("nproc", nproc)):
+    for name, v in (("tp", tp), ("dp", dp), ("cp", cp), ("pp", pp), ("nproc", nproc)):
         if v is not None and v < 1:
             raise GridError(f"--{name} must be >= 1, got {v}")
     if pp is None:
         if nproc is None:
-            return tp * dp, 1
-        if nproc % (tp * dp):
-            raise GridError(f"--nproc {nproc} does not divide by tp={tp} x dp={dp} = "
-                            f"{tp * dp}: give --nproc a multiple of {tp * dp}")
-        pp = nproc // (tp * dp)
-    total = pp * tp * dp
+            return tp * dp * cp, 1
+        if nproc % (tp * dp * cp):
+            raise GridError(f"--nproc {nproc} does not divide by {_grid(tp, dp, cp)} = "
+                            f"{tp * dp * cp}: give --nproc a multiple of {tp * dp * cp}")
+        pp = nproc // (tp * dp * cp)
+    total = pp * tp * dp * cp
     if nproc is not None and nproc != total:
-        raise GridError(f"--nproc {nproc} with pp={pp} x tp={tp} x dp={dp} = {total}: the grid "
+        raise GridError(f"--nproc {nproc} with {_grid(tp, dp, cp, pp)} = {total}: the grid "
                         f"must multiply to the number of processes")
     return total, pp
 
 
 def grid_problems(num_layers: int, nproc: int | None, pp: int, tp: int = 1, dp: int = 1,
-                  config: ModelConfig | None = None) -> list[str]:
-    """Why a grid of ``pp`` stages x ``tp`` x ``dp`` on ``nproc`` processes (None: not
-    given) cannot run a model of ``num_layers`` layers; [] when it can. ``config`` adds the
-    tensor-parallel head checks (parallel.tensor's rules)."""
+                  config: ModelConfig | None = None, cp: int = 1) -> list[str]:
+    """Why a grid of ``pp`` stages x ``tp`` x ``cp`` x ``dp`` on ``nproc`` processes (None:
+    not given) cannot run a model of ``num_layers`` layers; [] when it can. ``config``
+    adds the tensor-parallel head checks (parallel.tensor's rules)."""
     problems = [f"--{name} must be >= 1, got {v}"
-                for name, v in (("pp", pp), ("tp", tp), ("dp", dp), ("nproc", nproc))
+                for name, v in (("pp", pp), ("tp", tp), ("dp", dp), ("cp", cp),
+                                ("nproc", nproc))
                 if v is not None and v < 1]
     if problems:
         return problems
-    if nproc is not None and nproc != pp * tp * dp:
-        problems.append(f"--nproc {nproc} but pp={pp} x tp={tp} x dp={dp} = {pp * tp * dp}: "
-                        f"give --nproc {pp * tp * dp} or a grid that multiplies to {nproc}")
+    total = pp * tp * dp * cp
+    if nproc is not None and nproc != total:
+        problems.append(f"--nproc {nproc} but {_grid(tp, dp, cp, pp)} = {total}: "
+                        f"give --nproc {total} or a grid that multiplies to {nproc}")
     if pp > num_layers:
         problems.append(f"{pp} pipeline stages but the model has only {num_layers} layers "
                         f"(a stage holds at least one): use --pp {num_layers} or fewer")
@@ -61,16 +70,16 @@ def grid_problems(num_layers: int, nproc: int | None, pp: int, tp: int = 1, dp: 
 
 
 def check_grid(config: ModelConfig, nproc: int | None, pp: int | None, tp: int = 1,
-               dp: int = 1) -> tuple[int, int, int, int]:
+               dp: int = 1, cp: int = 1) -> tuple[int, int, int, int]:
     """-> (nproc, pp, tp, dp) with ``nproc`` or ``pp`` filled in when not given, or raise
     PlanningError naming every problem (tp against the heads, pp against the layers,
-    nproc against pp x tp x dp)."""
+    nproc against pp x tp x cp x dp)."""
     if pp is None:  # filled in from nproc (GridError when it does not divide)
-        _, pp = grid_size(nproc, None, tp, dp)
-    problems = grid_problems(config.num_layers, nproc, pp, tp, dp, config)
+        _, pp = grid_size(nproc, None, tp, dp, cp)
+    problems = grid_problems(config.num_layers, nproc, pp, tp, dp, config, cp)
     if problems:
         raise PlanningError("; ".join(problems))
-    return pp * tp * dp, pp, tp, dp
+    return pp * tp * dp * cp, pp, tp, dp
 
 
 # ---- memory ----------------------------------------------------------------

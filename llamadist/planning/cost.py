@@ -161,13 +161,15 @@ class CostModel:
 
     @classmethod
     def build(cls, profile: ModelProfile, batch: int, context: int, tp: int = 1,
-              config: ModelConfig | None = None, ep: int = 1) -> "CostModel":
+              config: ModelConfig | None = None, ep: int = 1, cp: int = 1) -> "CostModel":
+        """``cp`` > 1: a stage's KV cache is split over that many context-parallel ranks
+        (one device holds 1 / cp of every sequence's)."""
         rows = profile.layers
         return cls(profile, batch, context, _prefix([r.weight_bytes for r in rows]),
                    _prefix([r.kv_bytes_per_token for r in rows]),
                    _prefix([r.matmul_flops_per_token for r in rows]),
                    _prefix([r.attn_flops_per_ctx_token for r in rows]), tp,
-                   tp_kv_share(config, tp),
+                   tp_kv_share(config, tp) / max(1, cp),
                    tp_extra_layer_bytes(config, tp, profile.bytes_per_param),
                    _prefix([r.expert_bytes for r in rows]), ep)
 
@@ -357,14 +359,17 @@ def cp_prefill_comm_time(profile: ModelProfile, layers: int, prompt_len: int, cp
 def cp_decode_comm_time(profile: ModelProfile, layers: int, batch: int, cp: int, link: Link,
                         head_dim: int = 128) -> float:
     """Sharded-KV decode merge of ``batch`` new tokens through ``layers`` layers: per
-    layer an all-reduce MAX of the (B, H) log-sum-exps and one all-reduce SUM of the
-    packed (B, H, D + 1) weighted outputs and weights, all fp32 (merge_across). The
-    profile knows H * D (from its attention FLOPs), not H: ``head_dim`` splits it."""
+    layer an all-gather of the (B, H, D) queries (each token runs on the rank that owns
+    its slot: llamadist.runtime.cp_step; half an all-reduce's traffic), an all-reduce MAX
+    of the (B, H) log-sum-exps and one all-reduce SUM of the packed (B, H, D + 1)
+    weighted outputs and weights, all fp32 (merge_across). The profile knows H * D (from
+    its attention FLOPs), not H: ``head_dim`` splits it."""
     if cp <= 1:
         return 0.0
     q_size = profile.layers[0].attn_flops_per_ctx_token // 4 if profile.layers else 0
     heads = max(1, q_size // head_dim)
-    per_layer = (link.all_reduce_s(batch * heads * 4, cp)
+    per_layer = (link.all_reduce_s(batch * q_size * profile.bytes_per_param, cp) / 2
+                 + link.all_reduce_s(batch * heads * 4, cp)
                  + link.all_reduce_s(batch * (q_size + heads) * 4, cp))
     return layers * per_layer
 

@@ -19,7 +19,8 @@ class Layout:
     devices       one device per stage; over processes a bare kind ("cuda", "cpu") means
                   each rank's own device of that kind (cuda:LOCAL_RANK)
     tp, dp        tensor-parallel ranks per stage and data-parallel replicas
-    processes     1: every stage runs in this process; else pp x tp x dp ranks, one stage each
+    cp            context-parallel ranks per stage (each holds a stripe of every request)
+    processes     1: every stage runs in this process; else pp x cp x tp x dp ranks
     why           how it was chosen (the auto planner's reason), for the user
     """
     layer_ranges: tuple[range, ...]
@@ -29,6 +30,7 @@ class Layout:
     processes: int = 1
     why: str = ""
     plan: object | None = field(default=None, compare=False)  # the planning.Plan, if any
+    cp: int = 1
 
     @property
     def pp(self) -> int:
@@ -41,13 +43,13 @@ class Layout:
     def to_json(self) -> str:
         return json.dumps({"layers": [[r.start, r.stop] for r in self.layer_ranges],
                            "devices": list(self.devices), "tp": self.tp, "dp": self.dp,
-                           "processes": self.processes, "why": self.why})
+                           "processes": self.processes, "why": self.why, "cp": self.cp})
 
     @classmethod
     def from_json(cls, text: str) -> "Layout":
         d = json.loads(text)
         return cls(tuple(range(a, b) for a, b in d["layers"]), tuple(d["devices"]), d["tp"],
-                   d["dp"], d["processes"], d.get("why", ""))
+                   d["dp"], d["processes"], d.get("why", ""), cp=d.get("cp", 1))
 
 
 def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list[str]:
@@ -70,7 +72,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    strategy: str | None = None, max_memory: str | None = None,
                    device_speed: str | None = None, boundaries: str | None = None,
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
-                   tp: int = 1, quantize: str | None = None) -> Layout:
+                   tp: int = 1, cp: int = 1, quantize: str | None = None) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
     checked against its device's budget for this run's batch, KV length and ``tp`` (each
     stage then a tensor-parallel group: memory per shard). A plan file gives the stages;
@@ -99,7 +101,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     formats = [quantize_for(quantize, d.name) for d in specs]
     p = check_fits(make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
                              strategy=strategy, boundaries=boundaries, batch_size=max_batch,
-                             max_seq_len=max_seq_len, tp=tp, config=config,
+                             max_seq_len=max_seq_len, tp=tp, config=config, cp=cp,
                              formats=formats if any(formats) else None))
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), plan=p)

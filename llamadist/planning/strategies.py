@@ -239,7 +239,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
               strategy: str | None = "uniform", boundaries: Boundaries | None = None,
               batch_size: int = 1, max_seq_len: int | None = None,
               headroom: float | int = 0.1, tp: int = 1,
-              config: ModelConfig | None = None, ep: int = 1,
+              config: ModelConfig | None = None, ep: int = 1, cp: int = 1,
               formats: Sequence[str | None] | None = None) -> Plan:
     """One stage per entry of ``devices``, in order. ``max_seq_len`` (default: the profile's
     seq_len) and ``batch_size`` size the KV cache; ``headroom`` is reserved on every device
@@ -249,6 +249,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     and every memory and time is one device's shard (``config`` says how KV heads split).
     ``ep`` > 1: a mixture-of-experts model's experts are spread over ``ep`` ranks per stage
     (each device holds 1 / ep of them; tensor parallelism keeps them whole).
+    ``cp`` > 1: each stage's KV cache is split over ``cp`` context-parallel ranks.
     ``formats``: each stage's weight format (--quantize: int8 / int4 / fp8, None as the
     profile's dtype); memory and time count that format's bytes for the stage's layers.
 
@@ -260,7 +261,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     plan through :func:`llamadist.planning.checks.check_fits`."""
     if strategy is None:
         return _default_plan(profile, devices, boundaries, batch_size, max_seq_len, headroom,
-                             tp, config, ep, formats)
+                             tp, config, ep, cp, formats)
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if boundaries is not None and strategy != "custom":
@@ -276,7 +277,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     if batch_size < 1 or context < 1:
         raise PlanningError(f"batch_size and max_seq_len must be positive, got {batch_size} "
                             f"and {context}")
-    model = CostModel.build(profile, batch_size, context, tp, config, ep)
+    model = CostModel.build(profile, batch_size, context, tp, config, ep, cp)
     if formats and any(formats):
         if len(formats) != len(devices):
             raise PlanningError(f"{len(formats)} weight formats for {len(devices)} devices")
@@ -300,8 +301,8 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
 def _default_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
                   boundaries: Boundaries | None, batch_size: int, max_seq_len: int | None,
                   headroom: float | int, tp: int, config: ModelConfig | None,
-                  ep: int = 1, formats: Sequence[str | None] | None = None) -> Plan:
-    rest = (batch_size, max_seq_len, headroom, tp, config, ep, formats)
+                  ep: int = 1, cp: int = 1, formats: Sequence[str | None] | None = None) -> Plan:
+    rest = (batch_size, max_seq_len, headroom, tp, config, ep, cp, formats)
     if boundaries is not None:
         return make_plan(profile, devices, "custom", boundaries, *rest)
     even = make_plan(profile, devices, "uniform", None, *rest)

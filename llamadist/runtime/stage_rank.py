@@ -35,6 +35,7 @@ from llamadist.distributed.faults import Watchdog, fault_hook
 from llamadist.distributed.grid import rank_of
 from llamadist.distributed.groups import ParallelGroups
 from llamadist.distributed.p2p import P2P, Kind, Message
+from llamadist.runtime.cp_step import CPStep, forward_cp, gather_logits
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import Stage
 from llamadist.runtime.step_work import StepWork, sample_step
@@ -71,30 +72,34 @@ class StageRank:
             rt = rt.replace(cuda_graphs=False)  # a gloo all-reduce cannot be captured
         self.model = Engine(self.stage.model.config, [self.stage], runtime=rt)
         self.pipe = P2P(g.pp, self.stage.device, self.timeout, self.watchdog)
-        self.tp_link = P2P(g.tp, CPU, self.timeout, self.watchdog)
+        # the leader fans a step out to its stage's other ranks (tp, and cp when > 1)
+        self.tp_link = P2P(g.stage, CPU, self.timeout, self.watchdog)
         self.front = P2P(g.steps, CPU, self.timeout, self.watchdog)
         self.busy = False  # between a STEP and the next IDLE: waits have a deadline
 
     # ---- who talks to whom ----------------------------------------------------------
     @property
     def is_leader(self) -> bool:
-        """Stage 0, TP rank 0 of its replica: takes steps from the front."""
-        return self.groups.pp.is_first and self.groups.tp_index == 0
+        """Stage 0, TP (and CP) rank 0 of its replica: takes steps from the front."""
+        g = self.groups
+        return g.pp.is_first and g.tp_index == 0 and g.cp_index == 0
 
     @property
     def samples(self) -> bool:
-        return self.stage.has_head and self.groups.tp_index == 0
+        return self.stage.has_head and self.groups.tp_index == 0 and self.groups.cp_index == 0
 
     def replica_ranks(self, replica: int) -> tuple[int, int]:
         """(leader, sampler): the global ranks replica ``replica`` takes steps at and
         returns tokens from."""
         g = self.groups
-        return (rank_of(replica, 0, 0, g.pp_size, g.tp_size),
-                rank_of(replica, g.pp_size - 1, 0, g.pp_size, g.tp_size))
+        return (rank_of(replica, 0, 0, g.pp_size, g.tp_size, g.cp_size),
+                rank_of(replica, g.pp_size - 1, 0, g.pp_size, g.tp_size, g.cp_size))
 
     def init_paged(self, num_blocks: int, block_size: int) -> None:
+        """``block_size``: this rank's; under CP the scheduler's blocks are cp of them
+        (llamadist.runtime.cp_step), which ``paged_shape`` reports."""
         self.model.init_paged(num_blocks, block_size)
-        self.paged_shape = (num_blocks, block_size)
+        self.paged_shape = (num_blocks, block_size * self.groups.cp_size)
 
     # ---- one step on this stage ---------------------------------------------------------
     def run(self, work: StepWork, packed: torch.Tensor | None = None,
@@ -108,15 +113,24 @@ class StageRank:
             self.stage.reset_stats()
             self.pipe.stats = type(self.pipe.stats)()
         fault_hook(self.groups.rank, self.stats.steps)
-        peers = self.groups.tp.ranks[1:] if self.is_leader else []
+        peers = self.groups.stage.ranks[1:] if self.is_leader else []
         if packed is None and (peers or not self.stage.has_head):
             packed = work.pack()  # only when another rank needs it
         for peer in peers:
             self.tp_link.send(peer, Message(Kind.STEP, tensor=packed))
+        cp = CPStep.build(work, self.groups.cp_size, self.groups.cp_index) \
+            if self.groups.cp_size > 1 else None
         if x is None:
             x = work.tokens(self.stage.device)
+            if cp is not None:  # only the tokens this CP rank owns
+                x = x[torch.as_tensor(cp.mine, device=x.device)]
         t0 = time.perf_counter()
-        out = self.model.forward_paged(x, work.batch())
+        if cp is None:
+            out = self.model.forward_paged(x, work.batch())
+        else:
+            out = forward_cp(self.stage, x, cp, self.groups.cp.device_group)
+            if self.stage.has_head and self.groups.tp_index == 0:
+                out = gather_logits(out, cp, self.groups.cp.device_group)
         self.stats.compute_s += time.perf_counter() - t0
         self.stats.steps += 1
         if not self.stage.has_head:
@@ -145,7 +159,7 @@ class StageRank:
             if self.is_leader:
                 src, link = 0, self.front
             elif g.pp.is_first:
-                src, link = g.tp.first_rank, self.tp_link
+                src, link = g.stage.first_rank, self.tp_link
             else:
                 src, link = g.pp.prev_rank, self.pipe
             msg = link.recv(src, idle=not self.busy)
@@ -169,7 +183,7 @@ class StageRank:
         """Send a control message on every path this rank feeds steps to."""
         g = self.groups
         if self.is_leader:
-            for peer in g.tp.ranks[1:]:
+            for peer in g.stage.ranks[1:]:
                 self.tp_link.send(peer, Message(kind))
         if not g.pp.is_last:
             self.pipe.send(g.pp.next_rank, Message(kind))

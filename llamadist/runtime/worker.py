@@ -78,9 +78,9 @@ class Session:
     @classmethod
     def start(cls, pp: int | None = None, tp: int = 1, dp: int = 1,
               timeout: float = DEFAULT_TIMEOUT_S,
-              device: str | None = None) -> "Session":
+              device: str | None = None, cp: int = 1) -> "Session":
         ctx = init_distributed(timeout, device)
-        groups = ParallelGroups(ctx, pp, tp, dp, timeout)
+        groups = ParallelGroups(ctx, pp, tp, dp, timeout, cp=cp)
         return cls(groups, Watchdog(ctx.rank, timeout), timeout)
 
     @property

@@ -5,7 +5,7 @@ the ranks that sample) for the test to compare with one process.
 
     python tests/dist/engine_worker.py CONFIG.json      (as each of N ranks)
 
-CONFIG: model, out, pp, tp, dp, layer_ranges, max_seq_len, prompts, num_blocks,
+CONFIG: model, out, pp, tp, dp, cp, layer_ranges, max_seq_len, prompts, num_blocks,
 block_size, jobs [{name, max_batch, params, num_blocks (optional: fewer forces
 preemption)}].
 """
@@ -36,7 +36,7 @@ def run_job(session: Session, job: dict, cfg: dict, tok) -> list[list[int]]:
     execs = [RankExecutor(session.rank_stage, k, ["cpu"]) for k in range(g.dp_size)]
     # a job's num_blocks below the ranks' cache: the scheduler must preempt
     engine = LLMEngine(execs, tok, runtime, job.get("num_blocks", cfg["num_blocks"]),
-                       cfg["block_size"])
+                       cfg["block_size"] * g.cp_size)  # under CP: cp blocks of each rank
     if job.get("warmup"):  # dummy decode steps of every bucket, sampling nothing
         engine.warmup(force=True)
     params = SamplingParams(**job["params"])
@@ -44,13 +44,15 @@ def run_job(session: Session, job: dict, cfg: dict, tok) -> list[list[int]]:
             for i, p in enumerate(cfg["prompts"])]
     while engine.has_unfinished:
         engine.step()
-    return [r.output_ids for r in reqs], engine.gauges()["preemptions"]
+    return ([r.output_ids for r in reqs], engine.gauges()["preemptions"],
+            sum(r.num_cached_prompt or 0 for r in reqs))
 
 
 def main(config_path: str) -> None:
     cfg = json.loads(Path(config_path).read_text())
     torch.set_num_threads(1)
-    session = Session.start(cfg["pp"], cfg.get("tp", 1), cfg.get("dp", 1), timeout=30.0)
+    session = Session.start(cfg["pp"], cfg.get("tp", 1), cfg.get("dp", 1), timeout=30.0,
+                            cp=cfg.get("cp", 1))
     setup_worker_logging(session.rank, False)
     ckpt = open_checkpoint(cfg["model"])
     tok = ckpt.tokenizer()
@@ -73,8 +75,9 @@ def main(config_path: str) -> None:
             logits = {}
             for rec in everyone:
                 logits.update({k: v for k, v in rec.items() if k[0].startswith(job["name"] + "/")})
-            tokens, preemptions = results[job["name"]]
-            torch.save({"tokens": tokens, "logits": logits, "preemptions": preemptions},
+            tokens, preemptions, cached = results[job["name"]]
+            torch.save({"tokens": tokens, "logits": logits, "preemptions": preemptions,
+                        "cached": cached},
                        Path(cfg["out"]) / f"{job['name']}.pt")
     session.close()
 

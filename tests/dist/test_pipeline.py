@@ -72,10 +72,10 @@ def reference(tiny_model, encoded) -> dict:
 
 
 def run_worker_world(tmp: Path, model: Path, nproc: int, pp: int, ranges: list, jobs: list,
-                     prompts: list[list[int]], dp: int = 1) -> dict[str, dict]:
+                     prompts: list[list[int]], dp: int = 1, **extra) -> dict[str, dict]:
     cfg = {"model": str(model), "out": str(tmp), "pp": pp, "dp": dp, "layer_ranges": ranges,
            "max_seq_len": MAX_SEQ, "prompts": prompts, "jobs": jobs, "block_size": BLOCK,
-           "num_blocks": len(prompts) * MAX_SEQ // BLOCK + 1}
+           "num_blocks": len(prompts) * MAX_SEQ // BLOCK + 1, **extra}
     path = tmp / "config.json"
     path.write_text(json.dumps(cfg))
     code = Launcher([str(WORKER), str(path)], nproc, env=worker_env()).run()

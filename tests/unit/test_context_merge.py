@@ -137,7 +137,7 @@ def test_decode_owner_round_robin_by_block():
 
 def test_cp_costs_in_the_planning_model():
     """Ring traffic of a Llama-3-8B-shaped prefill (bf16, 8 KV heads of 128: 4 KiB of K/V
-    per token and layer) and the decode merge's two all-reduces."""
+    per token and layer) and the decode merge: queries gathered, two all-reduces."""
     from llamadist.config import ModelConfig
     from llamadist.planning.cost import Link, cp_decode_comm_time, cp_prefill_comm_time
     from llamadist.planning.profile import profile
@@ -149,7 +149,9 @@ def test_cp_costs_in_the_planning_model():
     assert cp_prefill_comm_time(prof, 32, 32768, 4, link) == pytest.approx(
         32 * 3 * (2e-6 + block / 100e9))
     assert cp_prefill_comm_time(prof, 32, 32768, 1, link) == 0.0
-    merge = link.all_reduce_s(2 * 32 * 4, 2) + link.all_reduce_s(2 * (4096 + 32) * 4, 2)
+    # the queries all-gathered (bf16; half an all-reduce), then the two merges (fp32)
+    merge = (link.all_reduce_s(2 * 4096 * 2, 2) / 2 + link.all_reduce_s(2 * 32 * 4, 2)
+             + link.all_reduce_s(2 * (4096 + 32) * 4, 2))
     assert cp_decode_comm_time(prof, 32, 2, 2, link) == pytest.approx(32 * merge)
 
 

@@ -1,0 +1,355 @@
+"""Context parallelism inside the engine: one scheduled step (``StepWork``) run by the
+``cp`` ranks of a stage, each holding a stripe of every request's sequence in its own
+paged KV blocks.
+
+Layout. The scheduler runs unchanged over blocks of ``cp * bs`` tokens ("super-blocks";
+``bs`` is each rank's block size): super-block ``B`` of a request is local block ``B`` on
+every CP rank, and each rank stores one ``bs``-token stripe of it. Stripe ``i`` (positions
+``[i*bs, (i+1)*bs)``) of a request belongs to rank ``(home + i) % cp``, ``home`` being the
+request's first super-block id mod cp. So ownership is a function of the position alone:
+
+* prefill, chunked prefill and prefill after a cached prefix need no other state, and
+  requests sharing a cached prefix share its first block, hence its home and its owners;
+* a long prompt is striped over the ranks block by block (striped attention: every rank
+  gets early and late tokens, so the causal work is even, like the two-chunk split of
+  ``llamadist.parallel.context.balanced_split``, which a chunked prefill could not keep);
+* a request of at most ``bs`` tokens stays on one rank (its home), and rotating homes
+  spread short requests over the ranks. Its super-block still reserves a block on every
+  rank: under CP a short request costs ``cp`` blocks of memory.
+
+Every rank gets the same ``StepWork`` and derives every rank's share from it
+(``CPStep``), so collectives need no metadata. Each rank runs only the tokens it owns
+through the model (a decode token: only its owner; a rank may own none), at their global
+positions. Attention of a rank's query rows, per layer (``CPLayer.attend``):
+
+1. its new K/V are written into its local blocks;
+2. *new keys* (this step's tokens): its own rows first, then, only when some sequence's
+   step tokens live on several ranks, the K/V blocks of those tokens pass around the ring
+   (isend/irecv posted before each step's compute), masked by (sequence, position);
+3. *past keys* (stored before the step, all visible): only when some sequence has them,
+   the query rows of such sequences are all-gathered, each rank attends them against its
+   local past slots, and ``merge_across`` (all-reduce MAX of lse, SUM of weighted
+   outputs) combines; a decode's attention over its sharded cache is exactly this;
+4. the partials merge exactly (log-sum-exp).
+
+The last stage gathers the logit rows (each sequence's last token, scored positions) from
+their owners to CP rank 0, which samples (``gather_logits``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from llamadist.parallel.context import Group, merge_across, merge_partials, partial_attention
+from llamadist.runtime.paged_attention import gather, gather_rows
+from llamadist.runtime.paged_kv import PagedKVCache
+from llamadist.runtime.step_work import StepWork
+
+__all__ = ["CPStep", "CPStageKV", "forward_cp", "gather_logits", "stripe_owner"]
+
+
+def stripe_owner(position: int, home: int, cp: int, bs: int) -> int:
+    """The CP rank that stores a request's token at ``position``."""
+    return (home + position // bs) % cp
+
+
+def _groups(seq_of: np.ndarray) -> list[tuple[int, int, int]]:
+    """(seq, lo, hi) runs of equal seq ids in an ascending array."""
+    if not len(seq_of):
+        return []
+    cut = np.flatnonzero(np.diff(seq_of)) + 1
+    lo = np.concatenate([[0], cut])
+    hi = np.concatenate([cut, [len(seq_of)]])
+    return [(int(seq_of[a]), int(a), int(b)) for a, b in zip(lo, hi)]
+
+
+@dataclass
+class CPStep:
+    """Rank ``rank``'s share of one step (host data, numpy; ``tensors`` moves what the
+    layers read to the device once). Flat indices refer to ``work.tokens()``."""
+    cp: int
+    rank: int
+    bs: int
+    mine: np.ndarray          # (N_r,) flat indices of this rank's tokens, ascending
+    positions: np.ndarray     # (N_r,) their global positions
+    slots: np.ndarray         # (N_r,) their local slots (block * bs + offset)
+    seq_of: np.ndarray        # (N_r,) their sequence index
+    tables: np.ndarray        # (S, MB) super-block ids = local block ids, padded with 0
+    past_lens: np.ndarray     # (S,) this rank's slots of each sequence before the step
+    ring: list | None         # per ring step i >= 1: (q rows, k count, mask) or None
+    ring_rows: np.ndarray     # rows of mine whose sequence spans ranks (ring queries)
+    ring_width: int
+    past_rows: np.ndarray     # rows of mine whose sequence has past keys
+    past_width: int           # P: every rank's past rows padded to this (0: no past part)
+    past_seq: np.ndarray      # (cp * P,) sequence of each gathered row, -1 = padding
+    logits_local: np.ndarray  # rows of mine whose logits this rank computes, in order
+    logits_from: list[tuple[int, int]]  # per logit row: (owner rank, index in its list)
+    logits_max: int = 0       # the most logit rows any rank computes
+
+    @classmethod
+    def build(cls, work: StepWork, cp: int, rank: int) -> "CPStep":
+        if work.block_size % cp:
+            raise ValueError(f"a CP step's block size {work.block_size} must be a multiple "
+                             f"of cp={cp} (the scheduler's blocks are cp local blocks)")
+        bs = work.block_size // cp
+        seqs = work.seqs
+        s = len(seqs)
+        starts = np.array([w.start for w in seqs], np.int64)
+        lens = np.array([len(w.token_ids) for w in seqs], np.int64)
+        homes = np.array([w.block_ids[0] % cp for w in seqs], np.int64)
+        mb = max(len(w.block_ids) for w in seqs)
+        tables = np.zeros((s, mb), np.int64)
+        for i, w in enumerate(seqs):
+            tables[i, :len(w.block_ids)] = w.block_ids
+        qstart = np.concatenate([[0], np.cumsum(lens)])
+        seq_of = np.repeat(np.arange(s), lens)  # (N,)
+        pos = np.arange(qstart[-1]) + (starts - qstart[:-1])[seq_of]
+        owner = (homes[seq_of] + pos // bs) % cp
+        mine = np.flatnonzero(owner == rank)
+        # local slot: the stripe's super-block is the local block, the offset its own
+        slots = tables[seq_of[mine], pos[mine] // (cp * bs)] * bs + pos[mine] % bs
+        off = (rank - homes) % cp
+        full, rem = starts // (cp * bs), starts % (cp * bs)
+        past_lens = full * bs + np.clip(rem - off * bs, 0, bs)
+        # sequences whose step tokens live on more than one rank need the ring
+        spans = np.zeros(s, bool)
+        for i in range(s):
+            spans[i] = len(np.unique(owner[qstart[i]:qstart[i + 1]])) > 1
+        has_past = starts > 0
+        step = cls(cp, rank, bs, mine, pos[mine], slots, seq_of[mine], tables, past_lens,
+                   None, np.flatnonzero(spans[seq_of[mine]]), 0,
+                   np.flatnonzero(has_past[seq_of[mine]]), 0, np.zeros(0, np.int64),
+                   np.zeros(0, np.int64), [])
+        step._plan_ring(owner, seq_of, pos, spans)
+        step._plan_past(owner, seq_of, has_past)
+        step._plan_logits(owner, work, qstart)
+        return step
+
+    def _plan_ring(self, owner, seq_of, pos, spans) -> None:
+        on_ring = spans[seq_of]
+        share = [np.flatnonzero((owner == r) & on_ring) for r in range(self.cp)]
+        self.ring_width = max(len(x) for x in share)
+        if not self.ring_width:
+            return
+        mine = share[self.rank]
+        qs, qp = seq_of[mine], pos[mine]
+        self.ring = []
+        for i in range(1, self.cp):
+            keys = share[(self.rank - i) % self.cp]
+            m = (seq_of[keys][None, :] == qs[:, None]) & (pos[keys][None, :] <= qp[:, None])
+            self.ring.append((len(keys), m) if m.any() else None)
+
+    def _plan_past(self, owner, seq_of, has_past) -> None:
+        with_past = has_past[seq_of]
+        share = [np.flatnonzero((owner == r) & with_past) for r in range(self.cp)]
+        p = self.past_width = max(len(x) for x in share)
+        if not p:
+            return
+        gathered = np.full(self.cp * p, -1, np.int64)
+        for r, rows in enumerate(share):
+            gathered[r * p:r * p + len(rows)] = seq_of[rows]
+        self.past_seq = gathered
+
+    def _plan_logits(self, owner, work: StepWork, qstart) -> None:
+        rows = list(qstart[1:] - 1)  # each sequence's last token, then scored positions
+        for i, w in enumerate(work.seqs):
+            rows += [int(qstart[i]) + j for j in range(len(w.score))]
+        where = {int(f): k for k, f in enumerate(self.mine)}
+        counts = [0] * self.cp
+        local = []
+        for f in rows:
+            r = int(owner[f])
+            self.logits_from.append((r, counts[r]))
+            counts[r] += 1
+            if r == self.rank:
+                local.append(where[int(f)])
+        self.logits_local = np.array(local, np.int64)
+        self.logits_max = max(counts)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.mine)
+
+
+class CPStageKV:
+    """The StageKV of one CP step on this rank: ``layer(i)`` over its paged cache."""
+
+    def __init__(self, cache: PagedKVCache, step: CPStep, group: Group):
+        if cache.block_size != step.bs:
+            raise ValueError(f"step for local blocks of {step.bs}, cache has "
+                             f"{cache.block_size}")
+        dev = cache.device
+        t = lambda a: torch.as_tensor(a, dtype=torch.long, device=dev)  # noqa: E731
+        self.cache, self.step, self.group = cache, step, group
+        self.slots = t(step.slots)
+        self.ring_rows, self.past_rows = t(step.ring_rows), t(step.past_rows)
+        self.ring = [None if x is None else (x[0], torch.as_tensor(x[1], device=dev))
+                     for x in (step.ring or [])]
+        self.diag = [(a, b) for _, a, b in _groups(step.seq_of)]
+        self.past_groups = self._past_groups(dev)
+
+    def _past_groups(self, dev) -> list[tuple]:
+        """Gathered past rows by sequence: (row index (R,), table (1|R, MB), lens) groups,
+        sequences with one gathered row batched together (decodes)."""
+        st = self.step
+        if not st.past_width:
+            return []
+        rows_of: dict[int, list[int]] = {}
+        for i, s in enumerate(st.past_seq.tolist()):
+            if s >= 0:
+                rows_of.setdefault(s, []).append(i)
+        single = [(s, r[0]) for s, r in rows_of.items() if len(r) == 1 and st.past_lens[s]]
+        out = []
+        if single:
+            seqs = [s for s, _ in single]
+            out.append(("batch", torch.tensor([r for _, r in single], device=dev),
+                        torch.as_tensor(st.tables[seqs], device=dev),
+                        torch.as_tensor(st.past_lens[seqs], device=dev)))
+        for s, r in rows_of.items():
+            if len(r) > 1 and st.past_lens[s]:
+                out.append(("seq", torch.tensor(r, device=dev),
+                            torch.as_tensor(st.tables[s:s + 1], device=dev), int(st.past_lens[s])))
+        return out
+
+    def layer(self, i: int) -> "CPLayer":
+        return CPLayer(self.cache.kv(i), self)
+
+
+class CPLayer:
+    """One layer of a CP step (a FlatLayerKV): see the module docstring."""
+
+    def __init__(self, kv: torch.Tensor, owner: CPStageKV):
+        self.k, self.v = kv[0], kv[1]  # (num_blocks, H_kv, bs, D)
+        self.o = owner
+
+    def _write(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if not len(k):
+            return
+        h_kv, bs, d = self.k.shape[1:]
+        slots = self.o.slots.view(-1, 1)
+        heads = torch.arange(h_kv, device=slots.device).view(1, -1)
+        rows = (((slots // bs) * h_kv + heads) * bs + slots % bs).view(-1)
+        self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.k.dtype))
+        self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.v.dtype))
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (N_r, H, D), k/v (N_r, H_kv, D) rotated, this rank's tokens -> (N_r, H, D)."""
+        self._write(k, v)
+        out, lse = self._new_keys(q, k, v)
+        if self.o.step.past_width:
+            out, lse = self._past(q, out, lse)
+        return out.to(q.dtype)
+
+    def _diag(self, q, k, v, out, lse) -> None:
+        """Each sequence's own rows on this rank, causal (positions ascend in a run)."""
+        for a, b in self.o.diag:
+            n = b - a
+            mask = None if n == 1 else torch.ones(n, n, dtype=torch.bool,
+                                                  device=q.device).tril()
+            out[a:b], lse[a:b] = partial_attention(q[a:b], k[a:b], v[a:b], mask)
+
+    def _new_keys(self, q, k, v):
+        st, o = self.o.step, self.o
+        n, h, d = q.shape
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_zeros(n, h, d, dtype=acc)
+        lse = q.new_full((n, h), float("-inf"), dtype=acc)
+        if not st.ring_width:
+            self._diag(q, k, v, out, lse)
+            return out, lse
+        cp, rank = st.cp, st.rank
+        g = o.group
+        nxt = _global(g, (rank + 1) % cp)
+        prv = _global(g, (rank - 1) % cp)
+        rows = o.ring_rows
+        block = k.new_zeros(2, st.ring_width, k.shape[1], d)  # (2, W, H_kv, D)
+        block[0, :len(rows)], block[1, :len(rows)] = k[rows], v[rows].to(k.dtype)
+        qr = q[rows]
+        for i in range(cp):
+            reqs, incoming = [], None
+            if i + 1 < cp:  # pass the block on while computing
+                incoming = torch.empty_like(block)
+                reqs = [dist.isend(block, nxt, group=g), dist.irecv(incoming, prv, group=g)]
+            if i == 0:
+                self._diag(q, k, v, out, lse)
+            elif o.ring[i - 1] is not None:
+                width, mask = o.ring[i - 1]
+                part = partial_attention(qr, block[0, :width], block[1, :width], mask)
+                out[rows], lse[rows] = merge_partials([(out[rows], lse[rows]), part])
+            for r in reqs:
+                r.wait()
+            if incoming is not None:
+                block = incoming
+        return out, lse
+
+    def _past(self, q, out, lse):
+        """Every rank's rows with past keys, gathered, against this rank's past slots."""
+        st, o = self.o.step, self.o
+        p, cp = st.past_width, st.cp
+        h, d = q.shape[1:]
+        mine = q.new_zeros(p, h, d)
+        mine[:len(o.past_rows)] = q[o.past_rows]
+        everyone = [torch.empty_like(mine) for _ in range(cp)]
+        dist.all_gather(everyone, mine, group=o.group)
+        qa = torch.cat(everyone)  # (cp * P, H, D)
+        acc = out.dtype
+        pout = qa.new_zeros(cp * p, h, d, dtype=acc)
+        plse = qa.new_full((cp * p, h), float("-inf"), dtype=acc)
+        h_kv = self.k.shape[1]
+        for kind, rows, table, lens in o.past_groups:
+            length = int(lens.max()) if kind == "batch" else lens
+            keys = gather(self.k, gather_rows(table, h_kv), length).transpose(1, 2)
+            values = gather(self.v, gather_rows(table, h_kv), length).transpose(1, 2)
+            if kind == "batch":  # (S1, L, H_kv, D): one query row each, masked by length
+                mask = torch.arange(length, device=q.device).view(1, 1, -1) < lens.view(-1, 1, 1)
+                po, pl = partial_attention(qa[rows].unsqueeze(1), keys.to(qa.dtype),
+                                           values.to(qa.dtype), mask)
+                pout[rows], plse[rows] = po[:, 0], pl[:, 0]
+            else:  # one sequence's rows against its (L, H_kv, D)
+                pout[rows], plse[rows] = partial_attention(qa[rows], keys[0].to(qa.dtype),
+                                                           values[0].to(qa.dtype))
+        pout, plse = merge_across(pout, plse, o.group)
+        n = len(o.past_rows)
+        lo = st.rank * p
+        rows = o.past_rows
+        out[rows], lse[rows] = merge_partials([(out[rows], lse[rows]),
+                                               (pout[lo:lo + n], plse[lo:lo + n])])
+        return out, lse
+
+
+def _global(group: Group, index: int) -> int:
+    return index if group is None else dist.get_global_rank(group, index)
+
+
+def forward_cp(stage, x: torch.Tensor, step: CPStep, group: Group) -> torch.Tensor:
+    """This rank's part of a step on ``stage`` (its paged cache holds its stripes): x
+    token ids (N_r,) on the first stage, else hidden (1, N_r, D) -> hidden (1, N_r, D), or
+    on the last stage the logits (R_r, V) of ``step.logits_local``."""
+    dev = stage.device
+    positions = torch.as_tensor(step.positions, dtype=torch.long, device=dev).view(1, -1)
+    if x.dim() == 1:
+        x = x.view(1, -1)
+    index = torch.as_tensor(step.logits_local, dtype=torch.long, device=dev)
+    with torch.inference_mode():
+        return stage.model(x, positions, CPStageKV(stage.paged, step, group), 0, None, "last",
+                           None, logits_index=index if stage.has_head else None)
+
+
+def gather_logits(logits: torch.Tensor, step: CPStep, group: Group) -> torch.Tensor | None:
+    """Every rank's logit rows (R_r, V) -> on CP rank 0 the step's (S [+ E], V) in
+    ``StepWork`` order (``sample_step``'s input); None on the others."""
+    width = max(1, step.logits_max)
+    padded = logits.new_zeros(width, logits.shape[-1])
+    padded[:len(logits)] = logits
+    everyone = [torch.empty_like(padded) for _ in range(step.cp)]
+    dist.all_gather(everyone, padded, group=group)
+    if step.rank != 0:
+        return None
+    stacked = torch.stack(everyone)  # (cp, width, V)
+    owners = torch.tensor([r for r, _ in step.logits_from], device=logits.device)
+    index = torch.tensor([k for _, k in step.logits_from], device=logits.device)
+    return stacked[owners, index]
