@@ -151,7 +151,6 @@ def copy_bandwidth(device: torch.device, nbytes: int) -> float:
     src = torch.randn(nbytes // 2, dtype=torch.bfloat16, device=device)
     dst = torch.empty_like(src)
     t = _median_time(lambda: dst.copy_(src), 10, device)
-    del src, dst
     return 2 * nbytes / t
 
 
