@@ -41,7 +41,8 @@ def refuse_with_shape(args: argparse.Namespace) -> None:
     """bench --shape runs random weights in this process: process and plan flags would be
     ignored, so they are refused."""
     given = [flag for flag, on in (("--nproc", args.nproc), ("--pp", args.pp),
-                                   ("--tp", args.tp > 1), ("--dp", args.dp > 1),
+                                   ("--tp", args.tp > 1), ("--dp", args.dp),
+                                   ("--ep", args.ep),
                                    ("--auto", args.auto), ("--plan", args.plan),
                                    ("--timeout", args.timeout), ("a model", args.model)) if on]
     if given:

@@ -21,6 +21,8 @@ class Layout:
     tp, dp        tensor-parallel ranks per stage and data-parallel replicas
     processes     1: every stage runs in this process; else pp x tp x dp ranks, one stage each
     why           how it was chosen (the auto planner's reason), for the user
+    ep            ranks one stage's experts are spread over (planning.checks.check_ep): 1,
+                  tp, or tp x dp (then the data-parallel replicas step in lockstep)
     """
     layer_ranges: tuple[range, ...]
     devices: tuple[str, ...]
@@ -29,6 +31,12 @@ class Layout:
     processes: int = 1
     why: str = ""
     plan: object | None = field(default=None, compare=False)  # the planning.Plan, if any
+    ep: int = 1
+
+    @property
+    def lockstep(self) -> bool:
+        """The experts span data-parallel replicas: every replica joins every step."""
+        return self.ep > self.tp
 
     @property
     def pp(self) -> int:
@@ -41,13 +49,13 @@ class Layout:
     def to_json(self) -> str:
         return json.dumps({"layers": [[r.start, r.stop] for r in self.layer_ranges],
                            "devices": list(self.devices), "tp": self.tp, "dp": self.dp,
-                           "processes": self.processes, "why": self.why})
+                           "processes": self.processes, "why": self.why, "ep": self.ep})
 
     @classmethod
     def from_json(cls, text: str) -> "Layout":
         d = json.loads(text)
         return cls(tuple(range(a, b) for a, b in d["layers"]), tuple(d["devices"]), d["tp"],
-                   d["dp"], d["processes"], d.get("why", ""))
+                   d["dp"], d["processes"], d.get("why", ""), ep=d.get("ep", 1))
 
 
 def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list[str]:
@@ -70,10 +78,10 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    strategy: str | None = None, max_memory: str | None = None,
                    device_speed: str | None = None, boundaries: str | None = None,
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
-                   tp: int = 1) -> Layout:
+                   tp: int = 1, ep: int = 1) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
     checked against its device's budget for this run's batch, KV length and ``tp`` (each
-    stage then a tensor-parallel group: memory per shard). A plan file gives the stages;
+    stage then a tensor-parallel group: memory per shard) and ``ep`` (experts per rank). A plan file gives the stages;
     they are costed again on this run's devices, budgets and lengths, not the file's."""
     from llamadist.planning.checks import check_fits
     from llamadist.planning.devices import check_devices_present, parse_devices
@@ -96,6 +104,6 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
     p = check_fits(make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
                              strategy=strategy, boundaries=boundaries, batch_size=max_batch,
-                             max_seq_len=max_seq_len, tp=tp, config=config))
+                             max_seq_len=max_seq_len, tp=tp, config=config, ep=ep))
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), plan=p)
