@@ -110,7 +110,8 @@ def _run(kind: str, session: Session, args: argparse.Namespace, command: Command
     engine = front_engine(session, spec, tok)
     if kind not in ("generate", "chat"):  # as cli.run: interactive commands capture lazily
         engine.warmup()
-    llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine))
+    llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine),
+                   rank_stage.stage.expert_load)
     try:
         return command(args, job, llm)
     finally:

@@ -121,9 +121,12 @@ class SparseMoE(nn.Module):
         return out.view(shape)
 
     def count(self, index: torch.Tensor) -> None:
-        """Add a step's routing (N, k) to ``routed`` when counting."""
+        """Add a step's routing (N, k) to ``routed`` when counting: on the device, without
+        a host sync (bincount would read the largest index back), so a captured graph
+        can count too."""
         if self.routed is not None:
-            self.routed += torch.bincount(index.flatten(), minlength=self.num_experts)
+            flat = index.flatten()
+            self.routed.index_add_(0, flat, torch.ones_like(flat))
 
 
 def count_routing(model: nn.Module) -> None:
