@@ -86,6 +86,12 @@ class ExpertParallelMoE(SparseMoE):
         self.owned, self.group, self.dispatch = list(owned), group, dispatch
         self.reduce_group = reduce_group
 
+    @property
+    def graph_safe(self) -> bool:
+        # the gather reads the ranks' token counts back to the host; the replicated
+        # dispatch adds one all-reduce (NCCL captures it) to SparseMoE's
+        return self.dispatch == "replicated" and self.expert_fn is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, D)
