@@ -1,6 +1,8 @@
 """A tiny random Mixtral on CUDA against transformers on CUDA (fp32 logits, 32 greedy tokens)
 and against llamadist on the CPU; then the paged engine's continuous batching on CUDA with
-the default runtime (CUDA graphs asked for: an MoE model must fall back to eager decode).
+the default runtime (CUDA graphs asked for: in float32 the MoE blocks keep the expert loop,
+so decode falls back to eager; bf16 grouped experts inside the graphs are
+tests/gpu/test_moe_grouped_gpu.py's and benchmarks/moe_gpu.py's).
 
     PYTHONPATH=. python benchmarks/moe_gpu_check.py
 """

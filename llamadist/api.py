@@ -90,19 +90,33 @@ class LLM:
         if warmup:
             self.llm_engine.warmup()
         self._stage_stats = self.engine.stage_stats
+        stages = self.engine.stages
+        self._expert_load = lambda: {k: v for s in stages for k, v in s.expert_load().items()}
 
     @classmethod
     def over(cls, llm_engine: LLMEngine, ckpt: Checkpoint, tokenizer: Tokenizer,
              runtime: RuntimeConfig, layout: Layout,
-             stage_stats: Callable[[], list[dict]]) -> "LLM":
+             stage_stats: Callable[[], list[dict]],
+             expert_load: Callable[[], dict[int, list[int]]] = dict) -> "LLM":
         """The same API over an engine built elsewhere (rank 0 of a multi-process run,
-        whose executors drive the worker ranks); ``stage_stats`` reports every stage."""
+        whose executors drive the worker ranks); ``stage_stats`` reports every stage,
+        ``expert_load`` the layers this process holds."""
         self = cls.__new__(cls)
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, tokenizer
         self.runtime, self.layout, self.max_seq_len = runtime, layout, runtime.max_seq_len
         self.dtype = runtime.dtype_for(list(layout.devices))
         self.engine, self.llm_engine, self._stage_stats = None, llm_engine, stage_stats
+        self._expert_load = expert_load
         return self
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """{global layer index: tokens routed to each expert} of a mixture-of-experts
+        model ({} for a dense one), counted on the device since the load or the last
+        stats reset, read now (a cheap host copy; safe between or during steps). In one
+        process every MoE layer; over processes the layers of the front's own stage
+        (pipeline stage 0), whose counts cover every replica sharing its experts (every
+        rank reports its own in ``stage_stats`` at the end)."""
+        return self._expert_load()
 
     def stage_stats(self) -> list[dict]:
         """Per stage (per rank over processes): layers, device, compute seconds, bytes in,

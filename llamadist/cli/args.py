@@ -100,7 +100,18 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tp", type=positive_int, default=1, help="tensor-parallel ranks per stage")
     g.add_argument("--cp", type=positive_int, default=1, help="context-parallel ranks per "
                    "stage: each holds a stripe of every request's KV cache (long contexts)")
-    g.add_argument("--dp", type=positive_int, default=1, help="data-parallel replicas")
+    g.add_argument("--dp", type=positive_int, help="data-parallel replicas (default: ep / tp, "
+                   "else 1)")
+    g.add_argument("--ep", type=positive_int, help="mixture-of-experts models: ranks each "
+                   "stage's experts are spread over, tp or tp x dp (the replicas then step "
+                   "together; default: tp)")
+
+
+def grid_flags(args: argparse.Namespace) -> tuple[int | None, int, int, int | None]:
+    """(pp, tp, dp, ep) as the flags give them, --dp filled in (planning.checks.grid_dp)."""
+    from llamadist.planning.checks import grid_dp
+    tp, ep = getattr(args, "tp", 1), getattr(args, "ep", None)
+    return getattr(args, "pp", None), tp, grid_dp(tp, getattr(args, "dp", None), ep), ep
 
 
 def add_processes(p: argparse.ArgumentParser) -> None:

@@ -8,9 +8,9 @@ import argparse
 import os
 import sys
 
-from llamadist.cli.args import in_worker
+from llamadist.cli.args import grid_flags, in_worker
 from llamadist.config import ModelConfig, RuntimeConfig
-from llamadist.planning.checks import check_grid
+from llamadist.planning.checks import check_ep, check_grid
 from llamadist.planning.layout import Layout, resolve_layout, stage_devices
 from llamadist.planning.plan import Plan
 from llamadist.planning.units import PlanningError
@@ -49,7 +49,7 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     if nproc == 1 and len(specs) > 1 and len(kinds) == 1:
         why += f" (one process: it predicts the fastest step for {len(specs)} devices)"
     return Layout(tuple(range(s.start, s.end) for s in best.stages), tuple(used), best.tp,
-                  best.dp, nproc, why, cp=best.cp)
+                  best.dp, nproc, why, cp=best.cp, ep=check_ep(config, best.tp, best.dp, None))
 
 
 def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
@@ -65,10 +65,12 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
         print(f"auto layout: tp={layout.tp}{cp} pp={layout.pp} dp={layout.dp}, stages "
               f"{layout.bounds}, {layout.processes} process(es): {layout.why}", file=sys.stderr)
         return layout
-    tp, dp, cp = getattr(args, "tp", 1), getattr(args, "dp", 1), getattr(args, "cp", 1)
+    pp, tp, dp, ep = grid_flags(args)
+    cp = getattr(args, "cp", 1)
     # Under torchrun the world is already there: its size is the process count.
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
-    nproc, pp, tp, dp = check_grid(config, nproc, getattr(args, "pp", None), tp, dp, cp)
+    nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
+    ep = check_ep(config, tp, dp, ep)
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize)
@@ -85,13 +87,14 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"--nproc/--pp/--tp/--dp)")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
     placed = resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp, cp=cp,
+                            ep=ep,
                             dtype=runtime.dtype_for(names), **placement)
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                             f"stages (--pp)")
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
-    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan, cp=cp)
+    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan, cp=cp, ep=ep)
 
 
 def cuda_count() -> int:

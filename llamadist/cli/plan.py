@@ -10,12 +10,13 @@ import logging
 import sys
 from pathlib import Path
 
+from llamadist.cli.args import grid_flags
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.distributed.grid import coords, grid_size
 from llamadist.planning.devices import parse_devices
 from llamadist.planning.plan import Plan, format_plan_table
 from llamadist.planning.profile import format_profile_table, profile
-from llamadist.planning.checks import check_grid, plan_problems
+from llamadist.planning.checks import check_ep, check_grid, plan_problems
 from llamadist.planning.strategies import make_plan
 from llamadist.planning.units import PlanningError, format_bytes
 
@@ -70,7 +71,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   device_speed: str | None, strategy: str | None, boundaries: str | None,
                   plan_file: str | None, batch_size: int, max_seq_len: int | None, dtype: str,
                   as_json: bool, save: str | None, plot: str | None, headroom: float | int,
-                  tp: int, quantize: str | None = None) -> tuple[Plan, str]:
+                  tp: int, ep: int = 1, quantize: str | None = None) -> tuple[Plan, str]:
     """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
     stage's weights counted in its format, and the bytes it saves per layer noted)."""
     from llamadist.config import quantize_for
@@ -85,7 +86,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
     formats = [quantize_for(quantize, d.name) for d in specs]
     plan = make_plan(prof, specs, strategy=strategy, boundaries=boundaries,
                      batch_size=batch_size, max_seq_len=max_seq_len, headroom=headroom, tp=tp,
-                     config=config, formats=formats if any(formats) else None)
+                     config=config, ep=ep, formats=formats if any(formats) else None)
     notes = [f"error: {w}" for w in plan_problems(plan)] + format_notes(prof, specs, formats)
     if tp > 1:
         notes.insert(0, f"memory and time are per device of each stage's {tp}-way "
@@ -141,7 +142,9 @@ def plan_cmd(args: argparse.Namespace) -> int:
     max_seq = runtime.seq_len_for(config.max_position_embeddings)
     if args.auto:
         return _auto_plan(args, config, dtype, max_seq)
-    nproc, pp, _, _ = check_grid(config, None, args.pp, args.tp, args.dp)
+    pp, tp, dp, ep = grid_flags(args)
+    nproc, pp, _, _ = check_grid(config, None, pp, tp, dp)
+    ep = check_ep(config, tp, dp, ep)
     if nproc > 1:
         from llamadist.planning.layout import stage_devices
         devices = ",".join(stage_devices(args.devices, pp))
@@ -150,11 +153,14 @@ def plan_cmd(args: argparse.Namespace) -> int:
         devices = args.devices or (None if args.plan else "cpu")
     plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
                                args.strategy, args.boundaries, args.plan, args.batch_size,
-                               max_seq, dtype, args.json, args.save, args.plot, 0.1, args.tp,
+                               max_seq, dtype, args.json, args.save, args.plot, 0.1, tp, ep,
                                quantize=args.quantize)
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
-                                            list(plan.devices), pp, args.tp, args.dp)
+                                            list(plan.devices), pp, tp, dp)
+        if ep > 1:
+            text += (f"\nexperts: each stage's spread over {ep} ranks (1/{ep} each)"
+                     + (", its data-parallel replicas stepping together" if ep > tp else ""))
     print(text)
     over = plan_problems(plan)
     if over:  # the table above shows it; the exit code tells scripts

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from llamadist.cli.args import USER_ERRORS, runtime_config
+from llamadist.cli.args import USER_ERRORS, grid_flags, runtime_config
 from llamadist.cli.jobs import JOBS, Job, inherited_layout
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.runtime.worker import RankSpec, Session, setup_worker_logging
@@ -29,7 +29,7 @@ def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
     # The grid: the layout the front process decided (--auto included), else the flags.
     layout = inherited_layout()
     pp, tp, dp, devices = ((layout.pp, layout.tp, layout.dp, ",".join(layout.devices))
-                           if layout else (args.pp, args.tp, args.dp, args.devices))
+                           if layout else (*grid_flags(args)[:3], args.devices))
     cp = layout.cp if layout else getattr(args, "cp", 1)
     try:
         # the timeout is needed before rank 0's Job exists: the flags' RuntimeConfig gives it
@@ -74,7 +74,7 @@ def rank_spec(session: Session, job: Job) -> RankSpec:
     block_size = rt.block_size_for(devices)  # each rank's; the scheduler's is cp of them
     return RankSpec(tuple((r.start, r.stop) for r in layout.layer_ranges),
                     rt.dtype_for(devices), rt,
-                    LLMEngine.default_blocks(rt, block_size * layout.cp), block_size)
+                    LLMEngine.default_blocks(rt, block_size * layout.cp), block_size, layout.ep)
 
 
 def _agree(session: Session, args: argparse.Namespace, kind: str, ckpt, tok
@@ -113,7 +113,8 @@ def _run(kind: str, session: Session, args: argparse.Namespace, command: Command
     engine = front_engine(session, spec, tok)
     if kind not in ("generate", "chat"):  # as cli.run: interactive commands capture lazily
         engine.warmup()
-    llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine))
+    llm = LLM.over(engine, ckpt, tok, spec.runtime, job.layout, FrontStats(session, engine),
+                   rank_stage.stage.expert_load)
     try:
         return command(args, job, llm)
     finally:
@@ -128,7 +129,7 @@ def front_engine(session: Session, spec: RankSpec, tok):
     devices = [str(g.ctx.device)] * (g.pp_size * g.tp_size)
     executors = [RankExecutor(session.rank_stage, k, devices) for k in range(g.dp_size)]
     return LLMEngine(executors, tok, spec.runtime, spec.num_blocks,
-                     spec.block_size * g.cp_size)
+                     spec.block_size * g.cp_size, lockstep=spec.ep > g.tp_size)
 
 
 def rank_report(session: Session) -> dict:

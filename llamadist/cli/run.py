@@ -41,8 +41,8 @@ def refuse_with_shape(args: argparse.Namespace) -> None:
     """bench --shape runs random weights in this process: process and plan flags would be
     ignored, so they are refused."""
     given = [flag for flag, on in (("--nproc", args.nproc), ("--pp", args.pp),
-                                   ("--tp", args.tp > 1), ("--dp", args.dp > 1),
-                                   ("--cp", getattr(args, "cp", 1) > 1),
+                                   ("--tp", args.tp > 1), ("--dp", args.dp),
+                                   ("--cp", getattr(args, "cp", 1) > 1), ("--ep", args.ep),
                                    ("--auto", args.auto), ("--plan", args.plan),
                                    ("--timeout", args.timeout), ("a model", args.model)) if on]
     if given:
@@ -146,9 +146,11 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     loads = [v for s in report["stages"] for v in s.get("expert_load", {}).values()]
     if loads:  # routing balance: each expert's share of the routed tokens, over all layers
         shares = [c / max(1, sum(layer)) for layer in loads for c in layer]
+        worst = max(max(layer) * len(layer) / max(1, sum(layer)) for layer in loads)
         print(f"routing over {len(loads)} MoE layers: an expert's share of a layer's routed "
               f"tokens ranges {min(shares):.1%}-{max(shares):.1%} (uniform "
-              f"{1 / len(loads[0]):.1%}); per layer in --json (stages[].expert_load)")
+              f"{1 / len(loads[0]):.1%}; busiest expert {worst:.2f}x the mean); per layer in "
+              f"--json (stages[].expert_load)")
     return 0
 
 

@@ -103,19 +103,22 @@ class LLMEngine:
     one queue (a new request goes to the least loaded). ``model``: an executor, a list of
     them, or an in-process ``runtime.engine.Engine`` (wrapped in a LocalExecutor). Each
     replica's paged KV cache has ``num_blocks`` blocks (None: ``runtime.max_batch``
-    sequences of ``runtime.max_seq_len`` tokens)."""
+    sequences of ``runtime.max_seq_len`` tokens). ``lockstep``: the replicas share
+    collectives inside a step (experts spread over them: parallel.expert's gather
+    dispatch), so every replica launches in every round, an empty step when it has no
+    work, and the replicas are told they are idle only together."""
 
     def __init__(self, model: Engine | Executor | Sequence[Executor],
                  tokenizer: Tokenizer | None, runtime: RuntimeConfig,
                  num_blocks: int | None = None, block_size: int | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, lockstep: bool = False):
         assert runtime.max_seq_len is not None, "resolve runtime.max_seq_len first"
         if isinstance(model, Engine):
             on_gpu = model.stages[0].device.type == "cuda"
             executors = [LocalExecutor(model, ahead=runtime.schedule_ahead and on_gpu)]
         else:
             executors = list(model) if isinstance(model, (list, tuple)) else [model]
-        self.tokenizer, self.runtime = tokenizer, runtime
+        self.tokenizer, self.runtime, self.lockstep = tokenizer, runtime, lockstep
         self.config = executors[0].config
         devices = executors[0].devices
         self.block_size = block_size = block_size or runtime.block_size_for(devices)
@@ -145,13 +148,13 @@ class LLMEngine:
         now, not while requests wait. The steps' rows all read and write the null block's
         slot 0 and sample nothing. Seconds spent (0.0 when nothing needed it)."""
         t0, ran = time.perf_counter(), False
-        for rep in self.replicas:
-            if not force and not any(d.startswith("cuda") for d in rep.executor.devices):
-                continue
-            for size in bucket_sizes(self.runtime.max_batch):
-                seqs = [SeqWork(f"warmup-{i}", (0,), (NULL_BLOCK,), 0, None)
-                        for i in range(size)]
+        reps = [r for r in self._round()  # (lockstep replicas: all on one kind of device)
+                if force or any(d.startswith("cuda") for d in r.executor.devices)]
+        for size in bucket_sizes(self.runtime.max_batch):
+            seqs = [SeqWork(f"warmup-{i}", (0,), (NULL_BLOCK,), 0, None) for i in range(size)]
+            for rep in reps:  # every replica's step launched before any is collected
                 rep.executor.launch(StepWork(seqs, self.block_size))
+            for rep in reps:
                 rep.executor.collect()
                 ran = True
         spent = time.perf_counter() - t0 if ran else 0.0
@@ -202,7 +205,15 @@ class LLMEngine:
         return True
 
     def _settle(self, rep: Replica) -> None:
-        """Tell an executor whose replica ran out of work that nothing is in flight."""
+        """Tell an executor whose replica ran out of work that nothing is in flight (in
+        lockstep: every replica, once none has work)."""
+        if self.lockstep:
+            if not self.has_unfinished:
+                for r in self.replicas:
+                    if r.busy:
+                        r.busy = False
+                        r.executor.idle()
+            return
         if rep.busy and not rep.in_flight and not rep.scheduler.has_unfinished:
             rep.busy = False
             rep.executor.idle()
@@ -245,6 +256,9 @@ class LLMEngine:
         first, and replay there from prompt + outputs. Returns how many moved."""
         if len(self.replicas) < 2:
             raise RuntimeError("no other replica to take the requests: use replace_executor")
+        if self.lockstep:
+            raise RuntimeError("the replicas share their experts (lockstep): the others "
+                               "cannot run without the lost one's; restart the layout")
         rep = self.replicas[index]
         if rep.in_flight:
             raise RuntimeError("fail_over while steps are in flight")
@@ -293,7 +307,9 @@ class LLMEngine:
         except BaseException as failure:  # Ctrl-C, out of memory, a lost rank: the steps
             for r in self.replicas:           # never happened
                 while r.in_flight:
-                    r.scheduler.abort(r.in_flight.popleft()[1])
+                    aborted = r.in_flight.popleft()[1]
+                    if aborted is not None:  # None: an empty lockstep step
+                        r.scheduler.abort(aborted)
                 if isinstance(failure, PeerError):
                     continue  # nothing to drain from a lost rank: replace_executor
                 try:
@@ -301,6 +317,10 @@ class LLMEngine:
                 except Exception as e:  # noqa: BLE001 - reported; the failure is raised
                     log.warning("could not reset the executor of a failed step: %s", e)
             raise
+        if step is None:  # an empty lockstep step: nothing was sampled
+            self._settle(rep)
+            self.stats.busy_s += time.perf_counter() - t0
+            return []
         tokens, logprobs, scored = unpack_sampled(tokens, work)
         self._record_scores(work, scored)
         sampled = dict(zip(work.sampled_ids, tokens))
@@ -334,7 +354,40 @@ class LLMEngine:
                 for j, entry in enumerate(scored[s.request_id]):
                     req.prompt_logprobs[s.start + 1 + j] = entry
 
+    def _round(self) -> list[Replica]:
+        """The replicas in launch order: in lockstep, an executor that computes at launch
+        (the front's own replica) goes last, so it meets the others' steps in the
+        collectives instead of waiting for steps not yet sent."""
+        if not self.lockstep:
+            return list(self.replicas)
+        return sorted(self.replicas, key=lambda r: r.executor.blocking)
+
+    def _launch_lockstep(self) -> None:
+        """Rounds of one step per replica (empty where its scheduler has nothing) while
+        any replica has work and fewer than ``depth`` rounds are in flight."""
+        order = self._round()
+        depth = order[0].executor.depth
+        per_step = -(-self.runtime.max_batch // depth)
+        while all(len(r.in_flight) < depth for r in order):
+            steps = [r.scheduler.schedule(per_step) for r in order]
+            if not any(steps):
+                break
+            for i, (rep, step) in enumerate(zip(order, steps)):
+                work = self._work(step, None) if step else StepWork([], self.block_size)
+                work.reset_stats, rep.reset_pending = rep.reset_pending, False
+                try:
+                    rep.executor.launch(work)
+                except BaseException:  # this round's unlaunched steps never happened
+                    for r, s in zip(order[i:], steps[i:]):
+                        if s:
+                            r.scheduler.abort(s)
+                    raise
+                rep.busy = True
+                rep.in_flight.append((next(self._launches), step or None, work))
+
     def _launch(self) -> None:
+        if self.lockstep:
+            return self._launch_lockstep()
         for rep in self.replicas:
             depth = rep.executor.depth
             per_step = -(-self.runtime.max_batch // depth)

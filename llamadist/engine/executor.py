@@ -29,6 +29,8 @@ class Executor(Protocol):
     devices: list[str]  # every device it computes on (the defaults of block size, budget)
     depth: int          # steps it keeps in flight
     ahead: bool         # takes decodes scheduled ahead (one more step in flight)
+    blocking: bool      # launch computes in this process before it returns (a lockstep
+                        # round launches such an executor after the others)
 
     def init_paged(self, num_blocks: int, block_size: int) -> None: ...
 
@@ -51,6 +53,7 @@ class LocalExecutor:
     the one before (RuntimeConfig.schedule_ahead)."""
 
     depth = 1
+    blocking = True
 
     def __init__(self, model: Engine, ahead: bool = False):
         self.model = model
@@ -115,8 +118,10 @@ class RankExecutor:
         self.depth = rank.groups.pp_size
         self.leader, self.sampler = rank.replica_ranks(replica)
         self.remote = self.leader != rank.groups.rank  # else this process is its first stage
-        self._local: deque[torch.Tensor] = deque()  # tokens sampled here (one stage, tp 1)
-        self._outstanding = 0  # launched, not yet collected
+        self.blocking = not self.remote
+        # per launched step, oldest first: its tokens when known at launch (sampled here:
+        # one stage, tp 1; or [] for an empty step, which sends none back), else None
+        self._results: deque[list[int] | None] = deque()
 
     def init_paged(self, num_blocks: int, block_size: int) -> None:
         """Every rank made its cache at setup (runtime.worker.RankSpec): check the engine
@@ -127,25 +132,26 @@ class RankExecutor:
                              f"the ranks made {have} of {size}")
 
     def launch(self, work: StepWork) -> None:
+        known = None if work.seqs else []  # an empty step (lockstep) samples nothing
         if self.remote:
             self.rank.front.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
         else:
             with torch.inference_mode():
                 tokens = self.rank.run(work)
             if tokens is not None:
-                self._local.append(tokens)
-        self._outstanding += 1
+                known = tokens.tolist()
+        self._results.append(known)
 
     def collect(self) -> list[int]:
-        self._outstanding -= 1
-        if self._local:
-            return self._local.popleft().tolist()
+        known = self._results.popleft()
+        if known is not None:
+            return known
         return self.rank.front.recv(self.sampler).tensor.tolist()
 
     def reset(self) -> None:
         """Receive and drop the tokens of steps the engine aborted, so the next collect
         gets its own step's (the ranks computed them anyway, in order)."""
-        while self._outstanding > 0:
+        while self._results:
             self.collect()
 
     def idle(self) -> None:

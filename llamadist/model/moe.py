@@ -17,7 +17,9 @@ experts this module holds) and an optional ``shared_expert`` added to every toke
 runs the same ``expert_sum`` over its share: its output is then a partial sum.
 
 Plain PyTorch only (DESIGN principle 1): the expert loop gathers each expert's tokens
-and computes them with nn.Linear; a grouped-GEMM kernel is a pass's business.
+and computes them with nn.Linear; a grouped-GEMM kernel is a pass's business: it sets
+``expert_fn`` (llamadist.runtime.kernel_passes.use_grouped_experts on CUDA), which then
+computes ``expert_sum`` with static shapes and no host sync (``graph_safe``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from llamadist.config import ModelConfig
 
 # (router logits (N, E) float32, k) -> (weights (N, k) float32, expert indices (N, k) long)
 Routing = Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# (x (N, D), weights (N, k) float32, indices (N, k)) -> (N, D): expert_sum's contract
+ExpertFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def softmax_topk_norm(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,6 +87,14 @@ class SparseMoE(nn.Module):
         # Tokens routed to each expert, (E,) long, while a caller counts (count_routing);
         # None: not counted.
         self.routed: torch.Tensor | None = None
+        # expert_sum by a kernel (a grouped GEMM over stacked weights), set by a pass;
+        # None: the loop below.
+        self.expert_fn: ExpertFn | None = None
+
+    @property
+    def graph_safe(self) -> bool:
+        """forward has static shapes and no host sync (a CUDA graph can capture it)."""
+        return self.expert_fn is not None
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (N, D) -> top-k weights (N, k) float32 and expert indices (N, k). The
@@ -93,6 +105,8 @@ class SparseMoE(nn.Module):
                    index: torch.Tensor) -> torch.Tensor:
         """sum_j weights[n, j] * expert[index[n, j]](x[n]) over the experts this module
         holds (every expert, or a pass's share of them): (N, D) in x's dtype."""
+        if self.expert_fn is not None:
+            return self.expert_fn(x, weights, index)
         out = torch.zeros_like(x)
         flat = index.flatten()  # (N*k,) one assignment per (token, slot), token-major
         order = flat.argsort(stable=True)  # assignments grouped by expert
@@ -121,18 +135,25 @@ class SparseMoE(nn.Module):
         return out.view(shape)
 
     def count(self, index: torch.Tensor) -> None:
-        """Add a step's routing (N, k) to ``routed`` when counting."""
+        """Add a step's routing (N, k) to ``routed`` when counting: on the device, without
+        a host sync (bincount would read the largest index back), so a captured graph
+        can count too."""
         if self.routed is not None:
-            self.routed += torch.bincount(index.flatten(), minlength=self.num_experts)
+            flat = index.flatten()
+            self.routed.index_add_(0, flat, torch.ones_like(flat))
 
 
 def count_routing(model: nn.Module) -> None:
     """Start (or restart from zero) counting the tokens routed to each expert in every
-    SparseMoE of ``model``."""
+    SparseMoE of ``model``. A counter is zeroed in place once made: a captured CUDA graph
+    keeps adding to the tensor it was captured with."""
     for module in model.modules():
         if isinstance(module, SparseMoE):
-            module.routed = torch.zeros(module.num_experts, dtype=torch.long,
-                                        device=module.gate.weight.device)
+            if module.routed is not None:
+                module.routed.zero_()
+            else:
+                module.routed = torch.zeros(module.num_experts, dtype=torch.long,
+                                            device=module.gate.weight.device)
 
 
 def routing_counts(model: nn.Module) -> dict[int, list[int]]:

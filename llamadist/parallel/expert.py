@@ -23,6 +23,17 @@ How tokens meet their experts (``dispatch``):
                   gets back the full sum for its own rows. Communication grows with the
                   ranks' total tokens; an all-to-all of only the routed rows would move
                   k/E of that (the choice at large batch; not written yet).
+                  With ``reduce_group`` (tensor-parallel attention inside each
+                  data-parallel replica: the grid's TP x DP = EP), ``group`` is the DP
+                  group (ranks of one TP index, different tokens) and the TP ranks of a
+                  replica hold the same tokens but different experts: after the
+                  reduce-scatter one all-reduce over ``reduce_group`` adds the TP ranks'
+                  sums. Rank (d, t) of the grid holds ``expert_shares(E, tp*dp)[d*tp+t]``.
+
+A data-parallel replica with nothing to compute in a step must still join its MoE
+layers' collectives (``join_expert_collectives``: zero tokens through every gather
+block), or the replicas that have work wait for it forever: the engine steps such
+replicas in lockstep (engine.LLMEngine ``lockstep``).
 
 Either way the result equals one process's SparseMoE up to the order of the float sums.
 Order of the passes: build on meta -> pipeline cut -> (tensor parallel) ->
@@ -64,18 +75,32 @@ class ExpertParallelMoE(SparseMoE):
     sums with the collectives of ``dispatch`` (see the module docstring)."""
 
     def __init__(self, config: ModelConfig, owned: Sequence[int], group: Group,
-                 dispatch: str = "replicated"):
+                 dispatch: str = "replicated", reduce_group: Group = None):
         super().__init__(config, owned)
         if dispatch not in DISPATCHES:
             raise ExpertParallelError(f"dispatch must be one of {', '.join(DISPATCHES)}, "
                                       f"got {dispatch!r}")
+        if reduce_group is not None and dispatch != "gather":
+            raise ExpertParallelError("reduce_group goes with the gather dispatch (TP ranks "
+                                      "inside data-parallel replicas)")
         self.owned, self.group, self.dispatch = list(owned), group, dispatch
+        self.reduce_group = reduce_group
+
+    @property
+    def graph_safe(self) -> bool:
+        # the gather reads the ranks' token counts back to the host; the replicated
+        # dispatch adds one all-reduce (NCCL captures it) to SparseMoE's
+        return self.dispatch == "replicated" and self.expert_fn is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (N, D)
         if self.dispatch == "gather":
             out = self._gather_forward(x2)
+            # the replica's TP ranks: same rows, other experts. Every TP rank of a replica
+            # has the same (maybe zero) rows, so they all skip an empty reduce together.
+            if self.reduce_group is not None and out.shape[0]:
+                dist.all_reduce(out, op=dist.ReduceOp.SUM, group=self.reduce_group)
         else:
             weights, index = self.route(x2)  # the same on every rank
             self.count(index)
@@ -92,6 +117,8 @@ class ExpertParallelMoE(SparseMoE):
         dist.all_gather(sizes, n, group=self.group)  # token count of every rank
         counts = [int(s) for s in sizes]
         width = max(counts)
+        if width == 0:  # no rank has a token (every rank knows: same sizes everywhere)
+            return x2
         parts = [torch.empty(width, x2.shape[1], dtype=x2.dtype, device=x2.device)
                  for _ in range(ranks)]
         dist.all_gather(parts, F.pad(x2, (0, 0, 0, width - x2.shape[0])), group=self.group)
@@ -109,10 +136,12 @@ class ExpertParallelMoE(SparseMoE):
 
 def apply_expert_parallel(model: Llama, group: Group, ep_rank: int, ep_size: int,
                           dispatch: str = "replicated",
-                          owned: Sequence[int] | None = None) -> Llama:
+                          owned: Sequence[int] | None = None,
+                          reduce_group: Group = None) -> Llama:
     """Replace every MoE block of a meta-built stage with this rank's ExpertParallelMoE,
-    in place, before loading; returns ``model``. ``owned``: the global expert indices
-    this rank holds (default ``expert_shares(E, ep_size)[ep_rank]``)."""
+    in place, before loading (a block an earlier pass made is replaced too); returns
+    ``model``. ``owned``: the global expert indices this rank holds (default
+    ``expert_shares(E, ep_size)[ep_rank]``)."""
     config = model.config
     if not config.is_moe:
         raise ExpertParallelError(f"expert parallelism needs a mixture-of-experts model; "
@@ -127,20 +156,35 @@ def apply_expert_parallel(model: Llama, group: Group, ep_rank: int, ep_size: int
                                   "before load_weights (each rank then reads only its experts)")
     with torch.device("meta"):
         for layer in model.model.layers.values():
-            layer.block_sparse_moe = ExpertParallelMoE(config, owned, group, dispatch)
+            layer.block_sparse_moe = ExpertParallelMoE(config, owned, group, dispatch,
+                                                       reduce_group)
     return model
+
+
+def join_expert_collectives(model: Llama, dtype: torch.dtype) -> None:
+    """This rank's share of a step it has no tokens for: zero rows through every
+    gather-dispatch MoE block of the stage, in layer order, so the collectives of the
+    other data-parallel replicas' ranks (which have tokens) complete."""
+    for layer in model.model.layers.values():
+        moe = layer.block_sparse_moe
+        if isinstance(moe, ExpertParallelMoE) and moe.dispatch == "gather":
+            moe(torch.empty(0, model.config.hidden_size, dtype=dtype,
+                            device=moe.gate.weight.device))
 
 
 def expert_parallel_pass(config: ModelConfig, group: Group, ep_rank: int, ep_size: int,
                          dispatch: str = "replicated",
-                         before: Callable[[Llama], object] | None = None) -> dict:
+                         before: Callable[[Llama], object] | None = None,
+                         reduce_group: Group = None) -> dict:
     """The ``prepare`` keyword of ``runtime.stage.build_stage`` for this EP rank.
     ``before`` runs first: another pass's ``prepare``, such as the tensor-parallel pass's
-    (which leaves MoE blocks whole; the caller passes its shard_fn and num_kv_heads too)."""
+    (whose MoE blocks this pass replaces; the caller passes its shard_fn and num_kv_heads
+    too). ``reduce_group``: see the gather dispatch (module docstring)."""
     expert_shares(config.num_experts, ep_size)  # refuse a bad ep before any load
 
     def prepare(model: Llama) -> None:
         if before is not None:
             before(model)
-        apply_expert_parallel(model, group, ep_rank, ep_size, dispatch)
+        apply_expert_parallel(model, group, ep_rank, ep_size, dispatch,
+                              reduce_group=reduce_group)
     return dict(prepare=prepare)

@@ -82,6 +82,43 @@ def check_grid(config: ModelConfig, nproc: int | None, pp: int | None, tp: int =
     return pp * tp * dp * cp, pp, tp, dp
 
 
+def grid_dp(tp: int, dp: int | None, ep: int | None) -> int:
+    """--dp when given; else ``ep / tp`` when --ep asks for more ranks than --tp (the
+    experts then span data-parallel replicas: TP x DP = EP), else 1."""
+    if dp is not None:
+        return dp
+    if ep is None or ep <= tp:
+        return 1
+    if ep % tp:
+        raise GridError(f"--ep {ep} is not a multiple of --tp {tp}: the experts of a stage "
+                        f"spread over its tp x dp ranks, so give --ep {tp} x (replicas)")
+    return ep // tp
+
+
+def check_ep(config: ModelConfig, tp: int, dp: int, ep: int | None) -> int:
+    """The ranks one stage's experts are spread over. ``ep`` None: the default, tp for a
+    mixture-of-experts model with at least one expert per TP rank (parallel.tensor), else 1
+    (experts whole). Given (--ep), it must be tp (each replica spreads its own experts
+    over its TP ranks) or tp x dp (every rank of a stage holds a share: the data-parallel
+    replicas step together), and at most the model's experts per layer."""
+    if ep is None:
+        return tp if config.is_moe and 1 < tp <= config.num_experts else 1
+    if ep < 1:
+        raise GridError(f"--ep must be >= 1, got {ep}")
+    if ep > 1 and not config.is_moe:
+        raise PlanningError(f"--ep {ep}: {config.architecture} has no experts; expert "
+                            f"parallelism needs a mixture-of-experts model (Mixtral): drop --ep")
+    if ep not in (tp, tp * dp):
+        raise GridError(f"--ep {ep} with tp={tp} x dp={dp}: the experts spread over a "
+                        f"stage's tensor-parallel ranks (--ep {tp}) or over all its "
+                        f"tp x dp ranks (--ep {tp * dp}, attention data-parallel)")
+    if ep > config.num_experts:
+        raise PlanningError(f"--ep {ep} but {config.architecture} has {config.num_experts} "
+                            f"experts per layer (a rank holds at least one): give --ep "
+                            f"{config.num_experts} or fewer")
+    return ep
+
+
 # ---- memory ----------------------------------------------------------------
 def stage_problem(stage: Stage) -> str | None:
     """One line when ``stage`` needs more than its device's usable budget, else None."""

@@ -22,6 +22,8 @@ class Layout:
     cp            context-parallel ranks per stage (each holds a stripe of every request)
     processes     1: every stage runs in this process; else pp x cp x tp x dp ranks
     why           how it was chosen (the auto planner's reason), for the user
+    ep            ranks one stage's experts are spread over (planning.checks.check_ep): 1,
+                  tp, or tp x dp (then the data-parallel replicas step in lockstep)
     """
     layer_ranges: tuple[range, ...]
     devices: tuple[str, ...]
@@ -31,6 +33,12 @@ class Layout:
     why: str = ""
     plan: object | None = field(default=None, compare=False)  # the planning.Plan, if any
     cp: int = 1
+    ep: int = 1
+
+    @property
+    def lockstep(self) -> bool:
+        """The experts span data-parallel replicas: every replica joins every step."""
+        return self.ep > self.tp
 
     @property
     def pp(self) -> int:
@@ -43,13 +51,15 @@ class Layout:
     def to_json(self) -> str:
         return json.dumps({"layers": [[r.start, r.stop] for r in self.layer_ranges],
                            "devices": list(self.devices), "tp": self.tp, "dp": self.dp,
-                           "processes": self.processes, "why": self.why, "cp": self.cp})
+                           "processes": self.processes, "why": self.why, "cp": self.cp,
+                           "ep": self.ep})
 
     @classmethod
     def from_json(cls, text: str) -> "Layout":
         d = json.loads(text)
         return cls(tuple(range(a, b) for a, b in d["layers"]), tuple(d["devices"]), d["tp"],
-                   d["dp"], d["processes"], d.get("why", ""), cp=d.get("cp", 1))
+                   d["dp"], d["processes"], d.get("why", ""), cp=d.get("cp", 1),
+                   ep=d.get("ep", 1))
 
 
 def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list[str]:
@@ -72,11 +82,13 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    strategy: str | None = None, max_memory: str | None = None,
                    device_speed: str | None = None, boundaries: str | None = None,
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
-                   tp: int = 1, cp: int = 1, quantize: str | None = None) -> Layout:
+                   tp: int = 1, cp: int = 1, ep: int = 1,
+                   quantize: str | None = None) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
-    checked against its device's budget for this run's batch, KV length and ``tp`` (each
-    stage then a tensor-parallel group: memory per shard). A plan file gives the stages;
-    they are costed again on this run's devices, budgets and lengths, not the file's.
+    checked against its device's budget for this run's batch, KV length, ``tp`` (each
+    stage then a tensor-parallel group: memory per shard), ``cp`` (KV per context-parallel
+    rank) and ``ep`` (experts per rank). A plan file gives the stages; they are costed
+    again on this run's devices, budgets and lengths, not the file's.
     ``quantize`` (RuntimeConfig.quantize): each stage's weights counted in its format."""
     from llamadist.config import quantize_for
     from llamadist.planning.checks import check_fits
@@ -101,7 +113,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     formats = [quantize_for(quantize, d.name) for d in specs]
     p = check_fits(make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
                              strategy=strategy, boundaries=boundaries, batch_size=max_batch,
-                             max_seq_len=max_seq_len, tp=tp, config=config, cp=cp,
+                             max_seq_len=max_seq_len, tp=tp, config=config, cp=cp, ep=ep,
                              formats=formats if any(formats) else None))
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), plan=p)

@@ -12,6 +12,7 @@ import logging
 import torch
 
 from llamadist.config import ModelConfig, RuntimeConfig
+from llamadist.model.moe import SparseMoE
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage, build_stage, parse_dtype, to_stage
@@ -41,11 +42,13 @@ class Engine:
         # so tests can compare paths on one engine.
         self.cuda_graphs = self.runtime.cuda_graphs and any(s.device.type == "cuda"
                                                             for s in stages)
-        if self.cuda_graphs and config.is_moe:
-            # The MoE block gathers each expert's tokens (data-dependent shapes), which a
-            # CUDA graph cannot capture; MoE decode runs eagerly until a grouped-GEMM
-            # kernel with static shapes replaces the expert loop.
-            log.info("mixture-of-experts model: decoding without CUDA graphs")
+        if self.cuda_graphs and not all(m.graph_safe for s in stages
+                                        for m in s.model.modules() if isinstance(m, SparseMoE)):
+            # The expert loop gathers each expert's tokens (data-dependent shapes, a host
+            # sync), which a CUDA graph cannot capture; the grouped-GEMM kernel
+            # (kernel_passes.use_grouped_experts: CUDA, bf16, Hopper) can.
+            log.info("mixture-of-experts blocks without the grouped kernel: decoding "
+                     "without CUDA graphs")
             self.cuda_graphs = False
         self.compile_layers = self.runtime.compile
         self._graphs = None

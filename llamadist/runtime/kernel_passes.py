@@ -17,6 +17,11 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   PyTorch paged path (gather + SDPA). Like ``decode_layer_fn`` it is a function the stage
   holds, not a module swap: the paged attention lives in the runtime's cache object.
 
+* ``use_grouped_experts``: on CUDA (bf16, Hopper or newer), each mixture-of-experts
+  block's experts stacked into two (G, ., .) tensors and computed as two grouped GEMMs
+  (llamadist.kernels.moe_grouped) instead of the loop over experts: static shapes, no
+  host sync, so MoE decode steps are captured in CUDA graphs like dense ones.
+
 * ``set_quant_activations``: whether the CPU GEMV over quantized (GGUF block) weights
   quantizes x to int8 first (``RuntimeConfig.quant_activations``); a flag on each
   ``QuantizedTensor`` (llamadist.kernels.quant), read by its F.linear and the C layer.
@@ -31,6 +36,7 @@ Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_st
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -40,11 +46,13 @@ from torch import nn
 from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode
 from llamadist.kernels import decode_attention as split_kv
+from llamadist.kernels import moe_grouped
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
 from llamadist.kernels.wquant import as_packed_linear
 from llamadist.model.cache import Start
 from llamadist.model.llama import Attention, DecodeAttention, sdpa_decode_attention
+from llamadist.model.moe import SparseMoE
 
 LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 # (q (S, H, D), k (S, H_kv, D), v, kv (2, NB, H_kv, bs, D), slot_mapping (S,),
@@ -133,6 +141,39 @@ def paged_decode_fn(device: torch.device, runtime: RuntimeConfig) -> PagedDecode
     return None
 
 
+def use_grouped_experts(model: nn.Module, force: bool = False) -> int:
+    """Give every SparseMoE of ``model`` whose experts are fused (w13) and plain float
+    tensors the grouped-GEMM ``expert_fn``, where ``moe_grouped.available`` (``force``:
+    on any device ``torch._grouped_mm`` runs on; tests). The experts' weights are stacked
+    one block at a time, each expert's Linear then holding a view of the stack, so the
+    memory is not doubled (at most one block's experts more while stacking). Returns how
+    many blocks changed."""
+    changed = 0
+    for moe in [m for m in model.modules() if isinstance(m, SparseMoE)]:
+        held = sorted(int(e) for e in moe.experts)
+        experts = [moe.experts[str(e)] for e in held]
+        if not experts or moe.expert_fn is not None or any(x.w13 is None for x in experts):
+            continue
+        w = experts[0].w13.weight
+        if type(w.data) is not torch.Tensor or not (
+                force or moe_grouped.available(w.device, w.dtype)):
+            continue
+        stacks = []
+        for name in ("w13", "w2"):
+            stack = torch.stack([getattr(x, name).weight.detach() for x in experts])
+            for i, x in enumerate(experts):  # the old per-expert tensors are freed here
+                getattr(x, name).weight = nn.Parameter(stack[i], requires_grad=False)
+            stacks.append(stack)
+        slot = None
+        if held != list(range(moe.num_experts)):
+            slot = torch.full((moe.num_experts,), -1, dtype=torch.long, device=w.device)
+            slot[held] = torch.arange(len(held), device=w.device)
+        moe.expert_fn = functools.partial(moe_grouped.grouped_expert_sum, w13=stacks[0],
+                                          w2=stacks[1], slot=slot)
+        changed += 1
+    return changed
+
+
 def apply_kernel_passes(model: nn.Module, device: torch.device,
                         runtime: RuntimeConfig) -> nn.Module:
     """The passes ``runtime`` asks for that can serve on ``device`` (in place)."""
@@ -142,4 +183,5 @@ def apply_kernel_passes(model: nn.Module, device: torch.device,
     set_quant_activations(model, runtime.quant_activations == "int8")
     if device.type == "cuda":  # the split-KV kernel runs on CUDA only
         set_decode_attention(model, runtime.decode_attention)
+        use_grouped_experts(model)
     return model

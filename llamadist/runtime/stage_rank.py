@@ -16,6 +16,9 @@ compute, in the order steps were scheduled, so their paged KV caches agree.
 * The stage runs through ``runtime.engine.Engine`` like one process does: the same paged
   step, the same per-bucket CUDA graphs for decode steps, the same kernels.
 * END (sent by the front when it closes) travels the same paths; every rank leaves.
+* An empty step (no sequences: a replica with nothing to do in a lockstep round, when
+  the experts span the data-parallel replicas) travels the same paths without a hidden
+  state; each rank only joins its MoE layers' collectives, and no tokens come back.
 * Deadlines: while its replica has work (a STEP seen, no IDLE since), a rank waits for the
   next message at most ``timeout`` seconds, so a rank that hangs is blamed by the next one;
   after IDLE (the front sends it when the replica has nothing left) it waits as long as
@@ -35,6 +38,7 @@ from llamadist.distributed.faults import Watchdog, fault_hook
 from llamadist.distributed.grid import rank_of
 from llamadist.distributed.groups import ParallelGroups
 from llamadist.distributed.p2p import P2P, Kind, Message
+from llamadist.parallel.expert import join_expert_collectives
 from llamadist.runtime.cp_step import CPStep, forward_cp, gather_logits
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import Stage
@@ -118,6 +122,8 @@ class StageRank:
             packed = work.pack()  # only when another rank needs it
         for peer in peers:
             self.tp_link.send(peer, Message(Kind.STEP, tensor=packed))
+        if not work.seqs:
+            return self._join(packed)
         cp = CPStep.build(work, self.groups.cp_size, self.groups.cp_index) \
             if self.groups.cp_size > 1 else None
         if x is None:
@@ -150,6 +156,14 @@ class StageRank:
                 self.recorded[(s.request_id, s.sample.step)] = out[i].float().cpu()
         return tokens.cpu()
 
+    def _join(self, packed: torch.Tensor | None) -> None:
+        """An empty step: the other replicas' tokens meet this rank's experts."""
+        with torch.inference_mode():
+            join_expert_collectives(self.stage.model, self.stage.dtype)
+        self.stats.steps += 1
+        if not self.stage.has_head:
+            self.pipe.send(self.groups.pp.next_rank, Message(Kind.STEP, tensor=packed))
+
     # ---- a rank other than the front ------------------------------------------------------
     def serve(self) -> None:
         """Run steps as they arrive until END (every rank but the front)."""
@@ -171,11 +185,11 @@ class StageRank:
                 self.idle()
                 continue
             self.busy = True
-            hidden = None
-            if not g.pp.is_first:
+            work, hidden = StepWork.unpack(msg.tensor), None
+            if not g.pp.is_first and work.seqs:  # an empty step comes without one
                 hidden = self.pipe.recv(src).tensor
             self.stats.wait_s += time.perf_counter() - t0
-            tokens = self.run(StepWork.unpack(msg.tensor), msg.tensor, hidden)
+            tokens = self.run(work, msg.tensor, hidden)
             if tokens is not None:
                 self.front.send(0, Message(Kind.TOKENS, tensor=tokens))
 

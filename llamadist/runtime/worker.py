@@ -20,6 +20,8 @@ import torch.distributed as dist
 from llamadist.config import DEFAULT_TIMEOUT_S, RuntimeConfig
 from llamadist.distributed.faults import PeerError, Watchdog
 from llamadist.distributed.groups import ParallelGroups, init_distributed
+from llamadist.parallel.expert import expert_parallel_pass
+from llamadist.parallel.tensor import tensor_parallel_pass
 from llamadist.runtime.stage import Stage, build_stage, build_tp_stage, parse_dtype
 from llamadist.runtime.stage_rank import StageRank
 from llamadist.weights.checkpoint import Checkpoint
@@ -49,23 +51,45 @@ class RankSpec:
     runtime: RuntimeConfig  # rank 0's, max_seq_len resolved
     num_blocks: int         # paged KV blocks per stage (the same block ids on every stage)
     block_size: int
+    ep: int = 1             # ranks a stage's experts spread over (> tp: across replicas)
 
 
 def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
                      progress: bool = False) -> Stage:
-    """Build and load only this rank's stage (and only its TP shard of it), with the
-    kernels ``spec.runtime`` asks for and no static KV cache (the paged one comes next)."""
+    """Build and load only this rank's stage (and only its TP shard of it, and its share of
+    the experts), with the kernels ``spec.runtime`` asks for and no static KV cache (the
+    paged one comes next)."""
     start, stop = spec.layer_ranges[groups.pp_index]
     rt = spec.runtime
     kw = dict(has_embed=groups.pp_index == 0, has_head=groups.pp_index == groups.pp_size - 1,
               lanes=0, progress=progress, runtime=rt)
     dtype, device = parse_dtype(spec.dtype), groups.ctx.device
+    if spec.ep > groups.tp_size:  # experts over the stage's tp x dp ranks (TP x DP = EP)
+        kw.update(grid_expert_pass(ckpt.config, groups, spec.ep))
+        return build_stage(ckpt, range(start, stop), device, dtype, rt.max_batch,
+                           rt.max_seq_len, **kw)
     if groups.tp_size > 1:
         return build_tp_stage(ckpt, range(start, stop), device, dtype, rt.max_batch,
                               rt.max_seq_len, groups.tp.device_group, groups.tp_index,
                               groups.tp_size, **kw)
     return build_stage(ckpt, range(start, stop), device, dtype, rt.max_batch, rt.max_seq_len,
                        **kw)
+
+
+def grid_expert_pass(config, groups: ParallelGroups, ep: int) -> dict:
+    """build_stage's keywords for rank (dp d, tp t) of a stage whose experts spread over
+    all its tp x dp ranks: attention tensor-parallel within the replica (when tp > 1), the
+    expert shares ``d * tp + t`` of ``ep``, tokens gathered over the DP group and the
+    partial sums added over the TP group (parallel.expert, the gather dispatch)."""
+    if ep != groups.tp_size * groups.dp_size:
+        raise ValueError(f"ep={ep} spans replicas, so it must be tp x dp = "
+                         f"{groups.tp_size * groups.dp_size}")
+    tp = tensor_parallel_pass(config, groups.tp.device_group, groups.tp_index,
+                              groups.tp_size) if groups.tp_size > 1 else {}
+    return {**tp, **expert_parallel_pass(
+        config, groups.dp.device_group, groups.dp_index * groups.tp_size + groups.tp_index,
+        ep, "gather", before=tp.get("prepare"),
+        reduce_group=groups.tp.device_group if groups.tp_size > 1 else None)}
 
 
 @dataclass

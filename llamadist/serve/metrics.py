@@ -1,7 +1,8 @@
 """The server's Prometheus metrics: the engine's gauges and counters read at each scrape
 (requests running and waiting, KV blocks, preemptions, prompt and generated tokens),
-per-stage busy time, the process's and its CUDA devices' memory, and histograms the server fills as requests finish (time to first
-token, time per output token, end-to-end latency, queue time)."""
+per-stage busy time, the process's and its CUDA devices' memory, a mixture-of-experts
+model's tokens routed per expert and layer, and histograms the server fills as requests
+finish (time to first token, time per output token, end-to-end latency, queue time)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 class EngineCollector:
     """Reads the engine at scrape time (plain counts: safe to read from another thread)."""
 
-    def __init__(self, engine: AsyncEngine, stage_stats: Callable[[], list[dict]] | None):
-        self.engine, self.stage_stats = engine, stage_stats
+    def __init__(self, engine: AsyncEngine, stage_stats: Callable[[], list[dict]] | None,
+                 expert_load: Callable[[], dict[int, list[int]]] | None = None):
+        self.engine, self.stage_stats, self.expert_load = engine, stage_stats, expert_load
 
     def collect(self):
         g = self.engine.engine.gauges()
@@ -66,6 +68,27 @@ class EngineCollector:
             for s in self.stage_stats():
                 busy.add_metric([str(s["stage"]), s["device"]], s.get("compute_s", 0.0))
             yield busy
+        if self.expert_load is not None:
+            yield from expert_metrics(self.expert_load())
+
+
+def expert_metrics(load: dict[int, list[int]]):
+    """Tokens routed per (layer, expert) as a labelled counter, and each layer's
+    imbalance: its busiest expert's tokens over the mean (1.0 is perfectly even; the
+    busiest expert's rank sets an expert-parallel step's pace)."""
+    routed = CounterMetricFamily(f"{PREFIX}_expert_routed_tokens",
+                                 "tokens routed to each expert of each MoE layer (top-k "
+                                 "assignments: k per token)", labels=["layer", "expert"])
+    imbalance = GaugeMetricFamily(f"{PREFIX}_expert_load_imbalance",
+                                  "busiest expert's routed tokens over the mean, per MoE layer",
+                                  labels=["layer"])
+    for layer, counts in sorted(load.items()):
+        for e, n in enumerate(counts):
+            routed.add_metric([str(layer), str(e)], n)
+        total = sum(counts)
+        imbalance.add_metric([str(layer)], max(counts) * len(counts) / total if total else 0.0)
+    yield routed
+    yield imbalance
 
 
 def _cuda_memory() -> list[tuple[str, float]]:
@@ -78,9 +101,10 @@ def _cuda_memory() -> list[tuple[str, float]]:
 
 class ServeMetrics:
     def __init__(self, engine: AsyncEngine,
-                 stage_stats: Callable[[], list[dict]] | None = None):
+                 stage_stats: Callable[[], list[dict]] | None = None,
+                 expert_load: Callable[[], dict[int, list[int]]] | None = None):
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine, stage_stats))
+        self.registry.register(EngineCollector(engine, stage_stats, expert_load))
         r = self.registry
         ProcessCollector(registry=r)  # the front process's memory, CPU seconds, open files
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first token",

@@ -32,7 +32,8 @@ def build_server(llm, name: str, api_key: str | None = None, max_queue: int = 25
     from llamadist.serve.openai_api import Frontend
     engine = AsyncEngine(llm.llm_engine)
     in_process = getattr(llm, "engine", None) is not None  # rank 0 must not gather stats
-    metrics = ServeMetrics(engine, llm.stage_stats if in_process else None)
+    metrics = ServeMetrics(engine, llm.stage_stats if in_process else None,
+                           llm.expert_load if llm.config.is_moe else None)
     frontend = Frontend(engine, llm.tokenizer, name, llm.max_seq_len, llm.config.vocab_size)
     server = Server(frontend, metrics, ServeConfig(name, api_key, max_queue))
     return build_app(server), engine

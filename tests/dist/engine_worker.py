@@ -5,7 +5,8 @@ the ranks that sample) for the test to compare with one process.
 
     python tests/dist/engine_worker.py CONFIG.json      (as each of N ranks)
 
-CONFIG: model, out, pp, tp, dp, cp, layer_ranges, max_seq_len, prompts, num_blocks,
+CONFIG: model, out, pp, tp, dp, cp, ep (optional: experts over ep ranks per stage; ep > tp
+steps the replicas in lockstep), layer_ranges, max_seq_len, prompts, num_blocks,
 block_size, jobs [{name, max_batch, params, num_blocks (optional: fewer forces
 preemption)}].
 """
@@ -36,7 +37,8 @@ def run_job(session: Session, job: dict, cfg: dict, tok) -> list[list[int]]:
     execs = [RankExecutor(session.rank_stage, k, ["cpu"]) for k in range(g.dp_size)]
     # a job's num_blocks below the ranks' cache: the scheduler must preempt
     engine = LLMEngine(execs, tok, runtime, job.get("num_blocks", cfg["num_blocks"]),
-                       cfg["block_size"] * g.cp_size)  # under CP: cp blocks of each rank
+                       cfg["block_size"] * g.cp_size,  # under CP: cp blocks of each rank
+                       lockstep=cfg.get("ep", 1) > g.tp_size)
     if job.get("warmup"):  # dummy decode steps of every bucket, sampling nothing
         engine.warmup(force=True)
     params = SamplingParams(**job["params"])
@@ -58,7 +60,7 @@ def main(config_path: str) -> None:
     tok = ckpt.tokenizer()
     rt = RuntimeConfig(max_seq_len=cfg["max_seq_len"], max_batch=len(cfg["prompts"]))
     spec = RankSpec(tuple(tuple(r) for r in cfg["layer_ranges"]), "float32", rt,
-                    cfg["num_blocks"], cfg["block_size"])
+                    cfg["num_blocks"], cfg["block_size"], cfg.get("ep", 1))
     ranks = session.load(ckpt, spec, record_logits=True)
     results = {}
     if session.is_driver:
@@ -69,7 +71,9 @@ def main(config_path: str) -> None:
             RankExecutor(ranks, k, ["cpu"]).close()
     else:
         ranks.serve()
-    everyone = session.gather(ranks.recorded)
+    # per rank: steps run, and of them the ones with tokens (the rest: empty lockstep steps)
+    gathered = session.gather((ranks.recorded, (ranks.stats.steps, ranks.stage.stats.calls)))
+    everyone, steps = zip(*gathered) if gathered else ((), ())
     if session.is_driver:
         for job in cfg["jobs"]:
             logits = {}
@@ -77,7 +81,7 @@ def main(config_path: str) -> None:
                 logits.update({k: v for k, v in rec.items() if k[0].startswith(job["name"] + "/")})
             tokens, preemptions, cached = results[job["name"]]
             torch.save({"tokens": tokens, "logits": logits, "preemptions": preemptions,
-                        "cached": cached},
+                        "cached": cached, "rank_steps": steps},
                        Path(cfg["out"]) / f"{job['name']}.pt")
     session.close()
 

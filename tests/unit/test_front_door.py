@@ -308,3 +308,36 @@ def test_llm_takes_runtime_or_keywords_not_both(tiny_model):
         LLM(tiny_model, layout=Layout((range(0, 5),), ("cpu",), tp=2, processes=2))
     llm = LLM(tiny_model)
     assert llm.runtime.max_batch == 8 and llm.max_seq_len == 256  # RuntimeConfig's defaults
+
+
+# ---- --ep: experts over a stage's tp or tp x dp ranks --------------------------------------
+@pytest.mark.parametrize("model, flags, needles", [
+    ("dense", ["--ep", "2"], ["--ep 2", "has no experts", "drop --ep"]),
+    ("moe", ["--ep", "3", "--tp", "2"], ["--ep 3 is not a multiple of --tp 2"]),
+    ("moe", ["--ep", "3", "--dp", "2"], ["--ep 3 with tp=1 x dp=2", "--ep 2"]),
+    ("moe", ["--ep", "8"], ["--ep 8", "4 experts per layer", "--ep 4 or fewer"]),
+])
+def test_impossible_expert_grid(capsys, tiny_model, tiny_mixtrals, model, flags, needles):
+    path = tiny_model if model == "dense" else tiny_mixtrals["moe_top2_gqa"]
+    code, _, err = run_cli(capsys, "generate", str(path), "--prompt", "hi", *flags)
+    one_line_error(code, err, *needles)
+
+
+def test_plan_shows_where_the_experts_go(capsys):
+    code, out, _ = run_cli(capsys, "plan", "mixtral-8x7b", "--devices", "cuda", "--tp", "2",
+                           "--ep", "8", "--max-memory", "80GiB", "--pp", "1")
+    assert code == 0, out
+    assert "dp 4 x pp 1 x tp 2" in out
+    assert "experts: each stage's spread over 8 ranks (1/8 each)" in out
+    assert "data-parallel replicas stepping together" in out
+
+
+def test_expert_grid_defaults():
+    from llamadist.config import named_shape
+    from llamadist.planning.checks import check_ep, grid_dp
+    moe, dense = named_shape("mixtral-8x7b"), named_shape("smollm2-135m")
+    assert grid_dp(1, None, 4) == 4 and grid_dp(2, None, 8) == 4   # --dp from --ep / --tp
+    assert grid_dp(2, None, 2) == 1 and grid_dp(2, 3, 2) == 3 and grid_dp(1, None, None) == 1
+    assert check_ep(moe, 2, 4, None) == 2      # default: the experts over each replica's TP
+    assert check_ep(moe, 1, 4, None) == 1 and check_ep(dense, 2, 1, None) == 1
+    assert check_ep(moe, 2, 2, 2) == 2 and check_ep(moe, 2, 2, 4) == 4

@@ -234,13 +234,27 @@ def test_decode_bytes_and_budgets_count_experts():
 
 def test_moe_decodes_without_cuda_graphs(tiny_mixtrals):
     """The expert loop has data-dependent shapes: a CUDA stage of an MoE model decodes
-    eagerly (a dense model on the same stage keeps its graphs)."""
+    eagerly, unless every block has a graph-safe expert_fn (the grouped kernel); a dense
+    model on the same stage keeps its graphs."""
     from dataclasses import replace
     from types import SimpleNamespace
+
+    from llamadist.model.llama import Llama
+    from llamadist.model.moe import SparseMoE
     cfg = ModelConfig.from_json_file(tiny_mixtrals["moe_top1"] / "config.json")
-    on_cuda = [SimpleNamespace(device=torch.device("cuda"))]  # only .device is read here
+    dense = replace(cfg, num_experts=0, num_experts_per_tok=0)
+    with torch.device("meta"):
+        moe_model, dense_model = Llama(cfg), Llama(dense)
+    on_cuda = [SimpleNamespace(device=torch.device("cuda"), model=moe_model)]
     assert Engine(cfg, on_cuda).cuda_graphs is False
-    assert Engine(replace(cfg, num_experts=0, num_experts_per_tok=0), on_cuda).cuda_graphs
+    blocks = [m for m in moe_model.modules() if isinstance(m, SparseMoE)]
+    for m in blocks[:-1]:
+        m.expert_fn = lambda x, w, i: x
+    assert Engine(cfg, on_cuda).cuda_graphs is False  # one block still loops
+    blocks[-1].expert_fn = lambda x, w, i: x
+    assert Engine(cfg, on_cuda).cuda_graphs is True
+    dense_stage = [SimpleNamespace(device=torch.device("cuda"), model=dense_model)]
+    assert Engine(dense, dense_stage).cuda_graphs
 
 
 # ---- the block's extension points ------------------------------------------------------

@@ -1,0 +1,59 @@
+"""`llamadist serve --nproc 2 --ep 2` on a tiny Mixtral: the experts spread over two
+data-parallel replicas stepping in lockstep behind the HTTP front; /metrics exports the
+tokens routed to each expert of each layer (a labelled counter) and each layer's
+imbalance. Rank 0's counts cover both replicas' tokens (the gather dispatch routes every
+replica's tokens on every rank)."""
+
+import threading
+
+import pytest
+
+from tests.serve.conftest import ServerProcess
+from tests.serve.test_api import metrics
+
+import openai  # a test dependency: missing, the tests fail (they never skip)
+
+
+@pytest.fixture(scope="module")
+def ep_server(tiny_mixtrals, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_ep") / "server.log"
+    server = ServerProcess(tiny_mixtrals["moe_top2_gqa"], "--nproc", "2", "--ep", "2",
+                           "--max-seq-len", "128", "--max-batch", "2",
+                           "--served-model-name", "moe", log_path=log)
+    yield server
+    assert server.stop() == 0, log.read_text()[-3000:]
+
+
+def test_expert_load_in_metrics_covers_both_replicas(ep_server):
+    api = openai.OpenAI(base_url=ep_server.url + "/v1", api_key="none", max_retries=0,
+                        timeout=60)
+    before = metrics(ep_server.url)
+    assert not any(k.startswith("llamadist_expert_routed_tokens_total") and v
+                   for k, v in before.items())
+    # a long stream on one replica; the second request, sent while it runs, goes to the
+    # other (the least loaded)
+    stream = api.completions.create(model="moe", prompt="The quick brown fox", max_tokens=40,
+                                    temperature=0, stream=True, stream_options={
+                                        "include_usage": True},
+                                    extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    second = {}
+    t = threading.Thread(target=lambda: second.update(r=api.completions.create(
+        model="moe", prompt="1 2 3 4 5 6", max_tokens=6, temperature=0,
+        extra_body={"ignore_eos": True})))
+    t.start()
+    usage = [c.usage for c in it if c.usage is not None][-1]
+    t.join(60)
+    other = second["r"].usage
+    m = metrics(ep_server.url)
+    # every computed token (prompt tokens, and every sampled token but the last) goes to
+    # top-2 experts in each of the 3 layers
+    computed = usage.prompt_tokens + 39 + other.prompt_tokens + 5
+    for layer in range(3):
+        counts = [m[f"llamadist_expert_routed_tokens_total{{expert={e},layer={layer}}}"]
+                  for e in range(4)]
+        assert sum(counts) == 2 * computed, (layer, counts, computed)
+        imbalance = m[f"llamadist_expert_load_imbalance{{layer={layer}}}"]
+        assert imbalance == pytest.approx(max(counts) * 4 / sum(counts))
+        assert 1.0 <= imbalance <= 4.0
