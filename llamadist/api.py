@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-from llamadist.config import RuntimeConfig
+from llamadist.config import RuntimeConfig, default_devices
 from llamadist.engine.engine import LLMEngine, RequestOutput, run_stats
 from llamadist.engine.request import Request
 from llamadist.generation.generate import GenerationResult
@@ -70,7 +70,7 @@ class LLM:
             layout = resolve_layout(self.config, devices=dev, strategy=strategy,
                                     max_memory=max_memory, device_speed=device_speed,
                                     boundaries=boundaries, plan=plan,
-                                    dtype=runtime.dtype_for(dev or "cpu"),
+                                    dtype=runtime.dtype_for(dev or default_devices()),
                                     max_batch=runtime.max_batch,
                                     max_seq_len=runtime.max_seq_len,
                                     quantize=runtime.quantize)

@@ -256,6 +256,16 @@ def gpu_flags(devices: str | list[str]) -> list[bool]:
     return [d.strip().startswith("cuda") for d in names]
 
 
+def default_devices(processes: bool = False) -> str:
+    """Where a run goes when --devices is not given: the first GPU when there is one (over
+    processes "cuda": each rank its own cuda:LOCAL_RANK), else the CPU. A model larger than
+    one GPU then says so and asks for --devices."""
+    import torch
+    if not torch.cuda.is_available():
+        return "cpu"
+    return "cuda" if processes else "cuda:0"
+
+
 def default_dtype(devices: str | list[str]) -> str:
     """bfloat16 when every device is a GPU, else float32: one rule for planning and running."""
     return "bfloat16" if all(gpu_flags(devices)) else "float32"

@@ -9,7 +9,7 @@ import os
 import sys
 
 from llamadist.cli.args import grid_flags, in_worker
-from llamadist.config import ModelConfig, RuntimeConfig
+from llamadist.config import ModelConfig, RuntimeConfig, default_devices
 from llamadist.planning.checks import check_ep, check_grid
 from llamadist.planning.layout import Layout, resolve_layout, stage_devices
 from llamadist.planning.plan import Plan
@@ -27,7 +27,7 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     if in_worker():
         raise PlanningError("--auto chooses the number of processes itself: start llamadist "
                             "without torchrun (or give --pp/--tp/--dp instead of --auto)")
-    devices = args.devices or "cpu"
+    devices = args.devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, args.max_memory, args.device_speed)
     best = auto_plan(profile(config, dtype=runtime.dtype_for(devices), seq_len=max_seq_len),
@@ -77,8 +77,10 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     if nproc == 1:  # the engine keeps at most runtime.max_batch sequences resident
         return resolve_layout(config, devices=args.devices,
                               max_batch=min(batch, runtime.max_batch),
-                              dtype=runtime.dtype_for(args.devices or "cpu"), **placement)
-    wanted = args.devices or (",".join(Plan.load(args.plan).devices) if args.plan else "cpu")
+                              dtype=runtime.dtype_for(args.devices or default_devices()),
+                              **placement)
+    wanted = args.devices or (",".join(Plan.load(args.plan).devices) if args.plan
+                              else default_devices(processes=True))
     given = [d.strip() for d in wanted.split(",") if d.strip()]
     if len({d.split(":")[0] for d in given}) > 1:
         raise PlanningError(f"--devices {wanted} mixes device kinds; over processes give one "

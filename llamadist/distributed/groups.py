@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from llamadist.config import DEFAULT_TIMEOUT_S
+from llamadist.config import DEFAULT_TIMEOUT_S, default_devices
 from llamadist.distributed.grid import coords, cp_index, grid_size, group_ranks
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,8 @@ def init_distributed(timeout: float = DEFAULT_TIMEOUT_S,
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    kinds = {d.strip().split(":")[0] for d in (device or "cpu").split(",") if d.strip()}
+    device = device or default_devices(processes=True)
+    kinds = {d.strip().split(":")[0] for d in device.split(",") if d.strip()}
     if len(kinds) > 1:
         raise ValueError(f"--devices {device} mixes device kinds; over processes give one kind "
                          "(cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a mixed list "

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from llamadist.config import ModelConfig
+from llamadist.config import ModelConfig, default_devices
 from llamadist.planning.units import PlanningError
 
 
@@ -67,7 +67,8 @@ def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list
     processes means every rank uses its own cuda:LOCAL_RANK; the planner is told
     cuda:0..pp-1 (a single host's view, or identical hosts), wrapped round-robin over
     ``gpus`` when a run has fewer GPUs than stages (they share)."""
-    names = [d.strip() for d in (devices or "cpu").split(",") if d.strip()]
+    names = [d.strip() for d in (devices or default_devices(processes=True)).split(",")
+             if d.strip()]
     if len(names) == pp:
         return names
     if len(names) != 1:
@@ -107,7 +108,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
         saved.validate(config.num_layers)
         devices = devices or ",".join(saved.devices)
         strategy, boundaries = "custom", ",".join(f"{s.start}:{s.end}" for s in saved.stages)
-    devices = devices or "cpu"
+    devices = devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
     formats = [quantize_for(quantize, d.name) for d in specs]

@@ -341,3 +341,14 @@ def test_expert_grid_defaults():
     assert check_ep(moe, 2, 4, None) == 2      # default: the experts over each replica's TP
     assert check_ep(moe, 1, 4, None) == 1 and check_ep(dense, 2, 1, None) == 1
     assert check_ep(moe, 2, 2, 2) == 2 and check_ep(moe, 2, 2, 4) == 4
+
+
+def test_devices_default_to_the_first_gpu_when_there_is_one(monkeypatch):
+    """Without --devices a run goes to cuda:0 (over processes: each rank's own GPU) where
+    CUDA is available, else to the CPU."""
+    import torch
+    from llamadist.config import default_devices
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert default_devices() == "cpu" and default_devices(processes=True) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert default_devices() == "cuda:0" and default_devices(processes=True) == "cuda"
