@@ -1,8 +1,13 @@
-"""generate, chat, bench and serve as one rank of a multi-process run (started by the launcher or
-by torchrun). Rank 0 is the front: it builds the Job (the front process's layout when it
-started us), broadcasts what every rank must agree on (``RankSpec``), and runs the same
-engine and the same commands as one process does (cli.run), its executors driving the
-other ranks. Every other rank loads its stage and serves steps until the front closes."""
+"""generate, chat, bench and serve as one rank of a multi-process run.
+
+* Started by ``llamadist ... --nproc N`` (cli.front: the launcher process is the front and
+  no rank): ``run_worker`` connects to the front, takes the ``RankSpec``, loads its stage
+  and serves steps until the front closes; every rank is a worker.
+* Under torchrun (no front of ours): rank 0 is the front. It builds the Job, broadcasts
+  what every rank must agree on (``RankSpec``), and runs the same engine and the same
+  commands as one process does (cli.run), its executors driving the other ranks. Every
+  other rank loads its stage and serves steps until the front closes. A dead rank ends
+  the run (nothing outlives the world's rank 0)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Any
 from llamadist.cli.args import USER_ERRORS, runtime_config
 from llamadist.cli.jobs import JOBS, Job, inherited_layout
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
+from llamadist.distributed.link import FRONT_ENV
 from llamadist.runtime.worker import RankSpec, Session, setup_worker_logging
 
 log = logging.getLogger(__name__)
@@ -24,6 +30,8 @@ Command = Callable[[argparse.Namespace, Job, Any], int]  # cli.run's generate, c
 
 def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
     """This rank's part of ``kind``; on rank 0, ``command`` (cli.run's) runs the job."""
+    if os.environ.get(FRONT_ENV):
+        return run_worker(args)
     rank = int(os.environ["RANK"])
     setup_worker_logging(rank, args.verbose)
     # The grid: the layout the front process decided (--auto included), else the flags.
@@ -47,6 +55,46 @@ def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
     except Exception:  # noqa: BLE001 - any other failure: say which rank, then leave
         log.exception("rank %d failed", rank)
         _die(rank, "see the traceback above", 1)
+    return 1  # not reached
+
+
+def run_worker(args: argparse.Namespace) -> int:
+    """A worker under the front: connect, take the setup, load only this rank's stage,
+    report ready (with the load time), serve steps until END, send the statistics."""
+    import time
+
+    from llamadist.distributed.launch import die_with_parent
+    from llamadist.distributed.link import INDEX_ENV, TOKEN_ENV, WorkerLink
+    from llamadist.weights.checkpoint import open_checkpoint
+    die_with_parent()
+    index = int(os.environ[INDEX_ENV])
+    setup_worker_logging(index, args.verbose)
+    try:
+        timeout = runtime_config(args).timeout
+        link = WorkerLink(os.environ[FRONT_ENV], index, os.environ[TOKEN_ENV],
+                          beat_s=min(1.0, timeout / 4))
+        setup = link.recv_obj()
+        session = Session.start(setup["pp"], setup["tp"], 1, setup["timeout"],
+                                setup["devices"])
+        t0 = time.perf_counter()
+        rank_stage = session.load(open_checkpoint(args.model), setup["spec"],
+                                  front_link=link)
+        link.stuck = lambda: (time.monotonic() - rank_stage.in_step_since
+                              if rank_stage.in_step_since is not None else 0.0)
+        link.send_obj({"ready": index, "load_s": time.perf_counter() - t0})
+        rank_stage.serve()
+        link.send_obj({"report": rank_report(session) | {"rank": index,
+                                                         "dp": setup["replica"]}})
+        session.close()
+        link.close()
+        return 0
+    except PeerError as e:
+        _die(index, str(e), EXIT_PEER_LOST)
+    except KeyboardInterrupt:
+        _die(index, "interrupted", 130)
+    except Exception:  # noqa: BLE001 - any other failure: say which worker, then leave
+        log.exception("worker %d failed", index)
+        _die(index, "see the traceback above", 1)
     return 1  # not reached
 
 

@@ -1,17 +1,16 @@
 """generate, chat, bench and serve: the request is checked in full (Job), then run in this process
-or over worker processes (the launcher starts them; cli.ranks is what each rank runs)."""
+or over worker processes (cli.front starts and watches them from this process, which runs
+the engine; cli.ranks is what each worker runs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 
 from llamadist.cli.args import in_worker
 from llamadist.cli.jobs import JOBS, Job, print_sequences
-from llamadist.cli.layout import LAYOUT_ENV
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
@@ -30,7 +29,8 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     tok = ckpt.tokenizer()
     job = JOBS[kind](args, ckpt, tok)
     if job.layout.processes > 1:
-        return launch(kind, args, job)
+        from llamadist.cli.front import run_front
+        return run_front(kind, args, job, ckpt, tok, COMMANDS[kind])
     # an interactive command's first token should not wait for every bucket's capture
     llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty(),
                    warmup=kind not in INTERACTIVE)
@@ -47,15 +47,6 @@ def refuse_with_shape(args: argparse.Namespace) -> None:
     if given:
         raise ValueError(f"bench --shape runs random weights in one process; drop "
                          f"{', '.join(given)} (or bench a checkpoint instead of --shape)")
-
-
-def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
-    """Start the layout's worker processes on this host; each reruns this command line as
-    one rank and takes the layout decided here."""
-    from llamadist.distributed.launch import launch as start
-    env = {**os.environ, LAYOUT_ENV: job.layout.to_json()}
-    return start(["-m", "llamadist", *args.argv], job.layout.processes, env=env,
-                 stdin_to_rank0=kind == "chat", term_to_rank0=kind == "serve")
 
 
 def load_llm(job: Job, ckpt, tok, progress: bool = False, warmup: bool = True):

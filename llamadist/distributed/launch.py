@@ -60,15 +60,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = None
+def worker_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = None,
+               local_rank: int | None = None, local_world: int | None = None
                ) -> dict[str, str]:
+    """torchrun's variables for rank ``rank`` of a world of ``nproc``; ``local_rank`` /
+    ``local_world``: its place among every worker of this host (its GPU), when the host
+    runs several worlds (one per data-parallel replica under the front)."""
     env = dict(os.environ if base is None else base)
-    env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+    local_rank = rank if local_rank is None else local_rank
+    local_world = nproc if local_world is None else local_world
+    env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
+               LOCAL_WORLD_SIZE=str(local_world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
     env[WORKER_ENV] = "1"
     # N processes share the cores; an oversubscribed OpenMP pool is much slower than none.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
     return env
 
 
@@ -187,6 +193,85 @@ class Launcher:
             return 130
         finally:
             self.kill()
+
+
+class Crew:
+    """The worker processes of one torch.distributed world under the front (one
+    data-parallel replica): started together on a fresh rendezvous port, watched, and
+    killed together (their own process group). Each worker learns the front's address,
+    its global index and this incarnation's token from its environment."""
+
+    def __init__(self, argv: list[str], indices: list[int], nproc: int,
+                 env: dict[str, str], extra: dict[str, str]):
+        self.argv, self.indices, self.nproc = argv, indices, nproc
+        self.env, self.extra = env, extra
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.started_at = 0.0
+
+    def start(self, token: str, drop: tuple[str, ...] = ()) -> None:
+        """Start every worker (``drop``: environment variables a restart must not
+        inherit, such as a test's fault injection)."""
+        self.kill()
+        port = free_port()
+        base = {k: v for k, v in self.env.items() if k not in drop}
+        pgid = 0
+        self.started_at = time.monotonic()
+        for rank, index in enumerate(self.indices):
+            env = worker_env(rank, len(self.indices), port, base, index, self.nproc)
+            env.update(self.extra, LLAMADIST_WORKER_INDEX=str(index),
+                       LLAMADIST_WORKER_TOKEN=token, LLAMADIST_FRONT_PID=str(os.getpid()))
+            # process_group, not a preexec_fn: the front has threads (fork + Python = risk);
+            # the worker asks for PR_SET_PDEATHSIG itself (die_with_parent)
+            p = subprocess.Popen([sys.executable, *self.argv], env=env,
+                                 stdin=subprocess.DEVNULL, process_group=pgid)
+            pgid = pgid or p.pid
+            self.procs[index] = p
+        log.info("started workers %s (pids %s) on port %d", self.indices,
+                 [p.pid for p in self.procs.values()], port)
+
+    def exits(self) -> list[WorkerExit]:
+        """The workers that have exited, now."""
+        now = time.monotonic()
+        return [WorkerExit(i, p.pid, p.returncode, now) for i, p in self.procs.items()
+                if p.poll() is not None]
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for every worker to exit by itself; True if they did."""
+        deadline = time.monotonic() + seconds
+        while any(p.poll() is None for p in self.procs.values()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def kill(self) -> None:
+        if not self.procs:
+            return
+        first = next(iter(self.procs.values()))
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.procs = {}
+
+
+def die_with_parent() -> None:
+    """In a worker the front started: ask the kernel for SIGKILL when the front dies (and
+    leave now if it already has)."""
+    want = os.environ.get("LLAMADIST_FRONT_PID")
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if want and os.getppid() != int(want):
+        os._exit(EXIT_PEER_LOST)
 
 
 def _relay_stdin(p: subprocess.Popen) -> None:
