@@ -112,7 +112,7 @@ class Front:
                                          env, {FRONT_ENV: addr})) for k in range(self.dp)]
         self._arrived: dict[tuple[int, str], FrontLink] = {}
         self._cond = threading.Condition()
-        self._rejoin: list[RankExecutor] = []
+        self._rejoin: list[tuple[RankExecutor, Recovery]] = []
         self._replay: dict[str, tuple[object, int]] = {}  # request id -> (request, outputs)
         self._replay_rec: list[tuple[Recovery, float]] = []
         self.restarts = 0
@@ -263,9 +263,10 @@ class Front:
         """Between steps: rejoin restarted replicas, recover one lost while idle, and time
         the replay of the last recovery."""
         while self._rejoin:
-            ex = self._rejoin.pop(0)
+            ex, rec = self._rejoin.pop(0)
             engine.add_replica(ex)
-            log.warning("replica %d rejoined", ex.replica)
+            log.warning("replica %d rejoined (restart %.2f s, reload %.2f s)", ex.replica,
+                        rec.restart_s, rec.reload_s)
         busy = {rep.executor.replica for rep in engine.replicas if rep.in_flight}
         for rep in list(engine.replicas):
             r = self.replicas[rep.executor.replica]
@@ -301,6 +302,9 @@ class Front:
 
     def _recover_replica(self, engine: LLMEngine, r: Replica, failure: WorkerLost) -> None:
         t_detect = time.monotonic()
+        single = len(engine.replicas) == 1  # nothing serves meanwhile: requests wait
+        if single and self.policy != "fail":
+            self.state = "recovering"
         found = self._blame(r) or failure
         cause = str(found)
         r.status = "lost"
@@ -314,12 +318,11 @@ class Front:
         sched = engine.replicas[index].scheduler
         reqs = list(sched.running) + [q for q in sched.waiting if q.output_ids]
         log.warning("replica %d lost: %s; restarting its workers", r.index, cause)
-        if len(engine.replicas) > 1:
+        if not single:
             rec.moved = engine.fail_over(index)
             threading.Thread(target=self._restart_in_background, args=(r, rec),
                              daemon=True).start()
         else:
-            self.state = "recovering"
             self._restart(r, rec)
             rec.replayed = engine.replace_executor(index, self.executor(r))
             self.state = "ok"
@@ -336,13 +339,18 @@ class Front:
             time.sleep(POLL_S)
         return None
 
-    def _restart(self, r: Replica, rec: Recovery) -> None:
-        """Start the replica's workers again, up to --max-restarts for the whole run."""
+    def _restart(self, r: Replica, rec: Recovery, background: bool = False) -> None:
+        """Start the replica's workers again, up to --max-restarts for the whole run (past
+        it, in the background: this replica stays down, the others serve)."""
         cause = rec.cause
         while True:
             if self.restarts >= self.max_restarts:
-                self._give_up(f"{cause}; giving up after {self.restarts} restart(s) "
-                              f"(--max-restarts {self.max_restarts})")
+                reason = (f"{cause}; giving up after {self.restarts} restart(s) "
+                          f"(--max-restarts {self.max_restarts})")
+                if not background:
+                    self._give_up(reason)
+                r.status = "down"
+                raise RuntimeError(reason)
             self.restarts += 1
             try:
                 self._spawn(r)
@@ -355,11 +363,11 @@ class Front:
 
     def _restart_in_background(self, r: Replica, rec: Recovery) -> None:
         try:
-            self._restart(r, rec)
+            self._restart(r, rec, background=True)
         except RuntimeError as e:
             log.error("replica %d stays down: %s", r.index, e)
             return
-        self._rejoin.append(self.executor(r))
+        self._rejoin.append((self.executor(r), rec))
 
     def _give_up(self, reason: str) -> None:
         self.state, self.error = "failed", reason

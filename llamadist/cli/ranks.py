@@ -63,10 +63,8 @@ def run_worker(args: argparse.Namespace) -> int:
     report ready (with the load time), serve steps until END, send the statistics."""
     import time
 
-    from llamadist.distributed.launch import die_with_parent
     from llamadist.distributed.link import INDEX_ENV, TOKEN_ENV, WorkerLink
     from llamadist.weights.checkpoint import open_checkpoint
-    die_with_parent()
     index = int(os.environ[INDEX_ENV])
     setup_worker_logging(index, args.verbose)
     try:

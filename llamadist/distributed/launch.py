@@ -220,8 +220,10 @@ class Crew:
             env = worker_env(rank, len(self.indices), port, base, index, self.nproc)
             env.update(self.extra, LLAMADIST_WORKER_INDEX=str(index),
                        LLAMADIST_WORKER_TOKEN=token, LLAMADIST_FRONT_PID=str(os.getpid()))
-            # process_group, not a preexec_fn: the front has threads (fork + Python = risk);
-            # the worker asks for PR_SET_PDEATHSIG itself (die_with_parent)
+            # process_group, not a preexec_fn: the front has threads (fork + Python = risk).
+            # No PR_SET_PDEATHSIG either: it fires when the *thread* that forked exits (a
+            # restart runs on a passing thread); the worker's heartbeat thread leaves
+            # instead when the front is gone (distributed.link.WorkerLink)
             p = subprocess.Popen([sys.executable, *self.argv], env=env,
                                  stdin=subprocess.DEVNULL, process_group=pgid)
             pgid = pgid or p.pid
@@ -260,18 +262,6 @@ class Crew:
                 p.kill()
             p.wait()
         self.procs = {}
-
-
-def die_with_parent() -> None:
-    """In a worker the front started: ask the kernel for SIGKILL when the front dies (and
-    leave now if it already has)."""
-    want = os.environ.get("LLAMADIST_FRONT_PID")
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        return
-    if want and os.getppid() != int(want):
-        os._exit(EXIT_PEER_LOST)
 
 
 def _relay_stdin(p: subprocess.Popen) -> None:

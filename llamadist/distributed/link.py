@@ -20,10 +20,12 @@ of that replica dies, stops beating, or misses the step deadline.
 
 from __future__ import annotations
 
+import os
 import pickle
 import queue
 import socket
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -31,7 +33,7 @@ from typing import Any
 
 import torch
 
-from llamadist.distributed.faults import PeerError
+from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.distributed.p2p import HEADER_LEN, Message, decode_header, encode_header
 
 MSG, OBJ, BEAT = 1, 2, 3
@@ -118,19 +120,29 @@ class WorkerLink:
         self._s = _Socket(socket.create_connection((host, int(port))))
         self.index = index
         self.send_obj({"hello": index, "token": token})
-        self._beat_s = beat_s
+        self._beat_s, self._closed = beat_s, False
         # seconds the worker's main thread has been inside one step (0: waiting), sent
         # with each heartbeat so the front can tell a hung rank from one that waits
         self.stuck: Callable[[], float] = lambda: 0.0
         threading.Thread(target=self._beat, name="llamadist-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
-        while True:
+        """Beat every beat_s; leave the process when the front is gone (this process was
+        re-parented, or the link broke), wherever the main thread waits."""
+        parent = int(os.environ.get("LLAMADIST_FRONT_PID", os.getppid()))
+        while not self._closed:
             time.sleep(self._beat_s)
             try:
+                if os.getppid() != parent:
+                    raise OSError("the front process is gone")
                 self._s.send_frame(BEAT, _STUCK.pack(self.stuck()))
-            except OSError:
-                return
+            except OSError as e:
+                if self._closed:
+                    return
+                sys.stderr.write(f"llamadist[worker {self.index}]: error: lost the front "
+                                 f"({e}); exiting\n")
+                sys.stderr.flush()
+                os._exit(EXIT_PEER_LOST)
 
     def send_obj(self, obj: Any) -> None:
         self._send(OBJ, pickle.dumps(obj))
@@ -158,6 +170,7 @@ class WorkerLink:
         pass
 
     def close(self) -> None:
+        self._closed = True
         self._s.close()
 
     def _send(self, kind: int, payload: bytes) -> None:
