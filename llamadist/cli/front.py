@@ -75,6 +75,7 @@ class Recovery:
     replay_s: float | None = None
     replayed: int = 0
     moved: int = 0  # requests moved to live replicas (data parallel)
+    detected_at: float = 0.0  # wall clock (time.time) of the decision
 
 
 class Replica:
@@ -313,7 +314,8 @@ class Front:
         if self.policy == "fail":
             self._give_up(f"{cause} (--on-failure fail)")
         seen = found.seen_s if found.seen_s is not None else t_detect
-        rec = Recovery(r.index, cause, detect_s=max(0.0, t_detect - seen))
+        rec = Recovery(r.index, cause, detect_s=max(0.0, t_detect - seen),
+                       detected_at=time.time() - (time.monotonic() - t_detect))
         index = next(i for i, rep in enumerate(engine.replicas) if rep.executor.replica == r.index)
         sched = engine.replicas[index].scheduler
         reqs = list(sched.running) + [q for q in sched.waiting if q.output_ids]

@@ -196,6 +196,8 @@ def build_app(server: Server) -> FastAPI:
                                 status_code=503, headers={"Retry-After": "5"})
         extra = ({"replicas": f"{st['replicas_running']}/{st['replicas']}",
                   "restarts": st["restarts"]} if st else {})
+        if st.get("recoveries"):
+            extra["last_recovery"] = st["recoveries"][-1]
         return JSONResponse({"status": "ok", **extra})
 
     @app.get("/metrics")

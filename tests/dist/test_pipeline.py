@@ -297,6 +297,17 @@ def test_generate_survives_a_dead_worker(tiny_model, reference):
     assert live_tagged(tag) == [], "worker processes left behind"
 
 
+def test_past_max_restarts_the_run_fails_naming_the_worker(tiny_model):
+    tag = f"LLAMADIST_TEST_TAG_maxrestarts_{os.getpid()}"
+    out = llamadist("generate", str(tiny_model), "--nproc", "2", "--pp", "2",
+                    "--max-restarts", "0", "--max-new-tokens", str(NEW), *prompt_args(),
+                    env=worker_env(LLAMADIST_TEST_DIE_AT_STEP="1:2", **{tag: "1"}))
+    assert out.returncode == 1, out.stderr
+    assert "rank 1 (pid" in out.stderr and "exited with code 17" in out.stderr, out.stderr
+    assert "giving up after 0 restart(s) (--max-restarts 0)" in out.stderr, out.stderr
+    assert live_tagged(tag) == [], "worker processes left behind"
+
+
 # ---- a real model ------------------------------------------------------------------
 def test_smollm2_eight_prompts_three_at_once_over_two_stages(smollm2, tmp_path):
     """`generate --prompts-file F --max-batch 3 --nproc 2 --pp 2` with 8 prompts: at most
