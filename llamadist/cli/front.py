@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import secrets
 import socket
 import sys
@@ -39,7 +38,7 @@ from llamadist.cli.layout import LAYOUT_ENV
 from llamadist.distributed.faults import EXIT_PEER_LOST
 from llamadist.distributed.launch import Crew, WorkerExit
 from llamadist.distributed.link import (FRONT_ENV, POLL_S, CrewLinks, FrontLink, WorkerLost,
-                                        _Socket)
+                                        read_hello)
 from llamadist.engine.engine import LLMEngine
 from llamadist.engine.executor import RankExecutor
 from llamadist.runtime.worker import RankSpec
@@ -140,9 +139,9 @@ class Front:
                                    self.devices, (self.spec.num_blocks, self.spec.block_size))
 
     def _spawn(self, r: Replica) -> None:
+        r.token = secrets.token_hex(8)  # before "starting": a stale hello never matches
         r.status, r.failure, r.peer_lost_at = "starting", None, None
         r.close_links()
-        r.token = secrets.token_hex(8)
         # a restarted worker must not inherit a test's one-shot fault injection
         r.crew.start(r.token, drop=FAULT_VARS if self.restarts else ())
 
@@ -194,17 +193,15 @@ class Front:
             except OSError:
                 return
             try:
-                sock.settimeout(30)
-                kind, body = _Socket(sock).recv_frame()
-                sock.settimeout(None)
-                hello = pickle.loads(body)
-                link = FrontLink(sock, hello["hello"])
-            except Exception as e:  # noqa: BLE001 - a stray connection: drop it
-                log.warning("a connection that did not say hello: %s", e)
+                index, token = read_hello(sock)
+                r = next(r for r in self.replicas if r.status == "starting" and r.token == token
+                         and index in r.crew.indices)
+            except Exception as e:  # noqa: BLE001 - a stray or stale connection: drop it
+                log.warning("refused a connection without a current worker's hello: %r", e)
                 sock.close()
                 continue
             with self._cond:
-                self._arrived[(hello["hello"], hello["token"])] = link
+                self._arrived[(index, r.token)] = FrontLink(sock, index)
                 self._cond.notify_all()
 
     def _watch(self) -> None:

@@ -22,6 +22,10 @@ on both, with HOST0 reachable from HOST1 (torchrun's own rendezvous; any free po
     Without a rendezvous server, the static form works as well: --nnodes 2 --node-rank
     {0,1} --master-addr HOST0 --master-port 29500.
 
+``llamadist ... --nproc N`` runs its workers as ``Crew``s (one per data-parallel replica,
+each a world of its own) under cli.front, which outlives them and restarts them.
+``Launcher`` is the plain form (the tests' worker worlds): rank 0 is the front.
+
 The local launcher gives each worker torchrun's environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port), puts them in one process group of
 their own and asks the kernel to kill them if the launcher dies (PR_SET_PDEATHSIG).
@@ -275,11 +279,3 @@ def _relay_stdin(p: subprocess.Popen) -> None:
         p.stdin.close()
     except (BrokenPipeError, OSError, ValueError):
         pass
-
-
-def launch(argv: list[str], nproc: int, env: dict[str, str] | None = None,
-           stdin_to_rank0: bool = False, term_to_rank0: bool = False) -> int:
-    """Run ``python ARGV`` as ``nproc`` local workers; returns the exit code to use.
-    ``term_to_rank0``: the launcher's SIGTERM goes to rank 0 (a server, which then stops
-    serving and closes every rank) instead of ending the launcher at once."""
-    return Launcher(argv, nproc, env, stdin_to_rank0, term_to_rank0=term_to_rank0).run()

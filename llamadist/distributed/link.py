@@ -4,7 +4,9 @@
     frame = type (1 byte) + length (8 bytes, big-endian) + payload
     MSG   a stage message (distributed.p2p's header, then its CPU tensor's bytes)
     OBJ   a pickled setup object: hello, the RankSpec, ready, the final report
-    BEAT  the worker's heartbeat (no payload; any frame counts as a sign of life)
+    BEAT  the worker's heartbeat (seconds inside the current step; any frame is a sign of life)
+    HELLO the worker's first frame, JSON: its index and its incarnation's token (the front
+          unpickles nothing from a connection before its token matches a worker it started)
 
 Why sockets, not an extra torch.distributed rank: a gloo world cannot lose a member and
 carry on, while the front must outlive every worker; a socket that closes tells the front
@@ -20,6 +22,7 @@ of that replica dies, stops beating, or misses the step deadline.
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import queue
@@ -36,7 +39,7 @@ import torch
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.distributed.p2p import HEADER_LEN, Message, decode_header, encode_header
 
-MSG, OBJ, BEAT = 1, 2, 3
+MSG, OBJ, BEAT, HELLO = 1, 2, 3, 4
 _FRAME = struct.Struct("!BQ")
 _STUCK = struct.Struct("!d")
 FRONT_ENV = "LLAMADIST_FRONT"        # host:port of the front, in a worker it started
@@ -119,7 +122,7 @@ class WorkerLink:
         host, port = address.rsplit(":", 1)
         self._s = _Socket(socket.create_connection((host, int(port))))
         self.index = index
-        self.send_obj({"hello": index, "token": token})
+        self._s.send_frame(HELLO, json.dumps({"hello": index, "token": token}).encode())
         self._beat_s, self._closed = beat_s, False
         # seconds the worker's main thread has been inside one step (0: waiting), sent
         # with each heartbeat so the front can tell a hung rank from one that waits
@@ -189,6 +192,17 @@ class WorkerLink:
 
 
 _GONE = object()
+
+
+def read_hello(sock: socket.socket, timeout: float = 30.0) -> tuple[int, str]:
+    """(index, token) from a new connection's first frame (JSON, never a pickle)."""
+    sock.settimeout(timeout)
+    kind, body = _Socket(sock).recv_frame()
+    sock.settimeout(None)
+    if kind != HELLO or len(body) > 4096:
+        raise ValueError(f"the first frame is of type {kind}, not a hello")
+    hello = json.loads(body)
+    return int(hello["hello"]), str(hello["token"])
 
 
 class FrontLink:
