@@ -24,6 +24,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -121,6 +128,11 @@ def add_processes(p: argparse.ArgumentParser) -> None:
                    "(default: pp x tp x cp x dp); not needed under torchrun")
     g.add_argument("--timeout", type=positive_float, help="seconds a rank waits for a silent "
                    f"peer before every process exits (default {DEFAULT_TIMEOUT_S:.0f})")
+    g.add_argument("--on-failure", choices=("restart", "fail"), default="restart",
+                   help="with --nproc, when a worker dies or hangs: restart its replica's "
+                   "workers and replay its requests (default), or fail the run")
+    g.add_argument("--max-restarts", type=count, default=3,
+                   help="worker restarts a run may use before it fails (default 3)")
     g.add_argument("--auto", action="store_true",
                    help="let the planner choose tp x pp x dp and the layer split for --devices")
 

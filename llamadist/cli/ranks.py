@@ -1,8 +1,13 @@
-"""generate, chat, bench and serve as one rank of a multi-process run (started by the launcher or
-by torchrun). Rank 0 is the front: it builds the Job (the front process's layout when it
-started us), broadcasts what every rank must agree on (``RankSpec``), and runs the same
-engine and the same commands as one process does (cli.run), its executors driving the
-other ranks. Every other rank loads its stage and serves steps until the front closes."""
+"""generate, chat, bench and serve as one rank of a multi-process run.
+
+* Started by ``llamadist ... --nproc N`` (cli.front: the launcher process is the front and
+  no rank): ``run_worker`` connects to the front, takes the ``RankSpec``, loads its stage
+  and serves steps until the front closes; every rank is a worker.
+* Under torchrun (no front of ours): rank 0 is the front. It builds the Job, broadcasts
+  what every rank must agree on (``RankSpec``), and runs the same engine and the same
+  commands as one process does (cli.run), its executors driving the other ranks. Every
+  other rank loads its stage and serves steps until the front closes. A dead rank ends
+  the run (nothing outlives the world's rank 0)."""
 
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Any
 from llamadist.cli.args import USER_ERRORS, grid_flags, runtime_config
 from llamadist.cli.jobs import JOBS, Job, inherited_layout
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
+from llamadist.distributed.link import FRONT_ENV
 from llamadist.runtime.worker import RankSpec, Session, setup_worker_logging
 
 log = logging.getLogger(__name__)
@@ -24,6 +30,8 @@ Command = Callable[[argparse.Namespace, Job, Any], int]  # cli.run's generate, c
 
 def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
     """This rank's part of ``kind``; on rank 0, ``command`` (cli.run's) runs the job."""
+    if os.environ.get(FRONT_ENV):
+        return run_worker(args)
     rank = int(os.environ["RANK"])
     setup_worker_logging(rank, args.verbose)
     # The grid: the layout the front process decided (--auto included), else the flags.
@@ -51,6 +59,44 @@ def run_rank(kind: str, args: argparse.Namespace, command: Command) -> int:
     return 1  # not reached
 
 
+def run_worker(args: argparse.Namespace) -> int:
+    """A worker under the front: connect, take the setup, load only this rank's stage,
+    report ready (with the load time), serve steps until END, send the statistics."""
+    import time
+
+    from llamadist.distributed.link import INDEX_ENV, TOKEN_ENV, WorkerLink
+    from llamadist.weights.checkpoint import open_checkpoint
+    index = int(os.environ[INDEX_ENV])
+    setup_worker_logging(index, args.verbose)
+    try:
+        timeout = runtime_config(args).timeout
+        link = WorkerLink(os.environ[FRONT_ENV], index, os.environ[TOKEN_ENV],
+                          beat_s=min(1.0, timeout / 4))
+        setup = link.recv_obj()
+        session = Session.start(setup["pp"], setup["tp"], 1, setup["timeout"],
+                                setup["devices"], setup["cp"])
+        t0 = time.perf_counter()
+        rank_stage = session.load(open_checkpoint(args.model), setup["spec"],
+                                  front_link=link)
+        link.stuck = lambda: (time.monotonic() - rank_stage.in_step_since
+                              if rank_stage.in_step_since is not None else 0.0)
+        link.send_obj({"ready": index, "load_s": time.perf_counter() - t0})
+        rank_stage.serve()
+        link.send_obj({"report": rank_report(session) | {"rank": index,
+                                                         "dp": setup["replica"]}})
+        session.close()
+        link.close()
+        return 0
+    except PeerError as e:
+        _die(index, str(e), EXIT_PEER_LOST)
+    except KeyboardInterrupt:
+        _die(index, "interrupted", 130)
+    except Exception:  # noqa: BLE001 - any other failure: say which worker, then leave
+        log.exception("worker %d failed", index)
+        _die(index, "see the traceback above", 1)
+    return 1  # not reached
+
+
 def _die(rank: int, message: str, code: int) -> None:
     """Report and leave at once: the interpreter's teardown could hang on a process group
     whose peers are gone, and the launcher is waiting for this exit to clean up."""
@@ -62,19 +108,15 @@ def _die(rank: int, message: str, code: int) -> None:
 
 def rank_spec(session: Session, job: Job) -> RankSpec:
     """What every rank must agree on before loading, from rank 0's Job."""
-    from llamadist.engine.engine import LLMEngine
-    g, layout, rt = session.groups, job.layout, job.runtime
+    from llamadist.cli.front import rank_spec_of
+    g, layout = session.groups, job.layout
     if (layout.pp, layout.tp, layout.dp, layout.cp) != (g.pp_size, g.tp_size, g.dp_size,
                                                         g.cp_size):
         raise ValueError(f"the layout (pp={layout.pp} tp={layout.tp} cp={layout.cp} "
                          f"dp={layout.dp}) does not match the process grid (pp={g.pp_size} "
                          f"tp={g.tp_size} cp={g.cp_size} dp={g.dp_size}): give the same "
                          f"--pp/--tp/--cp/--dp to every rank")
-    devices = list(layout.devices)
-    block_size = rt.block_size_for(devices)  # each rank's; the scheduler's is cp of them
-    return RankSpec(tuple((r.start, r.stop) for r in layout.layer_ranges),
-                    rt.dtype_for(devices), rt,
-                    LLMEngine.default_blocks(rt, block_size * layout.cp), block_size, layout.ep)
+    return rank_spec_of(job)
 
 
 def _agree(session: Session, args: argparse.Namespace, kind: str, ckpt, tok

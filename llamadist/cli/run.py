@@ -1,17 +1,16 @@
 """generate, chat, bench and serve: the request is checked in full (Job), then run in this process
-or over worker processes (the launcher starts them; cli.ranks is what each rank runs)."""
+or over worker processes (cli.front starts and watches them from this process, which runs
+the engine; cli.ranks is what each worker runs)."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from dataclasses import replace
 
 from llamadist.cli.args import in_worker
 from llamadist.cli.jobs import JOBS, Job, print_sequences
-from llamadist.cli.layout import LAYOUT_ENV
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
@@ -29,8 +28,11 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     ckpt = open_checkpoint(args.model)
     tok = ckpt.tokenizer()
     job = JOBS[kind](args, ckpt, tok)
+    if job.layout.lockstep:
+        return launch_ranks(kind, args, job)
     if job.layout.processes > 1:
-        return launch(kind, args, job)
+        from llamadist.cli.front import run_front
+        return run_front(kind, args, job, ckpt, tok, COMMANDS[kind])
     # an interactive command's first token should not wait for every bucket's capture
     llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty(),
                    warmup=kind not in INTERACTIVE)
@@ -50,13 +52,17 @@ def refuse_with_shape(args: argparse.Namespace) -> None:
                          f"{', '.join(given)} (or bench a checkpoint instead of --shape)")
 
 
-def launch(kind: str, args: argparse.Namespace, job: Job) -> int:
-    """Start the layout's worker processes on this host; each reruns this command line as
-    one rank and takes the layout decided here."""
-    from llamadist.distributed.launch import launch as start
+def launch_ranks(kind: str, args: argparse.Namespace, job: Job) -> int:
+    """Experts spread over data-parallel replicas (--ep tp x dp) need every replica in one
+    world, stepping together: rank 0 is then the front (as under torchrun) and a lost rank
+    ends the run (the front of cli.front gives each replica a world of its own)."""
+    import os
+
+    from llamadist.cli.layout import LAYOUT_ENV
+    from llamadist.distributed.launch import Launcher
     env = {**os.environ, LAYOUT_ENV: job.layout.to_json()}
-    return start(["-m", "llamadist", *args.argv], job.layout.processes, env=env,
-                 stdin_to_rank0=kind == "chat", term_to_rank0=kind == "serve")
+    return Launcher(["-m", "llamadist", *args.argv], job.layout.processes, env=env,
+                    stdin_to_rank0=kind == "chat", term_to_rank0=kind == "serve").run()
 
 
 def load_llm(job: Job, ckpt, tok, progress: bool = False, warmup: bool = True):

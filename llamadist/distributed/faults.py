@@ -86,7 +86,10 @@ def _hooks() -> tuple[tuple[str, bool, int, int], ...]:
 
 def fault_hook(rank: int, step: int) -> None:
     """Test hooks: LLAMADIST_TEST_DIE_AT_STEP=rank:step exits that rank abruptly (as a crash
-    would) when it reaches that generation step; LLAMADIST_TEST_HANG_AT_STEP hangs it."""
+    would) when it reaches that generation step; LLAMADIST_TEST_HANG_AT_STEP hangs it.
+    Under the front (every replica a world of its own) ``rank`` is the worker's global
+    index (LLAMADIST_WORKER_INDEX)."""
+    rank = int(os.environ.get("LLAMADIST_WORKER_INDEX", rank))
     for var, die, r, s in _hooks():
         if r == rank and s == step:
             if die:

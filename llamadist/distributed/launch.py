@@ -22,6 +22,10 @@ on both, with HOST0 reachable from HOST1 (torchrun's own rendezvous; any free po
     Without a rendezvous server, the static form works as well: --nnodes 2 --node-rank
     {0,1} --master-addr HOST0 --master-port 29500.
 
+``llamadist ... --nproc N`` runs its workers as ``Crew``s (one per data-parallel replica,
+each a world of its own) under cli.front, which outlives them and restarts them.
+``Launcher`` is the plain form (the tests' worker worlds): rank 0 is the front.
+
 The local launcher gives each worker torchrun's environment (RANK, WORLD_SIZE,
 LOCAL_RANK, MASTER_ADDR, MASTER_PORT on a free port), puts them in one process group of
 their own and asks the kernel to kill them if the launcher dies (PR_SET_PDEATHSIG).
@@ -60,15 +64,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def worker_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = None
+def worker_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = None,
+               local_rank: int | None = None, local_world: int | None = None
                ) -> dict[str, str]:
+    """torchrun's variables for rank ``rank`` of a world of ``nproc``; ``local_rank`` /
+    ``local_world``: its place among every worker of this host (its GPU), when the host
+    runs several worlds (one per data-parallel replica under the front)."""
     env = dict(os.environ if base is None else base)
-    env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(rank),
-               LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
+    local_rank = rank if local_rank is None else local_rank
+    local_world = nproc if local_world is None else local_world
+    env.update(RANK=str(rank), WORLD_SIZE=str(nproc), LOCAL_RANK=str(local_rank),
+               LOCAL_WORLD_SIZE=str(local_world), GROUP_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
     env[WORKER_ENV] = "1"
     # N processes share the cores; an oversubscribed OpenMP pool is much slower than none.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
     return env
 
 
@@ -189,6 +199,75 @@ class Launcher:
             self.kill()
 
 
+class Crew:
+    """The worker processes of one torch.distributed world under the front (one
+    data-parallel replica): started together on a fresh rendezvous port, watched, and
+    killed together (their own process group). Each worker learns the front's address,
+    its global index and this incarnation's token from its environment."""
+
+    def __init__(self, argv: list[str], indices: list[int], nproc: int,
+                 env: dict[str, str], extra: dict[str, str]):
+        self.argv, self.indices, self.nproc = argv, indices, nproc
+        self.env, self.extra = env, extra
+        self.procs: dict[int, subprocess.Popen] = {}
+        self.started_at = 0.0
+
+    def start(self, token: str, drop: tuple[str, ...] = ()) -> None:
+        """Start every worker (``drop``: environment variables a restart must not
+        inherit, such as a test's fault injection)."""
+        self.kill()
+        port = free_port()
+        base = {k: v for k, v in self.env.items() if k not in drop}
+        pgid = 0
+        self.started_at = time.monotonic()
+        for rank, index in enumerate(self.indices):
+            env = worker_env(rank, len(self.indices), port, base, index, self.nproc)
+            env.update(self.extra, LLAMADIST_WORKER_INDEX=str(index),
+                       LLAMADIST_WORKER_TOKEN=token, LLAMADIST_FRONT_PID=str(os.getpid()))
+            # process_group, not a preexec_fn: the front has threads (fork + Python = risk).
+            # No PR_SET_PDEATHSIG either: it fires when the *thread* that forked exits (a
+            # restart runs on a passing thread); the worker's heartbeat thread leaves
+            # instead when the front is gone (distributed.link.WorkerLink)
+            p = subprocess.Popen([sys.executable, *self.argv], env=env,
+                                 stdin=subprocess.DEVNULL, process_group=pgid)
+            pgid = pgid or p.pid
+            self.procs[index] = p
+        log.info("started workers %s (pids %s) on port %d", self.indices,
+                 [p.pid for p in self.procs.values()], port)
+
+    def exits(self) -> list[WorkerExit]:
+        """The workers that have exited, now."""
+        now = time.monotonic()
+        return [WorkerExit(i, p.pid, p.returncode, now) for i, p in self.procs.items()
+                if p.poll() is not None]
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs.values()]
+
+    def wait(self, seconds: float) -> bool:
+        """Wait up to ``seconds`` for every worker to exit by itself; True if they did."""
+        deadline = time.monotonic() + seconds
+        while any(p.poll() is None for p in self.procs.values()):
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(POLL_S)
+        return True
+
+    def kill(self) -> None:
+        if not self.procs:
+            return
+        first = next(iter(self.procs.values()))
+        try:
+            os.killpg(first.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        self.procs = {}
+
+
 def _relay_stdin(p: subprocess.Popen) -> None:
     """Copy the launcher's stdin to rank 0 line by line (rank 0 is not in the terminal's
     foreground group, so it must not read the terminal itself)."""
@@ -200,11 +279,3 @@ def _relay_stdin(p: subprocess.Popen) -> None:
         p.stdin.close()
     except (BrokenPipeError, OSError, ValueError):
         pass
-
-
-def launch(argv: list[str], nproc: int, env: dict[str, str] | None = None,
-           stdin_to_rank0: bool = False, term_to_rank0: bool = False) -> int:
-    """Run ``python ARGV`` as ``nproc`` local workers; returns the exit code to use.
-    ``term_to_rank0``: the launcher's SIGTERM goes to rank 0 (a server, which then stops
-    serving and closes every rank) instead of ending the launcher at once."""
-    return Launcher(argv, nproc, env, stdin_to_rank0, term_to_rank0=term_to_rank0).run()

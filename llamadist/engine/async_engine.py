@@ -141,6 +141,8 @@ class AsyncEngine:
                 if self.engine.has_unfinished:
                     for out in self.engine.step():
                         self._deliver(out)
+                else:
+                    self.engine.poll()  # an idle server still notices a lost worker
         except BaseException as e:  # noqa: BLE001 - every reader learns why, then we stop
             log.exception("the engine thread failed")
             self.error = e

@@ -126,13 +126,14 @@ class LLMEngine:
         # block 0 is the null block padding rows point at). Fewer blocks than max_batch
         # full sequences need is fine: the scheduler preempts and recomputes.
         self.num_blocks = num_blocks = num_blocks or self.default_blocks(runtime, block_size)
-        budget = runtime.batch_tokens_for(devices)
+        self._budget = runtime.batch_tokens_for(devices)
+        self._prefix_caching = prefix_caching
         self.replicas = []
         for ex in executors:
-            ex.init_paged(num_blocks, block_size)
-            pool = BlockPool(num_blocks, block_size, prefix_caching)
-            sched = Scheduler(pool, runtime.max_batch, budget, runtime.max_seq_len)
-            self.replicas.append(Replica(ex, sched))
+            self.add_replica(ex)
+        # recovery from a lost worker (cli.front.Front): ``poll(engine)`` between steps,
+        # ``recover(engine, failure) -> bool`` when a step fails with a PeerError
+        self.guard = None
         self.eos = set(self.config.eos_token_ids) | set(tokenizer.eos_token_ids
                                                         if tokenizer else ())
         self.stats = EngineStats()
@@ -141,6 +142,20 @@ class LLMEngine:
         self._launches = itertools.count()
         self._where: dict[str, Replica] = {}  # unfinished requests' replicas
         self.warmup_s = 0.0  # set by warmup()
+
+    def add_replica(self, executor: Executor) -> None:
+        """A data-parallel replica (at start, or one restarted after a failure) with its
+        own empty KV blocks and scheduler; new requests go to the least loaded."""
+        executor.init_paged(self.num_blocks, self.block_size)
+        pool = BlockPool(self.num_blocks, self.block_size, self._prefix_caching)
+        sched = Scheduler(pool, self.runtime.max_batch, self._budget, self.runtime.max_seq_len)
+        self.replicas.append(Replica(executor, sched))
+
+    def poll(self) -> None:
+        """Between steps (an idle server calls it too): let the guard notice a lost worker
+        or bring a restarted replica back."""
+        if self.guard is not None:
+            self.guard.poll(self)
 
     def warmup(self, force: bool = False) -> float:
         """Run one decode step of every batch bucket through each executor on a GPU (on
@@ -294,6 +309,7 @@ class LLMEngine:
         """Launch steps until every executor has ``depth`` in flight, then finish the
         oldest: sample, advance, stream. The outputs of the requests it advanced. Not
         thread-safe: one caller steps the engine (add and cancel between steps)."""
+        self.poll()
         t0 = time.perf_counter()
         try:
             self._launch()
@@ -316,6 +332,9 @@ class LLMEngine:
                     r.executor.reset()  # its results of those steps are dropped
                 except Exception as e:  # noqa: BLE001 - reported; the failure is raised
                     log.warning("could not reset the executor of a failed step: %s", e)
+            if (isinstance(failure, PeerError) and self.guard is not None
+                    and self.guard.recover(self, failure)):
+                return []  # the requests replay on the new executors from the next step
             raise
         if step is None:  # an empty lockstep step: nothing was sampled
             self._settle(rep)

@@ -12,16 +12,20 @@ step: the sampled tokens of its sequences that sample (``StepWork.sampled_ids`` 
 
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Protocol
 
 import torch
 
 from llamadist.config import ModelConfig, to_device
+from llamadist.distributed.faults import PeerError
 from llamadist.distributed.p2p import Kind, Message
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage_rank import StageRank
 from llamadist.runtime.step_work import StepWork, sample_step
+
+log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
@@ -106,8 +110,10 @@ class LocalExecutor:
 
 
 class RankExecutor:
-    """Replica ``replica`` of a multi-process layout, seen from the front process (rank 0,
-    which is replica 0's first stage: it computes that stage itself at launch)."""
+    """Replica ``replica`` of a multi-process layout, seen from the front: rank 0 under
+    torchrun (replica 0's first stage: it computes that stage itself at launch), or the
+    launcher process, which is no rank (``RankExecutor.remote``: every replica is remote,
+    driven through a ``distributed.link.CrewLinks``)."""
 
     ahead = False  # the sampled tokens live on the last stage's rank, not the first's
 
@@ -116,17 +122,33 @@ class RankExecutor:
         self.config = rank.stage.model.config
         self.devices = devices
         self.depth = rank.groups.pp_size
+        self.link = rank.front
         self.leader, self.sampler = rank.replica_ranks(replica)
         self.remote = self.leader != rank.groups.rank  # else this process is its first stage
         self.blocking = not self.remote
+        self.paged_shape: tuple[int, int] | None = rank.paged_shape
         # per launched step, oldest first: its tokens when known at launch (sampled here:
         # one stage, tp 1; or [] for an empty step, which sends none back), else None
         self._results: deque[list[int] | None] = deque()
 
+    @classmethod
+    def remote(cls, link, replica: int, leader: int, sampler: int, depth: int,
+               config: ModelConfig, devices: list[str], paged_shape: tuple[int, int]
+               ) -> "RankExecutor":
+        """A replica whose ranks all live in other processes: steps go to ``leader``,
+        tokens come from ``sampler`` (indices on ``link``); its ranks made
+        ``paged_shape`` = (blocks, block size) of KV cache."""
+        self = cls.__new__(cls)
+        self.rank, self.replica, self.config, self.devices = None, replica, config, devices
+        self.depth, self.link, self.leader, self.sampler = depth, link, leader, sampler
+        self.remote, self.blocking, self.paged_shape = True, False, paged_shape
+        self._results = deque()
+        return self
+
     def init_paged(self, num_blocks: int, block_size: int) -> None:
         """Every rank made its cache at setup (runtime.worker.RankSpec): check the engine
         uses no more blocks than it holds, of the same size."""
-        have, size = self.rank.paged_shape
+        have, size = self.paged_shape
         if num_blocks > have or block_size != size:
             raise ValueError(f"the engine asks for {num_blocks} blocks of {block_size} but "
                              f"the ranks made {have} of {size}")
@@ -134,7 +156,7 @@ class RankExecutor:
     def launch(self, work: StepWork) -> None:
         known = None if work.seqs else []  # an empty step (lockstep) samples nothing
         if self.remote:
-            self.rank.front.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
+            self.link.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
         else:
             with torch.inference_mode():
                 tokens = self.rank.run(work)
@@ -146,7 +168,7 @@ class RankExecutor:
         known = self._results.popleft()
         if known is not None:
             return known
-        return self.rank.front.recv(self.sampler).tensor.tolist()
+        return self.link.recv(self.sampler).tensor.tolist()
 
     def reset(self) -> None:
         """Receive and drop the tokens of steps the engine aborted, so the next collect
@@ -155,16 +177,24 @@ class RankExecutor:
             self.collect()
 
     def idle(self) -> None:
-        """The replica has nothing in flight: its ranks may wait without a deadline."""
-        if self.remote:
-            self.rank.front.send(self.leader, Message(Kind.IDLE))
-        else:
-            self.rank.idle()
+        """The replica has nothing in flight: its ranks may wait without a deadline. A lost
+        rank is not raised here (outside a step): the front's watch reports it."""
+        try:
+            if self.remote:
+                self.link.send(self.leader, Message(Kind.IDLE))
+            else:
+                self.rank.idle()
+        except PeerError as e:
+            log.warning("telling replica %d it is idle: %s", self.replica, e)
 
     def close(self) -> None:
-        """Tell the replica's ranks to leave (replica 0: the front's own paths)."""
-        if self.remote:
-            self.rank.front.send(self.leader, Message(Kind.END))
-            self.rank.front.flush()
-        else:
+        """Tell the replica's ranks to leave (replica 0 under torchrun: the front's own
+        paths)."""
+        if not self.remote:
             self.rank.close()
+            return
+        try:
+            self.link.send(self.leader, Message(Kind.END))
+            self.link.flush()
+        except PeerError as e:  # a lost replica's ranks are killed instead
+            log.info("closing replica %d: %s", self.replica, e)

@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -68,6 +69,9 @@ class StageRank:
     record_logits: bool = False  # keep the sampled rows' fp32 logits (tests)
     recorded: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     stats: RankStats = field(default_factory=RankStats)
+    # the link to the front when the front is not rank 0 (distributed.link.WorkerLink:
+    # P2P's interface; the front is its only peer); None: the steps group to rank 0
+    front_link: Any = None
 
     def __post_init__(self) -> None:
         g = self.groups
@@ -78,8 +82,9 @@ class StageRank:
         self.pipe = P2P(g.pp, self.stage.device, self.timeout, self.watchdog)
         # the leader fans a step out to its stage's other ranks (tp, and cp when > 1)
         self.tp_link = P2P(g.stage, CPU, self.timeout, self.watchdog)
-        self.front = P2P(g.steps, CPU, self.timeout, self.watchdog)
+        self.front = self.front_link or P2P(g.steps, CPU, self.timeout, self.watchdog)
         self.busy = False  # between a STEP and the next IDLE: waits have a deadline
+        self.in_step_since: float | None = None  # monotonic start of the step running now
 
     # ---- who talks to whom ----------------------------------------------------------
     @property
@@ -112,6 +117,14 @@ class StageRank:
         x: the previous stage's hidden state; the first stage reads the tokens from
         ``work``) and pass it on; -> the sampled tokens (CPU) on the rank that samples,
         else None."""
+        self.in_step_since = time.monotonic()
+        try:
+            return self._run(work, packed, x)
+        finally:
+            self.in_step_since = None
+
+    def _run(self, work: StepWork, packed: torch.Tensor | None,
+             x: torch.Tensor | None) -> torch.Tensor | None:
         if work.reset_stats:
             self.stats = RankStats()
             self.stage.reset_stats()

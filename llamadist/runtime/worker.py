@@ -146,9 +146,10 @@ class Session:
                                 f"{str(e).splitlines()[0][:160]}") from e
 
     def load(self, ckpt: Checkpoint, spec: RankSpec, progress: bool = False,
-             record_logits: bool = False) -> StageRank:
+             record_logits: bool = False, front_link: Any = None) -> StageRank:
         """Build this rank's stage (only its layers, only its TP shard) with its paged KV
-        cache, ready to run steps."""
+        cache, ready to run steps. ``front_link``: the front's connection when the front
+        is not rank 0 (distributed.link.WorkerLink)."""
         if len(spec.layer_ranges) != self.groups.pp_size:
             raise ValueError(f"{len(spec.layer_ranges)} stages planned for "
                              f"pp={self.groups.pp_size}")
@@ -156,7 +157,8 @@ class Session:
         log.info("%s: layers [%d, %d) loaded", self.groups.describe(), stage.layers.start,
                  stage.layers.stop)
         self.rank_stage = StageRank(self.groups, stage, spec.runtime, self.timeout,
-                                    self.watchdog, record_logits=record_logits)
+                                    self.watchdog, record_logits=record_logits,
+                                    front_link=front_link)
         self.rank_stage.init_paged(spec.num_blocks, spec.block_size)
         # Loading times differ by stage; --timeout bounds a step, not a slow neighbour's load.
         self.barrier("every rank to load its stage")

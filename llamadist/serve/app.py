@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -37,9 +38,11 @@ class ServeConfig:
 class Server:
     """The app's state: the front end, the metrics, the requests in flight."""
 
-    def __init__(self, frontend: Frontend, metrics: ServeMetrics, config: ServeConfig):
+    def __init__(self, frontend: Frontend, metrics: ServeMetrics, config: ServeConfig,
+                 workers: Callable[[], dict] | None = None):
         self.frontend, self.metrics, self.config = frontend, metrics, config
         self.in_flight = 0
+        self.workers = workers  # the front's status of its worker processes (--nproc)
 
     def admit(self, job: Job) -> None:
         """Queue the job's choices, or 429 when the queue would be over its limit."""
@@ -181,11 +184,21 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/health")
     async def health() -> Response:
-        if server.frontend.engine.alive:
-            return JSONResponse({"status": "ok"})
-        err = server.frontend.engine.error
-        return JSONResponse({"status": "error", "error": str(err) if err else "stopped"},
-                            status_code=503)
+        """200 ok; 503 recovering (a lost worker being replaced: requests wait, none is
+        lost) or error (the engine stopped, and why)."""
+        st = server.workers() if server.workers else {}
+        if not server.frontend.engine.alive:
+            err = st.get("error") or server.frontend.engine.error
+            return JSONResponse({"status": "error", "error": str(err) if err else "stopped"},
+                                status_code=503)
+        if st.get("status") == "recovering":
+            return JSONResponse({"status": "recovering", "restarts": st["restarts"]},
+                                status_code=503, headers={"Retry-After": "5"})
+        extra = ({"replicas": f"{st['replicas_running']}/{st['replicas']}",
+                  "restarts": st["restarts"]} if st else {})
+        if st.get("recoveries"):
+            extra["last_recovery"] = st["recoveries"][-1]
+        return JSONResponse({"status": "ok", **extra})
 
     @app.get("/metrics")
     async def metrics() -> Response:

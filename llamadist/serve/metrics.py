@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector,
                                generate_latest)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    SummaryMetricFamily)
 
 from llamadist.engine.async_engine import AsyncEngine
 from llamadist.engine.request import Request
@@ -99,12 +100,44 @@ def _cuda_memory() -> list[tuple[str, float]]:
             for i in range(torch.cuda.device_count())]
 
 
+class RecoveryCollector:
+    """The front's worker processes (--nproc): replicas running, restarts, and each
+    recovery's phases (detect, restart, reload, replay) as summaries."""
+
+    def __init__(self, status: Callable[[], dict]):
+        self.status = status
+
+    def collect(self):
+        st = self.status()
+        yield GaugeMetricFamily(f"{PREFIX}_replicas_running", "data-parallel replicas whose "
+                                "workers are all running", value=st["replicas_running"])
+        yield GaugeMetricFamily(f"{PREFIX}_recovering", "1 while a lost worker is replaced",
+                                value=1.0 if st["status"] == "recovering" else 0.0)
+        yield CounterMetricFamily(f"{PREFIX}_worker_restarts", "worker restarts (each "
+                                  "restarts a replica's workers)", value=st["restarts"])
+        recs = st["recoveries"]
+        yield CounterMetricFamily(f"{PREFIX}_recoveries", "replicas recovered after a lost "
+                                  "worker", value=len(recs))
+        yield CounterMetricFamily(f"{PREFIX}_replayed_requests", "requests replayed or moved "
+                                  "by recoveries",
+                                  value=sum(r["replayed"] + r["moved"] for r in recs))
+        phases = SummaryMetricFamily(f"{PREFIX}_recovery_seconds", "seconds per recovery "
+                                     "phase: detect, restart, reload, replay", labels=["phase"])
+        for phase in ("detect", "restart", "reload", "replay"):
+            done = [r[f"{phase}_s"] for r in recs if r[f"{phase}_s"] is not None]
+            phases.add_metric([phase], count_value=len(done), sum_value=sum(done))
+        yield phases
+
+
 class ServeMetrics:
     def __init__(self, engine: AsyncEngine,
                  stage_stats: Callable[[], list[dict]] | None = None,
-                 expert_load: Callable[[], dict[int, list[int]]] | None = None):
+                 expert_load: Callable[[], dict[int, list[int]]] | None = None,
+                 workers: Callable[[], dict] | None = None):
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine, stage_stats, expert_load))
+        if workers is not None:
+            self.registry.register(RecoveryCollector(workers))
         r = self.registry
         ProcessCollector(registry=r)  # the front process's memory, CPU seconds, open files
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "arrival to first token",

@@ -10,6 +10,8 @@ import argparse
 import contextlib
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -17,6 +19,7 @@ import uvicorn
 from llamadist.engine.async_engine import AsyncEngine
 
 GRACE_S = 5
+FAIL_GRACE_S = 2.0
 
 
 def served_name(args: argparse.Namespace) -> str:
@@ -32,10 +35,13 @@ def build_server(llm, name: str, api_key: str | None = None, max_queue: int = 25
     from llamadist.serve.openai_api import Frontend
     engine = AsyncEngine(llm.llm_engine)
     in_process = getattr(llm, "engine", None) is not None  # rank 0 must not gather stats
+    front = getattr(llm, "front", None)  # cli.front.Front: the workers of --nproc
     metrics = ServeMetrics(engine, llm.stage_stats if in_process else None,
-                           llm.expert_load if llm.config.is_moe else None)
+                           llm.expert_load if llm.config.is_moe else None,
+                           front.status if front else None)
     frontend = Frontend(engine, llm.tokenizer, name, llm.max_seq_len, llm.config.vocab_size)
-    server = Server(frontend, metrics, ServeConfig(name, api_key, max_queue))
+    server = Server(frontend, metrics, ServeConfig(name, api_key, max_queue),
+                    front.status if front else None)
     return build_app(server), engine
 
 
@@ -57,6 +63,18 @@ class Server(uvicorn.Server):
                 signal.signal(s, handler)
 
 
+def _stop_when_failed(engine: AsyncEngine, server: "Server") -> None:
+    """Over worker processes, an engine that failed for good (a worker lost past
+    --max-restarts, or --on-failure fail) ends the server FAIL_GRACE_S later: long enough
+    for clients to read the error events and the 503, then a service manager restarts
+    it. A stopped server with no workers must not pose as one."""
+    while engine.alive and not server.should_exit:
+        time.sleep(0.2)
+    if engine.error is not None and not server.should_exit:
+        time.sleep(FAIL_GRACE_S)
+        server.should_exit = True
+
+
 def serve(args: argparse.Namespace, job, llm) -> int:
     """cli.run's ``serve`` command (the same on one process and on rank 0)."""
     name = served_name(args)
@@ -69,6 +87,8 @@ def serve(args: argparse.Namespace, job, llm) -> int:
           f"({job.layout.pp} stage(s) x {job.layout.processes} process(es), at most "
           f"{job.runtime.max_batch} sequences at once, context {job.max_seq_len})",
           file=sys.stderr, flush=True)
+    if getattr(llm, "front", None) is not None:
+        threading.Thread(target=_stop_when_failed, args=(engine, server), daemon=True).start()
     try:
         server.run()
     finally:

@@ -262,13 +262,14 @@ def run_until_exit(args: list[str], env: dict, marker: str, timeout: float
 
 @pytest.mark.parametrize("mode", ["die", "hang"])
 def test_failed_rank_stops_everyone(tiny_model, mode, tmp_path):
+    """--on-failure fail: the run ends, naming the worker that failed."""
     tag = f"LLAMADIST_TEST_TAG_{mode}_{os.getpid()}"
     hook = "LLAMADIST_TEST_DIE_AT_STEP" if mode == "die" else "LLAMADIST_TEST_HANG_AT_STEP"
     env = worker_env(**{hook: "1:3", tag: "1"})
     limit = 4.0
     nproc = "2" if mode == "die" else "3"  # a hang in the middle of 3 stages: blame travels
     args = ["generate", str(tiny_model), "--nproc", nproc, "--max-new-tokens", str(NEW),
-            "--timeout", str(limit), "--prompt", "a", "--prompt", "b"]
+            "--timeout", str(limit), "--on-failure", "fail", "--prompt", "a", "--prompt", "b"]
     code, err, after = run_until_exit(args, env, "dying at step" if mode == "die" else "hanging",
                                       timeout=90)
     assert code != 0
@@ -279,6 +280,31 @@ def test_failed_rank_stops_everyone(tiny_model, mode, tmp_path):
         assert "rank 1 (pid" in err and "stopped answering" in err, err
         assert after < limit + 4, f"{after:.1f} s from the hang to the launcher's exit"
     time.sleep(0.2)
+    assert live_tagged(tag) == [], "worker processes left behind"
+
+
+def test_generate_survives_a_dead_worker(tiny_model, reference):
+    """The default --on-failure restart: rank 1 dies at its 4th step; the front restarts
+    both workers, replays the prompts with the tokens they had, and every prompt gets the
+    tokens of a run without the fault; no worker is left behind."""
+    tag = f"LLAMADIST_TEST_TAG_restart_{os.getpid()}"
+    out = llamadist("generate", str(tiny_model), "--nproc", "2", "--pp", "2",
+                    "--max-new-tokens", str(NEW), "--max-seq-len", str(MAX_SEQ), "--json",
+                    *prompt_args(), env=worker_env(LLAMADIST_TEST_DIE_AT_STEP="1:4", **{tag: "1"}))
+    assert out.returncode == 0, out.stderr
+    assert "dying at step 4" in out.stderr and "recovery of replica 0" in out.stderr, out.stderr
+    assert json_tokens(out.stdout) == reference["tokens"]
+    assert live_tagged(tag) == [], "worker processes left behind"
+
+
+def test_past_max_restarts_the_run_fails_naming_the_worker(tiny_model):
+    tag = f"LLAMADIST_TEST_TAG_maxrestarts_{os.getpid()}"
+    out = llamadist("generate", str(tiny_model), "--nproc", "2", "--pp", "2",
+                    "--max-restarts", "0", "--max-new-tokens", str(NEW), *prompt_args(),
+                    env=worker_env(LLAMADIST_TEST_DIE_AT_STEP="1:2", **{tag: "1"}))
+    assert out.returncode == 1, out.stderr
+    assert "rank 1 (pid" in out.stderr and "exited with code 17" in out.stderr, out.stderr
+    assert "giving up after 0 restart(s) (--max-restarts 0)" in out.stderr, out.stderr
     assert live_tagged(tag) == [], "worker processes left behind"
 
 

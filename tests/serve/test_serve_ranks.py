@@ -1,5 +1,5 @@
-"""`llamadist serve --nproc 2 --pp 2`: the HTTP front on rank 0 next to the engine's
-driver, the other stage in a worker rank; the same answers as one process, streamed or
+"""`llamadist serve --nproc 2 --pp 2`: the HTTP front and the engine in the launcher
+process, both stages in worker ranks; the same answers as one process, streamed or
 not; logprobs travel back from the sampling rank; SIGTERM to the launcher ends every
 rank with exit 0."""
 
@@ -86,11 +86,14 @@ def children(pid: int) -> list[int]:
 
 
 def test_a_dead_worker_ends_open_streams_with_an_error(tiny_model, tmp_path):
+    """--on-failure fail: no recovery; the stream ends with an error event naming the
+    worker, /health answers 503, and the server exits non-zero 2 s later."""
     import os
     import signal
     from tests.serve.conftest import http
     server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
-                           "--served-model-name", "tiny", log_path=tmp_path / "server.log")
+                           "--on-failure", "fail", "--served-model-name", "tiny",
+                           log_path=tmp_path / "server.log")
     try:
         ranks = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
                               timeout=30)
@@ -101,26 +104,27 @@ def test_a_dead_worker_ends_open_streams_with_an_error(tiny_model, tmp_path):
         next(it)
         rank0, rank1 = children(server.proc.pid)  # the launcher's two workers
         os.kill(rank1, signal.SIGKILL)
-        with pytest.raises(openai.APIError, match="engine failed"):
+        with pytest.raises(openai.APIError, match=f"engine failed: rank 1 .pid {rank1}. was "
+                                                  f"killed by signal 9"):
             for _ in it:
                 pass
-        try:  # 503 until the launcher, seeing a rank gone, ends the run (2 s later)
-            health = http("GET", server.url + "/health", timeout=5)
-            assert health[0] == 503
-        except OSError:
-            pass
+        health = http("GET", server.url + "/health", timeout=5)
+        assert health[0] == 503 and b"--on-failure fail" in health[1], health
+        assert server.proc.wait(15) == 1  # the server ends itself, FAIL_GRACE_S later
     finally:
         code = server.stop()
-    assert code not in (0, -9), "the launcher reported no failure"
+    assert code == 1, "the front reported no failure"
+    assert children(server.proc.pid) == [] and not os.path.exists(f"/proc/{rank0}")
 
 
 def test_a_hung_worker_turns_health_503_within_the_timeout(tiny_model, tmp_path):
-    """Rank 1 stops answering at its 10th step (alive, silent): rank 0 gives up after
-    --timeout 3, the open stream ends with an error event and /health answers 503."""
+    """Rank 1 stops answering at its 10th step (alive, silent, --on-failure fail): the
+    front gives up after --timeout 3, the open stream ends with an error event and
+    /health answers 503 naming rank 1."""
     import time
     from tests.serve.conftest import http
     server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
-                           "--timeout", "3", "--served-model-name", "tiny",
+                           "--timeout", "3", "--on-failure", "fail", "--served-model-name", "tiny",
                            log_path=tmp_path / "server.log",
                            env={"LLAMADIST_TEST_HANG_AT_STEP": "1:10"})
     try:

@@ -1,0 +1,461 @@
+"""The front of ``llamadist generate|chat|bench|serve ... --nproc N``: the launcher process
+itself runs the engine (and the HTTP server), is no rank, and outlives its workers.
+
+    front (this process: LLMEngine, scheduler, tokenizer, HTTP)
+      ├── replica 0: a torch.distributed world of pp x tp workers ┐ one TCP link per worker
+      └── replica 1: its own world (own rendezvous port)          ┘ (distributed.link)
+
+Every worker is a stage rank; each data-parallel replica is a world of its own, so one
+replica's loss leaves the others running. The front watches every worker: a process exit
+(Popen.poll, at once), a closed link, a heartbeat that stops (SIGSTOP, a frozen host) or
+a step stuck longer than ``--timeout``; also while idle. Then, by ``--on-failure``:
+
+* ``restart`` (default): kill the replica's workers, start new ones on the same devices
+  (a new rendezvous port; they reload their weights), and replay the replica's requests
+  from prompt + tokens so far (``LLMEngine.replace_executor``). With several replicas the
+  lost one's requests move to the live ones at once (``LLMEngine.fail_over``) and it
+  restarts in the background, rejoining empty (``LLMEngine.add_replica``).
+* ``fail``: the run fails as before: open requests end with an error, the culprit is named.
+
+``--max-restarts`` bounds the restarts of the whole run; past it the engine fails with the
+reason and no worker is left behind. Under torchrun there is no front of ours: rank 0
+is the front (cli.ranks) and a dead rank ends the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+from llamadist.cli.jobs import Job
+from llamadist.cli.layout import LAYOUT_ENV
+from llamadist.distributed.faults import EXIT_PEER_LOST
+from llamadist.distributed.launch import Crew, WorkerExit
+from llamadist.distributed.link import (FRONT_ENV, POLL_S, CrewLinks, FrontLink, WorkerLost,
+                                        read_hello)
+from llamadist.engine.engine import LLMEngine
+from llamadist.engine.executor import RankExecutor
+from llamadist.runtime.worker import RankSpec
+
+log = logging.getLogger(__name__)
+
+FAULT_VARS = ("LLAMADIST_TEST_DIE_AT_STEP", "LLAMADIST_TEST_HANG_AT_STEP")  # injected once
+STARTUP_S = 600.0  # a worker's start and load (a big checkpoint from a slow disk)
+BLAME_GRACE_S = 2.0  # after a loss, how long the front looks for the worker that caused it
+
+
+def rank_spec_of(job: Job) -> RankSpec:
+    """What every rank loads with, from the front's Job. ``block_size`` is each rank's; the
+    scheduler's blocks are ``cp`` of them (one stripe per context-parallel rank)."""
+    layout, rt = job.layout, job.runtime
+    devices = list(layout.devices)
+    block_size = rt.block_size_for(devices)
+    return RankSpec(tuple((r.start, r.stop) for r in layout.layer_ranges),
+                    rt.dtype_for(devices), rt,
+                    LLMEngine.default_blocks(rt, block_size * layout.cp), block_size, layout.ep)
+
+
+@dataclass
+class Recovery:
+    """One recovery, its phases in seconds (detect: from the lost worker's last sign of
+    life to the front's decision; restart: new processes started and connected; reload:
+    rendezvous and weights loaded; replay: until every interrupted request had its next
+    token again)."""
+    replica: int
+    cause: str
+    detect_s: float = 0.0
+    restart_s: float = 0.0
+    reload_s: float = 0.0
+    replay_s: float | None = None
+    replayed: int = 0
+    moved: int = 0  # requests moved to live replicas (data parallel)
+    detected_at: float = 0.0  # wall clock (time.time) of the decision
+
+
+class Replica:
+    """One replica's workers: processes, links, and what the watch found."""
+
+    def __init__(self, index: int, crew: Crew):
+        self.index, self.crew = index, crew
+        self.links: dict[int, FrontLink] = {}
+        self.status = "down"  # starting | running | lost | closing | down
+        self.failure: WorkerLost | None = None
+        self.token = ""
+        self.peer_lost_at: float | None = None
+
+    def close_links(self) -> None:
+        for link in self.links.values():
+            link.close()
+        self.links = {}
+
+
+class Front:
+    def __init__(self, args, job: Job, config):
+        lay = job.layout
+        self.pp, self.tp, self.dp, self.cp = lay.pp, lay.tp, lay.dp, lay.cp
+        self.config, self.devices = config, list(lay.devices)
+        self.timeout = job.runtime.timeout
+        self.policy, self.max_restarts = args.on_failure, args.max_restarts
+        self.spec = rank_spec_of(job)
+        self.setup = {"spec": self.spec, "pp": self.pp, "tp": self.tp, "cp": self.cp,
+                      "devices": ",".join(lay.devices), "timeout": self.timeout}
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        addr = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        env = {**os.environ, LAYOUT_ENV: lay.to_json()}
+        per, argv = self.pp * self.cp * self.tp, ["-m", "llamadist", *args.argv]
+        self.replicas = [Replica(k, Crew(argv, list(range(k * per, (k + 1) * per)), per * self.dp,
+                                         env, {FRONT_ENV: addr})) for k in range(self.dp)]
+        self._arrived: dict[tuple[int, str], FrontLink] = {}
+        self._cond = threading.Condition()
+        self._rejoin: list[tuple[RankExecutor, Recovery]] = []
+        self._replay: dict[str, tuple[object, int]] = {}  # request id -> (request, outputs)
+        self._replay_rec: list[tuple[Recovery, float]] = []
+        self.restarts = 0
+        self.recoveries: list[Recovery] = []
+        self.state, self.error = "starting", None
+        self._stop = threading.Event()
+        for target in (self._accept, self._watch):
+            threading.Thread(target=target, daemon=True, name=f"llamadist{target.__name__}").start()
+
+    @property
+    def block_size(self) -> int:
+        """The scheduler's KV block: one stripe per context-parallel rank."""
+        return self.spec.block_size * self.cp
+
+    # ---- workers -----------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every replica's workers (all at once) and wait until each is loaded."""
+        for r in self.replicas:
+            self._spawn(r)
+        for r in self.replicas:
+            self._await(r)
+        self.state = "ok"
+
+    def executor(self, r: Replica) -> RankExecutor:
+        # ranks in (pp, cp, tp) order, tp innermost (distributed.grid): the first stage's
+        # first rank leads, the last stage's first rank samples
+        per = self.pp * self.cp * self.tp
+        leader, sampler = r.index * per, r.index * per + (self.pp - 1) * self.cp * self.tp
+        links = CrewLinks(r.index, r.links, self.timeout, lambda: r.failure)
+        return RankExecutor.remote(links, r.index, leader, sampler, self.pp, self.config,
+                                   self.devices, (self.spec.num_blocks, self.block_size))
+
+    def _spawn(self, r: Replica) -> None:
+        r.token = secrets.token_hex(8)  # before "starting": a stale hello never matches
+        r.status, r.failure, r.peer_lost_at = "starting", None, None
+        r.close_links()
+        # a restarted worker must not inherit a test's one-shot fault injection
+        r.crew.start(r.token, drop=FAULT_VARS if self.restarts else ())
+
+    def _await(self, r: Replica) -> tuple[float, float]:
+        """Wait for the replica's workers to connect, send each its setup, wait until all
+        are loaded. -> (seconds from start to connected, connected to loaded)."""
+        deadline = time.monotonic() + STARTUP_S
+        want = set(r.crew.indices)
+
+        def check(what: str) -> None:
+            exits = r.crew.exits()
+            if exits:
+                raise WorkerLost(r.index, exits[0].rank, f"{exits[0].describe()} while {what}")
+            if time.monotonic() > deadline:
+                raise WorkerLost(r.index, -1, f"replica {r.index} was not {what} within "
+                                              f"{STARTUP_S:.0f} s")
+        while len(r.links) < len(want):
+            with self._cond:
+                self._cond.wait(POLL_S)
+                for i in want - set(r.links):
+                    link = self._arrived.pop((i, r.token), None)
+                    if link is not None:
+                        r.links[i] = link
+            check("connecting")
+        connected = time.monotonic()
+        for link in r.links.values():
+            link.send_obj({**self.setup, "replica": r.index})
+        ready: set[int] = set()
+        while len(ready) < len(want):
+            for i, link in r.links.items():
+                obj = link.get(link.objects, POLL_S / len(want))
+                if isinstance(obj, dict) and "ready" in obj:
+                    ready.add(i)
+                elif obj is not None and not isinstance(obj, dict):
+                    raise WorkerLost(r.index, i, f"worker {i} {link.lost} while loading")
+            check("loading")
+        r.status = "running"
+        done = time.monotonic()
+        return connected - r.crew.started_at, done - connected
+
+    def _accept(self) -> None:
+        """Take each worker's connection and its hello (index, incarnation token)."""
+        self._listener.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                sock, _ = self._listener.accept()
+            except (TimeoutError, socket.timeout):
+                continue
+            except OSError:
+                return
+            try:
+                index, token = read_hello(sock)
+                r = next(r for r in self.replicas if r.status == "starting" and r.token == token
+                         and index in r.crew.indices)
+            except Exception as e:  # noqa: BLE001 - a stray or stale connection: drop it
+                log.warning("refused a connection without a current worker's hello: %r", e)
+                sock.close()
+                continue
+            with self._cond:
+                self._arrived[(index, r.token)] = FrontLink(sock, index)
+                self._cond.notify_all()
+
+    def _watch(self) -> None:
+        """Every POLL_S: a running replica with a lost worker gets its failure set (read
+        by its links at once, and by ``poll`` while idle)."""
+        while not self._stop.wait(POLL_S):
+            for r in self.replicas:
+                if r.status == "running" and r.failure is None:
+                    try:
+                        found = self._diagnose(r, strict=True)
+                    except RuntimeError:  # its links changed under us (a restart)
+                        continue
+                    if found is not None:
+                        r.failure, r.status = found, "lost"
+                        log.warning("replica %d: %s", r.index, found)
+
+    def _diagnose(self, r: Replica, strict: bool) -> WorkerLost | None:
+        """The worker to blame, if any: one that exited with its own error; one hung (no
+        heartbeat, or inside one step, for --timeout); with ``strict`` False (a loss is
+        already known), the one stuck longest. Workers that only lost a peer are blamed
+        after BLAME_GRACE_S, when nobody else is."""
+        now = time.monotonic()
+        exits = r.crew.exits()
+        own = sorted((e for e in exits if e.code not in (0, EXIT_PEER_LOST)), key=lambda e: e.at)
+        if own:
+            return WorkerLost(r.index, own[0].rank, own[0].describe(), self._seen(r, own[0].rank))
+        pids = {i: p.pid for i, p in r.crew.procs.items()}
+        limit = self.timeout if strict else 0.5
+        links = list(r.links.items())
+        worst = max(links, key=lambda kv: kv[1].stuck(now), default=None)
+        for i, link in links:
+            silent = now - link.seen
+            if silent > self.timeout and link.lost is None:
+                return WorkerLost(r.index, i, f"rank {i} (pid {pids.get(i)}) stopped answering "
+                                              f"(no heartbeat for {silent:.1f} s)", link.seen)
+        if worst is not None and worst[1].stuck(now) > limit:
+            i, link = worst
+            return WorkerLost(r.index, i, f"rank {i} (pid {pids.get(i)}) stopped answering "
+                                          f"(inside one step for {link.stuck(now):.1f} s)",
+                              now - link.stuck(now))
+        gone = [e for e in exits if e.code == EXIT_PEER_LOST] + [
+            WorkerExit(i, pids.get(i, 0), None, now) for i, link in links if link.lost]
+        if gone:
+            r.peer_lost_at = r.peer_lost_at or now
+            if now - r.peer_lost_at > BLAME_GRACE_S:
+                e = gone[0]
+                what = e.describe() if e.code is not None else f"rank {e.rank} closed its link"
+                return WorkerLost(r.index, e.rank, what, self._seen(r, e.rank))
+        return None
+
+    def _seen(self, r: Replica, index: int) -> float | None:
+        link = r.links.get(index)
+        return link.seen if link else None
+
+    # ---- the engine's guard ------------------------------------------------------------
+    def poll(self, engine: LLMEngine) -> None:
+        """Between steps: rejoin restarted replicas, recover one lost while idle, and time
+        the replay of the last recovery."""
+        while self._rejoin:
+            ex, rec = self._rejoin.pop(0)
+            engine.add_replica(ex)
+            log.warning("replica %d rejoined (restart %.2f s, reload %.2f s)", ex.replica,
+                        rec.restart_s, rec.reload_s)
+        busy = {rep.executor.replica for rep in engine.replicas if rep.in_flight}
+        for rep in list(engine.replicas):
+            r = self.replicas[rep.executor.replica]
+            if r.failure is not None and r.index not in busy:
+                self.recover(engine, r.failure)
+        if self._replay_rec:
+            self._replay = {rid: (req, n) for rid, (req, n) in self._replay.items()
+                            if not req.finished and len(req.output_ids) <= n}
+            if not self._replay:
+                for rec, t0 in self._replay_rec:
+                    rec.replay_s = time.monotonic() - t0
+                    log.warning("recovery of replica %d: %s", rec.replica, asdict(rec))
+                self._replay_rec = []
+
+    def recover(self, engine: LLMEngine, failure) -> bool:
+        """A step failed with a lost worker: recover every lost replica, or raise
+        RuntimeError with the reason when nothing can (policy fail, --max-restarts)."""
+        if not isinstance(failure, WorkerLost):
+            return False
+        lost = {failure.replica: failure}
+        for rep in engine.replicas:  # the others' aborted steps: drop their tokens
+            k = rep.executor.replica
+            if self.replicas[k].failure is not None:
+                lost.setdefault(k, self.replicas[k].failure)
+            elif k not in lost:
+                try:
+                    rep.executor.reset()
+                except WorkerLost as e:
+                    lost[k] = e
+        for k, f in lost.items():
+            self._recover_replica(engine, self.replicas[k], f)
+        return True
+
+    def _recover_replica(self, engine: LLMEngine, r: Replica, failure: WorkerLost) -> None:
+        t_detect = time.monotonic()
+        single = len(engine.replicas) == 1  # nothing serves meanwhile: requests wait
+        if single and self.policy != "fail":
+            self.state = "recovering"
+        found = self._blame(r) or failure
+        cause = str(found)
+        r.status = "lost"
+        r.crew.kill()
+        r.close_links()
+        if self.policy == "fail":
+            self._give_up(f"{cause} (--on-failure fail)")
+        seen = found.seen_s if found.seen_s is not None else t_detect
+        rec = Recovery(r.index, cause, detect_s=max(0.0, t_detect - seen),
+                       detected_at=time.time() - (time.monotonic() - t_detect))
+        index = next(i for i, rep in enumerate(engine.replicas) if rep.executor.replica == r.index)
+        sched = engine.replicas[index].scheduler
+        reqs = list(sched.running) + [q for q in sched.waiting if q.output_ids]
+        log.warning("replica %d lost: %s; restarting its workers", r.index, cause)
+        if not single:
+            rec.moved = engine.fail_over(index)
+            threading.Thread(target=self._restart_in_background, args=(r, rec),
+                             daemon=True).start()
+        else:
+            self._restart(r, rec)
+            rec.replayed = engine.replace_executor(index, self.executor(r))
+            self.state = "ok"
+        self.recoveries.append(rec)
+        self._replay.update({q.id: (q, len(q.output_ids)) for q in reqs})
+        self._replay_rec.append((rec, time.monotonic()))
+
+    def _blame(self, r: Replica) -> WorkerLost | None:
+        deadline = time.monotonic() + BLAME_GRACE_S
+        while time.monotonic() < deadline:
+            found = self._diagnose(r, strict=False)
+            if found is not None:
+                return found
+            time.sleep(POLL_S)
+        return None
+
+    def _restart(self, r: Replica, rec: Recovery, background: bool = False) -> None:
+        """Start the replica's workers again, up to --max-restarts for the whole run (past
+        it, in the background: this replica stays down, the others serve)."""
+        cause = rec.cause
+        while True:
+            if self.restarts >= self.max_restarts:
+                reason = (f"{cause}; giving up after {self.restarts} restart(s) "
+                          f"(--max-restarts {self.max_restarts})")
+                if not background:
+                    self._give_up(reason)
+                r.status = "down"
+                raise RuntimeError(reason)
+            self.restarts += 1
+            try:
+                self._spawn(r)
+                rec.restart_s, rec.reload_s = self._await(r)
+                return
+            except WorkerLost as e:
+                cause = str(e)
+                log.warning("replica %d: the restart failed: %s", r.index, cause)
+                r.crew.kill()
+
+    def _restart_in_background(self, r: Replica, rec: Recovery) -> None:
+        try:
+            self._restart(r, rec, background=True)
+        except RuntimeError as e:
+            log.error("replica %d stays down: %s", r.index, e)
+            return
+        self._rejoin.append((self.executor(r), rec))
+
+    def _give_up(self, reason: str) -> None:
+        self.state, self.error = "failed", reason
+        self.kill()
+        raise RuntimeError(reason)
+
+    # ---- status and shutdown -----------------------------------------------------------
+    def status(self) -> dict:
+        """For /health and /metrics."""
+        live = sum(r.status == "running" for r in self.replicas)
+        return {"status": self.state, "error": self.error, "replicas": len(self.replicas),
+                "replicas_running": live, "restarts": self.restarts,
+                "recoveries": [asdict(rec) for rec in self.recoveries]}
+
+    def stats_of(self, engine: LLMEngine):
+        """``LLM.stage_stats``: the first call closes the engine (END reaches every rank)
+        and collects every worker's report; later calls repeat them."""
+        reports: list[dict] = []
+
+        def stage_stats() -> list[dict]:
+            if not reports:
+                reports.extend(self.shutdown(engine))
+            return reports
+        return stage_stats
+
+    def shutdown(self, engine: LLMEngine | None) -> list[dict]:
+        """Close the engine (END to every replica), collect the reports, and make sure no
+        worker outlives the front."""
+        for r in self.replicas:
+            if r.status == "running":
+                r.status = "closing"
+        reports = []
+        if engine is not None:
+            engine.close()
+            deadline = time.monotonic() + max(self.timeout, 10.0)
+            for r in self.replicas:
+                for link in r.links.values() if r.status == "closing" else ():
+                    while time.monotonic() < deadline:
+                        obj = link.get(link.objects, POLL_S)
+                        if isinstance(obj, dict) and "report" in obj:
+                            reports.append(obj["report"])
+                            break
+                        if obj is not None and not isinstance(obj, dict):
+                            break
+            for r in self.replicas:
+                r.crew.wait(max(0.0, deadline - time.monotonic()))
+        self.kill()
+        return sorted(reports, key=lambda s: s["rank"])
+
+    def kill(self) -> None:
+        self._stop.set()
+        for r in self.replicas:
+            r.status = "down"
+            r.crew.kill()
+            r.close_links()
+        try:
+            self._listener.close()
+        except OSError:
+            pass
+
+
+def run_front(kind: str, args, job: Job, ckpt, tok, command) -> int:
+    """cli.run's multi-process path: start the workers, run ``command`` on the engine here."""
+    from llamadist.api import LLM
+    front = Front(args, job, ckpt.config)
+    engine = None
+    try:
+        front.start()
+        engine = LLMEngine([front.executor(r) for r in front.replicas], tok, job.runtime,
+                           front.spec.num_blocks, front.block_size)
+        engine.guard = front
+        if kind not in ("generate", "chat"):  # as cli.run: interactive commands capture lazily
+            engine.warmup()
+        llm = LLM.over(engine, ckpt, tok, front.spec.runtime, job.layout, front.stats_of(engine))
+        llm.front = front
+        return command(args, job, llm)
+    except (WorkerLost, RuntimeError) as e:
+        if front.error is None and not isinstance(e, WorkerLost):
+            raise
+        sys.stdout.flush()
+        print(f"llamadist: error: {front.error or e}", file=sys.stderr)
+        return 1
+    finally:
+        front.shutdown(engine if front.state != "failed" else None)

@@ -1,0 +1,121 @@
+"""A worker lost under `llamadist serve --nproc 2` costs latency, never a request: eight
+concurrent streaming requests (greedy and seeded) survive a worker killed with SIGKILL
+(a pipeline stage, a tensor-parallel rank, a data-parallel replica) or stopped with
+SIGSTOP; each text equals the same request on a one-process server; /health says
+recovering meanwhile, /metrics counts the recovery, and no worker is left behind."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.serve.conftest import ServerProcess, http
+from tests.serve.test_serve_ranks import children
+
+import openai  # a test dependency: missing, the tests fail (they never skip)
+
+PROMPTS = ["The quick brown fox", "Once upon a time", "1 2 3 4", "def main():",
+           "Distributed inference", "Water boils at", "The capital of France", "Hello"]
+NEW = 120
+
+
+def request_kw(i: int) -> dict:
+    """Request i: greedy for even i, seeded sampling for odd i."""
+    kw = dict(model="tiny", prompt=PROMPTS[i], max_tokens=NEW, extra_body={"ignore_eos": True})
+    if i % 2:
+        return kw | dict(temperature=0.8, top_p=0.95, seed=100 + i)
+    return kw | dict(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def reference(client) -> list[str]:
+    """The eight texts on the one-process server (the session's tiny server)."""
+    return [client.completions.create(**request_kw(i)).choices[0].text
+            for i in range(len(PROMPTS))]
+
+
+def stream_all(url: str, started: threading.Event) -> tuple[list, list[threading.Thread]]:
+    """Eight streaming requests at once, each on its own thread; ``started`` is set once
+    every stream has its first text. -> (results: text or the exception, threads)."""
+    api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
+    results: list = [None] * len(PROMPTS)
+    first = threading.Semaphore(0)
+
+    def run(i: int) -> None:
+        try:
+            parts, told = [], False
+            for chunk in api.completions.create(stream=True, **request_kw(i)):
+                parts.append(chunk.choices[0].text)
+                if not told:
+                    told = True
+                    first.release()
+            results[i] = "".join(parts)
+        except Exception as e:  # noqa: BLE001 - the test reports it
+            results[i] = e
+            first.release()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(PROMPTS))]
+    for t in threads:
+        t.start()
+
+    def wait_first() -> None:
+        for _ in threads:
+            first.acquire()
+        started.set()
+    threading.Thread(target=wait_first, daemon=True).start()
+    return results, threads
+
+
+def metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+@pytest.mark.parametrize("grid,victim,sig", [
+    (["--pp", "2"], 1, signal.SIGKILL),   # the last stage, which samples
+    (["--tp", "2"], 1, signal.SIGKILL),   # a tensor-parallel rank
+    (["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
+    (["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
+], ids=["pp-kill", "tp-kill", "pp-stop", "dp-kill"])
+def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, victim, sig):
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", *grid, "--max-seq-len", "256",
+                           "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
+                           log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        assert len(workers) == 2
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[victim], sig)
+        seen = set()
+        while any(t.is_alive() for t in threads):
+            seen.add(http("GET", server.url + "/health", timeout=5)[1])
+            time.sleep(0.1)
+        assert results == reference, log.read_text()[-3000:]
+        status, body = http("GET", server.url + "/health")
+        assert status == 200, body
+        if "--dp" not in grid:  # one replica: requests waited while it was replaced
+            assert any(b'"recovering"' in b for b in seen), seen
+        deadline = time.monotonic() + 60  # a replica restarted in the background rejoins
+        while b'"replicas":"2/2"' not in body and "--dp" in grid:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.2)
+            body = http("GET", server.url + "/health")[1]
+        text = http("GET", server.url + "/metrics")[1].decode()
+        assert metric(text, "llamadist_recoveries_total") == 1
+        assert metric(text, "llamadist_worker_restarts_total") == 1
+        assert metric(text, 'llamadist_recovery_seconds_count{phase="restart"}') == 1
+        now = children(server.proc.pid)
+        assert len(now) == 2 and workers[victim] not in now  # a new worker took its place
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    for pid in workers + now:  # no worker outlives the front
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
