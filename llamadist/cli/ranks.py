@@ -65,6 +65,7 @@ def run_worker(args: argparse.Namespace) -> int:
     import time
 
     from llamadist.distributed.link import INDEX_ENV, TOKEN_ENV, WorkerLink
+    from llamadist.runtime.live_stats import LiveStats
     from llamadist.weights.checkpoint import open_checkpoint
     index = int(os.environ[INDEX_ENV])
     setup_worker_logging(index, args.verbose)
@@ -80,6 +81,8 @@ def run_worker(args: argparse.Namespace) -> int:
                                   front_link=link)
         link.stuck = lambda: (time.monotonic() - rank_stage.in_step_since
                               if rank_stage.in_step_since is not None else 0.0)
+        link.stats = LiveStats(rank_stage, rank_identity(session) | {
+            "rank": index, "dp": setup["replica"]})
         link.send_obj({"ready": index, "load_s": time.perf_counter() - t0})
         rank_stage.serve()
         link.send_obj({"report": rank_report(session) | {"rank": index,
@@ -174,14 +177,19 @@ def front_engine(session: Session, spec: RankSpec, tok):
                      spec.block_size * g.cp_size, lockstep=spec.ep > g.tp_size)
 
 
+def rank_identity(session: Session) -> dict:
+    """Where this rank sits: stage, rank, replica, TP and CP index, layers, device."""
+    g, st = session.groups, session.rank_stage.stage
+    return {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
+            "cp": g.cp_index, "layers": [st.layers.start, st.layers.stop],
+            "device": str(st.device)}
+
+
 def rank_report(session: Session) -> dict:
     """This rank's statistics, shaped like an in-process stage's (cli.run prints both)."""
-    g, rs = session.groups, session.rank_stage
+    rs = session.rank_stage
     st = rs.stage
-    report = {"stage": g.pp_index, "rank": g.rank, "dp": g.dp_index, "tp": g.tp_index,
-              "cp": g.cp_index,
-              "layers": [st.layers.start, st.layers.stop], "device": str(st.device),
-              **st.stats.to_dict(), **rs.stats.to_dict(),
+    report = {**rank_identity(session), **st.stats.to_dict(), **rs.stats.to_dict(),
               "bytes_sent": rs.pipe.stats.bytes_sent}
     if st.model.config.is_moe:
         report["expert_load"] = {str(k): v for k, v in st.expert_load().items()}

@@ -4,7 +4,8 @@
     frame = type (1 byte) + length (8 bytes, big-endian) + payload
     MSG   a stage message (distributed.p2p's header, then its CPU tensor's bytes)
     OBJ   a pickled setup object: hello, the RankSpec, ready, the final report
-    BEAT  the worker's heartbeat (seconds inside the current step; any frame is a sign of life)
+    BEAT  the worker's heartbeat: seconds inside the current step (8 bytes), then optionally
+          its live statistics as JSON (``WorkerLink.stats``); any frame is a sign of life
     HELLO the worker's first frame, JSON: its index and its incarnation's token (the front
           unpickles nothing from a connection before its token matches a worker it started)
 
@@ -23,6 +24,7 @@ of that replica dies, stops beating, or misses the step deadline.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import queue
@@ -39,6 +41,7 @@ import torch
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
 from llamadist.distributed.p2p import HEADER_LEN, Message, decode_header, encode_header
 
+log = logging.getLogger(__name__)
 MSG, OBJ, BEAT, HELLO = 1, 2, 3, 4
 _FRAME = struct.Struct("!BQ")
 _STUCK = struct.Struct("!d")
@@ -127,6 +130,10 @@ class WorkerLink:
         # seconds the worker's main thread has been inside one step (0: waiting), sent
         # with each heartbeat so the front can tell a hung rank from one that waits
         self.stuck: Callable[[], float] = lambda: 0.0
+        # this rank's live statistics (a small JSON-able dict: StageRank.live_stats), sent
+        # with each heartbeat, so the front's /metrics needs nothing from the step path
+        self.stats: Callable[[], dict | None] = lambda: None
+        self._stats_failed = False
         threading.Thread(target=self._beat, name="llamadist-heartbeat", daemon=True).start()
 
     def _beat(self) -> None:
@@ -138,7 +145,8 @@ class WorkerLink:
             try:
                 if os.getppid() != parent:
                     raise OSError("the front process is gone")
-                self._s.send_frame(BEAT, _STUCK.pack(self.stuck()))
+                stats = self._stats()  # first: it may wait for the step to end
+                self._s.send_frame(BEAT, beat_payload(self.stuck(), stats))
             except OSError as e:
                 if self._closed:
                     return
@@ -146,6 +154,15 @@ class WorkerLink:
                                  f"({e}); exiting\n")
                 sys.stderr.flush()
                 os._exit(EXIT_PEER_LOST)
+
+    def _stats(self) -> dict | None:
+        try:
+            return self.stats()
+        except Exception as e:  # noqa: BLE001 - statistics must never stop the heartbeat
+            if not self._stats_failed:
+                log.warning("worker %d: no live statistics: %r", self.index, e)
+            self._stats_failed = True
+            return None
 
     def send_obj(self, obj: Any) -> None:
         self._send(OBJ, pickle.dumps(obj))
@@ -194,6 +211,22 @@ class WorkerLink:
 _GONE = object()
 
 
+def beat_payload(stuck_s: float, stats: dict | None) -> bytes:
+    """A heartbeat's body: the seconds inside one step, then the statistics as JSON."""
+    return _STUCK.pack(stuck_s) + (json.dumps(stats).encode() if stats else b"")
+
+
+def read_beat(body: bytes) -> tuple[float, dict | None]:
+    """(seconds inside one step, statistics or None) of a heartbeat's body; statistics
+    that do not parse as a JSON object are dropped (the heartbeat still counts)."""
+    stuck = _STUCK.unpack(body[:_STUCK.size])[0]
+    try:
+        stats = json.loads(body[_STUCK.size:]) if len(body) > _STUCK.size else None
+    except ValueError:
+        return stuck, None
+    return stuck, stats if isinstance(stats, dict) else None
+
+
 def read_hello(sock: socket.socket, timeout: float = 30.0) -> tuple[int, str]:
     """(index, token) from a new connection's first frame (JSON, never a pickle)."""
     sock.settimeout(timeout)
@@ -215,6 +248,7 @@ class FrontLink:
         self.objects: queue.Queue = queue.Queue()
         self.seen = time.monotonic()  # the last frame's arrival
         self.stuck_s = 0.0  # the last heartbeat's time inside one step
+        self.stats: dict | None = None  # the last heartbeat's live statistics, if any
         self.lost: str | None = None  # why the connection ended
         threading.Thread(target=self._read, name=f"llamadist-link-{index}", daemon=True).start()
 
@@ -228,7 +262,10 @@ class FrontLink:
                 elif kind == OBJ:
                     self.objects.put(pickle.loads(body))
                 elif kind == BEAT:
-                    self.stuck_s = _STUCK.unpack(body)[0]
+                    stuck, stats = read_beat(body)
+                    self.stuck_s = stuck
+                    if stats is not None:
+                        self.stats = stats
         except (OSError, ConnectionError, pickle.UnpicklingError, struct.error) as e:
             self.lost = f"closed its connection ({e})" if not isinstance(e, ConnectionError) \
                 else "closed its connection (it died or exited)"

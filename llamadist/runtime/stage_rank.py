@@ -28,6 +28,7 @@ compute, in the order steps were scheduled, so their paged KV caches agree.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,6 +86,9 @@ class StageRank:
         self.front = self.front_link or P2P(g.steps, CPU, self.timeout, self.watchdog)
         self.busy = False  # between a STEP and the next IDLE: waits have a deadline
         self.in_step_since: float | None = None  # monotonic start of the step running now
+        # held while a step runs: the heartbeat thread reads the device's expert counters
+        # only between steps (runtime.live_stats), never during a graph capture
+        self.step_lock = threading.Lock()
 
     # ---- who talks to whom ----------------------------------------------------------
     @property
@@ -117,11 +121,12 @@ class StageRank:
         x: the previous stage's hidden state; the first stage reads the tokens from
         ``work``) and pass it on; -> the sampled tokens (CPU) on the rank that samples,
         else None."""
-        self.in_step_since = time.monotonic()
-        try:
-            return self._run(work, packed, x)
-        finally:
-            self.in_step_since = None
+        with self.step_lock:
+            self.in_step_since = time.monotonic()
+            try:
+                return self._run(work, packed, x)
+            finally:
+                self.in_step_since = None
 
     def _run(self, work: StepWork, packed: torch.Tensor | None,
              x: torch.Tensor | None) -> torch.Tensor | None:

@@ -85,3 +85,55 @@ def test_a_connection_must_say_hello_before_anything_is_unpickled():
     assert read_hello(sock2) == (2, "abc")
     for s in (client, sock, client2, sock2, server):
         s.close()
+
+
+def test_heartbeats_carry_live_statistics_as_json(pair):
+    from llamadist.distributed.link import beat_payload, read_beat
+    assert read_beat(beat_payload(1.5, None)) == (1.5, None)
+    assert read_beat(beat_payload(0.0, {"rank": 3, "busy": 0.25})) == (0.0, {"rank": 3,
+                                                                          "busy": 0.25})
+    assert read_beat(beat_payload(2.0, None) + b"\x80garbage") == (2.0, None)  # not JSON
+    assert read_beat(beat_payload(2.0, None) + b"[1, 2]") == (2.0, None)  # not an object
+    worker, front = pair
+    worker.stats = lambda: {"rank": 3, "expert_load": {"1": [4, 0, 2]}}
+    deadline = time.monotonic() + 5
+    while front.stats is None:
+        assert time.monotonic() < deadline, "no statistics arrived"
+        time.sleep(0.02)
+    assert front.stats == {"rank": 3, "expert_load": {"1": [4, 0, 2]}}
+
+    def broken():
+        raise RuntimeError("no counters")
+    worker.stats, worker.stuck = broken, lambda: 7.0  # the heartbeat still flows
+    while front.stuck_s != 7.0:
+        assert time.monotonic() < deadline, "the heartbeat stopped"
+        time.sleep(0.02)
+    assert front.stats["expert_load"] == {"1": [4, 0, 2]} and front.lost is None
+
+
+def test_live_stats_busy_fraction_expert_counts_between_steps_and_merge():
+    import threading
+    from types import SimpleNamespace
+
+    from llamadist.runtime.live_stats import LiveStats, merge_expert_load
+    from llamadist.runtime.stage_rank import RankStats
+    load = {0: [1, 2], 2: [3, 0]}
+    stage = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(is_moe=True)),
+                            device=torch.device("cpu"), expert_load=lambda: dict(load))
+    rs = SimpleNamespace(stats=RankStats(), stage=stage, step_lock=threading.Lock())
+    live = LiveStats(rs, {"stage": 1, "rank": 3, "dp": 0, "tp": 0})
+    time.sleep(0.2)
+    rs.stats.compute_s, rs.stats.steps = 0.1, 5
+    s = live()
+    assert (s["stage"], s["rank"], s["steps"], s["compute_s"]) == (1, 3, 5, 0.1)
+    assert 0.2 < s["busy"] < 0.55  # 0.1 s computing in about 0.2 s
+    assert s["expert_load"] == {"0": [1, 2], "2": [3, 0]} and s["memory_used_bytes"] > 0
+    load[0] = [9, 9]
+    with rs.step_lock:  # inside a step: the counters stay on the device, the last go out
+        assert live()["expert_load"]["0"] == [1, 2]
+    assert live()["expert_load"]["0"] == [9, 9] and live()["busy"] == 0.0
+    reports = [{"tp": 0, "expert_load": {"0": [1, 2]}},
+               {"tp": 1, "expert_load": {"0": [1, 2]}},  # the same tokens as tp 0
+               {"tp": 0, "expert_load": {"0": [10, 0], "5": [0, 4]}},  # another replica
+               {"tp": 0}]  # a dense stage
+    assert merge_expert_load(reports) == {0: [11, 2], 5: [0, 4]}
