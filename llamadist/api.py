@@ -89,7 +89,8 @@ class LLM:
         self.llm_engine = LLMEngine(self.engine, self.tokenizer, runtime)
         if warmup:
             self.llm_engine.warmup()
-        self._stage_stats = self.engine.stage_stats
+        self._stage_stats = self._final_stats = self.engine.stage_stats
+        self.stats_live = True  # stage_stats may be read at any time (/metrics)
         stages = self.engine.stages
         self._expert_load = lambda: {k: v for s in stages for k, v in s.expert_load().items()}
 
@@ -97,15 +98,21 @@ class LLM:
     def over(cls, llm_engine: LLMEngine, ckpt: Checkpoint, tokenizer: Tokenizer,
              runtime: RuntimeConfig, layout: Layout,
              stage_stats: Callable[[], list[dict]],
-             expert_load: Callable[[], dict[int, list[int]]] = dict) -> "LLM":
-        """The same API over an engine built elsewhere (rank 0 of a multi-process run,
-        whose executors drive the worker ranks); ``stage_stats`` reports every stage,
-        ``expert_load`` the layers this process holds."""
+             expert_load: Callable[[], dict[int, list[int]]] = dict,
+             final_stats: Callable[[], list[dict]] | None = None) -> "LLM":
+        """The same API over an engine built elsewhere, whose executors drive worker
+        ranks. ``final_stats`` closes the engine and returns every rank's final report;
+        ``stage_stats`` either is that (rank 0 under torchrun: no statistics before the
+        end) or, with ``final_stats`` given, reads the ranks' live statistics (the
+        front: their heartbeats); ``expert_load`` the layers counted here (the front: every
+        worker's; rank 0 under torchrun: its own stage's)."""
         self = cls.__new__(cls)
         self.ckpt, self.config, self.tokenizer = ckpt, ckpt.config, tokenizer
         self.runtime, self.layout, self.max_seq_len = runtime, layout, runtime.max_seq_len
         self.dtype = runtime.dtype_for(list(layout.devices))
         self.engine, self.llm_engine, self._stage_stats = None, llm_engine, stage_stats
+        self._final_stats = final_stats or stage_stats
+        self.stats_live = final_stats is not None
         self._expert_load = expert_load
         return self
 
@@ -113,15 +120,26 @@ class LLM:
         """{global layer index: tokens routed to each expert} of a mixture-of-experts
         model ({} for a dense one), counted on the device since the load or the last
         stats reset, read now (a cheap host copy; safe between or during steps). In one
-        process every MoE layer; over processes the layers of the front's own stage
-        (pipeline stage 0), whose counts cover every replica sharing its experts (every
-        rank reports its own in ``stage_stats`` at the end)."""
+        process every MoE layer; with ``--nproc`` every layer of every stage, summed over
+        the replicas, as of the workers' last heartbeats (about a second old); under
+        torchrun the layers of rank 0's own stage, whose counts cover every replica
+        sharing its experts (every rank reports its own in ``stage_stats`` at the end)."""
         return self._expert_load()
 
     def stage_stats(self) -> list[dict]:
-        """Per stage (per rank over processes): layers, device, compute seconds, bytes in,
-        load seconds."""
+        """Per stage (per rank over processes): layers, device, steps, compute seconds.
+        In one process read now; with ``--nproc`` each worker's as of its last heartbeat
+        (with ``busy``, the fraction of the last beat spent computing, memory and
+        ``expert_load``) until the engine closes, then its final report; under torchrun
+        (``stats_live`` False) the first call closes the engine and gathers every rank's
+        final report."""
         return self._stage_stats()
+
+    def final_stage_stats(self) -> list[dict]:
+        """The end-of-run statistics (bench, ``generate --stats``): over processes the
+        first call closes the engine and returns every rank's final report (bytes in,
+        load seconds, exact compute seconds)."""
+        return self._final_stats()
 
     def _params(self, params: SamplingParams | list[SamplingParams] | None,
                 overrides: dict) -> SamplingParams | list[SamplingParams]:

@@ -41,6 +41,7 @@ from llamadist.distributed.link import (FRONT_ENV, POLL_S, CrewLinks, FrontLink,
                                         read_hello)
 from llamadist.engine.engine import LLMEngine
 from llamadist.engine.executor import RankExecutor
+from llamadist.runtime.live_stats import merge_expert_load
 from llamadist.runtime.worker import RankSpec
 
 log = logging.getLogger(__name__)
@@ -119,6 +120,7 @@ class Front:
         self.restarts = 0
         self.recoveries: list[Recovery] = []
         self.state, self.error = "starting", None
+        self.final_reports: list[dict] = []  # every worker's last report, at the shutdown
         self._stop = threading.Event()
         for target in (self._accept, self._watch):
             threading.Thread(target=target, daemon=True, name=f"llamadist{target.__name__}").start()
@@ -389,9 +391,23 @@ class Front:
                 "replicas_running": live, "restarts": self.restarts,
                 "recoveries": [asdict(rec) for rec in self.recoveries]}
 
+    def live_stats(self) -> list[dict]:
+        """``LLM.stage_stats``: each connected worker's statistics from its last heartbeat
+        (distributed.link; runtime.live_stats), by rank; after the shutdown the final
+        reports."""
+        if self.final_reports:
+            return self.final_reports
+        beats = [dict(link.stats) for r in self.replicas for link in list(r.links.values())
+                 if link.stats is not None]
+        return sorted(beats, key=lambda s: s["rank"])
+
+    def expert_load(self) -> dict[int, list[int]]:
+        """``LLM.expert_load``: every MoE layer of every stage, summed over the replicas."""
+        return merge_expert_load(self.live_stats())
+
     def stats_of(self, engine: LLMEngine):
-        """``LLM.stage_stats``: the first call closes the engine (END reaches every rank)
-        and collects every worker's report; later calls repeat them."""
+        """``LLM.final_stage_stats``: the first call closes the engine (END reaches every
+        rank) and collects every worker's report; later calls repeat them."""
         reports: list[dict] = []
 
         def stage_stats() -> list[dict]:
@@ -422,7 +438,9 @@ class Front:
             for r in self.replicas:
                 r.crew.wait(max(0.0, deadline - time.monotonic()))
         self.kill()
-        return sorted(reports, key=lambda s: s["rank"])
+        reports.sort(key=lambda s: s["rank"])
+        self.final_reports = self.final_reports or reports
+        return reports
 
     def kill(self) -> None:
         self._stop.set()
@@ -448,7 +466,8 @@ def run_front(kind: str, args, job: Job, ckpt, tok, command) -> int:
         engine.guard = front
         if kind not in ("generate", "chat"):  # as cli.run: interactive commands capture lazily
             engine.warmup()
-        llm = LLM.over(engine, ckpt, tok, front.spec.runtime, job.layout, front.stats_of(engine))
+        llm = LLM.over(engine, ckpt, tok, front.spec.runtime, job.layout, front.live_stats,
+                       front.expert_load, final_stats=front.stats_of(engine))
         llm.front = front
         return command(args, job, llm)
     except (WorkerLost, RuntimeError) as e:

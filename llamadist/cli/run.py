@@ -87,7 +87,7 @@ def _generate(args: argparse.Namespace, job: Job, llm) -> int:
           f"({job.layout.pp} stage(s) x {job.layout.processes} process(es), {llm.dtype}, "
           f"at most {job.runtime.max_batch} sequences at once)", file=sys.stderr)
     if args.stats:
-        for s in llm.stage_stats():
+        for s in llm.final_stage_stats():
             print(json.dumps(s), file=sys.stderr)
         print(json.dumps(llm.llm_engine.stats.to_dict() | llm.llm_engine.gauges()),
               file=sys.stderr)
@@ -121,7 +121,7 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     llm.llm_engine.reset_stats()  # the engine's counters now, every stage's at the next step
     _, st = llm.run(job.encoded, job.params)
     wall = st["wall_s"]
-    stages = llm.stage_stats()
+    stages = llm.final_stage_stats()
     for s in stages:  # compute time is device time when --timed (else launch time on GPUs)
         s["busy"] = s["compute_s"] / wall if wall else 0.0
     loads = [s.get("load_s", 0.0) for s in stages]  # one after another in one process

@@ -63,14 +63,42 @@ class EngineCollector:
                 mem.add_metric([dev], value)
             yield mem
         if self.stage_stats is not None:
-            busy = CounterMetricFamily(f"{PREFIX}_stage_busy_seconds",
-                                       "compute seconds per pipeline stage",
-                                       labels=["stage", "device"])
-            for s in self.stage_stats():
-                busy.add_metric([str(s["stage"]), s["device"]], s.get("compute_s", 0.0))
-            yield busy
+            yield from stage_metrics(self.stage_stats())
         if self.expert_load is not None:
             yield from expert_metrics(self.expert_load())
+
+
+STAGE_LABELS = ["stage", "layers", "rank", "replica", "device"]
+# (metric, key of a stage's statistics, counter?, help); a metric appears where some stage
+# reports its key (busy, memory: the workers' live statistics under --nproc)
+STAGE_METRICS = (
+    ("stage_busy_seconds", "compute_s", True, "compute seconds per pipeline stage (per rank "
+     "over processes)"),
+    ("stage_steps", "steps", True, "steps run per stage (per rank over processes)"),
+    ("stage_wait_seconds", "wait_s", True, "seconds a worker rank waited for its next step"),
+    ("stage_busy_fraction", "busy", False, "fraction of the last heartbeat interval a worker "
+     "rank spent computing (utilisation)"),
+    ("stage_memory_allocated_bytes", "memory_allocated_bytes", False, "a worker rank's "
+     "device memory allocated by tensors (its resident set on the CPU)"),
+    ("stage_memory_used_bytes", "memory_used_bytes", False, "a worker rank's device memory "
+     "held by its allocator (its resident set on the CPU)"),
+)
+
+
+def stage_metrics(stages: list[dict]):
+    """Per-stage statistics labelled by stage, its layers ("start:stop"), rank,
+    data-parallel replica and device (one process: every stage is rank 0 of replica 0)."""
+    for name, key, counter, doc in STAGE_METRICS:
+        rows = [s for s in stages if key in s]
+        if not rows:
+            continue
+        family = (CounterMetricFamily if counter else GaugeMetricFamily)(
+            f"{PREFIX}_{name}", doc, labels=STAGE_LABELS)
+        for s in rows:
+            layers = f"{s['layers'][0]}:{s['layers'][1]}" if "layers" in s else ""
+            family.add_metric([str(s["stage"]), layers, str(s.get("rank", 0)),
+                               str(s.get("dp", 0)), str(s["device"])], float(s[key]))
+        yield family
 
 
 def expert_metrics(load: dict[int, list[int]]):

@@ -34,9 +34,9 @@ def build_server(llm, name: str, api_key: str | None = None, max_queue: int = 25
     from llamadist.serve.metrics import ServeMetrics
     from llamadist.serve.openai_api import Frontend
     engine = AsyncEngine(llm.llm_engine)
-    in_process = getattr(llm, "engine", None) is not None  # rank 0 must not gather stats
     front = getattr(llm, "front", None)  # cli.front.Front: the workers of --nproc
-    metrics = ServeMetrics(engine, llm.stage_stats if in_process else None,
+    # torchrun's rank 0 has no statistics before the end (the first read closes the run)
+    metrics = ServeMetrics(engine, llm.stage_stats if llm.stats_live else None,
                            llm.expert_load if llm.config.is_moe else None,
                            front.status if front else None)
     frontend = Frontend(engine, llm.tokenizer, name, llm.max_seq_len, llm.config.vocab_size)

@@ -168,7 +168,7 @@ def test_health_metrics_models(client, tiny_server):
             == m0["llamadist_time_to_first_token_seconds_count"] + 1)
     for name in ("llamadist_requests_waiting", "llamadist_kv_blocks_free",
                  "llamadist_preemptions_total", "llamadist_time_per_output_token_seconds_count",
-                 "llamadist_stage_busy_seconds_total{device=cpu,stage=0}",
+                 "llamadist_stage_busy_seconds_total{device=cpu,layers=0:5,rank=0,replica=0,stage=0}",
                  "llamadist_kv_cache_usage", "process_resident_memory_bytes"):
         assert name in m1
     assert [m.id for m in client.models.list()] == ["tiny"]

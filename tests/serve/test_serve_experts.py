@@ -57,3 +57,39 @@ def test_expert_load_in_metrics_covers_both_replicas(ep_server):
         imbalance = m[f"llamadist_expert_load_imbalance{{layer={layer}}}"]
         assert imbalance == pytest.approx(max(counts) * 4 / sum(counts))
         assert 1.0 <= imbalance <= 4.0
+
+
+@pytest.fixture(scope="module")
+def pp_server(tiny_mixtrals, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve_moe_pp") / "server.log"
+    server = ServerProcess(tiny_mixtrals["moe_top2_gqa"], "--nproc", "2", "--pp", "2",
+                           "--max-seq-len", "128", "--max-batch", "2",
+                           "--served-model-name", "moe", log_path=log)
+    yield server
+    assert server.stop() == 0, log.read_text()[-3000:]
+
+
+def test_expert_load_in_metrics_covers_every_stage_under_the_front(pp_server):
+    """With --nproc the front holds no stage: every MoE layer's counts come from the
+    workers' heartbeats, the first stage's layers and the second's."""
+    import time
+    api = openai.OpenAI(base_url=pp_server.url + "/v1", api_key="none", max_retries=0,
+                        timeout=60)
+    computed = 0
+    for prompt, n in (("The quick brown fox", 12), ("1 2 3 4 5 6", 5)):
+        r = api.completions.create(model="moe", prompt=prompt, max_tokens=n, temperature=0,
+                                   extra_body={"ignore_eos": True})
+        computed += r.usage.prompt_tokens + n - 1  # the last token is sampled, not computed
+    deadline = time.monotonic() + 15
+    while True:  # the heartbeats (about one a second) bring the counts of the last steps
+        m = metrics(pp_server.url)
+        sums = {layer: sum(m.get(f"llamadist_expert_routed_tokens_total{{expert={e},"
+                                 f"layer={layer}}}", 0) for e in range(4)) for layer in range(3)}
+        if all(v >= 2 * computed for v in sums.values()):
+            break
+        assert time.monotonic() < deadline, (sums, computed)
+        time.sleep(0.2)
+    assert sums == {layer: 2 * computed for layer in range(3)}, (sums, computed)  # top-2
+    stages = {k.split("stage=")[1].rstrip("}") for k in m
+              if k.startswith("llamadist_stage_busy_seconds_total{")}
+    assert stages == {"0", "1"}

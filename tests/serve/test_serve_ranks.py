@@ -37,6 +37,44 @@ def test_chat_over_two_ranks_equals_one_process(two_ranks, client):
     assert streamed == want.choices[0].message.content
 
 
+def stage_rows(m: dict, name: str) -> dict[tuple[str, str], float]:
+    """{(stage, layers): value} of a per-stage metric parsed by test_api.metrics."""
+    out = {}
+    for key, value in m.items():
+        if key.startswith(name + "{"):
+            labels = dict(kv.split("=", 1) for kv in key[len(name) + 1:-1].split(","))
+            out[(labels["stage"], labels["layers"])] = value
+    return out
+
+
+def test_metrics_show_every_stage_live(two_ranks):
+    """The workers' heartbeats carry their statistics: /metrics has both stages' busy
+    seconds, layers, steps and memory while the server runs (not only at the end)."""
+    import time
+
+    from tests.serve.test_api import metrics
+    ranks = openai.OpenAI(base_url=two_ranks.url + "/v1", api_key="none", max_retries=0)
+    for prompt in ("one two three", "The sky is"):
+        ranks.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0,
+                                 extra_body={"ignore_eos": True})
+    m0 = metrics(two_ranks.url)
+    steps = m0["llamadist_engine_steps_total"]
+    deadline = time.monotonic() + 15
+    while True:  # the next heartbeats (about one a second) bring the steps of the requests
+        m = metrics(two_ranks.url)
+        done = stage_rows(m, "llamadist_stage_steps_total")
+        if len(done) == 2 and min(done.values()) >= steps:
+            break
+        assert time.monotonic() < deadline, done
+        time.sleep(0.2)
+    busy = stage_rows(m, "llamadist_stage_busy_seconds_total")
+    assert sorted(busy) == [("0", "0:3"), ("1", "3:5")]  # 5 layers cut 3 + 2
+    assert all(v > 0 for v in busy.values()), busy
+    assert all(0 <= v <= 1 for v in stage_rows(m, "llamadist_stage_busy_fraction").values())
+    assert all(v > 1e6 for v in stage_rows(m, "llamadist_stage_memory_used_bytes").values())
+    assert len(stage_rows(m, "llamadist_stage_memory_used_bytes")) == 2
+
+
 def test_sigterm_with_an_open_stream_exits_0(two_ranks):
     """Last in this module: SIGTERM while a stream is open; the stream ends (finished or
     cancelled after the grace period), every rank exits and the launcher returns 0."""
