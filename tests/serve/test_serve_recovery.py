@@ -36,17 +36,19 @@ def reference(client) -> list[str]:
             for i in range(len(PROMPTS))]
 
 
-def stream_all(url: str, started: threading.Event) -> tuple[list, list[threading.Thread]]:
-    """Eight streaming requests at once, each on its own thread; ``started`` is set once
-    every stream has its first text. -> (results: text or the exception, threads)."""
-    api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    results: list = [None] * len(PROMPTS)
+def stream_all(url: str, started: threading.Event, n: int = len(PROMPTS),
+               api_key: str = "none") -> tuple[list, list[threading.Thread]]:
+    """``n`` streaming requests at once (request i % 8), each on its own thread;
+    ``started`` is set once every stream has its first text. -> (results: text or the
+    exception, threads)."""
+    api = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+    results: list = [None] * n
     first = threading.Semaphore(0)
 
     def run(i: int) -> None:
         try:
             parts, told = [], False
-            for chunk in api.completions.create(stream=True, **request_kw(i)):
+            for chunk in api.completions.create(stream=True, **request_kw(i % len(PROMPTS))):
                 parts.append(chunk.choices[0].text)
                 if not told:
                     told = True
@@ -56,7 +58,7 @@ def stream_all(url: str, started: threading.Event) -> tuple[list, list[threading
             results[i] = e
             first.release()
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
 
