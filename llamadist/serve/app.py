@@ -225,7 +225,7 @@ def build_app(server: Server) -> FastAPI:
             return JSONResponse({"status": "recovering", "restarts": st["restarts"]},
                                 status_code=503, headers={"Retry-After": "5"})
         extra = ({"replicas": f"{st['replicas_running']}/{st['replicas']}",
-                  "restarts": st["restarts"]} if st else {})
+                  "restarts": st["restarts"], "stages": st["stages"]} if st else {})
         states = replica_states(server.frontend.engine.engine)
         if len(states) > 1:  # data parallel: which replica serves, drains or is drained
             extra["replica_states"] = states
