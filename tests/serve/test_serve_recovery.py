@@ -121,3 +121,34 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
     for pid in workers + now:  # no worker outlives the front
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
+    """`--on-failure replan`: a stage's worker killed mid-generation; the pipeline is
+    planned again over the two rank slots left, its workers load the new split, and the
+    eight requests replay and end as without the fault."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "3", "--pp", "3", "--on-failure", "replan",
+                           "--max-seq-len", "256", "--max-batch", "4", "--timeout", "5",
+                           "--served-model-name", "tiny", log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        assert len(workers) == 3
+        assert b'"stages":3' in http("GET", server.url + "/health")[1]
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        status, body = http("GET", server.url + "/health")
+        assert status == 200 and b'"stages":2' in body, body
+        now = children(server.proc.pid)
+        assert len(now) == 2 and not set(now) & set(workers)
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    for pid in workers + now:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
