@@ -15,6 +15,9 @@ a step stuck longer than ``--timeout``; also while idle. Then, by ``--on-failure
   from prompt + tokens so far (``LLMEngine.replace_executor``). With several replicas the
   lost one's requests move to the live ones at once (``LLMEngine.fail_over``) and it
   restarts in the background, rejoining empty (``LLMEngine.add_replica``).
+* ``replan``: plan again over the devices that remain (one pipeline stage fewer,
+  cli.replan), start that layout's workers (weights loaded for the new split) and replay;
+  refused with the planner's reason when the model no longer fits.
 * ``fail``: the run fails as before: open requests end with an error, the culprit is named.
 
 ``--max-restarts`` bounds the restarts of the whole run; past it the engine fails with the
@@ -31,16 +34,18 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 from llamadist.cli.jobs import Job
 from llamadist.cli.layout import LAYOUT_ENV
+from llamadist.cli.replan import Recovery, check_replan, replan
 from llamadist.distributed.faults import EXIT_PEER_LOST
 from llamadist.distributed.launch import Crew, WorkerExit
 from llamadist.distributed.link import (FRONT_ENV, POLL_S, CrewLinks, FrontLink, WorkerLost,
                                         read_hello)
 from llamadist.engine.engine import LLMEngine
 from llamadist.engine.executor import RankExecutor
+from llamadist.planning.units import PlanningError
 from llamadist.runtime.live_stats import merge_expert_load
 from llamadist.runtime.worker import RankSpec
 
@@ -62,23 +67,6 @@ def rank_spec_of(job: Job) -> RankSpec:
                     LLMEngine.default_blocks(rt, block_size * layout.cp), block_size, layout.ep)
 
 
-@dataclass
-class Recovery:
-    """One recovery, its phases in seconds (detect: from the lost worker's last sign of
-    life to the front's decision; restart: new processes started and connected; reload:
-    rendezvous and weights loaded; replay: until every interrupted request had its next
-    token again)."""
-    replica: int
-    cause: str
-    detect_s: float = 0.0
-    restart_s: float = 0.0
-    reload_s: float = 0.0
-    replay_s: float | None = None
-    replayed: int = 0
-    moved: int = 0  # requests moved to live replicas (data parallel)
-    detected_at: float = 0.0  # wall clock (time.time) of the decision
-
-
 class Replica:
     """One replica's workers: processes, links, and what the watch found."""
 
@@ -98,20 +86,15 @@ class Replica:
 
 class Front:
     def __init__(self, args, job: Job, config):
-        lay = job.layout
-        self.pp, self.tp, self.dp, self.cp = lay.pp, lay.tp, lay.dp, lay.cp
-        self.config, self.devices = config, list(lay.devices)
+        self.args, self.config = args, config
         self.timeout = job.runtime.timeout
         self.policy, self.max_restarts = args.on_failure, args.max_restarts
-        self.spec = rank_spec_of(job)
-        self.setup = {"spec": self.spec, "pp": self.pp, "tp": self.tp, "cp": self.cp,
-                      "devices": ",".join(lay.devices), "timeout": self.timeout}
+        if self.policy == "replan":
+            check_replan(job.layout)
         self._listener = socket.create_server(("127.0.0.1", 0))
-        addr = f"127.0.0.1:{self._listener.getsockname()[1]}"
-        env = {**os.environ, LAYOUT_ENV: lay.to_json()}
-        per, argv = self.pp * self.cp * self.tp, ["-m", "llamadist", *args.argv]
-        self.replicas = [Replica(k, Crew(argv, list(range(k * per, (k + 1) * per)), per * self.dp,
-                                         env, {FRONT_ENV: addr})) for k in range(self.dp)]
+        self._addr = f"127.0.0.1:{self._listener.getsockname()[1]}"
+        self.replicas = [Replica(k, None) for k in range(job.layout.dp)]
+        self._use(job)
         self._arrived: dict[tuple[int, str], FrontLink] = {}
         self._cond = threading.Condition()
         self._rejoin: list[tuple[RankExecutor, Recovery]] = []
@@ -124,6 +107,22 @@ class Front:
         self._stop = threading.Event()
         for target in (self._accept, self._watch):
             threading.Thread(target=target, daemon=True, name=f"llamadist{target.__name__}").start()
+
+    def _use(self, job: Job) -> None:
+        """Take ``job``'s layout (at start, or re-planned): the grid, each rank's spec and
+        setup, and every replica's crew of workers (not started)."""
+        lay = self.layout = job.layout
+        self.job = job
+        self.pp, self.tp, self.dp, self.cp = lay.pp, lay.tp, lay.dp, lay.cp
+        self.devices = list(lay.devices)
+        self.spec = rank_spec_of(job)
+        self.setup = {"spec": self.spec, "pp": self.pp, "tp": self.tp, "cp": self.cp,
+                      "devices": ",".join(lay.devices), "timeout": self.timeout}
+        env = {**os.environ, LAYOUT_ENV: lay.to_json()}
+        per, argv = self.pp * self.cp * self.tp, ["-m", "llamadist", *self.args.argv]
+        for k, r in enumerate(self.replicas):
+            r.crew = Crew(argv, list(range(k * per, (k + 1) * per)), per * self.dp, env,
+                          {FRONT_ENV: self._addr})
 
     @property
     def block_size(self) -> int:
@@ -332,12 +331,31 @@ class Front:
             threading.Thread(target=self._restart_in_background, args=(r, rec),
                              daemon=True).start()
         else:
+            if self.policy == "replan":
+                self._replan(r, found, rec)
             self._restart(r, rec)
             rec.replayed = engine.replace_executor(index, self.executor(r))
             self.state = "ok"
         self.recoveries.append(rec)
         self._replay.update({q.id: (q, len(q.output_ids)) for q in reqs})
         self._replay_rec.append((rec, time.monotonic()))
+
+    def _replan(self, r: Replica, found: WorkerLost, rec: Recovery) -> None:
+        """Plan the layout again without the lost worker's stage (a rank slot over CPU
+        processes); the next start runs it. Gives up with the planner's reason when the
+        model no longer fits what is left."""
+        per = self.pp * self.cp * self.tp
+        lost = (found.peer % per) // (self.cp * self.tp) if found.peer >= 0 else self.pp - 1
+        try:
+            job = replan(self.job, self.args, self.config, lost)
+        except PlanningError as e:
+            self._give_up(f"{rec.cause}; cannot re-plan: {e}")
+        if job.runtime.max_seq_len != self.job.runtime.max_seq_len or \
+                rank_spec_of(job).num_blocks != self.spec.num_blocks:
+            self._give_up(f"{rec.cause}; the re-planned layout changes the KV cache")
+        self._use(job)
+        rec.layout = f"{job.layout.pp} stage(s) {job.layout.bounds}"
+        log.warning("replica %d re-planned without stage %d: %s", r.index, lost, rec.layout)
 
     def _blame(self, r: Replica) -> WorkerLost | None:
         deadline = time.monotonic() + BLAME_GRACE_S
@@ -388,7 +406,8 @@ class Front:
         """For /health and /metrics."""
         live = sum(r.status == "running" for r in self.replicas)
         return {"status": self.state, "error": self.error, "replicas": len(self.replicas),
-                "replicas_running": live, "restarts": self.restarts,
+                "replicas_running": live, "restarts": self.restarts, "stages": self.pp,
+                "layout": self.layout.bounds,
                 "recoveries": [asdict(rec) for rec in self.recoveries]}
 
     def live_stats(self) -> list[dict]:

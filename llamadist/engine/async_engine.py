@@ -13,10 +13,11 @@ submissions and cancellations reach it through a command queue, between steps.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from llamadist.engine.engine import LLMEngine, RequestOutput
 from llamadist.engine.request import Request
@@ -122,6 +123,16 @@ class AsyncEngine:
         self._commands.put(("add", (stream, list(prompt_ids), params)))
         return stream
 
+    def call(self, fn: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
+        """Run ``fn(engine)`` on the engine thread between steps (e.g. ``drain``); its
+        result or exception in the future (RuntimeError once the engine has stopped)."""
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        if self._stop.is_set():
+            fut.set_exception(RuntimeError(f"the engine has stopped ({self.error or 'shut down'})"))
+        else:
+            self._commands.put(("call", (fn, fut)))
+        return fut
+
     @property
     def alive(self) -> bool:
         """The engine thread is stepping (False once it failed or was shut down)."""
@@ -148,6 +159,13 @@ class AsyncEngine:
             self.error = e
             self._stop.set()
         finally:
+            while not self._commands.empty():  # calls nobody will run: their callers learn it
+                kind, arg = self._commands.get_nowait()
+                stopped = RuntimeError(f"the engine has stopped ({self.error or 'shut down'})")
+                if kind == "call":
+                    arg[1].set_exception(stopped)
+                elif kind == "add":
+                    arg[0]._put(self.error or _END)
             for stream in self._streams.values():  # every reader first: cancelling below
                 stream._put(self.error if self.error else _END)  # may fail (ranks gone)
             for rid in list(self._streams):
@@ -172,6 +190,12 @@ class AsyncEngine:
                     self._streams[stream.request_id] = stream
                 except ValueError as e:  # e.g. an id already in use: that reader learns it
                     stream._put(e)
+            elif kind == "call":
+                fn, fut = arg
+                try:
+                    fut.set_result(fn(self.engine))
+                except Exception as e:  # noqa: BLE001 - the caller learns it
+                    fut.set_exception(e)
             elif kind == "cancel" and arg in self._streams:
                 self.engine.cancel(arg)
                 self._streams.pop(arg)._put(_END)

@@ -16,16 +16,18 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from llamadist.config import RuntimeConfig
 from llamadist.engine.executor import Executor, LocalExecutor
-from llamadist.engine.kv_blocks import NULL_BLOCK, BlockPool
+from llamadist.engine.kv_blocks import NULL_BLOCK
 from llamadist.distributed.faults import PeerError
+from llamadist.engine.replicas import Replica, ReplicaSet
 from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler, SchedulerStep
+
+__all__ = ["LLMEngine", "Replica", "RequestOutput", "EngineStats", "run_stats"]
 from llamadist.generation.generate import text_delta
 from llamadist.generation.sampling import SamplingParams, new_seed
 from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer
@@ -83,22 +85,7 @@ def run_stats(requests: Sequence[Request], wall_s: float) -> dict:
             "tpot_p50_s": tpot[len(tpot) // 2] if tpot else None}
 
 
-@dataclass(eq=False)
-class Replica:
-    """One data-parallel replica under the engine: its executor, its own KV blocks and
-    scheduler, and its steps in flight (oldest first)."""
-    executor: Executor
-    scheduler: Scheduler
-    in_flight: deque = field(default_factory=deque)  # (launch order, SchedulerStep, StepWork)
-    reset_pending: bool = False
-    busy: bool = False  # steps launched since the executor was last told it is idle
-
-    @property
-    def load(self) -> int:
-        return self.scheduler.num_running + self.scheduler.num_waiting
-
-
-class LLMEngine:
+class LLMEngine(ReplicaSet):
     """Continuous batching over one executor, or several data-parallel replicas behind
     one queue (a new request goes to the least loaded). ``model``: an executor, a list of
     them, or an in-process ``runtime.engine.Engine`` (wrapped in a LocalExecutor). Each
@@ -128,7 +115,8 @@ class LLMEngine:
         self.num_blocks = num_blocks = num_blocks or self.default_blocks(runtime, block_size)
         self._budget = runtime.batch_tokens_for(devices)
         self._prefix_caching = prefix_caching
-        self.replicas = []
+        self.replicas: list[Replica] = []
+        self.drained: set[int] = set()  # replicas drained for maintenance (replicas.py)
         for ex in executors:
             self.add_replica(ex)
         # recovery from a lost worker (cli.front.Front): ``poll(engine)`` between steps,
@@ -143,17 +131,12 @@ class LLMEngine:
         self._where: dict[str, Replica] = {}  # unfinished requests' replicas
         self.warmup_s = 0.0  # set by warmup()
 
-    def add_replica(self, executor: Executor) -> None:
-        """A data-parallel replica (at start, or one restarted after a failure) with its
-        own empty KV blocks and scheduler; new requests go to the least loaded."""
-        executor.init_paged(self.num_blocks, self.block_size)
-        pool = BlockPool(self.num_blocks, self.block_size, self._prefix_caching)
-        sched = Scheduler(pool, self.runtime.max_batch, self._budget, self.runtime.max_seq_len)
-        self.replicas.append(Replica(executor, sched))
-
     def poll(self) -> None:
-        """Between steps (an idle server calls it too): let the guard notice a lost worker
-        or bring a restarted replica back."""
+        """Between steps (an idle server calls it too): move a drained replica's requests
+        once its steps are collected; let the guard notice a lost worker or bring a
+        restarted replica back."""
+        if self.drained:
+            self.move_drained()
         if self.guard is not None:
             self.guard.poll(self)
 
@@ -205,7 +188,7 @@ class LLMEngine:
         req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic())
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(req.prompt_ids)
-        rep = min(self.replicas, key=lambda r: r.load)
+        rep = min(self.serving(), key=lambda r: r.load)
         rep.scheduler.add(req)
         if not req.finished:
             self._where[rid] = rep
@@ -248,49 +231,6 @@ class LLMEngine:
                 "kv_blocks_used": sum(s.blocks_used for s in ss),
                 "kv_blocks_free": sum(s.blocks_free for s in ss),
                 "preemptions": sum(s.preemptions for s in ss)}
-
-    def replace_executor(self, index: int, executor: Executor) -> int:
-        """Replica ``index``'s executor failed (its steps in flight were aborted when
-        ``step`` raised): run its requests on ``executor`` from now on. Its KV cache is
-        lost, so every running request is recomputed from its prompt and the tokens it
-        already has (with its seed and step count, a request's tokens equal a run without
-        the failure). Returns how many requests are replayed."""
-        rep = self.replicas[index]
-        if rep.in_flight:
-            raise RuntimeError("replace_executor while steps are in flight")
-        executor.init_paged(self.num_blocks, self.block_size)
-        rep.executor = executor
-        replayed = rep.scheduler.requeue_all()
-        self.stats.recoveries += 1
-        self.stats.replayed_requests += replayed
-        return replayed
-
-    def fail_over(self, index: int) -> int:
-        """Replica ``index`` is lost for good (its steps in flight were aborted when
-        ``step`` raised): its requests move to the live replicas now, the least loaded
-        first, and replay there from prompt + outputs. Returns how many moved."""
-        if len(self.replicas) < 2:
-            raise RuntimeError("no other replica to take the requests: use replace_executor")
-        if self.lockstep:
-            raise RuntimeError("the replicas share their experts (lockstep): the others "
-                               "cannot run without the lost one's; restart the layout")
-        rep = self.replicas[index]
-        if rep.in_flight:
-            raise RuntimeError("fail_over while steps are in flight")
-        rep.scheduler.requeue_all()
-        moved = rep.scheduler.release_all()
-        del self.replicas[index]
-        try:
-            rep.executor.close()
-        except Exception as e:  # noqa: BLE001 - it is gone either way
-            log.warning("closing the lost replica's executor: %s", e)
-        for req in moved:
-            target = min(self.replicas, key=lambda r: r.load)
-            target.scheduler.adopt([req])
-            self._where[req.id] = target
-        self.stats.recoveries += 1
-        self.stats.replayed_requests += len(moved)
-        return len(moved)
 
     def reset_stats(self) -> None:
         """Zero the counters (after a warm-up run)."""
@@ -408,6 +348,8 @@ class LLMEngine:
         if self.lockstep:
             return self._launch_lockstep()
         for rep in self.replicas:
+            if rep.key in self.drained:
+                continue  # draining: its steps in flight are collected, no new one
             depth = rep.executor.depth
             per_step = -(-self.runtime.max_batch // depth)
             # an executor that takes decodes scheduled ahead keeps one more step in flight
@@ -423,7 +365,7 @@ class LLMEngine:
                 except BaseException:  # never launched: step() aborts the ones that were
                     rep.scheduler.abort(step)
                     raise
-                rep.busy = True
+                rep.busy, rep.steps = True, rep.steps + 1
                 rep.in_flight.append((next(self._launches), step, work))
 
     def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:

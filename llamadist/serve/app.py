@@ -1,6 +1,8 @@
 """The HTTP front: an ASGI app (FastAPI on Starlette, served by uvicorn) over one
 AsyncEngine. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /health, GET /metrics, GET / (the chat page).
+GET /health, GET /metrics, GET / (the chat page); POST /admin/drain?replica=K and
+POST /admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
+service for maintenance and bring it back.
 
 Every bad request is answered in the OpenAI error format with a 4xx (400 a bad field,
 401 a wrong or missing key, 404 an unknown model or route, 413 a body too large, 429 a
@@ -73,6 +75,26 @@ class Server:
             raise ApiError(401, "a wrong or missing API key: send 'Authorization: Bearer KEY'",
                            kind="authentication_error")
 
+    async def admin(self, request: Request, what: str) -> dict:
+        """Drain or undrain replica ``?replica=K`` (400 a bad K, 404 no such replica,
+        409 the only one serving); answers once the engine thread has done it."""
+        self.check_key(request)
+        given = request.query_params.get("replica")
+        try:
+            key = int(given)
+        except (TypeError, ValueError):
+            raise ApiError(400, f"give the replica to {what} as ?replica=K (an integer), "
+                                f"not {given!r}", param="replica") from None
+        engine = self.frontend.engine
+        fut = engine.call(lambda e: getattr(e, what)(key))
+        try:
+            await asyncio.wrap_future(fut)
+        except LookupError as e:
+            raise ApiError(404, str(e.args[0]), param="replica", kind="not_found_error") from None
+        except RuntimeError as e:
+            raise ApiError(409, str(e), param="replica") from None
+        return {"replica": key, "replicas": replica_states(engine.engine)}
+
     # ---- one completion request -------------------------------------------------------
     async def complete(self, request: Request, kind: str) -> Response:
         self.check_key(request)
@@ -144,6 +166,14 @@ class JobStream(StreamingResponse):
             self.server.release(self.job)
 
 
+def replica_states(engine) -> dict[str, dict]:
+    """The engine's replicas, read from another thread: state and steps launched."""
+    try:
+        return {str(k): v for k, v in engine.replica_states().items()}
+    except RuntimeError:  # the engine thread changed them meanwhile: ask again
+        return {str(k): v for k, v in engine.replica_states().items()}
+
+
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -195,10 +225,21 @@ def build_app(server: Server) -> FastAPI:
             return JSONResponse({"status": "recovering", "restarts": st["restarts"]},
                                 status_code=503, headers={"Retry-After": "5"})
         extra = ({"replicas": f"{st['replicas_running']}/{st['replicas']}",
-                  "restarts": st["restarts"]} if st else {})
+                  "restarts": st["restarts"], "stages": st["stages"]} if st else {})
+        states = replica_states(server.frontend.engine.engine)
+        if len(states) > 1:  # data parallel: which replica serves, drains or is drained
+            extra["replica_states"] = states
         if st.get("recoveries"):
             extra["last_recovery"] = st["recoveries"][-1]
         return JSONResponse({"status": "ok", **extra})
+
+    @app.post("/admin/drain")
+    async def drain(request: Request) -> dict:
+        return await server.admin(request, "drain")
+
+    @app.post("/admin/undrain")
+    async def undrain(request: Request) -> dict:
+        return await server.admin(request, "undrain")
 
     @app.get("/metrics")
     async def metrics() -> Response:

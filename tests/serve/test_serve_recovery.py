@@ -36,17 +36,19 @@ def reference(client) -> list[str]:
             for i in range(len(PROMPTS))]
 
 
-def stream_all(url: str, started: threading.Event) -> tuple[list, list[threading.Thread]]:
-    """Eight streaming requests at once, each on its own thread; ``started`` is set once
-    every stream has its first text. -> (results: text or the exception, threads)."""
-    api = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=120)
-    results: list = [None] * len(PROMPTS)
+def stream_all(url: str, started: threading.Event, n: int = len(PROMPTS),
+               api_key: str = "none") -> tuple[list, list[threading.Thread]]:
+    """``n`` streaming requests at once (request i % 8), each on its own thread;
+    ``started`` is set once every stream has its first text. -> (results: text or the
+    exception, threads)."""
+    api = openai.OpenAI(base_url=url + "/v1", api_key=api_key, max_retries=0, timeout=120)
+    results: list = [None] * n
     first = threading.Semaphore(0)
 
     def run(i: int) -> None:
         try:
             parts, told = [], False
-            for chunk in api.completions.create(stream=True, **request_kw(i)):
+            for chunk in api.completions.create(stream=True, **request_kw(i % len(PROMPTS))):
                 parts.append(chunk.choices[0].text)
                 if not told:
                     told = True
@@ -56,7 +58,7 @@ def stream_all(url: str, started: threading.Event) -> tuple[list, list[threading
             results[i] = e
             first.release()
 
-    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(PROMPTS))]
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
 
@@ -117,5 +119,36 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
     for pid in workers + now:  # no worker outlives the front
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
+    """`--on-failure replan`: a stage's worker killed mid-generation; the pipeline is
+    planned again over the two rank slots left, its workers load the new split, and the
+    eight requests replay and end as without the fault."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "3", "--pp", "3", "--on-failure", "replan",
+                           "--max-seq-len", "256", "--max-batch", "4", "--timeout", "5",
+                           "--served-model-name", "tiny", log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        assert len(workers) == 3
+        assert b'"stages":3' in http("GET", server.url + "/health")[1]
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        status, body = http("GET", server.url + "/health")
+        assert status == 200 and b'"stages":2' in body, body
+        now = children(server.proc.pid)
+        assert len(now) == 2 and not set(now) & set(workers)
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    for pid in workers + now:
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"

@@ -368,3 +368,57 @@ def test_a_lost_replica_s_requests_move_to_the_live_one(tiny_model, alone):
     for i, r in enumerate(reqs):
         assert r.output_ids == alone(PROMPTS[i], GREEDY), i
     assert engine.gauges()["kv_blocks_used"] == 0 and engine.gauges()["waiting"] == 0
+
+
+class Numbered:
+    """A local executor with the replica number a front's RankExecutor has."""
+
+    def __init__(self, inner, replica: int):
+        self.inner, self.replica = inner, replica
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_drained_replica_hands_over_its_requests_without_losing_a_token(tiny_model, alone):
+    """Drain replica 1 (a step in flight, the next scheduled ahead) mid-generation: it launches
+    no new step, its requests move to replica 0 once its steps are collected, every
+    request's tokens equal its run alone; undrained, it takes new requests again."""
+    ckpt = open_checkpoint(tiny_model)
+    runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=2, dtype="float32",
+                            max_batch_tokens=2048)
+
+    def replica(k: int, ahead: bool):
+        model = Engine.build(ckpt, [range(ckpt.config.num_layers)], ["cpu"], torch.float32,
+                             1, MAX_SEQ, runtime=runtime)
+        return Numbered(LocalExecutor(model, ahead=ahead), k)
+    engine = LLMEngine([replica(0, False), replica(1, True)], ckpt.tokenizer(), runtime, block_size=4)
+    tok = engine.tokenizer
+    reqs = [engine.add_request(tok.encode(PROMPTS[i]), GREEDY, str(i)) for i in range(5)]
+    for _ in range(6):
+        engine.step()
+    drained = engine.replicas[1]
+    assert drained.in_flight and drained.scheduler.num_running  # mid-generation
+    with pytest.raises(LookupError):
+        engine.drain(7)
+    engine.drain(1)
+    with pytest.raises(RuntimeError, match="only one serving"):
+        engine.drain(0)
+    assert engine.replica_states()[1]["state"] == "draining"
+    steps = drained.steps
+    while engine.has_unfinished:
+        engine.step()
+    assert drained.steps == steps and engine.replica_states()[1] == {"state": "drained",
+                                                                       "steps": steps}
+    for i, r in enumerate(reqs):
+        assert r.output_ids == alone(PROMPTS[i], GREEDY), i
+    late = engine.add_request(tok.encode(PROMPTS[5]), GREEDY, "late")
+    assert engine._where["late"] is engine.replicas[0]  # drained: no new request
+    engine.undrain(1)
+    again = engine.add_request(tok.encode(PROMPTS[4]), GREEDY, "again")
+    assert engine._where["again"] is drained
+    while engine.has_unfinished:
+        engine.step()
+    assert late.output_ids == alone(PROMPTS[5], GREEDY) and drained.steps > steps
+    assert again.output_ids == alone(PROMPTS[4], GREEDY)
+    assert engine.gauges()["kv_blocks_used"] == 0

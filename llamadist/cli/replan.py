@@ -1,0 +1,70 @@
+"""``--on-failure replan``: after a lost worker, plan the run again over the devices that
+remain (one pipeline stage fewer: its tp x cp ranks' device slot is gone; over CPU
+processes a device is a rank slot), with the same planner and checks as at the start, so
+a layout that no longer fits is refused with the planner's reason."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, replace
+
+from llamadist.cli.jobs import Job
+from llamadist.config import ModelConfig
+from llamadist.planning.layout import Layout, resolve_layout
+from llamadist.planning.units import PlanningError
+
+
+@dataclass
+class Recovery:
+    """One recovery, its phases in seconds (detect: from the lost worker's last sign of
+    life to the front's decision; restart: new processes started and connected; reload:
+    rendezvous and weights loaded; replay: until every interrupted request had its next
+    token again). ``layout``: the stages after a replan (``--on-failure replan``)."""
+    replica: int
+    cause: str
+    detect_s: float = 0.0
+    restart_s: float = 0.0
+    reload_s: float = 0.0
+    replay_s: float | None = None
+    replayed: int = 0
+    moved: int = 0  # requests moved to live replicas (data parallel)
+    detected_at: float = 0.0  # wall clock (time.time) of the decision
+    layout: str | None = None
+
+
+def check_replan(layout: Layout) -> None:
+    """Refuse ``--on-failure replan`` where it cannot apply, before anything starts."""
+    if layout.dp > 1:
+        raise PlanningError("--on-failure replan re-plans one pipeline; with --dp the lost "
+                            "replica's requests move to the others: use --on-failure restart")
+
+
+def replan(job: Job, args: argparse.Namespace, config: ModelConfig, lost_stage: int) -> Job:
+    """``job`` with the pipeline planned again without stage ``lost_stage``'s device: one
+    stage fewer, the layers split again by the run's strategy, every stage checked
+    against its device's budget (PlanningError with the reason when nothing fits)."""
+    lay, rt = job.layout, job.runtime
+    if lay.pp < 2:
+        raise PlanningError(f"no device is left for the model (it ran on {lay.pp} stage)")
+    devices = [d for i, d in enumerate(lay.devices) if i != lost_stage]
+    bare = len(set(lay.devices)) == 1 and ":" not in lay.devices[0]  # each rank its own
+    names = [f"{d}:{i}" if bare and d == "cuda" else d for i, d in enumerate(devices)]
+    def without_lost(flag: str | None) -> str | None:  # per-device lists lose its entry
+        parts = flag.split(",") if flag else []
+        return ",".join(p for i, p in enumerate(parts) if i != lost_stage) \
+            if len(parts) == lay.pp else flag
+    try:
+        placed = resolve_layout(config, devices=names, max_batch=rt.max_batch, tp=lay.tp,
+                                cp=lay.cp, ep=lay.ep, dtype=rt.dtype_for(names),
+                                strategy=getattr(args, "strategy", None),
+                                max_memory=without_lost(getattr(args, "max_memory", None)),
+                                device_speed=without_lost(getattr(args, "device_speed", None)),
+                                max_seq_len=job.max_seq_len, quantize=rt.quantize)
+    except PlanningError as e:
+        raise PlanningError(f"the model no longer fits the {len(names)} device(s) left: "
+                            f"{e}") from None
+    kept = tuple(devices) if not bare else (lay.devices[0],) * len(devices)
+    new = Layout(placed.layer_ranges, kept, lay.tp, lay.dp,
+                 lay.processes // lay.pp * placed.pp, why=f"re-planned without stage "
+                 f"{lost_stage}", plan=placed.plan, cp=lay.cp, ep=lay.ep)
+    return replace(job, layout=new)

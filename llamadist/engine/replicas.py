@@ -1,0 +1,157 @@
+"""The engine's data-parallel replicas as a set: one added (at start, or restarted after a
+failure), one whose executor is replaced (its requests replayed), one lost for good (its
+requests moved to the others), and one drained for maintenance (``POST /admin/drain``):
+it takes no new request and launches no new step; once its steps in flight are collected
+(no token lost or repeated) its requests move to the other replicas and replay there
+from prompt + outputs, as after a failure but without one."""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from llamadist.engine.executor import Executor
+from llamadist.engine.kv_blocks import BlockPool
+from llamadist.engine.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Replica:
+    """One data-parallel replica under the engine: its executor, its own KV blocks and
+    scheduler, and its steps in flight (oldest first)."""
+    executor: Executor
+    scheduler: Scheduler
+    in_flight: deque = field(default_factory=deque)  # (launch order, SchedulerStep, StepWork)
+    reset_pending: bool = False
+    busy: bool = False  # steps launched since the executor was last told it is idle
+    steps: int = 0      # steps launched on it (this executor's)
+
+    @property
+    def load(self) -> int:
+        return self.scheduler.num_running + self.scheduler.num_waiting
+
+    @property
+    def key(self) -> int:
+        """The replica's number (the front's; 0 for an executor that has none)."""
+        return getattr(self.executor, "replica", 0)
+
+
+class ReplicaSet:
+    """LLMEngine's replica operations (a mixin: the engine owns ``replicas``, ``drained``,
+    ``stats``, ``_where`` and the block sizes)."""
+
+    def add_replica(self, executor: Executor) -> None:
+        """A data-parallel replica (at start, or one restarted after a failure) with its
+        own empty KV blocks and scheduler; new requests go to the least loaded (a replica
+        drained before its restart stays drained)."""
+        executor.init_paged(self.num_blocks, self.block_size)
+        pool = BlockPool(self.num_blocks, self.block_size, self._prefix_caching)
+        sched = Scheduler(pool, self.runtime.max_batch, self._budget, self.runtime.max_seq_len)
+        self.replicas.append(Replica(executor, sched))
+
+    def serving(self) -> list[Replica]:
+        """The replicas that take new requests (all of them when every one is drained)."""
+        return [r for r in self.replicas if r.key not in self.drained] or self.replicas
+
+    def replace_executor(self, index: int, executor: Executor) -> int:
+        """Replica ``index``'s executor failed (its steps in flight were aborted when
+        ``step`` raised): run its requests on ``executor`` from now on. Its KV cache is
+        lost, so every running request is recomputed from its prompt and the tokens it
+        already has (with its seed and step count, a request's tokens equal a run without
+        the failure). Returns how many requests are replayed."""
+        rep = self.replicas[index]
+        if rep.in_flight:
+            raise RuntimeError("replace_executor while steps are in flight")
+        executor.init_paged(self.num_blocks, self.block_size)
+        rep.executor = executor
+        replayed = rep.scheduler.requeue_all()
+        self.stats.recoveries += 1
+        self.stats.replayed_requests += replayed
+        return replayed
+
+    def fail_over(self, index: int) -> int:
+        """Replica ``index`` is lost for good (its steps in flight were aborted when
+        ``step`` raised): its requests move to the live replicas now, the least loaded
+        first, and replay there from prompt + outputs. Returns how many moved."""
+        if len(self.replicas) < 2:
+            raise RuntimeError("no other replica to take the requests: use replace_executor")
+        if self.lockstep:
+            raise RuntimeError("the replicas share their experts (lockstep): the others "
+                               "cannot run without the lost one's; restart the layout")
+        rep = self.replicas[index]
+        if rep.in_flight:
+            raise RuntimeError("fail_over while steps are in flight")
+        del self.replicas[index]
+        try:
+            rep.executor.close()
+        except Exception as e:  # noqa: BLE001 - it is gone either way
+            log.warning("closing the lost replica's executor: %s", e)
+        if not [r for r in self.replicas if r.key not in self.drained]:
+            log.warning("the live replicas were all drained: replica(s) %s serve again",
+                        sorted(self.drained))
+            self.drained.clear()
+        moved = self._move(rep)
+        self.stats.recoveries += 1
+        self.stats.replayed_requests += moved
+        return moved
+
+    def _move(self, rep: Replica) -> int:
+        """Every unfinished request of ``rep`` (no step in flight) to the least loaded
+        serving replica, where it replays from prompt + outputs."""
+        rep.scheduler.requeue_all()
+        moved = rep.scheduler.release_all()
+        for req in moved:
+            target = min((r for r in self.serving() if r is not rep), key=lambda r: r.load)
+            target.scheduler.adopt([req])
+            self._where[req.id] = target
+        return len(moved)
+
+    # ---- drain (maintenance) -----------------------------------------------------------
+    def _replica(self, key: int) -> Replica:
+        for r in self.replicas:
+            if r.key == key:
+                return r
+        raise LookupError(f"no replica {key} (replicas: {sorted(r.key for r in self.replicas)})")
+
+    def drain(self, key: int) -> None:
+        """Replica ``key`` takes no new request and launches no new step; its requests
+        move to the others once its steps in flight are collected. LookupError: no such
+        replica; RuntimeError: no other replica would serve."""
+        self._replica(key)
+        if self.lockstep:
+            raise RuntimeError("the replicas share their experts (lockstep): none can stop "
+                               "alone")
+        if key not in self.drained and not [r for r in self.replicas
+                                             if r.key != key and r.key not in self.drained]:
+            raise RuntimeError(f"replica {key} is the only one serving: nothing would take "
+                               f"its requests")
+        self.drained.add(key)
+        self.move_drained()
+
+    def undrain(self, key: int) -> None:
+        """Replica ``key`` takes requests again (LookupError: no such replica)."""
+        self._replica(key)
+        self.drained.discard(key)
+
+    def move_drained(self) -> None:
+        """Between steps: a draining replica whose steps in flight were all collected
+        hands its requests to the serving ones and is told it is idle."""
+        for rep in self.replicas:
+            if rep.key in self.drained and not rep.in_flight and rep.scheduler.has_unfinished:
+                n = self._move(rep)
+                log.info("replica %d drained: %d request(s) moved", rep.key, n)
+                self._settle(rep)
+
+    def replica_states(self) -> dict[int, dict]:
+        """Per replica: serving | draining (steps or requests left) | drained, and the
+        steps launched on its executor."""
+        out = {}
+        for r in list(self.replicas):
+            state = "serving"
+            if r.key in self.drained:
+                state = "draining" if r.in_flight or r.scheduler.has_unfinished else "drained"
+            out[r.key] = {"state": state, "steps": r.steps}
+        return out

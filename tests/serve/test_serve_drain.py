@@ -1,0 +1,103 @@
+"""Maintenance and chaos under `llamadist serve --nproc 2 --dp 2`: a replica drained
+mid-generation hands its requests to the other without losing or repeating a token and
+gets no more steps; workers killed at random while streams run cost no request and leave
+no process behind."""
+
+import json
+import os
+import random
+import threading
+import time
+
+from tests.serve.conftest import API_KEY, ServerProcess, http
+from tests.serve.test_serve_ranks import children
+from tests.serve import test_serve_recovery as recovery
+from tests.serve.test_serve_recovery import stream_all
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+reference = recovery.reference  # the fixture: the texts on the one-process server
+
+
+def states(url: str) -> dict:
+    return json.loads(http("GET", url + "/health", timeout=5)[1])["replica_states"]
+
+
+def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_path, reference):
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--dp", "2", "--max-seq-len", "256",
+                           "--max-batch", "4", "--timeout", "10", "--api-key", API_KEY,
+                           "--served-model-name", "tiny", log_path=log)
+    try:
+        started = threading.Event()
+        results, threads = stream_all(server.url, started, api_key=API_KEY)
+        assert started.wait(60), log.read_text()[-3000:]
+        before = states(server.url)
+        assert before["0"]["steps"] > 0 and before["1"]["steps"] > 0  # both serve
+        drain = server.url + "/admin/drain?replica="
+        assert http("POST", drain + "1")[0] == 401  # behind the key
+        assert http("POST", drain + "x", headers=AUTH)[0] == 400
+        assert http("POST", drain + "5", headers=AUTH)[0] == 404
+        status, body = http("POST", drain + "1", headers=AUTH)
+        assert status == 200, body
+        assert http("POST", drain + "0", headers=AUTH)[0] == 409  # the only one left
+        deadline = time.monotonic() + 30
+        while states(server.url)["1"]["state"] != "drained":
+            assert time.monotonic() < deadline, states(server.url)
+            time.sleep(0.05)
+        steps = states(server.url)["1"]["steps"]
+        assert any(t.is_alive() for t in threads)  # drained mid-generation
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        after = states(server.url)
+        assert after["1"] == {"state": "drained", "steps": steps}  # no step since
+        assert after["0"]["steps"] > before["0"]["steps"]
+        status, body = http("POST", server.url + "/admin/undrain?replica=1", headers=AUTH)
+        assert status == 200 and json.loads(body)["replicas"]["1"]["state"] == "serving"
+        results, threads = stream_all(server.url, threading.Event(), n=2, api_key=API_KEY)
+        for t in threads:
+            t.join(120)
+        assert results == reference[:2]
+        assert states(server.url)["1"]["steps"] > steps  # serving again
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_chaos_kills_cost_no_request_and_leave_no_process(tiny_model, tmp_path, reference):
+    """32 streams while a random worker is killed every 1.5 s or so (3 kills)."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--dp", "2", "--max-seq-len", "256",
+                           "--max-batch", "4", "--timeout", "5", "--max-restarts", "10",
+                           "--served-model-name", "tiny", log_path=log)
+    seen: set[int] = set()
+    groups: set[int] = set()
+    kills: list[int] = []
+    try:
+        results, threads = stream_all(server.url, threading.Event(), n=32)
+        time.sleep(1.0)  # the first eight are streaming
+        rng = random.Random(15)
+        while any(t.is_alive() for t in threads):
+            workers = children(server.proc.pid)
+            seen.update(workers)
+            groups.update(os.getpgid(p) for p in workers if os.path.exists(f"/proc/{p}"))
+            if len(kills) < 3 and workers and (not kills or time.monotonic() - kills[-1] > 1.5):
+                victim = rng.choice(workers)
+                os.kill(victim, 9)
+                kills.append(time.monotonic())
+            time.sleep(0.2)
+        assert len(kills) >= 2, "the requests ended before the faults"
+        assert results == [reference[i % 8] for i in range(32)], log.read_text()[-3000:]
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    left = []
+    for entry in os.listdir("/proc"):  # no process of any worker group survives
+        if entry.isdigit():
+            try:
+                stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if stat[0] != "Z" and (int(stat[3]) in groups or int(entry) in seen):
+                left.append(int(entry))
+    assert not left, left
