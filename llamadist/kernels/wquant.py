@@ -259,7 +259,7 @@ class PackedLinear(nn.Linear):
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
                                             self.group, self.out_features, self.bias)
         if self.path == "scaled":
-            return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.weight.kind,
+            return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
         op = wquant_triton.packed_linear_op
         if op is not None and (x.is_cuda or INTERPRET):
@@ -298,7 +298,7 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
         return module
     module.__class__ = PackedLinear
     module.path = product_path(w, backend, act_dtype)
-    module.kind_id, module.group = wquant_triton.KIND_IDS[w.kind], w.group
+    module.kind_id, module.wkind, module.group = wquant_triton.KIND_IDS[w.kind], w.kind, w.group
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)
         module.register_buffer("tg_weight", wquant_torch.tinygemm_pack(w.q, w.shape[1]),
