@@ -2,18 +2,23 @@
 
 1. batch-1 decode of a Llama-3-8B-shaped bf16 checkpoint folder (random weights, SmolLM2's
    vocabulary and tokenizer so `llamadist bench` can encode its prompt; the unquantized
-   head is then 0.4 GB of the 14.5 GB bf16 step) with bf16 and each ``--quantize``:
-   ms per decode step and its ratio to bf16 (targets: int8 <= 0.6x, int4 <= 0.4x, fp8
-   like int8);
+   head is then 0.4 GB of the 14.5 GB bf16 step) with bf16 and each ``--quantize`` under
+   each ``--wquant`` backend (``--backends torch,triton``: torch's tinygemm / scaled
+   matmul, llamadist's Triton kernels): ms per decode step, prefill seconds and the
+   step's ratio to bf16 (targets: int8 <= 0.6x, int4 <= 0.4x, fp8 like int8);
 2. SmolLM2 perplexity on a fixed text (this repository's README.md by default) with bf16
    and each ``--quantize`` (``--smollm2 PATH``: an HF folder or the GGUF; a GGUF's blocks
    are dequantized to bf16 first, ``--weights bfloat16``, so every run starts from the same
    float weights).
 
-One JSON line per result on stdout. Run on one GPU (~5-8 minutes, mostly loading 16 GB
-four times):
+One JSON line per result on stdout. Each run loads 16 GB (~1-1.5 minutes): bf16 plus
+three formats under two backends is 7 runs, so under a 10-minute limit split it by
+backend, keeping the checkpoint (each part measures its own bf16 baseline):
 
     python benchmarks/quant_gpu.py --device cuda:0 --tokenizer-from .whl/smollm2-tok \\
+        --checkpoint-dir /tmp/qckpt --backends torch
+    python benchmarks/quant_gpu.py --device cuda:0 --tokenizer-from .whl/smollm2-tok \\
+        --checkpoint-dir /tmp/qckpt --backends triton \\
         --smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 """
 
@@ -68,17 +73,25 @@ def run_json(cmd: list[str], timeout: float) -> dict:
     return out
 
 
-def quant_flags(fmt: str) -> list[str]:
-    return [] if fmt == "bf16" else ["--quantize", fmt]
+def quant_flags(fmt: str, backend: str | None = None) -> list[str]:
+    if fmt == "bf16":
+        return []
+    return ["--quantize", fmt] + (["--wquant", backend] if backend else [])
+
+
+def runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
+    """(format, backend) in order, bf16 (no backend) first."""
+    return [(f, b) for f in args.formats for b in ([None] if f == "bf16" else args.backends)]
 
 
 def decode_speed(args: argparse.Namespace, folder: Path) -> None:
     base = None
-    for fmt in args.formats:
+    for fmt, backend in runs(args):
         r = run_json(["bench", str(folder), "--devices", args.device, "--batch", "1",
                       "--prompt-len", str(args.prompt_len), "--gen-len", str(args.gen_len),
-                      "--json", *quant_flags(fmt)], timeout=600)
-        row = {"bench": "decode", "shape": args.shape, "format": fmt, "batch": 1}
+                      "--json", *quant_flags(fmt, backend)], timeout=600)
+        row = {"bench": "decode", "shape": args.shape, "format": fmt, "backend": backend,
+               "batch": 1}
         if "error" in r:
             print(json.dumps(row | r), flush=True)
             continue
@@ -95,12 +108,13 @@ def perplexity(args: argparse.Namespace) -> None:
     base = None
     model = str(args.smollm2)
     text = args.text or str(ROOT / "README.md")
-    for fmt in args.formats:
+    for fmt, backend in runs(args):
         cmd = ["perplexity", model, "--text", text, "--ctx", str(args.ctx), "--chunks",
                str(args.chunks), "--batch", "4", "--devices", args.device, "--json"]
         cmd += ["--weights", "bfloat16"] if model.endswith(".gguf") else ["--dtype", "bfloat16"]
-        r = run_json(cmd + quant_flags(fmt), timeout=300)
+        r = run_json(cmd + quant_flags(fmt, backend), timeout=300)
         row = {"bench": "perplexity", "model": Path(model).name, "format": fmt,
+               "backend": backend,
                "ctx": args.ctx, "text": Path(text).name}
         if "error" in r:
             print(json.dumps(row | r), flush=True)
@@ -117,6 +131,8 @@ def main() -> int:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--shape", default="llama3-8b")
     p.add_argument("--formats", default=",".join(FORMATS), type=lambda s: s.split(","))
+    p.add_argument("--backends", default="torch,triton", type=lambda s: s.split(","),
+                   help="--wquant backends each --quantize format runs under")
     p.add_argument("--checkpoint-dir", help="where the random checkpoint is written/reused")
     p.add_argument("--tokenizer-from", default=str(ROOT / ".whl" / "smollm2-tok"),
                    help="a folder with SmolLM2's tokenizer files")

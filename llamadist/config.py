@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,6 +279,7 @@ DEFAULT_TIMEOUT_S = 60.0
 DECODE_ATTENTION_CHOICES = ("split", "sdpa")
 WEIGHTS_CHOICES = ("native", "float32", "bfloat16", "float16")
 QUANT_ACTIVATIONS_CHOICES = ("float32", "int8")
+WQUANT_CHOICES = ("torch", "triton")  # --wquant: the GPU product of --quantize weights
 QUANTIZE_CHOICES = ("int8", "int4", "fp8")  # --quantize: a float weight's format at load
 QUANTIZE_HELP = ("int8 | int4 | fp8, or per device: cuda:0=int4,cpu=int8 (a kind, cuda or "
                  "cpu, names all its devices; native or none: no quantization there)")
@@ -340,8 +342,12 @@ class RuntimeConfig:
                      a float dtype dequantizes at load (it must then match ``dtype``)
     quantize         the decoder layers' linear weights quantized at load (None: as stored):
                      "int8" | "int4" | "fp8" for every stage, or per device
-                     ("cuda:0=int4,cpu=int8"); GPU stages run them through Triton
+                     ("cuda:0=int4,cpu=int8"); GPU stages run them as ``wquant`` says
                      (llamadist.kernels.wquant), CPU stages as GGUF Q8_0 / Q4_1 blocks
+    wquant           the product of GPU-quantized weights (--quantize, GGUF blocks on a GPU
+                     stage): "torch" (tinygemm for int4, (x @ q^T) * scale for int8 / fp8,
+                     fused by torch.compile) or "triton" (llamadist's Triton kernels);
+                     default $LLAMADIST_WQUANT, else "torch"
     quant_activations  what native Q4_0/Q4_1/Q8_0 weights meet in the CPU GEMV: "float32"
                      (x as it is: the dequantized model's values) or "int8" (x quantized
                      per 32, as llama.cpp does: faster, ~1% perplexity on SmolLM2)
@@ -375,9 +381,13 @@ class RuntimeConfig:
     weights: str = "native"
     quant_activations: str = "float32"
     quantize: str | None = None
+    wquant: str = field(default_factory=lambda: os.environ.get("LLAMADIST_WQUANT", "torch"))
 
     def __post_init__(self) -> None:
         parse_quantize(self.quantize)  # refuses a malformed --quantize here, before any load
+        if self.wquant not in WQUANT_CHOICES:
+            raise ConfigError(f"--wquant (or LLAMADIST_WQUANT) must be one of "
+                              f"{', '.join(WQUANT_CHOICES)}, got {self.wquant!r}")
         if self.quant_activations not in QUANT_ACTIVATIONS_CHOICES:
             raise ConfigError(f"--quant-activations must be one of "
                               f"{', '.join(QUANT_ACTIVATIONS_CHOICES)}, got "

@@ -53,6 +53,15 @@ def make_tokenizer(folder: Path) -> int:
     return tok.get_vocab_size()
 
 
+# Made on demand (not by the tiny_models fixture): widths torch's tinygemm takes (inputs a
+# multiple of the int4 group 128, outputs of 16), for the GPU weight-quantization tests.
+WIDE_CONFIGS = {
+    "wide": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                 rope_theta=10000.0),
+}
+
+
 def make_tiny_model(folder: Path, kind: str = "gqa_tied", seed: int = 0) -> Path:
     """Write config.json, model.safetensors, tokenizer files and generation_config.json."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -60,7 +69,8 @@ def make_tiny_model(folder: Path, kind: str = "gqa_tied", seed: int = 0) -> Path
     folder.mkdir(parents=True, exist_ok=True)
     vocab = make_tokenizer(folder)
     cfg = LlamaConfig(vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, **CONFIGS[kind])
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      **(CONFIGS | WIDE_CONFIGS)[kind])
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
     # Larger-than-default weights make the logits spread, so greedy choices are not near-ties.

@@ -8,7 +8,7 @@ import os
 
 from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S,
                               QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HELP, WEIGHTS_CHOICES,
-                              RuntimeConfig)
+                              WQUANT_CHOICES, RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -98,6 +98,10 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),
                    help="one-token attention under CUDA graphs: split (the split-KV kernel, "
                    "default where it applies) or sdpa")
+    g.add_argument("--wquant", choices=list(WQUANT_CHOICES),
+                   help="product of GPU-quantized weights (--quantize, GGUF on a GPU): torch "
+                   "(tinygemm int4, scaled int8/fp8 matmul; default, or $LLAMADIST_WQUANT) or "
+                   "triton (llamadist's Triton kernels)")
 
 
 def add_grid(p: argparse.ArgumentParser) -> None:
@@ -160,6 +164,7 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "quant_activations": getattr(args, "quant_activations", None),
              "schedule_ahead": getattr(args, "schedule_ahead", None),
              "quantize": getattr(args, "quantize", None),
+             "wquant": getattr(args, "wquant", None),
              "kv_block_size": getattr(args, "kv_block_size", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)

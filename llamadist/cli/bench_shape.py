@@ -227,7 +227,7 @@ def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], de
         else:
             m = fuse_projections(random_model(config, d, dtype, r, i == 0, i == n - 1, seed=i + 1))
         m.setup_rope(max_seq, d)
-        apply_kernel_passes(m, d, runtime)
+        apply_kernel_passes(m, d, runtime, dtype)
         stages.append(Stage(m, d, dtype, batch, max_seq, runtime=runtime))
     return Engine(config, stages, runtime=runtime)
 

@@ -24,7 +24,10 @@ the kernels read them in float32.
 
 ``PackedWeight`` sits in a Linear's ``weight`` slot (as kernels.quant.QuantizedTensor
 does on CPU stages) and serves ``F.linear`` (the Triton kernels of wquant_triton on CUDA,
-a dequantized matmul elsewhere) and ``torch.cat`` along rows (projection fusion).
+a dequantized matmul elsewhere) and ``torch.cat`` along rows (projection fusion). The
+kernel pass makes such a Linear a ``PackedLinear``, whose product is torch-native
+(wquant_torch: tinygemm for int4, a scaled matmul for int8 / fp8; the default) or the
+Triton kernels, as ``RuntimeConfig.wquant`` says.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamadist.kernels import wquant_triton
+from llamadist.kernels import wquant_torch, wquant_triton
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, _k_quants, _k_scales, dequantize
 
@@ -239,12 +242,25 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
 
 
 class PackedLinear(nn.Linear):
-    """An nn.Linear whose ``weight`` is a PackedWeight, made by ``as_packed_linear``: the
-    weight's tensors are also buffers (``qweight``, ``wscale``, ``woffset``) and the
-    product is the custom op llamadist::packed_linear, so torch.compile traces the module
-    (a plain object's __torch_function__ would break its graph)."""
+    """An nn.Linear whose ``weight`` is a PackedWeight, made by ``as_packed_linear``, with
+    the tensors its product reads as buffers, so torch.compile traces the module whole (a
+    plain object's __torch_function__ would break its graph). ``path`` says which product:
+
+    * "triton": the custom op llamadist::packed_linear (wquant_triton) on ``qweight``,
+      ``wscale``, ``woffset``; on tensors Triton cannot take, a dequantized matmul;
+    * "tinygemm": int4 through torch's tinygemm (wquant_torch.int4_linear) on
+      ``tg_weight`` and ``tg_scales_zeros``; the PackedWeight's own codes then live in host
+      memory (for ``.dequantize()``), so the GPU holds one copy of the weight;
+    * "scaled": int8 / fp8 as (x @ q^T) * scale (wquant_torch.scaled_linear) on
+      ``qweight`` and ``wscale``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.path == "tinygemm":
+            return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
+                                            self.group, self.out_features, self.bias)
+        if self.path == "scaled":
+            return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
+                                              self.group, self.bias)
         op = wquant_triton.packed_linear_op
         if op is not None and (x.is_cuda or INTERPRET):
             return op(x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
@@ -252,17 +268,50 @@ class PackedLinear(nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-def as_packed_linear(module: nn.Linear) -> nn.Linear:
-    """Turn a plain nn.Linear holding a PackedWeight into a PackedLinear (in place; no
-    copy: the buffers are the weight's own tensors)."""
+BACKENDS = ("torch", "triton")  # RuntimeConfig.wquant
+
+
+def product_path(w: PackedWeight, backend: str, act_dtype: torch.dtype | None = None) -> str:
+    """Which PackedLinear product serves ``w`` under ``backend`` with activations of
+    ``act_dtype`` (None: bfloat16): "torch" takes tinygemm for int4 where it applies (bf16
+    activations on CUDA: it computes in bf16), else the Triton kernel; int8 / fp8 always
+    the scaled product."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown weight-quantization backend {backend!r}; choose one of "
+                         f"{', '.join(BACKENDS)}")
+    if backend == "triton":
+        return "triton"
+    if w.kind != "int4":
+        return "scaled"
+    n, k = w.shape
+    bf16 = act_dtype in (None, torch.bfloat16) or w.device.type == "cpu"
+    return "tinygemm" if bf16 and wquant_torch.tinygemm_ok("int4", n, k, w.group) else "triton"
+
+
+def as_packed_linear(module: nn.Linear, backend: str = "triton",
+                     act_dtype: torch.dtype | None = None) -> nn.Linear:
+    """Turn a plain nn.Linear holding a PackedWeight into a PackedLinear whose product is
+    ``product_path(weight, backend, act_dtype)`` (in place; no copy, except tinygemm's
+    repacking of int4, whose source codes then move to host memory)."""
     w = module.__dict__.get("weight")
     if type(module) is not nn.Linear or not isinstance(w, PackedWeight):
         return module
     module.__class__ = PackedLinear
+    module.path = product_path(w, backend, act_dtype)
+    module.kind_id, module.wkind, module.group = wquant_triton.KIND_IDS[w.kind], w.kind, w.group
+    if module.path == "tinygemm":
+        table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)
+        module.register_buffer("tg_weight", wquant_torch.tinygemm_pack(w.q, w.shape[1]),
+                               persistent=False)
+        module.register_buffer("tg_scales_zeros", wquant_torch.tinygemm_scales_zeros(
+            w.scale, w.offset, table_dtype), persistent=False)
+        if w.device.type != "cpu":
+            module.weight = PackedWeight(w.kind, w.q.cpu(), w.scale.cpu(), w.offset.cpu(),
+                                         w.group, tuple(w.shape))
+        return module
     module.register_buffer("qweight", w.q, persistent=False)
     module.register_buffer("wscale", w.scale, persistent=False)
     module.register_buffer("woffset", w.offset, persistent=False)
-    module.kind_id, module.group = wquant_triton.KIND_IDS[w.kind], w.group
     return module
 
 

@@ -28,8 +28,10 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
 
 * ``use_packed_linear``: every nn.Linear holding a GPU-quantized weight
   (llamadist.kernels.wquant.PackedWeight: ``--quantize``, or GGUF blocks on a GPU stage)
-  becomes a ``PackedLinear``, whose product is the Triton kernel behind a torch custom op
-  that torch.compile and the CUDA-graph capture take as one opaque kernel.
+  becomes a ``PackedLinear``, whose product ``RuntimeConfig.wquant`` chooses: "torch"
+  (torch's tinygemm for int4 with bf16 activations, (x @ q^T) * scale for int8 / fp8,
+  which torch.compile fuses) or "triton" (the Triton kernels behind a torch custom op that
+  torch.compile and the CUDA-graph capture take as one opaque kernel).
 
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """
@@ -75,12 +77,14 @@ def use_cpu_linear(model: nn.Module) -> nn.Module:
     return model
 
 
-def use_packed_linear(model: nn.Module) -> nn.Module:
+def use_packed_linear(model: nn.Module, backend: str = "torch",
+                      act_dtype: torch.dtype | None = None) -> nn.Module:
     """Swap PackedLinear into every plain nn.Linear of ``model`` that holds a PackedWeight
-    (in place; returns it)."""
+    (in place; returns it), its product from ``backend`` ("torch" or "triton") for
+    activations of ``act_dtype`` (None: bfloat16)."""
     for module in model.modules():
         if type(module) is nn.Linear:
-            as_packed_linear(module)
+            as_packed_linear(module, backend, act_dtype)
     return model
 
 
@@ -174,10 +178,11 @@ def use_grouped_experts(model: nn.Module, force: bool = False) -> int:
     return changed
 
 
-def apply_kernel_passes(model: nn.Module, device: torch.device,
-                        runtime: RuntimeConfig) -> nn.Module:
-    """The passes ``runtime`` asks for that can serve on ``device`` (in place)."""
-    use_packed_linear(model)  # before use_cpu_linear claims the plain Linears
+def apply_kernel_passes(model: nn.Module, device: torch.device, runtime: RuntimeConfig,
+                        dtype: torch.dtype | None = None) -> nn.Module:
+    """The passes ``runtime`` asks for that can serve on ``device`` (in place), for
+    activations of ``dtype`` (None: bfloat16)."""
+    use_packed_linear(model, runtime.wquant, dtype)  # before use_cpu_linear claims the plain Linears
     if device.type == "cpu" and runtime.cpu_kernels:
         use_cpu_linear(model)
     set_quant_activations(model, runtime.quant_activations == "int8")

@@ -181,7 +181,7 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
     if fuse:
         fuse_projections(model)
     trim_heap()  # the buffers the load and the fusion freed
-    apply_kernel_passes(model, device, runtime)
+    apply_kernel_passes(model, device, runtime, dtype)
     model.eval()
     stage = Stage(model, device, dtype, batch_size, max_seq_len, lanes, num_kv_heads, runtime)
     stage.stats.load = stats

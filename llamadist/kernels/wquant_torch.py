@@ -1,0 +1,113 @@
+"""Torch-native products for weight-only quantized linears (formats of kernels.wquant),
+the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.wquant).
+
+* int4: torch's tinygemm kernel, as gpt-fast uses it. ``tinygemm_pack`` turns our codes
+  into its tensor-core layout (``aten._convert_weight_to_int4pack``: uint8 (N, K / 2) with
+  input 2j in the HIGH nibble, ours has it in the low one; on the CPU
+  ``_convert_weight_to_int4pack_for_cpu`` takes the int32 codes (N, K)), and
+  ``tinygemm_scales_zeros`` our scale/offset into its (G, N, 2) table. tinygemm reads
+  w = (c - 8) * scale + zero, ours w = c * scale + offset, so zero = offset + 8 * scale
+  (exact in float32; the table is stored in x's dtype, bfloat16 on CUDA, which rounds
+  scale and zero by 2^-9 relative). CUDA wants bf16 x and gives bf16 y; other x dtypes
+  are cast to bf16 and back (stated, tested). Shapes it takes: groups of 32/64/128/256,
+  K a multiple of the group and of 32, N a multiple of 16 (CUDA asks 8, the CPU
+  variant 16; one rule for both: ``tinygemm_ok``).
+* int8 and fp8 (e4m3): ``scaled_linear``, y = (x @ q^T) * scale as gpt-fast writes it:
+  the codes cast to x's dtype are exact in bf16 (|q| <= 127; every e4m3 value) and the
+  per-channel scale applies to the float32 product once, after the matmul. Under
+  torch.compile (the decode layers are compiled inside the CUDA graphs) the cast, the
+  matmul and the scale fuse; in eager the cast materialises W in x's dtype first.
+  Grouped scales (GGUF Q8_0, group 32) dequantize W in x's dtype, (N, G, group) * scale,
+  then matmul. float16 x takes the dequantized form too: x @ q^T before the scale could
+  pass float16's 65504 on a wide row.
+
+Everything here is aten ops with shape functions: traceable whole by torch.compile and,
+with no host synchronisation, captured in CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def tinygemm_ok(kind: str, n: int, k: int, group: int) -> bool:
+    """Whether tinygemm takes this weight (kind, shape and group) as it is."""
+    return kind == "int4" and group in TINYGEMM_GROUPS and k % group == 0 and k % 32 == 0 \
+        and n % 16 == 0
+
+
+def _inner_k_tiles(k: int) -> int:
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
+def tinygemm_pack(q: torch.Tensor, k: int) -> torch.Tensor:
+    """Our int4 codes (N, K / 2) uint8 (input 2j low nibble) -> tinygemm's int32 layout on
+    q's device (CUDA: (N / 8, K / (16 * tiles), 32, tiles / 2))."""
+    tiles = _inner_k_tiles(k)
+    if q.device.type == "cpu":
+        codes = torch.stack([q & 0x0F, q >> 4], dim=-1).reshape(q.shape[0], k)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), tiles)
+    return torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), tiles)
+
+
+def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:
+    """Our packed codes (input 2j in the low nibble) as the uint8 (N, K / 2) that CUDA's
+    _convert_weight_to_int4pack reads: input 2j in the high nibble."""
+    return ((q << 4) | (q >> 4)).contiguous()
+
+
+def tinygemm_scales_zeros(scale: torch.Tensor, offset: torch.Tensor,
+                          dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """(N, G) scale and offset (w = c * scale + offset) -> tinygemm's (G, N, 2) table of
+    (scale, zero) with w = (c - 8) * scale + zero, in ``dtype``."""
+    s, o = scale.float(), offset.float()
+    return torch.stack([s, o + 8 * s], dim=-1).transpose(0, 1).to(dtype).contiguous()
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
+                group: int, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if x.is_cuda:
+        y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
+                                               group, scales_zeros)
+    else:
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(scales_zeros.dtype).contiguous(), packed, group, scales_zeros)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.view(*x.shape[:-1], n)
+
+
+def codes_as(q: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """int8 codes or fp8 e4m3 bits (uint8) -> their values in ``dtype`` (exact in bf16,
+    float16 and float32)."""
+    if kind == "fp8":
+        q = q.view(torch.float8_e4m3fn)
+    return q.to(dtype)
+
+
+def scaled_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, kind: str,
+                  group: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ W^T + bias for int8 / fp8 W = q * scale (scale (N, G))."""
+    n, k = q.shape
+    g = scale.shape[1]
+    if g == 1 and x.dtype != torch.float16:
+        y = (F.linear(x, codes_as(q, kind, x.dtype)).float() * scale.view(-1).float())
+        y = y.to(x.dtype)
+    else:
+        w = codes_as(q, kind, torch.float32)
+        if g == 1:
+            w = w * scale.float()
+        elif g * group == k:
+            w = (w.view(n, g, group) * scale.float()[..., None]).view(n, k)
+        else:  # a short last group
+            w = w * scale.float().repeat_interleave(group, dim=1)[:, :k]
+        y = F.linear(x, w.to(x.dtype))
+    if bias is not None:
+        y = y + bias
+    return y

@@ -1,0 +1,151 @@
+"""The torch-native weight-only products (llamadist.kernels.wquant_torch: tinygemm for int4,
+(x @ q^T) * scale for int8 / fp8) on CUDA against the Triton kernels and against the
+dequantized weight in bf16 (random weights, odd row counts), under torch.compile (inductor)
+and CUDA-graph capture, and on whole tiny models' logits and greedy tokens.
+
+Tolerance for bf16 x, with S = |x| @ |W|^T per output: |y - ref64| <= 2^-7 (S + |ref|)
+(tinygemm's bf16 table rounds scale and zero by 2^-9; x, the products and y are bf16)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from llamadist.kernels import wquant as W
+from llamadist.kernels.quant_ref import TYPE_IDS
+from tests.quant_blocks import random_blocks
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+BF16 = torch.bfloat16
+
+
+def _gguf(name: str, n: int, k: int) -> W.PackedWeight:
+    b = random_blocks(TYPE_IDS[name], n, k, np.random.default_rng(n + k))
+    return W.from_gguf(torch.from_numpy(b), TYPE_IDS[name], (n, k))
+
+
+def _w(n: int, k: int) -> torch.Tensor:
+    return torch.randn(n, k) * torch.logspace(-2, 0, n).view(-1, 1)
+
+
+FORMATS = {"int4": (lambda: W.quantize_int4(_w(512, 1024)), "tinygemm"),
+           "int4_g32": (lambda: W.quantize_int4(_w(256, 768), 32), "tinygemm"),
+           "Q4_K": (lambda: _gguf("Q4_K", 256, 512), "tinygemm"),
+           "int4_odd": (lambda: W.quantize_int4(_w(40, 300)), "triton"),
+           "int8": (lambda: W.quantize_int8(_w(512, 1024)), "scaled"),
+           "Q8_0": (lambda: _gguf("Q8_0", 256, 512), "scaled"),
+           "fp8": (lambda: W.quantize_fp8(_w(512, 1000)), "scaled")}
+
+
+def _linear(pw: W.PackedWeight, backend: str) -> nn.Linear:
+    lin = nn.Linear(pw.shape[1], pw.shape[0], bias=False, device="meta")
+    del lin.weight
+    lin.weight = pw.to("cuda")
+    return W.as_packed_linear(lin, backend, BF16)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_torch_backend_against_triton_and_dequantized(fmt):
+    make, path = FORMATS[fmt]
+    pw = make()
+    wd = pw.dequantize(torch.float64)
+    torch_lin, triton_lin = _linear(pw, "torch"), _linear(pw, "triton")
+    assert torch_lin.path == path and triton_lin.path == "triton"
+    if path == "tinygemm":  # one copy of the weight on the GPU
+        assert torch_lin.weight.device.type == "cpu" and not hasattr(torch_lin, "qweight")
+    for m in (1, 2, 5, 33, 130):
+        x = torch.randn(m, pw.shape[1], device="cuda").to(BF16)
+        y, yt = torch_lin(x), triton_lin(x)
+        yd = nn.functional.linear(x, wd.to("cuda", BF16))
+        ref = x.double() @ wd.cuda().t()
+        tol = 2.0 ** -7 * (x.double().abs() @ wd.abs().cuda().t() + ref.abs())
+        for got in (y, yt, yd):
+            assert got.dtype == BF16 and ((got.double() - ref).abs() <= tol + 1e-6).all()
+        assert (y.double() - yt.double()).abs().max() <= 2 * tol.max()
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "fp8", "Q8_0"])
+def test_torch_backend_compiled_and_graphed(fmt):
+    """Inductor (fullgraph) and a captured CUDA graph give the eager product."""
+    lin = _linear(FORMATS[fmt][0](), "torch")
+    x = torch.randn(1, lin.in_features, device="cuda").to(BF16)
+    eager = lin(x)
+    fn = torch.compile(lin, fullgraph=True)
+    compiled = fn(x)
+    static_x = x.clone()
+    fn(static_x)  # warm up outside the capture
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(static_x)
+    g.replay()
+    torch.cuda.synchronize()
+    scale = eager.abs().max().item()
+    assert (compiled - eager).abs().max().item() <= 2 ** -6 * scale
+    assert torch.equal(out, compiled)
+
+
+def _stage(folder, kind: str, backend: str, dtype=BF16):
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime.stage import build_stage
+    from llamadist.weights.checkpoint import open_checkpoint
+    rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant=backend)
+    ck = open_checkpoint(folder)
+    return build_stage(ck, range(ck.config.num_hidden_layers), "cuda:0", dtype, 1, 32,
+                       runtime=rt)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory):
+    from tests.tiny import make_tiny_model
+    return make_tiny_model(tmp_path_factory.mktemp("wide") / "wide", "wide")
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "fp8"])
+def test_wide_model_logits_torch_vs_triton_vs_dequantized(wide_model, kind):
+    from llamadist.api import LLM
+    from llamadist.config import RuntimeConfig
+    a, b = _stage(wide_model, kind, "torch"), _stage(wide_model, kind, "triton")
+    paths = {m.path for m in a.model.modules() if type(m) is W.PackedLinear}
+    assert paths == {"tinygemm" if kind == "int4" else "scaled"}
+    ref = _stage(wide_model, kind, "triton")
+    for m in ref.model.modules():  # the same quantized weights, dequantized to bf16
+        w = m.__dict__.get("weight")
+        if isinstance(w, W.PackedWeight):
+            m.__class__ = nn.Linear
+            del m.weight
+            m.weight = nn.Parameter(w.dequantize(BF16).cuda(), requires_grad=False)
+    ids = torch.tensor([[5, 9, 33, 100, 7, 8, 250, 3]], device="cuda:0")
+    pos = torch.arange(8, device="cuda:0").view(1, -1)
+    la, lb, lr = (s.forward(ids, pos, 0, None, logits="all").float() for s in (a, b, ref))
+    scale = lr.abs().max().item()
+    assert (la - lr).abs().max().item() <= 0.03 * scale
+    assert (lb - lr).abs().max().item() <= 0.03 * scale
+    rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant="torch", max_batch=2)
+    prompts = ["The quick brown fox", "1 2 3 4 5"]
+    graphs = LLM(wide_model, devices="cuda:0", runtime=rt)
+    eager = LLM(wide_model, devices="cuda:0", runtime=rt.replace(cuda_graphs=False))
+    got = [r.output_ids for r in graphs.generate(prompts, max_new_tokens=12, ignore_eos=True)]
+    want = [r.output_ids for r in eager.generate(prompts, max_new_tokens=12, ignore_eos=True)]
+    assert got == want
+
+
+def test_smollm2_gguf_torch_backend_bf16(smollm2):
+    """The GGUF's Q4_1 (int4 group 32: tinygemm) and Q8_0 (int8 group 32: scaled) layers:
+    torch and Triton backends' bf16 logits agree with each other."""
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime.stage import build_stage
+    from llamadist.weights.checkpoint import open_checkpoint
+    stages = [build_stage(open_checkpoint(smollm2), range(30), "cuda:0", BF16, 1, 64,
+                          runtime=RuntimeConfig(dtype="bfloat16", wquant=b))
+              for b in ("torch", "triton")]
+    paths = {m.path for m in stages[0].model.modules() if type(m) is W.PackedLinear}
+    assert paths == {"tinygemm", "scaled"}
+    ids = open_checkpoint(smollm2).tokenizer().encode("The three primary colors are")
+    x = torch.tensor([ids], device="cuda:0")
+    pos = torch.arange(len(ids), device="cuda:0").view(1, -1)
+    a, b = (s.forward(x, pos, 0, None, logits="all").float() for s in stages)
+    assert (a - b).abs().max().item() <= 0.03 * b.abs().max().item()
+    assert (a[0, -1].argmax() == b[0, -1].argmax()).item()
