@@ -154,7 +154,7 @@ class RankExecutor:
                              f"the ranks made {have} of {size}")
 
     def launch(self, work: StepWork) -> None:
-        known = None if work.seqs else []  # an empty step (lockstep) samples nothing
+        known = None if work.num_seqs else []  # an empty step (lockstep) samples nothing
         if self.remote:
             self.link.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
         else:

@@ -96,15 +96,11 @@ class CPStep:
             raise ValueError(f"a CP step's block size {work.block_size} must be a multiple "
                              f"of cp={cp} (the scheduler's blocks are cp local blocks)")
         bs = work.block_size // cp
-        seqs = work.seqs
-        s = len(seqs)
-        starts = np.array([w.start for w in seqs], np.int64)
-        lens = np.array([len(w.token_ids) for w in seqs], np.int64)
-        homes = np.array([w.block_ids[0] % cp for w in seqs], np.int64)
-        mb = max(len(w.block_ids) for w in seqs)
-        tables = np.zeros((s, mb), np.int64)
-        for i, w in enumerate(seqs):
-            tables[i, :len(w.block_ids)] = w.block_ids
+        c = work.columns  # flat arrays: no object per sequence on a receiving rank
+        s = c.num_seqs
+        starts, lens = c.starts, c.query_lens
+        homes = c.block_ids[c.block_start[:-1]] % cp
+        tables = c.tables()  # (S, MB) whole tables, padded with 0
         qstart = np.concatenate([[0], np.cumsum(lens)])
         seq_of = np.repeat(np.arange(s), lens)  # (N,)
         pos = np.arange(qstart[-1]) + (starts - qstart[:-1])[seq_of]
@@ -155,9 +151,8 @@ class CPStep:
         self.past_seq = gathered
 
     def _plan_logits(self, owner, work: StepWork, qstart) -> None:
-        rows = list(qstart[1:] - 1)  # each sequence's last token, then scored positions
-        for i, w in enumerate(work.seqs):
-            rows += [int(qstart[i]) + j for j in range(len(w.score))]
+        # each sequence's last token, then scored positions
+        rows = (qstart[1:] - 1).tolist() + work.columns.logits_extra(qstart).tolist()
         where = {int(f): k for k, f in enumerate(self.mine)}
         counts = [0] * self.cp
         local = []

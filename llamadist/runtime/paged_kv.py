@@ -64,6 +64,19 @@ def num_blocks_for(config: ModelConfig, layers: range | Sequence[int] | int,
     return budget_bytes // block_bytes(config, n, block_size, dtype, num_kv_heads)
 
 
+def gather_tables(block_ids: np.ndarray, block_start: np.ndarray,
+                  take: np.ndarray) -> np.ndarray:
+    """(S, max(take)) int64: the first ``take[s]`` blocks of each table
+    block_ids[block_start[s]:block_start[s + 1]], padded with block 0."""
+    s = len(take)
+    tables = np.zeros((s, int(take.max()) if s else 0), np.int64)
+    if s:
+        rows = np.repeat(np.arange(s), take)
+        cols = np.arange(len(rows)) - np.repeat(np.cumsum(take) - take, take)
+        tables[rows, cols] = block_ids[block_start[:-1][rows] + cols]
+    return tables
+
+
 class PagedKVCache:
     """K/V blocks for the given global layer ids: per layer (2, num_blocks, H_kv,
     block_size, D) on ``device``, zero-filled (so a gathered block that no sequence wrote yet
@@ -133,25 +146,35 @@ class PagedBatch:
     @classmethod
     def build(cls, chunks: Sequence[Chunk], block_size: int) -> "PagedBatch":
         """The batch of ``chunks`` (block_table, start, num_tokens), on the CPU."""
-        if not chunks:
-            raise ValueError("a batch needs at least one sequence")
+        s = len(chunks)
+        have = np.fromiter((len(c[0]) for c in chunks), np.int64, s)
+        block_start = np.zeros(s + 1, np.int64)
+        np.cumsum(have, out=block_start[1:])
+        flat = np.fromiter(itertools.chain.from_iterable(c[0] for c in chunks), np.int64,
+                           int(block_start[-1]))
+        return cls.from_arrays(np.fromiter((c[1] for c in chunks), np.int64, s),
+                               np.fromiter((c[2] for c in chunks), np.int64, s),
+                               block_start, flat, block_size)
+
+    @classmethod
+    def from_arrays(cls, starts: np.ndarray, qlens: np.ndarray, block_start: np.ndarray,
+                    block_ids: np.ndarray, block_size: int) -> "PagedBatch":
+        """The batch of S sequences given as int64 arrays: starts (S,), qlens (S,), and
+        their block tables back to back, block_ids[block_start[s]:block_start[s + 1]]
+        ((S + 1,) offsets), on the CPU. No Python object per sequence."""
         # numpy, not torch: torch's per-op overhead (and its threads) made this 8x slower
         # for a step of a few hundred sequences, on the host, every step
-        s = len(chunks)
-        starts = np.fromiter((c[1] for c in chunks), np.int64, s)  # (S,)
-        qlens = np.fromiter((c[2] for c in chunks), np.int64, s)
+        s = len(starts)
+        if not s:
+            raise ValueError("a batch needs at least one sequence")
         need = -(-(starts + qlens) // block_size)  # blocks holding slots [0, start+n)
-        have = np.fromiter((len(c[0]) for c in chunks), np.int64, s)
+        have = np.diff(block_start)
         bad = np.flatnonzero((starts < 0) | (qlens < 1) | (have < need))
         if len(bad):
             i = int(bad[0])
             raise ValueError(f"chunk start={starts[i]} num_tokens={qlens[i]} needs {need[i]} "
                              f"blocks of {block_size}, its table has {have[i]}")
-        flat = np.fromiter(itertools.chain.from_iterable(
-            c[0][:k] for c, k in zip(chunks, need.tolist())), np.int64, int(need.sum()))
-        block_tables = np.zeros((s, int(need.max())), np.int64)  # (S, MB), padded with 0
-        block_tables[np.repeat(np.arange(s), need),
-                     np.arange(len(flat)) - np.repeat(np.cumsum(need) - need, need)] = flat
+        block_tables = gather_tables(block_ids, block_start, need)  # (S, MB), padded with 0
         query_start = np.zeros(s + 1, np.int64)
         np.cumsum(qlens, out=query_start[1:])
         token_seq = np.repeat(np.arange(s), qlens)  # (N,)

@@ -140,7 +140,7 @@ class StageRank:
             packed = work.pack()  # only when another rank needs it
         for peer in peers:
             self.tp_link.send(peer, Message(Kind.STEP, tensor=packed))
-        if not work.seqs:
+        if not work.num_seqs:
             return self._join(packed)
         cp = CPStep.build(work, self.groups.cp_size, self.groups.cp_index) \
             if self.groups.cp_size > 1 else None
@@ -204,7 +204,7 @@ class StageRank:
                 continue
             self.busy = True
             work, hidden = StepWork.unpack(msg.tensor), None
-            if not g.pp.is_first and work.seqs:  # an empty step comes without one
+            if not g.pp.is_first and work.num_seqs:  # an empty step comes without one
                 hidden = self.pipe.recv(src).tensor
             self.stats.wait_s += time.perf_counter() - t0
             tokens = self.run(work, msg.tensor, hidden)

@@ -10,15 +10,16 @@ sampling function of the paged engine, in-process or in a worker.
 
 from __future__ import annotations
 
-import pickle
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from llamadist.generation.generate import make_sampler
 from llamadist.config import to_device
 from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.paged_kv import PagedBatch
+from llamadist.runtime.step_columns import StepColumns
 
 
 @dataclass(frozen=True)
@@ -65,38 +66,69 @@ class SeqWork:
         return None if self.sample is None else self.sample.params.logprobs
 
 
-@dataclass
 class StepWork:
-    seqs: list[SeqWork]
-    block_size: int
-    reset_stats: bool = False  # the first step after a warm-up: stages zero their counters
-    _batch: PagedBatch | None = field(default=None, repr=False, compare=False)
+    """One step: S sequences' work (``seqs``, the front's per-sequence view) and the same
+    as flat arrays (``columns``, see llamadist.runtime.step_columns), each made from the
+    other on first use. A step read from a message has only columns: ``tokens``,
+    ``pending``, ``batch``, ``pack`` and ``sample_step`` read them without building one
+    object per sequence."""
+
+    def __init__(self, seqs: list[SeqWork] | None, block_size: int,
+                 reset_stats: bool = False):
+        self._seqs = seqs
+        self.block_size = block_size
+        self.reset_stats = reset_stats  # the first step after a warm-up: stages zero their counters
+        self._cols: StepColumns | None = None
+        self._batch: PagedBatch | None = None
+
+    @classmethod
+    def of_columns(cls, cols: StepColumns, reset_stats: bool = False) -> "StepWork":
+        work = cls(None, cols.block_size, reset_stats)
+        work._cols = cols
+        return work
+
+    def __repr__(self) -> str:
+        return f"StepWork({self.num_seqs} seqs, block_size={self.block_size})"
+
+    @property
+    def columns(self) -> StepColumns:
+        if self._cols is None:
+            self._cols = StepColumns.from_seqs(self._seqs, self.block_size)
+        return self._cols
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self._seqs) if self._seqs is not None else self._cols.num_seqs
+
+    @property
+    def seqs(self) -> list[SeqWork]:
+        """The per-sequence view (built from the columns on first use)."""
+        if self._seqs is None:
+            self._seqs = _seqs_of(self._cols)
+        return self._seqs
 
     def tokens(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """(N,) every sequence's tokens, sequence after sequence."""
-        flat = [t for s in self.seqs for t in s.token_ids]
-        return to_device(torch.tensor(flat, dtype=torch.long), device)
+        """(N,) every sequence's tokens, sequence after sequence (a tensor of its own)."""
+        return to_device(torch.from_numpy(self.columns.token_ids.copy()), device)
 
     def pending(self) -> tuple[list[int], list[int]]:
         """(flat token indices, indices into the previous step's sampled tokens) of the
         tokens to take from that step's output."""
-        at, src, pos = [], [], 0
-        for s in self.seqs:
-            if s.prev_index >= 0:
-                at.append(pos)
-                src.append(s.prev_index)
-            pos += len(s.token_ids)
-        return at, src
+        c = self.columns
+        take = c.prev_index >= 0
+        if not take.any():
+            return [], []
+        return c.query_start[:-1][take].tolist(), c.prev_index[take].tolist()
 
     def batch(self) -> PagedBatch:
-        """The host PagedBatch of this step (built once)."""
+        """The host PagedBatch of this step (built once, from the columns)."""
         if self._batch is None:
-            b = PagedBatch.build([(s.block_ids, s.start, len(s.token_ids))
-                                  for s in self.seqs], self.block_size)
-            first = b.query_start.tolist()
-            extra = [first[i] + j for i, s in enumerate(self.seqs) for j in range(len(s.score))]
-            if extra:  # the scored positions' rows follow the S last-token rows
-                b.logits_index = torch.cat([b.last_token_index, torch.tensor(extra)])
+            c = self.columns
+            b = PagedBatch.from_arrays(c.starts, c.query_lens, c.block_start, c.block_ids,
+                                       self.block_size)
+            if len(c.score_ids):  # the scored positions' rows follow the S last-token rows
+                extra = c.logits_extra(c.query_start)
+                b.logits_index = torch.cat([b.last_token_index, torch.from_numpy(extra)])
             self._batch = b
         return self._batch
 
@@ -104,17 +136,35 @@ class StepWork:
     def sampled_ids(self) -> list[str]:
         """The requests that get a token from this step, in the order ``sample_step``
         returns them."""
-        return [s.request_id for s in self.seqs if s.sample is not None]
+        if self._seqs is not None:
+            return [s.request_id for s in self._seqs if s.sample is not None]
+        ids = self._cols.tail().request_ids
+        return [ids[i] for i in np.flatnonzero(self._cols.samples)]
 
     def pack(self) -> torch.Tensor:
         """(bytes,) uint8: this step for another process (``unpack`` reverses it)."""
-        data = pickle.dumps((self.seqs, self.block_size, self.reset_stats),
-                            protocol=pickle.HIGHEST_PROTOCOL)
+        data = self.columns.encode(self.reset_stats)
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
     @classmethod
     def unpack(cls, packed: torch.Tensor) -> "StepWork":
-        return cls(*pickle.loads(packed.numpy().tobytes()))
+        return cls.of_columns(*StepColumns.decode(packed.numpy()))
+
+
+def _seqs_of(c: StepColumns) -> list[SeqWork]:
+    """The per-sequence view of columns read from a message."""
+    tail = c.tail()
+    qs = c.query_start.tolist()
+    bs, ss = c.block_start.tolist(), c.score_start.tolist()
+    toks, blocks, scores = c.token_ids.tolist(), c.block_ids.tolist(), c.score_ids.tolist()
+    specs = iter([SampleSpec(*x) for x in zip(tail.params, tail.seeds, tail.steps,
+                                              tail.seen, tail.outputs)])
+    return [SeqWork(rid, tuple(toks[qs[i]:qs[i + 1]]), tuple(blocks[bs[i]:bs[i + 1]]), start,
+                    next(specs) if samples else None, tuple(scores[ss[i]:ss[i + 1]]), top,
+                    prev)
+            for i, (rid, start, samples, top, prev) in enumerate(zip(
+                tail.request_ids, c.starts.tolist(), c.samples.tolist(),
+                c.score_top.tolist(), c.prev_index.tolist()))]
 
 
 def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
@@ -123,16 +173,16 @@ def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
     order, then, if any sequence asked for log-probabilities, their float64 values
     bit-cast to int64 (``unpack_sampled`` reads them back), on the logits' device. One
     int64 tensor, so every executor carries it as it carries tokens."""
-    rows = [i for i, s in enumerate(work.seqs) if s.sample is not None]
+    c = work.columns
+    rows = np.flatnonzero(c.samples).tolist()
     if not rows:
         tokens = torch.empty(0, dtype=torch.long, device=logits.device)
     else:
-        specs = [work.seqs[i].sample for i in rows]
-        sampler = make_sampler([list(s.seen) for s in specs], [s.params for s in specs],
-                               [s.seed for s in specs], logits.shape[-1], logits.device,
-                               [list(s.outputs) for s in specs])
+        t = c.tail()
+        sampler = make_sampler([list(x) for x in t.seen], t.params, t.seeds,
+                               logits.shape[-1], logits.device, [list(x) for x in t.outputs])
         if not sampler.all_greedy:  # an argmax draws nothing: its step does not matter
-            sampler.steps = to_device(torch.tensor([s.step for s in specs]), logits.device)
+            sampler.steps = to_device(torch.tensor(t.steps), logits.device)
         tokens = sampler.sample(logits[rows])
     packed = _logprobs(logits, work, tokens, rows)
     return tokens if packed is None else torch.cat([tokens, packed.view(torch.int64)])
@@ -141,13 +191,21 @@ def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
 def _logprob_rows(work: StepWork) -> list[tuple[int, int | None, int]]:
     """(logits row, target token id or None for the sampled one, top k) of every row
     whose log-probabilities are asked for: the sampled rows first, then scored ones."""
-    out = [(i, None, s.num_logprobs) for i, s in enumerate(work.seqs)
-           if s.num_logprobs is not None]
-    extra = len(work.seqs)
-    for s in work.seqs:
-        out += [(extra + j, t, s.score_top) for j, t in enumerate(s.score)]
-        extra += len(s.score)
+    c = work.columns
+    asked = np.flatnonzero(c.logprobs >= 0)
+    out = [(i, None, k) for i, k in zip(asked.tolist(), c.logprobs[asked].tolist())]
+    if len(c.score_ids):
+        tops = np.repeat(c.score_top, c.num_scored).tolist()
+        out += [(c.num_seqs + j, t, k) for j, (t, k) in enumerate(zip(c.score_ids.tolist(),
+                                                                         tops))]
     return out
+
+
+def _logprob_owners(work: StepWork) -> list[int]:
+    """The sequence of each of ``_logprob_rows``' rows."""
+    c = work.columns
+    return np.flatnonzero(c.logprobs >= 0).tolist() + \
+        np.repeat(np.arange(c.num_seqs), c.num_scored).tolist()
 
 
 def _logprobs(logits: torch.Tensor, work: StepWork, tokens: torch.Tensor,
@@ -176,22 +234,22 @@ def unpack_sampled(values: list[int], work: StepWork
     """``sample_step``'s result as a list -> the sampled tokens, each asking sequence's
     TokenLogprob of its token, and each scoring sequence's TokenLogprobs of its scored
     positions' next tokens."""
-    n = len(work.sampled_ids)
-    tokens = values[:n]
+    rows = np.flatnonzero(work.columns.samples).tolist()
+    tokens = values[:len(rows)]
     asked = _logprob_rows(work)
     if not asked:
         return tokens, {}, {}
-    floats = torch.tensor(values[n:], dtype=torch.int64).view(torch.float64).tolist()
-    sampled = dict(zip([i for i, s in enumerate(work.seqs) if s.sample is not None], tokens))
-    owner = [i for i, s in enumerate(work.seqs) if s.num_logprobs is not None]
-    owner += [i for i, s in enumerate(work.seqs) for _ in s.score]
+    floats = torch.tensor(values[len(rows):], dtype=torch.int64).view(torch.float64).tolist()
+    sampled = dict(zip(rows, tokens))
+    owner = _logprob_owners(work)
+    rids = work.columns.tail().request_ids
     chosen: dict[str, TokenLogprob] = {}
     scored: dict[str, list[TokenLogprob]] = {}
     at = 0
     for (row, target, k), seq in zip(asked, owner):
         lp, ids, lps = floats[at], floats[at + 1:at + 1 + k], floats[at + 1 + k:at + 1 + 2 * k]
         at += 1 + 2 * k
-        rid = work.seqs[seq].request_id
+        rid = rids[seq]
         entry = TokenLogprob(sampled[row] if target is None else target, lp,
                              tuple(zip(map(int, ids), lps)))
         if target is None:
