@@ -116,9 +116,10 @@ class StepColumns:
     def encode(self, reset_stats: bool) -> bytes:
         tail = self._tail
         if isinstance(tail, SampleColumns):  # the front's: pickle it (params once each)
-            uniq: dict = {}
-            pidx = [uniq.setdefault(p, len(uniq)) for p in tail.params]
-            tail = pickle.dumps((tail.request_ids, list(uniq), pidx, tail.seeds, tail.steps,
+            uniq: dict = {}  # id of the canonical params -> (index, params)
+            pidx = [uniq.setdefault(id(c), (len(uniq), c))[0]
+                    for c in map(_canonical, tail.params)]
+            tail = pickle.dumps((tail.request_ids, [c for _, c in uniq.values()], pidx, tail.seeds, tail.steps,
                                  tail.seen, tail.outputs), protocol=pickle.HIGHEST_PROTOCOL)
         s = self.num_seqs
         header = np.array([MAGIC, self.block_size, int(reset_stats), s, len(self.token_ids),
@@ -163,6 +164,24 @@ class StepColumns:
         nscore = self.num_scored
         first = np.repeat(query_start[:-1], nscore)
         return first + np.arange(len(first)) - np.repeat(self.score_start[:-1], nscore)
+
+
+# params object (by id, kept alive so the id stays its own) -> the first equal one seen:
+# a request's params are hashed once, not every step; equal ones are pickled once
+_CANON: dict[int, tuple[Any, Any]] = {}
+_BY_VALUE: dict = {}
+
+
+def _canonical(params: Any) -> Any:
+    hit = _CANON.get(id(params))
+    if hit is not None:
+        return hit[1]
+    if len(_CANON) > 4096:  # bounded: finished requests' params go
+        _CANON.clear()
+        _BY_VALUE.clear()
+    canon = _BY_VALUE.setdefault(params, params)
+    _CANON[id(params)] = (params, canon)
+    return canon
 
 
 def _offsets(counts: np.ndarray) -> np.ndarray:
