@@ -119,8 +119,9 @@ class StepColumns:
             uniq: dict = {}  # id of the canonical params -> (index, params)
             pidx = [uniq.setdefault(id(c), (len(uniq), c))[0]
                     for c in map(_canonical, tail.params)]
-            tail = pickle.dumps((tail.request_ids, [c for _, c in uniq.values()], pidx, tail.seeds, tail.steps,
-                                 tail.seen, tail.outputs), protocol=pickle.HIGHEST_PROTOCOL)
+            tail = pickle.dumps((tail.request_ids, [c for _, c in uniq.values()], pidx,
+                                 tail.seeds, tail.steps, tail.seen, tail.outputs),
+                                protocol=pickle.HIGHEST_PROTOCOL)
         s = self.num_seqs
         header = np.array([MAGIC, self.block_size, int(reset_stats), s, len(self.token_ids),
                            len(self.block_ids), len(self.score_ids), len(tail)], np.int64)

@@ -1,6 +1,6 @@
-"""One scheduled step as every stage sees it: host data only, small and picklable, so the
-front process can send it to worker ranks (``StepWork.pack``) and each stage builds its
-own ``PagedBatch`` from it. The stage with the head samples with ``sample_step``, the one
+"""One scheduled step as every stage sees it: host data only, so the front process can
+send it to worker ranks (``StepWork.pack``: a few flat arrays, llamadist.runtime.step_columns)
+and each stage builds its own ``PagedBatch`` from it. The stage with the head samples with ``sample_step``, the one
 sampling function of the paged engine, in-process or in a worker.
 
     work = StepWork([SeqWork("a", [5, 6, 7], [1], 0, SampleSpec(params, seed, 0))], 16)
@@ -77,7 +77,8 @@ class StepWork:
                  reset_stats: bool = False):
         self._seqs = seqs
         self.block_size = block_size
-        self.reset_stats = reset_stats  # the first step after a warm-up: stages zero their counters
+        # the first step after a warm-up: stages zero their counters
+        self.reset_stats = reset_stats
         self._cols: StepColumns | None = None
         self._batch: PagedBatch | None = None
 
