@@ -19,6 +19,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 
@@ -379,8 +380,10 @@ void llamadist_dequant_rows(int type, const uint8_t *w, int64_t rows, int64_t k,
 }
 
 /* ---- the linear ---- */
+/* One thread's share of the scratch: its own quantized x (int8, scale and sum per 32),
+   64-byte aligned, so every thread prepares x itself and no barrier waits for it. */
 int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k) {
-    return m * k + 2 * m * (k / 32) * (int64_t)sizeof(float);
+    return (m * k + 2 * m * (k / 32) * (int64_t)sizeof(float) + 63) / 64 * 64;
 }
 
 void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
@@ -388,21 +391,24 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
                       int64_t ldy, int accumulate, void *scratch) {
     const int is_k = IS_K(type), half = IS_HALF(type), q8 = int8_x && !is_k && !half;
     const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
-    float *xd = (float *)scratch, *xs = xd + m * (k / 32);
+    /* x (at most 32 rows of a few thousand) is prepared by every thread into its own
+       scratch: a microsecond of redundant work instead of a barrier, which on a shared
+       machine costs a whole time slice whenever one thread of the team is preempted. */
+    float *xd = (float *)((uint8_t *)scratch
+                          + omp_get_thread_num() * llamadist_quant_scratch_bytes(m, k));
+    float *xs = xd + m * (k / 32);
     int8_t *xq = (int8_t *)(xs + m * (k / 32));
     if (q8) {
-#pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r)
             quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * nb, xs + r * nb);
-    } else { /* the sums of x's runs of 32 (the blocks' offsets m, the K types' mins) */
-#pragma omp for schedule(static)
+    } else if (!half) { /* the sums of x's runs of 32 (the blocks' offsets m, the K types' mins) */
         for (int64_t r = 0; r < m; ++r)
             for (int64_t b = 0; b < k / 32; ++b) {
                 float sum = 0.0f;
                 for (int i = 0; i < 32; ++i) sum += x[r * ldx + 32 * b + i];
                 xs[r * (k / 32) + b] = sum;
             }
-    } /* the loops' implicit barrier: every thread sees all of x prepared */
+    }
     const qdot_fn dot = q8 ? pick_dot(type) : NULL;
     const fdot_fn fdot = q8 || is_k || half ? NULL : pick_fdot(type);
 #pragma omp for schedule(static)
