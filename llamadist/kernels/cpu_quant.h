@@ -31,6 +31,7 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
 
 #define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TGT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
+#define TGT_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
 
 static inline int block_weights(int type) { return IS_K(type) ? 256 : IS_HALF(type) ? 1 : 32; }
@@ -63,7 +64,7 @@ static inline float f16(const uint8_t *p) { /* little-endian IEEE half -> float 
     return f;
 }
 
-int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c) */
+int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c; VNNI counts as 2) */
 
 /* cpu_quant_k.c: one K block -> 256 floats; a weight row of nb K blocks . x, with
    xsum32 the sums of x's runs of 32 (see quant_linear_for). */

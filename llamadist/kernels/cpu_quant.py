@@ -6,7 +6,7 @@ dequantized in registers and met by x in float32; or, for Q4_0 / Q4_1 / Q8_0, x 
 to int8 per 32 and integer dot products), ``dequant_rows`` the
 block -> float32 conversion behind prefill tiles and embedding rows, ``quantize_q8`` the
 activation quantization alone (for its tests), ``set_isa`` the dispatch level (0 plain C,
-1 AVX2, 2 AVX-512; tests force each in turn).
+1 AVX2, 2 AVX-512, 3 AVX-512 with VNNI; tests force each in turn).
 """
 
 from __future__ import annotations
