@@ -10,7 +10,8 @@
    at a time with eight independent accumulators (FMA latency hidden, eight sequential
    streams for the prefetcher), and the layer is one call: one OpenMP parallel region in
    which the threads split every matmul's rows and every attention's heads, with a
-   barrier between the steps.
+   barrier only where a step reads what other threads wrote (six a layer: the norms, the
+   activation quantization and the SwiGLU product are redone by every thread instead).
 
    Written with GCC vector extensions, not intrinsics: built with -march=native it becomes
    AVX2/AVX-512 FMA code on x86 and NEON on ARM. Built at run time by cpu_decode.py;
