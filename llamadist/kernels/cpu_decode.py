@@ -306,19 +306,23 @@ def _set_segments(segs, w, most: int, count: str, a: LayerArgs) -> bool:
 
 
 def qscratch_bytes(a: LayerArgs) -> int:
-    """Bytes of quantized activations the C layer needs (0 with float32 weights): rows of
-    the widest linear input (dim, attention output or intermediate)."""
+    """Bytes of quantized activations the C layer needs (0 with float32 weights): per
+    thread, rows of the widest linear input (dim, attention output or intermediate)."""
     if not (a.t_qkv or a.t_o or a.t_gu or a.t_down or a.n_seg_qkv or a.n_seg_gu):
         return 0
     k = max(a.dim, a.heads * a.head_dim, a.inter)
-    return a.batch * k + 2 * a.batch * (k // 32) * 4  # int8 x, then a scale and a sum per 32
+    # int8 x, then a scale and a sum per 32, 64-byte aligned (cpu_quant.c), per thread
+    return a.threads * ((a.batch * k + 2 * a.batch * (k // 32) * 4 + 63) // 64 * 64)
 
 
 def scratch_floats(a: LayerArgs) -> int:
-    """Floats of scratch the C layer uses: normed input, q|k|v, attention output,
-    gate|up and the attention probabilities."""
+    """Floats of scratch the C layer uses: q|k|v, attention output, gate|up and the
+    attention probabilities, shared; then per thread its normed input and its MLP
+    activation (each thread computes them itself, cpu_decode.c)."""
     q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-    return a.batch * (a.dim + q + 2 * kv + q + 2 * a.inter + a.heads * a.len)
+    private = (a.batch * (a.dim + a.inter) + 15) // 16 * 16
+    return (a.batch * (q + 2 * kv + q + 2 * a.inter + a.heads * a.len)
+            + a.threads * private)
 
 
 def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torch.Tensor,
@@ -347,11 +351,11 @@ def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torc
     a.batch = h.shape[0]
     a.h, a.cos, a.sin = out.data_ptr(), cos.data_ptr(), sin.data_ptr()
     a.cs_b = a.head_dim if cos.shape[0] > 1 else 0
+    a.threads = torch.get_num_threads()  # before the scratch: a share per thread
     scratch = torch.empty(scratch_floats(a))
     a.scratch = scratch.data_ptr()
     qscratch = torch.empty(qscratch_bytes(a), dtype=torch.uint8)
     a.qscratch = qscratch.data_ptr()
-    a.threads = torch.get_num_threads()
     a.int8_x = any(getattr(t, "int8_x", False) for t in found[0][0:8:2])  # set by a pass
     _layer_fn(ctypes.byref(a))
     return out, None

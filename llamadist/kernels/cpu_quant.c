@@ -10,7 +10,7 @@
 
    Runtime dispatch: the integer dot products exist three times, plain C, AVX2 (+FMA, F16C:
    every x86 since Haswell / Zen 1) and AVX-512 (F, BW, DQ, VL: two blocks per 512-bit
-   register; no VNNI, no AMX assumed), each function built with its own
+   register), the latter also with VNNI where the CPU has it (a fourth level; no AMX), each function built with its own
    __attribute__((target)), and the first call picks the best the CPU has
    (__builtin_cpu_supports); llamadist_quant_set_isa forces a lower one (tests run all
    three on one machine). Built with cpu_decode.c into one library (cpu_decode.py). */
@@ -19,6 +19,7 @@
 
 #include <immintrin.h>
 #include <math.h>
+#include <omp.h>
 #include <string.h>
 
 
@@ -158,33 +159,61 @@ TGT_AVX512 INLINE __m512i pair_dot_avx512(int type, const uint8_t *b0, const uin
     return _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), ones);
 }
 
-TGT_AVX512 INLINE float row_dot_avx512(int type, const uint8_t *w, const int8_t *q,
-                                       const float *d, const float *s, int64_t nb) {
-    const int bb = block_bytes(type);
-    __m512 acc = _mm512_setzero_ps();
-    float extra = 0.0f;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) {
-        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;
-        const __m512i p = pair_dot_avx512(type, b0, b1, q + 32 * b);
-        const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(block_scale(b0, d, b)),
-                                             _mm256_set1_ps(block_scale(b1, d, b + 1)), 1);
-        acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);
-        extra += block_extra(type, b0, s, b) + block_extra(type, b1, s, b + 1);
+/* The same with AVX-512 VNNI (Zen 4, Ice Lake and later): vpdpbusd does maddubs + madd
+   in one instruction, without the int16 step (whose saturation these ranges never reach:
+   15 * 127 * 2 and 128 * 127 * 2 fit), so the sums are bit for bit the same. */
+TGT_VNNI INLINE __m512i pair_dot_vnni(int type, const uint8_t *b0, const uint8_t *b1,
+                                      const int8_t *qx) {
+    const __m512i y = _mm512_loadu_si512((const void *)qx), zero = _mm512_setzero_si512();
+    if (type == QT_Q8_0) {
+        const __m512i x = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
+            _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
+        const __mmask64 neg = _mm512_movepi8_mask(x);
+        const __m512i sy = _mm512_mask_sub_epi8(y, neg, zero, y);
+        return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(x), sy);
     }
-    float total = _mm512_reduce_add_ps(acc);
-    if (b < nb) { /* an odd block: the AVX2 path */
-        const uint8_t *b0 = w + b * bb;
-        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);
-        total += block_scale(b0, d, b) * hsum256(_mm256_cvtepi32_ps(p0))
-                 + block_extra(type, b0, s, b);
-    }
-    return total + extra;
+    const int off = type == QT_Q4_1 ? 4 : 2;
+    const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(b0 + off)),
+                                         nibbles32(b1 + off), 1);
+    return _mm512_dpbusd_epi32(zero, x, y);
 }
+
+/* A row's blocks two at a time (PAIR: the pair's 16 int32 partial sums). */
+#define ROW_DOT_512(NAME, TGT, PAIR)                                                      \
+TGT INLINE float NAME(int type, const uint8_t *w, const int8_t *q, const float *d,        \
+                      const float *s, int64_t nb) {                                       \
+    const int bb = block_bytes(type);                                                     \
+    __m512 acc = _mm512_setzero_ps();                                                     \
+    float extra = 0.0f;                                                                   \
+    int64_t b = 0;                                                                        \
+    for (; b + 2 <= nb; b += 2) {                                                         \
+        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;                                    \
+        const __m512i p = PAIR(type, b0, b1, q + 32 * b);                                 \
+        const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(block_scale(b0, d, b)),       \
+                                             _mm256_set1_ps(block_scale(b1, d, b + 1)), 1); \
+        acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);                            \
+        extra += block_extra(type, b0, s, b) + block_extra(type, b1, s, b + 1);           \
+    }                                                                                     \
+    float total = _mm512_reduce_add_ps(acc);                                              \
+    if (b < nb) { /* an odd block: the AVX2 path */                                       \
+        const uint8_t *b0 = w + b * bb;                                                   \
+        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);                          \
+        total += block_scale(b0, d, b) * hsum256(_mm256_cvtepi32_ps(p0))                  \
+                 + block_extra(type, b0, s, b);                                           \
+    }                                                                                     \
+    return total + extra;                                                                 \
+}
+
+ROW_DOT_512(row_dot_avx512, TGT_AVX512, pair_dot_avx512)
+ROW_DOT_512(row_dot_vnni, TGT_VNNI, pair_dot_vnni)
 
 TGT_AVX512 static float dot_q4_0_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q4_0, w, q, d, s, nb); }
 TGT_AVX512 static float dot_q4_1_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q4_1, w, q, d, s, nb); }
 TGT_AVX512 static float dot_q8_0_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q8_0, w, q, d, s, nb); }
+TGT_VNNI static float dot_q4_0_vnni(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_vnni(QT_Q4_0, w, q, d, s, nb); }
+TGT_VNNI static float dot_q4_1_vnni(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_vnni(QT_Q4_1, w, q, d, s, nb); }
+TGT_VNNI static float dot_q8_0_vnni(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_vnni(QT_Q8_0, w, q, d, s, nb); }
 
 /* ---- float32 x: each block dequantized in registers, then FMA with x ---- */
 INLINE float row_dot_fx_c(int type, const uint8_t *w, const float *x, const float *xs,
@@ -302,21 +331,24 @@ TGT_AVX512 static float fdot_q4_1_avx512(const uint8_t *w, const float *x, const
 TGT_AVX512 static float fdot_q8_0_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q8_0, w, x, xs, nb); }
 
 /* ---- dispatch ---- */
-static int isa_level = -1; /* 0 plain C, 1 AVX2, 2 AVX-512 */
+static int isa_level = -1; /* 0 plain C, 1 AVX2, 2 AVX-512, 3 AVX-512 + VNNI */
 
 static int best_isa(void) {
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
         && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl"))
-        return 2;
+        return __builtin_cpu_supports("avx512vnni") ? 3 : 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
 }
 
-int current_isa(void) {
+static int isa(void) {
     if (isa_level < 0) isa_level = best_isa();
     return isa_level;
 }
+
+/* The level the float32-x, K and 16-bit kernels take: VNNI changes only integer dots. */
+int current_isa(void) { return isa() > 2 ? 2 : isa(); }
 
 /* Force a dispatch level (-1: the best); returns the level in effect, never above what
    the CPU has. */
@@ -327,12 +359,13 @@ int llamadist_quant_set_isa(int level) {
 }
 
 static qdot_fn pick_dot(int type) {
-    static const qdot_fn table[3][3] = {
+    static const qdot_fn table[4][3] = {
         {dot_q4_0_c, dot_q4_1_c, dot_q8_0_c},
         {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2},
-        {dot_q4_0_avx512, dot_q4_1_avx512, dot_q8_0_avx512}};
+        {dot_q4_0_avx512, dot_q4_1_avx512, dot_q8_0_avx512},
+        {dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni}};
     const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
-    return table[current_isa()][col];
+    return table[isa()][col];
 }
 
 static fdot_fn pick_fdot(int type) {
@@ -363,14 +396,35 @@ static void dequant_block(int type, const uint8_t *blk, float *out) {
     }
 }
 
+/* A row of nb 32-blocks (Q4_0, Q4_1, Q8_0) -> floats, 8 at a time (AVX2, F16C). */
+TGT_AVX2 static void dequant_row32_avx2(int type, const uint8_t *w, int64_t nb, float *out) {
+    const int bb = block_bytes(type);
+    for (int64_t b = 0; b < nb; ++b, out += 32) {
+        const uint8_t *blk = w + b * bb;
+        __m256i q[4];
+        float d, m;
+        block_ints_avx2(type, blk, q);
+        block_affine(type, blk, &d, &m);
+        const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
+        for (int i = 0; i < 4; ++i)
+            _mm256_storeu_ps(out + 8 * i, _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[i]), vd, vm));
+    }
+}
+
 /* rows of W (rows, k) in blocks of `type` -> out (rows, k) float32. */
 void llamadist_dequant_rows(int type, const uint8_t *w, int64_t rows, int64_t k, float *out,
                             int threads) {
     const int64_t bw = block_weights(type), bb = block_bytes(type), nb = k / bw;
+    const int simd = current_isa() >= 1 && !IS_K(type) && !IS_HALF(type);
+    isa(); /* decide before the team starts */
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
         if (IS_HALF(type)) {
             dequant_half(type, w + r * k * 2, k, out + r * k);
+            continue;
+        }
+        if (simd) {
+            dequant_row32_avx2(type, w + r * nb * bb, nb, out + r * k);
             continue;
         }
         for (int64_t b = 0; b < nb; ++b)
@@ -379,8 +433,10 @@ void llamadist_dequant_rows(int type, const uint8_t *w, int64_t rows, int64_t k,
 }
 
 /* ---- the linear ---- */
+/* One thread's share of the scratch: its own quantized x (int8, scale and sum per 32),
+   64-byte aligned, so every thread prepares x itself and no barrier waits for it. */
 int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k) {
-    return m * k + 2 * m * (k / 32) * (int64_t)sizeof(float);
+    return (m * k + 2 * m * (k / 32) * (int64_t)sizeof(float) + 63) / 64 * 64;
 }
 
 void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
@@ -388,21 +444,24 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
                       int64_t ldy, int accumulate, void *scratch) {
     const int is_k = IS_K(type), half = IS_HALF(type), q8 = int8_x && !is_k && !half;
     const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
-    float *xd = (float *)scratch, *xs = xd + m * (k / 32);
+    /* x (at most 32 rows of a few thousand) is prepared by every thread into its own
+       scratch: a microsecond of redundant work instead of a barrier, which on a shared
+       machine costs a whole time slice whenever one thread of the team is preempted. */
+    float *xd = (float *)((uint8_t *)scratch
+                          + omp_get_thread_num() * llamadist_quant_scratch_bytes(m, k));
+    float *xs = xd + m * (k / 32);
     int8_t *xq = (int8_t *)(xs + m * (k / 32));
     if (q8) {
-#pragma omp for schedule(static)
         for (int64_t r = 0; r < m; ++r)
             quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * nb, xs + r * nb);
-    } else { /* the sums of x's runs of 32 (the blocks' offsets m, the K types' mins) */
-#pragma omp for schedule(static)
+    } else if (!half) { /* the sums of x's runs of 32 (the blocks' offsets m, the K types' mins) */
         for (int64_t r = 0; r < m; ++r)
             for (int64_t b = 0; b < k / 32; ++b) {
                 float sum = 0.0f;
                 for (int i = 0; i < 32; ++i) sum += x[r * ldx + 32 * b + i];
                 xs[r * (k / 32) + b] = sum;
             }
-    } /* the loops' implicit barrier: every thread sees all of x prepared */
+    }
     const qdot_fn dot = q8 ? pick_dot(type) : NULL;
     const fdot_fn fdot = q8 || is_k || half ? NULL : pick_fdot(type);
 #pragma omp for schedule(static)
@@ -423,7 +482,7 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
 void llamadist_qlinear(int type, int int8_x, const float *x, const uint8_t *w,
                        const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
                        int64_t ldy, void *scratch, int threads) {
-    current_isa(); /* decide before the team starts */
+    isa(); /* decide before the team starts */
 #pragma omp parallel num_threads(threads)
     quant_linear_for(type, int8_x, x, w, bias, y, m, n, k, ldx, ldy, 0, scratch);
 }

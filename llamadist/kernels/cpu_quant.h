@@ -11,13 +11,15 @@ enum { QT_F32 = 0, QT_F16 = 1, QT_Q4_0 = 2, QT_Q4_1 = 3, QT_Q8_0 = 8, QT_Q4_K = 
 #define IS_K(t) ((t) >= QT_Q4_K && (t) <= QT_Q6_K)  /* blocks of 256 */
 #define IS_HALF(t) ((t) == QT_F16 || (t) == QT_BF16)  /* 16-bit floats: blocks of 1 */
 
-/* Bytes of scratch quant_linear_for needs for m rows of k inputs. */
+/* Bytes of scratch quant_linear_for needs per thread of the team for m rows of k inputs
+   (the scratch holds one such share per thread). */
 int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k);
 
 /* y[r] (=|+=) x[r] W^T + bias for rows r < m, W (n, k) in blocks of `type`, rows
    contiguous. An orphaned worksharing construct: call it inside a parallel region
-   (every thread of the team). With int8_x (types Q4_0, Q4_1, Q8_0) x is first quantized
-   to int8 blocks into `scratch` and met in integer dot products; else each weight block
+   (every thread of the team); each thread prepares x into its own share of `scratch`.
+   With int8_x (types Q4_0, Q4_1, Q8_0) x is first quantized to int8 blocks there and
+   met in integer dot products; else each weight block
    is dequantized in registers and met by x in float32. The threads split W's rows. */
 void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
                       const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
@@ -29,6 +31,7 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
 
 #define TGT_AVX2 __attribute__((target("avx2,fma,f16c")))
 #define TGT_AVX512 __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl")))
+#define TGT_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
 
 static inline int block_weights(int type) { return IS_K(type) ? 256 : IS_HALF(type) ? 1 : 32; }
@@ -61,7 +64,7 @@ static inline float f16(const uint8_t *p) { /* little-endian IEEE half -> float 
     return f;
 }
 
-int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c) */
+int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c; VNNI counts as 2) */
 
 /* cpu_quant_k.c: one K block -> 256 floats; a weight row of nb K blocks . x, with
    xsum32 the sums of x's runs of 32 (see quant_linear_for). */

@@ -6,7 +6,7 @@ dequantized in registers and met by x in float32; or, for Q4_0 / Q4_1 / Q8_0, x 
 to int8 per 32 and integer dot products), ``dequant_rows`` the
 block -> float32 conversion behind prefill tiles and embedding rows, ``quantize_q8`` the
 activation quantization alone (for its tests), ``set_isa`` the dispatch level (0 plain C,
-1 AVX2, 2 AVX-512; tests force each in turn).
+1 AVX2, 2 AVX-512, 3 AVX-512 with VNNI; tests force each in turn).
 """
 
 from __future__ import annotations
@@ -55,9 +55,10 @@ def set_isa(level: int) -> int:
     return lib.llamadist_quant_set_isa(level)
 
 
-def scratch_bytes(m: int, k: int) -> int:
-    """Bytes of quantized activations for m rows of k inputs (int8 + scale + sum)."""
-    return m * k + 2 * m * (k // 32) * 4
+def scratch_bytes(m: int, k: int, threads: int = 1) -> int:
+    """Bytes of quantized activations for m rows of k inputs (int8 + scale + sum), one
+    64-byte aligned share per thread (each thread prepares x itself: no barrier)."""
+    return threads * ((m * k + 2 * m * (k // 32) * 4 + 63) // 64 * 64)
 
 
 def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int,
@@ -68,10 +69,11 @@ def qlinear(x: torch.Tensor, blocks: torch.Tensor, qtype: int, n: int,
     lib = _lib()
     m, k = x.shape
     y = torch.empty(m, n, dtype=torch.float32)
-    scratch = torch.empty(scratch_bytes(m, k), dtype=torch.uint8)
+    threads = torch.get_num_threads()
+    scratch = torch.empty(scratch_bytes(m, k, threads), dtype=torch.uint8)
     lib.llamadist_qlinear(qtype, int(int8_x), x.data_ptr(), blocks.data_ptr(),
                           None if bias is None else bias.data_ptr(), y.data_ptr(), m, n, k,
-                          x.stride(0), n, scratch.data_ptr(), torch.get_num_threads())
+                          x.stride(0), n, scratch.data_ptr(), threads)
     return y
 
 

@@ -21,7 +21,19 @@ static inline float half_at(int type, const uint8_t *w, int64_t i) {
     return type == QT_BF16 ? bf16(w + 2 * i) : f16(w + 2 * i);
 }
 
+TGT_AVX2 INLINE __m256 widen8(int type, const uint8_t *p);
+
+TGT_AVX2 static void dequant_half_avx2(int type, const uint8_t *w, int64_t k, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= k; i += 8) _mm256_storeu_ps(out + i, widen8(type, w + 2 * i));
+    for (; i < k; ++i) out[i] = half_at(type, w, i);
+}
+
 void dequant_half(int type, const uint8_t *w, int64_t k, float *out) {
+    if (current_isa() >= 1) {
+        dequant_half_avx2(type, w, k, out);
+        return;
+    }
     for (int64_t i = 0; i < k; ++i) out[i] = half_at(type, w, i);
 }
 

@@ -199,3 +199,55 @@ def test_cpu_kernels_are_the_default_and_change_no_token(tiny_model):
     assert not any("_cpu_decode" in layer.__dict__
                    for layer in plain.stages[0].model.model.layers.values())
     assert tokens == _greedy(plain, prompt, 12)
+
+
+@pytest.mark.parametrize("int8_x", [False, True], ids=["float-x", "int8-x"])
+@pytest.mark.parametrize("qtype", [3, 8], ids=["Q4_1", "Q8_0"])
+def test_quantized_decode_layer_same_at_every_team_size(qtype, int8_x):
+    """GGUF-block weights through the C layer: each thread prepares its own normed and
+    quantized inputs in its share of the scratch, so 1, 2 or 3 threads (more than this
+    machine's cores) give the same bits, and float x equals the PyTorch layer on the
+    dequantized weights."""
+    import numpy as np
+
+    from llamadist.kernels.quant import QuantizedTensor
+    from tests.quant_blocks import random_blocks
+
+    model = random_layer_model("gqa")  # every linear input a multiple of 32
+    layer = model.model.layers["1"]
+    rng = np.random.default_rng(qtype)
+    mods = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj,
+            layer.mlp.down_proj)
+    for m in mods:  # the reference keeps float Parameters holding the dequantized blocks
+        n, k = m.weight.shape
+        qt = QuantizedTensor(torch.from_numpy(random_blocks(qtype, n, k, rng)), qtype, (n, k))
+        qt.int8_x = int8_x
+        with torch.no_grad():
+            m.weight.copy_(qt.dequantize())
+        m.quantized = qt
+    cfg, start, batch = model.config, 11, 2
+    cache = KVCache(cfg, [1], batch, 32, "cpu", torch.float32)
+    cache.layer(1).kv.normal_()
+    history = cache.layer(1).kv.clone()
+    h = torch.randn(batch, 1, cfg.hidden_size)
+    cos, sin = RotaryTable(cfg, 64, "cpu").lookup(torch.tensor([[start]] * batch), torch.float32)
+    with torch.inference_mode():
+        ref = sum(layer.forward_deferred(h, None, cos, sin, cache.layer(1), start, None))
+    for m in mods:
+        m._parameters.pop("weight")
+        m.weight = m.quantized
+    outs, threads = [], torch.get_num_threads()
+    try:
+        for team in (1, 2, 3):
+            torch.set_num_threads(team)
+            cache.layer(1).kv.copy_(history)
+            with torch.inference_mode():
+                outs.append(cpu_decode.decode_layer(layer, h, None, cos, sin, cache.layer(1),
+                                                    start, None)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert "_cpu_decode" in layer.__dict__  # the C path, over the blocks
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    err = (outs[0] - ref).abs().max() / ref.abs().max()
+    assert err <= (3e-2 if int8_x else 1e-5), err
+    assert int8_x == (err > 1e-5)  # int8 x rounds: it is not the float path

@@ -48,12 +48,18 @@ def test_reference_dequantize_matches_gguf(qtype):
 
 @pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
 def test_c_dequantize_equals_reference(qtype):
+    """Every dispatch level (the 32-blocks and halves have AVX2 conversions)."""
     rng = np.random.default_rng(10 + qtype)
     cols = 3 * FORMATS[qtype][1] if FORMATS[qtype][1] > 1 else 43  # halves: odd, with tails
     raw = random_blocks(qtype, 5, cols, rng)
-    got = QuantizedTensor(torch.from_numpy(raw), qtype, (5, cols)).dequantize().numpy()
     ref = dequantize(raw, qtype, cols)
-    assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max()
+    try:
+        for level in levels():
+            cpu_quant.set_isa(level)
+            got = QuantizedTensor(torch.from_numpy(raw), qtype, (5, cols)).dequantize().numpy()
+            assert np.abs(got - ref).max() <= 1e-6 * np.abs(ref).max(), level
+    finally:
+        cpu_quant.set_isa(-1)
 
 
 def test_activation_quantization_error():
