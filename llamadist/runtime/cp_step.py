@@ -203,8 +203,11 @@ class CPStageKV:
         self.ring_rows, self.past_rows = t(step.ring_rows), t(step.past_rows)
         self.rep_rows = t(step.rep_rows)
         self.ring = [None if x is None else self._ring_step(x, dev) for x in (step.ring or [])]
-        # each sequence's own rows on this rank (a decode only on its owner), causal
-        self.diag = [(a, b) for s, a, b in _groups(step.seq_of) if step.own[a]]
+        # each sequence's own rows on this rank, causal; a decode's own key is one of
+        # its owner's stored slots (written before attending), so none for decodes
+        is_rep = np.zeros(len(step.mine), bool)
+        is_rep[step.rep_rows] = True
+        self.diag = [(a, b) for _, a, b in _groups(step.seq_of) if step.own[a] and not is_rep[a]]
         self.past_groups = self._past_groups(dev)
 
     @staticmethod
@@ -215,23 +218,32 @@ class CPStageKV:
 
     def _past_groups(self, dev) -> list[tuple]:
         """Past query rows (gathered, then decodes) by sequence: (row index (R,), table
-        (1|R, MB), lens) groups, sequences with one row batched together (decodes)."""
+        (1|R, MB), key count, mask (R, 1, L) or None) groups, sequences with one row
+        batched together (decodes). A decode's keys on its owner include its own."""
         st = self.step
+        first_rep = len(st.past_seq) - len(st.rep_rows)
+        stored = st.past_lens.copy()
+        for i in np.flatnonzero(st.own[st.rep_rows]):
+            stored[st.past_seq[first_rep + i]] += 1
         rows_of: dict[int, list[int]] = {}
         for i, s in enumerate(st.past_seq.tolist()):
-            if s >= 0 and st.past_lens[s]:  # a rank holding none of it adds nothing
+            if s >= 0 and stored[s]:  # a rank holding none of it adds nothing
                 rows_of.setdefault(s, []).append(i)
         single = [(s, r[0]) for s, r in rows_of.items() if len(r) == 1]
         out = []
         if single:
             seqs = [s for s, _ in single]
-            out.append(("batch", torch.tensor([r for _, r in single], device=dev),
-                        torch.as_tensor(st.tables[seqs], device=dev),
-                        torch.as_tensor(st.past_lens[seqs], device=dev)))
+            lens = stored[seqs]
+            length, mask = int(lens.max()), None
+            if int(lens.min()) < length:
+                mask = torch.as_tensor(np.arange(length)[None, None, :] < lens[:, None, None],
+                                       device=dev)
+            out.append((torch.tensor([r for _, r in single], device=dev),
+                        torch.as_tensor(st.tables[seqs], device=dev), length, mask))
         for s, r in rows_of.items():
             if len(r) > 1:
-                out.append(("seq", torch.tensor(r, device=dev),
-                            torch.as_tensor(st.tables[s:s + 1], device=dev), int(st.past_lens[s])))
+                out.append((torch.tensor(r, device=dev),
+                            torch.as_tensor(st.tables[s:s + 1], device=dev), int(stored[s]), None))
         return out
 
     def layer(self, i: int) -> "CPLayer":
@@ -326,14 +338,11 @@ class CPLayer:
         pout = qa.new_zeros(len(qa), h, d, dtype=acc)
         plse = qa.new_full((len(qa), h), float("-inf"), dtype=acc)
         h_kv = self.k.shape[1]
-        for kind, rows, table, lens in o.past_groups:
-            length = int(lens.max()) if kind == "batch" else lens
+        for rows, table, length, mask in o.past_groups:
             keys = gather(self.k, gather_rows(table, h_kv), length).transpose(1, 2)
             values = gather(self.v, gather_rows(table, h_kv), length).transpose(1, 2)
-            if kind == "batch":  # (S1, L, H_kv, D): one query row each, masked by length
-                mask = None
-                if int(lens.min()) < length:
-                    mask = torch.arange(length, device=q.device).view(1, 1, -1) < lens.view(-1, 1, 1)
+            if len(table) > 1 or mask is not None or len(rows) == 1:
+                # (S1, L, H_kv, D): one query row each, masked by length
                 po, pl = partial_attention(qa[rows].unsqueeze(1), keys.to(qa.dtype),
                                            values.to(qa.dtype), mask)
                 pout[rows], plse[rows] = po[:, 0], pl[:, 0]
@@ -341,9 +350,6 @@ class CPLayer:
                 pout[rows], plse[rows] = partial_attention(qa[rows], keys[0].to(qa.dtype),
                                                            values[0].to(qa.dtype))
         rep = o.rep_rows
-        if len(rep):  # a decode's own new key (on its owner) joins before the merge
-            pout[cp * p:], plse[cp * p:] = merge_partials([(out[rep], lse[rep]),
-                                                           (pout[cp * p:], plse[cp * p:])])
         pout, plse = merge_across(pout, plse, o.group)
         if len(rep):
             out[rep], lse[rep] = pout[cp * p:], plse[cp * p:]
