@@ -11,12 +11,19 @@ correction of flash attention), in any order:
     out = sum_i w_i * out_i / sum_i w_i     lse = m + log(sum_i w_i)
 
 ``merge_partials`` does it over a list in one process; ``merge_across`` over the ranks of
-a group with two all-reduces: MAX of lse (T*H floats), then one SUM of the packed
-(w * out, w) (T*H*(D+1) floats). An all-gather of (out, lse) would be one collective but
-moves C times the data to every rank and leaves C partials to merge on each; the two
-all-reduces move what one all-reduce of the output would, which is what the seed's tree
-attention does. A row no key is visible to (an empty slice, every key masked) has
-lse = -inf and out = 0, and merges as weight 0.
+a group with one all-gather of the packed (out, lse) (T*H*(D+1) floats per rank), each
+rank merging the C partials itself. Two all-reduces (MAX of lse, then SUM of the packed
+(w * out, w)) would move 1/C of the data, as the seed's tree attention does, but pay two
+latencies: on gloo a collective costs ~0.5 ms idle and a few ms on a loaded machine,
+and the rows merged in the engine are decodes and one chunk's queries, where latency
+dominates. A row no key is visible to (an empty slice, every key masked) has lse = -inf
+and out = 0, and merges as weight 0.
+
+The partials themselves: on the CPU the fused flash kernel that also returns lse
+(``aten._scaled_dot_product_flash_attention_for_cpu``, ``fused_partial``), a masked
+block split into runs of rows that see the same contiguous key range (``masked_runs``:
+a striped ring block is one run per stripe) so masked-out blocks cost nothing; elsewhere
+(CUDA) the scores are still materialised in bounded chunks (``_partial``).
 
 Prefill (``RingAttention``). A prompt of L tokens is cut into 2C chunks (``balanced_split``):
 rank r holds chunks r and 2C-1-r, an early and a late one, so the causal triangle's work
@@ -35,7 +42,8 @@ the rank that owns its slot (``decode_owner``: round-robin by ``granule``-token 
 
 GQA everywhere: q (..., T, H, D) against k/v (..., S, H_kv, D), heads h = kv * G + g as in
 llamadist.model.llama. q and k are rotated (RoPE at their global positions) by the caller.
-Nothing here is wired into the engine yet (see README, "Context parallelism").
+The engine's CP step (llamadist.runtime.cp_step) uses the math and merges; RingAttention
+and ShardedDecodeAttention serve the unpaged layouts (context_kv, paged_context).
 """
 
 from __future__ import annotations

@@ -18,22 +18,28 @@ request's first super-block id mod cp. So ownership is a function of the positio
   rank: under CP a short request costs ``cp`` blocks of memory.
 
 Every rank gets the same ``StepWork`` and derives every rank's share from it
-(``CPStep``), so collectives need no metadata. Each rank runs only the tokens it owns
-through the model (a decode token: only its owner; a rank may own none), at their global
-positions. Attention of a rank's query rows, per layer (``CPLayer.attend``):
+(``CPStep``), so collectives need no metadata. Each rank runs the tokens it owns through
+the model, at their global positions (a rank may own none), and every *decode* (one token
+after cached ones): a decode's linears are a GEMV per rank, cheaper than the collective
+that would carry its query to the others and make them wait for its owner. Attention of
+a rank's query rows, per layer (``CPLayer.attend``):
 
-1. its new K/V are written into its local blocks;
-2. *new keys* (this step's tokens): its own rows first, then, only when some sequence's
-   step tokens live on several ranks, the K/V blocks of those tokens pass around the ring
-   (isend/irecv posted before each step's compute), masked by (sequence, position);
-3. *past keys* (stored before the step, all visible): only when some sequence has them,
-   the query rows of such sequences are all-gathered, each rank attends them against its
-   local past slots, and ``merge_across`` (all-reduce MAX of lse, SUM of weighted
-   outputs) combines; a decode's attention over its sharded cache is exactly this;
+1. the K/V of the tokens it owns are written into its local blocks (a decode's only by
+   its owner);
+2. *new keys* (this step's tokens, decodes aside): its own rows first, causal, then, only
+   when some sequence's step tokens live on several ranks, the K/V blocks of those tokens
+   pass around the ring (isend/irecv posted before each step's compute), masked by
+   (sequence, position) and attended per run of rows with the same key range;
+3. *past keys* (stored before the step, all visible): the query rows of prefills with
+   cached keys are all-gathered (only when there are some), the decodes need not be;
+   each rank attends them against its local slots (a decode's owner: its own new slot
+   too), and one ``merge_across`` (an all-gather of the packed partials) combines: a
+   step of decodes costs one collective per layer;
 4. the partials merge exactly (log-sum-exp).
 
 The last stage gathers the logit rows (each sequence's last token, scored positions) from
-their owners to CP rank 0, which samples (``gather_logits``).
+their owners to CP rank 0, which samples (``gather_logits``); decodes' rows are computed
+on CP rank 0 itself, so a step of decodes gathers nothing.
 """
 
 from __future__ import annotations

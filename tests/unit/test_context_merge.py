@@ -149,9 +149,9 @@ def test_cp_costs_in_the_planning_model():
     assert cp_prefill_comm_time(prof, 32, 32768, 4, link) == pytest.approx(
         32 * 3 * (2e-6 + block / 100e9))
     assert cp_prefill_comm_time(prof, 32, 32768, 1, link) == 0.0
-    # the queries all-gathered (bf16; half an all-reduce), then the two merges (fp32)
-    merge = (link.all_reduce_s(2 * 4096 * 2, 2) / 2 + link.all_reduce_s(2 * 32 * 4, 2)
-             + link.all_reduce_s(2 * (4096 + 32) * 4, 2))
+    # one all-gather of every rank's packed fp32 (B, H, D + 1) partials per layer
+    merge = link.all_gather_s(2 * 2 * (4096 + 32) * 4, 2)
+    assert merge == pytest.approx(2e-6 + 2 * (4096 + 32) * 4 / 100e9)
     assert cp_decode_comm_time(prof, 32, 2, 2, link) == pytest.approx(32 * merge)
 
 
