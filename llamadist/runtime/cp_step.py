@@ -215,6 +215,19 @@ class CPStageKV:
         is_rep[step.rep_rows] = True
         self.diag = [(a, b) for _, a, b in _groups(step.seq_of) if step.own[a] and not is_rep[a]]
         self.past_groups = self._past_groups(dev)
+        self._write_rows: dict[int, torch.Tensor] = {}
+
+    def write_rows(self, h_kv: int) -> torch.Tensor:
+        """(O_r * H_kv,) rows of the owned tokens' K/V in a layer's cache viewed as
+        (blocks * H_kv * bs, D), token-major; made once per step."""
+        rows = self._write_rows.get(h_kv)
+        if rows is None:
+            bs = self.step.bs
+            slots = self.slots.view(-1, 1)
+            heads = torch.arange(h_kv, device=slots.device).view(1, -1)
+            rows = self._write_rows[h_kv] = (((slots // bs) * h_kv + heads) * bs
+                                             + slots % bs).view(-1)
+        return rows
 
     @staticmethod
     def _ring_step(x, dev) -> tuple:
@@ -268,10 +281,8 @@ class CPLayer:
             k, v = k[self.o.own], v[self.o.own]
         if not len(k):
             return
-        h_kv, bs, d = self.k.shape[1:]
-        slots = self.o.slots.view(-1, 1)
-        heads = torch.arange(h_kv, device=slots.device).view(1, -1)
-        rows = (((slots // bs) * h_kv + heads) * bs + slots % bs).view(-1)
+        h_kv, d = self.k.shape[1], self.k.shape[3]
+        rows = self.o.write_rows(h_kv)
         self.k.view(-1, d).index_copy_(0, rows, k.reshape(-1, d).to(self.k.dtype))
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(-1, d).to(self.v.dtype))
 
@@ -345,8 +356,9 @@ class CPLayer:
         plse = qa.new_full((len(qa), h), float("-inf"), dtype=acc)
         h_kv = self.k.shape[1]
         for rows, table, length, mask in o.past_groups:
-            keys = gather(self.k, gather_rows(table, h_kv), length).transpose(1, 2)
-            values = gather(self.v, gather_rows(table, h_kv), length).transpose(1, 2)
+            index = gather_rows(table, h_kv)  # (1|S1, H_kv, MB)
+            keys = gather(self.k, index, length).transpose(1, 2)
+            values = gather(self.v, index, length).transpose(1, 2)
             if len(table) > 1 or mask is not None or len(rows) == 1:
                 # (S1, L, H_kv, D): one query row each, masked by length
                 po, pl = partial_attention(qa[rows].unsqueeze(1), keys.to(qa.dtype),
