@@ -3,10 +3,12 @@ process against `--nproc 2 --cp 2` (each rank holding half of the KV cache in st
 ring-attention prefill, sharded decode merged across the ranks).
 
     python benchmarks/context_cpu.py [--lengths 4096,8192,16384,32768] [--gen-len 16]
-                                     [--threads 1] [--model DIR]
+                                     [--threads 1] [--repeats 1] [--model DIR]
 
-Prints one JSON line per (length, layout): prefill seconds, decode ms per token, the
-greedy tokens' agreement with one process. The model (4 layers, hidden 256, 8 heads,
+Prints one JSON line per (length, layout): prefill seconds and decode ms per token, the
+medians over --repeats runs (each run a fresh process world). Layouts: one process with
+--threads threads, --cp ranks with --threads each, and one process with cp x --threads
+threads (the same cores as the CP world). The model (4 layers, hidden 256, 8 heads,
 2 KV heads, 64k context, llama3 RoPE) is written once under --model (default a temp
 dir). Each rank uses --threads threads (1: on a 2-core machine the two CP ranks then
 use what one process with 2 threads would).
@@ -20,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from statistics import median
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +52,7 @@ def make_model(folder: Path) -> Path:
 def bench(model: Path, length: int, gen: int, threads: int, cp: int) -> dict:
     args = [sys.executable, "-m", "llamadist", "bench", str(model), "--batch", "1",
             "--prompt-len", str(length), "--gen-len", str(gen), "--json",
-            "--max-batch-tokens", "4096", "--max-seq-len", str(length + gen)]
+            "--max-batch-tokens", "4096", "--max-seq-len", str(length + gen + 1)]
     if cp > 1:
         args += ["--nproc", str(cp), "--cp", str(cp)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
@@ -65,15 +68,19 @@ def main() -> None:
     p.add_argument("--gen-len", type=int, default=16)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cp", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1)
     p.add_argument("--model", type=Path)
     a = p.parse_args()
     model = make_model(a.model or Path(tempfile.gettempdir()) / "llamadist_cp_bench_model")
+    layouts = [(1, a.threads), (a.cp, a.threads), (1, a.cp * a.threads)]
     for length in (int(x) for x in a.lengths.split(",")):
-        for cp in (1, a.cp):
-            r = bench(model, length, a.gen_len, a.threads, cp)
-            print(json.dumps({"prompt_len": length, "cp": cp, "threads_per_rank": a.threads,
-                              "prefill_s": round(r["prefill_s"], 3),
-                              "decode_ms_per_token": round(r["decode_ms_per_step"], 2)}),
+        for cp, threads in layouts:
+            runs = [bench(model, length, a.gen_len, threads, cp) for _ in range(a.repeats)]
+            print(json.dumps({"prompt_len": length, "cp": cp, "threads_per_rank": threads,
+                              "repeats": a.repeats,
+                              "prefill_s": round(median(r["prefill_s"] for r in runs), 3),
+                              "decode_ms_per_token": round(
+                                  median(r["decode_ms_per_step"] for r in runs), 2)}),
                   flush=True)
 
 

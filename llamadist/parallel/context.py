@@ -11,12 +11,19 @@ correction of flash attention), in any order:
     out = sum_i w_i * out_i / sum_i w_i     lse = m + log(sum_i w_i)
 
 ``merge_partials`` does it over a list in one process; ``merge_across`` over the ranks of
-a group with two all-reduces: MAX of lse (T*H floats), then one SUM of the packed
-(w * out, w) (T*H*(D+1) floats). An all-gather of (out, lse) would be one collective but
-moves C times the data to every rank and leaves C partials to merge on each; the two
-all-reduces move what one all-reduce of the output would, which is what the seed's tree
-attention does. A row no key is visible to (an empty slice, every key masked) has
-lse = -inf and out = 0, and merges as weight 0.
+a group with one all-gather of the packed (out, lse) (T*H*(D+1) floats per rank), each
+rank merging the C partials itself. Two all-reduces (MAX of lse, then SUM of the packed
+(w * out, w)) would move 1/C of the data, as the seed's tree attention does, but pay two
+latencies: on gloo a collective costs ~0.5 ms idle and a few ms on a loaded machine,
+and the rows merged in the engine are decodes and one chunk's queries, where latency
+dominates. A row no key is visible to (an empty slice, every key masked) has lse = -inf
+and out = 0, and merges as weight 0.
+
+The partials themselves: on the CPU the fused flash kernel that also returns lse
+(``aten._scaled_dot_product_flash_attention_for_cpu``, ``fused_partial``), a masked
+block split into runs of rows that see the same contiguous key range (``masked_runs``:
+a striped ring block is one run per stripe) so masked-out blocks cost nothing; elsewhere
+(CUDA) the scores are still materialised in bounded chunks (``_partial``).
 
 Prefill (``RingAttention``). A prompt of L tokens is cut into 2C chunks (``balanced_split``):
 rank r holds chunks r and 2C-1-r, an early and a late one, so the causal triangle's work
@@ -35,7 +42,8 @@ the rank that owns its slot (``decode_owner``: round-robin by ``granule``-token 
 
 GQA everywhere: q (..., T, H, D) against k/v (..., S, H_kv, D), heads h = kv * G + g as in
 llamadist.model.llama. q and k are rotated (RoPE at their global positions) by the caller.
-Nothing here is wired into the engine yet (see README, "Context parallelism").
+The engine's CP step (llamadist.runtime.cp_step) uses the math and merges; RingAttention
+and ShardedDecodeAttention serve the unpaged layouts (context_kv, paged_context).
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ from torch import nn
 
 Group = dist.ProcessGroup | None
 
-__all__ = ["partial_attention", "merge_partials", "merge_across", "balanced_split",
+__all__ = ["partial_attention", "masked_runs", "attend_runs", "merge_partials",
+           "merge_across", "balanced_split",
            "decode_owner", "RingPlan", "RingAttention", "ShardedDecodeAttention"]
 
 
@@ -58,20 +67,38 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
 
 
-# Score elements materialised at once (64 MiB in fp32): longer query blocks go in row
-# chunks, each exact on its own (rows are independent), so a 8k x 8k ring block of 32
-# heads costs this much memory instead of 8 GiB.
+# Score elements materialised at once by the reference path (64 MiB in fp32): longer
+# query blocks go in row chunks, each exact on its own (rows are independent), so a 8k x
+# 8k ring block of 32 heads costs this much memory instead of 8 GiB.
 MAX_SCORES = 1 << 24
+
+# A masked block whose rows' visible keys form contiguous ranges runs as one unmasked
+# fused call per run of equal ranges (a striped ring block: one per stripe) up to this
+# many runs; beyond it, one call with an additive mask.
+MAX_RUNS = 64
 
 
 def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       mask: torch.Tensor | None = None, scale: float | None = None,
-                      max_scores: int = MAX_SCORES) -> tuple[torch.Tensor, torch.Tensor]:
+                      max_scores: int = MAX_SCORES, causal: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of q (..., T, H, D) over k/v (..., S, H_kv, D) -> (out (..., T, H, D),
     lse (..., T, H)), both in fp32 (fp64 for fp64 inputs). mask (..., T, S) bool, True =
-    visible; None = all visible. Rows with no visible key (S == 0 included): out 0,
-    lse -inf. The scores are materialised, ``max_scores`` elements at a time (query rows
-    in chunks); a fused kernel that returns lse may replace this (same values)."""
+    visible; None = all visible; ``causal``: key j visible to query i iff j <= i (T == S,
+    no mask). Rows with no visible key (S == 0 included): out 0, lse -inf.
+
+    On the CPU the fused flash kernel that returns the log-sum-exp
+    (``aten._scaled_dot_product_flash_attention_for_cpu``) does it without materialising
+    scores (``fused_partial``); elsewhere the scores are materialised, ``max_scores``
+    elements at a time (query rows in chunks)."""
+    if causal:
+        if mask is not None or q.shape[-3] != k.shape[-3]:
+            raise ValueError("causal attention takes T == S and no mask")
+    if q.device.type == "cpu" and q.shape[-3] and k.shape[-3]:
+        return fused_partial(q, k, v, mask, scale, causal)
+    if causal:
+        t = q.shape[-3]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
     per_row = q[..., 0, :, 0].numel() * max(1, k.shape[-3])  # batch x H x S
     rows = max(1, max_scores // per_row)
     t = q.shape[-3]
@@ -81,6 +108,103 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       None if mask is None else mask[..., i:i + rows, :], scale)
              for i in range(0, t, rows)]
     return torch.cat([o for o, _ in parts], -3), torch.cat([lse for _, lse in parts], -2)
+
+
+_FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+           causal: bool = False, bias: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One fused CPU call: q (B, T, H, D), k/v (B, S, H_kv, D) -> out (B, T, H, D) and
+    lse (B, T, H) in the accumulation dtype. Without a causal flag or a bias, the G query
+    heads of a KV head become G x T rows of one head (K/V read once per KV head, no
+    copies); otherwise K/V are repeated to H heads. bias (B, T, S) additive, or None."""
+    b, t, h, d = q.shape
+    h_kv = k.shape[-2]
+    g = h // h_kv
+    acc = _acc_dtype(q.dtype)
+    kh, vh = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)  # (B, H_kv, S, D)
+    if g == 1 or causal or bias is not None:
+        if g > 1:
+            kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
+        if bias is not None:
+            bias = bias.to(acc).unsqueeze(1)  # (B, 1, T, S)
+        out, lse = _FLASH_CPU(q.to(acc).transpose(1, 2), kh, vh, is_causal=causal,
+                              attn_mask=bias, scale=scale)  # (B, H, T, D), (B, H, T)
+        return out.transpose(1, 2), lse.transpose(1, 2)
+    # (B, T, H_kv, G, D) -> (B, H_kv, G * T, D): row g * T + t
+    qf = q.to(acc).view(b, t, h_kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, h_kv, g * t, d)
+    out, lse = _FLASH_CPU(qf, kh, vh, scale=scale)  # (B, H_kv, G * T, D), (B, H_kv, G * T)
+    out = out.view(b, h_kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return out, lse.view(b, h_kv, g, t).permute(0, 3, 1, 2).reshape(b, t, h)
+
+
+def fused_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                  mask: torch.Tensor | None, scale: float | None, causal: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """partial_attention through the fused CPU kernel (T, S > 0). A 2-D mask whose rows
+    see contiguous key ranges (CP's stripes, a causal prefix) runs unmasked per run of
+    equal ranges, skipping the masked blocks; any other mask becomes an additive bias.
+    Rows with no visible key are fixed up afterwards (out 0, lse -inf)."""
+    *batch, t, h, d = q.shape
+    s, h_kv = k.shape[-3:-1]
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    q3, k3, v3 = q.reshape(-1, t, h, d), k.reshape(-1, s, h_kv, d), v.reshape(-1, s, h_kv, d)
+    if mask is None:
+        out, lse = _flash(q3, k3, v3, scale, causal)
+        return out.view(*batch, t, h, d), lse.view(*batch, t, h)
+    if mask.dim() == 2 and not batch:
+        runs = masked_runs(mask)
+        if runs is not None:
+            return attend_runs(q, k, v, runs, scale)
+    m3 = mask.expand(*batch, t, s).reshape(-1, t, s)
+    seen = m3.any(-1)  # (B, T)
+    m3 = m3 | ~seen.unsqueeze(-1)  # an empty row sees every key, then is zeroed
+    bias = torch.zeros(m3.shape, dtype=_acc_dtype(q.dtype), device=q.device)
+    bias.masked_fill_(~m3, float("-inf"))
+    out, lse = _flash(q3, k3, v3, scale, bias=bias)
+    if not bool(seen.all()):
+        out = out.masked_fill(~seen.view(*seen.shape, 1, 1), 0)
+        lse = lse.masked_fill(~seen.unsqueeze(-1), float("-inf"))
+    return out.view(*batch, t, h, d), lse.view(*batch, t, h)
+
+
+def masked_runs(mask: torch.Tensor) -> list[tuple[int, int, int, int]] | None:
+    """mask (T, S) -> [(row lo, row hi, key lo, key hi)] runs of rows that see exactly
+    the same contiguous key range (empty rows left out), or None when some row's keys
+    are not contiguous or there are more than MAX_RUNS runs."""
+    t, s = mask.shape
+    any_ = mask.any(-1)
+    first = mask.to(torch.uint8).argmax(-1)
+    last = s - mask.flip(-1).to(torch.uint8).argmax(-1)
+    count = mask.sum(-1)
+    if not bool(((last - first == count) | ~any_).all()):
+        return None
+    first, last = first.masked_fill(~any_, 0), last.masked_fill(~any_, 0)
+    change = torch.ones(t, dtype=torch.bool, device=mask.device)
+    change[1:] = (first[1:] != first[:-1]) | (last[1:] != last[:-1])
+    starts = torch.nonzero(change).flatten().tolist() + [t]
+    if len(starts) - 1 > MAX_RUNS:
+        return None
+    lo, hi = first.tolist(), last.tolist()
+    return [(a, b, lo[a], hi[a]) for a, b in zip(starts, starts[1:]) if hi[a] > lo[a]]
+
+
+def attend_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                runs: list[tuple[int, int, int, int]], scale: float | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """partial_attention of q (T, H, D) over k/v (S, H_kv, D) under a mask given as its
+    ``masked_runs`` (CPU): one fused call per run, rows in no run get out 0, lse -inf."""
+    t, h, d = q.shape
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    out = q.new_zeros(t, h, d, dtype=acc)
+    lse = q.new_full((t, h), float("-inf"), dtype=acc)
+    for a, b, lo, hi in runs:
+        o, l_ = _flash(q[None, a:b], k[None, lo:hi], v[None, lo:hi], scale)
+        out[a:b], lse[a:b] = o[0], l_[0]
+    return out, lse
 
 
 def _partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -133,15 +257,20 @@ def merge_partials(parts: list[tuple[torch.Tensor, torch.Tensor]]
 def merge_across(out: torch.Tensor, lse: torch.Tensor,
                  group: Group) -> tuple[torch.Tensor, torch.Tensor]:
     """merge_partials over the ranks of ``group``, each holding one partial (out (..., H,
-    D), lse (..., H)) for the same query rows: all-reduce MAX of lse, then one all-reduce
-    SUM of (w * out, w) packed. Every rank gets the merged (out, lse)."""
-    m = lse.clone()
-    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
-    w = _weights(lse, m)  # (..., H)
-    num = torch.where(w.unsqueeze(-1) > 0, out * w.unsqueeze(-1), 0)  # (..., H, D)
-    packed = torch.cat([num.reshape(-1), w.reshape(-1)])
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    return _finish(packed[:num.numel()].view_as(num), packed[num.numel():].view_as(w), m)
+    D), lse (..., H)) for the same query rows, in one collective: an all-gather of the
+    packed (out, lse) (..., H, D + 1), merged on every rank. Every rank gets the merged
+    (out, lse). (Two all-reduces, MAX of lse then SUM of the weighted outputs, move 1/C
+    of the data but pay two latencies; the rows merged here are decodes and one chunk's
+    queries, where latency dominates.)"""
+    packed = torch.cat([out, lse.unsqueeze(-1)], -1).contiguous()  # (..., H, D + 1)
+    everyone = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, packed, group=group)
+    stacked = torch.stack(everyone)  # (C, ..., H, D + 1)
+    outs, lses = stacked[..., :-1], stacked[..., -1]
+    m = lses.amax(0)
+    w = _weights(lses, m)  # (C, ..., H)
+    num = torch.where(w.unsqueeze(-1) > 0, outs * w.unsqueeze(-1), 0).sum(0)
+    return _finish(num, w.sum(0), m)
 
 
 # ---- who holds which tokens -------------------------------------------------------

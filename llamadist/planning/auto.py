@@ -12,7 +12,7 @@ Every number comes from the one cost model, :mod:`llamadist.planning.cost`:
     context par.    only when no layout without it fits (one sequence's KV cache at
                     max_seq_len too large for the devices): each stage is cp x tp
                     devices, each holding 1 / cp of every sequence's KV cache; a decode
-                    step pays cp_decode_comm_time (queries gathered, partials merged), and
+                    step pays cp_decode_comm_time (one all-gather of partials per layer), and
                     ``ring_prefill_s`` reports a max_seq_len prompt's ring traffic
     latency         one micro-batch goes through the stages in turn: the sum (the
                     pipeline bubble: each stage idles while the others work)

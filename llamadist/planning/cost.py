@@ -358,19 +358,16 @@ def cp_prefill_comm_time(profile: ModelProfile, layers: int, prompt_len: int, cp
 
 def cp_decode_comm_time(profile: ModelProfile, layers: int, batch: int, cp: int, link: Link,
                         head_dim: int = 128) -> float:
-    """Sharded-KV decode merge of ``batch`` new tokens through ``layers`` layers: per
-    layer an all-gather of the (B, H, D) queries (each token runs on the rank that owns
-    its slot: llamadist.runtime.cp_step; half an all-reduce's traffic), an all-reduce MAX
-    of the (B, H) log-sum-exps and one all-reduce SUM of the packed (B, H, D + 1)
-    weighted outputs and weights, all fp32 (merge_across). The profile knows H * D (from
-    its attention FLOPs), not H: ``head_dim`` splits it."""
+    """Sharded-KV decode merge of ``batch`` new tokens through ``layers`` layers: every
+    CP rank runs the decodes (llamadist.runtime.cp_step), attends its stored stripes, and
+    one all-gather per layer of the packed fp32 (B, H, D + 1) partials (output and
+    log-sum-exp, merge_across) combines them. The profile knows H * D (from its
+    attention FLOPs), not H: ``head_dim`` splits it."""
     if cp <= 1:
         return 0.0
     q_size = profile.layers[0].attn_flops_per_ctx_token // 4 if profile.layers else 0
     heads = max(1, q_size // head_dim)
-    per_layer = (link.all_reduce_s(batch * q_size * profile.bytes_per_param, cp) / 2
-                 + link.all_reduce_s(batch * heads * 4, cp)
-                 + link.all_reduce_s(batch * (q_size + heads) * 4, cp))
+    per_layer = link.all_gather_s(cp * batch * (q_size + heads) * 4, cp)
     return layers * per_layer
 
 

@@ -149,9 +149,9 @@ def test_cp_costs_in_the_planning_model():
     assert cp_prefill_comm_time(prof, 32, 32768, 4, link) == pytest.approx(
         32 * 3 * (2e-6 + block / 100e9))
     assert cp_prefill_comm_time(prof, 32, 32768, 1, link) == 0.0
-    # the queries all-gathered (bf16; half an all-reduce), then the two merges (fp32)
-    merge = (link.all_reduce_s(2 * 4096 * 2, 2) / 2 + link.all_reduce_s(2 * 32 * 4, 2)
-             + link.all_reduce_s(2 * (4096 + 32) * 4, 2))
+    # one all-gather of every rank's packed fp32 (B, H, D + 1) partials per layer
+    merge = link.all_gather_s(2 * 2 * (4096 + 32) * 4, 2)
+    assert merge == pytest.approx(2e-6 + 2 * (4096 + 32) * 4 / 100e9)
     assert cp_decode_comm_time(prof, 32, 2, 2, link) == pytest.approx(32 * merge)
 
 
@@ -168,3 +168,46 @@ def test_query_row_chunks_give_the_same_partials():
     batched = partial_attention(qb, kb, vb, mask.expand(3, 13, 10), max_scores=7)
     assert torch.allclose(batched[0][2], whole[0], atol=1e-12)
     assert torch.allclose(batched[1][1], whole[1], atol=1e-12)
+
+
+def _stripes(t, s, width, shift):
+    """A striped ring block's mask: query stripe i sees key stripes < i + shift."""
+    qi = torch.arange(t).view(-1, 1) // width
+    ki = torch.arange(s).view(1, -1) // width
+    return ki < qi + shift
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6)])
+@pytest.mark.parametrize("kind", ["none", "causal", "stripes", "stripes_shift", "random",
+                                  "empty_rows", "batched"])
+def test_fused_cpu_path_equals_materialised_scores(kind, dtype, tol):
+    """The fused kernel (runs of contiguous key ranges, additive bias, causal, GQA folded
+    into rows) against the materialised reference (_partial), lse included."""
+    from llamadist.parallel.context import _partial, masked_runs as _runs
+    q, k, v = (x.to(dtype) for x in _qkv(12, 12, seed=5))
+    mask, causal = None, False
+    if kind == "causal":
+        causal = True
+    elif kind.startswith("stripes"):
+        mask = _stripes(12, 12, 3, int(kind == "stripes_shift"))
+        assert _runs(mask) is not None and len(_runs(mask)) >= 3
+    elif kind in ("random", "empty_rows"):
+        mask = torch.rand(12, 12, generator=torch.Generator().manual_seed(1)) > 0.4
+        if kind == "empty_rows":
+            mask[[0, 7]] = False
+        assert _runs(mask) is None  # the additive-bias path
+    if kind == "batched":
+        q, k, v = q.view(3, 4, H, D), k.view(3, 4, H_KV, D), v.view(3, 4, H_KV, D)
+        mask = torch.arange(4).view(1, 1, 4) < torch.tensor([4, 1, 2]).view(3, 1, 1)
+        mask = mask.expand(3, 4, 4).clone()
+        mask[1, 2] = False  # one empty row in a batch
+    got = partial_attention(q, k, v, mask, causal=causal)
+    ref = _partial(q, k, v, torch.ones(12, 12, dtype=torch.bool).tril() if causal else mask,
+                   None)
+    assert got[0].dtype == ref[0].dtype
+    assert torch.allclose(got[0], ref[0], atol=tol)
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(ref[1]))
+    fin = torch.isfinite(ref[1])
+    assert torch.allclose(got[1][fin], ref[1][fin], atol=tol)
+    if kind == "empty_rows":
+        assert (got[0][[0, 7]] == 0).all() and torch.isinf(got[1][[0, 7]]).all()

@@ -51,14 +51,19 @@ def shares(work: StepWork, cp: int) -> list[CPStep]:
 def test_every_token_on_exactly_one_rank_at_its_owners_stripe():
     work = step(([5, 9, 2], 0, 21), ([3, 4], 6, 9), ([7], 3, 1))  # cp 2: stripes of 4
     got = shares(work, 2)
-    flat = sorted(int(f) for s in got for f in s.mine)
+    flat = sorted(int(f) for s in got for f in s.mine[s.own])  # decodes run everywhere
     assert flat == list(range(31))
     for s in got:
-        for seq, pos in zip(s.seq_of, s.positions):
+        for seq, pos in zip(s.seq_of[s.own], s.positions[s.own]):
             home = work.seqs[seq].block_ids[0] % 2
             assert stripe_owner(int(pos), home, 2, 4) == s.rank
+        # the decode (flat 30) is run by every rank, stored by one, merged by every rank
+        assert s.mine[s.rep_rows].tolist() == [30] and s.has_past
+        assert len(s.slots) == int(s.own.sum())
     # distinct (block, offset) slots on each rank
     assert all(len(set(s.slots.tolist())) == len(s.slots) for s in got)
+    # the decode's logit row comes from CP rank 0, the prefills' from their owners
+    assert got[0].logits_from[2] == (0, 2)
 
 
 def test_short_requests_stay_on_one_rank_and_spread_by_home():
@@ -98,6 +103,10 @@ def test_logit_rows_come_from_their_owners_in_step_order():
     last = [10, 12, 13]  # flat index of each sequence's last token
     for row, (owner, k) in enumerate(got[0].logits_from):
         assert int(got[owner].mine[got[owner].logits_local[k]]) == last[row]
+    # a step of decodes only: CP rank 0 has every logit row, nothing is gathered
+    decodes = shares(step(([1, 2], 9, 1), ([3], 5, 1)), 2)
+    assert [s.logits_gather for s in decodes] == [False, False]
+    assert [len(s.logits_local) for s in decodes] == [2, 0]
 
 
 def test_block_size_must_split_over_cp():
