@@ -152,7 +152,6 @@ def bench_hf(run: ShapeRun, full: Llama, hf_gen_len: int) -> None:
             if r is not None:
                 run.res["rows"].append(make_row("hf-eager", mode, 1, b, r, run.prof,
                                                 run.opts.prompt_len, hlen, run.ceil))
-    del hf
 
 
 def compare_hf(res: dict) -> None:
