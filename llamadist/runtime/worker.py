@@ -164,6 +164,24 @@ class Session:
         self.barrier("every rank to load its stage")
         return self.rank_stage
 
+    def rejoin(self, port: int) -> None:
+        """After a lost peer (gloo, no TP/CP group inside the stage: cli.rejoin): leave the
+        broken world and form a new one on rendezvous ``port`` with the restarted worker,
+        same rank, same grid. This rank's stage keeps its weights and its KV cache memory
+        (whose contents the replay recomputes); only its links are new. Returns when every
+        rank of the new world has its stage (the new worker's ``load`` barrier)."""
+        try:
+            dist.destroy_process_group()  # gloo: closes its sockets, a blocked peer fails
+        except Exception as e:  # noqa: BLE001 - the world is broken anyway
+            log.debug("destroy_process_group after a lost peer: %s", e)
+        g = self.groups
+        os.environ["MASTER_PORT"] = str(port)
+        ctx = init_distributed(self.timeout, g.ctx.device.type)
+        self.groups = ParallelGroups(ctx, g.pp_size, g.tp_size, g.dp_size, self.timeout,
+                                     cp=g.cp_size)
+        self.rank_stage.rejoin(self.groups)
+        self.barrier("every rank to load its stage")
+
     def close(self) -> None:
         try:
             dist.destroy_process_group()

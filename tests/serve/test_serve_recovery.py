@@ -2,7 +2,9 @@
 concurrent streaming requests (greedy and seeded) survive a worker killed with SIGKILL
 (a pipeline stage, a tensor-parallel rank, a data-parallel replica) or stopped with
 SIGSTOP; each text equals the same request on a one-process server; /health says
-recovering meanwhile, /metrics counts the recovery, and no worker is left behind."""
+recovering meanwhile, /metrics counts the recovery, and no worker is left behind. Under
+--pp only the lost worker is started again: the other stage's process stays (its weights
+kept, cli.rejoin); under --tp the whole replica restarts."""
 
 import os
 import signal
@@ -115,6 +117,8 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
         assert metric(text, 'llamadist_recovery_seconds_count{phase="restart"}') == 1
         now = children(server.proc.pid)
         assert len(now) == 2 and workers[victim] not in now  # a new worker took its place
+        if "--pp" in grid:  # the other stage's worker kept its weights (cli.rejoin)
+            assert workers[1 - victim] in now, (workers, now)
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
