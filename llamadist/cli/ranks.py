@@ -118,7 +118,9 @@ def serve_rejoining(session: Session, link, index: int, rejoin: bool) -> None:
             if not rejoin:
                 raise
             log.warning("worker %d: %s; waiting for the front", index, str(e).splitlines()[0])
-            order = link.await_order()
+            order = None
+        # outside the except clause: its traceback's frames hold the old groups
+        order = order or link.await_order()
         if "rejoin" not in order:
             raise PeerError(-1, f"worker {index}: unexpected order from the front: {order}")
         link.send_obj({"rejoining": index})

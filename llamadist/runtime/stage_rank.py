@@ -90,6 +90,12 @@ class StageRank:
         # only between steps (runtime.live_stats), never during a graph capture
         self.step_lock = threading.Lock()
 
+    def leave(self) -> None:
+        """Drop every link to a broken world (``worker.Session.rejoin``)."""
+        self.groups = self.pipe = self.tp_link = None
+        if self.front_link is None:
+            self.front = None
+
     def rejoin(self, groups: ParallelGroups) -> None:
         """A new world after a lost peer (``worker.Session.rejoin``): the same stage,
         weights and KV cache memory; new links, nothing in flight."""
