@@ -10,8 +10,10 @@ replica's loss leaves the others running. The front watches every worker: a proc
 (Popen.poll, at once), a closed link, a heartbeat that stops (SIGSTOP, a frozen host) or
 a step stuck longer than ``--timeout``; also while idle. Then, by ``--on-failure``:
 
-* ``restart`` (default): kill the replica's workers, start new ones on the same devices
-  (a new rendezvous port; they reload their weights), and replay the replica's requests
+* ``restart`` (default): start the lost worker again while the replica's others keep
+  their stages and join it on a new rendezvous port (cli.rejoin: gloo, no TP/CP), else
+  kill the replica's workers and start new ones on the same devices (a new rendezvous
+  port; they reload their weights); then replay the replica's requests
   from prompt + tokens so far (``LLMEngine.replace_executor``). With several replicas the
   lost one's requests move to the live ones at once (``LLMEngine.fail_over``) and it
   restarts in the background, rejoining empty (``LLMEngine.add_replica``).
