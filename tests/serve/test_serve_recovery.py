@@ -129,6 +129,36 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
             open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def test_a_survivor_that_does_not_rejoin_restarts_the_replica(tiny_model, tmp_path,
+                                                              reference):
+    """Worker 1 killed while worker 0 is stopped: worker 0 cannot take the order to rejoin
+    within --timeout, so the front restarts the whole replica (both processes new), and the
+    eight requests still end as without the fault."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
+                           log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[0], signal.SIGSTOP)
+        os.kill(workers[1], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        assert "the survivors did not rejoin" in log.read_text()
+        now = children(server.proc.pid)
+        assert len(now) == 2 and not set(now) & set(workers), (workers, now)
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    for pid in workers + now:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
     """`--on-failure replan`: a stage's worker killed mid-generation; the pipeline is
     planned again over the two rank slots left, its workers load the new split, and the
