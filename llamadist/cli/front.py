@@ -10,8 +10,10 @@ replica's loss leaves the others running. The front watches every worker: a proc
 (Popen.poll, at once), a closed link, a heartbeat that stops (SIGSTOP, a frozen host) or
 a step stuck longer than ``--timeout``; also while idle. Then, by ``--on-failure``:
 
-* ``restart`` (default): kill the replica's workers, start new ones on the same devices
-  (a new rendezvous port; they reload their weights), and replay the replica's requests
+* ``restart`` (default): start the lost worker again while the replica's others keep
+  their stages and join it on a new rendezvous port (cli.rejoin: gloo, no TP/CP), else
+  kill the replica's workers and start new ones on the same devices (a new rendezvous
+  port; they reload their weights); then replay the replica's requests
   from prompt + tokens so far (``LLMEngine.replace_executor``). With several replicas the
   lost one's requests move to the live ones at once (``LLMEngine.fail_over``) and it
   restarts in the background, rejoining empty (``LLMEngine.add_replica``).
@@ -38,8 +40,9 @@ from dataclasses import asdict
 
 from llamadist.cli.jobs import Job
 from llamadist.cli.layout import LAYOUT_ENV
+from llamadist.cli.rejoin import await_workers, can_rejoin, rejoin, rejoin_allowed
 from llamadist.cli.replan import Recovery, check_replan, replan
-from llamadist.distributed.faults import EXIT_PEER_LOST
+from llamadist.distributed.faults import EXIT_PEER_LOST, FAULT_VARS
 from llamadist.distributed.launch import Crew, WorkerExit
 from llamadist.distributed.link import (FRONT_ENV, POLL_S, CrewLinks, FrontLink, WorkerLost,
                                         read_hello)
@@ -51,8 +54,6 @@ from llamadist.runtime.worker import RankSpec
 
 log = logging.getLogger(__name__)
 
-FAULT_VARS = ("LLAMADIST_TEST_DIE_AT_STEP", "LLAMADIST_TEST_HANG_AT_STEP")  # injected once
-STARTUP_S = 600.0  # a worker's start and load (a big checkpoint from a slow disk)
 BLAME_GRACE_S = 2.0  # after a loss, how long the front looks for the worker that caused it
 
 
@@ -117,7 +118,8 @@ class Front:
         self.devices = list(lay.devices)
         self.spec = rank_spec_of(job)
         self.setup = {"spec": self.spec, "pp": self.pp, "tp": self.tp, "cp": self.cp,
-                      "devices": ",".join(lay.devices), "timeout": self.timeout}
+                      "devices": ",".join(lay.devices), "timeout": self.timeout,
+                      "rejoin": rejoin_allowed(lay, self.policy)}
         env = {**os.environ, LAYOUT_ENV: lay.to_json()}
         per, argv = self.pp * self.cp * self.tp, ["-m", "llamadist", *self.args.argv]
         for k, r in enumerate(self.replicas):
@@ -155,41 +157,8 @@ class Front:
         r.crew.start(r.token, drop=FAULT_VARS if self.restarts else ())
 
     def _await(self, r: Replica) -> tuple[float, float]:
-        """Wait for the replica's workers to connect, send each its setup, wait until all
-        are loaded. -> (seconds from start to connected, connected to loaded)."""
-        deadline = time.monotonic() + STARTUP_S
-        want = set(r.crew.indices)
-
-        def check(what: str) -> None:
-            exits = r.crew.exits()
-            if exits:
-                raise WorkerLost(r.index, exits[0].rank, f"{exits[0].describe()} while {what}")
-            if time.monotonic() > deadline:
-                raise WorkerLost(r.index, -1, f"replica {r.index} was not {what} within "
-                                              f"{STARTUP_S:.0f} s")
-        while len(r.links) < len(want):
-            with self._cond:
-                self._cond.wait(POLL_S)
-                for i in want - set(r.links):
-                    link = self._arrived.pop((i, r.token), None)
-                    if link is not None:
-                        r.links[i] = link
-            check("connecting")
-        connected = time.monotonic()
-        for link in r.links.values():
-            link.send_obj({**self.setup, "replica": r.index})
-        ready: set[int] = set()
-        while len(ready) < len(want):
-            for i, link in r.links.items():
-                obj = link.get(link.objects, POLL_S / len(want))
-                if isinstance(obj, dict) and "ready" in obj:
-                    ready.add(i)
-                elif obj is not None and not isinstance(obj, dict):
-                    raise WorkerLost(r.index, i, f"worker {i} {link.lost} while loading")
-            check("loading")
-        r.status = "running"
-        done = time.monotonic()
-        return connected - r.crew.started_at, done - connected
+        """Wait until every worker of ``r`` is connected and loaded (cli.rejoin)."""
+        return await_workers(self, r, set(r.crew.indices))
 
     def _accept(self) -> None:
         """Take each worker's connection and its hello (index, incarnation token)."""
@@ -315,8 +284,12 @@ class Front:
         found = self._blame(r) or failure
         cause = str(found)
         r.status = "lost"
-        r.crew.kill()
-        r.close_links()
+        keep = found.peer if can_rejoin(self, r, found.peer) else None
+        if keep is not None:  # the survivors stay: cli.rejoin
+            r.crew.kill_one(keep)
+        else:
+            r.crew.kill()
+            r.close_links()
         if self.policy == "fail":
             self._give_up(f"{cause} (--on-failure fail)")
         seen = found.seen_s if found.seen_s is not None else t_detect
@@ -328,12 +301,12 @@ class Front:
         log.warning("replica %d lost: %s; restarting its workers", r.index, cause)
         if not single:
             rec.moved = engine.fail_over(index)
-            threading.Thread(target=self._restart_in_background, args=(r, rec),
+            threading.Thread(target=self._restart_in_background, args=(r, rec, keep),
                              daemon=True).start()
         else:
             if self.policy == "replan":
                 self._replan(r, found, rec)
-            self._restart(r, rec)
+            self._restart(r, rec, keep=keep)
             rec.replayed = engine.replace_executor(index, self.executor(r))
             self.state = "ok"
         self.recoveries.append(rec)
@@ -366,9 +339,11 @@ class Front:
             time.sleep(POLL_S)
         return None
 
-    def _restart(self, r: Replica, rec: Recovery, background: bool = False) -> None:
+    def _restart(self, r: Replica, rec: Recovery, background: bool = False,
+                 keep: int | None = None) -> None:
         """Start the replica's workers again, up to --max-restarts for the whole run (past
-        it, in the background: this replica stays down, the others serve)."""
+        it, in the background: this replica stays down, the others serve); ``keep``: only
+        that lost worker, the others rejoining it with their stages (cli.rejoin)."""
         cause = rec.cause
         while True:
             if self.restarts >= self.max_restarts:
@@ -379,6 +354,9 @@ class Front:
                 r.status = "down"
                 raise RuntimeError(reason)
             self.restarts += 1
+            if keep is not None and rejoin(self, r, keep, rec):
+                return
+            keep = None
             try:
                 self._spawn(r)
                 rec.restart_s, rec.reload_s = self._await(r)
@@ -388,9 +366,9 @@ class Front:
                 log.warning("replica %d: the restart failed: %s", r.index, cause)
                 r.crew.kill()
 
-    def _restart_in_background(self, r: Replica, rec: Recovery) -> None:
+    def _restart_in_background(self, r: Replica, rec: Recovery, keep: int | None) -> None:
         try:
-            self._restart(r, rec, background=True)
+            self._restart(r, rec, background=True, keep=keep)
         except RuntimeError as e:
             log.error("replica %d stays down: %s", r.index, e)
             return

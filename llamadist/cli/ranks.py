@@ -84,7 +84,7 @@ def run_worker(args: argparse.Namespace) -> int:
         link.stats = LiveStats(rank_stage, rank_identity(session) | {
             "rank": index, "dp": setup["replica"]})
         link.send_obj({"ready": index, "load_s": time.perf_counter() - t0})
-        rank_stage.serve()
+        serve_rejoining(session, link, index, setup.get("rejoin", False))
         link.send_obj({"report": rank_report(session) | {"rank": index,
                                                          "dp": setup["replica"]}})
         session.close()
@@ -98,6 +98,34 @@ def run_worker(args: argparse.Namespace) -> int:
         log.exception("worker %d failed", index)
         _die(index, "see the traceback above", 1)
     return 1  # not reached
+
+
+def serve_rejoining(session: Session, link, index: int, rejoin: bool) -> None:
+    """Serve steps until END. With ``rejoin`` (cli.rejoin: the front may keep survivors), a
+    lost peer does not end this worker: it takes the front's order (skipping the steps
+    sent to the broken world), says so, joins the new world on the port given with its
+    stage kept, says so again, and serves on. Without, a lost peer ends it as before."""
+    import torch.distributed as dist
+
+    from llamadist.distributed.link import Rejoin
+    while True:
+        try:
+            session.rank_stage.serve()
+            return
+        except Rejoin as e:
+            order = e.order
+        except (PeerError, dist.DistError) as e:
+            if not rejoin:
+                raise
+            log.warning("worker %d: %s; waiting for the front", index, str(e).splitlines()[0])
+            order = None
+        # outside the except clause: its traceback's frames hold the old groups
+        order = order or link.await_order()
+        if "rejoin" not in order:
+            raise PeerError(-1, f"worker {index}: unexpected order from the front: {order}")
+        link.send_obj({"rejoining": index})
+        session.rejoin(int(order["rejoin"]))
+        link.send_obj({"rejoined": index})
 
 
 def _die(rank: int, message: str, code: int) -> None:

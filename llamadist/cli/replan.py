@@ -28,6 +28,7 @@ class Recovery:
     replay_s: float | None = None
     replayed: int = 0
     moved: int = 0  # requests moved to live replicas (data parallel)
+    kept: int = 0  # workers that kept their stage and rejoined (cli.rejoin)
     detected_at: float = 0.0  # wall clock (time.time) of the decision
     layout: str | None = None
 

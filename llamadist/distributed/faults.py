@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 EXIT_PEER_LOST = 3  # this rank is fine; a peer died or stopped answering
 EXIT_TEST_DIE = 17  # the LLAMADIST_TEST_DIE_AT_STEP hook
+# the test hooks' variables (fault_hook): one-shot, a restarted worker must not inherit them
+FAULT_VARS = ("LLAMADIST_TEST_DIE_AT_STEP", "LLAMADIST_TEST_HANG_AT_STEP")
 WATCHDOG_GRACE_S = 2.0
 
 
@@ -76,7 +78,7 @@ class Watchdog:
 @functools.cache
 def _hooks() -> tuple[tuple[str, bool, int, int], ...]:
     out = []
-    for var, die in (("LLAMADIST_TEST_DIE_AT_STEP", True), ("LLAMADIST_TEST_HANG_AT_STEP", False)):
+    for var, die in zip(FAULT_VARS, (True, False)):
         spec = os.environ.get(var)
         if spec:
             r, s = (int(x) for x in spec.split(":"))

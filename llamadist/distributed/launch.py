@@ -210,6 +210,7 @@ class Crew:
         self.argv, self.indices, self.nproc = argv, indices, nproc
         self.env, self.extra = env, extra
         self.procs: dict[int, subprocess.Popen] = {}
+        self.pgid = 0  # the crew's process group (its first worker's pid), 0: none yet
         self.started_at = 0.0
 
     def start(self, token: str, drop: tuple[str, ...] = ()) -> None:
@@ -217,23 +218,43 @@ class Crew:
         inherit, such as a test's fault injection)."""
         self.kill()
         port = free_port()
-        base = {k: v for k, v in self.env.items() if k not in drop}
-        pgid = 0
         self.started_at = time.monotonic()
-        for rank, index in enumerate(self.indices):
-            env = worker_env(rank, len(self.indices), port, base, index, self.nproc)
-            env.update(self.extra, LLAMADIST_WORKER_INDEX=str(index),
-                       LLAMADIST_WORKER_TOKEN=token, LLAMADIST_FRONT_PID=str(os.getpid()))
-            # process_group, not a preexec_fn: the front has threads (fork + Python = risk).
-            # No PR_SET_PDEATHSIG either: it fires when the *thread* that forked exits (a
-            # restart runs on a passing thread); the worker's heartbeat thread leaves
-            # instead when the front is gone (distributed.link.WorkerLink)
-            p = subprocess.Popen([sys.executable, *self.argv], env=env,
-                                 stdin=subprocess.DEVNULL, process_group=pgid)
-            pgid = pgid or p.pid
-            self.procs[index] = p
+        for index in self.indices:
+            self.procs[index] = self._popen(index, port, token, drop)
         log.info("started workers %s (pids %s) on port %d", self.indices,
                  [p.pid for p in self.procs.values()], port)
+
+    def start_one(self, index: int, token: str, port: int, drop: tuple[str, ...] = ()) -> None:
+        """Start worker ``index`` again (the old one must be gone: ``kill_one``), in the
+        crew's process group, to meet the survivors on rendezvous port ``port``."""
+        self.started_at = time.monotonic()
+        self.procs[index] = self._popen(index, port, token, drop)
+        log.info("started worker %d again (pid %d) on port %d", index, self.procs[index].pid,
+                 port)
+
+    def _popen(self, index: int, port: int, token: str, drop: tuple[str, ...]
+               ) -> subprocess.Popen:
+        base = {k: v for k, v in self.env.items() if k not in drop}
+        rank = self.indices.index(index)
+        env = worker_env(rank, len(self.indices), port, base, index, self.nproc)
+        env.update(self.extra, LLAMADIST_WORKER_INDEX=str(index),
+                   LLAMADIST_WORKER_TOKEN=token, LLAMADIST_FRONT_PID=str(os.getpid()))
+        # process_group, not a preexec_fn: the front has threads (fork + Python = risk).
+        # No PR_SET_PDEATHSIG either: it fires when the *thread* that forked exits (a
+        # restart runs on a passing thread); the worker's heartbeat thread leaves
+        # instead when the front is gone (distributed.link.WorkerLink)
+        p = subprocess.Popen([sys.executable, *self.argv], env=env,
+                             stdin=subprocess.DEVNULL, process_group=self.pgid)
+        self.pgid = self.pgid or p.pid
+        return p
+
+    def kill_one(self, index: int) -> None:
+        """Kill worker ``index`` alone (a lost one: the survivors stay)."""
+        p = self.procs.get(index)
+        if p is not None:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
 
     def exits(self) -> list[WorkerExit]:
         """The workers that have exited, now."""
@@ -256,16 +277,16 @@ class Crew:
     def kill(self) -> None:
         if not self.procs:
             return
-        first = next(iter(self.procs.values()))
         try:
-            os.killpg(first.pid, signal.SIGKILL)
+            if self.pgid:  # never 0: killpg(0) is the front's own group
+                os.killpg(self.pgid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
         for p in self.procs.values():
             if p.poll() is None:
                 p.kill()
             p.wait()
-        self.procs = {}
+        self.procs, self.pgid = {}, 0
 
 
 def _relay_stdin(p: subprocess.Popen) -> None:

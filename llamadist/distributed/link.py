@@ -60,6 +60,16 @@ class WorkerLost(PeerError):
         self.seen_s = seen_s  # monotonic time of the worker's last sign of life
 
 
+class Rejoin(PeerError):
+    """The front's order to a worker that survived a lost peer (``{"rejoin": port}``):
+    leave the broken world and join a new one on that rendezvous port, keeping its stage
+    (cli.rejoin). Raised by ``WorkerLink.recv`` when the order arrives between steps."""
+
+    def __init__(self, order: dict):
+        super().__init__(-1, f"the front orders a rejoin on port {order.get('rejoin')}")
+        self.order = order
+
+
 def _encode(msg: Message) -> bytes:
     t = msg.tensor
     if t is not None and t.device.type != "cpu":
@@ -179,9 +189,22 @@ class WorkerLink:
 
     def recv(self, src: int, idle: bool = False) -> Message:
         kind, body = self._recv()
-        if kind == OBJ:  # the front's orders between steps are stage messages too
+        if kind == OBJ:  # the front's only order mid-run: rejoin a new world
+            obj = pickle.loads(body)
+            if isinstance(obj, dict) and "rejoin" in obj:
+                raise Rejoin(obj)
             raise PeerError(-1, f"worker {self.index}: unexpected setup object mid-run")
         return _decode(body)
+
+    def await_order(self) -> dict:
+        """After a lost peer: the front's next order (a dict), skipping the stage messages
+        sent to the broken world before it. The front closing fails it (PeerError)."""
+        while True:
+            kind, body = self._recv()
+            if kind == OBJ:
+                obj = pickle.loads(body)
+                if isinstance(obj, dict):
+                    return obj
 
     def flush(self) -> None:
         pass  # sendall returned: the bytes are in the kernel's buffer

@@ -116,14 +116,18 @@ class P2P:
         if self._via_host and msg.tensor is not None:
             msg = Message(msg.kind, msg.step, msg.lane, msg.start, msg.tensor.cpu())
         header = encode_header(msg)
-        works = [dist.isend(header, dst, group=self.group.cpu_group)]
-        keep = [header]
-        if msg.tensor is not None:
-            t = msg.tensor.contiguous()
-            group = self.group.cpu_group if t.device.type == "cpu" else self.group.device_group
-            works.append(dist.isend(t, dst, group=group))
-            keep.append(t)
-            self.stats.bytes_sent += t.nbytes
+        try:  # gloo may fail a send to a dead peer at once, before any wait
+            works = [dist.isend(header, dst, group=self.group.cpu_group)]
+            keep = [header]
+            if msg.tensor is not None:
+                t = msg.tensor.contiguous()
+                group = self.group.cpu_group if t.device.type == "cpu" \
+                    else self.group.device_group
+                works.append(dist.isend(t, dst, group=group))
+                keep.append(t)
+                self.stats.bytes_sent += t.nbytes
+        except RuntimeError as e:
+            raise self._lost(e, dst, "a send to start") from e
         self._pending.append((works, keep))
         self.stats.messages += 1
         self._pending = [(w, k) for w, k in self._pending if not all(x.is_completed() for x in w)]
@@ -132,7 +136,11 @@ class P2P:
         """Post the next header receive from ``src`` now, so it arrives during compute."""
         if src not in self._posted:
             header = torch.empty(HEADER_LEN, dtype=torch.int64)
-            self._posted[src] = _Posted(header, dist.irecv(header, src, group=self.group.cpu_group))
+            try:
+                work = dist.irecv(header, src, group=self.group.cpu_group)
+            except RuntimeError as e:
+                raise self._lost(e, src, "a message") from e
+            self._posted[src] = _Posted(header, work)
 
     def recv(self, src: int, idle: bool = False) -> Message:
         """Block (at most ``timeout``) for the next message from global rank ``src``.
@@ -147,7 +155,11 @@ class P2P:
         if shape is not None:
             buf = torch.empty(shape, dtype=dtype, device="cpu" if on_cpu else self.device)
             group = self.group.cpu_group if on_cpu else self.group.device_group
-            self._wait(dist.irecv(buf, src, group=group), src, "a tensor")
+            try:
+                work = dist.irecv(buf, src, group=group)
+            except RuntimeError as e:
+                raise self._lost(e, src, "a tensor") from e
+            self._wait(work, src, "a tensor")
             msg.tensor = buf
             self.stats.bytes_recv += buf.nbytes
         self.stats.wait_s += time.perf_counter() - t0
@@ -172,11 +184,17 @@ class P2P:
                 with self.watchdog.guard(f"rank {me} waiting for {what} from {peer_txt}"):
                     work.wait(timeout=limit)
         except RuntimeError as e:
-            blame, text = (peer if peer is not None else -1), str(e).lower()
-            if "closed" in text or "reset" in text:
-                raise PeerError(blame, f"{peer_txt} closed its connection (it died or exited) "
-                                       f"while rank {me} was waiting for {what}") from e
-            if "timed out" in text or "timeout" in text:
-                raise PeerError(blame, f"{peer_txt} did not answer within {self.timeout:.0f} s "
-                                       f"(rank {me} waiting for {what})") from e
-            raise PeerError(blame, f"lost {peer_txt}: {str(e).splitlines()[0][:200]}") from e
+            raise self._lost(e, peer, what) from e
+
+    def _lost(self, e: RuntimeError, peer: int | None, what: str) -> PeerError:
+        """The PeerError naming ``peer`` for gloo's (or NCCL's) error ``e``."""
+        peer_txt = f"rank {peer}" if peer is not None else "a peer"
+        me = self.group.rank
+        blame, text = (peer if peer is not None else -1), str(e).lower()
+        if "closed" in text or "reset" in text:
+            return PeerError(blame, f"{peer_txt} closed its connection (it died or exited) "
+                                    f"while rank {me} was waiting for {what}")
+        if "timed out" in text or "timeout" in text:
+            return PeerError(blame, f"{peer_txt} did not answer within {self.timeout:.0f} s "
+                                    f"(rank {me} waiting for {what})")
+        return PeerError(blame, f"lost {peer_txt}: {str(e).splitlines()[0][:200]}")

@@ -90,6 +90,21 @@ class StageRank:
         # only between steps (runtime.live_stats), never during a graph capture
         self.step_lock = threading.Lock()
 
+    def leave(self) -> None:
+        """Drop every link to a broken world (``worker.Session.rejoin``)."""
+        self.groups = self.pipe = self.tp_link = None
+        if self.front_link is None:
+            self.front = None
+
+    def rejoin(self, groups: ParallelGroups) -> None:
+        """A new world after a lost peer (``worker.Session.rejoin``): the same stage,
+        weights and KV cache memory; new links, nothing in flight."""
+        self.groups = groups
+        self.pipe = P2P(groups.pp, self.stage.device, self.timeout, self.watchdog)
+        self.tp_link = P2P(groups.stage, CPU, self.timeout, self.watchdog)
+        self.front = self.front_link or P2P(groups.steps, CPU, self.timeout, self.watchdog)
+        self.busy, self.in_step_since = False, None
+
     # ---- who talks to whom ----------------------------------------------------------
     @property
     def is_leader(self) -> bool:

@@ -9,6 +9,7 @@ two ranks two different layouts.
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -163,6 +164,31 @@ class Session:
         # Loading times differ by stage; --timeout bounds a step, not a slow neighbour's load.
         self.barrier("every rank to load its stage")
         return self.rank_stage
+
+    def rejoin(self, port: int) -> None:
+        """After a lost peer (gloo, no TP/CP group inside the stage: cli.rejoin): leave the
+        broken world and form a new one on rendezvous ``port`` with the restarted worker,
+        same rank, same grid. This rank's stage keeps its weights and its KV cache memory
+        (whose contents the replay recomputes); only its links are new. Returns when every
+        rank of the new world has its stage (the new worker's ``load`` barrier)."""
+        g = self.groups
+        grid, device = (g.pp_size, g.tp_size, g.dp_size, g.cp_size), g.ctx.device.type
+        # Every reference to the old groups goes first: gloo closes a group's sockets only
+        # when the group is freed, and that is what fails a survivor still blocked on
+        # this rank (one whose own peer is alive), so it follows at once.
+        self.rank_stage.leave()
+        self.groups = g = None
+        try:
+            dist.destroy_process_group()
+        except Exception as e:  # noqa: BLE001 - the world is broken anyway
+            log.debug("destroy_process_group after a lost peer: %s", e)
+        gc.collect()
+        os.environ["MASTER_PORT"] = str(port)
+        ctx = init_distributed(self.timeout, device)
+        self.groups = ParallelGroups(ctx, grid[0], grid[1], grid[2], self.timeout,
+                                     cp=grid[3])
+        self.rank_stage.rejoin(self.groups)
+        self.barrier("every rank to load its stage")
 
     def close(self) -> None:
         try:

@@ -2,7 +2,9 @@
 concurrent streaming requests (greedy and seeded) survive a worker killed with SIGKILL
 (a pipeline stage, a tensor-parallel rank, a data-parallel replica) or stopped with
 SIGSTOP; each text equals the same request on a one-process server; /health says
-recovering meanwhile, /metrics counts the recovery, and no worker is left behind."""
+recovering meanwhile, /metrics counts the recovery, and no worker is left behind. Under
+--pp only the lost worker is started again: the other stage's process stays (its weights
+kept, cli.rejoin); under --tp the whole replica restarts."""
 
 import os
 import signal
@@ -82,15 +84,17 @@ def metric(text: str, name: str) -> float:
     (["--tp", "2"], 1, signal.SIGKILL),   # a tensor-parallel rank
     (["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
     (["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
-], ids=["pp-kill", "tp-kill", "pp-stop", "dp-kill"])
+    (["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
+], ids=["pp-kill", "tp-kill", "pp-stop", "dp-kill", "pp3-kill"])
 def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, victim, sig):
     log = tmp_path / "server.log"
-    server = ServerProcess(tiny_model, "--nproc", "2", *grid, "--max-seq-len", "256",
+    nproc = int(grid[1])
+    server = ServerProcess(tiny_model, "--nproc", str(nproc), *grid, "--max-seq-len", "256",
                            "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
                            log_path=log)
     try:
         workers = children(server.proc.pid)
-        assert len(workers) == 2
+        assert len(workers) == nproc
         started = threading.Event()
         results, threads = stream_all(server.url, started)
         assert started.wait(60), log.read_text()[-3000:]
@@ -114,11 +118,43 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
         assert metric(text, "llamadist_worker_restarts_total") == 1
         assert metric(text, 'llamadist_recovery_seconds_count{phase="restart"}') == 1
         now = children(server.proc.pid)
-        assert len(now) == 2 and workers[victim] not in now  # a new worker took its place
+        assert len(now) == nproc and workers[victim] not in now  # a new one took its place
+        if "--pp" in grid:  # the other stages' workers kept their weights (cli.rejoin)
+            assert set(workers) - set(now) == {workers[victim]}, (workers, now)
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
     for pid in workers + now:  # no worker outlives the front
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_survivor_that_does_not_rejoin_restarts_the_replica(tiny_model, tmp_path,
+                                                              reference):
+    """Worker 1 killed while worker 0 is stopped: worker 0 cannot take the order to rejoin
+    within --timeout, so the front restarts the whole replica (both processes new), and the
+    eight requests still end as without the fault."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
+                           "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
+                           log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[0], signal.SIGSTOP)
+        os.kill(workers[1], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        assert "the survivors did not rejoin" in log.read_text()
+        now = children(server.proc.pid)
+        assert len(now) == 2 and not set(now) & set(workers), (workers, now)
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    for pid in workers + now:
         assert not os.path.exists(f"/proc/{pid}") or \
             open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
 

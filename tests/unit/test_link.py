@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from llamadist.distributed.link import (HELLO, OBJ, CrewLinks, FrontLink, WorkerLink,
-                                        WorkerLost, _Socket, read_hello)
+from llamadist.distributed.link import (HELLO, OBJ, CrewLinks, FrontLink, Rejoin,
+                                        WorkerLink, WorkerLost, _Socket, read_hello)
 from llamadist.distributed.p2p import Kind, Message
 
 
@@ -48,6 +48,22 @@ def test_messages_objects_and_heartbeats(pair):
         assert time.monotonic() < deadline, "no heartbeat arrived"
         time.sleep(0.02)
     assert front.stuck(time.monotonic()) >= 2.0 and time.monotonic() - front.seen < 1
+
+
+def test_the_rejoin_order_ends_a_wait_for_a_step_and_skips_stale_steps(pair):
+    """cli.rejoin's order reaches a survivor between steps (``recv`` raises Rejoin) or
+    after its own lost peer (``await_order`` drops the steps meant for the broken world)."""
+    worker, front = pair
+    front.send_obj({"rejoin": 4321})
+    with pytest.raises(Rejoin) as e:
+        worker.recv(0)
+    assert e.value.order == {"rejoin": 4321}
+    front.send(Message(Kind.STEP, tensor=torch.arange(8, dtype=torch.uint8)))
+    front.send(Message(Kind.IDLE))
+    front.send_obj({"rejoin": 4322})
+    front.send(Message(Kind.STEP, tensor=torch.arange(3, dtype=torch.uint8)))
+    assert worker.await_order() == {"rejoin": 4322}
+    assert worker.recv(0).tensor.tolist() == [0, 1, 2]  # the new world's first step
 
 
 def test_a_silent_worker_misses_the_deadline_and_a_closed_one_is_named(pair):
