@@ -258,14 +258,17 @@ def _layer_weights(layer) -> tuple | None:
     projections are fused plain Linears on the CPU with float32 or quantized (GGUF
     block) weights (not tensor-parallel shards, whose o/down need an all-reduce); None
     otherwise. Cached on the layer and rebuilt when any of its weights is replaced."""
-    attn, mlp = layer.self_attn, layer.mlp
+    # This runs 30 times a step: submodules read from _modules, not through nn.Module's
+    # __getattr__ (a microsecond each)
+    sub = layer._modules
+    attn, mlp = sub["self_attn"], sub.get("mlp")
     if mlp is None:  # a mixture-of-experts layer: its own forward (experts as CpuLinear)
         return None
-    mods = (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+    am, mm = attn._modules, mlp._modules
+    mods = (am["qkv_proj"], am["o_proj"], mm["gate_up_proj"], mm["down_proj"])
     if any(type(m) not in _PLAIN_LINEARS for m in mods):
         return None
-    norms = (layer.input_layernorm, layer.post_attention_layernorm)
-    # This runs 30 times a step: plain dict reads, no nn.Module __getattr__.
+    norms = (sub["input_layernorm"], sub["post_attention_layernorm"])
     tensors = (_weight(mods[0]), mods[0]._parameters.get("bias"), _weight(mods[1]),
                mods[1]._parameters.get("bias"), _weight(mods[2]), mods[2]._parameters.get("bias"),
                _weight(mods[3]), mods[3]._parameters.get("bias"),
@@ -352,13 +355,24 @@ def decode_layer(layer, h: torch.Tensor, pending: torch.Tensor | None, cos: torc
     a.h, a.cos, a.sin = out.data_ptr(), cos.data_ptr(), sin.data_ptr()
     a.cs_b = a.head_dim if cos.shape[0] > 1 else 0
     a.threads = torch.get_num_threads()  # before the scratch: a share per thread
-    scratch = torch.empty(scratch_floats(a))
-    a.scratch = scratch.data_ptr()
-    qscratch = torch.empty(qscratch_bytes(a), dtype=torch.uint8)
-    a.qscratch = qscratch.data_ptr()
+    a.scratch = _scratch("f", scratch_floats(a), torch.float32).data_ptr()
+    a.qscratch = _scratch("q", qscratch_bytes(a), torch.uint8).data_ptr()
     a.int8_x = any(getattr(t, "int8_x", False) for t in found[0][0:8:2])  # set by a pass
     _layer_fn(ctypes.byref(a))
     return out, None
+
+
+_scratch_of = threading.local()  # per thread: the C layer's scratch, reused across calls
+
+
+def _scratch(kind: str, n: int, dtype: torch.dtype) -> torch.Tensor:
+    """At least ``n`` elements of scratch for this thread's C layer calls (each call is done
+    with it when it returns), grown when a call needs more."""
+    buf = getattr(_scratch_of, kind, None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(max(n, 1), dtype=dtype)
+        setattr(_scratch_of, kind, buf)
+    return buf
 
 
 def _cache_ok(k: torch.Tensor, v: torch.Tensor) -> bool:
