@@ -72,6 +72,13 @@ def stream_all(url: str, started: threading.Event, n: int = len(PROMPTS),
     return results, threads
 
 
+def assert_gone(pids: list[int]) -> None:
+    """Each of ``pids`` has exited (gone, or a zombie its parent has not reaped yet)."""
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or \
+            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", pid
+
+
 def metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " ") or line.startswith(name + "{"):
@@ -124,9 +131,7 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
-    for pid in workers + now:  # no worker outlives the front
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    assert_gone(workers + now)  # no worker outlives the front
 
 
 def test_a_survivor_that_does_not_rejoin_restarts_the_replica(tiny_model, tmp_path,
@@ -154,9 +159,7 @@ def test_a_survivor_that_does_not_rejoin_restarts_the_replica(tiny_model, tmp_pa
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
-    for pid in workers + now:
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    assert_gone(workers + now)
 
 
 def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
@@ -185,6 +188,4 @@ def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
-    for pid in workers + now:
-        assert not os.path.exists(f"/proc/{pid}") or \
-            open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    assert_gone(workers + now)
