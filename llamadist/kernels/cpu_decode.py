@@ -264,8 +264,8 @@ def _layer_weights(layer) -> tuple | None:
     attn, mlp = sub["self_attn"], sub.get("mlp")
     if mlp is None:  # a mixture-of-experts layer: its own forward (experts as CpuLinear)
         return None
-    am, mm = attn._modules, mlp._modules
-    mods = (am["qkv_proj"], am["o_proj"], mm["gate_up_proj"], mm["down_proj"])
+    am, mm = attn._modules, mlp._modules  # unfused projections: no qkv_proj there (None)
+    mods = (am.get("qkv_proj"), am.get("o_proj"), mm.get("gate_up_proj"), mm.get("down_proj"))
     if any(type(m) not in _PLAIN_LINEARS for m in mods):
         return None
     norms = (sub["input_layernorm"], sub["post_attention_layernorm"])
