@@ -321,6 +321,12 @@ def quantize_for(spec: str | None, device: str) -> str | None:
     return fmt
 
 
+def _one_of(name: str, value: object, choices) -> None:
+    """Refuse ``value`` for ``name`` unless it is one of ``choices``, naming them."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     """How to run a model, decided once (from flags or the Python API) and passed down.
@@ -385,16 +391,9 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         parse_quantize(self.quantize)  # refuses a malformed --quantize here, before any load
-        if self.wquant not in WQUANT_CHOICES:
-            raise ConfigError(f"--wquant (or LLAMADIST_WQUANT) must be one of "
-                              f"{', '.join(WQUANT_CHOICES)}, got {self.wquant!r}")
-        if self.quant_activations not in QUANT_ACTIVATIONS_CHOICES:
-            raise ConfigError(f"--quant-activations must be one of "
-                              f"{', '.join(QUANT_ACTIVATIONS_CHOICES)}, got "
-                              f"{self.quant_activations!r}")
-        if self.weights not in WEIGHTS_CHOICES:
-            raise ConfigError(f"--weights must be one of {', '.join(WEIGHTS_CHOICES)}, got "
-                              f"{self.weights!r}")
+        _one_of("--wquant (or LLAMADIST_WQUANT)", self.wquant, WQUANT_CHOICES)
+        _one_of("--quant-activations", self.quant_activations, QUANT_ACTIVATIONS_CHOICES)
+        _one_of("--weights", self.weights, WEIGHTS_CHOICES)
         if self.weights != "native" and self.dtype not in (None, self.weights):
             raise ConfigError(f"--weights {self.weights} with --dtype {self.dtype}: float "
                               f"weights run in the activation dtype; give one of the two")
@@ -407,10 +406,7 @@ class RuntimeConfig:
         if self.dtype is not None and self.dtype not in ("float32", "bfloat16", "float16"):
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16 or "
                               f"float16")
-        if self.decode_attention not in DECODE_ATTENTION_CHOICES:
-            raise ConfigError(f"decode_attention must be one of "
-                              f"{', '.join(DECODE_ATTENTION_CHOICES)}, got "
-                              f"{self.decode_attention!r}")
+        _one_of("decode_attention", self.decode_attention, DECODE_ATTENTION_CHOICES)
         if self.kv_block_size is not None and self.kv_block_size < 1:
             raise ConfigError(f"kv_block_size must be >= 1, got {self.kv_block_size}")
         if not self.timeout > 0:

@@ -14,14 +14,19 @@ from tests.serve.test_api import metrics
 import openai  # a test dependency: missing, the tests fail (they never skip)
 
 
-@pytest.fixture(scope="module")
-def ep_server(tiny_mixtrals, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve_ep") / "server.log"
-    server = ServerProcess(tiny_mixtrals["moe_top2_gqa"], "--nproc", "2", "--ep", "2",
+def moe_server(tiny_mixtrals, tmp_path_factory, name: str, *grid: str):
+    """`serve` on the tiny top-2 Mixtral over two processes laid out by ``grid``."""
+    log = tmp_path_factory.mktemp(name) / "server.log"
+    server = ServerProcess(tiny_mixtrals["moe_top2_gqa"], "--nproc", "2", *grid,
                            "--max-seq-len", "128", "--max-batch", "2",
                            "--served-model-name", "moe", log_path=log)
     yield server
     assert server.stop() == 0, log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def ep_server(tiny_mixtrals, tmp_path_factory):
+    yield from moe_server(tiny_mixtrals, tmp_path_factory, "serve_ep", "--ep", "2")
 
 
 def test_expert_load_in_metrics_covers_both_replicas(ep_server):
@@ -61,12 +66,7 @@ def test_expert_load_in_metrics_covers_both_replicas(ep_server):
 
 @pytest.fixture(scope="module")
 def pp_server(tiny_mixtrals, tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve_moe_pp") / "server.log"
-    server = ServerProcess(tiny_mixtrals["moe_top2_gqa"], "--nproc", "2", "--pp", "2",
-                           "--max-seq-len", "128", "--max-batch", "2",
-                           "--served-model-name", "moe", log_path=log)
-    yield server
-    assert server.stop() == 0, log.read_text()[-3000:]
+    yield from moe_server(tiny_mixtrals, tmp_path_factory, "serve_moe_pp", "--pp", "2")
 
 
 def test_expert_load_in_metrics_covers_every_stage_under_the_front(pp_server):
