@@ -155,6 +155,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--engine", action="store_true", help="also the engine alone (--model)")
+    ap.add_argument("--engine-concurrency",
+                    help="the engine's levels (default --concurrency; each level loads the "
+                         "model again)")
     ap.add_argument("--server-flags", default="", help="more `serve` flags, one string")
     ap.add_argument("--json-out")
     args = ap.parse_args()
@@ -182,7 +185,7 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             print(f"server exit code {proc.wait(60)}", file=sys.stderr)
     if args.engine and args.model:
-        for c in levels:
+        for c in [int(c) for c in (args.engine_concurrency or args.concurrency).split(",")]:
             rows.append(engine_level(args.model, work[:max(args.requests, c)], args.max_tokens,
                                      c, seq_len))
             print(json.dumps(rows[-1]), flush=True)
