@@ -93,7 +93,7 @@ def _stage(folder, kind: str, backend: str, dtype=BF16):
     from llamadist.weights.checkpoint import open_checkpoint
     rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant=backend)
     ck = open_checkpoint(folder)
-    return build_stage(ck, range(ck.config.num_hidden_layers), "cuda:0", dtype, 1, 32,
+    return build_stage(ck, range(ck.config.num_layers), "cuda:0", dtype, 1, 32,
                        runtime=rt)
 
 
