@@ -127,8 +127,8 @@ def test_wide_model_logits_torch_vs_triton_vs_dequantized(wide_model, kind):
     prompts = ["The quick brown fox", "1 2 3 4 5"]
     graphs = LLM(wide_model, devices="cuda:0", runtime=rt)
     eager = LLM(wide_model, devices="cuda:0", runtime=rt.replace(cuda_graphs=False))
-    got = [r.output_ids for r in graphs.generate(prompts, max_new_tokens=12, ignore_eos=True)]
-    want = [r.output_ids for r in eager.generate(prompts, max_new_tokens=12, ignore_eos=True)]
+    got = [r.token_ids for r in graphs.generate(prompts, max_new_tokens=12, ignore_eos=True)]
+    want = [r.token_ids for r in eager.generate(prompts, max_new_tokens=12, ignore_eos=True)]
     assert got == want
 
 
