@@ -72,10 +72,11 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   plan_file: str | None, batch_size: int, max_seq_len: int | None, dtype: str,
                   as_json: bool, save: str | None, plot: str | None, headroom: float | int,
                   tp: int, ep: int = 1, quantize: str | None = None,
-                  fit_bits: bool = False) -> tuple[Plan, str]:
+                  fit_bits: bool = False, one_format: bool = False) -> tuple[Plan, str]:
     """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
     stage's weights counted in its format, and the bytes it saves per layer noted;
-    ``fit_bits``: --fit-bits, the formats chosen by planning.bits.choose_bits)."""
+    ``fit_bits``: --fit-bits, the formats chosen by planning.bits.choose_bits, the same
+    for every stage with ``one_format``: stages over processes)."""
     from llamadist.config import quantize_for
     if plan_file is not None and devices is None:
         devices = ",".join(Plan.load(plan_file).devices)
@@ -92,7 +93,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
         if quantize is not None:
             raise PlanningError(f"--fit-bits chooses each device's weight format: drop "
                                 f"--quantize {quantize} (or drop --fit-bits)")
-        plan = choose_bits(prof, specs, strategy, **kw).plan
+        plan = choose_bits(prof, specs, strategy, one_format, **kw).plan
         notes = bits_report(plan, prof, specs)
     else:
         formats = [quantize_for(quantize, d.name) for d in specs]
@@ -166,7 +167,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
     plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
                                args.strategy, args.boundaries, args.plan, args.batch_size,
                                max_seq, dtype, args.json, args.save, args.plot, 0.1, tp, ep,
-                               quantize=args.quantize, fit_bits=getattr(args, "fit_bits", False))
+                               quantize=args.quantize, fit_bits=getattr(args, "fit_bits", False),
+                               one_format=nproc > 1)
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
                                             list(plan.devices), pp, tp, dp)

@@ -74,14 +74,17 @@ def _tiers(n_groups: int) -> list[list[tuple[int, ...]]]:
 
 
 def choose_bits(profile: ModelProfile, devices: Sequence[DeviceSpec],
-                strategy: str | None = None, **plan_kw: Any) -> BitsChoice:
+                strategy: str | None = None, one_format: bool = False,
+                **plan_kw: Any) -> BitsChoice:
     """The least aggressive formats per device that make ``strategy``'s plan fit
     (``plan_kw``: make_plan's keywords, e.g. batch_size, max_seq_len, headroom, tp).
-    Raises PlanningError with the numbers when even int4 everywhere does not fit."""
+    ``one_format``: every stage gets the same format (stages over processes, each rank
+    on its own device, take one --quantize). Raises PlanningError with the numbers when
+    even int4 everywhere does not fit."""
     from llamadist.planning.strategies import make_plan   # strategies imports checks, plan
     devices = list(devices)
     _check_ladder(devices)
-    groups = _groups(devices)
+    groups = [list(range(len(devices)))] if one_format else _groups(devices)
     # slowest first: rank 0 is the slowest group (quantizing it is preferred)
     speed = [min(devices[i].mem_bandwidth for i in g) for g in groups]
     rank = {g: r for r, g in enumerate(sorted(range(len(groups)), key=lambda j: speed[j]))}

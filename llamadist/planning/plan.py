@@ -310,7 +310,8 @@ def format_plan_table(plan: Plan) -> str:
     """One line per stage; a ``format`` column when some stage's weights are quantized."""
     fmts = any(s.weight_format for s in plan.stages)
     fcol = f"{'format':<8}" if fmts else ""
-    hdr = (f"{'stage':>5}  {'device':<8}{fcol}{'layers':>12}{'n':>4}  {'extra':<11}{'weights':>12}"
+    hdr = (f"{'stage':>5}  {'device':<8}{fcol}{'layers':>12}{'n':>4}  {'extra':<11}"
+           f"{'weights':>12}"
            f"{'KV cache':>12}{'total':>12}{'budget':>12}{'time/step':>12}")
     lines = [f"plan: {plan.strategy}  model: {plan.model}",
              f"dtype={plan.dtype} batch_size={plan.batch_size} max_seq_len={plan.max_seq_len}",

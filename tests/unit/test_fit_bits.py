@@ -144,3 +144,15 @@ def test_plan_auto_fit_bits_command(tmp_path, capsys):
     assert main(["plan", "llama3-8b", "--auto", "--devices", "cuda:0", "--max-memory",
                  "80GB", "--fit-bits"]) == 0
     assert "bits: the model fits in bfloat16; no layer quantized" in capsys.readouterr().out
+
+
+def test_stages_over_processes_get_one_format(capsys):
+    from llamadist.cli.main import main
+    _, _, apart = _choose("llama3-8b", "cuda:0,cuda:1", "9GB,9GB", speeds="1,0.2")
+    assert apart.formats == (None, "int8")               # in one process: the slow one only
+    assert main(["plan", "llama3-8b", "--devices", "cuda", "--pp", "2", "--max-memory",
+                 "9GB,9GB", "--device-speed", "1,0.2", "--fit-bits"]) == 0
+    out = capsys.readouterr().out
+    stages = [line for line in out.splitlines() if line.startswith("stage ") and "(" in line]
+    assert len(stages) == 2 and all("): int8, " in line for line in stages)
+    assert "32 of 32 decoder layers quantized" in out
