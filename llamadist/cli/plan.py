@@ -97,6 +97,9 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
         notes = bits_report(plan, prof, specs)
     else:
         formats = [quantize_for(quantize, d.name) for d in specs]
+        saved = [s.weight_format for s in Plan.load(plan_file).stages] if plan_file else []
+        if quantize is None and any(saved) and len(saved) == len(specs):
+            formats = saved   # a plan file's formats, costed again on these devices
         plan = make_plan(prof, specs, strategy=strategy,
                          formats=formats if any(formats) else None, **kw)
         notes = format_notes(prof, specs, formats)
@@ -205,7 +208,12 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
         fmt, cands = auto_fit_bits(prof, devices, kinds, **kw)
         note = auto_bits_note(prof, fmt, kinds)
     else:
-        cands = auto_plan(prof, devices, **kw)
+        try:
+            cands = auto_plan(prof, devices, **kw)
+        except PlanningError as e:
+            hint = "" if args.quantize else ("; --fit-bits finds the weight format (int8, "
+                                             "int4) with which a layout fits")
+            raise PlanningError(f"{e}{hint}") from None
     if args.json:
         print(json.dumps([dict(c.to_dict(), weight_format=fmt) for c in cands], indent=2))
     else:

@@ -156,3 +156,22 @@ def test_stages_over_processes_get_one_format(capsys):
     stages = [line for line in out.splitlines() if line.startswith("stage ") and "(" in line]
     assert len(stages) == 2 and all("): int8, " in line for line in stages)
     assert "32 of 32 decoder layers quantized" in out
+
+
+def test_plan_of_a_saved_plan_keeps_its_formats(tmp_path, capsys):
+    from llamadist.cli.main import main
+    path = tmp_path / "p.json"
+    flags = ["--devices", "cuda:0,cpu", "--max-memory", "24GB,12GB", "--max-seq-len", "4096"]
+    assert main(["plan", "llama3-8b", *flags, "--fit-bits", "--save", str(path)]) == 0
+    capsys.readouterr()
+    assert main(["plan", "llama3-8b", *flags, "--plan", str(path), "--json"]) == 0
+    again = Plan.from_json(capsys.readouterr().out)
+    assert [s.weight_format for s in again.stages] == [None, "int8"]
+    assert again.boundaries == Plan.load(path).boundaries
+
+
+def test_plan_auto_that_does_not_fit_points_to_fit_bits(capsys):
+    from llamadist.cli.main import main
+    assert main(["plan", "llama3-70b", "--auto", "--devices", "cuda:0", "--max-memory",
+                 "141GB"]) != 0
+    assert "--fit-bits finds the weight format" in capsys.readouterr().err
