@@ -175,3 +175,15 @@ def test_plan_auto_that_does_not_fit_points_to_fit_bits(capsys):
     assert main(["plan", "llama3-70b", "--auto", "--devices", "cuda:0", "--max-memory",
                  "141GB"]) != 0
     assert "--fit-bits finds the weight format" in capsys.readouterr().err
+
+
+def test_quantized_profile_counts_the_larger_kind():
+    from llamadist.planning.profile import quantized_profile
+    prof = profile(named_shape("llama3-8b"), dtype="bfloat16", seq_len=1024)
+    both = quantized_profile(prof, "int4", ["cuda", "cpu"])
+    row, q = prof.layers[0], both.layers[0]
+    gpu, cpu = (layer_bytes(row, "int4", k, 2) for k in ("cuda", "cpu"))
+    assert gpu != cpu and q.weight_bytes == max(gpu, cpu)
+    assert row.weight_bytes - q.weight_bytes == row.active_weight_bytes - q.active_weight_bytes
+    assert both.embed == prof.embed and both.head == prof.head     # not quantized
+    assert quantized_profile(prof, None) is prof
