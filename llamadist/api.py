@@ -18,7 +18,7 @@ from llamadist.engine.request import Request
 from llamadist.generation.generate import GenerationResult
 from llamadist.generation.sampling import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer
-from llamadist.planning.layout import Layout, resolve_layout
+from llamadist.planning.layout import Layout, layout_quantize, resolve_layout
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import parse_dtype
 from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
@@ -74,6 +74,8 @@ class LLM:
                                     max_batch=runtime.max_batch,
                                     max_seq_len=runtime.max_seq_len,
                                     quantize=runtime.quantize)
+            # a plan file's per-stage weight formats are what the stages load with
+            runtime = runtime.replace(quantize=layout_quantize(layout, runtime.quantize))
         elif where:
             raise TypeError(f"give layout= or {', '.join(where)}=, not both")
         elif layout.processes > 1 or layout.tp > 1 or layout.dp > 1:

@@ -8,6 +8,12 @@ measured matmul peak), decode ms per step, tokens/s and MBU (bytes a step must r
 step time / measured copy bandwidth), and peak device memory. FLOPs and bytes come from
 ``llamadist.planning.profile``, the one cost model.
 
+``--quantize int8|int4|fp8`` (or per device, as the run commands take it) builds the
+decoder layers' linears quantized, one matrix at a time: each is drawn in the run's dtype
+and quantized at once, so the float model is never whole in memory (Llama-3-70B in bf16,
+140 GB, does not fit one H200; in int4 it does). The random stream is the one the float
+build draws, so the quantized model is the float model quantized.
+
 Runs on the CPU (``--devices cpu``) and on CUDA. Comparisons that are benchmark jobs rather
 than a user command live in ``benchmarks/``: transformers on the same weights
 (``hf_compare.py``), checkpoint loading unsplit vs split (``load_compare.py``) and a
@@ -30,17 +36,19 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llamadist.config import ModelConfig, RuntimeConfig, named_shape
+from llamadist.config import ModelConfig, RuntimeConfig, named_shape, quantize_for
 from llamadist.generation.generate import Generator
 from llamadist.generation.sampling import SamplingParams
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
 from llamadist.planning.strategies import uniform_ends
-from llamadist.planning.profile import ModelProfile, decode_step_bytes, prefill_flops, profile
+from llamadist.kernels import wquant
+from llamadist.planning.profile import (ModelProfile, decode_step_bytes, prefill_flops, profile,
+                                        quantized_profile)
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.kernel_passes import apply_kernel_passes
 from llamadist.runtime.stage import Stage, parse_dtype
-from llamadist.weights.loader import _retie, _set_param
+from llamadist.weights.loader import LAYER_LINEAR, _retie, _set_param
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -76,6 +84,8 @@ class ShapeOptions:
     prefill_reps: int = 3
     stage_stats: bool = False
     json_out: str | None = None
+    quantize: str | None = None         # decoder linears built quantized (--quantize)
+    wquant: str | None = None           # the product of GPU-quantized weights (--wquant)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ShapeOptions":
@@ -171,10 +181,21 @@ def ceilings(dev: torch.device, dtype: torch.dtype) -> dict:
 
 
 # ---- models with random weights -------------------------------------------------------------
+def quantize_weight(w: torch.Tensor, fmt: str, dtype: torch.dtype, name: str = "weight"):
+    """A float linear weight in ``fmt`` as a stage on w's device holds it (what the loader
+    makes of --quantize): GGUF Q8_0 / Q4_1 blocks on the CPU, a PackedWeight on a GPU."""
+    if w.device.type == "cpu":
+        return wquant.to_gguf_blocks(w, fmt, dtype, name)
+    return wquant.quantize(w, fmt)
+
+
 def random_model(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
                  layers: range | None = None, has_embed: bool | None = None,
-                 has_head: bool | None = None, seed: int = 0, std: float = 0.02) -> Llama:
-    """A stage with random weights created directly on ``device`` (no host copy)."""
+                 has_head: bool | None = None, seed: int = 0, std: float = 0.02,
+                 quantize: str | None = None) -> Llama:
+    """A stage with random weights created directly on ``device`` (no host copy).
+    ``quantize``: each decoder linear is quantized as soon as it is drawn (peak memory:
+    the quantized model plus one float matrix); the random stream is the float build's."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Llama(config, layers, has_embed=has_embed, has_head=has_head)
@@ -187,7 +208,10 @@ def random_model(config: ModelConfig, device: torch.device | str, dtype: torch.d
             value.fill_(1.0)  # RMSNorm scales
         else:
             value.normal_(0.0, std, generator=gen)
+            if quantize is not None and LAYER_LINEAR.search(name):
+                value = quantize_weight(value, quantize, dtype, name)
         _set_param(model, name, value)
+        del value
     _retie(model)
     return model.eval()
 
@@ -225,7 +249,8 @@ def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], de
         if full_dev is not None and d == full_dev:
             m = share_model(full, r, i == 0, i == n - 1)
         else:
-            m = fuse_projections(random_model(config, d, dtype, r, i == 0, i == n - 1, seed=i + 1))
+            m = fuse_projections(random_model(config, d, dtype, r, i == 0, i == n - 1, seed=i + 1,
+                                              quantize=runtime.quantize_for(str(d))))
         m.setup_rope(max_seq, d)
         apply_kernel_passes(m, d, runtime, dtype)
         stages.append(Stage(m, d, dtype, batch, max_seq, runtime=runtime))
@@ -392,6 +417,7 @@ def prepare(args: argparse.Namespace) -> ShapeRun:
     devices = [check_device(n) for n in names]
     dev = devices[0]
     dtype_name = opts.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
+    fmts = {quantize_for(opts.quantize, str(d)) for d in devices}  # refuses fp8 on a CPU
     plen, glen = opts.prompt_len, opts.gen_len
     max_seq = opts.max_seq_len or (plen + glen + 127) // 128 * 128
     if max_seq < plen + glen:
@@ -402,9 +428,14 @@ def prepare(args: argparse.Namespace) -> ShapeRun:
                for b in opts.batch}
     res = dict(shape=opts.shape, device=torch.cuda.get_device_name(dev) if dev.type == "cuda"
                else "cpu", torch=torch.__version__, dtype=dtype_name, prompt_len=plen,
-               gen_len=glen, max_seq_len=max_seq, rows=[], errors=[])
-    return ShapeRun(opts, config, dev, dtype_name, parse_dtype(dtype_name), max_seq,
-                    profile(config, dtype=dtype_name, seq_len=max_seq),
+               gen_len=glen, max_seq_len=max_seq, rows=[], errors=[], quantize=opts.quantize)
+    prof = profile(config, dtype=dtype_name, seq_len=max_seq)
+    if len(fmts) > 1:
+        raise ValueError(f"--quantize {opts.quantize}: bench --shape costs one format for "
+                         f"every device; give one format")
+    # bytes a step reads (MBU) and whether the model fits: the quantized weights'
+    prof = quantized_profile(prof, fmts.pop(), sorted({d.type for d in devices}))
+    return ShapeRun(opts, config, dev, dtype_name, parse_dtype(dtype_name), max_seq, prof,
                     _graph_modes(opts, devices), prompts, res)
 
 
@@ -417,7 +448,7 @@ def layouts(run: ShapeRun, batch: int) -> list[tuple[list[range], list[str]]]:
         lay = resolve_layout(run.config, devices=o.devices, strategy=o.strategy,
                              max_memory=o.max_memory, device_speed=o.device_speed,
                              boundaries=o.boundaries, dtype=run.dtype_name, max_batch=batch,
-                             max_seq_len=run.max_seq)
+                             max_seq_len=run.max_seq, quantize=o.quantize)
         return [(list(lay.layer_ranges), list(lay.devices))]
     return [(uniform_ranges(run.config.num_layers, k), [str(run.device)] * k)
             for k in o.stages]
@@ -437,15 +468,21 @@ def attempt(res: dict, what: str, fn: Callable[[], Any]) -> Any:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
 
+def shape_runtime(o: ShapeOptions, mode: str) -> RuntimeConfig:
+    """The RuntimeConfig of one graph mode of a --shape run (its kernels and formats)."""
+    given = {k: v for k, v in (("quantize", o.quantize), ("wquant", o.wquant)) if v}
+    return RuntimeConfig(cuda_graphs=mode != "off", compile=mode == "compiled",
+                         cpu_kernels=not o.no_cpu_kernels, decode_attention=o.decode_attention,
+                         **given)
+
+
 def bench_layout(run: ShapeRun, full: Llama | None, ranges: list[range], devices: list[str],
                  batch: int, mode: str) -> dict | None:
     """Time one (layout, batch, graph mode); append and return its row (None if it failed)."""
     o = run.opts
 
     def measure() -> dict:
-        runtime = RuntimeConfig(cuda_graphs=mode != "off", compile=mode == "compiled",
-                                cpu_kernels=not o.no_cpu_kernels,
-                                decode_attention=o.decode_attention)
+        runtime = shape_runtime(o, mode)
         engine = make_engine(run.config, full, ranges, devices, run.dtype, batch, run.max_seq,
                              runtime)
         try:
@@ -491,7 +528,8 @@ def bench_shape_cmd(args: argparse.Namespace) -> int:
     measure_ceilings(run)
     full = None
     if fits(run.prof, run.device):
-        full = fuse_projections(random_model(run.config, run.device, run.dtype))
+        fmt = quantize_for(run.opts.quantize, str(run.device))
+        full = fuse_projections(random_model(run.config, run.device, run.dtype, quantize=fmt))
     bench_all(run, full)
     run.emit()
     print(format_rows(run.res))

@@ -16,7 +16,7 @@ from llamadist.cli.layout import LAYOUT_ENV, decide_layout
 from llamadist.config import RuntimeConfig
 from llamadist.generation.generate import check_context
 from llamadist.generation.sampling import SamplingParams
-from llamadist.planning.layout import Layout
+from llamadist.planning.layout import Layout, layout_quantize
 
 BENCH_TEXT = "The history of distributed computing begins with "
 
@@ -47,6 +47,9 @@ def _finish(args: argparse.Namespace, ckpt, prompts: list[str], encoded: list[li
         check_context(encoded, params.max_new_tokens, runtime.max_seq_len)
     layout = inherited_layout() or decide_layout(ckpt.config, args, runtime,
                                                  runtime.max_seq_len, batch)
+    # a plan file's per-stage weight formats (--fit-bits) are what the stages load with
+    runtime = replace(runtime, quantize=layout_quantize(layout, runtime.quantize,
+                                                        getattr(args, "plan", None)))
     return Job(prompts, encoded, params, runtime, layout)
 
 

@@ -71,9 +71,12 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   device_speed: str | None, strategy: str | None, boundaries: str | None,
                   plan_file: str | None, batch_size: int, max_seq_len: int | None, dtype: str,
                   as_json: bool, save: str | None, plot: str | None, headroom: float | int,
-                  tp: int, ep: int = 1, quantize: str | None = None) -> tuple[Plan, str]:
+                  tp: int, ep: int = 1, quantize: str | None = None,
+                  fit_bits: bool = False, one_format: bool = False) -> tuple[Plan, str]:
     """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
-    stage's weights counted in its format, and the bytes it saves per layer noted)."""
+    stage's weights counted in its format, and the bytes it saves per layer noted;
+    ``fit_bits``: --fit-bits, the formats chosen by planning.bits.choose_bits, the same
+    for every stage with ``one_format``: stages over processes)."""
     from llamadist.config import quantize_for
     if plan_file is not None and devices is None:
         devices = ",".join(Plan.load(plan_file).devices)
@@ -83,11 +86,24 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
         if strategy not in (None, "custom", "uniform"):
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
         strategy, boundaries = "custom", Path(plan_file)
-    formats = [quantize_for(quantize, d.name) for d in specs]
-    plan = make_plan(prof, specs, strategy=strategy, boundaries=boundaries,
-                     batch_size=batch_size, max_seq_len=max_seq_len, headroom=headroom, tp=tp,
-                     config=config, ep=ep, formats=formats if any(formats) else None)
-    notes = [f"error: {w}" for w in plan_problems(plan)] + format_notes(prof, specs, formats)
+    kw = dict(boundaries=boundaries, batch_size=batch_size, max_seq_len=max_seq_len,
+              headroom=headroom, tp=tp, config=config, ep=ep)
+    if fit_bits:
+        from llamadist.planning.bits import bits_report, choose_bits
+        if quantize is not None:
+            raise PlanningError(f"--fit-bits chooses each device's weight format: drop "
+                                f"--quantize {quantize} (or drop --fit-bits)")
+        plan = choose_bits(prof, specs, strategy, one_format, **kw).plan
+        notes = bits_report(plan, prof, specs)
+    else:
+        formats = [quantize_for(quantize, d.name) for d in specs]
+        saved = [s.weight_format for s in Plan.load(plan_file).stages] if plan_file else []
+        if quantize is None and any(saved) and len(saved) == len(specs):
+            formats = saved   # a plan file's formats, costed again on these devices
+        plan = make_plan(prof, specs, strategy=strategy,
+                         formats=formats if any(formats) else None, **kw)
+        notes = format_notes(prof, specs, formats)
+    notes = [f"error: {w}" for w in plan_problems(plan)] + notes
     if tp > 1:
         notes.insert(0, f"memory and time are per device of each stage's {tp}-way "
                         f"tensor-parallel group")
@@ -154,7 +170,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
     plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
                                args.strategy, args.boundaries, args.plan, args.batch_size,
                                max_seq, dtype, args.json, args.save, args.plot, 0.1, tp, ep,
-                               quantize=args.quantize)
+                               quantize=args.quantize, fit_bits=getattr(args, "fit_bits", False),
+                               one_format=nproc > 1)
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
                                             list(plan.devices), pp, tp, dp)
@@ -164,7 +181,9 @@ def plan_cmd(args: argparse.Namespace) -> int:
     print(text)
     over = plan_problems(plan)
     if over:  # the table above shows it; the exit code tells scripts
-        raise PlanningError(f"the plan does not fit: {over[0]}")
+        hint = ("" if getattr(args, "fit_bits", False) or args.quantize else
+                "; --fit-bits chooses weight formats (int8, int4) that make it fit")
+        raise PlanningError(f"the plan does not fit: {over[0]}{hint}")
     return 0
 
 
@@ -173,23 +192,53 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
     prof = profile(config, dtype=dtype, seq_len=max_seq)
     devices = None if args.gpus else parse_devices(args.devices, args.max_memory,
                                                    args.device_speed, check_available=False)
-    cands = auto_plan(prof, devices, gpus=args.gpus, nodes=args.nodes,
-                      gpu_memory=args.gpu_memory, intra_link=args.intra_link,
-                      inter_link=args.inter_link, intra_bw=args.intra_bw, inter_bw=args.inter_bw,
-                      intra_latency_s=args.intra_latency, inter_latency_s=args.inter_latency,
-                      objective=args.objective, batch_size=args.batch_size, max_seq_len=max_seq,
-                      config=config)
-    if args.json:
-        print(json.dumps([c.to_dict() for c in cands], indent=2))
+    kw = dict(gpus=args.gpus, nodes=args.nodes,
+              gpu_memory=args.gpu_memory, intra_link=args.intra_link,
+              inter_link=args.inter_link, intra_bw=args.intra_bw, inter_bw=args.inter_bw,
+              intra_latency_s=args.intra_latency, inter_latency_s=args.inter_latency,
+              objective=args.objective, batch_size=args.batch_size, max_seq_len=max_seq,
+              config=config)
+    fmt, note = None, ""
+    if getattr(args, "fit_bits", False):
+        from llamadist.planning.bits import auto_fit_bits
+        if args.quantize is not None:
+            raise PlanningError(f"--fit-bits chooses the weight format: drop --quantize "
+                                f"{args.quantize} (or drop --fit-bits)")
+        kinds = sorted({d.kind for d in devices}) if devices else ["cuda"]
+        fmt, cands = auto_fit_bits(prof, devices, kinds, **kw)
+        note = auto_bits_note(prof, fmt, kinds)
     else:
-        print(format_auto_plans(cands))
+        try:
+            cands = auto_plan(prof, devices, **kw)
+        except PlanningError as e:
+            hint = "" if args.quantize else ("; --fit-bits finds the weight format (int8, "
+                                             "int4) with which a layout fits")
+            raise PlanningError(f"{e}{hint}") from None
+    if args.json:
+        print(json.dumps([dict(c.to_dict(), weight_format=fmt) for c in cands], indent=2))
+    else:
+        print(format_auto_plans(cands) + note)
     if args.save:
-        cands[0].to_plan(prof.model, config.num_layers, prof.dtype).save(args.save)
+        cands[0].to_plan(prof.model, config.num_layers, prof.dtype, fmt).save(args.save)
         best = cands[0]
         cp = f" --cp {best.cp}" if best.cp > 1 else ""
         print(f"saved the winning layout's stages to {args.save}; run them with --tp {best.tp}"
               f"{cp} --pp {best.pp} --dp {best.dp} --plan {args.save}", file=sys.stderr)
     return 0
+
+
+def auto_bits_note(prof, fmt: str | None, kinds: list[str]) -> str:
+    """--auto --fit-bits: the one format chosen and the bytes it saves per decoder layer."""
+    from llamadist.planning.profile import layer_bytes
+    if fmt is None:
+        return f"\nbits: the model fits in {prof.dtype}; no layer quantized"
+    row = prof.layers[0]
+    q = max(layer_bytes(row, fmt, k, prof.bytes_per_param) for k in kinds)
+    return (f"\nbits: it does not fit in {prof.dtype}; every decoder layer in {fmt}: "
+            f"{format_bytes(q)} per layer instead of {format_bytes(row.weight_bytes)} "
+            f"({format_bytes(row.weight_bytes - q)} saved per layer, "
+            f"{format_bytes((row.weight_bytes - q) * prof.num_layers)} in all; predicted "
+            f"bytes, quality is not predicted: measure it with llamadist perplexity)")
 
 
 def format_rank_table(stages: list[tuple[int, int]], devices: list[str], pp: int, tp: int,

@@ -197,13 +197,16 @@ class AutoCandidate:
                  breakdown_s=self.breakdown())
         return d
 
-    def to_plan(self, model: str, num_layers: int, dtype: str) -> Plan:
+    def to_plan(self, model: str, num_layers: int, dtype: str,
+                weight_format: str | None = None) -> Plan:
         """Replica 0's layer split as a Plan: one stage per TP group, named by the group's
-        first device. A Plan holds only the pipeline split; run it with this candidate's
-        ``--tp`` and ``--dp`` (see :attr:`label`)."""
+        first device, each with ``weight_format`` (planned with that format's bytes). A Plan
+        holds only the pipeline split; run it with this candidate's ``--tp`` and ``--dp``
+        (see :attr:`label`)."""
         k = len(self.stages)
         stages = tuple(Stage(i, s.start, s.end, s.devices[0], i == 0, i == k - 1,
-                             s.weight_bytes, s.kv_bytes, s.time_s)
+                             s.weight_bytes, s.kv_bytes, s.time_s,
+                             weight_format=weight_format)
                        for i, s in enumerate(self.stages))
         return Plan(model, num_layers, stages, "auto", dtype, self.batch_size,
                     self.max_seq_len).validate()

@@ -100,6 +100,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
 
     if isinstance(devices, (list, tuple)):
         devices = ",".join(devices)
+    saved_formats = None
     if plan is not None:
         if strategy not in (None, "custom") or boundaries is not None:
             raise PlanningError(f"--plan {plan} gives the stages: drop --strategy and "
@@ -108,13 +109,69 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
         saved.validate(config.num_layers)
         devices = devices or ",".join(saved.devices)
         strategy, boundaries = "custom", ",".join(f"{s.start}:{s.end}" for s in saved.stages)
+        if any(s.weight_format for s in saved.stages):
+            saved_formats = [s.weight_format for s in saved.stages]
     devices = devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
     formats = [quantize_for(quantize, d.name) for d in specs]
+    if saved_formats is not None:
+        formats = _plan_formats(plan, saved_formats, [d.name for d in specs], quantize, formats)
     p = check_fits(make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
                              strategy=strategy, boundaries=boundaries, batch_size=max_batch,
                              max_seq_len=max_seq_len, tp=tp, config=config, cp=cp, ep=ep,
                              formats=formats if any(formats) else None))
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), plan=p)
+
+
+def _plan_formats(path: str, saved: list[str | None], devices: list[str],
+                  quantize: str | None, asked: list[str | None]) -> list[str | None]:
+    """A plan file's per-stage weight formats on this run's devices (stage i on devices[i]),
+    refused where a device cannot run its format or where --quantize says otherwise."""
+    from llamadist.planning.plan import format_problem
+    if len(saved) != len(devices):
+        return saved   # make_plan refuses the stage count, naming both
+    for i, (fmt, dev) in enumerate(zip(saved, devices)):
+        problem = format_problem(fmt, dev)
+        if problem:
+            raise PlanningError(f"--plan {path}: stage {i} runs on {dev} here, but {problem}; "
+                                f"re-plan for these devices (llamadist plan ... --fit-bits)")
+        if quantize is not None and asked[i] != fmt:
+            raise PlanningError(
+                f"--plan {path} gives stage {i} ({dev}) weights {fmt or 'as stored'}, but "
+                f"--quantize {quantize} gives {asked[i] or 'none'}: drop --quantize (the plan's "
+                f"formats are used) or re-plan with that format")
+    return saved
+
+
+def layout_quantize(layout: Layout, given: str | None,
+                    plan_file: str | None = None) -> str | None:
+    """The --quantize value a run with ``layout`` loads with: ``given``, or the formats of
+    the plan the layout was placed by (Stage.weight_format; resolve_layout has already
+    refused a --quantize that disagrees with them), else of ``plan_file`` (a worker's
+    layout comes without its plan). In one process each device gets its stage's format;
+    over processes every rank's device is its own, so the stages must share one format."""
+    from llamadist.planning.plan import Plan
+    plan = layout.plan
+    if plan is None and plan_file is not None and given is None:
+        plan = Plan.load(plan_file)
+    stages = getattr(plan, "stages", ())
+    if given is not None or not any(s.weight_format for s in stages):
+        return given
+    fmts = [s.weight_format or "none" for s in stages]
+    if layout.processes > 1:
+        if len(set(fmts)) > 1:
+            raise PlanningError(
+                f"the plan gives its stages different weight formats ({', '.join(fmts)}), "
+                f"which runs in one process only (stages over processes take one --quantize): "
+                f"drop --nproc/--pp, or re-plan with one format for every device")
+        return fmts[0]
+    by_device: dict[str, str] = {}
+    for dev, fmt in zip(layout.devices, fmts):
+        if by_device.setdefault(dev, fmt) != fmt:
+            raise PlanningError(
+                f"the plan gives two stages on {dev} different weight formats "
+                f"({by_device[dev]} and {fmt}), but a run quantizes per device: re-plan with "
+                f"one format per device (llamadist plan ... --fit-bits does)")
+    return ",".join(f"{d}={f}" for d, f in by_device.items())

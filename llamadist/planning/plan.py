@@ -15,6 +15,11 @@ from typing import Any
 from llamadist.planning.units import PlanningError, format_bytes, format_seconds
 
 PLAN_FORMAT = "llamadist.plan/1"
+# The weight formats (--quantize) each device kind runs: GPUs the Triton / torch kernels of
+# kernels.wquant, the CPU GGUF Q8_0 / Q4_1 blocks (no fp8 kernel there); config.quantize_for
+# refuses the same combinations at run time.
+KIND_FORMATS: dict[str, tuple[str, ...]] = {"cuda": ("int8", "int4", "fp8"),
+                                            "cpu": ("int8", "int4")}
 
 
 @dataclass(frozen=True)
@@ -132,6 +137,11 @@ class Plan:
             if getattr(plan, name) < 1:
                 raise PlanningError(f"{where} field '{name}' must be at least 1, got "
                                     f"{getattr(plan, name)}")
+        for s in plan.stages:
+            problem = format_problem(s.weight_format, s.device)
+            if problem:
+                raise PlanningError(f"{where} field 'stages[{s.index}].weight_format': "
+                                    f"{problem}")
         try:
             return plan.validate()
         except PlanningError as e:
@@ -163,6 +173,22 @@ class Plan:
         except (OSError, UnicodeDecodeError) as e:
             raise PlanningError(f"plan file {path} cannot be read as text: {e}") from None
         return cls.from_json(text, f"plan file {path}")
+
+
+def format_problem(fmt: str | None, device: str) -> str | None:
+    """Why ``device`` cannot run weights in ``fmt`` (None: it can, or fmt is None)."""
+    if fmt is None:
+        return None
+    kind = device.split(":")[0].split("/")[-1]   # "node1/cuda:0" is a cuda device
+    every = sorted({f for fs in KIND_FORMATS.values() for f in fs})
+    if fmt not in every:
+        return (f"unknown weight format {fmt!r}; give one of {', '.join(every)} or null "
+                f"(the plan's dtype)")
+    allowed = KIND_FORMATS.get(kind)
+    if allowed is not None and fmt not in allowed:
+        return (f"{fmt} does not run on {device} ({kind} runs {', '.join(allowed)}); "
+                f"give one of those or null")
+    return None
 
 
 # ---- checked JSON fields ---------------------------------------------------
@@ -281,7 +307,11 @@ def validate_stages(stages: tuple[Stage, ...] | list[Stage], num_layers: int) ->
 
 
 def format_plan_table(plan: Plan) -> str:
-    hdr = (f"{'stage':>5}  {'device':<8}{'layers':>12}{'n':>4}  {'extra':<11}{'weights':>12}"
+    """One line per stage; a ``format`` column when some stage's weights are quantized."""
+    fmts = any(s.weight_format for s in plan.stages)
+    fcol = f"{'format':<8}" if fmts else ""
+    hdr = (f"{'stage':>5}  {'device':<8}{fcol}{'layers':>12}{'n':>4}  {'extra':<11}"
+           f"{'weights':>12}"
            f"{'KV cache':>12}{'total':>12}{'budget':>12}{'time/step':>12}")
     lines = [f"plan: {plan.strategy}  model: {plan.model}",
              f"dtype={plan.dtype} batch_size={plan.batch_size} max_seq_len={plan.max_seq_len}",
@@ -291,7 +321,9 @@ def format_plan_table(plan: Plan) -> str:
         budget = "-" if s.budget_bytes is None else format_bytes(s.budget_bytes)
         flag = "  OVER" if s.shortfall_bytes else ""
         lines.append(
-            f"{s.index:>5}  {s.device:<8}{f'[{s.start}, {s.end})':>12}{s.num_layers:>4}  "
+            f"{s.index:>5}  {s.device:<8}"
+            f"{f'{s.weight_format or plan.dtype[:8]:<8}' if fmts else ''}"
+            f"{f'[{s.start}, {s.end})':>12}{s.num_layers:>4}  "
             f"{extra or '-':<11}{format_bytes(s.weight_bytes):>12}{format_bytes(s.kv_bytes):>12}"
             f"{format_bytes(s.memory_bytes):>12}{budget:>12}"
             f"{format_seconds(s.predicted_time_s):>12}{flag}")

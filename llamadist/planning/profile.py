@@ -14,8 +14,8 @@ uniform routing (``layer_read_bytes``).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Sequence
 
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.planning.units import PlanningError, format_bytes, format_flops
@@ -222,6 +222,22 @@ def layer_bytes(row: LayerCost, fmt: str | None, kind: str, nbytes: float) -> in
     linear = sum(n * k for n, k in row.linear_shapes)
     packed = sum(quantized_matrix_bytes(n, k, fmt, kind) for n, k in row.linear_shapes)
     return int(row.weight_bytes - linear * nbytes + packed)
+
+
+def quantized_profile(prof: ModelProfile, fmt: str | None,
+                      kinds: Sequence[str] = ("cuda",)) -> ModelProfile:
+    """``prof`` with every decoder row's linears in ``fmt`` (None: ``prof`` itself): its
+    weight bytes as :func:`layer_bytes` counts them, the most of ``kinds`` (one format on
+    devices of several kinds is planned by the larger footprint). For the auto planner,
+    which costs one profile for every device."""
+    if fmt is None:
+        return prof
+    rows = []
+    for r in prof.layers:
+        q = max(layer_bytes(r, fmt, k, prof.bytes_per_param) for k in kinds)
+        saved = r.weight_bytes - q
+        rows.append(replace(r, weight_bytes=q, active_weight_bytes=r.active_weight_bytes - saved))
+    return replace(prof, layers=tuple(rows))
 
 
 def profile(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None) -> ModelProfile:

@@ -146,8 +146,15 @@ def _shortfall_error(model: CostModel, devices: Sequence[DeviceSpec], usable: li
         f"device {dev.name} (stage {i}, layers {s}..{e - 1}) needs {format_bytes(short)} more "
         f"(needs {need} bytes, budget {dev.memory_bytes} bytes, of which "
         f"{headroom_bytes(dev, headroom)} bytes are headroom for activations); {fits} "
-        f"(weights {model.profile.dtype}, KV cache for batch {model.batch} x "
+        f"(weights {_formats(model)}, KV cache for batch {model.batch} x "
         f"{model.context} tokens)")
+
+
+def _formats(model: CostModel) -> str:
+    """The weights' format for messages: the dtype, or the stages' --quantize formats."""
+    if not any(model.stage_models):
+        return model.profile.dtype
+    return f"{model.profile.dtype}, decoder layers in each stage's weight format"
 
 
 def _layers_that_fit(n: int, k: int, cost: Callable[[int, int, int], float]) -> int:
