@@ -143,3 +143,36 @@ def test_sdpa_lse_half_inputs_take_flash(monkeypatch, causal):
     want = reference_partial(q.double().transpose(1, 2), k.double().transpose(1, 2),
                              v.double().transpose(1, 2), mask, 0.25)
     assert torch.allclose(lse.double(), want[1].transpose(1, 2), atol=1e-4)
+
+
+def test_kv_splits():
+    from llamadist.parallel.context_cuda import kv_splits
+    assert kv_splits(8 * 8, 4, 32768) == 4  # a decode batch: 64 blocks -> 4 chunks
+    assert kv_splits(8 * 8, 4, 1500) == 1  # few keys
+    assert kv_splits(32 * 8, 1, 32768) == 1  # the GPU is full already
+    assert kv_splits(64, 4, 4099) == 4  # no divisor near 4: remainder keys apart
+    assert kv_splits(64, 4, 3 * 1031) == 3  # a divisor near 4
+
+
+@pytest.mark.parametrize("s,n", [(40, 4), (43, 4), (43, 1)])
+def test_split_kv_equals_one_call(s, n):
+    """Key chunks merged by lse equal attention over all keys, with length masks that
+    leave whole chunks (and one whole row) without a visible key."""
+    from llamadist.parallel.context_cuda import split_kv
+
+    def cpu_call(q, k, v, scale, causal, bias):
+        return context._kernel(q, k, v, scale, causal, bias)
+    g = torch.Generator().manual_seed(2)
+    b, h, t, d = 3, 2, 4, 8
+    q, k, v = (torch.randn(b, h, n_, d, generator=g) for n_ in (t, s, s))
+    lens = torch.tensor([s, 7, 0])  # sequence 2 sees nothing at all
+    mask = torch.arange(s).view(1, 1, -1) < lens.view(-1, 1, 1)  # (B, 1, S)
+    mask = mask.expand(b, t, s)
+    bias = torch.zeros(b, t, s).masked_fill(~mask, float("-inf"))
+    out, lse = split_kv(q, k, v, 0.3, bias, n, cpu_call)
+    want = reference_partial(q.transpose(1, 2).double(), k.transpose(1, 2).double(),
+                             v.transpose(1, 2).double(), mask, 0.3)
+    assert out.shape == (b, h, t, d) and lse.shape == (b, h, t)
+    assert torch.allclose(out.transpose(1, 2).double(), want[0], atol=1e-5)
+    assert torch.isneginf(lse[2]).all() and not out[2].any()
+    assert torch.allclose(lse[:2].transpose(1, 2).double(), want[1][:2], atol=1e-5)
