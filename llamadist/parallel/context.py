@@ -19,11 +19,15 @@ and the rows merged in the engine are decodes and one chunk's queries, where lat
 dominates. A row no key is visible to (an empty slice, every key masked) has lse = -inf
 and out = 0, and merges as weight 0.
 
-The partials themselves: on the CPU the fused flash kernel that also returns lse
-(``aten._scaled_dot_product_flash_attention_for_cpu``, ``fused_partial``), a masked
-block split into runs of rows that see the same contiguous key range (``masked_runs``:
-a striped ring block is one run per stripe) so masked-out blocks cost nothing; elsewhere
-(CUDA) the scores are still materialised in bounded chunks (``_partial``).
+The partials themselves: a fused kernel that also returns lse (``fused_partial``): on
+the CPU ``aten._scaled_dot_product_flash_attention_for_cpu``, on CUDA PyTorch's flash
+or memory-efficient kernel (llamadist.parallel.context_cuda), a masked block split into
+runs of rows that see the same contiguous key range (``masked_runs``: a striped ring
+block is one run per stripe) so masked-out blocks cost nothing. Where no fused kernel
+fits (fp64 on CUDA, other devices), ``reference_partial`` materialises the scores in
+bounded chunks; it is also the reference the kernels are tested against. Collectives
+on device tensors over a gloo group (ranks sharing one GPU) go through host memory
+(``all_gather``, ``RingExchange``).
 
 Prefill (``RingAttention``). A prompt of L tokens is cut into 2C chunks (``balanced_split``):
 rank r holds chunks r and 2C-1-r, an early and a late one, so the causal triangle's work
@@ -55,10 +59,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from llamadist.parallel.context_cuda import cuda_kernel, sdpa_lse
+
 Group = dist.ProcessGroup | None
 
-__all__ = ["partial_attention", "masked_runs", "attend_runs", "merge_partials",
-           "merge_across", "balanced_split",
+__all__ = ["partial_attention", "fusable", "reference_partial", "masked_runs", "attend_runs",
+           "merge_partials", "merge_across", "all_gather", "RingExchange", "balanced_split",
            "decode_owner", "RingPlan", "RingAttention", "ShardedDecodeAttention"]
 
 
@@ -87,19 +93,44 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     visible; None = all visible; ``causal``: key j visible to query i iff j <= i (T == S,
     no mask). Rows with no visible key (S == 0 included): out 0, lse -inf.
 
-    On the CPU the fused flash kernel that returns the log-sum-exp
-    (``aten._scaled_dot_product_flash_attention_for_cpu``) does it without materialising
-    scores (``fused_partial``); elsewhere the scores are materialised, ``max_scores``
-    elements at a time (query rows in chunks)."""
+    A fused kernel that returns the log-sum-exp does it without materialising scores
+    (``fused_partial``): on the CPU ``aten._scaled_dot_product_flash_attention_for_cpu``,
+    on CUDA the flash or memory-efficient kernel (llamadist.parallel.context_cuda) for
+    fp32/fp16/bf16 and head sizes that are multiples of 8 up to 256. Otherwise (fp64 on
+    CUDA, other devices) ``reference_partial`` materialises the scores in fp32 chunks."""
     if causal:
         if mask is not None or q.shape[-3] != k.shape[-3]:
             raise ValueError("causal attention takes T == S and no mask")
-    if q.device.type == "cpu" and q.shape[-3] and k.shape[-3]:
+    if q.shape[-1] != k.shape[-1] or q.shape[-2] % max(1, k.shape[-2]):
+        raise ValueError(f"q (..., T, H, D) {tuple(q.shape)} does not fit k (..., S, H_kv, "
+                         f"D) {tuple(k.shape)}: D must match and H_kv divide H")
+    if not q.shape[-3] or not k.shape[-3]:  # no query rows, or an empty shard
+        acc = _acc_dtype(q.dtype)
+        return (q.new_zeros(q.shape, dtype=acc),
+                q.new_full(q.shape[:-1], float("-inf"), dtype=acc))
+    if fusable(q):
         return fused_partial(q, k, v, mask, scale, causal)
+    return reference_partial(q, k, v, mask, scale, max_scores, causal)
+
+
+def fusable(q: torch.Tensor) -> bool:
+    """A fused kernel returning the log-sum-exp exists for q's device, dtype and head size."""
+    if q.device.type == "cpu":
+        return True
+    return q.device.type == "cuda" and cuda_kernel(q.dtype, q.shape[-1], True) is not None
+
+
+def reference_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      mask: torch.Tensor | None = None, scale: float | None = None,
+                      max_scores: int = MAX_SCORES, causal: bool = False
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """partial_attention by materialised scores (matmul + logsumexp in fp32, or fp64),
+    ``max_scores`` elements at a time (query rows in chunks): any device, the reference
+    the fused kernels are tested against."""
     if causal:
         t = q.shape[-3]
         mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-    per_row = q[..., 0, :, 0].numel() * max(1, k.shape[-3])  # batch x H x S
+    per_row = q.shape[:-3].numel() * q.shape[-2] * max(1, k.shape[-3])  # batch x H x S
     rows = max(1, max_scores // per_row)
     t = q.shape[-3]
     if t <= rows:
@@ -113,37 +144,50 @@ def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
+def _kernel(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+            causal: bool, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """q (B, H, T, D), k/v (B, H, S, D), bias (B, T, S) or None -> out (B, H, T, D), lse
+    (B, H, T): the device's fused kernel."""
+    if q.device.type == "cpu":
+        mask = None if bias is None else bias.to(q.dtype).unsqueeze(1)  # (B, 1, T, S)
+        out, lse = _FLASH_CPU(q, k, v, is_causal=causal, attn_mask=mask, scale=scale)[:2]
+        return out, lse
+    return sdpa_lse(q, k, v, scale, causal, bias)
+
+
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
            causal: bool = False, bias: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One fused CPU call: q (B, T, H, D), k/v (B, S, H_kv, D) -> out (B, T, H, D) and
-    lse (B, T, H) in the accumulation dtype. Without a causal flag or a bias, the G query
-    heads of a KV head become G x T rows of one head (K/V read once per KV head, no
-    copies); otherwise K/V are repeated to H heads. bias (B, T, S) additive, or None."""
+    """One fused call: q (B, T, H, D), k/v (B, S, H_kv, D) -> out (B, T, H, D) and lse
+    (B, T, H) in the accumulation dtype. Unless causal, the G query heads of a KV head
+    become G x T rows of one head (K/V read once per KV head, no copies; a bias row is
+    repeated for each g); causal, K/V are repeated to H heads. bias (B, T, S) additive,
+    or None. The CPU kernel runs in the accumulation dtype; the CUDA ones take fp16/bf16
+    as they are and accumulate in fp32 themselves."""
     b, t, h, d = q.shape
     h_kv = k.shape[-2]
     g = h // h_kv
     acc = _acc_dtype(q.dtype)
-    kh, vh = k.to(acc).transpose(1, 2), v.to(acc).transpose(1, 2)  # (B, H_kv, S, D)
-    if g == 1 or causal or bias is not None:
+    dt = acc if q.device.type == "cpu" else q.dtype
+    kh, vh = k.to(dt).transpose(1, 2), v.to(dt).transpose(1, 2)  # (B, H_kv, S, D)
+    if g == 1 or causal:
         if g > 1:
             kh, vh = kh.repeat_interleave(g, 1), vh.repeat_interleave(g, 1)
-        if bias is not None:
-            bias = bias.to(acc).unsqueeze(1)  # (B, 1, T, S)
-        out, lse = _FLASH_CPU(q.to(acc).transpose(1, 2), kh, vh, is_causal=causal,
-                              attn_mask=bias, scale=scale)  # (B, H, T, D), (B, H, T)
-        return out.transpose(1, 2), lse.transpose(1, 2)
+        out, lse = _kernel(q.to(dt).transpose(1, 2), kh, vh, scale, causal, bias)
+        return out.transpose(1, 2).to(acc), lse.transpose(1, 2).to(acc)
     # (B, T, H_kv, G, D) -> (B, H_kv, G * T, D): row g * T + t
-    qf = q.to(acc).view(b, t, h_kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, h_kv, g * t, d)
-    out, lse = _FLASH_CPU(qf, kh, vh, scale=scale)  # (B, H_kv, G * T, D), (B, H_kv, G * T)
-    out = out.view(b, h_kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
-    return out, lse.view(b, h_kv, g, t).permute(0, 3, 1, 2).reshape(b, t, h)
+    qf = q.to(dt).view(b, t, h_kv, g, d).permute(0, 2, 3, 1, 4).reshape(b, h_kv, g * t, d)
+    if bias is not None:
+        bias = bias.repeat(1, g, 1)  # (B, G * T, S): row g * T + t is bias row t
+    out, lse = _kernel(qf, kh, vh, scale, False, bias)  # (B, H_kv, G*T, D), (B, H_kv, G*T)
+    out = out.to(acc).view(b, h_kv, g, t, d).permute(0, 3, 1, 2, 4).reshape(b, t, h, d)
+    return out, lse.to(acc).view(b, h_kv, g, t).permute(0, 3, 1, 2).reshape(b, t, h)
 
 
 def fused_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                   mask: torch.Tensor | None, scale: float | None, causal: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """partial_attention through the fused CPU kernel (T, S > 0). A 2-D mask whose rows
+    """partial_attention through the device's fused kernel (T, S > 0). A 2-D mask whose rows
     see contiguous key ranges (CP's stripes, a causal prefix) runs unmasked per run of
     equal ranges, skipping the masked blocks; any other mask becomes an additive bias.
     Rows with no visible key are fixed up afterwards (out 0, lse -inf)."""
@@ -195,7 +239,7 @@ def attend_runs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 runs: list[tuple[int, int, int, int]], scale: float | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """partial_attention of q (T, H, D) over k/v (S, H_kv, D) under a mask given as its
-    ``masked_runs`` (CPU): one fused call per run, rows in no run get out 0, lse -inf."""
+    ``masked_runs``: one fused call per run, rows in no run get out 0, lse -inf."""
     t, h, d = q.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     acc = _acc_dtype(q.dtype)
@@ -262,15 +306,49 @@ def merge_across(out: torch.Tensor, lse: torch.Tensor,
     (out, lse). (Two all-reduces, MAX of lse then SUM of the weighted outputs, move 1/C
     of the data but pay two latencies; the rows merged here are decodes and one chunk's
     queries, where latency dominates.)"""
-    packed = torch.cat([out, lse.unsqueeze(-1)], -1).contiguous()  # (..., H, D + 1)
-    everyone = [torch.empty_like(packed) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(everyone, packed, group=group)
-    stacked = torch.stack(everyone)  # (C, ..., H, D + 1)
+    packed = torch.cat([out, lse.unsqueeze(-1)], -1)  # (..., H, D + 1)
+    stacked = torch.stack(all_gather(packed, group))  # (C, ..., H, D + 1)
     outs, lses = stacked[..., :-1], stacked[..., -1]
     m = lses.amax(0)
     w = _weights(lses, m)  # (C, ..., H)
     num = torch.where(w.unsqueeze(-1) > 0, outs * w.unsqueeze(-1), 0).sum(0)
     return _finish(num, w.sum(0), m)
+
+
+# ---- moving tensors between the ranks ----------------------------------------------
+def via_host(t: torch.Tensor, group: Group) -> bool:
+    """A device tensor over a gloo group (ranks sharing one GPU: NCCL refuses two ranks
+    on a GPU, llamadist.distributed.groups) travels through host memory, as the stage
+    messages of llamadist.distributed.p2p do: gloo's send/recv read host pointers."""
+    return t.device.type != "cpu" and dist.get_backend(group) == "gloo"
+
+
+def all_gather(t: torch.Tensor, group: Group) -> list[torch.Tensor]:
+    """Every rank's ``t`` (same shape on all), on t's device."""
+    host = via_host(t, group)
+    src = (t.cpu() if host else t).contiguous()
+    everyone = [torch.empty_like(src) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(everyone, src, group=group)
+    return [e.to(t.device) for e in everyone] if host else everyone
+
+
+class RingExchange:
+    """Send ``block`` to global rank ``nxt`` and receive a block of its shape from ``prv``,
+    both posted at once so the transfer overlaps whatever runs before ``wait``."""
+
+    def __init__(self, block: torch.Tensor, nxt: int, prv: int, group: Group):
+        self.device = block.device
+        host = via_host(block, group)
+        self.sent = (block.cpu() if host else block).contiguous()  # alive until wait
+        self.incoming = torch.empty_like(self.sent)
+        self.reqs = [dist.isend(self.sent, nxt, group=group),
+                     dist.irecv(self.incoming, prv, group=group)]
+
+    def wait(self) -> torch.Tensor:
+        """The received block, on the sent block's device."""
+        for r in self.reqs:
+            r.wait()
+        return self.incoming.to(self.device)
 
 
 # ---- who holds which tokens -------------------------------------------------------
@@ -369,18 +447,13 @@ class RingAttention(nn.Module):
         out = q.new_zeros(t, h, d, dtype=acc)
         lse = q.new_full((t, h), float("-inf"), dtype=acc)
         for i, (_, q_lo, k_hi, mask) in enumerate(plan.steps):
-            reqs, incoming = [], None
-            if i + 1 < cp:  # pass this block on while computing with it
-                incoming = torch.empty_like(block)
-                reqs = [dist.isend(block, nxt, group=self.group),
-                        dist.irecv(incoming, prv, group=self.group)]
+            # pass this block on while computing with it
+            exchange = RingExchange(block, nxt, prv, self.group) if i + 1 < cp else None
             if k_hi > 0 and q_lo < t:
                 part = partial_attention(q[q_lo:], block[0, :k_hi], block[1, :k_hi], mask)
                 out[q_lo:], lse[q_lo:] = merge_partials([(out[q_lo:], lse[q_lo:]), part])
-            for r in reqs:
-                r.wait()
-            if incoming is not None:
-                block = incoming
+            if exchange is not None:
+                block = exchange.wait()
         return out.to(q.dtype)
 
 

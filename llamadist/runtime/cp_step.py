@@ -50,8 +50,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from llamadist.parallel.context import (Group, attend_runs, masked_runs, merge_across,
-                                        merge_partials, partial_attention)
+from llamadist.parallel.context import (Group, RingExchange, all_gather, attend_runs,
+                                        masked_runs, merge_across, merge_partials,
+                                        partial_attention)
 from llamadist.runtime.paged_attention import gather, gather_rows
 from llamadist.runtime.paged_kv import PagedKVCache
 from llamadist.runtime.step_work import StepWork
@@ -227,8 +228,9 @@ class CPStageKV:
     @staticmethod
     def _ring_step(x, dev) -> tuple:
         width, mask = x
-        mask = torch.as_tensor(mask, device=dev)
-        return width, mask, masked_runs(mask) if dev.type == "cpu" else None
+        mask = torch.as_tensor(mask)
+        runs = masked_runs(mask)  # on the host: no device sync per layer
+        return width, mask.to(dev), runs
 
     def _past_groups(self, dev) -> list[tuple]:
         """Past query rows (gathered, then decodes) by sequence: (row index (R,), table
@@ -312,10 +314,8 @@ class CPLayer:
         block[0, :len(rows)], block[1, :len(rows)] = k[rows], v[rows].to(k.dtype)
         qr = q[rows]
         for i in range(cp):
-            reqs, incoming = [], None
-            if i + 1 < cp:  # pass the block on while computing
-                incoming = torch.empty_like(block)
-                reqs = [dist.isend(block, nxt, group=g), dist.irecv(incoming, prv, group=g)]
+            # pass the block on while computing
+            exchange = RingExchange(block, nxt, prv, g) if i + 1 < cp else None
             if i == 0:
                 self._diag(q, k, v, out, lse)
             elif o.ring[i - 1] is not None:
@@ -325,10 +325,8 @@ class CPLayer:
                 else:
                     part = partial_attention(qr, block[0, :width], block[1, :width], mask)
                 out[rows], lse[rows] = merge_partials([(out[rows], lse[rows]), part])
-            for r in reqs:
-                r.wait()
-            if incoming is not None:
-                block = incoming
+            if exchange is not None:
+                block = exchange.wait()
         return out, lse
 
     def _past(self, q, out, lse):
@@ -342,9 +340,7 @@ class CPLayer:
         if p:
             mine = q.new_zeros(p, h, d)
             mine[:len(o.past_rows)] = q[o.past_rows]
-            everyone = [torch.empty_like(mine) for _ in range(cp)]
-            dist.all_gather(everyone, mine, group=o.group)
-            parts += everyone
+            parts += all_gather(mine, o.group)
         qa = torch.cat(parts + [q[o.rep_rows]])  # (cp * P + R, H, D)
         acc = out.dtype
         pout = qa.new_zeros(len(qa), h, d, dtype=acc)
@@ -399,8 +395,7 @@ def gather_logits(logits: torch.Tensor, step: CPStep, group: Group) -> torch.Ten
     width = max(1, step.logits_max)
     padded = logits.new_zeros(width, logits.shape[-1])
     padded[:len(logits)] = logits
-    everyone = [torch.empty_like(padded) for _ in range(step.cp)]
-    dist.all_gather(everyone, padded, group=group)
+    everyone = all_gather(padded, group)
     if step.rank != 0:
         return None
     stacked = torch.stack(everyone)  # (cp, width, V)

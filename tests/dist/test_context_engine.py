@@ -98,3 +98,18 @@ def test_cli_generate_cp2(tiny_model):
     rows = [[json.loads(x)["token_ids"] for x in o.stdout.splitlines() if x.startswith("{")]
             for o in (one, two)]
     assert rows[0] == rows[1] and len(rows[0]) == 2
+
+
+def test_cli_generate_cp2_x_dp2(tiny_model):
+    """`--nproc 4 --cp 2 --dp 2`: two data-parallel replicas, each a CP group of 2 ranks
+    (4-token stripes), give one process's greedy tokens for prompts shorter than a stripe
+    and spanning many."""
+    args = ["generate", str(tiny_model), "--max-new-tokens", "6", "--kv-block-size", "4",
+            "--json", "--prompt", "The quick brown fox jumps over the lazy dog. Once upon "
+            "a time", "--prompt", "1 2", "--prompt", "def main():\n    print('hello')"]
+    one, four = llamadist(*args), llamadist(*args, "--nproc", "4", "--cp", "2", "--dp", "2")
+    assert one.returncode == 0 and four.returncode == 0, four.stderr
+    rows = [[json.loads(x)["token_ids"] for x in o.stdout.splitlines() if x.startswith("{")]
+            for o in (one, four)]
+    assert rows[0] == rows[1] and len(rows[0]) == 3
+    assert "4 process(es)" in four.stderr + four.stdout
