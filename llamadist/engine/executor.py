@@ -31,6 +31,7 @@ from llamadist.distributed.faults import PeerError
 from llamadist.distributed.p2p import Kind, Message
 from llamadist.engine.migration import FRONT_RELAY, HOST_COPY, PCIE, KVPath
 from llamadist.runtime.engine import Engine
+from llamadist.runtime.stage import parse_dtype
 from llamadist.runtime.stage_rank import StageRank
 from llamadist.runtime.step_work import StepWork, sample_step
 
@@ -180,7 +181,7 @@ class RankExecutor:
         self.rank, self.replica, self.config, self.devices = None, replica, config, devices
         self.depth, self.link, self.leader, self.sampler = depth, link, leader, sampler
         self.remote, self.blocking, self.paged_shape = True, False, paged_shape
-        self.kv_dtype = kv_dtype
+        self.kv_dtype = str(parse_dtype(kv_dtype)).removeprefix("torch.")
         self._results = deque()
         return self
 
