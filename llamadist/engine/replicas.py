@@ -163,7 +163,7 @@ class ReplicaSet:
                 replayed = rep.scheduler.num_running
                 n = self._move(rep)
                 self.stats.drain_replayed += replayed
-                log.info("replica %d drained: %d request(s) migrated with their KV, %d "
+                log.warning("replica %d drained: %d request(s) migrated with their KV, %d "
                          "moved (%d of them recomputed)", rep.key, migrated, n, replayed)
                 self._settle(rep)
 

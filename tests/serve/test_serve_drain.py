@@ -75,6 +75,30 @@ def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_pa
     assert code == 0, log.read_text()[-3000:]
 
 
+def test_drain_migrates_each_stage_s_kv_to_the_same_stage(tiny_model, tmp_path, reference):
+    """--pp 2 --dp 2: each of the drained replica's two stage workers sends its own layers'
+    blocks, relayed by the front to the other replica's worker of the same stage."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "4", "--pp", "2", "--dp", "2",
+                           "--max-seq-len", "256", "--max-batch", "8", "--timeout", "20",
+                           "--served-model-name", "tiny", log_path=log)
+    try:
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(90), log.read_text()[-3000:]
+        status, body = http("POST", server.url + "/admin/drain?replica=1&kv=migrate")
+        assert status == 200, body
+        for t in threads:
+            t.join(180)
+        assert results == reference, log.read_text()[-3000:]
+        text = http("GET", server.url + "/metrics")[1].decode()
+        assert metric(text, "llamadist_kv_migrations_total") >= 1, log.read_text()[-3000:]
+        assert metric(text, "llamadist_drain_replayed_requests_total") == 0
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+
+
 def test_chaos_kills_cost_no_request_and_leave_no_process(tiny_model, tmp_path, reference):
     """32 streams while a random worker is killed every 1.5 s or so (3 kills)."""
     log = tmp_path / "server.log"
