@@ -14,10 +14,9 @@ run without the drain."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
-
-import time
 
 import torch
 
@@ -164,7 +163,7 @@ class ReplicaSet:
                 n = self._move(rep)
                 self.stats.drain_replayed += replayed
                 log.warning("replica %d drained: %d request(s) migrated with their KV, %d "
-                         "moved (%d of them recomputed)", rep.key, migrated, n, replayed)
+                            "moved (%d of them recomputed)", rep.key, migrated, n, replayed)
                 self._settle(rep)
 
     # ---- KV migration --------------------------------------------------------------------
