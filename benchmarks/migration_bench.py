@@ -38,8 +38,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
-def prompt_ids(length: int, vocab: int) -> list[int]:
-    rng = random.Random(length)
+def prompt_ids(length: int, vocab: int, salt: int = 0) -> list[int]:
+    """``length`` random ids; another ``salt``, other ids (no prefix-cache hit)."""
+    rng = random.Random(length * 1000 + salt)
     return [rng.randrange(100, vocab - 1) for _ in range(length)]
 
 
@@ -184,17 +185,19 @@ def front(args) -> list[dict]:
             time.sleep(0.5)
         path = KVPath(FRONT_RELAY, hops=2, messages=2)
         for n in args.lengths:
-            ids = prompt_ids(n, config.vocab_size)
-            front_run(url, ids, "replay", 3)  # warm-up: both replicas prefill this length
+            # fresh ids for every run: the server's prefix caches must not hold them
+            # (the replicas keep their caches between requests)
+            front_run(url, prompt_ids(n, config.vocab_size, 1), "replay", 3)  # warm-up:
             s0, b0 = metric(url, "llamadist_kv_migration_seconds_total"), \
-                metric(url, "llamadist_kv_migrated_bytes_total")
-            mig, mig_pause = front_run(url, ids, "migrate", args.new)
+                metric(url, "llamadist_kv_migrated_bytes_total")  # both see this length
+            mig, mig_pause = front_run(url, prompt_ids(n, config.vocab_size, 2), "migrate",
+                                       args.new)
             s1, b1 = metric(url, "llamadist_kv_migration_seconds_total"), \
                 metric(url, "llamadist_kv_migrated_bytes_total")
-            rep, rep_pause = front_run(url, ids, "replay", args.new)
+            rep, rep_pause = front_run(url, prompt_ids(n, config.vocab_size, 3), "replay",
+                                       args.new)
             rows.append({"length": n, "migrate_pause_s": mig_pause, "replay_pause_s": rep_pause,
                          "migration_s": s1 - s0, "migrated_MB": (b1 - b0) / 1e6,
-                         "same_text": mig == rep,
                          **estimates(config, "float32", n + 2, path)})
             print(json.dumps(rows[-1]), flush=True)
     finally:

@@ -36,12 +36,13 @@ from llamadist.planning.profile import profile
 
 POLICIES = ("auto", "migrate", "replay")
 
-# Loopback TCP through the front's links (distributed.link): a frame's bytes are copied
-# into the kernel, out of it, and again out of the reader's buffer into a tensor; about
-# 1 GB/s end to end for the relayed payloads measured on this CPU (RESULTS.md), ~100 us per
-# message through the reader thread.
-FRONT_RELAY = Link("front-relay", 1e9, 1e-4)
-HOST_COPY = Link("host-copy", 5e9, 1e-5)    # an in-process CPU replica: copied out and in
+# Loopback TCP through the front's links (distributed.link): each byte is copied into a
+# frame, through the kernel, out of the reader's buffer into a tensor, and again on the way
+# to the target; measured ~120 MB/s end to end for SmolLM2's blocks on this (shared,
+# loaded) 2-core CPU, i.e. ~240 MB/s per hop (benchmarks/RESULTS.md, issue 15 migration);
+# ~1 ms per message with the reader thread and the rank's own work.
+FRONT_RELAY = Link("front-relay", 2e8, 1e-3)
+HOST_COPY = Link("host-copy", 3e9, 1e-5)    # an in-process CPU replica: copied out and in
 PCIE = Link("pcie", 25e9, 5e-6)             # an in-process GPU replica: through the host
 
 
