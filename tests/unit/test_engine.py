@@ -424,11 +424,16 @@ def test_a_drained_replica_hands_over_its_requests_without_losing_a_token(tiny_m
     assert engine.gauges()["kv_blocks_used"] == 0
 
 
-@pytest.mark.parametrize("kv", ["migrate", "replay"])
+def _fails(*args):
+    raise RuntimeError("the transfer broke")
+
+
+@pytest.mark.parametrize("kv", ["migrate", "replay", "export-fails", "import-fails"])
 def test_a_drained_replica_s_requests_migrate_with_their_kv(tiny_model, alone, kv):
     """Drain replica 1 mid-generation: with kv=migrate its running requests take their KV
     blocks to replica 0 and decode on there with no prompt token computed again; with
-    kv=replay they are recomputed. Either way every request's tokens equal its run alone."""
+    kv=replay, or when the export or the import fails, they are recomputed. Either way
+    every request's tokens equal its run alone."""
     ckpt = open_checkpoint(tiny_model)
     runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=4, dtype="float32",
                             max_batch_tokens=2048)
@@ -446,7 +451,11 @@ def test_a_drained_replica_s_requests_migrate_with_their_kv(tiny_model, alone, k
     assert drained.scheduler.num_running >= 1  # mid-generation
     with pytest.raises(ValueError, match="kv must be"):
         engine.drain(1, kv="teleport")
-    engine.drain(1, kv=kv)
+    if kv == "export-fails":
+        drained.executor.export_kv = _fails
+    if kv == "import-fails":
+        engine.replicas[0].executor.import_kv = _fails
+    engine.drain(1, kv="replay" if kv == "replay" else "migrate")
     while drained.in_flight:  # its step in flight is collected before anything moves
         engine.step()
     running = drained.scheduler.num_running
