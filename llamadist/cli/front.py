@@ -147,7 +147,8 @@ class Front:
         leader, sampler = r.index * per, r.index * per + (self.pp - 1) * self.cp * self.tp
         links = CrewLinks(r.index, r.links, self.timeout, lambda: r.failure)
         return RankExecutor.remote(links, r.index, leader, sampler, self.pp, self.config,
-                                   self.devices, (self.spec.num_blocks, self.block_size))
+                                   self.devices, (self.spec.num_blocks, self.block_size),
+                                   kv_dtype=self.spec.dtype)
 
     def _spawn(self, r: Replica) -> None:
         r.token = secrets.token_hex(8)  # before "starting": a stale hello never matches

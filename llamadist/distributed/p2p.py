@@ -48,6 +48,13 @@ class Kind(IntEnum):
     END = 3  # no more work: the receiver passes it on and leaves its loop
     STEP = 4  # a scheduled step (runtime.step_work.StepWork.pack: uint8 on the CPU)
     IDLE = 5  # nothing in flight: the receiver may wait without a deadline until the next STEP
+    # KV migration between data-parallel replicas (engine.replicas): the block ids (int64)
+    # travel the step paths in order with the steps; each rank answers an EXPORT with its
+    # own layers' blocks as a KV message to the front, and reads a KV message from the
+    # front for an IMPORT (runtime.stage_rank.StageRank.move_kv)
+    EXPORT = 6
+    IMPORT = 7
+    KV = 8  # one rank's K/V of some blocks (PagedKVCache.export_blocks: flat, the cache's dtype)
 
 
 @dataclass

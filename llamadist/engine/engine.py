@@ -59,6 +59,11 @@ class EngineStats:
     busy_s: float = 0.0              # time inside step()
     recoveries: int = 0              # executors replaced after a failure
     replayed_requests: int = 0       # requests recomputed by them
+    migrated_requests: int = 0       # moved to another replica with their KV (a drain)
+    migrated_blocks: int = 0         # KV blocks they took
+    migrated_bytes: int = 0          # bytes of those blocks (every layer's K and V)
+    migration_s: float = 0.0         # export + transfer + import
+    drain_replayed: int = 0          # running requests of a drained replica recomputed instead
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)

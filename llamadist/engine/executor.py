@@ -8,12 +8,20 @@
 
 The engine calls ``launch(work)`` up to ``depth`` times, then ``collect()`` for the oldest
 step: the sampled tokens of its sequences that sample (``StepWork.sampled_ids`` order).
+
+KV migration (engine.replicas, a drained replica's requests): ``export_kv(block_ids)``
+returns the K/V of those blocks as one tensor per shard (an in-process stage, or a worker
+rank in the replica's rank order), ``import_kv(block_ids, payload)`` writes another
+replica's export (same layout) into its own blocks; both only between steps, in order
+with them. ``kv_path`` says how the bytes travel (engine.migration's cost rule), None
+where the executor cannot move KV (then a drain replays).
 """
 
 from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -21,7 +29,9 @@ import torch
 from llamadist.config import ModelConfig, to_device
 from llamadist.distributed.faults import PeerError
 from llamadist.distributed.p2p import Kind, Message
+from llamadist.engine.migration import FRONT_RELAY, HOST_COPY, PCIE, KVPath
 from llamadist.runtime.engine import Engine
+from llamadist.runtime.stage import parse_dtype
 from llamadist.runtime.stage_rank import StageRank
 from llamadist.runtime.step_work import StepWork, sample_step
 
@@ -47,6 +57,13 @@ class Executor(Protocol):
     def reset(self) -> None: ...  # forget launched, uncollected steps (the engine aborted them)
 
     def close(self) -> None: ...
+
+    kv_path: KVPath | None  # how its KV blocks travel to another replica (None: they cannot)
+    kv_dtype: str           # its KV cache's dtype ("float32", "bfloat16", ...)
+
+    def export_kv(self, block_ids: Sequence[int]) -> list[torch.Tensor]: ...
+
+    def import_kv(self, block_ids: Sequence[int], payload: list[torch.Tensor]) -> None: ...
 
 
 class LocalExecutor:
@@ -108,6 +125,28 @@ class LocalExecutor:
     def close(self) -> None:
         self.reset()
 
+    @property
+    def kv_path(self) -> KVPath:
+        """Copied to the host and into the other replica's stages (through PCIe on a GPU)."""
+        link = PCIE if self._first.type == "cuda" else HOST_COPY
+        return KVPath(link, hops=2, messages=2 * len(self.model.stages))
+
+    @property
+    def kv_dtype(self) -> str:
+        return str(self.model.stages[0].dtype).removeprefix("torch.")
+
+    @torch.inference_mode()
+    def export_kv(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
+        """Per stage: its layers' K/V of ``block_ids`` (PagedKVCache.export_blocks)."""
+        return [s.paged.export_blocks(block_ids) for s in self.model.stages]
+
+    @torch.inference_mode()
+    def import_kv(self, block_ids: Sequence[int], payload: list[torch.Tensor]) -> None:
+        if len(payload) != len(self.model.stages):
+            raise ValueError(f"KV of {len(payload)} stages for {len(self.model.stages)}")
+        for s, data in zip(self.model.stages, payload):
+            s.paged.import_blocks(block_ids, data)
+
 
 class RankExecutor:
     """Replica ``replica`` of a multi-process layout, seen from the front: rank 0 under
@@ -133,17 +172,57 @@ class RankExecutor:
 
     @classmethod
     def remote(cls, link, replica: int, leader: int, sampler: int, depth: int,
-               config: ModelConfig, devices: list[str], paged_shape: tuple[int, int]
-               ) -> "RankExecutor":
+               config: ModelConfig, devices: list[str], paged_shape: tuple[int, int],
+               kv_dtype: str = "float32") -> "RankExecutor":
         """A replica whose ranks all live in other processes: steps go to ``leader``,
         tokens come from ``sampler`` (indices on ``link``); its ranks made
-        ``paged_shape`` = (blocks, block size) of KV cache."""
+        ``paged_shape`` = (blocks, block size) of KV cache in ``kv_dtype``."""
         self = cls.__new__(cls)
         self.rank, self.replica, self.config, self.devices = None, replica, config, devices
         self.depth, self.link, self.leader, self.sampler = depth, link, leader, sampler
         self.remote, self.blocking, self.paged_shape = True, False, paged_shape
+        self.kv_dtype = str(parse_dtype(kv_dtype)).removeprefix("torch.")
         self._results = deque()
         return self
+
+    kv_dtype = "float32"
+
+    @property
+    def kv_path(self) -> KVPath | None:
+        """Through the front's TCP links (it relays): only where the front is no rank
+        (``remote``) and every worker has its own link; under torchrun, None (replay)."""
+        links = getattr(self.link, "links", None)
+        if not self.remote or links is None:
+            return None
+        return KVPath(FRONT_RELAY, hops=2, messages=2 * len(links))
+
+    def _ranks(self) -> list[int]:
+        return sorted(self.link.links)  # the replica's workers, in its rank order
+
+    def export_kv(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
+        """EXPORT travels the step paths (after every step sent before it); each rank
+        sends its own layers' (and heads') blocks back on its own link."""
+        self.link.send(self.leader, Message(Kind.EXPORT, tensor=_ids(block_ids)))
+        out = []
+        for w in self._ranks():
+            msg = self.link.recv(w)
+            if msg.kind != Kind.KV:
+                raise RuntimeError(f"replica {self.replica}: rank {w} answered an EXPORT "
+                                   f"with a {msg.kind!r} message")
+            out.append(msg.tensor)
+        return out
+
+    def import_kv(self, block_ids: Sequence[int], payload: list[torch.Tensor]) -> None:
+        """IMPORT first (the leader reads it, then its own KV, from one socket), then each
+        rank's share of ``payload`` to that rank (the same position in the other
+        replica: same layers, same heads)."""
+        ranks = self._ranks()
+        if len(payload) != len(ranks):
+            raise ValueError(f"KV of {len(payload)} ranks for replica {self.replica}'s "
+                             f"{len(ranks)}")
+        self.link.send(self.leader, Message(Kind.IMPORT, tensor=_ids(block_ids)))
+        for w, data in zip(ranks, payload):
+            self.link.send(w, Message(Kind.KV, tensor=data))
 
     def init_paged(self, num_blocks: int, block_size: int) -> None:
         """Every rank made its cache at setup (runtime.worker.RankSpec): check the engine
@@ -198,3 +277,7 @@ class RankExecutor:
             self.link.flush()
         except PeerError as e:  # a lost replica's ranks are killed instead
             log.info("closing replica %d: %s", self.replica, e)
+
+
+def _ids(block_ids: Sequence[int]) -> torch.Tensor:
+    return torch.tensor(list(block_ids), dtype=torch.int64)

@@ -2,17 +2,28 @@
 failure), one whose executor is replaced (its requests replayed), one lost for good (its
 requests moved to the others), and one drained for maintenance (``POST /admin/drain``):
 it takes no new request and launches no new step; once its steps in flight are collected
-(no token lost or repeated) its requests move to the other replicas and replay there
-from prompt + outputs, as after a failure but without one."""
+(no token lost or repeated) its requests move to the other replicas. A drained replica is
+alive, so its running requests may take their KV with them (migration, seed 000 section
+8.2): the blocks holding their computed tokens are exported from its executor, written
+into blocks of the target's, and the request decodes on there without a prefill, where
+engine.migration's cost rule finds that cheaper than recomputing; the others replay from
+prompt + outputs, as after a failure (a lost replica's KV is gone: it always replays).
+Either way the sampling state (seed, step) goes with the request, so its tokens equal a
+run without the drain."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
+import torch
+
 from llamadist.engine.executor import Executor
 from llamadist.engine.kv_blocks import BlockPool
+from llamadist.engine.migration import POLICIES, MigrationCost
+from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -28,6 +39,7 @@ class Replica:
     reset_pending: bool = False
     busy: bool = False  # steps launched since the executor was last told it is idle
     steps: int = 0      # steps launched on it (this executor's)
+    kv_policy: str = "auto"  # a drain's: auto | migrate | replay (engine.migration)
 
     @property
     def load(self) -> int:
@@ -116,11 +128,15 @@ class ReplicaSet:
                 return r
         raise LookupError(f"no replica {key} (replicas: {sorted(r.key for r in self.replicas)})")
 
-    def drain(self, key: int) -> None:
+    def drain(self, key: int, kv: str = "auto") -> None:
         """Replica ``key`` takes no new request and launches no new step; its requests
-        move to the others once its steps in flight are collected. LookupError: no such
-        replica; RuntimeError: no other replica would serve."""
-        self._replica(key)
+        move to the others once its steps in flight are collected, the running ones with
+        their KV blocks where that is cheaper (``kv``: "auto"; "migrate" or "replay"
+        force one way). LookupError: no such replica; RuntimeError: no other replica
+        would serve; ValueError: an unknown ``kv``."""
+        if kv not in POLICIES:
+            raise ValueError(f"kv must be one of {', '.join(POLICIES)}, not {kv!r}")
+        rep = self._replica(key)
         if self.lockstep:
             raise RuntimeError("the replicas share their experts (lockstep): none can stop "
                                "alone")
@@ -128,6 +144,7 @@ class ReplicaSet:
                                              if r.key != key and r.key not in self.drained]:
             raise RuntimeError(f"replica {key} is the only one serving: nothing would take "
                                f"its requests")
+        rep.kv_policy = kv
         self.drained.add(key)
         self.move_drained()
 
@@ -141,9 +158,89 @@ class ReplicaSet:
         hands its requests to the serving ones and is told it is idle."""
         for rep in self.replicas:
             if rep.key in self.drained and not rep.in_flight and rep.scheduler.has_unfinished:
+                migrated = self._migrate(rep)
+                replayed = rep.scheduler.num_running
                 n = self._move(rep)
-                log.info("replica %d drained: %d request(s) moved", rep.key, n)
+                self.stats.drain_replayed += replayed
+                log.warning("replica %d drained: %d request(s) migrated with their KV, %d "
+                            "moved (%d of them recomputed)", rep.key, migrated, n, replayed)
                 self._settle(rep)
+
+    # ---- KV migration --------------------------------------------------------------------
+    def _migrate(self, rep: Replica) -> int:
+        """The running requests of drained ``rep`` (nothing in flight) whose KV is cheaper
+        to ship than to recompute (engine.migration) go, with it, to the least loaded
+        serving replica that has a batch slot and the blocks; the rest stay for ``_move``
+        (replay). A transfer that fails costs time, never the request: a failed export
+        leaves its requests here, a failed import recomputes them on the target. Returns
+        how many requests moved with their KV."""
+        src = rep.executor
+        path = getattr(src, "kv_path", None)
+        if rep.kv_policy == "replay" or path is None:
+            return 0
+        cost = MigrationCost(self.config, src.kv_dtype, _itemsize(src.kv_dtype),
+                             src.devices[0])
+        groups: dict[int, tuple[Replica, list[Request]]] = {}
+        room: dict[int, list[int]] = {}  # per target: [free blocks, free batch slots]
+        for req in list(rep.scheduler.running):
+            targets = [r for r in self.serving() if r is not rep and r.key not in self.drained
+                       and getattr(r.executor, "kv_path", None) is not None]
+            if not targets or req.num_computed <= 0:
+                continue
+            target = min(targets, key=lambda r: r.load + len(groups.get(id(r), (0, []))[1]))
+            pool = target.scheduler.pool
+            left = room.setdefault(id(target), [pool.num_free, target.scheduler.max_batch
+                                                - target.scheduler.num_running])
+            need = pool.blocks_for(req.num_computed)
+            hit = min(pool.match_prefix(req.all_ids)[1], req.num_computed)
+            if need > left[0] or left[1] < 1 or cost.choose(
+                    rep.kv_policy, path, req.num_computed, req.num_computed - hit) != "migrate":
+                continue
+            left[0], left[1] = left[0] - need, left[1] - 1
+            groups.setdefault(id(target), (target, []))[1].append(req)
+        return sum(self._ship(rep, target, reqs) for target, reqs in groups.values())
+
+    def _ship(self, rep: Replica, target: Replica, reqs: list[Request]) -> int:
+        """Export ``reqs``' blocks from ``rep``, hand them over, import into ``target``."""
+        t0 = time.perf_counter()
+        src_blocks = [b for r in reqs for b in r.block_ids[:rep.scheduler.pool.blocks_for(
+            r.num_computed)]]
+        try:
+            payload = rep.executor.export_kv(src_blocks)
+        except Exception as e:  # noqa: BLE001 - they replay instead
+            log.warning("replica %d: KV export failed (%s): %d request(s) replay", rep.key, e,
+                        len(reqs))
+            return 0
+        dst_blocks, moved = [], []
+        for req in reqs:
+            _, n = rep.scheduler.hand_over(req)
+            got = target.scheduler.take_over(req, n)
+            if got is None:  # no room after all (counted above): recompute there
+                target.scheduler.adopt([req])
+            else:
+                dst_blocks += got
+                moved.append(req)
+            self._where[req.id] = target
+        try:
+            if len(moved) != len(reqs):  # (not expected: room was counted) the payload
+                raise RuntimeError("the target ran out of room")  # no longer lines up
+            target.executor.import_kv(dst_blocks, payload)
+        except Exception as e:  # noqa: BLE001 - they recompute on the target
+            log.warning("replica %d: KV import failed (%s): %d request(s) recompute",
+                        target.key, e, len(moved))
+            for req in moved:
+                target.scheduler.recompute(req)
+            self.stats.drain_replayed += len(moved)
+            return 0
+        st = self.stats
+        st.migrated_requests += len(moved)
+        st.migrated_blocks += len(dst_blocks)
+        st.migrated_bytes += sum(t.nbytes for t in payload)
+        st.migration_s += time.perf_counter() - t0
+        log.info("replica %d -> %d: %d request(s) migrated with %d KV blocks (%.1f MB) in "
+                 "%.3f s", rep.key, target.key, len(moved), len(dst_blocks),
+                 sum(t.nbytes for t in payload) / 1e6, time.perf_counter() - t0)
+        return len(moved)
 
     def replica_states(self) -> dict[int, dict]:
         """Per replica: serving | draining (steps or requests left) | drained, and the
@@ -155,3 +252,7 @@ class ReplicaSet:
                 state = "draining" if r.in_flight or r.scheduler.has_unfinished else "drained"
             out[r.key] = {"state": state, "steps": r.steps}
         return out
+
+
+def _itemsize(dtype: str) -> int:
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()

@@ -338,6 +338,45 @@ class Scheduler:
             self._requests[req.id] = req
             self.waiting.appendleft(req)
 
+    # ---- KV migration (engine.replicas): a running request with its computed tokens -----
+    def hand_over(self, req: Request) -> tuple[list[int], int]:
+        """Let a running request (no chunk in flight) go to another replica with its KV:
+        -> (the blocks holding its computed tokens, in order; how many tokens). Its blocks
+        are freed here (their contents stay until reused: read them before the next step
+        of this scheduler); the request holds none and waits to be taken over."""
+        if req.status is not RequestStatus.RUNNING or req in self._in_flight:
+            raise RuntimeError(f"request {req.id!r} is not running or has a chunk in flight")
+        n = req.num_computed
+        blocks = req.block_ids[:self.pool.blocks_for(n)]
+        self.running.remove(req)
+        del self._requests[req.id]
+        self.pool.free(req)
+        req.num_computed, req.status = 0, RequestStatus.WAITING
+        return blocks, n
+
+    def take_over(self, req: Request, num_computed: int) -> list[int] | None:
+        """Run a request handed over by another replica whose first ``num_computed``
+        tokens' K/V will be written into the blocks returned (before the next step); None
+        when no batch slot or not enough free blocks (nothing changed). It joins as the
+        latest admitted; its full blocks enter the prefix cache at its next update."""
+        if req.id in self._requests:
+            raise ValueError(f"request id {req.id!r} is already queued or running")
+        self._check_fits(req)
+        if len(self.running) >= self.max_batch or not self.pool.allocate(req, num_computed):
+            return None
+        req.num_computed, req.status = num_computed, RequestStatus.RUNNING
+        self._requests[req.id] = req
+        self.running.append(req)
+        return list(req.block_ids)
+
+    def recompute(self, req: Request) -> None:
+        """A running request whose KV never arrived (a failed migration): back to the
+        front of the queue, to be recomputed from prompt + outputs."""
+        self.running.remove(req)
+        self.pool.free(req)
+        req.num_computed, req.status = 0, RequestStatus.WAITING
+        self.waiting.appendleft(req)
+
     def _preempt(self, req: Request) -> None:
         self.running.remove(req)
         self.pool.free(req)

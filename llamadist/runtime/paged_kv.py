@@ -108,6 +108,30 @@ class PagedKVCache:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.layers.values())
 
+    def export_blocks(self, block_ids: Sequence[int]) -> torch.Tensor:
+        """The K/V of ``block_ids`` in every layer of this cache, layer by layer in
+        ascending id order, as one flat CPU tensor (L * 2 * n * H_kv * block_size * D
+        values): what a migration ships (another replica's same layers take it with
+        ``import_blocks``)."""
+        ids = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        parts = [self.layers[i][:, ids] for i in sorted(self.layers)]  # (2, n, H, bs, D)
+        if not parts:
+            return torch.empty(0, dtype=self.dtype)
+        return torch.stack(parts).reshape(-1).to("cpu")
+
+    def import_blocks(self, block_ids: Sequence[int], data: torch.Tensor) -> None:
+        """Write ``data`` (``export_blocks`` of the same layers on another replica) into
+        ``block_ids``: the n blocks in the order they were exported."""
+        n = len(block_ids)
+        shape = (len(self.layers), 2, n, self.num_kv_heads, self.block_size, self.head_dim)
+        if data.numel() != int(np.prod(shape)):
+            raise ValueError(f"KV payload of {data.numel()} values does not fit {n} blocks "
+                             f"of layers {sorted(self.layers)} (shape {shape})")
+        data = data.to(self.device, self.dtype).reshape(shape)
+        ids = torch.as_tensor(list(block_ids), dtype=torch.long, device=self.device)
+        for j, i in enumerate(sorted(self.layers)):
+            self.layers[i][:, ids] = data[j]
+
     def check(self, batch: "PagedBatch") -> None:
         """Refuse a batch built for another block size or living on another device."""
         if batch.block_size != self.block_size:

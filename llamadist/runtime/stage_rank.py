@@ -210,6 +210,9 @@ class StageRank:
             else:
                 src, link = g.pp.prev_rank, self.pipe
             msg = link.recv(src, idle=not self.busy)
+            if msg.kind in (Kind.EXPORT, Kind.IMPORT):
+                self.move_kv(msg)
+                continue
             if msg.kind in (Kind.END, Kind.IDLE):
                 self.stats.wait_s += time.perf_counter() - t0
                 if msg.kind == Kind.END:
@@ -226,14 +229,31 @@ class StageRank:
             if tokens is not None:
                 self.front.send(0, Message(Kind.TOKENS, tensor=tokens))
 
-    def _pass_on(self, kind: Kind) -> None:
+    def _pass_on(self, kind: Kind, tensor: torch.Tensor | None = None) -> None:
         """Send a control message on every path this rank feeds steps to."""
         g = self.groups
         if self.is_leader:
             for peer in g.stage.ranks[1:]:
-                self.tp_link.send(peer, Message(kind))
+                self.tp_link.send(peer, Message(kind, tensor=tensor))
         if not g.pp.is_last:
-            self.pipe.send(g.pp.next_rank, Message(kind))
+            self.pipe.send(g.pp.next_rank, Message(kind, tensor=tensor))
+
+    def move_kv(self, msg: Message) -> None:
+        """A KV migration (engine.replicas): EXPORT or IMPORT of the blocks ``msg.tensor``
+        lists, passed on like a step (so it comes in order with the steps on every rank),
+        then this rank's own layers' blocks go to the front, or come from it, over this
+        rank's own link (the front relays them to the other replica's same rank)."""
+        self._pass_on(msg.kind, msg.tensor)
+        ids, cache = msg.tensor.tolist(), self.stage.paged
+        with torch.inference_mode():
+            if msg.kind == Kind.EXPORT:
+                self.front.send(0, Message(Kind.KV, tensor=cache.export_blocks(ids)))
+            else:
+                data = self.front.recv(0)
+                if data.kind != Kind.KV:
+                    raise RuntimeError(f"an IMPORT of {len(ids)} blocks got a {data.kind!r} "
+                                       f"message instead of their KV")
+                cache.import_blocks(ids, data.tensor)
 
     def idle(self) -> None:
         """Nothing in flight any more: from here waits have no deadline."""

@@ -2,7 +2,9 @@
 AsyncEngine. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
 GET /health, GET /metrics, GET / (the chat page); POST /admin/drain?replica=K and
 POST /admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
-service for maintenance and bring it back.
+service for maintenance and bring it back; a drain's running requests move with their KV
+blocks where that is cheaper than recomputing them (``&kv=auto``, the default; ``migrate``
+or ``replay`` force one way: engine.migration).
 
 Every bad request is answered in the OpenAI error format with a 4xx (400 a bad field,
 401 a wrong or missing key, 404 an unknown model or route, 413 a body too large, 429 a
@@ -21,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from llamadist.engine.migration import POLICIES
 from llamadist.serve import responses
 from llamadist.serve.metrics import ServeMetrics
 from llamadist.serve.openai_api import Frontend, Job, sse
@@ -85,8 +88,14 @@ class Server:
         except (TypeError, ValueError):
             raise ApiError(400, f"give the replica to {what} as ?replica=K (an integer), "
                                 f"not {given!r}", param="replica") from None
+        kw = {}
+        if what == "drain":  # the running requests' KV: auto (the cost rule), migrate, replay
+            kw["kv"] = request.query_params.get("kv", "auto")
+            if kw["kv"] not in POLICIES:
+                raise ApiError(400, f"kv must be one of {', '.join(POLICIES)}, not "
+                                    f"{kw['kv']!r}", param="kv")
         engine = self.frontend.engine
-        fut = engine.call(lambda e: getattr(e, what)(key))
+        fut = engine.call(lambda e: getattr(e, what)(key, **kw))
         try:
             await asyncio.wrap_future(fut)
         except LookupError as e:

@@ -1,7 +1,8 @@
 """Maintenance and chaos under `llamadist serve --nproc 2 --dp 2`: a replica drained
 mid-generation hands its requests to the other without losing or repeating a token and
-gets no more steps; workers killed at random while streams run cost no request and leave
-no process behind."""
+gets no more steps, its running requests taking their KV blocks with them (migrated
+through the front's links, not recomputed); workers killed at random while streams run
+cost no request and leave no process behind."""
 
 import json
 import os
@@ -12,7 +13,7 @@ import time
 from tests.serve.conftest import API_KEY, ServerProcess, http
 from tests.serve.test_serve_ranks import children
 from tests.serve import test_serve_recovery as recovery
-from tests.serve.test_serve_recovery import stream_all
+from tests.serve.test_serve_recovery import metric, stream_all
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 reference = recovery.reference  # the fixture: the texts on the one-process server
@@ -24,8 +25,10 @@ def states(url: str) -> dict:
 
 def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_path, reference):
     log = tmp_path / "server.log"
+    # --max-batch 8: replica 0 has a batch slot for each of replica 1's requests (a full
+    # target takes them by replay)
     server = ServerProcess(tiny_model, "--nproc", "2", "--dp", "2", "--max-seq-len", "256",
-                           "--max-batch", "4", "--timeout", "10", "--api-key", API_KEY,
+                           "--max-batch", "8", "--timeout", "10", "--api-key", API_KEY,
                            "--served-model-name", "tiny", log_path=log)
     try:
         started = threading.Event()
@@ -37,7 +40,10 @@ def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_pa
         assert http("POST", drain + "1")[0] == 401  # behind the key
         assert http("POST", drain + "x", headers=AUTH)[0] == 400
         assert http("POST", drain + "5", headers=AUTH)[0] == 404
-        status, body = http("POST", drain + "1", headers=AUTH)
+        assert http("POST", drain + "1&kv=teleport", headers=AUTH)[0] == 400
+        # kv=migrate: this tiny model's KV is about as cheap to recompute as to ship
+        # (engine.migration), so force the migration to show it
+        status, body = http("POST", drain + "1&kv=migrate", headers=AUTH)
         assert status == 200, body
         assert http("POST", drain + "0", headers=AUTH)[0] == 409  # the only one left
         deadline = time.monotonic() + 30
@@ -49,6 +55,11 @@ def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_pa
         for t in threads:
             t.join(120)
         assert results == reference, log.read_text()[-3000:]
+        text = http("GET", server.url + "/metrics")[1].decode()
+        moved = metric(text, "llamadist_kv_migrations_total")
+        assert moved >= 1 and metric(text, "llamadist_drain_replayed_requests_total") == 0
+        assert metric(text, "llamadist_kv_migrated_blocks_total") >= moved
+        assert metric(text, "llamadist_kv_migrated_bytes_total") > 0
         after = states(server.url)
         assert after["1"] == {"state": "drained", "steps": steps}  # no step since
         assert after["0"]["steps"] > before["0"]["steps"]
@@ -59,6 +70,30 @@ def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_pa
             t.join(120)
         assert results == reference[:2]
         assert states(server.url)["1"]["steps"] > steps  # serving again
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+
+
+def test_drain_migrates_each_stage_s_kv_to_the_same_stage(tiny_model, tmp_path, reference):
+    """--pp 2 --dp 2: each of the drained replica's two stage workers sends its own layers'
+    blocks, relayed by the front to the other replica's worker of the same stage."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "4", "--pp", "2", "--dp", "2",
+                           "--max-seq-len", "256", "--max-batch", "8", "--timeout", "20",
+                           "--served-model-name", "tiny", log_path=log)
+    try:
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(90), log.read_text()[-3000:]
+        status, body = http("POST", server.url + "/admin/drain?replica=1&kv=migrate")
+        assert status == 200, body
+        for t in threads:
+            t.join(180)
+        assert results == reference, log.read_text()[-3000:]
+        text = http("GET", server.url + "/metrics")[1].decode()
+        assert metric(text, "llamadist_kv_migrations_total") >= 1, log.read_text()[-3000:]
+        assert metric(text, "llamadist_drain_replayed_requests_total") == 0
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]

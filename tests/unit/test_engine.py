@@ -422,3 +422,56 @@ def test_a_drained_replica_hands_over_its_requests_without_losing_a_token(tiny_m
     assert late.output_ids == alone(PROMPTS[5], GREEDY) and drained.steps > steps
     assert again.output_ids == alone(PROMPTS[4], GREEDY)
     assert engine.gauges()["kv_blocks_used"] == 0
+
+
+def _fails(*args):
+    raise RuntimeError("the transfer broke")
+
+
+@pytest.mark.parametrize("kv", ["migrate", "replay", "export-fails", "import-fails"])
+def test_a_drained_replica_s_requests_migrate_with_their_kv(tiny_model, alone, kv):
+    """Drain replica 1 mid-generation: with kv=migrate its running requests take their KV
+    blocks to replica 0 and decode on there with no prompt token computed again; with
+    kv=replay, or when the export or the import fails, they are recomputed. Either way
+    every request's tokens equal its run alone."""
+    ckpt = open_checkpoint(tiny_model)
+    runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=4, dtype="float32",
+                            max_batch_tokens=2048)
+
+    def replica(k: int):
+        model = Engine.build(ckpt, [range(ckpt.config.num_layers)], ["cpu"], torch.float32,
+                             1, MAX_SEQ, runtime=runtime)
+        return Numbered(LocalExecutor(model), k)
+    engine = LLMEngine([replica(0), replica(1)], ckpt.tokenizer(), runtime, block_size=4)
+    tok = engine.tokenizer
+    reqs = [engine.add_request(tok.encode(PROMPTS[i]), GREEDY, str(i)) for i in range(4)]
+    for _ in range(5):
+        engine.step()
+    drained = engine.replicas[1]
+    assert drained.scheduler.num_running >= 1  # mid-generation
+    with pytest.raises(ValueError, match="kv must be"):
+        engine.drain(1, kv="teleport")
+    if kv == "export-fails":
+        drained.executor.export_kv = _fails
+    if kv == "import-fails":
+        engine.replicas[0].executor.import_kv = _fails
+    engine.drain(1, kv="replay" if kv == "replay" else "migrate")
+    while drained.in_flight:  # its step in flight is collected before anything moves
+        engine.step()
+    running = drained.scheduler.num_running
+    computed = engine.stats.prompt_tokens
+    engine.poll()  # the move
+    st = engine.stats
+    if kv == "migrate":
+        assert (st.migrated_requests, st.drain_replayed) == (running, 0)
+        assert st.migrated_blocks >= running and st.migrated_bytes > 0
+        assert not drained.scheduler.has_unfinished
+    else:
+        assert (st.migrated_requests, st.drain_replayed) == (0, running)
+    while engine.has_unfinished:
+        engine.step()
+    # migrated: no prompt token was computed again (a replay prefills prompt + outputs)
+    assert (engine.stats.prompt_tokens == computed) == (kv == "migrate")
+    for i, r in enumerate(reqs):
+        assert r.output_ids == alone(PROMPTS[i], GREEDY), i
+    assert engine.gauges()["kv_blocks_used"] == 0
