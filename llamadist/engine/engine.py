@@ -187,6 +187,11 @@ class LLMEngine(ReplicaSet):
         """Queue a request (refused at once, with the numbers, if it alone cannot fit) on
         the least loaded replica."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        vocab = self.config.vocab_size
+        if prompt_ids and not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
+            bad = next(t for t in prompt_ids if not 0 <= t < vocab)
+            raise ValueError(f"prompt token id {bad} is outside the model's vocabulary "
+                             f"(ids 0..{vocab - 1})")
         if rid in self._where:
             raise ValueError(f"request id {rid!r} is already queued or running")
         seed = params.seed if params.seed is not None else new_seed()

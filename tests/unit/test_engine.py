@@ -235,6 +235,15 @@ def test_a_request_too_large_is_refused_with_numbers(tiny_model):
         engine.add_request([1] * 90, SamplingParams(max_new_tokens=20))
 
 
+def test_a_token_id_outside_the_vocabulary_is_refused(tiny_model):
+    engine = engine_for(tiny_model)
+    vocab = engine.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ValueError, match=f"token id {bad} is outside"):
+            engine.add_request([1, bad, 2], SamplingParams(max_new_tokens=2))
+    assert not engine.has_unfinished  # nothing was queued
+
+
 def test_cli_prompts_file_with_max_batch_each_equal_alone(smollm2, tmp_path, capsys):
     """Eight prompts through `generate --max-batch 3`: at most three run at once, the
     others join as earlier ones finish, and each gets the tokens it gets alone."""
