@@ -47,7 +47,8 @@ def _build(job: dict, rank: int, world: int, groups, lanes: int = 1,
         kw = tensor_parallel_pass(cfg, groups.tp.device_group, rank, world)
     else:
         kw = expert_parallel_pass(cfg, ep.device_group, ep.rank_in_group, ep.world_size,
-                                  job.get("dispatch", "replicated"))
+                                  job.get("dispatch", "replicated"),
+                                  placement=job.get("placement"))
     layers = range(cfg.num_layers) if layers is None else layers
     stage = build_stage(ckpt, layers, "cpu", torch.float32, 2, MAX_SEQ, lanes=lanes, **kw)
     return ckpt, stage
@@ -64,8 +65,9 @@ def _decode(stage, last: torch.Tensor, pos: int) -> list[int]:
 
 def _stage_job(job: dict, rank: int, world: int, groups) -> dict:
     ckpt, stage = _build(job, rank, world, groups)
-    # "gather": each rank serves its own prompt (data-parallel attention)
-    prompt = PROMPTS[rank % 2] if job.get("dispatch") == "gather" else PROMPTS[0]
+    # token-local dispatches: each rank serves its own prompt (data-parallel attention)
+    local = job.get("dispatch") in ("gather", "all_to_all", "auto")
+    prompt = PROMPTS[rank % 2] if local else PROMPTS[0]
     ids, t = torch.tensor([prompt]), len(prompt)
     with torch.inference_mode():
         prefill = stage.forward(ids, torch.arange(t).view(1, t), 0, None, logits="all")
@@ -104,25 +106,57 @@ def _pipeline_job(job: dict, rank: int, world: int, groups) -> dict:
 
 
 def _module_job(job: dict, rank: int, world: int, groups) -> dict:
-    """The gather dispatch at the module level with uneven token counts, one rank with
-    none (a data-parallel replica with nothing to do still joins the collectives)."""
+    """A token-local dispatch at the module level, several steps of uneven token counts
+    (``steps``: the tokens of each data-parallel replica per step; zero: a replica with
+    nothing to do still joins the collectives), experts placed as ``placement`` says.
+    ``tp``: the grid's TP x DP = EP form (world 4: replicas of 2 TP ranks; the TP ranks
+    of a replica hold the same tokens, different experts)."""
+    import dataclasses
+
     from llamadist.model.moe import SparseMoE
-    from llamadist.parallel.expert import ExpertParallelMoE, expert_shares
+    from llamadist.parallel.expert import apply_expert_parallel
     cfg = ModelConfig.from_json_file(Path(job["folder"]) / "config.json")
+    cfg = dataclasses.replace(cfg, num_experts=job.get("experts", cfg.num_experts))
     torch.manual_seed(0)  # the same full block on every rank
     full = SparseMoE(cfg)
     for p in full.parameters():
         torch.nn.init.normal_(p, 0, 0.1)
-    x = torch.randn(5, cfg.hidden_size)  # the same 5 tokens on every rank
-    ep = groups.ep
-    part = ExpertParallelMoE(cfg, expert_shares(cfg.num_experts, ep.world_size)[ep.rank_in_group],
-                             ep.device_group, "gather")
+    x = torch.randn(16, cfg.hidden_size)  # replica d's tokens: x[8 d:]
+    tp = job.get("tp", 1)
+    if tp > 1:  # every rank makes every group, in the same order
+        tps = [dist.new_group([d * tp + t for t in range(tp)]) for d in range(world // tp)]
+        dps = [dist.new_group(list(range(t, world, tp))) for t in range(tp)]
+        group, reduce_group = dps[rank % tp], tps[rank // tp]
+    else:
+        group, reduce_group = groups.ep.device_group, None
+    placement = job.get("placement") or expert_shares(cfg.num_experts, world)
+    model = _one_moe_layer(cfg)  # through the pass: it projects the placement on the group
+    apply_expert_parallel(model, group, rank, world, job["dispatch"],
+                          reduce_group=reduce_group, placement=placement,
+                          crossover=job.get("crossover", 0))
+    part = model.model.layers["0"].block_sparse_moe
+    part.to_empty(device="cpu")
     loaded = part.load_state_dict(full.state_dict(), strict=False)  # its experts, the router
     assert not loaded.missing_keys
-    mine = x[:3] if rank == 0 else x[3:3]  # rank 0: 3 tokens, rank 1: none
+    replica = rank // tp
+    got, want = [], []
     with torch.no_grad():
-        return {"got": part(mine.unsqueeze(0)), "want": full(mine.unsqueeze(0)),
-                "held": sorted(map(int, part.experts))}
+        for counts in job["steps"]:
+            mine = x[8 * replica:8 * replica + counts[replica]]
+            got.append(part(mine.unsqueeze(0)))
+            want.append(full(mine.unsqueeze(0)))
+    return {"got": got, "want": want, "held": sorted(map(int, part.experts)),
+            "dispatched": dict(part.dispatched)}
+
+
+def _one_moe_layer(cfg: ModelConfig):
+    """A meta-built one-layer model around ``cfg``'s MoE block (apply_expert_parallel
+    replaces its block)."""
+    import dataclasses
+
+    from llamadist.model.llama import Llama
+    with torch.device("meta"):
+        return Llama(dataclasses.replace(cfg, num_layers=1))
 
 
 def _engine_job(job: dict, rank: int, world: int, groups) -> dict:
@@ -200,14 +234,30 @@ def ep2(tiny_mixtrals, tmp_path_factory):
             {"name": "gather", "folder": f["moe_top1"], "dispatch": "gather"},
             {"name": "engine", "folder": f["moe_top1"], "kind": "engine"},
             {"name": "pipeline", "folder": f["moe_top2_gqa"], "kind": "pipeline"},
-            {"name": "module", "folder": f["moe_top2_gqa"], "kind": "module"}]
+            {"name": "module", "folder": f["moe_top2_gqa"], "kind": "module",
+             "dispatch": "gather", "steps": [[3, 0]]},
+            # uneven experts, each rank its own prompt, only the routed rows travel
+            {"name": "a2a", "folder": f["moe_top2_gqa"], "dispatch": "all_to_all",
+             "placement": [[0], [1, 2, 3]]},
+            {"name": "module_a2a", "folder": f["moe_top2_gqa"], "kind": "module",
+             "dispatch": "all_to_all", "experts": 5, "placement": [[4], [0, 1, 2, 3]],
+             "steps": [[3, 0], [0, 5], [0, 0], [8, 1]]}]
     return run_ep(2, jobs, tmp_path_factory.mktemp("ep2"))
 
 
 @pytest.fixture(scope="module")
 def ep4(tiny_mixtrals, tmp_path_factory):
-    jobs = [{"name": "top1", "folder": str(tiny_mixtrals["moe_top1"])},
-            {"name": "top2", "folder": str(tiny_mixtrals["moe_top2_gqa"])}]
+    f = {k: str(v) for k, v in tiny_mixtrals.items()}
+    jobs = [{"name": "top1", "folder": f["moe_top1"]},
+            {"name": "top2", "folder": f["moe_top2_gqa"]},
+            {"name": "a2a", "folder": f["moe_top1"], "dispatch": "all_to_all",
+             "placement": [[0], [1, 2, 3], [4, 5], [6, 7]]},
+            # TP x DP = EP: 2 replicas of 2 TP ranks, 6 experts unevenly over the 4 ranks;
+            # "auto" gathers steps of at most 4 tokens over the replicas
+            {"name": "grid_auto", "folder": f["moe_top2_gqa"], "kind": "module", "tp": 2,
+             "dispatch": "auto", "crossover": 4, "experts": 6,
+             "placement": [[0], [1, 2], [3], [4, 5]],
+             "steps": [[3, 0], [0, 5], [0, 0], [8, 2], [1, 1]]}]
     return run_ep(4, jobs, tmp_path_factory.mktemp("ep4"))
 
 
@@ -267,13 +317,39 @@ def test_ep2_gather_dispatch_different_tokens_per_rank(ep2, refs):
     _check(ep2["gather"], refs, "moe_top1")
 
 
+def _check_steps(res: list[dict], steps: list[list[int]], tp: int = 1) -> None:
+    """Every rank's output of every step is the one-module block's on its tokens."""
+    for rank, r in enumerate(res):
+        for i, counts in enumerate(steps):
+            got, want = r["got"][i], r["want"][i]
+            assert got.shape == want.shape == (1, counts[rank // tp], want.shape[-1])
+            if got.numel():
+                assert (got - want).abs().max().item() <= 1e-5, (rank, i)
+    assert all(g.abs().max().item() > 0 for r in res for g in r["got"] if g.numel())
+
+
 def test_ep2_gather_uneven_and_empty_ranks(ep2):
     res = ep2["module"]
     assert [r["held"] for r in res] == [[0, 1], [2, 3]]
-    got, want = res[0]["got"], res[0]["want"]
-    assert got.shape == (1, 3, 64) and got.abs().max().item() > 0
-    assert (got - want).abs().max().item() <= 1e-6
-    assert res[1]["got"].shape == (1, 0, 64)
+    _check_steps(res, [[3, 0]])
+    assert [r["dispatched"] for r in res] == [{"gather": 1, "all_to_all": 0}] * 2
+
+
+def test_ep2_all_to_all_different_tokens_per_rank(ep2, refs):
+    """Each rank its own prompt, experts 1 + 3: the one-process logits and tokens."""
+    assert [r["prompt"] for r in ep2["a2a"]] == PROMPTS
+    assert [r["experts"] for r in ep2["a2a"]] == [[0], [1, 2, 3]]
+    _check(ep2["a2a"], refs, "moe_top2_gqa")
+    _check_reads(ep2["a2a"], 4)
+
+
+def test_ep2_all_to_all_uneven_placement_and_empty_ranks(ep2):
+    """Steps where one rank, or both, have no token; expert 4 alone on rank 0."""
+    res = ep2["module_a2a"]
+    assert [r["held"] for r in res] == [[4], [0, 1, 2, 3]]
+    _check_steps(res, [[3, 0], [0, 5], [0, 0], [8, 1]])
+    # the step without any token sends nothing
+    assert [r["dispatched"] for r in res] == [{"gather": 0, "all_to_all": 3}] * 2
 
 
 def test_ep2_inside_the_paged_engine(ep2, refs):
@@ -289,6 +365,21 @@ def test_ep4_matches_one_process(name, kind, n, ep4, refs):
     _check(ep4[name], refs, kind)
     assert [len(r["experts"]) for r in ep4[name]] == [n // 4] * 4
     _check_reads(ep4[name], n)
+
+
+def test_ep4_all_to_all_uneven(ep4, refs):
+    assert [r["experts"] for r in ep4["a2a"]] == [[0], [1, 2, 3], [4, 5], [6, 7]]
+    _check(ep4["a2a"], refs, "moe_top1")
+    _check_reads(ep4["a2a"], 8)
+
+
+def test_ep4_auto_over_tp_replicas(ep4):
+    """TP x DP = EP at the module level: "auto" gathers the small steps (3 and 2 tokens
+    over the replicas), sends the large ones all-to-all (5 and 10), nothing for none."""
+    res = ep4["grid_auto"]
+    assert [r["held"] for r in res] == [[0], [1, 2], [3], [4, 5]]
+    _check_steps(res, [[3, 0], [0, 5], [0, 0], [8, 2], [1, 1]], tp=2)
+    assert [r["dispatched"] for r in res] == [{"gather": 2, "all_to_all": 2}] * 4
 
 
 # ---- the command line's --tp (experts spread over the TP ranks) -------------------------
