@@ -281,6 +281,8 @@ WEIGHTS_CHOICES = ("native", "float32", "bfloat16", "float16")
 QUANT_ACTIVATIONS_CHOICES = ("float32", "int8")
 WQUANT_CHOICES = ("torch", "triton")  # --wquant: the GPU product of --quantize weights
 QUANTIZE_CHOICES = ("int8", "int4", "fp8")  # --quantize: a float weight's format at load
+# --ep-dispatch: how tokens meet experts spread over data-parallel replicas (parallel.expert)
+EP_DISPATCH_CHOICES = ("auto", "gather", "all_to_all")
 QUANTIZE_HELP = ("int8 | int4 | fp8, or per device: cuda:0=int4,cpu=int8 (a kind, cuda or "
                  "cpu, names all its devices; native or none: no quantization there)")
 
@@ -371,6 +373,9 @@ class RuntimeConfig:
                      so the host's work hides behind the device's (on by default: 1.28x
                      the output tokens/s of 256 requests on one H200; ignored on CPUs,
                      where the host is the device)
+    ep_dispatch      experts spread over data-parallel replicas (--ep > tp): "gather" (all
+                     tokens to every rank), "all_to_all" (only the routed rows travel) or
+                     "auto" (per step by its token count: planning.cost.ep_dispatch_crossover)
     """
     max_seq_len: int | None = None
     max_batch: int = 8
@@ -388,12 +393,14 @@ class RuntimeConfig:
     quant_activations: str = "float32"
     quantize: str | None = None
     wquant: str = field(default_factory=lambda: os.environ.get("LLAMADIST_WQUANT", "torch"))
+    ep_dispatch: str = "auto"
 
     def __post_init__(self) -> None:
         parse_quantize(self.quantize)  # refuses a malformed --quantize here, before any load
         _one_of("--wquant (or LLAMADIST_WQUANT)", self.wquant, WQUANT_CHOICES)
         _one_of("--quant-activations", self.quant_activations, QUANT_ACTIVATIONS_CHOICES)
         _one_of("--weights", self.weights, WEIGHTS_CHOICES)
+        _one_of("--ep-dispatch", self.ep_dispatch, EP_DISPATCH_CHOICES)
         if self.weights != "native" and self.dtype not in (None, self.weights):
             raise ConfigError(f"--weights {self.weights} with --dtype {self.dtype}: float "
                               f"weights run in the activation dtype; give one of the two")

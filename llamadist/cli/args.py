@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S,
+from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, EP_DISPATCH_CHOICES,
                               QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HELP, WEIGHTS_CHOICES,
                               WQUANT_CHOICES, RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
@@ -116,6 +116,10 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ep", type=positive_int, help="mixture-of-experts models: ranks each "
                    "stage's experts are spread over, tp or tp x dp (the replicas then step "
                    "together; default: tp)")
+    g.add_argument("--ep-dispatch", choices=list(EP_DISPATCH_CHOICES),
+                   help="with --ep over replicas: how tokens reach their experts: gather "
+                   "(every rank's tokens to every rank), all_to_all (only the routed rows) "
+                   "or auto (per step by its token count; default)")
 
 
 def grid_flags(args: argparse.Namespace) -> tuple[int | None, int, int, int | None]:
@@ -166,7 +170,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "schedule_ahead": getattr(args, "schedule_ahead", None),
              "quantize": getattr(args, "quantize", None),
              "wquant": getattr(args, "wquant", None),
-             "kv_block_size": getattr(args, "kv_block_size", None)}
+             "kv_block_size": getattr(args, "kv_block_size", None),
+             "ep_dispatch": getattr(args, "ep_dispatch", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

@@ -10,7 +10,7 @@ import sys
 
 from llamadist.cli.args import grid_flags, in_worker
 from llamadist.config import ModelConfig, RuntimeConfig, default_devices
-from llamadist.planning.checks import check_ep, check_grid
+from llamadist.planning.checks import GridError, check_ep, check_grid
 from llamadist.planning.layout import Layout, resolve_layout, stage_devices
 from llamadist.planning.plan import Plan
 from llamadist.planning.units import PlanningError
@@ -71,6 +71,11 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
     nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
     ep = check_ep(config, tp, dp, ep)
+    if getattr(args, "ep_dispatch", None) and ep <= tp:
+        raise GridError(f"--ep-dispatch {args.ep_dispatch} chooses how tokens reach experts "
+                        f"spread over data-parallel replicas (--ep tp x dp, dp > 1); here "
+                        f"ep={ep} with tp={tp}: each replica keeps its experts to itself. "
+                        f"Drop --ep-dispatch, or give --dp and --ep {tp} x dp")
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize)

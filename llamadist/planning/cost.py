@@ -313,31 +313,100 @@ def tp_comm_time(profile: ModelProfile, layers: int, first: bool, last: bool, ba
     return t
 
 
+# Work of the all-to-all dispatch per MoE layer beyond its messages (the row plan, packing,
+# unpacking and the scatter-add back), by device kind. GPU: a dozen small kernels and one
+# host read of the counts, ~25 us: an estimate, not measured yet. CPU (gloo):
+# benchmarks/moe_dispatch.py saw none above the gather's own host work (RESULTS.md,
+# "Expert-parallel dispatch on the CPU"): all_to_all was as fast or faster from 1 token.
+A2A_OVERHEAD_S = {"gpu": 25e-6, "cpu": 0.0}
+ROUTING_BYTES = 12  # per (row, top-k slot) the all-to-all carries: fp32 weight + int64 id
+
+
+def a2a_rows_per_token(num_experts: int, k: int, ep: int) -> float:
+    """Expected ranks the all-to-all sends one token to: the distinct ranks among its k
+    distinct experts, E / ep experts on each rank, routing uniform (two experts of a token
+    on one rank share the row)."""
+    if ep <= 1:
+        return 1.0
+    per = num_experts / ep
+    miss = 1.0  # P(none of the token's k experts on a given rank)
+    for i in range(k):
+        miss *= max(0.0, (num_experts - per - i) / (num_experts - i))
+    return ep * (1.0 - miss)
+
+
 def ep_comm_time(profile: ModelProfile, layers: int, batch: int, ep: int, link: Link,
-                 dispatch: str = "replicated") -> float:
+                 dispatch: str = "replicated", overhead_s: float = 0.0) -> float:
     """Expert-parallel collectives of one decode step of ``batch`` tokens per rank through
-    ``layers`` MoE layers (llamadist.parallel.expert's dispatches, and the all-to-all one
-    would use):
+    ``layers`` MoE layers (llamadist.parallel.expert's dispatches):
 
     replicated  every rank holds the same B tokens: one all-reduce of (B, D) per layer
     gather      each rank its own B tokens: all-gather (ep B, D), reduce-scatter back
-    all_to_all  each token's hidden state to its k experts' ranks and the k results back:
-                two all-to-alls of (B k, D) per layer (not implemented in the runtime)
+    all_to_all  each token to the ranks of its k experts (a2a_rows_per_token of them,
+                with its routing) and the partial sums back: two all-to-alls per layer,
+                plus ``overhead_s`` per layer (A2A_OVERHEAD_S)
+    auto        the cheaper of the two above at this batch (what the runtime picks)
     """
     if ep <= 1 or not profile.is_moe:
         return 0.0
     row = next(r for r in profile.layers if r.num_experts)
-    hidden = batch * profile.hidden_size * profile.bytes_per_param
+    d = profile.hidden_size * profile.bytes_per_param
+    hidden = batch * d
     if dispatch == "replicated":
         per_layer = link.all_reduce_s(hidden, ep)
     elif dispatch == "gather":
         per_layer = link.all_gather_s(ep * hidden, ep) + link.reduce_scatter_s(ep * hidden, ep)
     elif dispatch == "all_to_all":
-        per_layer = 2 * link.all_to_all_s(hidden * row.experts_per_token, ep)
+        rows = batch * a2a_rows_per_token(row.num_experts, row.experts_per_token, ep)
+        out = rows * (d + ROUTING_BYTES * row.experts_per_token)
+        per_layer = link.all_to_all_s(out, ep) + link.all_to_all_s(rows * d, ep) + overhead_s
+    elif dispatch == "auto":
+        return min(ep_comm_time(profile, layers, batch, ep, link, "gather"),
+                   ep_comm_time(profile, layers, batch, ep, link, "all_to_all", overhead_s))
     else:
-        raise PlanningError(f"unknown dispatch {dispatch!r}; choose replicated, gather or "
-                            f"all_to_all")
+        raise PlanningError(f"unknown dispatch {dispatch!r}; choose replicated, gather, "
+                            f"all_to_all or auto")
     return layers * per_layer
+
+
+def ep_dispatch_crossover(profile: ModelProfile, ep: int, link: Link,
+                          overhead_s: float = 0.0, limit: int = 1 << 20) -> int:
+    """The most tokens per rank for which the gather dispatch is predicted no slower than
+    the all-to-all (0: the all-to-all from the first token; ``limit``: the gather up to
+    there). Both cost the same latency, so the all-to-all's ``overhead_s`` against the
+    gather's extra bytes decides: the difference is linear in the batch, one crossing."""
+    if ep <= 1 or not profile.is_moe:
+        return limit
+
+    def gather_wins(b: int) -> bool:
+        return (ep_comm_time(profile, 1, b, ep, link, "gather")
+                <= ep_comm_time(profile, 1, b, ep, link, "all_to_all", overhead_s))
+
+    if not gather_wins(1):
+        return 0
+    lo, hi = 1, limit  # gather_wins(lo); find the last b <= limit where it holds
+    if gather_wins(hi):
+        return limit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if gather_wins(mid) else (lo, mid)
+    return lo
+
+
+# The link "auto" assumes between the ranks of a token-local dispatch, by device kind: GPUs of
+# one host over NVLink; CPU processes over gloo, whose messages cross the TCP stack.
+DISPATCH_LINKS = {"gpu": "nvlink", "cpu": "ethernet"}
+
+
+def ep_auto_crossover(profile: ModelProfile, ranks: int, device_kind: str) -> int:
+    """The runtime's "auto" rule (parallel.expert): a step of at most this many tokens
+    over the ``ranks`` of the dispatch gathers, a larger one goes all-to-all. The cost
+    model's per-rank crossover on the kind's link and overhead, times the ranks."""
+    if device_kind not in DISPATCH_LINKS:
+        raise PlanningError(f"device kind {device_kind!r}: one of {', '.join(DISPATCH_LINKS)}")
+    link = LINKS[DISPATCH_LINKS[device_kind]]
+    return ranks * ep_dispatch_crossover(profile, ranks, link, A2A_OVERHEAD_S[device_kind],
+                                         limit=1 << 16)
 
 
 def cp_prefill_comm_time(profile: ModelProfile, layers: int, prompt_len: int, cp: int,

@@ -23,6 +23,8 @@ from llamadist.distributed.faults import PeerError, Watchdog
 from llamadist.distributed.groups import ParallelGroups, init_distributed
 from llamadist.parallel.expert import expert_parallel_pass
 from llamadist.parallel.tensor import tensor_parallel_pass
+from llamadist.planning.cost import ep_auto_crossover
+from llamadist.planning.profile import profile
 from llamadist.runtime.stage import Stage, build_stage, build_tp_stage, parse_dtype
 from llamadist.runtime.stage_rank import StageRank
 from llamadist.weights.checkpoint import Checkpoint
@@ -66,7 +68,7 @@ def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
               lanes=0, progress=progress, runtime=rt)
     dtype, device = parse_dtype(spec.dtype), groups.ctx.device
     if spec.ep > groups.tp_size:  # experts over the stage's tp x dp ranks (TP x DP = EP)
-        kw.update(grid_expert_pass(ckpt.config, groups, spec.ep))
+        kw.update(grid_expert_pass(ckpt.config, groups, spec.ep, rt.ep_dispatch, spec.dtype))
         return build_stage(ckpt, range(start, stop), device, dtype, rt.max_batch,
                            rt.max_seq_len, **kw)
     if groups.tp_size > 1:
@@ -77,20 +79,27 @@ def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
                        **kw)
 
 
-def grid_expert_pass(config, groups: ParallelGroups, ep: int) -> dict:
+def grid_expert_pass(config, groups: ParallelGroups, ep: int, dispatch: str = "auto",
+                     dtype: str = "bfloat16") -> dict:
     """build_stage's keywords for rank (dp d, tp t) of a stage whose experts spread over
     all its tp x dp ranks: attention tensor-parallel within the replica (when tp > 1), the
-    expert shares ``d * tp + t`` of ``ep``, tokens gathered over the DP group and the
-    partial sums added over the TP group (parallel.expert, the gather dispatch)."""
+    expert shares ``d * tp + t`` of ``ep``, tokens dispatched over the DP group as
+    ``dispatch`` says (RuntimeConfig.ep_dispatch; "auto" by planning.cost.
+    ep_auto_crossover) and the partial sums added over the TP group (parallel.expert)."""
     if ep != groups.tp_size * groups.dp_size:
         raise ValueError(f"ep={ep} spans replicas, so it must be tp x dp = "
                          f"{groups.tp_size * groups.dp_size}")
+    crossover = 0
+    if dispatch == "auto":
+        kind = "gpu" if groups.ctx.device.type == "cuda" else "cpu"
+        crossover = ep_auto_crossover(profile(config, dtype), groups.dp_size, kind)
     tp = tensor_parallel_pass(config, groups.tp.device_group, groups.tp_index,
                               groups.tp_size) if groups.tp_size > 1 else {}
     return {**tp, **expert_parallel_pass(
         config, groups.dp.device_group, groups.dp_index * groups.tp_size + groups.tp_index,
-        ep, "gather", before=tp.get("prepare"),
-        reduce_group=groups.tp.device_group if groups.tp_size > 1 else None)}
+        ep, dispatch, before=tp.get("prepare"),
+        reduce_group=groups.tp.device_group if groups.tp_size > 1 else None,
+        crossover=crossover)}
 
 
 @dataclass

@@ -6,9 +6,9 @@ the ranks that sample) for the test to compare with one process.
     python tests/dist/engine_worker.py CONFIG.json      (as each of N ranks)
 
 CONFIG: model, out, pp, tp, dp, cp, ep (optional: experts over ep ranks per stage; ep > tp
-steps the replicas in lockstep), layer_ranges, max_seq_len, prompts, num_blocks,
-block_size, jobs [{name, max_batch, params, num_blocks (optional: fewer forces
-preemption)}].
+steps the replicas in lockstep), ep_dispatch (optional, RuntimeConfig's), layer_ranges,
+max_seq_len, prompts, num_blocks, block_size, jobs [{name, max_batch, params, num_blocks
+(optional: fewer forces preemption)}].
 """
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ def main(config_path: str) -> None:
     setup_worker_logging(session.rank, False)
     ckpt = open_checkpoint(cfg["model"])
     tok = ckpt.tokenizer()
-    rt = RuntimeConfig(max_seq_len=cfg["max_seq_len"], max_batch=len(cfg["prompts"]))
+    rt = RuntimeConfig(max_seq_len=cfg["max_seq_len"], max_batch=len(cfg["prompts"]),
+                       ep_dispatch=cfg.get("ep_dispatch", "auto"))
     spec = RankSpec(tuple(tuple(r) for r in cfg["layer_ranges"]), "float32", rt,
                     cfg["num_blocks"], cfg["block_size"], cfg.get("ep", 1))
     ranks = session.load(ckpt, spec, record_logits=True)

@@ -4,9 +4,10 @@ tensor-parallel inside each replica, the replicas stepping in lockstep (an empty
 where a replica has nothing, so the others' MoE collectives complete).
 
 Three launches of tests/dist/engine_worker.py on a tiny Mixtral (4 experts, top-2, GQA,
-3 layers) against one process's static engine: dp 2 x ep 2, tp 2 x dp 2 x ep 4, and
-pp 2 x dp 2 x ep 2; then the command line's --ep once. Greedy tokens equal, logits of
-every sampled row within 1e-4 (the collectives only reorder float sums).
+3 layers) against one process's static engine: dp 2 x ep 2 (gather dispatch), tp 2 x dp 2
+x ep 4 (all-to-all) and pp 2 x dp 2 x ep 2 (auto); then the command line's --ep once.
+Greedy tokens equal, logits of every sampled row within 1e-4 (the collectives only reorder
+float sums).
 """
 
 from __future__ import annotations
@@ -49,12 +50,13 @@ def moe_reference(tiny_mixtrals, moe_encoded) -> dict:
 
 
 def ep_world(tmp: Path, model: Path, prompts, *, pp: int, tp: int, dp: int, ep: int,
-             ranges: list) -> dict[str, dict]:
+             ranges: list, dispatch: str = "auto") -> dict[str, dict]:
     # b5: every prompt at once (3 on replica 0, 2 on replica 1); b1: one at a time per
     # replica, so replica 1 finishes first and runs empty steps while replica 0 works
     jobs = [{"name": "b5", "max_batch": 5, "params": GREEDY, "warmup": True},
             {"name": "b1", "max_batch": 1, "params": GREEDY}]
     cfg = {"model": str(model), "out": str(tmp), "pp": pp, "tp": tp, "dp": dp, "ep": ep,
+           "ep_dispatch": dispatch,
            "layer_ranges": ranges, "max_seq_len": MAX_SEQ, "prompts": prompts, "jobs": jobs,
            "block_size": BLOCK, "num_blocks": len(prompts) * MAX_SEQ // BLOCK + 1}
     (tmp / "config.json").write_text(json.dumps(cfg))
@@ -73,24 +75,24 @@ def check(got: dict, ref: dict, name: str) -> None:
     assert worst <= LOGIT_TOL, f"max abs logit difference {worst:.2e} > {LOGIT_TOL}"
 
 
-GRIDS = {  # name: (pp, tp, dp, ep, layer ranges)
-    "dp2_ep2": (1, 1, 2, 2, [[0, 3]]),
-    "tp2_dp2_ep4": (1, 2, 2, 4, [[0, 3]]),
-    "pp2_dp2_ep2": (2, 1, 2, 2, [[0, 2], [2, 3]]),
+GRIDS = {  # name: (pp, tp, dp, ep, layer ranges, --ep-dispatch)
+    "dp2_ep2": (1, 1, 2, 2, [[0, 3]], "gather"),
+    "tp2_dp2_ep4": (1, 2, 2, 4, [[0, 3]], "all_to_all"),
+    "pp2_dp2_ep2": (2, 1, 2, 2, [[0, 2], [2, 3]], "auto"),  # the CPU's auto: all-to-all
 }
 
 
 @pytest.fixture(scope="module", params=list(GRIDS))
 def grid_run(request, tiny_mixtrals, moe_encoded, tmp_path_factory):
-    pp, tp, dp, ep, ranges = GRIDS[request.param]
+    pp, tp, dp, ep, ranges, dispatch = GRIDS[request.param]
     return request.param, ep_world(tmp_path_factory.mktemp(request.param),
                                    tiny_mixtrals[MODEL], moe_encoded, pp=pp, tp=tp, dp=dp,
-                                   ep=ep, ranges=ranges)
+                                   ep=ep, ranges=ranges, dispatch=dispatch)
 
 
 def test_experts_over_replicas_match_one_process(grid_run, moe_reference):
     name, results = grid_run
-    pp, tp, dp, _, _ = GRIDS[name]
+    pp, tp, dp, *_ = GRIDS[name]
     for job in ("b5", "b1"):
         check(results[job], moe_reference, job)
     # lockstep: every rank of a stage ran every round, although the replicas' work
@@ -111,11 +113,18 @@ def test_cli_ep_over_data_parallel_replicas(tiny_mixtrals):
     many = subprocess.run(args + ["--nproc", "2", "--ep", "2"], cwd=ROOT, env=env, text=True,
                           capture_output=True, timeout=240)
     assert one.returncode == 0 and many.returncode == 0, many.stderr[-2000:]
-    got, want = ([json.loads(line)["token_ids"] for line in r.stdout.splitlines()
-                  if line.startswith("{")] for r in (many, one))
+    seqs = [[json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+            for r in (many, one)]
+    got, want = ([q["token_ids"] for q in r] for r in seqs)
     assert got == want and len(want) == 3
-    # two ranks, each holding 2 of the 4 experts, each counting every routed token
+    # two ranks, each holding 2 of the 4 experts, each counting its own tokens' routing
+    # (--ep-dispatch auto: all-to-all on the CPU): top-2 of every prompt token and of
+    # every decoded token but the last, each once over the two
     reports = [json.loads(line) for line in many.stderr.splitlines()
                if line.startswith("{") and '"expert_load"' in line]
     assert [r["dp"] for r in reports] == [0, 1]
-    assert reports[0]["expert_load"] == reports[1]["expert_load"]
+    tokens = sum(len(q["prompt_token_ids"]) + NEW - 1 for q in seqs[0])
+    loads = [r["expert_load"] for r in reports]
+    assert sorted(loads[0]) == ["0", "1", "2"] and loads[0] != loads[1]
+    assert all(sum(loads[0][layer]) + sum(loads[1][layer]) == 2 * tokens
+               for layer in loads[0])

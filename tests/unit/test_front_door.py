@@ -316,6 +316,9 @@ def test_llm_takes_runtime_or_keywords_not_both(tiny_model):
     ("moe", ["--ep", "3", "--tp", "2"], ["--ep 3 is not a multiple of --tp 2"]),
     ("moe", ["--ep", "3", "--dp", "2"], ["--ep 3 with tp=1 x dp=2", "--ep 2"]),
     ("moe", ["--ep", "8"], ["--ep 8", "4 experts per layer", "--ep 4 or fewer"]),
+    ("moe", ["--ep-dispatch", "all_to_all"], ["--ep-dispatch all_to_all", "ep=1 with tp=1"]),
+    ("moe", ["--nproc", "2", "--tp", "2", "--ep", "2", "--ep-dispatch", "gather"],
+     ["--ep-dispatch gather", "ep=2 with tp=2", "Drop --ep-dispatch"]),
 ])
 def test_impossible_expert_grid(capsys, tiny_model, tiny_mixtrals, model, flags, needles):
     path = tiny_model if model == "dense" else tiny_mixtrals["moe_top2_gqa"]
