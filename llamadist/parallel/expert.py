@@ -44,6 +44,11 @@ How tokens meet their experts (``dispatch``):
                   ``expert_shares(E, tp*dp)[d*tp+t]``; under "all_to_all" it sends rows
                   only to ranks of its own TP index (its TP peers send the rest).
 
+Hot experts (seed 004): under "all_to_all" ``replicas`` puts copies of chosen experts
+(``hot_experts``: the most-loaded by the routing counters) on every rank besides its
+share; a rank computes those for its own tokens and sends no row for them
+(``assigned_weights`` zeroes the replicated slots of the rows that still travel).
+
 The three token-local dispatches count (``count``) the routing of this rank's own tokens,
 so the sum over data-parallel replicas (runtime.live_stats.merge_expert_load) counts every
 token once.
@@ -60,7 +65,7 @@ Order of the passes: build on meta -> pipeline cut -> (tensor parallel) ->
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -121,6 +126,28 @@ def route_plan(index: torch.Tensor, owner: torch.Tensor,
     return hit.nonzero()[:, 1], hit.sum(dim=1)
 
 
+def assigned_weights(index: torch.Tensor, weights: torch.Tensor, owner: torch.Tensor,
+                     counts: Sequence[int]) -> torch.Tensor:
+    """The routing weights each sent row carries: index, weights (P, k) of the rows in
+    route_plan's order, ``counts`` rows per destination -> weights (P, k) with 0 for every
+    slot another rank computes. Without replicas a receiver holds only the experts it owns,
+    so this changes nothing; with a hot expert on every rank it keeps the receiver of a row
+    from adding that expert a second time (the sender computes it locally)."""
+    dest = torch.repeat_interleave(torch.arange(len(counts), device=index.device),
+                                   torch.as_tensor(counts, device=index.device))  # (P,)
+    return torch.where(owner[index] == dest[:, None], weights, torch.zeros_like(weights))
+
+
+def hot_experts(load: Mapping[int, Sequence[int]], n: int) -> dict[int, list[int]]:
+    """The ``n`` most-loaded experts of each layer from per-expert token counts (the
+    counters of model.moe.routing_counts, or a run's ``expert_load``; ties: the lower
+    index): the replicas ``apply_expert_parallel`` can put on every rank."""
+    if n < 0:
+        raise ExpertParallelError(f"hot experts: n must be >= 0, got {n}")
+    return {int(layer): sorted(sorted(range(len(c)), key=lambda e: (-c[e], e))[:n])
+            for layer, c in load.items()}
+
+
 def pack_rows(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x (P, D), weights (P, k) float32, index (P, k) -> (P, bytes) uint8: one tensor, so
     one all-to-all carries the rows and their routing."""
@@ -150,12 +177,27 @@ class ExpertParallelMoE(SparseMoE):
     sums with the collectives of ``dispatch`` (see the module docstring). ``placement``:
     the experts of every rank of ``group``, in group order (the all-to-all's
     destinations; needed by "all_to_all" and "auto"). ``crossover``: "auto" gathers a step
-    of at most this many tokens over the group's ranks."""
+    of at most this many tokens over the group's ranks. ``replicas``: experts held by
+    every rank of the group besides its share ("all_to_all" only): each rank computes them
+    for its own tokens, and no row travels for them."""
 
     def __init__(self, config: ModelConfig, owned: Sequence[int], group: Group,
                  dispatch: str = "replicated", reduce_group: Group = None,
-                 placement: Sequence[Sequence[int]] | None = None, crossover: int = 0):
-        super().__init__(config, owned)
+                 placement: Sequence[Sequence[int]] | None = None, crossover: int = 0,
+                 replicas: Sequence[int] = ()):
+        replicas = sorted(set(replicas))
+        if replicas and dispatch != "all_to_all":
+            raise ExpertParallelError(f"replicas of hot experts go with the all_to_all "
+                                      f"dispatch, not {dispatch!r} (it would add a "
+                                      f"replicated expert once per rank)")
+        if any(not 0 <= e < config.num_experts for e in replicas):
+            raise ExpertParallelError(f"replicas {replicas}: experts are 0.."
+                                      f"{config.num_experts - 1}")
+        owner = None if placement is None else expert_owners(placement, config.num_experts)
+        # under TP x DP only the group whose ranks own an expert replicates it (the TP
+        # peers' groups leave it to them: the TP all-reduce would add it again)
+        replicas = [e for e in replicas if owner is not None and owner[e] >= 0]
+        super().__init__(config, sorted(set(owned) | set(replicas)))
         if dispatch not in DISPATCHES:
             raise ExpertParallelError(f"dispatch must be one of {', '.join(DISPATCHES)}, "
                                       f"got {dispatch!r}")
@@ -173,9 +215,9 @@ class ExpertParallelMoE(SparseMoE):
             raise ExpertParallelError(f"crossover must be >= 0 tokens, got {crossover}")
         self.owned, self.group, self.dispatch = list(owned), group, dispatch
         self.reduce_group, self.crossover = reduce_group, crossover
-        self.owner = (None if placement is None
-                      else expert_owners(placement, config.num_experts))
+        self.owner, self.replicas = owner, replicas
         self._owner_on: dict[torch.device, torch.Tensor] = {}
+        self.rows_out = 0  # rows the all-to-all sent to other ranks (the traffic)
         # what each step's token-local forward chose, {"gather": n, "all_to_all": n}
         self.dispatched = {"gather": 0, "all_to_all": 0}
 
@@ -237,9 +279,10 @@ class ExpertParallelMoE(SparseMoE):
         the all-to-all (or, "auto" at small steps, the gather)."""
         ranks, me = dist.get_world_size(self.group), dist.get_rank(self.group)
         owner = self._owner_on.get(x2.device)
-        if owner is None:
+        if owner is None:  # a replicated expert's owner: this rank
+            mine = [me if e in self.replicas else r for e, r in enumerate(self.owner)]
             owner = self._owner_on.setdefault(
-                x2.device, torch.tensor(self.owner, dtype=torch.long, device=x2.device))
+                x2.device, torch.tensor(mine, dtype=torch.long, device=x2.device))
         weights, index = self.route(x2)  # (N, k)
         tokens, send = route_plan(index, owner, ranks)
         head = torch.cat([send, send.new_tensor([x2.shape[0]])])  # (R + 1,)
@@ -253,13 +296,19 @@ class ExpertParallelMoE(SparseMoE):
         if not any(any(row[:ranks]) for row in table):  # nothing to send anywhere
             return torch.zeros_like(x2)
         self.dispatched["all_to_all"] += 1
-        return self._exchange(x2, weights, index, tokens, send.tolist(),
-                              [row[me] for row in table])
+        sent = send.tolist()
+        self.rows_out += sum(sent) - sent[me]
+        return self._exchange(x2, weights, index, tokens, sent, [row[me] for row in table],
+                              owner)
 
     def _exchange(self, x2: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
-                  tokens: torch.Tensor, send: list[int], recv: list[int]) -> torch.Tensor:
+                  tokens: torch.Tensor, send: list[int], recv: list[int],
+                  owner: torch.Tensor) -> torch.Tensor:
         """Rows to their experts' ranks and their partial sums back (two all-to-alls)."""
-        payload = pack_rows(x2[tokens], weights[tokens], index[tokens])  # (P, bytes)
+        rows_w = weights[tokens]
+        if self.replicas:  # the receivers hold replicas too: only its own slots count
+            rows_w = assigned_weights(index[tokens], rows_w, owner, send)
+        payload = pack_rows(x2[tokens], rows_w, index[tokens])  # (P, bytes)
         got = payload.new_empty(sum(recv), payload.shape[1])
         dist.all_to_all_single(got, payload, recv, send, group=self.group)
         rx, rw, ri = unpack_rows(got, x2.shape[1], x2.dtype, self.top_k)
@@ -276,13 +325,16 @@ def apply_expert_parallel(model: Llama, group: Group, ep_rank: int, ep_size: int
                           owned: Sequence[int] | None = None,
                           reduce_group: Group = None,
                           placement: Sequence[Sequence[int]] | None = None,
-                          crossover: int = 0) -> Llama:
+                          crossover: int = 0,
+                          replicas: Mapping[int, Sequence[int]] | None = None) -> Llama:
     """Replace every MoE block of a meta-built stage with this rank's ExpertParallelMoE,
     in place, before loading (a block an earlier pass made is replaced too); returns
     ``model``. ``placement``: the experts of every EP rank (default ``expert_shares(E,
     ep_size)``; uneven ones, e.g. by device memory, are fine); ``owned``: this rank's
     (default ``placement[ep_rank]``). With ``reduce_group`` the EP ranks of ``group`` are
-    those of this rank's TP index (EP rank d * tp + t, d over the group)."""
+    those of this rank's TP index (EP rank d * tp + t, d over the group). ``replicas``:
+    {global layer index: experts every rank holds besides its share} (``hot_experts``;
+    all_to_all only), read from the checkpoint by every rank."""
     config = model.config
     if not config.is_moe:
         raise ExpertParallelError(f"expert parallelism needs a mixture-of-experts model; "
@@ -305,10 +357,12 @@ def apply_expert_parallel(model: Llama, group: Group, ep_rank: int, ep_size: int
     if placement is not None and reduce_group is not None:  # the group: one TP index
         tp = dist.get_world_size(reduce_group)
         mine = placement[ep_rank % tp::tp]
+    replicas = dict(replicas or {})
     with torch.device("meta"):
-        for layer in model.model.layers.values():
+        for i, layer in model.model.layers.items():
             layer.block_sparse_moe = ExpertParallelMoE(config, owned, group, dispatch,
-                                                       reduce_group, mine, crossover)
+                                                       reduce_group, mine, crossover,
+                                                       replicas.get(int(i), ()))
     return model
 
 
@@ -328,12 +382,13 @@ def expert_parallel_pass(config: ModelConfig, group: Group, ep_rank: int, ep_siz
                          before: Callable[[Llama], object] | None = None,
                          reduce_group: Group = None,
                          placement: Sequence[Sequence[int]] | None = None,
-                         crossover: int = 0) -> dict:
+                         crossover: int = 0,
+                         replicas: Mapping[int, Sequence[int]] | None = None) -> dict:
     """The ``prepare`` keyword of ``runtime.stage.build_stage`` for this EP rank.
     ``before`` runs first: another pass's ``prepare``, such as the tensor-parallel pass's
     (whose MoE blocks this pass replaces; the caller passes its shard_fn and num_kv_heads
-    too). ``reduce_group``, ``placement``, ``crossover``: see apply_expert_parallel and
-    the module docstring."""
+    too). ``reduce_group``, ``placement``, ``crossover``, ``replicas``: see
+    apply_expert_parallel and the module docstring."""
     expert_shares(config.num_experts, ep_size)  # refuse a bad ep before any load
 
     def prepare(model: Llama) -> None:
@@ -341,5 +396,5 @@ def expert_parallel_pass(config: ModelConfig, group: Group, ep_rank: int, ep_siz
             before(model)
         apply_expert_parallel(model, group, ep_rank, ep_size, dispatch,
                               reduce_group=reduce_group, placement=placement,
-                              crossover=crossover)
+                              crossover=crossover, replicas=replicas)
     return dict(prepare=prepare)

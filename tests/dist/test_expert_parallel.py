@@ -133,7 +133,8 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
     model = _one_moe_layer(cfg)  # through the pass: it projects the placement on the group
     apply_expert_parallel(model, group, rank, world, job["dispatch"],
                           reduce_group=reduce_group, placement=placement,
-                          crossover=job.get("crossover", 0))
+                          crossover=job.get("crossover", 0),
+                          replicas={0: job.get("replicas", [])})
     part = model.model.layers["0"].block_sparse_moe
     part.to_empty(device="cpu")
     loaded = part.load_state_dict(full.state_dict(), strict=False)  # its experts, the router
@@ -146,7 +147,7 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
             got.append(part(mine.unsqueeze(0)))
             want.append(full(mine.unsqueeze(0)))
     return {"got": got, "want": want, "held": sorted(map(int, part.experts)),
-            "dispatched": dict(part.dispatched)}
+            "dispatched": dict(part.dispatched), "rows_out": part.rows_out}
 
 
 def _one_moe_layer(cfg: ModelConfig):
@@ -241,7 +242,17 @@ def ep2(tiny_mixtrals, tmp_path_factory):
              "placement": [[0], [1, 2, 3]]},
             {"name": "module_a2a", "folder": f["moe_top2_gqa"], "kind": "module",
              "dispatch": "all_to_all", "experts": 5, "placement": [[4], [0, 1, 2, 3]],
-             "steps": [[3, 0], [0, 5], [0, 0], [8, 1]]}]
+             "steps": [[3, 0], [0, 5], [0, 0], [8, 1]]},
+            # hot experts: 0 and 4 on both ranks (against none); then every expert on both
+            {"name": "module_cold", "folder": f["moe_top2_gqa"], "kind": "module",
+             "dispatch": "all_to_all", "experts": 5, "placement": [[4], [0, 1, 2, 3]],
+             "steps": [[3, 0], [8, 6]]},
+            {"name": "module_hot", "folder": f["moe_top2_gqa"], "kind": "module",
+             "dispatch": "all_to_all", "experts": 5, "placement": [[4], [0, 1, 2, 3]],
+             "replicas": [0, 4], "steps": [[3, 0], [8, 6]]},
+            {"name": "module_all_hot", "folder": f["moe_top2_gqa"], "kind": "module",
+             "dispatch": "all_to_all", "experts": 5, "placement": [[4], [0, 1, 2, 3]],
+             "replicas": [0, 1, 2, 3, 4], "steps": [[3, 0], [8, 6]]}]
     return run_ep(2, jobs, tmp_path_factory.mktemp("ep2"))
 
 
@@ -350,6 +361,21 @@ def test_ep2_all_to_all_uneven_placement_and_empty_ranks(ep2):
     _check_steps(res, [[3, 0], [0, 5], [0, 0], [8, 1]])
     # the step without any token sends nothing
     assert [r["dispatched"] for r in res] == [{"gather": 0, "all_to_all": 3}] * 2
+
+
+def test_ep2_replicated_hot_experts(ep2):
+    """Replicas of hot experts on every rank: still the one-module result, fewer rows
+    leave a rank, none when every expert is everywhere."""
+    steps = [[3, 0], [8, 6]]
+    hot, cold, every = ep2["module_hot"], ep2["module_cold"], ep2["module_all_hot"]
+    assert [r["held"] for r in hot] == [[0, 4], [0, 1, 2, 3, 4]]
+    _check_steps(hot, steps)
+    _check_steps(every, steps)
+    assert [r["rows_out"] for r in every] == [0, 0]
+    _check_steps(cold, steps)
+    # the same tokens: rows for experts 0 and 4 no longer leave (rank 0's tokens routed to
+    # 0, rank 1's to 4); rows for 1..3 still do
+    assert [a["rows_out"] < b["rows_out"] for a, b in zip(hot, cold)] == [True, True]
 
 
 def test_ep2_inside_the_paged_engine(ep2, refs):

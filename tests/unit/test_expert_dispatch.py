@@ -10,8 +10,9 @@ import torch
 
 from llamadist.config import ModelConfig
 from llamadist.model.moe import SparseMoE
-from llamadist.parallel.expert import (ExpertParallelError, ExpertParallelMoE, expert_owners,
-                                       pack_rows, route_plan, unpack_rows)
+from llamadist.parallel.expert import (ExpertParallelError, ExpertParallelMoE,
+                                       assigned_weights, expert_owners, hot_experts, pack_rows,
+                                       route_plan, unpack_rows)
 
 
 def moe_config(experts: int = 6, k: int = 2, dim: int = 24) -> ModelConfig:
@@ -65,6 +66,31 @@ def test_runtime_config_refuses_an_unknown_dispatch():
         RuntimeConfig(ep_dispatch="scatter")
 
 
+def test_assigned_weights_zero_the_slots_of_other_ranks():
+    owner = torch.tensor([0, 1, 1, 0])  # expert 3 replicated: this rank (0) computes it
+    index = torch.tensor([[0, 2], [3, 1], [1, 2]])  # rows: to 0, to 0, to 1 (row order)
+    w = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    got = assigned_weights(index, w, owner, [2, 1])
+    assert torch.equal(got, torch.tensor([[0.6, 0.0], [0.7, 0.0], [0.5, 0.5]]))
+
+
+def test_hot_experts_by_load():
+    load = {0: [5, 9, 1, 9], 3: [0, 0, 7, 2]}
+    assert hot_experts(load, 2) == {0: [1, 3], 3: [2, 3]}
+    assert hot_experts({"1": [4, 2]}, 0) == {1: []}
+    with pytest.raises(ExpertParallelError, match="n must be"):
+        hot_experts(load, -1)
+
+
+def test_replicas_only_with_all_to_all():
+    cfg = moe_config()
+    with pytest.raises(ExpertParallelError, match="replicas of hot experts go with"):
+        ExpertParallelMoE(cfg, [0], None, "gather", replicas=[1])
+    part = ExpertParallelMoE(cfg, [0], None, "all_to_all", placement=[[0], [1, 2, 3, 4, 5]],
+                             replicas=[5, 5, 3])
+    assert sorted(map(int, part.experts)) == [0, 3, 5] and part.replicas == [3, 5]
+
+
 def test_all_to_all_needs_a_placement_that_holds_its_experts():
     cfg = moe_config()
     with pytest.raises(ExpertParallelError, match="placement"):
@@ -76,21 +102,24 @@ def test_all_to_all_needs_a_placement_that_holds_its_experts():
 
 
 def simulate_all_to_all(full: SparseMoE, cfg: ModelConfig, placement: list[list[int]],
-                        xs: list[torch.Tensor]) -> list[torch.Tensor]:
+                        xs: list[torch.Tensor], replicas=()) -> list[torch.Tensor]:
     """What the ranks' _exchange computes, with the collectives replaced by slicing: rank
-    r's rows for rank s are the s-th block of r's payload."""
+    r's rows for rank s are the s-th block of r's payload. ``replicas``: on every rank."""
     ranks = len(placement)
-    owner = torch.tensor(expert_owners(placement, cfg.num_experts))
     shares = []
     for experts in placement:
-        part = ExpertParallelMoE(cfg, experts, None, "all_to_all", placement=placement)
+        part = ExpertParallelMoE(cfg, experts, None, "all_to_all", placement=placement,
+                                 replicas=replicas)
         assert not part.load_state_dict(full.state_dict(), strict=False).missing_keys
         shares.append(part)
     plans = []
-    for x in xs:
+    for r, x in enumerate(xs):
+        owner = torch.tensor([r if e in replicas else o for e, o in
+                              enumerate(expert_owners(placement, cfg.num_experts))])
         w, i = full.route(x)
         tokens, send = route_plan(i, owner, ranks)
-        plans.append((tokens, send.tolist(), pack_rows(x[tokens], w[tokens], i[tokens])))
+        w = assigned_weights(i[tokens], w[tokens], owner, send.tolist())
+        plans.append((tokens, send.tolist(), pack_rows(x[tokens], w, i[tokens])))
     # all-to-all out: receiver s gets the s-th block of every sender, in sender order
     blocks = [list(p.split(send)) for _, send, p in plans]
     partials = []
@@ -107,8 +136,8 @@ def simulate_all_to_all(full: SparseMoE, cfg: ModelConfig, placement: list[list[
     return outs
 
 
-@pytest.mark.parametrize("k", [1, 2])
-def test_simulated_exchange_equals_one_module(k):
+@pytest.mark.parametrize("k,replicas", [(1, ()), (2, ()), (2, (1, 5)), (2, tuple(range(6)))])
+def test_simulated_exchange_equals_one_module(k, replicas):
     cfg = moe_config(k=k)
     torch.manual_seed(0)
     full = SparseMoE(cfg)
@@ -118,7 +147,7 @@ def test_simulated_exchange_equals_one_module(k):
     xs = [torch.randn(7, cfg.hidden_size), torch.randn(0, cfg.hidden_size),
           torch.randn(3, cfg.hidden_size)]  # the middle rank has no token this step
     with torch.no_grad():
-        outs = simulate_all_to_all(full, cfg, placement, xs)
+        outs = simulate_all_to_all(full, cfg, placement, xs, replicas)
         for x, out in zip(xs, outs):
             want = full(x)
             assert out.shape == want.shape
