@@ -49,9 +49,9 @@ Hot experts (seed 004): under "all_to_all" ``replicas`` puts copies of chosen ex
 share; a rank computes those for its own tokens and sends no row for them
 (``assigned_weights`` zeroes the replicated slots of the rows that still travel).
 
-The three token-local dispatches count (``count``) the routing of this rank's own tokens,
-so the sum over data-parallel replicas (runtime.live_stats.merge_expert_load) counts every
-token once.
+Every rank of a token-local dispatch counts (``routed``) every rank's tokens: the gather
+routes them all; the all-to-all's header carries each rank's tokens per expert. So one
+rank's counters cover its replicas' traffic (what the front of one world reports).
 
 A data-parallel replica with nothing to compute in a step must still join its MoE
 layers' collectives (``join_expert_collectives``: zero tokens through every gather
@@ -263,9 +263,7 @@ class ExpertParallelMoE(SparseMoE):
         dist.all_gather(parts, F.pad(x2, (0, 0, 0, width - x2.shape[0])), group=self.group)
         tokens = torch.cat([p[:c] for p, c in zip(parts, counts)])  # (sum N_r, D)
         weights, index = self.route(tokens)
-        me = dist.get_rank(self.group)
-        start = sum(counts[:me])
-        self.count(index[start:start + x2.shape[0]])  # this rank's own tokens
+        self.count(index)  # every rank counts every rank's tokens
         partial = self.expert_sum(tokens, weights, index)  # (sum N_r, D)
         # Back into equal-width per-rank blocks for the reduce-scatter; trim the padding.
         blocks = list(partial.split(counts))
@@ -285,14 +283,18 @@ class ExpertParallelMoE(SparseMoE):
                 x2.device, torch.tensor(mine, dtype=torch.long, device=x2.device))
         weights, index = self.route(x2)  # (N, k)
         tokens, send = route_plan(index, owner, ranks)
-        head = torch.cat([send, send.new_tensor([x2.shape[0]])])  # (R + 1,)
+        # (R + 1 + E,): rows to each rank, this rank's tokens, its tokens per expert
+        head = torch.cat([send, send.new_tensor([x2.shape[0]]),
+                          torch.bincount(index.flatten(), minlength=self.num_experts)])
         heads = [torch.empty_like(head) for _ in range(ranks)]
         dist.all_gather(heads, head, group=self.group)
-        table = torch.stack(heads).tolist()  # [src][dst] rows, [src][R] tokens
+        both = torch.stack(heads)  # (R, R + 1 + E)
+        table = both[:, :ranks + 1].tolist()  # [src][dst] rows, [src][R] tokens
         total = sum(row[ranks] for row in table)
         if self.dispatch == "auto" and total <= self.crossover:
             return self._gather_forward(x2, [row[ranks] for row in table])
-        self.count(index)
+        if self.routed is not None:  # every rank's tokens, as the gather counts them
+            self.routed += both[:, ranks + 1:].sum(dim=0)
         if not any(any(row[:ranks]) for row in table):  # nothing to send anywhere
             return torch.zeros_like(x2)
         self.dispatched["all_to_all"] += 1

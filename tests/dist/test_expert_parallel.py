@@ -113,7 +113,7 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
     of a replica hold the same tokens, different experts)."""
     import dataclasses
 
-    from llamadist.model.moe import SparseMoE
+    from llamadist.model.moe import SparseMoE, count_routing
     from llamadist.parallel.expert import apply_expert_parallel
     cfg = ModelConfig.from_json_file(Path(job["folder"]) / "config.json")
     cfg = dataclasses.replace(cfg, num_experts=job.get("experts", cfg.num_experts))
@@ -139,6 +139,8 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
     part.to_empty(device="cpu")
     loaded = part.load_state_dict(full.state_dict(), strict=False)  # its experts, the router
     assert not loaded.missing_keys
+    count_routing(part)
+    count_routing(full)
     replica = rank // tp
     got, want = [], []
     with torch.no_grad():
@@ -147,7 +149,8 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
             got.append(part(mine.unsqueeze(0)))
             want.append(full(mine.unsqueeze(0)))
     return {"got": got, "want": want, "held": sorted(map(int, part.experts)),
-            "dispatched": dict(part.dispatched), "rows_out": part.rows_out}
+            "dispatched": dict(part.dispatched), "rows_out": part.rows_out,
+            "routed": part.routed.tolist(), "routed_here": full.routed.tolist()}
 
 
 def _one_moe_layer(cfg: ModelConfig):
@@ -337,6 +340,11 @@ def _check_steps(res: list[dict], steps: list[list[int]], tp: int = 1) -> None:
             if got.numel():
                 assert (got - want).abs().max().item() <= 1e-5, (rank, i)
     assert all(g.abs().max().item() > 0 for r in res for g in r["got"] if g.numel())
+    # every rank counted every replica's tokens: the sum of what each replica's own
+    # one-module block counted (once per replica: its TP ranks hold the same tokens)
+    want = [sum(res[d * tp]["routed_here"][e] for d in range(len(res) // tp))
+            for e in range(len(res[0]["routed"]))]
+    assert sum(want) > 0 and all(r["routed"] == want for r in res)
 
 
 def test_ep2_gather_uneven_and_empty_ranks(ep2):

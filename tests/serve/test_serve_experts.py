@@ -1,8 +1,8 @@
 """`llamadist serve --nproc 2 --ep 2` on a tiny Mixtral: the experts spread over two
 data-parallel replicas stepping in lockstep behind the HTTP front; /metrics exports the
 tokens routed to each expert of each layer (a labelled counter) and each layer's
-imbalance. Rank 0's counts cover both replicas' tokens (the gather dispatch routes every
-replica's tokens on every rank)."""
+imbalance. Rank 0's counts cover both replicas' tokens (every rank of a token-local
+dispatch counts every replica's tokens: parallel.expert)."""
 
 import threading
 
