@@ -114,7 +114,7 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
     import dataclasses
 
     from llamadist.model.moe import SparseMoE, count_routing
-    from llamadist.parallel.expert import apply_expert_parallel
+    from llamadist.parallel.expert import apply_expert_parallel, hot_experts
     cfg = ModelConfig.from_json_file(Path(job["folder"]) / "config.json")
     cfg = dataclasses.replace(cfg, num_experts=job.get("experts", cfg.num_experts))
     torch.manual_seed(0)  # the same full block on every rank
@@ -130,11 +130,18 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
     else:
         group, reduce_group = groups.ep.device_group, None
     placement = job.get("placement") or expert_shares(cfg.num_experts, world)
+    replicas, hot_load = job.get("replicas", []), None
+    if job.get("hot"):  # the most-loaded experts by the counters, after one counted pass
+        count_routing(full)
+        with torch.no_grad():
+            full(x)
+        hot_load = full.routed.tolist()
+        replicas = hot_experts({0: hot_load}, job["hot"])[0]
     model = _one_moe_layer(cfg)  # through the pass: it projects the placement on the group
     apply_expert_parallel(model, group, rank, world, job["dispatch"],
                           reduce_group=reduce_group, placement=placement,
                           crossover=job.get("crossover", 0),
-                          replicas={0: job.get("replicas", [])})
+                          replicas={0: replicas})
     part = model.model.layers["0"].block_sparse_moe
     part.to_empty(device="cpu")
     loaded = part.load_state_dict(full.state_dict(), strict=False)  # its experts, the router
@@ -150,7 +157,8 @@ def _module_job(job: dict, rank: int, world: int, groups) -> dict:
             want.append(full(mine.unsqueeze(0)))
     return {"got": got, "want": want, "held": sorted(map(int, part.experts)),
             "dispatched": dict(part.dispatched), "rows_out": part.rows_out,
-            "routed": part.routed.tolist(), "routed_here": full.routed.tolist()}
+            "routed": part.routed.tolist(), "routed_here": full.routed.tolist(),
+            "replicas": part.replicas, "hot_load": hot_load}
 
 
 def _one_moe_layer(cfg: ModelConfig):
@@ -255,7 +263,10 @@ def ep2(tiny_mixtrals, tmp_path_factory):
              "replicas": [0, 4], "steps": [[3, 0], [8, 6]]},
             {"name": "module_all_hot", "folder": f["moe_top2_gqa"], "kind": "module",
              "dispatch": "all_to_all", "experts": 5, "placement": [[4], [0, 1, 2, 3]],
-             "replicas": [0, 1, 2, 3, 4], "steps": [[3, 0], [8, 6]]}]
+             "replicas": [0, 1, 2, 3, 4], "steps": [[3, 0], [8, 6]]},
+            {"name": "module_counted_hot", "folder": f["moe_top2_gqa"], "kind": "module",
+             "dispatch": "all_to_all", "experts": 5, "placement": [[4], [0, 1, 2, 3]],
+             "hot": 2, "steps": [[3, 0], [8, 6]]}]
     return run_ep(2, jobs, tmp_path_factory.mktemp("ep2"))
 
 
@@ -384,6 +395,13 @@ def test_ep2_replicated_hot_experts(ep2):
     # the same tokens: rows for experts 0 and 4 no longer leave (rank 0's tokens routed to
     # 0, rank 1's to 4); rows for 1..3 still do
     assert [a["rows_out"] < b["rows_out"] for a, b in zip(hot, cold)] == [True, True]
+    # replicas chosen by the routing counters (hot_experts): the 2 busiest of the 5
+    counted = ep2["module_counted_hot"]
+    _check_steps(counted, steps)
+    load, chosen = counted[0]["hot_load"], counted[0]["replicas"]
+    assert len(chosen) == 2 and all(r["replicas"] == chosen for r in counted)
+    assert min(load[e] for e in chosen) >= max(load[e] for e in range(5) if e not in chosen)
+    assert [r["held"] for r in counted] == [sorted({4, *chosen}), sorted({0, 1, 2, 3, *chosen})]
 
 
 def test_ep2_inside_the_paged_engine(ep2, refs):
