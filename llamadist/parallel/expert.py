@@ -44,7 +44,7 @@ How tokens meet their experts (``dispatch``):
                   ``expert_shares(E, tp*dp)[d*tp+t]``; under "all_to_all" it sends rows
                   only to ranks of its own TP index (its TP peers send the rest).
 
-Hot experts (seed 004): under "all_to_all" ``replicas`` puts copies of chosen experts
+Hot experts (seed 004): under "all_to_all" (and "auto") ``replicas`` puts copies of chosen experts
 (``hot_experts``: the most-loaded by the routing counters) on every rank besides its
 share; a rank computes those for its own tokens and sends no row for them
 (``assigned_weights`` zeroes the replicated slots of the rows that still travel).
@@ -172,47 +172,57 @@ def unpack_rows(buf: torch.Tensor, dim: int, dtype: torch.dtype,
     return x, w, i
 
 
+def _check_layout(config: ModelConfig, owned: Sequence[int], dispatch: str,
+                  reduce_group: Group, placement: Sequence[Sequence[int]] | None,
+                  crossover: int, replicas: Sequence[int]) -> tuple[list[int] | None, list[int]]:
+    """ExpertParallelMoE's arguments checked -> (the owner of each expert or None, the
+    replicas this group keeps)."""
+    if dispatch not in DISPATCHES:
+        raise ExpertParallelError(f"dispatch must be one of {', '.join(DISPATCHES)}, "
+                                  f"got {dispatch!r}")
+    if reduce_group is not None and dispatch not in TOKEN_LOCAL:
+        raise ExpertParallelError("reduce_group goes with a token-local dispatch (TP "
+                                  "ranks inside data-parallel replicas)")
+    if crossover < 0:
+        raise ExpertParallelError(f"crossover must be >= 0 tokens, got {crossover}")
+    if dispatch in ("all_to_all", "auto"):
+        if placement is None:
+            raise ExpertParallelError(f"the {dispatch} dispatch needs the placement "
+                                      f"of every rank of the group")
+        if sorted(owned) not in [sorted(p) for p in placement]:
+            raise ExpertParallelError(f"experts {list(owned)} are not one rank's share "
+                                      f"of the placement {placement}")
+    replicas = sorted(set(replicas))
+    if replicas and dispatch not in ("all_to_all", "auto"):
+        raise ExpertParallelError(f"replicas of hot experts go with the all_to_all or auto "
+                                  f"dispatch, not {dispatch!r} (it would add a "
+                                  f"replicated expert once per rank)")
+    if any(not 0 <= e < config.num_experts for e in replicas):
+        raise ExpertParallelError(f"replicas {replicas}: experts are 0.."
+                                  f"{config.num_experts - 1}")
+    owner = None if placement is None else expert_owners(placement, config.num_experts)
+    # under TP x DP only the group whose ranks own an expert replicates it (the TP peers'
+    # groups leave it to them: the TP all-reduce would add it again)
+    return owner, [e for e in replicas if owner is not None and owner[e] >= 0]
+
+
 class ExpertParallelMoE(SparseMoE):
     """A SparseMoE holding only ``owned`` experts; ``forward`` combines the ranks' partial
     sums with the collectives of ``dispatch`` (see the module docstring). ``placement``:
     the experts of every rank of ``group``, in group order (the all-to-all's
     destinations; needed by "all_to_all" and "auto"). ``crossover``: "auto" gathers a step
     of at most this many tokens over the group's ranks. ``replicas``: experts held by
-    every rank of the group besides its share ("all_to_all" only): each rank computes them
-    for its own tokens, and no row travels for them."""
+    every rank of the group besides its share ("all_to_all", "auto"): under the
+    all-to-all each rank computes them for its own tokens and no row travels for them;
+    a gathered step leaves each to its owner."""
 
     def __init__(self, config: ModelConfig, owned: Sequence[int], group: Group,
                  dispatch: str = "replicated", reduce_group: Group = None,
                  placement: Sequence[Sequence[int]] | None = None, crossover: int = 0,
                  replicas: Sequence[int] = ()):
-        replicas = sorted(set(replicas))
-        if replicas and dispatch != "all_to_all":
-            raise ExpertParallelError(f"replicas of hot experts go with the all_to_all "
-                                      f"dispatch, not {dispatch!r} (it would add a "
-                                      f"replicated expert once per rank)")
-        if any(not 0 <= e < config.num_experts for e in replicas):
-            raise ExpertParallelError(f"replicas {replicas}: experts are 0.."
-                                      f"{config.num_experts - 1}")
-        owner = None if placement is None else expert_owners(placement, config.num_experts)
-        # under TP x DP only the group whose ranks own an expert replicates it (the TP
-        # peers' groups leave it to them: the TP all-reduce would add it again)
-        replicas = [e for e in replicas if owner is not None and owner[e] >= 0]
+        owner, replicas = _check_layout(config, owned, dispatch, reduce_group, placement,
+                                        crossover, replicas)
         super().__init__(config, sorted(set(owned) | set(replicas)))
-        if dispatch not in DISPATCHES:
-            raise ExpertParallelError(f"dispatch must be one of {', '.join(DISPATCHES)}, "
-                                      f"got {dispatch!r}")
-        if reduce_group is not None and dispatch not in TOKEN_LOCAL:
-            raise ExpertParallelError("reduce_group goes with a token-local dispatch (TP "
-                                      "ranks inside data-parallel replicas)")
-        if dispatch in ("all_to_all", "auto"):
-            if placement is None:
-                raise ExpertParallelError(f"the {dispatch} dispatch needs the placement "
-                                          f"of every rank of the group")
-            if sorted(owned) not in [sorted(p) for p in placement]:
-                raise ExpertParallelError(f"experts {list(owned)} are not one rank's share "
-                                          f"of the placement {placement}")
-        if crossover < 0:
-            raise ExpertParallelError(f"crossover must be >= 0 tokens, got {crossover}")
         self.owned, self.group, self.dispatch = list(owned), group, dispatch
         self.reduce_group, self.crossover = reduce_group, crossover
         self.owner, self.replicas = owner, replicas
@@ -264,6 +274,11 @@ class ExpertParallelMoE(SparseMoE):
         tokens = torch.cat([p[:c] for p, c in zip(parts, counts)])  # (sum N_r, D)
         weights, index = self.route(tokens)
         self.count(index)  # every rank counts every rank's tokens
+        if self.replicas:  # a replica held everywhere is added once: by its owner
+            me = dist.get_rank(self.group)
+            theirs = torch.tensor([e in self.replicas and self.owner[e] != me
+                                   for e in range(self.num_experts)], device=x2.device)
+            weights = torch.where(theirs[index], torch.zeros_like(weights), weights)
         partial = self.expert_sum(tokens, weights, index)  # (sum N_r, D)
         # Back into equal-width per-rank blocks for the reduce-scatter; trim the padding.
         blocks = list(partial.split(counts))

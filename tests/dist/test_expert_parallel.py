@@ -277,11 +277,12 @@ def ep4(tiny_mixtrals, tmp_path_factory):
             {"name": "top2", "folder": f["moe_top2_gqa"]},
             {"name": "a2a", "folder": f["moe_top1"], "dispatch": "all_to_all",
              "placement": [[0], [1, 2, 3], [4, 5], [6, 7]]},
-            # TP x DP = EP: 2 replicas of 2 TP ranks, 6 experts unevenly over the 4 ranks;
-            # "auto" gathers steps of at most 4 tokens over the replicas
+            # TP x DP = EP: 2 replicas of 2 TP ranks, 6 experts unevenly over the 4 ranks,
+            # experts 1 and 4 (both of TP index 1) replicated; "auto" gathers steps of at
+            # most 4 tokens over the replicas
             {"name": "grid_auto", "folder": f["moe_top2_gqa"], "kind": "module", "tp": 2,
              "dispatch": "auto", "crossover": 4, "experts": 6,
-             "placement": [[0], [1, 2], [3], [4, 5]],
+             "placement": [[0], [1, 2], [3], [4, 5]], "replicas": [1, 4],
              "steps": [[3, 0], [0, 5], [0, 0], [8, 2], [1, 1]]}]
     return run_ep(4, jobs, tmp_path_factory.mktemp("ep4"))
 
@@ -427,9 +428,10 @@ def test_ep4_all_to_all_uneven(ep4, refs):
 
 def test_ep4_auto_over_tp_replicas(ep4):
     """TP x DP = EP at the module level: "auto" gathers the small steps (3 and 2 tokens
-    over the replicas), sends the large ones all-to-all (5 and 10), nothing for none."""
+    over the replicas), sends the large ones all-to-all (5 and 10), nothing for none;
+    the replicas of 1 and 4 on both ranks of TP index 1 (whose DP group owns them)."""
     res = ep4["grid_auto"]
-    assert [r["held"] for r in res] == [[0], [1, 2], [3], [4, 5]]
+    assert [r["held"] for r in res] == [[0], [1, 2, 4], [3], [1, 4, 5]]
     _check_steps(res, [[3, 0], [0, 5], [0, 0], [8, 2], [1, 1]], tp=2)
     assert [r["dispatched"] for r in res] == [{"gather": 2, "all_to_all": 2}] * 4
 

@@ -82,7 +82,7 @@ def test_hot_experts_by_load():
         hot_experts(load, -1)
 
 
-def test_replicas_only_with_all_to_all():
+def test_replicas_only_with_the_row_dispatches():
     cfg = moe_config()
     with pytest.raises(ExpertParallelError, match="replicas of hot experts go with"):
         ExpertParallelMoE(cfg, [0], None, "gather", replicas=[1])
