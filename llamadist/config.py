@@ -376,6 +376,10 @@ class RuntimeConfig:
     ep_dispatch      experts spread over data-parallel replicas (--ep > tp): "gather" (all
                      tokens to every rank), "all_to_all" (only the routed rows travel) or
                      "auto" (per step by its token count: planning.cost.ep_dispatch_crossover)
+    hot_experts      with ep_dispatch all_to_all or auto: copies of each layer's this many
+                     most-loaded experts on every rank (parallel.expert replicas), by the
+                     per-expert token counts in the JSON file ``expert_load`` ({layer:
+                     [tokens per expert]}: a run's ``expert_load``, e.g. from --stats)
     """
     max_seq_len: int | None = None
     max_batch: int = 8
@@ -394,6 +398,8 @@ class RuntimeConfig:
     quantize: str | None = None
     wquant: str = field(default_factory=lambda: os.environ.get("LLAMADIST_WQUANT", "torch"))
     ep_dispatch: str = "auto"
+    hot_experts: int = 0
+    expert_load: str | None = None
 
     def __post_init__(self) -> None:
         parse_quantize(self.quantize)  # refuses a malformed --quantize here, before any load
@@ -401,6 +407,14 @@ class RuntimeConfig:
         _one_of("--quant-activations", self.quant_activations, QUANT_ACTIVATIONS_CHOICES)
         _one_of("--weights", self.weights, WEIGHTS_CHOICES)
         _one_of("--ep-dispatch", self.ep_dispatch, EP_DISPATCH_CHOICES)
+        if self.hot_experts < 0:
+            raise ConfigError(f"--hot-experts must be >= 0, got {self.hot_experts}")
+        if bool(self.hot_experts) != bool(self.expert_load):
+            raise ConfigError("--hot-experts N and --expert-load FILE go together: N "
+                              "replicated experts per layer, chosen by FILE's token counts")
+        if self.hot_experts and self.ep_dispatch == "gather":
+            raise ConfigError("--hot-experts needs --ep-dispatch all_to_all or auto (the "
+                              "gather computes every expert at its owner)")
         if self.weights != "native" and self.dtype not in (None, self.weights):
             raise ConfigError(f"--weights {self.weights} with --dtype {self.dtype}: float "
                               f"weights run in the activation dtype; give one of the two")

@@ -120,6 +120,11 @@ def add_grid(p: argparse.ArgumentParser) -> None:
                    help="with --ep over replicas: how tokens reach their experts: gather "
                    "(every rank's tokens to every rank), all_to_all (only the routed rows) "
                    "or auto (per step by its token count; default)")
+    g.add_argument("--hot-experts", type=int, help="with --ep over replicas: copy each "
+                   "layer's N most-loaded experts to every rank, which then computes them "
+                   "for its own tokens (needs --expert-load)")
+    g.add_argument("--expert-load", metavar="FILE", help="JSON {layer: [tokens per "
+                   "expert]} (a run's expert_load, as --stats prints it) for --hot-experts")
 
 
 def grid_flags(args: argparse.Namespace) -> tuple[int | None, int, int, int | None]:
@@ -171,7 +176,9 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "quantize": getattr(args, "quantize", None),
              "wquant": getattr(args, "wquant", None),
              "kv_block_size": getattr(args, "kv_block_size", None),
-             "ep_dispatch": getattr(args, "ep_dispatch", None)}
+             "ep_dispatch": getattr(args, "ep_dispatch", None),
+             "hot_experts": getattr(args, "hot_experts", None),
+             "expert_load": getattr(args, "expert_load", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

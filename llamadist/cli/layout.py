@@ -71,11 +71,7 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
     nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
     ep = check_ep(config, tp, dp, ep)
-    if getattr(args, "ep_dispatch", None) and ep <= tp:
-        raise GridError(f"--ep-dispatch {args.ep_dispatch} chooses how tokens reach experts "
-                        f"spread over data-parallel replicas (--ep tp x dp, dp > 1); here "
-                        f"ep={ep} with tp={tp}: each replica keeps its experts to itself. "
-                        f"Drop --ep-dispatch, or give --dp and --ep {tp} x dp")
+    check_expert_flags(args, config, ep, tp)
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize)
@@ -112,3 +108,18 @@ def cuda_count() -> int:
         raise PlanningError("--devices cuda but this machine has no CUDA device; use --devices "
                             "cpu")
     return n
+
+
+def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int, tp: int) -> None:
+    """--ep-dispatch and --hot-experts need experts spread over replicas (ep > tp); the
+    --expert-load file is read and checked here, before any process starts."""
+    for flag in ("ep_dispatch", "hot_experts"):
+        if getattr(args, flag, None) and ep <= tp:
+            name = "--" + flag.replace("_", "-")
+            raise GridError(f"{name} {getattr(args, flag)} goes with experts spread over "
+                            f"data-parallel replicas (--ep tp x dp, dp > 1); here ep={ep} "
+                            f"with tp={tp}: each replica keeps its experts to itself. Drop "
+                            f"{name}, or give --dp and --ep {tp} x dp")
+    if getattr(args, "hot_experts", None):
+        from llamadist.parallel.expert import read_expert_load
+        read_expert_load(args.expert_load, config.num_experts)

@@ -221,6 +221,10 @@ def rank_report(session: Session) -> dict:
               "bytes_sent": rs.pipe.stats.bytes_sent}
     if st.model.config.is_moe:
         report["expert_load"] = {str(k): v for k, v in st.expert_load().items()}
+        replicas = {i: getattr(layer.block_sparse_moe, "replicas", None)
+                    for i, layer in st.model.model.layers.items()}
+        if any(replicas.values()):  # --hot-experts: the copies this rank holds
+            report["expert_replicas"] = {i: r for i, r in replicas.items() if r}
     return report
 
 

@@ -65,6 +65,7 @@ Order of the passes: build on meta -> pipeline cut -> (tensor parallel) ->
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -146,6 +147,22 @@ def hot_experts(load: Mapping[int, Sequence[int]], n: int) -> dict[int, list[int
         raise ExpertParallelError(f"hot experts: n must be >= 0, got {n}")
     return {int(layer): sorted(sorted(range(len(c)), key=lambda e: (-c[e], e))[:n])
             for layer, c in load.items()}
+
+
+def read_expert_load(path: str, num_experts: int) -> dict[int, list[int]]:
+    """{layer: tokens per expert} from a JSON file (a run's ``expert_load``), checked."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        load = {int(layer): [int(c) for c in counts] for layer, counts in raw.items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise ExpertParallelError(f"--expert-load {path}: not a JSON object of "
+                                  f"{{layer: [tokens per expert]}} ({e})") from e
+    bad = sorted(layer for layer, counts in load.items() if len(counts) != num_experts)
+    if bad:
+        raise ExpertParallelError(f"--expert-load {path}: layer(s) {bad} do not count "
+                                  f"the model's {num_experts} experts")
+    return load
 
 
 def pack_rows(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

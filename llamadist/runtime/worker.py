@@ -21,7 +21,7 @@ import torch.distributed as dist
 from llamadist.config import DEFAULT_TIMEOUT_S, RuntimeConfig
 from llamadist.distributed.faults import PeerError, Watchdog
 from llamadist.distributed.groups import ParallelGroups, init_distributed
-from llamadist.parallel.expert import expert_parallel_pass
+from llamadist.parallel.expert import expert_parallel_pass, hot_experts, read_expert_load
 from llamadist.parallel.tensor import tensor_parallel_pass
 from llamadist.planning.cost import ep_auto_crossover
 from llamadist.planning.profile import profile
@@ -68,7 +68,10 @@ def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
               lanes=0, progress=progress, runtime=rt)
     dtype, device = parse_dtype(spec.dtype), groups.ctx.device
     if spec.ep > groups.tp_size:  # experts over the stage's tp x dp ranks (TP x DP = EP)
-        kw.update(grid_expert_pass(ckpt.config, groups, spec.ep, rt.ep_dispatch, spec.dtype))
+        replicas = (hot_experts(read_expert_load(rt.expert_load, ckpt.config.num_experts),
+                                rt.hot_experts) if rt.hot_experts else None)
+        kw.update(grid_expert_pass(ckpt.config, groups, spec.ep, rt.ep_dispatch, spec.dtype,
+                                   replicas))
         return build_stage(ckpt, range(start, stop), device, dtype, rt.max_batch,
                            rt.max_seq_len, **kw)
     if groups.tp_size > 1:
@@ -80,12 +83,13 @@ def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
 
 
 def grid_expert_pass(config, groups: ParallelGroups, ep: int, dispatch: str = "auto",
-                     dtype: str = "bfloat16") -> dict:
+                     dtype: str = "bfloat16", replicas: dict | None = None) -> dict:
     """build_stage's keywords for rank (dp d, tp t) of a stage whose experts spread over
     all its tp x dp ranks: attention tensor-parallel within the replica (when tp > 1), the
     expert shares ``d * tp + t`` of ``ep``, tokens dispatched over the DP group as
     ``dispatch`` says (RuntimeConfig.ep_dispatch; "auto" by planning.cost.
-    ep_auto_crossover) and the partial sums added over the TP group (parallel.expert)."""
+    ep_auto_crossover) and the partial sums added over the TP group (parallel.expert);
+    ``replicas``: {layer: hot experts every rank holds too}."""
     if ep != groups.tp_size * groups.dp_size:
         raise ValueError(f"ep={ep} spans replicas, so it must be tp x dp = "
                          f"{groups.tp_size * groups.dp_size}")
@@ -99,7 +103,7 @@ def grid_expert_pass(config, groups: ParallelGroups, ep: int, dispatch: str = "a
         config, groups.dp.device_group, groups.dp_index * groups.tp_size + groups.tp_index,
         ep, dispatch, before=tp.get("prepare"),
         reduce_group=groups.tp.device_group if groups.tp_size > 1 else None,
-        crossover=crossover)}
+        crossover=crossover, replicas=replicas)}
 
 
 @dataclass

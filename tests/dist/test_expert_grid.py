@@ -103,27 +103,55 @@ def test_experts_over_replicas_match_one_process(grid_run, moe_reference):
     assert min(computed) < steps[0], (steps, computed)  # some rank joined empty steps
 
 
-def test_cli_ep_over_data_parallel_replicas(tiny_mixtrals):
+CLI_PROMPTS = ["--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--prompt", PROMPTS[4]]
+
+
+def cli_generate(model: Path, *flags: str) -> subprocess.CompletedProcess:
+    args = [sys.executable, "-m", "llamadist", "generate", str(model), *CLI_PROMPTS,
+            "--max-new-tokens", str(NEW), "--json", "--stats", *flags]
+    return subprocess.run(args, cwd=ROOT, env=worker_env(), text=True, capture_output=True,
+                          timeout=240)
+
+
+@pytest.fixture(scope="module")
+def one_process_cli(tiny_mixtrals) -> list[dict]:
+    one = cli_generate(tiny_mixtrals[MODEL])
+    assert one.returncode == 0, one.stderr[-2000:]
+    return [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
+
+
+def test_cli_ep_over_data_parallel_replicas(tiny_mixtrals, one_process_cli):
     """`--nproc 2 --ep 2` (dp 2 inferred): the one-process greedy tokens of each prompt."""
-    env = worker_env()
-    args = [sys.executable, "-m", "llamadist", "generate", str(tiny_mixtrals[MODEL]),
-            "--prompt", PROMPTS[0], "--prompt", PROMPTS[2], "--prompt", PROMPTS[4],
-            "--max-new-tokens", str(NEW), "--json", "--stats"]
-    one = subprocess.run(args, cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
-    many = subprocess.run(args + ["--nproc", "2", "--ep", "2"], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=240)
-    assert one.returncode == 0 and many.returncode == 0, many.stderr[-2000:]
-    seqs = [[json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
-            for r in (many, one)]
-    got, want = ([q["token_ids"] for q in r] for r in seqs)
-    assert got == want and len(want) == 3
+    many = cli_generate(tiny_mixtrals[MODEL], "--nproc", "2", "--ep", "2")
+    assert many.returncode == 0, many.stderr[-2000:]
+    got = [json.loads(line)["token_ids"] for line in many.stdout.splitlines()
+           if line.startswith("{")]
+    assert got == [q["token_ids"] for q in one_process_cli] and len(got) == 3
     # two ranks, each holding 2 of the 4 experts, each counting every routed token (the
     # all-to-all of --ep-dispatch auto on the CPU: the header carries each rank's counts):
     # top-2 of every prompt token and of every decoded token but the last
     reports = [json.loads(line) for line in many.stderr.splitlines()
                if line.startswith("{") and '"expert_load"' in line]
     assert [r["dp"] for r in reports] == [0, 1]
-    tokens = sum(len(q["prompt_token_ids"]) + NEW - 1 for q in seqs[0])
+    tokens = sum(len(q["prompt_token_ids"]) + NEW - 1 for q in one_process_cli)
     loads = [r["expert_load"] for r in reports]
     assert loads[0] == loads[1] and sorted(loads[0]) == ["0", "1", "2"]
     assert all(sum(counts) == 2 * tokens for counts in loads[0].values())
+
+
+def test_cli_hot_experts(tiny_mixtrals, one_process_cli, tmp_path):
+    """`--hot-experts 2 --expert-load FILE`: each layer's two busiest experts by the file
+    (one of each rank's share in layer 0) on both ranks: the same tokens."""
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps({"0": [1, 9, 8, 2], "1": [5, 5, 0, 1], "2": [0, 0, 3, 7]}))
+    many = cli_generate(tiny_mixtrals[MODEL], "--nproc", "2", "--ep", "2",
+                        "--ep-dispatch", "all_to_all", "--hot-experts", "2",
+                        "--expert-load", str(load))
+    assert many.returncode == 0, many.stderr[-2000:]
+    got = [json.loads(line)["token_ids"] for line in many.stdout.splitlines()
+           if line.startswith("{")]
+    assert got == [q["token_ids"] for q in one_process_cli] and len(got) == 3
+    reports = [json.loads(line) for line in many.stderr.splitlines()
+               if line.startswith("{") and '"expert_load"' in line]
+    want = {"0": [1, 2], "1": [0, 1], "2": [2, 3]}  # ties: the lower index
+    assert [r.get("expert_replicas") for r in reports] == [want, want]

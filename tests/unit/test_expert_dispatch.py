@@ -12,7 +12,7 @@ from llamadist.config import ModelConfig
 from llamadist.model.moe import SparseMoE
 from llamadist.parallel.expert import (ExpertParallelError, ExpertParallelMoE,
                                        assigned_weights, expert_owners, hot_experts, pack_rows,
-                                       route_plan, unpack_rows)
+                                       read_expert_load, route_plan, unpack_rows)
 
 
 def moe_config(experts: int = 6, k: int = 2, dim: int = 24) -> ModelConfig:
@@ -80,6 +80,18 @@ def test_hot_experts_by_load():
     assert hot_experts({"1": [4, 2]}, 0) == {1: []}
     with pytest.raises(ExpertParallelError, match="n must be"):
         hot_experts(load, -1)
+
+
+def test_read_expert_load(tmp_path):
+    good = tmp_path / "load.json"
+    good.write_text('{"0": [3, 1, 4], "2": [1, 5, 9]}')
+    assert read_expert_load(str(good), 3) == {0: [3, 1, 4], 2: [1, 5, 9]}
+    with pytest.raises(ExpertParallelError, match=r"layer\(s\) \[0, 2\] do not count"):
+        read_expert_load(str(good), 4)
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    with pytest.raises(ExpertParallelError, match="not a JSON object"):
+        read_expert_load(str(bad), 3)
 
 
 def test_replicas_only_with_the_row_dispatches():

@@ -319,6 +319,14 @@ def test_llm_takes_runtime_or_keywords_not_both(tiny_model):
     ("moe", ["--ep-dispatch", "all_to_all"], ["--ep-dispatch all_to_all", "ep=1 with tp=1"]),
     ("moe", ["--nproc", "2", "--tp", "2", "--ep", "2", "--ep-dispatch", "gather"],
      ["--ep-dispatch gather", "ep=2 with tp=2", "Drop --ep-dispatch"]),
+    ("moe", ["--nproc", "2", "--ep", "2", "--hot-experts", "1"],
+     ["--hot-experts N and --expert-load FILE go together"]),
+    ("moe", ["--nproc", "2", "--ep", "2", "--hot-experts", "1", "--expert-load",
+             "/nonexistent/load.json"], ["--expert-load /nonexistent/load.json", "JSON"]),
+    ("moe", ["--nproc", "2", "--ep", "2", "--ep-dispatch", "gather", "--hot-experts", "1",
+             "--expert-load", "x.json"], ["--hot-experts needs --ep-dispatch all_to_all"]),
+    ("moe", ["--hot-experts", "1", "--expert-load", "x.json"],
+     ["--hot-experts 1 goes with experts spread over data-parallel replicas"]),
 ])
 def test_impossible_expert_grid(capsys, tiny_model, tiny_mixtrals, model, flags, needles):
     path = tiny_model if model == "dense" else tiny_mixtrals["moe_top2_gqa"]
