@@ -25,10 +25,11 @@ How tokens meet their experts (``dispatch``):
     "all_to_all"  each rank holds its own tokens. Route them locally; send each token
                   once to every rank holding one of its experts (``route_plan``: rows
                   grouped by destination, with the token's top-k ids and weights packed
-                  into the same bytes), after one all-gather of the (ranks + 1) row counts
-                  (``header``). The receiver runs SparseMoE.expert_sum on the rows (its
-                  experts only: a weighted partial sum per row) and a second all-to-all
-                  sends them back; ``index_add_`` puts them on their tokens. Per rank only
+                  into the same bytes), after one all-gather of a small header (rows to
+                  each rank, tokens, tokens per expert). The receiver runs
+                  SparseMoE.expert_sum on the rows (its experts only: a weighted partial
+                  sum per row) and a second all-to-all sends them back; ``index_add_``
+                  puts them on their tokens. Per rank only
                   about N_r x (distinct ranks among a token's k experts) rows travel, not
                   every rank's tokens.
     "auto"        the header of "all_to_all" first; then, the same on every rank (every
@@ -44,17 +45,18 @@ How tokens meet their experts (``dispatch``):
                   ``expert_shares(E, tp*dp)[d*tp+t]``; under "all_to_all" it sends rows
                   only to ranks of its own TP index (its TP peers send the rest).
 
-Hot experts (seed 004): under "all_to_all" (and "auto") ``replicas`` puts copies of chosen experts
-(``hot_experts``: the most-loaded by the routing counters) on every rank besides its
-share; a rank computes those for its own tokens and sends no row for them
-(``assigned_weights`` zeroes the replicated slots of the rows that still travel).
+Hot experts (seed 004): under "all_to_all" (and "auto") ``replicas`` puts copies of chosen
+experts (``hot_experts``: the most-loaded by the routing counters) on every rank besides
+its share; a rank computes those for its own tokens and sends no row for them
+(``assigned_weights`` zeroes the replicated slots of the rows that still travel; a
+gathered step leaves each replicated expert to its owner).
 
 Every rank of a token-local dispatch counts (``routed``) every rank's tokens: the gather
 routes them all; the all-to-all's header carries each rank's tokens per expert. So one
 rank's counters cover its replicas' traffic (what the front of one world reports).
 
 A data-parallel replica with nothing to compute in a step must still join its MoE
-layers' collectives (``join_expert_collectives``: zero tokens through every gather
+layers' collectives (``join_expert_collectives``: zero tokens through every token-local
 block), or the replicas that have work wait for it forever: the engine steps such
 replicas in lockstep (engine.LLMEngine ``lockstep``).
 
