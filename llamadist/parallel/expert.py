@@ -29,9 +29,8 @@ How tokens meet their experts (``dispatch``):
                   each rank, tokens, tokens per expert). The receiver runs
                   SparseMoE.expert_sum on the rows (its experts only: a weighted partial
                   sum per row) and a second all-to-all sends them back; ``index_add_``
-                  puts them on their tokens. Per rank only
-                  about N_r x (distinct ranks among a token's k experts) rows travel, not
-                  every rank's tokens.
+                  puts them on their tokens. Per rank only about N_r x (distinct ranks
+                  among a token's k experts) rows travel, not every rank's tokens.
     "auto"        the header of "all_to_all" first; then, the same on every rank (every
                   rank has every count), "gather" for a step of at most ``crossover``
                   tokens over the ranks and "all_to_all" above (planning.cost.
