@@ -96,7 +96,7 @@ class StepPlan:
                              cpu_decode.qscratch_bytes(a) > 0): a for a in protos}.values())
 
     def int8_flags(self) -> tuple:
-        return tuple(map(_int8_of, self.quantized))
+        return tuple(map(_INT8_X, self.quantized))  # every quantized weight has int8_x
 
     def holds(self) -> bool:
         dicts, keys, objs = self.checks
@@ -128,6 +128,9 @@ class StepPlan:
             self.caches.pop(next(iter(self.caches)))
         self.caches[id(store)] = (store, layers, kept, k.shape)
         return layers, k.shape
+
+
+_INT8_X = operator.attrgetter("int8_x")
 
 
 def _int8_of(w) -> bool:

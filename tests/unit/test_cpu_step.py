@@ -203,3 +203,62 @@ def test_whole_step_equals_per_layer_paged(kind, stages, seqs, monkeypatch):
     for a, b in zip(got, ref):
         assert a.shape == b.shape == (seqs, VOCAB)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_many_rows_run_the_head_in_pytorch(monkeypatch):
+    """Past cpu_decode.MAX_ROWS rows the C step runs the layers, PyTorch the final norm
+    and the head (its GEMM); the logits still equal the per-layer path's."""
+    models = stage_models("Q8_0", 1)
+    batch = cpu_decode.MAX_ROWS + 1
+    prompt = torch.randint(0, VOCAB, (batch, 3), generator=torch.Generator().manual_seed(3))
+    ref, ref_tokens = run_static(stages_of(models, batch, False), prompt, 2, False)
+    calls = counting_step(monkeypatch)
+    got, tokens = run_static(stages_of(models, batch, True), prompt, 2, False)
+    assert calls == {"steps": 2, "layers": 2 * LAYERS, "head": 0}
+    assert tokens == ref_tokens
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+def test_plan_is_rebuilt_when_the_model_changes():
+    """The plan is made once and reused; a replaced weight, a changed int8_x flag or a
+    replaced head make a new one (the old pointers would read freed or stale memory)."""
+    (model,) = stage_models("Q4_1", 1)
+    first = cpu_step.plan_for(model)
+    assert first is not None and cpu_step.plan_for(model) is first
+    layer = model.model.layers["1"]
+    w = layer.mlp.down_proj.weight
+    del layer.mlp.down_proj.weight
+    layer.mlp.down_proj.weight = QuantizedTensor(w.blocks.clone(), w.qtype, tuple(w.shape))
+    second = cpu_step.plan_for(model)
+    assert second is not None and second is not first
+    assert cpu_step.plan_for(model) is second
+    layer.self_attn.o_proj.weight.int8_x = True
+    third = cpu_step.plan_for(model)
+    assert third is not second and third.protos[1].int8_x and not third.protos[0].int8_x
+    model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 256), requires_grad=False)
+    fourth = cpu_step.plan_for(model)
+    assert fourth is not third and fourth.head["t_head"] == 0
+
+
+def test_steps_it_does_not_take_return_none():
+    """A prefill, a tensor start, a bfloat16 layer, a mixture-of-experts layer: None (the
+    stage then runs the model's forward)."""
+    (model,) = stage_models("f32", 1)
+    cache = Stage(model, torch.device("cpu"), torch.float32, 1, 64).caches[0]
+    with torch.inference_mode():
+        assert cpu_step.decode_step(model, torch.tensor([[1, 2]]), torch.tensor([[0, 1]]),
+                                    cache, 0, None) is None
+        assert cpu_step.decode_step(model, torch.tensor([[1]]), torch.tensor([[0]]), cache,
+                                    torch.tensor(0), None) is None
+        assert cpu_step.decode_step(model, torch.tensor([[1]]), torch.tensor([[0]]), cache,
+                                    0, None) is not None
+    layer = model.model.layers["2"]
+    layer.mlp.down_proj.weight = torch.nn.Parameter(
+        layer.mlp.down_proj.weight.bfloat16(), requires_grad=False)
+    assert cpu_step.plan_for(model) is None
+    moe = Llama(ModelConfig.from_hf_dict(dict(
+        architectures=["MixtralForCausalLM"], vocab_size=VOCAB, num_hidden_layers=1,
+        hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+        num_local_experts=2, num_experts_per_tok=1)))
+    assert cpu_step.build_plan(moe) is None
