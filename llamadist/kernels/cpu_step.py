@@ -53,7 +53,7 @@ class StepArgs(ctypes.Structure):
 
 _step_fn = None
 _bind_lock = threading.Lock()
-MAX_CACHES = 4  # caches (static lanes, paged caches) a plan keeps layer arrays for
+MAX_CACHES = 8  # caches (static lanes, paged caches) a plan keeps layer arrays for
 
 
 def _bound():
