@@ -3,6 +3,7 @@ model, in one run on one machine (issue 16).
 
     python benchmarks/quant_cpu.py [--gen 64] [--repeats 5] [--prompt-tokens 128]
                                    [--threads N] [--models F.gguf ...] [--llama-bench PATH]
+                                   [--per-layer] [--configs NAME ...]
 
 Three engines from the same GGUF: ``--weights native`` with float32 activations (the
 default: blocks dequantized in registers), native with ``--quant-activations int8``
@@ -15,6 +16,10 @@ llama.cpp's llama-quantize) in the same run. ``--llama-bench``: llama.cpp's llam
 the same files, thread count, prompt and generation lengths, one repetition inside each
 round of the interleaved repeats (not part of llamadist; build it yourself, see
 RESULTS.md); its rows come last in the table (decode and prefill tokens/s).
+``--per-layer``: each row once more with the decode step run as one C call per decoder
+layer and the head on its own (the path before ``llamadist.kernels.cpu_step``), for a
+before/after comparison in the same interleaved rounds. ``--configs``: only these of
+the three ways (default all).
 """
 
 from __future__ import annotations
@@ -82,18 +87,25 @@ def llama_bench(path: str, model: str, threads: int, gen: int, prompt: int) -> t
     return tg, pp
 
 
-def engines_for(paths: list[str], max_seq: int) -> dict[str, tuple[object, float]]:
-    """{row label: (engine, load seconds)}: the three ways for a file with block tensors,
-    the file as stored (F16/F32: float32) otherwise."""
+def engines_for(paths: list[str], max_seq: int, configs: list[str],
+                per_layer: bool = False) -> dict[str, tuple[object, float]]:
+    """{row label: (engine, load seconds)}: the ``configs`` (keys of CONFIGS) for a file
+    with block tensors, the file as stored (F16/F32: float32) otherwise; ``per_layer``:
+    each also without the whole-step C call (``Stage.step_fn`` None)."""
     out = {}
     for path in paths:
         ckpt = open_checkpoint(path)
         quant_type = getattr(ckpt, "quant_type", lambda name: None)
         blocks = any(quant_type(n) is not None for n in ckpt.names())
         for name, rt in CONFIGS.items():
-            if blocks or name.startswith("float32"):
+            if (blocks and name in configs) or (not blocks and name.startswith("float32")):
                 label = f"{os.path.basename(path)}: {name if blocks else 'float32'}"
                 out[label] = load(ckpt, max_seq, **rt)
+                if per_layer:
+                    eng, secs = load(ckpt, max_seq, **rt)
+                    for stage in eng.stages:
+                        stage.step_fn = None
+                    out[label + ", per-layer C calls"] = (eng, secs)
     return out
 
 
@@ -108,7 +120,9 @@ def report(results: dict, engines: dict, llama: dict, args: argparse.Namespace,
     print("| weights | decode tok/s median | best | prefill tok/s median | weight MB "
           "| GB/s at median | load s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
-    base_label = next(k for k in results if k.endswith("float32 (dequantized)"))
+    # ratios against the dequantized float32 model where it ran, else the first row
+    base_label = next((k for k in results if k.endswith("float32 (dequantized)")),
+                      next(iter(results)))
     base = statistics.median(r[0] for r in results[base_label])
     for name, runs in results.items():
         eng, load_s = engines[name]
@@ -137,13 +151,18 @@ def main() -> None:
     p.add_argument("--models", nargs="*", help="GGUF files of SmolLM2 in other types (e.g. "
                    "Q8_0, F16 from llama-quantize); default: the Q4_1 file alone")
     p.add_argument("--llama-bench", help="path of llama.cpp's llama-bench binary")
+    p.add_argument("--per-layer", action="store_true", help="each row also with one C call "
+                   "per decoder layer (the path before the whole-step call)")
+    p.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS),
+                   help="which ways to run a quantized file (default all)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = [str(resolve_model_path("smollm2-135m"))] + (args.models or [])
     tok = open_checkpoint(paths[0]).tokenizer()
     ids = (tok.encode(TEXT * 20))[:args.prompt_tokens]
-    engines = engines_for(paths, args.prompt_tokens + args.gen + 8)
+    engines = engines_for(paths, args.prompt_tokens + args.gen + 8, args.configs,
+                          args.per_layer)
     results: dict[str, list[tuple[float, float, list[int]]]] = {n: [] for n in engines}
     for name, (eng, _) in engines.items():  # warm-up: kernels built, caches touched
         run_once(eng, ids, 4)

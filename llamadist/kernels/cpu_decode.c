@@ -1,6 +1,7 @@
-/* CPU decode kernels, float32: the linear y = x W^T (+ b) for a few rows of x, and a
-   whole decoder layer for one new token per sequence, over a static KV cache (a row of
-   slots per sequence) or a paged one (per row a block table and a length).
+/* CPU decode kernels, float32: the linear y = x W^T (+ b) for a few rows of x, a whole
+   decoder layer for one new token per sequence, over a static KV cache (a row of slots
+   per sequence) or a paged one (per row a block table and a length), and a stage's whole
+   decode step (every layer, then the final norm and the head) in one parallel region.
 
    Decode reads every weight once per step and does two flops per four bytes, so the step
    runs at the speed the weights stream from memory, plus whatever the step spends around
@@ -119,6 +120,43 @@ static void rotate(const float *x, const float *cos, const float *sin, float *ou
     }
 }
 
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+/* exp(x) for 8 floats (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial
+   in r, times 2^n), within 2 ulp of expf; x clamped to [-87, 88] (2^n stays a normal
+   float). Every thread computes the whole SwiGLU product itself (no barrier), so the
+   scalar expf's ~6 ns a value (~9 us a SmolLM2 layer) is worth vectorizing. */
+static inline v8 exp8(v8 x) {
+    const v8 hi = {88.0f, 88.0f, 88.0f, 88.0f, 88.0f, 88.0f, 88.0f, 88.0f};
+    const v8 lo = hi * 0.0f - 87.0f;
+    v8i big = x > hi, small = x < lo;
+    x = (v8)(((v8i)x & ~big) | ((v8i)hi & big));
+    x = (v8)(((v8i)x & ~small) | ((v8i)lo & small));
+    const v8 magic = x * 0.0f + 12582912.0f; /* 1.5 * 2^23: adding it rounds to an integer */
+    const v8 n = (x * 1.44269504088896341f + magic) - magic;
+    const v8 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v8 p = r * 0.0f + 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const v8i scale = (__builtin_convertvector(n, v8i) + 127) << 23; /* 2^n */
+    return p * (v8)scale;
+}
+
+/* act = silu(gate) * up over n values: gate / (1 + exp(-gate)) * up. */
+static void swiglu(const float *gate, const float *up, float *act, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const v8 g = load8(gate + i), u = load8(up + i);
+        const v8 y = g / (1.0f + exp8(-g)) * u;
+        memcpy(act + i, &y, sizeof y);
+    }
+    for (; i < n; ++i) act[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
+}
+
 /* Rows of one weight format within a fused weight (float32 or GGUF blocks). */
 typedef struct {
     const void *w;
@@ -232,7 +270,18 @@ static inline int64_t private_floats(const layer_args *a) {
     return (a->batch * (a->dim + a->inter) + 15) / 16 * 16;
 }
 
-void llamadist_decode_layer_f32(const layer_args *a) {
+/* This thread's private scratch: after the shared q|k|v (B, q + 2 kv), attention output
+   (B, q), gate|up (B, 2F) and probabilities (B * H, len). */
+static inline float *private_scratch(const layer_args *a) {
+    const int64_t q = a->heads * a->head_dim, kv = a->kv_heads * a->head_dim;
+    return a->scratch + a->batch * (2 * q + 2 * kv + 2 * a->inter + a->heads * a->len)
+           + omp_get_thread_num() * private_floats(a);
+}
+
+/* One decoder layer, run by every thread of the team (an orphaned region: the caller
+   opened the parallel region). Ends at the down projection's worksharing loop, whose
+   implicit barrier leaves a->h complete for whatever the team does next. */
+static void layer_team(const layer_args *a) {
     const int64_t B = a->batch, D = a->dim, hd = a->head_dim, H = a->heads, Hkv = a->kv_heads;
     const int64_t q_size = H * hd, kv_size = Hkv * hd, qkv_n = q_size + 2 * kv_size;
     const int64_t group = H / Hkv, F = a->inter;
@@ -240,16 +289,15 @@ void llamadist_decode_layer_f32(const layer_args *a) {
     float *att = qkv + B * qkv_n;           /* (B, q_size) attention output */
     float *gu = att + B * q_size;           /* (B, 2F) gate|up */
     float *probs = gu + B * 2 * F;          /* (B * H, len) */
-    float *priv = probs + B * H * a->len;   /* per thread: xn (B, D), act (B, F) */
+    /* then per thread: xn (B, D), act (B, F) (private_scratch) */
     void *qs = a->qscratch;
     const int q8 = (int)a->int8_x;
     /* Barriers only where a step reads what other threads wrote: after each projection,
        RoPE and attention. The norms and the SwiGLU product (a few thousand floats) are
        computed by every thread into its own scratch instead: on 2 shared cores a barrier
        costs a time slice whenever one thread of the team is preempted. */
-#pragma omp parallel num_threads((int)a->threads)
     {
-        float *xn = priv + omp_get_thread_num() * private_floats(a), *act = xn + B * D;
+        float *xn = private_scratch(a), *act = xn + B * D;
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);
         seg_linear_for(q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B,
                        qkv_n, D, D, qkv_n, qs);
@@ -282,10 +330,72 @@ void llamadist_decode_layer_f32(const layer_args *a) {
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm2, xn + b * D, D, a->eps);
         seg_linear_for(q8, a->seg_gu, a->n_seg_gu, a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F,
                        D, D, 2 * F, qs);
-        for (int64_t i = 0; i < B * F; ++i) {
-            const float g = gu[(i / F) * 2 * F + i % F];
-            act[i] = g / (1.0f + expf(-g)) * gu[(i / F) * 2 * F + F + i % F];
-        }
+        for (int64_t b = 0; b < B; ++b) swiglu(gu + b * 2 * F, gu + b * 2 * F + F, act + b * F, F);
         any_linear_for(q8, a->t_down, act, a->w_down, a->b_down, a->h, B, D, F, F, D, 1, qs);
+    }
+}
+
+void llamadist_decode_layer_f32(const layer_args *a) {
+    (void)current_isa(); /* the GEMVs' dispatch level, decided before the team starts */
+#pragma omp parallel num_threads((int)a->threads)
+    layer_team(a);
+}
+
+/* A whole decode step of a stage: every layer, then (with a head) the final RMSNorm and
+   the head's GEMV, in one parallel region. The per-layer prototypes hold what does not
+   change between steps (shapes, weights, cache tensors and their strides, cpu_decode.py
+   builds them once); the fields below are this step's, shared by every layer. */
+typedef struct {
+    int64_t n_layers;
+    const layer_args *layers;           /* (n_layers) prototypes */
+    int64_t batch, len, start;          /* as layer_args */
+    float *h;                           /* (batch, dim) in: the stage's input; out: its
+                                           hidden state (without the final norm) */
+    const int32_t *block_table;
+    int64_t bt_stride;
+    const int32_t *lens;
+    const float *cos, *sin;
+    int64_t cs_b;
+    const uint8_t *mask;
+    int64_t mask_b;
+    float *scratch;                     /* the largest layer's scratch_floats() */
+    void *qscratch;                     /* and its quantized activations */
+    int64_t threads;
+    const float *norm;                  /* (dim) the final RMSNorm; NULL: no head */
+    float norm_eps;
+    const void *w_head;                 /* (vocab, dim), float32 or GGUF blocks */
+    const float *b_head;
+    int64_t t_head, vocab, int8_head;
+    float *logits;                      /* (batch, vocab) */
+} step_args;
+
+static void step_layer(const step_args *s, int64_t i, layer_args *a) {
+    *a = s->layers[i];
+    a->batch = s->batch; a->len = s->len; a->start = s->start; a->h = s->h;
+    a->block_table = s->block_table; a->bt_stride = s->bt_stride; a->lens = s->lens;
+    a->cos = s->cos; a->sin = s->sin; a->cs_b = s->cs_b;
+    a->mask = s->mask; a->mask_b = s->mask_b;
+    a->scratch = s->scratch; a->qscratch = s->qscratch; a->threads = s->threads;
+}
+
+void llamadist_decode_step_f32(const step_args *s) {
+    (void)current_isa();
+#pragma omp parallel num_threads((int)s->threads)
+    {
+        layer_args a;
+        for (int64_t i = 0; i < s->n_layers; ++i) {
+            step_layer(s, i, &a);
+            layer_team(&a); /* ends on a barrier: h is whole before the next layer reads it */
+        }
+        if (s->norm) {
+            /* every thread norms the rows itself (its private scratch, as the layers' norms),
+               then the threads split the head's rows */
+            const int64_t B = s->batch, D = a.dim;
+            float *xn = private_scratch(&a);
+            for (int64_t b = 0; b < B; ++b) rms_norm(s->h + b * D, s->norm, xn + b * D, D,
+                                                     s->norm_eps);
+            any_linear_for((int)s->int8_head, s->t_head, xn, s->w_head, s->b_head, s->logits,
+                           B, s->vocab, D, D, s->vocab, 0, s->qscratch);
+        }
     }
 }

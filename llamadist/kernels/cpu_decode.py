@@ -3,6 +3,8 @@ kernel of our own for a few rows (``CpuLinear`` is the nn.Linear that calls it),
 ``decode_layer``, a whole decoder layer for one new token per sequence in one call (the
 ``layer_fn`` of ``Llama.forward`` on the CPU). This module knows nothing of the model: the
 runtime's kernel pass (llamadist.runtime.kernel_passes) swaps these in over a built one.
+A stage's whole decode step (every layer, the final norm and the head) in one call is
+llamadist.kernels.cpu_step, over the same C layer (``llamadist_decode_step_f32``).
 
 Batch-1 decode on a CPU is a chain of GEMVs, each reading its whole weight once; the step
 runs at the speed the weights stream from memory, plus what it spends around them.

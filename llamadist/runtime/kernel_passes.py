@@ -8,6 +8,9 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   on the CPU go to the C GEMV), and the tensor-parallel linears' ``linear_fn`` becomes
   ``cpu_decode.linear``. The C decoder layer, ``cpu_decode.decode_layer``, is a
   ``layer_fn`` rather than a module swap: ``decode_layer_fn`` says when a stage uses it.
+  ``decode_step_fn`` likewise gives a CPU stage ``cpu_step.decode_step``, a whole decode
+  step (every layer, the final norm and the head) in one C call, tried before the model's
+  forward.
 * ``set_decode_attention``: each Attention's one-token attention, on CUDA the split-KV
   Triton kernel where it applies (a tensor start: the graph path) or SDPA, as
   ``RuntimeConfig.decode_attention`` says.
@@ -46,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import RuntimeConfig
-from llamadist.kernels import cpu_decode
+from llamadist.kernels import cpu_decode, cpu_step
 from llamadist.kernels import decode_attention as split_kv
 from llamadist.kernels import moe_grouped
 from llamadist.kernels import paged_attention as paged_kernel
@@ -60,6 +63,9 @@ LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 # (q (S, H, D), k (S, H_kv, D), v, kv (2, NB, H_kv, bs, D), slot_mapping (S,),
 #  block_tables (S, MB) int32, seq_lens (S,) int32, splits) -> (S, H, D); writes k/v.
 PagedDecode = Callable[..., torch.Tensor]
+# (model, x, positions, cache, start, mask, logits) -> the stage's output, or None where
+# the step is not one it takes (see cpu_step.decode_step)
+StepFn = Callable[..., torch.Tensor | None]
 
 
 def use_cpu_linear(model: nn.Module) -> nn.Module:
@@ -132,6 +138,16 @@ def decode_layer_fn(device: torch.device, runtime: RuntimeConfig) -> LayerFn | N
     None (each layer's forward) elsewhere."""
     if device.type == "cpu" and runtime.cpu_kernels:
         return cpu_decode.decode_layer
+    return None
+
+
+def decode_step_fn(device: torch.device, runtime: RuntimeConfig) -> StepFn | None:
+    """What a stage tries first for a decode step: on the CPU with ``cpu_kernels``, the
+    whole step in one C call (``cpu_step.decode_step``: it returns None where it does not
+    apply, and the stage runs its model's forward with ``decode_layer_fn``); None
+    elsewhere."""
+    if device.type == "cpu" and runtime.cpu_kernels:
+        return cpu_step.decode_step
     return None
 
 

@@ -19,7 +19,7 @@ from llamadist.model.llama import Llama
 from llamadist.model.moe import count_routing, routing_counts
 from llamadist.parallel.tensor import Group, tensor_parallel_pass
 from llamadist.runtime.kernel_passes import (apply_kernel_passes, decode_layer_fn,
-                                             paged_decode_fn)
+                                             decode_step_fn, paged_decode_fn)
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
@@ -77,6 +77,8 @@ class Stage:
                                num_kv_heads) for _ in range(lanes)]
         self.stats = StageStats()
         self.layer_fn = decode_layer_fn(device, runtime or RuntimeConfig())
+        # Tried first for a decode step: the whole step in one C call on the CPU, or None.
+        self.step_fn = decode_step_fn(device, runtime or RuntimeConfig())
         # The paged cache's decode-only attention (the Triton kernel on CUDA) or None.
         self.paged_decode = paged_decode_fn(device, runtime or RuntimeConfig())
         self.num_kv_heads = num_kv_heads
@@ -111,8 +113,14 @@ class Stage:
                                f"paged engine: use forward_paged, or build it with a static "
                                f"cache)")
         t0 = time.perf_counter()
-        # On the CPU a decode step runs each decoder layer as one C call where it applies.
-        out = self.model(x, positions, self.caches[lane], start, mask, logits, self.layer_fn)
+        # On the CPU a decode step is one C call where it applies (step_fn), else each
+        # decoder layer is one C call where it applies (layer_fn).
+        out = None
+        if self.step_fn is not None and x.shape[1] == 1:
+            out = self.step_fn(self.model, x, positions, self.caches[lane], start, mask, logits)
+        if out is None:
+            out = self.model(x, positions, self.caches[lane], start, mask, logits,
+                             self.layer_fn)
         if timed:
             sync(self.device)
             self.stats.compute_s += time.perf_counter() - t0
@@ -145,9 +153,13 @@ class Stage:
         b, t = batch.token_shape
         if x.dim() == 1:
             x = x.view(b, t)
-        out = self.model(x, batch.positions.view(b, t), PagedStep(self.paged, batch), 0, None,
-                         "last", self.layer_fn, logits_index=batch.last_token_index
-                         if batch.logits_index is None else batch.logits_index)
+        cache, positions, out = PagedStep(self.paged, batch), batch.positions.view(b, t), None
+        if self.step_fn is not None and batch.is_decode:  # row s is sequence s's token
+            out = self.step_fn(self.model, x, positions, cache, 0, None, "last")
+        if out is None:
+            out = self.model(x, positions, cache, 0, None, "last", self.layer_fn,
+                             logits_index=batch.last_token_index
+                             if batch.logits_index is None else batch.logits_index)
         if timed:
             sync(self.device)
             self.stats.compute_s += time.perf_counter() - t0

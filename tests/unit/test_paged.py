@@ -115,16 +115,24 @@ def test_num_blocks_for(tiny_models):
 
 
 def counting_c_layer(monkeypatch) -> dict:
-    """Wrap the C decoder layer: counts its static and its paged (block-table) calls."""
+    """Wrap the C decoder layer and the C whole step (llamadist.kernels.cpu_step): counts
+    the layers each ran over a static cache and over a paged one (block tables)."""
+    from llamadist.kernels import cpu_step
     assert cpu_decode.available()
-    inner = cpu_decode._layer_fn
+    inner, inner_step = cpu_decode._layer_fn, cpu_step._bound()
     calls = {"static": 0, "paged": 0}
 
     def layer_fn(args):
         a = ctypes.cast(args, ctypes.POINTER(cpu_decode.LayerArgs)).contents
         calls["paged" if a.block_table else "static"] += 1
         inner(args)
+
+    def step_fn(args):
+        s = ctypes.cast(args, ctypes.POINTER(cpu_step.StepArgs)).contents
+        calls["paged" if s.block_table else "static"] += s.n_layers
+        inner_step(args)
     monkeypatch.setattr(cpu_decode, "_layer_fn", layer_fn)
+    monkeypatch.setattr(cpu_step, "_step_fn", step_fn)
     return calls
 
 

@@ -1,0 +1,329 @@
+"""A stage's whole decode step in one C call: every decoder layer, then the final RMSNorm
+and the head's GEMV when the stage has them (``llamadist_decode_step_f32`` of
+cpu_decode.c), for one new token per sequence on the CPU.
+
+The per-layer path (``cpu_decode.decode_layer``, one C call per layer) spends 14-50 us of
+Python before each layer (finding its weights, filling its arguments) and runs the head
+as a separate call: on SmolLM2-135M (30 layers) about 3.9 ms of Python in a 9.8 ms step
+(benchmarks/RESULTS.md). Here the layers' arguments are built once into a ``StepPlan``
+(a C array of ``cpu_decode.LayerArgs``, one per layer, with the cache tensors and strides
+of each cache the stage steps over) and cached on the model; a step checks the plan still
+describes the model (one pass over a flat tuple of (dict, key, object) triples: a weight
+or module replaced since makes a new plan), fills a dozen fields of ``StepArgs`` and calls
+C once. The C code runs all of it in one OpenMP parallel region, with the per-layer
+path's barriers (six a layer) and nothing more: a layer's last worksharing loop ends on
+the barrier that the next layer's first read needs.
+
+``decode_step`` returns None wherever it does not apply (a prefill, a layer the C layer
+does not take, a mixture-of-experts or tensor-parallel stage, activations not float32,
+a paged step that is not decode-only): the caller then runs the model's own forward,
+whose layers still take the per-layer C path where they can. The math is the per-layer
+path's, operation for operation, so a step gives the same logits to float rounding (the
+head's dot products are summed in another order than PyTorch's). The head in C serves up
+to ``cpu_decode.MAX_ROWS`` rows (beyond, the final norm and the head run in PyTorch,
+whose GEMM is the better tool there). This module knows nothing of the model's classes;
+like ``cpu_decode`` it reads the modules by their attribute names, and the runtime's
+kernel pass decides when it serves (llamadist.runtime.kernel_passes.decode_step_fn).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import operator
+import threading
+
+import torch
+from torch import nn
+
+from llamadist.kernels import cpu_decode
+from llamadist.kernels.cpu_decode import LayerArgs
+
+_P, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+class StepArgs(ctypes.Structure):
+    """``step_args`` of cpu_decode.c, field for field."""
+    _fields_ = [("n_layers", _I64), ("layers", _P), ("batch", _I64), ("len", _I64),
+                ("start", _I64), ("h", _P), ("block_table", _P), ("bt_stride", _I64),
+                ("lens", _P), ("cos", _P), ("sin", _P), ("cs_b", _I64), ("mask", _P),
+                ("mask_b", _I64), ("scratch", _P), ("qscratch", _P), ("threads", _I64),
+                ("norm", _P), ("norm_eps", ctypes.c_float), ("w_head", _P), ("b_head", _P),
+                ("t_head", _I64), ("vocab", _I64), ("int8_head", _I64), ("logits", _P)]
+
+
+_step_fn = None
+_bind_lock = threading.Lock()
+MAX_CACHES = 8  # caches (static lanes, paged caches) a plan keeps layer arrays for
+
+
+def _bound():
+    """The C step function with its signature set (None: no kernels here)."""
+    global _step_fn
+    if _step_fn is None:
+        lib = cpu_decode.library()
+        if lib is None:
+            return None
+        with _bind_lock:
+            fn = lib.llamadist_decode_step_f32
+            fn.restype = None
+            fn.argtypes = [ctypes.POINTER(StepArgs)]
+            _step_fn = fn
+    return _step_fn
+
+
+class StepPlan:
+    """What a stage's decode step passes to C and what it checks first: the layers'
+    prototypes (weights, shapes), the head's fields, and per cache a C array of the
+    prototypes with that cache's tensors filled in.
+
+    ``checks`` is (dicts, keys, objects): the plan holds while ``d.get(k) is o`` for
+    every triple (modules, weights, biases and norms in the places the plan read them
+    from); ``quantized`` the quantized weights whose ``int8_x`` flags (``flags``) the
+    plan baked in."""
+
+    def __init__(self, protos: list[LayerArgs], layer_ids: list[int], keep: list,
+                 checks: tuple, quantized: list, head: dict | None):
+        self.protos = protos
+        self.layer_ids = layer_ids  # the global index of each prototype's layer
+        self.keep = keep  # the tensors the pointers point into
+        self.checks = checks
+        self.quantized = quantized
+        self.flags = self.int8_flags()
+        self.head = head  # StepArgs head fields, or None: the stage has no head
+        self.caches: dict[int, tuple] = {}  # id(cache) -> (cache, layers array, paged)
+        # one prototype per distinct layer shape: the scratch is sized by the widest
+        self.shapes = list({(a.dim, a.heads, a.kv_heads, a.head_dim, a.inter,
+                             cpu_decode.qscratch_bytes(a) > 0): a for a in protos}.values())
+
+    def int8_flags(self) -> tuple:
+        return tuple(map(_INT8_X, self.quantized))  # every quantized weight has int8_x
+
+    def holds(self) -> bool:
+        dicts, keys, objs = self.checks
+        return (all(map(operator.is_, map(dict.get, dicts, keys), objs))
+                and self.int8_flags() == self.flags)
+
+    def layers_for(self, store, cache, paged: bool) -> tuple | None:
+        """(the C array of layer arguments over ``cache``, the shape of a layer's K) made
+        on first use for ``store`` (the object that owns the cache's tensors: a static
+        KVCache, or the paged cache under a step's view), or None where the C layer
+        cannot read that cache."""
+        entry = self.caches.get(id(store))
+        if entry is not None and entry[0] is store:
+            return entry[1], entry[3]
+        layers = (LayerArgs * len(self.protos))()
+        kept = []
+        for i, proto in enumerate(self.protos):
+            lc = cache.layer(self.layer_ids[i])
+            k, v = lc.k, lc.v
+            if not (cpu_decode._cache_ok(k, v) and (paged or k.stride(2) == k.shape[3])):
+                return None
+            a = layers[i]
+            ctypes.memmove(ctypes.addressof(a), ctypes.addressof(proto), ctypes.sizeof(a))
+            a.k_cache, a.v_cache = k.data_ptr(), v.data_ptr()
+            a.cache_b, a.cache_h, a.cache_t = k.stride(0), k.stride(1), k.stride(2)
+            a.block_size = k.shape[2] if paged else 0
+            kept.append((k, v))
+        if len(self.caches) >= MAX_CACHES:  # a stage re-made its caches: forget the oldest
+            self.caches.pop(next(iter(self.caches)))
+        self.caches[id(store)] = (store, layers, kept, k.shape)
+        return layers, k.shape
+
+
+_INT8_X = operator.attrgetter("int8_x")
+
+
+def _int8_of(w) -> bool:
+    return bool(getattr(w, "int8_x", False))
+
+
+def _weight_place(module: nn.Module) -> tuple[dict, object]:
+    """(the dict ``cpu_decode._weight`` finds the module's weight in, the weight)."""
+    w = module._parameters.get("weight")
+    if w is not None:
+        return module._parameters, w
+    return module.__dict__, module.__dict__.get("weight")
+
+
+def _is_quantized(w) -> bool:
+    return hasattr(w, "qtype") or hasattr(w, "parts")
+
+
+def _layer_checks(layer: nn.Module, out: list) -> None:
+    """Append the (dict, key, object) triples a layer's prototype was read from."""
+    sub = layer._modules
+    attn, mlp = sub["self_attn"], sub["mlp"]
+    out += [(sub, "self_attn", attn), (sub, "mlp", mlp)]
+    for parent, name in ((attn, "qkv_proj"), (attn, "o_proj"), (mlp, "gate_up_proj"),
+                         (mlp, "down_proj")):
+        mod = parent._modules[name]
+        place, w = _weight_place(mod)
+        out += [(parent._modules, name, mod), (place, "weight", w),
+                (mod._parameters, "bias", mod._parameters.get("bias"))]
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        norm = sub[name]
+        out += [(sub, name, norm), (norm._parameters, "weight", norm._parameters["weight"]),
+                (norm.__dict__, "eps", norm.__dict__.get("eps"))]
+
+
+def _head_fields(model: nn.Module, checks: list, quantized: list) -> dict | None:
+    """StepArgs' head fields of a stage whose final norm and head the C step takes
+    (float32 norm, a plain linear over float32 or GGUF block weights); None otherwise."""
+    top, inner = model._modules, model._modules["model"]._modules
+    head, norm = top.get("lm_head"), inner.get("norm")
+    if type(head) not in cpu_decode._PLAIN_LINEARS or norm is None:
+        return None
+    place, w = _weight_place(head)
+    bias, nw = head._parameters.get("bias"), norm._parameters.get("weight")
+    if (w is None or hasattr(w, "parts") or not cpu_decode._usable(w)
+            or nw is None or not cpu_decode._usable(nw)
+            or (bias is not None and not cpu_decode._usable(bias))):
+        return None
+    checks += [(top, "lm_head", head), (place, "weight", w),
+               (head._parameters, "bias", bias), (inner, "norm", norm),
+               (norm._parameters, "weight", nw), (norm.__dict__, "eps", norm.__dict__.get("eps"))]
+    if _is_quantized(w):
+        quantized.append(w)
+    return dict(norm=nw.data_ptr(), norm_eps=norm.eps, w_head=cpu_decode._ptr(w),
+                b_head=None if bias is None else bias.data_ptr(),
+                t_head=getattr(w, "qtype", 0), vocab=w.shape[0], int8_head=_int8_of(w),
+                keep=(w, bias, nw))
+
+
+def build_plan(model: nn.Module) -> StepPlan | None:
+    """The StepPlan of a built model (a stage), or None where a layer is not one the C
+    layer takes (``cpu_decode._layer_weights``) or the stage has no layers."""
+    inner = model._modules["model"]
+    layers = inner._modules["layers"]
+    if not len(layers):
+        return None
+    checks: list = [(inner._modules, "layers", layers)]
+    protos, keep, quantized, ids = [], [], [], []
+    for idx, layer in layers._modules.items():
+        if layer._modules.get("mlp") is None:
+            return None
+        found = cpu_decode._layer_weights(layer)
+        if found is None:
+            return None
+        tensors, proto = found
+        a = LayerArgs.from_buffer_copy(proto)
+        a.int8_x = any(getattr(t, "int8_x", False) for t in tensors[0:8:2])
+        protos.append(a)
+        keep.append(tensors)
+        ids.append(int(idx))
+        checks.append((layers._modules, idx, layer))
+        _layer_checks(layer, checks)
+        quantized += [t for t in tensors[0:8:2] if _is_quantized(t)]
+    head = _head_fields(model, checks, quantized) if model.has_head else None
+    if model.has_head and head is None:
+        return None
+    return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head)
+
+
+def plan_for(model: nn.Module) -> StepPlan | None:
+    """The model's StepPlan, made on first use and again whenever it no longer holds;
+    None (also remembered until the model changes) where the C step does not apply."""
+    cached = model.__dict__.get("_cpu_step")
+    if cached is not None:
+        plan, layers = cached
+        if plan is None:
+            if layers == tuple(model._modules["model"]._modules["layers"]._modules.values()):
+                return None  # same layers as when it did not apply: not rebuilt each step
+        elif plan.holds():
+            return plan
+    plan = build_plan(model)
+    model.__dict__["_cpu_step"] = (
+        plan, tuple(model._modules["model"]._modules["layers"]._modules.values()))
+    return plan
+
+
+def _scratch(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int, int]:
+    """Pointers to this thread's scratch (floats, quantized activations) for a step."""
+    floats = qbytes = 0
+    for proto in plan.shapes:
+        a = LayerArgs.from_buffer_copy(proto)
+        a.batch, a.len, a.threads = batch, length, threads
+        floats = max(floats, cpu_decode.scratch_floats(a))
+        qbytes = max(qbytes, cpu_decode.qscratch_bytes(a))
+    if plan.head is not None and plan.head["t_head"] and qbytes == 0:
+        # a quantized head after float32 layers: its x (int8, or sums per 32) per thread
+        k = plan.shapes[0].dim
+        qbytes = threads * ((batch * k + 2 * batch * (k // 32) * 4 + 63) // 64 * 64)
+    return (cpu_decode._scratch("f", floats, torch.float32).data_ptr(),
+            cpu_decode._scratch("q", qbytes, torch.uint8).data_ptr())
+
+
+def decode_step(model: nn.Module, x: torch.Tensor, positions: torch.Tensor, cache,
+                start, mask: torch.Tensor | None, logits: str = "last") -> torch.Tensor | None:
+    """``model(x, positions, cache, start, mask, logits, cpu_decode.decode_layer)`` for a
+    decode step (one token per row: x (B, 1) ids on the first stage, else (B, 1, D)
+    hidden), in one C call; None where it does not apply (the caller runs the model).
+
+    ``cache``: a static KVCache (``start`` the new token's slot, an int; ``mask`` None or
+    bool (B, 1, 1, start + 1)) or a paged step (``cache.cache`` the paged cache, every
+    row one sequence's one new token, no mask). Returns the stage's hidden state
+    (B, 1, D), or on a stage with the head and ``logits`` "last" the logits: (B, 1, V)
+    over a static cache, (B, V) over a paged one (the paged forward's logits_index rows,
+    which for a decode-only step are the rows in order)."""
+    if x.shape[1] != 1 or not cpu_decode.available():
+        return None
+    plan = plan_for(model)
+    if plan is None or _bound() is None:
+        return None
+    paged = hasattr(cache, "batch")
+    found = plan.layers_for(cache.cache if paged else cache, cache, paged)
+    if found is None:
+        return None
+    layers, kshape = found
+    s = StepArgs(n_layers=len(plan.protos), layers=ctypes.addressof(layers))
+    b = x.shape[0]
+    if paged:
+        if mask is not None:
+            return None
+        tables, lens, length = cache.layer(plan.layer_ids[0]).int32_tables()
+        if not (tables.shape[0] == b == lens.shape[0] and tables.is_contiguous()
+                and lens.is_contiguous()):
+            return None
+        s.block_table, s.bt_stride, s.lens = tables.data_ptr(), tables.stride(0), lens.data_ptr()
+    else:
+        if not isinstance(start, int):
+            return None
+        length = start + 1
+        if not (b <= kshape[0] and length <= kshape[2]):
+            return None  # the fallback raises the cache's own error
+        if mask is not None:
+            if not (mask.dtype == torch.bool and mask.shape[-1] == length
+                    and mask.stride(-1) == 1):
+                return None
+            mask = mask.reshape(mask.shape[0], length)
+            s.mask, s.mask_b = mask.data_ptr(), (mask.stride(0) if mask.shape[0] > 1 else 0)
+        s.start = start
+    if model.has_embed:
+        h = model.model.embed_tokens(x)  # (B, 1, D), ours to write
+        if h.dtype != torch.float32 or not h.is_contiguous():
+            return None
+    else:
+        if x.dtype != torch.float32 or x.dim() != 3:
+            return None
+        h = x.clone(memory_format=torch.contiguous_format)  # the caller's x stays as it was
+    hd = plan.protos[0].head_dim
+    cos, sin = model.rope.lookup(positions, torch.float32)
+    cos, sin = cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous()
+    threads = torch.get_num_threads()
+    s.batch, s.len, s.h, s.threads = b, length, h.data_ptr(), threads
+    s.cos, s.sin, s.cs_b = cos.data_ptr(), sin.data_ptr(), (hd if cos.shape[0] > 1 else 0)
+    s.scratch, s.qscratch = _scratch(plan, b, length, threads)
+    out = h
+    head = plan.head if logits != "none" and b <= cpu_decode.MAX_ROWS else None
+    if head is not None:
+        out = torch.empty(b, head["vocab"], dtype=torch.float32)
+        s.norm, s.norm_eps, s.w_head, s.b_head = (head["norm"], head["norm_eps"],
+                                                  head["w_head"], head["b_head"])
+        s.t_head, s.vocab, s.int8_head = head["t_head"], head["vocab"], head["int8_head"]
+        s.logits = out.data_ptr()
+    _step_fn(ctypes.byref(s))
+    if not model.has_head or logits == "none":
+        return h
+    if head is None:  # many rows: the final norm and the head in PyTorch
+        out = model.lm_head(model.model.norm(h)).view(b, -1)
+    return out if paged else out.view(b, 1, -1)
