@@ -8,14 +8,16 @@ or ``replay`` force one way: engine.migration).
 
 Every bad request is answered in the OpenAI error format with a 4xx (400 a bad field,
 401 a wrong or missing key, 404 an unknown model or route, 413 a body too large, 429 a
-full queue) and the server keeps serving; 503 when the engine has stopped."""
+full queue) and the server keeps serving; 503 when the engine has stopped.
+
+The app runs in the HTTP process (serve.http_server); the engine, its metrics and the
+workers' status are in the engine's process, reached through serve.engine_client."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -25,7 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llamadist.engine.migration import POLICIES
 from llamadist.serve import responses
-from llamadist.serve.metrics import ServeMetrics
+from llamadist.serve.metrics import HttpMetrics
 from llamadist.serve.openai_api import Frontend, Job, sse
 from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 
@@ -43,21 +45,24 @@ class ServeConfig:
 class Server:
     """The app's state: the front end, the metrics, the requests in flight."""
 
-    def __init__(self, frontend: Frontend, metrics: ServeMetrics, config: ServeConfig,
-                 workers: Callable[[], dict] | None = None):
+    def __init__(self, frontend: Frontend, metrics: HttpMetrics, config: ServeConfig):
         self.frontend, self.metrics, self.config = frontend, metrics, config
         self.in_flight = 0
-        self.workers = workers  # the front's status of its worker processes (--nproc)
 
-    def admit(self, job: Job) -> None:
+    async def admit(self, job: Job) -> None:
         """Queue the job's choices, or 429 when the queue would be over its limit."""
         n = len(job.choices)
         if self.in_flight + n > self.config.max_queue:
             raise ApiError(429, f"the queue is full ({self.in_flight} requests queued or "
                                 f"running, --max-queue {self.config.max_queue}); retry later",
                            kind="rate_limit_error")
-        self.frontend.submit(job)
-        self.in_flight += n
+        self.in_flight += n  # before the wait: a burst of jobs must not all pass the check
+        try:
+            await self.frontend.submit(job)
+        except BaseException:
+            self.in_flight -= n
+            job.released = True
+            raise
 
     def release(self, job: Job) -> None:
         """The job is over (answered, streamed, or its client gone): once per job."""
@@ -65,9 +70,7 @@ class Server:
             return
         job.released = True
         self.frontend.cancel(job)  # whatever has not finished
-        self.in_flight -= len(job.choices)
-        for c in job.choices:
-            self.metrics.observe(c.stream.request if c.stream else None)
+        self.in_flight -= len(job.choices)  # (the engine's process observes their timings)
 
     def check_key(self, request: Request) -> None:
         key = self.config.api_key
@@ -94,15 +97,13 @@ class Server:
             if kw["kv"] not in POLICIES:
                 raise ApiError(400, f"kv must be one of {', '.join(POLICIES)}, not "
                                     f"{kw['kv']!r}", param="kv")
-        engine = self.frontend.engine
-        fut = engine.call(lambda e: getattr(e, what)(key, **kw))
         try:
-            await asyncio.wrap_future(fut)
+            states = await self.frontend.engine.rpc("admin", what, key, kw, timeout=None)
         except LookupError as e:
-            raise ApiError(404, str(e.args[0]), param="replica", kind="not_found_error") from None
+            raise ApiError(404, str(e), param="replica", kind="not_found_error") from None
         except RuntimeError as e:
             raise ApiError(409, str(e), param="replica") from None
-        return {"replica": key, "replicas": replica_states(engine.engine)}
+        return {"replica": key, "replicas": states}
 
     # ---- one completion request -------------------------------------------------------
     async def complete(self, request: Request, kind: str) -> Response:
@@ -112,7 +113,7 @@ class Server:
             job = self.frontend.chat_job(parse(ChatRequest, body))
         else:
             job = self.frontend.completion_job(parse(CompletionRequest, body))
-        self.admit(job)
+        await self.admit(job)
         if job.body.stream:
             return JobStream(self._stream(job), job, self)
         try:
@@ -175,14 +176,6 @@ class JobStream(StreamingResponse):
             self.server.release(self.job)
 
 
-def replica_states(engine) -> dict[str, dict]:
-    """The engine's replicas, read from another thread: state and steps launched."""
-    try:
-        return {str(k): v for k, v in engine.replica_states().items()}
-    except RuntimeError:  # the engine thread changed them meanwhile: ask again
-        return {str(k): v for k, v in engine.replica_states().items()}
-
-
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
@@ -224,23 +217,14 @@ def build_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         """200 ok; 503 recovering (a lost worker being replaced: requests wait, none is
-        lost) or error (the engine stopped, and why)."""
-        st = server.workers() if server.workers else {}
-        if not server.frontend.engine.alive:
-            err = st.get("error") or server.frontend.engine.error
-            return JSONResponse({"status": "error", "error": str(err) if err else "stopped"},
-                                status_code=503)
-        if st.get("status") == "recovering":
-            return JSONResponse({"status": "recovering", "restarts": st["restarts"]},
-                                status_code=503, headers={"Retry-After": "5"})
-        extra = ({"replicas": f"{st['replicas_running']}/{st['replicas']}",
-                  "restarts": st["restarts"], "stages": st["stages"]} if st else {})
-        states = replica_states(server.frontend.engine.engine)
-        if len(states) > 1:  # data parallel: which replica serves, drains or is drained
-            extra["replica_states"] = states
-        if st.get("recoveries"):
-            extra["last_recovery"] = st["recoveries"][-1]
-        return JSONResponse({"status": "ok", **extra})
+        lost) or error (the engine stopped, and why): the engine's process decides
+        (serve.engine_host.EngineHost.health); 503 too when it does not answer."""
+        try:
+            status, body, headers = await server.frontend.engine.rpc("health")
+        except (RuntimeError, TimeoutError, asyncio.TimeoutError) as e:
+            why = str(e) or "the engine's process did not answer in time"
+            return JSONResponse({"status": "error", "error": why}, status_code=503)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.post("/admin/drain")
     async def drain(request: Request) -> dict:
@@ -252,7 +236,11 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(server.metrics.text(), media_type="text/plain; version=0.0.4")
+        try:  # the engine's metrics, then this process's own
+            text = await server.frontend.engine.rpc("metrics")
+        except (RuntimeError, TimeoutError, asyncio.TimeoutError):
+            text = b""
+        return Response(text + server.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page() -> HTMLResponse:
