@@ -84,3 +84,27 @@ def test_a_dead_http_process_ends_the_server_with_an_error(tiny_model, tmp_path)
     except OSError:
         pass
     assert status is None  # nothing listens any more
+
+
+def test_build_server_keeps_one_process_for_the_python_api(tiny_model):
+    """serve.server.build_server: the app and the engine in this process (over a Pipe),
+    answering as the engine itself does."""
+    from starlette.testclient import TestClient
+
+    from llamadist import LLM, SamplingParams
+    from llamadist.serve.server import build_server
+    llm = LLM(str(tiny_model), devices="cpu", max_batch=4, max_seq_len=256)
+    want = llm.generate(["The quick brown fox"], SamplingParams(max_new_tokens=8,
+                                                                temperature=0))[0].text
+    app, engine = build_server(llm, "tiny")
+    try:
+        with TestClient(app) as c:
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "The quick brown fox",
+                                                "max_tokens": 8, "temperature": 0})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+            m = c.get("/metrics").text
+            assert f"llamadist_engine_pid {float(os.getpid())}" in m
+            assert f"llamadist_http_pid {float(os.getpid())}" in m
+            assert c.get("/health").json() == {"status": "ok"}
+    finally:
+        engine.shutdown()
