@@ -145,11 +145,20 @@ class Server:
                     yield sse(responses.chunk(job, model, {
                         "index": c.index, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None}))
+            # one write for every event already here: a server behind its engine catches up
+            # in fewer socket writes (each costs more than its event's JSON)
+            one = job.choices[0].stream if len(job.choices) == 1 else None
+            events: list[str] = []
             async for c, out in self.frontend.outputs(job):
                 if out.text or out.finished or job.num_logprobs is not None:
-                    yield sse(responses.chunk(job, model, responses.delta_choice(
+                    events.append(sse(responses.chunk(job, model, responses.delta_choice(
                         job, tok, c, out.text, out.logprobs,
-                        out.finish_reason if out.finished else None)))
+                        out.finish_reason if out.finished else None))))
+                if events and not (one is not None and one.pending):
+                    yield "".join(events)
+                    events.clear()
+            if events:
+                yield "".join(events)
             opts = job.body.stream_options
             if opts is not None and opts.include_usage:
                 yield sse(responses.usage_chunk(job, model))

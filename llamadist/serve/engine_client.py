@@ -15,6 +15,7 @@ import itertools
 import logging
 import pickle
 import threading
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -43,14 +44,27 @@ class FinishedRequest:
 
 class EngineStream:
     """One request's outputs: ``async for out in stream``; the engine's error, if it
-    failed, is raised to the reader."""
+    failed, is raised to the reader. (A deque and one waiter: lighter per token than an
+    asyncio.Queue, and ``pending`` tells a writer that more is already here.)"""
 
     def __init__(self, client: "EngineClient", request_id: str):
         self.request_id = request_id
         self.request: FinishedRequest | None = None
         self._client = client
-        self._items: asyncio.Queue = asyncio.Queue()
+        self._items: deque = deque()
+        self._waiter: asyncio.Future | None = None
         self._done = False
+
+    def _push(self, item) -> None:
+        self._items.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    @property
+    def pending(self) -> int:
+        """Items received and not read yet."""
+        return len(self._items)
 
     def __aiter__(self) -> "EngineStream":
         return self
@@ -58,7 +72,13 @@ class EngineStream:
     async def __anext__(self) -> StepOutput:
         if self._done:
             raise StopAsyncIteration
-        item = await self._items.get()
+        while not self._items:
+            self._waiter = self._client._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        item = self._items.popleft()
         if item is _END:
             self._done = True
             raise StopAsyncIteration
@@ -135,7 +155,7 @@ class EngineClient:
         ids = [s.request_id for s in streams if self._streams.pop(s.request_id, None)]
         for s in streams:
             if not s._done:
-                s._items.put_nowait(_END)
+                s._push(_END)
         if ids and self.error is None:
             try:
                 self._send(("cancel", ids))
@@ -197,15 +217,15 @@ class EngineClient:
                 s = streams.get(rid)
                 if s is None:
                     continue
-                s._items.put_nowait(StepOutput(rid, token, text, finished, reason, lps))
+                s._push(StepOutput(rid, token, text, finished, reason, lps))
                 if finished:
                     s.request = FinishedRequest(final[0], final[1], reason)
-                    s._items.put_nowait(_END)
+                    s._push(_END)
                     del streams[rid]
             for rid, error in msg[2]:
                 s = streams.pop(rid, None)
                 if s is not None:
-                    s._items.put_nowait(_END if error is None else RuntimeError(error))
+                    s._push(_END if error is None else RuntimeError(error))
         elif msg[0] == "reply":
             fut = self._replies.get(msg[1])
             if fut is not None and not fut.done():
@@ -216,7 +236,7 @@ class EngineClient:
         self.error = why
         err = RuntimeError(f"the engine process is gone ({why})")
         for s in self._streams.values():
-            s._items.put_nowait(err)
+            s._push(err)
         self._streams.clear()
         for fut in self._replies.values():
             if not fut.done():
