@@ -25,7 +25,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamadist.engine.migration import POLICIES
 from llamadist.serve import responses
 from llamadist.serve.metrics import HttpMetrics
 from llamadist.serve.openai_api import Frontend, Job, sse
@@ -93,12 +92,12 @@ class Server:
                                 f"not {given!r}", param="replica") from None
         kw = {}
         if what == "drain":  # the running requests' KV: auto (the cost rule), migrate, replay
-            kw["kv"] = request.query_params.get("kv", "auto")
-            if kw["kv"] not in POLICIES:
-                raise ApiError(400, f"kv must be one of {', '.join(POLICIES)}, not "
-                                    f"{kw['kv']!r}", param="kv")
+            kw["kv"] = request.query_params.get("kv", "auto")  # checked by the engine's side
         try:
             states = await self.frontend.engine.rpc("admin", what, key, kw, timeout=None)
+        except ValueError as e:  # e.g. kv not one of the policies
+            raise ApiError(400, str(e), param="kv" if str(e).startswith("kv") else None) \
+                from None
         except LookupError as e:
             raise ApiError(404, str(e), param="replica", kind="not_found_error") from None
         except RuntimeError as e:

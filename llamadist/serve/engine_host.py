@@ -28,7 +28,6 @@ from collections.abc import Callable
 
 from llamadist.engine.async_engine import END, AsyncEngine, RequestStream
 from llamadist.engine.engine import RequestOutput
-from llamadist.engine.migration import POLICIES
 from llamadist.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -134,10 +133,6 @@ class EngineHost:
 
     def _admin(self, key: int, what: str, replica: int, kw: dict) -> None:
         """Drain or undrain a replica on the engine thread; the reply once it is done."""
-        if kw.get("kv", "auto") not in POLICIES:
-            self.send(("reply", key, False, ("ValueError", f"kv must be one of "
-                                             f"{', '.join(POLICIES)}, not {kw['kv']!r}")))
-            return
         fut = self.engine.call(lambda e: getattr(e, what)(replica, **kw))
 
         def done(f) -> None:

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector,
                                generate_latest)
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     SummaryMetricFamily)
 
-from llamadist.engine.async_engine import AsyncEngine
-from llamadist.engine.request import Request
+if TYPE_CHECKING:  # the HTTP process imports this module for HttpMetrics, without torch
+    from llamadist.engine.async_engine import AsyncEngine
+    from llamadist.engine.request import Request
 
 PREFIX = "llamadist"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

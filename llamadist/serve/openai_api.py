@@ -12,7 +12,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from llamadist.generation.sampling import SamplingParams
+from llamadist.generation.params import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer, TokenizerError
 from llamadist.serve.engine_client import EngineClient, EngineStream, StepOutput
 from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, Sampling

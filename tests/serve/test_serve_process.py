@@ -37,6 +37,9 @@ def test_http_runs_apart_from_the_engine_and_sigterm_leaves_no_process(tiny_mode
         with open(f"/proc/{http_pid}/cmdline", "rb") as f:
             assert b"llamadist.serve.http_server" in f.read()
         assert "llamadist_http_process_resident_memory_bytes" in metrics(server.url)
+        with open(f"/proc/{http_pid}/maps") as f:  # the HTTP process never loads torch
+            maps = f.read()
+        assert "libtorch" not in maps and "libc" in maps
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
                                timeout=60)
         stream = client.completions.create(model="tiny", prompt="The quick brown fox",
