@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 
@@ -44,6 +45,7 @@ class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8000
     banner: str = ""           # the startup line, printed once the port is bound
+    fd: int | None = None      # the port's socket, bound before the model loaded (cli.jobs)
 
 
 def build_http_app(conn, cfg: HttpConfig):
@@ -96,7 +98,11 @@ async def serve_http(conn, cfg: HttpConfig) -> int:
               f"({client.error})", file=sys.stderr, flush=True)
         server.should_exit = True
     client.on_lost = lost
-    await server.serve()
+    if cfg.fd is not None:  # listen on the socket bound for us (asyncio calls listen())
+        sock = socket.socket(fileno=cfg.fd)
+        await server.serve(sockets=[sock])
+    else:
+        await server.serve()
     return 0 if server.started and client.error is None else 1
 
 

@@ -20,6 +20,10 @@ signal cuts the open requests at once. An HTTP process that dies by itself ends 
 command with 1 and says so; an engine that failed for good over worker processes ends
 the HTTP process ``FAIL_GRACE_S`` later and the command returns 1.
 
+The port was bound by cli.jobs.check_port before the weights loaded (not listening:
+clients are refused meanwhile, and no other process can take it); the HTTP process
+inherits that socket and listens on it.
+
 ``build_server`` keeps the whole server in one process (the two sides over a Pipe) for
 the Python API: an app to serve with one's own uvicorn."""
 
@@ -31,11 +35,13 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import replace
 from multiprocessing.connection import Listener
 from pathlib import Path
 
@@ -87,13 +93,18 @@ class HttpProcess:
     """The HTTP child: started, connected (an AF_UNIX listener in a private folder, an
     authentication key), stopped."""
 
-    def __init__(self, cfg: HttpConfig):
+    def __init__(self, cfg: HttpConfig, sock: socket.socket | None = None):
         self.dir = tempfile.mkdtemp(prefix="llamadist-serve-")
         address, key = os.path.join(self.dir, "engine.sock"), secrets.token_bytes(32)
         self.listener = Listener(address, family="AF_UNIX", authkey=key)
+        if sock is not None:  # the port, bound before the load: the child listens on it
+            cfg = replace(cfg, fd=sock.fileno())
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "llamadist.serve.http_server", address],
-            env={**os.environ, AUTHKEY_ENV: key.hex()}, start_new_session=True)
+            env={**os.environ, AUTHKEY_ENV: key.hex()}, start_new_session=True,
+            pass_fds=(sock.fileno(),) if sock is not None else ())
+        if sock is not None:
+            sock.close()  # the child's copy is the one that listens
         self.conn = None
         self.stop_asked: float | None = None
         try:
@@ -149,8 +160,9 @@ class HttpProcess:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def serve(args: argparse.Namespace, job, llm) -> int:
-    """cli.run's ``serve`` command (the same on one process and on rank 0)."""
+def serve(args: argparse.Namespace, job, llm, sock: socket.socket | None = None) -> int:
+    """cli.run's ``serve`` command (the same on one process and on rank 0); ``sock``: the
+    port, bound already (else the HTTP process binds it)."""
     name = served_name(args)
     engine, metrics, front = engine_side(llm)
     banner = (f"llamadist: serving {name!r} on http://{args.host}:{args.port} "
@@ -159,7 +171,7 @@ def serve(args: argparse.Namespace, job, llm) -> int:
               f"engine pid {os.getpid()}, HTTP in a process of its own)")
     try:
         http = HttpProcess(http_config(llm, name, args.api_key, args.max_queue, args.host,
-                                       args.port, banner))
+                                       args.port, banner), sock)
     except BaseException:
         engine.shutdown()
         raise
