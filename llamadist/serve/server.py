@@ -215,6 +215,8 @@ def _wait(http: HttpProcess, engine: AsyncEngine, over_workers: bool) -> int:
             if now - failed_at > FAIL_GRACE_S:
                 http.stop()
         if http.stop_asked is not None and now - http.stop_asked > GRACE_S + 15:
+            print(f"llamadist: the HTTP server process (pid {http.proc.pid}) did not stop "
+                  f"{GRACE_S + 15} s after SIGTERM: killed", file=sys.stderr, flush=True)
             http.proc.kill()
 
 

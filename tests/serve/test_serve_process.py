@@ -111,3 +111,20 @@ def test_build_server_keeps_one_process_for_the_python_api(tiny_model):
             assert c.get("/health").json() == {"status": "ok"}
     finally:
         engine.shutdown()
+
+
+def test_ctrl_c_to_the_process_group_is_handled_once(tiny_model, tmp_path):
+    """SIGINT to the whole group, as a terminal's Ctrl-C: the HTTP process (a session of its
+    own) gets it once, through the engine's process; both exit, the command returns 0."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--max-seq-len", "256", "--served-model-name", "tiny",
+                           log_path=log, new_session=True)
+    try:
+        engine_pid, http_pid = pids(server)
+        assert os.getpgid(http_pid) != os.getpgid(engine_pid) == engine_pid
+        os.killpg(engine_pid, signal.SIGINT)
+        assert server.proc.wait(30) == 0, log.read_text()[-3000:]
+    finally:
+        server.stop()
+    assert gone(http_pid)
+    assert "Traceback" not in log.read_text() and "error" not in log.read_text()
