@@ -108,7 +108,10 @@ def check_port(host: str, port: int) -> None:
                          f"({e.strerror}); choose another port or stop what holds "
                          f"it") from None
     release_ports()
-    _RESERVED[(host, port)] = s
+    if len({info[4] for info in infos}) == 1:
+        _RESERVED[(host, port)] = s
+    else:  # a name of several addresses (localhost: ::1 and 127.0.0.1): uvicorn binds each
+        s.close()
 
 
 def reserved_socket(host: str, port: int):

@@ -128,3 +128,28 @@ def test_ctrl_c_to_the_process_group_is_handled_once(tiny_model, tmp_path):
         server.stop()
     assert gone(http_pid)
     assert "Traceback" not in log.read_text() and "error" not in log.read_text()
+
+
+def test_the_port_stays_bound_from_the_check_until_the_server_takes_it():
+    """cli.jobs.check_port keeps the port bound (not listening) through the model's load;
+    nothing else can bind it, and a client is refused, until serve hands it over."""
+    import socket
+
+    import pytest
+
+    from llamadist.cli import jobs
+    from tests.serve.conftest import free_port
+    port = free_port()
+    jobs.check_port("127.0.0.1", port)
+    try:
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        with socket.socket() as client, pytest.raises(ConnectionRefusedError):
+            client.connect(("127.0.0.1", port))
+    finally:
+        sock = jobs.reserved_socket("127.0.0.1", port)
+    assert sock is not None and sock.getsockname() == ("127.0.0.1", port)
+    sock.close()
+    assert jobs.reserved_socket("127.0.0.1", port) is None
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", port))  # free again
