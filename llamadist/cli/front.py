@@ -1,7 +1,8 @@
 """The front of ``llamadist generate|chat|bench|serve ... --nproc N``: the launcher process
-itself runs the engine (and the HTTP server), is no rank, and outlives its workers.
+itself runs the engine (and, for serve, starts the HTTP server's process: serve.server),
+is no rank, and outlives its workers.
 
-    front (this process: LLMEngine, scheduler, tokenizer, HTTP)
+    front (this process: LLMEngine, scheduler, tokenizer; serve's HTTP process its child)
       ├── replica 0: a torch.distributed world of pp x tp workers ┐ one TCP link per worker
       └── replica 1: its own world (own rendezvous port)          ┘ (distributed.link)
 

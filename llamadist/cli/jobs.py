@@ -82,8 +82,14 @@ def serve_job(args: argparse.Namespace, ckpt, tok) -> Job:
     return _finish(args, ckpt, [], [], SamplingParams(), batch, None)
 
 
+_RESERVED: dict = {}  # (host, port) -> the socket bound by check_port, until serve takes it
+
+
 def check_port(host: str, port: int) -> None:
-    """Refuse, before any weight loads, an address the server could not listen on."""
+    """Refuse, before any weight loads, an address the server could not listen on, and
+    keep it bound (not listening: a client is refused, as by no server) until the
+    server's HTTP process listens on it (``reserved_socket``): nothing else takes the
+    port while the weights load."""
     import socket
     if not 0 <= port <= 65535:
         raise ValueError(f"--port {port}: a port is 0-65535")
@@ -92,14 +98,31 @@ def check_port(host: str, port: int) -> None:
     except socket.gaierror as e:
         raise ValueError(f"--host {host}: {e.strerror}") from None
     family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            raise ValueError(f"--host {host} --port {port}: cannot listen there "
-                             f"({e.strerror}); choose another port or stop what holds "
-                             f"it") from None
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind(addr)
+    except OSError as e:
+        s.close()
+        raise ValueError(f"--host {host} --port {port}: cannot listen there "
+                         f"({e.strerror}); choose another port or stop what holds "
+                         f"it") from None
+    release_ports()
+    if len({info[4] for info in infos}) == 1:
+        _RESERVED[(host, port)] = s
+    else:  # a name of several addresses (localhost: ::1 and 127.0.0.1): uvicorn binds each
+        s.close()
+
+
+def reserved_socket(host: str, port: int):
+    """The socket check_port bound for (host, port), now the caller's; None if none."""
+    return _RESERVED.pop((host, port), None)
+
+
+def release_ports() -> None:
+    """Let the reserved ports go (a launcher whose rank 0 will serve)."""
+    while _RESERVED:
+        _RESERVED.popitem()[1].close()
 
 
 def bench_job(args: argparse.Namespace, ckpt, tok) -> Job:

@@ -161,9 +161,10 @@ def _run(kind: str) -> Handler:
 
 def _serve(args: argparse.Namespace) -> int:
     # Before torch (and its OpenMP runtime) loads: OpenMP workers that spin after each
-    # parallel region starve the server's other threads on a busy CPU (the event loop
-    # next to the engine thread): SmolLM2-sized steps measured 10-100x slower on 2
-    # cores. Sleeping workers cost a wake-up per region instead. The user's setting wins.
+    # parallel region starve the server's other threads and its HTTP process on a busy
+    # CPU: SmolLM2-sized steps measured 10-100x slower on 2 cores (with the event loop
+    # then next to the engine thread). Sleeping workers cost a wake-up per region
+    # instead. The user's setting wins (the HTTP process inherits it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     return _run("serve")(args)
 

@@ -10,7 +10,7 @@ import sys
 from dataclasses import replace
 
 from llamadist.cli.args import in_worker
-from llamadist.cli.jobs import JOBS, Job, print_sequences
+from llamadist.cli.jobs import JOBS, Job, print_sequences, release_ports, reserved_socket
 
 
 def run_command(kind: str, args: argparse.Namespace) -> int:
@@ -29,6 +29,7 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
     tok = ckpt.tokenizer()
     job = JOBS[kind](args, ckpt, tok)
     if job.layout.lockstep:
+        release_ports()  # rank 0 binds the server's port again, and serves
         return launch_ranks(kind, args, job)
     if job.layout.processes > 1:
         from llamadist.cli.front import run_front
@@ -162,7 +163,7 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
 
 def _serve(args: argparse.Namespace, job: Job, llm) -> int:
     from llamadist.serve.server import serve
-    return serve(args, job, llm)
+    return serve(args, job, llm, reserved_socket(args.host, args.port))
 
 
 COMMANDS = {"generate": _generate, "chat": _chat, "bench": _bench, "serve": _serve}

@@ -8,6 +8,11 @@ submissions and cancellations reach it through a command queue, between steps.
     async for out in stream:          # or: for out in stream
         print(out.text, end="")
     engine.shutdown()
+
+A stream may instead be given a ``sink``: a callable that the engine thread calls once per
+step with every ``(stream, item)`` pair of that step for that sink (an item is a
+RequestOutput, ``END``, or the engine's error). serve.engine_host uses one to send a
+step's outputs to the HTTP process in one message.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from llamadist.generation.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 _END = object()  # a stream's last item
+END = _END  # what a sink sees when a stream ends without a finished output (a cancel, a stop)
 
 
 class RequestStream:
@@ -34,12 +40,17 @@ class RequestStream:
     through that loop (``async for`` then waits without holding a thread: a server with
     hundreds of open streams must not need a thread each)."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str):
+    def __init__(self, engine: "AsyncEngine", request_id: str,
+                 sink: Callable[[list], None] | None = None):
         self.request_id = request_id
         self.request: Request | None = None
         self._engine = engine
         self._items: queue.Queue = queue.Queue()
         self._done = False
+        self._sink = sink
+        if sink is not None:  # read by the sink: neither a queue nor a loop
+            self._loop, self._async_items = None, None
+            return
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._async_items: asyncio.Queue | None = asyncio.Queue()
@@ -47,6 +58,9 @@ class RequestStream:
             self._loop, self._async_items = None, None
 
     def _put(self, item) -> None:
+        if self._sink is not None:
+            self._sink([(self, item)])
+            return
         if self._loop is None:
             self._items.put(item)
             return
@@ -92,7 +106,7 @@ class RequestStream:
 
     def cancel(self) -> None:
         """Stop the request and free its KV blocks (the stream then ends)."""
-        self._engine._commands.put(("cancel", self.request_id))
+        self._engine.cancel(self.request_id)
 
 
 class AsyncEngine:
@@ -109,9 +123,11 @@ class AsyncEngine:
         self._thread.start()
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None,
+               sink: Callable[[list], None] | None = None) -> RequestStream:
         """Queue a request from any thread; refused at once (ValueError with the numbers)
-        if it alone cannot fit, or if the engine has stopped."""
+        if it alone cannot fit, or (RuntimeError) if the engine has stopped. With ``sink``
+        the stream's items go to ``sink`` on the engine thread (module docstring)."""
         if self._stop.is_set():
             raise RuntimeError(f"the engine has stopped ({self.error or 'shut down'})")
         self.engine.check(len(prompt_ids), params)  # reads fixed sizes only
@@ -119,9 +135,13 @@ class AsyncEngine:
             if request_id is None:
                 self._ids += 1
                 request_id = f"async-{self._ids}"
-        stream = RequestStream(self, request_id)
+        stream = RequestStream(self, request_id, sink)
         self._commands.put(("add", (stream, list(prompt_ids), params)))
         return stream
+
+    def cancel(self, request_id: str) -> None:
+        """Stop a request from any thread and free its blocks (its stream then ends)."""
+        self._commands.put(("cancel", request_id))
 
     def call(self, fn: Callable[[LLMEngine], object]) -> concurrent.futures.Future:
         """Run ``fn(engine)`` on the engine thread between steps (e.g. ``drain``); its
@@ -207,7 +227,7 @@ class AsyncEngine:
         """One step's outputs to their streams: streams read in an event loop get theirs
         in one callback per loop (a wake-up per step, not per token: at batch 256 the
         per-token wake-ups cost the engine thread more than its own step)."""
-        batches: dict[asyncio.AbstractEventLoop, list] = {}
+        batches: dict = {}  # an event loop or a sink -> its (stream, item) pairs
         for out in outs:
             stream = self._streams.get(out.request_id)
             if stream is None:
@@ -215,12 +235,17 @@ class AsyncEngine:
             items = [out, _END] if out.finished else [out]
             if out.finished:
                 del self._streams[out.request_id]
-            if stream._loop is None:
+            if stream._sink is not None:
+                batches.setdefault(stream._sink, []).extend((stream, i) for i in items)
+            elif stream._loop is None:
                 for item in items:
                     stream._items.put(item)
             else:
                 batches.setdefault(stream._loop, []).extend((stream, i) for i in items)
         for loop, pairs in batches.items():
+            if not isinstance(loop, asyncio.AbstractEventLoop):  # a sink: called here
+                loop(pairs)
+                continue
             try:
                 loop.call_soon_threadsafe(_feed, pairs)
             except RuntimeError:  # the loop has closed: nobody is reading any more

@@ -17,18 +17,10 @@ import torch
 
 from llamadist.generation.generate import make_sampler
 from llamadist.config import to_device
+from llamadist.generation.params import TokenLogprob  # noqa: F401 - re-exported
 from llamadist.generation.sampling import SamplingParams
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.step_columns import StepColumns
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """A token's log-probability under the model (log-softmax of the raw logits: before
-    temperature, penalty and filters) and the ``k`` most likely tokens' (id, logprob)."""
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)

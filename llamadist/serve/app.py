@@ -8,14 +8,16 @@ or ``replay`` force one way: engine.migration).
 
 Every bad request is answered in the OpenAI error format with a 4xx (400 a bad field,
 401 a wrong or missing key, 404 an unknown model or route, 413 a body too large, 429 a
-full queue) and the server keeps serving; 503 when the engine has stopped."""
+full queue) and the server keeps serving; 503 when the engine has stopped.
+
+The app runs in the HTTP process (serve.http_server); the engine, its metrics and the
+workers' status are in the engine's process, reached through serve.engine_client."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 
@@ -23,9 +25,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llamadist.engine.migration import POLICIES
 from llamadist.serve import responses
-from llamadist.serve.metrics import ServeMetrics
+from llamadist.serve.metrics import HttpMetrics
 from llamadist.serve.openai_api import Frontend, Job, sse
 from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 
@@ -43,21 +44,24 @@ class ServeConfig:
 class Server:
     """The app's state: the front end, the metrics, the requests in flight."""
 
-    def __init__(self, frontend: Frontend, metrics: ServeMetrics, config: ServeConfig,
-                 workers: Callable[[], dict] | None = None):
+    def __init__(self, frontend: Frontend, metrics: HttpMetrics, config: ServeConfig):
         self.frontend, self.metrics, self.config = frontend, metrics, config
         self.in_flight = 0
-        self.workers = workers  # the front's status of its worker processes (--nproc)
 
-    def admit(self, job: Job) -> None:
+    async def admit(self, job: Job) -> None:
         """Queue the job's choices, or 429 when the queue would be over its limit."""
         n = len(job.choices)
         if self.in_flight + n > self.config.max_queue:
             raise ApiError(429, f"the queue is full ({self.in_flight} requests queued or "
                                 f"running, --max-queue {self.config.max_queue}); retry later",
                            kind="rate_limit_error")
-        self.frontend.submit(job)
-        self.in_flight += n
+        self.in_flight += n  # before the wait: a burst of jobs must not all pass the check
+        try:
+            await self.frontend.submit(job)
+        except BaseException:
+            self.in_flight -= n
+            job.released = True
+            raise
 
     def release(self, job: Job) -> None:
         """The job is over (answered, streamed, or its client gone): once per job."""
@@ -65,9 +69,7 @@ class Server:
             return
         job.released = True
         self.frontend.cancel(job)  # whatever has not finished
-        self.in_flight -= len(job.choices)
-        for c in job.choices:
-            self.metrics.observe(c.stream.request if c.stream else None)
+        self.in_flight -= len(job.choices)  # (the engine's process observes their timings)
 
     def check_key(self, request: Request) -> None:
         key = self.config.api_key
@@ -90,19 +92,17 @@ class Server:
                                 f"not {given!r}", param="replica") from None
         kw = {}
         if what == "drain":  # the running requests' KV: auto (the cost rule), migrate, replay
-            kw["kv"] = request.query_params.get("kv", "auto")
-            if kw["kv"] not in POLICIES:
-                raise ApiError(400, f"kv must be one of {', '.join(POLICIES)}, not "
-                                    f"{kw['kv']!r}", param="kv")
-        engine = self.frontend.engine
-        fut = engine.call(lambda e: getattr(e, what)(key, **kw))
+            kw["kv"] = request.query_params.get("kv", "auto")  # checked by the engine's side
         try:
-            await asyncio.wrap_future(fut)
+            states = await self.frontend.engine.rpc("admin", what, key, kw, timeout=None)
+        except ValueError as e:  # e.g. kv not one of the policies
+            raise ApiError(400, str(e), param="kv" if str(e).startswith("kv") else None) \
+                from None
         except LookupError as e:
-            raise ApiError(404, str(e.args[0]), param="replica", kind="not_found_error") from None
+            raise ApiError(404, str(e), param="replica", kind="not_found_error") from None
         except RuntimeError as e:
             raise ApiError(409, str(e), param="replica") from None
-        return {"replica": key, "replicas": replica_states(engine.engine)}
+        return {"replica": key, "replicas": states}
 
     # ---- one completion request -------------------------------------------------------
     async def complete(self, request: Request, kind: str) -> Response:
@@ -112,7 +112,7 @@ class Server:
             job = self.frontend.chat_job(parse(ChatRequest, body))
         else:
             job = self.frontend.completion_job(parse(CompletionRequest, body))
-        self.admit(job)
+        await self.admit(job)
         if job.body.stream:
             return JobStream(self._stream(job), job, self)
         try:
@@ -144,11 +144,20 @@ class Server:
                     yield sse(responses.chunk(job, model, {
                         "index": c.index, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None}))
+            # one write for every event already here: a server behind its engine catches up
+            # in fewer socket writes (each costs more than its event's JSON)
+            one = job.choices[0].stream if len(job.choices) == 1 else None
+            events: list[str] = []
             async for c, out in self.frontend.outputs(job):
                 if out.text or out.finished or job.num_logprobs is not None:
-                    yield sse(responses.chunk(job, model, responses.delta_choice(
+                    events.append(sse(responses.chunk(job, model, responses.delta_choice(
                         job, tok, c, out.text, out.logprobs,
-                        out.finish_reason if out.finished else None)))
+                        out.finish_reason if out.finished else None))))
+                if events and not (one is not None and one.pending):
+                    yield "".join(events)
+                    events.clear()
+            if events:
+                yield "".join(events)
             opts = job.body.stream_options
             if opts is not None and opts.include_usage:
                 yield sse(responses.usage_chunk(job, model))
@@ -173,14 +182,6 @@ class JobStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             self.server.release(self.job)
-
-
-def replica_states(engine) -> dict[str, dict]:
-    """The engine's replicas, read from another thread: state and steps launched."""
-    try:
-        return {str(k): v for k, v in engine.replica_states().items()}
-    except RuntimeError:  # the engine thread changed them meanwhile: ask again
-        return {str(k): v for k, v in engine.replica_states().items()}
 
 
 def error_response(e: ApiError) -> JSONResponse:
@@ -224,23 +225,14 @@ def build_app(server: Server) -> FastAPI:
     @app.get("/health")
     async def health() -> Response:
         """200 ok; 503 recovering (a lost worker being replaced: requests wait, none is
-        lost) or error (the engine stopped, and why)."""
-        st = server.workers() if server.workers else {}
-        if not server.frontend.engine.alive:
-            err = st.get("error") or server.frontend.engine.error
-            return JSONResponse({"status": "error", "error": str(err) if err else "stopped"},
-                                status_code=503)
-        if st.get("status") == "recovering":
-            return JSONResponse({"status": "recovering", "restarts": st["restarts"]},
-                                status_code=503, headers={"Retry-After": "5"})
-        extra = ({"replicas": f"{st['replicas_running']}/{st['replicas']}",
-                  "restarts": st["restarts"], "stages": st["stages"]} if st else {})
-        states = replica_states(server.frontend.engine.engine)
-        if len(states) > 1:  # data parallel: which replica serves, drains or is drained
-            extra["replica_states"] = states
-        if st.get("recoveries"):
-            extra["last_recovery"] = st["recoveries"][-1]
-        return JSONResponse({"status": "ok", **extra})
+        lost) or error (the engine stopped, and why): the engine's process decides
+        (serve.engine_host.EngineHost.health); 503 too when it does not answer."""
+        try:
+            status, body, headers = await server.frontend.engine.rpc("health")
+        except (RuntimeError, TimeoutError, asyncio.TimeoutError) as e:
+            why = str(e) or "the engine's process did not answer in time"
+            return JSONResponse({"status": "error", "error": why}, status_code=503)
+        return JSONResponse(body, status_code=status, headers=headers)
 
     @app.post("/admin/drain")
     async def drain(request: Request) -> dict:
@@ -252,7 +244,11 @@ def build_app(server: Server) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        return Response(server.metrics.text(), media_type="text/plain; version=0.0.4")
+        try:  # the engine's metrics, then this process's own
+            text = await server.frontend.engine.rpc("metrics")
+        except (RuntimeError, TimeoutError, asyncio.TimeoutError):
+            text = b""
+        return Response(text + server.metrics.text(), media_type="text/plain; version=0.0.4")
 
     @app.get("/")
     async def page() -> HTMLResponse:

@@ -2,19 +2,26 @@
 (requests running and waiting, KV blocks, preemptions, prompt and generated tokens),
 per-stage busy time, the process's and its CUDA devices' memory, a mixture-of-experts
 model's tokens routed per expert and layer, and histograms the server fills as requests
-finish (time to first token, time per output token, end-to-end latency, queue time)."""
+finish (time to first token, time per output token, end-to-end latency, queue time).
+
+ServeMetrics lives in the engine's process (serve.engine_host renders it for each scrape);
+HttpMetrics in the HTTP process (requests by route and status, that process's own CPU and
+memory); GET /metrics answers both texts, one after the other."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (CollectorRegistry, Counter, Histogram, ProcessCollector,
                                generate_latest)
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     SummaryMetricFamily)
 
-from llamadist.engine.async_engine import AsyncEngine
-from llamadist.engine.request import Request
+if TYPE_CHECKING:  # the HTTP process imports this module for HttpMetrics, without torch
+    from llamadist.engine.async_engine import AsyncEngine
+    from llamadist.engine.request import Request
 
 PREFIX = "llamadist"
 TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -190,8 +197,7 @@ class ServeMetrics:
                              buckets=E2E_BUCKETS, registry=r)
         self.queue = Histogram(f"{PREFIX}_queue_time_seconds", "arrival to first admission",
                                buckets=TTFT_BUCKETS, registry=r)
-        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and "
-                                "status", ["route", "status"], registry=r)
+        r.register(_Pid(f"{PREFIX}_engine_pid", "the engine process's id"))
         self.finished = Counter(f"{PREFIX}_requests_finished", "engine requests by finish "
                                 "reason", ["reason"], registry=r)
 
@@ -206,6 +212,29 @@ class ServeMetrics:
                 hist.observe(value)
         if req.finished_s is not None and req.arrival_s is not None:
             self.e2e.observe(req.finished_s - req.arrival_s)
+
+    def text(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _Pid:
+    def __init__(self, name: str, doc: str):
+        self.name, self.doc = name, doc
+
+    def collect(self):
+        yield GaugeMetricFamily(self.name, self.doc, value=os.getpid())
+
+
+class HttpMetrics:
+    """The HTTP process's own: requests by route and status, its process id, memory and
+    CPU seconds (``llamadist_http_process_*``)."""
+
+    def __init__(self):
+        r = self.registry = CollectorRegistry()
+        ProcessCollector(namespace=f"{PREFIX}_http", registry=r)
+        r.register(_Pid(f"{PREFIX}_http_pid", "the HTTP server process's id"))
+        self.requests = Counter(f"{PREFIX}_http_requests", "HTTP requests by route and "
+                                "status", ["route", "status"], registry=r)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

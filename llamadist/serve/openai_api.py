@@ -1,6 +1,7 @@
 """From a checked OpenAI request to engine requests and back: prompts and SamplingParams
 per choice, the choices' outputs merged as they come, and the OpenAI response objects
-(whole, or as server-sent-event chunks). No HTTP here (serve.app routes to it)."""
+(whole, or as server-sent-event chunks). No HTTP here (serve.app routes to it); the
+engine is reached through serve.engine_client (it runs in another process)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,9 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from llamadist.engine.async_engine import AsyncEngine, RequestStream
-from llamadist.engine.engine import RequestOutput
-from llamadist.generation.sampling import SamplingParams
+from llamadist.generation.params import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer, TokenizerError
+from llamadist.serve.engine_client import EngineClient, EngineStream, StepOutput
 from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, Sampling
 
 
@@ -23,9 +23,9 @@ class Choice:
     """One choice's engine request and what it produced so far."""
     index: int
     prompt_ids: list[int]
-    stream: RequestStream | None = None
+    stream: EngineStream | None = None
     text: str = ""
-    outputs: list[RequestOutput] = field(default_factory=list)
+    outputs: list[StepOutput] = field(default_factory=list)
     finish_reason: str | None = None
     scored_only: bool = False  # max_tokens 0: the one token drawn is not reported
 
@@ -64,7 +64,7 @@ class Job:
 class Frontend:
     """Builds jobs for one model (its tokenizer and context) and runs them on the engine."""
 
-    def __init__(self, engine: AsyncEngine, tokenizer: Tokenizer, model_name: str,
+    def __init__(self, engine: EngineClient, tokenizer: Tokenizer, model_name: str,
                  max_seq_len: int, vocab_size: int):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
         self.max_seq_len, self.vocab_size = max_seq_len, vocab_size
@@ -132,27 +132,41 @@ class Frontend:
             prompt_logprobs=num_logprobs if echo and num_logprobs is not None else None)
 
     # ---- running --------------------------------------------------------------------------
-    def submit(self, job: Job) -> None:
+    async def submit(self, job: Job) -> None:
         """Queue every choice (refused as a whole: nothing queued if one is refused)."""
         try:
-            for c, params in zip(job.choices, job.params):
-                c.stream = self.engine.submit(c.prompt_ids, params)
+            streams = await self.engine.submit(
+                [(c.prompt_ids, p) for c, p in zip(job.choices, job.params)])
         except ValueError as e:
-            self.cancel(job)
             raise ApiError(400, str(e)) from None
         except RuntimeError as e:
-            self.cancel(job)
             raise ApiError(503, str(e), kind="server_error") from None
+        for c, stream in zip(job.choices, streams):
+            c.stream = stream
 
-    @staticmethod
-    def cancel(job: Job) -> None:
-        for c in job.choices:
-            if c.stream is not None and c.finish_reason is None:
-                c.stream.cancel()
+    def cancel(self, job: Job) -> None:
+        left = [c.stream for c in job.choices
+                if c.stream is not None and c.finish_reason is None]
+        if left:
+            self.engine.cancel(left)
 
-    async def outputs(self, job: Job) -> AsyncIterator[tuple[Choice, RequestOutput]]:
+    async def outputs(self, job: Job) -> AsyncIterator[tuple[Choice, StepOutput]]:
         """Every choice's outputs as they come; the job's unfinished choices are cancelled
         if the reader stops early (a client that went away)."""
+        if len(job.choices) == 1:  # most requests: the stream itself, no merging task
+            c = job.choices[0]
+            try:
+                async for out in c.stream:
+                    c.outputs.append(out)
+                    c.text += out.text
+                    if out.finished:
+                        c.finish_reason = out.finish_reason
+                    yield c, out
+            except RuntimeError as e:  # the engine failed: the reader learns it
+                raise ApiError(503, f"the engine failed: {e}", kind="server_error") from None
+            finally:
+                self.cancel(job)
+            return
         merged: asyncio.Queue = asyncio.Queue()
 
         async def pump(c: Choice) -> None:

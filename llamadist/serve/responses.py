@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from llamadist.generation.tokenizer import Tokenizer
-from llamadist.runtime.step_work import TokenLogprob
+from llamadist.generation.params import TokenLogprob
 from llamadist.serve.openai_api import Choice, Job
 
 

@@ -40,14 +40,15 @@ def http(method: str, url: str, body: bytes | dict | None = None,
 
 class ServerProcess:
     def __init__(self, model, *flags: str, log_path: Path, startup_s: float = 120,
-                 env: dict | None = None):
+                 env: dict | None = None, new_session: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "llamadist", "serve", str(model),
                                       "--port", str(self.port), *flags], env=env, cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=new_session)
         deadline = time.monotonic() + startup_s
         while True:
             if self.proc.poll() is not None:

@@ -1,5 +1,5 @@
-"""`llamadist serve --nproc 2 --pp 2`: the HTTP front and the engine in the launcher
-process, both stages in worker ranks; the same answers as one process, streamed or
+"""`llamadist serve --nproc 2 --pp 2`: the engine in the launcher process (the HTTP
+server in a child process of its own), both stages in worker ranks; the same answers as one process, streamed or
 not; logprobs travel back from the sampling rank; SIGTERM to the launcher ends every
 rank with exit 0."""
 
@@ -107,8 +107,9 @@ def test_sigterm_with_an_open_stream_exits_0(two_ranks):
         assert not os.path.exists(f"/proc/{pid}") or "Z" in open(f"/proc/{pid}/stat").read().split()[2]
 
 
-def children(pid: int) -> list[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
+def children(pid: int, http: bool = False) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc): the worker ranks, without the
+    HTTP server process (serve.http_server) unless ``http``."""
     import os
     out = []
     for entry in os.listdir("/proc"):
@@ -116,9 +117,12 @@ def children(pid: int) -> list[int]:
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     stat = f.read()
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    cmd = f.read()
             except OSError:
                 continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and \
+                    (http or b"llamadist.serve.http_server" not in cmd):
                 out.append(int(entry))
     return sorted(out)
 
@@ -152,7 +156,7 @@ def test_a_dead_worker_ends_open_streams_with_an_error(tiny_model, tmp_path):
     finally:
         code = server.stop()
     assert code == 1, "the front reported no failure"
-    assert children(server.proc.pid) == [] and not os.path.exists(f"/proc/{rank0}")
+    assert children(server.proc.pid, http=True) == [] and not os.path.exists(f"/proc/{rank0}")
 
 
 def test_a_hung_worker_turns_health_503_within_the_timeout(tiny_model, tmp_path):
