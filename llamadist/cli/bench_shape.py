@@ -235,6 +235,14 @@ def uniform_ranges(n: int, k: int) -> list[range]:
     return [range(s, e) for s, e in zip([0, *ends], ends)]
 
 
+def _indexed(d: torch.device) -> torch.device:
+    """"cuda" as the device its tensors report ("cuda:N", N the current device), so that a
+    stage on "cuda" is recognised as the one ``full`` lives on."""
+    if d.type == "cuda" and d.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return d
+
+
 def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], devices: list[str],
                 dtype: torch.dtype, batch: int, max_seq: int,
                 runtime: RuntimeConfig | None = None) -> Engine:
@@ -245,7 +253,7 @@ def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], de
     stages, n = [], len(ranges)
     full_dev = next(full.parameters()).device if full is not None else None
     for i, (r, d) in enumerate(zip(ranges, devices)):
-        d = torch.device(d)
+        d = _indexed(torch.device(d))
         if full_dev is not None and d == full_dev:
             m = share_model(full, r, i == 0, i == n - 1)
         else:

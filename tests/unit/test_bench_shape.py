@@ -114,3 +114,15 @@ def test_planned_layout_with_boundaries_and_stage_stats(capsys):
     out = capsys.readouterr().out
     assert "stage 0 layers 0:10 on cpu" in out and "stage 1 layers 10:30 on cpu" in out
     assert out.splitlines()[1].split()[:4] == ["llamadist", "off", "2", "1"]
+
+
+def test_a_stage_on_cuda_without_an_index_is_the_full_model_s_device(monkeypatch):
+    """make_engine shares the model built on "cuda" (whose tensors say "cuda:0") instead of
+    drawing another: found on the H200, where a second model of another seed was used."""
+    import torch
+
+    from llamadist.cli import bench_shape
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert bench_shape._indexed(torch.device("cuda")) == torch.device("cuda:0")
+    assert bench_shape._indexed(torch.device("cuda:1")) == torch.device("cuda:1")
+    assert bench_shape._indexed(torch.device("cpu")) == torch.device("cpu")
