@@ -58,18 +58,16 @@ class EngineCollector:
                                   value=st.generated_tokens)
         yield CounterMetricFamily(f"{PREFIX}_engine_steps", "engine steps", value=st.steps)
         # a drained replica's running requests: moved with their KV, or recomputed
-        yield CounterMetricFamily(f"{PREFIX}_kv_migrations", "requests moved to another "
-                                  "replica with their KV blocks (no prefill)",
-                                  value=st.migrated_requests)
-        yield CounterMetricFamily(f"{PREFIX}_kv_migrated_blocks", "KV blocks migrated",
-                                  value=st.migrated_blocks)
-        yield CounterMetricFamily(f"{PREFIX}_kv_migrated_bytes", "KV bytes migrated",
-                                  value=st.migrated_bytes)
-        yield CounterMetricFamily(f"{PREFIX}_kv_migration_seconds", "seconds exporting, "
-                                  "relaying and importing KV blocks", value=st.migration_s)
-        yield CounterMetricFamily(f"{PREFIX}_drain_replayed_requests", "running requests of "
-                                  "a drained replica recomputed instead of migrated",
-                                  value=st.drain_replayed)
+        for name, doc, value in (
+                ("kv_migrations", "requests moved to another replica with their KV blocks "
+                 "(no prefill)", st.migrated_requests),
+                ("kv_migrated_blocks", "KV blocks migrated", st.migrated_blocks),
+                ("kv_migrated_bytes", "KV bytes migrated", st.migrated_bytes),
+                ("kv_migration_seconds", "seconds exporting, relaying and importing KV "
+                 "blocks", st.migration_s),
+                ("drain_replayed_requests", "running requests of a drained replica "
+                 "recomputed instead of migrated", st.drain_replayed)):
+            yield CounterMetricFamily(f"{PREFIX}_{name}", doc, value=value)
         yield CounterMetricFamily(f"{PREFIX}_engine_busy_seconds", "seconds inside steps",
                                   value=st.busy_s)
         yield GaugeMetricFamily(f"{PREFIX}_engine_alive", "1 while the engine thread runs",

@@ -120,18 +120,24 @@ def one_process_cli(tiny_mixtrals) -> list[dict]:
     return [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
 
 
-def test_cli_ep_over_data_parallel_replicas(tiny_mixtrals, one_process_cli):
-    """`--nproc 2 --ep 2` (dp 2 inferred): the one-process greedy tokens of each prompt."""
-    many = cli_generate(tiny_mixtrals[MODEL], "--nproc", "2", "--ep", "2")
+def ep_reports(model, one_process_cli, *flags: str) -> list[dict]:
+    """`generate --nproc 2 --ep 2 FLAGS`: its greedy tokens equal one process's; -> the
+    ranks' reports (their expert_load lines)."""
+    many = cli_generate(model, "--nproc", "2", "--ep", "2", *flags)
     assert many.returncode == 0, many.stderr[-2000:]
     got = [json.loads(line)["token_ids"] for line in many.stdout.splitlines()
            if line.startswith("{")]
     assert got == [q["token_ids"] for q in one_process_cli] and len(got) == 3
+    return [json.loads(line) for line in many.stderr.splitlines()
+            if line.startswith("{") and '"expert_load"' in line]
+
+
+def test_cli_ep_over_data_parallel_replicas(tiny_mixtrals, one_process_cli):
+    """`--nproc 2 --ep 2` (dp 2 inferred): the one-process greedy tokens of each prompt."""
+    reports = ep_reports(tiny_mixtrals[MODEL], one_process_cli)
     # two ranks, each holding 2 of the 4 experts, each counting every routed token (the
     # all-to-all of --ep-dispatch auto on the CPU: the header carries each rank's counts):
     # top-2 of every prompt token and of every decoded token but the last
-    reports = [json.loads(line) for line in many.stderr.splitlines()
-               if line.startswith("{") and '"expert_load"' in line]
     assert [r["dp"] for r in reports] == [0, 1]
     tokens = sum(len(q["prompt_token_ids"]) + NEW - 1 for q in one_process_cli)
     loads = [r["expert_load"] for r in reports]
@@ -144,14 +150,7 @@ def test_cli_hot_experts(tiny_mixtrals, one_process_cli, tmp_path):
     (one of each rank's share in layer 0) on both ranks: the same tokens."""
     load = tmp_path / "load.json"
     load.write_text(json.dumps({"0": [1, 9, 8, 2], "1": [5, 5, 0, 1], "2": [0, 0, 3, 7]}))
-    many = cli_generate(tiny_mixtrals[MODEL], "--nproc", "2", "--ep", "2",
-                        "--ep-dispatch", "all_to_all", "--hot-experts", "2",
-                        "--expert-load", str(load))
-    assert many.returncode == 0, many.stderr[-2000:]
-    got = [json.loads(line)["token_ids"] for line in many.stdout.splitlines()
-           if line.startswith("{")]
-    assert got == [q["token_ids"] for q in one_process_cli] and len(got) == 3
-    reports = [json.loads(line) for line in many.stderr.splitlines()
-               if line.startswith("{") and '"expert_load"' in line]
+    reports = ep_reports(tiny_mixtrals[MODEL], one_process_cli, "--ep-dispatch",
+                         "all_to_all", "--hot-experts", "2", "--expert-load", str(load))
     want = {"0": [1, 2], "1": [0, 1], "2": [2, 3]}  # ties: the lower index
     assert [r.get("expert_replicas") for r in reports] == [want, want]

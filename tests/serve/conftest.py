@@ -95,3 +95,29 @@ def client(tiny_server):
     from openai import OpenAI
     return OpenAI(base_url=tiny_server.url + "/v1", api_key=API_KEY, max_retries=0,
                   timeout=60)
+
+
+def open_stream(url: str, model: str = "tiny"):
+    """A 200-token streaming completion, its first chunk read, the rest read by a daemon
+    thread: -> the Event set when the stream has ended (finished, or cut by a shutdown's
+    grace period)."""
+    import threading
+
+    import openai
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
+    stream = client.completions.create(model=model, prompt="The quick brown fox",
+                                       max_tokens=200, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    it = iter(stream)
+    next(it)
+    ended = threading.Event()
+
+    def read_rest() -> None:
+        try:
+            for _ in it:
+                pass
+        except openai.APIError:
+            pass  # cut when the grace period ran out
+        ended.set()
+    threading.Thread(target=read_rest, daemon=True).start()
+    return ended

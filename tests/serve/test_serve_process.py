@@ -4,14 +4,11 @@ stream finished or cut); an HTTP process that dies ends the server with 1 and sa
 
 import os
 import signal
-import threading
 import time
 
-from tests.serve.conftest import ServerProcess, http
+from tests.serve.conftest import ServerProcess, http, open_stream
 from tests.serve.test_api import metrics
 from tests.serve.test_serve_ranks import children
-
-import openai  # a test dependency: missing, the tests fail (they never skip)
 
 
 def gone(pid: int) -> bool:
@@ -40,23 +37,7 @@ def test_http_runs_apart_from_the_engine_and_sigterm_leaves_no_process(tiny_mode
         with open(f"/proc/{http_pid}/maps") as f:  # the HTTP process never loads torch
             maps = f.read()
         assert "libtorch" not in maps and "libc" in maps
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0,
-                               timeout=60)
-        stream = client.completions.create(model="tiny", prompt="The quick brown fox",
-                                           max_tokens=200, temperature=0, stream=True,
-                                           extra_body={"ignore_eos": True})
-        it = iter(stream)
-        next(it)
-        ended = threading.Event()
-
-        def read_rest() -> None:
-            try:
-                for _ in it:
-                    pass
-            except openai.APIError:
-                pass  # cut when the grace period ran out
-            ended.set()
-        threading.Thread(target=read_rest, daemon=True).start()
+        ended = open_stream(server.url)
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]

@@ -5,7 +5,7 @@ rank with exit 0."""
 
 import pytest
 
-from tests.serve.conftest import ServerProcess
+from tests.serve.conftest import ServerProcess, open_stream
 
 import openai  # a test dependency: missing, the tests fail (they never skip)
 MSG = [{"role": "user", "content": "Once upon a time there was"}]
@@ -79,25 +79,8 @@ def test_sigterm_with_an_open_stream_exits_0(two_ranks):
     """Last in this module: SIGTERM while a stream is open; the stream ends (finished or
     cancelled after the grace period), every rank exits and the launcher returns 0."""
     import os
-    import threading
     import time
-    ranks = openai.OpenAI(base_url=two_ranks.url + "/v1", api_key="none", max_retries=0,
-                          timeout=60)
-    stream = ranks.completions.create(model="tiny", prompt="The quick brown fox",
-                                      max_tokens=200, temperature=0, stream=True,
-                                      extra_body={"ignore_eos": True})
-    it = iter(stream)
-    next(it)
-    ended = threading.Event()
-
-    def read_rest() -> None:
-        try:
-            for _ in it:
-                pass
-        except openai.APIError:
-            pass  # cut when the grace period ran out
-        ended.set()
-    threading.Thread(target=read_rest, daemon=True).start()
+    ended = open_stream(two_ranks.url)
     workers = children(two_ranks.proc.pid)
     assert len(workers) == 2
     t0 = time.monotonic()
