@@ -22,6 +22,7 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
                 max_seq_len: int, batch: int) -> Layout:
     """`--auto`: the planner's best tp x pp x dp and layer split for --devices."""
     from llamadist.planning.auto import auto_plan
+    from llamadist.planning.bits import auto_profile
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.profile import profile
     if in_worker():
@@ -30,8 +31,11 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     devices = args.devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, args.max_memory, args.device_speed)
-    best = auto_plan(profile(config, dtype=runtime.dtype_for(devices), seq_len=max_seq_len),
-                     specs, objective="latency", batch_size=batch, max_seq_len=max_seq_len,
+    # the weights as the run will load them (--quantize: one format for every device)
+    prof, _ = auto_profile(profile(config, dtype=runtime.dtype_for(devices),
+                                   seq_len=max_seq_len),
+                           runtime.quantize, sorted({s.kind for s in specs}))
+    best = auto_plan(prof, specs, objective="latency", batch_size=batch, max_seq_len=max_seq_len,
                      config=config, top=1)[0]
     nproc = best.num_devices
     used = [s.devices[0] for s in best.stages]

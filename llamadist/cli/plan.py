@@ -208,6 +208,9 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
         fmt, cands = auto_fit_bits(prof, devices, kinds, **kw)
         note = auto_bits_note(prof, fmt, kinds)
     else:
+        from llamadist.planning.bits import auto_profile
+        kinds = sorted({d.kind for d in devices}) if devices else ["cuda"]
+        prof, fmt = auto_profile(prof, args.quantize, kinds)
         try:
             cands = auto_plan(prof, devices, **kw)
         except PlanningError as e:

@@ -200,3 +200,28 @@ def auto_fit_bits(profile: ModelProfile, devices: Sequence[DeviceSpec] | None,
         except PlanningError as e:
             last = e
     raise PlanningError(f"even with every decoder layer in int4 {last}")
+
+
+def auto_profile(profile: ModelProfile, quantize: str | None,
+                 kinds: Sequence[str]) -> tuple[ModelProfile, str | None]:
+    """(the profile the auto planner costs, the format) under ``--quantize`` (the spec as
+    given): one format for every device, since the planner costs one profile for all of
+    them, so a per-device spec is refused; a format a device kind cannot run is refused
+    too."""
+    from llamadist.config import ConfigError, parse_quantize
+    if quantize is None:
+        return profile, None
+    try:
+        table = parse_quantize(quantize)
+    except ConfigError as e:
+        raise PlanningError(str(e)) from None
+    if set(table) != {"*"}:
+        raise PlanningError(f"--auto with --quantize {quantize}: the automatic layout plans "
+                            f"one weight format for every device; give one format "
+                            f"(e.g. --quantize int4), or --fit-bits to let `plan` choose")
+    fmt = table["*"]
+    for kind in kinds:
+        if fmt is not None and fmt not in KIND_FORMATS.get(kind, ()):
+            raise PlanningError(f"--quantize {fmt}: a {kind} device cannot run it "
+                                f"(it runs {', '.join(KIND_FORMATS.get(kind, ())) or 'none'})")
+    return quantized_profile(profile, fmt, kinds), fmt

@@ -187,3 +187,32 @@ def test_quantized_profile_counts_the_larger_kind():
     assert row.weight_bytes - q.weight_bytes == row.active_weight_bytes - q.active_weight_bytes
     assert both.embed == prof.embed and both.head == prof.head     # not quantized
     assert quantized_profile(prof, None) is prof
+
+
+def test_auto_counts_the_quantize_format(tmp_path, capsys):
+    """--auto with --quantize FMT plans the weights as the run loads them (it planned the
+    float model and refused what fits quantized); a per-device spec, or a format a device
+    cannot run, is refused by name."""
+    import argparse
+
+    from llamadist.cli.layout import auto_layout
+    from llamadist.cli.main import main
+    from llamadist.config import RuntimeConfig
+    flags = ["plan", "llama3-70b", "--auto", "--devices", "cuda:0", "--max-memory", "141GB",
+             "--max-seq-len", "4096"]
+    assert main(flags) != 0
+    path = tmp_path / "a.json"
+    assert main([*flags, "--quantize", "int4", "--save", str(path)]) == 0
+    assert {s.weight_format for s in Plan.load(path).stages} == {"int4"}
+    capsys.readouterr()
+    assert main([*flags, "--quantize", "cuda:0=int4"]) != 0
+    assert "one weight format for every device" in capsys.readouterr().err
+    # the run commands' --auto (cli.layout): Llama-3-8B on a 20 GB CPU fits in int8 only
+    config = named_shape("llama3-8b")
+    args = argparse.Namespace(devices="cpu", max_memory="20GB", device_speed=None)
+    with pytest.raises(PlanningError):
+        auto_layout(config, args, RuntimeConfig(), 1024, 1)
+    layout = auto_layout(config, args, RuntimeConfig(quantize="int8"), 1024, 1)
+    assert layout.pp == 1 and layout.processes == 1
+    with pytest.raises(PlanningError, match="a cpu device cannot run it"):
+        auto_layout(config, args, RuntimeConfig(quantize="fp8"), 1024, 1)
