@@ -22,9 +22,10 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from llamadist.config import ConfigError, parse_quantize
 from llamadist.planning.checks import plan_problems
 from llamadist.planning.devices import DeviceSpec
-from llamadist.planning.plan import KIND_FORMATS, Plan
+from llamadist.planning.plan import KIND_FORMATS, Plan, format_problem
 from llamadist.planning.profile import ModelProfile, layer_bytes, quantized_profile
 from llamadist.planning.units import PlanningError, format_bytes
 
@@ -208,7 +209,6 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
     given): one format for every device, since the planner costs one profile for all of
     them, so a per-device spec is refused; a format a device kind cannot run is refused
     too."""
-    from llamadist.config import ConfigError, parse_quantize
     if quantize is None:
         return profile, None
     try:
@@ -221,7 +221,7 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
                             f"(e.g. --quantize int4), or --fit-bits to let `plan` choose")
     fmt = table["*"]
     for kind in kinds:
-        if fmt is not None and fmt not in KIND_FORMATS.get(kind, ()):
-            raise PlanningError(f"--quantize {fmt}: a {kind} device cannot run it "
-                                f"(it runs {', '.join(KIND_FORMATS.get(kind, ())) or 'none'})")
+        problem = format_problem(fmt, kind)
+        if problem is not None:
+            raise PlanningError(f"--quantize {fmt}: {problem}")
     return quantized_profile(profile, fmt, kinds), fmt
