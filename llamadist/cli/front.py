@@ -56,6 +56,7 @@ from llamadist.runtime.worker import RankSpec
 log = logging.getLogger(__name__)
 
 BLAME_GRACE_S = 2.0  # after a loss, how long the front looks for the worker that caused it
+EXIT_GRACE_S = 1.0  # of which, how long a closed link waits for its process's exit (_blame)
 
 
 def rank_spec_of(job: Job) -> RankSpec:
@@ -333,8 +334,16 @@ class Front:
         log.warning("replica %d re-planned without stage %d: %s", r.index, lost, rec.layout)
 
     def _blame(self, r: Replica) -> WorkerLost | None:
-        deadline = time.monotonic() + BLAME_GRACE_S
-        while time.monotonic() < deadline:
+        """The worker that caused a known loss. While a link is closed but no process has
+        exited yet (a killed worker's sockets close before the system reaps it: longer on a
+        busy machine), only an exit counts for EXIT_GRACE_S: the survivors blocked on it
+        look stuck too, and blaming one of them would restart the whole replica."""
+        start = time.monotonic()
+        while time.monotonic() < start + BLAME_GRACE_S:
+            closed = any(link.lost is not None for link in r.links.values())
+            if closed and not r.crew.exits() and time.monotonic() < start + EXIT_GRACE_S:
+                time.sleep(POLL_S)
+                continue
             found = self._diagnose(r, strict=False)
             if found is not None:
                 return found

@@ -3,12 +3,15 @@ header, the step message, the launcher's blame and the rank table."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from llamadist.distributed.faults import EXIT_PEER_LOST
 from llamadist.distributed.grid import GridError, coords, grid_size, group_ranks, rank_of
 from llamadist.distributed.launch import WorkerExit, blame
+from llamadist.cli.front import Front, Replica
 from llamadist.cli.plan import format_rank_table
 from llamadist.planning.layout import stage_devices
 from llamadist.distributed.p2p import Kind, Message, decode_header, encode_header
@@ -79,6 +82,40 @@ def test_blame_prefers_the_rank_with_its_own_error():
     assert blame([lost, hung]) == [hung]
     assert "stopped answering" in hung.describe() and "rank 2" in hung.describe()
     assert blame([WorkerExit(0, 1, 0, 0.0)]) == []
+
+
+class _Link:
+    def __init__(self, seen: float, stuck_s: float = 0.0, lost: str | None = None):
+        self.seen, self.stuck_s, self.lost = seen, stuck_s, lost
+
+    def stuck(self, now: float) -> float:
+        return self.stuck_s + (now - self.seen) if self.stuck_s > 0 else 0.0
+
+
+class _Crew:
+    """A killed worker 2 whose exit the system reports only after ``reaped_after`` s."""
+
+    def __init__(self, reaped_after: float):
+        self.procs = {i: type("P", (), {"pid": 100 + i})() for i in range(3)}
+        self.reaped_at = time.monotonic() + reaped_after
+
+    def exits(self) -> list[WorkerExit]:
+        now = time.monotonic()
+        return [WorkerExit(2, 102, -9, now)] if now >= self.reaped_at else []
+
+
+def test_blame_waits_for_the_exit_of_a_worker_whose_link_closed():
+    """pp=3, the last stage killed: its link closes at once, its exit shows later (a busy
+    machine), and meanwhile the two survivors look stuck inside the step. The front blames
+    the dead worker, not a survivor (which would restart every worker of the replica)."""
+    front = object.__new__(Front)
+    front.timeout = 3.0
+    now = time.monotonic()
+    r = Replica(0, _Crew(reaped_after=0.4))
+    r.links = {0: _Link(now - 1.0, stuck_s=1.0), 1: _Link(now - 1.0, stuck_s=0.8),
+               2: _Link(now - 1.0, lost="closed its connection")}
+    found = front._blame(r)
+    assert found is not None and found.peer == 2, found
 
 
 def test_rank_table_and_stage_devices():

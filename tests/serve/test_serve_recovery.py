@@ -127,7 +127,7 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
         now = children(server.proc.pid)
         assert len(now) == nproc and workers[victim] not in now  # a new one took its place
         if "--pp" in grid:  # the other stages' workers kept their weights (cli.rejoin)
-            assert set(workers) - set(now) == {workers[victim]}, (workers, now)
+            assert set(workers) - set(now) == {workers[victim]}, (workers, now, log.read_text()[-4000:])
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
