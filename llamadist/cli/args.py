@@ -73,6 +73,11 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", help="quantize the decoder layers' linear weights at load: "
                    + QUANTIZE_HELP + "; GPU stages run Triton kernels, CPU stages GGUF "
                    "Q8_0 / Q4_1 blocks")
+    g.add_argument("--fit-bits", action="store_true",
+                   help="when the model does not fit in its dtype, quantize the fewest "
+                   "devices' weights (none -> int8 -> int4, slow devices first) until it "
+                   "does; reports the bytes each stage saves (with --auto, or stages over "
+                   "processes: one format for every device); not with --quantize")
 
 
 def add_runtime(p: argparse.ArgumentParser) -> None:

@@ -20,9 +20,12 @@ LAYOUT_ENV = "LLAMADIST_LAYOUT"  # the front process's Layout, handed to the wor
 
 def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
                 max_seq_len: int, batch: int) -> Layout:
-    """`--auto`: the planner's best tp x pp x dp and layer split for --devices."""
+    """`--auto`: the planner's best tp x pp x dp and layer split for --devices (with
+    --fit-bits, and the one weight format it fits in, as `plan --auto --fit-bits`
+    chooses it; the Layout's ``why`` then ends with the bits line `plan` prints)."""
     from llamadist.planning.auto import auto_plan
-    from llamadist.planning.bits import auto_profile
+    from llamadist.planning.bits import (auto_bits_note, auto_fit_bits, auto_profile,
+                                         check_fit_bits)
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.profile import profile
     if in_worker():
@@ -31,12 +34,20 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     devices = args.devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, args.max_memory, args.device_speed)
-    # the weights as the run will load them (--quantize: one format for every device)
-    prof, _ = auto_profile(profile(config, dtype=runtime.dtype_for(devices),
-                                   seq_len=max_seq_len),
-                           runtime.quantize, sorted({s.kind for s in specs}))
-    best = auto_plan(prof, specs, objective="latency", batch_size=batch, max_seq_len=max_seq_len,
-                     config=config, top=1)[0]
+    kinds = sorted({s.kind for s in specs})
+    prof = profile(config, dtype=runtime.dtype_for(devices), seq_len=max_seq_len)
+    kw = dict(objective="latency", batch_size=batch, max_seq_len=max_seq_len, config=config,
+              top=1)
+    note = ""
+    if getattr(args, "fit_bits", False):
+        check_fit_bits(runtime.quantize, auto=True)
+        fmt, cands = auto_fit_bits(prof, specs, kinds, **kw)
+        note = auto_bits_note(prof, fmt, kinds)
+    else:
+        # the weights as the run will load them (--quantize: one format for every device)
+        prof, fmt = auto_profile(prof, runtime.quantize, kinds)
+        cands = auto_plan(prof, specs, **kw)
+    best = cands[0]
     nproc = best.num_devices
     used = [s.devices[0] for s in best.stages]
     kinds = {d.split(":")[0] for d in used}
@@ -53,7 +64,9 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     if nproc == 1 and len(specs) > 1 and len(kinds) == 1:
         why += f" (one process: it predicts the fastest step for {len(specs)} devices)"
     return Layout(tuple(range(s.start, s.end) for s in best.stages), tuple(used), best.tp,
-                  best.dp, nproc, why, cp=best.cp, ep=check_ep(config, best.tp, best.dp, None))
+                  best.dp, nproc, why + note, cp=best.cp,
+                  ep=check_ep(config, best.tp, best.dp, None),
+                  weight_formats=(fmt,) * len(best.stages) if fmt else ())
 
 
 def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
@@ -76,14 +89,16 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
     ep = check_ep(config, tp, dp, ep)
     check_expert_flags(args, config, ep, tp)
+    fit_bits = getattr(args, "fit_bits", False)
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
-                     max_seq_len=max_seq_len, quantize=runtime.quantize)
+                     max_seq_len=max_seq_len, quantize=runtime.quantize, fit_bits=fit_bits)
     if nproc == 1:  # the engine keeps at most runtime.max_batch sequences resident
-        return resolve_layout(config, devices=args.devices,
-                              max_batch=min(batch, runtime.max_batch),
-                              dtype=runtime.dtype_for(args.devices or default_devices()),
-                              **placement)
+        layout = resolve_layout(config, devices=args.devices,
+                                max_batch=min(batch, runtime.max_batch),
+                                dtype=runtime.dtype_for(args.devices or default_devices()),
+                                **placement)
+        return _said(layout, fit_bits)
     wanted = args.devices or (",".join(Plan.load(args.plan).devices) if args.plan
                               else default_devices(processes=True))
     given = [d.strip() for d in wanted.split(",") if d.strip()]
@@ -93,15 +108,24 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"mixed list such as cuda:0,cpu in one process (without "
                             f"--nproc/--pp/--tp/--dp)")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
-    placed = resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp, cp=cp,
-                            ep=ep,
-                            dtype=runtime.dtype_for(names), **placement)
+    # over processes every rank takes one --quantize: --fit-bits gives all stages one format
+    placed = _said(resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp,
+                                  cp=cp, ep=ep, dtype=runtime.dtype_for(names),
+                                  one_format=True, **placement), fit_bits)
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                             f"stages (--pp)")
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
-    return Layout(placed.layer_ranges, devices, tp, dp, nproc, plan=placed.plan, cp=cp, ep=ep)
+    return Layout(placed.layer_ranges, devices, tp, dp, nproc, placed.why, plan=placed.plan,
+                  cp=cp, ep=ep)
+
+
+def _said(layout: Layout, fit_bits: bool) -> Layout:
+    """--fit-bits: print the formats chosen per stage (the lines `plan --fit-bits` prints)."""
+    if fit_bits and layout.why:
+        print(layout.why, file=sys.stderr)
+    return layout
 
 
 def cuda_count() -> int:

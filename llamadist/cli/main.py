@@ -49,11 +49,6 @@ def _add_plan(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--save", help="write the plan as JSON")
     p.add_argument("--plot", help="draw memory and predicted time per device to a PNG")
-    p.add_argument("--fit-bits", action="store_true",
-                   help="when the model does not fit in its dtype, quantize the fewest "
-                   "devices' weights (none -> int8 -> int4, slow devices first) until it "
-                   "does; reports the bytes each stage saves (with --auto: one format for "
-                   "every device)")
     add_grid(p)  # --pp/--tp/--dp: also show which rank runs which stage
     g = p.add_argument_group("automatic layout (tp x pp x dp)")
     g.add_argument("--auto", action="store_true", help="search tp, pp, dp and the layer split")

@@ -89,10 +89,8 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
     kw = dict(boundaries=boundaries, batch_size=batch_size, max_seq_len=max_seq_len,
               headroom=headroom, tp=tp, config=config, ep=ep)
     if fit_bits:
-        from llamadist.planning.bits import bits_report, choose_bits
-        if quantize is not None:
-            raise PlanningError(f"--fit-bits chooses each device's weight format: drop "
-                                f"--quantize {quantize} (or drop --fit-bits)")
+        from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
+        check_fit_bits(quantize)
         plan = choose_bits(prof, specs, strategy, one_format, **kw).plan
         notes = bits_report(plan, prof, specs)
     else:
@@ -200,10 +198,8 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
               config=config)
     fmt, note = None, ""
     if getattr(args, "fit_bits", False):
-        from llamadist.planning.bits import auto_fit_bits
-        if args.quantize is not None:
-            raise PlanningError(f"--fit-bits chooses the weight format: drop --quantize "
-                                f"{args.quantize} (or drop --fit-bits)")
+        from llamadist.planning.bits import auto_bits_note, auto_fit_bits, check_fit_bits
+        check_fit_bits(args.quantize, auto=True)
         kinds = sorted({d.kind for d in devices}) if devices else ["cuda"]
         fmt, cands = auto_fit_bits(prof, devices, kinds, **kw)
         note = auto_bits_note(prof, fmt, kinds)
@@ -228,20 +224,6 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
         print(f"saved the winning layout's stages to {args.save}; run them with --tp {best.tp}"
               f"{cp} --pp {best.pp} --dp {best.dp} --plan {args.save}", file=sys.stderr)
     return 0
-
-
-def auto_bits_note(prof, fmt: str | None, kinds: list[str]) -> str:
-    """--auto --fit-bits: the one format chosen and the bytes it saves per decoder layer."""
-    from llamadist.planning.profile import layer_bytes
-    if fmt is None:
-        return f"\nbits: the model fits in {prof.dtype}; no layer quantized"
-    row = prof.layers[0]
-    q = max(layer_bytes(row, fmt, k, prof.bytes_per_param) for k in kinds)
-    return (f"\nbits: it does not fit in {prof.dtype}; every decoder layer in {fmt}: "
-            f"{format_bytes(q)} per layer instead of {format_bytes(row.weight_bytes)} "
-            f"({format_bytes(row.weight_bytes - q)} saved per layer, "
-            f"{format_bytes((row.weight_bytes - q) * prof.num_layers)} in all; predicted "
-            f"bytes, quality is not predicted: measure it with llamadist perplexity)")
 
 
 def format_rank_table(stages: list[tuple[int, int]], devices: list[str], pp: int, tp: int,

@@ -47,6 +47,7 @@ def refuse_with_shape(args: argparse.Namespace) -> None:
                                    ("--tp", args.tp > 1), ("--dp", args.dp),
                                    ("--cp", getattr(args, "cp", 1) > 1), ("--ep", args.ep),
                                    ("--auto", args.auto), ("--plan", args.plan),
+                                   ("--fit-bits", getattr(args, "fit_bits", False)),
                                    ("--timeout", args.timeout), ("a model", args.model)) if on]
     if given:
         raise ValueError(f"bench --shape runs random weights in one process; drop "

@@ -74,6 +74,15 @@ def _tiers(n_groups: int) -> list[list[tuple[int, ...]]]:
     return [tiers[k] for k in sorted(tiers)]
 
 
+def check_fit_bits(quantize: str | None, auto: bool = False) -> None:
+    """--fit-bits chooses the formats itself: refuse an explicit --quantize beside it (the
+    same words for `plan` and the run commands)."""
+    if quantize is not None:
+        what = "the weight format" if auto else "each device's weight format"
+        raise PlanningError(f"--fit-bits chooses {what}: drop --quantize {quantize} (or "
+                            f"drop --fit-bits)")
+
+
 def choose_bits(profile: ModelProfile, devices: Sequence[DeviceSpec],
                 strategy: str | None = None, one_format: bool = False,
                 **plan_kw: Any) -> BitsChoice:
@@ -225,3 +234,17 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
         if problem is not None:
             raise PlanningError(f"--quantize {fmt}: {problem}")
     return quantized_profile(profile, fmt, kinds), fmt
+
+
+def auto_bits_note(profile: ModelProfile, fmt: str | None, kinds: Sequence[str]) -> str:
+    """--auto --fit-bits: the one format chosen and the bytes it saves per decoder layer
+    (a line of its own, starting with a newline)."""
+    if fmt is None:
+        return f"\nbits: the model fits in {profile.dtype}; no layer quantized"
+    row = profile.layers[0]
+    q = max(layer_bytes(row, fmt, k, profile.bytes_per_param) for k in kinds)
+    return (f"\nbits: it does not fit in {profile.dtype}; every decoder layer in {fmt}: "
+            f"{format_bytes(q)} per layer instead of {format_bytes(row.weight_bytes)} "
+            f"({format_bytes(row.weight_bytes - q)} saved per layer, "
+            f"{format_bytes((row.weight_bytes - q) * profile.num_layers)} in all; predicted "
+            f"bytes, quality is not predicted: measure it with llamadist perplexity)")

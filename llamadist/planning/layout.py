@@ -24,6 +24,9 @@ class Layout:
     why           how it was chosen (the auto planner's reason), for the user
     ep            ranks one stage's experts are spread over (planning.checks.check_ep): 1,
                   tp, or tp x dp (then the data-parallel replicas step in lockstep)
+    weight_formats  each stage's --quantize format as the planner chose it (--fit-bits;
+                  None: the dtype); () when the planner chose none. Kept in the JSON, so
+                  a process given this layout loads the formats its front planned.
     """
     layer_ranges: tuple[range, ...]
     devices: tuple[str, ...]
@@ -34,6 +37,15 @@ class Layout:
     plan: object | None = field(default=None, compare=False)  # the planning.Plan, if any
     cp: int = 1
     ep: int = 1
+    weight_formats: tuple[str | None, ...] = ()
+
+    @property
+    def stage_formats(self) -> tuple[str | None, ...]:
+        """Each stage's weight format: ``weight_formats``, else the plan's (Stage.
+        weight_format); () when neither gives any."""
+        fmts = self.weight_formats or tuple(getattr(s, "weight_format", None)
+                                            for s in getattr(self.plan, "stages", ()))
+        return fmts if any(fmts) else ()
 
     @property
     def lockstep(self) -> bool:
@@ -52,14 +64,14 @@ class Layout:
         return json.dumps({"layers": [[r.start, r.stop] for r in self.layer_ranges],
                            "devices": list(self.devices), "tp": self.tp, "dp": self.dp,
                            "processes": self.processes, "why": self.why, "cp": self.cp,
-                           "ep": self.ep})
+                           "ep": self.ep, "weight_formats": list(self.stage_formats)})
 
     @classmethod
     def from_json(cls, text: str) -> "Layout":
         d = json.loads(text)
         return cls(tuple(range(a, b) for a, b in d["layers"]), tuple(d["devices"]), d["tp"],
                    d["dp"], d["processes"], d.get("why", ""), cp=d.get("cp", 1),
-                   ep=d.get("ep", 1))
+                   ep=d.get("ep", 1), weight_formats=tuple(d.get("weight_formats", ())))
 
 
 def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list[str]:
@@ -84,13 +96,18 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    device_speed: str | None = None, boundaries: str | None = None,
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
                    tp: int = 1, cp: int = 1, ep: int = 1,
-                   quantize: str | None = None) -> Layout:
+                   quantize: str | None = None, fit_bits: bool = False,
+                   one_format: bool = False) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
     checked against its device's budget for this run's batch, KV length, ``tp`` (each
     stage then a tensor-parallel group: memory per shard), ``cp`` (KV per context-parallel
     rank) and ``ep`` (experts per rank). A plan file gives the stages; they are costed
     again on this run's devices, budgets and lengths, not the file's.
-    ``quantize`` (RuntimeConfig.quantize): each stage's weights counted in its format."""
+    ``quantize`` (RuntimeConfig.quantize): each stage's weights counted in its format.
+    ``fit_bits`` (--fit-bits): each device's format chosen as `plan --fit-bits` chooses it
+    (planning.bits.choose_bits; ``one_format``: one for every stage, as stages over
+    processes need), a plan file's formats chosen again; the Layout's ``why`` then holds
+    the report `plan` prints (bits_report)."""
     from llamadist.config import quantize_for
     from llamadist.planning.checks import check_fits
     from llamadist.planning.devices import check_devices_present, parse_devices
@@ -114,15 +131,24 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     devices = devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
-    formats = [quantize_for(quantize, d.name) for d in specs]
-    if saved_formats is not None:
-        formats = _plan_formats(plan, saved_formats, [d.name for d in specs], quantize, formats)
-    p = check_fits(make_plan(profile(config, dtype=dtype, seq_len=max_seq_len), specs,
-                             strategy=strategy, boundaries=boundaries, batch_size=max_batch,
-                             max_seq_len=max_seq_len, tp=tp, config=config, cp=cp, ep=ep,
-                             formats=formats if any(formats) else None))
+    prof = profile(config, dtype=dtype, seq_len=max_seq_len)
+    kw = dict(boundaries=boundaries, batch_size=max_batch, max_seq_len=max_seq_len, tp=tp,
+              config=config, cp=cp, ep=ep)
+    why = ""
+    if fit_bits:
+        from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
+        check_fit_bits(quantize)
+        p = check_fits(choose_bits(prof, specs, strategy, one_format, **kw).plan)
+        why = "\n".join(bits_report(p, prof, specs))
+    else:
+        formats = [quantize_for(quantize, d.name) for d in specs]
+        if saved_formats is not None:
+            formats = _plan_formats(plan, saved_formats, [d.name for d in specs], quantize,
+                                    formats)
+        p = check_fits(make_plan(prof, specs, strategy=strategy,
+                                 formats=formats if any(formats) else None, **kw))
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
-                  tuple(s.device for s in p.stages), plan=p)
+                  tuple(s.device for s in p.stages), why=why, plan=p)
 
 
 def _plan_formats(path: str, saved: list[str | None], devices: list[str],
@@ -147,19 +173,18 @@ def _plan_formats(path: str, saved: list[str | None], devices: list[str],
 
 def layout_quantize(layout: Layout, given: str | None,
                     plan_file: str | None = None) -> str | None:
-    """The --quantize value a run with ``layout`` loads with: ``given``, or the formats of
-    the plan the layout was placed by (Stage.weight_format; resolve_layout has already
-    refused a --quantize that disagrees with them), else of ``plan_file`` (a worker's
-    layout comes without its plan). In one process each device gets its stage's format;
+    """The --quantize value a run with ``layout`` loads with: ``given``, or the formats the
+    layout was planned with (Layout.stage_formats: --fit-bits, or the plan file's
+    Stage.weight_format; resolve_layout has already refused a --quantize that disagrees
+    with them), else of ``plan_file`` (a worker's layout comes without its plan). In one process each device gets its stage's format;
     over processes every rank's device is its own, so the stages must share one format."""
     from llamadist.planning.plan import Plan
-    plan = layout.plan
-    if plan is None and plan_file is not None and given is None:
-        plan = Plan.load(plan_file)
-    stages = getattr(plan, "stages", ())
-    if given is not None or not any(s.weight_format for s in stages):
+    planned = layout.stage_formats
+    if not planned and layout.plan is None and plan_file is not None and given is None:
+        planned = tuple(s.weight_format for s in Plan.load(plan_file).stages)
+    if given is not None or not any(planned):
         return given
-    fmts = [s.weight_format or "none" for s in stages]
+    fmts = [f or "none" for f in planned]
     if layout.processes > 1:
         if len(set(fmts)) > 1:
             raise PlanningError(

@@ -108,6 +108,13 @@ def test_layout_quantize_turns_plan_formats_into_a_run_quantize():
     shared = Layout(one.layer_ranges, ("cpu", "cpu"), plan=c.plan)
     with pytest.raises(PlanningError, match="two stages on cpu different weight formats"):
         layout_quantize(shared, None)
+    # a process handed the layout as JSON (no plan) loads the formats its front planned
+    again = Layout.from_json(one.to_json())
+    assert again.plan is None and again.stage_formats == (None, "int8")
+    assert layout_quantize(again, None) == "cuda:0=none,cpu=int8"
+    auto = Layout(one.layer_ranges, ("cuda", "cuda"), processes=2, weight_formats=("int4",) * 2)
+    assert layout_quantize(Layout.from_json(auto.to_json()), None) == "int4"
+    assert Layout.from_json(Layout(one.layer_ranges, one.devices).to_json()).stage_formats == ()
 
 
 def test_plan_fit_bits_command(tmp_path, capsys):
