@@ -88,11 +88,12 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
     nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
     ep = check_ep(config, tp, dp, ep)
-    check_expert_flags(args, config, ep, tp)
+    experts = check_expert_flags(args, config, ep, tp)   # hot replicas: counted per rank
     fit_bits = getattr(args, "fit_bits", False)
     placement = dict(strategy=args.strategy, max_memory=args.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
-                     max_seq_len=max_seq_len, quantize=runtime.quantize, fit_bits=fit_bits)
+                     max_seq_len=max_seq_len, quantize=runtime.quantize, fit_bits=fit_bits,
+                     experts=experts)
     if nproc == 1:  # the engine keeps at most runtime.max_batch sequences resident
         layout = resolve_layout(config, devices=args.devices,
                                 max_batch=min(batch, runtime.max_batch),
@@ -138,9 +139,11 @@ def cuda_count() -> int:
     return n
 
 
-def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int, tp: int) -> None:
+def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int, tp: int):
     """--ep-dispatch and --hot-experts need experts spread over replicas (ep > tp); the
-    --expert-load file is read and checked here, before any process starts."""
+    --expert-load file is read and checked here, before any process starts. Returns the
+    experts each EP rank will hold with its hot replicas (planning.experts.
+    ExpertPlacement), for the planner to count; None without --hot-experts."""
     for flag in ("ep_dispatch", "hot_experts"):
         if getattr(args, flag, None) and ep <= tp:
             name = "--" + flag.replace("_", "-")
@@ -151,3 +154,6 @@ def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int, t
     if getattr(args, "hot_experts", None):
         from llamadist.parallel.expert import read_expert_load
         read_expert_load(args.expert_load, config.num_experts)
+    from llamadist.planning.experts import run_placement
+    return run_placement(config.num_experts, ep, tp, getattr(args, "hot_experts", None),
+                         getattr(args, "expert_load", None))

@@ -72,11 +72,14 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   plan_file: str | None, batch_size: int, max_seq_len: int | None, dtype: str,
                   as_json: bool, save: str | None, plot: str | None, headroom: float | int,
                   tp: int, ep: int = 1, quantize: str | None = None,
-                  fit_bits: bool = False, one_format: bool = False) -> tuple[Plan, str]:
+                  fit_bits: bool = False, one_format: bool = False,
+                  experts=None) -> tuple[Plan, str]:
     """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
     stage's weights counted in its format, and the bytes it saves per layer noted;
     ``fit_bits``: --fit-bits, the formats chosen by planning.bits.choose_bits, the same
-    for every stage with ``one_format``: stages over processes)."""
+    for every stage with ``one_format``: stages over processes; ``experts``: each EP
+    rank's experts, planning.experts.ExpertPlacement, e.g. with hot-expert replicas;
+    with ``ep`` > 1 every stage's experts per EP rank are printed)."""
     from llamadist.config import quantize_for
     if plan_file is not None and devices is None:
         devices = ",".join(Plan.load(plan_file).devices)
@@ -87,7 +90,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
         strategy, boundaries = "custom", Path(plan_file)
     kw = dict(boundaries=boundaries, batch_size=batch_size, max_seq_len=max_seq_len,
-              headroom=headroom, tp=tp, config=config, ep=ep)
+              headroom=headroom, tp=tp, config=config, ep=ep, experts=experts)
     if fit_bits:
         from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
         check_fit_bits(quantize)
@@ -101,7 +104,9 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
         plan = make_plan(prof, specs, strategy=strategy,
                          formats=formats if any(formats) else None, **kw)
         notes = format_notes(prof, specs, formats)
-    notes = [f"error: {w}" for w in plan_problems(plan)] + notes
+    notes = [f"error: {w}" for w in plan_problems(plan)] + notes + expert_notes(plan, prof,
+                                                                                experts, tp,
+                                                                                ep)
     if tp > 1:
         notes.insert(0, f"memory and time are per device of each stage's {tp}-way "
                         f"tensor-parallel group")
@@ -118,6 +123,23 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                 log.info(note)
         return plan, plan.to_json()
     return plan, "\n".join([format_plan_table(plan), *notes])
+
+
+def expert_notes(plan: Plan, prof, experts, tp: int, ep: int) -> list[str]:
+    """A mixture-of-experts model over EP ranks (--ep, or tensor parallelism spreading
+    the experts): each stage's experts per rank, hot replicas included, as the cost model
+    counts them (the busiest rank's are in the stage's memory)."""
+    from llamadist.planning.experts import ExpertPlacement, expert_rank_lines
+    moe = [i for i, r in enumerate(prof.layers) if r.num_experts]
+    if not moe:
+        return []
+    num = prof.layers[moe[0]].num_experts
+    spread = max(ep, tp if tp <= num else 1)
+    if spread <= 1:
+        return []
+    placement = experts or ExpertPlacement.build(num, spread)
+    return expert_rank_lines(plan.boundaries, placement,
+                             prof.layers[moe[0]].expert_bytes / num, moe)
 
 
 def format_notes(prof, specs, formats: list[str | None]) -> list[str]:
@@ -159,6 +181,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
     pp, tp, dp, ep = grid_flags(args)
     nproc, pp, _, _ = check_grid(config, None, pp, tp, dp)
     ep = check_ep(config, tp, dp, ep)
+    from llamadist.cli.layout import check_expert_flags
+    experts = check_expert_flags(args, config, ep, tp)   # hot replicas, counted per rank
     if nproc > 1:
         from llamadist.planning.layout import stage_devices
         devices = ",".join(stage_devices(args.devices, pp))
@@ -169,12 +193,14 @@ def plan_cmd(args: argparse.Namespace) -> int:
                                args.strategy, args.boundaries, args.plan, args.batch_size,
                                max_seq, dtype, args.json, args.save, args.plot, 0.1, tp, ep,
                                quantize=args.quantize, fit_bits=getattr(args, "fit_bits", False),
-                               one_format=nproc > 1)
+                               one_format=nproc > 1, experts=experts)
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
                                             list(plan.devices), pp, tp, dp)
         if ep > 1:
-            text += (f"\nexperts: each stage's spread over {ep} ranks (1/{ep} each)"
+            even = config.num_experts % ep == 0 and experts is None
+            text += (f"\nexperts: each stage's spread over {ep} ranks "
+                     + (f"(1/{ep} each)" if even else "(each rank's above)")
                      + (", its data-parallel replicas stepping together" if ep > tp else ""))
     print(text)
     over = plan_problems(plan)

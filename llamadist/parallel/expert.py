@@ -66,8 +66,8 @@ Order of the passes: build on meta -> pipeline cut -> (tensor parallel) ->
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -76,6 +76,8 @@ import torch.nn.functional as F
 from llamadist.config import ModelConfig
 from llamadist.model.llama import Llama
 from llamadist.model.moe import SparseMoE
+from llamadist.planning import experts as experts_plan
+from llamadist.planning.units import PlanningError
 
 Group = dist.ProcessGroup | None
 DISPATCHES = ("replicated", "gather", "all_to_all", "auto")
@@ -87,13 +89,10 @@ class ExpertParallelError(ValueError):
 
 
 def expert_shares(num_experts: int, ep_size: int) -> list[list[int]]:
-    """Global expert indices per EP rank: contiguous, as even as possible."""
-    if not 1 <= ep_size <= num_experts:
-        raise ExpertParallelError(f"ep={ep_size} must be between 1 and the model's "
-                                  f"{num_experts} experts per layer")
-    base, extra = divmod(num_experts, ep_size)
-    starts = [r * base + min(r, extra) for r in range(ep_size + 1)]
-    return [list(range(starts[r], starts[r + 1])) for r in range(ep_size)]
+    """Global expert indices per EP rank: contiguous, as even as possible (the planner's
+    planning.experts.expert_shares, so a plan counts the experts each rank loads)."""
+    with _as_ep_error():
+        return experts_plan.expert_shares(num_experts, ep_size)
 
 
 def expert_owners(placement: Sequence[Sequence[int]], num_experts: int) -> list[int]:
@@ -143,27 +142,25 @@ def assigned_weights(index: torch.Tensor, weights: torch.Tensor, owner: torch.Te
 def hot_experts(load: Mapping[int, Sequence[int]], n: int) -> dict[int, list[int]]:
     """The ``n`` most-loaded experts of each layer from per-expert token counts (the
     counters of model.moe.routing_counts, or a run's ``expert_load``; ties: the lower
-    index): the replicas ``apply_expert_parallel`` can put on every rank."""
-    if n < 0:
-        raise ExpertParallelError(f"hot experts: n must be >= 0, got {n}")
-    return {int(layer): sorted(sorted(range(len(c)), key=lambda e: (-c[e], e))[:n])
-            for layer, c in load.items()}
+    index): the replicas ``apply_expert_parallel`` can put on every rank
+    (planning.experts.hot_experts, which the planner counts)."""
+    with _as_ep_error():
+        return experts_plan.hot_experts(load, n)
 
 
 def read_expert_load(path: str, num_experts: int) -> dict[int, list[int]]:
     """{layer: tokens per expert} from a JSON file (a run's ``expert_load``), checked."""
+    with _as_ep_error():
+        return experts_plan.read_expert_load(path, num_experts)
+
+
+@contextmanager
+def _as_ep_error():
+    """The planner's placement errors as this module's (ExpertParallelError)."""
     try:
-        with open(path) as f:
-            raw = json.load(f)
-        load = {int(layer): [int(c) for c in counts] for layer, counts in raw.items()}
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        raise ExpertParallelError(f"--expert-load {path}: not a JSON object of "
-                                  f"{{layer: [tokens per expert]}} ({e})") from e
-    bad = sorted(layer for layer, counts in load.items() if len(counts) != num_experts)
-    if bad:
-        raise ExpertParallelError(f"--expert-load {path}: layer(s) {bad} do not count "
-                                  f"the model's {num_experts} experts")
-    return load
+        yield
+    except PlanningError as e:
+        raise ExpertParallelError(str(e)) from None
 
 
 def pack_rows(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

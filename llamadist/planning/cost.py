@@ -38,6 +38,7 @@ from dataclasses import dataclass, field, replace
 
 from llamadist.config import ModelConfig
 from llamadist.planning.devices import DeviceSpec
+from llamadist.planning.experts import ExpertPlacement
 from llamadist.planning.profile import ModelProfile, expected_experts, layer_bytes
 from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError
@@ -141,8 +142,11 @@ class CostModel:
     Mixture of experts: a layer's experts are split by expert parallelism, one device
     holding ``1 / ep`` of them (llamadist.parallel.expert); tensor parallelism spreads
     them over its ranks the same way (EP = TP) when there are at least ``tp`` experts,
-    else keeps them whole on each rank (llamadist.parallel.tensor). A decode step reads
-    only the experts its tokens were routed to (profile.expected_experts)."""
+    else keeps them whole on each rank (llamadist.parallel.tensor). Memory counts the rank
+    that holds the most: ceil(E / ep) experts per layer with the even shares, or what
+    ``placement`` (planning.experts.ExpertPlacement: uneven shares, hot-expert replicas)
+    gives its busiest rank over the stage's layers. A decode step reads only the experts
+    its tokens were routed to (profile.expected_experts), of those that rank holds."""
 
     profile: ModelProfile
     batch: int
@@ -156,22 +160,37 @@ class CostModel:
     extra_layer_bytes: float = 0
     experts: tuple[int, ...] = ()  # prefix sums over decoder layers: expert bytes (MoE)
     ep: int = 1                    # expert-parallel ranks sharing each layer's experts
+    placement: ExpertPlacement | None = None   # each EP rank's experts (None: even shares)
+    held: tuple[tuple[int, ...], ...] = ()     # per EP rank: prefix sums of experts held
     # per stage i: the cost model of its weight format (--quantize), from with_formats
     stage_models: tuple["CostModel | None", ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def build(cls, profile: ModelProfile, batch: int, context: int, tp: int = 1,
-              config: ModelConfig | None = None, ep: int = 1, cp: int = 1) -> "CostModel":
+              config: ModelConfig | None = None, ep: int = 1, cp: int = 1,
+              placement: ExpertPlacement | None = None) -> "CostModel":
         """``cp`` > 1: a stage's KV cache is split over that many context-parallel ranks
-        (one device holds 1 / cp of every sequence's)."""
+        (one device holds 1 / cp of every sequence's). ``placement``: each of the ``ep``
+        ranks' experts (uneven shares, hot replicas); None: expert_shares'."""
         rows = profile.layers
+        held: tuple[tuple[int, ...], ...] = ()
+        if placement is not None:
+            if placement.ep != ep:
+                raise PlanningError(f"the expert placement spans {placement.ep} ranks, "
+                                    f"ep={ep}")
+            moe = [i for i, r in enumerate(rows) if r.num_experts]
+            if moe and placement.num_experts != rows[moe[0]].num_experts:
+                raise PlanningError(f"the expert placement is for {placement.num_experts} "
+                                    f"experts, the model has {rows[moe[0]].num_experts}")
+            held = tuple(_prefix([len(placement.held(r, i)) if rows[i].num_experts else 0
+                                  for i in range(len(rows))]) for r in range(ep))
         return cls(profile, batch, context, _prefix([r.weight_bytes for r in rows]),
                    _prefix([r.kv_bytes_per_token for r in rows]),
                    _prefix([r.matmul_flops_per_token for r in rows]),
                    _prefix([r.attn_flops_per_ctx_token for r in rows]), tp,
                    tp_kv_share(config, tp) / max(1, cp),
                    tp_extra_layer_bytes(config, tp, profile.bytes_per_param),
-                   _prefix([r.expert_bytes for r in rows]), ep)
+                   _prefix([r.expert_bytes for r in rows]), ep, placement, held)
 
     def with_formats(self, formats: Sequence[str | None], kinds: Sequence[str]) -> "CostModel":
         """This model with stage i's decoder linears in ``formats[i]`` (None: the profile's
@@ -193,6 +212,17 @@ class CostModel:
     def _expert_bytes(self, s: int, e: int) -> int:
         return self.experts[e] - self.experts[s] if self.experts else 0
 
+    def rank_experts(self, s: int, e: int, ep: int) -> list[int]:
+        """Experts each of ``ep`` ranks holds over layers [s, e), summed over the layers
+        (the placement's, when it spans ``ep`` ranks; else expert_shares')."""
+        if self.held and ep == len(self.held):
+            return [p[e] - p[s] for p in self.held]
+        rows = self.profile.layers[s:e]
+        moe = sum(1 for r in rows if r.num_experts)
+        num = next((r.num_experts for r in rows if r.num_experts), 0)
+        base, extra = divmod(num, ep)
+        return [moe * (base + (1 if r < extra else 0)) for r in range(ep)]
+
     def _layer_weights(self, s: int, e: int, tp: int, extra_layer_bytes: float,
                        tokens: int | None = None) -> float:
         """Weights of layers [s, e) on one device: the dense part / tp (plus what TP
@@ -203,12 +233,14 @@ class CostModel:
         if not experts:
             return dense / tp + (e - s) * extra_layer_bytes
         row = next(r for r in self.profile.layers[s:e] if r.num_experts)  # all alike
+        # TP ranks share the experts too when each gets one or more (parallel.tensor)
+        ep = max(self.ep, tp if tp <= row.num_experts else 1)
+        # the busiest rank's experts (uneven shares, hot replicas), not the average
+        experts = max(self.rank_experts(s, e, ep)) * row.expert_bytes / row.num_experts
         if tokens is not None:
             experts *= expected_experts(row.num_experts, row.experts_per_token,
                                         tokens) / row.num_experts
-        # TP ranks share the experts too when each gets one or more (parallel.tensor)
-        ep = max(self.ep, tp if tp <= row.num_experts else 1)
-        return dense / tp + (e - s) * extra_layer_bytes + experts / ep
+        return dense / tp + (e - s) * extra_layer_bytes + experts
 
     # -- memory (bytes per device) --
     def weight_bytes(self, s: int, e: int, first: bool, last: bool, tp: int = 1,
@@ -233,6 +265,19 @@ class CostModel:
         """Bytes on one device of the stage (one shard of its TP group)."""
         return (self.weight_bytes(s, e, first, last, self.tp, self.extra_layer_bytes)
                 + self.kv_bytes(s, e, share=self.kv_share))
+
+    def rank_memory(self, s: int, e: int, first: bool, last: bool) -> list[float]:
+        """Bytes on each EP rank of the stage (``memory`` is the busiest one's): the part
+        every rank holds alike (dense weights / tp, embedding / head, KV) plus that rank's
+        experts, so devices of different memory are checked rank by rank."""
+        total = self.memory(s, e, first, last)
+        row = next((r for r in self.profile.layers[s:e] if r.num_experts), None)
+        if row is None:
+            return [total]
+        ep = max(self.ep, self.tp if self.tp <= row.num_experts else 1)
+        counts = self.rank_experts(s, e, ep)
+        per = row.expert_bytes / row.num_experts
+        return [total - (max(counts) - c) * per for c in counts]
 
     # -- time --
     def decode_flops(self, s: int, e: int, last: bool, batch: int | None = None) -> int:

@@ -97,7 +97,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
                    tp: int = 1, cp: int = 1, ep: int = 1,
                    quantize: str | None = None, fit_bits: bool = False,
-                   one_format: bool = False) -> Layout:
+                   one_format: bool = False, experts=None) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
     checked against its device's budget for this run's batch, KV length, ``tp`` (each
     stage then a tensor-parallel group: memory per shard), ``cp`` (KV per context-parallel
@@ -107,13 +107,12 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     ``fit_bits`` (--fit-bits): each device's format chosen as `plan --fit-bits` chooses it
     (planning.bits.choose_bits; ``one_format``: one for every stage, as stages over
     processes need), a plan file's formats chosen again; the Layout's ``why`` then holds
-    the report `plan` prints (bits_report)."""
-    from llamadist.config import quantize_for
-    from llamadist.planning.checks import check_fits
+    the report `plan` prints (bits_report). ``experts`` (planning.experts.ExpertPlacement,
+    e.g. run_placement's with hot-expert replicas): each stage's memory counts its busiest
+    EP rank's experts; a refusal then says how many it holds."""
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.plan import Plan
     from llamadist.planning.profile import profile
-    from llamadist.planning.strategies import make_plan
 
     if isinstance(devices, (list, tuple)):
         devices = ",".join(devices)
@@ -133,7 +132,24 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
     kw = dict(boundaries=boundaries, batch_size=max_batch, max_seq_len=max_seq_len, tp=tp,
-              config=config, cp=cp, ep=ep)
+              config=config, cp=cp, ep=ep, experts=experts)
+    try:
+        p, why = _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan,
+                         saved_formats)
+    except PlanningError as e:
+        if experts is None or not experts.hot:
+            raise
+        raise PlanningError(f"{e}; counted with the hot-expert replicas (--hot-experts): "
+                            f"{experts.describe(range(config.num_layers))}") from None
+    return Layout(tuple(range(s.start, s.end) for s in p.stages),
+                  tuple(s.device for s in p.stages), why=why, plan=p)
+
+
+def _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan, saved_formats):
+    """resolve_layout's checked plan and its --fit-bits report ("" without)."""
+    from llamadist.config import quantize_for
+    from llamadist.planning.checks import check_fits
+    from llamadist.planning.strategies import make_plan
     why = ""
     if fit_bits:
         from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
@@ -147,8 +163,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                                     formats)
         p = check_fits(make_plan(prof, specs, strategy=strategy,
                                  formats=formats if any(formats) else None, **kw))
-    return Layout(tuple(range(s.start, s.end) for s in p.stages),
-                  tuple(s.device for s in p.stages), why=why, plan=p)
+    return p, why
 
 
 def _plan_formats(path: str, saved: list[str | None], devices: list[str],

@@ -22,6 +22,7 @@ from llamadist.config import ModelConfig
 from llamadist.planning.checks import grid_problems, plan_problems
 from llamadist.planning.cost import CostModel, headroom_bytes
 from llamadist.planning.devices import DeviceSpec
+from llamadist.planning.experts import ExpertPlacement
 from llamadist.planning.plan import Plan, Stage, validate_stages
 from llamadist.planning.profile import ModelProfile
 from llamadist.planning.units import PlanningError, format_bytes
@@ -247,7 +248,8 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
               batch_size: int = 1, max_seq_len: int | None = None,
               headroom: float | int = 0.1, tp: int = 1,
               config: ModelConfig | None = None, ep: int = 1, cp: int = 1,
-              formats: Sequence[str | None] | None = None) -> Plan:
+              formats: Sequence[str | None] | None = None,
+              experts: ExpertPlacement | None = None) -> Plan:
     """One stage per entry of ``devices``, in order. ``max_seq_len`` (default: the profile's
     seq_len) and ``batch_size`` size the KV cache; ``headroom`` is reserved on every device
     for activations: a float in [0, 1) is a fraction of its budget, otherwise bytes.
@@ -255,7 +257,10 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     ``tp`` > 1: each stage is a tensor-parallel group of ``tp`` devices like the one named,
     and every memory and time is one device's shard (``config`` says how KV heads split).
     ``ep`` > 1: a mixture-of-experts model's experts are spread over ``ep`` ranks per stage
-    (each device holds 1 / ep of them; tensor parallelism keeps them whole).
+    (each device holds 1 / ep of them; tensor parallelism keeps them whole); a stage's
+    memory counts its busiest EP rank: ceil(E / ep) experts per layer, or the most that
+    ``experts`` (planning.experts.ExpertPlacement: uneven shares, hot-expert replicas)
+    puts on one rank.
     ``cp`` > 1: each stage's KV cache is split over ``cp`` context-parallel ranks.
     ``formats``: each stage's weight format (--quantize: int8 / int4 / fp8, None as the
     profile's dtype); memory and time count that format's bytes for the stage's layers.
@@ -268,7 +273,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     plan through :func:`llamadist.planning.checks.check_fits`."""
     if strategy is None:
         return _default_plan(profile, devices, boundaries, batch_size, max_seq_len, headroom,
-                             tp, config, ep, cp, formats)
+                             tp, config, ep, cp, formats, experts)
     if strategy not in STRATEGIES:
         raise PlanningError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if boundaries is not None and strategy != "custom":
@@ -284,7 +289,7 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
     if batch_size < 1 or context < 1:
         raise PlanningError(f"batch_size and max_seq_len must be positive, got {batch_size} "
                             f"and {context}")
-    model = CostModel.build(profile, batch_size, context, tp, config, ep, cp)
+    model = CostModel.build(profile, batch_size, context, tp, config, ep, cp, experts)
     if formats and any(formats):
         if len(formats) != len(devices):
             raise PlanningError(f"{len(formats)} weight formats for {len(devices)} devices")
@@ -308,8 +313,9 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
 def _default_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
                   boundaries: Boundaries | None, batch_size: int, max_seq_len: int | None,
                   headroom: float | int, tp: int, config: ModelConfig | None,
-                  ep: int = 1, cp: int = 1, formats: Sequence[str | None] | None = None) -> Plan:
-    rest = (batch_size, max_seq_len, headroom, tp, config, ep, cp, formats)
+                  ep: int = 1, cp: int = 1, formats: Sequence[str | None] | None = None,
+                  experts: ExpertPlacement | None = None) -> Plan:
+    rest = (batch_size, max_seq_len, headroom, tp, config, ep, cp, formats, experts)
     if boundaries is not None:
         return make_plan(profile, devices, "custom", boundaries, *rest)
     even = make_plan(profile, devices, "uniform", None, *rest)
