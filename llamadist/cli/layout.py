@@ -31,6 +31,7 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     if in_worker():
         raise PlanningError("--auto chooses the number of processes itself: start llamadist "
                             "without torchrun (or give --pp/--tp/--dp instead of --auto)")
+    refuse_expert_flags_with_auto(args)
     devices = args.devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, args.max_memory, args.device_speed)
@@ -137,6 +138,18 @@ def cuda_count() -> int:
         raise PlanningError("--devices cuda but this machine has no CUDA device; use --devices "
                             "cpu")
     return n
+
+
+def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:
+    """The auto planner keeps each replica's experts to itself (ep = tp): flags for
+    experts spread over replicas would be ignored, so they are refused."""
+    for flag in ("ep_dispatch", "hot_experts"):
+        if getattr(args, flag, None):
+            name = "--" + flag.replace("_", "-")
+            raise GridError(f"{name} {getattr(args, flag)} goes with experts spread over "
+                            f"data-parallel replicas, which --auto does not plan (each "
+                            f"replica keeps its experts, ep = tp): drop {name}, or give --dp "
+                            f"and --ep tp x dp instead of --auto")
 
 
 def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int, tp: int):

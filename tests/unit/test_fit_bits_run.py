@@ -221,3 +221,20 @@ def test_fit_bits_refusals(tiny, capsys):
         capsys.readouterr().err
     assert main(["bench", "--shape", "smollm2-135m", "--fit-bits"]) == 2
     assert "drop --fit-bits" in capsys.readouterr().err
+
+
+def test_fit_bits_with_a_plan_file_chooses_again_for_this_run(tiny, plan_file):
+    """As `plan --plan FILE --fit-bits`: the file's stages, the formats chosen again for
+    this run's budget (the file's int8 is not kept where the model fits in float32)."""
+    from llamadist.cli.jobs import JOBS
+    from llamadist.cli.main import build_parser
+    ckpt = open_checkpoint(tiny)
+    for budget, want in (("1GB", None), (_budget(tiny, "int4", "int8"), "cpu=int4")):
+        args = build_parser().parse_args(["generate", str(tiny), "--plan", str(plan_file),
+                                          "--fit-bits", "--max-memory", budget, "--prompt",
+                                          "hi", "--max-new-tokens", "4", "--max-seq-len",
+                                          str(SEQ)])
+        job = JOBS["generate"](args, ckpt, ckpt.tokenizer())
+        assert job.runtime.quantize == want, budget
+        assert job.layout.bounds == ",".join(f"{s.start}:{s.end}"
+                                             for s in Plan.load(plan_file).stages)

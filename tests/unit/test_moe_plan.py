@@ -202,3 +202,15 @@ def test_run_command_refuses_replicas_that_do_not_fit(mixtral, tmp_path):
     args = build_parser().parse_args([*base, "--hot-experts", "2", "--expert-load", str(load)])
     with pytest.raises(PlanningError, match="EP rank 0 holds up to 4 experts per layer"):
         JOBS["generate"](args, ckpt, ckpt.tokenizer())
+
+
+def test_auto_refuses_hot_experts(mixtral, tmp_path, capsys):
+    """--auto keeps each replica's experts to itself: replicas would be ignored."""
+    from llamadist.cli.main import main
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps({"0": [1, 2, 3, 4]}))
+    for cmd in (["plan", str(mixtral)], ["generate", str(mixtral), "--prompt", "hi"]):
+        assert main([*cmd, "--auto", "--devices", "cpu", "--hot-experts", "1",
+                     "--expert-load", str(load)]) == 2
+        assert "--hot-experts 1 goes with experts spread over data-parallel replicas, " \
+               "which --auto does not plan" in capsys.readouterr().err
