@@ -189,11 +189,16 @@ def plan_cmd(args: argparse.Namespace) -> int:
     else:
         # devices None with --plan: the plan file's own devices
         devices = args.devices or (None if args.plan else "cpu")
-    plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
-                               args.strategy, args.boundaries, args.plan, args.batch_size,
-                               max_seq, dtype, args.json, args.save, args.plot, 0.1, tp, ep,
-                               quantize=args.quantize, fit_bits=getattr(args, "fit_bits", False),
-                               one_format=nproc > 1, experts=experts)
+    from llamadist.planning.experts import replicas_refusal
+    try:
+        plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
+                                   args.strategy, args.boundaries, args.plan, args.batch_size,
+                                   max_seq, dtype, args.json, args.save, args.plot, 0.1, tp,
+                                   ep, quantize=args.quantize,
+                                   fit_bits=getattr(args, "fit_bits", False),
+                                   one_format=nproc > 1, experts=experts)
+    except PlanningError as e:   # memory / mixed / --fit-bits: no split fits
+        raise replicas_refusal(e, experts, config.num_layers) from None
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
                                             list(plan.devices), pp, tp, dp)
@@ -207,7 +212,8 @@ def plan_cmd(args: argparse.Namespace) -> int:
     if over:  # the table above shows it; the exit code tells scripts
         hint = ("" if getattr(args, "fit_bits", False) or args.quantize else
                 "; --fit-bits chooses weight formats (int8, int4) that make it fit")
-        raise PlanningError(f"the plan does not fit: {over[0]}{hint}")
+        raise replicas_refusal(PlanningError(f"the plan does not fit: {over[0]}{hint}"),
+                               experts, config.num_layers)
     return 0
 
 

@@ -155,6 +155,16 @@ class ExpertPlacement:
                 f"replicas)")
 
 
+def replicas_refusal(error: PlanningError, placement: ExpertPlacement | None,
+                     num_layers: int) -> PlanningError:
+    """``error`` (a plan that does not fit) saying how many experts the busiest EP rank
+    holds with its hot replicas, when there are replicas; else ``error`` itself."""
+    if placement is None or not placement.hot:
+        return error
+    return PlanningError(f"{error}; counted with the hot-expert replicas (--hot-experts): "
+                         f"{placement.describe(range(num_layers))}")
+
+
 def run_placement(num_experts: int, ep: int, tp: int, hot: int | None,
                   expert_load: str | None) -> ExpertPlacement | None:
     """The experts a run with ``--ep ep --tp tp --hot-experts hot --expert-load FILE``

@@ -137,10 +137,8 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
         p, why = _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan,
                          saved_formats)
     except PlanningError as e:
-        if experts is None or not experts.hot:
-            raise
-        raise PlanningError(f"{e}; counted with the hot-expert replicas (--hot-experts): "
-                            f"{experts.describe(range(config.num_layers))}") from None
+        from llamadist.planning.experts import replicas_refusal
+        raise replicas_refusal(e, experts, config.num_layers) from None
     return Layout(tuple(range(s.start, s.end) for s in p.stages),
                   tuple(s.device for s in p.stages), why=why, plan=p)
 

@@ -176,6 +176,19 @@ def test_plan_prints_each_ranks_experts(mixtral, tmp_path, capsys):
         weights.append(json.loads(capsys.readouterr().out)["stages"][0]["weight_bytes"])
     prof = profile(open_checkpoint(mixtral).config, dtype="float32", seq_len=SEQ)
     assert weights[1] - weights[0] == pytest.approx(2 * 3 * _per_expert(prof))  # 2 a layer
+    # a budget between the two: refused with the numbers, by every strategy
+    hot = ["--hot-experts", "2", "--expert-load", str(load)]
+    # (the KV cache, 24 KiB here, is far less than half the replicas' bytes; 10% headroom)
+    assert 3 * 2 * 16 * 4 * SEQ < (weights[1] - weights[0]) / 4
+    budget = str(int((sum(weights) / 2 + 3 * 2 * 16 * 4 * SEQ) / 0.9))
+    small = [x if x != "1GB" else budget for x in flags]
+    assert main(small) == 0
+    capsys.readouterr()
+    for strategy in ([], ["--strategy", "memory"]):
+        assert main([*small, *hot, *strategy]) == 2
+        err = capsys.readouterr().err
+        assert "EP rank 0 holds up to 4 experts per layer (2 of its own + 2 hot replicas" in err
+        assert "needs" in err and "budget" in err
     # replicas need experts over replicas (ep > tp), as the run commands say
     assert main(["plan", str(mixtral), "--devices", "cpu", "--tp", "2", "--hot-experts", "1",
                  "--expert-load", str(load)]) == 2
