@@ -11,6 +11,7 @@ import sys
 from llamadist.cli.args import grid_flags, in_worker
 from llamadist.config import ModelConfig, RuntimeConfig, default_devices
 from llamadist.planning.checks import GridError, check_ep, check_grid
+from llamadist.planning.experts import ExpertPlacement
 from llamadist.planning.layout import Layout, resolve_layout, stage_devices
 from llamadist.planning.plan import Plan
 from llamadist.planning.units import PlanningError
@@ -152,7 +153,8 @@ def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:
                             f"and --ep tp x dp instead of --auto")
 
 
-def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int, tp: int):
+def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int,
+                       tp: int) -> ExpertPlacement | None:
     """--ep-dispatch and --hot-experts need experts spread over replicas (ep > tp); the
     --expert-load file is read and checked here, before any process starts. Returns the
     experts each EP rank will hold with its hot replicas (planning.experts.

@@ -9,6 +9,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from llamadist.cli.args import grid_flags
 from llamadist.config import ModelConfig, RuntimeConfig
@@ -19,6 +20,9 @@ from llamadist.planning.profile import format_profile_table, profile
 from llamadist.planning.checks import check_ep, check_grid, plan_problems
 from llamadist.planning.strategies import make_plan
 from llamadist.planning.units import PlanningError, format_bytes
+
+if TYPE_CHECKING:
+    from llamadist.planning.experts import ExpertPlacement
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +77,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   as_json: bool, save: str | None, plot: str | None, headroom: float | int,
                   tp: int, ep: int = 1, quantize: str | None = None,
                   fit_bits: bool = False, one_format: bool = False,
-                  experts=None) -> tuple[Plan, str]:
+                  experts: "ExpertPlacement | None" = None) -> tuple[Plan, str]:
     """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
     stage's weights counted in its format, and the bytes it saves per layer noted;
     ``fit_bits``: --fit-bits, the formats chosen by planning.bits.choose_bits, the same
@@ -125,7 +129,8 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
     return plan, "\n".join([format_plan_table(plan), *notes])
 
 
-def expert_notes(plan: Plan, prof, experts, tp: int, ep: int) -> list[str]:
+def expert_notes(plan: Plan, prof, experts: "ExpertPlacement | None", tp: int,
+                 ep: int) -> list[str]:
     """A mixture-of-experts model over EP ranks (--ep, or tensor parallelism spreading
     the experts): each stage's experts per rank, hot replicas included, as the cost model
     counts them (the busiest rank's are in the stage's memory)."""

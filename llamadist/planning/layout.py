@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from llamadist.config import ModelConfig, default_devices
 from llamadist.planning.units import PlanningError
+
+if TYPE_CHECKING:
+    from llamadist.planning.experts import ExpertPlacement
 
 
 @dataclass(frozen=True)
@@ -97,7 +101,8 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
                    tp: int = 1, cp: int = 1, ep: int = 1,
                    quantize: str | None = None, fit_bits: bool = False,
-                   one_format: bool = False, experts=None) -> Layout:
+                   one_format: bool = False,
+                   experts: "ExpertPlacement | None" = None) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
     checked against its device's budget for this run's batch, KV length, ``tp`` (each
     stage then a tensor-parallel group: memory per shard), ``cp`` (KV per context-parallel
