@@ -238,3 +238,15 @@ def test_fit_bits_with_a_plan_file_chooses_again_for_this_run(tiny, plan_file):
         assert job.runtime.quantize == want, budget
         assert job.layout.bounds == ",".join(f"{s.start}:{s.end}"
                                              for s in Plan.load(plan_file).stages)
+
+
+def test_bench_fit_bits_runs_in_the_chosen_format(tiny, capsys, loaded):
+    from llamadist.cli.main import main
+    assert main(["bench", str(tiny), "--devices", "cpu", "--max-memory",
+                 _budget(tiny, "int4", "int8"), "--max-seq-len", str(SEQ), "--fit-bits",
+                 "--batch", "1", "--prompt-len", "8", "--gen-len", "4", "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["generated_tokens"] == 4
+    assert any(line.startswith("stage 0 (cpu") and "): int4, " in line
+               for line in err.splitlines())
+    assert set(_quantized(loaded[-1]).values()) == {"Q4_1"}
