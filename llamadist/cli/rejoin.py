@@ -12,10 +12,14 @@ the replay recomputes) and answers ``rejoined`` when the new worker has loaded i
 A survivor that does not answer within ``--timeout`` (hung, or gone too) turns the rejoin
 into a full restart of the replica.
 
-Only where the stage holds no process group of its own: no tensor or context parallelism
-(their modules keep their group; rebinding them is not done), CPU workers over gloo (an
-NCCL communicator whose peer died needs ncclCommAbort before anything else, not done):
-elsewhere the whole replica restarts, as before.
+Tensor and context parallelism rejoin too: a survivor's tensor-parallel modules (and
+expert blocks) give up the broken world's groups when it leaves and take the new world's
+groups of the same names (distributed.groups.unbind_groups / rebind_groups; the grid is
+the same, so are the names and their ranks); a context-parallel step reads its group from
+the rank's groups each step, so nothing in the stage holds one. Only CPU workers over
+gloo: an NCCL communicator whose peer died needs ncclCommAbort before anything else (not
+done), so on GPUs the whole replica restarts, as it does with experts spread over
+replicas (--ep > tp: the replicas share one world, which a lost rank ends).
 """
 
 from __future__ import annotations
@@ -41,8 +45,7 @@ STARTUP_S = 600.0  # a worker's start and load (a big checkpoint from a slow dis
 def rejoin_allowed(layout: Layout, policy: str) -> bool:
     """Whether this layout's survivors can keep their stage after a lost worker."""
     cpu = all(str(d).split(":")[0] == "cpu" for d in layout.devices)
-    return policy == "restart" and cpu and layout.tp == 1 and layout.cp == 1 and \
-        layout.ep <= 1
+    return policy == "restart" and cpu and not layout.lockstep
 
 
 def can_rejoin(front: Any, r: Any, lost: int) -> bool:

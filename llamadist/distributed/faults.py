@@ -42,6 +42,22 @@ class PeerError(RuntimeError):
         self.peer = peer
 
 
+# How gloo's transport words a peer that died or stopped answering (every such error also
+# names its gloo/transport source file); a RuntimeError without any is not a lost peer.
+_LOST_WORDS = ("gloo/transport", "connection closed", "connection reset", "timed out")
+
+
+def collective_lost(e: BaseException, rank: int, what: str) -> PeerError | None:
+    """The PeerError for ``e`` raised by a collective inside the model (a tensor-parallel
+    all-reduce, a context-parallel exchange) when a peer died or stopped answering, as
+    distributed.p2p reports a lost peer on a receive; None for any other error (a bug:
+    it must surface as itself)."""
+    text = str(e).lower()
+    if not isinstance(e, RuntimeError) or not any(w in text for w in _LOST_WORDS):
+        return None
+    return PeerError(-1, f"rank {rank} lost a peer in {what}: {str(e).splitlines()[0][:200]}")
+
+
 class Watchdog:
     """A daemon thread that ends the process when a guarded wait overruns its deadline.
 

@@ -3,8 +3,8 @@ concurrent streaming requests (greedy and seeded) survive a worker killed with S
 (a pipeline stage, a tensor-parallel rank, a data-parallel replica) or stopped with
 SIGSTOP; each text equals the same request on a one-process server; /health says
 recovering meanwhile, /metrics counts the recovery, and no worker is left behind. Under
---pp only the lost worker is started again: the other stage's process stays (its weights
-kept, cli.rejoin); under --tp the whole replica restarts."""
+--pp and --tp only the lost worker is started again: the other workers' processes stay
+(their weights, their TP shards, kept; cli.rejoin), so only the victim's pid changes."""
 
 import os
 import signal
@@ -86,16 +86,20 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.mark.parametrize("grid,victim,sig", [
-    (["--pp", "2"], 1, signal.SIGKILL),   # the last stage, which samples
-    (["--tp", "2"], 1, signal.SIGKILL),   # a tensor-parallel rank
-    (["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
-    (["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
-    (["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
-], ids=["pp-kill", "tp-kill", "pp-stop", "dp-kill", "pp3-kill"])
-def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, victim, sig):
+@pytest.mark.parametrize("nproc,grid,victim,sig", [
+    (2, ["--pp", "2"], 1, signal.SIGKILL),   # the last stage, which samples
+    (2, ["--tp", "2"], 1, signal.SIGKILL),   # a tensor-parallel rank
+    # stage 0's second TP rank (ranks: stage-major, tp innermost): its TP peer fails in
+    # an all-reduce; stage 1's two ranks, blocked on that live peer, follow when it
+    # leaves the broken world; all three rebind their TP modules to the new world
+    (4, ["--tp", "2", "--pp", "2"], 1, signal.SIGKILL),
+    (2, ["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
+    (2, ["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
+    (3, ["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
+], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "pp-stop", "dp-kill", "pp3-kill"])
+def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, grid, victim,
+                                        sig):
     log = tmp_path / "server.log"
-    nproc = int(grid[1])
     server = ServerProcess(tiny_model, "--nproc", str(nproc), *grid, "--max-seq-len", "256",
                            "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
                            log_path=log)
@@ -126,8 +130,9 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
         assert metric(text, 'llamadist_recovery_seconds_count{phase="restart"}') == 1
         now = children(server.proc.pid)
         assert len(now) == nproc and workers[victim] not in now  # a new one took its place
-        if "--pp" in grid:  # the other stages' workers kept their weights (cli.rejoin)
+        if "--dp" not in grid:  # the other workers kept their weights (cli.rejoin)
             assert set(workers) - set(now) == {workers[victim]}, (workers, now, log.read_text()[-4000:])
+            assert "kept their stages" in log.read_text(), log.read_text()[-4000:]
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
