@@ -12,7 +12,7 @@ replica's loss leaves the others running. The front watches every worker: a proc
 a step stuck longer than ``--timeout``; also while idle. Then, by ``--on-failure``:
 
 * ``restart`` (default): start the lost worker again while the replica's others keep
-  their stages and join it on a new rendezvous port (cli.rejoin: gloo, no TP/CP), else
+  their stages and join it on a new rendezvous port (cli.rejoin: gloo, TP/CP too), else
   kill the replica's workers and start new ones on the same devices (a new rendezvous
   port; they reload their weights); then replay the replica's requests
   from prompt + tokens so far (``LLMEngine.replace_executor``). With several replicas the

@@ -18,8 +18,8 @@ groups of the same names (distributed.groups.unbind_groups / rebind_groups; the 
 the same, so are the names and their ranks); a context-parallel step reads its group from
 the rank's groups each step, so nothing in the stage holds one. Only CPU workers over
 gloo: an NCCL communicator whose peer died needs ncclCommAbort before anything else (not
-done), so on GPUs the whole replica restarts, as it does with experts spread over
-replicas (--ep > tp: the replicas share one world, which a lost rank ends).
+done), so on GPUs the whole replica restarts. (Experts spread over replicas, --ep > tp,
+share one world under no front of ours: refused here too.)
 """
 
 from __future__ import annotations

@@ -93,10 +93,13 @@ def metric(text: str, name: str) -> float:
     # an all-reduce; stage 1's two ranks, blocked on that live peer, follow when it
     # leaves the broken world; all three rebind their TP modules to the new world
     (4, ["--tp", "2", "--pp", "2"], 1, signal.SIGKILL),
+    # a context-parallel rank: a step reads its CP group from the rank's groups, so the
+    # survivor's stage needs no rebinding, only the new world
+    (2, ["--cp", "2"], 1, signal.SIGKILL),
     (2, ["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
     (2, ["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
     (3, ["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
-], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "pp-stop", "dp-kill", "pp3-kill"])
+], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "cp-kill", "pp-stop", "dp-kill", "pp3-kill"])
 def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, grid, victim,
                                         sig):
     log = tmp_path / "server.log"

@@ -1,0 +1,104 @@
+"""A tensor-parallel survivor keeps its stage across worlds (cli.rejoin's worker side):
+two gloo ranks build a TP=2 stage and run it; then, as after a lost peer, rank 0 takes its
+modules' groups out (unbind_groups), both leave the world and form a new one on another
+port; rank 1 builds its stage again (a restarted worker), rank 0 only rebinds its modules
+to the new world's TP group. The logits in the new world equal the first world's, and
+between the worlds no module of rank 0 holds a process group. A module holding a group
+that is none of the rank's is refused."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from llamadist.distributed.groups import (ParallelGroups, init_distributed, rebind_groups,
+                                          unbind_groups)
+from llamadist.distributed.launch import free_port
+from llamadist.parallel.tensor import RowParallelLinear, VocabParallelHead
+
+MAX_SEQ = 64
+PROMPT = [5, 9, 14, 3, 27, 8, 11]
+
+
+def _world(rank: int, port: int) -> ParallelGroups:
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    return ParallelGroups(init_distributed(60, "cpu"), 1, 2)
+
+
+def _stage(folder: str, groups: ParallelGroups):
+    from llamadist.runtime.stage import build_tp_stage
+    from llamadist.weights.safetensors_ckpt import HFCheckpoint
+    ckpt = HFCheckpoint(Path(folder))
+    return build_tp_stage(ckpt, range(ckpt.config.num_layers), "cpu", torch.float32, 1,
+                          MAX_SEQ, groups.tp.device_group, groups.tp_index, 2)
+
+
+def _logits(stage) -> torch.Tensor:
+    ids = torch.tensor([PROMPT])  # (1, T)
+    with torch.inference_mode():
+        return stage.forward(ids, torch.arange(len(PROMPT)).view(1, -1), 0, None,
+                             logits="all")[0].clone()  # (T, V)
+
+
+def _held(model) -> list:
+    return [m for m in model.modules()
+            if isinstance(getattr(m, "group", None), dist.ProcessGroup)
+            or isinstance(getattr(m, "reduce_group", None), dist.ProcessGroup)]
+
+
+def _worker(rank: int, folder: str, ports: tuple[int, int], out: str) -> None:
+    torch.set_num_threads(1)
+    groups = _world(rank, ports[0])
+    stage = _stage(folder, groups)
+    first = _logits(stage)
+    res: dict = {"first": first}
+    if rank == 0:
+        foreign = dist.new_group([0, 1], backend="gloo")  # no name in groups.named()
+        head = stage.model.lm_head
+        head.group, kept = foreign, head.group
+        try:
+            unbind_groups(stage.model, groups)
+        except ValueError as e:
+            res["refused"] = str(e)
+        head.group = kept
+        del foreign
+        res["held_before"] = len(_held(stage.model))
+        bound = unbind_groups(stage.model, groups)
+        res["bound"] = len(bound)
+        res["held_between"] = len(_held(stage.model))
+    else:
+        dist.new_group([0, 1], backend="gloo")  # rank 0's foreign group (collective)
+        del stage
+    groups = None
+    dist.destroy_process_group()
+    gc.collect()
+    groups = _world(rank, ports[1])
+    if rank == 0:
+        rebind_groups(bound, groups)
+        tp = groups.tp.device_group
+        res["rebound"] = all(m.group is tp for m in stage.model.modules()
+                             if isinstance(m, (RowParallelLinear, VocabParallelHead)))
+    else:
+        stage = _stage(folder, groups)  # a restarted worker loads its shard again
+    res["second"] = _logits(stage)
+    torch.save(res, Path(out) / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_a_tp_survivor_rebinds_its_modules_to_the_new_world(tiny_model, tmp_path):
+    ports = (free_port(), free_port())
+    mp.spawn(_worker, args=(str(tiny_model), ports, str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert "not one of" in r0["refused"], r0.get("refused")
+    assert r0["held_before"] > 0 and r0["bound"] >= r0["held_before"]
+    assert r0["held_between"] == 0
+    assert r0["rebound"]
+    for r in (r0, r1):  # the TP head's all-gather gives every rank the full logits
+        assert torch.equal(r["first"], r["second"])
+    assert torch.equal(r0["second"], r1["second"])
