@@ -53,7 +53,7 @@ def can_rejoin(front: Any, r: Any, lost: int) -> bool:
     lost worker known, and some other worker of the replica still running."""
     dead = {e.rank for e in r.crew.exits()} - {lost}
     survivors = [i for i in r.crew.indices if i != lost and i not in dead and i in r.links]
-    return bool(front.setup.get("rejoin")) and lost in r.crew.indices and not dead and \
+    return bool(r.setup.get("rejoin")) and lost in r.crew.indices and not dead and \
         len(survivors) == len(r.crew.indices) - 1 > 0
 
 
@@ -81,7 +81,7 @@ def await_workers(front: Any, r: Any, want: set[int],
         check("connecting")
     connected = time.monotonic()
     for i in want:
-        r.links[i].send_obj({**front.setup, "replica": r.index})
+        r.links[i].send_obj({**r.setup, "replica": r.index})
     need, ready = want | rejoining, set()
     while ready != need:
         for i in need - ready:

@@ -197,3 +197,79 @@ def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
     assert_gone(workers + now)
+
+
+def test_replan_with_data_parallel_replicas(tiny_model, tmp_path, reference):
+    """`--on-failure replan --dp 2`: replica 1's last stage killed mid-generation; its
+    requests move to replica 0 at once, replica 1 is re-planned over its one rank slot
+    left (2 stages -> 1) and started in the background, then serves again; replica 0's
+    workers are never touched, and the eight requests end as without the fault."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "4", "--pp", "2", "--dp", "2",
+                           "--on-failure", "replan", "--max-seq-len", "256", "--max-batch",
+                           "4", "--timeout", "5", "--served-model-name", "tiny", log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        assert len(workers) == 4
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[3], signal.SIGKILL)  # replica 1 = workers 2, 3 (stage 1)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        deadline, body = time.monotonic() + 60, b""
+        while b'"replicas":"2/2"' not in body:  # replica 1 back, re-planned
+            assert time.monotonic() < deadline, (body, log.read_text()[-3000:])
+            time.sleep(0.2)
+            status, body = http("GET", server.url + "/health")
+        assert status == 200 and b'"replica":1' in body and b'"layout":"1 stage(s)' in body, body
+        assert b'"stages":2' in body, body  # replica 0 keeps its two stages
+        now = children(server.proc.pid)
+        assert len(now) == 3 and set(workers[:2]) <= set(now), (workers, now)
+        assert not set(workers[2:]) & set(now)
+        # both replicas serve again: more requests than one replica's batch, all correct
+        results, threads = stream_all(server.url, threading.Event())
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        text = http("GET", server.url + "/metrics")[1].decode()
+        assert metric(text, "llamadist_recoveries_total") == 1
+        assert metric(text, "llamadist_replicas_running") == 2
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    assert_gone(workers + now)
+
+
+def test_replan_with_a_one_stage_replica_keeps_the_others_serving(tiny_model, tmp_path,
+                                                                  reference):
+    """`--on-failure replan --dp 2` with one stage per replica: a lost replica has no
+    device left to re-plan over, so it stays down with that reason on /health while the
+    other serves every request (none lost or altered); no worker is left behind."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--dp", "2", "--on-failure", "replan",
+                           "--max-seq-len", "256", "--max-batch", "4", "--timeout", "5",
+                           "--served-model-name", "tiny", log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        deadline, body = time.monotonic() + 30, b""
+        while b'"replicas_down"' not in body:
+            assert time.monotonic() < deadline, (body, log.read_text()[-3000:])
+            time.sleep(0.2)
+            status, body = http("GET", server.url + "/health")
+        assert status == 200 and b'"replicas":"1/2"' in body, body
+        assert b"cannot re-plan" in body and b"no device is left" in body, body
+        now = children(server.proc.pid)
+        assert now == workers[:1], (workers, now)
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    assert_gone(workers + now)
