@@ -102,3 +102,18 @@ def test_a_tp_survivor_rebinds_its_modules_to_the_new_world(tiny_model, tmp_path
     for r in (r0, r1):  # the TP head's all-gather gives every rank the full logits
         assert torch.equal(r["first"], r["second"])
     assert torch.equal(r0["second"], r1["second"])
+
+
+def test_a_lost_peer_in_a_collective_is_a_peer_error_and_a_bug_is_not():
+    from llamadist.distributed.faults import PeerError, collective_lost
+    closed = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+                          "closed by peer [127.0.0.1]:5000. This is typically caused by ...")
+    lost = collective_lost(closed, 3, "a step's collective")
+    assert isinstance(lost, PeerError) and lost.peer == -1
+    assert "rank 3 lost a peer in a step's collective" in str(lost)
+    assert isinstance(collective_lost(RuntimeError("Timed out waiting 3000ms for recv "
+                                                   "operation to complete"), 0, "x"), PeerError)
+    # a shape bug or any other error surfaces as itself
+    assert collective_lost(RuntimeError("mat1 and mat2 shapes cannot be multiplied"), 0,
+                           "x") is None
+    assert collective_lost(ValueError("connection closed"), 0, "x") is None

@@ -97,9 +97,11 @@ def metric(text: str, name: str) -> float:
     # survivor's stage needs no rebinding, only the new world
     (2, ["--cp", "2"], 1, signal.SIGKILL),
     (2, ["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
+    # a hung TP rank: its peer, stuck in an all-reduce with it, must not be the one blamed
+    (2, ["--tp", "2"], 1, signal.SIGSTOP),
     (2, ["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
     (3, ["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
-], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "cp-kill", "pp-stop", "dp-kill", "pp3-kill"])
+], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "cp-kill", "pp-stop", "tp-stop", "dp-kill", "pp3-kill"])
 def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, grid, victim,
                                         sig):
     log = tmp_path / "server.log"
