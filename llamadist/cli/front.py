@@ -125,7 +125,6 @@ class Front:
         lay = self.layout = job.layout
         self.job = job
         self.pp, self.tp, self.dp, self.cp = lay.pp, lay.tp, lay.dp, lay.cp
-        self.devices = list(lay.devices)
         self.spec = rank_spec_of(job)
         self.per = self.pp * self.cp * self.tp  # workers per replica at the start
         for r in self.replicas:
@@ -165,7 +164,8 @@ class Front:
         sampler = leader + (r.pp - 1) * self.cp * self.tp
         links = CrewLinks(r.index, r.links, self.timeout, lambda: r.failure)
         return RankExecutor.remote(links, r.index, leader, sampler, r.pp, self.config,
-                                   self.devices, (self.spec.num_blocks, self.block_size),
+                                   list(r.job.layout.devices),
+                                   (self.spec.num_blocks, self.block_size),
                                    kv_dtype=self.spec.dtype)
 
     def _spawn(self, r: Replica) -> None:
