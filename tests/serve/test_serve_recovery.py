@@ -100,8 +100,11 @@ def metric(text: str, name: str) -> float:
     # a hung TP rank: its peer, stuck in an all-reduce with it, must not be the one blamed
     (2, ["--tp", "2"], 1, signal.SIGSTOP),
     (2, ["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
+    # replica 1's second TP rank: fail-over, and in the background its TP peer rejoins
+    (4, ["--tp", "2", "--dp", "2"], 3, signal.SIGKILL),
     (3, ["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
-], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "cp-kill", "pp-stop", "tp-stop", "dp-kill", "pp3-kill"])
+], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "cp-kill", "pp-stop", "tp-stop", "dp-kill",
+        "tp2dp2-kill", "pp3-kill"])
 def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, grid, victim,
                                         sig):
     log = tmp_path / "server.log"
@@ -135,8 +138,11 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, 
         assert metric(text, 'llamadist_recovery_seconds_count{phase="restart"}') == 1
         now = children(server.proc.pid)
         assert len(now) == nproc and workers[victim] not in now  # a new one took its place
-        if "--dp" not in grid:  # the other workers kept their weights (cli.rejoin)
-            assert set(workers) - set(now) == {workers[victim]}, (workers, now, log.read_text()[-4000:])
+        # the other workers kept their weights (cli.rejoin; with --dp the other replicas
+        # are not touched at all)
+        assert set(workers) - set(now) == {workers[victim]}, (workers, now, log.read_text()[-4000:])
+        dp = int(grid[grid.index("--dp") + 1]) if "--dp" in grid else 1
+        if nproc // dp > 1:  # the lost worker's replica had others: they rejoined it
             assert "kept their stages" in log.read_text(), log.read_text()[-4000:]
     finally:
         code = server.stop()
