@@ -3,9 +3,10 @@ full restart), or only a lost one while the survivors keep their weights (a rejo
 
 A rejoin (``--on-failure restart``, gloo): the lost worker alone is killed and started
 again; every survivor gets the order ``{"rejoin": port}`` on its link. A survivor blocked
-in a gloo receive or send fails (its peer's sockets closed when the peer died, or when
-another survivor left the broken world: it frees its groups, which closes them), then
-reads the order; one waiting for the front's next step reads it there. It answers
+in a gloo receive, send or collective (a TP all-reduce, a CP exchange: reported as a lost
+peer, distributed.faults.collective_lost) fails (its peer's sockets closed when the peer
+died, or when another survivor left the broken world: it frees its groups, which closes
+them), then reads the order; one waiting for the front's next step reads it there. It answers
 ``rejoining`` at once, leaves its world, joins a new one on ``port`` with the new worker
 (same rank, same grid), keeps its stage (weights; its KV cache memory too, whose contents
 the replay recomputes) and answers ``rejoined`` when the new worker has loaded its stage.
