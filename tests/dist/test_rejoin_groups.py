@@ -3,8 +3,9 @@ two gloo ranks build a TP=2 stage and run it; then, as after a lost peer, rank 0
 modules' groups out (unbind_groups), both leave the world and form a new one on another
 port; rank 1 builds its stage again (a restarted worker), rank 0 only rebinds its modules
 to the new world's TP group. The logits in the new world equal the first world's, and
-between the worlds no module of rank 0 holds a process group. A module holding a group
-that is none of the rank's is refused."""
+between the worlds no module of rank 0 holds a process group. A dense model and a
+mixture-of-experts one (whose expert blocks, spread over the TP ranks, hold the group
+too). A module holding a group that is none of the rank's is refused."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import gc
 import os
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -19,7 +21,6 @@ import torch.multiprocessing as mp
 from llamadist.distributed.groups import (ParallelGroups, init_distributed, rebind_groups,
                                           unbind_groups)
 from llamadist.distributed.launch import free_port
-from llamadist.parallel.tensor import RowParallelLinear, VocabParallelHead
 
 MAX_SEQ = 64
 PROMPT = [5, 9, 14, 3, 27, 8, 11]
@@ -47,9 +48,10 @@ def _logits(stage) -> torch.Tensor:
 
 
 def _held(model) -> list:
-    return [m for m in model.modules()
-            if isinstance(getattr(m, "group", None), dist.ProcessGroup)
-            or isinstance(getattr(m, "reduce_group", None), dist.ProcessGroup)]
+    """Every process group a module of ``model`` holds (one entry per attribute)."""
+    return [g for m in model.modules() for g in (getattr(m, "group", None),
+                                                 getattr(m, "reduce_group", None))
+            if isinstance(g, dist.ProcessGroup)]
 
 
 def _worker(rank: int, folder: str, ports: tuple[int, int], out: str) -> None:
@@ -81,9 +83,11 @@ def _worker(rank: int, folder: str, ports: tuple[int, int], out: str) -> None:
     groups = _world(rank, ports[1])
     if rank == 0:
         rebind_groups(bound, groups)
-        tp = groups.tp.device_group
-        res["rebound"] = all(m.group is tp for m in stage.model.modules()
-                             if isinstance(m, (RowParallelLinear, VocabParallelHead)))
+        held = _held(stage.model)
+        res["rebound"] = len(held) == res["held_before"] and all(
+            g is groups.tp.device_group for g in held)
+        res["experts"] = sum(type(m).__name__ == "ExpertParallelMoE"
+                             for m in stage.model.modules())
     else:
         stage = _stage(folder, groups)  # a restarted worker loads its shard again
     res["second"] = _logits(stage)
@@ -91,10 +95,14 @@ def _worker(rank: int, folder: str, ports: tuple[int, int], out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_a_tp_survivor_rebinds_its_modules_to_the_new_world(tiny_model, tmp_path):
+@pytest.mark.parametrize("kind", ["gqa_tied", "moe_top2_gqa"])
+def test_a_tp_survivor_rebinds_its_modules_to_the_new_world(kind, tiny_models, tiny_mixtrals,
+                                                            tmp_path):
+    folder = {**tiny_models, **tiny_mixtrals}[kind]
     ports = (free_port(), free_port())
-    mp.spawn(_worker, args=(str(tiny_model), ports, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(str(folder), ports, str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert (r0["experts"] > 0) == kind.startswith("moe"), r0["experts"]
     assert "not one of" in r0["refused"], r0.get("refused")
     assert r0["held_before"] > 0 and r0["bound"] >= r0["held_before"]
     assert r0["held_between"] == 0
