@@ -3,7 +3,9 @@
 Layers, from the fastest to the last resort:
 
 1. A dead peer closes its gloo sockets: the next receive from it fails at once, and the
-   rank exits with :data:`EXIT_PEER_LOST` naming the peer (:class:`PeerError`).
+   rank exits with :data:`EXIT_PEER_LOST` naming the peer (:class:`PeerError`); so does
+   a collective inside the model (a TP all-reduce: :func:`collective_lost`), without the
+   peer's name, which the launcher learns from the exits.
 2. A peer that stops answering: every receive waits at most ``--timeout`` seconds
    (gloo's per-operation timeout), then the same exit.
 3. A wait that ignores timeouts (an NCCL receive, a stuck kernel): the :class:`Watchdog`
