@@ -148,9 +148,10 @@ def add_processes(p: argparse.ArgumentParser) -> None:
                    f"peer before every process exits (default {DEFAULT_TIMEOUT_S:.0f})")
     g.add_argument("--on-failure", choices=("restart", "replan", "fail"), default="restart",
                    help="with --nproc, when a worker dies or hangs: restart it (on CPU the "
-                   "replica's other workers keep their stages; GPU, TP, CP: the whole "
-                   "replica) and replay its requests (default), plan again over the devices "
-                   "left (one stage fewer) and replay, or fail the run")
+                   "replica's other workers keep their stages, TP and CP too; on GPUs the "
+                   "whole replica) and replay its requests (default), plan its replica "
+                   "again over the devices left (one stage fewer; with --dp in the "
+                   "background) and replay, or fail the run")
     g.add_argument("--max-restarts", type=count, default=3,
                    help="worker restarts a run may use before it fails (default 3)")
     g.add_argument("--auto", action="store_true",

@@ -12,15 +12,17 @@ replica's loss leaves the others running. The front watches every worker: a proc
 a step stuck longer than ``--timeout``; also while idle. Then, by ``--on-failure``:
 
 * ``restart`` (default): start the lost worker again while the replica's others keep
-  their stages and join it on a new rendezvous port (cli.rejoin: gloo, no TP/CP), else
+  their stages and join it on a new rendezvous port (cli.rejoin: gloo, TP/CP too), else
   kill the replica's workers and start new ones on the same devices (a new rendezvous
   port; they reload their weights); then replay the replica's requests
   from prompt + tokens so far (``LLMEngine.replace_executor``). With several replicas the
   lost one's requests move to the live ones at once (``LLMEngine.fail_over``) and it
   restarts in the background, rejoining empty (``LLMEngine.add_replica``).
-* ``replan``: plan again over the devices that remain (one pipeline stage fewer,
-  cli.replan), start that layout's workers (weights loaded for the new split) and replay;
-  refused with the planner's reason when the model no longer fits.
+* ``replan``: plan the lost replica again over the devices that remain (one pipeline
+  stage fewer, cli.replan), start that layout's workers (weights loaded for the new
+  split) and replay; refused with the planner's reason when the model no longer fits.
+  With several replicas the others keep their layout and serve the lost one's requests
+  meanwhile; one that cannot be re-planned stays down (``status``: ``replicas_down``).
 * ``fail``: the run fails as before: open requests end with an error, the culprit is named.
 
 ``--max-restarts`` bounds the restarts of the whole run; past it the engine fails with the
@@ -71,10 +73,16 @@ def rank_spec_of(job: Job) -> RankSpec:
 
 
 class Replica:
-    """One replica's workers: processes, links, and what the watch found."""
+    """One replica's workers: processes, links, and what the watch found; its own layout
+    (``job``: the run's, or its own after ``--on-failure replan`` with --dp: a re-planned
+    replica may have fewer stages than the others), the spec and setup its workers get."""
 
     def __init__(self, index: int, crew: Crew):
         self.index, self.crew = index, crew
+        self.job: Job | None = None
+        self.pp = 0
+        self.setup: dict = {}
+        self.down_reason: str | None = None  # why it stays down (past recovery)
         self.links: dict[int, FrontLink] = {}
         self.status = "down"  # starting | running | lost | closing | down
         self.failure: WorkerLost | None = None
@@ -112,21 +120,28 @@ class Front:
             threading.Thread(target=target, daemon=True, name=f"llamadist{target.__name__}").start()
 
     def _use(self, job: Job) -> None:
-        """Take ``job``'s layout (at start, or re-planned): the grid, each rank's spec and
-        setup, and every replica's crew of workers (not started)."""
+        """Take ``job``'s layout at the start: the grid, each rank's spec, and every
+        replica's layout, setup and crew of workers (not started)."""
         lay = self.layout = job.layout
         self.job = job
         self.pp, self.tp, self.dp, self.cp = lay.pp, lay.tp, lay.dp, lay.cp
-        self.devices = list(lay.devices)
         self.spec = rank_spec_of(job)
-        self.setup = {"spec": self.spec, "pp": self.pp, "tp": self.tp, "cp": self.cp,
-                      "devices": ",".join(lay.devices), "timeout": self.timeout,
-                      "rejoin": rejoin_allowed(lay, self.policy)}
+        self.per = self.pp * self.cp * self.tp  # workers per replica at the start
+        for r in self.replicas:
+            self._place(r, job)
+
+    def _place(self, r: Replica, job: Job) -> None:
+        """Replica ``r`` runs ``job``'s layout (at start, or re-planned): its setup and its
+        crew (not started), whose global indices start where the replica's did."""
+        lay = job.layout
+        r.job, r.pp = job, lay.pp
+        r.setup = {"spec": rank_spec_of(job), "pp": lay.pp, "tp": lay.tp, "cp": lay.cp,
+                   "devices": ",".join(lay.devices), "timeout": self.timeout,
+                   "rejoin": rejoin_allowed(lay, self.policy)}
         env = {**os.environ, LAYOUT_ENV: lay.to_json()}
-        per, argv = self.pp * self.cp * self.tp, ["-m", "llamadist", *self.args.argv]
-        for k, r in enumerate(self.replicas):
-            r.crew = Crew(argv, list(range(k * per, (k + 1) * per)), per * self.dp, env,
-                          {FRONT_ENV: self._addr})
+        per, first = lay.pp * self.cp * self.tp, r.index * self.per
+        r.crew = Crew(["-m", "llamadist", *self.args.argv], list(range(first, first + per)),
+                      self.per * self.dp, env, {FRONT_ENV: self._addr})
 
     @property
     def block_size(self) -> int:
@@ -145,11 +160,12 @@ class Front:
     def executor(self, r: Replica) -> RankExecutor:
         # ranks in (pp, cp, tp) order, tp innermost (distributed.grid): the first stage's
         # first rank leads, the last stage's first rank samples
-        per = self.pp * self.cp * self.tp
-        leader, sampler = r.index * per, r.index * per + (self.pp - 1) * self.cp * self.tp
+        leader = r.crew.indices[0]
+        sampler = leader + (r.pp - 1) * self.cp * self.tp
         links = CrewLinks(r.index, r.links, self.timeout, lambda: r.failure)
-        return RankExecutor.remote(links, r.index, leader, sampler, self.pp, self.config,
-                                   self.devices, (self.spec.num_blocks, self.block_size),
+        return RankExecutor.remote(links, r.index, leader, sampler, r.pp, self.config,
+                                   list(r.job.layout.devices),
+                                   (self.spec.num_blocks, self.block_size),
                                    kv_dtype=self.spec.dtype)
 
     def _spawn(self, r: Replica) -> None:
@@ -304,11 +320,14 @@ class Front:
         log.warning("replica %d lost: %s; restarting its workers", r.index, cause)
         if not single:
             rec.moved = engine.fail_over(index)
-            threading.Thread(target=self._restart_in_background, args=(r, rec, keep),
+            threading.Thread(target=self._restart_in_background, args=(r, rec, keep, found),
                              daemon=True).start()
         else:
             if self.policy == "replan":
-                self._replan(r, found, rec)
+                try:
+                    self._replan(r, found, rec)
+                except RuntimeError as e:
+                    self._give_up(str(e))
             self._restart(r, rec, keep=keep)
             rec.replayed = engine.replace_executor(index, self.executor(r))
             self.state = "ok"
@@ -317,19 +336,21 @@ class Front:
         self._replay_rec.append((rec, time.monotonic()))
 
     def _replan(self, r: Replica, found: WorkerLost, rec: Recovery) -> None:
-        """Plan the layout again without the lost worker's stage (a rank slot over CPU
-        processes); the next start runs it. Gives up with the planner's reason when the
-        model no longer fits what is left."""
-        per = self.pp * self.cp * self.tp
-        lost = (found.peer % per) // (self.cp * self.tp) if found.peer >= 0 else self.pp - 1
+        """Plan replica ``r``'s layout again without the lost worker's stage (a rank slot
+        over CPU processes); its next start runs it (the other replicas keep theirs).
+        RuntimeError with the planner's reason when the model no longer fits what is left
+        (or the KV cache would change: the engine's blocks are the same on every
+        replica)."""
+        first = r.crew.indices[0]
+        lost = (found.peer - first) // (self.cp * self.tp) if found.peer >= first else r.pp - 1
         try:
-            job = replan(self.job, self.args, self.config, lost)
+            job = replan(r.job, self.args, self.config, lost)
         except PlanningError as e:
-            self._give_up(f"{rec.cause}; cannot re-plan: {e}")
-        if job.runtime.max_seq_len != self.job.runtime.max_seq_len or \
+            raise RuntimeError(f"{rec.cause}; cannot re-plan: {e}") from None
+        if job.runtime.max_seq_len != r.job.runtime.max_seq_len or \
                 rank_spec_of(job).num_blocks != self.spec.num_blocks:
-            self._give_up(f"{rec.cause}; the re-planned layout changes the KV cache")
-        self._use(job)
+            raise RuntimeError(f"{rec.cause}; the re-planned layout changes the KV cache")
+        self._place(r, job)
         rec.layout = f"{job.layout.pp} stage(s) {job.layout.bounds}"
         log.warning("replica %d re-planned without stage %d: %s", r.index, lost, rec.layout)
 
@@ -377,10 +398,18 @@ class Front:
                 log.warning("replica %d: the restart failed: %s", r.index, cause)
                 r.crew.kill()
 
-    def _restart_in_background(self, r: Replica, rec: Recovery, keep: int | None) -> None:
+    def _restart_in_background(self, r: Replica, rec: Recovery, keep: int | None,
+                               found: WorkerLost) -> None:
+        """A lost replica while others serve (they took its requests): re-planned first
+        with ``--on-failure replan``, then started again; it stays down, with the reason
+        in ``status``, when the model no longer fits its devices left or past
+        --max-restarts."""
         try:
+            if self.policy == "replan":
+                self._replan(r, found, rec)
             self._restart(r, rec, background=True, keep=keep)
         except RuntimeError as e:
+            r.status, r.down_reason = "down", str(e)
             log.error("replica %d stays down: %s", r.index, e)
             return
         self._rejoin.append((self.executor(r), rec))
@@ -395,8 +424,11 @@ class Front:
         """For /health and /metrics."""
         live = sum(r.status == "running" for r in self.replicas)
         return {"status": self.state, "error": self.error, "replicas": len(self.replicas),
-                "replicas_running": live, "restarts": self.restarts, "stages": self.pp,
-                "layout": self.layout.bounds,
+                "replicas_running": live, "restarts": self.restarts,
+                "stages": self.replicas[0].pp, "layout": self.replicas[0].job.layout.bounds,
+                "replica_stages": [r.pp for r in self.replicas],
+                "replicas_down": {r.index: r.down_reason for r in self.replicas
+                                  if r.down_reason is not None},
                 "recoveries": [asdict(rec) for rec in self.recoveries]}
 
     def live_stats(self) -> list[dict]:

@@ -3,19 +3,24 @@ full restart), or only a lost one while the survivors keep their weights (a rejo
 
 A rejoin (``--on-failure restart``, gloo): the lost worker alone is killed and started
 again; every survivor gets the order ``{"rejoin": port}`` on its link. A survivor blocked
-in a gloo receive or send fails (its peer's sockets closed when the peer died, or when
-another survivor left the broken world: it frees its groups, which closes them), then
-reads the order; one waiting for the front's next step reads it there. It answers
+in a gloo receive, send or collective (a TP all-reduce, a CP exchange: reported as a lost
+peer, distributed.faults.collective_lost) fails (its peer's sockets closed when the peer
+died, or when another survivor left the broken world: it frees its groups, which closes
+them), then reads the order; one waiting for the front's next step reads it there. It answers
 ``rejoining`` at once, leaves its world, joins a new one on ``port`` with the new worker
 (same rank, same grid), keeps its stage (weights; its KV cache memory too, whose contents
 the replay recomputes) and answers ``rejoined`` when the new worker has loaded its stage.
 A survivor that does not answer within ``--timeout`` (hung, or gone too) turns the rejoin
 into a full restart of the replica.
 
-Only where the stage holds no process group of its own: no tensor or context parallelism
-(their modules keep their group; rebinding them is not done), CPU workers over gloo (an
-NCCL communicator whose peer died needs ncclCommAbort before anything else, not done):
-elsewhere the whole replica restarts, as before.
+Tensor and context parallelism rejoin too: a survivor's tensor-parallel modules (and
+expert blocks) give up the broken world's groups when it leaves and take the new world's
+groups of the same names (distributed.groups.unbind_groups / rebind_groups; the grid is
+the same, so are the names and their ranks); a context-parallel step reads its group from
+the rank's groups each step, so nothing in the stage holds one. Only CPU workers over
+gloo: an NCCL communicator whose peer died needs ncclCommAbort before anything else (not
+done), so on GPUs the whole replica restarts. (Experts spread over replicas, --ep > tp,
+share one world under no front of ours: refused here too.)
 """
 
 from __future__ import annotations
@@ -41,8 +46,7 @@ STARTUP_S = 600.0  # a worker's start and load (a big checkpoint from a slow dis
 def rejoin_allowed(layout: Layout, policy: str) -> bool:
     """Whether this layout's survivors can keep their stage after a lost worker."""
     cpu = all(str(d).split(":")[0] == "cpu" for d in layout.devices)
-    return policy == "restart" and cpu and layout.tp == 1 and layout.cp == 1 and \
-        layout.ep <= 1
+    return policy == "restart" and cpu and not layout.lockstep
 
 
 def can_rejoin(front: Any, r: Any, lost: int) -> bool:
@@ -50,7 +54,7 @@ def can_rejoin(front: Any, r: Any, lost: int) -> bool:
     lost worker known, and some other worker of the replica still running."""
     dead = {e.rank for e in r.crew.exits()} - {lost}
     survivors = [i for i in r.crew.indices if i != lost and i not in dead and i in r.links]
-    return bool(front.setup.get("rejoin")) and lost in r.crew.indices and not dead and \
+    return bool(r.setup.get("rejoin")) and lost in r.crew.indices and not dead and \
         len(survivors) == len(r.crew.indices) - 1 > 0
 
 
@@ -78,7 +82,7 @@ def await_workers(front: Any, r: Any, want: set[int],
         check("connecting")
     connected = time.monotonic()
     for i in want:
-        r.links[i].send_obj({**front.setup, "replica": r.index})
+        r.links[i].send_obj({**r.setup, "replica": r.index})
     need, ready = want | rejoining, set()
     while ready != need:
         for i in need - ready:

@@ -1,7 +1,14 @@
-"""``--on-failure replan``: after a lost worker, plan the run again over the devices that
-remain (one pipeline stage fewer: its tp x cp ranks' device slot is gone; over CPU
+"""``--on-failure replan``: after a lost worker, plan its replica again over the devices
+that remain (one pipeline stage fewer: its tp x cp ranks' device slot is gone; over CPU
 processes a device is a rank slot), with the same planner and checks as at the start, so
-a layout that no longer fits is refused with the planner's reason."""
+a layout that no longer fits is refused with the planner's reason.
+
+With --dp the plan is the lost replica's alone: its requests move to the live replicas at
+once (the front's fail-over), it is re-planned over its own devices left and started in
+the background, and rejoins with fewer stages than the others (every replica keeps the
+same KV blocks, which the engine's schedulers share the shape of). Where nothing is left
+to re-plan (a one-stage replica) or the model no longer fits, that replica stays down
+with the reason and the others serve on; the run fails only when no replica is left."""
 
 from __future__ import annotations
 
@@ -35,9 +42,10 @@ class Recovery:
 
 def check_replan(layout: Layout) -> None:
     """Refuse ``--on-failure replan`` where it cannot apply, before anything starts."""
-    if layout.dp > 1:
-        raise PlanningError("--on-failure replan re-plans one pipeline; with --dp the lost "
-                            "replica's requests move to the others: use --on-failure restart")
+    if layout.lockstep:
+        raise PlanningError("--on-failure replan re-plans one replica while the others "
+                            "serve; with the experts spread over the replicas (--ep > tp) "
+                            "none can run without the others")
 
 
 def replan(job: Job, args: argparse.Namespace, config: ModelConfig, lost_stage: int) -> Job:

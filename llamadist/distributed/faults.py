@@ -3,7 +3,9 @@
 Layers, from the fastest to the last resort:
 
 1. A dead peer closes its gloo sockets: the next receive from it fails at once, and the
-   rank exits with :data:`EXIT_PEER_LOST` naming the peer (:class:`PeerError`).
+   rank exits with :data:`EXIT_PEER_LOST` naming the peer (:class:`PeerError`); so does
+   a collective inside the model (a TP all-reduce: :func:`collective_lost`), without the
+   peer's name, which the launcher learns from the exits.
 2. A peer that stops answering: every receive waits at most ``--timeout`` seconds
    (gloo's per-operation timeout), then the same exit.
 3. A wait that ignores timeouts (an NCCL receive, a stuck kernel): the :class:`Watchdog`
@@ -40,6 +42,22 @@ class PeerError(RuntimeError):
     def __init__(self, peer: int, message: str):
         super().__init__(message)
         self.peer = peer
+
+
+# How gloo's transport words a peer that died or stopped answering (every such error also
+# names its gloo/transport source file); a RuntimeError without any is not a lost peer.
+_LOST_WORDS = ("gloo/transport", "connection closed", "connection reset", "timed out")
+
+
+def collective_lost(e: BaseException, rank: int, what: str) -> PeerError | None:
+    """The PeerError for ``e`` raised by a collective inside the model (a tensor-parallel
+    all-reduce, a context-parallel exchange) when a peer died or stopped answering, as
+    distributed.p2p reports a lost peer on a receive; None for any other error (a bug:
+    it must surface as itself)."""
+    text = str(e).lower()
+    if not isinstance(e, RuntimeError) or not any(w in text for w in _LOST_WORDS):
+        return None
+    return PeerError(-1, f"rank {rank} lost a peer in {what}: {str(e).splitlines()[0][:200]}")
 
 
 class Watchdog:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from llamadist.config import DEFAULT_TIMEOUT_S, default_devices
 from llamadist.distributed.grid import coords, cp_index, grid_size, group_ranks
@@ -161,10 +162,58 @@ class ParallelGroups:
         """Global rank 0 (first stage, tp 0, replica 0): reads input, prints output."""
         return self.rank == 0
 
+    def named(self) -> dict[tuple[str, str], dist.ProcessGroup]:
+        """Every process group of this rank by (dimension, "device" | "cpu"): the names
+        under which ``unbind_groups`` remembers a module's group across worlds."""
+        out = {("control", "cpu"): self.control, ("steps", "cpu"): self.steps.cpu_group}
+        for dim, g in self.groups.items():
+            out[(dim, "device")], out[(dim, "cpu")] = g.device_group, g.cpu_group
+        return {k: pg for k, pg in out.items() if pg is not None}
+
     def describe(self) -> str:
         cp = f" cp {self.cp_index}" if self.cp_size > 1 else ""
         return (f"rank {self.rank} = dp {self.dp_index} pp {self.pp_index}{cp} tp "
                 f"{self.tp_index} on {self.ctx.device}")
+
+
+# The attributes through which a module keeps a process group: the tensor-parallel linears,
+# embedding and head (parallel.tensor), the expert blocks (parallel.expert).
+GROUP_ATTRS = ("group", "reduce_group")
+Bound = list[tuple[nn.Module, str, tuple[str, str]]]
+
+
+def unbind_groups(model: nn.Module, groups: ParallelGroups) -> Bound:
+    """Take every process group of ``groups`` out of ``model``'s modules (set to None) and
+    say where each was, by name (``ParallelGroups.named``), for ``rebind_groups``. A
+    survivor of a lost peer (runtime.worker.Session.rejoin) must drop every reference to
+    the broken world's groups: gloo closes a group's sockets only when it is freed, which
+    is what fails a peer still blocked on this rank. A group that is none of ``groups``'
+    is refused: it could not be found again in the next world."""
+    names = {id(pg): key for key, pg in groups.named().items()}
+    bound: Bound = []
+    for module in model.modules():
+        for attr in GROUP_ATTRS:
+            pg = getattr(module, attr, None)
+            if not isinstance(pg, dist.ProcessGroup):
+                continue  # absent, None, or another meaning of the name (a quant group)
+            if id(pg) not in names:
+                raise ValueError(f"{type(module).__name__}.{attr} holds a process group that "
+                                 f"is not one of {groups.describe()}'s")
+            bound.append((module, attr, names[id(pg)]))
+    for module, attr, _ in bound:
+        setattr(module, attr, None)
+    return bound
+
+
+def rebind_groups(bound: Bound, groups: ParallelGroups) -> None:
+    """Give the modules ``unbind_groups`` emptied the groups of the same names in the new
+    world ``groups`` (the same grid, so the same names exist and hold the same ranks)."""
+    named = groups.named()
+    missing = sorted({key for _, _, key in bound} - set(named))
+    if missing:
+        raise ValueError(f"the new world has no {missing} group(s) for the stage's modules")
+    for module, attr, key in bound:
+        setattr(module, attr, named[key])
 
 
 def init_distributed(timeout: float = DEFAULT_TIMEOUT_S,

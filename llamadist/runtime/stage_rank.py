@@ -36,9 +36,9 @@ from typing import Any
 import torch
 
 from llamadist.config import RuntimeConfig
-from llamadist.distributed.faults import Watchdog, fault_hook
+from llamadist.distributed.faults import PeerError, Watchdog, collective_lost, fault_hook
 from llamadist.distributed.grid import rank_of
-from llamadist.distributed.groups import ParallelGroups
+from llamadist.distributed.groups import ParallelGroups, rebind_groups, unbind_groups
 from llamadist.distributed.p2p import P2P, Kind, Message
 from llamadist.parallel.expert import join_expert_collectives
 from llamadist.runtime.cp_step import CPStep, forward_cp, gather_logits
@@ -89,16 +89,24 @@ class StageRank:
         # held while a step runs: the heartbeat thread reads the device's expert counters
         # only between steps (runtime.live_stats), never during a graph capture
         self.step_lock = threading.Lock()
+        self._bound: list = []  # the modules' groups while between worlds (leave, rejoin)
 
     def leave(self) -> None:
-        """Drop every link to a broken world (``worker.Session.rejoin``)."""
+        """Drop every link to a broken world (``worker.Session.rejoin``), the groups the
+        stage's modules hold included (tensor-parallel linears, embedding and head, expert
+        blocks: remembered by name for ``rejoin``)."""
+        self._bound = unbind_groups(self.stage.model, self.groups)
         self.groups = self.pipe = self.tp_link = None
         if self.front_link is None:
             self.front = None
 
     def rejoin(self, groups: ParallelGroups) -> None:
         """A new world after a lost peer (``worker.Session.rejoin``): the same stage,
-        weights and KV cache memory; new links, nothing in flight."""
+        weights and KV cache memory; its modules rebound to the new world's groups of the
+        same names (the same grid); new links, nothing in flight. Context parallelism
+        needs nothing more: a step reads its CP group from ``self.groups``."""
+        rebind_groups(self._bound, groups)
+        self._bound = []
         self.groups = groups
         self.pipe = P2P(groups.pp, self.stage.device, self.timeout, self.watchdog)
         self.tp_link = P2P(groups.stage, CPU, self.timeout, self.watchdog)
@@ -140,6 +148,13 @@ class StageRank:
             self.in_step_since = time.monotonic()
             try:
                 return self._run(work, packed, x)
+            except PeerError:
+                raise
+            except RuntimeError as e:  # a collective inside the model: a TP/CP peer lost?
+                lost = collective_lost(e, self.groups.rank, "a step's collective")
+                if lost is None:
+                    raise
+                raise lost from e
             finally:
                 self.in_step_since = None
 

@@ -179,11 +179,12 @@ class Session:
         return self.rank_stage
 
     def rejoin(self, port: int) -> None:
-        """After a lost peer (gloo, no TP/CP group inside the stage: cli.rejoin): leave the
-        broken world and form a new one on rendezvous ``port`` with the restarted worker,
-        same rank, same grid. This rank's stage keeps its weights and its KV cache memory
-        (whose contents the replay recomputes); only its links are new. Returns when every
-        rank of the new world has its stage (the new worker's ``load`` barrier)."""
+        """After a lost peer (gloo: cli.rejoin): leave the broken world and form a new one
+        on rendezvous ``port`` with the restarted worker, same rank, same grid. This rank's
+        stage keeps its weights (its TP shard) and its KV cache memory (whose contents the
+        replay recomputes); only its links, and the groups its TP modules hold, are new
+        (StageRank.leave / rejoin). Returns when every rank of the new world has its stage
+        (the new worker's ``load`` barrier)."""
         g = self.groups
         grid, device = (g.pp_size, g.tp_size, g.dp_size, g.cp_size), g.ctx.device.type
         # Every reference to the old groups goes first: gloo closes a group's sockets only

@@ -162,6 +162,8 @@ class EngineHost:
             extra["replica_states"] = states
         if st.get("recoveries"):
             extra["last_recovery"] = st["recoveries"][-1]
+        if st.get("replicas_down"):  # past recovery (cli.front): why each stays down
+            extra["replicas_down"] = {str(k): v for k, v in st["replicas_down"].items()}
         return 200, {"status": "ok", **extra}, {}
 
 

@@ -3,8 +3,8 @@ concurrent streaming requests (greedy and seeded) survive a worker killed with S
 (a pipeline stage, a tensor-parallel rank, a data-parallel replica) or stopped with
 SIGSTOP; each text equals the same request on a one-process server; /health says
 recovering meanwhile, /metrics counts the recovery, and no worker is left behind. Under
---pp only the lost worker is started again: the other stage's process stays (its weights
-kept, cli.rejoin); under --tp the whole replica restarts."""
+--pp and --tp only the lost worker is started again: the other workers' processes stay
+(their weights, their TP shards, kept; cli.rejoin), so only the victim's pid changes."""
 
 import os
 import signal
@@ -86,16 +86,28 @@ def metric(text: str, name: str) -> float:
     raise AssertionError(f"{name} not in /metrics")
 
 
-@pytest.mark.parametrize("grid,victim,sig", [
-    (["--pp", "2"], 1, signal.SIGKILL),   # the last stage, which samples
-    (["--tp", "2"], 1, signal.SIGKILL),   # a tensor-parallel rank
-    (["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
-    (["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
-    (["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
-], ids=["pp-kill", "tp-kill", "pp-stop", "dp-kill", "pp3-kill"])
-def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, victim, sig):
+@pytest.mark.parametrize("nproc,grid,victim,sig", [
+    (2, ["--pp", "2"], 1, signal.SIGKILL),   # the last stage, which samples
+    (2, ["--tp", "2"], 1, signal.SIGKILL),   # a tensor-parallel rank
+    # stage 0's second TP rank (ranks: stage-major, tp innermost): its TP peer fails in
+    # an all-reduce; stage 1's two ranks, blocked on that live peer, follow when it
+    # leaves the broken world; all three rebind their TP modules to the new world
+    (4, ["--tp", "2", "--pp", "2"], 1, signal.SIGKILL),
+    # a context-parallel rank: a step reads its CP group from the rank's groups, so the
+    # survivor's stage needs no rebinding, only the new world
+    (2, ["--cp", "2"], 1, signal.SIGKILL),
+    (2, ["--pp", "2"], 0, signal.SIGSTOP),   # a hung first stage: no heartbeat for --timeout
+    # a hung TP rank: its peer, stuck in an all-reduce with it, must not be the one blamed
+    (2, ["--tp", "2"], 1, signal.SIGSTOP),
+    (2, ["--dp", "2"], 1, signal.SIGKILL),   # a data-parallel replica: fail-over, restart behind
+    # replica 1's second TP rank: fail-over, and in the background its TP peer rejoins
+    (4, ["--tp", "2", "--dp", "2"], 3, signal.SIGKILL),
+    (3, ["--pp", "3"], 2, signal.SIGKILL),   # stage 1 survives, blocked on stage 0, also alive
+], ids=["pp-kill", "tp-kill", "tp2pp2-kill", "cp-kill", "pp-stop", "tp-stop", "dp-kill",
+        "tp2dp2-kill", "pp3-kill"])
+def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, grid, victim,
+                                        sig):
     log = tmp_path / "server.log"
-    nproc = int(grid[1])
     server = ServerProcess(tiny_model, "--nproc", str(nproc), *grid, "--max-seq-len", "256",
                            "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
                            log_path=log)
@@ -126,8 +138,12 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, grid, v
         assert metric(text, 'llamadist_recovery_seconds_count{phase="restart"}') == 1
         now = children(server.proc.pid)
         assert len(now) == nproc and workers[victim] not in now  # a new one took its place
-        if "--pp" in grid:  # the other stages' workers kept their weights (cli.rejoin)
-            assert set(workers) - set(now) == {workers[victim]}, (workers, now, log.read_text()[-4000:])
+        # the other workers kept their weights (cli.rejoin; with --dp the other replicas
+        # are not touched at all)
+        assert set(workers) - set(now) == {workers[victim]}, (workers, now, log.read_text()[-4000:])
+        dp = int(grid[grid.index("--dp") + 1]) if "--dp" in grid else 1
+        if nproc // dp > 1:  # the lost worker's replica had others: they rejoined it
+            assert "kept their stages" in log.read_text(), log.read_text()[-4000:]
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
@@ -185,6 +201,82 @@ def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
         assert status == 200 and b'"stages":2' in body, body
         now = children(server.proc.pid)
         assert len(now) == 2 and not set(now) & set(workers)
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    assert_gone(workers + now)
+
+
+def test_replan_with_data_parallel_replicas(tiny_model, tmp_path, reference):
+    """`--on-failure replan --dp 2`: replica 1's last stage killed mid-generation; its
+    requests move to replica 0 at once, replica 1 is re-planned over its one rank slot
+    left (2 stages -> 1) and started in the background, then serves again; replica 0's
+    workers are never touched, and the eight requests end as without the fault."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "4", "--pp", "2", "--dp", "2",
+                           "--on-failure", "replan", "--max-seq-len", "256", "--max-batch",
+                           "4", "--timeout", "5", "--served-model-name", "tiny", log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        assert len(workers) == 4
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[3], signal.SIGKILL)  # replica 1 = workers 2, 3 (stage 1)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        deadline, body = time.monotonic() + 60, b""
+        while b'"replicas":"2/2"' not in body:  # replica 1 back, re-planned
+            assert time.monotonic() < deadline, (body, log.read_text()[-3000:])
+            time.sleep(0.2)
+            status, body = http("GET", server.url + "/health")
+        assert status == 200 and b'"replica":1' in body and b'"layout":"1 stage(s)' in body, body
+        assert b'"stages":2' in body, body  # replica 0 keeps its two stages
+        now = children(server.proc.pid)
+        assert len(now) == 3 and set(workers[:2]) <= set(now), (workers, now)
+        assert not set(workers[2:]) & set(now)
+        # both replicas serve again: more requests than one replica's batch, all correct
+        results, threads = stream_all(server.url, threading.Event())
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        text = http("GET", server.url + "/metrics")[1].decode()
+        assert metric(text, "llamadist_recoveries_total") == 1
+        assert metric(text, "llamadist_replicas_running") == 2
+    finally:
+        code = server.stop()
+    assert code == 0, log.read_text()[-3000:]
+    assert_gone(workers + now)
+
+
+def test_replan_with_a_one_stage_replica_keeps_the_others_serving(tiny_model, tmp_path,
+                                                                  reference):
+    """`--on-failure replan --dp 2` with one stage per replica: a lost replica has no
+    device left to re-plan over, so it stays down with that reason on /health while the
+    other serves every request (none lost or altered); no worker is left behind."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--dp", "2", "--on-failure", "replan",
+                           "--max-seq-len", "256", "--max-batch", "4", "--timeout", "5",
+                           "--served-model-name", "tiny", log_path=log)
+    try:
+        workers = children(server.proc.pid)
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        os.kill(workers[1], signal.SIGKILL)
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        deadline, body = time.monotonic() + 30, b""
+        while b'"replicas_down"' not in body:
+            assert time.monotonic() < deadline, (body, log.read_text()[-3000:])
+            time.sleep(0.2)
+            status, body = http("GET", server.url + "/health")
+        assert status == 200 and b'"replicas":"1/2"' in body, body
+        assert b"cannot re-plan" in body and b"no device is left" in body, body
+        now = children(server.proc.pid)
+        assert now == workers[:1], (workers, now)
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
