@@ -26,15 +26,24 @@ own reading is included in ``total`` for the streaming workloads.
 
 The same file runs against another checkout (``PYTHONPATH=/tmp/before``: the code before
 a change) to measure "before" the same way; it uses only the engine's public calls there.
+``--versions /tmp/before,.`` runs both, each in its own process, alternating by round, and
+prints them side by side (the machine's load moves between rounds, not between columns):
+
+    git archive BASE llamadist | tar -x -C /tmp/before
+    python benchmarks/engine_host.py --versions /tmp/before,. --rounds 3 --repeats 3
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
+import os
 import platform
 import random
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -112,9 +121,9 @@ class Phases:
 
 
 def run_once(tok, text_ids: list[int], batch: int, new: int, workload: str,
-             phases: bool, seed: int) -> dict:
+             phases: bool, seed: int, ahead: bool = True) -> dict:
     runtime = RuntimeConfig(max_batch=batch, max_seq_len=128 + new + 16)
-    ex = NullExecutor(text_ids)
+    ex = NullExecutor(text_ids, ahead=ahead)
     engine = LLMEngine(ex, tok, runtime)
     streaming = workload.startswith("stream")
     stops = STOPS if "stop" in workload else ()
@@ -162,6 +171,63 @@ def run_once(tok, text_ids: list[int], batch: int, new: int, workload: str,
     return out
 
 
+def measure(args, tok, text_ids) -> list[dict]:
+    """Per (batch, workload): the runs' CPU and wall us/seq/step, and the phases of the
+    runs timed by phase (separate runs: the wrappers cost a little)."""
+    cells = []
+    for b in [int(x) for x in args.batches.split(",")]:
+        for w in args.workloads.split(","):
+            runs = [run_once(tok, text_ids, b, args.new, w, False, 7 + i, args.ahead)
+                    for i in range(args.repeats)]
+            timed = [run_once(tok, text_ids, b, args.new, w, True, 7 + i, args.ahead)
+                     for i in range(max(1, args.repeats // 2))]
+            cells.append({"batch": b, "workload": w, "us": [r["us"] for r in runs],
+                          "wall": [r["wall_us"] for r in runs],
+                          "phased": [{**t["phases"], "total": t["us"]} for t in timed]})
+    return cells
+
+
+def phases_of(phased: list[dict]) -> dict[str, float]:
+    keys = ["schedule", "work", "executor", "update"]
+    ph = {k: statistics.median(t.get(k, 0.0) for t in phased) for k in keys}
+    ph["outputs"] = statistics.median(t["total"] for t in phased) - sum(ph.values())
+    return ph
+
+
+def compare(args) -> None:
+    """Each checkout in ``--versions`` in its own process, alternating, ``--rounds``
+    times: the same cells side by side, medians over every round's runs."""
+    versions = args.versions.split(",")
+    got: dict[tuple, list[dict]] = {}
+    for _ in range(args.rounds):
+        for v in versions:
+            cmd = [sys.executable, __file__, "--json"] + [
+                f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
+                ("batches", "new", "repeats", "workloads", "tokenizer_from")] + (
+                [] if args.ahead else ["--no-ahead"])
+            env = {**os.environ, "PYTHONPATH": str(Path(v).resolve())}
+            res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            for cell in json.loads(res.stdout.strip().splitlines()[-1]):
+                got.setdefault((v, cell["batch"], cell["workload"]), []).append(cell)
+    print(f"versions: {' -> '.join(versions)}; {args.rounds} rounds x {args.repeats} runs, "
+          f"alternating; CPU us/seq/step, medians")
+    print(f"{'batch':>5} {'workload':<12} " + " ".join(f"{'v' + str(i):>7}"
+                                                        for i in range(len(versions)))
+          + "   ratio  phases of the last (schedule work executor update outputs)")
+    for b in [int(x) for x in args.batches.split(",")]:
+        for w in args.workloads.split(","):
+            meds, last = [], None
+            for v in versions:
+                cells = got[(v, b, w)]
+                meds.append(statistics.median(u for c in cells for u in c["us"]))
+                last = phases_of([t for c in cells for t in c["phased"]])
+            share = (f"  ({meds[-1] / (args.step_ms * 1000 / b):.0%} of a {args.step_ms:g} ms "
+                     f"step, was {meds[0] / (args.step_ms * 1000 / b):.0%})" if b == 256 else "")
+            print(f"{b:5d} {w:<12} " + " ".join(f"{m:7.2f}" for m in meds)
+                  + f"  {meds[0] / meds[-1]:5.2f}x  "
+                  + " ".join(f"{v:.2f}" for v in last.values()) + share, flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", default="64,256")
@@ -172,34 +238,40 @@ def main() -> None:
     p.add_argument("--step-ms", type=float, default=8.0,
                    help="device time of a decode step at the largest batch (the H200's "
                         "~8 ms at 256), to state the host time as a share of it")
+    p.add_argument("--versions", default=None,
+                   help="checkouts to compare, comma-separated (each one's root is put on "
+                        "PYTHONPATH of its own process), e.g. /tmp/before,.")
+    p.add_argument("--rounds", type=int, default=3, help="with --versions")
+    p.add_argument("--no-ahead", dest="ahead", action="store_false",
+                   help="an executor that takes no decodes scheduled ahead (worker ranks, "
+                        "the CPU); default: it does, as one GPU in-process does")
+    p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.versions:
+        return compare(args)
     folder = Path(args.tokenizer_from)
     if not folder.is_dir():
         folder = Path("/work/main/.whl/smollm2-tok")
+    args.tokenizer_from = str(folder)
     tok = load_hf_tokenizer(folder)
     text_ids = tok.encode(TEXT, add_special_tokens=False)
+    cells = measure(args, tok, text_ids)
+    if args.json:
+        print(json.dumps(cells))
+        return
     import llamadist
     print(f"llamadist from {Path(llamadist.__file__).parent}; python {platform.python_version()}")
     print(f"{'batch':>5} {'workload':<12} {'us/seq/step':>11} {'min':>6} {'max':>6} "
           f"{'wall':>6}  phases (CPU us/seq/step, median; 'outputs' = rest of step)")
-    for b in [int(x) for x in args.batches.split(",")]:
-        for w in args.workloads.split(","):
-            runs = [run_once(tok, text_ids, b, args.new, w, False, 7 + i)
-                    for i in range(args.repeats)]
-            timed = [run_once(tok, text_ids, b, args.new, w, True, 7 + i)
-                     for i in range(max(1, args.repeats // 2))]
-            us = [r["us"] for r in runs]
-            med = statistics.median(us)
-            keys = ["schedule", "work", "executor", "update"]
-            ph = {k: statistics.median(t["phases"].get(k, 0.0) for t in timed) for k in keys}
-            tot = statistics.median(t["us"] for t in timed)
-            ph["outputs"] = tot - sum(ph.values())
-            share = med / (args.step_ms * 1000 / b) if b == 256 else None
-            wall = statistics.median(r["wall_us"] for r in runs)
-            print(f"{b:5d} {w:<12} {med:11.2f} {min(us):6.2f} {max(us):6.2f} {wall:6.2f}  "
-                  + " ".join(f"{k} {v:.2f}" for k, v in ph.items())
-                  + (f"  ({share:.0%} of a {args.step_ms:g} ms step)" if share else ""),
-                  flush=True)
+    for c in cells:
+        b, us = c["batch"], c["us"]
+        med = statistics.median(us)
+        ph = phases_of(c["phased"])
+        share = med / (args.step_ms * 1000 / b) if b == 256 else None
+        print(f"{b:5d} {c['workload']:<12} {med:11.2f} {min(us):6.2f} {max(us):6.2f} "
+              f"{statistics.median(c['wall']):6.2f}  "
+              + " ".join(f"{k} {v:.2f}" for k, v in ph.items())
+              + (f"  ({share:.0%} of a {args.step_ms:g} ms step)" if share else ""))
 
 
 if __name__ == "__main__":
