@@ -177,17 +177,18 @@ def _columns_of_rows(rows: list[tuple], block_size: int) -> StepColumns:
     s = len(rows)
     qlens, nblocks, nscore = _counts(toks), _counts(blocks), _counts(scores)
     sampled = [p for p in specs if p is not None]
-    params = [p[0] for p in sampled]
-    tail = SampleColumns(list(rids), params, [p[1] for p in sampled],
-                         [p[2] for p in sampled], [p[3] for p in sampled],
-                         [p[4] for p in sampled])
-    asked = {id(p): -1 if p.logprobs is None else p.logprobs for p in params}
+    params, seeds, steps, seen, outs = (map(list, zip(*sampled)) if sampled
+                                        else ([], [], [], [], []))
+    tail = SampleColumns(list(rids), params, seeds, steps, seen, outs)
+    samples = np.array([p is not None for p in specs], bool)
+    logprobs = np.full(s, -1, np.int64)  # -1: not asked (most steps: nobody asks)
+    if any(p.logprobs is not None for p in params):
+        logprobs[samples] = [-1 if p.logprobs is None else p.logprobs for p in params]
     return StepColumns(
         block_size, _flat(toks, int(qlens.sum())), np.array(starts, np.int64), qlens,
         _offsets(nblocks), _flat(blocks, int(nblocks.sum())), np.array(prev, np.int64),
-        np.fromiter((p is not None for p in specs), bool, s),
-        np.fromiter((-1 if p is None else asked[id(p[0])] for p in specs), np.int64, s),
-        np.array(tops, np.int64), _offsets(nscore), _flat(scores, int(nscore.sum())), tail)
+        samples, logprobs, np.array(tops, np.int64), _offsets(nscore),
+        _flat(scores, int(nscore.sum())), tail)
 
 
 def _seqs_of(c: StepColumns) -> list[SeqWork]:
