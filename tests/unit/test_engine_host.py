@@ -238,3 +238,18 @@ def test_held_back_tail_equals_comparing_every_length():
         assert _held_back(text, safe, stop) == reference(text, safe, stop), (text, safe, stop)
         held += reference(text, safe, stop) != safe
     assert held > 1000  # the cases held something back
+
+
+def test_llm_run_without_a_callback_detokenizes_at_the_end(tiny_model):
+    from llamadist.api import LLM
+    llm = LLM(str(tiny_model), max_batch=2, max_seq_len=64)
+    prompts = [llm.encode("The quick brown fox"), llm.encode("hello")]
+    quiet, _ = llm.run(prompts, max_new_tokens=12, ignore_eos=True)
+    seen: dict[int, list[str]] = {0: [], 1: []}
+    loud, _ = llm.run(prompts, on_output=lambda i, o: seen[i].append(o.text),
+                      max_new_tokens=12, ignore_eos=True)
+    for i, (q, s) in enumerate(zip(quiet, loud)):
+        assert q.output_ids == s.output_ids and len(q.output_ids) == 12
+        assert q.text == s.text == llm.tokenizer.decode(q.output_ids) and q.text
+        assert q.decoder is None and s.decoder is not None  # the lazy path was taken
+        assert "".join(seen[i]) == s.text and len([t for t in seen[i] if t]) > 1
