@@ -38,7 +38,7 @@ from llamadist.runtime.step_work import SeqWork, StepWork, TokenLogprob, unpack_
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)  # one per sequence per step: no __dict__ to allocate
 class RequestOutput:
     """What one step produced for one request."""
     request_id: str
