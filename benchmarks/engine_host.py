@@ -147,7 +147,7 @@ def run_once(tok, text_ids: list[int], batch: int, new: int, workload: str,
     timed_s, wall_s, timed_steps = 0.0, 0.0, 0
     while engine.has_unfinished:
         plain = all(r.output_ids for r in reqs)
-        ph.on = plain
+        ph.on, kept = plain, dict(ph.s)
         t0, w0 = time.thread_time(), time.perf_counter()
         outs = engine.step()
         if streaming:
@@ -159,6 +159,8 @@ def run_once(tok, text_ids: list[int], batch: int, new: int, workload: str,
             timed_s += dt
             wall_s += dw
             timed_steps += 1
+        else:
+            ph.s = kept  # not a timed step: its phases do not count either
     for r in reqs:  # the same text whatever the workload, streamed or read at the end
         want = tok.decode(r.output_ids)
         assert r.text == want, (r.id, r.text[-40:], want[-40:])
