@@ -170,7 +170,10 @@ class LLM:
         output as it comes): the finished requests (text in ``request.text``) and the
         run's statistics (engine.run_stats)."""
         t0 = time.perf_counter()
-        reqs, steps = self.submit(prompts, params, **overrides)
+        # without a callback nobody reads the text as it comes: each request's is made
+        # once, at its end
+        reqs, steps = self.llm_engine.submit(prompts, self._params(params, overrides),
+                                             stream_text=on_output is not None)
         for step in steps:
             if on_output is not None:
                 for i, out in step:

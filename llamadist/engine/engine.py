@@ -33,13 +33,12 @@ from llamadist.generation.sampling import SamplingParams, new_seed
 from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer
 from llamadist.runtime.cuda_graph import bucket_sizes
 from llamadist.runtime.engine import Engine
-from llamadist.runtime.step_work import (SampleSpec, SeqWork, StepWork, TokenLogprob,
-                                         unpack_sampled)
+from llamadist.runtime.step_work import SeqWork, StepWork, TokenLogprob, unpack_sampled
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)  # one per sequence per step: no __dict__ to allocate
 class RequestOutput:
     """What one step produced for one request."""
     request_id: str
@@ -183,9 +182,11 @@ class LLMEngine(ReplicaSet):
         self.scheduler.check(num_prompt_tokens, params)
 
     def add_request(self, prompt_ids: Sequence[int], params: SamplingParams,
-                    request_id: str | None = None) -> Request:
+                    request_id: str | None = None, stream_text: bool = True) -> Request:
         """Queue a request (refused at once, with the numbers, if it alone cannot fit) on
-        the least loaded replica."""
+        the least loaded replica. ``stream_text=False``: nobody reads its outputs' text
+        while it runs, so it is detokenized once, at its end (its last output carries the
+        whole text), unless stop strings need the text every step."""
         rid = request_id if request_id is not None else f"req-{next(self._ids)}"
         vocab = self.config.vocab_size
         if prompt_ids and not 0 <= min(prompt_ids) <= max(prompt_ids) < vocab:
@@ -195,7 +196,8 @@ class LLMEngine(ReplicaSet):
         if rid in self._where:
             raise ValueError(f"request id {rid!r} is already queued or running")
         seed = params.seed if params.seed is not None else new_seed()
-        req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic())
+        req = Request(rid, list(prompt_ids), params, seed, arrival_s=time.monotonic(),
+                      stream_text=stream_text)
         if params.prompt_logprobs is not None:
             req.prompt_logprobs = [None] * len(req.prompt_ids)
         rep = min(self.serving(), key=lambda r: r.load)
@@ -207,8 +209,14 @@ class LLMEngine(ReplicaSet):
     def cancel(self, request_id: str) -> bool:
         """Stop a request and free its blocks now; False if it is unknown or done."""
         rep = self._where.pop(request_id, None)
+        req = rep.scheduler.get(request_id) if rep is not None else None
         if rep is None or not rep.scheduler.cancel(request_id):
             return False
+        if req is not None and req.decoder is None and req.output_ids and self.tokenizer:
+            # its text was left for the end (stream_text=False): the text so far, as a
+            # streamed request's would be
+            req.text = text_delta(self.tokenizer, req.output_ids, tuple(req.params.stop), 0,
+                                  False, IncrementalDecoder(self.tokenizer))[0]
         self._settle(rep)
         return True
 
@@ -317,6 +325,8 @@ class LLMEngine(ReplicaSet):
     def _record_scores(self, work: StepWork, scored: dict[str, list[TokenLogprob]]) -> None:
         """Prompt tokens' logprobs into their requests, by position (a recomputed chunk
         writes the same values again)."""
+        if not scored:
+            return
         for s in work.seqs:
             req = self.get(s.request_id)
             if s.request_id in scored and req is not None and req.prompt_logprobs is not None:
@@ -380,25 +390,33 @@ class LLMEngine(ReplicaSet):
 
     def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:
         """The step as the executor sees it (host data; see runtime.step_work); ``prev``:
-        the step launched just before it, whose samples its pending chunks read."""
-        seqs = []
-        prev_rows = {rid: i for i, rid in enumerate(prev.sampled_ids)} if prev else {}
+        the step launched just before it, whose samples its pending chunks read. One
+        plain tuple per sequence (StepWork.of_rows), no object."""
+        rows = []
+        prev_rows = None
+        prompt_tokens = 0
         for c in step.chunks:
             req = c.request
-            if c.start < len(req.prompt_ids):
-                self.stats.prompt_tokens += min(c.end, len(req.prompt_ids)) - c.start
+            p, start, end = req.params, c.start, c.start + c.num_tokens
+            if start < len(req.prompt_ids):
+                prompt_tokens += min(end, len(req.prompt_ids)) - start
             spec = None
             if c.sample:
-                # the tokens seen so far matter only to the penalties that ask for them
-                seen = tuple(req.all_ids) if req.params.repetition_penalty != 1.0 else ()
-                outs = tuple(req.output_ids) if req.params.counts_outputs else ()
+                # the tokens seen so far matter only to the penalties that ask for them;
                 # a pending chunk samples the token after the one still in flight
-                spec = SampleSpec(req.params, req.seed, len(req.output_ids) + c.pending,
-                                  seen, outs)
-            seqs.append(SeqWork(req.id, tuple(c.token_ids), tuple(req.block_ids), c.start,
-                                spec, *self._score(req, c.start, c.end),
-                                prev_index=prev_rows[req.id] if c.pending else -1))
-        return StepWork(seqs, self.block_size)
+                spec = (p, req.seed, len(req.output_ids) + c.pending,
+                        tuple(req.all_ids) if p.repetition_penalty != 1.0 else (),
+                        tuple(req.output_ids) if p.counts_outputs else ())
+            if c.pending:
+                if prev_rows is None:
+                    prev_rows = {rid: i for i, rid in enumerate(prev.sampled_ids)}
+                toks, at = (0,), prev_rows[req.id]  # 0: a placeholder (Chunk.pending)
+            else:
+                toks, at = req.tokens(start, end), -1
+            score = ((), 0) if p.prompt_logprobs is None else self._score(req, start, end)
+            rows.append((req.id, toks, req.block_ids, start, at, score[0], score[1], spec))
+        self.stats.prompt_tokens += prompt_tokens
+        return StepWork.of_rows(rows, self.block_size)
 
     @staticmethod
     def _score(req: Request, start: int, end: int) -> tuple[tuple[int, ...], int]:
@@ -424,8 +442,10 @@ class LLMEngine(ReplicaSet):
             reason = "stop"
         done = reason is not None
         delta = ""
-        if self.tokenizer is not None:
-            if req.decoder is None:
+        # text every step where it is read or searched for stop strings; else only at the
+        # end (text_delta decodes the whole list then, whatever was decoded before)
+        if self.tokenizer is not None and (done or req.stream_text or req.params.stop):
+            if req.decoder is None and not done:
                 req.decoder = IncrementalDecoder(self.tokenizer)
             req.text, delta, stopped = text_delta(self.tokenizer, req.output_ids,
                                                   tuple(req.params.stop), req.emitted, done,
@@ -441,19 +461,21 @@ class LLMEngine(ReplicaSet):
 
     # ---- drive to completion -----------------------------------------------------------
     def submit(self, prompts: Sequence[Sequence[int]],
-               params: SamplingParams | Sequence[SamplingParams]
+               params: SamplingParams | Sequence[SamplingParams], stream_text: bool = True
                ) -> tuple[list[Request], Iterator[list[tuple[int, RequestOutput]]]]:
         """Queue every prompt now (all refused before any is queued if one cannot fit);
         the requests, and an iterator that steps the engine and yields, after each step,
         the (prompt index, output) pairs of these requests. Several iterators may be
         consumed in turn: each keeps its own requests' outputs, whoever stepped. Closing
-        an iterator (or dropping it after it started) cancels what it has not finished."""
+        an iterator (or dropping it after it started) cancels what it has not finished.
+        ``stream_text``: as add_request's (False: each request's text comes whole in its
+        last output)."""
         per = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(per) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(per)} sampling params")
         for p, sp in zip(prompts, per):
             self.check(len(p), sp)
-        reqs = [self.add_request(p, sp) for p, sp in zip(prompts, per)]
+        reqs = [self.add_request(p, sp, stream_text=stream_text) for p, sp in zip(prompts, per)]
         for r in reqs:
             self._queues[r.id] = []
         return reqs, self._drain(reqs)

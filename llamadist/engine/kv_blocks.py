@@ -174,8 +174,12 @@ class BlockPool:
         if not self.prefix_caching:
             return
         bs = self.block_size
-        keys = self._keys.setdefault(request, [])
         full = min(request.num_computed // bs, len(request.block_ids))
+        keys = self._keys.get(request)
+        if keys is None:
+            keys = self._keys[request] = []
+        elif len(keys) >= full:
+            return  # no block filled since the last commit (most decode steps)
         for i in range(len(keys), full):
             parent = keys[i - 1] if i else None
             tokens = tuple(request.tokens(i * bs, (i + 1) * bs))

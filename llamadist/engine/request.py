@@ -44,6 +44,9 @@ class Request:
     text: str = ""   # the engine's detokenized output so far (cut at a stop string)
     emitted: int = 0  # characters of ``text`` already streamed
     decoder: object | None = field(default=None, repr=False)  # its IncrementalDecoder
+    # someone reads each step's text as it comes (a streaming client); False: the text is
+    # made once, when the request finishes (or is cancelled), unless stop strings need it
+    stream_text: bool = True
     # params.prompt_logprobs: one entry per prompt token (None for the first, which no
     # logits predict), filled as the prompt's chunks are computed
     prompt_logprobs: list | None = None

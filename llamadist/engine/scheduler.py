@@ -57,7 +57,7 @@ class RequestTooLarge(ValueError):
     """A request that alone can never fit (context length or KV blocks)."""
 
 
-@dataclass(frozen=True, eq=False)
+@dataclass(eq=False, slots=True)  # slots, not frozen: one is made per sequence per step
 class Chunk:
     """Compute ``request.all_ids[start:start + num_tokens]`` this step (``start`` is the
     request's ``num_computed``); ``sample``: the chunk reaches the request's last token,
@@ -250,9 +250,11 @@ class Scheduler:
         """One chunk in flight that samples the request's next token, and tokens left
         after it; not a request whose sampling needs its outputs on the host (penalties)."""
         c = self._flying.get(req)
-        p = req.params
-        return (self._in_flight.get(req) == 1 and c is not None and c.sample
-                and c.end == req.num_tokens and req.remaining_new > 1
+        if c is None or not c.sample or self._in_flight.get(req) != 1:
+            return False
+        p, outs = req.params, len(req.output_ids)
+        return (c.start + c.num_tokens == len(req.prompt_ids) + outs
+                and p.max_new_tokens - outs > 1  # remaining_new
                 and p.repetition_penalty == 1.0 and not p.presence_penalty
                 and not p.frequency_penalty)
 
@@ -260,31 +262,42 @@ class Scheduler:
                           ahead: bool = False) -> int:
         # Requests with a step in flight wait for its result (unless they may go ahead);
         # the earliest admitted first.
-        todo = [r for r in self.running
-                if r not in self._in_flight or (ahead and self.can_go_ahead(r))][:limit]
-        # One token of the budget is kept for each decode later in the order, so a chunked
-        # prefill ahead of them (a resumed request, or one whose earlier chunk was in
-        # flight when they were admitted) never stalls their decoding.
-        going = {r for r in todo if r in self._in_flight}  # ahead: one pending token each
-        decodes = {r for r in todo if r.num_tokens - r.num_computed == 1} | going
-        reserve = len(decodes)
+        in_flight = self._in_flight
+        if ahead:
+            todo = [r for r in self.running if r not in in_flight or self.can_go_ahead(r)]
+        else:
+            todo = [r for r in self.running if r not in in_flight]
+        del todo[limit:]
+        # Tokens each computes: one for a decode and for a request going ahead (one
+        # pending token), its prompt's rest for a prefill. One token of the budget is kept
+        # for each decode later in the order, so a chunked prefill ahead of them (a resumed
+        # request, or one whose earlier chunk was in flight when they were admitted) never
+        # stalls their decoding.
+        lefts = [1 if r in in_flight else len(r.prompt_ids) + len(r.output_ids) - r.num_computed
+                 for r in todo]
+        reserve = lefts.count(1)
         scheduled: set[Request] = set()
-        for req in todo:
-            if req.status is not RequestStatus.RUNNING:
+        chunks, running, block_size = step.chunks, RequestStatus.RUNNING, self.pool.block_size
+        for req, left in zip(todo, lefts):
+            if req.status is not running:
                 continue  # preempted a moment ago
-            reserve -= req in decodes
-            left = 1 if req in going else req.num_tokens - req.num_computed
+            if left == 1:
+                reserve -= 1
             n = min(left, budget - reserve)
             if n <= 0:
                 continue
             # (A decode preempted later in the loop keeps its reserved token unused: at
             # most one token per victim, in a step already short of blocks.)
-            start = self._flying[req].end if req in going else req.num_computed
-            if self._allocate_or_preempt(req, start + n - req.num_computed, step, scheduled):
-                step.chunks.append(Chunk(req, start, n, sample=True, pending=True)
-                                   if req in going else self._chunk(req, n))
-                scheduled.add(req)
-                budget -= n
+            going = req in in_flight
+            start = self._flying[req].end if going else req.num_computed
+            # a block only when the chunk crosses into one the request does not hold yet
+            if start + n > len(req.block_ids) * block_size and not self._allocate_or_preempt(
+                    req, start + n - req.num_computed, step, scheduled):
+                continue
+            chunks.append(Chunk(req, start, n, True, True) if going else
+                          Chunk(req, start, n, n == left))  # samples: reaches its end
+            scheduled.add(req)
+            budget -= n
         return budget
 
     def _allocate_or_preempt(self, req: Request, n: int, step: SchedulerStep,
@@ -435,10 +448,16 @@ class Scheduler:
         those. Chunks of requests finished meanwhile (cancelled) are ignored."""
         finished: list[Request] = []
         self._length_finished.clear()
+        in_flight, flying, running = self._in_flight, self._flying, RequestStatus.RUNNING
         for c in step.chunks:
             req = c.request
-            self._land(c)
-            if req.status is not RequestStatus.RUNNING:
+            left = in_flight.get(req, 0) - 1  # self._land(c), inline: once per sequence
+            if left > 0:
+                in_flight[req] = left
+            else:
+                in_flight.pop(req, None)
+                flying.pop(req, None)
+            if req.status is not running:
                 continue
             if req.num_computed != c.start:
                 raise RuntimeError(f"request {req.id!r}: chunk starts at {c.start} but "
@@ -454,7 +473,7 @@ class Scheduler:
                 if req.first_token_s is None:
                     req.first_token_s = self.clock()
             self.pool.commit(req)
-            if req.remaining_new <= 0:
+            if len(req.output_ids) >= req.params.max_new_tokens:  # remaining_new <= 0
                 self._finish(req, "length")
                 self._length_finished[req.id] = req
                 finished.append(req)

