@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 from llamadist.cli.args import grid_flags, in_worker
 from llamadist.config import ModelConfig, RuntimeConfig, default_devices
@@ -90,9 +91,11 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
     nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
     ep = check_ep(config, tp, dp, ep)
-    experts = check_expert_flags(args, config, ep, tp)   # hot replicas: counted per rank
+    # hot replicas and uneven shares (--expert-split, budgets per EP rank): counted per rank
+    ranked = ep_ranks(args, config, pp, tp, ep)
+    experts = ranked.placement
     fit_bits = getattr(args, "fit_bits", False)
-    placement = dict(strategy=args.strategy, max_memory=args.max_memory,
+    placement = dict(strategy=args.strategy, max_memory=ranked.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize, fit_bits=fit_bits,
                      experts=experts)
@@ -102,8 +105,8 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                                 dtype=runtime.dtype_for(args.devices or default_devices()),
                                 **placement)
         return _said(layout, fit_bits)
-    wanted = args.devices or (",".join(Plan.load(args.plan).devices) if args.plan
-                              else default_devices(processes=True))
+    wanted = ranked.devices or (",".join(Plan.load(args.plan).devices) if args.plan
+                                else default_devices(processes=True))
     given = [d.strip() for d in wanted.split(",") if d.strip()]
     if len({d.split(":")[0] for d in given}) > 1:
         raise PlanningError(f"--devices {wanted} mixes device kinds; over processes give one "
@@ -118,10 +121,15 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                             f"stages (--pp)")
+    if ranked.budgets is not None:
+        check_rank_budgets(placed.plan, config, experts or ExpertPlacement.build(
+            config.num_experts, ep, tp=tp), ranked.budgets, runtime.dtype_for(names),
+            max_seq_len)
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
+    shares = tuple(experts.shares) if experts is not None and ep > tp else ()
     return Layout(placed.layer_ranges, devices, tp, dp, nproc, placed.why, plan=placed.plan,
-                  cp=cp, ep=ep)
+                  cp=cp, ep=ep, expert_shares=shares)
 
 
 def _said(layout: Layout, fit_bits: bool) -> Layout:
@@ -154,12 +162,13 @@ def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:
 
 
 def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int,
-                       tp: int) -> ExpertPlacement | None:
-    """--ep-dispatch and --hot-experts need experts spread over replicas (ep > tp); the
-    --expert-load file is read and checked here, before any process starts. Returns the
-    experts each EP rank will hold with its hot replicas (planning.experts.
-    ExpertPlacement), for the planner to count; None without --hot-experts."""
-    for flag in ("ep_dispatch", "hot_experts"):
+                       tp: int, budgets: list[int] | None = None) -> ExpertPlacement | None:
+    """--ep-dispatch, --hot-experts and --expert-split need experts spread over replicas
+    (ep > tp); the --expert-load file is read and checked here, before any process starts.
+    Returns the experts each EP rank will hold (its share by planning.experts.run_shares:
+    --expert-split over ``budgets``, one per EP rank, and its hot replicas), for the
+    planner to count and the ranks to load; None for the even shares without replicas."""
+    for flag in ("ep_dispatch", "hot_experts", "expert_split"):
         if getattr(args, flag, None) and ep <= tp:
             name = "--" + flag.replace("_", "-")
             raise GridError(f"{name} {getattr(args, flag)} goes with experts spread over "
@@ -171,4 +180,74 @@ def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int,
         read_expert_load(args.expert_load, config.num_experts)
     from llamadist.planning.experts import run_placement
     return run_placement(config.num_experts, ep, tp, getattr(args, "hot_experts", None),
-                         getattr(args, "expert_load", None))
+                         getattr(args, "expert_load", None), budgets,
+                         getattr(args, "expert_split", None))
+
+
+class EpRanks(NamedTuple):
+    """ep_ranks' answer: the stages' --devices and --max-memory as the planner takes them
+    (one entry per stage), each stage's budget per EP rank (None: not given per rank) and
+    the experts every EP rank holds (None: the even shares, no replicas)."""
+    devices: str | None
+    max_memory: str | None
+    budgets: list[list[int]] | None
+    placement: ExpertPlacement | None
+
+
+def ep_ranks(args: argparse.Namespace, config: ModelConfig, pp: int | None, tp: int,
+             ep: int) -> EpRanks:
+    """--devices and --max-memory may name each EP rank of every stage when the experts
+    spread over replicas (ep > tp): pp x ep entries, stage by stage, EP rank d * tp + t
+    within one (``--devices cpu,cpu --max-memory 300MB,150MB`` with --nproc 2 --ep 2).
+    The planner then sees one device per stage with its largest rank budget, each rank is
+    checked against its own (check_rank_budgets), and the shares follow --expert-split
+    (by memory when the budgets differ: planning.experts.run_shares, over each rank's
+    smallest budget across stages, as one placement serves every stage)."""
+    devices, memory = args.devices, args.max_memory
+    names = [d.strip() for d in (devices or "").split(",") if d.strip()]
+    budgets = None
+    entries = [m.strip() for m in memory.split(",")] if memory else []
+    if pp and ep > max(tp, 1) and len(entries) == pp * ep:
+        from llamadist.planning.devices import parse_memory
+        if any(m.lower() in ("", "auto") for m in entries):
+            raise PlanningError(f"--max-memory {memory}: budgets per EP rank must all be "
+                                f"given (no 'auto' entries)")
+        flat = [parse_memory(m) for m in entries]
+        budgets = [flat[i * ep:(i + 1) * ep] for i in range(pp)]
+        memory = ",".join(str(max(b)) for b in budgets)
+    if pp and ep > max(tp, 1) and len(names) == pp * ep:
+        stages = [names[i * ep:(i + 1) * ep] for i in range(pp)]
+        if any(len(set(s)) > 1 for s in stages):
+            raise PlanningError(f"--devices {devices}: the EP ranks of one stage name "
+                                f"different devices; each rank takes its own device of "
+                                f"one kind (give cpu or cuda for each)")
+        devices = ",".join(s[0] for s in stages)
+    rank_budgets = None if budgets is None else [min(b[r] for b in budgets)
+                                                 for r in range(ep)]
+    return EpRanks(devices, memory, budgets,
+                   check_expert_flags(args, config, ep, tp, rank_budgets))
+
+
+def check_rank_budgets(plan: Plan, config: ModelConfig, placement: ExpertPlacement,
+                       budgets: list[list[int]], dtype: str, max_seq_len: int) -> None:
+    """Every EP rank of every stage against its own budget: the stage's planned memory
+    (its busiest rank's) less the experts that rank holds fewer than the busiest."""
+    from llamadist.planning.profile import profile
+    from llamadist.planning.units import format_bytes
+    rows = profile(config, dtype=dtype, seq_len=max_seq_len).layers
+    moe = [i for i, r in enumerate(rows) if r.num_experts]
+    if not moe:
+        return
+    per = rows[moe[0]].expert_bytes / rows[moe[0]].num_experts
+    for i, (stage, have) in enumerate(zip(plan.stages, budgets)):
+        layers = [layer for layer in moe if stage.start <= layer < stage.end]
+        held = [sum(row) for row in placement.counts(layers)]
+        for r, budget in enumerate(have):
+            need = stage.memory_bytes - (max(held) - held[r]) * per
+            if need > budget:
+                each = held[r] // max(1, len(layers))
+                raise PlanningError(
+                    f"stage {i} EP rank {r}: needs {format_bytes(need)} ({each} experts per "
+                    f"layer) but its --max-memory is {format_bytes(budget)}; "
+                    f"shares {[len(s) for s in placement.shares]} experts per rank "
+                    f"(--expert-split memory splits them by the budgets)")
