@@ -115,16 +115,21 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"--nproc/--pp/--tp/--dp)")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
     # over processes every rank takes one --quantize: --fit-bits gives all stages one format
-    placed = _said(resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp,
-                                  cp=cp, ep=ep, dtype=runtime.dtype_for(names),
-                                  one_format=True, **placement), fit_bits)
+    dtype = runtime.dtype_for(names)
+    run = dict(devices=names, max_batch=-(-batch // dp), tp=tp, cp=cp, ep=ep, dtype=dtype,
+               one_format=True)
+    if ranked.budgets is not None:   # budgets per EP rank: shares by the room for experts
+        first = resolve_layout(config, **run, **placement)
+        experts = ranked_placement(args, config, ranked, first.plan, ep, tp, dtype,
+                                   max_seq_len)
+        placement["experts"] = experts
+    placed = _said(resolve_layout(config, **run, **placement), fit_bits)
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                             f"stages (--pp)")
     if ranked.budgets is not None:
         check_rank_budgets(placed.plan, config, experts or ExpertPlacement.build(
-            config.num_experts, ep, tp=tp), ranked.budgets, runtime.dtype_for(names),
-            max_seq_len)
+            config.num_experts, ep, tp=tp), ranked.budgets, dtype, max_seq_len)
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
     shares = tuple(experts.shares) if experts is not None and ep > tp else ()
@@ -152,7 +157,7 @@ def cuda_count() -> int:
 def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:
     """The auto planner keeps each replica's experts to itself (ep = tp): flags for
     experts spread over replicas would be ignored, so they are refused."""
-    for flag in ("ep_dispatch", "hot_experts"):
+    for flag in ("ep_dispatch", "hot_experts", "expert_split"):
         if getattr(args, flag, None):
             name = "--" + flag.replace("_", "-")
             raise GridError(f"{name} {getattr(args, flag)} goes with experts spread over "
@@ -162,12 +167,14 @@ def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:
 
 
 def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int,
-                       tp: int, budgets: list[int] | None = None) -> ExpertPlacement | None:
+                       tp: int, budgets: list[float] | None = None,
+                       split: str | None = None) -> ExpertPlacement | None:
     """--ep-dispatch, --hot-experts and --expert-split need experts spread over replicas
     (ep > tp); the --expert-load file is read and checked here, before any process starts.
     Returns the experts each EP rank will hold (its share by planning.experts.run_shares:
-    --expert-split over ``budgets``, one per EP rank, and its hot replicas), for the
-    planner to count and the ranks to load; None for the even shares without replicas."""
+    --expert-split, or ``split``, over ``budgets``, one per EP rank, and its hot replicas),
+    for the planner to count and the ranks to load; None for the even shares without
+    replicas."""
     for flag in ("ep_dispatch", "hot_experts", "expert_split"):
         if getattr(args, flag, None) and ep <= tp:
             name = "--" + flag.replace("_", "-")
@@ -181,13 +188,15 @@ def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int,
     from llamadist.planning.experts import run_placement
     return run_placement(config.num_experts, ep, tp, getattr(args, "hot_experts", None),
                          getattr(args, "expert_load", None), budgets,
-                         getattr(args, "expert_split", None))
+                         split or getattr(args, "expert_split", None))
 
 
 class EpRanks(NamedTuple):
     """ep_ranks' answer: the stages' --devices and --max-memory as the planner takes them
     (one entry per stage), each stage's budget per EP rank (None: not given per rank) and
-    the experts every EP rank holds (None: the even shares, no replicas)."""
+    the experts every EP rank holds (None: the even shares, no replicas); with budgets per
+    rank, the even shares (and hot replicas) of a first plan: ranked_placement then
+    gives the run's."""
     devices: str | None
     max_memory: str | None
     budgets: list[list[int]] | None
@@ -199,10 +208,9 @@ def ep_ranks(args: argparse.Namespace, config: ModelConfig, pp: int | None, tp: 
     """--devices and --max-memory may name each EP rank of every stage when the experts
     spread over replicas (ep > tp): pp x ep entries, stage by stage, EP rank d * tp + t
     within one (``--devices cpu,cpu --max-memory 300MB,150MB`` with --nproc 2 --ep 2).
-    The planner then sees one device per stage with its largest rank budget, each rank is
-    checked against its own (check_rank_budgets), and the shares follow --expert-split
-    (by memory when the budgets differ: planning.experts.run_shares, over each rank's
-    smallest budget across stages, as one placement serves every stage)."""
+    The planner then sees one device per stage with its largest rank budget, the shares
+    follow --expert-split (ranked_placement, after a first plan) and each rank is checked
+    against its own budget (check_rank_budgets)."""
     devices, memory = args.devices, args.max_memory
     names = [d.strip() for d in (devices or "").split(",") if d.strip()]
     budgets = None
@@ -222,16 +230,54 @@ def ep_ranks(args: argparse.Namespace, config: ModelConfig, pp: int | None, tp: 
                                 f"different devices; each rank takes its own device of "
                                 f"one kind (give cpu or cuda for each)")
         devices = ",".join(s[0] for s in stages)
-    rank_budgets = None if budgets is None else [min(b[r] for b in budgets)
-                                                 for r in range(ep)]
-    return EpRanks(devices, memory, budgets,
-                   check_expert_flags(args, config, ep, tp, rank_budgets))
+    if budgets is not None and getattr(args, "expert_split", None) is None \
+            and len({b for stage in budgets for b in stage}) == 1:
+        budgets = None   # alike: the even shares, the stages' budgets as given
+    if budgets is None:
+        return EpRanks(devices, memory, None, check_expert_flags(args, config, ep, tp))
+    # the first plan's placement: the even shares, with the hot replicas
+    first = check_expert_flags(args, config, ep, tp, [1] * ep, "even")
+    return EpRanks(devices, memory, budgets, first)
+
+
+def ranked_placement(args: argparse.Namespace, config: ModelConfig, ranked: EpRanks,
+                     plan: Plan, ep: int, tp: int, dtype: str,
+                     max_seq_len: int) -> ExpertPlacement | None:
+    """The run's experts per EP rank (planning.experts.run_placement with --expert-split)
+    given each rank's room for experts: its budget less the stage's headroom and what
+    every rank of the stage holds alike (``plan``: a first plan with ranked.placement),
+    per MoE layer, the smallest over the stages (one placement serves every stage)."""
+    from llamadist.planning.profile import profile
+    from llamadist.planning.units import format_bytes
+    rows = profile(config, dtype=dtype, seq_len=max_seq_len).layers
+    moe = [i for i, r in enumerate(rows) if r.num_experts]
+    first = ranked.placement or ExpertPlacement.build(config.num_experts, ep, tp=tp)
+    per = rows[moe[0]].expert_bytes / rows[moe[0]].num_experts if moe else 0.0
+    rooms = [float("inf")] * ep
+    for i, (stage, have) in enumerate(zip(plan.stages, ranked.budgets)):
+        layers = [layer for layer in moe if stage.start <= layer < stage.end]
+        if not layers:
+            continue
+        alike = stage.memory_bytes - max(sum(r) for r in first.counts(layers)) * per
+        keep = stage.headroom_bytes / stage.budget_bytes if stage.budget_bytes else 0.0
+        for r, budget in enumerate(have):
+            room = budget * (1 - keep) - alike
+            if room <= 0:
+                raise PlanningError(
+                    f"stage {i} EP rank {r}: its --max-memory {format_bytes(budget)} (less "
+                    f"{keep:.0%} headroom) leaves no room for experts after the "
+                    f"{format_bytes(alike)} every rank of the stage holds")
+            rooms[r] = min(rooms[r], room / len(layers))
+    if not moe or rooms[0] == float("inf"):
+        return ranked.placement
+    return check_expert_flags(args, config, ep, tp, rooms)
 
 
 def check_rank_budgets(plan: Plan, config: ModelConfig, placement: ExpertPlacement,
                        budgets: list[list[int]], dtype: str, max_seq_len: int) -> None:
-    """Every EP rank of every stage against its own budget: the stage's planned memory
-    (its busiest rank's) less the experts that rank holds fewer than the busiest."""
+    """Every EP rank of every stage against its own budget (less the stage's headroom
+    fraction): the stage's planned memory (its busiest rank's) less the experts that rank
+    holds fewer than the busiest."""
     from llamadist.planning.profile import profile
     from llamadist.planning.units import format_bytes
     rows = profile(config, dtype=dtype, seq_len=max_seq_len).layers
@@ -242,12 +288,14 @@ def check_rank_budgets(plan: Plan, config: ModelConfig, placement: ExpertPlaceme
     for i, (stage, have) in enumerate(zip(plan.stages, budgets)):
         layers = [layer for layer in moe if stage.start <= layer < stage.end]
         held = [sum(row) for row in placement.counts(layers)]
+        keep = stage.headroom_bytes / stage.budget_bytes if stage.budget_bytes else 0.0
         for r, budget in enumerate(have):
             need = stage.memory_bytes - (max(held) - held[r]) * per
-            if need > budget:
+            if need > budget * (1 - keep):
                 each = held[r] // max(1, len(layers))
                 raise PlanningError(
                     f"stage {i} EP rank {r}: needs {format_bytes(need)} ({each} experts per "
-                    f"layer) but its --max-memory is {format_bytes(budget)}; "
+                    f"layer) but its --max-memory {format_bytes(budget)} leaves "
+                    f"{format_bytes(budget * (1 - keep))} after {keep:.0%} headroom; "
                     f"shares {[len(s) for s in placement.shares]} experts per rank "
                     f"(--expert-split memory splits them by the budgets)")
