@@ -177,10 +177,12 @@ def uneven_reference(tiny_mixtrals, uneven_encoded) -> dict:
     return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
 
 
-UNEVEN_RUNS = {  # name: (--ep-dispatch, --hot-experts)
-    "gather": ("gather", 0),
-    "all_to_all": ("all_to_all", 0),
-    "all_to_all_hot": ("all_to_all", 2),
+UNEVEN_RUNS = {  # name: (tp, --ep-dispatch, --hot-experts, shares of the tp x 2 EP ranks)
+    "gather": (1, "gather", 0, SHARES),
+    "all_to_all": (1, "all_to_all", 0, SHARES),
+    "all_to_all_hot": (1, "all_to_all", 2, SHARES),
+    # tp 2 x dp 2: the DP group of TP index t holds shares t and 2 + t (3 + 1 and 2 + 2)
+    "tp2_all_to_all_hot": (2, "all_to_all", 2, [[0, 1, 2], [3, 4], [5, 6], [7]]),
 }
 
 
@@ -190,19 +192,21 @@ def test_uneven_shares_match_one_process(name, tiny_mixtrals, uneven_encoded,
     """dp 2 x ep 2 over 8 experts held 5 / 3 (the shares by memory of a 2:1 budget): each
     rank loads exactly its share (and its hot replicas), the dispatch routes each expert
     to its owner, not by E / ep: tokens equal, logits within 1e-4."""
-    dispatch, hot = UNEVEN_RUNS[name]
-    extra = dict(expert_shares=SHARES)
+    tp, dispatch, hot, shares = UNEVEN_RUNS[name]
+    extra = dict(expert_shares=shares)
     if hot:
         (tmp_path / "load.json").write_text(json.dumps(UNEVEN_LOAD))
         extra.update(hot_experts=hot, expert_load=str(tmp_path / "load.json"))
-    results = ep_world(tmp_path, tiny_mixtrals[UNEVEN], uneven_encoded, pp=1, tp=1, dp=2,
-                       ep=2, ranges=[[0, 2]], dispatch=dispatch, **extra)
+    results = ep_world(tmp_path, tiny_mixtrals[UNEVEN], uneven_encoded, pp=1, tp=tp, dp=2,
+                       ep=2 * tp, ranges=[[0, 2]], dispatch=dispatch, **extra)
     for job in ("b5", "b1"):
         check(results[job], uneven_reference, job)
-    # hot: each layer's 2 busiest by the file; a rank holds the others' copies
-    replicas = {"0": {6, 7}, "1": {0, 7}} if hot else {"0": set(), "1": set()}
-    want = [{layer: sorted(set(share) | replicas[layer]) for layer in ("0", "1")}
-            for share in SHARES]
+    # hot: each layer's 2 busiest by the file (6, 7 and 0, 7); a rank holds copies of
+    # those its TP index's group owns (world rank d * tp + t is EP rank d * tp + t)
+    hot_of = {"0": {6, 7}, "1": {0, 7}} if hot else {"0": set(), "1": set()}
+    group = [{e for s in shares[r % tp::tp] for e in s} for r in range(len(shares))]
+    want = [{layer: sorted(set(share) | (hot_of[layer] & group[r])) for layer in ("0", "1")}
+            for r, share in enumerate(shares)]
     assert list(results["b5"]["rank_experts"]) == want
 
 
