@@ -303,3 +303,26 @@ def test_run_layout_carries_the_shares_each_rank_checked(mixtral):
         job("--max-memory", f"{big},{small}", "--expert-split", "even")
     with pytest.raises(PlanningError, match="no 'auto' entries"):
         job("--max-memory", "1GB,auto")
+
+
+def test_expert_split_refusals(mixtral, capsys):
+    """--expert-split needs experts over replicas, and by memory a budget per EP rank."""
+    from llamadist.cli.main import main
+    base = ["plan", str(mixtral), "--max-seq-len", str(SEQ)]
+    assert main([*base, "--tp", "2", "--expert-split", "memory"]) == 2
+    assert "--expert-split memory goes with experts spread over data-parallel" in \
+        capsys.readouterr().err
+    assert main([*base, "--dp", "2", "--ep", "2", "--max-memory", "1GB",
+                 "--expert-split", "memory"]) == 2
+    assert "--expert-split memory needs each EP rank's budget" in capsys.readouterr().err
+    assert main([*base, "--auto", "--devices", "cpu", "--expert-split", "even"]) == 2
+    assert "--expert-split even goes with experts spread over data-parallel replicas, " \
+           "which --auto does not plan" in capsys.readouterr().err
+    # budgets alike: the even shares, as without them
+    assert main([*base, "--dp", "2", "--ep", "2", "--devices", "cpu,cpu",
+                 "--max-memory", "1GB,1GB"]) == 0
+    out = capsys.readouterr().out
+    assert "expert shares per EP rank" not in out and "ranks 0-1: 2 experts/layer" in out
+    assert main([*base, "--dp", "2", "--ep", "2", "--devices", "cpu,cpu",
+                 "--max-memory", "1GB,500MB"]) == 0
+    assert "rank 0: experts 0-2; rank 1: expert 3" in capsys.readouterr().out
