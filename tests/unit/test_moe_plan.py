@@ -326,3 +326,24 @@ def test_expert_split_refusals(mixtral, capsys):
     assert main([*base, "--dp", "2", "--ep", "2", "--devices", "cpu,cpu",
                  "--max-memory", "1GB,500MB"]) == 0
     assert "rank 0: experts 0-2; rank 1: expert 3" in capsys.readouterr().out
+
+
+def test_budgets_per_ep_rank_of_each_stage(mixtral):
+    """--pp 2 --dp 2 --ep 2: four budgets, stage by stage; one placement serves both
+    stages, so each rank's smallest room per MoE layer decides (stage 0 holds 2 of the 3
+    layers, stage 1 one: a rank's 200MB there is its smallest)."""
+    from llamadist.cli.jobs import JOBS
+    from llamadist.cli.main import build_parser
+    ckpt = open_checkpoint(mixtral)
+    base = ["generate", str(mixtral), "--pp", "2", "--dp", "2", "--ep", "2",
+            "--max-seq-len", str(SEQ), "--prompt", "hi", "--max-new-tokens", "2"]
+
+    def layout(*flags):
+        return JOBS["generate"](build_parser().parse_args([*base, *flags]), ckpt,
+                                ckpt.tokenizer()).layout
+    same = layout("--devices", "cpu,cpu,cpu,cpu", "--max-memory", "1GB,1GB,1GB,1GB")
+    assert same.expert_shares == () and same.pp == 2
+    assert layout("--max-memory", "1GB,1GB,1GB,200MB").expert_shares == ((0, 1, 2), (3,))
+    assert layout("--max-memory", "1GB,1GB,200MB,1GB").expert_shares == ((0,), (1, 2, 3))
+    with pytest.raises(PlanningError, match="the EP ranks of one stage name different"):
+        layout("--devices", "cpu,cuda:0,cpu,cpu", "--max-memory", "1GB,1GB,1GB,400MB")
