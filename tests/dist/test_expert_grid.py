@@ -8,6 +8,11 @@ Three launches of tests/dist/engine_worker.py on a tiny Mixtral (4 experts, top-
 x ep 4 (all-to-all) and pp 2 x dp 2 x ep 2 (auto); then the command line's --ep once.
 Greedy tokens equal, logits of every sampled row within 1e-4 (the collectives only reorder
 float sums).
+
+Uneven expert shares (devices of different memory, issue 17) on a tiny Mixtral of 8
+experts: 5 / 3 over dp 2 x ep 2 with the gather, the all-to-all and hot replicas, 3/2/2/1
+over tp 2 x dp 2, 1 / 7 over two stages; each rank holds exactly its share (and its
+replicas); and the command line's per-rank --max-memory loading what `plan` prints.
 """
 
 from __future__ import annotations
@@ -177,12 +182,14 @@ def uneven_reference(tiny_mixtrals, uneven_encoded) -> dict:
     return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
 
 
-UNEVEN_RUNS = {  # name: (tp, --ep-dispatch, --hot-experts, shares of the tp x 2 EP ranks)
-    "gather": (1, "gather", 0, SHARES),
-    "all_to_all": (1, "all_to_all", 0, SHARES),
-    "all_to_all_hot": (1, "all_to_all", 2, SHARES),
+UNEVEN_RUNS = {  # name: (pp, tp, --ep-dispatch, --hot-experts, shares of the tp x 2 EP ranks)
+    "gather": (1, 1, "gather", 0, SHARES),
+    "all_to_all": (1, 1, "all_to_all", 0, SHARES),
+    "all_to_all_hot": (1, 1, "all_to_all", 2, SHARES),
     # tp 2 x dp 2: the DP group of TP index t holds shares t and 2 + t (3 + 1 and 2 + 2)
-    "tp2_all_to_all_hot": (2, "all_to_all", 2, [[0, 1, 2], [3, 4], [5, 6], [7]]),
+    "tp2_all_to_all_hot": (1, 2, "all_to_all", 2, [[0, 1, 2], [3, 4], [5, 6], [7]]),
+    # two stages (one MoE layer each), the same shares on both
+    "pp2_auto": (2, 1, "auto", 0, [[0], [1, 2, 3, 4, 5, 6, 7]]),
 }
 
 
@@ -192,13 +199,14 @@ def test_uneven_shares_match_one_process(name, tiny_mixtrals, uneven_encoded,
     """dp 2 x ep 2 over 8 experts held 5 / 3 (the shares by memory of a 2:1 budget): each
     rank loads exactly its share (and its hot replicas), the dispatch routes each expert
     to its owner, not by E / ep: tokens equal, logits within 1e-4."""
-    tp, dispatch, hot, shares = UNEVEN_RUNS[name]
+    pp, tp, dispatch, hot, shares = UNEVEN_RUNS[name]
     extra = dict(expert_shares=shares)
     if hot:
         (tmp_path / "load.json").write_text(json.dumps(UNEVEN_LOAD))
         extra.update(hot_experts=hot, expert_load=str(tmp_path / "load.json"))
-    results = ep_world(tmp_path, tiny_mixtrals[UNEVEN], uneven_encoded, pp=1, tp=tp, dp=2,
-                       ep=2 * tp, ranges=[[0, 2]], dispatch=dispatch, **extra)
+    ranges = [[0, 2]] if pp == 1 else [[0, 1], [1, 2]]
+    results = ep_world(tmp_path, tiny_mixtrals[UNEVEN], uneven_encoded, pp=pp, tp=tp, dp=2,
+                       ep=2 * tp, ranges=ranges, dispatch=dispatch, **extra)
     for job in ("b5", "b1"):
         check(results[job], uneven_reference, job)
     # hot: each layer's 2 busiest by the file (6, 7 and 0, 7); a rank holds copies of
@@ -207,7 +215,13 @@ def test_uneven_shares_match_one_process(name, tiny_mixtrals, uneven_encoded,
     group = [{e for s in shares[r % tp::tp] for e in s} for r in range(len(shares))]
     want = [{layer: sorted(set(share) | (hot_of[layer] & group[r])) for layer in ("0", "1")}
             for r, share in enumerate(shares)]
-    assert list(results["b5"]["rank_experts"]) == want
+    if pp == 1:
+        assert list(results["b5"]["rank_experts"]) == want
+        return
+    # world rank = dp * pp + stage (pp inside dp): stage s holds layer s of each share
+    got = results["b5"]["rank_experts"]
+    assert [got[d * pp + s] for d in range(2) for s in range(pp)] == \
+        [{str(s): want[d][str(s)]} for d in range(2) for s in range(pp)]
 
 
 def test_cli_uneven_budgets(tiny_mixtrals, tmp_path):
