@@ -297,5 +297,6 @@ def check_rank_budgets(plan: Plan, config: ModelConfig, placement: ExpertPlaceme
                     f"stage {i} EP rank {r}: needs {format_bytes(need)} ({each} experts per "
                     f"layer) but its --max-memory {format_bytes(budget)} leaves "
                     f"{format_bytes(budget * (1 - keep))} after {keep:.0%} headroom; "
-                    f"shares {[len(s) for s in placement.shares]} experts per rank "
-                    f"(--expert-split memory splits them by the budgets)")
+                    f"shares {[len(s) for s in placement.shares]} experts per rank (give "
+                    f"a larger --max-memory or more EP ranks; --expert-split memory, the "
+                    f"default for budgets that differ, shares them by each rank's room)")

@@ -87,7 +87,7 @@ def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
 
 def grid_expert_pass(config, groups: ParallelGroups, ep: int, dispatch: str = "auto",
                      dtype: str = "bfloat16", replicas: dict | None = None,
-                     shares=None) -> dict:
+                     shares: tuple | None = None) -> dict:
     """build_stage's keywords for rank (dp d, tp t) of a stage whose experts spread over
     all its tp x dp ranks: attention tensor-parallel within the replica (when tp > 1), the
     expert shares ``d * tp + t`` of ``ep``, tokens dispatched over the DP group as
