@@ -128,6 +128,11 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     g.add_argument("--hot-experts", type=int, help="with --ep over replicas: copy each "
                    "layer's N most-loaded experts to every rank, which then computes them "
                    "for its own tokens (needs --expert-load)")
+    g.add_argument("--expert-split", choices=["even", "memory"],
+                   help="with --ep over replicas: each EP rank's share of the experts, even "
+                   "or in proportion to its --max-memory budget (one per EP rank of each "
+                   "stage: pp x ep entries); default: memory when those budgets differ, "
+                   "else even")
     g.add_argument("--expert-load", metavar="FILE", help="JSON {layer: [tokens per "
                    "expert]} (a run's expert_load, as --stats prints it) for --hot-experts")
 

@@ -69,7 +69,8 @@ def rank_spec_of(job: Job) -> RankSpec:
     block_size = rt.block_size_for(devices)
     return RankSpec(tuple((r.start, r.stop) for r in layout.layer_ranges),
                     rt.dtype_for(devices), rt,
-                    LLMEngine.default_blocks(rt, block_size * layout.cp), block_size, layout.ep)
+                    LLMEngine.default_blocks(rt, block_size * layout.cp), block_size, layout.ep,
+                    layout.expert_shares)
 
 
 class Replica:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import NamedTuple
 
 from llamadist.cli.args import grid_flags, in_worker
 from llamadist.config import ModelConfig, RuntimeConfig, default_devices
@@ -90,9 +91,11 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
     nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
     ep = check_ep(config, tp, dp, ep)
-    experts = check_expert_flags(args, config, ep, tp)   # hot replicas: counted per rank
+    # hot replicas and uneven shares (--expert-split, budgets per EP rank): counted per rank
+    ranked = ep_ranks(args, config, pp, tp, ep)
+    experts = ranked.placement
     fit_bits = getattr(args, "fit_bits", False)
-    placement = dict(strategy=args.strategy, max_memory=args.max_memory,
+    placement = dict(strategy=args.strategy, max_memory=ranked.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize, fit_bits=fit_bits,
                      experts=experts)
@@ -102,8 +105,8 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                                 dtype=runtime.dtype_for(args.devices or default_devices()),
                                 **placement)
         return _said(layout, fit_bits)
-    wanted = args.devices or (",".join(Plan.load(args.plan).devices) if args.plan
-                              else default_devices(processes=True))
+    wanted = ranked.devices or (",".join(Plan.load(args.plan).devices) if args.plan
+                                else default_devices(processes=True))
     given = [d.strip() for d in wanted.split(",") if d.strip()]
     if len({d.split(":")[0] for d in given}) > 1:
         raise PlanningError(f"--devices {wanted} mixes device kinds; over processes give one "
@@ -112,16 +115,26 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"--nproc/--pp/--tp/--dp)")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
     # over processes every rank takes one --quantize: --fit-bits gives all stages one format
-    placed = _said(resolve_layout(config, devices=names, max_batch=-(-batch // dp), tp=tp,
-                                  cp=cp, ep=ep, dtype=runtime.dtype_for(names),
-                                  one_format=True, **placement), fit_bits)
+    dtype = runtime.dtype_for(names)
+    run = dict(devices=names, max_batch=-(-batch // dp), tp=tp, cp=cp, ep=ep, dtype=dtype,
+               one_format=True)
+    if ranked.budgets is not None:   # budgets per EP rank: shares by the room for experts
+        first = resolve_layout(config, **run, **placement)
+        experts = ranked_placement(args, config, ranked, first.plan, ep, tp, dtype,
+                                   max_seq_len)
+        placement["experts"] = experts
+    placed = _said(resolve_layout(config, **run, **placement), fit_bits)
     if placed.pp != pp:
         raise PlanningError(f"the plan has {placed.pp} stages but the grid has {pp} pipeline "
                             f"stages (--pp)")
+    if ranked.budgets is not None:
+        check_rank_budgets(placed.plan, config, experts or ExpertPlacement.build(
+            config.num_experts, ep, tp=tp), ranked.budgets, dtype, max_seq_len)
     # A bare kind (--devices cuda) stays bare: each rank then takes cuda:LOCAL_RANK.
     devices = placed.devices if len(given) == pp else tuple(given * pp)
+    shares = tuple(experts.shares) if experts is not None and ep > tp else ()
     return Layout(placed.layer_ranges, devices, tp, dp, nproc, placed.why, plan=placed.plan,
-                  cp=cp, ep=ep)
+                  cp=cp, ep=ep, expert_shares=shares)
 
 
 def _said(layout: Layout, fit_bits: bool) -> Layout:
@@ -144,7 +157,7 @@ def cuda_count() -> int:
 def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:
     """The auto planner keeps each replica's experts to itself (ep = tp): flags for
     experts spread over replicas would be ignored, so they are refused."""
-    for flag in ("ep_dispatch", "hot_experts"):
+    for flag in ("ep_dispatch", "hot_experts", "expert_split"):
         if getattr(args, flag, None):
             name = "--" + flag.replace("_", "-")
             raise GridError(f"{name} {getattr(args, flag)} goes with experts spread over "
@@ -154,12 +167,15 @@ def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:
 
 
 def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int,
-                       tp: int) -> ExpertPlacement | None:
-    """--ep-dispatch and --hot-experts need experts spread over replicas (ep > tp); the
-    --expert-load file is read and checked here, before any process starts. Returns the
-    experts each EP rank will hold with its hot replicas (planning.experts.
-    ExpertPlacement), for the planner to count; None without --hot-experts."""
-    for flag in ("ep_dispatch", "hot_experts"):
+                       tp: int, budgets: list[float] | None = None,
+                       split: str | None = None) -> ExpertPlacement | None:
+    """--ep-dispatch, --hot-experts and --expert-split need experts spread over replicas
+    (ep > tp); the --expert-load file is read and checked here, before any process starts.
+    Returns the experts each EP rank will hold (its share by planning.experts.run_shares:
+    --expert-split, or ``split``, over ``budgets``, one per EP rank, and its hot replicas),
+    for the planner to count and the ranks to load; None for the even shares without
+    replicas."""
+    for flag in ("ep_dispatch", "hot_experts", "expert_split"):
         if getattr(args, flag, None) and ep <= tp:
             name = "--" + flag.replace("_", "-")
             raise GridError(f"{name} {getattr(args, flag)} goes with experts spread over "
@@ -171,4 +187,116 @@ def check_expert_flags(args: argparse.Namespace, config: ModelConfig, ep: int,
         read_expert_load(args.expert_load, config.num_experts)
     from llamadist.planning.experts import run_placement
     return run_placement(config.num_experts, ep, tp, getattr(args, "hot_experts", None),
-                         getattr(args, "expert_load", None))
+                         getattr(args, "expert_load", None), budgets,
+                         split or getattr(args, "expert_split", None))
+
+
+class EpRanks(NamedTuple):
+    """ep_ranks' answer: the stages' --devices and --max-memory as the planner takes them
+    (one entry per stage), each stage's budget per EP rank (None: not given per rank) and
+    the experts every EP rank holds (None: the even shares, no replicas); with budgets per
+    rank, the even shares (and hot replicas) of a first plan: ranked_placement then
+    gives the run's."""
+    devices: str | None
+    max_memory: str | None
+    budgets: list[list[int]] | None
+    placement: ExpertPlacement | None
+
+
+def ep_ranks(args: argparse.Namespace, config: ModelConfig, pp: int | None, tp: int,
+             ep: int) -> EpRanks:
+    """--devices and --max-memory may name each EP rank of every stage when the experts
+    spread over replicas (ep > tp): pp x ep entries, stage by stage, EP rank d * tp + t
+    within one (``--devices cpu,cpu --max-memory 300MB,150MB`` with --nproc 2 --ep 2).
+    The planner then sees one device per stage with its largest rank budget, the shares
+    follow --expert-split (ranked_placement, after a first plan) and each rank is checked
+    against its own budget (check_rank_budgets)."""
+    devices, memory = args.devices, args.max_memory
+    names = [d.strip() for d in (devices or "").split(",") if d.strip()]
+    budgets = None
+    entries = [m.strip() for m in memory.split(",")] if memory else []
+    if pp and ep > max(tp, 1) and len(entries) == pp * ep:
+        from llamadist.planning.devices import parse_memory
+        if any(m.lower() in ("", "auto") for m in entries):
+            raise PlanningError(f"--max-memory {memory}: budgets per EP rank must all be "
+                                f"given (no 'auto' entries)")
+        flat = [parse_memory(m) for m in entries]
+        budgets = [flat[i * ep:(i + 1) * ep] for i in range(pp)]
+        memory = ",".join(str(max(b)) for b in budgets)
+    if pp and ep > max(tp, 1) and len(names) == pp * ep:
+        stages = [names[i * ep:(i + 1) * ep] for i in range(pp)]
+        if any(len(set(s)) > 1 for s in stages):
+            raise PlanningError(f"--devices {devices}: the EP ranks of one stage name "
+                                f"different devices; each rank takes its own device of "
+                                f"one kind (give cpu or cuda for each)")
+        devices = ",".join(s[0] for s in stages)
+    if budgets is not None and getattr(args, "expert_split", None) is None \
+            and len({b for stage in budgets for b in stage}) == 1:
+        budgets = None   # alike: the even shares, the stages' budgets as given
+    if budgets is None:
+        return EpRanks(devices, memory, None, check_expert_flags(args, config, ep, tp))
+    # the first plan's placement: the even shares, with the hot replicas
+    first = check_expert_flags(args, config, ep, tp, [1] * ep, "even")
+    return EpRanks(devices, memory, budgets, first)
+
+
+def ranked_placement(args: argparse.Namespace, config: ModelConfig, ranked: EpRanks,
+                     plan: Plan, ep: int, tp: int, dtype: str,
+                     max_seq_len: int) -> ExpertPlacement | None:
+    """The run's experts per EP rank (planning.experts.run_placement with --expert-split)
+    given each rank's room for experts: its budget less the stage's headroom and what
+    every rank of the stage holds alike (``plan``: a first plan with ranked.placement),
+    per MoE layer, the smallest over the stages (one placement serves every stage)."""
+    from llamadist.planning.profile import profile
+    from llamadist.planning.units import format_bytes
+    rows = profile(config, dtype=dtype, seq_len=max_seq_len).layers
+    moe = [i for i, r in enumerate(rows) if r.num_experts]
+    first = ranked.placement or ExpertPlacement.build(config.num_experts, ep, tp=tp)
+    per = rows[moe[0]].expert_bytes / rows[moe[0]].num_experts if moe else 0.0
+    rooms = [float("inf")] * ep
+    for i, (stage, have) in enumerate(zip(plan.stages, ranked.budgets)):
+        layers = [layer for layer in moe if stage.start <= layer < stage.end]
+        if not layers:
+            continue
+        alike = stage.memory_bytes - max(sum(r) for r in first.counts(layers)) * per
+        keep = stage.headroom_bytes / stage.budget_bytes if stage.budget_bytes else 0.0
+        for r, budget in enumerate(have):
+            room = budget * (1 - keep) - alike
+            if room <= 0:
+                raise PlanningError(
+                    f"stage {i} EP rank {r}: its --max-memory {format_bytes(budget)} (less "
+                    f"{keep:.0%} headroom) leaves no room for experts after the "
+                    f"{format_bytes(alike)} every rank of the stage holds")
+            rooms[r] = min(rooms[r], room / len(layers))
+    if not moe or rooms[0] == float("inf"):
+        return ranked.placement
+    return check_expert_flags(args, config, ep, tp, rooms)
+
+
+def check_rank_budgets(plan: Plan, config: ModelConfig, placement: ExpertPlacement,
+                       budgets: list[list[int]], dtype: str, max_seq_len: int) -> None:
+    """Every EP rank of every stage against its own budget (less the stage's headroom
+    fraction): the stage's planned memory (its busiest rank's) less the experts that rank
+    holds fewer than the busiest."""
+    from llamadist.planning.profile import profile
+    from llamadist.planning.units import format_bytes
+    rows = profile(config, dtype=dtype, seq_len=max_seq_len).layers
+    moe = [i for i, r in enumerate(rows) if r.num_experts]
+    if not moe:
+        return
+    per = rows[moe[0]].expert_bytes / rows[moe[0]].num_experts
+    for i, (stage, have) in enumerate(zip(plan.stages, budgets)):
+        layers = [layer for layer in moe if stage.start <= layer < stage.end]
+        held = [sum(row) for row in placement.counts(layers)]
+        keep = stage.headroom_bytes / stage.budget_bytes if stage.budget_bytes else 0.0
+        for r, budget in enumerate(have):
+            need = stage.memory_bytes - (max(held) - held[r]) * per
+            if need > budget * (1 - keep):
+                each = held[r] // max(1, len(layers))
+                raise PlanningError(
+                    f"stage {i} EP rank {r}: needs {format_bytes(need)} ({each} experts per "
+                    f"layer) but its --max-memory {format_bytes(budget)} leaves "
+                    f"{format_bytes(budget * (1 - keep))} after {keep:.0%} headroom; "
+                    f"shares {[len(s) for s in placement.shares]} experts per rank (give "
+                    f"a larger --max-memory or more EP ranks; --expert-split memory, the "
+                    f"default for budgets that differ, shares them by each rank's room)")

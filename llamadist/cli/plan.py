@@ -186,24 +186,36 @@ def plan_cmd(args: argparse.Namespace) -> int:
     pp, tp, dp, ep = grid_flags(args)
     nproc, pp, _, _ = check_grid(config, None, pp, tp, dp)
     ep = check_ep(config, tp, dp, ep)
-    from llamadist.cli.layout import check_expert_flags
-    experts = check_expert_flags(args, config, ep, tp)   # hot replicas, counted per rank
+    from llamadist.cli.layout import check_rank_budgets, ep_ranks, ranked_placement
+    # hot replicas and uneven shares (budgets per EP rank), counted per rank
+    ranked = ep_ranks(args, config, pp, tp, ep)
+    experts = ranked.placement
     if nproc > 1:
         from llamadist.planning.layout import stage_devices
-        devices = ",".join(stage_devices(args.devices, pp))
+        devices = ",".join(stage_devices(ranked.devices, pp))
     else:
         # devices None with --plan: the plan file's own devices
         devices = args.devices or (None if args.plan else "cpu")
     from llamadist.planning.experts import replicas_refusal
-    try:
-        plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
-                                   args.strategy, args.boundaries, args.plan, args.batch_size,
-                                   max_seq, dtype, args.json, args.save, args.plot, 0.1, tp,
-                                   ep, quantize=args.quantize,
-                                   fit_bits=getattr(args, "fit_bits", False),
-                                   one_format=nproc > 1, experts=experts)
-    except PlanningError as e:   # memory / mixed / --fit-bits: no split fits
-        raise replicas_refusal(e, experts, config.num_layers) from None
+
+    def planned(experts, save, plot):
+        try:
+            return plan_and_text(config, devices, ranked.max_memory, args.device_speed,
+                                 args.strategy, args.boundaries, args.plan, args.batch_size,
+                                 max_seq, dtype, args.json, save, plot, 0.1, tp,
+                                 ep, quantize=args.quantize,
+                                 fit_bits=getattr(args, "fit_bits", False),
+                                 one_format=nproc > 1, experts=experts)
+        except PlanningError as e:   # memory / mixed / --fit-bits: no split fits
+            raise replicas_refusal(e, experts, config.num_layers) from None
+    if ranked.budgets is not None:   # budgets per EP rank: shares by the room for experts
+        first, _ = planned(experts, None, None)
+        experts = ranked_placement(args, config, ranked, first, ep, tp, dtype, max_seq)
+    plan, text = planned(experts, args.save, args.plot)
+    if ranked.budgets is not None:   # every EP rank against its own --max-memory
+        from llamadist.planning.experts import ExpertPlacement
+        check_rank_budgets(plan, config, experts or ExpertPlacement.build(
+            config.num_experts, ep, tp=tp), ranked.budgets, dtype, max_seq)
     if nproc > 1 and not args.json:
         text += "\n\n" + format_rank_table([(s.start, s.end) for s in plan.stages],
                                             list(plan.devices), pp, tp, dp)

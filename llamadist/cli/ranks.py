@@ -225,6 +225,10 @@ def rank_report(session: Session) -> dict:
                     for i, layer in st.model.model.layers.items()}
         if any(replicas.values()):  # --hot-experts: the copies this rank holds
             report["expert_replicas"] = {i: r for i, r in replicas.items() if r}
+        owned = {i: getattr(layer.block_sparse_moe, "owned", None)
+                 for i, layer in st.model.model.layers.items()}
+        if any(owned.values()):  # expert parallelism: this rank's share of each layer
+            report["experts"] = {i: sorted(o) for i, o in owned.items() if o}
     return report
 
 

@@ -41,8 +41,13 @@ How tokens meet their experts (``dispatch``):
                   replica hold the same tokens but different experts: after the
                   reduce-scatter (or the all-to-all back) one all-reduce over
                   ``reduce_group`` adds the TP ranks' sums. Rank (d, t) of the grid holds
-                  ``expert_shares(E, tp*dp)[d*tp+t]``; under "all_to_all" it sends rows
-                  only to ranks of its own TP index (its TP peers send the rest).
+                  ``placement[d*tp+t]`` (default ``expert_shares(E, tp*dp)``; a run's is
+                  planning.experts.run_shares', by memory when its ranks' budgets
+                  differ); under "all_to_all" it sends rows only to ranks of its own TP
+                  index (its TP peers send the rest).
+
+Every dispatch finds an expert's rank in the owner map of the placement (``expert_owners``),
+never by ``expert // (E / ep)``: uneven shares route as even ones do.
 
 Hot experts (seed 004): under "all_to_all" (and "auto") ``replicas`` puts copies of chosen
 experts (``hot_experts``: the most-loaded by the routing counters) on every rank besides

@@ -9,8 +9,11 @@ index owns (parallel.expert: ``placement[ep_rank % tp::tp]``). ``ExpertPlacement
 what rank r holds in layer l, so the cost model counts the busiest rank's bytes (not the
 average 1 / ep) and ``plan`` prints each rank's.
 
-parallel.expert places the experts with these same functions (it re-exports them with
-its own error type), so the plan and the run agree on every rank's experts.
+Which shares a run uses is decided once, by ``run_shares`` (``--expert-split even|memory``;
+by default by memory when the EP ranks' ``--max-memory`` budgets differ, else even), and
+``run_placement`` builds the placement the planner counts from it; the front hands the
+same shares to every rank (Layout.expert_shares -> RankSpec -> the worker's grid expert
+pass -> parallel.expert), so the plan and the run agree on every rank's experts.
 """
 
 from __future__ import annotations
@@ -53,6 +56,30 @@ def memory_shares(num_experts: int, budgets: Sequence[float]) -> list[list[int]]
         r = max(range(ep), key=lambda r: (want[r] - counts[r], budgets[r], -r))
         counts[r] += 1
     return _contiguous(counts)
+
+
+EXPERT_SPLITS = ("even", "memory")
+
+
+def run_shares(num_experts: int, ep: int, budgets: Sequence[float] | None = None,
+               split: str | None = None) -> list[list[int]]:
+    """The experts each of ``ep`` ranks owns in a run (the one place that decides it):
+    ``split`` "even" (expert_shares), "memory" (memory_shares over ``budgets``, one per EP
+    rank) or None: by memory when ``budgets`` are given and differ, else even."""
+    if split is not None and split not in EXPERT_SPLITS:
+        raise PlanningError(f"--expert-split must be one of {', '.join(EXPERT_SPLITS)}, "
+                            f"got {split!r}")
+    if budgets is not None and len(budgets) != ep:
+        raise PlanningError(f"{len(budgets)} expert budgets for ep={ep}: give one per EP "
+                            f"rank")
+    if split is None:
+        split = "memory" if budgets is not None and len(set(budgets)) > 1 else "even"
+    if split == "even":
+        return expert_shares(num_experts, ep)
+    if budgets is None:
+        raise PlanningError(f"--expert-split memory needs each EP rank's budget: give "
+                            f"--max-memory one per EP rank ({ep} per stage)")
+    return memory_shares(num_experts, budgets)
 
 
 def _contiguous(counts: Sequence[int]) -> list[list[int]]:
@@ -166,15 +193,32 @@ def replicas_refusal(error: PlanningError, placement: ExpertPlacement | None,
 
 
 def run_placement(num_experts: int, ep: int, tp: int, hot: int | None,
-                  expert_load: str | None) -> ExpertPlacement | None:
-    """The experts a run with ``--ep ep --tp tp --hot-experts hot --expert-load FILE``
-    loads on each rank (the worker's grid_expert_pass: expert_shares over the tp x dp
-    ranks, each layer's ``hot`` busiest experts replicated), for the planner to count;
-    None when no rank holds a replica (the planner then counts expert_shares)."""
-    if not hot or ep <= tp:
+                  expert_load: str | None, budgets: Sequence[float] | None = None,
+                  split: str | None = None) -> ExpertPlacement | None:
+    """The experts a run with ``--ep ep --tp tp --hot-experts hot --expert-load FILE
+    --expert-split split`` loads on each rank (the worker's grid_expert_pass: run_shares
+    over the tp x dp ranks, EP rank d * tp + t with ``budgets`` in that order, each
+    layer's ``hot`` busiest experts replicated), for the planner to count; None when the
+    experts do not span replicas (ep <= tp: the tensor-parallel pass's even shares) or
+    when the shares are the even ones and no rank holds a replica (the planner then
+    counts expert_shares, the same)."""
+    if ep <= tp:
         return None
-    load = read_expert_load(expert_load, num_experts) if expert_load else {}
-    return ExpertPlacement.build(num_experts, ep, hot_experts(load, hot), tp)
+    shares = run_shares(num_experts, ep, budgets, split)
+    if not hot and shares == expert_shares(num_experts, ep):
+        return None
+    load = read_expert_load(expert_load, num_experts) if hot and expert_load else {}
+    return ExpertPlacement.build(num_experts, ep, hot_experts(load, hot) if hot else None, tp,
+                                 shares)
+
+
+def _span(experts: Sequence[int]) -> str:
+    """Contiguous expert indices as "experts 0-4" (one: "expert 5")."""
+    if len(experts) == 1:
+        return f"expert {experts[0]}"
+    if list(experts) == list(range(experts[0], experts[-1] + 1)):
+        return f"experts {experts[0]}-{experts[-1]}"
+    return "experts " + ",".join(map(str, experts))
 
 
 def expert_rank_lines(stages: Sequence[tuple[int, int]], placement: ExpertPlacement,
@@ -182,8 +226,13 @@ def expert_rank_lines(stages: Sequence[tuple[int, int]], placement: ExpertPlacem
     """`plan`'s lines: per stage [start, end) and EP rank, the experts held per layer (own
     + hot replicas) and their bytes over the stage's MoE layers (``expert_bytes``: one
     expert of one layer, ``moe_layers``: the MoE layers' indices); the busiest rank is
-    the one the stage's memory counts."""
+    the one the stage's memory counts. Shares other than the even ones (--expert-split
+    memory) come first, each rank's experts by index."""
     lines = []
+    if [list(s) for s in placement.shares] != expert_shares(placement.num_experts,
+                                                            placement.ep):
+        lines.append("expert shares per EP rank (uneven, every MoE layer): " + "; ".join(
+            f"rank {r}: {_span(s)}" for r, s in enumerate(placement.shares)))
     moe = set(moe_layers)
     for i, (s, e) in enumerate(stages):
         layers = [layer for layer in range(s, e) if layer in moe]

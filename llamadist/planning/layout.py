@@ -31,6 +31,9 @@ class Layout:
     weight_formats  each stage's --quantize format as the planner chose it (--fit-bits;
                   None: the dtype); () when the planner chose none. Kept in the JSON, so
                   a process given this layout loads the formats its front planned.
+    expert_shares with ep > tp: the experts each EP rank owns (planning.experts.
+                  run_shares: --expert-split, by memory when the ranks' budgets differ);
+                  () = the even shares. Kept in the JSON: every rank loads these.
     """
     layer_ranges: tuple[range, ...]
     devices: tuple[str, ...]
@@ -42,6 +45,7 @@ class Layout:
     cp: int = 1
     ep: int = 1
     weight_formats: tuple[str | None, ...] = ()
+    expert_shares: tuple[tuple[int, ...], ...] = ()
 
     @property
     def stage_formats(self) -> tuple[str | None, ...]:
@@ -68,14 +72,16 @@ class Layout:
         return json.dumps({"layers": [[r.start, r.stop] for r in self.layer_ranges],
                            "devices": list(self.devices), "tp": self.tp, "dp": self.dp,
                            "processes": self.processes, "why": self.why, "cp": self.cp,
-                           "ep": self.ep, "weight_formats": list(self.stage_formats)})
+                           "ep": self.ep, "weight_formats": list(self.stage_formats),
+                           "expert_shares": [list(s) for s in self.expert_shares]})
 
     @classmethod
     def from_json(cls, text: str) -> "Layout":
         d = json.loads(text)
         return cls(tuple(range(a, b) for a, b in d["layers"]), tuple(d["devices"]), d["tp"],
                    d["dp"], d["processes"], d.get("why", ""), cp=d.get("cp", 1),
-                   ep=d.get("ep", 1), weight_formats=tuple(d.get("weight_formats", ())))
+                   ep=d.get("ep", 1), weight_formats=tuple(d.get("weight_formats", ())),
+                   expert_shares=tuple(tuple(s) for s in d.get("expert_shares", ())))
 
 
 def stage_devices(devices: str | None, pp: int, gpus: int | None = None) -> list[str]:

@@ -55,6 +55,9 @@ class RankSpec:
     num_blocks: int         # paged KV blocks per stage (the same block ids on every stage)
     block_size: int
     ep: int = 1             # ranks a stage's experts spread over (> tp: across replicas)
+    # with ep > tp: the experts each EP rank d * tp + t owns (the front's planning.experts.
+    # run_shares, e.g. by memory); () = the even shares
+    expert_shares: tuple[tuple[int, ...], ...] = ()
 
 
 def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
@@ -71,7 +74,7 @@ def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
         replicas = (hot_experts(read_expert_load(rt.expert_load, ckpt.config.num_experts),
                                 rt.hot_experts) if rt.hot_experts else None)
         kw.update(grid_expert_pass(ckpt.config, groups, spec.ep, rt.ep_dispatch, spec.dtype,
-                                   replicas))
+                                   replicas, spec.expert_shares or None))
         return build_stage(ckpt, range(start, stop), device, dtype, rt.max_batch,
                            rt.max_seq_len, **kw)
     if groups.tp_size > 1:
@@ -83,13 +86,16 @@ def build_rank_stage(ckpt: Checkpoint, spec: RankSpec, groups: ParallelGroups,
 
 
 def grid_expert_pass(config, groups: ParallelGroups, ep: int, dispatch: str = "auto",
-                     dtype: str = "bfloat16", replicas: dict | None = None) -> dict:
+                     dtype: str = "bfloat16", replicas: dict | None = None,
+                     shares: tuple | None = None) -> dict:
     """build_stage's keywords for rank (dp d, tp t) of a stage whose experts spread over
     all its tp x dp ranks: attention tensor-parallel within the replica (when tp > 1), the
     expert shares ``d * tp + t`` of ``ep``, tokens dispatched over the DP group as
     ``dispatch`` says (RuntimeConfig.ep_dispatch; "auto" by planning.cost.
     ep_auto_crossover) and the partial sums added over the TP group (parallel.expert);
-    ``replicas``: {layer: hot experts every rank holds too}."""
+    ``replicas``: {layer: hot experts every rank holds too}; ``shares``: the experts of
+    every EP rank (planning.experts.run_shares, e.g. by memory; None: the even shares),
+    which the dispatch routes by (each expert to its owner, not E / ep arithmetic)."""
     if ep != groups.tp_size * groups.dp_size:
         raise ValueError(f"ep={ep} spans replicas, so it must be tp x dp = "
                          f"{groups.tp_size * groups.dp_size}")
@@ -103,7 +109,8 @@ def grid_expert_pass(config, groups: ParallelGroups, ep: int, dispatch: str = "a
         config, groups.dp.device_group, groups.dp_index * groups.tp_size + groups.tp_index,
         ep, dispatch, before=tp.get("prepare"),
         reduce_group=groups.tp.device_group if groups.tp_size > 1 else None,
-        crossover=crossover, replicas=replicas)}
+        crossover=crossover, replicas=replicas,
+        placement=None if shares is None else [list(s) for s in shares])}
 
 
 @dataclass

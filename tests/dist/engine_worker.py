@@ -59,9 +59,12 @@ def main(config_path: str) -> None:
     ckpt = open_checkpoint(cfg["model"])
     tok = ckpt.tokenizer()
     rt = RuntimeConfig(max_seq_len=cfg["max_seq_len"], max_batch=len(cfg["prompts"]),
-                       ep_dispatch=cfg.get("ep_dispatch", "auto"))
+                       ep_dispatch=cfg.get("ep_dispatch", "auto"),
+                       hot_experts=cfg.get("hot_experts", 0),
+                       expert_load=cfg.get("expert_load"))
     spec = RankSpec(tuple(tuple(r) for r in cfg["layer_ranges"]), "float32", rt,
-                    cfg["num_blocks"], cfg["block_size"], cfg.get("ep", 1))
+                    cfg["num_blocks"], cfg["block_size"], cfg.get("ep", 1),
+                    tuple(tuple(s) for s in cfg.get("expert_shares", ())))
     ranks = session.load(ckpt, spec, record_logits=True)
     results = {}
     if session.is_driver:
@@ -73,8 +76,13 @@ def main(config_path: str) -> None:
     else:
         ranks.serve()
     # per rank: steps run, and of them the ones with tokens (the rest: empty lockstep steps)
-    gathered = session.gather((ranks.recorded, (ranks.stats.steps, ranks.stage.stats.calls)))
-    everyone, steps = zip(*gathered) if gathered else ((), ())
+    # and, for a mixture-of-experts model, the experts whose weights each rank holds
+    held = {i: sorted(int(e) for e in layer.block_sparse_moe.experts)
+            for i, layer in ranks.stage.model.model.layers.items()
+            if hasattr(layer, "block_sparse_moe")}
+    gathered = session.gather((ranks.recorded, (ranks.stats.steps, ranks.stage.stats.calls),
+                               held))
+    everyone, steps, experts = zip(*gathered) if gathered else ((), (), ())
     if session.is_driver:
         for job in cfg["jobs"]:
             logits = {}
@@ -82,7 +90,8 @@ def main(config_path: str) -> None:
                 logits.update({k: v for k, v in rec.items() if k[0].startswith(job["name"] + "/")})
             tokens, preemptions, cached = results[job["name"]]
             torch.save({"tokens": tokens, "logits": logits, "preemptions": preemptions,
-                        "cached": cached, "rank_steps": steps},
+                        "cached": cached, "rank_steps": steps,
+                        "rank_experts": experts},
                        Path(cfg["out"]) / f"{job['name']}.pt")
     session.close()
 

@@ -8,6 +8,11 @@ Three launches of tests/dist/engine_worker.py on a tiny Mixtral (4 experts, top-
 x ep 4 (all-to-all) and pp 2 x dp 2 x ep 2 (auto); then the command line's --ep once.
 Greedy tokens equal, logits of every sampled row within 1e-4 (the collectives only reorder
 float sums).
+
+Uneven expert shares (devices of different memory, issue 17) on a tiny Mixtral of 8
+experts: 5 / 3 over dp 2 x ep 2 with the gather, the all-to-all and hot replicas, 3/2/2/1
+over tp 2 x dp 2, 1 / 7 over two stages; each rank holds exactly its share (and its
+replicas); and the command line's per-rank --max-memory loading what `plan` prints.
 """
 
 from __future__ import annotations
@@ -50,7 +55,8 @@ def moe_reference(tiny_mixtrals, moe_encoded) -> dict:
 
 
 def ep_world(tmp: Path, model: Path, prompts, *, pp: int, tp: int, dp: int, ep: int,
-             ranges: list, dispatch: str = "auto") -> dict[str, dict]:
+             ranges: list, dispatch: str = "auto", **extra) -> dict[str, dict]:
+    """``extra``: more of engine_worker's config (expert_shares, hot_experts, expert_load)."""
     # b5: every prompt at once (3 on replica 0, 2 on replica 1); b1: one at a time per
     # replica, so replica 1 finishes first and runs empty steps while replica 0 works
     jobs = [{"name": "b5", "max_batch": 5, "params": GREEDY, "warmup": True},
@@ -58,7 +64,7 @@ def ep_world(tmp: Path, model: Path, prompts, *, pp: int, tp: int, dp: int, ep: 
     cfg = {"model": str(model), "out": str(tmp), "pp": pp, "tp": tp, "dp": dp, "ep": ep,
            "ep_dispatch": dispatch,
            "layer_ranges": ranges, "max_seq_len": MAX_SEQ, "prompts": prompts, "jobs": jobs,
-           "block_size": BLOCK, "num_blocks": len(prompts) * MAX_SEQ // BLOCK + 1}
+           "block_size": BLOCK, "num_blocks": len(prompts) * MAX_SEQ // BLOCK + 1, **extra}
     (tmp / "config.json").write_text(json.dumps(cfg))
     code = Launcher([str(WORKER), str(tmp / "config.json")], pp * tp * dp,
                     env=worker_env()).run()
@@ -154,3 +160,102 @@ def test_cli_hot_experts(tiny_mixtrals, one_process_cli, tmp_path):
                          "all_to_all", "--hot-experts", "2", "--expert-load", str(load))
     want = {"0": [1, 2], "1": [0, 1], "2": [2, 3]}  # ties: the lower index
     assert [r.get("expert_replicas") for r in reports] == [want, want]
+
+
+# ---- uneven expert shares (devices of different memory) --------------------------------
+UNEVEN = "moe_top1"   # 8 experts, top-1, 2 layers
+SHARES = [[0, 1, 2, 3, 4], [5, 6, 7]]   # memory_shares(8, [2, 1]): the 300MB,150MB split
+UNEVEN_LOAD = {"0": [1, 2, 3, 4, 5, 6, 90, 8], "1": [50, 1, 1, 1, 1, 1, 1, 60]}
+
+
+@pytest.fixture(scope="module")
+def uneven_encoded(tiny_mixtrals) -> list[list[int]]:
+    tok = open_checkpoint(tiny_mixtrals[UNEVEN]).tokenizer()
+    return [tok.encode(p) for p in PROMPTS]
+
+
+@pytest.fixture(scope="module")
+def uneven_reference(tiny_mixtrals, uneven_encoded) -> dict:
+    rec = Recorder(Engine.load(str(tiny_mixtrals[UNEVEN]), max_batch=len(uneven_encoded),
+                               max_seq_len=MAX_SEQ))
+    results = generate(rec, None, uneven_encoded, SamplingParams(**GREEDY))
+    return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
+
+
+UNEVEN_RUNS = {  # name: (pp, tp, --ep-dispatch, --hot-experts, shares of the tp x 2 EP ranks)
+    "gather": (1, 1, "gather", 0, SHARES),
+    "all_to_all": (1, 1, "all_to_all", 0, SHARES),
+    "all_to_all_hot": (1, 1, "all_to_all", 2, SHARES),
+    # tp 2 x dp 2: the DP group of TP index t holds shares t and 2 + t (3 + 1 and 2 + 2)
+    "tp2_all_to_all_hot": (1, 2, "all_to_all", 2, [[0, 1, 2], [3, 4], [5, 6], [7]]),
+    # two stages (one MoE layer each), the same shares on both
+    "pp2_auto": (2, 1, "auto", 0, [[0], [1, 2, 3, 4, 5, 6, 7]]),
+}
+
+
+@pytest.mark.parametrize("name", list(UNEVEN_RUNS))
+def test_uneven_shares_match_one_process(name, tiny_mixtrals, uneven_encoded,
+                                         uneven_reference, tmp_path):
+    """dp 2 x ep 2 over 8 experts held 5 / 3 (the shares by memory of a 2:1 budget): each
+    rank loads exactly its share (and its hot replicas), the dispatch routes each expert
+    to its owner, not by E / ep: tokens equal, logits within 1e-4."""
+    pp, tp, dispatch, hot, shares = UNEVEN_RUNS[name]
+    extra = dict(expert_shares=shares)
+    if hot:
+        (tmp_path / "load.json").write_text(json.dumps(UNEVEN_LOAD))
+        extra.update(hot_experts=hot, expert_load=str(tmp_path / "load.json"))
+    ranges = [[0, 2]] if pp == 1 else [[0, 1], [1, 2]]
+    results = ep_world(tmp_path, tiny_mixtrals[UNEVEN], uneven_encoded, pp=pp, tp=tp, dp=2,
+                       ep=2 * tp, ranges=ranges, dispatch=dispatch, **extra)
+    for job in ("b5", "b1"):
+        check(results[job], uneven_reference, job)
+    # hot: each layer's 2 busiest by the file (6, 7 and 0, 7); a rank holds copies of
+    # those its TP index's group owns (world rank d * tp + t is EP rank d * tp + t)
+    hot_of = {"0": {6, 7}, "1": {0, 7}} if hot else {"0": set(), "1": set()}
+    group = [{e for s in shares[r % tp::tp] for e in s} for r in range(len(shares))]
+    want = [{layer: sorted(set(share) | (hot_of[layer] & group[r])) for layer in ("0", "1")}
+            for r, share in enumerate(shares)]
+    if pp == 1:
+        assert list(results["b5"]["rank_experts"]) == want
+        return
+    # world rank = dp * pp + stage (pp inside dp): stage s holds layer s of each share
+    got = results["b5"]["rank_experts"]
+    assert [got[d * pp + s] for d in range(2) for s in range(pp)] == \
+        [{str(s): want[d][str(s)]} for d in range(2) for s in range(pp)]
+
+
+def test_cli_uneven_budgets(tiny_mixtrals, tmp_path):
+    """`--devices cpu,cpu --max-memory 300MB,150MB` (one budget per EP rank): rank 0 loads
+    experts 0-4, rank 1 experts 5-7 (what `plan` prints for the same flags), the greedy
+    tokens of one process, with either dispatch and with hot replicas on top;
+    `--expert-split even` keeps 4 / 4."""
+    model = tiny_mixtrals[UNEVEN]
+    one = cli_generate(model)
+    assert one.returncode == 0, one.stderr[-2000:]
+    ref = [json.loads(line) for line in one.stdout.splitlines() if line.startswith("{")]
+    budgets = ("--devices", "cpu,cpu", "--max-memory", "300MB,150MB")
+    plan = subprocess.run([sys.executable, "-m", "llamadist", "plan", str(model), "--dp", "2",
+                           "--ep", "2", *budgets, "--max-seq-len", str(MAX_SEQ)], cwd=ROOT,
+                          env=worker_env(), text=True, capture_output=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert "rank 0: experts 0-4; rank 1: experts 5-7" in plan.stdout
+    assert "rank 0: 5 experts/layer" in plan.stdout and "rank 1: 3 experts/layer" in plan.stdout
+    load = tmp_path / "load.json"
+    load.write_text(json.dumps(UNEVEN_LOAD))
+    runs = {("--ep-dispatch", "gather"): {}, ("--ep-dispatch", "all_to_all", "--hot-experts",
+                                             "2", "--expert-load", str(load)):
+            {"0": [6, 7], "1": [0, 7]}}
+    for flags, hot in runs.items():
+        reports = ep_reports(model, ref, *budgets, *flags)
+        assert [r["dp"] for r in reports] == [0, 1]
+        assert [r["experts"] for r in reports] == [{"0": s, "1": s} for s in SHARES]
+        held = [sum(len(set(s) | set(hot.get(layer, ()))) for layer in ("0", "1"))
+                for s in SHARES]
+        per_expert = 3 * 64 * 128 * 4   # w1, w2, w3 of D=64, I=128 in float32
+        assert (reports[0]["weight_bytes"] - reports[1]["weight_bytes"]
+                == (held[0] - held[1]) * per_expert)
+        assert [r.get("expert_replicas", {}) for r in reports] == [
+            {k: [e for e in v] for k, v in hot.items()}] * 2
+    even = ep_reports(model, ref, *budgets, "--expert-split", "even")
+    assert [r["experts"] for r in even] == [{"0": s, "1": s} for s in ([0, 1, 2, 3],
+                                                                         [4, 5, 6, 7])]

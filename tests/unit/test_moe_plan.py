@@ -227,3 +227,123 @@ def test_auto_refuses_hot_experts(mixtral, tmp_path, capsys):
                      "--expert-load", str(load)]) == 2
         assert "--hot-experts 1 goes with experts spread over data-parallel replicas, " \
                "which --auto does not plan" in capsys.readouterr().err
+
+
+def test_run_shares_is_the_one_choice():
+    """run_shares: --expert-split even / memory, by default memory when the EP ranks'
+    budgets differ; run_placement builds the planner's placement from it."""
+    from llamadist.planning.experts import run_shares
+    assert run_shares(8, 2) == run_shares(8, 2, [7, 7]) == expert_shares(8, 2)
+    assert run_shares(8, 2, [300e6, 150e6]) == [[0, 1, 2, 3, 4], [5, 6, 7]]
+    assert run_shares(8, 2, [300e6, 150e6], "even") == expert_shares(8, 2)
+    assert run_shares(8, 2, [300e6, 150e6], "memory") == memory_shares(8, [2, 1])
+    assert run_shares(4, 2, [2, 1]) == [[0, 1, 2], [3]]
+    with pytest.raises(PlanningError, match="needs each EP rank's budget"):
+        run_shares(8, 2, None, "memory")
+    with pytest.raises(PlanningError, match="3 expert budgets for ep=2"):
+        run_shares(8, 2, [1, 2, 3])
+    with pytest.raises(PlanningError, match="--expert-split must be one of"):
+        run_shares(8, 2, [1, 2], "fast")
+    # the placement: None where it is the even shares without replicas (the planner's
+    # default), else the uneven shares, with or without hot replicas
+    assert run_placement(8, 2, 1, 0, None, [5, 5]) is None
+    assert run_placement(8, 2, 1, 0, None, [2, 1], "even") is None
+    assert run_placement(8, 2, 2, 0, None, [2, 1]) is None        # ep = tp: the TP pass's
+    p = run_placement(8, 2, 1, 0, None, [2, 1])
+    assert p.shares == ((0, 1, 2, 3, 4), (5, 6, 7)) and p.hot == ()
+    assert p.counts([0, 1]) == [[5, 5], [3, 3]]
+    # TP x DP: EP rank d * tp + t, budgets in that order; ranks of one TP index replicate
+    # only the hot experts their group owns
+    grid = run_placement(8, 4, 2, 0, None, [4, 2, 1, 1])
+    assert [len(s) for s in grid.shares] == [4, 2, 1, 1]
+
+
+def test_plan_prints_uneven_shares(tmp_path):
+    from llamadist.planning.experts import expert_rank_lines
+    p = ExpertPlacement.build(8, 2, shares=memory_shares(8, [2, 1]))
+    lines = expert_rank_lines([(0, 2)], p, 10.0, [0, 1])
+    assert lines[0] == ("expert shares per EP rank (uneven, every MoE layer): rank 0: "
+                        "experts 0-4; rank 1: experts 5-7")
+    assert "rank 0: 5 experts/layer, 100 B; rank 1: 3 experts/layer, 60 B" in lines[1]
+    even = expert_rank_lines([(0, 2)], ExpertPlacement.build(8, 2), 10.0, [0, 1])
+    assert len(even) == 1 and even[0].startswith("experts of stage 0")
+
+
+def test_run_layout_carries_the_shares_each_rank_checked(mixtral):
+    """`--devices cpu,cpu --max-memory A,B` over --dp 2 --ep 2 (one budget per EP rank):
+    the Job's layout holds the shares by memory (what every rank is handed, JSON and
+    RankSpec alike), the planner counts them, each rank is checked against its own
+    budget; --expert-split even with a rank too small for half the experts is refused."""
+    from llamadist.cli.front import rank_spec_of
+    from llamadist.cli.jobs import JOBS
+    from llamadist.cli.main import build_parser
+    from llamadist.planning.layout import Layout
+    ckpt = open_checkpoint(mixtral)   # 4 experts, 3 layers
+    base = ["generate", str(mixtral), "--devices", "cpu,cpu", "--dp", "2", "--ep", "2",
+            "--max-seq-len", str(SEQ), "--prompt", "hi", "--max-new-tokens", "2"]
+
+    def job(*flags):
+        return JOBS["generate"](build_parser().parse_args([*base, *flags]), ckpt,
+                                ckpt.tokenizer())
+    prof = profile(ckpt.config, dtype="float32", seq_len=SEQ)
+    per, n = _per_expert(prof), ckpt.config.num_layers
+    even = job("--max-memory", "1GB,1GB").layout
+    assert even.expert_shares == () and even.ep == 2
+    fits = even.plan.stages[0].memory_bytes          # 2 experts a layer on each rank
+    small = int((fits - 0.5 * n * per) / 0.9)        # rank 1: room for 1.5 a layer
+    big = int((fits + 1.5 * n * per) / 0.9)
+    uneven = job("--max-memory", f"{big},{small}").layout
+    assert uneven.expert_shares == ((0, 1, 2), (3,))   # memory_shares(4, [big, small])
+    assert uneven.plan.stages[0].memory_bytes == pytest.approx(fits + n * per)
+    assert Layout.from_json(uneven.to_json()).expert_shares == uneven.expert_shares
+    assert rank_spec_of(job("--max-memory", f"{big},{small}")).expert_shares == \
+        ((0, 1, 2), (3,))
+    with pytest.raises(PlanningError, match=r"stage 0 EP rank 1: needs .*\(2 experts per "
+                                            r"layer\) but its --max-memory .* leaves"):
+        job("--max-memory", f"{big},{small}", "--expert-split", "even")
+    with pytest.raises(PlanningError, match="no 'auto' entries"):
+        job("--max-memory", "1GB,auto")
+
+
+def test_expert_split_refusals(mixtral, capsys):
+    """--expert-split needs experts over replicas, and by memory a budget per EP rank."""
+    from llamadist.cli.main import main
+    base = ["plan", str(mixtral), "--max-seq-len", str(SEQ)]
+    assert main([*base, "--tp", "2", "--expert-split", "memory"]) == 2
+    assert "--expert-split memory goes with experts spread over data-parallel" in \
+        capsys.readouterr().err
+    assert main([*base, "--dp", "2", "--ep", "2", "--max-memory", "1GB",
+                 "--expert-split", "memory"]) == 2
+    assert "--expert-split memory needs each EP rank's budget" in capsys.readouterr().err
+    assert main([*base, "--auto", "--devices", "cpu", "--expert-split", "even"]) == 2
+    assert "--expert-split even goes with experts spread over data-parallel replicas, " \
+           "which --auto does not plan" in capsys.readouterr().err
+    # budgets alike: the even shares, as without them
+    assert main([*base, "--dp", "2", "--ep", "2", "--devices", "cpu,cpu",
+                 "--max-memory", "1GB,1GB"]) == 0
+    out = capsys.readouterr().out
+    assert "expert shares per EP rank" not in out and "ranks 0-1: 2 experts/layer" in out
+    assert main([*base, "--dp", "2", "--ep", "2", "--devices", "cpu,cpu",
+                 "--max-memory", "1GB,500MB"]) == 0
+    assert "rank 0: experts 0-2; rank 1: expert 3" in capsys.readouterr().out
+
+
+def test_budgets_per_ep_rank_of_each_stage(mixtral):
+    """--pp 2 --dp 2 --ep 2: four budgets, stage by stage; one placement serves both
+    stages, so each rank's smallest room per MoE layer decides (stage 0 holds 2 of the 3
+    layers, stage 1 one: a rank's 200MB there is its smallest)."""
+    from llamadist.cli.jobs import JOBS
+    from llamadist.cli.main import build_parser
+    ckpt = open_checkpoint(mixtral)
+    base = ["generate", str(mixtral), "--pp", "2", "--dp", "2", "--ep", "2",
+            "--max-seq-len", str(SEQ), "--prompt", "hi", "--max-new-tokens", "2"]
+
+    def layout(*flags):
+        return JOBS["generate"](build_parser().parse_args([*base, *flags]), ckpt,
+                                ckpt.tokenizer()).layout
+    same = layout("--devices", "cpu,cpu,cpu,cpu", "--max-memory", "1GB,1GB,1GB,1GB")
+    assert same.expert_shares == () and same.pp == 2
+    assert layout("--max-memory", "1GB,1GB,1GB,200MB").expert_shares == ((0, 1, 2), (3,))
+    assert layout("--max-memory", "1GB,1GB,200MB,1GB").expert_shares == ((0,), (1, 2, 3))
+    with pytest.raises(PlanningError, match="the EP ranks of one stage name different"):
+        layout("--devices", "cpu,cuda:0,cpu,cpu", "--max-memory", "1GB,1GB,1GB,400MB")
