@@ -176,10 +176,21 @@ def analyze_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_dtype_devices(args: argparse.Namespace) -> str:
+    """The devices a plan is for, as far as its default dtype goes: --devices; else the
+    imagined GPUs of ``--auto --gpus N``; else every device here (the GPUs, or the CPU)."""
+    if args.devices:
+        return args.devices
+    if getattr(args, "auto", False) and getattr(args, "gpus", None):
+        return "cuda"
+    from llamadist.planning.devices import discover_devices
+    return ",".join(d.name for d in discover_devices())
+
+
 def plan_cmd(args: argparse.Namespace) -> int:
     config = model_config(args.model)
     runtime = RuntimeConfig(max_seq_len=args.max_seq_len, dtype=args.dtype)
-    dtype = runtime.dtype_for(args.devices or "cpu")
+    dtype = runtime.dtype_for(plan_dtype_devices(args))
     max_seq = runtime.seq_len_for(config.max_position_embeddings)
     if args.auto:
         return _auto_plan(args, config, dtype, max_seq)
@@ -193,7 +204,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
         devices = ",".join(stage_devices(args.devices, pp))
     else:
         # devices None with --plan: the plan file's own devices
-        devices = args.devices or (None if args.plan else "cpu")
+        devices = args.devices or (None if args.plan else plan_dtype_devices(args))
     from llamadist.planning.experts import replicas_refusal
     try:
         plan, text = plan_and_text(config, devices, args.max_memory, args.device_speed,
