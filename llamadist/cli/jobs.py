@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from llamadist.cli.args import read_lines, read_prompts, runtime_config, sampling_params
 from llamadist.cli.layout import LAYOUT_ENV, decide_layout
 from llamadist.config import RuntimeConfig
-from llamadist.generation.generate import check_context
+from llamadist.generation.generate import ContextLimitError, check_context
 from llamadist.generation.sampling import SamplingParams
 from llamadist.planning.layout import Layout, layout_quantize
 
@@ -44,7 +44,12 @@ def _finish(args: argparse.Namespace, ckpt, prompts: list[str], encoded: list[li
     runtime = runtime_config(args, max_batch=batch)
     runtime = replace(runtime, max_seq_len=runtime.seq_len_for(context, needed))
     if encoded:
-        check_context(encoded, params.max_new_tokens, runtime.max_seq_len)
+        try:
+            check_context(encoded, params.max_new_tokens, runtime.max_seq_len)
+        except ContextLimitError as e:  # only a --max-seq-len below the context gets here
+            raise ContextLimitError(f"{e}; or raise --max-seq-len (now "
+                                    f"{runtime.max_seq_len}; the model's context is "
+                                    f"{context})") from None
     layout = inherited_layout() or decide_layout(ckpt.config, args, runtime,
                                                  runtime.max_seq_len, batch)
     # a plan file's per-stage weight formats (--fit-bits) are what the stages load with
