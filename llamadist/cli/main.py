@@ -17,7 +17,7 @@ from llamadist.cli.args import (DTYPE_CHOICES, USER_ERRORS, add_grid, add_placem
                                 add_processes, add_runtime, add_sampling, int_or_list,
                                 positive_float, positive_int)
 from llamadist.cli.perplexity import add_perplexity
-from llamadist.config import DEFAULT_MAX_SEQ_LEN
+from llamadist.config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -31,8 +31,8 @@ class Parser(argparse.ArgumentParser):
 
 def _add_shape_bench(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("random-weight shapes (no checkpoint)")
-    g.add_argument("--shape", help="llama3-8b | llama2-7b | llama3-70b | smollm2-135m: random "
-                   "weights built on the device, random token ids")
+    g.add_argument("--shape", help=" | ".join(NAMED_SHAPES) + ": random weights built on "
+                   "the device, random token ids")
     g.add_argument("--stages", default="1", help="pipeline stages on the one device, e.g. 1,2,4")
     g.add_argument("--graph-modes", help="decode paths to time: compiled,eager,off "
                    "(default: compiled, or what --no-compile/--no-cuda-graphs say)")
