@@ -187,7 +187,22 @@ def plan_dtype_devices(args: argparse.Namespace) -> str:
     return ",".join(d.name for d in discover_devices())
 
 
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any planning, a --save / --plot path that cannot be written."""
+    for flag, path in (("--save", args.save), ("--plot", args.plot)):
+        if not path:
+            continue
+        out = Path(path)
+        if out.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; give a file path, e.g. "
+                             f"{out / ('plan.json' if flag == '--save' else 'plan.png')}")
+        if not out.parent.is_dir():
+            raise ValueError(f"{flag} {path}: the folder {out.parent} does not exist; "
+                             f"create it or give another path")
+
+
 def plan_cmd(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     config = model_config(args.model)
     runtime = RuntimeConfig(max_seq_len=args.max_seq_len, dtype=args.dtype)
     dtype = runtime.dtype_for(plan_dtype_devices(args))
