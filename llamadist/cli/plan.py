@@ -249,9 +249,11 @@ def plan_cmd(args: argparse.Namespace) -> int:
 
 
 def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_seq: int) -> int:
-    from llamadist.cli.layout import refuse_expert_flags_with_auto
+    from llamadist.cli.layout import (refuse_chosen_flags_with_auto,
+                                      refuse_expert_flags_with_auto)
     from llamadist.planning.auto import auto_plan, format_auto_plans
     refuse_expert_flags_with_auto(args)
+    refuse_chosen_flags_with_auto(args)
     prof = profile(config, dtype=dtype, seq_len=max_seq)
     devices = None if args.gpus else parse_devices(args.devices, args.max_memory,
                                                    args.device_speed, check_available=False)
