@@ -76,7 +76,32 @@ def generate_job(args: argparse.Namespace, ckpt, tok) -> Job:
 def chat_job(args: argparse.Namespace, ckpt, tok) -> Job:
     if not tok.chat_template:
         raise ValueError("this model has no chat template; use `llamadist generate` instead")
-    return _finish(args, ckpt, [], [], sampling_params(args), 1, None)
+    job = _finish(args, ckpt, [], [], sampling_params(args), 1, None)
+    limit, new = job.max_seq_len, job.params.max_new_tokens
+    if new < limit:
+        return job
+    if flag_given(args, "--max-new-tokens"):   # every message would be refused
+        context = ckpt.config.max_position_embeddings
+        more = (f" (or a larger --max-seq-len, up to the model's context of {context})"
+                if limit < context else "")
+        raise ValueError(f"--max-new-tokens {new} leaves no room for a message in the KV "
+                         f"cache of {limit} tokens; give --max-new-tokens below {limit}, "
+                         f"e.g. {limit // 2}{more}")
+    # chat's default reply length does not fit a short context: replies of half of it
+    print(f"chat: replies of at most {limit // 2} tokens (the default {new} does not fit "
+          f"the KV cache of {limit}; --max-new-tokens sets it)", file=sys.stderr)
+    return replace(job, params=replace(job.params, max_new_tokens=limit // 2))
+
+
+def flag_given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether the command line gave ``flag`` (or a prefix argparse takes for it)."""
+    for arg in getattr(args, "argv", []):
+        name = arg.split("=", 1)[0]
+        if name == "--":
+            break
+        if len(name) > 2 and name.startswith("--") and flag.startswith(name):
+            return True  # an ambiguous prefix never gets here: argparse refused it
+    return False
 
 
 def serve_job(args: argparse.Namespace, ckpt, tok) -> Job:
