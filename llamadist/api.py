@@ -206,6 +206,9 @@ class LLM:
                 if out.text:
                     yield out.text
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None,
+    def chat(self, messages: str | list[dict[str, str]], params: SamplingParams | None = None,
              **overrides) -> str:
+        """The reply to a chat history (a str: one user message), through the template."""
+        if isinstance(messages, str):   # not a plain-text prompt: this is chat
+            messages = [{"role": "user", "content": messages}]
         return "".join(self.stream(messages, params, **overrides))

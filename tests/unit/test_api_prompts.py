@@ -31,3 +31,11 @@ def test_text_chat_and_token_ids_through_run_still_work(llm):
     via_text = llm.generate("hello", params)[0]
     reqs, _ = llm.run([ids], params)
     assert reqs[0].output_ids == via_text.token_ids and len(via_text.token_ids) == 2
+
+
+def test_chat_with_a_string_is_one_user_message(llm, monkeypatch):
+    sent = []
+    monkeypatch.setattr(llm, "stream_ids", lambda ids, *a, **k: sent.append(ids) or iter(["x"]))
+    assert llm.chat("hello", max_new_tokens=2) == "x"
+    assert sent == [llm.tokenizer.encode_chat([{"role": "user", "content": "hello"}])]
+    assert sent[0] != llm.tokenizer.encode("hello")
