@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from llamadist.cli.args import read_lines, read_prompts, runtime_config, sampling_params
 from llamadist.cli.layout import LAYOUT_ENV, decide_layout
-from llamadist.config import RuntimeConfig
+from llamadist.config import RuntimeConfig, parse_quantize
 from llamadist.generation.generate import ContextLimitError, check_context
 from llamadist.generation.sampling import SamplingParams
 from llamadist.planning.layout import Layout, layout_quantize
@@ -52,10 +52,31 @@ def _finish(args: argparse.Namespace, ckpt, prompts: list[str], encoded: list[li
                                     f"{context})") from None
     layout = inherited_layout() or decide_layout(ckpt.config, args, runtime,
                                                  runtime.max_seq_len, batch)
+    check_quantize_devices(runtime.quantize, layout.devices)
     # a plan file's per-stage weight formats (--fit-bits) are what the stages load with
     runtime = replace(runtime, quantize=layout_quantize(layout, runtime.quantize,
                                                         getattr(args, "plan", None)))
     return Job(prompts, encoded, params, runtime, layout)
+
+
+def check_quantize_devices(spec: str | None, devices) -> None:
+    """A per-device --quantize entry that names no device of the run would be ignored
+    (a typo, or cuda=int4 on a CPU run): refuse it, naming the run's devices."""
+    names = [str(d) for d in devices]
+    kinds = {n.split(":")[0] for n in names}
+    for key in parse_quantize(spec):
+        if key == "*":
+            continue
+        kind = key.split(":")[0]
+        # a bare kind over processes (cuda: each rank its own) leaves indices unchecked;
+        # the CPU has none
+        same = [n for n in names if n.split(":")[0] == kind]
+        absent = ":" in key and key not in names and (kind == "cpu" or
+                                                      all(":" in n for n in same))
+        if kind not in kinds or absent:
+            raise ValueError(f"--quantize {spec}: {key} is no device of this run "
+                             f"({', '.join(names)}); name this run's devices or kinds "
+                             f"(e.g. {names[0]}=int8), or give one format for all")
 
 
 def inherited_layout() -> Layout | None:
