@@ -198,6 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader left (`... | head`): no error of the user's or ours, so nothing to say;
+        # stdout now points at /dev/null so that flushing it at exit cannot fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141   # what a shell reports for a writer killed by SIGPIPE
     except USER_ERRORS as e:
         if args.verbose:
             raise

@@ -1,4 +1,5 @@
-"""--help says what the code does: every shape `bench --shape` accepts is listed."""
+"""--help says what the code does: every shape `bench --shape` accepts is listed; and the
+command line's own exits (a closed pipe)."""
 
 import pytest
 
@@ -13,3 +14,15 @@ def test_bench_help_lists_every_named_shape(capsys):
     shape_help = text.split("--shape SHAPE")[-1].split("--stages")[0]  # the option, not the usage
     for name in NAMED_SHAPES:
         assert name in shape_help, name
+
+
+def test_a_reader_that_leaves_is_no_error(monkeypatch, capsys):
+    """`llamadist generate ... | head`: the closed pipe ends the command quietly (141, as a
+    writer killed by SIGPIPE), not with "llamadist: error: [Errno 32] Broken pipe"."""
+    from llamadist.cli.main import COMMANDS
+
+    def closed_pipe(_args):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setitem(COMMANDS, "analyze", closed_pipe)
+    assert main(["analyze", "smollm2-135m"]) == 141
+    assert capsys.readouterr().err == ""
