@@ -277,8 +277,10 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
         try:
             cands = auto_plan(prof, devices, **kw)
         except PlanningError as e:
-            hint = "" if args.quantize else ("; --fit-bits finds the weight format (int8, "
-                                             "int4) with which a layout fits")
+            # a hint for memory only (not a device count that the nodes cannot share)
+            fits = "fits on no layout" in str(e)
+            hint = "" if args.quantize or not fits else (
+                "; --fit-bits finds the weight format (int8, int4) with which a layout fits")
             raise PlanningError(f"{e}{hint}") from None
     if args.json:
         print(json.dumps([dict(c.to_dict(), weight_format=fmt) for c in cands], indent=2))
