@@ -178,11 +178,14 @@ def analyze_cmd(args: argparse.Namespace) -> int:
 
 def plan_dtype_devices(args: argparse.Namespace) -> str:
     """The devices a plan is for, as far as its default dtype goes: --devices; else the
-    imagined GPUs of ``--auto --gpus N``; else every device here (the GPUs, or the CPU)."""
+    imagined GPUs of ``--auto --gpus N``; else a --plan file's devices; else every device
+    here (the GPUs, or the CPU)."""
     if args.devices:
         return args.devices
     if getattr(args, "auto", False) and getattr(args, "gpus", None):
         return "cuda"
+    if getattr(args, "plan", None):   # the plan file's own devices
+        return ",".join(Plan.load(args.plan).devices)
     from llamadist.planning.devices import discover_devices
     return ",".join(d.name for d in discover_devices())
 

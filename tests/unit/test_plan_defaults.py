@@ -41,3 +41,18 @@ def test_plan_without_devices_on_a_cpu_machine(tmp_path, monkeypatch, capsys):
     assert [s["device"] for s in saved["stages"]] == ["cpu"]
     assert saved["dtype"] == "float32"
     capsys.readouterr()
+
+
+def test_a_plan_file_for_gpus_is_costed_in_bfloat16(tmp_path, monkeypatch, capsys):
+    """`plan MODEL --plan FILE` without --devices plans the file's devices: GPUs in
+    bfloat16 (it took the CPU's float32 and doubled every stage's weights)."""
+    monkeypatch.setattr(devmod, "_cuda_inventory", lambda: [])
+    first, again = tmp_path / "gpus.json", tmp_path / "again.json"
+    assert main(["plan", "llama3-8b", "--devices", "cuda:0,cuda:1", "--max-memory",
+                 "80GB,80GB", "--save", str(first)]) == 0
+    assert main(["plan", "llama3-8b", "--plan", str(first), "--max-memory", "80GB,80GB",
+                 "--save", str(again)]) == 0
+    saved = json.loads(again.read_text())
+    assert saved["dtype"] == "bfloat16"
+    assert [s["device"] for s in saved["stages"]] == ["cuda:0", "cuda:1"]
+    capsys.readouterr()
