@@ -28,6 +28,23 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"llamadist: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Unknown flags are named with their command (and the flag meant, when one is
+        close), not as the top-level parser's."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if not extra:
+            return ns
+        import difflib
+        sub = self
+        if getattr(ns, "command", None) and self._subparsers is not None:
+            sub = self._subparsers._group_actions[0].choices[ns.command]
+        flags = [f for a in sub._actions for f in a.option_strings if f.startswith("--")]
+        hints = [m for x in extra if x.startswith("-")
+                 for m in difflib.get_close_matches(x.replace("_", "-"), flags, n=1,
+                                                    cutoff=0.8)]
+        hint = f"; did you mean {', '.join(hints)}?" if hints else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
 
 def _add_shape_bench(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("random-weight shapes (no checkpoint)")

@@ -26,3 +26,17 @@ def test_a_reader_that_leaves_is_no_error(monkeypatch, capsys):
     monkeypatch.setitem(COMMANDS, "analyze", closed_pipe)
     assert main(["analyze", "smollm2-135m"]) == 141
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("argv, names, meant", [
+    (["generate", "m", "--max_new_tokens", "3"], "llamadist generate", "--max-new-tokens"),
+    (["plan", "m", "--device-sped", "1"], "llamadist plan", "--device-speed"),
+    (["serve", "m", "--bogus"], "llamadist serve", None)])
+def test_an_unknown_flag_is_named_with_its_command(capsys, argv, names, meant):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"llamadist: error: {names}: unrecognized arguments: {argv[2]}")
+    assert f"see {names} --help" in err
+    assert (f"did you mean {meant}?" in err) if meant else ("did you mean" not in err)
