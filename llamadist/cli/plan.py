@@ -327,5 +327,6 @@ def convert_cmd(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; give a new or empty folder to "
                          f"write the Hugging Face checkpoint into")
-    print(f"wrote {convert_gguf_to_hf(src, out, dtype=args.dtype)}")
+    # a bar only for a person watching: a log file would get every redraw
+    print(f"wrote {convert_gguf_to_hf(src, out, dtype=args.dtype, progress=sys.stderr.isatty())}")
     return 0
