@@ -154,23 +154,19 @@ def _where(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "body"
 
 
-def _field_names() -> set[str]:
-    names, todo = set(), [Strict]
-    while todo:
-        cls = todo.pop()
-        names.update(cls.model_fields)
-        todo.extend(cls.__subclasses__())
-    return names
+def _is_branch(part: object) -> bool:
+    """Whether a location part is pydantic's name for a union's branch ("str",
+    "constrained-str", "list[constrained-int]"), not a field the client wrote."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or
+                                      "[" in part or part.startswith("constrained-"))
 
 
 def _first_error(errors: list[dict]) -> tuple[str, str]:
     """(where, message) of a validation's first error. pydantic names a union's branch in
     the location ("prompt.list[constrained-int]"): left out here, and when the value
     matches no branch's type the message says which forms the field takes."""
-    names = _field_names()
     loc = errors[0]["loc"]
-    tag = next((i for i, part in enumerate(loc)
-                if isinstance(part, str) and part not in names), None)
+    tag = next((i for i, part in enumerate(loc) if i and _is_branch(part)), None)
     if tag is None:
         return _where(loc), errors[0]["msg"]
     field = tuple(loc[:tag])
@@ -178,7 +174,7 @@ def _first_error(errors: list[dict]) -> tuple[str, str]:
     # a branch of the right type whose value breaks a rule (too long, out of range) says more
     for e in branches:
         if not e["type"].endswith("_type"):
-            kept = tuple(p for p in e["loc"] if not isinstance(p, str) or p in names)
+            kept = tuple(p for p in e["loc"] if not _is_branch(p))
             return _where(kept), e["msg"]
     forms = UNION_FORMS.get(str(field[-1]) if field else "", "another type of value")
     return _where(field), f"expected {forms}"

@@ -47,6 +47,12 @@ def test_an_assistant_turn_may_have_null_content():
      "text parts"),
     (ChatRequest, {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
      "messages.0.content.0.type", "'text'"),
+    # an unknown field keeps its own name, at the top, nested, and inside a union's branch
+    (CompletionRequest, {"prompt": "hi", "foo": 1}, "foo", "Extra inputs"),
+    (ChatRequest, {"messages": [{"role": "user", "content": "x", "extra": 1}]},
+     "messages.0.extra", "Extra inputs"),
+    (ChatRequest, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a", "x": 1}]}]}, "messages.0.content.0.x", "Extra inputs"),
 ])
 def test_a_union_field_is_named_as_written(kind, body, param, says):
     err = refusal(kind, body)
