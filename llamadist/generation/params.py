@@ -32,7 +32,7 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         # one string is one stop string (not one per character, as iterating it would give)
-        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
         object.__setattr__(self, "stop", stop)
         checks = [
             (all(isinstance(s, str) and s for s in stop),

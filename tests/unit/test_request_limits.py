@@ -13,6 +13,7 @@ def test_one_stop_string_is_not_one_per_character():
     assert SamplingParams(stop="\n\n").stop == ("\n\n",)
     assert SamplingParams(stop=["ab", "c"]).stop == ("ab", "c")
     assert SamplingParams(stop=("x",)).stop == ("x",)
+    assert SamplingParams(stop=None).stop == ()
 
 
 @pytest.mark.parametrize("stop", ["", ("a", ""), [None]])
