@@ -150,9 +150,17 @@ class LLM:
         return params if params is not None else SamplingParams(**overrides)
 
     def encode(self, prompt: str | list[dict[str, str]]) -> list[int]:
-        if isinstance(prompt, list):
+        """Token ids of a text, or of a chat history through the chat template."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(m, dict) for m in prompt):
             return self.tokenizer.encode_chat(prompt)
-        return self.tokenizer.encode(prompt)
+        what = ("an empty list" if isinstance(prompt, list) and not prompt else
+                "a list of token ids" if isinstance(prompt, list)
+                and all(isinstance(t, int) for t in prompt) else type(prompt).__name__)
+        raise TypeError(f"a prompt is a str or a chat history (a list of {{'role': ..., "
+                        f"'content': ...}} dicts), got {what}; token ids go to "
+                        f"llm.run([ids, ...]) or llm.stream_ids(ids)")
 
     def submit(self, prompts: list[list[int]],
                params: SamplingParams | list[SamplingParams] | None = None, **overrides
@@ -201,6 +209,9 @@ class LLM:
                 if out.text:
                     yield out.text
 
-    def chat(self, messages: list[dict[str, str]], params: SamplingParams | None = None,
+    def chat(self, messages: str | list[dict[str, str]], params: SamplingParams | None = None,
              **overrides) -> str:
+        """The reply to a chat history (a str: one user message), through the template."""
+        if isinstance(messages, str):   # not a plain-text prompt: this is chat
+            messages = [{"role": "user", "content": messages}]
         return "".join(self.stream(messages, params, **overrides))

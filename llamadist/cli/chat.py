@@ -50,7 +50,10 @@ class ChatSession:
                 check_context([ids], params.max_new_tokens, self.max_seq_len)
             except ContextLimitError as e:  # the session goes on without this message
                 self.history.pop()
-                print(f"llamadist: {e}", file=sys.stderr)
+                print(f"llamadist: {e}; this message was not sent: write a shorter one "
+                      f"(--max-new-tokens {params.max_new_tokens} of the "
+                      f"{self.max_seq_len}-token KV cache are kept for the reply)",
+                      file=sys.stderr)
                 continue
             return ids
         return None

@@ -13,8 +13,8 @@ from dataclasses import dataclass, replace
 
 from llamadist.cli.args import read_lines, read_prompts, runtime_config, sampling_params
 from llamadist.cli.layout import LAYOUT_ENV, decide_layout
-from llamadist.config import RuntimeConfig
-from llamadist.generation.generate import check_context
+from llamadist.config import RuntimeConfig, parse_quantize
+from llamadist.generation.generate import ContextLimitError, check_context
 from llamadist.generation.sampling import SamplingParams
 from llamadist.planning.layout import Layout, layout_quantize
 
@@ -44,13 +44,39 @@ def _finish(args: argparse.Namespace, ckpt, prompts: list[str], encoded: list[li
     runtime = runtime_config(args, max_batch=batch)
     runtime = replace(runtime, max_seq_len=runtime.seq_len_for(context, needed))
     if encoded:
-        check_context(encoded, params.max_new_tokens, runtime.max_seq_len)
+        try:
+            check_context(encoded, params.max_new_tokens, runtime.max_seq_len)
+        except ContextLimitError as e:  # only a --max-seq-len below the context gets here
+            raise ContextLimitError(f"{e}; or raise --max-seq-len (now "
+                                    f"{runtime.max_seq_len}; the model's context is "
+                                    f"{context})") from None
     layout = inherited_layout() or decide_layout(ckpt.config, args, runtime,
                                                  runtime.max_seq_len, batch)
+    check_quantize_devices(runtime.quantize, layout.devices)
     # a plan file's per-stage weight formats (--fit-bits) are what the stages load with
     runtime = replace(runtime, quantize=layout_quantize(layout, runtime.quantize,
                                                         getattr(args, "plan", None)))
     return Job(prompts, encoded, params, runtime, layout)
+
+
+def check_quantize_devices(spec: str | None, devices) -> None:
+    """A per-device --quantize entry that names no device of the run would be ignored
+    (a typo, or cuda=int4 on a CPU run): refuse it, naming the run's devices."""
+    names = [str(d) for d in devices]
+    kinds = {n.split(":")[0] for n in names}
+    for key in parse_quantize(spec):
+        if key == "*":
+            continue
+        kind = key.split(":")[0]
+        # a bare kind over processes (cuda: each rank its own) leaves indices unchecked;
+        # the CPU has none
+        same = [n for n in names if n.split(":")[0] == kind]
+        absent = ":" in key and key not in names and (kind == "cpu" or
+                                                      all(":" in n for n in same))
+        if kind not in kinds or absent:
+            raise ValueError(f"--quantize {spec}: {key} is no device of this run "
+                             f"({', '.join(names)}); name this run's devices or kinds "
+                             f"(e.g. {names[0]}=int8), or give one format for all")
 
 
 def inherited_layout() -> Layout | None:
@@ -71,7 +97,32 @@ def generate_job(args: argparse.Namespace, ckpt, tok) -> Job:
 def chat_job(args: argparse.Namespace, ckpt, tok) -> Job:
     if not tok.chat_template:
         raise ValueError("this model has no chat template; use `llamadist generate` instead")
-    return _finish(args, ckpt, [], [], sampling_params(args), 1, None)
+    job = _finish(args, ckpt, [], [], sampling_params(args), 1, None)
+    limit, new = job.max_seq_len, job.params.max_new_tokens
+    if new < limit:
+        return job
+    if flag_given(args, "--max-new-tokens"):   # every message would be refused
+        context = ckpt.config.max_position_embeddings
+        more = (f" (or a larger --max-seq-len, up to the model's context of {context})"
+                if limit < context else "")
+        raise ValueError(f"--max-new-tokens {new} leaves no room for a message in the KV "
+                         f"cache of {limit} tokens; give --max-new-tokens below {limit}, "
+                         f"e.g. {limit // 2}{more}")
+    # chat's default reply length does not fit a short context: replies of half of it
+    print(f"chat: replies of at most {limit // 2} tokens (the default {new} does not fit "
+          f"the KV cache of {limit}; --max-new-tokens sets it)", file=sys.stderr)
+    return replace(job, params=replace(job.params, max_new_tokens=limit // 2))
+
+
+def flag_given(args: argparse.Namespace, flag: str) -> bool:
+    """Whether the command line gave ``flag`` (or a prefix argparse takes for it)."""
+    for arg in getattr(args, "argv", []):
+        name = arg.split("=", 1)[0]
+        if name == "--":
+            break
+        if len(name) > 2 and name.startswith("--") and flag.startswith(name):
+            return True  # an ambiguous prefix never gets here: argparse refused it
+    return False
 
 
 def serve_job(args: argparse.Namespace, ckpt, tok) -> Job:

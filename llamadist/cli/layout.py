@@ -34,6 +34,7 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
         raise PlanningError("--auto chooses the number of processes itself: start llamadist "
                             "without torchrun (or give --pp/--tp/--dp instead of --auto)")
     refuse_expert_flags_with_auto(args)
+    refuse_chosen_flags_with_auto(args)
     devices = args.devices or default_devices()
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, args.max_memory, args.device_speed)
@@ -152,6 +153,21 @@ def cuda_count() -> int:
         raise PlanningError("--devices cuda but this machine has no CUDA device; use --devices "
                             "cpu")
     return n
+
+
+def refuse_chosen_flags_with_auto(args: argparse.Namespace) -> None:
+    """--auto chooses the grid and the layer split itself: flags that say them (and plan's
+    --plot, which draws one strategy's stages) would be ignored, so they are refused."""
+    given = [flag for flag, on in (
+        ("--strategy", getattr(args, "strategy", None)),
+        ("--boundaries", getattr(args, "boundaries", None)),
+        ("--plan", getattr(args, "plan", None)), ("--pp", getattr(args, "pp", None)),
+        ("--tp", getattr(args, "tp", 1) > 1), ("--cp", getattr(args, "cp", 1) > 1),
+        ("--dp", getattr(args, "dp", None)), ("--ep", getattr(args, "ep", None)),
+        ("--plot", getattr(args, "plot", None))) if on]
+    if given:
+        raise GridError(f"--auto chooses tp x pp x dp and the layer split itself: drop "
+                        f"{', '.join(given)}, or drop --auto and give the layout yourself")
 
 
 def refuse_expert_flags_with_auto(args: argparse.Namespace) -> None:

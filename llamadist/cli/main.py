@@ -17,7 +17,7 @@ from llamadist.cli.args import (DTYPE_CHOICES, USER_ERRORS, add_grid, add_placem
                                 add_processes, add_runtime, add_sampling, int_or_list,
                                 positive_float, positive_int)
 from llamadist.cli.perplexity import add_perplexity
-from llamadist.config import DEFAULT_MAX_SEQ_LEN
+from llamadist.config import DEFAULT_MAX_SEQ_LEN, NAMED_SHAPES
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -28,11 +28,28 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         self.exit(2, f"llamadist: error: {self.prog}: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args=None, namespace=None):  # type: ignore[override]
+        """Unknown flags are named with their command (and the flag meant, when one is
+        close), not as the top-level parser's."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if not extra:
+            return ns
+        import difflib
+        sub = self
+        if getattr(ns, "command", None) and self._subparsers is not None:
+            sub = self._subparsers._group_actions[0].choices[ns.command]
+        flags = [f for a in sub._actions for f in a.option_strings if f.startswith("--")]
+        hints = [m for x in extra if x.startswith("-")
+                 for m in difflib.get_close_matches(x.replace("_", "-"), flags, n=1,
+                                                    cutoff=0.8)]
+        hint = f"; did you mean {', '.join(hints)}?" if hints else ""
+        sub.error(f"unrecognized arguments: {' '.join(extra)}{hint}")
+
 
 def _add_shape_bench(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("random-weight shapes (no checkpoint)")
-    g.add_argument("--shape", help="llama3-8b | llama2-7b | llama3-70b | smollm2-135m: random "
-                   "weights built on the device, random token ids")
+    g.add_argument("--shape", help=" | ".join(NAMED_SHAPES) + ": random weights built on "
+                   "the device, random token ids")
     g.add_argument("--stages", default="1", help="pipeline stages on the one device, e.g. 1,2,4")
     g.add_argument("--graph-modes", help="decode paths to time: compiled,eager,off "
                    "(default: compiled, or what --no-compile/--no-cuda-graphs say)")
@@ -198,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader left (`... | head`): no error of the user's or ours, so nothing to say;
+        # stdout now points at /dev/null so that flushing it at exit cannot fail again
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141   # what a shell reports for a writer killed by SIGPIPE
     except USER_ERRORS as e:
         if args.verbose:
             raise

@@ -45,8 +45,10 @@ def perplexity_cmd(args: argparse.Namespace) -> int:
     import torch
 
     from llamadist.api import build_engine
+    from llamadist.cli.jobs import check_quantize_devices
     from llamadist.cli.layout import decide_layout
     from llamadist.generation.perplexity import PerplexityMeter, make_windows
+    from llamadist.planning.layout import layout_quantize
     from llamadist.weights.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(args.model)
@@ -62,6 +64,9 @@ def perplexity_cmd(args: argparse.Namespace) -> int:
     runtime = runtime_config(args, max_batch=batch).replace(max_seq_len=args.ctx,
                                                             max_batch=batch)
     layout = decide_layout(ckpt.config, args, runtime, args.ctx, batch)
+    # the formats --fit-bits (or a plan file) chose per stage are what the stages load in
+    runtime = runtime.replace(quantize=layout_quantize(layout, runtime.quantize, args.plan))
+    check_quantize_devices(runtime.quantize, layout.devices)
     t0 = time.perf_counter()
     engine = build_engine(ckpt, layout, runtime, progress=sys.stderr.isatty())
     load_s = time.perf_counter() - t0
@@ -78,7 +83,8 @@ def perplexity_cmd(args: argparse.Namespace) -> int:
     res = meter.result()
     report = res.to_dict() | {"load_s": load_s, "eval_s": time.perf_counter() - t0,
                               "dtype": runtime.dtype_for(list(layout.devices)),
-                              "weights": runtime.weights, "devices": list(layout.devices)}
+                              "weights": runtime.weights, "quantize": runtime.quantize,
+                              "devices": list(layout.devices)}
     if args.json:
         print(json.dumps(report))
     else:

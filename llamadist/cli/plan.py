@@ -176,10 +176,39 @@ def analyze_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def plan_dtype_devices(args: argparse.Namespace) -> str:
+    """The devices a plan is for, as far as its default dtype goes: --devices; else the
+    imagined GPUs of ``--auto --gpus N``; else a --plan file's devices; else every device
+    here (the GPUs, or the CPU)."""
+    if args.devices:
+        return args.devices
+    if getattr(args, "auto", False) and getattr(args, "gpus", None):
+        return "cuda"
+    if getattr(args, "plan", None):   # the plan file's own devices
+        return ",".join(Plan.load(args.plan).devices)
+    from llamadist.planning.devices import discover_devices
+    return ",".join(d.name for d in discover_devices())
+
+
+def check_output_paths(args: argparse.Namespace) -> None:
+    """Refuse, before any planning, a --save / --plot path that cannot be written."""
+    for flag, path in (("--save", args.save), ("--plot", args.plot)):
+        if not path:
+            continue
+        out = Path(path)
+        if out.is_dir():
+            raise ValueError(f"{flag} {path} is a folder; give a file path, e.g. "
+                             f"{out / ('plan.json' if flag == '--save' else 'plan.png')}")
+        if not out.parent.is_dir():
+            raise ValueError(f"{flag} {path}: the folder {out.parent} does not exist; "
+                             f"create it or give another path")
+
+
 def plan_cmd(args: argparse.Namespace) -> int:
+    check_output_paths(args)
     config = model_config(args.model)
     runtime = RuntimeConfig(max_seq_len=args.max_seq_len, dtype=args.dtype)
-    dtype = runtime.dtype_for(args.devices or "cpu")
+    dtype = runtime.dtype_for(plan_dtype_devices(args))
     max_seq = runtime.seq_len_for(config.max_position_embeddings)
     if args.auto:
         return _auto_plan(args, config, dtype, max_seq)
@@ -195,7 +224,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
         devices = ",".join(stage_devices(ranked.devices, pp))
     else:
         # devices None with --plan: the plan file's own devices
-        devices = args.devices or (None if args.plan else "cpu")
+        devices = args.devices or (None if args.plan else plan_dtype_devices(args))
     from llamadist.planning.experts import replicas_refusal
 
     def planned(experts, save, plot):
@@ -235,9 +264,11 @@ def plan_cmd(args: argparse.Namespace) -> int:
 
 
 def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_seq: int) -> int:
-    from llamadist.cli.layout import refuse_expert_flags_with_auto
+    from llamadist.cli.layout import (refuse_chosen_flags_with_auto,
+                                      refuse_expert_flags_with_auto)
     from llamadist.planning.auto import auto_plan, format_auto_plans
     refuse_expert_flags_with_auto(args)
+    refuse_chosen_flags_with_auto(args)
     prof = profile(config, dtype=dtype, seq_len=max_seq)
     devices = None if args.gpus else parse_devices(args.devices, args.max_memory,
                                                    args.device_speed, check_available=False)
@@ -261,8 +292,10 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
         try:
             cands = auto_plan(prof, devices, **kw)
         except PlanningError as e:
-            hint = "" if args.quantize else ("; --fit-bits finds the weight format (int8, "
-                                             "int4) with which a layout fits")
+            # a hint for memory only (not a device count that the nodes cannot share)
+            fits = "fits on no layout" in str(e)
+            hint = "" if args.quantize or not fits else (
+                "; --fit-bits finds the weight format (int8, int4) with which a layout fits")
             raise PlanningError(f"{e}{hint}") from None
     if args.json:
         print(json.dumps([dict(c.to_dict(), weight_format=fmt) for c in cands], indent=2))
@@ -306,5 +339,6 @@ def convert_cmd(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a folder; give a new or empty folder to "
                          f"write the Hugging Face checkpoint into")
-    print(f"wrote {convert_gguf_to_hf(src, out, dtype=args.dtype)}")
+    # a bar only for a person watching: a log file would get every redraw
+    print(f"wrote {convert_gguf_to_hf(src, out, dtype=args.dtype, progress=sys.stderr.isatty())}")
     return 0

@@ -131,7 +131,9 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     report = {"batch": len(job.encoded), "prompt_tokens": st["prompt_tokens"],
               "gen_len": args.gen_len, "generated_tokens": st["generated_tokens"],
               "load_s": load_s, "prefill_s": st["prefill_s"],
-              "decode_ms_per_step": 1e3 * st["decode_s"] / max(1, args.gen_len - 1),
+              # --gen-len 1: the prefill samples the only token, no decode step runs
+              "decode_ms_per_step": (1e3 * st["decode_s"] / (args.gen_len - 1)
+                                     if args.gen_len > 1 else 0.0),
               "decode_tokens_per_s": st["decode_tokens_per_s"],
               "tokens_per_s": st["tokens_per_s"], "ttft_p50_s": st["ttft_p50_s"],
               "tpot_p50_s": st["tpot_p50_s"], "wall_s": wall,

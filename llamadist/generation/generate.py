@@ -91,10 +91,13 @@ def check_context(prompts: list[list[int]], max_new_tokens: int, max_seq_len: in
         raise ContextLimitError(f"prompt of {longest} tokens is longer than the context limit "
                                 f"of {max_seq_len} tokens")
     if longest + max_new_tokens > max_seq_len:
+        room = max_seq_len - longest
+        fix = (f"lower --max-new-tokens to {room} or shorten the prompt" if room >= 1 else
+               "shorten the prompt: it leaves no room for a new token")
         raise ContextLimitError(
             f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} = "
             f"{longest + max_new_tokens} exceeds the context limit of {max_seq_len} tokens; "
-            f"lower --max-new-tokens to {max_seq_len - longest} or shorten the prompt")
+            f"{fix}")
 
 
 def pad_id(tokenizer: Tokenizer | None) -> int:

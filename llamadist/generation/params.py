@@ -31,7 +31,13 @@ class SamplingParams:
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
 
     def __post_init__(self) -> None:
+        # one string is one stop string (not one per character, as iterating it would give)
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        object.__setattr__(self, "stop", stop)
         checks = [
+            (all(isinstance(s, str) and s for s in stop),
+             f"stop strings must be non-empty strings (an empty one would end every "
+             f"request at its first token), got {stop!r}"),
             (self.max_new_tokens >= 0, f"max_new_tokens must be >= 0, got {self.max_new_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),

@@ -88,8 +88,9 @@ class Server:
         try:
             key = int(given)
         except (TypeError, ValueError):
+            got = "none was given" if given is None else f"not {given!r}"
             raise ApiError(400, f"give the replica to {what} as ?replica=K (an integer), "
-                                f"not {given!r}", param="replica") from None
+                                f"{got}", param="replica") from None
         kw = {}
         if what == "drain":  # the running requests' KV: auto (the cost rule), migrate, replay
             kw["kv"] = request.query_params.get("kv", "auto")  # checked by the engine's side

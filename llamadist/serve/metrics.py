@@ -92,7 +92,10 @@ STAGE_LABELS = ["stage", "layers", "rank", "replica", "device"]
 STAGE_METRICS = (
     ("stage_busy_seconds", "compute_s", True, "compute seconds per pipeline stage (per rank "
      "over processes)"),
-    ("stage_steps", "steps", True, "steps run per stage (per rank over processes)"),
+    # a worker reports "steps"; a stage in this process counts its forward "calls", one
+    # per engine step
+    ("stage_steps", ("steps", "calls"), True, "steps run per stage (per rank over "
+     "processes)"),
     ("stage_wait_seconds", "wait_s", True, "seconds a worker rank waited for its next step"),
     ("stage_busy_fraction", "busy", False, "fraction of the last heartbeat interval a worker "
      "rank spent computing (utilisation)"),
@@ -106,13 +109,15 @@ STAGE_METRICS = (
 def stage_metrics(stages: list[dict]):
     """Per-stage statistics labelled by stage, its layers ("start:stop"), rank,
     data-parallel replica and device (one process: every stage is rank 0 of replica 0)."""
-    for name, key, counter, doc in STAGE_METRICS:
-        rows = [s for s in stages if key in s]
+    for name, keys, counter, doc in STAGE_METRICS:
+        keys = (keys,) if isinstance(keys, str) else keys
+        rows = [(s, next(k for k in keys if k in s)) for s in stages
+                if any(k in s for k in keys)]
         if not rows:
             continue
         family = (CounterMetricFamily if counter else GaugeMetricFamily)(
             f"{PREFIX}_{name}", doc, labels=STAGE_LABELS)
-        for s in rows:
+        for s, key in rows:
             layers = f"{s['layers'][0]}:{s['layers'][1]}" if "layers" in s else ""
             family.add_metric([str(s["stage"]), layers, str(s.get("rank", 0)),
                                str(s.get("dp", 0)), str(s["device"])], float(s[key]))

@@ -41,6 +41,9 @@ class ApiError(Exception):
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
+    def check(self) -> None:
+        """What the field types cannot say (a rule across fields): ApiError if broken."""
+
 
 class StreamOptions(Strict):
     include_usage: StrictBool = False
@@ -97,6 +100,15 @@ class ChatRequest(Sampling):
     logprobs: StrictBool = False
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
+    def check(self) -> None:
+        # null content is an assistant's (OpenAI: a tool-call turn); a user or system
+        # turn without it would be sent to the model as an empty message
+        for i, m in enumerate(self.messages):
+            if m.content is None and m.role != "assistant":
+                raise ApiError(400, f"messages.{i}.content: a {m.role} message needs "
+                               f"content (a string or a list of text parts)",
+                               f"messages.{i}.content")
+
     def limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None \
             else self.max_tokens
@@ -129,8 +141,43 @@ class CompletionRequest(Sampling):
         return [list(self.prompt)]
 
 
+# What a field of several accepted forms takes, said when a value matches none of them
+UNION_FORMS = {
+    "prompt": "a string, a list of 1 to 64 strings, or a list of token ids (integers >= 0)",
+    "stop": f"a string or a list of at most {MAX_STOP} strings of at most {MAX_STOP_CHARS} "
+            f"characters",
+    "content": 'a string or a list of text parts ({"type": "text", "text": "..."})',
+}
+
+
 def _where(loc: tuple) -> str:
     return ".".join(str(part) for part in loc) or "body"
+
+
+def _is_branch(part: object) -> bool:
+    """Whether a location part is pydantic's name for a union's branch ("str",
+    "constrained-str", "list[constrained-int]"), not a field the client wrote."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool", "none") or
+                                      "[" in part or part.startswith("constrained-"))
+
+
+def _first_error(errors: list[dict]) -> tuple[str, str]:
+    """(where, message) of a validation's first error. pydantic names a union's branch in
+    the location ("prompt.list[constrained-int]"): left out here, and when the value
+    matches no branch's type the message says which forms the field takes."""
+    loc = errors[0]["loc"]
+    tag = next((i for i, part in enumerate(loc) if i and _is_branch(part)), None)
+    if tag is None:
+        return _where(loc), errors[0]["msg"]
+    field = tuple(loc[:tag])
+    branches = [e for e in errors if tuple(e["loc"][:tag]) == field]
+    # a branch of the right type whose value breaks a rule (too long, out of range) says more
+    for e in branches:
+        if not e["type"].endswith("_type"):
+            kept = tuple(p for p in e["loc"] if not _is_branch(p))
+            return _where(kept), e["msg"]
+    forms = UNION_FORMS.get(str(field[-1]) if field else "", "another type of value")
+    return _where(field), f"expected {forms}"
 
 
 def parse(kind: type[Strict], body: bytes) -> Any:
@@ -147,8 +194,9 @@ def parse(kind: type[Strict], body: bytes) -> Any:
     if not isinstance(data, dict):
         raise ApiError(400, f"body: expected a JSON object, got {type(data).__name__}")
     try:
-        return kind.model_validate(data)
+        request = kind.model_validate(data)
     except ValidationError as e:
-        err = e.errors(include_url=False)[0]
-        where = _where(err["loc"])
-        raise ApiError(400, f"{where}: {err['msg']}", where) from None
+        where, msg = _first_error(e.errors(include_url=False))
+        raise ApiError(400, f"{where}: {msg}", where) from None
+    request.check()
+    return request

@@ -1,0 +1,30 @@
+"""POST /admin/drain without ?replica= says none was given (it said "not None"); a bad
+one is quoted. The check runs before the engine is asked (no engine here)."""
+
+import asyncio
+
+import pytest
+from starlette.requests import Request
+
+from llamadist.serve.app import Server, ServeConfig
+from llamadist.serve.protocol import ApiError
+
+
+def admin(query: bytes, what: str = "drain") -> ApiError:
+    server = Server(None, None, ServeConfig("m"))
+    request = Request({"type": "http", "method": "POST", "path": f"/admin/{what}",
+                       "query_string": query, "headers": []})
+    with pytest.raises(ApiError) as info:
+        asyncio.run(server.admin(request, what))
+    assert info.value.status == 400 and info.value.param == "replica"
+    return info.value
+
+
+def test_a_missing_replica_is_said_to_be_missing():
+    msg = admin(b"").message
+    assert "none was given" in msg and "None" not in msg
+    assert "undrain as ?replica=K" in admin(b"kv=auto", "undrain").message
+
+
+def test_a_bad_replica_is_quoted():
+    assert "not 'x'" in admin(b"replica=x").message

@@ -1,0 +1,61 @@
+"""The 400 a bad field gets names the field as the client wrote it (not pydantic's union
+branch such as ``prompt.str``) and what the field takes; a user or system message without
+content is refused instead of reaching the model as an empty turn. No server needed:
+``protocol.parse`` is what the HTTP process runs on every body."""
+
+import json
+
+import pytest
+
+from llamadist.serve.protocol import (MAX_STOP, ApiError, ChatRequest, CompletionRequest,
+                                      parse)
+
+
+def refusal(kind, body: dict) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse(kind, json.dumps(body).encode())
+    assert info.value.status == 400
+    assert info.value.message.startswith(f"{info.value.param}: ")
+    return info.value
+
+
+@pytest.mark.parametrize("role", ["user", "system"])
+def test_a_user_or_system_turn_needs_content(role):
+    err = refusal(ChatRequest, {"messages": [{"role": role}]})
+    assert err.param == "messages.0.content"
+    assert role in err.message
+    err = refusal(ChatRequest, {"messages": [{"role": "user", "content": "hi"},
+                                             {"role": role, "content": None}]})
+    assert err.param == "messages.1.content"
+
+
+def test_an_assistant_turn_may_have_null_content():
+    req = parse(ChatRequest, json.dumps({"messages": [
+        {"role": "assistant", "content": None}, {"role": "user", "content": "hi"}]}).encode())
+    assert [m.text() for m in req.messages] == ["", "hi"]
+
+
+@pytest.mark.parametrize("kind, body, param, says", [
+    (CompletionRequest, {"prompt": [[1, 2], [3]]}, "prompt", "list of token ids"),
+    (CompletionRequest, {"prompt": 5}, "prompt", "list of 1 to 64 strings"),
+    (CompletionRequest, {"prompt": []}, "prompt", "at least 1 item"),
+    (CompletionRequest, {"prompt": [3, -1]}, "prompt.1", "greater than or equal to 0"),
+    (CompletionRequest, {"prompt": "hi", "stop": 5}, "stop", f"at most {MAX_STOP} strings"),
+    (CompletionRequest, {"prompt": "hi", "stop": ["a"] * (MAX_STOP + 1)}, "stop",
+     f"at most {MAX_STOP} items"),
+    (ChatRequest, {"messages": [{"role": "user", "content": 5}]}, "messages.0.content",
+     "text parts"),
+    (ChatRequest, {"messages": [{"role": "user", "content": [{"type": "image"}]}]},
+     "messages.0.content.0.type", "'text'"),
+    # an unknown field keeps its own name, at the top, nested, and inside a union's branch
+    (CompletionRequest, {"prompt": "hi", "foo": 1}, "foo", "Extra inputs"),
+    (ChatRequest, {"messages": [{"role": "user", "content": "x", "extra": 1}]},
+     "messages.0.extra", "Extra inputs"),
+    (ChatRequest, {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "a", "x": 1}]}]}, "messages.0.content.0.x", "Extra inputs"),
+])
+def test_a_union_field_is_named_as_written(kind, body, param, says):
+    err = refusal(kind, body)
+    assert err.param == param
+    assert says in err.message
+    assert "str" not in err.param and "[" not in err.param
