@@ -124,7 +124,8 @@ class AsyncEngine:
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
                request_id: str | None = None,
-               sink: Callable[[list], None] | None = None) -> RequestStream:
+               sink: Callable[[list], None] | None = None,
+               stream_text: bool = True) -> RequestStream:
         """Queue a request from any thread; refused at once (ValueError with the numbers)
         if it alone cannot fit, or (RuntimeError) if the engine has stopped. With ``sink``
         the stream's items go to ``sink`` on the engine thread (module docstring)."""
@@ -136,7 +137,7 @@ class AsyncEngine:
                 self._ids += 1
                 request_id = f"async-{self._ids}"
         stream = RequestStream(self, request_id, sink)
-        self._commands.put(("add", (stream, list(prompt_ids), params)))
+        self._commands.put(("add", (stream, list(prompt_ids), params, stream_text)))
         return stream
 
     def cancel(self, request_id: str) -> None:
@@ -202,10 +203,10 @@ class AsyncEngine:
             return
         while True:
             if kind == "add":
-                stream, prompt_ids, params = arg
+                stream, prompt_ids, params, stream_text = arg
                 try:
                     stream.request = self.engine.add_request(prompt_ids, params,
-                                                             stream.request_id)
+                                                             stream.request_id, stream_text)
                     self._streams[stream.request_id] = stream
                 except ValueError as e:  # e.g. an id already in use: that reader learns it
                     stream._put(e)

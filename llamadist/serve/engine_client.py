@@ -125,9 +125,12 @@ class EngineClient:
         except (OSError, ValueError) as e:
             raise RuntimeError(f"the engine has stopped (its connection: {e})") from None
 
-    async def submit(self, items: Sequence[tuple[list[int], object]]) -> list[EngineStream]:
+    async def submit(self, items: Sequence[tuple[list[int], object]],
+                     stream_text: bool = True) -> list[EngineStream]:
         """Queue every (prompt ids, SamplingParams), or none: ValueError (the request
-        cannot fit, with the numbers) or RuntimeError (the engine has stopped)."""
+        cannot fit, with the numbers) or RuntimeError (the engine has stopped).
+        ``stream_text`` False: the text is read only at the end (a response that does not
+        stream): the engine makes it once, its last output carrying it whole."""
         if self._loop is None:  # (an app served by someone else's uvicorn: start here)
             self.start()
         streams = [EngineStream(self, f"h{next(self._ids)}") for _ in items]
@@ -135,7 +138,8 @@ class EngineClient:
             self._streams[s.request_id] = s
         try:
             ok, value = await self._call(
-                "submit", [(s.request_id, ids, p) for s, (ids, p) in zip(streams, items)],
+                "submit", [(s.request_id, ids, p, stream_text)
+                           for s, (ids, p) in zip(streams, items)],
                 timeout=None)
         except BaseException:  # e.g. the client left while waiting: queued ones are cancelled
             self.cancel(streams)

@@ -11,7 +11,10 @@ each request as it finishes or is cancelled; the HTTP process asks for the rende
 text.
 
 Messages are pickled tuples over one multiprocessing connection.
-HTTP -> engine:  ("submit", key, [(request id, prompt ids, SamplingParams), ...])
+HTTP -> engine:  ("submit", key, [(request id, prompt ids, SamplingParams, stream), ...])
+                 (stream False: the client reads the text at the end, so it is made once
+                 then, unless stop strings need it every step: LLMEngine.add_request's
+                 stream_text)
                  ("cancel", [request id, ...])
                  ("rpc", key, name, args)   name: health | metrics | admin
 engine -> HTTP:  ("step", [(id, token, text, finished, reason, logprobs, final), ...],
@@ -122,8 +125,9 @@ class EngineHost:
         """Queue every choice of a job, or none: the refusal goes back as the reply."""
         done: list[RequestStream] = []
         try:
-            for rid, ids, params in items:
-                done.append(self.engine.submit(ids, params, rid, sink=self._sink))
+            for rid, ids, params, stream_text in items:
+                done.append(self.engine.submit(ids, params, rid, sink=self._sink,
+                                               stream_text=stream_text))
         except (ValueError, RuntimeError) as e:
             for stream in done:
                 stream.cancel()

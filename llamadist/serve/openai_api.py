@@ -139,7 +139,8 @@ class Frontend:
         """Queue every choice (refused as a whole: nothing queued if one is refused)."""
         try:
             streams = await self.engine.submit(
-                [(c.prompt_ids, p) for c, p in zip(job.choices, job.params)])
+                [(c.prompt_ids, p) for c, p in zip(job.choices, job.params)],
+                stream_text=job.body.stream)  # a whole response: its text made at the end
         except ValueError as e:
             raise ApiError(400, str(e)) from None
         except RuntimeError as e:

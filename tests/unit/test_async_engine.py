@@ -4,6 +4,7 @@ equal to itself alone; cancellation; refusal; an engine failure reaches every re
 import asyncio
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -66,6 +67,23 @@ def test_asyncio_streams_and_text(setup):
     results = asyncio.run(main())
     for p, (ids, text) in zip(PROMPTS, results):
         assert ids == alone[p] and text == tok.decode(ids)
+
+
+def test_text_made_at_the_end_when_not_streamed(setup):
+    """stream_text=False (the server's responses that do not stream): every output before
+    the last has no text, the last has it all, equal to the streamed text; with a stop
+    string the text is still made every step, so the stop cuts it where it would."""
+    engine, tok, alone = setup
+    streamed = "".join(o.text for o in engine.submit(tok.encode(PROMPTS[0]), PARAMS))
+    outs = list(engine.submit(tok.encode(PROMPTS[0]), PARAMS, stream_text=False))
+    assert [o.token_id for o in outs] == alone[PROMPTS[0]]
+    assert all(o.text == "" for o in outs[:-1]) and outs[-1].text == streamed != ""
+    stop = streamed[len(streamed) // 2:][:2]
+    cut = replace(PARAMS, stop=(stop,))
+    assert "".join(o.text for o in engine.submit(tok.encode(PROMPTS[0]), cut,
+                                                  stream_text=False)) == \
+        "".join(o.text for o in engine.submit(tok.encode(PROMPTS[0]), cut)) == \
+        streamed[:streamed.index(stop)]
 
 
 def test_cancel_ends_the_stream_and_frees_blocks(setup):
