@@ -40,18 +40,26 @@ PROMPTS = ["The quick brown fox", "Distributed inference splits a model", "1 2 3
 GREEDY = dict(max_new_tokens=NEW, ignore_eos=True)
 
 
+def encode_prompts(model) -> list[list[int]]:
+    tok = open_checkpoint(model).tokenizer()
+    return [tok.encode(p) for p in PROMPTS]
+
+
+def one_process(model, encoded: list[list[int]]) -> dict:
+    """The greedy tokens and every step's logits of ``model`` in one process."""
+    rec = Recorder(Engine.load(str(model), max_batch=len(encoded), max_seq_len=MAX_SEQ))
+    results = generate(rec, None, encoded, SamplingParams(**GREEDY))
+    return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
+
+
 @pytest.fixture(scope="module")
 def moe_encoded(tiny_mixtrals) -> list[list[int]]:
-    tok = open_checkpoint(tiny_mixtrals[MODEL]).tokenizer()
-    return [tok.encode(p) for p in PROMPTS]
+    return encode_prompts(tiny_mixtrals[MODEL])
 
 
 @pytest.fixture(scope="module")
 def moe_reference(tiny_mixtrals, moe_encoded) -> dict:
-    rec = Recorder(Engine.load(str(tiny_mixtrals[MODEL]), max_batch=len(moe_encoded),
-                               max_seq_len=MAX_SEQ))
-    results = generate(rec, None, moe_encoded, SamplingParams(**GREEDY))
-    return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
+    return one_process(tiny_mixtrals[MODEL], moe_encoded)
 
 
 def ep_world(tmp: Path, model: Path, prompts, *, pp: int, tp: int, dp: int, ep: int,
@@ -170,16 +178,12 @@ UNEVEN_LOAD = {"0": [1, 2, 3, 4, 5, 6, 90, 8], "1": [50, 1, 1, 1, 1, 1, 1, 60]}
 
 @pytest.fixture(scope="module")
 def uneven_encoded(tiny_mixtrals) -> list[list[int]]:
-    tok = open_checkpoint(tiny_mixtrals[UNEVEN]).tokenizer()
-    return [tok.encode(p) for p in PROMPTS]
+    return encode_prompts(tiny_mixtrals[UNEVEN])
 
 
 @pytest.fixture(scope="module")
 def uneven_reference(tiny_mixtrals, uneven_encoded) -> dict:
-    rec = Recorder(Engine.load(str(tiny_mixtrals[UNEVEN]), max_batch=len(uneven_encoded),
-                               max_seq_len=MAX_SEQ))
-    results = generate(rec, None, uneven_encoded, SamplingParams(**GREEDY))
-    return {"tokens": [r.token_ids for r in results], "logits": rec.steps}
+    return one_process(tiny_mixtrals[UNEVEN], uneven_encoded)
 
 
 UNEVEN_RUNS = {  # name: (pp, tp, --ep-dispatch, --hot-experts, shares of the tp x 2 EP ranks)

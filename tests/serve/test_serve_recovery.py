@@ -72,6 +72,19 @@ def stream_all(url: str, started: threading.Event, n: int = len(PROMPTS),
     return results, threads
 
 
+def streams_survive(server, log, reference, kills: list[tuple[int, int]]) -> None:
+    """Start the streams, send each (pid, signal) of ``kills`` once every stream has its
+    first text, and check every stream's text equals the run without a fault."""
+    started = threading.Event()
+    results, threads = stream_all(server.url, started)
+    assert started.wait(60), log.read_text()[-3000:]
+    for pid, sig in kills:
+        os.kill(pid, sig)
+    for t in threads:
+        t.join(120)
+    assert results == reference, log.read_text()[-3000:]
+
+
 def assert_gone(pids: list[int]) -> None:
     """Each of ``pids`` has exited (gone, or a zombie its parent has not reaped yet)."""
     for pid in pids:
@@ -161,14 +174,8 @@ def test_a_survivor_that_does_not_rejoin_restarts_the_replica(tiny_model, tmp_pa
                            log_path=log)
     try:
         workers = children(server.proc.pid)
-        started = threading.Event()
-        results, threads = stream_all(server.url, started)
-        assert started.wait(60), log.read_text()[-3000:]
-        os.kill(workers[0], signal.SIGSTOP)
-        os.kill(workers[1], signal.SIGKILL)
-        for t in threads:
-            t.join(120)
-        assert results == reference, log.read_text()[-3000:]
+        streams_survive(server, log, reference,
+                        [(workers[0], signal.SIGSTOP), (workers[1], signal.SIGKILL)])
         assert "the survivors did not rejoin" in log.read_text()
         now = children(server.proc.pid)
         assert len(now) == 2 and not set(now) & set(workers), (workers, now)
@@ -190,13 +197,7 @@ def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
         workers = children(server.proc.pid)
         assert len(workers) == 3
         assert b'"stages":3' in http("GET", server.url + "/health")[1]
-        started = threading.Event()
-        results, threads = stream_all(server.url, started)
-        assert started.wait(60), log.read_text()[-3000:]
-        os.kill(workers[1], signal.SIGKILL)
-        for t in threads:
-            t.join(120)
-        assert results == reference, log.read_text()[-3000:]
+        streams_survive(server, log, reference, [(workers[1], signal.SIGKILL)])
         status, body = http("GET", server.url + "/health")
         assert status == 200 and b'"stages":2' in body, body
         now = children(server.proc.pid)
@@ -219,13 +220,8 @@ def test_replan_with_data_parallel_replicas(tiny_model, tmp_path, reference):
     try:
         workers = children(server.proc.pid)
         assert len(workers) == 4
-        started = threading.Event()
-        results, threads = stream_all(server.url, started)
-        assert started.wait(60), log.read_text()[-3000:]
-        os.kill(workers[3], signal.SIGKILL)  # replica 1 = workers 2, 3 (stage 1)
-        for t in threads:
-            t.join(120)
-        assert results == reference, log.read_text()[-3000:]
+        # replica 1 = workers 2, 3 (stage 1)
+        streams_survive(server, log, reference, [(workers[3], signal.SIGKILL)])
         deadline, body = time.monotonic() + 60, b""
         while b'"replicas":"2/2"' not in body:  # replica 1 back, re-planned
             assert time.monotonic() < deadline, (body, log.read_text()[-3000:])
@@ -261,13 +257,7 @@ def test_replan_with_a_one_stage_replica_keeps_the_others_serving(tiny_model, tm
                            "--served-model-name", "tiny", log_path=log)
     try:
         workers = children(server.proc.pid)
-        started = threading.Event()
-        results, threads = stream_all(server.url, started)
-        assert started.wait(60), log.read_text()[-3000:]
-        os.kill(workers[1], signal.SIGKILL)
-        for t in threads:
-            t.join(120)
-        assert results == reference, log.read_text()[-3000:]
+        streams_survive(server, log, reference, [(workers[1], signal.SIGKILL)])
         deadline, body = time.monotonic() + 30, b""
         while b'"replicas_down"' not in body:
             assert time.monotonic() < deadline, (body, log.read_text()[-3000:])
