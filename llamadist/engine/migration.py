@@ -35,6 +35,11 @@ from llamadist.planning.devices import (CPU_BANDWIDTH, CPU_FLOPS, REFERENCE_BAND
 from llamadist.planning.profile import profile
 
 POLICIES = ("auto", "migrate", "replay")
+# how a migration's bytes travel between worker processes: "direct" rank to rank
+# (distributed.kv_direct) where both replicas' workers have a KV listener, "relay" through
+# the front's links; "auto" is direct where it can be. A drain's ``kv`` says both as
+# POLICY or POLICY-ROUTE, e.g. "migrate-relay", "auto-direct".
+ROUTES = ("auto", "direct", "relay")
 
 # Loopback TCP through the front's links (distributed.link): each byte is copied into a
 # frame, through the kernel, out of the reader's buffer into a tensor, and again on the way
@@ -42,6 +47,9 @@ POLICIES = ("auto", "migrate", "replay")
 # loaded) 2-core CPU, i.e. ~240 MB/s per hop (benchmarks/RESULTS.md, issue 15 migration);
 # ~1 ms per message with the reader thread and the rank's own work.
 FRONT_RELAY = Link("front-relay", 2e8, 1e-3)
+# Loopback TCP rank to rank (distributed.kv_direct): copied out of the cache, through the
+# kernel once, into the target's cache; the order and the ack still go through the front
+DIRECT_TCP = Link("direct-tcp", 5e8, 1e-3)
 HOST_COPY = Link("host-copy", 3e9, 1e-5)    # an in-process CPU replica: copied out and in
 PCIE = Link("pcie", 25e9, 5e-6)             # an in-process GPU replica: through the host
 
@@ -57,6 +65,17 @@ class KVPath:
 
     def seconds(self, nbytes: float) -> float:
         return self.messages * self.link.latency_s + self.hops * nbytes / self.link.bandwidth
+
+
+def parse_kv(kv: str) -> tuple[str, str]:
+    """A drain's ``kv`` -> (policy, route): "auto" -> ("auto", "auto"), "migrate-relay" ->
+    ("migrate", "relay"). ValueError: not POLICY or POLICY-ROUTE."""
+    policy, _, route = kv.partition("-")
+    route = route or "auto"
+    if policy not in POLICIES or route not in ROUTES:
+        raise ValueError(f"kv must be one of {', '.join(POLICIES)}, optionally followed by "
+                         f"-{'/-'.join(ROUTES[1:])} (e.g. migrate-relay), not {kv!r}")
+    return policy, route
 
 
 def device_rates(device: str) -> tuple[float, float]:
