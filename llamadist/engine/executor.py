@@ -258,7 +258,9 @@ class RankExecutor:
             self.link.send(w, Message(Kind.KV, lane=DIRECT, tensor=address_tensor(source)))
         total, failed = 0, []
         for w in ranks:  # every ack, even after a failure: none may be left for later
-            size = int(self.link.recv_ack(w).tensor[0])
+            size, got = self.link.recv_ack(w).tensor.tolist()
+            while got != tag:  # a late ack of an earlier transfer that timed out here
+                size, got = self.link.recv_ack(w).tensor.tolist()
             if size < 0:
                 failed.append(w)
             total += max(size, 0)

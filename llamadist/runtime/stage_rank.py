@@ -262,7 +262,7 @@ class StageRank:
         rank). Direct (lane DIRECT, distributed.kv_direct): the tensor is [tag, blocks...];
         an EXPORT stages the blocks on this rank's KV listener and tells the front their
         size; an IMPORT reads the source rank's address from the front, fetches the
-        blocks from there and acks (their size, or -1: failed, the front recomputes)."""
+        blocks from there and acks [size, tag] (size -1: failed, the front recomputes)."""
         self._pass_on(msg.kind, msg.tensor, msg.lane)
         if msg.lane == DIRECT:
             self._move_kv_direct(msg)
@@ -304,7 +304,7 @@ class StageRank:
                 log.warning("rank %d: KV fetch %d from %s failed (%s): the front recomputes "
                             "those requests", self.groups.rank, tag, source, e)
             self.front.send(0, Message(Kind.KV, lane=ACK,
-                                       tensor=torch.tensor([size], dtype=torch.int64)))
+                                       tensor=torch.tensor([size, tag], dtype=torch.int64)))
 
     def idle(self) -> None:
         """Nothing in flight any more: from here waits have no deadline."""
