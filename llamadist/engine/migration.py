@@ -70,8 +70,8 @@ class KVPath:
 def parse_kv(kv: str) -> tuple[str, str]:
     """A drain's ``kv`` -> (policy, route): "auto" -> ("auto", "auto"), "migrate-relay" ->
     ("migrate", "relay"). ValueError: not POLICY or POLICY-ROUTE."""
-    policy, _, route = kv.partition("-")
-    route = route or "auto"
+    policy, dash, route = kv.partition("-")
+    route = route if dash else "auto"
     if policy not in POLICIES or route not in ROUTES:
         raise ValueError(f"kv must be one of {', '.join(POLICIES)}, optionally followed by "
                          f"-{'/-'.join(ROUTES[1:])} (e.g. migrate-relay), not {kv!r}")
