@@ -8,9 +8,12 @@ sit in that replica's blocks. Two ways to continue it elsewhere:
   between the replicas' executors and write them into blocks of the target, then decode
   on at once;
       migrate_s = hops x (messages x latency + bytes / bandwidth)
-  with bytes = n x (layers x 2 x H_kv x D x itemsize): the path is the front's TCP links
-  for replicas in worker processes (every byte crosses loopback twice: replica -> front
-  -> replica, ``hops`` = 2) or a host copy for in-process replicas;
+  with bytes = n x (layers x 2 x H_kv x D x itemsize): for replicas in worker processes
+  the path is direct, each source rank's KV listener to the same target rank
+  (distributed.kv_direct: each byte crosses loopback once, ``hops`` = 1), or the front's
+  TCP links (``kv=...-relay``, or where a worker has no listener: every byte crosses
+  loopback twice, replica -> front -> replica, ``hops`` = 2); a host copy for in-process
+  replicas;
 * replay: prefill the ``n`` tokens again on the target (less what its prefix cache
   already holds), the cost model's prefill time (planning.cost.CostModel.prefill_time:
   matmul FLOPs x tokens + causal attention, at the device's FLOP/s and bandwidth).
@@ -48,7 +51,9 @@ ROUTES = ("auto", "direct", "relay")
 # ~1 ms per message with the reader thread and the rank's own work.
 FRONT_RELAY = Link("front-relay", 2e8, 1e-3)
 # Loopback TCP rank to rank (distributed.kv_direct): copied out of the cache, through the
-# kernel once, into the target's cache; the order and the ack still go through the front
+# kernel once, into the target's cache; the order and the ack still go through the front.
+# Measured ~400 MB/s end to end for SmolLM2's blocks on the same loaded 2-core CPU
+# (benchmarks/RESULTS.md, issue 15 direct migration)
 DIRECT_TCP = Link("direct-tcp", 5e8, 1e-3)
 HOST_COPY = Link("host-copy", 3e9, 1e-5)    # an in-process CPU replica: copied out and in
 PCIE = Link("pcie", 25e9, 5e-6)             # an in-process GPU replica: through the host
