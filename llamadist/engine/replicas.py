@@ -182,7 +182,8 @@ class ReplicaSet:
             return 0
         direct = getattr(src, "kv_direct_path", None) if rep.kv_route != "relay" else None
         if rep.kv_route == "direct" and direct is None:
-            log.warning("replica %d has no direct KV path: the front relays", rep.key)
+            log.warning("replica %d has no direct KV path: its KV goes through this process "
+                        "(relayed)", rep.key)
         path = direct or path
         cost = MigrationCost(self.config, src.kv_dtype, _itemsize(src.kv_dtype),
                              src.devices[0])
