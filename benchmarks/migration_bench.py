@@ -12,9 +12,12 @@ a plain decode step for scale, the cost rule's estimates (engine.migration), and
 both ways gave the same tokens.
 
 --mode local: two in-process replicas (LocalExecutor; the KV is copied through host
-memory). --mode front: `llamadist serve MODEL --nproc 2 --dp 2` (the KV goes replica 0's
-worker -> front -> replica 1's worker over the loopback TCP links); the pause is the
-stream's gap around the drain, seen by the client.
+memory). --mode front: `llamadist serve MODEL --nproc 2 --dp 2`, each length drained three
+ways: ``kv=migrate-direct`` (replica 0's worker -> replica 1's worker over the workers' own
+loopback listeners, distributed.kv_direct), ``kv=migrate-relay`` (worker -> front ->
+worker over the front's links) and ``kv=replay``; the pause is the stream's gap around
+the drain, seen by the client (medians of --repeat runs), and the bytes each way comes
+from the server's relayed/direct counters.
 """
 
 from __future__ import annotations
@@ -163,10 +166,15 @@ def metric(url: str, name: str) -> float:
     return 0.0
 
 
+WAYS = ("migrate-direct", "migrate-relay", "replay")
+COUNTERS = ("kv_migration_seconds", "kv_migrated_bytes", "kv_relayed_bytes",
+            "kv_direct_bytes", "kv_migrations")
+
+
 def front(args) -> list[dict]:
     from recovery_bench import _up, free_port
 
-    from llamadist.engine.migration import FRONT_RELAY, KVPath
+    from llamadist.engine.migration import DIRECT_TCP, FRONT_RELAY, KVPath
     from llamadist.weights.checkpoint import open_checkpoint
     config = open_checkpoint(args.model).config
     port = free_port()
@@ -176,34 +184,64 @@ def front(args) -> list[dict]:
            "--port", str(port), "--max-batch", "2", "--max-seq-len", str(seq),
            "--served-model-name", "m", "--dtype", "float32", "--timeout", "60"]
     server = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
-    rows = []
+    rows, salt = [], 10
+
+    def counters() -> dict:
+        return {c: metric(url, f"llamadist_{c}_total") for c in COUNTERS}
     try:
         t0 = time.time()
         while not _up(url):
             if server.poll() is not None or time.time() - t0 > 600:
                 raise SystemExit("the server did not start")
             time.sleep(0.5)
-        path = KVPath(FRONT_RELAY, hops=2, messages=2)
+        paths = {"migrate-direct": KVPath(DIRECT_TCP, hops=1, messages=2),
+                 "migrate-relay": KVPath(FRONT_RELAY, hops=2, messages=2)}
         for n in args.lengths:
             # fresh ids for every run: the server's prefix caches must not hold them
             # (the replicas keep their caches between requests)
             front_run(url, prompt_ids(n, config.vocab_size, 1), "replay", 3)  # warm-up:
-            s0, b0 = metric(url, "llamadist_kv_migration_seconds_total"), \
-                metric(url, "llamadist_kv_migrated_bytes_total")  # both see this length
-            mig, mig_pause = front_run(url, prompt_ids(n, config.vocab_size, 2), "migrate",
-                                       args.new)
-            s1, b1 = metric(url, "llamadist_kv_migration_seconds_total"), \
-                metric(url, "llamadist_kv_migrated_bytes_total")
-            rep, rep_pause = front_run(url, prompt_ids(n, config.vocab_size, 3), "replay",
-                                       args.new)
-            rows.append({"length": n, "migrate_pause_s": mig_pause, "replay_pause_s": rep_pause,
-                         "migration_s": s1 - s0, "migrated_MB": (b1 - b0) / 1e6,
-                         **estimates(config, "float32", n + 2, path)})
+            front_run(url, prompt_ids(n, config.vocab_size, 2), "replay", 3)  # both see n
+            runs: dict[str, list[dict]] = {w: [] for w in WAYS}
+            for _ in range(args.repeat):
+                for way in WAYS:
+                    salt += 1
+                    before = counters()
+                    _, pause = front_run(url, prompt_ids(n, config.vocab_size, salt), way,
+                                         args.new)
+                    after = counters()
+                    runs[way].append({"pause_s": pause, **{c: after[c] - before[c]
+                                                           for c in COUNTERS}})
+            row = {"length": n, "repeat": args.repeat}
+            for way in WAYS:
+                key = way.replace("migrate-", "")
+                row[f"{key}_pause_s"] = median(r["pause_s"] for r in runs[way])
+                if way in paths:
+                    rs = runs[way]
+                    row[f"{key}_migration_s"] = median(r["kv_migration_seconds"] for r in rs)
+                    row[f"{key}_migrated"] = sum(r["kv_migrations"] for r in rs)
+                    row[f"{key}_MB"] = median(r["kv_migrated_bytes"] for r in rs) / 1e6
+                    row[f"{key}_relayed_MB"] = sum(r["kv_relayed_bytes"] for r in rs) / 1e6
+                    row[f"{key}_direct_MB"] = sum(r["kv_direct_bytes"] for r in rs) / 1e6
+                    est = estimates(config, "float32", n + 2, paths[way])
+                    row[f"{key}_est_s"] = est["est_migrate_s"]
+                    row["est_replay_s"] = est["est_replay_s"]
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
     return rows
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return platform.processor()
+    for line in out.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
 
 
 def main() -> None:
@@ -216,9 +254,10 @@ def main() -> None:
     ap.add_argument("--json-out")
     args = ap.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",")]
+    load = os.getloadavg()
     rows = local(args) if args.mode == "local" else front(args)
-    report = {"mode": args.mode, "model": args.model, "machine": platform.processor(),
-              "cpus": os.cpu_count(), "load": os.getloadavg(),
+    report = {"mode": args.mode, "model": args.model, "machine": cpu_model(),
+              "cpus": os.cpu_count(), "load_before": load, "load_after": os.getloadavg(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report))

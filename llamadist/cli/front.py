@@ -48,7 +48,7 @@ from llamadist.cli.replan import Recovery, check_replan, replan
 from llamadist.distributed.faults import EXIT_PEER_LOST, FAULT_VARS
 from llamadist.distributed.launch import Crew, WorkerExit
 from llamadist.distributed.link import (FRONT_ENV, POLL_S, CrewLinks, FrontLink, WorkerLost,
-                                        read_hello)
+                                        read_hello_kv)
 from llamadist.engine.engine import LLMEngine
 from llamadist.engine.executor import RankExecutor
 from llamadist.planning.units import PlanningError
@@ -191,7 +191,7 @@ class Front:
             except OSError:
                 return
             try:
-                index, token = read_hello(sock)
+                index, token, kv = read_hello_kv(sock)
                 r = next(r for r in self.replicas if r.status == "starting" and r.token == token
                          and index in r.crew.indices)
             except Exception as e:  # noqa: BLE001 - a stray or stale connection: drop it
@@ -199,7 +199,7 @@ class Front:
                 sock.close()
                 continue
             with self._cond:
-                self._arrived[(index, r.token)] = FrontLink(sock, index)
+                self._arrived[(index, r.token)] = FrontLink(sock, index, kv)
                 self._cond.notify_all()
 
     def _watch(self) -> None:

@@ -6,8 +6,9 @@
     OBJ   a pickled setup object: hello, the RankSpec, ready, the final report
     BEAT  the worker's heartbeat: seconds inside the current step (8 bytes), then optionally
           its live statistics as JSON (``WorkerLink.stats``); any frame is a sign of life
-    HELLO the worker's first frame, JSON: its index and its incarnation's token (the front
+    HELLO the worker's first frame, JSON: its index, its incarnation's token (the front
           unpickles nothing from a connection before its token matches a worker it started)
+          and the address of its KV data listener (distributed.kv_direct)
 
 Why sockets, not an extra torch.distributed rank: a gloo world cannot lose a member and
 carry on, while the front must outlive every worker; a socket that closes tells the front
@@ -18,7 +19,9 @@ opens new sockets. The steps and tokens are a few KB per step, as over gloo.
 as its front link unchanged; ``FrontLink`` (front side) reads its socket on a thread and
 keeps each worker's messages, objects and last sign of life; ``CrewLinks`` is the view a
 ``RankExecutor`` drives one replica through, failing fast (``WorkerLost``) when any worker
-of that replica dies, stops beating, or misses the step deadline.
+of that replica dies, stops beating, or misses the step deadline. A KV migration's acks
+(distributed.kv_direct: a target rank's "imported", lane ACK) are kept apart from the
+step results, since the target replica's tokens of earlier steps may come first.
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from typing import Any
 import torch
 
 from llamadist.distributed.faults import EXIT_PEER_LOST, PeerError
-from llamadist.distributed.p2p import HEADER_LEN, Message, decode_header, encode_header
+from llamadist.distributed.kv_direct import ACK, KVServer
+from llamadist.distributed.p2p import HEADER_LEN, Kind, Message, decode_header, encode_header
 
 log = logging.getLogger(__name__)
 MSG, OBJ, BEAT, HELLO = 1, 2, 3, 4
@@ -135,7 +139,11 @@ class WorkerLink:
         host, port = address.rsplit(":", 1)
         self._s = _Socket(socket.create_connection((host, int(port))))
         self.index = index
-        self._s.send_frame(HELLO, json.dumps({"hello": index, "token": token}).encode())
+        # KV blocks for another replica's rank are served from here (kv_direct), on the
+        # address this worker reaches the front from
+        self.kv_server = KVServer(self._s.sock.getsockname()[0])
+        self._s.send_frame(HELLO, json.dumps({"hello": index, "token": token,
+                                              "kv": self.kv_server.address}).encode())
         self._beat_s, self._closed = beat_s, False
         # seconds the worker's main thread has been inside one step (0: waiting), sent
         # with each heartbeat so the front can tell a hung rank from one that waits
@@ -214,6 +222,7 @@ class WorkerLink:
 
     def close(self) -> None:
         self._closed = True
+        self.kv_server.close()
         self._s.close()
 
     def _send(self, kind: int, payload: bytes) -> None:
@@ -252,22 +261,31 @@ def read_beat(body: bytes) -> tuple[float, dict | None]:
 
 def read_hello(sock: socket.socket, timeout: float = 30.0) -> tuple[int, str]:
     """(index, token) from a new connection's first frame (JSON, never a pickle)."""
+    return read_hello_kv(sock, timeout)[:2]
+
+
+def read_hello_kv(sock: socket.socket, timeout: float = 30.0) -> tuple[int, str, str | None]:
+    """``read_hello`` and the worker's KV listener address (None: it has none)."""
     sock.settimeout(timeout)
     kind, body = _Socket(sock).recv_frame()
     sock.settimeout(None)
     if kind != HELLO or len(body) > 4096:
         raise ValueError(f"the first frame is of type {kind}, not a hello")
     hello = json.loads(body)
-    return int(hello["hello"]), str(hello["token"])
+    kv = hello.get("kv")
+    return int(hello["hello"]), str(hello["token"]), str(kv) if kv else None
 
 
 class FrontLink:
     """The front's end of one worker's connection, read by a thread of its own."""
 
-    def __init__(self, sock: socket.socket, index: int):
+    def __init__(self, sock: socket.socket, index: int, kv_address: str | None = None):
         self._s = _Socket(sock)
         self.index = index
+        self.kv_address = kv_address  # the worker's KV data listener (kv_direct), if any
         self.messages: queue.Queue = queue.Queue()
+        self.acks: queue.Queue = queue.Queue()  # KV imports' acks (lane ACK)
+        self.kv_bytes_in = self.kv_bytes_out = 0  # KV relayed through this front (bytes)
         self.objects: queue.Queue = queue.Queue()
         self.seen = time.monotonic()  # the last frame's arrival
         self.stuck_s = 0.0  # the last heartbeat's time inside one step
@@ -281,7 +299,13 @@ class FrontLink:
                 kind, body = self._s.recv_frame()
                 self.seen = time.monotonic()
                 if kind == MSG:
-                    self.messages.put(_decode(body))
+                    msg = _decode(body)
+                    if msg.kind == Kind.KV and msg.lane == ACK:
+                        self.acks.put(msg)
+                        continue
+                    if msg.kind == Kind.KV and msg.tensor is not None:
+                        self.kv_bytes_in += msg.tensor.nbytes
+                    self.messages.put(msg)
                 elif kind == OBJ:
                     self.objects.put(pickle.loads(body))
                 elif kind == BEAT:
@@ -294,12 +318,15 @@ class FrontLink:
                 else "closed its connection (it died or exited)"
             self.messages.put(_GONE)
             self.objects.put(_GONE)
+            self.acks.put(_GONE)
 
     def stuck(self, now: float) -> float:
         """Seconds the worker has been inside one step, as of ``now`` (0: it waits)."""
         return self.stuck_s + (now - self.seen) if self.stuck_s > 0 else 0.0
 
     def send(self, msg: Message) -> None:
+        if msg.kind == Kind.KV and msg.tensor is not None:
+            self.kv_bytes_out += msg.tensor.nbytes
         self._s.send_frame(MSG, _encode(msg))
 
     def send_obj(self, obj: Any) -> None:
@@ -338,10 +365,17 @@ class CrewLinks:
                                                 f"the front sent a step ({e})") from e
 
     def recv(self, src: int, idle: bool = False) -> Message:
+        return self._wait(src, "messages", idle)
+
+    def recv_ack(self, src: int) -> Message:
+        """Worker ``src``'s next KV import ack (kv_direct), within ``timeout``."""
+        return self._wait(src, "acks", False)
+
+    def _wait(self, src: int, box: str, idle: bool) -> Message:
         link, t0 = self.links[src], time.monotonic()
         while True:
             self._check()
-            item = link.get(link.messages, POLL_S)
+            item = link.get(getattr(link, box), POLL_S)
             if item is _GONE:
                 raise WorkerLost(self.replica, src, f"worker {src} {link.lost}", link.seen)
             if item is not None:

@@ -61,6 +61,8 @@ class EngineStats:
     migrated_requests: int = 0       # moved to another replica with their KV (a drain)
     migrated_blocks: int = 0         # KV blocks they took
     migrated_bytes: int = 0          # bytes of those blocks (every layer's K and V)
+    kv_relayed_bytes: int = 0        # of them, through this process (the front relayed)
+    kv_direct_bytes: int = 0         # of them, rank to rank (distributed.kv_direct)
     migration_s: float = 0.0         # export + transfer + import
     drain_replayed: int = 0          # running requests of a drained replica recomputed instead
 

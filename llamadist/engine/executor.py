@@ -15,6 +15,12 @@ rank in the replica's rank order), ``import_kv(block_ids, payload)`` writes anot
 replica's export (same layout) into its own blocks; both only between steps, in order
 with them. ``kv_path`` says how the bytes travel (engine.migration's cost rule), None
 where the executor cannot move KV (then a drain replays).
+
+A ``RankExecutor`` whose workers all have a KV listener (``kv_sources``: under the front)
+also moves KV directly, rank to rank (distributed.kv_direct): ``export_kv_direct`` stages
+the blocks on the source ranks' listeners under a tag, ``import_kv_direct`` sends each
+target rank to its counterpart and waits for every rank's ack, so the bytes never pass
+through the front and the import is done before the target's next step is scheduled.
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ import torch
 
 from llamadist.config import ModelConfig, to_device
 from llamadist.distributed.faults import PeerError
+from llamadist.distributed.kv_direct import DIRECT, address_tensor
 from llamadist.distributed.p2p import Kind, Message
-from llamadist.engine.migration import FRONT_RELAY, HOST_COPY, PCIE, KVPath
+from llamadist.engine.migration import DIRECT_TCP, FRONT_RELAY, HOST_COPY, PCIE, KVPath
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import parse_dtype
 from llamadist.runtime.stage_rank import StageRank
@@ -198,6 +205,69 @@ class RankExecutor:
 
     def _ranks(self) -> list[int]:
         return sorted(self.link.links)  # the replica's workers, in its rank order
+
+    # ---- direct, rank to rank (distributed.kv_direct) -------------------------------------
+    @property
+    def kv_sources(self) -> list[str] | None:
+        """Each rank's KV listener in rank order, or None where any has none (torchrun, an
+        in-process rank, a worker without one): then only the relay moves KV."""
+        links = getattr(self.link, "links", None)
+        if not self.remote or links is None:
+            return None
+        found = [getattr(links[w], "kv_address", None) for w in sorted(links)]
+        return found if found and all(found) else None
+
+    @property
+    def kv_direct_path(self) -> KVPath | None:
+        """Each byte crosses loopback once, source rank to target rank; per rank, an order
+        and an answer each way through the front (a few bytes) and one connection."""
+        if self.kv_sources is None:
+            return None
+        return KVPath(DIRECT_TCP, hops=1, messages=2 * len(self.link.links))
+
+    def export_kv_direct(self, block_ids: Sequence[int], tag: int) -> int:
+        """Every rank stages its blocks of ``block_ids`` on its listener under ``tag``
+        (the replica has nothing in flight: its answers come first). -> bytes staged."""
+        self.link.send(self.leader, Message(Kind.EXPORT, lane=DIRECT,
+                                            tensor=_ids([tag, *block_ids])))
+        total = 0
+        for w in self._ranks():
+            msg = self.link.recv(w)
+            if msg.kind != Kind.KV or msg.lane != DIRECT:
+                raise RuntimeError(f"replica {self.replica}: rank {w} answered a direct "
+                                   f"EXPORT with a {msg.kind!r} message")
+            size = int(msg.tensor[0])
+            if size < 0:
+                raise RuntimeError(f"replica {self.replica}: rank {w} has no KV listener")
+            total += size
+        return total
+
+    def import_kv_direct(self, block_ids: Sequence[int], tag: int,
+                         sources: list[str]) -> int:
+        """IMPORT (tag, ``block_ids``) down the step paths, then each rank the address of
+        the source rank at its position; waits for every rank's ack (the target may still
+        send tokens of earlier steps: acks come apart). -> bytes imported. Raises where
+        any rank failed to fetch (the engine recomputes those requests)."""
+        ranks = self._ranks()
+        if len(sources) != len(ranks):
+            raise ValueError(f"KV of {len(sources)} ranks for replica {self.replica}'s "
+                             f"{len(ranks)}")
+        self.link.send(self.leader, Message(Kind.IMPORT, lane=DIRECT,
+                                            tensor=_ids([tag, *block_ids])))
+        for w, source in zip(ranks, sources):
+            self.link.send(w, Message(Kind.KV, lane=DIRECT, tensor=address_tensor(source)))
+        total, failed = 0, []
+        for w in ranks:  # every ack, even after a failure: none may be left for later
+            size, got = self.link.recv_ack(w).tensor.tolist()
+            while got != tag:  # a late ack of an earlier transfer that timed out here
+                size, got = self.link.recv_ack(w).tensor.tolist()
+            if size < 0:
+                failed.append(w)
+            total += max(size, 0)
+        if failed:
+            raise RuntimeError(f"replica {self.replica}: rank(s) {failed} could not fetch "
+                               f"their KV directly")
+        return total
 
     def export_kv(self, block_ids: Sequence[int]) -> list[torch.Tensor]:
         """EXPORT travels the step paths (after every step sent before it); each rank

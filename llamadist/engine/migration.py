@@ -8,9 +8,12 @@ sit in that replica's blocks. Two ways to continue it elsewhere:
   between the replicas' executors and write them into blocks of the target, then decode
   on at once;
       migrate_s = hops x (messages x latency + bytes / bandwidth)
-  with bytes = n x (layers x 2 x H_kv x D x itemsize): the path is the front's TCP links
-  for replicas in worker processes (every byte crosses loopback twice: replica -> front
-  -> replica, ``hops`` = 2) or a host copy for in-process replicas;
+  with bytes = n x (layers x 2 x H_kv x D x itemsize): for replicas in worker processes
+  the path is direct, each source rank's KV listener to the same target rank
+  (distributed.kv_direct: each byte crosses loopback once, ``hops`` = 1), or the front's
+  TCP links (``kv=...-relay``, or where a worker has no listener: every byte crosses
+  loopback twice, replica -> front -> replica, ``hops`` = 2); a host copy for in-process
+  replicas;
 * replay: prefill the ``n`` tokens again on the target (less what its prefix cache
   already holds), the cost model's prefill time (planning.cost.CostModel.prefill_time:
   matmul FLOPs x tokens + causal attention, at the device's FLOP/s and bandwidth).
@@ -35,6 +38,11 @@ from llamadist.planning.devices import (CPU_BANDWIDTH, CPU_FLOPS, REFERENCE_BAND
 from llamadist.planning.profile import profile
 
 POLICIES = ("auto", "migrate", "replay")
+# how a migration's bytes travel between worker processes: "direct" rank to rank
+# (distributed.kv_direct) where both replicas' workers have a KV listener, "relay" through
+# the front's links; "auto" is direct where it can be. A drain's ``kv`` says both as
+# POLICY or POLICY-ROUTE, e.g. "migrate-relay", "auto-direct".
+ROUTES = ("auto", "direct", "relay")
 
 # Loopback TCP through the front's links (distributed.link): each byte is copied into a
 # frame, through the kernel, out of the reader's buffer into a tensor, and again on the way
@@ -42,6 +50,11 @@ POLICIES = ("auto", "migrate", "replay")
 # loaded) 2-core CPU, i.e. ~240 MB/s per hop (benchmarks/RESULTS.md, issue 15 migration);
 # ~1 ms per message with the reader thread and the rank's own work.
 FRONT_RELAY = Link("front-relay", 2e8, 1e-3)
+# Loopback TCP rank to rank (distributed.kv_direct): copied out of the cache, through the
+# kernel once, into the target's cache; the order and the ack still go through the front.
+# Measured ~400 MB/s end to end for SmolLM2's blocks on the same loaded 2-core CPU
+# (benchmarks/RESULTS.md, issue 15 direct migration)
+DIRECT_TCP = Link("direct-tcp", 5e8, 1e-3)
 HOST_COPY = Link("host-copy", 3e9, 1e-5)    # an in-process CPU replica: copied out and in
 PCIE = Link("pcie", 25e9, 5e-6)             # an in-process GPU replica: through the host
 
@@ -57,6 +70,17 @@ class KVPath:
 
     def seconds(self, nbytes: float) -> float:
         return self.messages * self.link.latency_s + self.hops * nbytes / self.link.bandwidth
+
+
+def parse_kv(kv: str) -> tuple[str, str]:
+    """A drain's ``kv`` -> (policy, route): "auto" -> ("auto", "auto"), "migrate-relay" ->
+    ("migrate", "relay"). ValueError: not POLICY or POLICY-ROUTE."""
+    policy, dash, route = kv.partition("-")
+    route = route if dash else "auto"
+    if policy not in POLICIES or route not in ROUTES:
+        raise ValueError(f"kv must be one of {', '.join(POLICIES)}, optionally followed by "
+                         f"-{'/-'.join(ROUTES[1:])} (e.g. migrate-relay), not {kv!r}")
+    return policy, route
 
 
 def device_rates(device: str) -> tuple[float, float]:

@@ -22,7 +22,7 @@ import torch
 
 from llamadist.engine.executor import Executor
 from llamadist.engine.kv_blocks import BlockPool
-from llamadist.engine.migration import POLICIES, MigrationCost
+from llamadist.engine.migration import MigrationCost, parse_kv
 from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler
 
@@ -40,6 +40,7 @@ class Replica:
     busy: bool = False  # steps launched since the executor was last told it is idle
     steps: int = 0      # steps launched on it (this executor's)
     kv_policy: str = "auto"  # a drain's: auto | migrate | replay (engine.migration)
+    kv_route: str = "auto"   # and how the bytes go: auto | direct | relay
 
     @property
     def load(self) -> int:
@@ -132,10 +133,11 @@ class ReplicaSet:
         """Replica ``key`` takes no new request and launches no new step; its requests
         move to the others once its steps in flight are collected, the running ones with
         their KV blocks where that is cheaper (``kv``: "auto"; "migrate" or "replay"
-        force one way). LookupError: no such replica; RuntimeError: no other replica
-        would serve; ValueError: an unknown ``kv``."""
-        if kv not in POLICIES:
-            raise ValueError(f"kv must be one of {', '.join(POLICIES)}, not {kv!r}")
+        force one way; a suffix "-direct" or "-relay" forces how the bytes travel between
+        worker processes, else direct where both replicas can: engine.migration.parse_kv).
+        LookupError: no such replica; RuntimeError: no other replica would serve;
+        ValueError: an unknown ``kv``."""
+        policy, route = parse_kv(kv)
         rep = self._replica(key)
         if self.lockstep:
             raise RuntimeError("the replicas share their experts (lockstep): none can stop "
@@ -144,7 +146,7 @@ class ReplicaSet:
                                              if r.key != key and r.key not in self.drained]:
             raise RuntimeError(f"replica {key} is the only one serving: nothing would take "
                                f"its requests")
-        rep.kv_policy = kv
+        rep.kv_policy, rep.kv_route = policy, route
         self.drained.add(key)
         self.move_drained()
 
@@ -178,13 +180,20 @@ class ReplicaSet:
         path = getattr(src, "kv_path", None)
         if rep.kv_policy == "replay" or path is None:
             return 0
+        direct = getattr(src, "kv_direct_path", None) if rep.kv_route != "relay" else None
+        if rep.kv_route == "direct" and direct is None:
+            log.warning("replica %d has no direct KV path: its KV goes through this process "
+                        "(relayed)", rep.key)
+        path = direct or path
         cost = MigrationCost(self.config, src.kv_dtype, _itemsize(src.kv_dtype),
                              src.devices[0])
         groups: dict[int, tuple[Replica, list[Request]]] = {}
         room: dict[int, list[int]] = {}  # per target: [free blocks, free batch slots]
         for req in list(rep.scheduler.running):
             targets = [r for r in self.serving() if r is not rep and r.key not in self.drained
-                       and getattr(r.executor, "kv_path", None) is not None]
+                       and getattr(r.executor, "kv_path", None) is not None
+                       and (direct is None
+                            or getattr(r.executor, "kv_sources", None) is not None)]
             if not targets or req.num_computed <= 0:
                 continue
             target = min(targets, key=lambda r: r.load + len(groups.get(id(r), (0, []))[1]))
@@ -198,15 +207,24 @@ class ReplicaSet:
                 continue
             left[0], left[1] = left[0] - need, left[1] - 1
             groups.setdefault(id(target), (target, []))[1].append(req)
-        return sum(self._ship(rep, target, reqs) for target, reqs in groups.values())
+        return sum(self._ship(rep, target, reqs, direct is not None)
+                   for target, reqs in groups.values())
 
-    def _ship(self, rep: Replica, target: Replica, reqs: list[Request]) -> int:
-        """Export ``reqs``' blocks from ``rep``, hand them over, import into ``target``."""
+    def _ship(self, rep: Replica, target: Replica, reqs: list[Request],
+              direct: bool = False) -> int:
+        """Export ``reqs``' blocks from ``rep``, hand them over, import into ``target``:
+        through this process (relayed) or ``direct``ly rank to rank (distributed.kv_direct:
+        the source ranks stage them under a tag, the target ranks fetch them and ack)."""
         t0 = time.perf_counter()
         src_blocks = [b for r in reqs for b in r.block_ids[:rep.scheduler.pool.blocks_for(
             r.num_computed)]]
+        self._kv_tag = tag = getattr(self, "_kv_tag", 0) + 1
         try:
-            payload = rep.executor.export_kv(src_blocks)
+            if direct:
+                nbytes = rep.executor.export_kv_direct(src_blocks, tag)
+            else:
+                payload = rep.executor.export_kv(src_blocks)
+                nbytes = sum(t.nbytes for t in payload)
         except Exception as e:  # noqa: BLE001 - they replay instead
             log.warning("replica %d: KV export failed (%s): %d request(s) replay", rep.key, e,
                         len(reqs))
@@ -224,7 +242,13 @@ class ReplicaSet:
         try:
             if len(moved) != len(reqs):  # (not expected: room was counted) the payload
                 raise RuntimeError("the target ran out of room")  # no longer lines up
-            target.executor.import_kv(dst_blocks, payload)
+            if direct:
+                got_bytes = target.executor.import_kv_direct(dst_blocks, tag,
+                                                             rep.executor.kv_sources)
+                if got_bytes != nbytes:
+                    raise RuntimeError(f"{got_bytes} bytes imported of {nbytes} exported")
+            else:
+                target.executor.import_kv(dst_blocks, payload)
         except Exception as e:  # noqa: BLE001 - they recompute on the target
             log.warning("replica %d: KV import failed (%s): %d request(s) recompute",
                         target.key, e, len(moved))
@@ -235,11 +259,15 @@ class ReplicaSet:
         st = self.stats
         st.migrated_requests += len(moved)
         st.migrated_blocks += len(dst_blocks)
-        st.migrated_bytes += sum(t.nbytes for t in payload)
+        st.migrated_bytes += nbytes
+        if direct:
+            st.kv_direct_bytes += nbytes
+        else:
+            st.kv_relayed_bytes += nbytes
         st.migration_s += time.perf_counter() - t0
-        log.info("replica %d -> %d: %d request(s) migrated with %d KV blocks (%.1f MB) in "
-                 "%.3f s", rep.key, target.key, len(moved), len(dst_blocks),
-                 sum(t.nbytes for t in payload) / 1e6, time.perf_counter() - t0)
+        log.info("replica %d -> %d: %d request(s) migrated with %d KV blocks (%.1f MB, %s) "
+                 "in %.3f s", rep.key, target.key, len(moved), len(dst_blocks), nbytes / 1e6,
+                 "direct" if direct else "relayed", time.perf_counter() - t0)
         return len(moved)
 
     def replica_states(self) -> dict[int, dict]:

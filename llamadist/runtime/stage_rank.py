@@ -38,6 +38,7 @@ import torch
 from llamadist.config import RuntimeConfig
 from llamadist.distributed.faults import PeerError, Watchdog, collective_lost, fault_hook
 from llamadist.distributed.grid import rank_of
+from llamadist.distributed.kv_direct import ACK, DIRECT, fetch, tensor_address
 from llamadist.distributed.groups import ParallelGroups, rebind_groups, unbind_groups
 from llamadist.distributed.p2p import P2P, Kind, Message
 from llamadist.parallel.expert import join_expert_collectives
@@ -244,21 +245,28 @@ class StageRank:
             if tokens is not None:
                 self.front.send(0, Message(Kind.TOKENS, tensor=tokens))
 
-    def _pass_on(self, kind: Kind, tensor: torch.Tensor | None = None) -> None:
+    def _pass_on(self, kind: Kind, tensor: torch.Tensor | None = None, lane: int = 0) -> None:
         """Send a control message on every path this rank feeds steps to."""
         g = self.groups
         if self.is_leader:
             for peer in g.stage.ranks[1:]:
-                self.tp_link.send(peer, Message(kind, tensor=tensor))
+                self.tp_link.send(peer, Message(kind, lane=lane, tensor=tensor))
         if not g.pp.is_last:
-            self.pipe.send(g.pp.next_rank, Message(kind, tensor=tensor))
+            self.pipe.send(g.pp.next_rank, Message(kind, lane=lane, tensor=tensor))
 
     def move_kv(self, msg: Message) -> None:
         """A KV migration (engine.replicas): EXPORT or IMPORT of the blocks ``msg.tensor``
-        lists, passed on like a step (so it comes in order with the steps on every rank),
-        then this rank's own layers' blocks go to the front, or come from it, over this
-        rank's own link (the front relays them to the other replica's same rank)."""
-        self._pass_on(msg.kind, msg.tensor)
+        lists, passed on like a step (so it comes in order with the steps on every rank).
+        Relayed (lane RELAY): this rank's own layers' blocks go to the front, or come from
+        it, over this rank's own link (the front relays them to the other replica's same
+        rank). Direct (lane DIRECT, distributed.kv_direct): the tensor is [tag, blocks...];
+        an EXPORT stages the blocks on this rank's KV listener and tells the front their
+        size; an IMPORT reads the source rank's address from the front, fetches the
+        blocks from there and acks [size, tag] (size -1: failed, the front recomputes)."""
+        self._pass_on(msg.kind, msg.tensor, msg.lane)
+        if msg.lane == DIRECT:
+            self._move_kv_direct(msg)
+            return
         ids, cache = msg.tensor.tolist(), self.stage.paged
         with torch.inference_mode():
             if msg.kind == Kind.EXPORT:
@@ -269,6 +277,34 @@ class StageRank:
                     raise RuntimeError(f"an IMPORT of {len(ids)} blocks got a {data.kind!r} "
                                        f"message instead of their KV")
                 cache.import_blocks(ids, data.tensor)
+
+    def _move_kv_direct(self, msg: Message) -> None:
+        tag, *ids = msg.tensor.tolist()
+        cache, server = self.stage.paged, getattr(self.front, "kv_server", None)
+        with torch.inference_mode():
+            if msg.kind == Kind.EXPORT:
+                size = -1
+                if server is not None:
+                    data = cache.export_blocks(ids)
+                    server.stage(tag, data)
+                    size = data.nbytes
+                self.front.send(0, Message(Kind.KV, lane=DIRECT,
+                                           tensor=torch.tensor([size], dtype=torch.int64)))
+                return
+            where = self.front.recv(0)
+            if where.kind != Kind.KV or where.lane != DIRECT:
+                raise RuntimeError(f"a direct IMPORT of {len(ids)} blocks got a "
+                                   f"{where.kind!r} message instead of their source")
+            source, size = tensor_address(where.tensor), -1
+            try:
+                data = fetch(source, tag, self.timeout)
+                cache.import_blocks(ids, data)
+                size = data.nbytes
+            except (OSError, ConnectionError, LookupError, ValueError, RuntimeError) as e:
+                log.warning("rank %d: KV fetch %d from %s failed (%s): the front recomputes "
+                            "those requests", self.groups.rank, tag, source, e)
+            self.front.send(0, Message(Kind.KV, lane=ACK,
+                                       tensor=torch.tensor([size, tag], dtype=torch.int64)))
 
     def idle(self) -> None:
         """Nothing in flight any more: from here waits have no deadline."""

@@ -63,6 +63,10 @@ class EngineCollector:
                  "(no prefill)", st.migrated_requests),
                 ("kv_migrated_blocks", "KV blocks migrated", st.migrated_blocks),
                 ("kv_migrated_bytes", "KV bytes migrated", st.migrated_bytes),
+                ("kv_relayed_bytes", "of them, relayed through the engine's process (the "
+                 "front)", st.kv_relayed_bytes),
+                ("kv_direct_bytes", "of them, sent straight from the source replica's "
+                 "ranks to the target's", st.kv_direct_bytes),
                 ("kv_migration_seconds", "seconds exporting, relaying and importing KV "
                  "blocks", st.migration_s),
                 ("drain_replayed_requests", "running requests of a drained replica "

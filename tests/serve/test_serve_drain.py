@@ -1,8 +1,10 @@
 """Maintenance and chaos under `llamadist serve --nproc 2 --dp 2`: a replica drained
 mid-generation hands its requests to the other without losing or repeating a token and
-gets no more steps, its running requests taking their KV blocks with them (migrated
-through the front's links, not recomputed); workers killed at random while streams run
-cost no request and leave no process behind."""
+gets no more steps, its running requests taking their KV blocks with them (migrated, not
+recomputed: by default straight from the drained replica's ranks to the same ranks of the
+other, the front carrying only the orders and acks; with kv=migrate-relay through the
+front's links; a direct transfer that fails recomputes); workers killed at random while
+streams run cost no request and leave no process behind."""
 
 import json
 import os
@@ -23,6 +25,19 @@ def states(url: str) -> dict:
     return json.loads(http("GET", url + "/health", timeout=5)[1])["replica_states"]
 
 
+def migrated(text: str, route: str) -> None:
+    """At least one request moved with its KV, none recomputed, every block counted, and
+    all the bytes went ``route`` ("direct": none through the front; "relay": all)."""
+    moved = metric(text, "llamadist_kv_migrations_total")
+    assert moved >= 1 and metric(text, "llamadist_drain_replayed_requests_total") == 0
+    assert metric(text, "llamadist_kv_migrated_blocks_total") >= moved
+    total = metric(text, "llamadist_kv_migrated_bytes_total")
+    relayed = metric(text, "llamadist_kv_relayed_bytes_total")
+    direct = metric(text, "llamadist_kv_direct_bytes_total")
+    assert total > 0 and relayed + direct == total
+    assert (direct, relayed) == ((total, 0) if route == "direct" else (0, total))
+
+
 def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_path, reference):
     log = tmp_path / "server.log"
     # --max-batch 8: replica 0 has a batch slot for each of replica 1's requests (a full
@@ -41,6 +56,7 @@ def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_pa
         assert http("POST", drain + "x", headers=AUTH)[0] == 400
         assert http("POST", drain + "5", headers=AUTH)[0] == 404
         assert http("POST", drain + "1&kv=teleport", headers=AUTH)[0] == 400
+        assert http("POST", drain + "1&kv=migrate-pigeon", headers=AUTH)[0] == 400
         # kv=migrate: this tiny model's KV is about as cheap to recompute as to ship
         # (engine.migration), so force the migration to show it
         status, body = http("POST", drain + "1&kv=migrate", headers=AUTH)
@@ -55,11 +71,7 @@ def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_pa
         for t in threads:
             t.join(120)
         assert results == reference, log.read_text()[-3000:]
-        text = http("GET", server.url + "/metrics")[1].decode()
-        moved = metric(text, "llamadist_kv_migrations_total")
-        assert moved >= 1 and metric(text, "llamadist_drain_replayed_requests_total") == 0
-        assert metric(text, "llamadist_kv_migrated_blocks_total") >= moved
-        assert metric(text, "llamadist_kv_migrated_bytes_total") > 0
+        migrated(http("GET", server.url + "/metrics")[1].decode(), "direct")  # the default
         after = states(server.url)
         assert after["1"] == {"state": "drained", "steps": steps}  # no step since
         assert after["0"]["steps"] > before["0"]["steps"]
@@ -77,7 +89,7 @@ def test_drain_moves_a_replica_s_requests_and_stops_its_steps(tiny_model, tmp_pa
 
 def test_drain_migrates_each_stage_s_kv_to_the_same_stage(tiny_model, tmp_path, reference):
     """--pp 2 --dp 2: each of the drained replica's two stage workers sends its own layers'
-    blocks, relayed by the front to the other replica's worker of the same stage."""
+    blocks straight to the other replica's worker of the same stage."""
     log = tmp_path / "server.log"
     server = ServerProcess(tiny_model, "--nproc", "4", "--pp", "2", "--dp", "2",
                            "--max-seq-len", "256", "--max-batch", "8", "--timeout", "20",
@@ -93,10 +105,52 @@ def test_drain_migrates_each_stage_s_kv_to_the_same_stage(tiny_model, tmp_path, 
         assert results == reference, log.read_text()[-3000:]
         text = http("GET", server.url + "/metrics")[1].decode()
         assert metric(text, "llamadist_kv_migrations_total") >= 1, log.read_text()[-3000:]
-        assert metric(text, "llamadist_drain_replayed_requests_total") == 0
+        migrated(text, "direct")
     finally:
         code = server.stop()
     assert code == 0, log.read_text()[-3000:]
+
+
+def drain_one(tiny_model, tmp_path, reference, kv: str,
+              env: dict | None = None) -> tuple[str, str]:
+    """Replica 1 of `--nproc 2 --dp 2` drained with ``kv`` while 8 streams run: every text
+    equals the reference; -> (the metrics afterwards, the server's log)."""
+    log = tmp_path / "server.log"
+    server = ServerProcess(tiny_model, "--nproc", "2", "--dp", "2", "--max-seq-len", "256",
+                           "--max-batch", "8", "--timeout", "10", "--served-model-name",
+                           "tiny", log_path=log, env=env)
+    try:
+        started = threading.Event()
+        results, threads = stream_all(server.url, started)
+        assert started.wait(60), log.read_text()[-3000:]
+        status, body = http("POST", server.url + f"/admin/drain?replica=1&kv={kv}")
+        assert status == 200, body
+        assert any(t.is_alive() for t in threads)  # drained mid-generation
+        for t in threads:
+            t.join(120)
+        assert results == reference, log.read_text()[-3000:]
+        text = http("GET", server.url + "/metrics")[1].decode()
+    finally:
+        code = server.stop()
+        assert code == 0, log.read_text()[-3000:]
+    return text, log.read_text()
+
+
+def test_drain_relays_the_kv_through_the_front_when_asked(tiny_model, tmp_path, reference):
+    migrated(drain_one(tiny_model, tmp_path, reference, "migrate-relay")[0], "relay")
+
+
+def test_a_failed_direct_transfer_recomputes(tiny_model, tmp_path, reference):
+    """The drained replica's rank closes its KV listener as soon as it has staged the
+    blocks (test hook): the target's connection is refused, it acks the failure, and
+    the requests recompute on the target with the same texts; nothing counts as
+    migrated, nothing was relayed."""
+    text, log = drain_one(tiny_model, tmp_path, reference, "migrate-direct",
+                          env={"LLAMADIST_TEST_KV_DIRECT_FAIL": "refuse"})
+    assert "Connection refused" in log and "could not fetch their KV directly" in log, log
+    assert metric(text, "llamadist_drain_replayed_requests_total") >= 1
+    for name in ("kv_migrations", "kv_migrated_bytes", "kv_relayed_bytes", "kv_direct_bytes"):
+        assert metric(text, f"llamadist_{name}_total") == 0, name
 
 
 def test_chaos_kills_cost_no_request_and_leave_no_process(tiny_model, tmp_path, reference):
