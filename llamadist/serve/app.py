@@ -4,7 +4,8 @@ GET /health, GET /metrics, GET / (the chat page); POST /admin/drain?replica=K an
 POST /admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
 service for maintenance and bring it back; a drain's running requests move with their KV
 blocks where that is cheaper than recomputing them (``&kv=auto``, the default; ``migrate``
-or ``replay`` force one way: engine.migration).
+or ``replay`` force one way; a ``-direct`` or ``-relay`` suffix, e.g. ``migrate-relay``,
+picks the blocks' route: rank to rank, or through the front: engine.migration).
 
 Every bad request is answered in the OpenAI error format with a 4xx (400 a bad field,
 401 a wrong or missing key, 404 an unknown model or route, 413 a body too large, 429 a
@@ -92,7 +93,7 @@ class Server:
             raise ApiError(400, f"give the replica to {what} as ?replica=K (an integer), "
                                 f"{got}", param="replica") from None
         kw = {}
-        if what == "drain":  # the running requests' KV: auto (the cost rule), migrate, replay
+        if what == "drain":  # the running requests' KV: auto | migrate | replay [-direct|-relay]
             kw["kv"] = request.query_params.get("kv", "auto")  # checked by the engine's side
         try:
             states = await self.frontend.engine.rpc("admin", what, key, kw, timeout=None)
