@@ -477,13 +477,16 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
     const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
     const float *xd = scratch_share(scratch, m, k), *xs = xd + m * (k / 32);
     const int8_t *xq = (const int8_t *)(xs + m * (k / 32));
+    if (half) {
+        hrows(type, w, x, bias, y, m, j0, j1, k, ldx, ldy, accumulate);
+        return;
+    }
     const qdot_fn dot = q8 ? pick_dot(type) : NULL;
-    const fdot_fn fdot = q8 || is_k || half ? NULL : pick_fdot(type);
+    const fdot_fn fdot = q8 || is_k ? NULL : pick_fdot(type);
     for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * rb;
         for (int64_t r = 0; r < m; ++r) { /* the row is read from memory once, then cache */
-            float v = half ? hdot(type, wr, x + r * ldx, k)
-                      : is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
+            float v = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
                       : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
                            : fdot(wr, x + r * ldx, xs + r * (k / 32), nb);
             v += bias ? bias[j] : 0.0f;

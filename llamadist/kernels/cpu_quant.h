@@ -85,5 +85,8 @@ float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int6
 /* cpu_quant_half.c: k 16-bit floats (F16 or BF16) -> floats; a row of k of them . x */
 void dequant_half(int type, const uint8_t *w, int64_t k, float *out);
 float hdot(int type, const uint8_t *w, const float *x, int64_t k);
+/* ... and rows j0 <= j < j1 of W (n, k) . the m rows of x: y[r * ldy + j] (=|+=) + bias[j] */
+void hrows(int type, const uint8_t *w, const float *x, const float *bias, float *y, int64_t m,
+           int64_t j0, int64_t j1, int64_t k, int64_t ldx, int64_t ldy, int accumulate);
 
 #endif
