@@ -7,12 +7,14 @@
    runs at the speed the weights stream from memory, plus whatever the step spends around
    its matmuls. PyTorch's CPU matmul reads these shapes at about half the machine's read
    bandwidth, and a decoder layer run op by op costs some forty PyTorch calls of a few
-   microseconds each (benchmarks/RESULTS.md). Here the matmul loop reads each thread's weight rows
-   front to back, one row at a time with four independent accumulator chains (FMA latency
-   hidden, one sequential stream for the prefetcher), and the layer is one call: one OpenMP parallel region in
-   which the threads split every matmul's rows and every attention's heads, with a
-   barrier only where a step reads what other threads wrote (six a layer: the norms, the
-   activation quantization and the SwiGLU product are redone by every thread instead).
+   microseconds each (benchmarks/RESULTS.md). Here the matmul loop reads each thread's
+   weight rows front to back, one row at a time with four independent accumulator chains
+   (FMA latency hidden, one sequential stream for the prefetcher), and the layer is one
+   call: one OpenMP parallel region in which the threads claim every matmul's rows and
+   every attention's heads chunk by chunk, a phase waiting for the one before only where
+   it reads what other threads wrote (six phases a layer, no OpenMP barrier: see "the
+   team's schedule"; the norms, the activation quantization and the SwiGLU product are
+   redone by every thread instead).
 
    Written with GCC vector extensions, not intrinsics: built with -march=native it becomes
    AVX2/AVX-512 FMA code on x86 and NEON on ARM. Built at run time by cpu_decode.py;
