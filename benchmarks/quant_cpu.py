@@ -3,7 +3,7 @@ model, in one run on one machine (issue 16).
 
     python benchmarks/quant_cpu.py [--gen 64] [--repeats 5] [--prompt-tokens 128]
                                    [--threads N] [--models F.gguf ...] [--llama-bench PATH]
-                                   [--per-layer] [--configs NAME ...]
+                                   [--per-layer] [--configs NAME ...] [--only-models]
 
 Three engines from the same GGUF: ``--weights native`` with float32 activations (the
 default: blocks dequantized in registers), native with ``--quant-activations int8``
@@ -19,7 +19,9 @@ RESULTS.md); its rows come last in the table (decode and prefill tokens/s).
 ``--per-layer``: each row once more with the decode step run as one C call per decoder
 layer and the head on its own (the path before ``llamadist.kernels.cpu_step``), for a
 before/after comparison in the same interleaved rounds. ``--configs``: only these of
-the three ways (default all).
+the three ways (default all). ``--only-models``: leave the default Q4_1 file out. After the
+table: every round's decode tokens/s and load average, and per file ours against llama.cpp
+(the ratio of the medians and the median of the rounds' ratios).
 """
 
 from __future__ import annotations
@@ -140,6 +142,22 @@ def report(results: dict, engines: dict, llama: dict, args: argparse.Namespace,
     for name, runs in results.items():
         same = sum(a == b for a, b in zip(runs[0][2], ref))
         print(f"- {name}: {same}/{len(ref)} greedy tokens equal to {base_label}'s")
+    print("\nEvery round's decode tokens/s (load average at the round's start):")
+    for name, runs in results.items():
+        print(f"- {name}: " + ", ".join(f"{r[0]:.1f}" for r in runs))
+    for path, runs in llama.items():
+        print(f"- llama.cpp, {os.path.basename(path)}: " + ", ".join(f"{r[0]:.1f}" for r in runs))
+    print("- load average: " + ", ".join(f"{x:.1f}" for x in args.loads))
+    for path, runs in llama.items():  # ours against llama.cpp on the same file
+        ll = [r[0] for r in runs]
+        for name, ours in results.items():
+            if not name.startswith(os.path.basename(path) + ":"):
+                continue
+            mine = [r[0] for r in ours]
+            per_round = [a / b for a, b in zip(mine, ll)]
+            print(f"- {name} / llama.cpp: median {statistics.median(mine) / statistics.median(ll):.2f}x"
+                  f" (median of the rounds' ratios {statistics.median(per_round):.2f}x; rounds "
+                  + ", ".join(f"{x:.2f}" for x in per_round) + ")")
 
 
 def main() -> None:
@@ -155,24 +173,32 @@ def main() -> None:
                    "per decoder layer (the path before the whole-step call)")
     p.add_argument("--configs", nargs="*", choices=list(CONFIGS), default=list(CONFIGS),
                    help="which ways to run a quantized file (default all)")
+    p.add_argument("--only-models", action="store_true", help="run the --models files only "
+                   "(not the default Q4_1 file)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     paths = [str(resolve_model_path("smollm2-135m"))] + (args.models or [])
     tok = open_checkpoint(paths[0]).tokenizer()
     ids = (tok.encode(TEXT * 20))[:args.prompt_tokens]
+    if args.only_models and args.models:
+        paths = paths[1:]
     engines = engines_for(paths, args.prompt_tokens + args.gen + 8, args.configs,
                           args.per_layer)
     results: dict[str, list[tuple[float, float, list[int]]]] = {n: [] for n in engines}
     for name, (eng, _) in engines.items():  # warm-up: kernels built, caches touched
         run_once(eng, ids, 4)
     llama: dict[str, list[tuple[float, float]]] = {p: [] for p in paths} if args.llama_bench else {}
+    args.loads = []
     for _ in range(args.repeats):  # interleaved, llama.cpp included: one noise for all
-        for name, (eng, _) in engines.items():
-            results[name].append(run_once(eng, ids, args.gen))
-        for path in llama:
-            llama[path].append(llama_bench(args.llama_bench, path, torch.get_num_threads(),
-                                           args.gen, args.prompt_tokens))
+        args.loads.append(os.getloadavg()[0])
+        for path in paths:  # each file's rows, then llama.cpp on that file
+            for name, (eng, _) in engines.items():
+                if name.startswith(os.path.basename(path) + ":"):
+                    results[name].append(run_once(eng, ids, args.gen))
+            if path in llama:
+                llama[path].append(llama_bench(args.llama_bench, path, torch.get_num_threads(),
+                                               args.gen, args.prompt_tokens))
     report(results, engines, llama, args, len(ids))
 
 

@@ -7,12 +7,14 @@
    runs at the speed the weights stream from memory, plus whatever the step spends around
    its matmuls. PyTorch's CPU matmul reads these shapes at about half the machine's read
    bandwidth, and a decoder layer run op by op costs some forty PyTorch calls of a few
-   microseconds each (benchmarks/RESULTS.md). Here the matmul loop takes eight weight rows
-   at a time with eight independent accumulators (FMA latency hidden, eight sequential
-   streams for the prefetcher), and the layer is one call: one OpenMP parallel region in
-   which the threads split every matmul's rows and every attention's heads, with a
-   barrier only where a step reads what other threads wrote (six a layer: the norms, the
-   activation quantization and the SwiGLU product are redone by every thread instead).
+   microseconds each (benchmarks/RESULTS.md). Here the matmul loop reads each thread's
+   weight rows front to back, one row at a time with four independent accumulator chains
+   (FMA latency hidden, one sequential stream for the prefetcher), and the layer is one
+   call: one OpenMP parallel region in which the threads claim every matmul's rows and
+   every attention's heads chunk by chunk, a phase waiting for the one before only where
+   it reads what other threads wrote (six phases a layer, no OpenMP barrier: see "the
+   team's schedule"; the norms, the activation quantization and the SwiGLU product are
+   redone by every thread instead).
 
    Written with GCC vector extensions, not intrinsics: built with -march=native it becomes
    AVX2/AVX-512 FMA code on x86 and NEON on ARM. Built at run time by cpu_decode.py;
@@ -22,7 +24,10 @@
 
 #include <math.h>
 #include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cpu_quant.h"
@@ -39,59 +44,41 @@ static inline float hsum8(v8 v) {
     return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
 
-/* Dot products of the 8 weight rows at w (row length k_dim) with x: out[0..8). */
-static inline void dot8(const float *w, const float *x, int64_t k_dim, float *out) {
-    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, a4 = {0}, a5 = {0}, a6 = {0}, a7 = {0};
-    int64_t k = 0;
-    for (; k + 8 <= k_dim; k += 8) {
-        v8 xv = load8(x + k);
-        a0 += load8(w + k) * xv;
-        a1 += load8(w + k_dim + k) * xv;
-        a2 += load8(w + 2 * k_dim + k) * xv;
-        a3 += load8(w + 3 * k_dim + k) * xv;
-        a4 += load8(w + 4 * k_dim + k) * xv;
-        a5 += load8(w + 5 * k_dim + k) * xv;
-        a6 += load8(w + 6 * k_dim + k) * xv;
-        a7 += load8(w + 7 * k_dim + k) * xv;
-    }
-    out[0] = hsum8(a0); out[1] = hsum8(a1); out[2] = hsum8(a2); out[3] = hsum8(a3);
-    out[4] = hsum8(a4); out[5] = hsum8(a5); out[6] = hsum8(a6); out[7] = hsum8(a7);
-    for (; k < k_dim; ++k)
-        for (int i = 0; i < 8; ++i) out[i] += w[i * k_dim + k] * x[k];
-}
-
+/* One weight row . x, read front to back: four independent accumulator chains of 8 (FMA
+   latency hidden) over one sequential stream. Measured on the 2-core Zen 4 (a chain of
+   SmolLM2's GEMVs over 538 MB of distinct weights, benchmarks/RESULTS.md): one row at a
+   time reads the weights at 1.3-1.6x the speed of the earlier loop that took eight rows at
+   once (eight interleaved streams 2-6 KB apart defeat the hardware prefetcher). */
 static inline float dot1(const float *w, const float *x, int64_t k_dim) {
-    v8 a = {0};
+    v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     int64_t k = 0;
-    for (; k + 8 <= k_dim; k += 8) a += load8(w + k) * load8(x + k);
-    float s = hsum8(a);
+    for (; k + 32 <= k_dim; k += 32) {
+        a0 += load8(w + k) * load8(x + k);
+        a1 += load8(w + k + 8) * load8(x + k + 8);
+        a2 += load8(w + k + 16) * load8(x + k + 16);
+        a3 += load8(w + k + 24) * load8(x + k + 24);
+    }
+    for (; k + 8 <= k_dim; k += 8) a0 += load8(w + k) * load8(x + k);
+    float s = hsum8((a0 + a1) + (a2 + a3));
     for (; k < k_dim; ++k) s += w[k] * x[k];
     return s;
 }
 
 /* y[r] (=|+=) x[r] W^T + bias for rows r < m: x (m, k) with row stride ldx, w (n, k)
    contiguous, y (m, n) with row stride ldy. An orphaned worksharing loop: inside a
-   parallel region the threads split the 8-row weight blocks; each block is read from
-   memory once and from cache for the further rows of x. */
+   parallel region the threads split W's rows (a contiguous run each, so each thread reads
+   one sequential stream); each weight row is read from memory once and from cache for the
+   further rows of x. */
 static void linear_for(const float *x, const float *w, const float *bias, float *y,
                        int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
                        int accumulate) {
-    const int64_t blocks = (n + 7) / 8;
 #pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b) {
-        const int64_t j0 = b * 8, width = n - j0 < 8 ? n - j0 : 8;
+    for (int64_t j = 0; j < n; ++j) {
+        const float *wj = w + j * k, bj = bias ? bias[j] : 0.0f;
         for (int64_t r = 0; r < m; ++r) {
-            float out[8];
-            if (width == 8) {
-                dot8(w + j0 * k, x + r * ldx, k, out);
-            } else {
-                for (int64_t i = 0; i < width; ++i) out[i] = dot1(w + (j0 + i) * k, x + r * ldx, k);
-            }
-            float *yr = y + r * ldy + j0;
-            for (int64_t i = 0; i < width; ++i) {
-                float v = out[i] + (bias ? bias[j0 + i] : 0.0f);
-                yr[i] = accumulate ? yr[i] + v : v;
-            }
+            const float v = dot1(wj, x + r * ldx, k) + bj;
+            float *o = y + r * ldy + j;
+            *o = accumulate ? *o + v : v;
         }
     }
 }
@@ -198,29 +185,154 @@ typedef struct {
     int64_t n_seg_qkv, n_seg_gu;        /* row blocks in order (0: w_qkv / w_gu alone) */
 } layer_args;
 
-/* linear_for over a float32 weight, or quant_linear_for over GGUF blocks. */
-static void any_linear_for(int int8_x, int64_t type, const float *x, const void *w,
-                           const float *bias, float *y, int64_t m, int64_t n, int64_t k,
-                           int64_t ldx, int64_t ldy, int accumulate, void *qscratch) {
-    if (type == QT_F32)
-        linear_for(x, (const float *)w, bias, y, m, n, k, ldx, ldy, accumulate);
-    else
-        quant_linear_for((int)type, int8_x, x, (const uint8_t *)w, bias, y, m, n, k, ldx, ldy,
-                         accumulate, qscratch);
+/* ---- the team's schedule: phases of work items, no barriers ----
+   A layer is six phases (q|k|v, RoPE, attention, o_proj, gate|up, down), each a set of
+   independent items (weight rows, heads) that reads only what earlier phases wrote. Each
+   thread owns a contiguous run of every phase's items and claims it chunk by chunk from
+   the front (one sequential stream of weights per thread), then claims what is left of
+   the other threads' runs; a thread enters a phase once every item of the one before is
+   done. On an idle machine this is an OpenMP static split with its barriers. On a shared
+   one (2 cores, other jobs) it is what keeps a step from stalling: at an OpenMP barrier
+   the team waits for a preempted thread's next time slice (milliseconds), 180 times a
+   SmolLM2 step; here the running thread takes over the preempted one's rows, and waits
+   only for a chunk the preempted thread holds (microseconds of work). Which thread
+   computes an item does not change its value: the results are the same bits at any team
+   size and any interleaving. */
+typedef struct {
+    _Atomic int64_t v;
+    char pad[64 - sizeof(int64_t)];
+} cell; /* one per cache line */
+
+typedef struct {
+    cell *cells;   /* per phase: `threads` claim offsets, then `threads` done counts */
+    int64_t threads, phases;
+} team;
+
+typedef struct { /* one thread's walk through the phases (every thread the same phases) */
+    const team *tm;
+    int64_t p, n;  /* the current phase (-1: none yet) and its items */
+    int64_t v;     /* the run it claims from: (t + v) % threads */
+    int t;
+} walker;
+
+static inline cell *claims(const walker *w) { return w->tm->cells + w->p * 2 * w->tm->threads; }
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
 }
 
-/* any_linear_for over a fused weight's row blocks in turn (nseg 0: w of `type` alone). */
-static void seg_linear_for(int int8_x, const wseg *segs, int64_t nseg, int64_t type,
-                           const float *x, const void *w, const float *bias, float *y,
-                           int64_t m, int64_t n, int64_t k, int64_t ldx, int64_t ldy,
-                           void *qscratch) {
-    if (!nseg) {
-        any_linear_for(int8_x, type, x, w, bias, y, m, n, k, ldx, ldy, 0, qscratch);
-        return;
+/* Enter the next phase, of n items, once every item of the current one is done. Returns 0
+   when every item of the new phase is claimed already (the thread skips its set-up). */
+static int phase_begin(walker *w, int64_t n) {
+    const int64_t T = w->tm->threads;
+    if (w->p >= 0) {
+        const cell *done = claims(w) + T;
+        for (int64_t spin = 0;; ++spin) {
+            int64_t sum = 0;
+            for (int64_t r = 0; r < T; ++r)
+                sum += atomic_load_explicit(&done[r].v, memory_order_acquire);
+            if (sum >= w->n) break;
+            if (spin < 4096) cpu_relax();
+            else sched_yield(); /* the thread we wait for may need this core */
+        }
     }
-    for (int64_t s = 0, row = 0; s < nseg; row += segs[s].rows, ++s)
-        any_linear_for(int8_x, segs[s].type, x, segs[s].w, bias ? bias + row : NULL, y + row,
-                       m, segs[s].rows, k, ldx, ldy, 0, qscratch);
+    ++w->p;
+    w->n = n;
+    w->v = 0;
+    if (w->p >= w->tm->phases) __builtin_trap(); /* more phases than the team was made for */
+    const cell *c = claims(w);
+    for (int64_t r = 0; r < T; ++r)
+        if (atomic_load_explicit(&c[r].v, memory_order_relaxed) < n * (r + 1) / T - n * r / T)
+            return 1;
+    return 0;
+}
+
+/* Claim up to `chunk` items of the current phase: [*lo, *hi); 0 when none is left. */
+static int claim(walker *w, int64_t chunk, int64_t *lo, int64_t *hi) {
+    const int64_t T = w->tm->threads, n = w->n;
+    cell *c = claims(w);
+    for (; w->v < T; ++w->v) {
+        const int64_t r = (w->t + w->v) % T, start = n * r / T, end = n * (r + 1) / T;
+        if (atomic_load_explicit(&c[r].v, memory_order_relaxed) >= end - start) continue;
+        const int64_t i = start + atomic_fetch_add_explicit(&c[r].v, chunk, memory_order_relaxed);
+        if (i < end) {
+            *lo = i;
+            *hi = i + chunk < end ? i + chunk : end;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static inline void finish(walker *w, int64_t items) {
+    atomic_fetch_add_explicit(&claims(w)[w->tm->threads + w->t].v, items, memory_order_release);
+}
+
+/* A phase whose items are [0, n) one at a time: for (i; next_item(w, &i);) work(i). */
+static inline int next_item(walker *w, int64_t *i, int64_t *pending) {
+    if (*pending) finish(w, *pending);
+    int64_t hi;
+    *pending = claim(w, 1, i, &hi);
+    return (int)*pending;
+}
+
+static team team_make(int64_t threads, int64_t phases) {
+    team tm = {NULL, threads, phases};
+    const size_t bytes = (size_t)phases * 2 * threads * sizeof(cell);
+    tm.cells = aligned_alloc(64, bytes);
+    if (!tm.cells) abort(); /* a few KB per thread and layer */
+    memset(tm.cells, 0, bytes);
+    return tm;
+}
+
+/* y[r] (=|+=) x[r] W^T + bias as the current phase (entered: phase_begin(wk, n)) over
+   W's rows: a float32 weight, GGUF blocks, or a fused weight of row blocks of different
+   formats (nseg 0: w of `type` alone). A chunk is about 32 KB of weights. */
+static void gemv_phase(walker *wk, int int8_x, const wseg *segs, int64_t nseg, int64_t type,
+                      const float *x, const void *w, const float *bias, float *y, int64_t m,
+                      int64_t n, int64_t k, int64_t ldx, int64_t ldy, int accumulate,
+                      void *qscratch) {
+    const wseg one = {w, type, n};
+    if (!nseg) {
+        segs = &one;
+        nseg = 1;
+    }
+    const int64_t t0 = segs[0].type;
+    const int64_t row_bytes = t0 == QT_F32 ? 4 * k : k / block_weights((int)t0) * block_bytes((int)t0);
+    const int64_t chunk = row_bytes >= 32768 ? 1 : 32768 / row_bytes;
+    int prepared = -1; /* quant_prep_kind of what this thread's scratch holds */
+    int64_t lo, hi;
+    while (claim(wk, chunk, &lo, &hi)) {
+        for (int64_t s = 0, row = 0; s < nseg && row < hi; row += segs[s].rows, ++s) {
+            const int64_t a = lo > row ? lo : row, e = hi < row + segs[s].rows ? hi : row + segs[s].rows;
+            if (a >= e) continue;
+            const int ty = (int)segs[s].type;
+            const float *bs = bias ? bias + row : NULL;
+            float *ys = y + row;
+            if (ty == QT_F32) {
+                const float *ws = (const float *)segs[s].w;
+                for (int64_t j = a - row; j < e - row; ++j) {
+                    const float *wj = ws + j * k, bj = bs ? bs[j] : 0.0f;
+                    for (int64_t r = 0; r < m; ++r) {
+                        const float v = dot1(wj, x + r * ldx, k) + bj;
+                        float *o = ys + r * ldy + j;
+                        *o = accumulate ? *o + v : v;
+                    }
+                }
+                continue;
+            }
+            const int kind = quant_prep_kind(ty, int8_x);
+            if (kind && kind != prepared) {
+                quant_prep(ty, int8_x, x, m, k, ldx, qscratch);
+                prepared = kind;
+            }
+            quant_rows(ty, int8_x, x, (const uint8_t *)segs[s].w, bs, ys, m, a - row, e - row, k,
+                       ldx, ldy, accumulate, qscratch);
+        }
+        finish(wk, hi - lo);
+    }
 }
 
 /* Element offset of row b's slot s, head 0: in a static cache the row's own slot s, in a
@@ -278,10 +390,10 @@ static inline float *private_scratch(const layer_args *a) {
            + omp_get_thread_num() * private_floats(a);
 }
 
-/* One decoder layer, run by every thread of the team (an orphaned region: the caller
-   opened the parallel region). Ends at the down projection's worksharing loop, whose
-   implicit barrier leaves a->h complete for whatever the team does next. */
-static void layer_team(const layer_args *a) {
+/* One decoder layer, run by every thread of the team (inside the caller's parallel region),
+   as six phases of the team's schedule (see phase_begin): a->h is whole once the last one's
+   items are done, which the next phase_begin waits for. */
+static void layer_team(const layer_args *a, walker *wk) {
     const int64_t B = a->batch, D = a->dim, hd = a->head_dim, H = a->heads, Hkv = a->kv_heads;
     const int64_t q_size = H * hd, kv_size = Hkv * hd, qkv_n = q_size + 2 * kv_size;
     const int64_t group = H / Hkv, F = a->inter;
@@ -292,19 +404,21 @@ static void layer_team(const layer_args *a) {
     /* then per thread: xn (B, D), act (B, F) (private_scratch) */
     void *qs = a->qscratch;
     const int q8 = (int)a->int8_x;
-    /* Barriers only where a step reads what other threads wrote: after each projection,
-       RoPE and attention. The norms and the SwiGLU product (a few thousand floats) are
-       computed by every thread into its own scratch instead: on 2 shared cores a barrier
-       costs a time slice whenever one thread of the team is preempted. */
-    {
-        float *xn = private_scratch(a), *act = xn + B * D;
+    /* The norms and the SwiGLU product (a few thousand floats) are computed by every thread
+       that takes part in the phase, into its own scratch, rather than shared. */
+    float *xn = private_scratch(a), *act = xn + B * D;
+    int64_t i, pending = 0;
+    /* q|k|v: norm1 before its rows are claimed. A thread that finds every row claimed
+       skips it: h may change under it once the phase is done. */
+    if (phase_begin(wk, qkv_n)) {
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);
-        seg_linear_for(q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B,
-                       qkv_n, D, D, qkv_n, qs);
-        /* RoPE on q (in place) and k (into the cache); v into the cache. */
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * (H + Hkv); ++bh) {
-            const int64_t b = bh / (H + Hkv), head = bh % (H + Hkv);
+        gemv_phase(wk, q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B,
+                  qkv_n, D, D, qkv_n, 0, qs);
+    }
+    /* RoPE on q (in place) and k (into the cache); v into the cache. */
+    if (phase_begin(wk, B * (H + Hkv)))
+        for (pending = 0; next_item(wk, &i, &pending);) {
+            const int64_t b = i / (H + Hkv), head = i % (H + Hkv);
             const float *cs = a->cos + b * a->cs_b, *sn = a->sin + b * a->cs_b;
             float *row = qkv + b * qkv_n;
             if (head < H) {
@@ -318,27 +432,39 @@ static void layer_team(const layer_args *a) {
                 memcpy(a->v_cache + slot, row + q_size + kv_size + kh * hd, hd * sizeof(float));
             }
         }
-        /* Attention: one query head per iteration over its row's slots. */
-#pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; ++bh) {
-            const int64_t b = bh / H, head = bh % H;
-            attend_head(a, b, head / group, qkv + b * qkv_n + head * hd, probs + bh * a->len,
+    /* Attention: one query head per item over its row's slots. */
+    if (phase_begin(wk, B * H))
+        for (pending = 0; next_item(wk, &i, &pending);) {
+            const int64_t b = i / H, head = i % H;
+            attend_head(a, b, head / group, qkv + b * qkv_n + head * hd, probs + i * a->len,
                         att + b * q_size + head * hd, a->lens ? a->lens[b] : a->len);
         }
-        any_linear_for(q8, a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D, 1,
-                       qs); /* h += o_proj */
+    if (phase_begin(wk, D)) /* h += o_proj */
+        gemv_phase(wk, q8, NULL, 0, a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D,
+                   1, qs);
+    if (phase_begin(wk, 2 * F)) {
         for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm2, xn + b * D, D, a->eps);
-        seg_linear_for(q8, a->seg_gu, a->n_seg_gu, a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F,
-                       D, D, 2 * F, qs);
+        gemv_phase(wk, q8, a->seg_gu, a->n_seg_gu, a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F,
+                  D, D, 2 * F, 0, qs);
+    }
+    if (phase_begin(wk, D)) {
         for (int64_t b = 0; b < B; ++b) swiglu(gu + b * 2 * F, gu + b * 2 * F + F, act + b * F, F);
-        any_linear_for(q8, a->t_down, act, a->w_down, a->b_down, a->h, B, D, F, F, D, 1, qs);
+        gemv_phase(wk, q8, NULL, 0, a->t_down, act, a->w_down, a->b_down, a->h, B, D, F, F, D, 1,
+                  qs); /* h += down_proj */
     }
 }
 
+#define LAYER_PHASES 6
+
 void llamadist_decode_layer_f32(const layer_args *a) {
     (void)current_isa(); /* the GEMVs' dispatch level, decided before the team starts */
+    team tm = team_make(a->threads, LAYER_PHASES);
 #pragma omp parallel num_threads((int)a->threads)
-    layer_team(a);
+    {
+        walker wk = {&tm, -1, 0, 0, omp_get_thread_num()};
+        layer_team(a, &wk);
+    } /* the region's end: every thread has finished the items it claimed */
+    free(tm.cells);
 }
 
 /* A whole decode step of a stage: every layer, then (with a head) the final RMSNorm and
@@ -380,22 +506,25 @@ static void step_layer(const step_args *s, int64_t i, layer_args *a) {
 
 void llamadist_decode_step_f32(const step_args *s) {
     (void)current_isa();
+    team tm = team_make(s->threads, s->n_layers * LAYER_PHASES + 1);
 #pragma omp parallel num_threads((int)s->threads)
     {
         layer_args a;
+        walker wk = {&tm, -1, 0, 0, omp_get_thread_num()};
         for (int64_t i = 0; i < s->n_layers; ++i) {
             step_layer(s, i, &a);
-            layer_team(&a); /* ends on a barrier: h is whole before the next layer reads it */
+            layer_team(&a, &wk); /* the next layer's first phase waits for this one's last */
         }
-        if (s->norm) {
-            /* every thread norms the rows itself (its private scratch, as the layers' norms),
-               then the threads split the head's rows */
+        if (s->norm && phase_begin(&wk, s->vocab)) {
+            /* every thread that takes part norms the rows itself (its private scratch, as
+               the layers' norms), then the threads split the head's rows */
             const int64_t B = s->batch, D = a.dim;
             float *xn = private_scratch(&a);
             for (int64_t b = 0; b < B; ++b) rms_norm(s->h + b * D, s->norm, xn + b * D, D,
                                                      s->norm_eps);
-            any_linear_for((int)s->int8_head, s->t_head, xn, s->w_head, s->b_head, s->logits,
-                           B, s->vocab, D, D, s->vocab, 0, s->qscratch);
+            gemv_phase(&wk, (int)s->int8_head, NULL, 0, s->t_head, xn, s->w_head, s->b_head,
+                       s->logits, B, s->vocab, D, D, s->vocab, 0, s->qscratch);
         }
-    }
+    } /* the region's end: every thread has finished the items it claimed */
+    free(tm.cells);
 }

@@ -439,22 +439,28 @@ int64_t llamadist_quant_scratch_bytes(int64_t m, int64_t k) {
     return (m * k + 2 * m * (k / 32) * (int64_t)sizeof(float) + 63) / 64 * 64;
 }
 
-void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
-                      const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
-                      int64_t ldy, int accumulate, void *scratch) {
-    const int is_k = IS_K(type), half = IS_HALF(type), q8 = int8_x && !is_k && !half;
-    const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
+/* This thread's share of the scratch: xd (m, k/32) scales, xs (m, k/32) sums, xq (m, k). */
+static inline float *scratch_share(void *scratch, int64_t m, int64_t k) {
+    return (float *)((uint8_t *)scratch
+                     + omp_get_thread_num() * llamadist_quant_scratch_bytes(m, k));
+}
+
+int quant_prep_kind(int type, int int8_x) {
+    if (type == QT_F32 || IS_HALF(type)) return 0;
+    return int8_x && !IS_K(type) ? 1 : 2;
+}
+
+void quant_prep(int type, int int8_x, const float *x, int64_t m, int64_t k, int64_t ldx,
+                void *scratch) {
     /* x (at most 32 rows of a few thousand) is prepared by every thread into its own
-       scratch: a microsecond of redundant work instead of a barrier, which on a shared
-       machine costs a whole time slice whenever one thread of the team is preempted. */
-    float *xd = (float *)((uint8_t *)scratch
-                          + omp_get_thread_num() * llamadist_quant_scratch_bytes(m, k));
-    float *xs = xd + m * (k / 32);
+       scratch: a microsecond of redundant work instead of waiting for the other threads. */
+    const int kind = quant_prep_kind(type, int8_x);
+    float *xd = scratch_share(scratch, m, k), *xs = xd + m * (k / 32);
     int8_t *xq = (int8_t *)(xs + m * (k / 32));
-    if (q8) {
+    if (kind == 1) {
         for (int64_t r = 0; r < m; ++r)
-            quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * nb, xs + r * nb);
-    } else if (!half) { /* the sums of x's runs of 32 (the blocks' offsets m, the K types' mins) */
+            quantize_row_q8(x + r * ldx, k, xq + r * k, xd + r * (k / 32), xs + r * (k / 32));
+    } else if (kind == 2) { /* the sums of x's runs of 32 (the blocks' offsets m, the K types' mins) */
         for (int64_t r = 0; r < m; ++r)
             for (int64_t b = 0; b < k / 32; ++b) {
                 float sum = 0.0f;
@@ -462,14 +468,25 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
                 xs[r * (k / 32) + b] = sum;
             }
     }
+}
+
+void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const float *bias,
+                float *y, int64_t m, int64_t j0, int64_t j1, int64_t k, int64_t ldx, int64_t ldy,
+                int accumulate, void *scratch) {
+    const int is_k = IS_K(type), half = IS_HALF(type), q8 = quant_prep_kind(type, int8_x) == 1;
+    const int64_t nb = k / block_weights(type), rb = nb * block_bytes(type);
+    const float *xd = scratch_share(scratch, m, k), *xs = xd + m * (k / 32);
+    const int8_t *xq = (const int8_t *)(xs + m * (k / 32));
+    if (half) {
+        hrows(type, w, x, bias, y, m, j0, j1, k, ldx, ldy, accumulate);
+        return;
+    }
     const qdot_fn dot = q8 ? pick_dot(type) : NULL;
-    const fdot_fn fdot = q8 || is_k || half ? NULL : pick_fdot(type);
-#pragma omp for schedule(static)
-    for (int64_t j = 0; j < n; ++j) {
+    const fdot_fn fdot = q8 || is_k ? NULL : pick_fdot(type);
+    for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * rb;
         for (int64_t r = 0; r < m; ++r) { /* the row is read from memory once, then cache */
-            float v = half ? hdot(type, wr, x + r * ldx, k)
-                      : is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
+            float v = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
                       : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
                            : fdot(wr, x + r * ldx, xs + r * (k / 32), nb);
             v += bias ? bias[j] : 0.0f;
@@ -477,6 +494,17 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
             *o = accumulate ? *o + v : v;
         }
     }
+}
+
+void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
+                      const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
+                      int64_t ldy, int accumulate, void *scratch) {
+    quant_prep(type, int8_x, x, m, k, ldx, scratch);
+    const int threads = omp_get_num_threads(), t = omp_get_thread_num();
+    /* the rows split as schedule(static) would, a contiguous run per thread */
+    quant_rows(type, int8_x, x, w, bias, y, m, n * t / threads, n * (t + 1) / threads, k, ldx,
+               ldy, accumulate, scratch);
+#pragma omp barrier
 }
 
 void llamadist_qlinear(int type, int int8_x, const float *x, const uint8_t *w,

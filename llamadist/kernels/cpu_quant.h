@@ -25,6 +25,17 @@ void quant_linear_for(int type, int int8_x, const float *x, const uint8_t *w,
                       const float *bias, float *y, int64_t m, int64_t n, int64_t k, int64_t ldx,
                       int64_t ldy, int accumulate, void *scratch);
 
+/* quant_linear_for in two parts, for a caller that hands rows out itself (cpu_decode.c):
+   quant_prep readies x in this thread's share of the scratch as quant_prep_kind(type,
+   int8_x) says (0 nothing: float32 or 16-bit weights; 1 int8 blocks; 2 sums per 32), then
+   quant_rows computes the outputs of W's rows j0 <= j < j1 (type QT_F32 not taken). */
+int quant_prep_kind(int type, int int8_x);
+void quant_prep(int type, int int8_x, const float *x, int64_t m, int64_t k, int64_t ldx,
+                void *scratch);
+void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const float *bias,
+                float *y, int64_t m, int64_t j0, int64_t j1, int64_t k, int64_t ldx, int64_t ldy,
+                int accumulate, void *scratch);
+
 /* ---- shared by cpu_quant.c and cpu_quant_k.c ---- */
 #include <math.h>
 #include <string.h>
@@ -74,5 +85,8 @@ float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int6
 /* cpu_quant_half.c: k 16-bit floats (F16 or BF16) -> floats; a row of k of them . x */
 void dequant_half(int type, const uint8_t *w, int64_t k, float *out);
 float hdot(int type, const uint8_t *w, const float *x, int64_t k);
+/* ... and rows j0 <= j < j1 of W (n, k) . the m rows of x: y[r * ldy + j] (=|+=) + bias[j] */
+void hrows(int type, const uint8_t *w, const float *x, const float *bias, float *y, int64_t m,
+           int64_t j0, int64_t j1, int64_t k, int64_t ldx, int64_t ldy, int accumulate);
 
 #endif

@@ -10,9 +10,9 @@ as a separate call: on SmolLM2-135M (30 layers) about 3.9 ms of Python in a 9.8 
 of each cache the stage steps over) and cached on the model; a step checks the plan still
 describes the model (one pass over a flat tuple of (dict, key, object) triples: a weight
 or module replaced since makes a new plan), fills a dozen fields of ``StepArgs`` and calls
-C once. The C code runs all of it in one OpenMP parallel region, with the per-layer
-path's barriers (six a layer) and nothing more: a layer's last worksharing loop ends on
-the barrier that the next layer's first read needs.
+C once. The C code runs all of it in one OpenMP parallel region, as the per-layer path's
+phases (six a layer, cpu_decode.c) and nothing more: a layer's first phase waits for the
+items of the one before it, the layer before's last.
 
 ``decode_step`` returns None wherever it does not apply (a prefill, a layer the C layer
 does not take, a mixture-of-experts or tensor-parallel stage, activations not float32,

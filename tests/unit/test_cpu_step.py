@@ -159,6 +159,38 @@ def test_whole_step_equals_per_layer_static(kind, stages, batch, masked, monkeyp
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
 
 
+@pytest.mark.parametrize("kind", ["f32", "f16", "Q4_1"])
+def test_whole_step_same_bits_at_every_team_size(kind):
+    """The threads claim a layer's rows and heads chunk by chunk and take over each other's
+    (cpu_decode.c's phases, no barriers): which thread computes a row must not change it.
+    1, 2, 3 and 7 threads (more than this machine's cores: threads are preempted mid-phase
+    and others take their rows) give the same logits bit for bit, and the float32 and f16
+    ones equal a prefill of each step's whole sequence (PyTorch's layers) to float32
+    rounding."""
+    (model,) = stage_models(kind, 1, seed=4)
+    prompt = torch.randint(0, VOCAB, (3, 6), generator=torch.Generator().manual_seed(5))
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for team in (1, 2, 3, 7):
+            torch.set_num_threads(team)
+            outs.append(run_static(stages_of([model], 3, True), prompt, 4, False))
+    finally:
+        torch.set_num_threads(threads)
+    for logits, tokens in outs[1:]:
+        assert tokens == outs[0][1]
+        assert all(torch.equal(a, b) for a, b in zip(logits, outs[0][0]))
+    if kind == "Q4_1":
+        return
+    # the reference: each step's whole sequence as one prefill (PyTorch's layers, no C step)
+    ref_stage, tokens = stages_of([model], 3, False)[0], outs[0][1]
+    for i, got in enumerate(outs[0][0]):
+        seq = torch.cat([prompt, torch.tensor(tokens[:i + 1]).T], 1)
+        with torch.inference_mode():
+            ref = ref_stage.forward(seq, torch.arange(seq.shape[1]).expand(3, -1), 0, None)
+        torch.testing.assert_close(got, ref[:, -1], rtol=1e-4,
+                                   atol=1e-4 * ref.abs().max().item())
+
+
 def run_paged(stages: list[Stage], prompts: list[list[int]], steps: int
               ) -> tuple[list[torch.Tensor], list[list[int]]]:
     """Each prompt prefilled in one paged step (its own scrambled blocks), then ``steps``
