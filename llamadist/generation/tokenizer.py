@@ -26,7 +26,7 @@ class Tokenizer:
     add_bos: bool = False
     chat_template: str | None = None
     special_tokens: dict[str, str] = field(default_factory=dict)
-    # each id's bytes for ByteStreamDecoder (None: not built yet; False: does not apply)
+    # each id's (bytes, text) for ByteStreamDecoder (None: not built; False: does not apply)
     _byte_table: Any = field(default=None, init=False, repr=False, compare=False)
 
     @property
@@ -52,8 +52,16 @@ class Tokenizer:
         (special tokens: b""), for a byte-level tokenizer whose decode is the lossy UTF-8
         decoding of its tokens' bytes put end to end; None for any other. Built on the
         first call and kept (~0.2 s for SmolLM2's 49k tokens, most of it checking)."""
+        tables = self._byte_tables()
+        return tables[0] if tables else None
+
+    def _byte_tables(self) -> tuple[tuple[bytes, ...], tuple[str | None, ...]] | None:
+        """The byte table and, beside it, each id's text where its bytes are whole UTF-8
+        characters (None where they are not: a character split over tokens)."""
         if self._byte_table is None:
-            self._byte_table = _byte_level_table(self.backend) or False
+            table = _byte_level_table(self.backend)
+            self._byte_table = False if table is None else (table, tuple(
+                _whole_text(b) for b in table))
         return self._byte_table or None
 
     # ---- chat -----------------------------------------------------------
@@ -157,6 +165,13 @@ def _byte_alphabet() -> dict[str, int]:
     return chars
 
 
+def _whole_text(b: bytes) -> str | None:
+    try:
+        return b.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
 def _byte_level_table(backend: Any) -> tuple[bytes, ...] | None:
     """The byte table of ``Tokenizer.byte_table``, or None where it does not apply.
 
@@ -201,6 +216,9 @@ def _byte_level_table(backend: Any) -> tuple[bytes, ...] | None:
     return tuple(table)
 
 
+_utf_8_decode = codecs.utf_8_decode
+
+
 class IncrementalDecoder:
     """The text of a token list that only grows, a few microseconds per new token.
 
@@ -222,35 +240,45 @@ class IncrementalDecoder:
 
 
 class ByteStreamDecoder(IncrementalDecoder):
-    """The byte-level tokenizers' stream decoder: a new token costs a lookup of its bytes
-    in the tokenizer's byte table and their incremental UTF-8 decoding (Python's codec,
-    errors replaced as ``tokenizers`` replaces them), which holds back an unfinished
-    character until its last byte comes. The text equals the backend's
+    """The byte-level tokenizers' stream decoder: a new token costs a lookup of its text
+    in the tokenizer's table (its bytes where they are not whole characters, or while
+    bytes of an unfinished character wait) and, only then, an incremental UTF-8 decoding
+    (errors replaced as ``tokenizers`` replaces them, ``codecs.utf_8_decode`` as
+    Python's incremental decoder calls it), which holds back an unfinished character
+    until its last byte comes. The text equals the backend's
     ``decode(ids, skip_special_tokens=True)``, less that unfinished character."""
 
     def __init__(self, tokenizer: "Tokenizer"):
         self.text = ""
         self.read = 0
-        self._table = tokenizer.byte_table()
-        self._decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self._table, self._texts = tokenizer._byte_tables()
+        self._size = len(self._table)
+        self._pending = b""  # the bytes of an unfinished character
 
     def update(self, ids: list[int]) -> str:
         """The text of ``ids`` (the previous call's list plus new tokens)."""
         n, read = len(ids), self.read
-        if n == read + 1:
+        if n == read + 1 and not self._pending:
             i = ids[read]
-            table = self._table
-            self.text += self._decode(table[i] if 0 <= i < len(table) else b"")
+            piece = self._texts[i] if 0 <= i < self._size else ""
+            if piece is None:
+                piece = self._feed(self._table[i])
+            self.text += piece
             self.read = n
         elif n > read:
-            table = self._table
-            size = len(table)
-            self.text += self._decode(b"".join(table[i] if 0 <= i < size else b""
-                                               for i in ids[read:]))
+            table, size = self._table, self._size
+            self.text += self._feed(b"".join(table[i] if 0 <= i < size else b""
+                                             for i in ids[read:]))
             self.read = n
         elif n < read:
             raise ValueError("IncrementalDecoder: the token list shrank")
         return self.text
+
+    def _feed(self, data: bytes) -> str:
+        data = self._pending + data
+        piece, used = _utf_8_decode(data, "replace", False)
+        self._pending = data[used:]
+        return piece
 
 
 class WindowDecoder(IncrementalDecoder):
