@@ -125,7 +125,7 @@ def test_text_delta_streams_the_same_text(tok):
     window decoder's text, each part no later (sooner where the window decoder held a
     whole token back for its unfinished last character)."""
     ids = tok.encode(TEXT * 2, add_special_tokens=False)
-    for stops in [(), ("界 🙂",), ("wörld", "ok\n"), ("\n  spaced  ",)]:
+    for stops in [(), ("界 🙂",), ("ok\n", "wörld"), ("\n  spaced  ",), ("ld, 你", "é")]:
         out = []
         for cls in (ByteStreamDecoder, WindowDecoder):
             dec, emitted, sent = cls(tok), 0, []
@@ -143,6 +143,10 @@ def test_text_delta_streams_the_same_text(tok):
         assert (text, len(sent), stopped) == (w_text, len(w_sent), w_stopped)
         assert all(a >= b for a, b in zip(sent, w_sent)) and sent[-1] == len(text)
         assert stopped == bool(stops) and not any(s in text for s in stops)
+        # the text is the whole decode cut at its first stop string, whichever is listed first
+        full = tok.decode(ids)
+        cut = min([full.find(s) for s in stops if s in full], default=len(full))
+        assert text == full[:cut]
 
 
 def metaspace_tokenizer() -> Tokenizer:
