@@ -31,6 +31,13 @@ prints them side by side (the machine's load moves between rounds, not between c
 
     git archive BASE llamadist | tar -x -C /tmp/before
     python benchmarks/engine_host.py --versions /tmp/before,. --rounds 3 --repeats 3
+
+``--decoder``: the streamed text alone, us per token (CPU): ``--batches`` streams of the
+same text from random offsets, each given one token in turn per step, through a new
+``IncrementalDecoder`` each (built before timing: any per-tokenizer table is made once
+first). Workloads: ``update`` (the decoder's ``update`` alone), ``delta`` (``text_delta``
+with that decoder, as the engine calls it for a streamed request) and ``delta+stop`` (with
+the stop strings above).
 """
 
 from __future__ import annotations
@@ -57,6 +64,8 @@ TEXT = ("The engine thread schedules every running request, builds the step, lau
         "and streams each request's new text to its client while the device computes. ")
 STOPS = ("\n\n###", "<|stop|>")  # never in TEXT: every request runs to its length
 WORKLOADS = ("plain", "stream", "stop", "stream+stop")
+# --decoder: the detokenizer alone, batch streams each given a token in turn per step
+DECODER_WORKLOADS = ("update", "delta", "delta+stop")
 
 
 class NullExecutor:
@@ -189,6 +198,39 @@ def measure(args, tok, text_ids) -> list[dict]:
     return cells
 
 
+def measure_decoder(args, tok, text_ids: list[int]) -> list[dict]:
+    """Cells of ``--decoder``: CPU us per token of the streamed text alone."""
+    from llamadist.generation.generate import text_delta
+    from llamadist.generation.tokenizer import IncrementalDecoder
+    IncrementalDecoder(tok).update(text_ids[:1])  # any per-tokenizer table: built now
+    n, cells = len(text_ids), []
+    for b in [int(x) for x in args.batches.split(",")]:
+        for w in args.workloads.split(","):
+            stops = STOPS if w.endswith("stop") else ()
+            us, wall = [], []
+            for r in range(args.repeats):
+                rng = random.Random(7 + r)
+                offs = [rng.randrange(n) for _ in range(b)]
+                streams: list[list[int]] = [[] for _ in range(b)]
+                decs = [IncrementalDecoder(tok) for _ in range(b)]
+                emitted = [0] * b
+                t0, w0 = time.thread_time(), time.perf_counter()
+                for step in range(args.new):
+                    for i in range(b):
+                        ids = streams[i]
+                        ids.append(text_ids[(offs[i] + step) % n])
+                        if w == "update":
+                            decs[i].update(ids)
+                        else:
+                            delta = text_delta(tok, ids, stops, emitted[i], False, decs[i])[1]
+                            emitted[i] += len(delta)
+                us.append((time.thread_time() - t0) / (b * args.new) * 1e6)
+                wall.append((time.perf_counter() - w0) / (b * args.new) * 1e6)
+            cells.append({"batch": b, "workload": w, "us": us, "wall": wall,
+                          "phased": [{"total": u} for u in us]})
+    return cells
+
+
 def phases_of(phased: list[dict]) -> dict[str, float]:
     keys = ["schedule", "work", "executor", "update"]
     ph = {k: statistics.median(t.get(k, 0.0) for t in phased) for k in keys}
@@ -206,7 +248,7 @@ def compare(args) -> None:
             cmd = [sys.executable, __file__, "--json"] + [
                 f"--{k.replace('_', '-')}={getattr(args, k)}" for k in
                 ("batches", "new", "repeats", "workloads", "tokenizer_from")] + (
-                [] if args.ahead else ["--no-ahead"])
+                [] if args.ahead else ["--no-ahead"]) + (["--decoder"] if args.decoder else [])
             env = {**os.environ, "PYTHONPATH": str(Path(v).resolve())}
             res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
             for cell in json.loads(res.stdout.strip().splitlines()[-1]):
@@ -247,8 +289,13 @@ def main() -> None:
     p.add_argument("--no-ahead", dest="ahead", action="store_false",
                    help="an executor that takes no decodes scheduled ahead (worker ranks, "
                         "the CPU); default: it does, as one GPU in-process does")
+    p.add_argument("--decoder", action="store_true",
+                   help="time the streamed text alone (us per token; workloads "
+                        + ",".join(DECODER_WORKLOADS) + ")")
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.decoder and args.workloads == ",".join(WORKLOADS):
+        args.workloads = ",".join(DECODER_WORKLOADS)
     if args.versions:
         return compare(args)
     folder = Path(args.tokenizer_from)
@@ -257,7 +304,7 @@ def main() -> None:
     args.tokenizer_from = str(folder)
     tok = load_hf_tokenizer(folder)
     text_ids = tok.encode(TEXT, add_special_tokens=False)
-    cells = measure(args, tok, text_ids)
+    cells = (measure_decoder if args.decoder else measure)(args, tok, text_ids)
     if args.json:
         print(json.dumps(cells))
         return

@@ -286,18 +286,30 @@ def text_delta(tokenizer: Tokenizer, token_ids: list[int], stops: tuple[str, ...
     ended it. An unfinished UTF-8 character and any tail that may begin a stop string are
     held back until the sequence is done. ``decoder``: the sequence's own incremental
     decoder (its text so far), instead of decoding every token again."""
-    # the last call decodes in full: exactly the text of the whole list
-    text = tokenizer.decode(token_ids) if done or decoder is None else decoder.update(token_ids)
+    if decoder is not None and not done:
+        text = decoder.update(token_ids)
+        if not stops:  # a stream without stop strings: only a trailing U+FFFD held back
+            safe = len(text.rstrip("\ufffd")) if text and text[-1] == "\ufffd" else len(text)
+            return text, text[emitted:safe] if safe > emitted else "", False
+        # the decoder's text only grows, and what was sent ends before any stop string's
+        # start that was not in the text then (that start's tail was held back): a stop
+        # can begin only at ``emitted`` or after it
+        start = emitted
+    else:  # the last call decodes in full: exactly the text of the whole list
+        text, start = tokenizer.decode(token_ids), 0
     stopped = False
     for stop in stops:
-        cut = text.find(stop)
+        cut = text.find(stop, start)
         if cut >= 0:
             text, stopped = text[:cut], True
     safe = len(text)
     if not (done or stopped):
-        safe = len(text.rstrip("\ufffd"))
+        if text and text[-1] == "\ufffd":
+            safe = len(text.rstrip("\ufffd"))
         for stop in stops:
-            safe = _held_back(text, safe, stop)
+            # _held_back's first look, inline: mostly no tail begins the stop string
+            if stop and text.find(stop[0], max(0, safe - len(stop) + 1), safe) >= 0:
+                safe = _held_back(text, safe, stop)
     return text, text[emitted:safe] if safe > emitted else "", stopped
 
 
