@@ -64,6 +64,9 @@ def served_name(args: argparse.Namespace) -> str:
 def engine_side(llm) -> tuple[AsyncEngine, ServeMetrics, object]:
     """The engine thread over a loaded ``api.LLM``, its metrics, and the front (the
     workers of --nproc) or None."""
+    tok = llm.llm_engine.tokenizer
+    if tok is not None and hasattr(tok, "byte_table"):
+        tok.byte_table()  # the streams' byte table now, not in the first stream's step
     engine = AsyncEngine(llm.llm_engine)
     front = getattr(llm, "front", None)  # cli.front.Front: the workers of --nproc
     # torchrun's rank 0 has no statistics before the end (the first read closes the run)
