@@ -162,19 +162,22 @@ def bits_report(plan: Plan, profile: ModelProfile, devices: Sequence[DeviceSpec]
     """Per stage: its format, the bytes a decoder layer takes and saves in it, the bytes the
     stage saves and holds; then the totals. Bytes only: no accuracy is predicted."""
     row, nbytes = profile.layers[0], profile.bytes_per_param
+    stored = "as stored" if profile.has_stored else profile.dtype   # --weights native
     lines, saved_all = [], 0
     for s, d in zip(plan.stages, devices):
         if s.weight_format is None:
             lines.append(f"stage {s.index} ({s.device}, layers {s.start}..{s.end - 1}): "
-                         f"{profile.dtype}, not quantized; weights {format_bytes(s.weight_bytes)}")
+                         f"{stored}, not quantized; weights {format_bytes(s.weight_bytes)}")
             continue
-        per = [r.weight_bytes - layer_bytes(r, s.weight_format, d.kind, nbytes)
+        per = [layer_bytes(r, None, d.kind, nbytes)
+               - layer_bytes(r, s.weight_format, d.kind, nbytes)
                for r in profile.layers[s.start:s.end]]
         saved_all += sum(per)
         q = layer_bytes(row, s.weight_format, d.kind, nbytes)
         lines.append(f"stage {s.index} ({s.device}, layers {s.start}..{s.end - 1}): "
                      f"{s.weight_format}, {format_bytes(q)} per decoder layer instead of "
-                     f"{format_bytes(row.weight_bytes)} ({format_bytes(per[0])} saved per "
+                     f"{format_bytes(layer_bytes(row, None, d.kind, nbytes))} {stored} "
+                     f"({format_bytes(per[0])} saved per "
                      f"layer, {format_bytes(sum(per))} over its {s.num_layers} layers); "
                      f"weights {format_bytes(s.weight_bytes)}")
     total = sum(s.weight_bytes for s in plan.stages)
@@ -218,8 +221,8 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
     given): one format for every device, since the planner costs one profile for all of
     them, so a per-device spec is refused; a format a device kind cannot run is refused
     too."""
-    if quantize is None:
-        return profile, None
+    if quantize is None:   # as stored (a quantized checkpoint's own formats) or dtype
+        return quantized_profile(profile, None, kinds), None
     try:
         table = parse_quantize(quantize)
     except ConfigError as e:
