@@ -118,7 +118,7 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     cp = getattr(args, "cp", 1)
     # Under torchrun the world is already there: its size is the process count.
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
-    nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
+    nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp, world=in_worker())
     ep = check_ep(config, tp, dp, ep)
     # hot replicas and uneven shares (--expert-split, budgets per EP rank): counted per rank
     ranked = ep_ranks(args, config, pp, tp, ep)
@@ -142,6 +142,12 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"kind (cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a "
                             f"mixed list such as cuda:0,cpu in one process (without "
                             f"--nproc/--pp/--tp/--dp)")
+    if cp > 1 and len(given) > 1 and len(given) != pp:
+        kind = given[0].split(":")[0]
+        raise PlanningError(f"--devices {wanted} with --cp {cp}: context parallelism always "
+                            f"runs over processes, one per CP rank, each on its own device; "
+                            f"give --nproc {nproc} and --devices {kind} (one kind for every "
+                            f"rank), or one device per pipeline stage ({pp})")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
     # over processes every rank takes one --quantize: --fit-bits gives all stages one format
     dtype = runtime.dtype_for(names)
