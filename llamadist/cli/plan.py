@@ -28,16 +28,30 @@ log = logging.getLogger(__name__)
 
 
 def analyze_command(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None,
-                    as_json: bool = False) -> str:
+                    as_json: bool = False, held: dict | None = None) -> str:
     """`llamadist analyze`: the per-layer profile of ``config``.
 
     dtype    weight dtype: bfloat16 | float16 | float32 (aliases bf16, fp16, fp32)
     seq_len  context for decode attention FLOPs and prefill length
              (None: RuntimeConfig's default, min(context, DEFAULT_MAX_SEQ_LEN))
     as_json  return ModelProfile JSON instead of the table
+    held     a quantized checkpoint's tensors as --weights native holds them per device
+             kind (cli.layout.held_weights): the table's weights as a CPU stage holds
+             them (as stored), a line for a GPU stage's; the JSON's rows list both
+             (``stored``)
     """
+    from llamadist.planning.profile import quantized_profile
     prof = profile(config, dtype=dtype, seq_len=seq_len)
-    return prof.to_json() if as_json else format_profile_table(prof)
+    if not held:
+        return prof.to_json() if as_json else format_profile_table(prof)
+    prof = native_profile(prof, held)
+    if as_json:
+        return prof.to_json()
+    on = {kind: quantized_profile(prof, None, [kind]) for kind in ("cpu", "cuda")}
+    return (format_profile_table(on["cpu"]) + "\nweights: as a --weights native run holds "
+            f"them on a CPU stage (as stored; {format_bytes(prof.total_weight_bytes)} in "
+            f"{prof.dtype}); on a GPU stage {format_bytes(on['cuda'].total_weight_bytes)} "
+            f"(decoder linears as int8 / int4, the rest in {prof.dtype})")
 
 
 def plan_command(config: ModelConfig, devices: str | None = None, max_memory: str | None = None,
@@ -181,7 +195,9 @@ def model_config(model: str) -> ModelConfig:
 
 
 def analyze_cmd(args: argparse.Namespace) -> int:
-    print(analyze_command(model_config(args.model), args.dtype, args.seq_len, args.json))
+    from llamadist.cli.layout import held_weights
+    held = held_weights(args.model, getattr(args, "weights", None) or "native")
+    print(analyze_command(model_config(args.model), args.dtype, args.seq_len, args.json, held))
     return 0
 
 

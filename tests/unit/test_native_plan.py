@@ -97,3 +97,33 @@ def test_gpu_conversion_bytes_match_from_gguf(name):
     n, k = 8, 512
     blocks = torch.from_numpy(random_blocks(qtype, n, k, np.random.default_rng(0)))
     assert gguf_packed_bytes(qtype, n, k) == from_gguf(blocks, qtype, (n, k)).nbytes
+
+
+def test_smollm2_gpu_stage_counts_the_int_conversion_and_bf16_rest(smollm2):
+    """On a GPU stage the decoder linears' blocks become int8 / int4 codes and scales
+    (from_gguf, whose bytes the test above checks) and the rest dequantizes to bf16."""
+    from llamadist.weights.loader import LAYER_LINEAR
+    ckpt = open_checkpoint(smollm2)
+    held = held_weights(str(smollm2), "native", ckpt)
+    plan = plan_and_text(ckpt.config, "cuda:0", "10GB", None, None, None, None, 1, 256,
+                         "bfloat16", False, None, None, 0.1, 1, held=held)[0]
+    blocks = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
+    want = 0
+    for t in gguf.GGUFReader(smollm2).tensors:
+        name = hf_name(t.name)
+        if name is None:
+            continue
+        k, n = (int(x) for x in t.shape) if len(t.shape) == 2 else (int(t.shape[0]), 1)
+        if LAYER_LINEAR.search(name) and t.tensor_type.name in blocks:
+            want += gguf_packed_bytes(int(t.tensor_type), n, k)
+        else:
+            want += n * k * 2
+    assert plan.stages[0].weight_bytes == want
+    assert file_weight_bytes(smollm2) < want < profile(ckpt.config, "bfloat16").total_weight_bytes
+
+
+def test_analyze_shows_the_bytes_a_run_holds(smollm2, capsys):
+    assert main(["analyze", "smollm2-135m", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    total = next(line for line in out.splitlines() if line.startswith("total"))
+    assert format_bytes(file_weight_bytes(smollm2)) in total, out
