@@ -242,12 +242,15 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
 def auto_bits_note(profile: ModelProfile, fmt: str | None, kinds: Sequence[str]) -> str:
     """--auto --fit-bits: the one format chosen and the bytes it saves per decoder layer
     (a line of its own, starting with a newline)."""
+    # a quantized checkpoint under --weights native: against its layers as stored
+    held = "as stored" if profile.has_stored else f"in {profile.dtype}"
     if fmt is None:
-        return f"\nbits: the model fits in {profile.dtype}; no layer quantized"
-    row = profile.layers[0]
-    q = max(layer_bytes(row, fmt, k, profile.bytes_per_param) for k in kinds)
-    return (f"\nbits: it does not fit in {profile.dtype}; every decoder layer in {fmt}: "
-            f"{format_bytes(q)} per layer instead of {format_bytes(row.weight_bytes)} "
-            f"({format_bytes(row.weight_bytes - q)} saved per layer, "
-            f"{format_bytes((row.weight_bytes - q) * profile.num_layers)} in all; predicted "
+        return f"\nbits: the model fits {held}; no layer quantized"
+    row, nbytes = profile.layers[0], profile.bytes_per_param
+    q = max(layer_bytes(row, fmt, k, nbytes) for k in kinds)
+    base = max(layer_bytes(row, None, k, nbytes) for k in kinds)
+    return (f"\nbits: it does not fit {held}; every decoder layer in {fmt}: "
+            f"{format_bytes(q)} per layer instead of {format_bytes(base)} "
+            f"({format_bytes(base - q)} saved per layer, "
+            f"{format_bytes((base - q) * profile.num_layers)} in all; predicted "
             f"bytes, quality is not predicted: measure it with llamadist perplexity)")

@@ -16,9 +16,9 @@ from llamadist.cli.plan import plan_and_text
 from llamadist.config import RuntimeConfig
 from llamadist.kernels.quant_ref import FORMATS
 from llamadist.kernels.wquant import from_gguf
-from llamadist.planning.bits import auto_profile, choose_bits
+from llamadist.planning.bits import auto_bits_note, auto_profile, choose_bits
 from llamadist.planning.devices import parse_devices
-from llamadist.planning.profile import native_profile, profile
+from llamadist.planning.profile import layer_bytes, native_profile, profile
 from llamadist.planning.units import format_bytes
 from llamadist.runtime.stage import build_stage
 from llamadist.weights.checkpoint import open_checkpoint
@@ -62,6 +62,13 @@ def test_smollm2_auto_and_fit_bits_count_the_same_bytes(smollm2):
     chosen = choose_bits(prof, specs, batch_size=1, max_seq_len=256)
     assert chosen.formats == (None,)
     assert chosen.plan.stages[0].weight_bytes == file_weight_bytes(smollm2)
+    assert "fits as stored; no layer quantized" in auto_bits_note(prof, None, ["cpu"])
+    # int4 on a CPU is Q4_1 again: the note weighs it against the layer as stored
+    row = prof.layers[0]
+    base, q = (layer_bytes(row, f, "cpu", prof.bytes_per_param) for f in (None, "int4"))
+    assert base == q < row.weight_bytes / 5
+    int4 = auto_bits_note(prof, "int4", ["cpu"])
+    assert f"instead of {format_bytes(base)} ({format_bytes(0)} saved per layer" in int4, int4
 
 
 def test_smollm2_generate_fits_300mb_and_a_small_budget_is_refused(smollm2, capsys):
