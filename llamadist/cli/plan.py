@@ -178,7 +178,7 @@ def format_notes(prof, specs, formats: list[str | None]) -> list[str]:
         q = layer_bytes(row, fmt, spec.kind, prof.bytes_per_param)
         # against the weights as the run holds them unquantized (a GGUF: as stored)
         base = layer_bytes(row, None, spec.kind, prof.bytes_per_param)
-        stored = "as stored" if prof.has_stored else f"in {prof.dtype}"
+        stored = "as --weights native holds it" if prof.has_stored else f"in {prof.dtype}"
         change = (f"{format_bytes(base - q)} saved" if base >= q else
                   f"{format_bytes(q - base)} more")
         out.append(f"weights {fmt} on {spec.kind}: {format_bytes(q)} per decoder layer "

@@ -162,7 +162,8 @@ def bits_report(plan: Plan, profile: ModelProfile, devices: Sequence[DeviceSpec]
     """Per stage: its format, the bytes a decoder layer takes and saves in it, the bytes the
     stage saves and holds; then the totals. Bytes only: no accuracy is predicted."""
     row, nbytes = profile.layers[0], profile.bytes_per_param
-    stored = "as stored" if profile.has_stored else profile.dtype   # --weights native
+    # a quantized checkpoint under --weights native: its layers as the run holds them
+    stored = "as --weights native holds it" if profile.has_stored else profile.dtype
     lines, saved_all = [], 0
     for s, d in zip(plan.stages, devices):
         if s.weight_format is None:
@@ -243,7 +244,7 @@ def auto_bits_note(profile: ModelProfile, fmt: str | None, kinds: Sequence[str])
     """--auto --fit-bits: the one format chosen and the bytes it saves per decoder layer
     (a line of its own, starting with a newline)."""
     # a quantized checkpoint under --weights native: against its layers as stored
-    held = "as stored" if profile.has_stored else f"in {profile.dtype}"
+    held = "as --weights native holds it" if profile.has_stored else f"in {profile.dtype}"
     if fmt is None:
         return f"\nbits: the model fits {held}; no layer quantized"
     row, nbytes = profile.layers[0], profile.bytes_per_param

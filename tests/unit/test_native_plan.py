@@ -62,7 +62,8 @@ def test_smollm2_auto_and_fit_bits_count_the_same_bytes(smollm2):
     chosen = choose_bits(prof, specs, batch_size=1, max_seq_len=256)
     assert chosen.formats == (None,)
     assert chosen.plan.stages[0].weight_bytes == file_weight_bytes(smollm2)
-    assert "fits as stored; no layer quantized" in auto_bits_note(prof, None, ["cpu"])
+    note = auto_bits_note(prof, None, ["cpu"])
+    assert "fits as --weights native holds it; no layer quantized" in note, note
     # int4 on a CPU is Q4_1 again: the note weighs it against the layer as stored
     row = prof.layers[0]
     base, q = (layer_bytes(row, f, "cpu", prof.bytes_per_param) for f in (None, "int4"))
