@@ -12,6 +12,9 @@ from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, EP_DI
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
+# config.default_devices, in words (and `plan`, which plans for every device here)
+DEVICES_DEFAULT = ("cuda:0 when a GPU is present, over processes each rank's own "
+                   "cuda:LOCAL_RANK, else cpu; `plan`: every device here")
 # What a user's input can cause, reported as one line; anything else (KeyError, TypeError,
 # ...) is a bug in llamadist and keeps its traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
@@ -52,7 +55,8 @@ def int_or_list(text: str) -> int | list[int]:
 def add_placement(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("placement")
     g.add_argument("--devices", "--device", dest="devices",
-                   help="comma list, e.g. cuda:0,cuda:1,cpu (default: cpu)")
+                   help="comma list, e.g. cuda:0,cuda:1,cpu (default: " + DEVICES_DEFAULT
+                   + ")")
     g.add_argument("--strategy", choices=["uniform", "memory", "compute", "mixed", "custom"],
                    help="how to cut the layers over the devices (default: custom with "
                    "--boundaries, else uniform when it fits, else mixed)")
@@ -149,8 +153,9 @@ def add_processes(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("process control")
     g.add_argument("--nproc", type=positive_int, help="start this many local worker processes "
                    "(default: pp x tp x cp x dp); not needed under torchrun")
-    g.add_argument("--timeout", type=positive_float, help="seconds a rank waits for a silent "
-                   f"peer before every process exits (default {DEFAULT_TIMEOUT_S:.0f})")
+    g.add_argument("--timeout", type=positive_float, help="seconds before a silent or "
+                   "stuck rank counts as lost; --on-failure then says what happens (default "
+                   f"{DEFAULT_TIMEOUT_S:.0f})")
     g.add_argument("--on-failure", choices=("restart", "replan", "fail"), default="restart",
                    help="with --nproc, when a worker dies or hangs: restart it (on CPU the "
                    "replica's other workers keep their stages, TP and CP too; on GPUs the "
@@ -165,13 +170,25 @@ def add_processes(p: argparse.ArgumentParser) -> None:
 
 def add_sampling(p: argparse.ArgumentParser, max_new: int) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-new-tokens", type=positive_int, default=max_new)
+    # chat halves its default to fit a short KV cache (cli.jobs.chat_job)
+    chat = p.prog.split()[-1] == "chat"
+    g.add_argument("--max-new-tokens", type=positive_int, default=max_new,
+                   help="tokens generated at most per " + (
+                       f"reply (default {max_new}, or half the KV cache (--max-seq-len) "
+                       f"when {max_new} does not fit it)" if chat else
+                       f"prompt (default {max_new})"))
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--min-p", type=float, default=0.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--top-k", type=int, default=0, help="sample among the k most likely "
+                   "tokens only (default 0: all)")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample among the fewest most "
+                   "likely tokens whose probabilities reach p (default 1.0: all)")
+    g.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than "
+                   "min-p times the most likely one (default 0.0: none)")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="divide the "
+                   "positive logits of tokens already in the prompt or reply by this, "
+                   "multiply the negative ones (default 1.0: off)")
+    g.add_argument("--seed", type=int, help="the request's sampling seed: the same seed, "
+                   "prompt and flags give the same tokens (default: a fresh seed each run)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
 
 

@@ -51,7 +51,7 @@ def _finish(args: argparse.Namespace, ckpt, prompts: list[str], encoded: list[li
                                     f"{runtime.max_seq_len}; the model's context is "
                                     f"{context})") from None
     layout = inherited_layout() or decide_layout(ckpt.config, args, runtime,
-                                                 runtime.max_seq_len, batch)
+                                                 runtime.max_seq_len, batch, ckpt=ckpt)
     check_quantize_devices(runtime.quantize, layout.devices)
     # a plan file's per-stage weight formats (--fit-bits) are what the stages load with
     runtime = replace(runtime, quantize=layout_quantize(layout, runtime.quantize,

@@ -20,16 +20,40 @@ from llamadist.planning.units import PlanningError
 LAYOUT_ENV = "LLAMADIST_LAYOUT"  # the front process's Layout, handed to the workers it starts
 
 
+def held_weights(model: str | None, weights: str, ckpt=None) -> dict | None:
+    """--weights native (``weights``): per device kind, the bytes a run holds of each
+    tensor it keeps in the checkpoint's own formats (weights.loader.native_bytes), which
+    the planner counts (profile.native_profile); None for --weights float*, a checkpoint
+    with no quantized tensor, or a named shape with no checkpoint of that name here
+    (`plan smollm2-135m` counts the installed GGUF). ``ckpt``: the opened checkpoint,
+    else ``model`` is opened."""
+    from llamadist.config import NAMED_SHAPES
+    if weights != "native" or (ckpt is None and model is None):
+        return None
+    from llamadist.weights.loader import native_bytes
+    if ckpt is None:
+        from llamadist.weights.checkpoint import open_checkpoint
+        try:
+            ckpt = open_checkpoint(model)
+        except (ValueError, OSError):
+            if model in NAMED_SHAPES:   # a shape only: planned in its dtype
+                return None
+            raise
+    held = {kind: native_bytes(ckpt, kind) for kind in ("cpu", "cuda")}
+    return held if any(held.values()) else None
+
+
 def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
-                max_seq_len: int, batch: int) -> Layout:
+                max_seq_len: int, batch: int, held: dict | None = None) -> Layout:
     """`--auto`: the planner's best tp x pp x dp and layer split for --devices (with
     --fit-bits, and the one weight format it fits in, as `plan --auto --fit-bits`
-    chooses it; the Layout's ``why`` then ends with the bits line `plan` prints)."""
+    chooses it; the Layout's ``why`` then ends with the bits line `plan` prints).
+    ``held``: held_weights', the checkpoint's own formats counted in their bytes."""
     from llamadist.planning.auto import auto_plan
     from llamadist.planning.bits import (auto_bits_note, auto_fit_bits, auto_profile,
                                          check_fit_bits)
     from llamadist.planning.devices import check_devices_present, parse_devices
-    from llamadist.planning.profile import profile
+    from llamadist.planning.profile import native_profile, profile
     if in_worker():
         raise PlanningError("--auto chooses the number of processes itself: start llamadist "
                             "without torchrun (or give --pp/--tp/--dp instead of --auto)")
@@ -40,6 +64,8 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     specs = parse_devices(devices, args.max_memory, args.device_speed)
     kinds = sorted({s.kind for s in specs})
     prof = profile(config, dtype=runtime.dtype_for(devices), seq_len=max_seq_len)
+    if held:
+        prof = native_profile(prof, held)
     kw = dict(objective="latency", batch_size=batch, max_seq_len=max_seq_len, config=config,
               top=1)
     note = ""
@@ -74,10 +100,12 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
 
 
 def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
-                  max_seq_len: int, batch: int) -> Layout:
-    """The run's layout from its flags; every check that can fail does so here."""
+                  max_seq_len: int, batch: int, ckpt=None) -> Layout:
+    """The run's layout from its flags; every check that can fail does so here. The
+    weights are counted as the run holds them (held_weights: ``ckpt``, else args.model)."""
+    held = held_weights(getattr(args, "model", None), runtime.weights, ckpt)
     if getattr(args, "auto", False):
-        layout = auto_layout(config, args, runtime, max_seq_len, batch)
+        layout = auto_layout(config, args, runtime, max_seq_len, batch, held)
         asked = getattr(args, "nproc", None)
         if asked is not None and asked != layout.processes:
             print(f"--auto: running {layout.processes} process(es), not --nproc {asked}: the "
@@ -90,7 +118,7 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     cp = getattr(args, "cp", 1)
     # Under torchrun the world is already there: its size is the process count.
     nproc = int(os.environ["WORLD_SIZE"]) if in_worker() else getattr(args, "nproc", None)
-    nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp)
+    nproc, pp, tp, dp = check_grid(config, nproc, pp, tp, dp, cp, world=in_worker())
     ep = check_ep(config, tp, dp, ep)
     # hot replicas and uneven shares (--expert-split, budgets per EP rank): counted per rank
     ranked = ep_ranks(args, config, pp, tp, ep)
@@ -99,7 +127,7 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     placement = dict(strategy=args.strategy, max_memory=ranked.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize, fit_bits=fit_bits,
-                     experts=experts)
+                     experts=experts, held=held)
     if nproc == 1:  # the engine keeps at most runtime.max_batch sequences resident
         layout = resolve_layout(config, devices=args.devices,
                                 max_batch=min(batch, runtime.max_batch),
@@ -114,6 +142,12 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                             f"kind (cpu, or cuda: each rank takes cuda:LOCAL_RANK), or run a "
                             f"mixed list such as cuda:0,cpu in one process (without "
                             f"--nproc/--pp/--tp/--dp)")
+    if cp > 1 and len(given) > 1 and len(given) != pp:
+        kind = given[0].split(":")[0]
+        raise PlanningError(f"--devices {wanted} with --cp {cp}: context parallelism always "
+                            f"runs over processes, one per CP rank, each on its own device; "
+                            f"give --nproc {nproc} and --devices {kind} (one kind for every "
+                            f"rank), or one device per pipeline stage ({pp})")
     names = stage_devices(wanted, pp, gpus=cuda_count() if "cuda" in given[0] else None)
     # over processes every rank takes one --quantize: --fit-bits gives all stages one format
     dtype = runtime.dtype_for(names)

@@ -16,7 +16,7 @@ from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.distributed.grid import coords, grid_size
 from llamadist.planning.devices import parse_devices
 from llamadist.planning.plan import Plan, format_plan_table
-from llamadist.planning.profile import format_profile_table, profile
+from llamadist.planning.profile import format_profile_table, native_profile, profile
 from llamadist.planning.checks import check_ep, check_grid, plan_problems
 from llamadist.planning.strategies import make_plan
 from llamadist.planning.units import PlanningError, format_bytes
@@ -28,16 +28,30 @@ log = logging.getLogger(__name__)
 
 
 def analyze_command(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None,
-                    as_json: bool = False) -> str:
+                    as_json: bool = False, held: dict | None = None) -> str:
     """`llamadist analyze`: the per-layer profile of ``config``.
 
     dtype    weight dtype: bfloat16 | float16 | float32 (aliases bf16, fp16, fp32)
     seq_len  context for decode attention FLOPs and prefill length
              (None: RuntimeConfig's default, min(context, DEFAULT_MAX_SEQ_LEN))
     as_json  return ModelProfile JSON instead of the table
+    held     a quantized checkpoint's tensors as --weights native holds them per device
+             kind (cli.layout.held_weights): the table's weights as a CPU stage holds
+             them (as stored), a line for a GPU stage's; the JSON's rows list both
+             (``stored``)
     """
+    from llamadist.planning.profile import quantized_profile
     prof = profile(config, dtype=dtype, seq_len=seq_len)
-    return prof.to_json() if as_json else format_profile_table(prof)
+    if not held:
+        return prof.to_json() if as_json else format_profile_table(prof)
+    prof = native_profile(prof, held)
+    if as_json:
+        return prof.to_json()
+    on = {kind: quantized_profile(prof, None, [kind]) for kind in ("cpu", "cuda")}
+    return (format_profile_table(on["cpu"]) + "\nweights: as a --weights native run holds "
+            f"them on a CPU stage (as stored; {format_bytes(prof.total_weight_bytes)} in "
+            f"{prof.dtype}); on a GPU stage {format_bytes(on['cuda'].total_weight_bytes)} "
+            f"(decoder linears as int8 / int4, the rest in {prof.dtype})")
 
 
 def plan_command(config: ModelConfig, devices: str | None = None, max_memory: str | None = None,
@@ -77,18 +91,22 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   as_json: bool, save: str | None, plot: str | None, headroom: float | int,
                   tp: int, ep: int = 1, quantize: str | None = None,
                   fit_bits: bool = False, one_format: bool = False,
-                  experts: "ExpertPlacement | None" = None) -> tuple[Plan, str]:
+                  experts: "ExpertPlacement | None" = None,
+                  held: dict | None = None) -> tuple[Plan, str]:
     """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
     stage's weights counted in its format, and the bytes it saves per layer noted;
     ``fit_bits``: --fit-bits, the formats chosen by planning.bits.choose_bits, the same
     for every stage with ``one_format``: stages over processes; ``experts``: each EP
     rank's experts, planning.experts.ExpertPlacement, e.g. with hot-expert replicas;
-    with ``ep`` > 1 every stage's experts per EP rank are printed)."""
+    with ``ep`` > 1 every stage's experts per EP rank are printed; ``held``: a quantized
+    checkpoint's tensors as --weights native holds them, cli.layout.held_weights)."""
     from llamadist.config import quantize_for
     if plan_file is not None and devices is None:
         devices = ",".join(Plan.load(plan_file).devices)
     specs = parse_devices(devices, max_memory, device_speed)
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
+    if held:
+        prof = native_profile(prof, held)
     if plan_file is not None:
         if strategy not in (None, "custom", "uniform"):
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
@@ -158,9 +176,14 @@ def format_notes(prof, specs, formats: list[str | None]) -> list[str]:
             continue
         seen.add((fmt, spec.kind))
         q = layer_bytes(row, fmt, spec.kind, prof.bytes_per_param)
+        # against the weights as the run holds them unquantized (a GGUF: as stored)
+        base = layer_bytes(row, None, spec.kind, prof.bytes_per_param)
+        stored = "as --weights native holds it" if prof.has_stored else f"in {prof.dtype}"
+        change = (f"{format_bytes(base - q)} saved" if base >= q else
+                  f"{format_bytes(q - base)} more")
         out.append(f"weights {fmt} on {spec.kind}: {format_bytes(q)} per decoder layer "
-                   f"instead of {format_bytes(row.weight_bytes)} in {prof.dtype} "
-                   f"({format_bytes(row.weight_bytes - q)} saved per layer, predicted)")
+                   f"instead of {format_bytes(base)} {stored} ({change} per layer, "
+                   f"predicted)")
     return out
 
 
@@ -172,7 +195,9 @@ def model_config(model: str) -> ModelConfig:
 
 
 def analyze_cmd(args: argparse.Namespace) -> int:
-    print(analyze_command(model_config(args.model), args.dtype, args.seq_len, args.json))
+    from llamadist.cli.layout import held_weights
+    held = held_weights(args.model, getattr(args, "weights", None) or "native")
+    print(analyze_command(model_config(args.model), args.dtype, args.seq_len, args.json, held))
     return 0
 
 
@@ -205,13 +230,16 @@ def check_output_paths(args: argparse.Namespace) -> None:
 
 
 def plan_cmd(args: argparse.Namespace) -> int:
+    from llamadist.cli.layout import held_weights
     check_output_paths(args)
     config = model_config(args.model)
-    runtime = RuntimeConfig(max_seq_len=args.max_seq_len, dtype=args.dtype)
+    runtime = RuntimeConfig(max_seq_len=args.max_seq_len, dtype=args.dtype,
+                            weights=getattr(args, "weights", None) or "native")
     dtype = runtime.dtype_for(plan_dtype_devices(args))
     max_seq = runtime.seq_len_for(config.max_position_embeddings)
+    held = held_weights(args.model, runtime.weights)   # the weights as the run holds them
     if args.auto:
-        return _auto_plan(args, config, dtype, max_seq)
+        return _auto_plan(args, config, dtype, max_seq, held)
     pp, tp, dp, ep = grid_flags(args)
     nproc, pp, _, _ = check_grid(config, None, pp, tp, dp)
     ep = check_ep(config, tp, dp, ep)
@@ -234,7 +262,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
                                  max_seq, dtype, args.json, save, plot, 0.1, tp,
                                  ep, quantize=args.quantize,
                                  fit_bits=getattr(args, "fit_bits", False),
-                                 one_format=nproc > 1, experts=experts)
+                                 one_format=nproc > 1, experts=experts, held=held)
         except PlanningError as e:   # memory / mixed / --fit-bits: no split fits
             raise replicas_refusal(e, experts, config.num_layers) from None
     if ranked.budgets is not None:   # budgets per EP rank: shares by the room for experts
@@ -263,13 +291,16 @@ def plan_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_seq: int) -> int:
+def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_seq: int,
+               held: dict | None = None) -> int:
     from llamadist.cli.layout import (refuse_chosen_flags_with_auto,
                                       refuse_expert_flags_with_auto)
     from llamadist.planning.auto import auto_plan, format_auto_plans
     refuse_expert_flags_with_auto(args)
     refuse_chosen_flags_with_auto(args)
     prof = profile(config, dtype=dtype, seq_len=max_seq)
+    if held:
+        prof = native_profile(prof, held)
     devices = None if args.gpus else parse_devices(args.devices, args.max_memory,
                                                    args.device_speed, check_available=False)
     kw = dict(gpus=args.gpus, nodes=args.nodes,

@@ -162,19 +162,23 @@ def bits_report(plan: Plan, profile: ModelProfile, devices: Sequence[DeviceSpec]
     """Per stage: its format, the bytes a decoder layer takes and saves in it, the bytes the
     stage saves and holds; then the totals. Bytes only: no accuracy is predicted."""
     row, nbytes = profile.layers[0], profile.bytes_per_param
+    # a quantized checkpoint under --weights native: its layers as the run holds them
+    stored = "as --weights native holds it" if profile.has_stored else profile.dtype
     lines, saved_all = [], 0
     for s, d in zip(plan.stages, devices):
         if s.weight_format is None:
             lines.append(f"stage {s.index} ({s.device}, layers {s.start}..{s.end - 1}): "
-                         f"{profile.dtype}, not quantized; weights {format_bytes(s.weight_bytes)}")
+                         f"{stored}, not quantized; weights {format_bytes(s.weight_bytes)}")
             continue
-        per = [r.weight_bytes - layer_bytes(r, s.weight_format, d.kind, nbytes)
+        per = [layer_bytes(r, None, d.kind, nbytes)
+               - layer_bytes(r, s.weight_format, d.kind, nbytes)
                for r in profile.layers[s.start:s.end]]
         saved_all += sum(per)
         q = layer_bytes(row, s.weight_format, d.kind, nbytes)
         lines.append(f"stage {s.index} ({s.device}, layers {s.start}..{s.end - 1}): "
                      f"{s.weight_format}, {format_bytes(q)} per decoder layer instead of "
-                     f"{format_bytes(row.weight_bytes)} ({format_bytes(per[0])} saved per "
+                     f"{format_bytes(layer_bytes(row, None, d.kind, nbytes))} {stored} "
+                     f"({format_bytes(per[0])} saved per "
                      f"layer, {format_bytes(sum(per))} over its {s.num_layers} layers); "
                      f"weights {format_bytes(s.weight_bytes)}")
     total = sum(s.weight_bytes for s in plan.stages)
@@ -218,8 +222,8 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
     given): one format for every device, since the planner costs one profile for all of
     them, so a per-device spec is refused; a format a device kind cannot run is refused
     too."""
-    if quantize is None:
-        return profile, None
+    if quantize is None:   # as stored (a quantized checkpoint's own formats) or dtype
+        return quantized_profile(profile, None, kinds), None
     try:
         table = parse_quantize(quantize)
     except ConfigError as e:
@@ -239,12 +243,15 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
 def auto_bits_note(profile: ModelProfile, fmt: str | None, kinds: Sequence[str]) -> str:
     """--auto --fit-bits: the one format chosen and the bytes it saves per decoder layer
     (a line of its own, starting with a newline)."""
+    # a quantized checkpoint under --weights native: against its layers as stored
+    held = "as --weights native holds it" if profile.has_stored else f"in {profile.dtype}"
     if fmt is None:
-        return f"\nbits: the model fits in {profile.dtype}; no layer quantized"
-    row = profile.layers[0]
-    q = max(layer_bytes(row, fmt, k, profile.bytes_per_param) for k in kinds)
-    return (f"\nbits: it does not fit in {profile.dtype}; every decoder layer in {fmt}: "
-            f"{format_bytes(q)} per layer instead of {format_bytes(row.weight_bytes)} "
-            f"({format_bytes(row.weight_bytes - q)} saved per layer, "
-            f"{format_bytes((row.weight_bytes - q) * profile.num_layers)} in all; predicted "
+        return f"\nbits: the model fits {held}; no layer quantized"
+    row, nbytes = profile.layers[0], profile.bytes_per_param
+    q = max(layer_bytes(row, fmt, k, nbytes) for k in kinds)
+    base = max(layer_bytes(row, None, k, nbytes) for k in kinds)
+    return (f"\nbits: it does not fit {held}; every decoder layer in {fmt}: "
+            f"{format_bytes(q)} per layer instead of {format_bytes(base)} "
+            f"({format_bytes(base - q)} saved per layer, "
+            f"{format_bytes((base - q) * profile.num_layers)} in all; predicted "
             f"bytes, quality is not predicted: measure it with llamadist perplexity)")

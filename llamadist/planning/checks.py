@@ -23,9 +23,23 @@ def _grid(tp: int, dp: int, cp: int, pp: int | None = None) -> str:
         (f"cp={cp} x " if cp != 1 else "") + f"dp={dp}"
 
 
+def _procs(nproc: int, world: bool) -> str:
+    """Where the process count came from, as messages name it: --nproc, or under torchrun
+    its WORLD_SIZE (the user gave no --nproc to llamadist)."""
+    return (f"WORLD_SIZE {nproc} (torchrun's --nproc-per-node x --nnodes)" if world
+            else f"--nproc {nproc}")
+
+
+def _start(n: int, world: bool) -> str:
+    """How to run ``n`` processes: --nproc, or torchrun's own flags."""
+    return (f"start torchrun with {n} processes in all (--nproc-per-node x --nnodes)"
+            if world else f"give --nproc {n}")
+
+
 def grid_size(nproc: int | None, pp: int | None, tp: int, dp: int,
-              cp: int = 1) -> tuple[int, int]:
-    """-> (nproc, pp), filling in whichever was not given, or raise GridError."""
+              cp: int = 1, world: bool = False) -> tuple[int, int]:
+    """-> (nproc, pp), filling in whichever was not given, or raise GridError. ``world``:
+    ``nproc`` is torchrun's WORLD_SIZE, not a --nproc (messages name it so)."""
     for name, v in (("tp", tp), ("dp", dp), ("cp", cp), ("pp", pp), ("nproc", nproc)):
         if v is not None and v < 1:
             raise GridError(f"--{name} must be >= 1, got {v}")
@@ -33,21 +47,24 @@ def grid_size(nproc: int | None, pp: int | None, tp: int, dp: int,
         if nproc is None:
             return tp * dp * cp, 1
         if nproc % (tp * dp * cp):
-            raise GridError(f"--nproc {nproc} does not divide by {_grid(tp, dp, cp)} = "
-                            f"{tp * dp * cp}: give --nproc a multiple of {tp * dp * cp}")
+            raise GridError(f"{_procs(nproc, world)} does not divide by {_grid(tp, dp, cp)}"
+                            f" = {tp * dp * cp}: {_start(tp * dp * cp, world)} or a "
+                            f"multiple of it")
         pp = nproc // (tp * dp * cp)
     total = pp * tp * dp * cp
     if nproc is not None and nproc != total:
-        raise GridError(f"--nproc {nproc} with {_grid(tp, dp, cp, pp)} = {total}: the grid "
-                        f"must multiply to the number of processes")
+        raise GridError(f"{_procs(nproc, world)} with {_grid(tp, dp, cp, pp)} = {total}: "
+                        f"the grid must multiply to the number of processes")
     return total, pp
 
 
 def grid_problems(num_layers: int, nproc: int | None, pp: int, tp: int = 1, dp: int = 1,
-                  config: ModelConfig | None = None, cp: int = 1) -> list[str]:
+                  config: ModelConfig | None = None, cp: int = 1,
+                  world: bool = False) -> list[str]:
     """Why a grid of ``pp`` stages x ``tp`` x ``cp`` x ``dp`` on ``nproc`` processes (None:
     not given) cannot run a model of ``num_layers`` layers; [] when it can. ``config``
-    adds the tensor-parallel head checks (parallel.tensor's rules)."""
+    adds the tensor-parallel head checks (parallel.tensor's rules); ``world``: ``nproc``
+    is torchrun's WORLD_SIZE."""
     problems = [f"--{name} must be >= 1, got {v}"
                 for name, v in (("pp", pp), ("tp", tp), ("dp", dp), ("cp", cp),
                                 ("nproc", nproc))
@@ -56,8 +73,8 @@ def grid_problems(num_layers: int, nproc: int | None, pp: int, tp: int = 1, dp: 
         return problems
     total = pp * tp * dp * cp
     if nproc is not None and nproc != total:
-        problems.append(f"--nproc {nproc} but {_grid(tp, dp, cp, pp)} = {total}: "
-                        f"give --nproc {total} or a grid that multiplies to {nproc}")
+        problems.append(f"{_procs(nproc, world)} but {_grid(tp, dp, cp, pp)} = {total}: "
+                        f"{_start(total, world)} or a grid that multiplies to {nproc}")
     if pp > num_layers:
         problems.append(f"{pp} pipeline stages but the model has only {num_layers} layers "
                         f"(a stage holds at least one): use --pp {num_layers} or fewer")
@@ -70,13 +87,13 @@ def grid_problems(num_layers: int, nproc: int | None, pp: int, tp: int = 1, dp: 
 
 
 def check_grid(config: ModelConfig, nproc: int | None, pp: int | None, tp: int = 1,
-               dp: int = 1, cp: int = 1) -> tuple[int, int, int, int]:
+               dp: int = 1, cp: int = 1, world: bool = False) -> tuple[int, int, int, int]:
     """-> (nproc, pp, tp, dp) with ``nproc`` or ``pp`` filled in when not given, or raise
     PlanningError naming every problem (tp against the heads, pp against the layers,
-    nproc against pp x tp x cp x dp)."""
+    nproc against pp x tp x cp x dp; ``world``: nproc is torchrun's WORLD_SIZE)."""
     if pp is None:  # filled in from nproc (GridError when it does not divide)
-        _, pp = grid_size(nproc, None, tp, dp, cp)
-    problems = grid_problems(config.num_layers, nproc, pp, tp, dp, config, cp)
+        _, pp = grid_size(nproc, None, tp, dp, cp, world)
+    problems = grid_problems(config.num_layers, nproc, pp, tp, dp, config, cp, world)
     if problems:
         raise PlanningError("; ".join(problems))
     return pp * tp * dp * cp, pp, tp, dp

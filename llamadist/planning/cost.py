@@ -39,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from llamadist.config import ModelConfig
 from llamadist.planning.devices import DeviceSpec
 from llamadist.planning.experts import ExpertPlacement
-from llamadist.planning.profile import ModelProfile, expected_experts, layer_bytes
+from llamadist.planning.profile import ModelProfile, expected_experts, quantized_profile
 from llamadist.planning.tp_shapes import tp_kv_heads
 from llamadist.planning.units import PlanningError
 
@@ -193,16 +193,20 @@ class CostModel:
                    _prefix([r.expert_bytes for r in rows]), ep, placement, held)
 
     def with_formats(self, formats: Sequence[str | None], kinds: Sequence[str]) -> "CostModel":
-        """This model with stage i's decoder linears in ``formats[i]`` (None: the profile's
-        dtype) on a ``kinds[i]`` device ("cuda", "cpu"): what ``at(i)`` returns."""
-        made: dict[tuple[str, str], CostModel] = {}
-        nbytes = self.profile.bytes_per_param
+        """This model with stage i's decoder linears in ``formats[i]`` (None: as the run
+        holds them: the profile's dtype, or a quantized checkpoint's own formats under
+        --weights native, whose bytes depend on the kind) on a ``kinds[i]`` device
+        ("cuda", "cpu"): what ``at(i)`` returns. Each is this model over
+        profile.quantized_profile(profile, format, [kind]), embedding and head included."""
+        made: dict[tuple[str | None, str], CostModel] = {}
         for fmt, kind in zip(formats, kinds):
-            if fmt is not None and (fmt, kind) not in made:
-                rows = [layer_bytes(r, fmt, kind, nbytes) for r in self.profile.layers]
-                made[(fmt, kind)] = replace(self, weights=_prefix(rows), stage_models=())
-        return replace(self, stage_models=tuple(None if f is None else made[(f, k)]
-                                                for f, k in zip(formats, kinds)))
+            if (fmt is not None or self.profile.has_stored) and (fmt, kind) not in made:
+                held = quantized_profile(self.profile, fmt, [kind])
+                made[(fmt, kind)] = replace(
+                    self, profile=held, weights=_prefix([r.weight_bytes for r in held.layers]),
+                    experts=_prefix([r.expert_bytes for r in held.layers]) if self.experts
+                    else (), stage_models=())
+        return replace(self, stage_models=tuple(made.get((f, k)) for f, k in zip(formats, kinds)))
 
     def at(self, i: int) -> "CostModel":
         """The cost model of stage i (its weight format's bytes), this one by default."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Mapping
 
 from llamadist.config import ModelConfig, default_devices
 from llamadist.planning.units import PlanningError
@@ -108,7 +108,8 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    tp: int = 1, cp: int = 1, ep: int = 1,
                    quantize: str | None = None, fit_bits: bool = False,
                    one_format: bool = False,
-                   experts: "ExpertPlacement | None" = None) -> Layout:
+                   experts: "ExpertPlacement | None" = None,
+                   held: "Mapping[str, Mapping[str, tuple[int, int]]] | None" = None) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
     checked against its device's budget for this run's batch, KV length, ``tp`` (each
     stage then a tensor-parallel group: memory per shard), ``cp`` (KV per context-parallel
@@ -120,10 +121,12 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     processes need), a plan file's formats chosen again; the Layout's ``why`` then holds
     the report `plan` prints (bits_report). ``experts`` (planning.experts.ExpertPlacement,
     e.g. run_placement's with hot-expert replicas): each stage's memory counts its busiest
-    EP rank's experts; a refusal then says how many it holds."""
+    EP rank's experts; a refusal then says how many it holds. ``held``: a quantized
+    checkpoint's tensors as a --weights native run holds them per device kind
+    (profile.native_profile; weights.loader.native_bytes), counted in those bytes."""
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.plan import Plan
-    from llamadist.planning.profile import profile
+    from llamadist.planning.profile import native_profile, profile
 
     if isinstance(devices, (list, tuple)):
         devices = ",".join(devices)
@@ -142,6 +145,8 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     check_devices_present([d.strip() for d in devices.split(",") if d.strip()])
     specs = parse_devices(devices, max_memory=max_memory, speeds=device_speed)
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
+    if held:
+        prof = native_profile(prof, held)
     kw = dict(boundaries=boundaries, batch_size=max_batch, max_seq_len=max_seq_len, tp=tp,
               config=config, cp=cp, ep=ep, experts=experts)
     try:

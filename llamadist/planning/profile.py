@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.planning.units import PlanningError, format_bytes, format_flops
@@ -63,6 +63,9 @@ class LayerCost:
     active_weight_bytes: int | None = None
     # (out, in) of each linear --quantize quantizes (q, k, v, o; gate, up, down when dense)
     linear_shapes: tuple[tuple[int, int], ...] = ()
+    # --weights native of a quantized checkpoint: per device kind, (kind, weight bytes,
+    # expert bytes) as a run on that kind holds the row (native_profile); () = the dtype's
+    stored: tuple[tuple[str, int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.active_params is None:
@@ -71,6 +74,7 @@ class LayerCost:
             object.__setattr__(self, "active_weight_bytes", self.weight_bytes)
         # JSON gives lists: tuples, so a profile equals its round trip
         object.__setattr__(self, "linear_shapes", tuple(tuple(x) for x in self.linear_shapes))
+        object.__setattr__(self, "stored", tuple(tuple(x) for x in self.stored))
 
     def decode_flops(self, context: int) -> int:
         """FLOPs for one new token attending to ``context`` cached tokens."""
@@ -121,6 +125,12 @@ class ModelProfile:
     @property
     def total_active_weight_bytes(self) -> int:
         return sum(r.active_weight_bytes for r in self.rows) - self.tied_bytes
+
+    @property
+    def has_stored(self) -> bool:
+        """Some row is held in a checkpoint's own formats (native_profile), whose bytes
+        depend on the device kind."""
+        return any(r.stored for r in self.rows)
 
     @property
     def is_moe(self) -> bool:
@@ -215,10 +225,26 @@ def quantized_matrix_bytes(n: int, k: int, fmt: str, kind: str = "cuda") -> int:
     return n * k + 4 * n
 
 
+def held_row(row: LayerCost, kind: str) -> LayerCost:
+    """``row`` as a ``--weights native`` run on a ``kind`` device holds it (its stored
+    bytes there, native_profile), else ``row`` itself (the profile's dtype)."""
+    for k, weights, experts in row.stored:
+        if k == kind:
+            saved, saved_experts = row.weight_bytes - weights, row.expert_bytes - experts
+            per_token = (saved_experts * row.experts_per_token / row.num_experts
+                         if row.num_experts else saved_experts)
+            active = row.active_weight_bytes - (saved - saved_experts) - per_token
+            return replace(row, weight_bytes=weights, expert_bytes=experts,
+                           active_weight_bytes=int(active), stored=())
+    return replace(row, stored=()) if row.stored else row
+
+
 def layer_bytes(row: LayerCost, fmt: str | None, kind: str, nbytes: float) -> int:
-    """A decoder row's weight bytes with its linears in ``fmt`` (None: as profiled)."""
+    """A decoder row's weight bytes with its linears in ``fmt`` on a ``kind`` device (None:
+    as the run holds them there: the checkpoint's own formats under --weights native,
+    held_row, else the profile's dtype)."""
     if fmt is None or not row.linear_shapes:
-        return row.weight_bytes
+        return held_row(row, kind).weight_bytes
     linear = sum(n * k for n, k in row.linear_shapes)
     packed = sum(quantized_matrix_bytes(n, k, fmt, kind) for n, k in row.linear_shapes)
     return int(row.weight_bytes - linear * nbytes + packed)
@@ -226,18 +252,65 @@ def layer_bytes(row: LayerCost, fmt: str | None, kind: str, nbytes: float) -> in
 
 def quantized_profile(prof: ModelProfile, fmt: str | None,
                       kinds: Sequence[str] = ("cuda",)) -> ModelProfile:
-    """``prof`` with every decoder row's linears in ``fmt`` (None: ``prof`` itself): its
-    weight bytes as :func:`layer_bytes` counts them, the most of ``kinds`` (one format on
-    devices of several kinds is planned by the larger footprint). For the auto planner,
-    which costs one profile for every device."""
-    if fmt is None:
+    """``prof`` as a run on ``kinds`` holds it: every decoder row's linears in ``fmt``
+    (None: as stored, held_row), the embedding and head as stored, each row's weight bytes
+    the most of ``kinds`` (one format on devices of several kinds is planned by the larger
+    footprint); ``prof`` itself when neither changes a byte. For the auto planner, which
+    costs one profile for every device, and for each stage of CostModel.with_formats."""
+    if fmt is None and not prof.has_stored:
         return prof
+
+    def held(r: LayerCost) -> LayerCost:   # the kind that holds the most of it
+        return max((held_row(r, k) for k in kinds), key=lambda x: x.weight_bytes)
+
     rows = []
     for r in prof.layers:
+        if fmt is None or not r.linear_shapes:
+            rows.append(held(r))
+            continue
         q = max(layer_bytes(r, fmt, k, prof.bytes_per_param) for k in kinds)
         saved = r.weight_bytes - q
-        rows.append(replace(r, weight_bytes=q, active_weight_bytes=r.active_weight_bytes - saved))
-    return replace(prof, layers=tuple(rows))
+        rows.append(replace(r, weight_bytes=q, active_weight_bytes=r.active_weight_bytes - saved,
+                            stored=()))
+    return replace(prof, embed=held(prof.embed), head=held(prof.head), layers=tuple(rows))
+
+
+def native_profile(prof: ModelProfile,
+                   held: Mapping[str, Mapping[str, tuple[int, int]]]) -> ModelProfile:
+    """``prof`` with the bytes a ``--weights native`` run holds, per device kind: ``held``
+    maps a kind to {tensor name: (weights, bytes held)} for the tensors kept out of the
+    dtype (weights.loader.native_bytes); every other weight counts in the profile's dtype.
+    Each row keeps its dtype bytes in ``weight_bytes`` (what --quantize formats are costed
+    from) and gains ``stored``; a tied head's own copy counts as the embedding's."""
+    nbytes = prof.bytes_per_param
+
+    def row_of(name: str) -> str | None:
+        if name == "model.embed_tokens.weight":
+            return "embed"
+        if name in ("lm_head.weight", "model.norm.weight"):
+            return "head"
+        if name.startswith("model.layers."):
+            return "layers." + name.split(".")[2]
+        return None
+
+    out = {r.name: r for r in prof.rows}
+    stored: dict[str, list[tuple[str, int, int]]] = {name: [] for name in out}
+    for kind, tensors in held.items():
+        saved = {name: [0, 0] for name in out}   # [all, of experts]
+        for name, (count, size) in tensors.items():
+            row = row_of(name)
+            if row in saved:
+                saved[row][0] += count * nbytes - size
+                saved[row][1] += count * nbytes - size if ".experts." in name else 0
+        emb = tensors.get("model.embed_tokens.weight")
+        if prof.tie_word_embeddings and emb is not None and "lm_head.weight" not in tensors:
+            saved["head"][0] += emb[0] * nbytes - emb[1]   # its own copy, in the same format
+        for name, r in out.items():
+            stored[name].append((kind, int(r.weight_bytes - saved[name][0]),
+                                 int(r.expert_bytes - saved[name][1])))
+    rows = {name: replace(r, stored=tuple(stored[name])) for name, r in out.items()}
+    return replace(prof, embed=rows["embed"], head=rows["head"],
+                   layers=tuple(rows[r.name] for r in prof.layers))
 
 
 def profile(config: ModelConfig, dtype: str = "bfloat16", seq_len: int | None = None) -> ModelProfile:

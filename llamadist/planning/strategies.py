@@ -153,6 +153,8 @@ def _shortfall_error(model: CostModel, devices: Sequence[DeviceSpec], usable: li
 
 def _formats(model: CostModel) -> str:
     """The weights' format for messages: the dtype, or the stages' --quantize formats."""
+    if model.profile.has_stored:
+        return "as the checkpoint stores them (--weights native), the rest " + model.profile.dtype
     if not any(model.stage_models):
         return model.profile.dtype
     return f"{model.profile.dtype}, decoder layers in each stage's weight format"
@@ -290,7 +292,8 @@ def make_plan(profile: ModelProfile, devices: Sequence[DeviceSpec],
         raise PlanningError(f"batch_size and max_seq_len must be positive, got {batch_size} "
                             f"and {context}")
     model = CostModel.build(profile, batch_size, context, tp, config, ep, cp, experts)
-    if formats and any(formats):
+    if (formats and any(formats)) or profile.has_stored:
+        formats = formats or [None] * len(devices)
         if len(formats) != len(devices):
             raise PlanningError(f"{len(formats)} weight formats for {len(devices)} devices")
         model = model.with_formats(formats, [d.kind for d in devices])

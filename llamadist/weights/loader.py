@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from llamadist.kernels.quant import QuantizedTensor
-from llamadist.kernels.quant_ref import TYPE_IDS
+from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, block_shape
 from llamadist.kernels.wquant import PackedWeight, from_gguf, quantize, to_gguf_blocks
 from llamadist.weights.base import Checkpoint, CheckpointError, Shard
 
@@ -89,6 +89,45 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
         blocks = ckpt.get_quantized(src, shard, dtype)
         return from_gguf(blocks.blocks, blocks.qtype, tuple(blocks.shape)).to(device)
     return ckpt.get(src, shard).to(dtype=dtype).to(device, non_blocking=True)
+
+
+def native_bytes(ckpt: Checkpoint, kind: str) -> dict[str, tuple[int, int]]:
+    """What a ``--weights native`` run on a ``kind`` device ("cpu", "cuda") holds, out of
+    the run's dtype, of each checkpoint tensor, as ``_load_one`` keeps it: name -> (weights,
+    bytes). CPU: every block and F16/BF16 tensor as stored; CUDA: the decoder layers'
+    block linears converted (``from_gguf``: codes and scales). Tensors absent here are held
+    in the run's dtype (F32 ones, other GGUF types, what a GPU dequantizes); {} for a
+    checkpoint with no quantized tensors (safetensors). The planner counts these bytes."""
+    quant_type = getattr(ckpt, "quant_type", None)
+    out: dict[str, tuple[int, int]] = {}
+    if quant_type is None:
+        return out
+    for name in ckpt.names():
+        qtype = quant_type(name)
+        if qtype is None:
+            continue
+        n, k = ckpt.shape(name)
+        if kind == "cpu":
+            block, size = block_shape(qtype)
+            out[name] = (n * k, n * (k // block) * size)
+        elif kind == "cuda" and qtype not in HALF_TYPES and LAYER_LINEAR.search(name):
+            out[name] = (n * k, gguf_packed_bytes(qtype, n, k))
+    return out
+
+
+def gguf_packed_bytes(qtype: int, n: int, k: int) -> int:
+    """Bytes of the PackedWeight ``from_gguf`` makes of an (n, k) GGUF block matrix: int8
+    codes (Q8_0: float16 scale per 32) or int4 codes two per byte (Q4_0 / Q4_1: float16
+    scale and offset per 32; Q4_K: float32 ones per 32); Q5_K / Q6_K become int8 per 32
+    (quantize_int8 of their dequantized values) with a float32 scale per 32."""
+    name, groups = FORMATS[qtype][0], n * -(-k // 32)
+    if name == "Q8_0":
+        return n * k + 2 * groups
+    if name in ("Q4_0", "Q4_1"):
+        return n * ((k + 1) // 2) + 4 * groups
+    if name == "Q4_K":
+        return n * ((k + 1) // 2) + 8 * groups
+    return n * k + 4 * groups
 
 
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,

@@ -232,8 +232,9 @@ def test_kv_length_defaults_to_what_the_request_needs(smollm2):
 
 # ---- review fixes: tensor-parallel budgets, --auto and --plan checks, bad checkpoints -----
 def test_plan_budgets_are_per_tensor_parallel_shard(capsys):
+    # float32 weights (513 MiB): as stored, the Q4_1 file's 92 MiB would fit one device
     flags = ["plan", "smollm2-135m", "--devices", "cpu", "--max-memory", "400MiB",
-             "--dtype", "float32"]
+             "--weights", "float32"]
     code, out, err = run_cli(capsys, *flags, "--tp", "3")
     assert code == 0, err
     assert "3-way tensor-parallel" in out and "1/3 shard" in out
