@@ -22,6 +22,7 @@ from llamadist.planning.layout import Layout, layout_quantize, resolve_layout
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import parse_dtype
 from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
+from llamadist.weights.loader import held_bytes
 
 
 def build_engine(ckpt: Checkpoint, layout: Layout, runtime: RuntimeConfig,
@@ -73,7 +74,8 @@ class LLM:
                                     dtype=runtime.dtype_for(dev or default_devices()),
                                     max_batch=runtime.max_batch,
                                     max_seq_len=runtime.max_seq_len,
-                                    quantize=runtime.quantize)
+                                    quantize=runtime.quantize,
+                                    held=held_bytes(self.ckpt, runtime.weights))
             # a plan file's per-stage weight formats are what the stages load with
             runtime = runtime.replace(quantize=layout_quantize(layout, runtime.quantize))
         elif where:

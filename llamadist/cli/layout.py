@@ -30,7 +30,7 @@ def held_weights(model: str | None, weights: str, ckpt=None) -> dict | None:
     from llamadist.config import NAMED_SHAPES
     if weights != "native" or (ckpt is None and model is None):
         return None
-    from llamadist.weights.loader import native_bytes
+    from llamadist.weights.loader import held_bytes
     if ckpt is None:
         from llamadist.weights.checkpoint import open_checkpoint
         try:
@@ -39,8 +39,7 @@ def held_weights(model: str | None, weights: str, ckpt=None) -> dict | None:
             if model in NAMED_SHAPES:   # a shape only: planned in its dtype
                 return None
             raise
-    held = {kind: native_bytes(ckpt, kind) for kind in ("cpu", "cuda")}
-    return held if any(held.values()) else None
+    return held_bytes(ckpt, weights)
 
 
 def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,

@@ -16,6 +16,7 @@ import argparse
 from dataclasses import dataclass, replace
 
 from llamadist.cli.jobs import Job
+from llamadist.cli.layout import held_weights
 from llamadist.config import ModelConfig
 from llamadist.planning.layout import Layout, resolve_layout
 from llamadist.planning.units import PlanningError
@@ -68,7 +69,8 @@ def replan(job: Job, args: argparse.Namespace, config: ModelConfig, lost_stage: 
                                 strategy=getattr(args, "strategy", None),
                                 max_memory=without_lost(getattr(args, "max_memory", None)),
                                 device_speed=without_lost(getattr(args, "device_speed", None)),
-                                max_seq_len=job.max_seq_len, quantize=rt.quantize)
+                                max_seq_len=job.max_seq_len, quantize=rt.quantize,
+                                held=held_weights(getattr(args, "model", None), rt.weights))
     except PlanningError as e:
         raise PlanningError(f"the model no longer fits the {len(names)} device(s) left: "
                             f"{e}") from None

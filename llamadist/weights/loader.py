@@ -91,6 +91,16 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
     return ckpt.get(src, shard).to(dtype=dtype).to(device, non_blocking=True)
 
 
+def held_bytes(ckpt: Checkpoint, weights: str) -> dict[str, dict[str, tuple[int, int]]] | None:
+    """--weights ``weights`` of ``ckpt``: per device kind ("cpu", "cuda"), native_bytes'
+    tensors, which the planner counts in those bytes (planning.profile.native_profile);
+    None for --weights float* or a checkpoint with no quantized tensor."""
+    if weights != "native":
+        return None
+    held = {kind: native_bytes(ckpt, kind) for kind in ("cpu", "cuda")}
+    return held if any(held.values()) else None
+
+
 def native_bytes(ckpt: Checkpoint, kind: str) -> dict[str, tuple[int, int]]:
     """What a ``--weights native`` run on a ``kind`` device ("cpu", "cuda") holds, out of
     the run's dtype, of each checkpoint tensor, as ``_load_one`` keeps it: name -> (weights,

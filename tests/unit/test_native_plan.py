@@ -135,3 +135,14 @@ def test_analyze_shows_the_bytes_a_run_holds(smollm2, capsys):
     out = capsys.readouterr().out
     total = next(line for line in out.splitlines() if line.startswith("total"))
     assert format_bytes(file_weight_bytes(smollm2)) in total, out
+
+
+def test_python_api_plans_the_held_bytes_too(smollm2):
+    """LLM(...) plans as the CLI does: the GGUF's blocks fit 300 MB (float32 would not),
+    and 80 MB is refused with the stored weights' size."""
+    from llamadist.api import LLM
+    from llamadist.planning.units import PlanningError
+    llm = LLM(str(smollm2), max_memory="300MB", max_seq_len=256)
+    assert llm.layout.plan.stages[0].weight_bytes == file_weight_bytes(smollm2)
+    with pytest.raises(PlanningError, match=f"weights {format_bytes(file_weight_bytes(smollm2))}"):
+        LLM(str(smollm2), max_memory="80MB", max_seq_len=256)
