@@ -200,7 +200,12 @@ def test_disconnected_whole_request_is_cancelled(tiny_server):
         "model": "tiny", "prompt": "The quick brown fox", "max_tokens": 240, "n": 8,
         "temperature": 0, "ignore_eos": True}),
         {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
-    time.sleep(0.3)
+    # gone as soon as its first choices run (a fixed wait let all 8 x 240 tokens finish
+    # first on a fast machine): the server polls for a disconnect every 0.2 s
+    deadline = time.monotonic() + 20
+    while metrics(tiny_server.url)["llamadist_requests_running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
     conn.sock.shutdown(2)
     conn.close()
     deadline = time.monotonic() + 20
