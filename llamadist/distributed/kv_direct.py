@@ -22,6 +22,12 @@ A failed fetch (refused, closed, timed out, an unknown tag) is acked [-1]; the e
 recomputes the request on the target, as after a failed relayed import. The bytes travel
 once, source rank -> target rank; the front sees a few dozen bytes per rank.
 
+The tag is the fetch's credential: a random 62-bit number the front draws per transfer
+and sends only over its own links (engine.replicas), never a guessable counter; an export
+is served once, to the first connection that names its tag, and dropped after STAGED_S if
+nobody came for it. Each connection is answered on a thread of its own and must name its
+tag within TAG_WAIT_S, so an idle client cannot hold up a transfer.
+
 On a data connection the target sends the tag (8 bytes); the source answers a status
 byte (HIT or MISS: no such tag), and on a hit the length (8 bytes) and a KV message
 (distributed.p2p's header, then the tensor's bytes), then closes. distributed.link
@@ -46,6 +52,8 @@ log = logging.getLogger(__name__)
 HIT, MISS = 1, 0         # a data connection's status byte
 RELAY, DIRECT, ACK = 0, 1, 2  # Message.lane of the migration orders and answers
 KEEP = 4                 # staged exports kept at most (a target that never came for one)
+STAGED_S = 120.0         # ... and for at most this long
+TAG_WAIT_S = 2.0         # a connection names its tag within this, or is closed
 _TAG = struct.Struct("!q")
 _LEN = struct.Struct("!Q")
 # test hook: "refuse" closes a rank's listener as soon as it stages an export, so the
@@ -71,9 +79,16 @@ class KVServer:
             self._staged[tag] = data.reshape(-1)
             while len(self._staged) > KEEP:
                 self._staged.popitem(last=False)
+        expiry = threading.Timer(STAGED_S, self._drop, args=(tag,))
+        expiry.daemon = True
+        expiry.start()
         if os.environ.get(FAULT_ENV) == "refuse":
             log.warning("%s=refuse: closing the KV listener %s", FAULT_ENV, self.address)
             self.close()
+
+    def _drop(self, tag: int) -> None:
+        with self._lock:
+            self._staged.pop(tag, None)
 
     def _serve(self) -> None:
         while True:
@@ -81,16 +96,21 @@ class KVServer:
                 sock, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            try:
-                sock.settimeout(30.0)
-                self._answer(sock)
-            except Exception as e:  # noqa: BLE001 - the target acks the failure; serve on
-                log.warning("KV listener %s: a fetch failed: %s", self.address, e)
-            finally:
-                sock.close()
+            threading.Thread(target=self._connection, args=(sock,), daemon=True,
+                             name="llamadist-kv-fetch").start()
+
+    def _connection(self, sock: socket.socket) -> None:
+        try:
+            self._answer(sock)
+        except Exception as e:  # noqa: BLE001 - the target acks the failure; serve on
+            log.warning("KV listener %s: a fetch failed: %s", self.address, e)
+        finally:
+            sock.close()
 
     def _answer(self, sock: socket.socket) -> None:
+        sock.settimeout(TAG_WAIT_S)
         tag = _TAG.unpack(_read(sock, _TAG.size))[0]
+        sock.settimeout(30.0)
         with self._lock:
             data = self._staged.pop(tag, None)
         if data is None:
@@ -100,7 +120,8 @@ class KVServer:
         body = data.contiguous().view(torch.uint8).numpy()
         sock.sendall(bytes([HIT]) + _LEN.pack(len(header) + body.nbytes) + header)
         sock.sendall(memoryview(body))
-        self.served_bytes += data.nbytes
+        with self._lock:
+            self.served_bytes += data.nbytes
 
     def close(self) -> None:
         """Stop listening (a connection after this is refused)."""

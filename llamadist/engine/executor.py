@@ -230,16 +230,18 @@ class RankExecutor:
         (the replica has nothing in flight: its answers come first). -> bytes staged."""
         self.link.send(self.leader, Message(Kind.EXPORT, lane=DIRECT,
                                             tensor=_ids([tag, *block_ids])))
-        total = 0
-        for w in self._ranks():
+        total, problems = 0, []
+        for w in self._ranks():  # every answer, even after a bad one: none left for later
             msg = self.link.recv(w)
             if msg.kind != Kind.KV or msg.lane != DIRECT:
-                raise RuntimeError(f"replica {self.replica}: rank {w} answered a direct "
-                                   f"EXPORT with a {msg.kind!r} message")
-            size = int(msg.tensor[0])
-            if size < 0:
-                raise RuntimeError(f"replica {self.replica}: rank {w} has no KV listener")
-            total += size
+                problems.append(f"rank {w} answered a direct EXPORT with a {msg.kind!r} "
+                                f"message")
+            elif int(msg.tensor[0]) < 0:
+                problems.append(f"rank {w} has no KV listener")
+            else:
+                total += int(msg.tensor[0])
+        if problems:
+            raise RuntimeError(f"replica {self.replica}: {'; '.join(problems)}")
         return total
 
     def import_kv_direct(self, block_ids: Sequence[int], tag: int,
@@ -273,13 +275,14 @@ class RankExecutor:
         """EXPORT travels the step paths (after every step sent before it); each rank
         sends its own layers' (and heads') blocks back on its own link."""
         self.link.send(self.leader, Message(Kind.EXPORT, tensor=_ids(block_ids)))
-        out = []
-        for w in self._ranks():
+        out, problems = [], []
+        for w in self._ranks():  # every answer, even after a bad one: none left for later
             msg = self.link.recv(w)
             if msg.kind != Kind.KV:
-                raise RuntimeError(f"replica {self.replica}: rank {w} answered an EXPORT "
-                                   f"with a {msg.kind!r} message")
+                problems.append(f"rank {w} answered an EXPORT with a {msg.kind!r} message")
             out.append(msg.tensor)
+        if problems:
+            raise RuntimeError(f"replica {self.replica}: {'; '.join(problems)}")
         return out
 
     def import_kv(self, block_ids: Sequence[int], payload: list[torch.Tensor]) -> None:

@@ -14,6 +14,7 @@ run without the drain."""
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -218,7 +219,9 @@ class ReplicaSet:
         t0 = time.perf_counter()
         src_blocks = [b for r in reqs for b in r.block_ids[:rep.scheduler.pool.blocks_for(
             r.num_computed)]]
-        self._kv_tag = tag = getattr(self, "_kv_tag", 0) + 1
+        # the tag is the fetch's only credential on the source ranks' listeners: secret,
+        # never a counter another local process could guess (distributed.kv_direct)
+        tag = secrets.randbits(62)
         try:
             if direct:
                 nbytes = rep.executor.export_kv_direct(src_blocks, tag)
