@@ -167,7 +167,10 @@ class Front:
         return RankExecutor.remote(links, r.index, leader, sampler, r.pp, self.config,
                                    list(r.job.layout.devices),
                                    (self.spec.num_blocks, self.block_size),
-                                   kv_dtype=self.spec.dtype)
+                                   kv_dtype=self.spec.dtype,
+                                   # a re-planned replica (--on-failure replan) has its own
+                                   kv_layout=tuple((rg.start, rg.stop)
+                                                   for rg in r.job.layout.layer_ranges))
 
     def _spawn(self, r: Replica) -> None:
         r.token = secrets.token_hex(8)  # before "starting": a stale hello never matches

@@ -180,19 +180,23 @@ class RankExecutor:
     @classmethod
     def remote(cls, link, replica: int, leader: int, sampler: int, depth: int,
                config: ModelConfig, devices: list[str], paged_shape: tuple[int, int],
-               kv_dtype: str = "float32") -> "RankExecutor":
+               kv_dtype: str = "float32",
+               kv_layout: tuple | None = None) -> "RankExecutor":
         """A replica whose ranks all live in other processes: steps go to ``leader``,
         tokens come from ``sampler`` (indices on ``link``); its ranks made
-        ``paged_shape`` = (blocks, block size) of KV cache in ``kv_dtype``."""
+        ``paged_shape`` = (blocks, block size) of KV cache in ``kv_dtype``, their layers
+        split as ``kv_layout`` says (KV moves only between replicas split alike)."""
         self = cls.__new__(cls)
         self.rank, self.replica, self.config, self.devices = None, replica, config, devices
         self.depth, self.link, self.leader, self.sampler = depth, link, leader, sampler
         self.remote, self.blocking, self.paged_shape = True, False, paged_shape
         self.kv_dtype = str(parse_dtype(kv_dtype)).removeprefix("torch.")
+        self.kv_layout = kv_layout
         self._results = deque()
         return self
 
     kv_dtype = "float32"
+    kv_layout: tuple | None = None  # the layers of each stage (None: every replica alike)
 
     @property
     def kv_path(self) -> KVPath | None:

@@ -193,6 +193,9 @@ class ReplicaSet:
         for req in list(rep.scheduler.running):
             targets = [r for r in self.serving() if r is not rep and r.key not in self.drained
                        and getattr(r.executor, "kv_path", None) is not None
+                       # the same layers on the same ranks (a re-planned replica differs)
+                       and getattr(r.executor, "kv_layout", None) == getattr(
+                           src, "kv_layout", None)
                        and (direct is None
                             or getattr(r.executor, "kv_sources", None) is not None)]
             if not targets or req.num_computed <= 0:

@@ -437,12 +437,14 @@ def _fails(*args):
     raise RuntimeError("the transfer broke")
 
 
-@pytest.mark.parametrize("kv", ["migrate", "replay", "export-fails", "import-fails"])
+@pytest.mark.parametrize("kv", ["migrate", "replay", "export-fails", "import-fails",
+                                "other-layout"])
 def test_a_drained_replica_s_requests_migrate_with_their_kv(tiny_model, alone, kv):
     """Drain replica 1 mid-generation: with kv=migrate its running requests take their KV
     blocks to replica 0 and decode on there with no prompt token computed again; with
-    kv=replay, or when the export or the import fails, they are recomputed. Either way
-    every request's tokens equal its run alone."""
+    kv=replay, when the export or the import fails, or when replica 0 splits its layers
+    otherwise (a re-planned replica), they are recomputed. Either way every request's
+    tokens equal its run alone."""
     ckpt = open_checkpoint(tiny_model)
     runtime = RuntimeConfig(max_seq_len=MAX_SEQ, max_batch=4, dtype="float32",
                             max_batch_tokens=2048)
@@ -464,6 +466,10 @@ def test_a_drained_replica_s_requests_migrate_with_their_kv(tiny_model, alone, k
         drained.executor.export_kv = _fails
     if kv == "import-fails":
         engine.replicas[0].executor.import_kv = _fails
+    tried = []
+    if kv == "other-layout":  # no export is even tried: it could not be imported
+        drained.executor.kv_layout = ((0, 1), (1, 2))
+        drained.executor.export_kv = lambda *a: tried.append(a) or _fails()
     engine.drain(1, kv="replay" if kv == "replay" else "migrate")
     while drained.in_flight:  # its step in flight is collected before anything moves
         engine.step()
@@ -477,6 +483,7 @@ def test_a_drained_replica_s_requests_migrate_with_their_kv(tiny_model, alone, k
         assert not drained.scheduler.has_unfinished
     else:
         assert (st.migrated_requests, st.drain_replayed) == (0, running)
+    assert not tried
     while engine.has_unfinished:
         engine.step()
     # migrated: no prompt token was computed again (a replay prefills prompt + outputs)
