@@ -172,7 +172,7 @@ COUNTERS = ("kv_migration_seconds", "kv_migrated_bytes", "kv_relayed_bytes",
 
 
 def front(args) -> list[dict]:
-    from recovery_bench import _up, free_port
+    from recovery_bench import free_port, wait_up
 
     from llamadist.engine.migration import DIRECT_TCP, FRONT_RELAY, KVPath
     from llamadist.weights.checkpoint import open_checkpoint
@@ -189,11 +189,7 @@ def front(args) -> list[dict]:
     def counters() -> dict:
         return {c: metric(url, f"llamadist_{c}_total") for c in COUNTERS}
     try:
-        t0 = time.time()
-        while not _up(url):
-            if server.poll() is not None or time.time() - t0 > 600:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        wait_up(server, url, 600)
         paths = {"migrate-direct": KVPath(DIRECT_TCP, hops=1, messages=2),
                  "migrate-relay": KVPath(FRONT_RELAY, hops=2, messages=2)}
         for n in args.lengths:

@@ -151,11 +151,7 @@ def main() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     server = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
-        t0 = time.time()
-        while not _up(url):
-            if server.poll() is not None or time.time() - t0 > 900:
-                raise SystemExit("the server did not start")
-            time.sleep(0.5)
+        wait_up(server, url, 900)
         ref, _ = run(url, args.requests, args.max_tokens)
         victim = children(server.pid)[args.victim]
         got, killed_at = run(url, args.requests, args.max_tokens,
@@ -181,11 +177,19 @@ def main() -> None:
         server.wait(60)
 
 
-def _up(url: str) -> bool:
-    try:
-        return get(url + "/health")[0] == 200
-    except OSError:
-        return False
+def wait_up(server: subprocess.Popen, url: str, limit_s: float) -> None:
+    """Until the server at ``url`` answers /health with 200 (SystemExit if its process
+    ends first, or after ``limit_s`` seconds)."""
+    t0 = time.time()
+    while True:
+        try:
+            if get(url + "/health")[0] == 200:
+                return
+        except OSError:
+            pass
+        if server.poll() is not None or time.time() - t0 > limit_s:
+            raise SystemExit("the server did not start")
+        time.sleep(0.5)
 
 
 if __name__ == "__main__":
