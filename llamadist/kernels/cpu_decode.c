@@ -287,13 +287,37 @@ static team team_make(int64_t threads, int64_t phases) {
     return tm;
 }
 
+/* What a thread computes into its private scratch before a GEMV phase's rows: each of the
+   m rows' RMSNorm (src (m, d) times weight) or SwiGLU product (src (m, 2d): gate|up).
+   It runs only once the thread holds a claimed chunk: until that chunk is finished the
+   phase cannot end, so nobody can write src meanwhile (a thread that finds nothing to
+   claim never reads it: the team may be a phase or more ahead, rewriting it). */
+enum { PREP_NONE, PREP_NORM, PREP_SWIGLU };
+typedef struct {
+    int kind;
+    const float *src, *weight;
+    float *out;
+    int64_t m, d;
+    float eps;
+} row_prep;
+
+static void prep_rows(const row_prep *p) {
+    for (int64_t b = 0; b < p->m; ++b) {
+        if (p->kind == PREP_NORM)
+            rms_norm(p->src + b * p->d, p->weight, p->out + b * p->d, p->d, p->eps);
+        else
+            swiglu(p->src + b * 2 * p->d, p->src + b * 2 * p->d + p->d, p->out + b * p->d, p->d);
+    }
+}
+
 /* y[r] (=|+=) x[r] W^T + bias as the current phase (entered: phase_begin(wk, n)) over
    W's rows: a float32 weight, GGUF blocks, or a fused weight of row blocks of different
-   formats (nseg 0: w of `type` alone). A chunk is about 32 KB of weights. */
-static void gemv_phase(walker *wk, int int8_x, const wseg *segs, int64_t nseg, int64_t type,
-                      const float *x, const void *w, const float *bias, float *y, int64_t m,
-                      int64_t n, int64_t k, int64_t ldx, int64_t ldy, int accumulate,
-                      void *qscratch) {
+   formats (nseg 0: w of `type` alone). A chunk is about 32 KB of weights. x is this
+   thread's to make first when prep is given (see row_prep). */
+static void gemv_phase(walker *wk, const row_prep *prep, int int8_x, const wseg *segs,
+                      int64_t nseg, int64_t type, const float *x, const void *w,
+                      const float *bias, float *y, int64_t m, int64_t n, int64_t k,
+                      int64_t ldx, int64_t ldy, int accumulate, void *qscratch) {
     const wseg one = {w, type, n};
     if (!nseg) {
         segs = &one;
@@ -305,6 +329,10 @@ static void gemv_phase(walker *wk, int int8_x, const wseg *segs, int64_t nseg, i
     int prepared = -1; /* quant_prep_kind of what this thread's scratch holds */
     int64_t lo, hi;
     while (claim(wk, chunk, &lo, &hi)) {
+        if (prep) {
+            prep_rows(prep);
+            prep = NULL;
+        }
         for (int64_t s = 0, row = 0; s < nseg && row < hi; row += segs[s].rows, ++s) {
             const int64_t a = lo > row ? lo : row, e = hi < row + segs[s].rows ? hi : row + segs[s].rows;
             if (a >= e) continue;
@@ -405,16 +433,15 @@ static void layer_team(const layer_args *a, walker *wk) {
     void *qs = a->qscratch;
     const int q8 = (int)a->int8_x;
     /* The norms and the SwiGLU product (a few thousand floats) are computed by every thread
-       that takes part in the phase, into its own scratch, rather than shared. */
+       that takes rows of the phase, into its own scratch, rather than shared. */
     float *xn = private_scratch(a), *act = xn + B * D;
+    const row_prep norm1 = {PREP_NORM, a->h, a->norm1, xn, B, D, a->eps};
+    const row_prep norm2 = {PREP_NORM, a->h, a->norm2, xn, B, D, a->eps};
+    const row_prep glu = {PREP_SWIGLU, gu, NULL, act, B, F, 0.0f};
     int64_t i, pending = 0;
-    /* q|k|v: norm1 before its rows are claimed. A thread that finds every row claimed
-       skips it: h may change under it once the phase is done. */
-    if (phase_begin(wk, qkv_n)) {
-        for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm1, xn + b * D, D, a->eps);
-        gemv_phase(wk, q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv, qkv, B,
-                  qkv_n, D, D, qkv_n, 0, qs);
-    }
+    if (phase_begin(wk, qkv_n)) /* q|k|v of norm1(h) */
+        gemv_phase(wk, &norm1, q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv,
+                   qkv, B, qkv_n, D, D, qkv_n, 0, qs);
     /* RoPE on q (in place) and k (into the cache); v into the cache. */
     if (phase_begin(wk, B * (H + Hkv)))
         for (pending = 0; next_item(wk, &i, &pending);) {
@@ -440,18 +467,14 @@ static void layer_team(const layer_args *a, walker *wk) {
                         att + b * q_size + head * hd, a->lens ? a->lens[b] : a->len);
         }
     if (phase_begin(wk, D)) /* h += o_proj */
-        gemv_phase(wk, q8, NULL, 0, a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size, q_size, D,
-                   1, qs);
-    if (phase_begin(wk, 2 * F)) {
-        for (int64_t b = 0; b < B; ++b) rms_norm(a->h + b * D, a->norm2, xn + b * D, D, a->eps);
-        gemv_phase(wk, q8, a->seg_gu, a->n_seg_gu, a->t_gu, xn, a->w_gu, a->b_gu, gu, B, 2 * F,
-                  D, D, 2 * F, 0, qs);
-    }
-    if (phase_begin(wk, D)) {
-        for (int64_t b = 0; b < B; ++b) swiglu(gu + b * 2 * F, gu + b * 2 * F + F, act + b * F, F);
-        gemv_phase(wk, q8, NULL, 0, a->t_down, act, a->w_down, a->b_down, a->h, B, D, F, F, D, 1,
-                  qs); /* h += down_proj */
-    }
+        gemv_phase(wk, NULL, q8, NULL, 0, a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size,
+                   q_size, D, 1, qs);
+    if (phase_begin(wk, 2 * F)) /* gate|up of norm2(h) */
+        gemv_phase(wk, &norm2, q8, a->seg_gu, a->n_seg_gu, a->t_gu, xn, a->w_gu, a->b_gu, gu, B,
+                   2 * F, D, D, 2 * F, 0, qs);
+    if (phase_begin(wk, D)) /* h += down_proj(swiglu(gate, up)) */
+        gemv_phase(wk, &glu, q8, NULL, 0, a->t_down, act, a->w_down, a->b_down, a->h, B, D, F,
+                   F, D, 1, qs);
 }
 
 #define LAYER_PHASES 6
@@ -516,14 +539,13 @@ void llamadist_decode_step_f32(const step_args *s) {
             layer_team(&a, &wk); /* the next layer's first phase waits for this one's last */
         }
         if (s->norm && phase_begin(&wk, s->vocab)) {
-            /* every thread that takes part norms the rows itself (its private scratch, as
-               the layers' norms), then the threads split the head's rows */
-            const int64_t B = s->batch, D = a.dim;
+            /* every thread that takes rows of the head norms them itself (its private
+               scratch, as the layers' norms) */
             float *xn = private_scratch(&a);
-            for (int64_t b = 0; b < B; ++b) rms_norm(s->h + b * D, s->norm, xn + b * D, D,
-                                                     s->norm_eps);
-            gemv_phase(&wk, (int)s->int8_head, NULL, 0, s->t_head, xn, s->w_head, s->b_head,
-                       s->logits, B, s->vocab, D, D, s->vocab, 0, s->qscratch);
+            const row_prep norm = {PREP_NORM, s->h, s->norm, xn, s->batch, a.dim, s->norm_eps};
+            gemv_phase(&wk, &norm, (int)s->int8_head, NULL, 0, s->t_head, xn, s->w_head,
+                       s->b_head, s->logits, s->batch, s->vocab, a.dim, a.dim, s->vocab, 0,
+                       s->qscratch);
         }
     } /* the region's end: every thread has finished the items it claimed */
     free(tm.cells);
