@@ -34,9 +34,10 @@ def test_block_grouped_equals_loop_bf16(tiny_mixtrals, batch):
         torch.nn.init.normal_(p, 0, 0.1)
     fuse_projections(moe)
     moe = moe.to("cuda", torch.bfloat16)
-    ref = SparseMoE(cfg)  # the loop in float32 on the same (bf16-rounded) weights
-    ref.load_state_dict({k: v.float() for k, v in moe.state_dict().items()}, strict=False)
-    fuse_projections(ref)
+    # the loop in float32 on the same (bf16-rounded) weights: fused first, so that every
+    # name matches (an unfused block took none of the fused w13 and kept its own)
+    ref = fuse_projections(SparseMoE(cfg))
+    ref.load_state_dict({k: v.float() for k, v in moe.state_dict().items()})
     ref = ref.cuda()
     x = torch.randn(batch, cfg.hidden_size, device="cuda").bfloat16()
     with torch.no_grad():
