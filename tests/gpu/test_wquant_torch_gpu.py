@@ -140,11 +140,13 @@ def _greedy_with_logprobs(llm, prompts: list[str]) -> list[list]:
     return steps
 
 
-def _same_greedy_tokens(graphs, eager, prompts: list[str], tie: float = 0.05) -> None:
+def _same_greedy_tokens(graphs, eager, prompts: list[str], tie: float = 0.15) -> None:
     """The captured decode's greedy tokens equal the eager decode's, each step's logprob
     within `tie`; the two may part only at a near-tie (in bf16 another batch shape sums in
     another order): where they part, each run's choice is within `tie` of the other's in
-    the eager run, and the rest of that prompt is not compared (its history differs)."""
+    the eager run, and the rest of that prompt is not compared (its history differs).
+    `tie`: the logits are bf16, whose step is 1/16 at magnitudes 8-16 (fp8 on the H200
+    moved a logprob by 0.057 between the two runs, the same tokens)."""
     for g_steps, e_steps in zip(_greedy_with_logprobs(graphs, prompts),
                                 _greedy_with_logprobs(eager, prompts)):
         assert len(g_steps) == len(e_steps) == 12
