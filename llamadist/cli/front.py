@@ -264,8 +264,8 @@ class Front:
         while self._rejoin:
             ex, rec = self._rejoin.pop(0)
             engine.add_replica(ex)
-            log.warning("replica %d rejoined (restart %.2f s, reload %.2f s)", ex.replica,
-                        rec.restart_s, rec.reload_s)
+            log.warning("replica %d rejoined (restart %.2f s, reload %.2f s, warm-up %.2f s)",
+                        ex.replica, rec.restart_s, rec.reload_s, rec.warmup_s)
         busy = {rep.executor.replica for rep in engine.replicas if rep.in_flight}
         for rep in list(engine.replicas):
             r = self.replicas[rep.executor.replica]
@@ -324,8 +324,8 @@ class Front:
         log.warning("replica %d lost: %s; restarting its workers", r.index, cause)
         if not single:
             rec.moved = engine.fail_over(index)
-            threading.Thread(target=self._restart_in_background, args=(r, rec, keep, found),
-                             daemon=True).start()
+            threading.Thread(target=self._restart_in_background,
+                             args=(engine, r, rec, keep, found), daemon=True).start()
         else:
             if self.policy == "replan":
                 try:
@@ -333,7 +333,9 @@ class Front:
                 except RuntimeError as e:
                     self._give_up(str(e))
             self._restart(r, rec, keep=keep)
-            rec.replayed = engine.replace_executor(index, self.executor(r))
+            ex = self.executor(r)
+            self._warm_up(engine, ex, rec)
+            rec.replayed = engine.replace_executor(index, ex)
             self.state = "ok"
         self.recoveries.append(rec)
         self._replay.update({q.id: (q, len(q.output_ids)) for q in reqs})
@@ -402,8 +404,17 @@ class Front:
                 log.warning("replica %d: the restart failed: %s", r.index, cause)
                 r.crew.kill()
 
-    def _restart_in_background(self, r: Replica, rec: Recovery, keep: int | None,
-                               found: WorkerLost) -> None:
+    def _warm_up(self, engine: LLMEngine, ex: RankExecutor, rec: Recovery) -> None:
+        """Capture a restarted replica's graphs (LLMEngine.warmup) before requests return to
+        it, as at the start: else each batch bucket's first step compiles while its clients
+        wait. A worker lost meanwhile is found again by the replica's next step."""
+        try:
+            rec.warmup_s = engine.warmup(executors=[ex])
+        except WorkerLost as e:
+            log.warning("replica %d: the warm-up after the restart failed: %s", rec.replica, e)
+
+    def _restart_in_background(self, engine: LLMEngine, r: Replica, rec: Recovery,
+                               keep: int | None, found: WorkerLost) -> None:
         """A lost replica while others serve (they took its requests): re-planned first
         with ``--on-failure replan``, then started again; it stays down, with the reason
         in ``status``, when the model no longer fits its devices left or past
@@ -416,7 +427,9 @@ class Front:
             r.status, r.down_reason = "down", str(e)
             log.error("replica %d stays down: %s", r.index, e)
             return
-        self._rejoin.append((self.executor(r), rec))
+        ex = self.executor(r)
+        self._warm_up(engine, ex, rec)  # here, while the other replicas serve
+        self._rejoin.append((ex, rec))
 
     def _give_up(self, reason: str) -> None:
         self.state, self.error = "failed", reason

@@ -26,13 +26,15 @@ from llamadist.planning.units import PlanningError
 class Recovery:
     """One recovery, its phases in seconds (detect: from the lost worker's last sign of
     life to the front's decision; restart: new processes started and connected; reload:
-    rendezvous and weights loaded; replay: until every interrupted request had its next
-    token again). ``layout``: the stages after a replan (``--on-failure replan``)."""
+    rendezvous and weights loaded; warmup: the restarted replica's CUDA graphs captured,
+    0 on CPUs; replay: until every interrupted request had its next token again).
+    ``layout``: the stages after a replan (``--on-failure replan``)."""
     replica: int
     cause: str
     detect_s: float = 0.0
     restart_s: float = 0.0
     reload_s: float = 0.0
+    warmup_s: float = 0.0
     replay_s: float | None = None
     replayed: int = 0
     moved: int = 0  # requests moved to live replicas (data parallel)

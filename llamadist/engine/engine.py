@@ -146,23 +146,27 @@ class LLMEngine(ReplicaSet):
         if self.guard is not None:
             self.guard.poll(self)
 
-    def warmup(self, force: bool = False) -> float:
+    def warmup(self, force: bool = False, executors: Sequence[Executor] | None = None) -> float:
         """Run one decode step of every batch bucket through each executor on a GPU (on
         any device when ``force``), so its CUDA graphs are captured (and layers compiled)
         now, not while requests wait. The steps' rows all read and write the null block's
-        slot 0 and sample nothing. Seconds spent (0.0 when nothing needed it)."""
+        slot 0 and sample nothing. ``executors``: these instead of the engine's (a
+        restarted replica's, before it takes requests again). Seconds spent (0.0 when
+        nothing needed it)."""
         t0, ran = time.perf_counter(), False
-        reps = [r for r in self._round()  # (lockstep replicas: all on one kind of device)
-                if force or any(d.startswith("cuda") for d in r.executor.devices)]
+        # (lockstep replicas: all on one kind of device)
+        exes = [r.executor for r in self._round()] if executors is None else list(executors)
+        exes = [e for e in exes if force or any(d.startswith("cuda") for d in e.devices)]
         for size in bucket_sizes(self.runtime.max_batch):
             seqs = [SeqWork(f"warmup-{i}", (0,), (NULL_BLOCK,), 0, None) for i in range(size)]
-            for rep in reps:  # every replica's step launched before any is collected
-                rep.executor.launch(StepWork(seqs, self.block_size))
-            for rep in reps:
-                rep.executor.collect()
+            for ex in exes:  # every replica's step launched before any is collected
+                ex.launch(StepWork(seqs, self.block_size))
+            for ex in exes:
+                ex.collect()
                 ran = True
         spent = time.perf_counter() - t0 if ran else 0.0
-        self.warmup_s += spent
+        if executors is None:
+            self.warmup_s += spent
         if spent:
             log.info("warm-up (graph capture of %s-sequence buckets): %.1f s",
                      bucket_sizes(self.runtime.max_batch), spent)

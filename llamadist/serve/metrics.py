@@ -157,7 +157,7 @@ def _cuda_memory() -> list[tuple[str, float]]:
 
 class RecoveryCollector:
     """The front's worker processes (--nproc): replicas running, restarts, and each
-    recovery's phases (detect, restart, reload, replay) as summaries."""
+    recovery's phases (detect, restart, reload, warmup, replay) as summaries."""
 
     def __init__(self, status: Callable[[], dict]):
         self.status = status
@@ -177,8 +177,9 @@ class RecoveryCollector:
                                   "by recoveries",
                                   value=sum(r["replayed"] + r["moved"] for r in recs))
         phases = SummaryMetricFamily(f"{PREFIX}_recovery_seconds", "seconds per recovery "
-                                     "phase: detect, restart, reload, replay", labels=["phase"])
-        for phase in ("detect", "restart", "reload", "replay"):
+                                     "phase: detect, restart, reload, warmup, replay",
+                                     labels=["phase"])
+        for phase in ("detect", "restart", "reload", "warmup", "replay"):
             done = [r[f"{phase}_s"] for r in recs if r[f"{phase}_s"] is not None]
             phases.add_metric([phase], count_value=len(done), sum_value=sum(done))
         yield phases

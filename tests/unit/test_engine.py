@@ -97,6 +97,33 @@ def test_warmup_steps_leave_no_trace(tiny_model, alone):
     assert got == {"a": alone(PROMPTS[0], GREEDY), "b": alone(PROMPTS[1], GREEDY)}
 
 
+def test_warmup_of_given_executors_only(tiny_model):
+    """A restarted replica's executor is warmed up before it joins (cli.front): every
+    bucket's step goes through it, none through the engine's own, and the engine's
+    warm-up time does not count it."""
+    engine = engine_for(tiny_model, max_batch=3)
+    own = engine.replicas[0].executor
+
+    class Recording:
+        devices = ["cuda:0"]  # what warm-up filters on
+
+        def __init__(self):
+            self.sizes: list[int] = []
+
+        def launch(self, work):
+            self.sizes.append(len(work.seqs))
+
+        def collect(self):
+            return None
+    fresh = Recording()
+    own_launch = own.launch
+    own.launch = lambda *a, **k: pytest.fail("the engine's executor was warmed up")
+    assert engine.warmup(executors=[fresh]) >= 0.0
+    own.launch = own_launch
+    assert fresh.sizes == [1, 2, 3] and engine.warmup_s == 0.0
+    assert engine.warmup(executors=[Recording()]) >= 0.0 and engine.stats.steps == 0
+
+
 @pytest.mark.parametrize("ahead", [False, True])
 def test_preemption_under_a_small_block_budget(tiny_model, alone, ahead):
     # 12 usable blocks of 4 slots: three 10-token prompts growing to 30 tokens cannot all
