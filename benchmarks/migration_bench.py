@@ -172,7 +172,7 @@ COUNTERS = ("kv_migration_seconds", "kv_migrated_bytes", "kv_relayed_bytes",
 
 
 def front(args) -> list[dict]:
-    from recovery_bench import free_port, wait_up
+    from recovery_bench import free_port, server_env, wait_up
 
     from llamadist.engine.migration import DIRECT_TCP, FRONT_RELAY, KVPath
     from llamadist.weights.checkpoint import open_checkpoint
@@ -183,7 +183,7 @@ def front(args) -> list[dict]:
     cmd = [sys.executable, "-m", "llamadist", "serve", args.model, "--nproc", "2", "--dp", "2",
            "--port", str(port), "--max-batch", "2", "--max-seq-len", str(seq),
            "--served-model-name", "m", "--dtype", "float32", "--timeout", "60"]
-    server = subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=ROOT)
+    server = subprocess.Popen(cmd, env=server_env(), cwd=ROOT)
     rows, salt = [], 10
 
     def counters() -> dict:

@@ -148,8 +148,7 @@ def main() -> None:
     cmd += ["--devices", args.devices] if args.devices else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--timeout", str(args.timeout)] if args.timeout else []
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    server = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    server = subprocess.Popen(cmd, env=server_env(), cwd=ROOT)
     try:
         wait_up(server, url, 900)
         ref, _ = run(url, args.requests, args.max_tokens)
@@ -175,6 +174,13 @@ def main() -> None:
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(60)
+
+
+def server_env() -> dict:
+    """The environment a benchmark starts `llamadist serve` with: this checkout first on
+    PYTHONPATH, the caller's entries kept (packages installed with --target there)."""
+    path = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
+    return {**os.environ, "PYTHONPATH": path}
 
 
 def wait_up(server: subprocess.Popen, url: str, limit_s: float) -> None:
