@@ -19,12 +19,22 @@ here knows the model: llamadist.runtime.kernel_passes stacks the weights and ins
 Experts not held (an expert-parallel share): ``slot`` maps global expert ids to local
 groups; assignments to experts held elsewhere sort last, past the last group's end, and
 are masked out of the sum.
+
+Below G assignments the grouped GEMM reads more weights than the step needs: a decode
+step of Mixtral (8 experts, top-2) at batch 1 needs 2 experts' weights per layer and reads
+8. ``expert_path`` chooses, from the static shapes, between it and the routed expert GEMV
+(llamadist.kernels.moe_routed), which reads only the experts routed to; ``expert_sum``
+(what the kernel pass installs) runs the one chosen.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from llamadist.kernels import moe_routed
+
+ROUTED, GROUPED = "routed", "grouped"
 
 
 def available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -63,3 +73,28 @@ def grouped_expert_sum(x: torch.Tensor, weights: torch.Tensor, index: torch.Tens
     out = torch.zeros(n, x.shape[1], dtype=torch.float32, device=x.device)
     out.index_add_(0, rows, y)
     return out.to(x.dtype)
+
+
+def expert_path(n: int, k: int, groups: int, routed_usable: bool = True) -> str:
+    """Which kernel computes N = ``n`` tokens' experts, k = ``k`` of them each, over
+    ``groups`` held experts: ROUTED when its A = n * k assignments are fewer than the
+    groups, else GROUPED. Why: the routed GEMV reads one expert's weights per assignment
+    (at most A experts), the grouped GEMM every held expert's (G) whatever the counts; at
+    A >= G the routed kernel could read as much or more (a token per expert), and the
+    grouped GEMM's tensor-core tiles serve many rows of an expert at once. Mixtral (G = 8,
+    k = 2): N = 1-3 routed, 4 and more (and prefill) grouped. Shapes are static per
+    CUDA-graph bucket and N is the bucket's rows (powers of two: batch 3 runs in the
+    4-row bucket, grouped), so the choice is made when a step is traced or captured. ``routed_usable``: moe_routed.usable on the weights' device."""
+    return ROUTED if routed_usable and n * k < groups else GROUPED
+
+
+def expert_sum(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+               w13: torch.Tensor, w2: torch.Tensor, slot: torch.Tensor | None = None,
+               routed: bool = False) -> torch.Tensor:
+    """grouped_expert_sum's contract, by the kernel ``expert_path`` chooses for these
+    shapes (``routed``: whether the routed kernel may serve, moe_routed.usable)."""
+    n, k = index.shape
+    if expert_path(n, k, w13.shape[0], routed) == ROUTED:
+        return moe_routed.routed_expert_sum(x, weights, index, w13, w2, slot)
+    return grouped_expert_sum(x, weights, index, w13, w2, slot)
+

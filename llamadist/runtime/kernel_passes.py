@@ -23,7 +23,10 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
 * ``use_grouped_experts``: on CUDA (bf16, Hopper or newer), each mixture-of-experts
   block's experts stacked into two (G, ., .) tensors and computed as two grouped GEMMs
   (llamadist.kernels.moe_grouped) instead of the loop over experts: static shapes, no
-  host sync, so MoE decode steps are captured in CUDA graphs like dense ones.
+  host sync, so MoE decode steps are captured in CUDA graphs like dense ones. Below as
+  many assignments (tokens x top-k) as held experts, the routed expert GEMV in Triton
+  (llamadist.kernels.moe_routed) serves instead, reading only the experts routed to
+  (``moe_grouped.expert_path``: Mixtral decode at batch 1-3).
 
 * ``set_quant_activations``: whether the CPU GEMV over quantized (GGUF block) weights
   quantizes x to int8 first (``RuntimeConfig.quant_activations``); a flag on each
@@ -51,7 +54,7 @@ from torch import nn
 from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode, cpu_step
 from llamadist.kernels import decode_attention as split_kv
-from llamadist.kernels import moe_grouped
+from llamadist.kernels import moe_grouped, moe_routed
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
 from llamadist.kernels.wquant import as_packed_linear
@@ -164,7 +167,8 @@ def paged_decode_fn(device: torch.device, runtime: RuntimeConfig) -> PagedDecode
 def use_grouped_experts(model: nn.Module, force: bool = False) -> int:
     """Give every SparseMoE of ``model`` whose experts are fused (w13) and plain float
     tensors the grouped-GEMM ``expert_fn``, where ``moe_grouped.available`` (``force``:
-    on any device ``torch._grouped_mm`` runs on; tests). The experts' weights are stacked
+    on any device ``torch._grouped_mm`` runs on; tests); where the routed Triton kernel
+    runs (``moe_routed.usable``), small batches go to it (``moe_grouped.expert_sum``). The experts' weights are stacked
     one block at a time, each expert's Linear then holding a view of the stack, so the
     memory is not doubled (at most one block's experts more while stacking). Returns how
     many blocks changed."""
@@ -188,8 +192,9 @@ def use_grouped_experts(model: nn.Module, force: bool = False) -> int:
         if held != list(range(moe.num_experts)):
             slot = torch.full((moe.num_experts,), -1, dtype=torch.long, device=w.device)
             slot[held] = torch.arange(len(held), device=w.device)
-        moe.expert_fn = functools.partial(moe_grouped.grouped_expert_sum, w13=stacks[0],
-                                          w2=stacks[1], slot=slot)
+        moe.expert_fn = functools.partial(moe_grouped.expert_sum, w13=stacks[0],
+                                          w2=stacks[1], slot=slot,
+                                          routed=moe_routed.usable(w.device))
         changed += 1
     return changed
 

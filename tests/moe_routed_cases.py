@@ -1,0 +1,170 @@
+"""Cases for the routed expert GEMV (llamadist.kernels.moe_routed) against the expert loop
+of llamadist.model.moe (``expert_fn=None``): run by tests/unit/test_moe_routed.py as
+``python -m tests.moe_routed_cases blocks FOLDER...`` / ``model FOLDER`` with
+TRITON_INTERPRET=1 (Triton's CPU interpreter; it must be set before triton is imported),
+and imported by the GPU test (tests/gpu/test_moe_grouped_gpu.py) on CUDA. Prints one line
+per case, FAIL on the bad ones; the exit status counts them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def make_block(folder: str | Path, experts: list[int] | None = None, seed: int = 0):
+    """The first MoE block shape of the tiny Mixtral at ``folder``, random (normal 0.1),
+    holding ``experts`` (None: all), fused (w13), float32 on the CPU."""
+    from llamadist.config import ModelConfig
+    from llamadist.model.fuse import fuse_projections
+    from llamadist.model.moe import SparseMoE
+    cfg = ModelConfig.from_json_file(Path(folder) / "config.json")
+    torch.manual_seed(seed)
+    full = SparseMoE(cfg)
+    for p in full.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    part = SparseMoE(cfg, experts)
+    part.load_state_dict(full.state_dict(), strict=False)
+    return fuse_projections(part)
+
+
+def stacks(moe) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(w13 (G, 2F, D), w2 (G, D, F), slot (E,) or None) of a fused block, as
+    kernel_passes.use_grouped_experts stacks them."""
+    held = sorted(int(e) for e in moe.experts)
+    w13 = torch.stack([moe.experts[str(e)].w13.weight.detach() for e in held])
+    w2 = torch.stack([moe.experts[str(e)].w2.weight.detach() for e in held])
+    slot = None
+    if held != list(range(moe.num_experts)):
+        slot = torch.full((moe.num_experts,), -1, dtype=torch.long, device=w13.device)
+        slot[held] = torch.arange(len(held), device=w13.device)
+    return w13, w2, slot
+
+
+def routed_vs_loop(moe, x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[float, torch.Tensor, torch.Tensor]:
+    """(max |routed - loop|, routed, loop): the routed kernel on ``moe``'s weights in
+    ``dtype`` against the float32 loop over the same (rounded) weights and x."""
+    from llamadist.kernels.moe_routed import routed_expert_sum
+    w13, w2, slot = stacks(moe)
+    w13, w2, xd = w13.to(dtype), w2.to(dtype), x.to(dtype)
+    with torch.no_grad():
+        for e in moe.experts.values():  # the loop on the rounded weights, in float32
+            e.w13.weight.copy_(e.w13.weight.to(dtype).float())
+            e.w2.weight.copy_(e.w2.weight.to(dtype).float())
+        want = moe.expert_sum(xd.float(), weights, index)
+        got = routed_expert_sum(xd, weights, index, w13, w2, slot)
+    assert got.dtype == dtype and got.shape == want.shape
+    return (got.float() - want).abs().max().item(), got.float(), want
+
+
+def block_cases(folders: list[str], device: str, dtypes: tuple[torch.dtype, ...]) -> int:
+    bad = 0
+    for folder in folders:
+        probe = make_block(folder)
+        e, k = probe.num_experts, probe.top_k
+        # every expert; a share (assignments to the others contribute 0, read nothing)
+        for experts in (None, list(range(0, e, 2))):
+            for dtype in dtypes:
+                for n in (1, 2, 3):
+                    moe = make_block(folder, experts).to(device)
+                    x = torch.randn(n, moe.gate.in_features, device=device)
+                    weights, index = moe.route(x)
+                    err, got, want = routed_vs_loop(moe, x, weights, index, dtype)
+                    tol = TOL[dtype] * max(1.0, want.abs().max().item())
+                    ok = err <= tol and (experts is not None or want.abs().max() > 0.01)
+                    bad += not ok
+                    print(f"{Path(folder).name} experts={experts} {dtype} N={n} k={k}: "
+                          f"{err:.2e}{'' if ok else '  FAIL'}")
+        bad += special_cases(folder, device)
+    return bad
+
+
+def special_cases(folder: str, device: str) -> int:
+    """Routings chosen by hand: two tokens routed to the same expert (one reads it twice);
+    a share where one token's experts are all held elsewhere (its output is exactly 0)."""
+    bad = 0
+    moe = make_block(folder).to(device)
+    e, k = moe.num_experts, moe.top_k
+    x = torch.randn(3, moe.gate.in_features, device=device)
+    index = torch.tensor([[1, 0], [1, e - 1], [0, 1]][:3], device=device)[:, :k]
+    weights = torch.rand(3, k, device=device)
+    err, _, _ = routed_vs_loop(moe, x, weights, index, torch.float32)
+    ok = err <= TOL[torch.float32]
+    bad += not ok
+    print(f"{Path(folder).name} same expert for two tokens {index.tolist()}: {err:.2e}"
+          f"{'' if ok else '  FAIL'}")
+    share = make_block(folder, [1]).to(device)
+    index = torch.tensor([[1, 0], [0, e - 1], [e - 1, 1]], device=device)[:, :k]
+    err, got, want = routed_vs_loop(share, x, weights, index, torch.float32)
+    unheld = (index != 1).all(-1)  # token 1 (and, top-1, token 2): no held expert
+    ok = (err <= TOL[torch.float32] and bool((got[unheld] == 0).all())
+          and want[~unheld].abs().max().item() > 1e-3)
+    bad += not ok
+    print(f"{Path(folder).name} share [1], index {index.tolist()}: {err:.2e}"
+          f"{'' if ok else '  FAIL'}")
+    return bad
+
+
+def model_case(folder: str, device: str = "cpu") -> tuple[list, list, float, int]:
+    """Greedy tokens of one request, then of two at once, through the expert loop and
+    through use_grouped_experts (force: the grouped GEMM's reference for prefill, the
+    routed kernel for decode where expert_path chooses it): (loop tokens, kernel tokens,
+    max |logits difference| over the steps, calls of the routed kernel)."""
+    from llamadist.generation.generate import generate
+    from llamadist.generation.sampling import SamplingParams
+    from llamadist.kernels import moe_routed
+    from llamadist.runtime.engine import Engine
+    from llamadist.runtime.kernel_passes import use_grouped_experts
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    calls = [0]
+    kernel_fn = moe_routed.routed_expert_sum
+
+    def counted(*a, **kw):
+        calls[0] += 1
+        return kernel_fn(*a, **kw)
+    moe_routed.routed_expert_sum = counted  # moe_grouped.expert_sum calls it by this name
+
+    def run(kernel: bool, prompts: list[list[int]]):
+        eng = Engine.load(folder, devices=[device], max_batch=2, max_seq_len=64)
+        if kernel:
+            assert sum(use_grouped_experts(s.model, force=True) for s in eng.stages) > 0
+        steps = []
+        orig = eng.forward
+
+        def forward(*a, **kw):
+            out = orig(*a, **kw)
+            steps.append(out[:, -1].float().clone())
+            return out
+        eng.forward = forward
+        tokens = [r.token_ids for r in generate(eng, None, prompts, params)]
+        return tokens, torch.stack(steps)
+    want, got, diff = [], [], 0.0
+    for prompts in ([[5, 6, 7, 8, 9, 10]], [[40, 41, 300], [7, 7, 7, 7, 7]]):
+        (w, ref), (g, logits) = run(False, prompts), run(True, prompts)
+        want, got = want + w, got + g
+        diff = max(diff, (logits - ref).abs().max().item())
+    moe_routed.routed_expert_sum = kernel_fn
+    return want, got, diff, calls[0]
+
+
+def main(argv: list[str]) -> int:
+    from tests.paged_kernel_cases import patch_interpreter
+    device = "cuda" if torch.cuda.is_available() and argv[0] == "gpu" else "cpu"
+    if device == "cpu":
+        patch_interpreter()
+    if argv[1] == "blocks":
+        dtypes = (torch.float32, torch.bfloat16)
+        return block_cases(argv[2:], device, dtypes)
+    want, got, diff, calls = model_case(argv[2], device)
+    ok = want == got and diff < 1e-4 and calls > 0
+    print(f"model {Path(argv[2]).name}: tokens equal {want == got}, logits {diff:.2e}, "
+          f"routed kernel calls={calls}{'' if ok else '  FAIL'}")
+    return int(not ok)
+
+
+if __name__ == "__main__":  # python -m tests.moe_routed_cases cpu|gpu blocks|model FOLDER...
+    raise SystemExit(main(sys.argv[1:]))
