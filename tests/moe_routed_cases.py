@@ -109,6 +109,58 @@ def special_cases(folder: str, device: str) -> int:
     return bad
 
 
+def reference(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, w13: torch.Tensor,
+              w2: torch.Tensor, slot: torch.Tensor | None = None) -> torch.Tensor:
+    """The routed experts' weighted sum in float64, token by token: (N, D)."""
+    f = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64, device=x.device)
+    for n in range(index.shape[0]):
+        for j in range(index.shape[1]):
+            g = int(index[n, j]) if slot is None else int(slot[index[n, j]])
+            if g < 0:
+                continue
+            h = w13[g].double() @ x[n].double()  # (2F,)
+            act = torch.nn.functional.silu(h[:f]) * h[f:]
+            out[n] += float(weights[n, j]) * (w2[g].double() @ act)
+    return out
+
+
+def shape_cases(device: str, dtypes: tuple[torch.dtype, ...],
+                shapes: tuple[tuple[int, int, int, int], ...] = ((4, 600, 1100, 2),)) -> int:
+    """(G, D, F, k) shapes whose D and F span several weight tiles, none a multiple of a
+    tile, at batch 1-3 (token 0 routed like token 1: one expert read for two tokens), every
+    expert and a share, against ``reference``: float32 within 1e-5 of the output's scale."""
+    from llamadist.kernels.moe_routed import routed_expert_sum
+    bad = 0
+    for g, d, f, k in shapes:
+        gen = torch.Generator().manual_seed(g + d + f)
+        w13 = (torch.randn(g, 2 * f, d, generator=gen) / d ** 0.5).to(device)
+        w2 = (torch.randn(g, d, f, generator=gen) / f ** 0.5).to(device)
+        slot = torch.tensor([i // 2 if i % 2 == 0 else -1 for i in range(2 * g)],
+                            device=device)  # a share: the even experts of 2G
+        for share in (False, True):
+            e = 2 * g if share else g
+            for n in (1, 2, 3):
+                x = torch.randn(n, d, generator=gen).to(device)
+                index = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(n)])
+                index[0] = index[-1]  # two tokens routed alike (n > 1)
+                index = index.to(device)
+                weights = torch.softmax(torch.randn(n, k, generator=gen), -1).to(device)
+                for dtype in dtypes:
+                    sl = slot if share else None
+                    want = reference(x.to(dtype), weights, index, w13.to(dtype), w2.to(dtype),
+                                     sl)
+                    got = routed_expert_sum(x.to(dtype), weights, index, w13.to(dtype),
+                                            w2.to(dtype), sl)
+                    scale = want.abs().max().item()
+                    err = (got.double() - want).abs().max().item()
+                    ok = err <= TOL[dtype] * max(1.0, scale) and scale > 0.1
+                    bad += not ok
+                    print(f"shape G={g} D={d} F={f} k={k} share={share} {dtype} N={n}: "
+                          f"{err:.2e} (scale {scale:.2f}){'' if ok else '  FAIL'}")
+    return bad
+
+
 def model_case(folder: str, device: str = "cpu") -> tuple[list, list, float, int]:
     """Greedy tokens of one request, then of two at once, through the expert loop and
     through use_grouped_experts (force: the grouped GEMM's reference for prefill, the
@@ -158,7 +210,9 @@ def main(argv: list[str]) -> int:
         patch_interpreter()
     if argv[1] == "blocks":
         dtypes = (torch.float32, torch.bfloat16)
-        return block_cases(argv[2:], device, dtypes)
+        # the interpreter takes ~5 s a shape case: the wide shapes in float32 only
+        wide = dtypes if device == "cuda" else (torch.float32,)
+        return block_cases(argv[2:], device, dtypes) + shape_cases(device, wide)
     want, got, diff, calls = model_case(argv[2], device)
     ok = want == got and diff < 1e-4 and calls > 0
     print(f"model {Path(argv[2]).name}: tokens equal {want == got}, logits {diff:.2e}, "

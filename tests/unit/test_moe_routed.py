@@ -5,7 +5,8 @@ The kernel runs on the CPU through Triton's interpreter against the expert loop
 (tests/moe_routed_cases.py, in a subprocess: TRITON_INTERPRET must be set before triton
 is imported): float32 within 1e-5 and bfloat16 within 2e-2, every expert and a share,
 top-1 and top-2, batch 1-3, two tokens routed to one expert, and a whole tiny Mixtral's
-greedy tokens and logits. Skipped when triton is not installed (CPU-only torch wheels
+greedy tokens and logits; and a shape whose D and F span several weight tiles against a
+float64 reference. Skipped when triton is not installed (CPU-only torch wheels
 have none; tests/gpu/test_moe_grouped_gpu.py covers the compiled kernel)."""
 
 from __future__ import annotations
@@ -83,8 +84,10 @@ def _interpreted(*args: str) -> subprocess.CompletedProcess:
 def test_routed_kernel_interpreted_equals_the_expert_loop(tiny_mixtrals):
     proc = _interpreted("blocks", *(str(p) for p in tiny_mixtrals.values()))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    # 3 Mixtrals x (all, a share) x 2 dtypes x batch 1-3, and 2 hand-routed cases each
-    assert proc.stdout.count(": ") == len(tiny_mixtrals) * (2 * 2 * 3 + 2)
+    # 3 Mixtrals x (all, a share) x 2 dtypes x batch 1-3, and 2 hand-routed cases each;
+    # a shape over several tiles x (all, a share) x batch 1-3 in float32
+    assert proc.stdout.count(": ") == len(tiny_mixtrals) * (2 * 2 * 3 + 2) + 2 * 3
+    assert proc.stdout.count("shape G=") == 6
     assert "FAIL" not in proc.stdout
 
 
