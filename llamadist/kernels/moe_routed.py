@@ -147,6 +147,8 @@ def routed_expert_sum(x: torch.Tensor, weights: torch.Tensor, index: torch.Tenso
     if x.shape != (n, d) or w2.shape != (g, d, f2 // 2) or x.dtype != w13.dtype:
         raise ValueError(f"routed experts: x {tuple(x.shape)} {x.dtype}, index {(n, k)}, "
                          f"w13 {tuple(w13.shape)} {w13.dtype}, w2 {tuple(w2.shape)}")
+    if n * k == 0:  # no tokens (or no slots): nothing to launch
+        return torch.zeros_like(x)
     flat = index.flatten()  # (A,) token-major: assignment a is token a // k, slot a % k
     group = flat if slot is None else slot[flat]
     return torch.ops.llamadist.moe_routed(

@@ -1,7 +1,8 @@
 """Mixture-of-experts on CUDA through the grouped-GEMM experts (torch._grouped_mm's
-CUTLASS kernel: bf16, Hopper or newer) against the expert loop, and MoE decode steps
+CUTLASS kernel: bf16, Hopper or newer) and, below one assignment per expert, the routed
+Triton GEMV (llamadist.kernels.moe_routed) against the expert loop, and MoE decode steps
 captured in the paged CUDA graphs. Marked ``gpu``, skipped without such a GPU (the
-math's CPU check: tests/unit/test_moe_grouped.py)."""
+math's CPU check: tests/unit/test_moe_grouped.py, tests/unit/test_moe_routed.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ import torch
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.engine.engine import LLMEngine
 from llamadist.generation.sampling import SamplingParams
-from llamadist.kernels import moe_grouped
+from llamadist.kernels import moe_grouped, moe_routed
+from llamadist.kernels.moe_grouped import ROUTED, expert_path
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.moe import SparseMoE
+from llamadist.runtime.cuda_graph import WARMUP_STEPS
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.kernel_passes import use_grouped_experts
 from llamadist.weights.checkpoint import open_checkpoint
+from tests.moe_routed_cases import block_cases, shape_cases
 
 HOPPER = torch.cuda.is_available() and moe_grouped.available(torch.device("cuda:0"),
                                                              torch.bfloat16)
@@ -53,6 +57,58 @@ def test_block_grouped_equals_loop_bf16(tiny_mixtrals, batch):
     assert (got - want)[same].abs().max().item() < 0.02 * scale + 1e-3
 
 
+@pytest.fixture
+def routed_calls(monkeypatch):
+    """The row counts N of every call of the routed kernel (made through
+    moe_grouped.expert_sum, which calls it by its module's name)."""
+    calls, kernel = [], moe_routed.routed_expert_sum
+
+    def counted(x, *args, **kw):
+        calls.append(x.shape[0])
+        return kernel(x, *args, **kw)
+    monkeypatch.setattr(moe_routed, "routed_expert_sum", counted)
+    return calls
+
+
+@pytest.mark.parametrize("kind,batch", [("moe_top2_gqa", 1), ("moe_top1", 1),
+                                        ("moe_top1", 2), ("moe_top1", 3)])
+def test_block_routed_equals_loop_bf16(tiny_mixtrals, kind, batch, routed_calls):
+    """The installed experts at batches where expert_path picks the routed kernel (4
+    experts top-2: batch 1; 8 experts top-1: batch 1-3), bf16 against the float32 loop
+    on the same weights, on the tokens routed alike in both."""
+    cfg = ModelConfig.from_json_file(tiny_mixtrals[kind] / "config.json")
+    assert expert_path(batch, cfg.num_experts_per_tok, cfg.num_experts) == ROUTED
+    torch.manual_seed(batch)
+    moe = SparseMoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, 0, 0.1)
+    fuse_projections(moe)
+    moe = moe.to("cuda", torch.bfloat16)
+    ref = fuse_projections(SparseMoE(cfg))
+    ref.load_state_dict({k: v.float() for k, v in moe.state_dict().items()})
+    ref = ref.cuda()
+    x = torch.randn(batch, cfg.hidden_size, device="cuda").bfloat16()
+    with torch.no_grad():
+        want = ref(x.float())
+        assert use_grouped_experts(moe) == 1 and moe.expert_fn.keywords["routed"]
+        got = moe(x).float()
+        same = (moe.route(x)[1].sort(-1).values == ref.route(x.float())[1].sort(-1).values)
+        same = same.all(-1)
+    assert routed_calls == [batch]
+    assert same.any(), "every token routed otherwise in bf16"
+    scale = want.abs().max().item()
+    assert (got - want)[same].abs().max().item() < 0.02 * scale + 1e-3
+
+
+def test_routed_kernel_cases_on_cuda(tiny_mixtrals):
+    """tests/moe_routed_cases.py compiled: the tiny blocks (float32 within 1e-5, bf16,
+    shares, two tokens on one expert) and Mixtral-8x7B's D = 4096, F = 14336 (3 experts,
+    top-2, batch 1-3) against a float64 reference."""
+    dtypes = (torch.float32, torch.bfloat16)
+    assert block_cases([str(p) for p in tiny_mixtrals.values()], "cuda", dtypes) == 0
+    assert shape_cases("cuda", dtypes, ((4, 600, 1100, 2), (3, 4096, 14336, 2))) == 0
+
+
 def _engine(path, graphs: bool, grouped: bool):
     ckpt = open_checkpoint(path)
     rt = RuntimeConfig(max_seq_len=128, max_batch=4, dtype="bfloat16", cuda_graphs=graphs,
@@ -86,3 +142,30 @@ def test_moe_decode_is_captured_and_equals_eager(tiny_mixtrals):
     # the captured steps counted their routing on the device: k per computed token
     load = model.stages[0].expert_load()
     assert all(sum(v) >= 2 * sum(len(p) for p in PROMPTS) for v in load.values())
+
+
+def test_routed_decode_is_captured_and_equals_eager(tiny_mixtrals, routed_calls):
+    """8 experts top-1: every decode bucket (1, 2, 4 rows) has fewer assignments than
+    experts, so the captured steps run the routed kernel; their tokens equal the eager
+    loop's (up to a near-tie, as above)."""
+    path = tiny_mixtrals["moe_top1"]
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    graphed, model = _engine(path, graphs=True, grouped=True)
+    assert model.cuda_graphs and model.paged_graphs() is not None
+    reqs, it = graphed.submit(PROMPTS, params)
+    for _ in it:
+        pass
+    # the 4-row bucket's step ran the routed kernel in each warm-up and in the capture, in
+    # every layer; then the graph replayed it (eager, each of the ~23 steps would call it)
+    layers = model.config.num_layers
+    assert 4 in model.paged_graphs().decoders[0].buckets
+    assert (WARMUP_STEPS + 1) * layers <= routed_calls.count(4) <= 2 * (WARMUP_STEPS + 1) * layers
+    eager, model2 = _engine(path, graphs=True, grouped=False)
+    assert not model2.cuda_graphs
+    reqs2, it2 = eager.submit(PROMPTS, params)
+    for _ in it2:
+        pass
+    same = sum(a.output_ids[:8] == b.output_ids[:8] for a, b in zip(reqs, reqs2))
+    assert same >= len(PROMPTS) - 1, [(a.output_ids, b.output_ids) for a, b in zip(reqs, reqs2)]
+    load = model.stages[0].expert_load()
+    assert all(sum(v) >= sum(len(p) for p in PROMPTS) for v in load.values())
