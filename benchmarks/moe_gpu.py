@@ -10,13 +10,19 @@ measurement on stdout (progress on stderr); the whole run aims at under ~8 minut
 Measurements:
   checkpoint   the folder written (bytes, seconds)
   copy_bw      device-to-device copy bandwidth measured here (read + write bytes / s)
-  decode_b1    batch-1 decode ms/step through the engine (CUDA graphs: the grouped-GEMM
-               experts) and its bandwidth use: bytes a step must read (attention + the
-               2 routed experts per layer + router + head + KV, planning.profile's
-               decode_step_bytes) / step time / --copy-bw (the issue asks >= 70%)
+  decode_b1    batch-1 decode ms/step through the engine (CUDA graphs) and its bandwidth
+               use: bytes a step must read (attention + the 2 routed experts per layer +
+               router + head + KV, planning.profile's decode_step_bytes) / step time /
+               --copy-bw (the issue asks >= 70%)
   decode_b32   batch-32 decode tokens/s (and the same bandwidth use, experts touched by
                32 tokens counted by their expectation)
-  prefill_2048 one 2048-token prompt: seconds and MFU against --peak-flops
+               Each decode line's expert_path says which experts' kernel its steps ran, by
+               the rule the kernel pass installs (llamadist.kernels.moe_grouped.expert_path;
+               the bench's one decode bucket has --batch rows): "routed" (the Triton GEMV
+               over the routed experts' rows: batch 1-3 of 8 experts top-2), "grouped"
+               (torch._grouped_mm over every expert) or "loop" (no grouped experts here)
+  prefill_2048 one 2048-token prompt: seconds and MFU against --peak-flops (its experts:
+               the grouped GEMM)
   routing      tokens routed per expert per layer seen in these runs: each layer's
                busiest expert over the mean, and the range of an expert's share
   hf_*         transformers (bf16, sdpa) on the same weights: decode ms/step at batch 1
@@ -99,6 +105,18 @@ def copy_bandwidth() -> float:
     torch.cuda.empty_cache()
     emit("copy_bw", bytes_per_s=bw)
     return bw
+
+
+def expert_path(cfg: ModelConfig, rows: int) -> str:
+    """The experts' kernel of a step of ``rows`` tokens on cuda:0, by the rule
+    kernel_passes.use_grouped_experts installs: moe_grouped.expert_path where the grouped
+    experts serve (bf16 on a Hopper-or-newer GPU), else "loop"."""
+    from llamadist.kernels import moe_grouped, moe_routed
+    dev = torch.device("cuda:0")
+    if not moe_grouped.available(dev, torch.bfloat16):
+        return "loop"
+    return moe_grouped.expert_path(rows, cfg.num_experts_per_tok, cfg.num_experts,
+                                   moe_routed.usable(dev))
 
 
 def bench(folder: Path, batch: int, prompt_len: int, gen_len: int, timeout: float) -> dict:
@@ -189,12 +207,12 @@ def main() -> int:
         emit(f"decode_b{batch}", layers=args.layers, ms_per_step=ms,
              tokens_per_s=rep["decode_tokens_per_s"], bytes_per_step=need,
              bandwidth_use=need / (ms / 1e3) / args.copy_bw, cuda_graphs=rep["cuda_graphs"],
-             load_s=rep["load_s"])
+             expert_path=expert_path(cfg, batch), load_s=rep["load_s"])
     rep = bench(folder, 1, 2048, 2, left())
     reports.append(rep)
     flops = prefill_flops(prof, 1, 2048)
     emit("prefill_2048", layers=args.layers, seconds=rep["prefill_s"], flops=flops,
-         mfu=flops / rep["prefill_s"] / args.peak_flops)
+         mfu=flops / rep["prefill_s"] / args.peak_flops, expert_path=expert_path(cfg, 2048))
     emit("routing", **routing(reports))
     if args.skip_hf:
         return 0
