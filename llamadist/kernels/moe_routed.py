@@ -10,8 +10,8 @@ expert; -1: held elsewhere, an expert-parallel share):
 as llamadist.kernels.moe_grouped.grouped_expert_sum, whose grouped GEMM reads every held
 expert's weights each step whatever its token count: below G assignments (decode at batch
 1 to 3 of Mixtral's 8 experts, top-2) this kernel reads fewer bytes (moe_grouped.expert_path
-chooses). An assignment to an expert not held reads nothing (its loads are masked) and
-adds 0. Two kernels, no host sync, static shapes: a CUDA graph captures them.
+chooses). An assignment to an expert not held reads nothing (its tile loops run no
+step) and adds 0. Two kernels, no host sync, static shapes: a CUDA graph captures them.
 
 * ``_gate_up_kernel``, grid (F / BLOCK_R, A): BLOCK_R gate rows and the matching up rows of
   one assignment's expert, a (BLOCK_R, BLOCK_K) tile of each per step along D: each row's
@@ -59,7 +59,8 @@ if triton is not None:
         # program (r, a): act[a, r*BLOCK_R : (r+1)*BLOCK_R]
         a = tl.program_id(1)
         g = tl.load(group_ptr + a).to(tl.int64)  # the local expert; -1: not held
-        # an expert not held: every load masked (reads nothing), act = 0
+        # an expert not held: the loop below runs no step (reads nothing) and act = 0;
+        # the masks stay plain bounds (c < D), so the loads keep their 16-byte vectors
         d_held = tl.where(g >= 0, D, 0)
         g = tl.maximum(g, 0)
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
@@ -69,9 +70,9 @@ if triton is not None:
         x_row = x_ptr + (a // K).to(tl.int64) * D
         acc_gate = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
+        for k0 in range(0, d_held, BLOCK_K):
             c = k0 + cols
-            c_ok = c < d_held  # (BLOCK_K,)
+            c_ok = c < D  # (BLOCK_K,)
             xv = tl.load(x_row + c, mask=c_ok, other=0.0).to(tl.float32)[None, :]
             m = (rows < F)[:, None] & c_ok[None, :]
             acc_gate += tl.load(gate_rows + c[None, :], mask=m, other=0.0).to(tl.float32) * xv
@@ -93,14 +94,14 @@ if triton is not None:
             a = n * K + j
             g = tl.load(group_ptr + a).to(tl.int64)
             held = g >= 0
-            f_held = tl.where(held, F, 0)  # not held: every load masked, adds 0
+            f_held = tl.where(held, F, 0)  # not held: no step below, reads nothing, adds 0
             g = tl.maximum(g, 0)
             w_rows = w2_ptr + g * D * F + rows.to(tl.int64)[:, None] * F  # (BLOCK_R, 1)
             act_row = act_ptr + a.to(tl.int64) * F
             acc = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
-            for k0 in range(0, F, BLOCK_K):
+            for k0 in range(0, f_held, BLOCK_K):
                 c = k0 + cols
-                c_ok = c < f_held  # (BLOCK_K,)
+                c_ok = c < F  # (BLOCK_K,)
                 av = tl.load(act_row + c, mask=c_ok, other=0.0)[None, :]
                 m = (rows < D)[:, None] & c_ok[None, :]
                 acc += tl.load(w_rows + c[None, :], mask=m, other=0.0).to(tl.float32) * av
