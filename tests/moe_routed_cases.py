@@ -128,8 +128,9 @@ def reference(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor, w13: 
 def shape_cases(device: str, dtypes: tuple[torch.dtype, ...],
                 shapes: tuple[tuple[int, int, int, int], ...] = ((4, 600, 1100, 2),)) -> int:
     """(G, D, F, k) shapes whose D and F span several weight tiles, none a multiple of a
-    tile, at batch 1-3 (token 0 routed like token 1: one expert read for two tokens), every
-    expert and a share, against ``reference``: float32 within 1e-5 of the output's scale."""
+    tile, at batch 1-3 (token 0 routed like the last: one expert read for two tokens),
+    every expert and a share (each token one expert held, the others not), against
+    ``reference``: float32 within 1e-5 of the output's scale."""
     from llamadist.kernels.moe_routed import routed_expert_sum
     bad = 0
     for g, d, f, k in shapes:
@@ -139,13 +140,17 @@ def shape_cases(device: str, dtypes: tuple[torch.dtype, ...],
         slot = torch.tensor([i // 2 if i % 2 == 0 else -1 for i in range(2 * g)],
                             device=device)  # a share: the even experts of 2G
         for share in (False, True):
-            e = 2 * g if share else g
             for n in (1, 2, 3):
                 x = torch.randn(n, d, generator=gen).to(device)
-                index = torch.stack([torch.randperm(e, generator=gen)[:k] for _ in range(n)])
+                # a share: each token's first expert held (even), the others not (odd)
+                index = torch.stack([
+                    torch.cat([2 * torch.randperm(g, generator=gen)[:1],
+                               2 * torch.randperm(g, generator=gen)[:k - 1] + 1]) if share
+                    else torch.randperm(g, generator=gen)[:k] for _ in range(n)])
                 index[0] = index[-1]  # two tokens routed alike (n > 1)
                 index = index.to(device)
-                weights = torch.softmax(torch.randn(n, k, generator=gen), -1).to(device)
+                weights = torch.softmax(torch.randn(n, k, generator=gen), -1)
+                weights = weights.sort(-1, descending=True).values.to(device)  # first: largest
                 for dtype in dtypes:
                     sl = slot if share else None
                     want = reference(x.to(dtype), weights, index, w13.to(dtype), w2.to(dtype),
