@@ -82,9 +82,10 @@ def expert_path(n: int, k: int, groups: int, routed_usable: bool = True) -> str:
     (at most A experts), the grouped GEMM every held expert's (G) whatever the counts; at
     A >= G the routed kernel could read as much or more (a token per expert), and the
     grouped GEMM's tensor-core tiles serve many rows of an expert at once. Mixtral (G = 8,
-    k = 2): N = 1-3 routed, 4 and more (and prefill) grouped. Shapes are static per
-    CUDA-graph bucket and N is the bucket's rows (powers of two: batch 3 runs in the
-    4-row bucket, grouped), so the choice is made when a step is traced or captured. ``routed_usable``: moe_routed.usable on the weights' device."""
+    k = 2): N = 1-3 routed, 4 and more grouped (a prefill too: by its token count, so a
+    prompt of 1-3 tokens takes the routed kernel). Shapes are static per CUDA-graph
+    bucket and N is the bucket's rows (powers of two: batch 3 runs in the 4-row bucket,
+    grouped), so the choice is made when a step is traced or captured. ``routed_usable``: moe_routed.usable on the weights' device."""
     return ROUTED if routed_usable and n * k < groups else GROUPED
 
 
