@@ -37,15 +37,19 @@ import time
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the consumer is forked
 
 
-def _consumer(conn, result, prompts, new: int, streaming: bool) -> None:
+def _consumer(conn, result, prompts, new: int, streaming: bool, tok) -> None:
     """The HTTP process's side: submit every request, read every stream."""
     import asyncio
+    import inspect
 
     from llamadist.generation.sampling import SamplingParams
     from llamadist.serve.engine_client import EngineClient
 
     async def main():
-        client = EngineClient(conn).start()
+        # the tokenizer, where this checkout's client takes it (as serve.http_server gives it)
+        kw = {"tokenizer": tok} if "tokenizer" in inspect.signature(EngineClient).parameters \
+            else {}
+        client = EngineClient(conn, **kw).start()
         params = SamplingParams(max_new_tokens=new, ignore_eos=True)
         c0 = time.process_time()
         jobs = await asyncio.gather(*(client.submit([(p, params)], stream_text=streaming)
@@ -154,7 +158,7 @@ def run_serve(tok, text_ids: list[int], batch: int, new: int, workload: str, see
     ctx = mp.get_context("fork")  # before this process starts any thread
     here, there = ctx.Pipe()
     res_r, res_w = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_consumer, args=(there, res_w, prompts, new, streaming),
+    child = ctx.Process(target=_consumer, args=(there, res_w, prompts, new, streaming, tok),
                         daemon=True)
     child.start()
     there.close()
