@@ -46,12 +46,13 @@ class RequestStream:
         self.request_id = request_id
         self.request: Request | None = None
         self._engine = engine
-        self._items: queue.Queue = queue.Queue()
         self._done = False
         self._sink = sink
-        if sink is not None:  # read by the sink: neither a queue nor a loop
-            self._loop, self._async_items = None, None
+        if sink is not None:  # read by the sink: neither a queue nor a loop (a server's
+            # command thread makes one per request, under the engine thread's lock)
+            self._items, self._loop, self._async_items = None, None, None
             return
+        self._items: queue.Queue = queue.Queue()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._async_items: asyncio.Queue | None = asyncio.Queue()
