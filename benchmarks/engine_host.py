@@ -248,8 +248,9 @@ def measure_decoder(args, tok, text_ids: list[int]) -> list[dict]:
 
 def phases_of(phased: list[dict]) -> dict[str, float]:
     if "deliver" in phased[0]:  # a serve workload: its phases add up to total themselves
-        keys = ["step", "deliver", "send", "loop", "others", "consumer"]
-        return {k: statistics.median(t[k] for t in phased) for k in keys}
+        keys = ["step", "deliver", "send", "loop", "others", "consumer", "submit/req",
+                "observe/req"]
+        return {k: statistics.median(t[k] for t in phased) for k in keys if k in phased[0]}
     keys = ["schedule", "work", "executor", "update"]
     ph = {k: statistics.median(t.get(k, 0.0) for t in phased) for k in keys}
     ph["outputs"] = statistics.median(t["total"] for t in phased) - sum(ph.values())

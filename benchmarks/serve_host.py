@@ -20,7 +20,10 @@ as engine_host's workloads: per sequence per step, in microseconds,
                share, ...;
 * ``total``:   the engine process's CPU time over the window (``us``: the figure compared);
 * ``consumer``: the consumer process's CPU time per sequence per token over its whole
-               run (its own share of a shared machine's cores, not the engine's).
+               run (its own share of a shared machine's cores, not the engine's);
+* ``submit/req``, ``observe/req``: microseconds per REQUEST (not timed in the window):
+               the command thread handling a submit (unpickled: the engine's check, the
+               queued command, the reply), the metrics of a finished request.
 
 Both checkouts' EngineHost/EngineClient are driven through the calls they share
 (``EngineHost(engine, metrics, conn)``, ``EngineClient(conn).submit(items,
@@ -126,6 +129,27 @@ class Window:
                 self._send += time.thread_time() - t
 
         llm.step, engine._deliver, host.send = timed_step, timed_deliver, timed_send
+        self.per_request = {"submit": [0.0, 0], "observe": [0.0, 0]}
+        handle, observe = host._handle, host.metrics.observe
+
+        def timed_handle(msg):  # the command thread: a submit's unpickled message in
+            t = time.thread_time()
+            try:
+                return handle(msg)
+            finally:
+                if msg[0] == "submit":
+                    self.per_request["submit"][0] += time.thread_time() - t
+                    self.per_request["submit"][1] += len(msg[2])
+
+        def timed_observe(req):  # a finished request's metrics
+            t = time.thread_time()
+            try:
+                return observe(req)
+            finally:
+                self.per_request["observe"][0] += time.thread_time() - t
+                self.per_request["observe"][1] += 1
+
+        host._handle, host.metrics.observe = timed_handle, timed_observe
 
     def result(self) -> dict:
         per = 1e6 / (self.steps * self.batch)
@@ -136,6 +160,8 @@ class Window:
               "send": self.s["send"] * per,
               "loop": (thread - self.s["step"] - self.s["deliver"]) * per,
               "others": (process - thread) * per}
+        for k, (sec, n) in self.per_request.items():
+            ph[f"{k}/req"] = sec * 1e6 / max(n, 1)
         return {"us": process * per, "wall_us": (self.last[2] - self.first[2]) * per,
                 "steps": self.steps, "phases": ph}
 
