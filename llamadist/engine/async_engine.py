@@ -86,6 +86,8 @@ class RequestStream:
     def __next__(self) -> RequestOutput:
         if self._done:
             raise StopIteration
+        if self._sink is not None:
+            raise TypeError("this stream's outputs go to its sink, not to a reader")
         if self._loop is not None:
             raise TypeError("this stream was submitted inside an event loop: read it with "
                             "`async for`")
@@ -97,6 +99,8 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
+        if self._sink is not None:
+            raise TypeError("this stream's outputs go to its sink, not to a reader")
         if self._async_items is not None:
             item = await self._async_items.get()
         else:

@@ -231,3 +231,19 @@ def test_client_makes_text_only_for_streams_without_stop_strings(tok):
         s = asyncio.run(main(EngineClient(Pipe(), tokenizer=tokenizer), stream_text, params))
         assert sent[-1][2][0][3] == mode
         assert (s.text is not None) == (mode == "ids")
+
+
+def test_a_sink_stream_has_no_reader():
+    """A stream whose outputs go to a sink (the EngineHost's) makes no queue; reading it
+    is refused plainly instead of failing on the missing queue."""
+    from llamadist.engine.async_engine import RequestStream
+    s = RequestStream(None, "r", sink=lambda pairs: None)
+    assert s._items is None
+    with pytest.raises(TypeError, match="sink"):
+        next(s)
+
+    async def read():
+        async for _ in s:
+            pass
+    with pytest.raises(TypeError, match="sink"):
+        asyncio.run(read())
