@@ -32,6 +32,11 @@ prints them side by side (the machine's load moves between rounds, not between c
     git archive BASE llamadist | tar -x -C /tmp/before
     python benchmarks/engine_host.py --versions /tmp/before,. --rounds 3 --repeats 3
 
+``serve`` and ``serve-whole``: the server path (``EngineHost`` over an ``AsyncEngine``,
+a consumer process reading the step messages through the real ``EngineClient``): the
+engine process's CPU time per sequence per decode step by phase (benchmarks/serve_host.py
+says which); compare with ``plain`` / ``stream``, LLM.run's path.
+
 ``--decoder``: the streamed text alone, us per token (CPU): ``--batches`` streams of the
 same text from random offsets, each given one token in turn per step, through a new
 ``IncrementalDecoder`` each (built before timing: any per-tokenizer table is made once
@@ -64,6 +69,8 @@ TEXT = ("The engine thread schedules every running request, builds the step, lau
         "and streams each request's new text to its client while the device computes. ")
 STOPS = ("\n\n###", "<|stop|>")  # never in TEXT: every request runs to its length
 WORKLOADS = ("plain", "stream", "stop", "stream+stop")
+# the server path (benchmarks/serve_host.py): EngineHost + a consumer process
+SERVE_WORKLOADS = ("serve", "serve-whole")
 # --decoder: the detokenizer alone, batch streams each given a token in turn per step
 DECODER_WORKLOADS = ("update", "delta", "delta+stop")
 
@@ -188,6 +195,14 @@ def measure(args, tok, text_ids) -> list[dict]:
     cells = []
     for b in [int(x) for x in args.batches.split(",")]:
         for w in args.workloads.split(","):
+            if w in SERVE_WORKLOADS:
+                from serve_host import run_serve
+                runs = [run_serve(tok, text_ids, b, args.new, w, 7 + i, args.ahead)
+                        for i in range(args.repeats)]
+                cells.append({"batch": b, "workload": w, "us": [r["us"] for r in runs],
+                              "wall": [r["wall_us"] for r in runs],
+                              "phased": [{**r["phases"], "total": r["us"]} for r in runs]})
+                continue
             runs = [run_once(tok, text_ids, b, args.new, w, False, 7 + i, args.ahead)
                     for i in range(args.repeats)]
             timed = [run_once(tok, text_ids, b, args.new, w, True, 7 + i, args.ahead)
@@ -232,6 +247,10 @@ def measure_decoder(args, tok, text_ids: list[int]) -> list[dict]:
 
 
 def phases_of(phased: list[dict]) -> dict[str, float]:
+    if "deliver" in phased[0]:  # a serve workload: its phases add up to total themselves
+        keys = ["step", "deliver", "send", "loop", "others", "consumer", "submit/req",
+                "observe/req"]
+        return {k: statistics.median(t[k] for t in phased) for k in keys if k in phased[0]}
     keys = ["schedule", "work", "executor", "update"]
     ph = {k: statistics.median(t.get(k, 0.0) for t in phased) for k in keys}
     ph["outputs"] = statistics.median(t["total"] for t in phased) - sum(ph.values())
@@ -257,19 +276,24 @@ def compare(args) -> None:
           f"alternating; CPU us/seq/step, medians")
     print(f"{'batch':>5} {'workload':<12} " + " ".join(f"{'v' + str(i):>7}"
                                                         for i in range(len(versions)))
-          + "   ratio  phases of the last (schedule work executor update outputs)")
+          + "   ratio  phases of the last (schedule work executor update outputs; serve: "
+          "step deliver send loop others consumer)")
     for b in [int(x) for x in args.batches.split(",")]:
         for w in args.workloads.split(","):
-            meds, last = [], None
+            meds, phases = [], []
             for v in versions:
                 cells = got[(v, b, w)]
                 meds.append(statistics.median(u for c in cells for u in c["us"]))
-                last = phases_of([t for c in cells for t in c["phased"]])
+                phases.append(phases_of([t for c in cells for t in c["phased"]]))
+            last = phases[-1]
             share = (f"  ({meds[-1] / (args.step_ms * 1000 / b):.0%} of a {args.step_ms:g} ms "
                      f"step, was {meds[0] / (args.step_ms * 1000 / b):.0%})" if b == 256 else "")
             print(f"{b:5d} {w:<12} " + " ".join(f"{m:7.2f}" for m in meds)
                   + f"  {meds[0] / meds[-1]:5.2f}x  "
                   + " ".join(f"{v:.2f}" for v in last.values()) + share, flush=True)
+            if w in SERVE_WORKLOADS:  # the server path's phases of every version
+                for v, ph in zip(versions, phases):
+                    print(f"{'':18} {v}: " + " ".join(f"{k} {x:.2f}" for k, x in ph.items()))
 
 
 def main() -> None:

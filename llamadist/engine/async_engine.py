@@ -11,8 +11,9 @@ submissions and cancellations reach it through a command queue, between steps.
 
 A stream may instead be given a ``sink``: a callable that the engine thread calls once per
 step with every ``(stream, item)`` pair of that step for that sink (an item is a
-RequestOutput, ``END``, or the engine's error). serve.engine_host uses one to send a
-step's outputs to the HTTP process in one message.
+RequestOutput, a finished one being its stream's last; ``END`` when a stream ends without
+a finished output: a cancel, a shutdown; or the engine's error). serve.engine_host uses
+one to send a step's outputs to the HTTP process in one message.
 """
 
 from __future__ import annotations
@@ -45,12 +46,13 @@ class RequestStream:
         self.request_id = request_id
         self.request: Request | None = None
         self._engine = engine
-        self._items: queue.Queue = queue.Queue()
         self._done = False
         self._sink = sink
-        if sink is not None:  # read by the sink: neither a queue nor a loop
-            self._loop, self._async_items = None, None
+        if sink is not None:  # read by the sink: neither a queue nor a loop (a server's
+            # command thread makes one per request, under the engine thread's lock)
+            self._items, self._loop, self._async_items = None, None, None
             return
+        self._items: queue.Queue = queue.Queue()
         try:
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
             self._async_items: asyncio.Queue | None = asyncio.Queue()
@@ -84,6 +86,8 @@ class RequestStream:
     def __next__(self) -> RequestOutput:
         if self._done:
             raise StopIteration
+        if self._sink is not None:
+            raise TypeError("this stream's outputs go to its sink, not to a reader")
         if self._loop is not None:
             raise TypeError("this stream was submitted inside an event loop: read it with "
                             "`async for`")
@@ -95,6 +99,8 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
+        if self._sink is not None:
+            raise TypeError("this stream's outputs go to its sink, not to a reader")
         if self._async_items is not None:
             item = await self._async_items.get()
         else:
@@ -227,22 +233,32 @@ class AsyncEngine:
     def _deliver(self, outs: Sequence[RequestOutput]) -> None:
         """One step's outputs to their streams: streams read in an event loop get theirs
         in one callback per loop (a wake-up per step, not per token: at batch 256 the
-        per-token wake-ups cost the engine thread more than its own step)."""
+        per-token wake-ups cost the engine thread more than its own step); a sink gets its
+        streams' ``(stream, output)`` pairs in one call (a finished output is the stream's
+        last: no END after it)."""
         batches: dict = {}  # an event loop or a sink -> its (stream, item) pairs
+        streams = self._streams
+        last_sink, last_pairs = None, None  # most outputs go to one sink: no dict lookup
         for out in outs:
-            stream = self._streams.get(out.request_id)
+            stream = streams.get(out.request_id)
             if stream is None:
                 continue
-            items = [out, _END] if out.finished else [out]
             if out.finished:
-                del self._streams[out.request_id]
-            if stream._sink is not None:
-                batches.setdefault(stream._sink, []).extend((stream, i) for i in items)
+                del streams[out.request_id]
+            sink = stream._sink
+            if sink is not None:
+                if sink is not last_sink:
+                    last_sink, last_pairs = sink, batches.setdefault(sink, [])
+                last_pairs.append((stream, out))
             elif stream._loop is None:
-                for item in items:
-                    stream._items.put(item)
+                stream._items.put(out)
+                if out.finished:
+                    stream._items.put(_END)
             else:
-                batches.setdefault(stream._loop, []).extend((stream, i) for i in items)
+                pairs = batches.setdefault(stream._loop, [])
+                pairs.append((stream, out))
+                if out.finished:
+                    pairs.append((stream, _END))
         for loop, pairs in batches.items():
             if not isinstance(loop, asyncio.AbstractEventLoop):  # a sink: called here
                 loop(pairs)

@@ -6,6 +6,14 @@ loop in one callback; the loop puts each output into its stream's queue.
 
 A finished stream's ``request`` holds what the responses need at the end (the output
 ids for usage, the prompt's logprobs for echo); no Request object crosses the processes.
+
+Given the tokenizer, the client makes a streamed request's text itself when no stop
+string needs it in the engine: the engine sends that request's token ids each step and
+its whole text once, at the end (the submit's ``"ids"``: serve.engine_host), and
+``StreamText`` here turns the ids into the deltas the engine would have sent (the same
+incremental decoder, the same trailing U+FFFD held back, the same last delta from the
+whole text). The engine process's one thread then does no detokenizing per step; this
+process, which overlaps the engine's step, does.
 """
 
 from __future__ import annotations
@@ -18,6 +26,8 @@ import threading
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from llamadist.generation.tokenizer import IncrementalDecoder
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -42,6 +52,35 @@ class FinishedRequest:
     finish_reason: str | None
 
 
+class StreamText:
+    """A stream's text deltas from its token ids, as the engine's ``text_delta`` makes
+    them for a stream without stop strings: the incremental decoder's text less a
+    trailing U+FFFD (an unfinished character) each step; at the end, the whole text's
+    part not sent yet."""
+
+    __slots__ = ("ids", "decoder", "emitted")
+
+    def __init__(self, tokenizer):
+        self.ids: list[int] = []
+        self.decoder = IncrementalDecoder(tokenizer)
+        self.emitted = 0  # characters sent
+
+    def step(self, token: int | None) -> str:
+        if token is None:
+            return ""
+        self.ids.append(token)
+        text = self.decoder.update(self.ids)
+        safe = len(text.rstrip("\ufffd")) if text and text[-1] == "\ufffd" else len(text)
+        if safe <= self.emitted:
+            return ""
+        delta, self.emitted = text[self.emitted:safe], safe
+        return delta
+
+    def finish(self, whole: str) -> str:
+        """The last delta: ``whole`` is the engine's text of the output ids (EOS left out)."""
+        return whole[self.emitted:]
+
+
 class EngineStream:
     """One request's outputs: ``async for out in stream``; the engine's error, if it
     failed, is raised to the reader. (A deque and one waiter: lighter per token than an
@@ -54,6 +93,7 @@ class EngineStream:
         self._items: deque = deque()
         self._waiter: asyncio.Future | None = None
         self._done = False
+        self.text: StreamText | None = None  # the text is made here (the module docstring)
 
     def _push(self, item) -> None:
         self._items.append(item)
@@ -96,8 +136,12 @@ class EngineClient:
     """Over ``conn`` (a multiprocessing Connection to the engine's process). ``start``
     from inside the event loop that will read the streams."""
 
-    def __init__(self, conn, rpc_timeout_s: float = 10.0):
+    def __init__(self, conn, rpc_timeout_s: float = 10.0, tokenizer=None):
         self.conn = conn
+        # given: a streamed request without stop strings gets its text made here
+        self.tokenizer = tokenizer
+        if tokenizer is not None:
+            IncrementalDecoder(tokenizer)  # its tables (byte-level: ~0.2 s) now, once
         self.rpc_timeout_s = rpc_timeout_s
         self.error: str | None = None  # why the engine is unreachable (its process ended)
         self._streams: dict[str, EngineStream] = {}
@@ -134,12 +178,18 @@ class EngineClient:
         if self._loop is None:  # (an app served by someone else's uvicorn: start here)
             self.start()
         streams = [EngineStream(self, f"h{next(self._ids)}") for _ in items]
-        for s in streams:
+        modes = []
+        for s, (_, p) in zip(streams, items):
             self._streams[s.request_id] = s
+            if stream_text and self.tokenizer is not None and not p.stop:
+                s.text = StreamText(self.tokenizer)
+                modes.append("ids")  # the engine sends token ids, the text is made here
+            else:
+                modes.append(stream_text)
         try:
             ok, value = await self._call(
-                "submit", [(s.request_id, ids, p, stream_text)
-                           for s, (ids, p) in zip(streams, items)],
+                "submit", [(s.request_id, ids, p, mode)
+                           for s, (ids, p), mode in zip(streams, items, modes)],
                 timeout=None)
         except BaseException:  # e.g. the client left while waiting: queued ones are cancelled
             self.cancel(streams)
@@ -215,18 +265,29 @@ class EngineClient:
             pass
 
     def _dispatch(self, msg: tuple) -> None:
-        if msg[0] == "step":
+        if msg[0] == "step":  # columns: serve.engine_host's module docstring
+            _, ids, tokens, texts, lps, finals, ends = msg
             streams = self._streams
-            for rid, token, text, finished, reason, lps, final in msg[1]:
+            lp_at = dict(lps) if lps else None
+            fin_at = {f[0]: f for f in finals} if finals else None
+            for i, rid in enumerate(ids):
                 s = streams.get(rid)
                 if s is None:
                     continue
-                s._push(StepOutput(rid, token, text, finished, reason, lps))
-                if finished:
-                    s.request = FinishedRequest(final[0], final[1], reason)
-                    s._push(_END)
-                    del streams[rid]
-            for rid, error in msg[2]:
+                lp = lp_at.get(i) if lp_at is not None else None
+                fin = fin_at.get(i) if fin_at is not None else None
+                st = s.text
+                if fin is None:
+                    text = texts[i] if st is None else st.step(tokens[i])
+                    s._push(StepOutput(rid, tokens[i], text, False, None, lp))
+                    continue
+                _, reason, output_ids, prompt_lps = fin
+                text = texts[i] if st is None else st.finish(texts[i])
+                s._push(StepOutput(rid, tokens[i], text, True, reason, lp))
+                s.request = FinishedRequest(output_ids, prompt_lps, reason)
+                s._push(_END)
+                del streams[rid]
+            for rid, error in ends:
                 s = streams.pop(rid, None)
                 if s is not None:
                     s._push(_END if error is None else RuntimeError(error))

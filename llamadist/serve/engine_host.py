@@ -2,9 +2,18 @@
 side): in the process that loaded the model (and, with --nproc, holds the front), a
 thread receives the HTTP process's commands (submit, cancel, health, metrics, drain and
 undrain) and the engine thread sends, per step, ONE message with every output of that
-step in a lean form (request id, token id, text delta, finished, finish reason,
-logprobs when asked; at the finish the output ids and prompt logprobs the responses
-need). Request objects never cross: their prompts stay here.
+step as columns (request ids, token ids, text deltas; logprobs only for the outputs that
+have them; at a finish the reason, output ids and prompt logprobs the responses need).
+Request objects never cross: their prompts stay here.
+
+A streamed request without stop strings has its text made in the HTTP process (which
+has the tokenizer) from the token ids of each step: detokenizing 256 streams per step
+here would be done by the engine thread, under the interpreter lock, between steps.
+
+A request that neither streams nor asks for logprobs (a whole response) is sent nothing
+before its last output, which carries its whole text: the HTTP process reads nothing
+else of it, and at batch 256 each output sent costs the engine thread (building,
+pickling) and the HTTP process (unpickling, waking its reader) time per step.
 
 The metrics live here too: ServeMetrics reads the engine at each scrape and observes
 each request as it finishes or is cancelled; the HTTP process asks for the rendered
@@ -12,13 +21,21 @@ text.
 
 Messages are pickled tuples over one multiprocessing connection.
 HTTP -> engine:  ("submit", key, [(request id, prompt ids, SamplingParams, stream), ...])
-                 (stream False: the client reads the text at the end, so it is made once
-                 then, unless stop strings need it every step: LLMEngine.add_request's
-                 stream_text)
+                 stream True: the text is made here every step (the stream has stop
+                 strings, or the HTTP process has no tokenizer); False: the client reads
+                 the text at the end, so it is made once then, unless stop strings need
+                 it every step (LLMEngine.add_request's stream_text); "ids": a stream
+                 whose text the HTTP process makes from the token ids (made here as for
+                 False: the last output carries the whole text)
                  ("cancel", [request id, ...])
                  ("rpc", key, name, args)   name: health | metrics | admin
-engine -> HTTP:  ("step", [(id, token, text, finished, reason, logprobs, final), ...],
-                          [(id, error or None), ...])   final: (output ids, prompt logprobs)
+engine -> HTTP:  ("step", ids, tokens, texts, logprobs, finals, ends)
+                    ids, tokens, texts: one entry per output (lists of str, int | None, str)
+                    logprobs: [(i, TokenLogprob), ...]  the outputs i that carry them
+                    finals:   [(i, reason, output ids, prompt logprobs), ...]  the outputs
+                              i that finished their request
+                    ends:     [(id, error or None), ...]  streams ended without a finished
+                              output (a cancel, a shutdown; the engine's error)
                  ("reply", key, ok, value)
 """
 
@@ -43,6 +60,10 @@ class EngineHost:
                  workers: Callable[[], dict] | None = None):
         self.engine, self.metrics, self.conn, self.workers = engine, metrics, conn, workers
         self._send_lock = threading.Lock()
+        self._sink_fn = self._sink  # one object for every stream (AsyncEngine groups by it)
+        # requests whose outputs nobody reads before their last (a whole response without
+        # logprobs): only that last one is sent, carrying the whole text
+        self._quiet: set[str] = set()
         self.closed = threading.Event()  # the HTTP process's side closed (or a send failed)
         self._thread = threading.Thread(target=self._receive, name="llamadist-engine-host",
                                         daemon=True)
@@ -68,26 +89,38 @@ class EngineHost:
 
     # ---- the engine thread: one message per step ----------------------------------------
     def _sink(self, pairs: list[tuple[RequestStream, object]]) -> None:
-        outs, ends = [], []
+        """A step's items as one message of columns (module docstring)."""
+        ids, tokens, texts, lps, finals, ends = [], [], [], [], [], []
+        quiet = self._quiet
         for stream, item in pairs:
-            if isinstance(item, RequestOutput):
-                final = None
+            if type(item) is RequestOutput:
+                rid = item.request_id
+                text = item.text
                 if item.finished:
                     req = stream.request
-                    final = (list(req.output_ids), req.prompt_logprobs) if req else ([], None)
+                    if rid in quiet:  # its first output here: the whole text
+                        quiet.discard(rid)
+                        text = req.text if req is not None else text
+                    finals.append((len(ids), item.finish_reason,
+                                   list(req.output_ids) if req else [],
+                                   req.prompt_logprobs if req else None))
                     self.metrics.observe(req)
-                outs.append((item.request_id, item.token_id, item.text, item.finished,
-                             item.finish_reason, item.logprobs, final))
-            elif item is END:
-                if stream.request is None or stream.request.finish_reason is None \
-                        or stream.request.finish_reason == "cancelled":
-                    ends.append((stream.request_id, None))
-                    self.metrics.observe(stream.request)
-                # else: after a finished output, which already ended the stream there
+                elif rid in quiet:  # nobody reads it before the end
+                    continue
+                if item.logprobs is not None:
+                    lps.append((len(ids), item.logprobs))
+                ids.append(rid)
+                tokens.append(item.token_id)
+                texts.append(text)
+            elif item is END:  # a cancel or a shutdown: the stream ends without a finish
+                quiet.discard(stream.request_id)
+                ends.append((stream.request_id, None))
+                self.metrics.observe(stream.request)
             else:  # the engine failed: the reader learns why
+                quiet.discard(stream.request_id)
                 ends.append((stream.request_id, str(item)))
-        if outs or ends:
-            self.send(("step", outs, ends))
+        if ids or ends:
+            self.send(("step", ids, tokens, texts, lps, finals, ends))
 
     # ---- the receiving thread ---------------------------------------------------------
     def _receive(self) -> None:
@@ -125,10 +158,16 @@ class EngineHost:
         """Queue every choice of a job, or none: the refusal goes back as the reply."""
         done: list[RequestStream] = []
         try:
-            for rid, ids, params, stream_text in items:
-                done.append(self.engine.submit(ids, params, rid, sink=self._sink,
-                                               stream_text=stream_text))
+            for rid, ids, params, stream in items:
+                if stream is False and params.logprobs is None:
+                    self._quiet.add(rid)
+                # "ids": the HTTP process makes the text (engine_client.StreamText); the
+                # engine, as for a whole response, only at the end
+                done.append(self.engine.submit(ids, params, rid, sink=self._sink_fn,
+                                               stream_text=stream is True))
         except (ValueError, RuntimeError) as e:
+            for rid, *_ in items:
+                self._quiet.discard(rid)
             for stream in done:
                 stream.cancel()
             self.send(("reply", key, False, (type(e).__name__, str(e))))

@@ -50,7 +50,7 @@ class HttpConfig:
 
 def build_http_app(conn, cfg: HttpConfig):
     """(app, EngineClient) over a connection to an EngineHost."""
-    client = EngineClient(conn)
+    client = EngineClient(conn, tokenizer=cfg.tokenizer)  # streamed text made here
     frontend = Frontend(client, cfg.tokenizer, cfg.model_name, cfg.max_seq_len,
                         cfg.vocab_size)
     server = Server(frontend, HttpMetrics(), ServeConfig(cfg.model_name, cfg.api_key,
