@@ -332,9 +332,7 @@ class Front:
                     self._replan(r, found, rec)
                 except RuntimeError as e:
                     self._give_up(str(e))
-            self._restart(r, rec, keep=keep)
-            ex = self.executor(r)
-            self._warm_up(engine, ex, rec)
+            ex = self._restart_warm(engine, r, rec, keep)
             rec.replayed = engine.replace_executor(index, ex)
             self.state = "ok"
         self.recoveries.append(rec)
@@ -404,31 +402,43 @@ class Front:
                 log.warning("replica %d: the restart failed: %s", r.index, cause)
                 r.crew.kill()
 
-    def _warm_up(self, engine: LLMEngine, ex: RankExecutor, rec: Recovery) -> None:
-        """Capture a restarted replica's graphs (LLMEngine.warmup) before requests return to
-        it, as at the start: else each batch bucket's first step compiles while its clients
-        wait. A worker lost meanwhile is found again by the replica's next step."""
-        try:
-            rec.warmup_s = engine.warmup(executors=[ex])
-        except WorkerLost as e:
-            log.warning("replica %d: the warm-up after the restart failed: %s", rec.replica, e)
+    def _restart_warm(self, engine: LLMEngine, r: Replica, rec: Recovery,
+                      keep: int | None, background: bool = False) -> RankExecutor:
+        """Restart replica ``r`` (_restart) and capture its graphs (LLMEngine.warmup) before
+        requests return to it, as at the start: else each batch bucket's first step
+        compiles while its clients wait. A warm-up that fails (a worker lost, a step stuck)
+        restarts the replica again, counted against --max-restarts: its links may still
+        hold the unfinished step's answer, so that executor is never used."""
+        self._restart(r, rec, background=background, keep=keep)
+        while True:
+            ex = self.executor(r)
+            try:
+                rec.warmup_s = engine.warmup(executors=[ex])
+                return ex
+            except WorkerLost as e:
+                log.warning("replica %d: the warm-up after the restart failed: %s", r.index, e)
+                r.crew.kill()
+                r.close_links()
+                self._restart(r, rec, background=background)
 
     def _restart_in_background(self, engine: LLMEngine, r: Replica, rec: Recovery,
                                keep: int | None, found: WorkerLost) -> None:
         """A lost replica while others serve (they took its requests): re-planned first
-        with ``--on-failure replan``, then started again; it stays down, with the reason
-        in ``status``, when the model no longer fits its devices left or past
-        --max-restarts."""
+        with ``--on-failure replan``, then started again and warmed up; it stays down, with
+        the reason in ``status``, when the model no longer fits its devices left, past
+        --max-restarts, or on any other error (never half-started)."""
         try:
             if self.policy == "replan":
                 self._replan(r, found, rec)
-            self._restart(r, rec, background=True, keep=keep)
-        except RuntimeError as e:
-            r.status, r.down_reason = "down", str(e)
-            log.error("replica %d stays down: %s", r.index, e)
+            ex = self._restart_warm(engine, r, rec, keep, background=True)
+        except Exception as e:  # noqa: BLE001 - this thread's end: the reason goes to status
+            if not isinstance(e, RuntimeError):
+                log.exception("replica %d: the restart failed", r.index)
+                r.crew.kill()
+                r.close_links()
+            r.status, r.down_reason = "down", str(e) or type(e).__name__
+            log.error("replica %d stays down: %s", r.index, r.down_reason)
             return
-        ex = self.executor(r)
-        self._warm_up(engine, ex, rec)  # here, while the other replicas serve
         self._rejoin.append((ex, rec))
 
     def _give_up(self, reason: str) -> None:

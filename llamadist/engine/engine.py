@@ -164,6 +164,8 @@ class LLMEngine(ReplicaSet):
             for ex in exes:
                 ex.collect()
                 ran = True
+        for ex in exes:  # nothing in flight now: the ranks may wait without a deadline
+            ex.idle()
         spent = time.perf_counter() - t0 if ran else 0.0
         if executors is None:
             self.warmup_s += spent

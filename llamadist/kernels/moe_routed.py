@@ -66,7 +66,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
         cols = tl.arange(0, BLOCK_K)
         gate_rows = w13_ptr + g * 2 * F * D + rows.to(tl.int64)[:, None] * D  # (BLOCK_R, 1)
-        up_rows = gate_rows + F * D
+        up_rows = gate_rows + F.to(tl.int64) * D
         x_row = x_ptr + (a // K).to(tl.int64) * D
         acc_gate = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)
         acc_up = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.float32)

@@ -7,14 +7,16 @@ the ranks that sample) for the test to compare with one process.
 
 CONFIG: model, out, pp, tp, dp, cp, ep (optional: experts over ep ranks per stage; ep > tp
 steps the replicas in lockstep), ep_dispatch (optional, RuntimeConfig's), layer_ranges,
-max_seq_len, prompts, num_blocks, block_size, jobs [{name, max_batch, params, num_blocks
-(optional: fewer forces preemption)}].
+max_seq_len, prompts, num_blocks, block_size, timeout (optional: the ranks' wait within a
+step, 30 s), jobs [{name, max_batch, params, num_blocks (optional: fewer forces
+preemption), warmup, idle_s (optional: seconds idle after the warm-up)}].
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root, for `tests`
@@ -41,6 +43,7 @@ def run_job(session: Session, job: dict, cfg: dict, tok) -> list[list[int]]:
                        lockstep=cfg.get("ep", 1) > g.tp_size)
     if job.get("warmup"):  # dummy decode steps of every bucket, sampling nothing
         engine.warmup(force=True)
+        time.sleep(job.get("idle_s", 0))  # the ranks wait, told nothing is in flight
     params = SamplingParams(**job["params"])
     reqs = [engine.add_request(p, params, f"{job['name']}/{i}")
             for i, p in enumerate(cfg["prompts"])]
@@ -53,8 +56,8 @@ def run_job(session: Session, job: dict, cfg: dict, tok) -> list[list[int]]:
 def main(config_path: str) -> None:
     cfg = json.loads(Path(config_path).read_text())
     torch.set_num_threads(1)
-    session = Session.start(cfg["pp"], cfg.get("tp", 1), cfg.get("dp", 1), timeout=30.0,
-                            cp=cfg.get("cp", 1))
+    session = Session.start(cfg["pp"], cfg.get("tp", 1), cfg.get("dp", 1),
+                            timeout=cfg.get("timeout", 30.0), cp=cfg.get("cp", 1))
     setup_worker_logging(session.rank, False)
     ckpt = open_checkpoint(cfg["model"])
     tok = ckpt.tokenizer()
@@ -79,7 +82,7 @@ def main(config_path: str) -> None:
     # and, for a mixture-of-experts model, the experts whose weights each rank holds
     held = {i: sorted(int(e) for e in layer.block_sparse_moe.experts)
             for i, layer in ranks.stage.model.model.layers.items()
-            if hasattr(layer, "block_sparse_moe")}
+            if getattr(layer, "block_sparse_moe", None) is not None}
     gathered = session.gather((ranks.recorded, (ranks.stats.steps, ranks.stage.stats.calls),
                                held))
     everyone, steps, experts = zip(*gathered) if gathered else ((), (), ())

@@ -97,10 +97,14 @@ def pp2(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def pp3(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
+    # idle_after_warmup: the ranks wait past their step timeout (10 s) after the warm-up's
+    # steps; they were told nothing is in flight, so none gives up on its peers
     jobs = [{"name": "greedy_b5", "max_batch": 5, "params": GREEDY},
-            {"name": "greedy_b3", "max_batch": 3, "max_batch_tokens": 8, "params": GREEDY}]
+            {"name": "greedy_b3", "max_batch": 3, "max_batch_tokens": 8, "params": GREEDY},
+            {"name": "idle_after_warmup", "max_batch": 5, "params": GREEDY, "warmup": True,
+             "idle_s": 12}]
     return run_worker_world(tmp_path_factory.mktemp("pp3"), tiny_model, 3, 3,
-                            [[0, 2], [2, 4], [4, 5]], jobs, encoded)
+                            [[0, 2], [2, 4], [4, 5]], jobs, encoded, timeout=10.0)
 
 
 def check_logits(name: str, got: dict, ref_steps: list[torch.Tensor]) -> None:
@@ -123,7 +127,7 @@ def test_small_kv_budget_preempted(pp2):
     assert pp2["greedy_b5"]["preemptions"] == 0
 
 
-@pytest.mark.parametrize("job", ["greedy_b5", "greedy_b3"])
+@pytest.mark.parametrize("job", ["greedy_b5", "greedy_b3", "idle_after_warmup"])
 def test_three_stages_match_one_process(pp3, reference, job):
     assert pp3[job]["tokens"] == reference["tokens"]
     check_logits(job, pp3[job]["logits"], reference["logits"])

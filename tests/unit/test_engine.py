@@ -109,18 +109,24 @@ def test_warmup_of_given_executors_only(tiny_model):
 
         def __init__(self):
             self.sizes: list[int] = []
+            self.idled = False  # told nothing is in flight once the steps are collected
 
         def launch(self, work):
             self.sizes.append(len(work.seqs))
 
         def collect(self):
             return None
+
+        def idle(self):
+            self.idled = True
     fresh = Recording()
     own_launch = own.launch
     own.launch = lambda *a, **k: pytest.fail("the engine's executor was warmed up")
-    assert engine.warmup(executors=[fresh]) >= 0.0
-    own.launch = own_launch
-    assert fresh.sizes == [1, 2, 3] and engine.warmup_s == 0.0
+    try:
+        assert engine.warmup(executors=[fresh]) >= 0.0
+    finally:
+        own.launch = own_launch
+    assert fresh.sizes == [1, 2, 3] and fresh.idled and engine.warmup_s == 0.0
     assert engine.warmup(executors=[Recording()]) >= 0.0 and engine.stats.steps == 0
 
 
