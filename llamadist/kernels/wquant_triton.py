@@ -1,29 +1,48 @@
 """Triton kernels for weight-only quantized linears (formats of llamadist.kernels.wquant).
 
-One kernel, y (M, N) = x (M, K) @ W^T + bias, W read as its codes and dequantized in
-registers (float32 scale and offset math), accumulated in float32:
+y (M, N) = x (M, K) @ W^T + bias, W read as its codes and dequantized in registers,
+accumulated in float32:
 
-* GEMV (M <= GEMV_MAX_M, decode): each program owns BLOCK_N output channels and walks K,
-  multiplying and reducing in registers (no tensor cores: the step is bound by reading W).
-* GEMM (larger M: big decode batches, prefill): BLOCK_M x BLOCK_N tiles through
-  ``tl.dot`` on the dequantized W tile in x's dtype.
+* GEMV (M <= GEMV_MAX_M, decode; ``_gemv_kernel``): bound by reading W, so it is built
+  for bytes in flight and few instructions per byte. A program owns BLOCK_N output rows
+  and one K range (split-K: ``split`` ranges, each writing float32 partials that
+  ``_splitk_sum_kernel`` adds, in a fixed order: deterministic), and walks it in
+  (BLOCK_N, BLOCK_K) tiles of codes: wide loads along K (16 contiguous bytes a thread where
+  K allows: EVEN_K drops the K mask, which would stop vectorisation), decoded with integer
+  bit tricks instead of int->float conversions (a quarter-rate unit on NVIDIA GPUs):
+  int8 ``(u ^ 0x80) | 0x4B000000`` read as float32 is 2^23 + 128 + q, an int4 nibble
+  ``c | 0x4B000000`` is 2^23 + c (one exact subtraction each); fp8 e4m3's bits placed in
+  float32's (sign, exponent, top mantissa) read 2^-120 times the value, subnormals
+  included, and one multiplication by 2^120 makes it exact (or ``fp8_native``: the
+  hardware's float8e4nv conversion on sm_89+). Each tile is reduced along K to (BLOCK_N,)
+  per row of x; a tile never straddles a scale group, so grouped formats scale the
+  group's sum (one multiply per row and group, not per weight) and int4 adds its offset
+  as offset * sum(x) over the group. Per-row scales apply once at the end. int4's x is
+  read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word, split with
+  shifts: the byte j's low nibble meets x[2j], its high one x[2j + 1], with contiguous
+  wide loads of x. ``GemvConfig`` holds the tile, warps, split and stages;
+  ``gemv_config`` picks one by rule (``benchmarks/wquant_sweep.py`` times the others).
+* GEMM (larger M: big decode batches, prefill; ``_wq_kernel``): BLOCK_M x BLOCK_N tiles
+  through ``tl.dot`` on the dequantized W tile in x's dtype. Its register-product branch
+  (DOT=False) was the GEMV before ``_gemv_kernel``; the sweep still times it as "v0".
 
-int4 bytes hold inputs 2j and 2j + 1, so each step loads BLOCK_K bytes once and meets the
-low nibbles with x's even inputs and the high ones with the odd inputs (two half-width
-products, no shuffles). int8 and fp8 with one scale per output channel multiply the raw
-codes (exact in bf16 / fp16) and scale the accumulator once at the end; grouped int8 and
-int4 scale every weight. fp8 e4m3 bits decode with integer arithmetic (exact, no float
-subnormals), so the same code runs on any GPU Triton supports and in Triton's interpreter
-(``TRITON_INTERPRET=1``, CPU tensors), where the tests check it.
+int4 bytes hold inputs 2j and 2j + 1 (low, high nibble). int8 and fp8 with one scale per
+output channel multiply the raw codes (exact in bf16 / fp16) and scale the accumulator
+once at the end. The decodes are exact and run in Triton's interpreter
+(``TRITON_INTERPRET=1``, CPU tensors), where the tests check them (fp8_native is CUDA
+only).
 
-No host synchronisation and shapes fixed by the tensors: the launch is captured inside the
-CUDA-graph decode path like any kernel. ``packed_linear`` is also registered as the torch
-custom op ``llamadist::packed_linear`` (opaque to torch.compile).
+No host synchronisation and shapes fixed by the tensors: the launches are captured inside
+the CUDA-graph decode path like any kernel. ``packed_linear`` is also registered as the
+torch custom op ``llamadist::packed_linear`` (opaque to torch.compile).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -118,9 +137,152 @@ if triton is not None:
                  acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _x_pairs(w, XDT: tl.constexpr):
+        """Words holding (x[2j], x[2j + 1]) -> the two as float32 (XDT 0 bf16 / 1 fp16 in
+        int32 words, 2 float32 in int64 words)."""
+        if XDT == 0:
+            return (w << 16).to(tl.float32, bitcast=True), \
+                (w & -65536).to(tl.float32, bitcast=True)
+        elif XDT == 1:
+            lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return lo, (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            return w.to(tl.int32).to(tl.float32, bitcast=True), \
+                (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _decode(raw, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+        """(BN, BK) uint8 codes of int8 (two's complement bits) or fp8 -> float32 values."""
+        if KIND == 2 and FP8_NATIVE:
+            return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        u = raw.to(tl.int32)  # zero-extended byte
+        if KIND == 0:  # 2^23 + 128 + q, minus 2^23 + 128: q exactly
+            return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        bits = ((u & 0x80) << 24) | ((u & 0x7F) << 20)  # e4m3 * 2^-120 (float32 subnormals
+        return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # too) * 2^120
+
+    @triton.jit
+    def _gemv_row(acc, part, xs, sc, off, GROUPED: tl.constexpr, KIND: tl.constexpr):
+        """acc (BN,) += one tile's sum ``part`` of one x row, scaled where grouped."""
+        if KIND == 1:
+            return acc + part * sc + off * xs
+        elif GROUPED:
+            return acc + part * sc
+        else:
+            return acc + part
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
+                     stride_xm, stride_qn, stride_sn, stride_ym,
+                     GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
+                     EVEN_K: tl.constexpr, XDT: tl.constexpr, FP8_NATIVE: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
+        codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
+        KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        q_rows = q_ptr + rn[:, None] * stride_qn
+        acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        b_lo = pid_k * KS
+        b_hi = tl.minimum(b_lo + KS, KB)
+        sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for b0 in range(b_lo, b_hi, BLOCK_K):
+            rb = b0 + tl.arange(0, BLOCK_K)
+            if EVEN_K:
+                raw = tl.load(q_rows + rb[None, :], mask=n_ok[:, None], other=0)
+            else:
+                raw = tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & (rb < b_hi)[None, :],
+                              other=0)
+            if GROUPED:
+                g = b0 // GROUP_B
+                sc = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
+                if KIND == 1:
+                    off = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok,
+                                  other=0.0).to(tl.float32)
+            if KIND == 1:  # nibbles c as 2^23 + c, minus 2^23
+                u = raw.to(tl.int32)
+                w_lo = ((u & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                w_hi = ((u >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                for m in tl.static_range(ROWS):
+                    if EVEN_K:
+                        xw = tl.load(x_ptr + m * stride_xm + rb)
+                    else:
+                        xw = tl.load(x_ptr + m * stride_xm + rb, mask=rb < b_hi, other=0)
+                    x_e, x_o = _x_pairs(xw, XDT)
+                    part = tl.sum(w_lo * x_e[None, :] + w_hi * x_o[None, :], axis=1)
+                    xs = tl.sum(x_e + x_o, axis=0)
+                    if m == 0:
+                        acc0 = _gemv_row(acc0, part, xs, sc, off, GROUPED, KIND)
+                    elif m == 1:
+                        acc1 = _gemv_row(acc1, part, xs, sc, off, GROUPED, KIND)
+                    elif m == 2:
+                        acc2 = _gemv_row(acc2, part, xs, sc, off, GROUPED, KIND)
+                    else:
+                        acc3 = _gemv_row(acc3, part, xs, sc, off, GROUPED, KIND)
+            else:
+                w = _decode(raw, KIND, FP8_NATIVE)
+                for m in tl.static_range(ROWS):
+                    if EVEN_K:
+                        x = tl.load(x_ptr + m * stride_xm + rb).to(tl.float32)
+                    else:
+                        x = tl.load(x_ptr + m * stride_xm + rb, mask=rb < b_hi,
+                                    other=0.0).to(tl.float32)
+                    part = tl.sum(w * x[None, :], axis=1)
+                    if m == 0:
+                        acc0 = _gemv_row(acc0, part, 0.0, sc, off, GROUPED, KIND)
+                    elif m == 1:
+                        acc1 = _gemv_row(acc1, part, 0.0, sc, off, GROUPED, KIND)
+                    elif m == 2:
+                        acc2 = _gemv_row(acc2, part, 0.0, sc, off, GROUPED, KIND)
+                    else:
+                        acc3 = _gemv_row(acc3, part, 0.0, sc, off, GROUPED, KIND)
+        if not GROUPED:
+            sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+        for m in tl.static_range(ROWS):
+            if m == 0:
+                acc = acc0
+            elif m == 1:
+                acc = acc1
+            elif m == 2:
+                acc = acc2
+            else:
+                acc = acc3
+            if not GROUPED:
+                acc = acc * sc
+            if PARTIAL:
+                tl.store(y_ptr + (pid_k * ROWS + m) * N + rn, acc, mask=n_ok)
+            else:
+                if HAS_BIAS:
+                    acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """y[m] = sum over splits of the float32 partials (SPLIT, M, N), in split order."""
+        rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = tl.program_id(1)
+        ok = rn < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + (s * M + m) * N + rn, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
 def _blocks(m: int, kind: str) -> tuple[bool, int, int, int, int]:
-    """(dot, BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows. BLOCK_K counts bytes of W
-    per row per step (int4: twice as many inputs)."""
+    """(dot, BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of ``_wq_kernel`` for M rows (the GEMM;
+    for M <= GEMV_MAX_M the former GEMV, "v0", kept for the sweep). BLOCK_K counts bytes
+    of W per row per step (int4: twice as many inputs)."""
     if m <= GEMV_MAX_M:
         bm = 1 if m == 1 else (2 if m == 2 else 4)
         bk = 128 if bm > 1 else 256
@@ -130,16 +292,133 @@ def _blocks(m: int, kind: str) -> tuple[bool, int, int, int, int]:
     return True, bm, bn, 32 if kind == "int4" else 64, 4 if bm <= 64 else 8
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """How ``_gemv_kernel`` cuts y = x @ W^T: BLOCK_N rows x BLOCK_K code bytes a tile
+    (powers of two; BLOCK_K is lowered to divide a scale group's bytes), ``warps`` per
+    program, ``split`` K ranges (1: no partials), ``stages`` (Triton's num_stages; None:
+    its default), ``fp8_native`` (CUDA's float8e4nv conversion instead of the bit decode)."""
+
+    block_n: int = 32
+    block_k: int = 256
+    warps: int = 4
+    split: int = 1
+    stages: int | None = None
+    fp8_native: bool = False
+
+    def label(self) -> str:
+        return (f"n{self.block_n}k{self.block_k}w{self.warps}s{self.split}"
+                f"{'' if self.stages is None else f'p{self.stages}'}"
+                f"{'nat' if self.fp8_native else ''}")
+
+
+_SMS: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (cached; 4 off CUDA, for the interpreter)."""
+    if device.type != "cuda":
+        return 4
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+    return _SMS[i]
+
+
+def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132) -> GemvConfig:
+    """The rule's GemvConfig for y (m, n) = x (m, k) @ W^T, W ``kind`` with ``group``.
+
+    Reasoning (to be confirmed by benchmarks/wquant_sweep.py): a step reads W once, so the
+    GPU needs ~30 KB in flight per SM (4 TB/s x ~1 us / 132 SMs). A 4-warp program with an
+    8 KB tile of int8 / fp8 codes (32 rows x 256 bytes: 64 bytes, four 16-byte loads a
+    thread) or a 4 KB tile of int4 (twice the values a byte) holds a useful share; split-K
+    raises the programs to ~4 per SM where N / BLOCK_N alone is short (o_proj, down_proj:
+    4096 rows), keeping >= 4 tiles per K range."""
+    kb = (k + 1) // 2 if kind == "int4" else k
+    if kind == "int4":
+        bk = 64
+        bn = 4096 // bk
+    else:
+        bk = 256
+        bn = 8192 // bk
+    while bk > 16 and kb < bk:
+        bk //= 2
+    split = 1
+    tiles = -(-n // bn)
+    while tiles * split < 4 * sms and kb // (2 * split) >= 4 * bk and split < 16:
+        split *= 2
+    return GemvConfig(block_n=bn, block_k=bk, split=split)
+
+
+def _tile_k(cfg_k: int, group_b: int | None) -> int:
+    """BLOCK_K: ``cfg_k`` lowered until it divides a group's bytes (a tile in one group)."""
+    bk = cfg_k
+    while group_b is not None and group_b % bk:
+        bk //= 2
+    return bk
+
+
+def _x_operand(x2: torch.Tensor, kind: str, k: int) -> tuple[torch.Tensor, int]:
+    """x (M, K) as the kernel reads it, and XDT: int4 takes (x[2j], x[2j + 1]) pairs as one
+    int32 (16-bit x) or int64 (float32 x) word each (K padded to even)."""
+    if kind != "int4":
+        return x2, 0
+    if k % 2 or x2.stride(0) % 2 or x2.storage_offset() % 2:
+        x2 = F.pad(x2, (0, k % 2)).contiguous()
+    if x2.dtype == torch.float32:
+        return x2.view(torch.int64), 2
+    if x2.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"the int4 kernel takes bfloat16 / float16 / float32 x, not {x2.dtype}")
+    return x2.view(torch.int32), 0 if x2.dtype == torch.bfloat16 else 1
+
+
+def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
+         offset: torch.Tensor | None, bias: torch.Tensor | None, group: int, n: int, k: int,
+         cfg: GemvConfig) -> None:
+    """y (M, N) = x2 (M, K) @ W^T + bias through ``_gemv_kernel`` (M <= GEMV_MAX_M)."""
+    m = x2.shape[0]
+    kb = (k + 1) // 2 if kind == "int4" else k
+    grouped = scale.shape[1] > 1 or kind == "int4"
+    group_b = (group // 2 if kind == "int4" else group) if grouped else None
+    bk = _tile_k(cfg.block_k, group_b)
+    split = max(1, min(cfg.split, -(-kb // bk)))
+    ks = -(-kb // (split * bk)) * bk            # bytes per K range, whole tiles
+    split = -(-kb // ks)
+    xk, xdt = _x_operand(x2, kind, k)
+    qv = q.view(torch.uint8) if kind == "int8" else q
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        xk, qv, scale, offset if offset is not None else scale,
+        bias if bias is not None else scale, out, kb, k, n, ks,
+        xk.stride(0), q.stride(0), scale.stride(0), y.stride(0),
+        GROUP_B=group_b or 1, KIND=KIND_IDS[kind], GROUPED=grouped,
+        HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
+        ks % bk == 0, XDT=xdt, FP8_NATIVE=cfg.fp8_native and kind == "fp8",
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+    if split > 1:
+        blk = 1024
+        _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
+            out, bias if bias is not None else out, y, m, n, y.stride(0), SPLIT=split,
+            HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4)
+
+
 def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
            offset: torch.Tensor | None, bias: torch.Tensor | None, group: int,
-           n: int, k: int) -> torch.Tensor:
-    """y (..., N) = x (..., K) @ W^T + bias with W given by its packed tensors."""
+           n: int, k: int, config: GemvConfig | str | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ W^T + bias with W given by its packed tensors. ``config``
+    (M <= GEMV_MAX_M only): a GemvConfig, None for ``gemv_config``'s, or "v0" for the
+    former GEMV (``_wq_kernel`` without tl.dot)."""
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
+        return y.view(*x.shape[:-1], n)
+    if m <= GEMV_MAX_M and config != "v0":
+        cfg = config or gemv_config(kind, m, n, k, group, _sm_count(x.device))
+        gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
         return y.view(*x.shape[:-1], n)
     dot, bm, bn, bk, warps = _blocks(m, kind)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
