@@ -14,10 +14,13 @@ accumulated in float32:
   ``c | 0x4B000000`` is 2^23 + c (one exact subtraction each); fp8 e4m3's bits placed in
   float32's (sign, exponent, top mantissa) read 2^-120 times the value, subnormals
   included, and one multiplication by 2^120 makes it exact (or ``fp8_native``: the
-  hardware's float8e4nv conversion on sm_89+). Each tile is reduced along K to (BLOCK_N,)
-  per row of x; a tile never straddles a scale group, so grouped formats scale the
-  group's sum (one multiply per row and group, not per weight) and int4 adds its offset
-  as offset * sum(x) over the group. Per-row scales apply once at the end. int4's x is
+  hardware's float8e4nv conversion on sm_89+, the default there: fewer instructions).
+  Each tile is reduced along K to (BLOCK_N,) per row of x (x's pointers broadcast to the
+  tile, so x loads in the tile's layout: no shared-memory exchange in the loop); a tile
+  never straddles a scale group, so grouped int8 / fp8 scale the group's sum (one
+  multiply per row and group); int4 takes c * scale + offset per weight (one FMA: its
+  offset would otherwise need sum(x) per group, a reduction across warps). Per-row
+  scales apply once at the end. int4's x is
   read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word, split with
   shifts: the byte j's low nibble meets x[2j], its high one x[2j + 1], with contiguous
   wide loads of x. ``GemvConfig`` holds the tile, warps, split and stages;
@@ -163,16 +166,6 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # too) * 2^120
 
     @triton.jit
-    def _gemv_row(acc, part, xs, sc, off, GROUPED: tl.constexpr, KIND: tl.constexpr):
-        """acc (BN,) += one tile's sum ``part`` of one x row, scaled where grouped."""
-        if KIND == 1:
-            return acc + part * sc + off * xs
-        elif GROUPED:
-            return acc + part * sc
-        else:
-            return acc + part
-
-    @triton.jit
     def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                      stride_xm, stride_qn, stride_sn, stride_ym,
                      GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
@@ -208,10 +201,12 @@ if triton is not None:
                 if KIND == 1:
                     off = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok,
                                   other=0.0).to(tl.float32)
-            if KIND == 1:  # nibbles c as 2^23 + c, minus 2^23
+            if KIND == 1:  # nibbles c as 2^23 + c, minus 2^23, times scale plus offset
                 u = raw.to(tl.int32)
                 w_lo = ((u & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
                 w_hi = ((u >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+                w_lo = w_lo * sc[:, None] + off[:, None]
+                w_hi = w_hi * sc[:, None] + off[:, None]
                 for m in tl.static_range(ROWS):
                     if EVEN_K:
                         xw = tl.load(x_ptr + m * stride_xm + rb)
@@ -219,32 +214,36 @@ if triton is not None:
                         xw = tl.load(x_ptr + m * stride_xm + rb, mask=rb < b_hi, other=0)
                     x_e, x_o = _x_pairs(xw, XDT)
                     part = tl.sum(w_lo * x_e[None, :] + w_hi * x_o[None, :], axis=1)
-                    xs = tl.sum(x_e + x_o, axis=0)
                     if m == 0:
-                        acc0 = _gemv_row(acc0, part, xs, sc, off, GROUPED, KIND)
+                        acc0 += part
                     elif m == 1:
-                        acc1 = _gemv_row(acc1, part, xs, sc, off, GROUPED, KIND)
+                        acc1 += part
                     elif m == 2:
-                        acc2 = _gemv_row(acc2, part, xs, sc, off, GROUPED, KIND)
+                        acc2 += part
                     else:
-                        acc3 = _gemv_row(acc3, part, xs, sc, off, GROUPED, KIND)
+                        acc3 += part
             else:
                 w = _decode(raw, KIND, FP8_NATIVE)
                 for m in tl.static_range(ROWS):
+                    # x's pointers broadcast to the tile's shape: loaded in the tile's own
+                    # layout (a 1-D load would cross threads through shared memory)
+                    xp = tl.broadcast_to((x_ptr + m * stride_xm + rb)[None, :],
+                                         (BLOCK_N, BLOCK_K))
                     if EVEN_K:
-                        x = tl.load(x_ptr + m * stride_xm + rb).to(tl.float32)
+                        x = tl.load(xp).to(tl.float32)
                     else:
-                        x = tl.load(x_ptr + m * stride_xm + rb, mask=rb < b_hi,
-                                    other=0.0).to(tl.float32)
-                    part = tl.sum(w * x[None, :], axis=1)
+                        x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
+                    part = tl.sum(w * x, axis=1)
+                    if GROUPED:  # the group's sum, scaled once
+                        part = part * sc
                     if m == 0:
-                        acc0 = _gemv_row(acc0, part, 0.0, sc, off, GROUPED, KIND)
+                        acc0 += part
                     elif m == 1:
-                        acc1 = _gemv_row(acc1, part, 0.0, sc, off, GROUPED, KIND)
+                        acc1 += part
                     elif m == 2:
-                        acc2 = _gemv_row(acc2, part, 0.0, sc, off, GROUPED, KIND)
+                        acc2 += part
                     else:
-                        acc3 = _gemv_row(acc3, part, 0.0, sc, off, GROUPED, KIND)
+                        acc3 += part
         if not GROUPED:
             sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
@@ -312,42 +311,46 @@ class GemvConfig:
                 f"{'nat' if self.fp8_native else ''}")
 
 
-_SMS: dict[int, int] = {}
+_SMS: dict[int, tuple[int, bool]] = {}
 
 
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (cached; 4 off CUDA, for the interpreter)."""
+def device_traits(device: torch.device) -> tuple[int, bool]:
+    """(streaming multiprocessors, has float8e4nv conversions: sm_89+) of a CUDA device,
+    cached; (4, False) off CUDA (the interpreter)."""
     if device.type != "cuda":
-        return 4
+        return 4, False
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _SMS:
-        _SMS[i] = torch.cuda.get_device_properties(i).multi_processor_count
+        p = torch.cuda.get_device_properties(i)
+        _SMS[i] = p.multi_processor_count, (p.major, p.minor) >= (8, 9)
     return _SMS[i]
 
 
-def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132) -> GemvConfig:
+def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
+                fp8_native: bool = False) -> GemvConfig:
     """The rule's GemvConfig for y (m, n) = x (m, k) @ W^T, W ``kind`` with ``group``.
 
     Reasoning (to be confirmed by benchmarks/wquant_sweep.py): a step reads W once, so the
     GPU needs ~30 KB in flight per SM (4 TB/s x ~1 us / 132 SMs). A 4-warp program with an
     8 KB tile of int8 / fp8 codes (32 rows x 256 bytes: 64 bytes, four 16-byte loads a
     thread) or a 4 KB tile of int4 (twice the values a byte) holds a useful share; split-K
-    raises the programs to ~4 per SM where N / BLOCK_N alone is short (o_proj, down_proj:
-    4096 rows), keeping >= 4 tiles per K range."""
+    raises the programs to >= 3 per SM where N / BLOCK_N alone is short (o_proj,
+    down_proj: 4096 rows), keeping >= 4 tiles per K range. Small scale groups shrink
+    BLOCK_K (a tile stays in one group) and widen BLOCK_N, up to 128 rows."""
     kb = (k + 1) // 2 if kind == "int4" else k
-    if kind == "int4":
-        bk = 64
-        bn = 4096 // bk
-    else:
-        bk = 256
-        bn = 8192 // bk
+    tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
+    bk = 64 if kind == "int4" else 256
+    if kind == "int4" or group < k:
+        bk = _tile_k(bk, group // 2 if kind == "int4" else group)
     while bk > 16 and kb < bk:
         bk //= 2
+    bn = min(128, max(8, tile // bk))
     split = 1
     tiles = -(-n // bn)
-    while tiles * split < 4 * sms and kb // (2 * split) >= 4 * bk and split < 16:
+    while tiles * split < 3 * sms and kb // (2 * split) >= 4 * bk and split < 16:
         split *= 2
-    return GemvConfig(block_n=bn, block_k=bk, split=split)
+    return GemvConfig(block_n=bn, block_k=bk, split=split,
+                      fp8_native=fp8_native and kind == "fp8")
 
 
 def _tile_k(cfg_k: int, group_b: int | None) -> int:
@@ -417,7 +420,7 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     if m == 0:
         return y.view(*x.shape[:-1], n)
     if m <= GEMV_MAX_M and config != "v0":
-        cfg = config or gemv_config(kind, m, n, k, group, _sm_count(x.device))
+        cfg = config or gemv_config(kind, m, n, k, group, *device_traits(x.device))
         gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
         return y.view(*x.shape[:-1], n)
     dot, bm, bn, bk, warps = _blocks(m, kind)
