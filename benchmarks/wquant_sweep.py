@@ -26,8 +26,10 @@ Next session (one H200; ~3 minutes; compile time dominates, Triton caches it):
 
     python benchmarks/wquant_sweep.py > sweep.jsonl 2> sweep.txt
 
-``--max-seconds`` (default 170) stops starting new cases after that long and says how many
-it skipped (baselines and the rule's configs run first, then the neighbours by M).
+First, 8 processes (``--compile-workers``) compile the Triton cases at once (Triton's disk
+cache then serves the timed run). ``--max-seconds`` (default 170, from the start) stops
+starting new cases after that long and says how many it skipped (baselines and the rule's
+configs run first, then the neighbours by M); ``--m 4`` etc. run a part.
 ``--interpret-smoke`` runs the same logic on the CPU under Triton's interpreter with tiny
 shapes and no timing (a check that the script works, not a measurement).
 """
@@ -49,6 +51,7 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 # the smoke's tiny stand-ins: same roles, rows not a multiple of every BLOCK_N
 SMOKE_SHAPES = {"qkv": (96, 256), "o": (64, 512), "gate_up": (200, 256), "down": (64, 768)}
+START = time.perf_counter()  # --max-seconds counts from here (compiling ahead included)
 KINDS = {"int8": ("int8", None), "int4_g128": ("int4", 128), "int4_g32": ("int4", 32),
          "fp8": ("fp8", None)}
 
@@ -70,6 +73,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--interpret-smoke", action="store_true",
                    help="CPU, Triton's interpreter, tiny shapes, no timing")
     p.add_argument("--device", default="cuda:0")
+    p.add_argument("--compile-workers", type=int, default=None,
+                   help="processes compiling the Triton cases ahead (0: compile when timed; "
+                   "default 8 on CUDA, 0 with --interpret-smoke)")
+    p.add_argument("--compile-timeout", type=float, default=150.0)
+    p.add_argument("--compile-only", help=argparse.SUPPRESS)  # "i/n": a worker's share
     return p.parse_args(argv)
 
 
@@ -149,7 +157,8 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                 rep(rule, split=rule.split * 2),
                 rep(rule, block_n=max(8, rule.block_n // 2)), rep(rule, block_n=rule.block_n * 2),
                 rep(rule, block_k=rule.block_k * 2), rep(rule, block_k=max(16, rule.block_k // 2)),
-                rep(rule, warps=8), rep(rule, warps=2)]
+                rep(rule, warps=8), rep(rule, warps=2),
+                rep(rule, prefetch=1), rep(rule, prefetch=0)]
         if kind == "fp8" and native:
             out.append(rep(rule, fp8_native=False))
     if mode == "wide":
@@ -213,7 +222,7 @@ def clone(torch, obj):
 class Sweep:
     def __init__(self, args, torch, copy_bps: float | None):
         self.args, self.torch, self.copy = args, torch, copy_bps
-        self.t0 = time.perf_counter()
+        self.t0 = START
         self.rows: list[dict] = []
         self.base: dict[tuple, float] = {}
         self.skipped = 0
@@ -242,7 +251,7 @@ class Sweep:
                 us = us_min = (time.perf_counter() - t) * 1e6
                 mode = "interpreter (not a measurement)"
             else:
-                us, us_min, mode = time_graph(torch, fns, max(len(fns), 8), a.reps)
+                us, us_min, mode = time_graph(torch, fns, max(len(fns), 16), a.reps)
         except Exception as e:  # noqa: BLE001 - reported, the sweep goes on
             print(json.dumps(row | {"error": f"{type(e).__name__}: {e}"[:300]}), flush=True)
             return
@@ -267,14 +276,101 @@ class Sweep:
               f"err {err:.1e}{'' if row['ok'] else ' WRONG'}", file=sys.stderr, flush=True)
 
 
-def run(args, torch) -> list[dict]:
+def cases(args, torch, dev, sms: int, native: bool, refs: bool = True):
+    """Every case in the order it is timed: per M and shape the bf16 baseline, the torch
+    products, "v0" and the rule's config; then the neighbours, by M. Yields (row, weight,
+    make, bytes moved, x, reference y or None)."""
     from llamadist.kernels import wquant as W
     from llamadist.kernels import wquant_torch as WT
+    from llamadist.kernels import wquant_triton as T
+    table = SMOKE_SHAPES if args.interpret_smoke else SHAPES
+    later = []  # the neighbours, after every shape's baselines and rule configs
+    gen = torch.Generator(device=dev).manual_seed(0)
+    for m in args.m:
+        for shape in args.shapes:
+            n, k = table[shape]
+            w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
+            x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
+            base = {"shape": shape, "n": n, "k": k, "m": m}
+            yield (base | {"kind": "bf16", "product": "bf16", "config": "F.linear"}, w,
+                   lambda c, x: (lambda: torch.nn.functional.linear(x, c)), w.nbytes, x,
+                   x.float() @ w.float().t() if refs else None)
+            for kname in args.kinds:
+                pw, prods = products(args, torch, W, T, WT, kname, w, m, sms, native)
+                qref = x.float() @ pw.dequantize(torch.float32).t() if refs else None
+                for prod, label, rule, make, weight, moved in prods:
+                    row = base | {"kind": kname, "product": prod, "config": label, "rule": rule}
+                    item = (row, weight, make, moved, x, qref)
+                    if prod == "triton" and label != "v0" and not rule:
+                        later.append(item)
+                    else:
+                        yield item
+                del pw, prods, qref
+            del w
+    later.sort(key=lambda it: it[0]["m"])
+    yield from later
+
+
+def compile_ahead(args) -> None:
+    """Compile the Triton cases in ``args.compile_workers`` processes at once (each runs
+    its share once; Triton's on-disk cache then serves the timed run): compiling one by
+    one would take most of the run's minutes."""
+    import subprocess
+    n = args.compile_workers
+    base = [sys.executable, str(Path(__file__).resolve()), "--shapes", ",".join(args.shapes),
+            "--kinds", ",".join(args.kinds), "--m", ",".join(map(str, args.m)),
+            "--configs", args.configs, "--device", args.device]
+    if args.stages:
+        base += ["--stages", ",".join(map(str, args.stages))]
+    if args.interpret_smoke:
+        base += ["--interpret-smoke"]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(base + ["--compile-only", f"{i}/{n}"]) for i in range(n)]
+    failed = 0
+    for p in procs:
+        try:
+            failed += p.wait(timeout=args.compile_timeout) != 0
+        except subprocess.TimeoutExpired:
+            p.kill()
+            failed += 1
+    print(f"compiled ahead in {n} processes: {time.perf_counter() - t0:.0f} s"
+          f"{f', {failed} failed (their cases compile when timed)' if failed else ''}",
+          file=sys.stderr, flush=True)
+
+
+def compile_only(args, torch) -> int:
+    """This process's share (``--compile-only i/n``) of the Triton cases, run once each."""
+    from llamadist.kernels import wquant_triton as T
+    i, n = (int(v) for v in args.compile_only.split("/"))
+    dev = torch.device("cpu" if args.interpret_smoke else args.device)
+    sms, native = T.device_traits(dev)
+    j = done = 0
+    for row, weight, make, _, x, _ in cases(args, torch, dev, sms, native, refs=False):
+        if row["product"] != "triton":
+            continue
+        if j % n == i:
+            try:
+                make(weight, x)()
+                done += 1
+            except Exception as e:  # noqa: BLE001 - the timed run reports it
+                print(f"compile {row}: {type(e).__name__}: {e}"[:300], file=sys.stderr)
+        j += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+    print(f"compile worker {i}/{n}: {done} cases", file=sys.stderr, flush=True)
+    return 0
+
+
+def run(args, torch) -> list[dict]:
     from llamadist.kernels import wquant_triton as T
     if T.triton is None:
         raise SystemExit("wquant_sweep: triton is not installed")
     smoke = args.interpret_smoke
     dev = torch.device("cpu" if smoke else args.device)
+    if args.compile_workers is None:
+        args.compile_workers = 0 if smoke else 8
+    if args.compile_workers > 0:
+        compile_ahead(args)
     copy_bps = None if smoke else copy_rate(torch, dev, args.copy_gib)
     if copy_bps:
         print(json.dumps({"copy_GBps": copy_bps / 1e9, "copy_gib": args.copy_gib,
@@ -283,33 +379,7 @@ def run(args, torch) -> list[dict]:
               file=sys.stderr, flush=True)
     sms, native = T.device_traits(dev)
     sweep = Sweep(args, torch, copy_bps)
-    table = SMOKE_SHAPES if smoke else SHAPES
-    later = []  # the neighbours, after every shape's baselines and rule configs
-    gen = torch.Generator(device=dev).manual_seed(0)
-    for m in args.m:
-        for shape in args.shapes:
-            n, k = table[shape]
-            w = (torch.randn(n, k, device=dev, generator=gen) * 0.02).to(torch.bfloat16)
-            x = torch.randn(m, k, device=dev, generator=gen).to(torch.bfloat16)
-            ref = x.float() @ w.float().t()
-            base = {"shape": shape, "n": n, "k": k, "m": m}
-            sweep.case(base | {"kind": "bf16", "product": "bf16", "config": "F.linear"}, w,
-                       lambda c, x: (lambda: torch.nn.functional.linear(x, c)), w.nbytes, x,
-                       ref)
-            for kname in args.kinds:
-                pw, prods = products(args, torch, W, T, WT, kname, w, m, sms, native)
-                qref = x.float() @ pw.dequantize(torch.float32).t()
-                for i, (prod, label, rule, make, weight, moved) in enumerate(prods):
-                    row = base | {"kind": kname, "product": prod, "config": label, "rule": rule}
-                    item = (row, weight, make, moved, x, qref)
-                    if prod == "triton" and label != "v0" and not rule:
-                        later.append(item)
-                    else:
-                        sweep.case(*item)
-                del pw, prods, qref
-            del w
-    later.sort(key=lambda it: it[0]["m"])
-    for item in later:
+    for item in cases(args, torch, dev, sms, native):
         sweep.case(*item)
     if not smoke:
         torch.cuda.synchronize()
@@ -387,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"wquant_sweep: unknown shapes/kinds {unknown}", file=sys.stderr)
         return 2
+    if args.compile_only:
+        return compile_only(args, torch)
     rows = run(args, torch)
     bad = [r for r in rows if not r["ok"]]
     if bad:

@@ -23,7 +23,7 @@ accumulated in float32:
   scales apply once at the end. int4's x is
   read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word, split with
   shifts: the byte j's low nibble meets x[2j], its high one x[2j + 1], with contiguous
-  wide loads of x. ``GemvConfig`` holds the tile, warps, split and stages;
+  wide loads of x. ``GemvConfig`` holds the tile, warps, split, prefetch depth;
   ``gemv_config`` picks one by rule (``benchmarks/wquant_sweep.py`` times the others).
 * GEMM (larger M: big decode batches, prefill; ``_wq_kernel``): BLOCK_M x BLOCK_N tiles
   through ``tl.dot`` on the dequantized W tile in x's dtype. Its register-product branch
@@ -166,15 +166,45 @@ if triton is not None:
         return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # too) * 2^120
 
     @triton.jit
+    def _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BN, BK) code bytes [b0, b0 + BK) of the rows (zeros past b_hi). EVEN_K:
+        a tile is wholly in or out, so the mask is one bool along K and loads stay wide."""
+        rb = b0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:  # (a splat tensor: the interpreter's & refuses a scalar bool)
+            in_k = tl.zeros((1, BLOCK_K), dtype=tl.int32) + b0 < b_hi
+            return tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & in_k, other=0)
+        return tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & (rb < b_hi)[None, :],
+                       other=0)
+
+    @triton.jit
+    def _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B: tl.constexpr,
+                     KIND: tl.constexpr, GROUPED: tl.constexpr):
+        """(scale, offset) (BN,) float32 of the group holding byte b0 (zeros if not
+        GROUPED; offset zeros but for int4)."""
+        sc = tl.zeros(n_ok.shape, dtype=tl.float32)
+        off = tl.zeros(n_ok.shape, dtype=tl.float32)
+        if GROUPED:
+            ok = n_ok & (tl.zeros(n_ok.shape, dtype=tl.int32) + b0 < b_hi)  # (as above)
+            g = b0 // GROUP_B
+            sc = tl.load(s_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+            if KIND == 1:
+                off = tl.load(o_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+        return sc, off
+
+    @triton.jit
     def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                      stride_xm, stride_qn, stride_sn, stride_ym,
                      GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
                      HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
                      EVEN_K: tl.constexpr, XDT: tl.constexpr, FP8_NATIVE: tl.constexpr,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
         codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
-        KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K."""
+        KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K. PREFETCH
+        (0, 1, 2): tiles whose codes and scales are loaded ahead of the one being reduced
+        (Triton does not pipeline a loop without tl.dot; ptxas issues a prefetch only once
+        the registers it lands in are free, late in the step: with 1 it barely overlaps,
+        with 2 a whole step's work covers each tile's HBM latency)."""
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -188,19 +218,31 @@ if triton is not None:
         b_hi = tl.minimum(b_lo + KS, KB)
         sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if PREFETCH >= 1:  # the first tiles' codes (and scales) before the loop
+            nxt = _gemv_codes(q_rows, b_lo, b_hi, n_ok, EVEN_K, BLOCK_K)
+            sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo, b_hi, n_ok,
+                                       GROUP_B, KIND, GROUPED)
+        if PREFETCH == 2:
+            nxt2 = _gemv_codes(q_rows, b_lo + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+            sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo + BLOCK_K, b_hi,
+                                         n_ok, GROUP_B, KIND, GROUPED)
         for b0 in range(b_lo, b_hi, BLOCK_K):
             rb = b0 + tl.arange(0, BLOCK_K)
-            if EVEN_K:
-                raw = tl.load(q_rows + rb[None, :], mask=n_ok[:, None], other=0)
+            if PREFETCH == 2:  # issue the loads two tiles ahead, then work on this one
+                raw, sc, off = nxt, sc_n, off_n
+                nxt, sc_n, off_n = nxt2, sc_n2, off_n2
+                nxt2 = _gemv_codes(q_rows, b0 + 2 * BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+                sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + 2 * BLOCK_K,
+                                             b_hi, n_ok, GROUP_B, KIND, GROUPED)
+            elif PREFETCH == 1:  # issue the next tile's loads, then work on this one
+                raw, sc, off = nxt, sc_n, off_n
+                nxt = _gemv_codes(q_rows, b0 + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+                sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + BLOCK_K, b_hi,
+                                           n_ok, GROUP_B, KIND, GROUPED)
             else:
-                raw = tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & (rb < b_hi)[None, :],
-                              other=0)
-            if GROUPED:
-                g = b0 // GROUP_B
-                sc = tl.load(s_ptr + rn * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-                if KIND == 1:
-                    off = tl.load(o_ptr + rn * stride_sn + g, mask=n_ok,
-                                  other=0.0).to(tl.float32)
+                raw = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
+                sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
+                                       GROUP_B, KIND, GROUPED)
             if KIND == 1:  # nibbles c as 2^23 + c, minus 2^23, times scale plus offset
                 u = raw.to(tl.int32)
                 w_lo = ((u & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
@@ -296,7 +338,9 @@ class GemvConfig:
     """How ``_gemv_kernel`` cuts y = x @ W^T: BLOCK_N rows x BLOCK_K code bytes a tile
     (powers of two; BLOCK_K is lowered to divide a scale group's bytes), ``warps`` per
     program, ``split`` K ranges (1: no partials), ``stages`` (Triton's num_stages; None:
-    its default), ``fp8_native`` (CUDA's float8e4nv conversion instead of the bit decode)."""
+    its default; it does not change this loop's code in Triton 3.9), ``fp8_native``
+    (CUDA's float8e4nv conversion instead of the bit decode), ``prefetch`` (tiles loaded
+    ahead: 0, 1 or 2)."""
 
     block_n: int = 32
     block_k: int = 256
@@ -304,11 +348,13 @@ class GemvConfig:
     split: int = 1
     stages: int | None = None
     fp8_native: bool = False
+    prefetch: int = 2
 
     def label(self) -> str:
         return (f"n{self.block_n}k{self.block_k}w{self.warps}s{self.split}"
-                f"{'' if self.stages is None else f'p{self.stages}'}"
-                f"{'nat' if self.fp8_native else ''}")
+                + ("" if self.stages is None else f"st{self.stages}")
+                + ("nat" if self.fp8_native else "")
+                + ("" if self.prefetch == 2 else f"pf{self.prefetch}"))
 
 
 _SMS: dict[int, tuple[int, bool]] = {}
@@ -398,7 +444,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         GROUP_B=group_b or 1, KIND=KIND_IDS[kind], GROUPED=grouped,
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
         ks % bk == 0, XDT=xdt, FP8_NATIVE=cfg.fp8_native and kind == "fp8",
-        BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+        PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         blk = 1024
         _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
