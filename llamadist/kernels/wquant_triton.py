@@ -5,25 +5,25 @@ accumulated in float32:
 
 * GEMV (M <= GEMV_MAX_M, decode; ``_gemv_kernel``): bound by reading W, so it is built
   for bytes in flight and few instructions per byte. A program owns BLOCK_N output rows
-  and one K range (split-K: ``split`` ranges, each writing float32 partials that
-  ``_splitk_sum_kernel`` adds, in a fixed order: deterministic), and walks it in
-  (BLOCK_N, BLOCK_K) tiles of codes: wide loads along K (16 contiguous bytes a thread where
-  K allows: EVEN_K drops the K mask, which would stop vectorisation), decoded with integer
-  bit tricks instead of int->float conversions (a quarter-rate unit on NVIDIA GPUs):
-  int8 ``(u ^ 0x80) | 0x4B000000`` read as float32 is 2^23 + 128 + q, an int4 nibble
-  ``c | 0x4B000000`` is 2^23 + c (one exact subtraction each); fp8 e4m3's bits placed in
-  float32's (sign, exponent, top mantissa) read 2^-120 times the value, subnormals
-  included, and one multiplication by 2^120 makes it exact (or ``fp8_native``: the
-  hardware's float8e4nv conversion on sm_89+, the default there: fewer instructions).
-  Each tile is reduced along K to (BLOCK_N,) per row of x (x's pointers broadcast to the
-  tile, so x loads in the tile's layout: no shared-memory exchange in the loop); a tile
-  never straddles a scale group, so grouped int8 / fp8 scale the group's sum (one
-  multiply per row and group); int4 takes c * scale + offset per weight (one FMA: its
-  offset would otherwise need sum(x) per group, a reduction across warps). Per-row
-  scales apply once at the end. int4's x is
-  read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word, split with
-  shifts: the byte j's low nibble meets x[2j], its high one x[2j + 1], with contiguous
-  wide loads of x. ``GemvConfig`` holds the tile, warps, split, prefetch depth;
+  and one K range (split-K: ``split`` ranges write float32 partials that
+  ``_splitk_sum_kernel`` adds in a fixed order: deterministic) and walks it in (BLOCK_N,
+  BLOCK_K) tiles of codes, loaded two tiles ahead (Triton pipelines only loops with
+  tl.dot), with wide loads along K (16 contiguous bytes a thread where K allows: EVEN_K
+  drops the K mask, which would stop vectorisation). Codes decode with bit tricks, not
+  int->float conversions (a quarter-rate unit on NVIDIA GPUs):
+  - int8: ``(u ^ 0x80) | 0x4B000000`` read as float32 is 2^23 + 128 + q; one exact
+    subtraction gives q;
+  - int4: a nibble shifted into the top mantissa bits of 1.0 reads f = 1 + c / 16, and
+    w = c s + o = 16 s f + (o - 16 s) is one FMA (within ~2^-19 s of w);
+  - fp8 e4m3: its bits placed in float32's (sign, exponent, top mantissa) read 2^-120
+    times the value, subnormals included; one multiplication by 2^120 makes it exact
+    (or ``fp8_native``, the default on sm_89+: the hardware's float8e4nv conversion).
+  Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
+  tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
+  tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
+  int4's x is read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word
+  split with shifts: byte j's low nibble meets x[2j], its high one x[2j + 1], with wide
+  loads of x. ``GemvConfig`` holds the tile, warps, split and prefetch depth;
   ``gemv_config`` picks one by rule (``benchmarks/wquant_sweep.py`` times the others).
 * GEMM (larger M: big decode batches, prefill; ``_wq_kernel``): BLOCK_M x BLOCK_N tiles
   through ``tl.dot`` on the dequantized W tile in x's dtype. Its register-product branch
@@ -31,9 +31,8 @@ accumulated in float32:
 
 int4 bytes hold inputs 2j and 2j + 1 (low, high nibble). int8 and fp8 with one scale per
 output channel multiply the raw codes (exact in bf16 / fp16) and scale the accumulator
-once at the end. The decodes are exact and run in Triton's interpreter
-(``TRITON_INTERPRET=1``, CPU tensors), where the tests check them (fp8_native is CUDA
-only).
+once at the end. Everything but fp8_native runs in Triton's interpreter
+(``TRITON_INTERPRET=1``, CPU tensors), where the tests check it against float64.
 
 No host synchronisation and shapes fixed by the tensors: the launches are captured inside
 the CUDA-graph decode path like any kernel. ``packed_linear`` is also registered as the
@@ -192,6 +191,62 @@ if triton is not None:
         return sc, off
 
     @triton.jit
+    def _decode_tile(raw, sc, off, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+        """A (BN, BK) tile of code bytes -> float32 tiles (w_a, w_b): int4 the low and high
+        nibbles' weights c s + o in one FMA each: f = 1 + c / 16 exactly (c in float32's
+        top mantissa bits: a shift and a mask, no conversion), w = 16 s f + (o - 16 s),
+        within ~2^-19 s of w (the tests' float32 bound is ~1e-4 s |x| a weight); int8 /
+        fp8 the unscaled values (w, w)."""
+        if KIND == 1:
+            u = raw.to(tl.int32)
+            f_lo = (((u << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            f_hi = (((u << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            a = (16.0 * sc)[:, None]
+            b = (off - 16.0 * sc)[:, None]
+            return f_lo * a + b, f_hi * a + b
+        w = _decode(raw, KIND, FP8_NATIVE)
+        return w, w
+
+    @triton.jit
+    def _tile_part(w_a, w_b, sc, x_row, rb, b_hi, KIND: tl.constexpr, GROUPED: tl.constexpr,
+                   EVEN_K: tl.constexpr, XDT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """(BN,) sums over the tile of its weights times one row of x (bytes rb); grouped
+        int8 / fp8 scale the group's sum once (int4 is scaled per weight: its offset
+        would need sum(x), and a sum of the 1-D x crosses warps through shared memory)."""
+        if KIND == 1:  # x as pair words: x[2j] meets the low nibbles, x[2j + 1] the high
+            if EVEN_K:
+                xw = tl.load(x_row + rb)
+            else:
+                xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
+            x_e, x_o = _x_pairs(xw, XDT)
+            return tl.sum(w_a * x_e[None, :] + w_b * x_o[None, :], axis=1)
+        # x's pointers broadcast to the tile's shape: loaded in the tile's own layout (a
+        # 1-D load would reach the threads through shared memory and a barrier each step)
+        xp = tl.broadcast_to((x_row + rb)[None, :], (BLOCK_N, BLOCK_K))
+        if EVEN_K:
+            x = tl.load(xp).to(tl.float32)
+        else:
+            x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
+        part = tl.sum(w_a * x, axis=1)
+        if GROUPED:  # the group's sum, scaled once
+            part = part * sc
+        return part
+
+    @triton.jit
+    def _acc_add(acc0, acc1, acc2, acc3, part, M_IDX: tl.constexpr):
+        """Add ``part`` to row M_IDX's accumulator (four named ones: M <= GEMV_MAX_M)."""
+        if M_IDX == 0:
+            acc0 += part
+        elif M_IDX == 1:
+            acc1 += part
+        elif M_IDX == 2:
+            acc2 += part
+        else:
+            acc3 += part
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
     def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                      stride_xm, stride_qn, stride_sn, stride_ym,
                      GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
@@ -211,9 +266,9 @@ if triton is not None:
         n_ok = rn < N
         q_rows = q_ptr + rn[:, None] * stride_qn
         acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
         b_lo = pid_k * KS
         b_hi = tl.minimum(b_lo + KS, KB)
         sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -243,60 +298,15 @@ if triton is not None:
                 raw = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
                 sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
                                        GROUP_B, KIND, GROUPED)
-            if KIND == 1:  # nibbles c as 2^23 + c, minus 2^23, times scale plus offset
-                u = raw.to(tl.int32)
-                w_lo = ((u & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                w_hi = ((u >> 4) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-                w_lo = w_lo * sc[:, None] + off[:, None]
-                w_hi = w_hi * sc[:, None] + off[:, None]
-                for m in tl.static_range(ROWS):
-                    if EVEN_K:
-                        xw = tl.load(x_ptr + m * stride_xm + rb)
-                    else:
-                        xw = tl.load(x_ptr + m * stride_xm + rb, mask=rb < b_hi, other=0)
-                    x_e, x_o = _x_pairs(xw, XDT)
-                    part = tl.sum(w_lo * x_e[None, :] + w_hi * x_o[None, :], axis=1)
-                    if m == 0:
-                        acc0 += part
-                    elif m == 1:
-                        acc1 += part
-                    elif m == 2:
-                        acc2 += part
-                    else:
-                        acc3 += part
-            else:
-                w = _decode(raw, KIND, FP8_NATIVE)
-                for m in tl.static_range(ROWS):
-                    # x's pointers broadcast to the tile's shape: loaded in the tile's own
-                    # layout (a 1-D load would cross threads through shared memory)
-                    xp = tl.broadcast_to((x_ptr + m * stride_xm + rb)[None, :],
-                                         (BLOCK_N, BLOCK_K))
-                    if EVEN_K:
-                        x = tl.load(xp).to(tl.float32)
-                    else:
-                        x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
-                    part = tl.sum(w * x, axis=1)
-                    if GROUPED:  # the group's sum, scaled once
-                        part = part * sc
-                    if m == 0:
-                        acc0 += part
-                    elif m == 1:
-                        acc1 += part
-                    elif m == 2:
-                        acc2 += part
-                    else:
-                        acc3 += part
-        if not GROUPED:
+            w_a, w_b = _decode_tile(raw, sc, off, KIND, FP8_NATIVE)
+            for m in tl.static_range(ROWS):
+                part = _tile_part(w_a, w_b, sc, x_ptr + m * stride_xm, rb, b_hi, KIND,
+                                  GROUPED, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+                acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
+        if not GROUPED:  # one scale a row, applied once
             sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
-            if m == 0:
-                acc = acc0
-            elif m == 1:
-                acc = acc1
-            elif m == 2:
-                acc = acc2
-            else:
-                acc = acc3
+            acc = acc0 if m == 0 else (acc1 if m == 1 else (acc2 if m == 2 else acc3))
             if not GROUPED:
                 acc = acc * sc
             if PARTIAL:
