@@ -8,7 +8,8 @@ L2 cache does not serve them (a decode step reads each layer's weights once from
 * bf16 ``F.linear`` (the baseline);
 * the ``--wquant torch`` products: int8 / fp8 ``scaled_linear`` (eager), int4 tinygemm
   (groups 128 and 32);
-* the ``--wquant triton`` GEMV: the former kernel ("v0"), the rule's GemvConfig
+* the ``--wquant triton`` GEMV: the former kernel ("v0"), the GEMM's tensor-core tiles
+  ("dot", 16 rows: M = 2 and 4 may be issue-bound in FP32 FMAs), the rule's GemvConfig
   (``wquant_triton.gemv_config``) and, with ``--configs near`` (default), its neighbours
   (split-K on / off / doubled, BLOCK_N and BLOCK_K halved and doubled, 2 and 8 warps, fp8
   native / bit decode), or a wider grid with ``--configs wide``.
@@ -26,7 +27,7 @@ Next session (one H200; ~3 minutes; compile time dominates, Triton caches it):
 
     python benchmarks/wquant_sweep.py > sweep.jsonl 2> sweep.txt
 
-First, 8 processes (``--compile-workers``) compile the Triton cases at once (Triton's disk
+First, up to 12 processes (``--compile-workers``) compile the Triton cases at once (Triton's disk
 cache then serves the timed run). ``--max-seconds`` (default 170, from the start) stops
 starting new cases after that long and says how many it skipped (baselines and the rule's
 configs run first, then the neighbours by M); ``--m 4`` etc. run a part.
@@ -75,7 +76,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--compile-workers", type=int, default=None,
                    help="processes compiling the Triton cases ahead (0: compile when timed; "
-                   "default 8 on CUDA, 0 with --interpret-smoke)")
+                   "default min(12, CPUs - 2) on CUDA, 0 with --interpret-smoke)")
     p.add_argument("--compile-timeout", type=float, default=150.0)
     p.add_argument("--compile-only", help=argparse.SUPPRESS)  # "i/n": a worker's share
     return p.parse_args(argv)
@@ -196,9 +197,12 @@ def products(args, torch, W, T, WT, kind_name: str, w, m: int, sms: int, native:
     else:
         out.append(("torch", "scaled", False, lambda c, x: (
             lambda: WT.scaled_linear(x, c.q, c.scale, kind, pw.group)), pw, pw.nbytes))
-    out.append(("triton", "v0", False, lambda c, x: (
-        lambda: T.launch(x, kind, c.q, c.scale, c.offset, None, c.group, n, k, "v0")),
-        pw, pw.nbytes))
+    # the former GEMV; the GEMM's tensor-core tiles (16 rows; not in the smoke: Triton's
+    # interpreter has no bfloat16 dot, tests/gpu checks that path in float16 / float32)
+    for old in ("v0",) if args.interpret_smoke else ("v0", "dot"):
+        out.append(("triton", old, False, lambda c, x, old=old: (
+            lambda: T.launch(x, kind, c.q, c.scale, c.offset, None, c.group, n, k, old)),
+            pw, pw.nbytes))
     cands = candidates(T, kind, m, n, k, pw.group, sms, native, args.configs, args.stages)
     for i, cfg in enumerate(cands):
         out.append(("triton", cfg.label(), i == 0, lambda c, x, cfg=cfg: (
@@ -301,7 +305,7 @@ def cases(args, torch, dev, sms: int, native: bool, refs: bool = True):
                 for prod, label, rule, make, weight, moved in prods:
                     row = base | {"kind": kname, "product": prod, "config": label, "rule": rule}
                     item = (row, weight, make, moved, x, qref)
-                    if prod == "triton" and label != "v0" and not rule:
+                    if prod == "triton" and label not in ("v0", "dot") and not rule:
                         later.append(item)
                     else:
                         yield item
@@ -368,7 +372,7 @@ def run(args, torch) -> list[dict]:
     smoke = args.interpret_smoke
     dev = torch.device("cpu" if smoke else args.device)
     if args.compile_workers is None:
-        args.compile_workers = 0 if smoke else 8
+        args.compile_workers = 0 if smoke else max(1, min(12, (os.cpu_count() or 4) - 2))
     if args.compile_workers > 0:
         compile_ahead(args)
     copy_bps = None if smoke else copy_rate(torch, dev, args.copy_gib)
@@ -396,7 +400,7 @@ def summary(sweep: Sweep) -> None:
     fastest: dict[tuple, dict] = {}
     for r in rows:
         key = (r["kind"], r["shape"], r["m"])
-        if r["product"] == "triton" and r["config"] != "v0":
+        if r["product"] == "triton" and r["config"] not in ("v0", "dot"):
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
             if r.get("rule"):

@@ -466,8 +466,9 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
            offset: torch.Tensor | None, bias: torch.Tensor | None, group: int,
            n: int, k: int, config: GemvConfig | str | None = None) -> torch.Tensor:
     """y (..., N) = x (..., K) @ W^T + bias with W given by its packed tensors. ``config``
-    (M <= GEMV_MAX_M only): a GemvConfig, None for ``gemv_config``'s, or "v0" for the
-    former GEMV (``_wq_kernel`` without tl.dot)."""
+    (M <= GEMV_MAX_M only): a GemvConfig, None for ``gemv_config``'s, "v0" for the former
+    GEMV (``_wq_kernel`` without tl.dot) or "dot" for the GEMM's tensor-core tiles (16
+    rows, as for M = 5..16)."""
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -475,11 +476,11 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)
-    if m <= GEMV_MAX_M and config != "v0":
+    if m <= GEMV_MAX_M and config not in ("v0", "dot"):
         cfg = config or gemv_config(kind, m, n, k, group, *device_traits(x.device))
         gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
         return y.view(*x.shape[:-1], n)
-    dot, bm, bn, bk, warps = _blocks(m, kind)
+    dot, bm, bn, bk, warps = _blocks(GEMV_MAX_M + 1 if config == "dot" else m, kind)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     per_row = scale.shape[1] == 1 and kind != "int4"
     _wq_kernel[grid](x2, q, scale, offset if offset is not None else scale,

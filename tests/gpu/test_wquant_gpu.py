@@ -84,11 +84,12 @@ def test_formats_against_float64(fmt, n, k, dtype):
 
 # GEMV cuts the rule may not pick for these small shapes: split-K (partials + the sum
 # kernel), K ranges and tiles that end inside a row (no EVEN_K), tiles wider than K, one
-# or two warps, rows not a multiple of BLOCK_N, prefetch depths 0, 1 and 2.
+# or two warps, rows not a multiple of BLOCK_N, prefetch depths 0, 1 and 2; the former
+# GEMV ("v0") and the GEMM's tiles ("dot") the sweep compares them with.
 GEMV_CONFIGS = [T.GemvConfig(block_n=16, block_k=32, split=3),
                 T.GemvConfig(block_n=8, block_k=64, warps=2, split=2, prefetch=1),
                 T.GemvConfig(block_n=64, block_k=512, warps=1, prefetch=0),
-                "v0"]
+                "v0", "dot"]
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
