@@ -476,7 +476,7 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)
-    if m <= GEMV_MAX_M and config not in ("v0", "dot"):
+    if m <= GEMV_MAX_M and config not in ("v0", "dot") and not (kind == "int4" and group % 2):
         cfg = config or gemv_config(kind, m, n, k, group, *device_traits(x.device))
         gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
         return y.view(*x.shape[:-1], n)

@@ -89,11 +89,12 @@ def test_formats_against_float64(fmt, n, k, dtype):
 GEMV_CONFIGS = [T.GemvConfig(block_n=16, block_k=32, split=3),
                 T.GemvConfig(block_n=8, block_k=64, warps=2, split=2, prefetch=1),
                 T.GemvConfig(block_n=64, block_k=512, warps=1, prefetch=0),
-                "v0", "dot"]
+                "v0", "dot"] + ([T.GemvConfig(fp8_native=True, prefetch=1)]
+                                if DEVICE == "cuda" else [])  # float8e4nv: CUDA only
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=lambda c: c if isinstance(c, str) else c.label())
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=lambda c: getattr(c, "label", lambda: c)())
 def test_gemv_configs_against_float64(fmt, cfg):
     """Every GemvConfig the sweep may choose computes the same product, M = 1..4."""
     for n, k, dtype in [(37, 300, torch.float32), (64, 256, torch.float16)]:
