@@ -44,7 +44,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 try:
     import triton
@@ -422,8 +421,10 @@ def _x_operand(x2: torch.Tensor, kind: str, k: int) -> tuple[torch.Tensor, int]:
     int32 (16-bit x) or int64 (float32 x) word each (K padded to even)."""
     if kind != "int4":
         return x2, 0
-    if k % 2 or x2.stride(0) % 2 or x2.storage_offset() % 2:
-        x2 = F.pad(x2, (0, k % 2)).contiguous()
+    if k % 2 or x2.stride(0) % 2 or x2.storage_offset() % 2:  # a fresh even-width copy
+        padded = x2.new_zeros(x2.shape[0], k + k % 2)
+        padded[:, :k] = x2
+        x2 = padded
     if x2.dtype == torch.float32:
         return x2.view(torch.int64), 2
     if x2.dtype not in (torch.bfloat16, torch.float16):

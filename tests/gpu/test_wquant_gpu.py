@@ -136,6 +136,23 @@ def test_fp8_decodes_every_finite_code():
     assert torch.equal(y, want)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_int4_x_pairs_from_odd_offsets_and_strides(dtype):
+    """int4's GEMV reads x as (x[2j], x[2j + 1]) words: x views starting at an odd element,
+    with an odd row stride, or an odd K are copied to an even width first."""
+    dt = getattr(torch, dtype)
+    for k in (130, 129):
+        pw = W.quantize_int4(torch.randn(40, k)).to(DEVICE)
+        big = torch.randn(3, k + 1).to(dt).to(DEVICE)
+        for x in (big[:, 1:], big[:, :k], torch.randn(7, k).to(dt).to(DEVICE)[1:4]):
+            y = T.packed_linear(x, pw).double().cpu()
+            wd = pw.dequantize(torch.float64).cpu()
+            ref = x.double().cpu() @ wd.t()
+            s = x.double().abs().cpu() @ wd.abs().t()
+            tol = 2e-5 * s if dt == torch.float32 else 2.0 ** -7 * (s + ref.abs())
+            assert ((y - ref).abs() <= tol + 1e-6).all()
+
+
 def test_empty_and_3d_inputs():
     pw = W.quantize_int4(torch.randn(40, 130)).to(DEVICE)
     x = torch.randn(2, 3, 130, device=DEVICE)
