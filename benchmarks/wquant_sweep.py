@@ -158,10 +158,10 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                 rep(rule, split=rule.split * 2),
                 rep(rule, block_n=max(8, rule.block_n // 2)), rep(rule, block_n=rule.block_n * 2),
                 rep(rule, block_k=rule.block_k * 2), rep(rule, block_k=max(16, rule.block_k // 2)),
-                rep(rule, warps=8), rep(rule, warps=2),
-                rep(rule, prefetch=1), rep(rule, prefetch=0)]
+                rep(rule, warps=8), rep(rule, warps=2)]
+        out += [rep(rule, prefetch=p) for p in (2, 1, 0) if p != rule.prefetch]
         if kind == "fp8" and native:
-            out.append(rep(rule, fp8_native=False))
+            out += [rep(rule, fp8_native=False), rep(rule, fp8_native=False, prefetch=2)]
     if mode == "wide":
         bks = (16, 32, 64, 128) if kind == "int4" else (64, 128, 256, 512)
         for bn in (8, 16, 32, 64, 128):
