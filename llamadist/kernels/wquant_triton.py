@@ -305,7 +305,14 @@ if triton is not None:
         if not GROUPED:  # one scale a row, applied once
             sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
         for m in tl.static_range(ROWS):
-            acc = acc0 if m == 0 else (acc1 if m == 1 else (acc2 if m == 2 else acc3))
+            if m == 0:  # (statements, not a conditional expression: older Triton)
+                acc = acc0
+            elif m == 1:
+                acc = acc1
+            elif m == 2:
+                acc = acc2
+            else:
+                acc = acc3
             if not GROUPED:
                 acc = acc * sc
             if PARTIAL:
