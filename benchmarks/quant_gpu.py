@@ -20,6 +20,15 @@ backend, keeping the checkpoint (each part measures its own bf16 baseline):
     python benchmarks/quant_gpu.py --device cuda:0 --tokenizer-from .whl/smollm2-tok \\
         --checkpoint-dir /tmp/qckpt --backends triton \\
         --smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+
+This measures whole decode steps. The kernels alone (each Llama-3-8B linear, M = 1, 2, 4;
+bf16, the torch products and every Triton GEMV configuration near the rule's, with GB/s
+against a measured copy rate) are ``benchmarks/wquant_sweep.py``, ~3 minutes:
+
+    python benchmarks/wquant_sweep.py > sweep.jsonl 2> sweep.txt
+
+Its summary (the best configuration per kind, shape and M) is what to put into
+``wquant_triton.gemv_config`` before rerunning this script's ``--backends triton``.
 """
 
 from __future__ import annotations

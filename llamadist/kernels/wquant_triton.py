@@ -1,27 +1,47 @@
 """Triton kernels for weight-only quantized linears (formats of llamadist.kernels.wquant).
 
-One kernel, y (M, N) = x (M, K) @ W^T + bias, W read as its codes and dequantized in
-registers (float32 scale and offset math), accumulated in float32:
+y (M, N) = x (M, K) @ W^T + bias, W read as its codes and dequantized in registers,
+accumulated in float32:
 
-* GEMV (M <= GEMV_MAX_M, decode): each program owns BLOCK_N output channels and walks K,
-  multiplying and reducing in registers (no tensor cores: the step is bound by reading W).
-* GEMM (larger M: big decode batches, prefill): BLOCK_M x BLOCK_N tiles through
-  ``tl.dot`` on the dequantized W tile in x's dtype.
+* GEMV (M <= GEMV_MAX_M, decode; ``_gemv_kernel``): bound by reading W, so it is built
+  for bytes in flight and few instructions per byte. A program owns BLOCK_N output rows
+  and one K range (split-K: ``split`` ranges write float32 partials that
+  ``_splitk_sum_kernel`` adds in a fixed order: deterministic) and walks it in (BLOCK_N,
+  BLOCK_K) tiles of codes, loaded two tiles ahead (Triton pipelines only loops with
+  tl.dot), with wide loads along K (16 contiguous bytes a thread where K allows: EVEN_K
+  drops the K mask, which would stop vectorisation). Codes decode with bit tricks, not
+  int->float conversions (a quarter-rate unit on NVIDIA GPUs):
+  - int8: ``(u ^ 0x80) | 0x4B000000`` read as float32 is 2^23 + 128 + q; one exact
+    subtraction gives q;
+  - int4: a nibble shifted into the top mantissa bits of 1.0 reads f = 1 + c / 16, and
+    w = c s + o = 16 s f + (o - 16 s) is one FMA (within ~2^-19 s of w);
+  - fp8 e4m3: its bits placed in float32's (sign, exponent, top mantissa) read 2^-120
+    times the value, subnormals included; one multiplication by 2^120 makes it exact
+    (or ``fp8_native``, the default on sm_89+: the hardware's float8e4nv conversion).
+  Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
+  tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
+  tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
+  int4's x is read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word
+  split with shifts: byte j's low nibble meets x[2j], its high one x[2j + 1], with wide
+  loads of x. ``GemvConfig`` holds the tile, warps, split and prefetch depth;
+  ``gemv_config`` picks one by rule (``benchmarks/wquant_sweep.py`` times the others).
+* GEMM (larger M: big decode batches, prefill; ``_wq_kernel``): BLOCK_M x BLOCK_N tiles
+  through ``tl.dot`` on the dequantized W tile in x's dtype. Its register-product branch
+  (DOT=False) was the GEMV before ``_gemv_kernel``; the sweep still times it as "v0".
 
-int4 bytes hold inputs 2j and 2j + 1, so each step loads BLOCK_K bytes once and meets the
-low nibbles with x's even inputs and the high ones with the odd inputs (two half-width
-products, no shuffles). int8 and fp8 with one scale per output channel multiply the raw
-codes (exact in bf16 / fp16) and scale the accumulator once at the end; grouped int8 and
-int4 scale every weight. fp8 e4m3 bits decode with integer arithmetic (exact, no float
-subnormals), so the same code runs on any GPU Triton supports and in Triton's interpreter
-(``TRITON_INTERPRET=1``, CPU tensors), where the tests check it.
+int4 bytes hold inputs 2j and 2j + 1 (low, high nibble). int8 and fp8 with one scale per
+output channel multiply the raw codes (exact in bf16 / fp16) and scale the accumulator
+once at the end. Everything but fp8_native runs in Triton's interpreter
+(``TRITON_INTERPRET=1``, CPU tensors), where the tests check it against float64.
 
-No host synchronisation and shapes fixed by the tensors: the launch is captured inside the
-CUDA-graph decode path like any kernel. ``packed_linear`` is also registered as the torch
-custom op ``llamadist::packed_linear`` (opaque to torch.compile).
+No host synchronisation and shapes fixed by the tensors: the launches are captured inside
+the CUDA-graph decode path like any kernel. ``packed_linear`` is also registered as the
+torch custom op ``llamadist::packed_linear`` (opaque to torch.compile).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -118,9 +138,208 @@ if triton is not None:
                  acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+    @triton.jit
+    def _x_pairs(w, XDT: tl.constexpr):
+        """Words holding (x[2j], x[2j + 1]) -> the two as float32 (XDT 0 bf16 / 1 fp16 in
+        int32 words, 2 float32 in int64 words)."""
+        if XDT == 0:
+            return (w << 16).to(tl.float32, bitcast=True), \
+                (w & -65536).to(tl.float32, bitcast=True)
+        elif XDT == 1:
+            lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+            return lo, (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        else:
+            return w.to(tl.int32).to(tl.float32, bitcast=True), \
+                (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _decode(raw, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+        """(BN, BK) uint8 codes of int8 (two's complement bits) or fp8 -> float32 values."""
+        if KIND == 2 and FP8_NATIVE:
+            return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        u = raw.to(tl.int32)  # zero-extended byte
+        if KIND == 0:  # 2^23 + 128 + q, minus 2^23 + 128: q exactly
+            return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        bits = ((u & 0x80) << 24) | ((u & 0x7F) << 20)  # e4m3 * 2^-120 (float32 subnormals
+        return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # too) * 2^120
+
+    @triton.jit
+    def _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The (BN, BK) code bytes [b0, b0 + BK) of the rows (zeros past b_hi). EVEN_K:
+        a tile is wholly in or out, so the mask is one bool along K and loads stay wide."""
+        rb = b0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:  # (a splat tensor: the interpreter's & refuses a scalar bool)
+            in_k = tl.zeros((1, BLOCK_K), dtype=tl.int32) + b0 < b_hi
+            return tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & in_k, other=0)
+        return tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & (rb < b_hi)[None, :],
+                       other=0)
+
+    @triton.jit
+    def _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B: tl.constexpr,
+                     KIND: tl.constexpr, GROUPED: tl.constexpr):
+        """(scale, offset) (BN,) float32 of the group holding byte b0 (zeros if not
+        GROUPED; offset zeros but for int4)."""
+        sc = tl.zeros(n_ok.shape, dtype=tl.float32)
+        off = tl.zeros(n_ok.shape, dtype=tl.float32)
+        if GROUPED:
+            ok = n_ok & (tl.zeros(n_ok.shape, dtype=tl.int32) + b0 < b_hi)  # (as above)
+            g = b0 // GROUP_B
+            sc = tl.load(s_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+            if KIND == 1:
+                off = tl.load(o_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+        return sc, off
+
+    @triton.jit
+    def _decode_tile(raw, sc, off, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+        """A (BN, BK) tile of code bytes -> float32 tiles (w_a, w_b): int4 the low and high
+        nibbles' weights c s + o in one FMA each: f = 1 + c / 16 exactly (c in float32's
+        top mantissa bits: a shift and a mask, no conversion), w = 16 s f + (o - 16 s),
+        within ~2^-19 s of w (the tests' float32 bound is ~1e-4 s |x| a weight); int8 /
+        fp8 the unscaled values (w, w)."""
+        if KIND == 1:
+            u = raw.to(tl.int32)
+            f_lo = (((u << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            f_hi = (((u << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+            a = (16.0 * sc)[:, None]
+            b = (off - 16.0 * sc)[:, None]
+            return f_lo * a + b, f_hi * a + b
+        w = _decode(raw, KIND, FP8_NATIVE)
+        return w, w
+
+    @triton.jit
+    def _tile_part(w_a, w_b, sc, x_row, rb, b_hi, KIND: tl.constexpr, GROUPED: tl.constexpr,
+                   EVEN_K: tl.constexpr, XDT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """(BN,) sums over the tile of its weights times one row of x (bytes rb); grouped
+        int8 / fp8 scale the group's sum once (int4 is scaled per weight: its offset
+        would need sum(x), and a sum of the 1-D x crosses warps through shared memory)."""
+        if KIND == 1:  # x as pair words: x[2j] meets the low nibbles, x[2j + 1] the high
+            if EVEN_K:
+                xw = tl.load(x_row + rb)
+            else:
+                xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
+            x_e, x_o = _x_pairs(xw, XDT)
+            return tl.sum(w_a * x_e[None, :] + w_b * x_o[None, :], axis=1)
+        # x's pointers broadcast to the tile's shape: loaded in the tile's own layout (a
+        # 1-D load would reach the threads through shared memory and a barrier each step)
+        xp = tl.broadcast_to((x_row + rb)[None, :], (BLOCK_N, BLOCK_K))
+        if EVEN_K:
+            x = tl.load(xp).to(tl.float32)
+        else:
+            x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
+        part = tl.sum(w_a * x, axis=1)
+        if GROUPED:  # the group's sum, scaled once
+            part = part * sc
+        return part
+
+    @triton.jit
+    def _acc_add(acc0, acc1, acc2, acc3, part, M_IDX: tl.constexpr):
+        """Add ``part`` to row M_IDX's accumulator (four named ones: M <= GEMV_MAX_M)."""
+        if M_IDX == 0:
+            acc0 += part
+        elif M_IDX == 1:
+            acc1 += part
+        elif M_IDX == 2:
+            acc2 += part
+        else:
+            acc3 += part
+        return acc0, acc1, acc2, acc3
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
+                     stride_xm, stride_qn, stride_sn, stride_ym,
+                     GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
+                     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
+                     EVEN_K: tl.constexpr, XDT: tl.constexpr, FP8_NATIVE: tl.constexpr,
+                     PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
+        codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
+        KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K. PREFETCH
+        (0, 1, 2): tiles whose codes and scales are loaded ahead of the one being reduced
+        (Triton does not pipeline a loop without tl.dot; ptxas issues a prefetch only once
+        the registers it lands in are free, late in the step: with 1 it barely overlaps,
+        with 2 a whole step's work covers each tile's HBM latency)."""
+        pid_n = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
+        q_rows = q_ptr + rn[:, None] * stride_qn
+        acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        b_lo = pid_k * KS
+        b_hi = tl.minimum(b_lo + KS, KB)
+        sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        if PREFETCH >= 1:  # the first tiles' codes (and scales) before the loop
+            nxt = _gemv_codes(q_rows, b_lo, b_hi, n_ok, EVEN_K, BLOCK_K)
+            sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo, b_hi, n_ok,
+                                       GROUP_B, KIND, GROUPED)
+        if PREFETCH == 2:
+            nxt2 = _gemv_codes(q_rows, b_lo + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+            sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo + BLOCK_K, b_hi,
+                                         n_ok, GROUP_B, KIND, GROUPED)
+        for b0 in range(b_lo, b_hi, BLOCK_K):
+            rb = b0 + tl.arange(0, BLOCK_K)
+            if PREFETCH == 2:  # issue the loads two tiles ahead, then work on this one
+                raw, sc, off = nxt, sc_n, off_n
+                nxt, sc_n, off_n = nxt2, sc_n2, off_n2
+                nxt2 = _gemv_codes(q_rows, b0 + 2 * BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+                sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + 2 * BLOCK_K,
+                                             b_hi, n_ok, GROUP_B, KIND, GROUPED)
+            elif PREFETCH == 1:  # issue the next tile's loads, then work on this one
+                raw, sc, off = nxt, sc_n, off_n
+                nxt = _gemv_codes(q_rows, b0 + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+                sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + BLOCK_K, b_hi,
+                                           n_ok, GROUP_B, KIND, GROUPED)
+            else:
+                raw = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
+                sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
+                                       GROUP_B, KIND, GROUPED)
+            w_a, w_b = _decode_tile(raw, sc, off, KIND, FP8_NATIVE)
+            for m in tl.static_range(ROWS):
+                part = _tile_part(w_a, w_b, sc, x_ptr + m * stride_xm, rb, b_hi, KIND,
+                                  GROUPED, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+                acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
+        if not GROUPED:  # one scale a row, applied once
+            sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+        for m in tl.static_range(ROWS):
+            if m == 0:  # (statements, not a conditional expression: older Triton)
+                acc = acc0
+            elif m == 1:
+                acc = acc1
+            elif m == 2:
+                acc = acc2
+            else:
+                acc = acc3
+            if not GROUPED:
+                acc = acc * sc
+            if PARTIAL:
+                tl.store(y_ptr + (pid_k * ROWS + m) * N + rn, acc, mask=n_ok)
+            else:
+                if HAS_BIAS:
+                    acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+                tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+    @triton.jit
+    def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr,
+                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+        """y[m] = sum over splits of the float32 partials (SPLIT, M, N), in split order."""
+        rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        m = tl.program_id(1)
+        ok = rn < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in tl.static_range(SPLIT):
+            acc += tl.load(p_ptr + (s * M + m) * N + rn, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
 def _blocks(m: int, kind: str) -> tuple[bool, int, int, int, int]:
-    """(dot, BLOCK_M, BLOCK_N, BLOCK_K, num_warps) for M rows. BLOCK_K counts bytes of W
-    per row per step (int4: twice as many inputs)."""
+    """(dot, BLOCK_M, BLOCK_N, BLOCK_K, num_warps) of ``_wq_kernel`` for M rows (the GEMM;
+    for M <= GEMV_MAX_M the former GEMV, "v0", kept for the sweep). BLOCK_K counts bytes
+    of W per row per step (int4: twice as many inputs)."""
     if m <= GEMV_MAX_M:
         bm = 1 if m == 1 else (2 if m == 2 else 4)
         bk = 128 if bm > 1 else 256
@@ -130,10 +349,138 @@ def _blocks(m: int, kind: str) -> tuple[bool, int, int, int, int]:
     return True, bm, bn, 32 if kind == "int4" else 64, 4 if bm <= 64 else 8
 
 
+@dataclass(frozen=True)
+class GemvConfig:
+    """How ``_gemv_kernel`` cuts y = x @ W^T: BLOCK_N rows x BLOCK_K code bytes a tile
+    (powers of two; BLOCK_K is lowered to divide a scale group's bytes), ``warps`` per
+    program, ``split`` K ranges (1: no partials), ``stages`` (Triton's num_stages; None:
+    its default; it does not change this loop's code in Triton 3.9), ``fp8_native``
+    (CUDA's float8e4nv conversion instead of the bit decode), ``prefetch`` (tiles loaded
+    ahead: 0, 1 or 2)."""
+
+    block_n: int = 32
+    block_k: int = 256
+    warps: int = 4
+    split: int = 1
+    stages: int | None = None
+    fp8_native: bool = False
+    prefetch: int = 2
+
+    def label(self) -> str:
+        return (f"n{self.block_n}k{self.block_k}w{self.warps}s{self.split}"
+                + ("" if self.stages is None else f"st{self.stages}")
+                + ("nat" if self.fp8_native else "")
+                + ("" if self.prefetch == 2 else f"pf{self.prefetch}"))
+
+
+_SMS: dict[int, tuple[int, bool]] = {}
+
+
+def device_traits(device: torch.device) -> tuple[int, bool]:
+    """(streaming multiprocessors, has float8e4nv conversions: sm_89+) of a CUDA device,
+    cached; (4, False) off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 4, False
+    i = device.index if device.index is not None else torch.cuda.current_device()
+    if i not in _SMS:
+        p = torch.cuda.get_device_properties(i)
+        _SMS[i] = p.multi_processor_count, (p.major, p.minor) >= (8, 9)
+    return _SMS[i]
+
+
+def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
+                fp8_native: bool = False) -> GemvConfig:
+    """The rule's GemvConfig for y (m, n) = x (m, k) @ W^T, W ``kind`` with ``group``.
+
+    Reasoning (to be confirmed by benchmarks/wquant_sweep.py): a step reads W once, so the
+    GPU needs ~30 KB in flight per SM (4 TB/s x ~1 us / 132 SMs). A 4-warp program with an
+    8 KB tile of int8 / fp8 codes (32 rows x 256 bytes: 64 bytes, four 16-byte loads a
+    thread) or a 4 KB tile of int4 (twice the values a byte) holds a useful share; split-K
+    raises the programs to >= 3 per SM where N / BLOCK_N alone is short (o_proj,
+    down_proj: 4096 rows), keeping >= 4 tiles per K range. Small scale groups shrink
+    BLOCK_K (a tile stays in one group) and widen BLOCK_N, up to 128 rows."""
+    kb = (k + 1) // 2 if kind == "int4" else k
+    tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
+    bk = 64 if kind == "int4" else 256
+    if kind == "int4" or group < k:
+        bk = _tile_k(bk, group // 2 if kind == "int4" else group)
+    while bk > 16 and kb < bk:
+        bk //= 2
+    bn = min(128, max(8, tile // bk))
+    split = 1
+    tiles = -(-n // bn)
+    while tiles * split < 3 * sms and kb // (2 * split) >= 4 * bk and split < 16:
+        split *= 2
+    native = fp8_native and kind == "fp8"
+    # prefetched fp8 bytes carried across the loop are unpacked byte by byte and repacked
+    # for the float8 conversion (sm_90 loop: 586 instructions a 64-byte step against 280
+    # without); without prefetch its 55 registers leave ~9 programs an SM to cover latency
+    return GemvConfig(block_n=bn, block_k=bk, split=split, fp8_native=native,
+                      prefetch=0 if native else 2)
+
+
+def _tile_k(cfg_k: int, group_b: int | None) -> int:
+    """BLOCK_K: ``cfg_k`` lowered until it divides a group's bytes (a tile in one group)."""
+    bk = cfg_k
+    while group_b is not None and group_b % bk:
+        bk //= 2
+    return bk
+
+
+def _x_operand(x2: torch.Tensor, kind: str, k: int) -> tuple[torch.Tensor, int]:
+    """x (M, K) as the kernel reads it, and XDT: int4 takes (x[2j], x[2j + 1]) pairs as one
+    int32 (16-bit x) or int64 (float32 x) word each (K padded to even)."""
+    if kind != "int4":
+        return x2, 0
+    if k % 2 or x2.stride(0) % 2 or x2.storage_offset() % 2:  # a fresh even-width copy
+        padded = x2.new_zeros(x2.shape[0], k + k % 2)
+        padded[:, :k] = x2
+        x2 = padded
+    if x2.dtype == torch.float32:
+        return x2.view(torch.int64), 2
+    if x2.dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"the int4 kernel takes bfloat16 / float16 / float32 x, not {x2.dtype}")
+    return x2.view(torch.int32), 0 if x2.dtype == torch.bfloat16 else 1
+
+
+def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
+         offset: torch.Tensor | None, bias: torch.Tensor | None, group: int, n: int, k: int,
+         cfg: GemvConfig) -> None:
+    """y (M, N) = x2 (M, K) @ W^T + bias through ``_gemv_kernel`` (M <= GEMV_MAX_M)."""
+    m = x2.shape[0]
+    kb = (k + 1) // 2 if kind == "int4" else k
+    grouped = scale.shape[1] > 1 or kind == "int4"
+    group_b = (group // 2 if kind == "int4" else group) if grouped else None
+    bk = _tile_k(cfg.block_k, group_b)
+    split = max(1, min(cfg.split, -(-kb // bk)))
+    ks = -(-kb // (split * bk)) * bk            # bytes per K range, whole tiles
+    split = -(-kb // ks)
+    xk, xdt = _x_operand(x2, kind, k)
+    qv = q.view(torch.uint8) if kind == "int8" else q
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        xk, qv, scale, offset if offset is not None else scale,
+        bias if bias is not None else scale, out, kb, k, n, ks,
+        xk.stride(0), q.stride(0), scale.stride(0), y.stride(0),
+        GROUP_B=group_b or 1, KIND=KIND_IDS[kind], GROUPED=grouped,
+        HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
+        ks % bk == 0, XDT=xdt, FP8_NATIVE=cfg.fp8_native and kind == "fp8",
+        PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+    if split > 1:
+        blk = 1024
+        _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
+            out, bias if bias is not None else out, y, m, n, y.stride(0), SPLIT=split,
+            HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4)
+
+
 def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
            offset: torch.Tensor | None, bias: torch.Tensor | None, group: int,
-           n: int, k: int) -> torch.Tensor:
-    """y (..., N) = x (..., K) @ W^T + bias with W given by its packed tensors."""
+           n: int, k: int, config: GemvConfig | str | None = None) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ W^T + bias with W given by its packed tensors. ``config``
+    (M <= GEMV_MAX_M only): a GemvConfig, None for ``gemv_config``'s, "v0" for the former
+    GEMV (``_wq_kernel`` without tl.dot) or "dot" for the GEMM's tensor-core tiles (16
+    rows, as for M = 5..16)."""
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -141,7 +488,11 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)
-    dot, bm, bn, bk, warps = _blocks(m, kind)
+    if m <= GEMV_MAX_M and config not in ("v0", "dot") and not (kind == "int4" and group % 2):
+        cfg = config or gemv_config(kind, m, n, k, group, *device_traits(x.device))
+        gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
+        return y.view(*x.shape[:-1], n)
+    dot, bm, bn, bk, warps = _blocks(GEMV_MAX_M + 1 if config == "dot" else m, kind)
     grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
     per_row = scale.shape[1] == 1 and kind != "int4"
     _wq_kernel[grid](x2, q, scale, offset if offset is not None else scale,

@@ -50,13 +50,19 @@ FORMATS = {"int8": W.quantize_int8, "int8_g32": lambda w: W.quantize_int8(w, 32)
            "fp8": W.quantize_fp8}
 
 
-def check(pw: W.PackedWeight, m: int, dtype: torch.dtype, bias: bool) -> None:
+def check(pw: W.PackedWeight, m: int, dtype: torch.dtype, bias: bool,
+          config: T.GemvConfig | str | None = None) -> None:
     n, k = pw.shape
     g = torch.Generator().manual_seed(m * 1000 + n)
     x = torch.randn(m, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     pw = pw.to(DEVICE)
-    y = T.packed_linear(x.to(DEVICE), pw, None if b is None else b.to(DEVICE)).cpu()
+    b = None if b is None else b.to(DEVICE)
+    if config is None:
+        y = T.packed_linear(x.to(DEVICE), pw, b).cpu()
+    else:
+        y = T.launch(x.to(DEVICE), pw.kind, pw.q, pw.scale, pw.offset, b, pw.group, n, k,
+                     config).cpu()
     assert y.dtype == dtype and y.shape == (m, n)
     wd = pw.dequantize(torch.float64).cpu()
     ref = x.double() @ wd.t() + (0 if b is None else b.double())
@@ -74,6 +80,40 @@ def test_formats_against_float64(fmt, n, k, dtype):
     pw = FORMATS[fmt](w)
     for m in ROWS:
         check(pw, m, getattr(torch, dtype), bias=m % 2 == 1)
+
+
+# GEMV cuts the rule may not pick for these small shapes: split-K (partials + the sum
+# kernel), K ranges and tiles that end inside a row (no EVEN_K), tiles wider than K, one
+# or two warps, rows not a multiple of BLOCK_N, prefetch depths 0, 1 and 2; the former
+# GEMV ("v0") and the GEMM's tiles ("dot") the sweep compares them with.
+GEMV_CONFIGS = [T.GemvConfig(block_n=16, block_k=32, split=3),
+                T.GemvConfig(block_n=8, block_k=64, warps=2, split=2, prefetch=1),
+                T.GemvConfig(block_n=64, block_k=512, warps=1, prefetch=0),
+                "v0", "dot"] + ([T.GemvConfig(fp8_native=True, prefetch=1)]
+                                if DEVICE == "cuda" else [])  # float8e4nv: CUDA only
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=lambda c: getattr(c, "label", lambda: c)())
+def test_gemv_configs_against_float64(fmt, cfg):
+    """Every GemvConfig the sweep may choose computes the same product, M = 1..4."""
+    for n, k, dtype in [(37, 300, torch.float32), (64, 256, torch.float16)]:
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+        pw = FORMATS[fmt](w).to(DEVICE)
+        for m in range(1, T.GEMV_MAX_M + 1):
+            check(pw, m, dtype, bias=m % 2 == 0, config=cfg)
+
+
+def test_gemv_config_rule_fills_the_gpu():
+    """The rule's cut for Llama-3-8B's decode shapes: whole tiles of a scale group, and
+    enough programs for 132 SMs (split-K where the rows alone are few)."""
+    for kind, group in [("int8", None), ("fp8", None), ("int4", 128), ("int4", 32)]:
+        for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
+            cfg = T.gemv_config(kind, 1, n, k, group or k)
+            gb = (group // 2 if kind == "int4" else group) if group else None
+            assert gb is None or gb % cfg.block_k == 0
+            assert -(-n // cfg.block_n) * cfg.split >= 2 * 132, (kind, n, k, cfg)
+            assert cfg.block_n * cfg.block_k >= 2048  # >= 16 bytes a thread of 4 warps
 
 
 @pytest.mark.parametrize("conv", [_q8_0, _q4_k], ids=["Q8_0", "Q4_K"])
@@ -94,6 +134,23 @@ def test_fp8_decodes_every_finite_code():
     y = T.packed_linear(x.to(DEVICE), pw.to(DEVICE)).cpu()[0]
     want = codes.view(torch.float8_e4m3fn).float() * 0.5
     assert torch.equal(y, want)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_int4_x_pairs_from_odd_offsets_and_strides(dtype):
+    """int4's GEMV reads x as (x[2j], x[2j + 1]) words: x views starting at an odd element,
+    with an odd row stride, or an odd K are copied to an even width first."""
+    dt = getattr(torch, dtype)
+    for k in (130, 129):
+        pw = W.quantize_int4(torch.randn(40, k)).to(DEVICE)
+        big = torch.randn(3, k + 1).to(dt).to(DEVICE)
+        for x in (big[:, 1:], big[:, :k], torch.randn(7, k).to(dt).to(DEVICE)[1:4]):
+            y = T.packed_linear(x, pw).double().cpu()
+            wd = pw.dequantize(torch.float64).cpu()
+            ref = x.double().cpu() @ wd.t()
+            s = x.double().abs().cpu() @ wd.abs().t()
+            tol = 2e-5 * s if dt == torch.float32 else 2.0 ** -7 * (s + ref.abs())
+            assert ((y - ref).abs() <= tol + 1e-6).all()
 
 
 def test_empty_and_3d_inputs():
