@@ -150,7 +150,7 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                mode: str, stages: list[int]) -> list:
     """The rule's GemvConfig first, then (``mode``) others, without repeats of one
     effective cut (BLOCK_K as the group lets it)."""
-    rule = T.gemv_config(kind, m, n, k, group, sms, native)
+    rule = T.gemv_config(kind, m, n, k, group, sms)  # as wquant_triton.launch picks
     rep = dataclasses.replace
     out = [rule] + [rep(rule, stages=s) for s in stages]
     if mode != "rule":
@@ -160,8 +160,8 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                 rep(rule, block_k=rule.block_k * 2), rep(rule, block_k=max(16, rule.block_k // 2)),
                 rep(rule, warps=8), rep(rule, warps=2)]
         out += [rep(rule, prefetch=p) for p in (2, 1, 0) if p != rule.prefetch]
-        if kind == "fp8" and native:
-            out += [rep(rule, fp8_native=False), rep(rule, fp8_native=False, prefetch=2)]
+        if kind == "fp8" and native:  # the hardware conversion, not yet the default
+            out += [rep(rule, fp8_native=True, prefetch=0), rep(rule, fp8_native=True)]
     if mode == "wide":
         bks = (16, 32, 64, 128) if kind == "int4" else (64, 128, 256, 512)
         for bn in (8, 16, 32, 64, 128):

@@ -17,7 +17,8 @@ accumulated in float32:
     w = c s + o = 16 s f + (o - 16 s) is one FMA (within ~2^-19 s of w);
   - fp8 e4m3: its bits placed in float32's (sign, exponent, top mantissa) read 2^-120
     times the value, subnormals included; one multiplication by 2^120 makes it exact
-    (or ``fp8_native``, the default on sm_89+: the hardware's float8e4nv conversion).
+    (or ``fp8_native``, on sm_89+ where a config asks for it: the hardware's float8e4nv
+    conversion; not the default until it has run on a GPU, as the interpreter cannot).
   Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
   tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
   tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
@@ -489,7 +490,8 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     if m == 0:
         return y.view(*x.shape[:-1], n)
     if m <= GEMV_MAX_M and config not in ("v0", "dot") and not (kind == "int4" and group % 2):
-        cfg = config or gemv_config(kind, m, n, k, group, *device_traits(x.device))
+        # (fp8_native left to the sweep: it never ran where the tests can check it)
+        cfg = config or gemv_config(kind, m, n, k, group, device_traits(x.device)[0])
         gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
         return y.view(*x.shape[:-1], n)
     dot, bm, bn, bk, warps = _blocks(GEMV_MAX_M + 1 if config == "dot" else m, kind)
