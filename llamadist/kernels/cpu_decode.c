@@ -287,6 +287,32 @@ static team team_make(int64_t threads, int64_t phases) {
     return tm;
 }
 
+/* ---- optional per-phase timing (built only with -DLLAMADIST_PHASE_TIMING; never in the
+   normal build): per thread, the nanoseconds spent waiting in phase_begin and working in
+   each phase kind, summed over calls until llamadist_phase_times reads them. ---- */
+#ifdef LLAMADIST_PHASE_TIMING
+#include <time.h>
+enum { PT_WAIT, PT_QKV, PT_ROPE, PT_ATTN, PT_O, PT_GU, PT_DOWN, PT_HEAD, PT_STEP, PT_N };
+static double pt_ns[64][PT_N];
+static inline double pt_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e9 + ts.tv_nsec;
+}
+void llamadist_phase_times(double *out, int reset) { /* out: (64, PT_N) */
+    memcpy(out, pt_ns, sizeof pt_ns);
+    if (reset) memset(pt_ns, 0, sizeof pt_ns);
+}
+#define PT_BEGIN(wk, n) (pt_t0 = pt_now(), pt_on = phase_begin(wk, n), \
+                         pt_ns[(wk)->t & 63][PT_WAIT] += pt_now() - pt_t0, pt_t0 = pt_now(), pt_on)
+#define PT_END(wk, kind) (pt_ns[(wk)->t & 63][kind] += pt_now() - pt_t0)
+#define PT_DECL double pt_t0 = 0; int pt_on = 0; (void)pt_on
+#else
+#define PT_BEGIN(wk, n) phase_begin(wk, n)
+#define PT_END(wk, kind) ((void)0)
+#define PT_DECL
+#endif
+
 /* What a thread computes into its private scratch before a GEMV phase's rows: each of the
    m rows' RMSNorm (src (m, d) times weight) or SwiGLU product (src (m, 2d): gate|up).
    It runs only once the thread holds a claimed chunk: until that chunk is finished the
@@ -439,11 +465,13 @@ static void layer_team(const layer_args *a, walker *wk) {
     const row_prep norm2 = {PREP_NORM, a->h, a->norm2, xn, B, D, a->eps};
     const row_prep glu = {PREP_SWIGLU, gu, NULL, act, B, F, 0.0f};
     int64_t i, pending = 0;
-    if (phase_begin(wk, qkv_n)) /* q|k|v of norm1(h) */
+    PT_DECL;
+    if (PT_BEGIN(wk, qkv_n)) /* q|k|v of norm1(h) */
         gemv_phase(wk, &norm1, q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv,
                    qkv, B, qkv_n, D, D, qkv_n, 0, qs);
+    PT_END(wk, PT_QKV);
     /* RoPE on q (in place) and k (into the cache); v into the cache. */
-    if (phase_begin(wk, B * (H + Hkv)))
+    if (PT_BEGIN(wk, B * (H + Hkv)))
         for (pending = 0; next_item(wk, &i, &pending);) {
             const int64_t b = i / (H + Hkv), head = i % (H + Hkv);
             const float *cs = a->cos + b * a->cs_b, *sn = a->sin + b * a->cs_b;
@@ -459,22 +487,27 @@ static void layer_team(const layer_args *a, walker *wk) {
                 memcpy(a->v_cache + slot, row + q_size + kv_size + kh * hd, hd * sizeof(float));
             }
         }
+    PT_END(wk, PT_ROPE);
     /* Attention: one query head per item over its row's slots. */
-    if (phase_begin(wk, B * H))
+    if (PT_BEGIN(wk, B * H))
         for (pending = 0; next_item(wk, &i, &pending);) {
             const int64_t b = i / H, head = i % H;
             attend_head(a, b, head / group, qkv + b * qkv_n + head * hd, probs + i * a->len,
                         att + b * q_size + head * hd, a->lens ? a->lens[b] : a->len);
         }
-    if (phase_begin(wk, D)) /* h += o_proj */
+    PT_END(wk, PT_ATTN);
+    if (PT_BEGIN(wk, D)) /* h += o_proj */
         gemv_phase(wk, NULL, q8, NULL, 0, a->t_o, att, a->w_o, a->b_o, a->h, B, D, q_size,
                    q_size, D, 1, qs);
-    if (phase_begin(wk, 2 * F)) /* gate|up of norm2(h) */
+    PT_END(wk, PT_O);
+    if (PT_BEGIN(wk, 2 * F)) /* gate|up of norm2(h) */
         gemv_phase(wk, &norm2, q8, a->seg_gu, a->n_seg_gu, a->t_gu, xn, a->w_gu, a->b_gu, gu, B,
                    2 * F, D, D, 2 * F, 0, qs);
-    if (phase_begin(wk, D)) /* h += down_proj(swiglu(gate, up)) */
+    PT_END(wk, PT_GU);
+    if (PT_BEGIN(wk, D)) /* h += down_proj(swiglu(gate, up)) */
         gemv_phase(wk, &glu, q8, NULL, 0, a->t_down, act, a->w_down, a->b_down, a->h, B, D, F,
                    F, D, 1, qs);
+    PT_END(wk, PT_DOWN);
 }
 
 #define LAYER_PHASES 6
@@ -516,7 +549,31 @@ typedef struct {
     const float *b_head;
     int64_t t_head, vocab, int8_head;
     float *logits;                      /* (batch, vocab) */
+    const void *embed;                  /* (embed_rows, dim) float32 or GGUF blocks: h is
+                                           its rows `tokens` (NULL: h is given) */
+    int64_t t_embed, embed_rows;
+    const int64_t *tokens;              /* (batch) */
 } step_args;
+
+void llamadist_dequant_rows(int type, const uint8_t *w, int64_t rows, int64_t k, float *out,
+                            int threads);
+
+/* h = the embedding's rows of the step's tokens, before the team starts (a row of dim
+   floats each: the Python embedding's work, whose few PyTorch calls cost more than the
+   copy after a step has streamed the weights through the caches). -1 when a token is out
+   of range (nothing written: the caller's own embedding then says so). */
+static int embed_rows(const step_args *s, int64_t dim) {
+    for (int64_t b = 0; b < s->batch; ++b)
+        if (s->tokens[b] < 0 || s->tokens[b] >= s->embed_rows) return -1;
+    const int ty = (int)s->t_embed;
+    const int64_t row = ty == QT_F32 ? 4 * dim : dim / block_weights(ty) * block_bytes(ty);
+    for (int64_t b = 0; b < s->batch; ++b) {
+        const uint8_t *w = (const uint8_t *)s->embed + s->tokens[b] * row;
+        if (ty == QT_F32) memcpy(s->h + b * dim, w, (size_t)row);
+        else llamadist_dequant_rows(ty, w, 1, dim, s->h + b * dim, 1);
+    }
+    return 0;
+}
 
 static void step_layer(const step_args *s, int64_t i, layer_args *a) {
     *a = s->layers[i];
@@ -527,18 +584,23 @@ static void step_layer(const step_args *s, int64_t i, layer_args *a) {
     a->scratch = s->scratch; a->qscratch = s->qscratch; a->threads = s->threads;
 }
 
-void llamadist_decode_step_f32(const step_args *s) {
+int llamadist_decode_step_f32(const step_args *s) {
     (void)current_isa();
+    if (s->embed && embed_rows(s, s->layers[0].dim)) return -1;
     team tm = team_make(s->threads, s->n_layers * LAYER_PHASES + 1);
 #pragma omp parallel num_threads((int)s->threads)
     {
         layer_args a;
         walker wk = {&tm, -1, 0, 0, omp_get_thread_num()};
+        PT_DECL;
+#ifdef LLAMADIST_PHASE_TIMING
+        const double pt_start = pt_now();
+#endif
         for (int64_t i = 0; i < s->n_layers; ++i) {
             step_layer(s, i, &a);
             layer_team(&a, &wk); /* the next layer's first phase waits for this one's last */
         }
-        if (s->norm && phase_begin(&wk, s->vocab)) {
+        if (s->norm && PT_BEGIN(&wk, s->vocab)) {
             /* every thread that takes rows of the head norms them itself (its private
                scratch, as the layers' norms) */
             float *xn = private_scratch(&a);
@@ -547,6 +609,11 @@ void llamadist_decode_step_f32(const step_args *s) {
                        s->b_head, s->logits, s->batch, s->vocab, a.dim, a.dim, s->vocab, 0,
                        s->qscratch);
         }
+        PT_END(&wk, PT_HEAD);
+#ifdef LLAMADIST_PHASE_TIMING
+        pt_ns[wk.t & 63][PT_STEP] += pt_now() - pt_start;
+#endif
     } /* the region's end: every thread has finished the items it claimed */
     free(tm.cells);
+    return 0;
 }

@@ -48,7 +48,8 @@ class StepArgs(ctypes.Structure):
                 ("lens", _P), ("cos", _P), ("sin", _P), ("cs_b", _I64), ("mask", _P),
                 ("mask_b", _I64), ("scratch", _P), ("qscratch", _P), ("threads", _I64),
                 ("norm", _P), ("norm_eps", ctypes.c_float), ("w_head", _P), ("b_head", _P),
-                ("t_head", _I64), ("vocab", _I64), ("int8_head", _I64), ("logits", _P)]
+                ("t_head", _I64), ("vocab", _I64), ("int8_head", _I64), ("logits", _P),
+                ("embed", _P), ("t_embed", _I64), ("embed_rows", _I64), ("tokens", _P)]
 
 
 _step_fn = None
@@ -65,7 +66,7 @@ def _bound():
             return None
         with _bind_lock:
             fn = lib.llamadist_decode_step_f32
-            fn.restype = None
+            fn.restype = ctypes.c_int  # -1: a token out of the embedding's range
             fn.argtypes = [ctypes.POINTER(StepArgs)]
             _step_fn = fn
     return _step_fn
@@ -82,7 +83,8 @@ class StepPlan:
     plan baked in."""
 
     def __init__(self, protos: list[LayerArgs], layer_ids: list[int], keep: list,
-                 checks: tuple, quantized: list, head: dict | None):
+                 checks: tuple, quantized: list, head: dict | None,
+                 embed: dict | None = None):
         self.protos = protos
         self.layer_ids = layer_ids  # the global index of each prototype's layer
         self.keep = keep  # the tensors the pointers point into
@@ -90,6 +92,7 @@ class StepPlan:
         self.quantized = quantized
         self.flags = self.int8_flags()
         self.head = head  # StepArgs head fields, or None: the stage has no head
+        self.embed = embed  # StepArgs embedding fields, or None: Python embeds (or no embedding)
         self.caches: dict[int, tuple] = {}  # id(cache) -> (cache, layers array, paged)
         # one prototype per distinct layer shape: the scratch is sized by the widest
         self.shapes = list({(a.dim, a.heads, a.kv_heads, a.head_dim, a.inter,
@@ -190,6 +193,26 @@ def _head_fields(model: nn.Module, checks: list, quantized: list) -> dict | None
                 keep=(w, bias, nw))
 
 
+def _embed_fields(model: nn.Module, checks: list) -> dict | None:
+    """StepArgs' embedding fields of a first stage whose token embedding the C step reads
+    itself (a plain nn.Embedding over float32 or GGUF weights whose rows come out float32:
+    its forward, F.embedding or quant.embedding, is then a row copy or a row's
+    dequantization by the same C code); None: the step calls the module."""
+    inner = model._modules["model"]._modules
+    emb = inner.get("embed_tokens")
+    if type(emb) is not nn.Embedding or emb.max_norm is not None:
+        return None
+    place, w = _weight_place(emb)
+    if (w is None or hasattr(w, "parts") or not cpu_decode._usable(w)
+            or getattr(w, "act_dtype", torch.float32) != torch.float32
+            or len(w.shape) != 2):
+        return None
+    checks += [(inner, "embed_tokens", emb), (place, "weight", w),
+               (emb.__dict__, "max_norm", emb.__dict__.get("max_norm"))]
+    return dict(embed=cpu_decode._ptr(w), t_embed=getattr(w, "qtype", 0),
+                embed_rows=w.shape[0], dim=w.shape[1], keep=w)
+
+
 def build_plan(model: nn.Module) -> StepPlan | None:
     """The StepPlan of a built model (a stage), or None where a layer is not one the C
     layer takes (``cpu_decode._layer_weights``) or the stage has no layers."""
@@ -217,7 +240,10 @@ def build_plan(model: nn.Module) -> StepPlan | None:
     head = _head_fields(model, checks, quantized) if model.has_head else None
     if model.has_head and head is None:
         return None
-    return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head)
+    embed = _embed_fields(model, checks) if model.has_embed else None
+    if embed is not None and embed["dim"] != protos[0].dim:
+        embed = None
+    return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head, embed)
 
 
 def plan_for(model: nn.Module) -> StepPlan | None:
@@ -251,6 +277,23 @@ def _scratch(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int
         qbytes = threads * ((batch * k + 2 * batch * (k // 32) * 4 + 63) // 64 * 64)
     return (cpu_decode._scratch("f", floats, torch.float32).data_ptr(),
             cpu_decode._scratch("q", qbytes, torch.uint8).data_ptr())
+
+
+def _rope_rows(rope, positions: torch.Tensor, hd: int) -> tuple:
+    """(cos, sin, row stride, what the pointers point into) of StepArgs: the rows of
+    ``rope.lookup(positions)``. One position points into the table itself (a
+    RotaryTable's float32 ``cos``/``sin`` (P, hd)), sparing lookup's indexing calls;
+    else the rows lookup gathers."""
+    cos, sin = rope.cos, rope.sin
+    if (positions.numel() == 1 and cos.dtype == sin.dtype == torch.float32
+            and cos.device.type == "cpu" and cos.dim() == 2 and cos.shape[1] == hd
+            and cos.is_contiguous() and sin.is_contiguous() and sin.shape == cos.shape):
+        p = int(positions.reshape(()))
+        if 0 <= p < cos.shape[0]:
+            return cos.data_ptr() + p * hd * 4, sin.data_ptr() + p * hd * 4, 0, rope
+    cos, sin = rope.lookup(positions, torch.float32)
+    cos, sin = cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous()
+    return cos.data_ptr(), sin.data_ptr(), (hd if cos.shape[0] > 1 else 0), (cos, sin)
 
 
 def decode_step(model: nn.Module, x: torch.Tensor, positions: torch.Tensor, cache,
@@ -298,7 +341,13 @@ def decode_step(model: nn.Module, x: torch.Tensor, positions: torch.Tensor, cach
             mask = mask.reshape(mask.shape[0], length)
             s.mask, s.mask_b = mask.data_ptr(), (mask.stride(0) if mask.shape[0] > 1 else 0)
         s.start = start
-    if model.has_embed:
+    emb = plan.embed if model.has_embed and x.dtype == torch.int64 else None
+    if emb is not None:  # C copies the rows (StepArgs.embed)
+        tokens = x.reshape(b).contiguous()
+        h = torch.empty(b, 1, emb["dim"], dtype=torch.float32)
+        s.embed, s.t_embed, s.embed_rows = emb["embed"], emb["t_embed"], emb["embed_rows"]
+        s.tokens = tokens.data_ptr()
+    elif model.has_embed:
         h = model.model.embed_tokens(x)  # (B, 1, D), ours to write
         if h.dtype != torch.float32 or not h.is_contiguous():
             return None
@@ -307,11 +356,9 @@ def decode_step(model: nn.Module, x: torch.Tensor, positions: torch.Tensor, cach
             return None
         h = x.clone(memory_format=torch.contiguous_format)  # the caller's x stays as it was
     hd = plan.protos[0].head_dim
-    cos, sin = model.rope.lookup(positions, torch.float32)
-    cos, sin = cos.reshape(-1, hd).contiguous(), sin.reshape(-1, hd).contiguous()
+    s.cos, s.sin, s.cs_b, rows = _rope_rows(model.rope, positions, hd)  # rows: alive till C returns
     threads = torch.get_num_threads()
     s.batch, s.len, s.h, s.threads = b, length, h.data_ptr(), threads
-    s.cos, s.sin, s.cs_b = cos.data_ptr(), sin.data_ptr(), (hd if cos.shape[0] > 1 else 0)
     s.scratch, s.qscratch = _scratch(plan, b, length, threads)
     out = h
     head = plan.head if logits != "none" and b <= cpu_decode.MAX_ROWS else None
@@ -321,7 +368,8 @@ def decode_step(model: nn.Module, x: torch.Tensor, positions: torch.Tensor, cach
                                                   head["w_head"], head["b_head"])
         s.t_head, s.vocab, s.int8_head = head["t_head"], head["vocab"], head["int8_head"]
         s.logits = out.data_ptr()
-    _step_fn(ctypes.byref(s))
+    if _step_fn(ctypes.byref(s)):
+        return None  # a token out of the embedding's range: the model's forward says so
     if not model.has_head or logits == "none":
         return h
     if head is None:  # many rows: the final norm and the head in PyTorch

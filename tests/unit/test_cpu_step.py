@@ -101,7 +101,8 @@ def counting_step(monkeypatch) -> dict:
         calls["steps"] += 1
         calls["layers"] += s.n_layers
         calls["head"] += bool(s.norm)
-        inner(args)
+        calls["embed"] = calls.get("embed", 0) + bool(s.embed)
+        return inner(args)
     monkeypatch.setattr(cpu_step, "_step_fn", step)
     return calls
 
@@ -152,7 +153,7 @@ def test_whole_step_equals_per_layer_static(kind, stages, batch, masked, monkeyp
     calls = counting_step(monkeypatch)
     got, tokens = run_static(stages_of(models, batch, True), prompt, 5, masked)
     # every decode step of every stage was one C call, the last stage's with the head
-    assert calls == {"steps": 5 * stages, "layers": 5 * LAYERS, "head": 5}
+    assert calls == {"steps": 5 * stages, "layers": 5 * LAYERS, "head": 5, "embed": 5}
     assert tokens == ref_tokens
     for a, b in zip(got, ref):
         assert a.shape == b.shape == (batch, VOCAB)
@@ -230,7 +231,8 @@ def test_whole_step_equals_per_layer_paged(kind, stages, seqs, monkeypatch):
     ref, ref_tokens = run_paged(stages_of(models, seqs, False), prompts, 4)
     calls = counting_step(monkeypatch)
     got, tokens = run_paged(stages_of(models, seqs, True), prompts, 4)
-    assert calls == {"steps": 4 * stages, "layers": 4 * LAYERS, "head": 4}  # decodes only
+    assert calls == {"steps": 4 * stages, "layers": 4 * LAYERS, "head": 4,
+                     "embed": 4}  # decodes only; the first stage embeds in C
     assert tokens == ref_tokens
     for a, b in zip(got, ref):
         assert a.shape == b.shape == (seqs, VOCAB)
@@ -246,10 +248,44 @@ def test_many_rows_run_the_head_in_pytorch(monkeypatch):
     ref, ref_tokens = run_static(stages_of(models, batch, False), prompt, 2, False)
     calls = counting_step(monkeypatch)
     got, tokens = run_static(stages_of(models, batch, True), prompt, 2, False)
-    assert calls == {"steps": 2, "layers": 2 * LAYERS, "head": 0}
+    assert calls == {"steps": 2, "layers": 2 * LAYERS, "head": 0, "embed": 2}
     assert tokens == ref_tokens
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", ["f16", "bf16", "Q8_0", "Q4_K"])
+def test_step_reads_a_quantized_embedding_itself(kind, monkeypatch):
+    """A first stage's embedding kept in 16 bits or GGUF blocks: the C step writes h from
+    its rows itself (StepArgs.embed), the same floats as the module's own forward (the
+    per-layer path), so the same tokens and logits; a token outside the table makes the
+    step decline (None) and the model's forward raise as it would."""
+    models = stage_models("f32", 1)
+    emb = models[0].model.embed_tokens
+    w = emb.weight.detach()
+    dt = {"f16": torch.float16, "bf16": torch.bfloat16}.get(kind)
+    if dt is not None:
+        blocks = w.to(dt).view(torch.uint8).reshape(VOCAB, -1).contiguous()
+    else:
+        blocks = torch.from_numpy(random_blocks(TYPES[kind], VOCAB, 256,
+                                                np.random.default_rng(5)))
+    del emb.weight
+    emb.weight = QuantizedTensor(blocks, TYPES[kind], (VOCAB, 256))
+    prompt = torch.randint(0, VOCAB, (2, 5), generator=torch.Generator().manual_seed(4))
+    ref, ref_tokens = run_static(stages_of(models, 2, False), prompt, 4, False)
+    calls = counting_step(monkeypatch)
+    got, tokens = run_static(stages_of(models, 2, True), prompt, 4, False)
+    assert calls["embed"] == calls["steps"] == 4
+    assert tokens == ref_tokens
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    (model,) = models
+    cache = Stage(model, torch.device("cpu"), torch.float32, 1, 64).caches[0]
+    with torch.inference_mode():
+        assert cpu_step.decode_step(model, torch.tensor([[VOCAB]]), torch.tensor([[0]]),
+                                    cache, 0, None) is None
+        with pytest.raises(IndexError):
+            model(torch.tensor([[VOCAB]]), torch.tensor([[0]]), cache, 0, None)
 
 
 def test_plan_is_rebuilt_when_the_model_changes():
