@@ -397,15 +397,70 @@ static inline int64_t slot_at(const layer_args *a, int64_t b, int64_t s) {
            + (s % a->block_size) * a->cache_t;
 }
 
+/* p[s] = exp(p[s] - mx) for s < len (0 where p[s] is -inf: a masked slot), 8 at a time
+   (exp8); returns their sum. */
+static float softmax_weights(float *p, int64_t len, float mx) {
+    const v8 ninf = {-INFINITY, -INFINITY, -INFINITY, -INFINITY,
+                     -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    v8 tot = {0};
+    int64_t s = 0;
+    for (; s + 8 <= len; s += 8) {
+        const v8 x = load8(p + s);
+        const v8i dead = x == ninf;
+        const v8 e = (v8)((v8i)exp8(x - mx) & ~dead);
+        memcpy(p + s, &e, sizeof e);
+        tot += e;
+    }
+    float total = hsum8(tot);
+    for (; s < len; ++s) {
+        p[s] = p[s] == -INFINITY ? 0.0f : expf(p[s] - mx);
+        total += p[s];
+    }
+    return total;
+}
+
+/* o[i] += sum over the n slots j of e[j] * v[j * stride + i], i < hd: 64 floats at a time
+   in eight registers (each slot's e broadcast once), then 8 at a time, then one. */
+static void weighted_rows(const float *e, const float *v, int64_t n, int64_t stride,
+                          float *o, int64_t hd) {
+    int64_t i = 0;
+    for (; i + 64 <= hd; i += 64) {
+        v8 a0 = load8(o + i), a1 = load8(o + i + 8), a2 = load8(o + i + 16),
+           a3 = load8(o + i + 24), a4 = load8(o + i + 32), a5 = load8(o + i + 40),
+           a6 = load8(o + i + 48), a7 = load8(o + i + 56);
+        for (int64_t j = 0; j < n; ++j) {
+            if (e[j] == 0.0f) continue; /* masked (or underflowed): adds nothing */
+            const float *r = v + j * stride + i, w = e[j];
+            a0 += w * load8(r); a1 += w * load8(r + 8); a2 += w * load8(r + 16);
+            a3 += w * load8(r + 24); a4 += w * load8(r + 32); a5 += w * load8(r + 40);
+            a6 += w * load8(r + 48); a7 += w * load8(r + 56);
+        }
+        memcpy(o + i, &a0, 32); memcpy(o + i + 8, &a1, 32); memcpy(o + i + 16, &a2, 32);
+        memcpy(o + i + 24, &a3, 32); memcpy(o + i + 32, &a4, 32); memcpy(o + i + 40, &a5, 32);
+        memcpy(o + i + 48, &a6, 32); memcpy(o + i + 56, &a7, 32);
+    }
+    for (; i + 8 <= hd; i += 8) {
+        v8 a = load8(o + i);
+        for (int64_t j = 0; j < n; ++j)
+            if (e[j] != 0.0f) a += e[j] * load8(v + j * stride + i);
+        memcpy(o + i, &a, 32);
+    }
+    for (; i < hd; ++i)
+        for (int64_t j = 0; j < n; ++j)
+            if (e[j] != 0.0f) o[i] += e[j] * v[j * stride + i];
+}
+
 /* One query head q (hd) of row b over its slots [0, len) of KV head kh -> o (hd).
    p: len floats of scratch. Slots are read run by run: a run is one block (paged) or
-   the whole row (static), its slots cache_t apart. */
+   the whole row (static), its slots cache_t apart. Three passes: the scores, their
+   exponentials (vectorized: a decode step's attention is a few thousand of them per
+   layer), then the value rows weighted by them. */
 static void attend_head(const layer_args *a, int64_t b, int64_t kh, const float *q,
                         float *p, float *o, int64_t len) {
     const int64_t hd = a->head_dim, run = a->block_size ? a->block_size : len;
     const uint8_t *mask = a->mask ? a->mask + b * a->mask_b : NULL;
     const float scale = 1.0f / sqrtf((float)hd);
-    float mx = -INFINITY, total = 0.0f;
+    float mx = -INFINITY;
     for (int64_t s0 = 0; s0 < len; s0 += run) {
         const int64_t n = len - s0 < run ? len - s0 : run;
         const float *keys = a->k_cache + slot_at(a, b, s0) + kh * a->cache_h;
@@ -415,16 +470,12 @@ static void attend_head(const layer_args *a, int64_t b, int64_t kh, const float 
             mx = p[s] > mx ? p[s] : mx;
         }
     }
+    const float total = softmax_weights(p, len, mx);
     for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
     for (int64_t s0 = 0; s0 < len; s0 += run) {
         const int64_t n = len - s0 < run ? len - s0 : run;
-        const float *vals = a->v_cache + slot_at(a, b, s0) + kh * a->cache_h;
-        for (int64_t j = 0; j < n; ++j) {
-            if (p[s0 + j] == -INFINITY) continue;
-            const float e = expf(p[s0 + j] - mx), *v = vals + j * a->cache_t;
-            total += e;
-            for (int64_t i = 0; i < hd; ++i) o[i] += e * v[i];
-        }
+        weighted_rows(p + s0, a->v_cache + slot_at(a, b, s0) + kh * a->cache_h, n,
+                      a->cache_t, o, hd);
     }
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
