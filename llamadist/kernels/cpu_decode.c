@@ -12,7 +12,7 @@
    (FMA latency hidden, one sequential stream for the prefetcher), and the layer is one
    call: one OpenMP parallel region in which the threads claim every matmul's rows and
    every attention's heads chunk by chunk, a phase waiting for the one before only where
-   it reads what other threads wrote (six phases a layer, no OpenMP barrier: see "the
+   it reads what other threads wrote (five phases a layer, no OpenMP barrier: see "the
    team's schedule"; the norms, the activation quantization and the SwiGLU product are
    redone by every thread instead).
 
@@ -186,7 +186,7 @@ typedef struct {
 } layer_args;
 
 /* ---- the team's schedule: phases of work items, no barriers ----
-   A layer is six phases (q|k|v, RoPE, attention, o_proj, gate|up, down), each a set of
+   A layer is five phases (q|k|v, RoPE with attention, o_proj, gate|up, down), each a set of
    independent items (weight rows, heads) that reads only what earlier phases wrote. Each
    thread owns a contiguous run of every phase's items and claims it chunk by chunk from
    the front (one sequential stream of weights per thread), then claims what is left of
@@ -292,7 +292,7 @@ static team team_make(int64_t threads, int64_t phases) {
    each phase kind, summed over calls until llamadist_phase_times reads them. ---- */
 #ifdef LLAMADIST_PHASE_TIMING
 #include <time.h>
-enum { PT_WAIT, PT_QKV, PT_ROPE, PT_ATTN, PT_O, PT_GU, PT_DOWN, PT_HEAD, PT_STEP, PT_N };
+enum { PT_WAIT, PT_QKV, PT_ATTN, PT_O, PT_GU, PT_DOWN, PT_HEAD, PT_STEP, PT_N };
 static double pt_ns[64][PT_N];
 static inline double pt_now(void) {
     struct timespec ts;
@@ -450,19 +450,22 @@ static void weighted_rows(const float *e, const float *v, int64_t n, int64_t str
             if (e[j] != 0.0f) o[i] += e[j] * v[j * stride + i];
 }
 
-/* One query head q (hd) of row b over its slots [0, len) of KV head kh -> o (hd).
+/* One query head q (hd) of row b over its slots [0, len) of KV head kh -> o (hd), the
+   last slot (the new token's) read from knew / vnew (hd each), the others from the cache.
    p: len floats of scratch. Slots are read run by run: a run is one block (paged) or
    the whole row (static), its slots cache_t apart. Three passes: the scores, their
    exponentials (vectorized: a decode step's attention is a few thousand of them per
    layer), then the value rows weighted by them. */
 static void attend_head(const layer_args *a, int64_t b, int64_t kh, const float *q,
-                        float *p, float *o, int64_t len) {
+                        const float *knew, const float *vnew, float *p, float *o,
+                        int64_t len) {
     const int64_t hd = a->head_dim, run = a->block_size ? a->block_size : len;
     const uint8_t *mask = a->mask ? a->mask + b * a->mask_b : NULL;
     const float scale = 1.0f / sqrtf((float)hd);
+    const int64_t old = len - 1; /* slots before the new token's */
     float mx = -INFINITY;
-    for (int64_t s0 = 0; s0 < len; s0 += run) {
-        const int64_t n = len - s0 < run ? len - s0 : run;
+    for (int64_t s0 = 0; s0 < old; s0 += run) {
+        const int64_t n = old - s0 < run ? old - s0 : run;
         const float *keys = a->k_cache + slot_at(a, b, s0) + kh * a->cache_h;
         for (int64_t i = 0; i < n; ++i) {
             const int64_t s = s0 + i;
@@ -470,13 +473,16 @@ static void attend_head(const layer_args *a, int64_t b, int64_t kh, const float 
             mx = p[s] > mx ? p[s] : mx;
         }
     }
+    p[old] = (mask && !mask[old]) ? -INFINITY : dot1(knew, q, hd) * scale;
+    mx = p[old] > mx ? p[old] : mx;
     const float total = softmax_weights(p, len, mx);
     for (int64_t i = 0; i < hd; ++i) o[i] = 0.0f;
-    for (int64_t s0 = 0; s0 < len; s0 += run) {
-        const int64_t n = len - s0 < run ? len - s0 : run;
+    for (int64_t s0 = 0; s0 < old; s0 += run) {
+        const int64_t n = old - s0 < run ? old - s0 : run;
         weighted_rows(p + s0, a->v_cache + slot_at(a, b, s0) + kh * a->cache_h, n,
                       a->cache_t, o, hd);
     }
+    weighted_rows(p + old, vnew, 1, 0, o, hd);
     const float inv = total > 0.0f ? 1.0f / total : 0.0f;
     for (int64_t i = 0; i < hd; ++i) o[i] *= inv;
 }
@@ -496,7 +502,7 @@ static inline float *private_scratch(const layer_args *a) {
 }
 
 /* One decoder layer, run by every thread of the team (inside the caller's parallel region),
-   as six phases of the team's schedule (see phase_begin): a->h is whole once the last one's
+   as five phases of the team's schedule (see phase_begin): a->h is whole once the last one's
    items are done, which the next phase_begin waits for. */
 static void layer_team(const layer_args *a, walker *wk) {
     const int64_t B = a->batch, D = a->dim, hd = a->head_dim, H = a->heads, Hkv = a->kv_heads;
@@ -521,30 +527,30 @@ static void layer_team(const layer_args *a, walker *wk) {
         gemv_phase(wk, &norm1, q8, a->seg_qkv, a->n_seg_qkv, a->t_qkv, xn, a->w_qkv, a->b_qkv,
                    qkv, B, qkv_n, D, D, qkv_n, 0, qs);
     PT_END(wk, PT_QKV);
-    /* RoPE on q (in place) and k (into the cache); v into the cache. */
-    if (PT_BEGIN(wk, B * (H + Hkv)))
-        for (pending = 0; next_item(wk, &i, &pending);) {
-            const int64_t b = i / (H + Hkv), head = i % (H + Hkv);
-            const float *cs = a->cos + b * a->cs_b, *sn = a->sin + b * a->cs_b;
-            float *row = qkv + b * qkv_n;
-            if (head < H) {
-                float tmp[hd];
-                rotate(row + head * hd, cs, sn, tmp, hd);
-                memcpy(row + head * hd, tmp, sizeof tmp);
-            } else {
-                const int64_t kh = head - H, pos = a->lens ? a->lens[b] - 1 : a->start;
-                const int64_t slot = slot_at(a, b, pos) + kh * a->cache_h;
-                rotate(row + q_size + kh * hd, cs, sn, a->k_cache + slot, hd);
-                memcpy(a->v_cache + slot, row + q_size + kv_size + kh * hd, hd * sizeof(float));
-            }
-        }
-    PT_END(wk, PT_ROPE);
-    /* Attention: one query head per item over its row's slots. */
+    /* Attention, one query head per item over its row's slots, with RoPE: the item rotates
+       its q and its KV head's new k into private copies, and reads the new slot from them
+       and v from q|k|v (no other item reads that slot of the cache in this phase); the
+       group's first head writes k and v into the cache for the layers' later steps. The
+       items do their rotations themselves instead of a phase of their own before: a phase
+       less a layer (its wait for the slowest thread), the rotations redone per head of a
+       group (64 multiplies each). */
     if (PT_BEGIN(wk, B * H))
         for (pending = 0; next_item(wk, &i, &pending);) {
-            const int64_t b = i / H, head = i % H;
-            attend_head(a, b, head / group, qkv + b * qkv_n + head * hd, probs + i * a->len,
-                        att + b * q_size + head * hd, a->lens ? a->lens[b] : a->len);
+            const int64_t b = i / H, head = i % H, kh = head / group;
+            const float *cs = a->cos + b * a->cs_b, *sn = a->sin + b * a->cs_b;
+            const float *row = qkv + b * qkv_n, *vnew = row + q_size + kv_size + kh * hd;
+            float qr[hd], kr[hd];
+            rotate(row + head * hd, cs, sn, qr, hd);
+            rotate(row + q_size + kh * hd, cs, sn, kr, hd);
+            const int64_t len = a->lens ? a->lens[b] : a->len;
+            if (head % group == 0) {
+                const int64_t pos = a->lens ? a->lens[b] - 1 : a->start;
+                const int64_t slot = slot_at(a, b, pos) + kh * a->cache_h;
+                memcpy(a->k_cache + slot, kr, sizeof kr);
+                memcpy(a->v_cache + slot, vnew, hd * sizeof(float));
+            }
+            attend_head(a, b, kh, qr, kr, vnew, probs + i * a->len, att + b * q_size + head * hd,
+                        len);
         }
     PT_END(wk, PT_ATTN);
     if (PT_BEGIN(wk, D)) /* h += o_proj */
@@ -561,7 +567,7 @@ static void layer_team(const layer_args *a, walker *wk) {
     PT_END(wk, PT_DOWN);
 }
 
-#define LAYER_PHASES 6
+#define LAYER_PHASES 5
 
 void llamadist_decode_layer_f32(const layer_args *a) {
     (void)current_isa(); /* the GEMVs' dispatch level, decided before the team starts */

@@ -11,7 +11,7 @@ of each cache the stage steps over) and cached on the model; a step checks the p
 describes the model (one pass over a flat tuple of (dict, key, object) triples: a weight
 or module replaced since makes a new plan), fills a dozen fields of ``StepArgs`` and calls
 C once. The C code runs all of it in one OpenMP parallel region, as the per-layer path's
-phases (six a layer, cpu_decode.c) and nothing more: a layer's first phase waits for the
+phases (five a layer, cpu_decode.c) and nothing more: a layer's first phase waits for the
 items of the one before it, the layer before's last.
 
 ``decode_step`` returns None wherever it does not apply (a prefill, a layer the C layer
