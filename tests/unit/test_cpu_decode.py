@@ -69,6 +69,9 @@ CONFIGS = {
     # nothing a multiple of 8: the kernels' tails
     "odd": dict(hidden_size=36, intermediate_size=44, num_attention_heads=3,
                 num_key_value_heads=1, head_dim=10),
+    # heads of 76: the attention's value rows 64 at a time, then 8, then one by one
+    "wide_heads": dict(hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                       num_key_value_heads=2, head_dim=76),
 }
 
 
