@@ -119,22 +119,31 @@ def _engine(path, graphs: bool, grouped: bool):
     return LLMEngine(model, None, rt), model
 
 
-def test_moe_decode_is_captured_and_equals_eager(tiny_mixtrals):
-    path = tiny_mixtrals["moe_top2_gqa"]
+def _graphs_vs_loop(path, on_graphed=None):
+    """The engine with installed experts in CUDA graphs, then with the expert loop eagerly,
+    on PROMPTS: each prompt's first 8 greedy tokens agree (bf16 sums in another order may
+    flip a near-tie later on; one prompt of four may part). ``on_graphed(model)`` checks
+    the graphed run before the loop's starts. -> the graphed model."""
     params = SamplingParams(max_new_tokens=24, ignore_eos=True)
     graphed, model = _engine(path, graphs=True, grouped=True)
     assert model.cuda_graphs and model.paged_graphs() is not None
     reqs, it = graphed.submit(PROMPTS, params)
     for _ in it:
         pass
+    if on_graphed is not None:
+        on_graphed(model)
     eager, model2 = _engine(path, graphs=True, grouped=False)
     assert not model2.cuda_graphs  # the loop cannot be captured: eager decode
     reqs2, it2 = eager.submit(PROMPTS, params)
     for _ in it2:
         pass
     same = sum(a.output_ids[:8] == b.output_ids[:8] for a, b in zip(reqs, reqs2))
-    # bf16 sums in another order may flip a near-tie later on; the first tokens agree
     assert same >= len(PROMPTS) - 1, [(a.output_ids, b.output_ids) for a, b in zip(reqs, reqs2)]
+    return model
+
+
+def test_moe_decode_is_captured_and_equals_eager(tiny_mixtrals):
+    model = _graphs_vs_loop(tiny_mixtrals["moe_top2_gqa"])
     # the captured steps counted their routing on the device: k per computed token
     load = model.stages[0].expert_load()
     assert all(sum(v) >= 2 * sum(len(p) for p in PROMPTS) for v in load.values())
@@ -144,24 +153,14 @@ def test_routed_decode_is_captured_and_equals_eager(tiny_mixtrals, routed_calls)
     """8 experts top-1: every decode bucket (1, 2, 4 rows) has fewer assignments than
     experts, so the captured steps run the routed kernel; their tokens equal the eager
     loop's (up to a near-tie, as above)."""
-    path = tiny_mixtrals["moe_top1"]
-    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
-    graphed, model = _engine(path, graphs=True, grouped=True)
-    assert model.cuda_graphs and model.paged_graphs() is not None
-    reqs, it = graphed.submit(PROMPTS, params)
-    for _ in it:
-        pass
-    # the 4-row bucket's step ran the routed kernel in each warm-up and in the capture, in
-    # every layer; then the graph replayed it (eager, each of the ~23 steps would call it)
-    layers = model.config.num_layers
-    assert 4 in model.paged_graphs().decoders[0].buckets
-    assert (WARMUP_STEPS + 1) * layers <= routed_calls.count(4) <= 2 * (WARMUP_STEPS + 1) * layers
-    eager, model2 = _engine(path, graphs=True, grouped=False)
-    assert not model2.cuda_graphs
-    reqs2, it2 = eager.submit(PROMPTS, params)
-    for _ in it2:
-        pass
-    same = sum(a.output_ids[:8] == b.output_ids[:8] for a, b in zip(reqs, reqs2))
-    assert same >= len(PROMPTS) - 1, [(a.output_ids, b.output_ids) for a, b in zip(reqs, reqs2)]
+    def replayed(model):
+        # the 4-row bucket's step ran the routed kernel in each warm-up and in the
+        # capture, in every layer; then the graph replayed it (eager, each of the ~23
+        # steps would call it)
+        layers = model.config.num_layers
+        assert 4 in model.paged_graphs().decoders[0].buckets
+        assert (WARMUP_STEPS + 1) * layers <= routed_calls.count(4) \
+            <= 2 * (WARMUP_STEPS + 1) * layers
+    model = _graphs_vs_loop(tiny_mixtrals["moe_top1"], replayed)
     load = model.stages[0].expert_load()
     assert all(sum(v) >= sum(len(p) for p in PROMPTS) for v in load.values())
