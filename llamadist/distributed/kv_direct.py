@@ -70,7 +70,7 @@ class KVServer:
         self.address = f"{host}:{self._listener.getsockname()[1]}"
         self._staged: OrderedDict[int, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
-        self.served_bytes = 0
+        self.served_bytes = 0  # bytes handed to fetches (counted as each send starts)
         threading.Thread(target=self._serve, name="llamadist-kv-listener", daemon=True).start()
 
     def stage(self, tag: int, data: torch.Tensor) -> None:
@@ -118,10 +118,10 @@ class KVServer:
             return
         header = encode_header(Message(Kind.KV, lane=DIRECT, tensor=data)).numpy().tobytes()
         body = data.contiguous().view(torch.uint8).numpy()
+        with self._lock:  # counted before the send: the fetcher may hold every byte
+            self.served_bytes += data.nbytes  # before this thread runs again
         sock.sendall(bytes([HIT]) + _LEN.pack(len(header) + body.nbytes) + header)
         sock.sendall(memoryview(body))
-        with self._lock:
-            self.served_bytes += data.nbytes
 
     def close(self) -> None:
         """Stop listening (a connection after this is refused)."""
