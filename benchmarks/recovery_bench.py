@@ -12,7 +12,11 @@ chunks (what a client sees), and the front's own phases from /metrics (detect: f
 lost worker's last sign of life to the decision; restart: new processes started and
 connected; reload: rendezvous and weights loaded; replay: until every interrupted request
 had its next token again), the kill-to-detection time measured here, and whether every
-text equals the reference. A 1-rank layout runs in one process and has no worker to
+text equals the reference; where one does not, the first token where it parts and both
+runs' top-2 logprobs there (--top-logprobs: a gap of a bf16 rounding step or two is a
+near-tie that the replay's other rounding may flip; a wide gap is a replay bug). A control
+run without a fault says whether the texts part without one too (steps batched otherwise
+from run to run round otherwise in bf16). A 1-rank layout runs in one process and has no worker to
 lose; on one GPU use --nproc 2 --pp 2 --devices cuda (the two ranks share the GPU, their
 hidden states going through host memory).
 """
@@ -65,21 +69,25 @@ def children(pid: int) -> list[int]:
     return sorted(out)
 
 
-def stream(url: str, i: int, max_tokens: int, out: list, first: threading.Semaphore) -> None:
-    body = json.dumps({"model": "m", "prompt": PROMPTS[i % len(PROMPTS)], "stream": True,
-                       "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}).encode()
-    req = urllib.request.Request(url + "/v1/completions", data=body,
+def stream(url: str, i: int, max_tokens: int, top: int, out: list,
+           first: threading.Semaphore) -> None:
+    body = {"model": "m", "prompt": PROMPTS[i % len(PROMPTS)], "stream": True,
+            "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if top:
+        body["logprobs"] = top
+    req = urllib.request.Request(url + "/v1/completions", data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
-    text, gaps, told = [], [], [False]
+    text, gaps, told, tokens = [], [], [False], []
     try:
-        _read(req, text, gaps, first, told)
+        _read(req, text, gaps, first, told, tokens)
     finally:
         if not told[0]:
             first.release()  # a stream that failed early must not block the waiter
-    out[i] = ("".join(text), max(gaps, default=0.0))
+    out[i] = ("".join(text), max(gaps, default=0.0), tokens)
 
 
-def _read(req, text: list, gaps: list, first: threading.Semaphore, told: list) -> None:
+def _read(req, text: list, gaps: list, first: threading.Semaphore, told: list,
+          tokens: list) -> None:
     last = None
     with urllib.request.urlopen(req, timeout=600) as r:
         for line in r:
@@ -93,16 +101,21 @@ def _read(req, text: list, gaps: list, first: threading.Semaphore, told: list) -
             data = json.loads(line[6:])
             if "error" in data:
                 raise RuntimeError(data["error"])
-            text.append(data["choices"][0]["text"])
+            choice = data["choices"][0]
+            text.append(choice["text"])
+            lp = choice.get("logprobs")
+            if lp:  # (token, its logprob, the top ones sorted) per token of the chunk
+                tokens += [(t, v, sorted(top.values(), reverse=True)) for t, v, top in
+                           zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"])]
             if not told[0]:
                 told[0] = True
                 first.release()
 
 
-def run(url: str, n: int, max_tokens: int, kill=None) -> tuple[list, float | None]:
+def run(url: str, n: int, max_tokens: int, top: int, kill=None) -> tuple[list, float | None]:
     out: list = [None] * n
     first = threading.Semaphore(0)
-    threads = [threading.Thread(target=stream, args=(url, i, max_tokens, out, first))
+    threads = [threading.Thread(target=stream, args=(url, i, max_tokens, top, out, first))
                for i in range(n)]
     for t in threads:
         t.start()
@@ -115,6 +128,21 @@ def run(url: str, n: int, max_tokens: int, kill=None) -> tuple[list, float | Non
     for t in threads:
         t.join()
     return out, killed_at
+
+
+def parting(ref: list, got: list) -> list[dict]:
+    """Per request whose tokens differ from the reference: where they part, each run's
+    token there and its top-2 logprob gap (the reference's and the other run's)."""
+    out = []
+    for i, (r, g) in enumerate(zip(ref, got)):
+        rt, gt = r[2], g[2]
+        at = next((j for j, (a, b) in enumerate(zip(rt, gt)) if a[0] != b[0]), None)
+        if at is None:
+            continue
+        gap = (lambda e: round(e[2][0] - e[2][1], 4) if len(e[2]) > 1 else None)
+        out.append({"request": i, "token": at, "tokens": [rt[at][0], gt[at][0]],
+                    "top2_gap_reference": gap(rt[at]), "top2_gap_other": gap(gt[at])})
+    return out
 
 
 def phases(metrics: str) -> dict:
@@ -138,6 +166,8 @@ def main() -> None:
     ap.add_argument("--signal", choices=("kill", "stop"), default="kill",
                     help="SIGKILL the worker, or SIGSTOP it (a hung rank: --timeout applies)")
     ap.add_argument("--timeout", type=float, help="the server's --timeout")
+    ap.add_argument("--top-logprobs", type=int, default=2,
+                    help="logprobs asked per token, to show where a text parts (0: none)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     port = free_port()
@@ -151,15 +181,19 @@ def main() -> None:
     server = subprocess.Popen(cmd, env=server_env(), cwd=ROOT)
     try:
         wait_up(server, url, 900)
-        ref, _ = run(url, args.requests, args.max_tokens)
+        ref, _ = run(url, args.requests, args.max_tokens, args.top_logprobs)
+        control, _ = run(url, args.requests, args.max_tokens, args.top_logprobs)
         victim = children(server.pid)[args.victim]
-        got, killed_at = run(url, args.requests, args.max_tokens,
+        got, killed_at = run(url, args.requests, args.max_tokens, args.top_logprobs,
                              kill=lambda: os.kill(victim, signal.SIGKILL if args.signal == "kill"
                                                   else signal.SIGSTOP))
         report = {"command": " ".join(cmd[1:]), "signal": args.signal, "machine": platform.processor() or
                   platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
                   "requests": args.requests, "max_tokens": args.max_tokens,
                   "equal_to_reference": [g[0] for g in got] == [r[0] for r in ref],
+                  "parts_at": parting(ref, got),
+                  "control_equal_to_reference": [c[0] for c in control] == [r[0] for r in ref],
+                  "control_parts_at": parting(ref, control),
                   "pause_without_fault_s": max(r[1] for r in ref),
                   "pause_with_fault_s": max(g[1] for g in got),
                   "front_phases_s": phases(get(url + "/metrics")[1])}
