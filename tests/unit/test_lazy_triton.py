@@ -64,3 +64,43 @@ def test_cpu_generate_and_bench_with_triton_installed_never_import_it(tiny_model
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "TRITON_IMPORTED []" in proc.stdout, proc.stdout[-500:]
+
+
+INTERPRETED_RUN = """
+import sys
+import torch
+from llamadist.kernels import moe_routed, paged_attention
+assert "triton" not in sys.modules  # the ops are registered; nothing has run yet
+torch.manual_seed(0)
+# the routed MoE op: G 4 experts, D 32, F 48, two tokens top-2
+w13, w2 = torch.randn(4, 96, 32), torch.randn(4, 32, 48)
+x, w, idx = torch.randn(2, 32), torch.softmax(torch.randn(2, 2), -1), torch.tensor([[0, 1], [2, 3]])
+eager = moe_routed.routed_expert_sum(x, w, idx, w13, w2)
+print("TRITON_AFTER_FIRST_CALL", "triton" in sys.modules)
+fn = torch.compile(moe_routed.routed_expert_sum, backend="eager", fullgraph=True)
+print("MOE_COMPILED_EQUAL", torch.equal(fn(x, w, idx, w13, w2), eager))
+# the paged op (mutates the cache): 2 sequences, H 4 over H_kv 2, D 16, blocks of 8
+kv = torch.randn(2, 6, 2, 8, 16)
+q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
+args = (torch.tensor([9, 20]), torch.tensor([[0, 1, 5], [2, 3, 4]]), torch.tensor([10, 13]), 1)
+kv2 = kv.clone()
+eager = paged_attention.paged_decode(q, k, v, kv, *args)
+fn = torch.compile(paged_attention.paged_decode, backend="eager", fullgraph=True)
+got = fn(q, k, v, kv2, *args)
+print("PAGED_COMPILED_EQUAL", torch.equal(got, eager) and torch.equal(kv2, kv))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+def test_interpreted_ops_load_triton_on_first_call_and_trace_whole():
+    """Under the interpreter, importing the kernels' front modules still imports no triton;
+    the first op call does; and torch.compile (fullgraph) traces the custom ops whole, the
+    loading staying inside the ops' bodies, with the eager values."""
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    proc = subprocess.run([sys.executable, "-c", INTERPRETED_RUN], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for line in ("TRITON_AFTER_FIRST_CALL True", "MOE_COMPILED_EQUAL True",
+                 "PAGED_COMPILED_EQUAL True"):
+        assert line in proc.stdout, proc.stdout[-1000:]
