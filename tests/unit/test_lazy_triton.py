@@ -1,5 +1,5 @@
 """Triton is imported only where a Triton kernel runs (a CUDA device, or the interpreter):
-a CPU-only process never pays for it (~70 MiB of memory: test_smollm2_generate_peak_memory
+a CPU-only process never pays for it (~80 MiB of memory: test_smollm2_generate_peak_memory
 measures it), even with triton installed. The Triton code lives in llamadist/kernels/gpu/,
 reached only through ``llamadist.kernels.gpu.load``."""
 

@@ -1,6 +1,6 @@
 """llamadist's Triton kernels, imported only where one runs.
 
-``import triton`` costs a CPU-only process ~70 MiB and ~1 s that it never uses, so every
+``import triton`` costs a CPU-only process ~80 MiB and ~0.3 s that it never uses, so every
 module that imports triton lives in this package and is reached through ``load`` alone,
 on a kernel's first call (a CUDA device, or Triton's CPU interpreter in the tests). The
 kernel's front module in ``llamadist.kernels`` (paged_attention, decode_attention,
