@@ -366,8 +366,9 @@ def compile_only(args, torch) -> int:
 
 
 def run(args, torch) -> list[dict]:
+    from llamadist.kernels import gpu
     from llamadist.kernels import wquant_triton as T
-    if T.triton is None:
+    if not gpu.INSTALLED:
         raise SystemExit("wquant_sweep: triton is not installed")
     smoke = args.interpret_smoke
     dev = torch.device("cpu" if smoke else args.device)

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llamadist.kernels import wquant_torch, wquant_triton
+from llamadist.kernels import gpu, wquant_torch, wquant_triton
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, _k_quants, _k_scales, dequantize
 
@@ -236,7 +236,7 @@ def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -
     """F.linear(x, W, bias): x (..., K) -> (..., N) in x's dtype."""
     if x.shape[-1] != w.shape[1]:
         raise RuntimeError(f"linear: x has {x.shape[-1]} features, the weight {tuple(w.shape)}")
-    if wquant_triton.triton is not None and (x.is_cuda or INTERPRET):
+    if gpu.INSTALLED and (x.is_cuda or INTERPRET):
         return wquant_triton.packed_linear(x, w, bias)
     return F.linear(x, w.dequantize(x.dtype), bias)
 
@@ -261,10 +261,10 @@ class PackedLinear(nn.Linear):
         if self.path == "scaled":
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
-        op = wquant_triton.packed_linear_op
-        if op is not None and (x.is_cuda or INTERPRET):
-            return op(x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
-                      self.group, self.out_features, self.in_features)
+        if gpu.INSTALLED and (x.is_cuda or INTERPRET):
+            return wquant_triton.packed_linear_op(
+                x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
+                self.group, self.out_features, self.in_features)
         return linear(x, self.weight, self.bias)
 
 

@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import RuntimeConfig
-from llamadist.kernels import cpu_decode, cpu_step
+from llamadist.kernels import cpu_decode, cpu_step, gpu
 from llamadist.kernels import decode_attention as split_kv
 from llamadist.kernels import moe_grouped, moe_routed
 from llamadist.kernels import paged_attention as paged_kernel
@@ -158,8 +158,7 @@ def paged_decode_fn(device: torch.device, runtime: RuntimeConfig) -> PagedDecode
     """The paged cache's decode-only attention on ``device``: the Triton paged kernel on
     CUDA when ``runtime.decode_attention`` is "split" and Triton is present, else None
     (the PyTorch paged path)."""
-    if (device.type == "cuda" and runtime.decode_attention == "split"
-            and paged_kernel.triton is not None):
+    if device.type == "cuda" and runtime.decode_attention == "split" and gpu.INSTALLED:
         return paged_kernel.paged_decode
     return None
 

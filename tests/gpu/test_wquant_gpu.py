@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 
+from llamadist.kernels import gpu
 from llamadist.kernels import wquant as W
 from llamadist.kernels import wquant_triton as T
 from llamadist.kernels.quant_ref import TYPE_IDS
@@ -27,7 +28,7 @@ from tests.quant_blocks import random_blocks
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEVICE is None or T.triton is None,
+              pytest.mark.skipif(DEVICE is None or not gpu.INSTALLED,
                                  reason="needs CUDA (or TRITON_INTERPRET=1 with triton)")]
 
 DTYPES = ["float32", "float16"] + (["bfloat16"] if DEVICE == "cuda" else [])

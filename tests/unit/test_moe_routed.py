@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from llamadist.kernels import moe_grouped, moe_routed
+from llamadist.kernels import gpu, moe_grouped, moe_routed
 from llamadist.kernels.moe_grouped import GROUPED, ROUTED, expert_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +42,7 @@ def test_routed_kernel_offered_only_where_triton_runs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not moe_routed.usable(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert moe_routed.usable(torch.device("cpu")) == (moe_routed.triton is not None)
+    assert moe_routed.usable(torch.device("cpu")) == gpu.INSTALLED
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm: PyTorch >= 2.8")

@@ -1,0 +1,172 @@
+"""The Triton code of llamadist.kernels.paged_attention (see its docstring): the K/V write
+kernel, the split kernel over the paged cache and the merge kernel, and their launches.
+Imported only through llamadist.kernels.gpu.load, on the custom op's first call."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llamadist.kernels.gpu import interpreted
+from llamadist.kernels.paged_attention import BLOCK_N, LOG2E
+
+# Triton's CPU interpreter (tests) multiplies bf16 tiles as raw bits in tl.dot (triton
+# 3.6 with NumPy 2.4: errors of 1e10), so interpreted bf16 tiles are widened to float32
+# before each dot; compiled kernels take the bf16 tensor-core dot.
+INTERPRETED = interpreted()
+
+
+@triton.jit
+def _write_kernel(K, V, KV, Slots, sk_n, sk_h, sv_n, sv_h, skv_kv, skv_b, skv_h, skv_s,
+                  H_KV, D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr):
+    # One program per (token, KV head): its k and v rows into its slot.
+    pid = tl.program_id(0)
+    n = pid // H_KV
+    h = pid % H_KV
+    slot = tl.load(Slots + n).to(tl.int64)
+    offs = tl.arange(0, D_PAD)
+    keep = offs < D
+    dst = KV + (slot // BS) * skv_b + h * skv_h + (slot % BS) * skv_s + offs
+    k = tl.load(K + n * sk_n + h * sk_h + offs, mask=keep)
+    v = tl.load(V + n * sv_n + h * sv_h + offs, mask=keep)
+    tl.store(dst, k.to(KV.dtype.element_ty), mask=keep)
+    tl.store(dst + skv_kv, v.to(KV.dtype.element_ty), mask=keep)
+
+
+@triton.jit
+def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
+                  sq_n, sq_h, so_n, so_h, skv_kv, skv_b, skv_h, skv_s, st_s,
+                  n_sh, H_KV, G, qk_scale,
+                  D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
+                  G_PAD: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+                  DIRECT: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    sh = tl.program_id(0)
+    split = tl.program_id(1)
+    s = sh // H_KV
+    h = sh % H_KV
+    length = tl.load(SeqLens + s).to(tl.int32)  # slots [0, length) hold tokens
+    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+    lo = split * per_split
+    hi = tl.minimum(lo + per_split, length)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    offs_n = tl.arange(0, BLOCK)
+    g_ok = offs_g < G
+    d_ok = offs_d < D
+    # Query heads h * G + g of sequence s: (G_PAD, D_PAD)
+    q = tl.load(Q + s * sq_n + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
+                mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_F32:
+        q = q.to(tl.float32)
+    k_head = KV + h * skv_h
+    table = Tables + s * st_s
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    for n0 in range(lo, hi, BLOCK):
+        n = n0 + offs_n  # (BLOCK,) slots of this tile, gathered from their blocks
+        live = n < hi
+        blk = tl.load(table + n // BS, mask=live, other=0).to(tl.int64)
+        rows = blk * skv_b + (n % BS) * skv_s  # (BLOCK,) element offset of each slot
+        tile_mask = live[:, None] & d_ok[None, :]
+        k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
+        if DOT_F32:
+            k = k.to(tl.float32)
+        if IEEE:
+            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            sc = tl.dot(q, tl.trans(k))
+        sc = sc * qk_scale  # log2 domain: exp2(sc) = e^(q.k / sqrt(D))
+        sc = tl.where(live[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # split with no slot yet
+        alpha = tl.exp2(m_i - m_ref)
+        p = tl.exp2(sc - m_ref[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(k_head + skv_kv + rows[:, None] + offs_d[None, :], mask=tile_mask,
+                    other=0.0)
+        if DOT_F32:
+            v = v.to(tl.float32)
+        if IEEE:
+            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        else:
+            pv = tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + pv
+        m_i = m_new
+
+    if DIRECT:  # one split: the softmax is complete here
+        out = acc / l_i[:, None]
+        tl.store(Out + s * so_n + (h * G + offs_g)[:, None] * so_h + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+    else:  # partials laid out (S * H_kv, SPLITS, G, D_PAD) and (2, S * H_kv, SPLITS, G)
+        row = (sh * SPLITS + split) * G + offs_g
+        tl.store(Acc + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_ok[:, None])
+        tl.store(ML + row, m_i, mask=g_ok)
+        tl.store(ML + n_sh * SPLITS * G + row, l_i, mask=g_ok)
+
+
+@triton.jit
+def _merge_kernel(Acc, ML, Out, so_n, so_h, n_sh, H_KV, G,
+                  D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+    pid = tl.program_id(0)  # one per (sequence, KV head, query row g)
+    g = pid % G
+    sh = pid // G
+    s = sh // H_KV
+    h = sh % H_KV
+    offs_s = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, D_PAD)
+    row = (sh * SPLITS + offs_s) * G + g
+    m_s = tl.load(ML + row)
+    l_s = tl.load(ML + n_sh * SPLITS * G + row)
+    m = tl.max(m_s, 0)
+    w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))  # empty splits weigh 0
+    acc = tl.load(Acc + row[:, None] * D_PAD + offs_d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
+    tl.store(Out + s * so_n + (h * G + g) * so_h + offs_d, out.to(Out.dtype.element_ty),
+             mask=offs_d < D)
+
+
+def write_kv(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """Store k/v (N, H_kv, D) at slots ``slot_mapping`` (N,) of kv (2, NB, H_kv, bs, D)."""
+    n, h_kv, d = k.shape
+    _write_kernel[(n * h_kv,)](
+        k, v, kv, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), h_kv,
+        D=d, D_PAD=max(16, triton.next_power_of_2(d)), BS=kv.shape[3], num_warps=1)
+
+
+def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
+           seq_lens: torch.Tensor, splits: int) -> torch.Tensor:
+    """q (S, H, D) one token per sequence, rotated, over slots [0, seq_lens[s]) of its
+    blocks ``block_tables`` (S, MB) in kv (2, NB, H_kv, bs, D) -> (S, H, D) in q's dtype."""
+    s, h, d = q.shape
+    h_kv, bs = kv.shape[2], kv.shape[3]
+    g = h // h_kv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    d_pad = max(16, triton.next_power_of_2(d))
+    n_sh = s * h_kv
+    out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
+    direct = splits == 1
+    # Partials only with more than one split (never read otherwise: out stands in).
+    acc = out if direct else torch.empty(n_sh, splits, g, d_pad, dtype=torch.float32,
+                                         device=q.device)
+    ml = out if direct else torch.empty(2, n_sh, splits, g, dtype=torch.float32,
+                                        device=q.device)
+    _split_kernel[(n_sh, splits)](
+        q, kv, block_tables, seq_lens, acc, ml, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), block_tables.stride(0),
+        n_sh, h_kv, g, d ** -0.5 * LOG2E,
+        D=d, D_PAD=d_pad, BS=bs, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N,
+        SPLITS=splits, DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4,
+        num_stages=2)
+    if not direct:
+        _merge_kernel[(n_sh * g,)](acc, ml, out, out.stride(0), out.stride(1), n_sh, h_kv, g,
+                                   D=d, D_PAD=d_pad, SPLITS=splits, num_warps=4)
+    return out

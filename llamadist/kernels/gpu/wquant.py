@@ -1,0 +1,363 @@
+"""The Triton code of llamadist.kernels.wquant_triton (see its docstring): the GEMV, its
+split-K sum and the GEMM kernels, and their launches. Imported only through
+llamadist.kernels.gpu.load, on the first launch."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, _blocks,
+                                             _tile_k, _x_operand, device_traits, gemv_config)
+
+
+@triton.jit
+def _e4m3_to_f32(b):
+    """int32 tile of e4m3 bit patterns (0..255) -> float32 values (finite inputs)."""
+    e = (b >> 3) & 0xF
+    bits = ((b & 0x80) << 24) | ((tl.maximum(e, 1) + 120) << 23) | ((b & 0x7) << 20)
+    v = bits.to(tl.float32, bitcast=True)  # subnormal e == 0 read as e == 1 ...
+    sub = tl.where(e == 0, 0.015625, 0.0)  # ... minus the implicit one (2^-6)
+    return tl.where((b & 0x80) != 0, v + sub, v - sub)
+
+
+@triton.jit
+def _wq_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, M, N, K,
+               stride_xm, stride_qn, stride_sn, stride_ym,
+               GROUP: tl.constexpr, KIND: tl.constexpr, PER_ROW: tl.constexpr,
+               HAS_BIAS: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_ok = rm < M
+    n_ok = rn < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    x_rows = x_ptr + rm[:, None] * stride_xm
+    q_rows = q_ptr + rn[:, None] * stride_qn
+    s_rows = s_ptr + rn[:, None] * stride_sn
+    if KIND == 1:  # int4: BLOCK_K bytes = 2 * BLOCK_K inputs per step
+        kb = (K + 1) // 2
+        for b0 in range(0, kb, BLOCK_K):
+            rb = b0 + tl.arange(0, BLOCK_K)
+            ke = 2 * rb
+            w_ok = n_ok[:, None] & (rb < kb)[None, :]  # past the row: no scale read
+            byte = tl.load(q_rows + rb[None, :], mask=w_ok, other=0).to(tl.int32)
+            gi = ke[None, :] // GROUP                                  # (BN, BK) bytes
+            sc = tl.load(s_rows + gi, mask=w_ok, other=0.0).to(tl.float32)
+            off = tl.load(o_ptr + rn[:, None] * stride_sn + gi, mask=w_ok,
+                          other=0.0).to(tl.float32)
+            w_lo = (byte & 0xF).to(tl.float32) * sc + off
+            w_hi = (byte >> 4).to(tl.float32) * sc + off
+            x_e = tl.load(x_rows + ke[None, :], mask=m_ok[:, None] & (ke < K)[None, :],
+                          other=0.0)                                   # (BM, BK)
+            x_o = tl.load(x_rows + ke[None, :] + 1,
+                          mask=m_ok[:, None] & (ke + 1 < K)[None, :], other=0.0)
+            if DOT:
+                t = x_e.dtype
+                if IEEE:
+                    acc += tl.dot(x_e, tl.trans(w_lo.to(t)), input_precision="ieee")
+                    acc += tl.dot(x_o, tl.trans(w_hi.to(t)), input_precision="ieee")
+                else:
+                    acc += tl.dot(x_e, tl.trans(w_lo.to(t)))
+                    acc += tl.dot(x_o, tl.trans(w_hi.to(t)))
+            else:
+                acc += tl.sum(x_e.to(tl.float32)[:, None, :] * w_lo[None, :, :], axis=2)
+                acc += tl.sum(x_o.to(tl.float32)[:, None, :] * w_hi[None, :, :], axis=2)
+    else:  # int8 / fp8: BLOCK_K inputs per step
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K
+            w_ok = n_ok[:, None] & k_ok[None, :]
+            raw = tl.load(q_rows + rk[None, :], mask=w_ok, other=0)
+            if KIND == 0:
+                w = raw.to(tl.float32)
+            else:
+                w = _e4m3_to_f32(raw.to(tl.int32))
+            if not PER_ROW:
+                gi = rk[None, :] // GROUP
+                w = w * tl.load(s_rows + gi, mask=w_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_rows + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            if DOT:
+                if IEEE:
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)), input_precision="ieee")
+                else:
+                    acc += tl.dot(x, tl.trans(w.to(x.dtype)))
+            else:
+                acc += tl.sum(x.to(tl.float32)[:, None, :] * w[None, :, :], axis=2)
+    if PER_ROW:
+        acc = acc * tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _x_pairs(w, XDT: tl.constexpr):
+    """Words holding (x[2j], x[2j + 1]) -> the two as float32 (XDT 0 bf16 / 1 fp16 in
+    int32 words, 2 float32 in int64 words)."""
+    if XDT == 0:
+        return (w << 16).to(tl.float32, bitcast=True), \
+            (w & -65536).to(tl.float32, bitcast=True)
+    elif XDT == 1:
+        lo = (w & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, (w >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    else:
+        return w.to(tl.int32).to(tl.float32, bitcast=True), \
+            (w >> 32).to(tl.int32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _decode(raw, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """(BN, BK) uint8 codes of int8 (two's complement bits) or fp8 -> float32 values."""
+    if KIND == 2 and FP8_NATIVE:
+        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    u = raw.to(tl.int32)  # zero-extended byte
+    if KIND == 0:  # 2^23 + 128 + q, minus 2^23 + 128: q exactly
+        return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+    bits = ((u & 0x80) << 24) | ((u & 0x7F) << 20)  # e4m3 * 2^-120 (float32 subnormals
+    return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # too) * 2^120
+
+
+@triton.jit
+def _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (BN, BK) code bytes [b0, b0 + BK) of the rows (zeros past b_hi). EVEN_K:
+    a tile is wholly in or out, so the mask is one bool along K and loads stay wide."""
+    rb = b0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:  # (a splat tensor: the interpreter's & refuses a scalar bool)
+        in_k = tl.zeros((1, BLOCK_K), dtype=tl.int32) + b0 < b_hi
+        return tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & in_k, other=0)
+    return tl.load(q_rows + rb[None, :], mask=n_ok[:, None] & (rb < b_hi)[None, :],
+                   other=0)
+
+
+@triton.jit
+def _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B: tl.constexpr,
+                 KIND: tl.constexpr, GROUPED: tl.constexpr):
+    """(scale, offset) (BN,) float32 of the group holding byte b0 (zeros if not
+    GROUPED; offset zeros but for int4)."""
+    sc = tl.zeros(n_ok.shape, dtype=tl.float32)
+    off = tl.zeros(n_ok.shape, dtype=tl.float32)
+    if GROUPED:
+        ok = n_ok & (tl.zeros(n_ok.shape, dtype=tl.int32) + b0 < b_hi)  # (as above)
+        g = b0 // GROUP_B
+        sc = tl.load(s_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+        if KIND == 1:
+            off = tl.load(o_ptr + rn * stride_sn + g, mask=ok, other=0.0).to(tl.float32)
+    return sc, off
+
+
+@triton.jit
+def _decode_tile(raw, sc, off, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    """A (BN, BK) tile of code bytes -> float32 tiles (w_a, w_b): int4 the low and high
+    nibbles' weights c s + o in one FMA each: f = 1 + c / 16 exactly (c in float32's
+    top mantissa bits: a shift and a mask, no conversion), w = 16 s f + (o - 16 s),
+    within ~2^-19 s of w (the tests' float32 bound is ~1e-4 s |x| a weight); int8 /
+    fp8 the unscaled values (w, w)."""
+    if KIND == 1:
+        u = raw.to(tl.int32)
+        f_lo = (((u << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        f_hi = (((u << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        a = (16.0 * sc)[:, None]
+        b = (off - 16.0 * sc)[:, None]
+        return f_lo * a + b, f_hi * a + b
+    w = _decode(raw, KIND, FP8_NATIVE)
+    return w, w
+
+
+@triton.jit
+def _tile_part(w_a, w_b, sc, x_row, rb, b_hi, KIND: tl.constexpr, GROUPED: tl.constexpr,
+               EVEN_K: tl.constexpr, XDT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """(BN,) sums over the tile of its weights times one row of x (bytes rb); grouped
+    int8 / fp8 scale the group's sum once (int4 is scaled per weight: its offset
+    would need sum(x), and a sum of the 1-D x crosses warps through shared memory)."""
+    if KIND == 1:  # x as pair words: x[2j] meets the low nibbles, x[2j + 1] the high
+        if EVEN_K:
+            xw = tl.load(x_row + rb)
+        else:
+            xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
+        x_e, x_o = _x_pairs(xw, XDT)
+        return tl.sum(w_a * x_e[None, :] + w_b * x_o[None, :], axis=1)
+    # x's pointers broadcast to the tile's shape: loaded in the tile's own layout (a
+    # 1-D load would reach the threads through shared memory and a barrier each step)
+    xp = tl.broadcast_to((x_row + rb)[None, :], (BLOCK_N, BLOCK_K))
+    if EVEN_K:
+        x = tl.load(xp).to(tl.float32)
+    else:
+        x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
+    part = tl.sum(w_a * x, axis=1)
+    if GROUPED:  # the group's sum, scaled once
+        part = part * sc
+    return part
+
+
+@triton.jit
+def _acc_add(acc0, acc1, acc2, acc3, part, M_IDX: tl.constexpr):
+    """Add ``part`` to row M_IDX's accumulator (four named ones: M <= GEMV_MAX_M)."""
+    if M_IDX == 0:
+        acc0 += part
+    elif M_IDX == 1:
+        acc1 += part
+    elif M_IDX == 2:
+        acc2 += part
+    else:
+        acc3 += part
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
+                 stride_xm, stride_qn, stride_sn, stride_ym,
+                 GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
+                 EVEN_K: tl.constexpr, XDT: tl.constexpr, FP8_NATIVE: tl.constexpr,
+                 PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
+    codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
+    KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K. PREFETCH
+    (0, 1, 2): tiles whose codes and scales are loaded ahead of the one being reduced
+    (Triton does not pipeline a loop without tl.dot; ptxas issues a prefetch only once
+    the registers it lands in are free, late in the step: with 1 it barely overlaps,
+    with 2 a whole step's work covers each tile's HBM latency)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    q_rows = q_ptr + rn[:, None] * stride_qn
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    b_lo = pid_k * KS
+    b_hi = tl.minimum(b_lo + KS, KB)
+    sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PREFETCH >= 1:  # the first tiles' codes (and scales) before the loop
+        nxt = _gemv_codes(q_rows, b_lo, b_hi, n_ok, EVEN_K, BLOCK_K)
+        sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo, b_hi, n_ok,
+                                   GROUP_B, KIND, GROUPED)
+    if PREFETCH == 2:
+        nxt2 = _gemv_codes(q_rows, b_lo + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+        sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo + BLOCK_K, b_hi,
+                                     n_ok, GROUP_B, KIND, GROUPED)
+    for b0 in range(b_lo, b_hi, BLOCK_K):
+        rb = b0 + tl.arange(0, BLOCK_K)
+        if PREFETCH == 2:  # issue the loads two tiles ahead, then work on this one
+            raw, sc, off = nxt, sc_n, off_n
+            nxt, sc_n, off_n = nxt2, sc_n2, off_n2
+            nxt2 = _gemv_codes(q_rows, b0 + 2 * BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+            sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + 2 * BLOCK_K,
+                                         b_hi, n_ok, GROUP_B, KIND, GROUPED)
+        elif PREFETCH == 1:  # issue the next tile's loads, then work on this one
+            raw, sc, off = nxt, sc_n, off_n
+            nxt = _gemv_codes(q_rows, b0 + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
+            sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + BLOCK_K, b_hi,
+                                       n_ok, GROUP_B, KIND, GROUPED)
+        else:
+            raw = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
+            sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
+                                   GROUP_B, KIND, GROUPED)
+        w_a, w_b = _decode_tile(raw, sc, off, KIND, FP8_NATIVE)
+        for m in tl.static_range(ROWS):
+            part = _tile_part(w_a, w_b, sc, x_ptr + m * stride_xm, rb, b_hi, KIND,
+                              GROUPED, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+            acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
+    if not GROUPED:  # one scale a row, applied once
+        sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
+    for m in tl.static_range(ROWS):
+        if m == 0:  # (statements, not a conditional expression: older Triton)
+            acc = acc0
+        elif m == 1:
+            acc = acc1
+        elif m == 2:
+            acc = acc2
+        else:
+            acc = acc3
+        if not GROUPED:
+            acc = acc * sc
+        if PARTIAL:
+            tl.store(y_ptr + (pid_k * ROWS + m) * N + rn, acc, mask=n_ok)
+        else:
+            if HAS_BIAS:
+                acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m] = sum over splits of the float32 partials (SPLIT, M, N), in split order."""
+    rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = tl.program_id(1)
+    ok = rn < N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        acc += tl.load(p_ptr + (s * M + m) * N + rn, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
+         offset: torch.Tensor | None, bias: torch.Tensor | None, group: int, n: int, k: int,
+         cfg: GemvConfig) -> None:
+    """y (M, N) = x2 (M, K) @ W^T + bias through ``_gemv_kernel`` (M <= GEMV_MAX_M)."""
+    m = x2.shape[0]
+    kb = (k + 1) // 2 if kind == "int4" else k
+    grouped = scale.shape[1] > 1 or kind == "int4"
+    group_b = (group // 2 if kind == "int4" else group) if grouped else None
+    bk = _tile_k(cfg.block_k, group_b)
+    split = max(1, min(cfg.split, -(-kb // bk)))
+    ks = -(-kb // (split * bk)) * bk            # bytes per K range, whole tiles
+    split = -(-kb // ks)
+    xk, xdt = _x_operand(x2, kind, k)
+    qv = q.view(torch.uint8) if kind == "int8" else q
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+        xk, qv, scale, offset if offset is not None else scale,
+        bias if bias is not None else scale, out, kb, k, n, ks,
+        xk.stride(0), q.stride(0), scale.stride(0), y.stride(0),
+        GROUP_B=group_b or 1, KIND=KIND_IDS[kind], GROUPED=grouped,
+        HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
+        ks % bk == 0, XDT=xdt, FP8_NATIVE=cfg.fp8_native and kind == "fp8",
+        PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+    if split > 1:
+        blk = 1024
+        _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
+            out, bias if bias is not None else out, y, m, n, y.stride(0), SPLIT=split,
+            HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4)
+
+
+
+
+def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
+           offset: torch.Tensor | None, bias: torch.Tensor | None, group: int,
+           n: int, k: int, config: GemvConfig | str | None = None) -> torch.Tensor:
+    """llamadist.kernels.wquant_triton.launch (the contract is there)."""
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y.view(*x.shape[:-1], n)
+    if m <= GEMV_MAX_M and config not in ("v0", "dot") and not (kind == "int4" and group % 2):
+        # (fp8_native left to the sweep: it never ran where the tests can check it)
+        cfg = config or gemv_config(kind, m, n, k, group, device_traits(x.device)[0])
+        gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
+        return y.view(*x.shape[:-1], n)
+    dot, bm, bn, bk, warps = _blocks(GEMV_MAX_M + 1 if config == "dot" else m, kind)
+    grid = (triton.cdiv(n, bn), triton.cdiv(m, bm))
+    per_row = scale.shape[1] == 1 and kind != "int4"
+    _wq_kernel[grid](x2, q, scale, offset if offset is not None else scale,
+                     bias if bias is not None else scale, y, m, n, k,
+                     x2.stride(0), q.stride(0), scale.stride(0), y.stride(0),
+                     GROUP=group, KIND=KIND_IDS[kind], PER_ROW=per_row,
+                     HAS_BIAS=bias is not None, DOT=dot, IEEE=x.dtype == torch.float32,
+                     BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps)
+    return y.view(*x.shape[:-1], n)
