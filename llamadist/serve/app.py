@@ -146,24 +146,28 @@ class Server:
                     yield sse(responses.chunk(job, model, {
                         "index": c.index, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None}))
-            # one write for every event already here: a server behind its engine catches up
-            # in fewer socket writes (each costs more than its event's JSON)
-            one = job.choices[0].stream if len(job.choices) == 1 else None
-            events: list[str] = []
-            async for c, out in self.frontend.outputs(job):
-                if out.text or out.finished or job.num_logprobs is not None:
-                    events.append(sse(responses.chunk(job, model, responses.delta_choice(
-                        job, tok, c, out.text, out.logprobs,
-                        out.finish_reason if out.finished else None))))
-                if events and not (one is not None and one.pending):
-                    yield "".join(events)
-                    events.clear()
-            if events:
-                yield "".join(events)
+            # one write per wake-up for every event already here (a server behind its
+            # engine catches up in fewer socket writes, each costing more than its
+            # event); the text events from templates (responses.TextEvents)
+            text_events = responses.TextEvents(job, model)
+            last = ""  # one choice's last events: written with the usage and [DONE]
+            async for c, outs in self.frontend.steps(job):
+                events = []
+                for out in outs:
+                    if out.text or out.finished or job.num_logprobs is not None:
+                        reason = out.finish_reason if out.finished else None
+                        e = text_events.event(c, out.text, out.logprobs, reason)
+                        events.append(e if e is not None else sse(responses.chunk(
+                            job, model, responses.delta_choice(job, tok, c, out.text,
+                                                               out.logprobs, reason))))
+                if events and outs[-1].finished and len(job.choices) == 1:
+                    last = "".join(events)
+                elif events:
+                    yield "".join(events).encode()
             opts = job.body.stream_options
             if opts is not None and opts.include_usage:
-                yield sse(responses.usage_chunk(job, model))
-            yield sse("[DONE]")
+                last += sse(responses.usage_chunk(job, model))
+            yield (last + sse("[DONE]")).encode()
         except ApiError as e:  # the engine failed mid-stream: an error event, then the end
             yield sse(e.body())
         finally:
