@@ -7,7 +7,8 @@ request shape (a prompt of --prompt-len token ids, --max-tokens new tokens, EOS 
     this process: the engine side, as serve.server.serve builds it (LLMEngine over the
                   null executor, AsyncEngine, ServeMetrics, EngineHost, gc.freeze)
     HTTP process: serve.http_server's main, started and connected as serve.server's
-                  HttpProcess does (optionally under cProfile: --profile-http)
+                  HttpProcess does (optionally under cProfile, timing its event loop's
+                  thread's CPU time: --profile-http)
     clients:      --client-procs processes; ``raw``: an asyncio HTTP/1.1 client that reads
                   the SSE bytes and parses only the usage event's JSON (a few us a chunk,
                   so the client is not what saturates); ``openai``: serve_bench's client
@@ -129,7 +130,7 @@ def http_child(address: str, profile: str | None) -> int:
     if not profile:
         return http_server.main([address])
     import cProfile
-    prof = cProfile.Profile()
+    prof = cProfile.Profile(time.thread_time)  # CPU time: a busy machine's waits left out
     prof.enable()
     try:
         return http_server.main([address])
@@ -275,6 +276,33 @@ def run_load(stack: Stack, work: list[list[int]], new: int, concurrency: int, pr
             "util": {k: v / wall for k, v in cpu.items()}}
 
 
+def engine_alone(tok, text_ids: list[int], work: list[list[int]], args) -> dict:
+    """The same requests through the engine alone, as ``LLM.run`` runs them (all queued
+    at once, --max-batch = the concurrency, no text until the end), over the same
+    executor: the figure issue 14 compares the server with."""
+    sys.path.insert(0, str(HERE.parent))
+    from engine_host import NullExecutor
+    from llamadist.config import RuntimeConfig
+    from llamadist.engine.engine import LLMEngine
+    from llamadist.generation.sampling import SamplingParams
+
+    seq = -(-(args.prompt_len + args.max_tokens + 16) // 128) * 128
+    ex = timed_executor(NullExecutor, args.step_ms / 1e3) if args.step_ms else NullExecutor
+    llm = LLMEngine(ex(text_ids), tok, RuntimeConfig(max_batch=args.concurrency,
+                                                     max_seq_len=seq))
+    params = SamplingParams(max_new_tokens=args.max_tokens, ignore_eos=True)
+    c0, t0 = time.process_time(), time.perf_counter()
+    reqs, steps = llm.submit(work, params, stream_text=False)
+    for _ in steps:
+        pass
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    tokens = sum(len(r.output_ids) for r in reqs)
+    return {"tokens_per_s": tokens / wall, "wall_s": wall, "tokens": tokens,
+            "ttft_p50_ms": 1e3 * statistics.median(r.ttft_s for r in reqs),
+            "tpot_p50_ms": 1e3 * statistics.median(r.tpot_s for r in reqs),
+            "us_per_tok": {"engine": cpu * 1e6 / tokens}, "util": {"engine": cpu / wall}}
+
+
 def measure(args) -> list[dict]:
     from llamadist.generation.tokenizer import load_hf_tokenizer
     tok = load_hf_tokenizer(Path(args.tokenizer_from))
@@ -282,6 +310,8 @@ def measure(args) -> list[dict]:
     base = tok.encode(TEXT * (2 + (args.prompt_len + args.requests) // 20))
     work = [base[i:i + args.prompt_len] for i in range(args.requests)]
     seq = -(-(args.prompt_len + args.max_tokens + 16) // 128) * 128
+    if args.engine:
+        return [engine_alone(tok, text_ids, work, args) for _ in range(args.repeats)]
     stack = Stack(tok, text_ids, args.concurrency, seq, args.profile_http, args.step_ms)
     try:
         run_load(stack, work[:args.concurrency], 4, args.concurrency, args.client_procs,
@@ -314,6 +344,8 @@ def main() -> None:
                    help="each step's device time (0: none; e.g. 12, the H200's 8B step at "
                         "256): the server then streams one event per stream per step")
     p.add_argument("--repeats", type=int, default=1, help="timed loads per server start")
+    p.add_argument("--engine", action="store_true",
+                   help="the engine alone instead (LLM.run's path, no server)")
     p.add_argument("--profile-http", help="cProfile the HTTP process into this file")
     p.add_argument("--tokenizer-from", default=str(ROOT / ".whl" / "smollm2-tok"))
     p.add_argument("--versions", help="checkouts to compare, comma-separated, alternating "
@@ -336,24 +368,26 @@ def main() -> None:
 
 
 def compare(args) -> None:
-    """Each checkout in its own process, alternating by round."""
+    """Each checkout in its own process, alternating by round (with --engine, the last
+    checkout's engine alone too, as a column of its own)."""
     versions = args.versions.split(",")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
              if k in ("concurrency", "requests", "prompt_len", "max_tokens", "client",
                       "client_procs", "repeats", "tokenizer_from", "step_ms")]
-    got: dict[str, list[dict]] = {v: [] for v in versions}
+    columns = [(v, v, []) for v in versions]
+    if args.engine:
+        columns.append((f"engine alone ({versions[-1]})", versions[-1], ["--engine"]))
+    got: dict[str, list[dict]] = {label: [] for label, _, _ in columns}
     for rnd in range(args.rounds):
-        for v in versions:
-            root = str(Path(v).resolve())
-            env = {**os.environ, "PYTHONPATH": root}
-            out = subprocess.run([sys.executable, str(HERE), *flags, "--json"], env=env,
-                                 capture_output=True, text=True, check=True).stdout
+        for label, v, extra in columns:
+            env = {**os.environ, "PYTHONPATH": str(Path(v).resolve())}
+            out = subprocess.run([sys.executable, str(HERE), *flags, *extra, "--json"],
+                                 env=env, capture_output=True, text=True, check=True).stdout
             rows = json.loads(out.strip().splitlines()[-1])
-            got[v] += rows
+            got[label] += rows
             for r in rows:
-                print(show(f"round {rnd} {v}", r), flush=True)
-    for v in versions:
-        rs = got[v]
+                print(show(f"round {rnd} {label}", r), flush=True)
+    for label, rs in got.items():
         med = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                "ttft_p50_ms": statistics.median(r["ttft_p50_ms"] for r in rs),
                "tpot_p50_ms": statistics.median(r["tpot_p50_ms"] for r in rs),
@@ -361,7 +395,7 @@ def compare(args) -> None:
                               for k in rs[0]["us_per_tok"]},
                "util": {k: statistics.median(r["util"][k] for r in rs)
                         for k in rs[0]["util"]}}
-        print(show(f"median {v}", med))
+        print(show(f"median {label}", med))
 
 
 if __name__ == "__main__":

@@ -185,9 +185,37 @@ class JobStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await self._respond(receive, send)
         finally:
             self.server.release(self.job)
+
+    async def _respond(self, receive, send) -> None:
+        """Starlette's ``stream_response`` in this task, and a task that waits for the
+        client to leave (``http.disconnect``) and then cancels it: what Starlette's own
+        ``__call__`` does with an anyio task group, whose making and cancelling cost the
+        HTTP process more per request than everything of ours
+        (benchmarks/serve_stack.py)."""
+        task = asyncio.current_task()
+        state = {"done": False, "left": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["done"]:  # (the end of our own response wakes it too)
+                state["left"] = True
+                task.cancel()
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.stream_response(send)
+            state["done"] = True
+        except asyncio.CancelledError:
+            if not state["left"]:
+                raise
+            if hasattr(task, "uncancel"):  # Python 3.11+: this cancel is handled here
+                task.uncancel()
+        finally:
+            state["done"] = True
+            watcher.cancel()
 
 
 def error_response(e: ApiError) -> JSONResponse:
