@@ -1,5 +1,5 @@
-"""The HTTP front: an ASGI app (FastAPI on Starlette, served by uvicorn) over one
-AsyncEngine. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
+"""The HTTP front: an ASGI app (FastAPI on Starlette, served by uvicorn; the two
+completion routes answered ahead of FastAPI's routing: ``App``) over one AsyncEngine. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
 GET /health, GET /metrics, GET / (the chat page); POST /admin/drain?replica=K and
 POST /admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
 service for maintenance and bring it back; a drain's running requests move with their KV
@@ -222,7 +222,35 @@ def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def build_app(server: Server) -> FastAPI:
+class App:
+    """The ASGI app: ``POST /v1/chat/completions`` and ``POST /v1/completions`` answered
+    here, everything else (and those paths' other methods) by the FastAPI app ``api``.
+    FastAPI's route machinery (dependencies, its middlewares, a wrapper per ``send``)
+    cost the HTTP process more per request than the request's own work
+    (benchmarks/serve_stack.py); what the two routes need of it is here: the ApiError
+    answer and the request counter."""
+
+    ROUTES = {"/v1/chat/completions": ("chat", "chat"),
+              "/v1/completions": ("completion", "completions")}
+
+    def __init__(self, api: FastAPI, server: Server):
+        self.api, self.server = api, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        route = (self.ROUTES.get(scope["path"])
+                 if scope["type"] == "http" and scope["method"] == "POST" else None)
+        if route is None:
+            return await self.api(scope, receive, send)
+        kind, label = route
+        try:
+            resp = await self.server.complete(Request(scope, receive), kind)
+        except ApiError as e:
+            label, resp = "error", error_response(e)
+        self.server.metrics.requests.labels(label, str(resp.status_code)).inc()
+        await resp(scope, receive, send)
+
+
+def build_app(server: Server) -> App:
     app = FastAPI(title="llamadist", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -289,4 +317,4 @@ def build_app(server: Server) -> FastAPI:
         html = resources.files("llamadist.serve").joinpath("static/chat.html").read_text()
         return HTMLResponse(html)
 
-    return app
+    return App(app, server)
