@@ -48,19 +48,22 @@ TEXT = ("The history of distributed computing begins with the first networks of 
 
 
 # ---- the client processes -------------------------------------------------------------
-async def raw_one(host: str, port: int, conn: list, ids: list[int], new: int) -> dict:
+async def raw_one(host: str, port: int, conn: list, ids: list[int], new: int,
+                  model: str = "null") -> dict:
     """One streamed completion over a kept-alive connection (``conn``: [reader, writer]
     or empty); the SSE bytes are counted, only the usage event is parsed."""
     if not conn:
         conn.extend(await asyncio.open_connection(host, port))
     reader, writer = conn
-    body = json.dumps({"model": "null", "prompt": ids, "max_tokens": new, "temperature": 0,
+    body = json.dumps({"model": model, "prompt": ids, "max_tokens": new, "temperature": 0,
                        "stream": True, "stream_options": {"include_usage": True},
                        "ignore_eos": True}).encode()
+    key = os.environ.get("LLAMADIST_API_KEY")  # as serve_bench's openai client sends it
+    auth = b"Authorization: Bearer %s\r\n" % key.encode() if key else b""
     start, t0 = time.time(), time.perf_counter()
     writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: "
-                 b"application/json\r\nContent-Length: %d\r\n\r\n%s"
-                 % (host.encode(), len(body), body))
+                 b"application/json\r\n%sContent-Length: %d\r\n\r\n%s"
+                 % (host.encode(), auth, len(body), body))
     status = await reader.readline()
     assert b" 200 " in status, status
     while (await reader.readline()) != b"\r\n":
@@ -90,7 +93,7 @@ async def raw_one(host: str, port: int, conn: list, ids: list[int], new: int) ->
 
 
 async def clients(url: str, work: list[list[int]], new: int, concurrency: int,
-                  kind: str) -> list[dict]:
+                  kind: str, model: str = "null") -> list[dict]:
     host, port = url.split("//")[1].split(":")
     queue, results = list(work), []
     if kind == "openai":
@@ -105,9 +108,9 @@ async def clients(url: str, work: list[list[int]], new: int, concurrency: int,
         while queue:
             ids = queue.pop()
             if kind == "openai":
-                results.append(await one(client, "null", ids, new))
+                results.append(await one(client, model, ids, new))
             else:
-                results.append(await raw_one(host, int(port), conn, ids, new))
+                results.append(await raw_one(host, int(port), conn, ids, new, model))
         if conn:
             conn[1].close()
 
