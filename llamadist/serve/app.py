@@ -211,8 +211,9 @@ class JobStream(StreamingResponse):
         except asyncio.CancelledError:
             if not state["left"]:
                 raise
-            if hasattr(task, "uncancel"):  # Python 3.11+: this cancel is handled here
-                task.uncancel()
+            # Python 3.11+: this cancel is handled here; another one (a shutdown) is not
+            if hasattr(task, "uncancel") and task.uncancel() > 0:
+                raise
         finally:
             state["done"] = True
             watcher.cancel()

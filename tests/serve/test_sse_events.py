@@ -1,6 +1,7 @@
 """A streamed response's per-step pieces, without a server: the text events made from
-templates (responses.TextEvents) against the chunk dicts' JSON they stand for, and an
-EngineStream's ``take`` (every output that is here in one call)."""
+templates (responses.TextEvents) against the chunk dicts' JSON they stand for, an
+EngineStream's ``take`` (every output that is here in one call), and JobStream's body
+with its watcher for a client that leaves."""
 
 import asyncio
 import json
@@ -94,3 +95,83 @@ def test_take_raises_the_engine_error_after_the_outputs_before_it():
 
     got, after = asyncio.run(run())
     assert [o.token_id for o in got] == [0] and after == []
+
+
+class Released:
+    def __init__(self):
+        self.jobs = []
+
+    def release(self, job) -> None:
+        self.jobs.append(job)
+
+
+def test_a_client_leaving_ends_the_stream_and_releases_its_job():
+    """JobStream: the body runs in the request's task; an http.disconnect cancels it (its
+    generator's cleanup runs), the response returns quietly and the job is released."""
+    from llamadist.serve.app import JobStream
+
+    async def run():
+        left, sent, cleaned = asyncio.Event(), [], []
+        never = asyncio.get_running_loop().create_future()
+
+        async def body():
+            try:
+                yield b"data: one\n\n"
+                await never  # waiting for the engine's next step
+                yield b"data: two\n\n"
+            finally:
+                cleaned.append(True)
+
+        async def receive():
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message.get("body") == b"data: one\n\n":
+                left.set()  # the client goes away after the first event
+
+        server, job = Released(), object()
+        call = asyncio.ensure_future(JobStream(body(), job, server)({}, receive, send))
+        await asyncio.wait({call}, timeout=10)
+        ended = call.done()
+        if not ended:  # (the test fails below; the task is not left behind)
+            call.cancel()
+        return ended and call.result(), sent, cleaned, server.jobs, job
+
+    ended, sent, cleaned, released, job = asyncio.run(run())
+    assert ended is None  # it returned by itself, quietly
+    assert [m.get("body") for m in sent] == [None, b"data: one\n\n"]  # start, one event
+    assert cleaned == [True] and released == [job]
+
+
+def test_a_whole_stream_is_not_cut_by_its_own_end():
+    from llamadist.serve.app import JobStream
+
+    async def run():
+        sent, done = [], asyncio.Event()
+
+        async def body():
+            for i in range(3):
+                yield f"data: {i}\n\n".encode()
+                await asyncio.sleep(0)
+
+        async def receive():  # as uvicorn's: the response's end wakes it too
+            await done.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+            if message["type"] == "http.response.body" and not message.get("more_body"):
+                done.set()
+
+        server, job = Released(), object()
+        await JobStream(body(), job, server)({}, receive, send)
+        await asyncio.sleep(0.01)  # the watcher had its chance to run
+        return sent, server.jobs, job, asyncio.current_task().cancelling() \
+            if hasattr(asyncio.current_task(), "cancelling") else 0
+
+    sent, released, job, cancelling = asyncio.run(run())
+    assert [m.get("body") for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n",
+                                                 b"data: 2\n\n", b""]
+    assert released == [job] and cancelling == 0
