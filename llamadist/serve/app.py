@@ -1,7 +1,8 @@
 """The HTTP front: an ASGI app (FastAPI on Starlette, served by uvicorn; the two
-completion routes answered ahead of FastAPI's routing: ``App``) over one AsyncEngine. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /health, GET /metrics, GET / (the chat page); POST /admin/drain?replica=K and
-POST /admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
+completion routes answered ahead of FastAPI's routing: ``App``) over one AsyncEngine.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics, GET / (the chat page); POST /admin/drain?replica=K and POST
+/admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
 service for maintenance and bring it back; a drain's running requests move with their KV
 blocks where that is cheaper than recomputing them (``&kv=auto``, the default; ``migrate``
 or ``replay`` force one way; a ``-direct`` or ``-relay`` suffix, e.g. ``migrate-relay``,

@@ -115,7 +115,7 @@ _SLOT_JSON = json.dumps(_SLOT)
 
 
 class TextEvents:
-    """A streamed job's text events as SSE bytes, from templates made once per choice:
+    """A streamed job's text events as SSE lines, from templates made once per choice:
     the ``data: {...}\\n\\n`` line that ``sse(chunk(job, model, delta_choice(...)))``
     writes for a chunk of text without logprobs and not finishing (all but the last of
     a stream's events), cut around its text, so each event costs the text's JSON string
