@@ -69,7 +69,11 @@ async def one(client, model: str, ids: list[int], max_tokens: int) -> dict:
 
 
 async def _clients(url: str, model: str, work: list[list[int]], max_tokens: int,
-                   concurrency: int) -> list[dict]:
+                   concurrency: int, kind: str = "openai") -> list[dict]:
+    if kind == "raw":  # serve_stack.py's light client: the same requests, a few us a chunk
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from serve_stack import clients
+        return await clients(url, work, max_tokens, concurrency, "raw", model)
     from openai import AsyncOpenAI
     client = AsyncOpenAI(base_url=url + "/v1", api_key=os.environ.get("LLAMADIST_API_KEY",
                                                                       "none"),
@@ -91,18 +95,18 @@ def _client_process(args: tuple) -> list[dict]:
 
 
 def run_level(url: str, model: str, work: list[list[int]], max_tokens: int,
-              concurrency: int, procs: int) -> dict:
+              concurrency: int, procs: int, kind: str = "openai") -> dict:
     """``concurrency`` streams in ``procs`` client processes (the openai client parses
     each chunk in Python, ~0.1-0.2 ms of a core: one process alone tops out at a few
     thousand chunks/s, below what one GPU serves)."""
     procs = max(1, min(procs, concurrency))
     if procs == 1:
-        results = _client_process((url, model, work, max_tokens, concurrency))
+        results = _client_process((url, model, work, max_tokens, concurrency, kind))
     else:
         import concurrent.futures
         import multiprocessing
-        jobs = [(url, model, work[i::procs], max_tokens, len(range(i, concurrency, procs)))
-                for i in range(procs)]
+        jobs = [(url, model, work[i::procs], max_tokens, len(range(i, concurrency, procs)),
+                 kind) for i in range(procs)]
         with concurrent.futures.ProcessPoolExecutor(
                 procs, mp_context=multiprocessing.get_context("spawn")) as pool:
             results = [r for part in pool.map(_client_process, jobs) for r in part]
@@ -192,6 +196,11 @@ def main() -> None:
     ap.add_argument("--client-procs", type=int, default=0,
                     help="client processes per level (default: one per 32 streams, at most "
                          "half the cores)")
+    ap.add_argument("--client", choices=("openai", "raw"), default="openai",
+                    help="openai: the openai package (~4 ms of a core per request and ~0.1 "
+                         "ms per chunk: its processes' own refill delays the measured "
+                         "server, benchmarks/RESULTS.md); raw: serve_stack.py's asyncio "
+                         "client (bytes counted, only the usage event parsed)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -210,11 +219,13 @@ def main() -> None:
         model = served_model(url)
         def procs(c: int) -> int:
             return args.client_procs or max(1, min(-(-c // 32), (os.cpu_count() or 2) // 2))
-        run_level(url, model, work[:max(levels)], 4, max(levels), procs(max(levels)))  # warm-up
+        run_level(url, model, work[:max(levels)], 4, max(levels), procs(max(levels)),
+                  args.client)  # warm-up
         for c in levels:
             rows.append(run_level(url, model, work[:max(args.requests, c)], args.max_tokens,
-                                  c, procs(c)))
+                                  c, procs(c), args.client))
             rows[-1]["client_procs"] = procs(c)
+            rows[-1]["client"] = args.client
             print(json.dumps(rows[-1]), flush=True)
     finally:
         if proc is not None:

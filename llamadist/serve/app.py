@@ -1,7 +1,8 @@
-"""The HTTP front: an ASGI app (FastAPI on Starlette, served by uvicorn) over one
-AsyncEngine. Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models,
-GET /health, GET /metrics, GET / (the chat page); POST /admin/drain?replica=K and
-POST /admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
+"""The HTTP front: an ASGI app (FastAPI on Starlette, served by uvicorn; the two
+completion routes answered ahead of FastAPI's routing: ``App``) over one AsyncEngine.
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics, GET / (the chat page); POST /admin/drain?replica=K and POST
+/admin/undrain?replica=K (behind the API key) take a data-parallel replica out of
 service for maintenance and bring it back; a drain's running requests move with their KV
 blocks where that is cheaper than recomputing them (``&kv=auto``, the default; ``migrate``
 or ``replay`` force one way; a ``-direct`` or ``-relay`` suffix, e.g. ``migrate-relay``,
@@ -146,24 +147,28 @@ class Server:
                     yield sse(responses.chunk(job, model, {
                         "index": c.index, "delta": {"role": "assistant", "content": ""},
                         "logprobs": None, "finish_reason": None}))
-            # one write for every event already here: a server behind its engine catches up
-            # in fewer socket writes (each costs more than its event's JSON)
-            one = job.choices[0].stream if len(job.choices) == 1 else None
-            events: list[str] = []
-            async for c, out in self.frontend.outputs(job):
-                if out.text or out.finished or job.num_logprobs is not None:
-                    events.append(sse(responses.chunk(job, model, responses.delta_choice(
-                        job, tok, c, out.text, out.logprobs,
-                        out.finish_reason if out.finished else None))))
-                if events and not (one is not None and one.pending):
-                    yield "".join(events)
-                    events.clear()
-            if events:
-                yield "".join(events)
+            # one write per wake-up for every event already here (a server behind its
+            # engine catches up in fewer socket writes, each costing more than its
+            # event); the text events from templates (responses.TextEvents)
+            text_events = responses.TextEvents(job, model)
+            last = ""  # one choice's last events: written with the usage and [DONE]
+            async for c, outs in self.frontend.steps(job):
+                events = []
+                for out in outs:
+                    if out.text or out.finished or job.num_logprobs is not None:
+                        reason = out.finish_reason if out.finished else None
+                        e = text_events.event(c, out.text, out.logprobs, reason)
+                        events.append(e if e is not None else sse(responses.chunk(
+                            job, model, responses.delta_choice(job, tok, c, out.text,
+                                                               out.logprobs, reason))))
+                if events and outs[-1].finished and len(job.choices) == 1:
+                    last = "".join(events)
+                elif events:
+                    yield "".join(events).encode()
             opts = job.body.stream_options
             if opts is not None and opts.include_usage:
-                yield sse(responses.usage_chunk(job, model))
-            yield sse("[DONE]")
+                last += sse(responses.usage_chunk(job, model))
+            yield (last + sse("[DONE]")).encode()
         except ApiError as e:  # the engine failed mid-stream: an error event, then the end
             yield sse(e.body())
         finally:
@@ -181,16 +186,73 @@ class JobStream(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await self._respond(receive, send)
         finally:
             self.server.release(self.job)
+
+    async def _respond(self, receive, send) -> None:
+        """Starlette's ``stream_response`` in this task, and a task that waits for the
+        client to leave (``http.disconnect``) and then cancels it: what Starlette's own
+        ``__call__`` does with an anyio task group, whose making and cancelling cost the
+        HTTP process more per request than everything of ours
+        (benchmarks/serve_stack.py)."""
+        task = asyncio.current_task()
+        state = {"done": False, "left": False}
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            if not state["done"]:  # (the end of our own response wakes it too)
+                state["left"] = True
+                task.cancel()
+        watcher = asyncio.ensure_future(watch())
+        try:
+            await self.stream_response(send)
+            state["done"] = True
+        except asyncio.CancelledError:
+            if not state["left"]:
+                raise
+            # Python 3.11+: this cancel is handled here; another one (a shutdown) is not
+            if hasattr(task, "uncancel") and task.uncancel() > 0:
+                raise
+        finally:
+            state["done"] = True
+            watcher.cancel()
 
 
 def error_response(e: ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-def build_app(server: Server) -> FastAPI:
+class App:
+    """The ASGI app: ``POST /v1/chat/completions`` and ``POST /v1/completions`` answered
+    here, everything else (and those paths' other methods) by the FastAPI app ``api``.
+    FastAPI's route machinery (dependencies, its middlewares, a wrapper per ``send``)
+    cost the HTTP process more per request than the request's own work
+    (benchmarks/serve_stack.py); what the two routes need of it is here: the ApiError
+    answer and the request counter."""
+
+    ROUTES = {"/v1/chat/completions": ("chat", "chat"),
+              "/v1/completions": ("completion", "completions")}
+
+    def __init__(self, api: FastAPI, server: Server):
+        self.api, self.server = api, server
+
+    async def __call__(self, scope, receive, send) -> None:
+        route = (self.ROUTES.get(scope["path"])
+                 if scope["type"] == "http" and scope["method"] == "POST" else None)
+        if route is None:
+            return await self.api(scope, receive, send)
+        kind, label = route
+        try:
+            resp = await self.server.complete(Request(scope, receive), kind)
+        except ApiError as e:
+            label, resp = "error", error_response(e)
+        self.server.metrics.requests.labels(label, str(resp.status_code)).inc()
+        await resp(scope, receive, send)
+
+
+def build_app(server: Server) -> App:
     app = FastAPI(title="llamadist", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(ApiError)
@@ -257,4 +319,4 @@ def build_app(server: Server) -> FastAPI:
         html = resources.files("llamadist.serve").joinpath("static/chat.html").read_text()
         return HTMLResponse(html)
 
-    return app
+    return App(app, server)

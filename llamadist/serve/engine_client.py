@@ -127,6 +127,33 @@ class EngineStream:
             raise item
         return item
 
+    async def take(self) -> list[StepOutput]:
+        """Every output here, waiting for one if none is: what a slow reader let pile up
+        comes in one wake-up, not one each; [] once the stream has ended. The engine's
+        error is raised (after the outputs that came before it)."""
+        if self._done:
+            return []
+        while not self._items:
+            self._waiter = self._client._loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        items, outs = self._items, []
+        while items:
+            item = items.popleft()
+            if item is _END:
+                self._done = True
+                break
+            if isinstance(item, BaseException):
+                if outs:  # raised at the next call
+                    items.appendleft(item)
+                    break
+                self._done = True
+                raise item
+            outs.append(item)
+        return outs
+
     def cancel(self) -> None:
         """Stop the request and free its KV blocks (the stream then ends)."""
         self._client.cancel([self])

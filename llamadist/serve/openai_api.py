@@ -154,6 +154,26 @@ class Frontend:
         if left:
             self.engine.cancel(left)
 
+    async def steps(self, job: Job) -> AsyncIterator[tuple[Choice, list[StepOutput]]]:
+        """``outputs`` a wake-up at a time: a choice's outputs that are here, together
+        (a streamed response writes them at once: one write per stream per step)."""
+        if len(job.choices) > 1:
+            async for c, out in self.outputs(job):
+                yield c, [out]
+            return
+        c = job.choices[0]
+        try:
+            while outs := await c.stream.take():
+                c.outputs += outs
+                c.text += outs[0].text if len(outs) == 1 else "".join(o.text for o in outs)
+                if outs[-1].finished:
+                    c.finish_reason = outs[-1].finish_reason
+                yield c, outs
+        except RuntimeError as e:  # the engine failed: the reader learns it
+            raise ApiError(503, f"the engine failed: {e}", kind="server_error") from None
+        finally:
+            self.cancel(job)
+
     async def outputs(self, job: Job) -> AsyncIterator[tuple[Choice, StepOutput]]:
         """Every choice's outputs as they come; the job's unfinished choices are cancelled
         if the reader stops early (a client that went away)."""
