@@ -33,7 +33,14 @@ from llamadist.serve.openai_api import Frontend, Job, sse
 from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
 
 log = logging.getLogger(__name__)
-DISCONNECT_POLL_S = 0.2
+
+
+async def client_left(receive) -> None:
+    """Returns when the client has gone (``http.disconnect``); the request's body must
+    have been read (uvicorn then answers ``receive`` only when the connection ends, or
+    once the response is complete)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 @dataclass
@@ -128,15 +135,15 @@ class Server:
             async for _ in self.frontend.outputs(job):
                 pass
         task = asyncio.ensure_future(drain())
+        left = asyncio.ensure_future(client_left(request.receive))
         try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-                if not task.done() and await request.is_disconnected():
-                    task.cancel()  # the client left: the choices are cancelled
-                    raise ApiError(499, "the client disconnected")
+            await asyncio.wait({task, left}, return_when=asyncio.FIRST_COMPLETED)
+            if not task.done():  # the client left: the choices are cancelled (release)
+                raise ApiError(499, "the client disconnected")
             task.result()
         finally:
             task.cancel()
+            left.cancel()
         return responses.whole_response(job, self.frontend.tokenizer, self.config.model_name)
 
     async def _stream(self, job: Job):
@@ -200,8 +207,7 @@ class JobStream(StreamingResponse):
         state = {"done": False, "left": False}
 
         async def watch() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
+            await client_left(receive)
             if not state["done"]:  # (the end of our own response wakes it too)
                 state["left"] = True
                 task.cancel()
