@@ -158,7 +158,7 @@ def paged_decode_fn(device: torch.device, runtime: RuntimeConfig) -> PagedDecode
     """The paged cache's decode-only attention on ``device``: the Triton paged kernel on
     CUDA when ``runtime.decode_attention`` is "split" and Triton is present, else None
     (the PyTorch paged path)."""
-    if device.type == "cuda" and runtime.decode_attention == "split" and gpu.INSTALLED:
+    if device.type == "cuda" and runtime.decode_attention == "split" and gpu.ready():
         return paged_kernel.paged_decode
     return None
 

@@ -212,13 +212,20 @@ class JobStream(StreamingResponse):
                 state["left"] = True
                 task.cancel()
         watcher = asyncio.ensure_future(watch())
+        # a watcher that failed (its receive raised) has its exception taken, not logged
+        # at exit as never retrieved; the stream then ends by itself
+        watcher.add_done_callback(lambda t: t.cancelled() or t.exception())
         try:
             await self.stream_response(send)
             state["done"] = True
+        except OSError:  # an ASGI 2.4 server's send to a client that left (Starlette's
+            pass         # ClientDisconnect): the job is released by __call__
         except asyncio.CancelledError:
             if not state["left"]:
                 raise
-            # Python 3.11+: this cancel is handled here; another one (a shutdown) is not
+            # Python 3.11+: this cancel is handled here; another one (a shutdown) is not.
+            # 3.10 has no uncancel: a shutdown's cancel that comes with the client's
+            # leaving is taken as the leaving (the response ends either way)
             if hasattr(task, "uncancel") and task.uncancel() > 0:
                 raise
         finally:

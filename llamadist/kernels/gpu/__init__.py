@@ -13,15 +13,40 @@ never imports anything. This file itself must not import triton.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
+import logging
 import os
 from types import ModuleType
 
 import torch
 
-# Whether triton can be imported, found without importing it (a path lookup).
-INSTALLED = importlib.util.find_spec("triton") is not None
+log = logging.getLogger(__name__)
+
+# Whether a triton package is on the path, found without importing it (a path lookup; a
+# folder that `pip uninstall` left behind is a namespace package, with no origin).
+_SPEC = importlib.util.find_spec("triton")
+INSTALLED = _SPEC is not None and _SPEC.origin is not None
+_MODULES: dict[str, ModuleType] = {}
+
+
+@functools.cache
+def ready() -> bool:
+    """INSTALLED, and triton imports: checked once, by importing it, so call it only
+    where a kernel would run next (a CUDA device, or the interpreter). A broken install
+    is logged once and the callers take their PyTorch paths, as without triton. Asked
+    where kernels are chosen (kernel passes, at load), never in code torch.compile traces
+    (which reads INSTALLED: a broken install then fails at ``load`` with its reason)."""
+    if not INSTALLED:
+        return False
+    try:
+        importlib.import_module("triton.language")
+    except Exception as e:  # noqa: BLE001 - any failure to import means: not usable
+        log.warning("triton is installed but does not import (%s: %s): llamadist's Triton "
+                    "kernels are off, the PyTorch paths serve", type(e).__name__, e)
+        return False
+    return True
 
 
 def interpreted() -> bool:
@@ -33,13 +58,17 @@ def interpreted() -> bool:
 def runs_on(device: torch.device) -> bool:
     """Whether the Triton kernels can run on ``device``: triton installed, and a CUDA
     device or the interpreter."""
-    return INSTALLED and (device.type == "cuda" or interpreted())
+    return (device.type == "cuda" or interpreted()) and ready()
 
 
 def load(name: str) -> ModuleType:
     """The Triton module ``llamadist.kernels.gpu.<name>``, imported (with triton) on the
-    first call."""
-    if not INSTALLED:
-        raise RuntimeError(f"llamadist.kernels.gpu.{name} needs triton, which is not "
-                           "installed (pip install triton; CUDA builds of torch bring it)")
-    return importlib.import_module(f"{__name__}.{name}")
+    first call (then from a dict: eager steps call it once per op)."""
+    module = _MODULES.get(name)
+    if module is None:
+        if not ready():
+            raise RuntimeError(f"llamadist.kernels.gpu.{name} needs triton, which is not "
+                               "installed or does not import (pip install triton; CUDA "
+                               "builds of torch bring it)")
+        module = _MODULES[name] = importlib.import_module(f"{__name__}.{name}")
+    return module
