@@ -4,6 +4,7 @@ model, in one run on one machine (issue 16).
     python benchmarks/quant_cpu.py [--gen 64] [--repeats 5] [--prompt-tokens 128]
                                    [--threads N] [--models F.gguf ...] [--llama-bench PATH]
                                    [--per-layer] [--configs NAME ...] [--only-models]
+                                   [--engine]
 
 Three engines from the same GGUF: ``--weights native`` with float32 activations (the
 default: blocks dequantized in registers), native with ``--quant-activations int8``
@@ -21,7 +22,11 @@ layer and the head on its own (the path before ``llamadist.kernels.cpu_step``), 
 before/after comparison in the same interleaved rounds. ``--configs``: only these of
 the three ways (default all). ``--only-models``: leave the default Q4_1 file out. After the
 table: every round's decode tokens/s and load average, and per file ours against llama.cpp
-(the ratio of the medians and the median of the rounds' ratios).
+(the ratio of the medians and the median of the rounds' ratios). ``--engine``: ours
+through the LLM API (``llamadist generate``'s path: the engine's scheduler, the paged KV
+cache, a sampler per step, the text streamed to a callback) instead of the static
+``generate()`` loop; decode tokens/s is then the tokens after the first over the time
+since it (``engine.run_stats``).
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ import time
 
 import torch
 
-from llamadist.api import build_engine
+from llamadist.api import LLM, build_engine
 from llamadist.config import RuntimeConfig
 from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
@@ -54,7 +59,7 @@ TEXT = ("The history of distributed computing begins with time-sharing systems, 
 def weight_bytes(engine) -> int:
     """Bytes of distinct weights a decode step reads (a tied head counted once)."""
     seen: dict[int, int] = {}
-    for stage in engine.stages:
+    for stage in getattr(engine, "engine", engine).stages:  # an LLM: its stages
         for m in stage.model.modules():
             w = m.__dict__.get("weight", m._parameters.get("weight"))
             if isinstance(w, (torch.Tensor, QuantizedTensor)):
@@ -62,18 +67,23 @@ def weight_bytes(engine) -> int:
     return sum(seen.values())
 
 
-def load(ckpt, max_seq: int, **runtime) -> tuple[object, float]:
+def load(ckpt, max_seq: int, api: bool = False, **runtime) -> tuple[object, float]:
+    """(the stages, or with ``api`` an LLM over them, load seconds)."""
     t0 = time.perf_counter()
     layout = resolve_layout(ckpt.config, devices="cpu", dtype="float32", max_batch=1,
                             max_seq_len=max_seq)
-    eng = build_engine(ckpt, layout, RuntimeConfig(max_seq_len=max_seq, max_batch=1,
-                                                   dtype="float32", **runtime))
+    rt = RuntimeConfig(max_seq_len=max_seq, max_batch=1, dtype="float32", **runtime)
+    eng = LLM(ckpt, layout=layout, runtime=rt) if api else build_engine(ckpt, layout, rt)
     return eng, time.perf_counter() - t0
 
 
 def run_once(engine, ids: list[int], gen: int) -> tuple[float, float, list[int]]:
     """(decode tokens/s, prefill tokens/s, tokens) of one greedy generation."""
-    res = generate(engine, None, [ids], SamplingParams(max_new_tokens=gen, ignore_eos=True))[0]
+    params = SamplingParams(max_new_tokens=gen, ignore_eos=True)
+    if isinstance(engine, LLM):  # as `llamadist generate` runs one prompt: text streamed
+        reqs, s = engine.run([ids], params, lambda i, out: None)
+        return s["decode_tokens_per_s"], s["prompt_tokens"] / s["prefill_s"], reqs[0].output_ids
+    res = generate(engine, None, [ids], params)[0]
     s = res.stats
     return s["decode_tokens_per_s"], s["prompt_tokens"] / s["prefill_s"], res.token_ids
 
@@ -90,7 +100,7 @@ def llama_bench(path: str, model: str, threads: int, gen: int, prompt: int) -> t
 
 
 def engines_for(paths: list[str], max_seq: int, configs: list[str],
-                per_layer: bool = False) -> dict[str, tuple[object, float]]:
+                per_layer: bool = False, api: bool = False) -> dict[str, tuple[object, float]]:
     """{row label: (engine, load seconds)}: the ``configs`` (keys of CONFIGS) for a file
     with block tensors, the file as stored (F16/F32: float32) otherwise; ``per_layer``:
     each also without the whole-step C call (``Stage.step_fn`` None)."""
@@ -102,10 +112,10 @@ def engines_for(paths: list[str], max_seq: int, configs: list[str],
         for name, rt in CONFIGS.items():
             if (blocks and name in configs) or (not blocks and name.startswith("float32")):
                 label = f"{os.path.basename(path)}: {name if blocks else 'float32'}"
-                out[label] = load(ckpt, max_seq, **rt)
+                out[label] = load(ckpt, max_seq, api, **rt)
                 if per_layer:
-                    eng, secs = load(ckpt, max_seq, **rt)
-                    for stage in eng.stages:
+                    eng, secs = load(ckpt, max_seq, api, **rt)
+                    for stage in getattr(eng, "engine", eng).stages:
                         stage.step_fn = None
                     out[label + ", per-layer C calls"] = (eng, secs)
     return out
@@ -175,6 +185,8 @@ def main() -> None:
                    help="which ways to run a quantized file (default all)")
     p.add_argument("--only-models", action="store_true", help="run the --models files only "
                    "(not the default Q4_1 file)")
+    p.add_argument("--engine", action="store_true", help="ours through the LLM API's engine "
+                   "(the path `llamadist generate` runs), not the static generate() loop")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,7 +196,7 @@ def main() -> None:
     if args.only_models and args.models:
         paths = paths[1:]
     engines = engines_for(paths, args.prompt_tokens + args.gen + 8, args.configs,
-                          args.per_layer)
+                          args.per_layer, args.engine)
     results: dict[str, list[tuple[float, float, list[int]]]] = {n: [] for n in engines}
     for name, (eng, _) in engines.items():  # warm-up: kernels built, caches touched
         run_once(eng, ids, 4)

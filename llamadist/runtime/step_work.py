@@ -19,7 +19,7 @@ import torch
 from llamadist.generation.generate import make_sampler
 from llamadist.config import to_device
 from llamadist.generation.params import TokenLogprob  # noqa: F401 - re-exported
-from llamadist.generation.sampling import SamplingParams
+from llamadist.generation.sampling import SamplingParams, greedy_tokens, plain_argmax
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.step_columns import SampleColumns, StepColumns
 
@@ -219,11 +219,19 @@ def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
         tokens = torch.empty(0, dtype=torch.long, device=logits.device)
     else:
         t = c.tail()
-        sampler = make_sampler([list(x) for x in t.seen], t.params, t.seeds,
-                               logits.shape[-1], logits.device, [list(x) for x in t.outputs])
-        if not sampler.all_greedy:  # an argmax draws nothing: its step does not matter
-            sampler.steps = to_device(torch.tensor(t.steps), logits.device)
-        tokens = sampler.sample(logits[rows])
+        # every sequence samples (a decode step): its rows as they are, not gathered (a
+        # gather of a (S, V) tensor may start a parallel region: on a busy CPU, a wait
+        # for a preempted thread, milliseconds)
+        mine = logits[:len(rows)] if rows[-1] == len(rows) - 1 else logits[rows]
+        if plain_argmax(t.params):  # the common greedy step: no Sampler to build
+            tokens = greedy_tokens(mine)
+        else:
+            sampler = make_sampler([list(x) for x in t.seen], t.params, t.seeds,
+                                   logits.shape[-1], logits.device,
+                                   [list(x) for x in t.outputs])
+            if not sampler.all_greedy:  # an argmax draws nothing: its step does not matter
+                sampler.steps = to_device(torch.tensor(t.steps), logits.device)
+            tokens = sampler.sample(mine)
     packed = _logprobs(logits, work, tokens, rows)
     return tokens if packed is None else torch.cat([tokens, packed.view(torch.int64)])
 
@@ -232,6 +240,8 @@ def _logprob_rows(work: StepWork) -> list[tuple[int, int | None, int]]:
     """(logits row, target token id or None for the sampled one, top k) of every row
     whose log-probabilities are asked for: the sampled rows first, then scored ones."""
     c = work.columns
+    if not len(c.score_ids) and (not c.num_seqs or c.logprobs.max() < 0):
+        return []  # most steps: nobody asks
     asked = np.flatnonzero(c.logprobs >= 0)
     out = [(i, None, k) for i, k in zip(asked.tolist(), c.logprobs[asked].tolist())]
     if len(c.score_ids):

@@ -8,8 +8,8 @@ import torch
 
 from llamadist.api import LLM
 from llamadist.generation.generate import Generator, generate
-from llamadist.generation.sampling import (Sampler, SamplingParams, reference_uniform, seed_key,
-                                           uniform)
+from llamadist.generation.sampling import (Sampler, SamplingParams, greedy_tokens,
+                                           plain_argmax, reference_uniform, seed_key, uniform)
 from llamadist.runtime.engine import Engine
 
 PROMPTS = ["The quick brown fox", "Distributed inference splits a model across devices and",
@@ -185,3 +185,23 @@ def test_a_row_does_not_see_its_neighbours():
 def test_cuda_draws_the_same_bits():
     keys, steps = torch.tensor([seed_key(s) for s in (1, 2, 3)]), torch.tensor([0, 5, 9])
     assert torch.equal(uniform(keys.cuda(), steps.cuda(), 1000).cpu(), uniform(keys, steps, 1000))
+
+
+def test_greedy_tokens_are_torch_argmax():
+    """The vectorized argmax (numpy's, on the CPU) picks PyTorch's index: the first of
+    equal maxima, a NaN as the maximum, -inf rows, strided rows, other dtypes."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 1000, generator=g)
+    x[1, 10] = x[1, 900] = 50.0
+    x[2, 333], x[2, 500] = float("nan"), float("nan")
+    x[3] = float("-inf")
+    x[4] = x[4].round()  # many ties
+    views = [x, x[:, ::3], x.t().contiguous().t(), x.view(6, 1, 1000)[:, -1],
+             x.to(torch.bfloat16), x[:0]]
+    for v in views:
+        got = greedy_tokens(v)
+        assert got.dtype == torch.int64 and torch.equal(got, v.argmax(dim=-1))
+    assert plain_argmax([SamplingParams(), SamplingParams(top_k=1, temperature=0.5)])
+    assert not plain_argmax([SamplingParams(), SamplingParams(temperature=0.5)])
+    assert not plain_argmax([SamplingParams(repetition_penalty=1.2)])
+    assert not plain_argmax([SamplingParams(presence_penalty=0.5)])

@@ -145,3 +145,24 @@ def test_equal_params_are_sent_once():
     assert distinct.pack().numel() == shared.pack().numel()
     back = StepWork.unpack(distinct.pack())
     assert [s.sample for s in back.seqs] == [s.sample for s in distinct.seqs]
+
+
+def test_greedy_steps_take_each_sampling_row_argmax():
+    """A greedy step (no Sampler built): each sampling sequence's token is the argmax of
+    its own logits row, whether every sequence samples (the rows as they are) or a prefill
+    chunk between them does not (the rows gathered); a mixed step's greedy rows agree."""
+    greedy, hot = SamplingParams(), SamplingParams(temperature=1.0, top_p=0.9)
+    logits = torch.randn(4, 300, generator=torch.Generator().manual_seed(1))
+    logits[2, 7] = logits[2, 250] = logits[2].max() + 1  # a tie: the first index wins
+
+    def step(specs):
+        return StepWork([SeqWork(f"r{i}", (i,), (1,), 3, None if p is None else
+                                 SampleSpec(p, 5, 2)) for i, p in enumerate(specs)], 4)
+
+    want = logits.argmax(dim=-1).tolist()
+    assert want[2] == 7
+    assert sample_step(logits, step([greedy] * 4)).tolist() == want
+    assert sample_step(logits, step([greedy, None, greedy, greedy])).tolist() == \
+        [want[0], want[2], want[3]]
+    mixed = sample_step(logits, step([greedy, hot, greedy, None])).tolist()
+    assert mixed[0] == want[0] and mixed[2] == want[2]
