@@ -109,15 +109,19 @@ class EngineStream:
     def __aiter__(self) -> "EngineStream":
         return self
 
-    async def __anext__(self) -> StepOutput:
-        if self._done:
-            raise StopAsyncIteration
+    async def _arrival(self) -> None:
+        """Until an item is here."""
         while not self._items:
             self._waiter = self._client._loop.create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+
+    async def __anext__(self) -> StepOutput:
+        if self._done:
+            raise StopAsyncIteration
+        await self._arrival()
         item = self._items.popleft()
         if item is _END:
             self._done = True
@@ -133,12 +137,7 @@ class EngineStream:
         error is raised (after the outputs that came before it)."""
         if self._done:
             return []
-        while not self._items:
-            self._waiter = self._client._loop.create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
+        await self._arrival()
         items, outs = self._items, []
         while items:
             item = items.popleft()
