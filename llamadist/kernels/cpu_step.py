@@ -8,9 +8,11 @@ as a separate call: on SmolLM2-135M (30 layers) about 3.9 ms of Python in a 9.8 
 (benchmarks/RESULTS.md). Here the layers' arguments are built once into a ``StepPlan``
 (a C array of ``cpu_decode.LayerArgs``, one per layer, with the cache tensors and strides
 of each cache the stage steps over) and cached on the model; a step checks the plan still
-describes the model (one pass over a flat tuple of (dict, key, object) triples: a weight
-or module replaced since makes a new plan), fills a dozen fields of ``StepArgs`` and calls
-C once. The C code runs all of it in one OpenMP parallel region, as the per-layer path's
+describes the model, fills a dozen fields of ``StepArgs`` and calls C once. The check is
+O(1) while ``weight_version`` has not moved since the plan was last checked (a module,
+parameter or buffer registered anywhere, a new block weight, a changed ``int8_x``, the
+loader's and ``huge_pages``' writes move it); when it has, one pass over a flat tuple of
+(dict, key, object) triples (a weight or module replaced since makes a new plan). The C code runs all of it in one OpenMP parallel region, as the per-layer path's
 phases (five a layer, cpu_decode.c) and nothing more: a layer's first phase waits for the
 items of the one before it, the layer before's last.
 
@@ -35,7 +37,7 @@ import threading
 import torch
 from torch import nn
 
-from llamadist.kernels import cpu_decode
+from llamadist.kernels import cpu_decode, weight_version
 from llamadist.kernels.cpu_decode import LayerArgs
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -80,11 +82,12 @@ class StepPlan:
     ``checks`` is (dicts, keys, objects): the plan holds while ``d.get(k) is o`` for
     every triple (modules, weights, biases and norms in the places the plan read them
     from); ``quantized`` the quantized weights whose ``int8_x`` flags (``flags``) the
-    plan baked in."""
+    plan baked in; ``version`` the ``weight_version`` at which all of them last held."""
 
     def __init__(self, protos: list[LayerArgs], layer_ids: list[int], keep: list,
                  checks: tuple, quantized: list, head: dict | None,
-                 embed: dict | None = None):
+                 embed: dict | None = None, version: int = -1):
+        self.version = version  # -1: never checked (the first holds() checks fully)
         self.protos = protos
         self.layer_ids = layer_ids  # the global index of each prototype's layer
         self.keep = keep  # the tensors the pointers point into
@@ -102,6 +105,18 @@ class StepPlan:
         return tuple(map(_INT8_X, self.quantized))  # every quantized weight has int8_x
 
     def holds(self) -> bool:
+        """True while the model still has every object the plan was read from. O(1)
+        while ``weight_version`` stands where it stood at the last full check."""
+        now = weight_version.current()
+        if now == self.version:
+            return True
+        if not self.holds_fully():
+            return False
+        self.version = now  # read before the check: a change during it is seen next time
+        return True
+
+    def holds_fully(self) -> bool:
+        """The exact check: every (dict, key, object) triple and every int8_x flag."""
         dicts, keys, objs = self.checks
         return (all(map(operator.is_, map(dict.get, dicts, keys), objs))
                 and self.int8_flags() == self.flags)
@@ -216,6 +231,8 @@ def _embed_fields(model: nn.Module, checks: list) -> dict | None:
 def build_plan(model: nn.Module) -> StepPlan | None:
     """The StepPlan of a built model (a stage), or None where a layer is not one the C
     layer takes (``cpu_decode._layer_weights``) or the stage has no layers."""
+    weight_version.watch_modules()
+    version = weight_version.current()  # before reading the model: a change during it is seen
     inner = model._modules["model"]
     layers = inner._modules["layers"]
     if not len(layers):
@@ -243,7 +260,16 @@ def build_plan(model: nn.Module) -> StepPlan | None:
     embed = _embed_fields(model, checks) if model.has_embed else None
     if embed is not None and embed["dim"] != protos[0].dim:
         embed = None
-    return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head, embed)
+    return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head, embed,
+                    version)
+
+
+def invalidate() -> None:
+    """Make every plan check its model fully before its next step: for code that changes
+    a model that has run a CPU decode step by a path ``weight_version`` does not see (a
+    plain attribute set over a weight or an ``eps``, a ``del``, a write into a module's
+    dicts, ``tensor.data = ...``)."""
+    weight_version.changed()
 
 
 def plan_for(model: nn.Module) -> StepPlan | None:
