@@ -97,6 +97,7 @@ class StepPlan:
         self.head = head  # StepArgs head fields, or None: the stage has no head
         self.embed = embed  # StepArgs embedding fields, or None: Python embeds (or no embedding)
         self.caches: dict[int, tuple] = {}  # id(cache) -> (cache, layers array, paged)
+        self.scratch_sizes: dict[tuple, tuple[int, int]] = {}  # see _scratch
         # one prototype per distinct layer shape: the scratch is sized by the widest
         self.shapes = list({(a.dim, a.heads, a.kv_heads, a.head_dim, a.inter,
                              cpu_decode.qscratch_bytes(a) > 0): a for a in protos}.values())
@@ -289,8 +290,25 @@ def plan_for(model: nn.Module) -> StepPlan | None:
     return plan
 
 
+SCRATCH_SPAN = 256  # a step's scratch is sized for its length rounded up to this
+
+
 def _scratch(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int, int]:
-    """Pointers to this thread's scratch (floats, quantized activations) for a step."""
+    """Pointers to this thread's scratch (floats, quantized activations) for a step. The
+    sizes grow with the length (attention probabilities): computed once per span of
+    SCRATCH_SPAN positions, for the span's end, and kept on the plan."""
+    key = (batch, threads, -(-length // SCRATCH_SPAN))
+    sizes = plan.scratch_sizes.get(key)
+    if sizes is None:
+        sizes = plan.scratch_sizes[key] = _scratch_sizes(plan, batch,
+                                                         key[2] * SCRATCH_SPAN, threads)
+    return (cpu_decode._scratch("f", sizes[0], torch.float32).data_ptr(),
+            cpu_decode._scratch("q", sizes[1], torch.uint8).data_ptr())
+
+
+def _scratch_sizes(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int, int]:
+    """(floats, bytes of quantized activations) a step of ``batch`` rows over ``length``
+    positions needs on ``threads`` threads."""
     floats = qbytes = 0
     for proto in plan.shapes:
         a = LayerArgs.from_buffer_copy(proto)
@@ -301,8 +319,7 @@ def _scratch(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int
         # a quantized head after float32 layers: its x (int8, or sums per 32) per thread
         k = plan.shapes[0].dim
         qbytes = threads * ((batch * k + 2 * batch * (k // 32) * 4 + 63) // 64 * 64)
-    return (cpu_decode._scratch("f", floats, torch.float32).data_ptr(),
-            cpu_decode._scratch("q", qbytes, torch.uint8).data_ptr())
+    return floats, qbytes
 
 
 def _rope_rows(rope, positions: torch.Tensor, hd: int) -> tuple:
