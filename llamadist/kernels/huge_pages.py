@@ -14,6 +14,7 @@ the old pointer must be built after). Elsewhere (not Linux, THP off) it does not
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import sys
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 HUGE = 2 << 20  # bytes of an x86-64 / arm64 transparent huge page
 MIN_BYTES = 1 << 20  # smaller tensors are not worth moving (norms, biases)
 _ALIGN = 64  # each tensor's start in the arena: a cache line
+TRIM_BYTES = 16 << 20  # freed old copies given back to the system at least this often
+_malloc_trim = None  # glibc's malloc_trim, False where there is none
 
 
 def available() -> bool:
@@ -72,6 +75,7 @@ def move(tensors, advise: bool = True) -> int:
         # madvise wants a page-aligned start; lead is a multiple of 2 MiB from a page start
         mm.madvise(mmap.MADV_HUGEPAGE, lead, span)
     copied: set[int] = set()  # old pointers whose data is in the arena
+    since_trim = 0
     with torch.no_grad():
         for t, ptr in todo:
             if t.data_ptr() != ptr:
@@ -80,11 +84,30 @@ def move(tensors, advise: bool = True) -> int:
             if ptr not in copied:
                 arena[off:off + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
                 copied.add(ptr)
+                since_trim += t.nbytes
             t.set_(arena.untyped_storage(), off // t.element_size(), t.shape, t.stride())
+            if since_trim >= TRIM_BYTES:
+                _trim()
+                since_trim = 0
+    _trim()
     weight_version.changed()  # the same objects at new addresses: plans read them again
     log.debug("moved %d tensors (%.1f MB) into a %s arena", len(todo), size / 1e6,
               "huge-page" if advise else "plain")
     return size
+
+
+def _trim() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim): the old
+    copies of the moved tensors are freed inside malloc's heap, which would otherwise keep
+    them resident next to the arena (peak memory: weights twice)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            _malloc_trim = ctypes.CDLL(None).malloc_trim  # absent outside glibc
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
 
 
 def anon_huge_bytes() -> int:
