@@ -76,19 +76,20 @@ def move(tensors, advise: bool = True) -> int:
         mm.madvise(mmap.MADV_HUGEPAGE, lead, span)
     copied: set[int] = set()  # old pointers whose data is in the arena
     since_trim = 0
-    with torch.no_grad():
-        for t, ptr in todo:
-            if t.data_ptr() != ptr:
-                continue  # listed twice (a tied weight): moved already
-            off = lead + slots[ptr]
-            if ptr not in copied:
-                arena[off:off + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
-                copied.add(ptr)
-                since_trim += t.nbytes
+    for t, ptr in todo:
+        if t.data_ptr() != ptr:
+            continue  # listed twice (a tied weight): moved already
+        off = lead + slots[ptr]
+        if ptr not in copied:
+            arena[off:off + t.nbytes].view(t.dtype).view(t.shape).copy_(t)
+            copied.add(ptr)
+            since_trim += t.nbytes
+        # a tensor made under inference_mode may only be changed in place under it
+        with torch.inference_mode() if t.is_inference() else torch.no_grad():
             t.set_(arena.untyped_storage(), off // t.element_size(), t.shape, t.stride())
-            if since_trim >= TRIM_BYTES:
-                _trim()
-                since_trim = 0
+        if since_trim >= TRIM_BYTES:
+            _trim()
+            since_trim = 0
     _trim()
     weight_version.changed()  # the same objects at new addresses: plans read them again
     log.debug("moved %d tensors (%.1f MB) into a %s arena", len(todo), size / 1e6,

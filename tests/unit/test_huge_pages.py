@@ -46,6 +46,18 @@ def test_two_tensors_of_one_storage_still_share_it():
     assert a[0].item() == 7.0
 
 
+@needs_thp
+def test_inference_tensors_and_parameters_move_too():
+    with torch.inference_mode():
+        inf = torch.randn(1 << 19)  # made under inference_mode (a loader may do so)
+    param = torch.nn.Parameter(torch.randn(1 << 19))
+    want = (inf.clone(), param.detach().clone())
+    huge_pages.move([inf, param])
+    assert inf.data_ptr() % huge_pages.HUGE == 0
+    assert torch.equal(inf, want[0]) and torch.equal(param.detach(), want[1])
+    assert param.requires_grad and param.is_leaf
+
+
 def test_nothing_to_move_is_a_no_op():
     t = torch.randn(8)
     ptr = t.data_ptr()
