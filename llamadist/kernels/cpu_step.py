@@ -265,6 +265,15 @@ def build_plan(model: nn.Module) -> StepPlan | None:
                     version)
 
 
+def forget(model: nn.Module) -> None:
+    """Drop the plan and the per-layer argument caches (``cpu_decode._layer_weights``) made
+    for ``model``: after its weights moved in memory (the same objects at new addresses,
+    which neither cache's identity checks see)."""
+    model.__dict__.pop("_cpu_step", None)
+    for module in model.modules():
+        module.__dict__.pop("_cpu_decode", None)
+
+
 def invalidate() -> None:
     """Make every plan check its model fully before its next step: for code that changes
     a model that has run a CPU decode step by a path ``weight_version`` does not see (a

@@ -44,8 +44,8 @@ def available() -> bool:
     return "[always]" in mode or "[madvise]" in mode
 
 
-def move(tensors, advise: bool = True) -> int:
-    """Copy the distinct CPU tensors of ``tensors`` (each at least ``MIN_BYTES``, the
+def move(tensors, advise: bool = True, min_bytes: int = MIN_BYTES) -> int:
+    """Copy the distinct CPU tensors of ``tensors`` (each at least ``min_bytes``, the
     whole of its storage, contiguous) into one arena advised MADV_HUGEPAGE and point them
     at it; tensors sharing one storage keep sharing it. Returns the bytes moved (0 where
     huge pages are not available). ``advise`` False: the same arena without the advice
@@ -56,7 +56,7 @@ def move(tensors, advise: bool = True) -> int:
     todo, size = [], 0
     for t in tensors:
         if not (isinstance(t, torch.Tensor) and t.device.type == "cpu" and t.is_contiguous()
-                and t.nbytes >= MIN_BYTES and t.storage_offset() == 0
+                and t.nbytes >= max(min_bytes, 1) and t.storage_offset() == 0
                 and t.untyped_storage().nbytes() == t.nbytes):
             continue
         ptr = t.data_ptr()

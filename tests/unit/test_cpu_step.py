@@ -13,11 +13,11 @@ import pytest
 import torch
 
 from llamadist.config import ModelConfig
-from llamadist.kernels import cpu_decode, cpu_step, weight_version
+from llamadist.kernels import cpu_decode, cpu_step, huge_pages, weight_version
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
-from llamadist.runtime.kernel_passes import use_cpu_linear
+from llamadist.runtime.kernel_passes import use_cpu_linear, use_huge_pages
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage
@@ -352,6 +352,26 @@ def test_plan_check_is_o1_and_sees_replaced_weights():
                                    0, None)
         want = ref(torch.tensor([[3]]), torch.tensor([[0]]), ref_cache, 0, None)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not huge_pages.available(), reason="no transparent huge pages here")
+def test_weights_moved_to_huge_pages_after_a_step_give_the_same_logits():
+    """use_huge_pages on a model that already ran a step: the caches of the old addresses
+    are dropped and the next step reads the moved weights (same logits as before)."""
+    (model,) = stage_models("Q4_1", 1)
+    cache = Stage(model, torch.device("cpu"), torch.float32, 1, 64).caches[0]
+    with torch.inference_mode():
+        first = cpu_step.decode_step(model, torch.tensor([[3]]), torch.tensor([[0]]), cache,
+                                     0, None)
+        old = cpu_step.plan_for(model)
+        old_ptr = old.protos[0].w_gu
+        assert use_huge_pages(model, min_bytes=0) > 0
+        again = cpu_step.decode_step(model, torch.tensor([[3]]), torch.tensor([[0]]), cache,
+                                     0, None)
+    plan = cpu_step.plan_for(model)
+    assert plan is not old and plan.protos[0].w_gu != old_ptr
+    assert plan.protos[0].w_gu == model.model.layers["0"].mlp.gate_up_proj.weight.blocks.data_ptr()
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
 def test_steps_it_does_not_take_return_none():
