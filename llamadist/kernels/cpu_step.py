@@ -8,9 +8,11 @@ as a separate call: on SmolLM2-135M (30 layers) about 3.9 ms of Python in a 9.8 
 (benchmarks/RESULTS.md). Here the layers' arguments are built once into a ``StepPlan``
 (a C array of ``cpu_decode.LayerArgs``, one per layer, with the cache tensors and strides
 of each cache the stage steps over) and cached on the model; a step checks the plan still
-describes the model (one pass over a flat tuple of (dict, key, object) triples: a weight
-or module replaced since makes a new plan), fills a dozen fields of ``StepArgs`` and calls
-C once. The C code runs all of it in one OpenMP parallel region, as the per-layer path's
+describes the model, fills a dozen fields of ``StepArgs`` and calls C once. The check is
+O(1) while ``weight_version`` has not moved since the plan was last checked (a module,
+parameter or buffer registered anywhere, a new block weight, a changed ``int8_x``, the
+loader's and ``huge_pages``' writes move it); when it has, one pass over a flat tuple of
+(dict, key, object) triples (a weight or module replaced since makes a new plan). The C code runs all of it in one OpenMP parallel region, as the per-layer path's
 phases (five a layer, cpu_decode.c) and nothing more: a layer's first phase waits for the
 items of the one before it, the layer before's last.
 
@@ -35,7 +37,7 @@ import threading
 import torch
 from torch import nn
 
-from llamadist.kernels import cpu_decode
+from llamadist.kernels import cpu_decode, weight_version
 from llamadist.kernels.cpu_decode import LayerArgs
 
 _P, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -80,11 +82,12 @@ class StepPlan:
     ``checks`` is (dicts, keys, objects): the plan holds while ``d.get(k) is o`` for
     every triple (modules, weights, biases and norms in the places the plan read them
     from); ``quantized`` the quantized weights whose ``int8_x`` flags (``flags``) the
-    plan baked in."""
+    plan baked in; ``version`` the ``weight_version`` at which all of them last held."""
 
     def __init__(self, protos: list[LayerArgs], layer_ids: list[int], keep: list,
                  checks: tuple, quantized: list, head: dict | None,
-                 embed: dict | None = None):
+                 embed: dict | None = None, version: int = -1):
+        self.version = version  # -1: never checked (the first holds() checks fully)
         self.protos = protos
         self.layer_ids = layer_ids  # the global index of each prototype's layer
         self.keep = keep  # the tensors the pointers point into
@@ -94,6 +97,7 @@ class StepPlan:
         self.head = head  # StepArgs head fields, or None: the stage has no head
         self.embed = embed  # StepArgs embedding fields, or None: Python embeds (or no embedding)
         self.caches: dict[int, tuple] = {}  # id(cache) -> (cache, layers array, paged)
+        self.scratch_sizes: dict[tuple, tuple[int, int]] = {}  # see _scratch
         # one prototype per distinct layer shape: the scratch is sized by the widest
         self.shapes = list({(a.dim, a.heads, a.kv_heads, a.head_dim, a.inter,
                              cpu_decode.qscratch_bytes(a) > 0): a for a in protos}.values())
@@ -102,6 +106,18 @@ class StepPlan:
         return tuple(map(_INT8_X, self.quantized))  # every quantized weight has int8_x
 
     def holds(self) -> bool:
+        """True while the model still has every object the plan was read from. O(1)
+        while ``weight_version`` stands where it stood at the last full check."""
+        now = weight_version.current()
+        if now == self.version:
+            return True
+        if not self.holds_fully():
+            return False
+        self.version = now  # read before the check: a change during it is seen next time
+        return True
+
+    def holds_fully(self) -> bool:
+        """The exact check: every (dict, key, object) triple and every int8_x flag."""
         dicts, keys, objs = self.checks
         return (all(map(operator.is_, map(dict.get, dicts, keys), objs))
                 and self.int8_flags() == self.flags)
@@ -216,6 +232,8 @@ def _embed_fields(model: nn.Module, checks: list) -> dict | None:
 def build_plan(model: nn.Module) -> StepPlan | None:
     """The StepPlan of a built model (a stage), or None where a layer is not one the C
     layer takes (``cpu_decode._layer_weights``) or the stage has no layers."""
+    weight_version.watch_modules()
+    version = weight_version.current()  # before reading the model: a change during it is seen
     inner = model._modules["model"]
     layers = inner._modules["layers"]
     if not len(layers):
@@ -243,7 +261,25 @@ def build_plan(model: nn.Module) -> StepPlan | None:
     embed = _embed_fields(model, checks) if model.has_embed else None
     if embed is not None and embed["dim"] != protos[0].dim:
         embed = None
-    return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head, embed)
+    return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head, embed,
+                    version)
+
+
+def forget(model: nn.Module) -> None:
+    """Drop the plan and the per-layer argument caches (``cpu_decode._layer_weights``) made
+    for ``model``: after its weights moved in memory (the same objects at new addresses,
+    which neither cache's identity checks see)."""
+    model.__dict__.pop("_cpu_step", None)
+    for module in model.modules():
+        module.__dict__.pop("_cpu_decode", None)
+
+
+def invalidate() -> None:
+    """Make every plan check its model fully before its next step: for code that changes
+    a model that has run a CPU decode step by a path ``weight_version`` does not see (a
+    plain attribute set over a weight or an ``eps``, a ``del``, a write into a module's
+    dicts, ``tensor.data = ...``)."""
+    weight_version.changed()
 
 
 def plan_for(model: nn.Module) -> StepPlan | None:
@@ -263,8 +299,25 @@ def plan_for(model: nn.Module) -> StepPlan | None:
     return plan
 
 
+SCRATCH_SPAN = 256  # a step's scratch is sized for its length rounded up to this
+
+
 def _scratch(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int, int]:
-    """Pointers to this thread's scratch (floats, quantized activations) for a step."""
+    """Pointers to this thread's scratch (floats, quantized activations) for a step. The
+    sizes grow with the length (attention probabilities): computed once per span of
+    SCRATCH_SPAN positions, for the span's end, and kept on the plan."""
+    key = (batch, threads, -(-length // SCRATCH_SPAN))
+    sizes = plan.scratch_sizes.get(key)
+    if sizes is None:
+        sizes = plan.scratch_sizes[key] = _scratch_sizes(plan, batch,
+                                                         key[2] * SCRATCH_SPAN, threads)
+    return (cpu_decode._scratch("f", sizes[0], torch.float32).data_ptr(),
+            cpu_decode._scratch("q", sizes[1], torch.uint8).data_ptr())
+
+
+def _scratch_sizes(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int, int]:
+    """(floats, bytes of quantized activations) a step of ``batch`` rows over ``length``
+    positions needs on ``threads`` threads."""
     floats = qbytes = 0
     for proto in plan.shapes:
         a = LayerArgs.from_buffer_copy(proto)
@@ -275,8 +328,7 @@ def _scratch(plan: StepPlan, batch: int, length: int, threads: int) -> tuple[int
         # a quantized head after float32 layers: its x (int8, or sums per 32) per thread
         k = plan.shapes[0].dim
         qbytes = threads * ((batch * k + 2 * batch * (k // 32) * 4 + 63) // 64 * 64)
-    return (cpu_decode._scratch("f", floats, torch.float32).data_ptr(),
-            cpu_decode._scratch("q", qbytes, torch.uint8).data_ptr())
+    return floats, qbytes
 
 
 def _rope_rows(rope, positions: torch.Tensor, hd: int) -> tuple:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from llamadist.kernels import cpu_quant
+from llamadist.kernels import cpu_quant, weight_version
 from llamadist.kernels.cpu_decode import MAX_ROWS
 from llamadist.kernels.quant_ref import FORMATS, block_shape, dequantize
 
@@ -45,7 +45,7 @@ class QuantizedTensor:
     x to int8 per 32 (Q4_0 / Q4_1 / Q8_0; set by the kernel pass of
     ``RuntimeConfig.quant_activations``), else x meets the weights in float32."""
 
-    int8_x = False
+    _int8_x = False
 
     def __init__(self, blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
                  act_dtype: torch.dtype = torch.float32) -> None:
@@ -63,6 +63,16 @@ class QuantizedTensor:
         self.qtype = qtype
         self.shape = torch.Size(shape)
         self.act_dtype = act_dtype
+        weight_version.changed()  # a new weight: a cached decode plan checks again
+
+    @property
+    def int8_x(self) -> bool:
+        return self._int8_x
+
+    @int8_x.setter
+    def int8_x(self, on: bool) -> None:
+        self._int8_x = bool(on)
+        weight_version.changed()  # baked into a decode plan's layer arguments
 
     # ---- what the loader, the passes and the kernels ask of a weight ------------------
     @property
@@ -199,6 +209,7 @@ class RowStack:
             raise ValueError(f"row blocks of different widths {sorted(cols)}")
         self.parts = [p.detach() for p in parts]
         self.shape = torch.Size((sum(int(p.shape[0]) for p in parts), cols.pop()))
+        weight_version.changed()  # a new weight: a cached decode plan checks again
 
     dtype = torch.uint8  # never float32: float-only kernels pass it by
     is_meta = False

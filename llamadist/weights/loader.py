@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from llamadist.kernels import weight_version
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, block_shape
 from llamadist.kernels.wquant import PackedWeight, from_gguf, quantize, to_gguf_blocks
@@ -67,6 +68,7 @@ def _set_param(model: nn.Module, name: str, value: Weight) -> None:
     if not isinstance(value, torch.Tensor):  # no Parameter: a plain attribute in its place
         owner._parameters.pop(leaf, None)
         setattr(owner, leaf, value)
+        weight_version.changed()  # no registration hook sees a plain attribute
     else:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
 

@@ -5,6 +5,7 @@ C layer reads, with 1 and 2 stages, batch 1 and 3, static and paged KV caches.""
 
 from __future__ import annotations
 
+import copy
 import ctypes
 
 import numpy as np
@@ -12,11 +13,11 @@ import pytest
 import torch
 
 from llamadist.config import ModelConfig
-from llamadist.kernels import cpu_decode, cpu_step
+from llamadist.kernels import cpu_decode, cpu_step, huge_pages, weight_version
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
-from llamadist.runtime.kernel_passes import use_cpu_linear
+from llamadist.runtime.kernel_passes import use_cpu_linear, use_huge_pages
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage
@@ -307,6 +308,70 @@ def test_plan_is_rebuilt_when_the_model_changes():
     model.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 256), requires_grad=False)
     fourth = cpu_step.plan_for(model)
     assert fourth is not third and fourth.head["t_head"] == 0
+
+
+def test_plan_check_is_o1_and_sees_replaced_weights():
+    """The per-step check is weight_version's count; a weight replaced by assignment (a
+    Parameter, a new QuantizedTensor), a new module in a layer's place, or anything
+    after ``invalidate`` makes the next step's plan read the new object; an unrelated
+    change (a module built elsewhere) costs a full check but keeps the plan."""
+    (model,) = stage_models("f32", 1)
+    plan = cpu_step.plan_for(model)
+    assert plan is not None and plan.version == weight_version.current()
+    torch.nn.Linear(4, 4)  # registers parameters: the count moves, nothing of ours changed
+    assert plan.version != weight_version.current()
+    assert cpu_step.plan_for(model) is plan and plan.version == weight_version.current()
+
+    layer = model.model.layers["2"]
+    new = torch.randn_like(layer.mlp.down_proj.weight)
+    layer.mlp.down_proj.weight = torch.nn.Parameter(new, requires_grad=False)
+    second = cpu_step.plan_for(model)
+    assert second is not plan and second.protos[2].w_down == new.data_ptr()
+
+    new_mlp = copy.deepcopy(layer.mlp)
+    layer.mlp = new_mlp
+    third = cpu_step.plan_for(model)
+    assert third is not second
+    assert third.protos[2].w_gu == new_mlp.gate_up_proj.weight.data_ptr()
+
+    # a write into a module's dict by hand is not seen until invalidate() says so
+    raw = torch.randn_like(layer.self_attn.o_proj.weight)
+    layer.self_attn.o_proj._parameters["weight"] = torch.nn.Parameter(raw, requires_grad=False)
+    assert cpu_step.plan_for(model) is third
+    cpu_step.invalidate()
+    fourth = cpu_step.plan_for(model)
+    assert fourth is not third and fourth.protos[2].w_o == raw.data_ptr()
+
+    # the steps give the forward's logits with the replaced weights
+    (ref,) = stage_models("f32", 1)
+    ref.load_state_dict(model.state_dict())
+    cache = Stage(model, torch.device("cpu"), torch.float32, 1, 64).caches[0]
+    ref_cache = Stage(ref, torch.device("cpu"), torch.float32, 1, 64).caches[0]
+    with torch.inference_mode():
+        got = cpu_step.decode_step(model, torch.tensor([[3]]), torch.tensor([[0]]), cache,
+                                   0, None)
+        want = ref(torch.tensor([[3]]), torch.tensor([[0]]), ref_cache, 0, None)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not huge_pages.available(), reason="no transparent huge pages here")
+def test_weights_moved_to_huge_pages_after_a_step_give_the_same_logits():
+    """use_huge_pages on a model that already ran a step: the caches of the old addresses
+    are dropped and the next step reads the moved weights (same logits as before)."""
+    (model,) = stage_models("Q4_1", 1)
+    cache = Stage(model, torch.device("cpu"), torch.float32, 1, 64).caches[0]
+    with torch.inference_mode():
+        first = cpu_step.decode_step(model, torch.tensor([[3]]), torch.tensor([[0]]), cache,
+                                     0, None)
+        old = cpu_step.plan_for(model)
+        old_ptr = old.protos[0].w_gu
+        assert use_huge_pages(model, min_bytes=0) > 0
+        again = cpu_step.decode_step(model, torch.tensor([[3]]), torch.tensor([[0]]), cache,
+                                     0, None)
+    plan = cpu_step.plan_for(model)
+    assert plan is not old and plan.protos[0].w_gu != old_ptr
+    assert plan.protos[0].w_gu == model.model.layers["0"].mlp.gate_up_proj.weight.blocks.data_ptr()
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
 def test_steps_it_does_not_take_return_none():
