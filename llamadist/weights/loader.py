@@ -68,9 +68,9 @@ def _set_param(model: nn.Module, name: str, value: Weight) -> None:
     if not isinstance(value, torch.Tensor):  # no Parameter: a plain attribute in its place
         owner._parameters.pop(leaf, None)
         setattr(owner, leaf, value)
-        weight_version.changed()  # no registration hook sees a plain attribute
     else:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    weight_version.changed()  # no registration hook sees either write: a plan checks again
 
 
 def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
