@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamadist.kernels import weight_version
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_decode.c")
@@ -255,11 +257,24 @@ def _usable(t) -> bool:
     return t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous()
 
 
+def addresses(objs) -> tuple:
+    """Where each of ``objs`` (tensors, QuantizedTensors, RowStacks, None) keeps its data:
+    the data pointers a cached layer or step plan baked in. The same objects can move
+    (``huge_pages.move``, ``tensor.data = ...``, ``model.to``), which no identity check
+    sees: a cache made over ``objs`` holds while this is unchanged too."""
+    out = []
+    for t in objs:
+        for part in t.parts if hasattr(t, "parts") else (t,):
+            out.append(_ptr(part))
+    return tuple(out)
+
+
 def _layer_weights(layer) -> tuple | None:
     """(weights kept alive, LayerArgs with the weight fields set) for a layer whose
     projections are fused plain Linears on the CPU with float32 or quantized (GGUF
     block) weights (not tensor-parallel shards, whose o/down need an all-reduce); None
-    otherwise. Cached on the layer and rebuilt when any of its weights is replaced."""
+    otherwise. Cached on the layer and rebuilt when any of its weights is replaced, or
+    moved in memory (looked at only after ``weight_version`` moved)."""
     # This runs 30 times a step: submodules read from _modules, not through nn.Module's
     # __getattr__ (a microsecond each)
     sub = layer._modules
@@ -275,9 +290,15 @@ def _layer_weights(layer) -> tuple | None:
                mods[1]._parameters.get("bias"), _weight(mods[2]), mods[2]._parameters.get("bias"),
                _weight(mods[3]), mods[3]._parameters.get("bias"),
                norms[0]._parameters["weight"], norms[1]._parameters["weight"])
+    # cached: ((tensors, args), the weight_version at the last look, the addresses then)
     cached = layer.__dict__.get("_cpu_decode")
-    if cached is not None and all(map(operator.is_, cached[0], tensors)):
-        return cached
+    if cached is not None and all(map(operator.is_, cached[0][0], tensors)):
+        now = weight_version.current()
+        if cached[1] == now:
+            return cached[0]
+        if addresses(tensors) == cached[2]:
+            layer.__dict__["_cpu_decode"] = (cached[0], now, cached[2])
+            return cached[0]
     if any(t is not None and not _usable(t) for t in tensors):
         return None
     if norms[0].eps != norms[1].eps:
@@ -292,7 +313,8 @@ def _layer_weights(layer) -> tuple | None:
     if not (_set_segments(a.seg_qkv, tensors[0], 3, "n_seg_qkv", a)
             and _set_segments(a.seg_gu, tensors[4], 2, "n_seg_gu", a)):
         return None
-    entry = layer.__dict__["_cpu_decode"] = (tensors, a)
+    entry = (tensors, a)
+    layer.__dict__["_cpu_decode"] = (entry, weight_version.current(), addresses(tensors))
     return entry
 
 

@@ -98,6 +98,7 @@ class StepPlan:
         self.embed = embed  # StepArgs embedding fields, or None: Python embeds (or no embedding)
         self.caches: dict[int, tuple] = {}  # id(cache) -> (cache, layers array, paged)
         self.scratch_sizes: dict[tuple, tuple[int, int]] = {}  # see _scratch
+        self.addresses = self.kept_addresses()
         # one prototype per distinct layer shape: the scratch is sized by the widest
         self.shapes = list({(a.dim, a.heads, a.kv_heads, a.head_dim, a.inter,
                              cpu_decode.qscratch_bytes(a) > 0): a for a in protos}.values())
@@ -117,10 +118,19 @@ class StepPlan:
         return True
 
     def holds_fully(self) -> bool:
-        """The exact check: every (dict, key, object) triple and every int8_x flag."""
+        """The exact check: every (dict, key, object) triple, every int8_x flag, and every
+        baked pointer (the same weights can move in memory: huge_pages.move)."""
         dicts, keys, objs = self.checks
         return (all(map(operator.is_, map(dict.get, dicts, keys), objs))
-                and self.int8_flags() == self.flags)
+                and self.int8_flags() == self.flags
+                and self.kept_addresses() == self.addresses)
+
+    def kept_addresses(self) -> tuple:
+        """The data pointers of every weight the plan's C arguments point into."""
+        kept = [t for tensors in self.keep for t in tensors]
+        kept += list(self.head["keep"]) if self.head is not None else []
+        kept += [self.embed["keep"]] if self.embed is not None else []
+        return cpu_decode.addresses(kept)
 
     def layers_for(self, store, cache, paged: bool) -> tuple | None:
         """(the C array of layer arguments over ``cache``, the shape of a layer's K) made
@@ -263,15 +273,6 @@ def build_plan(model: nn.Module) -> StepPlan | None:
         embed = None
     return StepPlan(protos, ids, keep, tuple(map(tuple, zip(*checks))), quantized, head, embed,
                     version)
-
-
-def forget(model: nn.Module) -> None:
-    """Drop the plan and the per-layer argument caches (``cpu_decode._layer_weights``) made
-    for ``model``: after its weights moved in memory (the same objects at new addresses,
-    which neither cache's identity checks see)."""
-    model.__dict__.pop("_cpu_step", None)
-    for module in model.modules():
-        module.__dict__.pop("_cpu_decode", None)
 
 
 def invalidate() -> None:

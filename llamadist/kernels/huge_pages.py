@@ -67,13 +67,19 @@ def move(tensors, advise: bool = True, min_bytes: int = MIN_BYTES) -> int:
     if not todo:
         return 0
     span = (size + HUGE - 1) // HUGE * HUGE
-    # private: an anonymous MAP_SHARED mapping is shmem, which shmem_enabled governs
-    mm = mmap.mmap(-1, span + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:  # private: an anonymous MAP_SHARED mapping is shmem, which shmem_enabled governs
+        mm = mmap.mmap(-1, span + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except OSError as e:  # e.g. ENOMEM under strict overcommit: the weights stay put
+        log.warning("no huge-page arena for the CPU step's weights (%s): left in place", e)
+        return 0
     arena = torch.frombuffer(mm, dtype=torch.uint8)  # keeps ``mm`` alive
     lead = (-arena.data_ptr()) % HUGE  # the first 2 MiB boundary inside the mapping
     if advise:
         # madvise wants a page-aligned start; lead is a multiple of 2 MiB from a page start
-        mm.madvise(mmap.MADV_HUGEPAGE, lead, span)
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE, lead, span)
+        except OSError as e:  # a sandbox that refuses it: an arena of plain pages
+            log.warning("madvise(MADV_HUGEPAGE) refused (%s): the weights move without it", e)
     copied: set[int] = set()  # old pointers whose data is in the arena
     since_trim = 0
     for t, ptr in todo:
@@ -91,7 +97,7 @@ def move(tensors, advise: bool = True, min_bytes: int = MIN_BYTES) -> int:
             _trim()
             since_trim = 0
     _trim()
-    weight_version.changed()  # the same objects at new addresses: plans read them again
+    weight_version.changed()  # the same objects at new addresses: plans compare pointers
     log.debug("moved %d tensors (%.1f MB) into a %s arena", len(todo), size / 1e6,
               "huge-page" if advise else "plain")
     return size

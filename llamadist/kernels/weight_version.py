@@ -4,7 +4,9 @@
 arrays. Checking every (module, weight) of the plan by identity before each step is exact
 but reads ~460 dicts that the step before just pushed out of the caches (~220 us a token
 for SmolLM2-135M against ~26 us warm). Instead a plan remembers ``current()`` when it was
-last checked, and checks again only when the count has moved: O(1) a step.
+last checked, and checks again only when the count has moved: O(1) a step. The check it
+then makes compares identities and the baked data pointers (a weight moved in memory).
+Models are changed before they serve, not while a step may run on another thread.
 
 What moves the count (``changed``):
 
@@ -25,10 +27,12 @@ CPU decode step calls ``changed()`` after (``cpu_step.invalidate`` says the same
 
 from __future__ import annotations
 
+import itertools
 import threading
 
 from torch.nn.modules import module as _nn_module
 
+_ticks = itertools.count(1)
 _count = 0
 _lock = threading.Lock()
 _watching = False
@@ -38,7 +42,7 @@ def changed(*_args) -> None:
     """Note that a module or weight may have been replaced (returns None, so it serves
     as a PyTorch registration hook that leaves the registered value as it is)."""
     global _count
-    _count += 1  # a lost increment between threads is harmless: any change moves it
+    _count = next(_ticks)  # never back to a value a plan recorded, whatever the threads
 
 
 def current() -> int:

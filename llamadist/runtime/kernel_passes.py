@@ -154,12 +154,9 @@ def step_weights(model: nn.Module) -> list[torch.Tensor]:
 def use_huge_pages(model: nn.Module, min_bytes: int = huge_pages.MIN_BYTES) -> int:
     """Move the weights a CPU decode step streams into memory backed by 2 MiB transparent
     huge pages (``huge_pages.move``: fewer TLB misses on the ~270 MB a SmolLM2-135M F16
-    step reads; nothing where the kernel has no THP or outside Linux). The C step's
-    caches of the old addresses are dropped. Returns the bytes moved."""
-    moved = huge_pages.move(step_weights(model), min_bytes=min_bytes)
-    if moved:
-        cpu_step.forget(model)
-    return moved
+    step reads; nothing where the kernel has no THP or outside Linux). A step plan made
+    before sees the new addresses (``cpu_step.StepPlan.holds``). Returns the bytes moved."""
+    return huge_pages.move(step_weights(model), min_bytes=min_bytes)
 
 
 def decode_layer_fn(device: torch.device, runtime: RuntimeConfig) -> LayerFn | None:

@@ -17,7 +17,7 @@ from llamadist.kernels import cpu_decode, cpu_step, huge_pages, weight_version
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
-from llamadist.runtime.kernel_passes import use_cpu_linear, use_huge_pages
+from llamadist.runtime.kernel_passes import step_weights, use_cpu_linear
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage
@@ -355,22 +355,26 @@ def test_plan_check_is_o1_and_sees_replaced_weights():
 
 
 @pytest.mark.skipif(not huge_pages.available(), reason="no transparent huge pages here")
-def test_weights_moved_to_huge_pages_after_a_step_give_the_same_logits():
-    """use_huge_pages on a model that already ran a step: the caches of the old addresses
-    are dropped and the next step reads the moved weights (same logits as before)."""
-    (model,) = stage_models("Q4_1", 1)
+@pytest.mark.parametrize("fmt", ["Q4_1", "f32"])
+def test_weights_moved_after_a_step_give_the_same_logits(fmt):
+    """The same weight objects moved to new addresses after a step (huge_pages.move, as
+    use_huge_pages does, without anything told): the plan and the per-layer caches see
+    the pointers changed and the next step reads the moved weights (same logits; a plan
+    kept over the old addresses read freed memory: a crash or other logits)."""
+    (model,) = stage_models(fmt, 1)
     cache = Stage(model, torch.device("cpu"), torch.float32, 1, 64).caches[0]
+    gate_up = model.model.layers["0"].mlp.gate_up_proj
     with torch.inference_mode():
         first = cpu_step.decode_step(model, torch.tensor([[3]]), torch.tensor([[0]]), cache,
                                      0, None)
         old = cpu_step.plan_for(model)
         old_ptr = old.protos[0].w_gu
-        assert use_huge_pages(model, min_bytes=0) > 0
+        assert huge_pages.move(step_weights(model), min_bytes=0) > 0
         again = cpu_step.decode_step(model, torch.tensor([[3]]), torch.tensor([[0]]), cache,
                                      0, None)
     plan = cpu_step.plan_for(model)
     assert plan is not old and plan.protos[0].w_gu != old_ptr
-    assert plan.protos[0].w_gu == model.model.layers["0"].mlp.gate_up_proj.weight.blocks.data_ptr()
+    assert plan.protos[0].w_gu == cpu_decode._ptr(cpu_decode._weight(gate_up))
     torch.testing.assert_close(again, first, rtol=0, atol=0)
 
 
