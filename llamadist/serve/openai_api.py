@@ -178,18 +178,9 @@ class Frontend:
         """Every choice's outputs as they come; the job's unfinished choices are cancelled
         if the reader stops early (a client that went away)."""
         if len(job.choices) == 1:  # most requests: the stream itself, no merging task
-            c = job.choices[0]
-            try:
-                async for out in c.stream:
-                    c.outputs.append(out)
-                    c.text += out.text
-                    if out.finished:
-                        c.finish_reason = out.finish_reason
+            async for c, outs in self.steps(job):
+                for out in outs:
                     yield c, out
-            except RuntimeError as e:  # the engine failed: the reader learns it
-                raise ApiError(503, f"the engine failed: {e}", kind="server_error") from None
-            finally:
-                self.cancel(job)
             return
         merged: asyncio.Queue = asyncio.Queue()
 
