@@ -16,7 +16,7 @@ import torch
 
 from llamadist.config import ModelConfig
 from llamadist.generation.sampling import Sampler, SamplingParams, request_seeds
-from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer
+from llamadist.generation.tokenizer import IncrementalDecoder, Tokenizer, settled
 
 
 class ContextLimitError(ValueError):
@@ -289,7 +289,7 @@ def text_delta(tokenizer: Tokenizer, token_ids: list[int], stops: tuple[str, ...
     if decoder is not None and not done:
         text = decoder.update(token_ids)
         if not stops:  # a stream without stop strings: only a trailing U+FFFD held back
-            safe = len(text.rstrip("\ufffd")) if text and text[-1] == "\ufffd" else len(text)
+            safe = settled(text)
             return text, text[emitted:safe] if safe > emitted else "", False
         # the decoder's text only grows, and what was sent ends before any stop string's
         # start that was not in the text then (that start's tail was held back): a stop
@@ -304,8 +304,7 @@ def text_delta(tokenizer: Tokenizer, token_ids: list[int], stops: tuple[str, ...
             text, stopped = text[:cut], True
     safe = len(text)
     if not (done or stopped):
-        if text and text[-1] == "\ufffd":
-            safe = len(text.rstrip("\ufffd"))
+        safe = settled(text)
         for stop in stops:
             # _held_back's first look, inline: mostly no tail begins the stop string
             if stop and text.find(stop[0], max(0, safe - len(stop) + 1), safe) >= 0:

@@ -219,6 +219,12 @@ def _byte_level_table(backend: Any) -> tuple[bytes, ...] | None:
 _utf_8_decode = codecs.utf_8_decode
 
 
+def settled(text: str) -> int:
+    """How many characters of a growing text may be streamed now: all but a trailing run
+    of U+FFFD (a character whose bytes have not all come)."""
+    return len(text.rstrip("\ufffd")) if text and text[-1] == "\ufffd" else len(text)
+
+
 class IncrementalDecoder:
     """The text of a token list that only grows, a few microseconds per new token.
 

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llamadist.generation.tokenizer import IncrementalDecoder
+from llamadist.generation.tokenizer import IncrementalDecoder, settled
 
 log = logging.getLogger(__name__)
 _END = object()
@@ -70,7 +70,7 @@ class StreamText:
             return ""
         self.ids.append(token)
         text = self.decoder.update(self.ids)
-        safe = len(text.rstrip("\ufffd")) if text and text[-1] == "\ufffd" else len(text)
+        safe = settled(text)
         if safe <= self.emitted:
             return ""
         delta, self.emitted = text[self.emitted:safe], safe
