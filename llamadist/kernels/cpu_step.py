@@ -12,9 +12,11 @@ describes the model, fills a dozen fields of ``StepArgs`` and calls C once. The 
 O(1) while ``weight_version`` has not moved since the plan was last checked (a module,
 parameter or buffer registered anywhere, a new block weight, a changed ``int8_x``, the
 loader's and ``huge_pages``' writes move it); when it has, one pass over a flat tuple of
-(dict, key, object) triples (a weight or module replaced since makes a new plan). The C code runs all of it in one OpenMP parallel region, as the per-layer path's
-phases (five a layer, cpu_decode.c) and nothing more: a layer's first phase waits for the
-items of the one before it, the layer before's last.
+(dict, key, object) triples and the data pointers the plan baked in (a weight or module
+replaced, or a weight moved in memory, since makes a new plan). The C code runs all of it
+in one OpenMP parallel region, as the per-layer path's phases (five a layer,
+cpu_decode.c) and nothing more: a layer's first phase waits for the items of the one
+before it, the layer before's last.
 
 ``decode_step`` returns None wherever it does not apply (a prefill, a layer the C layer
 does not take, a mixture-of-experts or tensor-parallel stage, activations not float32,
@@ -107,8 +109,9 @@ class StepPlan:
         return tuple(map(_INT8_X, self.quantized))  # every quantized weight has int8_x
 
     def holds(self) -> bool:
-        """True while the model still has every object the plan was read from. O(1)
-        while ``weight_version`` stands where it stood at the last full check."""
+        """True while the model still has every object the plan was read from, at the
+        same addresses. O(1) while ``weight_version`` stands where it stood at the last
+        full check."""
         now = weight_version.current()
         if now == self.version:
             return True

@@ -126,13 +126,7 @@ class QuantizedTensor:
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0,
                    stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) as a float tensor (the C kernel, else the numpy reference)."""
-        part = self.blocks[start:stop]
-        if cpu_quant.available():
-            out = cpu_quant.dequant_rows(part, self.qtype, self.shape[1])
-        else:
-            out = torch.from_numpy(dequantize(part.numpy(), self.qtype, self.shape[1])
-                                   .astype(np.float32))
-        return out.to(dtype)
+        return _dequantize_rows(self.blocks[start:stop], self.qtype, self.shape[1]).to(dtype)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
@@ -142,6 +136,14 @@ class QuantizedTensor:
                             f"(it serves F.linear, F.embedding and torch.cat); call "
                             f".dequantize() first")
         return impl(*args, **(kwargs or {}))
+
+
+def _dequantize_rows(blocks: torch.Tensor, qtype: int, cols: int) -> torch.Tensor:
+    """Rows of GGUF blocks (rows, bytes) as float32 (rows, cols): the C kernel, else the
+    numpy reference."""
+    if cpu_quant.available():
+        return cpu_quant.dequant_rows(blocks, qtype, cols)
+    return torch.from_numpy(dequantize(blocks.numpy(), qtype, cols).astype(np.float32))
 
 
 def linear(x: torch.Tensor, w: QuantizedTensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -176,9 +178,10 @@ def embedding(ids: torch.Tensor, w: QuantizedTensor, *args: Any, **kwargs: Any) 
     """F.embedding: ids (...) -> (..., in) in w.act_dtype, dequantizing only those rows."""
     if any(a not in (None, False, 2.0) for a in list(args) + list(kwargs.values())):
         raise TypeError("a quantized embedding supports no padding_idx / max_norm / sparse")
-    picked = QuantizedTensor(w.blocks[ids.reshape(-1).cpu()], w.qtype,
-                             (ids.numel(), w.shape[1]), w.act_dtype)
-    return picked.dequantize(w.act_dtype).view(*ids.shape, w.shape[1]).to(ids.device)
+    # the picked rows' blocks dequantized as they are (no QuantizedTensor made: a new one
+    # moves weight_version, and every decode plan would check itself fully after)
+    rows = _dequantize_rows(w.blocks[ids.reshape(-1).cpu()], w.qtype, w.shape[1])
+    return rows.to(w.act_dtype).view(*ids.shape, w.shape[1]).to(ids.device)
 
 
 def cat(parts: list[Any] | tuple[Any, ...], dim: int = 0) -> Any:
