@@ -32,7 +32,6 @@ Triton kernels, as ``RuntimeConfig.wquant`` says.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -47,7 +46,7 @@ from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, _k_quants, _k_scales,
 KINDS = ("int8", "int4", "fp8")
 # Triton's interpreter (CPU tensors) stands in for a GPU in tests: the kernels then serve
 # CPU tensors too.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = gpu.interpreted()  # a constant: read by forwards torch.compile traces
 INT4_GROUP = 128
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
