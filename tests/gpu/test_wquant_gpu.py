@@ -58,11 +58,11 @@ def check(pw: W.PackedWeight, m: int, dtype: torch.dtype, bias: bool,
     x = torch.randn(m, k, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
     pw = pw.to(DEVICE)
-    b = None if b is None else b.to(DEVICE)
+    bd = None if b is None else b.to(DEVICE)
     if config is None:
-        y = T.packed_linear(x.to(DEVICE), pw, b).cpu()
+        y = T.packed_linear(x.to(DEVICE), pw, bd).cpu()
     else:
-        y = T.launch(x.to(DEVICE), pw.kind, pw.q, pw.scale, pw.offset, b, pw.group, n, k,
+        y = T.launch(x.to(DEVICE), pw.kind, pw.q, pw.scale, pw.offset, bd, pw.group, n, k,
                      config).cpu()
     assert y.dtype == dtype and y.shape == (m, n)
     wd = pw.dequantize(torch.float64).cpu()
