@@ -1,9 +1,9 @@
 """Cases for the routed expert GEMV (llamadist.kernels.moe_routed) against the expert loop
 of llamadist.model.moe (``expert_fn=None``): run by tests/unit/test_moe_routed.py as
-``python -m tests.moe_routed_cases blocks FOLDER...`` / ``model FOLDER`` with
-TRITON_INTERPRET=1 (Triton's CPU interpreter; it must be set before triton is imported),
-and imported by the GPU test (tests/gpu/test_moe_grouped_gpu.py) on CUDA. Prints one line
-per case, FAIL on the bad ones; the exit status counts them."""
+``python -m tests.moe_routed_cases cpu blocks FOLDER...`` / ``cpu model FOLDER`` / ``cpu
+configs`` with TRITON_INTERPRET=1 (Triton's CPU interpreter; it must be set before triton
+is imported), and imported by the GPU test (tests/gpu/test_moe_grouped_gpu.py) on CUDA.
+Prints one line per case, FAIL on the bad ones; the exit status counts them."""
 
 from __future__ import annotations
 
@@ -166,6 +166,61 @@ def shape_cases(device: str, dtypes: tuple[torch.dtype, ...],
     return bad
 
 
+def config_kinds():
+    """One RoutedConfig of each kind the sweep times (benchmarks/moe_routed_sweep.py), with
+    tiles small enough that the odd shapes of ``config_cases`` span several of them:
+    prefetch 0 / 1 / 2, x in the tile's layout, split-K of the down kernel (whole ranges,
+    a last one short, more splits than tiles), other warps and tiles, and DEFAULT."""
+    from llamadist.kernels.moe_routed import DEFAULT, Cut, RoutedConfig
+    return [DEFAULT,
+            RoutedConfig(Cut(16, 32), Cut(8, 64)),
+            RoutedConfig(Cut(16, 32, prefetch=1), Cut(8, 64, prefetch=1, split=2)),
+            RoutedConfig(Cut(8, 32, prefetch=2), Cut(16, 32, prefetch=2, split=3)),
+            RoutedConfig(Cut(32, 16, warps=2, x_tile=True),
+                         Cut(4, 64, warps=8, prefetch=2, x_tile=True)),
+            RoutedConfig(Cut(16, 64, prefetch=2, x_tile=True),
+                         Cut(8, 32, prefetch=1, split=64, x_tile=True))]
+
+
+def config_cases(device: str, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16),
+                 g: int = 4, d: int = 83, f: int = 149) -> int:
+    """Every ``config_kinds`` config on (G, D, F) with tails in D and F, top-1 and top-2,
+    every expert and a share (experts not held: group -1; token 0 holds none of its
+    experts, its output is exactly 0), batch 1-3, against ``reference``: float32 within
+    1e-5 and bfloat16 within 2e-2 of the output's scale (the dtypes take turns over the
+    four (k, share) cases of a config: each config runs in both)."""
+    from llamadist.kernels.moe_routed import routed_expert_sum
+    bad = 0
+    gen = torch.Generator().manual_seed(d + f)
+    w13 = torch.randn(g, 2 * f, d, generator=gen) / d ** 0.5
+    w2 = torch.randn(g, d, f, generator=gen) / f ** 0.5
+    slot = torch.tensor([i // 2 if i % 2 == 0 else -1 for i in range(2 * g)])  # even held
+    for cfg in config_kinds():
+        for i, (k, share) in enumerate([(1, False), (1, True), (2, False), (2, True)]):
+            dtype = dtypes[(i + i // 2) % len(dtypes)]
+            n = k + share  # 1, 2, 2, 3 tokens
+            x = torch.randn(n, d, generator=gen)
+            if share:  # token 0: its experts held elsewhere (odd); the others' first held
+                index = torch.stack([torch.randperm(g, generator=gen)[:k] * 2 + (t == 0)
+                                     for t in range(n)])
+            else:
+                index = torch.stack([torch.randperm(g, generator=gen)[:k] for _ in range(n)])
+            weights = torch.softmax(torch.randn(n, k, generator=gen), -1)
+            args = [t.to(device) for t in (x.to(dtype), weights, index, w13.to(dtype),
+                                           w2.to(dtype))]
+            sl = slot.to(device) if share else None
+            want = reference(*args, sl)
+            got = routed_expert_sum(*args, sl, config=cfg)
+            scale = want.abs().max().item()
+            err = (got.double() - want).abs().max().item()
+            ok = (err <= TOL[dtype] * max(1.0, scale) and scale > 0.1 and got.dtype == dtype
+                  and (not share or bool((got[0] == 0).all())))
+            bad += not ok
+            print(f"config {cfg.label()} k={k} share={share} {dtype} N={n}: "
+                  f"{err:.2e} (scale {scale:.2f}){'' if ok else '  FAIL'}")
+    return bad
+
+
 def model_case(folder: str, device: str = "cpu") -> tuple[list, list, float, int]:
     """Greedy tokens of one request, then of two at once, through the expert loop and
     through use_grouped_experts (force: the grouped GEMM's reference for prefill, the
@@ -213,6 +268,8 @@ def main(argv: list[str]) -> int:
     device = "cuda" if torch.cuda.is_available() and argv[0] == "gpu" else "cpu"
     if device == "cpu":
         patch_interpreter()
+    if argv[1] == "configs":
+        return config_cases(device)
     if argv[1] == "blocks":
         dtypes = (torch.float32, torch.bfloat16)
         if device == "cuda":
@@ -229,5 +286,5 @@ def main(argv: list[str]) -> int:
     return int(not ok)
 
 
-if __name__ == "__main__":  # python -m tests.moe_routed_cases cpu|gpu blocks|model FOLDER...
+if __name__ == "__main__":  # python -m tests.moe_routed_cases cpu|gpu blocks|model|configs ...
     raise SystemExit(main(sys.argv[1:]))

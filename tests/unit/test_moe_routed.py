@@ -5,8 +5,9 @@ The kernel runs on the CPU through Triton's interpreter against the expert loop
 (tests/moe_routed_cases.py, in a subprocess: TRITON_INTERPRET must be set before triton
 is imported): float32 within 1e-5 and bfloat16 within 2e-2, every expert and a share,
 top-1 and top-2, batch 1-3, two tokens routed to one expert, and a whole tiny Mixtral's
-greedy tokens and logits; and a shape whose D and F span several weight tiles against a
-float64 reference. Skipped when triton is not installed (CPU-only torch wheels
+greedy tokens and logits; a shape whose D and F span several weight tiles against a
+float64 reference; and each kind of launch config (prefetch, split-K, x in the tile's
+layout, other tiles and warps) on odd shapes. Skipped when triton is not installed (CPU-only torch wheels
 have none; tests/gpu/test_moe_grouped_gpu.py covers the compiled kernel)."""
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from llamadist.kernels import gpu, moe_grouped, moe_routed
 from llamadist.kernels.moe_grouped import GROUPED, ROUTED, expert_path
+from llamadist.kernels.moe_routed import DEFAULT, Cut, RoutedConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -43,6 +45,20 @@ def test_routed_kernel_offered_only_where_triton_runs(monkeypatch):
     assert not moe_routed.usable(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert moe_routed.usable(torch.device("cpu")) == gpu.INSTALLED
+
+
+def test_routed_config_round_trips_through_the_ops_ints_and_rejects_bad_cuts():
+    cfg = RoutedConfig(Cut(32, 128, warps=8, prefetch=2, x_tile=True),
+                       Cut(4, 1024, warps=2, prefetch=1, split=4))
+    assert RoutedConfig.from_ints(cfg.ints()) == cfg
+    assert RoutedConfig.from_ints(DEFAULT.ints()) == DEFAULT == RoutedConfig()
+    assert DEFAULT.label() == "gu16x256w4p0_dn8x512w4p0"  # the first cut measured
+    assert cfg.label() == "gu32x128w8p2x_dn4x1024w2p1s4"
+    for bad in (dict(rows=12), dict(cols=0), dict(warps=3), dict(prefetch=3), dict(split=0)):
+        with pytest.raises(ValueError):
+            Cut(**({"rows": 8, "cols": 64} | bad))
+    with pytest.raises(ValueError):  # gate/up has no split-K
+        RoutedConfig(gate_up=Cut(16, 256, split=2))
 
 
 @pytest.mark.skipif(not hasattr(torch, "_grouped_mm"), reason="torch._grouped_mm: PyTorch >= 2.8")
@@ -99,3 +115,14 @@ def test_whole_model_interpreted_routed_decode_equals_the_loop(tiny_mixtrals, ki
     proc = _interpreted("model", str(tiny_mixtrals[kind]))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "routed kernel calls=" in proc.stdout and "FAIL" not in proc.stdout
+
+
+@no_triton
+def test_routed_kernel_interpreted_every_config_kind_on_odd_shapes():
+    """tests/moe_routed_cases.config_kinds (prefetch 0 / 1 / 2, split-K of the down kernel,
+    x in the tile's layout, other tiles and warps, DEFAULT) on D = 83, F = 149 against a
+    float64 reference: top-1 and top-2, every expert and a share, batch 1-3, both dtypes."""
+    proc = _interpreted("configs")
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert proc.stdout.count("config gu") == 6 * 4 and "FAIL" not in proc.stdout
+    assert "s3" in proc.stdout and "p2" in proc.stdout and "x_dn" in proc.stdout
