@@ -20,7 +20,7 @@ from llamadist.runtime.cuda_graph import WARMUP_STEPS
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.kernel_passes import use_grouped_experts
 from llamadist.weights.checkpoint import open_checkpoint
-from tests.moe_routed_cases import block_cases, shape_cases
+from tests.moe_routed_cases import block_cases, config_cases, shape_cases
 
 HOPPER = torch.cuda.is_available() and moe_grouped.available(torch.device("cuda:0"),
                                                              torch.bfloat16)
@@ -103,6 +103,14 @@ def test_routed_kernel_cases_on_cuda(tiny_mixtrals):
     dtypes = (torch.float32, torch.bfloat16)
     assert block_cases([str(p) for p in tiny_mixtrals.values()], "cuda", dtypes) == 0
     assert shape_cases("cuda", dtypes, ((4, 600, 1100, 2), (3, 4096, 14336, 2))) == 0
+
+
+def test_routed_kernel_config_kinds_on_cuda():
+    """Each kind of RoutedConfig (prefetch, split-K, x in the tile's layout, tiles, warps)
+    compiled, on odd shapes (tails in D and F, top-1 and top-2, shares) and on Mixtral's
+    D = 4096, F = 14336 against a float64 reference."""
+    assert config_cases("cuda") == 0
+    assert config_cases("cuda", g=3, d=4096, f=14336) == 0
 
 
 def _engine(path, graphs: bool, grouped: bool):
