@@ -26,7 +26,7 @@ within 1e-3 of max |act|, out within 2e-2 of max |out|). A table goes to stderr.
 end, per N: the best gate/up and down cuts, then the op with the two together, timed
 (phase ``op``, ``best``), against DEFAULT's op and the dense layer.
 
-Next session (one H200; ~6 minutes with --configs mid: compiling ~400 kernels in 12
+Next session (one H200; ~5-7 minutes with --configs mid: ~650 Triton compiles in 12
 processes, then ~1 000 timed cases, 2.8 GB of weights x 2 copies):
 
     python benchmarks/moe_routed_sweep.py > moesweep.jsonl 2> moesweep.txt
