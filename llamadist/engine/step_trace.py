@@ -40,6 +40,8 @@ class StepRecord:
     decode_seqs: int
     sampled: int           # sequences that sample a token (decodes + prompts completed)
     kv_tokens: int         # sum over sequences of the positions attended by its last token
+    resumed_seqs: int      # prefill chunks that continue a sequence (start > 0)
+    longest_chunk: int     # the most tokens of one sequence (prompts' attention pads to it)
     graph: bool | None     # ran through a CUDA graph (None: unknown to the executor)
     t_schedule: float      # s since the trace began: scheduling of this step began
     host_s: float          # scheduling + building the step, before launch
@@ -53,10 +55,11 @@ class StepRecord:
         return self.prefill_tokens + self.decode_seqs
 
 
-def step_counts(chunks: Iterable) -> tuple[int, int, int, int, int]:
-    """(prefill tokens, prefill sequences, decodes, sampled, KV tokens) of a scheduled
-    step's chunks (engine.scheduler.Chunk): a decode is one token past the prompt."""
-    pre_t = pre_s = dec = sampled = kv = 0
+def step_counts(chunks: Iterable) -> tuple[int, ...]:
+    """(prefill tokens, prefill sequences, decodes, sampled, KV tokens, resumed prefill
+    sequences, longest chunk) of a scheduled step's chunks (engine.scheduler.Chunk): a
+    decode is one token past the prompt."""
+    pre_t = pre_s = dec = sampled = kv = resumed = longest = 0
     for c in chunks:
         n, start = c.num_tokens, c.start
         if n == 1 and start >= len(c.request.prompt_ids):
@@ -64,9 +67,11 @@ def step_counts(chunks: Iterable) -> tuple[int, int, int, int, int]:
         else:
             pre_t += n
             pre_s += 1
+            resumed += start > 0
+            longest = max(longest, n)
         sampled += c.sample
         kv += start + n
-    return pre_t, pre_s, dec, sampled, kv
+    return pre_t, pre_s, dec, sampled, kv, resumed, max(longest, 1 if dec else 0)
 
 
 class StepTrace:
@@ -85,10 +90,11 @@ class StepTrace:
         """Step ``key`` was launched now; scheduling began at ``t_schedule`` and its work
         was built at ``t_built`` (this clock)."""
         now = self.clock()
-        pre_t, pre_s, dec, sampled, kv = step_counts(chunks)
+        pre_t, pre_s, dec, sampled, kv, resumed, longest = step_counts(chunks)
         kind = "mixed" if pre_s and dec else ("prefill" if pre_s else "decode")
-        rec = StepRecord(len(self.records), kind, pre_t, pre_s, dec, sampled, kv, graph,
-                         t_schedule - self.t0, t_built - t_schedule, now - t_built)
+        rec = StepRecord(len(self.records), kind, pre_t, pre_s, dec, sampled, kv, resumed,
+                         longest, graph, t_schedule - self.t0, t_built - t_schedule,
+                         now - t_built)
         self.records.append(rec)
         self._open[key] = rec
 

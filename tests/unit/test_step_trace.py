@@ -56,6 +56,8 @@ def test_trace_counts_add_up_to_the_workload(tiny_model, tmp_path, ahead):
     # every request's first token comes from its prompt's last chunk, the rest from decodes
     assert sum(r.decode_seqs for r in recs) == len(prompts) * (new - 1)
     assert all(r.prefill_tokens + r.decode_seqs <= 12 for r in recs)  # the budget
+    assert any(r.resumed_seqs for r in recs)  # prompts of up to 20 tokens were chunked
+    assert all(r.longest_chunk <= 12 for r in recs)
     assert {r.kind for r in recs} == {"decode", "mixed", "prefill"}
     assert all(r.graph is False for r in recs)  # a CPU engine runs no CUDA graph
     # the steps' wall times tile the run: each from the previous step's tokens
@@ -78,7 +80,9 @@ def test_a_one_token_prompt_chunk_is_prefill_and_a_fed_back_token_a_decode():
     chunks = [SimpleNamespace(request=req, start=2, num_tokens=1, sample=True),  # prompt end
               SimpleNamespace(request=req, start=3, num_tokens=1, sample=True),  # a decode
               SimpleNamespace(request=req, start=0, num_tokens=2, sample=False)]
-    assert step_counts(chunks) == (3, 2, 1, 2, 3 + 4 + 2)
+    # (prefill tokens, prefill seqs, decodes, sampled, KV tokens, resumed, longest chunk)
+    assert step_counts(chunks) == (3, 2, 1, 2, 3 + 4 + 2, 1, 2)
+    assert step_counts(chunks[1:2])[-2:] == (0, 1)  # a decode-only step's longest: 1
 
 
 def test_times_follow_the_clock():
