@@ -74,8 +74,9 @@ def checkpoint(args: argparse.Namespace) -> Path:
     return folder
 
 
-def workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[float]]:
-    rng = random.Random(args.seed)
+def workload(args: argparse.Namespace, vocab: int,
+             seed: int | None = None) -> tuple[list[list[int]], list[float]]:
+    rng = random.Random(args.seed if seed is None else seed)
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(args.prompt_min,
                                                                    args.prompt_max))]
                for _ in range(args.requests)]
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trace", metavar="FILE", help="write llamadist's per-step trace to FILE "
                    "(JSON lines: tokens, sequences, graph or eager, host and wall time of "
                    "each step) and add its summary by kind of step to the results")
+    p.add_argument("--runs", type=int, default=1, help="timed llamadist runs in one process "
+                   "(runs after the first: other prompts, seed + i - 1; their results as "
+                   "llamadist_run2, ..., their traces FILE.run2, ...): shows costs paid once")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)
@@ -239,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
                                 bytes_s)}
     run_ours(llm, prompts[:2], [0.0, 0.0], 4)  # warm-up: first calls pick kernels
     res["llamadist"] = run_ours(llm, prompts, arrivals, args.new, args.trace)
+    for i in range(2, args.runs + 1):  # the same engine again, on other prompts of the
+        # same lengths' distribution (the first run's would hit the prefix cache)
+        more, at = workload(args, llm.config.vocab_size, seed=args.seed + i - 1)
+        res[f"llamadist_run{i}"] = run_ours(llm, more, at, args.new,
+                                            args.trace and f"{args.trace}.run{i}")
     ours = res["llamadist"]["tokens_per_s"]
     res["llamadist"]["of_roofline"] = ours / res["roofline"]["bound_tokens_per_s"]
     report(res, args.json_out)
