@@ -8,6 +8,7 @@ same machine showed in ``llamadist bench``, and what execution adds on top.
         [--prompt-max 1024] [--new 256] [--budgets 1024,2048,4096,8192,16384,32768] \
         [--max-batches 256] [--kv-tb-s 4.1] [--fit-prefill-s 10.9] [--json-out F] \
         [--trace-out F]
+    PYTHONPATH=. python benchmarks/schedule_sim.py --compare steps.jsonl  # measured vs model
 
 The cost model (``H200``), per step of S sequences and N tokens, from the step's columns:
 
@@ -280,6 +281,33 @@ def trace_cost(lens: list[int], new: int, cost: H200, rounds: int) -> dict:
             "calls_us_per_256_decode_step": 1e6 * best}
 
 
+def compare(path: str, cost: H200, max_batch: int = 256) -> dict:
+    """A measured trace (serving.py --trace) step by step against the model: per kind of
+    step, measured and modelled seconds and their ratio, for the first 5 steps of the kind
+    and the rest (one-off costs show in the first). The model's eager time here leaves out
+    the decodes' K/V reads and the prompts' attention (a trace has no per-sequence data)."""
+    from llamadist.engine.step_trace import _label, read
+    sizes = bucket_sizes(max_batch)
+    out: dict = {}
+    seen: dict[str, int] = {}
+    for r in read(path):
+        label = _label(r)
+        if r["graph"]:
+            model = cost.graph_step(bucket_for(r["decode_seqs"], sizes), r["kv_tokens"],
+                                    r["decode_seqs"])
+        else:
+            model = cost.eager_step(r["prefill_tokens"] + r["decode_seqs"], 0, 0)
+        part = "first5" if seen.get(label, 0) < 5 else "rest"
+        seen[label] = seen.get(label, 0) + 1
+        d = out.setdefault(f"{label}.{part}", {"steps": 0, "measured_s": 0.0, "model_s": 0.0})
+        d["steps"] += 1
+        d["measured_s"] += r["wall_s"]
+        d["model_s"] += model
+    for d in out.values():
+        d["ratio"] = d["measured_s"] / d["model_s"] if d["model_s"] else None
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--requests", type=int, default=256)
@@ -298,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
                    "time to every first token and sweep again with it")
     p.add_argument("--trace-cost", type=int, metavar="ROUNDS", help="only measure the "
                    "trace's host cost per step (trace off and on, interleaved)")
+    p.add_argument("--compare", metavar="TRACE", help="only compare a measured trace "
+                   "(serving.py --trace) with the model, step by step, by kind")
     p.add_argument("--json-out")
     p.add_argument("--trace-out", help="prefix of the default cases' simulated traces")
     args = p.parse_args(argv)
@@ -309,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_tb_s:
         cost = replace(cost, kv_s=prof.kv_bytes_per_token / (args.kv_tb_s * 1e12))
     print("cost model:", json.dumps(asdict(cost)), flush=True)
+    if args.compare:
+        print(json.dumps(compare(args.compare, cost), indent=1))
+        return 0
     for b, d, pf in BENCH:
         sd, sp = bench_figures(b, cost)
         print(f"  bench batch {b} as simulated: decode {1e3 * sd:.2f} ms/step (measured "

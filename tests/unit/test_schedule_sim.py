@@ -34,3 +34,15 @@ def test_the_simulated_trace_adds_up_to_the_workload():
     assert t["decodes"] == 3 * len(lens)
     assert t["run_s"] == pytest.approx(st["wall_s"])
     assert "mixed" in st["trace"]  # the budget made prompts share steps with decodes
+
+
+def test_compare_finds_a_simulated_trace_at_its_own_model(tmp_path):
+    from schedule_sim import compare
+    slow = replace(FLAT, token_s=0.003)  # eager steps 3x the model compared against
+    st = simulate([5, 40, 17, 33, 8, 26], 8, slow, max_batch=4, budget=16)
+    st["_trace"].write(tmp_path / "t.jsonl")
+    got = compare(str(tmp_path / "t.jsonl"), FLAT, max_batch=4)
+    eager = [v for k, v in got.items() if not k.startswith("decode_graph")]
+    assert eager and all(v["ratio"] == pytest.approx(3.0) for v in eager)
+    graph = [v for k, v in got.items() if k.startswith("decode_graph")]
+    assert graph and all(v["ratio"] == pytest.approx(1.0) for v in graph)
