@@ -5,7 +5,7 @@ same weights.
 
     python benchmarks/serving.py --model smollm2-135m --device cpu \
         [--requests 32] [--prompt-min 128] [--prompt-max 1024] [--new 256] [--rate R] \
-        [--peers static,hf] [--max-batch N] [--json-out F]
+        [--peers static,hf] [--max-batch N] [--json-out F] [--trace STEPS.jsonl]
     python benchmarks/serving.py --shape llama3-8b --device cuda ...   # random bf16 weights
 
 Requests get random token ids (lengths uniform in [prompt-min, prompt-max]) and ignore EOS.
@@ -13,6 +13,9 @@ Requests get random token ids (lengths uniform in [prompt-min, prompt-max]) and 
 all at once); without it all arrive at once. Reports output tokens/s, time to first token
 and time per output token (p50, p99), and the workload's roofline bound from its FLOPs and
 bytes (planning.profile) against the machine's measured matmul and read rates.
+`--trace FILE` writes llamadist's steps (engine.step_trace) and reports the time and
+tokens/s of each kind of step: decode-only through CUDA graphs, decode-only eager, mixed
+(prefill chunks beside decodes), prefill-only.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import torch
 from llamadist.api import LLM
 from llamadist.config import RuntimeConfig
 from llamadist.engine.engine import run_stats
+from llamadist.engine.step_trace import StepTrace
 from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
 from llamadist.planning.profile import decode_step_bytes, prefill_flops, profile
@@ -70,8 +74,9 @@ def checkpoint(args: argparse.Namespace) -> Path:
     return folder
 
 
-def workload(args: argparse.Namespace, vocab: int) -> tuple[list[list[int]], list[float]]:
-    rng = random.Random(args.seed)
+def workload(args: argparse.Namespace, vocab: int,
+             seed: int | None = None) -> tuple[list[list[int]], list[float]]:
+    rng = random.Random(args.seed if seed is None else seed)
     prompts = [[rng.randrange(3, vocab) for _ in range(rng.randint(args.prompt_min,
                                                                    args.prompt_max))]
                for _ in range(args.requests)]
@@ -87,9 +92,14 @@ def pct(values: list[float], q: float) -> float | None:
     return values[min(len(values) - 1, int(q * len(values)))] if values else None
 
 
-def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int) -> dict:
+def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int,
+             trace: str | None = None) -> dict:
+    """``trace``: write the run's per-step trace there (JSON lines, engine.step_trace)
+    and add its summary by kind of step to the result."""
     eng = llm.llm_engine
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
+    if trace:
+        eng.trace = StepTrace()
     t0 = time.perf_counter()
     reqs, pending = [], list(zip(prompts, arrivals))
     while pending or eng.has_unfinished:
@@ -104,6 +114,10 @@ def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int
     stats["ttft_p99_s"] = pct([r.ttft_s for r in reqs], 0.99)
     stats["tpot_p99_s"] = pct([r.tpot_s for r in reqs], 0.99)
     stats["preemptions"] = eng.scheduler.preemptions
+    if trace:
+        eng.trace.write(trace)
+        stats["trace"] = eng.trace.summary()
+        eng.trace = None
     return stats
 
 
@@ -206,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-tokens", type=int, help="llamadist's tokens per step")
     p.add_argument("--no-schedule-ahead", dest="schedule_ahead", action="store_false",
                    help="llamadist waits for each step's tokens before scheduling the next")
+    p.add_argument("--trace", metavar="FILE", help="write llamadist's per-step trace to FILE "
+                   "(JSON lines: tokens, sequences, graph or eager, host and wall time of "
+                   "each step) and add its summary by kind of step to the results")
+    p.add_argument("--runs", type=int, default=1, help="timed llamadist runs in one process "
+                   "(runs after the first: other prompts, seed + i - 1; their results as "
+                   "llamadist_run2, ..., their traces FILE.run2, ...): shows costs paid once")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)
@@ -222,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
            "roofline": roofline(llm.config, llm.dtype, prompts, args.new, batch, flops_s,
                                 bytes_s)}
     run_ours(llm, prompts[:2], [0.0, 0.0], 4)  # warm-up: first calls pick kernels
-    res["llamadist"] = run_ours(llm, prompts, arrivals, args.new)
+    res["llamadist"] = run_ours(llm, prompts, arrivals, args.new, args.trace)
+    for i in range(2, args.runs + 1):  # the same engine again, on other prompts of the
+        # same lengths' distribution (the first run's would hit the prefix cache)
+        more, at = workload(args, llm.config.vocab_size, seed=args.seed + i - 1)
+        res[f"llamadist_run{i}"] = run_ours(llm, more, at, args.new,
+                                            args.trace and f"{args.trace}.run{i}")
     ours = res["llamadist"]["tokens_per_s"]
     res["llamadist"]["of_roofline"] = ours / res["roofline"]["bound_tokens_per_s"]
     report(res, args.json_out)

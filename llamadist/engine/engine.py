@@ -26,6 +26,7 @@ from llamadist.distributed.faults import PeerError
 from llamadist.engine.replicas import Replica, ReplicaSet
 from llamadist.engine.request import Request
 from llamadist.engine.scheduler import Scheduler, SchedulerStep
+from llamadist.engine.step_trace import StepTrace
 
 __all__ = ["LLMEngine", "Replica", "RequestOutput", "EngineStats", "run_stats"]
 from llamadist.generation.generate import text_delta
@@ -136,6 +137,7 @@ class LLMEngine(ReplicaSet):
         self._launches = itertools.count()
         self._where: dict[str, Replica] = {}  # unfinished requests' replicas
         self.warmup_s = 0.0  # set by warmup()
+        self.trace: StepTrace | None = None  # a per-step trace when set (not in lockstep)
 
     def poll(self) -> None:
         """Between steps (an idle server calls it too): move a drained replica's requests
@@ -283,9 +285,12 @@ class LLMEngine(ReplicaSet):
             if not live:
                 return []
             rep = min(live, key=lambda r: r.in_flight[0][0])
-            _, step, work = rep.in_flight[0]
+            key, step, work = rep.in_flight[0]
+            t_wait = self.trace.clock() if self.trace is not None else 0.0
             tokens = rep.executor.collect()
             rep.in_flight.popleft()
+            if self.trace is not None:
+                self.trace.collected(key, t_wait)
         except BaseException as failure:  # Ctrl-C, out of memory, a lost rank: the steps
             for r in self.replicas:           # never happened
                 while r.in_flight:
@@ -298,6 +303,8 @@ class LLMEngine(ReplicaSet):
                     r.executor.reset()  # its results of those steps are dropped
                 except Exception as e:  # noqa: BLE001 - reported; the failure is raised
                     log.warning("could not reset the executor of a failed step: %s", e)
+            if self.trace is not None:
+                self.trace.aborted()
             if (isinstance(failure, PeerError) and self.guard is not None
                     and self.guard.recover(self, failure)):
                 return []  # the requests replay on the new executors from the next step
@@ -381,12 +388,14 @@ class LLMEngine(ReplicaSet):
             depth = rep.executor.depth
             per_step = -(-self.runtime.max_batch // depth)
             # an executor that takes decodes scheduled ahead keeps one more step in flight
-            ahead = rep.executor.ahead
+            ahead, trace = rep.executor.ahead, self.trace
             while len(rep.in_flight) < depth + ahead:
+                t0 = trace.clock() if trace is not None else 0.0
                 step = rep.scheduler.schedule(per_step, ahead=ahead and bool(rep.in_flight))
                 if not step:
                     break
                 work = self._work(step, rep.in_flight[-1][2] if rep.in_flight else None)
+                t1 = trace.clock() if trace is not None else 0.0
                 work.reset_stats, rep.reset_pending = rep.reset_pending, False
                 try:
                     rep.executor.launch(work)
@@ -394,7 +403,9 @@ class LLMEngine(ReplicaSet):
                     rep.scheduler.abort(step)
                     raise
                 rep.busy, rep.steps = True, rep.steps + 1
-                rep.in_flight.append((next(self._launches), step, work))
+                rep.in_flight.append((key := next(self._launches), step, work))
+                if trace is not None:
+                    trace.launched(key, step.chunks, t0, t1, getattr(rep.executor, "graphed", None))
 
     def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:
         """The step as the executor sees it (host data; see runtime.step_work); ``prev``:

@@ -116,6 +116,11 @@ class LocalExecutor:
             arrived.record(torch.cuda.current_stream(self._last.device))
         self._done.append((host, arrived))
 
+    @property
+    def graphed(self) -> bool:
+        """The step launched last ran through CUDA graphs (engine.step_trace reads it)."""
+        return self.model.graphed
+
     def collect(self) -> list[int]:
         tokens, arrived = self._done.popleft()
         if arrived is not None:

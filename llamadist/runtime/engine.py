@@ -53,6 +53,7 @@ class Engine:
         self.compile_layers = self.runtime.compile
         self._graphs = None
         self._paged_graphs = None
+        self.graphed = False  # the latest paged step ran through the decode graphs
 
     @property
     def max_seq_len(self) -> int:
@@ -137,7 +138,8 @@ class Engine:
         and every stage is on CUDA with the paged kernel; its logits are then a view of a
         static buffer, valid until the next step."""
         graphs = self.paged_graphs() if batch.is_decode and self.cuda_graphs else None
-        if graphs is not None and graphs.accepts(batch):
+        self.graphed = graphs is not None and graphs.accepts(batch)  # read by step traces
+        if self.graphed:
             return graphs.forward(tokens, batch, timed=self.timed)
         x = tokens
         on_device: dict[torch.device, PagedBatch] = {}  # moved (and its groups made) once
