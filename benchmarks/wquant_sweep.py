@@ -11,8 +11,9 @@ L2 cache does not serve them (a decode step reads each layer's weights once from
 * the ``--wquant triton`` GEMV: the former kernel ("v0"), the GEMM's tensor-core tiles
   ("dot", 16 rows: M = 2 and 4 may be issue-bound in FP32 FMAs), the rule's GemvConfig
   (``wquant_triton.gemv_config``) and, with ``--configs near`` (default), its neighbours
-  (split-K on / off / doubled, BLOCK_N and BLOCK_K halved and doubled, 2 and 8 warps, fp8
-  native / bit decode), or a wider grid with ``--configs wide``.
+  (split-K on / off / doubled, BLOCK_N and BLOCK_K halved and doubled, 2 and 8 warps,
+  prefetch depths, the other decode: int8 / fp8 native conversion or bit decode, int4
+  group sums), or a wider grid with ``--configs wide``.
 
 It first measures a device-to-device copy of 2 GiB (read + write bytes per second) as the
 reachable rate. Per case one JSON line on stdout: microseconds (median; min too), the bytes
@@ -150,7 +151,7 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                mode: str, stages: list[int]) -> list:
     """The rule's GemvConfig first, then (``mode``) others, without repeats of one
     effective cut (BLOCK_K as the group lets it)."""
-    rule = T.gemv_config(kind, m, n, k, group, sms)  # as wquant_triton.launch picks
+    rule = T.gemv_config(kind, m, n, k, group, sms, native)  # as wquant_triton.launch picks
     rep = dataclasses.replace
     out = [rule] + [rep(rule, stages=s) for s in stages]
     if mode != "rule":
@@ -160,8 +161,12 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                 rep(rule, block_k=rule.block_k * 2), rep(rule, block_k=max(16, rule.block_k // 2)),
                 rep(rule, warps=8), rep(rule, warps=2)]
         out += [rep(rule, prefetch=p) for p in (2, 1, 0) if p != rule.prefetch]
-        if kind == "fp8" and native:  # the hardware conversion, not yet the default
-            out += [rep(rule, fp8_native=True, prefetch=0), rep(rule, fp8_native=True)]
+        if kind == "int8" or (kind == "fp8" and native):  # the other decode: bits / the
+            out += [rep(rule, native=not rule.native),    # hardware's conversion
+                    rep(rule, native=not rule.native, prefetch=0)]
+        if kind == "int4":  # the group's scale and offset on each tile's sums
+            out += [rep(rule, group_sums=True),
+                    rep(rule, group_sums=True, prefetch=1 if rule.prefetch == 0 else 0)]
     if mode == "wide":
         bks = (16, 32, 64, 128) if kind == "int4" else (64, 128, 256, 512)
         for bn in (8, 16, 32, 64, 128):
