@@ -8,9 +8,9 @@ accumulated in float32:
   and one K range (split-K: ``split`` ranges write float32 partials that
   ``_splitk_sum_kernel`` adds in a fixed order: deterministic) and walks it in (BLOCK_N,
   BLOCK_K) tiles of codes, loaded up to two tiles ahead (``prefetch``: Triton pipelines
-  only loops with tl.dot), with wide loads along K (16 contiguous bytes a thread where K allows: EVEN_K
-  drops the K mask, which would stop vectorisation). Codes decode with bit tricks, not
-  int->float conversions (a quarter-rate unit on NVIDIA GPUs):
+  only loops with tl.dot), with wide loads along K (16 contiguous bytes a thread where K
+  allows: EVEN_K drops the K mask, which would stop vectorisation). Codes decode with bit
+  tricks, not int->float conversions (a quarter-rate unit on NVIDIA GPUs):
   - int8: ``(u ^ 0x80) | 0x4B000000`` read as float32 is 2^23 + 128 + q; one exact
     subtraction gives q;
   - int4: a nibble shifted into the top mantissa bits of 1.0 reads f = 1 + c / 16, and

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from llamadist.kernels import wquant_triton as T
 
@@ -36,7 +37,7 @@ def test_fp8_native_only_where_the_device_converts():
     assert on.native and not off.native
     assert dataclasses.replace(on, native=False) == off  # the same cut, another decode
     # the interpreter's (and a CPU tensor's) traits: the bit decode
-    assert T.device_traits(__import__("torch").device("cpu")) == (4, False)
+    assert T.device_traits(torch.device("cpu")) == (4, False)
     assert not T.gemv_config("int8", 1, 4096, 4096, 4096, 132, fp8_native=True).native
 
 

@@ -338,7 +338,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         GROUP_B=group_b or 1, KIND=KIND_IDS[kind], GROUPED=grouped,
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
-        GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+        GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         blk = 1024
         _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
