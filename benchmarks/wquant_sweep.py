@@ -11,8 +11,9 @@ L2 cache does not serve them (a decode step reads each layer's weights once from
 * the ``--wquant triton`` GEMV: the former kernel ("v0"), the GEMM's tensor-core tiles
   ("dot", 16 rows: M = 2 and 4 may be issue-bound in FP32 FMAs), the rule's GemvConfig
   (``wquant_triton.gemv_config``) and, with ``--configs near`` (default), its neighbours
-  (split-K on / off / doubled, BLOCK_N and BLOCK_K halved and doubled, 2 and 8 warps, fp8
-  native / bit decode), or a wider grid with ``--configs wide``.
+  (split-K on / off / doubled, BLOCK_N and BLOCK_K halved and doubled, 2 and 8 warps,
+  prefetch depths, the other decode: int8 / fp8 native conversion or bit decode, int4
+  group sums), or a wider grid with ``--configs wide``.
 
 It first measures a device-to-device copy of 2 GiB (read + write bytes per second) as the
 reachable rate. Per case one JSON line on stdout: microseconds (median; min too), the bytes
@@ -32,7 +33,9 @@ cache then serves the timed run). ``--max-seconds`` (default 170, from the start
 starting new cases after that long and says how many it skipped (baselines and the rule's
 configs run first, then the neighbours by M); ``--m 4`` etc. run a part.
 ``--interpret-smoke`` runs the same logic on the CPU under Triton's interpreter with tiny
-shapes and no timing (a check that the script works, not a measurement).
+shapes and no timing (a check that the script works, not a measurement). ``--predict
+sweep.jsonl`` runs nothing: it looks the current rule's configs up in a past sweep's
+lines and sums them per layer (what a rule change should give, from measured cases).
 """
 
 from __future__ import annotations
@@ -79,6 +82,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "default min(12, CPUs - 2) on CUDA, 0 with --interpret-smoke)")
     p.add_argument("--compile-timeout", type=float, default=150.0)
     p.add_argument("--compile-only", help=argparse.SUPPRESS)  # "i/n": a worker's share
+    p.add_argument("--predict", metavar="SWEEP_JSONL",
+                   help="no run: look the current rule's configs up in a past sweep's JSON "
+                   "lines and sum them per layer (a prediction from measured cases)")
+    p.add_argument("--sms", type=int, default=132, help="--predict: the device's SMs")
+    p.add_argument("--no-fp8-native", action="store_true",
+                   help="--predict: a device without float8 conversions (before sm_89)")
     return p.parse_args(argv)
 
 
@@ -150,7 +159,7 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                mode: str, stages: list[int]) -> list:
     """The rule's GemvConfig first, then (``mode``) others, without repeats of one
     effective cut (BLOCK_K as the group lets it)."""
-    rule = T.gemv_config(kind, m, n, k, group, sms)  # as wquant_triton.launch picks
+    rule = T.gemv_config(kind, m, n, k, group, sms, native)  # as wquant_triton.launch picks
     rep = dataclasses.replace
     out = [rule] + [rep(rule, stages=s) for s in stages]
     if mode != "rule":
@@ -160,8 +169,12 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                 rep(rule, block_k=rule.block_k * 2), rep(rule, block_k=max(16, rule.block_k // 2)),
                 rep(rule, warps=8), rep(rule, warps=2)]
         out += [rep(rule, prefetch=p) for p in (2, 1, 0) if p != rule.prefetch]
-        if kind == "fp8" and native:  # the hardware conversion, not yet the default
-            out += [rep(rule, fp8_native=True, prefetch=0), rep(rule, fp8_native=True)]
+        if kind == "int8" or (kind == "fp8" and native):  # the other decode: bits / the
+            out += [rep(rule, native=not rule.native),    # hardware's conversion
+                    rep(rule, native=not rule.native, prefetch=0)]
+        if kind == "int4":  # the group's scale and offset on each tile's sums
+            out += [rep(rule, group_sums=True),
+                    rep(rule, group_sums=True, prefetch=1 if rule.prefetch == 0 else 0)]
     if mode == "wide":
         bks = (16, 32, 64, 128) if kind == "int4" else (64, 128, 256, 512)
         for bn in (8, 16, 32, 64, 128):
@@ -379,7 +392,9 @@ def run(args, torch) -> list[dict]:
     copy_bps = None if smoke else copy_rate(torch, dev, args.copy_gib)
     if copy_bps:
         print(json.dumps({"copy_GBps": copy_bps / 1e9, "copy_gib": args.copy_gib,
-                          "device": torch.cuda.get_device_name(dev)}), flush=True)
+                          "device": torch.cuda.get_device_name(dev),
+                          "sms": T.device_traits(dev)[0],
+                          "fp8_native": T.device_traits(dev)[1]}), flush=True)
         print(f"device-to-device copy: {copy_bps / 1e9:.0f} GB/s (read + write)",
               file=sys.stderr, flush=True)
     sms, native = T.device_traits(dev)
@@ -447,8 +462,44 @@ def summary(sweep: Sweep) -> None:
               f"{sweep.args.max_seconds:.0f}", file=sys.stderr)
 
 
+def predict(path: str, sms: int, fp8_native: bool) -> int:
+    """The current ``gemv_config``'s choice per (kind, shape, M) looked up in a past sweep's
+    JSON lines, and the four linears' sums against bf16's and the best measured GEMV's.
+    A prediction: each linear was timed alone, with that run's code; a config the sweep
+    did not time is named, not guessed."""
+    from llamadist.kernels import wquant_triton as T
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if "kind" in r and r.get("us") is not None and r.get("ok")]
+    us = {(r["kind"], r["shape"], r["m"], r["config"]): r["us"] for r in rows
+          if r["product"] in ("triton", "bf16")}
+    shape_nk = {r["shape"]: (r["n"], r["k"]) for r in rows}
+    print(f"the rule of this tree ({sms} SMs, float8 conversion {fp8_native}) in {path}:")
+    for m in sorted({r["m"] for r in rows}):
+        shapes = sorted({r["shape"] for r in rows if r["m"] == m and r["kind"] == "bf16"})
+        bf16 = sum(us[("bf16", s, m, "F.linear")] for s in shapes)
+        for kname in [k for k in KINDS if any(r["kind"] == k for r in rows)]:
+            kind, group = KINDS[kname]
+            got, missing, best = 0.0, [], 0.0
+            for s in shapes:
+                n, k = shape_nk[s]
+                label = T.gemv_config(kind, m, n, k, group or k, sms, fp8_native).label()
+                if (kname, s, m, label) in us:
+                    got += us[(kname, s, m, label)]
+                else:
+                    missing.append(f"{s} {label}")
+                best += min(v for (kd, sh, mm, c), v in us.items()
+                            if (kd, sh, mm) == (kname, s, m) and c not in ("v0", "dot"))
+            line = (f"  m={m} {kname:>9}: " + (f"rule {got:8.2f} us = {got / bf16:.2f}x"
+                    if not missing else f"not timed: {', '.join(missing)}")
+                    + f"   best measured GEMV {best / bf16:.2f}x   bf16 {bf16:.2f} us")
+            print(line)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.predict:
+        return predict(args.predict, args.sms, not args.no_fp8_native)
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels launch / import
         args.m = [m for m in args.m if m <= 4]

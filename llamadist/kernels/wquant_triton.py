@@ -7,24 +7,27 @@ accumulated in float32:
   for bytes in flight and few instructions per byte. A program owns BLOCK_N output rows
   and one K range (split-K: ``split`` ranges write float32 partials that
   ``_splitk_sum_kernel`` adds in a fixed order: deterministic) and walks it in (BLOCK_N,
-  BLOCK_K) tiles of codes, loaded two tiles ahead (Triton pipelines only loops with
-  tl.dot), with wide loads along K (16 contiguous bytes a thread where K allows: EVEN_K
-  drops the K mask, which would stop vectorisation). Codes decode with bit tricks, not
-  int->float conversions (a quarter-rate unit on NVIDIA GPUs):
+  BLOCK_K) tiles of codes, loaded up to two tiles ahead (``prefetch``: Triton pipelines
+  only loops with tl.dot), with wide loads along K (16 contiguous bytes a thread where K
+  allows: EVEN_K drops the K mask, which would stop vectorisation). Codes decode with bit
+  tricks, not int->float conversions (a quarter-rate unit on NVIDIA GPUs):
   - int8: ``(u ^ 0x80) | 0x4B000000`` read as float32 is 2^23 + 128 + q; one exact
     subtraction gives q;
   - int4: a nibble shifted into the top mantissa bits of 1.0 reads f = 1 + c / 16, and
     w = c s + o = 16 s f + (o - 16 s) is one FMA (within ~2^-19 s of w);
   - fp8 e4m3: its bits placed in float32's (sign, exponent, top mantissa) read 2^-120
-    times the value, subnormals included; one multiplication by 2^120 makes it exact
-    (or ``fp8_native``, on sm_89+ where a config asks for it: the hardware's float8e4nv
-    conversion; not the default until it has run on a GPU, as the interpreter cannot).
+    times the value, subnormals included; one multiplication by 2^120 makes it exact.
+  ``native`` configs use the hardware's conversion instead: fp8 float8e4nv (sm_89+; the
+  rule's choice there since the 2026-12-02 H200 sweep), int8 a plain int8 -> float32
+  conversion (a sweep variant, not yet measured). ``group_sums`` (int4, a sweep variant)
+  reduces 1 + c/16 times x per tile and applies the group's scale and offset to the
+  tile's sums (one FMA a weight; the offset needs the tile's sum of x).
   Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
   tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
   tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
   int4's x is read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word
   split with shifts: byte j's low nibble meets x[2j], its high one x[2j + 1], with wide
-  loads of x. ``GemvConfig`` holds the tile, warps, split and prefetch depth;
+  loads of x. ``GemvConfig`` holds the tile, warps, split, prefetch depth and decode;
   ``gemv_config`` picks one by rule (``benchmarks/wquant_sweep.py`` times the others).
 * GEMM (larger M: big decode batches, prefill; ``_wq_kernel``): BLOCK_M x BLOCK_N tiles
   through ``tl.dot`` on the dequantized W tile in x's dtype. Its register-product branch
@@ -32,8 +35,9 @@ accumulated in float32:
 
 int4 bytes hold inputs 2j and 2j + 1 (low, high nibble). int8 and fp8 with one scale per
 output channel multiply the raw codes (exact in bf16 / fp16) and scale the accumulator
-once at the end. Everything but fp8_native runs in Triton's interpreter
-(``TRITON_INTERPRET=1``, CPU tensors), where the tests check it against float64.
+once at the end. Everything runs in Triton's interpreter (``TRITON_INTERPRET=1``, CPU
+tensors), where the tests check it against float64 (fp8 native too: Triton 3.7's
+interpreter decodes every finite e4m3 code).
 
 No host synchronisation and shapes fixed by the tensors: the launches are captured inside
 the CUDA-graph decode path like any kernel. ``packed_linear`` is also registered as the
@@ -74,22 +78,25 @@ class GemvConfig:
     """How ``_gemv_kernel`` cuts y = x @ W^T: BLOCK_N rows x BLOCK_K code bytes a tile
     (powers of two; BLOCK_K is lowered to divide a scale group's bytes), ``warps`` per
     program, ``split`` K ranges (1: no partials), ``stages`` (Triton's num_stages; None:
-    its default; it does not change this loop's code in Triton 3.9), ``fp8_native``
-    (CUDA's float8e4nv conversion instead of the bit decode), ``prefetch`` (tiles loaded
-    ahead: 0, 1 or 2)."""
+    its default; it does not change this loop's code in Triton 3.9), ``native`` (int8 /
+    fp8: the hardware's conversion of the codes, int8 -> float32 or CUDA's float8e4nv
+    (sm_89+), instead of the bit decode; label "nat"), ``prefetch`` (tiles loaded ahead:
+    0, 1 or 2), ``group_sums`` (int4: scale and offset applied to each tile's sums, not
+    to each weight; label "gs")."""
 
     block_n: int = 32
     block_k: int = 256
     warps: int = 4
     split: int = 1
     stages: int | None = None
-    fp8_native: bool = False
+    native: bool = False
     prefetch: int = 2
+    group_sums: bool = False
 
     def label(self) -> str:
         return (f"n{self.block_n}k{self.block_k}w{self.warps}s{self.split}"
                 + ("" if self.stages is None else f"st{self.stages}")
-                + ("nat" if self.fp8_native else "")
+                + ("nat" if self.native else "") + ("gs" if self.group_sums else "")
                 + ("" if self.prefetch == 2 else f"pf{self.prefetch}"))
 
 
@@ -110,15 +117,32 @@ def device_traits(device: torch.device) -> tuple[int, bool]:
 
 def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
                 fp8_native: bool = False) -> GemvConfig:
-    """The rule's GemvConfig for y (m, n) = x (m, k) @ W^T, W ``kind`` with ``group``.
+    """The rule's GemvConfig for y (m, n) = x (m, k) @ W^T, W ``kind`` with ``group``, on a
+    device of ``sms`` SMs that converts float8e4nv or not (``fp8_native``: sm_89+).
 
-    Reasoning (to be confirmed by benchmarks/wquant_sweep.py): a step reads W once, so the
-    GPU needs ~30 KB in flight per SM (4 TB/s x ~1 us / 132 SMs). A 4-warp program with an
-    8 KB tile of int8 / fp8 codes (32 rows x 256 bytes: 64 bytes, four 16-byte loads a
-    thread) or a 4 KB tile of int4 (twice the values a byte) holds a useful share; split-K
-    raises the programs to >= 3 per SM where N / BLOCK_N alone is short (o_proj,
-    down_proj: 4096 rows), keeping >= 4 tiles per K range. Small scale groups shrink
-    BLOCK_K (a tile stays in one group) and widen BLOCK_N, up to 128 rows."""
+    The cut (reasoning): a step reads W once, so the GPU needs ~30 KB in flight per SM
+    (4 TB/s x ~1 us / 132 SMs). A 4-warp program with an 8 KB tile of int8 / fp8 codes (32
+    rows x 256 bytes) or a 4 KB tile of int4 (twice the values a byte) holds a useful
+    share; split-K raises the programs to >= 3 per SM where N / BLOCK_N alone is short
+    (o_proj, down_proj: 4096 rows), keeping >= 4 tiles per K range. Small scale groups
+    shrink BLOCK_K (a tile stays in one group) and widen BLOCK_N, up to 128 rows.
+
+    Decode, prefetch and warps: the best of the neighbours of that cut measured by
+    benchmarks/wquant_sweep.py on one H200 (2026-12-02, triton 3.6, torch 2.11; RESULTS.md
+    "wquant GEMV sweep on an H200") for Llama-3-8B's four decode shapes, M = 1, 2, 4:
+    * fp8: the hardware conversion where there is one, without prefetch (fastest on all
+      12; prefetched fp8 bytes are unpacked byte by byte and repacked for the conversion:
+      586 instructions a 64-byte step against 280); else the bit decode without prefetch
+      (the fastest bit decode on 10 of 12; not measured on a GPU without float8e4nv);
+    * int8: prefetch 1, but 0 at M = 2 (each the fastest on all four shapes; why M = 2
+      differs is not known);
+    * int4, groups of >= 128 (64-byte steps): prefetch 0 (fastest on 10 of 12; gate_up at
+      M = 2, 4 is within 7% of its best);
+    * int4 in 16-byte steps (groups of 32): 8 warps a program; where the rows alone give
+      every SM a program (N / BLOCK_N >= sms: gate_up), BLOCK_N halved instead, 4 warps,
+      the split unchanged (fastest on 10 of 12; qkv at M = 1, 2 within 12%).
+    Formats the sweep does not time (int8 with groups, int4 groups of 64) follow their
+    kind's line: an extrapolation."""
     kb = (k + 1) // 2 if kind == "int4" else k
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
@@ -131,12 +155,19 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     tiles = -(-n // bn)
     while tiles * split < 3 * sms and kb // (2 * split) >= 4 * bk and split < 16:
         split *= 2
-    native = fp8_native and kind == "fp8"
-    # prefetched fp8 bytes carried across the loop are unpacked byte by byte and repacked
-    # for the float8 conversion (sm_90 loop: 586 instructions a 64-byte step against 280
-    # without); without prefetch its 55 registers leave ~9 programs an SM to cover latency
-    return GemvConfig(block_n=bn, block_k=bk, split=split, fp8_native=native,
-                      prefetch=0 if native else 2)
+    warps, native, prefetch = 4, False, 2
+    if kind == "fp8":
+        native, prefetch = fp8_native, 0
+    elif kind == "int8":
+        prefetch = 0 if m == 2 else 1
+    elif bk >= 64:
+        prefetch = 0
+    elif tiles >= sms:
+        bn = max(8, bn // 2)
+    else:
+        warps = 8
+    return GemvConfig(block_n=bn, block_k=bk, warps=warps, split=split, native=native,
+                      prefetch=prefetch)
 
 
 def _tile_k(cfg_k: int, group_b: int | None) -> int:

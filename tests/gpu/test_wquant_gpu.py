@@ -4,6 +4,12 @@ GEMM row counts. On CUDA (marked gpu); without CUDA they also run on CPU tensors
 Triton's interpreter: ``TRITON_INTERPRET=1 pytest tests/gpu/test_wquant_gpu.py`` (in a
 venv with triton; the interpreter has no bfloat16 dot, so bf16 is checked on CUDA only).
 
+The interpreter runs every combination. CUDA compiles one kernel per distinct
+(constexprs, x dtype, which sizes are 1 or multiples of 16), ~0.5-2 s each, so there
+the combinations are rotated (``format_cases`` etc.): each format and dtype still meets
+every shape, GEMV row count (1-4) and GEMM BLOCK_M class (16, 64, 128), each GemvConfig
+both of its shapes, in ~110 compilations instead of ~660.
+
 Tolerance, with S = |x| @ |W|^T (the sum of the products' magnitudes) per output:
 * float32 x: |y - ref| <= 2e-5 S (float32 accumulation; the dot runs in IEEE fp32);
 * float16 / bfloat16 x: <= 2^-7 S + 2^-7 |ref| (grouped formats round each dequantized
@@ -27,12 +33,15 @@ from tests.quant_blocks import random_blocks
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else ("cpu" if INTERPRET else None)
+ON_CUDA = DEVICE == "cuda"
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(DEVICE is None or not gpu.INSTALLED,
                                  reason="needs CUDA (or TRITON_INTERPRET=1 with triton)")]
 
-DTYPES = ["float32", "float16"] + (["bfloat16"] if DEVICE == "cuda" else [])
-ROWS = [1, 2, 3, 4, 5, 16, 33] + ([130] if DEVICE == "cuda" else [])
+ALL_DTYPES = ["float32", "float16", "bfloat16"]
+DTYPES = ALL_DTYPES if ON_CUDA else ALL_DTYPES[:2]
+ROWS = [1, 2, 3, 4, 5, 16, 33]  # GEMV 1-4; GEMM BLOCK_M 16 (a tail, whole), 64
+GEMM_CLASSES = (5, 33, 130)     # CUDA: BLOCK_M 16, 64 and 128 (two tiles, 8 warps)
 SHAPES = [(37, 300), (64, 257), (96, 512)]
 
 
@@ -49,6 +58,7 @@ def _q4_k(n: int, k: int) -> W.PackedWeight:
 FORMATS = {"int8": W.quantize_int8, "int8_g32": lambda w: W.quantize_int8(w, 32),
            "int4": W.quantize_int4, "int4_g32": lambda w: W.quantize_int4(w, 32),
            "fp8": W.quantize_fp8}
+FORMATS_KIND = {f: f.split("_")[0] for f in FORMATS}
 
 
 def check(pw: W.PackedWeight, m: int, dtype: torch.dtype, bias: bool,
@@ -73,66 +83,118 @@ def check(pw: W.PackedWeight, m: int, dtype: torch.dtype, bias: bool,
     assert (err <= tol + 1e-6).all(), f"max error {err.max():.3g}, at most {tol.max():.3g}"
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("n,k", SHAPES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_formats_against_float64(fmt, n, k, dtype):
+def format_cases(cuda: bool) -> list[tuple]:
+    """(fmt, n, k, dtype, rows) of test_formats_against_float64: the interpreter every
+    format x shape x dtype with every row count; CUDA each (format, dtype) once, its shape,
+    GEMV rows ((1, 4) or (2, 3)) and GEMM class rotated (a Latin square per format and
+    per dtype: every format and every dtype meets all three shapes and classes)."""
+    if not cuda:
+        return [(f, n, k, d, tuple(ROWS)) for f in FORMATS for n, k in SHAPES
+                for d in ALL_DTYPES[:2]]
+    out = []
+    for i, f in enumerate(FORMATS):
+        for j, d in enumerate(ALL_DTYPES):
+            n, k = SHAPES[(i + 2 * j) % 3]
+            gemv = (1, 4) if (i + j) % 2 == 0 else (2, 3)
+            out.append((f, n, k, d, gemv + (GEMM_CLASSES[(i + j) % 3],)))
+    return out
+
+
+@pytest.mark.parametrize("fmt,n,k,dtype,rows", format_cases(ON_CUDA),
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else None)
+def test_formats_against_float64(fmt, n, k, dtype, rows):
     w = torch.randn(n, k) * torch.logspace(-2, 0, n).view(-1, 1)
     pw = FORMATS[fmt](w)
-    for m in ROWS:
+    for m in rows:
         check(pw, m, getattr(torch, dtype), bias=m % 2 == 1)
 
 
 # GEMV cuts the rule may not pick for these small shapes: split-K (partials + the sum
 # kernel), K ranges and tiles that end inside a row (no EVEN_K), tiles wider than K, one
 # or two warps, rows not a multiple of BLOCK_N, prefetch depths 0, 1 and 2; the former
-# GEMV ("v0") and the GEMM's tiles ("dot") the sweep compares them with.
+# GEMV ("v0") and the GEMM's tiles ("dot") the sweep compares them with; the decode
+# variants: native conversions (int8, fp8) and int4's group sums.
 GEMV_CONFIGS = [T.GemvConfig(block_n=16, block_k=32, split=3),
                 T.GemvConfig(block_n=8, block_k=64, warps=2, split=2, prefetch=1),
                 T.GemvConfig(block_n=64, block_k=512, warps=1, prefetch=0),
-                "v0", "dot"] + ([T.GemvConfig(fp8_native=True, prefetch=1)]
-                                if DEVICE == "cuda" else [])  # float8e4nv: CUDA only
+                "v0", "dot"]
+VARIANTS = {"int8": [T.GemvConfig(native=True, prefetch=1),
+                     T.GemvConfig(block_n=16, block_k=32, split=3, native=True, prefetch=0)],
+            "int4": [T.GemvConfig(group_sums=True, prefetch=1),
+                     T.GemvConfig(block_n=16, block_k=32, split=3, group_sums=True,
+                                  prefetch=0)]}
+# float8e4nv: sm_89+ on CUDA; Triton 3.7's interpreter decodes every finite e4m3 code
+FP8_NATIVE = not ON_CUDA or T.device_traits(torch.device("cuda"))[1]
+VARIANTS["fp8"] = VARIANTS["int8"] if FP8_NATIVE else []
+CONFIG_RUNS = [(37, 300, torch.float32), (64, 256, torch.float16)]
 
 
-@pytest.mark.parametrize("fmt", list(FORMATS))
-@pytest.mark.parametrize("cfg", GEMV_CONFIGS, ids=lambda c: getattr(c, "label", lambda: c)())
-def test_gemv_configs_against_float64(fmt, cfg):
+def config_cases(cuda: bool) -> list[tuple]:
+    """(fmt, config, runs: (n, k, dtype, m) ...) of test_gemv_configs_against_float64.
+    The interpreter: both CONFIG_RUNS, each at one M (rotated over the formats: every
+    config meets every M on both runs). CUDA: one run at one M, rotated over the formats
+    (each config meets both runs and two to four M)."""
+    out = []
+    for i, fmt in enumerate(FORMATS):
+        cfgs = GEMV_CONFIGS + VARIANTS[FORMATS_KIND[fmt]]
+        for c, cfg in enumerate(cfgs):
+            if not cuda:
+                runs = [(n, k, d, 1 + (i + c + 2 * j) % T.GEMV_MAX_M)
+                        for j, (n, k, d) in enumerate(CONFIG_RUNS)]
+            else:
+                runs = [CONFIG_RUNS[(i + c) % 2] + (1 + (i // 2 + c) % T.GEMV_MAX_M,)]
+            out.append((fmt, cfg, runs))
+    return out
+
+
+def _label(v):
+    if isinstance(v, list):  # the runs
+        return "+".join(f"{n}x{k}{str(d)[6:]}m{m}" for n, k, d, m in v)
+    return v.label() if isinstance(v, T.GemvConfig) else v
+
+
+@pytest.mark.parametrize("fmt,cfg,runs", config_cases(ON_CUDA), ids=_label)
+def test_gemv_configs_against_float64(fmt, cfg, runs):
     """Every GemvConfig the sweep may choose computes the same product, M = 1..4."""
-    for n, k, dtype in [(37, 300, torch.float32), (64, 256, torch.float16)]:
+    for n, k, dtype, m in runs:
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
         pw = FORMATS[fmt](w).to(DEVICE)
-        for m in range(1, T.GEMV_MAX_M + 1):
-            check(pw, m, dtype, bias=m % 2 == 0, config=cfg)
+        check(pw, m, dtype, bias=m % 2 == 0, config=cfg)
 
 
-def test_gemv_config_rule_fills_the_gpu():
-    """The rule's cut for Llama-3-8B's decode shapes: whole tiles of a scale group, and
-    enough programs for 132 SMs (split-K where the rows alone are few)."""
-    for kind, group in [("int8", None), ("fp8", None), ("int4", 128), ("int4", 32)]:
-        for n, k in [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]:
-            cfg = T.gemv_config(kind, 1, n, k, group or k)
-            gb = (group // 2 if kind == "int4" else group) if group else None
-            assert gb is None or gb % cfg.block_k == 0
-            assert -(-n // cfg.block_n) * cfg.split >= 2 * 132, (kind, n, k, cfg)
-            assert cfg.block_n * cfg.block_k >= 2048  # >= 16 bytes a thread of 4 warps
+def gguf_cases(cuda: bool) -> list[tuple]:
+    """(conversion, dtype, rows): the interpreter every row count; CUDA one row count per
+    (conversion, dtype), GEMV and GEMM in turn (the conversions' scales and offsets are
+    what this checks; the kernels' paths are the formats' above)."""
+    convs = [_q8_0, _q4_k]
+    if not cuda:
+        return [(c, d, tuple(ROWS)) for c in convs for d in ALL_DTYPES[:2]]
+    return [(c, d, ((1 + i + j) % 4 + 1,) if (i + j) % 2 == 0 else (GEMM_CLASSES[j],))
+            for i, c in enumerate(convs) for j, d in enumerate(ALL_DTYPES)]
 
 
-@pytest.mark.parametrize("conv", [_q8_0, _q4_k], ids=["Q8_0", "Q4_K"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_gguf_converted_against_float64(conv, dtype):
+@pytest.mark.parametrize("conv,dtype,rows", gguf_cases(ON_CUDA),
+                         ids=lambda v: getattr(v, "__name__", None))
+def test_gguf_converted_against_float64(conv, dtype, rows):
     pw = conv(48, 512)
-    for m in ROWS:
+    for m in rows:
         check(pw, m, getattr(torch, dtype), bias=False)
 
 
-def test_fp8_decodes_every_finite_code():
-    """All 254 finite e4m3 bit patterns (subnormals, both signs) as one weight row each."""
+@pytest.mark.parametrize("native", [False, True], ids=["bits", "native"])
+def test_fp8_decodes_every_finite_code(native):
+    if native and not FP8_NATIVE:
+        pytest.skip("no float8e4nv conversion before sm_89")
+    """All 254 finite e4m3 bit patterns (subnormals, both signs) as one weight row each,
+    through the bit decode and the float8e4nv conversion (Triton 3.7's interpreter has
+    it too)."""
     codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
     pw = W.PackedWeight("fp8", codes.view(-1, 1).repeat(1, 32), torch.full((254, 1), 0.5),
-                        None, 32, (254, 32))
+                        None, 32, (254, 32)).to(DEVICE)
     x = torch.zeros(1, 32)
     x[0, 5] = 1.0
-    y = T.packed_linear(x.to(DEVICE), pw.to(DEVICE)).cpu()[0]
+    y = T.launch(x.to(DEVICE), "fp8", pw.q, pw.scale, None, None, 32, 254, 32,
+                 T.GemvConfig(native=native, prefetch=0)).cpu()[0]
     want = codes.view(torch.float8_e4m3fn).float() * 0.5
     assert torch.equal(y, want)
 

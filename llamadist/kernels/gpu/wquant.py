@@ -111,10 +111,13 @@ def _x_pairs(w, XDT: tl.constexpr):
 
 
 @triton.jit
-def _decode(raw, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
-    """(BN, BK) uint8 codes of int8 (two's complement bits) or fp8 -> float32 values."""
-    if KIND == 2 and FP8_NATIVE:
-        return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+def _decode(raw, KIND: tl.constexpr, NATIVE: tl.constexpr):
+    """(BN, BK) uint8 codes of int8 (two's complement bits) or fp8 -> float32 values
+    (NATIVE: the hardware's int8 / float8e4nv conversion)."""
+    if NATIVE:
+        if KIND == 2:
+            return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        return raw.to(tl.int8, bitcast=True).to(tl.float32)
     u = raw.to(tl.int32)  # zero-extended byte
     if KIND == 0:  # 2^23 + 128 + q, minus 2^23 + 128: q exactly
         return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
@@ -151,36 +154,45 @@ def _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B: tl.conste
 
 
 @triton.jit
-def _decode_tile(raw, sc, off, KIND: tl.constexpr, FP8_NATIVE: tl.constexpr):
+def _decode_tile(raw, sc, off, KIND: tl.constexpr, NATIVE: tl.constexpr,
+                 GROUP_SUMS: tl.constexpr):
     """A (BN, BK) tile of code bytes -> float32 tiles (w_a, w_b): int4 the low and high
-    nibbles' weights c s + o in one FMA each: f = 1 + c / 16 exactly (c in float32's
-    top mantissa bits: a shift and a mask, no conversion), w = 16 s f + (o - 16 s),
-    within ~2^-19 s of w (the tests' float32 bound is ~1e-4 s |x| a weight); int8 /
-    fp8 the unscaled values (w, w)."""
+    nibbles' f = 1 + c / 16 exactly (c in float32's top mantissa bits: a shift and a
+    mask, no conversion), and unless GROUP_SUMS their weights c s + o in one FMA each,
+    w = 16 s f + (o - 16 s), within ~2^-19 s of w (the tests' float32 bound is ~1e-4 s
+    |x| a weight); int8 / fp8 the unscaled values (w, w)."""
     if KIND == 1:
         u = raw.to(tl.int32)
         f_lo = (((u << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
         f_hi = (((u << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
+        if GROUP_SUMS:
+            return f_lo, f_hi
         a = (16.0 * sc)[:, None]
         b = (off - 16.0 * sc)[:, None]
         return f_lo * a + b, f_hi * a + b
-    w = _decode(raw, KIND, FP8_NATIVE)
+    w = _decode(raw, KIND, NATIVE)
     return w, w
 
 
 @triton.jit
-def _tile_part(w_a, w_b, sc, x_row, rb, b_hi, KIND: tl.constexpr, GROUPED: tl.constexpr,
-               EVEN_K: tl.constexpr, XDT: tl.constexpr, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr):
+def _tile_part(w_a, w_b, sc, off, x_row, rb, b_hi, KIND: tl.constexpr,
+               GROUPED: tl.constexpr, GROUP_SUMS: tl.constexpr, EVEN_K: tl.constexpr,
+               XDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """(BN,) sums over the tile of its weights times one row of x (bytes rb); grouped
-    int8 / fp8 scale the group's sum once (int4 is scaled per weight: its offset
-    would need sum(x), and a sum of the 1-D x crosses warps through shared memory)."""
+    int8 / fp8 scale the group's sum once, and so does int4 with GROUP_SUMS: sum w x =
+    16 s sum(f x) + (o - 16 s) sum(x), f = 1 + c / 16 (a FMA a weight, two row sums
+    and the tile's sum of x; both terms are ~16 s sum|x|, so float32 keeps ~2^-20 s
+    sum|x| of the tile's part). Without it int4 is scaled per weight."""
     if KIND == 1:  # x as pair words: x[2j] meets the low nibbles, x[2j + 1] the high
         if EVEN_K:
             xw = tl.load(x_row + rb)
         else:
             xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
         x_e, x_o = _x_pairs(xw, XDT)
+        if GROUP_SUMS:  # two sums: each a chain of FMAs (one sum would add a product)
+            fx = tl.sum(w_a * x_e[None, :], axis=1) + tl.sum(w_b * x_o[None, :], axis=1)
+            xs = tl.sum(x_e + x_o, axis=0)
+            return fx * (16.0 * sc) + xs * (off - 16.0 * sc)
         return tl.sum(w_a * x_e[None, :] + w_b * x_o[None, :], axis=1)
     # x's pointers broadcast to the tile's shape: loaded in the tile's own layout (a
     # 1-D load would reach the threads through shared memory and a barrier each step)
@@ -214,8 +226,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  stride_xm, stride_qn, stride_sn, stride_ym,
                  GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
-                 EVEN_K: tl.constexpr, XDT: tl.constexpr, FP8_NATIVE: tl.constexpr,
-                 PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
+                 GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K. PREFETCH
@@ -261,10 +274,10 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
             raw = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
             sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
                                    GROUP_B, KIND, GROUPED)
-        w_a, w_b = _decode_tile(raw, sc, off, KIND, FP8_NATIVE)
+        w_a, w_b = _decode_tile(raw, sc, off, KIND, NATIVE, GROUP_SUMS)
         for m in tl.static_range(ROWS):
-            part = _tile_part(w_a, w_b, sc, x_ptr + m * stride_xm, rb, b_hi, KIND,
-                              GROUPED, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+            part = _tile_part(w_a, w_b, sc, off, x_ptr + m * stride_xm, rb, b_hi, KIND,
+                              GROUPED, GROUP_SUMS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
             acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
     if not GROUPED:  # one scale a row, applied once
         sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
@@ -324,15 +337,14 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         xk.stride(0), q.stride(0), scale.stride(0), y.stride(0),
         GROUP_B=group_b or 1, KIND=KIND_IDS[kind], GROUPED=grouped,
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
-        ks % bk == 0, XDT=xdt, FP8_NATIVE=cfg.fp8_native and kind == "fp8",
-        PREFETCH=cfg.prefetch, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+        ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
+        GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         blk = 1024
         _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
             out, bias if bias is not None else out, y, m, n, y.stride(0), SPLIT=split,
             HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4)
-
-
 
 
 def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
@@ -347,8 +359,7 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     if m == 0:
         return y.view(*x.shape[:-1], n)
     if m <= GEMV_MAX_M and config not in ("v0", "dot") and not (kind == "int4" and group % 2):
-        # (fp8_native left to the sweep: it never ran where the tests can check it)
-        cfg = config or gemv_config(kind, m, n, k, group, device_traits(x.device)[0])
+        cfg = config or gemv_config(kind, m, n, k, group, *device_traits(x.device))
         gemv(x2, y, kind, q, scale, offset, bias, group, n, k, cfg)
         return y.view(*x.shape[:-1], n)
     dot, bm, bn, bk, warps = _blocks(GEMV_MAX_M + 1 if config == "dot" else m, kind)
