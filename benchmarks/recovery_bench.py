@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, help="the server's --timeout")
     ap.add_argument("--top-logprobs", type=int, default=2,
                     help="logprobs asked per token, to show where a text parts (0: none)")
+    ap.add_argument("--compile-cache", metavar="DIR", help="the server's --compile-cache")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     port = free_port()
@@ -178,6 +179,7 @@ def main() -> None:
     cmd += ["--devices", args.devices] if args.devices else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--timeout", str(args.timeout)] if args.timeout else []
+    cmd += ["--compile-cache", args.compile_cache] if args.compile_cache else []
     server = subprocess.Popen(cmd, env=server_env(), cwd=ROOT)
     try:
         wait_up(server, url, 900)

@@ -23,7 +23,7 @@ from llamadist.runtime import compile_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# One process of a stage: layer 0 of the tiny model, bucket 1 through the compiled
+# One process of a stage: layer 0 of the tiny model, buckets argv[3] through the compiled
 # layer (no C kernels: torch.compile traces the torch layers) -> Inductor's cache counters.
 STAGE = """
 import json, logging, sys, torch
@@ -34,22 +34,24 @@ from llamadist.runtime.stage import build_stage
 from llamadist.weights.checkpoint import open_checkpoint
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
 ck = open_checkpoint(sys.argv[1])
-st = build_stage(ck, range(1), "cpu", torch.float32, 1, 16,
+st = build_stage(ck, range(1), "cpu", torch.float32, 2, 16,
                  runtime=RuntimeConfig(cpu_kernels=False))
 g = DecodeGraphs([st], static_cpu=True, compile_cache=sys.argv[2])
-one = torch.zeros(1, 1, dtype=torch.long)
-out = g.forward(one, one, 0, None)
-print(json.dumps({"compiled": g.decoders[0].layer_fn is not None,
-                  "finite": bool(torch.isfinite(out).all()),
+finite = True
+for b in map(int, sys.argv[3].split(",")):  # each bucket's first step saves the file again
+    ids = torch.zeros(b, 1, dtype=torch.long)
+    finite &= bool(torch.isfinite(g.forward(ids, ids, 0, None)).all())
+print(json.dumps({"compiled": g.decoders[0].layer_fn is not None, "finite": finite,
                   "hits": counters["inductor"]["fxgraph_cache_hit"],
                   "misses": counters["inductor"]["fxgraph_cache_miss"]}))
 """
 
 
-def _stage_process(model, folder: Path, inductor_dir: Path) -> tuple[dict, str]:
+def _stage_process(model, folder: Path, inductor_dir: Path,
+                   buckets: str = "1,2") -> tuple[dict, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT), TORCHINDUCTOR_CACHE_DIR=str(inductor_dir),
                OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
-    r = subprocess.run([sys.executable, "-c", STAGE, str(model), str(folder)], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-c", STAGE, str(model), str(folder), buckets], cwd=ROOT,
                        env=env, text=True, capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
@@ -65,15 +67,19 @@ def test_next_process_loads_what_the_first_saved(tiny_model, tmp_path):
     assert len(files) == 1 and files[0].stat().st_size > 0
     assert "saved" in err
 
-    # A damaged file: the next process compiles anyway, says so, and replaces it.
+    # A damaged file: the next process compiles anyway and says so.
+    good = files[0].read_bytes()
     files[0].write_bytes(b"not torch's format" + files[0].read_bytes()[:100])
-    damaged, err = _stage_process(tiny_model, folder, tmp_path / "inductor-b")
+    damaged, err = _stage_process(tiny_model, folder, tmp_path / "inductor-b", "1")
     assert "unusable" in err and damaged["compiled"] and damaged["finite"]
-    assert damaged["hits"] == 0  # compiled from scratch, and wrote a good file again
+    assert damaged["hits"] == 0  # compiled from scratch
+    files[0].write_bytes(good)
 
     second, err = _stage_process(tiny_model, folder, tmp_path / "inductor-c")
     assert "compile artifacts: loaded" in err
     assert second["compiled"] and second["finite"]
+    # every graph of both buckets (two saves: two chunks in the file) found in the cache
+    assert first["misses"] >= 2
     assert second["hits"] == first["misses"] and second["misses"] == 0
 
 
