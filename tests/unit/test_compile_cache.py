@@ -130,3 +130,12 @@ def test_ranks_of_a_host_share_its_compile_workers(monkeypatch, cpus, local_worl
     assert env["OMP_NUM_THREADS"] == want
     given = worker_env(0, local_world, 1234, base={"TORCHINDUCTOR_COMPILE_THREADS": "3"})
     assert given["TORCHINDUCTOR_COMPILE_THREADS"] == "3"  # the user's choice stands
+
+
+def test_compile_cache_flag_reaches_the_runtime_config(tmp_path):
+    from llamadist.cli.args import runtime_config
+    from llamadist.cli.main import build_parser
+    p = build_parser()
+    on = p.parse_args(["serve", "m", "--compile-cache", str(tmp_path)])
+    assert runtime_config(on).compile_cache == str(tmp_path)
+    assert runtime_config(p.parse_args(["serve", "m"])).compile_cache is None
