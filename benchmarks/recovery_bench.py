@@ -168,6 +168,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, help="the server's --timeout")
     ap.add_argument("--top-logprobs", type=int, default=2,
                     help="logprobs asked per token, to show where a text parts (0: none)")
+    ap.add_argument("--compile-cache", metavar="DIR", help="the server's --compile-cache")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     port = free_port()
@@ -178,9 +179,10 @@ def main() -> None:
     cmd += ["--devices", args.devices] if args.devices else []
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--timeout", str(args.timeout)] if args.timeout else []
+    cmd += ["--compile-cache", args.compile_cache] if args.compile_cache else []
     server = subprocess.Popen(cmd, env=server_env(), cwd=ROOT)
     try:
-        wait_up(server, url, 900)
+        start_s = wait_up(server, url, 900)  # launch to ready: load and warm-up (cold start)
         ref, _ = run(url, args.requests, args.max_tokens, args.top_logprobs)
         control, _ = run(url, args.requests, args.max_tokens, args.top_logprobs)
         victim = children(server.pid)[args.victim]
@@ -190,6 +192,8 @@ def main() -> None:
         report = {"command": " ".join(cmd[1:]), "signal": args.signal, "machine": platform.processor() or
                   platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M"),
                   "requests": args.requests, "max_tokens": args.max_tokens,
+                  "start_s": start_s, "compile_cache": args.compile_cache,
+                  "inductor_cache": os.environ.get("TORCHINDUCTOR_CACHE_DIR"),
                   "equal_to_reference": [g[0] for g in got] == [r[0] for r in ref],
                   "parts_at": parting(ref, got),
                   "control_equal_to_reference": [c[0] for c in control] == [r[0] for r in ref],
@@ -217,14 +221,14 @@ def server_env() -> dict:
     return {**os.environ, "PYTHONPATH": path}
 
 
-def wait_up(server: subprocess.Popen, url: str, limit_s: float) -> None:
+def wait_up(server: subprocess.Popen, url: str, limit_s: float) -> float:
     """Until the server at ``url`` answers /health with 200 (SystemExit if its process
-    ends first, or after ``limit_s`` seconds)."""
+    ends first, or after ``limit_s`` seconds) -> seconds waited."""
     t0 = time.time()
     while True:
         try:
             if get(url + "/health")[0] == 200:
-                return
+                return time.time() - t0
         except OSError:
             pass
         if server.poll() is not None or time.time() - t0 > limit_s:

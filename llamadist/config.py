@@ -361,6 +361,11 @@ class RuntimeConfig:
                      per 32, as llama.cpp does: faster, ~1% perplexity on SmolLM2)
     cuda_graphs      decode through captured CUDA graphs on CUDA devices
     compile          torch.compile the decoder layers inside the graphs
+    compile_cache    a folder where each stage keeps torch.compile's artifacts of its layer
+                     (llamadist.runtime.compile_cache): loaded before its first compile,
+                     written after each batch bucket's first step, so a restarted worker or
+                     the next start on a fresh host loads instead of compiling (None: off;
+                     Inductor's own cache in /tmp already serves one host)
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
     decode_attention "split" (the split-KV Triton kernel where it applies) or "sdpa"
     timeout          seconds a rank waits for a silent peer
@@ -387,6 +392,7 @@ class RuntimeConfig:
     dtype: str | None = None
     cuda_graphs: bool = True
     compile: bool = True
+    compile_cache: str | None = None
     cpu_kernels: bool = True
     decode_attention: str = "split"
     timeout: float = DEFAULT_TIMEOUT_S

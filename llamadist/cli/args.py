@@ -90,6 +90,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="decode eagerly on CUDA instead of replaying captured CUDA graphs")
     g.add_argument("--no-compile", action="store_true",
                    help="capture the eager decoder layers (skip torch.compile's fused kernels)")
+    g.add_argument("--compile-cache", metavar="DIR",
+                   help="keep each stage's torch.compile artifacts in DIR: a restarted worker "
+                   "and the next start (even on a fresh host) load them instead of compiling")
     g.add_argument("--max-batch", type=positive_int, help="sequences decoded at once (default: "
                    "every prompt of the request; more wait and join as others finish)")
     g.add_argument("--max-batch-tokens", type=positive_int, help="tokens one step computes at "
@@ -206,7 +209,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "kv_block_size": getattr(args, "kv_block_size", None),
              "ep_dispatch": getattr(args, "ep_dispatch", None),
              "hot_experts": getattr(args, "hot_experts", None),
-             "expert_load": getattr(args, "expert_load", None)}
+             "expert_load": getattr(args, "expert_load", None),
+             "compile_cache": getattr(args, "compile_cache", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

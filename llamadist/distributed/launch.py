@@ -78,7 +78,11 @@ def worker_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = N
                MASTER_PORT=str(port), NCCL_NVLS_ENABLE="0", PYTHONUNBUFFERED="1")
     env[WORKER_ENV] = "1"
     # N processes share the cores; an oversubscribed OpenMP pool is much slower than none.
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // local_world)))
+    share = str(max(1, (os.cpu_count() or 1) // local_world))
+    env.setdefault("OMP_NUM_THREADS", share)
+    # Inductor forks min(32, cores) compile workers per process, each importing torch:
+    # two ranks on 16 cores forked 32 that competed with both ranks' tracing (issue 15).
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
     return env
 
 

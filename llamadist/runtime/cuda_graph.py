@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llamadist.runtime import compile_cache
 from llamadist.runtime.kv_cache import KVCache, LayerCache
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.stage import Stage, sync, to_stage
@@ -99,16 +100,28 @@ class GraphCapture:
 
     kind = "decode"
     prepare_s = 0.0
+    artifacts = None  # the compile-artifact file (llamadist.runtime.compile_cache), or None
+
+    def keep_artifacts(self, folder: str | None) -> None:
+        """With a compiled layer and a ``folder``: load this stage's artifacts file now
+        (before anything compiles), and write it after each bucket's first step."""
+        if folder and self.layer_fn is not None:
+            self.artifacts = compile_cache.artifact_path(folder, self.stage)
+            compile_cache.load(self.artifacts)
 
     def run(self, bk) -> torch.Tensor:
         """The loaded bucket's step: replayed once captured, captured on its first run
         when capturing, else run eagerly -> its whole output."""
         if bk.graph is not None:
             bk.graph.replay()
-        elif self.capture and bk.out is None:
+            return bk.out
+        first = bk.out is None
+        if self.capture and first:
             self._capture(bk)
         else:
             bk.out = self._forward(bk)
+        if first and self.artifacts is not None and self.layer_fn is not None:
+            compile_cache.save(self.artifacts)  # what this bucket compiled, for the next process
         return bk.out
 
     def _warmup(self, bk) -> None:
@@ -148,11 +161,13 @@ class GraphCapture:
 class StageDecoder(GraphCapture):
     """Static-shape decode of one stage; captured in CUDA graphs when on CUDA."""
 
-    def __init__(self, stage: Stage, *, compile_layers: bool = True, capture: bool = True):
+    def __init__(self, stage: Stage, *, compile_layers: bool = True, capture: bool = True,
+                 compile_cache: str | None = None):
         self.stage = stage
         self.device = stage.device
         self.capture = capture and stage.device.type == "cuda"
         self.layer_fn = compiled_layer_call() if compile_layers else None
+        self.keep_artifacts(compile_cache)
         self.sizes = bucket_sizes(stage.batch_size)
         self.buckets: dict[int, _Bucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -209,9 +224,11 @@ class DecodeGraphs:
     ``stages`` in pipeline order (the engine's)."""
 
     def __init__(self, stages: Sequence[Stage], *, compile_layers: bool = True,
-                 capture: bool = True, static_cpu: bool = False):
+                 capture: bool = True, static_cpu: bool = False,
+                 compile_cache: str | None = None):
         self.stages = list(stages)
-        self.decoders = [StageDecoder(s, compile_layers=compile_layers, capture=capture)
+        self.decoders = [StageDecoder(s, compile_layers=compile_layers, capture=capture,
+                                      compile_cache=compile_cache)
                          if s.device.type == "cuda" or static_cpu else None
                          for s in self.stages]
 

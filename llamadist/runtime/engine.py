@@ -155,7 +155,8 @@ class Engine:
         """The static decode path (created on first use; captures lazily per bucket)."""
         if self._graphs is None:
             from llamadist.runtime.cuda_graph import DecodeGraphs
-            self._graphs = DecodeGraphs(self.stages, compile_layers=self.compile_layers)
+            self._graphs = DecodeGraphs(self.stages, compile_layers=self.compile_layers,
+                                        compile_cache=self.runtime.compile_cache)
         return self._graphs
 
     def paged_graphs(self):
@@ -166,7 +167,8 @@ class Engine:
             if not PagedGraphs.supports(self.stages):
                 return None
             self._paged_graphs = PagedGraphs(self.stages, self.max_batch,
-                                             compile_layers=self.compile_layers)
+                                             compile_layers=self.compile_layers,
+                                             compile_cache=self.runtime.compile_cache)
         return self._paged_graphs
 
     def stage_stats(self) -> list[dict]:

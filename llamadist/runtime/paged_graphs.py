@@ -91,13 +91,14 @@ class PagedStageDecoder(GraphCapture):
     kind = "paged decode"
 
     def __init__(self, stage: Stage, max_blocks: int, *, compile_layers: bool = True,
-                 capture: bool = True):
+                 capture: bool = True, compile_cache: str | None = None):
         if stage.paged is None:
             raise RuntimeError("call init_paged() before making paged graphs")
         self.stage = stage
         self.max_blocks = max_blocks
         self.capture = capture and stage.device.type == "cuda"
         self.layer_fn = compiled_layer_call() if compile_layers else None
+        self.keep_artifacts(compile_cache)
         self.buckets: dict[int, PagedBucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.prepare_s = 0.0
@@ -136,13 +137,15 @@ class PagedGraphs:
     pipeline order, each with its paged cache)."""
 
     def __init__(self, stages: Sequence[Stage], max_batch: int, *,
-                 compile_layers: bool = True, capture: bool = True):
+                 compile_layers: bool = True, capture: bool = True,
+                 compile_cache: str | None = None):
         self.stages = list(stages)
         self.sizes = bucket_sizes(max_batch)
         self.block_size = self.stages[0].paged.block_size
         self.max_blocks = -(-max(s.max_seq_len for s in self.stages) // self.block_size)
         self.decoders = [PagedStageDecoder(s, self.max_blocks, compile_layers=compile_layers,
-                                           capture=capture) for s in self.stages]
+                                           capture=capture, compile_cache=compile_cache)
+                         for s in self.stages]
 
     @staticmethod
     def supports(stages: Sequence[Stage]) -> bool:
