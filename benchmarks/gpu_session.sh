@@ -1,0 +1,72 @@
+# The GPU measurements of the open issues, in three parts of under 10 minutes each (one
+# H200 lease: run them back to back, the machine keeps /tmp between them).
+#
+#   bash benchmarks/gpu_session.sh kernels|dense|recovery        (OUT: where results go)
+#
+# From the repository root, with the wheels llamadist needs beside it in .whl/ and
+# .whl/serve/ (the device machine has no network: `pip download` them here). Every figure
+# goes through a checkpoint folder and the CLI or the benchmark scripts, as users run
+# them; the results land in $OUT, one file per command, for benchmarks/RESULTS.md.
+set -u
+OUT=${OUT:?set OUT to a folder for the results}
+CK=/tmp/ck/llama3-8b-bfloat16
+
+setup() {
+    # into the machine's Python, not only PYTHONPATH: servers start with their own env
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        .whl/*.whl .whl/serve/*.whl 2>&1 | tail -2
+    export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tritoncache
+    nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+}
+
+checkpoint() {  # the random Llama-3-8B-shaped bf16 folder with SmolLM2's tokenizer (~30 s)
+    [ -f $CK/config.json ] || python3 -c "
+import argparse, sys; sys.path.insert(0, 'benchmarks'); import serving
+serving.checkpoint(argparse.Namespace(checkpoint_dir='/tmp/ck', device='cuda',
+    tokenizer_from='.whl/smollm2-tok', model='smollm2-135m', shape='llama3-8b'))"
+}
+
+step() {  # step NAME SECONDS CMD...: CMD's output in $OUT/NAME.txt, its status and tail here
+    local name=$1 limit=$2; shift 2
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "== $name: rc=$?"
+    tail -4 "$OUT/$name.txt"
+}
+
+kernels() {  # issues 16, 17: kernel tests and sweeps (~9 min)
+    step test_wquant 240 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_gpu.py
+    step test_moe 90 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_moe_grouped_gpu.py
+    timeout 150 python3 benchmarks/wquant_sweep.py --max-seconds 110 \
+        > $OUT/wquant_sweep.jsonl 2> $OUT/wquant_sweep.txt; echo "== wquant_sweep: rc=$?"
+    timeout 160 python3 benchmarks/moe_routed_sweep.py --max-seconds 120 \
+        > $OUT/moe_sweep.jsonl 2> $OUT/moe_sweep.txt; echo "== moe_sweep: rc=$?"
+}
+
+dense() {  # issues 13, 14: serving with the step trace, bench, the server against the engine (~9 min)
+    checkpoint
+    step serving 200 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
+        --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
+        --trace $OUT/steps.jsonl --runs 2 --json-out $OUT/serving.json
+    step bench1 60 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 --prompt-len 128 --gen-len 128
+    step serve_raw 150 python3 benchmarks/serve_bench.py --model $CK --concurrency 256 --engine \
+        --engine-concurrency 256 --requests 1024 --prompt-len 128 --max-tokens 64 \
+        --server-flags "--devices cuda:0" --client raw --json-out $OUT/serve_raw.json
+    step serve_openai 110 python3 benchmarks/serve_bench.py --model $CK --concurrency 256 \
+        --requests 1024 --prompt-len 128 --max-tokens 64 --server-flags "--devices cuda:0" \
+        --json-out $OUT/serve_openai.json
+}
+
+recovery() {  # issues 15, 17: a restarted worker's warm-up with the compile cache; Mixtral (~9 min)
+    checkpoint
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind-a TRITON_CACHE_DIR=/tmp/tri-a \
+        step recovery_a 200 python3 benchmarks/recovery_bench.py --model $CK --devices cuda \
+        --dtype bfloat16 --nproc 2 --pp 2 --requests 8 --max-tokens 128 \
+        --compile-cache /tmp/cc --json-out $OUT/recovery_a.json
+    step moe 230 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe --budget-s 180
+}
+
+case ${1:-} in
+    kernels|dense|recovery) mkdir -p "$OUT"; setup; "$1" ;;
+    *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery" >&2; exit 2 ;;
+esac
