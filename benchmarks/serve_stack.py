@@ -21,7 +21,8 @@ at ~1.0 core is the one that saturates; ``1e6 / us/tok`` is what that process al
 carry on a core of its own (the H200 host has 16).
 
     PYTHONPATH=. python benchmarks/serve_stack.py [--concurrency 256] [--requests 1024] \
-        [--versions /tmp/before,.] [--rounds 3] [--profile-http /tmp/http.prof]
+        [--versions /tmp/before,.] [--pythons PY1,PY2] [--rounds 3] \
+        [--profile-http /tmp/http.prof]
 """
 
 from __future__ import annotations
@@ -353,6 +354,9 @@ def main() -> None:
     p.add_argument("--tokenizer-from", default=str(ROOT / ".whl" / "smollm2-tok"))
     p.add_argument("--versions", help="checkouts to compare, comma-separated, alternating "
                                       "by round (each on PYTHONPATH of its own process)")
+    p.add_argument("--pythons", help="the interpreter of each --versions checkout, "
+                                     "comma-separated (e.g. venvs with and without "
+                                     "uvicorn's optional httptools and uvloop)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -374,17 +378,22 @@ def compare(args) -> None:
     """Each checkout in its own process, alternating by round (with --engine, the last
     checkout's engine alone too, as a column of its own)."""
     versions = args.versions.split(",")
+    pythons = args.pythons.split(",") if args.pythons else [sys.executable] * len(versions)
+    if len(pythons) != len(versions):
+        raise SystemExit("--pythons: one interpreter per --versions checkout")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
              if k in ("concurrency", "requests", "prompt_len", "max_tokens", "client",
                       "client_procs", "repeats", "tokenizer_from", "step_ms")]
-    columns = [(v, v, []) for v in versions]
+    columns = [(f"{v} ({py})" if args.pythons else v, v, py, [])
+               for v, py in zip(versions, pythons)]
     if args.engine:
-        columns.append((f"engine alone ({versions[-1]})", versions[-1], ["--engine"]))
-    got: dict[str, list[dict]] = {label: [] for label, _, _ in columns}
+        columns.append((f"engine alone ({versions[-1]})", versions[-1], pythons[-1],
+                        ["--engine"]))
+    got: dict[str, list[dict]] = {label: [] for label, _, _, _ in columns}
     for rnd in range(args.rounds):
-        for label, v, extra in columns:
+        for label, v, py, extra in columns:
             env = {**os.environ, "PYTHONPATH": str(Path(v).resolve())}
-            out = subprocess.run([sys.executable, str(HERE), *flags, *extra, "--json"],
+            out = subprocess.run([py, str(HERE), *flags, *extra, "--json"],
                                  env=env, capture_output=True, text=True, check=True).stdout
             rows = json.loads(out.strip().splitlines()[-1])
             got[label] += rows
