@@ -169,12 +169,15 @@ class EngineHost:
                 # engine, as for a whole response, only at the end
                 done.append(self.engine.submit(ids, params, rid, sink=self._sink_fn,
                                                stream_text=stream is True))
-        except (ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - answered: the other jobs of the message too
             for rid, *_ in items:
                 self._quiet.discard(rid)
             for stream in done:
                 stream.cancel()
-            return key, False, (type(e).__name__, str(e))
+            if isinstance(e, (ValueError, RuntimeError)):  # a refusal (400) or a stop (503)
+                return key, False, (type(e).__name__, str(e))
+            log.exception("the engine host failed on a submit")
+            return key, False, ("RuntimeError", f"the engine failed to queue it: {e}")
         return key, True, None
 
     def _admin(self, key: int, what: str, replica: int, kw: dict) -> None:

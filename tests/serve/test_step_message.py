@@ -261,10 +261,12 @@ def test_the_submits_of_one_loop_turn_go_in_one_message():
         def send_bytes(self, data):
             sent.append(pickle.loads(data))
 
-    class Engine:  # refuses the prompt [9]
+    class Engine:  # refuses the prompt [9]; fails on [8]
         def submit(self, ids, params, rid, sink, stream_text):
             if ids == [9]:
                 raise ValueError("too long")
+            if ids == [8]:
+                raise KeyError("a bug")
             return SimpleNamespace(request_id=rid, cancel=lambda: None)
 
     host_conn = Conn()
@@ -275,16 +277,16 @@ def test_the_submits_of_one_loop_turn_go_in_one_message():
         client = EngineClient(Pipe())
         client._loop = asyncio.get_running_loop()
         jobs = [asyncio.ensure_future(client.submit([(ids, params)])) for ids in
-                ([1], [9], [2])]
+                ([1], [9], [8], [2])]
         while not sent:
             await asyncio.sleep(0)
-        assert len(sent) == 1 and [len(items) for _, items in sent[0][1]] == [1, 1, 1]
+        assert len(sent) == 1 and [len(items) for _, items in sent[0][1]] == [1, 1, 1, 1]
         host._handle(sent[0])
         (reply,) = host_conn.sent
         client._dispatch(pickle.loads(reply))
         got = await asyncio.gather(*jobs, return_exceptions=True)
-        assert [type(g) for g in got] == [list, ValueError, list]
-        assert "too long" in str(got[1])
+        assert [type(g) for g in got] == [list, ValueError, RuntimeError, list]
+        assert "too long" in str(got[1]) and "a bug" in str(got[2])
         # cancelled before the flush: the submit goes first, then the cancel
         sent.clear()
         job = asyncio.ensure_future(client.submit([([3], params)]))
