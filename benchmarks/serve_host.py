@@ -139,7 +139,9 @@ class Window:
             finally:
                 if msg[0] == "submit":
                     self.per_request["submit"][0] += time.thread_time() - t
-                    self.per_request["submit"][1] += len(msg[2])
+                    self.per_request["submit"][1] += (  # (jobs' choices; before: one job)
+                        sum(len(items) for _, items in msg[1]) if len(msg) == 2
+                        else len(msg[2]))
 
         def timed_observe(req):  # a finished request's metrics
             t = time.thread_time()

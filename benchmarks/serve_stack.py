@@ -14,14 +14,17 @@ request shape (a prompt of --prompt-len token ids, --max-tokens new tokens, EOS 
                   so the client is not what saturates); ``openai``: serve_bench's client
                   (the openai package parses each chunk: ~0.1 ms)
 
-Per run: output tokens/s (first request sent to last answer), TTFT/TPOT p50, and each
+Per run: output tokens/s (first request sent to last answer), TTFT/TPOT p50, the HTTP
+process's writes per token (``writes/tok``, the raw client's chunks: a server that keeps
+up writes each stream's every step, one behind batches several steps a write), and each
 process's CPU time over the load per output token (``us/tok``) and its share of one core
 (``util``; ``http.sys``: the HTTP process's system time, in ``http`` too): the process
 at ~1.0 core is the one that saturates; ``1e6 / us/tok`` is what that process alone could
 carry on a core of its own (the H200 host has 16).
 
     PYTHONPATH=. python benchmarks/serve_stack.py [--concurrency 256] [--requests 1024] \
-        [--versions /tmp/before,.] [--rounds 3] [--profile-http /tmp/http.prof]
+        [--versions /tmp/before,.] [--pythons PY1,PY2] [--rounds 3] \
+        [--profile-http /tmp/http.prof]
 """
 
 from __future__ import annotations
@@ -68,13 +71,14 @@ async def raw_one(host: str, port: int, conn: list, ids: list[int], new: int,
     assert b" 200 " in status, status
     while (await reader.readline()) != b"\r\n":
         pass
-    first, tokens, events, done, buf = None, 0, 0, False, b""
+    first, tokens, events, chunks, done, buf = None, 0, 0, 0, False, b""
     while True:
         size = int((await reader.readline()).strip(), 16)
         if size == 0:
             await reader.readline()
             break
         data = (await reader.readexactly(size + 2))[:-2]
+        chunks += 1  # one of the server's writes
         if first is None:
             first = time.perf_counter()
         buf += data
@@ -88,7 +92,7 @@ async def raw_one(host: str, port: int, conn: list, ids: list[int], new: int,
     end = time.perf_counter()
     assert done and tokens == new, (done, tokens)
     return {"ttft": first - t0, "tpot": (end - first) / (tokens - 1) if tokens > 1 else None,
-            "tokens": tokens, "events": events, "start": start,
+            "tokens": tokens, "events": events, "chunks": chunks, "start": start,
             "end": start + (end - t0)}
 
 
@@ -273,6 +277,7 @@ def run_load(stack: Stack, work: list[list[int]], new: int, concurrency: int, pr
            "client": sum(o["cpu_s"] for o in outs)}
     return {"tokens_per_s": tokens / wall, "wall_s": wall, "tokens": tokens,
             "events": sum(r.get("events", 0) for r in res),
+            "chunks": sum(r.get("chunks", 0) for r in res),
             "ttft_p50_ms": 1e3 * statistics.median(r["ttft"] for r in res),
             "tpot_p50_ms": 1e3 * statistics.median(r["tpot"] for r in res if r["tpot"]),
             "us_per_tok": {k: v * per for k, v in cpu.items()},
@@ -327,8 +332,9 @@ def measure(args) -> list[dict]:
 
 def show(label: str, r: dict) -> str:
     us, ut = r["us_per_tok"], r["util"]
+    ev = f"writes/tok {r['chunks'] / r['tokens']:.2f}  " if r.get("chunks") else ""
     return (f"{label:>24} {r['tokens_per_s']:8.0f} tok/s  TTFT {r['ttft_p50_ms']:6.1f} ms  "
-            f"TPOT {r['tpot_p50_ms']:5.2f} ms  us/tok (util): " + "  ".join(
+            f"TPOT {r['tpot_p50_ms']:5.2f} ms  {ev}us/tok (util): " + "  ".join(
                 f"{k} {us[k]:5.1f} ({ut[k]:.2f})" for k in us))
 
 
@@ -353,6 +359,9 @@ def main() -> None:
     p.add_argument("--tokenizer-from", default=str(ROOT / ".whl" / "smollm2-tok"))
     p.add_argument("--versions", help="checkouts to compare, comma-separated, alternating "
                                       "by round (each on PYTHONPATH of its own process)")
+    p.add_argument("--pythons", help="the interpreter of each --versions checkout, "
+                                     "comma-separated (e.g. venvs with and without "
+                                     "uvicorn's optional httptools and uvloop)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--json", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -374,17 +383,22 @@ def compare(args) -> None:
     """Each checkout in its own process, alternating by round (with --engine, the last
     checkout's engine alone too, as a column of its own)."""
     versions = args.versions.split(",")
+    pythons = args.pythons.split(",") if args.pythons else [sys.executable] * len(versions)
+    if len(pythons) != len(versions):
+        raise SystemExit("--pythons: one interpreter per --versions checkout")
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
              if k in ("concurrency", "requests", "prompt_len", "max_tokens", "client",
                       "client_procs", "repeats", "tokenizer_from", "step_ms")]
-    columns = [(v, v, []) for v in versions]
+    columns = [(f"{v} ({py})" if args.pythons else v, v, py, [])
+               for v, py in zip(versions, pythons)]
     if args.engine:
-        columns.append((f"engine alone ({versions[-1]})", versions[-1], ["--engine"]))
-    got: dict[str, list[dict]] = {label: [] for label, _, _ in columns}
+        columns.append((f"engine alone ({versions[-1]})", versions[-1], pythons[-1],
+                        ["--engine"]))
+    got: dict[str, list[dict]] = {label: [] for label, _, _, _ in columns}
     for rnd in range(args.rounds):
-        for label, v, extra in columns:
+        for label, v, py, extra in columns:
             env = {**os.environ, "PYTHONPATH": str(Path(v).resolve())}
-            out = subprocess.run([sys.executable, str(HERE), *flags, *extra, "--json"],
+            out = subprocess.run([py, str(HERE), *flags, *extra, "--json"],
                                  env=env, capture_output=True, text=True, check=True).stdout
             rows = json.loads(out.strip().splitlines()[-1])
             got[label] += rows
@@ -394,6 +408,8 @@ def compare(args) -> None:
         med = {"tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
                "ttft_p50_ms": statistics.median(r["ttft_p50_ms"] for r in rs),
                "tpot_p50_ms": statistics.median(r["tpot_p50_ms"] for r in rs),
+               "chunks": statistics.median(r.get("chunks", 0) for r in rs),
+               "tokens": statistics.median(r["tokens"] for r in rs),
                "us_per_tok": {k: statistics.median(r["us_per_tok"][k] for r in rs)
                               for k in rs[0]["us_per_tok"]},
                "util": {k: statistics.median(r["util"][k] for r in rs)

@@ -175,6 +175,9 @@ class EngineClient:
         self._keys = itertools.count()
         self._ids = itertools.count()
         self._send_lock = threading.Lock()
+        # the submits of this loop turn, sent together by _flush (a wave of new requests:
+        # one message and one reply message for all, not a write and a wake-up each)
+        self._outbox: list[tuple[int, list]] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self.on_lost = None  # called on the loop when the connection ends
 
@@ -232,6 +235,8 @@ class EngineClient:
 
     def cancel(self, streams: list[EngineStream]) -> None:
         """Cancel the streams' requests (those not over yet); each stream ends now."""
+        if self._outbox:  # their submits reach the engine before the cancel
+            self._flush()
         ids = [s.request_id for s in streams if self._streams.pop(s.request_id, None)]
         for s in streams:
             if not s._done:
@@ -260,13 +265,33 @@ class EngineClient:
         fut = self._loop.create_future()
         self._replies[key] = fut
         try:
-            if kind == "rpc":
-                self._send(("rpc", key, *payload))
+            if kind == "submit":
+                self._queue_submit(key, *payload)
             else:
                 self._send((kind, key, *payload))
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._replies.pop(key, None)
+
+    def _queue_submit(self, key: int, items: list) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the engine has stopped ({self.error})")
+        if not self._outbox:
+            self._loop.call_soon(self._flush)
+        self._outbox.append((key, items))
+
+    def _flush(self) -> None:
+        """The queued submits in one message; each waiter gets its own reply."""
+        batch, self._outbox = self._outbox, []
+        if not batch:
+            return
+        try:
+            self._send(("submit", batch))
+        except RuntimeError as e:
+            for key, _ in batch:
+                fut = self._replies.get(key)
+                if fut is not None and not fut.done():
+                    fut.set_result((False, ("RuntimeError", str(e))))
 
     # ---- receiving ---------------------------------------------------------------------
     def _read(self) -> None:
@@ -318,9 +343,15 @@ class EngineClient:
                 if s is not None:
                     s._push(_END if error is None else RuntimeError(error))
         elif msg[0] == "reply":
-            fut = self._replies.get(msg[1])
-            if fut is not None and not fut.done():
-                fut.set_result((msg[2], msg[3]))
+            self._reply(msg[1], msg[2], msg[3])
+        elif msg[0] == "replies":  # a batch of submits' answers
+            for key, ok, value in msg[1]:
+                self._reply(key, ok, value)
+
+    def _reply(self, key: int, ok: bool, value) -> None:
+        fut = self._replies.get(key)
+        if fut is not None and not fut.done():
+            fut.set_result((ok, value))
 
     def _lost(self, why: str) -> None:
         """The engine's process closed the connection: every reader learns it."""

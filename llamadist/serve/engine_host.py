@@ -20,7 +20,10 @@ each request as it finishes or is cancelled; the HTTP process asks for the rende
 text.
 
 Messages are pickled tuples over one multiprocessing connection.
-HTTP -> engine:  ("submit", key, [(request id, prompt ids, SamplingParams, stream), ...])
+HTTP -> engine:  ("submit", [(key, [(request id, prompt ids, SamplingParams, stream), ...]),
+                             ...])  every job submitted in one turn of the HTTP process's
+                 loop (a wave of new requests: one message, one reply message), each
+                 job's choices queued or refused together
                  stream True: the text is made here every step (the stream has stop
                  strings, or the HTTP process has no tokenizer); False: the client reads
                  the text at the end, so it is made once then, unless stop strings need
@@ -36,7 +39,8 @@ engine -> HTTP:  ("step", ids, tokens, texts, logprobs, finals, ends)
                               i that finished their request
                     ends:     [(id, error or None), ...]  streams ended without a finished
                               output (a cancel, a shutdown; the engine's error)
-                 ("reply", key, ok, value)
+                 ("reply", key, ok, value)     an rpc's answer
+                 ("replies", [(key, ok, value), ...])   a submit message's, one a job
 """
 
 from __future__ import annotations
@@ -141,7 +145,7 @@ class EngineHost:
             for rid in msg[1]:
                 self.engine.cancel(rid)
         elif kind == "submit":
-            self._submit(msg[1], msg[2])
+            self.send(("replies", [self._submit(key, items) for key, items in msg[1]]))
         elif kind == "rpc":
             _, key, name, args = msg
             if name == "admin":
@@ -154,8 +158,8 @@ class EngineHost:
                 return
             self.send(("reply", key, True, value))
 
-    def _submit(self, key: int, items: list) -> None:
-        """Queue every choice of a job, or none: the refusal goes back as the reply."""
+    def _submit(self, key: int, items: list) -> tuple:
+        """Queue every choice of a job, or none: -> its reply (key, ok, refusal)."""
         done: list[RequestStream] = []
         try:
             for rid, ids, params, stream in items:
@@ -165,14 +169,16 @@ class EngineHost:
                 # engine, as for a whole response, only at the end
                 done.append(self.engine.submit(ids, params, rid, sink=self._sink_fn,
                                                stream_text=stream is True))
-        except (ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - answered: the other jobs of the message too
             for rid, *_ in items:
                 self._quiet.discard(rid)
             for stream in done:
                 stream.cancel()
-            self.send(("reply", key, False, (type(e).__name__, str(e))))
-            return
-        self.send(("reply", key, True, None))
+            if isinstance(e, (ValueError, RuntimeError)):  # a refusal (400) or a stop (503)
+                return key, False, (type(e).__name__, str(e))
+            log.exception("the engine host failed on a submit")
+            return key, False, ("RuntimeError", f"the engine failed to queue it: {e}")
+        return key, True, None
 
     def _admin(self, key: int, what: str, replica: int, kw: dict) -> None:
         """Drain or undrain a replica on the engine thread; the reply once it is done."""

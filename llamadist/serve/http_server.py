@@ -13,7 +13,6 @@ exit 0) or until the engine's process closes the connection."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -64,6 +63,7 @@ class UvicornServer(uvicorn.Server):
     startup line once the port is bound."""
 
     banner = ""
+    client: EngineClient | None = None  # started on the loop, before the port opens
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -78,31 +78,36 @@ class UvicornServer(uvicorn.Server):
             for s, handler in old.items():
                 signal.signal(s, handler)
 
+    async def serve(self, sockets=None) -> None:
+        if self.client is not None:
+            self.client.start()
+        await super().serve(sockets)
+
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started and self.banner:
             print(self.banner, file=sys.stderr, flush=True)
 
 
-async def serve_http(conn, cfg: HttpConfig) -> int:
+def serve_http(conn, cfg: HttpConfig) -> int:
+    """Serve until stopped; 0, or 1 when the engine's connection was lost. uvicorn's
+    ``auto`` picks its fast parts when they are installed (the ``serve`` extra): the
+    httptools parser (else h11) and uvloop's event loop (else asyncio's); ``Server.run``
+    makes the loop (an ``asyncio.run`` of our own would always make asyncio's)."""
     app, client = build_http_app(conn, cfg)
-    client.start()
     config = uvicorn.Config(app, host=cfg.host, port=cfg.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=GRACE_S,
-                            lifespan="off")
+                            lifespan="off", http="auto", loop="auto")
     server = UvicornServer(config)
-    server.banner = cfg.banner
+    server.banner, server.client = cfg.banner, client
 
     def lost() -> None:  # the engine's process is gone: nothing left to serve
         print(f"llamadist: the HTTP server stops: the engine's connection closed "
               f"({client.error})", file=sys.stderr, flush=True)
         server.should_exit = True
     client.on_lost = lost
-    if cfg.fd is not None:  # listen on the socket bound for us (asyncio calls listen())
-        sock = socket.socket(fileno=cfg.fd)
-        await server.serve(sockets=[sock])
-    else:
-        await server.serve()
+    # listen on the socket bound for us (the loop calls listen())
+    server.run(sockets=[socket.socket(fileno=cfg.fd)] if cfg.fd is not None else None)
     return 0 if server.started and client.error is None else 1
 
 
@@ -113,7 +118,7 @@ def main(argv: list[str]) -> int:
     conn = Client(argv[0], family="AF_UNIX", authkey=key)
     cfg: HttpConfig = conn.recv()
     try:
-        return asyncio.run(serve_http(conn, cfg))
+        return serve_http(conn, cfg)
     finally:
         conn.close()
 

@@ -2,6 +2,7 @@
 /metrics names both pids; SIGTERM to the engine's process ends both with exit 0 (an open
 stream finished or cut); an HTTP process that dies ends the server with 1 and says why."""
 
+import importlib.util
 import os
 import signal
 import time
@@ -16,6 +17,10 @@ def gone(pid: int) -> bool:
         return True
     with open(f"/proc/{pid}/stat") as f:
         return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def pids(server: ServerProcess) -> tuple[int, int]:
@@ -37,6 +42,10 @@ def test_http_runs_apart_from_the_engine_and_sigterm_leaves_no_process(tiny_mode
         with open(f"/proc/{http_pid}/maps") as f:  # the HTTP process never loads torch
             maps = f.read()
         assert "libtorch" not in maps and "libc" in maps
+        # uvicorn's fast parts, where installed (the serve extra), run it: uvloop's loop
+        # (its library loads only when the loop is made) and httptools' parser
+        for fast in ("uvloop", "httptools"):
+            assert (f"/{fast}/" in maps) == installed(fast), fast
         ended = open_stream(server.url)
     finally:
         code = server.stop()

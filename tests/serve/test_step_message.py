@@ -200,11 +200,11 @@ def test_submit_modes(tok):
     conn = Conn()
     host = EngineHost(Engine(), Metrics(), conn)
     plain, lps = SimpleNamespace(logprobs=None), SimpleNamespace(logprobs=2)
-    host._submit(1, [("t", [1], plain, True), ("i", [1], plain, "ids"),
-                     ("w", [1], plain, False), ("l", [1], lps, False)])
+    host._handle(("submit", [(1, [("t", [1], plain, True), ("i", [1], plain, "ids"),
+                                  ("w", [1], plain, False), ("l", [1], lps, False)])]))
     assert calls == [("t", True), ("i", False), ("w", False), ("l", False)]
     assert host._quiet == {"w"}
-    assert pickle.loads(conn.sent[-1]) == ("reply", 1, True, None)
+    assert pickle.loads(conn.sent[-1]) == ("replies", [(1, True, None)])
 
 
 def test_client_makes_text_only_for_streams_without_stop_strings(tok):
@@ -218,10 +218,12 @@ def test_client_makes_text_only_for_streams_without_stop_strings(tok):
 
     async def main(client, stream_text, params):
         client._loop = asyncio.get_running_loop()
+        before = len(sent)
         task = asyncio.ensure_future(client.submit([([1, 2], params)], stream_text))
-        await asyncio.sleep(0)
-        key = sent[-1][1]
-        client._dispatch(("reply", key, True, None))
+        while len(sent) == before:  # the submit leaves at the loop's next turn
+            await asyncio.sleep(0)
+        (key, _), = sent[-1][1]
+        client._dispatch(("replies", [(key, True, None)]))
         return (await task)[0]
 
     plain, stops = SimpleNamespace(stop=()), SimpleNamespace(stop=("###",))
@@ -229,7 +231,7 @@ def test_client_makes_text_only_for_streams_without_stop_strings(tok):
              (None, True, plain, True)]
     for tokenizer, stream_text, params, mode in cases:
         s = asyncio.run(main(EngineClient(Pipe(), tokenizer=tokenizer), stream_text, params))
-        assert sent[-1][2][0][3] == mode
+        assert sent[-1][1][0][1][0][3] == mode
         assert (s.text is not None) == (mode == "ids")
 
 
@@ -247,3 +249,52 @@ def test_a_sink_stream_has_no_reader():
             pass
     with pytest.raises(TypeError, match="sink"):
         asyncio.run(read())
+
+
+def test_the_submits_of_one_loop_turn_go_in_one_message():
+    """Jobs submitted in one turn of the HTTP process's loop (a wave of new requests)
+    reach the engine in one message and are answered in one: each job queued or refused
+    on its own; a job cancelled before its message left is sent before its cancel."""
+    sent = []
+
+    class Pipe:
+        def send_bytes(self, data):
+            sent.append(pickle.loads(data))
+
+    class Engine:  # refuses the prompt [9]; fails on [8]
+        def submit(self, ids, params, rid, sink, stream_text):
+            if ids == [9]:
+                raise ValueError("too long")
+            if ids == [8]:
+                raise KeyError("a bug")
+            return SimpleNamespace(request_id=rid, cancel=lambda: None)
+
+    host_conn = Conn()
+    host = EngineHost(Engine(), Metrics(), host_conn)
+    params = SimpleNamespace(stop=(), logprobs=None)
+
+    async def main():
+        client = EngineClient(Pipe())
+        client._loop = asyncio.get_running_loop()
+        jobs = [asyncio.ensure_future(client.submit([(ids, params)])) for ids in
+                ([1], [9], [8], [2])]
+        while not sent:
+            await asyncio.sleep(0)
+        assert len(sent) == 1 and [len(items) for _, items in sent[0][1]] == [1, 1, 1, 1]
+        host._handle(sent[0])
+        (reply,) = host_conn.sent
+        client._dispatch(pickle.loads(reply))
+        got = await asyncio.gather(*jobs, return_exceptions=True)
+        assert [type(g) for g in got] == [list, ValueError, RuntimeError, list]
+        assert "too long" in str(got[1]) and "a bug" in str(got[2])
+        # cancelled before the flush: the submit goes first, then the cancel
+        sent.clear()
+        job = asyncio.ensure_future(client.submit([([3], params)]))
+        await asyncio.sleep(0)
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+        assert [m[0] for m in sent] == ["submit", "cancel"]
+        assert sent[1][1] == [sent[0][1][0][1][0][0]]
+
+    asyncio.run(main())
