@@ -57,13 +57,19 @@ dense() {  # issues 13, 14: serving with the step trace, bench, the server again
         --json-out $OUT/serve_openai.json
 }
 
-recovery() {  # issues 15, 17: a restarted worker's warm-up with the compile cache; Mixtral (~9 min)
+recovery() {  # issues 15, 17: a restarted worker's warm-up with the compile cache; Mixtral (~10 min)
     checkpoint
+    # a: cold start writes the artifacts; its restart finds Inductor's own cache warm
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind-a TRITON_CACHE_DIR=/tmp/tri-a \
-        step recovery_a 200 python3 benchmarks/recovery_bench.py --model $CK --devices cuda \
+        step recovery_a 170 python3 benchmarks/recovery_bench.py --model $CK --devices cuda \
         --dtype bfloat16 --nproc 2 --pp 2 --requests 8 --max-tokens 128 \
         --compile-cache /tmp/cc --json-out $OUT/recovery_a.json
-    step moe 230 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe --budget-s 180
+    # b: a fresh host (new Inductor and Triton caches) with the file: its start_s against a's
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind-b TRITON_CACHE_DIR=/tmp/tri-b \
+        step recovery_b 150 python3 benchmarks/recovery_bench.py --model $CK --devices cuda \
+        --dtype bfloat16 --nproc 2 --pp 2 --requests 8 --max-tokens 128 \
+        --compile-cache /tmp/cc --json-out $OUT/recovery_b.json
+    step moe 220 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe --budget-s 170
 }
 
 case ${1:-} in

@@ -100,6 +100,7 @@ def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
     if trace:
         eng.trace = StepTrace()
+    preempted = eng.scheduler.preemptions  # the warm-up's and earlier runs' are not this run's
     t0 = time.perf_counter()
     reqs, pending = [], list(zip(prompts, arrivals))
     while pending or eng.has_unfinished:
@@ -113,7 +114,7 @@ def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int
     stats = run_stats(reqs, time.perf_counter() - t0)
     stats["ttft_p99_s"] = pct([r.ttft_s for r in reqs], 0.99)
     stats["tpot_p99_s"] = pct([r.tpot_s for r in reqs], 0.99)
-    stats["preemptions"] = eng.scheduler.preemptions
+    stats["preemptions"] = eng.scheduler.preemptions - preempted
     if trace:
         eng.trace.write(trace)
         stats["trace"] = eng.trace.summary()

@@ -92,7 +92,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="capture the eager decoder layers (skip torch.compile's fused kernels)")
     g.add_argument("--compile-cache", metavar="DIR",
                    help="keep each stage's torch.compile artifacts in DIR: a restarted worker "
-                   "and the next start (even on a fresh host) load them instead of compiling")
+                   "and the next start (even on a fresh host) find Inductor's compiled graphs "
+                   "there instead of compiling them (dynamo still traces; llamadist's Triton "
+                   "kernels compile into TRITON_CACHE_DIR)")
     g.add_argument("--max-batch", type=positive_int, help="sequences decoded at once (default: "
                    "every prompt of the request; more wait and join as others finish)")
     g.add_argument("--max-batch-tokens", type=positive_int, help="tokens one step computes at "

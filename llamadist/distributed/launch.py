@@ -80,9 +80,12 @@ def worker_env(rank: int, nproc: int, port: int, base: dict[str, str] | None = N
     # N processes share the cores; an oversubscribed OpenMP pool is much slower than none.
     share = str(max(1, (os.cpu_count() or 1) // local_world))
     env.setdefault("OMP_NUM_THREADS", share)
-    # Inductor forks min(32, cores) compile workers per process, each importing torch:
-    # two ranks on 16 cores forked 32 that competed with both ranks' tracing (issue 15).
-    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
+    # Inductor forks min(32, usable cores) compile workers per process, each importing
+    # torch: two ranks on 16 cores forked 32 that competed with both ranks' tracing (issue
+    # 15). Each rank gets its share of that (an explicit value bypasses Inductor's cap).
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+    env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, min(32, usable) // local_world)))
     return env
 
 

@@ -104,14 +104,16 @@ _SMS: dict[int, tuple[int, bool]] = {}
 
 
 def device_traits(device: torch.device) -> tuple[int, bool]:
-    """(streaming multiprocessors, has float8e4nv conversions: sm_89+) of a CUDA device,
-    cached; (4, False) off CUDA (the interpreter)."""
+    """(streaming multiprocessors, has float8e4nv conversions: NVIDIA sm_89+) of a CUDA
+    device, cached; (4, False) off CUDA (the interpreter). A ROCm device (torch.version.hip)
+    reports its own architecture numbers: no float8e4nv there."""
     if device.type != "cuda":
         return 4, False
     i = device.index if device.index is not None else torch.cuda.current_device()
     if i not in _SMS:
         p = torch.cuda.get_device_properties(i)
-        _SMS[i] = p.multi_processor_count, (p.major, p.minor) >= (8, 9)
+        _SMS[i] = (p.multi_processor_count,
+                   torch.version.hip is None and (p.major, p.minor) >= (8, 9))
     return _SMS[i]
 
 

@@ -10,7 +10,9 @@ caches, so the first compile of each shape is a cache hit. On the host that comp
 them Inductor's own cache directory (/tmp/torchinductor_$USER) already holds them; the
 file matters where that directory is new: a fresh container or host, another user.
 Dynamo still traces each graph (the file holds no Python bytecode; torch's experimental
-``caching_precompile``, which would, failed to load this layer's entries on torch 2.13).
+``caching_precompile``, which would, failed to load this layer's entries on torch 2.13),
+and llamadist's own Triton kernels (custom ops, compiled by Triton's JIT into
+TRITON_CACHE_DIR) still compile where that cache is new.
 
 Everything here is best effort: a missing, unreadable or foreign file, or a torch
 without the API, means compiling as before, with a log line saying why.
@@ -18,9 +20,11 @@ without the API, means compiling as before, with a log line saying why.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
+from itertools import chain
 from pathlib import Path
 
 import torch
@@ -32,13 +36,19 @@ _loaded: set[Path] = set()  # files loaded by this process (each once)
 
 def artifact_path(folder: str | os.PathLike, stage) -> Path:
     """The file of ``stage``'s compiled layer in ``folder``: one per torch version, device
-    kind, dtype, model shape and layer range (two stages of a process write the same
-    artifacts to their two files; two processes never write one file)."""
-    c = stage.model.config
-    shape = f"h{c.hidden_size}-i{c.intermediate_size}-a{c.num_heads}-kv{c.num_kv_heads}"
+    kind, dtype, layer range and model, the model told apart by a digest of its config and
+    of every parameter and buffer's name, shape and dtype (so a tensor-parallel share, a
+    quantized format or another model of the same widths gets a file of its own). Ranks
+    of one stage shape (tensor-parallel peers, data-parallel replicas) share a file: each
+    writes it whole and atomically, and what a process loaded stays in what it saves."""
+    model = stage.model
+    digest = hashlib.sha256(repr(model.config).encode())
+    for name, t in chain(model.named_parameters(), model.named_buffers()):
+        digest.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
     dtype = str(stage.dtype).removeprefix("torch.")
-    name = (f"layers{stage.layers.start}-{stage.layers.stop}-{shape}-{dtype}-"
-            f"{stage.device.type}-torch{torch.__version__}.bin")
+    name = (f"layers{stage.layers.start}-{stage.layers.stop}-{model.config.architecture}-"
+            f"{dtype}-{stage.device.type}-torch{torch.__version__}-"
+            f"{digest.hexdigest()[:16]}.bin")
     return Path(folder) / name.replace("/", "_").replace("+", "_")
 
 
@@ -97,17 +107,30 @@ def _load_chunks(data: bytes, load_fn):
 
         from torch.compiler._cache import CacheArtifactManager, _deserialize_single_cache
         from torch.utils._appending_byte_serializer import AppendingByteSerializer
-    except ImportError:
-        return load_fn(data)
-    try:
         CacheArtifactManager._ensure_cache_artifacts_registered()
         merged = defaultdict(list)
         for kind, artifacts in AppendingByteSerializer.to_list(
                 data, deserialize_fn=_deserialize_single_cache):
             merged[kind].extend(artifacts)
-    except Exception:  # noqa: BLE001 - not torch's format (torch's loader would say so too)
-        return None
-    return CacheArtifactManager.populate_caches(merged)
+        info = CacheArtifactManager.populate_caches(merged)
+        _keep_for_save(CacheArtifactManager, merged)
+        return info
+    except Exception as e:  # noqa: BLE001 - the private pieces moved, or not torch's format
+        log.info("compile artifacts: torch's private loader pieces failed (%s: %s); "
+                 "torch's public loader instead", type(e).__name__, e)
+        return load_fn(data)
+
+
+def _keep_for_save(manager, merged) -> None:
+    """Count what was loaded as this process's own, so every later save writes it too:
+    torch saves only what the process recorded, and a cache hit on a loaded artifact is
+    recorded only if that shape runs, so a process running fewer buckets than the file's
+    writer would otherwise write a smaller file (the next start then compiles the rest)."""
+    for kind, artifacts in merged.items():
+        for artifact in artifacts:
+            if artifact not in manager._seen_artifacts:
+                manager._new_cache_artifacts[kind].append(artifact)
+                manager._seen_artifacts.add(artifact)
 
 
 def save(path: str | os.PathLike) -> bool:
@@ -124,6 +147,7 @@ def save(path: str | os.PathLike) -> bool:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
         try:
+            os.fchmod(fd, 0o644)  # readable by another user's process (mkstemp makes 0600)
             with os.fdopen(fd, "wb") as f:
                 f.write(out[0])
             os.replace(tmp, path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,30 +58,31 @@ def _stage_process(model, folder: Path, inductor_dir: Path,
     return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
 
 
+@pytest.mark.skipif(not hasattr(torch.compiler, "save_cache_artifacts")
+                    or shutil.which(os.environ.get("CXX", "g++")) is None,
+                    reason="needs torch.compiler's cache artifacts (torch >= 2.7) and a C++ "
+                           "compiler for Inductor's CPU backend")
 def test_next_process_loads_what_the_first_saved(tiny_model, tmp_path):
     folder = tmp_path / "artifacts"  # made by the first save
     first, err = _stage_process(tiny_model, folder, tmp_path / "inductor-a")
     assert first["compiled"] and first["finite"]
-    assert first["hits"] == 0 and first["misses"] >= 1
+    assert first["hits"] == 0 and first["misses"] >= 2  # buckets 1 and 2: two graphs at least
     assert "yet; compiling" in err
     files = list(folder.iterdir())
     assert len(files) == 1 and files[0].stat().st_size > 0
     assert "saved" in err
+    assert files[0].stat().st_mode & 0o044 == 0o044  # readable by another user's process
 
-    # A damaged file: the next process compiles anyway and says so.
-    good = files[0].read_bytes()
-    files[0].write_bytes(b"not torch's format" + files[0].read_bytes()[:100])
-    damaged, err = _stage_process(tiny_model, folder, tmp_path / "inductor-b", "1")
-    assert "unusable" in err and damaged["compiled"] and damaged["finite"]
-    assert damaged["hits"] == 0  # compiled from scratch
-    files[0].write_bytes(good)
-
-    second, err = _stage_process(tiny_model, folder, tmp_path / "inductor-c")
+    # Fresh hosts (empty Inductor caches) with the file: one running bucket 1 only finds
+    # its graph in the cache and saves again; that save keeps bucket 2's graphs, which it
+    # loaded and never ran, so a next process running both buckets compiles nothing.
+    second, err = _stage_process(tiny_model, folder, tmp_path / "inductor-b", "1")
     assert "compile artifacts: loaded" in err
     assert second["compiled"] and second["finite"]
-    # every graph of both buckets (two saves: two chunks in the file) found in the cache
-    assert first["misses"] >= 2
-    assert second["hits"] == first["misses"] and second["misses"] == 0
+    assert second["hits"] >= 1 and second["misses"] == 0
+    third, err = _stage_process(tiny_model, folder, tmp_path / "inductor-c")
+    assert third["compiled"] and third["finite"]
+    assert third["hits"] == first["misses"] and third["misses"] == 0, (first, second, third)
 
 
 def test_missing_and_damaged_files_fall_back(tmp_path, caplog):
@@ -122,12 +124,14 @@ def test_artifact_path_per_stage(tiny_model, tmp_path):
     assert compile_cache.artifact_path(tmp_path, a) == compile_cache.artifact_path(tmp_path, a)
 
 
-@pytest.mark.parametrize("cpus,local_world,want", [(16, 2, "8"), (16, 1, "16"), (2, 4, "1")])
+@pytest.mark.parametrize("cpus,local_world,want", [(16, 2, "8"), (16, 1, "16"), (2, 4, "1"),
+                                                   (128, 2, "16")])  # Inductor's cap: 32
 def test_ranks_of_a_host_share_its_compile_workers(monkeypatch, cpus, local_world, want):
     monkeypatch.setattr(os, "cpu_count", lambda: cpus)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
     env = worker_env(0, local_world, 1234, base={})
     assert env["TORCHINDUCTOR_COMPILE_THREADS"] == want
-    assert env["OMP_NUM_THREADS"] == want
+    assert env["OMP_NUM_THREADS"] == str(max(1, cpus // local_world))
     given = worker_env(0, local_world, 1234, base={"TORCHINDUCTOR_COMPILE_THREADS": "3"})
     assert given["TORCHINDUCTOR_COMPILE_THREADS"] == "3"  # the user's choice stands
 
