@@ -52,7 +52,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wquant_sweep import copy_rate, time_graph  # noqa: E402
+from wquant_sweep import compile_in_processes, copy_rate, time_graph  # noqa: E402
 
 START = time.perf_counter()  # --max-seconds counts from here (compiling ahead included)
 SHAPE = {"d": 4096, "f": 14336, "experts": 8, "k": 2}  # Mixtral-8x7B, one layer
@@ -386,24 +386,12 @@ def run(args, torch) -> list[dict]:
 def compile_ahead(args) -> None:
     """Compile the Triton cases in ``args.compile_workers`` processes at once (each runs its
     share once; Triton's on-disk cache then serves the timed run)."""
-    import subprocess
     n = args.compile_workers
     base = [sys.executable, str(Path(__file__).resolve()), "--n", ",".join(map(str, args.n)),
             "--configs", args.configs, "--device", args.device, "--seed", str(args.seed)]
     if args.interpret_smoke:
         base += ["--interpret-smoke"]
-    t0 = time.perf_counter()
-    procs = [subprocess.Popen(base + ["--compile-only", f"{i}/{n}"]) for i in range(n)]
-    failed = 0
-    for p in procs:
-        try:
-            failed += p.wait(timeout=args.compile_timeout) != 0
-        except subprocess.TimeoutExpired:
-            p.kill()
-            failed += 1
-    print(f"compiled ahead in {n} processes: {time.perf_counter() - t0:.0f} s"
-          f"{f', {failed} failed (their cases compile when timed)' if failed else ''}",
-          file=sys.stderr, flush=True)
+    compile_in_processes(base, n, args.compile_timeout)
 
 
 def compile_only(args, torch) -> int:

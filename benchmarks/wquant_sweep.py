@@ -332,7 +332,6 @@ def compile_ahead(args) -> None:
     """Compile the Triton cases in ``args.compile_workers`` processes at once (each runs
     its share once; Triton's on-disk cache then serves the timed run): compiling one by
     one would take most of the run's minutes."""
-    import subprocess
     n = args.compile_workers
     base = [sys.executable, str(Path(__file__).resolve()), "--shapes", ",".join(args.shapes),
             "--kinds", ",".join(args.kinds), "--m", ",".join(map(str, args.m)),
@@ -341,12 +340,20 @@ def compile_ahead(args) -> None:
         base += ["--stages", ",".join(map(str, args.stages))]
     if args.interpret_smoke:
         base += ["--interpret-smoke"]
+    compile_in_processes(base, n, args.compile_timeout)
+
+
+def compile_in_processes(argv: list[str], n: int, timeout: float) -> None:
+    """Run ``argv --compile-only i/n`` for i < n at once (each compiles its share of the
+    Triton cases, which Triton's on-disk cache then serves the timed run) and say how long
+    that took and how many failed (also used by moe_routed_sweep.py)."""
+    import subprocess
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(base + ["--compile-only", f"{i}/{n}"]) for i in range(n)]
+    procs = [subprocess.Popen(argv + ["--compile-only", f"{i}/{n}"]) for i in range(n)]
     failed = 0
     for p in procs:
         try:
-            failed += p.wait(timeout=args.compile_timeout) != 0
+            failed += p.wait(timeout=timeout) != 0
         except subprocess.TimeoutExpired:
             p.kill()
             failed += 1
