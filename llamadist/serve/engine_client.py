@@ -287,7 +287,9 @@ class EngineClient:
             return
         try:
             self._send(("submit", batch))
-        except RuntimeError as e:
+        except Exception as e:  # noqa: BLE001 - a lost connection, or a job that cannot be
+            # pickled (this runs as a loop callback: an error not answered here would leave
+            # every waiter of the batch waiting for good)
             for key, _ in batch:
                 fut = self._replies.get(key)
                 if fut is not None and not fut.done():

@@ -296,5 +296,13 @@ def test_the_submits_of_one_loop_turn_go_in_one_message():
             await job
         assert [m[0] for m in sent] == ["submit", "cancel"]
         assert sent[1][1] == [sent[0][1][0][1][0][0]]
+        # a job the message cannot carry (not picklable): every job of its turn is
+        # answered (503), none waits for good
+        sent.clear()
+        bad = SimpleNamespace(stop=(), logprobs=None, f=lambda: 0)
+        jobs = [asyncio.ensure_future(client.submit([(ids, p)])) for ids, p in
+                (([1], params), ([2], bad))]
+        got = await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 5)
+        assert [type(g) for g in got] == [RuntimeError, RuntimeError] and not sent
 
     asyncio.run(main())
