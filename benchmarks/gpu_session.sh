@@ -59,6 +59,15 @@ dense() {  # issues 13, 14: serving with the step trace, bench, the server again
         --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
         --trace $OUT/steps.jsonl --runs 2 --json-out $OUT/serving.json
     step bench1 60 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 --prompt-len 128 --gen-len 128
+    # the same batch-1 decode through the Python API: no per-stage sync (bench syncs after
+    # each stage to attribute its time, which stops the host's next step overlapping the
+    # device's); three runs, ms per decode step of each
+    step api1 90 python3 -c "
+from llamadist import LLM
+llm = LLM('$CK', devices='cuda:0', max_batch=1, max_seq_len=384)
+for i in range(3):
+    _, st = llm.run([list(range(1000 + i, 1128 + i))], max_new_tokens=128, ignore_eos=True)
+    print('run', i, 'decode ms/step', round(1e3 * st['decode_s'] / 127, 3), flush=True)"
     step serve_raw 150 python3 benchmarks/serve_bench.py --model $CK --concurrency 256 --engine \
         --engine-concurrency 256 --requests 1024 --prompt-len 128 --max-tokens 64 \
         --server-flags "--devices cuda:0" --client raw --json-out $OUT/serve_raw.json
