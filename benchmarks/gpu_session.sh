@@ -1,7 +1,7 @@
 # The GPU measurements of the open issues, in three parts of under 10 minutes each (one
 # H200 lease: run them back to back, the machine keeps /tmp between them).
 #
-#   bash benchmarks/gpu_session.sh kernels|dense|recovery        (OUT: where results go)
+#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery   (OUT: where results go)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -67,10 +67,27 @@ from llamadist import LLM
 llm = LLM('$CK', devices='cuda:0', max_batch=1, max_seq_len=384)
 for i in range(3):
     _, st = llm.run([list(range(1000 + i, 1128 + i))], max_new_tokens=128, ignore_eos=True)
-    print('run', i, 'decode ms/step', round(1e3 * st['decode_s'] / 127, 3), flush=True)"
+    print('run', i, 'decode ms/step', round(1e3 * st['decode_s'] / 127, 3), 'tpot p50 ms',
+          round(1e3 * st['tpot_p50_s'], 3), flush=True)"
     step serve_raw 150 python3 benchmarks/serve_bench.py --model $CK --concurrency 256 --engine \
         --engine-concurrency 256 --requests 1024 --prompt-len 128 --max-tokens 64 \
         --server-flags "--devices cuda:0" --client raw --json-out $OUT/serve_raw.json
+}
+
+coldstart() {  # issue 13: `llamadist generate`'s wall time cold, on a fresh host with the
+    # compile cache, and warm; then the server with the openai client (~5 min)
+    checkpoint
+    local run ind
+    for run in cold cache warm; do
+        case $run in cold) ind=c1 ;; *) ind=c2 ;; esac
+        local t0=$(date +%s.%N)
+        TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$ind TRITON_CACHE_DIR=/tmp/tri-$ind \
+            step gen_$run 150 python3 -m llamadist generate $CK --devices cuda:0 \
+            --prompt "The capital of France is" --max-new-tokens 64 --compile-cache /tmp/cc-gen \
+            --stats
+        echo "gen_$run wall_s $(python3 -c "import time; print(round(time.time() - $t0, 2))")" \
+            | tee -a "$OUT/gen_$run.txt"
+    done
     step serve_openai 110 python3 benchmarks/serve_bench.py --model $CK --concurrency 256 \
         --requests 1024 --prompt-len 128 --max-tokens 64 --server-flags "--devices cuda:0" \
         --json-out $OUT/serve_openai.json
@@ -107,7 +124,7 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery) mkdir -p "$OUT"; setup; "$1" ;;
-    *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery|perplexity" \
+    kernels|dense|recovery|coldstart) mkdir -p "$OUT"; setup; "$1" ;;
+    *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery|coldstart|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
