@@ -281,8 +281,8 @@ def test_tiny_quantized_on_cuda_equals_dequantized_and_graphs(tiny_model, kind):
     graphs = LLM(tiny_model, devices="cuda:0", runtime=rt.replace(max_batch=2))
     eager = LLM(tiny_model, devices="cuda:0", runtime=rt.replace(max_batch=2,
                                                                   cuda_graphs=False))
-    a = [r.output_ids for r in graphs.generate(prompts, max_new_tokens=16, ignore_eos=True)]
-    b = [r.output_ids for r in eager.generate(prompts, max_new_tokens=16, ignore_eos=True)]
+    a = [r.token_ids for r in graphs.generate(prompts, max_new_tokens=16, ignore_eos=True)]
+    b = [r.token_ids for r in eager.generate(prompts, max_new_tokens=16, ignore_eos=True)]
     assert a == b
 
 
