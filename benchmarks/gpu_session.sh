@@ -108,6 +108,27 @@ recovery() {  # issues 15, 17: a restarted worker's warm-up with the compile cac
     step moe 220 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe --budget-s 170
 }
 
+prefill() {  # issue 13: why some mixed (prefill) steps take 1+ s: cuDNN SDPA off, the
+    # expandable allocator, and a py-spy profile of the default (~8 min)
+    checkpoint
+    step nocudnn 150 python3 -c "
+import runpy, sys, torch
+torch.backends.cuda.enable_cudnn_sdp(False)
+sys.path.insert(0, 'benchmarks')
+sys.argv = ['serving.py', '--shape', 'llama3-8b', '--device', 'cuda', '--requests', '256',
+            '--peers', '', '--checkpoint-dir', '/tmp/ck', '--tokenizer-from',
+            '.whl/smollm2-tok', '--runs', '2', '--trace', '$OUT/steps_nocudnn.jsonl']
+runpy.run_path('benchmarks/serving.py', run_name='__main__')"
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True step expandable 150 python3 \
+        benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 --peers "" \
+        --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2 \
+        --trace $OUT/steps_expandable.jsonl
+    step pyspy 180 py-spy record --idle --threads -r 50 --format raw -o $OUT/spy.txt -- \
+        python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
+        --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2 \
+        --trace $OUT/steps_spy.jsonl
+}
+
 stash() {  # keep the carried parts of a file in /tmp (see the header)
     mkdir -p /tmp/stash && cp .stash/* /tmp/stash/ && ls -l /tmp/stash
 }
@@ -124,7 +145,7 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery|coldstart|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
