@@ -21,6 +21,7 @@ tokens/s of each kind of step: decode-only through CUDA graphs, decode-only eage
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import platform
@@ -201,6 +202,26 @@ def roofline(config, dtype: str, prompts: list[list[int]], new: int, batch: int,
             "bound_tokens_per_s": len(prompts) * new / bound_s}
 
 
+@contextlib.contextmanager
+def profiled(out: str | None):
+    """torch.profiler around a block (CPU and, where there is one, CUDA activity), its
+    operators and kernels by device time (then host time) written to ``out``."""
+    if out is None:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available()
+                                     else [])
+    with torch_profile(activities=acts) as prof:
+        yield
+    avg = prof.key_averages()
+    key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    Path(out).write_text(avg.table(sort_by=key, row_limit=60, max_name_column_width=90)
+                         + "\n\nby host time:\n"
+                         + avg.table(sort_by="cpu_time_total", row_limit=40,
+                                     max_name_column_width=90))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -227,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="timed llamadist runs in one process "
                    "(runs after the first: other prompts, seed + i - 1; their results as "
                    "llamadist_run2, ..., their traces FILE.run2, ...): shows costs paid once")
+    p.add_argument("--profile", metavar="FILE", help="run the last llamadist run under "
+                   "torch.profiler and write its operators and kernels by device time to "
+                   "FILE (a table; the run's own figures then carry the profiler's cost)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)
@@ -243,12 +267,14 @@ def main(argv: list[str] | None = None) -> int:
            "roofline": roofline(llm.config, llm.dtype, prompts, args.new, batch, flops_s,
                                 bytes_s)}
     run_ours(llm, prompts[:2], [0.0, 0.0], 4)  # warm-up: first calls pick kernels
-    res["llamadist"] = run_ours(llm, prompts, arrivals, args.new, args.trace)
+    with profiled(args.profile if args.runs == 1 else None):
+        res["llamadist"] = run_ours(llm, prompts, arrivals, args.new, args.trace)
     for i in range(2, args.runs + 1):  # the same engine again, on other prompts of the
         # same lengths' distribution (the first run's would hit the prefix cache)
         more, at = workload(args, llm.config.vocab_size, seed=args.seed + i - 1)
-        res[f"llamadist_run{i}"] = run_ours(llm, more, at, args.new,
-                                            args.trace and f"{args.trace}.run{i}")
+        with profiled(args.profile if i == args.runs else None):
+            res[f"llamadist_run{i}"] = run_ours(llm, more, at, args.new,
+                                                args.trace and f"{args.trace}.run{i}")
     ours = res["llamadist"]["tokens_per_s"]
     res["llamadist"]["of_roofline"] = ours / res["roofline"]["bound_tokens_per_s"]
     report(res, args.json_out)

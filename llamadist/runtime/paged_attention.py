@@ -26,8 +26,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
@@ -95,6 +98,18 @@ def _fresh_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGr
                           fresh=True)
 
 
+# Chunks of more than one token attend through SDPA's flash or memory-efficient kernels,
+# never its cuDNN one: on the H200 (torch 2.11) a 256-request serving run's mixed steps
+# took 299 ms each with cuDNN's SDPA disabled against 349-396 ms with it (6 718 against
+# 5 423-6 171 tokens/s; benchmarks/RESULTS.md, session 12).
+_CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _chunk_sdpa(q: torch.Tensor):
+    """The SDPA backends of a multi-token chunk's attention on ``q``'s device."""
+    return sdpa_kernel(_CHUNK_BACKENDS) if q.is_cuda else contextlib.nullcontext()
+
+
 def _blocks(kv_len: int, batch: PagedBatch) -> int:
     return -(-kv_len // batch.block_size)
 
@@ -145,9 +160,10 @@ def fresh_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             x = x.new_zeros(s * g.q_len, x.shape[1], d).index_copy_(0, g.pad_index, x)
         return x.view(s, g.q_len, x.shape[1], d).transpose(1, 2)
 
-    out = F.scaled_dot_product_attention(padded(q), padded(k.to(q.dtype)),
-                                         padded(v.to(q.dtype)), is_causal=True,
-                                         enable_gqa=h != k.shape[1])
+    with _chunk_sdpa(q):
+        out = F.scaled_dot_product_attention(padded(q), padded(k.to(q.dtype)),
+                                             padded(v.to(q.dtype)), is_causal=True,
+                                             enable_gqa=h != k.shape[1])
     out = out.transpose(1, 2).reshape(s * g.q_len, h, d)
     return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
@@ -167,8 +183,9 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if g.pad_index is not None:
         qp = q.new_zeros(s * g.q_len, h, d).index_copy_(0, g.pad_index, q)
     qp = qp.view(s, g.q_len, h, d).transpose(1, 2)  # (S_g, H, T, D)
-    out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=g.mask,
-                                         enable_gqa=h != h_kv)
+    with _chunk_sdpa(q):
+        out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=g.mask,
+                                             enable_gqa=h != h_kv)
     out = out.transpose(1, 2).reshape(s * g.q_len, h, d)
     return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
