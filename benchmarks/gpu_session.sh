@@ -129,6 +129,18 @@ runpy.run_path('benchmarks/serving.py', run_name='__main__')"
         --trace $OUT/steps_spy.jsonl
 }
 
+profile() {  # issue 13: where a serving run's device time goes (torch.profiler on its
+    # second run) and where a warm `generate` spends its ~25 s before full speed (py-spy)
+    checkpoint
+    step serving_prof 200 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
+        --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
+        --runs 2 --trace $OUT/steps_prof.jsonl --profile $OUT/profile.txt
+    local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
+        --max-new-tokens 16 --compile-cache /tmp/cc-gen"
+    step gen_first 150 $gen
+    step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.txt -- $gen
+}
+
 stash() {  # keep the carried parts of a file in /tmp (see the header)
     mkdir -p /tmp/stash && cp .stash/* /tmp/stash/ && ls -l /tmp/stash
 }
@@ -145,7 +157,7 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery|coldstart|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
