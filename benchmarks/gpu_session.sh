@@ -130,15 +130,16 @@ runpy.run_path('benchmarks/serving.py', run_name='__main__')"
 }
 
 profile() {  # issue 13: where a serving run's device time goes (torch.profiler on its
-    # second run) and where a warm `generate` spends its ~25 s before full speed (py-spy)
+    # third run; the second is clean) and where a warm `generate` spends its ~25 s before full speed (py-spy)
     checkpoint
     step serving_prof 200 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
         --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
-        --runs 2 --trace $OUT/steps_prof.jsonl --profile $OUT/profile.txt
+        --runs 3 --trace $OUT/steps_prof.jsonl --profile $OUT/profile.txt
     local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
-        --max-new-tokens 16 --compile-cache /tmp/cc-gen"
+        --max-new-tokens 64 --compile-cache /tmp/cc-gen"
     step gen_first 150 $gen
     step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.txt -- $gen
+    step gen_nocompile 150 $gen --stats --no-compile  # graphs of the eager layers
 }
 
 stash() {  # keep the carried parts of a file in /tmp (see the header)
