@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from llamadist.config import to_device
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
 
@@ -53,10 +54,17 @@ class AttentionGroup:
     # own k/v, nothing to gather
 
 
+def _ids(values: list[int], device: torch.device) -> torch.Tensor:
+    """Host integers as a long tensor on ``device``, without the host waiting for the work
+    queued there (torch.tensor(..., device=cuda) copies from pageable memory and waits: in
+    a step prepared ahead, until the previous step has finished)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
+
+
 def _decode_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGroup:
     lens = [batch.starts[s] + 1 for s in seqs]
     kv_len = max(lens)
-    idx = None if whole else torch.tensor(seqs, device=batch.device)
+    idx = None if whole else _ids(seqs, batch.device)
     tables = batch.block_tables if whole else batch.block_tables[idx]
     mask = None
     if min(lens) != kv_len:
@@ -71,10 +79,10 @@ def _prefill_group(batch: PagedBatch, seqs: list[int], whole: bool) -> Attention
     dev = batch.device
     q_len = max(batch.query_lens[s] for s in seqs)
     kv_len = max(batch.starts[s] + batch.query_lens[s] for s in seqs)
-    idx = torch.tensor(seqs, device=dev)
+    idx = _ids(seqs, dev)
     tables = batch.block_tables[idx][:, :_blocks(kv_len, batch)]
     # Each token's flat index and its row in the padded queries, sequence by sequence.
-    qlen_t = torch.tensor([batch.query_lens[s] for s in seqs], device=dev)  # (S_g,)
+    qlen_t = _ids([batch.query_lens[s] for s in seqs], dev)  # (S_g,)
     n_g = sum(batch.query_lens[s] for s in seqs)
     local = torch.repeat_interleave(torch.arange(len(seqs), device=dev), qlen_t,
                                     output_size=n_g)  # (N_g,) sequence within the group
@@ -82,7 +90,7 @@ def _prefill_group(batch: PagedBatch, seqs: list[int], whole: bool) -> Attention
     offset = torch.arange(n_g, device=dev) - first[local]  # (N_g,) index within the chunk
     tokens = None if whole else batch.query_start[idx][local] + offset
     # Query i of sequence s sits at position starts[s] + i and sees keys at <= that.
-    q_pos = (torch.tensor([batch.starts[s] for s in seqs], device=dev).view(-1, 1)
+    q_pos = (_ids([batch.starts[s] for s in seqs], dev).view(-1, 1)
              + torch.arange(q_len, device=dev).view(1, -1))  # (S_g, T)
     mask = torch.arange(kv_len, device=dev).view(1, 1, kv_len) <= q_pos.unsqueeze(-1)
     return AttentionGroup(tokens, local * q_len + offset, tables, q_len, kv_len,
@@ -288,8 +296,7 @@ class PagedLayer:
         found = self.batch.cached.get(key)
         if found is None:
             b = self.batch
-            seqs = torch.tensor([s for s, n in enumerate(b.query_lens) if n == 1],
-                                device=b.device)
+            seqs = _ids([s for s, n in enumerate(b.query_lens) if n == 1], b.device)
             tokens = b.last_token_index[seqs]
             tables = b.block_tables[seqs].to(torch.int32).contiguous()
             lens = b.seq_lens[seqs].to(torch.int32).contiguous()
