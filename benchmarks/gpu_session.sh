@@ -1,7 +1,7 @@
 # The GPU measurements of the open issues, in three parts of under 10 minutes each (one
 # H200 lease: run them back to back, the machine keeps /tmp between them).
 #
-#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery   (OUT: where results go)
+#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery|timed   (OUT: where results go)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -59,9 +59,14 @@ dense() {  # issues 13, 14: serving with the step trace, bench, the server again
         --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
         --trace $OUT/steps.jsonl --runs 2 --json-out $OUT/serving.json
     step bench1 60 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 --prompt-len 128 --gen-len 128
-    # the same batch-1 decode through the Python API: no per-stage sync (bench syncs after
-    # each stage to attribute its time, which stops the host's next step overlapping the
-    # device's); three runs, ms per decode step of each
+    api1
+    step serve_raw 150 python3 benchmarks/serve_bench.py --model $CK --concurrency 256 --engine \
+        --engine-concurrency 256 --requests 1024 --prompt-len 128 --max-tokens 64 \
+        --server-flags "--devices cuda:0" --client raw --json-out $OUT/serve_raw.json
+}
+
+api1() {  # the same batch-1 decode through the Python API (untimed: no per-stage
+    # timing at all); three runs, ms per decode step of each
     step api1 90 python3 -c "
 from llamadist import LLM
 llm = LLM('$CK', devices='cuda:0', max_batch=1, max_seq_len=384)
@@ -69,9 +74,15 @@ for i in range(3):
     _, st = llm.run([list(range(1000 + i, 1128 + i))], max_new_tokens=128, ignore_eos=True)
     print('run', i, 'decode ms/step', round(1e3 * st['decode_s'] / 127, 3), 'tpot p50 ms',
           round(1e3 * st['tpot_p50_s'], 3), flush=True)"
-    step serve_raw 150 python3 benchmarks/serve_bench.py --model $CK --concurrency 256 --engine \
-        --engine-concurrency 256 --requests 1024 --prompt-len 128 --max-tokens 64 \
-        --server-flags "--devices cuda:0" --client raw --json-out $OUT/serve_raw.json
+}
+
+timed() {  # bench's per-stage times from CUDA events, no sync (runtime.work_timer): its
+    # tests, then bench against the untimed Python API, interleaved (~5 min)
+    checkpoint
+    step test_timed 150 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_timed_bench_gpu.py
+    step bench1 60 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 --prompt-len 128 --gen-len 128
+    api1
+    step bench1b 60 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 --prompt-len 128 --gen-len 128
 }
 
 coldstart() {  # issue 13: `llamadist generate`'s wall time cold, on a fresh host with the
@@ -158,7 +169,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile) mkdir -p "$OUT"; setup; "$1" ;;
-    *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh kernels|dense|recovery|coldstart|perplexity" \
+    kernels|dense|recovery|coldstart|prefill|profile|timed) mkdir -p "$OUT"; setup; "$1" ;;
+    *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

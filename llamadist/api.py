@@ -93,7 +93,9 @@ class LLM:
         self.llm_engine = LLMEngine(self.engine, self.tokenizer, runtime)
         if warmup:
             self.llm_engine.warmup()
-        self._stage_stats = self._final_stats = self.engine.stage_stats
+        self._stage_stats = self.engine.stage_stats
+        # the end of a run: every timed piece of work read (one wait for the devices)
+        self._final_stats = lambda: self.engine.stage_stats(settle=True)
         self.stats_live = True  # stage_stats may be read at any time (/metrics)
         stages = self.engine.stages
         self._expert_load = lambda: {k: v for s in stages for k, v in s.expert_load().items()}

@@ -371,8 +371,9 @@ class RuntimeConfig:
     timeout          seconds a rank waits for a silent peer
     kv_block_size    tokens per paged KV block (None: 16 with GPUs, 128 on CPUs only, where
                      the C attention pays a fixed cost per block)
-    timed            synchronise after each stage so its time is its own (per-stage
-                     statistics; costs a little speed)
+    timed            time each stage's compute and transfers on its device (per-stage
+                     statistics; on CUDA events read without a host sync, so a timed
+                     run steps as fast as an untimed one: llamadist.runtime.work_timer)
     schedule_ahead   on a GPU in one process, schedule and launch the next step before
                      the current one's tokens are back (decodes read them on the device),
                      so the host's work hides behind the device's (on by default: 1.28x

@@ -324,9 +324,10 @@ def run_ours(engine: Engine, prompts: torch.Tensor, gen_len: int, prefill_reps: 
 
 
 def timed_stage_run(engine: Engine, ids: list[list[int]], n: int) -> dict:
-    """A second generation with a sync after every stage: where the time goes per stage.
-    The same engine in a measurement mode (not a run-time setting): timing switched on for
-    this run only, so both runs share the weights and the captured graphs."""
+    """A second generation with every stage timed on its device (CUDA events, read at the
+    end: runtime.work_timer): where the time goes per stage. The same engine in a
+    measurement mode (not a run-time setting): timing switched on for this run only, so
+    both runs share the weights and the captured graphs."""
     engine.timed = True
     for s in engine.stages:
         s.stats.compute_s = s.stats.transfer_s = 0.0
@@ -336,7 +337,8 @@ def timed_stage_run(engine: Engine, ids: list[list[int]], n: int) -> dict:
         _generate(engine, ids, n)
     finally:
         engine.timed = False
-    return dict(timed_wall_s=time.perf_counter() - t0, stage_stats=engine.stage_stats())
+    stats = engine.stage_stats(settle=True)
+    return dict(timed_wall_s=time.perf_counter() - t0, stage_stats=stats)
 
 
 # ---- rows -------------------------------------------------------------------------------------

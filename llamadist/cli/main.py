@@ -115,7 +115,7 @@ def _add_serve(sub) -> None:
     g.add_argument("--max-queue", type=positive_int, default=256, help="requests queued or "
                    "running at most; more are answered 429 (default 256)")
     g.add_argument("--stats", action="store_true", help="time each stage (per-stage busy "
-                   "seconds in /metrics; costs a sync per stage on GPUs)")
+                   "seconds in /metrics; on GPUs from CUDA events, without a sync)")
 
 
 def build_parser() -> argparse.ArgumentParser:

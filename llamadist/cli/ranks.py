@@ -216,6 +216,7 @@ def rank_identity(session: Session) -> dict:
 def rank_report(session: Session) -> dict:
     """This rank's statistics, shaped like an in-process stage's (cli.run prints both)."""
     rs = session.rank_stage
+    rs.settle_timing()  # the timed steps' device seconds still unread (runtime.work_timer)
     st = rs.stage
     report = {**rank_identity(session), **st.stats.to_dict(), **rs.stats.to_dict(),
               "bytes_sent": rs.pipe.stats.bytes_sent}

@@ -124,7 +124,7 @@ def _bench(args: argparse.Namespace, job: Job, llm) -> int:
     _, st = llm.run(job.encoded, job.params)
     wall = st["wall_s"]
     stages = llm.final_stage_stats()
-    for s in stages:  # compute time is device time when --timed (else launch time on GPUs)
+    for s in stages:  # compute time is device time (bench runs timed: CUDA events, no sync)
         s["busy"] = s["compute_s"] / wall if wall else 0.0
     loads = [s.get("load_s", 0.0) for s in stages]  # one after another in one process
     load_s = sum(loads) if job.layout.processes == 1 else max(loads, default=0.0)

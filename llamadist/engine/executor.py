@@ -125,6 +125,8 @@ class LocalExecutor:
         tokens, arrived = self._done.popleft()
         if arrived is not None:
             arrived.synchronize()
+        if self.model.timed:  # this step's stage times are ready: read them (no wait)
+            self.model.settle_timing()
         return tokens.tolist()
 
     def idle(self) -> None:

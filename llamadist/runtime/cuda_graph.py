@@ -29,7 +29,7 @@ import torch
 from llamadist.runtime import compile_cache
 from llamadist.runtime.kv_cache import KVCache, LayerCache
 from llamadist.runtime.mask import attention_mask
-from llamadist.runtime.stage import Stage, sync, to_stage
+from llamadist.runtime.stage import Stage, to_stage
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +241,8 @@ class DecodeGraphs:
                 valid: torch.Tensor | None, timed: bool = False) -> torch.Tensor:
         """tokens (B, 1), positions (B, 1), valid (B, S) or None -> logits (B, 1, V).
         The logits are a view of a static buffer: read them before the next step.
-        ``timed``: sync after each stage to attribute its time (Engine.timed)."""
+        ``timed``: each stage's load (transfer_s) and replay (compute_s) timed on its
+        device without a sync (Engine.timed, runtime.work_timer)."""
         x, b, mask = tokens, tokens.shape[0], None
         for stage, dec in zip(self.stages, self.decoders):
             if dec is None:  # eager stage (CPU offload)
@@ -252,16 +253,13 @@ class DecodeGraphs:
                 continue
             if x.device != stage.device:
                 stage.stats.bytes_in += x.nbytes
-            t0 = time.perf_counter()
+            t0 = stage.timer.start(stage.device, after=x.device) if timed else None
             bk = dec.load(x, positions, start, valid)
             if timed:
-                sync(stage.device)
-                t1 = time.perf_counter()
-                stage.stats.transfer_s += t1 - t0
-                t0 = t1
+                stage.timer.stop(t0, stage.device, stage.stats, "transfer_s")
+                t0 = stage.timer.start(stage.device)
             x = dec.step(bk, b)
             if timed:
-                sync(stage.device)
-                stage.stats.compute_s += time.perf_counter() - t0
+                stage.timer.stop(t0, stage.device, stage.stats, "compute_s")
             stage.stats.calls += 1
         return x

@@ -37,7 +37,9 @@ class Engine:
         self.stages = stages
         self.ckpt = ckpt
         self.runtime = runtime or RuntimeConfig()
-        self.timed = self.runtime.timed  # sync after each stage to attribute its time
+        # time each stage's compute and transfers on its device (CUDA events, read without
+        # a sync: runtime.work_timer), so a timed run steps as fast as an untimed one
+        self.timed = self.runtime.timed
         # Read by the first decode step (the graphs are made then); kept as attributes
         # so tests can compare paths on one engine.
         self.cuda_graphs = self.runtime.cuda_graphs and any(s.device.type == "cuda"
@@ -171,9 +173,20 @@ class Engine:
                                              compile_cache=self.runtime.compile_cache)
         return self._paged_graphs
 
-    def stage_stats(self) -> list[dict]:
+    def settle_timing(self, wait: bool = False) -> None:
+        """Add the timed work (``timed``) each stage's device has finished to its stats;
+        ``wait``: all of it, the host waiting for the devices (once, at the end of a run).
+        From the thread that steps (WorkTimer.settle)."""
+        for s in self.stages:
+            s.timer.settle(wait)
+
+    def stage_stats(self, settle: bool = False) -> list[dict]:
         """Per stage: layers, device, timings; with ``expert_load`` (tokens routed to each
-        expert per MoE layer, keyed by layer index) for a mixture-of-experts model."""
+        expert per MoE layer, keyed by layer index) for a mixture-of-experts model.
+        ``settle``: first ``settle_timing(wait=True)`` (the end of a timed run, from the
+        thread that steps); without, the timed work read so far (safe from any thread)."""
+        if settle:
+            self.settle_timing(wait=True)
         out = []
         for i, s in enumerate(self.stages):
             d = dict(stage=i, layers=[s.layers.start, s.layers.stop], device=str(s.device),

@@ -21,7 +21,6 @@ layers are captured instead. Graphs need every stage on CUDA with the paged kern
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,7 +29,7 @@ import torch
 from llamadist.runtime.cuda_graph import GraphCapture, bucket_sizes, compiled_layer_call
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch
-from llamadist.runtime.stage import Stage, sync
+from llamadist.runtime.stage import Stage
 
 log = logging.getLogger(__name__)
 
@@ -175,15 +174,20 @@ class PagedGraphs:
             packed = packed.pin_memory()  # so the copies below do not wait for the device
         x = tokens.view(s, 1) if tokens.dim() == 1 else tokens
         for stage, dec in zip(self.stages, self.decoders):
-            t0 = time.perf_counter()
             bk = dec.bucket(size, stage.has_embed, x.shape[-1])
-            bk.packed.copy_(packed, non_blocking=True)
-            if x.device != stage.device:
+            crossing = x.device != stage.device
+            if crossing:  # timed: the hidden state's crossing is transfer_s, the rest compute_s
                 stage.stats.bytes_in += x.nbytes
-            bk.x[:s].copy_(x, non_blocking=True)
+                t0 = stage.timer.start(stage.device, after=x.device) if timed else None
+                bk.x[:s].copy_(x, non_blocking=True)
+                if timed:
+                    stage.timer.stop(t0, stage.device, stage.stats, "transfer_s")
+            t0 = stage.timer.start(stage.device) if timed else None
+            bk.packed.copy_(packed, non_blocking=True)
+            if not crossing:
+                bk.x[:s].copy_(x, non_blocking=True)
             x = dec.step(bk)[:s]
             if timed:
-                sync(stage.device)
-                stage.stats.compute_s += time.perf_counter() - t0
+                stage.timer.stop(t0, stage.device, stage.stats, "compute_s")
             stage.stats.calls += 1
         return x

@@ -6,7 +6,6 @@ the kernel passes of ``RuntimeConfig`` (llamadist.runtime.kernel_passes)."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +22,7 @@ from llamadist.runtime.kernel_passes import (apply_kernel_passes, decode_layer_f
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
+from llamadist.runtime.work_timer import WorkTimer
 from llamadist.weights.checkpoint import Checkpoint
 from llamadist.weights.loader import LoadStats, ShardFn, load_weights, trim_heap
 
@@ -37,13 +37,11 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return DTYPES[name]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @dataclass
 class StageStats:
+    """A stage's run counters. With ``Engine.timed`` ``compute_s`` and ``transfer_s`` are
+    its device's seconds (CUDA events, read when the device has passed them: ``WorkTimer``);
+    without, nothing is timed."""
     compute_s: float = 0.0
     transfer_s: float = 0.0
     bytes_in: int = 0
@@ -76,6 +74,7 @@ class Stage:
         self.caches = [KVCache(model.config, self.layers, batch_size, max_seq_len, device, dtype,
                                num_kv_heads) for _ in range(lanes)]
         self.stats = StageStats()
+        self.timer = WorkTimer()  # the timed runs' seconds (Engine.timed), without a sync
         self.layer_fn = decode_layer_fn(device, runtime or RuntimeConfig())
         # Tried first for a decode step: the whole step in one C call on the CPU, or None.
         self.step_fn = decode_step_fn(device, runtime or RuntimeConfig())
@@ -112,7 +111,7 @@ class Stage:
                                f"{len(self.caches)} static KV cache lanes (built for the "
                                f"paged engine: use forward_paged, or build it with a static "
                                f"cache)")
-        t0 = time.perf_counter()
+        t0 = self.timer.start(self.device) if timed else None
         # On the CPU a decode step is one C call where it applies (step_fn), else each
         # decoder layer is one C call where it applies (layer_fn).
         out = None
@@ -122,13 +121,13 @@ class Stage:
             out = self.model(x, positions, self.caches[lane], start, mask, logits,
                              self.layer_fn)
         if timed:
-            sync(self.device)
-            self.stats.compute_s += time.perf_counter() - t0
+            self.timer.stop(t0, self.device, self.stats, "compute_s")
         self.stats.calls += 1
         return out
 
     def reset_stats(self) -> None:
-        """Zero the run counters and the expert load (the load's statistics stay)."""
+        """Zero the run counters and the expert load (the load's statistics stay). Timed
+        work still in flight adds to the counters it started under, not the new ones."""
         self.stats = StageStats(load=self.stats.load)
         self.reset_expert_load()
 
@@ -149,7 +148,7 @@ class Stage:
         ``batch.logits_index`` beyond them, if any)."""
         if self.paged is None:
             raise RuntimeError("call init_paged() before forward_paged()")
-        t0 = time.perf_counter()
+        t0 = self.timer.start(self.device) if timed else None
         b, t = batch.token_shape
         if x.dim() == 1:
             x = x.view(b, t)
@@ -161,8 +160,7 @@ class Stage:
                              logits_index=batch.last_token_index
                              if batch.logits_index is None else batch.logits_index)
         if timed:
-            sync(self.device)
-            self.stats.compute_s += time.perf_counter() - t0
+            self.timer.stop(t0, self.device, self.stats, "compute_s")
         self.stats.calls += 1
         return out
 
@@ -215,14 +213,15 @@ def build_tp_stage(ckpt: Checkpoint, layers: range, device: torch.device | str,
 def to_stage(stage: Stage, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
              timed: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """x (B, T[, D]), positions (B, T) and mask onto ``stage``'s device, counting the bytes
-    (and, if ``timed``, the seconds) of the hidden state that crossed."""
+    (and, if ``timed``, the seconds) of the hidden state that crossed. The copy is timed
+    on a CUDA side of it (towards the CPU: the source's stream, which runs the copy)."""
     if x.device != stage.device:
-        t0 = time.perf_counter()
+        on = stage.device if stage.device.type == "cuda" else x.device
+        t0 = stage.timer.start(on, after=x.device) if timed else None
         # Non-blocking only towards CUDA: a non-blocking copy to the CPU returns before
         # the data lands, and the CPU stage would read it too early.
         x = x.to(stage.device, non_blocking=stage.device.type == "cuda")
         if timed:
-            sync(stage.device)
-            stage.stats.transfer_s += time.perf_counter() - t0
+            stage.timer.stop(t0, on, stage.stats, "transfer_s")
         stage.stats.bytes_in += x.nbytes
     return x, positions.to(stage.device), None if mask is None else mask.to(stage.device)

@@ -54,7 +54,8 @@ CPU = torch.device("cpu")
 @dataclass
 class RankStats:
     steps: int = 0
-    compute_s: float = 0.0  # inside the stage (device time when runtime.timed)
+    compute_s: float = 0.0  # inside the stage (device time when runtime.timed, read
+                            # from CUDA events without a sync; else the host's)
     wait_s: float = 0.0     # blocked receiving: this rank's bubble
 
     def to_dict(self) -> dict:
@@ -179,14 +180,18 @@ class StageRank:
             x = work.tokens(self.stage.device)
             if cp is not None:  # only the tokens this CP rank owns
                 x = x[torch.as_tensor(cp.mine, device=x.device)]
-        t0 = time.perf_counter()
+        timed, dev = self.model.timed, self.stage.device
+        t0 = self.stage.timer.start(dev) if timed else time.perf_counter()
         if cp is None:
             out = self.model.forward_paged(x, work.batch())
         else:
             out = forward_cp(self.stage, x, cp, self.groups.cp.device_group)
             if self.stage.has_head and self.groups.tp_index == 0:
                 out = gather_logits(out, cp, self.groups.cp.device_group)
-        self.stats.compute_s += time.perf_counter() - t0
+        if timed:  # no sync: the pipeline's next step is prepared while this one runs
+            self.stage.timer.stop(t0, dev, self.stats, "compute_s")
+        else:
+            self.stats.compute_s += time.perf_counter() - t0
         self.stats.steps += 1
         if not self.stage.has_head:
             if out.device.type == "cuda":
@@ -204,6 +209,11 @@ class StageRank:
                 s = work.seqs[i]
                 self.recorded[(s.request_id, s.sample.step)] = out[i].float().cpu()
         return tokens.cpu()
+
+    def settle_timing(self) -> None:
+        """Wait for this rank's timed work and add it to the stats (its final report;
+        between steps, from the thread that runs them)."""
+        self.model.settle_timing(wait=True)
 
     def _join(self, packed: torch.Tensor | None) -> None:
         """An empty step: the other replicas' tokens meet this rank's experts."""
