@@ -29,12 +29,16 @@ def _x_part(row_ptr, k0, K_LEN, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
             X_TILE: tl.constexpr):
     """Columns [k0, k0 + BLOCK_K) of one row of x (act) in float32, as a (BLOCK_R, BLOCK_K)
     operand (X_TILE: each thread loads the columns of its tile elements, in the tile's
-    layout) or a (1, BLOCK_K) one broadcast after the load."""
+    layout) or a (1, BLOCK_K) one broadcast after the load. One return: Triton's compiler
+    (not its interpreter) wants every return of a function to have one type, even one
+    under a constexpr if (the two shapes here differ)."""
     c = k0 + tl.arange(0, BLOCK_K)
     if X_TILE:
         p = tl.broadcast_to((row_ptr + c)[None, :], (BLOCK_R, BLOCK_K))
-        return tl.load(p, mask=(c < K_LEN)[None, :], other=0.0).to(tl.float32)
-    return tl.load(row_ptr + c, mask=c < K_LEN, other=0.0).to(tl.float32)[None, :]
+        v = tl.load(p, mask=(c < K_LEN)[None, :], other=0.0).to(tl.float32)
+    else:
+        v = tl.load(row_ptr + c, mask=c < K_LEN, other=0.0).to(tl.float32)[None, :]
+    return v
 
 
 @triton.jit

@@ -1,0 +1,241 @@
+"""Every Triton kernel of llamadist compiled for an H200 (CUDA sm_90) by Triton's own
+compiler, on a machine without a GPU: run by tests/unit/test_triton_compile.py as
+``python -m tests.triton_compile_cases GROUP...`` WITHOUT TRITON_INTERPRET.
+
+The interpreter (the other CPU tests) runs a kernel's Python line by line and never
+type-checks it, so code that Triton's compiler rejects passes there: two returns of
+different shapes under a constexpr ``if`` (moe_routed's ``_x_part``, found on the H200),
+a loop-carried variable whose type changes, a ``return`` inside a loop. Triton's
+compiler needs no driver up to the cubin (front end, MLIR passes, LLVM's NVPTX backend,
+the bundled ptxas), so here each kernel's own launch wrapper runs on CPU tensors with
+every ``kernel[grid](...)`` replaced by ``kernel.warmup(..., grid=grid)`` (compile, no
+launch) under a stand-in driver that names device 0 and the target: the specialization
+(ints equal to 1 as constants, 16-divisible pointers and ints), constexprs and options
+are the launch's own. Each compiled kernel's shared memory must also fit an H200 block.
+
+Prints one line per distinct compile, FAIL on the bad ones; the exit status counts them.
+The cases cover each kernel's constexpr branches (config kinds, dtypes, aligned and odd
+shapes, masks, splits), not every combination.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import torch
+
+TARGET = ("cuda", 90, 32)  # backend, arch (H100 / H200), warp size
+MAX_SHARED = 232448        # bytes of shared memory one block may use on sm_90
+_seen: set[str] = set()
+_bad: set[str] = set()
+
+
+def _no_gpu_driver() -> None:
+    """Make Triton's active driver a stand-in that names device 0, stream 0 and TARGET:
+    what JITFunction.run asks before it compiles (nothing here launches)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class NoGpu:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget(*TARGET)
+
+    driver.set_active(NoGpu())
+
+
+class _CompileOnly:
+    """Stands in for a @triton.jit kernel in its module: ``kernel[grid](*args, **kw)``
+    compiles through JITFunction.warmup (the launch's specialization) and records it."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            # a line per kernel, constexprs and argument kinds (what specializes it)
+            consts = " ".join(f"{k}={v}" for k, v in kwargs.items())
+            key = f"{self.fn.__name__} {consts} " + ",".join(
+                f"{a.dtype}" if isinstance(a, torch.Tensor) else
+                ("1" if a == 1 else "16n" if isinstance(a, int) and a % 16 == 0 else
+                 type(a).__name__) for a in args)
+            try:  # (a launch seen before hits Triton's in-memory cache)
+                k = self.fn.warmup(*args, grid=grid, **kwargs)
+                err = (None if k.metadata.shared <= MAX_SHARED else
+                       f"shared memory {k.metadata.shared} B > {MAX_SHARED} B")
+                note = f"shared {k.metadata.shared}"
+            except Exception as e:  # noqa: BLE001 - every failure is reported
+                err, note = _chain(e), ""
+            if key not in _seen:
+                print(f"{key}: {note}" if err is None else f"{key}:  FAIL\n{err}\n")
+            _seen.add(key)
+            if err is not None:
+                _bad.add(key)
+        return launch
+
+
+def _chain(e: BaseException) -> str:
+    """An error and its causes (a CompilationError's message points at the call in the
+    kernel; the helper's own line and the reason are in its __cause__)."""
+    parts = []
+    while e is not None and len(parts) < 4:
+        parts.append(f"{type(e).__name__}: {e}")
+        e = e.__cause__
+    return "\ncaused by ".join(parts)
+
+
+def _patch(module) -> None:
+    """Each launched kernel (``*_kernel``; the helpers it calls stay) compiles only."""
+    from triton.runtime.jit import JITFunction
+    for name, v in list(vars(module).items()):
+        if isinstance(v, JITFunction) and name.endswith("_kernel"):
+            setattr(module, name, _CompileOnly(v))
+
+
+def moe_routed_cases() -> None:
+    """Each config kind of tests/moe_routed_cases (prefetch, split-K, x_tile, tiles,
+    warps), bf16 at N = 1 top-2 on 16-divisible D, F and float32 at N = 3 top-1 on odd
+    ones (D = 83, F = 149)."""
+    from llamadist.kernels import gpu
+    from tests.moe_routed_cases import config_kinds
+    m = gpu.load("moe_routed")
+    _patch(m)
+    g = 4
+    for cfg in config_kinds():
+        for dtype, n, k, d, f in ((torch.bfloat16, 1, 2, 128, 256),
+                                  (torch.float32, 3, 1, 83, 149)):
+            x = torch.zeros(n, d, dtype=dtype)
+            group = torch.zeros(n * k, dtype=torch.long)
+            m.launch(x, torch.zeros(n * k), group, torch.zeros(g, 2 * f, d, dtype=dtype),
+                     torch.zeros(g, d, f, dtype=dtype), cfg)
+
+
+def wquant_cases() -> None:
+    """Every format (int8 per row and grouped, int4 groups of 128 and 32, fp8) through the
+    rule's GEMV (the H200's traits) and the GEMM on both shapes, and through the GEMV
+    configs of tests/gpu/test_wquant_gpu.py (split-K, tiles past K, prefetch 0-2, one
+    and two warps), its decode variant (native int8 / fp8, int4's group sums), the former
+    GEMV ("v0") and the GEMM's tiles ("dot"). Row counts (GEMV 1-4, GEMM BLOCK_M 16, 64,
+    128), x dtypes (bf16, fp16, float32: XDT and IEEE) and bias rotate over the cases,
+    as the GPU test's do (every launch compiles for ~1 s)."""
+    from llamadist.kernels import gpu
+    from llamadist.kernels import wquant as W
+    from llamadist.kernels.wquant_triton import GemvConfig
+    m = gpu.load("wquant")
+    _patch(m)
+    m.device_traits = lambda device: (132, True)  # the H200: 132 SMs, float8e4nv
+    formats = {"int8": W.quantize_int8, "int8_g32": lambda w: W.quantize_int8(w, 32),
+               "int4": W.quantize_int4, "int4_g32": lambda w: W.quantize_int4(w, 32),
+               "fp8": W.quantize_fp8}
+    configs = [GemvConfig(block_n=16, block_k=32, split=3),
+               GemvConfig(block_n=8, block_k=64, warps=2, split=2, prefetch=1),
+               GemvConfig(block_n=64, block_k=512, warps=1, prefetch=0), None, "v0", "dot"]
+    shapes = ((64, 256), (37, 300))
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    for i, (fmt, quantize) in enumerate(formats.items()):
+        weights = [quantize(torch.randn(n, k)) for n, k in shapes]
+        variant = (GemvConfig(group_sums=True, prefetch=1) if fmt.startswith("int4")
+                   else GemvConfig(native=True, prefetch=1))
+        runs = [(j, None, rows) for j in (0, 1)  # the rule: a GEMV and a GEMM row count
+                for rows in (1 + (i + 2 * j) % 4, (5, 33, 130)[(i + j) % 3])]
+        runs += [((i + c) % 2, variant if cfg is None else cfg, 1 + (i + c) % 4)
+                 for c, cfg in enumerate(configs)]
+        for c, (j, cfg, rows) in enumerate(runs):
+            (n, k), pw, dtype = shapes[j], weights[j], dtypes[(i + c) % 3]
+            bias = torch.zeros(n, dtype=dtype) if (i + c) % 2 else None
+            m.launch(torch.zeros(rows, k, dtype=dtype), pw.kind, pw.q, pw.scale, pw.offset,
+                     bias, pw.group, n, k, cfg)
+
+
+def paged_cases() -> None:
+    """The paged decode kernels (write, split, merge): bf16 and float32, head sizes
+    64 / 128 / 80 (padded), G = 1, 4, 8, one split (direct) and several."""
+    from llamadist.kernels import gpu
+    m = gpu.load("paged_attention")
+    _patch(m)
+    for dtype in (torch.bfloat16, torch.float32):
+        for h, h_kv, d, bs in ((32, 8, 128, 16), (8, 8, 64, 16), (16, 2, 80, 32)):
+            s, nb = 3, 20
+            q, kv = torch.zeros(s, h, d, dtype=dtype), torch.zeros(2, nb, h_kv, bs, d,
+                                                                    dtype=dtype)
+            m.write_kv(torch.zeros(s, h_kv, d, dtype=dtype), torch.zeros(s, h_kv, d,
+                                                                         dtype=dtype),
+                       kv, torch.zeros(s, dtype=torch.long))
+            tables = torch.zeros(s, 8, dtype=torch.int32)
+            for splits in (1, 4):
+                m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
+
+
+def decode_cases() -> None:
+    """The static-cache decode kernels (split, merge): bf16 and float32, head sizes 64
+    and 128, G = 1 and 4, with and without the additive mask and the in-kernel RoPE."""
+    from llamadist.kernels import gpu
+    m = gpu.load("decode_attention")
+    _patch(m)
+    m._multiprocessors = lambda index: 132  # the H200's
+    for dtype in (torch.bfloat16, torch.float32):
+        for i, (b, h_kv, g, d, s) in enumerate(((1, 8, 4, 128, 4096), (2, 4, 1, 64, 96))):
+            q = torch.zeros(b, h_kv, g, d, dtype=dtype)
+            kv = torch.zeros(b, h_kv, s, d, dtype=dtype)
+            for mask, rope in ((False, False), (True, True), (i == 0, i == 1)):
+                am = torch.zeros(b, 1, 1, s, dtype=dtype) if mask else None
+                cs = torch.zeros(b, 1, 1, d, dtype=dtype) if rope else None
+                m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
+
+
+def selftest_cases() -> None:
+    """Two toy kernels that the interpreter runs and the compiler rejects: a helper whose
+    constexpr branches return different shapes (moe_routed's ``_x_part`` before its fix)
+    and a loop-carried variable whose type changes. Both must FAIL (the harness checks)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _two_shapes(p, N: tl.constexpr, TILE: tl.constexpr):
+        c = tl.arange(0, N)
+        if TILE:
+            return tl.load(tl.broadcast_to(p + c[None, :], (4, N)))
+        return tl.load(p + c)[None, :]
+
+    @triton.jit
+    def _return_kernel(x_ptr, y_ptr, N: tl.constexpr, TILE: tl.constexpr):
+        tl.store(y_ptr + tl.arange(0, N), tl.sum(_two_shapes(x_ptr, N, TILE), axis=0))
+
+    @triton.jit
+    def _loop_kernel(x_ptr, y_ptr, K, N: tl.constexpr):
+        acc = tl.zeros((N,), dtype=tl.float16)
+        for k in range(K):
+            acc += tl.load(x_ptr + k * N + tl.arange(0, N)).to(tl.float32)
+        tl.store(y_ptr + tl.arange(0, N), acc)
+
+    globals()["_two_shapes"] = _two_shapes  # where the kernel's body looks names up
+    x, y = torch.zeros(64), torch.zeros(16)
+    _CompileOnly(_return_kernel)[(1,)](x, y, N=16, TILE=True)
+    _CompileOnly(_loop_kernel)[(1,)](x, y, 4, N=16)
+
+
+GROUPS = {"moe_routed": moe_routed_cases, "wquant": wquant_cases, "paged": paged_cases,
+          "decode": decode_cases, "selftest": selftest_cases}
+
+
+def main(groups: list[str]) -> int:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("run without TRITON_INTERPRET: the interpreter compiles nothing")
+    with tempfile.TemporaryDirectory(prefix="triton_compile_") as cache:
+        os.environ["TRITON_CACHE_DIR"] = cache  # compile everything, keep nothing
+        _no_gpu_driver()
+        for name in groups or [g for g in GROUPS if g != "selftest"]:
+            GROUPS[name]()
+    print(f"{len(_seen)} compiled, {len(_bad)} failed")
+    return len(_bad)
+
+
+if __name__ == "__main__":  # python -m tests.triton_compile_cases [moe_routed wquant ...]
+    raise SystemExit(main(sys.argv[1:]))
