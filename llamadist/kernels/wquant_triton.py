@@ -146,8 +146,8 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
       on all 4), the cut above at M >= 3 (best on 3 of 4; qkv 14% off). Without the
       conversion (before sm_89): the bit decode without prefetch at the cut above (the
       only bit-decode point the sweep timed);
-    * int4: prefetch 0 (groups of 128: fastest or within 6% on all 12 with the split
-      above; groups of 32: within 2% on 10 of 12, qkv at M = 1 15% off).
+    * int4: prefetch 0 (groups of 128, with the split above: within 6% of the fastest on
+      11 of 12, qkv at M = 1 14% off; groups of 32: within 2% on 9 of 12, qkv 4-15% off).
     M = 3 (not swept) follows M = 4; formats the sweep does not time (int8 with groups,
     int4 groups of 64) follow their kind's line: an extrapolation."""
     kb = (k + 1) // 2 if kind == "int4" else k
