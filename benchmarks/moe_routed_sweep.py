@@ -35,7 +35,9 @@ processes, then ~1 000 timed cases, 2.8 GB of weights x 2 copies):
 cases after that long and says how many it skipped (dense, DEFAULT and the near cuts run
 first; the best-of-N ops always run). ``--n 1`` etc. run a part. ``--interpret-smoke``
 runs the same logic on the CPU under Triton's interpreter with tiny shapes, the near
-cuts and no timing (a check that the script works, not a measurement).
+cuts and no timing (a check that the script works, not a measurement). ``--predict
+moesweep.jsonl`` runs nothing: per N it looks this tree's DEFAULT up in a past sweep's
+lines (its op if timed, and its two kernels' sum) against that run's DEFAULT.
 """
 
 from __future__ import annotations
@@ -78,6 +80,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "default min(12, CPUs - 2) on CUDA, 0 with --interpret-smoke)")
     p.add_argument("--compile-timeout", type=float, default=240.0)
     p.add_argument("--compile-only", help=argparse.SUPPRESS)  # "i/n": a worker's share
+    p.add_argument("--predict", metavar="SWEEP_JSONL",
+                   help="no run: look this tree's DEFAULT up in a past sweep's JSON lines "
+                   "per N against that run's DEFAULT (a prediction from measured cases)")
     return p.parse_args(argv)
 
 
@@ -417,8 +422,37 @@ def compile_only(args, torch) -> int:
     return 0
 
 
+def predict(path: str) -> int:
+    """This tree's DEFAULT looked up in a past sweep's JSON lines, per N: its whole op where
+    that run timed it, and the sum of its gate/up and down kernels timed alone (measured
+    cases either way, with that run's code); against that run's DEFAULT (op and kernel
+    sum), its best op and the dense layer. Cases with errors (not ``ok``) are left out."""
+    from llamadist.kernels.moe_routed import DEFAULT
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    ok = [r for r in rows if r.get("phase") and r.get("ok") and r.get("us") is not None]
+    us = {(r["n"], r["phase"], r["config"]): r["us"] for r in ok}
+    print(f"DEFAULT of this tree ({DEFAULT.label()}) in {path}:")
+    for n in sorted({r["n"] for r in ok}):
+        def cuts(label):  # "gu<cut>_dn<cut>" -> (op, gate/up + down alone) us, None if not timed
+            gu, dn = label[2:].split("_dn")
+            parts = [us.get((n, "gate_up", gu)), us.get((n, "down", dn))]
+            return us.get((n, "op", label)), None if None in parts else sum(parts)
+        then = [r["config"] for r in ok if r["n"] == n and r["phase"] == "op" and r.get("default")]
+        best = min((v, c) for (nn, ph, c), v in us.items() if nn == n and ph == "op")
+        fmt = (lambda v: "      -" if v is None else f"{v:7.2f}")
+        mine = cuts(DEFAULT.label())
+        was = cuts(then[0]) if then else (None, None)
+        print(f"  N={n}: this DEFAULT op {fmt(mine[0])} us, kernels {fmt(mine[1])} us | "
+              f"the sweep's DEFAULT {then[0] if then else '-'} op {fmt(was[0])} us, kernels "
+              f"{fmt(was[1])} us | best op {best[1]} {best[0]:7.2f} us | dense layer "
+              f"{fmt(us.get((n, 'dense_layer', 'F.linear')))} us")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.predict:
+        return predict(args.predict)
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels load
         args.configs = "near"

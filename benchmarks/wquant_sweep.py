@@ -35,7 +35,8 @@ configs run first, then the neighbours by M); ``--m 4`` etc. run a part.
 ``--interpret-smoke`` runs the same logic on the CPU under Triton's interpreter with tiny
 shapes and no timing (a check that the script works, not a measurement). ``--predict
 sweep.jsonl`` runs nothing: it looks the current rule's configs up in a past sweep's
-lines and sums them per layer (what a rule change should give, from measured cases).
+lines, row by row against that run's rule and its best, and sums them per layer (what a
+rule change should give, from measured cases).
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-only", help=argparse.SUPPRESS)  # "i/n": a worker's share
     p.add_argument("--predict", metavar="SWEEP_JSONL",
                    help="no run: look the current rule's configs up in a past sweep's JSON "
-                   "lines and sum them per layer (a prediction from measured cases)")
+                   "lines, row by row against that run's rule and the best, summed per "
+                   "layer (a prediction from measured cases)")
     p.add_argument("--sms", type=int, default=132, help="--predict: the device's SMs")
     p.add_argument("--no-fp8-native", action="store_true",
                    help="--predict: a device without float8 conversions (before sm_89)")
@@ -471,35 +473,50 @@ def summary(sweep: Sweep) -> None:
 
 def predict(path: str, sms: int, fp8_native: bool) -> int:
     """The current ``gemv_config``'s choice per (kind, shape, M) looked up in a past sweep's
-    JSON lines, and the four linears' sums against bf16's and the best measured GEMV's.
-    A prediction: each linear was timed alone, with that run's code; a config the sweep
-    did not time is named, not guessed."""
+    JSON lines against that run's rule (its ``rule`` lines) and the best measured GEMV, and
+    the four linears' sums against bf16's. A prediction: each linear was timed alone, with
+    that run's code; a config the sweep did not time is named, not guessed."""
     from llamadist.kernels import wquant_triton as T
     rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
     rows = [r for r in rows if "kind" in r and r.get("us") is not None and r.get("ok")]
     us = {(r["kind"], r["shape"], r["m"], r["config"]): r["us"] for r in rows
           if r["product"] in ("triton", "bf16")}
+    then = {(r["kind"], r["shape"], r["m"]): (r["config"], r["us"]) for r in rows
+            if r.get("rule")}
     shape_nk = {r["shape"]: (r["n"], r["k"]) for r in rows}
     print(f"the rule of this tree ({sms} SMs, float8 conversion {fp8_native}) in {path}:")
+    print("  " + " ".join(["kind".rjust(9), "shape".rjust(7), "M ", "this rule".ljust(20),
+                           "us".rjust(7), "  the sweep's rule".ljust(22), "us".rjust(7),
+                           "  best measured".ljust(22), "us".rjust(7)]))
+    sums = []
     for m in sorted({r["m"] for r in rows}):
         shapes = sorted({r["shape"] for r in rows if r["m"] == m and r["kind"] == "bf16"})
         bf16 = sum(us[("bf16", s, m, "F.linear")] for s in shapes)
         for kname in [k for k in KINDS if any(r["kind"] == k for r in rows)]:
             kind, group = KINDS[kname]
-            got, missing, best = 0.0, [], 0.0
+            got, old, best, missing = 0.0, 0.0, 0.0, []
             for s in shapes:
                 n, k = shape_nk[s]
                 label = T.gemv_config(kind, m, n, k, group or k, sms, fp8_native).label()
-                if (kname, s, m, label) in us:
-                    got += us[(kname, s, m, label)]
-                else:
+                mine = us.get((kname, s, m, label))
+                got += mine or 0.0
+                if mine is None:
                     missing.append(f"{s} {label}")
-                best += min(v for (kd, sh, mm, c), v in us.items()
-                            if (kd, sh, mm) == (kname, s, m) and c not in ("v0", "dot"))
-            line = (f"  m={m} {kname:>9}: " + (f"rule {got:8.2f} us = {got / bf16:.2f}x"
-                    if not missing else f"not timed: {', '.join(missing)}")
-                    + f"   best measured GEMV {best / bf16:.2f}x   bf16 {bf16:.2f} us")
-            print(line)
+                was = then.get((kname, s, m), ("-", math.nan))
+                old += was[1]
+                top = min((v, c) for (kd, sh, mm, c), v in us.items()
+                          if (kd, sh, mm) == (kname, s, m) and c not in ("v0", "dot"))
+                best += top[0]
+                print(f"  {kname:>9} {s:>7} {m}  {label:<20} "
+                      + ("      -" if mine is None else f"{mine:7.2f}")
+                      + f"   {was[0]:<20} {was[1]:7.2f}   {top[1]:<20} {top[0]:7.2f}")
+            sums.append(f"  m={m} {kname:>9}: " + (f"rule {got:8.2f} us = {got / bf16:.2f}x"
+                        if not missing else f"not timed: {', '.join(missing)}")
+                        + f"   the sweep's rule {old:8.2f} us = {old / bf16:.2f}x"
+                        + f"   best measured GEMV {best:8.2f} us = {best / bf16:.2f}x"
+                        + f"   bf16 {bf16:.2f} us")
+    print("four linears of a layer, summed:")
+    print("\n".join(sums))
     return 0
 
 

@@ -25,8 +25,8 @@ graph captures them.
   order.
 
 ``RoutedConfig`` says how each kernel cuts its GEMV (a ``Cut``: tile, warps, tiles loaded
-ahead in registers, split-K of the down kernel, how x is loaded); the default is the cut
-measured first on the H200, ``benchmarks/moe_routed_sweep.py`` times the others.
+ahead in registers, split-K of the down kernel, how x is loaded); the default is the best
+cut of the H200 sweep of 2026-12-02, ``benchmarks/moe_routed_sweep.py`` times the others.
 
 Accumulation is float32 whatever the weights' dtype (bf16 on the GPU; float32 runs in
 Triton's CPU interpreter for the tests). The launch is one torch custom op,
@@ -80,14 +80,18 @@ class Cut:
 
 
 # A GEMV is memory-bound: enough programs to keep every multiprocessor's loads in flight
-# (Mixtral, N = 1: F / 16 = 896 gate/up programs per assignment, D / 8 = 512 down
-# programs), and 16 B per thread per row load. (The first cut measured on the H200.)
+# (Mixtral, N = 1: F / 16 = 896 gate/up programs per assignment, D / 4 = 1024 down
+# programs), and 16 B per thread per row load. The default: the H200 sweep of 2026-12-02
+# (benchmarks/RESULTS.md "... H200 sweep of session 12"), Mixtral-8x7B at N = 1, 2, 3
+# tokens: gate/up 16 x 128 the fastest of 37 cuts at each N (4-6% under the first cut,
+# 16 x 256); down 4 x 512 within 0.6% of the fastest of 145 at each N (the first, 8 x 512,
+# within 0.9-2.9%); both 4 warps, no prefetch, no split, x loaded as a row.
 @dataclass(frozen=True)
 class RoutedConfig:
     """The two kernels' cuts: ``gate_up`` (split 1) and ``down``."""
 
-    gate_up: Cut = field(default_factory=lambda: Cut(16, 256))
-    down: Cut = field(default_factory=lambda: Cut(8, 512))
+    gate_up: Cut = field(default_factory=lambda: Cut(16, 128))
+    down: Cut = field(default_factory=lambda: Cut(4, 512))
 
     def __post_init__(self):
         if self.gate_up.split != 1:

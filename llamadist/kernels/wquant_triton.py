@@ -17,11 +17,11 @@ accumulated in float32:
     w = c s + o = 16 s f + (o - 16 s) is one FMA (within ~2^-19 s of w);
   - fp8 e4m3: its bits placed in float32's (sign, exponent, top mantissa) read 2^-120
     times the value, subnormals included; one multiplication by 2^120 makes it exact.
-  ``native`` configs use the hardware's conversion instead: fp8 float8e4nv (sm_89+; the
-  rule's choice there since the 2026-12-02 H200 sweep), int8 a plain int8 -> float32
-  conversion (a sweep variant, not yet measured). ``group_sums`` (int4, a sweep variant)
-  reduces 1 + c/16 times x per tile and applies the group's scale and offset to the
-  tile's sums (one FMA a weight; the offset needs the tile's sum of x).
+  ``native`` configs use the hardware's conversion instead: fp8 float8e4nv (sm_89+), int8
+  a plain int8 -> float32 conversion (the rule's choice for both since the H200 sweeps of
+  2026-12-02: faster than the bit decode on every shape measured). ``group_sums`` (int4,
+  a sweep variant) reduces 1 + c/16 times x per tile and applies the group's scale and
+  offset to the tile's sums (one FMA a weight; the offset needs the tile's sum of x).
   Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
   tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
   tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
@@ -125,49 +125,59 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     The cut (reasoning): a step reads W once, so the GPU needs ~30 KB in flight per SM
     (4 TB/s x ~1 us / 132 SMs). A 4-warp program with an 8 KB tile of int8 / fp8 codes (32
     rows x 256 bytes) or a 4 KB tile of int4 (twice the values a byte) holds a useful
-    share; split-K raises the programs to >= 3 per SM where N / BLOCK_N alone is short
-    (o_proj, down_proj: 4096 rows), keeping >= 4 tiles per K range. Small scale groups
-    shrink BLOCK_K (a tile stays in one group) and widen BLOCK_N, up to 128 rows.
+    share. Small scale groups shrink BLOCK_K (a tile stays in one group) and widen BLOCK_N,
+    up to 128 rows; int4 in 16-byte steps (groups of 32) runs 8 warps a program. Split-K
+    doubles the K ranges while the grid holds fewer than 12 warps per SM (8-bit codes: 3
+    programs of 4 warps) or 24 (int4: it issues ~2.5x the instructions a byte, so it needs
+    more warps resident to keep its loads in flight), keeping >= 4 tiles per K range.
+    Where int4's 8-warp programs alone give every SM one (N / BLOCK_N >= sms), BLOCK_N is
+    halved with 4 warps instead (the same warps, the same split).
 
-    Decode, prefetch and warps: the best of the neighbours of that cut measured by
-    benchmarks/wquant_sweep.py on one H200 (2026-12-02, triton 3.6, torch 2.11; RESULTS.md
-    "wquant GEMV sweep on an H200") for Llama-3-8B's four decode shapes, M = 1, 2, 4:
+    Decode, prefetch and the per-M changes: the best of the neighbours of the previous
+    rule's cut measured by benchmarks/wquant_sweep.py on one H200 (triton 3.6, torch 2.11;
+    RESULTS.md "wquant GEMV sweep on an H200" and "... H200 sweep of session 12") for
+    Llama-3-8B's four decode shapes (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down
+    4096x14336), M = 1, 2, 4; every choice below is a measured configuration:
+    * int8: the hardware's int8 -> float32 conversion (fastest on all 12), prefetch 1 at
+      M = 1 and 0 above (fastest on 11 of 12; qkv at M = 4 within 0.5%);
     * fp8: the hardware conversion where there is one, without prefetch (fastest on all
-      12; prefetched fp8 bytes are unpacked byte by byte and repacked for the conversion:
-      586 instructions a 64-byte step against 280); else the bit decode without prefetch
-      (the fastest bit decode on 10 of 12; not measured on a GPU without float8e4nv);
-    * int8: prefetch 1, but 0 at M = 2 (each the fastest on all four shapes; why M = 2
-      differs is not known);
-    * int4, groups of >= 128 (64-byte steps): prefetch 0 (fastest on 10 of 12; gate_up at
-      M = 2, 4 is within 7% of its best);
-    * int4 in 16-byte steps (groups of 32): 8 warps a program; where the rows alone give
-      every SM a program (N / BLOCK_N >= sms: gate_up), BLOCK_N halved instead, 4 warps,
-      the split unchanged (fastest on 10 of 12; qkv at M = 1, 2 within 12%).
-    Formats the sweep does not time (int8 with groups, int4 groups of 64) follow their
-    kind's line: an extrapolation."""
+      12); with it, 8 warps at M = 1 (fastest or within 1% on all 4), BLOCK_K doubled at
+      M = 2 where each K range keeps >= 2 of those tiles and a group holds one (within 1%
+      on all 4), the cut above at M >= 3 (best on 3 of 4; qkv 14% off). Without the
+      conversion (before sm_89): the bit decode without prefetch at the cut above (the
+      only bit-decode point the sweep timed);
+    * int4: prefetch 0 (groups of 128, with the split above: within 6% of the fastest on
+      11 of 12, qkv at M = 1 14% off; groups of 32: within 2% on 9 of 12, qkv 4-15% off).
+    M = 3 (not swept) follows M = 4; formats the sweep does not time (int8 with groups,
+    int4 groups of 64) follow their kind's line: an extrapolation."""
     kb = (k + 1) // 2 if kind == "int4" else k
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
+    gb = None
     if kind == "int4" or group < k:
-        bk = _tile_k(bk, group // 2 if kind == "int4" else group)
+        gb = group // 2 if kind == "int4" else group
+        bk = _tile_k(bk, gb)
     while bk > 16 and kb < bk:
         bk //= 2
     bn = min(128, max(8, tile // bk))
+    warps = 8 if kind == "int4" and bk < 64 else 4
+    fill = (24 if kind == "int4" else 12) * sms     # warps the grid should hold
     split = 1
     tiles = -(-n // bn)
-    while tiles * split < 3 * sms and kb // (2 * split) >= 4 * bk and split < 16:
+    while tiles * split * warps < fill and kb // (2 * split) >= 4 * bk and split < 16:
         split *= 2
-    warps, native, prefetch = 4, False, 2
-    if kind == "fp8":
-        native, prefetch = fp8_native, 0
+    native, prefetch = False, 0
+    if kind == "int4":
+        if warps == 8 and tiles >= sms:
+            bn, warps = max(8, bn // 2), 4
     elif kind == "int8":
-        prefetch = 0 if m == 2 else 1
-    elif bk >= 64:
-        prefetch = 0
-    elif tiles >= sms:
-        bn = max(8, bn // 2)
-    else:
-        warps = 8
+        native, prefetch = True, 1 if m == 1 else 0
+    elif fp8_native:
+        native = True
+        if m == 1:
+            warps = 8
+        elif m == 2 and kb // split >= 4 * bk and (gb is None or gb % (2 * bk) == 0):
+            bk *= 2
     return GemvConfig(block_n=bn, block_k=bk, warps=warps, split=split, native=native,
                       prefetch=prefetch)
 

@@ -8,7 +8,8 @@ The interpreter runs every combination. CUDA compiles one kernel per distinct
 (constexprs, x dtype, which sizes are 1 or multiples of 16), ~0.5-2 s each, so there
 the combinations are rotated (``format_cases`` etc.): each format and dtype still meets
 every shape, GEMV row count (1-4) and GEMM BLOCK_M class (16, 64, 128), each GemvConfig
-both of its shapes, in ~110 compilations instead of ~660.
+both of its shapes (the rule's H200 choices for Llama-3-8B among them), in ~135
+compilations instead of ~660.
 
 Tolerance, with S = |x| @ |W|^T (the sum of the products' magnitudes) per output:
 * float32 x: |y - ref| <= 2e-5 S (float32 accumulation; the dot runs in IEEE fp32);
@@ -19,6 +20,7 @@ Tolerance, with S = |x| @ |W|^T (the sum of the products' magnitudes) per output
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import numpy as np
@@ -127,6 +129,19 @@ VARIANTS = {"int8": [T.GemvConfig(native=True, prefetch=1),
 FP8_NATIVE = not ON_CUDA or T.device_traits(torch.device("cuda"))[1]
 VARIANTS["fp8"] = VARIANTS["int8"] if FP8_NATIVE else []
 CONFIG_RUNS = [(37, 300, torch.float32), (64, 256, torch.float16)]
+# the rule's choices on an H200 (132 SMs; float8 conversion where this device has it) for
+# Llama-3-8B's decode shapes, M = 1..4, run on the small shapes above (the split clamped to
+# the tiles there are): the configurations the default path takes on the GPU
+LLAMA3_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+GROUPS = {"int8_g32": 32, "int4": W.INT4_GROUP, "int4_g32": 32}
+
+
+def h200_rule(fmt: str) -> list[T.GemvConfig]:
+    out = []
+    for (n, k), m in itertools.product(LLAMA3_8B, range(1, T.GEMV_MAX_M + 1)):
+        cfg = T.gemv_config(FORMATS_KIND[fmt], m, n, k, GROUPS.get(fmt, k), 132, FP8_NATIVE)
+        out += [cfg] if cfg not in out else []
+    return out
 
 
 def config_cases(cuda: bool) -> list[tuple]:
@@ -136,7 +151,7 @@ def config_cases(cuda: bool) -> list[tuple]:
     (each config meets both runs and two to four M)."""
     out = []
     for i, fmt in enumerate(FORMATS):
-        cfgs = GEMV_CONFIGS + VARIANTS[FORMATS_KIND[fmt]]
+        cfgs = GEMV_CONFIGS + VARIANTS[FORMATS_KIND[fmt]] + h200_rule(fmt)
         for c, cfg in enumerate(cfgs):
             if not cuda:
                 runs = [(n, k, d, 1 + (i + c + 2 * j) % T.GEMV_MAX_M)

@@ -1,10 +1,13 @@
 """The GEMV launch planning of llamadist.kernels.wquant_triton (pure Python, no triton):
-``gemv_config``'s rule for Llama-3-8B's decode shapes and ``GemvConfig``'s labels (the
-keys benchmarks/wquant_sweep.py reports). The kernels themselves: tests/gpu."""
+``gemv_config``'s rule for Llama-3-8B's decode shapes (the configurations the H200 sweeps
+measured fastest, benchmarks/RESULTS.md), its cuts for shapes no sweep timed, and
+``GemvConfig``'s labels (the keys benchmarks/wquant_sweep.py reports). The kernels
+themselves: tests/gpu (in Triton's interpreter too)."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
@@ -16,44 +19,109 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 KINDS = [("int8", None), ("fp8", None), ("int4", 128), ("int4", 32)]
 
 
+def _rule(kind, m, shape, group=None, sms=132, fp8_native=True):
+    n, k = SHAPES[shape]
+    return T.gemv_config(kind, m, n, k, group or k, sms, fp8_native=fp8_native)
+
+
+def _code_bytes(kind, k):
+    return (k + 1) // 2 if kind == "int4" else k
+
+
 @pytest.mark.parametrize("kind,group", KINDS)
-@pytest.mark.parametrize("m", [1, 2, 4])
+@pytest.mark.parametrize("m", [1, 2, 3, 4])
 def test_rule_fills_an_h200_in_whole_groups(kind, group, m):
-    """Every tile inside one scale group; >= 2 programs per SM of 132; >= 8 code bytes a
-    thread in flight per step; fp8 through float8e4nv where the device has it."""
+    """Every tile inside one scale group; >= 2 programs per SM of 132; the grid holds >= 12
+    warps per SM (int4: 24) unless a further split would leave a K range < 4 tiles; >= 8
+    code bytes a thread in flight per step; int8 and fp8 through the hardware's conversion
+    where the device has it."""
     gb = group // 2 if group else None
-    for n, k in SHAPES.values():
-        cfg = T.gemv_config(kind, m, n, k, group or k, 132, fp8_native=True)
+    for shape, (n, k) in SHAPES.items():
+        cfg = _rule(kind, m, shape, group)
+        kb = _code_bytes(kind, k)
         assert gb is None or gb % cfg.block_k == 0
-        assert -(-n // cfg.block_n) * cfg.split >= 2 * 132, (kind, n, k, cfg)
+        programs = -(-n // cfg.block_n) * cfg.split
+        assert programs >= 2 * 132, (kind, shape, cfg)
+        base_bk = 256 if kind != "int4" else min(64, gb)  # before fp8's M = 2 doubling
+        full = programs * cfg.warps >= (24 if kind == "int4" else 12) * 132
+        assert full or kb // (2 * cfg.split) < 4 * base_bk, (kind, shape, cfg)
         assert cfg.block_n * cfg.block_k >= 8 * 32 * cfg.warps, cfg
-        assert cfg.native == (kind == "fp8") and not cfg.group_sums
-        assert cfg.prefetch in (0, 1, 2)
+        assert cfg.native == (kind != "int4") and not cfg.group_sums
+        assert cfg.prefetch in (0, 1)
+
+
+def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
+    """The choices the docstring lists, each a configuration the H200 sweep timed:
+    int4 splits K until the grid holds 24 warps per SM (gate_up 2, down 16; qkv and o stop
+    at 4 tiles a range), without prefetch; groups of 32 keep 8 warps or half the rows."""
+    got = {s: _rule("int4", 1, s, 128).label() for s in SHAPES}
+    assert got == {"qkv": "n64k64w4s8pf0", "o": "n64k64w4s8pf0",
+                   "gate_up": "n64k64w4s2pf0", "down": "n64k64w4s16pf0"}
+    got = {s: _rule("int4", 1, s, 32).label() for s in SHAPES}
+    assert got == {"qkv": "n128k16w8s16pf0", "o": "n128k16w8s16pf0",
+                   "gate_up": "n64k16w4s2pf0", "down": "n128k16w8s16pf0"}
+    got = {s: _rule("int8", 1, s).label() for s in SHAPES}
+    assert got == {"qkv": "n32k256w4s4natpf1", "o": "n32k256w4s4natpf1",
+                   "gate_up": "n32k256w4s1natpf1", "down": "n32k256w4s4natpf1"}
+    for s in SHAPES:  # the M classes change one field each, never the split
+        base = _rule("fp8", 4, s)
+        assert (base.block_n, base.block_k, base.warps, base.prefetch) == (32, 256, 4, 0)
+        assert _rule("fp8", 1, s) == dataclasses.replace(base, warps=8)
+        assert _rule("fp8", 2, s) == dataclasses.replace(base, block_k=512)
+        assert _rule("fp8", 3, s) == base  # not swept: as M = 4
+        assert [_rule("int8", m, s).prefetch for m in (1, 2, 3, 4)] == [1, 0, 0, 0]
+        assert all(_rule("int4", m, s, g).prefetch == 0 for m in (1, 2, 4) for g in (32, 128))
+        for m, kind, g in itertools.product((1, 2, 4), ("int4", "int8"), (32, 128)):
+            one = _rule(kind, 1, s, g if kind == "int4" else None)
+            other = _rule(kind, m, s, g if kind == "int4" else None)
+            assert dataclasses.replace(other, prefetch=one.prefetch) == one  # M: prefetch only
+    # fewer rows than SMs x 8 warps: int4 g32 keeps 8 warps (more SMs: the same rows)
+    assert _rule("int4", 1, "gate_up", 32, sms=512).warps == 8
 
 
 def test_fp8_native_only_where_the_device_converts():
-    on = T.gemv_config("fp8", 1, 4096, 4096, 4096, 132, fp8_native=True)
-    off = T.gemv_config("fp8", 1, 4096, 4096, 4096, 132, fp8_native=False)
-    assert on.native and not off.native
-    assert dataclasses.replace(on, native=False) == off  # the same cut, another decode
-    # the interpreter's (and a CPU tensor's) traits: the bit decode
-    assert T.device_traits(torch.device("cpu")) == (4, False)
-    assert not T.gemv_config("int8", 1, 4096, 4096, 4096, 132, fp8_native=True).native
+    """Without float8e4nv (before sm_89, the interpreter) fp8 is the bit decode at the
+    base cut for every M (the only bit-decode point the sweep timed); with it the M classes
+    apply. int8's conversion exists everywhere."""
+    for m in (1, 2, 3, 4):
+        on = T.gemv_config("fp8", m, 4096, 4096, 4096, 132, fp8_native=True)
+        off = T.gemv_config("fp8", m, 4096, 4096, 4096, 132, fp8_native=False)
+        assert on.native and not off.native and off.prefetch == 0
+        assert off == T.gemv_config("fp8", 4, 4096, 4096, 4096, 132, fp8_native=False)
+        assert (on.warps, on.block_k) == {1: (8, 256), 2: (4, 512)}.get(m, (4, 256))
+    assert dataclasses.replace(on, native=False) == off  # M = 4: the same cut
+    assert T.device_traits(torch.device("cpu")) == (4, False)  # the interpreter's traits
+    for fp8 in (True, False):
+        assert T.gemv_config("int8", 1, 4096, 4096, 4096, 132, fp8_native=fp8).native
 
 
-def test_rule_prefetch_and_warps_follow_the_kind_and_rows():
-    """The measured choices the docstring lists: int8 prefetch 1, 0 at M = 2; int4 groups
-    of 128 prefetch 0; int4 groups of 32 8 warps, or half the rows where the rows alone
-    give every SM a program (gate_up), at the same split."""
-    n, k = SHAPES["o"]
-    assert [T.gemv_config("int8", m, n, k, k).prefetch for m in (1, 2, 3, 4)] == [1, 0, 1, 1]
-    assert T.gemv_config("int4", 1, n, k, 128).prefetch == 0
-    g32 = T.gemv_config("int4", 1, n, k, 32)
-    assert (g32.warps, g32.block_n, g32.block_k) == (8, 128, 16)
-    wide = T.gemv_config("int4", 1, *SHAPES["gate_up"], 32)
-    assert (wide.warps, wide.block_n, wide.split) == (4, 64, 2)
-    # fewer SMs: the same rows no longer fill it, the 8-warp form comes back
-    assert T.gemv_config("int4", 1, *SHAPES["gate_up"], 32, sms=512).warps == 8
+ODD = dict(n=(1, 7, 100, 4097, 11008, 128256), k=(1, 15, 100, 258, 4097, 14336))
+FORMATS = [("int8", None), ("int8", 32), ("int4", 128), ("int4", 64), ("int4", 32),
+           ("fp8", None)]
+
+
+@pytest.mark.parametrize("kind,group", FORMATS)
+def test_rule_cuts_are_valid_for_shapes_no_sweep_timed(kind, group):
+    """Odd N and K (tails, K shorter than a tile, one row), any group, M = 1..4, devices of
+    4 (the interpreter), 108 and 132 SMs: tiles are powers of two inside a group, no wider
+    than K needs, each K range >= 2 tiles when split (>= 4 before fp8's doubling), split
+    <= 16, and a wide N (every SM a program from the rows) is never split."""
+    for n, k, m, sms, fp8 in itertools.product(ODD["n"], ODD["k"], (1, 2, 3, 4),
+                                               (4, 108, 132), (True, False)):
+        g = group if group is not None and group < k else k
+        cfg = T.gemv_config(kind, m, n, k, g, sms, fp8_native=fp8)
+        kb = _code_bytes(kind, k)
+        for v in (cfg.block_n, cfg.block_k, cfg.warps):
+            assert v & (v - 1) == 0, cfg
+        assert 8 <= cfg.block_n <= 128 and cfg.warps in (4, 8) and cfg.prefetch in (0, 1)
+        if kind == "int4" or g < k:
+            assert (g // 2 if kind == "int4" else g) % cfg.block_k == 0, (k, g, cfg)
+        assert cfg.block_k <= max(16, kb), (k, cfg)
+        assert 1 <= cfg.split <= 16
+        assert cfg.split == 1 or kb // cfg.split >= 2 * cfg.block_k, (k, cfg)
+        if -(-n // cfg.block_n) * cfg.warps >= 24 * sms:
+            assert cfg.split == 1, (n, k, sms, cfg)
+        assert cfg.native == (kind == "int8" or (kind == "fp8" and fp8))
 
 
 def test_labels_name_every_field_that_changes_the_kernel():
@@ -69,4 +137,3 @@ def test_labels_name_every_field_that_changes_the_kernel():
     assert len(set(labels)) == len(labels)
     assert labels[:5] == ["n32k256w4s1", "n32k256w4s1nat", "n32k256w4s1gs",
                           "n32k256w4s1pf0", "n32k256w4s1natpf0"]
-
