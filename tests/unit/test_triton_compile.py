@@ -22,28 +22,50 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                 reason="triton not installed")
 
 
-def _compile(group: str) -> subprocess.CompletedProcess:
+def _start(group: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "tests.triton_compile_cases", group],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.Popen([sys.executable, "-m", "tests.triton_compile_cases", group],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:
+    try:
+        out, err = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 # distinct compiles each group's cases make (a case lost would lower the count)
 EXPECTED = {"moe_routed": 30, "paged": 24, "decode": 16, "wquant": 60}
 
 
+@pytest.fixture(scope="module")
+def compiles():
+    """Every group's compile started at once (each is one core's work: on CI's two cores
+    the groups take about half the time they take one after another)."""
+    procs = {group: _start(group) for group in [*EXPECTED, "selftest"]}
+    yield procs
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
 @pytest.mark.parametrize("group", list(EXPECTED))
-def test_every_kernel_compiles_for_sm90(group):
-    proc = _compile(group)
+def test_every_kernel_compiles_for_sm90(group, compiles):
+    proc = _finish(compiles[group])
     assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
     assert f"{EXPECTED[group]} compiled, 0 failed" in proc.stdout, proc.stdout[-2000:]
 
 
-def test_compile_check_catches_what_the_interpreter_runs():
+def test_compile_check_catches_what_the_interpreter_runs(compiles):
     """The harness itself: a helper whose constexpr branches return two shapes (the
     H200's error) and a loop-carried variable changing type both fail to compile."""
-    proc = _compile("selftest")
+    proc = _finish(compiles["selftest"])
     assert proc.returncode == 2, proc.stdout + proc.stderr[-2000:]
     assert "2 compiled, 2 failed" in proc.stdout
     assert "Return type mismatch" in proc.stdout or "Inconsistent return" in proc.stdout
