@@ -89,7 +89,7 @@ def test_the_plan_file_keeps_the_formats_and_refuses_bad_ones(tmp_path):
     d = c.plan.to_dict()
     d["stages"][1]["weight_format"] = "fp8"
     with pytest.raises(PlanningError, match=r"stages\[1\].weight_format.*fp8 does not run on "
-                       r"cpu \(cpu runs int8, int4\)"):
+                       r"cpu \(cpu runs int8, int4, int4-g32\)"):
         Plan.from_dict(d, "p.json")
     d["stages"][1]["weight_format"] = "int9"
     with pytest.raises(PlanningError, match="unknown weight format 'int9'"):
