@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from llamadist.config import QUANTIZE_CHOICES, ConfigError, named_shape, quantize_for
+from llamadist.config import QUANTIZE_FORMATS, ConfigError, named_shape, quantize_for
 from llamadist.planning.bits import LADDER, choose_bits, quantize_spec
 from llamadist.planning.checks import plan_problems
 from llamadist.planning.devices import parse_devices
@@ -29,7 +29,7 @@ def _choose(shape, devices, budgets, dtype="bfloat16", speeds=None, strategy=Non
 
 def test_kind_formats_agree_with_what_a_run_accepts():
     for kind, dev in (("cuda", "cuda:0"), ("cpu", "cpu")):
-        for fmt in QUANTIZE_CHOICES:
+        for fmt in QUANTIZE_FORMATS:  # int4-gN too: a CPU takes int4-g32 only
             if fmt in KIND_FORMATS[kind]:
                 assert quantize_for(fmt, dev) == fmt
             else:
