@@ -7,9 +7,13 @@
    matmul, llamadist's Triton kernels): ms per decode step, prefill seconds and the
    step's ratio to bf16 (targets: int8 <= 0.6x, int4 <= 0.4x, fp8 like int8);
 2. SmolLM2 perplexity on a fixed text (this repository's README.md by default) with bf16
-   and each ``--quantize`` (``--smollm2 PATH``: an HF folder or the GGUF; a GGUF's blocks
-   are dequantized to bf16 first, ``--weights bfloat16``, so every run starts from the same
-   float weights).
+   and each ``--quantize`` of ``--ppl-formats`` (``--smollm2 PATH``: an HF folder or the
+   GGUF; a GGUF's blocks are dequantized to bf16 first, ``--weights bfloat16``, so every
+   run starts from the same float weights): int8, int4 (groups of 128), int4-g32, fp8,
+   and for a GGUF ``native`` (``--weights native``: its Q4_1 blocks become int4 groups of
+   32 without loss, so its perplexity is bf16's up to rounding). On SmolLM2's Q4_1 file
+   int4 (128) costs 1.65x bf16's perplexity and int4-g32 nothing: the file's values lie on
+   a g32 grid (benchmarks/quant_ppl_cpu.py measures the same numbers on a CPU).
 
 One JSON line per result on stdout. Each run loads 16 GB (~1-1.5 minutes): bf16 plus
 three formats under two backends is 7 runs, so under a 10-minute limit split it by
@@ -21,7 +25,12 @@ backend, keeping the checkpoint (each part measures its own bf16 baseline):
         --checkpoint-dir /tmp/qckpt --backends triton \\
         --smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf
 
-This measures whole decode steps. The kernels alone (each Llama-3-8B linear, M = 1, 2, 4;
+The perplexity rows alone (11 runs of a few seconds each):
+
+    python benchmarks/quant_gpu.py --device cuda:0 --skip-decode \\
+        --smollm2 /path/to/SmolLM2-135M-Instruct.Q4_1.gguf
+
+Part 1 measures whole decode steps. The kernels alone (each Llama-3-8B linear, M = 1, 2, 4;
 bf16, the torch products and every Triton GEMV configuration near the rule's, with GB/s
 against a measured copy rate) are ``benchmarks/wquant_sweep.py``, ~3 minutes:
 
@@ -45,6 +54,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 FORMATS = ["bf16", "int8", "int4", "fp8"]
+PPL_FORMATS = ["bf16", "int8", "int4", "int4-g32", "fp8", "native"]
 
 
 def build_checkpoint(args: argparse.Namespace) -> Path:
@@ -88,9 +98,11 @@ def quant_flags(fmt: str, backend: str | None = None) -> list[str]:
     return ["--quantize", fmt] + (["--wquant", backend] if backend else [])
 
 
-def runs(args: argparse.Namespace) -> list[tuple[str, str | None]]:
-    """(format, backend) in order, bf16 (no backend) first."""
-    return [(f, b) for f in args.formats for b in ([None] if f == "bf16" else args.backends)]
+def runs(args: argparse.Namespace,
+         formats: list[str] | None = None) -> list[tuple[str, str | None]]:
+    """(format, backend) in order (``formats``, else --formats), bf16 (no backend) first."""
+    return [(f, b) for f in formats or args.formats
+            for b in ([None] if f == "bf16" else args.backends)]
 
 
 def decode_speed(args: argparse.Namespace, folder: Path) -> None:
@@ -117,11 +129,18 @@ def perplexity(args: argparse.Namespace) -> None:
     base = None
     model = str(args.smollm2)
     text = args.text or str(ROOT / "README.md")
-    for fmt, backend in runs(args):
+    gguf = model.endswith(".gguf")
+    for fmt, backend in runs(args, args.ppl_formats):
+        if fmt == "native" and not gguf:
+            continue  # a float checkpoint has no blocks of its own
         cmd = ["perplexity", model, "--text", text, "--ctx", str(args.ctx), "--chunks",
                str(args.chunks), "--batch", "4", "--devices", args.device, "--json"]
-        cmd += ["--weights", "bfloat16"] if model.endswith(".gguf") else ["--dtype", "bfloat16"]
-        r = run_json(cmd + quant_flags(fmt, backend), timeout=300)
+        if fmt == "native":  # the GGUF's blocks as a GPU stage converts them (from_gguf)
+            cmd += ["--weights", "native", "--dtype", "bfloat16", "--wquant", backend]
+        else:
+            cmd += ["--weights", "bfloat16"] if gguf else ["--dtype", "bfloat16"]
+            cmd += quant_flags(fmt, backend)
+        r = run_json(cmd, timeout=300)
         row = {"bench": "perplexity", "model": Path(model).name, "format": fmt,
                "backend": backend,
                "ctx": args.ctx, "text": Path(text).name}
@@ -139,7 +158,11 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--shape", default="llama3-8b")
-    p.add_argument("--formats", default=",".join(FORMATS), type=lambda s: s.split(","))
+    p.add_argument("--formats", default=",".join(FORMATS), type=lambda s: s.split(","),
+                   help="decode runs: bf16 and --quantize formats")
+    p.add_argument("--ppl-formats", default=",".join(PPL_FORMATS),
+                   type=lambda s: s.split(","), help="perplexity runs: bf16, --quantize "
+                   "formats, native (a GGUF's own blocks)")
     p.add_argument("--backends", default="torch,triton", type=lambda s: s.split(","),
                    help="--wquant backends each --quantize format runs under")
     p.add_argument("--checkpoint-dir", help="where the random checkpoint is written/reused")

@@ -281,10 +281,18 @@ WEIGHTS_CHOICES = ("native", "float32", "bfloat16", "float16")
 QUANT_ACTIVATIONS_CHOICES = ("float32", "int8")
 WQUANT_CHOICES = ("torch", "triton")  # --wquant: the GPU product of --quantize weights
 QUANTIZE_CHOICES = ("int8", "int4", "fp8")  # --quantize: a float weight's format at load
+# int4's inputs per scale and offset: "int4" is INT4_GROUP on a GPU (GGUF Q4_1, 32, on a
+# CPU); "int4-g32" etc. choose (the groups torch's tinygemm takes; Triton takes any even one)
+INT4_GROUP = 128
+INT4_GROUPS = (32, 64, 128, 256)
+QUANTIZE_FORMATS = QUANTIZE_CHOICES + tuple(f"int4-g{g}" for g in INT4_GROUPS)
+CPU_QUANTIZE_FORMATS = ("int8", "int4", "int4-g32")  # GGUF Q8_0 / Q4_1 blocks of 32
 # --ep-dispatch: how tokens meet experts spread over data-parallel replicas (parallel.expert)
 EP_DISPATCH_CHOICES = ("auto", "gather", "all_to_all")
 QUANTIZE_HELP = ("int8 | int4 | fp8, or per device: cuda:0=int4,cpu=int8 (a kind, cuda or "
-                 "cpu, names all its devices; native or none: no quantization there)")
+                 "cpu, names all its devices; native or none: no quantization there); int4 "
+                 "takes groups of 128 inputs on a GPU, int4-g32 / -g64 / -g256 choose (a "
+                 "small model loses less with 32; a CPU stage's int4 is always 32)")
 
 
 def parse_quantize(spec: str | None) -> dict[str, str | None]:
@@ -297,9 +305,9 @@ def parse_quantize(spec: str | None) -> dict[str, str | None]:
         device, _, fmt = part.rpartition("=")
         device = device.strip() or "*"
         fmt = fmt.strip()
-        if fmt not in QUANTIZE_CHOICES + ("native", "none"):
+        if fmt not in QUANTIZE_FORMATS + ("native", "none"):
             raise ConfigError(f"--quantize {spec}: unknown format {fmt!r}; give "
-                              f"{', '.join(QUANTIZE_CHOICES)} (or native / none), for every "
+                              f"{', '.join(QUANTIZE_FORMATS)} (or native / none), for every "
                               f"device or per device as cuda:0=int4,cpu=int8")
         if device in out:
             raise ConfigError(f"--quantize {spec}: {device} is given twice")
@@ -309,17 +317,29 @@ def parse_quantize(spec: str | None) -> dict[str, str | None]:
     return out
 
 
+def quantize_group(fmt: str) -> tuple[str, int | None]:
+    """A --quantize format -> (its kind, its int4 group, None for the kind's default):
+    "int4-g32" -> ("int4", 32), "int4" -> ("int4", None), "fp8" -> ("fp8", None)."""
+    if fmt not in QUANTIZE_FORMATS:
+        raise ConfigError(f"unknown weight format {fmt!r}; give one of "
+                          f"{', '.join(QUANTIZE_FORMATS)}")
+    kind, _, group = fmt.partition("-g")
+    return kind, int(group) if group else None
+
+
 def quantize_for(spec: str | None, device: str) -> str | None:
     """The weight format --quantize ``spec`` gives the stage on ``device`` (None: as the
     checkpoint stores it): the exact device's entry, else its kind's, else the bare one.
-    fp8 on a CPU stage is refused (the CPU kernels take GGUF blocks: int8 or int4)."""
+    A CPU stage takes CPU_QUANTIZE_FORMATS only (its kernels take GGUF blocks of 32: int8
+    or int4, no fp8, no other int4 group)."""
     table = parse_quantize(spec)
     device = str(device)
     kind = device.split(":")[0]
     fmt = table.get(device, table.get(kind, table.get("*")))
-    if fmt == "fp8" and kind == "cpu":
-        raise ConfigError(f"--quantize {spec}: fp8 on the CPU stage ({device}) is not "
-                          f"supported; give cpu=int8 or cpu=int4 (GGUF Q8_0 / Q4_1 blocks)")
+    if fmt is not None and kind == "cpu" and fmt not in CPU_QUANTIZE_FORMATS:
+        raise ConfigError(f"--quantize {spec}: {fmt} on the CPU stage ({device}) is not "
+                          f"supported; give cpu=int8 or cpu=int4 (GGUF Q8_0 / Q4_1 blocks, "
+                          f"groups of 32), e.g. cuda={fmt},cpu=int4")
     return fmt
 
 
@@ -349,7 +369,8 @@ class RuntimeConfig:
                      stages: llamadist.kernels.quant),
                      a float dtype dequantizes at load (it must then match ``dtype``)
     quantize         the decoder layers' linear weights quantized at load (None: as stored):
-                     "int8" | "int4" | "fp8" for every stage, or per device
+                     "int8" | "int4" | "fp8" (or int4 with its group: "int4-g32", see
+                     INT4_GROUPS) for every stage, or per device
                      ("cuda:0=int4,cpu=int8"); GPU stages run them as ``wquant`` says
                      (llamadist.kernels.wquant), CPU stages as GGUF Q8_0 / Q4_1 blocks
     wquant           the product of GPU-quantized weights (--quantize, GGUF blocks on a GPU

@@ -11,7 +11,8 @@ W (N out, K in) is stored as codes plus one scale (and, for int4, one offset) pe
 
 ``--quantize`` makes them from float weights at load: int8 one scale per output channel
 (group = K, symmetric: scale = max|w| / 127), int4 group 128 asymmetric (scale = (max -
-min) / 15, offset = min), fp8 one scale per channel (max|w| / 448). Each stays within
+min) / 15, offset = min; ``int4-g32``, ``-g64``, ``-g256`` other groups:
+config.INT4_GROUPS), fp8 one scale per channel (max|w| / 448). Each stays within
 half a step of w (int8, int4: |w - w'| <= scale / 2; fp8: half a unit of e4m3's last place,
 |w|/16, plus the subnormal step scale * 2^-10), which the tests check.
 
@@ -39,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llamadist.config import INT4_GROUP, ConfigError, quantize_group
 from llamadist.kernels import gpu, wquant_torch, wquant_triton
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, _k_quants, _k_scales, dequantize
@@ -47,7 +49,6 @@ KINDS = ("int8", "int4", "fp8")
 # Triton's interpreter (CPU tensors) stands in for a GPU in tests: the kernels then serve
 # CPU tensors too.
 INTERPRET = gpu.interpreted()  # a constant: read by forwards torch.compile traces
-INT4_GROUP = 128
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
 
 
@@ -192,11 +193,14 @@ def quantize_fp8(w: torch.Tensor) -> PackedWeight:
 QUANTIZERS = {"int8": quantize_int8, "int4": quantize_int4, "fp8": quantize_fp8}
 
 
-def quantize(w: torch.Tensor, kind: str) -> PackedWeight:
-    """W (N, K) float -> ``kind`` with its --quantize layout (on w's device)."""
-    if kind not in QUANTIZERS:
-        raise ValueError(f"--quantize {kind!r}: choose one of {', '.join(KINDS)}")
-    return QUANTIZERS[kind](w)
+def quantize(w: torch.Tensor, fmt: str) -> PackedWeight:
+    """W (N, K) float -> ``fmt`` (a --quantize format: int8, fp8, int4 or int4-gN) with its
+    layout (on w's device)."""
+    try:
+        kind, group = quantize_group(fmt)
+    except ConfigError as e:
+        raise ValueError(f"--quantize {fmt!r}: {e}") from None
+    return quantize_int4(w, group) if group else QUANTIZERS[kind](w)
 
 
 # ---- GGUF blocks -> GPU formats -------------------------------------------------------
@@ -318,10 +322,12 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
 def to_gguf_blocks(w: torch.Tensor, kind: str, act_dtype: torch.dtype = torch.float32,
                    name: str = "weight") -> QuantizedTensor:
     """A float W (N, K) as GGUF blocks the CPU kernels run: int8 -> Q8_0 (d = max|w| / 127
-    per 32), int4 -> Q4_1 (d = (max - min) / 15, m = min per 32); d and m in f16 as ggml
-    stores them, each weight within half a step of its f16 grid."""
-    if kind not in ("int8", "int4"):
-        raise ValueError(f"a CPU stage quantizes to int8 (Q8_0) or int4 (Q4_1), not {kind}")
+    per 32), int4 (or int4-g32) -> Q4_1 (d = (max - min) / 15, m = min per 32); d and m in
+    f16 as ggml stores them, each weight within half a step of its f16 grid."""
+    if kind not in ("int8", "int4", "int4-g32"):
+        raise ValueError(f"a CPU stage quantizes to int8 (Q8_0) or int4 (Q4_1, groups of "
+                         f"32: int4 or int4-g32), not {kind}")
+    kind = kind[:4]
     n, k = w.shape
     if k % 32:
         raise ValueError(f"{name} {tuple(w.shape)}: GGUF blocks hold 32 inputs and {k} is "

@@ -12,14 +12,15 @@ from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from llamadist.config import CPU_QUANTIZE_FORMATS, QUANTIZE_FORMATS
 from llamadist.planning.units import PlanningError, format_bytes, format_seconds
 
 PLAN_FORMAT = "llamadist.plan/1"
 # The weight formats (--quantize) each device kind runs: GPUs the Triton / torch kernels of
 # kernels.wquant, the CPU GGUF Q8_0 / Q4_1 blocks (no fp8 kernel there); config.quantize_for
 # refuses the same combinations at run time.
-KIND_FORMATS: dict[str, tuple[str, ...]] = {"cuda": ("int8", "int4", "fp8"),
-                                            "cpu": ("int8", "int4")}
+KIND_FORMATS: dict[str, tuple[str, ...]] = {"cuda": QUANTIZE_FORMATS,
+                                            "cpu": CPU_QUANTIZE_FORMATS}
 
 
 @dataclass(frozen=True)

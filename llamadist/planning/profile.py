@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from llamadist.config import ModelConfig, RuntimeConfig
+from llamadist.config import INT4_GROUP, ModelConfig, RuntimeConfig, quantize_group
 from llamadist.planning.units import PlanningError, format_bytes, format_flops
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -216,12 +216,13 @@ def _decoder_row(config: ModelConfig, i: int, nbytes: int, seq_len: int) -> Laye
 def quantized_matrix_bytes(n: int, k: int, fmt: str, kind: str = "cuda") -> int:
     """Bytes of an (n, k) weight in ``fmt`` (--quantize) on a ``kind`` device, as the loader
     stores it (llamadist.kernels.wquant): on GPUs int8 and fp8 one byte a weight plus a
-    float32 scale a row, int4 half a byte plus a float32 scale and offset per 128; on the
-    CPU GGUF blocks of 32, Q8_0 (34 bytes) and Q4_1 (20 bytes)."""
+    float32 scale a row, int4 half a byte plus a float32 scale and offset per group (128,
+    or int4-gN's); on the CPU GGUF blocks of 32, Q8_0 (34 bytes) and Q4_1 (20 bytes)."""
+    fkind, group = quantize_group(fmt)
     if kind == "cpu":
-        return n * -(-k // 32) * {"int8": 34, "int4": 20}[fmt]
-    if fmt == "int4":
-        return n * ((k + 1) // 2) + 8 * n * -(-k // 128)
+        return n * -(-k // 32) * {"int8": 34, "int4": 20}[fkind]
+    if fkind == "int4":
+        return n * ((k + 1) // 2) + 8 * n * -(-k // (group or INT4_GROUP))
     return n * k + 4 * n
 
 

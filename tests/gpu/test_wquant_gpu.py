@@ -59,7 +59,7 @@ def _q4_k(n: int, k: int) -> W.PackedWeight:
 
 FORMATS = {"int8": W.quantize_int8, "int8_g32": lambda w: W.quantize_int8(w, 32),
            "int4": W.quantize_int4, "int4_g32": lambda w: W.quantize_int4(w, 32),
-           "fp8": W.quantize_fp8}
+           "fp8": W.quantize_fp8, "int4_g64": lambda w: W.quantize(w, "int4-g64")}
 FORMATS_KIND = {f: f.split("_")[0] for f in FORMATS}
 
 

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from llamadist.config import QUANTIZE_CHOICES, ConfigError, named_shape, quantize_for
+from llamadist.config import QUANTIZE_FORMATS, ConfigError, named_shape, quantize_for
 from llamadist.planning.bits import LADDER, choose_bits, quantize_spec
 from llamadist.planning.checks import plan_problems
 from llamadist.planning.devices import parse_devices
@@ -29,7 +29,7 @@ def _choose(shape, devices, budgets, dtype="bfloat16", speeds=None, strategy=Non
 
 def test_kind_formats_agree_with_what_a_run_accepts():
     for kind, dev in (("cuda", "cuda:0"), ("cpu", "cpu")):
-        for fmt in QUANTIZE_CHOICES:
+        for fmt in QUANTIZE_FORMATS:  # int4-gN too: a CPU takes int4-g32 only
             if fmt in KIND_FORMATS[kind]:
                 assert quantize_for(fmt, dev) == fmt
             else:
@@ -89,7 +89,7 @@ def test_the_plan_file_keeps_the_formats_and_refuses_bad_ones(tmp_path):
     d = c.plan.to_dict()
     d["stages"][1]["weight_format"] = "fp8"
     with pytest.raises(PlanningError, match=r"stages\[1\].weight_format.*fp8 does not run on "
-                       r"cpu \(cpu runs int8, int4\)"):
+                       r"cpu \(cpu runs int8, int4, int4-g32\)"):
         Plan.from_dict(d, "p.json")
     d["stages"][1]["weight_format"] = "int9"
     with pytest.raises(PlanningError, match="unknown weight format 'int9'"):

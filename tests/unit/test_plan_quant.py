@@ -22,9 +22,9 @@ def test_bytes_match_what_the_loader_stores():
     import torch
     for n, k in [(40, 300), (64, 256)]:
         w = torch.randn(n, k)
-        for fmt in ("int8", "int4", "fp8"):
+        for fmt in ("int8", "int4", "fp8", "int4-g32", "int4-g64", "int4-g256"):
             assert quantized_matrix_bytes(n, k, fmt, "cuda") == wquant.quantize(w, fmt).nbytes
-        for fmt in ("int8", "int4"):
+        for fmt in ("int8", "int4", "int4-g32"):
             if k % 32 == 0:
                 assert (quantized_matrix_bytes(n, k, fmt, "cpu")
                         == wquant.to_gguf_blocks(w, fmt).nbytes)
@@ -69,3 +69,19 @@ def test_plan_command_notes_the_bytes_saved(capsys):
     out = capsys.readouterr().out
     assert "weights int4 on cuda: 117.02 MiB per decoder layer instead of 416.02 MiB" in out
     assert "weights int8 on cpu: 221.02 MiB" in out
+
+
+def test_int4_group_formats_in_plans():
+    """int4-gN: its scale and offset bytes per group, kept in the plan file; a CPU stage
+    plans int4-g32 (GGUF Q4_1) and refuses another group."""
+    from llamadist.planning.plan import format_problem
+    row = PROF.layers[0]
+    extra = sum(8 * n * (k // 32 - k // 128) for n, k in row.linear_shapes)
+    assert layer_bytes(row, "int4-g32", "cuda", 2) - layer_bytes(row, "int4", "cuda", 2) == extra
+    assert layer_bytes(row, "int4-g128", "cuda", 2) == layer_bytes(row, "int4", "cuda", 2)
+    fit = _plan(["int4-g32", "int4-g64"], "5GiB,5GiB")
+    assert [s.weight_format for s in Plan.from_json(fit.to_json()).stages] == [
+        "int4-g32", "int4-g64"]
+    assert format_problem("int4-g32", "cpu") is None
+    assert "int4-g128 does not run on cpu" in format_problem("int4-g128", "cpu")
+    assert "unknown weight format 'int4-g48'" in format_problem("int4-g48", "cuda:0")

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from llamadist.cli.main import main
-from llamadist.config import ConfigError, RuntimeConfig, parse_quantize, quantize_for
+from llamadist.config import (ConfigError, RuntimeConfig, parse_quantize, quantize_for,
+                              quantize_group)
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.wquant import to_gguf_blocks
 from llamadist.runtime.stage import build_stage
@@ -29,6 +30,22 @@ def test_spec_per_device():
         parse_quantize("cpu=int8,cpu=int4")
     with pytest.raises(ConfigError, match="fp8 on the CPU stage"):
         quantize_for("fp8", "cpu")
+
+
+def test_spec_int4_groups():
+    """int4-gN names int4's group; a CPU stage (GGUF Q4_1, groups of 32) takes int4-g32
+    only, and the refusal names the fix."""
+    assert parse_quantize("int4-g32") == {"*": "int4-g32"}
+    spec = "cuda:0=int4-g64,cuda=int4-g256,cpu=int4-g32"
+    assert [quantize_for(spec, d) for d in ("cuda:0", "cuda:1", "cpu")] == [
+        "int4-g64", "int4-g256", "int4-g32"]
+    assert [quantize_group(f) for f in ("int4", "int4-g32", "int8", "fp8")] == [
+        ("int4", None), ("int4", 32), ("int8", None), ("fp8", None)]
+    for bad in ("int4-g48", "int4-g", "int4g32", "int8-g32", "int4-g032"):
+        with pytest.raises(ConfigError, match=f"unknown format '{bad}'"):
+            RuntimeConfig(quantize=f"cuda={bad}")
+    with pytest.raises(ConfigError, match="int4-g128 on the CPU stage .* cpu=int4"):
+        quantize_for("int4-g128", "cpu")
 
 
 @pytest.mark.parametrize("kind,qtype", [("int8", "Q8_0"), ("int4", "Q4_1")])
@@ -90,3 +107,7 @@ def test_generate_with_quantize_and_refusals(tiny_model, capsys):
     assert "fp8 on the CPU stage" in capsys.readouterr().err
     assert main(args + ["--quantize", "cpu=int5"]) == 2
     assert "unknown format 'int5'" in capsys.readouterr().err
+    assert main(args + ["--quantize", "int4-g32"]) == 0   # Q4_1 blocks on the CPU
+    capsys.readouterr()
+    assert main(args + ["--quantize", "int4-g64"]) == 2
+    assert "int4-g64 on the CPU stage" in capsys.readouterr().err

@@ -49,6 +49,42 @@ def test_int4_group_128_packed_two_per_byte(n, k):
     assert p.nbytes == n * ((k + 1) // 2) + 8 * n * -(-k // 128)
 
 
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+def test_int4_chosen_group_within_half_a_step(group):
+    """--quantize int4-gN: the group it names (K = 576: a short last group for 128 and
+    256), every weight within half its group's step, the bytes the planner counts."""
+    from llamadist.planning.profile import quantized_matrix_bytes
+    n, k = 24, 576
+    w = torch.randn(n, k) * torch.logspace(-2, 0, n).view(-1, 1) + 0.01
+    p = W.quantize(w, f"int4-g{group}")
+    g = -(-k // group)
+    assert (p.kind, p.group) == ("int4", group)
+    assert p.scale.shape == p.offset.shape == (n, g) and p.q.shape == (n, k // 2)
+    idx = torch.arange(k) // group
+    err = (p.dequantize(torch.float64) - w.double()).abs()
+    assert (err <= p.scale.double()[:, idx] / 2 + 1e-7).all()
+    assert p.nbytes == quantized_matrix_bytes(n, k, f"int4-g{group}", "cuda")
+    if group == 128:  # the bare int4 is this group
+        assert torch.equal(W.quantize(w, "int4").q, p.q)
+
+
+def test_int4_g32_keeps_a_q4_1_grid_exactly():
+    """Values on an asymmetric 4-bit grid of 32 (GGUF Q4_1's: m + c d, codes 0 and 15 in
+    every block) come back exactly from int4-g32; int4 (128) moves them by up to half its
+    coarser step (SmolLM2's Q4_1 file: g32's perplexity is the float model's, g128's 1.65x
+    it, benchmarks/RESULTS.md)."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 8, 256
+    codes = torch.randint(0, 16, (n, k // 32, 32), generator=gen)
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = (torch.rand(n, k // 32, 1, generator=gen) * 0.01 + 1e-3).half().float()
+    m = (-8 * d - torch.rand(n, k // 32, 1, generator=gen) * 1e-3).half().float()
+    w = (m + codes * d).view(n, k)
+    assert torch.equal(W.quantize(w, "int4-g32").dequantize(), w)
+    coarse = W.quantize(w, "int4").dequantize()
+    assert (coarse - w).norm() / w.norm() > 0.01
+
+
 def test_fp8_every_code_and_bound():
     w = torch.randn(64, 200) * torch.logspace(-4, 2, 64).view(-1, 1)
     p = W.quantize_fp8(w)
@@ -64,8 +100,9 @@ def test_zero_rows_and_bad_input():
     z = torch.zeros(3, 64)
     for kind in W.KINDS:
         assert torch.equal(W.quantize(z, kind).dequantize(), z)
-    with pytest.raises(ValueError, match="--quantize 'int3'"):
-        W.quantize(z, "int3")
+    for bad in ("int3", "int4-g48", "int8-g32"):
+        with pytest.raises(ValueError, match=f"--quantize '{bad}'"):
+            W.quantize(z, bad)
     with pytest.raises(ValueError, match="expected torch.int8 codes"):
         W.PackedWeight("int8", torch.zeros(3, 64, dtype=torch.uint8), torch.ones(3, 1), None,
                        64, (3, 64))

@@ -61,8 +61,10 @@ def _w(n: int, k: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("make", [lambda: W.quantize_int4(_w(48, 256)),
                                   lambda: W.quantize_int4(_w(32, 384), 32),
+                                  lambda: W.quantize(_w(16, 576), "int4-g64"),
+                                  lambda: W.quantize(_w(16, 512), "int4-g256"),
                                   lambda: _q4_0(16, 512)],
-                         ids=["g128", "g32", "Q4_0"])
+                         ids=["g128", "g32", "g64", "g256", "Q4_0"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_tinygemm_int4_against_float64(make, dtype):
     dtype = getattr(torch, dtype)
@@ -89,6 +91,10 @@ def test_tinygemm_table_and_cuda_bytes():
 def test_int4_shapes_tinygemm_cannot_take_keep_triton_path():
     assert W.product_path(W.quantize_int4(_w(24, 256)), "torch") == "triton"   # N % 16
     assert W.product_path(W.quantize_int4(_w(16, 200), 40), "torch") == "triton"
+    # SmolLM2's K = 576 is not a multiple of 128 or 256: those groups take the Triton
+    # kernel (a dequantized matmul off CUDA); 32 and 64 tinygemm
+    for group, path in ((32, "tinygemm"), (64, "tinygemm"), (128, "triton"), (256, "triton")):
+        assert W.product_path(W.quantize(_w(16, 576), f"int4-g{group}"), "torch") == path
     assert W.product_path(W.quantize_int8(_w(16, 64)), "triton") == "triton"
     lin = _linear(W.quantize_int4(_w(12, 256)), torch.float32)
     _check(lin, 2, torch.float32)   # the dequantized fallback on CPU
