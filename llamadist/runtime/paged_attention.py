@@ -24,9 +24,8 @@ does not grow with S (on a GPU each call is kernel launches).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import contextlib
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
