@@ -4,7 +4,7 @@ as ``python -m tests.eager_fused_cases kernels|model`` with TRITON_INTERPRET=1 (
 set before triton is imported), and usable on a GPU (``--device cuda``).
 
 Bounds: bf16 / fp16 outputs within 1 ulp of the eager formula's (each element, the ulp at
-the eager value), float32 within 4 ulps, or else nearer the float64 value than eager; and
+the eager value), float32 within 8 ulps, or else nearer the float64 value than eager; and
 at most an ulp of the largest value further from the float64 reference than eager. RoPE and SiLU * up repeat
 the eager roundings, so they usually match bitwise; RMSNorm sums in another order."""
 
@@ -17,7 +17,8 @@ import torch.nn.functional as F
 
 from llamadist.model.rope import apply_rotary
 
-ULPS = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 4}
+# float32: the sum's order and, compiled, the GPU's approximate exp / rsqrt
+ULPS = {torch.bfloat16: 1, torch.float16: 1, torch.float32: 8}
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
