@@ -99,13 +99,19 @@ def norm_cases(device: str) -> None:
     s, y = add_rms_norm(x, x, w, 1e-6)
     check("add_rms_norm (2, 3, 64) bf16 x float32 weight", y, rms_eager(x + x, w, 1e-6),
           rms_f64(x + x, w, 1e-6))
+    r32 = torch.randn(2, 3, 64, generator=g).to(device)  # a float32 residual: the sum promotes
+    s, y = add_rms_norm(x, r32, w, 1e-6)
+    assert s.dtype == torch.float32 and torch.equal(s, x + r32)
+    check("add_rms_norm (2, 3, 64) bf16 x + float32 residual", y, rms_eager(x + r32, w, 1e-6),
+          rms_f64(x + r32, w, 1e-6))
 
 
 def silu_cases(device: str) -> None:
     from llamadist.kernels.eager_fused import silu_mul
     g = torch.Generator().manual_seed(1)
-    # F: SmolLM2's 1536 (two column blocks, the second a tail), a short odd width
-    for i, (n, f) in enumerate(((37, 1536), (1, 1536), (3, 99))):
+    # F: SmolLM2's 1536 (six column blocks of 256), a short odd width (one block of 128
+    # with a tail), and enough columns for blocks of 1024 (the last a tail)
+    for i, (n, f) in enumerate(((37, 1536), (1, 1536), (3, 99), (37, 7400))):
         for dtype in DTYPES:
             gu = (torch.randn(n, 2 * f, generator=g) * 4).to(device, dtype)
             gate, up = gu.chunk(2, dim=-1)

@@ -192,7 +192,7 @@ def decode_cases() -> None:
 
 def eager_fused_cases() -> None:
     """The fused eager kernels: add + RMSNorm with and without the residual (D = 4096,
-    576, 100), SiLU * up (F = 14336 in column blocks, 99), RoPE of q and k (Llama-3-8B's
+    576, 100), SiLU * up (F = 14336 in column blocks of 256 and 1024, 99), RoPE of q and k (Llama-3-8B's
     32 / 8 heads of 128, SmolLM2's 9 / 3 of 64, D = 10): bf16, fp16 and float32."""
     from llamadist.kernels import gpu
     m = gpu.load("eager_fused")
@@ -202,9 +202,9 @@ def eager_fused_cases() -> None:
         for j, dtype in enumerate(dtypes):
             x = torch.zeros(3, d, dtype=dtype)
             m.add_rms_norm(x, x if (i + j) % 2 else None, torch.zeros(d, dtype=dtype), 1e-5)
-    for f in (14336, 99):
+    for n, f in ((5, 14336), (300, 14336), (3, 99)):  # column blocks of 256, 1024, 128
         for dtype in dtypes:
-            m.silu_mul(torch.zeros(5, 2 * f, dtype=dtype))
+            m.silu_mul(torch.zeros(n, 2 * f, dtype=dtype))
     for h, h_kv, d in ((32, 8, 128), (9, 3, 64), (3, 1, 10)):
         for dtype in dtypes:
             qkv = torch.zeros(4, (h + 2 * h_kv) * d, dtype=dtype)

@@ -92,7 +92,11 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The front module's add_rms_norm (llamadist.kernels.eager_fused)."""
+    if residual is not None and residual.dtype != x.dtype:  # the sum promotes: eager's add
+        x = x + residual
+        return x, add_rms_norm(x, None, weight, eps)[1]
     d = x.shape[-1]
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     x2 = _rows(x)
     r2 = _rows(residual) if residual is not None else x2
     s2 = torch.empty_like(x2) if residual is not None else x2
@@ -108,7 +112,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     return s, y2.view(x.shape)
 
 
-SILU_BLOCK = 1024  # columns per program
+# Columns per program: 1024 (8 per thread of 4 warps: 16-byte bf16 loads), or 256 where
+# that would leave most of an H200's 132 multiprocessors idle (decode: a few rows).
+SILU_BLOCK, SILU_BLOCK_SMALL = 1024, 256
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -117,7 +123,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     gu = _rows(gate_up)
     out = torch.empty(gu.shape[0], f, dtype=gate_up.dtype, device=gate_up.device)
     if gu.shape[0] and f:
-        block = min(SILU_BLOCK, max(16, triton.next_power_of_2(f)))
+        block = SILU_BLOCK if gu.shape[0] * f >= 2 * 132 * SILU_BLOCK else SILU_BLOCK_SMALL
+        block = min(block, max(16, triton.next_power_of_2(f)))
         _silu_mul_kernel[(gu.shape[0], triton.cdiv(f, block))](
             gu, out, gu.stride(0), out.stride(0), f, BLOCK=block,
             num_warps=max(1, min(4, block // 256)))
