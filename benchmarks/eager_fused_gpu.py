@@ -102,9 +102,10 @@ class OneSequence:
         return self
 
     def attend(self, q, k, v):  # (N, H, D), (N, H_kv, D) -> (N, H, D)
+        g = q.shape[1] // k.shape[1]  # K/V repeated per query head: SDPA's flash kernel
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1),
-                                             v.transpose(0, 1), is_causal=True,
-                                             enable_gqa=True)
+                                             v.transpose(0, 1), is_causal=True)
         return out.transpose(0, 1)
 
 
