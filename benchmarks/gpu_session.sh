@@ -1,7 +1,8 @@
 # The GPU measurements of the open issues, in three parts of under 10 minutes each (one
 # H200 lease: run them back to back, the machine keeps /tmp between them).
 #
-#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery|timed|fused   (OUT: where results go)
+#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery|timed|fused
+#   (OUT: where results go)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two

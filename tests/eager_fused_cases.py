@@ -3,10 +3,11 @@ PyTorch formula they replace and a float64 reference: run by tests/unit/test_eag
 as ``python -m tests.eager_fused_cases kernels|model`` with TRITON_INTERPRET=1 (it must be
 set before triton is imported), and usable on a GPU (``--device cuda``).
 
-Bounds: bf16 / fp16 outputs within 1 ulp of the eager formula's (each element, the ulp at
-the eager value), float32 within 8 ulps, or else nearer the float64 value than eager; and
-at most an ulp of the largest value further from the float64 reference than eager. RoPE and SiLU * up repeat
-the eager roundings, so they usually match bitwise; RMSNorm sums in another order."""
+Bounds: bf16 / fp16 outputs within 1 ulp of the eager formula's (each element, the ulp
+at the eager value), float32 within 8 ulps, or else nearer the float64 value than eager;
+and at most an ulp of the largest value further from the float64 reference than eager.
+RoPE and SiLU * up repeat the eager roundings, so they usually match bitwise; RMSNorm
+sums in another order."""
 
 from __future__ import annotations
 

@@ -192,8 +192,9 @@ def decode_cases() -> None:
 
 def eager_fused_cases() -> None:
     """The fused eager kernels: add + RMSNorm with and without the residual (D = 4096,
-    576, 100), SiLU * up (F = 14336 in column blocks of 256 and 1024, 99), RoPE of q and k (Llama-3-8B's
-    32 / 8 heads of 128, SmolLM2's 9 / 3 of 64, D = 10): bf16, fp16 and float32."""
+    576, 100), SiLU * up (F = 14336 in column blocks of 256 and 1024, 99), RoPE of q
+    and k (Llama-3-8B's 32 / 8 heads of 128, SmolLM2's 9 / 3 of 64, D = 10): bf16, fp16
+    and float32."""
     from llamadist.kernels import gpu
     m = gpu.load("eager_fused")
     _patch(m)
