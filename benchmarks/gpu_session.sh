@@ -1,7 +1,8 @@
 # The GPU measurements of the open issues, in three parts of under 10 minutes each (one
 # H200 lease: run them back to back, the machine keeps /tmp between them).
 #
-#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery|timed   (OUT: where results go)
+#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery|timed|fused
+#   (OUT: where results go)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -153,6 +154,22 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
     step gen_nocompile 150 $gen --stats --no-compile  # graphs of the eager layers
 }
 
+fused() {  # the fused eager kernels (llamadist/kernels/eager_fused.py): the compiled kernels
+    # against CUDA's eager formula, each op and a prefill's layers off / on, a profiled
+    # serving run (compare with the session-7 profile: aten::mul, elementwise_kernel, cat,
+    # copy_), and batch-1 decode with graphs over the eager layers against compiled (~9 min)
+    checkpoint
+    step fused_check 60 python3 -m tests.eager_fused_cases kernels --device cuda
+    step fused_ops 100 python3 benchmarks/eager_fused_gpu.py
+    step serving_fused 200 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
+        --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
+        --runs 3 --trace $OUT/steps_fused.jsonl --profile $OUT/profile_fused.txt
+    step bench1_nocompile 80 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 \
+        --prompt-len 128 --gen-len 128 --no-compile
+    step bench1 90 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 \
+        --prompt-len 128 --gen-len 128
+}
+
 stash() {  # keep the carried parts of a file in /tmp (see the header)
     mkdir -p /tmp/stash && cp .stash/* /tmp/stash/ && ls -l /tmp/stash
 }
@@ -169,8 +186,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

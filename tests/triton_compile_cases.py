@@ -190,6 +190,30 @@ def decode_cases() -> None:
                 m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
 
 
+def eager_fused_cases() -> None:
+    """The fused eager kernels: add + RMSNorm with and without the residual (D = 4096,
+    576, 100), SiLU * up (F = 14336 in column blocks of 256 and 1024, 99), RoPE of q
+    and k (Llama-3-8B's 32 / 8 heads of 128, SmolLM2's 9 / 3 of 64, D = 10): bf16, fp16
+    and float32."""
+    from llamadist.kernels import gpu
+    m = gpu.load("eager_fused")
+    _patch(m)
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    for i, d in enumerate((4096, 576, 100)):
+        for j, dtype in enumerate(dtypes):
+            x = torch.zeros(3, d, dtype=dtype)
+            m.add_rms_norm(x, x if (i + j) % 2 else None, torch.zeros(d, dtype=dtype), 1e-5)
+    for n, f in ((5, 14336), (300, 14336), (3, 99)):  # column blocks of 256, 1024, 128
+        for dtype in dtypes:
+            m.silu_mul(torch.zeros(n, 2 * f, dtype=dtype))
+    for h, h_kv, d in ((32, 8, 128), (9, 3, 64), (3, 1, 10)):
+        for dtype in dtypes:
+            qkv = torch.zeros(4, (h + 2 * h_kv) * d, dtype=dtype)
+            q, k = qkv[:, :h * d].view(4, h, d), qkv[:, h * d:(h + h_kv) * d].view(4, h_kv, d)
+            cs = torch.zeros(4, d, dtype=dtype)
+            m.rope(q, k, cs, cs)
+
+
 def selftest_cases() -> None:
     """Two toy kernels that the interpreter runs and the compiler rejects: a helper whose
     constexpr branches return different shapes (moe_routed's ``_x_part`` before its fix)
@@ -222,7 +246,8 @@ def selftest_cases() -> None:
 
 
 GROUPS = {"moe_routed": moe_routed_cases, "wquant": wquant_cases, "paged": paged_cases,
-          "decode": decode_cases, "selftest": selftest_cases}
+          "decode": decode_cases, "eager_fused": eager_fused_cases,
+          "selftest": selftest_cases}
 
 
 def main(groups: list[str]) -> int:

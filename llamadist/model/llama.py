@@ -42,13 +42,47 @@ def sdpa_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Ten
                                           attn_mask=mask)
 
 
+# Fused kernels for eager steps, set on the modules by a kernel pass
+# (llamadist.runtime.kernel_passes.use_eager_fused: Triton on CUDA), each giving the
+# formula's values it replaces (within an ulp):
+# (x, residual or None, weight, eps) -> (x + residual, RMSNorm(x + residual))
+AddNorm = Callable[[torch.Tensor, torch.Tensor | None, torch.Tensor, float],
+                   tuple[torch.Tensor, torch.Tensor]]
+# gate_up (..., 2F) -> silu(gate) * up (..., F)
+SiluMul = Callable[[torch.Tensor], torch.Tensor]
+# (q (N, H, D), k (N, H_kv, D), cos (N, D), sin (N, D)) -> (q, k) rotated
+RotaryQK = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+                    tuple[torch.Tensor, torch.Tensor]]
+
+
+def eager(fn: Callable | None) -> Callable | None:
+    """``fn``, a fused kernel a pass set, where it serves: outside torch.compile, whose
+    Inductor fuses the model's own formula (and must not trace a Triton launch)."""
+    return None if fn is None or torch.compiler.is_compiling() else fn
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.add_norm: AddNorm | None = None  # a fused kernel (see AddNorm)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, self(s)) with s = x + residual (x for None): the residual stream and its
+        norm, in one kernel where a pass set ``add_norm``."""
+        fused = eager(self.add_norm)
+        if fused is not None:
+            return fused(x, residual, self.weight, self.eps)
+        if residual is not None:
+            x = x + residual
+        return x, self(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = eager(self.add_norm)
+        if fused is not None:
+            return fused(x, None, self.weight, self.eps)[1]
         # Normalise in float32, as the reference does, then cast back before the scale.
         dtype = x.dtype
         x32 = x.float()
@@ -70,6 +104,7 @@ class Attention(nn.Module):
         self.qkv_split: tuple[int, int, int] = (0, 0, 0)
         # The one-token attention; a kernel pass may swap it (see DecodeAttention).
         self.decode_attention: DecodeAttention = sdpa_decode_attention
+        self.rotary_qk: RotaryQK | None = None  # a fused kernel for forward_flat
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
@@ -121,8 +156,13 @@ class Attention(nn.Module):
         hd = self.head_dim
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
         h, h_kv = q.shape[-1] // hd, k.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
-        q = apply_rotary(q.view(b, t, h, hd), cos, sin).view(b * t, h, hd)  # (N, H, D)
-        k = apply_rotary(k.view(b, t, h_kv, hd), cos, sin).view(b * t, h_kv, hd)  # (N, H_kv, D)
+        fused = eager(self.rotary_qk)
+        if fused is not None:
+            q, k = fused(q.view(b * t, h, hd), k.view(b * t, h_kv, hd),
+                         cos.reshape(b * t, hd), sin.reshape(b * t, hd))
+        else:
+            q = apply_rotary(q.view(b, t, h, hd), cos, sin).view(b * t, h, hd)  # (N, H, D)
+            k = apply_rotary(k.view(b, t, h_kv, hd), cos, sin).view(b * t, h_kv, hd)
         out = attend(q, k, v.reshape(b * t, h_kv, hd))  # (N, H, D)
         return self.o_proj(out.reshape(b, t, h * hd))
 
@@ -135,10 +175,15 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d, f, bias=bias)
         self.down_proj = nn.Linear(f, d, bias=bias)
         self.gate_up_proj: nn.Linear | None = None  # set by llamadist.model.fuse
+        self.silu_mul: SiluMul | None = None  # a fused kernel over gate_up_proj's output
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            gate_up = self.gate_up_proj(x)  # (..., 2F)
+            fused = eager(self.silu_mul)
+            if fused is not None:
+                return self.down_proj(fused(gate_up))
+            gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
@@ -172,11 +217,17 @@ class DecoderLayer(nn.Module):
         """The layer with its last residual add left to the caller: takes the previous
         layer's pending MLP output (added here first) and returns (x, mlp_out) with the
         layer's output = x + mlp_out. Under torch.compile the add then fuses into this
-        layer's first RMSNorm instead of costing a kernel of its own."""
-        if pending is not None:
-            x = x + pending
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache, start, mask)
-        return x, self.feed_forward(self.post_attention_layernorm(x))
+        layer's first RMSNorm instead of costing a kernel of its own (eagerly, each add
+        and the norm after it are one kernel where a pass set the norms' ``add_norm``)."""
+        x, normed = self.input_layernorm.add_forward(x, pending)
+        attn = self.self_attn(normed, cos, sin, cache, start, mask)
+        x, normed = self.post_attention_layernorm.add_forward(x, attn)
+        return x, self.feed_forward(normed)
+
+
+def _deferred(layer: DecoderLayer, h: torch.Tensor, pending: torch.Tensor | None,
+              *args) -> tuple[torch.Tensor, torch.Tensor]:
+    return layer.forward_deferred(h, pending, *args)
 
 
 class Llama(nn.Module):
@@ -238,11 +289,10 @@ class Llama(nn.Module):
         cos, sin = self.rope.lookup(positions, h.dtype)
         pending = None
         for idx, layer in self.model.layers.items():
-            if layer_fn is None:
-                h = layer(h, cos, sin, cache.layer(int(idx)), start, mask)
-            else:
-                h, pending = layer_fn(layer, h, pending, cos, sin, cache.layer(int(idx)), start,
-                                      mask)
+            # Each layer's last residual add is left to the next (forward_deferred): with
+            # the fused add + RMSNorm kernel (RMSNorm.add_norm) it costs no kernel.
+            h, pending = (layer_fn or _deferred)(layer, h, pending, cos, sin,
+                                                 cache.layer(int(idx)), start, mask)
         if pending is not None:
             h = h + pending
         if not self.has_head or logits == "none":

@@ -40,6 +40,12 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   which torch.compile fuses) or "triton" (the Triton kernels behind a torch custom op that
   torch.compile and the CUDA-graph capture take as one opaque kernel).
 
+* ``use_eager_fused``: on CUDA, the fused Triton kernels of llamadist.kernels.eager_fused
+  for the steps that run eagerly (prefill and mixed steps; decode under ``--no-compile``):
+  residual add + RMSNorm (each RMSNorm's ``add_norm``), SiLU * up (each MLP's
+  ``silu_mul``) and q/k RoPE of the flat batches (each Attention's ``rotary_qk``). The
+  model runs its own formula under torch.compile, which Inductor fuses.
+
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """
 
@@ -55,12 +61,14 @@ from torch import nn
 from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode, cpu_step, gpu, huge_pages
 from llamadist.kernels import decode_attention as split_kv
+from llamadist.kernels import eager_fused
 from llamadist.kernels import moe_grouped, moe_routed
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
 from llamadist.kernels.wquant import as_packed_linear
 from llamadist.model.cache import Start
-from llamadist.model.llama import Attention, DecodeAttention, sdpa_decode_attention
+from llamadist.model.llama import (MLP, Attention, DecodeAttention, RMSNorm,
+                                   sdpa_decode_attention)
 from llamadist.model.moe import SparseMoE
 
 LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
@@ -134,6 +142,22 @@ def set_decode_attention(model: nn.Module, name: str) -> nn.Module:
         if isinstance(module, Attention):
             module.decode_attention = fn
     return model
+
+
+def use_eager_fused(model: nn.Module, device: torch.device,
+                    dtype: torch.dtype | None = None, on: bool = True) -> bool:
+    """Give ``model``'s RMSNorms, MLPs and Attentions the fused eager kernels (``on``, and
+    ``eager_fused.usable`` on ``device`` for activations of ``dtype``, None: bfloat16), or
+    take them away (in place). Returns whether they are set."""
+    on = on and eager_fused.usable(device, dtype or torch.bfloat16)
+    for module in model.modules():
+        if isinstance(module, RMSNorm):
+            module.add_norm = eager_fused.add_rms_norm if on else None
+        elif isinstance(module, MLP):
+            module.silu_mul = eager_fused.silu_mul if on else None
+        elif isinstance(module, Attention):
+            module.rotary_qk = eager_fused.rope if on else None
+    return on
 
 
 def step_weights(model: nn.Module) -> list[torch.Tensor]:
@@ -234,4 +258,5 @@ def apply_kernel_passes(model: nn.Module, device: torch.device, runtime: Runtime
     if device.type == "cuda":  # the split-KV kernel runs on CUDA only
         set_decode_attention(model, runtime.decode_attention)
         use_grouped_experts(model)
+        use_eager_fused(model, device, dtype)
     return model

@@ -1,0 +1,113 @@
+"""The fused eager kernels (llamadist/kernels/eager_fused.py: add + RMSNorm, SiLU * up,
+q/k RoPE) through Triton's interpreter against the eager formula and float64
+(tests/eager_fused_cases.py, in a subprocess: TRITON_INTERPRET must be set before triton
+is imported), a tiny model with them on against off, and the switch in the model: the
+kernels serve eager calls only, never code torch.compile traces."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamadist.kernels import eager_fused
+from llamadist.runtime.kernel_passes import use_eager_fused
+from tests.eager_fused_cases import count_calls, random_model
+
+ROOT = Path(__file__).resolve().parents[2]
+no_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                               reason="triton not installed")
+
+
+def _interpreted(what: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return subprocess.run([sys.executable, "-m", "tests.eager_fused_cases", what], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+
+
+@no_triton
+def test_kernels_interpreted_match_the_eager_formula():
+    """bf16 / fp16 within an ulp of eager (RoPE bitwise), float32 within 8 ulps, for
+    D = 576, 4096, 100; N = 1, 5, 37; F = 1536, 99, 7400; head sizes 64, 128, 10."""
+    proc = _interpreted("kernels")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "ALL OK" in proc.stdout
+    assert proc.stdout.count(" ok\n") == 11 + 12 + 18, proc.stdout[-2000:]
+    rope = [line for line in proc.stdout.splitlines() if line.startswith("rope ")]
+    assert len(rope) == 18 and all("max ulps 0 (0 of" in line for line in rope), rope
+
+
+@no_triton
+def test_tiny_model_interpreted_equals_eager():
+    """Logits with every fused kernel on equal those with all off: float32 within 1e-5
+    of the largest, bf16 within 2e-2, on the flat (RoPE kernel) and contiguous paths."""
+    proc = _interpreted("model")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert proc.stdout.count(" ok\n") == 8, proc.stdout[-2000:]
+
+
+def test_not_offered_on_the_cpu(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert not eager_fused.usable(torch.device("cpu"), torch.bfloat16)
+    model = random_model(32, 48, 2, 1, 16, torch.float32)
+    assert not use_eager_fused(model, torch.device("cpu"), torch.float32)
+    assert all(getattr(m, "add_norm", None) is None for m in model.modules())
+
+
+def _eager_formula_hooks(model) -> None:
+    """Set the model's fused hooks to plain-PyTorch stand-ins (the formula itself), so the
+    switch is tested without triton."""
+    from llamadist.model.llama import MLP, Attention, RMSNorm
+    from llamadist.model.rope import apply_rotary
+
+    def add_norm(x, residual, weight, eps):
+        s = x if residual is None else x + residual
+        x32 = s.float()
+        return s, weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(
+            s.dtype)
+
+    def silu_mul(gu):
+        gate, up = gu.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * up
+
+    def rotary_qk(q, k, cos, sin):
+        return apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None],
+                                                                         sin[:, None])
+
+    for m in model.modules():
+        if isinstance(m, RMSNorm):
+            m.add_norm = add_norm
+        elif isinstance(m, MLP):
+            m.silu_mul = silu_mul
+        elif isinstance(m, Attention):
+            m.rotary_qk = rotary_qk
+
+
+def test_compiled_layer_runs_the_model_formula_not_the_kernels():
+    """Eagerly a layer calls the hooks a pass set; under torch.compile (the decode graphs'
+    compiled layer) it calls none and gives the same values."""
+    from llamadist.runtime.kv_cache import KVCache
+    model = random_model(32, 48, 2, 1, 16, torch.float32)
+    _eager_formula_hooks(model)
+    calls = count_calls(model)
+    layer, cfg = model.model.layers["1"], model.config
+    h, pending = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    cos, sin = model.rope.lookup(torch.arange(3).expand(2, 3), torch.float32)
+
+    def run(layer, h, pending, cache):
+        return layer.forward_deferred(h, pending, cos, sin, cache.layer(1), 0, None)
+
+    with torch.no_grad():
+        eager = run(layer, h, pending, KVCache(cfg, [1], 2, 8, "cpu", torch.float32))
+        assert calls == {"add_norm": 2, "silu_mul": 1}
+        compiled = torch.compile(run, backend="eager", fullgraph=True)(
+            layer, h, pending, KVCache(cfg, [1], 2, 8, "cpu", torch.float32))
+    assert calls == {"add_norm": 2, "silu_mul": 1}  # none more under compile
+    for a, b in zip(eager, compiled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
