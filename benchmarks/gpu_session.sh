@@ -154,20 +154,24 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
     step gen_nocompile 150 $gen --stats --no-compile  # graphs of the eager layers
 }
 
-fused() {  # the fused eager kernels (llamadist/kernels/eager_fused.py): the compiled kernels
-    # against CUDA's eager formula, each op and a prefill's layers off / on, a profiled
-    # serving run (compare with the session-7 profile: aten::mul, elementwise_kernel, cat,
-    # copy_), and batch-1 decode with graphs over the eager layers against compiled (~9 min)
+fused() {  # the fused eager kernels (--eager-kernels triton; llamadist/kernels/eager_fused.py):
+    # the compiled kernels against CUDA's eager formula, each op and a prefill's layers
+    # off / on, serving with them and without (compare the mixed steps; session 12's
+    # profile: aten::mul, elementwise_kernel, cat, copy_), and batch-1 decode with graphs
+    # over the eager layers, with and without them, against compiled (~9 min)
     checkpoint
     step fused_check 60 python3 -m tests.eager_fused_cases kernels --device cuda
-    step fused_ops 100 python3 benchmarks/eager_fused_gpu.py
-    step serving_fused 200 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
-        --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
-        --runs 3 --trace $OUT/steps_fused.jsonl --profile $OUT/profile_fused.txt
-    step bench1_nocompile 80 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 \
-        --prompt-len 128 --gen-len 128 --no-compile
-    step bench1 90 python3 -m llamadist bench $CK --devices cuda:0 --batch 1 \
-        --prompt-len 128 --gen-len 128
+    step fused_ops 90 python3 benchmarks/eager_fused_gpu.py
+    local serve="python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
+        --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2"
+    step serving_triton 120 $serve --eager-kernels triton --trace $OUT/steps_triton.jsonl \
+        --json-out $OUT/serving_triton.json
+    step serving_torch 120 $serve --trace $OUT/steps_torch.jsonl --json-out $OUT/serving_torch.json
+    local bench="python3 -m llamadist bench $CK --devices cuda:0 --batch 1 --prompt-len 128 \
+        --gen-len 128"
+    step bench1_nocompile_triton 50 $bench --no-compile --eager-kernels triton
+    step bench1_nocompile 50 $bench --no-compile
+    step bench1 60 $bench
 }
 
 stash() {  # keep the carried parts of a file in /tmp (see the header)

@@ -277,6 +277,7 @@ DEFAULT_MAX_SEQ_LEN = 4096
 # Seconds a rank waits for a silent peer before every process exits.
 DEFAULT_TIMEOUT_S = 60.0
 DECODE_ATTENTION_CHOICES = ("split", "sdpa")
+EAGER_KERNELS_CHOICES = ("torch", "triton")  # --eager-kernels: a GPU's uncompiled layers
 WEIGHTS_CHOICES = ("native", "float32", "bfloat16", "float16")
 QUANT_ACTIVATIONS_CHOICES = ("float32", "int8")
 WQUANT_CHOICES = ("torch", "triton")  # --wquant: the GPU product of --quantize weights
@@ -389,6 +390,11 @@ class RuntimeConfig:
                      Inductor's own cache in /tmp already serves one host)
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
     decode_attention "split" (the split-KV Triton kernel where it applies) or "sdpa"
+    eager_kernels    what a CUDA stage's uncompiled layers (prefill and mixed steps, graphs
+                     under --no-compile) run for residual add + RMSNorm, SiLU x up and q/k
+                     RoPE: "torch" (PyTorch's ops) or "triton" (llamadist.kernels.eager_fused,
+                     one kernel each; the same values, to an ulp). torch until the H200
+                     measures triton (benchmarks/gpu_session.sh fused)
     timeout          seconds a rank waits for a silent peer
     kv_block_size    tokens per paged KV block (None: 16 with GPUs, 128 on CPUs only, where
                      the C attention pays a fixed cost per block)
@@ -417,6 +423,7 @@ class RuntimeConfig:
     compile_cache: str | None = None
     cpu_kernels: bool = True
     decode_attention: str = "split"
+    eager_kernels: str = "torch"
     timeout: float = DEFAULT_TIMEOUT_S
     kv_block_size: int | None = None
     timed: bool = False
@@ -456,6 +463,7 @@ class RuntimeConfig:
             raise ConfigError(f"unknown dtype {self.dtype!r}; choose float32, bfloat16 or "
                               f"float16")
         _one_of("decode_attention", self.decode_attention, DECODE_ATTENTION_CHOICES)
+        _one_of("--eager-kernels", self.eager_kernels, EAGER_KERNELS_CHOICES)
         if self.kv_block_size is not None and self.kv_block_size < 1:
             raise ConfigError(f"kv_block_size must be >= 1, got {self.kv_block_size}")
         if not self.timeout > 0:

@@ -8,7 +8,7 @@ import os
 
 from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, EP_DISPATCH_CHOICES,
                               QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HELP, WEIGHTS_CHOICES,
-                              WQUANT_CHOICES, RuntimeConfig)
+                              WQUANT_CHOICES, EAGER_KERNELS_CHOICES, RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -112,6 +112,10 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--decode-attention", choices=list(DECODE_ATTENTION_CHOICES),
                    help="one-token attention under CUDA graphs: split (the split-KV kernel, "
                    "default where it applies) or sdpa")
+    g.add_argument("--eager-kernels", choices=list(EAGER_KERNELS_CHOICES),
+                   help="a GPU's uncompiled layers (prefill, mixed steps, --no-compile "
+                   "graphs): torch (PyTorch's ops, default) or triton (fused add+RMSNorm, "
+                   "SiLU x up and RoPE kernels)")
     g.add_argument("--wquant", choices=list(WQUANT_CHOICES),
                    help="product of GPU-quantized weights (--quantize, GGUF on a GPU): torch "
                    "(tinygemm int4, scaled int8/fp8 matmul; default, or $LLAMADIST_WQUANT) or "
@@ -203,6 +207,7 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "dtype": getattr(args, "dtype", None),
              "timeout": getattr(args, "timeout", None),
              "decode_attention": getattr(args, "decode_attention", None),
+             "eager_kernels": getattr(args, "eager_kernels", None),
              "weights": getattr(args, "weights", None),
              "quant_activations": getattr(args, "quant_activations", None),
              "schedule_ahead": getattr(args, "schedule_ahead", None),

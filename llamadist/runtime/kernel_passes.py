@@ -258,5 +258,5 @@ def apply_kernel_passes(model: nn.Module, device: torch.device, runtime: Runtime
     if device.type == "cuda":  # the split-KV kernel runs on CUDA only
         set_decode_attention(model, runtime.decode_attention)
         use_grouped_experts(model)
-        use_eager_fused(model, device, dtype)
+        use_eager_fused(model, device, dtype, on=runtime.eager_kernels == "triton")
     return model

@@ -111,3 +111,16 @@ def test_compiled_layer_runs_the_model_formula_not_the_kernels():
     assert calls == {"add_norm": 2, "silu_mul": 1}  # none more under compile
     for a, b in zip(eager, compiled):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_eager_kernels_knob():
+    """--eager-kernels: torch (PyTorch's ops) by default until the H200 has measured the
+    Triton kernels; a bad value is refused by name."""
+    import argparse
+
+    from llamadist.cli.args import runtime_config
+    from llamadist.config import ConfigError, RuntimeConfig
+    assert RuntimeConfig().eager_kernels == "torch"
+    assert runtime_config(argparse.Namespace(eager_kernels="triton")).eager_kernels == "triton"
+    with pytest.raises(ConfigError, match="--eager-kernels"):
+        RuntimeConfig(eager_kernels="cuda")
