@@ -19,6 +19,7 @@ real import error surfaces there, with its traceback).
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 # compile would import on the main thread (the CUDA codegen only where Triton is).
 COMPILE_MODULES = ("torch._inductor.compile_fx", "torch._inductor.async_compile")
 CUDA_MODULES = ("torch._inductor.codegen.triton",)
+SWITCH_S = 0.0002  # the GIL's switch interval while the background import runs
 
 _COMPILED_LAYER = None
 _lock = threading.Lock()  # making _COMPILED_LAYER
@@ -72,6 +74,11 @@ def compiled_layer_call():
 def _import_compiler(cuda: bool) -> None:
     global _import_error, import_s
     t0 = time.perf_counter()
+    # The load calls thousands of torch ops (~14 a tensor), each releasing the GIL and
+    # taking it back; with this thread busy importing, each take waits for the switch
+    # interval (5 ms by default: seconds over an 8B model). Shorter while the import runs.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(min(interval, SWITCH_S))
     try:
         _make_compiled_layer()
         import importlib
@@ -79,6 +86,8 @@ def _import_compiler(cuda: bool) -> None:
             importlib.import_module(name)
     except BaseException as e:  # noqa: BLE001 - kept for the main thread, which retries
         _import_error = e
+    finally:
+        sys.setswitchinterval(interval)
     import_s = time.perf_counter() - t0
 
 
