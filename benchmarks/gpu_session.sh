@@ -142,7 +142,8 @@ runpy.run_path('benchmarks/serving.py', run_name='__main__')"
 }
 
 profile() {  # issue 13: where a serving run's device time goes (torch.profiler on its
-    # third run; the second is clean) and where a warm `generate` spends its ~25 s before full speed (py-spy)
+    # third run; the second is clean) and where a warm `generate` spends its ~25 s before full
+    # speed (py-spy); its wall time and first_token_since_start_s (gen_warm)
     checkpoint
     step serving_prof 200 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
         --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
@@ -150,6 +151,12 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
     local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
         --max-new-tokens 64 --compile-cache /tmp/cc-gen"
     step gen_first 150 $gen
+    # wall time and first token since the process started (--stats), warm caches, then
+    # any compile worker left behind (the CLI kills them at its end: none expected)
+    local t0=$(date +%s.%N)
+    step gen_warm 150 $gen --stats
+    echo "gen_warm wall_s $(python3 -c "import time; print(round(time.time() - $t0, 2))")" \
+        "compile_workers_left $(pgrep -fc compile_worker/__main__)" | tee -a "$OUT/gen_warm.txt"
     step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.txt -- $gen
     step gen_nocompile 150 $gen --stats --no-compile  # graphs of the eager layers
 }

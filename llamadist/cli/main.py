@@ -211,6 +211,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        return _dispatch(args)
+    finally:
+        # The command is done (its output written, its workers joined): Inductor's compile
+        # workers, if this process started any, are killed now instead of being waited
+        # for at exit (seconds when they were still starting: issue 13).
+        from llamadist.runtime.compile_workers import stop_compile_workers
+        stop_compile_workers()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    try:
         return COMMANDS[args.command](args) or 0
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from dataclasses import replace
 
 from llamadist.cli.args import in_worker
@@ -58,8 +60,6 @@ def launch_ranks(kind: str, args: argparse.Namespace, job: Job) -> int:
     """Experts spread over data-parallel replicas (--ep tp x dp) need every replica in one
     world, stepping together: rank 0 is then the front (as under torchrun) and a lost rank
     ends the run (the front of cli.front gives each replica a world of its own)."""
-    import os
-
     from llamadist.cli.layout import LAYOUT_ENV
     from llamadist.distributed.launch import Launcher
     env = {**os.environ, LAYOUT_ENV: job.layout.to_json()}
@@ -73,6 +73,22 @@ def load_llm(job: Job, ckpt, tok, progress: bool = False, warmup: bool = True):
                warmup=warmup)
 
 
+def since_start(t: float) -> float | None:
+    """``t`` (time.monotonic) as seconds since this process started, interpreter start-up
+    included (Linux: /proc's start time, in clock ticks since boot, against /proc/uptime;
+    both 10 ms grained) -> None where /proc cannot say."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        with open("/proc/uptime", "rb") as f:
+            uptime = float(f.read().split()[0])
+        ticks = int(stat[stat.rfind(b")") + 2:].split()[19])  # field 22: starttime
+        age = uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(t - (time.monotonic() - age), 3)
+
+
 def _echo(_: int, out) -> None:
     sys.stdout.write(out.text)
     sys.stdout.flush()
@@ -81,6 +97,10 @@ def _echo(_: int, out) -> None:
 def _generate(args: argparse.Namespace, job: Job, llm) -> int:
     streaming = len(job.prompts) == 1 and not args.json
     reqs, stats = llm.run(job.encoded, job.params, _echo if streaming else None)
+    first = min((r.first_token_s for r in reqs if r.first_token_s is not None), default=None)
+    # what a user of the command waits: from the process's start, imports and load included
+    stats["first_token_since_start_s"] = None if first is None else since_start(first)
+    stats["done_since_start_s"] = since_start(time.monotonic())
     seqs = [{"prompt_token_ids": r.prompt_ids, "token_ids": r.output_ids, "text": r.text,
              "finish_reason": r.finish_reason, "seed": r.seed} for r in reqs]
     print_sequences(args, job.prompts, seqs, stats, streaming)
@@ -89,6 +109,8 @@ def _generate(args: argparse.Namespace, job: Job, llm) -> int:
           f"({job.layout.pp} stage(s) x {job.layout.processes} process(es), {llm.dtype}, "
           f"at most {job.runtime.max_batch} sequences at once)", file=sys.stderr)
     if args.stats:
+        print(json.dumps({k: stats[k] for k in ("first_token_since_start_s",
+                                                "done_since_start_s")}), file=sys.stderr)
         for s in llm.final_stage_stats():
             print(json.dumps(s), file=sys.stderr)
         print(json.dumps(llm.llm_engine.stats.to_dict() | llm.llm_engine.gauges()),

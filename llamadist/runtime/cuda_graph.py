@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from llamadist.runtime import compile_cache
+from llamadist.runtime.compiled_layer import compiled_layer_call
 from llamadist.runtime.kv_cache import KVCache, LayerCache
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.stage import Stage, to_stage
@@ -34,29 +35,6 @@ from llamadist.runtime.stage import Stage, to_stage
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2
-_COMPILED_LAYER = None
-
-
-def _call_layer(layer, h, pending, cos, sin, cache, start, mask):
-    return layer.forward_deferred(h, pending, cos, sin, cache, start, mask)
-
-
-def compiled_layer_call():
-    """``layer_fn`` for Llama.forward: the decoder layer under torch.compile, shared by
-    every layer (parameters are inputs). Shapes are static at the first batch size seen
-    (the one-sequence bucket, where fused kernels matter most) and dynamic in the batch
-    from the second (torch's automatic dynamic shapes): two compilations in all, and two
-    more for a stage's first layer, which has no pending residual, instead of two per
-    batch bucket (9 buckets at max_batch 256 took minutes to warm up)."""
-    global _COMPILED_LAYER
-    if _COMPILED_LAYER is None:
-        import torch._dynamo
-        cfg = torch._dynamo.config
-        # One entry per batch bucket and dtype; the default limit of 8 would silently
-        # fall back to eager for a model used with many buckets.
-        cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-        _COMPILED_LAYER = torch.compile(_call_layer, fullgraph=True, dynamic=None)
-    return _COMPILED_LAYER
 
 
 def bucket_sizes(max_batch: int) -> list[int]:

@@ -173,7 +173,7 @@ def test_split_kv_decode_attention_declines_what_it_cannot_run():
 def test_deferred_residual_equals_plain_layers(tiny_model):
     """The layer_fn contract (each layer's last residual add left to the next layer) gives
     the plain forward's logits, on the static path the graphs use (tensor start)."""
-    from llamadist.runtime.cuda_graph import _call_layer
+    from llamadist.runtime.compiled_layer import _call_layer
     ckpt = open_checkpoint(tiny_model)
     stage = build_stage(ckpt, range(ckpt.config.num_layers), "cpu", torch.float32, 2, 32)
     torch.manual_seed(0)
