@@ -144,7 +144,9 @@ class LLM:
     def final_stage_stats(self) -> list[dict]:
         """The end-of-run statistics (bench, ``generate --stats``): over processes the
         first call closes the engine and returns every rank's final report (bytes in,
-        load seconds, exact compute seconds)."""
+        load seconds, exact compute seconds). Call it from the thread that runs the
+        engine's steps: on CUDA it reads the stages' timing events, which another thread
+        must not do while that one captures a CUDA graph."""
         return self._final_stats()
 
     def _params(self, params: SamplingParams | list[SamplingParams] | None,

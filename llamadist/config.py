@@ -314,7 +314,7 @@ def parse_quantize(spec: str | None) -> dict[str, str | None]:
             raise ConfigError(f"--quantize {spec}: {device} is given twice")
         out[device] = None if fmt in ("native", "none") else fmt
     if not out:
-        raise ConfigError(f"--quantize {spec!r}: give a format ({', '.join(QUANTIZE_CHOICES)})")
+        raise ConfigError(f"--quantize {spec!r}: give a format ({', '.join(QUANTIZE_FORMATS)})")
     return out
 
 
@@ -339,8 +339,10 @@ def quantize_for(spec: str | None, device: str) -> str | None:
     fmt = table.get(device, table.get(kind, table.get("*")))
     if fmt is not None and kind == "cpu" and fmt not in CPU_QUANTIZE_FORMATS:
         raise ConfigError(f"--quantize {spec}: {fmt} on the CPU stage ({device}) is not "
-                          f"supported; give cpu=int8 or cpu=int4 (GGUF Q8_0 / Q4_1 blocks, "
-                          f"groups of 32), e.g. cuda={fmt},cpu=int4")
+                          f"supported: a CPU stage takes {' or '.join(CPU_QUANTIZE_FORMATS)} "
+                          f"(GGUF Q8_0 / Q4_1 blocks, groups of 32); give one of them "
+                          f"(--quantize int4), or per device where the run has GPUs "
+                          f"(cuda={fmt},cpu=int4)")
     return fmt
 
 

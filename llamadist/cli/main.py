@@ -217,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         # workers, if this process started any, are killed now instead of being waited
         # for at exit (seconds when they were still starting: issue 13).
         from llamadist.runtime.compile_workers import stop_compile_workers
-        stop_compile_workers()
+        try:
+            stop_compile_workers()
+        except Exception as e:  # noqa: BLE001 - the command's own result stands
+            logging.getLogger(__name__).info("compile workers not stopped: %s: %s",
+                                             type(e).__name__, e)
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -75,13 +75,13 @@ def load_llm(job: Job, ckpt, tok, progress: bool = False, warmup: bool = True):
 
 def since_start(t: float) -> float | None:
     """``t`` (time.monotonic) as seconds since this process started, interpreter start-up
-    included (Linux: /proc's start time, in clock ticks since boot, against /proc/uptime;
-    both 10 ms grained) -> None where /proc cannot say."""
+    included (Linux: /proc's start time, in clock ticks since boot, against the boot-time
+    clock; 10 ms grained; not /proc/uptime, which a container's lxcfs may rewrite) -> None
+    where the system cannot say."""
     try:
         with open("/proc/self/stat", "rb") as f:
             stat = f.read()
-        with open("/proc/uptime", "rb") as f:
-            uptime = float(f.read().split()[0])
+        uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
         ticks = int(stat[stat.rfind(b")") + 2:].split()[19])  # field 22: starttime
         age = uptime - ticks / os.sysconf("SC_CLK_TCK")
     except (OSError, ValueError, IndexError):

@@ -148,12 +148,14 @@ def unpack_int4(q: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _groups(w: torch.Tensor, group: int) -> torch.Tensor:
-    """(N, K) -> (N, G, group) float32, the last group padded with zeros."""
+    """(N, K) -> (N, G, group) float32, a short last group padded with copies of its
+    last input (zeros would widen an asymmetric group's range when its inputs share a
+    sign; copies leave every group's min, max and max |w| as its own inputs')."""
     n, k = w.shape
     g = -(-k // group)
     w = w.float()
     if g * group != k:
-        w = torch.cat([w, w.new_zeros(n, g * group - k)], dim=1)
+        w = torch.cat([w, w[:, -1:].expand(n, g * group - k)], dim=1)
     return w.view(n, g, group)
 
 

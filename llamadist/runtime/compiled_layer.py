@@ -34,6 +34,7 @@ SWITCH_S = 0.0002  # the GIL's switch interval while the background import runs
 _COMPILED_LAYER = None
 _lock = threading.Lock()  # making _COMPILED_LAYER
 _start_lock = threading.Lock()  # starting the importer
+_saved_interval: float | None = None  # the switch interval the import thread found
 _importer: threading.Thread | None = None
 _import_error: BaseException | None = None
 import_s = 0.0  # how long the background import took (for the log and the benchmark)
@@ -77,7 +78,8 @@ def _import_compiler(cuda: bool) -> None:
     # The load calls thousands of torch ops (~14 a tensor), each releasing the GIL and
     # taking it back; with this thread busy importing, each take waits for the switch
     # interval (5 ms by default: seconds over an 8B model). Shorter while the import runs.
-    interval = sys.getswitchinterval()
+    global _saved_interval
+    interval = _saved_interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, SWITCH_S))
     try:
         _make_compiled_layer()
@@ -89,6 +91,13 @@ def _import_compiler(cuda: bool) -> None:
     finally:
         sys.setswitchinterval(interval)
     import_s = time.perf_counter() - t0
+
+
+def load_done() -> None:
+    """The weight load this import overlaps is over: Python's switch interval back to
+    what it was (the import may go on; the host's own steps should not pay for it)."""
+    if _saved_interval is not None:
+        sys.setswitchinterval(_saved_interval)
 
 
 def start_compiler_import(cuda: bool = True) -> bool:

@@ -108,7 +108,8 @@ def _fresh_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGr
 # Chunks of more than one token attend through SDPA's flash or memory-efficient kernels,
 # never its cuDNN one: on the H200 (torch 2.11) a 256-request serving run's mixed steps
 # took 299 ms each with cuDNN's SDPA disabled against 349-396 ms with it (6 718 against
-# 5 423-6 171 tokens/s; benchmarks/RESULTS.md, session 12).
+# 5 423-6 171 tokens/s; benchmarks/RESULTS.md, session 12). sdpa_kernel sets the
+# process's backend flags for the call (and restores them after).
 _CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -190,9 +191,18 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if g.pad_index is not None:
         qp = q.new_zeros(s * g.q_len, h, d).index_copy_(0, g.pad_index, q)
     qp = qp.view(s, g.q_len, h, d).transpose(1, 2)  # (S_g, H, T, D)
+    gqa = h != h_kv
+    if gqa and q.is_cuda and g.mask is not None:
+        # SDPA's fused kernels on CUDA take a mask or grouped heads, not both (flash: no
+        # mask; memory-efficient: no GQA): the K/V heads repeated for the query heads let
+        # the memory-efficient kernel run instead of the math one, whose float32 scores
+        # (S_g, H, T, L) would not fit for a long chunk over a long context
+        keys = keys.repeat_interleave(h // h_kv, dim=1)
+        values = values.repeat_interleave(h // h_kv, dim=1)
+        gqa = False
     with _chunk_sdpa(q):
         out = F.scaled_dot_product_attention(qp, keys, values, attn_mask=g.mask,
-                                             enable_gqa=h != h_kv)
+                                             enable_gqa=gqa)
     out = out.transpose(1, 2).reshape(s * g.q_len, h, d)
     return out if g.pad_index is None else out.index_select(0, g.pad_index)
 

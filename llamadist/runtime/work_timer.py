@@ -102,15 +102,19 @@ class WorkTimer:
         with self._lock:
             if not self._pending:
                 return False
-            start, end, dev, stats, field = self._pending[0]
-            if wait:
-                end.synchronize()
-            elif not end.query():
-                return False
+            oldest = self._pending[0]
+        start, end, dev, stats, field = oldest
+        if wait:  # outside the lock: a thread recording meanwhile must not block on it
+            end.synchronize()
+        elif not end.query():
+            return False
+        with self._lock:
+            if not self._pending or self._pending[0] is not oldest:
+                return True  # another thread read it (or cleared) meanwhile
             self._pending.popleft()
             setattr(stats, field, getattr(stats, field) + start.elapsed_time(end) / 1e3)
             self._free.setdefault(dev, []).extend((start, end))
-            return True
+        return True
 
     def _take(self, dev: Any) -> Any:
         free = self._free.get(dev)

@@ -133,7 +133,7 @@ CONFIG_RUNS = [(37, 300, torch.float32), (64, 256, torch.float16)]
 # Llama-3-8B's decode shapes, M = 1..4, run on the small shapes above (the split clamped to
 # the tiles there are): the configurations the default path takes on the GPU
 LLAMA3_8B = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-GROUPS = {"int8_g32": 32, "int4": W.INT4_GROUP, "int4_g32": 32}
+GROUPS = {"int8_g32": 32, "int4": W.INT4_GROUP, "int4_g32": 32, "int4_g64": 64}
 
 
 def h200_rule(fmt: str) -> list[T.GemvConfig]:

@@ -68,6 +68,20 @@ def test_int4_chosen_group_within_half_a_step(group):
         assert torch.equal(W.quantize(w, "int4").q, p.q)
 
 
+def test_short_last_group_spans_its_own_inputs():
+    """A short last group (K = 576 in groups of 128 or 256) takes its min and max from its
+    own inputs: padding it with zeros would stretch the range of inputs that share a sign
+    (here all near 10: the step would be ~150x too coarse)."""
+    w = torch.rand(4, 576) * 0.1 + 10
+    for group in (128, 256):
+        p = W.quantize(w, f"int4-g{group}")
+        last = w[:, (576 // group) * group:]
+        assert torch.allclose(p.offset[:, -1].float(), last.amin(-1))
+        assert torch.allclose(p.scale[:, -1].float(), (last.amax(-1) - last.amin(-1)) / 15)
+    p = W.quantize_int8(w, 128)
+    assert torch.allclose(p.scale[:, -1].float(), w[:, 512:].abs().amax(-1) / 127)
+
+
 def test_int4_g32_keeps_a_q4_1_grid_exactly():
     """Values on an asymmetric 4-bit grid of 32 (GGUF Q4_1's: m + c d, codes 0 and 15 in
     every block) come back exactly from int4-g32; int4 (128) moves them by up to half its

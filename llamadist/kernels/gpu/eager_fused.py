@@ -50,7 +50,9 @@ def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr):
 def _rotate_heads(X, O, sx_n, sx_h, so_n, n, H, cos, sin, offs_d, partner, sign,
                   D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr):
     # The H heads of token n: o = x * cos + rotate_half(x) * sin, each product and the sum
-    # stored in x's dtype as the eager formula's three kernels do (bitwise the same).
+    # stored in x's dtype as the eager formula's three kernels do (bitwise the same in
+    # bfloat16 and float16; in float32 the casts are no-ops and Triton may contract the
+    # multiply-add into an FMA: within an ulp, not bitwise).
     offs_h = tl.arange(0, H_PAD)
     keep = (offs_h < H)[:, None] & (offs_d < D)[None, :]
     rows = X + n * sx_n + offs_h[:, None] * sx_h
