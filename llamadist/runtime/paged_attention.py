@@ -109,13 +109,19 @@ def _fresh_group(batch: PagedBatch, seqs: list[int], whole: bool) -> AttentionGr
 # never its cuDNN one: on the H200 (torch 2.11) a 256-request serving run's mixed steps
 # took 299 ms each with cuDNN's SDPA disabled against 349-396 ms with it (6 718 against
 # 5 423-6 171 tokens/s; benchmarks/RESULTS.md, session 12). sdpa_kernel sets the
-# process's backend flags for the call (and restores them after).
-_CHUNK_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# process's backend flags for the call (and restores them after); a backend the user
+# turned off stays off.
+_CHUNK_BACKENDS = ((SDPBackend.FLASH_ATTENTION, torch.backends.cuda.flash_sdp_enabled),
+                   (SDPBackend.EFFICIENT_ATTENTION, torch.backends.cuda.mem_efficient_sdp_enabled),
+                   (SDPBackend.MATH, torch.backends.cuda.math_sdp_enabled))
 
 
 def _chunk_sdpa(q: torch.Tensor):
     """The SDPA backends of a multi-token chunk's attention on ``q``'s device."""
-    return sdpa_kernel(_CHUNK_BACKENDS) if q.is_cuda else contextlib.nullcontext()
+    if not q.is_cuda:
+        return contextlib.nullcontext()
+    return sdpa_kernel([b for b, enabled in _CHUNK_BACKENDS if enabled()]
+                       or [SDPBackend.MATH])
 
 
 def _blocks(kv_len: int, batch: PagedBatch) -> int:
