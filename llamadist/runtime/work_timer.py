@@ -6,8 +6,9 @@ while the device runs step n (the engine schedules ahead), so the measured run w
 slower than the one users get (on an H200 at batch 1: bench with a sync per stage 5.53
 ms per step, the untimed Python API 4.55 ms). So on CUDA the work is bracketed by two
 events recorded on the stream that runs it, and their elapsed time is read only once the
-device has passed the second one: at the next bracket's end (``event.query``, which never waits), when the
-executor collects a step, or at the end of a run (``settle(wait=True)``). On a CPU the work
+device has passed the second one: at the next bracket's end (``event.query``, which
+never waits), when the executor collects a step, or at the end of a run
+(``settle(wait=True)``). On a CPU the work
 is done when the call returns, so the host clock is the device clock.
 
 A window opens after its input is ready: ``start(device, after=src)`` makes ``device``'s
