@@ -144,20 +144,10 @@ def rope_cases(device: str) -> None:
 
 
 def random_model(hidden, inter, heads, kv_heads, head_dim, dtype, seed=0):
-    from llamadist.config import ModelConfig
-    from llamadist.model.fuse import fuse_projections
-    from llamadist.model.llama import Llama
-    cfg = ModelConfig.from_hf_dict(dict(
-        architectures=["LlamaForCausalLM"], vocab_size=50, num_hidden_layers=2,
-        rms_norm_eps=1e-5, rope_theta=10000.0, hidden_size=hidden, intermediate_size=inter,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim))
-    torch.manual_seed(seed)
-    model = Llama(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.setup_rope(64, "cpu")
-    return fuse_projections(model).to(dtype).eval()
+    from tests.tiny import random_fused_llama
+    return random_fused_llama(seed, hidden_size=hidden, intermediate_size=inter,
+                              num_attention_heads=heads, num_key_value_heads=kv_heads,
+                              head_dim=head_dim).to(dtype)
 
 
 class OneSequence:

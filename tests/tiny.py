@@ -117,3 +117,22 @@ def make_tiny_mixtral(folder: Path, kind: str = "moe_top2_gqa", seed: int = 0) -
                 p.normal_(0, 0.08)
     model.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def random_fused_llama(seed: int = 0, **shape):
+    """A 2-layer Llama of ``shape`` (hidden_size, intermediate_size, num_attention_heads,
+    num_key_value_heads, head_dim: HF names) with N(0, 0.3) weights, RoPE for 64
+    positions on the CPU, q/k/v and gate/up fused, in eval mode."""
+    from llamadist.config import ModelConfig
+    from llamadist.model.fuse import fuse_projections
+    from llamadist.model.llama import Llama
+    cfg = ModelConfig.from_hf_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=50,
+                                        num_hidden_layers=2, rms_norm_eps=1e-5,
+                                        rope_theta=10000.0, **shape))
+    torch.manual_seed(seed)
+    model = Llama(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    model.setup_rope(64, "cpu")
+    return fuse_projections(model).eval()

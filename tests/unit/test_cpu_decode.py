@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llamadist.config import ModelConfig, RuntimeConfig
+from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode
-from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
 from llamadist.model.rope import RotaryTable
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.kv_cache import KVCache
+from tests.tiny import random_fused_llama
 
 pytestmark = pytest.mark.skipif(not cpu_decode.available(),
                                 reason="no C compiler: the kernels cannot be built here")
@@ -76,16 +76,7 @@ CONFIGS = {
 
 
 def random_layer_model(kind: str, seed: int = 0) -> Llama:
-    cfg = ModelConfig.from_hf_dict(dict(architectures=["LlamaForCausalLM"], vocab_size=50,
-                                        num_hidden_layers=2, rms_norm_eps=1e-5,
-                                        rope_theta=10000.0, **CONFIGS[kind]))
-    torch.manual_seed(seed)
-    model = Llama(cfg)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.3)
-    model.setup_rope(64, "cpu")
-    return fuse_projections(model).eval()
+    return random_fused_llama(seed, **CONFIGS[kind])
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
