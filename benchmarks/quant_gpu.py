@@ -43,6 +43,7 @@ Its summary (the best configuration per kind, shape and M) is what to put into
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 import subprocess
@@ -129,6 +130,9 @@ def perplexity(args: argparse.Namespace) -> None:
     base = None
     model = str(args.smollm2)
     text = args.text or str(ROOT / "README.md")
+    # the text's digest in every row: README.md changes between sessions, and perplexities
+    # are comparable only over the same text
+    digest = hashlib.sha256(Path(text).read_bytes()).hexdigest()[:12]
     gguf = model.endswith(".gguf")
     for fmt, backend in runs(args, args.ppl_formats):
         if fmt == "native" and not gguf:
@@ -143,7 +147,7 @@ def perplexity(args: argparse.Namespace) -> None:
         r = run_json(cmd, timeout=300)
         row = {"bench": "perplexity", "model": Path(model).name, "format": fmt,
                "backend": backend,
-               "ctx": args.ctx, "text": Path(text).name}
+               "ctx": args.ctx, "text": Path(text).name, "text_sha256": digest}
         if "error" in r:
             print(json.dumps(row | r), flush=True)
             continue

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import io
 import json
 import sys
@@ -105,11 +106,13 @@ def main() -> int:
                    type=lambda s: s.split(","))
     args = p.parse_args()
     base = None
+    digest = hashlib.sha256(Path(args.text).read_bytes()).hexdigest()[:12]  # as quant_gpu's
     for fmt in args.formats:
         r, stats = ppl(args, fmt)
         base = r["ppl"] if fmt == "float" else base
         print(json.dumps({"bench": "ppl_cpu", "model": Path(args.model).name, "format": fmt,
-                          "ctx": args.ctx, "text": Path(args.text).name, "ppl": r["ppl"],
+                          "ctx": args.ctx, "text": Path(args.text).name,
+                          "text_sha256": digest, "ppl": r["ppl"],
                           "ppl_err": r["ppl_err"],
                           "ratio_to_float": r["ppl"] / base if base else None,
                           "tokens_scored": r["tokens_scored"], "eval_s": r["eval_s"]}),
