@@ -38,7 +38,7 @@ import torch
 from llamadist.api import LLM
 from llamadist.config import RuntimeConfig
 from llamadist.engine.engine import run_stats
-from llamadist.engine.step_trace import StepTrace
+from llamadist.engine.step_trace import StepTrace, cuda_marker
 from llamadist.generation.generate import generate
 from llamadist.generation.sampling import SamplingParams
 from llamadist.planning.profile import decode_step_bytes, prefill_flops, profile
@@ -99,8 +99,10 @@ def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int
     and add its summary by kind of step to the result."""
     eng = llm.llm_engine
     params = SamplingParams(max_new_tokens=new, ignore_eos=True)
-    if trace:
-        eng.trace = StepTrace()
+    if trace:  # on a GPU with the device's own timeline (events read after the run; on
+        # the last stage's device, which samples)
+        dev = str(list(llm.layout.devices)[-1])
+        eng.trace = StepTrace(marker=cuda_marker(dev) if dev.startswith("cuda") else None)
     preempted = eng.scheduler.preemptions  # the warm-up's and earlier runs' are not this run's
     t0 = time.perf_counter()
     reqs, pending = [], list(zip(prompts, arrivals))

@@ -397,6 +397,7 @@ class LLMEngine(ReplicaSet):
                 work = self._work(step, rep.in_flight[-1][2] if rep.in_flight else None)
                 t1 = trace.clock() if trace is not None else 0.0
                 work.reset_stats, rep.reset_pending = rep.reset_pending, False
+                mark = trace.mark() if trace is not None else None
                 try:
                     rep.executor.launch(work)
                 except BaseException:  # never launched: step() aborts the ones that were
@@ -405,7 +406,8 @@ class LLMEngine(ReplicaSet):
                 rep.busy, rep.steps = True, rep.steps + 1
                 rep.in_flight.append((key := next(self._launches), step, work))
                 if trace is not None:
-                    trace.launched(key, step.chunks, t0, t1, getattr(rep.executor, "graphed", None))
+                    trace.launched(key, step.chunks, t0, t1,
+                                   getattr(rep.executor, "graphed", None), (mark, trace.mark()))
 
     def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:
         """The step as the executor sees it (host data; see runtime.step_work); ``prev``:

@@ -18,6 +18,15 @@ one's tokens are back) a step's wall time is its share of the overlapped run.
 
 Tracing adds no device synchronisation: its times are taken around the engine's own
 calls, and the only wait is the one ``collect`` always makes for the sampled tokens.
+
+With a ``marker`` (``cuda_marker(device)``: a CUDA event recorded on the device's current
+stream) each step also gets the device's own timeline: an event before and after its
+launch, read only when the trace is written or summarised (the run is over then):
+``device_s``, from the device reaching the step's first kernel to passing its last (with
+steps scheduled ahead the host enqueues while the device still runs the previous step,
+so this is the step's device time plus any gap in it where the device waited for the
+host), and ``idle_before_s``, how long the device sat idle between the previous step's
+last kernel and this one's first.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 KINDS = ("decode", "mixed", "prefill")
 
@@ -49,6 +59,8 @@ class StepRecord:
     t_done: float | None = None  # its tokens were on the host (None: not yet)
     wait_s: float = 0.0    # collect's wait for them
     wall_s: float = 0.0    # t_done - the previous step's t_done (first: - 0)
+    device_s: float | None = None       # with a marker: the device's time for the step
+    idle_before_s: float | None = None  # with a marker: the device idle before it
 
     @property
     def tokens(self) -> int:
@@ -78,17 +90,25 @@ class StepTrace:
     """The records of one run's steps; the engine calls ``launched`` and ``collected``.
     ``clock``: seconds (a simulation passes its own)."""
 
-    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, clock: Callable[[], float] = time.perf_counter,
+                 marker: Callable[[], Any] | None = None):
         self.clock = clock
+        self.marker = marker  # records a device event now (None: host times only)
         self.t0 = clock()
         self.records: list[StepRecord] = []
         self._open: dict[int, StepRecord] = {}  # launched, not collected, by launch id
         self._last_done = 0.0
+        self._marks: list[tuple[StepRecord, Any, Any]] = []  # events not read yet
+
+    def mark(self) -> Any:
+        """A device event recorded now, or None without a marker."""
+        return self.marker() if self.marker is not None else None
 
     def launched(self, key: int, chunks: Iterable, t_schedule: float, t_built: float,
-                 graph: bool | None) -> None:
+                 graph: bool | None, marks: tuple[Any, Any] | None = None) -> None:
         """Step ``key`` was launched now; scheduling began at ``t_schedule`` and its work
-        was built at ``t_built`` (this clock)."""
+        was built at ``t_built`` (this clock); ``marks``: the device events (``mark``)
+        recorded just before and just after its launch."""
         now = self.clock()
         pre_t, pre_s, dec, sampled, kv, resumed, longest = step_counts(chunks)
         kind = "mixed" if pre_s and dec else ("prefill" if pre_s else "decode")
@@ -97,6 +117,8 @@ class StepTrace:
                          now - t_built)
         self.records.append(rec)
         self._open[key] = rec
+        if marks is not None and marks[0] is not None:
+            self._marks.append((rec, *marks))
 
     def collected(self, key: int, t_wait: float) -> None:
         """Step ``key``'s tokens are on the host now; collecting began at ``t_wait``."""
@@ -113,14 +135,28 @@ class StepTrace:
             self.records.remove(rec)
         self._open.clear()
 
+    def _read_marks(self) -> None:
+        """Each marked step's device times, from events (waits for the last one: call it
+        once the run is over)."""
+        prev_end = None
+        for rec, start, end in self._marks:
+            end.synchronize()
+            rec.device_s = start.elapsed_time(end) / 1e3
+            if prev_end is not None:
+                rec.idle_before_s = max(0.0, prev_end.elapsed_time(start) / 1e3)
+            prev_end = end
+        self._marks.clear()
+
     def write(self, path: str | Path) -> None:
         """The collected steps as JSON lines."""
+        self._read_marks()
         with open(path, "w") as f:
             for rec in self.records:
                 if rec.t_done is not None:
                     f.write(json.dumps(asdict(rec)) + "\n")
 
     def summary(self) -> dict:
+        self._read_marks()
         return summarise([asdict(r) for r in self.records if r.t_done is not None])
 
 
@@ -166,5 +202,22 @@ def summarise(records: list[dict]) -> dict:
             "launch_ms": 1e3 * sum(r["launch_s"] for r in rs) / n if n else 0.0,
             "wait_ms": 1e3 * sum(r["wait_s"] for r in rs) / n if n else 0.0,
         }
+        timed = [r for r in rs if r.get("device_s") is not None]
+        if timed:  # the device's own timeline (a marker was given)
+            out[label]["device_ms"] = 1e3 * sum(r["device_s"] for r in timed) / len(timed)
+            out[label]["device_idle_ms"] = 1e3 * sum(r["idle_before_s"] or 0.0
+                                                     for r in timed) / len(timed)
     out["all"]["run_s"] = max((r["t_done"] for r in records), default=0.0)
     return out
+
+
+def cuda_marker(device) -> Callable[[], Any]:
+    """A StepTrace ``marker`` for a CUDA device: an event recorded on its current stream."""
+    import torch
+    dev = torch.device(device)
+
+    def mark():
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record(torch.cuda.current_stream(dev))
+        return ev
+    return mark

@@ -2,6 +2,7 @@
 its times to the run's wall, and tracing changes no token."""
 
 import random
+from dataclasses import asdict
 from types import SimpleNamespace
 
 import pytest
@@ -120,3 +121,47 @@ def test_aborted_steps_leave_the_trace():
     trace.aborted()
     trace.collected(0, 0.0)  # nothing to collect any more
     assert trace.records == []
+
+
+class _FakeEvent:
+    """A device event at a given device time (s); ``synchronize`` counts the waits."""
+    waits = 0
+
+    def __init__(self, t: float):
+        self.t = t
+
+    def synchronize(self) -> None:
+        _FakeEvent.waits += 1
+
+    def elapsed_time(self, other: "_FakeEvent") -> float:  # ms, as torch.cuda.Event's
+        return (other.t - self.t) * 1e3
+
+
+def test_device_timeline_from_marks_read_only_at_the_end(tiny_model):
+    """With a marker the engine marks each step before and after its launch; the trace
+    reads the events only when written or summarised: each step's device time (first mark
+    to second) and the device's idle time before it (the previous step's second mark to
+    this one's first, never negative)."""
+    times = iter([0.0, 1.0, 1.5, 3.0, 2.5, 4.0] + [5.0 + i for i in range(200)])
+    marks = []
+
+    def marker():
+        marks.append(_FakeEvent(next(times)))
+        return marks[-1]
+
+    engine = engine_for(tiny_model, False)
+    engine.trace = trace = StepTrace(marker=marker)
+    run(engine, [[5, 6, 7], [8, 9]], 3)
+    recs = trace.records
+    assert len(marks) == 2 * len(recs) and _FakeEvent.waits == 0  # nothing read yet
+    assert all(r.device_s is None for r in recs)
+    s = trace.summary()
+    assert _FakeEvent.waits == len(recs)
+    assert (recs[0].device_s, recs[0].idle_before_s) == (1.0, None)
+    assert (recs[1].device_s, recs[1].idle_before_s) == (1.5, 0.5)
+    assert (recs[2].device_s, recs[2].idle_before_s) == (1.5, 0.0)  # 2.5 before 3.0: 0
+    assert s["all"]["device_ms"] == pytest.approx(1e3 * sum(r.device_s for r in recs)
+                                                  / len(recs))
+    assert StepTrace().mark() is None  # no marker: host times only
+    unmarked = [dict(asdict(r), device_s=None, idle_before_s=None) for r in recs]
+    assert "device_ms" not in summarise(unmarked)["all"]
