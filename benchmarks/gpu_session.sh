@@ -50,18 +50,27 @@ step() {  # step NAME SECONDS CMD...: CMD's output in $OUT/NAME.txt, its status 
         echo "== $name: skipped (the part's $PART_S s are spent)"; return
     fi
     [ "$limit" -le "$left" ] || limit=$left
-    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    timeout -k 10 -s "${STEP_SIGNAL:-TERM}" "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "== $name: rc=$?"
     tail -4 "$OUT/$name.txt"
 }
 
+sweep() {  # sweep NAME CMD...: CMD --max-seconds (what the part has left, at most 100),
+    # its JSON lines in $OUT/NAME.jsonl and its log in $OUT/NAME.txt
+    local name=$1; shift
+    local left=$((PART_S - ($(date +%s) - START) - 25))
+    if [ "$left" -lt 20 ]; then echo "== $name: skipped (the part's $PART_S s are spent)"; return; fi
+    [ "$left" -le 100 ] || left=100
+    timeout -k 10 $((left + 25)) "$@" --max-seconds "$left" > "$OUT/$name.jsonl" \
+        2> "$OUT/$name.txt"
+    echo "== $name: rc=$?"
+}
+
 kernels() {  # issues 16, 17: kernel tests and sweeps (~9 min)
-    step test_wquant 220 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_gpu.py
+    step test_wquant 240 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_gpu.py
     step test_moe 90 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_moe_grouped_gpu.py
-    timeout 125 python3 benchmarks/wquant_sweep.py --max-seconds 100 \
-        > $OUT/wquant_sweep.jsonl 2> $OUT/wquant_sweep.txt; echo "== wquant_sweep: rc=$?"
-    timeout 125 python3 benchmarks/moe_routed_sweep.py --max-seconds 100 \
-        > $OUT/moe_sweep.jsonl 2> $OUT/moe_sweep.txt; echo "== moe_sweep: rc=$?"
+    sweep wquant_sweep python3 benchmarks/wquant_sweep.py
+    sweep moe_sweep python3 benchmarks/moe_routed_sweep.py
 }
 
 dense() {  # issues 13, 14: serving with the step trace, bench, the server against the engine (~9 min)
@@ -146,7 +155,7 @@ runpy.run_path('benchmarks/serving.py', run_name='__main__')"
         benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 --peers "" \
         --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2 \
         --trace $OUT/steps_expandable.jsonl
-    step pyspy 180 py-spy record --idle --threads -r 50 --format raw -o $OUT/spy.txt -- \
+    STEP_SIGNAL=INT step pyspy 180 py-spy record --idle --threads -r 50 --format raw -o $OUT/spy.txt -- \
         python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
         --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2 \
         --trace $OUT/steps_spy.jsonl
@@ -168,7 +177,7 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
     step gen_warm 150 $gen --stats
     echo "gen_warm wall_s $(python3 -c "import time; print(round(time.time() - $t0, 2))")" \
         "compile_workers_left $(pgrep -fc compile_worker/__main__)" | tee -a "$OUT/gen_warm.txt"
-    step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.raw -- $gen
+    STEP_SIGNAL=INT step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.raw -- $gen
     step gen_nocompile 150 $gen --stats --no-compile  # graphs of the eager layers
 }
 

@@ -129,7 +129,7 @@ def decode_speed(args: argparse.Namespace, folder: Path) -> None:
 def perplexity(args: argparse.Namespace) -> None:
     base = None
     model = str(args.smollm2)
-    text = args.text or str(ROOT / "README.md")
+    text = str(Path(args.text).resolve()) if args.text else str(ROOT / "README.md")
     # the text's digest in every row: README.md changes between sessions, and perplexities
     # are comparable only over the same text
     digest = hashlib.sha256(Path(text).read_bytes()).hexdigest()[:12]

@@ -84,8 +84,8 @@ def since_start(t: float) -> float | None:
         uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
         ticks = int(stat[stat.rfind(b")") + 2:].split()[19])  # field 22: starttime
         age = uptime - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
+    except (OSError, ValueError, IndexError, AttributeError):  # AttributeError: no
+        return None                                            # CLOCK_BOOTTIME here
     return round(t - (time.monotonic() - age), 3)
 
 

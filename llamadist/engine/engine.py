@@ -397,8 +397,8 @@ class LLMEngine(ReplicaSet):
                 work = self._work(step, rep.in_flight[-1][2] if rep.in_flight else None)
                 t1 = trace.clock() if trace is not None else 0.0
                 work.reset_stats, rep.reset_pending = rep.reset_pending, False
-                mark = trace.mark() if trace is not None else None
                 try:
+                    mark = trace.mark() if trace is not None else None
                     rep.executor.launch(work)
                 except BaseException:  # never launched: step() aborts the ones that were
                     rep.scheduler.abort(step)

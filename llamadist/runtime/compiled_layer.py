@@ -79,8 +79,9 @@ def _import_compiler(cuda: bool) -> None:
     # taking it back; with this thread busy importing, each take waits for the switch
     # interval (5 ms by default: seconds over an 8B model). Shorter while the import runs.
     global _saved_interval
-    interval = _saved_interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, SWITCH_S))
+    with _start_lock:
+        interval = _saved_interval = sys.getswitchinterval()
+        sys.setswitchinterval(min(interval, SWITCH_S))
     try:
         _make_compiled_layer()
         import importlib
@@ -89,15 +90,22 @@ def _import_compiler(cuda: bool) -> None:
     except BaseException as e:  # noqa: BLE001 - kept for the main thread, which retries
         _import_error = e
     finally:
-        sys.setswitchinterval(interval)
+        with _start_lock:
+            if _saved_interval is not None:  # not restored by load_done yet
+                sys.setswitchinterval(interval)
+                _saved_interval = None
     import_s = time.perf_counter() - t0
 
 
 def load_done() -> None:
-    """The weight load this import overlaps is over: Python's switch interval back to
-    what it was (the import may go on; the host's own steps should not pay for it)."""
-    if _saved_interval is not None:
-        sys.setswitchinterval(_saved_interval)
+    """The weight loads this import overlaps are over (every stage of the process):
+    Python's switch interval back to what it was (the import may go on; the host's own
+    steps should not pay for it)."""
+    global _saved_interval
+    with _start_lock:
+        if _saved_interval is not None:
+            sys.setswitchinterval(_saved_interval)
+            _saved_interval = None
 
 
 def start_compiler_import(cuda: bool = True) -> bool:

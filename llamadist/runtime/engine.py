@@ -13,6 +13,7 @@ import torch
 
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.model.moe import SparseMoE
+from llamadist.runtime.compiled_layer import load_done
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage, build_stage, parse_dtype, to_stage
@@ -104,6 +105,7 @@ class Engine:
                               has_embed=i == 0, has_head=i == n - 1, progress=progress,
                               runtime=runtime, lanes=1 if static_cache else 0)
                   for i, (layers, dev) in enumerate(zip(layer_ranges, devices))]
+        load_done()  # every stage's weights are in: the host's switch interval as it was
         return cls(ckpt.config, stages, ckpt, runtime)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, start: int,

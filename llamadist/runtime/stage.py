@@ -17,7 +17,7 @@ from llamadist.model.fuse import fuse_projections
 from llamadist.model.llama import Llama
 from llamadist.model.moe import count_routing, routing_counts
 from llamadist.parallel.tensor import Group, tensor_parallel_pass
-from llamadist.runtime.compiled_layer import load_done, start_compiler_import
+from llamadist.runtime.compiled_layer import start_compiler_import
 from llamadist.runtime.kernel_passes import (apply_kernel_passes, decode_layer_fn,
                                              decode_step_fn, paged_decode_fn)
 from llamadist.runtime.kv_cache import KVCache
@@ -190,7 +190,6 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
     stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress,
                          native=runtime.weights == "native",
                          quantize=runtime.quantize_for(str(device)))
-    load_done()
     model.setup_rope(max_seq_len, device)
     if fuse:
         fuse_projections(model)

@@ -25,6 +25,7 @@ from llamadist.parallel.expert import expert_parallel_pass, hot_experts, read_ex
 from llamadist.parallel.tensor import tensor_parallel_pass
 from llamadist.planning.cost import ep_auto_crossover
 from llamadist.planning.profile import profile
+from llamadist.runtime.compiled_layer import load_done
 from llamadist.runtime.stage import Stage, build_stage, build_tp_stage, parse_dtype
 from llamadist.runtime.stage_rank import StageRank
 from llamadist.weights.checkpoint import Checkpoint
@@ -175,6 +176,7 @@ class Session:
             raise ValueError(f"{len(spec.layer_ranges)} stages planned for "
                              f"pp={self.groups.pp_size}")
         stage = build_rank_stage(ckpt, spec, self.groups, progress=progress)
+        load_done()  # the weights are in: the host's switch interval as it was
         log.info("%s: layers [%d, %d) loaded", self.groups.describe(), stage.layers.start,
                  stage.layers.stop)
         self.rank_stage = StageRank(self.groups, stage, spec.runtime, self.timeout,

@@ -144,6 +144,7 @@ def test_device_timeline_from_marks_read_only_at_the_end(tiny_model):
     this one's first, never negative)."""
     times = iter([0.0, 1.0, 1.5, 3.0, 2.5, 4.0] + [5.0 + i for i in range(200)])
     marks = []
+    _FakeEvent.waits = 0
 
     def marker():
         marks.append(_FakeEvent(next(times)))
