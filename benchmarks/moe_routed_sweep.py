@@ -54,7 +54,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from wquant_sweep import compile_in_processes, copy_rate, time_graph  # noqa: E402
+from wquant_sweep import (compile_in_processes, copy_rate, sweep_main,  # noqa: E402
+                          time_graph)
 
 START = time.perf_counter()  # --max-seconds counts from here (compiling ahead included)
 SHAPE = {"d": 4096, "f": 14336, "experts": 8, "k": 2}  # Mixtral-8x7B, one layer
@@ -456,19 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels load
         args.configs = "near"
-    import torch
-    if not args.interpret_smoke and not torch.cuda.is_available():
-        print("moe_routed_sweep: no CUDA device (use --interpret-smoke for the CPU check)",
-              file=sys.stderr)
-        return 2
-    if args.compile_only:
-        return compile_only(args, torch)
-    rows = run(args, torch)
-    bad = [r for r in rows if not r["ok"]]
-    if bad:
-        print(f"{len(bad)} cases gave wrong results (see 'ok': false)", file=sys.stderr)
-        return 1
-    return 0
+    return sweep_main("moe_routed_sweep", args, compile_only, run)
 
 
 if __name__ == "__main__":

@@ -527,15 +527,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels launch / import
         args.m = [m for m in args.m if m <= 4]
-    import torch
-    if not args.interpret_smoke and not torch.cuda.is_available():
-        print("wquant_sweep: no CUDA device (use --interpret-smoke for the CPU check)",
-              file=sys.stderr)
-        return 2
     unknown = [s for s in args.shapes if s not in SHAPES] + \
         [k for k in args.kinds if k not in KINDS]
     if unknown:
         print(f"wquant_sweep: unknown shapes/kinds {unknown}", file=sys.stderr)
+        return 2
+    return sweep_main("wquant_sweep", args, compile_only, run)
+
+
+def sweep_main(name: str, args, compile_only, run) -> int:
+    """The sweeps' common end (this one's and moe_routed_sweep's): a CUDA device unless
+    interpreted, then ``compile_only(args, torch)`` or ``run(args, torch)``'s rows, 1 if
+    any gave a wrong result."""
+    import torch
+    if not args.interpret_smoke and not torch.cuda.is_available():
+        print(f"{name}: no CUDA device (use --interpret-smoke for the CPU check)",
+              file=sys.stderr)
         return 2
     if args.compile_only:
         return compile_only(args, torch)
