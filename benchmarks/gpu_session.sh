@@ -4,7 +4,8 @@
 # step cuts the ones after it short instead of losing the whole call.
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
-#   PART: kernels dense coldstart recovery timed prefill profile fused perplexity (or stash)
+#   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
+#         perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -201,6 +202,37 @@ fused() {  # the fused eager kernels (--eager-kernels triton; llamadist/kernels/
     step bench1 60 $bench
 }
 
+firsttoken() {  # issue 13's cold start: the first token of `generate` on the 8B folder
+    # (in the page cache) within 10 s of the command. Compiled with warm caches (the first
+    # run fills them), then no compile at all (graphs over the eager layers), with torch's
+    # eager ops and with the fused Triton ones (~3 min)
+    checkpoint
+    local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
+        --max-new-tokens 128 --stats"
+    step gen_fill 150 $gen --compile-cache /tmp/cc-gen
+    walled gen_warm 120 $gen --compile-cache /tmp/cc-gen
+    walled gen_nocompile 90 $gen --no-compile
+    walled gen_nocompile_triton 90 $gen --no-compile --eager-kernels triton
+}
+
+coldspy() {  # where the first token's ~10.7 s go: py-spy (idle time and threads in) of
+    # `generate` without compile, then compiled with warm caches (~3 min)
+    checkpoint
+    local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
+        --max-new-tokens 128 --stats"
+    local spy="py-spy record --idle --threads -r 100 --format raw"
+    STEP_SIGNAL=INT step spy_nocompile 90 $spy -o $OUT/spy_nocompile.raw -- $gen --no-compile
+    step gen_fill 150 $gen --compile-cache /tmp/cc-gen
+    STEP_SIGNAL=INT step spy_warm 90 $spy -o $OUT/spy_warm.raw -- $gen --compile-cache /tmp/cc-gen
+}
+
+walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
+    local name=$1 t0=$(date +%s.%N); shift
+    step "$name" "$@"
+    echo "$name wall_s $(python3 -c "import time; print(round(time.time() - $t0, 2))")" \
+        "compile_workers_left $(pgrep -fc compile_worker/__main__)" | tee -a "$OUT/$name.txt"
+}
+
 stash() {  # keep the carried parts of a file in /tmp (see the header)
     mkdir -p /tmp/stash && cp .stash/* /tmp/stash/ && ls -l /tmp/stash
 }
@@ -218,8 +250,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -391,8 +391,15 @@ class LLMEngine(ReplicaSet):
             ahead, trace = rep.executor.ahead, self.trace
             while len(rep.in_flight) < depth + ahead:
                 t0 = trace.clock() if trace is not None else 0.0
-                step = rep.scheduler.schedule(per_step, ahead=ahead and bool(rep.in_flight))
+                early = ahead and bool(rep.in_flight)
+                step = rep.scheduler.schedule(per_step, ahead=early)
                 if not step:
+                    break
+                if early and self._captures(rep, step):
+                    # its launch would first capture its batch size's CUDA graphs (seconds,
+                    # once): the step in flight hands out its tokens (a request's first,
+                    # often) before that, not after; this one is scheduled again next
+                    rep.scheduler.abort(step)
                     break
                 work = self._work(step, rep.in_flight[-1][2] if rep.in_flight else None)
                 t1 = trace.clock() if trace is not None else 0.0
@@ -408,6 +415,14 @@ class LLMEngine(ReplicaSet):
                 if trace is not None:
                     trace.launched(key, step.chunks, t0, t1,
                                    getattr(rep.executor, "graphed", None), (mark, trace.mark()))
+
+    @staticmethod
+    def _captures(rep: Replica, step: SchedulerStep) -> bool:
+        """Whether launching ``step`` on ``rep`` would first capture CUDA graphs (a
+        decode-only step of a batch size not seen yet, on an executor that says so)."""
+        captures = getattr(rep.executor, "captures", None)
+        return (captures is not None and step.num_tokens == len(step.chunks)
+                and captures(len(step.chunks)))
 
     def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:
         """The step as the executor sees it (host data; see runtime.step_work); ``prev``:

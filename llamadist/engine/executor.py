@@ -121,6 +121,11 @@ class LocalExecutor:
         """The step launched last ran through CUDA graphs (engine.step_trace reads it)."""
         return self.model.graphed
 
+    def captures(self, num_seqs: int) -> bool:
+        """Whether a decode-only step of ``num_seqs`` sequences would first capture its
+        CUDA graphs (the engine then waits for the step in flight before launching it)."""
+        return self.model.captures(num_seqs)
+
     def collect(self) -> list[int]:
         tokens, arrived = self._done.popleft()
         if arrived is not None:

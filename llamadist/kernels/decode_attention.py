@@ -58,18 +58,16 @@ def num_splits(multiprocessors: int, rows: int, max_slots: int) -> int:
     return min(MAX_SPLITS, up, down)
 
 
-@torch.library.custom_op("llamadist::decode_attention", mutates_args=())
-def _decode_attention_op(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                         mask: torch.Tensor | None, start: torch.Tensor,
-                         cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
+def _decode_attention_impl(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                           mask: torch.Tensor | None, start: torch.Tensor,
+                           cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
     global launches
     launches += 1
     return gpu.load("decode_attention").launch(q, keys, values, mask, start, cos, sin)
 
 
-@_decode_attention_op.register_fake
-def _(q, keys, values, mask, start, cos, sin):
-    return q.new_empty(q.shape)
+_decode_attention_op = gpu.custom_op("llamadist::decode_attention", _decode_attention_impl,
+                                     fake=lambda q, *_: q.new_empty(q.shape))
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -80,4 +78,4 @@ def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     an additive mask (B, 1, 1, S) or None -> (B, H_kv, G, D). With cos/sin (B, 1, 1, D),
     q is rotated (RoPE, rotate-half convention) in the kernel as it is loaded, which
     saves the separate elementwise kernel. Check ``usable`` first."""
-    return torch.ops.llamadist.decode_attention(q, keys, values, mask, start, cos, sin)
+    return _decode_attention_op(q, keys, values, mask, start, cos, sin)

@@ -122,16 +122,14 @@ def usable(device: torch.device) -> bool:
     return gpu.runs_on(device)
 
 
-@torch.library.custom_op("llamadist::moe_routed", mutates_args=())
-def _moe_routed_op(x: torch.Tensor, weights: torch.Tensor, group: torch.Tensor,
-                   w13: torch.Tensor, w2: torch.Tensor, config: list[int]) -> torch.Tensor:
+def _moe_routed_impl(x: torch.Tensor, weights: torch.Tensor, group: torch.Tensor,
+                     w13: torch.Tensor, w2: torch.Tensor, config: list[int]) -> torch.Tensor:
     return gpu.load("moe_routed").launch(x, weights, group, w13, w2,
                                          RoutedConfig.from_ints(config))
 
 
-@_moe_routed_op.register_fake
-def _(x, weights, group, w13, w2, config):
-    return x.new_empty(x.shape)
+_moe_routed_op = gpu.custom_op("llamadist::moe_routed", _moe_routed_impl,
+                               fake=lambda x, *_: x.new_empty(x.shape))
 
 
 def routed_expert_sum(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,
@@ -153,7 +151,7 @@ def routed_expert_sum(x: torch.Tensor, weights: torch.Tensor, index: torch.Tenso
         return torch.zeros_like(x)
     flat = index.flatten()  # (A,) token-major: assignment a is token a // k, slot a % k
     group = flat if slot is None else slot[flat]
-    return torch.ops.llamadist.moe_routed(
+    return _moe_routed_op(
         x.contiguous(), weights.float().contiguous().flatten(), group.contiguous(),
         w13.contiguous(), w2.contiguous(),
         _DEFAULT_INTS if config is None else config.ints())

@@ -65,18 +65,17 @@ def splits_for(device: torch.device, rows: int, max_slots: int) -> int:
     return num_splits(rows, max_slots, mp)
 
 
-@torch.library.custom_op("llamadist::paged_decode", mutates_args=("kv",))
-def _paged_decode_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
-                     slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                     seq_lens: torch.Tensor, splits: int) -> torch.Tensor:
+def _paged_decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
+                       slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+                       seq_lens: torch.Tensor, splits: int) -> torch.Tensor:
     kernels = gpu.load("paged_attention")
     kernels.write_kv(k, v, kv, slot_mapping)
     return kernels.attend(q, kv, block_tables, seq_lens, splits)
 
 
-@_paged_decode_op.register_fake
-def _(q, k, v, kv, slot_mapping, block_tables, seq_lens, splits):
-    return q.new_empty(q.shape)
+_paged_decode_op = gpu.custom_op("llamadist::paged_decode", _paged_decode_impl,
+                                 mutates_args=("kv",),
+                                 fake=lambda q, *_: q.new_empty(q.shape))
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
@@ -87,5 +86,4 @@ def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Te
     h = kv_head * G + g) over each sequence's slots [0, seq_lens[s]) through its
     ``block_tables`` row (S, MB) -> (S, H, D). ``splits``: see num_splits (a power of two,
     at most MAX_SPLITS). Check ``usable`` first."""
-    return torch.ops.llamadist.paged_decode(q, k, v, kv, slot_mapping, block_tables,
-                                            seq_lens, splits)
+    return _paged_decode_op(q, k, v, kv, slot_mapping, block_tables, seq_lens, splits)

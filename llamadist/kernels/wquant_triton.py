@@ -226,8 +226,7 @@ def _op_shape(x, q, scale, offset, bias, kind, group, n, k):
 
 
 # Registered whether or not triton is installed: its body imports the kernels on first use.
-packed_linear_op = torch.library.custom_op("llamadist::packed_linear", _op, mutates_args=())
-packed_linear_op.register_fake(_op_shape)
+packed_linear_op = gpu.custom_op("llamadist::packed_linear", _op, fake=_op_shape)
 
 
 def packed_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -175,6 +175,17 @@ class Engine:
                                              compile_cache=self.runtime.compile_cache)
         return self._paged_graphs
 
+    def captures(self, num_seqs: int) -> bool:
+        """Whether a decode-only step of ``num_seqs`` sequences would first capture its
+        bucket's CUDA graphs (and compile its layers, where compiled): seconds, once a
+        bucket."""
+        if not self.cuda_graphs:
+            return False
+        if self._paged_graphs is None:
+            from llamadist.runtime.paged_graphs import PagedGraphs
+            return PagedGraphs.supports(self.stages)
+        return self._paged_graphs.captures(num_seqs)
+
     def settle_timing(self, wait: bool = False) -> None:
         """Add the timed work (``timed``) each stage's device has finished to its stats;
         ``wait``: all of it, the host waiting for the devices (once, at the end of a run).

@@ -160,6 +160,13 @@ class PagedGraphs:
     def prepare_s(self) -> float:
         return sum(d.prepare_s for d in self.decoders)
 
+    def captures(self, num_seqs: int) -> bool:
+        """Whether a step of ``num_seqs`` sequences would first capture graphs (its
+        bucket not captured yet on some stage)."""
+        size = bucket_for(num_seqs, self.sizes)
+        return any(d.capture and (size not in d.buckets or d.buckets[size].graph is None)
+                   for d in self.decoders)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: PagedBatch,
                 timed: bool = False) -> torch.Tensor:

@@ -253,3 +253,40 @@ def test_llm_run_without_a_callback_detokenizes_at_the_end(tiny_model):
         assert q.text == s.text == llm.tokenizer.decode(q.output_ids) and q.text
         assert q.decoder is None and s.decoder is not None  # the lazy path was taken
         assert "".join(seen[i]) == s.text and len([t for t in seen[i] if t]) > 1
+
+
+class CapturingExecutor(ScriptedExecutor):
+    """Says that a decode-only step of a batch size not launched before would capture
+    CUDA graphs (as LocalExecutor on a GPU)."""
+
+    def __init__(self, script, ahead):
+        super().__init__(script, ahead)
+        self.seen, self.launched = set(), []
+
+    def captures(self, num_seqs):
+        return num_seqs not in self.seen
+
+    def launch(self, work):
+        if len(work.columns.token_ids) == work.num_seqs:  # decode-only: captured now
+            self.seen.add(work.num_seqs)
+        self.launched.append(work.num_seqs)
+        super().launch(work)
+
+
+def test_a_first_token_is_not_held_behind_a_graph_capture(tok):
+    """With steps scheduled ahead, the decode step after a prefill is launched before the
+    prefill's token is read: where that launch first captures graphs (seconds), the engine
+    hands out the prefill's token first, then launches it; later decodes go ahead."""
+    script = {"r0": tok.encode("one two three four five six", add_special_tokens=False)}
+    executor = CapturingExecutor(script, ahead=True)
+    engine = LLMEngine(executor, tok, RuntimeConfig(max_seq_len=160, max_batch=4,
+                                                    max_batch_tokens=64), block_size=4)
+    req = engine.add_request(tok.encode("a prompt"), SamplingParams(max_new_tokens=6,
+                                                                   ignore_eos=True), "r0")
+    assert [o.token_id for o in engine.step()] == script["r0"][:1]
+    assert executor.launched == [1] and not engine.replicas[0].in_flight  # prefill only
+    engine.step()  # the capturing decode, and (captured now) the next one ahead of it
+    assert executor.launched == [1, 1, 1] and len(engine.replicas[0].in_flight) == 1
+    while engine.has_unfinished:
+        engine.step()
+    assert req.output_ids == script["r0"][:6]

@@ -58,3 +58,4 @@ def test_graph_path_buffers_interpreted_equal_pytorch_tokens(tiny_models, kind):
     PyTorch paged path."""
     proc = _interpreted("model", str(tiny_models[kind]))
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert "torch._dynamo not imported" in proc.stdout  # no compile, no compiler imported

@@ -5,10 +5,11 @@ module that imports triton lives in this package and is reached through ``load``
 on a kernel's first call (a CUDA device, or Triton's CPU interpreter in the tests). The
 kernel's front module in ``llamadist.kernels`` (paged_attention, decode_attention,
 moe_routed, wquant_triton) holds what any process may touch without triton: ``usable``,
-the launch planning (splits, tiles), and the torch custom op (``llamadist::...``) whose
-implementation calls ``load``. The op is registered when the front module is imported, so
-torch.compile and CUDA-graph capture see the same opaque op as before; the traced code
-never imports anything. This file itself must not import triton.
+the launch planning (splits, tiles), and the torch custom op (``llamadist::...``, made by
+``custom_op``) whose implementation calls ``load``. The op is registered when the front
+module is imported, so torch.compile sees an opaque op and the traced code never imports
+anything; outside compile the implementation is called directly (see ``custom_op``). This
+file itself must not import triton.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib.util
 import logging
 import os
 from types import ModuleType
+from typing import Callable
 
 import torch
 
@@ -72,3 +74,25 @@ def load(name: str) -> ModuleType:
                                "builds of torch bring it)")
         module = _MODULES[name] = importlib.import_module(f"{__name__}.{name}")
     return module
+
+
+def custom_op(name: str, impl: Callable, mutates_args: tuple[str, ...] = (),
+              fake: Callable | None = None) -> Callable:
+    """``impl`` registered as the torch custom op ``name`` (with ``fake`` for its output's
+    shape), and a function that calls the op where torch.compile traces (an opaque op in
+    the graph, as compiled layers need) and ``impl`` itself everywhere else. The op's own
+    dispatch wrapper imports torch._dynamo at its first call: seconds (8 s of a
+    ``--no-compile`` generate's first decode step on the H200 host, under py-spy) that
+    eager layers and CUDA graphs of eager layers never use."""
+    op = torch.library.custom_op(name, impl, mutates_args=mutates_args)
+    if fake is not None:
+        op.register_fake(fake)
+
+    @functools.wraps(impl)
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return op(*args, **kwargs)
+        return impl(*args, **kwargs)
+
+    call.op = op
+    return call
