@@ -41,10 +41,14 @@ def timed(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def ulps(got: torch.Tensor, eager: torch.Tensor) -> float:
-    a = eager.abs()
+def ulps(got: torch.Tensor, eager: torch.Tensor) -> str:
+    """The largest difference in ulps of eager's value (an ulp of the smallest normal
+    number where eager's is smaller: a subnormal's spacing would make any difference
+    from an exact zero look like 1e37 ulps), and how many elements differ."""
+    a = eager.abs().clamp_min(torch.finfo(eager.dtype).tiny)
     spacing = (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).double()
-    return ((got.double() - eager.double()).abs() / spacing).max().item()
+    diff = (got.double() - eager.double()).abs()
+    return f"{(diff / spacing).max().item():g} ({int((diff > 0).sum())} differ)"
 
 
 def rms_eager(x, r, w, eps=1e-5):
@@ -81,13 +85,13 @@ def op_table(cfg, tokens: list[int], reps: int, dev: torch.device) -> None:
                  ("silu_mul", silu_eager, lambda: eager_fused.silu_mul(gu)),
                  ("rope_qk", rope_eager, lambda: eager_fused.rope(q, k, cos, sin))]
         for name, eager, fused in cases:
-            diff = max(ulps(g, e) for g, e in zip(_tuple(fused()), _tuple(eager())))
+            diff = ", ".join(ulps(g, e) for g, e in zip(_tuple(fused()), _tuple(eager())))
             te, tf = [], []
             for _ in range(3):  # alternate, so drift hits both alike
                 te.append(timed(eager, reps))
                 tf.append(timed(fused, reps))
             te, tf = min(te), min(tf)
-            print(f"{name:12s} {n:5d} {te:9.4f} {tf:9.4f} {te / tf:7.2f}x {diff:8g}",
+            print(f"{name:12s} {n:5d} {te:9.4f} {tf:9.4f} {te / tf:7.2f}x {diff}",
                   flush=True)
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from llamadist.kernels.gpu import interpreted
 
 
 @triton.jit
@@ -33,15 +36,22 @@ def _add_rms_norm_kernel(X, R, S, Y, W, sx, sr, ss, sy, D, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr):
+def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
     # Program (row, block of F columns): out = silu(gate).to(dtype) * up, gate = GU[:, :F],
     # up = GU[:, F:], as F.silu(gate) * up (each op in float32, stored in dtype).
+    # PRECISE (compiled): CUDA's expf and a rounded division, as PyTorch's silu kernel;
+    # tl.exp and "/" are approximate there (fp16 outputs 2 ulps off, seen on the H200).
+    # The interpreter has no libdevice, and its numpy exp is accurate already.
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = cols < F
     gate = tl.load(GU + row * sg + cols, mask=keep, other=0.0).to(tl.float32)
     up = tl.load(GU + row * sg + F + cols, mask=keep, other=0.0)
-    act = (gate / (1.0 + tl.exp(-gate))).to(OUT.dtype.element_ty)
+    if PRECISE:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    act = tl.math.div_rn(gate, 1.0 + e).to(OUT.dtype.element_ty)
     out = act.to(tl.float32) * up.to(tl.float32)
     tl.store(OUT + row * so + cols, out.to(OUT.dtype.element_ty), mask=keep)
 
@@ -128,7 +138,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         block = SILU_BLOCK if gu.shape[0] * f >= 2 * 132 * SILU_BLOCK else SILU_BLOCK_SMALL
         block = min(block, max(16, triton.next_power_of_2(f)))
         _silu_mul_kernel[(gu.shape[0], triton.cdiv(f, block))](
-            gu, out, gu.stride(0), out.stride(0), f, BLOCK=block,
+            gu, out, gu.stride(0), out.stride(0), f, BLOCK=block, PRECISE=not interpreted(),
             num_warps=max(1, min(4, block // 256)))
     return out.view(*gate_up.shape[:-1], f)
 
