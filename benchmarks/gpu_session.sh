@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         perplexity (or stash)
+#         nocompile perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -226,6 +226,17 @@ coldspy() {  # where the first token's ~10.7 s go: py-spy (idle time and threads
     STEP_SIGNAL=INT step spy_warm 90 $spy -o $OUT/spy_warm.raw -- $gen --compile-cache /tmp/cc-gen
 }
 
+nocompile() {  # whether decode graphs over the eager layers with the fused kernels
+    # (--no-compile --eager-kernels triton: no dynamo, no Inductor; first token sooner)
+    # serve as fast as the compiled layers (the default): 256 requests each way (~5 min)
+    checkpoint
+    local serve="python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
+        --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2"
+    step serving_nc_triton 130 $serve --no-compile --eager-kernels triton \
+        --json-out $OUT/serving_nc_triton.json
+    step serving_compiled 130 $serve --json-out $OUT/serving_compiled.json
+}
+
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
     local name=$1 t0=$(date +%s.%N); shift
     step "$name" "$@"
@@ -250,8 +261,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -244,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch-tokens", type=int, help="llamadist's tokens per step")
     p.add_argument("--eager-kernels", default="torch", choices=["torch", "triton"],
                    help="llamadist's uncompiled layers on a GPU (RuntimeConfig.eager_kernels)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="llamadist's decode graphs over the eager layers (RuntimeConfig.compile)")
     p.add_argument("--no-schedule-ahead", dest="schedule_ahead", action="store_false",
                    help="llamadist waits for each step's tokens before scheduling the next")
     p.add_argument("--trace", metavar="FILE", help="write llamadist's per-step trace to FILE "
@@ -262,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.max_batch or args.requests
     llm = LLM(str(folder), devices=args.device, runtime=RuntimeConfig(
         max_seq_len=max_seq, max_batch=batch, max_batch_tokens=args.max_batch_tokens,
-        eager_kernels=args.eager_kernels,
+        eager_kernels=args.eager_kernels, compile=args.compile,
         schedule_ahead=args.schedule_ahead))
     prompts, arrivals = workload(args, llm.config.vocab_size)
     flops_s, bytes_s = rates(args.device)

@@ -88,8 +88,11 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("runtime")
     g.add_argument("--no-cuda-graphs", action="store_true",
                    help="decode eagerly on CUDA instead of replaying captured CUDA graphs")
-    g.add_argument("--no-compile", action="store_true",
-                   help="capture the eager decoder layers (skip torch.compile's fused kernels)")
+    g.add_argument("--compile", dest="compile", action="store_const", const=True,
+                   help="torch.compile the decoder layers inside the CUDA graphs (default: only "
+                   "where it pays, quantized weights on torch's products or MoE blocks)")
+    g.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                   help="never torch.compile: graphs capture the eager decoder layers")
     g.add_argument("--compile-cache", metavar="DIR",
                    help="keep each stage's torch.compile artifacts in DIR: a restarted worker "
                    "and the next start (even on a fresh host) find Inductor's compiled graphs "
@@ -113,9 +116,9 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
                    help="one-token attention under CUDA graphs: split (the split-KV kernel, "
                    "default where it applies) or sdpa")
     g.add_argument("--eager-kernels", choices=list(EAGER_KERNELS_CHOICES),
-                   help="a GPU's uncompiled layers (prefill, mixed steps, --no-compile "
-                   "graphs): torch (PyTorch's ops, default) or triton (fused add+RMSNorm, "
-                   "SiLU x up and RoPE kernels)")
+                   help="a GPU's uncompiled layers (prefill, mixed steps, graphs of eager "
+                   "layers): triton (fused add+RMSNorm, SiLU x up and RoPE kernels; default "
+                   "where Triton runs) or torch (PyTorch's ops)")
     g.add_argument("--wquant", choices=list(WQUANT_CHOICES),
                    help="product of GPU-quantized weights (--quantize, GGUF on a GPU): torch "
                    "(tinygemm int4, scaled int8/fp8 matmul; default, or $LLAMADIST_WQUANT) or "
@@ -223,7 +226,7 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
     # at most the request's own sequences: the KV memory is planned for max_batch of them
     return RuntimeConfig(max_batch=min(asked, max_batch) if asked else max_batch,
                          cuda_graphs=not getattr(args, "no_cuda_graphs", False),
-                         compile=not getattr(args, "no_compile", False),
+                         compile=getattr(args, "compile", None),
                          cpu_kernels=not getattr(args, "no_cpu_kernels", False),
                          timed=getattr(args, "command", None) == "bench"
                          or bool(getattr(args, "stats", False)),

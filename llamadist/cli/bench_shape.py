@@ -61,6 +61,11 @@ def int_list(value: str | int | list[int]) -> list[int]:
     return [int(x) for x in str(value).split(",") if x.strip()]
 
 
+# decode paths of a --shape run: compiled layers, eager layers (both in CUDA graphs), compile
+# where it pays (RuntimeConfig.compile None), no graphs
+GRAPH_MODES = ("compiled", "eager", "auto", "off")
+
+
 @dataclass
 class ShapeOptions:
     """Every flag ``bench --shape`` reads (the argparse dest names), with its default."""
@@ -73,14 +78,14 @@ class ShapeOptions:
     dtype: str | None = None            # default bfloat16 on CUDA, float32 on CPU
     max_seq_len: int | None = None      # default prompt + gen rounded up to 128
     no_cuda_graphs: bool = False
-    no_compile: bool = False
+    compile: bool | None = None         # --compile / --no-compile (None: where it pays)
     no_cpu_kernels: bool = False
     decode_attention: str = "split"
     batch: list[int] = field(default_factory=lambda: [1])   # int or "1,8,32" or a list
     prompt_len: int = 64
     gen_len: int = 32
     stages: list[int] = field(default_factory=lambda: [1])  # uniform stages on one device
-    graph_modes: list[str] | None = None  # compiled,eager,off
+    graph_modes: list[str] | None = None  # of GRAPH_MODES
     prefill_reps: int = 3
     stage_stats: bool = False
     json_out: str | None = None
@@ -410,13 +415,14 @@ class ShapeRun:
 
 def _graph_modes(opts: ShapeOptions, devices: list[torch.device]) -> list[str]:
     if opts.graph_modes:
-        bad = [m for m in opts.graph_modes if m not in ("compiled", "eager", "off")]
+        bad = [m for m in opts.graph_modes if m not in GRAPH_MODES]
         if bad:
-            raise ValueError(f"--graph-modes {','.join(bad)}: choose from compiled, eager, off")
+            raise ValueError(f"--graph-modes {','.join(bad)}: choose from "
+                             f"{', '.join(GRAPH_MODES)}")
         return opts.graph_modes
     if opts.no_cuda_graphs or all(d.type == "cpu" for d in devices):
         return ["off"]  # the CPU decodes without graphs (its C kernels are the fast path)
-    return ["eager" if opts.no_compile else "compiled"]
+    return [{True: "compiled", False: "eager", None: "auto"}[opts.compile]]
 
 
 def prepare(args: argparse.Namespace) -> ShapeRun:
@@ -481,7 +487,8 @@ def attempt(res: dict, what: str, fn: Callable[[], Any]) -> Any:
 def shape_runtime(o: ShapeOptions, mode: str) -> RuntimeConfig:
     """The RuntimeConfig of one graph mode of a --shape run (its kernels and formats)."""
     given = {k: v for k, v in (("quantize", o.quantize), ("wquant", o.wquant)) if v}
-    return RuntimeConfig(cuda_graphs=mode != "off", compile=mode == "compiled",
+    compile = {"compiled": True, "auto": None}.get(mode, False)
+    return RuntimeConfig(cuda_graphs=mode != "off", compile=compile,
                          cpu_kernels=not o.no_cpu_kernels, decode_attention=o.decode_attention,
                          **given)
 

@@ -51,8 +51,9 @@ def _add_shape_bench(p: argparse.ArgumentParser) -> None:
     g.add_argument("--shape", help=" | ".join(NAMED_SHAPES) + ": random weights built on "
                    "the device, random token ids")
     g.add_argument("--stages", default="1", help="pipeline stages on the one device, e.g. 1,2,4")
-    g.add_argument("--graph-modes", help="decode paths to time: compiled,eager,off "
-                   "(default: compiled, or what --no-compile/--no-cuda-graphs say)")
+    g.add_argument("--graph-modes", help="decode paths to time: compiled,eager,auto,off "
+                   "(default: auto, compiled where it pays, or what --compile/--no-compile/"
+                   "--no-cuda-graphs say)")
     g.add_argument("--prefill-reps", type=positive_int, default=3)
     g.add_argument("--stage-stats", action="store_true", help="also a timed run per stage")
     g.add_argument("--json-out", help="write every measurement as JSON to this file")

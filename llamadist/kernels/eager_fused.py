@@ -1,8 +1,8 @@
 """Fused Triton kernels for the decoder layer's elementwise work in eager steps.
 
 The prefill and mixed steps of the engine run the model eagerly (their token counts
-change every step, so they are not compiled), and so do CUDA-graph decode steps under
-``--no-compile``. There each elementwise op of the Llama formula is a kernel of its own
+change every step, so they are not compiled), and so do the CUDA-graph decode steps of a
+dense float model (RuntimeConfig.compile: compiled only where it pays). There each elementwise op of the Llama formula is a kernel of its own
 that reads and writes the whole activation: RMSNorm alone is pow, mean, add, rsqrt, mul,
 two casts and the weight's mul; the residual add before it, SiLU and the gate's product,
 RoPE's rotate_half (a cat) and its three products. On an H200 serving 256 requests to a
@@ -18,8 +18,9 @@ function here is one kernel over the same data:
   their token's cos/sin (N, D), into new contiguous tensors.
 
 Each keeps the eager formula's roundings (every intermediate the eager ops store is cast
-to the activation dtype here too): RoPE and SiLU * up differ from eager only by the
-exp / rsqrt approximations and the float32 sum's order, at most an ulp of the output.
+to the activation dtype here too; RoPE's products and sum are not contracted into FMAs,
+SiLU takes CUDA's expf and a rounded division): on the H200 RoPE and SiLU * up equal
+eager bitwise in bf16 and fp16, RMSNorm within an ulp (its float32 sum's order).
 Under torch.compile the model keeps its own formula, which Inductor fuses (the model
 asks ``torch.compiler.is_compiling()``); these are plain functions, not custom ops.
 The Triton code is in llamadist.kernels.gpu.eager_fused, imported on the first call.

@@ -14,6 +14,7 @@ import torch
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.model.moe import SparseMoE
 from llamadist.runtime.compiled_layer import load_done
+from llamadist.runtime.kernel_passes import compile_pays
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage, build_stage, parse_dtype, to_stage
@@ -53,7 +54,9 @@ class Engine:
             log.info("mixture-of-experts blocks without the grouped kernel: decoding "
                      "without CUDA graphs")
             self.cuda_graphs = False
-        self.compile_layers = self.runtime.compile
+        # torch.compile inside the graphs: as the run says, or where it pays
+        self.compile_layers = (self.runtime.compile if self.runtime.compile is not None
+                               else any(compile_pays(s.model) for s in stages))
         self._graphs = None
         self._paged_graphs = None
         self.graphed = False  # the latest paged step ran through the decode graphs

@@ -160,6 +160,30 @@ def use_eager_fused(model: nn.Module, device: torch.device,
     return on
 
 
+def compile_pays(model: nn.Module) -> bool:
+    """Whether torch.compile should make the decode layers of ``model`` (a built stage)
+    when the run leaves it open (RuntimeConfig.compile None): where they hold what the
+    fused eager kernels do not cover, GPU-quantized weights on torch's products
+    (tinygemm, scaled matmul: compile fuses their casts and scales) or mixture-of-experts
+    blocks (routing). A dense float layer decodes as fast in CUDA graphs of its eager
+    layers with the fused kernels (H200, 2026-12-02) and starts without torch._dynamo."""
+    from llamadist.kernels.wquant import PackedLinear
+    return any(isinstance(m, SparseMoE)
+               or (isinstance(m, PackedLinear) and m.path in ("tinygemm", "scaled"))
+               for m in model.modules())
+
+
+def compile_expected(config, runtime: RuntimeConfig, device: torch.device) -> bool:
+    """compile_pays predicted before a stage on ``device`` loads (to import the compiler
+    beside the load): ``runtime.compile``, or with None a mixture-of-experts model or
+    weights that --quantize quantizes for torch's products. (A GGUF's own blocks on a
+    GPU are not foreseen: their compile then imports the compiler at the first decode.)"""
+    if device.type != "cuda" or not runtime.cuda_graphs or runtime.compile is False:
+        return False
+    return bool(runtime.compile or config.num_experts
+                or (runtime.quantize_for(str(device)) and runtime.wquant == "torch"))
+
+
 def step_weights(model: nn.Module) -> list[torch.Tensor]:
     """The tensors holding the linears' and embeddings' weights of ``model`` (a
     QuantizedTensor's blocks, a RowStack's parts): what a CPU decode step streams."""

@@ -18,8 +18,9 @@ from llamadist.model.llama import Llama
 from llamadist.model.moe import count_routing, routing_counts
 from llamadist.parallel.tensor import Group, tensor_parallel_pass
 from llamadist.runtime.compiled_layer import start_compiler_import
-from llamadist.runtime.kernel_passes import (apply_kernel_passes, decode_layer_fn,
-                                             decode_step_fn, paged_decode_fn)
+from llamadist.runtime.kernel_passes import (apply_kernel_passes, compile_expected,
+                                             decode_layer_fn, decode_step_fn,
+                                             paged_decode_fn)
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
@@ -181,7 +182,7 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
     ``RuntimeConfig()``, every kernel that applies on ``device``."""
     device = torch.device(device)
     runtime = runtime or RuntimeConfig()
-    if device.type == "cuda" and runtime.cuda_graphs and runtime.compile:
+    if compile_expected(ckpt.config, runtime, device):
         start_compiler_import()  # its seconds of imports beside the load (issue 13)
     with torch.device("meta"):
         model = Llama(ckpt.config, layers, has_embed=has_embed, has_head=has_head)

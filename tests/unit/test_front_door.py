@@ -217,6 +217,37 @@ def test_flags_become_one_runtime_config_that_reaches_the_engine(tiny_model):
     assert all(s.layer_fn is None for s in llm.engine.stages)  # no C decode layer
 
 
+def test_compile_is_where_it_pays_unless_a_flag_says(tiny_model):
+    """RuntimeConfig.compile: --compile True, --no-compile False, neither None: compile
+    only where it pays (quantized weights on torch's products, MoE), foreseen before the
+    load so the compiler's import can start beside it."""
+    import torch
+
+    from llamadist.cli.args import runtime_config
+    from llamadist.cli.main import build_parser
+    from llamadist.config import RuntimeConfig, named_shape
+    from llamadist.runtime.kernel_passes import compile_expected, compile_pays
+    from llamadist.weights.checkpoint import open_checkpoint
+    given = {flags: runtime_config(build_parser().parse_args(
+        ["generate", str(tiny_model), "--prompt", "hi", *flags]), 4).compile
+        for flags in ((), ("--compile",), ("--no-compile",))}
+    assert given == {(): None, ("--compile",): True, ("--no-compile",): False}
+    dense, moe = named_shape("llama3-8b"), named_shape("mixtral-8x7b")
+    gpu, cpu = torch.device("cuda:0"), torch.device("cpu")
+    assert not compile_expected(dense, RuntimeConfig(), gpu)
+    assert compile_expected(dense, RuntimeConfig(compile=True), gpu)
+    assert compile_expected(moe, RuntimeConfig(), gpu)
+    assert not compile_expected(moe, RuntimeConfig(compile=False), gpu)
+    assert compile_expected(dense, RuntimeConfig(quantize="int8", wquant="torch"), gpu)
+    assert not compile_expected(dense, RuntimeConfig(quantize="int8", wquant="triton"), gpu)
+    assert not compile_expected(moe, RuntimeConfig(cuda_graphs=False), gpu)
+    assert not compile_expected(moe, RuntimeConfig(compile=True), cpu)
+    from llamadist.runtime.stage import build_stage
+    ckpt = open_checkpoint(str(tiny_model))
+    stage = build_stage(ckpt, range(0, ckpt.config.num_layers), "cpu", torch.float32, 1, 32)
+    assert not compile_pays(stage.model)  # a dense float model: graphs of its eager layers
+
+
 def test_kv_length_defaults_to_what_the_request_needs(smollm2):
     from llamadist.cli.jobs import chat_job, generate_job
     from llamadist.cli.main import build_parser

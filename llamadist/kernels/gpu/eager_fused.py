@@ -60,9 +60,10 @@ def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr, PRECISE: tl.conste
 def _rotate_heads(X, O, sx_n, sx_h, so_n, n, H, cos, sin, offs_d, partner, sign,
                   D: tl.constexpr, H_PAD: tl.constexpr, D_PAD: tl.constexpr):
     # The H heads of token n: o = x * cos + rotate_half(x) * sin, each product and the sum
-    # stored in x's dtype as the eager formula's three kernels do (bitwise the same in
-    # bfloat16 and float16; in float32 the casts are no-ops and Triton may contract the
-    # multiply-add into an FMA: within an ulp, not bitwise).
+    # rounded to x's dtype as the eager formula's three kernels do: bitwise the same, as
+    # long as the compiler does not contract a product and the sum into one FMA (it did,
+    # in bf16 too, hundreds of ulps where the sum cancels, seen on the H200): the launch
+    # turns that off (enable_fp_fusion=False).
     offs_h = tl.arange(0, H_PAD)
     keep = (offs_h < H)[:, None] & (offs_d < D)[None, :]
     rows = X + n * sx_n + offs_h[:, None] * sx_h
@@ -164,5 +165,5 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
             q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos.stride(0), h, h_kv, D=d, D_PAD=d_pad, H_PAD=h_pad,
             HKV_PAD=max(2, triton.next_power_of_2(h_kv)),
-            num_warps=max(1, min(8, h_pad * d_pad // 1024)))
+            num_warps=max(1, min(8, h_pad * d_pad // 1024)), enable_fp_fusion=False)
     return qo, ko
