@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile perplexity (or stash)
+#         nocompile stalls perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -242,6 +242,17 @@ nocompile() {  # whether decode graphs over the eager layers with the fused kern
         --json-out $OUT/serving_compiled.json
 }
 
+stalls() {  # the slow early mixed steps (launch_s = device_s = 0.6-1 s on steps 1-5 of a
+    # run, session 13): GC pauses and the allocator's retries and syncs per run (--diag),
+    # then where the host is in a native py-spy profile of the same run (~5 min)
+    checkpoint
+    local serve="python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
+        --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2"
+    step stall_diag 120 $serve --diag --trace $OUT/stall_steps.jsonl --json-out $OUT/stall.json
+    STEP_SIGNAL=INT step stall_spy 150 py-spy record --native --idle --threads -r 100 \
+        --format raw -o $OUT/stall_spy.raw -- $serve --trace $OUT/spy_steps.jsonl
+}
+
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
     local name=$1 t0=$(date +%s.%N); shift
     step "$name" "$@"
@@ -266,8 +277,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -224,6 +224,43 @@ def profiled(out: str | None):
                                      max_name_column_width=90))
 
 
+# the CUDA caching allocator's counters --diag reports per run (their change over the run)
+ALLOC_STATS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc",
+               "num_device_free", "num_ooms")
+
+
+@contextlib.contextmanager
+def diagnosed(on: bool, into: dict):
+    """With ``on``: the run's Python garbage collections over 10 ms (seconds since the
+    run began, duration, generation) and the CUDA allocator's counters, into ``into``
+    (what might stall the host inside a step's launch: session 13's trace showed early
+    mixed steps whose launch took as long as their device time, 0.6-1 s)."""
+    if not on:
+        yield
+        return
+    import gc
+    t0, pauses, started = time.perf_counter(), [], {}
+
+    def watch(phase, info):
+        now = time.perf_counter()
+        if phase == "start":
+            started["t"] = now
+        elif "t" in started:
+            t = started.pop("t")
+            if now - t > 0.01:
+                pauses.append([round(t - t0, 3), round(now - t, 4), info["generation"]])
+    cuda = torch.cuda.is_available()
+    before = torch.cuda.memory_stats() if cuda else {}
+    gc.callbacks.append(watch)
+    try:
+        yield
+    finally:
+        gc.callbacks.remove(watch)
+        into["gc_pauses"] = pauses
+        after = torch.cuda.memory_stats() if cuda else {}
+        into["allocator"] = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOC_STATS}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -261,6 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="FILE", help="run the last llamadist run under "
                    "torch.profiler and write its operators and kernels by device time to "
                    "FILE (a table; the run's own figures then carry the profiler's cost)")
+    p.add_argument("--diag", action="store_true", help="per run: Python GC pauses over 10 ms "
+                   "and the CUDA allocator's retries, syncs and device allocations")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)
@@ -278,14 +317,18 @@ def main(argv: list[str] | None = None) -> int:
            "roofline": roofline(llm.config, llm.dtype, prompts, args.new, batch, flops_s,
                                 bytes_s)}
     run_ours(llm, prompts[:2], [0.0, 0.0], 4)  # warm-up: first calls pick kernels
-    with profiled(args.profile if args.runs == 1 else None):
+    diag: dict = {}
+    with profiled(args.profile if args.runs == 1 else None), diagnosed(args.diag, diag):
         res["llamadist"] = run_ours(llm, prompts, arrivals, args.new, args.trace)
+    res["llamadist"].update(diag)
     for i in range(2, args.runs + 1):  # the same engine again, on other prompts of the
         # same lengths' distribution (the first run's would hit the prefix cache)
         more, at = workload(args, llm.config.vocab_size, seed=args.seed + i - 1)
-        with profiled(args.profile if i == args.runs else None):
+        diag = {}
+        with profiled(args.profile if i == args.runs else None), diagnosed(args.diag, diag):
             res[f"llamadist_run{i}"] = run_ours(llm, more, at, args.new,
                                                 args.trace and f"{args.trace}.run{i}")
+        res[f"llamadist_run{i}"].update(diag)
     ours = res["llamadist"]["tokens_per_s"]
     res["llamadist"]["of_roofline"] = ours / res["roofline"]["bound_tokens_per_s"]
     report(res, args.json_out)
