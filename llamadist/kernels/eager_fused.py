@@ -20,7 +20,8 @@ function here is one kernel over the same data:
 Each keeps the eager formula's roundings (every intermediate the eager ops store is cast
 to the activation dtype here too; RoPE's products and sum are not contracted into FMAs,
 SiLU takes CUDA's expf and a rounded division): on the H200 RoPE and SiLU * up equal
-eager bitwise in bf16 and fp16, RMSNorm within an ulp (its float32 sum's order).
+eager bitwise in bf16, fp16 and float32, RMSNorm within an ulp in bf16 / fp16 (its float32
+sum's order; 4 ulps in float32).
 Under torch.compile the model keeps its own formula, which Inductor fuses (the model
 asks ``torch.compiler.is_compiling()``); these are plain functions, not custom ops.
 The Triton code is in llamadist.kernels.gpu.eager_fused, imported on the first call.
