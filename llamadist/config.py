@@ -391,7 +391,7 @@ class RuntimeConfig:
                      fused kernels (eager_kernels): as fast on the H200 (batch-1 decode
                      4.46 ms against 4.50 compiled, 256 requests 8 337 against 7 971 tokens/s)
                      and no torch._dynamo / Inductor at all (first token of an 8B generate
-                     9.4 s after the command against 17 s)
+                     10.0 s after the command against 15.8 s compiled with warm caches)
     compile_cache    a folder where each stage keeps torch.compile's artifacts of its layer
                      (llamadist.runtime.compile_cache): loaded before its first compile,
                      written after each batch bucket's first step, so a restarted worker or
