@@ -42,11 +42,12 @@ def timed(fn, reps: int) -> float:
 
 
 def ulps(got: torch.Tensor, eager: torch.Tensor) -> str:
-    """The largest difference in ulps of eager's value (an ulp of the smallest normal
-    number where eager's is smaller: a subnormal's spacing would make any difference
-    from an exact zero look like 1e37 ulps), and how many elements differ."""
-    a = eager.abs().clamp_min(torch.finfo(eager.dtype).tiny)
+    """The largest difference in ulps of eager's value (at least eps times the tensor's
+    largest magnitude: near an exact zero a subnormal's spacing would make any difference
+    look like 1e37 ulps), and how many elements differ."""
+    a = eager.abs()
     spacing = (torch.nextafter(a, torch.full_like(a, float("inf"))) - a).double()
+    spacing = spacing.clamp_min(torch.finfo(eager.dtype).eps * a.max().double().item())
     diff = (got.double() - eager.double()).abs()
     return f"{(diff / spacing).max().item():g} ({int((diff > 0).sum())} differ)"
 

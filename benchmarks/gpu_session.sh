@@ -116,7 +116,8 @@ coldstart() {  # issue 13: `llamadist generate`'s wall time cold, on a fresh hos
         local t0=$(date +%s.%N)
         TORCHINDUCTOR_CACHE_DIR=/tmp/ind-$ind TRITON_CACHE_DIR=/tmp/tri-$ind \
             step gen_$run 150 python3 -m llamadist generate $CK --devices cuda:0 \
-            --prompt "The capital of France is" --max-new-tokens 64 --compile-cache /tmp/cc-gen \
+            --prompt "The capital of France is" --max-new-tokens 64 --compile \
+            --compile-cache /tmp/cc-gen \
             --stats
         echo "gen_$run wall_s $(python3 -c "import time; print(round(time.time() - $t0, 2))")" \
             | tee -a "$OUT/gen_$run.txt"
@@ -131,12 +132,12 @@ recovery() {  # issues 15, 17: a restarted worker's warm-up with the compile cac
     # a: cold start writes the artifacts; its restart finds Inductor's own cache warm
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind-a TRITON_CACHE_DIR=/tmp/tri-a \
         step recovery_a 170 python3 benchmarks/recovery_bench.py --model $CK --devices cuda \
-        --dtype bfloat16 --nproc 2 --pp 2 --requests 8 --max-tokens 128 \
+        --dtype bfloat16 --nproc 2 --pp 2 --requests 8 --max-tokens 128 --compile \
         --compile-cache /tmp/cc --json-out $OUT/recovery_a.json
     # b: a fresh host (new Inductor and Triton caches) with the file: its start_s against a's
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind-b TRITON_CACHE_DIR=/tmp/tri-b \
         step recovery_b 150 python3 benchmarks/recovery_bench.py --model $CK --devices cuda \
-        --dtype bfloat16 --nproc 2 --pp 2 --requests 8 --max-tokens 128 \
+        --dtype bfloat16 --nproc 2 --pp 2 --requests 8 --max-tokens 128 --compile \
         --compile-cache /tmp/cc --json-out $OUT/recovery_b.json
     step moe 220 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe --budget-s 170
 }
@@ -170,7 +171,7 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
         --requests 256 --peers "" --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
         --runs 3 --trace $OUT/steps_prof.jsonl --profile $OUT/profile.txt
     local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
-        --max-new-tokens 64 --compile-cache /tmp/cc-gen"
+        --max-new-tokens 64 --compile --compile-cache /tmp/cc-gen"
     step gen_first 150 $gen
     # wall time and first token since the process started (--stats), warm caches, then
     # any compile worker left behind (the CLI kills them at its end: none expected)
@@ -179,7 +180,7 @@ profile() {  # issue 13: where a serving run's device time goes (torch.profiler 
     echo "gen_warm wall_s $(python3 -c "import time; print(round(time.time() - $t0, 2))")" \
         "compile_workers_left $(pgrep -fc compile_worker/__main__)" | tee -a "$OUT/gen_warm.txt"
     STEP_SIGNAL=INT step gen_spy 150 py-spy record --idle -r 50 --format raw -o $OUT/gen_spy.raw -- $gen
-    step gen_nocompile 150 $gen --stats --no-compile  # graphs of the eager layers
+    step gen_nocompile 150 $gen --stats --no-compile  # the later flag wins: eager graphs
 }
 
 fused() {  # the fused eager kernels (--eager-kernels triton; llamadist/kernels/eager_fused.py):
@@ -225,8 +226,9 @@ coldspy() {  # where the first token's ~10.7 s go: py-spy (idle time and threads
         --max-new-tokens 128 --stats"
     local spy="py-spy record --idle --threads -r 100 --format raw"
     STEP_SIGNAL=INT step spy_nocompile 90 $spy -o $OUT/spy_nocompile.raw -- $gen --no-compile
-    step gen_fill 150 $gen --compile-cache /tmp/cc-gen
-    STEP_SIGNAL=INT step spy_warm 90 $spy -o $OUT/spy_warm.raw -- $gen --compile-cache /tmp/cc-gen
+    step gen_fill 150 $gen --compile --compile-cache /tmp/cc-gen
+    STEP_SIGNAL=INT step spy_warm 90 $spy -o $OUT/spy_warm.raw -- $gen --compile \
+        --compile-cache /tmp/cc-gen
 }
 
 nocompile() {  # whether decode graphs over the eager layers with the fused kernels

@@ -178,7 +178,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--gen-len", type=int, default=128)
     ap.add_argument("--hf-gen-len", type=int, default=32, help="tokens per transformers run")
     ap.add_argument("--stages", default="1")
-    ap.add_argument("--graph-modes", help="compiled,eager,off (default: compiled on CUDA)")
+    ap.add_argument("--graph-modes", help="compiled,eager,auto,off (default: auto on CUDA, "
+                    "compiled where it pays)")
     ap.add_argument("--prefill-reps", type=int, default=3)
     ap.add_argument("--max-seq-len", type=int)
     ap.add_argument("--json-out")

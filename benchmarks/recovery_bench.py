@@ -169,6 +169,8 @@ def main() -> None:
     ap.add_argument("--top-logprobs", type=int, default=2,
                     help="logprobs asked per token, to show where a text parts (0: none)")
     ap.add_argument("--compile-cache", metavar="DIR", help="the server's --compile-cache")
+    ap.add_argument("--compile", action="store_true", help="the server's --compile (a dense "
+                    "float model compiles nothing by default: nothing for the cache to keep)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     port = free_port()
@@ -180,6 +182,7 @@ def main() -> None:
     cmd += ["--dtype", args.dtype] if args.dtype else []
     cmd += ["--timeout", str(args.timeout)] if args.timeout else []
     cmd += ["--compile-cache", args.compile_cache] if args.compile_cache else []
+    cmd += ["--compile"] if args.compile else []
     server = subprocess.Popen(cmd, env=server_env(), cwd=ROOT)
     try:
         start_s = wait_up(server, url, 900)  # launch to ready: load and warm-up (cold start)

@@ -389,7 +389,8 @@ class RuntimeConfig:
                      with GPU-quantized weights on torch's products, or mixture-of-experts
                      blocks); a dense float model's graphs capture its eager layers with the
                      fused kernels (eager_kernels): as fast on the H200 (batch-1 decode
-                     4.46 ms against 4.50 compiled, 256 requests 8 337 against 7 971 tokens/s)
+                     4.46 ms against 4.50 compiled; 256 requests 7 782 / 8 337 tokens/s
+                     against 7 584 / 7 971 in one lease, within the spread between leases)
                      and no torch._dynamo / Inductor at all (first token of an 8B generate
                      10.0 s after the command against 15.8 s compiled with warm caches)
     compile_cache    a folder where each stage keeps torch.compile's artifacts of its layer
@@ -400,7 +401,7 @@ class RuntimeConfig:
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)
     decode_attention "split" (the split-KV Triton kernel where it applies) or "sdpa"
     eager_kernels    what a CUDA stage's uncompiled layers (prefill and mixed steps, graphs
-                     under --no-compile) run for residual add + RMSNorm, SiLU x up and q/k
+                     of eager layers) run for residual add + RMSNorm, SiLU x up and q/k
                      RoPE: "torch" (PyTorch's ops) or "triton" (the default where Triton
                      runs: llamadist.kernels.eager_fused, one kernel each; the eager formula's
                      values, its roundings included; batch-1 decode through graphs of the

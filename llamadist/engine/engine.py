@@ -134,6 +134,7 @@ class LLMEngine(ReplicaSet):
         self.stats = EngineStats()
         self._queues: dict[str, list[RequestOutput]] = {}  # outputs held for submit()'s iterators
         self._ids = itertools.count()
+        self._held_back: set[tuple] = set()  # (replica, bucket): see _hold_back
         self._launches = itertools.count()
         self._where: dict[str, Replica] = {}  # unfinished requests' replicas
         self.warmup_s = 0.0  # set by warmup()
@@ -395,7 +396,7 @@ class LLMEngine(ReplicaSet):
                 step = rep.scheduler.schedule(per_step, ahead=early)
                 if not step:
                     break
-                if early and self._captures(rep, step):
+                if early and self._hold_back(rep, step):
                     # its launch would first capture its batch size's CUDA graphs (seconds,
                     # once): the step in flight hands out its tokens (a request's first,
                     # often) before that, not after; this one is scheduled again next
@@ -416,13 +417,21 @@ class LLMEngine(ReplicaSet):
                     trace.launched(key, step.chunks, t0, t1,
                                    getattr(rep.executor, "graphed", None), (mark, trace.mark()))
 
-    @staticmethod
-    def _captures(rep: Replica, step: SchedulerStep) -> bool:
-        """Whether launching ``step`` on ``rep`` would first capture CUDA graphs (a
-        decode-only step of a batch size not seen yet, on an executor that says so)."""
+    def _hold_back(self, rep: Replica, step: SchedulerStep) -> bool:
+        """Whether to hold back ``step``, scheduled ahead on ``rep``: its launch would first
+        capture a bucket's CUDA graphs (a decode-only step, on an executor that says which
+        bucket), and no step of that bucket was held back before. Once per bucket: a step
+        scheduled without going ahead need not be of the same size (a request with
+        penalties never goes ahead), so that bucket might otherwise never be captured and
+        every step ahead be held back."""
         captures = getattr(rep.executor, "captures", None)
-        return (captures is not None and step.num_tokens == len(step.chunks)
-                and captures(len(step.chunks)))
+        if captures is None or step.num_tokens != len(step.chunks):
+            return False
+        bucket = captures(len(step.chunks))
+        if bucket is None or (rep.key, bucket) in self._held_back:
+            return False
+        self._held_back.add((rep.key, bucket))
+        return True
 
     def _work(self, step: SchedulerStep, prev: StepWork | None) -> StepWork:
         """The step as the executor sees it (host data; see runtime.step_work); ``prev``:

@@ -121,9 +121,10 @@ class LocalExecutor:
         """The step launched last ran through CUDA graphs (engine.step_trace reads it)."""
         return self.model.graphed
 
-    def captures(self, num_seqs: int) -> bool:
-        """Whether a decode-only step of ``num_seqs`` sequences would first capture its
-        CUDA graphs (the engine then waits for the step in flight before launching it)."""
+    def captures(self, num_seqs: int) -> int | None:
+        """The bucket whose CUDA graphs a decode-only step of ``num_seqs`` sequences would
+        first capture, or None (the engine may wait for the step in flight before launching
+        it)."""
         return self.model.captures(num_seqs)
 
     def collect(self) -> list[int]:

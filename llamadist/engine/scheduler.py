@@ -69,6 +69,9 @@ class Chunk:
     # scheduled ahead: its one token is the one the request's step in flight samples,
     # unknown on the host until then (the executor takes it from that step's output)
     pending: bool = False
+    # scheduled ahead: the request's chunk in flight before it (the one it reads), which
+    # is its latest in flight again if this one's step is aborted
+    prev: "Chunk | None" = None
 
     @property
     def end(self) -> int:
@@ -294,7 +297,7 @@ class Scheduler:
             if start + n > len(req.block_ids) * block_size and not self._allocate_or_preempt(
                     req, start + n - req.num_computed, step, scheduled):
                 continue
-            chunks.append(Chunk(req, start, n, True, True) if going else
+            chunks.append(Chunk(req, start, n, True, True, self._flying[req]) if going else
                           Chunk(req, start, n, n == left))  # samples: reaches its end
             scheduled.add(req)
             budget -= n
@@ -426,9 +429,10 @@ class Scheduler:
 
     # ---- results of a step -------------------------------------------------------------
     def abort(self, step: SchedulerStep) -> None:
-        """Forget a step that failed before its results came back: its requests are no
-        longer in flight, and since nothing advanced, scheduling them again recomputes
-        exactly the same chunks."""
+        """Forget a step that failed (or was held back) before its results came back: its
+        chunks are no longer in flight and nothing advanced, so scheduling its requests
+        again computes the same tokens. (What scheduling did stays done: blocks allocated,
+        requests admitted, preemptions; the next schedule takes them as they are.)"""
         for c in step.chunks:
             self._land(c)
 
@@ -437,6 +441,8 @@ class Scheduler:
         left = self._in_flight.get(c.request, 0) - 1
         if left > 0:
             self._in_flight[c.request] = left
+            if c.prev is not None and self._flying.get(c.request) is c:
+                self._flying[c.request] = c.prev  # the newest aborted: the one before
         else:
             self._in_flight.pop(c.request, None)
             self._flying.pop(c.request, None)
@@ -454,6 +460,7 @@ class Scheduler:
             left = in_flight.get(req, 0) - 1  # self._land(c), inline: once per sequence
             if left > 0:
                 in_flight[req] = left
+                flying[req].prev = None  # c is done: the chunk after it has none to return to
             else:
                 in_flight.pop(req, None)
                 flying.pop(req, None)

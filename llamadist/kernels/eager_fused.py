@@ -2,7 +2,8 @@
 
 The prefill and mixed steps of the engine run the model eagerly (their token counts
 change every step, so they are not compiled), and so do the CUDA-graph decode steps of a
-dense float model (RuntimeConfig.compile: compiled only where it pays). There each elementwise op of the Llama formula is a kernel of its own
+dense float model (RuntimeConfig.compile: compiled only where it pays). There each
+elementwise op of the Llama formula is a kernel of its own
 that reads and writes the whole activation: RMSNorm alone is pow, mean, add, rsqrt, mul,
 two casts and the weight's mul; the residual add before it, SiLU and the gate's product,
 RoPE's rotate_half (a cat) and its three products. On an H200 serving 256 requests to a
@@ -21,7 +22,8 @@ Each keeps the eager formula's roundings (every intermediate the eager ops store
 to the activation dtype here too; RoPE's products and sum are not contracted into FMAs,
 SiLU takes CUDA's expf and a rounded division): on the H200 RoPE and SiLU * up equal
 eager bitwise in bf16, fp16 and float32, RMSNorm within an ulp in bf16 / fp16 (its float32
-sum's order; 4 ulps in float32).
+sum's order, and Triton's approximate division for the mean where torch multiplies by
+1/D; 4 ulps in float32).
 Under torch.compile the model keeps its own formula, which Inductor fuses (the model
 asks ``torch.compiler.is_compiling()``); these are plain functions, not custom ops.
 The Triton code is in llamadist.kernels.gpu.eager_fused, imported on the first call.

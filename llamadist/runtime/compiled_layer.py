@@ -3,8 +3,9 @@ the same shapes), and the import of the compiler started early, beside the weigh
 
 ``import torch._dynamo`` and Inductor's modules take seconds (7.9 s of a 30 s ``generate``
 of an 8B model on the H200 host, on the main thread at the first decode step). A stage
-on CUDA that will decode through compiled layers (RuntimeConfig ``compile`` and
-``cuda_graphs``) calls ``start_compiler_import`` as its build begins: a background
+on CUDA that will decode through compiled layers (kernel_passes.compile_expected: the
+run's ``compile``, or where compiling pays) calls ``start_compiler_import`` as its build
+begins: a background
 thread makes the compiled layer (importing torch._dynamo) and imports Inductor's compile
 path while the main thread loads weights, which mostly waits on copies and reads with
 the GIL released. ``compiled_layer_call`` waits for that thread.

@@ -56,7 +56,12 @@ class Engine:
             self.cuda_graphs = False
         # torch.compile inside the graphs: as the run says, or where it pays
         self.compile_layers = (self.runtime.compile if self.runtime.compile is not None
-                               else any(compile_pays(s.model) for s in stages))
+                               else any(compile_pays(s.model) for s in stages
+                                        if s.device.type == "cuda"))
+        if self.runtime.compile_cache and self.cuda_graphs and not self.compile_layers:
+            log.warning("--compile-cache %s: nothing here compiles (dense float layers "
+                        "decode through graphs of their eager layers; --compile compiles "
+                        "them)", self.runtime.compile_cache)
         self._graphs = None
         self._paged_graphs = None
         self.graphed = False  # the latest paged step ran through the decode graphs
@@ -178,15 +183,18 @@ class Engine:
                                              compile_cache=self.runtime.compile_cache)
         return self._paged_graphs
 
-    def captures(self, num_seqs: int) -> bool:
-        """Whether a decode-only step of ``num_seqs`` sequences would first capture its
-        bucket's CUDA graphs (and compile its layers, where compiled): seconds, once a
-        bucket."""
+    def captures(self, num_seqs: int) -> int | None:
+        """The bucket whose CUDA graphs a decode-only step of ``num_seqs`` sequences would
+        first capture (and compile its layers, where compiled: seconds, once a bucket), or
+        None."""
         if not self.cuda_graphs:
-            return False
+            return None
         if self._paged_graphs is None:
-            from llamadist.runtime.paged_graphs import PagedGraphs
-            return PagedGraphs.supports(self.stages)
+            from llamadist.runtime.cuda_graph import bucket_sizes
+            from llamadist.runtime.paged_graphs import PagedGraphs, bucket_for
+            if not PagedGraphs.supports(self.stages):
+                return None
+            return bucket_for(num_seqs, bucket_sizes(self.max_batch))
         return self._paged_graphs.captures(num_seqs)
 
     def settle_timing(self, wait: bool = False) -> None:

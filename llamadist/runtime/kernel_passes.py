@@ -41,7 +41,7 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   torch.compile and the CUDA-graph capture take as one opaque kernel).
 
 * ``use_eager_fused``: on CUDA, the fused Triton kernels of llamadist.kernels.eager_fused
-  for the steps that run eagerly (prefill and mixed steps; decode under ``--no-compile``):
+  for the steps that run eagerly (prefill and mixed steps; decode graphs of eager layers):
   residual add + RMSNorm (each RMSNorm's ``add_norm``), SiLU * up (each MLP's
   ``silu_mul``) and q/k RoPE of the flat batches (each Attention's ``rotary_qk``). The
   model runs its own formula under torch.compile, which Inductor fuses.
@@ -161,27 +161,33 @@ def use_eager_fused(model: nn.Module, device: torch.device,
 
 
 def compile_pays(model: nn.Module) -> bool:
-    """Whether torch.compile should make the decode layers of ``model`` (a built stage)
-    when the run leaves it open (RuntimeConfig.compile None): where they hold what the
-    fused eager kernels do not cover, GPU-quantized weights on torch's products
+    """Whether torch.compile should make the decode layers of ``model`` (a built CUDA
+    stage) when the run leaves it open (RuntimeConfig.compile None): where they hold what
+    the fused eager kernels do not cover, GPU-quantized weights on torch's products
     (tinygemm, scaled matmul: compile fuses their casts and scales) or mixture-of-experts
-    blocks (routing). A dense float layer decodes as fast in CUDA graphs of its eager
-    layers with the fused kernels (H200, 2026-12-02) and starts without torch._dynamo."""
+    blocks (routing), or where those kernels are off (--eager-kernels torch, no Triton:
+    graphs of PyTorch's eager ops decode a batch-1 step in 5.98 ms against 4.50 compiled
+    on the H200). A dense float layer with the fused kernels decodes as fast in CUDA
+    graphs of its eager layers (4.46 ms) and starts without torch._dynamo."""
     from llamadist.kernels.wquant import PackedLinear
     return any(isinstance(m, SparseMoE)
                or (isinstance(m, PackedLinear) and m.path in ("tinygemm", "scaled"))
+               or (isinstance(m, RMSNorm) and m.add_norm is None)
                for m in model.modules())
 
 
 def compile_expected(config, runtime: RuntimeConfig, device: torch.device) -> bool:
     """compile_pays predicted before a stage on ``device`` loads (to import the compiler
-    beside the load): ``runtime.compile``, or with None a mixture-of-experts model or
-    weights that --quantize quantizes for torch's products. (A GGUF's own blocks on a
-    GPU are not foreseen: their compile then imports the compiler at the first decode.)"""
+    beside the load): ``runtime.compile``, or with None a mixture-of-experts model,
+    weights that --quantize quantizes for torch's products, or the fused eager kernels
+    off. (Not foreseen: a GGUF's own blocks on a GPU, whose compile then imports the
+    compiler at the first decode; int4 whose product falls back to Triton, and MoE blocks
+    without the grouped kernel, which decode without graphs: an import for nothing.)"""
     if device.type != "cuda" or not runtime.cuda_graphs or runtime.compile is False:
         return False
     return bool(runtime.compile or config.num_experts
-                or (runtime.quantize_for(str(device)) and runtime.wquant == "torch"))
+                or (runtime.quantize_for(str(device)) and runtime.wquant == "torch")
+                or runtime.eager_kernels != "triton" or not gpu.INSTALLED)
 
 
 def step_weights(model: nn.Module) -> list[torch.Tensor]:

@@ -160,12 +160,13 @@ class PagedGraphs:
     def prepare_s(self) -> float:
         return sum(d.prepare_s for d in self.decoders)
 
-    def captures(self, num_seqs: int) -> bool:
-        """Whether a step of ``num_seqs`` sequences would first capture graphs (its
-        bucket not captured yet on some stage)."""
+    def captures(self, num_seqs: int) -> int | None:
+        """The bucket a step of ``num_seqs`` sequences would first capture graphs of (not
+        captured yet on some stage), or None."""
         size = bucket_for(num_seqs, self.sizes)
-        return any(d.capture and (size not in d.buckets or d.buckets[size].graph is None)
+        cold = any(d.capture and (size not in d.buckets or d.buckets[size].graph is None)
                    for d in self.decoders)
+        return size if cold else None
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, batch: PagedBatch,

@@ -114,13 +114,13 @@ def test_compiled_layer_runs_the_model_formula_not_the_kernels():
 
 
 def test_eager_kernels_knob():
-    """--eager-kernels: torch (PyTorch's ops) by default until the H200 has measured the
-    Triton kernels; a bad value is refused by name."""
+    """--eager-kernels: triton (the fused kernels, where Triton runs) by default since the
+    H200 measured them (session 13), torch on request; a bad value is refused by name."""
     import argparse
 
     from llamadist.cli.args import runtime_config
     from llamadist.config import ConfigError, RuntimeConfig
-    assert RuntimeConfig().eager_kernels == "torch"
-    assert runtime_config(argparse.Namespace(eager_kernels="triton")).eager_kernels == "triton"
+    assert RuntimeConfig().eager_kernels == "triton"
+    assert runtime_config(argparse.Namespace(eager_kernels="torch")).eager_kernels == "torch"
     with pytest.raises(ConfigError, match="--eager-kernels"):
         RuntimeConfig(eager_kernels="cuda")

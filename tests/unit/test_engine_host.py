@@ -257,14 +257,14 @@ def test_llm_run_without_a_callback_detokenizes_at_the_end(tiny_model):
 
 class CapturingExecutor(ScriptedExecutor):
     """Says that a decode-only step of a batch size not launched before would capture
-    CUDA graphs (as LocalExecutor on a GPU)."""
+    CUDA graphs (as LocalExecutor on a GPU; each size its own bucket here)."""
 
     def __init__(self, script, ahead):
         super().__init__(script, ahead)
         self.seen, self.launched = set(), []
 
     def captures(self, num_seqs):
-        return num_seqs not in self.seen
+        return None if num_seqs in self.seen else num_seqs
 
     def launch(self, work):
         if len(work.columns.token_ids) == work.num_seqs:  # decode-only: captured now
@@ -290,3 +290,29 @@ def test_a_first_token_is_not_held_behind_a_graph_capture(tok):
     while engine.has_unfinished:
         engine.step()
     assert req.output_ids == script["r0"][:6]
+
+
+def test_a_bucket_is_held_back_once(tok):
+    """A request with a penalty never goes ahead, so the steps scheduled ahead are smaller
+    than the ones scheduled after a wait, and their bucket is captured only when one of
+    them launches: each bucket is held back once, then launched (and captured), and the
+    steps after it go ahead again."""
+    script = {f"r{i}": tok.encode("one two three four five six seven eight",
+                                  add_special_tokens=False) for i in range(3)}
+    executor = CapturingExecutor(script, ahead=True)
+    engine = LLMEngine(executor, tok, RuntimeConfig(max_seq_len=160, max_batch=4,
+                                                    max_batch_tokens=64), block_size=4)
+    plain = SamplingParams(max_new_tokens=8, ignore_eos=True)
+    reqs = [engine.add_request(tok.encode("a prompt"), plain, "r0"),
+            engine.add_request(tok.encode("a prompt"), plain, "r1"),
+            engine.add_request(tok.encode("a prompt"),
+                               SamplingParams(max_new_tokens=8, ignore_eos=True,
+                                              repetition_penalty=1.2), "r2")]
+    ahead = 0
+    while engine.has_unfinished:
+        engine.step()
+        ahead += len(engine.replicas[0].in_flight) > 0  # a step left in flight: went ahead
+    # the steps ahead hold r0 and r1 only (size 2): held back once, then launched
+    assert sorted(b for _, b in engine._held_back) == [2]
+    assert ahead >= 4  # and later steps went ahead again
+    assert [r.output_ids for r in reqs] == [script[f"r{i}"][:8] for i in range(3)]

@@ -242,10 +242,16 @@ def test_compile_is_where_it_pays_unless_a_flag_says(tiny_model):
     assert not compile_expected(dense, RuntimeConfig(quantize="int8", wquant="triton"), gpu)
     assert not compile_expected(moe, RuntimeConfig(cuda_graphs=False), gpu)
     assert not compile_expected(moe, RuntimeConfig(compile=True), cpu)
+    assert compile_expected(dense, RuntimeConfig(eager_kernels="torch"), gpu)
+    from llamadist.model.llama import RMSNorm
     from llamadist.runtime.stage import build_stage
     ckpt = open_checkpoint(str(tiny_model))
     stage = build_stage(ckpt, range(0, ckpt.config.num_layers), "cpu", torch.float32, 1, 32)
-    assert not compile_pays(stage.model)  # a dense float model: graphs of its eager layers
+    assert compile_pays(stage.model)  # PyTorch's eager ops (no fused kernels off CUDA)
+    for m in stage.model.modules():  # as use_eager_fused sets them on a GPU
+        if isinstance(m, RMSNorm):
+            m.add_norm = lambda *a: None
+    assert not compile_pays(stage.model)  # dense float layers with the fused kernels
 
 
 def test_kv_length_defaults_to_what_the_request_needs(smollm2):

@@ -62,7 +62,7 @@ def _rotate_heads(X, O, sx_n, sx_h, so_n, n, H, cos, sin, offs_d, partner, sign,
     # The H heads of token n: o = x * cos + rotate_half(x) * sin, each product and the sum
     # rounded to x's dtype as the eager formula's three kernels do: bitwise the same, as
     # long as the compiler does not contract a product and the sum into one FMA (it did,
-    # in bf16 too, hundreds of ulps where the sum cancels, seen on the H200): the launch
+    # in bf16 too: hundreds to thousands of ulps where the sum cancels, on the H200): the launch
     # turns that off (enable_fp_fusion=False).
     offs_h = tl.arange(0, H_PAD)
     keep = (offs_h < H)[:, None] & (offs_d < D)[None, :]
