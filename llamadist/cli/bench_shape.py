@@ -81,6 +81,7 @@ class ShapeOptions:
     compile: bool | None = None         # --compile / --no-compile (None: where it pays)
     no_cpu_kernels: bool = False
     decode_attention: str = "split"
+    eager_kernels: str | None = None    # --eager-kernels (None: RuntimeConfig's default)
     batch: list[int] = field(default_factory=lambda: [1])   # int or "1,8,32" or a list
     prompt_len: int = 64
     gen_len: int = 32
@@ -486,7 +487,8 @@ def attempt(res: dict, what: str, fn: Callable[[], Any]) -> Any:
 
 def shape_runtime(o: ShapeOptions, mode: str) -> RuntimeConfig:
     """The RuntimeConfig of one graph mode of a --shape run (its kernels and formats)."""
-    given = {k: v for k, v in (("quantize", o.quantize), ("wquant", o.wquant)) if v}
+    given = {k: v for k, v in (("quantize", o.quantize), ("wquant", o.wquant),
+                                ("eager_kernels", o.eager_kernels)) if v}
     compile = {"compiled": True, "auto": None}.get(mode, False)
     return RuntimeConfig(cuda_graphs=mode != "off", compile=compile,
                          cpu_kernels=not o.no_cpu_kernels, decode_attention=o.decode_attention,

@@ -126,3 +126,17 @@ def test_a_stage_on_cuda_without_an_index_is_the_full_model_s_device(monkeypatch
     assert bench_shape._indexed(torch.device("cuda")) == torch.device("cuda:0")
     assert bench_shape._indexed(torch.device("cuda:1")) == torch.device("cuda:1")
     assert bench_shape._indexed(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_shape_runtime_takes_the_eager_kernels_and_the_graph_mode():
+    """bench --shape passes --eager-kernels on (it was dropped) and maps each graph mode to
+    RuntimeConfig.compile: compiled True, eager False, auto None (where it pays)."""
+    import argparse
+
+    from llamadist.cli.bench_shape import ShapeOptions, shape_runtime
+    opts = ShapeOptions.from_args(argparse.Namespace(eager_kernels="torch"))
+    rts = {m: shape_runtime(opts, m) for m in ("compiled", "eager", "auto", "off")}
+    assert all(rt.eager_kernels == "torch" for rt in rts.values())
+    assert [rts[m].compile for m in ("compiled", "eager", "auto")] == [True, False, None]
+    assert not rts["off"].cuda_graphs
+    assert shape_runtime(ShapeOptions(), "auto").eager_kernels == "triton"  # the default
