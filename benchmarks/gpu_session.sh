@@ -245,7 +245,8 @@ nocompile() {  # whether decode graphs over the eager layers with the fused kern
 }
 
 stalls() {  # the slow early mixed steps (launch_s = device_s = 0.6-1 s on steps 1-5 of a
-    # run, session 13): GC pauses and the allocator's retries and syncs per run (--diag),
+    # run, session 13): GC pauses, the allocator's retries and syncs, and Triton's
+    # compiles with their times, per run (--diag; line them up with the trace),
     # then where the host is in a native py-spy profile of the same run (~5 min)
     checkpoint
     local serve="python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \

@@ -232,9 +232,11 @@ ALLOC_STATS = ("num_alloc_retries", "num_sync_all_streams", "num_device_alloc",
 @contextlib.contextmanager
 def diagnosed(on: bool, into: dict):
     """With ``on``: the run's Python garbage collections over 10 ms (seconds since the
-    run began, duration, generation) and the CUDA allocator's counters, into ``into``
-    (what might stall the host inside a step's launch: session 13's trace showed early
-    mixed steps whose launch took as long as their device time, 0.6-1 s)."""
+    run began, duration, generation), the CUDA allocator's counters, and each Triton kernel
+    specialization compiled or loaded during the run (seconds since the run began,
+    duration, kernel: a new specialization, e.g. of a pointer's 16-byte alignment, stalls
+    the launching host), into ``into`` (what might stall the host inside a step's launch:
+    session 13's trace showed early mixed steps of 0.7-1 s against 0.21 s later)."""
     if not on:
         yield
         return
@@ -249,6 +251,21 @@ def diagnosed(on: bool, into: dict):
             t = started.pop("t")
             if now - t > 0.01:
                 pauses.append([round(t - t0, 3), round(now - t, 4), info["generation"]])
+    compiles, jit = [], None
+    try:
+        import triton.runtime.jit as jit
+        do_compile = jit.JITFunction._do_compile
+
+        def timed_compile(self, *a, **kw):
+            t = time.perf_counter()
+            try:
+                return do_compile(self, *a, **kw)
+            finally:
+                compiles.append([round(t - t0, 3), round(time.perf_counter() - t, 4),
+                                 getattr(self, "__name__", "?")])
+        jit.JITFunction._do_compile = timed_compile
+    except (ImportError, AttributeError):  # no triton, or another version's internals
+        jit = None
     cuda = torch.cuda.is_available()
     before = torch.cuda.memory_stats() if cuda else {}
     gc.callbacks.append(watch)
@@ -256,7 +273,10 @@ def diagnosed(on: bool, into: dict):
         yield
     finally:
         gc.callbacks.remove(watch)
+        if jit is not None:
+            jit.JITFunction._do_compile = do_compile
         into["gc_pauses"] = pauses
+        into["triton_compiles"] = compiles
         after = torch.cuda.memory_stats() if cuda else {}
         into["allocator"] = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOC_STATS}
 
