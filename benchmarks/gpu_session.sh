@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls perplexity (or stash)
+#         nocompile stalls loadpaths perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -256,6 +256,12 @@ stalls() {  # the slow early mixed steps (launch_s = device_s = 0.6-1 s on steps
         --format raw -o $OUT/stall_spy.raw -- $serve --trace $OUT/spy_steps.jsonl
 }
 
+loadpaths() {  # issue 13's cold start: the 8B folder's load (2.5 s of a 10 s first
+    # token, 5.8 GB/s) against pinned, pipelined and threaded copies, and the limits (~2 min)
+    checkpoint
+    step loadpaths 150 python3 benchmarks/load_paths_gpu.py $CK --threads 4
+}
+
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
     local name=$1 t0=$(date +%s.%N); shift
     step "$name" "$@"
@@ -280,8 +286,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
