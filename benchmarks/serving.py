@@ -251,32 +251,46 @@ def diagnosed(on: bool, into: dict):
             t = started.pop("t")
             if now - t > 0.01:
                 pauses.append([round(t - t0, 3), round(now - t, 4), info["generation"]])
-    compiles, jit = [], None
-    try:
-        import triton.runtime.jit as jit
-        do_compile = jit.JITFunction._do_compile
+    compiles: list | None = []
+    patched: list[tuple] = []  # (owner, attribute, original): put back at the end
 
-        def timed_compile(self, *a, **kw):
+    def timing(owner, attr, what, skip=lambda self: False):
+        original = getattr(owner, attr)
+
+        def timed(self, *a, **kw):
+            if skip(self):
+                return original(self, *a, **kw)
             t = time.perf_counter()
             try:
-                return do_compile(self, *a, **kw)
+                return original(self, *a, **kw)
             finally:
-                compiles.append([round(t - t0, 3), round(time.perf_counter() - t, 4),
-                                 getattr(self, "__name__", "?")])
-        jit.JITFunction._do_compile = timed_compile
-    except (ImportError, AttributeError):  # no triton, or another version's internals
-        jit = None
+                compiles.append([round(t - t0, 3), round(time.perf_counter() - t, 4), what,
+                                 getattr(self, "__name__", None) or getattr(self, "name", "?")])
+        patched.append((owner, attr, original))
+        setattr(owner, attr, timed)
+
     cuda = torch.cuda.is_available()
     before = torch.cuda.memory_stats() if cuda else {}
-    gc.callbacks.append(watch)
     try:
+        try:  # a specialization compiled or loaded from Triton's disk cache, then its
+            # first launch's module load and launcher (gcc on a cold cache)
+            import triton.compiler.compiler as tcc
+            import triton.runtime.jit as jit
+            timing(jit.JITFunction, "_do_compile", "compile")
+            timing(tcc.CompiledKernel, "_init_handles", "load",
+                   skip=lambda self: self.module is not None)
+        except (ImportError, AttributeError):  # no triton, or other internals: not seen
+            if not patched:
+                compiles = None
+        gc.callbacks.append(watch)
         yield
     finally:
-        gc.callbacks.remove(watch)
-        if jit is not None:
-            jit.JITFunction._do_compile = do_compile
+        for owner, attr, original in reversed(patched):
+            setattr(owner, attr, original)
+        if watch in gc.callbacks:
+            gc.callbacks.remove(watch)
         into["gc_pauses"] = pauses
-        into["triton_compiles"] = compiles
+        into["triton_compiles"] = compiles  # None: could not be watched
         after = torch.cuda.memory_stats() if cuda else {}
         into["allocator"] = {k: after.get(k, 0) - before.get(k, 0) for k in ALLOC_STATS}
 
@@ -318,8 +332,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", metavar="FILE", help="run the last llamadist run under "
                    "torch.profiler and write its operators and kernels by device time to "
                    "FILE (a table; the run's own figures then carry the profiler's cost)")
-    p.add_argument("--diag", action="store_true", help="per run: Python GC pauses over 10 ms "
-                   "and the CUDA allocator's retries, syncs and device allocations")
+    p.add_argument("--diag", action="store_true", help="per run: Python GC pauses over 10 ms, "
+                   "the CUDA allocator's retries, syncs and device allocations, and each "
+                   "Triton kernel compiled or loaded (seconds since the run began)")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
     folder = checkpoint(args)
