@@ -425,10 +425,11 @@ class LLMEngine(ReplicaSet):
         penalties never goes ahead), so that bucket might otherwise never be captured and
         every step ahead be held back."""
         captures = getattr(rep.executor, "captures", None)
-        if captures is None or step.num_tokens != len(step.chunks):
+        if captures is None:
             return False
-        bucket = captures(len(step.chunks))
-        if bucket is None or (rep.key, bucket) in self._held_back:
+        bucket = captures(len(step.chunks))  # None once captured: the steady state's test
+        if (bucket is None or (rep.key, bucket) in self._held_back
+                or step.num_tokens != len(step.chunks)):  # not decode-only
             return False
         self._held_back.add((rep.key, bucket))
         return True
