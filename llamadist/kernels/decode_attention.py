@@ -66,8 +66,8 @@ def _decode_attention_impl(q: torch.Tensor, keys: torch.Tensor, values: torch.Te
     return gpu.load("decode_attention").launch(q, keys, values, mask, start, cos, sin)
 
 
-_decode_attention_op = gpu.custom_op("llamadist::decode_attention", _decode_attention_impl,
-                                     fake=lambda q, *_: q.new_empty(q.shape))
+_decode_attention_op = gpu.custom_op("llamadist::decode_attention",
+                                     _decode_attention_impl)  # out: q's shape
 
 
 def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,

@@ -128,8 +128,7 @@ def _moe_routed_impl(x: torch.Tensor, weights: torch.Tensor, group: torch.Tensor
                                          RoutedConfig.from_ints(config))
 
 
-_moe_routed_op = gpu.custom_op("llamadist::moe_routed", _moe_routed_impl,
-                               fake=lambda x, *_: x.new_empty(x.shape))
+_moe_routed_op = gpu.custom_op("llamadist::moe_routed", _moe_routed_impl)  # out: x's shape
 
 
 def routed_expert_sum(x: torch.Tensor, weights: torch.Tensor, index: torch.Tensor,

@@ -76,17 +76,21 @@ def load(name: str) -> ModuleType:
     return module
 
 
+def _like_first(first, *_):
+    return first.new_empty(first.shape)
+
+
 def custom_op(name: str, impl: Callable, mutates_args: tuple[str, ...] = (),
-              fake: Callable | None = None) -> Callable:
-    """``impl`` registered as the torch custom op ``name`` (with ``fake`` for its output's
-    shape), and a function that calls the op where torch.compile traces (an opaque op in
-    the graph, as compiled layers need) and ``impl`` itself everywhere else. The op's own
-    dispatch wrapper imports torch._dynamo at its first call: seconds (8 s of a
-    ``--no-compile`` generate's first decode step on the H200 host, under py-spy) that
-    eager layers and CUDA graphs of eager layers never use."""
+              fake: Callable = _like_first) -> Callable:
+    """``impl`` registered as the torch custom op ``name`` (``fake`` gives its output's
+    shape and dtype: by default those of its first argument), and a function that calls
+    the op where torch.compile traces (an opaque op in the graph, as compiled layers need)
+    and ``impl`` itself everywhere else. The op's own dispatch wrapper imports
+    torch._dynamo at its first call: seconds (8 s of a ``--no-compile`` generate's first
+    decode step on the H200 host, under py-spy) that eager layers and CUDA graphs of eager
+    layers never use."""
     op = torch.library.custom_op(name, impl, mutates_args=mutates_args)
-    if fake is not None:
-        op.register_fake(fake)
+    op.register_fake(fake)
 
     @functools.wraps(impl)
     def call(*args, **kwargs):
