@@ -251,7 +251,12 @@ stalls() {  # the slow early mixed steps (launch_s = device_s = 0.6-1 s on steps
     checkpoint
     local serve="python3 benchmarks/serving.py --shape llama3-8b --device cuda --requests 256 \
         --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok --runs 2"
+    # the SM and memory clocks, power and throttle reasons every 50 ms beside it
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,utilization.gpu,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv,noheader -lms 50 > $OUT/stall_clocks.csv 2>&1 &
+    local smi=$!
     step stall_diag 120 $serve --diag --trace $OUT/stall_steps.jsonl --json-out $OUT/stall.json
+    kill $smi
     STEP_SIGNAL=INT step stall_spy 150 py-spy record --native --idle --threads -r 100 \
         --format raw -o $OUT/stall_spy.raw -- $serve --trace $OUT/spy_steps.jsonl
 }

@@ -121,6 +121,9 @@ def run_ours(llm: LLM, prompts: list[list[int]], arrivals: list[float], new: int
     if trace:
         eng.trace.write(trace)
         stats["trace"] = eng.trace.summary()
+        # the wall clock at the trace's zero, to line its steps up with other logs
+        # (nvidia-smi's clock samples)
+        stats["trace"]["unix_t0"] = time.time() - (time.perf_counter() - eng.trace.t0)
         eng.trace = None
     return stats
 
