@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths perplexity (or stash)
+#         nocompile stalls loadpaths fixes perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -267,6 +267,22 @@ loadpaths() {  # issue 13's cold start: the 8B folder's load (2.5 s of a 10 s fi
     step loadpaths 150 python3 benchmarks/load_paths_gpu.py $CK --threads 4
 }
 
+fixes() {  # session 14's two fixes measured through the user's path: the paged kernel
+    # compiled once per model (no compile inside a mixed step: serving --diag lists any),
+    # the loader's pinned staging (load_paths' llamadist row), and the first token (~6 min)
+    step test_paged 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_paged_gpu.py \
+        tests/gpu/test_loader_gpu.py
+    checkpoint
+    step loadpaths 100 python3 benchmarks/load_paths_gpu.py $CK --threads 4
+    step serving_diag 130 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
+        --requests 256 --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
+        --runs 2 --diag --trace $OUT/fix_steps.jsonl --json-out $OUT/serving_diag.json
+    local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
+        --max-new-tokens 128 --stats"
+    step gen_fill 90 $gen
+    walled gen_default 60 $gen
+}
+
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
     local name=$1 t0=$(date +%s.%N); shift
     step "$name" "$@"
@@ -291,8 +307,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from llamadist.kernels.gpu import interpreted
-from llamadist.kernels.paged_attention import BLOCK_N, LOG2E
+from llamadist.kernels.paged_attention import BLOCK_N, LOG2E, MAX_SPLITS
 
 # Triton's CPU interpreter (tests) multiplies bf16 tiles as raw bits in tl.dot (triton
 # 3.6 with NumPy 2.4: errors of 1e10), so interpreted bf16 tiles are widened to float32
@@ -34,19 +34,27 @@ def _write_kernel(K, V, KV, Slots, sk_n, sk_h, sv_n, sv_h, skv_kv, skv_b, skv_h,
     tl.store(dst + skv_kv, v.to(KV.dtype.element_ty), mask=keep)
 
 
-@triton.jit
+# What changes from step to step (the split count, the sequences x KV heads, the block
+# tables' width) is a plain argument Triton does not specialize on: otherwise each new
+# value (a power of two, a multiple of 16 or not) compiles another kernel in the middle of
+# a step, 0.4-0.6 s each on the H200 (session 14: the slow early mixed steps of a serving
+# run). The kernels compile once per model and dtype, DIRECT (one split) or not.
+VARYING = ["n_sh", "st_s", "splits"]
+
+
+@triton.jit(do_not_specialize=VARYING)
 def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
                   sq_n, sq_h, so_n, so_h, skv_kv, skv_b, skv_h, skv_s, st_s,
-                  n_sh, H_KV, G, qk_scale,
+                  n_sh, H_KV, G, qk_scale, splits,
                   D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
-                  G_PAD: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+                  G_PAD: tl.constexpr, BLOCK: tl.constexpr,
                   DIRECT: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
     sh = tl.program_id(0)
     split = tl.program_id(1)
     s = sh // H_KV
     h = sh % H_KV
     length = tl.load(SeqLens + s).to(tl.int32)  # slots [0, length) hold tokens
-    per_split = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK) * BLOCK
+    per_split = tl.cdiv(tl.cdiv(length, splits), BLOCK) * BLOCK
     lo = split * per_split
     hi = tl.minimum(lo + per_split, length)
 
@@ -101,29 +109,30 @@ def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
         out = acc / l_i[:, None]
         tl.store(Out + s * so_n + (h * G + offs_g)[:, None] * so_h + offs_d[None, :],
                  out.to(Out.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-    else:  # partials laid out (S * H_kv, SPLITS, G, D_PAD) and (2, S * H_kv, SPLITS, G)
-        row = (sh * SPLITS + split) * G + offs_g
+    else:  # partials laid out (S * H_kv, splits, G, D_PAD) and (2, S * H_kv, splits, G)
+        row = (sh * splits + split) * G + offs_g
         tl.store(Acc + row[:, None] * D_PAD + offs_d[None, :], acc, mask=g_ok[:, None])
         tl.store(ML + row, m_i, mask=g_ok)
-        tl.store(ML + n_sh * SPLITS * G + row, l_i, mask=g_ok)
+        tl.store(ML + n_sh * splits * G + row, l_i, mask=g_ok)
 
 
-@triton.jit
-def _merge_kernel(Acc, ML, Out, so_n, so_h, n_sh, H_KV, G,
-                  D: tl.constexpr, D_PAD: tl.constexpr, SPLITS: tl.constexpr):
+@triton.jit(do_not_specialize=["n_sh", "splits"])
+def _merge_kernel(Acc, ML, Out, so_n, so_h, n_sh, H_KV, G, splits,
+                  D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr):
     pid = tl.program_id(0)  # one per (sequence, KV head, query row g)
     g = pid % G
     sh = pid // G
     s = sh // H_KV
     h = sh % H_KV
-    offs_s = tl.arange(0, SPLITS)
+    offs_s = tl.arange(0, SPLITS_PAD)  # one tile for every split count (one compile)
     offs_d = tl.arange(0, D_PAD)
-    row = (sh * SPLITS + offs_s) * G + g
-    m_s = tl.load(ML + row)
-    l_s = tl.load(ML + n_sh * SPLITS * G + row)
+    have = offs_s < splits
+    row = (sh * splits + offs_s) * G + g
+    m_s = tl.load(ML + row, mask=have, other=float("-inf"))
+    l_s = tl.load(ML + n_sh * splits * G + row, mask=have, other=0.0)
     m = tl.max(m_s, 0)
     w = tl.where(m_s == float("-inf"), 0.0, tl.exp2(m_s - m))  # empty splits weigh 0
-    acc = tl.load(Acc + row[:, None] * D_PAD + offs_d[None, :])
+    acc = tl.load(Acc + row[:, None] * D_PAD + offs_d[None, :], mask=have[:, None], other=0.0)
     out = tl.sum(acc * w[:, None], 0) / tl.sum(l_s * w, 0)
     tl.store(Out + s * so_n + (h * G + g) * so_h + offs_d, out.to(Out.dtype.element_ty),
              mask=offs_d < D)
@@ -161,12 +170,13 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
         q, kv, block_tables, seq_lens, acc, ml, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), block_tables.stride(0),
-        n_sh, h_kv, g, d ** -0.5 * LOG2E,
+        n_sh, h_kv, g, d ** -0.5 * LOG2E, splits,
         D=d, D_PAD=d_pad, BS=bs, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N,
-        SPLITS=splits, DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
+        DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4,
         num_stages=2)
     if not direct:
         _merge_kernel[(n_sh * g,)](acc, ml, out, out.stride(0), out.stride(1), n_sh, h_kv, g,
-                                   D=d, D_PAD=d_pad, SPLITS=splits, num_warps=4)
+                                   splits, D=d, D_PAD=d_pad, SPLITS_PAD=MAX_SPLITS,
+                                   num_warps=4)
     return out
