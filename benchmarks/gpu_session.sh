@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -283,6 +283,25 @@ fixes() {  # session 14's two fixes measured through the user's path: the paged 
     walled gen_default 60 $gen
 }
 
+targets() {  # issue 13's targets in one lease, after session 14's fixes: batch-1 decode
+    # in process, in a worker process (torchrun) and as two stages in one process; the
+    # first token with Triton's cache empty, then warm under py-spy; serving 256 (~7 min)
+    checkpoint
+    local bench="-m llamadist bench $CK --batch 1 --prompt-len 128 --gen-len 128"
+    step bench1 60 python3 $bench --devices cuda:0
+    step bench1_worker 70 torchrun --standalone --nproc-per-node 1 $bench --devices cuda
+    step bench1_2stages 70 python3 $bench --devices cuda:0,cuda:0 --strategy uniform
+    local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
+        --max-new-tokens 128 --stats"
+    TRITON_CACHE_DIR=/tmp/tritoncache-cold walled gen_cold 90 $gen
+    walled gen_warm 60 $gen
+    STEP_SIGNAL=INT step gen_spy 60 py-spy record --idle --threads -r 100 --format raw \
+        -o $OUT/gen_spy.raw -- $gen
+    step serving 120 python3 benchmarks/serving.py --shape llama3-8b --device cuda \
+        --requests 256 --peers= --checkpoint-dir /tmp/ck --tokenizer-from .whl/smollm2-tok \
+        --runs 2 --diag --json-out $OUT/serving.json
+}
+
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
     local name=$1 t0=$(date +%s.%N); shift
     step "$name" "$@"
@@ -307,8 +326,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
