@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from llamadist.config import ModelConfig, to_device
+from llamadist.config import ModelConfig
 from llamadist.distributed.faults import PeerError
 from llamadist.distributed.kv_direct import DIRECT, address_tensor
 from llamadist.distributed.p2p import Kind, Message
@@ -40,7 +40,7 @@ from llamadist.engine.migration import DIRECT_TCP, FRONT_RELAY, HOST_COPY, PCIE,
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import parse_dtype
 from llamadist.runtime.stage_rank import StageRank
-from llamadist.runtime.step_work import StepWork, sample_step
+from llamadist.runtime.step_work import StepWork, sample_step, take_pending
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,39 @@ class Executor(Protocol):
     def import_kv(self, block_ids: Sequence[int], payload: list[torch.Tensor]) -> None: ...
 
 
+class Sampled:
+    """The sampled tokens of the steps launched in this process, oldest first: each
+    step's copy to the host starts at launch (``add``) and is waited for at ``pop``, on a
+    GPU behind an event (a stream sync would also wait for the step launched after);
+    ``last``: the latest step's tokens on the device, which the decodes of a step
+    scheduled ahead read (runtime.step_work.take_pending)."""
+
+    def __init__(self) -> None:
+        self._done: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
+        self.last: torch.Tensor | None = None
+
+    def add(self, tokens: torch.Tensor) -> None:
+        self.last = tokens
+        host, arrived = tokens.to("cpu", non_blocking=True), None
+        if tokens.device.type == "cuda":
+            arrived = torch.cuda.Event()
+            arrived.record(torch.cuda.current_stream(tokens.device))
+        self._done.append((host, arrived))
+
+    def pop(self) -> list[int]:
+        tokens, arrived = self._done.popleft()
+        if arrived is not None:
+            arrived.synchronize()
+        return tokens.tolist()
+
+    def clear(self) -> None:
+        self._done.clear()
+        self.last = None
+
+
+SAMPLED = object()  # RankExecutor: this step's tokens are in its Sampled
+
+
 class LocalExecutor:
     """Stages in this process. The sampled tokens' copy to the host is started at launch
     and waited for at collect. ``ahead``: the engine may launch the next step before
@@ -89,10 +122,7 @@ class LocalExecutor:
         self.devices = [str(s.device) for s in model.stages]
         self._first = model.stages[0].device
         self.ahead = ahead
-        # per launched step: its sampled tokens on the host, and (on a GPU) the event that
-        # says they arrived (a stream sync would also wait for the step launched after)
-        self._done: deque[tuple[torch.Tensor, torch.cuda.Event | None]] = deque()
-        self._last: torch.Tensor | None = None  # the latest step's sampled tokens (device)
+        self._sampled = Sampled()
 
     def init_paged(self, num_blocks: int, block_size: int) -> None:
         self.model.init_paged(num_blocks, block_size)
@@ -103,18 +133,9 @@ class LocalExecutor:
             for s in self.model.stages:
                 s.reset_stats()
         tokens = work.tokens(self._first)
-        at, src = work.pending()
-        if at:  # decodes scheduled ahead: their inputs are the previous step's samples
-            assert self._last is not None, "a pending token needs a step launched before"
-            tokens[to_device(torch.tensor(at), self._first)] = \
-                self._last[to_device(torch.tensor(src), self._last.device)].to(self._first)
+        take_pending(tokens, work, self._sampled.last)
         logits = self.model.forward_paged(tokens, work.batch())  # (S, V)
-        self._last = sample_step(logits, work)
-        host, arrived = self._last.to("cpu", non_blocking=True), None
-        if self._last.device.type == "cuda":
-            arrived = torch.cuda.Event()
-            arrived.record(torch.cuda.current_stream(self._last.device))
-        self._done.append((host, arrived))
+        self._sampled.add(sample_step(logits, work))
 
     @property
     def graphed(self) -> bool:
@@ -128,19 +149,16 @@ class LocalExecutor:
         return self.model.captures(num_seqs)
 
     def collect(self) -> list[int]:
-        tokens, arrived = self._done.popleft()
-        if arrived is not None:
-            arrived.synchronize()
+        tokens = self._sampled.pop()
         if self.model.timed:  # this step's stage times are ready: read them (no wait)
             self.model.settle_timing()
-        return tokens.tolist()
+        return tokens
 
     def idle(self) -> None:
         pass
 
     def reset(self) -> None:
-        self._done.clear()
-        self._last = None
+        self._sampled.clear()
 
     def close(self) -> None:
         self.reset()
@@ -174,21 +192,32 @@ class RankExecutor:
     launcher process, which is no rank (``RankExecutor.remote``: every replica is remote,
     driven through a ``distributed.link.CrewLinks``)."""
 
-    ahead = False  # the sampled tokens live on the last stage's rank, not the first's
+    # Steps scheduled ahead (RuntimeConfig.schedule_ahead) need the step before's samples
+    # on the device of the rank that takes the step: only a replica of one rank, this
+    # process, on a GPU (``--nproc 1`` under torchrun) has them; elsewhere they live on
+    # the last stage's rank (or come back through the front).
+    ahead = False
 
     def __init__(self, rank: StageRank, replica: int, devices: list[str]):
         self.rank, self.replica = rank, replica
         self.config = rank.stage.model.config
         self.devices = devices
-        self.depth = rank.groups.pp_size
+        g = rank.groups
+        self.depth = g.pp_size
         self.link = rank.front
         self.leader, self.sampler = rank.replica_ranks(replica)
-        self.remote = self.leader != rank.groups.rank  # else this process is its first stage
+        self.remote = self.leader != g.rank  # else this process is its first stage
         self.blocking = not self.remote
+        self.ahead = (not self.remote and self.sampler == g.rank and g.tp_size == 1
+                      and g.cp_size == 1 and rank.stage.device.type == "cuda"
+                      and rank.runtime.schedule_ahead)
         self.paged_shape: tuple[int, int] | None = rank.paged_shape
-        # per launched step, oldest first: its tokens when known at launch (sampled here:
-        # one stage, tp 1; or [] for an empty step, which sends none back), else None
-        self._results: deque[list[int] | None] = deque()
+        # per launched step, oldest first: its tokens when known at launch (sampled here
+        # without going ahead: one stage, tp 1; or [] for an empty step, which sends none
+        # back), SAMPLED (in ``_sampled``: on their way to the host), else None (they come
+        # from the sampling rank)
+        self._results: deque[list[int] | object | None] = deque()
+        self._sampled = Sampled()
 
     @classmethod
     def remote(cls, link, replica: int, leader: int, sampler: int, depth: int,
@@ -205,7 +234,7 @@ class RankExecutor:
         self.remote, self.blocking, self.paged_shape = True, False, paged_shape
         self.kv_dtype = str(parse_dtype(kv_dtype)).removeprefix("torch.")
         self.kv_layout = kv_layout
-        self._results = deque()
+        self._results, self._sampled = deque(), Sampled()
         return self
 
     kv_dtype = "float32"
@@ -328,13 +357,28 @@ class RankExecutor:
             self.link.send(self.leader, Message(Kind.STEP, tensor=work.pack()))
         else:
             with torch.inference_mode():
-                tokens = self.rank.run(work)
-            if tokens is not None:
+                tokens = self.rank.run(work, prev=self._sampled.last, on_device=self.ahead)
+            if tokens is not None and self.ahead:
+                self._sampled.add(tokens)
+                known = SAMPLED
+            elif tokens is not None:
                 known = tokens.tolist()
         self._results.append(known)
 
+    @property
+    def graphed(self) -> bool | None:
+        """The step this process ran last went through CUDA graphs (engine.step_trace);
+        None where the replica's ranks are all elsewhere."""
+        return None if self.rank is None else self.rank.model.graphed
+
+    def captures(self, num_seqs: int) -> int | None:
+        """As LocalExecutor.captures, where steps go ahead (else never asked)."""
+        return self.rank.model.captures(num_seqs) if self.ahead else None
+
     def collect(self) -> list[int]:
         known = self._results.popleft()
+        if known is SAMPLED:
+            return self._sampled.pop()
         if known is not None:
             return known
         return self.link.recv(self.sampler).tensor.tolist()

@@ -45,7 +45,7 @@ from llamadist.parallel.expert import join_expert_collectives
 from llamadist.runtime.cp_step import CPStep, forward_cp, gather_logits
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import Stage
-from llamadist.runtime.step_work import StepWork, sample_step
+from llamadist.runtime.step_work import StepWork, sample_step, take_pending
 
 log = logging.getLogger(__name__)
 CPU = torch.device("cpu")
@@ -141,15 +141,17 @@ class StageRank:
 
     # ---- one step on this stage ---------------------------------------------------------
     def run(self, work: StepWork, packed: torch.Tensor | None = None,
-            x: torch.Tensor | None = None) -> torch.Tensor | None:
+            x: torch.Tensor | None = None, prev: torch.Tensor | None = None,
+            on_device: bool = False) -> torch.Tensor | None:
         """Run this stage on ``work`` (``packed``: its bytes, if it came as a message;
         x: the previous stage's hidden state; the first stage reads the tokens from
-        ``work``) and pass it on; -> the sampled tokens (CPU) on the rank that samples,
-        else None."""
+        ``work``, its decodes scheduled ahead from ``prev``, the step before's samples on
+        the device) and pass it on; -> the sampled tokens on the rank that samples (on
+        the host, or still on the device with ``on_device``), else None."""
         with self.step_lock:
             self.in_step_since = time.monotonic()
             try:
-                return self._run(work, packed, x)
+                return self._run(work, packed, x, prev, on_device)
             except PeerError:
                 raise
             except RuntimeError as e:  # a collective inside the model: a TP/CP peer lost?
@@ -160,8 +162,8 @@ class StageRank:
             finally:
                 self.in_step_since = None
 
-    def _run(self, work: StepWork, packed: torch.Tensor | None,
-             x: torch.Tensor | None) -> torch.Tensor | None:
+    def _run(self, work: StepWork, packed: torch.Tensor | None, x: torch.Tensor | None,
+             prev: torch.Tensor | None = None, on_device: bool = False) -> torch.Tensor | None:
         if work.reset_stats:
             self.stats = RankStats()
             self.stage.reset_stats()
@@ -178,6 +180,7 @@ class StageRank:
             if self.groups.cp_size > 1 else None
         if x is None:
             x = work.tokens(self.stage.device)
+            take_pending(x, work, prev)
             if cp is not None:  # only the tokens this CP rank owns
                 x = x[torch.as_tensor(cp.mine, device=x.device)]
         timed, dev = self.model.timed, self.stage.device
@@ -208,7 +211,7 @@ class StageRank:
             for i in rows:
                 s = work.seqs[i]
                 self.recorded[(s.request_id, s.sample.step)] = out[i].float().cpu()
-        return tokens.cpu()
+        return tokens if on_device else tokens.cpu()
 
     def settle_timing(self) -> None:
         """Wait for this rank's timed work and add it to the stats (its final report;

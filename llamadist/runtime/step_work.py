@@ -207,6 +207,16 @@ def _seqs_of(c: StepColumns) -> list[SeqWork]:
                 c.score_top.tolist(), c.prev_index.tolist()))]
 
 
+def take_pending(tokens: torch.Tensor, work: StepWork, prev: torch.Tensor | None) -> None:
+    """Write into ``tokens`` (N,) (the step's inputs, on its device) the tokens of its
+    decodes scheduled ahead: the previous step's samples ``prev``, still on the device."""
+    at, src = work.pending()
+    if at:
+        assert prev is not None, "a pending token needs a step launched before"
+        tokens[to_device(torch.tensor(at), tokens.device)] = \
+            prev[to_device(torch.tensor(src), prev.device)].to(tokens.device)
+
+
 def sample_step(logits: torch.Tensor, work: StepWork) -> torch.Tensor:
     """logits (S [+ E], V) of each sequence's last token (then its scored positions') ->
     (sampled [+ packed],) int64: the token ids of the sequences that sample, in their

@@ -8,7 +8,8 @@ the ranks that sample) for the test to compare with one process.
 CONFIG: model, out, pp, tp, dp, cp, ep (optional: experts over ep ranks per stage; ep > tp
 steps the replicas in lockstep), ep_dispatch (optional, RuntimeConfig's), layer_ranges,
 max_seq_len, prompts, num_blocks, block_size, timeout (optional: the ranks' wait within a
-step, 30 s), jobs [{name, max_batch, params, num_blocks (optional: fewer forces
+step, 30 s), ahead (optional: rank 0's replica, of one rank, takes steps scheduled ahead
+as on a GPU), jobs [{name, max_batch, params, num_blocks (optional: fewer forces
 preemption), warmup, idle_s (optional: seconds idle after the warm-up)}].
 """
 
@@ -37,6 +38,8 @@ def run_job(session: Session, job: dict, cfg: dict, tok) -> list[list[int]]:
     runtime = RuntimeConfig(max_seq_len=cfg["max_seq_len"], max_batch=job["max_batch"],
                             max_batch_tokens=job.get("max_batch_tokens"))
     execs = [RankExecutor(session.rank_stage, k, ["cpu"]) for k in range(g.dp_size)]
+    if cfg.get("ahead"):  # steps scheduled ahead, as a one-rank replica does on a GPU
+        execs[0].ahead = True
     # a job's num_blocks below the ranks' cache: the scheduler must preempt
     engine = LLMEngine(execs, tok, runtime, job.get("num_blocks", cfg["num_blocks"]),
                        cfg["block_size"] * g.cp_size,  # under CP: cp blocks of each rank

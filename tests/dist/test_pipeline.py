@@ -107,6 +107,17 @@ def pp3(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
                             [[0, 2], [2, 4], [4, 5]], jobs, encoded, timeout=10.0)
 
 
+@pytest.fixture(scope="module")
+def ahead1(tiny_model, encoded, tmp_path_factory) -> dict[str, dict]:
+    """One rank (a worker process of its own, as `torchrun --nproc-per-node 1`) taking
+    steps scheduled ahead, as it does on a GPU: decodes read the step before's samples on
+    its device."""
+    jobs = [{"name": "greedy_b2", "max_batch": 2, "params": GREEDY},
+            {"name": "greedy_preempt", "max_batch": 5, "num_blocks": 12, "params": GREEDY}]
+    return run_worker_world(tmp_path_factory.mktemp("ahead1"), tiny_model, 1, 1, [[0, 5]],
+                            jobs, encoded, ahead=True)
+
+
 def check_logits(name: str, got: dict, ref_steps: list[torch.Tensor]) -> None:
     """got: {("name/row", step): (V,)} from the sampling rank; ref_steps[step]: (B, V)."""
     assert len(got) == sum(len(s) for s in ref_steps)
@@ -120,6 +131,12 @@ def check_logits(name: str, got: dict, ref_steps: list[torch.Tensor]) -> None:
 def test_two_stages_match_one_process(pp2, reference, job):
     assert pp2[job]["tokens"] == reference["tokens"]
     check_logits(job, pp2[job]["logits"], reference["logits"])
+
+
+@pytest.mark.parametrize("job", ["greedy_b2", "greedy_preempt"])
+def test_one_rank_scheduling_ahead_matches_one_process(ahead1, reference, job):
+    assert ahead1[job]["tokens"] == reference["tokens"]
+    check_logits(job, ahead1[job]["logits"], reference["logits"])
 
 
 def test_small_kv_budget_preempted(pp2):
