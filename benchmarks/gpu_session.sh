@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -302,6 +302,25 @@ targets() {  # issue 13's targets in one lease, after session 14's fixes: batch-
         --runs 2 --diag --json-out $OUT/serving.json
 }
 
+worker() {  # issue 13: batch-1 decode in process against a worker process, both ways
+    # users start one (torchrun: rank 0 is the front; --nproc 1: the launcher is), and
+    # the first token where Python may cache bytecode (session 14's py-spy: 2.3 s of a
+    # 5.2 s first token compiled torch's sources: this machine keeps no .pyc) (~4 min)
+    checkpoint
+    local bench="-m llamadist bench $CK --batch 1 --prompt-len 128 --gen-len 128"
+    step bench1 60 python3 $bench --devices cuda:0
+    step bench1_torchrun 70 torchrun --standalone --nproc-per-node 1 $bench --devices cuda
+    step bench1_nproc1 70 python3 $bench --devices cuda --nproc 1
+    step bench1_torchrun_b 70 torchrun --standalone --nproc-per-node 1 $bench --devices cuda
+    echo "PYTHONDONTWRITEBYTECODE=${PYTHONDONTWRITEBYTECODE:-unset} torch_dir_writable" \
+        "$(python3 -c 'import os, torch; print(os.access(os.path.dirname(torch.__file__), os.W_OK))')" \
+        | tee $OUT/pyc.txt
+    local gen="python3 -m llamadist generate $CK --devices cuda:0 --prompt Hello \
+        --max-new-tokens 128 --stats"
+    PYTHONPYCACHEPREFIX=/tmp/pyc step gen_pyc_fill 60 env -u PYTHONDONTWRITEBYTECODE $gen
+    PYTHONPYCACHEPREFIX=/tmp/pyc walled gen_pyc 60 env -u PYTHONDONTWRITEBYTECODE $gen
+}
+
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
     local name=$1 t0=$(date +%s.%N); shift
     step "$name" "$@"
@@ -326,8 +345,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
