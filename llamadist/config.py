@@ -412,9 +412,9 @@ class RuntimeConfig:
     timed            time each stage's compute and transfers on its device (per-stage
                      statistics; on CUDA events read without a host sync, so a timed
                      run steps as fast as an untimed one: llamadist.runtime.work_timer)
-    schedule_ahead   on a GPU in one process (or a replica of one rank in torchrun's rank
-                     0), schedule and launch the next step before
-                     the current one's tokens are back (decodes read them on the device),
+    schedule_ahead   on a GPU in one process (or a world of one rank under torchrun),
+                     schedule and launch the next step before the current one's tokens
+                     are back (decodes read them on the device),
                      so the host's work hides behind the device's (on by default: 1.28x
                      the output tokens/s of 256 requests on one H200; ignored on CPUs,
                      where the host is the device)

@@ -78,6 +78,14 @@ def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"))
                 bad += not ok
                 print(f"{name} {case} splits={splits}: out {err:.2e} kv {kv_err:.1e}"
                       f"{'' if ok else '  FAIL'}")
+    # more splits than the merge kernel's tile holds: refused, never a silent drop
+    from llamadist.kernels.paged_attention import MAX_SPLITS
+    try:
+        run_case(*CASES[0], torch.float32, device, MAX_SPLITS + 1)
+        print(f"splits={MAX_SPLITS + 1} was not refused  FAIL")
+        bad += 1
+    except ValueError as e:
+        print(f"splits={MAX_SPLITS + 1}: {e}")
     return bad
 
 

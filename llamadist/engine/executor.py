@@ -193,9 +193,10 @@ class RankExecutor:
     driven through a ``distributed.link.CrewLinks``)."""
 
     # Steps scheduled ahead (RuntimeConfig.schedule_ahead) need the step before's samples
-    # on the device of the rank that takes the step: only a replica of one rank, this
-    # process, on a GPU (``--nproc 1`` under torchrun) has them; elsewhere they live on
-    # the last stage's rank (or come back through the front).
+    # on the device of the rank that takes the step: only a world of one rank, this
+    # process, on a GPU (torchrun --nproc-per-node 1) has them; elsewhere they live on the
+    # last stage's rank or come back through the front (and replicas that step in lockstep
+    # never go ahead).
     ahead = False
 
     def __init__(self, rank: StageRank, replica: int, devices: list[str]):
@@ -208,8 +209,7 @@ class RankExecutor:
         self.leader, self.sampler = rank.replica_ranks(replica)
         self.remote = self.leader != g.rank  # else this process is its first stage
         self.blocking = not self.remote
-        self.ahead = (not self.remote and self.sampler == g.rank and g.tp_size == 1
-                      and g.cp_size == 1 and rank.stage.device.type == "cuda"
+        self.ahead = (g.world_size == 1 and rank.stage.device.type == "cuda"
                       and rank.runtime.schedule_ahead)
         self.paged_shape: tuple[int, int] | None = rank.paged_shape
         # per launched step, oldest first: its tokens when known at launch (sampled here
@@ -369,7 +369,7 @@ class RankExecutor:
     def graphed(self) -> bool | None:
         """The step this process ran last went through CUDA graphs (engine.step_trace);
         None where the replica's ranks are all elsewhere."""
-        return None if self.rank is None else self.rank.model.graphed
+        return None if self.remote else self.rank.model.graphed
 
     def captures(self, num_seqs: int) -> int | None:
         """As LocalExecutor.captures, where steps go ahead (else never asked)."""
@@ -388,6 +388,7 @@ class RankExecutor:
         gets its own step's (the ranks computed them anyway, in order)."""
         while self._results:
             self.collect()
+        self._sampled.clear()
 
     def idle(self) -> None:
         """The replica has nothing in flight: its ranks may wait without a deadline. A lost

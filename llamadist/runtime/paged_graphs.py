@@ -7,11 +7,14 @@ one static int32 device buffer per (stage, bucket), filled by one host-to-device
 
     [positions (Nb,) | slot_mapping (Nb,) | seq_lens (Nb,) | block_tables (Nb * MB,)]
 
-with MB = ceil(max_seq_len / block_size). Padding rows (the bucket's rows past the step's
-S sequences) sit at position 0, write their K/V into slot 0 of block 0 (the null block,
-which the block pool never hands out), attend over that one slot (seq_len 1) and their
-outputs are dropped. The Triton paged kernel (llamadist.kernels.paged_attention) reads
-the tables and lengths from the buffer, so the graph serves any step of its bucket.
+with MB = ceil(max_seq_len / block_size), each part starting at a multiple of 4 elements
+(``section``: 16 bytes, so the Triton kernels that read them see aligned pointers in every
+bucket and compile once, not once more for buckets 1 and 2). Padding rows (the bucket's
+rows past the step's S sequences) sit at position 0, write their K/V into slot 0 of
+block 0 (the null block, which the block pool never hands out), attend over that one
+slot (seq_len 1) and their outputs are dropped. The Triton paged kernel
+(llamadist.kernels.paged_attention) reads the tables and lengths from the buffer, so the
+graph serves any step of its bucket.
 The decoder layers run through torch.compile (the one compiled layer of
 llamadist.runtime.cuda_graph) when ``compile_layers``; if compilation fails, the eager
 layers are captured instead. Graphs need every stage on CUDA with the paged kernel
@@ -41,36 +44,47 @@ def bucket_for(n: int, sizes: Sequence[int]) -> int:
     return min(fit) if fit else 1 << (n - 1).bit_length()
 
 
+def section(size: int) -> int:
+    """Where the second, third and fourth parts of a bucket's buffer start: at 1, 2 and 3
+    times ``size`` rounded up to 4 int32 elements (16 bytes)."""
+    return -(-size // 4) * 4
+
+
+def packed_len(size: int, max_blocks: int) -> int:
+    return 3 * section(size) + size * max_blocks
+
+
 def pack_decode(batch: PagedBatch, size: int, max_blocks: int) -> torch.Tensor:
     """A decode-only ``batch`` (host) padded to ``size`` rows: the flat int32 buffer
     [positions | slot_mapping | seq_lens | block_tables (size, max_blocks)] described in
-    the module docstring, length size * (3 + max_blocks)."""
+    the module docstring, of ``packed_len(size, max_blocks)``."""
     s, mb = batch.num_seqs, batch.block_tables.shape[1]
     if not batch.is_decode:
         raise ValueError("pack_decode takes decode-only batches (one token per sequence)")
     if s > size or mb > max_blocks:
         raise ValueError(f"{s} sequences of {mb} blocks do not fit a bucket of {size} "
                          f"rows of {max_blocks} blocks")
-    out = torch.zeros(size * (3 + max_blocks), dtype=torch.int32)
+    r = section(size)
+    out = torch.zeros(packed_len(size, max_blocks), dtype=torch.int32)
     out[:s] = batch.positions
-    out[size:size + s] = batch.slot_mapping
-    lens = out[2 * size:3 * size]
+    out[r:r + s] = batch.slot_mapping
+    lens = out[2 * r:2 * r + size]
     lens.fill_(1)  # padding rows attend over the null block's slot 0 only
     lens[:s] = batch.seq_lens
-    out[3 * size:].view(size, max_blocks)[:s, :mb] = batch.block_tables
+    out[3 * r:].view(size, max_blocks)[:s, :mb] = batch.block_tables
     return out
 
 
 def static_batch(packed: torch.Tensor, size: int, max_blocks: int,
                  block_size: int) -> PagedBatch:
     """The PagedBatch whose tensors are views of a bucket's device buffer ``packed``."""
-    dev = packed.device
+    dev, r = packed.device, section(size)
     rows = torch.arange(size, device=dev)
     return PagedBatch(block_size=block_size, positions=packed[:size],
-                      slot_mapping=packed[size:2 * size], query_start=torch.arange(
+                      slot_mapping=packed[r:r + size], query_start=torch.arange(
                           size + 1, device=dev),
-                      seq_lens=packed[2 * size:3 * size],
-                      block_tables=packed[3 * size:].view(size, max_blocks),
+                      seq_lens=packed[2 * r:2 * r + size],
+                      block_tables=packed[3 * r:].view(size, max_blocks),
                       last_token_index=rows, query_lens=(1,) * size, starts=(0,) * size)
 
 
@@ -78,7 +92,7 @@ def static_batch(packed: torch.Tensor, size: int, max_blocks: int,
 class PagedBucket:
     size: int
     x: torch.Tensor        # (Nb, 1) token ids, or (Nb, 1, D) hidden state
-    packed: torch.Tensor   # (Nb * (3 + MB),) int32: see the module docstring
+    packed: torch.Tensor   # (packed_len(Nb, MB),) int32: see the module docstring
     batch: PagedBatch      # views of ``packed``
     graph: torch.cuda.CUDAGraph | None = None
     out: torch.Tensor | None = None  # (Nb, V) logits or (Nb, 1, D) hidden
@@ -108,7 +122,8 @@ class PagedStageDecoder(GraphCapture):
             st, dev = self.stage, self.stage.device
             x = (torch.zeros(size, 1, dtype=torch.long, device=dev) if first
                  else torch.zeros(size, 1, hidden, dtype=st.dtype, device=dev))
-            packed = torch.zeros(size * (3 + self.max_blocks), dtype=torch.int32, device=dev)
+            packed = torch.zeros(packed_len(size, self.max_blocks), dtype=torch.int32,
+                                 device=dev)
             batch = static_batch(packed, size, self.max_blocks, st.paged.block_size)
             # The kernel's inputs, made here (outside torch.compile and capture): the
             # static views themselves and the bucket's split count.

@@ -80,25 +80,28 @@ class PinnedStaging:
     is staged by the driver, synchronously, chunk by chunk: measured on the H200 (session
     14, benchmarks/load_paths_gpu.py), 6.1 GB/s for the 8B folder against 22.5 GB/s
     through two pinned buffers (the pinned copy itself: 55 GB/s). Later work on the
-    current stream is ordered after the copies; ``finish`` waits for them, after which
-    the buffers are dropped."""
+    current stream is ordered after the copies; ``finish`` waits for them and hands the
+    pinned buffers back (made at the first tensor: a load with nothing to stage pins none)."""
 
     def __init__(self, device: torch.device, chunk_bytes: int = 64 << 20, buffers: int = 3):
         self.device = device
         self.chunk = chunk_bytes
-        self.buffers = [torch.empty(chunk_bytes, dtype=torch.uint8, pin_memory=True)
-                        for _ in range(buffers)]
+        self.count = buffers
+        self.buffers: list[torch.Tensor] = []
         self.copied: list[torch.cuda.Event | None] = [None] * buffers
         self.next = 0
 
     def to_device(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (on the host) as a new tensor on the device; its copy may still run."""
         t = t.contiguous()
+        if not self.buffers:
+            self.buffers = [torch.empty(self.chunk, dtype=torch.uint8, pin_memory=True)
+                            for _ in range(self.count)]
         out = torch.empty(t.shape, dtype=t.dtype, device=self.device)
         src, dst = t.reshape(-1).view(torch.uint8), out.reshape(-1).view(torch.uint8)
         for at in range(0, src.numel(), self.chunk):
             i, n = self.next, min(self.chunk, src.numel() - at)
-            self.next = (i + 1) % len(self.buffers)
+            self.next = (i + 1) % self.count
             if self.copied[i] is not None:
                 self.copied[i].synchronize()  # its last chunk has crossed: free again
             buf = self.buffers[i][:n]
@@ -110,10 +113,15 @@ class PinnedStaging:
         return out
 
     def finish(self) -> None:
+        """Wait for the copies, then unpin the buffers (torch's host allocator would keep
+        them, pinned, for the process's life)."""
         for ev in self.copied:
             if ev is not None:
                 ev.synchronize()
-        self.buffers, self.copied = [], []
+        pinned, self.buffers, self.copied = bool(self.buffers), [], [None] * self.count
+        empty = getattr(torch._C, "_host_emptyCache", None)
+        if pinned and empty is not None:
+            empty()
 
 
 def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
@@ -217,28 +225,31 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
     staging = PinnedStaging(device) if device.type == "cuda" else None
     bar = tqdm(wanted.items(), desc="loading", unit="tensor", disable=not progress,
                file=sys.stderr, leave=False)
-    for pname, src in bar:
-        full_shape = ckpt.shape(src)
-        shard = shard_fn(pname, full_shape) if shard_fn else None
-        expected = tuple(params[pname].shape)
-        got = tuple(full_shape) if shard is None else None
-        if got is not None and got != expected:  # before reading (and quantizing) it
-            raise CheckpointError(
-                f"{ckpt.path}: weight {src!r} has shape {got}, expected {expected} "
-                "from config.json; the checkpoint and its config disagree")
-        value = _load_one(ckpt, pname, src, shard, device, dtype, native, quantize, staging)
-        if tuple(value.shape) != expected:
-            raise CheckpointError(
-                f"{ckpt.path}: weight {src!r} has shape {tuple(value.shape)}, expected "
-                f"{expected} from config.json; the checkpoint and its config disagree")
-        _set_param(model, pname, value)
-        nbytes += value.nbytes
+    try:
+        for pname, src in bar:
+            full_shape = ckpt.shape(src)
+            shard = shard_fn(pname, full_shape) if shard_fn else None
+            expected = tuple(params[pname].shape)
+            got = tuple(full_shape) if shard is None else None
+            if got is not None and got != expected:  # before reading (and quantizing) it
+                raise CheckpointError(
+                    f"{ckpt.path}: weight {src!r} has shape {got}, expected {expected} "
+                    "from config.json; the checkpoint and its config disagree")
+            value = _load_one(ckpt, pname, src, shard, device, dtype, native, quantize, staging)
+            if tuple(value.shape) != expected:
+                raise CheckpointError(
+                    f"{ckpt.path}: weight {src!r} has shape {tuple(value.shape)}, expected "
+                    f"{expected} from config.json; the checkpoint and its config disagree")
+            _set_param(model, pname, value)
+            nbytes += value.nbytes
+    finally:
+        if staging is not None:  # also after a failed tensor: no copy left running
+            staging.finish()
     _retie(model)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"weights never loaded: {left}")
     if device.type == "cuda":
-        staging.finish()
         torch.cuda.synchronize(device)
     return LoadStats(len(wanted), nbytes, time.perf_counter() - t0)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llamadist.runtime.cuda_graph import bucket_sizes
-from llamadist.runtime.paged_graphs import bucket_for, pack_decode, static_batch
+from llamadist.runtime.paged_graphs import bucket_for, pack_decode, packed_len, static_batch
 from llamadist.runtime.paged_kv import PagedBatch
 
 
@@ -28,7 +28,7 @@ def test_pack_decode_rows_and_padding():
     batch = _decode_batch()
     size, mb = 4, 6
     packed = pack_decode(batch, size, mb)
-    assert packed.dtype == torch.int32 and packed.shape == (size * (3 + mb),)
+    assert packed.dtype == torch.int32 and packed.shape == (packed_len(size, mb),)
     sb = static_batch(packed, size, mb, 4)
     assert sb.positions.tolist() == [4, 16, 0, 0]
     # slot = block * 4 + offset: position 4 -> block 7 offset 0, 16 -> block 8, 0 -> block 4
@@ -42,6 +42,17 @@ def test_pack_decode_rows_and_padding():
     for t in (sb.positions, sb.slot_mapping, sb.seq_lens, sb.block_tables):
         assert t.untyped_storage().data_ptr() == packed.untyped_storage().data_ptr()
     assert sb.block_tables.stride() == (mb, 1)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+def test_every_part_of_a_bucket_s_buffer_is_16_byte_aligned(size):
+    """The Triton kernels specialize on their pointers' 16-byte alignment: parts of the
+    buffer at odd offsets would compile the kernels again for small buckets."""
+    batch = PagedBatch.build([([3], 0, 1)], 4)
+    sb = static_batch(pack_decode(batch, size, 6), size, 6, 4)
+    for t in (sb.positions, sb.slot_mapping, sb.seq_lens, sb.block_tables):
+        assert t.data_ptr() % 16 == 0
+    assert sb.seq_lens.tolist() == [1] * size and sb.positions.tolist() == [0] * size
 
 
 def test_pack_decode_refuses_what_does_not_fit():
@@ -58,7 +69,7 @@ def test_pack_decode_refuses_what_does_not_fit():
 def test_refilling_a_bucket_clears_the_previous_step():
     """A smaller step after a larger one leaves no stale rows: every row is rewritten."""
     size, mb = 4, 6
-    buf = torch.full((size * (3 + mb),), 99, dtype=torch.int32)
+    buf = torch.full((packed_len(size, mb),), 99, dtype=torch.int32)
     buf.copy_(pack_decode(_decode_batch(), size, mb))
     buf.copy_(pack_decode(PagedBatch.build([([5], 2, 1)], 4), size, mb))
     sb = static_batch(buf, size, mb, 4)

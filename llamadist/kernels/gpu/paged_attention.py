@@ -155,6 +155,8 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
     s, h, d = q.shape
     h_kv, bs = kv.shape[2], kv.shape[3]
     g = h // h_kv
+    if not 1 <= splits <= MAX_SPLITS:  # the merge kernel's tile holds MAX_SPLITS
+        raise ValueError(f"paged decode attention takes 1 to {MAX_SPLITS} splits, not {splits}")
     if q.stride(-1) != 1:
         q = q.contiguous()
     d_pad = max(16, triton.next_power_of_2(d))
