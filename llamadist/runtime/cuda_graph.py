@@ -37,6 +37,14 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 2
 
 
+def per_stage(flag: bool | Sequence[bool], n: int) -> list[bool]:
+    """A stage flag given for all ``n`` stages at once (a bool) or one per stage."""
+    flags = [flag] * n if isinstance(flag, bool) else list(flag)
+    if len(flags) != n:
+        raise ValueError(f"{len(flags)} flags for {n} stages")
+    return flags
+
+
 def bucket_sizes(max_batch: int) -> list[int]:
     """Powers of two below ``max_batch``, then ``max_batch``: a batch runs in the
     smallest bucket that holds it (extra rows compute garbage that nobody reads)."""
@@ -201,14 +209,15 @@ class DecodeGraphs:
     """The engine's one-token decode through per-stage static steps (graphs on CUDA);
     ``stages`` in pipeline order (the engine's)."""
 
-    def __init__(self, stages: Sequence[Stage], *, compile_layers: bool = True,
+    def __init__(self, stages: Sequence[Stage], *, compile_layers: bool | Sequence[bool] = True,
                  capture: bool = True, static_cpu: bool = False,
                  compile_cache: str | None = None):
         self.stages = list(stages)
-        self.decoders = [StageDecoder(s, compile_layers=compile_layers, capture=capture,
+        self.decoders = [StageDecoder(s, compile_layers=c, capture=capture,
                                       compile_cache=compile_cache)
                          if s.device.type == "cuda" or static_cpu else None
-                         for s in self.stages]
+                         for s, c in zip(self.stages,
+                                         per_stage(compile_layers, len(self.stages)))]
 
     @property
     def prepare_s(self) -> float:

@@ -14,6 +14,7 @@ import torch
 from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.model.moe import SparseMoE
 from llamadist.runtime.compiled_layer import load_done
+from llamadist.runtime.cuda_graph import per_stage
 from llamadist.runtime.kernel_passes import compile_pays
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
@@ -54,11 +55,13 @@ class Engine:
             log.info("mixture-of-experts blocks without the grouped kernel: decoding "
                      "without CUDA graphs")
             self.cuda_graphs = False
-        # torch.compile inside the graphs: as the run says, or where it pays
-        self.compile_layers = (self.runtime.compile if self.runtime.compile is not None
-                               else any(compile_pays(s.model) for s in stages
-                                        if s.device.type == "cuda"))
-        if self.runtime.compile_cache and self.cuda_graphs and not self.compile_layers:
+        # torch.compile inside the graphs: as the run says, or where it pays, stage by
+        # stage (a bool for all, or one per stage)
+        self.compile_layers: bool | tuple[bool, ...] = (
+            self.runtime.compile if self.runtime.compile is not None
+            else tuple(s.device.type == "cuda" and compile_pays(s.model) for s in stages))
+        if (self.runtime.compile_cache and self.cuda_graphs
+                and not any(per_stage(self.compile_layers, len(stages)))):
             log.warning("--compile-cache %s: nothing here compiles (dense float layers "
                         "decode through graphs of their eager layers; --compile compiles "
                         "them)", self.runtime.compile_cache)

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
-from llamadist.runtime.cuda_graph import GraphCapture, bucket_sizes, compiled_layer_call
+from llamadist.runtime.cuda_graph import (GraphCapture, bucket_sizes, compiled_layer_call,
+                                         per_stage)
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage
@@ -151,15 +152,16 @@ class PagedGraphs:
     pipeline order, each with its paged cache)."""
 
     def __init__(self, stages: Sequence[Stage], max_batch: int, *,
-                 compile_layers: bool = True, capture: bool = True,
+                 compile_layers: bool | Sequence[bool] = True, capture: bool = True,
                  compile_cache: str | None = None):
         self.stages = list(stages)
         self.sizes = bucket_sizes(max_batch)
         self.block_size = self.stages[0].paged.block_size
         self.max_blocks = -(-max(s.max_seq_len for s in self.stages) // self.block_size)
-        self.decoders = [PagedStageDecoder(s, self.max_blocks, compile_layers=compile_layers,
+        self.decoders = [PagedStageDecoder(s, self.max_blocks, compile_layers=c,
                                            capture=capture, compile_cache=compile_cache)
-                         for s in self.stages]
+                         for s, c in zip(self.stages,
+                                         per_stage(compile_layers, len(self.stages)))]
 
     @staticmethod
     def supports(stages: Sequence[Stage]) -> bool:

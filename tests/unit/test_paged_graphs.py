@@ -77,3 +77,26 @@ def test_refilling_a_bucket_clears_the_previous_step():
     assert sb.slot_mapping.tolist() == [22, 0, 0, 0]
     assert sb.seq_lens.tolist() == [3, 1, 1, 1]
     assert sb.block_tables.tolist() == [[5, 0, 0, 0, 0, 0]] + [[0] * 6] * 3
+
+
+def test_each_stage_compiles_as_its_own_flag_says(tiny_model, monkeypatch):
+    """An in-process pipeline decides torch.compile stage by stage (a stage with
+    GPU-quantized weights compiles, a dense one beside it need not): the graphs take one
+    flag per stage (or one for all), and refuse a count that is not the stages'."""
+    from llamadist import config
+    from llamadist.runtime import paged_graphs
+    from llamadist.runtime.engine import Engine
+    marker = object()
+    monkeypatch.setattr(paged_graphs, "compiled_layer_call", lambda: marker)
+    model = Engine.load(str(tiny_model), devices=["cpu", "cpu"],
+                        layer_ranges=[range(0, 2), range(2, 5)], max_batch=2, max_seq_len=32,
+                        runtime=config.RuntimeConfig(max_seq_len=32, max_batch=2))
+    assert model.compile_layers == (False, False)  # CPU stages: nothing compiles
+    model.init_paged(8, 4)
+    graphs = paged_graphs.PagedGraphs(model.stages, 2, compile_layers=(True, False),
+                                      capture=False)
+    assert [d.layer_fn for d in graphs.decoders] == [marker, None]
+    graphs = paged_graphs.PagedGraphs(model.stages, 2, compile_layers=False, capture=False)
+    assert [d.layer_fn for d in graphs.decoders] == [None, None]
+    with pytest.raises(ValueError, match="3 flags for 2 stages"):
+        paged_graphs.PagedGraphs(model.stages, 2, compile_layers=(True,) * 3, capture=False)
