@@ -385,9 +385,10 @@ class RuntimeConfig:
                      per 32, as llama.cpp does: faster, ~1% perplexity on SmolLM2)
     cuda_graphs      decode through captured CUDA graphs on CUDA devices
     compile          torch.compile the decoder layers inside the graphs: True, False, or
-                     None (the default): where it pays (kernel_passes.compile_pays: layers
-                     with GPU-quantized weights on torch's products, or mixture-of-experts
-                     blocks); a dense float model's graphs capture its eager layers with the
+                     None (the default): where it pays, stage by stage
+                     (kernel_passes.compile_pays: layers with GPU-quantized weights on
+                     torch's products, mixture-of-experts blocks, or the fused eager
+                     kernels off); a dense float model's graphs capture its eager layers with the
                      fused kernels (eager_kernels): as fast on the H200 (batch-1 decode
                      4.46 ms against 4.50 compiled; 256 requests 7 782 / 8 337 tokens/s
                      against 7 584 / 7 971 in one lease, within the spread between leases)

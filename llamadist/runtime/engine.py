@@ -55,11 +55,11 @@ class Engine:
             log.info("mixture-of-experts blocks without the grouped kernel: decoding "
                      "without CUDA graphs")
             self.cuda_graphs = False
-        # torch.compile inside the graphs: as the run says, or where it pays, stage by
-        # stage (a bool for all, or one per stage)
-        self.compile_layers: bool | tuple[bool, ...] = (
+        # torch.compile inside the graphs, one flag per stage: as the run says, or where
+        # it pays, stage by stage (tests may set one bool for all)
+        self.compile_layers: bool | tuple[bool, ...] = tuple(
             self.runtime.compile if self.runtime.compile is not None
-            else tuple(s.device.type == "cuda" and compile_pays(s.model) for s in stages))
+            else s.device.type == "cuda" and compile_pays(s.model) for s in stages)
         if (self.runtime.compile_cache and self.cuda_graphs
                 and not any(per_stage(self.compile_layers, len(stages)))):
             log.warning("--compile-cache %s: nothing here compiles (dense float layers "
