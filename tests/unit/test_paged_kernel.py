@@ -48,6 +48,7 @@ def test_kernel_interpreted_matches_pytorch_paged_path():
     proc = _interpreted("cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert proc.stdout.count("splits=") == 24  # 2 dtypes x 4 cases x 3 split counts
+    assert "refused: paged decode attention takes 1 to 64 splits, not 65" in proc.stdout
 
 
 @no_triton
