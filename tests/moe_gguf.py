@@ -24,7 +24,8 @@ def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(w.shape))
 
 
-def _tokenizer_fields(w: gguf.GGUFWriter, folder: Path) -> None:
+def tokenizer_fields(w: gguf.GGUFWriter, folder: Path) -> None:
+    """The tokenizer of the HF ``folder`` (its tokenizer.json, BPE) as GGUF metadata."""
     tok = json.loads((folder / "tokenizer.json").read_text())
     vocab = tok["model"]["vocab"]
     tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
@@ -56,7 +57,7 @@ def write_mixtral_gguf(folder: Path, path: Path,
     w.add_expert_count(cfg.num_experts)
     w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_vocab_size(cfg.vocab_size)
-    _tokenizer_fields(w, folder)
+    tokenizer_fields(w, folder)
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_ids[0])
     w.add_add_bos_token(False)
