@@ -31,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root
 
 from llamadist.config import NAMED_SHAPES, named_shape  # noqa: E402
-from tests.moe_gguf import tokenizer_fields  # noqa: E402
+from tests.moe_gguf import config_fields, tokenizer_fields  # noqa: E402
 
 STD = 0.02  # the weights' standard deviation
 # type -> the standard deviation of its uniform random codes, in units of the block's scale
@@ -114,16 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if total > free * 0.98:
         p.error(f"{out.parent} has {free / 1e9:.1f} GB free, the file needs {total / 1e9:.1f} GB")
     w = gguf.GGUFWriter(out, "llama")
-    w.add_block_count(cfg.num_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
+    config_fields(w, cfg)
     tokenizer_fields(w, Path(a.tokenizer_from))
     w.add_add_bos_token(False)
     for name, shape, t in plan:

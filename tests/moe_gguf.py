@@ -37,14 +37,8 @@ def tokenizer_fields(w: gguf.GGUFWriter, folder: Path) -> None:
     w.add_token_merges(merges)
 
 
-def write_mixtral_gguf(folder: Path, path: Path,
-                       expert_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
-                       ) -> Path:
-    """``folder`` (a tiny Mixtral HF folder) as a GGUF at ``path``; stacked experts stored
-    as ``expert_type`` (F32 keeps the weights exact), everything else F32."""
-    cfg = ModelConfig.from_json_file(folder / "config.json")
-    sd = load_file(folder / "model.safetensors")
-    w = gguf.GGUFWriter(path, "llama")
+def config_fields(w: gguf.GGUFWriter, cfg: ModelConfig) -> None:
+    """A Llama-family ``cfg`` as GGUF metadata (the experts' counts where it has experts)."""
     w.add_block_count(cfg.num_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -54,9 +48,21 @@ def write_mixtral_gguf(folder: Path, path: Path,
     w.add_rope_freq_base(cfg.rope_theta)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_dimension_count(cfg.head_dim)
-    w.add_expert_count(cfg.num_experts)
-    w.add_expert_used_count(cfg.num_experts_per_tok)
+    if cfg.num_experts:
+        w.add_expert_count(cfg.num_experts)
+        w.add_expert_used_count(cfg.num_experts_per_tok)
     w.add_vocab_size(cfg.vocab_size)
+
+
+def write_mixtral_gguf(folder: Path, path: Path,
+                       expert_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+                       ) -> Path:
+    """``folder`` (a tiny Mixtral HF folder) as a GGUF at ``path``; stacked experts stored
+    as ``expert_type`` (F32 keeps the weights exact), everything else F32."""
+    cfg = ModelConfig.from_json_file(folder / "config.json")
+    sd = load_file(folder / "model.safetensors")
+    w = gguf.GGUFWriter(path, "llama")
+    config_fields(w, cfg)
     tokenizer_fields(w, folder)
     w.add_bos_token_id(cfg.bos_token_id)
     w.add_eos_token_id(cfg.eos_token_ids[0])
