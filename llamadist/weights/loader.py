@@ -128,24 +128,28 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
               device: torch.device, dtype: torch.dtype, native: bool,
               fmt: str | None, staging: PinnedStaging | None = None) -> Weight:
     """One parameter's value on ``device``, as the module docstring says; float tensors
-    for a GPU go through ``staging`` when given."""
+    for a GPU (those --quantize quantizes there too) go through ``staging`` when given."""
     quant_type = getattr(ckpt, "quant_type", None)
     qtype = quant_type(src) if quant_type is not None else None
     if fmt is not None and LAYER_LINEAR.search(pname):
         w = ckpt.get(src, shard)  # float (a block tensor dequantized)
         if device.type == "cpu":
             return to_gguf_blocks(w, fmt, dtype, src)
-        return quantize(w.to(device), fmt)
+        return quantize(_to_device(w, device, staging), fmt)
     if native and qtype is not None and device.type == "cpu":
         return ckpt.get_quantized(src, shard, dtype)
     if (native and qtype is not None and qtype not in HALF_TYPES and device.type == "cuda"
             and LAYER_LINEAR.search(pname)):
         blocks = ckpt.get_quantized(src, shard, dtype)
         return from_gguf(blocks.blocks, blocks.qtype, tuple(blocks.shape)).to(device)
-    value = ckpt.get(src, shard).to(dtype=dtype)
-    if staging is not None and value.device.type == "cpu":
-        return staging.to_device(value)
-    return value.to(device, non_blocking=True)
+    return _to_device(ckpt.get(src, shard).to(dtype=dtype), device, staging)
+
+
+def _to_device(t: torch.Tensor, device: torch.device,
+               staging: PinnedStaging | None) -> torch.Tensor:
+    if staging is not None and t.device.type == "cpu":
+        return staging.to_device(t)
+    return t.to(device, non_blocking=True)
 
 
 def held_bytes(ckpt: Checkpoint, weights: str) -> dict[str, dict[str, tuple[int, int]]] | None:
