@@ -37,6 +37,7 @@ STD = 0.02  # the weights' standard deviation
 # type -> the standard deviation of its uniform random codes, in units of the block's scale
 # (Q4: q - 8 over [-8, 8); Q8_0: int8 over [-128, 128))
 BLOCKS = {"Q4_0": 4.61, "Q4_1": 4.61, "Q8_0": 73.9}
+HALF = ("F16", "BF16")  # 16-bit linears (uniform values, as the embedding's)
 LINEARS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -71,12 +72,14 @@ def random_tensor(shape, qtype: gguf.GGMLQuantizationType,
     float16 scale (and minimum) set so the weights have standard deviation STD)."""
     if qtype == gguf.GGMLQuantizationType.F32:
         return np.ones(shape, np.float32)
-    if qtype == gguf.GGMLQuantizationType.F16:  # uniform, from random bytes (fast)
+    if qtype.name in HALF:  # uniform, from random bytes (fast)
         codes = np.frombuffer(rng.bytes(2 * int(np.prod(shape))), np.int16).reshape(shape)
-        out = np.empty(shape, np.float16)
+        bf16 = qtype == gguf.GGMLQuantizationType.BF16
+        out = np.empty(shape, np.uint16 if bf16 else np.float16)
         for i in range(0, shape[0], 4096):
-            out[i:i + 4096] = codes[i:i + 4096] * np.float32(STD * 3 ** 0.5 / 32768)
-        return out
+            v = codes[i:i + 4096] * np.float32(STD * 3 ** 0.5 / 32768)
+            out[i:i + 4096] = (v.view(np.uint32) >> 16) if bf16 else v  # bf16: the top half
+        return out.view(np.uint8) if bf16 else out
     name = qtype.name
     raw = np.frombuffer(bytearray(rng.bytes(nbytes(shape, qtype))), np.uint8)
     _, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -91,7 +94,7 @@ def random_tensor(shape, qtype: gguf.GGMLQuantizationType,
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--shape", required=True, choices=sorted(NAMED_SHAPES))
-    p.add_argument("--type", default="Q4_0", choices=sorted(BLOCKS))
+    p.add_argument("--type", default="Q4_0", choices=sorted(BLOCKS) + list(HALF))
     p.add_argument("--tokenizer-from", required=True, metavar="HF_FOLDER",
                    help="a folder with the tokenizer.json to store")
     p.add_argument("--layers", type=int, help="only this many decoder layers")

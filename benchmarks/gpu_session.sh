@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -331,6 +331,36 @@ q70b() {  # issue 16: Llama-3-70B shape int4 on one H200 at batch 1 and 32, thro
     local bench="python3 -m llamadist bench $q --devices cuda:0 --prompt-len 128 --gen-len 64"
     step bench70b_b1 150 $bench --batch 1
     step bench70b_b32 150 $bench --batch 32
+    rm -f $q  # the disk, for the next part
+}
+
+rows() {  # issue 16: which weight-only product at which batch rows M (Llama-3-70B's
+    # linears; int4 batch 32 and prefill were tinygemm-bound in q70b) (~3 min)
+    step rows 200 python3 benchmarks/wquant_rows.py --shape llama3-70b \
+        --kinds int4_g32,int8 --m 1,16,32,64,512,4096 --max-seconds 170
+}
+
+offload() {  # issue 16: Llama-3-8B with its last 8 layers and the head on the 16-core host
+    # (--devices cuda:0,cpu), their linears BF16 and then Q8_0, kept so on the CPU stage
+    # (--weights native): the CPU stage's bytes a step over its time, against the host's
+    # read bandwidth measured here (a sum over 2 GiB, all threads, best of 5). Random
+    # GGUFs of the shape (benchmarks/gguf_shape.py); leave the 70B file out (the disk)
+    step hostbw 60 python3 -c "
+import time, torch
+x = torch.ones(2 ** 29); x.sum()
+best = min((lambda t0: (x.sum(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))
+print(f'read bandwidth {x.nbytes / best / 1e9:.1f} GB/s, {torch.get_num_threads()} threads')"
+    local t f
+    for t in BF16 Q8_0; do
+        f=/tmp/ck/llama3-8b-$t.gguf
+        [ -f $f ] || step write8b_$t 200 python3 benchmarks/gguf_shape.py --shape llama3-8b \
+            --type $t --tokenizer-from .whl/smollm2-tok --out $f
+        for g in 8 40; do  # two lengths: their difference is decode steps only
+            step offload_${t}_g$g 150 python3 -m llamadist bench $f --devices cuda:0,cpu \
+                --boundaries 0:24,24:32 --batch 1 --prompt-len 32 --gen-len $g --json
+        done
+        rm -f $f
+    done
 }
 
 walled() {  # walled NAME LIMIT CMD...: step, then its wall time and any compile worker left
@@ -357,8 +387,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -43,7 +43,7 @@ from torch import nn
 from llamadist.config import INT4_GROUP, ConfigError, quantize_group
 from llamadist.kernels import gpu, wquant_torch, wquant_triton
 from llamadist.kernels.quant import QuantizedTensor
-from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, _k_quants, _k_scales, dequantize
+from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, dequantize
 
 KINDS = ("int8", "int4", "fp8")
 # Triton's interpreter (CPU tensors) stands in for a GPU in tests: the kernels then serve
@@ -206,33 +206,51 @@ def quantize(w: torch.Tensor, fmt: str) -> PackedWeight:
 
 
 # ---- GGUF blocks -> GPU formats -------------------------------------------------------
-def _f16(b: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(b).view(np.float16).reshape(b.shape[:-1]))
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """(..., 2) uint8 -> (...) float16, little-endian."""
+    return b.contiguous().view(torch.float16).squeeze(-1)
+
+
+def _nibbles(qs: torch.Tensor) -> torch.Tensor:
+    """(..., n) bytes -> (..., 2n): the low nibbles, then the high ones."""
+    return torch.cat([qs & 0x0F, qs >> 4], dim=-1)
+
+
+def _k_scales_t(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """quant_ref._k_scales in torch ops: 12 bytes -> 6-bit (scales, mins) (..., 8)."""
+    sc = sc.to(torch.int32)
+    lo_s, lo_m = sc[..., 0:4] & 63, sc[..., 4:8] & 63
+    hi_s = (sc[..., 8:12] & 0x0F) | ((sc[..., 0:4] >> 6) << 4)
+    hi_m = (sc[..., 8:12] >> 4) | ((sc[..., 4:8] >> 6) << 4)
+    return torch.cat([lo_s, hi_s], -1).float(), torch.cat([lo_m, hi_m], -1).float()
 
 
 def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
     """A GGUF block matrix (N, row bytes) uint8 of ggml type ``qtype`` -> int8 / int4 (see
-    the module docstring for which, and where it is exact)."""
+    the module docstring for which, and where it is exact). Torch ops on the blocks' own
+    device: blocks moved to a GPU first convert there (a 70B file's 40 GB in seconds,
+    where the host's numpy took minutes); Q5_K and Q6_K dequantize on the host."""
     name = FORMATS[qtype][0]
     n, k = shape
-    b = blocks.numpy().reshape(n, k // 32 if name in ("Q8_0", "Q4_0", "Q4_1") else k // 256, -1)
+    b = blocks.reshape(n, k // 32 if name in ("Q8_0", "Q4_0", "Q4_1") else k // 256, -1)
     if name == "Q8_0":
-        q = torch.from_numpy(b[..., 2:].copy().view(np.int8).reshape(n, k))
+        q = b[..., 2:].contiguous().view(torch.int8).reshape(n, k)
         return PackedWeight("int8", q, _f16(b[..., 0:2]), None, 32, shape)
     if name in ("Q4_0", "Q4_1"):
-        qs = b[..., 2:] if name == "Q4_0" else b[..., 4:]
-        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(n, k)
+        codes = _nibbles(b[..., 2:] if name == "Q4_0" else b[..., 4:]).reshape(n, k)
         d = _f16(b[..., 0:2])
         m = -8 * d if name == "Q4_0" else _f16(b[..., 2:4])
-        return PackedWeight("int4", pack_int4(torch.from_numpy(codes)), d, m, 32, shape)
+        return PackedWeight("int4", pack_int4(codes), d, m, 32, shape)
     if name == "Q4_K":
         d, dmin = _f16(b[..., 0:2]).float(), _f16(b[..., 2:4]).float()   # (N, nb)
-        sc, mn = (torch.from_numpy(a).float() for a in _k_scales(b[..., 4:16]))  # (N, nb, 8)
-        codes = torch.from_numpy(_k_quants(b[..., 16:144])).reshape(n, k)
+        sc, mn = _k_scales_t(b[..., 4:16])                                 # (N, nb, 8)
+        q = b[..., 16:144].reshape(n, -1, 4, 32)  # chunk i: sub-blocks 2i (low), 2i+1 (high)
+        codes = torch.stack([q & 0x0F, q >> 4], dim=-2).reshape(n, k)
         scale = (d[..., None] * sc).reshape(n, -1)
         offset = (-dmin[..., None] * mn).reshape(n, -1)
         return PackedWeight("int4", pack_int4(codes), scale, offset, 32, shape)
-    w = torch.from_numpy(dequantize(blocks.numpy(), qtype, k))  # Q5_K, Q6_K: exact values
+    host = blocks.cpu().numpy()
+    w = torch.from_numpy(dequantize(host, qtype, k)).to(blocks.device)  # Q5_K, Q6_K: exact
     return quantize_int8(w, group=32)
 
 

@@ -140,8 +140,9 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
         return ckpt.get_quantized(src, shard, dtype)
     if (native and qtype is not None and qtype not in HALF_TYPES and device.type == "cuda"
             and LAYER_LINEAR.search(pname)):
-        blocks = ckpt.get_quantized(src, shard, dtype)
-        return from_gguf(blocks.blocks, blocks.qtype, tuple(blocks.shape)).to(device)
+        blocks = ckpt.get_quantized(src, shard, dtype)  # converted on the GPU, as bytes
+        return from_gguf(_to_device(blocks.blocks, device, staging), blocks.qtype,
+                         tuple(blocks.shape)).to(device)
     return _to_device(ckpt.get(src, shard).to(dtype=dtype), device, staging)
 
 

@@ -1,0 +1,120 @@
+"""Weight-only products by batch rows M on one CUDA GPU: which product should serve int4 /
+int8 / fp8 weights when a step multiplies more than the GEMV's 4 rows (batched decode,
+prefill). Issue 16: Llama-3-70B int4 on one H200 decoded batch 32 at 157 ms a step
+against 23.8 ms at batch 1, and prefilled 4 096 tokens in 19 s (tinygemm, the default
+int4 product, is a small-batch kernel).
+
+For each decoder linear of the shape (per layer, N x K) and each M, timed in CUDA graphs
+over weight copies rotated past the L2 cache (``wquant_sweep.time_graph``):
+
+* ``bf16``: ``F.linear`` on the bf16 weight (the baseline);
+* ``tinygemm`` (int4): ``aten._weight_int4pack_mm``, the ``--wquant torch`` product;
+* ``triton``: ``wquant_triton.packed_linear`` (the GEMV up to 4 rows, the tl.dot tiles
+  above), the ``--wquant triton`` product;
+* ``scaled`` (int8 / fp8): ``wquant_torch.scaled_linear``, the ``--wquant torch`` product;
+* ``dequant``: the weight dequantized to bf16, then ``F.linear`` (what a large M could do).
+
+One JSON line per case on stdout (us, ratio to bf16, TFLOP/s, GB/s of the product's
+minimum bytes), a table on stderr. The largest error against the float32 product of the
+dequantized weight is checked (``ok``: within 2^-6 of max |y|).
+
+    python benchmarks/wquant_rows.py --shape llama3-70b --kinds int4_g32 --m 1,8,16,32,64,256,4096
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wquant_sweep import copy_rate, time_graph  # noqa: E402
+
+from llamadist.config import named_shape  # noqa: E402
+
+KINDS = {"int4_g32": "int4-g32", "int4_g128": "int4", "int8": "int8", "fp8": "fp8"}
+
+
+def shapes(name: str) -> dict[str, tuple[int, int]]:
+    c = named_shape(name)
+    h, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {"qkv": (h + 2 * kv, c.hidden_size), "o": (c.hidden_size, h),
+            "gate_up": (2 * c.intermediate_size, c.hidden_size),
+            "down": (c.hidden_size, c.intermediate_size)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama3-70b")
+    p.add_argument("--kinds", default="int4_g32,int8", type=lambda s: s.split(","))
+    p.add_argument("--m", default="1,8,16,32,64,256,4096",
+                   type=lambda s: [int(v) for v in s.split(",")])
+    p.add_argument("--rotate-mb", type=float, default=256.0)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--max-seconds", type=float, default=150.0)
+    a = p.parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+
+    from llamadist.kernels import wquant, wquant_torch, wquant_triton
+    t_end = time.perf_counter() + a.max_seconds
+    dev = torch.device("cuda:0")
+    copy = copy_rate(torch, dev, 2.0)
+    print(f"copy rate {copy / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
+    torch.manual_seed(0)
+    sums: dict[tuple[str, str, int], float] = {}
+    for sname, (n, k) in shapes(a.shape).items():
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        copies = max(2, int(a.rotate_mb * 2**20 // (n * k * 2)) + 1)
+        ws = [w] + [w.clone() for _ in range(min(copies, 3) - 1)]  # bf16: large already
+        for kind in a.kinds:
+            pw = wquant.quantize(w, KINDS[kind])
+            deq = pw.dequantize(torch.bfloat16)
+            products = {}
+            if pw.kind == "int4" and wquant_torch.tinygemm_ok("int4", n, k, pw.group):
+                tg = wquant_torch.tinygemm_pack(pw.q, k)
+                tz = wquant_torch.tinygemm_scales_zeros(pw.scale, pw.offset, torch.bfloat16)
+                products["tinygemm"] = lambda x, tg=tg, tz=tz, g=pw.group: \
+                    wquant_torch.int4_linear(x, tg, tz, g, n)
+            if pw.kind != "int4":
+                products["scaled"] = lambda x, pw=pw: wquant_torch.scaled_linear(
+                    x, pw.q, pw.scale, pw.kind, pw.group)
+            products["triton"] = lambda x, pw=pw: wquant_triton.packed_linear(x, pw, None)
+            products["dequant"] = lambda x, pw=pw: F.linear(x, pw.dequantize(torch.bfloat16))
+            for m in a.m:
+                if time.perf_counter() > t_end:
+                    print(f"stopped at {sname} {kind} M={m}: --max-seconds", file=sys.stderr)
+                    break
+                x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
+                ref = F.linear(x.float(), deq.float())
+                flop = 2.0 * m * n * k
+                if (sname, "bf16", m) not in sums:
+                    us, _, _ = time_graph(torch, [lambda wi=wi: F.linear(x, wi) for wi in ws],
+                                          len(ws) * 2, a.reps)
+                    sums[(sname, "bf16", m)] = us
+                    print(json.dumps({"shape": sname, "m": m, "product": "bf16", "us": us}))
+                base = sums[(sname, "bf16", m)]
+                for prod, fn in products.items():
+                    y = fn(x).float()
+                    err = (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
+                    us, _, mode = time_graph(torch, [lambda fn=fn: fn(x)], 4, a.reps)
+                    row = {"shape": sname, "kind": kind, "m": m, "product": prod,
+                           "us": round(us, 2), "x_bf16": round(us / base, 3),
+                           "tflops": round(flop / us / 1e6, 1),
+                           "gbps": round(pw.nbytes / us / 1e3, 0), "err": err,
+                           "ok": err < 2**-6, "mode": mode}
+                    print(json.dumps(row), flush=True)
+                    print(f"{sname:8} {kind:9} M={m:5} {prod:9} {us:9.1f} us "
+                          f"{us / base:6.2f}x bf16 ({base:.1f}) {flop / us / 1e6:6.0f} TFLOP/s "
+                          f"err {err:.1e}", file=sys.stderr, flush=True)
+            del pw, deq, products
+        del w, ws
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
