@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows quantdecode perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -334,10 +334,17 @@ q70b() {  # issue 16: Llama-3-70B shape int4 on one H200 at batch 1 and 32, thro
     rm -f $q  # the disk, for the next part
 }
 
+quantdecode() {  # issue 16: batch-1 decode of the 8B folder, bf16 and --quantize int8 /
+    # fp8 / int4 through the Triton GEMVs (--wquant triton), end to end (~3 min)
+    checkpoint
+    step quantdecode 300 python3 benchmarks/quant_gpu.py --device cuda:0 --checkpoint-dir /tmp/ck \
+        --backends triton
+}
+
 rows() {  # issue 16: which weight-only product at which batch rows M (Llama-3-70B's
     # linears; int4 batch 32 and prefill were tinygemm-bound in q70b) (~3 min)
     step rows 200 python3 benchmarks/wquant_rows.py --shape llama3-70b \
-        --kinds int4_g32,int8 --m 1,16,32,64,512,4096 --max-seconds 170
+        --kinds int4_g32 --m 1,16,32,256,4096 --max-seconds 120
 }
 
 offload() {  # issue 16: Llama-3-8B with its last 8 layers and the head on the 16-core host
@@ -350,15 +357,17 @@ import time, torch
 x = torch.ones(2 ** 29); x.sum()
 best = min((lambda t0: (x.sum(), time.perf_counter() - t0)[1])(time.perf_counter()) for _ in range(5))
 print(f'read bandwidth {x.nbytes / best / 1e9:.1f} GB/s, {torch.get_num_threads()} threads')"
+    # Nine layers of the shape: one on the GPU, eight and the head on the host (the CPU
+    # stage's work is the 32-layer split's; the file is a third as long to write)
     local t f
     for t in BF16 Q8_0; do
-        f=/tmp/ck/llama3-8b-$t.gguf
+        f=/tmp/ck/llama3-8b-9l-$t.gguf
         [ -f $f ] || step write8b_$t 200 python3 benchmarks/gguf_shape.py --shape llama3-8b \
-            --type $t --tokenizer-from .whl/smollm2-tok --out $f
-        for g in 8 40; do  # two lengths: their difference is decode steps only
-            step offload_${t}_g$g 150 python3 -m llamadist bench $f --devices cuda:0,cpu \
-                --boundaries 0:24,24:32 --batch 1 --prompt-len 32 --gen-len $g --json
-        done
+            --layers 9 --type $t --tokenizer-from .whl/smollm2-tok --out $f
+        # a 4-token prompt: the CPU stage's prefill is a GEMV step too (<= 32 rows), so its
+        # compute time over its calls is a decode step's
+        step offload_$t 150 python3 -m llamadist bench $f --devices cuda:0,cpu \
+            --boundaries 0:1,1:9 --batch 1 --prompt-len 4 --gen-len 48 --json
         rm -f $f
     done
 }
@@ -387,8 +396,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
