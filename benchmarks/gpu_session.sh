@@ -337,14 +337,16 @@ q70b() {  # issue 16: Llama-3-70B shape int4 on one H200 at batch 1 and 32, thro
 quantdecode() {  # issue 16: batch-1 decode of the 8B folder, bf16 and --quantize int8 /
     # fp8 / int4 through the Triton GEMVs (--wquant triton), end to end (~3 min)
     checkpoint
-    step quantdecode 300 python3 benchmarks/quant_gpu.py --device cuda:0 --checkpoint-dir /tmp/ck \
+    step quantdecode 240 python3 benchmarks/quant_gpu.py --device cuda:0 --checkpoint-dir /tmp/ck \
         --backends triton
+    step quantdecode_torch 90 python3 benchmarks/quant_gpu.py --device cuda:0 \
+        --checkpoint-dir /tmp/ck --backends torch --formats int8
 }
 
 rows() {  # issue 16: which weight-only product at which batch rows M (Llama-3-70B's
     # linears; int4 batch 32 and prefill were tinygemm-bound in q70b) (~3 min)
     step rows 200 python3 benchmarks/wquant_rows.py --shape llama3-70b \
-        --kinds int4_g32 --m 1,16,32,256,4096 --max-seconds 120
+        --kinds int4_g32 --m ${ROWS_M:-1,16,32,256,4096} --max-seconds $((PART_S - 20))
 }
 
 offload() {  # issue 16: Llama-3-8B with its last 8 layers and the head on the 16-core host

@@ -8,7 +8,9 @@ For each decoder linear of the shape (per layer, N x K) and each M, timed in CUD
 over weight copies rotated past the L2 cache (``wquant_sweep.time_graph``):
 
 * ``bf16``: ``F.linear`` on the bf16 weight (the baseline);
-* ``tinygemm`` (int4): ``aten._weight_int4pack_mm``, the ``--wquant torch`` product;
+* ``tinygemm`` (int4): ``aten._weight_int4pack_mm`` alone;
+* ``torch`` (int4): the ``--wquant torch`` product (``wquant_torch.int4_linear``: tinygemm
+  up to ``TINYGEMM_MAX_M`` rows, then W dequantized from its layout and cuBLAS);
 * ``triton``: ``wquant_triton.packed_linear`` (the GEMV up to 4 rows, the tl.dot tiles
   above), the ``--wquant triton`` product;
 * ``scaled`` (int8 / fp8): ``wquant_torch.scaled_linear``, the ``--wquant torch`` product;
@@ -78,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
                 tg = wquant_torch.tinygemm_pack(pw.q, k)
                 tz = wquant_torch.tinygemm_scales_zeros(pw.scale, pw.offset, torch.bfloat16)
                 products["tinygemm"] = lambda x, tg=tg, tz=tz, g=pw.group: \
+                    torch.ops.aten._weight_int4pack_mm(x, tg, g, tz)
+                # the --wquant torch product: tinygemm up to TINYGEMM_MAX_M rows, then W
+                # dequantized from tinygemm's layout (Triton) and cuBLAS
+                products["torch"] = lambda x, tg=tg, tz=tz, g=pw.group: \
                     wquant_torch.int4_linear(x, tg, tz, g, n)
             if pw.kind != "int4":
                 products["scaled"] = lambda x, pw=pw: wquant_torch.scaled_linear(

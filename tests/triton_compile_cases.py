@@ -124,7 +124,8 @@ def wquant_cases() -> None:
     and two warps), its decode variant (native int8 / fp8, int4's group sums), the former
     GEMV ("v0") and the GEMM's tiles ("dot"). Row counts (GEMV 1-4, GEMM BLOCK_M 16, 64,
     128), x dtypes (bf16, fp16, float32: XDT and IEEE) and bias rotate over the cases,
-    as the GPU test's do (every launch compiles for ~1 s)."""
+    as the GPU test's do (every launch compiles for ~1 s). Then tinygemm's int4 layout
+    dequantized to bf16 (two tile counts)."""
     from llamadist.kernels import gpu
     from llamadist.kernels import wquant as W
     from llamadist.kernels.wquant_triton import GemvConfig
@@ -152,6 +153,11 @@ def wquant_cases() -> None:
             bias = torch.zeros(n, dtype=dtype) if (i + c) % 2 else None
             m.launch(torch.zeros(rows, k, dtype=dtype), pw.kind, pw.q, pw.scale, pw.offset,
                      bias, pw.group, n, k, cfg)
+    for n, k, group, tiles in ((64, 256, 32, 8), (48, 96, 32, 2)):  # tinygemm's W, bf16
+        m.tinygemm_dequant(torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2,
+                                       dtype=torch.int32),
+                           torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, k, group,
+                           tiles, torch.bfloat16)
 
 
 def paged_cases() -> None:

@@ -275,16 +275,22 @@ class PackedLinear(nn.Linear):
       ``tg_weight`` and ``tg_scales_zeros``; the PackedWeight's own codes then live in host
       memory (for ``.dequantize()``), so the GPU holds one copy of the weight;
     * "scaled": int8 / fp8 as (x @ q^T) * scale (wquant_torch.scaled_linear) on
-      ``qweight`` and ``wscale``."""
+      ``qweight`` and ``wscale``, except up to GEMV_MAX_M rows where the Triton kernels
+      run (their GEMV): the scaled product writes W in x's dtype before cuBLAS reads it,
+      which a decode step of one row cannot pay (on an H200, Llama-3-8B's batch-1 step in
+      int8 took 10.18 ms against bf16's 4.49 that way, 3.63 ms through the GEMV;
+      RESULTS.md session 15)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "tinygemm":
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
                                             self.group, self.out_features, self.bias)
-        if self.path == "scaled":
+        triton = gpu.INSTALLED and (x.is_cuda or INTERPRET)
+        if self.path == "scaled" and not (
+                triton and x.numel() <= wquant_triton.GEMV_MAX_M * x.shape[-1]):
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
-        if gpu.INSTALLED and (x.is_cuda or INTERPRET):
+        if triton:
             return wquant_triton.packed_linear_op(
                 x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
                 self.group, self.out_features, self.in_features)
@@ -297,8 +303,8 @@ BACKENDS = ("torch", "triton")  # RuntimeConfig.wquant
 def product_path(w: PackedWeight, backend: str, act_dtype: torch.dtype | None = None) -> str:
     """Which PackedLinear product serves ``w`` under ``backend`` with activations of
     ``act_dtype`` (None: bfloat16): "torch" takes tinygemm for int4 where it applies (bf16
-    activations on CUDA: it computes in bf16), else the Triton kernel; int8 / fp8 always
-    the scaled product."""
+    activations on CUDA: it computes in bf16), else the Triton kernel; int8 / fp8 the
+    scaled product (whose few-row calls take the Triton GEMV: PackedLinear)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown weight-quantization backend {backend!r}; choose one of "
                          f"{', '.join(BACKENDS)}")

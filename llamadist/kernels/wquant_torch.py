@@ -14,15 +14,17 @@ the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.
   variant 16; one rule for both: ``tinygemm_ok``).
 * int8 and fp8 (e4m3): ``scaled_linear``, y = (x @ q^T) * scale as gpt-fast writes it:
   the codes cast to x's dtype are exact in bf16 (|q| <= 127; every e4m3 value) and the
-  per-channel scale applies to the float32 product once, after the matmul. Under
-  torch.compile (the decode layers are compiled inside the CUDA graphs) the cast, the
-  matmul and the scale fuse; in eager the cast materialises W in x's dtype first.
+  per-channel scale applies to the float32 product once, after the matmul. The cast
+  materialises W in x's dtype first, under torch.compile too (it does not fold into
+  cuBLAS's matmul), so a one-row decode pays W's bytes three times: PackedLinear sends
+  calls of up to GEMV_MAX_M rows to the Triton GEMV instead (kernels.wquant).
   Grouped scales (GGUF Q8_0, group 32) dequantize W in x's dtype, (N, G, group) * scale,
   then matmul. float16 x takes the dequantized form too: x @ q^T before the scale could
   pass float16's 65504 on a wide row.
 
-Everything here is aten ops with shape functions: traceable whole by torch.compile and,
-with no host synchronisation, captured in CUDA graphs.
+Everything here is aten ops with shape functions, and the custom op
+``llamadist::tinygemm_dequant`` (int4 past TINYGEMM_MAX_M rows, below): traceable whole
+by torch.compile and, with no host synchronisation, captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -30,7 +32,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from llamadist.kernels import gpu, wquant_triton
+
 TINYGEMM_GROUPS = (32, 64, 128, 256)
+# Rows at most through tinygemm on CUDA. Its time grows with the rows (a small-batch
+# kernel: on an H200, Llama-3-70B's gate_up in int4 g32 took 4.2x bf16's F.linear at 32
+# rows and 24x at 4 096, 29 TFLOP/s; benchmarks/wquant_rows.py, RESULTS.md session 15).
+# Above it W is dequantized to bf16 from tinygemm's own layout by a Triton kernel
+# (wquant_triton.tinygemm_dequant: one read of the codes, one write of W) and cuBLAS
+# multiplies it, holding one linear's bf16 W at a time: ~4.6 bytes moved a weight against
+# bf16's 2, so it wins where tinygemm is compute-bound. 32 is conservative (the
+# dequantizing kernel is not yet timed on a GPU: by bytes the crossover is ~16 rows).
+TINYGEMM_MAX_M = 32
 
 
 def tinygemm_ok(kind: str, n: int, k: int, group: int) -> bool:
@@ -71,7 +84,12 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
                 group: int, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x.is_cuda:
+    if x.is_cuda and x2.shape[0] > TINYGEMM_MAX_M and gpu.INSTALLED:
+        k = x2.shape[1]
+        w = wquant_triton.tinygemm_dequant(packed, scales_zeros, n, k, group,
+                                           _inner_k_tiles(k))
+        y = F.linear(x2.to(w.dtype), w)
+    elif x.is_cuda:
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
                                                group, scales_zeros)
     else:

@@ -229,6 +229,22 @@ def _op_shape(x, q, scale, offset, bias, kind, group, n, k):
 packed_linear_op = gpu.custom_op("llamadist::packed_linear", _op, fake=_op_shape)
 
 
+def _tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
+                      group: int, tiles: int) -> torch.Tensor:
+    return gpu.load("wquant").tinygemm_dequant(packed, scales_zeros, n, k, group, tiles,
+                                               scales_zeros.dtype)
+
+
+def _tinygemm_dequant_shape(packed, scales_zeros, n, k, group, tiles):
+    return scales_zeros.new_empty(n, k)
+
+
+# W (N, K) in the table's dtype from tinygemm's int4 layout (kernels.gpu.wquant says how
+# it is read): the product of more rows than tinygemm serves well, through cuBLAS
+tinygemm_dequant = gpu.custom_op("llamadist::tinygemm_dequant", _tinygemm_dequant,
+                                 fake=_tinygemm_dequant_shape)
+
+
 def packed_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, w, bias) for a kernels.wquant.PackedWeight ``w`` on x's device."""
     return packed_linear_op(x, w.q, w.scale, w.offset, bias, KIND_IDS[w.kind], w.group,

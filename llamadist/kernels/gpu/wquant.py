@@ -315,6 +315,45 @@ def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr
     tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _tinygemm_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, KT, GROUP: tl.constexpr,
+                             TILES: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    """W (N, K) in w's dtype from tinygemm's int4 layout (wquant_torch.tinygemm_pack, CUDA)
+    and its (G, N, 2) (scale, zero) table: w = (c - 8) scale + zero. Word [n / 8, k / (16
+    TILES), lane, w] holds in nibble j the code of n = 8 (n / 8) + lane / 4 and k = 16
+    TILES (k / (16 TILES)) + 32 w + 2 (lane % 4) + 8 (j % 4) + j / 4 (measured on an H200
+    from _convert_weight_to_int4pack of index patterns, torch 2.11). Each output tile is
+    written in row order; its words are read eight times each, from L1."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    ok = (rn < N)[:, None] & (rk < K)[None, :]
+    n = rn[:, None]
+    k = rk[None, :]
+    r = k % 32
+    lane = (n % 8) * 4 + (r % 8) // 2
+    word = ((n // 8) * KT + k // (16 * TILES)) * (32 * (TILES // 2)) + lane * (TILES // 2) \
+        + (k % (16 * TILES)) // 32
+    j = r // 8 + 4 * (r % 2)
+    code = (tl.load(p_ptr + word, mask=ok, other=0) >> (4 * j)) & 0xF
+    at = ((k // GROUP) * N + n) * 2
+    scale = tl.load(sz_ptr + at, mask=ok, other=0.0).to(tl.float32)
+    zero = tl.load(sz_ptr + at + 1, mask=ok, other=0.0).to(tl.float32)
+    w = (code.to(tl.float32) - 8.0) * scale + zero
+    tl.store(w_ptr + n * K + k, w.to(w_ptr.dtype.element_ty), mask=ok)
+
+
+def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
+                     group: int, tiles: int, dtype: torch.dtype) -> torch.Tensor:
+    """W (N, K) in ``dtype`` from tinygemm's packed int4 and (G, N, 2) table."""
+    w = torch.empty(n, k, dtype=dtype, device=packed.device)
+    bn, bk = 32, 128
+    _tinygemm_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
+        packed, scales_zeros, w, n, k, k // (16 * tiles), GROUP=group, TILES=tiles,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    return w
+
+
 def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
          offset: torch.Tensor | None, bias: torch.Tensor | None, group: int, n: int, k: int,
          cfg: GemvConfig) -> None:
