@@ -346,7 +346,7 @@ quantdecode() {  # issue 16: batch-1 decode of the 8B folder, bf16 and --quantiz
 rows() {  # issue 16: which weight-only product at which batch rows M (Llama-3-70B's
     # linears; int4 batch 32 and prefill were tinygemm-bound in q70b) (~3 min)
     step rows 200 python3 benchmarks/wquant_rows.py --shape llama3-70b \
-        --kinds int4_g32 --m ${ROWS_M:-1,16,32,256,4096} --max-seconds $((PART_S - 20))
+        --kinds int4_g32 --m ${ROWS_M:-1,16,32,256,4096} --max-seconds $((PART_S < 200 ? PART_S - 20 : 180))
 }
 
 offload() {  # issue 16: Llama-3-8B with its last 8 layers and the head on the 16-core host

@@ -5,7 +5,8 @@ against 23.8 ms at batch 1, and prefilled 4 096 tokens in 19 s (tinygemm, the de
 int4 product, is a small-batch kernel).
 
 For each decoder linear of the shape (per layer, N x K) and each M, timed in CUDA graphs
-over weight copies rotated past the L2 cache (``wquant_sweep.time_graph``):
+(``wquant_sweep.time_graph``; bf16 weights rotated over copies past the L2 cache, the
+quantized ones not: 70B's int4 qkv and o, ~40 MB, may be partly L2-resident):
 
 * ``bf16``: ``F.linear`` on the bf16 weight (the baseline);
 * ``tinygemm`` (int4): ``aten._weight_int4pack_mm`` alone;

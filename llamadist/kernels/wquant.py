@@ -225,11 +225,15 @@ def _k_scales_t(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([lo_s, hi_s], -1).float(), torch.cat([lo_m, hi_m], -1).float()
 
 
+GPU_CONVERTS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # what from_gguf converts on the blocks' device
+
+
 def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
     """A GGUF block matrix (N, row bytes) uint8 of ggml type ``qtype`` -> int8 / int4 (see
     the module docstring for which, and where it is exact). Torch ops on the blocks' own
     device: blocks moved to a GPU first convert there (a 70B file's 40 GB in seconds,
-    where the host's numpy took minutes); Q5_K and Q6_K dequantize on the host."""
+    where the host's numpy took minutes); Q5_K and Q6_K dequantize on the host (give them
+    host blocks: GPU_CONVERTS) and requantize on the blocks' device."""
     name = FORMATS[qtype][0]
     n, k = shape
     b = blocks.reshape(n, k // 32 if name in ("Q8_0", "Q4_0", "Q4_1") else k // 256, -1)
@@ -249,9 +253,8 @@ def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int]) -> Packe
         scale = (d[..., None] * sc).reshape(n, -1)
         offset = (-dmin[..., None] * mn).reshape(n, -1)
         return PackedWeight("int4", pack_int4(codes), scale, offset, 32, shape)
-    host = blocks.cpu().numpy()
-    w = torch.from_numpy(dequantize(host, qtype, k)).to(blocks.device)  # Q5_K, Q6_K: exact
-    return quantize_int8(w, group=32)
+    w = torch.from_numpy(dequantize(blocks.cpu().numpy(), qtype, k))  # Q5_K, Q6_K: exact
+    return quantize_int8(w.float().to(blocks.device), group=32)  # (float32 as _groups casts)
 
 
 # ---- torch functions -------------------------------------------------------------------
@@ -284,13 +287,13 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "tinygemm":
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
-                                            self.group, self.out_features, self.bias)
-        triton = gpu.INSTALLED and (x.is_cuda or INTERPRET)
+                                            self.group, self.out_features, self.bias,
+                                            self.tg_dequant)
         if self.path == "scaled" and not (
-                triton and x.numel() <= wquant_triton.GEMV_MAX_M * x.shape[-1]):
+                self.gemv_rows and x.numel() <= wquant_triton.GEMV_MAX_M * x.shape[-1]):
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
-        if triton:
+        if gpu.INSTALLED and (x.is_cuda or INTERPRET):
             return wquant_triton.packed_linear_op(
                 x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
                 self.group, self.out_features, self.in_features)
@@ -328,6 +331,10 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
     module.__class__ = PackedLinear
     module.path = product_path(w, backend, act_dtype)
     module.kind_id, module.wkind, module.group = wquant_triton.KIND_IDS[w.kind], w.kind, w.group
+    triton = gpu.runs_on(w.device)  # installed and importable: else the torch products only
+    module.gemv_rows = module.path == "scaled" and triton   # few rows: the Triton GEMV
+    module.tg_dequant = (module.path == "tinygemm" and triton
+                         and wquant_torch.tinygemm_layout_known(w.device))
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)
         module.register_buffer("tg_weight", wquant_torch.tinygemm_pack(w.q, w.shape[1]),

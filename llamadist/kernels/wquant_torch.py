@@ -29,10 +29,14 @@ by torch.compile and, with no host synchronisation, captured in CUDA graphs.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
-from llamadist.kernels import gpu, wquant_triton
+from llamadist.kernels import wquant_triton
+
+log = logging.getLogger(__name__)
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 # Rows at most through tinygemm on CUDA. Its time grows with the rows (a small-batch
@@ -66,6 +70,54 @@ def tinygemm_pack(q: torch.Tensor, k: int) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), tiles)
 
 
+def tinygemm_layout(codes: torch.Tensor, tiles: int) -> torch.Tensor:
+    """(N, K) codes 0..15 -> the int32 words (N / 8, K / (16 tiles), 32, tiles / 2) of
+    CUDA's _convert_weight_to_int4pack, by the rule measured on an H200 (torch 2.11; the
+    dequantizing kernel of kernels.gpu.wquant reads it): word [n / 8, k / (16 tiles), lane,
+    w] holds in nibble j the code of n = 8 (n / 8) + lane / 4 and k = 16 tiles (k / (16
+    tiles)) + 32 w + 2 (lane % 4) + 8 (j % 4) + j / 4."""
+    n, k = codes.shape
+    nn, kk = torch.meshgrid(torch.arange(n, device=codes.device),
+                            torch.arange(k, device=codes.device), indexing="ij")
+    r = kk % 32
+    lane = (nn % 8) * 4 + (r % 8) // 2
+    word = ((nn // 8) * (k // (16 * tiles)) + kk // (16 * tiles)) * (16 * tiles) \
+        + lane * (tiles // 2) + (kk % (16 * tiles)) // 32
+    j = r // 8 + 4 * (r % 2)
+    out = torch.zeros(n * k // 8, dtype=torch.int64, device=codes.device)
+    out.index_add_(0, word.reshape(-1), (codes.to(torch.int64) << (4 * j)).reshape(-1))
+    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
+    return out.view(n // 8, k // (16 * tiles), 32, tiles // 2)
+
+
+_LAYOUT_CHECKED: dict[str, bool] = {}
+
+
+def tinygemm_layout_known(device: torch.device) -> bool:
+    """Whether this torch's tinygemm packs by ``tinygemm_layout`` on ``device`` (CUDA, not
+    ROCm): index patterns packed by the op against the rule, once a process (each tile
+    count; small tensors). False keeps tinygemm for every row count."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    key = str(torch.device(device))
+    if key not in _LAYOUT_CHECKED:
+        ok = True
+        for tiles in (2, 4, 8):
+            n, k = 16, 32 * tiles
+            idx = torch.arange(n * k, device=device).view(n, k)
+            for shift in (0, 4, 8):
+                codes = (idx >> shift) & 0xF
+                q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+                packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), tiles)
+                ok = ok and torch.equal(packed, tinygemm_layout(codes, tiles))
+        _LAYOUT_CHECKED[key] = ok
+        if not ok:
+            log.warning("tinygemm's int4 layout on %s is not the one llamadist reads: int4 "
+                        "keeps tinygemm for every row count (slow past %d rows)", key,
+                        TINYGEMM_MAX_M)
+    return _LAYOUT_CHECKED[key]
+
+
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:
     """Our packed codes (input 2j in the low nibble) as the uint8 (N, K / 2) that CUDA's
     _convert_weight_to_int4pack reads: input 2j in the high nibble."""
@@ -81,10 +133,13 @@ def tinygemm_scales_zeros(scale: torch.Tensor, offset: torch.Tensor,
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
-                group: int, n: int, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype."""
+                group: int, n: int, bias: torch.Tensor | None = None,
+                dequant: bool = False) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype; with
+    ``dequant`` (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of
+    more than TINYGEMM_MAX_M rows dequantize W from its layout and take cuBLAS."""
     x2 = x.reshape(-1, x.shape[-1])
-    if x.is_cuda and x2.shape[0] > TINYGEMM_MAX_M and gpu.INSTALLED:
+    if dequant and x.is_cuda and x2.shape[0] > TINYGEMM_MAX_M:
         k = x2.shape[1]
         w = wquant_triton.tinygemm_dequant(packed, scales_zeros, n, k, group,
                                            _inner_k_tiles(k))

@@ -32,7 +32,8 @@ from tqdm import tqdm
 from llamadist.kernels import weight_version
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, block_shape
-from llamadist.kernels.wquant import PackedWeight, from_gguf, quantize, to_gguf_blocks
+from llamadist.kernels.wquant import (GPU_CONVERTS, PackedWeight, from_gguf, quantize,
+                                      to_gguf_blocks)
 from llamadist.weights.base import Checkpoint, CheckpointError, Shard
 
 log = logging.getLogger(__name__)
@@ -141,8 +142,10 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
     if (native and qtype is not None and qtype not in HALF_TYPES and device.type == "cuda"
             and LAYER_LINEAR.search(pname)):
         blocks = ckpt.get_quantized(src, shard, dtype)  # converted on the GPU, as bytes
-        return from_gguf(_to_device(blocks.blocks, device, staging), blocks.qtype,
-                         tuple(blocks.shape)).to(device)
+        raw = blocks.blocks
+        if FORMATS[blocks.qtype][0] in GPU_CONVERTS:
+            raw = _to_device(raw, device, staging)
+        return from_gguf(raw, blocks.qtype, tuple(blocks.shape)).to(device)
     return _to_device(ckpt.get(src, shard).to(dtype=dtype), device, staging)
 
 

@@ -323,23 +323,6 @@ def test_smollm2_gguf_on_cuda_runs_int4_and_int8_blocks(smollm2):
     assert (a - b).abs().max().item() <= 2e-3 * b.abs().max().item()
 
 
-def tinygemm_layout(codes: torch.Tensor, tiles: int) -> torch.Tensor:
-    """(N, K) codes 0..15 -> the int32 (N / 8, K / (16 tiles), 32, tiles / 2) words of
-    CUDA's _convert_weight_to_int4pack as measured on an H200 (kernels.gpu.wquant's
-    _tinygemm_dequant_kernel states the rule): the interpreter's stand-in for the op."""
-    n, k = codes.shape
-    nn, kk = torch.meshgrid(torch.arange(n), torch.arange(k), indexing="ij")
-    r = kk % 32
-    lane = (nn % 8) * 4 + (r % 8) // 2
-    word = ((nn // 8) * (k // (16 * tiles)) + kk // (16 * tiles)) * (16 * tiles) \
-        + lane * (tiles // 2) + (kk % (16 * tiles)) // 32
-    j = r // 8 + 4 * (r % 2)
-    out = torch.zeros(n * k // 8, dtype=torch.int64)
-    out.index_add_(0, word.reshape(-1), (codes.to(torch.int64) << (4 * j)).reshape(-1))
-    out = torch.where(out >= 2**31, out - 2**32, out).to(torch.int32)
-    return out.view(n // 8, k // (16 * tiles), 32, tiles // 2)
-
-
 @pytest.mark.parametrize("tiles,group", [(2, 32), (8, 128)])
 def test_tinygemm_dequant_reads_its_layout(tiles, group):
     """W from tinygemm's packed int4 (the product above TINYGEMM_MAX_M rows) equals
@@ -350,18 +333,19 @@ def test_tinygemm_dequant_reads_its_layout(tiles, group):
     pw = W.quantize_int4(torch.randn(n, k), group)
     codes = W.unpack_int4(pw.q, k)
     table = WT.tinygemm_scales_zeros(pw.scale, pw.offset, torch.float32)
-    if ON_CUDA:
+    if ON_CUDA:  # the op's own words, and the rule the kernel reads checked against them
         packed = WT.tinygemm_pack(pw.q.cuda(), k)
-        assert WT._inner_k_tiles(k) == tiles
+        assert WT._inner_k_tiles(k) == tiles and WT.tinygemm_layout_known(packed.device)
+        assert torch.equal(packed.cpu(), WT.tinygemm_layout(codes, tiles))
     else:
-        packed = tinygemm_layout(codes, tiles)
+        packed = WT.tinygemm_layout(codes, tiles)
     w = T.tinygemm_dequant(packed.to(DEVICE), table.to(DEVICE), n, k, group, tiles).cpu()
     s, z = table[..., 0].T.repeat_interleave(group, 1), table[..., 1].T.repeat_interleave(group, 1)
     assert torch.equal(w, (codes.float() - 8) * s + z)
     if ON_CUDA:  # the rows past tinygemm: the dequantized product against tinygemm's own
         tz = WT.tinygemm_scales_zeros(pw.scale, pw.offset).cuda()
         x = torch.randn(WT.TINYGEMM_MAX_M + 1, k, device="cuda", dtype=torch.bfloat16)
-        y = WT.int4_linear(x, packed, tz, group, n).float()
+        y = WT.int4_linear(x, packed, tz, group, n, dequant=True).float()
         ref = torch.ops.aten._weight_int4pack_mm(x, packed, group, tz).float()
         assert (y - ref).abs().max() <= 2**-7 * ref.abs().max()
 

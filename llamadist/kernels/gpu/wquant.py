@@ -323,8 +323,9 @@ def _tinygemm_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, KT, GROUP: tl.constexpr
     and its (G, N, 2) (scale, zero) table: w = (c - 8) scale + zero. Word [n / 8, k / (16
     TILES), lane, w] holds in nibble j the code of n = 8 (n / 8) + lane / 4 and k = 16
     TILES (k / (16 TILES)) + 32 w + 2 (lane % 4) + 8 (j % 4) + j / 4 (measured on an H200
-    from _convert_weight_to_int4pack of index patterns, torch 2.11). Each output tile is
-    written in row order; its words are read eight times each, from L1."""
+    from _convert_weight_to_int4pack of index patterns, torch 2.11; wquant_torch.
+    tinygemm_layout packs by this rule and checks it against the op once a process).
+    Each output tile is written in row order; its words are read eight times each, from L1."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     ok = (rn < N)[:, None] & (rk < K)[None, :]
@@ -340,7 +341,7 @@ def _tinygemm_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, KT, GROUP: tl.constexpr
     scale = tl.load(sz_ptr + at, mask=ok, other=0.0).to(tl.float32)
     zero = tl.load(sz_ptr + at + 1, mask=ok, other=0.0).to(tl.float32)
     w = (code.to(tl.float32) - 8.0) * scale + zero
-    tl.store(w_ptr + n * K + k, w.to(w_ptr.dtype.element_ty), mask=ok)
+    tl.store(w_ptr + n.to(tl.int64) * K + k, w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
 def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
@@ -350,8 +351,8 @@ def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k
     bn, bk = 32, 128
     _tinygemm_dequant_kernel[(triton.cdiv(n, bn), triton.cdiv(k, bk))](
         packed, scales_zeros, w, n, k, k // (16 * tiles), GROUP=group, TILES=tiles,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
-    return w
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4, enable_fp_fusion=False)  # (c - 8) s, then + z:
+    return w                                                # tinygemm's and the tests' roundings
 
 
 def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
