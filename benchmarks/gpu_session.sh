@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows quantdecode perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows quantdecode verify16 perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -343,6 +343,16 @@ quantdecode() {  # issue 16: batch-1 decode of the 8B folder, bf16 and --quantiz
         --checkpoint-dir /tmp/ck --backends torch --formats int8
 }
 
+verify16() {  # issue 16, after session 15's CPU-only changes: the GPU tests they touch
+    # (tinygemm's layout rule against the op, the dequantizing kernel, the few-row GEMV of
+    # --wquant torch), then int8 / fp8 / int4 decode through the default product (~3 min)
+    step tests16 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py \
+        tests/gpu/test_wquant_torch_gpu.py -k "tinygemm or torch_backend or few_rows or smollm2"
+    checkpoint
+    step quantdecode_default 200 python3 benchmarks/quant_gpu.py --device cuda:0 \
+        --checkpoint-dir /tmp/ck --backends torch
+}
+
 rows() {  # issue 16: which weight-only product at which batch rows M (Llama-3-70B's
     # linears; int4 batch 32 and prefill were tinygemm-bound in q70b) (~3 min)
     step rows 200 python3 benchmarks/wquant_rows.py --shape llama3-70b \
@@ -398,8 +408,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode|verify16|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

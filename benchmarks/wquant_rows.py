@@ -62,9 +62,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import torch.nn.functional as F
 
-    from llamadist.kernels import wquant, wquant_torch, wquant_triton
+    from llamadist.kernels import gpu, wquant, wquant_torch, wquant_triton
     t_end = time.perf_counter() + a.max_seconds
     dev = torch.device("cuda:0")
+    # as as_packed_linear decides it: the Triton kernels run and tinygemm's layout is known
+    dequant = gpu.runs_on(dev) and wquant_torch.tinygemm_layout_known(dev)
+    print(f"int4 past {wquant_torch.TINYGEMM_MAX_M} rows dequantized: {dequant}",
+          file=sys.stderr)
     copy = copy_rate(torch, dev, 2.0)
     print(f"copy rate {copy / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
     torch.manual_seed(0)
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 # the --wquant torch product: tinygemm up to TINYGEMM_MAX_M rows, then W
                 # dequantized from tinygemm's layout (Triton) and cuBLAS
                 products["torch"] = lambda x, tg=tg, tz=tz, g=pw.group: \
-                    wquant_torch.int4_linear(x, tg, tz, g, n)
+                    wquant_torch.int4_linear(x, tg, tz, g, n, dequant=dequant)
             if pw.kind != "int4":
                 products["scaled"] = lambda x, pw=pw: wquant_torch.scaled_linear(
                     x, pw.q, pw.scale, pw.kind, pw.group)

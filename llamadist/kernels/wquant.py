@@ -228,12 +228,13 @@ def _k_scales_t(sc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 GPU_CONVERTS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K")  # what from_gguf converts on the blocks' device
 
 
-def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int]) -> PackedWeight:
+def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
+              device: torch.device | str | None = None) -> PackedWeight:
     """A GGUF block matrix (N, row bytes) uint8 of ggml type ``qtype`` -> int8 / int4 (see
     the module docstring for which, and where it is exact). Torch ops on the blocks' own
     device: blocks moved to a GPU first convert there (a 70B file's 40 GB in seconds,
     where the host's numpy took minutes); Q5_K and Q6_K dequantize on the host (give them
-    host blocks: GPU_CONVERTS) and requantize on the blocks' device."""
+    host blocks: GPU_CONVERTS) and requantize on ``device`` (default: the blocks')."""
     name = FORMATS[qtype][0]
     n, k = shape
     b = blocks.reshape(n, k // 32 if name in ("Q8_0", "Q4_0", "Q4_1") else k // 256, -1)
@@ -254,7 +255,8 @@ def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int]) -> Packe
         offset = (-dmin[..., None] * mn).reshape(n, -1)
         return PackedWeight("int4", pack_int4(codes), scale, offset, 32, shape)
     w = torch.from_numpy(dequantize(blocks.cpu().numpy(), qtype, k))  # Q5_K, Q6_K: exact
-    return quantize_int8(w.float().to(blocks.device), group=32)  # (float32 as _groups casts)
+    w = w.float().to(device or blocks.device)  # (float32, as _groups casts it)
+    return quantize_int8(w, group=32)
 
 
 # ---- torch functions -------------------------------------------------------------------
@@ -324,7 +326,8 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
                      act_dtype: torch.dtype | None = None) -> nn.Linear:
     """Turn a plain nn.Linear holding a PackedWeight into a PackedLinear whose product is
     ``product_path(weight, backend, act_dtype)`` (in place; no copy, except tinygemm's
-    repacking of int4, whose source codes then move to host memory)."""
+    repacking of int4, whose source codes then move to host memory). Convert after
+    placement: the products are chosen for the weight's device."""
     w = module.__dict__.get("weight")
     if type(module) is not nn.Linear or not isinstance(w, PackedWeight):
         return module

@@ -145,7 +145,7 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
         raw = blocks.blocks
         if FORMATS[blocks.qtype][0] in GPU_CONVERTS:
             raw = _to_device(raw, device, staging)
-        return from_gguf(raw, blocks.qtype, tuple(blocks.shape)).to(device)
+        return from_gguf(raw, blocks.qtype, tuple(blocks.shape), device).to(device)
     return _to_device(ckpt.get(src, shard).to(dtype=dtype), device, staging)
 
 
