@@ -139,6 +139,11 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
         return quantize(_to_device(w, device, staging), fmt)
     if native and qtype is not None and device.type == "cpu":
         return ckpt.get_quantized(src, shard, dtype)
+    half = _half_kept(ckpt, src) if native and device.type == "cpu" else None
+    if half is not None and dtype == torch.float32:  # as a GGUF's F16 / BF16 tensors
+        t = ckpt.get(src, shard).contiguous()
+        return QuantizedTensor(t.view(torch.uint8).reshape(t.shape[0], -1), half,
+                               tuple(t.shape), dtype)
     if (native and qtype is not None and qtype not in HALF_TYPES and device.type == "cuda"
             and LAYER_LINEAR.search(pname)):
         blocks = ckpt.get_quantized(src, shard, dtype)  # converted on the GPU, as bytes
@@ -147,6 +152,21 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
             raw = _to_device(raw, device, staging)
         return from_gguf(raw, blocks.qtype, tuple(blocks.shape), device).to(device)
     return _to_device(ckpt.get(src, shard).to(dtype=dtype), device, staging)
+
+
+_HALF_IDS = {torch.bfloat16: TYPE_IDS["BF16"], torch.float16: TYPE_IDS["F16"]}
+
+
+def _half_kept(ckpt: Checkpoint, name: str) -> int | None:
+    """The GGUF type id (F16 / BF16) a CPU stage keeps checkpoint tensor ``name`` in under
+    --weights native, or None: a float checkpoint's (safetensors) decoder-layer linears and
+    untied head stored in 16 bits stay 16-bit on the CPU when the run computes in float32
+    (the default with a CPU in the devices), read by the same C GEMVs as a GGUF's F16 /
+    BF16 tensors: half the bytes of a float32 copy, so about half the decode step."""
+    stored = getattr(ckpt, "stored_dtype", None)
+    if stored is None or not (LAYER_LINEAR.search(name) or name == "lm_head.weight"):
+        return None
+    return _HALF_IDS.get(stored(name))
 
 
 def _to_device(t: torch.Tensor, device: torch.device,
@@ -169,13 +189,17 @@ def held_bytes(ckpt: Checkpoint, weights: str) -> dict[str, dict[str, tuple[int,
 def native_bytes(ckpt: Checkpoint, kind: str) -> dict[str, tuple[int, int]]:
     """What a ``--weights native`` run on a ``kind`` device ("cpu", "cuda") holds, out of
     the run's dtype, of each checkpoint tensor, as ``_load_one`` keeps it: name -> (weights,
-    bytes). CPU: every block and F16/BF16 tensor as stored; CUDA: the decoder layers'
-    block linears converted (``from_gguf``: codes and scales). Tensors absent here are held
-    in the run's dtype (F32 ones, other GGUF types, what a GPU dequantizes); {} for a
-    checkpoint with no quantized tensors (safetensors). The planner counts these bytes."""
+    bytes). CPU: every block and F16/BF16 tensor as stored (of a float checkpoint, the
+    16-bit linears ``_half_kept`` names); CUDA: the decoder layers' block linears converted
+    (``from_gguf``: codes and scales). Tensors absent here are held in the run's dtype (F32
+    ones, other GGUF types, what a GPU dequantizes). The planner counts these bytes."""
     quant_type = getattr(ckpt, "quant_type", None)
     out: dict[str, tuple[int, int]] = {}
-    if quant_type is None:
+    if quant_type is None:  # a float checkpoint: its 16-bit linears on a CPU (_half_kept)
+        for name in ckpt.names() if kind == "cpu" else ():
+            if _half_kept(ckpt, name) is not None:
+                n, k = ckpt.shape(name)
+                out[name] = (n * k, 2 * n * k)
         return out
     for name in ckpt.names():
         qtype = quant_type(name)

@@ -12,6 +12,10 @@ from llamadist.config import ModelConfig
 from llamadist.weights.base import CheckpointError, Shard
 
 
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+           "F64": torch.float64}
+
+
 class HFCheckpoint:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -57,6 +61,10 @@ class HFCheckpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._open(self._file_of[name]).get_slice(name).get_shape())
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        """The dtype ``name`` is stored in (None for one torch has no name for here)."""
+        return _DTYPES.get(self._open(self._file_of[name]).get_slice(name).get_dtype())
 
     def get(self, name: str, shard: Shard | None = None) -> torch.Tensor:
         if name not in self._file_of:

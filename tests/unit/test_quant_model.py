@@ -222,3 +222,39 @@ def test_mixtral_q8_experts_stay_blocks_and_give_the_same_tokens(tmp_path, tiny_
     assert isinstance(expert.w13.weight, QuantizedTensor)
     runs = {w: llm.run([list(range(5, 17))], params)[0] for w, llm in llms.items()}
     assert runs["native"][0].output_ids == runs["float32"][0].output_ids
+
+
+def test_bf16_folder_stays_16_bit_on_a_cpu_stage(tmp_path):
+    """A safetensors folder stored in bf16, on a CPU stage of a float32 run: its decoder
+    linears and untied head stay bf16 (the C GEMVs of a GGUF's BF16 tensors), counted so by
+    the planner, and give the logits of its float32 copy (the same values) to ~1e-5."""
+    from transformers import LlamaForCausalLM
+
+    from llamadist.kernels.quant_ref import TYPE_IDS
+    from llamadist.weights.loader import native_bytes
+    from tests.tiny import make_tiny_model
+    src = make_tiny_model(tmp_path / "f32", "mha")
+    LlamaForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(
+        tmp_path / "bf16", safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / f).write_bytes((src / f).read_bytes())
+    path = tmp_path / "bf16"
+    ck = open_checkpoint(path)
+    held = native_bytes(ck, "cpu")
+    assert "lm_head.weight" in held and "model.layers.0.mlp.down_proj.weight" in held
+    assert all(b == 2 * n for n, b in held.values()) and native_bytes(ck, "cuda") == {}
+    layers = ck.config.num_layers
+    make = lambda w: build_stage(open_checkpoint(path), range(layers), "cpu",  # noqa: E731
+                                 torch.float32, 2, 64, runtime=RuntimeConfig(weights=w))
+    native, ref = make("native"), make("float32")
+    w = native.model.lm_head.__dict__["weight"]
+    assert isinstance(w, QuantizedTensor) and w.qtype == TYPE_IDS["BF16"]
+    assert isinstance(native.model.model.layers["0"].mlp.down_proj.__dict__["weight"],
+                      QuantizedTensor)
+    ids = torch.tensor([[5, 9, 30, 7, 2], [1, 3, 3, 80, 6]])
+    a, b = logits(native, ids), logits(ref, ids)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-6
+    nxt = torch.tensor([[4], [8]])
+    step = lambda s: s.forward(nxt, torch.tensor([[5], [5]]), 5, None, logits="all")  # noqa
+    want = step(ref)
+    assert (step(native) - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6
