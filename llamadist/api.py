@@ -68,14 +68,14 @@ class LLM:
                                    ("boundaries", boundaries), ("plan", plan)) if v is not None}
         if layout is None:
             dev = devices if isinstance(devices, str) or devices is None else ",".join(devices)
+            dtype = runtime.dtype_for(dev or default_devices())
             layout = resolve_layout(self.config, devices=dev, strategy=strategy,
                                     max_memory=max_memory, device_speed=device_speed,
-                                    boundaries=boundaries, plan=plan,
-                                    dtype=runtime.dtype_for(dev or default_devices()),
+                                    boundaries=boundaries, plan=plan, dtype=dtype,
                                     max_batch=runtime.max_batch,
                                     max_seq_len=runtime.max_seq_len,
                                     quantize=runtime.quantize,
-                                    held=held_bytes(self.ckpt, runtime.weights))
+                                    held=held_bytes(self.ckpt, runtime.weights, dtype))
             # a plan file's per-stage weight formats are what the stages load with
             runtime = runtime.replace(quantize=layout_quantize(layout, runtime.quantize))
         elif where:

@@ -20,13 +20,14 @@ from llamadist.planning.units import PlanningError
 LAYOUT_ENV = "LLAMADIST_LAYOUT"  # the front process's Layout, handed to the workers it starts
 
 
-def held_weights(model: str | None, weights: str, ckpt=None) -> dict | None:
+def held_weights(model: str | None, weights: str, ckpt=None, dtype: str | None = None) -> dict | None:
     """--weights native (``weights``): per device kind, the bytes a run holds of each
     tensor it keeps in the checkpoint's own formats (weights.loader.native_bytes), which
     the planner counts (profile.native_profile); None for --weights float*, a checkpoint
     with no quantized tensor, or a named shape with no checkpoint of that name here
     (`plan smollm2-135m` counts the installed GGUF). ``ckpt``: the opened checkpoint,
-    else ``model`` is opened."""
+    else ``model`` is opened; ``dtype``: the run's (a float checkpoint's 16-bit linears
+    stay 16-bit on a CPU stage of a float32 run)."""
     from llamadist.config import NAMED_SHAPES
     if weights != "native" or (ckpt is None and model is None):
         return None
@@ -39,7 +40,7 @@ def held_weights(model: str | None, weights: str, ckpt=None) -> dict | None:
             if model in NAMED_SHAPES:   # a shape only: planned in its dtype
                 return None
             raise
-    return held_bytes(ckpt, weights)
+    return held_bytes(ckpt, weights, dtype)
 
 
 def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeConfig,
@@ -102,7 +103,8 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
                   max_seq_len: int, batch: int, ckpt=None) -> Layout:
     """The run's layout from its flags; every check that can fail does so here. The
     weights are counted as the run holds them (held_weights: ``ckpt``, else args.model)."""
-    held = held_weights(getattr(args, "model", None), runtime.weights, ckpt)
+    held = held_weights(getattr(args, "model", None), runtime.weights, ckpt,
+                        runtime.dtype_for(args.devices or default_devices()))
     if getattr(args, "auto", False):
         layout = auto_layout(config, args, runtime, max_seq_len, batch, held)
         asked = getattr(args, "nproc", None)

@@ -196,7 +196,8 @@ def model_config(model: str) -> ModelConfig:
 
 def analyze_cmd(args: argparse.Namespace) -> int:
     from llamadist.cli.layout import held_weights
-    held = held_weights(args.model, getattr(args, "weights", None) or "native")
+    held = held_weights(args.model, getattr(args, "weights", None) or "native",
+                        dtype=args.dtype)
     print(analyze_command(model_config(args.model), args.dtype, args.seq_len, args.json, held))
     return 0
 
@@ -237,7 +238,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
                             weights=getattr(args, "weights", None) or "native")
     dtype = runtime.dtype_for(plan_dtype_devices(args))
     max_seq = runtime.seq_len_for(config.max_position_embeddings)
-    held = held_weights(args.model, runtime.weights)   # the weights as the run holds them
+    held = held_weights(args.model, runtime.weights, dtype=dtype)  # as the run holds them
     if args.auto:
         return _auto_plan(args, config, dtype, max_seq, held)
     pp, tp, dp, ep = grid_flags(args)

@@ -72,7 +72,8 @@ def replan(job: Job, args: argparse.Namespace, config: ModelConfig, lost_stage: 
                                 max_memory=without_lost(getattr(args, "max_memory", None)),
                                 device_speed=without_lost(getattr(args, "device_speed", None)),
                                 max_seq_len=job.max_seq_len, quantize=rt.quantize,
-                                held=held_weights(getattr(args, "model", None), rt.weights))
+                                held=held_weights(getattr(args, "model", None), rt.weights,
+                                                  dtype=rt.dtype_for(names)))
     except PlanningError as e:
         raise PlanningError(f"the model no longer fits the {len(names)} device(s) left: "
                             f"{e}") from None

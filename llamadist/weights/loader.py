@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from llamadist.kernels import weight_version
+from llamadist.kernels import cpu_quant, weight_version
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, block_shape
 from llamadist.kernels.wquant import (GPU_CONVERTS, PackedWeight, from_gguf, quantize,
@@ -139,8 +139,8 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
         return quantize(_to_device(w, device, staging), fmt)
     if native and qtype is not None and device.type == "cpu":
         return ckpt.get_quantized(src, shard, dtype)
-    half = _half_kept(ckpt, src) if native and device.type == "cpu" else None
-    if half is not None and dtype == torch.float32:  # as a GGUF's F16 / BF16 tensors
+    half = _half_kept(ckpt, src, dtype) if native and device.type == "cpu" else None
+    if half is not None:  # as a GGUF's F16 / BF16 tensors
         t = ckpt.get(src, shard).contiguous()
         return QuantizedTensor(t.view(torch.uint8).reshape(t.shape[0], -1), half,
                                tuple(t.shape), dtype)
@@ -157,16 +157,22 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
 _HALF_IDS = {torch.bfloat16: TYPE_IDS["BF16"], torch.float16: TYPE_IDS["F16"]}
 
 
-def _half_kept(ckpt: Checkpoint, name: str) -> int | None:
+def _half_kept(ckpt: Checkpoint, name: str, dtype: torch.dtype | str | None) -> int | None:
     """The GGUF type id (F16 / BF16) a CPU stage keeps checkpoint tensor ``name`` in under
-    --weights native, or None: a float checkpoint's (safetensors) decoder-layer linears and
-    untied head stored in 16 bits stay 16-bit on the CPU when the run computes in float32
-    (the default with a CPU in the devices), read by the same C GEMVs as a GGUF's F16 /
-    BF16 tensors: half the bytes of a float32 copy, so about half the decode step."""
+    --weights native in a run of ``dtype``, or None: a float checkpoint's (safetensors)
+    decoder-layer linears and untied head stored in 16 bits stay 16-bit on the CPU when
+    the run computes in float32 (the default with a CPU in the devices) and the C kernels
+    are built, read by the same C GEMVs as a GGUF's F16 / BF16 tensors: half the bytes of
+    a float32 copy, so about half the decode step (without the kernels every call would
+    dequantize through numpy)."""
     stored = getattr(ckpt, "stored_dtype", None)
-    if stored is None or not (LAYER_LINEAR.search(name) or name == "lm_head.weight"):
+    if stored is None or dtype not in (torch.float32, "float32"):
         return None
-    return _HALF_IDS.get(stored(name))
+    tied = getattr(getattr(ckpt, "config", None), "tie_word_embeddings", False)
+    if not (LAYER_LINEAR.search(name) or (name == "lm_head.weight" and not tied)):
+        return None
+    half = _HALF_IDS.get(stored(name))
+    return half if half is not None and cpu_quant.available() else None
 
 
 def _to_device(t: torch.Tensor, device: torch.device,
@@ -176,28 +182,31 @@ def _to_device(t: torch.Tensor, device: torch.device,
     return t.to(device, non_blocking=True)
 
 
-def held_bytes(ckpt: Checkpoint, weights: str) -> dict[str, dict[str, tuple[int, int]]] | None:
-    """--weights ``weights`` of ``ckpt``: per device kind ("cpu", "cuda"), native_bytes'
-    tensors, which the planner counts in those bytes (planning.profile.native_profile);
-    None for --weights float* or a checkpoint with no quantized tensor."""
+def held_bytes(ckpt: Checkpoint, weights: str,
+               dtype: torch.dtype | str | None = None) -> dict[str, dict[str, tuple[int, int]]] | None:
+    """--weights ``weights`` of ``ckpt`` in a run of ``dtype``: per device kind ("cpu",
+    "cuda"), native_bytes' tensors, which the planner counts in those bytes
+    (planning.profile.native_profile); None for --weights float* or a checkpoint of which
+    the run holds nothing as stored."""
     if weights != "native":
         return None
-    held = {kind: native_bytes(ckpt, kind) for kind in ("cpu", "cuda")}
+    held = {kind: native_bytes(ckpt, kind, dtype) for kind in ("cpu", "cuda")}
     return held if any(held.values()) else None
 
 
-def native_bytes(ckpt: Checkpoint, kind: str) -> dict[str, tuple[int, int]]:
+def native_bytes(ckpt: Checkpoint, kind: str,
+                 dtype: torch.dtype | str | None = None) -> dict[str, tuple[int, int]]:
     """What a ``--weights native`` run on a ``kind`` device ("cpu", "cuda") holds, out of
     the run's dtype, of each checkpoint tensor, as ``_load_one`` keeps it: name -> (weights,
     bytes). CPU: every block and F16/BF16 tensor as stored (of a float checkpoint, the
-    16-bit linears ``_half_kept`` names); CUDA: the decoder layers' block linears converted
+    16-bit linears ``_half_kept`` names in a run of ``dtype``); CUDA: the decoder layers' block linears converted
     (``from_gguf``: codes and scales). Tensors absent here are held in the run's dtype (F32
     ones, other GGUF types, what a GPU dequantizes). The planner counts these bytes."""
     quant_type = getattr(ckpt, "quant_type", None)
     out: dict[str, tuple[int, int]] = {}
     if quant_type is None:  # a float checkpoint: its 16-bit linears on a CPU (_half_kept)
         for name in ckpt.names() if kind == "cpu" else ():
-            if _half_kept(ckpt, name) is not None:
+            if _half_kept(ckpt, name, dtype) is not None:
                 n, k = ckpt.shape(name)
                 out[name] = (n * k, 2 * n * k)
         return out

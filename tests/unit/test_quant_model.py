@@ -240,9 +240,10 @@ def test_bf16_folder_stays_16_bit_on_a_cpu_stage(tmp_path):
         (tmp_path / "bf16" / f).write_bytes((src / f).read_bytes())
     path = tmp_path / "bf16"
     ck = open_checkpoint(path)
-    held = native_bytes(ck, "cpu")
+    held = native_bytes(ck, "cpu", "float32")
     assert "lm_head.weight" in held and "model.layers.0.mlp.down_proj.weight" in held
-    assert all(b == 2 * n for n, b in held.values()) and native_bytes(ck, "cuda") == {}
+    assert all(b == 2 * n for n, b in held.values())
+    assert native_bytes(ck, "cuda", "float32") == {} == native_bytes(ck, "cpu", "bfloat16")
     layers = ck.config.num_layers
     make = lambda w: build_stage(open_checkpoint(path), range(layers), "cpu",  # noqa: E731
                                  torch.float32, 2, 64, runtime=RuntimeConfig(weights=w))
