@@ -49,6 +49,18 @@ def logits(st, ids: torch.Tensor) -> torch.Tensor:
     return st.forward(ids, torch.arange(ids.shape[1]).expand_as(ids), 0, None, logits="all")
 
 
+def assert_matches_float(native, ref) -> None:
+    """Prompt logits, then one decode step through the C layer (mixed float and block
+    weights), within 1e-5 of the float stage's (only the summation order differs)."""
+    ids = torch.tensor([[5, 9, 30, 7, 2], [1, 3, 3, 80, 6]])
+    a, b = logits(native, ids), logits(ref, ids)
+    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-6
+    nxt = torch.tensor([[4], [8]])
+    step = lambda s: s.forward(nxt, torch.tensor([[5], [5]]), 5, None, logits="all")  # noqa
+    want = step(ref)
+    assert (step(native) - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6
+
+
 def test_tiny_native_keeps_blocks_and_matches_float(tiny):
     native, ref = stage(tiny, "native"), stage(tiny, "float32")
     kinds = {n: type(m.__dict__.get("weight", m._parameters.get("weight"))).__name__
@@ -62,14 +74,7 @@ def test_tiny_native_keeps_blocks_and_matches_float(tiny):
     assert kinds["lm_head"] == "QuantizedTensor"
     args = cpu_decode._layer_weights(native.model.model.layers["0"])[1]  # the C layer takes it
     assert (args.n_seg_qkv, args.n_seg_gu, args.seg_gu[0].type, args.seg_gu[1].type) == (3, 2, 3, 12)
-    ids = torch.tensor([[5, 9, 30, 7, 2], [1, 3, 3, 80, 6]])
-    a, b = logits(native, ids), logits(ref, ids)
-    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-6
-    # one decode step through the C layer (mixed float and block weights) against float
-    nxt = torch.tensor([[4], [8]])
-    step = lambda s: s.forward(nxt, torch.tensor([[5], [5]]), 5, None, logits="all")  # noqa
-    want = step(ref)
-    assert (step(native) - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6
+    assert_matches_float(native, ref)
 
 
 @pytest.mark.parametrize("name,shard", [
@@ -252,10 +257,4 @@ def test_bf16_folder_stays_16_bit_on_a_cpu_stage(tmp_path):
     assert isinstance(w, QuantizedTensor) and w.qtype == TYPE_IDS["BF16"]
     assert isinstance(native.model.model.layers["0"].mlp.down_proj.__dict__["weight"],
                       QuantizedTensor)
-    ids = torch.tensor([[5, 9, 30, 7, 2], [1, 3, 3, 80, 6]])
-    a, b = logits(native, ids), logits(ref, ids)
-    assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item() + 1e-6
-    nxt = torch.tensor([[4], [8]])
-    step = lambda s: s.forward(nxt, torch.tensor([[5], [5]]), 5, None, logits="all")  # noqa
-    want = step(ref)
-    assert (step(native) - want).abs().max().item() <= 1e-5 * want.abs().max().item() + 1e-6
+    assert_matches_float(native, ref)
