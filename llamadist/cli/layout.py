@@ -20,7 +20,8 @@ from llamadist.planning.units import PlanningError
 LAYOUT_ENV = "LLAMADIST_LAYOUT"  # the front process's Layout, handed to the workers it starts
 
 
-def held_weights(model: str | None, weights: str, ckpt=None, dtype: str | None = None) -> dict | None:
+def held_weights(model: str | None, weights: str, ckpt=None,
+                 dtype: str | None = None) -> dict | None:
     """--weights native (``weights``): per device kind, the bytes a run holds of each
     tensor it keeps in the checkpoint's own formats (weights.loader.native_bytes), which
     the planner counts (profile.native_profile); None for --weights float*, a checkpoint

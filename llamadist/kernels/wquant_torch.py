@@ -107,7 +107,8 @@ def tinygemm_layout_known(device: torch.device) -> bool:
             idx = torch.arange(n * k, device=device).view(n, k)
             for shift in (0, 4, 8):
                 codes = (idx >> shift) & 0xF
-                q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+                q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # wquant's
+                # pack_int4 (even K), which this module may not import: wquant imports it
                 packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), tiles)
                 ok = ok and torch.equal(packed, tinygemm_layout(codes, tiles))
         _LAYOUT_CHECKED[key] = ok

@@ -182,8 +182,8 @@ def _to_device(t: torch.Tensor, device: torch.device,
     return t.to(device, non_blocking=True)
 
 
-def held_bytes(ckpt: Checkpoint, weights: str,
-               dtype: torch.dtype | str | None = None) -> dict[str, dict[str, tuple[int, int]]] | None:
+def held_bytes(ckpt: Checkpoint, weights: str, dtype: torch.dtype | str | None = None
+               ) -> dict[str, dict[str, tuple[int, int]]] | None:
     """--weights ``weights`` of ``ckpt`` in a run of ``dtype``: per device kind ("cpu",
     "cuda"), native_bytes' tensors, which the planner counts in those bytes
     (planning.profile.native_profile); None for --weights float* or a checkpoint of which
@@ -199,9 +199,10 @@ def native_bytes(ckpt: Checkpoint, kind: str,
     """What a ``--weights native`` run on a ``kind`` device ("cpu", "cuda") holds, out of
     the run's dtype, of each checkpoint tensor, as ``_load_one`` keeps it: name -> (weights,
     bytes). CPU: every block and F16/BF16 tensor as stored (of a float checkpoint, the
-    16-bit linears ``_half_kept`` names in a run of ``dtype``); CUDA: the decoder layers' block linears converted
-    (``from_gguf``: codes and scales). Tensors absent here are held in the run's dtype (F32
-    ones, other GGUF types, what a GPU dequantizes). The planner counts these bytes."""
+    16-bit linears ``_half_kept`` names in a run of ``dtype``); CUDA: the decoder layers'
+    block linears converted (``from_gguf``: codes and scales). Tensors absent here are
+    held in the run's dtype (F32 ones, other GGUF types, what a GPU dequantizes). The
+    planner counts these bytes."""
     quant_type = getattr(ckpt, "quant_type", None)
     out: dict[str, tuple[int, int]] = {}
     if quant_type is None:  # a float checkpoint: its 16-bit linears on a CPU (_half_kept)
