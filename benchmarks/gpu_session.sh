@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows quantdecode verify16 perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows quantdecode verify16 perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -359,6 +359,17 @@ rows() {  # issue 16: which weight-only product at which batch rows M (Llama-3-7
         --kinds int4_g32 --m ${ROWS_M:-1,16,32,256,4096} --max-seconds $((PART_S < 200 ? PART_S - 20 : 180))
 }
 
+mmarows() {  # issue 16: the tensor-core tiles on tinygemm's layout (tinygemm_mma) by rows
+    # against tinygemm, with variants of their cut: Llama-3-8B int4 g128 (decode rows),
+    # Llama-3-70B int4 g32 (batch 32 and beyond) (~5 min)
+    step mma8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int4_g128 \
+        --m 1,2,4,8,16,32 --products tinygemm,mma,mma:* --max-seconds 150 \
+        --mma-configs ${MMA8B:-32x16x4x0,128x16x4x0,128x16x8x0,64x16x4x0x3,64x16x4x0x4}
+    step mma70b 170 python3 benchmarks/wquant_rows.py --shape llama3-70b --kinds int4_g32 \
+        --m 1,16,32,64,128,256 --products tinygemm,torch,mma,mma:* --max-seconds 150 \
+        --mma-configs ${MMA70B:-128x32x8x0,64x32x4x0x3,128x64x8x0x3,128x16x8x0x4}
+}
+
 offload() {  # issue 16: Llama-3-8B with its last 8 layers and the head on the 16-core host
     # (--devices cuda:0,cpu), their linears BF16 and then Q8_0, kept so on the CPU stage
     # (--weights native): the CPU stage's bytes a step over its time, against the host's
@@ -408,8 +419,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|quantdecode|verify16|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|quantdecode|verify16|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

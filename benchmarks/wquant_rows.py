@@ -5,13 +5,16 @@ against 23.8 ms at batch 1, and prefilled 4 096 tokens in 19 s (tinygemm, the de
 int4 product, is a small-batch kernel).
 
 For each decoder linear of the shape (per layer, N x K) and each M, timed in CUDA graphs
-(``wquant_sweep.time_graph``; bf16 weights rotated over copies past the L2 cache, the
-quantized ones not: 70B's int4 qkv and o, ~40 MB, may be partly L2-resident):
+(``wquant_sweep.time_graph``; bf16 weights and tinygemm's int4 words rotated over copies
+past the L2 cache, the other quantized forms not):
 
 * ``bf16``: ``F.linear`` on the bf16 weight (the baseline);
 * ``tinygemm`` (int4): ``aten._weight_int4pack_mm`` alone;
-* ``torch`` (int4): the ``--wquant torch`` product (``wquant_torch.int4_linear``: tinygemm
-  up to ``TINYGEMM_MAX_M`` rows, then W dequantized from its layout and cuBLAS);
+* ``torch`` (int4): the ``--wquant torch`` product (``wquant_torch.int4_linear``: tinygemm,
+  the tensor-core tiles on tinygemm's layout or W dequantized from it and cuBLAS, by rows);
+* ``mma`` (int4): those tiles alone (``wquant_triton.tinygemm_mma``, the rule's config),
+  and ``mma:LABEL`` for each ``--mma-configs`` entry (block_n x block_m x warps x split
+  [x stages], e.g. 128x16x8x0x3; split 0: the rule's for those tiles);
 * ``triton``: ``wquant_triton.packed_linear`` (the GEMV up to 4 rows, the tl.dot tiles
   above), the ``--wquant triton`` product;
 * ``scaled`` (int8 / fp8): ``wquant_torch.scaled_linear``, the ``--wquant torch`` product;
@@ -58,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rotate-mb", type=float, default=256.0)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=150.0)
+    p.add_argument("--products", default="", type=lambda s: [c for c in s.split(",") if c],
+                   help="only these products (names as above; mma:* for every variant)")
+    p.add_argument("--mma-configs", default="", type=lambda s: [c for c in s.split(",") if c])
     a = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
@@ -69,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     dequant = gpu.runs_on(dev) and wquant_torch.tinygemm_layout_known(dev)
     print(f"int4 past {wquant_torch.TINYGEMM_MAX_M} rows dequantized: {dequant}",
           file=sys.stderr)
+    sms = wquant_triton.device_traits(dev)[0]
     copy = copy_rate(torch, dev, 2.0)
     print(f"copy rate {copy / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
     torch.manual_seed(0)
@@ -80,21 +87,36 @@ def main(argv: list[str] | None = None) -> int:
         for kind in a.kinds:
             pw = wquant.quantize(w, KINDS[kind])
             deq = pw.dequantize(torch.bfloat16)
-            products = {}
+            products, tgs = {}, [None]   # name -> fn(x, tinygemm's words or None)
             if pw.kind == "int4" and wquant_torch.tinygemm_ok("int4", n, k, pw.group):
                 tg = wquant_torch.tinygemm_pack(pw.q, k)
+                # copies of the words past the L2 cache, as bf16's (70B's qkv is ~42 MB)
+                tgs = [tg] + [tg.clone() for _ in range(
+                    min(7, int(a.rotate_mb * 2**20 // tg.nbytes)))]
                 tz = wquant_torch.tinygemm_scales_zeros(pw.scale, pw.offset, torch.bfloat16)
-                products["tinygemm"] = lambda x, tg=tg, tz=tz, g=pw.group: \
+                g, tiles = pw.group, wquant_torch._inner_k_tiles(k)
+                products["tinygemm"] = lambda x, tg: \
                     torch.ops.aten._weight_int4pack_mm(x, tg, g, tz)
-                # the --wquant torch product: tinygemm up to TINYGEMM_MAX_M rows, then W
-                # dequantized from tinygemm's layout (Triton) and cuBLAS
-                products["torch"] = lambda x, tg=tg, tz=tz, g=pw.group: \
+                # the --wquant torch product: tinygemm, the tensor-core tiles or W
+                # dequantized from tinygemm's layout (Triton) and cuBLAS, by rows
+                products["torch"] = lambda x, tg: \
                     wquant_torch.int4_linear(x, tg, tz, g, n, dequant=dequant)
+                products["mma"] = lambda x, tg: wquant_triton.tinygemm_mma(x, tg, tz, n, g, tiles)
+                kernels = gpu.load("wquant")
+                for spec in a.mma_configs:  # split 0: the rule's for the tiles and M
+                    cfg = wquant_triton.MmaConfig(*[int(v) for v in spec.split("x")])
+                    products[f"mma:{spec}"] = lambda x, tg, cfg=cfg: kernels.tinygemm_mma(
+                        x, tg, tz, n, g, tiles, cfg if cfg.split else
+                        wquant_triton.mma_split(cfg, x.shape[0], n, k, tiles, sms))
             if pw.kind != "int4":
-                products["scaled"] = lambda x, pw=pw: wquant_torch.scaled_linear(
+                products["scaled"] = lambda x, tg, pw=pw: wquant_torch.scaled_linear(
                     x, pw.q, pw.scale, pw.kind, pw.group)
-            products["triton"] = lambda x, pw=pw: wquant_triton.packed_linear(x, pw, None)
-            products["dequant"] = lambda x, pw=pw: F.linear(x, pw.dequantize(torch.bfloat16))
+            products["triton"] = lambda x, tg, pw=pw: wquant_triton.packed_linear(x, pw, None)
+            products["dequant"] = lambda x, tg, pw=pw: F.linear(x, pw.dequantize(torch.bfloat16))
+            if a.products:
+                products = {name: fn for name, fn in products.items()
+                            if name in a.products or ("mma:*" in a.products
+                                                      and name.startswith("mma:"))}
             for m in a.m:
                 if time.perf_counter() > t_end:
                     print(f"stopped at {sname} {kind} M={m}: --max-seconds", file=sys.stderr)
@@ -109,19 +131,22 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({"shape": sname, "m": m, "product": "bf16", "us": us}))
                 base = sums[(sname, "bf16", m)]
                 for prod, fn in products.items():
-                    y = fn(x).float()
+                    y = fn(x, tgs[0]).float()
                     err = (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-                    us, _, mode = time_graph(torch, [lambda fn=fn: fn(x)], 4, a.reps)
+                    rot = tgs if prod in ("tinygemm", "torch") or prod.startswith("mma") \
+                        else tgs[:1]
+                    us, _, mode = time_graph(torch, [lambda fn=fn, t=t: fn(x, t) for t in rot],
+                                             max(4, len(rot)), a.reps)
                     row = {"shape": sname, "kind": kind, "m": m, "product": prod,
                            "us": round(us, 2), "x_bf16": round(us / base, 3),
                            "tflops": round(flop / us / 1e6, 1),
                            "gbps": round(pw.nbytes / us / 1e3, 0), "err": err,
                            "ok": err < 2**-6, "mode": mode}
                     print(json.dumps(row), flush=True)
-                    print(f"{sname:8} {kind:9} M={m:5} {prod:9} {us:9.1f} us "
+                    print(f"{sname:8} {kind:9} M={m:5} {prod:18} {us:9.1f} us "
                           f"{us / base:6.2f}x bf16 ({base:.1f}) {flop / us / 1e6:6.0f} TFLOP/s "
                           f"err {err:.1e}", file=sys.stderr, flush=True)
-            del pw, deq, products
+            del pw, deq, products, tgs
         del w, ws
         torch.cuda.empty_cache()
     return 0

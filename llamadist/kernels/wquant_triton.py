@@ -50,7 +50,7 @@ imported on the first launch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -98,6 +98,46 @@ class GemvConfig:
                 + ("" if self.stages is None else f"st{self.stages}")
                 + ("nat" if self.native else "") + ("gs" if self.group_sums else "")
                 + ("" if self.prefetch == 2 else f"pf{self.prefetch}"))
+
+
+@dataclass(frozen=True)
+class MmaConfig:
+    """How ``_tinygemm_mma_kernel`` cuts y = x @ W^T (W in tinygemm's int4 layout): BLOCK_N
+    rows of W (the tensor-core tile's M side, >= 16) against BLOCK_M rows of x (>= 16,
+    padded), ``warps`` per program, ``split`` K ranges, ``stages`` (Triton's num_stages for
+    the loop's loads; None: its default)."""
+
+    block_n: int = 64
+    block_m: int = 16
+    warps: int = 4
+    split: int = 1
+    stages: int | None = None
+
+    def label(self) -> str:
+        return (f"n{self.block_n}m{self.block_m}w{self.warps}s{self.split}"
+                + ("" if self.stages is None else f"st{self.stages}"))
+
+
+def mma_config(m: int, n: int, k: int, tiles: int, sms: int = 132) -> MmaConfig:
+    """The rule's MmaConfig for y (m, n) = x (m, k) @ W^T from tinygemm's layout: x's rows
+    in one tile of 16 to 64 (more: a grid of them), 64 rows of W a program (128 from 64
+    rows of x: the dot's tile stays square enough to amortise the dequantization), and
+    split-K doubled while the grid holds fewer than two programs per SM and each K range
+    keeps >= 4 k-tiles (16 tiles codes each)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    bn = 64 if bm < 64 else 128
+    return mma_split(MmaConfig(block_n=bn, block_m=bm, warps=4 if bn == 64 else 8),
+                     m, n, k, tiles, sms)
+
+
+def mma_split(cfg: MmaConfig, m: int, n: int, k: int, tiles: int, sms: int) -> MmaConfig:
+    """``cfg`` with mma_config's split-K for its tiles."""
+    programs = -(-n // cfg.block_n) * -(-m // cfg.block_m)
+    kt = k // (16 * tiles)
+    split = 1
+    while programs * split < 2 * sms and kt // (2 * split) >= 4 and split < 16:
+        split *= 2
+    return replace(cfg, split=split)
 
 
 _SMS: dict[int, tuple[int, bool]] = {}
@@ -243,6 +283,23 @@ def _tinygemm_dequant_shape(packed, scales_zeros, n, k, group, tiles):
 # it is read): the product of more rows than tinygemm serves well, through cuBLAS
 tinygemm_dequant = gpu.custom_op("llamadist::tinygemm_dequant", _tinygemm_dequant,
                                  fake=_tinygemm_dequant_shape)
+
+
+def _tinygemm_mma(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+                  group: int, tiles: int) -> torch.Tensor:
+    x2 = x.contiguous()
+    cfg = mma_config(x2.shape[0], n, x2.shape[1], tiles, device_traits(x2.device)[0])
+    return gpu.load("wquant").tinygemm_mma(x2, packed, scales_zeros, n, group, tiles, cfg)
+
+
+def _tinygemm_mma_shape(x, packed, scales_zeros, n, group, tiles):
+    return x.new_empty(x.shape[0], n)
+
+
+# y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout through tensor-core tiles (W
+# dequantized in registers): the product of a few to a few hundred rows
+tinygemm_mma = gpu.custom_op("llamadist::tinygemm_mma", _tinygemm_mma,
+                             fake=_tinygemm_mma_shape)
 
 
 def packed_linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

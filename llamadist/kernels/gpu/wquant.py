@@ -8,8 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
-from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, _blocks,
-                                             _tile_k, _x_operand, device_traits, gemv_config)
+from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
+                                             _blocks, _tile_k, _x_operand, device_traits,
+                                             gemv_config)
 
 
 @triton.jit
@@ -344,6 +345,56 @@ def _tinygemm_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, KT, GROUP: tl.constexpr
     tl.store(w_ptr + n.to(tl.int64) * K + k, w.to(w_ptr.dtype.element_ty), mask=ok)
 
 
+@triton.jit
+def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, stride_ym,
+                         GROUP: tl.constexpr, TILES: tl.constexpr, PARTIAL: tl.constexpr,
+                         IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+    """y^T (BLOCK_N, BLOCK_M) = W x^T over k-tiles [pid_k KS, +KS) of tinygemm's int4
+    layout (the rule above), through tl.dot with W as the left operand (BLOCK_N >= 64
+    rows of W, x's few rows padded to BLOCK_M >= 16). A row's 16 TILES codes of a k-tile
+    are 2 TILES consecutive words (lane = 4 (n % 8) + l, word r = l TILES / 2 + w): the
+    codes are taken in the words' order, nibble j of word r at p = 8 r + j, and x is read
+    in the same order, k = 32 w + 8 (j % 4) + 2 l + j / 4 (gathered from L1: x is small).
+    (c - 8) exactly as 2^23 + c read as float32 minus 2^23 + 8 (no int -> float unit)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    m_ok = rm < M
+    KW: tl.constexpr = 2 * TILES               # words of a row in a k-tile
+    KTILE: tl.constexpr = 16 * TILES           # its codes
+    rows = p_ptr + ((rn // 8) * KT * KTILE + (rn % 8) * KW)[:, None] + tl.arange(0, KW)[None, :]
+    pos = tl.arange(0, KTILE)
+    r, j = pos // 8, pos % 8
+    k_of = 32 * (r % (TILES // 2)) + 8 * (j % 4) + 2 * (r // (TILES // 2)) + j // 4
+    xs = x_ptr + rm[None, :] * stride_xm + k_of[:, None]
+    shift = 4 * tl.arange(0, 8)
+    w_k = 32 * tl.arange(0, TILES // 2)        # the first k of word column w
+    acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    kt_hi = tl.minimum(pid_k * KS + KS, KT)
+    for kt in range(pid_k * KS, kt_hi):
+        words = tl.load(rows + kt * KTILE, mask=n_ok[:, None], other=0)
+        c = ((words[:, :, None] >> shift[None, None, :]) & 0xF) | 0x4B000000
+        c = tl.reshape(c.to(tl.float32, bitcast=True) - 8388616.0,
+                       (BLOCK_N, 4, TILES // 2, 8))
+        at = (((kt * KTILE + w_k) // GROUP)[None, :] * N + rn[:, None]) * 2
+        s = tl.load(sz_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        z = tl.load(sz_ptr + at + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
+        w = c * s[:, None, :, None] + z[:, None, :, None]
+        w = tl.reshape(w, (BLOCK_N, KTILE)).to(x_ptr.dtype.element_ty)
+        x = tl.load(xs + kt * KTILE, mask=m_ok[None, :], other=0.0)
+        if IEEE:
+            acc += tl.dot(w, x, input_precision="ieee")
+        else:
+            acc += tl.dot(w, x)
+    if PARTIAL:
+        out = y_ptr + (pid_k * M + rm[None, :]) * N + rn[:, None]
+    else:
+        out = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+    tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+
+
 def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
                      group: int, tiles: int, dtype: torch.dtype) -> torch.Tensor:
     """W (N, K) in ``dtype`` from tinygemm's packed int4 and (G, N, 2) table."""
@@ -353,6 +404,28 @@ def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k
         packed, scales_zeros, w, n, k, k // (16 * tiles), GROUP=group, TILES=tiles,
         BLOCK_N=bn, BLOCK_K=bk, num_warps=4, enable_fp_fusion=False)  # (c - 8) s, then + z:
     return w                                                # tinygemm's and the tests' roundings
+
+
+def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+                 group: int, tiles: int, cfg: MmaConfig) -> torch.Tensor:
+    """y (M, N) in x2's dtype = x2 (M, K) @ W^T, W in tinygemm's packed int4 and (G, N, 2)
+    table (x2 contiguous; K a multiple of 16 tiles). ``cfg``: wquant_triton.mma_config."""
+    m, k = x2.shape
+    kt = k // (16 * tiles)
+    ks = -(-kt // cfg.split)
+    split = -(-kt // ks)
+    y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    _tinygemm_mma_kernel[(triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))](
+        x2, packed, scales_zeros, out, m, n, kt, ks, x2.stride(0), y.stride(0), GROUP=group,
+        TILES=tiles, PARTIAL=split > 1, IEEE=x2.dtype == torch.float32,
+        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, num_warps=cfg.warps, **extra)
+    if split > 1:
+        _splitk_sum_kernel[(triton.cdiv(n, 1024), m)](
+            out, out, y, m, n, y.stride(0), SPLIT=split, HAS_BIAS=False, BLOCK=1024,
+            num_warps=4)
+    return y
 
 
 def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
