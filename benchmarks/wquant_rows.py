@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     t_end = time.perf_counter() + a.max_seconds
     dev = torch.device("cuda:0")
     # as as_packed_linear decides it: the Triton kernels run and tinygemm's layout is known
-    dequant = gpu.runs_on(dev) and wquant_torch.tinygemm_layout_known(dev)
-    print(f"int4 past {wquant_torch.TINYGEMM_MAX_M} rows dequantized: {dequant}",
-          file=sys.stderr)
+    tg_triton = gpu.runs_on(dev) and wquant_torch.tinygemm_layout_known(dev)
+    print(f"int4 past {wquant_torch.TINYGEMM_MAX_M} rows through Triton: {tg_triton} "
+          f"(tensor-core tiles up to {wquant_torch.MMA_MAX_M} rows)", file=sys.stderr)
     sms = wquant_triton.device_traits(dev)[0]
     copy = copy_rate(torch, dev, 2.0)
     print(f"copy rate {copy / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 # the --wquant torch product: tinygemm, the tensor-core tiles or W
                 # dequantized from tinygemm's layout (Triton) and cuBLAS, by rows
                 products["torch"] = lambda x, tg: \
-                    wquant_torch.int4_linear(x, tg, tz, g, n, dequant=dequant)
+                    wquant_torch.int4_linear(x, tg, tz, g, n, triton=tg_triton)
                 products["mma"] = lambda x, tg: wquant_triton.tinygemm_mma(x, tg, tz, n, g, tiles)
                 kernels = gpu.load("wquant")
                 for spec in a.mma_configs:  # split 0: the rule's for the tiles and M

@@ -290,7 +290,7 @@ class PackedLinear(nn.Linear):
         if self.path == "tinygemm":
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
                                             self.group, self.out_features, self.bias,
-                                            self.tg_dequant)
+                                            self.tg_triton)
         if self.path == "scaled" and not (
                 self.gemv_rows and x.numel() <= wquant_triton.GEMV_MAX_M * x.shape[-1]):
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
@@ -336,7 +336,7 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
     module.kind_id, module.wkind, module.group = wquant_triton.KIND_IDS[w.kind], w.kind, w.group
     triton = gpu.runs_on(w.device)  # installed and importable: else the torch products only
     module.gemv_rows = module.path == "scaled" and triton   # few rows: the Triton GEMV
-    module.tg_dequant = (module.path == "tinygemm" and triton
+    module.tg_triton = (module.path == "tinygemm" and triton
                          and wquant_torch.tinygemm_layout_known(w.device))
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)

@@ -23,7 +23,7 @@ the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.
   pass float16's 65504 on a wide row.
 
 Everything here is aten ops with shape functions, and the custom op
-``llamadist::tinygemm_dequant`` (int4 past TINYGEMM_MAX_M rows, below): traceable whole
+``llamadist::tinygemm_mma`` / ``tinygemm_dequant`` (int4 past TINYGEMM_MAX_M rows, below): traceable whole
 by torch.compile and, with no host synchronisation, captured in CUDA graphs.
 """
 
@@ -39,15 +39,16 @@ from llamadist.kernels import wquant_triton
 log = logging.getLogger(__name__)
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
-# Rows at most through tinygemm on CUDA. Its time grows with the rows (a small-batch
-# kernel: on an H200, Llama-3-70B's gate_up in int4 g32 took 4.2x bf16's F.linear at 32
-# rows and 24x at 4 096, 29 TFLOP/s; benchmarks/wquant_rows.py, RESULTS.md session 15).
-# Above it W is dequantized to bf16 from tinygemm's own layout by a Triton kernel
-# (wquant_triton.tinygemm_dequant: one read of the codes, one write of W) and cuBLAS
-# multiplies it, holding one linear's bf16 W at a time: ~4.6 bytes moved a weight against
-# bf16's 2, so it wins where tinygemm is compute-bound. 32 is conservative (the
-# dequantizing kernel is not yet timed on a GPU: by bytes the crossover is ~16 rows).
-TINYGEMM_MAX_M = 32
+# Which product serves an int4 call of M rows on CUDA (where the Triton kernels run and
+# tinygemm's layout is known): tinygemm up to TINYGEMM_MAX_M rows (a small-batch kernel:
+# on an H200 its time grows with the rows, Llama-3-70B's gate_up in int4 g32 4.4x bf16's
+# F.linear at 32 rows, 24x at 4 096); then tensor-core tiles that dequantize tinygemm's
+# words in registers (wquant_triton.tinygemm_mma) up to MMA_MAX_M rows; above, W
+# dequantized to bf16 from the same words by a Triton kernel (wquant_triton.
+# tinygemm_dequant: one read of the codes, one write of W) and cuBLAS, holding one
+# linear's bf16 W at a time. Crossovers measured by benchmarks/wquant_rows.py (RESULTS.md).
+TINYGEMM_MAX_M = 8
+MMA_MAX_M = 96
 
 
 def tinygemm_ok(kind: str, n: int, k: int, group: int) -> bool:
@@ -135,16 +136,20 @@ def tinygemm_scales_zeros(scale: torch.Tensor, offset: torch.Tensor,
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
                 group: int, n: int, bias: torch.Tensor | None = None,
-                dequant: bool = False) -> torch.Tensor:
-    """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype; with
-    ``dequant`` (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of
-    more than TINYGEMM_MAX_M rows dequantize W from its layout and take cuBLAS."""
+                triton: bool = False) -> torch.Tensor:
+    """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype; with ``triton``
+    (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of more than
+    TINYGEMM_MAX_M rows take the Triton kernels that read tinygemm's layout (see above)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if dequant and x.is_cuda and x2.shape[0] > TINYGEMM_MAX_M:
-        k = x2.shape[1]
-        w = wquant_triton.tinygemm_dequant(packed, scales_zeros, n, k, group,
-                                           _inner_k_tiles(k))
-        y = F.linear(x2.to(w.dtype), w)
+    m, k = x2.shape
+    if triton and x.is_cuda and m > TINYGEMM_MAX_M:
+        tiles = _inner_k_tiles(k)
+        if m <= MMA_MAX_M:
+            y = wquant_triton.tinygemm_mma(x2.to(torch.bfloat16), packed, scales_zeros, n,
+                                           group, tiles)
+        else:
+            w = wquant_triton.tinygemm_dequant(packed, scales_zeros, n, k, group, tiles)
+            y = F.linear(x2.to(w.dtype), w)
     elif x.is_cuda:
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
                                                group, scales_zeros)

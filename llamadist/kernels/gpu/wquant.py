@@ -346,16 +346,32 @@ def _tinygemm_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, KT, GROUP: tl.constexpr
 
 
 @triton.jit
+def _nibble(words, sz, J: tl.constexpr, SZ_WORDS: tl.constexpr, DT: tl.constexpr):
+    """Weights of nibble J of each word, (c - 8) s + z in DT: c - 8 exactly as 2^23 + c
+    read as float32 minus 2^23 + 8 (no int -> float unit); (s, z) of each word's group,
+    as one word of two bf16 (SZ_WORDS) or the float32 pair."""
+    c = (((words >> (4 * J)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+    if SZ_WORDS:
+        s = (sz << 16).to(tl.float32, bitcast=True)
+        z = (sz & -65536).to(tl.float32, bitcast=True)
+    else:
+        s, z = sz
+    return (c * s + z).to(DT)
+
+
+@triton.jit
 def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, stride_ym,
-                         GROUP: tl.constexpr, TILES: tl.constexpr, PARTIAL: tl.constexpr,
-                         IEEE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+                         GROUP: tl.constexpr, TILES: tl.constexpr, SZ_WORDS: tl.constexpr,
+                         PARTIAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_M: tl.constexpr):
     """y^T (BLOCK_N, BLOCK_M) = W x^T over k-tiles [pid_k KS, +KS) of tinygemm's int4
     layout (the rule above), through tl.dot with W as the left operand (BLOCK_N >= 64
-    rows of W, x's few rows padded to BLOCK_M >= 16). A row's 16 TILES codes of a k-tile
-    are 2 TILES consecutive words (lane = 4 (n % 8) + l, word r = l TILES / 2 + w): the
-    codes are taken in the words' order, nibble j of word r at p = 8 r + j, and x is read
-    in the same order, k = 32 w + 8 (j % 4) + 2 l + j / 4 (gathered from L1: x is small).
-    (c - 8) exactly as 2^23 + c read as float32 minus 2^23 + 8 (no int -> float unit)."""
+    rows of W; x's few rows padded to BLOCK_M >= 16). A row's 16 TILES codes of a k-tile
+    are its 2 TILES consecutive words (lane = 4 (n % 8) + l, word r = l TILES / 2 + w):
+    each thread dequantizes whole words, their nibbles interleaved in registers to codes
+    p = 8 r + j (nibble j), and x's tile (loaded in k's order, contiguous) is permuted to
+    the same order, k = 32 w + 8 (j % 4) + 2 l + j / 4. Every load is contiguous or one
+    4-byte word a thread (the table's (s, z) pairs): Triton's pipeliner copies them ahead."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -364,26 +380,34 @@ def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, s
     m_ok = rm < M
     KW: tl.constexpr = 2 * TILES               # words of a row in a k-tile
     KTILE: tl.constexpr = 16 * TILES           # its codes
-    rows = p_ptr + ((rn // 8) * KT * KTILE + (rn % 8) * KW)[:, None] + tl.arange(0, KW)[None, :]
-    pos = tl.arange(0, KTILE)
-    r, j = pos // 8, pos % 8
-    k_of = 32 * (r % (TILES // 2)) + 8 * (j % 4) + 2 * (r // (TILES // 2)) + j // 4
-    xs = x_ptr + rm[None, :] * stride_xm + k_of[:, None]
-    shift = 4 * tl.arange(0, 8)
-    w_k = 32 * tl.arange(0, TILES // 2)        # the first k of word column w
+    HALF: tl.constexpr = TILES // 2
+    r = tl.arange(0, KW)
+    rows = p_ptr + ((rn // 8) * KT * KTILE + (rn % 8) * KW)[:, None] + r[None, :]
+    g_of = 32 * (r % HALF)                     # each word's first k in its k-tile
+    xs = x_ptr + rm[None, :] * stride_xm + tl.arange(0, KTILE)[:, None]
+    DT = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    kt_hi = tl.minimum(pid_k * KS + KS, KT)
-    for kt in range(pid_k * KS, kt_hi):
+    for kt in range(pid_k * KS, tl.minimum(pid_k * KS + KS, KT)):
         words = tl.load(rows + kt * KTILE, mask=n_ok[:, None], other=0)
-        c = ((words[:, :, None] >> shift[None, None, :]) & 0xF) | 0x4B000000
-        c = tl.reshape(c.to(tl.float32, bitcast=True) - 8388616.0,
-                       (BLOCK_N, 4, TILES // 2, 8))
-        at = (((kt * KTILE + w_k) // GROUP)[None, :] * N + rn[:, None]) * 2
-        s = tl.load(sz_ptr + at, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        z = tl.load(sz_ptr + at + 1, mask=n_ok[:, None], other=0.0).to(tl.float32)
-        w = c * s[:, None, :, None] + z[:, None, :, None]
-        w = tl.reshape(w, (BLOCK_N, KTILE)).to(x_ptr.dtype.element_ty)
+        at = ((kt * KTILE + g_of) // GROUP)[None, :] * N + rn[:, None]
+        if SZ_WORDS:
+            sz = tl.load(sz_ptr + at, mask=n_ok[:, None], other=0)
+        else:
+            sz = (tl.load(sz_ptr + 2 * at, mask=n_ok[:, None], other=0.0),
+                  tl.load(sz_ptr + 2 * at + 1, mask=n_ok[:, None], other=0.0))
+        # nibble j of word r at p = 8 r + j: three interleaves, the nibbles bit-reversed
+        w = tl.interleave(
+            tl.interleave(tl.interleave(_nibble(words, sz, 0, SZ_WORDS, DT),
+                                        _nibble(words, sz, 4, SZ_WORDS, DT)),
+                          tl.interleave(_nibble(words, sz, 2, SZ_WORDS, DT),
+                                        _nibble(words, sz, 6, SZ_WORDS, DT))),
+            tl.interleave(tl.interleave(_nibble(words, sz, 1, SZ_WORDS, DT),
+                                        _nibble(words, sz, 5, SZ_WORDS, DT)),
+                          tl.interleave(_nibble(words, sz, 3, SZ_WORDS, DT),
+                                        _nibble(words, sz, 7, SZ_WORDS, DT))))
         x = tl.load(xs + kt * KTILE, mask=m_ok[None, :], other=0.0)
+        x = tl.reshape(tl.permute(tl.reshape(x, (HALF, 4, 4, 2, BLOCK_M)), (2, 0, 3, 1, 4)),
+                       (KTILE, BLOCK_M))
         if IEEE:
             acc += tl.dot(w, x, input_precision="ieee")
         else:
@@ -417,9 +441,11 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
     extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    words = scales_zeros.dtype == torch.bfloat16   # a (scale, zero) pair in one word
     _tinygemm_mma_kernel[(triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))](
-        x2, packed, scales_zeros, out, m, n, kt, ks, x2.stride(0), y.stride(0), GROUP=group,
-        TILES=tiles, PARTIAL=split > 1, IEEE=x2.dtype == torch.float32,
+        x2, packed, scales_zeros.view(torch.int32) if words else scales_zeros, out, m, n, kt,
+        ks, x2.stride(0), y.stride(0), GROUP=group, TILES=tiles, SZ_WORDS=words,
+        PARTIAL=split > 1, IEEE=x2.dtype == torch.float32,
         BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, num_warps=cfg.warps, **extra)
     if split > 1:
         _splitk_sum_kernel[(triton.cdiv(n, 1024), m)](
