@@ -48,7 +48,7 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 # tinygemm_dequant: one read of the codes, one write of W) and cuBLAS, holding one
 # linear's bf16 W at a time. Crossovers measured by benchmarks/wquant_rows.py (RESULTS.md).
 TINYGEMM_MAX_M = 8
-MMA_MAX_M = 96
+MMA_MAX_M = 128
 
 
 def tinygemm_ok(kind: str, n: int, k: int, group: int) -> bool:
