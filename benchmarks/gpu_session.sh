@@ -363,11 +363,11 @@ mmarows() {  # issue 16: the tensor-core tiles on tinygemm's layout (tinygemm_mm
     # against tinygemm, with variants of their cut: Llama-3-8B int4 g128 (decode rows),
     # Llama-3-70B int4 g32 (batch 32 and beyond) (~5 min)
     step mma8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int4_g128 \
-        --m 1,2,4,8,16,32 --products tinygemm,mma,mma:* --max-seconds 150 \
-        --mma-configs ${MMA8B:-128x16x4x0,128x16x8x0,64x16x4x0x4,32x16x4x0}
+        --m ${M8B:-1,2,4,8,16,32} --products tinygemm,mma,mma:* --max-seconds 150 \
+        --mma-configs ${MMA8B:-64x16x4x0x1x1,64x16x4x0x1,128x16x8x0x1x1,64x16x4x0x2}
     step mma70b 170 python3 benchmarks/wquant_rows.py --shape llama3-70b --kinds int4_g32 \
-        --m 1,8,16,32,64,128,256 --products tinygemm,torch,mma,mma:* --max-seconds 150 \
-        --mma-configs ${MMA70B:-128x32x8x0,64x32x4x0x4,128x64x8x0x3,64x64x4x0}
+        --m ${M70B:-1,8,16,32,64,128,256} --products tinygemm,torch,mma,mma:* --max-seconds 150 \
+        --mma-configs ${MMA70B:-64x16x4x0x1x1,64x32x4x0x1x1,128x64x8x0x1x1,64x64x4x0x1x1}
 }
 
 offload() {  # issue 16: Llama-3-8B with its last 8 layers and the head on the 16-core host

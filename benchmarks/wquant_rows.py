@@ -14,7 +14,8 @@ past the L2 cache, the other quantized forms not):
   the tensor-core tiles on tinygemm's layout or W dequantized from it and cuBLAS, by rows);
 * ``mma`` (int4): those tiles alone (``wquant_triton.tinygemm_mma``, the rule's config),
   and ``mma:LABEL`` for each ``--mma-configs`` entry (block_n x block_m x warps x split
-  [x stages], e.g. 128x16x8x0x3; split 0: the rule's for those tiles);
+  [x stages [x prefetch 0/1]], e.g. 64x16x4x0x1x1; split 0: the rule's for those tiles;
+  stages 0: Triton's default);
 * ``triton``: ``wquant_triton.packed_linear`` (the GEMV up to 4 rows, the tl.dot tiles
   above), the ``--wquant triton`` product;
 * ``scaled`` (int8 / fp8): ``wquant_torch.scaled_linear``, the ``--wquant torch`` product;
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> int:
                 products["mma"] = lambda x, tg: wquant_triton.tinygemm_mma(x, tg, tz, n, g, tiles)
                 kernels = gpu.load("wquant")
                 for spec in a.mma_configs:  # split 0: the rule's for the tiles and M
-                    cfg = wquant_triton.MmaConfig(*[int(v) for v in spec.split("x")])
+                    bn, bm, warps, split, stages, pf = ([int(v) for v in spec.split("x")]
+                                                        + [0, 0])[:6]
+                    cfg = wquant_triton.MmaConfig(bn, bm, warps, split, stages or None, bool(pf))
                     products[f"mma:{spec}"] = lambda x, tg, cfg=cfg: kernels.tinygemm_mma(
                         x, tg, tz, n, g, tiles, cfg if cfg.split else
                         wquant_triton.mma_split(cfg, x.shape[0], n, k, tiles, sms))

@@ -158,13 +158,16 @@ def wquant_cases() -> None:
                                        dtype=torch.int32),
                            torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, k, group,
                            tiles, torch.bfloat16)
+    from dataclasses import replace
+
     from llamadist.kernels.wquant_triton import mma_config
     for n, k, group, tiles, rows in ((8192, 8192, 32, 8, 16), (1024, 4096, 128, 8, 64),
                                      (64, 96, 32, 2, 24)):  # tinygemm's W times x, bf16
         m.tinygemm_mma(torch.zeros(rows, k, dtype=torch.bfloat16),
                        torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2, dtype=torch.int32),
                        torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, group, tiles,
-                       mma_config(rows, n, k, tiles))
+                       replace(mma_config(rows, n, k, tiles), prefetch=rows == 64,
+                               stages=1 if rows == 64 else None))
 
 
 def paged_cases() -> None:

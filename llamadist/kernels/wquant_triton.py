@@ -105,17 +105,20 @@ class MmaConfig:
     """How ``_tinygemm_mma_kernel`` cuts y = x @ W^T (W in tinygemm's int4 layout): BLOCK_N
     rows of W (the tensor-core tile's M side, >= 16) against BLOCK_M rows of x (>= 16,
     padded), ``warps`` per program, ``split`` K ranges, ``stages`` (Triton's num_stages for
-    the loop's loads; None: its default)."""
+    the loop's loads; None: its default), ``prefetch`` (the next k-tile's words loaded
+    into registers ahead, for stages 1)."""
 
     block_n: int = 64
     block_m: int = 16
     warps: int = 4
     split: int = 1
     stages: int | None = None
+    prefetch: bool = False
 
     def label(self) -> str:
         return (f"n{self.block_n}m{self.block_m}w{self.warps}s{self.split}"
-                + ("" if self.stages is None else f"st{self.stages}"))
+                + ("" if self.stages is None else f"st{self.stages}")
+                + ("pf" if self.prefetch else ""))
 
 
 def mma_config(m: int, n: int, k: int, tiles: int, sms: int = 132) -> MmaConfig:

@@ -352,31 +352,29 @@ def test_tinygemm_dequant_reads_its_layout(tiles, group):
             assert (y - ref).abs().max() <= 2**-7 * ref.abs().max()
 
 
-@pytest.mark.parametrize("tiles,group,rows,split", [(8, 32, 3, 2), (8, 128, 17, 1),
-                                                    (2, 32, 40, 1), (4, 64, 1, 3)])
-def test_tinygemm_mma_reads_its_layout(tiles, group, rows, split):
-    """The tensor-core tiles on tinygemm's int4 words (the product of 9..MMA_MAX_M rows)
-    against float64 (c - 8) scale + zero times x: float32 x and table under the
-    interpreter (IEEE dot; the bf16 pairs of the table too), bf16 on CUDA from the op's
-    own words. Row tails (rows not a multiple of 16, N of 8-row blocks), split-K."""
+@pytest.mark.parametrize("tiles,group,rows,split,prefetch", [
+    (8, 32, 3, 2, False), (8, 128, 17, 1, True), (2, 32, 40, 1, False), (4, 64, 1, 3, True)])
+def test_tinygemm_mma_reads_its_layout(tiles, group, rows, split, prefetch):
+    """The tensor-core tiles on tinygemm's int4 words and bf16 table (the product of
+    TINYGEMM_MAX_M + 1 .. MMA_MAX_M rows) against float64 (c - 8) scale + zero times x:
+    float32 x under the interpreter (IEEE dot), bf16 on CUDA from the op's own words.
+    Row tails (rows not a multiple of 16, N of 8-row blocks), split-K, the prefetch."""
     from llamadist.kernels import wquant_torch as WT
     n, k = 72, 16 * tiles * 6
     pw = W.quantize_int4(torch.randn(n, k), group)
     codes = W.unpack_int4(pw.q, k)
-    dtypes = [torch.bfloat16] if ON_CUDA else [torch.float32, torch.bfloat16]
-    for table_dtype in dtypes:
-        table = WT.tinygemm_scales_zeros(pw.scale, pw.offset, table_dtype)
-        s = table[..., 0].T.double().repeat_interleave(group, 1)
-        ref_w = (codes.double() - 8) * s + table[..., 1].T.double().repeat_interleave(group, 1)
-        packed = (WT.tinygemm_pack(pw.q.cuda(), k) if ON_CUDA
-                  else WT.tinygemm_layout(codes, tiles))
-        x = torch.randn(rows, k, dtype=table_dtype if ON_CUDA else torch.float32)
-        cfg = T.MmaConfig(block_n=64, block_m=16 if rows <= 16 else 64, split=split)
-        y = gpu.load("wquant").tinygemm_mma(x.to(DEVICE), packed.to(DEVICE),
-                                            table.to(DEVICE), n, group, tiles, cfg).cpu()
-        ref = x.double() @ ref_w.T
-        bound = 2e-5 if x.dtype == torch.float32 else 2**-7
-        assert (y.double() - ref).abs().max() <= bound * (x.double().abs() @ ref_w.abs().T).max()
+    table = WT.tinygemm_scales_zeros(pw.scale, pw.offset, torch.bfloat16)
+    s = table[..., 0].T.double().repeat_interleave(group, 1)
+    ref_w = (codes.double() - 8) * s + table[..., 1].T.double().repeat_interleave(group, 1)
+    packed = WT.tinygemm_pack(pw.q.cuda(), k) if ON_CUDA else WT.tinygemm_layout(codes, tiles)
+    x = torch.randn(rows, k, dtype=torch.bfloat16 if ON_CUDA else torch.float32)
+    cfg = T.MmaConfig(block_n=64, block_m=16 if rows <= 16 else 64, split=split,
+                      prefetch=prefetch, stages=1 if prefetch else None)
+    y = gpu.load("wquant").tinygemm_mma(x.to(DEVICE), packed.to(DEVICE), table.to(DEVICE),
+                                        n, group, tiles, cfg).cpu()
+    ref = x.double() @ ref_w.T
+    bound = 2e-5 if x.dtype == torch.float32 else 2**-7
+    assert (y.double() - ref).abs().max() <= bound * (x.double().abs() @ ref_w.abs().T).max()
 
 
 def test_scaled_path_sends_few_rows_to_the_gemv(monkeypatch):

@@ -346,32 +346,42 @@ def _tinygemm_dequant_kernel(p_ptr, sz_ptr, w_ptr, N, K, KT, GROUP: tl.constexpr
 
 
 @triton.jit
-def _nibble(words, sz, J: tl.constexpr, SZ_WORDS: tl.constexpr, DT: tl.constexpr):
+def _nibble(words, sz, J: tl.constexpr, DT: tl.constexpr):
     """Weights of nibble J of each word, (c - 8) s + z in DT: c - 8 exactly as 2^23 + c
-    read as float32 minus 2^23 + 8 (no int -> float unit); (s, z) of each word's group,
-    as one word of two bf16 (SZ_WORDS) or the float32 pair."""
+    read as float32 minus 2^23 + 8 (no int -> float unit); (s, z) of each word's group
+    as one word of two bf16 (s low)."""
     c = (((words >> (4 * J)) & 0xF) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
-    if SZ_WORDS:
-        s = (sz << 16).to(tl.float32, bitcast=True)
-        z = (sz & -65536).to(tl.float32, bitcast=True)
-    else:
-        s, z = sz
-    return (c * s + z).to(DT)
+    s = (sz << 16).to(tl.float32, bitcast=True)
+    return (c * s + (sz & -65536).to(tl.float32, bitcast=True)).to(DT)
+
+
+@triton.jit
+def _mma_words(rows, sz_rows, kt, kt_hi, n_ok, KTILE: tl.constexpr, GROUP: tl.constexpr,
+               N_STRIDE: tl.constexpr, g_of):
+    """A k-tile's words (BLOCK_N, 2 TILES) and each word's (scale, zero) word (zeros past
+    kt_hi: the prefetch past the last tile)."""
+    ok = n_ok[:, None] & (tl.zeros_like(n_ok)[:, None] + kt < kt_hi)
+    words = tl.load(rows + kt * KTILE, mask=ok, other=0)
+    sz = tl.load(sz_rows + ((kt * KTILE + g_of) // GROUP)[None, :] * N_STRIDE, mask=ok,
+                 other=0)
+    return words, sz
 
 
 @triton.jit
 def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, stride_ym,
-                         GROUP: tl.constexpr, TILES: tl.constexpr, SZ_WORDS: tl.constexpr,
+                         GROUP: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr,
                          PARTIAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_M: tl.constexpr):
     """y^T (BLOCK_N, BLOCK_M) = W x^T over k-tiles [pid_k KS, +KS) of tinygemm's int4
-    layout (the rule above), through tl.dot with W as the left operand (BLOCK_N >= 64
-    rows of W; x's few rows padded to BLOCK_M >= 16). A row's 16 TILES codes of a k-tile
-    are its 2 TILES consecutive words (lane = 4 (n % 8) + l, word r = l TILES / 2 + w):
-    each thread dequantizes whole words, their nibbles interleaved in registers to codes
-    p = 8 r + j (nibble j), and x's tile (loaded in k's order, contiguous) is permuted to
-    the same order, k = 32 w + 8 (j % 4) + 2 l + j / 4. Every load is contiguous or one
-    4-byte word a thread (the table's (s, z) pairs): Triton's pipeliner copies them ahead."""
+    layout (the rule above) and its (G, N) table of (scale, zero) bf16 pairs read as one
+    word, through tl.dot with W as the left operand (BLOCK_N >= 64 rows of W; x's few
+    rows padded to BLOCK_M >= 16). A row's 16 TILES codes of a k-tile are its 2 TILES
+    consecutive words (lane = 4 (n % 8) + l, word r = l TILES / 2 + w): each thread
+    dequantizes whole words, their nibbles interleaved in registers to codes p = 8 r + j
+    (nibble j), and x's tile (loaded in k's order, contiguous) is permuted to the same
+    order, k = 32 w + 8 (j % 4) + 2 l + j / 4. PREFETCH: the next tile's words and table
+    loaded into registers before this one is reduced (with num_stages 1: Triton's own
+    pipelining stages them through shared memory in a layout whose reads conflict)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -383,28 +393,28 @@ def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, s
     HALF: tl.constexpr = TILES // 2
     r = tl.arange(0, KW)
     rows = p_ptr + ((rn // 8) * KT * KTILE + (rn % 8) * KW)[:, None] + r[None, :]
+    sz_rows = sz_ptr + rn[:, None]
     g_of = 32 * (r % HALF)                     # each word's first k in its k-tile
     xs = x_ptr + rm[None, :] * stride_xm + tl.arange(0, KTILE)[:, None]
     DT = x_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-    for kt in range(pid_k * KS, tl.minimum(pid_k * KS + KS, KT)):
-        words = tl.load(rows + kt * KTILE, mask=n_ok[:, None], other=0)
-        at = ((kt * KTILE + g_of) // GROUP)[None, :] * N + rn[:, None]
-        if SZ_WORDS:
-            sz = tl.load(sz_ptr + at, mask=n_ok[:, None], other=0)
+    kt_lo = pid_k * KS
+    kt_hi = tl.minimum(kt_lo + KS, KT)
+    if PREFETCH:
+        words_n, sz_n = _mma_words(rows, sz_rows, kt_lo, kt_hi, n_ok, KTILE, GROUP, N, g_of)
+    for kt in range(kt_lo, kt_hi):
+        if PREFETCH:
+            words, sz = words_n, sz_n
+            words_n, sz_n = _mma_words(rows, sz_rows, kt + 1, kt_hi, n_ok, KTILE, GROUP, N,
+                                       g_of)
         else:
-            sz = (tl.load(sz_ptr + 2 * at, mask=n_ok[:, None], other=0.0),
-                  tl.load(sz_ptr + 2 * at + 1, mask=n_ok[:, None], other=0.0))
+            words, sz = _mma_words(rows, sz_rows, kt, kt_hi, n_ok, KTILE, GROUP, N, g_of)
         # nibble j of word r at p = 8 r + j: three interleaves, the nibbles bit-reversed
         w = tl.interleave(
-            tl.interleave(tl.interleave(_nibble(words, sz, 0, SZ_WORDS, DT),
-                                        _nibble(words, sz, 4, SZ_WORDS, DT)),
-                          tl.interleave(_nibble(words, sz, 2, SZ_WORDS, DT),
-                                        _nibble(words, sz, 6, SZ_WORDS, DT))),
-            tl.interleave(tl.interleave(_nibble(words, sz, 1, SZ_WORDS, DT),
-                                        _nibble(words, sz, 5, SZ_WORDS, DT)),
-                          tl.interleave(_nibble(words, sz, 3, SZ_WORDS, DT),
-                                        _nibble(words, sz, 7, SZ_WORDS, DT))))
+            tl.interleave(tl.interleave(_nibble(words, sz, 0, DT), _nibble(words, sz, 4, DT)),
+                          tl.interleave(_nibble(words, sz, 2, DT), _nibble(words, sz, 6, DT))),
+            tl.interleave(tl.interleave(_nibble(words, sz, 1, DT), _nibble(words, sz, 5, DT)),
+                          tl.interleave(_nibble(words, sz, 3, DT), _nibble(words, sz, 7, DT))))
         x = tl.load(xs + kt * KTILE, mask=m_ok[None, :], other=0.0)
         x = tl.reshape(tl.permute(tl.reshape(x, (HALF, 4, 4, 2, BLOCK_M)), (2, 0, 3, 1, 4)),
                        (KTILE, BLOCK_M))
@@ -440,13 +450,14 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
     split = -(-kt // ks)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
+    if scales_zeros.dtype != torch.bfloat16:
+        raise TypeError(f"tinygemm_mma reads a bfloat16 (scale, zero) table, not {scales_zeros.dtype}")
     extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
-    words = scales_zeros.dtype == torch.bfloat16   # a (scale, zero) pair in one word
     _tinygemm_mma_kernel[(triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))](
-        x2, packed, scales_zeros.view(torch.int32) if words else scales_zeros, out, m, n, kt,
-        ks, x2.stride(0), y.stride(0), GROUP=group, TILES=tiles, SZ_WORDS=words,
-        PARTIAL=split > 1, IEEE=x2.dtype == torch.float32,
-        BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m, num_warps=cfg.warps, **extra)
+        x2, packed, scales_zeros.view(torch.int32), out, m, n, kt, ks, x2.stride(0),
+        y.stride(0), GROUP=group, TILES=tiles, PREFETCH=cfg.prefetch, PARTIAL=split > 1,
+        IEEE=x2.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
+        num_warps=cfg.warps, **extra)
     if split > 1:
         _splitk_sum_kernel[(triton.cdiv(n, 1024), m)](
             out, out, y, m, n, y.stride(0), SPLIT=split, HAS_BIAS=False, BLOCK=1024,
