@@ -361,7 +361,9 @@ rows() {  # issue 16: which weight-only product at which batch rows M (Llama-3-7
 
 mmarows() {  # issue 16: the tensor-core tiles on tinygemm's layout (tinygemm_mma) by rows
     # against tinygemm, with variants of their cut: Llama-3-8B int4 g128 (decode rows),
-    # Llama-3-70B int4 g32 (batch 32 and beyond) (~5 min)
+    # Llama-3-70B int4 g32 (batch 32 and beyond), after their CUDA tests (~5 min)
+    step testsmma 90 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py \
+        -k "tinygemm"
     step mma8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int4_g128 \
         --m ${M8B:-1,2,4,8,16,32} --products tinygemm,mma,mma:* --max-seconds 150 \
         --mma-configs ${MMA8B:-64x16x4x0x1x1,64x16x4x0x1,128x16x8x0x1x1,64x16x4x0x2}
