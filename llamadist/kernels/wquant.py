@@ -337,7 +337,7 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
     triton = gpu.runs_on(w.device)  # installed and importable: else the torch products only
     module.gemv_rows = module.path == "scaled" and triton   # few rows: the Triton GEMV
     module.tg_triton = (module.path == "tinygemm" and triton
-                         and wquant_torch.tinygemm_layout_known(w.device))
+                        and wquant_torch.tinygemm_layout_known(w.device))
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)
         module.register_buffer("tg_weight", wquant_torch.tinygemm_pack(w.q, w.shape[1]),

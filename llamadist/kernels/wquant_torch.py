@@ -22,9 +22,10 @@ the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.
   then matmul. float16 x takes the dequantized form too: x @ q^T before the scale could
   pass float16's 65504 on a wide row.
 
-Everything here is aten ops with shape functions, and the custom op
-``llamadist::tinygemm_mma`` / ``tinygemm_dequant`` (int4 past TINYGEMM_MAX_M rows, below): traceable whole
-by torch.compile and, with no host synchronisation, captured in CUDA graphs.
+Everything here is aten ops with shape functions, and the custom ops
+``llamadist::tinygemm_mma`` and ``tinygemm_dequant`` (int4 past TINYGEMM_MAX_M rows,
+below): traceable whole by torch.compile and, with no host synchronisation, captured in
+CUDA graphs.
 """
 
 from __future__ import annotations
@@ -134,6 +135,13 @@ def tinygemm_scales_zeros(scale: torch.Tensor, offset: torch.Tensor,
     return torch.stack([s, o + 8 * s], dim=-1).transpose(0, 1).to(dtype).contiguous()
 
 
+def int4_product(rows: int) -> str:
+    """Which CUDA product serves an int4 call of ``rows`` rows where the Triton kernels
+    read tinygemm's layout: "tinygemm", "mma" (the tensor-core tiles) or "dequant"."""
+    return ("tinygemm" if rows <= TINYGEMM_MAX_M else "mma" if rows <= MMA_MAX_M
+            else "dequant")
+
+
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
                 group: int, n: int, bias: torch.Tensor | None = None,
                 triton: bool = False) -> torch.Tensor:
@@ -142,14 +150,13 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     TINYGEMM_MAX_M rows take the Triton kernels that read tinygemm's layout (see above)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    if triton and x.is_cuda and m > TINYGEMM_MAX_M:
-        tiles = _inner_k_tiles(k)
-        if m <= MMA_MAX_M:
-            y = wquant_triton.tinygemm_mma(x2.to(torch.bfloat16), packed, scales_zeros, n,
-                                           group, tiles)
-        else:
-            w = wquant_triton.tinygemm_dequant(packed, scales_zeros, n, k, group, tiles)
-            y = F.linear(x2.to(w.dtype), w)
+    product = int4_product(m) if triton and x.is_cuda else "tinygemm"
+    if product == "mma":
+        y = wquant_triton.tinygemm_mma(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
+                                       _inner_k_tiles(k))
+    elif product == "dequant":
+        w = wquant_triton.tinygemm_dequant(packed, scales_zeros, n, k, group, _inner_k_tiles(k))
+        y = F.linear(x2.to(w.dtype), w)
     elif x.is_cuda:
         y = torch.ops.aten._weight_int4pack_mm(x2.to(torch.bfloat16).contiguous(), packed,
                                                group, scales_zeros)

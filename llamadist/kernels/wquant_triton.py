@@ -103,10 +103,10 @@ class GemvConfig:
 @dataclass(frozen=True)
 class MmaConfig:
     """How ``_tinygemm_mma_kernel`` cuts y = x @ W^T (W in tinygemm's int4 layout): BLOCK_N
-    rows of W (the tensor-core tile's M side, >= 16) against BLOCK_M rows of x (>= 16,
-    padded), ``warps`` per program, ``split`` K ranges, ``stages`` (Triton's num_stages for
-    the loop's loads; None: its default), ``prefetch`` (the next k-tile's words loaded
-    into registers ahead, for stages 1)."""
+    rows of W (the tensor-core tile's M side, >= 64 for Hopper's warpgroup MMA) against
+    BLOCK_M rows of x (>= 16, padded), ``warps`` per program, ``split`` K ranges,
+    ``stages`` (Triton's num_stages for the loop's loads; None: its default), ``prefetch``
+    (the next k-tile's words loaded into registers ahead, for stages 1)."""
 
     block_n: int = 64
     block_m: int = 16
@@ -300,7 +300,7 @@ def _tinygemm_mma_shape(x, packed, scales_zeros, n, group, tiles):
 
 
 # y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout through tensor-core tiles (W
-# dequantized in registers): the product of a few to a few hundred rows
+# dequantized in registers): int4 calls of wquant_torch.TINYGEMM_MAX_M + 1 to MMA_MAX_M rows
 tinygemm_mma = gpu.custom_op("llamadist::tinygemm_mma", _tinygemm_mma,
                              fake=_tinygemm_mma_shape)
 

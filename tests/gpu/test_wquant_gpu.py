@@ -325,7 +325,7 @@ def test_smollm2_gguf_on_cuda_runs_int4_and_int8_blocks(smollm2):
 
 @pytest.mark.parametrize("tiles,group", [(2, 32), (8, 128)])
 def test_tinygemm_dequant_reads_its_layout(tiles, group):
-    """W from tinygemm's packed int4 (the product above TINYGEMM_MAX_M rows) equals
+    """W from tinygemm's packed int4 (the product above MMA_MAX_M rows) equals
     (c - 8) scale + zero of its table exactly in float32; on CUDA the words come from
     torch's own _convert_weight_to_int4pack, so the measured layout is checked too."""
     from llamadist.kernels import wquant_torch as WT
@@ -352,15 +352,18 @@ def test_tinygemm_dequant_reads_its_layout(tiles, group):
             assert (y - ref).abs().max() <= 2**-7 * ref.abs().max()
 
 
-@pytest.mark.parametrize("tiles,group,rows,split,prefetch", [
-    (8, 32, 3, 2, False), (8, 128, 17, 1, True), (2, 32, 40, 1, False), (4, 64, 1, 3, True)])
-def test_tinygemm_mma_reads_its_layout(tiles, group, rows, split, prefetch):
+@pytest.mark.parametrize("tiles,ktiles,group,rows,split,prefetch", [
+    (8, 5, 32, 3, 2, False), (8, 5, 128, 17, 1, True), (2, 5, 32, 40, 1, False),
+    (4, 7, 64, 1, 3, True), (8, 6, 256, 20, 2, False)])
+def test_tinygemm_mma_reads_its_layout(tiles, ktiles, group, rows, split, prefetch):
     """The tensor-core tiles on tinygemm's int4 words and bf16 table (the product of
     TINYGEMM_MAX_M + 1 .. MMA_MAX_M rows) against float64 (c - 8) scale + zero times x:
     float32 x under the interpreter (IEEE dot), bf16 on CUDA from the op's own words.
-    Row tails (rows not a multiple of 16, N of 8-row blocks), split-K, the prefetch."""
+    Row tails (rows not a multiple of 16, N of 8-row blocks), split-K, the prefetch,
+    groups within a k-tile of 16 ``tiles`` and across two."""
     from llamadist.kernels import wquant_torch as WT
-    n, k = 72, 16 * tiles * 6
+    n, k = 72, 16 * tiles * ktiles
+    assert WT._inner_k_tiles(k) == tiles  # the op packs K by its own tile count
     pw = W.quantize_int4(torch.randn(n, k), group)
     codes = W.unpack_int4(pw.q, k)
     table = WT.tinygemm_scales_zeros(pw.scale, pw.offset, torch.bfloat16)

@@ -132,3 +132,12 @@ def test_runtime_config_wquant(monkeypatch):
     assert RuntimeConfig(wquant="torch").wquant == "torch"
     with pytest.raises(ConfigError):
         RuntimeConfig(wquant="cublas")
+
+
+def test_int4_product_by_rows():
+    """CUDA int4 calls by rows (where Triton reads tinygemm's layout): tinygemm for decode's
+    few rows, the tensor-core tiles for batched decode, W dequantized + cuBLAS beyond."""
+    assert [WT.int4_product(m) for m in (1, WT.TINYGEMM_MAX_M)] == ["tinygemm"] * 2
+    assert [WT.int4_product(m) for m in (WT.TINYGEMM_MAX_M + 1, WT.MMA_MAX_M)] == ["mma"] * 2
+    assert WT.int4_product(WT.MMA_MAX_M + 1) == WT.int4_product(4096) == "dequant"
+    assert 1 <= WT.TINYGEMM_MAX_M < WT.MMA_MAX_M

@@ -357,7 +357,7 @@ def _nibble(words, sz, J: tl.constexpr, DT: tl.constexpr):
 
 @triton.jit
 def _mma_words(rows, sz_rows, kt, kt_hi, n_ok, KTILE: tl.constexpr, GROUP: tl.constexpr,
-               N_STRIDE: tl.constexpr, g_of):
+               N_STRIDE, g_of):
     """A k-tile's words (BLOCK_N, 2 TILES) and each word's (scale, zero) word (zeros past
     kt_hi: the prefetch past the last tile)."""
     ok = n_ok[:, None] & (tl.zeros_like(n_ok)[:, None] + kt < kt_hi)
@@ -446,12 +446,21 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
     table (x2 contiguous; K a multiple of 16 tiles). ``cfg``: wquant_triton.mma_config."""
     m, k = x2.shape
     kt = k // (16 * tiles)
+    # shapes only (no device reads: safe inside CUDA graphs); a wrong tile count or table
+    # would read the words in another order and give wrong numbers without an error
+    if (k % (16 * tiles) or k % group or n % 8 or x2.stride(1) != 1
+            or tuple(packed.shape) != (n // 8, kt, 32, tiles // 2)
+            or tuple(scales_zeros.shape) != (k // group, n, 2)):
+        raise ValueError(f"tinygemm_mma: x {tuple(x2.shape)} (strides {x2.stride()}), packed "
+                         f"{tuple(packed.shape)}, table {tuple(scales_zeros.shape)} do not "
+                         f"match N={n}, group {group}, {tiles} inner k-tiles")
+    if scales_zeros.dtype != torch.bfloat16:
+        raise TypeError("tinygemm_mma reads a bfloat16 (scale, zero) table, not "
+                        f"{scales_zeros.dtype}")
     ks = -(-kt // cfg.split)
     split = -(-kt // ks)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
-    if scales_zeros.dtype != torch.bfloat16:
-        raise TypeError(f"tinygemm_mma reads a bfloat16 (scale, zero) table, not {scales_zeros.dtype}")
     extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
     _tinygemm_mma_kernel[(triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))](
         x2, packed, scales_zeros.view(torch.int32), out, m, n, kt, ks, x2.stride(0),
