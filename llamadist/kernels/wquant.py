@@ -280,19 +280,18 @@ class PackedLinear(nn.Linear):
       ``tg_weight`` and ``tg_scales_zeros``; the PackedWeight's own codes then live in host
       memory (for ``.dequantize()``), so the GPU holds one copy of the weight;
     * "scaled": int8 / fp8 as (x @ q^T) * scale (wquant_torch.scaled_linear) on
-      ``qweight`` and ``wscale``, except up to GEMV_MAX_M rows where the Triton kernels
-      run (their GEMV): the scaled product writes W in x's dtype before cuBLAS reads it,
-      which a decode step of one row cannot pay (on an H200, Llama-3-8B's batch-1 step in
-      int8 took 10.18 ms against bf16's 4.49 that way, 3.63 ms through the GEMV;
-      RESULTS.md session 15)."""
+      ``qweight`` and ``wscale``, except up to wquant_torch.TRITON_ROWS rows where the
+      Triton kernels run (the GEMV, then tl.dot tiles): the scaled product writes W in x's
+      dtype before cuBLAS reads it, which decode cannot pay (on an H200, Llama-3-8B's
+      batch-1 step in int8 took 10.18 ms against bf16's 4.49 that way, 3.63 ms through
+      the GEMV; RESULTS.md sessions 15, 16)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.path == "tinygemm":
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
                                             self.group, self.out_features, self.bias,
                                             self.tg_triton)
-        if self.path == "scaled" and not (
-                self.gemv_rows and x.numel() <= wquant_triton.GEMV_MAX_M * x.shape[-1]):
+        if self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1]:
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
         if gpu.INSTALLED and (x.is_cuda or INTERPRET):
@@ -335,7 +334,9 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
     module.path = product_path(w, backend, act_dtype)
     module.kind_id, module.wkind, module.group = wquant_triton.KIND_IDS[w.kind], w.kind, w.group
     triton = gpu.runs_on(w.device)  # installed and importable: else the torch products only
-    module.gemv_rows = module.path == "scaled" and triton   # few rows: the Triton GEMV
+    # rows at most through the Triton kernels on the scaled path (0: none)
+    module.triton_rows = wquant_torch.TRITON_ROWS[w.kind] if module.path == "scaled" \
+        and triton else 0
     module.tg_triton = (module.path == "tinygemm" and triton
                         and wquant_torch.tinygemm_layout_known(w.device))
     if module.path == "tinygemm":

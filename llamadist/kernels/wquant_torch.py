@@ -17,7 +17,7 @@ the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.
   per-channel scale applies to the float32 product once, after the matmul. The cast
   materialises W in x's dtype first, under torch.compile too (it does not fold into
   cuBLAS's matmul), so a one-row decode pays W's bytes three times: PackedLinear sends
-  calls of up to GEMV_MAX_M rows to the Triton GEMV instead (kernels.wquant).
+  calls of up to TRITON_ROWS rows to the Triton kernels instead (kernels.wquant).
   Grouped scales (GGUF Q8_0, group 32) dequantize W in x's dtype, (N, G, group) * scale,
   then matmul. float16 x takes the dequantized form too: x @ q^T before the scale could
   pass float16's 65504 on a wide row.
@@ -52,6 +52,13 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 # the tiles 4.8-5.6x, dequantize + cuBLAS 5.6-5.9x; at 256 the tiles 7.4-9.1x, it 4.6-4.8x).
 TINYGEMM_MAX_M = 8
 MMA_MAX_M = 128
+# int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
+# GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
+# H200, Llama-3-8B's linears (benchmarks/wquant_rows.py, RESULTS.md session 16): int8's
+# tiles 0.8-3.1x bf16's F.linear at 8-64 rows against the scaled product's 4.4-6.2x, and
+# 1.7-3.9x against 4.2-4.7x at 256; fp8's 2.6-5.1x against 4.9-6.9x at 8-32 rows, even
+# at 64, behind at 256 (5.3-8.6x against 4.7-5.1x). Past 256 rows (prefill): not timed.
+TRITON_ROWS = {"int8": 256, "fp8": 64}
 
 
 def tinygemm_ok(kind: str, n: int, k: int, group: int) -> bool:

@@ -381,8 +381,9 @@ def test_tinygemm_mma_reads_its_layout(tiles, ktiles, group, rows, split, prefet
 
 
 def test_scaled_path_sends_few_rows_to_the_gemv(monkeypatch):
-    """int8 / fp8 under --wquant torch: up to GEMV_MAX_M rows through the Triton GEMV (the
-    scaled product would write W in x's dtype first), more through the scaled product."""
+    """int8 / fp8 under --wquant torch: up to TRITON_ROWS rows through the Triton kernels
+    (the GEMV, then tl.dot tiles: the scaled product would write W in x's dtype first),
+    more through the scaled product."""
     from torch import nn
 
     from llamadist.kernels import wquant_torch as WT
@@ -396,7 +397,9 @@ def test_scaled_path_sends_few_rows_to_the_gemv(monkeypatch):
     scaled = WT.scaled_linear
     monkeypatch.setattr(WT, "scaled_linear", lambda *a: used.append(1) or scaled(*a))
     wd = pw.dequantize(torch.float64).cpu()
-    for m, via_scaled in ((1, False), (T.GEMV_MAX_M, False), (T.GEMV_MAX_M + 1, True)):
+    rows = WT.TRITON_ROWS["int8"]
+    for m, via_scaled in ((1, False), (T.GEMV_MAX_M + 1, False), (rows, False),
+                          (rows + 1, True)):
         used.clear()
         x = torch.randn(m, 64)
         y = lin(x.to(DEVICE)).cpu().double()
