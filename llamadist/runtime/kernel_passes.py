@@ -164,14 +164,17 @@ def compile_pays(model: nn.Module) -> bool:
     """Whether torch.compile should make the decode layers of ``model`` (a built CUDA
     stage) when the run leaves it open (RuntimeConfig.compile None): where they hold what
     the fused eager kernels do not cover, GPU-quantized weights on torch's products
-    (tinygemm, scaled matmul: compile fuses their casts and scales) or mixture-of-experts
-    blocks (routing), or where those kernels are off (--eager-kernels torch, no Triton:
-    graphs of PyTorch's eager ops decode a batch-1 step in 5.98 ms against 4.50 compiled
-    on the H200). A dense float layer with the fused kernels decodes as fast in CUDA
-    graphs of its eager layers (4.46 ms) and starts without torch._dynamo."""
+    (tinygemm, and the scaled matmul where Triton does not take decode's rows: compile
+    fuses their casts and scales) or mixture-of-experts blocks (routing), or where those
+    kernels are off (--eager-kernels torch, no Triton: graphs of PyTorch's eager ops
+    decode a batch-1 step in 5.98 ms against 4.50 compiled on the H200). A dense float
+    layer with the fused kernels decodes as fast in CUDA graphs of its eager layers (4.46
+    ms) and starts without torch._dynamo; so do int8 / fp8 whose decode rows (up to
+    wquant_torch.TRITON_ROWS, past any usual --max-batch) take the Triton kernels."""
     from llamadist.kernels.wquant import PackedLinear
     return any(isinstance(m, SparseMoE)
-               or (isinstance(m, PackedLinear) and m.path in ("tinygemm", "scaled"))
+               or (isinstance(m, PackedLinear) and (
+                   m.path == "tinygemm" or (m.path == "scaled" and not m.triton_rows)))
                or (isinstance(m, RMSNorm) and m.add_norm is None)
                for m in model.modules())
 
@@ -179,14 +182,16 @@ def compile_pays(model: nn.Module) -> bool:
 def compile_expected(config, runtime: RuntimeConfig, device: torch.device) -> bool:
     """compile_pays predicted before a stage on ``device`` loads (to import the compiler
     beside the load): ``runtime.compile``, or with None a mixture-of-experts model,
-    weights that --quantize quantizes for torch's products, or the fused eager kernels
-    off. (Not foreseen: a GGUF's own blocks on a GPU, whose compile then imports the
+    weights that --quantize quantizes for torch's products (int4's tinygemm; int8 / fp8
+    only without Triton), or the fused eager kernels off. (Not foreseen: a GGUF's own blocks on a GPU, whose compile then imports the
     compiler at the first decode; int4 whose product falls back to Triton, and MoE blocks
     without the grouped kernel, which decode without graphs: an import for nothing.)"""
     if device.type != "cuda" or not runtime.cuda_graphs or runtime.compile is False:
         return False
-    return bool(runtime.compile or config.num_experts
-                or (runtime.quantize_for(str(device)) and runtime.wquant == "torch")
+    fmt = runtime.quantize_for(str(device))
+    torch_products = runtime.wquant == "torch" and fmt is not None and (
+        fmt.startswith("int4") or not gpu.INSTALLED)
+    return bool(runtime.compile or config.num_experts or torch_products
                 or runtime.eager_kernels != "triton" or not gpu.INSTALLED)
 
 

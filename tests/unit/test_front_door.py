@@ -226,6 +226,7 @@ def test_compile_is_where_it_pays_unless_a_flag_says(tiny_model):
     from llamadist.cli.args import runtime_config
     from llamadist.cli.main import build_parser
     from llamadist.config import RuntimeConfig, named_shape
+    from llamadist.kernels import gpu as gpu_kernels
     from llamadist.runtime.kernel_passes import compile_expected, compile_pays
     from llamadist.weights.checkpoint import open_checkpoint
     given = {flags: runtime_config(build_parser().parse_args(
@@ -238,7 +239,10 @@ def test_compile_is_where_it_pays_unless_a_flag_says(tiny_model):
     assert compile_expected(dense, RuntimeConfig(compile=True), gpu)
     assert compile_expected(moe, RuntimeConfig(), gpu)
     assert not compile_expected(moe, RuntimeConfig(compile=False), gpu)
-    assert compile_expected(dense, RuntimeConfig(quantize="int8", wquant="torch"), gpu)
+    assert compile_expected(dense, RuntimeConfig(quantize="int4", wquant="torch"), gpu)
+    # int8's decode rows take the Triton kernels where Triton is (an opaque op: no compile)
+    assert compile_expected(dense, RuntimeConfig(quantize="int8", wquant="torch"),
+                            gpu) is not gpu_kernels.INSTALLED
     assert not compile_expected(dense, RuntimeConfig(quantize="int8", wquant="triton"), gpu)
     assert not compile_expected(moe, RuntimeConfig(cuda_graphs=False), gpu)
     assert not compile_expected(moe, RuntimeConfig(compile=True), cpu)
