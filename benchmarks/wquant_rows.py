@@ -18,7 +18,8 @@ past the L2 cache, the other quantized forms not):
   stages 0: Triton's default);
 * ``triton``: ``wquant_triton.packed_linear`` (the GEMV up to 4 rows, the tl.dot tiles
   above), the ``--wquant triton`` product;
-* ``scaled`` (int8 / fp8): ``wquant_torch.scaled_linear``, the ``--wquant torch`` product;
+* ``scaled`` (int8 / fp8): ``wquant_torch.scaled_linear``, the ``--wquant torch`` product
+  past ``wquant_torch.TRITON_ROWS`` rows (fewer take the Triton kernels);
 * ``dequant``: the weight dequantized to bf16, then ``F.linear`` (what a large M could do).
 
 One JSON line per case on stdout (us, ratio to bf16, TFLOP/s, GB/s of the product's

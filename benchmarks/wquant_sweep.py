@@ -6,7 +6,8 @@ graphs (several replays, median), with the weights rotated over enough copies th
 L2 cache does not serve them (a decode step reads each layer's weights once from HBM):
 
 * bf16 ``F.linear`` (the baseline);
-* the ``--wquant torch`` products: int8 / fp8 ``scaled_linear`` (eager), int4 tinygemm
+* torch's products: int8 / fp8 ``scaled_linear`` (eager; ``--wquant torch`` since session
+  16 takes it only past TRITON_ROWS rows), int4 tinygemm
   (groups 128 and 32);
 * the ``--wquant triton`` GEMV: the former kernel ("v0"), the GEMM's tensor-core tiles
   ("dot", 16 rows: M = 2 and 4 may be issue-bound in FP32 FMAs), the rule's GemvConfig

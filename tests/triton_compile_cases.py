@@ -166,8 +166,8 @@ def wquant_cases() -> None:
         m.tinygemm_mma(torch.zeros(rows, k, dtype=torch.bfloat16),
                        torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2, dtype=torch.int32),
                        torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, group, tiles,
-                       replace(mma_config(rows, n, k, tiles), prefetch=rows == 64,
-                               stages=1 if rows == 64 else None))
+                       replace(cfg := mma_config(rows, n, k, tiles), prefetch=rows == 64,
+                               stages=1 if rows == 64 else cfg.stages))
 
 
 def paged_cases() -> None:

@@ -308,7 +308,8 @@ def product_path(w: PackedWeight, backend: str, act_dtype: torch.dtype | None = 
     """Which PackedLinear product serves ``w`` under ``backend`` with activations of
     ``act_dtype`` (None: bfloat16): "torch" takes tinygemm for int4 where it applies (bf16
     activations on CUDA: it computes in bf16), else the Triton kernel; int8 / fp8 the
-    scaled product (whose few-row calls take the Triton GEMV: PackedLinear)."""
+    scaled product (whose calls of up to wquant_torch.TRITON_ROWS rows take the Triton
+    kernels: PackedLinear)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown weight-quantization backend {backend!r}; choose one of "
                          f"{', '.join(BACKENDS)}")

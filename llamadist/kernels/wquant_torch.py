@@ -42,13 +42,13 @@ log = logging.getLogger(__name__)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 # Which product serves an int4 call of M rows on CUDA (where the Triton kernels run and
 # tinygemm's layout is known): tinygemm up to TINYGEMM_MAX_M rows (a small-batch kernel:
-# on an H200 its time grows with the rows, Llama-3-70B's gate_up in int4 g32 4.4x bf16's
+# on an H200 its time grows with the rows, Llama-3-70B's gate_up in int4 g32 4.2x bf16's
 # F.linear at 32 rows, 24x at 4 096); then tensor-core tiles that dequantize tinygemm's
 # words in registers (wquant_triton.tinygemm_mma) up to MMA_MAX_M rows; above, W
 # dequantized to bf16 from the same words by a Triton kernel (wquant_triton.
 # tinygemm_dequant: one read of the codes, one write of W) and cuBLAS, holding one
 # linear's bf16 W at a time. Crossovers measured on an H200 by benchmarks/wquant_rows.py
-# (RESULTS.md, session 16: at 8 rows tinygemm 1.3-1.5x bf16, the tiles 1.8-2.0x; at 128
+# (RESULTS.md, session 16: at 9 rows tinygemm 1.2-1.5x bf16, the tiles 1.2-1.9x; at 128
 # the tiles 4.8-5.6x, dequantize + cuBLAS 5.6-5.9x; at 256 the tiles 7.4-9.1x, it 4.6-4.8x).
 TINYGEMM_MAX_M = 8
 MMA_MAX_M = 128
@@ -56,8 +56,10 @@ MMA_MAX_M = 128
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
 # H200, Llama-3-8B's linears (benchmarks/wquant_rows.py, RESULTS.md session 16): int8's
 # tiles 0.8-3.1x bf16's F.linear at 8-64 rows against the scaled product's 4.4-6.2x, and
-# 1.7-3.9x against 4.2-4.7x at 256; fp8's 2.6-5.1x against 4.9-6.9x at 8-32 rows, even
-# at 64, behind at 256 (5.3-8.6x against 4.7-5.1x). Past 256 rows (prefill): not timed.
+# 1.7-3.9x against 4.2-4.7x at 256; fp8's 2.6-5.0x against 4.9-6.9x at 8-32 rows, even
+# at 64, behind at 256 (5.3-8.6x against 4.6-5.2x); the codes were not rotated past the
+# L2, so qkv's and o's low ends may be optimistic. Timed with bf16 activations (float16
+# takes the same tiles; float32's IEEE tiles untimed); past 256 rows (prefill) not timed.
 TRITON_ROWS = {"int8": 256, "fp8": 64}
 
 

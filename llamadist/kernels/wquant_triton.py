@@ -127,9 +127,10 @@ def mma_config(m: int, n: int, k: int, tiles: int, sms: int = 132) -> MmaConfig:
     rows of x: the dot's tile stays square enough to amortise the dequantization), and
     split-K doubled while the grid holds fewer than two programs per SM and each K range
     keeps >= 4 k-tiles (16 tiles codes each). Up to 16 rows, num_stages 1 (no staging of
-    the words through shared memory): 8-27% faster than Triton's default on Llama-3-8B's
-    four linears at 1 and 16 rows on an H200 (benchmarks/wquant_rows.py, RESULTS.md
-    session 16; the register prefetch was slower); 32 and 64 rows keep the default."""
+    the words through shared memory): 8-24% less time than Triton's default staging on
+    Llama-3-8B's four linears at 1 and 16 rows on an H200, 15-20% on three of Llama-3-70B's
+    at 16 (its gate_up 3% more) (benchmarks/wquant_rows.py, RESULTS.md session 16; the
+    register prefetch was slower); 32 and 64 rows keep the default."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
     bn = 64 if bm < 64 else 128
     return mma_split(MmaConfig(block_n=bn, block_m=bm, warps=4 if bn == 64 else 8,

@@ -372,7 +372,7 @@ def test_tinygemm_mma_reads_its_layout(tiles, ktiles, group, rows, split, prefet
     packed = WT.tinygemm_pack(pw.q.cuda(), k) if ON_CUDA else WT.tinygemm_layout(codes, tiles)
     x = torch.randn(rows, k, dtype=torch.bfloat16 if ON_CUDA else torch.float32)
     cfg = T.MmaConfig(block_n=64, block_m=16 if rows <= 16 else 64, split=split,
-                      prefetch=prefetch, stages=1 if prefetch else None)
+                      prefetch=prefetch, stages=1 if prefetch or rows <= 16 else None)
     y = gpu.load("wquant").tinygemm_mma(x.to(DEVICE), packed.to(DEVICE), table.to(DEVICE),
                                         n, group, tiles, cfg).cpu()
     ref = x.double() @ ref_w.T
@@ -380,14 +380,15 @@ def test_tinygemm_mma_reads_its_layout(tiles, ktiles, group, rows, split, prefet
     assert (y.double() - ref).abs().max() <= bound * (x.double().abs() @ ref_w.abs().T).max()
 
 
-def test_scaled_path_sends_few_rows_to_the_gemv(monkeypatch):
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int8_g32"])
+def test_scaled_path_sends_its_rows_to_triton(fmt, monkeypatch):
     """int8 / fp8 under --wquant torch: up to TRITON_ROWS rows through the Triton kernels
     (the GEMV, then tl.dot tiles: the scaled product would write W in x's dtype first),
-    more through the scaled product."""
+    more through the scaled product (grouped int8 too, as GGUF Q8_0 gives it)."""
     from torch import nn
 
     from llamadist.kernels import wquant_torch as WT
-    pw = W.quantize_int8(torch.randn(32, 64)).to(DEVICE)
+    pw = FORMATS[fmt](torch.randn(32, 64)).to(DEVICE)
     lin = nn.Linear(64, 32, bias=False, device="meta")
     del lin.weight
     lin.weight = pw
@@ -397,7 +398,7 @@ def test_scaled_path_sends_few_rows_to_the_gemv(monkeypatch):
     scaled = WT.scaled_linear
     monkeypatch.setattr(WT, "scaled_linear", lambda *a: used.append(1) or scaled(*a))
     wd = pw.dequantize(torch.float64).cpu()
-    rows = WT.TRITON_ROWS["int8"]
+    rows = WT.TRITON_ROWS[pw.kind]
     for m, via_scaled in ((1, False), (T.GEMV_MAX_M + 1, False), (rows, False),
                           (rows + 1, True)):
         used.clear()

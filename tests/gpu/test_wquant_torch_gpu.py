@@ -56,7 +56,8 @@ def test_torch_backend_against_triton_and_dequantized(fmt):
     assert torch_lin.path == path and triton_lin.path == "triton"
     if path == "tinygemm":  # one copy of the weight on the GPU
         assert torch_lin.weight.device.type == "cpu" and not hasattr(torch_lin, "qweight")
-    for m in (1, 2, 5, 33, 130):
+    for m in (1, 2, 5, 33, 130, 300):  # int4: tinygemm, tiles, dequant; int8 / fp8: the
+        # Triton kernels up to TRITON_ROWS, then the scaled product (300)
         x = torch.randn(m, pw.shape[1], device="cuda").to(BF16)
         y, yt = torch_lin(x), triton_lin(x)
         yd = nn.functional.linear(x, wd.to("cuda", BF16))
@@ -71,7 +72,7 @@ def test_torch_backend_against_triton_and_dequantized(fmt):
 def test_torch_backend_compiled_and_graphed(fmt):
     """Inductor (fullgraph) and a captured CUDA graph give the eager product."""
     lin = _linear(FORMATS[fmt][0](), "torch")
-    x = torch.randn(1, lin.in_features, device="cuda").to(BF16)
+    x = torch.randn(1 if fmt != "int4" else 16, lin.in_features, device="cuda").to(BF16)
     eager = lin(x)
     fn = torch.compile(lin, fullgraph=True)
     compiled = fn(x)
