@@ -37,10 +37,10 @@ def run_command(kind: str, args: argparse.Namespace) -> int:
         from llamadist.cli.front import run_front
         return run_front(kind, args, job, ckpt, tok, COMMANDS[kind])
     # an interactive command's first token should not wait for every bucket's capture
-    if not sys.stderr.isatty():  # no progress bar in a log: say what the wait is for
+    tty = sys.stderr.isatty()
+    if not tty:  # no progress bar in a log: say what the wait is for
         print(f"loading {ckpt.path} ...", file=sys.stderr, flush=True)
-    llm = load_llm(job, ckpt, tok, progress=sys.stderr.isatty(),
-                   warmup=kind not in INTERACTIVE)
+    llm = load_llm(job, ckpt, tok, progress=tty, warmup=kind not in INTERACTIVE)
     return COMMANDS[kind](args, job, llm)
 
 

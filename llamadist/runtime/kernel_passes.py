@@ -183,15 +183,15 @@ def compile_expected(config, runtime: RuntimeConfig, device: torch.device) -> bo
     """compile_pays predicted before a stage on ``device`` loads (to import the compiler
     beside the load): ``runtime.compile``, or with None a mixture-of-experts model,
     weights that --quantize quantizes for torch's products (int4's tinygemm; int8 / fp8
-    only without Triton), or the fused eager kernels off. (Not foreseen: a GGUF's own blocks on a GPU, whose compile then imports the
+    only without Triton, which the last term covers), or the fused eager kernels off.
+    (Not foreseen: a GGUF's own blocks on a GPU, whose compile then imports the
     compiler at the first decode; int4 whose product falls back to Triton, and MoE blocks
     without the grouped kernel, which decode without graphs: an import for nothing.)"""
     if device.type != "cuda" or not runtime.cuda_graphs or runtime.compile is False:
         return False
-    fmt = runtime.quantize_for(str(device))
-    torch_products = runtime.wquant == "torch" and fmt is not None and (
-        fmt.startswith("int4") or not gpu.INSTALLED)
-    return bool(runtime.compile or config.num_experts or torch_products
+    tinygemm = runtime.wquant == "torch" and (runtime.quantize_for(str(device)) or "") \
+        .startswith("int4")
+    return bool(runtime.compile or config.num_experts or tinygemm
                 or runtime.eager_kernels != "triton" or not gpu.INSTALLED)
 
 

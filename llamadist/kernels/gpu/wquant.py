@@ -429,6 +429,15 @@ def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, s
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
+def _sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y (M, N) = the sum of the float32 split-K partials (SPLIT, M, N) (+ bias)."""
+    split, m, n = partials.shape
+    blk = 1024
+    _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
+        partials, bias if bias is not None else partials, y, m, n, y.stride(0), SPLIT=split,
+        HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4)
+
+
 def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
                      group: int, tiles: int, dtype: torch.dtype) -> torch.Tensor:
     """W (N, K) in ``dtype`` from tinygemm's packed int4 and (G, N, 2) table."""
@@ -468,9 +477,7 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
         IEEE=x2.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
         num_warps=cfg.warps, **extra)
     if split > 1:
-        _splitk_sum_kernel[(triton.cdiv(n, 1024), m)](
-            out, out, y, m, n, y.stride(0), SPLIT=split, HAS_BIAS=False, BLOCK=1024,
-            num_warps=4)
+        _sum_splits(out, None, y)
     return y
 
 
@@ -500,10 +507,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
-        blk = 1024
-        _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
-            out, bias if bias is not None else out, y, m, n, y.stride(0), SPLIT=split,
-            HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4)
+        _sum_splits(out, bias, y)
 
 
 def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
