@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows rows8 quantdecode verify16 perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover rows8 quantdecode verify16 perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -372,6 +372,17 @@ mmarows() {  # issue 16: the tensor-core tiles on tinygemm's layout (tinygemm_mm
         --mma-configs ${MMA70B:-64x16x4x0x1x1,64x32x4x0x1x1,128x64x8x0x1x1,64x64x4x0x1x1}
 }
 
+crossover() {  # issue 16: where tinygemm hands int4 to the tensor-core tiles (9-16 rows,
+    # Llama-3-70B g32 and 8B g128), and int8 / fp8 prefill rows past TRITON_ROWS (the
+    # scaled product against the Triton tiles and a dequantized W) (~5 min)
+    step cross70b 150 python3 benchmarks/wquant_rows.py --shape llama3-70b --kinds int4_g32 \
+        --m 8,9,10,11,12,13,14,15,16 --products tinygemm,mma --max-seconds 130
+    step cross8b 100 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int4_g128 \
+        --m 8,9,10,11,12,13,14,15,16 --products tinygemm,mma --max-seconds 80
+    step prefill8 150 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int8,fp8 \
+        --m 64,256,512,1024,4096 --products scaled,triton,dequant --max-seconds 130
+}
+
 rows8() {  # issue 16: int8 / fp8 past the GEMV's 4 rows under --wquant torch (the scaled
     # product, W written in bf16 first) against the Triton tl.dot tiles, Llama-3-8B (~2 min)
     step rows8 130 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int8,fp8 \
@@ -427,8 +438,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|rows8|quantdecode|verify16|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|rows8|quantdecode|verify16|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
