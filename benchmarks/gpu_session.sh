@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover rows8 quantdecode verify16 perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer verify17 rows8 quantdecode verify16 perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -383,6 +383,23 @@ crossover() {  # issue 16: where tinygemm hands int4 to the tensor-core tiles (9
         --m 64,256,512,1024,4096 --products scaled,triton,dequant --max-seconds 130
 }
 
+defer() {  # issue 16: the one-row GEMV with its sums deferred past the loop (GemvConfig
+    # defer), at the rule's cut and narrower programs without split-K, against the rule,
+    # int8 / fp8 / int4 g128 on Llama-3-8B's linears (~3.5 min)
+    step defer 210 python3 benchmarks/wquant_sweep.py --m 1 --configs defer \
+        --kinds int8,fp8,int4_g128 --max-seconds 170
+}
+
+verify17() {  # issue 16, session 17's rule changes: their CUDA tests (the one-row deferred
+    # GEMV, the rule's configs, the int4 / int8 row dispatch), then batch-1 decode of the
+    # 8B folder through the default products, bf16 / int8 / int4 / fp8 (~4 min)
+    step tests17 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py \
+        tests/gpu/test_wquant_torch_gpu.py -k "deferred or gemv_configs or tinygemm or scaled_path or torch_backend"
+    checkpoint
+    step quantdecode17 200 python3 benchmarks/quant_gpu.py --device cuda:0 \
+        --checkpoint-dir /tmp/ck --backends torch
+}
+
 rows8() {  # issue 16: int8 / fp8 past the GEMV's 4 rows under --wquant torch (the scaled
     # product, W written in bf16 first) against the Triton tl.dot tiles, Llama-3-8B (~2 min)
     step rows8 130 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int8,fp8 \
@@ -438,8 +455,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|rows8|quantdecode|verify16|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|rows8|quantdecode|verify16|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

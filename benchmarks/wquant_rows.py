@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     dev = torch.device("cuda:0")
     # as as_packed_linear decides it: the Triton kernels run and tinygemm's layout is known
     tg_triton = gpu.runs_on(dev) and wquant_torch.tinygemm_layout_known(dev)
-    print(f"int4 past {wquant_torch.TINYGEMM_MAX_M} rows through Triton: {tg_triton} "
+    print(f"int4 past {wquant_torch.TINYGEMM_MAX_M} rows ({wquant_torch.WIDE_TINYGEMM_MAX_M} "
+          f"on N >= 4 K) through Triton: {tg_triton} "
           f"(tensor-core tiles up to {wquant_torch.MMA_MAX_M} rows)", file=sys.stderr)
     sms = wquant_triton.device_traits(dev)[0]
     copy = copy_rate(torch, dev, 2.0)

@@ -148,6 +148,8 @@ def wquant_cases() -> None:
                 for rows in (1 + (i + 2 * j) % 4, (5, 33, 130)[(i + j) % 3])]
         runs += [((i + c) % 2, variant if cfg is None else cfg, 1 + (i + c) % 4)
                  for c, cfg in enumerate(configs)]
+        runs += [(0, GemvConfig(native=not fmt.startswith("int4"), prefetch=1 - i % 2,
+                                defer=True), 1)]  # one row's deferred sums
         for c, (j, cfg, rows) in enumerate(runs):
             (n, k), pw, dtype = shapes[j], weights[j], dtypes[(i + c) % 3]
             bias = torch.zeros(n, dtype=dtype) if (i + c) % 2 else None

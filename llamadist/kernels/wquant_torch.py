@@ -48,19 +48,29 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 # dequantized to bf16 from the same words by a Triton kernel (wquant_triton.
 # tinygemm_dequant: one read of the codes, one write of W) and cuBLAS, holding one
 # linear's bf16 W at a time. Crossovers measured on an H200 by benchmarks/wquant_rows.py
-# (RESULTS.md, session 16: at 9 rows tinygemm 1.2-1.5x bf16, the tiles 1.2-1.9x; at 128
-# the tiles 4.8-5.6x, dequantize + cuBLAS 5.6-5.9x; at 256 the tiles 7.4-9.1x, it 4.6-4.8x).
+# (RESULTS.md, session 16: at 128 rows the tiles 4.8-5.6x bf16, dequantize + cuBLAS
+# 5.6-5.9x; at 256 the tiles 7.4-9.1x, it 4.6-4.8x). Between 8 and 16 rows the crossover
+# depends on the linear (session 17, every row count of 8-16 on Llama-3-8B g128 and 70B
+# g32): the tiles run at one speed there while tinygemm's time grows with the rows, and
+# on the wide up-projections (N >= 4 K: gate_up) the tiles are slow (~0.5 TB/s), so
+# tinygemm keeps those up to WIDE_TINYGEMM_MAX_M rows (the tiles first faster at 15-16
+# rows), the other linears up to TINYGEMM_MAX_M (the tiles faster from 8-10 rows on o,
+# down and 8B's qkv; 70B's qkv from 12). A layer's four linears at 12 rows: 70B 688 us
+# against 767 with the tiles from 9 rows for all and 757 with tinygemm for all.
 TINYGEMM_MAX_M = 8
+WIDE_TINYGEMM_MAX_M = 14
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
-# H200, Llama-3-8B's linears (benchmarks/wquant_rows.py, RESULTS.md session 16): int8's
-# tiles 0.8-3.1x bf16's F.linear at 8-64 rows against the scaled product's 4.4-6.2x, and
-# 1.7-3.9x against 4.2-4.7x at 256; fp8's 2.6-5.0x against 4.9-6.9x at 8-32 rows, even
-# at 64, behind at 256 (5.3-8.6x against 4.6-5.2x); the codes were not rotated past the
-# L2, so qkv's and o's low ends may be optimistic. Timed with bf16 activations (float16
-# takes the same tiles; float32's IEEE tiles untimed); past 256 rows (prefill) not timed.
-TRITON_ROWS = {"int8": 256, "fp8": 64}
+# H200, Llama-3-8B's linears (benchmarks/wquant_rows.py, RESULTS.md sessions 16-17): int8's
+# tiles 0.8-3.1x bf16's F.linear at 8-64 rows against the scaled product's 4.4-6.2x; a
+# layer's four linears at 256 / 512 / 1 024 rows 1.3 / 1.6 / 1.4x faster through the
+# tiles, at 4 096 within 2% (the scaled product ahead, down 0.77x, the others behind);
+# fp8's tiles 2.6-5.0x against 4.9-6.9x at 8-32 rows, about even at 64, behind from 256
+# (5.3-8.6x against 4.6-5.2x). The codes were not rotated past the L2, so qkv's and o's
+# low ends may be optimistic. Timed with bf16 activations (float16 takes the same tiles;
+# float32's IEEE tiles untimed).
+TRITON_ROWS = {"int8": 1024, "fp8": 64}
 
 
 def tinygemm_ok(kind: str, n: int, k: int, group: int) -> bool:
@@ -146,22 +156,24 @@ def tinygemm_scales_zeros(scale: torch.Tensor, offset: torch.Tensor,
     return torch.stack([s, o + 8 * s], dim=-1).transpose(0, 1).to(dtype).contiguous()
 
 
-def int4_product(rows: int) -> str:
-    """Which CUDA product serves an int4 call of ``rows`` rows where the Triton kernels
-    read tinygemm's layout: "tinygemm", "mma" (the tensor-core tiles) or "dequant"."""
-    return ("tinygemm" if rows <= TINYGEMM_MAX_M else "mma" if rows <= MMA_MAX_M
-            else "dequant")
+def int4_product(rows: int, n: int, k: int) -> str:
+    """Which CUDA product serves an int4 call of ``rows`` rows of an N x K weight where the
+    Triton kernels read tinygemm's layout: "tinygemm", "mma" (the tensor-core tiles) or
+    "dequant"."""
+    tiny = WIDE_TINYGEMM_MAX_M if n >= 4 * k else TINYGEMM_MAX_M
+    return "tinygemm" if rows <= tiny else "mma" if rows <= MMA_MAX_M else "dequant"
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
                 group: int, n: int, bias: torch.Tensor | None = None,
                 triton: bool = False) -> torch.Tensor:
     """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype; with ``triton``
-    (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of more than
-    TINYGEMM_MAX_M rows take the Triton kernels that read tinygemm's layout (see above)."""
+    (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of more rows
+    than ``int4_product`` leaves to tinygemm take the Triton kernels that read its layout
+    (see above)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    product = int4_product(m) if triton and x.is_cuda else "tinygemm"
+    product = int4_product(m, n, k) if triton and x.is_cuda else "tinygemm"
     if product == "mma":
         y = wquant_triton.tinygemm_mma(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
                                        _inner_k_tiles(k))

@@ -82,7 +82,8 @@ class GemvConfig:
     fp8: the hardware's conversion of the codes, int8 -> float32 or CUDA's float8e4nv
     (sm_89+), instead of the bit decode; label "nat"), ``prefetch`` (tiles loaded ahead:
     0, 1 or 2), ``group_sums`` (int4: scale and offset applied to each tile's sums, not
-    to each weight; label "gs")."""
+    to each weight; label "gs"), ``defer`` (one row, without group sums: products summed
+    elementwise over the tiles, reduced along K once at the end; label "df")."""
 
     block_n: int = 32
     block_k: int = 256
@@ -92,11 +93,13 @@ class GemvConfig:
     native: bool = False
     prefetch: int = 2
     group_sums: bool = False
+    defer: bool = False
 
     def label(self) -> str:
         return (f"n{self.block_n}k{self.block_k}w{self.warps}s{self.split}"
                 + ("" if self.stages is None else f"st{self.stages}")
                 + ("nat" if self.native else "") + ("gs" if self.group_sums else "")
+                + ("df" if self.defer else "")
                 + ("" if self.prefetch == 2 else f"pf{self.prefetch}"))
 
 
@@ -196,7 +199,16 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     * int4: prefetch 0 (groups of 128, with the split above: within 6% of the fastest on
       11 of 12, qkv at M = 1 14% off; groups of 32: within 2% on 9 of 12, qkv 4-15% off).
     M = 3 (not swept) follows M = 4; formats the sweep does not time (int8 with groups,
-    int4 groups of 64) follow their kind's line: an extrapolation."""
+    int4 groups of 64) follow their kind's line: an extrapolation.
+
+    One row of int8, or of fp8 where the cut above splits K (one scale a row, the
+    hardware's conversion): ``defer`` (the tile's products summed elementwise, reduced
+    along K once) in 8-row programs without split-K, BLOCK_K 1 024 bytes where the grid
+    holds at most 4 programs a SM, else 512 (RESULTS.md, session 17's `defer` sweep on an
+    H200, M = 1: the fastest of 12-19 configurations on each of int8's four shapes and
+    fp8's qkv, o, down (its qkv n8k512 and o n8k1024 by the rule, both best); a layer's
+    four linears int8 81.0 us against the former rule's 93.1, fp8 64.6 against 69.2;
+    fp8's gate_up, split 1 above, 12% faster there than deferred)."""
     kb = (k + 1) // 2 if kind == "int4" else k
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
@@ -225,8 +237,14 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
             warps = 8
         elif m == 2 and kb // split >= 4 * bk and (gb is None or gb % (2 * bk) == 0):
             bk *= 2
+    defer = m == 1 and native and gb is None and (kind == "int8" or split > 1)
+    if defer:  # one row, one scale a row: 8-row programs over whole rows, sums deferred
+        bn, split = 8, 1
+        bk = 1024 if -(-n // 8) <= 4 * sms else 512
+        while bk > 16 and kb < bk:
+            bk //= 2
     return GemvConfig(block_n=bn, block_k=bk, warps=warps, split=split, native=native,
-                      prefetch=prefetch)
+                      prefetch=prefetch, defer=defer)
 
 
 def _tile_k(cfg_k: int, group_b: int | None) -> int:
@@ -304,7 +322,7 @@ def _tinygemm_mma_shape(x, packed, scales_zeros, n, group, tiles):
 
 
 # y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout through tensor-core tiles (W
-# dequantized in registers): int4 calls of wquant_torch.TINYGEMM_MAX_M + 1 to MMA_MAX_M rows
+# dequantized in registers): int4 calls of wquant_torch.int4_product's "mma" rows
 tinygemm_mma = gpu.custom_op("llamadist::tinygemm_mma", _tinygemm_mma,
                              fake=_tinygemm_mma_shape)
 

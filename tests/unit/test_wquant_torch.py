@@ -136,8 +136,12 @@ def test_runtime_config_wquant(monkeypatch):
 
 def test_int4_product_by_rows():
     """CUDA int4 calls by rows (where Triton reads tinygemm's layout): tinygemm for decode's
-    few rows, the tensor-core tiles for batched decode, W dequantized + cuBLAS beyond."""
-    assert [WT.int4_product(m) for m in (1, WT.TINYGEMM_MAX_M)] == ["tinygemm"] * 2
-    assert [WT.int4_product(m) for m in (WT.TINYGEMM_MAX_M + 1, WT.MMA_MAX_M)] == ["mma"] * 2
-    assert WT.int4_product(WT.MMA_MAX_M + 1) == WT.int4_product(4096) == "dequant"
-    assert 1 <= WT.TINYGEMM_MAX_M < WT.MMA_MAX_M
+    few rows (more of them on a wide up-projection, N >= 4 K), the tensor-core tiles for
+    batched decode, W dequantized + cuBLAS beyond."""
+    for n, k, tiny in ((8192, 8192, WT.TINYGEMM_MAX_M), (4096, 14336, WT.TINYGEMM_MAX_M),
+                       (57344, 8192, WT.WIDE_TINYGEMM_MAX_M)):
+        assert [WT.int4_product(m, n, k) for m in (1, tiny)] == ["tinygemm"] * 2
+        assert [WT.int4_product(m, n, k) for m in (tiny + 1, WT.MMA_MAX_M)] == ["mma"] * 2
+        assert WT.int4_product(WT.MMA_MAX_M + 1, n, k) == "dequant"
+        assert WT.int4_product(4096, n, k) == "dequant"
+    assert 1 <= WT.TINYGEMM_MAX_M < WT.WIDE_TINYGEMM_MAX_M < WT.MMA_MAX_M

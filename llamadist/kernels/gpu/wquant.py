@@ -176,6 +176,38 @@ def _decode_tile(raw, sc, off, KIND: tl.constexpr, NATIVE: tl.constexpr,
 
 
 @triton.jit
+def _tile_x(x_row, rb, b_hi, KIND: tl.constexpr, EVEN_K: tl.constexpr, XDT: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One row of x for the tile's bytes rb as two float32 (BN, BK) tiles: int4 (x[2j],
+    x[2j + 1]) from pair words (loaded (BK,), broadcast over the rows); int8 / fp8 x and
+    (unused) its copy, x's pointers broadcast to the tile's shape so that x loads in the
+    tile's own layout (a 1-D load would reach the threads through shared memory and a
+    barrier each step)."""
+    if KIND == 1:  # x as pair words: x[2j] meets the low nibbles, x[2j + 1] the high
+        if EVEN_K:
+            xw = tl.load(x_row + rb)
+        else:
+            xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
+        x_e, x_o = _x_pairs(xw, XDT)
+        return (tl.broadcast_to(x_e[None, :], (BLOCK_N, BLOCK_K)),
+                tl.broadcast_to(x_o[None, :], (BLOCK_N, BLOCK_K)))
+    xp = tl.broadcast_to((x_row + rb)[None, :], (BLOCK_N, BLOCK_K))
+    if EVEN_K:
+        x = tl.load(xp).to(tl.float32)
+    else:
+        x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
+    return x, x
+
+
+@triton.jit
+def _tile_prod(w_a, w_b, x_a, x_b, KIND: tl.constexpr):
+    """The tile's (BN, BK) products of its weights (decoded, int4 scaled) with x."""
+    if KIND == 1:  # byte j's low nibble meets x[2j], its high one x[2j + 1]
+        return w_a * x_a + w_b * x_b
+    return w_a * x_a
+
+
+@triton.jit
 def _tile_part(w_a, w_b, sc, off, x_row, rb, b_hi, KIND: tl.constexpr,
                GROUPED: tl.constexpr, GROUP_SUMS: tl.constexpr, EVEN_K: tl.constexpr,
                XDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -184,28 +216,27 @@ def _tile_part(w_a, w_b, sc, off, x_row, rb, b_hi, KIND: tl.constexpr,
     16 s sum(f x) + (o - 16 s) sum(x), f = 1 + c / 16 (a FMA a weight, two row sums
     and the tile's sum of x; both terms are ~16 s sum|x|, so float32 keeps ~2^-20 s
     sum|x| of the tile's part). Without it int4 is scaled per weight."""
-    if KIND == 1:  # x as pair words: x[2j] meets the low nibbles, x[2j + 1] the high
-        if EVEN_K:
-            xw = tl.load(x_row + rb)
-        else:
-            xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
-        x_e, x_o = _x_pairs(xw, XDT)
-        if GROUP_SUMS:  # two sums: each a chain of FMAs (one sum would add a product)
-            fx = tl.sum(w_a * x_e[None, :], axis=1) + tl.sum(w_b * x_o[None, :], axis=1)
-            xs = tl.sum(x_e + x_o, axis=0)
-            return fx * (16.0 * sc) + xs * (off - 16.0 * sc)
-        return tl.sum(w_a * x_e[None, :] + w_b * x_o[None, :], axis=1)
-    # x's pointers broadcast to the tile's shape: loaded in the tile's own layout (a
-    # 1-D load would reach the threads through shared memory and a barrier each step)
-    xp = tl.broadcast_to((x_row + rb)[None, :], (BLOCK_N, BLOCK_K))
-    if EVEN_K:
-        x = tl.load(xp).to(tl.float32)
-    else:
-        x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
-    part = tl.sum(w_a * x, axis=1)
-    if GROUPED:  # the group's sum, scaled once
+    x_a, x_b = _tile_x(x_row, rb, b_hi, KIND, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+    if KIND == 1 and GROUP_SUMS:  # two sums: each a chain of FMAs (one would add a product)
+        fx = tl.sum(w_a * x_a, axis=1) + tl.sum(w_b * x_b, axis=1)
+        xs = tl.sum(x_a + x_b, axis=1)
+        return fx * (16.0 * sc) + xs * (off - 16.0 * sc)
+    part = tl.sum(_tile_prod(w_a, w_b, x_a, x_b, KIND), axis=1)
+    if GROUPED and KIND != 1:  # the group's sum, scaled once
         part = part * sc
     return part
+
+
+@triton.jit
+def _tile_deferred(w_a, w_b, sc, x_row, rb, b_hi, KIND: tl.constexpr, GROUPED: tl.constexpr,
+                   EVEN_K: tl.constexpr, XDT: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """DEFER's (BN, BK) addend: the tile's products, grouped int8 / fp8 times the
+    group's scale (int4's weights carry theirs)."""
+    x_a, x_b = _tile_x(x_row, rb, b_hi, KIND, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+    if GROUPED and KIND != 1:
+        return _tile_prod(w_a * sc[:, None], w_b, x_a, x_b, KIND)
+    return _tile_prod(w_a, w_b, x_a, x_b, KIND)
 
 
 @triton.jit
@@ -228,15 +259,17 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
-                 GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_K: tl.constexpr):
+                 GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K. PREFETCH
     (0, 1, 2): tiles whose codes and scales are loaded ahead of the one being reduced
     (Triton does not pipeline a loop without tl.dot; ptxas issues a prefetch only once
     the registers it lands in are free, late in the step: with 1 it barely overlaps,
-    with 2 a whole step's work covers each tile's HBM latency)."""
+    with 2 a whole step's work covers each tile's HBM latency). DEFER (one row, no group
+    sums): the tile's products accumulate elementwise in a (BN, BK) float32 tile, reduced
+    along K once after the loop instead of after every tile (no shuffles in the loop)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -246,6 +279,10 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
+    if DEFER:  # (statements: older Triton takes no conditional expression here)
+        acc2d = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    else:
+        acc2d = tl.zeros((1, 1), dtype=tl.float32)
     b_lo = pid_k * KS
     b_hi = tl.minimum(b_lo + KS, KB)
     sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -276,10 +313,16 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
             sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
                                    GROUP_B, KIND, GROUPED)
         w_a, w_b = _decode_tile(raw, sc, off, KIND, NATIVE, GROUP_SUMS)
-        for m in tl.static_range(ROWS):
-            part = _tile_part(w_a, w_b, sc, off, x_ptr + m * stride_xm, rb, b_hi, KIND,
-                              GROUPED, GROUP_SUMS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
-            acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
+        if DEFER:
+            acc2d += _tile_deferred(w_a, w_b, sc, x_ptr, rb, b_hi, KIND, GROUPED, EVEN_K, XDT,
+                                    BLOCK_N, BLOCK_K)
+        else:
+            for m in tl.static_range(ROWS):
+                part = _tile_part(w_a, w_b, sc, off, x_ptr + m * stride_xm, rb, b_hi, KIND,
+                                  GROUPED, GROUP_SUMS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+                acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
+    if DEFER:
+        acc0 = tl.sum(acc2d, axis=1)
     if not GROUPED:  # one scale a row, applied once
         sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
     for m in tl.static_range(ROWS):
@@ -505,6 +548,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
+        DEFER=cfg.defer and m == 1 and not (cfg.group_sums and kind == "int4"),
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
