@@ -64,7 +64,7 @@ MMA_MAX_M = 128
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
 # H200, Llama-3-8B's linears (benchmarks/wquant_rows.py, RESULTS.md sessions 16-17): int8's
 # tiles 0.8-3.1x bf16's F.linear at 8-64 rows against the scaled product's 4.4-6.2x; a
-# layer's four linears at 256 / 512 / 1 024 rows 1.3 / 1.6 / 1.4x faster through the
+# layer's four linears at 256 / 512 / 1 024 rows 1.8 / 1.6 / 1.4x faster through the
 # tiles, at 4 096 within 2% (the scaled product ahead, down 0.77x, the others behind);
 # fp8's tiles 2.6-5.0x against 4.9-6.9x at 8-32 rows, about even at 64, behind from 256
 # (5.3-8.6x against 4.6-5.2x). The codes were not rotated past the L2, so qkv's and o's
