@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer verify17 rows8 quantdecode verify16 perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer verify17 ab17 rows8 quantdecode verify16 perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -400,6 +400,28 @@ verify17() {  # issue 16, session 17's rule changes: their CUDA tests (the one-r
         --checkpoint-dir /tmp/ck --backends torch
 }
 
+ab17() {  # issue 16: session 17's row rules end to end on the 8B folder, each against the
+    # former rule in the same run (module constants set before the CLI runs): int4 batch 12
+    # (gate_up through tinygemm, not the tiles) and int8 prefill of 1 024 tokens (the
+    # Triton tiles, not the scaled product) (~3 min)
+    checkpoint
+    ab() {  # ab NAME "CONSTANTS" BENCH-ARGS...
+        local name=$1 consts=$2; shift 2
+        step $name 100 python3 -c "
+import runpy, sys
+import llamadist.kernels.wquant_torch as W
+$consts
+sys.argv = ['llamadist', 'bench', '$CK', '--devices', 'cuda:0', '--json'] + sys.argv[1:]
+runpy.run_module('llamadist', run_name='__main__')" "$@"
+    }
+    ab int4_b12_new "" --quantize int4 --batch 12 --prompt-len 128 --gen-len 64
+    ab int4_b12_old "W.WIDE_TINYGEMM_MAX_M = W.TINYGEMM_MAX_M" --quantize int4 --batch 12 \
+        --prompt-len 128 --gen-len 64
+    ab int8_p1024_new "" --quantize int8 --batch 1 --prompt-len 1024 --gen-len 8
+    ab int8_p1024_old "W.TRITON_ROWS['int8'] = 256" --quantize int8 --batch 1 \
+        --prompt-len 1024 --gen-len 8
+}
+
 rows8() {  # issue 16: int8 / fp8 past the GEMV's 4 rows under --wquant torch (the scaled
     # product, W written in bf16 first) against the Triton tl.dot tiles, Llama-3-8B (~2 min)
     step rows8 130 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int8,fp8 \
@@ -455,8 +477,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|ab17|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|rows8|quantdecode|verify16|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|ab17|rows8|quantdecode|verify16|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
