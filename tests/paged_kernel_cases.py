@@ -52,7 +52,13 @@ def run_case(h: int, h_kv: int, d: int, bs: int, lens: list[int], dtype: torch.d
 
 def patch_interpreter() -> None:
     """Triton's interpreter turns a scalar (a 1-element array) into a loop bound with
-    ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension; use .item()."""
+    ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension; use .item().
+
+    And each call of a @triton.jit helper inside a kernel (``_w_tile``, ``_x_part``: several
+    per loop step of every program) patches triton.language again, five
+    ``inspect.getmembers`` scans that find nothing left to patch while a launch's patches
+    are on (its builtins are already the interpreter's); skip it then: the same Python
+    runs, a third of the interpreted MoE cases' time less."""
     import triton.runtime.interpreter as ti
     if getattr(ti, "_llamadist_patched", False):
         return
@@ -62,6 +68,23 @@ def patch_interpreter() -> None:
         original(tensor, scope)
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
     ti._patch_lang_tensor = patched
+
+    langs: dict = {}  # helper -> the language modules among its globals (what triton patches)
+
+    def helper_call(self, *args, **kwargs):  # InterpretedFunction.__call__ of triton 3.7
+        # patch as triton does unless each language module the helper sees is patched
+        # already (by the launch, or by an earlier helper's call: those are never undone)
+        if self.fn not in langs:
+            langs[self.fn] = [v for v in self.fn.__globals__.values()
+                              if v is ti.tl or v is ti.tl.core]
+        if not langs[self.fn] or any(ti.tl.core.is_builtin(m.load) for m in langs[self.fn]):
+            ti._patch_lang(self.fn)
+        fn = self.rewrite()
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            raise ti.InterpreterError(repr(e)) from e
+    ti.InterpretedFunction.__call__ = helper_call
     ti._llamadist_patched = True
 
 
