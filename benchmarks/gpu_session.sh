@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer verify17 ab17 rows8 quantdecode verify16 perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 rows8 quantdecode verify16 perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -390,6 +390,12 @@ defer() {  # issue 16: the one-row GEMV with its sums deferred past the loop (Ge
         --kinds int8,fp8,int4_g128 --max-seconds 170
 }
 
+near1() {  # issue 16: the neighbours of the one-row rule (deferred sums since session 17),
+    # int8 and fp8 on Llama-3-8B's linears (~3.5 min)
+    step near1 210 python3 benchmarks/wquant_sweep.py --m 1 --configs near \
+        --kinds int8,fp8 --max-seconds 170
+}
+
 verify17() {  # issue 16, session 17's rule changes: their CUDA tests (the one-row deferred
     # GEMV, the rule's configs, the int4 / int8 row dispatch), then batch-1 decode of the
     # 8B folder through the default products, bf16 / int8 / int4 / fp8 (~4 min)
@@ -477,8 +483,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|ab17|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|verify17|ab17|rows8|quantdecode|verify16|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|rows8|quantdecode|verify16|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac
