@@ -227,6 +227,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
     if a.device == "cpu":
+        from tests.paged_kernel_cases import patch_interpreter
+        patch_interpreter()  # (its speed-up: the kernels call tl.cdiv and other jit helpers)
         exact_bf16_casts()
     if a.what == "kernels":
         norm_cases(a.device)
