@@ -23,8 +23,8 @@ the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.
   pass float16's 65504 on a wide row.
 
 Everything here is aten ops with shape functions, and the custom ops
-``llamadist::tinygemm_mma`` and ``tinygemm_dequant`` (int4 past TINYGEMM_MAX_M rows,
-below): traceable whole by torch.compile and, with no host synchronisation, captured in
+``llamadist::tinygemm_mma`` and ``tinygemm_dequant`` (int4 past the rows ``int4_product``
+leaves to tinygemm, below): traceable whole by torch.compile and, with no host synchronisation, captured in
 CUDA graphs.
 """
 
@@ -41,10 +41,11 @@ log = logging.getLogger(__name__)
 
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 # Which product serves an int4 call of M rows on CUDA (where the Triton kernels run and
-# tinygemm's layout is known): tinygemm up to TINYGEMM_MAX_M rows (a small-batch kernel:
+# tinygemm's layout is known): tinygemm for few rows (a small-batch kernel:
 # on an H200 its time grows with the rows, Llama-3-70B's gate_up in int4 g32 4.2x bf16's
 # F.linear at 32 rows, 24x at 4 096); then tensor-core tiles that dequantize tinygemm's
-# words in registers (wquant_triton.tinygemm_mma) up to MMA_MAX_M rows; above, W
+# words in registers (wquant_triton.tinygemm_mma) from TINYGEMM_MAX_M + 1 rows
+# (WIDE_TINYGEMM_MAX_M + 1 on wide up-projections, below) up to MMA_MAX_M; above, W
 # dequantized to bf16 from the same words by a Triton kernel (wquant_triton.
 # tinygemm_dequant: one read of the codes, one write of W) and cuBLAS, holding one
 # linear's bf16 W at a time. Crossovers measured on an H200 by benchmarks/wquant_rows.py
@@ -54,8 +55,8 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 # g32): the tiles run at one speed there while tinygemm's time grows with the rows, and
 # on the wide up-projections (N >= 4 K: gate_up) the tiles are slow (~0.5 TB/s), so
 # tinygemm keeps those up to WIDE_TINYGEMM_MAX_M rows (the tiles first faster at 15-16
-# rows), the other linears up to TINYGEMM_MAX_M (the tiles faster from 8-10 rows on o,
-# down and 8B's qkv; 70B's qkv from 12). A layer's four linears at 12 rows: 70B 688 us
+# rows), the other linears up to TINYGEMM_MAX_M (the tiles faster from 8-10 rows on
+# 70B's o and down and 8B's qkv and down; 70B's qkv from 12, 8B's o from 11). A layer's four linears at 12 rows: 70B 688 us
 # against 767 with the tiles from 9 rows for all and 757 with tinygemm for all.
 TINYGEMM_MAX_M = 8
 WIDE_TINYGEMM_MAX_M = 14
@@ -66,10 +67,10 @@ MMA_MAX_M = 128
 # tiles 0.8-3.1x bf16's F.linear at 8-64 rows against the scaled product's 4.4-6.2x; a
 # layer's four linears at 256 / 512 / 1 024 rows 1.8 / 1.6 / 1.4x faster through the
 # tiles, at 4 096 within 2% (the scaled product ahead, down 0.77x, the others behind);
-# fp8's tiles 2.6-5.0x against 4.9-6.9x at 8-32 rows, about even at 64, behind from 256
-# (5.3-8.6x against 4.6-5.2x). The codes were not rotated past the L2, so qkv's and o's
-# low ends may be optimistic. Timed with bf16 activations (float16 takes the same tiles;
-# float32's IEEE tiles untimed).
+# fp8's tiles 2.6-5.0x against 4.9-6.9x at 8-32 rows, a layer 1.5x faster at 64, behind
+# from 256 (1.3x slower). The codes were not rotated past the L2, so qkv's and o's low
+# ends may be optimistic. Timed with bf16 activations and one scale a row (float16 takes
+# the same tiles; float32's IEEE tiles and grouped int8, GGUF Q8_0's, untimed past 256).
 TRITON_ROWS = {"int8": 1024, "fp8": 64}
 
 
@@ -138,7 +139,7 @@ def tinygemm_layout_known(device: torch.device) -> bool:
         if not ok:
             log.warning("tinygemm's int4 layout on %s is not the one llamadist reads: int4 "
                         "keeps tinygemm for every row count (slow past %d rows)", key,
-                        TINYGEMM_MAX_M)
+                        WIDE_TINYGEMM_MAX_M)
     return _LAYOUT_CHECKED[key]
 
 

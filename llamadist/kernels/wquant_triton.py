@@ -204,11 +204,14 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     One row of int8, or of fp8 where the cut above splits K (one scale a row, the
     hardware's conversion): ``defer`` (the tile's products summed elementwise, reduced
     along K once) in 8-row programs without split-K, BLOCK_K 1 024 bytes where the grid
-    holds at most 4 programs a SM, else 512 (RESULTS.md, session 17's `defer` sweep on an
-    H200, M = 1: the fastest of 12-19 configurations on each of int8's four shapes and
-    fp8's qkv, o, down (its qkv n8k512 and o n8k1024 by the rule, both best); a layer's
-    four linears int8 81.0 us against the former rule's 93.1, fp8 64.6 against 69.2;
-    fp8's gate_up, split 1 above, 12% faster there than deferred)."""
+    holds at most 4 programs a SM (512 if that does not divide the row), else 512
+    (RESULTS.md, session 17's `defer` sweep on an H200, M = 1: the fastest of 12-19
+    configurations on each of int8's four shapes and fp8's qkv, o, down; a layer's four
+    linears int8 81.0 us against the former rule's 93.1, fp8 64.6 against 69.2; fp8's
+    gate_up, split 1 above, 12% faster there than deferred). Where 8-row programs would
+    be fewer than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the
+    cut above keeps its split-K and defers its sums (at that cut the sweep measured
+    deferring 1-4% faster on all eight)."""
     kb = (k + 1) // 2 if kind == "int4" else k
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
@@ -238,11 +241,12 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
         elif m == 2 and kb // split >= 4 * bk and (gb is None or gb % (2 * bk) == 0):
             bk *= 2
     defer = m == 1 and native and gb is None and (kind == "int8" or split > 1)
-    if defer:  # one row, one scale a row: 8-row programs over whole rows, sums deferred
-        bn, split = 8, 1
-        bk = 1024 if -(-n // 8) <= 4 * sms else 512
-        while bk > 16 and kb < bk:
-            bk //= 2
+    rows8 = -(-n // 8)
+    if defer and rows8 >= 2 * sms:  # 8-row programs over whole rows, sums deferred, with a
+        sizes = (1024, 512) if rows8 <= 4 * sms else (512,)  # tile that divides the row (a
+        bk8 = next((b for b in sizes if kb % b == 0), None)  # tail masks every load on K)
+        if bk8 is not None:
+            bn, split, bk = 8, 1, bk8
     return GemvConfig(block_n=bn, block_k=bk, warps=warps, split=split, native=native,
                       prefetch=prefetch, defer=defer)
 

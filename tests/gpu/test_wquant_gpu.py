@@ -180,8 +180,9 @@ def test_gemv_configs_against_float64(fmt, cfg, runs):
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_gemv_deferred_sums_one_row(fmt):
     """``defer`` (one row: products summed elementwise over the tiles, reduced along K
-    after the loop): the rule's cut and an odd one (split-K, K ranges and tiles ending
-    inside a row, rows past N), bf16 and float32 x; more rows ignore it."""
+    after the loop): GemvConfig's default cut and an odd one (split-K, K ranges and tiles
+    ending inside a row, rows past N), bf16 and float32 x; more rows ignore it. (The
+    rule's own deferred cuts run in test_gemv_configs_against_float64's h200_rule.)"""
     kind = FORMATS_KIND[fmt]
     native = kind != "int4" and (kind == "int8" or FP8_NATIVE)
     cfgs = [T.GemvConfig(native=native, prefetch=1, defer=True),

@@ -60,21 +60,28 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
     got = {s: _rule("int4", 1, s, 32).label() for s in SHAPES}
     assert got == {"qkv": "n128k16w8s16pf0", "o": "n128k16w8s16pf0",
                    "gate_up": "n64k16w4s2pf0", "down": "n128k16w8s16pf0"}
+    # one row of int8 / fp8 (session 17): 8-row programs, sums deferred, no split-K,
+    # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512; fp8's gate_up (not
+    # split) keeps its cut
     got = {s: _rule("int8", 1, s).label() for s in SHAPES}
-    assert got == {"qkv": "n32k256w4s4natpf1", "o": "n32k256w4s4natpf1",
-                   "gate_up": "n32k256w4s1natpf1", "down": "n32k256w4s4natpf1"}
-    for s in SHAPES:  # the M classes change one field each, never the split
+    assert got == {"qkv": "n8k512w4s1natdfpf1", "o": "n8k1024w4s1natdfpf1",
+                   "gate_up": "n8k512w4s1natdfpf1", "down": "n8k1024w4s1natdfpf1"}
+    got = {s: _rule("fp8", 1, s).label() for s in SHAPES}
+    assert got == {"qkv": "n8k512w8s1natdfpf0", "o": "n8k1024w8s1natdfpf0",
+                   "gate_up": "n32k256w8s1natpf0", "down": "n8k1024w8s1natdfpf0"}
+    for s in SHAPES:  # from two rows the M classes change one field each, never the split
         base = _rule("fp8", 4, s)
         assert (base.block_n, base.block_k, base.warps, base.prefetch) == (32, 256, 4, 0)
-        assert _rule("fp8", 1, s) == dataclasses.replace(base, warps=8)
         assert _rule("fp8", 2, s) == dataclasses.replace(base, block_k=512)
         assert _rule("fp8", 3, s) == base  # not swept: as M = 4
         assert [_rule("int8", m, s).prefetch for m in (1, 2, 3, 4)] == [1, 0, 0, 0]
+        assert not any(_rule(kind, m, s).defer for m in (2, 3, 4) for kind in ("int8", "fp8"))
         assert all(_rule("int4", m, s, g).prefetch == 0 for m in (1, 2, 4) for g in (32, 128))
-        for m, kind, g in itertools.product((1, 2, 4), ("int4", "int8"), (32, 128)):
-            one = _rule(kind, 1, s, g if kind == "int4" else None)
-            other = _rule(kind, m, s, g if kind == "int4" else None)
+        for m, g in itertools.product((1, 2, 4), (32, 128)):
+            one, other = _rule("int4", 1, s, g), _rule("int4", m, s, g)
             assert dataclasses.replace(other, prefetch=one.prefetch) == one  # M: prefetch only
+        one, other = _rule("int8", 2, s), _rule("int8", 4, s)
+        assert dataclasses.replace(other, prefetch=one.prefetch) == one
     # fewer rows than SMs x 8 warps: int4 g32 keeps 8 warps (more SMs: the same rows)
     assert _rule("int4", 1, "gate_up", 32, sms=512).warps == 8
 
@@ -88,7 +95,8 @@ def test_fp8_native_only_where_the_device_converts():
         off = T.gemv_config("fp8", m, 4096, 4096, 4096, 132, fp8_native=False)
         assert on.native and not off.native and off.prefetch == 0
         assert off == T.gemv_config("fp8", 4, 4096, 4096, 4096, 132, fp8_native=False)
-        assert (on.warps, on.block_k) == {1: (8, 256), 2: (4, 512)}.get(m, (4, 256))
+        assert (on.warps, on.block_k, on.defer) == {1: (8, 1024, True), 2: (4, 512, False)
+                                                     }.get(m, (4, 256, False))
     assert dataclasses.replace(on, native=False) == off  # M = 4: the same cut
     assert T.device_traits(torch.device("cpu")) == (4, False)  # the interpreter's traits
     for fp8 in (True, False):
@@ -122,6 +130,11 @@ def test_rule_cuts_are_valid_for_shapes_no_sweep_timed(kind, group):
         if -(-n // cfg.block_n) * cfg.warps >= 24 * sms:
             assert cfg.split == 1, (n, k, sms, cfg)
         assert cfg.native == (kind == "int8" or (kind == "fp8" and fp8))
+        if cfg.defer:  # one row, one scale a row, through the hardware's conversion
+            assert m == 1 and cfg.native and g == k, cfg
+        if cfg.defer and cfg.block_n == 8:  # >= 2 programs a SM, whole tiles of a row
+            assert -(-n // 8) >= 2 * sms and cfg.split == 1, cfg
+            assert cfg.block_k in (512, 1024) and kb % cfg.block_k == 0, (k, cfg)
 
 
 def test_labels_name_every_field_that_changes_the_kernel():
@@ -132,7 +145,7 @@ def test_labels_name_every_field_that_changes_the_kernel():
                 dataclasses.replace(base, native=True, prefetch=0),
                 dataclasses.replace(base, stages=3), dataclasses.replace(base, split=2),
                 dataclasses.replace(base, warps=8), dataclasses.replace(base, block_n=64),
-                dataclasses.replace(base, block_k=128)]
+                dataclasses.replace(base, block_k=128), dataclasses.replace(base, defer=True)]
     labels = [c.label() for c in variants]
     assert len(set(labels)) == len(labels)
     assert labels[:5] == ["n32k256w4s1", "n32k256w4s1nat", "n32k256w4s1gs",
