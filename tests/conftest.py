@@ -6,6 +6,14 @@ import pytest
 
 from tests.tiny import make_tiny_model
 
+# Tests run in this process under Triton's interpreter (`make test`'s second step,
+# tests/gpu/test_wquant_gpu.py): its NumPy fix and the speed-up the interpreted cases'
+# subprocesses take too (tests/paged_kernel_cases.patch_interpreter). Never imports triton
+# otherwise.
+if os.environ.get("TRITON_INTERPRET") == "1" and importlib.util.find_spec("triton"):
+    from tests.paged_kernel_cases import patch_interpreter
+    patch_interpreter()
+
 torch_threads = os.environ.get("LLAMADIST_TEST_THREADS")
 if torch_threads:
     import torch
