@@ -19,9 +19,11 @@ accumulated in float32:
     times the value, subnormals included; one multiplication by 2^120 makes it exact.
   ``native`` configs use the hardware's conversion instead: fp8 float8e4nv (sm_89+), int8
   a plain int8 -> float32 conversion (the rule's choice for both since the H200 sweeps of
-  2026-12-02: faster than the bit decode on every shape measured). ``group_sums`` (int4,
-  a sweep variant) reduces 1 + c/16 times x per tile and applies the group's scale and
-  offset to the tile's sums (one FMA a weight; the offset needs the tile's sum of x).
+  2026-12-02: faster than the bit decode on every shape measured, until one row's sums
+  were deferred: int8's deferred one-row cut takes the bit decode again, session 17).
+  ``group_sums`` (int4, a sweep variant) reduces 1 + c/16 times x per tile and applies
+  the group's scale and offset to the tile's sums (one FMA a weight; the offset needs the
+  tile's sum of x).
   Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
   tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
   tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
@@ -189,7 +191,8 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     Llama-3-8B's four decode shapes (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down
     4096x14336), M = 1, 2, 4; every choice below is a measured configuration:
     * int8: the hardware's int8 -> float32 conversion (fastest on all 12), prefetch 1 at
-      M = 1 and 0 above (fastest on 11 of 12; qkv at M = 4 within 0.5%);
+      M = 1 and 0 above (fastest on 11 of 12; qkv at M = 4 within 0.5%; one row now
+      defers, below);
     * fp8: the hardware conversion where there is one, without prefetch (fastest on all
       12); with it, 8 warps at M = 1 (fastest or within 1% on all 4), BLOCK_K doubled at
       M = 2 where each K range keeps >= 2 of those tiles and a group holds one (within 1%
@@ -208,7 +211,9 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     (RESULTS.md, session 17's `defer` sweep on an H200, M = 1: the fastest of 12-19
     configurations on each of int8's four shapes and fp8's qkv, o, down; a layer's four
     linears int8 81.0 us against the former rule's 93.1, fp8 64.6 against 69.2; fp8's
-    gate_up, split 1 above, 12% faster there than deferred). Where 8-row programs would
+    gate_up, split 1 above, 12% faster there than deferred); int8 there with the bit
+    decode and no prefetch (the neighbours' sweep after it, `near1`: a layer 76.3 us
+    against 82.5 with the conversion and prefetch 1). Where 8-row programs would
     be fewer than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the
     cut above keeps its split-K and defers its sums (at that cut the sweep measured
     deferring 1-4% faster on all eight)."""
@@ -247,6 +252,8 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
         bk8 = next((b for b in sizes if kb % b == 0), None)  # tail masks every load on K)
         if bk8 is not None:
             bn, split, bk = 8, 1, bk8
+            if kind == "int8":  # now the bit decode, without prefetch (the conversion
+                native, prefetch = False, 0  # unit's rate binds once the shuffles are gone)
     return GemvConfig(block_n=bn, block_k=bk, warps=warps, split=split, native=native,
                       prefetch=prefetch, defer=defer)
 
