@@ -173,13 +173,16 @@ def wquant_cases() -> None:
 
 
 def paged_cases() -> None:
-    """The paged decode kernels (write, split, merge): bf16 and float32, head sizes
-    64 / 128 / 80 (padded), G = 1, 4, 8, one split (direct) and several."""
+    """The paged decode kernels (write, split, merge), one split (direct) and several:
+    bf16 (the tensor-core dot) at head sizes 128 and 64 (G = 4, 1), float32 (the IEEE
+    dot) at 80, padded to 128 (G = 8; float32's tiles of 128 use the most shared memory).
+    Other pairings differ only in numbers, not in the code compiled."""
     from llamadist.kernels import gpu
     m = gpu.load("paged_attention")
     _patch(m)
-    for dtype in (torch.bfloat16, torch.float32):
-        for h, h_kv, d, bs in ((32, 8, 128, 16), (8, 8, 64, 16), (16, 2, 80, 32)):
+    for dtype, shapes in ((torch.bfloat16, ((32, 8, 128, 16), (8, 8, 64, 16))),
+                          (torch.float32, ((16, 2, 80, 32),))):
+        for h, h_kv, d, bs in shapes:
             s, nb = 3, 20
             q, kv = torch.zeros(s, h, d, dtype=dtype), torch.zeros(2, nb, h_kv, bs, d,
                                                                     dtype=dtype)
@@ -192,17 +195,20 @@ def paged_cases() -> None:
 
 
 def decode_cases() -> None:
-    """The static-cache decode kernels (split, merge): bf16 and float32, head sizes 64
-    and 128, G = 1 and 4, with and without the additive mask and the in-kernel RoPE."""
+    """The static-cache decode kernels (split, merge): bf16 and float32, each at head
+    sizes 128 (G = 4, many splits) and 64 (G = 1, few), with and without the additive
+    mask and the in-kernel RoPE: each dtype both flags off and on at one size, one
+    flag alone at the other (mask for float32, RoPE for bf16)."""
     from llamadist.kernels import gpu
     m = gpu.load("decode_attention")
     _patch(m)
     m._multiprocessors = lambda index: 132  # the H200's
-    for dtype in (torch.bfloat16, torch.float32):
+    for j, dtype in enumerate((torch.bfloat16, torch.float32)):
         for i, (b, h_kv, g, d, s) in enumerate(((1, 8, 4, 128, 4096), (2, 4, 1, 64, 96))):
             q = torch.zeros(b, h_kv, g, d, dtype=dtype)
             kv = torch.zeros(b, h_kv, s, d, dtype=dtype)
-            for mask, rope in ((False, False), (True, True), (i == 0, i == 1)):
+            flags = ((False, False), (True, True)) if i == j else ((i == 0, i == 1),)
+            for mask, rope in flags:
                 am = torch.zeros(b, 1, 1, s, dtype=dtype) if mask else None
                 cs = torch.zeros(b, 1, 1, d, dtype=dtype) if rope else None
                 m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
