@@ -23,9 +23,9 @@ the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.
   pass float16's 65504 on a wide row.
 
 Everything here is aten ops with shape functions, and the custom ops
-``llamadist::tinygemm_mma`` and ``tinygemm_dequant`` (int4 past the rows ``int4_product``
-leaves to tinygemm, below): traceable whole by torch.compile and, with no host synchronisation, captured in
-CUDA graphs.
+``llamadist::tinygemm_mma`` and ``tinygemm_dequant`` (int4 past the rows
+``int4_product`` leaves to tinygemm, below): traceable whole by torch.compile and, with
+no host synchronisation, captured in CUDA graphs.
 """
 
 from __future__ import annotations
@@ -56,8 +56,9 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 # on the wide up-projections (N >= 4 K: gate_up) the tiles are slow (~0.5 TB/s), so
 # tinygemm keeps those up to WIDE_TINYGEMM_MAX_M rows (the tiles first faster at 15-16
 # rows), the other linears up to TINYGEMM_MAX_M (the tiles faster from 8-10 rows on
-# 70B's o and down and 8B's qkv and down; 70B's qkv from 12, 8B's o from 11). A layer's four linears at 12 rows: 70B 688 us
-# against 767 with the tiles from 9 rows for all and 757 with tinygemm for all.
+# 70B's o and down and 8B's qkv and down; 70B's qkv from 12, 8B's o from 11). A layer's
+# four linears at 12 rows: 70B 688 us against 767 with the tiles from 9 rows for all and
+# 757 with tinygemm for all.
 TINYGEMM_MAX_M = 8
 WIDE_TINYGEMM_MAX_M = 14
 MMA_MAX_M = 128
