@@ -21,6 +21,11 @@ import openai  # a test dependency: missing, the tests fail (they never skip)
 PROMPTS = ["The quick brown fox", "Once upon a time", "1 2 3 4", "def main():",
            "Distributed inference", "Water boils at", "The capital of France", "Hello"]
 NEW = 120
+# One replica: at most 8 sequences at once, so all eight streams run when the fault comes
+# (with 4, the first four ran to their end before the last four had a first text, and
+# only those four were in flight: the same fault, 120 steps later). Two replicas (--dp 2)
+# keep 4 each: they hold the eight, and a lost replica's requests queue on the other.
+ONE_REPLICA_BATCH = "8"
 
 
 def request_kw(i: int) -> dict:
@@ -121,8 +126,9 @@ def metric(text: str, name: str) -> float:
 def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, grid, victim,
                                         sig):
     log = tmp_path / "server.log"
+    batch = "4" if "--dp" in grid else ONE_REPLICA_BATCH
     server = ServerProcess(tiny_model, "--nproc", str(nproc), *grid, "--max-seq-len", "256",
-                           "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
+                           "--max-batch", batch, "--timeout", "3", "--served-model-name", "tiny",
                            log_path=log)
     try:
         workers = children(server.proc.pid)
@@ -149,6 +155,9 @@ def test_requests_survive_a_lost_worker(tiny_model, tmp_path, reference, nproc, 
         assert metric(text, "llamadist_recoveries_total") == 1
         assert metric(text, "llamadist_worker_restarts_total") == 1
         assert metric(text, 'llamadist_recovery_seconds_count{phase="restart"}') == 1
+        # the fault came with requests in flight (one replica: all eight, replayed)
+        replayed = metric(text, "llamadist_replayed_requests_total")
+        assert replayed >= 1 and ("--dp" in grid or replayed == len(PROMPTS)), replayed
         now = children(server.proc.pid)
         assert len(now) == nproc and workers[victim] not in now  # a new one took its place
         # the other workers kept their weights (cli.rejoin; with --dp the other replicas
@@ -170,8 +179,8 @@ def test_a_survivor_that_does_not_rejoin_restarts_the_replica(tiny_model, tmp_pa
     eight requests still end as without the fault."""
     log = tmp_path / "server.log"
     server = ServerProcess(tiny_model, "--nproc", "2", "--pp", "2", "--max-seq-len", "256",
-                           "--max-batch", "4", "--timeout", "3", "--served-model-name", "tiny",
-                           log_path=log)
+                           "--max-batch", ONE_REPLICA_BATCH, "--timeout", "3",
+                           "--served-model-name", "tiny", log_path=log)
     try:
         workers = children(server.proc.pid)
         streams_survive(server, log, reference,
@@ -191,7 +200,8 @@ def test_replan_shrinks_three_stages_to_two(tiny_model, tmp_path, reference):
     eight requests replay and end as without the fault."""
     log = tmp_path / "server.log"
     server = ServerProcess(tiny_model, "--nproc", "3", "--pp", "3", "--on-failure", "replan",
-                           "--max-seq-len", "256", "--max-batch", "4", "--timeout", "5",
+                           "--max-seq-len", "256", "--max-batch", ONE_REPLICA_BATCH,
+                           "--timeout", "5",
                            "--served-model-name", "tiny", log_path=log)
     try:
         workers = children(server.proc.pid)
