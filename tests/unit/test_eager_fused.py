@@ -7,10 +7,6 @@ kernels serve eager calls only, never code torch.compile traces."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,24 +14,26 @@ import torch
 from llamadist.kernels import eager_fused
 from llamadist.runtime.kernel_passes import use_eager_fused
 from tests.eager_fused_cases import count_calls, random_model
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.interpreted import start_all
 no_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                reason="triton not installed")
 
 
-def _interpreted(what: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "tests.eager_fused_cases", what], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Both interpreted runs of this module started at once (tests/interpreted.py)."""
+    runs = start_all(tmp_path_factory.mktemp("eager_fused_runs"), "eager_fused_cases",
+                     {what: (what,) for what in ("kernels", "model")})
+    yield runs
+    for run in runs.values():
+        run.stop()
 
 
 @no_triton
-def test_kernels_interpreted_match_the_eager_formula():
+def test_kernels_interpreted_match_the_eager_formula(interpreted):
     """bf16 / fp16 within an ulp of eager (RoPE bitwise), float32 within 8 ulps, for
     D = 576, 4096, 100; N = 1, 5, 37; F = 1536, 99, 7400; head sizes 64, 128, 10."""
-    proc = _interpreted("kernels")
+    proc = interpreted["kernels"].result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert "ALL OK" in proc.stdout
     assert proc.stdout.count(" ok\n") == 11 + 12 + 18, proc.stdout[-2000:]
@@ -44,10 +42,10 @@ def test_kernels_interpreted_match_the_eager_formula():
 
 
 @no_triton
-def test_tiny_model_interpreted_equals_eager():
+def test_tiny_model_interpreted_equals_eager(interpreted):
     """Logits with every fused kernel on equal those with all off: float32 within 1e-5
     of the largest, bf16 within 2e-2, on the flat (RoPE kernel) and contiguous paths."""
-    proc = _interpreted("model")
+    proc = interpreted["model"].result()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert proc.stdout.count(" ok\n") == 8, proc.stdout[-2000:]
 

@@ -13,10 +13,6 @@ have none; tests/gpu/test_moe_grouped_gpu.py covers the compiled kernel)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +20,7 @@ import torch
 from llamadist.kernels import gpu, moe_grouped, moe_routed
 from llamadist.kernels.moe_grouped import GROUPED, ROUTED, expert_path
 from llamadist.kernels.moe_routed import DEFAULT, Cut, RoutedConfig
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.interpreted import start_all
 
 
 def test_expert_path_routed_below_one_assignment_per_expert():
@@ -88,18 +83,25 @@ def test_expert_sum_sends_each_shape_to_the_chosen_kernel(monkeypatch):
 
 no_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                reason="triton not installed")
+MODEL_KINDS = ["moe_top2_gqa", "moe_top1"]
 
 
-def _interpreted(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "tests.moe_routed_cases", "cpu", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def interpreted(tiny_mixtrals, tmp_path_factory):
+    """Every interpreted run of this module started at once (tests/interpreted.py)."""
+    folders = {kind: str(p) for kind, p in tiny_mixtrals.items()}
+    runs = start_all(tmp_path_factory.mktemp("moe_routed_runs"), "moe_routed_cases",
+                     {"blocks": ("cpu", "blocks", *folders.values()),
+                      "configs": ("cpu", "configs"),
+                      **{kind: ("cpu", "model", folders[kind]) for kind in MODEL_KINDS}})
+    yield runs
+    for run in runs.values():
+        run.stop()
 
 
 @no_triton
-def test_routed_kernel_interpreted_equals_the_expert_loop(tiny_mixtrals):
-    proc = _interpreted("blocks", *(str(p) for p in tiny_mixtrals.values()))
+def test_routed_kernel_interpreted_equals_the_expert_loop(tiny_mixtrals, interpreted):
+    proc = interpreted["blocks"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     # 3 Mixtrals x (all, a share) x 2 dtypes x batch 1-3, and 2 hand-routed cases each;
     # a shape over several tiles x (all, a share) x batch 1-3 in float32
@@ -109,21 +111,21 @@ def test_routed_kernel_interpreted_equals_the_expert_loop(tiny_mixtrals):
 
 
 @no_triton
-@pytest.mark.parametrize("kind", ["moe_top2_gqa", "moe_top1"])
-def test_whole_model_interpreted_routed_decode_equals_the_loop(tiny_mixtrals, kind):
+@pytest.mark.parametrize("kind", MODEL_KINDS)
+def test_whole_model_interpreted_routed_decode_equals_the_loop(interpreted, kind):
     """Greedy tokens and logits through use_grouped_experts (the routed kernel for decode
     at batch 1, and at batch 2 of 8 experts top-1) equal the expert loop's."""
-    proc = _interpreted("model", str(tiny_mixtrals[kind]))
+    proc = interpreted[kind].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "routed kernel calls=" in proc.stdout and "FAIL" not in proc.stdout
 
 
 @no_triton
-def test_routed_kernel_interpreted_every_config_kind_on_odd_shapes():
+def test_routed_kernel_interpreted_every_config_kind_on_odd_shapes(interpreted):
     """tests/moe_routed_cases.config_kinds (prefetch 0 / 1 / 2, split-K of the down kernel,
     x in the tile's layout, other tiles and warps, DEFAULT) on D = 83, F = 149 against a
     float64 reference: top-1 and top-2, every expert and a share, batch 1-3, both dtypes."""
-    proc = _interpreted("configs")
+    proc = interpreted["configs"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert proc.stdout.count("config gu") == 6 * 4 and "FAIL" not in proc.stdout
     assert "s3" in proc.stdout and "p2" in proc.stdout and "x_dn" in proc.stdout

@@ -8,16 +8,11 @@ compiled kernel: tests/gpu/test_paged_gpu.py)."""
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from llamadist.kernels.paged_attention import BLOCK_N, MAX_SPLITS, num_splits
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.interpreted import start_all
 
 
 def test_num_splits():
@@ -36,27 +31,34 @@ no_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
                                reason="triton not installed")
 
 
-def _interpreted(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return subprocess.run([sys.executable, "-m", "tests.paged_kernel_cases", *args], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
+KINDS = ["llama3", "gqa_tied"]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tiny_models, tmp_path_factory):
+    """Every interpreted run of this module started at once (tests/interpreted.py)."""
+    runs = start_all(tmp_path_factory.mktemp("paged_runs"), "paged_kernel_cases",
+                     {"cpu": ("cpu",),
+                      **{kind: ("model", str(tiny_models[kind])) for kind in KINDS}})
+    yield runs
+    for run in runs.values():
+        run.stop()
 
 
 @no_triton
-def test_kernel_interpreted_matches_pytorch_paged_path():
-    proc = _interpreted("cpu")
+def test_kernel_interpreted_matches_pytorch_paged_path(interpreted):
+    proc = interpreted["cpu"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert proc.stdout.count("splits=") == 24  # 2 dtypes x 4 cases x 3 split counts
     assert "refused: paged decode attention takes 1 to 64 splits, not 65" in proc.stdout
 
 
 @no_triton
-@pytest.mark.parametrize("kind", ["llama3", "gqa_tied"])
-def test_graph_path_buffers_interpreted_equal_pytorch_tokens(tiny_models, kind):
+@pytest.mark.parametrize("kind", KINDS)
+def test_graph_path_buffers_interpreted_equal_pytorch_tokens(interpreted, kind):
     """LLMEngine's decode-only steps through the paged graphs' static buffers (padding rows,
     buckets) and the interpreted kernel, without capture: the same greedy tokens as the
     PyTorch paged path."""
-    proc = _interpreted("model", str(tiny_models[kind]))
+    proc = interpreted[kind].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert "torch._dynamo not imported" in proc.stdout  # no compile, no compiler imported
