@@ -50,6 +50,17 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
+def smollm2_hf(smollm2):
+    """transformers' model from the SmolLM2 GGUF (float32, eval): from_pretrained(gguf_file=)
+    dequantizes the whole file (~25 s on CI's 2 cores), once for the tests that compare
+    against it (they only read it)."""
+    transformers = pytest.importorskip("transformers")
+    import torch
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_mixtrals(tmp_path_factory):
     """{kind: folder} for the tiny random Mixtral configurations of tests.tiny.MOE_CONFIGS."""
     root = tmp_path_factory.mktemp("tiny_moe")

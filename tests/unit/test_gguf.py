@@ -442,13 +442,14 @@ def test_smollm2_tokenizer_matches_transformers(smol, smol_path):
 
 
 @pytest.mark.slow
-def test_smollm2_full_model_and_conversion(smol, smol_path, tmp_path):
+def test_smollm2_full_model_and_conversion(smol, smol_path, tmp_path, request):
     """The end-to-end reference: transformers' whole GGUF load (what from_pretrained(gguf_file=)
     runs for llama; from_pretrained itself also wants accelerate), then our converted folder."""
     transformers = pytest.importorskip("transformers")
     if importlib.util.find_spec("accelerate") is not None:
-        ref = transformers.AutoModelForCausalLM.from_pretrained(
-            smol_path.parent, gguf_file=smol_path.name, dtype=torch.float32).state_dict()
+        # from_pretrained(smol_path.parent, gguf_file=smol_path.name, dtype=torch.float32),
+        # loaded once for this test and tests/unit/test_smollm2.py (tests/conftest.py)
+        ref = request.getfixturevalue("smollm2_hf").state_dict()
     else:
         from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
         cfg = transformers.AutoConfig.from_pretrained(smol_path.parent, gguf_file=smol_path.name)

@@ -17,9 +17,8 @@ PROMPT = "The three primary colors are"
 
 
 @pytest.fixture(scope="module")
-def hf_model(smollm2):
-    return transformers.AutoModelForCausalLM.from_pretrained(
-        smollm2.parent, gguf_file=smollm2.name, dtype=torch.float32).eval()
+def hf_model(smollm2_hf):
+    return smollm2_hf  # (tests/conftest.py: loaded once, shared with tests/unit/test_gguf.py)
 
 
 @pytest.fixture(scope="module")
