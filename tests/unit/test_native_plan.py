@@ -5,6 +5,8 @@ run's memory check, `--auto` and `--fit-bits` all count the same bytes."""
 
 from __future__ import annotations
 
+import functools
+
 import gguf
 import numpy as np
 import pytest
@@ -27,9 +29,18 @@ from llamadist.weights.loader import gguf_packed_bytes
 from tests.quant_blocks import random_blocks
 
 
+@functools.cache
+def gguf_tensors(path: str) -> tuple[tuple[str, str, tuple[int, ...], int], ...]:
+    """(name, type name, shape, bytes) of each tensor of a GGUF file, from gguf's own
+    reader (not ours); read once a file: GGUFReader parses every metadata field, ~4 s for
+    SmolLM2's vocabulary on CI's cores."""
+    return tuple((t.name, t.tensor_type.name, tuple(int(x) for x in t.shape), int(t.n_bytes))
+                 for t in gguf.GGUFReader(path).tensors)
+
+
 def file_weight_bytes(path) -> int:
     """The bytes of every llama tensor of a GGUF file, read from the file's own index."""
-    return sum(int(t.n_bytes) for t in gguf.GGUFReader(path).tensors if hf_name(t.name))
+    return sum(n_bytes for name, _, _, n_bytes in gguf_tensors(str(path)) if hf_name(name))
 
 
 def cpu_plan(model, budget="20GB", weights="native", seq=256, **kw):
@@ -117,13 +128,13 @@ def test_smollm2_gpu_stage_counts_the_int_conversion_and_bf16_rest(smollm2):
                          "bfloat16", False, None, None, 0.1, 1, held=held)[0]
     blocks = {"Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K"}
     want = 0
-    for t in gguf.GGUFReader(smollm2).tensors:
-        name = hf_name(t.name)
+    for gguf_name, type_name, shape, _ in gguf_tensors(str(smollm2)):
+        name = hf_name(gguf_name)
         if name is None:
             continue
-        k, n = (int(x) for x in t.shape) if len(t.shape) == 2 else (int(t.shape[0]), 1)
-        if LAYER_LINEAR.search(name) and t.tensor_type.name in blocks:
-            want += gguf_packed_bytes(int(t.tensor_type), n, k)
+        k, n = shape if len(shape) == 2 else (shape[0], 1)
+        if LAYER_LINEAR.search(name) and type_name in blocks:
+            want += gguf_packed_bytes(int(gguf.GGMLQuantizationType[type_name]), n, k)
         else:
             want += n * k * 2
     assert plan.stages[0].weight_bytes == want
