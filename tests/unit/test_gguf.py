@@ -383,8 +383,12 @@ def smol(smol_path: Path) -> GGUFCheckpoint:
 
 
 @pytest.fixture(scope="module")
-def smol_hf_config(smol_path: Path):
+def smol_hf_config(smol_path: Path, request):
     transformers = pytest.importorskip("transformers")
+    if importlib.util.find_spec("accelerate") is not None:
+        # the config from_pretrained(gguf_file=) read for the session's model (the same
+        # AutoConfig; reading it again parses the GGUF's metadata again, ~7 s)
+        return request.getfixturevalue("smollm2_hf").config
     return transformers.AutoConfig.from_pretrained(smol_path.parent, gguf_file=smol_path.name)
 
 
