@@ -181,7 +181,7 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
                     rep(rule, group_sums=True, prefetch=1 if rule.prefetch == 0 else 0)]
     if mode in ("near", "defer") and m == 1:  # one row's sums deferred to after the loop:
         # at the rule's cut, then narrower programs without split-K (where the rule defers
-        # already, the former cut is among its non-deferred neighbours in "near")
+        # already, "near" times the cuts one field from it, not the former split-K cut)
         bks = (64, 128) if kind == "int4" else (256, 512, 1024)
         out += [rep(rule, defer=True), rep(rule, defer=True, prefetch=0)]
         out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk)

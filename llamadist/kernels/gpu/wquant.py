@@ -176,35 +176,32 @@ def _decode_tile(raw, sc, off, KIND: tl.constexpr, NATIVE: tl.constexpr,
 
 
 @triton.jit
-def _tile_x(x_row, rb, b_hi, KIND: tl.constexpr, EVEN_K: tl.constexpr, XDT: tl.constexpr,
-            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One row of x for the tile's bytes rb as two float32 (BN, BK) tiles: int4 (x[2j],
-    x[2j + 1]) from pair words (loaded (BK,), broadcast over the rows); int8 / fp8 x and
-    (unused) its copy, x's pointers broadcast to the tile's shape so that x loads in the
+def _x_pair_row(x_row, rb, b_hi, EVEN_K: tl.constexpr, XDT: tl.constexpr):
+    """int4's row of x for the tile's bytes rb: (x[2j], x[2j + 1]) as float32 (BK,) each,
+    from pair words (x[2j] meets byte j's low nibble, x[2j + 1] its high one)."""
+    if EVEN_K:
+        xw = tl.load(x_row + rb)
+    else:
+        xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
+    return _x_pairs(xw, XDT)
+
+
+@triton.jit
+def _tile_prod(w_a, w_b, x_row, rb, b_hi, KIND: tl.constexpr, EVEN_K: tl.constexpr,
+               XDT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The tile's (BN, BK) products of its weights (decoded, int4 scaled) with one row of
+    x. int8 / fp8: x's pointers broadcast to the tile's shape, so that x loads in the
     tile's own layout (a 1-D load would reach the threads through shared memory and a
     barrier each step)."""
-    if KIND == 1:  # x as pair words: x[2j] meets the low nibbles, x[2j + 1] the high
-        if EVEN_K:
-            xw = tl.load(x_row + rb)
-        else:
-            xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
-        x_e, x_o = _x_pairs(xw, XDT)
-        return (tl.broadcast_to(x_e[None, :], (BLOCK_N, BLOCK_K)),
-                tl.broadcast_to(x_o[None, :], (BLOCK_N, BLOCK_K)))
+    if KIND == 1:
+        x_e, x_o = _x_pair_row(x_row, rb, b_hi, EVEN_K, XDT)
+        return w_a * x_e[None, :] + w_b * x_o[None, :]
     xp = tl.broadcast_to((x_row + rb)[None, :], (BLOCK_N, BLOCK_K))
     if EVEN_K:
         x = tl.load(xp).to(tl.float32)
     else:
         x = tl.load(xp, mask=(rb < b_hi)[None, :], other=0.0).to(tl.float32)
-    return x, x
-
-
-@triton.jit
-def _tile_prod(w_a, w_b, x_a, x_b, KIND: tl.constexpr):
-    """The tile's (BN, BK) products of its weights (decoded, int4 scaled) with x."""
-    if KIND == 1:  # byte j's low nibble meets x[2j], its high one x[2j + 1]
-        return w_a * x_a + w_b * x_b
-    return w_a * x_a
+    return w_a * x
 
 
 @triton.jit
@@ -216,12 +213,13 @@ def _tile_part(w_a, w_b, sc, off, x_row, rb, b_hi, KIND: tl.constexpr,
     16 s sum(f x) + (o - 16 s) sum(x), f = 1 + c / 16 (a FMA a weight, two row sums
     and the tile's sum of x; both terms are ~16 s sum|x|, so float32 keeps ~2^-20 s
     sum|x| of the tile's part). Without it int4 is scaled per weight."""
-    x_a, x_b = _tile_x(x_row, rb, b_hi, KIND, EVEN_K, XDT, BLOCK_N, BLOCK_K)
     if KIND == 1 and GROUP_SUMS:  # two sums: each a chain of FMAs (one would add a product)
-        fx = tl.sum(w_a * x_a, axis=1) + tl.sum(w_b * x_b, axis=1)
-        xs = tl.sum(x_a + x_b, axis=1)
+        x_e, x_o = _x_pair_row(x_row, rb, b_hi, EVEN_K, XDT)
+        fx = tl.sum(w_a * x_e[None, :], axis=1) + tl.sum(w_b * x_o[None, :], axis=1)
+        xs = tl.sum(x_e + x_o, axis=0)
         return fx * (16.0 * sc) + xs * (off - 16.0 * sc)
-    part = tl.sum(_tile_prod(w_a, w_b, x_a, x_b, KIND), axis=1)
+    part = tl.sum(_tile_prod(w_a, w_b, x_row, rb, b_hi, KIND, EVEN_K, XDT, BLOCK_N, BLOCK_K),
+                  axis=1)
     if GROUPED and KIND != 1:  # the group's sum, scaled once
         part = part * sc
     return part
@@ -233,10 +231,9 @@ def _tile_deferred(w_a, w_b, sc, x_row, rb, b_hi, KIND: tl.constexpr, GROUPED: t
                    BLOCK_K: tl.constexpr):
     """DEFER's (BN, BK) addend: the tile's products, grouped int8 / fp8 times the
     group's scale (int4's weights carry theirs)."""
-    x_a, x_b = _tile_x(x_row, rb, b_hi, KIND, EVEN_K, XDT, BLOCK_N, BLOCK_K)
     if GROUPED and KIND != 1:
-        return _tile_prod(w_a * sc[:, None], w_b, x_a, x_b, KIND)
-    return _tile_prod(w_a, w_b, x_a, x_b, KIND)
+        w_a = w_a * sc[:, None]
+    return _tile_prod(w_a, w_b, x_row, rb, b_hi, KIND, EVEN_K, XDT, BLOCK_N, BLOCK_K)
 
 
 @triton.jit
