@@ -14,13 +14,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def repo_env(interpret: bool) -> dict[str, str]:
+    """This process's environment for a subprocess that imports this checkout (its root
+    first on PYTHONPATH), under Triton's interpreter or without it (TRITON_INTERPRET set
+    to 1 or removed: it must be decided before triton is imported)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    return env
+
+
 class Run:
     """One started ``python -m tests.MODULE ARGS``; its output goes to files (no pipe to
     fill while no test reads it yet)."""
 
     def __init__(self, folder: Path, name: str, module: str, *args: str):
-        env = dict(os.environ, TRITON_INTERPRET="1")
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+        env = repo_env(interpret=True)
         self.out, self.err = folder / f"{name}.out", folder / f"{name}.err"
         with open(self.out, "w") as out, open(self.err, "w") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", f"tests.{module}", *args],

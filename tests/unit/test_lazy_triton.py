@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.interpreted import repo_env
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "llamadist" / "kernels" / "gpu"
@@ -56,8 +57,7 @@ print("TRITON_IMPORTED", sorted(m for m in sys.modules if m.split(".")[0] == "tr
                     reason="triton not installed (the point is a CPU run with it installed)")
 def test_cpu_generate_and_bench_with_triton_installed_never_import_it(tiny_models,
                                                                       tiny_mixtrals):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env = repo_env(interpret=False)
     env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([sys.executable, "-c", CPU_RUN, str(tiny_models["llama3"]),
                            str(tiny_mixtrals["moe_top2_gqa"])], cwd=ROOT, env=env,
@@ -96,8 +96,7 @@ def test_interpreted_ops_load_triton_on_first_call_and_trace_whole():
     """Under the interpreter, importing the kernels' front modules still imports no triton;
     the first op call does; and torch.compile (fullgraph) traces the custom ops whole, the
     loading staying inside the ops' bodies, with the eager values."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env = repo_env(interpret=True)
     proc = subprocess.run([sys.executable, "-c", INTERPRETED_RUN], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

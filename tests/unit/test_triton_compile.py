@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.interpreted import repo_env
+
 ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -23,10 +25,8 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
 
 
 def _start(group: str, nice: int = 0) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
     return subprocess.Popen([sys.executable, "-m", "tests.triton_compile_cases", group],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            cwd=ROOT, env=repo_env(interpret=False), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
