@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 rows8 quantdecode verify16 perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows8 quantdecode verify16 perplexity (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -406,6 +406,17 @@ verify17() {  # issue 16, session 17's rule changes: their CUDA tests (the one-r
         --checkpoint-dir /tmp/ck --backends torch
 }
 
+asm18() {  # issue 16, session 18: int8's bit decode as one byte permute a code (PTX): the
+    # weight-only kernels' CUDA tests, the GEMV rule's neighbours for int8 at 1, 2 and 4 rows
+    # (bit decode against the conversion), then batch-1 decode of the 8B folder (~9 min)
+    step tests18 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py
+    step near18 200 python3 benchmarks/wquant_sweep.py --m 1,2,4 --configs near \
+        --kinds int8 --max-seconds 180
+    checkpoint
+    step quantdecode18 180 python3 benchmarks/quant_gpu.py --device cuda:0 \
+        --checkpoint-dir /tmp/ck --backends torch --formats bf16,int8,fp8
+}
+
 ab17() {  # issue 16: session 17's row rules end to end on the 8B folder, each against the
     # former rule in the same run (module constants set before the CLI runs): int4 batch 12
     # (gate_up through tinygemm, not the tiles) and int8 prefill of 1 024 tokens (the
@@ -483,8 +494,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|rows8|quantdecode|verify16|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows8|quantdecode|verify16|perplexity" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -8,9 +8,22 @@ import torch
 import triton
 import triton.language as tl
 
+from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
                                              _blocks, _tile_k, _x_operand, device_traits,
                                              gemv_config)
+
+
+# int8's bit decode on a GPU: a 32-bit word of four codes, its sign bits flipped once (q +
+# 128, unsigned), then each byte permuted into the low byte of float32 2^23 (0x4B000000):
+# one PRMT a code for the bits of 2^23 + 128 + q (Triton's own ops extract each byte and
+# OR in the exponent, after LLVM packs the XOR across rows: ~5.6 SASS instructions a code
+# in the deferred loop against ~3.5). The interpreter (no PTX) computes the same bits.
+_PTX = tl.constexpr(not interpreted())
+_INT8_BITS = tl.constexpr(
+    "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
+    "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
+    "prmt.b32 $3, t, 0x4B000000, 0x7653; }")
 
 
 @triton.jit
@@ -119,9 +132,14 @@ def _decode(raw, KIND: tl.constexpr, NATIVE: tl.constexpr):
         if KIND == 2:
             return raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
         return raw.to(tl.int8, bitcast=True).to(tl.float32)
-    u = raw.to(tl.int32)  # zero-extended byte
     if KIND == 0:  # 2^23 + 128 + q, minus 2^23 + 128: q exactly
-        return ((u ^ 0x80) | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
+        if _PTX:  # four codes a word (their bytes in element order)
+            bits = tl.inline_asm_elementwise(_INT8_BITS, "=r,=r,=r,=r,r", [raw],
+                                             dtype=tl.int32, is_pure=True, pack=4)
+        else:
+            bits = (raw.to(tl.int32) ^ 0x80) | 0x4B000000
+        return bits.to(tl.float32, bitcast=True) - 8388736.0
+    u = raw.to(tl.int32)  # zero-extended byte
     bits = ((u & 0x80) << 24) | ((u & 0x7F) << 20)  # e4m3 * 2^-120 (float32 subnormals
     return bits.to(tl.float32, bitcast=True) * 1.329227995784916e36  # too) * 2^120
 
