@@ -192,7 +192,9 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     4096x14336), M = 1, 2, 4; every choice below is a measured configuration:
     * int8: the hardware's int8 -> float32 conversion (fastest on all 12), prefetch 1 at
       M = 1 and 0 above (fastest on 11 of 12; qkv at M = 4 within 0.5%; one row now
-      defers, below);
+      defers, below). Since the bit decode is one PTX byte permute a code (session 18),
+      two rows take it instead (`asm18`'s neighbours at M = 2: 5-9% faster on all four,
+      a layer 90.1 us against 98.0); four rows keep the conversion (fastest on 3 of 4);
     * fp8: the hardware conversion where there is one, without prefetch (fastest on all
       12); with it, 8 warps at M = 1 (fastest or within 1% on all 4), BLOCK_K doubled at
       M = 2 where each K range keeps >= 2 of those tiles and a group holds one (within 1%
@@ -213,8 +215,11 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     linears int8 81.0 us against the former rule's 93.1, fp8 64.6 against 69.2; fp8's
     gate_up, split 1 above, 12% faster there than deferred); int8 there with the bit
     decode and no prefetch (the neighbours' sweep after it, `near1`: a layer 76.3 us
-    against 82.5 with the conversion and prefetch 1). Where 8-row programs would
-    be fewer than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the
+    against 82.5 with the conversion and prefetch 1). With the byte-permute decode
+    (session 18, `asm18`), int8's 8-row programs of 512 bytes slowed where there are more
+    than 4 a SM (qkv 12.2 us, gate_up 42.0) and 16-row ones ran fastest there (10.0,
+    34.8; o and down keep 8 rows of 1 024 bytes: 7.5, 18.1; a layer 70.4 us, 0.60x bf16's
+    117.1). Where 8-row programs would be fewer than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the
     cut above keeps its split-K and defers its sums (at that cut the sweep measured
     deferring 1-4% faster on all eight)."""
     kb = (k + 1) // 2 if kind == "int4" else k
@@ -237,8 +242,8 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     if kind == "int4":
         if warps == 8 and tiles >= sms:
             bn, warps = max(8, bn // 2), 4
-    elif kind == "int8":
-        native, prefetch = True, 1 if m == 1 else 0
+    elif kind == "int8":  # two rows: the bit decode (one PTX byte permute a code)
+        native, prefetch = m != 2, 1 if m == 1 else 0
     elif fp8_native:
         native = True
         if m == 1:
@@ -248,12 +253,15 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     defer = m == 1 and native and gb is None and (kind == "int8" or split > 1)
     rows8 = -(-n // 8)
     if defer and rows8 >= 2 * sms:  # 8-row programs over whole rows, sums deferred, with a
-        sizes = (1024, 512) if rows8 <= 4 * sms else (512,)  # tile that divides the row (a
-        bk8 = next((b for b in sizes if kb % b == 0), None)  # tail masks every load on K)
+        few = rows8 <= 4 * sms      # tile that divides the row (a tail masks every load
+        sizes = (1024, 512) if few else (512,)  # on K)
+        bk8 = next((b for b in sizes if kb % b == 0), None)
         if bk8 is not None:
             bn, split, bk = 8, 1, bk8
             if kind == "int8":  # now the bit decode, without prefetch (the conversion
                 native, prefetch = False, 0  # unit's rate binds once the shuffles are gone)
+                if not few:  # and 16-row programs where 8-row ones would be > 4 a SM
+                    bn = 16
     return GemvConfig(block_n=bn, block_k=bk, warps=warps, split=split, native=native,
                       prefetch=prefetch, defer=defer)
 

@@ -34,7 +34,8 @@ def test_rule_fills_an_h200_in_whole_groups(kind, group, m):
     """Every tile inside one scale group; >= 2 programs per SM of 132; the grid holds >= 12
     warps per SM (int4: 24) unless a further split would leave a K range < 4 tiles; >= 8
     code bytes a thread in flight per step; int8 and fp8 through the hardware's conversion
-    where the device has it (but one row of int8 in 8-row programs: the bit decode)."""
+    where the device has it (but int8's two rows, and its one row in 8- or 16-row
+    programs: the bit decode)."""
     gb = group // 2 if group else None
     for shape, (n, k) in SHAPES.items():
         cfg = _rule(kind, m, shape, group)
@@ -44,9 +45,10 @@ def test_rule_fills_an_h200_in_whole_groups(kind, group, m):
         assert programs >= 2 * 132, (kind, shape, cfg)
         base_bk = 256 if kind != "int4" else min(64, gb)  # before fp8's M = 2 doubling
         full = programs * cfg.warps >= (24 if kind == "int4" else 12) * 132
-        assert full or kb // (2 * cfg.split) < 4 * base_bk, (kind, shape, cfg)
+        whole_rows = cfg.defer and cfg.split == 1  # one row's measured cut: >= 2 a SM
+        assert full or whole_rows or kb // (2 * cfg.split) < 4 * base_bk, (kind, shape, cfg)
         assert cfg.block_n * cfg.block_k >= 8 * 32 * cfg.warps, cfg
-        bits = kind == "int8" and cfg.defer and cfg.block_n == 8  # one row's 8-row cut
+        bits = kind == "int8" and (m == 2 or cfg.defer and cfg.block_n <= 16)
         assert cfg.native == (kind != "int4" and not bits) and not cfg.group_sums
         assert cfg.prefetch in (0, 1)
 
@@ -61,12 +63,12 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
     got = {s: _rule("int4", 1, s, 32).label() for s in SHAPES}
     assert got == {"qkv": "n128k16w8s16pf0", "o": "n128k16w8s16pf0",
                    "gate_up": "n64k16w4s2pf0", "down": "n128k16w8s16pf0"}
-    # one row of int8 / fp8 (session 17): 8-row programs, sums deferred, no split-K,
-    # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512; fp8's gate_up (not
-    # split) keeps its cut
+    # one row of int8 / fp8 (sessions 17-18): 8-row programs, sums deferred, no split-K,
+    # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512 (int8 there: 16
+    # rows); fp8's gate_up (not split) keeps its cut
     got = {s: _rule("int8", 1, s).label() for s in SHAPES}
-    assert got == {"qkv": "n8k512w4s1dfpf0", "o": "n8k1024w4s1dfpf0",
-                   "gate_up": "n8k512w4s1dfpf0", "down": "n8k1024w4s1dfpf0"}
+    assert got == {"qkv": "n16k512w4s1dfpf0", "o": "n8k1024w4s1dfpf0",
+                   "gate_up": "n16k512w4s1dfpf0", "down": "n8k1024w4s1dfpf0"}
     got = {s: _rule("fp8", 1, s).label() for s in SHAPES}
     assert got == {"qkv": "n8k512w8s1natdfpf0", "o": "n8k1024w8s1natdfpf0",
                    "gate_up": "n32k256w8s1natpf0", "down": "n8k1024w8s1natdfpf0"}
@@ -81,8 +83,8 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
         for m, g in itertools.product((1, 2, 4), (32, 128)):
             one, other = _rule("int4", 1, s, g), _rule("int4", m, s, g)
             assert dataclasses.replace(other, prefetch=one.prefetch) == one  # M: prefetch only
-        one, other = _rule("int8", 2, s), _rule("int8", 4, s)
-        assert dataclasses.replace(other, prefetch=one.prefetch) == one
+        one, other = _rule("int8", 2, s), _rule("int8", 4, s)  # two rows: the bit decode
+        assert not one.native and dataclasses.replace(other, native=False) == one
     # fewer rows than SMs x 8 warps: int4 g32 keeps 8 warps (more SMs: the same rows)
     assert _rule("int4", 1, "gate_up", 32, sms=512).warps == 8
 
@@ -101,7 +103,7 @@ def test_fp8_native_only_where_the_device_converts():
     assert dataclasses.replace(on, native=False) == off  # M = 4: the same cut
     assert T.device_traits(torch.device("cpu")) == (4, False)  # the interpreter's traits
     for fp8 in (True, False):
-        assert T.gemv_config("int8", 2, 4096, 4096, 4096, 132, fp8_native=fp8).native
+        assert T.gemv_config("int8", 4, 4096, 4096, 4096, 132, fp8_native=fp8).native
 
 
 ODD = dict(n=(1, 7, 100, 4097, 11008, 128256), k=(1, 15, 100, 258, 4097, 14336))
@@ -130,11 +132,13 @@ def test_rule_cuts_are_valid_for_shapes_no_sweep_timed(kind, group):
         assert cfg.split == 1 or kb // cfg.split >= 2 * cfg.block_k, (k, cfg)
         if -(-n // cfg.block_n) * cfg.warps >= 24 * sms:
             assert cfg.split == 1, (n, k, sms, cfg)
-        deferred8 = cfg.defer and cfg.block_n == 8
-        assert cfg.native == ((kind == "int8" and not deferred8) or (kind == "fp8" and fp8))
-        if cfg.defer:  # one row, one scale a row (int8's 8-row cut: the bit decode)
+        whole_rows = cfg.defer and cfg.block_n <= 16  # one row's 8- or 16-row cut
+        bits = kind == "int8" and (m == 2 or whole_rows)
+        assert cfg.native == ((kind == "int8" and not bits) or (kind == "fp8" and fp8))
+        if cfg.defer:  # one row, one scale a row (int8's whole-row cut: the bit decode)
             assert m == 1 and g == k and (cfg.native or kind == "int8"), cfg
-        if cfg.defer and cfg.block_n == 8:  # >= 2 programs a SM, whole tiles of a row
+        if whole_rows:  # >= 2 programs a SM, whole tiles of a row
+            assert cfg.block_n == 8 or kind == "int8" and -(-n // 8) > 4 * sms, cfg
             assert -(-n // 8) >= 2 * sms and cfg.split == 1, cfg
             assert cfg.block_k in (512, 1024) and kb % cfg.block_k == 0, (k, cfg)
 
