@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows8 quantdecode verify16 perplexity (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows8 quantdecode verify16 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -488,14 +488,26 @@ perplexity() {  # issue 16: SmolLM2 perplexity in bf16 and each --quantize, both
         --smollm2 /tmp/smollm2.gguf
 }
 
+head18() {  # issue 16, session 18: --quantize-head (the head in the layers' format). Batch-1
+    # decode of the 8B folder with and without it, then SmolLM2 perplexity likewise, after
+    # `stash` as for `perplexity` (~5 min)
+    cat /tmp/stash/smollm2.gguf.* > /tmp/smollm2.gguf && ls -l /tmp/smollm2.gguf
+    checkpoint
+    step headdecode 250 python3 benchmarks/quant_gpu.py --device cuda:0 --checkpoint-dir /tmp/ck \
+        --backends torch --formats bf16,int8,int8+head,fp8,fp8+head,int4,int4+head
+    step headppl 200 python3 benchmarks/quant_gpu.py --device cuda:0 --skip-decode --backends \
+        torch --smollm2 /tmp/smollm2.gguf \
+        --ppl-formats bf16,int8,int8+head,fp8,fp8+head,int4-g32,int4-g32+head,int4,int4+head
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
-    perplexity) stash && mkdir -p "$OUT" && setup && perplexity ;;
+    perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
     kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows8|quantdecode|verify16|perplexity" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows8|quantdecode|verify16|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -15,6 +15,10 @@
    int4 (128) costs 1.65x bf16's perplexity and int4-g32 nothing: the file's values lie on
    a g32 grid (benchmarks/quant_ppl_cpu.py measures the same numbers on a CPU).
 
+A format named with "+head" (``--formats int8+head``, ``--ppl-formats fp8+head``) adds
+``--quantize-head``: the output head in that format too (SmolLM2's tied head as its own
+quantized copy).
+
 One JSON line per result on stdout. Each run loads 16 GB (~1-1.5 minutes): bf16 plus
 three formats under two backends is 7 runs, so under a 10-minute limit split it by
 backend, keeping the checkpoint (each part measures its own bf16 baseline):
@@ -94,9 +98,12 @@ def run_json(cmd: list[str], timeout: float) -> dict:
 
 
 def quant_flags(fmt: str, backend: str | None = None) -> list[str]:
+    """A format's flags: "int8", ..., or "int8+head" (--quantize-head too)."""
     if fmt == "bf16":
         return []
-    return ["--quantize", fmt] + (["--wquant", backend] if backend else [])
+    head = ["--quantize-head"] if fmt.endswith("+head") else []
+    return (["--quantize", fmt.removesuffix("+head")] + head
+            + (["--wquant", backend] if backend else []))
 
 
 def runs(args: argparse.Namespace,

@@ -7,7 +7,7 @@ import argparse
 import os
 
 from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, EP_DISPATCH_CHOICES,
-                              QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HELP, WEIGHTS_CHOICES,
+                              ConfigError, QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HELP, WEIGHTS_CHOICES,
                               WQUANT_CHOICES, EAGER_KERNELS_CHOICES, RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
@@ -77,6 +77,9 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", help="quantize the decoder layers' linear weights at load: "
                    + QUANTIZE_HELP + "; GPU stages run Triton kernels, CPU stages GGUF "
                    "Q8_0 / Q4_1 blocks")
+    g.add_argument("--quantize-head", action="store_true",
+                   help="quantize the output head too, in its stage's --quantize format (a "
+                   "tied head gets its own quantized copy; default: the head stays float)")
     g.add_argument("--fit-bits", action="store_true",
                    help="when the model does not fit in its dtype, quantize the fewest "
                    "devices' weights (none -> int8 -> int4, slow devices first) until it "
@@ -216,12 +219,16 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "schedule_ahead": getattr(args, "schedule_ahead", None),
              "quantize": getattr(args, "quantize", None),
              "wquant": getattr(args, "wquant", None),
+             "quantize_head": getattr(args, "quantize_head", None) or None,
              "kv_block_size": getattr(args, "kv_block_size", None),
              "ep_dispatch": getattr(args, "ep_dispatch", None),
              "hot_experts": getattr(args, "hot_experts", None),
              "expert_load": getattr(args, "expert_load", None),
              "compile_cache": getattr(args, "compile_cache", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
+    if given["quantize_head"] and not (given["quantize"] or getattr(args, "fit_bits", False)):
+        raise ConfigError("--quantize-head quantizes the head in the --quantize format: give "
+                          "--quantize int8|int4|fp8 (or --fit-bits) with it")
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them
     return RuntimeConfig(max_batch=min(asked, max_batch) if asked else max_batch,

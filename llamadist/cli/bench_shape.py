@@ -48,7 +48,7 @@ from llamadist.planning.profile import (ModelProfile, decode_step_bytes, prefill
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.kernel_passes import apply_kernel_passes
 from llamadist.runtime.stage import Stage, parse_dtype
-from llamadist.weights.loader import LAYER_LINEAR, _retie, _set_param
+from llamadist.weights.loader import LAYER_LINEAR, _retie, _set_param, _untie_quantized
 
 log = logging.getLogger(__name__)
 GiB = 1 << 30
@@ -91,6 +91,7 @@ class ShapeOptions:
     stage_stats: bool = False
     json_out: str | None = None
     quantize: str | None = None         # decoder linears built quantized (--quantize)
+    quantize_head: bool = False         # the head too (--quantize-head)
     wquant: str | None = None           # the product of GPU-quantized weights (--wquant)
 
     @classmethod
@@ -198,10 +199,11 @@ def quantize_weight(w: torch.Tensor, fmt: str, dtype: torch.dtype, name: str = "
 def random_model(config: ModelConfig, device: torch.device | str, dtype: torch.dtype,
                  layers: range | None = None, has_embed: bool | None = None,
                  has_head: bool | None = None, seed: int = 0, std: float = 0.02,
-                 quantize: str | None = None) -> Llama:
+                 quantize: str | None = None, quantize_head: bool = False) -> Llama:
     """A stage with random weights created directly on ``device`` (no host copy).
-    ``quantize``: each decoder linear is quantized as soon as it is drawn (peak memory:
-    the quantized model plus one float matrix); the random stream is the float build's."""
+    ``quantize``: each decoder linear (``quantize_head``: and the head, a tied one as its
+    own copy) is quantized as soon as it is drawn (peak memory: the quantized model plus
+    one float matrix); the random stream is the float build's."""
     device = torch.device(device)
     with torch.device("meta"):
         model = Llama(config, layers, has_embed=has_embed, has_head=has_head)
@@ -214,11 +216,14 @@ def random_model(config: ModelConfig, device: torch.device | str, dtype: torch.d
             value.fill_(1.0)  # RMSNorm scales
         else:
             value.normal_(0.0, std, generator=gen)
-            if quantize is not None and LAYER_LINEAR.search(name):
+            if quantize is not None and (LAYER_LINEAR.search(name) or quantize_head
+                                         and name == "lm_head.weight"):
                 value = quantize_weight(value, quantize, dtype, name)
         _set_param(model, name, value)
         del value
     _retie(model)
+    if quantize is not None and quantize_head:
+        _untie_quantized(model, quantize, device, dtype)
     return model.eval()
 
 
@@ -264,7 +269,8 @@ def make_engine(config: ModelConfig, full: Llama | None, ranges: list[range], de
             m = share_model(full, r, i == 0, i == n - 1)
         else:
             m = fuse_projections(random_model(config, d, dtype, r, i == 0, i == n - 1, seed=i + 1,
-                                              quantize=runtime.quantize_for(str(d))))
+                                              quantize=runtime.quantize_for(str(d)),
+                                              quantize_head=runtime.quantize_head))
         m.setup_rope(max_seq, d)
         apply_kernel_passes(m, d, runtime, dtype)
         stages.append(Stage(m, d, dtype, batch, max_seq, runtime=runtime))
@@ -451,7 +457,8 @@ def prepare(args: argparse.Namespace) -> ShapeRun:
         raise ValueError(f"--quantize {opts.quantize}: bench --shape costs one format for "
                          f"every device; give one format")
     # bytes a step reads (MBU) and whether the model fits: the quantized weights'
-    prof = quantized_profile(prof, fmts.pop(), sorted({d.type for d in devices}))
+    prof = quantized_profile(prof, fmts.pop(), sorted({d.type for d in devices}),
+                             head=opts.quantize_head)
     return ShapeRun(opts, config, dev, dtype_name, parse_dtype(dtype_name), max_seq, prof,
                     _graph_modes(opts, devices), prompts, res)
 
@@ -488,7 +495,8 @@ def attempt(res: dict, what: str, fn: Callable[[], Any]) -> Any:
 def shape_runtime(o: ShapeOptions, mode: str) -> RuntimeConfig:
     """The RuntimeConfig of one graph mode of a --shape run (its kernels and formats)."""
     given = {k: v for k, v in (("quantize", o.quantize), ("wquant", o.wquant),
-                                ("eager_kernels", o.eager_kernels)) if v}
+                                ("eager_kernels", o.eager_kernels),
+                                ("quantize_head", o.quantize_head)) if v}
     compile = {"compiled": True, "auto": None}.get(mode, False)
     return RuntimeConfig(cuda_graphs=mode != "off", compile=compile,
                          cpu_kernels=not o.no_cpu_kernels, decode_attention=o.decode_attention,
@@ -548,7 +556,8 @@ def bench_shape_cmd(args: argparse.Namespace) -> int:
     full = None
     if fits(run.prof, run.device):
         fmt = quantize_for(run.opts.quantize, str(run.device))
-        full = fuse_projections(random_model(run.config, run.device, run.dtype, quantize=fmt))
+        full = fuse_projections(random_model(run.config, run.device, run.dtype, quantize=fmt,
+                                             quantize_head=run.opts.quantize_head))
     bench_all(run, full)
     run.emit()
     print(format_rows(run.res))

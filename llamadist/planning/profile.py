@@ -252,12 +252,23 @@ def layer_bytes(row: LayerCost, fmt: str | None, kind: str, nbytes: float) -> in
 
 
 def quantized_profile(prof: ModelProfile, fmt: str | None,
-                      kinds: Sequence[str] = ("cuda",)) -> ModelProfile:
+                      kinds: Sequence[str] = ("cuda",), head: bool = False) -> ModelProfile:
     """``prof`` as a run on ``kinds`` holds it: every decoder row's linears in ``fmt``
-    (None: as stored, held_row), the embedding and head as stored, each row's weight bytes
-    the most of ``kinds`` (one format on devices of several kinds is planned by the larger
-    footprint); ``prof`` itself when neither changes a byte. For the auto planner, which
-    costs one profile for every device, and for each stage of CostModel.with_formats."""
+    (None: as stored, held_row), the embedding and head as stored (``head``, --quantize-
+    head: the head's matrix in ``fmt`` too, a tied one then its own copy beside the
+    embedding's), each row's weight bytes the most of ``kinds`` (one format on devices of
+    several kinds is planned by the larger footprint); ``prof`` itself when neither
+    changes a byte. For the auto planner, which costs one profile for every device, and
+    for each stage of CostModel.with_formats."""
+    if fmt is not None and head:
+        h = prof.head
+        matrix = h.matmul_flops_per_token // 2  # vocab x hidden (2 FLOPs a multiply-add)
+        hidden = h.params - matrix              # the final norm's scales
+        packed = max(quantized_matrix_bytes(matrix // hidden, hidden, fmt, k) for k in kinds)
+        size = packed + int(hidden * prof.bytes_per_param)
+        return replace(quantized_profile(prof, fmt, kinds), tie_word_embeddings=False,
+                       head=replace(h, weight_bytes=size, active_weight_bytes=size,
+                                    tied=False, stored=()))
     if fmt is None and not prof.has_stored:
         return prof
 

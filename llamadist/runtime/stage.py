@@ -190,7 +190,8 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
         prepare(model)
     stats = load_weights(model, ckpt, device, dtype, shard_fn=shard_fn, progress=progress,
                          native=runtime.weights == "native",
-                         quantize=runtime.quantize_for(str(device)))
+                         quantize=runtime.quantize_for(str(device)),
+                         quantize_head=runtime.quantize_head)
     model.setup_rope(max_seq_len, device)
     if fuse:
         fuse_projections(model)

@@ -10,8 +10,10 @@ slot instead of a Parameter, on CPU stages; on a GPU stage the decoder layers' b
 linears convert to int8 / int4 (a ``PackedWeight``, llamadist.kernels.wquant) and the
 rest (embedding, head) dequantize. ``quantize`` ("int8" | "int4" | "fp8") quantizes the
 decoder layers' linear weights at load from their float values (a GGUF's dequantized):
-``PackedWeight`` on a GPU, GGUF Q8_0 / Q4_1 blocks on the CPU. Either way each weight
-is sliced (tensor parallel) before it is quantized.
+``PackedWeight`` on a GPU, GGUF Q8_0 / Q4_1 blocks on the CPU; with ``quantize_head`` the
+output head too (a head tied to an embedding on the same stage gets its own quantized
+copy, the embedding keeps its float rows). Either way each weight is sliced (tensor
+parallel) before it is quantized.
 """
 
 from __future__ import annotations
@@ -125,18 +127,25 @@ class PinnedStaging:
             empty()
 
 
+def _quantized(w: torch.Tensor, fmt: str, device: torch.device, dtype: torch.dtype, src: str,
+               staging: PinnedStaging | None = None) -> Weight:
+    """A float weight in --quantize format ``fmt`` on ``device`` (the module docstring)."""
+    if device.type == "cpu":
+        return to_gguf_blocks(w, fmt, dtype, src)
+    return quantize(_to_device(w, device, staging), fmt)
+
+
 def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
               device: torch.device, dtype: torch.dtype, native: bool,
-              fmt: str | None, staging: PinnedStaging | None = None) -> Weight:
+              fmt: str | None, staging: PinnedStaging | None = None,
+              head: bool = False) -> Weight:
     """One parameter's value on ``device``, as the module docstring says; float tensors
     for a GPU (those --quantize quantizes there too) go through ``staging`` when given."""
     quant_type = getattr(ckpt, "quant_type", None)
     qtype = quant_type(src) if quant_type is not None else None
-    if fmt is not None and LAYER_LINEAR.search(pname):
+    if fmt is not None and (LAYER_LINEAR.search(pname) or head and pname == "lm_head.weight"):
         w = ckpt.get(src, shard)  # float (a block tensor dequantized)
-        if device.type == "cpu":
-            return to_gguf_blocks(w, fmt, dtype, src)
-        return quantize(_to_device(w, device, staging), fmt)
+        return _quantized(w, fmt, device, dtype, src, staging)
     if native and qtype is not None and device.type == "cpu":
         return ckpt.get_quantized(src, shard, dtype)
     half = _half_kept(ckpt, src, dtype) if native and device.type == "cpu" else None
@@ -242,10 +251,11 @@ def gguf_packed_bytes(qtype: int, n: int, k: int) -> int:
 def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
                  dtype: torch.dtype, shard_fn: ShardFn | None = None,
                  progress: bool = False, native: bool = False,
-                 quantize: str | None = None) -> LoadStats:
+                 quantize: str | None = None, quantize_head: bool = False) -> LoadStats:
     """Materialise every parameter of ``model`` (built on meta) from ``ckpt``; with
     ``native``, quantized tensors stay quantized; ``quantize`` (int8 | int4 | fp8) the
-    decoder layers' linears are quantized at load (see the module docstring)."""
+    decoder layers' linears (and with ``quantize_head`` the head) are quantized at load
+    (see the module docstring)."""
     device = torch.device(device)
     t0 = time.perf_counter()
     names = ckpt.names()
@@ -277,7 +287,8 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
                 raise CheckpointError(
                     f"{ckpt.path}: weight {src!r} has shape {got}, expected {expected} "
                     "from config.json; the checkpoint and its config disagree")
-            value = _load_one(ckpt, pname, src, shard, device, dtype, native, quantize, staging)
+            value = _load_one(ckpt, pname, src, shard, device, dtype, native, quantize, staging,
+                              quantize_head)
             if tuple(value.shape) != expected:
                 raise CheckpointError(
                     f"{ckpt.path}: weight {src!r} has shape {tuple(value.shape)}, expected "
@@ -288,6 +299,8 @@ def load_weights(model: nn.Module, ckpt: Checkpoint, device: torch.device | str,
         if staging is not None:  # also after a failed tensor: no copy left running
             staging.finish()
     _retie(model)
+    if quantize and quantize_head:  # a head tied to this stage's embedding: its own copy
+        nbytes += _untie_quantized(model, quantize, device, dtype)
     left = [n for n, p in model.named_parameters() if p.is_meta]
     if left:
         raise CheckpointError(f"weights never loaded: {left}")
@@ -304,6 +317,20 @@ def trim_heap() -> None:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _untie_quantized(model: nn.Module, fmt: str, device: torch.device,
+                     dtype: torch.dtype) -> int:
+    """Give a head that shares its embedding's float Parameter a quantized copy of it in
+    ``fmt`` (the lookups keep the float rows); its bytes, 0 if the head is not tied so."""
+    embed = getattr(getattr(model, "model", None), "embed_tokens", None)
+    head = getattr(model, "lm_head", None)
+    if (embed is None or head is None or not isinstance(embed.weight, nn.Parameter)
+            or head.weight is not embed.weight):
+        return 0
+    value = _quantized(embed.weight.detach(), fmt, device, dtype, "lm_head.weight")
+    _set_param(model, "lm_head.weight", value)
+    return value.nbytes
 
 
 def _retie(model: nn.Module) -> None:

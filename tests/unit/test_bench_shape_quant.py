@@ -5,6 +5,7 @@ model never whole), the same weights and logits as the float build quantized aft
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 
 import pytest
@@ -53,6 +54,20 @@ def test_bench_shape_quantize_on_cpu(tmp_path):
     assert row["decode_bytes_per_step"] == pytest.approx(q)
     assert q < 0.6 * decode_step_bytes(base, 1, ctx)   # Q8_0: ~1.06 of 4 bytes a weight
     assert len(row["tokens"]) == 3
+
+
+def test_random_model_quantizes_a_tied_head_as_its_own_copy():
+    """--quantize-head in a --shape build: the tied head Q8_0 blocks of the embedding's
+    drawn rows, the embedding itself float."""
+    tied = dataclasses.replace(SMALL, tie_word_embeddings=True)
+    built = random_model(tied, "cpu", torch.float32, seed=5, quantize="int8",
+                         quantize_head=True)
+    plain = random_model(tied, "cpu", torch.float32, seed=5, quantize="int8")
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    head, embed = built.lm_head.weight, built.model.embed_tokens.weight
+    assert isinstance(head, QuantizedTensor) and head.type_name == "Q8_0"
+    assert torch.equal(embed, plain.model.embed_tokens.weight)
+    assert (head.dequantize() - embed).abs().max() <= embed.abs().max() / 127 * 1.01
 
 
 def test_bench_shape_refuses_fp8_on_the_cpu():

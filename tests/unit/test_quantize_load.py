@@ -111,3 +111,63 @@ def test_generate_with_quantize_and_refusals(tiny_model, capsys):
     capsys.readouterr()
     assert main(args + ["--quantize", "int4-g64"]) == 2
     assert "int4-g64 on the CPU stage" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["gqa_tied", "mha"])
+def test_quantize_head_tied_and_untied(tiny_models, kind):
+    """--quantize-head: the head in the stage's format too (Q8_0 blocks on the CPU), a
+    tied one as its own copy while the embedding keeps its float rows; the logits are the
+    dequantized model's, through the C step's quantized-head path as well."""
+    ids = torch.tensor([[5, 9, 33, 100, 7, 8, 250, 3]])
+    pos = torch.arange(8).view(1, -1)
+    ckpt = open_checkpoint(tiny_models[kind])
+    layers = range(ckpt.config.num_layers)
+
+    def build(head):
+        return build_stage(ckpt, layers, "cpu", torch.float32, 1, 32,
+                           runtime=RuntimeConfig(quantize="int8", quantize_head=head))
+    st = build(True)
+    head, embed = st.model.lm_head.weight, st.model.model.embed_tokens.weight
+    assert isinstance(head, QuantizedTensor) and head.type_name == "Q8_0"
+    assert isinstance(embed, nn.Parameter) and embed.dtype == torch.float32
+    plain = build(False)
+    assert isinstance(plain.model.lm_head.weight, nn.Parameter)
+    assert (plain.model.lm_head.weight is plain.model.model.embed_tokens.weight) == (
+        kind == "gqa_tied")
+    assert torch.equal(embed, plain.model.model.embed_tokens.weight)  # lookups unchanged
+    ref = build(True)
+    _dequantized_copy(ref)
+    got = st.forward(ids, pos, 0, None, logits="all")
+    assert (got - ref.forward(ids, pos, 0, None, logits="all")).abs().max().item() <= 1e-4
+    # the head's quantization changes the logits (by its Q8_0 error, not more)
+    diff = (got - plain.forward(ids, pos, 0, None, logits="all")).abs().max().item()
+    assert 0 < diff <= 0.05 * got.abs().max().item()
+    nxt = torch.tensor([[int(got[0, -1].argmax())]])
+    a = st.forward(nxt, torch.tensor([[8]]), 8, None)
+    assert (a - ref.forward(nxt, torch.tensor([[8]]), 8, None)).abs().max().item() <= 1e-4
+
+
+def test_quantize_head_needs_a_format(tiny_model, capsys):
+    args = ["generate", str(tiny_model), "--prompt", "hello", "--max-new-tokens", "3",
+            "--json", "--quantize-head"]
+    assert main(args) == 2
+    assert "--quantize-head quantizes the head in the --quantize format" in (
+        capsys.readouterr().err)
+    assert main(args + ["--quantize", "int8"]) == 0
+
+
+def test_quantized_profile_counts_a_quantized_head():
+    """The head's matrix in the format (a tied one no longer shared with the embedding)."""
+    from llamadist.config import named_shape
+    from llamadist.planning.profile import profile, quantized_profile
+    p = profile(named_shape("llama3-8b"), dtype="bfloat16", seq_len=1024)
+    v, d = 128256, 4096
+    assert quantized_profile(p, "int8").head == p.head
+    q = quantized_profile(p, "int8", head=True)
+    assert q.head.weight_bytes == v * d + 4 * v + 2 * d
+    assert q.layers == quantized_profile(p, "int8").layers
+    s = profile(named_shape("smollm2-135m"), dtype="float32", seq_len=1024)
+    assert s.tied_bytes > 0
+    c = quantized_profile(s, "int8", ["cpu"], head=True)
+    assert c.tied_bytes == 0 and not c.head.tied
+    assert c.head.weight_bytes == 49152 * 576 // 32 * 34 + 4 * 576
