@@ -75,6 +75,7 @@ class LLM:
                                     max_batch=runtime.max_batch,
                                     max_seq_len=runtime.max_seq_len,
                                     quantize=runtime.quantize,
+                                    quantize_head=runtime.quantize_head,
                                     held=held_bytes(self.ckpt, runtime.weights, dtype))
             # a plan file's per-stage weight formats are what the stages load with
             runtime = runtime.replace(quantize=layout_quantize(layout, runtime.quantize))

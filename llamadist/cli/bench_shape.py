@@ -472,7 +472,8 @@ def layouts(run: ShapeRun, batch: int) -> list[tuple[list[range], list[str]]]:
         lay = resolve_layout(run.config, devices=o.devices, strategy=o.strategy,
                              max_memory=o.max_memory, device_speed=o.device_speed,
                              boundaries=o.boundaries, dtype=run.dtype_name, max_batch=batch,
-                             max_seq_len=run.max_seq, quantize=o.quantize)
+                             max_seq_len=run.max_seq, quantize=o.quantize,
+                             quantize_head=o.quantize_head)
         return [(list(lay.layer_ranges), list(lay.devices))]
     return [(uniform_ranges(run.config.num_layers, k), [str(run.device)] * k)
             for k in o.stages]

@@ -129,6 +129,7 @@ def decide_layout(config: ModelConfig, args: argparse.Namespace, runtime: Runtim
     placement = dict(strategy=args.strategy, max_memory=ranked.max_memory,
                      device_speed=args.device_speed, boundaries=args.boundaries, plan=args.plan,
                      max_seq_len=max_seq_len, quantize=runtime.quantize, fit_bits=fit_bits,
+                     quantize_head=runtime.quantize_head,
                      experts=experts, held=held)
     if nproc == 1:  # the engine keeps at most runtime.max_batch sequences resident
         layout = resolve_layout(config, devices=args.devices,

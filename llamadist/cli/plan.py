@@ -16,7 +16,8 @@ from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.distributed.grid import coords, grid_size
 from llamadist.planning.devices import parse_devices
 from llamadist.planning.plan import Plan, format_plan_table
-from llamadist.planning.profile import format_profile_table, native_profile, profile
+from llamadist.planning.profile import (format_profile_table, native_profile, planned_head,
+                                        profile)
 from llamadist.planning.checks import check_ep, check_grid, plan_problems
 from llamadist.planning.strategies import make_plan
 from llamadist.planning.units import PlanningError, format_bytes
@@ -92,14 +93,15 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
                   tp: int, ep: int = 1, quantize: str | None = None,
                   fit_bits: bool = False, one_format: bool = False,
                   experts: "ExpertPlacement | None" = None,
-                  held: dict | None = None) -> tuple[Plan, str]:
+                  held: dict | None = None, quantize_head: bool = False) -> tuple[Plan, str]:
     """plan_command's work: the Plan and the text to print (``quantize``: --quantize, each
     stage's weights counted in its format, and the bytes it saves per layer noted;
     ``fit_bits``: --fit-bits, the formats chosen by planning.bits.choose_bits, the same
     for every stage with ``one_format``: stages over processes; ``experts``: each EP
     rank's experts, planning.experts.ExpertPlacement, e.g. with hot-expert replicas;
     with ``ep`` > 1 every stage's experts per EP rank are printed; ``held``: a quantized
-    checkpoint's tensors as --weights native holds them, cli.layout.held_weights)."""
+    checkpoint's tensors as --weights native holds them, cli.layout.held_weights;
+    ``quantize_head``: --quantize-head, the last stage's head in its format too)."""
     from llamadist.config import quantize_for
     if plan_file is not None and devices is None:
         devices = ",".join(Plan.load(plan_file).devices)
@@ -107,6 +109,8 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
     if held:
         prof = native_profile(prof, held)
+    if not fit_bits:
+        prof = planned_head(prof, quantize, quantize_head, specs)
     if plan_file is not None:
         if strategy not in (None, "custom", "uniform"):
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
@@ -262,6 +266,7 @@ def plan_cmd(args: argparse.Namespace) -> int:
                                  args.strategy, args.boundaries, args.plan, args.batch_size,
                                  max_seq, dtype, args.json, save, plot, 0.1, tp,
                                  ep, quantize=args.quantize,
+                                 quantize_head=getattr(args, "quantize_head", False),
                                  fit_bits=getattr(args, "fit_bits", False),
                                  one_format=nproc > 1, experts=experts, held=held)
         except PlanningError as e:   # memory / mixed / --fit-bits: no split fits

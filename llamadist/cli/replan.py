@@ -72,6 +72,7 @@ def replan(job: Job, args: argparse.Namespace, config: ModelConfig, lost_stage: 
                                 max_memory=without_lost(getattr(args, "max_memory", None)),
                                 device_speed=without_lost(getattr(args, "device_speed", None)),
                                 max_seq_len=job.max_seq_len, quantize=rt.quantize,
+                                quantize_head=rt.quantize_head,
                                 held=held_weights(getattr(args, "model", None), rt.weights,
                                                   dtype=rt.dtype_for(names)))
     except PlanningError as e:

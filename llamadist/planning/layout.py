@@ -107,7 +107,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                    plan: str | None = None, dtype: str, max_batch: int, max_seq_len: int,
                    tp: int = 1, cp: int = 1, ep: int = 1,
                    quantize: str | None = None, fit_bits: bool = False,
-                   one_format: bool = False,
+                   one_format: bool = False, quantize_head: bool = False,
                    experts: "ExpertPlacement | None" = None,
                    held: "Mapping[str, Mapping[str, tuple[int, int]]] | None" = None) -> Layout:
     """The user's placement options turned into stages through the planner, every stage
@@ -115,7 +115,9 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     stage then a tensor-parallel group: memory per shard), ``cp`` (KV per context-parallel
     rank) and ``ep`` (experts per rank). A plan file gives the stages; they are costed
     again on this run's devices, budgets and lengths, not the file's.
-    ``quantize`` (RuntimeConfig.quantize): each stage's weights counted in its format.
+    ``quantize`` (RuntimeConfig.quantize): each stage's weights counted in its format
+    (``quantize_head``: the last stage's head too; under ``fit_bits`` it is counted as
+    stored, an upper bound).
     ``fit_bits`` (--fit-bits): each device's format chosen as `plan --fit-bits` chooses it
     (planning.bits.choose_bits; ``one_format``: one for every stage, as stages over
     processes need), a plan file's formats chosen again; the Layout's ``why`` then holds
@@ -126,7 +128,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     (profile.native_profile; weights.loader.native_bytes), counted in those bytes."""
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.plan import Plan
-    from llamadist.planning.profile import native_profile, profile
+    from llamadist.planning.profile import native_profile, planned_head, profile
 
     if isinstance(devices, (list, tuple)):
         devices = ",".join(devices)
@@ -147,6 +149,8 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
     if held:
         prof = native_profile(prof, held)
+    if not fit_bits:
+        prof = planned_head(prof, quantize, quantize_head, specs)
     kw = dict(boundaries=boundaries, batch_size=max_batch, max_seq_len=max_seq_len, tp=tp,
               config=config, cp=cp, ep=ep, experts=experts)
     try:

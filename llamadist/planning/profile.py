@@ -261,14 +261,7 @@ def quantized_profile(prof: ModelProfile, fmt: str | None,
     changes a byte. For the auto planner, which costs one profile for every device, and
     for each stage of CostModel.with_formats."""
     if fmt is not None and head:
-        h = prof.head
-        matrix = h.matmul_flops_per_token // 2  # vocab x hidden (2 FLOPs a multiply-add)
-        hidden = h.params - matrix              # the final norm's scales
-        packed = max(quantized_matrix_bytes(matrix // hidden, hidden, fmt, k) for k in kinds)
-        size = packed + int(hidden * prof.bytes_per_param)
-        return replace(quantized_profile(prof, fmt, kinds), tie_word_embeddings=False,
-                       head=replace(h, weight_bytes=size, active_weight_bytes=size,
-                                    tied=False, stored=()))
+        return head_in_format(quantized_profile(prof, fmt, kinds), fmt, kinds)
     if fmt is None and not prof.has_stored:
         return prof
 
@@ -285,6 +278,30 @@ def quantized_profile(prof: ModelProfile, fmt: str | None,
         rows.append(replace(r, weight_bytes=q, active_weight_bytes=r.active_weight_bytes - saved,
                             stored=()))
     return replace(prof, embed=held(prof.embed), head=held(prof.head), layers=tuple(rows))
+
+
+def head_in_format(prof: ModelProfile, fmt: str, kinds: Sequence[str]) -> ModelProfile:
+    """``prof`` with the head's matrix in --quantize format ``fmt`` (--quantize-head), the
+    most of ``kinds``; a tied head is then its own copy beside the embedding's."""
+    h = prof.head
+    matrix = h.matmul_flops_per_token // 2  # vocab x hidden (2 FLOPs a multiply-add)
+    hidden = h.params - matrix              # the final norm's scales
+    packed = max(quantized_matrix_bytes(matrix // hidden, hidden, fmt, k) for k in kinds)
+    size = packed + int(hidden * prof.bytes_per_param)
+    return replace(prof, tie_word_embeddings=False, head=replace(
+        h, weight_bytes=size, active_weight_bytes=size, tied=False, stored=()))
+
+
+def planned_head(prof: ModelProfile, quantize: str | None, quantize_head: bool,
+                 specs: Sequence) -> ModelProfile:
+    """The profile a plan over ``specs`` (planning.devices.DeviceSpec, in stage order)
+    costs under --quantize-head: the head, on the last stage, in that device's
+    --quantize format (unchanged without one)."""
+    from llamadist.config import QUANTIZE_HEAD_ALONE, ConfigError, quantize_for
+    if quantize_head and not quantize:
+        raise ConfigError(QUANTIZE_HEAD_ALONE)
+    fmt = quantize_for(quantize, specs[-1].name) if quantize_head and specs else None
+    return head_in_format(prof, fmt, [specs[-1].kind]) if fmt else prof
 
 
 def native_profile(prof: ModelProfile,
