@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows8 quantdecode verify16 perplexity head18 (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 rows8 quantdecode verify16 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -488,6 +488,14 @@ perplexity() {  # issue 16: SmolLM2 perplexity in bf16 and each --quantize, both
         --smollm2 /tmp/smollm2.gguf
 }
 
+rows18() {  # issue 16, session 18: each row's sums deferred at 2 and 4 rows (batched decode):
+    # their CUDA tests, then the GEMV sweep's deferred cuts for int8 and fp8 (~6 min)
+    step tests18b 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py \
+        -k "deferred or gemv_configs"
+    step defer18 330 python3 benchmarks/wquant_sweep.py --m 2,4 --configs defer \
+        --kinds int8,fp8 --max-seconds 300
+}
+
 head18() {  # issue 16, session 18: --quantize-head (the head in the layers' format). Batch-1
     # decode of the 8B folder with and without it, then SmolLM2 perplexity likewise, after
     # `stash` as for `perplexity` (~5 min)
@@ -506,8 +514,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows8|quantdecode|verify16|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|rows8|quantdecode|verify16|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -69,7 +69,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--m", default="1,2,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--configs", default="near", choices=["rule", "near", "wide", "defer"],
                    help="Triton GEMV configurations: the rule's, its neighbours, a grid; "
-                   "defer: the rule's and one row's deferred sums (near has them too)")
+                   "defer: the rule's and each row's deferred sums (near has them too)")
     p.add_argument("--stages", default="", type=lambda s: [int(v) for v in s.split(",") if v],
                    help="also try the rule's config with these num_stages")
     p.add_argument("--rotate-mb", type=float, default=256.0,
@@ -179,13 +179,18 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
         if kind == "int4":  # the group's scale and offset on each tile's sums
             out += [rep(rule, group_sums=True),
                     rep(rule, group_sums=True, prefetch=1 if rule.prefetch == 0 else 0)]
-    if mode in ("near", "defer") and m == 1:  # one row's sums deferred to after the loop:
-        # at the rule's cut, then narrower programs without split-K (where the rule defers
-        # already, "near" times the cuts one field from it, not the former split-K cut)
-        bks = (64, 128) if kind == "int4" else (256, 512, 1024)
+    if mode in ("near", "defer"):  # each row's sums deferred to after the loop: at the
+        # rule's cut, then narrower programs without split-K (where the rule defers
+        # already, "near" times the cuts one field from it, not the former split-K cut);
+        # more rows hold more tiles of sums, so shorter tiles
+        bks = ((64, 128) if kind == "int4" else (256, 512, 1024) if m == 1
+               else (128, 256, 512))
         out += [rep(rule, defer=True), rep(rule, defer=True, prefetch=0)]
         out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk)
                 for bn in (8, 16, 32) for bk in bks]
+        if kind == "int8" and m > 1:  # the bit decode, as one row's cut takes it
+            out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk, native=False,
+                        prefetch=0) for bn in (8, 16) for bk in bks]
     if mode == "wide":
         bks = (16, 32, 64, 128) if kind == "int4" else (64, 128, 256, 512)
         for bn in (8, 16, 32, 64, 128):

@@ -121,7 +121,7 @@ def wquant_cases() -> None:
     """Every format (int8 per row and grouped, int4 groups of 128 and 32, fp8) through the
     rule's GEMV (the H200's traits) and the GEMM on both shapes, and through the GEMV
     configs of tests/gpu/test_wquant_gpu.py (split-K, tiles past K, prefetch 0-2, one
-    and two warps), its decode variants (native int8 / fp8, int4's group sums, one row's
+    and two warps), its decode variants (native int8 / fp8, int4's group sums, each row.s
     deferred sums), the former GEMV ("v0") and the GEMM's tiles ("dot"). Row counts (GEMV
     1-4, GEMM BLOCK_M 16, 64, 128), x dtypes (bf16, fp16, float32: XDT and IEEE) and bias rotate over the cases,
     as the GPU test's do (every launch compiles for ~1 s). Then tinygemm's int4 layout
@@ -149,7 +149,7 @@ def wquant_cases() -> None:
         runs += [((i + c) % 2, variant if cfg is None else cfg, 1 + (i + c) % 4)
                  for c, cfg in enumerate(configs)]
         runs += [(0, GemvConfig(native=not fmt.startswith("int4"), prefetch=1 - i % 2,
-                                defer=True), 1)]  # one row's deferred sums
+                                defer=True), 1 + i % 4)]  # deferred sums, 1-4 rows
         for c, (j, cfg, rows) in enumerate(runs):
             (n, k), pw, dtype = shapes[j], weights[j], dtypes[(i + c) % 3]
             bias = torch.zeros(n, dtype=dtype) if (i + c) % 2 else None

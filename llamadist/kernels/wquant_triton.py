@@ -27,6 +27,9 @@ accumulated in float32:
   Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
   tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
   tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
+  ``defer`` instead adds each row's products into a (BLOCK_N, BLOCK_K) float32 tile of
+  its own, reduced along K once after the loop (no shuffles in the loop; the rule's
+  choice for one row).
   int4's x is read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word
   split with shifts: byte j's low nibble meets x[2j], its high one x[2j + 1], with wide
   loads of x. ``GemvConfig`` holds the tile, warps, split, prefetch depth and decode;
@@ -84,8 +87,8 @@ class GemvConfig:
     fp8: the hardware's conversion of the codes, int8 -> float32 or CUDA's float8e4nv
     (sm_89+), instead of the bit decode; label "nat"), ``prefetch`` (tiles loaded ahead:
     0, 1 or 2), ``group_sums`` (int4: scale and offset applied to each tile's sums, not
-    to each weight; label "gs"), ``defer`` (one row, without group sums: products summed
-    elementwise over the tiles, reduced along K once at the end; label "df")."""
+    to each weight; label "gs"), ``defer`` (without group sums: each row's products
+    summed elementwise over the tiles, reduced along K once at the end; label "df")."""
 
     block_n: int = 32
     block_k: int = 256

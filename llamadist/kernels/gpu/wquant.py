@@ -244,19 +244,9 @@ def _tile_part(w_a, w_b, sc, off, x_row, rb, b_hi, KIND: tl.constexpr,
 
 
 @triton.jit
-def _tile_deferred(w_a, w_b, sc, x_row, rb, b_hi, KIND: tl.constexpr, GROUPED: tl.constexpr,
-                   EVEN_K: tl.constexpr, XDT: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """DEFER's (BN, BK) addend: the tile's products, grouped int8 / fp8 times the
-    group's scale (int4's weights carry theirs)."""
-    if GROUPED and KIND != 1:
-        w_a = w_a * sc[:, None]
-    return _tile_prod(w_a, w_b, x_row, rb, b_hi, KIND, EVEN_K, XDT, BLOCK_N, BLOCK_K)
-
-
-@triton.jit
 def _acc_add(acc0, acc1, acc2, acc3, part, M_IDX: tl.constexpr):
-    """Add ``part`` to row M_IDX's accumulator (four named ones: M <= GEMV_MAX_M)."""
+    """Add ``part`` to row M_IDX's accumulator (four named ones: M <= GEMV_MAX_M; (BN,)
+    sums, or DEFER's (BN, BK) tiles)."""
     if M_IDX == 0:
         acc0 += part
     elif M_IDX == 1:
@@ -282,9 +272,10 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     (0, 1, 2): tiles whose codes and scales are loaded ahead of the one being reduced
     (Triton does not pipeline a loop without tl.dot; ptxas issues a prefetch only once
     the registers it lands in are free, late in the step: with 1 it barely overlaps,
-    with 2 a whole step's work covers each tile's HBM latency). DEFER (one row, no group
-    sums): the tile's products accumulate elementwise in a (BN, BK) float32 tile, reduced
-    along K once after the loop instead of after every tile (no shuffles in the loop)."""
+    with 2 a whole step's work covers each tile's HBM latency). DEFER (no int4 group
+    sums): each row's tile products accumulate elementwise in a (BN, BK) float32 tile of
+    its own, reduced along K once after the loop instead of after every tile (no shuffles
+    in the loop; ROWS tiles of registers)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -295,9 +286,12 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     acc2 = acc0
     acc3 = acc0
     if DEFER:  # (statements: older Triton takes no conditional expression here)
-        acc2d = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        d0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
-        acc2d = tl.zeros((1, 1), dtype=tl.float32)
+        d0 = tl.zeros((1, 1), dtype=tl.float32)
+    d1 = d0
+    d2 = d0
+    d3 = d0
     b_lo = pid_k * KS
     b_hi = tl.minimum(b_lo + KS, KB)
     sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -329,15 +323,25 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                                    GROUP_B, KIND, GROUPED)
         w_a, w_b = _decode_tile(raw, sc, off, KIND, NATIVE, GROUP_SUMS)
         if DEFER:
-            acc2d += _tile_deferred(w_a, w_b, sc, x_ptr, rb, b_hi, KIND, GROUPED, EVEN_K, XDT,
-                                    BLOCK_N, BLOCK_K)
+            if GROUPED and KIND != 1:  # the group's scale (int4's weights carry theirs)
+                w_a = w_a * sc[:, None]
+            for m in tl.static_range(ROWS):
+                part = _tile_prod(w_a, w_b, x_ptr + m * stride_xm, rb, b_hi, KIND, EVEN_K, XDT,
+                                  BLOCK_N, BLOCK_K)
+                d0, d1, d2, d3 = _acc_add(d0, d1, d2, d3, part, m)
         else:
             for m in tl.static_range(ROWS):
                 part = _tile_part(w_a, w_b, sc, off, x_ptr + m * stride_xm, rb, b_hi, KIND,
                                   GROUPED, GROUP_SUMS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
                 acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
-    if DEFER:
-        acc0 = tl.sum(acc2d, axis=1)
+    if DEFER:  # each row's tile reduced along K once
+        acc0 = tl.sum(d0, axis=1)
+        if ROWS > 1:
+            acc1 = tl.sum(d1, axis=1)
+        if ROWS > 2:
+            acc2 = tl.sum(d2, axis=1)
+        if ROWS > 3:
+            acc3 = tl.sum(d3, axis=1)
     if not GROUPED:  # one scale a row, applied once
         sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
     for m in tl.static_range(ROWS):
@@ -563,7 +567,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
-        DEFER=cfg.defer and m == 1 and not (cfg.group_sums and kind == "int4"),
+        DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"),
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
