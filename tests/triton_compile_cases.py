@@ -121,7 +121,7 @@ def wquant_cases() -> None:
     """Every format (int8 per row and grouped, int4 groups of 128 and 32, fp8) through the
     rule's GEMV (the H200's traits) and the GEMM on both shapes, and through the GEMV
     configs of tests/gpu/test_wquant_gpu.py (split-K, tiles past K, prefetch 0-2, one
-    and two warps), its decode variants (native int8 / fp8, int4's group sums, each row.s
+    and two warps), its decode variants (native int8 / fp8, int4's group sums, each row's
     deferred sums), the former GEMV ("v0") and the GEMM's tiles ("dot"). Row counts (GEMV
     1-4, GEMM BLOCK_M 16, 64, 128), x dtypes (bf16, fp16, float32: XDT and IEEE) and bias rotate over the cases,
     as the GPU test's do (every launch compiles for ~1 s). Then tinygemm's int4 layout
