@@ -197,7 +197,10 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
       M = 1 and 0 above (fastest on 11 of 12; qkv at M = 4 within 0.5%; one row now
       defers, below). Since the bit decode is one PTX byte permute a code (session 18),
       two rows take it instead (`asm18`'s neighbours at M = 2: 5-9% faster on all four,
-      a layer 90.1 us against 98.0); four rows keep the conversion (fastest on 3 of 4);
+      a layer 90.1 us against 98.0), with BLOCK_K doubled as fp8's (`rows18`: 0-9% faster
+      on all four, a layer 83.5 us against 88.9); four rows keep the conversion (fastest
+      on 3 of 4). Deferred sums at 2 and 4 rows (`rows18`) won only o's 2 rows (4%)
+      and lost elsewhere, most at 4 rows (four tiles of sums spill); not in the rule;
     * fp8: the hardware conversion where there is one, without prefetch (fastest on all
       12); with it, 8 warps at M = 1 (fastest or within 1% on all 4), BLOCK_K doubled at
       M = 2 where each K range keeps >= 2 of those tiles and a group holds one (within 1%
@@ -222,9 +225,9 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     (session 18, `asm18`), int8's 8-row programs of 512 bytes slowed where there are more
     than 4 a SM (qkv 12.2 us, gate_up 42.0) and 16-row ones ran fastest there (10.0,
     34.8; o and down keep 8 rows of 1 024 bytes: 7.5, 18.1; a layer 70.4 us, 0.60x bf16's
-    117.1). Where 8-row programs would be fewer than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the
-    cut above keeps its split-K and defers its sums (at that cut the sweep measured
-    deferring 1-4% faster on all eight)."""
+    117.1). Where 8-row programs would be fewer than 2 a SM (N < 16 x SMs) or neither
+    size divides the row (not timed), the cut above keeps its split-K and defers its sums
+    (at that cut the sweep measured deferring 1-4% faster on all eight)."""
     kb = (k + 1) // 2 if kind == "int4" else k
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
@@ -251,8 +254,9 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
         native = True
         if m == 1:
             warps = 8
-        elif m == 2 and kb // split >= 4 * bk and (gb is None or gb % (2 * bk) == 0):
-            bk *= 2
+    if (m == 2 and (kind == "int8" or kind == "fp8" and fp8_native) and kb // split >= 4 * bk
+            and (gb is None or gb % (2 * bk) == 0)):  # two rows: BLOCK_K doubled
+        bk *= 2
     defer = m == 1 and native and gb is None and (kind == "int8" or split > 1)
     rows8 = -(-n // 8)
     if defer and rows8 >= 2 * sms:  # 8-row programs over whole rows, sums deferred, with a
