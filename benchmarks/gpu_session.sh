@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 rows8 quantdecode verify16 perplexity head18 (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -496,6 +496,33 @@ rows18() {  # issue 16, session 18: each row's sums deferred at 2 and 4 rows (ba
         --kinds int8,fp8 --max-seconds 300
 }
 
+verify18() {  # issue 16, session 18: the CUDA tests of --quantize-head and the rule's
+    # configs, then batch-2 decode of the 8B folder: bf16, fp8, int8 under the new two-row
+    # rule (bit decode, BLOCK_K 512) against the former (the conversion, 256) (~5 min)
+    step tests18c 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_torch_gpu.py \
+        tests/gpu/test_wquant_gpu.py -k "quantized_head or gemv_configs or deferred"
+    checkpoint
+    ab() {  # ab NAME "PYTHON SET-UP" BENCH-ARGS...: llamadist bench in-process after SET-UP
+        local name=$1 consts=$2; shift 2
+        step $name 100 python3 -c "
+import dataclasses, runpy, sys
+import llamadist.kernels.wquant_triton as T
+$consts
+sys.argv = ['llamadist', 'bench', '$CK', '--devices', 'cuda:0', '--json'] + sys.argv[1:]
+runpy.run_module('llamadist', run_name='__main__')" "$@"
+    }
+    local b2="--batch 2 --prompt-len 128 --gen-len 64"
+    ab b2_bf16 "" $b2
+    ab b2_fp8 "" --quantize fp8 $b2
+    ab b2_int8 "" --quantize int8 $b2
+    ab b2_int8_old "rule = T.gemv_config
+def former(kind, m, *a, **k):
+    c = rule(kind, m, *a, **k)
+    return dataclasses.replace(c, native=True, block_k=256) if kind == 'int8' and m == 2 else c
+T.gemv_config = former" --quantize int8 $b2
+    ab b2_int8_head "" --quantize int8 --quantize-head $b2
+}
+
 head18() {  # issue 16, session 18: --quantize-head (the head in the layers' format). Batch-1
     # decode of the 8B folder with and without it, then SmolLM2 perplexity likewise, after
     # `stash` as for `perplexity` (~5 min)
@@ -514,8 +541,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|rows8|quantdecode|verify16|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
