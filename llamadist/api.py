@@ -18,7 +18,8 @@ from llamadist.engine.request import Request
 from llamadist.generation.generate import GenerationResult
 from llamadist.generation.sampling import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer
-from llamadist.planning.layout import Layout, layout_quantize, resolve_layout
+from llamadist.planning.layout import (Layout, check_cpu_blocks, layout_quantize,
+                                       resolve_layout)
 from llamadist.runtime.engine import Engine
 from llamadist.runtime.stage import parse_dtype
 from llamadist.weights.checkpoint import Checkpoint, open_checkpoint
@@ -79,6 +80,7 @@ class LLM:
                                     held=held_bytes(self.ckpt, runtime.weights, dtype))
             # a plan file's per-stage weight formats are what the stages load with
             runtime = runtime.replace(quantize=layout_quantize(layout, runtime.quantize))
+            check_cpu_blocks(self.config, layout, runtime.quantize)
         elif where:
             raise TypeError(f"give layout= or {', '.join(where)}=, not both")
         elif layout.processes > 1 or layout.tp > 1 or layout.dp > 1:

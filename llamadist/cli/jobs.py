@@ -16,7 +16,7 @@ from llamadist.cli.layout import LAYOUT_ENV, decide_layout
 from llamadist.config import RuntimeConfig, parse_quantize
 from llamadist.generation.generate import ContextLimitError, check_context
 from llamadist.generation.sampling import SamplingParams
-from llamadist.planning.layout import Layout, layout_quantize
+from llamadist.planning.layout import Layout, check_cpu_blocks, layout_quantize
 
 BENCH_TEXT = "The history of distributed computing begins with "
 
@@ -56,6 +56,7 @@ def _finish(args: argparse.Namespace, ckpt, prompts: list[str], encoded: list[li
     # a plan file's per-stage weight formats (--fit-bits) are what the stages load with
     runtime = replace(runtime, quantize=layout_quantize(layout, runtime.quantize,
                                                         getattr(args, "plan", None)))
+    check_cpu_blocks(ckpt.config, layout, runtime.quantize)
     return Job(prompts, encoded, params, runtime, layout)
 
 

@@ -48,7 +48,7 @@ def perplexity_cmd(args: argparse.Namespace) -> int:
     from llamadist.cli.jobs import check_quantize_devices
     from llamadist.cli.layout import decide_layout
     from llamadist.generation.perplexity import PerplexityMeter, make_windows
-    from llamadist.planning.layout import layout_quantize
+    from llamadist.planning.layout import check_cpu_blocks, layout_quantize
     from llamadist.weights.checkpoint import open_checkpoint
 
     ckpt = open_checkpoint(args.model)
@@ -67,6 +67,7 @@ def perplexity_cmd(args: argparse.Namespace) -> int:
     # the formats --fit-bits (or a plan file) chose per stage are what the stages load in
     runtime = runtime.replace(quantize=layout_quantize(layout, runtime.quantize, args.plan))
     check_quantize_devices(runtime.quantize, layout.devices)
+    check_cpu_blocks(ckpt.config, layout, runtime.quantize)
     t0 = time.perf_counter()
     engine = build_engine(ckpt, layout, runtime, progress=sys.stderr.isatty())
     load_s = time.perf_counter() - t0

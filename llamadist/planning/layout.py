@@ -204,6 +204,33 @@ def _plan_formats(path: str, saved: list[str | None], devices: list[str],
     return saved
 
 
+def check_cpu_blocks(config: ModelConfig, layout: Layout, quantize: str | None) -> None:
+    """A CPU stage quantized at load (--quantize int8 / int4) holds GGUF blocks of 32
+    inputs: refuse, before anything starts, a layout whose CPU linears (each
+    tensor-parallel rank's slice) take a number of inputs that is not a multiple of 32,
+    naming the linear and the fixes (a worker would otherwise fail while loading)."""
+    from llamadist.config import quantize_for
+    from llamadist.planning.tp_shapes import tp_sizes
+    cpus = sorted({d for d in layout.devices if d.split(":")[0] == "cpu"})
+    fmt = next((f for f in (quantize_for(quantize, d) for d in cpus) if f), None)
+    if fmt is None:
+        return
+    tp = layout.tp
+    sizes = tp_sizes(config, 0, tp)
+    split = f" / --tp {tp}" if tp > 1 else ""
+    inputs = {"q/k/v and gate/up": (config.hidden_size, "hidden_size"),
+              "o_proj": (sizes.q_heads * config.head_dim, f"heads x head_dim{split}")}
+    if not config.num_experts:  # experts are not quantized
+        inputs["down_proj"] = (sizes.intermediate, f"intermediate_size{split}")
+    for name, (k, what) in inputs.items():
+        if k % 32:
+            raise PlanningError(
+                f"--quantize {quantize}: the CPU stage's {name} would take {k} inputs "
+                f"({what}), not a multiple of the 32 a GGUF block holds; leave the CPU "
+                f"unquantized (--quantize cuda=FMT,cpu=none)"
+                + (" or choose a --tp that splits it into multiples of 32" if split else ""))
+
+
 def layout_quantize(layout: Layout, given: str | None,
                     plan_file: str | None = None) -> str | None:
     """The --quantize value a run with ``layout`` loads with: ``given``, or the formats the

@@ -171,3 +171,15 @@ def test_quantized_profile_counts_a_quantized_head():
     c = quantized_profile(s, "int8", ["cpu"], head=True)
     assert c.tied_bytes == 0 and not c.head.tied
     assert c.head.weight_bytes == 49152 * 576 // 32 * 34 + 4 * 576
+
+
+def test_cpu_blocks_refused_before_any_start(tiny_model, capsys):
+    """A CPU stage's --quantize keeps GGUF blocks of 32 inputs: a --tp that slices the
+    tiny model's intermediate 160 into 80 per rank is refused by the front, before any
+    worker starts (a worker would fail while loading), naming the linear and the fixes."""
+    args = ["generate", str(tiny_model), "--prompt", "hello", "--max-new-tokens", "2",
+            "--nproc", "2", "--tp", "2", "--quantize", "int8"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "down_proj would take 80 inputs (intermediate_size / --tp 2)" in err
+    assert "cpu=none" in err and "Traceback" not in err
