@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 pdl18 rows8 quantdecode verify16 perplexity head18 (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -523,38 +523,6 @@ T.gemv_config = former" --quantize int8 $b2
     ab b2_int8_head "" --quantize int8 --quantize-head $b2
 }
 
-pdl18() {  # issue 16, session 18: the GEMV as a programmatic dependent launch (its codes
-    # loaded before it waits for the kernel before it): its CUDA tests, then batch-1 decode
-    # of the 8B folder with the rule's configs as they are, with pdl, and with pdl and the
-    # first tile prefetched (~4 min)
-    step tests18d 120 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py \
-        -k "deferred or gemv_configs"
-    checkpoint
-    ab() {  # ab NAME "PYTHON SET-UP" BENCH-ARGS...: llamadist bench in-process after SET-UP
-        local name=$1 consts=$2; shift 2
-        step $name 100 python3 -c "
-import dataclasses, runpy, sys
-import llamadist.kernels.wquant_triton as T
-$consts
-sys.argv = ['llamadist', 'bench', '$CK', '--devices', 'cuda:0', '--json'] + sys.argv[1:]
-runpy.run_module('llamadist', run_name='__main__')" "$@"
-    }
-    local on="rule = T.gemv_config
-T.gemv_config = lambda *a, **k: dataclasses.replace(rule(*a, **k), pdl=True)"
-    local pf="rule = T.gemv_config
-def pf(*a, **k):
-    c = rule(*a, **k)
-    return dataclasses.replace(c, pdl=True, prefetch=max(1, c.prefetch))
-T.gemv_config = pf"
-    local b1="--batch 1 --prompt-len 128 --gen-len 64"
-    for f in int8 fp8; do
-        ab b1_${f} "" --quantize $f $b1
-        ab b1_${f}_pdl "$on" --quantize $f $b1
-        ab b1_${f}_pdl_pf "$pf" --quantize $f $b1
-    done
-    ab b2_int8_pdl "$on" --quantize int8 --batch 2 --prompt-len 128 --gen-len 64
-}
-
 head18() {  # issue 16, session 18: --quantize-head (the head in the layers' format). Batch-1
     # decode of the 8B folder with and without it, then SmolLM2 perplexity likewise, after
     # `stash` as for `perplexity` (~5 min)
@@ -573,8 +541,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|pdl18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|pdl18|rows8|quantdecode|verify16|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -122,9 +122,9 @@ def wquant_cases() -> None:
     rule's GEMV (the H200's traits) and the GEMM on both shapes, and through the GEMV
     configs of tests/gpu/test_wquant_gpu.py (split-K, tiles past K, prefetch 0-2, one
     and two warps), its decode variants (native int8 / fp8, int4's group sums, each row's
-    deferred sums, programmatic dependent launches), the former GEMV ("v0") and the
-    GEMM's tiles ("dot"). Row counts (GEMV 1-4, GEMM BLOCK_M 16, 64, 128), x dtypes (bf16,
-    fp16, float32: XDT and IEEE) and bias rotate over the cases, as the GPU test's do (every launch compiles for ~1 s). Then tinygemm's int4 layout
+    deferred sums), the former GEMV ("v0") and the GEMM's tiles ("dot"). Row counts (GEMV
+    1-4, GEMM BLOCK_M 16, 64, 128), x dtypes (bf16, fp16, float32: XDT and IEEE) and bias rotate over the cases,
+    as the GPU test's do (every launch compiles for ~1 s). Then tinygemm's int4 layout
     dequantized to bf16 (two tile counts)."""
     from llamadist.kernels import gpu
     from llamadist.kernels import wquant as W
@@ -132,7 +132,6 @@ def wquant_cases() -> None:
     m = gpu.load("wquant")
     _patch(m)
     m.device_traits = lambda device: (132, True)  # the H200: 132 SMs, float8e4nv
-    m.launches_pdl = lambda device: True          # and programmatic dependent launches
     formats = {"int8": W.quantize_int8, "int8_g32": lambda w: W.quantize_int8(w, 32),
                "int4": W.quantize_int4, "int4_g32": lambda w: W.quantize_int4(w, 32),
                "fp8": W.quantize_fp8}
@@ -150,8 +149,7 @@ def wquant_cases() -> None:
         runs += [((i + c) % 2, variant if cfg is None else cfg, 1 + (i + c) % 4)
                  for c, cfg in enumerate(configs)]
         runs += [(0, GemvConfig(native=not fmt.startswith("int4"), prefetch=1 - i % 2,
-                                defer=True, pdl=i % 2 == 0), 1 + i % 4)]  # deferred
-        # sums, 1-4 rows; every other one a programmatic dependent launch
+                                defer=True), 1 + i % 4)]  # deferred sums, 1-4 rows
         for c, (j, cfg, rows) in enumerate(runs):
             (n, k), pw, dtype = shapes[j], weights[j], dtypes[(i + c) % 3]
             bias = torch.zeros(n, dtype=dtype) if (i + c) % 2 else None

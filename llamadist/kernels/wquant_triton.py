@@ -88,11 +88,7 @@ class GemvConfig:
     (sm_89+), instead of the bit decode; label "nat"), ``prefetch`` (tiles loaded ahead:
     0, 1 or 2), ``group_sums`` (int4: scale and offset applied to each tile's sums, not
     to each weight; label "gs"), ``defer`` (without group sums: each row's products
-    summed elementwise over the tiles, reduced along K once at the end; label "df"),
-    ``pdl`` (launched as a programmatic dependent launch where the device has it, sm_90+:
-    the programs may start while the kernel before them finishes, load what ``prefetch``
-    loads ahead of the loop (codes and scales, never written by a kernel), then wait
-    for it (``griddepcontrol.wait``) before reading x; label "pdl")."""
+    summed elementwise over the tiles, reduced along K once at the end; label "df")."""
 
     block_n: int = 32
     block_k: int = 256
@@ -103,13 +99,12 @@ class GemvConfig:
     prefetch: int = 2
     group_sums: bool = False
     defer: bool = False
-    pdl: bool = False
 
     def label(self) -> str:
         return (f"n{self.block_n}k{self.block_k}w{self.warps}s{self.split}"
                 + ("" if self.stages is None else f"st{self.stages}")
                 + ("nat" if self.native else "") + ("gs" if self.group_sums else "")
-                + ("df" if self.defer else "") + ("pdl" if self.pdl else "")
+                + ("df" if self.defer else "")
                 + ("" if self.prefetch == 2 else f"pf{self.prefetch}"))
 
 
@@ -161,7 +156,6 @@ def mma_split(cfg: MmaConfig, m: int, n: int, k: int, tiles: int, sms: int) -> M
 
 
 _SMS: dict[int, tuple[int, bool]] = {}
-_PDL: dict[int, bool] = {}
 
 
 def device_traits(device: torch.device) -> tuple[int, bool]:
@@ -176,17 +170,6 @@ def device_traits(device: torch.device) -> tuple[int, bool]:
         _SMS[i] = (p.multi_processor_count,
                    torch.version.hip is None and (p.major, p.minor) >= (8, 9))
     return _SMS[i]
-
-
-def launches_pdl(device: torch.device) -> bool:
-    """Whether kernels on ``device`` can be programmatic dependent launches (NVIDIA sm_90+;
-    not the interpreter's CPU tensors), cached."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return False
-    i = device.index if device.index is not None else torch.cuda.current_device()
-    if i not in _PDL:
-        _PDL[i] = torch.cuda.get_device_properties(i).major >= 9
-    return _PDL[i]
 
 
 def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,

@@ -182,11 +182,11 @@ def test_gemv_deferred_sums(fmt):
     """``defer`` (each row's products summed elementwise over the tiles, reduced along K
     after the loop): GemvConfig's default cut and an odd one (split-K, K ranges and tiles
     ending inside a row, rows past N), bf16 and float32 x, 1-4 rows of x (each row its
-    own tile of sums), the first also a programmatic dependent launch on sm_90+. (The
-    rule's own deferred cuts run in test_gemv_configs_against_float64's h200_rule.)"""
+    own tile of sums). (The rule's own deferred cuts run in
+    test_gemv_configs_against_float64's h200_rule.)"""
     kind = FORMATS_KIND[fmt]
     native = kind != "int4" and (kind == "int8" or FP8_NATIVE)
-    cfgs = [T.GemvConfig(native=native, prefetch=1, defer=True, pdl=True),
+    cfgs = [T.GemvConfig(native=native, prefetch=1, defer=True),
             T.GemvConfig(block_n=16, block_k=32, split=3, prefetch=0, defer=True)]
     for j, (cfg, (n, k, dtype)) in enumerate(itertools.product(cfgs, CONFIG_RUNS)):
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))

@@ -151,8 +151,7 @@ def test_labels_name_every_field_that_changes_the_kernel():
                 dataclasses.replace(base, native=True, prefetch=0),
                 dataclasses.replace(base, stages=3), dataclasses.replace(base, split=2),
                 dataclasses.replace(base, warps=8), dataclasses.replace(base, block_n=64),
-                dataclasses.replace(base, block_k=128), dataclasses.replace(base, defer=True),
-                dataclasses.replace(base, pdl=True)]
+                dataclasses.replace(base, block_k=128), dataclasses.replace(base, defer=True)]
     labels = [c.label() for c in variants]
     assert len(set(labels)) == len(labels)
     assert labels[:5] == ["n32k256w4s1", "n32k256w4s1nat", "n32k256w4s1gs",

@@ -11,7 +11,7 @@ import triton.language as tl
 from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
                                              _blocks, _tile_k, _x_operand, device_traits,
-                                             gemv_config, launches_pdl)
+                                             gemv_config)
 
 
 # int8's bit decode on a GPU: a 32-bit word of four codes, its sign bits flipped once (q +
@@ -24,15 +24,6 @@ _INT8_BITS = tl.constexpr(
     "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
     "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
     "prmt.b32 $3, t, 0x4B000000, 0x7653; }")
-
-
-@triton.jit
-def _grid_wait():
-    """Wait for the kernels this one depends on (a no-op unless launched as a programmatic
-    dependent launch; none in the interpreter)."""
-    if _PTX:
-        tl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -274,7 +265,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
                  GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
-                 PDL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K. PREFETCH
@@ -284,8 +275,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     with 2 a whole step's work covers each tile's HBM latency). DEFER (no int4 group
     sums): each row's tile products accumulate elementwise in a (BN, BK) float32 tile of
     its own, reduced along K once after the loop instead of after every tile (no shuffles
-    in the loop; ROWS tiles of registers). PDL: the prefetched tiles load before waiting
-    for the kernel this launch depends on, every read of x after it."""
+    in the loop; ROWS tiles of registers)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -314,8 +304,6 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
         nxt2 = _gemv_codes(q_rows, b_lo + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
         sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo + BLOCK_K, b_hi,
                                      n_ok, GROUP_B, KIND, GROUPED)
-    if PDL:  # x (and y's buffer) belong to the kernels before this one
-        _grid_wait()
     for b0 in range(b_lo, b_hi, BLOCK_K):
         rb = b0 + tl.arange(0, BLOCK_K)
         if PREFETCH == 2:  # issue the loads two tiles ahead, then work on this one
@@ -571,9 +559,6 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     qv = q.view(torch.uint8) if kind == "int8" else q
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
     extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
-    pdl = cfg.pdl and launches_pdl(y.device)
-    if pdl:
-        extra["launch_pdl"] = True
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, kb, k, n, ks,
@@ -582,7 +567,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
-        DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), PDL=pdl,
+        DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"),
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
