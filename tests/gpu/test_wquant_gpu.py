@@ -190,7 +190,8 @@ def test_gemv_deferred_sums(fmt):
             T.GemvConfig(block_n=16, block_k=32, split=3, prefetch=0, defer=True)]
     for j, (cfg, (n, k, dtype)) in enumerate(itertools.product(cfgs, CONFIG_RUNS)):
         w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
-        check(FORMATS[fmt](w), 1 + j % 4, dtype, bias=j % 2 == 0, config=cfg)
+        for m in (1 + j % 4, 4 - j % 4):  # each cut at 1-4 rows
+            check(FORMATS[fmt](w), m, dtype, bias=j % 2 == 0, config=cfg)
     check(FORMATS[fmt](torch.randn(37, 300)), 4, torch.float32, bias=False, config=cfgs[1])
 
 
@@ -229,6 +230,24 @@ def test_fp8_decodes_every_finite_code(native):
                  T.GemvConfig(native=native, prefetch=0)).cpu()[0]
     want = codes.view(torch.float8_e4m3fn).float() * 0.5
     assert torch.equal(y, want)
+
+
+def test_int8_bit_decode_every_code_in_place():
+    """All 256 int8 codes through the bit decode (on a GPU one PTX byte permute a code,
+    four codes a 32-bit word): row r holds codes 4r .. 4r + 3 in columns 0-3, so each
+    column of a word meets a one-hot x alone; per tile and deferred, exact in float32."""
+    codes = (torch.arange(64 * 32) % 256).view(64, 32)
+    codes[:, :4] = torch.arange(256).view(64, 4)
+    q = (codes - 128).to(torch.int8)
+    pw = W.PackedWeight("int8", q, torch.full((64, 1), 0.5), None, 32, (64, 32)).to(DEVICE)
+    for cfg in (T.GemvConfig(native=False, prefetch=0),
+                T.GemvConfig(block_n=8, block_k=32, native=False, prefetch=0, defer=True)):
+        for c in (0, 1, 2, 3, 17):
+            x = torch.zeros(1, 32)
+            x[0, c] = 1.0
+            y = T.launch(x.to(DEVICE), "int8", pw.q, pw.scale, None, None, 32, 64, 32,
+                         cfg).cpu()[0]
+            assert torch.equal(y, q[:, c].float() * 0.5), (cfg.label(), c)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
