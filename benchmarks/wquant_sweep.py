@@ -183,8 +183,8 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
         # rule's cut, then narrower programs without split-K (where the rule defers
         # already, "near" times the cuts one field from it, not the former split-K cut);
         # more rows hold more tiles of sums, so shorter tiles
-        bks = ((64, 128) if kind == "int4" else (256, 512, 1024) if m == 1
-               else (128, 256, 512))
+        bks = ((64, 128, 256, 512) if kind == "int4" else (256, 512, 1024) if m == 1
+               else (128, 256, 512))  # (int4 past its group's bytes: whole groups a tile)
         out += [rep(rule, defer=True), rep(rule, defer=True, prefetch=0)]
         out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk)
                 for bn in (8, 16, 32) for bk in bks]
