@@ -121,8 +121,12 @@ def smollm2_reference(smollm2, tmp_path_factory):
     return ckpt, ids, logits, tokens[0].token_ids
 
 
-@pytest.mark.parametrize("strategy", STRATEGIES)
-@pytest.mark.parametrize("stages", [2, 3])
+# Every strategy once, at 2 or 3 stages: a strategy only chooses the boundaries, and every
+# strategy at 1-4 stages is checked against the unsplit model above (test_split_matches_
+# unsplit, the tiny tied model); here each plans SmolLM2's 30 layers and splits real weights.
+# custom at 3 stages: a one-layer first stage and a middle one (0:1, 1:15, 15:30).
+@pytest.mark.parametrize("stages,strategy", [(2, "uniform"), (3, "memory"), (3, "compute"),
+                                             (2, "mixed"), (3, "custom")])
 def test_split_on_smollm2(smollm2_reference, strategy, stages):
     """SmolLM2 (real weights, tied embeddings): every strategy gives the unsplit logits and
     greedy tokens."""
