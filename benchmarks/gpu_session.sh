@@ -529,7 +529,8 @@ groups18() {  # issue 16, session 18: int4's deferred tiles of whole groups
     step tests18e 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py \
         -k "deferred or every_code or gemv_configs or formats"
     step groups18 200 python3 benchmarks/wquant_sweep.py --m 1 --configs defer \
-        --kinds int4_g128,int4_g32 --max-seconds 180
+        --kinds ${GROUP_KINDS:-int4_g128,int4_g32} --shapes ${GROUP_SHAPES:-qkv,o,gate_up,down} \
+        --max-seconds ${GROUP_S:-180}
 }
 
 head18() {  # issue 16, session 18: --quantize-head (the head in the layers' format). Batch-1

@@ -201,8 +201,9 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
     grouped = kind == "int4" or group < k
     gb = (group // 2 if kind == "int4" else group) if grouped else None
     seen, keep = set(), []
-    for c in out:
-        key = dataclasses.replace(c, block_k=T._tile_k(c.block_k, gb))
+    for c in out:  # (deferred tiles of whole groups keep their BLOCK_K: gpu.wquant.gemv)
+        whole = c.defer and gb is not None and c.block_k > gb and c.block_k % gb == 0
+        key = c if whole else dataclasses.replace(c, block_k=T._tile_k(c.block_k, gb))
         if key not in seen:
             seen.add(key)
             keep.append(c)
