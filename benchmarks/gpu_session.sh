@@ -5,7 +5,7 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 groups18 rows8 quantdecode verify16 perplexity head18 (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -523,16 +523,6 @@ T.gemv_config = former" --quantize int8 $b2
     ab b2_int8_head "" --quantize int8 --quantize-head $b2
 }
 
-groups18() {  # issue 16, session 18: int4's deferred tiles of whole groups
-    # (_gemv_groups_kernel): the CUDA tests of the GEMV, then the sweep's deferred cuts for
-    # int4 g128 and g32 at one row against tinygemm (~4 min)
-    step tests18e 150 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_gpu.py \
-        -k "deferred or every_code or gemv_configs or formats"
-    step groups18 200 python3 benchmarks/wquant_sweep.py --m 1 --configs defer \
-        --kinds ${GROUP_KINDS:-int4_g128,int4_g32} --shapes ${GROUP_SHAPES:-qkv,o,gate_up,down} \
-        --max-seconds ${GROUP_S:-180}
-}
-
 head18() {  # issue 16, session 18: --quantize-head (the head in the layers' format). Batch-1
     # decode of the 8B folder with and without it, then SmolLM2 perplexity likewise, after
     # `stash` as for `perplexity` (~5 min)
@@ -551,8 +541,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|groups18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|groups18|rows8|quantdecode|verify16|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

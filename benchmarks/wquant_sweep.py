@@ -183,8 +183,8 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
         # rule's cut, then narrower programs without split-K (where the rule defers
         # already, "near" times the cuts one field from it, not the former split-K cut);
         # more rows hold more tiles of sums, so shorter tiles
-        bks = ((64, 128, 256, 512) if kind == "int4" else (256, 512, 1024) if m == 1
-               else (128, 256, 512))  # (int4 past its group's bytes: whole groups a tile)
+        bks = ((64, 128) if kind == "int4" else (256, 512, 1024) if m == 1
+               else (128, 256, 512))
         out += [rep(rule, defer=True), rep(rule, defer=True, prefetch=0)]
         out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk)
                 for bn in (8, 16, 32) for bk in bks]
@@ -201,9 +201,8 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
     grouped = kind == "int4" or group < k
     gb = (group // 2 if kind == "int4" else group) if grouped else None
     seen, keep = set(), []
-    for c in out:  # (deferred tiles of whole groups keep their BLOCK_K: gpu.wquant.gemv)
-        whole = c.defer and gb is not None and c.block_k > gb and c.block_k % gb == 0
-        key = c if whole else dataclasses.replace(c, block_k=T._tile_k(c.block_k, gb))
+    for c in out:
+        key = dataclasses.replace(c, block_k=T._tile_k(c.block_k, gb))
         if key not in seen:
             seen.add(key)
             keep.append(c)

@@ -345,16 +345,6 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
             acc3 = tl.sum(d3, axis=1)
     if not GROUPED:  # one scale a row, applied once
         sc = tl.load(s_ptr + rn * stride_sn, mask=n_ok, other=0.0).to(tl.float32)
-        acc0, acc1, acc2, acc3 = acc0 * sc, acc1 * sc, acc2 * sc, acc3 * sc
-    _store_rows(acc0, acc1, acc2, acc3, b_ptr, y_ptr, rn, n_ok, pid_k, N, stride_ym,
-                HAS_BIAS, ROWS, PARTIAL)
-
-
-@triton.jit
-def _store_rows(acc0, acc1, acc2, acc3, b_ptr, y_ptr, rn, n_ok, pid_k, N, stride_ym,
-                HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr):
-    """The GEMVs' epilogue: rows 0..ROWS-1's sums stored to y (plus the bias), or, PARTIAL,
-    as float32 partials (splits, ROWS, N) at y_ptr."""
     for m in tl.static_range(ROWS):
         if m == 0:  # (statements, not a conditional expression: older Triton)
             acc = acc0
@@ -364,104 +354,14 @@ def _store_rows(acc0, acc1, acc2, acc3, b_ptr, y_ptr, rn, n_ok, pid_k, N, stride
             acc = acc2
         else:
             acc = acc3
+        if not GROUPED:
+            acc = acc * sc
         if PARTIAL:
             tl.store(y_ptr + (pid_k * ROWS + m) * N + rn, acc, mask=n_ok)
         else:
             if HAS_BIAS:
                 acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
-
-
-@triton.jit
-def _group_weights(q_ptr, s_ptr, o_ptr, rn, n_ok, b0, b_hi, stride_qn, stride_sn,
-                   KIND: tl.constexpr, NATIVE: tl.constexpr, BLOCK_N: tl.constexpr,
-                   G: tl.constexpr, GB: tl.constexpr):
-    """``_gemv_groups_kernel``'s tile: G whole scale groups of GB code bytes from byte b0
-    (a multiple of GB) of each row, as (BN, G, GB) float32 weights (w_a, w_b) (int4: the
-    low and high nibbles' c s + o; int8 / fp8: the code times its group's scale, twice).
-    The scales load as (BN, G), one a group, broadcast along GB in registers."""
-    j = tl.arange(0, G)[None, :, None] * GB + tl.arange(0, GB)[None, None, :]
-    rb = b0 + j                                                   # (1, G, GB) bytes
-    raw = tl.load(q_ptr + rn[:, None, None] * stride_qn + rb,
-                  mask=n_ok[:, None, None] & (rb < b_hi), other=0)
-    g = b0 // GB + tl.arange(0, G)                                # (G,) groups
-    at = rn[:, None] * stride_sn + g[None, :]                     # (BN, G)
-    ok = n_ok[:, None] & (g * GB < b_hi)[None, :]
-    sc = tl.load(s_ptr + at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-    if KIND == 1:
-        off = tl.load(o_ptr + at, mask=ok, other=0.0).to(tl.float32)[:, :, None]
-        u = raw.to(tl.int32)  # f = 1 + c / 16, then one FMA: c s + o (as _decode_tile)
-        f_lo = (((u << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        f_hi = (((u << 15) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
-        a = 16.0 * sc
-        b = off - a
-        return f_lo * a + b, f_hi * a + b
-    w = _decode(raw, KIND, NATIVE) * sc
-    return w, w
-
-
-@triton.jit
-def _group_acc(acc, w_a, w_b, x_row, b0, b_hi, KIND: tl.constexpr, XDT: tl.constexpr,
-               BLOCK_N: tl.constexpr, G: tl.constexpr, GB: tl.constexpr):
-    """``acc`` (BN, G, GB) plus the products of ``_group_weights``' tile with one row of
-    x (one FMA a weight), x's pointers broadcast to the tile (loaded in its layout; int4:
-    pair words, as _x_pair_row)."""
-    rb = b0 + tl.arange(0, G)[None, :, None] * GB + tl.arange(0, GB)[None, None, :]
-    xp = tl.broadcast_to(x_row + rb, (BLOCK_N, G, GB))
-    xw = tl.load(xp, mask=tl.broadcast_to(rb < b_hi, (BLOCK_N, G, GB)), other=0)
-    if KIND == 1:
-        x_e, x_o = _x_pairs(xw, XDT)
-        return acc + w_a * x_e + w_b * x_o
-    return acc + w_a * xw.to(tl.float32)
-
-
-@triton.jit
-def _gemv_groups_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, N, KS,
-                        stride_xm, stride_qn, stride_sn, stride_ym,
-                        KIND: tl.constexpr, HAS_BIAS: tl.constexpr, ROWS: tl.constexpr,
-                        PARTIAL: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
-                        BLOCK_N: tl.constexpr, G: tl.constexpr, GB: tl.constexpr):
-    """The deferred GEMV (``GemvConfig(defer=True)``) of grouped weights (int4, grouped
-    int8 / fp8) with tiles of G whole groups of GB bytes (BLOCK_K = G GB > GB): each
-    byte scaled by its group's scale (and offset) as it decodes, each row's products
-    summed elementwise in a (BN, G, GB) float32 tile, reduced once after the loop. Tiles
-    of one group (``_gemv_kernel``) hold GB bytes a row: a group of 128 int4 inputs is 64
-    bytes, 4 a thread, with the loop's fixed work on every 8 weights."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
-    d0 = tl.zeros((BLOCK_N, G, GB), dtype=tl.float32)
-    d1 = d0
-    d2 = d0
-    d3 = d0
-    b_lo = pid_k * KS
-    b_hi = tl.minimum(b_lo + KS, KB)
-    for b0 in range(b_lo, b_hi, G * GB):
-        w_a, w_b = _group_weights(q_ptr, s_ptr, o_ptr, rn, n_ok, b0, b_hi, stride_qn,
-                                  stride_sn, KIND, NATIVE, BLOCK_N, G, GB)
-        d0 = _group_acc(d0, w_a, w_b, x_ptr, b0, b_hi, KIND, XDT, BLOCK_N, G, GB)
-        if ROWS > 1:
-            d1 = _group_acc(d1, w_a, w_b, x_ptr + stride_xm, b0, b_hi, KIND, XDT, BLOCK_N,
-                            G, GB)
-        if ROWS > 2:
-            d2 = _group_acc(d2, w_a, w_b, x_ptr + 2 * stride_xm, b0, b_hi, KIND, XDT,
-                            BLOCK_N, G, GB)
-        if ROWS > 3:
-            d3 = _group_acc(d3, w_a, w_b, x_ptr + 3 * stride_xm, b0, b_hi, KIND, XDT,
-                            BLOCK_N, G, GB)
-    acc0 = tl.sum(tl.sum(d0, axis=2), axis=1)
-    acc1 = acc0
-    acc2 = acc0
-    acc3 = acc0
-    if ROWS > 1:
-        acc1 = tl.sum(tl.sum(d1, axis=2), axis=1)
-    if ROWS > 2:
-        acc2 = tl.sum(tl.sum(d2, axis=2), axis=1)
-    if ROWS > 3:
-        acc3 = tl.sum(tl.sum(d3, axis=2), axis=1)
-    _store_rows(acc0, acc1, acc2, acc3, b_ptr, y_ptr, rn, n_ok, pid_k, N, stride_ym,
-                HAS_BIAS, ROWS, PARTIAL)
 
 
 @triton.jit
@@ -652,10 +552,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     kb = (k + 1) // 2 if kind == "int4" else k
     grouped = scale.shape[1] > 1 or kind == "int4"
     group_b = (group // 2 if kind == "int4" else group) if grouped else None
-    defer = cfg.defer and not (cfg.group_sums and kind == "int4")
-    groups = (defer and group_b is not None and cfg.block_k > group_b
-              and cfg.block_k % group_b == 0)  # tiles of whole groups
-    bk = cfg.block_k if groups else _tile_k(cfg.block_k, group_b)
+    bk = _tile_k(cfg.block_k, group_b)
     split = max(1, min(cfg.split, -(-kb // bk)))
     ks = -(-kb // (split * bk)) * bk            # bytes per K range, whole tiles
     split = -(-kb // ks)
@@ -663,17 +560,6 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     qv = q.view(torch.uint8) if kind == "int8" else q
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
     extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
-    if groups:
-        _gemv_groups_kernel[(triton.cdiv(n, cfg.block_n), split)](
-            xk, qv, scale, offset if offset is not None else scale,
-            bias if bias is not None else scale, out, kb, n, ks,
-            xk.stride(0), q.stride(0), scale.stride(0), y.stride(0),
-            KIND=KIND_IDS[kind], HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1,
-            XDT=xdt, NATIVE=cfg.native and kind != "int4", BLOCK_N=cfg.block_n,
-            G=bk // group_b, GB=group_b, num_warps=cfg.warps, **extra)
-        if split > 1:
-            _sum_splits(out, bias, y)
-        return
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, kb, k, n, ks,
@@ -682,7 +568,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
-        DEFER=defer, BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+        DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"),
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
 
