@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
-from llamadist.config import RuntimeConfig, default_devices
+from llamadist.config import QUANTIZE_HEAD_ALONE, ConfigError, RuntimeConfig, default_devices
 from llamadist.engine.engine import LLMEngine, RequestOutput, run_stats
 from llamadist.engine.request import Request
 from llamadist.generation.generate import GenerationResult
@@ -87,6 +87,8 @@ class LLM:
             raise ValueError(f"LLM runs in this process; the layout asks for tp={layout.tp} "
                              f"dp={layout.dp} over {layout.processes} processes: run it with "
                              f"`llamadist generate --nproc ...` or torchrun")
+        if runtime.quantize_head and not runtime.quantize:
+            raise ConfigError(QUANTIZE_HEAD_ALONE)
         self.runtime, self.layout = runtime, layout
         self.dtype = runtime.dtype_for(list(layout.devices))
         self.max_seq_len = runtime.max_seq_len

@@ -283,7 +283,8 @@ QUANT_ACTIVATIONS_CHOICES = ("float32", "int8")
 WQUANT_CHOICES = ("torch", "triton")  # --wquant: the GPU product of --quantize weights
 QUANTIZE_CHOICES = ("int8", "int4", "fp8")  # --quantize: a float weight's format at load
 QUANTIZE_HEAD_ALONE = ("--quantize-head quantizes the head in the --quantize format: give "
-                       "--quantize int8|int4|fp8 (or --fit-bits) with it")
+                       "--quantize int8|int4|fp8 (or --fit-bits, or a plan file with "
+                       "formats) with it")
 # int4's inputs per scale and offset: "int4" is INT4_GROUP on a GPU (GGUF Q4_1, 32, on a
 # CPU); "int4-g32" etc. choose (the groups torch's tinygemm takes; Triton takes any even one)
 INT4_GROUP = 128

@@ -7,8 +7,9 @@ import argparse
 import os
 
 from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, EP_DISPATCH_CHOICES,
-                              ConfigError, QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HEAD_ALONE, QUANTIZE_HELP, WEIGHTS_CHOICES,
-                              WQUANT_CHOICES, EAGER_KERNELS_CHOICES, RuntimeConfig)
+                              ConfigError, QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HEAD_ALONE,
+                              QUANTIZE_HELP, WEIGHTS_CHOICES, WQUANT_CHOICES,
+                              EAGER_KERNELS_CHOICES, RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -79,7 +80,9 @@ def add_placement(p: argparse.ArgumentParser) -> None:
                    "Q8_0 / Q4_1 blocks")
     g.add_argument("--quantize-head", action="store_true",
                    help="quantize the output head too, in its stage's --quantize format (a "
-                   "tied head gets its own quantized copy; default: the head stays float)")
+                   "tied head gets its own quantized copy; a GGUF's head is quantized again "
+                   "from its dequantized values, as the layers are; default: the head stays "
+                   "as stored)")
     g.add_argument("--fit-bits", action="store_true",
                    help="when the model does not fit in its dtype, quantize the fewest "
                    "devices' weights (none -> int8 -> int4, slow devices first) until it "
@@ -226,7 +229,8 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "expert_load": getattr(args, "expert_load", None),
              "compile_cache": getattr(args, "compile_cache", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
-    if given["quantize_head"] and not (given["quantize"] or getattr(args, "fit_bits", False)):
+    if given["quantize_head"] and not (given["quantize"] or getattr(args, "fit_bits", False)
+                                       or getattr(args, "plan", None)):  # (its formats)
         raise ConfigError(QUANTIZE_HEAD_ALONE)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them

@@ -36,7 +36,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from llamadist.config import ModelConfig, RuntimeConfig, named_shape, quantize_for
+from llamadist.config import (QUANTIZE_HEAD_ALONE, ConfigError, ModelConfig, RuntimeConfig,
+                              named_shape, quantize_for)
 from llamadist.generation.generate import Generator
 from llamadist.generation.sampling import SamplingParams
 from llamadist.model.fuse import fuse_projections
@@ -441,6 +442,8 @@ def prepare(args: argparse.Namespace) -> ShapeRun:
     dev = devices[0]
     dtype_name = opts.dtype or ("bfloat16" if dev.type == "cuda" else "float32")
     fmts = {quantize_for(opts.quantize, str(d)) for d in devices}  # refuses fp8 on a CPU
+    if opts.quantize_head and not opts.quantize:
+        raise ConfigError(QUANTIZE_HEAD_ALONE)
     plen, glen = opts.prompt_len, opts.gen_len
     max_seq = opts.max_seq_len or (plen + glen + 127) // 128 * 128
     if max_seq < plen + glen:

@@ -72,11 +72,11 @@ def auto_layout(config: ModelConfig, args: argparse.Namespace, runtime: RuntimeC
     note = ""
     if getattr(args, "fit_bits", False):
         check_fit_bits(runtime.quantize, auto=True)
-        fmt, cands = auto_fit_bits(prof, specs, kinds, **kw)
+        fmt, cands = auto_fit_bits(prof, specs, kinds, runtime.quantize_head, **kw)
         note = auto_bits_note(prof, fmt, kinds)
     else:
         # the weights as the run will load them (--quantize: one format for every device)
-        prof, fmt = auto_profile(prof, runtime.quantize, kinds)
+        prof, fmt = auto_profile(prof, runtime.quantize, kinds, runtime.quantize_head)
         cands = auto_plan(prof, specs, **kw)
     best = cands[0]
     nproc = best.num_devices

@@ -109,8 +109,6 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
     if held:
         prof = native_profile(prof, held)
-    if not fit_bits:
-        prof = planned_head(prof, quantize, quantize_head, specs)
     if plan_file is not None:
         if strategy not in (None, "custom", "uniform"):
             log.warning("--plan-file given: using strategy 'custom' instead of %r", strategy)
@@ -120,6 +118,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
     if fit_bits:
         from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
         check_fit_bits(quantize)
+        prof = planned_head(prof, quantize_head, None, chosen_later=True)
         plan = choose_bits(prof, specs, strategy, one_format, **kw).plan
         notes = bits_report(plan, prof, specs)
     else:
@@ -127,6 +126,9 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
         saved = [s.weight_format for s in Plan.load(plan_file).stages] if plan_file else []
         if quantize is None and any(saved) and len(saved) == len(specs):
             formats = saved   # a plan file's formats, costed again on these devices
+        if specs:
+            prof = planned_head(prof, quantize_head, formats[-1], specs[-1].kind,
+                                any_format=any(formats))
         plan = make_plan(prof, specs, strategy=strategy,
                          formats=formats if any(formats) else None, **kw)
         notes = format_notes(prof, specs, formats)
@@ -320,12 +322,14 @@ def _auto_plan(args: argparse.Namespace, config: ModelConfig, dtype: str, max_se
         from llamadist.planning.bits import auto_bits_note, auto_fit_bits, check_fit_bits
         check_fit_bits(args.quantize, auto=True)
         kinds = sorted({d.kind for d in devices}) if devices else ["cuda"]
-        fmt, cands = auto_fit_bits(prof, devices, kinds, **kw)
+        fmt, cands = auto_fit_bits(prof, devices, kinds,
+                                   getattr(args, "quantize_head", False), **kw)
         note = auto_bits_note(prof, fmt, kinds)
     else:
         from llamadist.planning.bits import auto_profile
         kinds = sorted({d.kind for d in devices}) if devices else ["cuda"]
-        prof, fmt = auto_profile(prof, args.quantize, kinds)
+        prof, fmt = auto_profile(prof, args.quantize, kinds,
+                                 getattr(args, "quantize_head", False))
         try:
             cands = auto_plan(prof, devices, **kw)
         except PlanningError as e:

@@ -22,7 +22,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from llamadist.config import ConfigError, parse_quantize
+from llamadist.config import QUANTIZE_HEAD_ALONE, ConfigError, parse_quantize
 from llamadist.planning.checks import plan_problems
 from llamadist.planning.devices import DeviceSpec
 from llamadist.planning.plan import KIND_FORMATS, Plan, format_problem
@@ -202,27 +202,32 @@ def quantize_spec(plan: Plan) -> str | None:
 
 
 def auto_fit_bits(profile: ModelProfile, devices: Sequence[DeviceSpec] | None,
-                  kinds: Sequence[str], **auto_kw: Any) -> tuple[str | None, list]:
+                  kinds: Sequence[str], head: bool = False,
+                  **auto_kw: Any) -> tuple[str | None, list]:
     """The auto planner over formats: the first of LADDER (one format for every device)
     whose profile some layout fits, and that layout's candidates. ``kinds``: the device
-    kinds present (each format's bytes are the largest of theirs)."""
+    kinds present (each format's bytes are the largest of theirs); ``head``
+    (--quantize-head): the head in that format too."""
     from llamadist.planning.auto import auto_plan
     last: PlanningError | None = None
     for fmt in LADDER:
         try:
-            return fmt, auto_plan(quantized_profile(profile, fmt, kinds), devices, **auto_kw)
+            return fmt, auto_plan(quantized_profile(profile, fmt, kinds, head), devices,
+                                  **auto_kw)
         except PlanningError as e:
             last = e
     raise PlanningError(f"even with every decoder layer in int4 {last}")
 
 
-def auto_profile(profile: ModelProfile, quantize: str | None,
-                 kinds: Sequence[str]) -> tuple[ModelProfile, str | None]:
+def auto_profile(profile: ModelProfile, quantize: str | None, kinds: Sequence[str],
+                 head: bool = False) -> tuple[ModelProfile, str | None]:
     """(the profile the auto planner costs, the format) under ``--quantize`` (the spec as
     given): one format for every device, since the planner costs one profile for all of
     them, so a per-device spec is refused; a format a device kind cannot run is refused
-    too."""
+    too. ``head`` (--quantize-head): the head in that format too (refused without one)."""
     if quantize is None:   # as stored (a quantized checkpoint's own formats) or dtype
+        if head:
+            raise PlanningError(QUANTIZE_HEAD_ALONE)
         return quantized_profile(profile, None, kinds), None
     try:
         table = parse_quantize(quantize)
@@ -237,7 +242,7 @@ def auto_profile(profile: ModelProfile, quantize: str | None,
         problem = format_problem(fmt, kind)
         if problem is not None:
             raise PlanningError(f"--quantize {fmt}: {problem}")
-    return quantized_profile(profile, fmt, kinds), fmt
+    return quantized_profile(profile, fmt, kinds, head), fmt
 
 
 def auto_bits_note(profile: ModelProfile, fmt: str | None, kinds: Sequence[str]) -> str:

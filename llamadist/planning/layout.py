@@ -116,8 +116,9 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     rank) and ``ep`` (experts per rank). A plan file gives the stages; they are costed
     again on this run's devices, budgets and lengths, not the file's.
     ``quantize`` (RuntimeConfig.quantize): each stage's weights counted in its format
-    (``quantize_head``: the last stage's head too; under ``fit_bits`` it is counted as
-    stored, an upper bound).
+    (``quantize_head``: the last stage's head too, a plan file's format where --quantize
+    is not given; under ``fit_bits`` a tied head counted as its own copy as stored, an
+    upper bound).
     ``fit_bits`` (--fit-bits): each device's format chosen as `plan --fit-bits` chooses it
     (planning.bits.choose_bits; ``one_format``: one for every stage, as stages over
     processes need), a plan file's formats chosen again; the Layout's ``why`` then holds
@@ -128,7 +129,7 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     (profile.native_profile; weights.loader.native_bytes), counted in those bytes."""
     from llamadist.planning.devices import check_devices_present, parse_devices
     from llamadist.planning.plan import Plan
-    from llamadist.planning.profile import native_profile, planned_head, profile
+    from llamadist.planning.profile import native_profile, profile
 
     if isinstance(devices, (list, tuple)):
         devices = ",".join(devices)
@@ -149,13 +150,11 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
     prof = profile(config, dtype=dtype, seq_len=max_seq_len)
     if held:
         prof = native_profile(prof, held)
-    if not fit_bits:
-        prof = planned_head(prof, quantize, quantize_head, specs)
     kw = dict(boundaries=boundaries, batch_size=max_batch, max_seq_len=max_seq_len, tp=tp,
               config=config, cp=cp, ep=ep, experts=experts)
     try:
         p, why = _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan,
-                         saved_formats)
+                         saved_formats, quantize_head)
     except PlanningError as e:
         from llamadist.planning.experts import replicas_refusal
         raise replicas_refusal(e, experts, config.num_layers) from None
@@ -163,15 +162,18 @@ def resolve_layout(config: ModelConfig, *, devices: str | list[str] | None = Non
                   tuple(s.device for s in p.stages), why=why, plan=p)
 
 
-def _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan, saved_formats):
+def _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan, saved_formats,
+            quantize_head=False):
     """resolve_layout's checked plan and its --fit-bits report ("" without)."""
     from llamadist.config import quantize_for
     from llamadist.planning.checks import check_fits
+    from llamadist.planning.profile import planned_head
     from llamadist.planning.strategies import make_plan
     why = ""
     if fit_bits:
         from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
         check_fit_bits(quantize)
+        prof = planned_head(prof, quantize_head, None, chosen_later=True)
         p = check_fits(choose_bits(prof, specs, strategy, one_format, **kw).plan)
         why = "\n".join(bits_report(p, prof, specs))
     else:
@@ -179,6 +181,9 @@ def _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan, sav
         if saved_formats is not None:
             formats = _plan_formats(plan, saved_formats, [d.name for d in specs], quantize,
                                     formats)
+        if specs:
+            prof = planned_head(prof, quantize_head, formats[-1], specs[-1].kind,
+                                any_format=any(formats))
         p = check_fits(make_plan(prof, specs, strategy=strategy,
                                  formats=formats if any(formats) else None, **kw))
     return p, why

@@ -17,7 +17,8 @@ import json
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Mapping, Sequence
 
-from llamadist.config import INT4_GROUP, ModelConfig, RuntimeConfig, quantize_group
+from llamadist.config import (INT4_GROUP, QUANTIZE_HEAD_ALONE, ConfigError, ModelConfig,
+                              RuntimeConfig, quantize_group)
 from llamadist.planning.units import PlanningError, format_bytes, format_flops
 
 DTYPE_BYTES: dict[str, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
@@ -292,16 +293,21 @@ def head_in_format(prof: ModelProfile, fmt: str, kinds: Sequence[str]) -> ModelP
         h, weight_bytes=size, active_weight_bytes=size, tied=False, stored=()))
 
 
-def planned_head(prof: ModelProfile, quantize: str | None, quantize_head: bool,
-                 specs: Sequence) -> ModelProfile:
-    """The profile a plan over ``specs`` (planning.devices.DeviceSpec, in stage order)
-    costs under --quantize-head: the head, on the last stage, in that device's
-    --quantize format (unchanged without one)."""
-    from llamadist.config import QUANTIZE_HEAD_ALONE, ConfigError, quantize_for
-    if quantize_head and not quantize:
+def planned_head(prof: ModelProfile, quantize_head: bool, fmt: str | None,
+                 kind: str = "cuda", chosen_later: bool = False,
+                 any_format: bool = True) -> ModelProfile:
+    """The profile a plan costs under --quantize-head: the head (on the last stage, a
+    ``kind`` device) in that stage's format ``fmt`` (unchanged without one); with
+    ``chosen_later`` (--fit-bits: the formats are not chosen yet) a tied head counted as
+    its own copy at its stored size, an upper bound of what the run loads. Refused when
+    no stage has a format (``any_format`` False): nothing to quantize the head in."""
+    if not quantize_head:
+        return prof
+    if fmt is None and not chosen_later and not any_format:
         raise ConfigError(QUANTIZE_HEAD_ALONE)
-    fmt = quantize_for(quantize, specs[-1].name) if quantize_head and specs else None
-    return head_in_format(prof, fmt, [specs[-1].kind]) if fmt else prof
+    if chosen_later:
+        return replace(prof, tie_word_embeddings=False, head=replace(prof.head, tied=False))
+    return head_in_format(prof, fmt, [kind]) if fmt else prof
 
 
 def native_profile(prof: ModelProfile,

@@ -321,14 +321,17 @@ def trim_heap() -> None:
 
 def _untie_quantized(model: nn.Module, fmt: str, device: torch.device,
                      dtype: torch.dtype) -> int:
-    """Give a head that shares its embedding's float Parameter a quantized copy of it in
-    ``fmt`` (the lookups keep the float rows); its bytes, 0 if the head is not tied so."""
+    """Give a head that shares its embedding's weight a quantized copy of it in ``fmt``
+    (the lookups keep the embedding's rows: float, or a GGUF's blocks under --weights
+    native, whose values are dequantized first, as the layers' are for --quantize); its
+    bytes, 0 if the head is not tied so."""
     embed = getattr(getattr(model, "model", None), "embed_tokens", None)
     head = getattr(model, "lm_head", None)
-    if (embed is None or head is None or not isinstance(embed.weight, nn.Parameter)
-            or head.weight is not embed.weight):
+    if embed is None or head is None or head.weight is not embed.weight:
         return 0
-    value = _quantized(embed.weight.detach(), fmt, device, dtype, "lm_head.weight")
+    w = embed.weight
+    w = w.dequantize() if isinstance(w, QuantizedTensor) else w.detach()
+    value = _quantized(w, fmt, device, dtype, "lm_head.weight")
     _set_param(model, "lm_head.weight", value)
     return value.nbytes
 

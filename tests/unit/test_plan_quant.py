@@ -105,3 +105,26 @@ def test_plan_counts_a_quantized_head_on_the_last_stage(capsys):
     assert last - head["stages"][1]["weight_bytes"] == 2 * v * d - (v * d + 4 * v)
     assert main(args[:-3] + ["--json", "--quantize-head"]) == 2
     assert "--quantize-head quantizes the head" in capsys.readouterr().err
+
+
+def test_auto_and_fit_bits_count_a_quantized_head(capsys):
+    """`plan --auto --quantize int8 --quantize-head` costs the head in int8 (the weights it
+    reports are smaller by the head's saving); under --fit-bits (formats chosen later) a
+    tied head is counted as its own copy as stored: an upper bound."""
+    import json
+
+    from llamadist.cli.main import main
+    from llamadist.planning.profile import planned_head
+    args = ["plan", "llama3-8b", "--auto", "--gpus", "1", "--gpu-memory", "40GiB",
+            "--quantize", "int8", "--json"]
+    outs = []
+    for extra in ([], ["--quantize-head"]):
+        assert main(args + extra) == 0
+        outs.append(capsys.readouterr().out)
+    assert outs[0] != outs[1]
+    tied = profile(named_shape("smollm2-135m"), dtype="float32", seq_len=256)
+    later = planned_head(tied, True, None, chosen_later=True)
+    assert tied.tied_bytes > 0 and later.tied_bytes == 0
+    assert later.head.weight_bytes == tied.head.weight_bytes
+    assert planned_head(tied, False, "int8") is tied
+    json.loads(outs[1])  # (valid JSON)

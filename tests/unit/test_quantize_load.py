@@ -183,3 +183,35 @@ def test_cpu_blocks_refused_before_any_start(tiny_model, capsys):
     err = capsys.readouterr().err
     assert "down_proj would take 80 inputs (intermediate_size / --tp 2)" in err
     assert "cpu=none" in err and "Traceback" not in err
+
+
+def test_quantize_head_of_a_native_gguf_tied_embedding(tmp_path):
+    """A tied GGUF under --weights native on a CPU stage: the embedding stays the file's
+    blocks, the head becomes its own --quantize copy (Q8_0) of their dequantized values."""
+    from tests.unit.test_gguf import LAYERS, write_tiny_gguf
+    path = tmp_path / "tied.gguf"
+    write_tiny_gguf(path, tied=True)
+    st = build_stage(open_checkpoint(path), range(LAYERS), "cpu", torch.float32, 1, 32,
+                     runtime=RuntimeConfig(quantize="int8", quantize_head=True))
+    embed, head = st.model.model.embed_tokens.weight, st.model.lm_head.weight
+    assert isinstance(embed, QuantizedTensor) and isinstance(head, QuantizedTensor)
+    assert head is not embed and head.type_name == "Q8_0" != embed.type_name
+    scale = embed.dequantize().abs().amax(dim=1, keepdim=True)
+    assert ((head.dequantize() - embed.dequantize()).abs() <= scale / 127 * 1.01).all()
+
+
+def test_quantize_head_refusals(tiny_model):
+    """Without any format to quantize the head in: bench --shape, plan --auto and the
+    Python API refuse, naming the fix."""
+    import argparse
+
+    from llamadist.api import LLM
+    from llamadist.cli.bench_shape import bench_shape_cmd
+    ns = argparse.Namespace(shape="smollm2-135m", devices="cpu", batch=[1],
+                            quantize_head=True)
+    with pytest.raises(ConfigError, match="--quantize-head quantizes the head"):
+        bench_shape_cmd(ns)
+    with pytest.raises(ConfigError, match="--quantize-head quantizes the head"):
+        LLM(tiny_model, devices="cpu", runtime=RuntimeConfig(quantize_head=True),
+            warmup=False)
+    assert main(["plan", "llama3-8b", "--auto", "--gpus", "1", "--quantize-head"]) == 2
