@@ -381,7 +381,7 @@ class RuntimeConfig:
                      (llamadist.kernels.wquant), CPU stages as GGUF Q8_0 / Q4_1 blocks
     quantize_head    the output head in its stage's ``quantize`` format too (a tied head
                      gets its own quantized copy; the embedding stays as it is): the
-                     head is ~6% of Llama-3-8B's bytes, 9% of its batch-1 step in bf16
+                     head is 1.05 of Llama-3-8B's 16.1 GB in bf16
     wquant           the product of GPU-quantized weights (--quantize, GGUF blocks on a GPU
                      stage): "torch" (tinygemm for int4, (x @ q^T) * scale for int8 / fp8,
                      fused by torch.compile) or "triton" (llamadist's Triton kernels);
