@@ -12,8 +12,8 @@ rest (embedding, head) dequantize. ``quantize`` ("int8" | "int4" | "fp8") quanti
 decoder layers' linear weights at load from their float values (a GGUF's dequantized):
 ``PackedWeight`` on a GPU, GGUF Q8_0 / Q4_1 blocks on the CPU; with ``quantize_head`` the
 output head too (a head tied to an embedding on the same stage gets its own quantized
-copy, the embedding keeps its float rows). Either way each weight is sliced (tensor
-parallel) before it is quantized.
+copy; the embedding keeps its rows, float or a GGUF's blocks). Either way each weight is
+sliced (tensor parallel) before it is quantized.
 """
 
 from __future__ import annotations
