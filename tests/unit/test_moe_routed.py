@@ -103,9 +103,11 @@ def interpreted(tiny_mixtrals, tmp_path_factory):
 def test_routed_kernel_interpreted_equals_the_expert_loop(tiny_mixtrals, interpreted):
     proc = interpreted["blocks"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    # 3 Mixtrals x (all, a share) x 2 dtypes x batch 1-3, and 2 hand-routed cases each;
-    # a shape over several tiles x (all, a share) x batch 1-3 in float32
-    assert proc.stdout.count(": ") == len(tiny_mixtrals) * (2 * 2 * 3 + 2) + 2 * 3
+    # 3 Mixtrals x (all, a share) x batch 1-3, the dtypes taking turns (each of all and a
+    # share, and each batch size, in both), and 2 hand-routed cases each; a shape over
+    # several tiles x (all, a share) x batch 1-3 in float32
+    assert proc.stdout.count(": ") == len(tiny_mixtrals) * (2 * 3 + 2) + 2 * 3
+    assert proc.stdout.count("bfloat16 N=") == len(tiny_mixtrals) * 3
     assert proc.stdout.count("shape G=") == 6
     assert "FAIL" not in proc.stdout
 
