@@ -66,3 +66,33 @@ def tiny_mixtrals(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_moe")
     from tests.tiny import MOE_CONFIGS, make_tiny_mixtral
     return {kind: make_tiny_mixtral(root / kind, kind) for kind in MOE_CONFIGS}
+
+
+# pytest-xdist (`make test` runs `-n 2`): each test file runs whole on one worker, so its
+# module fixtures (subprocesses started at once, servers) are made once; files that read
+# the same expensive session fixture go to one worker with it (smollm2_hf: ~25 s on CI to
+# load). The longest files start first, so that neither worker is left with one at the end
+# while the other idles.
+SAME_WORKER = {"tests/unit/test_gguf.py": "smollm2_hf", "tests/unit/test_smollm2.py": "smollm2_hf"}
+LONGEST_FIRST = ["tests/serve/test_serve_recovery.py", "tests/unit/test_triton_compile.py",
+                 "tests/unit/test_compile_cache.py", "tests/unit/test_moe_routed.py",
+                 "tests/serve/test_serve_drain.py", "smollm2_hf",
+                 "tests/unit/test_quant_model.py", "tests/unit/test_paged_kernel.py",
+                 "tests/unit/test_cold_exit.py", "tests/serve/test_serve_ranks.py"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return SAME_WORKER.get(path, path)
+
+        def _assign_work_unit(self, node) -> None:
+            for scope in reversed(LONGEST_FIRST):  # to the front of the queue, in order
+                if scope in self.workqueue:
+                    self.workqueue.move_to_end(scope, last=False)
+            super()._assign_work_unit(node)
+    return FileScheduling(config, log)
