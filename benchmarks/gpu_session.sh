@@ -34,6 +34,19 @@ setup() {
     python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 }
 
+ab() {  # ab NAME "PYTHON SET-UP" BENCH-ARGS...: `llamadist bench` on the 8B folder in one
+    # process after SET-UP (a former rule's module constants; W: wquant_torch, T:
+    # wquant_triton), the same process path as the CLI
+    local name=$1 consts=$2; shift 2
+    step $name 100 python3 -c "
+import dataclasses, runpy, sys
+import llamadist.kernels.wquant_torch as W
+import llamadist.kernels.wquant_triton as T
+$consts
+sys.argv = ['llamadist', 'bench', '$CK', '--devices', 'cuda:0', '--json'] + sys.argv[1:]
+runpy.run_module('llamadist', run_name='__main__')" "$@"
+}
+
 checkpoint() {  # the random Llama-3-8B-shaped bf16 folder with SmolLM2's tokenizer (~30 s)
     [ -f $CK/config.json ] || python3 -c "
 import argparse, sys; sys.path.insert(0, 'benchmarks'); import serving
@@ -422,15 +435,6 @@ ab17() {  # issue 16: session 17's row rules end to end on the 8B folder, each a
     # (gate_up through tinygemm, not the tiles) and int8 prefill of 1 024 tokens (the
     # Triton tiles, not the scaled product) (~3 min)
     checkpoint
-    ab() {  # ab NAME "CONSTANTS" BENCH-ARGS...
-        local name=$1 consts=$2; shift 2
-        step $name 100 python3 -c "
-import runpy, sys
-import llamadist.kernels.wquant_torch as W
-$consts
-sys.argv = ['llamadist', 'bench', '$CK', '--devices', 'cuda:0', '--json'] + sys.argv[1:]
-runpy.run_module('llamadist', run_name='__main__')" "$@"
-    }
     ab int4_b12_new "" --quantize int4 --batch 12 --prompt-len 128 --gen-len 64
     ab int4_b12_old "W.WIDE_TINYGEMM_MAX_M = W.TINYGEMM_MAX_M" --quantize int4 --batch 12 \
         --prompt-len 128 --gen-len 64
@@ -502,15 +506,6 @@ verify18() {  # issue 16, session 18: the CUDA tests of --quantize-head and the 
     step tests18c 170 python3 -m pytest -q -p no:cacheprovider tests/gpu/test_wquant_torch_gpu.py \
         tests/gpu/test_wquant_gpu.py -k "quantized_head or gemv_configs or deferred"
     checkpoint
-    ab() {  # ab NAME "PYTHON SET-UP" BENCH-ARGS...: llamadist bench in-process after SET-UP
-        local name=$1 consts=$2; shift 2
-        step $name 100 python3 -c "
-import dataclasses, runpy, sys
-import llamadist.kernels.wquant_triton as T
-$consts
-sys.argv = ['llamadist', 'bench', '$CK', '--devices', 'cuda:0', '--json'] + sys.argv[1:]
-runpy.run_module('llamadist', run_name='__main__')" "$@"
-    }
     local b2="--batch 2 --prompt-len 128 --gen-len 64"
     ab b2_bf16 "" $b2
     ab b2_fp8 "" --quantize fp8 $b2
