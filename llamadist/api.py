@@ -28,8 +28,12 @@ from llamadist.weights.loader import held_bytes
 
 def build_engine(ckpt: Checkpoint, layout: Layout, runtime: RuntimeConfig,
                  progress: bool = False, static_cache: bool = True) -> Engine:
-    """The stages of a resolved layout in this process (runtime.max_seq_len resolved);
-    ``static_cache`` False when only the paged engine will run them."""
+    """The stages of a resolved layout in this process (runtime.max_seq_len resolved, its
+    --quantize the layout's formats: a --quantize-head without any is refused here, as
+    the planner refuses it); ``static_cache`` False when only the paged engine will run
+    them."""
+    if runtime.quantize_head and not runtime.quantize:
+        raise ConfigError(QUANTIZE_HEAD_ALONE)
     return Engine.build(ckpt, list(layout.layer_ranges), list(layout.devices),
                         parse_dtype(runtime.dtype_for(list(layout.devices))), runtime.max_batch,
                         runtime.max_seq_len, progress=progress, runtime=runtime,
@@ -87,8 +91,6 @@ class LLM:
             raise ValueError(f"LLM runs in this process; the layout asks for tp={layout.tp} "
                              f"dp={layout.dp} over {layout.processes} processes: run it with "
                              f"`llamadist generate --nproc ...` or torchrun")
-        if runtime.quantize_head and not runtime.quantize:
-            raise ConfigError(QUANTIZE_HEAD_ALONE)
         self.runtime, self.layout = runtime, layout
         self.dtype = runtime.dtype_for(list(layout.devices))
         self.max_seq_len = runtime.max_seq_len

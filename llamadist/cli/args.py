@@ -7,9 +7,8 @@ import argparse
 import os
 
 from llamadist.config import (DECODE_ATTENTION_CHOICES, DEFAULT_TIMEOUT_S, EP_DISPATCH_CHOICES,
-                              ConfigError, QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HEAD_ALONE,
-                              QUANTIZE_HELP, WEIGHTS_CHOICES, WQUANT_CHOICES,
-                              EAGER_KERNELS_CHOICES, RuntimeConfig)
+                              QUANT_ACTIVATIONS_CHOICES, QUANTIZE_HELP, WEIGHTS_CHOICES,
+                              WQUANT_CHOICES, EAGER_KERNELS_CHOICES, RuntimeConfig)
 from llamadist.planning.devices import DEVICE_SPEED_HELP
 
 DTYPE_CHOICES = ["float32", "bfloat16", "float16"]
@@ -229,9 +228,6 @@ def runtime_config(args: argparse.Namespace, max_batch: int = 1) -> RuntimeConfi
              "expert_load": getattr(args, "expert_load", None),
              "compile_cache": getattr(args, "compile_cache", None)}
     given["max_batch_tokens"] = getattr(args, "max_batch_tokens", None)
-    if given["quantize_head"] and not (given["quantize"] or getattr(args, "fit_bits", False)
-                                       or getattr(args, "plan", None)):  # (its formats)
-        raise ConfigError(QUANTIZE_HEAD_ALONE)
     asked = getattr(args, "max_batch", None)
     # at most the request's own sequences: the KV memory is planned for max_batch of them
     return RuntimeConfig(max_batch=min(asked, max_batch) if asked else max_batch,
