@@ -216,9 +216,8 @@ def check_cpu_blocks(config: ModelConfig, layout: Layout, quantize: str | None) 
     naming the linear and the fixes (a worker would otherwise fail while loading)."""
     from llamadist.config import quantize_for
     from llamadist.planning.tp_shapes import tp_sizes
-    cpus = sorted({d for d in layout.devices if d.split(":")[0] == "cpu"})
-    fmt = next((f for f in (quantize_for(quantize, d) for d in cpus) if f), None)
-    if fmt is None:
+    cpus = {d for d in layout.devices if d.split(":")[0] == "cpu"}
+    if not any(quantize_for(quantize, d) for d in cpus):
         return
     tp = layout.tp
     sizes = tp_sizes(config, 0, tp)
