@@ -9,6 +9,9 @@
    static cache (masked), SDPA over the live slots only, and the split-KV kernel.
 
     PYTHONPATH=. python3 benchmarks/gpu_profile.py --shape llama3-8b --batch 1,32
+
+``--quantize int8|int4|fp8`` (and ``--quantize-head``) builds the decoder's linears in that
+format (as ``llamadist bench --shape``), so 2-3 show a quantized step's kernels.
 """
 
 from __future__ import annotations
@@ -144,6 +147,8 @@ def main() -> int:
     ap.add_argument("--max-seq-len", type=int, default=0, help="cache slots (default: fit)")
     ap.add_argument("--attention-table", default="640,4224",
                     help="cache lengths for the attention-alone table ('' to skip)")
+    ap.add_argument("--quantize", default=None, help="int8 | int4 | fp8 decoder linears")
+    ap.add_argument("--quantize-head", action="store_true", help="the head in that format too")
     args = ap.parse_args()
     config, dev, dtype = named_shape(args.shape), torch.device("cuda:0"), torch.bfloat16
     copy_bps = copy_bandwidth(dev, 4 << 30)
@@ -158,7 +163,8 @@ def main() -> int:
     if args.attention_table:
         attention_table(config, dev, dtype, int_list(args.batch), int_list(args.attention_table),
                         copy_bps)
-    full = fuse_projections(random_model(config, dev, dtype))
+    quant = {"quantize": args.quantize, "quantize_head": args.quantize_head}
+    full = fuse_projections(random_model(config, dev, dtype, **quant))
     max_seq = args.max_seq_len or (args.prompt_len + 128 + 127) // 128 * 128
     ms: dict[str, dict[int, float]] = {}
     for attn in args.attention.split(","):
@@ -167,7 +173,7 @@ def main() -> int:
         for b in int_list(args.batch):
             prompts = torch.randint(0, config.vocab_size, (b, args.prompt_len), generator=gen)
             engine = make_engine(config, full, [range(config.num_layers)], [str(dev)], dtype, b,
-                                 max_seq, RuntimeConfig(decode_attention=attn))
+                                 max_seq, RuntimeConfig(decode_attention=attn, **quant))
             r = run_ours(engine, prompts, 64, 1)
             ms[attn][b] = r["decode_ms"]
             print(f"attention {attn}, batch {b}: generator {r['decode_ms']:.2f} ms/step, graph "

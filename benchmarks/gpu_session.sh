@@ -530,14 +530,26 @@ head18() {  # issue 16, session 18: --quantize-head (the head in the layers' for
         --ppl-formats bf16,int8,int8+head,fp8,fp8+head,int4-g32,int4-g32+head,int4,int4+head
 }
 
+prof19() {  # issue 16, session 19: a batch-1 decode step's kernels per weight format
+    # (torch.profiler, uncaptured) on the Llama-3-8B shape: what besides the GEMVs a
+    # quantized step spends, against bf16's (~6 min)
+    local f
+    for f in bf16 int8 fp8 int4; do
+        local q=""
+        [ $f = bf16 ] || q="--quantize $f --quantize-head"
+        step prof_$f 130 python3 benchmarks/gpu_profile.py --shape llama3-8b --batch 1 \
+            --prompt-len 128 --attention split --attention-table "" --rows 40 $q
+    done
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
