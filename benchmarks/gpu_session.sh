@@ -542,14 +542,27 @@ prof19() {  # issue 16, session 19: a batch-1 decode step's kernels per weight f
     done
 }
 
+compile19() {  # issue 16, session 19: batch-1 decode of the 8B folder through graphs of
+    # the eager layers (the default for bf16, int8, fp8: ~14 small kernels a layer beside
+    # the GEMVs) against compiled layers (int4's default: ~6), each format (~8 min)
+    checkpoint
+    local b1="--batch 1 --prompt-len 128 --gen-len 64" f
+    for f in bf16 int8 fp8; do
+        local q=""
+        [ $f = bf16 ] || q="--quantize $f --quantize-head"
+        ab c_${f} "" $q $b1
+        ab c_${f}_compiled "" $q $b1 --compile
+    done
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
