@@ -39,19 +39,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wquant_sweep import copy_rate, time_graph  # noqa: E402
-
-from llamadist.config import named_shape  # noqa: E402
+from wquant_sweep import copy_rate, model_shapes, time_graph  # noqa: E402
 
 KINDS = {"int4_g32": "int4-g32", "int4_g128": "int4", "int8": "int8", "fp8": "fp8"}
-
-
-def shapes(name: str) -> dict[str, tuple[int, int]]:
-    c = named_shape(name)
-    h, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return {"qkv": (h + 2 * kv, c.hidden_size), "o": (c.hidden_size, h),
-            "gate_up": (2 * c.intermediate_size, c.hidden_size),
-            "down": (c.hidden_size, c.intermediate_size)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"copy rate {copy / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
     torch.manual_seed(0)
     sums: dict[tuple[str, str, int], float] = {}
-    for sname, (n, k) in shapes(a.shape).items():
+    for sname, (n, k) in model_shapes(a.shape).items():
         w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
         copies = max(2, int(a.rotate_mb * 2**20 // (n * k * 2)) + 1)
         ws = [w] + [w.clone() for _ in range(min(copies, 3) - 1)]  # bf16: large already

@@ -25,6 +25,8 @@ compact table goes to stderr; at the end, the best Triton configuration per (kin
 shape, M), how far the rule's is from it, and the four linears' sum per kind and M
 against bf16's (the share of a decode step these kernels decide: x32 layers).
 
+``--model llama3-70b`` (any config.named_shape) times that model's four linears instead;
+kind ``int8_g32`` is int8 with a scale per 32 inputs (a GGUF Q8_0's grid on a GPU).
 Next session (one H200; ~3 minutes; compile time dominates, Triton caches it):
 
     python benchmarks/wquant_sweep.py > sweep.jsonl 2> sweep.txt
@@ -59,12 +61,24 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 SMOKE_SHAPES = {"qkv": (96, 256), "o": (64, 512), "gate_up": (200, 256), "down": (64, 768)}
 START = time.perf_counter()  # --max-seconds counts from here (compiling ahead included)
 KINDS = {"int8": ("int8", None), "int4_g128": ("int4", 128), "int4_g32": ("int4", 32),
-         "fp8": ("fp8", None)}
+         "fp8": ("fp8", None), "int8_g32": ("int8", 32)}  # int8_g32: a GGUF Q8_0's grid
+
+
+def model_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(N, K) of a named model shape's four decoder linears (config.named_shape)."""
+    from llamadist.config import named_shape
+    c = named_shape(name)
+    h, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+    return {"qkv": (h + 2 * kv, c.hidden_size), "o": (c.hidden_size, h),
+            "gate_up": (2 * c.intermediate_size, c.hidden_size),
+            "down": (c.hidden_size, c.intermediate_size)}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(SHAPES), type=lambda s: s.split(","))
+    p.add_argument("--model", default="llama3-8b",
+                   help="whose linears (config.named_shape; default Llama-3-8B's, SHAPES)")
     p.add_argument("--kinds", default=",".join(KINDS), type=lambda s: s.split(","))
     p.add_argument("--m", default="1,2,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--configs", default="near", choices=["rule", "near", "wide", "defer"],
@@ -214,7 +228,8 @@ def products(args, torch, W, T, WT, kind_name: str, w, m: int, sms: int, native:
     copy 0) for one kind on the bf16 weight ``w``; the callables close over x."""
     kind, group = KINDS[kind_name]
     n, k = w.shape
-    pw = W.quantize_int4(w, group) if kind == "int4" else W.QUANTIZERS[kind](w)
+    pw = (W.quantize_int4(w, group) if kind == "int4" else W.quantize_int8(w, group)
+          if kind == "int8" else W.QUANTIZERS[kind](w))
     dev = w.device
     out = []
     if kind == "int4":
@@ -316,7 +331,7 @@ def cases(args, torch, dev, sms: int, native: bool, refs: bool = True):
     from llamadist.kernels import wquant as W
     from llamadist.kernels import wquant_torch as WT
     from llamadist.kernels import wquant_triton as T
-    table = SMOKE_SHAPES if args.interpret_smoke else SHAPES
+    table = SMOKE_SHAPES if args.interpret_smoke else model_shapes(args.model)
     later = []  # the neighbours, after every shape's baselines and rule configs
     gen = torch.Generator(device=dev).manual_seed(0)
     for m in args.m:
