@@ -202,7 +202,7 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
         out += [rep(rule, defer=True), rep(rule, defer=True, prefetch=0)]
         out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk)
                 for bn in (8, 16, 32) for bk in bks]
-        if kind == "int8" and m > 1:  # the bit decode, as one row's cut takes it
+        if kind == "int8":  # the bit decode, as one row's cut takes it
             out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk, native=False,
                         prefetch=0) for bn in (8, 16) for bk in bks]
     if mode == "wide":
@@ -216,7 +216,7 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
     gb = (group // 2 if kind == "int4" else group) if grouped else None
     seen, keep = set(), []
     for c in out:
-        key = dataclasses.replace(c, block_k=T._tile_k(c.block_k, gb))
+        key = dataclasses.replace(c, block_k=T.tile_k(c, kind, gb)[0])
         if key not in seen:
             seen.add(key)
             keep.append(c)

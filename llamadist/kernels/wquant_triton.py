@@ -282,6 +282,16 @@ def _tile_k(cfg_k: int, group_b: int | None) -> int:
     return bk
 
 
+def tile_k(cfg: GemvConfig, kind: str, group_b: int | None) -> tuple[int, bool]:
+    """(BLOCK_K, wide) ``_gemv_kernel`` runs ``cfg`` with, for codes in groups of
+    ``group_b`` bytes (None: one scale a row): grouped int8 / fp8 with deferred sums take
+    tiles of several whole groups (``wide``: each group's products summed, then scaled);
+    any other tile stays in one group (``_tile_k``)."""
+    wide = (cfg.defer and kind != "int4" and group_b is not None and cfg.block_k > group_b
+            and cfg.block_k % group_b == 0)
+    return (cfg.block_k if wide else _tile_k(cfg.block_k, group_b)), wide
+
+
 def _x_operand(x2: torch.Tensor, kind: str, k: int) -> tuple[torch.Tensor, int]:
     """x (M, K) as the kernel reads it, and XDT: int4 takes (x[2j], x[2j + 1]) pairs as one
     int32 (16-bit x) or int64 (float32 x) word each (K padded to even)."""

@@ -10,8 +10,8 @@ import triton.language as tl
 
 from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
-                                             _blocks, _tile_k, _x_operand, device_traits,
-                                             gemv_config)
+                                             _blocks, _x_operand, device_traits,
+                                             gemv_config, tile_k)
 
 
 # int8's bit decode on a GPU: a 32-bit word of four codes, its sign bits flipped once (q +
@@ -266,7 +266,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
                  GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 WIDE_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K. PREFETCH
@@ -276,7 +276,10 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     with 2 a whole step's work covers each tile's HBM latency). DEFER (no int4 group
     sums): each row's tile products accumulate elementwise in a (BN, BK) float32 tile of
     its own, reduced along K once after the loop instead of after every tile (no shuffles
-    in the loop; ROWS tiles of registers)."""
+    in the loop; ROWS tiles of registers). WIDE_G (DEFER, grouped int8 / fp8): a tile
+    spans BLOCK_K / GROUP_B groups: each run of SUB (16) products of one group is summed
+    (within a thread), times the group's scale, into a (BN, BK / SUB) tile of sums (the
+    narrow tiles of one group each cost more)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -286,7 +289,10 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
-    if DEFER:  # (statements: older Triton takes no conditional expression here)
+    SUB: tl.constexpr = 16 if GROUP_B >= 16 else GROUP_B  # WIDE_G: inputs a partial sum
+    if DEFER and WIDE_G:  # (statements: older Triton takes no conditional expression here)
+        d0 = tl.zeros((BLOCK_N, BLOCK_K // SUB), dtype=tl.float32)
+    elif DEFER:
         d0 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     else:
         d0 = tl.zeros((1, 1), dtype=tl.float32)
@@ -297,14 +303,15 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     b_hi = tl.minimum(b_lo + KS, KB)
     sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     off = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    TILE_G: tl.constexpr = GROUPED and not WIDE_G  # one scale a row a tile
     if PREFETCH >= 1:  # the first tiles' codes (and scales) before the loop
         nxt = _gemv_codes(q_rows, b_lo, b_hi, n_ok, EVEN_K, BLOCK_K)
         sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo, b_hi, n_ok,
-                                   GROUP_B, KIND, GROUPED)
+                                   GROUP_B, KIND, TILE_G)
     if PREFETCH == 2:
         nxt2 = _gemv_codes(q_rows, b_lo + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
         sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo + BLOCK_K, b_hi,
-                                     n_ok, GROUP_B, KIND, GROUPED)
+                                     n_ok, GROUP_B, KIND, TILE_G)
     for b0 in range(b_lo, b_hi, BLOCK_K):
         rb = b0 + tl.arange(0, BLOCK_K)
         if PREFETCH == 2:  # issue the loads two tiles ahead, then work on this one
@@ -312,23 +319,33 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
             nxt, sc_n, off_n = nxt2, sc_n2, off_n2
             nxt2 = _gemv_codes(q_rows, b0 + 2 * BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
             sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + 2 * BLOCK_K,
-                                         b_hi, n_ok, GROUP_B, KIND, GROUPED)
+                                         b_hi, n_ok, GROUP_B, KIND, TILE_G)
         elif PREFETCH == 1:  # issue the next tile's loads, then work on this one
             raw, sc, off = nxt, sc_n, off_n
             nxt = _gemv_codes(q_rows, b0 + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
             sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + BLOCK_K, b_hi,
-                                       n_ok, GROUP_B, KIND, GROUPED)
+                                       n_ok, GROUP_B, KIND, TILE_G)
         else:
             raw = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
             sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
-                                   GROUP_B, KIND, GROUPED)
+                                   GROUP_B, KIND, TILE_G)
         w_a, w_b = _decode_tile(raw, sc, off, KIND, NATIVE, GROUP_SUMS)
         if DEFER:
-            if GROUPED and KIND != 1:  # the group's scale (int4's weights carry theirs)
+            if WIDE_G:  # the tile spans NG groups: sums of SUB products (within a
+                NG: tl.constexpr = BLOCK_K // GROUP_B  # thread), each times its scale
+                gi = b0 // GROUP_B + tl.arange(0, NG)
+                sc2 = tl.load(s_ptr + rn[:, None] * stride_sn + gi[None, :],
+                              mask=n_ok[:, None] & (gi * GROUP_B < b_hi)[None, :],
+                              other=0.0).to(tl.float32)
+            elif GROUPED and KIND != 1:  # the group's scale (int4's weights carry theirs)
                 w_a = w_a * sc[:, None]
             for m in tl.static_range(ROWS):
                 part = _tile_prod(w_a, w_b, x_ptr + m * stride_xm, rb, b_hi, KIND, EVEN_K, XDT,
                                   BLOCK_N, BLOCK_K)
+                if WIDE_G:
+                    part = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // SUB, SUB)), axis=2)
+                    part = tl.reshape(tl.reshape(part, (BLOCK_N, NG, GROUP_B // SUB))
+                                      * sc2[:, :, None], (BLOCK_N, BLOCK_K // SUB))
                 d0, d1, d2, d3 = _acc_add(d0, d1, d2, d3, part, m)
         else:
             for m in tl.static_range(ROWS):
@@ -552,7 +569,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     kb = (k + 1) // 2 if kind == "int4" else k
     grouped = scale.shape[1] > 1 or kind == "int4"
     group_b = (group // 2 if kind == "int4" else group) if grouped else None
-    bk = _tile_k(cfg.block_k, group_b)
+    bk, wide = tile_k(cfg, kind, group_b)
     split = max(1, min(cfg.split, -(-kb // bk)))
     ks = -(-kb // (split * bk)) * bk            # bytes per K range, whole tiles
     split = -(-kb // ks)
@@ -568,7 +585,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         HAS_BIAS=bias is not None, ROWS=m, PARTIAL=split > 1, EVEN_K=kb % bk == 0 and
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
-        DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"),
+        DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), WIDE_G=wide,
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
