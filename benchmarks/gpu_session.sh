@@ -555,14 +555,23 @@ compile19() {  # issue 16, session 19: batch-1 decode of the 8B folder through g
     done
 }
 
+sweeps19() {  # issue 16, session 19: grouped int8 (a Q8_0 grid) with deferred sums in tiles
+    # of several groups against the one-group cuts, and fp8's one-row rule with 16-row
+    # programs where 8-row ones would be > 4 a SM (8B's qkv; 70B's o and down timed before) (~5 min)
+    step sweep_g32 280 python3 benchmarks/wquant_sweep.py --kinds int8_g32 --m 1,2,4 \
+        --configs defer --max-seconds 250
+    step sweep_fp8 120 python3 benchmarks/wquant_sweep.py --kinds fp8 --m 1 --configs defer \
+        --shapes qkv,o,down --max-seconds 100
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
