@@ -564,14 +564,31 @@ sweeps19() {  # issue 16, session 19: grouped int8 (a Q8_0 grid) with deferred s
         --shapes qkv,o,down --max-seconds 100
 }
 
+q8e2e19() {  # issue 16, session 19: grouped int8's new one-group-run cut (WIDE_GROUPS): its
+    # neighbours, then a random Llama-3-8B-shaped Q8_0 GGUF decoded at batch 1 and 2 (the
+    # GPU stage converts its blocks to int8 per 32) under it and under the former cut, and
+    # the same file dequantized to bf16 at load (~6 min)
+    step sweep_g32r 120 python3 benchmarks/wquant_sweep.py --kinds int8_g32 --m 1,2,4 \
+        --configs defer --max-seconds 75
+    local q=/tmp/ck/llama3-8b-q8_0.gguf b="--prompt-len 128 --gen-len 64"
+    mkdir -p /tmp/ck
+    [ -f $q ] || step write8b 150 python3 benchmarks/gguf_shape.py --shape llama3-8b \
+        --type Q8_0 --tokenizer-from .whl/smollm2-tok --out $q
+    CK=$q ab q8_b1 "" --batch 1 $b
+    CK=$q ab q8_b1_former "T.WIDE_GROUPS = False" --batch 1 $b
+    CK=$q ab q8_b2 "" --batch 2 $b
+    CK=$q ab q8_b2_former "T.WIDE_GROUPS = False" --batch 2 $b
+    CK=$q ab q8_b1_bf16 "" --weights bfloat16 --batch 1 $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

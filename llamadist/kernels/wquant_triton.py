@@ -63,6 +63,7 @@ import torch
 from llamadist.kernels import gpu
 
 KIND_IDS = {"int8": 0, "int4": 1, "fp8": 2}
+WIDE_GROUPS = True  # gemv_config's cut for grouped int8 (False: the former one, for A/B runs)
 GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
 
 
@@ -226,9 +227,21 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     (session 18, `asm18`), int8's 8-row programs of 512 bytes slowed where there are more
     than 4 a SM (qkv 12.2 us, gate_up 42.0) and 16-row ones ran fastest there (10.0,
     34.8; o and down keep 8 rows of 1 024 bytes: 7.5, 18.1; a layer 70.4 us, 0.60x bf16's
-    117.1). Where 8-row programs would be fewer than 2 a SM (N < 16 x SMs) or neither
-    size divides the row (not timed), the cut above keeps its split-K and defers its sums
-    (at that cut the sweep measured deferring 1-4% faster on all eight)."""
+    117.1). fp8 takes the 16-row programs there too since session 19 (`sweeps19`:
+    Llama-3-70B's o and down 19.5 and 59.2 us against 24.3 and 75.8 with 8 rows of 8 warps;
+    Llama-3-8B's qkv 9.36 us, the best of its grid). Where 8-row programs would be fewer
+    than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the cut above
+    keeps its split-K and defers its sums (at that cut the sweep measured deferring 1-4%
+    faster on all eight).
+
+    int8 with a scale per group (a GGUF Q8_0 on a GPU: groups of 32), 1-4 rows, where
+    8-row programs are >= 2 a SM: whole rows in tiles of several groups (each group's run
+    of 16 products summed in a thread, then scaled; ``tile_k``), sums deferred, the bit
+    decode, no prefetch; 1 024 bytes at one row, 512 above (when they divide the row), 8
+    rows a program up to two rows, 16 from three. The cut above keeps each tile inside one
+    group of 32 bytes, whose fixed work made its four linears slower than bf16's
+    (session 19, Llama-3-8B: 153.5 us at one row, 1.25x bf16's; this cut 80.1, 0.65x;
+    two rows 97.9 against 148.5, four 124.3 against 180.4; `sweeps19`)."""
     kb = (k + 1) // 2 if kind == "int4" else k
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
@@ -268,8 +281,16 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
             bn, split, bk = 8, 1, bk8
             if kind == "int8":  # now the bit decode, without prefetch (the conversion
                 native, prefetch = False, 0  # unit's rate binds once the shuffles are gone)
-                if not few:  # and 16-row programs where 8-row ones would be > 4 a SM
-                    bn = 16
+            if not few:  # 16-row programs where 8-row ones would be > 4 a SM
+                bn = 16
+    if WIDE_GROUPS and kind == "int8" and gb is not None and rows8 >= 2 * sms:
+        # grouped int8 (a GGUF Q8_0 on a GPU): whole rows in tiles of several groups, each
+        # group's products summed, then scaled, sums deferred, the bit decode
+        bkw = next((b for b in ((1024, 512) if m == 1 else (512,)) if kb % b == 0 and
+                    b % gb == 0), None)
+        if bkw is not None:
+            return GemvConfig(block_n=8 if m <= 2 else 16, block_k=bkw, warps=4, split=1,
+                              native=False, prefetch=0, defer=True)
     return GemvConfig(block_n=bn, block_k=bk, warps=warps, split=split, native=native,
                       prefetch=prefetch, defer=defer)
 

@@ -63,15 +63,21 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
     got = {s: _rule("int4", 1, s, 32).label() for s in SHAPES}
     assert got == {"qkv": "n128k16w8s16pf0", "o": "n128k16w8s16pf0",
                    "gate_up": "n64k16w4s2pf0", "down": "n128k16w8s16pf0"}
-    # one row of int8 / fp8 (sessions 17-18): 8-row programs, sums deferred, no split-K,
-    # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512 (int8 there: 16
-    # rows); fp8's gate_up (not split) keeps its cut
+    # one row of int8 / fp8 (sessions 17-19): 8-row programs, sums deferred, no split-K,
+    # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512 and 16 rows; fp8's
+    # gate_up (not split) keeps its cut
     got = {s: _rule("int8", 1, s).label() for s in SHAPES}
     assert got == {"qkv": "n16k512w4s1dfpf0", "o": "n8k1024w4s1dfpf0",
                    "gate_up": "n16k512w4s1dfpf0", "down": "n8k1024w4s1dfpf0"}
     got = {s: _rule("fp8", 1, s).label() for s in SHAPES}
-    assert got == {"qkv": "n8k512w8s1natdfpf0", "o": "n8k1024w8s1natdfpf0",
+    assert got == {"qkv": "n16k512w8s1natdfpf0", "o": "n8k1024w8s1natdfpf0",
                    "gate_up": "n32k256w8s1natpf0", "down": "n8k1024w8s1natdfpf0"}
+    # int8 per 32 inputs (a Q8_0 on a GPU, session 19): whole rows in tiles of several
+    # groups, sums deferred, the bit decode; 1 024 bytes at one row, 512 above, 16 rows
+    # from three
+    for m, label in ((1, "n8k1024w4s1dfpf0"), (2, "n8k512w4s1dfpf0"), (3, "n16k512w4s1dfpf0"),
+                     (4, "n16k512w4s1dfpf0")):
+        assert {_rule("int8", m, s, 32).label() for s in SHAPES} == {label}
     for s in SHAPES:  # from two rows the M classes change one field each, never the split
         base = _rule("fp8", 4, s)
         assert (base.block_n, base.block_k, base.warps, base.prefetch) == (32, 256, 4, 0)
@@ -125,8 +131,15 @@ def test_rule_cuts_are_valid_for_shapes_no_sweep_timed(kind, group):
         for v in (cfg.block_n, cfg.block_k, cfg.warps):
             assert v & (v - 1) == 0, cfg
         assert 8 <= cfg.block_n <= 128 and cfg.warps in (4, 8) and cfg.prefetch in (0, 1)
-        if kind == "int4" or g < k:
+        wide = kind == "int8" and g < k and cfg.defer  # tiles of several whole groups
+        if kind == "int4" or (g < k and not wide):
             assert (g // 2 if kind == "int4" else g) % cfg.block_k == 0, (k, g, cfg)
+        if wide:
+            assert cfg.block_k % g == 0 and kb % cfg.block_k == 0 and cfg.split == 1, cfg
+            assert T.tile_k(cfg, kind, g) == (cfg.block_k, True)
+            assert cfg.block_n == (8 if m <= 2 else 16) and -(-n // 8) >= 2 * sms, cfg
+            assert not cfg.native and cfg.prefetch == 0, cfg
+            continue
         assert cfg.block_k <= max(16, kb), (k, cfg)
         assert 1 <= cfg.split <= 16
         assert cfg.split == 1 or kb // cfg.split >= 2 * cfg.block_k, (k, cfg)
@@ -137,8 +150,8 @@ def test_rule_cuts_are_valid_for_shapes_no_sweep_timed(kind, group):
         assert cfg.native == ((kind == "int8" and not bits) or (kind == "fp8" and fp8))
         if cfg.defer:  # one row, one scale a row (int8's whole-row cut: the bit decode)
             assert m == 1 and g == k and (cfg.native or kind == "int8"), cfg
-        if whole_rows:  # >= 2 programs a SM, whole tiles of a row
-            assert cfg.block_n == 8 or kind == "int8" and -(-n // 8) > 4 * sms, cfg
+        if whole_rows:  # >= 2 programs a SM, whole tiles of a row (16 rows a program
+            assert cfg.block_n == 8 or -(-n // 8) > 4 * sms, cfg  # where 8 would be > 4 a SM)
             assert -(-n // 8) >= 2 * sms and cfg.split == 1, cfg
             assert cfg.block_k in (512, 1024) and kb % cfg.block_k == 0, (k, cfg)
 
