@@ -287,7 +287,7 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
         # grouped int8 (a GGUF Q8_0 on a GPU): whole rows in tiles of several groups, each
         # group's products summed, then scaled, sums deferred, the bit decode
         bkw = next((b for b in ((1024, 512) if m == 1 else (512,)) if kb % b == 0 and
-                    b % gb == 0), None)
+                    b % gb == 0 and b > gb), None)
         if bkw is not None:
             return GemvConfig(block_n=8 if m <= 2 else 16, block_k=bkw, warps=4, split=1,
                               native=False, prefetch=0, defer=True)

@@ -113,8 +113,8 @@ def test_fp8_native_only_where_the_device_converts():
 
 
 ODD = dict(n=(1, 7, 100, 4097, 11008, 128256), k=(1, 15, 100, 258, 4097, 14336))
-FORMATS = [("int8", None), ("int8", 32), ("int4", 128), ("int4", 64), ("int4", 32),
-           ("fp8", None)]
+FORMATS = [("int8", None), ("int8", 32), ("int8", 512), ("int4", 128), ("int4", 64),
+           ("int4", 32), ("fp8", None)]
 
 
 @pytest.mark.parametrize("kind,group", FORMATS)
