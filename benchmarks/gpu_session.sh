@@ -568,18 +568,18 @@ q8e2e19() {  # issue 16, session 19: grouped int8's new cut (WIDE_GROUPS): its n
     # one row of int8 / fp8 over the defer grid, then a random Llama-3-8B-shaped Q8_0
     # GGUF (the GPU stage converts its blocks to int8 per 32) decoded under it (batch 1,
     # 2) and the former cut (batch 1), and the same file dequantized to bf16 (~7 min)
-    step sweep_g32r 120 python3 benchmarks/wquant_sweep.py --kinds int8_g32 --m 1,2,4 \
-        --configs defer --max-seconds 75
-    step sweep_1row 120 python3 benchmarks/wquant_sweep.py --kinds int8,fp8 --m 1 \
-        --configs defer --max-seconds 90
     local q=/tmp/ck/llama3-8b-q8_0.gguf b="--prompt-len 128 --gen-len 64"
     mkdir -p /tmp/ck
     [ -f $q ] || step write8b 150 python3 benchmarks/gguf_shape.py --shape llama3-8b \
         --type Q8_0 --tokenizer-from .whl/smollm2-tok --out $q
     CK=$q ab q8_b1 "" --batch 1 $b
     CK=$q ab q8_b1_former "T.WIDE_GROUPS = False" --batch 1 $b
-    CK=$q ab q8_b2 "" --batch 2 $b
     CK=$q ab q8_b1_bf16 "" --weights bfloat16 --batch 1 $b
+    CK=$q ab q8_b2 "" --batch 2 $b
+    step sweep_1row 120 python3 benchmarks/wquant_sweep.py --kinds int8,fp8 --m 1 \
+        --configs defer --max-seconds 90
+    step sweep_g32r 120 python3 benchmarks/wquant_sweep.py --kinds int8_g32 --m 1,2,4 \
+        --configs defer --max-seconds 75
 }
 
 case ${1:-} in
