@@ -156,7 +156,7 @@ def wquant_cases() -> None:
             m.launch(torch.zeros(rows, k, dtype=dtype), pw.kind, pw.q, pw.scale, pw.offset,
                      bias, pw.group, n, k, cfg)
     pw = W.quantize_int8(torch.randn(64, 2048), 32)  # grouped int8's own cuts: tiles of
-    for rows, bn, bk in ((1, 8, 1024), (2, 8, 512), (3, 16, 512)):  # several groups
+    for rows, bn, bk in ((1, 8, 2048), (2, 8, 1024), (3, 16, 512)):  # several groups
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
                  None, 32, 64, 2048, GemvConfig(block_n=bn, block_k=bk, split=1, prefetch=0,
                                                 defer=True))

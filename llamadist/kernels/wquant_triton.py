@@ -237,11 +237,12 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     int8 with a scale per group (a GGUF Q8_0 on a GPU: groups of 32), 1-4 rows, where
     8-row programs are >= 2 a SM: whole rows in tiles of several groups (each group's run
     of 16 products summed in a thread, then scaled; ``tile_k``), sums deferred, the bit
-    decode, no prefetch; 1 024 bytes at one row, 512 above (when they divide the row), 8
-    rows a program up to two rows, 16 from three. The cut above keeps each tile inside one
-    group of 32 bytes, whose fixed work made its four linears slower than bf16's
-    (session 19, Llama-3-8B: 153.5 us at one row, 1.25x bf16's; this cut 80.1, 0.65x;
-    two rows 97.9 against 148.5, four 124.3 against 180.4; `sweeps19`)."""
+    decode, no prefetch; 2 048 bytes at one row, 1 024 above (else the next size down that
+    divides the row), 8 rows a program up to two rows, 16 from three. The cut above keeps
+    each tile inside one group of 32 bytes, whose fixed work made its four linears slower
+    than bf16's (session 19, Llama-3-8B, us: one row 153.5, 1.25x bf16's, against 69.7,
+    0.58x; two rows 148.5 against 86.3; four 180.4 against 113.0; `sweeps19`, `q8e2e19`,
+    the fastest neighbours on all four linears but gate_up at 2 and 4 rows, within 3-6%)."""
     kb = (k + 1) // 2 if kind == "int4" else k
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
@@ -286,8 +287,8 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     if WIDE_GROUPS and kind == "int8" and gb is not None and rows8 >= 2 * sms:
         # grouped int8 (a GGUF Q8_0 on a GPU): whole rows in tiles of several groups, each
         # group's products summed, then scaled, sums deferred, the bit decode
-        bkw = next((b for b in ((1024, 512) if m == 1 else (512,)) if kb % b == 0 and
-                    b % gb == 0 and b > gb), None)
+        bkw = next((b for b in ((2048, 1024, 512) if m == 1 else (1024, 512))
+                    if kb % b == 0 and b % gb == 0 and b > gb), None)
         if bkw is not None:
             return GemvConfig(block_n=8 if m <= 2 else 16, block_k=bkw, warps=4, split=1,
                               native=False, prefetch=0, defer=True)

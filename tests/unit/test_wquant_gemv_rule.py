@@ -73,10 +73,10 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
     assert got == {"qkv": "n16k512w8s1natdfpf0", "o": "n8k1024w8s1natdfpf0",
                    "gate_up": "n32k256w8s1natpf0", "down": "n8k1024w8s1natdfpf0"}
     # int8 per 32 inputs (a Q8_0 on a GPU, session 19): whole rows in tiles of several
-    # groups, sums deferred, the bit decode; 1 024 bytes at one row, 512 above, 16 rows
+    # groups, sums deferred, the bit decode; 2 048 bytes at one row, 1 024 above, 16 rows
     # from three
-    for m, label in ((1, "n8k1024w4s1dfpf0"), (2, "n8k512w4s1dfpf0"), (3, "n16k512w4s1dfpf0"),
-                     (4, "n16k512w4s1dfpf0")):
+    for m, label in ((1, "n8k2048w4s1dfpf0"), (2, "n8k1024w4s1dfpf0"),
+                     (3, "n16k1024w4s1dfpf0"), (4, "n16k1024w4s1dfpf0")):
         assert {_rule("int8", m, s, 32).label() for s in SHAPES} == {label}
     for s in SHAPES:  # from two rows the M classes change one field each, never the split
         base = _rule("fp8", 4, s)
