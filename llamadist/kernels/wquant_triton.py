@@ -27,7 +27,9 @@ accumulated in float32:
   tile's sum of x).
   Each tile is reduced along K to (BLOCK_N,) per row of x, x's pointers broadcast to the
   tile so that x loads in the tile's layout (no shared-memory exchange in the loop); a
-  tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once.
+  tile never straddles a scale group, so grouped int8 / fp8 scale the group's sum once
+  (but with deferred sums: tiles of several groups, each thread's run of 16 products of
+  one group summed, then scaled; ``tile_k``, the rule's cut for a GGUF Q8_0's int8).
   ``defer`` instead adds each row's products into a (BLOCK_N, BLOCK_K) float32 tile of
   its own, reduced along K once after the loop (no shuffles in the loop; the rule's
   choice for one row).

@@ -269,8 +269,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  WIDE_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
-    KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K (WIDE_G: a divisor). PREFETCH
-    (0, 1, 2): tiles whose codes and scales are loaded ahead of the one being reduced
+    KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K (WIDE_G: a
+    divisor). PREFETCH (0, 1, 2): tiles whose codes and scales are loaded ahead of the one being reduced
     (Triton does not pipeline a loop without tl.dot; ptxas issues a prefetch only once
     the registers it lands in are free, late in the step: with 1 it barely overlaps,
     with 2 a whole step's work covers each tile's HBM latency). DEFER (no int4 group
