@@ -557,17 +557,19 @@ compile19() {  # issue 16, session 19: batch-1 decode of the 8B folder through g
 
 sweeps19() {  # issue 16, session 19: grouped int8 (a Q8_0 grid) with deferred sums in tiles
     # of several groups against the one-group cuts, and fp8's one-row rule with 16-row
-    # programs where 8-row ones would be > 4 a SM (8B's qkv; 70B's o and down timed before) (~5 min)
+    # programs where 8-row ones would be > 4 a SM (8B's qkv; 70B's o and down timed
+    # before) (~5 min)
     step sweep_g32 280 python3 benchmarks/wquant_sweep.py --kinds int8_g32 --m 1,2,4 \
         --configs defer --max-seconds 250
     step sweep_fp8 120 python3 benchmarks/wquant_sweep.py --kinds fp8 --m 1 --configs defer \
         --shapes qkv,o,down --max-seconds 100
 }
 
-q8e2e19() {  # issue 16, session 19: grouped int8's new cut (WIDE_GROUPS): its neighbours,
-    # one row of int8 / fp8 over the defer grid, then a random Llama-3-8B-shaped Q8_0
-    # GGUF (the GPU stage converts its blocks to int8 per 32) decoded under it (batch 1,
-    # 2) and the former cut (batch 1), and the same file dequantized to bf16 (~7 min)
+q8e2e19() {  # issue 16, session 19: a random Llama-3-8B-shaped Q8_0 GGUF (the GPU stage
+    # converts its blocks to int8 per 32) decoded under grouped int8's new cut
+    # (WIDE_GROUPS; batch 1, 2) and the former cut (batch 1), and the same file
+    # dequantized to bf16; then one row of int8 / fp8 over the defer grid and the new
+    # cut's neighbours (~7 min)
     local q=/tmp/ck/llama3-8b-q8_0.gguf b="--prompt-len 128 --gen-len 64"
     mkdir -p /tmp/ck
     [ -f $q ] || step write8b 150 python3 benchmarks/gguf_shape.py --shape llama3-8b \
