@@ -28,12 +28,12 @@ from llamadist.cli.bench_shape import (copy_bandwidth, int_list, make_engine, ra
                                        run_ours, sync_all)
 from llamadist.config import RuntimeConfig, named_shape
 from llamadist.model.fuse import fuse_projections
+from wquant_sweep import model_shapes  # (this folder: the script's own sys.path entry)
 
 
 def linear_table(config, dev, dtype, m: int, copy_bps: float) -> float:
-    d, f = config.hidden_size, config.intermediate_size
-    shapes = [("qkv", config.q_size + 2 * config.kv_size, d), ("o", d, config.q_size),
-              ("gate_up", 2 * f, d), ("down", d, f), ("head", config.vocab_size, d)]
+    shapes = [(name, n, k) for name, (n, k) in model_shapes(config).items()]
+    shapes.append(("head", config.vocab_size, config.hidden_size))
     total = 0.0
     for name, out_f, in_f in shapes:
         nbytes = out_f * in_f * 2

@@ -64,14 +64,15 @@ KINDS = {"int8": ("int8", None), "int4_g128": ("int4", 128), "int4_g32": ("int4"
          "fp8": ("fp8", None), "int8_g32": ("int8", 32)}  # int8_g32: a GGUF Q8_0's grid
 
 
-def model_shapes(name: str) -> dict[str, tuple[int, int]]:
-    """(N, K) of a named model shape's four decoder linears (config.named_shape)."""
-    from llamadist.config import named_shape
-    c = named_shape(name)
-    h, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-    return {"qkv": (h + 2 * kv, c.hidden_size), "o": (c.hidden_size, h),
-            "gate_up": (2 * c.intermediate_size, c.hidden_size),
-            "down": (c.hidden_size, c.intermediate_size)}
+def model_shapes(config) -> dict[str, tuple[int, int]]:
+    """(N, K) of the four fused decoder linears of ``config`` (a ModelConfig, or a
+    config.named_shape name)."""
+    if isinstance(config, str):
+        from llamadist.config import named_shape
+        config = named_shape(config)
+    d, f = config.hidden_size, config.intermediate_size
+    return {"qkv": (config.q_size + 2 * config.kv_size, d), "o": (d, config.q_size),
+            "gate_up": (2 * f, d), "down": (d, f)}
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
