@@ -118,7 +118,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
     if fit_bits:
         from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
         check_fit_bits(quantize)
-        prof = planned_head(prof, quantize_head, None, chosen_later=True)
+        prof = planned_head(prof, quantize_head, chosen_later=True)
         plan = choose_bits(prof, specs, strategy, one_format, **kw).plan
         notes = bits_report(plan, prof, specs)
     else:
@@ -126,9 +126,7 @@ def plan_and_text(config: ModelConfig, devices: str | None, max_memory: str | No
         saved = [s.weight_format for s in Plan.load(plan_file).stages] if plan_file else []
         if quantize is None and any(saved) and len(saved) == len(specs):
             formats = saved   # a plan file's formats, costed again on these devices
-        if specs:
-            prof = planned_head(prof, quantize_head, formats[-1], specs[-1].kind,
-                                any_format=any(formats))
+        prof = planned_head(prof, quantize_head, formats, specs)
         plan = make_plan(prof, specs, strategy=strategy,
                          formats=formats if any(formats) else None, **kw)
         notes = format_notes(prof, specs, formats)

@@ -173,7 +173,7 @@ def _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan, sav
     if fit_bits:
         from llamadist.planning.bits import bits_report, check_fit_bits, choose_bits
         check_fit_bits(quantize)
-        prof = planned_head(prof, quantize_head, None, chosen_later=True)
+        prof = planned_head(prof, quantize_head, chosen_later=True)
         p = check_fits(choose_bits(prof, specs, strategy, one_format, **kw).plan)
         why = "\n".join(bits_report(p, prof, specs))
     else:
@@ -181,9 +181,7 @@ def _placed(prof, specs, strategy, kw, quantize, fit_bits, one_format, plan, sav
         if saved_formats is not None:
             formats = _plan_formats(plan, saved_formats, [d.name for d in specs], quantize,
                                     formats)
-        if specs:
-            prof = planned_head(prof, quantize_head, formats[-1], specs[-1].kind,
-                                any_format=any(formats))
+        prof = planned_head(prof, quantize_head, formats, specs)
         p = check_fits(make_plan(prof, specs, strategy=strategy,
                                  formats=formats if any(formats) else None, **kw))
     return p, why

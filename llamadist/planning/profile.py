@@ -293,21 +293,25 @@ def head_in_format(prof: ModelProfile, fmt: str, kinds: Sequence[str]) -> ModelP
         h, weight_bytes=size, active_weight_bytes=size, tied=False, stored=()))
 
 
-def planned_head(prof: ModelProfile, quantize_head: bool, fmt: str | None,
-                 kind: str = "cuda", chosen_later: bool = False,
-                 any_format: bool = True) -> ModelProfile:
-    """The profile a plan costs under --quantize-head: the head (on the last stage, a
-    ``kind`` device) in that stage's format ``fmt`` (unchanged without one); with
-    ``chosen_later`` (--fit-bits: the formats are not chosen yet) a tied head counted as
-    its own copy at its stored size, an upper bound of what the run loads. Refused when
-    no stage has a format (``any_format`` False): nothing to quantize the head in."""
+def planned_head(prof: ModelProfile, quantize_head: bool,
+                 formats: Sequence[str | None] | None = None, specs: Sequence = (),
+                 chosen_later: bool = False) -> ModelProfile:
+    """The profile a plan over ``specs`` (planning.devices.DeviceSpec, in stage order)
+    costs under --quantize-head: the head, on the last stage, in that stage's format
+    (``formats``, one a stage; unchanged without one); with ``chosen_later`` (--fit-bits:
+    the formats are not chosen yet) a tied head counted as its own copy at its stored
+    size, an upper bound of what the run loads. Refused when no stage has a format:
+    nothing to quantize the head in."""
     if not quantize_head:
         return prof
-    if fmt is None and not chosen_later and not any_format:
-        raise ConfigError(QUANTIZE_HEAD_ALONE)
     if chosen_later:
         return replace(prof, tie_word_embeddings=False, head=replace(prof.head, tied=False))
-    return head_in_format(prof, fmt, [kind]) if fmt else prof
+    if not specs:
+        return prof
+    if not any(formats or ()):
+        raise ConfigError(QUANTIZE_HEAD_ALONE)
+    fmt = formats[-1]
+    return head_in_format(prof, fmt, [specs[-1].kind]) if fmt else prof
 
 
 def native_profile(prof: ModelProfile,

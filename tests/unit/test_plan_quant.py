@@ -123,8 +123,8 @@ def test_auto_and_fit_bits_count_a_quantized_head(capsys):
         outs.append(capsys.readouterr().out)
     assert outs[0] != outs[1]
     tied = profile(named_shape("smollm2-135m"), dtype="float32", seq_len=256)
-    later = planned_head(tied, True, None, chosen_later=True)
+    later = planned_head(tied, True, chosen_later=True)
     assert tied.tied_bytes > 0 and later.tied_bytes == 0
     assert later.head.weight_bytes == tied.head.weight_bytes
-    assert planned_head(tied, False, "int8") is tied
+    assert planned_head(tied, False, ["int8"]) is tied
     json.loads(outs[1])  # (valid JSON)
