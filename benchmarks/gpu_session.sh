@@ -5,7 +5,8 @@
 #
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
-#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 perplexity head18 (or stash)
+#         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
+#         sweeps19 q8e2e19 int4rows20 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -584,14 +585,35 @@ q8e2e19() {  # issue 16, session 19: a random Llama-3-8B-shaped Q8_0 GGUF (the G
         --configs defer --max-seconds 75
 }
 
+int4rows20() {  # issue 16, session 20: cuda_int4's int4 decode kernel (CUDA C++ through
+    # NVRTC on tinygemm's words): its GPU tests, its forms against tinygemm on Llama-3-8B's
+    # linears (g128, g32), then 8B int4 decode end to end against tinygemm (~9 min)
+    local b="--prompt-len 128 --gen-len 64"
+    step nvrtc 60 python3 -c "
+import torch; from llamadist.kernels import cuda_int4 as C
+print('torch cuda', torch.version.cuda, 'nvrtc', C.nvrtc(), C._nvrtc_candidates()[:4])
+print('available', C.available(torch.device('cuda', 0)))"
+    step test_int4rows 150 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_int4_gpu.py
+    step rows8b 150 python3 benchmarks/wquant_rows.py --shape llama3-8b \
+        --kinds int4_g128,int4_g32 --m 1,2,4,8,16 --products tinygemm,torch,rows,rows:* \
+        --rows-configs 4x1,4x2,8x1,8x2,8x4,16x2,16x4,8x2x1 --max-seconds 120
+    checkpoint
+    ab i4_b1 "" --quantize int4 --batch 1 $b
+    ab i4_b1_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 1 $b
+    ab i4_b1_head "" --quantize int4 --quantize-head --batch 1 $b
+    ab bf16_b1 "" --batch 1 $b
+    ab i4_b4 "" --quantize int4 --batch 4 $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

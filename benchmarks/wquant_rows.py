@@ -12,6 +12,8 @@ past the L2 cache, the other quantized forms not):
 * ``tinygemm`` (int4): ``aten._weight_int4pack_mm`` alone;
 * ``torch`` (int4): the ``--wquant torch`` product (``wquant_torch.int4_linear``: tinygemm,
   the tensor-core tiles on tinygemm's layout or W dequantized from it and cuBLAS, by rows);
+* ``rows`` (int4, M <= 16): ``cuda_int4.int4_rows`` (CUDA C++ on tinygemm's words, the
+  rule's form), and ``rows:WARPSxNB[xEXACT]`` for each ``--rows-configs`` entry;
 * ``mma`` (int4): those tiles alone (``wquant_triton.tinygemm_mma``, the rule's config),
   and ``mma:LABEL`` for each ``--mma-configs`` entry (block_n x block_m x warps x split
   [x stages [x prefetch 0/1]], e.g. 64x16x4x0x1x1; split 0: the rule's for those tiles;
@@ -44,6 +46,16 @@ from wquant_sweep import copy_rate, model_shapes, time_graph  # noqa: E402
 KINDS = {"int4_g32": "int4-g32", "int4_g128": "int4", "int8": "int8", "fp8": "fp8"}
 
 
+def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, exact):
+    """cuda_int4's kernel in one form (warps, n-tiles a block, codes - 8 in bf16 first)."""
+    cuda_int4.CODES_EXACT = bool(exact)
+    try:
+        cfg = cuda_int4.RowsConfig(warps, nb, x.shape[0] > 8)
+        return cuda_int4.launch(x, tg, tz, n, g, tiles, cfg)
+    finally:
+        cuda_int4.CODES_EXACT = False
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama3-70b")
@@ -54,13 +66,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--max-seconds", type=float, default=150.0)
     p.add_argument("--products", default="", type=lambda s: [c for c in s.split(",") if c],
-                   help="only these products (names as above; mma:* for every variant)")
+                   help="only these products (names as above; mma:* / rows:* for every "
+                   "variant)")
     p.add_argument("--mma-configs", default="", type=lambda s: [c for c in s.split(",") if c])
+    p.add_argument("--rows-configs", default="", type=lambda s: [c for c in s.split(",") if c])
     a = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
 
-    from llamadist.kernels import gpu, wquant, wquant_torch, wquant_triton
+    from llamadist.kernels import cuda_int4, gpu, wquant, wquant_torch, wquant_triton
     t_end = time.perf_counter() + a.max_seconds
     dev = torch.device("cuda:0")
     # as as_packed_linear decides it: the Triton kernels run and tinygemm's layout is known
@@ -69,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
           f"on N >= 4 K) through Triton: {tg_triton} "
           f"(tensor-core tiles up to {wquant_torch.MMA_MAX_M} rows)", file=sys.stderr)
     sms = wquant_triton.device_traits(dev)[0]
+    rows_ok = cuda_int4.available(dev)
+    print(f"cuda_int4.int4_rows runs: {rows_ok}", file=sys.stderr)
     copy = copy_rate(torch, dev, 2.0)
     print(f"copy rate {copy / 1e9:.0f} GB/s (read + write)", file=sys.stderr)
     torch.manual_seed(0)
@@ -93,8 +109,15 @@ def main(argv: list[str] | None = None) -> int:
                 # the --wquant torch product: tinygemm, the tensor-core tiles or W
                 # dequantized from tinygemm's layout (Triton) and cuBLAS, by rows
                 products["torch"] = lambda x, tg: \
-                    wquant_torch.int4_linear(x, tg, tz, g, n, triton=tg_triton)
+                    wquant_torch.int4_linear(x, tg, tz, g, n, triton=tg_triton,
+                                                     cuda_rows=rows_ok)
                 products["mma"] = lambda x, tg: wquant_triton.tinygemm_mma(x, tg, tz, n, g, tiles)
+                if rows_ok:
+                    products["rows"] = lambda x, tg: cuda_int4.int4_rows(x, tg, tz, n, g, tiles)
+                for spec in a.rows_configs if rows_ok else ():
+                    warps, nb, exact = ([int(v) for v in spec.split("x")] + [0])[:3]
+                    products[f"rows:{spec}"] = lambda x, tg, warps=warps, nb=nb, exact=exact: \
+                        rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, exact)
                 kernels = gpu.load("wquant")
                 for spec in a.mma_configs:  # split 0: the rule's for the tiles and M
                     bn, bm, warps, split, stages, pf = ([int(v) for v in spec.split("x")]
@@ -110,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             products["dequant"] = lambda x, tg, pw=pw: F.linear(x, pw.dequantize(torch.bfloat16))
             if a.products:
                 products = {name: fn for name, fn in products.items()
-                            if name in a.products or ("mma:*" in a.products
-                                                      and name.startswith("mma:"))}
+                            if name in a.products or f"{name.split(':')[0]}:*" in a.products}
             for m in a.m:
                 if time.perf_counter() > t_end:
                     print(f"stopped at {sname} {kind} M={m}: --max-seconds", file=sys.stderr)
@@ -126,9 +148,11 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({"shape": sname, "m": m, "product": "bf16", "us": us}))
                 base = sums[(sname, "bf16", m)]
                 for prod, fn in products.items():
+                    if prod.startswith("rows") and m > cuda_int4.MAX_ROWS:
+                        continue
                     y = fn(x, tgs[0]).float()
                     err = (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-                    rot = tgs if prod in ("tinygemm", "torch") or prod.startswith("mma") \
+                    rot = tgs if prod in ("tinygemm", "torch") or prod.startswith(("mma", "rows")) \
                         else tgs[:1]
                     us, _, mode = time_graph(torch, [lambda fn=fn, t=t: fn(x, t) for t in rot],
                                              max(4, len(rot)), a.reps)

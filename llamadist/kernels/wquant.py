@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import INT4_GROUP, ConfigError, quantize_group
-from llamadist.kernels import gpu, wquant_torch, wquant_triton
+from llamadist.kernels import cuda_int4, gpu, wquant_torch, wquant_triton
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, dequantize
 
@@ -290,7 +290,7 @@ class PackedLinear(nn.Linear):
         if self.path == "tinygemm":
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
                                             self.group, self.out_features, self.bias,
-                                            self.tg_triton)
+                                            self.tg_triton, self.tg_rows)
         if self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1]:
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
@@ -340,6 +340,9 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
         and triton else 0
     module.tg_triton = (module.path == "tinygemm" and triton
                         and wquant_torch.tinygemm_layout_known(w.device))
+    # the decode rows through cuda_int4's kernel (compiled and checked once a device)
+    module.tg_rows = module.tg_triton and wquant_torch.ROWS_MAX_M > 0 \
+        and cuda_int4.available(w.device)
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)
         module.register_buffer("tg_weight", wquant_torch.tinygemm_pack(w.q, w.shape[1]),

@@ -35,7 +35,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from llamadist.kernels import wquant_triton
+from llamadist.kernels import cuda_int4, wquant_triton
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,9 @@ TINYGEMM_GROUPS = (32, 64, 128, 256)
 # 757 with tinygemm for all.
 TINYGEMM_MAX_M = 8
 WIDE_TINYGEMM_MAX_M = 14
+# Calls of up to this many rows take kernels.cuda_int4's int4_rows (CUDA C++ on tinygemm's
+# words, compiled by NVRTC) where it runs: the decode rows, in place of tinygemm (0: never).
+ROWS_MAX_M = 8
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
@@ -158,25 +161,32 @@ def tinygemm_scales_zeros(scale: torch.Tensor, offset: torch.Tensor,
     return torch.stack([s, o + 8 * s], dim=-1).transpose(0, 1).to(dtype).contiguous()
 
 
-def int4_product(rows: int, n: int, k: int) -> str:
+def int4_product(rows: int, n: int, k: int, cuda_rows: bool = False) -> str:
     """Which CUDA product serves an int4 call of ``rows`` rows of an N x K weight where the
-    Triton kernels read tinygemm's layout: "tinygemm", "mma" (the tensor-core tiles) or
+    Triton kernels read tinygemm's layout: "rows" (cuda_int4.int4_rows, where
+    ``cuda_rows``: it runs on the device), "tinygemm", "mma" (the tensor-core tiles) or
     "dequant"."""
+    if cuda_rows and rows <= ROWS_MAX_M:
+        return "rows"
     tiny = WIDE_TINYGEMM_MAX_M if n >= 4 * k else TINYGEMM_MAX_M
     return "tinygemm" if rows <= tiny else "mma" if rows <= MMA_MAX_M else "dequant"
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
                 group: int, n: int, bias: torch.Tensor | None = None,
-                triton: bool = False) -> torch.Tensor:
+                triton: bool = False, cuda_rows: bool = False) -> torch.Tensor:
     """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype; with ``triton``
     (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of more rows
     than ``int4_product`` leaves to tinygemm take the Triton kernels that read its layout
-    (see above)."""
+    (see above), and with ``cuda_rows`` (cuda_int4.available) the decode rows take
+    cuda_int4.int4_rows."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    product = int4_product(m, n, k) if triton and x.is_cuda else "tinygemm"
-    if product == "mma":
+    product = int4_product(m, n, k, cuda_rows) if triton and x.is_cuda else "tinygemm"
+    if product == "rows":
+        y = cuda_int4.int4_rows(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
+                                _inner_k_tiles(k))
+    elif product == "mma":
         y = wquant_triton.tinygemm_mma(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
                                        _inner_k_tiles(k))
     elif product == "dequant":

@@ -1,0 +1,246 @@
+"""int4 decode products in CUDA C++ (int4_rows.cu), compiled at first use by NVRTC.
+
+Why not Triton: a one-row int4 product is bound by the bytes of W, and reaching them
+takes ~1-2 instructions a weight. Triton's layouts cost several times that (RESULTS.md,
+sessions 17-19: three Triton forms, CUDA cores and wgmma, all behind tinygemm), and
+tinygemm itself, built for 16-row tiles, reads Llama-3-8B's int4 linears at about a third
+of the H200's bandwidth at one row. ``int4_rows.cu`` reads tinygemm's own words (so the
+GPU keeps one copy of the weight) as mma.m16n8k16's B operand, one AND-OR a pair of
+codes, with x as the A operand; see its header.
+
+How it is built and run, with what torch ships: NVRTC (libnvrtc, a dependency of CUDA
+builds of torch: the ``nvidia-cuda-nvrtc`` wheel, or the toolkit's) compiles the source,
+without headers, to a cubin for the device's architecture, and torch's driver-API loader
+(``torch.cuda._utils._cuda_load_module``) launches it on the current stream, so CUDA graphs
+capture it. Each (device, config) compiles once a process (~0.3 s); ``available`` compiles
+and checks a small case first, and where anything is missing (no NVRTC, ROCm, a GPU below
+sm_80, a compile error) it says why once and int4 keeps tinygemm.
+
+Numerics: the mma sums (128 + code) * x in float32 for each group, then applies that
+group's scale and zero once: sum w x = s acc + (z - 136 s) sum x, x's sum from the same
+mma against ones. tinygemm instead rounds each w = (code - 8) s + z to bf16 first; both
+are within bf16's rounding of the float64 product (tests/gpu/test_cuda_int4_gpu.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import glob
+import logging
+import os
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from llamadist.kernels import gpu
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("int4_rows.cu")
+# rows a call may have (the A operand's 16; ROWS16 compiles the second 8)
+MAX_ROWS = 16
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    """One compiled form of int4_rows: warps a block, n-tiles (8 rows of W) a block, and
+    whether rows 9-16 are read."""
+    warps: int = 8
+    nb: int = 2
+    rows16: bool = False
+
+    def label(self) -> str:
+        return f"w{self.warps}nb{self.nb}" + ("r16" if self.rows16 else "")
+
+
+def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
+    """The form a call of ``m`` rows of an N x K weight takes: two n-tiles a block (16
+    rows of W), fewer where that leaves under two blocks an SM."""
+    nt = n // 8
+    nb = 2 if nt // 2 >= 2 * sms else 1
+    return RowsConfig(warps=8, nb=nb, rows16=m > 8)
+
+
+# ---- NVRTC --------------------------------------------------------------------------------
+def _nvrtc_candidates() -> list[str]:
+    names = []
+    major = (torch.version.cuda or "12").split(".")[0]
+    for base in sys.path:  # the pip wheels' copies (nvidia-cuda-nvrtc-cu12, nvidia/cu13)
+        names += sorted(glob.glob(os.path.join(base, "nvidia", "cuda_nvrtc", "lib",
+                                               "libnvrtc.so.*")))
+        names += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libnvrtc.so.*")))
+    names = [p for p in names if "builtins" not in p and ".alt." not in p]
+    return names + [f"libnvrtc.so.{major}", "libnvrtc.so"]
+
+
+@functools.cache
+def nvrtc() -> ctypes.CDLL | None:
+    """libnvrtc, loaded once, or None where none is found."""
+    for name in _nvrtc_candidates():
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        lib.nvrtcGetErrorString.restype = ctypes.c_char_p
+        return lib
+    return None
+
+
+def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None) -> bytes:
+    """The source (int4_rows.cu by default) compiled for ``arch`` ("90": sm_90) with these
+    -D values; RuntimeError with NVRTC's log on a compile error."""
+    lib = nvrtc()
+    if lib is None:
+        raise RuntimeError("libnvrtc was not found (CUDA builds of torch bring it through the "
+                           "nvidia-cuda-nvrtc wheel; pip install nvidia-cuda-nvrtc-cu12)")
+
+    def check(rc: int, what: str) -> None:
+        if rc != 0:
+            raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(rc).decode()}")
+
+    src = (source if source is not None else SOURCE.read_text()).encode()
+    prog = ctypes.c_void_p()
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"int4_rows.cu", 0, None, None),
+          "create")
+    try:
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"] + \
+            [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
+        arr = (ctypes.c_char_p * len(opts))(*opts)
+        rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        if rc != 0:
+            size = ctypes.c_size_t()
+            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+            buf = ctypes.create_string_buffer(size.value)
+            lib.nvrtcGetProgramLog(prog, buf)
+            raise RuntimeError(f"NVRTC could not compile int4_rows.cu ({defines}):\n"
+                               f"{buf.value.decode(errors='replace')}")
+        size = ctypes.c_size_t()
+        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        buf = ctypes.create_string_buffer(size.value)
+        check(lib.nvrtcGetCUBIN(prog, buf), "cubin")
+        return buf.raw
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False) -> dict[str, int]:
+    return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
+            "ROWS16": int(cfg.rows16), "CODES_EXACT": int(exact)}
+
+
+# ---- kernels on a device -------------------------------------------------------------------
+_KERNELS: dict[tuple, object] = {}
+_LOCK = threading.Lock()
+CODES_EXACT = False  # True: codes - 8 in bf16 before the mma (A/B of the numerics)
+
+
+def _arch(index: int) -> str:
+    p = torch.cuda.get_device_properties(index)
+    return f"{p.major}{p.minor}"
+
+
+def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
+    """The compiled int4_rows for this device and form (compiled and loaded once)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, tiles, group, cfg, CODES_EXACT)
+    fn = _KERNELS.get(key)
+    if fn is None:
+        with _LOCK:
+            fn = _KERNELS.get(key)
+            if fn is None:
+                from torch.cuda._utils import _cuda_load_module
+                cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT))
+                with torch.cuda.device(index):
+                    fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
+                _KERNELS[key] = fn
+    return fn
+
+
+def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+           group: int, tiles: int, cfg: RowsConfig | None = None) -> torch.Tensor:
+    """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
+    (G, N, 2) bf16 table; M <= MAX_ROWS."""
+    m, k = x.shape
+    if cfg is None:
+        cfg = rows_config(m, n, k, gpu_sms(x.device))
+    fn = kernel(x.device, tiles, group, cfg)
+    y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
+    blocks = -(-(n // 8) // cfg.nb)
+    with torch.cuda.device(x.device):
+        fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1),
+           args=[x, packed, scales_zeros, y, m, n, k])
+    return y
+
+
+def gpu_sms(device: torch.device) -> int:
+    from llamadist.kernels.wquant_triton import device_traits
+    return device_traits(device)[0]
+
+
+_AVAILABLE: dict[int, bool] = {}
+
+
+def available(device: torch.device) -> bool:
+    """Whether int4_rows runs on ``device``: CUDA (not ROCm) sm_80+, NVRTC found, and a
+    small case compiled and checked against the dequantized product (once a device; a
+    reason is logged once where not)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _AVAILABLE:
+        _AVAILABLE[index] = _check(torch.device("cuda", index))
+    return _AVAILABLE[index]
+
+
+def _check(device: torch.device) -> bool:
+    from llamadist.kernels import wquant_torch
+    if torch.cuda.get_device_properties(device).major < 8:
+        log.info("int4_rows needs sm_80+ (bf16 mma): int4 keeps tinygemm on %s", device)
+        return False
+    if not wquant_torch.tinygemm_layout_known(device):
+        return False
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        n, k, group = 32, 256, 64
+        codes = torch.randint(0, 16, (n, k), generator=gen)
+        scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
+        offset = torch.randn(n, k // group, generator=gen) / 8
+        x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+        q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+        tiles = wquant_torch._inner_k_tiles(k)
+        packed = torch.ops.aten._convert_weight_to_int4pack(
+            wquant_torch.tinygemm_bytes(q).to(device), tiles)
+        sz = wquant_torch.tinygemm_scales_zeros(scale, offset).to(device)
+        y = launch(x.to(device), packed, sz, n, group, tiles).float().cpu()
+        s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
+        w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+        ref = x.double() @ w.double().t()
+        err = (y.double() - ref).abs().max().item()
+        tol = 2e-2 * ref.abs().max().item()
+        if not err <= tol:
+            log.warning("int4_rows on %s is off by %.3g (allowed %.3g): int4 keeps tinygemm",
+                        device, err, tol)
+            return False
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure: the kernel does not serve here
+        log.warning("int4_rows does not run on %s (%s: %s): int4 keeps tinygemm", device,
+                    type(e).__name__, e)
+        return False
+
+
+def _rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+          group: int, tiles: int) -> torch.Tensor:
+    return launch(x.contiguous(), packed, scales_zeros, n, group, tiles)
+
+
+def _rows_shape(x, packed, scales_zeros, n, group, tiles):
+    return x.new_empty(x.shape[0], n)
+
+
+# y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout for M <= MAX_ROWS (the custom op
+# torch.compile sees; outside compile the launch itself)
+int4_rows = gpu.custom_op("llamadist::int4_rows", _rows, fake=_rows_shape)

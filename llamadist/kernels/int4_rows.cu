@@ -1,0 +1,231 @@
+// y (M, N) = x (M, K) @ W^T for M <= 16 rows of bf16 x and an int4 W in tinygemm's layout
+// (torch's _convert_weight_to_int4pack, as kernels.wquant_torch.tinygemm_layout states it):
+// the small-batch decode product of int4 weights, compiled at first use by NVRTC
+// (kernels.cuda_int4 says how and why). No headers: only PTX through inline asm.
+//
+// tinygemm's word [n/8][kt][lane][w] holds, for row n = 8 (n/8) + lane/4 and c = lane % 4,
+// the codes of k = 16 TILES kt + 32 w + 2c + {0, 1, 8, 9, 16, 17, 24, 25} (nibbles 0, 4,
+// 1, 5, 2, 6, 3, 7). That is the B operand of mma.m16n8k16 (k x n, n = lane/4) for two
+// k16 steps: nibbles (0, 4) -> b0 of step 0, (1, 5) -> b1, (2, 6) -> b0 of step 1, (3, 7)
+// -> b1. One AND-OR makes a pair of bf16 128 + code (exact), so the loop only masks and
+// issues mma; x (M rows, zero-padded to 16) is the A operand.
+//
+// Per group (GROUP inputs, one scale s and zero z a row: w = (code - 8) s + z), with
+// acc = sum (128 + code) x over the group and xs = sum x (the same mma with B = ones):
+//   sum w x = s acc + (z - 136 s) xs           (CODES_EXACT 0: fp32 acc, mild cancellation)
+//   sum w x = s acc' + z xs, acc' on code - 8  (CODES_EXACT 1: one bf16 fma a pair more)
+//
+// Work: a block takes NB consecutive n-tiles of 8 rows for all of K; its WARPS warps take
+// the k-tiles (16 TILES inputs each) warp, warp + WARPS, ... and sum through shared memory
+// at the end. Each lane loads TILES/2 words (16 bytes at TILES 8) per n-tile and k-tile,
+// the next k-tile's words and x before this one's math.
+//
+// Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a multiple of 32),
+// WARPS, NB, ROWS16 (0: M <= 8, 1: M <= 16), CODES_EXACT (0, 1).
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+#define W (TILES / 2)          // words a lane holds per n-tile and k-tile
+#define KTILE (16 * TILES)     // inputs a k-tile
+
+static __device__ __forceinline__ u32 ld_x(const u16* p) {
+    u32 v;
+    asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
+    return v;
+}
+
+static __device__ __forceinline__ void ld_words(u32 (&v)[W], const u32* p) {
+#if W == 4
+    asm volatile("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
+#elif W == 2
+    asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];"
+                 : "=r"(v[0]), "=r"(v[1]) : "l"(p));
+#else
+    asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v[0]) : "l"(p));
+#endif
+}
+
+static __device__ __forceinline__ float lo_f(u32 v) {  // bf16 in the low half -> float
+    float f;
+    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v << 16));
+    return f;
+}
+
+static __device__ __forceinline__ float hi_f(u32 v) {  // bf16 in the high half -> float
+    float f;
+    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v & 0xFFFF0000u));
+    return f;
+}
+
+static __device__ __forceinline__ u16 to_bf16(float f) {
+    u16 h;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+}
+
+static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3,
+                                           u32 b0, u32 b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// the pair of codes at nibbles (j, j + 4) as bf16 (128 + code), or code - 8 (CODES_EXACT):
+// one LOP3 with the mask as its immediate and the magic in a register
+static __device__ __forceinline__ u32 codes(u32 word, int shift, u32 magic) {
+    u32 v;
+    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(v) : "r"(word >> shift), "r"(magic));
+#if CODES_EXACT
+    asm("fma.rn.bf16x2 %0, %0, %1, %2;" : "+r"(v) : "r"(0x3F803F80u), "r"(0xC308C308u));
+#endif
+    return v;
+}
+
+// x's A fragments for one word (two k16 steps) at p (row g's input k + 2c; q: row g + 8's)
+static __device__ __forceinline__ void ld_a(u32 (&a)[2][4], const u16* p, const u16* q) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        a[s][0] = ld_x(p + 16 * s);
+        a[s][2] = ld_x(p + 16 * s + 8);
+#if ROWS16
+        a[s][1] = ld_x(q + 16 * s);
+        a[s][3] = ld_x(q + 16 * s + 8);
+#else
+        a[s][1] = 0u;
+        a[s][3] = 0u;
+#endif
+    }
+}
+
+// the words of NB n-tiles and x's fragments of k-tile kt
+static __device__ __forceinline__ void load(u32 (&cw)[NB][W], u32 (&xa)[W][2][4],
+                                            const u32* const (&wp)[NB], const u16* xp,
+                                            const u16* xq, int kt) {
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+        ld_words(cw[b], wp[b] + (size_t)kt * 32 * W);
+#pragma unroll
+    for (int w = 0; w < W; ++w)
+        ld_a(xa[w], xp + kt * KTILE + 32 * w, xq + kt * KTILE + 32 * w);
+}
+
+// k-tile kt's products, added to out (see the header for the sums)
+static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw)[NB][W],
+                                             const u32 (&xa)[W][2][4], const u32* sz,
+                                             const int (&ntb)[NB], int N, int c, int kt,
+                                             u32 magic, u32 ones) {
+    float acc[NB][4], xs[4];
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        if ((32 * w) % GROUP == 0) {  // a group starts here (GROUP and KTILE: powers of 2)
+            xs[0] = xs[1] = xs[2] = xs[3] = 0.f;
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+                acc[b][0] = acc[b][1] = acc[b][2] = acc[b][3] = 0.f;
+        }
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+            mma(xs, xa[w][s][0], xa[w][s][1], xa[w][s][2], xa[w][s][3], ones, ones);
+#pragma unroll
+        for (int b = 0; b < NB; ++b) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s)
+                mma(acc[b], xa[w][s][0], xa[w][s][1], xa[w][s][2], xa[w][s][3],
+                    codes(cw[b][w], 8 * s, magic), codes(cw[b][w], 8 * s + 4, magic));
+        }
+        if (w == W - 1 || (32 * w + 32) % GROUP == 0) {  // the group (or the k-tile) ends
+            const u32* zp = sz + (size_t)((kt * KTILE + 32 * w) / GROUP) * N + 2 * c;
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                u32 p0, p1;
+                asm volatile("ld.global.nc.v2.b32 {%0, %1}, [%2];"
+                             : "=r"(p0), "=r"(p1) : "l"(zp + ntb[b] * 8));
+                const float s0 = lo_f(p0), s1 = lo_f(p1);
+#if CODES_EXACT
+                const float z0 = hi_f(p0), z1 = hi_f(p1);
+#else
+                const float z0 = hi_f(p0) - 136.f * s0, z1 = hi_f(p1) - 136.f * s1;
+#endif
+                out[b][0] += s0 * acc[b][0] + z0 * xs[0];
+                out[b][1] += s1 * acc[b][1] + z1 * xs[1];
+                out[b][2] += s0 * acc[b][2] + z0 * xs[2];
+                out[b][3] += s1 * acc[b][3] + z1 * xs[3];
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(WARPS * 32)
+int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
+    __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3;
+    const int NT = N >> 3, KT = K / KTILE;
+    const int nt0 = blockIdx.x * NB;
+    u32 magic = 0x43004300u, ones = 0x3F803F80u;
+    asm volatile("" : "+r"(magic), "+r"(ones));  // kept in registers (LOP3's one immediate)
+
+    // Rows of x past M and n-tiles past N read row M - 1 and the last n-tile instead (in
+    // bounds): an mma's output row depends on its A row alone, and those outputs are never
+    // written, so no lane needs a predicate.
+    const u16* xp = x + (size_t)min(g, M - 1) * K + 2 * c;
+    const u16* xq = x + (size_t)min(g + 8, M - 1) * K + 2 * c;
+    const u32* wp[NB];
+    int ntb[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        ntb[b] = min(nt0 + b, NT - 1);
+        wp[b] = words + (size_t)ntb[b] * KT * 32 * W + lane * W;
+    }
+
+    float out[NB][4];
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+        out[b][0] = out[b][1] = out[b][2] = out[b][3] = 0.f;
+
+    // two buffers, each k-tile's loads issued before the one before it is computed
+    u32 cw0[NB][W], cw1[NB][W], xa0[W][2][4], xa1[W][2][4];
+    int kt = warp;
+    if (kt < KT)
+        load(cw0, xa0, wp, xp, xq, kt);
+    while (kt < KT) {
+        if (kt + WARPS < KT)
+            load(cw1, xa1, wp, xp, xq, kt + WARPS);
+        ktile(out, cw0, xa0, sz, ntb, N, c, kt, magic, ones);
+        kt += WARPS;
+        if (kt >= KT)
+            break;
+        if (kt + WARPS < KT)
+            load(cw0, xa0, wp, xp, xq, kt + WARPS);
+        ktile(out, cw1, xa1, sz, ntb, N, c, kt, magic, ones);
+        kt += WARPS;
+    }
+
+    // the warps' partial sums of the block's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3
+    // the same at row g + 8
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        red[warp][b][g][2 * c] = out[b][0];
+        red[warp][b][g][2 * c + 1] = out[b][1];
+#if ROWS16
+        red[warp][b][g + 8][2 * c] = out[b][2];
+        red[warp][b][g + 8][2 * c + 1] = out[b][3];
+#endif
+    }
+    __syncthreads();
+    const int rows = ROWS16 ? 16 : 8;
+    for (int t = threadIdx.x; t < NB * rows * 8; t += WARPS * 32) {
+        const int b = t / (rows * 8), m = (t / 8) % rows, j = t % 8;
+        if (m >= M || nt0 + b >= NT) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int i = 0; i < WARPS; ++i)
+            v += red[i][b][m][j];
+        y[(size_t)m * N + (nt0 + b) * 8 + j] = to_bf16(v);
+    }
+}

@@ -1,0 +1,115 @@
+"""cuda_int4.int4_rows (CUDA C++ compiled by NVRTC, on tinygemm's int4 words) against the
+float64 product of the weight it encodes, in every form (warps, n-tiles a block, rows
+9-16, codes - 8 first), on shapes whose n-tiles do not fill the last block and whose
+k-tiles are fewer than the warps; inside a CUDA graph; through PackedLinear; and against
+tinygemm's own error on the same words.
+
+Tolerance, per output, with S = |x| @ |W|^T: |y - ref64| <= 2^-8 |ref64| + 2^-16 S (y is
+rounded to bf16 once, 2^-9; the float32 sums of (128 + code) x lose ~2^-24 of 136 S)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from llamadist.kernels import cuda_int4 as C
+from llamadist.kernels import wquant as W
+from llamadist.kernels import wquant_torch as WT
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+DEV = torch.device("cuda", 0)
+
+
+def _case(n: int, k: int, group: int, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-2, 0, n).view(-1, 1)
+    pw = W.quantize_int4(w, group)
+    tiles = WT._inner_k_tiles(k)
+    packed = WT.tinygemm_pack(pw.q.to(DEV), k)
+    sz = WT.tinygemm_scales_zeros(pw.scale, pw.offset).to(DEV)
+    # the weight the words and the bf16 table encode: (code - 8) s + z
+    s = sz.double().cpu()[..., 0].t().repeat_interleave(group, 1)
+    z = sz.double().cpu()[..., 1].t().repeat_interleave(group, 1)
+    codes = W.unpack_int4(pw.q, k).double()
+    return packed, sz, (codes - 8) * s + z, tiles
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor) -> float:
+    x64 = x.double().cpu()
+    ref = x64 @ w64.t()
+    bound = 2**-8 * ref.abs() + 2**-16 * (x64.abs() @ w64.abs().t())
+    err = (y.double().cpu() - ref).abs()
+    assert bool((err <= bound).all()), f"max error {err.max():.3g}, worst ratio " \
+        f"{(err / bound).max():.3g}"
+    return err.max().item()
+
+
+SHAPES = [(48, 96, 32),     # tiles 2, 3 k-tiles (< warps)
+          (80, 192, 64),    # tiles 4, 10 n-tiles
+          (272, 640, 128),  # tiles 8, 34 n-tiles
+          (128, 768, 256),  # a group over two k-tiles
+          (4096, 4096, 128)]
+
+
+@pytest.mark.parametrize("n,k,group", SHAPES)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 9, 16])
+def test_rows_against_float64(n, k, group, m):
+    packed, sz, w64, tiles = _case(n, k, group)
+    x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+    _check(C.launch(x, packed, sz, n, group, tiles), x, w64)
+
+
+@pytest.mark.parametrize("warps,nb", [(4, 1), (8, 2), (8, 4), (16, 4), (2, 3)])
+@pytest.mark.parametrize("exact", [False, True])
+def test_every_form(warps, nb, exact, monkeypatch):
+    monkeypatch.setattr(C, "CODES_EXACT", exact)
+    for n, k, group in SHAPES[:4]:
+        packed, sz, w64, tiles = _case(n, k, group, seed=n)
+        for m in (1, 5, 12):
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+            cfg = C.RowsConfig(warps, nb, m > 8)
+            _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
+
+
+def test_no_worse_than_tinygemm():
+    """On the same words and table, the largest error against float64 is within 1.5x of
+    tinygemm's (which rounds each weight to bf16 before its mma)."""
+    packed, sz, w64, tiles = _case(4096, 4096, 128, seed=3)
+    x = torch.randn(4, 4096, device=DEV).to(torch.bfloat16)
+    ref = x.double().cpu() @ w64.t()
+    ours = (C.launch(x, packed, sz, 4096, 128, tiles).double().cpu() - ref).abs().max()
+    tg = torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
+    theirs = (tg.double().cpu() - ref).abs().max()
+    assert ours <= 1.5 * theirs, (ours.item(), theirs.item())
+
+
+def test_in_a_cuda_graph_and_through_packed_linear():
+    n, k, group = 512, 1024, 128
+    pw = W.quantize_int4(torch.randn(n, k) * 0.05, group)
+    lin = nn.Linear(k, n, bias=True, device="meta")
+    del lin.weight
+    lin.weight = pw.to(DEV)
+    lin.bias = nn.Parameter(torch.randn(n, device=DEV).to(torch.bfloat16))
+    lin = W.as_packed_linear(lin, "torch", torch.bfloat16)
+    assert lin.path == "tinygemm" and lin.tg_rows, "int4_rows should serve the decode rows"
+    w64 = pw.dequantize(torch.float64)
+    x = torch.randn(2, k, device=DEV).to(torch.bfloat16)
+    assert WT.int4_product(2, n, k, lin.tg_rows) == "rows"
+    eager = lin(x)
+    g = torch.cuda.CUDAGraph()
+    static = x.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        lin(static)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.cuda.graph(g):
+        out = lin(static)
+    static.copy_(x)
+    g.replay()
+    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    ref = x.double().cpu() @ w64.t() + lin.bias.double().cpu()
+    # the quantized table (bf16 scale and zero) differs from pw's float32 by 2^-9 relative
+    torch.testing.assert_close(eager.double().cpu(), ref, rtol=2**-6, atol=2**-6)
