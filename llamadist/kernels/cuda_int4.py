@@ -58,11 +58,12 @@ class RowsConfig:
 
 
 def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
-    """The form a call of ``m`` rows of an N x K weight takes: two n-tiles a block (16
-    rows of W), fewer where that leaves under two blocks an SM."""
-    nt = n // 8
-    nb = 2 if nt // 2 >= 2 * sms else 1
-    return RowsConfig(warps=8, nb=nb, rows16=m > 8)
+    """The form a call of ``m`` rows of an N x K weight takes: 8 warps and two n-tiles a
+    block (16 rows of W); where that leaves under two blocks an SM, one n-tile and 16
+    warps (8 warps with one n-tile spill registers: ptxas aims at 80)."""
+    if (n // 8) // 2 >= 2 * sms:
+        return RowsConfig(warps=8, nb=2, rows16=m > 8)
+    return RowsConfig(warps=16, nb=1, rows16=m > 8)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------

@@ -31,19 +31,19 @@ typedef unsigned short u16;
 
 static __device__ __forceinline__ u32 ld_x(const u16* p) {
     u32 v;
-    asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
+    asm("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
     return v;
 }
 
 static __device__ __forceinline__ void ld_words(u32 (&v)[W], const u32* p) {
 #if W == 4
-    asm volatile("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];"
+    asm("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
 #elif W == 2
-    asm volatile("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];"
+    asm("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];"
                  : "=r"(v[0]), "=r"(v[1]) : "l"(p));
 #else
-    asm volatile("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v[0]) : "l"(p));
+    asm("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v[0]) : "l"(p));
 #endif
 }
 
@@ -67,7 +67,7 @@ static __device__ __forceinline__ u16 to_bf16(float f) {
 
 static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3,
                                            u32 b0, u32 b1) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
         "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -103,11 +103,11 @@ static __device__ __forceinline__ void ld_a(u32 (&a)[2][4], const u16* p, const 
 
 // the words of NB n-tiles and x's fragments of k-tile kt
 static __device__ __forceinline__ void load(u32 (&cw)[NB][W], u32 (&xa)[W][2][4],
-                                            const u32* const (&wp)[NB], const u16* xp,
-                                            const u16* xq, int kt) {
+                                            const u32* wl, const int (&ntb)[NB], int KT,
+                                            const u16* xp, const u16* xq, int kt) {
 #pragma unroll
     for (int b = 0; b < NB; ++b)
-        ld_words(cw[b], wp[b] + (size_t)kt * 32 * W);
+        ld_words(cw[b], wl + ((size_t)ntb[b] * KT + kt) * 32 * W);
 #pragma unroll
     for (int w = 0; w < W; ++w)
         ld_a(xa[w], xp + kt * KTILE + 32 * w, xq + kt * KTILE + 32 * w);
@@ -142,7 +142,7 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
                 u32 p0, p1;
-                asm volatile("ld.global.nc.v2.b32 {%0, %1}, [%2];"
+                asm("ld.global.nc.v2.b32 {%0, %1}, [%2];"
                              : "=r"(p0), "=r"(p1) : "l"(zp + ntb[b] * 8));
                 const float s0 = lo_f(p0), s1 = lo_f(p1);
 #if CODES_EXACT
@@ -175,13 +175,11 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // written, so no lane needs a predicate.
     const u16* xp = x + (size_t)min(g, M - 1) * K + 2 * c;
     const u16* xq = x + (size_t)min(g + 8, M - 1) * K + 2 * c;
-    const u32* wp[NB];
+    const u32* wl = words + lane * W;
     int ntb[NB];
 #pragma unroll
-    for (int b = 0; b < NB; ++b) {
+    for (int b = 0; b < NB; ++b)
         ntb[b] = min(nt0 + b, NT - 1);
-        wp[b] = words + (size_t)ntb[b] * KT * 32 * W + lane * W;
-    }
 
     float out[NB][4];
 #pragma unroll
@@ -192,16 +190,16 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     u32 cw0[NB][W], cw1[NB][W], xa0[W][2][4], xa1[W][2][4];
     int kt = warp;
     if (kt < KT)
-        load(cw0, xa0, wp, xp, xq, kt);
+        load(cw0, xa0, wl, ntb, KT, xp, xq, kt);
     while (kt < KT) {
         if (kt + WARPS < KT)
-            load(cw1, xa1, wp, xp, xq, kt + WARPS);
+            load(cw1, xa1, wl, ntb, KT, xp, xq, kt + WARPS);
         ktile(out, cw0, xa0, sz, ntb, N, c, kt, magic, ones);
         kt += WARPS;
         if (kt >= KT)
             break;
         if (kt + WARPS < KT)
-            load(cw0, xa0, wp, xp, xq, kt + WARPS);
+            load(cw0, xa0, wl, ntb, KT, xp, xq, kt + WARPS);
         ktile(out, cw1, xa1, sz, ntb, N, c, kt, magic, ones);
         kt += WARPS;
     }

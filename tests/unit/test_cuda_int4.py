@@ -1,0 +1,115 @@
+"""kernels.cuda_int4 on the CPU: the decode its kernel applies to tinygemm's words gives
+back every code at the k its mma operand stands for; every form of int4_rows.cu compiles
+through NVRTC for sm_80 and sm_90 (the nvidia-cuda-nvrtc wheel of the test extra: NVRTC
+needs no GPU) without local memory; the rows rule; and the clear refusals off CUDA. The
+kernel's numbers are checked on a GPU (tests/gpu/test_cuda_int4_gpu.py)."""
+
+from __future__ import annotations
+
+import itertools
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from llamadist.kernels import cuda_int4 as C
+from llamadist.kernels import wquant_torch as WT
+
+needs_nvrtc = pytest.mark.skipif(C.nvrtc() is None, reason="no libnvrtc (the test extra's "
+                                 "nvidia-cuda-nvrtc-cu12 wheel brings one on Linux x86_64)")
+
+
+@pytest.mark.parametrize("tiles", [2, 4, 8])
+def test_decode_gives_each_code_at_its_operand_k(tiles):
+    """Per lane (row g = lane / 4 of the n-tile, c = lane % 4) and word w, the kernel's
+    ``codes(word, 8 s)`` is mma's b0 for k16 step s (k = 2c, 2c + 1) and ``codes(word,
+    8 s + 4)`` its b1 (k = 2c + 8, 2c + 9): bf16 128 + code in each half, low half first."""
+    n, k = 16, 32 * tiles * 3
+    codes = torch.randint(0, 16, (n, k), generator=torch.Generator().manual_seed(tiles))
+    words = WT.tinygemm_layout(codes, tiles)
+    seen = torch.full((n, k), -1)
+    for nt, kt, lane, w in itertools.product(range(n // 8), range(k // (16 * tiles)),
+                                             range(32), range(tiles // 2)):
+        word = int(words[nt, kt, lane, w]) & 0xFFFFFFFF
+        g, c = lane // 4, lane % 4
+        for s, b in itertools.product(range(2), range(2)):
+            v = ((word >> (8 * s + 4 * b)) & 0x000F000F) | 0x43004300
+            for half in range(2):
+                kk = kt * 16 * tiles + 32 * w + 16 * s + 8 * b + 2 * c + half
+                seen[nt * 8 + g, kk] = ((v >> (16 * half)) & 0xFFFF) - 0x4300
+    assert torch.equal(seen, codes)
+
+
+# the rule's forms (rows 1-16 of small and Llama-sized weights), then others the sweeps time
+RULE_FORMS = sorted({C.rows_config(m, n, 4096) for m in range(1, 17)
+                     for n in (256, 4096, 6144, 28672)}, key=C.RowsConfig.label)
+FORMS = [(tiles, group, cfg, exact)
+         for tiles, group in [(2, 32), (4, 64), (8, 32), (8, 128), (8, 256)]
+         for cfg in RULE_FORMS + [C.RowsConfig(4, 2, True), C.RowsConfig(8, 4)]
+         for exact in ((False, True) if (tiles, group) == (8, 128) else (False,))]
+
+
+def _nvdisasm() -> Path | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm"
+    return p if p.exists() else None
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_every_form_compiles_without_local_memory(arch, tmp_path):
+    dis = _nvdisasm()
+    for tiles, group, cfg, exact in FORMS:
+        if arch == "80" and (tiles, group) not in [(8, 128), (2, 32)]:
+            continue  # sm_80: two forms suffice (the same source, another target)
+        cubin = C.compile_cubin(arch, C.defines(tiles, group, cfg, exact))
+        assert cubin[:4] == b"\x7fELF", (tiles, group, cfg)
+        if dis is None:
+            continue
+        f = tmp_path / "k.cubin"
+        f.write_bytes(cubin)
+        sass = subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
+                              check=True).stdout
+        mma = len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", sass))
+        assert mma > 0, (tiles, group, cfg)
+        assert not re.search(r"\b(LDL|STL)\b", sass), f"local memory: {tiles, group, cfg}"
+
+
+@needs_nvrtc
+def test_compile_error_names_the_source_and_log():
+    with pytest.raises(RuntimeError, match=r"could not compile int4_rows\.cu.*"):
+        C.compile_cubin("90", {}, source="__global__ void f() { undefined_thing(); }")
+
+
+def test_no_nvrtc_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(C, "nvrtc", lambda: None)
+    with pytest.raises(RuntimeError, match="nvidia-cuda-nvrtc"):
+        C.compile_cubin("90", C.defines(8, 128, C.RowsConfig()))
+
+
+def test_not_available_off_cuda():
+    assert C.available(torch.device("cpu")) is False
+
+
+def test_rows_rule():
+    """The decode rows go to int4_rows where it runs, up to ROWS_MAX_M; past that, and
+    where it does not run, the former rule (tinygemm, the tiles, dequantize)."""
+    n, k = 4096, 4096
+    for m in range(1, WT.ROWS_MAX_M + 1):
+        assert WT.int4_product(m, n, k, cuda_rows=True) == "rows"
+        assert WT.int4_product(m, n, k) == "tinygemm"
+    assert WT.ROWS_MAX_M <= C.MAX_ROWS
+    m = WT.ROWS_MAX_M + 1
+    assert WT.int4_product(m, n, k, cuda_rows=True) == WT.int4_product(m, n, k)
+    assert C.rows_config(1, n, k).rows16 is False and C.rows_config(9, n, k).rows16
+
+
+def test_source_ships_with_the_package():
+    assert C.SOURCE.exists()
+    pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
+    assert '"*.cu"' in pyproject
