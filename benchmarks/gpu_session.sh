@@ -585,6 +585,8 @@ q8e2e19() {  # issue 16, session 19: a random Llama-3-8B-shaped Q8_0 GGUF (the G
         --configs defer --max-seconds 75
 }
 
+ROWS_FORMS=${ROWS_FORMS:-4x1x4,4x2x3,4x2x4,4x2x6,4x4x4,8x2x4,8x1x6,2x2x8,4x1x8}
+
 int4rows20() {  # issue 16, session 20: cuda_int4's int4 decode kernel (CUDA C++ through
     # NVRTC on tinygemm's words): its GPU tests, its forms against tinygemm on Llama-3-8B's
     # linears (g128, g32), then 8B int4 decode end to end against tinygemm (~9 min)
@@ -596,8 +598,8 @@ print('available', C.available(torch.device('cuda', 0)))"
     step test_int4rows 150 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py
     step rows8b 150 python3 benchmarks/wquant_rows.py --shape llama3-8b \
-        --kinds int4_g128,int4_g32 --m 1,2,4,8,16 --products tinygemm,torch,rows,rows:* \
-        --rows-configs 4x1,4x2,8x1,8x2,8x4,16x2,16x4,8x2x1 --max-seconds 120
+        --kinds int4_g128,int4_g32 --m 1,2,4,8 --products tinygemm,torch,rows,rows:* \
+        --rows-configs $ROWS_FORMS --max-seconds 120
     checkpoint
     ab i4_b1 "" --quantize int4 --batch 1 $b
     ab i4_b1_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 1 $b

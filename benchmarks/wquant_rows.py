@@ -13,7 +13,7 @@ past the L2 cache, the other quantized forms not):
 * ``torch`` (int4): the ``--wquant torch`` product (``wquant_torch.int4_linear``: tinygemm,
   the tensor-core tiles on tinygemm's layout or W dequantized from it and cuBLAS, by rows);
 * ``rows`` (int4, M <= 16): ``cuda_int4.int4_rows`` (CUDA C++ on tinygemm's words, the
-  rule's form), and ``rows:WARPSxNB[xEXACT]`` for each ``--rows-configs`` entry;
+  rule's form), and ``rows:WARPSxNBxSTAGES[xEXACT]`` for each ``--rows-configs`` entry;
 * ``mma`` (int4): those tiles alone (``wquant_triton.tinygemm_mma``, the rule's config),
   and ``mma:LABEL`` for each ``--mma-configs`` entry (block_n x block_m x warps x split
   [x stages [x prefetch 0/1]], e.g. 64x16x4x0x1x1; split 0: the rule's for those tiles;
@@ -46,11 +46,12 @@ from wquant_sweep import copy_rate, model_shapes, time_graph  # noqa: E402
 KINDS = {"int4_g32": "int4-g32", "int4_g128": "int4", "int8": "int8", "fp8": "fp8"}
 
 
-def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, exact):
-    """cuda_int4's kernel in one form (warps, n-tiles a block, codes - 8 in bf16 first)."""
+def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact):
+    """cuda_int4's kernel in one form (warps and n-tiles a block, stages, codes - 8 in bf16
+    first)."""
     cuda_int4.CODES_EXACT = bool(exact)
     try:
-        cfg = cuda_int4.RowsConfig(warps, nb, x.shape[0] > 8)
+        cfg = cuda_int4.RowsConfig(warps, nb, x.shape[0] > 8, stages)
         return cuda_int4.launch(x, tg, tz, n, g, tiles, cfg)
     finally:
         cuda_int4.CODES_EXACT = False
@@ -115,9 +116,9 @@ def main(argv: list[str] | None = None) -> int:
                 if rows_ok:
                     products["rows"] = lambda x, tg: cuda_int4.int4_rows(x, tg, tz, n, g, tiles)
                 for spec in a.rows_configs if rows_ok else ():
-                    warps, nb, exact = ([int(v) for v in spec.split("x")] + [0])[:3]
-                    products[f"rows:{spec}"] = lambda x, tg, warps=warps, nb=nb, exact=exact: \
-                        rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, exact)
+                    warps, nb, stages, exact = ([int(v) for v in spec.split("x")] + [0])[:4]
+                    products[f"rows:{spec}"] = lambda x, tg, form=(warps, nb, stages, exact): \
+                        rows_form(cuda_int4, x, tg, tz, n, g, tiles, *form)
                 kernels = gpu.load("wquant")
                 for spec in a.mma_configs:  # split 0: the rule's for the tiles and M
                     bn, bm, warps, split, stages, pf = ([int(v) for v in spec.split("x")]

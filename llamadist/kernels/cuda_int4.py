@@ -47,23 +47,25 @@ MAX_ROWS = 16
 
 @dataclass(frozen=True)
 class RowsConfig:
-    """One compiled form of int4_rows: warps a block, n-tiles (8 rows of W) a block, and
-    whether rows 9-16 are read."""
-    warps: int = 8
+    """One compiled form of int4_rows: warps a block, n-tiles (8 rows of W) a block,
+    whether rows 9-16 are read, and the k-tiles of words each warp has in flight + 1."""
+    warps: int = 4
     nb: int = 2
     rows16: bool = False
+    stages: int = 4
 
     def label(self) -> str:
-        return f"w{self.warps}nb{self.nb}" + ("r16" if self.rows16 else "")
+        return f"w{self.warps}nb{self.nb}s{self.stages}" + ("r16" if self.rows16 else "")
+
+    def ring_bytes(self, tiles: int, group: int) -> int:
+        """The dynamic shared memory a block takes (int4_rows.cu's ring)."""
+        gpk = max(1, 16 * tiles // group)
+        return self.warps * self.stages * (self.nb * 32 * tiles // 2 + self.nb * gpk * 8) * 4
 
 
 def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
-    """The form a call of ``m`` rows of an N x K weight takes: 8 warps and two n-tiles a
-    block (16 rows of W); where that leaves under two blocks an SM, one n-tile and 16
-    warps (8 warps with one n-tile spill registers: ptxas aims at 80)."""
-    if (n // 8) // 2 >= 2 * sms:
-        return RowsConfig(warps=8, nb=2, rows16=m > 8)
-    return RowsConfig(warps=16, nb=1, rows16=m > 8)
+    """The form a call of ``m`` rows of an N x K weight takes."""
+    return RowsConfig(warps=4, nb=2, rows16=m > 8, stages=4)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
@@ -130,7 +132,7 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
-            "ROWS16": int(cfg.rows16), "CODES_EXACT": int(exact)}
+            "STAGES": cfg.stages, "ROWS16": int(cfg.rows16), "CODES_EXACT": int(exact)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -157,6 +159,7 @@ def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
+                    fn.set_shared_memory_config(cfg.ring_bytes(tiles, group))
                 _KERNELS[key] = fn
     return fn
 
@@ -173,7 +176,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     blocks = -(-(n // 8) // cfg.nb)
     with torch.cuda.device(x.device):
         fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1),
-           args=[x, packed, scales_zeros, y, m, n, k])
+           args=[x, packed, scales_zeros, y, m, n, k], shared_mem=cfg.ring_bytes(tiles, group))
     return y
 
 

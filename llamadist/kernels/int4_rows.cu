@@ -17,17 +17,22 @@
 //
 // Work: a block takes NB consecutive n-tiles of 8 rows for all of K; its WARPS warps take
 // the k-tiles (16 TILES inputs each) warp, warp + WARPS, ... and sum through shared memory
-// at the end. Each lane loads TILES/2 words (16 bytes at TILES 8) per n-tile and k-tile,
-// the next k-tile's words and x before this one's math.
+// at the end. A one-row product is bound by how many of W's bytes are in flight, not by
+// its math: each warp keeps STAGES - 1 k-tiles of words (TILES/2 words a lane and n-tile,
+// 16 bytes at TILES 8) and of the scale table in flight, cp.async into a ring in shared
+// memory (each lane reads back only its own words; the table's 8-byte pairs, copied by
+// the lanes of row 0, are shared through __syncwarp), and x's fragments one k-tile ahead
+// in registers (x is small and read by every warp: L1 and L2 hits).
 //
-// Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a multiple of 32),
-// WARPS, NB, ROWS16 (0: M <= 8, 1: M <= 16), CODES_EXACT (0, 1).
+// Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a power of 2), WARPS,
+// NB, STAGES (>= 2), ROWS16 (0: M <= 8, 1: M <= 16), CODES_EXACT (0, 1).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
 
 #define W (TILES / 2)          // words a lane holds per n-tile and k-tile
 #define KTILE (16 * TILES)     // inputs a k-tile
+#define GPK (KTILE > GROUP ? KTILE / GROUP : 1)  // the table's groups a k-tile reads
 
 static __device__ __forceinline__ u32 ld_x(const u16* p) {
     u32 v;
@@ -35,16 +40,24 @@ static __device__ __forceinline__ u32 ld_x(const u16* p) {
     return v;
 }
 
-static __device__ __forceinline__ void ld_words(u32 (&v)[W], const u32* p) {
+static __device__ __forceinline__ u32 smem(const void* p) {
+    u32 a;
+    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
+    return a;
+}
+
+// W words (4 W bytes) from global to shared memory, asynchronously
+static __device__ __forceinline__ void cp_words(u32 dst, const u32* src) {
 #if W == 4
-    asm("ld.global.nc.L1::no_allocate.v4.b32 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p));
-#elif W == 2
-    asm("ld.global.nc.L1::no_allocate.v2.b32 {%0, %1}, [%2];"
-                 : "=r"(v[0]), "=r"(v[1]) : "l"(p));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 #else
-    asm("ld.global.nc.L1::no_allocate.b32 %0, [%1];" : "=r"(v[0]) : "l"(p));
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(4 * W)
+                 : "memory");
 #endif
+}
+
+static __device__ __forceinline__ void cp8(u32 dst, const u32* src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src) : "memory");
 }
 
 static __device__ __forceinline__ float lo_f(u32 v) {  // bf16 in the low half -> float
@@ -101,22 +114,14 @@ static __device__ __forceinline__ void ld_a(u32 (&a)[2][4], const u16* p, const 
     }
 }
 
-// the words of NB n-tiles and x's fragments of k-tile kt
-static __device__ __forceinline__ void load(u32 (&cw)[NB][W], u32 (&xa)[W][2][4],
-                                            const u32* wl, const int (&ntb)[NB], int KT,
-                                            const u16* xp, const u16* xq, int kt) {
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-        ld_words(cw[b], wl + ((size_t)ntb[b] * KT + kt) * 32 * W);
-#pragma unroll
-    for (int w = 0; w < W; ++w)
-        ld_a(xa[w], xp + kt * KTILE + 32 * w, xq + kt * KTILE + 32 * w);
-}
+// the ring in dynamic shared memory: per warp, STAGES slots of NB n-tiles' words (32 W a
+// n-tile) and of the table's pairs (GPK groups x 4 pairs of 8 bytes a n-tile)
+#define SLOT_WORDS (NB * 32 * W + NB * GPK * 4 * 2)
 
-// k-tile kt's products, added to out (see the header for the sums)
+// k-tile kt's products, added to out (see the header for the sums): cw its words, zs its
+// slot's table pairs
 static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw)[NB][W],
-                                             const u32 (&xa)[W][2][4], const u32* sz,
-                                             const int (&ntb)[NB], int N, int c, int kt,
+                                             const u32 (&xa)[W][2][4], const u32* zs, int c,
                                              u32 magic, u32 ones) {
     float acc[NB][4], xs[4];
 #pragma unroll
@@ -138,12 +143,11 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
                     codes(cw[b][w], 8 * s, magic), codes(cw[b][w], 8 * s + 4, magic));
         }
         if (w == W - 1 || (32 * w + 32) % GROUP == 0) {  // the group (or the k-tile) ends
-            const u32* zp = sz + (size_t)((kt * KTILE + 32 * w) / GROUP) * N + 2 * c;
+            const int q = GPK > 1 ? (32 * w) / GROUP : 0;
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
-                u32 p0, p1;
-                asm("ld.global.nc.v2.b32 {%0, %1}, [%2];"
-                             : "=r"(p0), "=r"(p1) : "l"(zp + ntb[b] * 8));
+                const u32 p0 = zs[((b * GPK + q) * 4 + c) * 2];
+                const u32 p1 = zs[((b * GPK + q) * 4 + c) * 2 + 1];
                 const float s0 = lo_f(p0), s1 = lo_f(p1);
 #if CODES_EXACT
                 const float z0 = hi_f(p0), z1 = hi_f(p1);
@@ -163,6 +167,7 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
           const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
     __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];
+    extern __shared__ __align__(16) u32 ring[];  // WARPS * STAGES * SLOT_WORDS
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int NT = N >> 3, KT = K / KTILE;
@@ -175,34 +180,76 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // written, so no lane needs a predicate.
     const u16* xp = x + (size_t)min(g, M - 1) * K + 2 * c;
     const u16* xq = x + (size_t)min(g + 8, M - 1) * K + 2 * c;
-    const u32* wl = words + lane * W;
     int ntb[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b)
         ntb[b] = min(nt0 + b, NT - 1);
+    u32* mine = ring + warp * STAGES * SLOT_WORDS;
+    const int iters = warp < KT ? (KT - 1 - warp) / WARPS + 1 : 0;  // this warp's k-tiles
+
+    // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: one commit group each
+    auto issue = [&](int i) {
+        if (i < iters) {
+            const int kt = warp + i * WARPS;
+            u32* slot = mine + (i % STAGES) * SLOT_WORDS;
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+                cp_words(smem(slot + b * 32 * W + lane * W),
+                         words + ((size_t)ntb[b] * KT + kt) * 32 * W + lane * W);
+            if (g == 0) {
+                const u32* zsrc = sz + (size_t)(kt * KTILE / GROUP) * N + 2 * c;
+#pragma unroll
+                for (int b = 0; b < NB; ++b)
+#pragma unroll
+                    for (int q = 0; q < GPK; ++q)
+                        cp8(smem(slot + NB * 32 * W + ((b * GPK + q) * 4 + c) * 2),
+                            zsrc + (size_t)q * N + ntb[b] * 8);
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    };
+    auto load_x = [&](u32 (&xa)[W][2][4], int i) {
+        const int k = (warp + i * WARPS) * KTILE;
+#pragma unroll
+        for (int w = 0; w < W; ++w)
+            ld_a(xa[w], xp + k + 32 * w, xq + k + 32 * w);
+    };
 
     float out[NB][4];
 #pragma unroll
     for (int b = 0; b < NB; ++b)
         out[b][0] = out[b][1] = out[b][2] = out[b][3] = 0.f;
 
-    // two buffers, each k-tile's loads issued before the one before it is computed
-    u32 cw0[NB][W], cw1[NB][W], xa0[W][2][4], xa1[W][2][4];
-    int kt = warp;
-    if (kt < KT)
-        load(cw0, xa0, wl, ntb, KT, xp, xq, kt);
-    while (kt < KT) {
-        if (kt + WARPS < KT)
-            load(cw1, xa1, wl, ntb, KT, xp, xq, kt + WARPS);
-        ktile(out, cw0, xa0, sz, ntb, N, c, kt, magic, ones);
-        kt += WARPS;
-        if (kt >= KT)
+    auto step = [&](int i, const u32 (&xa)[W][2][4], u32 (&xn)[W][2][4]) {
+        issue(i + STAGES - 1);
+        if (i + 1 < iters)
+            load_x(xn, i + 1);
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
+        __syncwarp();  // the table's pairs came from the lanes of row 0
+        const u32* slot = mine + (i % STAGES) * SLOT_WORDS;
+        u32 cw[NB][W];
+#pragma unroll
+        for (int b = 0; b < NB; ++b)
+#pragma unroll
+            for (int w = 0; w < W; ++w)
+                cw[b][w] = slot[b * 32 * W + lane * W + w];
+        ktile(out, cw, xa, slot + NB * 32 * W, c, magic, ones);
+        __syncwarp();  // every lane done with the slot before the next issue refills it
+    };
+
+    u32 xa0[W][2][4], xa1[W][2][4];
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+        issue(s);
+    if (iters > 0)
+        load_x(xa0, 0);
+    for (int i = 0; i < iters; i += 2) {
+        step(i, xa0, xa1);
+        if (i + 1 >= iters)
             break;
-        if (kt + WARPS < KT)
-            load(cw0, xa0, wl, ntb, KT, xp, xq, kt + WARPS);
-        ktile(out, cw1, xa1, sz, ntb, N, c, kt, magic, ones);
-        kt += WARPS;
+        step(i + 1, xa1, xa0);
     }
+    asm volatile("cp.async.wait_all;" ::: "memory");
 
     // the warps' partial sums of the block's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3
     // the same at row g + 8

@@ -1,6 +1,6 @@
 """cuda_int4.int4_rows (CUDA C++ compiled by NVRTC, on tinygemm's int4 words) against the
-float64 product of the weight it encodes, in every form (warps, n-tiles a block, rows
-9-16, codes - 8 first), on shapes whose n-tiles do not fill the last block and whose
+float64 product of the weight it encodes, in every form (warps, n-tiles a block, stages,
+rows 9-16, codes - 8 first), on shapes whose n-tiles do not fill the last block and whose
 k-tiles are fewer than the warps; inside a CUDA graph; through PackedLinear; and against
 tinygemm's own error on the same words.
 
@@ -61,15 +61,16 @@ def test_rows_against_float64(n, k, group, m):
     _check(C.launch(x, packed, sz, n, group, tiles), x, w64)
 
 
-@pytest.mark.parametrize("warps,nb", [(4, 1), (8, 2), (8, 4), (16, 4), (2, 3)])
+@pytest.mark.parametrize("warps,nb,stages", [(4, 1, 4), (4, 2, 2), (8, 2, 6), (8, 4, 3),
+                                             (16, 4, 4), (2, 3, 5)])
 @pytest.mark.parametrize("exact", [False, True])
-def test_every_form(warps, nb, exact, monkeypatch):
+def test_every_form(warps, nb, stages, exact, monkeypatch):
     monkeypatch.setattr(C, "CODES_EXACT", exact)
     for n, k, group in SHAPES[:4]:
         packed, sz, w64, tiles = _case(n, k, group, seed=n)
         for m in (1, 5, 12):
             x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
-            cfg = C.RowsConfig(warps, nb, m > 8)
+            cfg = C.RowsConfig(warps, nb, m > 8, stages)
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
 
 

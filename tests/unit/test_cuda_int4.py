@@ -47,7 +47,7 @@ RULE_FORMS = sorted({C.rows_config(m, n, 4096) for m in range(1, 17)
                      for n in (256, 4096, 6144, 28672)}, key=C.RowsConfig.label)
 FORMS = [(tiles, group, cfg, exact)
          for tiles, group in [(2, 32), (4, 64), (8, 32), (8, 128), (8, 256)]
-         for cfg in RULE_FORMS + [C.RowsConfig(4, 2, True), C.RowsConfig(8, 4)]
+         for cfg in RULE_FORMS + [C.RowsConfig(8, 2, True, 6), C.RowsConfig(16, 1, False, 3)]
          for exact in ((False, True) if (tiles, group) == (8, 128) else (False,))]
 
 
