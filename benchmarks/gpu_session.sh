@@ -585,7 +585,7 @@ q8e2e19() {  # issue 16, session 19: a random Llama-3-8B-shaped Q8_0 GGUF (the G
         --configs defer --max-seconds 75
 }
 
-ROWS_FORMS=${ROWS_FORMS:-4x1x4,4x2x3,4x2x4,4x2x6,4x4x4,8x2x4,8x1x6,2x2x8,4x1x8}
+ROWS_FORMS=${ROWS_FORMS:-4x2x3,4x2x6,4x4x4,8x2x4,8x1x4,8x2x8,4x1x4,16x1x4}
 
 int4rows20() {  # issue 16, session 20: cuda_int4's int4 decode kernel (CUDA C++ through
     # NVRTC on tinygemm's words): its GPU tests, its forms against tinygemm on Llama-3-8B's
@@ -598,14 +598,15 @@ print('available', C.available(torch.device('cuda', 0)))"
     step test_int4rows 150 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py
     step rows8b 150 python3 benchmarks/wquant_rows.py --shape llama3-8b \
-        --kinds int4_g128,int4_g32 --m 1,2,4,8 --products tinygemm,torch,rows,rows:* \
+        --kinds int4_g128,int4_g32 --m 1,4,8 --products tinygemm,torch,rows,rows:* \
         --rows-configs $ROWS_FORMS --max-seconds 120
     checkpoint
     ab i4_b1 "" --quantize int4 --batch 1 $b
     ab i4_b1_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 1 $b
-    ab i4_b1_head "" --quantize int4 --quantize-head --batch 1 $b
     ab bf16_b1 "" --batch 1 $b
+    ab i4_b1_head "" --quantize int4 --quantize-head --batch 1 $b
     ab i4_b4 "" --quantize int4 --batch 4 $b
+    ab i4_b4_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 4 $b
 }
 
 case ${1:-} in

@@ -51,7 +51,7 @@ def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact):
     first)."""
     cuda_int4.CODES_EXACT = bool(exact)
     try:
-        cfg = cuda_int4.RowsConfig(warps, nb, x.shape[0] > 8, stages)
+        cfg = cuda_int4.RowsConfig(warps, nb, cuda_int4.row_capacity(x.shape[0]), stages)
         return cuda_int4.launch(x, tg, tz, n, g, tiles, cfg)
     finally:
         cuda_int4.CODES_EXACT = False

@@ -41,31 +41,41 @@ from llamadist.kernels import gpu
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("int4_rows.cu")
-# rows a call may have (the A operand's 16; ROWS16 compiles the second 8)
+# rows a call may have (the A operand's 16)
 MAX_ROWS = 16
 
 
 @dataclass(frozen=True)
 class RowsConfig:
-    """One compiled form of int4_rows: warps a block, n-tiles (8 rows of W) a block,
-    whether rows 9-16 are read, and the k-tiles of words each warp has in flight + 1."""
+    """One compiled form of int4_rows: warps a block, n-tiles (8 rows of W) a block, the
+    most rows of x it takes (1..16: the ring holds as many), and the k-tiles of words
+    each warp has in flight + 1."""
     warps: int = 4
     nb: int = 2
-    rows16: bool = False
+    rows: int = 1
     stages: int = 4
 
     def label(self) -> str:
-        return f"w{self.warps}nb{self.nb}s{self.stages}" + ("r16" if self.rows16 else "")
+        return f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}"
 
     def ring_bytes(self, tiles: int, group: int) -> int:
         """The dynamic shared memory a block takes (int4_rows.cu's ring)."""
         gpk = max(1, 16 * tiles // group)
-        return self.warps * self.stages * (self.nb * 32 * tiles // 2 + self.nb * gpk * 8) * 4
+        x_rows = self.rows * (8 * tiles + 4)
+        slot = self.nb * 32 * tiles // 2 + self.nb * gpk * 8 + x_rows
+        return self.warps * self.stages * slot * 4
+
+
+def row_capacity(m: int) -> int:
+    """The form's rows for a call of ``m``: the next power of two (1, 2, 4, 8, 16)."""
+    if not 1 <= m <= MAX_ROWS:
+        raise ValueError(f"int4_rows takes 1..{MAX_ROWS} rows, not {m}")
+    return 1 << (m - 1).bit_length()
 
 
 def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
     """The form a call of ``m`` rows of an N x K weight takes."""
-    return RowsConfig(warps=4, nb=2, rows16=m > 8, stages=4)
+    return RowsConfig(warps=4, nb=2, rows=row_capacity(m), stages=4)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
@@ -132,7 +142,7 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
-            "STAGES": cfg.stages, "ROWS16": int(cfg.rows16), "CODES_EXACT": int(exact)}
+            "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -169,8 +179,12 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
     (G, N, 2) bf16 table; M <= MAX_ROWS."""
     m, k = x.shape
+    if x.data_ptr() % 16:  # cp.async copies x's rows in 16-byte chunks
+        x = x.clone()
     if cfg is None:
         cfg = rows_config(m, n, k, gpu_sms(x.device))
+    if m > cfg.rows:
+        raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     fn = kernel(x.device, tiles, group, cfg)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     blocks = -(-(n // 8) // cfg.nb)

@@ -19,13 +19,16 @@
 // the k-tiles (16 TILES inputs each) warp, warp + WARPS, ... and sum through shared memory
 // at the end. A one-row product is bound by how many of W's bytes are in flight, not by
 // its math: each warp keeps STAGES - 1 k-tiles of words (TILES/2 words a lane and n-tile,
-// 16 bytes at TILES 8) and of the scale table in flight, cp.async into a ring in shared
-// memory (each lane reads back only its own words; the table's 8-byte pairs, copied by
-// the lanes of row 0, are shared through __syncwarp), and x's fragments one k-tile ahead
-// in registers (x is small and read by every warp: L1 and L2 hits).
+// 16 bytes at TILES 8), of the scale table and of x in flight, cp.async into a ring in
+// shared memory: each lane reads back only its own words; the table's 8-byte pairs
+// (copied by the lanes of row 0) and x's rows (16-byte chunks, rows padded by 16 bytes so
+// the fragments' reads do not share banks) are shared through __syncwarp. (x read from
+// global memory a k-tile ahead, as a first version did, put an L2 round trip on every
+// k-tile: ~1.3 TB/s whatever the stages.)
 //
 // Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a power of 2), WARPS,
-// NB, STAGES (>= 2), ROWS16 (0: M <= 8, 1: M <= 16), CODES_EXACT (0, 1).
+// NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as
+// many of x's rows), CODES_EXACT (0, 1).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -33,12 +36,7 @@ typedef unsigned short u16;
 #define W (TILES / 2)          // words a lane holds per n-tile and k-tile
 #define KTILE (16 * TILES)     // inputs a k-tile
 #define GPK (KTILE > GROUP ? KTILE / GROUP : 1)  // the table's groups a k-tile reads
-
-static __device__ __forceinline__ u32 ld_x(const u16* p) {
-    u32 v;
-    asm("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
-    return v;
-}
+#define ROWS16 (ROWS > 8)      // rows 9-16: the A operand's second half
 
 static __device__ __forceinline__ u32 smem(const void* p) {
     u32 a;
@@ -54,6 +52,10 @@ static __device__ __forceinline__ void cp_words(u32 dst, const u32* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(4 * W)
                  : "memory");
 #endif
+}
+
+static __device__ __forceinline__ void cp16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 }
 
 static __device__ __forceinline__ void cp8(u32 dst, const u32* src) {
@@ -98,15 +100,25 @@ static __device__ __forceinline__ u32 codes(u32 word, int shift, u32 magic) {
     return v;
 }
 
-// x's A fragments for one word (two k16 steps) at p (row g's input k + 2c; q: row g + 8's)
-static __device__ __forceinline__ void ld_a(u32 (&a)[2][4], const u16* p, const u16* q) {
+// the ring in dynamic shared memory: per warp, STAGES slots of NB n-tiles' words (32 W a
+// n-tile), of the table's pairs (GPK groups x 4 pairs of 8 bytes a n-tile) and of x's rows
+// (XR rows of KTILE bf16, padded to XROW words)
+#define XR ROWS
+#define XROW (KTILE / 2 + 4)
+#define X_AT (NB * 32 * W + NB * GPK * 4 * 2)
+#define SLOT_WORDS (X_AT + XR * XROW)
+
+// x's A fragments for word w from a slot's rows (row g: rg, row g + 8: rq; lane's c)
+static __device__ __forceinline__ void frag_a(u32 (&a)[2][4], const u32* rg, const u32* rq,
+                                              int w, int c) {
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-        a[s][0] = ld_x(p + 16 * s);
-        a[s][2] = ld_x(p + 16 * s + 8);
+        const int i = 16 * w + 8 * s + c;  // word of input 32 w + 16 s + 2 c
+        a[s][0] = rg[i];
+        a[s][2] = rg[i + 4];
 #if ROWS16
-        a[s][1] = ld_x(q + 16 * s);
-        a[s][3] = ld_x(q + 16 * s + 8);
+        a[s][1] = rq[i];
+        a[s][3] = rq[i + 4];
 #else
         a[s][1] = 0u;
         a[s][3] = 0u;
@@ -114,18 +126,16 @@ static __device__ __forceinline__ void ld_a(u32 (&a)[2][4], const u16* p, const 
     }
 }
 
-// the ring in dynamic shared memory: per warp, STAGES slots of NB n-tiles' words (32 W a
-// n-tile) and of the table's pairs (GPK groups x 4 pairs of 8 bytes a n-tile)
-#define SLOT_WORDS (NB * 32 * W + NB * GPK * 4 * 2)
-
 // k-tile kt's products, added to out (see the header for the sums): cw its words, zs its
 // slot's table pairs
 static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw)[NB][W],
-                                             const u32 (&xa)[W][2][4], const u32* zs, int c,
-                                             u32 magic, u32 ones) {
+                                             const u32* rg, const u32* rq, const u32* zs,
+                                             int c, u32 magic, u32 ones) {
     float acc[NB][4], xs[4];
 #pragma unroll
     for (int w = 0; w < W; ++w) {
+        u32 xa[2][4];
+        frag_a(xa, rg, rq, w, c);
         if ((32 * w) % GROUP == 0) {  // a group starts here (GROUP and KTILE: powers of 2)
             xs[0] = xs[1] = xs[2] = xs[3] = 0.f;
 #pragma unroll
@@ -134,12 +144,12 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
         }
 #pragma unroll
         for (int s = 0; s < 2; ++s)
-            mma(xs, xa[w][s][0], xa[w][s][1], xa[w][s][2], xa[w][s][3], ones, ones);
+            mma(xs, xa[s][0], xa[s][1], xa[s][2], xa[s][3], ones, ones);
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
 #pragma unroll
             for (int s = 0; s < 2; ++s)
-                mma(acc[b], xa[w][s][0], xa[w][s][1], xa[w][s][2], xa[w][s][3],
+                mma(acc[b], xa[s][0], xa[s][1], xa[s][2], xa[s][3],
                     codes(cw[b][w], 8 * s, magic), codes(cw[b][w], 8 * s + 4, magic));
         }
         if (w == W - 1 || (32 * w + 32) % GROUP == 0) {  // the group (or the k-tile) ends
@@ -178,8 +188,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // Rows of x past M and n-tiles past N read row M - 1 and the last n-tile instead (in
     // bounds): an mma's output row depends on its A row alone, and those outputs are never
     // written, so no lane needs a predicate.
-    const u16* xp = x + (size_t)min(g, M - 1) * K + 2 * c;
-    const u16* xq = x + (size_t)min(g + 8, M - 1) * K + 2 * c;
+    const int rowg = min(g, M - 1) * XROW, rowq = min(g + 8, M - 1) * XROW;
     int ntb[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b)
@@ -205,14 +214,16 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                         cp8(smem(slot + NB * 32 * W + ((b * GPK + q) * 4 + c) * 2),
                             zsrc + (size_t)q * N + ntb[b] * 8);
             }
+            // x's rows < M of this k-tile, 16-byte chunks (2 TILES a row)
+#pragma unroll
+            for (int t = lane; t < XR * 2 * TILES; t += 32) {
+                const int r = t / (2 * TILES), ch = t % (2 * TILES);
+                if (r < M)
+                    cp16(smem(slot + X_AT + r * XROW + 4 * ch),
+                         x + (size_t)r * K + kt * KTILE + 8 * ch);
+            }
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
-    };
-    auto load_x = [&](u32 (&xa)[W][2][4], int i) {
-        const int k = (warp + i * WARPS) * KTILE;
-#pragma unroll
-        for (int w = 0; w < W; ++w)
-            ld_a(xa[w], xp + k + 32 * w, xq + k + 32 * w);
     };
 
     float out[NB][4];
@@ -220,12 +231,12 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     for (int b = 0; b < NB; ++b)
         out[b][0] = out[b][1] = out[b][2] = out[b][3] = 0.f;
 
-    auto step = [&](int i, const u32 (&xa)[W][2][4], u32 (&xn)[W][2][4]) {
+    for (int s = 0; s < STAGES - 1; ++s)
+        issue(s);
+    for (int i = 0; i < iters; ++i) {
         issue(i + STAGES - 1);
-        if (i + 1 < iters)
-            load_x(xn, i + 1);
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
-        __syncwarp();  // the table's pairs came from the lanes of row 0
+        __syncwarp();  // the table's pairs and x's rows came from other lanes
         const u32* slot = mine + (i % STAGES) * SLOT_WORDS;
         u32 cw[NB][W];
 #pragma unroll
@@ -233,21 +244,9 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
             for (int w = 0; w < W; ++w)
                 cw[b][w] = slot[b * 32 * W + lane * W + w];
-        ktile(out, cw, xa, slot + NB * 32 * W, c, magic, ones);
+        ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c, magic,
+              ones);
         __syncwarp();  // every lane done with the slot before the next issue refills it
-    };
-
-    u32 xa0[W][2][4], xa1[W][2][4];
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s)
-        issue(s);
-    if (iters > 0)
-        load_x(xa0, 0);
-    for (int i = 0; i < iters; i += 2) {
-        step(i, xa0, xa1);
-        if (i + 1 >= iters)
-            break;
-        step(i + 1, xa1, xa0);
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
 

@@ -70,7 +70,7 @@ def test_every_form(warps, nb, stages, exact, monkeypatch):
         packed, sz, w64, tiles = _case(n, k, group, seed=n)
         for m in (1, 5, 12):
             x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
-            cfg = C.RowsConfig(warps, nb, m > 8, stages)
+            cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages)
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
 
 

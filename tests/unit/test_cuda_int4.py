@@ -47,7 +47,7 @@ RULE_FORMS = sorted({C.rows_config(m, n, 4096) for m in range(1, 17)
                      for n in (256, 4096, 6144, 28672)}, key=C.RowsConfig.label)
 FORMS = [(tiles, group, cfg, exact)
          for tiles, group in [(2, 32), (4, 64), (8, 32), (8, 128), (8, 256)]
-         for cfg in RULE_FORMS + [C.RowsConfig(8, 2, True, 6), C.RowsConfig(16, 1, False, 3)]
+         for cfg in RULE_FORMS + [C.RowsConfig(8, 2, 8, 4), C.RowsConfig(16, 1, 4, 3)]
          for exact in ((False, True) if (tiles, group) == (8, 128) else (False,))]
 
 
@@ -106,7 +106,8 @@ def test_rows_rule():
     assert WT.ROWS_MAX_M <= C.MAX_ROWS
     m = WT.ROWS_MAX_M + 1
     assert WT.int4_product(m, n, k, cuda_rows=True) == WT.int4_product(m, n, k)
-    assert C.rows_config(1, n, k).rows16 is False and C.rows_config(9, n, k).rows16
+    assert [C.rows_config(m, n, k).rows for m in (1, 2, 3, 5, 8, 9, 16)] == \
+        [1, 2, 4, 8, 8, 16, 16]
 
 
 def test_source_ships_with_the_package():
