@@ -585,7 +585,7 @@ q8e2e19() {  # issue 16, session 19: a random Llama-3-8B-shaped Q8_0 GGUF (the G
         --configs defer --max-seconds 75
 }
 
-ROWS_FORMS=${ROWS_FORMS:-4x2x3,4x2x6,4x4x4,8x2x4,8x1x4,8x2x8,4x1x4,16x1x4}
+ROWS_FORMS=${ROWS_FORMS:-4x2x4x0x1,4x2x4x0x2,4x4x4,8x2x4,4x4x4x0x1,4x4x4x0x2,8x4x3,16x2x3}
 
 int4rows20() {  # issue 16, session 20: cuda_int4's int4 decode kernel (CUDA C++ through
     # NVRTC on tinygemm's words): its GPU tests, its forms against tinygemm on Llama-3-8B's
@@ -597,9 +597,10 @@ print('torch cuda', torch.version.cuda, 'nvrtc', C.nvrtc(), C._nvrtc_candidates(
 print('available', C.available(torch.device('cuda', 0)))"
     step test_int4rows 150 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py
-    step rows8b 150 python3 benchmarks/wquant_rows.py --shape llama3-8b \
-        --kinds int4_g128,int4_g32 --m 1,4,8 --products tinygemm,torch,rows,rows:* \
-        --rows-configs $ROWS_FORMS --max-seconds 120
+    step rows8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b \
+        --kinds int4_g128,int4_g32 --m ${ROWS_M:-1,4,8} --products tinygemm,torch,rows,rows:* \
+        --rows-configs $ROWS_FORMS --max-seconds 140
+    [ -z "${ROWS_ONLY:-}" ] || return 0
     checkpoint
     ab i4_b1 "" --quantize int4 --batch 1 $b
     ab i4_b1_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 1 $b

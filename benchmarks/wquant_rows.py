@@ -13,7 +13,8 @@ past the L2 cache, the other quantized forms not):
 * ``torch`` (int4): the ``--wquant torch`` product (``wquant_torch.int4_linear``: tinygemm,
   the tensor-core tiles on tinygemm's layout or W dequantized from it and cuBLAS, by rows);
 * ``rows`` (int4, M <= 16): ``cuda_int4.int4_rows`` (CUDA C++ on tinygemm's words, the
-  rule's form), and ``rows:WARPSxNBxSTAGES[xEXACT]`` for each ``--rows-configs`` entry;
+  rule's form), and ``rows:WARPSxNBxSTAGES[xEXACT[xPROBE]]`` for each ``--rows-configs``
+  entry (PROBE 1: without the math, 2: without the global loads; their errors are large);
 * ``mma`` (int4): those tiles alone (``wquant_triton.tinygemm_mma``, the rule's config),
   and ``mma:LABEL`` for each ``--mma-configs`` entry (block_n x block_m x warps x split
   [x stages [x prefetch 0/1]], e.g. 64x16x4x0x1x1; split 0: the rule's for those tiles;
@@ -46,15 +47,15 @@ from wquant_sweep import copy_rate, model_shapes, time_graph  # noqa: E402
 KINDS = {"int4_g32": "int4-g32", "int4_g128": "int4", "int8": "int8", "fp8": "fp8"}
 
 
-def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact):
+def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact, probe):
     """cuda_int4's kernel in one form (warps and n-tiles a block, stages, codes - 8 in bf16
-    first)."""
-    cuda_int4.CODES_EXACT = bool(exact)
+    first; probe 1: no math, 2: no global loads, for where the time goes)."""
+    cuda_int4.CODES_EXACT, cuda_int4.PROBE = bool(exact), probe
     try:
         cfg = cuda_int4.RowsConfig(warps, nb, cuda_int4.row_capacity(x.shape[0]), stages)
         return cuda_int4.launch(x, tg, tz, n, g, tiles, cfg)
     finally:
-        cuda_int4.CODES_EXACT = False
+        cuda_int4.CODES_EXACT, cuda_int4.PROBE = False, 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                 if rows_ok:
                     products["rows"] = lambda x, tg: cuda_int4.int4_rows(x, tg, tz, n, g, tiles)
                 for spec in a.rows_configs if rows_ok else ():
-                    warps, nb, stages, exact = ([int(v) for v in spec.split("x")] + [0])[:4]
-                    products[f"rows:{spec}"] = lambda x, tg, form=(warps, nb, stages, exact): \
+                    form = ([int(v) for v in spec.split("x")] + [0, 0])[:5]
+                    products[f"rows:{spec}"] = lambda x, tg, form=form: \
                         rows_form(cuda_int4, x, tg, tz, n, g, tiles, *form)
                 kernels = gpu.load("wquant")
                 for spec in a.mma_configs:  # split 0: the rule's for the tiles and M
@@ -151,7 +152,11 @@ def main(argv: list[str] | None = None) -> int:
                 for prod, fn in products.items():
                     if prod.startswith("rows") and m > cuda_int4.MAX_ROWS:
                         continue
-                    y = fn(x, tgs[0]).float()
+                    try:
+                        y = fn(x, tgs[0]).float()
+                    except ValueError as e:  # a form that does not fit the device
+                        print(f"{sname} {kind} M={m} {prod}: {e}", file=sys.stderr)
+                        continue
                     err = (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
                     rot = tgs if prod in ("tinygemm", "torch") or prod.startswith(("mma", "rows")) \
                         else tgs[:1]

@@ -140,15 +140,17 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False) -> dict[str, int]:
+def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
+            probe: int = 0) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
-            "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact)}
+            "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
 _KERNELS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 CODES_EXACT = False  # True: codes - 8 in bf16 before the mma (A/B of the numerics)
+PROBE = 0  # benchmarks only: 1 skips the math, 2 the global loads (wrong numbers)
 
 
 def _arch(index: int) -> str:
@@ -159,14 +161,21 @@ def _arch(index: int) -> str:
 def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
     """The compiled int4_rows for this device and form (compiled and loaded once)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, tiles, group, cfg, CODES_EXACT)
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
             fn = _KERNELS.get(key)
             if fn is None:
                 from torch.cuda._utils import _cuda_load_module
-                cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT))
+                cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
+                                                            PROBE))
+                need = cfg.ring_bytes(tiles, group) + cfg.warps * cfg.nb * 8 * max(8, cfg.rows) * 4
+                have = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+                if need > have:
+                    raise ValueError(f"int4_rows form {cfg.label()} needs {need} bytes of "
+                                     f"shared memory a block, the device has {have}: fewer "
+                                     "warps, n-tiles, stages or rows")
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     fn.set_shared_memory_config(cfg.ring_bytes(tiles, group))

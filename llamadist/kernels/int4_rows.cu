@@ -28,7 +28,8 @@
 //
 // Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a power of 2), WARPS,
 // NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as
-// many of x's rows), CODES_EXACT (0, 1).
+// many of x's rows), CODES_EXACT (0, 1), PROBE (0; a measurement of where the time goes,
+// never a product: 1 skips the math, 2 the global loads).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -198,7 +199,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: one commit group each
     auto issue = [&](int i) {
-        if (i < iters) {
+        if (i < iters && PROBE != 2) {
             const int kt = warp + i * WARPS;
             u32* slot = mine + (i % STAGES) * SLOT_WORDS;
 #pragma unroll
@@ -244,8 +245,9 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
             for (int w = 0; w < W; ++w)
                 cw[b][w] = slot[b * 32 * W + lane * W + w];
-        ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c, magic,
-              ones);
+        if (PROBE != 1)
+            ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c, magic,
+                  ones);
         __syncwarp();  // every lane done with the slot before the next issue refills it
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
