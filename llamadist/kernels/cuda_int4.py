@@ -178,7 +178,9 @@ def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
                                      "warps, n-tiles, stages or rows")
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
-                    fn.set_shared_memory_config(cfg.ring_bytes(tiles, group))
+                    # the attribute raised past the 48 KiB default whatever the ring's size:
+                    # the block's static shared memory counts against the same limit
+                    fn.set_shared_memory_config(max(cfg.ring_bytes(tiles, group), 48 * 1024))
                 _KERNELS[key] = fn
     return fn
 
