@@ -74,6 +74,16 @@ def test_every_form(warps, nb, stages, exact, monkeypatch):
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
 
 
+def test_a_ring_just_under_48_kib_launches():
+    """45 KiB of ring and 4 KiB of static sums: past the default limit together (the
+    attribute must be raised whatever the ring's own size)."""
+    packed, sz, w64, tiles = _case(256, 1024, 32)
+    cfg = C.RowsConfig(4, 4, 1, 4)
+    assert 40 * 1024 < cfg.ring_bytes(tiles, 32) < 48 * 1024
+    x = torch.randn(1, 1024, device=DEV).to(torch.bfloat16)
+    _check(C.launch(x, packed, sz, 256, 32, tiles, cfg), x, w64)
+
+
 def test_a_form_too_large_for_the_device_is_refused():
     packed, sz, _, tiles = _case(256, 1024, 128)
     x = torch.randn(16, 1024, device=DEV).to(torch.bfloat16)
