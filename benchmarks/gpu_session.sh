@@ -585,7 +585,7 @@ q8e2e19() {  # issue 16, session 19: a random Llama-3-8B-shaped Q8_0 GGUF (the G
         --configs defer --max-seconds 75
 }
 
-ROWS_FORMS=${ROWS_FORMS:-4x2x4x0x1,4x2x4x0x2,4x4x4,8x2x4,4x4x4x0x1,4x4x4x0x2,8x4x3,16x2x3}
+ROWS_FORMS=${ROWS_FORMS:-4x2x4x0x1,4x2x4x0x2,4x4x4,8x2x4,4x2x4,4x4x4x0x1,8x2x4x0x1,8x2x4x0x2}
 
 int4rows20() {  # issue 16, session 20: cuda_int4's int4 decode kernel (CUDA C++ through
     # NVRTC on tinygemm's words): its GPU tests, its forms against tinygemm on Llama-3-8B's

@@ -6,7 +6,9 @@ sessions 17-19: three Triton forms, CUDA cores and wgmma, all behind tinygemm), 
 tinygemm itself, built for 16-row tiles, reads Llama-3-8B's int4 linears at about a third
 of the H200's bandwidth at one row. ``int4_rows.cu`` reads tinygemm's own words (so the
 GPU keeps one copy of the weight) as mma.m16n8k16's B operand, one AND-OR a pair of
-codes, with x as the A operand; see its header.
+codes, with x as the A operand; see its header. Measured on an H200 (RESULTS.md, session
+20): level with tinygemm at one row (it too reads ~1.3 TB/s there: not yet the bandwidth
+this was written for), 1.3-1.8x faster at 4-8 rows.
 
 How it is built and run, with what torch ships: NVRTC (libnvrtc, a dependency of CUDA
 builds of torch: the ``nvidia-cuda-nvrtc`` wheel, or the toolkit's) compiles the source,
@@ -74,8 +76,12 @@ def row_capacity(m: int) -> int:
 
 
 def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
-    """The form a call of ``m`` rows of an N x K weight takes."""
-    return RowsConfig(warps=4, nb=2, rows=row_capacity(m), stages=4)
+    """The form a call of ``m`` rows of an N x K weight takes, from the H200 sweeps of
+    session 20 (RESULTS.md; Llama-3-8B's linears, one row): wide up-projections (N >= 4 K,
+    gate_up) 4 warps x 4 n-tiles; other N > K (qkv) 4 x 2; N <= K (o, down: fewer,
+    longer rows) 8 x 2; 4 stages (3-6 within 3%)."""
+    warps, nb = (4, 4) if n >= 4 * k else (4, 2) if n > k else (8, 2)
+    return RowsConfig(warps=warps, nb=nb, rows=row_capacity(m), stages=4)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
