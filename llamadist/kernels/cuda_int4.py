@@ -33,6 +33,7 @@ import logging
 import os
 import sys
 import threading
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +68,21 @@ class RowsConfig:
         slot = self.nb * 32 * tiles // 2 + self.nb * gpk * 8 + x_rows
         return self.warps * self.stages * slot * 4
 
+    def smem_bytes(self, tiles: int, group: int) -> int:
+        """The ring and the static sums over warps (16 rows past 8, else 8): a block's
+        shared memory."""
+        return self.ring_bytes(tiles, group) + self.warps * self.nb * 8 * (
+            16 if self.rows > 8 else 8) * 4
+
+    def fit(self, tiles: int, group: int, have: int) -> "RowsConfig":
+        """This form, with fewer stages (to 2), then fewer warps, until a block's shared
+        memory fits ``have`` bytes (an A10 or L4 allows 99 KiB, an H200 227)."""
+        cfg = self
+        while cfg.smem_bytes(tiles, group) > have and (cfg.stages > 2 or cfg.warps > 1):
+            cfg = dataclasses.replace(cfg, stages=cfg.stages - 1) if cfg.stages > 2 else \
+                dataclasses.replace(cfg, warps=cfg.warps // 2)
+        return cfg
+
 
 def row_capacity(m: int) -> int:
     """The form's rows for a call of ``m``: the next power of two (1, 2, 4, 8, 16)."""
@@ -95,6 +111,8 @@ def _nvrtc_candidates() -> list[str]:
                                                "libnvrtc.so.*")))
         names += sorted(glob.glob(os.path.join(base, "nvidia", "cu*", "lib", "libnvrtc.so.*")))
     names = [p for p in names if "builtins" not in p and ".alt." not in p]
+    # torch's own CUDA major first (an older NVRTC may not know the device)
+    names.sort(key=lambda p: not (p.endswith(f".so.{major}") or f"cu{major}" in p))
     return names + [f"libnvrtc.so.{major}", "libnvrtc.so"]
 
 
@@ -178,8 +196,7 @@ def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
                 from torch.cuda._utils import _cuda_load_module
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
                                                             PROBE))
-                need = cfg.ring_bytes(tiles, group) + cfg.warps * cfg.nb * 8 * max(8, cfg.rows) * 4
-                have = torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+                need, have = cfg.smem_bytes(tiles, group), smem_optin(index)
                 if need > have:
                     raise ValueError(f"int4_rows form {cfg.label()} needs {need} bytes of "
                                      f"shared memory a block, the device has {have}: fewer "
@@ -196,12 +213,15 @@ def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
            group: int, tiles: int, cfg: RowsConfig | None = None) -> torch.Tensor:
     """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
-    (G, N, 2) bf16 table; M <= MAX_ROWS."""
+    (G, N, 2) bf16 table; 1 <= M <= MAX_ROWS. Without ``cfg``, the rule's form, fitted to
+    the device's shared memory."""
     m, k = x.shape
+    _check_args(x, packed, scales_zeros, n, k, group, tiles)
     if x.data_ptr() % 16:  # cp.async copies x's rows in 16-byte chunks
         x = x.clone()
+    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
     if cfg is None:
-        cfg = rows_config(m, n, k, gpu_sms(x.device))
+        cfg = rows_config(m, n, k, gpu_sms(x.device)).fit(tiles, group, smem_optin(index))
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     fn = kernel(x.device, tiles, group, cfg)
@@ -211,6 +231,35 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1),
            args=[x, packed, scales_zeros, y, m, n, k], shared_mem=cfg.ring_bytes(tiles, group))
     return y
+
+
+def _check_args(x, packed, scales_zeros, n, k, group, tiles) -> None:
+    """What the kernel assumes and does not check itself (it would read out of bounds)."""
+    problems = []
+    if x.dtype != torch.bfloat16 or scales_zeros.dtype != torch.bfloat16:
+        problems.append(f"x and the table must be bfloat16 (are {x.dtype}, "
+                        f"{scales_zeros.dtype})")
+    if not 1 <= x.shape[0] <= MAX_ROWS:
+        problems.append(f"x has {x.shape[0]} rows (1..{MAX_ROWS})")
+    if n % 8 or k % (16 * tiles) or k % group or group % 32 or group & (group - 1):
+        problems.append(f"N {n} must be a multiple of 8, K {k} of {16 * tiles} and of the "
+                        f"group {group} (a power of 2 from 32)")
+    if tuple(packed.shape) != (n // 8, k // (16 * tiles), 32, tiles // 2) \
+            or packed.dtype != torch.int32 or not packed.is_contiguous():
+        want = (n // 8, k // (16 * tiles), 32, tiles // 2)
+        problems.append(f"packed must be tinygemm's contiguous int32 {want}, is "
+                        f"{packed.dtype} {tuple(packed.shape)}")
+    if tuple(scales_zeros.shape) != (k // group, n, 2) or not scales_zeros.is_contiguous():
+        problems.append(f"the table must be contiguous ({k // group}, {n}, 2), is "
+                        f"{tuple(scales_zeros.shape)}")
+    if not (x.is_cuda and packed.device == x.device == scales_zeros.device):
+        problems.append("x, packed and the table must be on one CUDA device")
+    if problems:
+        raise ValueError("int4_rows: " + "; ".join(problems))
+
+
+def smem_optin(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
 def gpu_sms(device: torch.device) -> int:

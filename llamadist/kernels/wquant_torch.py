@@ -166,7 +166,7 @@ def int4_product(rows: int, n: int, k: int, cuda_rows: bool = False) -> str:
     Triton kernels read tinygemm's layout: "rows" (cuda_int4.int4_rows, where
     ``cuda_rows``: it runs on the device), "tinygemm", "mma" (the tensor-core tiles) or
     "dequant"."""
-    if cuda_rows and rows <= ROWS_MAX_M:
+    if cuda_rows and 1 <= rows <= ROWS_MAX_M:
         return "rows"
     tiny = WIDE_TINYGEMM_MAX_M if n >= 4 * k else TINYGEMM_MAX_M
     return "tinygemm" if rows <= tiny else "mma" if rows <= MMA_MAX_M else "dequant"

@@ -115,3 +115,35 @@ def test_source_ships_with_the_package():
     assert C.SOURCE.exists()
     pyproject = (Path(__file__).resolve().parents[2] / "pyproject.toml").read_text()
     assert '"*.cu"' in pyproject
+
+
+def test_rule_fits_smaller_shared_memory():
+    """On a 99 KiB device (A10, L4) the rule's 8-row forms drop stages, then warps, until
+    a block fits; on an H200's 227 KiB they stay as chosen."""
+    for n, k in [(4096, 4096), (4096, 14336), (28672, 4096), (6144, 4096)]:
+        for group in (32, 128):
+            for m in (1, 8, 16):
+                cfg = C.rows_config(m, n, k)
+                assert cfg.fit(8, group, 232448) == cfg
+                small = cfg.fit(8, group, 101376)
+                assert small.smem_bytes(8, group) <= 101376
+                assert (small.rows, small.nb) == (cfg.rows, cfg.nb)
+                assert small.stages >= 2 and small.warps >= 1
+    big = C.RowsConfig(8, 2, 8, 4)
+    assert big.smem_bytes(8, 128) > 101376 and big.fit(8, 128, 101376).stages < 4
+
+
+def test_zero_rows_do_not_take_the_kernel():
+    assert WT.int4_product(0, 4096, 4096, cuda_rows=True) == WT.int4_product(0, 4096, 4096)
+
+
+def test_launch_names_what_is_wrong_before_any_gpu_work():
+    x = torch.zeros(2, 256, dtype=torch.float16)
+    packed = torch.zeros(4, 2, 32, 4, dtype=torch.int32)
+    sz = torch.zeros(2, 32, 2, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="bfloat16.*one CUDA device"):
+        C.launch(x, packed, sz, 32, 128, 8)
+    with pytest.raises(ValueError, match=r"packed must be .*\(4, 2, 32, 4\)"):
+        C.launch(x.bfloat16(), packed[:, :1], sz, 32, 128, 8)
+    with pytest.raises(ValueError, match="x has 17 rows"):
+        C.launch(torch.zeros(17, 256, dtype=torch.bfloat16), packed, sz, 32, 128, 8)
