@@ -92,14 +92,12 @@ def row_capacity(m: int) -> int:
 
 
 def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
-    """The form a call of ``m`` rows of an N x K weight takes, from the H200 sweeps of
-    session 20 (RESULTS.md; Llama-3-8B's linears, one row): wide up-projections (N >= 4 K,
-    gate_up) 4 warps x 4 n-tiles; other N > K (qkv) 4 x 2; N <= K (o, down: fewer,
-    longer rows) 8 x 2; 4 stages (3-6 within 3%). Past 8 rows at most 2 n-tiles (4 spill
-    registers there)."""
-    warps, nb = (4, 4) if n >= 4 * k else (4, 2) if n > k else (8, 2)
-    rows = row_capacity(m)
-    return RowsConfig(warps=warps, nb=min(nb, 2) if rows > 8 else nb, rows=rows, stages=4)
+    """The form a call of ``m`` rows of an N x K weight takes: 4 warps x 2 n-tiles x 4
+    stages, the form measured end to end (RESULTS.md, session 20). That session's sweep of
+    an earlier version (x read from global memory) found 8 x 2 faster on o and down (N <=
+    K) and 4 x 4 on gate_up (N >= 4 K); with x in the ring all forms timed (qkv) were
+    within 2%: a rule by shape waits on a sweep of this version."""
+    return RowsConfig(warps=4, nb=2, rows=row_capacity(m), stages=4)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
