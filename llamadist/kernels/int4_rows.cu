@@ -17,14 +17,14 @@
 //
 // Work: a block takes NB consecutive n-tiles of 8 rows for all of K; its WARPS warps take
 // the k-tiles (16 TILES inputs each) warp, warp + WARPS, ... and sum through shared memory
-// at the end. A one-row product is bound by how many of W's bytes are in flight, not by
-// its math: each warp keeps STAGES - 1 k-tiles of words (TILES/2 words a lane and n-tile,
-// 16 bytes at TILES 8), of the scale table and of x in flight, cp.async into a ring in
-// shared memory: each lane reads back only its own words; the table's 8-byte pairs
-// (copied by the lanes of row 0) and x's rows (16-byte chunks, rows padded by 16 bytes so
-// the fragments' reads do not share banks) are shared through __syncwarp. (x read from
-// global memory a k-tile ahead, as a first version did, put an L2 round trip on every
-// k-tile: ~1.3 TB/s whatever the stages.)
+// at the end. Each warp keeps STAGES - 1 k-tiles of words (TILES/2 words a lane and
+// n-tile, 16 bytes at TILES 8), of the scale table and of x in flight, cp.async into a
+// ring in shared memory: each lane reads back only its own words; the table's 8-byte
+// pairs (copied by the lanes of row 0) and x's rows (16-byte chunks, rows padded by 16
+// bytes so the fragments' reads do not share banks) are shared through __syncwarp.
+// Measured on an H200 (RESULTS.md, session 20), one row still reads at ~1.3 TB/s, as
+// tinygemm does, whatever the stages, warps and n-tiles: what bounds it is not yet known
+// (PROBE below splits loads from math); at 4-8 rows it is 1.3-1.8x tinygemm.
 //
 // Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a power of 2), WARPS,
 // NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as
