@@ -276,8 +276,9 @@ class PackedLinear(nn.Linear):
 
     * "triton": the custom op llamadist::packed_linear (wquant_triton) on ``qweight``,
       ``wscale``, ``woffset``; on tensors Triton cannot take, a dequantized matmul;
-    * "tinygemm": int4 through torch's tinygemm (wquant_torch.int4_linear) on
-      ``tg_weight`` and ``tg_scales_zeros``; the PackedWeight's own codes then live in host
+    * "tinygemm": int4 through torch's tinygemm (wquant_torch.int4_linear; its decode rows
+      through cuda_int4's kernel where ``tg_rows``) on ``tg_weight`` and
+      ``tg_scales_zeros``; the PackedWeight's own codes then live in host
       memory (for ``.dequantize()``), so the GPU holds one copy of the weight;
     * "scaled": int8 / fp8 as (x @ q^T) * scale (wquant_torch.scaled_linear) on
       ``qweight`` and ``wscale``, except up to wquant_torch.TRITON_ROWS rows where the

@@ -1,7 +1,8 @@
 """Torch-native products for weight-only quantized linears (formats of kernels.wquant),
 the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.wquant).
 
-* int4: torch's tinygemm kernel, as gpt-fast uses it. ``tinygemm_pack`` turns our codes
+* int4: torch's tinygemm kernel, as gpt-fast uses it (its words also read by
+  cuda_int4's CUDA C++ kernel for the decode rows, ROWS_MAX_M, where that runs). ``tinygemm_pack`` turns our codes
   into its tensor-core layout (``aten._convert_weight_to_int4pack``: uint8 (N, K / 2) with
   input 2j in the HIGH nibble, ours has it in the low one; on the CPU
   ``_convert_weight_to_int4pack_for_cpu`` takes the int32 codes (N, K)), and
