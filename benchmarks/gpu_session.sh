@@ -592,9 +592,9 @@ int4rows20() {  # issue 16, session 20: cuda_int4's int4 decode kernel (CUDA C++
     # linears (g128, g32), then 8B int4 decode end to end against tinygemm (~9 min)
     local b="--prompt-len 128 --gen-len 64"
     step nvrtc 60 python3 -c "
-import torch; from llamadist.kernels import cuda_int4 as C
+import torch; from llamadist.kernels import cuda_int4 as C, wquant_torch as W
 print('torch cuda', torch.version.cuda, 'nvrtc', C.nvrtc(), C._nvrtc_candidates()[:4])
-print('available', C.available(torch.device('cuda', 0)))"
+print('available', W.int4_rows_ok(torch.device('cuda', 0)))"
     step test_int4rows 150 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py
     step rows8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b \

@@ -14,9 +14,10 @@ How it is built and run, with what torch ships: NVRTC (libnvrtc, a dependency of
 builds of torch: the ``nvidia-cuda-nvrtc`` wheel, or the toolkit's) compiles the source,
 without headers, to a cubin for the device's architecture, and torch's driver-API loader
 (``torch.cuda._utils._cuda_load_module``) launches it on the current stream, so CUDA graphs
-capture it. Each (device, config) compiles once a process (~0.3 s); ``available`` compiles
-and checks a small case first, and where anything is missing (no NVRTC, ROCm, a GPU below
-sm_80, a compile error) it says why once and int4 keeps tinygemm.
+capture it. Each (device, config) compiles once a process (~0.3 s);
+``wquant_torch.int4_rows_ok`` checks a small case on the device first, and where anything
+is missing (no NVRTC, ROCm, a GPU below sm_80, a compile error) it says why once and int4
+keeps tinygemm.
 
 Numerics: the mma sums (128 + code) * x in float32 for each group, then applies that
 group's scale and zero once: sum w x = s acc + (z - 136 s) sum x, x's sum from the same
@@ -33,8 +34,7 @@ import logging
 import os
 import sys
 import threading
-import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -79,8 +79,8 @@ class RowsConfig:
         memory fits ``have`` bytes (an A10 or L4 allows 99 KiB, an H200 227)."""
         cfg = self
         while cfg.smem_bytes(tiles, group) > have and (cfg.stages > 2 or cfg.warps > 1):
-            cfg = dataclasses.replace(cfg, stages=cfg.stages - 1) if cfg.stages > 2 else \
-                dataclasses.replace(cfg, warps=cfg.warps // 2)
+            cfg = replace(cfg, stages=cfg.stages - 1) if cfg.stages > 2 else \
+                replace(cfg, warps=cfg.warps // 2)
         return cfg
 
 
@@ -91,7 +91,7 @@ def row_capacity(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
-def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
+def rows_config(m: int, n: int, k: int) -> RowsConfig:
     """The form a call of ``m`` rows of an N x K weight takes: 4 warps x 2 n-tiles x 4
     stages, the form measured end to end (RESULTS.md, session 20). That session's sweep of
     an earlier version (x read from global memory) found 8 x 2 faster on o and down (N <=
@@ -182,9 +182,13 @@ def _arch(index: int) -> str:
     return f"{p.major}{p.minor}"
 
 
-def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
-    """The compiled int4_rows for this device and form (compiled and loaded once)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
+def device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
+def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
+    """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
+    once)."""
     key = (index, tiles, group, cfg, CODES_EXACT, PROBE)
     fn = _KERNELS.get(key)
     if fn is None:
@@ -192,13 +196,13 @@ def kernel(device: torch.device, tiles: int, group: int, cfg: RowsConfig):
             fn = _KERNELS.get(key)
             if fn is None:
                 from torch.cuda._utils import _cuda_load_module
-                cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE))
                 need, have = cfg.smem_bytes(tiles, group), smem_optin(index)
                 if need > have:
                     raise ValueError(f"int4_rows form {cfg.label()} needs {need} bytes of "
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
+                cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
+                                                            PROBE))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
@@ -215,14 +219,15 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     the device's shared memory."""
     m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles)
+    x = x.contiguous()
     if x.data_ptr() % 16:  # cp.async copies x's rows in 16-byte chunks
         x = x.clone()
-    index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    index = device_index(x.device)
     if cfg is None:
-        cfg = rows_config(m, n, k, gpu_sms(x.device)).fit(tiles, group, smem_optin(index))
+        cfg = rows_config(m, n, k).fit(tiles, group, smem_optin(index))
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
-    fn = kernel(x.device, tiles, group, cfg)
+    fn = kernel(index, tiles, group, cfg)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     blocks = -(-(n // 8) // cfg.nb)
     with torch.cuda.device(x.device):
@@ -260,65 +265,9 @@ def smem_optin(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
 
 
-def gpu_sms(device: torch.device) -> int:
-    from llamadist.kernels.wquant_triton import device_traits
-    return device_traits(device)[0]
-
-
-_AVAILABLE: dict[int, bool] = {}
-
-
-def available(device: torch.device) -> bool:
-    """Whether int4_rows runs on ``device``: CUDA (not ROCm) sm_80+, NVRTC found, and a
-    small case compiled and checked against the dequantized product (once a device; a
-    reason is logged once where not)."""
-    if device.type != "cuda" or torch.version.hip is not None:
-        return False
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _AVAILABLE:
-        _AVAILABLE[index] = _check(torch.device("cuda", index))
-    return _AVAILABLE[index]
-
-
-def _check(device: torch.device) -> bool:
-    from llamadist.kernels import wquant_torch
-    if torch.cuda.get_device_properties(device).major < 8:
-        log.info("int4_rows needs sm_80+ (bf16 mma): int4 keeps tinygemm on %s", device)
-        return False
-    if not wquant_torch.tinygemm_layout_known(device):
-        return False
-    try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        n, k, group = 32, 256, 64
-        codes = torch.randint(0, 16, (n, k), generator=gen)
-        scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
-        offset = torch.randn(n, k // group, generator=gen) / 8
-        x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
-        q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
-        tiles = wquant_torch._inner_k_tiles(k)
-        packed = torch.ops.aten._convert_weight_to_int4pack(
-            wquant_torch.tinygemm_bytes(q).to(device), tiles)
-        sz = wquant_torch.tinygemm_scales_zeros(scale, offset).to(device)
-        y = launch(x.to(device), packed, sz, n, group, tiles).float().cpu()
-        s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
-        w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
-        ref = x.double() @ w.double().t()
-        err = (y.double() - ref).abs().max().item()
-        tol = 2e-2 * ref.abs().max().item()
-        if not err <= tol:
-            log.warning("int4_rows on %s is off by %.3g (allowed %.3g): int4 keeps tinygemm",
-                        device, err, tol)
-            return False
-        return True
-    except Exception as e:  # noqa: BLE001 - any failure: the kernel does not serve here
-        log.warning("int4_rows does not run on %s (%s: %s): int4 keeps tinygemm", device,
-                    type(e).__name__, e)
-        return False
-
-
 def _rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
           group: int, tiles: int) -> torch.Tensor:
-    return launch(x.contiguous(), packed, scales_zeros, n, group, tiles)
+    return launch(x, packed, scales_zeros, n, group, tiles)
 
 
 def _rows_shape(x, packed, scales_zeros, n, group, tiles):

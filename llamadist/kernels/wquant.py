@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import INT4_GROUP, ConfigError, quantize_group
-from llamadist.kernels import cuda_int4, gpu, wquant_torch, wquant_triton
+from llamadist.kernels import gpu, wquant_torch, wquant_triton
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, dequantize
 
@@ -343,7 +343,7 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
                         and wquant_torch.tinygemm_layout_known(w.device))
     # the decode rows through cuda_int4's kernel (compiled and checked once a device)
     module.tg_rows = module.tg_triton and wquant_torch.ROWS_MAX_M > 0 \
-        and cuda_int4.available(w.device)
+        and wquant_torch.int4_rows_ok(w.device)
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)
         module.register_buffer("tg_weight", wquant_torch.tinygemm_pack(w.q, w.shape[1]),

@@ -148,6 +148,56 @@ def tinygemm_layout_known(device: torch.device) -> bool:
     return _LAYOUT_CHECKED[key]
 
 
+_ROWS_CHECKED: dict[int, bool] = {}
+
+
+def int4_rows_ok(device: torch.device) -> bool:
+    """Whether cuda_int4's kernel serves int4 on ``device``: CUDA (not ROCm) sm_80+,
+    ``tinygemm_layout_known``, NVRTC found, and a small case packed by tinygemm compiled,
+    run and checked against its float64 product (once a device; a reason is logged once
+    where not: int4 then keeps tinygemm)."""
+    if device.type != "cuda" or torch.version.hip is not None:
+        return False
+    index = cuda_int4.device_index(device)
+    if index not in _ROWS_CHECKED:
+        _ROWS_CHECKED[index] = _rows_check(torch.device("cuda", index))
+    return _ROWS_CHECKED[index]
+
+
+def _rows_check(device: torch.device) -> bool:
+    if torch.cuda.get_device_properties(device).major < 8:
+        log.info("int4_rows needs sm_80+ (bf16 mma): int4 keeps tinygemm on %s", device)
+        return False
+    if not tinygemm_layout_known(device):
+        return False
+    try:
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        n, k, group = 32, 256, 64
+        codes = torch.randint(0, 16, (n, k), generator=gen)
+        scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
+        offset = torch.randn(n, k // group, generator=gen) / 8
+        x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+        q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # as tinygemm_layout_known
+        tiles = _inner_k_tiles(k)
+        packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q).to(device), tiles)
+        sz = tinygemm_scales_zeros(scale, offset).to(device)
+        y = cuda_int4.launch(x.to(device), packed, sz, n, group, tiles).float().cpu()
+        s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
+        w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+        ref = x.double() @ w.double().t()
+        err = (y.double() - ref).abs().max().item()
+        tol = 2e-2 * ref.abs().max().item()
+        if not err <= tol:
+            log.warning("int4_rows on %s is off by %.3g (allowed %.3g): int4 keeps tinygemm",
+                        device, err, tol)
+            return False
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure: the kernel does not serve here
+        log.warning("int4_rows does not run on %s (%s: %s): int4 keeps tinygemm", device,
+                    type(e).__name__, e)
+        return False
+
+
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:
     """Our packed codes (input 2j in the low nibble) as the uint8 (N, K / 2) that CUDA's
     _convert_weight_to_int4pack reads: input 2j in the high nibble."""
@@ -179,7 +229,7 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype; with ``triton``
     (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of more rows
     than ``int4_product`` leaves to tinygemm take the Triton kernels that read its layout
-    (see above), and with ``cuda_rows`` (cuda_int4.available) the decode rows take
+    (see above), and with ``cuda_rows`` (``int4_rows_ok``) the decode rows take
     cuda_int4.int4_rows."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape

@@ -94,7 +94,7 @@ def test_no_nvrtc_is_a_clear_error(monkeypatch):
 
 
 def test_not_available_off_cuda():
-    assert C.available(torch.device("cpu")) is False
+    assert WT.int4_rows_ok(torch.device("cpu")) is False
 
 
 def test_rows_rule():
