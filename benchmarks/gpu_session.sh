@@ -6,7 +6,7 @@
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
-#         sweeps19 q8e2e19 int4rows20 perplexity head18 (or stash)
+#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -610,14 +610,51 @@ print('available', W.int4_rows_ok(torch.device('cuda', 0)))"
     ab i4_b4_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 4 $b
 }
 
+int4ncu21() {  # issue 16, session 21: where cuda_int4's time goes at one row. Its GPU
+    # tests (the post-review code), then Nsight Compute on one call each of bf16, tinygemm,
+    # the rule's form and the PROBE forms (benchmarks/int4_ncu.py), then the timed sweep
+    # of the PROBE forms (~6 min)
+    step test_int4rows 150 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_int4_gpu.py
+    step ncu 200 ncu --clock-control none --profile-from-start off --nvtx \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats \
+        python3 benchmarks/int4_ncu.py --m ${ROWS_M:-1} \
+        --forms ${NCU_FORMS:-4x2x4x0x0x0,4x2x4x0x1,4x2x4x0x2,4x4x4}
+    step rows8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b \
+        --kinds int4_g128 --m ${ROWS_M:-1} --products tinygemm,rows,rows:* --max-seconds 140 \
+        --rows-configs ${ROWS21:-4x2x4x0x0x0,4x2x4x0x1,4x2x4x0x2,4x2x4x0x1x0,4x4x4,4x4x4x0x1,8x4x4,4x8x4,8x2x4}
+}
+
+int4rule21() {  # issue 16, session 21: cuda_int4 with W as the A operand, its forms by
+    # shape at 1, 4 and 8 rows, then 8B int4 decode end to end with the new rule, session
+    # 20's form (x as the A operand, 4 x 2 x 4) and tinygemm in the same process path (~9 min)
+    local b="--prompt-len 128 --gen-len 64"
+    local old="import llamadist.kernels.cuda_int4 as C; C.rows_config = lambda m, n, k: C.RowsConfig(4, 2, C.row_capacity(m), 4, False)"
+    [ -n "${SKIP_SWEEP:-}" ] || step test_int4rows 120 python3 -m pytest -q -p no:cacheprovider \
+        -rf tests/gpu/test_cuda_int4_gpu.py
+    [ -n "${SKIP_SWEEP:-}" ] || step rows8b 200 python3 benchmarks/wquant_rows.py --shape llama3-8b \
+        --kinds int4_g128 --m ${ROWS_M:-1,4,8} --products tinygemm,rows,rows:* --max-seconds 180 \
+        --rows-configs ${ROWS21:-4x2x4,4x4x4,8x4x4,16x4x4,8x2x4,16x2x4,8x4x6,4x4x6,8x4x3,8x8x4}
+    checkpoint
+    ab i4_b1 "" --quantize int4 --batch 1 $b
+    ab bf16_b1 "" --batch 1 $b
+    ab i4_b1_rule20 "$old" --quantize int4 --batch 1 $b
+    ab i4_b1_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 1 $b
+    ab i4_b1_head "" --quantize int4 --quantize-head --batch 1 $b
+    ab i4_b4 "" --quantize int4 --batch 4 $b
+    ab i4_b4_rule20 "$old" --quantize int4 --batch 4 $b
+    ab i4_b4_tinygemm "W.ROWS_MAX_M = 0" --quantize int4 --batch 4 $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

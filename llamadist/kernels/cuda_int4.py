@@ -51,15 +51,22 @@ MAX_ROWS = 16
 @dataclass(frozen=True)
 class RowsConfig:
     """One compiled form of int4_rows: warps a block, n-tiles (8 rows of W) a block, the
-    most rows of x it takes (1..16: the ring holds as many), and the k-tiles of words
-    each warp has in flight + 1."""
+    most rows of x it takes (1..16: the ring holds as many), the k-tiles of words each warp
+    has in flight + 1, and whether W is the mma's A operand where it can be (``a_w``)."""
     warps: int = 4
     nb: int = 2
     rows: int = 1
     stages: int = 4
+    w_as_a: bool = True
+
+    @property
+    def a_w(self) -> bool:
+        """W as the A operand (two n-tiles an mma, x's rows the B columns): up to 8 rows
+        and an even number of n-tiles; else x is the A operand (16 rows, one n-tile)."""
+        return self.w_as_a and self.rows <= 8 and self.nb % 2 == 0
 
     def label(self) -> str:
-        return f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}"
+        return f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}{'a' if self.a_w else ''}"
 
     def ring_bytes(self, tiles: int, group: int) -> int:
         """The dynamic shared memory a block takes (int4_rows.cu's ring)."""
@@ -92,12 +99,14 @@ def row_capacity(m: int) -> int:
 
 
 def rows_config(m: int, n: int, k: int) -> RowsConfig:
-    """The form a call of ``m`` rows of an N x K weight takes: 4 warps x 2 n-tiles x 4
-    stages, the form measured end to end (RESULTS.md, session 20). That session's sweep of
-    an earlier version (x read from global memory) found 8 x 2 faster on o and down (N <=
-    K) and 4 x 4 on gate_up (N >= 4 K); with x in the ring all forms timed (qkv) were
-    within 2%: a rule by shape waits on a sweep of this version."""
-    return RowsConfig(warps=4, nb=2, rows=row_capacity(m), stages=4)
+    """The form a call of ``m`` rows of an N x K weight takes. Up to 8 rows (W as the A
+    operand): 8 warps x 4 n-tiles x 4 stages, and 2 n-tiles where rows are long (K >= 3 N,
+    Llama's down: twice the blocks); past 8 rows 4 x 2 x 4. From the sweeps on an H200
+    (RESULTS.md, session 21)."""
+    rows = row_capacity(m)
+    if rows > 8:
+        return RowsConfig(warps=4, nb=2, rows=rows, stages=4)
+    return RowsConfig(warps=8, nb=2 if k >= 3 * n else 4, rows=rows, stages=4)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
@@ -167,7 +176,8 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
-            "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe}
+            "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
+            "WA": int(cfg.a_w)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------

@@ -29,7 +29,8 @@
 // Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a power of 2), WARPS,
 // NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as
 // many of x's rows), CODES_EXACT (0, 1), PROBE (0; a measurement of where the time goes,
-// never a product: 1 skips the math, 2 the global loads).
+// never a product: 1 skips the math, 2 the global loads), WA (0, 1: W as the A operand,
+// two n-tiles an mma, for ROWS <= 8 and NB even; see ktile).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -38,6 +39,10 @@ typedef unsigned short u16;
 #define KTILE (16 * TILES)     // inputs a k-tile
 #define GPK (KTILE > GROUP ? KTILE / GROUP : 1)  // the table's groups a k-tile reads
 #define ROWS16 (ROWS > 8)      // rows 9-16: the A operand's second half
+#if WA && (ROWS > 8 || NB % 2)
+#error "WA takes up to 8 rows and an even NB"
+#endif
+#define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
 
 static __device__ __forceinline__ u32 smem(const void* p) {
     u32 a;
@@ -128,7 +133,63 @@ static __device__ __forceinline__ void frag_a(u32 (&a)[2][4], const u32* rg, con
 }
 
 // k-tile kt's products, added to out (see the header for the sums): cw its words, zs its
-// slot's table pairs
+// slot's table pairs (per n-tile and group, the 8 rows' (scale, zero) words)
+#if WA
+// W as the A operand: n-tiles 2p and 2p + 1 are the A rows 0-7 and 8-15 of pair p's mma
+// (tinygemm's B fragments of the two tiles are A's fragments), x's rows the B columns. d0,
+// d1 are (n = 8 (2p) + g, rows 2c, 2c + 1), d2, d3 the same for n-tile 2p + 1; the sums of
+// x (A = ones) hold rows 2c, 2c + 1 in xs[0], xs[1].
+// x's B fragments come from one ldmatrix.x4 a word: xa is this lane's row address for it
+// (matrix lane / 8 = inputs 8 (lane / 8) .. + 7 of x's row lane % 8, the last row past M).
+static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 (&cw)[NB][W],
+                                             u32 xa, const u32* zs, int g, u32 magic,
+                                             u32 ones) {
+    float acc[NB / 2][4], xs[4];
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        u32 xb[2][2];  // [s][0]: inputs 32 w + 16 s + 2 c, + 1 of row g; [s][1]: 8 further
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(xb[0][0]), "=r"(xb[0][1]), "=r"(xb[1][0]), "=r"(xb[1][1])
+                     : "r"(xa + 64 * w));
+        if ((32 * w) % GROUP == 0) {
+            xs[0] = xs[1] = xs[2] = xs[3] = 0.f;
+#pragma unroll
+            for (int p = 0; p < NB / 2; ++p)
+                acc[p][0] = acc[p][1] = acc[p][2] = acc[p][3] = 0.f;
+        }
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+            mma(xs, ones, ones, ones, ones, xb[s][0], xb[s][1]);
+#pragma unroll
+        for (int p = 0; p < NB / 2; ++p) {
+#pragma unroll
+            for (int s = 0; s < 2; ++s)
+                mma(acc[p], codes(cw[2 * p][w], 8 * s, magic),
+                    codes(cw[2 * p + 1][w], 8 * s, magic),
+                    codes(cw[2 * p][w], 8 * s + 4, magic),
+                    codes(cw[2 * p + 1][w], 8 * s + 4, magic), xb[s][0], xb[s][1]);
+        }
+        if (w == W - 1 || (32 * w + 32) % GROUP == 0) {
+            const int q = GPK > 1 ? (32 * w) / GROUP : 0;
+#pragma unroll
+            for (int p = 0; p < NB / 2; ++p) {
+                const u32 p0 = zs[(2 * p * GPK + q) * 8 + g];
+                const u32 p1 = zs[((2 * p + 1) * GPK + q) * 8 + g];
+                const float s0 = lo_f(p0), s1 = lo_f(p1);
+#if CODES_EXACT
+                const float z0 = hi_f(p0), z1 = hi_f(p1);
+#else
+                const float z0 = hi_f(p0) - 136.f * s0, z1 = hi_f(p1) - 136.f * s1;
+#endif
+                out[p][0] += s0 * acc[p][0] + z0 * xs[0];
+                out[p][1] += s0 * acc[p][1] + z0 * xs[1];
+                out[p][2] += s1 * acc[p][2] + z1 * xs[0];
+                out[p][3] += s1 * acc[p][3] + z1 * xs[1];
+            }
+        }
+    }
+}
+#else
 static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw)[NB][W],
                                              const u32* rg, const u32* rq, const u32* zs,
                                              int c, u32 magic, u32 ones) {
@@ -173,6 +234,7 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
         }
     }
 }
+#endif
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
@@ -190,29 +252,42 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // bounds): an mma's output row depends on its A row alone, and those outputs are never
     // written, so no lane needs a predicate.
     const int rowg = min(g, M - 1) * XROW, rowq = min(g + 8, M - 1) * XROW;
+    const u32 xlane = (min(lane & 7, M - 1) * XROW) * 4 + 16 * (lane >> 3);  // WA's ldmatrix
     int ntb[NB];
 #pragma unroll
     for (int b = 0; b < NB; ++b)
         ntb[b] = min(nt0 + b, NT - 1);
     u32* mine = ring + warp * STAGES * SLOT_WORDS;
+    const u32 mine_s = smem(mine);  // the same, as a shared-memory address
     const int iters = warp < KT ? (KT - 1 - warp) / WARPS + 1 : 0;  // this warp's k-tiles
 
+    // the running sources of the issue below (n-tile b's words, x's k-tile), each moved
+    // WARPS k-tiles on by an issue, and the slot it fills: few instructions an issue
+    const u32* wsrc[NB];
+#pragma unroll
+    for (int b = 0; b < NB; ++b)
+        wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
+    const u16* xsrc = x + warp * KTILE;
+    int fill = 0;
+
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: one commit group each
+    // (issue runs for i = 0, 1, 2, ... in turn)
     auto issue = [&](int i) {
         if (i < iters && PROBE != 2) {
-            const int kt = warp + i * WARPS;
-            u32* slot = mine + (i % STAGES) * SLOT_WORDS;
+            const u32 slot = mine_s + fill * (SLOT_WORDS * 4);
 #pragma unroll
-            for (int b = 0; b < NB; ++b)
-                cp_words(smem(slot + b * 32 * W + lane * W),
-                         words + ((size_t)ntb[b] * KT + kt) * 32 * W + lane * W);
+            for (int b = 0; b < NB; ++b) {
+                cp_words(slot + (b * 32 * W + lane * W) * 4, wsrc[b]);
+                wsrc[b] += WARPS * 32 * W;
+            }
             if (g == 0) {
+                const int kt = warp + i * WARPS;
                 const u32* zsrc = sz + (size_t)(kt * KTILE / GROUP) * N + 2 * c;
 #pragma unroll
                 for (int b = 0; b < NB; ++b)
 #pragma unroll
                     for (int q = 0; q < GPK; ++q)
-                        cp8(smem(slot + NB * 32 * W + ((b * GPK + q) * 4 + c) * 2),
+                        cp8(slot + (NB * 32 * W + ((b * GPK + q) * 4 + c) * 2) * 4,
                             zsrc + (size_t)q * N + ntb[b] * 8);
             }
             // x's rows < M of this k-tile, 16-byte chunks (2 TILES a row)
@@ -220,25 +295,26 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
             for (int t = lane; t < XR * 2 * TILES; t += 32) {
                 const int r = t / (2 * TILES), ch = t % (2 * TILES);
                 if (r < M)
-                    cp16(smem(slot + X_AT + r * XROW + 4 * ch),
-                         x + (size_t)r * K + kt * KTILE + 8 * ch);
+                    cp16(slot + (X_AT + r * XROW + 4 * ch) * 4, xsrc + (size_t)r * K + 8 * ch);
             }
+            xsrc += WARPS * KTILE;
         }
+        fill = fill == STAGES - 1 ? 0 : fill + 1;
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
 
-    float out[NB][4];
+    float out[NOUT][4];
 #pragma unroll
-    for (int b = 0; b < NB; ++b)
+    for (int b = 0; b < NOUT; ++b)
         out[b][0] = out[b][1] = out[b][2] = out[b][3] = 0.f;
 
     for (int s = 0; s < STAGES - 1; ++s)
         issue(s);
-    for (int i = 0; i < iters; ++i) {
+    for (int i = 0, use = 0; i < iters; ++i, use = use == STAGES - 1 ? 0 : use + 1) {
         issue(i + STAGES - 1);
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         __syncwarp();  // the table's pairs and x's rows came from other lanes
-        const u32* slot = mine + (i % STAGES) * SLOT_WORDS;
+        const u32* slot = mine + use * SLOT_WORDS;
         u32 cw[NB][W];
 #pragma unroll
         for (int b = 0; b < NB; ++b)
@@ -246,14 +322,28 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
             for (int w = 0; w < W; ++w)
                 cw[b][w] = slot[b * 32 * W + lane * W + w];
         if (PROBE != 1)
+#if WA
+            ktile(out, cw, mine_s + (use * SLOT_WORDS + X_AT) * 4 + xlane, slot + NB * 32 * W, g,
+                  magic, ones);
+#else
             ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c, magic,
                   ones);
+#endif
         __syncwarp();  // every lane done with the slot before the next issue refills it
     }
     asm volatile("cp.async.wait_all;" ::: "memory");
 
     // the warps' partial sums of the block's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3
-    // the same at row g + 8
+    // the same at row g + 8 (WA: see ktile)
+#if WA
+#pragma unroll
+    for (int p = 0; p < NB / 2; ++p) {
+        red[warp][2 * p][2 * c][g] = out[p][0];
+        red[warp][2 * p][2 * c + 1][g] = out[p][1];
+        red[warp][2 * p + 1][2 * c][g] = out[p][2];
+        red[warp][2 * p + 1][2 * c + 1][g] = out[p][3];
+    }
+#else
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
         red[warp][b][g][2 * c] = out[b][0];
@@ -263,6 +353,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         red[warp][b][g + 8][2 * c + 1] = out[b][3];
 #endif
     }
+#endif
     __syncthreads();
     const int rows = ROWS16 ? 16 : 8;
     for (int t = threadIdx.x; t < NB * rows * 8; t += WARPS * 32) {

@@ -64,13 +64,16 @@ def test_rows_against_float64(n, k, group, m):
 @pytest.mark.parametrize("warps,nb,stages", [(4, 1, 4), (4, 2, 2), (8, 2, 3), (4, 4, 3),
                                              (16, 1, 2), (2, 3, 5)])
 @pytest.mark.parametrize("exact", [False, True])
-def test_every_form(warps, nb, stages, exact, monkeypatch):
+@pytest.mark.parametrize("w_as_a", [True, False])
+def test_every_form(warps, nb, stages, exact, w_as_a, monkeypatch):
+    """Each form, codes - 8 first or not, W as the A operand (up to 8 rows, even n-tiles)
+    or x."""
     monkeypatch.setattr(C, "CODES_EXACT", exact)
     for n, k, group in SHAPES[:4]:
         packed, sz, w64, tiles = _case(n, k, group, seed=n)
         for m in (1, 5, 12):
             x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
-            cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages)
+            cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages, w_as_a)
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
 
 

@@ -49,7 +49,8 @@ RULE_FORMS = sorted({C.rows_config(m, n, 4096) for m in range(1, 17)
 FORMS = ([(tiles, group, cfg, False) for tiles, group in [(8, 32), (8, 128)]
           for cfg in RULE_FORMS]
          + [(tiles, group, C.RowsConfig(), False) for tiles, group in [(2, 32), (4, 64), (8, 256)]]
-         + [(8, 128, C.RowsConfig(), True), (8, 128, C.RowsConfig(16, 1, 4, 3), False)])
+         + [(8, 128, C.RowsConfig(), True), (8, 128, C.RowsConfig(16, 1, 4, 3), False),
+            (8, 128, C.RowsConfig(w_as_a=False), False), (8, 32, C.RowsConfig(8, 4, 8, 3), True)])
 
 
 def _nvdisasm() -> Path | None:
@@ -109,6 +110,9 @@ def test_rows_rule():
     assert WT.int4_product(m, n, k, cuda_rows=True) == WT.int4_product(m, n, k)
     assert [C.rows_config(m, n, k).rows for m in (1, 2, 3, 5, 8, 9, 16)] == \
         [1, 2, 4, 8, 8, 16, 16]
+    # W is the mma's A operand up to 8 rows (two n-tiles an mma), x past that
+    assert [C.rows_config(m, n, k).a_w for m in (1, 8, 9)] == [True, True, False]
+    assert not C.RowsConfig(4, 3, 1, 4).a_w and not C.RowsConfig(w_as_a=False).a_w
 
 
 def test_source_ships_with_the_package():

@@ -1,0 +1,80 @@
+"""One call each of the int4 decode products on Llama-3-8B's linears, for Nsight Compute
+(issue 16: at one row cuda_int4's kernel and tinygemm both read ~1.3 TB/s where bf16's
+cuBLAS GEMV reads ~4): the region between cudaProfilerStart and Stop holds, per linear,
+bf16 ``F.linear``, tinygemm, ``cuda_int4`` in the rule's form and in its PROBE forms (1:
+no math, 2: no global loads), so ``ncu --profile-from-start off`` sees those kernels only.
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
+        --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
+        python3 benchmarks/int4_ncu.py --m 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from wquant_sweep import model_shapes  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", default="llama3-8b")
+    p.add_argument("--linears", default="qkv,gate_up,down", type=lambda s: s.split(","))
+    p.add_argument("--m", type=int, default=1)
+    p.add_argument("--forms", default="", type=lambda s: [c for c in s.split(",") if c],
+                   help="cuda_int4 forms WARPSxNBxSTAGES[xEXACT[xPROBE[xWA]]] besides the rule's")
+    a = p.parse_args(argv)
+    import torch
+    import torch.nn.functional as F
+
+    from llamadist.kernels import cuda_int4, wquant, wquant_torch
+    dev = torch.device("cuda:0")
+    torch.manual_seed(0)
+    calls = []
+    for name in a.linears:
+        n, k = model_shapes(a.shape)[name]
+        w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) * 0.02
+        pw = wquant.quantize(w, "int4")
+        tg = wquant_torch.tinygemm_pack(pw.q, k)
+        tz = wquant_torch.tinygemm_scales_zeros(pw.scale, pw.offset, torch.bfloat16)
+        g, tiles = pw.group, wquant_torch._inner_k_tiles(k)
+        x = torch.randn(a.m, k, device=dev, dtype=torch.bfloat16)
+        calls.append((f"{name} bf16", lambda x=x, w=w: F.linear(x, w)))
+        calls.append((f"{name} tinygemm", lambda x=x, tg=tg, tz=tz, g=g:
+                      torch.ops.aten._weight_int4pack_mm(x, tg, g, tz)))
+        calls.append((f"{name} rows", lambda x=x, tg=tg, tz=tz, n=n, g=g, t=tiles:
+                      cuda_int4.int4_rows(x, tg, tz, n, g, t)))
+        for spec in a.forms:
+            warps, nb, stages, exact, probe, wa = (
+                [int(v) for v in spec.split("x")] + [0, 0, 1])[:6]
+
+            def form(x=x, tg=tg, tz=tz, n=n, g=g, t=tiles, warps=warps, nb=nb, stages=stages,
+                     exact=exact, probe=probe, wa=wa):
+                cuda_int4.CODES_EXACT, cuda_int4.PROBE = bool(exact), probe
+                try:
+                    cfg = cuda_int4.RowsConfig(warps, nb, cuda_int4.row_capacity(x.shape[0]),
+                                               stages, bool(wa))
+                    return cuda_int4.launch(x, tg, tz, n, g, t, cfg)
+                finally:
+                    cuda_int4.CODES_EXACT, cuda_int4.PROBE = False, 0
+            calls.append((f"{name} rows:{spec}", form))
+    for _, fn in calls:  # compile and warm everything outside the profiled region
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for label, fn in calls:
+        torch.cuda.nvtx.range_push(label)
+        fn()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("\n".join(f"{i}: {label}" for i, (label, _) in enumerate(calls)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
