@@ -635,7 +635,7 @@ int4rule21() {  # issue 16, session 21: cuda_int4 with W as the A operand, its f
         -rf tests/gpu/test_cuda_int4_gpu.py
     [ -n "${SKIP_SWEEP:-}" ] || step rows8b 200 python3 benchmarks/wquant_rows.py --shape llama3-8b \
         --kinds int4_g128 --m ${ROWS_M:-1,4,8} --products tinygemm,rows,rows:* --max-seconds 180 \
-        --rows-configs ${ROWS21:-4x2x4,4x4x4,8x4x4,16x4x4,8x2x4,16x2x4,8x4x6,4x4x6,8x4x3,8x8x4}
+        --rows-configs ${ROWS21:-4x2x4,4x4x4,8x4x4,16x4x4,8x2x4,16x2x4,8x4x6,8x8x4,8x4x4x0x0x1x1,4x4x4x0x0x1x1,8x2x4x0x0x1x1}
     checkpoint
     ab i4_b1 "" --quantize int4 --batch 1 $b
     ab bf16_b1 "" --batch 1 $b

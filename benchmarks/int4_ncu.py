@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from wquant_rows import parse_form, rows_form  # noqa: E402
 from wquant_sweep import model_shapes  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linears", default="qkv,gate_up,down", type=lambda s: s.split(","))
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--forms", default="", type=lambda s: [c for c in s.split(",") if c],
-                   help="cuda_int4 forms WARPSxNBxSTAGES[xEXACT[xPROBE[xWA]]] besides the rule's")
+                   help="cuda_int4 forms WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI]]]] besides the rule's")
     a = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
@@ -49,19 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         calls.append((f"{name} rows", lambda x=x, tg=tg, tz=tz, n=n, g=g, t=tiles:
                       cuda_int4.int4_rows(x, tg, tz, n, g, t)))
         for spec in a.forms:
-            warps, nb, stages, exact, probe, wa = (
-                [int(v) for v in spec.split("x")] + [0, 0, 1])[:6]
-
-            def form(x=x, tg=tg, tz=tz, n=n, g=g, t=tiles, warps=warps, nb=nb, stages=stages,
-                     exact=exact, probe=probe, wa=wa):
-                cuda_int4.CODES_EXACT, cuda_int4.PROBE = bool(exact), probe
-                try:
-                    cfg = cuda_int4.RowsConfig(warps, nb, cuda_int4.row_capacity(x.shape[0]),
-                                               stages, bool(wa))
-                    return cuda_int4.launch(x, tg, tz, n, g, t, cfg)
-                finally:
-                    cuda_int4.CODES_EXACT, cuda_int4.PROBE = False, 0
-            calls.append((f"{name} rows:{spec}", form))
+            calls.append((f"{name} rows:{spec}", lambda x=x, tg=tg, tz=tz, n=n, g=g, t=tiles,
+                          form=parse_form(spec): rows_form(cuda_int4, x, tg, tz, n, g, t, *form)))
     for _, fn in calls:  # compile and warm everything outside the profiled region
         fn()
     torch.cuda.synchronize()

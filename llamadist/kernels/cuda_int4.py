@@ -174,10 +174,10 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
-            probe: int = 0) -> dict[str, int]:
+            probe: int = 0, hi_shift: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
-            "WA": int(cfg.a_w)}
+            "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -185,6 +185,7 @@ _KERNELS: dict[tuple, object] = {}
 _LOCK = threading.Lock()
 CODES_EXACT = False  # True: codes - 8 in bf16 before the mma (A/B of the numerics)
 PROBE = 0  # benchmarks only: 1 skips the math, 2 the global loads (wrong numbers)
+HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (ALU pipe)
 
 
 def _arch(index: int) -> str:
@@ -199,7 +200,7 @@ def device_index(device: torch.device) -> int:
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once)."""
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE)
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -212,7 +213,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE))
+                                                            PROBE, HI_SHIFT))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:

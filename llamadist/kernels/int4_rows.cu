@@ -30,7 +30,7 @@
 // NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as
 // many of x's rows), CODES_EXACT (0, 1), PROBE (0; a measurement of where the time goes,
 // never a product: 1 skips the math, 2 the global loads), WA (0, 1: W as the A operand,
-// two n-tiles an mma, for ROWS <= 8 and NB even; see ktile).
+// two n-tiles an mma, for ROWS <= 8 and NB even; see ktile), HI_SHIFT (0, 1: see codes).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -97,9 +97,17 @@ static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2
 
 // the pair of codes at nibbles (j, j + 4) as bf16 (128 + code), or code - 8 (CODES_EXACT):
 // one LOP3 with the mask as its immediate and the magic in a register
-static __device__ __forceinline__ u32 codes(u32 word, int shift, u32 magic) {
-    u32 v;
-    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(v) : "r"(word >> shift), "r"(magic));
+// (HI_SHIFT: word >> shift as the high half of word * mul[shift / 4] = 2^(32 - shift), an
+// IMAD on the FMA pipe, which the loop leaves half idle, not a SHF on the ALU pipe that the
+// LOP3s fill; ptxas keeps the multiply as the factors are registers to it)
+static __device__ __forceinline__ u32 codes(u32 word, int shift, u32 magic,
+                                            const u32 (&mul)[4]) {
+    u32 v, sh = word >> shift;
+#if HI_SHIFT
+    if (shift)
+        asm("mul.hi.u32 %0, %1, %2;" : "=r"(sh) : "r"(word), "r"(mul[shift / 4]));
+#endif
+    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(v) : "r"(sh), "r"(magic));
 #if CODES_EXACT
     asm("fma.rn.bf16x2 %0, %0, %1, %2;" : "+r"(v) : "r"(0x3F803F80u), "r"(0xC308C308u));
 #endif
@@ -143,7 +151,7 @@ static __device__ __forceinline__ void frag_a(u32 (&a)[2][4], const u32* rg, con
 // (matrix lane / 8 = inputs 8 (lane / 8) .. + 7 of x's row lane % 8, the last row past M).
 static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 (&cw)[NB][W],
                                              u32 xa, const u32* zs, int g, u32 magic,
-                                             u32 ones) {
+                                             u32 ones, const u32 (&mul)[4]) {
     float acc[NB / 2][4], xs[4];
 #pragma unroll
     for (int w = 0; w < W; ++w) {
@@ -164,10 +172,10 @@ static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 
         for (int p = 0; p < NB / 2; ++p) {
 #pragma unroll
             for (int s = 0; s < 2; ++s)
-                mma(acc[p], codes(cw[2 * p][w], 8 * s, magic),
-                    codes(cw[2 * p + 1][w], 8 * s, magic),
-                    codes(cw[2 * p][w], 8 * s + 4, magic),
-                    codes(cw[2 * p + 1][w], 8 * s + 4, magic), xb[s][0], xb[s][1]);
+                mma(acc[p], codes(cw[2 * p][w], 8 * s, magic, mul),
+                    codes(cw[2 * p + 1][w], 8 * s, magic, mul),
+                    codes(cw[2 * p][w], 8 * s + 4, magic, mul),
+                    codes(cw[2 * p + 1][w], 8 * s + 4, magic, mul), xb[s][0], xb[s][1]);
         }
         if (w == W - 1 || (32 * w + 32) % GROUP == 0) {
             const int q = GPK > 1 ? (32 * w) / GROUP : 0;
@@ -181,10 +189,10 @@ static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 
 #else
                 const float z0 = hi_f(p0) - 136.f * s0, z1 = hi_f(p1) - 136.f * s1;
 #endif
-                out[p][0] += s0 * acc[p][0] + z0 * xs[0];
-                out[p][1] += s0 * acc[p][1] + z0 * xs[1];
-                out[p][2] += s1 * acc[p][2] + z1 * xs[0];
-                out[p][3] += s1 * acc[p][3] + z1 * xs[1];
+                out[p][0] = fmaf(s0, acc[p][0], fmaf(z0, xs[0], out[p][0]));  // two FFMAs
+                out[p][1] = fmaf(s0, acc[p][1], fmaf(z0, xs[1], out[p][1]));
+                out[p][2] = fmaf(s1, acc[p][2], fmaf(z1, xs[0], out[p][2]));
+                out[p][3] = fmaf(s1, acc[p][3], fmaf(z1, xs[1], out[p][3]));
             }
         }
     }
@@ -192,7 +200,8 @@ static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 
 #else
 static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw)[NB][W],
                                              const u32* rg, const u32* rq, const u32* zs,
-                                             int c, u32 magic, u32 ones) {
+                                             int c, u32 magic, u32 ones,
+                                             const u32 (&mul)[4]) {
     float acc[NB][4], xs[4];
 #pragma unroll
     for (int w = 0; w < W; ++w) {
@@ -212,7 +221,7 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 #pragma unroll
             for (int s = 0; s < 2; ++s)
                 mma(acc[b], xa[s][0], xa[s][1], xa[s][2], xa[s][3],
-                    codes(cw[b][w], 8 * s, magic), codes(cw[b][w], 8 * s + 4, magic));
+                    codes(cw[b][w], 8 * s, magic, mul), codes(cw[b][w], 8 * s + 4, magic, mul));
         }
         if (w == W - 1 || (32 * w + 32) % GROUP == 0) {  // the group (or the k-tile) ends
             const int q = GPK > 1 ? (32 * w) / GROUP : 0;
@@ -226,10 +235,10 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 #else
                 const float z0 = hi_f(p0) - 136.f * s0, z1 = hi_f(p1) - 136.f * s1;
 #endif
-                out[b][0] += s0 * acc[b][0] + z0 * xs[0];
-                out[b][1] += s1 * acc[b][1] + z1 * xs[1];
-                out[b][2] += s0 * acc[b][2] + z0 * xs[2];
-                out[b][3] += s1 * acc[b][3] + z1 * xs[3];
+                out[b][0] = fmaf(s0, acc[b][0], fmaf(z0, xs[0], out[b][0]));
+                out[b][1] = fmaf(s1, acc[b][1], fmaf(z1, xs[1], out[b][1]));
+                out[b][2] = fmaf(s0, acc[b][2], fmaf(z0, xs[2], out[b][2]));
+                out[b][3] = fmaf(s1, acc[b][3], fmaf(z1, xs[3], out[b][3]));
             }
         }
     }
@@ -246,7 +255,9 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     const int NT = N >> 3, KT = K / KTILE;
     const int nt0 = blockIdx.x * NB;
     u32 magic = 0x43004300u, ones = 0x3F803F80u;
-    asm volatile("" : "+r"(magic), "+r"(ones));  // kept in registers (LOP3's one immediate)
+    u32 mul[4] = {1u, 1u << 28, 1u << 24, 1u << 20};  // codes' shifts by 4, 8, 12 (HI_SHIFT)
+    // kept in registers (LOP3's one immediate; multiplies ptxas would turn into shifts)
+    asm volatile("" : "+r"(magic), "+r"(ones), "+r"(mul[1]), "+r"(mul[2]), "+r"(mul[3]));
 
     // Rows of x past M and n-tiles past N read row M - 1 and the last n-tile instead (in
     // bounds): an mma's output row depends on its A row alone, and those outputs are never
@@ -324,10 +335,10 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         if (PROBE != 1)
 #if WA
             ktile(out, cw, mine_s + (use * SLOT_WORDS + X_AT) * 4 + xlane, slot + NB * 32 * W, g,
-                  magic, ones);
+                  magic, ones, mul);
 #else
             ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c, magic,
-                  ones);
+                  ones, mul);
 #endif
         __syncwarp();  // every lane done with the slot before the next issue refills it
     }

@@ -77,6 +77,19 @@ def test_every_form(warps, nb, stages, exact, w_as_a, monkeypatch):
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
 
 
+@pytest.mark.parametrize("m", [1, 8, 16])
+def test_shifts_as_multiplies_give_the_same_bits(m, monkeypatch):
+    """HI_SHIFT (the decode's shifts as IMAD.HI) changes which pipe runs them, not one bit
+    of the result."""
+    packed, sz, w64, tiles = _case(272, 640, 128, seed=3)
+    x = torch.randn(m, 640, device=DEV).to(torch.bfloat16)
+    cfg = C.RowsConfig(8, 4, C.row_capacity(m), 3)
+    y = C.launch(x, packed, sz, 272, 128, tiles, cfg)
+    monkeypatch.setattr(C, "HI_SHIFT", True)
+    assert torch.equal(C.launch(x, packed, sz, 272, 128, tiles, cfg), y)
+    _check(y, x, w64)
+
+
 def test_a_ring_just_under_48_kib_launches():
     """45 KiB of ring and 4 KiB of static sums: past the default limit together (the
     attribute must be raised whatever the ring's own size)."""
