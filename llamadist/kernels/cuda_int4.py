@@ -76,10 +76,10 @@ class RowsConfig:
         return self.warps * self.stages * slot * 4
 
     def smem_bytes(self, tiles: int, group: int) -> int:
-        """The ring and the static sums over warps (16 rows past 8, else 8): a block's
-        shared memory."""
+        """The ring, the static sums over warps (16 rows past 8, else 8) and the slots'
+        mbarriers (BULK): a block's shared memory."""
         return self.ring_bytes(tiles, group) + self.warps * self.nb * 8 * (
-            16 if self.rows > 8 else 8) * 4
+            16 if self.rows > 8 else 8) * 4 + self.warps * self.stages * 8
 
     def fit(self, tiles: int, group: int, have: int) -> "RowsConfig":
         """This form, with fewer stages (to 2), then fewer warps, until a block's shared
@@ -100,13 +100,13 @@ def row_capacity(m: int) -> int:
 
 def rows_config(m: int, n: int, k: int) -> RowsConfig:
     """The form a call of ``m`` rows of an N x K weight takes. Up to 8 rows (W as the A
-    operand): 8 warps x 4 n-tiles x 4 stages, and 2 n-tiles where rows are long (K >= 3 N,
-    Llama's down: twice the blocks); past 8 rows 4 x 2 x 4. From the sweeps on an H200
-    (RESULTS.md, session 21)."""
+    operand): 8 warps x 4 n-tiles x 4 stages, on every Llama-3-8B linear at 1, 4 and 8 rows
+    the fastest form or within 10% of it (RESULTS.md, session 21's sweep of 11 forms);
+    past 8 rows (x as the A operand) 4 x 2 x 4."""
     rows = row_capacity(m)
     if rows > 8:
         return RowsConfig(warps=4, nb=2, rows=rows, stages=4)
-    return RowsConfig(warps=8, nb=2 if k >= 3 * n else 4, rows=rows, stages=4)
+    return RowsConfig(warps=8, nb=4, rows=rows, stages=4)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
@@ -174,10 +174,10 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
-            probe: int = 0, hi_shift: bool = False) -> dict[str, int]:
+            probe: int = 0, hi_shift: bool = False, tma: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
-            "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift)}
+            "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -186,6 +186,7 @@ _LOCK = threading.Lock()
 CODES_EXACT = False  # True: codes - 8 in bf16 before the mma (A/B of the numerics)
 PROBE = 0  # benchmarks only: 1 skips the math, 2 the global loads (wrong numbers)
 HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (ALU pipe)
+BULK = False  # True: on sm_90+, the ring filled by bulk copies (TMA) instead of cp.async
 
 
 def _arch(index: int) -> str:
@@ -200,7 +201,8 @@ def device_index(device: torch.device) -> int:
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once)."""
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT)
+    tma = BULK and int(_arch(index)) >= 90
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -213,7 +215,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE, HI_SHIFT))
+                                                            PROBE, HI_SHIFT, tma))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:

@@ -30,7 +30,8 @@
 // NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as
 // many of x's rows), CODES_EXACT (0, 1), PROBE (0; a measurement of where the time goes,
 // never a product: 1 skips the math, 2 the global loads), WA (0, 1: W as the A operand,
-// two n-tiles an mma, for ROWS <= 8 and NB even; see ktile), HI_SHIFT (0, 1: see codes).
+// two n-tiles an mma, for ROWS <= 8 and NB even; see ktile), HI_SHIFT (0, 1: see codes),
+// TMA (0, 1: sm_90's bulk copies on an mbarrier a slot instead of cp.async; see issue).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -63,6 +64,30 @@ static __device__ __forceinline__ void cp_words(u32 dst, const u32* src) {
 static __device__ __forceinline__ void cp16(u32 dst, const void* src) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 }
+
+#if TMA
+// sm_90's bulk copies (the TMA unit; one lane issues a whole run) completing on an mbarrier
+static __device__ __forceinline__ void bulk(u32 dst, const void* src, u32 bytes, u32 bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes "
+                 "[%0], [%1], %2, [%3];" :: "r"(dst), "l"(src), "r"(bytes), "r"(bar) : "memory");
+}
+
+static __device__ __forceinline__ void bar_init(u32 bar) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar) : "memory");
+}
+
+static __device__ __forceinline__ void bar_expect(u32 bar, u32 bytes) {  // the one arrival
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes)
+                 : "memory");
+}
+
+static __device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
+    asm volatile(
+        "{ .reg .pred p;\n"
+        "WAIT_%=: mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+        "@!p bra WAIT_%=; }" :: "r"(bar), "r"(parity) : "memory");
+}
+#endif
 
 static __device__ __forceinline__ void cp8(u32 dst, const u32* src) {
     asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src) : "memory");
@@ -249,6 +274,9 @@ extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
           const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
     __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];
+#if TMA
+    __shared__ __align__(8) unsigned long long bars[WARPS][STAGES];  // a slot's mbarrier
+#endif
     extern __shared__ __align__(16) u32 ring[];  // WARPS * STAGES * SLOT_WORDS
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
@@ -281,6 +309,48 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     const u16* xsrc = x + warp * KTILE;
     int fill = 0;
 
+#if TMA
+    // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: lane 0 arms the slot's
+    // mbarrier with the bytes to come and issues one bulk copy per n-tile's words, per
+    // n-tile and group of the table, and per row of x (every address and size a multiple of
+    // 16 bytes: tinygemm's 512-byte runs, the table's 32, x's 2 KTILE)
+    const u32 bar0 = smem(&bars[warp][0]);
+    if (lane == 0) {
+#pragma unroll
+        for (int s = 0; s < STAGES; ++s)
+            bar_init(bar0 + 8 * s);
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    }
+    __syncwarp();
+    auto issue = [&](int i) {
+        if (i < iters && lane == 0) {
+            const u32 slot = mine_s + fill * (SLOT_WORDS * 4), bar = bar0 + 8 * fill;
+            if (PROBE == 2) {
+                bar_expect(bar, 0);
+            } else {
+                bar_expect(bar, NB * 128 * W + NB * GPK * 32 + M * KTILE * 2);
+                const int kt = warp + i * WARPS;
+#pragma unroll
+                for (int b = 0; b < NB; ++b) {
+                    bulk(slot + b * 128 * W, wsrc[b] - lane * W, 128 * W, bar);
+                    wsrc[b] += WARPS * 32 * W;
+                }
+                const u32* zsrc = sz + (size_t)(kt * KTILE / GROUP) * N;
+#pragma unroll
+                for (int b = 0; b < NB; ++b)
+#pragma unroll
+                    for (int q = 0; q < GPK; ++q)
+                        bulk(slot + (NB * 32 * W + (b * GPK + q) * 8) * 4,
+                             zsrc + (size_t)q * N + ntb[b] * 8, 32, bar);
+#pragma unroll 1
+                for (int r = 0; r < M; ++r)
+                    bulk(slot + (X_AT + r * XROW) * 4, xsrc + (size_t)r * K, KTILE * 2, bar);
+                xsrc += WARPS * KTILE;
+            }
+        }
+        fill = fill == STAGES - 1 ? 0 : fill + 1;
+    };
+#else
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: one commit group each
     // (issue runs for i = 0, 1, 2, ... in turn)
     auto issue = [&](int i) {
@@ -314,6 +384,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         asm volatile("cp.async.commit_group;" ::: "memory");
     };
 
+#endif
+
     float out[NOUT][4];
 #pragma unroll
     for (int b = 0; b < NOUT; ++b)
@@ -323,8 +395,12 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         issue(s);
     for (int i = 0, use = 0; i < iters; ++i, use = use == STAGES - 1 ? 0 : use + 1) {
         issue(i + STAGES - 1);
+#if TMA
+        bar_wait(bar0 + 8 * use, (i / STAGES) & 1);  // the slot's copies have landed
+#else
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
         __syncwarp();  // the table's pairs and x's rows came from other lanes
+#endif
         const u32* slot = mine + use * SLOT_WORDS;
         u32 cw[NB][W];
 #pragma unroll
@@ -342,7 +418,9 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #endif
         __syncwarp();  // every lane done with the slot before the next issue refills it
     }
+#if !TMA
     asm volatile("cp.async.wait_all;" ::: "memory");
+#endif
 
     // the warps' partial sums of the block's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3
     // the same at row g + 8 (WA: see ktile)

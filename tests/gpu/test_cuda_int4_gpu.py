@@ -90,6 +90,25 @@ def test_shifts_as_multiplies_give_the_same_bits(m, monkeypatch):
     _check(y, x, w64)
 
 
+@pytest.mark.skipif(torch.cuda.get_device_capability(0)[0] < 9 if torch.cuda.is_available()
+                    else True, reason="bulk copies need sm_90")
+@pytest.mark.parametrize("warps,nb,stages", [(8, 4, 4), (4, 2, 3), (4, 3, 2), (2, 1, 5)])
+def test_bulk_copies_give_the_same_bits(warps, nb, stages, monkeypatch):
+    """BULK (the ring filled by TMA bulk copies on an mbarrier a slot) moves the same bytes
+    to the same places as cp.async: the same bits out, on every shape and row count."""
+    for n, k, group in SHAPES:
+        packed, sz, w64, tiles = _case(n, k, group, seed=k)
+        for m in (1, 3, 8, 16):
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+            cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages)
+            monkeypatch.setattr(C, "BULK", False)
+            y = C.launch(x, packed, sz, n, group, tiles, cfg)
+            monkeypatch.setattr(C, "BULK", True)
+            assert torch.equal(C.launch(x, packed, sz, n, group, tiles, cfg), y), \
+                (n, k, group, m, cfg)
+        _check(y, x, w64)
+
+
 def test_a_ring_just_under_48_kib_launches():
     """45 KiB of ring and 4 KiB of static sums: past the default limit together (the
     attribute must be raised whatever the ring's own size)."""
