@@ -6,7 +6,7 @@
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
-#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 perplexity head18 (or stash)
+#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -651,11 +651,12 @@ int4tma21() {  # issue 16, session 21: the rule's form (8 x 4 x 4) with its ring
     # cp.async or by sm_90's bulk copies (cuda_int4.BULK), each alone and with PROBE 1 / 2;
     # then 8B int4 decode end to end, both ways, against bf16 and tinygemm (~8 min)
     local b="--prompt-len 128 --gen-len 64" bulk="import llamadist.kernels.cuda_int4 as C; C.BULK = True"
-    step test_int4rows 120 python3 -m pytest -q -p no:cacheprovider -rf \
-        tests/gpu/test_cuda_int4_gpu.py
+    [ -n "${SKIP_TESTS:-}" ] || step test_int4rows 120 python3 -m pytest -q -p no:cacheprovider \
+        -rf tests/gpu/test_cuda_int4_gpu.py
     step rows8b 150 python3 benchmarks/wquant_rows.py --shape llama3-8b \
         --kinds int4_g128 --m ${ROWS_M:-1,8} --products tinygemm,rows,rows:* --max-seconds 130 \
-        --rows-configs ${ROWS21:-8x4x4x0x0x1x0x1,8x4x6x0x0x1x0x1,4x4x4x0x0x1x0x1,8x4x4x0x1,8x4x4x0x1x1x0x1,8x4x4x0x2}
+        --rows-configs ${ROWS21:-8x4x4,8x4x4x0x0x1x0x1,8x4x6x0x0x1x0x1,8x4x4x0x1,8x4x4x0x1x1x0x1,8x4x4x0x2}
+    [ -z "${ROWS_ONLY:-}" ] || return 0
     checkpoint
     ab i4_b1 "" --quantize int4 --batch 1 $b
     ab i4_b1_bulk "$bulk" --quantize int4 --batch 1 $b
@@ -667,14 +668,28 @@ int4tma21() {  # issue 16, session 21: the rule's form (8 x 4 x 4) with its ring
     ab i4_b4_bulk "$bulk" --quantize int4 --batch 4 $b
 }
 
+int4stagger21() {  # issue 16, session 21: the rule's form with each block's k-tiles from a
+    # rotated start (cuda_int4.STAGGER), alone and loads-only, then 8B int4 decode both ways
+    local b="--prompt-len 128 --gen-len 64"
+    step test_stagger 90 python3 -m pytest -q -p no:cacheprovider -rf -k stagger \
+        tests/gpu/test_cuda_int4_gpu.py
+    step rows8b 100 python3 benchmarks/wquant_rows.py --shape llama3-8b \
+        --kinds int4_g128 --m 1 --products rows:* --max-seconds 80 \
+        --rows-configs 8x4x4,8x4x4x0x0x1x0x0x1,8x4x4x0x1,8x4x4x0x1x1x0x0x1
+    checkpoint
+    ab i4_b1 "" --quantize int4 --batch 1 $b
+    ab i4_b1_stagger "import llamadist.kernels.cuda_int4 as C; C.STAGGER = True" \
+        --quantize int4 --batch 1 $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

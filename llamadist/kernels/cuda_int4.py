@@ -174,10 +174,12 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
-            probe: int = 0, hi_shift: bool = False, tma: bool = False) -> dict[str, int]:
+            probe: int = 0, hi_shift: bool = False, tma: bool = False,
+            stagger: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
-            "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma)}
+            "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
+            "STAGGER": int(stagger)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -187,6 +189,7 @@ CODES_EXACT = False  # True: codes - 8 in bf16 before the mma (A/B of the numeri
 PROBE = 0  # benchmarks only: 1 skips the math, 2 the global loads (wrong numbers)
 HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (ALU pipe)
 BULK = False  # True: on sm_90+, the ring filled by bulk copies (TMA) instead of cp.async
+STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async only)
 
 
 def _arch(index: int) -> str:
@@ -202,7 +205,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once)."""
     tma = BULK and int(_arch(index)) >= 90
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma)
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, STAGGER)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -215,7 +218,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE, HI_SHIFT, tma))
+                                                            PROBE, HI_SHIFT, tma, STAGGER))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:

@@ -31,7 +31,8 @@
 // many of x's rows), CODES_EXACT (0, 1), PROBE (0; a measurement of where the time goes,
 // never a product: 1 skips the math, 2 the global loads), WA (0, 1: W as the A operand,
 // two n-tiles an mma, for ROWS <= 8 and NB even; see ktile), HI_SHIFT (0, 1: see codes),
-// TMA (0, 1: sm_90's bulk copies on an mbarrier a slot instead of cp.async; see issue).
+// TMA (0, 1: sm_90's bulk copies on an mbarrier a slot instead of cp.async; see issue),
+// STAGGER (0, 1: each block's warps take their k-tiles from a rotated start; cp.async only).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -308,6 +309,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
     const u16* xsrc = x + warp * KTILE;
     int fill = 0;
+    // STAGGER: where each warp's k-tiles start (all warps the same iteration count only)
+    const int rot = KT % WARPS == 0 && iters ? blockIdx.x % iters : 0;
 
 #if TMA
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: lane 0 arms the slot's
@@ -356,13 +359,24 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     auto issue = [&](int i) {
         if (i < iters && PROBE != 2) {
             const u32 slot = mine_s + fill * (SLOT_WORDS * 4);
+#if STAGGER
+            // block-rotated order: the blocks' warps start on different k-tiles (and DRAM
+            // pages) rather than all at their n-tiles' first
+            const int kt = warp + ((i + rot) % iters) * WARPS;
+#pragma unroll
+            for (int b = 0; b < NB; ++b)
+                cp_words(slot + (b * 32 * W + lane * W) * 4,
+                         words + ((size_t)ntb[b] * KT + kt) * (32 * W) + lane * W);
+            const u16* xsrc = x + kt * KTILE;
+#else
+            const int kt = warp + i * WARPS;
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
                 cp_words(slot + (b * 32 * W + lane * W) * 4, wsrc[b]);
                 wsrc[b] += WARPS * 32 * W;
             }
+#endif
             if (g == 0) {
-                const int kt = warp + i * WARPS;
                 const u32* zsrc = sz + (size_t)(kt * KTILE / GROUP) * N + 2 * c;
 #pragma unroll
                 for (int b = 0; b < NB; ++b)
@@ -378,7 +392,9 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                 if (r < M)
                     cp16(slot + (X_AT + r * XROW + 4 * ch) * 4, xsrc + (size_t)r * K + 8 * ch);
             }
+#if !STAGGER
             xsrc += WARPS * KTILE;
+#endif
         }
         fill = fill == STAGES - 1 ? 0 : fill + 1;
         asm volatile("cp.async.commit_group;" ::: "memory");

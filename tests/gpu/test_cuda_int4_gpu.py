@@ -109,6 +109,19 @@ def test_bulk_copies_give_the_same_bits(warps, nb, stages, monkeypatch):
         _check(y, x, w64)
 
 
+@pytest.mark.parametrize("warps,nb,stages", [(8, 4, 4), (4, 3, 3)])
+def test_staggered_k_order(warps, nb, stages, monkeypatch):
+    """STAGGER (each block's warps start on a rotated k-tile) sums the same products in
+    another order: within the bound of float64, on every shape and row count."""
+    monkeypatch.setattr(C, "STAGGER", True)
+    for n, k, group in SHAPES:
+        packed, sz, w64, tiles = _case(n, k, group, seed=k + 1)
+        for m in (1, 5, 16):
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+            cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages)
+            _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
+
+
 def test_a_ring_just_under_48_kib_launches():
     """45 KiB of ring and 4 KiB of static sums: past the default limit together (the
     attribute must be raised whatever the ring's own size)."""
