@@ -5,10 +5,11 @@ takes ~1-2 instructions a weight. Triton's layouts cost several times that (RESU
 sessions 17-19: three Triton forms, CUDA cores and wgmma, all behind tinygemm), and
 tinygemm itself, built for 16-row tiles, reads Llama-3-8B's int4 linears at about a third
 of the H200's bandwidth at one row. ``int4_rows.cu`` reads tinygemm's own words (so the
-GPU keeps one copy of the weight) as mma.m16n8k16's B operand, one AND-OR a pair of
-codes, with x as the A operand; see its header. Measured on an H200 (RESULTS.md, session
-20): level with tinygemm at one row (it too reads ~1.3 TB/s there: not yet the bandwidth
-this was written for), 1.3-1.8x faster at 4-8 rows.
+GPU keeps one copy of the weight) as mma.m16n8k16's operands, one AND-OR a pair of
+codes: up to 8 rows W is the A operand (two n-tiles an mma) and x's rows the B columns;
+see its header. Measured on an H200 (RESULTS.md, session 21): Llama-3-8B's four linears
+at one row in 74% of tinygemm's time (53.4 against 72.0 us a layer; ~2 TB/s), 1.5-1.9x
+faster at 4 rows, 2.0-2.8x at 8; the 8B batch-1 decode step 0.515x bf16's (tinygemm 0.636x).
 
 How it is built and run, with what torch ships: NVRTC (libnvrtc, a dependency of CUDA
 builds of torch: the ``nvidia-cuda-nvrtc`` wheel, or the toolkit's) compiles the source,

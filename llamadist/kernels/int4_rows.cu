@@ -8,7 +8,9 @@
 // 1, 5, 2, 6, 3, 7). That is the B operand of mma.m16n8k16 (k x n, n = lane/4) for two
 // k16 steps: nibbles (0, 4) -> b0 of step 0, (1, 5) -> b1, (2, 6) -> b0 of step 1, (3, 7)
 // -> b1. One AND-OR makes a pair of bf16 128 + code (exact), so the loop only masks and
-// issues mma; x (M rows, zero-padded to 16) is the A operand.
+// issues mma. Up to 8 rows (WA) the B fragments of n-tiles 2p and 2p + 1 are together the
+// A fragments of one mma (rows 0-7 and 8-15), and x's rows are its B columns: two n-tiles
+// an mma; past 8 rows x (M rows, zero-padded to 16) is the A operand, one n-tile an mma.
 //
 // Per group (GROUP inputs, one scale s and zero z a row: w = (code - 8) s + z), with
 // acc = sum (128 + code) x over the group and xs = sum x (the same mma with B = ones):
@@ -22,17 +24,20 @@
 // ring in shared memory: each lane reads back only its own words; the table's 8-byte
 // pairs (copied by the lanes of row 0) and x's rows (16-byte chunks, rows padded by 16
 // bytes so the fragments' reads do not share banks) are shared through __syncwarp.
-// Measured on an H200 (RESULTS.md, session 20), one row still reads at ~1.3 TB/s, as
-// tinygemm does, whatever the stages, warps and n-tiles: what bounds it is not yet known
-// (PROBE below splits loads from math); at 4-8 rows it is 1.3-1.8x tinygemm.
+// Measured on an H200 (RESULTS.md, session 21), one row at the rule's form (8 x 4 x 4)
+// takes 9.9 / 6.4 / 24.2 / 12.9 us on Llama-3-8B's qkv / o / gate_up / down against
+// tinygemm's 10.4 / 7.6 / 34.6 / 19.4; the loads alone (PROBE 1) take 90% of that, the math
+// alone (PROBE 2) 55-60%: the ring's loads (2.7 TB/s on gate_up) are what bounds it now.
 //
 // Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a power of 2), WARPS,
 // NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as
 // many of x's rows), CODES_EXACT (0, 1), PROBE (0; a measurement of where the time goes,
 // never a product: 1 skips the math, 2 the global loads), WA (0, 1: W as the A operand,
-// two n-tiles an mma, for ROWS <= 8 and NB even; see ktile), HI_SHIFT (0, 1: see codes),
-// TMA (0, 1: sm_90's bulk copies on an mbarrier a slot instead of cp.async; see issue),
-// STAGGER (0, 1: each block's warps take their k-tiles from a rotated start; cp.async only).
+// two n-tiles an mma, for ROWS <= 8 and NB even; see ktile), and three measured variants,
+// off by default: HI_SHIFT (0, 1: see codes; not faster), TMA (0, 1: sm_90's bulk copies
+// on an mbarrier a slot instead of cp.async, see issue; slower: one lane issues a k-tile's
+// ~10 small copies), STAGGER (0, 1: each block's warps take their k-tiles from a rotated
+// start; cp.async only).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
