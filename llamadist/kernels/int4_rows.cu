@@ -145,6 +145,17 @@ static __device__ __forceinline__ u32 codes(u32 word, int shift, u32 magic,
     return v;
 }
 
+// a row's (scale, zero) table word as the epilogue's factors: s, and z - 136 s (the codes
+// entered the mma as 128 + code) or z (CODES_EXACT: as code - 8)
+static __device__ __forceinline__ void scale_zero(u32 pair, float& s, float& z) {
+    s = lo_f(pair);
+#if CODES_EXACT
+    z = hi_f(pair);
+#else
+    z = hi_f(pair) - 136.f * s;
+#endif
+}
+
 // the ring in dynamic shared memory: per warp, STAGES slots of NB n-tiles' words (32 W a
 // n-tile), of the table's pairs (GPK groups x 4 pairs of 8 bytes a n-tile) and of x's rows
 // (XR rows of KTILE bf16, padded to XROW words)
@@ -214,12 +225,9 @@ static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 
             for (int p = 0; p < NB / 2; ++p) {
                 const u32 p0 = zs[(2 * p * GPK + q) * 8 + g];
                 const u32 p1 = zs[((2 * p + 1) * GPK + q) * 8 + g];
-                const float s0 = lo_f(p0), s1 = lo_f(p1);
-#if CODES_EXACT
-                const float z0 = hi_f(p0), z1 = hi_f(p1);
-#else
-                const float z0 = hi_f(p0) - 136.f * s0, z1 = hi_f(p1) - 136.f * s1;
-#endif
+                float s0, z0, s1, z1;
+                scale_zero(p0, s0, z0);
+                scale_zero(p1, s1, z1);
                 out[p][0] = fmaf(s0, acc[p][0], fmaf(z0, xs[0], out[p][0]));  // two FFMAs
                 out[p][1] = fmaf(s0, acc[p][1], fmaf(z0, xs[1], out[p][1]));
                 out[p][2] = fmaf(s1, acc[p][2], fmaf(z1, xs[0], out[p][2]));
@@ -260,12 +268,9 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
             for (int b = 0; b < NB; ++b) {
                 const u32 p0 = zs[((b * GPK + q) * 4 + c) * 2];
                 const u32 p1 = zs[((b * GPK + q) * 4 + c) * 2 + 1];
-                const float s0 = lo_f(p0), s1 = lo_f(p1);
-#if CODES_EXACT
-                const float z0 = hi_f(p0), z1 = hi_f(p1);
-#else
-                const float z0 = hi_f(p0) - 136.f * s0, z1 = hi_f(p1) - 136.f * s1;
-#endif
+                float s0, z0, s1, z1;
+                scale_zero(p0, s0, z0);
+                scale_zero(p1, s1, z1);
                 out[b][0] = fmaf(s0, acc[b][0], fmaf(z0, xs[0], out[b][0]));
                 out[b][1] = fmaf(s1, acc[b][1], fmaf(z1, xs[1], out[b][1]));
                 out[b][2] = fmaf(s0, acc[b][2], fmaf(z0, xs[2], out[b][2]));
