@@ -37,7 +37,7 @@
 // off by default: HI_SHIFT (0, 1: see codes; not faster), TMA (0, 1: sm_90's bulk copies
 // on an mbarrier a slot instead of cp.async, see issue; slower: one lane issues a k-tile's
 // ~10 small copies), STAGGER (0, 1: each block's warps take their k-tiles from a rotated
-// start; cp.async only).
+// start; cp.async only; within noise).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
