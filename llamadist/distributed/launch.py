@@ -40,6 +40,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -58,7 +59,32 @@ USER_ERROR = 2  # what the CLI exits with for a refused request (bad options, to
 WORKER_ENV = "LLAMADIST_WORKER"  # set in workers: they must not launch again
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux's default where
+    unknown)."""
+    try:
+        low, high = (int(v) for v in
+                     open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
+    """A port free now for rank 0's store, chosen at random below the ephemeral range: a
+    port the kernel picked (bind to 0) is one that gloo's own connections, opened by this
+    host's other worlds while rank 0 starts, may take before rank 0 binds it (seen as
+    EADDRINUSE under `--dp 2`); one outside that range only another launch could take."""
+    low = _ephemeral_range()[0]
+    rng = random.Random()
+    for _ in range(64):
+        port = rng.randrange(20000, low) if low > 20001 else 0
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
