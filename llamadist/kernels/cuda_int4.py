@@ -206,7 +206,8 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once)."""
     tma = BULK and int(_arch(index)) >= 90
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, STAGGER)
+    stagger = STAGGER and not tma  # a cp.async option
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -219,7 +220,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE, HI_SHIFT, tma, STAGGER))
+                                                            PROBE, HI_SHIFT, tma, stagger))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
@@ -237,8 +238,10 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles)
     x = x.contiguous()
-    if x.data_ptr() % 16:  # cp.async copies x's rows in 16-byte chunks
+    if x.data_ptr() % 16:  # x's rows and the table are copied in 16-byte chunks
         x = x.clone()
+    if scales_zeros.data_ptr() % 16:
+        scales_zeros = scales_zeros.clone()
     index = device_index(x.device)
     if cfg is None:
         cfg = rows_config(m, n, k).fit(tiles, group, smem_optin(index))
@@ -269,6 +272,9 @@ def _check_args(x, packed, scales_zeros, n, k, group, tiles) -> None:
         want = (n // 8, k // (16 * tiles), 32, tiles // 2)
         problems.append(f"packed must be tinygemm's contiguous int32 {want}, is "
                         f"{packed.dtype} {tuple(packed.shape)}")
+    elif packed.data_ptr() % 16:
+        problems.append("packed must start on a 16-byte boundary (its words are copied 16 "
+                        "bytes a lane): a view at an odd offset; pass tinygemm's own tensor")
     if tuple(scales_zeros.shape) != (k // group, n, 2) or not scales_zeros.is_contiguous():
         problems.append(f"the table must be contiguous ({k // group}, {n}, 2), is "
                         f"{tuple(scales_zeros.shape)}")

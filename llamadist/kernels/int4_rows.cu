@@ -49,6 +49,9 @@ typedef unsigned short u16;
 #if WA && (ROWS > 8 || NB % 2)
 #error "WA takes up to 8 rows and an even NB"
 #endif
+#if TMA && STAGGER
+#error "STAGGER is a cp.async option"
+#endif
 #define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
 
 static __device__ __forceinline__ u32 smem(const void* p) {
@@ -319,8 +322,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
     const u16* xsrc = x + warp * KTILE;
     int fill = 0;
-    // STAGGER: where each warp's k-tiles start (all warps the same iteration count only)
-    const int rot = KT % WARPS == 0 && iters ? blockIdx.x % iters : 0;
+    // STAGGER: where each warp's k-tiles start (any rotation of its own is a permutation)
+    const int rot = iters ? blockIdx.x % iters : 0;
 
 #if TMA
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: lane 0 arms the slot's
@@ -341,6 +344,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
             if (PROBE == 2) {
                 bar_expect(bar, 0);
             } else {
+                // the slot's last reads (generic proxy) ordered before the copies (async)
+                asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
                 bar_expect(bar, NB * 128 * W + NB * GPK * 32 + M * KTILE * 2);
                 const int kt = warp + i * WARPS;
 #pragma unroll

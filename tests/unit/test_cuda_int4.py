@@ -151,3 +151,6 @@ def test_launch_names_what_is_wrong_before_any_gpu_work():
         C.launch(x.bfloat16(), packed[:, :1], sz, 32, 128, 8)
     with pytest.raises(ValueError, match="x has 17 rows"):
         C.launch(torch.zeros(17, 256, dtype=torch.bfloat16), packed, sz, 32, 128, 8)
+    shifted = torch.zeros(packed.numel() + 1, dtype=torch.int32)[1:].view(packed.shape)
+    with pytest.raises(ValueError, match="16-byte boundary"):
+        C.launch(x.bfloat16(), shifted, sz, 32, 128, 8)
