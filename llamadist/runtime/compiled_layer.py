@@ -10,11 +10,14 @@ thread makes the compiled layer (importing torch._dynamo) and imports Inductor's
 path while the main thread loads weights, which mostly waits on copies and reads with
 the GIL released. ``compiled_layer_call`` waits for that thread.
 
-Two threads importing at once is safe in Python: each module has its own import lock, a
-module another thread is importing is waited for, and a cycle of such waits raises
-``_DeadlockError`` instead of hanging. Anything the thread raises is kept: the thread's
-failure is logged and the main thread then imports as it would have without it (so a
-real import error surfaces there, with its traceback).
+Two threads importing at once is mostly safe in Python: each module has its own import
+lock and a module another thread is importing is waited for, but a cycle of such waits
+hands one thread a partially initialised module. Triton's package has such cycles, and
+the main thread imports it while weights load (``kernels.gpu.ready``), so this thread
+imports triton first, under that function's lock (``kernels.gpu.IMPORT_LOCK``), and
+only then torch._dynamo, which imports it too. Anything the thread raises is kept: the
+thread's failure is logged and the main thread then imports as it would have without it
+(so a real import error surfaces there, with its traceback).
 """
 
 from __future__ import annotations
@@ -84,6 +87,9 @@ def _import_compiler(cuda: bool) -> None:
         interval = _saved_interval = sys.getswitchinterval()
         sys.setswitchinterval(min(interval, SWITCH_S))
     try:
+        if cuda:  # triton first, under kernels.gpu's lock: torch._dynamo imports it too
+            from llamadist.kernels import gpu
+            gpu.ready()
         _make_compiled_layer()
         import importlib
         for name in COMPILE_MODULES + (CUDA_MODULES if cuda else ()):

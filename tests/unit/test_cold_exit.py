@@ -138,3 +138,36 @@ def test_a_failed_background_import_is_reported_and_retried(monkeypatch, caplog)
         fn = compiled_layer.compiled_layer_call()
     assert fn is not None and fn is compiled_layer.compiled_layer_call()
     assert "llamadist_no_such_module" in caplog.text and "failed" in caplog.text
+
+
+def test_background_import_takes_triton_first_under_the_lock(monkeypatch):
+    """For a CUDA stage the background thread imports triton (kernels.gpu.ready, under
+    gpu.IMPORT_LOCK) before torch._dynamo, which imports triton too: the main thread's
+    own ready() while weights load then never imports triton beside it (a concurrent
+    import cycle hands one thread a partial module, which broke triton on the H200)."""
+    from llamadist.kernels import gpu
+    order = []
+    monkeypatch.setattr(gpu, "ready", lambda: order.append("triton") or True)
+    monkeypatch.setattr(compiled_layer, "_make_compiled_layer",
+                        lambda: order.append("dynamo"))
+    monkeypatch.setattr(compiled_layer, "COMPILE_MODULES", ())
+    monkeypatch.setattr(compiled_layer, "CUDA_MODULES", ())
+    compiled_layer._import_compiler(cuda=True)
+    assert order == ["triton", "dynamo"]
+    order.clear()
+    compiled_layer._import_compiler(cuda=False)  # a CPU stage: no triton
+    assert order == ["dynamo"]
+
+
+def test_ready_imports_triton_under_the_lock(monkeypatch):
+    from llamadist.kernels import gpu
+    held = []
+    monkeypatch.setattr(gpu, "INSTALLED", True)
+    monkeypatch.setattr(gpu.importlib, "import_module",
+                        lambda name: held.append((name, gpu.IMPORT_LOCK.locked())))
+    gpu.ready.cache_clear()
+    try:
+        assert gpu.ready()
+    finally:
+        gpu.ready.cache_clear()
+    assert held == [("triton.language", True)]

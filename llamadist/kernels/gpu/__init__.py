@@ -19,6 +19,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import threading
 from types import ModuleType
 from typing import Callable
 
@@ -31,6 +32,12 @@ log = logging.getLogger(__name__)
 _SPEC = importlib.util.find_spec("triton")
 INSTALLED = _SPEC is not None and _SPEC.origin is not None
 _MODULES: dict[str, ModuleType] = {}
+# Held while triton is first imported: by ``ready`` and by the compiler's background import
+# (runtime.compiled_layer), so the two threads never import triton at once (Python then
+# hands one of them a partially initialised module: seen on the H200 as "partially
+# initialized module 'triton.language' has no attribute 'core'", which left triton broken
+# for the process)
+IMPORT_LOCK = threading.Lock()
 
 
 @functools.cache
@@ -43,7 +50,8 @@ def ready() -> bool:
     if not INSTALLED:
         return False
     try:
-        importlib.import_module("triton.language")
+        with IMPORT_LOCK:  # the whole of triton (its backends too) on one thread at a time
+            importlib.import_module("triton.language")
     except Exception as e:  # noqa: BLE001 - any failure to import means: not usable
         log.warning("triton is installed but does not import (%s: %s): llamadist's Triton "
                     "kernels are off, the PyTorch paths serve", type(e).__name__, e)
