@@ -244,7 +244,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         scales_zeros = scales_zeros.clone()
     index = device_index(x.device)
     if cfg is None:
-        cfg = rows_config(m, n, k).fit(tiles, group, smem_optin(index))
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     fn = kernel(index, tiles, group, cfg)
@@ -286,6 +286,13 @@ def _check_args(x, packed, scales_zeros, n, k, group, tiles) -> None:
 
 def smem_optin(index: int) -> int:
     return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+@functools.cache
+def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int) -> RowsConfig:
+    """The rule's form for calls of up to ``rows`` rows, fitted to device ``index``'s
+    shared memory: once a shape, not on every launch."""
+    return rows_config(rows, n, k).fit(tiles, group, smem_optin(index))
 
 
 def _rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,

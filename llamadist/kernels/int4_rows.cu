@@ -322,8 +322,10 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
     const u16* xsrc = x + warp * KTILE;
     int fill = 0;
-    // STAGGER: where each warp's k-tiles start (any rotation of its own is a permutation)
+#if STAGGER
+    // where each warp's k-tiles start (any rotation of its own is a permutation)
     const int rot = iters ? blockIdx.x % iters : 0;
+#endif
 
 #if TMA
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: lane 0 arms the slot's
@@ -350,7 +352,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                 const int kt = warp + i * WARPS;
 #pragma unroll
                 for (int b = 0; b < NB; ++b) {
-                    bulk(slot + b * 128 * W, wsrc[b] - lane * W, 128 * W, bar);
+                    bulk(slot + b * 128 * W, wsrc[b], 128 * W, bar);  // lane 0's: the run
                     wsrc[b] += WARPS * 32 * W;
                 }
                 const u32* zsrc = sz + (size_t)(kt * KTILE / GROUP) * N;

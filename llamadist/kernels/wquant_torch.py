@@ -2,8 +2,8 @@
 the default backend; wquant_triton's kernels are the alternative (RuntimeConfig.wquant).
 
 * int4: torch's tinygemm kernel, as gpt-fast uses it (its words also read by
-  cuda_int4's CUDA C++ kernel for the decode rows, ROWS_MAX_M, where that runs). ``tinygemm_pack`` turns our codes
-  into its tensor-core layout (``aten._convert_weight_to_int4pack``: uint8 (N, K / 2) with
+  cuda_int4's CUDA C++ kernel for the decode rows, ROWS_MAX_M, where that runs).
+  ``tinygemm_pack`` turns our codes into its tensor-core layout (``aten._convert_weight_to_int4pack``: uint8 (N, K / 2) with
   input 2j in the HIGH nibble, ours has it in the low one; on the CPU
   ``_convert_weight_to_int4pack_for_cpu`` takes the int32 codes (N, K)), and
   ``tinygemm_scales_zeros`` our scale/offset into its (G, N, 2) table. tinygemm reads
@@ -89,6 +89,12 @@ def _inner_k_tiles(k: int) -> int:
     return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
 
 
+def _pair_codes(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 -> our packed uint8 (N, K / 2), input 2j in the low nibble:
+    wquant's pack_int4 (even K), which this module may not import (wquant imports it)."""
+    return (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)
+
+
 def tinygemm_pack(q: torch.Tensor, k: int) -> torch.Tensor:
     """Our int4 codes (N, K / 2) uint8 (input 2j low nibble) -> tinygemm's int32 layout on
     q's device (CUDA: (N / 8, K / (16 * tiles), 32, tiles / 2))."""
@@ -136,9 +142,8 @@ def tinygemm_layout_known(device: torch.device) -> bool:
             idx = torch.arange(n * k, device=device).view(n, k)
             for shift in (0, 4, 8):
                 codes = (idx >> shift) & 0xF
-                q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # wquant's
-                # pack_int4 (even K), which this module may not import: wquant imports it
-                packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q), tiles)
+                packed = torch.ops.aten._convert_weight_to_int4pack(
+                    tinygemm_bytes(_pair_codes(codes)), tiles)
                 ok = ok and torch.equal(packed, tinygemm_layout(codes, tiles))
         _LAYOUT_CHECKED[key] = ok
         if not ok:
@@ -177,11 +182,10 @@ def _rows_check(device: torch.device) -> bool:
         scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
         offset = torch.randn(n, k // group, generator=gen) / 8
         x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
-        q = (codes[:, 0::2] | (codes[:, 1::2] << 4)).to(torch.uint8)  # as tinygemm_layout_known
-        tiles = _inner_k_tiles(k)
-        packed = torch.ops.aten._convert_weight_to_int4pack(tinygemm_bytes(q).to(device), tiles)
+        packed = tinygemm_pack(_pair_codes(codes).to(device), k)
         sz = tinygemm_scales_zeros(scale, offset).to(device)
-        y = cuda_int4.launch(x.to(device), packed, sz, n, group, tiles).float().cpu()
+        y = cuda_int4.launch(x.to(device), packed, sz, n, group,
+                             _inner_k_tiles(k)).float().cpu()
         s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
         w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
         ref = x.double() @ w.double().t()
