@@ -700,8 +700,6 @@ int4pf22() {  # issue 16, session 22: the int4 GPU tests (sessions 21-22's untes
         --quantize int4 --batch 1 $b
     ab i4_b1_lines_8m "$c; C.PREFETCH = 'lines'; C.PREFETCH_BYTES = 8 << 20" \
         --quantize int4 --batch 1 $b
-    ab i4_b1_lines_ef "$c; C.PREFETCH = 'lines'; C.EVICT_FIRST = True" \
-        --quantize int4 --batch 1 $b
     ab bf16_b1 "" --batch 1 $b
     ab i4_b1_head_lines "$c; C.PREFETCH = 'lines'" --quantize int4 --quantize-head --batch 1 $b
     ab i4_b4_lines "$c; C.PREFETCH = 'lines'" --quantize int4 --batch 4 $b

@@ -176,11 +176,11 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
-            stagger: bool = False, pf: int = 0, evict_first: bool = False) -> dict[str, int]:
+            stagger: bool = False, pf: int = 0) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
-            "STAGGER": int(stagger), "PF": pf, "EVICT_FIRST": int(evict_first)}
+            "STAGGER": int(stagger), "PF": pf}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -201,7 +201,6 @@ PREFETCH = ""
 PREFETCH_BYTES = 16 << 20
 PREFETCH_TAIL = True
 PF_KINDS = {"": 0, "lines": 1, "bulk": 2}
-EVICT_FIRST = False  # True: a call's own words marked first to leave L2 (cp.async, 16 bytes)
 
 
 def _arch(index: int) -> str:
@@ -219,8 +218,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     tma = BULK and int(_arch(index)) >= 90
     stagger = STAGGER and not tma  # a cp.async option
     pf = prefetch_kind(index)
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pf,
-           EVICT_FIRST)
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pf)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -233,8 +231,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE, HI_SHIFT, tma, stagger, pf,
-                                                            EVICT_FIRST))
+                                                            PROBE, HI_SHIFT, tma, stagger, pf))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:

@@ -56,9 +56,6 @@ typedef unsigned short u16;
 #ifndef PF
 #define PF 0
 #endif
-#ifndef EVICT_FIRST
-#define EVICT_FIRST 0
-#endif
 
 static __device__ __forceinline__ u32 smem(const void* p) {
     u32 a;
@@ -66,15 +63,9 @@ static __device__ __forceinline__ u32 smem(const void* p) {
     return a;
 }
 
-// W words (4 W bytes) from global to shared memory, asynchronously (EVICT_FIRST: marked
-// first to leave L2, so that a stream read once does not push out the next linear's
-// prefetched words; policy from createpolicy)
-static __device__ __forceinline__ void cp_words(u32 dst, const u32* src,
-                                                unsigned long long policy) {
-#if W == 4 && EVICT_FIRST
-    asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;"
-                 :: "r"(dst), "l"(src), "l"(policy) : "memory");
-#elif W == 4
+// W words (4 W bytes) from global to shared memory, asynchronously
+static __device__ __forceinline__ void cp_words(u32 dst, const u32* src) {
+#if W == 4
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
 #else
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(4 * W)
@@ -360,10 +351,6 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
     const u16* xsrc = x + warp * KTILE;
     int fill = 0;
-    unsigned long long policy = 0;
-#if EVICT_FIRST
-    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
-#endif
 #if STAGGER
     // where each warp's k-tiles start (any rotation of its own is a permutation)
     const int rot = iters ? blockIdx.x % iters : 0;
@@ -425,13 +412,13 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
             for (int b = 0; b < NB; ++b)
                 cp_words(slot + (b * 32 * W + lane * W) * 4,
-                         words + ((size_t)ntb[b] * KT + kt) * (32 * W) + lane * W, policy);
+                         words + ((size_t)ntb[b] * KT + kt) * (32 * W) + lane * W);
             const u16* xsrc = x + kt * KTILE;
 #else
             const int kt = warp + i * WARPS;
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
-                cp_words(slot + (b * 32 * W + lane * W) * 4, wsrc[b], policy);
+                cp_words(slot + (b * 32 * W + lane * W) * 4, wsrc[b]);
                 wsrc[b] += WARPS * 32 * W;
             }
 #endif

@@ -126,11 +126,10 @@ def test_staggered_k_order(warps, nb, stages, monkeypatch):
 @pytest.mark.parametrize("tail", [True, False])
 def test_prefetching_the_next_weight_gives_the_same_bits(kind, tail, monkeypatch):
     """PREFETCH (the next weight's first bytes into L2 by the last wave, or every block)
-    and EVICT_FIRST only hint the cache: the same bits out, for a next weight smaller or larger than the
+    only hints the cache: the same bits out, for a next weight smaller or larger than the
     cap (a share a block not a multiple of 128 bytes, blocks with nothing left to take),
     and a grid smaller than one wave."""
     monkeypatch.setattr(C, "PREFETCH_TAIL", tail)
-    monkeypatch.setattr(C, "EVICT_FIRST", not tail)  # a cache hint too: the same bits
     nxt_small = torch.zeros(3, 5, 32, 4, dtype=torch.int32, device=DEV)  # 7680 bytes
     nxt_big = torch.zeros(700, 32, 32, 4, dtype=torch.int32, device=DEV)
     for n, k, group in SHAPES:

@@ -161,11 +161,11 @@ def test_launch_names_what_is_wrong_before_any_gpu_work():
                                         ("90", 2, r"UBLKPF\.L2")])
 def test_prefetch_forms_compile_to_l2_prefetches(arch, pf, op, tmp_path):
     """PF 1 is a prefetch.global.L2 a line (any sm_80+), PF 2 sm_90's bulk prefetch; PF 0
-    has neither (the forms with prefetch take EVICT_FIRST's cache hint too)."""
+    has neither."""
     dis = _nvdisasm()
     cfg = C.rows_config(1, 4096, 4096)
     for p in (0, pf):
-        cubin = C.compile_cubin(arch, C.defines(8, 128, cfg, pf=p, evict_first=bool(p)))
+        cubin = C.compile_cubin(arch, C.defines(8, 128, cfg, pf=p))
         if dis is None:
             continue
         f = tmp_path / "k.cubin"
