@@ -6,8 +6,7 @@
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
-#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4pf22
-#         perplexity head18 (or stash)
+#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -683,37 +682,14 @@ int4stagger21() {  # issue 16, session 21: the rule's form with each block's k-t
         --quantize int4 --batch 1 $b
 }
 
-int4pf22() {  # issue 16, session 22: the int4 GPU tests (sessions 21-22's untested code:
-    # the review's fixes, the import lock, the prefetch), then 8B int4 decode end to end with
-    # each linear prefetching the next one's words into L2 (cuda_int4.PREFETCH), by kind,
-    # cap and which blocks issue them, against bf16 and no prefetch (~9 min)
-    local b="--prompt-len 128 --gen-len 64" c="import llamadist.kernels.cuda_int4 as C"
-    [ -n "${SKIP_TESTS:-}" ] || step test_int4rows 150 python3 -m pytest -q -p no:cacheprovider \
-        -rf tests/gpu/test_cuda_int4_gpu.py
-    checkpoint
-    ab i4_b1 "" --quantize int4 --batch 1 $b
-    ab i4_b1_lines "$c; C.PREFETCH = 'lines'" --quantize int4 --batch 1 $b
-    ab i4_b1_bulk "$c; C.PREFETCH = 'bulk'" --quantize int4 --batch 1 $b
-    ab i4_b1_lines_all "$c; C.PREFETCH = 'lines'; C.PREFETCH_TAIL = False" \
-        --quantize int4 --batch 1 $b
-    ab i4_b1_lines_32m "$c; C.PREFETCH = 'lines'; C.PREFETCH_BYTES = 32 << 20" \
-        --quantize int4 --batch 1 $b
-    ab i4_b1_lines_8m "$c; C.PREFETCH = 'lines'; C.PREFETCH_BYTES = 8 << 20" \
-        --quantize int4 --batch 1 $b
-    ab bf16_b1 "" --batch 1 $b
-    ab i4_b1_head_lines "$c; C.PREFETCH = 'lines'" --quantize int4 --quantize-head --batch 1 $b
-    ab i4_b4_lines "$c; C.PREFETCH = 'lines'" --quantize int4 --batch 4 $b
-    ab i4_b4 "" --quantize int4 --batch 4 $b
-}
-
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4pf22) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4pf22|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -176,11 +176,11 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
-            stagger: bool = False, pf: int = 0) -> dict[str, int]:
+            stagger: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
-            "STAGGER": int(stagger), "PF": pf}
+            "STAGGER": int(stagger)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -191,16 +191,6 @@ PROBE = 0  # benchmarks only: 1 skips the math, 2 the global loads (wrong number
 HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (ALU pipe)
 BULK = False  # True: on sm_90+, the ring filled by bulk copies (TMA) instead of cp.async
 STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async only)
-# The next linear's words prefetched into L2 by a call's last wave (int4_rows.cu's
-# prefetch_next; the next is the ``nxt`` a call is given: kernel_passes.chain_prefetch
-# links a stage's int4 linears in the order a decode step runs them): "lines" (one
-# prefetch a 128-byte line), "bulk" (sm_90's bulk prefetches; "lines" below sm_90) or ""
-# (off); at most PREFETCH_BYTES of it; PREFETCH_TAIL: only the launch's last wave issues
-# them (else every block, as it finishes).
-PREFETCH = ""
-PREFETCH_BYTES = 16 << 20
-PREFETCH_TAIL = True
-PF_KINDS = {"": 0, "lines": 1, "bulk": 2}
 
 
 def _arch(index: int) -> str:
@@ -217,8 +207,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     once)."""
     tma = BULK and int(_arch(index)) >= 90
     stagger = STAGGER and not tma  # a cp.async option
-    pf = prefetch_kind(index)
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pf)
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -231,7 +220,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE, HI_SHIFT, tma, stagger, pf))
+                                                            PROBE, HI_SHIFT, tma, stagger))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
@@ -241,21 +230,11 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     return fn
 
 
-def prefetch_kind(index: int) -> int:
-    """int4_rows.cu's PF for PREFETCH on device ``index`` (bulk prefetches need sm_90)."""
-    if PREFETCH not in PF_KINDS:
-        raise ValueError(f"cuda_int4.PREFETCH is {PREFETCH!r}: one of {sorted(PF_KINDS)}")
-    pf = PF_KINDS[PREFETCH]
-    return 1 if pf == 2 and int(_arch(index)) < 90 else pf
-
-
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
-           group: int, tiles: int, cfg: RowsConfig | None = None,
-           nxt: torch.Tensor | None = None) -> torch.Tensor:
+           group: int, tiles: int, cfg: RowsConfig | None = None) -> torch.Tensor:
     """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
     (G, N, 2) bf16 table; 1 <= M <= MAX_ROWS. Without ``cfg``, the rule's form, fitted to
-    the device's shared memory. ``nxt``: the weight the next call will read, whose first
-    PREFETCH_BYTES this call prefetches into L2 where PREFETCH is set."""
+    the device's shared memory."""
     m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles)
     x = x.contiguous()
@@ -271,29 +250,10 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     fn = kernel(index, tiles, group, cfg)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     blocks = -(-(n // 8) // cfg.nb)
-    pf, pf_bytes, pf_from = packed, 0, 0
-    if nxt is not None and PREFETCH and nxt.device == x.device:
-        pf = nxt
-        pf_bytes = min(nxt.numel() * nxt.element_size(), PREFETCH_BYTES, 1 << 30) // 128 * 128
-        if PREFETCH_TAIL:
-            pf_from = max(0, blocks - resident_blocks(index, tiles, group, cfg))
     with torch.cuda.device(x.device):
         fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1),
-           args=[x, packed, scales_zeros, y, m, n, k, pf, pf_bytes, pf_from],
-           shared_mem=cfg.ring_bytes(tiles, group))
+           args=[x, packed, scales_zeros, y, m, n, k], shared_mem=cfg.ring_bytes(tiles, group))
     return y
-
-
-@functools.cache
-def resident_blocks(index: int, tiles: int, group: int, cfg: RowsConfig) -> int:
-    """How many blocks of this form device ``index`` holds at once (a launch's wave): the
-    driver's occupancy of the compiled kernel, times the SMs."""
-    fn = kernel(index, tiles, group, cfg)
-    lib, per_sm = torch.cuda._utils._get_gpu_runtime_library(), ctypes.c_int(0)
-    rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
-        ctypes.byref(per_sm), fn.func, cfg.warps * 32, ctypes.c_size_t(cfg.ring_bytes(tiles, group)))
-    sms = torch.cuda.get_device_properties(index).multi_processor_count
-    return sms * max(1, per_sm.value) if rc == 0 else sms
 
 
 def _check_args(x, packed, scales_zeros, n, k, group, tiles) -> None:
@@ -336,11 +296,11 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int) ->
 
 
 def _rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
-          group: int, tiles: int, nxt: torch.Tensor | None = None) -> torch.Tensor:
-    return launch(x, packed, scales_zeros, n, group, tiles, nxt=nxt)
+          group: int, tiles: int) -> torch.Tensor:
+    return launch(x, packed, scales_zeros, n, group, tiles)
 
 
-def _rows_shape(x, packed, scales_zeros, n, group, tiles, nxt=None):
+def _rows_shape(x, packed, scales_zeros, n, group, tiles):
     return x.new_empty(x.shape[0], n)
 
 

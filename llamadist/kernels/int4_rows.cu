@@ -37,7 +37,7 @@
 // off by default: HI_SHIFT (0, 1: see codes; not faster), TMA (0, 1: sm_90's bulk copies
 // on an mbarrier a slot instead of cp.async, see issue; slower: one lane issues a k-tile's
 // ~10 small copies), STAGGER (0, 1: each block's warps take their k-tiles from a rotated
-// start; cp.async only; within noise). PF (0, 1, 2): see prefetch below.
+// start; cp.async only; within noise).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -53,9 +53,6 @@ typedef unsigned short u16;
 #error "STAGGER is a cp.async option"
 #endif
 #define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
-#ifndef PF
-#define PF 0
-#endif
 
 static __device__ __forceinline__ u32 smem(const void* p) {
     u32 a;
@@ -287,35 +284,9 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 }
 #endif
 
-#if PF
-// The next linear's words into L2 while this one's last blocks run and the small kernels
-// between the two (norms, attention) leave DRAM idle: a decode step reads each weight once,
-// and a weight's address does not depend on any activation. Blocks from pf_from on (the
-// launch's last wave) each take an equal share of the first pf_bytes of pf (a multiple of
-// 128, under 2 GiB), once their own loads are done: PF 1 as one prefetch.global.L2 a 128-byte line per
-// lane and turn, PF 2 as sm_90's bulk prefetches (cp.async.bulk.prefetch.L2) of up to
-// 4 KB a lane. Hints only: nothing waits for them, and the product's result is the same.
-static __device__ __forceinline__ void prefetch_next(const char* pf, int pf_bytes, int pf_from) {
-    if (pf_bytes <= 0 || (int)blockIdx.x < pf_from)
-        return;
-    const int blocks = gridDim.x - pf_from;
-    const int share = ((pf_bytes + blocks - 1) / blocks + 127) & ~127;
-    const int lo = (blockIdx.x - pf_from) * share, hi = min(lo + share, pf_bytes);
-#if PF == 2
-    for (int o = lo + threadIdx.x * 4096; o < hi; o += WARPS * 32 * 4096)
-        asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;"
-                     :: "l"(pf + o), "r"(min(4096, hi - o)) : "memory");
-#else
-    for (int o = lo + threadIdx.x * 128; o < hi; o += WARPS * 32 * 128)
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(pf + o) : "memory");
-#endif
-}
-#endif
-
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K,
-          const char* __restrict__ pf, int pf_bytes, int pf_from) {
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
     __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];
 #if TMA
     __shared__ __align__(8) unsigned long long bars[WARPS][STAGES];  // a slot's mbarrier
@@ -482,9 +453,6 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     }
 #if !TMA
     asm volatile("cp.async.wait_all;" ::: "memory");
-#endif
-#if PF
-    prefetch_next(pf, pf_bytes, pf_from);
 #endif
 
     // the warps' partial sums of the block's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3

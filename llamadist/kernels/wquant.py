@@ -291,7 +291,7 @@ class PackedLinear(nn.Linear):
         if self.path == "tinygemm":
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
                                             self.group, self.out_features, self.bias,
-                                            self.tg_triton, self.tg_rows, self.tg_next)
+                                            self.tg_triton, self.tg_rows)
         if self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1]:
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
@@ -344,7 +344,6 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
     # the decode rows through cuda_int4's kernel (compiled and checked once a device)
     module.tg_rows = module.tg_triton and wquant_torch.ROWS_MAX_M > 0 \
         and wquant_torch.int4_rows_ok(w.device)
-    module.tg_next = None  # the next linear's tg_weight, for its prefetch (chain_prefetch)
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)
         module.register_buffer("tg_weight", wquant_torch.tinygemm_pack(w.q, w.shape[1]),

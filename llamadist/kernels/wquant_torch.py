@@ -229,20 +229,18 @@ def int4_product(rows: int, n: int, k: int, cuda_rows: bool = False) -> str:
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
                 group: int, n: int, bias: torch.Tensor | None = None,
-                triton: bool = False, cuda_rows: bool = False,
-                nxt: torch.Tensor | None = None) -> torch.Tensor:
+                triton: bool = False, cuda_rows: bool = False) -> torch.Tensor:
     """y (..., N) = x (..., K) @ W^T + bias through tinygemm, in x's dtype; with ``triton``
     (the Triton kernels run here and ``tinygemm_layout_known``), CUDA calls of more rows
     than ``int4_product`` leaves to tinygemm take the Triton kernels that read its layout
     (see above), and with ``cuda_rows`` (``int4_rows_ok``) the decode rows take
-    cuda_int4.int4_rows (given ``nxt``, the weight the step reads next, for its prefetch
-    into L2: cuda_int4.PREFETCH)."""
+    cuda_int4.int4_rows."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     product = int4_product(m, n, k, cuda_rows) if triton and x.is_cuda else "tinygemm"
     if product == "rows":
         y = cuda_int4.int4_rows(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
-                                _inner_k_tiles(k), nxt)
+                                _inner_k_tiles(k))
     elif product == "mma":
         y = wquant_triton.tinygemm_mma(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
                                        _inner_k_tiles(k))

@@ -65,7 +65,7 @@ from llamadist.kernels import eager_fused
 from llamadist.kernels import moe_grouped, moe_routed
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
-from llamadist.kernels.wquant import PackedLinear, as_packed_linear
+from llamadist.kernels.wquant import as_packed_linear
 from llamadist.model.cache import Start
 from llamadist.model.llama import (MLP, Attention, DecodeAttention, RMSNorm,
                                    sdpa_decode_attention)
@@ -104,44 +104,6 @@ def use_packed_linear(model: nn.Module, backend: str = "torch",
         if type(module) is nn.Linear:
             as_packed_linear(module, backend, act_dtype)
     return model
-
-
-def decode_linears(model: nn.Module) -> list[nn.Module]:
-    """A stage's linears in the order its decode step runs them: per layer attention's
-    qkv (or q, k, v) and o, then the dense MLP's gate_up (or gate, up) and down (a sparse
-    MoE block's experts run by routing: none); then the head. Empty for a model without
-    Llama's ``model.layers``."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleDict):
-        return []
-    out = []
-    for layer in layers.values():
-        attn, mlp = layer.self_attn, layer.mlp
-        out += [attn.qkv_proj] if attn.qkv_proj is not None else \
-            [attn.q_proj, attn.k_proj, attn.v_proj]
-        out.append(attn.o_proj)
-        if mlp is not None:
-            out += [mlp.gate_up_proj] if mlp.gate_up_proj is not None else \
-                [mlp.gate_proj, mlp.up_proj]
-            out.append(mlp.down_proj)
-    if getattr(model, "lm_head", None) is not None:
-        out.append(model.lm_head)
-    return out
-
-
-def chain_prefetch(model: nn.Module) -> int:
-    """Give each int4 linear that runs cuda_int4's decode rows (PackedLinear ``tg_rows``)
-    the weight of the next such linear in ``decode_linears`` order as ``tg_next`` (the last
-    the first's: the next step starts there), which its launch prefetches into L2 while
-    the kernels between the two run (cuda_int4.PREFETCH). A plain attribute, not a
-    buffer: the tensor is the next module's own. Returns how many were linked."""
-    chain = [m for m in decode_linears(model)
-             if isinstance(m, PackedLinear) and m.path == "tinygemm" and m.tg_rows]
-    if len(chain) < 2:
-        return 0
-    for i, module in enumerate(chain):
-        module.tg_next = chain[(i + 1) % len(chain)].tg_weight
-    return len(chain)
 
 
 def set_quant_activations(model: nn.Module, int8: bool) -> nn.Module:
@@ -330,7 +292,6 @@ def apply_kernel_passes(model: nn.Module, device: torch.device, runtime: Runtime
     set_quant_activations(model, runtime.quant_activations == "int8")
     if device.type == "cuda":  # the split-KV kernel runs on CUDA only
         set_decode_attention(model, runtime.decode_attention)
-        chain_prefetch(model)
         use_grouped_experts(model)
         use_eager_fused(model, device, dtype, on=runtime.eager_kernels == "triton")
     return model

@@ -122,33 +122,6 @@ def test_staggered_k_order(warps, nb, stages, monkeypatch):
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
 
 
-@pytest.mark.parametrize("kind", ["lines", "bulk"])
-@pytest.mark.parametrize("tail", [True, False])
-def test_prefetching_the_next_weight_gives_the_same_bits(kind, tail, monkeypatch):
-    """PREFETCH (the next weight's first bytes into L2 by the last wave, or every block)
-    only hints the cache: the same bits out, for a next weight smaller or larger than the
-    cap (a share a block not a multiple of 128 bytes, blocks with nothing left to take),
-    and a grid smaller than one wave."""
-    monkeypatch.setattr(C, "PREFETCH_TAIL", tail)
-    nxt_small = torch.zeros(3, 5, 32, 4, dtype=torch.int32, device=DEV)  # 7680 bytes
-    nxt_big = torch.zeros(700, 32, 32, 4, dtype=torch.int32, device=DEV)
-    for n, k, group in SHAPES:
-        packed, sz, w64, tiles = _case(n, k, group, seed=k + 2)
-        for m in (1, 8, 16):
-            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
-            monkeypatch.setattr(C, "PREFETCH", "")
-            y = C.launch(x, packed, sz, n, group, tiles, nxt=nxt_big)
-            monkeypatch.setattr(C, "PREFETCH", kind)
-            for nxt, cap in [(nxt_small, 1 << 24), (nxt_big, 1 << 24), (nxt_big, 1000)]:
-                monkeypatch.setattr(C, "PREFETCH_BYTES", cap)
-                assert torch.equal(C.launch(x, packed, sz, n, group, tiles, nxt=nxt), y), \
-                    (n, k, group, m, nxt.shape, cap)
-        _check(y, x, w64)
-    torch.cuda.synchronize()  # a bad address would surface here
-    assert C.resident_blocks(0, 8, 128, C.rows_config(1, 4096, 4096)) >= \
-        torch.cuda.get_device_properties(0).multi_processor_count
-
-
 def test_a_ring_just_under_48_kib_launches():
     """45 KiB of ring and 4 KiB of static sums: past the default limit together (the
     attribute must be raised whatever the ring's own size)."""
@@ -178,7 +151,7 @@ def test_no_worse_than_tinygemm():
     assert ours <= 1.5 * theirs, (ours.item(), theirs.item())
 
 
-def test_in_a_cuda_graph_and_through_packed_linear(monkeypatch):
+def test_in_a_cuda_graph_and_through_packed_linear():
     n, k, group = 512, 1024, 128
     pw = W.quantize_int4(torch.randn(n, k) * 0.05, group)
     lin = nn.Linear(k, n, bias=True, device="meta")
@@ -191,10 +164,6 @@ def test_in_a_cuda_graph_and_through_packed_linear(monkeypatch):
     x = torch.randn(2, k, device=DEV).to(torch.bfloat16)
     assert WT.int4_product(2, n, k, lin.tg_rows) == "rows"
     eager = lin(x)
-    # the graph's launch prefetches a next weight (kernel_passes.chain_prefetch's link):
-    # no bit changes
-    monkeypatch.setattr(C, "PREFETCH", "lines")
-    lin.tg_next = torch.zeros(64, 8, 32, 4, dtype=torch.int32, device=DEV)
     g = torch.cuda.CUDAGraph()
     static = x.clone()
     side = torch.cuda.Stream()

@@ -154,36 +154,3 @@ def test_launch_names_what_is_wrong_before_any_gpu_work():
     shifted = torch.zeros(packed.numel() + 1, dtype=torch.int32)[1:].view(packed.shape)
     with pytest.raises(ValueError, match="16-byte boundary"):
         C.launch(x.bfloat16(), shifted, sz, 32, 128, 8)
-
-
-@needs_nvrtc
-@pytest.mark.parametrize("arch,pf,op", [("80", 1, r"CCTL\.E\.PF2"), ("90", 1, r"CCTL\.E\.PF2"),
-                                        ("90", 2, r"UBLKPF\.L2")])
-def test_prefetch_forms_compile_to_l2_prefetches(arch, pf, op, tmp_path):
-    """PF 1 is a prefetch.global.L2 a line (any sm_80+), PF 2 sm_90's bulk prefetch; PF 0
-    has neither."""
-    dis = _nvdisasm()
-    cfg = C.rows_config(1, 4096, 4096)
-    for p in (0, pf):
-        cubin = C.compile_cubin(arch, C.defines(8, 128, cfg, pf=p))
-        if dis is None:
-            continue
-        f = tmp_path / "k.cubin"
-        f.write_bytes(cubin)
-        sass = subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
-                              check=True).stdout
-        assert bool(re.search(op, sass)) == bool(p), (arch, p)
-        assert not re.search(r"\b(LDL|STL)\b", sass), f"local memory: PF {p}"
-
-
-def test_prefetch_kind(monkeypatch):
-    monkeypatch.setattr(C, "_arch", lambda index: "80")
-    for name, pf in [("", 0), ("lines", 1), ("bulk", 1)]:  # no bulk prefetch below sm_90
-        monkeypatch.setattr(C, "PREFETCH", name)
-        assert C.prefetch_kind(0) == pf
-    monkeypatch.setattr(C, "_arch", lambda index: "90")
-    monkeypatch.setattr(C, "PREFETCH", "bulk")
-    assert C.prefetch_kind(0) == 2
-    monkeypatch.setattr(C, "PREFETCH", "l2")
-    with pytest.raises(ValueError, match="PREFETCH is 'l2'"):
-        C.prefetch_kind(0)
