@@ -6,7 +6,8 @@
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
-#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 perplexity head18 (or stash)
+#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22
+#         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -682,14 +683,34 @@ int4stagger21() {  # issue 16, session 21: the rule's form with each block's k-t
         --quantize int4 --batch 1 $b
 }
 
+int4persist22() {  # issue 16, session 22: cuda_int4's persist forms (a grid of one wave,
+    # each block looping over its tiles, the ring running on between them): their GPU test,
+    # the forms by linear at 1, 4 and 8 rows, then 8B int4 decode with the rule's form made
+    # persistent against the rule and bf16 (~7 min)
+    local b="--prompt-len 128 --gen-len 64" p="x0x0x1x0x0x0x1"
+    local persist="import dataclasses, llamadist.kernels.cuda_int4 as C; r = C.rows_config; C.rows_config = lambda m, n, k: dataclasses.replace(r(m, n, k), persist=True)"
+    step test_persist 90 python3 -m pytest -q -p no:cacheprovider -rf -k persist \
+        tests/gpu/test_cuda_int4_gpu.py
+    step rows8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b \
+        --kinds int4_g128 --m ${ROWS_M:-1,4,8} --products rows,rows:* --max-seconds 150 \
+        --rows-configs ${ROWS22:-8x4x4,8x4x4$p,8x2x4$p,4x4x4$p,8x4x3$p,4x2x4$p,16x2x4$p,8x4x4x0x1x1x0x0x0x1}
+    [ -z "${ROWS_ONLY:-}" ] || return 0
+    checkpoint
+    ab i4_b1 "" --quantize int4 --batch 1 $b
+    ab i4_b1_persist "$persist" --quantize int4 --batch 1 $b
+    ab bf16_b1 "" --batch 1 $b
+    ab i4_b4_persist "$persist" --quantize int4 --batch 4 $b
+    ab i4_b4 "" --quantize int4 --batch 4 $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

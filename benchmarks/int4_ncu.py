@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linears", default="qkv,gate_up,down", type=lambda s: s.split(","))
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--forms", default="", type=lambda s: [c for c in s.split(",") if c],
-                   help="cuda_int4 forms WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER]]]]]] besides the rule's")
+                   help="cuda_int4 forms WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]] besides the rule's")
     a = p.parse_args(argv)
     import torch
     import torch.nn.functional as F

@@ -53,12 +53,15 @@ MAX_ROWS = 16
 class RowsConfig:
     """One compiled form of int4_rows: warps a block, n-tiles (8 rows of W) a block, the
     most rows of x it takes (1..16: the ring holds as many), the k-tiles of words each warp
-    has in flight + 1, and whether W is the mma's A operand where it can be (``a_w``)."""
+    has in flight + 1, whether W is the mma's A operand where it can be (``a_w``), and
+    whether a grid of one wave of blocks loops over the tiles (``persist``: the ring runs
+    on from one tile to the next, so each block's loads stay in flight through its sums)."""
     warps: int = 4
     nb: int = 2
     rows: int = 1
     stages: int = 4
     w_as_a: bool = True
+    persist: bool = False
 
     @property
     def a_w(self) -> bool:
@@ -67,7 +70,8 @@ class RowsConfig:
         return self.w_as_a and self.rows <= 8 and self.nb % 2 == 0
 
     def label(self) -> str:
-        return f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}{'a' if self.a_w else ''}"
+        return (f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}{'a' if self.a_w else ''}"
+                f"{'p' if self.persist else ''}")
 
     def ring_bytes(self, tiles: int, group: int) -> int:
         """The dynamic shared memory a block takes (int4_rows.cu's ring)."""
@@ -180,7 +184,7 @@ def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
-            "STAGGER": int(stagger)}
+            "STAGGER": int(stagger), "PERSIST": int(cfg.persist)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -191,6 +195,7 @@ PROBE = 0  # benchmarks only: 1 skips the math, 2 the global loads (wrong number
 HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (ALU pipe)
 BULK = False  # True: on sm_90+, the ring filled by bulk copies (TMA) instead of cp.async
 STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async only)
+PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many blocks (tests)
 
 
 def _arch(index: int) -> str:
@@ -205,8 +210,8 @@ def device_index(device: torch.device) -> int:
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once)."""
-    tma = BULK and int(_arch(index)) >= 90
-    stagger = STAGGER and not tma  # a cp.async option
+    tma = BULK and int(_arch(index)) >= 90 and not cfg.persist
+    stagger = STAGGER and not tma and not cfg.persist  # cp.async options
     key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger)
     fn = _KERNELS.get(key)
     if fn is None:
@@ -250,10 +255,25 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     fn = kernel(index, tiles, group, cfg)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     blocks = -(-(n // 8) // cfg.nb)
+    if cfg.persist:  # one wave, each block looping over its tiles
+        blocks = min(blocks, PERSIST_BLOCKS or resident_blocks(index, tiles, group, cfg))
     with torch.cuda.device(x.device):
         fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1),
            args=[x, packed, scales_zeros, y, m, n, k], shared_mem=cfg.ring_bytes(tiles, group))
     return y
+
+
+@functools.cache
+def resident_blocks(index: int, tiles: int, group: int, cfg: RowsConfig) -> int:
+    """How many blocks of this form device ``index`` holds at once (a wave): the driver's
+    occupancy of the compiled kernel, times the SMs."""
+    fn = kernel(index, tiles, group, cfg)
+    lib, per_sm = torch.cuda._utils._get_gpu_runtime_library(), ctypes.c_int(0)
+    rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
+        ctypes.byref(per_sm), fn.func, cfg.warps * 32,
+        ctypes.c_size_t(cfg.ring_bytes(tiles, group)))
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    return sms * max(1, per_sm.value) if rc == 0 else sms
 
 
 def _check_args(x, packed, scales_zeros, n, k, group, tiles) -> None:

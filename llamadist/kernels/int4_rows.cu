@@ -52,6 +52,12 @@ typedef unsigned short u16;
 #if TMA && STAGGER
 #error "STAGGER is a cp.async option"
 #endif
+#ifndef PERSIST
+#define PERSIST 0
+#endif
+#if PERSIST && (TMA || STAGGER)
+#error "PERSIST is a cp.async option, without STAGGER"
+#endif
 #define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
 
 static __device__ __forceinline__ u32 smem(const void* p) {
@@ -284,6 +290,44 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 }
 #endif
 
+// the warps' partial sums of a tile's rows (n-tiles nt0 ..): d0, d1 are (row g, n 2c,
+// 2c + 1), d2, d3 the same at row g + 8 (WA: see ktile), summed over the warps through red
+static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
+                                                float (&red)[WARPS][NB][ROWS16 ? 16 : 8][8],
+                                                u16* __restrict__ y, int warp, int g, int c,
+                                                int M, int N, int NT, int nt0) {
+#if WA
+#pragma unroll
+    for (int p = 0; p < NB / 2; ++p) {
+        red[warp][2 * p][2 * c][g] = out[p][0];
+        red[warp][2 * p][2 * c + 1][g] = out[p][1];
+        red[warp][2 * p + 1][2 * c][g] = out[p][2];
+        red[warp][2 * p + 1][2 * c + 1][g] = out[p][3];
+    }
+#else
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        red[warp][b][g][2 * c] = out[b][0];
+        red[warp][b][g][2 * c + 1] = out[b][1];
+#if ROWS16
+        red[warp][b][g + 8][2 * c] = out[b][2];
+        red[warp][b][g + 8][2 * c + 1] = out[b][3];
+#endif
+    }
+#endif
+    __syncthreads();
+    const int rows = ROWS16 ? 16 : 8;
+    for (int t = threadIdx.x; t < NB * rows * 8; t += WARPS * 32) {
+        const int b = t / (rows * 8), m = (t / 8) % rows, j = t % 8;
+        if (m >= M || nt0 + b >= NT) continue;
+        float v = 0.f;
+#pragma unroll
+        for (int i = 0; i < WARPS; ++i)
+            v += red[i][b][m][j];
+        y[(size_t)m * N + (nt0 + b) * 8 + j] = to_bf16(v);
+    }
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
           const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
@@ -295,7 +339,6 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int NT = N >> 3, KT = K / KTILE;
-    const int nt0 = blockIdx.x * NB;
     u32 magic = 0x43004300u, ones = 0x3F803F80u;
     u32 mul[4] = {1u, 1u << 28, 1u << 24, 1u << 20};  // codes' shifts by 4, 8, 12 (HI_SHIFT)
     // kept in registers (LOP3's one immediate; multiplies ptxas would turn into shifts)
@@ -306,21 +349,35 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // written, so no lane needs a predicate.
     const int rowg = min(g, M - 1) * XROW, rowq = min(g + 8, M - 1) * XROW;
     const u32 xlane = (min(lane & 7, M - 1) * XROW) * 4 + 16 * (lane >> 3);  // WA's ldmatrix
-    int ntb[NB];
-#pragma unroll
-    for (int b = 0; b < NB; ++b)
-        ntb[b] = min(nt0 + b, NT - 1);
     u32* mine = ring + warp * STAGES * SLOT_WORDS;
     const u32 mine_s = smem(mine);  // the same, as a shared-memory address
     const int iters = warp < KT ? (KT - 1 - warp) / WARPS + 1 : 0;  // this warp's k-tiles
+    // The block's tiles (NB n-tiles each): its own, or (PERSIST: a grid of one wave) tiles
+    // blockIdx.x, + gridDim.x, ..., the ring running on from one tile's k-tiles to the next
+    // so that the loads stay in flight through each tile's sums
+#if PERSIST
+    const int tiles = (NT + NB - 1) / NB;
+    const int my_tiles = (int)blockIdx.x < tiles ? (tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
+#else
+    const int my_tiles = 1;
+#endif
+    const int total = iters * my_tiles;  // this warp's issues
 
-    // the running sources of the issue below (n-tile b's words, x's k-tile), each moved
-    // WARPS k-tiles on by an issue, and the slot it fills: few instructions an issue
+    // the issue's tile (n-tiles ntb) and its running sources (n-tile b's words, x's k-tile),
+    // each moved WARPS k-tiles on by an issue, and the slot it fills: few instructions an
+    // issue
+    int ntb[NB], next_i = 0, next_t = blockIdx.x;
     const u32* wsrc[NB];
+    const u16* xsrc;
+    auto sources = [&](int t) {
 #pragma unroll
-    for (int b = 0; b < NB; ++b)
-        wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
-    const u16* xsrc = x + warp * KTILE;
+        for (int b = 0; b < NB; ++b) {
+            ntb[b] = min(t * NB + b, NT - 1);
+            wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
+        }
+        xsrc = x + warp * KTILE;
+    };
+    sources(next_t);
     int fill = 0;
 #if STAGGER
     // where each warp's k-tiles start (any rotation of its own is a permutation)
@@ -374,7 +431,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: one commit group each
     // (issue runs for i = 0, 1, 2, ... in turn)
     auto issue = [&](int i) {
-        if (i < iters && PROBE != 2) {
+        if (i < total && PROBE != 2) {
             const u32 slot = mine_s + fill * (SLOT_WORDS * 4);
 #if STAGGER
             // block-rotated order: the blocks' warps start on different k-tiles (and DRAM
@@ -386,7 +443,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                          words + ((size_t)ntb[b] * KT + kt) * (32 * W) + lane * W);
             const u16* xsrc = x + kt * KTILE;
 #else
-            const int kt = warp + i * WARPS;
+            const int kt = warp + (PERSIST ? next_i : i) * WARPS;
 #pragma unroll
             for (int b = 0; b < NB; ++b) {
                 cp_words(slot + (b * 32 * W + lane * W) * 4, wsrc[b]);
@@ -411,6 +468,13 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
             }
 #if !STAGGER
             xsrc += WARPS * KTILE;
+#if PERSIST
+            if (++next_i == iters) {  // the tile's last k-tile: the block's next tile's
+                next_i = 0;
+                next_t += gridDim.x;
+                sources(next_t);
+            }
+#endif
 #endif
         }
         fill = fill == STAGES - 1 ? 0 : fill + 1;
@@ -419,72 +483,43 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 
 #endif
 
-    float out[NOUT][4];
-#pragma unroll
-    for (int b = 0; b < NOUT; ++b)
-        out[b][0] = out[b][1] = out[b][2] = out[b][3] = 0.f;
-
     for (int s = 0; s < STAGES - 1; ++s)
         issue(s);
-    for (int i = 0, use = 0; i < iters; ++i, use = use == STAGES - 1 ? 0 : use + 1) {
-        issue(i + STAGES - 1);
+    for (int tt = 0, i = 0, use = 0; tt < my_tiles; ++tt) {
+        float out[NOUT][4];
+#pragma unroll
+        for (int b = 0; b < NOUT; ++b)
+            out[b][0] = out[b][1] = out[b][2] = out[b][3] = 0.f;
+        for (int it = 0; it < iters; ++it, ++i, use = use == STAGES - 1 ? 0 : use + 1) {
+            issue(i + STAGES - 1);
 #if TMA
-        bar_wait(bar0 + 8 * use, (i / STAGES) & 1);  // the slot's copies have landed
+            bar_wait(bar0 + 8 * use, (i / STAGES) & 1);  // the slot's copies have landed
 #else
-        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
-        __syncwarp();  // the table's pairs and x's rows came from other lanes
+            asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
+            __syncwarp();  // the table's pairs and x's rows came from other lanes
 #endif
-        const u32* slot = mine + use * SLOT_WORDS;
-        u32 cw[NB][W];
+            const u32* slot = mine + use * SLOT_WORDS;
+            u32 cw[NB][W];
 #pragma unroll
-        for (int b = 0; b < NB; ++b)
+            for (int b = 0; b < NB; ++b)
 #pragma unroll
-            for (int w = 0; w < W; ++w)
-                cw[b][w] = slot[b * 32 * W + lane * W + w];
-        if (PROBE != 1)
+                for (int w = 0; w < W; ++w)
+                    cw[b][w] = slot[b * 32 * W + lane * W + w];
+            if (PROBE != 1)
 #if WA
-            ktile(out, cw, mine_s + (use * SLOT_WORDS + X_AT) * 4 + xlane, slot + NB * 32 * W, g,
-                  magic, ones, mul);
+                ktile(out, cw, mine_s + (use * SLOT_WORDS + X_AT) * 4 + xlane,
+                      slot + NB * 32 * W, g, magic, ones, mul);
 #else
-            ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c, magic,
-                  ones, mul);
+                ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c,
+                      magic, ones, mul);
 #endif
-        __syncwarp();  // every lane done with the slot before the next issue refills it
+            __syncwarp();  // every lane done with the slot before the next issue refills it
+        }
+        sum_tile(out, red, y, warp, g, c, M, N, NT, (blockIdx.x + tt * gridDim.x) * NB);
+        if (PERSIST)
+            __syncthreads();  // every sum of red read before the next tile's are written
     }
 #if !TMA
     asm volatile("cp.async.wait_all;" ::: "memory");
 #endif
-
-    // the warps' partial sums of the block's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3
-    // the same at row g + 8 (WA: see ktile)
-#if WA
-#pragma unroll
-    for (int p = 0; p < NB / 2; ++p) {
-        red[warp][2 * p][2 * c][g] = out[p][0];
-        red[warp][2 * p][2 * c + 1][g] = out[p][1];
-        red[warp][2 * p + 1][2 * c][g] = out[p][2];
-        red[warp][2 * p + 1][2 * c + 1][g] = out[p][3];
-    }
-#else
-#pragma unroll
-    for (int b = 0; b < NB; ++b) {
-        red[warp][b][g][2 * c] = out[b][0];
-        red[warp][b][g][2 * c + 1] = out[b][1];
-#if ROWS16
-        red[warp][b][g + 8][2 * c] = out[b][2];
-        red[warp][b][g + 8][2 * c + 1] = out[b][3];
-#endif
-    }
-#endif
-    __syncthreads();
-    const int rows = ROWS16 ? 16 : 8;
-    for (int t = threadIdx.x; t < NB * rows * 8; t += WARPS * 32) {
-        const int b = t / (rows * 8), m = (t / 8) % rows, j = t % 8;
-        if (m >= M || nt0 + b >= NT) continue;
-        float v = 0.f;
-#pragma unroll
-        for (int i = 0; i < WARPS; ++i)
-            v += red[i][b][m][j];
-        y[(size_t)m * N + (nt0 + b) * 8 + j] = to_bf16(v);
-    }
 }

@@ -9,6 +9,8 @@ rounded to bf16 once, 2^-9; the float32 sums of (128 + code) x lose ~2^-24 of 13
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch import nn
@@ -120,6 +122,26 @@ def test_staggered_k_order(warps, nb, stages, monkeypatch):
             x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
             cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages)
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
+
+
+@pytest.mark.parametrize("warps,nb,stages", [(8, 4, 4), (4, 2, 3), (4, 3, 2), (8, 1, 4)])
+@pytest.mark.parametrize("blocks", [0, 1, 3])
+def test_persistent_blocks_give_the_same_bits(warps, nb, stages, blocks, monkeypatch):
+    """A persist form (a grid of one wave, or of 1 or 3 blocks, each looping over its
+    tiles with the ring running on between them) sums each tile as its own block would:
+    the same bits, on every shape (n-tiles short of the last tile) and row count."""
+    monkeypatch.setattr(C, "PERSIST_BLOCKS", blocks)
+    for n, k, group in SHAPES:
+        packed, sz, w64, tiles = _case(n, k, group, seed=k + 3)
+        for m in (1, 3, 8, 16):
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+            cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages)
+            y = C.launch(x, packed, sz, n, group, tiles, cfg)
+            persist = C.launch(x, packed, sz, n, group, tiles, replace(cfg, persist=True))
+            assert torch.equal(persist, y), (n, k, group, m, cfg, blocks)
+        _check(y, x, w64)
+    assert C.resident_blocks(0, 8, 128, C.RowsConfig(8, 4, 1, 4, persist=True)) >= \
+        torch.cuda.get_device_properties(0).multi_processor_count
 
 
 def test_a_ring_just_under_48_kib_launches():

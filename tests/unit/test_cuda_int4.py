@@ -50,7 +50,9 @@ FORMS = ([(tiles, group, cfg, False) for tiles, group in [(8, 32), (8, 128)]
           for cfg in RULE_FORMS]
          + [(tiles, group, C.RowsConfig(), False) for tiles, group in [(2, 32), (4, 64), (8, 256)]]
          + [(8, 128, C.RowsConfig(), True), (8, 128, C.RowsConfig(16, 1, 4, 3), False),
-            (8, 128, C.RowsConfig(w_as_a=False), False), (8, 32, C.RowsConfig(8, 4, 8, 3), False)])
+            (8, 128, C.RowsConfig(w_as_a=False), False), (8, 32, C.RowsConfig(8, 4, 8, 3), False),
+            (8, 128, C.RowsConfig(8, 4, 1, 4, persist=True), False),
+            (4, 64, C.RowsConfig(4, 2, 16, 3, persist=True), True)])
 
 
 def _nvdisasm() -> Path | None:
