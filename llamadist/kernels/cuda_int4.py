@@ -106,12 +106,14 @@ def row_capacity(m: int) -> int:
 def rows_config(m: int, n: int, k: int) -> RowsConfig:
     """The form a call of ``m`` rows of an N x K weight takes. Up to 8 rows (W as the A
     operand): 8 warps x 4 n-tiles x 4 stages, on every Llama-3-8B linear at 1, 4 and 8 rows
-    the fastest form or within 10% of it (RESULTS.md, session 21's sweep of 11 forms);
+    the fastest form or within 10% of it (RESULTS.md, session 21's sweep of 11 forms),
+    persistent at 5-8 rows of a wide weight (N >= 4 K: gate_up, whose grid is several
+    waves; 28.2 against 31.6 us on Llama-3-8B's at 8 rows, slower at 1 and 4: session 22);
     past 8 rows (x as the A operand) 4 x 2 x 4."""
     rows = row_capacity(m)
     if rows > 8:
         return RowsConfig(warps=4, nb=2, rows=rows, stages=4)
-    return RowsConfig(warps=8, nb=4, rows=rows, stages=4)
+    return RowsConfig(warps=8, nb=4, rows=rows, stages=4, persist=rows == 8 and n >= 4 * k)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------

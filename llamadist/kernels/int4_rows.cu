@@ -365,15 +365,24 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 
     // the issue's tile (n-tiles ntb) and its running sources (n-tile b's words, x's k-tile),
     // each moved WARPS k-tiles on by an issue, and the slot it fills: few instructions an
-    // issue
-    int ntb[NB], next_i = 0, next_t = blockIdx.x;
+    // issue (PERSIST: the table's n-tiles from the tile, not kept: four registers fewer)
+    int next_i = 0, next_t = blockIdx.x;
+#if PERSIST
+#define NTB(b) min(next_t * NB + (b), NT - 1)
+#else
+    int ntb[NB];
+#define NTB(b) ntb[b]
+#endif
     const u32* wsrc[NB];
     const u16* xsrc;
     auto sources = [&](int t) {
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-            ntb[b] = min(t * NB + b, NT - 1);
-            wsrc[b] = words + ((size_t)ntb[b] * KT + warp) * (32 * W) + lane * W;
+            const int nt = min(t * NB + b, NT - 1);
+#if !PERSIST
+            ntb[b] = nt;
+#endif
+            wsrc[b] = words + ((size_t)nt * KT + warp) * (32 * W) + lane * W;
         }
         xsrc = x + warp * KTILE;
     };
@@ -457,7 +466,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
                     for (int q = 0; q < GPK; ++q)
                         cp8(slot + (NB * 32 * W + ((b * GPK + q) * 4 + c) * 2) * 4,
-                            zsrc + (size_t)q * N + ntb[b] * 8);
+                            zsrc + (size_t)q * N + NTB(b) * 8);
             }
             // x's rows < M of this k-tile, 16-byte chunks (2 TILES a row)
 #pragma unroll

@@ -115,6 +115,11 @@ def test_rows_rule():
     # W is the mma's A operand up to 8 rows (two n-tiles an mma), x past that
     assert [C.rows_config(m, n, k).a_w for m in (1, 8, 9)] == [True, True, False]
     assert not C.RowsConfig(4, 3, 1, 4).a_w and not C.RowsConfig(w_as_a=False).a_w
+    # persistent blocks only at 5-8 rows of a wide weight (gate_up: several waves of blocks)
+    assert [C.rows_config(m, 28672, 4096).persist for m in (1, 4, 5, 8, 9)] == \
+        [False, False, True, True, False]
+    assert not any(C.rows_config(8, n, k).persist
+                   for n, k in [(6144, 4096), (4096, 4096), (4096, 14336)])
 
 
 def test_source_ships_with_the_package():
