@@ -49,6 +49,23 @@ def _check(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor) -> float:
     return err.max().item()
 
 
+def _replayed(fn, x: torch.Tensor) -> torch.Tensor:
+    """fn(x) captured in a CUDA graph (after a warm-up on a side stream, as torch asks) on
+    a zeroed copy of x, then replayed on x."""
+    static = torch.zeros_like(x)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn(static)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn(static)
+    static.copy_(x)
+    g.replay()
+    return out
+
+
 SHAPES = [(48, 96, 32),     # tiles 2, 3 k-tiles (< warps)
           (80, 192, 64),    # tiles 4, 10 n-tiles
           (272, 640, 128),  # tiles 8, 34 n-tiles
@@ -193,17 +210,7 @@ def test_silu_forward_in_a_cuda_graph_through_the_mlp():
     unfused = mlp.down_proj((F.silu(gate) * up).to(torch.bfloat16))
     eager = mlp(x)
     torch.testing.assert_close(eager, unfused, rtol=2**-6, atol=2**-6)
-    g = torch.cuda.CUDAGraph()
-    static = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        mlp(static)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(g):
-        out = mlp(static)
-    g.replay()
-    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    torch.testing.assert_close(_replayed(mlp, x), eager, rtol=0, atol=0)
     assert mlp.down_proj.silu_forward(torch.randn(12, 1536, device=DEV).to(
         torch.bfloat16)) is None  # past ROWS_MAX_M rows: the MLP's own SiLU-mul
 
@@ -250,18 +257,7 @@ def test_in_a_cuda_graph_and_through_packed_linear():
     x = torch.randn(2, k, device=DEV).to(torch.bfloat16)
     assert WT.int4_product(2, n, k, lin.tg_rows) == "rows"
     eager = lin(x)
-    g = torch.cuda.CUDAGraph()
-    static = x.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        lin(static)
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.cuda.graph(g):
-        out = lin(static)
-    static.copy_(x)
-    g.replay()
-    torch.testing.assert_close(out, eager, rtol=0, atol=0)
+    torch.testing.assert_close(_replayed(lin, x), eager, rtol=0, atol=0)
     ref = x.double().cpu() @ w64.t() + lin.bias.double().cpu()
     # the quantized table (bf16 scale and zero) differs from pw's float32 by 2^-9 relative
     torch.testing.assert_close(eager.double().cpu(), ref, rtol=2**-6, atol=2**-6)
