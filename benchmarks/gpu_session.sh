@@ -6,7 +6,7 @@
 #   OUT=DIR bash benchmarks/gpu_session.sh PART
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
-#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 final22
+#         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -703,32 +703,14 @@ int4persist22() {  # issue 16, session 22: cuda_int4's persist forms (a grid of 
     ab i4_b4 "" --quantize int4 --batch 4 $b
 }
 
-final22() {  # issue 16, session 22: the int4 GPU tests (persist rule, SILU), then 8B int4
-    # decode with the down projection reading silu(gate) * up itself (wquant_torch.SILU_ROWS)
-    # against the SiLU-mul kernel, and batch 8 with the rule's persistent gate_up against
-    # without it, beside bf16 (~8 min)
-    local b="--prompt-len 128 --gen-len 64"
-    local nopersist="import dataclasses, llamadist.kernels.cuda_int4 as C; r = C.rows_config; C.rows_config = lambda m, n, k: dataclasses.replace(r(m, n, k), persist=False)"
-    step test_int4rows 170 python3 -m pytest -q -p no:cacheprovider -rf \
-        tests/gpu/test_cuda_int4_gpu.py
-    checkpoint
-    ab i4_b1 "" --quantize int4 --batch 1 $b
-    ab i4_b1_nosilu "W.SILU_ROWS = False" --quantize int4 --batch 1 $b
-    ab bf16_b1 "" --batch 1 $b
-    ab i4_b1_head "" --quantize int4 --quantize-head --batch 1 $b
-    ab i4_b8 "" --quantize int4 --batch 8 $b
-    ab i4_b8_nopersist "$nopersist" --quantize int4 --batch 8 $b
-    ab i4_b4 "" --quantize int4 --batch 4 $b
-}
-
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|final22) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|final22|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

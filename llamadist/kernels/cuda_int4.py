@@ -55,15 +55,13 @@ class RowsConfig:
     most rows of x it takes (1..16: the ring holds as many), the k-tiles of words each warp
     has in flight + 1, whether W is the mma's A operand where it can be (``a_w``), and
     whether a grid of one wave of blocks loops over the tiles (``persist``: the ring runs
-    on from one tile to the next, so each block's loads stay in flight through its sums),
-    and whether x is the MLP's gate_up, read as silu(gate) * up (``silu``)."""
+    on from one tile to the next, so each block's loads stay in flight through its sums)."""
     warps: int = 4
     nb: int = 2
     rows: int = 1
     stages: int = 4
     w_as_a: bool = True
     persist: bool = False
-    silu: bool = False
 
     @property
     def a_w(self) -> bool:
@@ -73,12 +71,12 @@ class RowsConfig:
 
     def label(self) -> str:
         return (f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}{'a' if self.a_w else ''}"
-                f"{'p' if self.persist else ''}{'s' if self.silu else ''}")
+                f"{'p' if self.persist else ''}")
 
     def ring_bytes(self, tiles: int, group: int) -> int:
         """The dynamic shared memory a block takes (int4_rows.cu's ring)."""
         gpk = max(1, 16 * tiles // group)
-        x_rows = self.rows * (8 * tiles + 4) * (2 if self.silu else 1)
+        x_rows = self.rows * (8 * tiles + 4)
         slot = self.nb * 32 * tiles // 2 + self.nb * gpk * 8 + x_rows
         return self.warps * self.stages * slot * 4
 
@@ -188,7 +186,7 @@ def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
-            "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "SILU": int(cfg.silu)}
+            "STAGGER": int(stagger), "PERSIST": int(cfg.persist)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -214,7 +212,7 @@ def device_index(device: torch.device) -> int:
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once)."""
-    tma = BULK and int(_arch(index)) >= 90 and not cfg.persist and not cfg.silu
+    tma = BULK and int(_arch(index)) >= 90 and not cfg.persist
     stagger = STAGGER and not tma and not cfg.persist  # cp.async options
     key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger)
     fn = _KERNELS.get(key)
@@ -240,15 +238,11 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
 
 
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
-           group: int, tiles: int, cfg: RowsConfig | None = None,
-           silu: bool = False) -> torch.Tensor:
+           group: int, tiles: int, cfg: RowsConfig | None = None) -> torch.Tensor:
     """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
-    (G, N, 2) bf16 table; 1 <= M <= MAX_ROWS. With ``silu``, x is an MLP's gate_up (M,
-    2K) and the product takes silu(gate) * up (in float32, rounded to bf16 once) for x.
-    Without ``cfg``, the rule's form, fitted to the device's shared memory."""
-    m, k = x.shape[0], x.shape[1] // 2 if silu else x.shape[1]
-    if silu and x.shape[1] % 2:
-        raise ValueError(f"int4_rows: gate_up has {x.shape[1]} columns, not two halves")
+    (G, N, 2) bf16 table; 1 <= M <= MAX_ROWS. Without ``cfg``, the rule's form, fitted to
+    the device's shared memory."""
+    m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles)
     x = x.contiguous()
     if x.data_ptr() % 16:  # x's rows and the table are copied in 16-byte chunks
@@ -257,9 +251,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         scales_zeros = scales_zeros.clone()
     index = device_index(x.device)
     if cfg is None:
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, silu)
-    elif cfg.silu != silu:
-        cfg = replace(cfg, silu=silu)
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     fn = kernel(index, tiles, group, cfg)
@@ -319,12 +311,10 @@ def smem_optin(index: int) -> int:
 
 
 @functools.cache
-def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
-               silu: bool = False) -> RowsConfig:
-    """The rule's form for calls of up to ``rows`` rows (x read as silu(gate) * up:
-    ``silu``), fitted to device ``index``'s shared memory: once a shape, not on every
-    launch."""
-    return replace(rows_config(rows, n, k), silu=silu).fit(tiles, group, smem_optin(index))
+def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int) -> RowsConfig:
+    """The rule's form for calls of up to ``rows`` rows, fitted to device ``index``'s
+    shared memory: once a shape, not on every launch."""
+    return rows_config(rows, n, k).fit(tiles, group, smem_optin(index))
 
 
 def _rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
@@ -336,13 +326,6 @@ def _rows_shape(x, packed, scales_zeros, n, group, tiles):
     return x.new_empty(x.shape[0], n)
 
 
-def _silu_rows(gate_up: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
-               n: int, group: int, tiles: int) -> torch.Tensor:
-    return launch(gate_up, packed, scales_zeros, n, group, tiles, silu=True)
-
-
 # y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout for M <= MAX_ROWS (the custom op
 # torch.compile sees; outside compile the launch itself)
 int4_rows = gpu.custom_op("llamadist::int4_rows", _rows, fake=_rows_shape)
-# the same with x = silu(gate) * up of an MLP's gate_up (M, 2K): the down projection
-int4_rows_silu = gpu.custom_op("llamadist::int4_rows_silu", _silu_rows, fake=_rows_shape)

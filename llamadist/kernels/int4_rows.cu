@@ -37,10 +37,7 @@
 // off by default: HI_SHIFT (0, 1: see codes; not faster), TMA (0, 1: sm_90's bulk copies
 // on an mbarrier a slot instead of cp.async, see issue; slower: one lane issues a k-tile's
 // ~10 small copies), STAGGER (0, 1: each block's warps take their k-tiles from a rotated
-// start; cp.async only; within noise). PERSIST (0, 1): a grid of one wave whose blocks
-// loop over the tiles, the ring running on from one tile to the next (the rule's at 5-8
-// rows of a wide W; see the kernel). SILU (0, 1): x is the MLP's gate_up (M, 2K), and the
-// product reads silu(gate) * up (see silu_rows).
+// start; cp.async only; within noise).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -60,12 +57,6 @@ typedef unsigned short u16;
 #endif
 #if PERSIST && (TMA || STAGGER)
 #error "PERSIST is a cp.async option, without STAGGER"
-#endif
-#ifndef SILU
-#define SILU 0
-#endif
-#if SILU && TMA
-#error "SILU is a cp.async option"
 #endif
 #define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
 
@@ -180,31 +171,7 @@ static __device__ __forceinline__ void scale_zero(u32 pair, float& s, float& z) 
 #define XR ROWS
 #define XROW (KTILE / 2 + 4)
 #define X_AT (NB * 32 * W + NB * GPK * 4 * 2)
-#define XU_AT (X_AT + XR * XROW)  // SILU: the up half's rows
-#define SLOT_WORDS (X_AT + (SILU ? 2 : 1) * XR * XROW)
-
-#if SILU
-// SILU: x = silu(gate) * up from the slot's gate rows (X_AT, where the products read x) and
-// up rows (XU_AT), in float32 and rounded to bf16 once, as torch.compile's fused SiLU-mul
-// rounds it: the MLP's SiLU-mul kernel folded into the down projection's loads
-static __device__ __forceinline__ float silu_mul(float g, float u) {
-    float e, r;
-    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(g * -1.4426950408889634f));  // e^-g
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(1.f + e));
-    return g * r * u;
-}
-
-static __device__ __forceinline__ void silu_rows(u32* slot, int lane, int M) {
-    for (int t = lane; t < M * (KTILE / 2); t += 32) {
-        const int at = (t / (KTILE / 2)) * XROW + t % (KTILE / 2);
-        const u32 gv = slot[X_AT + at], uv = slot[XU_AT + at];
-        u32 v;
-        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(v)
-            : "f"(silu_mul(hi_f(gv), hi_f(uv))), "f"(silu_mul(lo_f(gv), lo_f(uv))));
-        slot[X_AT + at] = v;
-    }
-}
-#endif
+#define SLOT_WORDS (X_AT + XR * XROW)
 
 // x's A fragments for word w from a slot's rows (row g: rg, row g + 8: rq; lane's c)
 static __device__ __forceinline__ void frag_a(u32 (&a)[2][4], const u32* rg, const u32* rq,
@@ -505,13 +472,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
             for (int t = lane; t < XR * 2 * TILES; t += 32) {
                 const int r = t / (2 * TILES), ch = t % (2 * TILES);
-                if (r < M) {
-                    const u16* src = xsrc + (size_t)r * (SILU ? 2 * K : K) + 8 * ch;
-                    cp16(slot + (X_AT + r * XROW + 4 * ch) * 4, src);
-#if SILU
-                    cp16(slot + (XU_AT + r * XROW + 4 * ch) * 4, src + K);  // up's half
-#endif
-                }
+                if (r < M)
+                    cp16(slot + (X_AT + r * XROW + 4 * ch) * 4, xsrc + (size_t)r * K + 8 * ch);
             }
 #if !STAGGER
             xsrc += WARPS * KTILE;
@@ -544,10 +506,6 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #else
             asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
             __syncwarp();  // the table's pairs and x's rows came from other lanes
-#endif
-#if SILU
-            silu_rows(mine + use * SLOT_WORDS, lane, M);
-            __syncwarp();  // x's rows made by other lanes
 #endif
             const u32* slot = mine + use * SLOT_WORDS;
             u32 cw[NB][W];

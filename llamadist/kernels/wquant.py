@@ -301,15 +301,6 @@ class PackedLinear(nn.Linear):
                 self.group, self.out_features, self.in_features)
         return linear(x, self.weight, self.bias)
 
-    def silu_forward(self, gate_up: torch.Tensor) -> torch.Tensor | None:
-        """This linear on silu(gate) * up of an MLP's gate_up (..., 2 in_features) in one
-        kernel where one serves the call (int4 decode rows through cuda_int4:
-        wquant_torch.int4_silu_linear), else None: the MLP then runs SiLU-mul itself."""
-        if self.path != "tinygemm" or not self.tg_rows:
-            return None
-        return wquant_torch.int4_silu_linear(gate_up, self.tg_weight, self.tg_scales_zeros,
-                                             self.group, self.out_features, self.bias)
-
 
 BACKENDS = ("torch", "triton")  # RuntimeConfig.wquant
 

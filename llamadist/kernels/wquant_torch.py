@@ -65,9 +65,6 @@ WIDE_TINYGEMM_MAX_M = 14
 # Calls of up to this many rows take kernels.cuda_int4's int4_rows (CUDA C++ on tinygemm's
 # words, compiled by NVRTC) where it runs: the decode rows, in place of tinygemm (0: never).
 ROWS_MAX_M = 8
-# Those calls of an MLP's down projection read silu(gate) * up from gate_up themselves
-# (cuda_int4.int4_rows_silu), in place of the SiLU-mul kernel between the two linears
-SILU_ROWS = True
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
@@ -228,22 +225,6 @@ def int4_product(rows: int, n: int, k: int, cuda_rows: bool = False) -> str:
         return "rows"
     tiny = WIDE_TINYGEMM_MAX_M if n >= 4 * k else TINYGEMM_MAX_M
     return "tinygemm" if rows <= tiny else "mma" if rows <= MMA_MAX_M else "dequant"
-
-
-def int4_silu_linear(gate_up: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
-                     group: int, n: int, bias: torch.Tensor | None = None) -> torch.Tensor | None:
-    """down(silu(gate) * up) for an MLP's gate_up (..., 2K) in one cuda_int4 launch where
-    that serves this call (SILU_ROWS; CUDA, bf16, up to ROWS_MAX_M rows: the caller knows
-    cuda_int4 runs on the device), else None (the caller runs SiLU-mul, then the linear)."""
-    k2 = gate_up.shape[-1]
-    x2 = gate_up.reshape(-1, k2)
-    if not (SILU_ROWS and gate_up.is_cuda and gate_up.dtype == torch.bfloat16 and k2 % 2
-            == 0 and int4_product(x2.shape[0], n, k2 // 2, cuda_rows=True) == "rows"):
-        return None
-    y = cuda_int4.int4_rows_silu(x2, packed, scales_zeros, n, group, _inner_k_tiles(k2 // 2))
-    if bias is not None:
-        y = y + bias
-    return y.view(*gate_up.shape[:-1], n)
 
 
 def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,

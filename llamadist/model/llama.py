@@ -180,12 +180,6 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
             gate_up = self.gate_up_proj(x)  # (..., 2F)
-            # a down projection that takes SiLU-mul into its own kernel where it can
-            # (llamadist.kernels.wquant.PackedLinear.silu_forward), or None
-            silu_forward = getattr(self.down_proj, "silu_forward", None)
-            out = silu_forward(gate_up) if silu_forward is not None else None
-            if out is not None:
-                return out
             fused = eager(self.silu_mul)
             if fused is not None:
                 return self.down_proj(fused(gate_up))

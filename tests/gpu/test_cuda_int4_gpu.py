@@ -13,7 +13,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from llamadist.kernels import cuda_int4 as C
@@ -160,59 +159,6 @@ def test_persistent_blocks_give_the_same_bits(warps, nb, stages, blocks, monkeyp
         _check(y, x, w64)
     assert C.resident_blocks(0, 8, 128, C.RowsConfig(8, 4, 1, 4, persist=True)) >= \
         torch.cuda.get_device_properties(0).multi_processor_count
-
-
-@pytest.mark.parametrize("m", [1, 3, 8, 16])
-@pytest.mark.parametrize("persist", [False, True])
-def test_silu_of_gate_up_as_x(m, persist):
-    """SILU (x = silu(gate) * up read from an MLP's gate_up): against the product on
-    torch's own SiLU-mul of the same gate_up (float32, rounded to bf16 once, as the
-    compiled layer's fused kernel), within an ulp of x's bf16 per term; and within the
-    float64 bound of that x."""
-    for n, k, group in SHAPES:
-        packed, sz, w64, tiles = _case(n, k, group, seed=k + 4)
-        gate_up = (torch.randn(m, 2 * k, device=DEV) * 2).to(torch.bfloat16)
-        gate, up = gate_up.float().chunk(2, dim=-1)
-        x = (F.silu(gate) * up).to(torch.bfloat16)
-        cfg = C.RowsConfig(8, 4, C.row_capacity(m), 3, persist=persist)
-        y = C.launch(gate_up, packed, sz, n, group, tiles, cfg, silu=True)
-        ref = C.launch(x, packed, sz, n, group, tiles, cfg)
-        s = x.double().cpu().abs() @ w64.abs().t()
-        err = (y.double().cpu() - ref.double().cpu()).abs()
-        bound = 2**-7 * ref.double().cpu().abs() + 2**-8 * s
-        assert bool((err <= bound).all()), (n, k, group, m, (err / bound).max().item())
-        assert torch.equal(C.launch(gate_up, packed, sz, n, group, tiles, silu=True),
-                           C.launch(gate_up, packed, sz, n, group, tiles, silu=True))
-
-
-def test_silu_forward_in_a_cuda_graph_through_the_mlp():
-    """An int4 MLP whose down projection runs cuda_int4's SILU form (PackedLinear
-    .silu_forward) gives the unfused MLP's output, eagerly and replayed in a CUDA graph."""
-    from llamadist.config import ModelConfig
-    from llamadist.model.fuse import fuse_mlp
-    from llamadist.model.llama import MLP
-    cfg = ModelConfig(vocab_size=8, hidden_size=256, intermediate_size=768, num_layers=1,
-                      num_heads=2, num_kv_heads=2, head_dim=128)
-    torch.manual_seed(0)
-    mlp = MLP(cfg)
-    fuse_mlp(mlp)
-    for name in ("gate_up_proj", "down_proj"):
-        lin = getattr(mlp, name)
-        w = lin.weight.detach() * 0.2
-        del lin.weight
-        lin.weight = W.quantize_int4(w, 128).to(DEV)
-        setattr(mlp, name, W.as_packed_linear(lin, "torch", torch.bfloat16))
-    assert mlp.down_proj.tg_rows, "int4_rows should serve the decode rows"
-    x = torch.randn(2, 256, device=DEV).to(torch.bfloat16)
-    gate_up = mlp.gate_up_proj(x)
-    assert mlp.down_proj.silu_forward(gate_up) is not None
-    gate, up = gate_up.float().chunk(2, dim=-1)
-    unfused = mlp.down_proj((F.silu(gate) * up).to(torch.bfloat16))
-    eager = mlp(x)
-    torch.testing.assert_close(eager, unfused, rtol=2**-6, atol=2**-6)
-    torch.testing.assert_close(_replayed(mlp, x), eager, rtol=0, atol=0)
-    assert mlp.down_proj.silu_forward(torch.randn(12, 1536, device=DEV).to(
-        torch.bfloat16)) is None  # past ROWS_MAX_M rows: the MLP's own SiLU-mul
 
 
 def test_a_ring_just_under_48_kib_launches():

@@ -52,10 +52,7 @@ FORMS = ([(tiles, group, cfg, False) for tiles, group in [(8, 32), (8, 128)]
          + [(8, 128, C.RowsConfig(), True), (8, 128, C.RowsConfig(16, 1, 4, 3), False),
             (8, 128, C.RowsConfig(w_as_a=False), False), (8, 32, C.RowsConfig(8, 4, 8, 3), False),
             (8, 128, C.RowsConfig(8, 4, 1, 4, persist=True), False),
-            (4, 64, C.RowsConfig(4, 2, 16, 3, persist=True), True),
-            (8, 128, C.RowsConfig(8, 4, 1, 4, silu=True), False),
-            (8, 32, C.RowsConfig(8, 4, 8, 4, persist=True, silu=True), False),
-            (8, 128, C.RowsConfig(4, 2, 16, 4, silu=True), False)])
+            (4, 64, C.RowsConfig(4, 2, 16, 3, persist=True), True)])
 
 
 def _nvdisasm() -> Path | None:
@@ -164,22 +161,3 @@ def test_launch_names_what_is_wrong_before_any_gpu_work():
     shifted = torch.zeros(packed.numel() + 1, dtype=torch.int32)[1:].view(packed.shape)
     with pytest.raises(ValueError, match="16-byte boundary"):
         C.launch(x.bfloat16(), shifted, sz, 32, 128, 8)
-
-
-def test_silu_launch_names_what_is_wrong():
-    packed = torch.zeros(4, 2, 32, 4, dtype=torch.int32)
-    sz = torch.zeros(2, 32, 2, dtype=torch.bfloat16)
-    with pytest.raises(ValueError, match="gate_up has 511 columns"):
-        C.launch(torch.zeros(1, 511, dtype=torch.bfloat16), packed, sz, 32, 128, 8, silu=True)
-    # gate_up's halves are K wide: the same checks as x (K = 256 here)
-    with pytest.raises(ValueError, match="one CUDA device"):
-        C.launch(torch.zeros(1, 512, dtype=torch.bfloat16), packed, sz, 32, 128, 8, silu=True)
-
-
-def test_silu_linear_leaves_other_calls_to_the_mlp():
-    """int4_silu_linear serves CUDA bf16 decode rows only; elsewhere None (the MLP then
-    runs SiLU-mul and the linear as before)."""
-    packed = torch.zeros(4, 2, 32, 4, dtype=torch.int32)
-    sz = torch.zeros(2, 32, 2, dtype=torch.bfloat16)
-    assert WT.int4_silu_linear(torch.zeros(1, 512, dtype=torch.bfloat16), packed, sz, 128,
-                               32) is None  # on the CPU
