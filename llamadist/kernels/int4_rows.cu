@@ -37,7 +37,10 @@
 // off by default: HI_SHIFT (0, 1: see codes; not faster), TMA (0, 1: sm_90's bulk copies
 // on an mbarrier a slot instead of cp.async, see issue; slower: one lane issues a k-tile's
 // ~10 small copies), STAGGER (0, 1: each block's warps take their k-tiles from a rotated
-// start; cp.async only; within noise).
+// start; cp.async only; within noise). PERSIST (0, 1): a grid of one wave whose blocks
+// loop over the tiles, the ring running on from one tile to the next (the rule's at 5-8
+// rows of a wide W, where the math is heavier; at 1-4 rows slower: a block that starts
+// issues its whole tile at once, more bytes in flight than a ring that runs on).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
