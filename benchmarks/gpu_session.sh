@@ -703,14 +703,33 @@ int4persist22() {  # issue 16, session 22: cuda_int4's persist forms (a grid of 
     ab i4_b4 "" --quantize int4 --batch 4 $b
 }
 
+int4pdl23() {  # issue 16, session 23: int4_rows as a programmatic dependent launch (its
+    # words issued before griddepcontrol.wait), Inductor's kernels the same way
+    # (torch._inductor.config.triton.enable_pdl): the GPU test, then 8B int4 decode with
+    # each, both and neither, and bf16 (~8 min)
+    local b="--prompt-len 128 --gen-len 64"
+    local pdl="import llamadist.kernels.cuda_int4 as C; C.PDL = True"
+    local ipdl="import torch._inductor.config as IC; print('inductor pdl', IC.triton.enable_pdl); IC.triton.enable_pdl = True"
+    step test_pdl 120 python3 -m pytest -q -p no:cacheprovider -rf -k "dependent or graph" \
+        tests/gpu/test_cuda_int4_gpu.py
+    checkpoint
+    ab i4_b1 "" --quantize int4 --batch 1 $b
+    ab i4_b1_pdl "$pdl" --quantize int4 --batch 1 $b
+    ab i4_b1_ipdl "$ipdl" --quantize int4 --batch 1 $b
+    ab i4_b1_both "$pdl; $ipdl" --quantize int4 --batch 1 $b
+    ab i4_b4_both "$pdl; $ipdl" --quantize int4 --batch 4 $b
+    ab i4_b4 "" --quantize int4 --batch 4 $b
+    ab bf16_b1 "" --batch 1 $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -182,11 +182,11 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
-            stagger: bool = False) -> dict[str, int]:
+            stagger: bool = False, pdl: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
-            "STAGGER": int(stagger), "PERSIST": int(cfg.persist)}
+            "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -198,6 +198,9 @@ HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (AL
 BULK = False  # True: on sm_90+, the ring filled by bulk copies (TMA) instead of cp.async
 STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async only)
 PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many blocks (tests)
+# True: on sm_90+, launched as a programmatic dependent launch (its words issued before it
+# waits for the kernel before it; see int4_rows.cu)
+PDL = False
 
 
 def _arch(index: int) -> str:
@@ -214,7 +217,8 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     once)."""
     tma = BULK and int(_arch(index)) >= 90 and not cfg.persist
     stagger = STAGGER and not tma and not cfg.persist  # cp.async options
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger)
+    pdl = pdl_launch(index)
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -227,7 +231,8 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE, HI_SHIFT, tma, stagger))
+                                                            PROBE, HI_SHIFT, tma, stagger,
+                                                            pdl))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
@@ -259,10 +264,52 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     blocks = -(-(n // 8) // cfg.nb)
     if cfg.persist:  # one wave, each block looping over its tiles
         blocks = min(blocks, PERSIST_BLOCKS or resident_blocks(index, tiles, group, cfg))
+    args, smem = [x, packed, scales_zeros, y, m, n, k], cfg.ring_bytes(tiles, group)
     with torch.cuda.device(x.device):
-        fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1),
-           args=[x, packed, scales_zeros, y, m, n, k], shared_mem=cfg.ring_bytes(tiles, group))
+        if pdl_launch(index):
+            _launch_dependent(fn, blocks, cfg.warps * 32, args, smem)
+        else:
+            fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1), args=args, shared_mem=smem)
     return y
+
+
+def pdl_launch(index: int) -> bool:
+    """Whether int4_rows launches as a programmatic dependent launch on device ``index``
+    (``PDL``, on sm_90 and later, not with BULK)."""
+    return PDL and not BULK and int(_arch(index)) >= 90
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, a 64-byte union
+    _fields_ = [("id", ctypes.c_uint), ("pad", ctypes.c_uint), ("value", ctypes.c_int),
+                ("rest", ctypes.c_byte * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+def _launch_dependent(fn, blocks: int, threads: int, args: list, smem: int) -> None:
+    """``fn`` on the current stream through cuLaunchKernelEx with programmatic stream
+    serialization allowed (CUDA graphs capture it as a programmatic edge). Tensors pass
+    as pointers, ints as C ints, as torch's own launcher passes them."""
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
+              for a in args]
+    params = (ctypes.c_void_p * len(values))(
+        *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+    config = _LaunchConfig(grid=(ctypes.c_uint * 3)(blocks, 1, 1),
+                           block=(ctypes.c_uint * 3)(threads, 1, 1), shared=smem,
+                           stream=torch.cuda.current_stream().cuda_stream,
+                           attrs=ctypes.pointer(attr), num_attrs=1)
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    rc = lib.cuLaunchKernelEx(ctypes.byref(config), fn.func, params, None)
+    if rc != 0:
+        raise RuntimeError(f"int4_rows: cuLaunchKernelEx failed (CUresult {rc})")
 
 
 @functools.cache

@@ -61,6 +61,12 @@ typedef unsigned short u16;
 #if PERSIST && (TMA || STAGGER)
 #error "PERSIST is a cp.async option, without STAGGER"
 #endif
+#ifndef PDL
+#define PDL 0
+#endif
+#if PDL && TMA
+#error "PDL is a cp.async option"
+#endif
 #define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
 
 static __device__ __forceinline__ u32 smem(const void* p) {
@@ -175,6 +181,17 @@ static __device__ __forceinline__ void scale_zero(u32 pair, float& s, float& z) 
 #define XROW (KTILE / 2 + 4)
 #define X_AT (NB * 32 * W + NB * GPK * 4 * 2)
 #define SLOT_WORDS (X_AT + XR * XROW)
+
+// x's rows < M of a k-tile (src: row 0's first input of it) into a ring slot (its shared
+// address), in 16-byte chunks, 2 TILES a row
+static __device__ __forceinline__ void cp_x(u32 slot, const u16* src, int M, int K, int lane) {
+#pragma unroll
+    for (int t = lane; t < XR * 2 * TILES; t += 32) {
+        const int r = t / (2 * TILES), ch = t % (2 * TILES);
+        if (r < M)
+            cp16(slot + (X_AT + r * XROW + 4 * ch) * 4, src + (size_t)r * K + 8 * ch);
+    }
+}
 
 // x's A fragments for word w from a slot's rows (row g: rg, row g + 8: rq; lane's c)
 static __device__ __forceinline__ void frag_a(u32 (&a)[2][4], const u32* rg, const u32* rq,
@@ -409,7 +426,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     }
     __syncwarp();
-    auto issue = [&](int i) {
+    auto issue = [&](int i, bool) {
         if (i < iters && lane == 0) {
             const u32 slot = mine_s + fill * (SLOT_WORDS * 4), bar = bar0 + 8 * fill;
             if (PROBE == 2) {
@@ -442,7 +459,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #else
     // iteration i's k-tile (warp + i WARPS) into slot i % STAGES: one commit group each
     // (issue runs for i = 0, 1, 2, ... in turn)
-    auto issue = [&](int i) {
+    auto issue = [&](int i, bool with_x) {
         if (i < total && PROBE != 2) {
             const u32 slot = mine_s + fill * (SLOT_WORDS * 4);
 #if STAGGER
@@ -471,13 +488,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                         cp8(slot + (NB * 32 * W + ((b * GPK + q) * 4 + c) * 2) * 4,
                             zsrc + (size_t)q * N + NTB(b) * 8);
             }
-            // x's rows < M of this k-tile, 16-byte chunks (2 TILES a row)
-#pragma unroll
-            for (int t = lane; t < XR * 2 * TILES; t += 32) {
-                const int r = t / (2 * TILES), ch = t % (2 * TILES);
-                if (r < M)
-                    cp16(slot + (X_AT + r * XROW + 4 * ch) * 4, xsrc + (size_t)r * K + 8 * ch);
-            }
+            if (with_x)  // (PDL: not the first STAGES - 1, issued after the wait below)
+                cp_x(slot, xsrc, M, K, lane);
 #if !STAGGER
             xsrc += WARPS * KTILE;
 #if PERSIST
@@ -495,18 +507,48 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 
 #endif
 
+#if PDL
+    // A programmatic dependent launch: this grid may start while the kernel before it in
+    // the stream still runs. W and its table are the model's, never written by a kernel,
+    // so the first STAGES - 1 k-tiles of them are issued at once; x (the kernel before's
+    // output, maybe) only after griddepcontrol.wait, which returns when that kernel has
+    // finished and its writes are visible; y is written after it too. Then the kernel
+    // after this one may be launched (it waits for this one's end the same way).
+#pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
-        issue(s);
+        issue(s, false);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#if STAGGER
+    const int rot0 = rot;
+#else
+    const int rot0 = 0;
+#endif
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)  // slot s: the k-tile issue(s) took
+        if (s < total && PROBE != 2)
+            cp_x(mine_s + s * (SLOT_WORDS * 4),
+                 x + (size_t)(warp + ((s + rot0) % iters) * WARPS) * KTILE, M, K, lane);
+    asm volatile("cp.async.commit_group;" ::: "memory");  // one group: every slot's x
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#else
+    for (int s = 0; s < STAGES - 1; ++s)
+        issue(s, true);
+#endif
     for (int tt = 0, i = 0, use = 0; tt < my_tiles; ++tt) {
         float out[NOUT][4];
 #pragma unroll
         for (int b = 0; b < NOUT; ++b)
             out[b][0] = out[b][1] = out[b][2] = out[b][3] = 0.f;
         for (int it = 0; it < iters; ++it, ++i, use = use == STAGES - 1 ? 0 : use + 1) {
-            issue(i + STAGES - 1);
+            issue(i + STAGES - 1, true);
 #if TMA
             bar_wait(bar0 + 8 * use, (i / STAGES) & 1);  // the slot's copies have landed
 #else
+#if PDL
+            if (i == 0)  // the prologue's x came in a group after its words: all but this one
+                asm volatile("cp.async.wait_group 1;" ::: "memory");
+            else
+#endif
             asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
             __syncwarp();  // the table's pairs and x's rows came from other lanes
 #endif

@@ -161,6 +161,49 @@ def test_persistent_blocks_give_the_same_bits(warps, nb, stages, blocks, monkeyp
         torch.cuda.get_device_properties(0).multi_processor_count
 
 
+@pytest.mark.skipif(torch.cuda.get_device_capability(0)[0] < 9 if torch.cuda.is_available()
+                    else True, reason="programmatic dependent launches need sm_90")
+@pytest.mark.parametrize("warps,nb,stages,persist,stagger",
+                         [(8, 4, 4, False, False), (4, 2, 3, False, False),
+                          (4, 3, 2, False, True), (8, 4, 4, True, False)])
+def test_dependent_launch_waits_for_x(warps, nb, stages, persist, stagger, monkeypatch):
+    """PDL (launched while the kernel before it may run: the words issued first, x only
+    after griddepcontrol.wait): the same bits as a plain launch, eagerly and in a CUDA
+    graph where x is the output of the GEMM just before it."""
+    monkeypatch.setattr(C, "STAGGER", stagger)
+    for n, k, group in SHAPES:
+        packed, sz, w64, tiles = _case(n, k, group, seed=k + 5)
+        for m in (1, 3, 8, 16):
+            cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages, persist=persist)
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+            monkeypatch.setattr(C, "PDL", False)
+            y = C.launch(x, packed, sz, n, group, tiles, cfg)
+            monkeypatch.setattr(C, "PDL", True)
+            assert C.pdl_launch(0)
+            assert torch.equal(C.launch(x, packed, sz, n, group, tiles, cfg), y), \
+                (n, k, group, m, cfg)
+        # a graph of x = a @ b (cuBLAS) and the dependent launch on x, replayed on three
+        # a's: a read of x before the GEMM ends would see the last replay's x
+        a = torch.zeros(m, 8192, device=DEV, dtype=torch.bfloat16)
+        b = torch.randn(8192, k, device=DEV).to(torch.bfloat16) / 64
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            C.launch(a @ b, packed, sz, n, group, tiles, cfg)
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            x = a @ b
+            y = C.launch(x, packed, sz, n, group, tiles, cfg)
+        for seed in range(3):
+            a.copy_(torch.randn(m, 8192, device=DEV))
+            g.replay()
+            monkeypatch.setattr(C, "PDL", False)
+            assert torch.equal(y, C.launch(x, packed, sz, n, group, tiles, cfg)), (n, k, seed)
+            monkeypatch.setattr(C, "PDL", True)
+        _check(y, x, w64)
+
+
 def test_a_ring_just_under_48_kib_launches():
     """45 KiB of ring and 4 KiB of static sums: past the default limit together (the
     attribute must be raised whatever the ring's own size)."""
