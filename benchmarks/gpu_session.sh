@@ -722,14 +722,39 @@ int4pdl23() {  # issue 16, session 23: int4_rows as a programmatic dependent lau
     ab bf16_b1 "" --batch 1 $b
 }
 
+pdlchain23() {  # issue 16, session 23: whole decode steps captured as programmatic
+    # dependent launches (cuda_graph.DEPENDENT_LAUNCHES: int4_rows, the Triton GEMV,
+    # attention and fused kernels; compiled_layer.INDUCTOR_PDL: Inductor's), by format,
+    # against the same process path without (~9 min)
+    local b="--prompt-len 128 --gen-len 64"
+    local g="import llamadist.runtime.cuda_graph as G; G.DEPENDENT_LAUNCHES = True"
+    local i="import llamadist.runtime.compiled_layer as CL; CL.INDUCTOR_PDL = True"
+    local two="import llamadist.kernels.cuda_int4 as C; C.PDL = True"
+    step test_chain 200 python3 -m pytest -q -p no:cacheprovider -rf -k "dependent" \
+        tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py
+    checkpoint
+    ab i4_b1 "" --quantize int4 --batch 1 $b
+    ab i4_b1_chain "$g; $i" --quantize int4 --batch 1 $b
+    ab i4_b1_two "$two; $i" --quantize int4 --batch 1 $b
+    ab i8_b1 "" --quantize int8 --quantize-head --batch 1 $b
+    ab i8_b1_chain "$g" --quantize int8 --quantize-head --batch 1 $b
+    ab i8_b1_cchain "$g; $i" --quantize int8 --quantize-head --compile --batch 1 $b
+    ab bf16_b1 "" --batch 1 $b
+    ab fp8_b1 "" --quantize fp8 --quantize-head --batch 1 $b
+    ab fp8_b1_chain "$g" --quantize fp8 --quantize-head --batch 1 $b
+    ab i4_b4_chain "$g; $i" --quantize int4 --batch 4 $b
+    ab i4_b4 "" --quantize int4 --batch 4 $b
+    ab bf16_b1_chain "$g" --batch 1 $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -198,8 +198,9 @@ HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (AL
 BULK = False  # True: on sm_90+, the ring filled by bulk copies (TMA) instead of cp.async
 STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async only)
 PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many blocks (tests)
-# True: on sm_90+, launched as a programmatic dependent launch (its words issued before it
-# waits for the kernel before it; see int4_rows.cu)
+# True: on sm_90+, always launched as a programmatic dependent launch (its words issued
+# before it waits for the kernel before it; see int4_rows.cu): tests and benchmarks. Else
+# inside gpu.dependent_launches only.
 PDL = False
 
 
@@ -275,8 +276,9 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
 
 def pdl_launch(index: int) -> bool:
     """Whether int4_rows launches as a programmatic dependent launch on device ``index``
-    (``PDL``, on sm_90 and later, not with BULK)."""
-    return PDL and not BULK and int(_arch(index)) >= 90
+    now (``PDL`` or inside gpu.dependent_launches; sm_90 and later; not with BULK)."""
+    return (PDL or gpu.launch_dependent(torch.device("cuda", index))) and not BULK \
+        and int(_arch(index)) >= 90
 
 
 class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: an id, a 64-byte union

@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 COMPILE_MODULES = ("torch._inductor.compile_fx", "torch._inductor.async_compile")
 CUDA_MODULES = ("torch._inductor.codegen.triton",)
 SWITCH_S = 0.0002  # the GIL's switch interval while the background import runs
+# Inductor's Triton kernels as programmatic dependent launches (llamadist.kernels.gpu's
+# dependent_launches says when that pays)
+INDUCTOR_PDL = False
 
 _COMPILED_LAYER = None
 _lock = threading.Lock()  # making _COMPILED_LAYER
@@ -57,7 +60,9 @@ def _make_compiled_layer():
             # One entry per batch bucket and dtype; the default limit of 8 would silently
             # fall back to eager for a model used with many buckets.
             cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-            _COMPILED_LAYER = torch.compile(_call_layer, fullgraph=True, dynamic=None)
+            _COMPILED_LAYER = torch.compile(
+                _call_layer, fullgraph=True, dynamic=None,
+                options={"triton.enable_pdl": True} if INDUCTOR_PDL else None)
             # Inductor's atexit hook (registered by that import) would wait for its
             # compile workers; ours, registered after it, runs first and kills them.
             from llamadist.runtime.compile_workers import stop_at_exit

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
+from llamadist.kernels import gpu
 from llamadist.runtime import compile_cache
 from llamadist.runtime.compiled_layer import compiled_layer_call
 from llamadist.runtime.kv_cache import KVCache, LayerCache
@@ -35,6 +36,9 @@ from llamadist.runtime.stage import Stage, to_stage
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2
+# Capture the decode step's kernels as programmatic dependent launches where they can be
+# (llamadist.kernels.gpu.dependent_launches; sm_90+)
+DEPENDENT_LAUNCHES = False
 
 
 def per_stage(flag: bool | Sequence[bool], n: int) -> list[bool]:
@@ -127,7 +131,8 @@ class GraphCapture:
 
     def _capture(self, bk) -> None:
         t0 = time.perf_counter()
-        with torch.cuda.device(self.stage.device):
+        with torch.cuda.device(self.stage.device), \
+                gpu.dependent_launches(DEPENDENT_LAUNCHES):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):

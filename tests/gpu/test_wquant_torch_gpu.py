@@ -208,3 +208,28 @@ def test_smollm2_gguf_torch_backend_bf16(smollm2):
     a, b = (s.forward(x, pos, 0, None, logits="all").float() for s in stages)
     assert (a - b).abs().max().item() <= 0.03 * b.abs().max().item()
     assert (a[0, -1].argmax() == b[0, -1].argmax()).item()
+
+
+@pytest.mark.skipif(torch.cuda.get_device_capability(0)[0] < 9 if torch.cuda.is_available()
+                    else True, reason="programmatic dependent launches need sm_90")
+@pytest.mark.parametrize("kind,compile_layers", [("int4", True), ("int8", False),
+                                                 ("fp8", True)])
+def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, monkeypatch):
+    """Decode graphs captured as programmatic dependent launches (int4_rows, the Triton
+    GEMV, attention and fused kernels, and Inductor's where compiled: each waits for the
+    kernel before it before reading) give the same greedy steps and log-probabilities,
+    to the bit, as the same graphs without."""
+    from llamadist.api import LLM
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime import compiled_layer, cuda_graph
+    rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant="torch", max_batch=2,
+                       compile=compile_layers)
+    prompts = ["The quick brown fox", "1 2 3 4 5"]
+    steps = {}
+    for on in (False, True):
+        monkeypatch.setattr(cuda_graph, "DEPENDENT_LAUNCHES", on)
+        monkeypatch.setattr(compiled_layer, "INDUCTOR_PDL", on)
+        monkeypatch.setattr(compiled_layer, "_COMPILED_LAYER", None)
+        steps[on] = _greedy_with_logprobs(LLM(wide_model, devices="cuda:0", runtime=rt),
+                                          prompts)
+    assert steps[True] == steps[False]

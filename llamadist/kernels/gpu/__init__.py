@@ -14,6 +14,7 @@ file itself must not import triton.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
@@ -108,3 +109,40 @@ def custom_op(name: str, impl: Callable, mutates_args: tuple[str, ...] = (),
 
     call.op = op
     return call
+
+
+# ---- programmatic dependent launches --------------------------------------------------------
+# A kernel launched with CUDA's programmatic stream serialization (sm_90+) may start while
+# the kernel before it in the stream still runs; it calls griddepcontrol.wait (Triton's
+# gdc_wait) before it reads what that kernel wrote, and griddepcontrol.launch_dependents
+# to let the next such kernel start. CUDA graphs keep these as programmatic edges. It pays
+# only along a chain where every kernel takes part: in an int4 decode layer on the H200
+# (RESULTS.md, session 23) int4_rows and Inductor's kernels together took the batch-1 step
+# from 2.354 to 2.207 ms, where either alone made it slower (2.507, 2.402): a kernel that
+# never signals makes the next one wait for its end anyway, and the wait costs. So the
+# chain is switched on where it is whole, by ``dependent_launches`` around a decode step's
+# capture, and each kernel asks ``launch_dependent`` as it launches.
+_CHAIN = threading.local()
+
+
+@contextlib.contextmanager
+def dependent_launches(on: bool = True):
+    """Inside, llamadist's kernels on sm_90+ launch as programmatic dependent launches."""
+    before = getattr(_CHAIN, "on", False)
+    _CHAIN.on = on
+    try:
+        yield
+    finally:
+        _CHAIN.on = before
+
+
+@functools.cache
+def _has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def launch_dependent(device: torch.device) -> bool:
+    """Whether a kernel launched now on ``device`` launches as a dependent one."""
+    return (getattr(_CHAIN, "on", False) and device.type == "cuda"
+            and _has_pdl(device.index if device.index is not None
+                         else torch.cuda.current_device()))

@@ -9,6 +9,8 @@ import triton
 import triton.language as tl
 
 from llamadist.kernels.decode_attention import BLOCK_N, _multiprocessors, num_splits
+from llamadist.kernels.gpu import launch_dependent
+from llamadist.kernels.gpu.dependent import enter, launch_options
 
 
 @triton.jit
@@ -17,7 +19,8 @@ def _split_kernel(Q, K, V, Mask, Start, Cos, Sin, Acc, ML,
                   n_bh, H_KV, G, qk_scale,
                   D: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
                   SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, ROPE: tl.constexpr,
-                  IEEE: tl.constexpr):
+                  IEEE: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // H_KV
@@ -83,7 +86,8 @@ def _split_kernel(Q, K, V, Mask, Start, Cos, Sin, Acc, ML,
 
 @triton.jit
 def _merge_kernel(Acc, ML, Out, so_b, so_h, so_g, n_bh, H_KV, G,
-                  D: tl.constexpr, SPLITS: tl.constexpr):
+                  D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+    enter(PDL)
     pid = tl.program_id(0)
     g = pid % G
     bh = pid // G
@@ -123,6 +127,7 @@ def launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         cos, sin = cos.reshape(cos.shape[0], d), sin.reshape(sin.shape[0], d)  # (B, D)
         if cos.stride(-1) != 1 or sin.stride() != cos.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
+    pdl = launch_dependent(q.device)
     _split_kernel[(n_bh, splits)](
         q, keys, values, q if mask is None else mask, start,
         cos if rope else q, sin if rope else q, acc, ml,
@@ -131,8 +136,9 @@ def launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         cos.stride(0) if rope and cos.shape[0] > 1 else 0,
         n_bh, h_kv, g, d ** -0.5 * 1.4426950408889634,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N, SPLITS=splits,
-        HAS_MASK=mask is not None, ROPE=rope, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2)
+        HAS_MASK=mask is not None, ROPE=rope, IEEE=q.dtype == torch.float32, PDL=pdl,
+        num_warps=4, num_stages=2, **launch_options(pdl))
     _merge_kernel[(n_bh * g,)](acc, ml, out, out.stride(0), out.stride(1), out.stride(2),
-                               n_bh, h_kv, g, D=d, SPLITS=splits, num_warps=4)
+                               n_bh, h_kv, g, D=d, SPLITS=splits, PDL=pdl, num_warps=4,
+                               **launch_options(pdl))
     return out

@@ -11,14 +11,16 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from llamadist.kernels.gpu import interpreted
+from llamadist.kernels.gpu import interpreted, launch_dependent
+from llamadist.kernels.gpu.dependent import enter, launch_options
 
 
 @triton.jit
 def _add_rms_norm_kernel(X, R, S, Y, W, sx, sr, ss, sy, D, eps,
-                         BLOCK: tl.constexpr, HAS_R: tl.constexpr):
+                         BLOCK: tl.constexpr, HAS_R: tl.constexpr, PDL: tl.constexpr):
     # One program per row: s = x + r (stored: the new residual stream), then
     # y = w * (s32 * rsqrt(mean(s32^2) + eps)).to(dtype), as RMSNorm.forward.
+    enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     keep = offs < D
@@ -36,12 +38,14 @@ def _add_rms_norm_kernel(X, R, S, Y, W, sx, sr, ss, sy, D, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr, PRECISE: tl.constexpr):
+def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr, PRECISE: tl.constexpr,
+                     PDL: tl.constexpr):
     # Program (row, block of F columns): out = silu(gate).to(dtype) * up, gate = GU[:, :F],
     # up = GU[:, F:], as F.silu(gate) * up (each op in float32, stored in dtype).
     # PRECISE (compiled): CUDA's expf and a rounded division, as PyTorch's silu kernel;
     # tl.exp and "/" are approximate there (fp16 outputs 2 ulps off, seen on the H200).
     # The interpreter has no libdevice, and its numpy exp is accurate already.
+    enter(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     keep = cols < F
@@ -79,8 +83,9 @@ def _rotate_heads(X, O, sx_n, sx_h, so_n, n, H, cos, sin, offs_d, partner, sign,
 @triton.jit
 def _rope_kernel(Q, K, QO, KO, CS, SN, sq_n, sq_h, sk_n, sk_h, sc_n, H, H_KV,
                  D: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr,
-                 HKV_PAD: tl.constexpr):
+                 HKV_PAD: tl.constexpr, PDL: tl.constexpr):
     # One program per token: its q heads and its k heads, cos/sin read once.
+    enter(PDL)
     n = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, D_PAD)
     d_ok = offs_d < D
@@ -117,10 +122,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                      device=x.device)
     block = max(16, triton.next_power_of_2(d))
     if x2.shape[0]:
+        pdl = launch_dependent(x.device)
         _add_rms_norm_kernel[(x2.shape[0],)](
             x2, r2, s2, y2, weight, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
-            d, float(eps), BLOCK=block, HAS_R=residual is not None,
-            num_warps=min(16, max(1, block // 512)))
+            d, float(eps), BLOCK=block, HAS_R=residual is not None, PDL=pdl,
+            num_warps=min(16, max(1, block // 512)), **launch_options(pdl))
     s = s2.view(x.shape) if residual is not None else x
     return s, y2.view(x.shape)
 
@@ -138,9 +144,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gu.shape[0] and f:
         block = SILU_BLOCK if gu.shape[0] * f >= 2 * 132 * SILU_BLOCK else SILU_BLOCK_SMALL
         block = min(block, max(16, triton.next_power_of_2(f)))
+        pdl = launch_dependent(gu.device)
         _silu_mul_kernel[(gu.shape[0], triton.cdiv(f, block))](
             gu, out, gu.stride(0), out.stride(0), f, BLOCK=block, PRECISE=not interpreted(),
-            num_warps=max(1, min(4, block // 256)))
+            PDL=pdl, num_warps=max(1, min(4, block // 256)), **launch_options(pdl))
     return out.view(*gate_up.shape[:-1], f)
 
 
@@ -161,9 +168,11 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if n:
         d_pad = max(16, triton.next_power_of_2(d))
         h_pad = max(2, triton.next_power_of_2(h))
+        pdl = launch_dependent(q.device)
         _rope_kernel[(n,)](
             q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos.stride(0), h, h_kv, D=d, D_PAD=d_pad, H_PAD=h_pad,
-            HKV_PAD=max(2, triton.next_power_of_2(h_kv)),
-            num_warps=max(1, min(8, h_pad * d_pad // 1024)), enable_fp_fusion=False)
+            HKV_PAD=max(2, triton.next_power_of_2(h_kv)), PDL=pdl,
+            num_warps=max(1, min(8, h_pad * d_pad // 1024)), enable_fp_fusion=False,
+            **launch_options(pdl))
     return qo, ko

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llamadist.kernels.gpu import interpreted
+from llamadist.kernels.gpu import interpreted, launch_dependent
+from llamadist.kernels.gpu.dependent import enter, launch_options
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
                                              _blocks, _x_operand, device_traits,
                                              gemv_config, tile_k)
@@ -266,7 +267,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, PARTIAL: tl.constexpr,
                  EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
                  GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
-                 WIDE_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 WIDE_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K (WIDE_G: a
@@ -279,7 +281,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     in the loop; ROWS tiles of registers). WIDE_G (DEFER, grouped int8 / fp8): a tile
     spans BLOCK_K / GROUP_B groups: each run of SUB (16) products of one group is summed
     (within a thread), times the group's scale, into a (BN, BK / SUB) tile of sums (the
-    narrow tiles of one group each cost more)."""
+    narrow tiles of one group each cost more). PDL: a dependent launch (gpu.dependent)."""
+    enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -383,8 +386,9 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
 
 @triton.jit
 def _splitk_sum_kernel(p_ptr, b_ptr, y_ptr, M, N, stride_ym, SPLIT: tl.constexpr,
-                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+                       HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """y[m] = sum over splits of the float32 partials (SPLIT, M, N), in split order."""
+    enter(PDL)
     rn = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = tl.program_id(1)
     ok = rn < N
@@ -509,13 +513,14 @@ def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, s
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
-def _sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+def _sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                pdl: bool = False) -> None:
     """y (M, N) = the sum of the float32 split-K partials (SPLIT, M, N) (+ bias)."""
     split, m, n = partials.shape
     blk = 1024
     _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
         partials, bias if bias is not None else partials, y, m, n, y.stride(0), SPLIT=split,
-        HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4)
+        HAS_BIAS=bias is not None, BLOCK=blk, PDL=pdl, num_warps=4, **launch_options(pdl))
 
 
 def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
@@ -576,7 +581,9 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     xk, xdt = _x_operand(x2, kind, k)
     qv = q.view(torch.uint8) if kind == "int8" else q
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
-    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    pdl = launch_dependent(y.device)
+    extra = {"num_stages": cfg.stages} if cfg.stages is not None else {}
+    extra.update(launch_options(pdl), PDL=pdl)
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, kb, k, n, ks,
@@ -588,7 +595,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), WIDE_G=wide,
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
-        _sum_splits(out, bias, y)
+        _sum_splits(out, bias, y, pdl)
 
 
 def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
