@@ -705,11 +705,12 @@ int4persist22() {  # issue 16, session 22: cuda_int4's persist forms (a grid of 
 
 int4pdl23() {  # issue 16, session 23: int4_rows as a programmatic dependent launch (its
     # words issued before griddepcontrol.wait), Inductor's kernels the same way
-    # (torch._inductor.config.triton.enable_pdl): the GPU test, then 8B int4 decode with
-    # each, both and neither, and bf16 (~8 min)
-    local b="--prompt-len 128 --gen-len 64"
+    # (torch._inductor.config.triton.enable_pdl), each alone and both, the rest of the
+    # step plain (--no-dependent-launches: as at 7698237): the GPU test, then 8B decode
+    # (~5 min)
+    local b="--prompt-len 128 --gen-len 64 --no-dependent-launches"
     local pdl="import llamadist.kernels.cuda_int4 as C; C.PDL = True"
-    local ipdl="import torch._inductor.config as IC; print('inductor pdl', IC.triton.enable_pdl); IC.triton.enable_pdl = True"
+    local ipdl="import torch._inductor.config as IC; IC.triton.enable_pdl = True"
     step test_pdl 120 python3 -m pytest -q -p no:cacheprovider -rf -k "dependent or graph" \
         tests/gpu/test_cuda_int4_gpu.py
     checkpoint
@@ -723,28 +724,25 @@ int4pdl23() {  # issue 16, session 23: int4_rows as a programmatic dependent lau
 }
 
 pdlchain23() {  # issue 16, session 23: whole decode steps captured as programmatic
-    # dependent launches (cuda_graph.DEPENDENT_LAUNCHES: int4_rows, the Triton GEMV,
-    # attention and fused kernels; compiled_layer.INDUCTOR_PDL: Inductor's), by format,
-    # against the same process path without (~9 min)
-    local b="--prompt-len 128 --gen-len 64"
-    local g="import llamadist.runtime.cuda_graph as G; G.DEPENDENT_LAUNCHES = True"
-    local i="import llamadist.runtime.compiled_layer as CL; CL.INDUCTOR_PDL = True"
-    local two="import llamadist.kernels.cuda_int4 as C; C.PDL = True"
+    # dependent launches (the default since then: int4_rows, the Triton GEMV, attention
+    # and fused kernels, and Inductor's where compiled) against --no-dependent-launches,
+    # by format, one process each (~7 min)
+    local b="--prompt-len 128 --gen-len 64" no="--no-dependent-launches"
     step test_chain 200 python3 -m pytest -q -p no:cacheprovider -rf -k "dependent" \
         tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py
     checkpoint
-    ab i4_b1 "" --quantize int4 --batch 1 $b
-    ab i4_b1_chain "$g; $i" --quantize int4 --batch 1 $b
-    ab i4_b1_two "$two; $i" --quantize int4 --batch 1 $b
-    ab i8_b1 "" --quantize int8 --quantize-head --batch 1 $b
-    ab i8_b1_chain "$g" --quantize int8 --quantize-head --batch 1 $b
-    ab i8_b1_cchain "$g; $i" --quantize int8 --quantize-head --compile --batch 1 $b
-    ab bf16_b1 "" --batch 1 $b
-    ab fp8_b1 "" --quantize fp8 --quantize-head --batch 1 $b
-    ab fp8_b1_chain "$g" --quantize fp8 --quantize-head --batch 1 $b
-    ab i4_b4_chain "$g; $i" --quantize int4 --batch 4 $b
-    ab i4_b4 "" --quantize int4 --batch 4 $b
-    ab bf16_b1_chain "$g" --batch 1 $b
+    ab i4_b1 "" --quantize int4 --batch 1 $b $no
+    ab i4_b1_chain "" --quantize int4 --batch 1 $b
+    ab i4h_b1_chain "" --quantize int4 --quantize-head --batch 1 $b
+    ab i8_b1 "" --quantize int8 --quantize-head --batch 1 $b $no
+    ab i8_b1_chain "" --quantize int8 --quantize-head --batch 1 $b
+    ab i8_b1_cchain "" --quantize int8 --quantize-head --compile --batch 1 $b
+    ab bf16_b1 "" --batch 1 $b $no
+    ab bf16_b1_chain "" --batch 1 $b
+    ab fp8_b1 "" --quantize fp8 --quantize-head --batch 1 $b $no
+    ab fp8_b1_chain "" --quantize fp8 --quantize-head --batch 1 $b
+    ab i4_b4_chain "" --quantize int4 --batch 4 $b
+    ab i4_b4 "" --quantize int4 --batch 4 $b $no
 }
 
 case ${1:-} in

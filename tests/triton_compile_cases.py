@@ -155,6 +155,11 @@ def wquant_cases() -> None:
             bias = torch.zeros(n, dtype=dtype) if (i + c) % 2 else None
             m.launch(torch.zeros(rows, k, dtype=dtype), pw.kind, pw.q, pw.scale, pw.offset,
                      bias, pw.group, n, k, cfg)
+    m.launch_dependent = lambda device: True  # dependent launches: the GEMV and its sum
+    pw = W.quantize_int8(torch.randn(64, 256))
+    m.launch(torch.zeros(1, 256, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None, None,
+             pw.group, 64, 256, GemvConfig(block_n=16, block_k=32, split=3))
+    m.launch_dependent = lambda device: False
     pw = W.quantize_int8(torch.randn(64, 2048), 32)  # grouped int8's own cuts: tiles of
     for rows, bn, bk in ((1, 8, 2048), (2, 8, 1024), (3, 16, 512)):  # several groups
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
@@ -197,6 +202,11 @@ def paged_cases() -> None:
             tables = torch.zeros(s, 8, dtype=torch.int32)
             for splits in (1, 4):
                 m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
+            if d == 128:  # the same three kernels as dependent launches (gpu.dependent)
+                m.launch_dependent = lambda device: True
+                m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, torch.zeros(s, dtype=torch.long))
+                m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
+                m.launch_dependent = lambda device: False
 
 
 def decode_cases() -> None:
@@ -217,6 +227,10 @@ def decode_cases() -> None:
                 am = torch.zeros(b, 1, 1, s, dtype=dtype) if mask else None
                 cs = torch.zeros(b, 1, 1, d, dtype=dtype) if rope else None
                 m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
+                if i == j == 0 and rope:  # as dependent launches (gpu.dependent)
+                    m.launch_dependent = lambda device: True
+                    m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
+                    m.launch_dependent = lambda device: False
 
 
 def eager_fused_cases() -> None:
@@ -241,6 +255,13 @@ def eager_fused_cases() -> None:
             q, k = qkv[:, :h * d].view(4, h, d), qkv[:, h * d:(h + h_kv) * d].view(4, h_kv, d)
             cs = torch.zeros(4, d, dtype=dtype)
             m.rope(q, k, cs, cs)
+    m.launch_dependent = lambda device: True  # each kernel as a dependent launch, bf16
+    x = torch.zeros(3, 4096, dtype=torch.bfloat16)
+    m.add_rms_norm(x, x, torch.zeros(4096, dtype=torch.bfloat16), 1e-5)
+    m.silu_mul(torch.zeros(5, 2 * 14336, dtype=torch.bfloat16))
+    qkv = torch.zeros(4, 48 * 128, dtype=torch.bfloat16)
+    m.rope(qkv[:, :4096].view(4, 32, 128), qkv[:, 4096:5120].view(4, 8, 128),
+           torch.zeros(4, 128, dtype=torch.bfloat16), torch.zeros(4, 128, dtype=torch.bfloat16))
 
 
 def selftest_cases() -> None:

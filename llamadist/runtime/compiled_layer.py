@@ -34,12 +34,9 @@ log = logging.getLogger(__name__)
 COMPILE_MODULES = ("torch._inductor.compile_fx", "torch._inductor.async_compile")
 CUDA_MODULES = ("torch._inductor.codegen.triton",)
 SWITCH_S = 0.0002  # the GIL's switch interval while the background import runs
-# Inductor's Triton kernels as programmatic dependent launches (llamadist.kernels.gpu's
-# dependent_launches says when that pays)
-INDUCTOR_PDL = False
 
-_COMPILED_LAYER = None
-_lock = threading.Lock()  # making _COMPILED_LAYER
+_COMPILED_LAYERS: dict[bool, object] = {}  # by dependent launches (``pdl``)
+_lock = threading.Lock()  # making _COMPILED_LAYERS's
 _start_lock = threading.Lock()  # starting the importer
 _saved_interval: float | None = None  # the switch interval the import thread found
 _importer: threading.Thread | None = None
@@ -51,34 +48,42 @@ def _call_layer(layer, h, pending, cos, sin, cache, start, mask):
     return layer.forward_deferred(h, pending, cos, sin, cache, start, mask)
 
 
-def _make_compiled_layer():
-    global _COMPILED_LAYER
+def _call_layer_pdl(layer, h, pending, cos, sin, cache, start, mask):
+    # the same, as its own code object: torch._dynamo keeps its compiled entries on the
+    # code, so the artifact with dependent launches never stands in for the other
+    return layer.forward_deferred(h, pending, cos, sin, cache, start, mask)
+
+
+def _make_compiled_layer(pdl: bool = False):
+    """The compiled layer; ``pdl``: Inductor's Triton kernels as programmatic dependent
+    launches (the stage's dependent_launches: llamadist.kernels.gpu)."""
     with _lock:
-        if _COMPILED_LAYER is None:
+        if pdl not in _COMPILED_LAYERS:
             import torch._dynamo
             cfg = torch._dynamo.config
             # One entry per batch bucket and dtype; the default limit of 8 would silently
             # fall back to eager for a model used with many buckets.
             cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-            _COMPILED_LAYER = torch.compile(
-                _call_layer, fullgraph=True, dynamic=None,
-                options={"triton.enable_pdl": True} if INDUCTOR_PDL else None)
+            _COMPILED_LAYERS[pdl] = torch.compile(
+                _call_layer_pdl if pdl else _call_layer, fullgraph=True, dynamic=None,
+                options={"triton.enable_pdl": True} if pdl else None)
             # Inductor's atexit hook (registered by that import) would wait for its
             # compile workers; ours, registered after it, runs first and kills them.
             from llamadist.runtime.compile_workers import stop_at_exit
             stop_at_exit()
-    return _COMPILED_LAYER
+    return _COMPILED_LAYERS[pdl]
 
 
-def compiled_layer_call():
+def compiled_layer_call(pdl: bool = False):
     """``layer_fn`` for Llama.forward: the decoder layer under torch.compile, shared by
     every layer (parameters are inputs). Shapes are static at the first batch size seen
     (the one-sequence bucket, where fused kernels matter most) and dynamic in the batch
     from the second (torch's automatic dynamic shapes): two compilations in all, and two
     more for a stage's first layer, which has no pending residual, instead of two per
-    batch bucket (9 buckets at max_batch 256 took minutes to warm up)."""
+    batch bucket (9 buckets at max_batch 256 took minutes to warm up). ``pdl``: Inductor's
+    kernels launched as programmatic dependent launches (a second compiled artifact)."""
     wait_compiler_import()
-    return _make_compiled_layer()
+    return _make_compiled_layer(pdl)
 
 
 def _import_compiler(cuda: bool) -> None:
@@ -125,7 +130,7 @@ def start_compiler_import(cuda: bool = True) -> bool:
     this call started it. ``cuda``: import the Triton codegen as well."""
     global _importer
     with _start_lock:
-        if _importer is not None or _COMPILED_LAYER is not None:
+        if _importer is not None or _COMPILED_LAYERS:
             return False
         _importer = threading.Thread(target=_import_compiler, args=(cuda,),
                                      name="llamadist-compiler-import", daemon=True)

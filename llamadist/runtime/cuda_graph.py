@@ -36,9 +36,6 @@ from llamadist.runtime.stage import Stage, to_stage
 log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2
-# Capture the decode step's kernels as programmatic dependent launches where they can be
-# (llamadist.kernels.gpu.dependent_launches; sm_90+)
-DEPENDENT_LAUNCHES = False
 
 
 def per_stage(flag: bool | Sequence[bool], n: int) -> list[bool]:
@@ -131,8 +128,9 @@ class GraphCapture:
 
     def _capture(self, bk) -> None:
         t0 = time.perf_counter()
+        # the step's kernels as programmatic dependent launches where the stage has them
         with torch.cuda.device(self.stage.device), \
-                gpu.dependent_launches(DEPENDENT_LAUNCHES):
+                gpu.dependent_launches(self.stage.dependent_launches):
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
@@ -157,7 +155,8 @@ class StageDecoder(GraphCapture):
         self.stage = stage
         self.device = stage.device
         self.capture = capture and stage.device.type == "cuda"
-        self.layer_fn = compiled_layer_call() if compile_layers else None
+        self.layer_fn = compiled_layer_call(stage.dependent_launches) if compile_layers \
+            else None
         self.keep_artifacts(compile_cache)
         self.sizes = bucket_sizes(stage.batch_size)
         self.buckets: dict[int, _Bucket] = {}

@@ -246,6 +246,15 @@ def paged_decode_fn(device: torch.device, runtime: RuntimeConfig) -> PagedDecode
     return None
 
 
+def dependent_launches(device: torch.device, runtime: RuntimeConfig) -> bool:
+    """Whether a stage on ``device`` captures its decode graphs as programmatic dependent
+    launches: ``runtime.dependent_launches`` on a CUDA device that has them
+    (llamadist.kernels.gpu.pdl_supported: sm_90+, driver 12.3+)."""
+    return (runtime.dependent_launches and runtime.cuda_graphs and device.type == "cuda"
+            and gpu.pdl_supported(device.index if device.index is not None
+                                  else torch.cuda.current_device()))
+
+
 def use_grouped_experts(model: nn.Module, force: bool = False) -> int:
     """Give every SparseMoE of ``model`` whose experts are fused (w13) and plain float
     tensors the grouped-GEMM ``expert_fn``, where ``moe_grouped.available`` (``force``:

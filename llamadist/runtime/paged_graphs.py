@@ -111,7 +111,8 @@ class PagedStageDecoder(GraphCapture):
         self.stage = stage
         self.max_blocks = max_blocks
         self.capture = capture and stage.device.type == "cuda"
-        self.layer_fn = compiled_layer_call() if compile_layers else None
+        self.layer_fn = compiled_layer_call(stage.dependent_launches) if compile_layers \
+            else None
         self.keep_artifacts(compile_cache)
         self.buckets: dict[int, PagedBucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None

@@ -20,7 +20,7 @@ from llamadist.parallel.tensor import Group, tensor_parallel_pass
 from llamadist.runtime.compiled_layer import start_compiler_import
 from llamadist.runtime.kernel_passes import (apply_kernel_passes, compile_expected,
                                              decode_layer_fn, decode_step_fn,
-                                             paged_decode_fn)
+                                             dependent_launches, paged_decode_fn)
 from llamadist.runtime.kv_cache import KVCache
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch, PagedKVCache
@@ -82,6 +82,8 @@ class Stage:
         self.step_fn = decode_step_fn(device, runtime or RuntimeConfig())
         # The paged cache's decode-only attention (the Triton kernel on CUDA) or None.
         self.paged_decode = paged_decode_fn(device, runtime or RuntimeConfig())
+        # Whether its decode graphs capture programmatic dependent launches.
+        self.dependent_launches = dependent_launches(device, runtime or RuntimeConfig())
         self.num_kv_heads = num_kv_heads
         self.paged: PagedKVCache | None = None  # made by init_paged
         if model.config.is_moe:  # per-expert load statistics (expert_load)

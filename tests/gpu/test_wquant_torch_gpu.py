@@ -221,15 +221,19 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, mon
     to the bit, as the same graphs without."""
     from llamadist.api import LLM
     from llamadist.config import RuntimeConfig
-    from llamadist.runtime import compiled_layer, cuda_graph
-    rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant="torch", max_batch=2,
-                       compile=compile_layers)
+    from llamadist.kernels import cuda_int4, gpu
+    launched = []
+    real = cuda_int4._launch_dependent
+    monkeypatch.setattr(cuda_int4, "_launch_dependent",
+                        lambda *a: launched.append(1) or real(*a))
     prompts = ["The quick brown fox", "1 2 3 4 5"]
     steps = {}
     for on in (False, True):
-        monkeypatch.setattr(cuda_graph, "DEPENDENT_LAUNCHES", on)
-        monkeypatch.setattr(compiled_layer, "INDUCTOR_PDL", on)
-        monkeypatch.setattr(compiled_layer, "_COMPILED_LAYER", None)
-        steps[on] = _greedy_with_logprobs(LLM(wide_model, devices="cuda:0", runtime=rt),
-                                          prompts)
+        rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant="torch", max_batch=2,
+                           compile=compile_layers, dependent_launches=on)
+        llm = LLM(wide_model, devices="cuda:0", runtime=rt)
+        assert all(s.dependent_launches == on for s in llm.engine.stages)
+        steps[on] = _greedy_with_logprobs(llm, prompts)
     assert steps[True] == steps[False]
+    assert bool(launched) == (kind == "int4")  # int4_rows captured as a dependent launch
+    assert not gpu.launch_dependent(torch.device("cuda", 0))  # only inside the capture

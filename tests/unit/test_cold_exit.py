@@ -130,7 +130,7 @@ def test_compiler_imports_beside_a_stage_build(tiny_model):
 
 
 def test_a_failed_background_import_is_reported_and_retried(monkeypatch, caplog):
-    monkeypatch.setattr(compiled_layer, "_COMPILED_LAYER", None)
+    monkeypatch.setattr(compiled_layer, "_COMPILED_LAYERS", {})
     monkeypatch.setattr(compiled_layer, "_importer", None)
     monkeypatch.setattr(compiled_layer, "COMPILE_MODULES", ("llamadist_no_such_module",))
     assert compiled_layer.start_compiler_import(cuda=False)

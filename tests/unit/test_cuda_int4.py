@@ -85,6 +85,26 @@ def test_every_form_compiles_without_local_memory(arch, tmp_path):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("cfg", [C.RowsConfig(8, 4, 1, 4), C.RowsConfig(8, 4, 8, 4, persist=True),
+                                 C.RowsConfig(4, 2, 16, 4)], ids=C.RowsConfig.label)
+def test_dependent_launch_form_waits_once(cfg, tmp_path):
+    """PDL: one griddepcontrol.wait (ACQBULK) and one launch_dependents (PREEXIT), the
+    wait after the words' first copies and before x's; no local memory."""
+    dis = _nvdisasm()
+    cubin = C.compile_cubin("90", C.defines(8, 128, cfg, pdl=True))
+    if dis is None:
+        pytest.skip("nvdisasm (triton's) not installed")
+    f = tmp_path / "k.cubin"
+    f.write_bytes(cubin)
+    sass = subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
+                          check=True).stdout
+    assert sass.count("ACQBULK") == 1 and sass.count("PREEXIT") == 1, cfg
+    assert not re.search(r"\b(LDL|STL)\b", sass)
+    wait = sass.index("ACQBULK")
+    assert "LDGSTS" in sass[:wait] and "LDGSTS" in sass[wait:]  # words before, x after
+
+
+@needs_nvrtc
 def test_compile_error_names_the_source_and_log():
     with pytest.raises(RuntimeError, match=r"could not compile int4_rows\.cu.*"):
         C.compile_cubin("90", {}, source="__global__ void f() { undefined_thing(); }")

@@ -87,7 +87,7 @@ def test_each_stage_compiles_as_its_own_flag_says(tiny_model, monkeypatch):
     from llamadist.runtime import paged_graphs
     from llamadist.runtime.engine import Engine
     marker = object()
-    monkeypatch.setattr(paged_graphs, "compiled_layer_call", lambda: marker)
+    monkeypatch.setattr(paged_graphs, "compiled_layer_call", lambda pdl=False: marker)
     model = Engine.load(str(tiny_model), devices=["cpu", "cpu"],
                         layer_ranges=[range(0, 2), range(2, 5)], max_batch=2, max_seq_len=32,
                         runtime=config.RuntimeConfig(max_seq_len=32, max_batch=2))

@@ -116,18 +116,34 @@ def custom_op(name: str, impl: Callable, mutates_args: tuple[str, ...] = (),
 # the kernel before it in the stream still runs; it calls griddepcontrol.wait (Triton's
 # gdc_wait) before it reads what that kernel wrote, and griddepcontrol.launch_dependents
 # to let the next such kernel start. CUDA graphs keep these as programmatic edges. It pays
-# only along a chain where every kernel takes part: in an int4 decode layer on the H200
+# along a chain of kernels that take part: in an int4 decode layer on the H200
 # (RESULTS.md, session 23) int4_rows and Inductor's kernels together took the batch-1 step
-# from 2.354 to 2.207 ms, where either alone made it slower (2.507, 2.402): a kernel that
-# never signals makes the next one wait for its end anyway, and the wait costs. So the
-# chain is switched on where it is whole, by ``dependent_launches`` around a decode step's
-# capture, and each kernel asks ``launch_dependent`` as it launches.
+# from 2.354 to 2.207 ms, where either alone made it slower (2.507, 2.402: a kernel that
+# never signals makes the next one wait for its end anyway, and the wait costs); with
+# every llamadist kernel of the step taking part, 1.06-1.09x faster in every format, bf16
+# included (cuBLAS's kernels do not). A stage's decode graphs are captured inside
+# ``dependent_launches`` (RuntimeConfig.dependent_launches, where ``pdl_supported``), and
+# each kernel asks ``launch_dependent`` as it launches.
 _CHAIN = threading.local()
+PDL_DRIVER = 12030  # CUDA 12.3: stream capture keeps programmatic launches as graph edges
+
+
+@functools.cache
+def pdl_supported(index: int) -> bool:
+    """Whether CUDA device ``index`` takes programmatic dependent launches inside CUDA
+    graphs: NVIDIA sm_90 or later, driver 12.3 or later."""
+    if torch.version.hip is not None or torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    import ctypes
+    version = ctypes.c_int(0)
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    return lib.cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value >= PDL_DRIVER
 
 
 @contextlib.contextmanager
 def dependent_launches(on: bool = True):
-    """Inside, llamadist's kernels on sm_90+ launch as programmatic dependent launches."""
+    """Inside (``on``), llamadist's kernels on CUDA devices launch as programmatic
+    dependent launches: only where ``pdl_supported``."""
     before = getattr(_CHAIN, "on", False)
     _CHAIN.on = on
     try:
@@ -136,13 +152,6 @@ def dependent_launches(on: bool = True):
         _CHAIN.on = before
 
 
-@functools.cache
-def _has_pdl(index: int) -> bool:
-    return torch.cuda.get_device_capability(index)[0] >= 9
-
-
 def launch_dependent(device: torch.device) -> bool:
     """Whether a kernel launched now on ``device`` launches as a dependent one."""
-    return (getattr(_CHAIN, "on", False) and device.type == "cuda"
-            and _has_pdl(device.index if device.index is not None
-                         else torch.cuda.current_device()))
+    return getattr(_CHAIN, "on", False) and device.type == "cuda"
