@@ -64,9 +64,12 @@ def _make_compiled_layer(pdl: bool = False):
             # One entry per batch bucket and dtype; the default limit of 8 would silently
             # fall back to eager for a model used with many buckets.
             cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
-            _COMPILED_LAYERS[pdl] = torch.compile(
-                _call_layer_pdl if pdl else _call_layer, fullgraph=True, dynamic=None,
-                options={"triton.enable_pdl": True} if pdl else None)
+            import torch._inductor.config as inductor
+            pdl = pdl and hasattr(inductor.triton, "enable_pdl")  # torch 2.8 and later
+            if pdl not in _COMPILED_LAYERS:
+                _COMPILED_LAYERS[pdl] = torch.compile(
+                    _call_layer_pdl if pdl else _call_layer, fullgraph=True, dynamic=None,
+                    options={"triton.enable_pdl": True} if pdl else None)
             # Inductor's atexit hook (registered by that import) would wait for its
             # compile workers; ours, registered after it, runs first and kills them.
             from llamadist.runtime.compile_workers import stop_at_exit
