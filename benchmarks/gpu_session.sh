@@ -745,31 +745,14 @@ pdlchain23() {  # issue 16, session 23: whole decode steps captured as programma
     ab i4_b4 "" --quantize int4 --batch 4 $b $no
 }
 
-pdll2_23() {  # issue 16, session 23: int4_rows's dependent launch prefetching more of
-    # its words into L2 before its wait (cuda_int4.PDL_L2 k-tiles a warp), 8B int4 decode
-    # (~4 min)
-    local b="--prompt-len 128 --gen-len 64"
-    step test_l2 100 python3 -m pytest -q -p no:cacheprovider -rf -k "dependent" \
-        tests/gpu/test_cuda_int4_gpu.py
-    checkpoint
-    ab i4_b1 "" --quantize int4 --batch 1 $b
-    for l2 in 2 4 8; do
-        ab i4_b1_l2_$l2 "import llamadist.kernels.cuda_int4 as C; C.PDL_L2 = $l2" \
-            --quantize int4 --batch 1 $b
-    done
-    ab i4_b4_l2_4 "import llamadist.kernels.cuda_int4 as C; C.PDL_L2 = 4" \
-        --quantize int4 --batch 4 $b
-    ab i4_b4 "" --quantize int4 --batch 4 $b
-}
-
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|pdll2_23) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|pdll2_23|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

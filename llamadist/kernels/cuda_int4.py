@@ -182,12 +182,11 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
-            stagger: bool = False, pdl: bool = False, pdl_l2: int = 0) -> dict[str, int]:
+            stagger: bool = False, pdl: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
-            "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
-            "PDL_L2": pdl_l2 if pdl else 0}
+            "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -203,7 +202,6 @@ PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many 
 # before it waits for the kernel before it; see int4_rows.cu): tests and benchmarks. Else
 # inside gpu.dependent_launches only.
 PDL = False
-PDL_L2 = 0  # a dependent launch's k-tiles a warp prefetches into L2 before its wait
 
 
 def _arch(index: int) -> str:
@@ -221,7 +219,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
     tma = BULK and int(_arch(index)) >= 90 and not cfg.persist
     stagger = STAGGER and not tma and not cfg.persist  # cp.async options
     pdl = pdl_launch(index)
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, PDL_L2)
+    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl)
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -235,7 +233,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
                                      "warps, n-tiles, stages or rows")
                 cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
                                                             PROBE, HI_SHIFT, tma, stagger,
-                                                            pdl, PDL_L2))
+                                                            pdl))
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:

@@ -67,9 +67,6 @@ typedef unsigned short u16;
 #if PDL && TMA
 #error "PDL is a cp.async option"
 #endif
-#ifndef PDL_L2
-#define PDL_L2 0
-#endif
 #define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
 
 static __device__ __forceinline__ u32 smem(const void* p) {
@@ -520,23 +517,12 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
         issue(s, false);
+    asm volatile("griddepcontrol.wait;" ::: "memory");
 #if STAGGER
     const int rot0 = rot;
 #else
     const int rot0 = 0;
 #endif
-#if PDL_L2
-    // and the next PDL_L2 k-tiles of the block's first tile into L2 (each lane its words)
-#pragma unroll
-    for (int p = STAGES - 1; p < STAGES - 1 + PDL_L2; ++p)
-        if (p < iters && PROBE != 2)
-#pragma unroll
-            for (int b = 0; b < NB; ++b)
-                asm volatile("prefetch.global.L2 [%0];" :: "l"(
-                    words + ((size_t)min((int)blockIdx.x * NB + b, NT - 1) * KT
-                             + warp + ((p + rot0) % iters) * WARPS) * (32 * W) + lane * W));
-#endif
-    asm volatile("griddepcontrol.wait;" ::: "memory");
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)  // slot s: the k-tile issue(s) took
         if (s < total && PROBE != 2)
