@@ -51,3 +51,28 @@ def test_an_eager_call_does_not_import_the_compiler():
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["False", "True"]
+
+
+def test_dependent_launches_only_inside_the_context_and_on_cuda():
+    """kernels.gpu.dependent_launches: kernels launch as programmatic dependent launches
+    inside it (restored after, nested or not) and on CUDA devices only; a CPU stage never
+    captures with them, and --no-dependent-launches turns them off."""
+    from llamadist.cli.args import runtime_config
+    from llamadist.cli.main import build_parser
+    from llamadist.config import RuntimeConfig
+    from llamadist.runtime.kernel_passes import dependent_launches
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert not gpu.launch_dependent(cuda)
+    with gpu.dependent_launches():
+        assert gpu.launch_dependent(cuda) and not gpu.launch_dependent(cpu)
+        with gpu.dependent_launches(False):
+            assert not gpu.launch_dependent(cuda)
+        assert gpu.launch_dependent(cuda)
+    assert not gpu.launch_dependent(cuda)
+    assert RuntimeConfig().dependent_launches
+    assert not dependent_launches(cpu, RuntimeConfig())
+    args = build_parser().parse_args(["generate", "m", "--prompt", "p"])
+    assert runtime_config(args).dependent_launches
+    args = build_parser().parse_args(["generate", "m", "--prompt", "p",
+                                      "--no-dependent-launches"])
+    assert not runtime_config(args).dependent_launches
