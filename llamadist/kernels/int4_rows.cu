@@ -40,7 +40,9 @@
 // start; cp.async only; within noise). PERSIST (0, 1): a grid of one wave whose blocks
 // loop over the tiles, the ring running on from one tile to the next (the rule's at 5-8
 // rows of a wide W, where the math is heavier; at 1-4 rows slower: a block that starts
-// issues its whole tile at once, more bytes in flight than a ring that runs on).
+// issues its whole tile at once, more bytes in flight than a ring that runs on). PDL (0,
+// 1; sm_90): a programmatic dependent launch (kernels.gpu.dependent_launches, the decode
+// graphs' default there): the first k-tiles of words before griddepcontrol.wait, x after.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
