@@ -115,6 +115,10 @@ def moe_routed_cases() -> None:
             group = torch.zeros(n * k, dtype=torch.long)
             m.launch(x, torch.zeros(n * k), group, torch.zeros(g, 2 * f, d, dtype=dtype),
                      torch.zeros(g, d, f, dtype=dtype), cfg)
+    m.launch_dependent = lambda device: True  # the three kernels as dependent launches
+    x, group = torch.zeros(1, 128, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long)
+    m.launch(x, torch.zeros(2), group, torch.zeros(g, 512, 128, dtype=torch.bfloat16),
+             torch.zeros(g, 128, 256, dtype=torch.bfloat16), config_kinds()[2])
 
 
 def wquant_cases() -> None:
@@ -173,8 +177,10 @@ def wquant_cases() -> None:
     from dataclasses import replace
 
     from llamadist.kernels.wquant_triton import mma_config
-    for n, k, group, tiles, rows in ((8192, 8192, 32, 8, 16), (1024, 4096, 128, 8, 64),
-                                     (64, 96, 32, 2, 24)):  # tinygemm's W times x, bf16
+    cases = ((8192, 8192, 32, 8, 16), (1024, 4096, 128, 8, 64), (64, 96, 32, 2, 24),
+             (1024, 4096, 128, 8, 16))  # the last as a dependent launch
+    for c, (n, k, group, tiles, rows) in enumerate(cases):  # tinygemm's W times x, bf16
+        m.launch_dependent = lambda device, c=c: c == len(cases) - 1
         m.tinygemm_mma(torch.zeros(rows, k, dtype=torch.bfloat16),
                        torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2, dtype=torch.int32),
                        torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, group, tiles,

@@ -212,13 +212,14 @@ def test_smollm2_gguf_torch_backend_bf16(smollm2):
 
 @pytest.mark.skipif(torch.cuda.get_device_capability(0)[0] < 9 if torch.cuda.is_available()
                     else True, reason="programmatic dependent launches need sm_90")
-@pytest.mark.parametrize("kind,compile_layers", [("int4", True), ("int8", False),
-                                                 ("fp8", True)])
-def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, monkeypatch):
-    """Decode graphs captured as programmatic dependent launches (int4_rows, the Triton
-    GEMV, attention and fused kernels, and Inductor's where compiled: each waits for the
-    kernel before it before reading) give the same greedy steps and log-probabilities,
-    to the bit, as the same graphs without."""
+@pytest.mark.parametrize("kind,compile_layers,batch", [("int4", True, 2), ("int8", False, 2),
+                                                       ("fp8", True, 2), ("int4", True, 10)])
+def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, batch,
+                                           monkeypatch):
+    """Decode graphs captured as programmatic dependent launches (int4_rows, or past 8 rows
+    tinygemm's tensor-core tiles; the Triton GEMV, attention and fused kernels, and
+    Inductor's where compiled: each waits for the kernel before it before reading) give
+    the same greedy steps and log-probabilities, to the bit, as the same graphs without."""
     from llamadist.api import LLM
     from llamadist.config import RuntimeConfig
     from llamadist.kernels import cuda_int4, gpu
@@ -226,14 +227,15 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, mon
     real = cuda_int4._launch_dependent
     monkeypatch.setattr(cuda_int4, "_launch_dependent",
                         lambda *a: launched.append(1) or real(*a))
-    prompts = ["The quick brown fox", "1 2 3 4 5"]
+    prompts = (["The quick brown fox", "1 2 3 4 5"] * 5)[:batch]
     steps = {}
     for on in (False, True):
-        rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant="torch", max_batch=2,
+        rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant="torch", max_batch=batch,
                            compile=compile_layers, dependent_launches=on)
         llm = LLM(wide_model, devices="cuda:0", runtime=rt)
         assert all(s.dependent_launches == on for s in llm.engine.stages)
         steps[on] = _greedy_with_logprobs(llm, prompts)
     assert steps[True] == steps[False]
-    assert bool(launched) == (kind == "int4")  # int4_rows captured as a dependent launch
+    # int4_rows captured as a dependent launch (its rows: up to 8)
+    assert bool(launched) == (kind == "int4" and batch <= 8)
     assert not gpu.launch_dependent(torch.device("cuda", 0))  # only inside the capture

@@ -8,6 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
+from llamadist.kernels.gpu import launch_dependent
+from llamadist.kernels.gpu.dependent import enter, launch_options
 from llamadist.kernels.moe_routed import Cut, RoutedConfig
 
 
@@ -44,8 +46,9 @@ def _x_part(row_ptr, k0, K_LEN, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 @triton.jit
 def _gate_up_kernel(x_ptr, group_ptr, w13_ptr, act_ptr, D, F, K: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr,
-                    X_TILE: tl.constexpr):
+                    X_TILE: tl.constexpr, PDL: tl.constexpr):
     # program (r, a): act[a, r*BLOCK_R : (r+1)*BLOCK_R]
+    enter(PDL)
     a = tl.program_id(1)
     g = tl.load(group_ptr + a).to(tl.int64)  # the local expert; -1: not held
     d_held = tl.where(g >= 0, D, 0)  # not held: no step below, nothing read, act = 0
@@ -87,10 +90,12 @@ def _gate_up_kernel(x_ptr, group_ptr, w13_ptr, act_ptr, D, F, K: tl.constexpr,
 @triton.jit
 def _down_sum_kernel(act_ptr, group_ptr, weight_ptr, w2_ptr, out_ptr, D, F, KS, N,
                      K: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                     PREFETCH: tl.constexpr, X_TILE: tl.constexpr, PARTIAL: tl.constexpr):
+                     PREFETCH: tl.constexpr, X_TILE: tl.constexpr, PARTIAL: tl.constexpr,
+                     PDL: tl.constexpr):
     # program (r, n, s): out[n, r*BLOCK_R : (r+1)*BLOCK_R] over columns [s*KS, s*KS + KS)
     # of F (KS: whole tiles), summed over token n's k slots; PARTIAL: float32 into the
     # partials (S, N, D) at out_ptr
+    enter(PDL)
     n = tl.program_id(1)
     s = tl.program_id(2)
     lo = s * KS
@@ -131,8 +136,10 @@ def _down_sum_kernel(act_ptr, group_ptr, weight_ptr, w2_ptr, out_ptr, D, F, KS, 
 
 
 @triton.jit
-def _split_sum_kernel(p_ptr, out_ptr, L, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
+def _split_sum_kernel(p_ptr, out_ptr, L, SPLIT: tl.constexpr, BLOCK: tl.constexpr,
+                      PDL: tl.constexpr):
     """out[i] = the float32 partials p (SPLIT, L) summed over splits in split order."""
+    enter(PDL)
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < L
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -147,9 +154,11 @@ def gate_up(x: torch.Tensor, group: torch.Tensor, w13: torch.Tensor, cut: Cut) -
     a = group.shape[0]
     f = w13.shape[1] // 2
     act = torch.empty(a, f, dtype=torch.float32, device=x.device)
+    pdl = launch_dependent(x.device)
     _gate_up_kernel[(triton.cdiv(f, cut.rows), a)](
         x, group, w13, act, d, f, K=a // n, BLOCK_R=cut.rows, BLOCK_K=cut.cols,
-        PREFETCH=cut.prefetch, X_TILE=cut.x_tile, num_warps=cut.warps)
+        PREFETCH=cut.prefetch, X_TILE=cut.x_tile, PDL=pdl, num_warps=cut.warps,
+        **launch_options(pdl))
     return act
 
 
@@ -164,14 +173,16 @@ def down_sum(act: torch.Tensor, weights: torch.Tensor, group: torch.Tensor, w2: 
     out = torch.empty(n, d, dtype=w2.dtype, device=act.device)  # (N, D)
     part = out if split == 1 else torch.empty(split, n, d, dtype=torch.float32,
                                               device=act.device)  # (S, N, D)
+    pdl = launch_dependent(act.device)
     _down_sum_kernel[(triton.cdiv(d, cut.rows), n, split)](
         act, group, weights, w2, part, d, f, ks, n, K=a // n, BLOCK_R=cut.rows,
         BLOCK_K=cut.cols, PREFETCH=cut.prefetch, X_TILE=cut.x_tile, PARTIAL=split > 1,
-        num_warps=cut.warps)
+        PDL=pdl, num_warps=cut.warps, **launch_options(pdl))
     if split > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(n * d, block),)](part, out, n * d, SPLIT=split,
-                                                        BLOCK=block, num_warps=4)
+                                                        BLOCK=block, PDL=pdl, num_warps=4,
+                                                        **launch_options(pdl))
     return out
 
 

@@ -455,7 +455,7 @@ def _mma_words(rows, sz_rows, kt, kt_hi, n_ok, KTILE: tl.constexpr, GROUP: tl.co
 def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, stride_ym,
                          GROUP: tl.constexpr, TILES: tl.constexpr, PREFETCH: tl.constexpr,
                          PARTIAL: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_M: tl.constexpr):
+                         BLOCK_M: tl.constexpr, PDL: tl.constexpr):
     """y^T (BLOCK_N, BLOCK_M) = W x^T over k-tiles [pid_k KS, +KS) of tinygemm's int4
     layout (the rule above) and its (G, N) table of (scale, zero) bf16 pairs read as one
     word, through tl.dot with W as the left operand (BLOCK_N >= 64 rows of W; x's few
@@ -465,7 +465,9 @@ def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, s
     (nibble j), and x's tile (loaded in k's order, contiguous) is permuted to the same
     order, k = 32 w + 8 (j % 4) + 2 l + j / 4. PREFETCH: the next tile's words and table
     loaded into registers before this one is reduced (with num_stages 1: Triton's own
-    pipelining stages them through shared memory in a layout whose reads conflict)."""
+    pipelining stages them through shared memory in a layout whose reads conflict). PDL:
+    a dependent launch (gpu.dependent)."""
+    enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -514,7 +516,7 @@ def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, s
 
 
 def _sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                pdl: bool = False) -> None:
+                pdl: bool) -> None:
     """y (M, N) = the sum of the float32 split-K partials (SPLIT, M, N) (+ bias)."""
     split, m, n = partials.shape
     blk = 1024
@@ -555,14 +557,16 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
     split = -(-kt // ks)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
-    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    pdl = launch_dependent(y.device)
+    extra = {"num_stages": cfg.stages} if cfg.stages is not None else {}
+    extra.update(launch_options(pdl), PDL=pdl)
     _tinygemm_mma_kernel[(triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))](
         x2, packed, scales_zeros.view(torch.int32), out, m, n, kt, ks, x2.stride(0),
         y.stride(0), GROUP=group, TILES=tiles, PREFETCH=cfg.prefetch, PARTIAL=split > 1,
         IEEE=x2.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
         num_warps=cfg.warps, **extra)
     if split > 1:
-        _sum_splits(out, None, y)
+        _sum_splits(out, None, y, pdl)
     return y
 
 
