@@ -236,6 +236,7 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, bat
         assert all(s.dependent_launches == on for s in llm.engine.stages)
         steps[on] = _greedy_with_logprobs(llm, prompts)
     assert steps[True] == steps[False]
-    # int4_rows captured as a dependent launch (its rows: up to 8)
-    assert bool(launched) == (kind == "int4" and batch <= 8)
+    if kind == "int4" and batch <= 8:  # int4_rows (up to 8 rows) captured as dependent
+        assert launched
+    assert kind == "int4" or not launched
     assert not gpu.launch_dependent(torch.device("cuda", 0))  # only inside the capture
