@@ -745,14 +745,33 @@ pdlchain23() {  # issue 16, session 23: whole decode steps captured as programma
     ab i4_b4 "" --quantize int4 --batch 4 $b $no
 }
 
+verify23() {  # session 23's GPU-untested changes: tinygemm's tensor-core tiles and the
+    # routed MoE kernels as dependent launches (their tests), then int4 batch 16 and a
+    # 4-layer Mixtral-shaped folder at batch 1 and 4, each with and without (~8 min)
+    local b="--prompt-len 128 --gen-len 64" no="--no-dependent-launches"
+    step test_chain 240 python3 -m pytest -q -p no:cacheprovider -rf -k "dependent" \
+        tests/gpu/test_wquant_torch_gpu.py tests/gpu/test_moe_grouped_gpu.py
+    checkpoint
+    ab i4_b16 "" --quantize int4 --batch 16 $b $no
+    ab i4_b16_chain "" --quantize int4 --batch 16 $b
+    step moe_folder 200 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe \
+        --budget-s 150 --skip-hf
+    for batch in 1 4; do
+        step moe_b${batch} 100 python3 -m llamadist bench /tmp/moe/mixtral-8x7b-4L-bf16 --devices cuda:0 --json \
+            --batch $batch $b $no
+        step moe_b${batch}_chain 100 python3 -m llamadist bench /tmp/moe/mixtral-8x7b-4L-bf16 --devices cuda:0 \
+            --json --batch $batch $b
+    done
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

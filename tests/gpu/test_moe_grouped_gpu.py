@@ -113,10 +113,10 @@ def test_routed_kernel_config_kinds_on_cuda():
     assert config_cases("cuda", g=3, d=4096, f=14336) == 0
 
 
-def _engine(path, graphs: bool, grouped: bool):
+def _engine(path, graphs: bool, grouped: bool, dependent: bool = True):
     ckpt = open_checkpoint(path)
     rt = RuntimeConfig(max_seq_len=128, max_batch=4, dtype="bfloat16", cuda_graphs=graphs,
-                       compile=False)
+                       compile=False, dependent_launches=dependent)
     model = Engine.build(ckpt, [range(ckpt.config.num_layers)], ["cuda:0"], torch.bfloat16,
                          4, 128, runtime=rt)
     if not grouped:
@@ -172,3 +172,20 @@ def test_routed_decode_is_captured_and_equals_eager(tiny_mixtrals, routed_calls)
     model = _graphs_vs_loop(tiny_mixtrals["moe_top1"], replayed)
     load = model.stages[0].expert_load()
     assert all(sum(v) >= sum(len(p) for p in PROMPTS) for v in load.values())
+
+
+def test_routed_decode_as_dependent_launches_changes_no_bits(tiny_mixtrals):
+    """The routed kernels and the rest of the captured step as programmatic dependent
+    launches (the default on sm_90+): the same greedy tokens, to the bit, as the same
+    graphs captured without."""
+    params = SamplingParams(max_new_tokens=24, ignore_eos=True)
+    outs = []
+    for on in (False, True):
+        graphed, model = _engine(tiny_mixtrals["moe_top1"], graphs=True, grouped=True,
+                                 dependent=on)
+        assert model.stages[0].dependent_launches == on
+        reqs, it = graphed.submit(PROMPTS, params)
+        for _ in it:
+            pass
+        outs.append([r.output_ids for r in reqs])
+    assert outs[0] == outs[1]
