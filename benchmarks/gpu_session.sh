@@ -749,6 +749,7 @@ verify23() {  # session 23's GPU-untested changes: tinygemm's tensor-core tiles 
     # routed MoE kernels as dependent launches (their tests), then int4 batch 16 and a
     # 4-layer Mixtral-shaped folder at batch 1 and 4, each with and without (~8 min)
     local b="--prompt-len 128 --gen-len 64" no="--no-dependent-launches"
+    local moe=/tmp/moe/mixtral-8x7b-4L-bf16
     step test_chain 240 python3 -m pytest -q -p no:cacheprovider -rf -k "dependent" \
         tests/gpu/test_wquant_torch_gpu.py tests/gpu/test_moe_grouped_gpu.py
     checkpoint
@@ -757,10 +758,10 @@ verify23() {  # session 23's GPU-untested changes: tinygemm's tensor-core tiles 
     step moe_folder 200 python3 benchmarks/moe_gpu.py --layers 4 --dir /tmp/moe \
         --budget-s 150 --skip-hf
     for batch in 1 4; do
-        step moe_b${batch} 100 python3 -m llamadist bench /tmp/moe/mixtral-8x7b-4L-bf16 --devices cuda:0 --json \
+        step moe_b${batch} 100 python3 -m llamadist bench $moe --devices cuda:0 --json \
             --batch $batch $b $no
-        step moe_b${batch}_chain 100 python3 -m llamadist bench /tmp/moe/mixtral-8x7b-4L-bf16 --devices cuda:0 \
-            --json --batch $batch $b
+        step moe_b${batch}_chain 100 python3 -m llamadist bench $moe --devices cuda:0 --json \
+            --batch $batch $b
     done
 }
 
