@@ -7,6 +7,9 @@
    kernel shows with its own time).
 4. One layer's decode attention alone, replayed in a CUDA graph: SDPA over the whole
    static cache (masked), SDPA over the live slots only, and the split-KV kernel.
+5. One replay of the captured step under torch.profiler (CUPTI reports a graph's
+   kernels): its span, the kernels' own time, how much of it overlaps (programmatic
+   dependent launches; ``--no-dependent-launches`` captures without) and the idle gaps.
 
     PYTHONPATH=. python3 benchmarks/gpu_profile.py --shape llama3-8b --batch 1,32
 
@@ -101,6 +104,39 @@ def kernel_profile(engine, b: int, rows: int) -> None:
     print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70))
 
 
+def replay_timeline(engine, b: int, rows: int) -> None:
+    """Section 5: the kernels of one replay of bucket ``b``'s graph, in time order."""
+    from torch.profiler import ProfilerActivity, profile
+    graph = engine._graphs.decoders[0].buckets[b].graph
+    for _ in range(3):
+        graph.replay()
+    sync_all()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        sync_all()
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    if not spans:
+        print("  replay timeline: no kernels recorded (this profiler does not see a graph's)")
+        return
+    busy, reach = 0.0, spans[0][0]
+    for start, end, _ in spans:  # the union of the kernels' intervals
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    own = sum(end - start for start, end, _ in spans)
+    span = reach - spans[0][0]
+    print(f"  replay timeline, batch {b}: {len(spans)} kernels over {span / 1e3:.3f} ms; "
+          f"their own time {own / 1e3:.3f} ms, overlapped {(own - busy) / 1e3:.3f} ms, "
+          f"idle {(span - busy) / 1e3:.3f} ms")
+    by_name: dict[str, list[float]] = {}
+    for start, end, name in spans:
+        by_name.setdefault(name, []).append(end - start)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:rows]
+    for name, times in top:
+        print(f"    {sum(times):9.1f} us  {len(times):4d} x {statistics.median(times):7.2f} us"
+              f"  {name[:90]}")
+
+
 def attention_table(config, dev, dtype, batches: list[int], lengths: list[int],
                     copy_bps: float) -> None:
     from llamadist.kernels import decode_attention as split_kv
@@ -149,6 +185,8 @@ def main() -> int:
                     help="cache lengths for the attention-alone table ('' to skip)")
     ap.add_argument("--quantize", default=None, help="int8 | int4 | fp8 decoder linears")
     ap.add_argument("--quantize-head", action="store_true", help="the head in that format too")
+    ap.add_argument("--no-dependent-launches", dest="dependent_launches",
+                    action="store_false", help="capture plain launches (section 5)")
     args = ap.parse_args()
     config, dev, dtype = named_shape(args.shape), torch.device("cuda:0"), torch.bfloat16
     copy_bps = copy_bandwidth(dev, 4 << 30)
@@ -173,12 +211,15 @@ def main() -> int:
         for b in int_list(args.batch):
             prompts = torch.randint(0, config.vocab_size, (b, args.prompt_len), generator=gen)
             engine = make_engine(config, full, [range(config.num_layers)], [str(dev)], dtype, b,
-                                 max_seq, RuntimeConfig(decode_attention=attn, **quant))
+                                 max_seq, RuntimeConfig(
+                                     decode_attention=attn,
+                                     dependent_launches=args.dependent_launches, **quant))
             r = run_ours(engine, prompts, 64, 1)
             ms[attn][b] = r["decode_ms"]
             print(f"attention {attn}, batch {b}: generator {r['decode_ms']:.2f} ms/step, graph "
                   f"replay {graph_replay_ms(engine, b):.2f} ms/step")
             kernel_profile(engine, b, args.rows)
+            replay_timeline(engine, b, args.rows)
             del engine
             gc.collect()
             torch.cuda.empty_cache()

@@ -765,14 +765,29 @@ verify23() {  # session 23's GPU-untested changes: tinygemm's tensor-core tiles 
     done
 }
 
+timeline23() {  # issue 16, after session 23: one replay of the int4 / bf16 8B decode step
+    # under torch.profiler, kernels in time order, with dependent launches and without:
+    # how much overlaps and where the idle gaps are (gpu_profile.py section 5; ~6 min)
+    local f d
+    for f in int4 bf16; do
+        local q=""
+        [ $f = bf16 ] || q="--quantize $f --quantize-head"
+        for d in "" --no-dependent-launches; do
+            step timeline_$f${d:+_plain} 130 python3 benchmarks/gpu_profile.py --shape llama3-8b \
+                --batch 1 --prompt-len 128 --attention split --attention-table "" --rows 25 \
+                $q $d
+        done
+    done
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
