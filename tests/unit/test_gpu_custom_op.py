@@ -76,3 +76,34 @@ def test_dependent_launches_only_inside_the_context_and_on_cuda():
     args = build_parser().parse_args(["generate", "m", "--prompt", "p",
                                       "--no-dependent-launches"])
     assert not runtime_config(args).dependent_launches
+
+
+def test_pdl_supported_needs_hopper_a_new_driver_and_triton_that_waits(monkeypatch):
+    """gpu.pdl_supported: sm_90+, not ROCm, Triton ready with gdc_wait, driver 12.3+
+    (each condition alone turns it off; checked with stand-ins on the CPU)."""
+    import ctypes
+    import types
+    state = {"cap": (9, 0), "hip": None, "ready": True, "gdc": True, "driver": 12040}
+
+    class Driver:
+        def cuDriverGetVersion(self, ptr):
+            ctypes.cast(ptr, ctypes.POINTER(ctypes.c_int))[0] = state["driver"]
+            return 0
+
+    def extra(name):
+        assert name == "triton.language.extra.cuda"
+        return types.SimpleNamespace(**({"gdc_wait": object()} if state["gdc"] else {}))
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: state["cap"])
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(gpu, "ready", lambda: state["ready"])
+    monkeypatch.setattr(gpu.importlib, "import_module", extra)
+    monkeypatch.setattr(torch.cuda._utils, "_get_gpu_runtime_library", lambda: Driver())
+    check = gpu.pdl_supported.__wrapped__
+    assert check(0)
+    for key, off in [("cap", (8, 9)), ("ready", False), ("gdc", False), ("driver", 12020)]:
+        before, state[key] = state[key], off
+        assert not check(0), key
+        state[key] = before
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not check(0)

@@ -131,8 +131,18 @@ PDL_DRIVER = 12030  # CUDA 12.3: stream capture keeps programmatic launches as g
 @functools.cache
 def pdl_supported(index: int) -> bool:
     """Whether CUDA device ``index`` takes programmatic dependent launches inside CUDA
-    graphs: NVIDIA sm_90 or later, driver 12.3 or later."""
+    graphs: NVIDIA sm_90 or later, driver 12.3 or later, and a Triton whose kernels can
+    wait (``triton.language.extra.cuda.gdc_wait``; 3.6 and 3.7 have it): the chain is
+    mostly llamadist's Triton kernels, and int4_rows alone as one is slower."""
     if torch.version.hip is not None or torch.cuda.get_device_capability(index)[0] < 9:
+        return False
+    if not ready():
+        return False
+    try:
+        cuda_extra = importlib.import_module("triton.language.extra.cuda")
+    except ImportError:
+        return False
+    if not hasattr(cuda_extra, "gdc_wait"):
         return False
     import ctypes
     version = ctypes.c_int(0)
