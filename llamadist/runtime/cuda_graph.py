@@ -14,7 +14,11 @@ artifact serves every layer and every stage of the same shapes), which fuses RMS
 with the residual adds (each layer's last add into the next layer's first norm), k's
 RoPE with the K/V cache write, and SwiGLU into a few kernels; the matmuls stay cuBLAS. The
 graph is captured on the first decode step of a bucket, after warm-up runs that compile
-and write the same cache slot the replay writes.
+and write the same cache slot the replay writes. Where the stage has them
+(``Stage.dependent_launches``: sm_90+, RuntimeConfig.dependent_launches) the capture runs
+inside ``kernels.gpu.dependent_launches``: llamadist's kernels, and Inductor's in the
+compiled layer, are captured as programmatic dependent launches (each may start while the
+one before it ends; the same bits).
 """
 
 from __future__ import annotations
