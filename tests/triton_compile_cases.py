@@ -20,6 +20,7 @@ shapes, masks, splits), not every combination.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -91,6 +92,19 @@ def _chain(e: BaseException) -> str:
     return "\ncaused by ".join(parts)
 
 
+@contextlib.contextmanager
+def _dependent():
+    """Launches inside compile as programmatic dependent launches (the kernels' PDL
+    constexpr and launch_pdl: kernels.gpu.dependent), on these CPU tensors too."""
+    from llamadist.kernels import gpu
+    real = gpu.launch_dependent
+    gpu.launch_dependent = lambda device: True
+    try:
+        yield
+    finally:
+        gpu.launch_dependent = real
+
+
 def _patch(module) -> None:
     """Each launched kernel (``*_kernel``; the helpers it calls stay) compiles only."""
     from triton.runtime.jit import JITFunction
@@ -115,10 +129,10 @@ def moe_routed_cases() -> None:
             group = torch.zeros(n * k, dtype=torch.long)
             m.launch(x, torch.zeros(n * k), group, torch.zeros(g, 2 * f, d, dtype=dtype),
                      torch.zeros(g, d, f, dtype=dtype), cfg)
-    m.launch_dependent = lambda device: True  # the three kernels as dependent launches
     x, group = torch.zeros(1, 128, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.long)
-    m.launch(x, torch.zeros(2), group, torch.zeros(g, 512, 128, dtype=torch.bfloat16),
-             torch.zeros(g, 128, 256, dtype=torch.bfloat16), config_kinds()[2])
+    with _dependent():  # the three kernels as dependent launches
+        m.launch(x, torch.zeros(2), group, torch.zeros(g, 512, 128, dtype=torch.bfloat16),
+                 torch.zeros(g, 128, 256, dtype=torch.bfloat16), config_kinds()[2])
 
 
 def wquant_cases() -> None:
@@ -159,11 +173,10 @@ def wquant_cases() -> None:
             bias = torch.zeros(n, dtype=dtype) if (i + c) % 2 else None
             m.launch(torch.zeros(rows, k, dtype=dtype), pw.kind, pw.q, pw.scale, pw.offset,
                      bias, pw.group, n, k, cfg)
-    m.launch_dependent = lambda device: True  # dependent launches: the GEMV and its sum
     pw = W.quantize_int8(torch.randn(64, 256))
-    m.launch(torch.zeros(1, 256, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None, None,
-             pw.group, 64, 256, GemvConfig(block_n=16, block_k=32, split=3))
-    m.launch_dependent = lambda device: False
+    with _dependent():  # dependent launches: the GEMV and its sum
+        m.launch(torch.zeros(1, 256, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
+                 None, pw.group, 64, 256, GemvConfig(block_n=16, block_k=32, split=3))
     pw = W.quantize_int8(torch.randn(64, 2048), 32)  # grouped int8's own cuts: tiles of
     for rows, bn, bk in ((1, 8, 2048), (2, 8, 1024), (3, 16, 512)):  # several groups
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
@@ -180,12 +193,14 @@ def wquant_cases() -> None:
     cases = ((8192, 8192, 32, 8, 16), (1024, 4096, 128, 8, 64), (64, 96, 32, 2, 24),
              (1024, 4096, 128, 8, 16))  # the last as a dependent launch
     for c, (n, k, group, tiles, rows) in enumerate(cases):  # tinygemm's W times x, bf16
-        m.launch_dependent = lambda device, c=c: c == len(cases) - 1
-        m.tinygemm_mma(torch.zeros(rows, k, dtype=torch.bfloat16),
-                       torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2, dtype=torch.int32),
-                       torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, group, tiles,
-                       replace(cfg := mma_config(rows, n, k, tiles), prefetch=rows == 64,
-                               stages=1 if rows == 64 else cfg.stages))
+        with _dependent() if c == len(cases) - 1 else contextlib.nullcontext():
+            m.tinygemm_mma(torch.zeros(rows, k, dtype=torch.bfloat16),
+                           torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2,
+                                       dtype=torch.int32),
+                           torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, group,
+                           tiles, replace(cfg := mma_config(rows, n, k, tiles),
+                                          prefetch=rows == 64,
+                                          stages=1 if rows == 64 else cfg.stages))
 
 
 def paged_cases() -> None:
@@ -208,11 +223,10 @@ def paged_cases() -> None:
             tables = torch.zeros(s, 8, dtype=torch.int32)
             for splits in (1, 4):
                 m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
-            if d == 128:  # the same three kernels as dependent launches (gpu.dependent)
-                m.launch_dependent = lambda device: True
-                m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, torch.zeros(s, dtype=torch.long))
-                m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
-                m.launch_dependent = lambda device: False
+            if d == 128:  # the same three kernels as dependent launches
+                with _dependent():
+                    m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, torch.zeros(s, dtype=torch.long))
+                    m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
 
 
 def decode_cases() -> None:
@@ -233,10 +247,9 @@ def decode_cases() -> None:
                 am = torch.zeros(b, 1, 1, s, dtype=dtype) if mask else None
                 cs = torch.zeros(b, 1, 1, d, dtype=dtype) if rope else None
                 m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
-                if i == j == 0 and rope:  # as dependent launches (gpu.dependent)
-                    m.launch_dependent = lambda device: True
-                    m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
-                    m.launch_dependent = lambda device: False
+                if i == j == 0 and rope:  # as dependent launches
+                    with _dependent():
+                        m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
 
 
 def eager_fused_cases() -> None:
@@ -261,13 +274,13 @@ def eager_fused_cases() -> None:
             q, k = qkv[:, :h * d].view(4, h, d), qkv[:, h * d:(h + h_kv) * d].view(4, h_kv, d)
             cs = torch.zeros(4, d, dtype=dtype)
             m.rope(q, k, cs, cs)
-    m.launch_dependent = lambda device: True  # each kernel as a dependent launch, bf16
-    x = torch.zeros(3, 4096, dtype=torch.bfloat16)
-    m.add_rms_norm(x, x, torch.zeros(4096, dtype=torch.bfloat16), 1e-5)
-    m.silu_mul(torch.zeros(5, 2 * 14336, dtype=torch.bfloat16))
-    qkv = torch.zeros(4, 48 * 128, dtype=torch.bfloat16)
-    m.rope(qkv[:, :4096].view(4, 32, 128), qkv[:, 4096:5120].view(4, 8, 128),
-           torch.zeros(4, 128, dtype=torch.bfloat16), torch.zeros(4, 128, dtype=torch.bfloat16))
+    x, qkv = torch.zeros(3, 4096, dtype=torch.bfloat16), torch.zeros(4, 48 * 128,
+                                                                      dtype=torch.bfloat16)
+    cs = torch.zeros(4, 128, dtype=torch.bfloat16)
+    with _dependent():  # each kernel as a dependent launch, bf16
+        m.add_rms_norm(x, x, torch.zeros(4096, dtype=torch.bfloat16), 1e-5)
+        m.silu_mul(torch.zeros(5, 2 * 14336, dtype=torch.bfloat16))
+        m.rope(qkv[:, :4096].view(4, 32, 128), qkv[:, 4096:5120].view(4, 8, 128), cs, cs)
 
 
 def selftest_cases() -> None:

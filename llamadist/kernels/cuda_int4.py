@@ -213,12 +213,11 @@ def device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
-def kernel(index: int, tiles: int, group: int, cfg: RowsConfig):
+def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
-    once)."""
+    once); ``pdl``: its programmatic-dependent-launch variant (``pdl_launch``)."""
     tma = BULK and int(_arch(index)) >= 90 and not cfg.persist
     stagger = STAGGER and not tma and not cfg.persist  # cp.async options
-    pdl = pdl_launch(index)
     key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl)
     fn = _KERNELS.get(key)
     if fn is None:
@@ -260,14 +259,15 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         cfg = _rule_form(index, row_capacity(m), n, k, tiles, group)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
-    fn = kernel(index, tiles, group, cfg)
+    pdl = pdl_launch(index)
+    fn = kernel(index, tiles, group, cfg, pdl)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     blocks = -(-(n // 8) // cfg.nb)
     if cfg.persist:  # one wave, each block looping over its tiles
-        blocks = min(blocks, PERSIST_BLOCKS or resident_blocks(index, tiles, group, cfg))
+        blocks = min(blocks, PERSIST_BLOCKS or resident_blocks(index, tiles, group, cfg, pdl))
     args, smem = [x, packed, scales_zeros, y, m, n, k], cfg.ring_bytes(tiles, group)
     with torch.cuda.device(x.device):
-        if pdl_launch(index):
+        if pdl:
             _launch_dependent(fn, blocks, cfg.warps * 32, args, smem)
         else:
             fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1), args=args, shared_mem=smem)
@@ -315,10 +315,11 @@ def _launch_dependent(fn, blocks: int, threads: int, args: list, smem: int) -> N
 
 
 @functools.cache
-def resident_blocks(index: int, tiles: int, group: int, cfg: RowsConfig) -> int:
+def resident_blocks(index: int, tiles: int, group: int, cfg: RowsConfig,
+                    pdl: bool = False) -> int:
     """How many blocks of this form device ``index`` holds at once (a wave): the driver's
     occupancy of the compiled kernel, times the SMs."""
-    fn = kernel(index, tiles, group, cfg)
+    fn = kernel(index, tiles, group, cfg, pdl)
     lib, per_sm = torch.cuda._utils._get_gpu_runtime_library(), ctypes.c_int(0)
     rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
         ctypes.byref(per_sm), fn.func, cfg.warps * 32,

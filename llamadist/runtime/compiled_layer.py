@@ -65,15 +65,16 @@ def _make_compiled_layer(pdl: bool = False):
             # fall back to eager for a model used with many buckets.
             cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
             import torch._inductor.config as inductor
-            pdl = pdl and hasattr(inductor.triton, "enable_pdl")  # torch 2.8 and later
-            if pdl not in _COMPILED_LAYERS:
-                _COMPILED_LAYERS[pdl] = torch.compile(
-                    _call_layer_pdl if pdl else _call_layer, fullgraph=True, dynamic=None,
-                    options={"triton.enable_pdl": True} if pdl else None)
-            # Inductor's atexit hook (registered by that import) would wait for its
-            # compile workers; ours, registered after it, runs first and kills them.
-            from llamadist.runtime.compile_workers import stop_at_exit
-            stop_at_exit()
+            made = pdl and hasattr(inductor.triton, "enable_pdl")  # a torch that has it
+            if made not in _COMPILED_LAYERS:
+                _COMPILED_LAYERS[made] = torch.compile(
+                    _call_layer_pdl if made else _call_layer, fullgraph=True, dynamic=None,
+                    options={"triton.enable_pdl": True} if made else None)
+                # Inductor's atexit hook (registered by that import) would wait for its
+                # compile workers; ours, registered after it, runs first and kills them.
+                from llamadist.runtime.compile_workers import stop_at_exit
+                stop_at_exit()
+            _COMPILED_LAYERS[pdl] = _COMPILED_LAYERS[made]
     return _COMPILED_LAYERS[pdl]
 
 

@@ -9,8 +9,7 @@ import triton
 import triton.language as tl
 
 from llamadist.kernels.decode_attention import BLOCK_N, _multiprocessors, num_splits
-from llamadist.kernels.gpu import launch_dependent
-from llamadist.kernels.gpu.dependent import enter, launch_options
+from llamadist.kernels.gpu.dependent import dependent, enter
 
 
 @triton.jit
@@ -127,7 +126,7 @@ def launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         cos, sin = cos.reshape(cos.shape[0], d), sin.reshape(sin.shape[0], d)  # (B, D)
         if cos.stride(-1) != 1 or sin.stride() != cos.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
-    pdl = launch_dependent(q.device)
+    dep = dependent(q.device)
     _split_kernel[(n_bh, splits)](
         q, keys, values, q if mask is None else mask, start,
         cos if rope else q, sin if rope else q, acc, ml,
@@ -136,9 +135,8 @@ def launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         cos.stride(0) if rope and cos.shape[0] > 1 else 0,
         n_bh, h_kv, g, d ** -0.5 * 1.4426950408889634,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N, SPLITS=splits,
-        HAS_MASK=mask is not None, ROPE=rope, IEEE=q.dtype == torch.float32, PDL=pdl,
-        num_warps=4, num_stages=2, **launch_options(pdl))
+        HAS_MASK=mask is not None, ROPE=rope, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2, **dep)
     _merge_kernel[(n_bh * g,)](acc, ml, out, out.stride(0), out.stride(1), out.stride(2),
-                               n_bh, h_kv, g, D=d, SPLITS=splits, PDL=pdl, num_warps=4,
-                               **launch_options(pdl))
+                               n_bh, h_kv, g, D=d, SPLITS=splits, num_warps=4, **dep)
     return out

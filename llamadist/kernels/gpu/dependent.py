@@ -1,11 +1,14 @@
 """The Triton side of programmatic dependent launches (``llamadist.kernels.gpu``'s
-``dependent_launches`` says when they are on): a kernel compiled with PDL calls ``enter``
-before its first load, and is launched with ``launch_options(True)``."""
+``dependent_launches`` says when they are on): a kernel takes a ``PDL`` constexpr, calls
+``enter(PDL)`` before its first load, and is launched with ``**dependent(device)``."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
+
+from llamadist.kernels import gpu
 
 
 @triton.jit
@@ -18,6 +21,7 @@ def enter(PDL: tl.constexpr):
         tl.extra.cuda.gdc_launch_dependents()
 
 
-def launch_options(pdl: bool) -> dict:
-    """The launch's keyword arguments: Triton's ``launch_pdl`` where ``pdl``."""
-    return {"launch_pdl": True} if pdl else {}
+def dependent(device: torch.device) -> dict:
+    """A launch's keyword arguments on ``device``: the kernel's PDL constexpr and Triton's
+    ``launch_pdl`` together, on where ``gpu.launch_dependent`` says so."""
+    return {"PDL": True, "launch_pdl": True} if gpu.launch_dependent(device) else {"PDL": False}

@@ -11,8 +11,8 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-from llamadist.kernels.gpu import interpreted, launch_dependent
-from llamadist.kernels.gpu.dependent import enter, launch_options
+from llamadist.kernels.gpu import interpreted
+from llamadist.kernels.gpu.dependent import dependent, enter
 
 
 @triton.jit
@@ -122,11 +122,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
                      device=x.device)
     block = max(16, triton.next_power_of_2(d))
     if x2.shape[0]:
-        pdl = launch_dependent(x.device)
+        dep = dependent(x.device)
         _add_rms_norm_kernel[(x2.shape[0],)](
             x2, r2, s2, y2, weight, x2.stride(0), r2.stride(0), s2.stride(0), y2.stride(0),
-            d, float(eps), BLOCK=block, HAS_R=residual is not None, PDL=pdl,
-            num_warps=min(16, max(1, block // 512)), **launch_options(pdl))
+            d, float(eps), BLOCK=block, HAS_R=residual is not None,
+            num_warps=min(16, max(1, block // 512)), **dep)
     s = s2.view(x.shape) if residual is not None else x
     return s, y2.view(x.shape)
 
@@ -144,10 +144,10 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     if gu.shape[0] and f:
         block = SILU_BLOCK if gu.shape[0] * f >= 2 * 132 * SILU_BLOCK else SILU_BLOCK_SMALL
         block = min(block, max(16, triton.next_power_of_2(f)))
-        pdl = launch_dependent(gu.device)
+        dep = dependent(gu.device)
         _silu_mul_kernel[(gu.shape[0], triton.cdiv(f, block))](
             gu, out, gu.stride(0), out.stride(0), f, BLOCK=block, PRECISE=not interpreted(),
-            PDL=pdl, num_warps=max(1, min(4, block // 256)), **launch_options(pdl))
+            num_warps=max(1, min(4, block // 256)), **dep)
     return out.view(*gate_up.shape[:-1], f)
 
 
@@ -168,11 +168,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     if n:
         d_pad = max(16, triton.next_power_of_2(d))
         h_pad = max(2, triton.next_power_of_2(h))
-        pdl = launch_dependent(q.device)
+        dep = dependent(q.device)
         _rope_kernel[(n,)](
             q, k, qo, ko, cos, sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             cos.stride(0), h, h_kv, D=d, D_PAD=d_pad, H_PAD=h_pad,
-            HKV_PAD=max(2, triton.next_power_of_2(h_kv)), PDL=pdl,
-            num_warps=max(1, min(8, h_pad * d_pad // 1024)), enable_fp_fusion=False,
-            **launch_options(pdl))
+            HKV_PAD=max(2, triton.next_power_of_2(h_kv)),
+            num_warps=max(1, min(8, h_pad * d_pad // 1024)), enable_fp_fusion=False, **dep)
     return qo, ko

@@ -8,8 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamadist.kernels.gpu import launch_dependent
-from llamadist.kernels.gpu.dependent import enter, launch_options
+from llamadist.kernels.gpu.dependent import dependent, enter
 from llamadist.kernels.moe_routed import Cut, RoutedConfig
 
 
@@ -154,11 +153,10 @@ def gate_up(x: torch.Tensor, group: torch.Tensor, w13: torch.Tensor, cut: Cut) -
     a = group.shape[0]
     f = w13.shape[1] // 2
     act = torch.empty(a, f, dtype=torch.float32, device=x.device)
-    pdl = launch_dependent(x.device)
+    dep = dependent(x.device)
     _gate_up_kernel[(triton.cdiv(f, cut.rows), a)](
         x, group, w13, act, d, f, K=a // n, BLOCK_R=cut.rows, BLOCK_K=cut.cols,
-        PREFETCH=cut.prefetch, X_TILE=cut.x_tile, PDL=pdl, num_warps=cut.warps,
-        **launch_options(pdl))
+        PREFETCH=cut.prefetch, X_TILE=cut.x_tile, num_warps=cut.warps, **dep)
     return act
 
 
@@ -173,16 +171,15 @@ def down_sum(act: torch.Tensor, weights: torch.Tensor, group: torch.Tensor, w2: 
     out = torch.empty(n, d, dtype=w2.dtype, device=act.device)  # (N, D)
     part = out if split == 1 else torch.empty(split, n, d, dtype=torch.float32,
                                               device=act.device)  # (S, N, D)
-    pdl = launch_dependent(act.device)
+    dep = dependent(act.device)
     _down_sum_kernel[(triton.cdiv(d, cut.rows), n, split)](
         act, group, weights, w2, part, d, f, ks, n, K=a // n, BLOCK_R=cut.rows,
         BLOCK_K=cut.cols, PREFETCH=cut.prefetch, X_TILE=cut.x_tile, PARTIAL=split > 1,
-        PDL=pdl, num_warps=cut.warps, **launch_options(pdl))
+        num_warps=cut.warps, **dep)
     if split > 1:
         block = 1024
         _split_sum_kernel[(triton.cdiv(n * d, block),)](part, out, n * d, SPLIT=split,
-                                                        BLOCK=block, PDL=pdl, num_warps=4,
-                                                        **launch_options(pdl))
+                                                        BLOCK=block, num_warps=4, **dep)
     return out
 
 

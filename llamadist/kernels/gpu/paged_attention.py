@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llamadist.kernels.gpu import interpreted, launch_dependent
-from llamadist.kernels.gpu.dependent import enter, launch_options
+from llamadist.kernels.gpu import interpreted
+from llamadist.kernels.gpu.dependent import dependent, enter
 from llamadist.kernels.paged_attention import BLOCK_N, LOG2E, MAX_SPLITS
 
 # Triton's CPU interpreter (tests) multiplies bf16 tiles as raw bits in tl.dot (triton
@@ -149,12 +149,11 @@ def write_kv(k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Store k/v (N, H_kv, D) at slots ``slot_mapping`` (N,) of kv (2, NB, H_kv, bs, D)."""
     n, h_kv, d = k.shape
-    pdl = launch_dependent(k.device)
+    dep = dependent(k.device)
     _write_kernel[(n * h_kv,)](
         k, v, kv, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), h_kv,
-        D=d, D_PAD=max(16, triton.next_power_of_2(d)), BS=kv.shape[3], PDL=pdl, num_warps=1,
-        **launch_options(pdl))
+        D=d, D_PAD=max(16, triton.next_power_of_2(d)), BS=kv.shape[3], num_warps=1, **dep)
 
 
 def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
@@ -172,7 +171,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
     n_sh = s * h_kv
     out = torch.empty(s, h, d, dtype=q.dtype, device=q.device)
     direct = splits == 1
-    pdl = launch_dependent(q.device)
+    dep = dependent(q.device)
     # Partials only with more than one split (never read otherwise: out stands in).
     acc = out if direct else torch.empty(n_sh, splits, g, d_pad, dtype=torch.float32,
                                          device=q.device)
@@ -185,10 +184,10 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
         n_sh, h_kv, g, d ** -0.5 * LOG2E, splits,
         D=d, D_PAD=d_pad, BS=bs, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N,
         DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, PDL=pdl, num_warps=4,
-        num_stages=2, **launch_options(pdl))
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4,
+        num_stages=2, **dep)
     if not direct:
         _merge_kernel[(n_sh * g,)](acc, ml, out, out.stride(0), out.stride(1), n_sh, h_kv, g,
-                                   splits, D=d, D_PAD=d_pad, SPLITS_PAD=MAX_SPLITS, PDL=pdl,
-                                   num_warps=4, **launch_options(pdl))
+                                   splits, D=d, D_PAD=d_pad, SPLITS_PAD=MAX_SPLITS,
+                                   num_warps=4, **dep)
     return out

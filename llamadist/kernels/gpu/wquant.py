@@ -8,8 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from llamadist.kernels.gpu import interpreted, launch_dependent
-from llamadist.kernels.gpu.dependent import enter, launch_options
+from llamadist.kernels.gpu import interpreted
+from llamadist.kernels.gpu.dependent import dependent, enter
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
                                              _blocks, _x_operand, device_traits,
                                              gemv_config, tile_k)
@@ -515,14 +515,13 @@ def _tinygemm_mma_kernel(x_ptr, p_ptr, sz_ptr, y_ptr, M, N, KT, KS, stride_xm, s
     tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
 
 
-def _sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
-                pdl: bool) -> None:
+def _sum_splits(partials: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
     """y (M, N) = the sum of the float32 split-K partials (SPLIT, M, N) (+ bias)."""
     split, m, n = partials.shape
     blk = 1024
     _splitk_sum_kernel[(triton.cdiv(n, blk), m)](
         partials, bias if bias is not None else partials, y, m, n, y.stride(0), SPLIT=split,
-        HAS_BIAS=bias is not None, BLOCK=blk, PDL=pdl, num_warps=4, **launch_options(pdl))
+        HAS_BIAS=bias is not None, BLOCK=blk, num_warps=4, **dependent(y.device))
 
 
 def tinygemm_dequant(packed: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int,
@@ -557,16 +556,15 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
     split = -(-kt // ks)
     y = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
-    pdl = launch_dependent(y.device)
-    extra = {"num_stages": cfg.stages} if cfg.stages is not None else {}
-    extra.update(launch_options(pdl), PDL=pdl)
+    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    extra.update(dependent(y.device))
     _tinygemm_mma_kernel[(triton.cdiv(n, cfg.block_n), split, triton.cdiv(m, cfg.block_m))](
         x2, packed, scales_zeros.view(torch.int32), out, m, n, kt, ks, x2.stride(0),
         y.stride(0), GROUP=group, TILES=tiles, PREFETCH=cfg.prefetch, PARTIAL=split > 1,
         IEEE=x2.dtype == torch.float32, BLOCK_N=cfg.block_n, BLOCK_M=cfg.block_m,
         num_warps=cfg.warps, **extra)
     if split > 1:
-        _sum_splits(out, None, y, pdl)
+        _sum_splits(out, None, y)
     return y
 
 
@@ -585,9 +583,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     xk, xdt = _x_operand(x2, kind, k)
     qv = q.view(torch.uint8) if kind == "int8" else q
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
-    pdl = launch_dependent(y.device)
-    extra = {"num_stages": cfg.stages} if cfg.stages is not None else {}
-    extra.update(launch_options(pdl), PDL=pdl)
+    extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
+    extra.update(dependent(y.device))
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, kb, k, n, ks,
@@ -599,7 +596,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), WIDE_G=wide,
         BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
     if split > 1:
-        _sum_splits(out, bias, y, pdl)
+        _sum_splits(out, bias, y)
 
 
 def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
