@@ -795,14 +795,31 @@ gptfast25() {  # issue 16, session 25: gpt-fast (the mission's GPU peer) against
     done
 }
 
+early26() {  # issue 16, session 26: the Triton GEMV (int8, fp8) asks L2 for its rows'
+    # first L2_EARLY bytes of codes before it waits for the kernel before it, against
+    # waiting first (the default, 0), batch 1 with the head quantized; bf16 for the ratio;
+    # then the GPU test that dependent launches change no bits, int8 and fp8 (~4 min).
+    # Session 26 ran it with each row's whole K range asked for (a loss, RESULTS.md)
+    local b="--prompt-len 128 --gen-len 64 --batch 1" f
+    checkpoint
+    for f in int8 fp8; do
+        ab ${f}h_late "" --quantize $f --quantize-head $b
+        ab ${f}h_1024 "T.L2_EARLY = 1024" --quantize $f --quantize-head $b
+        ab ${f}h_512 "T.L2_EARLY = 512" --quantize $f --quantize-head $b
+    done
+    ab bf16 "" $b
+    step test_early 150 python3 -m pytest -q -p no:cacheprovider -rf \
+        -k "dependent and (int8 or fp8)" tests/gpu/test_wquant_torch_gpu.py
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

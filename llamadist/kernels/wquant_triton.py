@@ -66,6 +66,12 @@ from llamadist.kernels import gpu
 
 KIND_IDS = {"int8": 0, "int4": 1, "fp8": 2}
 WIDE_GROUPS = True  # gemv_config's cut for grouped int8 (False: the former one, for A/B runs)
+# Bytes at the start of each of a GEMV program's rows of codes that it asks L2 for before
+# it waits for the kernel before it, where it is a dependent launch (a power of two >= 128;
+# 0: none, the default). Asking for every row's whole K range made batch-1 decode slower
+# on an H200 (int8 3.05 against 2.70 ms a step, fp8 2.98 against 2.48; RESULTS.md,
+# session 26); a first tile alone is not measured yet (gpu_session.sh early26).
+L2_EARLY = 0
 GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
 
 

@@ -250,6 +250,17 @@ def test_int8_bit_decode_every_code_in_place():
             assert torch.equal(y, q[:, c].float() * 0.5), (cfg.label(), c)
 
 
+@pytest.mark.parametrize("early", [100, 384])
+def test_l2_early_must_be_a_power_of_two(early, monkeypatch):
+    """wquant_triton.L2_EARLY (the bytes a GEMV program asks L2 for before it waits, an A/B
+    switch) other than 0 or a power of two >= 128 is refused at launch, named."""
+    monkeypatch.setattr(T, "L2_EARLY", early)
+    pw = W.PackedWeight("int8", torch.ones(16, 32, dtype=torch.int8), torch.ones(16, 1),
+                        None, 32, (16, 32)).to(DEVICE)
+    with pytest.raises(ValueError, match="L2_EARLY is %d: give 0 or a power of two" % early):
+        T.launch(torch.ones(1, 32).to(DEVICE), "int8", pw.q, pw.scale, None, None, 32, 16, 32)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_int4_x_pairs_from_odd_offsets_and_strides(dtype):
     """int4's GEMV reads x as (x[2j], x[2j + 1]) words: x views starting at an odd element,

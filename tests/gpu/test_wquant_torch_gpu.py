@@ -213,16 +213,20 @@ def test_smollm2_gguf_torch_backend_bf16(smollm2):
 @pytest.mark.skipif(torch.cuda.get_device_capability(0)[0] < 9 if torch.cuda.is_available()
                     else True, reason="programmatic dependent launches need sm_90")
 @pytest.mark.parametrize("kind,compile_layers,batch", [("int4", True, 2), ("int8", False, 2),
-                                                       ("fp8", True, 2), ("int4", True, 10)])
+                                                       ("int8", False, 1), ("fp8", True, 2),
+                                                       ("int4", True, 10)])
 def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, batch,
                                            monkeypatch):
     """Decode graphs captured as programmatic dependent launches (int4_rows, or past 8 rows
     tinygemm's tensor-core tiles; the Triton GEMV, attention and fused kernels, and
-    Inductor's where compiled: each waits for the kernel before it before reading) give
+    Inductor's where compiled: each waits for the kernel before it before reading x; here
+    the GEMV asks L2 for its rows' first 1 KiB of codes before that,
+    ``wquant_triton.L2_EARLY``) give
     the same greedy steps and log-probabilities, to the bit, as the same graphs without."""
     from llamadist.api import LLM
     from llamadist.config import RuntimeConfig
-    from llamadist.kernels import cuda_int4, gpu
+    from llamadist.kernels import cuda_int4, gpu, wquant_triton
+    monkeypatch.setattr(wquant_triton, "L2_EARLY", 1024)
     launched = []
     real = cuda_int4._launch_dependent
     monkeypatch.setattr(cuda_int4, "_launch_dependent",

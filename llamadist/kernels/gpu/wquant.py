@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from llamadist.kernels import wquant_triton
 from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.gpu.dependent import dependent, enter
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
@@ -261,6 +262,14 @@ def _acc_add(acc0, acc1, acc2, acc3, part, M_IDX: tl.constexpr):
 
 
 @triton.jit
+def _l2_prefetch(ptrs):
+    """Ask L2 for the 128-byte lines at ``ptrs`` (PTX ``prefetch.global.L2``: no registers
+    wait for them, nothing is read back)."""
+    return tl.inline_asm_elementwise("prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  stride_xm, stride_qn, stride_sn, stride_ym,
                  GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
@@ -268,7 +277,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
                  GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
                  WIDE_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr):
+                 PDL: tl.constexpr, EARLY: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K (WIDE_G: a
@@ -281,13 +290,22 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     in the loop; ROWS tiles of registers). WIDE_G (DEFER, grouped int8 / fp8): a tile
     spans BLOCK_K / GROUP_B groups: each run of SUB (16) products of one group is summed
     (within a thread), times the group's scale, into a (BN, BK / SUB) tile of sums (the
-    narrow tiles of one group each cost more). PDL: a dependent launch (gpu.dependent)."""
-    enter(PDL)
+    narrow tiles of one group each cost more). PDL: a dependent launch (gpu.dependent);
+    there, the first EARLY bytes of each of the program's rows of codes are asked into L2
+    before it waits for the kernel before (the model's weights: no kernel writes them), so
+    HBM may stream them while that one still runs (``wquant_triton.L2_EARLY``)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     q_rows = q_ptr + rn[:, None] * stride_qn
+    b_lo = pid_k * KS
+    b_hi = tl.minimum(b_lo + KS, KB)
+    if PDL and EARLY > 0:  # the first EARLY bytes a row (past-N rows, the tail clamped)
+        lines = q_ptr + tl.minimum(rn, N - 1)[:, None] * stride_qn
+        at = tl.minimum(b_lo + tl.arange(0, EARLY // 128) * 128, b_hi - 1)
+        _l2_prefetch(lines + at[None, :])
+    enter(PDL)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
@@ -302,8 +320,6 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     d1 = d0
     d2 = d0
     d3 = d0
-    b_lo = pid_k * KS
-    b_hi = tl.minimum(b_lo + KS, KB)
     sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     off = tl.zeros((BLOCK_N,), dtype=tl.float32)
     TILE_G: tl.constexpr = GROUPED and not WIDE_G  # one scale a row a tile
@@ -585,6 +601,9 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
     extra = {} if cfg.stages is None else {"num_stages": cfg.stages}
     extra.update(dependent(y.device))
+    early = wquant_triton.L2_EARLY
+    if early and (early < 128 or early & (early - 1)):
+        raise ValueError(f"wquant_triton.L2_EARLY is {early}: give 0 or a power of two >= 128")
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, kb, k, n, ks,
@@ -594,7 +613,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
         DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), WIDE_G=wide,
-        BLOCK_N=cfg.block_n, BLOCK_K=bk, num_warps=cfg.warps, **extra)
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, EARLY=early, num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
 
