@@ -81,10 +81,11 @@ def test_activation_quantization_error():
 @pytest.mark.parametrize("int8_x", [False, True], ids=["float-x", "int8-x"])
 @pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
 @pytest.mark.parametrize("rows,nblocks,m", [(1, 1, 1), (37, 5, 1), (13, 3, 4), (64, 2, 33),
-                                            (9, 77, 1)])
+                                            (9, 77, 1), (11, 3, 9)])
 def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
     """Every dispatch level; m = 33 rows is the prefill (tiled dequantize + GEMM) path;
-    odd block counts exercise the AVX-512 path's single-block tail."""
+    odd block counts exercise the AVX-512 path's single-block tail; m = 9 the GEMV's
+    passes over several rows of x (4 or 2 a pass) and their tail."""
     rng = np.random.default_rng(rows * 100 + nblocks + qtype)
     cols = nblocks * FORMATS[qtype][1]
     raw = random_blocks(qtype, rows, cols, rng)
@@ -111,6 +112,30 @@ def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
             assert np.abs(y - exact).max() <= (3e-2 if int8 else 2e-6) * scale, level
     finally:
         cpu_quant.set_isa(-1)
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
+def test_gemv_rows_equal_one_row_at_a_time(qtype):
+    """Batch invariance of the GEMV (up to 32 rows of float32 x): the kernels that meet
+    several rows of x with each weight block decoded once (4 rows a pass for the
+    32-blocks, 2 for 16-bit weights) give every row the bits it gets alone, at every
+    dispatch level, tails of rows and of inputs included."""
+    rng = np.random.default_rng(200 + qtype)
+    block = FORMATS[qtype][1]
+    for n, cols in ((37, 3 * block), (5, 5 * block if block > 1 else 77)):
+        raw = torch.from_numpy(random_blocks(qtype, n, cols, rng))
+        bias = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
+        try:
+            for level in levels():
+                cpu_quant.set_isa(level)
+                for m in (2, 5, 9):
+                    x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32))
+                    y = cpu_quant.qlinear(x, raw, qtype, n, bias)
+                    alone = torch.cat([cpu_quant.qlinear(x[r:r + 1], raw, qtype, n, bias)
+                                       for r in range(m)])
+                    assert torch.equal(y, alone), (level, n, cols, m)
+        finally:
+            cpu_quant.set_isa(-1)
 
 
 def test_embedding_and_cat_and_slices():
