@@ -26,8 +26,11 @@
 typedef float (*qdot_fn)(const uint8_t *w, const int8_t *q, const float *d, const float *s,
                          int64_t nb);
 typedef float (*fdot_fn)(const uint8_t *w, const float *x, const float *xs, int64_t nb);
-/* FX_ROWS rows of x (ldx apart; their block sums xs ldxs apart) against one weight row */
-#define FX_ROWS 4
+/* A pass's rows of x (ldx apart; their block sums xs ldxs apart) against one weight row:
+   at most FX_AVX2 rows at AVX2, FX_AVX512 at AVX-512 (their accumulators fill the
+   registers), then half as many, then 2 */
+#define FX_AVX2 4
+#define FX_AVX512 8
 typedef void (*fxrows_fn)(const uint8_t *w, const float *x, int64_t ldx, const float *xs,
                           int64_t ldxs, int64_t nb, float *out);
 
@@ -293,21 +296,23 @@ TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x
         t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), _mm256_loadu_ps(x + 24), t);
         if (b & 1) acc1 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc1);
         else acc0 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc0);
-        corr = __builtin_fmaf(m, xs[b], corr);  /* one rounding, whatever the compiler contracts */
+        if (type != QT_Q8_0)  /* one rounding, whatever the compiler contracts */
+            corr = __builtin_fmaf(m, xs[b], corr);
     }
     return hsum256(_mm256_add_ps(acc0, acc1)) + corr;
 }
 
-/* row_dot_fx_avx2 for FX_ROWS rows of x at once: each block's codes widened and converted
-   once, then met by every row with that function's operations in its order (the same bits
-   as FX_ROWS calls of it; batched decode then decodes each weight once a step, not once a
-   row) */
-TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, const uint8_t *w, const float *x, int64_t ldx,
-                                      const float *xs, int64_t ldxs, int64_t nb, float *out) {
+/* row_dot_fx_avx2 for R (<= FX_AVX2) rows of x at once: each block's codes widened and
+   converted once, then met by every row with that function's operations in its order (the
+   same bits as R calls of it; batched decode then decodes each weight once a pass, not
+   once a row) */
+TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, int R, const uint8_t *w, const float *x,
+                                      int64_t ldx, const float *xs, int64_t ldxs, int64_t nb,
+                                      float *out) {
     const int bb = block_bytes(type);
-    __m256 acc0[FX_ROWS], acc1[FX_ROWS];
-    float corr[FX_ROWS];
-    for (int r = 0; r < FX_ROWS; ++r) {
+    __m256 acc0[FX_AVX2], acc1[FX_AVX2];
+    float corr[FX_AVX2];
+    for (int r = 0; r < R; ++r) {
         acc0[r] = acc1[r] = _mm256_setzero_ps();
         corr[r] = 0.0f;
     }
@@ -320,7 +325,7 @@ TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, const uint8_t *w, const float *x
         const __m256 f0 = _mm256_cvtepi32_ps(q[0]), f1 = _mm256_cvtepi32_ps(q[1]);
         const __m256 f2 = _mm256_cvtepi32_ps(q[2]), f3 = _mm256_cvtepi32_ps(q[3]);
         const __m256 vd = _mm256_set1_ps(d);
-        for (int r = 0; r < FX_ROWS; ++r) {
+        for (int r = 0; r < R; ++r) {
             const float *xr = x + r * ldx + 32 * b;
             __m256 t = _mm256_mul_ps(f0, _mm256_loadu_ps(xr));
             t = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xr + 8), t);
@@ -328,10 +333,11 @@ TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, const uint8_t *w, const float *x
             t = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xr + 24), t);
             if (b & 1) acc1[r] = _mm256_fmadd_ps(t, vd, acc1[r]);
             else acc0[r] = _mm256_fmadd_ps(t, vd, acc0[r]);
-            corr[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr[r]);
+            if (type != QT_Q8_0)
+                corr[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr[r]);
         }
     }
-    for (int r = 0; r < FX_ROWS; ++r)
+    for (int r = 0; r < R; ++r)
         out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + corr[r];
 }
 
@@ -362,19 +368,21 @@ TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const floa
                                          _mm512_mul_ps(_mm512_cvtepi32_ps(q0), _mm512_loadu_ps(x)));
         if (b & 1) acc1 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc1);
         else acc0 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc0);
-        corr = __builtin_fmaf(m, xs[b], corr);  /* one rounding, whatever the compiler contracts */
+        if (type != QT_Q8_0)  /* one rounding, whatever the compiler contracts */
+            corr = __builtin_fmaf(m, xs[b], corr);
     }
     return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + corr;
 }
 
-/* row_dot_fx_avx512 for FX_ROWS rows of x at once, as rows_dot_fx_avx2 is to its one */
-TGT_AVX512 INLINE void rows_dot_fx_avx512(int type, const uint8_t *w, const float *x,
+/* row_dot_fx_avx512 for R (<= FX_AVX512) rows of x at once, as rows_dot_fx_avx2 is to its
+   one */
+TGT_AVX512 INLINE void rows_dot_fx_avx512(int type, int R, const uint8_t *w, const float *x,
                                           int64_t ldx, const float *xs, int64_t ldxs,
                                           int64_t nb, float *out) {
     const int bb = block_bytes(type);
-    __m512 acc0[FX_ROWS], acc1[FX_ROWS];
-    float corr[FX_ROWS];
-    for (int r = 0; r < FX_ROWS; ++r) {
+    __m512 acc0[FX_AVX512], acc1[FX_AVX512];
+    float corr[FX_AVX512];
+    for (int r = 0; r < R; ++r) {
         acc0[r] = acc1[r] = _mm512_setzero_ps();
         corr[r] = 0.0f;
     }
@@ -394,30 +402,34 @@ TGT_AVX512 INLINE void rows_dot_fx_avx512(int type, const uint8_t *w, const floa
         block_affine(type, blk, &d, &m);
         const __m512 f0 = _mm512_cvtepi32_ps(q0), f1 = _mm512_cvtepi32_ps(q1);
         const __m512 vd = _mm512_set1_ps(d);
-        for (int r = 0; r < FX_ROWS; ++r) {
+        for (int r = 0; r < R; ++r) {
             const float *xr = x + r * ldx + 32 * b;
             const __m512 t = _mm512_fmadd_ps(f1, _mm512_loadu_ps(xr + 16),
                                              _mm512_mul_ps(f0, _mm512_loadu_ps(xr)));
             if (b & 1) acc1[r] = _mm512_fmadd_ps(t, vd, acc1[r]);
             else acc0[r] = _mm512_fmadd_ps(t, vd, acc0[r]);
-            corr[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr[r]);
+            if (type != QT_Q8_0)
+                corr[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr[r]);
         }
     }
-    for (int r = 0; r < FX_ROWS; ++r)
+    for (int r = 0; r < R; ++r)
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + corr[r];
 }
 
-#define FXROWS(NAME, TGT, IMPL, TYPE)                                                     \
+#define FXROWS(NAME, TGT, IMPL, TYPE, R)                                                  \
 TGT static void NAME(const uint8_t *w, const float *x, int64_t ldx, const float *xs,      \
                      int64_t ldxs, int64_t nb, float *out) {                              \
-    IMPL(TYPE, w, x, ldx, xs, ldxs, nb, out);                                             \
+    IMPL(TYPE, R, w, x, ldx, xs, ldxs, nb, out);                                          \
 }
-FXROWS(fxrows_q4_0_avx2, TGT_AVX2, rows_dot_fx_avx2, QT_Q4_0)
-FXROWS(fxrows_q4_1_avx2, TGT_AVX2, rows_dot_fx_avx2, QT_Q4_1)
-FXROWS(fxrows_q8_0_avx2, TGT_AVX2, rows_dot_fx_avx2, QT_Q8_0)
-FXROWS(fxrows_q4_0_avx512, TGT_AVX512, rows_dot_fx_avx512, QT_Q4_0)
-FXROWS(fxrows_q4_1_avx512, TGT_AVX512, rows_dot_fx_avx512, QT_Q4_1)
-FXROWS(fxrows_q8_0_avx512, TGT_AVX512, rows_dot_fx_avx512, QT_Q8_0)
+#define FXROWS_TYPES(SUFFIX, TGT, IMPL, R)                                                \
+FXROWS(fxrows_q4_0_##SUFFIX, TGT, IMPL, QT_Q4_0, R)                                       \
+FXROWS(fxrows_q4_1_##SUFFIX, TGT, IMPL, QT_Q4_1, R)                                       \
+FXROWS(fxrows_q8_0_##SUFFIX, TGT, IMPL, QT_Q8_0, R)
+FXROWS_TYPES(avx2_2, TGT_AVX2, rows_dot_fx_avx2, 2)
+FXROWS_TYPES(avx2_4, TGT_AVX2, rows_dot_fx_avx2, 4)
+FXROWS_TYPES(avx512_2, TGT_AVX512, rows_dot_fx_avx512, 2)
+FXROWS_TYPES(avx512_4, TGT_AVX512, rows_dot_fx_avx512, 4)
+FXROWS_TYPES(avx512_8, TGT_AVX512, rows_dot_fx_avx512, 8)
 
 TGT_AVX512 static float fdot_q4_0_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q4_0, w, x, xs, nb); }
 TGT_AVX512 static float fdot_q4_1_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q4_1, w, x, xs, nb); }
@@ -470,14 +482,19 @@ static fdot_fn pick_fdot(int type) {
     return table[current_isa()][col];
 }
 
-/* The FX_ROWS-row kernel of fdot's level (none in plain C: rows one at a time there) */
-static fxrows_fn pick_fxrows(int type) {
-    static const fxrows_fn table[3][3] = {
-        {NULL, NULL, NULL},
-        {fxrows_q4_0_avx2, fxrows_q4_1_avx2, fxrows_q8_0_avx2},
-        {fxrows_q4_0_avx512, fxrows_q4_1_avx512, fxrows_q8_0_avx512}};
+/* The several-row kernel of fdot's level for passes of ``width`` rows (8, 4 or 2; NULL
+   where the level has none: plain C, or 8 at AVX2) */
+static fxrows_fn pick_fxrows(int type, int width) {
+    static const fxrows_fn table[3][3][3] = {  /* [level][width 8, 4, 2][type] */
+        {{NULL, NULL, NULL}, {NULL, NULL, NULL}, {NULL, NULL, NULL}},
+        {{NULL, NULL, NULL},
+         {fxrows_q4_0_avx2_4, fxrows_q4_1_avx2_4, fxrows_q8_0_avx2_4},
+         {fxrows_q4_0_avx2_2, fxrows_q4_1_avx2_2, fxrows_q8_0_avx2_2}},
+        {{fxrows_q4_0_avx512_8, fxrows_q4_1_avx512_8, fxrows_q8_0_avx512_8},
+         {fxrows_q4_0_avx512_4, fxrows_q4_1_avx512_4, fxrows_q8_0_avx512_4},
+         {fxrows_q4_0_avx512_2, fxrows_q4_1_avx512_2, fxrows_q8_0_avx512_2}}};
     const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
-    return table[current_isa()][col];
+    return table[current_isa()][width == 8 ? 0 : width == 4 ? 1 : 2][col];
 }
 
 /* ---- dequantization (prefill tiles, embedding rows) ---- */
@@ -586,20 +603,25 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
     }
     const qdot_fn dot = q8 ? pick_dot(type) : NULL;
     const fdot_fn fdot = q8 || is_k ? NULL : pick_fdot(type);
-    const fxrows_fn fxrows = q8 || is_k ? NULL : pick_fxrows(type);
+    const int several = !q8 && !is_k;  /* float x on 32-blocks: passes of 8, 4, 2 rows */
+    const fxrows_fn fx8 = several ? pick_fxrows(type, 8) : NULL,
+                    fx4 = several ? pick_fxrows(type, 4) : NULL,
+                    fx2 = several ? pick_fxrows(type, 2) : NULL;
     for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * rb;
         int64_t r = 0;
-        if (fxrows) /* FX_ROWS rows of x a pass: each block decoded once for all of them */
-            for (; r + FX_ROWS <= m; r += FX_ROWS) {
-                float v[FX_ROWS];
-                fxrows(wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
-                for (int i = 0; i < FX_ROWS; ++i) {
+        for (int width = 8; width >= 2; width /= 2) { /* each block decoded once a pass */
+            const fxrows_fn fx = width == 8 ? fx8 : width == 4 ? fx4 : fx2;
+            for (; fx && r + width <= m; r += width) {
+                float v[FX_AVX512];
+                fx(wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
+                for (int i = 0; i < width; ++i) {
                     float *o = y + (r + i) * ldy + j;
                     const float vi = v[i] + (bias ? bias[j] : 0.0f);
                     *o = accumulate ? *o + vi : vi;
                 }
             }
+        }
         for (; r < m; ++r) { /* the row is read from memory once, then cache */
             float v = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
                       : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
