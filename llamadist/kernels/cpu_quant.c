@@ -6,7 +6,11 @@
        Q8_0  dw dx sum(qw qx)      Q4_0  dw (dx sum(qw qx) - 8 s)      Q4_1  dw dx sum(qw qx) + m s
    The error this adds is x's rounding, at most dx / 2 per input (tests/unit/test_quant.py
    bounds it). Q4_K, Q5_K, Q6_K (blocks of 256): each block is dequantized into 256 floats
-   on the stack (L1) and dotted with x in float32; x is not quantized.
+   on the stack (L1) and dotted with x in float32; x is not quantized. With float32 x (the
+   default) the 32-blocks are widened and converted in registers and met by x in float32;
+   a batch's rows of x go in passes of 8, 4, then 2 (AVX-512; 4, 2 at AVX2), each block
+   decoded once a pass, every row with the one-row kernel's operations in its order (the
+   same bits as alone).
 
    Runtime dispatch: the integer dot products exist three times, plain C, AVX2 (+FMA, F16C:
    every x86 since Haswell / Zen 1) and AVX-512 (F, BW, DQ, VL: two blocks per 512-bit

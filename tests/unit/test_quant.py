@@ -85,7 +85,7 @@ def test_activation_quantization_error():
 def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
     """Every dispatch level; m = 33 rows is the prefill (tiled dequantize + GEMM) path;
     odd block counts exercise the AVX-512 path's single-block tail; m = 9 the GEMV's
-    passes over several rows of x (4 or 2 a pass) and their tail."""
+    passes over several rows of x (8, 4 or 2 a pass) and their tail."""
     rng = np.random.default_rng(rows * 100 + nblocks + qtype)
     cols = nblocks * FORMATS[qtype][1]
     raw = random_blocks(qtype, rows, cols, rng)
@@ -117,9 +117,9 @@ def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
 @pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
 def test_gemv_rows_equal_one_row_at_a_time(qtype):
     """Batch invariance of the GEMV (up to 32 rows of float32 x): the kernels that meet
-    several rows of x with each weight block decoded once (4 rows a pass for the
-    32-blocks, 2 for 16-bit weights) give every row the bits it gets alone, at every
-    dispatch level, tails of rows and of inputs included."""
+    several rows of x with each weight block decoded once (8, 4 or 2 rows a pass for the
+    32-blocks, 2 for 16-bit weights; 15 rows take each width once) give every row the
+    bits it gets alone, at every dispatch level, tails of rows and of inputs included."""
     rng = np.random.default_rng(200 + qtype)
     block = FORMATS[qtype][1]
     for n, cols in ((37, 3 * block), (5, 5 * block if block > 1 else 77)):
@@ -128,7 +128,7 @@ def test_gemv_rows_equal_one_row_at_a_time(qtype):
         try:
             for level in levels():
                 cpu_quant.set_isa(level)
-                for m in (2, 5, 9):
+                for m in (2, 5, 9, 15):
                     x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32))
                     y = cpu_quant.qlinear(x, raw, qtype, n, bias)
                     alone = torch.cat([cpu_quant.qlinear(x[r:r + 1], raw, qtype, n, bias)
