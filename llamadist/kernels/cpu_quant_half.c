@@ -68,34 +68,40 @@ TGT_AVX2 INLINE float hdot_avx2_inline(int type, const uint8_t *w, const float *
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + hdot_c(type, w, x, i, k);
 }
 
-/* hdot_avx2_inline for two rows of x at once: each 8 weights widened once, then met by
-   both rows with that function's operations in its order (the same bits as two calls) */
-TGT_AVX2 INLINE void hdot2_avx2_inline(int type, const uint8_t *w, const float *x0,
-                                       const float *x1, int64_t k, float *out) {
-    __m256 a[2][4];
-    for (int r = 0; r < 2; ++r)
-        for (int c = 0; c < 4; ++c) a[r][c] = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32)
-        for (int c = 0; c < 4; ++c) {
-            const __m256 wc = widen8(type, w + 2 * i + 16 * c);
-            a[0][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x0 + i + 8 * c), a[0][c]);
-            a[1][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x1 + i + 8 * c), a[1][c]);
-        }
-    for (; i + 8 <= k; i += 8) {
-        const __m256 wc = widen8(type, w + 2 * i);
-        a[0][0] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x0 + i), a[0][0]);
-        a[1][0] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x1 + i), a[1][0]);
-    }
-    for (int r = 0; r < 2; ++r) {
-        const __m256 s = _mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]),
-                                       _mm256_add_ps(a[r][2], a[r][3]));
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))
-                 + hdot_c(type, w, r ? x1 : x0, i, k);
-    }
+/* hdot_avx2_inline for R rows of x at once (x_r = x + r ldx): each 8 weights widened
+   once, then met by every row with that function's operations in its order (the same bits
+   as R calls). R = 2 at AVX2; R = 4 where AVX-512 is there, its 256-bit operations then
+   reaching ymm16-31 for the 16 accumulators. */
+#define HDOT_ROWS(NAME, TGT, R)                                                            \
+TGT static void NAME(int type, const uint8_t *w, const float *x, int64_t ldx, int64_t k,   \
+                     float *out) {                                                         \
+    __m256 a[R][4];                                                                        \
+    for (int r = 0; r < R; ++r)                                                            \
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm256_setzero_ps();                         \
+    int64_t i = 0;                                                                         \
+    for (; i + 32 <= k; i += 32)                                                           \
+        for (int c = 0; c < 4; ++c) {                                                      \
+            const __m256 wc = widen8(type, w + 2 * i + 16 * c);                            \
+            for (int r = 0; r < R; ++r)                                                    \
+                a[r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * ldx + i + 8 * c),    \
+                                          a[r][c]);                                        \
+        }                                                                                  \
+    for (; i + 8 <= k; i += 8) {                                                           \
+        const __m256 wc = widen8(type, w + 2 * i);                                         \
+        for (int r = 0; r < R; ++r)                                                        \
+            a[r][0] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * ldx + i), a[r][0]);      \
+    }                                                                                      \
+    for (int r = 0; r < R; ++r) {                                                          \
+        const __m256 s = _mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]),                    \
+                                       _mm256_add_ps(a[r][2], a[r][3]));                   \
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));     \
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                            \
+        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))                          \
+                 + hdot_c(type, w, x + r * ldx, i, k);                                     \
+    }                                                                                      \
 }
+HDOT_ROWS(hdot2_avx2, TGT_AVX2, 2)
+HDOT_ROWS(hdot4_avx512, TGT_AVX512, 4)
 
 TGT_AVX512 INLINE __m512 widen16(int type, const uint8_t *p) { /* 16 halves -> 16 floats */
     const __m256i h = _mm256_loadu_si256((const __m256i *)p);
@@ -128,18 +134,20 @@ TGT_AVX2 static float hdot_avx2(int type, const uint8_t *w, const float *x, int6
 TGT_AVX2 static void hrows_avx2(int type, const uint8_t *w, const float *x, const float *bias,
                                 float *y, int64_t m, int64_t j0, int64_t j1, int64_t k,
                                 int64_t ldx, int64_t ldy, int accumulate) {
+    const int wide = current_isa() == 2;  /* 4 rows a pass (AVX-512's registers), else 2 */
     for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * k * 2;
         int64_t r = 0;
-        for (; r + 2 <= m; r += 2) { /* two rows a pass: each weight widened once for both */
-            float v[2];
-            hdot2_avx2_inline(type, wr, x + r * ldx, x + (r + 1) * ldx, k, v);
-            for (int i = 0; i < 2; ++i) {
-                const float vi = v[i] + (bias ? bias[j] : 0.0f);
-                float *o = y + (r + i) * ldy + j;
-                *o = accumulate ? *o + vi : vi;
+        for (int width = 4; width >= 2; width /= 2) /* each weight widened once a pass */
+            for (; (width == 2 || wide) && r + width <= m; r += width) {
+                float v[4];
+                (width == 4 ? hdot4_avx512 : hdot2_avx2)(type, wr, x + r * ldx, ldx, k, v);
+                for (int i = 0; i < width; ++i) {
+                    const float vi = v[i] + (bias ? bias[j] : 0.0f);
+                    float *o = y + (r + i) * ldy + j;
+                    *o = accumulate ? *o + vi : vi;
+                }
             }
-        }
         for (; r < m; ++r) {
             const float v = hdot_avx2_inline(type, wr, x + r * ldx, k) + (bias ? bias[j] : 0.0f);
             float *o = y + r * ldy + j;
