@@ -10,7 +10,7 @@
    default) the 32-blocks are widened and converted in registers and met by x in float32;
    a batch's rows of x go in passes of 8, 4, then 2 (AVX-512; 4, 2 at AVX2), each block
    decoded once a pass, every row with the one-row kernel's operations in its order (the
-   same bits as alone).
+   same bits as alone); the K types in passes of 4 (krows).
 
    Runtime dispatch: the integer dot products exist three times, plain C, AVX2 (+FMA, F16C:
    every x86 since Haswell / Zen 1) and AVX-512 (F, BW, DQ, VL: two blocks per 512-bit
@@ -624,6 +624,15 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
                     const float vi = v[i] + (bias ? bias[j] : 0.0f);
                     *o = accumulate ? *o + vi : vi;
                 }
+            }
+        }
+        for (int done = K_ROWS; is_k && done && r + K_ROWS <= m; r += done) {
+            float v[K_ROWS]; /* Q4_K / Q5_K: K_ROWS rows a pass, each run decoded once */
+            done = krows(type, wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
+            for (int i = 0; i < done; ++i) {
+                float *o = y + (r + i) * ldy + j;
+                const float vi = v[i] + (bias ? bias[j] : 0.0f);
+                *o = accumulate ? *o + vi : vi;
             }
         }
         for (; r < m; ++r) { /* the row is read from memory once, then cache */

@@ -81,6 +81,12 @@ int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c; VNNI counts
    xsum32 the sums of x's runs of 32 (see quant_linear_for). */
 void dequant_k(int type, const uint8_t *blk, float *out);
 float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int64_t nb);
+/* ... and K_ROWS rows of x (ldx apart, their sums ldxs apart) against the row at once, each
+   run decoded once for all (the same bits as K_ROWS kdot calls): K_ROWS, or 0 where there
+   is no such kernel (plain C) and nothing was written */
+#define K_ROWS 4
+int krows(int type, const uint8_t *w, const float *x, int64_t ldx, const float *xsum32,
+          int64_t ldxs, int64_t nb, float *out);
 
 /* cpu_quant_half.c: k 16-bit floats (F16 or BF16) -> floats; a row of k of them . x */
 void dequant_half(int type, const uint8_t *w, int64_t k, float *out);

@@ -5,7 +5,8 @@
    (Q6_K: its own scale) at a time:
        Q4_K, Q5_K   sum_j d sc_j sum(q x) - dmin mn_j xsum32_j      (j: runs of 32)
        Q6_K         sum_g d sc_g sum((q - 32) x)                     (g: runs of 16)
-   x is never quantized. Dispatch as in cpu_quant.c (current_isa). */
+   x is never quantized. Dispatch as in cpu_quant.c (current_isa). krows: four rows of x
+   against a weight row at once (batched decode), each run decoded once for all four. */
 
 #include "cpu_quant.h"
 
@@ -114,7 +115,7 @@ TGT_AVX2 INLINE float k45_avx2(int type, const uint8_t *w, const float *x, const
             k_scale_min(j, blk + 4, &sc, &mn);
             acc = _mm256_fmadd_ps(u8x32_dot_avx2(k45_quants(type, blk, j), x + 32 * j),
                                   _mm256_set1_ps(d * sc), acc);
-            corr += dmin * mn * xs[j];
+            corr = __builtin_fmaf(dmin * mn, xs[j], corr);  /* one rounding, as k45_rows */
         }
     }
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
@@ -135,10 +136,90 @@ TGT_AVX512 INLINE float k45_avx512(int type, const uint8_t *w, const float *x, c
             k_scale_min(j, blk + 4, &sc, &mn);
             acc = _mm512_fmadd_ps(u8x32_dot_avx512(k45_quants(type, blk, j), x + 32 * j),
                                   _mm512_set1_ps(d * sc), acc);
-            corr += dmin * mn * xs[j];
+            corr = __builtin_fmaf(dmin * mn, xs[j], corr);  /* one rounding, as k45_rows */
         }
     }
     return _mm512_reduce_add_ps(acc) - corr;
+}
+
+/* k45_avx2 / k45_avx512 for R (<= K_ROWS) rows of x (x_r = x + r ldx, its sums xs_r = xs
+   + r ldxs) at once: each run's quants decoded and converted once, then met by every row
+   with the one-row kernel's operations in its order (the same bits as R calls of it) */
+TGT_AVX2 INLINE void k45_rows_avx2(int type, int R, const uint8_t *w, const float *x,
+                                   int64_t ldx, const float *xs, int64_t ldxs, int64_t nb,
+                                   float *out) {
+    const int bb = block_bytes(type);
+    __m256 acc[K_ROWS];
+    float corr[K_ROWS];
+    for (int r = 0; r < R; ++r) {
+        acc[r] = _mm256_setzero_ps();
+        corr[r] = 0.0f;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = w + b * bb;
+        const float d = f16(blk), dmin = f16(blk + 2);
+        for (int j = 0; j < 8; ++j) {
+            float sc, mn;
+            k_scale_min(j, blk + 4, &sc, &mn);
+            const __m256i q = k45_quants(type, blk, j);
+            const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
+            const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            const __m256 f1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            const __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            const __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            const __m256 vs = _mm256_set1_ps(d * sc);
+            const float cm = dmin * mn;
+            for (int r = 0; r < R; ++r) {
+                const float *xr = x + r * ldx + 256 * b + 32 * j;
+                __m256 t = _mm256_mul_ps(f0, _mm256_loadu_ps(xr));
+                t = _mm256_fmadd_ps(f1, _mm256_loadu_ps(xr + 8), t);
+                t = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xr + 16), t);
+                t = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xr + 24), t);
+                acc[r] = _mm256_fmadd_ps(t, vs, acc[r]);
+                corr[r] = __builtin_fmaf(cm, xs[r * ldxs + 8 * b + j], corr[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - corr[r];
+    }
+}
+
+TGT_AVX512 INLINE void k45_rows_avx512(int type, int R, const uint8_t *w, const float *x,
+                                       int64_t ldx, const float *xs, int64_t ldxs, int64_t nb,
+                                       float *out) {
+    const int bb = block_bytes(type);
+    __m512 acc[K_ROWS];
+    float corr[K_ROWS];
+    for (int r = 0; r < R; ++r) {
+        acc[r] = _mm512_setzero_ps();
+        corr[r] = 0.0f;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = w + b * bb;
+        const float d = f16(blk), dmin = f16(blk + 2);
+        for (int j = 0; j < 8; ++j) {
+            float sc, mn;
+            k_scale_min(j, blk + 4, &sc, &mn);
+            const __m256i q = k45_quants(type, blk, j);
+            const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
+            const __m512 c = _mm512_cvtepi32_ps(
+                _mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
+            const __m512 vs = _mm512_set1_ps(d * sc);
+            const float cm = dmin * mn;
+            for (int r = 0; r < R; ++r) {
+                const float *xr = x + r * ldx + 256 * b + 32 * j;
+                const __m512 t = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 16),
+                                                 _mm512_mul_ps(a, _mm512_loadu_ps(xr)));
+                acc[r] = _mm512_fmadd_ps(t, vs, acc[r]);
+                corr[r] = __builtin_fmaf(cm, xs[r * ldxs + 8 * b + j], corr[r]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        out[r] = _mm512_reduce_add_ps(acc[r]) - corr[r];
 }
 
 /* ---- Q6_K ---- */
@@ -218,6 +299,103 @@ TGT_AVX2 static float q4k_avx2(const uint8_t *w, const float *x, const float *xs
 TGT_AVX2 static float q5k_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return k45_avx2(QT_Q5_K, w, x, xs, nb); }
 TGT_AVX512 static float q4k_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return k45_avx512(QT_Q4_K, w, x, xs, nb); }
 TGT_AVX512 static float q5k_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return k45_avx512(QT_Q5_K, w, x, xs, nb); }
+
+/* q6k_avx2 / q6k_avx512 for R (<= K_ROWS) rows of x at once, as k45_rows_* to theirs */
+TGT_AVX2 INLINE void q6k_rows_avx2(int R, const uint8_t *w, const float *x, int64_t ldx,
+                                   int64_t nb, float *out) {
+    __m256 acc[K_ROWS];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = w + b * 210;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = f16(blk + 208);
+        for (int half = 0; half < 2; ++half) {
+            __m256i q[4];
+            q6_quants(blk, half, q);
+            for (int g = 0; g < 4; ++g) {
+                const int s = 8 * half + 2 * g;
+                const __m128i q0 = _mm256_castsi256_si128(q[g]);
+                const __m128i q1 = _mm256_extracti128_si256(q[g], 1);
+                const __m256 a0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q0));
+                const __m256 a1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q0, 8)));
+                const __m256 c0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q1));
+                const __m256 c1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q1, 8)));
+                const __m256 s0 = _mm256_set1_ps(d * sc[s]), s1 = _mm256_set1_ps(d * sc[s + 1]);
+                for (int r = 0; r < R; ++r) {
+                    const float *xg = x + r * ldx + 256 * b + 128 * half + 32 * g;
+                    const __m256 t0 = _mm256_fmadd_ps(a1, _mm256_loadu_ps(xg + 8),
+                                                      _mm256_mul_ps(a0, _mm256_loadu_ps(xg)));
+                    acc[r] = _mm256_fmadd_ps(t0, s0, acc[r]);
+                    const __m256 t1 = _mm256_fmadd_ps(c1, _mm256_loadu_ps(xg + 24),
+                                                      _mm256_mul_ps(c0, _mm256_loadu_ps(xg + 16)));
+                    acc[r] = _mm256_fmadd_ps(t1, s1, acc[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+    }
+}
+
+TGT_AVX512 INLINE void q6k_rows_avx512(int R, const uint8_t *w, const float *x, int64_t ldx,
+                                       int64_t nb, float *out) {
+    __m512 acc0[K_ROWS], acc1[K_ROWS];
+    for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = w + b * 210;
+        const int8_t *sc = (const int8_t *)(blk + 192);
+        const float d = f16(blk + 208);
+        for (int half = 0; half < 2; ++half) {
+            __m256i q[4];
+            q6_quants(blk, half, q);
+            for (int g = 0; g < 4; ++g) {
+                const int s = 8 * half + 2 * g;
+                const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q[g])));
+                const __m512 c = _mm512_cvtepi32_ps(
+                    _mm512_cvtepi8_epi32(_mm256_extracti128_si256(q[g], 1)));
+                const __m512 s0 = _mm512_set1_ps(d * sc[s]), s1 = _mm512_set1_ps(d * sc[s + 1]);
+                for (int r = 0; r < R; ++r) {
+                    const float *xg = x + r * ldx + 256 * b + 128 * half + 32 * g;
+                    acc0[r] = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_loadu_ps(xg)), s0, acc0[r]);
+                    acc1[r] = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_loadu_ps(xg + 16)), s1,
+                                              acc1[r]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+TGT_AVX2 static void q6k_rows4_avx2(const uint8_t *w, const float *x, int64_t ldx, int64_t nb,
+                                    float *out) { q6k_rows_avx2(4, w, x, ldx, nb, out); }
+TGT_AVX512 static void q6k_rows4_avx512(const uint8_t *w, const float *x, int64_t ldx,
+                                        int64_t nb, float *out) {
+    q6k_rows_avx512(4, w, x, ldx, nb, out);
+}
+
+#define K45_ROWS(NAME, TGT, IMPL, TYPE, R)                                                \
+TGT static void NAME(const uint8_t *w, const float *x, int64_t ldx, const float *xs,      \
+                     int64_t ldxs, int64_t nb, float *out) {                              \
+    IMPL(TYPE, R, w, x, ldx, xs, ldxs, nb, out);                                          \
+}
+K45_ROWS(q4k_rows4_avx2, TGT_AVX2, k45_rows_avx2, QT_Q4_K, 4)
+K45_ROWS(q5k_rows4_avx2, TGT_AVX2, k45_rows_avx2, QT_Q5_K, 4)
+K45_ROWS(q4k_rows4_avx512, TGT_AVX512, k45_rows_avx512, QT_Q4_K, 4)
+K45_ROWS(q5k_rows4_avx512, TGT_AVX512, k45_rows_avx512, QT_Q5_K, 4)
+
+int krows(int type, const uint8_t *w, const float *x, int64_t ldx, const float *xsum32,
+          int64_t ldxs, int64_t nb, float *out) {
+    const int isa = current_isa();
+    if (isa == 0) return 0;
+    if (type == QT_Q6_K) (isa == 2 ? q6k_rows4_avx512 : q6k_rows4_avx2)(w, x, ldx, nb, out);
+    else if (type == QT_Q5_K) (isa == 2 ? q5k_rows4_avx512 : q5k_rows4_avx2)(w, x, ldx, xsum32, ldxs, nb, out);
+    else (isa == 2 ? q4k_rows4_avx512 : q4k_rows4_avx2)(w, x, ldx, xsum32, ldxs, nb, out);
+    return K_ROWS;
+}
 
 float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int64_t nb) {
     const int isa = current_isa();
