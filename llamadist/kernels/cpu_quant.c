@@ -287,7 +287,7 @@ TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x
                                       const float *xs, int64_t nb) {
     const int bb = block_bytes(type);
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float corr = 0.0f;
+    float corr0 = 0.0f, corr1 = 0.0f; /* by block parity, as acc0 / acc1: shorter chains */
     for (int64_t b = 0; b < nb; ++b, x += 32) {
         const uint8_t *blk = w + b * bb;
         __m256i q[4];
@@ -300,10 +300,13 @@ TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x
         t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), _mm256_loadu_ps(x + 24), t);
         if (b & 1) acc1 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc1);
         else acc0 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc0);
-        if (type != QT_Q8_0)  /* one rounding, whatever the compiler contracts */
-            corr = __builtin_fmaf(m, xs[b], corr);
+        /* the block-sum term (none for Q8_0): an explicit fma, one rounding whatever the
+           compiler contracts, so the several-row kernels round it alike */
+        if (type == QT_Q8_0) continue;
+        if (b & 1) corr1 = __builtin_fmaf(m, xs[b], corr1);
+        else corr0 = __builtin_fmaf(m, xs[b], corr0);
     }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + corr;
+    return hsum256(_mm256_add_ps(acc0, acc1)) + (corr0 + corr1);
 }
 
 /* row_dot_fx_avx2 for R (<= FX_AVX2) rows of x at once: each block's codes widened and
@@ -315,10 +318,10 @@ TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, int R, const uint8_t *w, const f
                                       float *out) {
     const int bb = block_bytes(type);
     __m256 acc0[FX_AVX2], acc1[FX_AVX2];
-    float corr[FX_AVX2];
+    float corr0[FX_AVX2], corr1[FX_AVX2];
     for (int r = 0; r < R; ++r) {
         acc0[r] = acc1[r] = _mm256_setzero_ps();
-        corr[r] = 0.0f;
+        corr0[r] = corr1[r] = 0.0f;
     }
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + b * bb;
@@ -337,12 +340,13 @@ TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, int R, const uint8_t *w, const f
             t = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xr + 24), t);
             if (b & 1) acc1[r] = _mm256_fmadd_ps(t, vd, acc1[r]);
             else acc0[r] = _mm256_fmadd_ps(t, vd, acc0[r]);
-            if (type != QT_Q8_0)
-                corr[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr[r]);
+            if (type == QT_Q8_0) continue;
+            if (b & 1) corr1[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr1[r]);
+            else corr0[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr0[r]);
         }
     }
     for (int r = 0; r < R; ++r)
-        out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + corr[r];
+        out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + (corr0[r] + corr1[r]);
 }
 
 TGT_AVX2 static float fdot_q4_0_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx2(QT_Q4_0, w, x, xs, nb); }
@@ -353,7 +357,7 @@ TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const floa
                                           const float *xs, int64_t nb) {
     const int bb = block_bytes(type);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    float corr = 0.0f;
+    float corr0 = 0.0f, corr1 = 0.0f; /* by block parity, as acc0 / acc1: shorter chains */
     for (int64_t b = 0; b < nb; ++b, x += 32) {
         const uint8_t *blk = w + b * bb;
         __m512i q0, q1;
@@ -372,10 +376,13 @@ TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const floa
                                          _mm512_mul_ps(_mm512_cvtepi32_ps(q0), _mm512_loadu_ps(x)));
         if (b & 1) acc1 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc1);
         else acc0 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc0);
-        if (type != QT_Q8_0)  /* one rounding, whatever the compiler contracts */
-            corr = __builtin_fmaf(m, xs[b], corr);
+        /* the block-sum term (none for Q8_0): an explicit fma, one rounding whatever the
+           compiler contracts, so the several-row kernels round it alike */
+        if (type == QT_Q8_0) continue;
+        if (b & 1) corr1 = __builtin_fmaf(m, xs[b], corr1);
+        else corr0 = __builtin_fmaf(m, xs[b], corr0);
     }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + corr;
+    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (corr0 + corr1);
 }
 
 /* row_dot_fx_avx512 for R (<= FX_AVX512) rows of x at once, as rows_dot_fx_avx2 is to its
@@ -385,10 +392,10 @@ TGT_AVX512 INLINE void rows_dot_fx_avx512(int type, int R, const uint8_t *w, con
                                           int64_t nb, float *out) {
     const int bb = block_bytes(type);
     __m512 acc0[FX_AVX512], acc1[FX_AVX512];
-    float corr[FX_AVX512];
+    float corr0[FX_AVX512], corr1[FX_AVX512];
     for (int r = 0; r < R; ++r) {
         acc0[r] = acc1[r] = _mm512_setzero_ps();
-        corr[r] = 0.0f;
+        corr0[r] = corr1[r] = 0.0f;
     }
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + b * bb;
@@ -412,12 +419,13 @@ TGT_AVX512 INLINE void rows_dot_fx_avx512(int type, int R, const uint8_t *w, con
                                              _mm512_mul_ps(f0, _mm512_loadu_ps(xr)));
             if (b & 1) acc1[r] = _mm512_fmadd_ps(t, vd, acc1[r]);
             else acc0[r] = _mm512_fmadd_ps(t, vd, acc0[r]);
-            if (type != QT_Q8_0)
-                corr[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr[r]);
+            if (type == QT_Q8_0) continue;
+            if (b & 1) corr1[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr1[r]);
+            else corr0[r] = __builtin_fmaf(m, xs[r * ldxs + b], corr0[r]);
         }
     }
     for (int r = 0; r < R; ++r)
-        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + corr[r];
+        out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + (corr0[r] + corr1[r]);
 }
 
 #define FXROWS(NAME, TGT, IMPL, TYPE, R)                                                  \
