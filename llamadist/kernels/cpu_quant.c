@@ -619,10 +619,12 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
     const fxrows_fn fx8 = several ? pick_fxrows(type, 8) : NULL,
                     fx4 = several ? pick_fxrows(type, 4) : NULL,
                     fx2 = several ? pick_fxrows(type, 2) : NULL;
+    /* several rows a pass where there are: a batch's float x on 32-blocks, or K types */
+    const int passes = (several && m >= 2) || (is_k && m >= K_ROWS);
     for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * rb;
         int64_t r = 0;
-        for (int width = 8; width >= 2; width /= 2) { /* each block decoded once a pass */
+        for (int width = 8; passes && width >= 2; width /= 2) { /* each block decoded once */
             const fxrows_fn fx = width == 8 ? fx8 : width == 4 ? fx4 : fx2;
             for (; fx && r + width <= m; r += width) {
                 float v[FX_AVX512];
@@ -634,8 +636,8 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
                 }
             }
         }
-        for (int done = K_ROWS; is_k && done && r + K_ROWS <= m; r += done) {
-            float v[K_ROWS]; /* Q4_K / Q5_K: K_ROWS rows a pass, each run decoded once */
+        for (int done = K_ROWS; passes && is_k && done && r + K_ROWS <= m; r += done) {
+            float v[K_ROWS]; /* the K types: K_ROWS rows a pass, each run decoded once */
             done = krows(type, wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
             for (int i = 0; i < done; ++i) {
                 float *o = y + (r + i) * ldy + j;

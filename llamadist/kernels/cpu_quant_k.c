@@ -102,56 +102,44 @@ TGT_AVX512 INLINE __m512 u8x32_dot_avx512(__m256i q, const float *x) { /* 16 par
     return _mm512_fmadd_ps(b, _mm512_loadu_ps(x + 16), _mm512_mul_ps(a, _mm512_loadu_ps(x)));
 }
 
-/* The min term of a block, dmin mn_j xsum32_j over its 8 runs, as 8 lanes added into corr
-   (one FMA a block; the kernels of one row and of several take the same steps) */
-TGT_AVX2 INLINE __m256 k45_min_term(const float *mn, float dmin, const float *xs, __m256 corr) {
-    return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(mn), _mm256_set1_ps(dmin)),
-                           _mm256_loadu_ps(xs), corr);
-}
-
-TGT_AVX2 INLINE float hsum8(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
 TGT_AVX2 INLINE float k45_avx2(int type, const uint8_t *w, const float *x, const float *xs,
                                int64_t nb) {
     const int bb = block_bytes(type);
-    __m256 acc = _mm256_setzero_ps(), corr = _mm256_setzero_ps();
+    __m256 acc = _mm256_setzero_ps();
+    float corr = 0.0f;
     for (int64_t b = 0; b < nb; ++b, x += 256, xs += 8) {
         const uint8_t *blk = w + b * bb;
         const float d = f16(blk), dmin = f16(blk + 2);
-        float mn[8];
         for (int j = 0; j < 8; ++j) {
-            float sc;
-            k_scale_min(j, blk + 4, &sc, &mn[j]);
+            float sc, mn;
+            k_scale_min(j, blk + 4, &sc, &mn);
             acc = _mm256_fmadd_ps(u8x32_dot_avx2(k45_quants(type, blk, j), x + 32 * j),
                                   _mm256_set1_ps(d * sc), acc);
+            corr = __builtin_fmaf(dmin * mn, xs[j], corr);  /* one rounding, as k45_rows */
         }
-        corr = k45_min_term(mn, dmin, xs, corr);
     }
-    return hsum8(acc) - hsum8(corr);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - corr;
 }
 
 TGT_AVX512 INLINE float k45_avx512(int type, const uint8_t *w, const float *x, const float *xs,
                                    int64_t nb) {
     const int bb = block_bytes(type);
     __m512 acc = _mm512_setzero_ps();
-    __m256 corr = _mm256_setzero_ps();
+    float corr = 0.0f;
     for (int64_t b = 0; b < nb; ++b, x += 256, xs += 8) {
         const uint8_t *blk = w + b * bb;
         const float d = f16(blk), dmin = f16(blk + 2);
-        float mn[8];
         for (int j = 0; j < 8; ++j) {
-            float sc;
-            k_scale_min(j, blk + 4, &sc, &mn[j]);
+            float sc, mn;
+            k_scale_min(j, blk + 4, &sc, &mn);
             acc = _mm512_fmadd_ps(u8x32_dot_avx512(k45_quants(type, blk, j), x + 32 * j),
                                   _mm512_set1_ps(d * sc), acc);
+            corr = __builtin_fmaf(dmin * mn, xs[j], corr);  /* one rounding, as k45_rows */
         }
-        corr = k45_min_term(mn, dmin, xs, corr);
     }
-    return _mm512_reduce_add_ps(acc) - hsum8(corr);
+    return _mm512_reduce_add_ps(acc) - corr;
 }
 
 /* k45_avx2 / k45_avx512 for R (<= K_ROWS) rows of x (x_r = x + r ldx, its sums xs_r = xs
@@ -162,18 +150,17 @@ TGT_AVX2 INLINE void k45_rows_avx2(int type, int R, const uint8_t *w, const floa
                                    float *out) {
     const int bb = block_bytes(type);
     __m256 acc[K_ROWS];
-    __m256 corr[K_ROWS];
+    float corr[K_ROWS];
     for (int r = 0; r < R; ++r) {
         acc[r] = _mm256_setzero_ps();
-        corr[r] = _mm256_setzero_ps();
+        corr[r] = 0.0f;
     }
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + b * bb;
         const float d = f16(blk), dmin = f16(blk + 2);
-        float mn[8];
         for (int j = 0; j < 8; ++j) {
-            float sc;
-            k_scale_min(j, blk + 4, &sc, &mn[j]);
+            float sc, mn;
+            k_scale_min(j, blk + 4, &sc, &mn);
             const __m256i q = k45_quants(type, blk, j);
             const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
             const __m256 f0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
@@ -181,6 +168,7 @@ TGT_AVX2 INLINE void k45_rows_avx2(int type, int R, const uint8_t *w, const floa
             const __m256 f2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
             const __m256 f3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
             const __m256 vs = _mm256_set1_ps(d * sc);
+            const float cm = dmin * mn;
             for (int r = 0; r < R; ++r) {
                 const float *xr = x + r * ldx + 256 * b + 32 * j;
                 __m256 t = _mm256_mul_ps(f0, _mm256_loadu_ps(xr));
@@ -188,13 +176,15 @@ TGT_AVX2 INLINE void k45_rows_avx2(int type, int R, const uint8_t *w, const floa
                 t = _mm256_fmadd_ps(f2, _mm256_loadu_ps(xr + 16), t);
                 t = _mm256_fmadd_ps(f3, _mm256_loadu_ps(xr + 24), t);
                 acc[r] = _mm256_fmadd_ps(t, vs, acc[r]);
+                corr[r] = __builtin_fmaf(cm, xs[r * ldxs + 8 * b + j], corr[r]);
             }
         }
-        for (int r = 0; r < R; ++r)
-            corr[r] = k45_min_term(mn, dmin, xs + r * ldxs + 8 * b, corr[r]);
     }
-    for (int r = 0; r < R; ++r)
-        out[r] = hsum8(acc[r]) - hsum8(corr[r]);
+    for (int r = 0; r < R; ++r) {
+        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
+        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - corr[r];
+    }
 }
 
 TGT_AVX512 INLINE void k45_rows_avx512(int type, int R, const uint8_t *w, const float *x,
@@ -202,35 +192,34 @@ TGT_AVX512 INLINE void k45_rows_avx512(int type, int R, const uint8_t *w, const 
                                        float *out) {
     const int bb = block_bytes(type);
     __m512 acc[K_ROWS];
-    __m256 corr[K_ROWS];
+    float corr[K_ROWS];
     for (int r = 0; r < R; ++r) {
         acc[r] = _mm512_setzero_ps();
-        corr[r] = _mm256_setzero_ps();
+        corr[r] = 0.0f;
     }
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + b * bb;
         const float d = f16(blk), dmin = f16(blk + 2);
-        float mn[8];
         for (int j = 0; j < 8; ++j) {
-            float sc;
-            k_scale_min(j, blk + 4, &sc, &mn[j]);
+            float sc, mn;
+            k_scale_min(j, blk + 4, &sc, &mn);
             const __m256i q = k45_quants(type, blk, j);
             const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
             const __m512 c = _mm512_cvtepi32_ps(
                 _mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
             const __m512 vs = _mm512_set1_ps(d * sc);
+            const float cm = dmin * mn;
             for (int r = 0; r < R; ++r) {
                 const float *xr = x + r * ldx + 256 * b + 32 * j;
                 const __m512 t = _mm512_fmadd_ps(c, _mm512_loadu_ps(xr + 16),
                                                  _mm512_mul_ps(a, _mm512_loadu_ps(xr)));
                 acc[r] = _mm512_fmadd_ps(t, vs, acc[r]);
+                corr[r] = __builtin_fmaf(cm, xs[r * ldxs + 8 * b + j], corr[r]);
             }
         }
-        for (int r = 0; r < R; ++r)
-            corr[r] = k45_min_term(mn, dmin, xs + r * ldxs + 8 * b, corr[r]);
     }
     for (int r = 0; r < R; ++r)
-        out[r] = _mm512_reduce_add_ps(acc[r]) - hsum8(corr[r]);
+        out[r] = _mm512_reduce_add_ps(acc[r]) - corr[r];
 }
 
 /* ---- Q6_K ---- */
