@@ -118,7 +118,8 @@ def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
 def test_gemv_rows_equal_one_row_at_a_time(qtype):
     """Batch invariance of the GEMV (up to 32 rows of float32 x): the kernels that meet
     several rows of x with each weight block decoded once (8, 4 or 2 rows a pass for the
-    32-blocks, 4 for the K types, 4 or 2 for 16-bit weights; 15 rows take each width once)
+    32-blocks, 4 for the K types, 4 for 16-bit weights at AVX-512; 15 rows take each width
+    once)
     give every row the
     bits it gets alone, at every dispatch level, tails of rows and of inputs included."""
     rng = np.random.default_rng(200 + qtype)
