@@ -282,37 +282,13 @@ TGT_AVX2 INLINE void block_affine(int type, const uint8_t *blk, float *d, float 
     *m = type == QT_Q4_1 ? f16c(blk + 2) : type == QT_Q4_0 ? -8.0f * *d : 0.0f;
 }
 
-/* sum over blocks of d sum(q x) + m xs[b]: the affine map applied once a block, to sums */
-TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x,
-                                      const float *xs, int64_t nb) {
-    const int bb = block_bytes(type);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float corr0 = 0.0f, corr1 = 0.0f; /* by block parity, as acc0 / acc1: shorter chains */
-    for (int64_t b = 0; b < nb; ++b, x += 32) {
-        const uint8_t *blk = w + b * bb;
-        __m256i q[4];
-        float d, m;
-        block_ints_avx2(type, blk, q);
-        block_affine(type, blk, &d, &m);
-        __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(q[0]), _mm256_loadu_ps(x));
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[1]), _mm256_loadu_ps(x + 8), t);
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[2]), _mm256_loadu_ps(x + 16), t);
-        t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(q[3]), _mm256_loadu_ps(x + 24), t);
-        if (b & 1) acc1 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc1);
-        else acc0 = _mm256_fmadd_ps(t, _mm256_set1_ps(d), acc0);
-        /* the block-sum term (none for Q8_0): an explicit fma, one rounding whatever the
-           compiler contracts, so the several-row kernels round it alike */
-        if (type == QT_Q8_0) continue;
-        if (b & 1) corr1 = __builtin_fmaf(m, xs[b], corr1);
-        else corr0 = __builtin_fmaf(m, xs[b], corr0);
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + (corr0 + corr1);
-}
-
-/* row_dot_fx_avx2 for R (<= FX_AVX2) rows of x at once: each block's codes widened and
-   converted once, then met by every row with that function's operations in its order (the
-   same bits as R calls of it; batched decode then decodes each weight once a pass, not
-   once a row) */
+/* R (<= FX_AVX2) rows of x against a weight row at once, each sum over blocks of
+   d sum(q x) + m xs[b] (the affine map applied once a block, to sums): each block's codes
+   widened and converted once, then met by every row in the same operations, so a row gets
+   the same bits in a pass of R as alone (row_dot_fx_avx2 is R = 1); batched decode then
+   decodes each weight once a pass, not once a row. The block-sum term (none for Q8_0) is
+   an explicit fma, one rounding whatever the compiler contracts; it and the products
+   alternate between two chains by block parity. */
 TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, int R, const uint8_t *w, const float *x,
                                       int64_t ldx, const float *xs, int64_t ldxs, int64_t nb,
                                       float *out) {
@@ -349,44 +325,18 @@ TGT_AVX2 INLINE void rows_dot_fx_avx2(int type, int R, const uint8_t *w, const f
         out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + (corr0[r] + corr1[r]);
 }
 
+TGT_AVX2 INLINE float row_dot_fx_avx2(int type, const uint8_t *w, const float *x,
+                                      const float *xs, int64_t nb) {
+    float out;
+    rows_dot_fx_avx2(type, 1, w, x, 0, xs, 0, nb, &out);
+    return out;
+}
+
 TGT_AVX2 static float fdot_q4_0_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx2(QT_Q4_0, w, x, xs, nb); }
 TGT_AVX2 static float fdot_q4_1_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx2(QT_Q4_1, w, x, xs, nb); }
 TGT_AVX2 static float fdot_q8_0_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx2(QT_Q8_0, w, x, xs, nb); }
 
-TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const float *x,
-                                          const float *xs, int64_t nb) {
-    const int bb = block_bytes(type);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    float corr0 = 0.0f, corr1 = 0.0f; /* by block parity, as acc0 / acc1: shorter chains */
-    for (int64_t b = 0; b < nb; ++b, x += 32) {
-        const uint8_t *blk = w + b * bb;
-        __m512i q0, q1;
-        if (type == QT_Q8_0) {
-            q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 2)));
-            q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 18)));
-        } else {
-            const __m128i r = _mm_loadu_si128((const __m128i *)(blk + (type == QT_Q4_1 ? 4 : 2)));
-            const __m128i m4 = _mm_set1_epi8(15);
-            q0 = _mm512_cvtepu8_epi32(_mm_and_si128(r, m4));
-            q1 = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(r, 4), m4));
-        }
-        float d, m;
-        block_affine(type, blk, &d, &m);
-        const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q1), _mm512_loadu_ps(x + 16),
-                                         _mm512_mul_ps(_mm512_cvtepi32_ps(q0), _mm512_loadu_ps(x)));
-        if (b & 1) acc1 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc1);
-        else acc0 = _mm512_fmadd_ps(t, _mm512_set1_ps(d), acc0);
-        /* the block-sum term (none for Q8_0): an explicit fma, one rounding whatever the
-           compiler contracts, so the several-row kernels round it alike */
-        if (type == QT_Q8_0) continue;
-        if (b & 1) corr1 = __builtin_fmaf(m, xs[b], corr1);
-        else corr0 = __builtin_fmaf(m, xs[b], corr0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1)) + (corr0 + corr1);
-}
-
-/* row_dot_fx_avx512 for R (<= FX_AVX512) rows of x at once, as rows_dot_fx_avx2 is to its
-   one */
+/* rows_dot_fx_avx2 in 512-bit registers (two blocks' halves a register), R <= FX_AVX512 */
 TGT_AVX512 INLINE void rows_dot_fx_avx512(int type, int R, const uint8_t *w, const float *x,
                                           int64_t ldx, const float *xs, int64_t ldxs,
                                           int64_t nb, float *out) {
@@ -426,6 +376,13 @@ TGT_AVX512 INLINE void rows_dot_fx_avx512(int type, int R, const uint8_t *w, con
     }
     for (int r = 0; r < R; ++r)
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r])) + (corr0[r] + corr1[r]);
+}
+
+TGT_AVX512 INLINE float row_dot_fx_avx512(int type, const uint8_t *w, const float *x,
+                                          const float *xs, int64_t nb) {
+    float out;
+    rows_dot_fx_avx512(type, 1, w, x, 0, xs, 0, nb, &out);
+    return out;
 }
 
 #define FXROWS(NAME, TGT, IMPL, TYPE, R)                                                  \

@@ -86,65 +86,10 @@ TGT_AVX2 INLINE __m256i k45_quants(int type, const uint8_t *blk, int j) {
     return q;
 }
 
-TGT_AVX2 INLINE __m256 u8x32_dot_avx2(__m256i q, const float *x) { /* 8 partial sums */
-    const __m128i lo = _mm256_castsi256_si128(q), hi = _mm256_extracti128_si256(q, 1);
-    __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), _mm256_loadu_ps(x));
-    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))),
-                        _mm256_loadu_ps(x + 8), t);
-    t = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), _mm256_loadu_ps(x + 16), t);
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))),
-                           _mm256_loadu_ps(x + 24), t);
-}
-
-TGT_AVX512 INLINE __m512 u8x32_dot_avx512(__m256i q, const float *x) { /* 16 partial sums */
-    const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(q)));
-    const __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(q, 1)));
-    return _mm512_fmadd_ps(b, _mm512_loadu_ps(x + 16), _mm512_mul_ps(a, _mm512_loadu_ps(x)));
-}
-
-TGT_AVX2 INLINE float k45_avx2(int type, const uint8_t *w, const float *x, const float *xs,
-                               int64_t nb) {
-    const int bb = block_bytes(type);
-    __m256 acc = _mm256_setzero_ps();
-    float corr = 0.0f;
-    for (int64_t b = 0; b < nb; ++b, x += 256, xs += 8) {
-        const uint8_t *blk = w + b * bb;
-        const float d = f16(blk), dmin = f16(blk + 2);
-        for (int j = 0; j < 8; ++j) {
-            float sc, mn;
-            k_scale_min(j, blk + 4, &sc, &mn);
-            acc = _mm256_fmadd_ps(u8x32_dot_avx2(k45_quants(type, blk, j), x + 32 * j),
-                                  _mm256_set1_ps(d * sc), acc);
-            corr = __builtin_fmaf(dmin * mn, xs[j], corr);  /* one rounding, as k45_rows */
-        }
-    }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - corr;
-}
-
-TGT_AVX512 INLINE float k45_avx512(int type, const uint8_t *w, const float *x, const float *xs,
-                                   int64_t nb) {
-    const int bb = block_bytes(type);
-    __m512 acc = _mm512_setzero_ps();
-    float corr = 0.0f;
-    for (int64_t b = 0; b < nb; ++b, x += 256, xs += 8) {
-        const uint8_t *blk = w + b * bb;
-        const float d = f16(blk), dmin = f16(blk + 2);
-        for (int j = 0; j < 8; ++j) {
-            float sc, mn;
-            k_scale_min(j, blk + 4, &sc, &mn);
-            acc = _mm512_fmadd_ps(u8x32_dot_avx512(k45_quants(type, blk, j), x + 32 * j),
-                                  _mm512_set1_ps(d * sc), acc);
-            corr = __builtin_fmaf(dmin * mn, xs[j], corr);  /* one rounding, as k45_rows */
-        }
-    }
-    return _mm512_reduce_add_ps(acc) - corr;
-}
-
-/* k45_avx2 / k45_avx512 for R (<= K_ROWS) rows of x (x_r = x + r ldx, its sums xs_r = xs
-   + r ldxs) at once: each run's quants decoded and converted once, then met by every row
-   with the one-row kernel's operations in its order (the same bits as R calls of it) */
+/* Q4_K / Q5_K, R (<= K_ROWS) rows of x (x_r = x + r ldx, its sums xs_r = xs + r ldxs)
+   against a weight row at once: each run's quants decoded and converted once, then met by
+   every row in the same operations, so a row gets the same bits in a pass of R as alone
+   (k45_avx2 / k45_avx512 are R = 1) */
 TGT_AVX2 INLINE void k45_rows_avx2(int type, int R, const uint8_t *w, const float *x,
                                    int64_t ldx, const float *xs, int64_t ldxs, int64_t nb,
                                    float *out) {
@@ -240,59 +185,18 @@ TGT_AVX2 INLINE void q6_quants(const uint8_t *blk, int half, __m256i out[4]) {
 #undef Q6_HIGH
 }
 
-TGT_AVX2 INLINE __m256 s8x16_dot_avx2(__m128i q, const float *x) {
-    const __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_loadu_ps(x));
-    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(q, 8))),
-                           _mm256_loadu_ps(x + 8), t);
+TGT_AVX2 INLINE float k45_avx2(int type, const uint8_t *w, const float *x, const float *xs,
+                               int64_t nb) {
+    float out;
+    k45_rows_avx2(type, 1, w, x, 0, xs, 0, nb, &out);
+    return out;
 }
 
-TGT_AVX2 static float q6k_avx2(const uint8_t *w, const float *x, int64_t nb) {
-    __m256 acc = _mm256_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b, x += 256) {
-        const uint8_t *blk = w + b * 210;
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        const float d = f16(blk + 208);
-        for (int half = 0; half < 2; ++half) {
-            __m256i q[4];
-            q6_quants(blk, half, q);
-            for (int g = 0; g < 4; ++g) { /* runs of 16: scales 2g, 2g + 1 of the half */
-                const float *xg = x + 128 * half + 32 * g;
-                const int s = 8 * half + 2 * g;
-                acc = _mm256_fmadd_ps(s8x16_dot_avx2(_mm256_castsi256_si128(q[g]), xg),
-                                      _mm256_set1_ps(d * sc[s]), acc);
-                acc = _mm256_fmadd_ps(s8x16_dot_avx2(_mm256_extracti128_si256(q[g], 1), xg + 16),
-                                      _mm256_set1_ps(d * sc[s + 1]), acc);
-            }
-        }
-    }
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
-TGT_AVX512 static float q6k_avx512(const uint8_t *w, const float *x, int64_t nb) {
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-    for (int64_t b = 0; b < nb; ++b, x += 256) {
-        const uint8_t *blk = w + b * 210;
-        const int8_t *sc = (const int8_t *)(blk + 192);
-        const float d = f16(blk + 208);
-        for (int half = 0; half < 2; ++half) {
-            __m256i q[4];
-            q6_quants(blk, half, q);
-            for (int g = 0; g < 4; ++g) {
-                const float *xg = x + 128 * half + 32 * g;
-                const int s = 8 * half + 2 * g;
-                const __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q[g])));
-                const __m512 c = _mm512_cvtepi32_ps(
-                    _mm512_cvtepi8_epi32(_mm256_extracti128_si256(q[g], 1)));
-                acc0 = _mm512_fmadd_ps(_mm512_mul_ps(a, _mm512_loadu_ps(xg)),
-                                       _mm512_set1_ps(d * sc[s]), acc0);
-                acc1 = _mm512_fmadd_ps(_mm512_mul_ps(c, _mm512_loadu_ps(xg + 16)),
-                                       _mm512_set1_ps(d * sc[s + 1]), acc1);
-            }
-        }
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+TGT_AVX512 INLINE float k45_avx512(int type, const uint8_t *w, const float *x, const float *xs,
+                                   int64_t nb) {
+    float out;
+    k45_rows_avx512(type, 1, w, x, 0, xs, 0, nb, &out);
+    return out;
 }
 
 TGT_AVX2 static float q4k_avx2(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return k45_avx2(QT_Q4_K, w, x, xs, nb); }
@@ -300,7 +204,7 @@ TGT_AVX2 static float q5k_avx2(const uint8_t *w, const float *x, const float *xs
 TGT_AVX512 static float q4k_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return k45_avx512(QT_Q4_K, w, x, xs, nb); }
 TGT_AVX512 static float q5k_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return k45_avx512(QT_Q5_K, w, x, xs, nb); }
 
-/* q6k_avx2 / q6k_avx512 for R (<= K_ROWS) rows of x at once, as k45_rows_* to theirs */
+/* Q6_K, R (<= K_ROWS) rows of x at once, as k45_rows_* (q6k_* are R = 1) */
 TGT_AVX2 INLINE void q6k_rows_avx2(int R, const uint8_t *w, const float *x, int64_t ldx,
                                    int64_t nb, float *out) {
     __m256 acc[K_ROWS];
@@ -368,6 +272,18 @@ TGT_AVX512 INLINE void q6k_rows_avx512(int R, const uint8_t *w, const float *x, 
     }
     for (int r = 0; r < R; ++r)
         out[r] = _mm512_reduce_add_ps(_mm512_add_ps(acc0[r], acc1[r]));
+}
+
+TGT_AVX2 static float q6k_avx2(const uint8_t *w, const float *x, int64_t nb) {
+    float out;
+    q6k_rows_avx2(1, w, x, 0, nb, &out);
+    return out;
+}
+
+TGT_AVX512 static float q6k_avx512(const uint8_t *w, const float *x, int64_t nb) {
+    float out;
+    q6k_rows_avx512(1, w, x, 0, nb, &out);
+    return out;
 }
 
 TGT_AVX2 static void q6k_rows4_avx2(const uint8_t *w, const float *x, int64_t ldx, int64_t nb,
