@@ -102,12 +102,6 @@ TGT_AVX2 INLINE __m256i block_dot_avx2(int type, const uint8_t *blk, const int8_
     return _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), ones); /* 8 int32 partial sums */
 }
 
-TGT_AVX2 INLINE float hsum256(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-}
-
 TGT_AVX2 INLINE float f16c(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
@@ -576,39 +570,30 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
     const fxrows_fn fx8 = several ? pick_fxrows(type, 8) : NULL,
                     fx4 = several ? pick_fxrows(type, 4) : NULL,
                     fx2 = several ? pick_fxrows(type, 2) : NULL;
-    /* several rows a pass where there are: a batch's float x on 32-blocks, or K types */
-    const int passes = (several && m >= 2) || (is_k && m >= K_ROWS);
+    /* several rows a pass where there are: a batch's float x on 32-blocks, or K types
+       (krows, at AVX2 / AVX-512) */
+    const int passes = several && m >= 2;
+    const int kpasses = is_k && m >= K_ROWS && current_isa() >= 1;
     for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * rb;
         int64_t r = 0;
+        float v[FX_AVX512 > K_ROWS ? FX_AVX512 : K_ROWS];
         for (int width = 8; passes && width >= 2; width /= 2) { /* each block decoded once */
             const fxrows_fn fx = width == 8 ? fx8 : width == 4 ? fx4 : fx2;
             for (; fx && r + width <= m; r += width) {
-                float v[FX_AVX512];
                 fx(wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
-                for (int i = 0; i < width; ++i) {
-                    float *o = y + (r + i) * ldy + j;
-                    const float vi = v[i] + (bias ? bias[j] : 0.0f);
-                    *o = accumulate ? *o + vi : vi;
-                }
+                put_rows(y, ldy, r, j, v, width, bias, accumulate);
             }
         }
-        for (int done = K_ROWS; passes && is_k && done && r + K_ROWS <= m; r += done) {
-            float v[K_ROWS]; /* the K types: K_ROWS rows a pass, each run decoded once */
-            done = krows(type, wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
-            for (int i = 0; i < done; ++i) {
-                float *o = y + (r + i) * ldy + j;
-                const float vi = v[i] + (bias ? bias[j] : 0.0f);
-                *o = accumulate ? *o + vi : vi;
-            }
+        for (; kpasses && r + K_ROWS <= m; r += K_ROWS) { /* each run decoded once */
+            krows(type, wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
+            put_rows(y, ldy, r, j, v, K_ROWS, bias, accumulate);
         }
         for (; r < m; ++r) { /* the row is read from memory once, then cache */
-            float v = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
-                      : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
-                           : fdot(wr, x + r * ldx, xs + r * (k / 32), nb);
-            v += bias ? bias[j] : 0.0f;
-            float *o = y + r * ldy + j;
-            *o = accumulate ? *o + v : v;
+            v[0] = is_k ? kdot(type, wr, x + r * ldx, xs + r * (k / 32), nb)
+                   : q8 ? dot(wr, xq + r * k, xd + r * nb, xs + r * nb, nb)
+                        : fdot(wr, x + r * ldx, xs + r * (k / 32), nb);
+            put_rows(y, ldy, r, j, v, 1, bias, accumulate);
         }
     }
 }

@@ -45,6 +45,24 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
 #define TGT_VNNI __attribute__((target("avx2,fma,f16c,avx512f,avx512bw,avx512dq,avx512vl,avx512vnni")))
 #define INLINE static inline __attribute__((always_inline))
 
+#include <immintrin.h>
+
+TGT_AVX2 INLINE float hsum256(__m256 v) { /* the 8 lanes' sum, in a fixed order */
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+}
+
+/* y[(r + i) ldy + j] (=|+=) v[i] + bias[j] for i < n: a pass's outputs of weight row j */
+static inline void put_rows(float *y, int64_t ldy, int64_t r, int64_t j, const float *v, int n,
+                            const float *bias, int accumulate) {
+    for (int i = 0; i < n; ++i) {
+        const float vi = v[i] + (bias ? bias[j] : 0.0f);
+        float *o = y + (r + i) * ldy + j;
+        *o = accumulate ? *o + vi : vi;
+    }
+}
+
 static inline int block_weights(int type) { return IS_K(type) ? 256 : IS_HALF(type) ? 1 : 32; }
 
 static inline int block_bytes(int type) {
@@ -82,11 +100,11 @@ int current_isa(void); /* 0 plain C, 1 AVX2, 2 AVX-512 (cpu_quant.c; VNNI counts
 void dequant_k(int type, const uint8_t *blk, float *out);
 float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int64_t nb);
 /* ... and K_ROWS rows of x (ldx apart, their sums ldxs apart) against the row at once, each
-   run decoded once for all (the same bits as K_ROWS kdot calls): K_ROWS, or 0 where there
-   is no such kernel (plain C) and nothing was written */
+   run decoded once for all (the same bits as K_ROWS kdot calls); AVX2 / AVX-512 only
+   (current_isa() >= 1) */
 #define K_ROWS 4
-int krows(int type, const uint8_t *w, const float *x, int64_t ldx, const float *xsum32,
-          int64_t ldxs, int64_t nb, float *out);
+void krows(int type, const uint8_t *w, const float *x, int64_t ldx, const float *xsum32,
+           int64_t ldxs, int64_t nb, float *out);
 
 /* cpu_quant_half.c: k 16-bit floats (F16 or BF16) -> floats; a row of k of them . x */
 void dequant_half(int type, const uint8_t *w, int64_t k, float *out);

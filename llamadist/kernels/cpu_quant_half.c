@@ -50,58 +50,45 @@ TGT_AVX2 INLINE __m256 widen8(int type, const uint8_t *p) { /* 8 halves -> 8 flo
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
 }
 
-TGT_AVX2 INLINE float hdot_avx2_inline(int type, const uint8_t *w, const float *x, int64_t k) {
-    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(),
-           a3 = _mm256_setzero_ps();
+/* R rows of x (x_r = x + r ldx) against a row of k 16-bit weights at once, four chains a
+   row (FMA latency): each 8 weights widened once, then met by every row in the same
+   operations, so a row gets the same bits in a pass of R as alone (hdot_avx2_inline is
+   R = 1). R = 4 where AVX-512 is there (hdot4_avx512): its 256-bit operations then reach
+   ymm16-31 for the 16 accumulators. Two rows a pass, at either level, measured slower than
+   one at a time (F16 batch 2, 165-177 against 189-204 tokens/s), so no R = 2. */
+TGT_AVX2 INLINE void hdot_rows_avx2(int type, int R, const uint8_t *w, const float *x,
+                                    int64_t ldx, int64_t k, float *out) {
+    __m256 a[4][4];
+    for (int r = 0; r < R; ++r)
+        for (int c = 0; c < 4; ++c) a[r][c] = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 32 <= k; i += 32) { /* four chains: FMA latency */
-        a0 = _mm256_fmadd_ps(widen8(type, w + 2 * i), _mm256_loadu_ps(x + i), a0);
-        a1 = _mm256_fmadd_ps(widen8(type, w + 2 * i + 16), _mm256_loadu_ps(x + i + 8), a1);
-        a2 = _mm256_fmadd_ps(widen8(type, w + 2 * i + 32), _mm256_loadu_ps(x + i + 16), a2);
-        a3 = _mm256_fmadd_ps(widen8(type, w + 2 * i + 48), _mm256_loadu_ps(x + i + 24), a3);
+    for (; i + 32 <= k; i += 32)
+        for (int c = 0; c < 4; ++c) {
+            const __m256 wc = widen8(type, w + 2 * i + 16 * c);
+            for (int r = 0; r < R; ++r)
+                a[r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * ldx + i + 8 * c), a[r][c]);
+        }
+    for (; i + 8 <= k; i += 8) {
+        const __m256 wc = widen8(type, w + 2 * i);
+        for (int r = 0; r < R; ++r)
+            a[r][0] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * ldx + i), a[r][0]);
     }
-    for (; i + 8 <= k; i += 8)
-        a0 = _mm256_fmadd_ps(widen8(type, w + 2 * i), _mm256_loadu_ps(x + i), a0);
-    const __m256 s = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) + hdot_c(type, w, x, i, k);
+    for (int r = 0; r < R; ++r)
+        out[r] = hsum256(_mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]),
+                                       _mm256_add_ps(a[r][2], a[r][3])))
+                 + hdot_c(type, w, x + r * ldx, i, k);
 }
 
-/* hdot_avx2_inline for R rows of x at once (x_r = x + r ldx): each 8 weights widened
-   once, then met by every row with that function's operations in its order (the same bits
-   as R calls). R = 4, where AVX-512 is there: its 256-bit operations then reach ymm16-31
-   for the 16 accumulators (two rows a pass, at either level, measured slower than one at
-   a time: F16 batch 2, 165-177 against 189-204 tokens/s). */
-#define HDOT_ROWS(NAME, PREFIX, R)                                                         \
-PREFIX void NAME(int type, const uint8_t *w, const float *x, int64_t ldx, int64_t k,   \
-                     float *out) {                                                         \
-    __m256 a[R][4];                                                                        \
-    for (int r = 0; r < R; ++r)                                                            \
-        for (int c = 0; c < 4; ++c) a[r][c] = _mm256_setzero_ps();                         \
-    int64_t i = 0;                                                                         \
-    for (; i + 32 <= k; i += 32)                                                           \
-        for (int c = 0; c < 4; ++c) {                                                      \
-            const __m256 wc = widen8(type, w + 2 * i + 16 * c);                            \
-            for (int r = 0; r < R; ++r)                                                    \
-                a[r][c] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * ldx + i + 8 * c),    \
-                                          a[r][c]);                                        \
-        }                                                                                  \
-    for (; i + 8 <= k; i += 8) {                                                           \
-        const __m256 wc = widen8(type, w + 2 * i);                                         \
-        for (int r = 0; r < R; ++r)                                                        \
-            a[r][0] = _mm256_fmadd_ps(wc, _mm256_loadu_ps(x + r * ldx + i), a[r][0]);      \
-    }                                                                                      \
-    for (int r = 0; r < R; ++r) {                                                          \
-        const __m256 s = _mm256_add_ps(_mm256_add_ps(a[r][0], a[r][1]),                    \
-                                       _mm256_add_ps(a[r][2], a[r][3]));                   \
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));     \
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                            \
-        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)))                          \
-                 + hdot_c(type, w, x + r * ldx, i, k);                                     \
-    }                                                                                      \
+TGT_AVX2 INLINE float hdot_avx2_inline(int type, const uint8_t *w, const float *x, int64_t k) {
+    float out;
+    hdot_rows_avx2(type, 1, w, x, 0, k, &out);
+    return out;
 }
-HDOT_ROWS(hdot4_avx512, TGT_AVX512 static, 4)
+
+TGT_AVX512 static void hdot4_avx512(int type, const uint8_t *w, const float *x, int64_t ldx,
+                                    int64_t k, float *out) {
+    hdot_rows_avx2(type, 4, w, x, ldx, k, out);
+}
 
 TGT_AVX512 INLINE __m512 widen16(int type, const uint8_t *p) { /* 16 halves -> 16 floats */
     const __m256i h = _mm256_loadu_si256((const __m256i *)p);
@@ -138,19 +125,14 @@ TGT_AVX2 static void hrows_avx2(int type, const uint8_t *w, const float *x, cons
     for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * k * 2;
         int64_t r = 0;
+        float v[4];
         for (; wide && r + 4 <= m; r += 4) { /* four rows a pass: each weight widened once */
-            float v[4];
             hdot4_avx512(type, wr, x + r * ldx, ldx, k, v);
-            for (int i = 0; i < 4; ++i) {
-                const float vi = v[i] + (bias ? bias[j] : 0.0f);
-                float *o = y + (r + i) * ldy + j;
-                *o = accumulate ? *o + vi : vi;
-            }
+            put_rows(y, ldy, r, j, v, 4, bias, accumulate);
         }
         for (; r < m; ++r) {
-            const float v = hdot_avx2_inline(type, wr, x + r * ldx, k) + (bias ? bias[j] : 0.0f);
-            float *o = y + r * ldy + j;
-            *o = accumulate ? *o + v : v;
+            v[0] = hdot_avx2_inline(type, wr, x + r * ldx, k);
+            put_rows(y, ldy, r, j, v, 1, bias, accumulate);
         }
     }
 }

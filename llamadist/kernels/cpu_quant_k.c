@@ -125,11 +125,8 @@ TGT_AVX2 INLINE void k45_rows_avx2(int type, int R, const uint8_t *w, const floa
             }
         }
     }
-    for (int r = 0; r < R; ++r) {
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h))) - corr[r];
-    }
+    for (int r = 0; r < R; ++r)
+        out[r] = hsum256(acc[r]) - corr[r];
 }
 
 TGT_AVX512 INLINE void k45_rows_avx512(int type, int R, const uint8_t *w, const float *x,
@@ -237,11 +234,8 @@ TGT_AVX2 INLINE void q6k_rows_avx2(int R, const uint8_t *w, const float *x, int6
             }
         }
     }
-    for (int r = 0; r < R; ++r) {
-        __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
-        h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-        out[r] = _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
-    }
+    for (int r = 0; r < R; ++r)
+        out[r] = hsum256(acc[r]);
 }
 
 TGT_AVX512 INLINE void q6k_rows_avx512(int R, const uint8_t *w, const float *x, int64_t ldx,
@@ -303,14 +297,12 @@ K45_ROWS(q5k_rows4_avx2, TGT_AVX2, k45_rows_avx2, QT_Q5_K, 4)
 K45_ROWS(q4k_rows4_avx512, TGT_AVX512, k45_rows_avx512, QT_Q4_K, 4)
 K45_ROWS(q5k_rows4_avx512, TGT_AVX512, k45_rows_avx512, QT_Q5_K, 4)
 
-int krows(int type, const uint8_t *w, const float *x, int64_t ldx, const float *xsum32,
-          int64_t ldxs, int64_t nb, float *out) {
+void krows(int type, const uint8_t *w, const float *x, int64_t ldx, const float *xsum32,
+           int64_t ldxs, int64_t nb, float *out) {
     const int isa = current_isa();
-    if (isa == 0) return 0;
     if (type == QT_Q6_K) (isa == 2 ? q6k_rows4_avx512 : q6k_rows4_avx2)(w, x, ldx, nb, out);
     else if (type == QT_Q5_K) (isa == 2 ? q5k_rows4_avx512 : q5k_rows4_avx2)(w, x, ldx, xsum32, ldxs, nb, out);
     else (isa == 2 ? q4k_rows4_avx512 : q4k_rows4_avx2)(w, x, ldx, xsum32, ldxs, nb, out);
-    return K_ROWS;
 }
 
 float kdot(int type, const uint8_t *w, const float *x, const float *xsum32, int64_t nb) {
