@@ -7,7 +7,7 @@
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
-#         pdlchain23 verify23 timeline23 gptfast25 early26
+#         pdlchain23 verify23 timeline23 gptfast25 early26 early27
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -812,14 +812,33 @@ early26() {  # issue 16, session 26: the Triton GEMV (int8, fp8) asks L2 for its
         -k "dependent and (int8 or fp8)" tests/gpu/test_wquant_torch_gpu.py
 }
 
+early27() {  # issue 16, session 27: a Triton GEMV program (int8, fp8) that is a dependent
+    # launch loads its loop's first tile of codes into registers before it waits for the
+    # kernel before it (T.FIRST_EARLY), or asks L2 for its rows' first 1 KiB there
+    # (T.L2_EARLY), against waiting first (the default); batch 1, head quantized; bf16 for
+    # the ratio; then the GPU tests that dependent launches change no bits (both on) and
+    # that the early first tile gives the same bits (~4 min)
+    local b="--prompt-len 128 --gen-len 64 --batch 1" f
+    checkpoint
+    for f in int8 fp8; do
+        ab ${f}h_late "" --quantize $f --quantize-head $b
+        ab ${f}h_first "T.FIRST_EARLY = True" --quantize $f --quantize-head $b
+        ab ${f}h_l2_1024 "T.L2_EARLY = 1024" --quantize $f --quantize-head $b
+    done
+    ab bf16 "" $b
+    step test_early 200 python3 -m pytest -q -p no:cacheprovider -rf \
+        -k "(dependent and (int8 or fp8)) or first_tile" tests/gpu/test_wquant_torch_gpu.py \
+        tests/gpu/test_wquant_gpu.py
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -146,6 +146,8 @@ def wquant_cases() -> None:
     dequantized to bf16 (two tile counts)."""
     from llamadist.kernels import gpu
     from llamadist.kernels import wquant as W
+    from dataclasses import replace
+
     from llamadist.kernels.wquant_triton import GemvConfig
     m = gpu.load("wquant")
     _patch(m)
@@ -177,6 +179,16 @@ def wquant_cases() -> None:
     with _dependent():  # dependent launches: the GEMV and its sum
         m.launch(torch.zeros(1, 256, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
                  None, pw.group, 64, 256, GemvConfig(block_n=16, block_k=32, split=3))
+        from llamadist.kernels import wquant_triton
+        wquant_triton.FIRST_EARLY = True  # W's first tiles before the wait: prefetch 0-2
+        try:
+            for pf, cfg in enumerate((GemvConfig(block_n=8, block_k=128, prefetch=0,
+                                                 defer=True), GemvConfig(native=True),
+                                      GemvConfig(block_n=16, block_k=64))):
+                m.launch(torch.zeros(1 + pf, 256, dtype=torch.bfloat16), "int8", pw.q,
+                         pw.scale, None, None, pw.group, 64, 256, replace(cfg, prefetch=pf))
+        finally:
+            wquant_triton.FIRST_EARLY = False
     pw = W.quantize_int8(torch.randn(64, 2048), 32)  # grouped int8's own cuts: tiles of
     for rows, bn, bk in ((1, 8, 2048), (2, 8, 1024), (3, 16, 512)):  # several groups
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
@@ -187,7 +199,6 @@ def wquant_cases() -> None:
                                        dtype=torch.int32),
                            torch.zeros(k // group, n, 2, dtype=torch.bfloat16), n, k, group,
                            tiles, torch.bfloat16)
-    from dataclasses import replace
 
     from llamadist.kernels.wquant_triton import mma_config
     cases = ((8192, 8192, 32, 8, 16), (1024, 4096, 128, 8, 64), (64, 96, 32, 2, 24),

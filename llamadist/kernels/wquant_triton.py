@@ -72,6 +72,10 @@ WIDE_GROUPS = True  # gemv_config's cut for grouped int8 (False: the former one,
 # on an H200 (int8 3.05 against 2.70 ms a step, fp8 2.98 against 2.48; RESULTS.md,
 # session 26); a first tile alone is not measured yet (gpu_session.sh early26).
 L2_EARLY = 0
+# True: a GEMV program loads the first tile of codes (and scales) its loop reads into
+# registers before it waits for the kernel before it, where it is a dependent launch (x's
+# loads after the wait); an A/B switch, off until measured (gpu_session.sh early27)
+FIRST_EARLY = False
 GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
 
 

@@ -250,6 +250,30 @@ def test_int8_bit_decode_every_code_in_place():
             assert torch.equal(y, q[:, c].float() * 0.5), (cfg.label(), c)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int8_g32", "fp8", "int4"])
+def test_first_tile_early_same_bits(fmt, monkeypatch):
+    """``wquant_triton.FIRST_EARLY`` (the loop's first tiles of codes loaded before the
+    dependent launch's wait; here not a dependent launch: the same loads, the first tile
+    handed to the loop): the same bits as without it, and within check's bound of
+    float64, at prefetch 0 (deferred sums, the one-row rule's), 1 and 2, K ranges of one
+    tile and of several, tails."""
+    kind = FORMATS_KIND[fmt]
+    cfgs = [T.GemvConfig(block_n=8, block_k=64, prefetch=0, defer=kind != "int4"),
+            T.GemvConfig(block_n=16, block_k=32, split=3, prefetch=1),
+            T.GemvConfig(block_n=16, block_k=64, prefetch=2)]
+    for j, (cfg, (n, k, dtype)) in enumerate(itertools.product(cfgs, CONFIG_RUNS)):
+        w = torch.randn(n, k, generator=torch.Generator().manual_seed(k))
+        pw = FORMATS[fmt](w).to(DEVICE)
+        x = torch.randn(1 + j % 2, k, generator=torch.Generator().manual_seed(j)).to(dtype)
+        ys = []
+        for first in (False, True):
+            monkeypatch.setattr(T, "FIRST_EARLY", first)
+            ys.append(T.launch(x.to(DEVICE), pw.kind, pw.q, pw.scale, pw.offset, None,
+                               pw.group, n, k, cfg).cpu())
+        assert torch.equal(ys[0], ys[1]), (cfg.label(), n, k)
+        check(pw, 1 + j % 2, dtype, bias=False, config=cfg)
+
+
 @pytest.mark.parametrize("early", [100, 384])
 def test_l2_early_must_be_a_power_of_two(early, monkeypatch):
     """wquant_triton.L2_EARLY (the bytes a GEMV program asks L2 for before it waits, an A/B

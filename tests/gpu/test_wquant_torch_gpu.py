@@ -221,12 +221,13 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, bat
     tinygemm's tensor-core tiles; the Triton GEMV, attention and fused kernels, and
     Inductor's where compiled: each waits for the kernel before it before reading x; here
     the GEMV asks L2 for its rows' first 1 KiB of codes before that,
-    ``wquant_triton.L2_EARLY``) give
+    ``wquant_triton.L2_EARLY``, and loads its first tile, ``FIRST_EARLY``) give
     the same greedy steps and log-probabilities, to the bit, as the same graphs without."""
     from llamadist.api import LLM
     from llamadist.config import RuntimeConfig
     from llamadist.kernels import cuda_int4, gpu, wquant_triton
     monkeypatch.setattr(wquant_triton, "L2_EARLY", 1024)
+    monkeypatch.setattr(wquant_triton, "FIRST_EARLY", True)
     launched = []
     real = cuda_int4._launch_dependent
     monkeypatch.setattr(cuda_int4, "_launch_dependent",

@@ -270,6 +270,30 @@ def _l2_prefetch(ptrs):
 
 
 @triton.jit
+def _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B: tl.constexpr,
+               KIND: tl.constexpr, TILE_G: tl.constexpr, EVEN_K: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """A GEMV tile's loads: its (BN, BK) codes from byte b0 and, TILE_G, its group's
+    (scale, offset) (_gemv_codes, _gemv_scales)."""
+    codes = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
+    sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B, KIND, TILE_G)
+    return codes, sc, off
+
+
+@triton.jit
+def _gemv_tile_or(raw, sc, off, use, q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
+                  GROUP_B: tl.constexpr, KIND: tl.constexpr, TILE_G: tl.constexpr,
+                  EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(raw, sc, off) where ``use`` (a tile loaded before), else the tile at b0's loads."""
+    if use:
+        t, s, o = raw, sc, off
+    else:
+        t, s, o = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B,
+                             KIND, TILE_G, EVEN_K, BLOCK_K)
+    return t, s, o
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  stride_xm, stride_qn, stride_sn, stride_ym,
                  GROUP_B: tl.constexpr, KIND: tl.constexpr, GROUPED: tl.constexpr,
@@ -277,7 +301,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
                  GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
                  WIDE_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr, EARLY: tl.constexpr):
+                 PDL: tl.constexpr, EARLY: tl.constexpr, FIRST: tl.constexpr):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K (WIDE_G: a
@@ -293,7 +317,10 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     narrow tiles of one group each cost more). PDL: a dependent launch (gpu.dependent);
     there, the first EARLY bytes of each of the program's rows of codes are asked into L2
     before it waits for the kernel before (the model's weights: no kernel writes them), so
-    HBM may stream them while that one still runs (``wquant_triton.L2_EARLY``)."""
+    HBM may stream them while that one still runs (``wquant_triton.L2_EARLY``). FIRST: the
+    loads the loop starts with (its first tile of codes and scales; PREFETCH's tiles) are
+    issued before that wait, into registers, x's only after it (``wquant_triton.
+    FIRST_EARLY``; without PDL the same loads in the same order)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -305,7 +332,18 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
         lines = q_ptr + tl.minimum(rn, N - 1)[:, None] * stride_qn
         at = tl.minimum(b_lo + tl.arange(0, EARLY // 128) * 128, b_hi - 1)
         _l2_prefetch(lines + at[None, :])
-    enter(PDL)
+    if not FIRST:
+        enter(PDL)
+    TILE_G: tl.constexpr = GROUPED and not WIDE_G  # one scale a row a tile
+    if FIRST or PREFETCH >= 1:  # the first tiles' codes (and scales) before the loop; FIRST:
+        # also before the wait (no kernel writes W), and PREFETCH 0's first tile
+        nxt, sc_n, off_n = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b_lo, b_hi, n_ok,
+                                      GROUP_B, KIND, TILE_G, EVEN_K, BLOCK_K)
+    if PREFETCH == 2:
+        nxt2, sc_n2, off_n2 = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b_lo + BLOCK_K,
+                                         b_hi, n_ok, GROUP_B, KIND, TILE_G, EVEN_K, BLOCK_K)
+    if FIRST:
+        enter(PDL)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = acc0
     acc2 = acc0
@@ -322,32 +360,25 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     d3 = d0
     sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     off = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    TILE_G: tl.constexpr = GROUPED and not WIDE_G  # one scale a row a tile
-    if PREFETCH >= 1:  # the first tiles' codes (and scales) before the loop
-        nxt = _gemv_codes(q_rows, b_lo, b_hi, n_ok, EVEN_K, BLOCK_K)
-        sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo, b_hi, n_ok,
-                                   GROUP_B, KIND, TILE_G)
-    if PREFETCH == 2:
-        nxt2 = _gemv_codes(q_rows, b_lo + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
-        sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b_lo + BLOCK_K, b_hi,
-                                     n_ok, GROUP_B, KIND, TILE_G)
     for b0 in range(b_lo, b_hi, BLOCK_K):
         rb = b0 + tl.arange(0, BLOCK_K)
         if PREFETCH == 2:  # issue the loads two tiles ahead, then work on this one
             raw, sc, off = nxt, sc_n, off_n
             nxt, sc_n, off_n = nxt2, sc_n2, off_n2
-            nxt2 = _gemv_codes(q_rows, b0 + 2 * BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
-            sc_n2, off_n2 = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + 2 * BLOCK_K,
-                                         b_hi, n_ok, GROUP_B, KIND, TILE_G)
+            nxt2, sc_n2, off_n2 = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn,
+                                             b0 + 2 * BLOCK_K, b_hi, n_ok, GROUP_B, KIND,
+                                             TILE_G, EVEN_K, BLOCK_K)
         elif PREFETCH == 1:  # issue the next tile's loads, then work on this one
             raw, sc, off = nxt, sc_n, off_n
-            nxt = _gemv_codes(q_rows, b0 + BLOCK_K, b_hi, n_ok, EVEN_K, BLOCK_K)
-            sc_n, off_n = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0 + BLOCK_K, b_hi,
-                                       n_ok, GROUP_B, KIND, TILE_G)
+            nxt, sc_n, off_n = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0 + BLOCK_K,
+                                          b_hi, n_ok, GROUP_B, KIND, TILE_G, EVEN_K, BLOCK_K)
+        elif FIRST:  # the first tile came before the loop
+            raw, sc, off = _gemv_tile_or(nxt, sc_n, off_n, b0 == b_lo, q_rows, s_ptr, o_ptr,
+                                         rn, stride_sn, b0, b_hi, n_ok, GROUP_B, KIND,
+                                         TILE_G, EVEN_K, BLOCK_K)
         else:
-            raw = _gemv_codes(q_rows, b0, b_hi, n_ok, EVEN_K, BLOCK_K)
-            sc, off = _gemv_scales(s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
-                                   GROUP_B, KIND, TILE_G)
+            raw, sc, off = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
+                                      GROUP_B, KIND, TILE_G, EVEN_K, BLOCK_K)
         w_a, w_b = _decode_tile(raw, sc, off, KIND, NATIVE, GROUP_SUMS)
         if DEFER:
             if WIDE_G:  # the tile spans NG groups: sums of SUB products (within a
@@ -613,7 +644,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
         DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), WIDE_G=wide,
-        BLOCK_N=cfg.block_n, BLOCK_K=bk, EARLY=early, num_warps=cfg.warps, **extra)
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, EARLY=early,
+        FIRST=wquant_triton.FIRST_EARLY, num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
 
