@@ -281,16 +281,40 @@ def _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B: tl.
 
 
 @triton.jit
-def _gemv_tile_or(raw, sc, off, use, q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
-                  GROUP_B: tl.constexpr, KIND: tl.constexpr, TILE_G: tl.constexpr,
-                  EVEN_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(raw, sc, off) where ``use`` (a tile loaded before), else the tile at b0's loads."""
-    if use:
-        t, s, o = raw, sc, off
+def _gemv_step(raw, sc, off, b0, b_hi, d0, d1, d2, d3, acc0, acc1, acc2, acc3, x_ptr, stride_xm,
+               s_ptr, rn, stride_sn, n_ok, GROUP_B: tl.constexpr, KIND: tl.constexpr,
+               GROUPED: tl.constexpr, GROUP_SUMS: tl.constexpr, NATIVE: tl.constexpr,
+               DEFER: tl.constexpr, WIDE_G: tl.constexpr, ROWS: tl.constexpr,
+               EVEN_K: tl.constexpr, XDT: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr):
+    """One tile of the GEMV's loop (codes ``raw`` from byte b0, its group's sc, off) into
+    the rows' sums: DEFER's tiles d0..d3, or acc0..acc3 (see _gemv_kernel)."""
+    rb = b0 + tl.arange(0, BLOCK_K)
+    SUB: tl.constexpr = 16 if GROUP_B >= 16 else GROUP_B  # WIDE_G: inputs a partial sum
+    w_a, w_b = _decode_tile(raw, sc, off, KIND, NATIVE, GROUP_SUMS)
+    if DEFER:
+        if WIDE_G:  # the tile spans NG groups: sums of SUB products (within a
+            NG: tl.constexpr = BLOCK_K // GROUP_B  # thread), each times its scale
+            gi = b0 // GROUP_B + tl.arange(0, NG)
+            sc2 = tl.load(s_ptr + rn[:, None] * stride_sn + gi[None, :],
+                          mask=n_ok[:, None] & (gi * GROUP_B < b_hi)[None, :],
+                          other=0.0).to(tl.float32)
+        elif GROUPED and KIND != 1:  # the group's scale (int4's weights carry theirs)
+            w_a = w_a * sc[:, None]
+        for m in tl.static_range(ROWS):
+            part = _tile_prod(w_a, w_b, x_ptr + m * stride_xm, rb, b_hi, KIND, EVEN_K, XDT,
+                              BLOCK_N, BLOCK_K)
+            if WIDE_G:
+                part = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // SUB, SUB)), axis=2)
+                part = tl.reshape(tl.reshape(part, (BLOCK_N, NG, GROUP_B // SUB))
+                                  * sc2[:, :, None], (BLOCK_N, BLOCK_K // SUB))
+            d0, d1, d2, d3 = _acc_add(d0, d1, d2, d3, part, m)
     else:
-        t, s, o = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok, GROUP_B,
-                             KIND, TILE_G, EVEN_K, BLOCK_K)
-    return t, s, o
+        for m in tl.static_range(ROWS):
+            part = _tile_part(w_a, w_b, sc, off, x_ptr + m * stride_xm, rb, b_hi, KIND,
+                              GROUPED, GROUP_SUMS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+            acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
+    return d0, d1, d2, d3, acc0, acc1, acc2, acc3
 
 
 @triton.jit
@@ -360,8 +384,15 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     d3 = d0
     sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     off = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for b0 in range(b_lo, b_hi, BLOCK_K):
-        rb = b0 + tl.arange(0, BLOCK_K)
+    lo = b_lo
+    if FIRST and PREFETCH == 0:  # the first tile, loaded before the wait, peeled off the
+        # loop (handing it to the loop's first step keeps the tile live through the loop)
+        d0, d1, d2, d3, acc0, acc1, acc2, acc3 = _gemv_step(
+            nxt, sc_n, off_n, b_lo, b_hi, d0, d1, d2, d3, acc0, acc1, acc2, acc3, x_ptr,
+            stride_xm, s_ptr, rn, stride_sn, n_ok, GROUP_B, KIND, GROUPED, GROUP_SUMS, NATIVE,
+            DEFER, WIDE_G, ROWS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
+        lo = b_lo + BLOCK_K
+    for b0 in range(lo, b_hi, BLOCK_K):
         if PREFETCH == 2:  # issue the loads two tiles ahead, then work on this one
             raw, sc, off = nxt, sc_n, off_n
             nxt, sc_n, off_n = nxt2, sc_n2, off_n2
@@ -372,36 +403,13 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
             raw, sc, off = nxt, sc_n, off_n
             nxt, sc_n, off_n = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0 + BLOCK_K,
                                           b_hi, n_ok, GROUP_B, KIND, TILE_G, EVEN_K, BLOCK_K)
-        elif FIRST:  # the first tile came before the loop
-            raw, sc, off = _gemv_tile_or(nxt, sc_n, off_n, b0 == b_lo, q_rows, s_ptr, o_ptr,
-                                         rn, stride_sn, b0, b_hi, n_ok, GROUP_B, KIND,
-                                         TILE_G, EVEN_K, BLOCK_K)
         else:
             raw, sc, off = _gemv_tile(q_rows, s_ptr, o_ptr, rn, stride_sn, b0, b_hi, n_ok,
                                       GROUP_B, KIND, TILE_G, EVEN_K, BLOCK_K)
-        w_a, w_b = _decode_tile(raw, sc, off, KIND, NATIVE, GROUP_SUMS)
-        if DEFER:
-            if WIDE_G:  # the tile spans NG groups: sums of SUB products (within a
-                NG: tl.constexpr = BLOCK_K // GROUP_B  # thread), each times its scale
-                gi = b0 // GROUP_B + tl.arange(0, NG)
-                sc2 = tl.load(s_ptr + rn[:, None] * stride_sn + gi[None, :],
-                              mask=n_ok[:, None] & (gi * GROUP_B < b_hi)[None, :],
-                              other=0.0).to(tl.float32)
-            elif GROUPED and KIND != 1:  # the group's scale (int4's weights carry theirs)
-                w_a = w_a * sc[:, None]
-            for m in tl.static_range(ROWS):
-                part = _tile_prod(w_a, w_b, x_ptr + m * stride_xm, rb, b_hi, KIND, EVEN_K, XDT,
-                                  BLOCK_N, BLOCK_K)
-                if WIDE_G:
-                    part = tl.sum(tl.reshape(part, (BLOCK_N, BLOCK_K // SUB, SUB)), axis=2)
-                    part = tl.reshape(tl.reshape(part, (BLOCK_N, NG, GROUP_B // SUB))
-                                      * sc2[:, :, None], (BLOCK_N, BLOCK_K // SUB))
-                d0, d1, d2, d3 = _acc_add(d0, d1, d2, d3, part, m)
-        else:
-            for m in tl.static_range(ROWS):
-                part = _tile_part(w_a, w_b, sc, off, x_ptr + m * stride_xm, rb, b_hi, KIND,
-                                  GROUPED, GROUP_SUMS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
-                acc0, acc1, acc2, acc3 = _acc_add(acc0, acc1, acc2, acc3, part, m)
+        d0, d1, d2, d3, acc0, acc1, acc2, acc3 = _gemv_step(
+            raw, sc, off, b0, b_hi, d0, d1, d2, d3, acc0, acc1, acc2, acc3, x_ptr, stride_xm,
+            s_ptr, rn, stride_sn, n_ok, GROUP_B, KIND, GROUPED, GROUP_SUMS, NATIVE, DEFER,
+            WIDE_G, ROWS, EVEN_K, XDT, BLOCK_N, BLOCK_K)
     if DEFER:  # each row's tile reduced along K once
         acc0 = tl.sum(d0, axis=1)
         if ROWS > 1:
