@@ -7,7 +7,7 @@
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
-#         pdlchain23 verify23 timeline23 gptfast25 early26 early27
+#         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -832,14 +832,31 @@ early27() {  # issue 16, session 27: a Triton GEMV program (int8, fp8) that is a
         tests/gpu/test_wquant_gpu.py
 }
 
+first27() {  # issue 16, session 27: FIRST_EARLY's rule (int8 one row, dependent launch)
+    # against it forced off; int8 at 2 and 4 rows with it forced on and off (not in the
+    # rule); bf16; then the Triton weight-only kernels' GPU tests, all (~5 min)
+    local b="--prompt-len 128 --gen-len 64" bs
+    checkpoint
+    ab int8h_rule "" --quantize int8 --quantize-head $b --batch 1
+    ab int8h_off "T.FIRST_EARLY = False" --quantize int8 --quantize-head $b --batch 1
+    for bs in 2 4; do
+        ab int8h_b${bs}_off "" --quantize int8 --quantize-head $b --batch $bs
+        ab int8h_b${bs}_first "T.FIRST_EARLY = True" --quantize int8 --quantize-head $b \
+            --batch $bs
+    done
+    ab bf16 "" $b --batch 1
+    step tests_wquant 240 python3 -m pytest -q -p no:cacheprovider -rf -x \
+        tests/gpu/test_wquant_gpu.py tests/gpu/test_wquant_torch_gpu.py
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -72,11 +72,23 @@ WIDE_GROUPS = True  # gemv_config's cut for grouped int8 (False: the former one,
 # on an H200 (int8 3.05 against 2.70 ms a step, fp8 2.98 against 2.48; RESULTS.md,
 # session 26); a first tile alone is not measured yet (gpu_session.sh early26).
 L2_EARLY = 0
-# True: a GEMV program loads the first tile of codes (and scales) its loop reads into
+# Whether a GEMV program loads the first tile of codes (and scales) its loop reads into
 # registers before it waits for the kernel before it, where it is a dependent launch (x's
-# loads after the wait); an A/B switch, off until measured (gpu_session.sh early27)
-FIRST_EARLY = False
+# loads after the wait): None, the rule (``first_early``); True / False force it (A/B runs)
+FIRST_EARLY: bool | None = None
 GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
+
+
+def first_early(kind: str, m: int, grouped: bool, dependent: bool) -> bool:
+    """Whether the GEMV of ``m`` rows loads its first tile before it waits (FIRST_EARLY's
+    rule; forced, also where it is not a ``dependent`` launch: the same loads, the first
+    tile peeled off the loop): int8 with one scale a row at one row as a dependent launch,
+    the one case measured faster (H200,
+    Llama-3-8B shape, batch-1 step with the head quantized: 2.640 against 2.703 ms;
+    fp8 2.655 against 2.480, slower; RESULTS.md, session 27)."""
+    if FIRST_EARLY is not None:
+        return FIRST_EARLY
+    return dependent and kind == "int8" and m == 1 and not grouped
 
 
 def _blocks(m: int, kind: str) -> tuple[bool, int, int, int, int]:

@@ -344,7 +344,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     HBM may stream them while that one still runs (``wquant_triton.L2_EARLY``). FIRST: the
     loads the loop starts with (its first tile of codes and scales; PREFETCH's tiles) are
     issued before that wait, into registers, x's only after it (``wquant_triton.
-    FIRST_EARLY``; without PDL the same loads in the same order)."""
+    first_early``; without PDL the same loads in the same order; PREFETCH 0's first tile
+    is peeled off the loop: handed to its first step, it stays live through the loop)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -385,8 +386,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     sc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     off = tl.zeros((BLOCK_N,), dtype=tl.float32)
     lo = b_lo
-    if FIRST and PREFETCH == 0:  # the first tile, loaded before the wait, peeled off the
-        # loop (handing it to the loop's first step keeps the tile live through the loop)
+    if FIRST and PREFETCH == 0:  # the first tile, loaded before the wait, peeled off
         d0, d1, d2, d3, acc0, acc1, acc2, acc3 = _gemv_step(
             nxt, sc_n, off_n, b_lo, b_hi, d0, d1, d2, d3, acc0, acc1, acc2, acc3, x_ptr,
             stride_xm, s_ptr, rn, stride_sn, n_ok, GROUP_B, KIND, GROUPED, GROUP_SUMS, NATIVE,
@@ -643,6 +643,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     early = wquant_triton.L2_EARLY
     if early and (early < 128 or early & (early - 1)):
         raise ValueError(f"wquant_triton.L2_EARLY is {early}: give 0 or a power of two >= 128")
+    first = wquant_triton.first_early(kind, m, grouped, extra["PDL"])
     _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, kb, k, n, ks,
@@ -652,8 +653,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
         DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), WIDE_G=wide,
-        BLOCK_N=cfg.block_n, BLOCK_K=bk, EARLY=early,
-        FIRST=wquant_triton.FIRST_EARLY, num_warps=cfg.warps, **extra)
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, EARLY=early, FIRST=first, num_warps=cfg.warps,
+        **extra)
     if split > 1:
         _sum_splits(out, bias, y)
 
