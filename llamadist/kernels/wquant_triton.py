@@ -70,7 +70,8 @@ WIDE_GROUPS = True  # gemv_config's cut for grouped int8 (False: the former one,
 # it waits for the kernel before it, where it is a dependent launch (a power of two >= 128;
 # 0: none, the default). Asking for every row's whole K range made batch-1 decode slower
 # on an H200 (int8 3.05 against 2.70 ms a step, fp8 2.98 against 2.48; RESULTS.md,
-# session 26); a first tile alone is not measured yet (gpu_session.sh early26).
+# session 26); the first 1 KiB a row: int8 2.676 against 2.690 (within the runs' spread),
+# fp8 2.538 against 2.464 (session 27).
 L2_EARLY = 0
 # Whether a GEMV program loads the first tile of codes (and scales) its loop reads into
 # registers before it waits for the kernel before it, where it is a dependent launch (x's
@@ -80,12 +81,12 @@ GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
 
 
 def first_early(kind: str, m: int, grouped: bool, dependent: bool) -> bool:
-    """Whether the GEMV of ``m`` rows loads its first tile before it waits (FIRST_EARLY's
-    rule; forced, also where it is not a ``dependent`` launch: the same loads, the first
-    tile peeled off the loop): int8 with one scale a row at one row as a dependent launch,
-    the one case measured faster (H200,
-    Llama-3-8B shape, batch-1 step with the head quantized: 2.640 against 2.703 ms;
-    fp8 2.655 against 2.480, slower; RESULTS.md, session 27)."""
+    """Whether the GEMV of ``m`` rows loads its first tile before it waits: FIRST_EARLY
+    where set (also where it is not a ``dependent`` launch: the same loads, the first
+    tile peeled off the loop), else int8 with one scale a row at one row as a dependent
+    launch, the one case measured faster (H200, Llama-3-8B shape, batch-1 step with the
+    head quantized: 2.640 against 2.703 ms; fp8 2.655 against 2.480, slower; RESULTS.md,
+    session 27)."""
     if FIRST_EARLY is not None:
         return FIRST_EARLY
     return dependent and kind == "int8" and m == 1 and not grouped

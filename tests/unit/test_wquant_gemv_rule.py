@@ -169,3 +169,18 @@ def test_labels_name_every_field_that_changes_the_kernel():
     assert len(set(labels)) == len(labels)
     assert labels[:5] == ["n32k256w4s1", "n32k256w4s1nat", "n32k256w4s1gs",
                           "n32k256w4s1pf0", "n32k256w4s1natpf0"]
+
+
+def test_first_tile_before_the_wait_only_where_measured_faster(monkeypatch):
+    """first_early's rule: int8 with one scale a row at one row, as a dependent launch (the
+    H200's batch-1 step 2.2% faster); fp8 (measured slower), more rows, grouped int8 and
+    launches that do not wait keep their loads after the wait; FIRST_EARLY forces it either
+    way (A/B runs, tests)."""
+    assert T.first_early("int8", 1, False, True)
+    for case in (("fp8", 1, False, True), ("int8", 2, False, True), ("int8", 1, True, True),
+                 ("int8", 1, False, False), ("int4", 1, True, True)):
+        assert not T.first_early(*case), case
+    monkeypatch.setattr(T, "FIRST_EARLY", True)
+    assert T.first_early("fp8", 3, True, False)
+    monkeypatch.setattr(T, "FIRST_EARLY", False)
+    assert not T.first_early("int8", 1, False, True)
