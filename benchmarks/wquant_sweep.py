@@ -80,6 +80,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shapes", default=",".join(SHAPES), type=lambda s: s.split(","))
     p.add_argument("--model", default="llama3-8b",
                    help="whose linears (config.named_shape; default Llama-3-8B's, SHAPES)")
+    p.add_argument("--extra-shapes", default="", metavar="NAME=NxK,...",
+                   type=lambda s: {kv.split("=")[0]: tuple(int(v) for v in kv.split("=")[1]
+                                                           .split("x"))
+                                   for kv in s.split(",") if kv},
+                   help="more shapes by name, for --shapes (e.g. gate_up's K with N giving "
+                   "the rule's grid whole waves: w3=25344x4096)")
     p.add_argument("--kinds", default=",".join(KINDS), type=lambda s: s.split(","))
     p.add_argument("--m", default="1,2,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--configs", default="near", choices=["rule", "near", "wide", "defer"],
@@ -332,7 +338,8 @@ def cases(args, torch, dev, sms: int, native: bool, refs: bool = True):
     from llamadist.kernels import wquant as W
     from llamadist.kernels import wquant_torch as WT
     from llamadist.kernels import wquant_triton as T
-    table = SMOKE_SHAPES if args.interpret_smoke else model_shapes(args.model)
+    table = (SMOKE_SHAPES if args.interpret_smoke else model_shapes(args.model)) \
+        | args.extra_shapes
     later = []  # the neighbours, after every shape's baselines and rule configs
     gen = torch.Generator(device=dev).manual_seed(0)
     for m in args.m:
@@ -557,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.interpret_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels launch / import
         args.m = [m for m in args.m if m <= 4]
-    unknown = [s for s in args.shapes if s not in SHAPES] + \
+    unknown = [s for s in args.shapes if s not in SHAPES and s not in args.extra_shapes] + \
         [k for k in args.kinds if k not in KINDS]
     if unknown:
         print(f"wquant_sweep: unknown shapes/kinds {unknown}", file=sys.stderr)
