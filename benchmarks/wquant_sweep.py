@@ -88,9 +88,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "the rule's grid whole waves: w3=25344x4096)")
     p.add_argument("--kinds", default=",".join(KINDS), type=lambda s: s.split(","))
     p.add_argument("--m", default="1,2,4", type=lambda s: [int(v) for v in s.split(",")])
-    p.add_argument("--configs", default="near", choices=["rule", "near", "wide", "defer"],
+    p.add_argument("--configs", default="near",
+                   choices=["rule", "near", "wide", "defer", "cross"],
                    help="Triton GEMV configurations: the rule's, its neighbours, a grid; "
-                   "defer: the rule's and each row's deferred sums (near has them too)")
+                   "defer: the rule's and each row's deferred sums (near has them too); "
+                   "cross: the rule's and the other 8-bit kind's (int8 <-> fp8) cut")
     p.add_argument("--stages", default="", type=lambda s: [int(v) for v in s.split(",") if v],
                    help="also try the rule's config with these num_stages")
     p.add_argument("--rotate-mb", type=float, default=256.0,
@@ -187,7 +189,7 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
     rule = T.gemv_config(kind, m, n, k, group, sms, native)  # as wquant_triton.launch picks
     rep = dataclasses.replace
     out = [rule] + [rep(rule, stages=s) for s in stages]
-    if mode != "rule":
+    if mode not in ("rule", "cross"):
         out += [rep(rule, split=1) if rule.split > 1 else rep(rule, split=2),
                 rep(rule, split=rule.split * 2),
                 rep(rule, block_n=max(8, rule.block_n // 2)), rep(rule, block_n=rule.block_n * 2),
@@ -212,6 +214,11 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
         if kind == "int8":  # the bit decode, as one row's cut takes it
             out += [rep(rule, defer=True, split=1, block_n=bn, block_k=bk, native=False,
                         prefetch=0) for bn in (8, 16) for bk in bks]
+    if mode == "cross" and kind in ("int8", "fp8"):  # the other 8-bit kind's cut, with
+        # each decode, summed per tile or deferred (does int8 gain from fp8's cut?)
+        other = T.gemv_config("fp8" if kind == "int8" else "int8", m, n, k, group, sms, native)
+        for nat in (False, True) if kind == "int8" or native else (False,):
+            out += [rep(other, native=nat, defer=d) for d in (False, True)]
     if mode == "wide":
         bks = (16, 32, 64, 128) if kind == "int4" else (64, 128, 256, 512)
         for bn in (8, 16, 32, 64, 128):
