@@ -381,9 +381,12 @@ def compile_ahead(args) -> None:
     n = args.compile_workers
     base = [sys.executable, str(Path(__file__).resolve()), "--shapes", ",".join(args.shapes),
             "--kinds", ",".join(args.kinds), "--m", ",".join(map(str, args.m)),
-            "--configs", args.configs, "--device", args.device]
+            "--configs", args.configs, "--device", args.device, "--model", args.model]
     if args.stages:
         base += ["--stages", ",".join(map(str, args.stages))]
+    if args.extra_shapes:
+        base += ["--extra-shapes", ",".join(f"{name}={n}x{k}" for name, (n, k)
+                                            in args.extra_shapes.items())]
     if args.interpret_smoke:
         base += ["--interpret-smoke"]
     compile_in_processes(base, n, args.compile_timeout)
