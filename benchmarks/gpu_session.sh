@@ -7,7 +7,7 @@
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
-#         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27
+#         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -873,14 +873,31 @@ cross27() {  # issue 16, session 27: int8 at one row with fp8's one-row cut (whi
     sweep cross python3 benchmarks/wquant_sweep.py --kinds int8 --m 1 --configs cross
 }
 
+int8rows27() {  # issue 16, session 27: int8 on the tensor cores (kernels.cuda_int8, new):
+    # its GPU tests; Llama-3-8B's four linears at 1 and 4 rows against the Triton GEMV's
+    # rule and fp8's cut (`--configs cross`), several forms; then batch 1 and 4 end to end
+    # with T.INT8_ROWS against the default; bf16 for the ratio (~4.5 min)
+    local b="--prompt-len 128 --gen-len 64"
+    step test_int8rows 60 python3 -m pytest -q -p no:cacheprovider -rf -x \
+        tests/gpu/test_cuda_int8_gpu.py
+    sweep int8rows python3 benchmarks/wquant_sweep.py --kinds int8 --m 1,4 --configs cross \
+        --int8-rows 8x1x2 8x2x2 4x1x2 4x2x3 8x1x3 8x2x1
+    checkpoint
+    ab int8h_rows "T.INT8_ROWS = True" --quantize int8 --quantize-head $b --batch 1
+    ab int8h "" --quantize int8 --quantize-head $b --batch 1
+    ab int8h_b4_rows "T.INT8_ROWS = True" --quantize int8 --quantize-head $b --batch 4
+    ab int8h_b4 "" --quantize int8 --quantize-head $b --batch 4
+    ab bf16 "" $b --batch 1
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

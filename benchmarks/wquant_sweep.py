@@ -87,6 +87,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="more shapes by name, for --shapes (e.g. gate_up's K with N giving "
                    "the rule's grid whole waves: w3=25344x4096)")
     p.add_argument("--kinds", default=",".join(KINDS), type=lambda s: s.split(","))
+    p.add_argument("--int8-rows", nargs="*", default=None, metavar="WxTxP",
+                   type=lambda s: tuple(int(v) for v in s.split("x")),
+                   help="also time kernels.cuda_int8 (int8 per row, CUDA): its rule's form "
+                   "and these (warps x 16-row tiles x chunks ahead)")
     p.add_argument("--m", default="1,2,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--configs", default="near",
                    choices=["rule", "near", "wide", "defer", "cross"],
@@ -261,6 +265,15 @@ def products(args, torch, W, T, WT, kind_name: str, w, m: int, sms: int, native:
         out.append(("triton", old, False, lambda c, x, old=old: (
             lambda: T.launch(x, kind, c.q, c.scale, c.offset, None, c.group, n, k, old)),
             pw, pw.nbytes))
+    if args.int8_rows is not None and kind == "int8" and group is None and not args.interpret_smoke:
+        from llamadist.kernels import cuda_int8 as C8  # the CUDA tensor-core rows
+        x0 = torch.zeros(m, k, dtype=torch.bfloat16, device=dev)
+        if C8.ok(dev) and C8.supports(x0, pw.q, pw.scale, n):
+            rows = C8.form_for(m, n, sms).rows
+            for form in [C8.form_for(m, n, sms)] + [C8.Int8Form(w, t, p, rows)
+                                                    for w, t, p in args.int8_rows]:
+                out.append(("cuda", f"int8_rows:{form.label()}", False, lambda c, x, f=form: (
+                    lambda: C8.launch(x, c.q, c.scale, n, f)), pw, pw.nbytes))
     cands = candidates(T, kind, m, n, k, pw.group, sms, native, args.configs, args.stages)
     for i, cfg in enumerate(cands):
         out.append(("triton", cfg.label(), i == 0, lambda c, x, cfg=cfg: (

@@ -143,9 +143,11 @@ def nvrtc() -> ctypes.CDLL | None:
     return None
 
 
-def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None) -> bytes:
-    """The source (int4_rows.cu by default) compiled for ``arch`` ("90": sm_90) with these
-    -D values; RuntimeError with NVRTC's log on a compile error."""
+def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None,
+                  path: Path = SOURCE) -> bytes:
+    """``source`` (else the file at ``path``, int4_rows.cu by default) compiled for
+    ``arch`` ("90": sm_90) with these -D values; RuntimeError with NVRTC's log on a
+    compile error."""
     lib = nvrtc()
     if lib is None:
         raise RuntimeError("libnvrtc was not found (CUDA builds of torch bring it through the "
@@ -155,9 +157,9 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
         if rc != 0:
             raise RuntimeError(f"NVRTC {what}: {lib.nvrtcGetErrorString(rc).decode()}")
 
-    src = (source if source is not None else SOURCE.read_text()).encode()
+    src = (source if source is not None else path.read_text()).encode()
     prog = ctypes.c_void_p()
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"int4_rows.cu", 0, None, None),
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.name.encode(), 0, None, None),
           "create")
     try:
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"] + \
@@ -169,7 +171,7 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None)
             lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
             buf = ctypes.create_string_buffer(size.value)
             lib.nvrtcGetProgramLog(prog, buf)
-            raise RuntimeError(f"NVRTC could not compile int4_rows.cu ({defines}):\n"
+            raise RuntimeError(f"NVRTC could not compile {path.name} ({defines}):\n"
                                f"{buf.value.decode(errors='replace')}")
         size = ctypes.c_size_t()
         check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")

@@ -77,6 +77,9 @@ L2_EARLY = 0
 # registers before it waits for the kernel before it, where it is a dependent launch (x's
 # loads after the wait): None, the rule (``first_early``); True / False force it (A/B runs)
 FIRST_EARLY: bool | None = None
+# True: int8 with one scale a row, 1-8 rows of bf16 x, through kernels.cuda_int8's CUDA
+# tensor-core rows instead of the GEMV (an A/B switch, off until measured on a GPU)
+INT8_ROWS = False
 GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
 
 

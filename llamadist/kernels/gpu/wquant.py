@@ -659,6 +659,12 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         _sum_splits(out, bias, y)
 
 
+def _int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int) -> bool:
+    """Whether kernels.cuda_int8 takes this int8 call (its shapes, and it runs here)."""
+    from llamadist.kernels import cuda_int8
+    return cuda_int8.supports(x2, q, scale, n) and cuda_int8.ok(x2.device)
+
+
 def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
            offset: torch.Tensor | None, bias: torch.Tensor | None, group: int,
            n: int, k: int, config: GemvConfig | str | None = None) -> torch.Tensor:
@@ -667,6 +673,10 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    if (wquant_triton.INT8_ROWS and kind == "int8" and config is None and bias is None
+            and m and _int8_rows(x2, q, scale, n)):  # the CUDA tensor-core rows (cuda_int8)
+        from llamadist.kernels import cuda_int8
+        return cuda_int8.launch(x2, q, scale, n).view(*x.shape[:-1], n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.view(*x.shape[:-1], n)
