@@ -874,20 +874,20 @@ cross27() {  # issue 16, session 27: int8 at one row with fp8's one-row cut (whi
 }
 
 int8rows27() {  # issue 16, session 27: int8 on the tensor cores (kernels.cuda_int8, new):
-    # its GPU tests; Llama-3-8B's four linears at 1 and 4 rows against the Triton GEMV's
-    # rule and fp8's cut (`--configs cross`), several forms; then batch 1 and 4 end to end
-    # with T.INT8_ROWS against the default; bf16 for the ratio (~4.5 min)
+    # its GPU tests; batch 1 end to end with T.INT8_ROWS against the default, bf16 for the
+    # ratio; then Llama-3-8B's four linears at 1 and 4 rows against the Triton GEMV's rule
+    # and fp8's cut (`--configs cross`), several forms; then batch 4 both ways (~3.5 min)
     local b="--prompt-len 128 --gen-len 64"
     step test_int8rows 60 python3 -m pytest -q -p no:cacheprovider -rf -x \
         tests/gpu/test_cuda_int8_gpu.py
-    sweep int8rows python3 benchmarks/wquant_sweep.py --kinds int8 --m 1,4 --configs cross \
-        --int8-rows 8x1x2 8x2x2 4x1x2 4x2x3 8x1x3 8x2x1
     checkpoint
     ab int8h_rows "T.INT8_ROWS = True" --quantize int8 --quantize-head $b --batch 1
     ab int8h "" --quantize int8 --quantize-head $b --batch 1
+    ab bf16 "" $b --batch 1
+    sweep int8rows python3 benchmarks/wquant_sweep.py --kinds int8 --m 1,4 --configs cross \
+        --int8-rows 8x1x2 8x2x2 4x1x2 4x2x3 8x1x3 8x2x1
     ab int8h_b4_rows "T.INT8_ROWS = True" --quantize int8 --quantize-head $b --batch 4
     ab int8h_b4 "" --quantize int8 --quantize-head $b --batch 4
-    ab bf16 "" $b --batch 1
 }
 
 case ${1:-} in
