@@ -7,7 +7,7 @@
 #   PART: kernels dense coldstart recovery timed prefill profile fused firsttoken coldspy
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
-#         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27
+#         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 rowsb4_27
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -890,14 +890,19 @@ int8rows27() {  # issue 16, session 27: int8 on the tensor cores (kernels.cuda_i
     ab int8h_b4 "" --quantize int8 --quantize-head $b --batch 4
 }
 
+rowsb4_27() {  # issue 16, session 27: batch 4 with int8_rows's rule and forms (~1 min)
+    checkpoint
+    ab int8h_b4 "" --quantize int8 --quantize-head --prompt-len 128 --gen-len 64 --batch 4
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|rowsb4_27) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|rowsb4_27|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -10,8 +10,10 @@ signed high one: ~3 instructions a code, no FMA) and lets mma.m16n8k16 multiply 
 x's rows, W as the A operand, loaded with plain 16-byte loads a few chunks ahead in
 registers (see its header). The products are exact and summed in float32 by the mma.
 
-Off by default (``wquant_triton.INT8_ROWS``) until measured against the Triton GEMV on a
-GPU; ``ok`` checks a small case on the device before the first use.
+Measured on an H200 (RESULTS.md, session 27): at 4 rows Llama-3-8B's four linears in 83
+against the Triton GEMV's 128 us, the batch-4 decode step 3.29 against 4.57 ms; at one
+row slower than the GEMV on all four, so ``wquant_triton.int8_rows`` takes it for 3-8
+rows. ``ok`` checks a small case on the device before the first use (at load).
 """
 
 from __future__ import annotations
@@ -48,12 +50,16 @@ class Int8Form:
 
 
 def form_for(m: int, n: int, sms: int) -> Int8Form:
-    """The form for ``m`` rows of x and N rows of W on ``sms`` SMs: two 16-row tiles a block
-    where that still gives >= 4 blocks a SM, else one (qkv, o, down of Llama-3-8B); 8
-    warps, two chunks ahead. A first guess, not a measured rule."""
+    """The form for ``m`` rows of x and N rows of W on ``sms`` SMs: 8 warps; two 16-row
+    tiles a block where that still gives >= 4 blocks a SM (gate_up), else one; three chunks
+    ahead where one-tile blocks are at most 2 a SM (o, down: each block's warps need more
+    in flight), else two. On an H200 (RESULTS.md, session 27: 7 forms on Llama-3-8B's
+    linears at 1 and 4 rows) the fastest form on qkv, o and down, within 2% on gate_up."""
     if not 1 <= m <= MAX_ROWS:
         raise ValueError(f"int8_rows takes 1..{MAX_ROWS} rows, not {m}")
-    return Int8Form(nt=2 if n >= 4 * sms * 32 else 1, rows=1 << (m - 1).bit_length())
+    nt = 2 if n >= 4 * sms * 32 else 1
+    pf = 3 if nt == 1 and -(-n // 16) <= 2 * sms else 2
+    return Int8Form(nt=nt, pf=pf, rows=1 << (m - 1).bit_length())
 
 
 def defines(form: Int8Form, pdl: bool = False) -> dict[str, int]:

@@ -344,8 +344,9 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
     # the decode rows through cuda_int4's kernel (compiled and checked once a device)
     module.tg_rows = module.tg_triton and wquant_torch.ROWS_MAX_M > 0 \
         and wquant_torch.int4_rows_ok(w.device)
-    if wquant_triton.INT8_ROWS and w.kind == "int8" and triton:  # checked here, not in a
-        from llamadist.kernels import cuda_int8                  # graph's capture
+    if wquant_triton.INT8_ROWS is not False and w.kind == "int8" and triton \
+            and w.device.type == "cuda":  # checked here, not in a graph's capture
+        from llamadist.kernels import cuda_int8
         cuda_int8.ok(w.device)
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)

@@ -77,10 +77,24 @@ L2_EARLY = 0
 # registers before it waits for the kernel before it, where it is a dependent launch (x's
 # loads after the wait): None, the rule (``first_early``); True / False force it (A/B runs)
 FIRST_EARLY: bool | None = None
-# True: int8 with one scale a row, 1-8 rows of bf16 x, through kernels.cuda_int8's CUDA
-# tensor-core rows instead of the GEMV (an A/B switch, off until measured on a GPU)
-INT8_ROWS = False
+# int8 with one scale a row and bf16 x through kernels.cuda_int8's CUDA tensor-core rows
+# instead of the GEMV / the GEMM's tiles: None, the rule (``int8_rows``); True: at 1-8
+# rows; False: never (A/B runs)
+INT8_ROWS: bool | None = None
 GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
+
+
+def int8_rows(m: int) -> bool:
+    """Whether int8 (one scale a row) at ``m`` rows takes kernels.cuda_int8 where it runs
+    (INT8_ROWS's rule): 3-8 rows. Measured on an H200 (RESULTS.md, session 27), Llama-3-8B's
+    four linears at 4 rows: 11.9 / 9.1 / 39.0 / 22.8 us (qkv / o / gate_up / down) against
+    the GEMV's 19.1 / 13.2 / 61.1 / 34.1 and the GEMM's tiles (5-16 rows) 29.1 / 28.2 /
+    46.9 / 92.8; the batch-4 decode step 3.29 against 4.57 ms. Its time barely depends on
+    the rows (x's rows are the mma's columns); at one row the GEMV is faster on all four
+    (10.0 / 7.5 / 34.8 / 18.1), and two rows are near parity (not timed side by side)."""
+    if INT8_ROWS is not None:
+        return INT8_ROWS and 1 <= m <= 8
+    return 3 <= m <= 8
 
 
 def first_early(kind: str, m: int, grouped: bool, dependent: bool) -> bool:

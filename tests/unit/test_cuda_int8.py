@@ -117,8 +117,9 @@ def test_dependent_launch_form_waits_once_after_w(tmp_path):
 
 
 def test_form_rule_and_refusals():
-    assert C8.form_for(1, 28672, 132) == C8.Int8Form(8, 2, 2, 1)
-    assert C8.form_for(3, 4096, 132) == C8.Int8Form(8, 1, 2, 4)
+    assert C8.form_for(1, 28672, 132) == C8.Int8Form(8, 2, 2, 1)  # gate_up
+    assert C8.form_for(3, 6144, 132) == C8.Int8Form(8, 1, 2, 4)   # qkv
+    assert C8.form_for(8, 4096, 132) == C8.Int8Form(8, 1, 3, 8)   # o, down
     with pytest.raises(ValueError, match="1..8 rows"):
         C8.form_for(9, 4096, 132)
     q, s = torch.zeros(32, 128, dtype=torch.int8), torch.ones(32, 1)

@@ -184,3 +184,14 @@ def test_first_tile_before_the_wait_only_where_measured_faster(monkeypatch):
     assert T.first_early("fp8", 3, True, False)
     monkeypatch.setattr(T, "FIRST_EARLY", False)
     assert not T.first_early("int8", 1, False, True)
+
+
+def test_int8_rows_where_measured_faster(monkeypatch):
+    """int8_rows's rule: the CUDA tensor-core rows at 3-8 rows (measured at 4 against the
+    GEMV, and against the GEMM's tiles that take 5-16), the GEMV at 1 and 2; INT8_ROWS
+    forces it at 1-8 rows or never."""
+    assert [m for m in range(0, 12) if T.int8_rows(m)] == [3, 4, 5, 6, 7, 8]
+    monkeypatch.setattr(T, "INT8_ROWS", True)
+    assert [m for m in range(0, 12) if T.int8_rows(m)] == list(range(1, 9))
+    monkeypatch.setattr(T, "INT8_ROWS", False)
+    assert not any(T.int8_rows(m) for m in range(12))

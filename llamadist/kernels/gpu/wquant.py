@@ -673,8 +673,8 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
-    if (wquant_triton.INT8_ROWS and kind == "int8" and config is None and bias is None
-            and m and _int8_rows(x2, q, scale, n)):  # the CUDA tensor-core rows (cuda_int8)
+    if (kind == "int8" and config is None and bias is None and wquant_triton.int8_rows(m)
+            and _int8_rows(x2, q, scale, n)):  # the CUDA tensor-core rows (cuda_int8)
         from llamadist.kernels import cuda_int8
         return cuda_int8.launch(x2, q, scale, n).view(*x.shape[:-1], n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
