@@ -146,8 +146,9 @@ def nvrtc() -> ctypes.CDLL | None:
 def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None,
                   path: Path = SOURCE) -> bytes:
     """``source`` (else the file at ``path``, int4_rows.cu by default) compiled for
-    ``arch`` ("90": sm_90) with these -D values; RuntimeError with NVRTC's log on a
-    compile error."""
+    ``arch`` ("90": sm_90) with these -D values, the kernels' own headers (``*.cuh``
+    beside it) given to NVRTC in memory; RuntimeError with NVRTC's log on a compile
+    error."""
     lib = nvrtc()
     if lib is None:
         raise RuntimeError("libnvrtc was not found (CUDA builds of torch bring it through the "
@@ -159,8 +160,11 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None,
 
     src = (source if source is not None else path.read_text()).encode()
     prog = ctypes.c_void_p()
-    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.name.encode(), 0, None, None),
-          "create")
+    headers = sorted(SOURCE.parent.glob("*.cuh"))  # in memory: #include "cuda_mma.cuh"
+    bodies = (ctypes.c_char_p * len(headers))(*[h.read_bytes() for h in headers])
+    names = (ctypes.c_char_p * len(headers))(*[h.name.encode() for h in headers])
+    check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.name.encode(), len(headers),
+                                 bodies, names), "create")
     try:
         opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"] + \
             [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]

@@ -1,7 +1,8 @@
 // y (M, N) = x (M, K) @ W^T for M <= 16 rows of bf16 x and an int4 W in tinygemm's layout
 // (torch's _convert_weight_to_int4pack, as kernels.wquant_torch.tinygemm_layout states it):
 // the small-batch decode product of int4 weights, compiled at first use by NVRTC
-// (kernels.cuda_int4 says how and why). No headers: only PTX through inline asm.
+// (kernels.cuda_int4 says how and why). No CUDA headers: only PTX through inline asm
+// (cuda_mma.cuh holds what it shares with int8_rows.cu).
 //
 // tinygemm's word [n/8][kt][lane][w] holds, for row n = 8 (n/8) + lane/4 and c = lane % 4,
 // the codes of k = 16 TILES kt + 32 w + 2c + {0, 1, 8, 9, 16, 17, 24, 25} (nibbles 0, 4,
@@ -44,8 +45,7 @@
 // 1; sm_90): a programmatic dependent launch (kernels.gpu.dependent_launches, the decode
 // graphs' default there): the first k-tiles of words before griddepcontrol.wait, x after.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
+#include "cuda_mma.cuh"
 
 #define W (TILES / 2)          // words a lane holds per n-tile and k-tile
 #define KTILE (16 * TILES)     // inputs a k-tile
@@ -129,21 +129,6 @@ static __device__ __forceinline__ float hi_f(u32 v) {  // bf16 in the high half 
     float f;
     asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v & 0xFFFF0000u));
     return f;
-}
-
-static __device__ __forceinline__ u16 to_bf16(float f) {
-    u16 h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3,
-                                           u32 b0, u32 b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // the pair of codes at nibbles (j, j + 4) as bf16 (128 + code), or code - 8 (CODES_EXACT):

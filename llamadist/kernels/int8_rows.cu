@@ -1,7 +1,7 @@
 // y (M, N) = (x (M, K) @ q^T) * scale for M <= 8 rows of bf16 x and an int8 W (N, K) in
 // row-major bytes with one float32 scale a row: the decode product of int8 weights on the
 // tensor cores, compiled at first use by NVRTC (kernels.cuda_int8 says how and why). No
-// headers: only PTX through inline asm.
+// CUDA headers: only PTX through inline asm (and cuda_mma.cuh, shared with int4_rows.cu).
 //
 // W is the A operand of mma.m16n8k16 (16 rows of W x 16 inputs), x's rows its B columns
 // (rows past M repeat row M - 1; their outputs are never written). The sum over k does not
@@ -26,8 +26,7 @@
 // Compile-time parameters (-D): WARPS, NT (1, 2), PF (1..3), ROWS (<= 8: the rows a
 // launch may have), PDL (0, 1). K must be a multiple of 64.
 
-typedef unsigned int u32;
-typedef unsigned short u16;
+#include "cuda_mma.cuh"
 
 #define CHUNK 64
 #ifndef PDL
@@ -47,21 +46,6 @@ static __device__ __forceinline__ void ldx(u32 (&v)[8], const u16* p) {
                  : "=r"(v[0]), "=r"(v[1]), "=r"(v[2]), "=r"(v[3]) : "l"(p) : "memory");
     asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
                  : "=r"(v[4]), "=r"(v[5]), "=r"(v[6]), "=r"(v[7]) : "l"(p + 8) : "memory");
-}
-
-static __device__ __forceinline__ u16 to_bf16(float f) {
-    u16 h;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-
-static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3,
-                                           u32 b0, u32 b1) {
-    asm(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 // bytes (SEL: 0x4140 for 0, 1; 0x4342 for 2, 3) of a word of codes as two bf16 pairs:

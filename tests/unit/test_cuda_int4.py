@@ -64,21 +64,28 @@ def _nvdisasm() -> Path | None:
     return p if p.exists() else None
 
 
+def sass_of(cubin: bytes, tmp_path: Path) -> str | None:
+    """A cubin's SASS (triton's nvdisasm), None where nvdisasm is not installed."""
+    dis = _nvdisasm()
+    if dis is None:
+        return None
+    f = tmp_path / "k.cubin"
+    f.write_bytes(cubin)
+    return subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
+                          check=True).stdout
+
+
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_every_form_compiles_without_local_memory(arch, tmp_path):
-    dis = _nvdisasm()
     for tiles, group, cfg, exact in FORMS:
         if arch == "80" and (tiles, group) not in [(8, 128), (2, 32)]:
             continue  # sm_80: two forms suffice (the same source, another target)
         cubin = C.compile_cubin(arch, C.defines(tiles, group, cfg, exact))
         assert cubin[:4] == b"\x7fELF", (tiles, group, cfg)
-        if dis is None:
+        sass = sass_of(cubin, tmp_path)
+        if sass is None:
             continue
-        f = tmp_path / "k.cubin"
-        f.write_bytes(cubin)
-        sass = subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
-                              check=True).stdout
         mma = len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", sass))
         assert mma > 0, (tiles, group, cfg)
         assert not re.search(r"\b(LDL|STL)\b", sass), f"local memory: {tiles, group, cfg}"
@@ -90,14 +97,9 @@ def test_every_form_compiles_without_local_memory(arch, tmp_path):
 def test_dependent_launch_form_waits_once(cfg, tmp_path):
     """PDL: one griddepcontrol.wait (ACQBULK) and one launch_dependents (PREEXIT), the
     wait after the words' first copies and before x's; no local memory."""
-    dis = _nvdisasm()
-    cubin = C.compile_cubin("90", C.defines(8, 128, cfg, pdl=True))
-    if dis is None:
+    sass = sass_of(C.compile_cubin("90", C.defines(8, 128, cfg, pdl=True)), tmp_path)
+    if sass is None:
         pytest.skip("nvdisasm (triton's) not installed")
-    f = tmp_path / "k.cubin"
-    f.write_bytes(cubin)
-    sass = subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
-                          check=True).stdout
     assert sass.count("ACQBULK") == 1 and sass.count("PREEXIT") == 1, cfg
     assert not re.search(r"\b(LDL|STL)\b", sass)
     wait = sass.index("ACQBULK")

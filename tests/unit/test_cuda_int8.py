@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import re
 import struct
-import subprocess
 
 import numpy as np
 import pytest
@@ -16,7 +15,7 @@ import torch
 
 from llamadist.kernels import cuda_int4 as C
 from llamadist.kernels import cuda_int8 as C8
-from tests.unit.test_cuda_int4 import _nvdisasm
+from tests.unit.test_cuda_int4 import sass_of
 
 needs_nvrtc = pytest.mark.skipif(C.nvrtc() is None, reason="no libnvrtc (the test extra's "
                                  "nvidia-cuda-nvrtc-cu12 wheel brings one on Linux x86_64)")
@@ -83,16 +82,12 @@ FORMS = sorted({C8.form_for(m, n, 132) for m in range(1, 9) for n in (4096, 2867
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ["80", "90"])
 def test_every_form_compiles_without_local_memory(arch, tmp_path):
-    dis = _nvdisasm()
     for form in FORMS if arch == "90" else FORMS[:2]:
         cubin = C8.compile_cubin(arch, form)
         assert cubin[:4] == b"\x7fELF", form
-        if dis is None:
+        sass = sass_of(cubin, tmp_path)
+        if sass is None:
             continue
-        f = tmp_path / "k.cubin"
-        f.write_bytes(cubin)
-        sass = subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
-                              check=True).stdout
         # the unrolled ring: (PF + 1) chunks x 4 k-steps x NT tiles x 2 (low, high)
         assert len(re.findall(r"\bHMMA\.16816\.F32\.BF16\b", sass)) == \
             (form.pf + 1) * 4 * form.nt * 2, form
@@ -101,14 +96,9 @@ def test_every_form_compiles_without_local_memory(arch, tmp_path):
 
 @needs_nvrtc
 def test_dependent_launch_form_waits_once_after_w(tmp_path):
-    dis = _nvdisasm()
-    cubin = C8.compile_cubin("90", C8.Int8Form(), pdl=True)
-    if dis is None:
+    sass = sass_of(C8.compile_cubin("90", C8.Int8Form(), pdl=True), tmp_path)
+    if sass is None:
         pytest.skip("nvdisasm (triton's) not installed")
-    f = tmp_path / "k.cubin"
-    f.write_bytes(cubin)
-    sass = subprocess.run([str(dis), "-c", str(f)], capture_output=True, text=True,
-                          check=True).stdout
     assert sass.count("ACQBULK") == 1 and sass.count("PREEXIT") == 1
     wait = sass.index("ACQBULK")
     # W's first chunks before it (plain loads: ptxas hoists the wait above .nc ones), x's
