@@ -214,11 +214,12 @@ def test_smollm2_gguf_torch_backend_bf16(smollm2):
                     else True, reason="programmatic dependent launches need sm_90")
 @pytest.mark.parametrize("kind,compile_layers,batch", [("int4", True, 2), ("int8", False, 2),
                                                        ("int8", False, 1), ("fp8", True, 2),
-                                                       ("int4", True, 10)])
+                                                       ("int4", True, 10), ("int8", False, 4)])
 def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, batch,
                                            monkeypatch):
     """Decode graphs captured as programmatic dependent launches (int4_rows, or past 8 rows
-    tinygemm's tensor-core tiles; the Triton GEMV, attention and fused kernels, and
+    tinygemm's tensor-core tiles; int8_rows at 3-8 rows of int8; the Triton GEMV,
+    attention and fused kernels, and
     Inductor's where compiled: each waits for the kernel before it before reading x; here
     the GEMV asks L2 for its rows' first 1 KiB of codes before that,
     ``wquant_triton.L2_EARLY``, and loads its first tile, ``FIRST_EARLY``) give
@@ -241,7 +242,8 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, bat
         assert all(s.dependent_launches == on for s in llm.engine.stages)
         steps[on] = _greedy_with_logprobs(llm, prompts)
     assert steps[True] == steps[False]
-    if kind == "int4" and batch <= 8:  # int4_rows (up to 8 rows) captured as dependent
-        assert launched
-    assert kind == "int4" or not launched
+    # int4_rows (up to 8 rows) and int8_rows (3-8) captured as dependent (they share the
+    # launch), nothing else through it
+    cuda_rows = kind == "int4" and batch <= 8 or kind == "int8" and 3 <= batch <= 8
+    assert bool(launched) == cuda_rows
     assert not gpu.launch_dependent(torch.device("cuda", 0))  # only inside the capture
