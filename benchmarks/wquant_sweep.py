@@ -265,7 +265,8 @@ def products(args, torch, W, T, WT, kind_name: str, w, m: int, sms: int, native:
         out.append(("triton", old, False, lambda c, x, old=old: (
             lambda: T.launch(x, kind, c.q, c.scale, c.offset, None, c.group, n, k, old)),
             pw, pw.nbytes))
-    if args.int8_rows is not None and kind == "int8" and group is None and not args.interpret_smoke:
+    if args.int8_rows is not None and kind == "int8" and group is None \
+            and not args.interpret_smoke:
         from llamadist.kernels import cuda_int8 as C8  # the CUDA tensor-core rows
         x0 = torch.zeros(m, k, dtype=torch.bfloat16, device=dev)
         if C8.ok(dev) and C8.supports(x0, pw.q, pw.scale, n):

@@ -6,9 +6,10 @@ Why: the Triton GEMV spends ~4 instructions a code on int8 (a byte permute and a
 subtraction each, then an FMA) and reads Llama-3-8B's gate_up at 0.80 of the H200's copy
 rate where fp8 (the hardware's conversion) reads it at 0.93 (RESULTS.md, session 27).
 int8_rows makes each code two exact bf16 small integers (its low nibble and 16 times its
-signed high one: ~3 instructions a code, no FMA) and lets mma.m16n8k16 multiply them by
-x's rows, W as the A operand, loaded with plain 16-byte loads a few chunks ahead in
-registers (see its header). The products are exact and summed in float32 by the mma.
+signed high one: ~3 instructions a code) and lets mma.m16n8k16 multiply them by x's rows,
+W as the A operand, loaded with plain 16-byte loads a few chunks ahead in registers (see
+its header): no float32 FMA a code. The products are exact and summed in float32 by the
+mma. kernels.gpu.wquant's launch calls it (inside the ``llamadist::packed_linear`` op).
 
 Measured on an H200 (RESULTS.md, session 27): at 4 rows Llama-3-8B's four linears in 83
 against the Triton GEMV's 128 us, the batch-4 decode step 3.29 against 4.57 ms; at one
@@ -26,7 +27,6 @@ from pathlib import Path
 import torch
 
 from llamadist.kernels import cuda_int4 as C
-from llamadist.kernels import gpu
 
 log = logging.getLogger(__name__)
 
@@ -161,15 +161,3 @@ def _check(device: torch.device) -> bool:
     except Exception as e:  # noqa: BLE001 - any failure keeps the Triton GEMV, said once
         log.warning("int8_rows is not used on %s (%s); int8 keeps the Triton GEMV", device, e)
         return False
-
-
-def _rows(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int) -> torch.Tensor:
-    return launch(x, q, scale, n)
-
-
-def _rows_shape(x, q, scale, n):
-    return x.new_empty(x.shape[0], n)
-
-
-# y (M, N) = (x (M, K) @ q^T) * scale for M <= MAX_ROWS (the custom op torch.compile sees)
-int8_rows = gpu.custom_op("llamadist::int8_rows", _rows, fake=_rows_shape)
