@@ -13,9 +13,9 @@ faster at 4 rows, 2.0-2.8x at 8; the 8B batch-1 decode step 0.515x bf16's (tinyg
 
 How it is built and run, with what torch ships: NVRTC (libnvrtc, a dependency of CUDA
 builds of torch: the ``nvidia-cuda-nvrtc`` wheel, or the toolkit's) compiles the source,
-with no CUDA headers (only cuda_mma.cuh, handed over in memory), to a cubin for the device's architecture, and torch's driver-API loader
-(``torch.cuda._utils._cuda_load_module``) launches it on the current stream, so CUDA graphs
-capture it. Each (device, config) compiles once a process (~0.3 s);
+with no CUDA headers (only cuda_mma.cuh, handed over in memory), to a cubin for the
+device's architecture, and torch's driver-API loader (``torch.cuda._utils.
+_cuda_load_module``) launches it on the current stream, so CUDA graphs capture it. Each (device, config) compiles once a process (~0.3 s);
 ``wquant_torch.int4_rows_ok`` checks a small case on the device first, and where anything
 is missing (no NVRTC, ROCm, a GPU below sm_80, a compile error) it says why once and int4
 keeps tinygemm.
