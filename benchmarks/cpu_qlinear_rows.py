@@ -3,6 +3,7 @@ against PyTorch's F.linear on the same weight dequantized to float32, in the sam
 
     python benchmarks/cpu_qlinear_rows.py [--rows 1 2 4 8 16] [--n 3072] [--k 1024]
                                           [--types Q4_0 Q4_1 Q8_0 Q4_K Q5_K Q6_K F16 BF16]
+                                          [--int8-x]
 
 Each call runs ``cpu_quant.qlinear`` (the kernel the C decoder layer calls) over copies of
 one random N x K weight (~64 MB of blocks in all, so a call reads its weight from memory,
@@ -47,6 +48,9 @@ def main() -> None:
     p.add_argument("--types", nargs="+", default=["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K",
                                                   "Q6_K", "F16", "BF16"])
     p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--int8-x", action="store_true",
+                   help="x quantized to int8 per 32 (--quant-activations int8: Q4_0 / Q4_1 / "
+                   "Q8_0; the other types ignore it)")
     args = p.parse_args()
     if args.k % 256:
         raise SystemExit(f"--k {args.k}: give a multiple of 256 (the K types' blocks)")
@@ -58,7 +62,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} "
           f"threads), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; W {args.n} x "
-          f"{args.k}, best of {args.reps}\n")
+          f"{args.k}, best of {args.reps}{', int8 x' if args.int8_x else ''}\n")
     print("| type | rows | us a call | G products/s | F.linear fp32 us | F.linear time / ours |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name in args.types:
@@ -70,8 +74,8 @@ def main() -> None:
               for _ in range(max(1, copies * one.nbytes // (args.n * args.k * 4)))]
         for m in args.rows:
             x = torch.randn(m, args.k)
-            ours = best_seconds(lambda: [cpu_quant.qlinear(x, b, qt, args.n) for b in blocks],
-                                args.reps) / len(blocks)
+            ours = best_seconds(lambda: [cpu_quant.qlinear(x, b, qt, args.n, None, args.int8_x)
+                                         for b in blocks], args.reps) / len(blocks)
             ref = best_seconds(lambda: [F.linear(x, w) for w in wf], args.reps) / len(wf)
             print(f"| {name} | {m} | {ours * 1e6:.0f} | {args.n * args.k * m / ours / 1e9:.1f} "
                   f"| {ref * 1e6:.0f} | {ref / ours:.2f}x |")

@@ -8,9 +8,10 @@
    bounds it). Q4_K, Q5_K, Q6_K (blocks of 256): each block is dequantized into 256 floats
    on the stack (L1) and dotted with x in float32; x is not quantized. With float32 x (the
    default) the 32-blocks are widened and converted in registers and met by x in float32;
-   a batch's rows of x go in passes of 8, 4, then 2 (AVX-512; 4, 2 at AVX2), each block
-   decoded once a pass, every row with the one-row kernel's operations in its order (the
-   same bits as alone); the K types in passes of 4 (krows).
+   a batch's rows of x, float32 or int8, go in passes of 8, 4, then 2 (AVX-512; 4, 2 at
+   AVX2), each block decoded once a pass, every row with the one-row kernel's operations
+   in its order (the same bits as alone: the one-row kernels are the passes' R = 1 case);
+   the K types in passes of 4 (krows).
 
    Runtime dispatch: the integer dot products exist three times, plain C, AVX2 (+FMA, F16C:
    every x86 since Haswell / Zen 1) and AVX-512 (F, BW, DQ, VL: two blocks per 512-bit
@@ -37,6 +38,10 @@ typedef float (*fdot_fn)(const uint8_t *w, const float *x, const float *xs, int6
 #define FX_AVX512 8
 typedef void (*fxrows_fn)(const uint8_t *w, const float *x, int64_t ldx, const float *xs,
                           int64_t ldxs, int64_t nb, float *out);
+/* The same for int8 x: rows of q (ldq apart) with their block scales d and sums s (lds
+   apart), as many rows a pass */
+typedef void (*qxrows_fn)(const uint8_t *w, const int8_t *q, int64_t ldq, const float *d,
+                          const float *s, int64_t lds, int64_t nb, float *out);
 
 
 /* ---- x -> int8 blocks of 32 (the reference is quant_ref.quantize_q8) ---- */
@@ -108,38 +113,60 @@ TGT_AVX2 INLINE float f16c(const uint8_t *p) {
     return _cvtsh_ss(h);
 }
 
-/* The per-block float terms: the integer sum's scale, and what is added beside it. */
-TGT_AVX2 INLINE float block_scale(const uint8_t *blk, const float *d, int64_t b) {
-    return f16c(blk) * d[b];
+/* The block's offset term's factor (none for Q8_0): m s with m = -8 dw (Q4_0) or the
+   block's m (Q4_1) */
+TGT_AVX2 INLINE float block_offset(int type, const uint8_t *blk, float dw) {
+    return type == QT_Q4_0 ? -8.0f * dw : type == QT_Q4_1 ? f16c(blk + 2) : 0.0f;
 }
 
-TGT_AVX2 INLINE float block_extra(int type, const uint8_t *blk, const float *s, int64_t b) {
-    if (type == QT_Q4_0) return -8.0f * f16c(blk) * s[b];
-    if (type == QT_Q4_1) return f16c(blk + 2) * s[b];
-    return 0.0f;
+/* R (<= FX_AVX2) rows of int8 x against a weight row at once: each block's codes loaded
+   (and for Q4 split into nibbles) once, then met by every row in the same operations, so
+   a row gets the same bits in a pass of R as alone (row_dot_avx2 is R = 1). Per block,
+   dw dx_b sum(qw qx) into two float chains by block parity, and the offset term m s_b as
+   an explicit fma into two more (one rounding whatever the compiler contracts). */
+TGT_AVX2 INLINE void rows_dot_avx2(int type, int R, const uint8_t *w, const int8_t *q,
+                                   int64_t ldq, const float *d, const float *s, int64_t lds,
+                                   int64_t nb, float *out) {
+    const int bb = block_bytes(type);
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc0[FX_AVX2], acc1[FX_AVX2];
+    float corr0[FX_AVX2], corr1[FX_AVX2];
+    for (int r = 0; r < R; ++r) {
+        acc0[r] = acc1[r] = _mm256_setzero_ps();
+        corr0[r] = corr1[r] = 0.0f;
+    }
+    for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t *blk = w + b * bb;
+        const float dw = f16c(blk), m = block_offset(type, blk, dw);
+        __m256i wx, ax = _mm256_setzero_si256();
+        if (type == QT_Q8_0) { /* signed x signed: |w| times y with w's sign */
+            wx = _mm256_loadu_si256((const __m256i *)(blk + 2));
+            ax = _mm256_sign_epi8(wx, wx);
+        } else {
+            wx = nibbles32(blk + (type == QT_Q4_1 ? 4 : 2));
+        }
+        for (int r = 0; r < R; ++r) {
+            const __m256i y = _mm256_loadu_si256((const __m256i *)(q + r * ldq + 32 * b));
+            const __m256i p = type == QT_Q8_0
+                ? _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, wx)), ones)
+                : _mm256_madd_epi16(_mm256_maddubs_epi16(wx, y), ones);
+            const __m256 sc = _mm256_set1_ps(dw * d[r * lds + b]);
+            if (b & 1) acc1[r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc1[r]);
+            else acc0[r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc0[r]);
+            if (type == QT_Q8_0) continue;
+            if (b & 1) corr1[r] = __builtin_fmaf(m, s[r * lds + b], corr1[r]);
+            else corr0[r] = __builtin_fmaf(m, s[r * lds + b], corr0[r]);
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        out[r] = hsum256(_mm256_add_ps(acc0[r], acc1[r])) + (corr0[r] + corr1[r]);
 }
 
 TGT_AVX2 INLINE float row_dot_avx2(int type, const uint8_t *w, const int8_t *q, const float *d,
                                    const float *s, int64_t nb) {
-    const int bb = block_bytes(type);
-    __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-    float extra = 0.0f;
-    int64_t b = 0;
-    for (; b + 2 <= nb; b += 2) { /* two chains: FMA latency */
-        const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;
-        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);
-        const __m256i p1 = block_dot_avx2(type, b1, q + 32 * b + 32);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(b0, d, b)), _mm256_cvtepi32_ps(p0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(b1, d, b + 1)), _mm256_cvtepi32_ps(p1), acc1);
-        extra += block_extra(type, b0, s, b) + block_extra(type, b1, s, b + 1);
-    }
-    for (; b < nb; ++b) {
-        const uint8_t *b0 = w + b * bb;
-        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);
-        acc0 = _mm256_fmadd_ps(_mm256_set1_ps(block_scale(b0, d, b)), _mm256_cvtepi32_ps(p0), acc0);
-        extra += block_extra(type, b0, s, b);
-    }
-    return hsum256(_mm256_add_ps(acc0, acc1)) + extra;
+    float out;
+    rows_dot_avx2(type, 1, w, q, 0, d, s, 0, nb, &out);
+    return out;
 }
 
 TGT_AVX2 static float dot_q4_0_avx2(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx2(QT_Q4_0, w, q, d, s, nb); }
@@ -147,71 +174,92 @@ TGT_AVX2 static float dot_q4_1_avx2(const uint8_t *w, const int8_t *q, const flo
 TGT_AVX2 static float dot_q8_0_avx2(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx2(QT_Q8_0, w, q, d, s, nb); }
 
 /* ---- AVX-512: two blocks per register (lanes 0-7 block b, 8-15 block b+1) ---- */
-TGT_AVX512 INLINE __m512i pair_dot_avx512(int type, const uint8_t *b0, const uint8_t *b1,
-                                          const int8_t *qx) {
-    const __m512i y = _mm512_loadu_si512((const void *)qx), ones = _mm512_set1_epi16(1);
-    if (type == QT_Q8_0) {
-        const __m512i x = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
-            _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
-        const __mmask64 neg = _mm512_movepi8_mask(x); /* y with w's sign, times |w| */
-        const __m512i sy = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y);
-        return _mm512_madd_epi16(_mm512_maddubs_epi16(_mm512_abs_epi8(x), sy), ones);
-    }
-    const int off = type == QT_Q4_1 ? 4 : 2;
-    const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(b0 + off)),
-                                         nibbles32(b1 + off), 1);
-    return _mm512_madd_epi16(_mm512_maddubs_epi16(x, y), ones);
-}
-
-/* The same with AVX-512 VNNI (Zen 4, Ice Lake and later): vpdpbusd does maddubs + madd
-   in one instruction, without the int16 step (whose saturation these ranges never reach:
-   15 * 127 * 2 and 128 * 127 * 2 fit), so the sums are bit for bit the same. */
-TGT_VNNI INLINE __m512i pair_dot_vnni(int type, const uint8_t *b0, const uint8_t *b1,
-                                      const int8_t *qx) {
-    const __m512i y = _mm512_loadu_si512((const void *)qx), zero = _mm512_setzero_si512();
-    if (type == QT_Q8_0) {
-        const __m512i x = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),
-            _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);
-        const __mmask64 neg = _mm512_movepi8_mask(x);
-        const __m512i sy = _mm512_mask_sub_epi8(y, neg, zero, y);
-        return _mm512_dpbusd_epi32(zero, _mm512_abs_epi8(x), sy);
-    }
-    const int off = type == QT_Q4_1 ? 4 : 2;
-    const __m512i x = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(b0 + off)),
-                                         nibbles32(b1 + off), 1);
-    return _mm512_dpbusd_epi32(zero, x, y);
-}
-
-/* A row's blocks two at a time (PAIR: the pair's 16 int32 partial sums). */
-#define ROW_DOT_512(NAME, TGT, PAIR)                                                      \
-TGT INLINE float NAME(int type, const uint8_t *w, const int8_t *q, const float *d,        \
-                      const float *s, int64_t nb) {                                       \
-    const int bb = block_bytes(type);                                                     \
-    __m512 acc = _mm512_setzero_ps();                                                     \
-    float extra = 0.0f;                                                                   \
+/* R (<= FX_AVX512) rows of int8 x against a weight row, its blocks two at a time (lanes
+   0-7 block b, 8-15 block b + 1): each pair's codes loaded (Q4: split into nibbles) once,
+   then met by every row in the same operations (rows_dot_avx2's terms; DOT: the pair's
+   16 int32 partial sums from the pair's codes as the dot's first operand, and for Q8_0
+   their signs), so a row's bits in a pass of R equal its bits alone. An odd last block
+   takes the AVX2 path's operations. */
+#define ROWS_DOT_512(NAME, TGT, DOT)                                                      \
+TGT INLINE void NAME(int type, int R, const uint8_t *w, const int8_t *q, int64_t ldq,       \
+                     const float *d, const float *s, int64_t lds, int64_t nb, float *out) { \
+    const int bb = block_bytes(type), off = type == QT_Q4_1 ? 4 : 2;                      \
+    __m512 acc[FX_AVX512];                                                                \
+    float corr0[FX_AVX512], corr1[FX_AVX512]; /* by block parity: two short chains */     \
+    for (int r = 0; r < R; ++r) {                                                         \
+        acc[r] = _mm512_setzero_ps();                                                     \
+        corr0[r] = corr1[r] = 0.0f;                                                       \
+    }                                                                                     \
     int64_t b = 0;                                                                        \
     for (; b + 2 <= nb; b += 2) {                                                         \
         const uint8_t *b0 = w + b * bb, *b1 = b0 + bb;                                    \
-        const __m512i p = PAIR(type, b0, b1, q + 32 * b);                                 \
-        const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(block_scale(b0, d, b)),       \
-                                             _mm256_set1_ps(block_scale(b1, d, b + 1)), 1); \
-        acc = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(p), acc);                            \
-        extra += block_extra(type, b0, s, b) + block_extra(type, b1, s, b + 1);           \
+        const float d0 = f16c(b0), d1 = f16c(b1);                                         \
+        const float m0 = block_offset(type, b0, d0), m1 = block_offset(type, b1, d1);     \
+        __m512i wx;                                                                       \
+        __mmask64 neg = 0;                                                                \
+        if (type == QT_Q8_0) {                                                            \
+            wx = _mm512_inserti64x4(                                                      \
+                _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i *)(b0 + 2))),    \
+                _mm256_loadu_si256((const __m256i *)(b1 + 2)), 1);                        \
+            neg = _mm512_movepi8_mask(wx); /* y with w's sign, times |w| */               \
+            wx = _mm512_abs_epi8(wx);                                                     \
+        } else {                                                                          \
+            wx = _mm512_inserti64x4(_mm512_castsi256_si512(nibbles32(b0 + off)),          \
+                                    nibbles32(b1 + off), 1);                              \
+        }                                                                                 \
+        for (int r = 0; r < R; ++r) {                                                     \
+            __m512i y = _mm512_loadu_si512((const void *)(q + r * ldq + 32 * b));         \
+            if (type == QT_Q8_0) y = _mm512_mask_sub_epi8(y, neg, _mm512_setzero_si512(), y); \
+            const __m512 sc = _mm512_insertf32x8(_mm512_set1_ps(d0 * d[r * lds + b]),     \
+                                                 _mm256_set1_ps(d1 * d[r * lds + b + 1]), 1); \
+            acc[r] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(DOT(wx, y)), acc[r]);         \
+            if (type == QT_Q8_0) continue;                                                \
+            corr0[r] = __builtin_fmaf(m0, s[r * lds + b], corr0[r]);                      \
+            corr1[r] = __builtin_fmaf(m1, s[r * lds + b + 1], corr1[r]);                  \
+        }                                                                                 \
     }                                                                                     \
-    float total = _mm512_reduce_add_ps(acc);                                              \
-    if (b < nb) { /* an odd block: the AVX2 path */                                       \
-        const uint8_t *b0 = w + b * bb;                                                   \
-        const __m256i p0 = block_dot_avx2(type, b0, q + 32 * b);                          \
-        total += block_scale(b0, d, b) * hsum256(_mm256_cvtepi32_ps(p0))                  \
-                 + block_extra(type, b0, s, b);                                           \
+    for (int r = 0; r < R; ++r) {                                                         \
+        float total = _mm512_reduce_add_ps(acc[r]);                                       \
+        if (b < nb) { /* an odd block: the AVX2 path's operations */                      \
+            const uint8_t *b0 = w + b * bb;                                               \
+            const float d0 = f16c(b0);                                                    \
+            const __m256i p0 = block_dot_avx2(type, b0, q + r * ldq + 32 * b);            \
+            total = __builtin_fmaf(d0 * d[r * lds + b], hsum256(_mm256_cvtepi32_ps(p0)), total); \
+            if (type != QT_Q8_0)                                                          \
+                corr0[r] = __builtin_fmaf(block_offset(type, b0, d0), s[r * lds + b],     \
+                                          corr0[r]);                                      \
+        }                                                                                 \
+        out[r] = total + (corr0[r] + corr1[r]);                                           \
     }                                                                                     \
-    return total + extra;                                                                 \
 }
 
-ROW_DOT_512(row_dot_avx512, TGT_AVX512, pair_dot_avx512)
-ROW_DOT_512(row_dot_vnni, TGT_VNNI, pair_dot_vnni)
+TGT_AVX512 INLINE __m512i dot_madd(__m512i wx, __m512i y) {
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(wx, y), _mm512_set1_epi16(1));
+}
+
+/* vpdpbusd (AVX-512 VNNI: Zen 4, Ice Lake and later) does maddubs + madd in one
+   instruction, without the int16 step (whose saturation these ranges never reach: 15 *
+   127 * 2 and 128 * 127 * 2 fit), so the sums are bit for bit the same */
+TGT_VNNI INLINE __m512i dot_vnni(__m512i wx, __m512i y) {
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), wx, y);
+}
+
+ROWS_DOT_512(rows_dot_avx512, TGT_AVX512, dot_madd)
+ROWS_DOT_512(rows_dot_vnni, TGT_VNNI, dot_vnni)
+
+TGT_AVX512 INLINE float row_dot_avx512(int type, const uint8_t *w, const int8_t *q,
+                                       const float *d, const float *s, int64_t nb) {
+    float out;
+    rows_dot_avx512(type, 1, w, q, 0, d, s, 0, nb, &out);
+    return out;
+}
+
+TGT_VNNI INLINE float row_dot_vnni(int type, const uint8_t *w, const int8_t *q,
+                                   const float *d, const float *s, int64_t nb) {
+    float out;
+    rows_dot_vnni(type, 1, w, q, 0, d, s, 0, nb, &out);
+    return out;
+}
 
 TGT_AVX512 static float dot_q4_0_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q4_0, w, q, d, s, nb); }
 TGT_AVX512 static float dot_q4_1_avx512(const uint8_t *w, const int8_t *q, const float *d, const float *s, int64_t nb) { return row_dot_avx512(QT_Q4_1, w, q, d, s, nb); }
@@ -273,7 +321,7 @@ TGT_AVX2 INLINE void block_ints_avx2(int type, const uint8_t *blk, __m256i q[4])
 /* The block's affine map w = d q + m: (d, m) */
 TGT_AVX2 INLINE void block_affine(int type, const uint8_t *blk, float *d, float *m) {
     *d = f16c(blk);
-    *m = type == QT_Q4_1 ? f16c(blk + 2) : type == QT_Q4_0 ? -8.0f * *d : 0.0f;
+    *m = block_offset(type, blk, *d);
 }
 
 /* R (<= FX_AVX2) rows of x against a weight row at once, each sum over blocks of
@@ -394,6 +442,24 @@ FXROWS_TYPES(avx512_2, TGT_AVX512, rows_dot_fx_avx512, 2)
 FXROWS_TYPES(avx512_4, TGT_AVX512, rows_dot_fx_avx512, 4)
 FXROWS_TYPES(avx512_8, TGT_AVX512, rows_dot_fx_avx512, 8)
 
+#define QXROWS(NAME, TGT, IMPL, TYPE, R)                                                  \
+TGT static void NAME(const uint8_t *w, const int8_t *q, int64_t ldq, const float *d,      \
+                     const float *s, int64_t lds, int64_t nb, float *out) {               \
+    IMPL(TYPE, R, w, q, ldq, d, s, lds, nb, out);                                         \
+}
+#define QXROWS_TYPES(SUFFIX, TGT, IMPL, R)                                                \
+QXROWS(qxrows_q4_0_##SUFFIX, TGT, IMPL, QT_Q4_0, R)                                       \
+QXROWS(qxrows_q4_1_##SUFFIX, TGT, IMPL, QT_Q4_1, R)                                       \
+QXROWS(qxrows_q8_0_##SUFFIX, TGT, IMPL, QT_Q8_0, R)
+QXROWS_TYPES(avx2_2, TGT_AVX2, rows_dot_avx2, 2)
+QXROWS_TYPES(avx2_4, TGT_AVX2, rows_dot_avx2, 4)
+QXROWS_TYPES(avx512_2, TGT_AVX512, rows_dot_avx512, 2)
+QXROWS_TYPES(avx512_4, TGT_AVX512, rows_dot_avx512, 4)
+QXROWS_TYPES(avx512_8, TGT_AVX512, rows_dot_avx512, 8)
+QXROWS_TYPES(vnni_2, TGT_VNNI, rows_dot_vnni, 2)
+QXROWS_TYPES(vnni_4, TGT_VNNI, rows_dot_vnni, 4)
+QXROWS_TYPES(vnni_8, TGT_VNNI, rows_dot_vnni, 8)
+
 TGT_AVX512 static float fdot_q4_0_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q4_0, w, x, xs, nb); }
 TGT_AVX512 static float fdot_q4_1_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q4_1, w, x, xs, nb); }
 TGT_AVX512 static float fdot_q8_0_avx512(const uint8_t *w, const float *x, const float *xs, int64_t nb) { return row_dot_fx_avx512(QT_Q8_0, w, x, xs, nb); }
@@ -458,6 +524,24 @@ static fxrows_fn pick_fxrows(int type, int width) {
          {fxrows_q4_0_avx512_2, fxrows_q4_1_avx512_2, fxrows_q8_0_avx512_2}}};
     const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
     return table[current_isa()][width == 8 ? 0 : width == 4 ? 1 : 2][col];
+}
+
+/* The int8-x several-row kernel of the dot's level (VNNI its own) for passes of ``width``
+   rows (8, 4 or 2; NULL where the level has none: plain C, or 8 at AVX2) */
+static qxrows_fn pick_qxrows(int type, int width) {
+    static const qxrows_fn table[4][3][3] = {  /* [level][width 8, 4, 2][type] */
+        {{NULL, NULL, NULL}, {NULL, NULL, NULL}, {NULL, NULL, NULL}},
+        {{NULL, NULL, NULL},
+         {qxrows_q4_0_avx2_4, qxrows_q4_1_avx2_4, qxrows_q8_0_avx2_4},
+         {qxrows_q4_0_avx2_2, qxrows_q4_1_avx2_2, qxrows_q8_0_avx2_2}},
+        {{qxrows_q4_0_avx512_8, qxrows_q4_1_avx512_8, qxrows_q8_0_avx512_8},
+         {qxrows_q4_0_avx512_4, qxrows_q4_1_avx512_4, qxrows_q8_0_avx512_4},
+         {qxrows_q4_0_avx512_2, qxrows_q4_1_avx512_2, qxrows_q8_0_avx512_2}},
+        {{qxrows_q4_0_vnni_8, qxrows_q4_1_vnni_8, qxrows_q8_0_vnni_8},
+         {qxrows_q4_0_vnni_4, qxrows_q4_1_vnni_4, qxrows_q8_0_vnni_4},
+         {qxrows_q4_0_vnni_2, qxrows_q4_1_vnni_2, qxrows_q8_0_vnni_2}}};
+    const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
+    return table[isa()][width == 8 ? 0 : width == 4 ? 1 : 2][col];
 }
 
 /* ---- dequantization (prefill tiles, embedding rows) ---- */
@@ -570,9 +654,12 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
     const fxrows_fn fx8 = several ? pick_fxrows(type, 8) : NULL,
                     fx4 = several ? pick_fxrows(type, 4) : NULL,
                     fx2 = several ? pick_fxrows(type, 2) : NULL;
-    /* several rows a pass where there are: a batch's float x on 32-blocks, or K types
-       (krows, at AVX2 / AVX-512) */
-    const int passes = several && m >= 2;
+    const qxrows_fn qx8 = q8 ? pick_qxrows(type, 8) : NULL,  /* int8 x: the same passes */
+                    qx4 = q8 ? pick_qxrows(type, 4) : NULL,
+                    qx2 = q8 ? pick_qxrows(type, 2) : NULL;
+    /* several rows a pass where there are: a batch's x on 32-blocks (float or int8), or K
+       types (krows, at AVX2 / AVX-512) */
+    const int passes = several && m >= 2, qpasses = q8 && m >= 2;
     const int kpasses = is_k && m >= K_ROWS && current_isa() >= 1;
     for (int64_t j = j0; j < j1; ++j) {
         const uint8_t *wr = w + j * rb;
@@ -582,6 +669,13 @@ void quant_rows(int type, int int8_x, const float *x, const uint8_t *w, const fl
             const fxrows_fn fx = width == 8 ? fx8 : width == 4 ? fx4 : fx2;
             for (; fx && r + width <= m; r += width) {
                 fx(wr, x + r * ldx, ldx, xs + r * (k / 32), k / 32, nb, v);
+                put_rows(y, ldy, r, j, v, width, bias, accumulate);
+            }
+        }
+        for (int width = 8; qpasses && width >= 2; width /= 2) { /* each block loaded once */
+            const qxrows_fn qx = width == 8 ? qx8 : width == 4 ? qx4 : qx2;
+            for (; qx && r + width <= m; r += width) {
+                qx(wr, xq + r * k, k, xd + r * nb, xs + r * nb, nb, nb, v);
                 put_rows(y, ldy, r, j, v, width, bias, accumulate);
             }
         }

@@ -114,14 +114,18 @@ def test_linear_against_float64(qtype, rows, nblocks, m, int8_x):
         cpu_quant.set_isa(-1)
 
 
-@pytest.mark.parametrize("qtype", TYPES, ids=[FORMATS[t][0] for t in TYPES])
-def test_gemv_rows_equal_one_row_at_a_time(qtype):
-    """Batch invariance of the GEMV (up to 32 rows of float32 x): the kernels that meet
-    several rows of x with each weight block decoded once (8, 4 or 2 rows a pass for the
-    32-blocks, 4 for the K types, 4 for 16-bit weights at AVX-512; 15 rows take each width
-    once)
-    give every row the
-    bits it gets alone, at every dispatch level, tails of rows and of inputs included."""
+ROWS_CASES = [(t, False) for t in TYPES] + [(t, True) for t in TYPES
+                                             if FORMATS[t][1] == 32]
+
+
+@pytest.mark.parametrize("qtype,int8_x", ROWS_CASES,
+                         ids=[FORMATS[t][0] + ("-int8x" if i else "") for t, i in ROWS_CASES])
+def test_gemv_rows_equal_one_row_at_a_time(qtype, int8_x):
+    """Batch invariance of the GEMV (up to 32 rows of x): the kernels that meet several
+    rows of x with each weight block decoded once (8, 4 or 2 rows a pass for the
+    32-blocks, float32 or int8 x, 4 for the K types, 4 for 16-bit weights at AVX-512; 15
+    rows take each width once) give every row the bits it gets alone, at every dispatch
+    level (VNNI's own for int8 x), tails of rows and of inputs included."""
     rng = np.random.default_rng(200 + qtype)
     block = FORMATS[qtype][1]
     for n, cols in ((37, 3 * block), (5, 5 * block if block > 1 else 77)):
@@ -132,9 +136,9 @@ def test_gemv_rows_equal_one_row_at_a_time(qtype):
                 cpu_quant.set_isa(level)
                 for m in (2, 5, 9, 15):
                     x = torch.from_numpy(rng.standard_normal((m, cols)).astype(np.float32))
-                    y = cpu_quant.qlinear(x, raw, qtype, n, bias)
-                    alone = torch.cat([cpu_quant.qlinear(x[r:r + 1], raw, qtype, n, bias)
-                                       for r in range(m)])
+                    y = cpu_quant.qlinear(x, raw, qtype, n, bias, int8_x)
+                    alone = torch.cat([cpu_quant.qlinear(x[r:r + 1], raw, qtype, n, bias,
+                                                         int8_x) for r in range(m)])
                     assert torch.equal(y, alone), (level, n, cols, m)
         finally:
             cpu_quant.set_isa(-1)
