@@ -492,14 +492,18 @@ int llamadist_quant_set_isa(int level) {
     return isa_level;
 }
 
+/* The dispatch tables' indices: a 32-block type's column (Q4_0, Q4_1, Q8_0) and a pass
+   width's row (8, 4, 2) */
+static int type_col(int type) { return type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2; }
+static int pass_row(int width) { return width == 8 ? 0 : width == 4 ? 1 : 2; }
+
 static qdot_fn pick_dot(int type) {
     static const qdot_fn table[4][3] = {
         {dot_q4_0_c, dot_q4_1_c, dot_q8_0_c},
         {dot_q4_0_avx2, dot_q4_1_avx2, dot_q8_0_avx2},
         {dot_q4_0_avx512, dot_q4_1_avx512, dot_q8_0_avx512},
         {dot_q4_0_vnni, dot_q4_1_vnni, dot_q8_0_vnni}};
-    const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
-    return table[isa()][col];
+    return table[isa()][type_col(type)];
 }
 
 static fdot_fn pick_fdot(int type) {
@@ -507,8 +511,7 @@ static fdot_fn pick_fdot(int type) {
         {fdot_q4_0_c, fdot_q4_1_c, fdot_q8_0_c},
         {fdot_q4_0_avx2, fdot_q4_1_avx2, fdot_q8_0_avx2},
         {fdot_q4_0_avx512, fdot_q4_1_avx512, fdot_q8_0_avx512}};
-    const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
-    return table[current_isa()][col];
+    return table[current_isa()][type_col(type)];
 }
 
 /* The several-row kernel of fdot's level for passes of ``width`` rows (8, 4 or 2; NULL
@@ -522,8 +525,7 @@ static fxrows_fn pick_fxrows(int type, int width) {
         {{fxrows_q4_0_avx512_8, fxrows_q4_1_avx512_8, fxrows_q8_0_avx512_8},
          {fxrows_q4_0_avx512_4, fxrows_q4_1_avx512_4, fxrows_q8_0_avx512_4},
          {fxrows_q4_0_avx512_2, fxrows_q4_1_avx512_2, fxrows_q8_0_avx512_2}}};
-    const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
-    return table[current_isa()][width == 8 ? 0 : width == 4 ? 1 : 2][col];
+    return table[current_isa()][pass_row(width)][type_col(type)];
 }
 
 /* The int8-x several-row kernel of the dot's level (VNNI its own) for passes of ``width``
@@ -540,8 +542,7 @@ static qxrows_fn pick_qxrows(int type, int width) {
         {{qxrows_q4_0_vnni_8, qxrows_q4_1_vnni_8, qxrows_q8_0_vnni_8},
          {qxrows_q4_0_vnni_4, qxrows_q4_1_vnni_4, qxrows_q8_0_vnni_4},
          {qxrows_q4_0_vnni_2, qxrows_q4_1_vnni_2, qxrows_q8_0_vnni_2}}};
-    const int col = type == QT_Q4_0 ? 0 : type == QT_Q4_1 ? 1 : 2;
-    return table[isa()][width == 8 ? 0 : width == 4 ? 1 : 2][col];
+    return table[isa()][pass_row(width)][type_col(type)];
 }
 
 /* ---- dequantization (prefill tiles, embedding rows) ---- */
