@@ -891,15 +891,17 @@ int8rows27() {  # issue 16, session 27: int8 on the tensor cores (kernels.cuda_i
 }
 
 verify27() {  # issue 16, session 27's GPU-untested steps: int8_rows's rule and forms end
-    # to end at batch 4 and 8 (int8 + head) against the rule without it, bf16 at batch 4
-    # for the ratio; then the GPU tests of int8_rows and of dependent launches (int8 at
-    # batch 4 added) (~4 min)
+    # to end at batch 4 and 8 (int8 + head) against the rule without it, and at batch 2
+    # (the GEMV by rule) forced on; bf16 at batch 4 for the ratio; then the GPU tests of
+    # int8_rows and of dependent launches (int8 at batch 4 added) (~5 min)
     local b="--quantize int8 --quantize-head --prompt-len 128 --gen-len 64" bs
     checkpoint
     for bs in 4 8; do
         ab int8h_b${bs} "" $b --batch $bs
         ab int8h_b${bs}_off "T.INT8_ROWS = False" $b --batch $bs
     done
+    ab int8h_b2 "" $b --batch 2  # two rows: the GEMV (the rule) against int8_rows
+    ab int8h_b2_rows "T.INT8_ROWS = True" $b --batch 2
     ab bf16_b4 "" --prompt-len 128 --gen-len 64 --batch 4
     step tests27 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_cuda_int8_gpu.py \
         tests/gpu/test_wquant_torch_gpu.py -k "int8_gpu or dependent"
