@@ -96,15 +96,25 @@ TGT_AVX2 INLINE __m256i nibbles32(const uint8_t *p) { /* 16 bytes -> 32 bytes: l
     return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(r, 4), m4), _mm_and_si128(r, m4));
 }
 
-TGT_AVX2 INLINE __m256i block_dot_avx2(int type, const uint8_t *blk, const int8_t *qx) {
-    const __m256i y = _mm256_loadu_si256((const __m256i *)qx), ones = _mm256_set1_epi16(1);
-    if (type == QT_Q8_0) { /* signed x signed: |w| times y with w's sign */
-        const __m256i x = _mm256_loadu_si256((const __m256i *)(blk + 2));
-        return _mm256_madd_epi16(
-            _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x)), ones);
+/* A block's 32 codes as the integer dot's operands: Q4 its nibbles (wx), Q8_0 its signed
+   bytes (wx) and their magnitudes (ax) */
+TGT_AVX2 INLINE void block_codes_avx2(int type, const uint8_t *blk, __m256i *wx, __m256i *ax) {
+    if (type == QT_Q8_0) {
+        *wx = _mm256_loadu_si256((const __m256i *)(blk + 2));
+        *ax = _mm256_sign_epi8(*wx, *wx);
+    } else {
+        *wx = nibbles32(blk + (type == QT_Q4_1 ? 4 : 2));
+        *ax = _mm256_setzero_si256();
     }
-    const __m256i x = nibbles32(blk + (type == QT_Q4_1 ? 4 : 2));
-    return _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), ones); /* 8 int32 partial sums */
+}
+
+/* The block's codes (block_codes_avx2) against 32 int8 of x: 8 int32 partial sums; Q8_0
+   signed x signed: |w| times y with w's sign */
+TGT_AVX2 INLINE __m256i codes_dot_avx2(int type, __m256i wx, __m256i ax, const int8_t *qx) {
+    const __m256i y = _mm256_loadu_si256((const __m256i *)qx), ones = _mm256_set1_epi16(1);
+    if (type == QT_Q8_0)
+        return _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, wx)), ones);
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(wx, y), ones);
 }
 
 TGT_AVX2 INLINE float f16c(const uint8_t *p) {
@@ -128,7 +138,6 @@ TGT_AVX2 INLINE void rows_dot_avx2(int type, int R, const uint8_t *w, const int8
                                    int64_t ldq, const float *d, const float *s, int64_t lds,
                                    int64_t nb, float *out) {
     const int bb = block_bytes(type);
-    const __m256i ones = _mm256_set1_epi16(1);
     __m256 acc0[FX_AVX2], acc1[FX_AVX2];
     float corr0[FX_AVX2], corr1[FX_AVX2];
     for (int r = 0; r < R; ++r) {
@@ -138,18 +147,10 @@ TGT_AVX2 INLINE void rows_dot_avx2(int type, int R, const uint8_t *w, const int8
     for (int64_t b = 0; b < nb; ++b) {
         const uint8_t *blk = w + b * bb;
         const float dw = f16c(blk), m = block_offset(type, blk, dw);
-        __m256i wx, ax = _mm256_setzero_si256();
-        if (type == QT_Q8_0) { /* signed x signed: |w| times y with w's sign */
-            wx = _mm256_loadu_si256((const __m256i *)(blk + 2));
-            ax = _mm256_sign_epi8(wx, wx);
-        } else {
-            wx = nibbles32(blk + (type == QT_Q4_1 ? 4 : 2));
-        }
+        __m256i wx, ax;
+        block_codes_avx2(type, blk, &wx, &ax);
         for (int r = 0; r < R; ++r) {
-            const __m256i y = _mm256_loadu_si256((const __m256i *)(q + r * ldq + 32 * b));
-            const __m256i p = type == QT_Q8_0
-                ? _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(y, wx)), ones)
-                : _mm256_madd_epi16(_mm256_maddubs_epi16(wx, y), ones);
+            const __m256i p = codes_dot_avx2(type, wx, ax, q + r * ldq + 32 * b);
             const __m256 sc = _mm256_set1_ps(dw * d[r * lds + b]);
             if (b & 1) acc1[r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc1[r]);
             else acc0[r] = _mm256_fmadd_ps(sc, _mm256_cvtepi32_ps(p), acc0[r]);
@@ -223,7 +224,9 @@ TGT INLINE void NAME(int type, int R, const uint8_t *w, const int8_t *q, int64_t
         if (b < nb) { /* an odd block: the AVX2 path's operations */                      \
             const uint8_t *b0 = w + b * bb;                                               \
             const float d0 = f16c(b0);                                                    \
-            const __m256i p0 = block_dot_avx2(type, b0, q + r * ldq + 32 * b);            \
+            __m256i wx0, ax0;                                                             \
+            block_codes_avx2(type, b0, &wx0, &ax0);                                       \
+            const __m256i p0 = codes_dot_avx2(type, wx0, ax0, q + r * ldq + 32 * b);      \
             total = __builtin_fmaf(d0 * d[r * lds + b], hsum256(_mm256_cvtepi32_ps(p0)), total); \
             if (type != QT_Q8_0)                                                          \
                 corr0[r] = __builtin_fmaf(block_offset(type, b0, d0), s[r * lds + b],     \
