@@ -270,9 +270,9 @@ def products(args, torch, W, T, WT, kind_name: str, w, m: int, sms: int, native:
         from llamadist.kernels import cuda_int8 as C8  # the CUDA tensor-core rows
         x0 = torch.zeros(m, k, dtype=torch.bfloat16, device=dev)
         if C8.ok(dev) and C8.supports(x0, pw.q, pw.scale, n):
-            rows = C8.form_for(m, n, sms).rows
-            for form in [C8.form_for(m, n, sms)] + [C8.Int8Form(w, t, p, rows)
-                                                    for w, t, p in args.int8_rows]:
+            rule = C8.form_for(m, n, sms)
+            for form in [rule] + [C8.Int8Form(w, t, p, rule.rows)
+                                  for w, t, p in args.int8_rows]:
                 out.append(("cuda", f"int8_rows:{form.label()}", False, lambda c, x, f=form: (
                     lambda: C8.launch(x, c.q, c.scale, n, f)), pw, pw.nbytes))
     cands = candidates(T, kind, m, n, k, pw.group, sms, native, args.configs, args.stages)

@@ -19,6 +19,7 @@ rows. ``ok`` checks a small case on the device before the first use (at load).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -60,6 +61,12 @@ def form_for(m: int, n: int, sms: int) -> Int8Form:
     nt = 2 if n >= 4 * sms * 32 else 1
     pf = 3 if nt == 1 and -(-n // 16) <= 2 * sms else 2
     return Int8Form(nt=nt, pf=pf, rows=1 << (m - 1).bit_length())
+
+
+@functools.cache
+def _rule_form(index: int, rows: int, n: int) -> Int8Form:
+    """form_for on CUDA device ``index``: once a shape, not on every launch."""
+    return form_for(rows, n, torch.cuda.get_device_properties(index).multi_processor_count)
 
 
 def defines(form: Int8Form, pdl: bool = False) -> dict[str, int]:
@@ -110,7 +117,7 @@ def launch(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int,
     m, k = x.shape
     index = C.device_index(x.device)
     if form is None:
-        form = form_for(m, n, torch.cuda.get_device_properties(index).multi_processor_count)
+        form = _rule_form(index, 1 << (m - 1).bit_length(), n)
     pdl = C.pdl_launch(index)
     fn = kernel(index, form, pdl)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)

@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llamadist.kernels import wquant_triton
+from llamadist.kernels import cuda_int8, wquant_triton
 from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.gpu.dependent import dependent, enter
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
@@ -661,7 +661,6 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
 
 def _int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int) -> bool:
     """Whether kernels.cuda_int8 takes this int8 call (its shapes, and it runs here)."""
-    from llamadist.kernels import cuda_int8
     return cuda_int8.supports(x2, q, scale, n) and cuda_int8.ok(x2.device)
 
 
@@ -675,7 +674,6 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     m = x2.shape[0]
     if (kind == "int8" and config is None and bias is None and wquant_triton.int8_rows(m)
             and _int8_rows(x2, q, scale, n)):  # the CUDA tensor-core rows (cuda_int8)
-        from llamadist.kernels import cuda_int8
         return cuda_int8.launch(x2, q, scale, n).view(*x.shape[:-1], n)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
