@@ -24,6 +24,7 @@ import contextlib
 import os
 import sys
 import tempfile
+from dataclasses import replace
 
 import torch
 
@@ -146,8 +147,7 @@ def wquant_cases() -> None:
     dequantized to bf16 (two tile counts)."""
     from llamadist.kernels import gpu
     from llamadist.kernels import wquant as W
-    from dataclasses import replace
-
+    from llamadist.kernels import wquant_triton
     from llamadist.kernels.wquant_triton import GemvConfig
     m = gpu.load("wquant")
     _patch(m)
@@ -179,16 +179,15 @@ def wquant_cases() -> None:
     with _dependent():  # dependent launches: the GEMV and its sum
         m.launch(torch.zeros(1, 256, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
                  None, pw.group, 64, 256, GemvConfig(block_n=16, block_k=32, split=3))
-        from llamadist.kernels import wquant_triton
-        wquant_triton.FIRST_EARLY = True  # W's first tiles before the wait: prefetch 0-2
-        try:
+        before, wquant_triton.FIRST_EARLY = wquant_triton.FIRST_EARLY, True  # W's first
+        try:  # tiles before the wait: prefetch 0-2
             for pf, cfg in enumerate((GemvConfig(block_n=8, block_k=128, prefetch=0,
                                                  defer=True), GemvConfig(native=True),
                                       GemvConfig(block_n=16, block_k=64))):
                 m.launch(torch.zeros(1 + pf, 256, dtype=torch.bfloat16), "int8", pw.q,
                          pw.scale, None, None, pw.group, 64, 256, replace(cfg, prefetch=pf))
         finally:
-            wquant_triton.FIRST_EARLY = False
+            wquant_triton.FIRST_EARLY = before
     pw = W.quantize_int8(torch.randn(64, 2048), 32)  # grouped int8's own cuts: tiles of
     for rows, bn, bk in ((1, 8, 2048), (2, 8, 1024), (3, 16, 512)):  # several groups
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,

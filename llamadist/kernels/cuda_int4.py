@@ -15,10 +15,10 @@ How it is built and run, with what torch ships: NVRTC (libnvrtc, a dependency of
 builds of torch: the ``nvidia-cuda-nvrtc`` wheel, or the toolkit's) compiles the source,
 with no CUDA headers (only cuda_mma.cuh, handed over in memory), to a cubin for the
 device's architecture, and torch's driver-API loader (``torch.cuda._utils.
-_cuda_load_module``) launches it on the current stream, so CUDA graphs capture it. Each (device, config) compiles once a process (~0.3 s);
-``wquant_torch.int4_rows_ok`` checks a small case on the device first, and where anything
-is missing (no NVRTC, ROCm, a GPU below sm_80, a compile error) it says why once and int4
-keeps tinygemm.
+_cuda_load_module``) launches it on the current stream, so CUDA graphs capture it. Each
+(device, config) compiles once a process (~0.3 s); ``wquant_torch.int4_rows_ok`` checks
+a small case on the device first, and where anything is missing (no NVRTC, ROCm, a GPU
+below sm_80, a compile error) it says why once and int4 keeps tinygemm.
 
 Numerics: the mma sums (128 + code) * x in float32 for each group, then applies that
 group's scale and zero once: sum w x = s acc + (z - 136 s) sum x, x's sum from the same

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llamadist.config import INT4_GROUP, ConfigError, quantize_group
-from llamadist.kernels import gpu, wquant_torch, wquant_triton
+from llamadist.kernels import cuda_int8, gpu, wquant_torch, wquant_triton
 from llamadist.kernels.quant import QuantizedTensor
 from llamadist.kernels.quant_ref import FORMATS, TYPE_IDS, dequantize
 
@@ -346,7 +346,6 @@ def as_packed_linear(module: nn.Linear, backend: str = "triton",
         and wquant_torch.int4_rows_ok(w.device)
     if wquant_triton.INT8_ROWS is not False and w.kind == "int8" and triton \
             and w.device.type == "cuda":  # checked here, not in a graph's capture
-        from llamadist.kernels import cuda_int8
         cuda_int8.ok(w.device)
     if module.path == "tinygemm":
         table_dtype = torch.bfloat16 if w.device.type != "cpu" else (act_dtype or torch.float32)

@@ -254,7 +254,7 @@ def test_int8_bit_decode_every_code_in_place():
 def test_first_tile_early_same_bits(fmt, monkeypatch):
     """``wquant_triton.FIRST_EARLY`` (the loop's first tiles of codes loaded before the
     dependent launch's wait; here not a dependent launch: the same loads, the first tile
-    handed to the loop): the same bits as without it, and within check's bound of
+    at prefetch 0 peeled off the loop): the same bits as without it, and within check's bound of
     float64, at prefetch 0 (deferred sums, the one-row rule's), 1 and 2, K ranges of one
     tile and of several, tails."""
     kind = FORMATS_KIND[fmt]
