@@ -8,6 +8,7 @@
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
+#         timeline28 glu28 dep28
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -907,14 +908,58 @@ verify27() {  # issue 16, session 27's GPU-untested steps: int8_rows's rule and 
         tests/gpu/test_wquant_torch_gpu.py -k "int8_gpu or dependent"
 }
 
+timeline28() {  # issue 16, session 28: where int8's batch-1 step goes (one replay under
+    # torch.profiler, with dependent launches and without), and the first tile early with
+    # the rows' first 1 KiB asked into L2 as well (~4 min)
+    local d b="--quantize int8 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
+    for d in "" --no-dependent-launches; do
+        step timeline_int8${d:+_plain} 120 python3 benchmarks/gpu_profile.py --shape llama3-8b \
+            --batch 1 --prompt-len 128 --attention split --attention-table "" --rows 25 \
+            --quantize int8 --quantize-head $d
+    done
+    checkpoint
+    ab int8h_b1 "" $b
+    ab int8h_b1_l2 "T.L2_EARLY = 1024" $b
+}
+
+glu28() {  # issue 16, session 28: the gate | up GEMV writing silu(gate) * up itself
+    # (wquant_triton.GLU) against the product then the separate kernel, int8 and fp8 +
+    # head at batch 1 and 2, bf16 for the ratio; then the GPU tests (~6 min)
+    local f b="--quantize-head --prompt-len 128 --gen-len 64"
+    checkpoint
+    for f in int8 fp8; do
+        ab ${f}h_b1_glu "" --quantize $f $b --batch 1
+        ab ${f}h_b1_plain "T.GLU = False" --quantize $f $b --batch 1
+    done
+    ab int8h_b2_glu "" --quantize int8 $b --batch 2
+    ab int8h_b2_plain "T.GLU = False" --quantize int8 $b --batch 2
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+    ab int8h_b1_glu2 "" --quantize int8 $b --batch 1
+    step tests28 150 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_gpu.py \
+        -k "glu or tiny_quantized or dependent or first_tile"
+}
+
+dep28() {  # issue 16, session 28: bf16's batch-1 step with dependent launches and without
+    # (glu28 read 4.50 ms where sessions 23-27 read 4.24-4.31), int8 + head both ways, and
+    # GLU on / off again at batch 1 (~4 min)
+    local b="--prompt-len 128 --gen-len 64 --batch 1" q="--quantize int8 --quantize-head"
+    checkpoint
+    ab bf16_b1 "" $b
+    ab bf16_b1_nodep "" $b --no-dependent-launches
+    ab int8h_b1_glu "" $q $b
+    ab int8h_b1_plain "T.GLU = False" $q $b
+    ab int8h_b1_nodep "" $q $b --no-dependent-launches
+    ab bf16_b1_again "" $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

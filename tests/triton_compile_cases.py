@@ -143,8 +143,9 @@ def wquant_cases() -> None:
     and two warps), its decode variants (native int8 / fp8, int4's group sums, each row's
     deferred sums), the former GEMV ("v0") and the GEMM's tiles ("dot"). Row counts (GEMV
     1-4, GEMM BLOCK_M 16, 64, 128), x dtypes (bf16, fp16, float32: XDT and IEEE) and bias rotate over the cases,
-    as the GPU test's do (every launch compiles for ~1 s). Then tinygemm's int4 layout
-    dequantized to bf16 (two tile counts)."""
+    as the GPU test's do (every launch compiles for ~1 s). Then dependent launches, the
+    gate | up GEMV writing silu(gate) * up (GLU), tinygemm's int4 layout dequantized to
+    bf16 (two tile counts)."""
     from llamadist.kernels import gpu
     from llamadist.kernels import wquant as W
     from llamadist.kernels import wquant_triton
@@ -188,6 +189,15 @@ def wquant_cases() -> None:
                          pw.scale, None, None, pw.group, 64, 256, replace(cfg, prefetch=pf))
         finally:
             wquant_triton.FIRST_EARLY = before
+    with _dependent():  # gate | up GEMVs writing silu(gate) * up (GLU): int8's one-row
+        # cut with its first tile before the wait, fp8's native 8-warp cut, grouped int8
+        for fmt, rows, cfg in (("int8", 1, GemvConfig(block_n=16, block_k=256, defer=True)),
+                               ("fp8", 2, GemvConfig(block_n=32, warps=8, native=True)),
+                               ("int8_g32", 3, GemvConfig(block_n=16, block_k=128,
+                                                          defer=True))):
+            pw = formats[fmt](torch.randn(128, 512))
+            m.launch_glu(torch.zeros(rows, 512, dtype=torch.bfloat16), pw.kind, pw.q,
+                         pw.scale, None, pw.group, 128, 512, cfg)
     pw = W.quantize_int8(torch.randn(64, 2048), 32)  # grouped int8's own cuts: tiles of
     for rows, bn, bk in ((1, 8, 2048), (2, 8, 1024), (3, 16, 512)):  # several groups
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,

@@ -301,6 +301,18 @@ class PackedLinear(nn.Linear):
                 self.group, self.out_features, self.in_features)
         return linear(x, self.weight, self.bias)
 
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(gate) * up (..., out_features / 2) of this gate | up product (a fused MLP's
+        gate_up_proj) through one Triton call (wquant_triton.launch_glu), or None where
+        the rows do not take the Triton kernels (tinygemm, the scaled product's rows)."""
+        if self.path == "tinygemm" or self.bias is not None or self.out_features % 2 \
+                or self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1] \
+                or not (gpu.INSTALLED and (x.is_cuda or INTERPRET)):
+            return None
+        return wquant_triton.packed_glu_op(x, self.qweight, self.wscale, self.woffset,
+                                           self.kind_id, self.group, self.out_features,
+                                           self.in_features)
+
 
 BACKENDS = ("torch", "triton")  # RuntimeConfig.wquant
 

@@ -82,6 +82,9 @@ FIRST_EARLY: bool | None = None
 # rows; False: never (A/B runs)
 INT8_ROWS: bool | None = None
 GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
+# Whether a gate | up GEMV writes silu(gate) * up itself (``launch_glu``), saving the
+# separate kernel (False: the product, then that kernel; A/B runs)
+GLU = True
 
 
 def int8_rows(m: int) -> bool:
@@ -380,6 +383,30 @@ def launch(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     GEMV (``_wq_kernel`` without tl.dot) or "dot" for the GEMM's tensor-core tiles (16
     rows, as for M = 5..16)."""
     return gpu.load("wquant").launch(x, kind, q, scale, offset, bias, group, n, k, config)
+
+
+def launch_glu(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
+               offset: torch.Tensor | None, group: int, n: int, k: int,
+               config: GemvConfig | None = None) -> torch.Tensor:
+    """silu(gate) * up (..., N / 2) of the gate | up product x (..., K) @ W^T (W's N rows:
+    gate's N / 2, then up's), as eager_fused.silu_mul of ``launch``'s product gives it,
+    bit for bit: where the GEMV takes the rows (one scale a row or groups; one K range),
+    its programs pair gate row j with up row N / 2 + j and write the activation
+    themselves (GLU), without the product's (M, N) round trip and the second kernel.
+    ``config``: that GEMV's GemvConfig (tests, sweeps; one K range), None for the rule's."""
+    return gpu.load("wquant").launch_glu(x, kind, q, scale, offset, group, n, k, config)
+
+
+def _glu_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+            kind: int, group: int, n: int, k: int) -> torch.Tensor:
+    return launch_glu(x, list(KIND_IDS)[kind], q, scale, offset, group, n, k)
+
+
+def _glu_op_shape(x, q, scale, offset, kind, group, n, k):
+    return x.new_empty(*x.shape[:-1], n // 2)
+
+
+packed_glu_op = gpu.custom_op("llamadist::packed_glu", _glu_op, fake=_glu_op_shape)
 
 
 def _op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,

@@ -477,3 +477,35 @@ def test_scaled_path_sends_its_rows_to_triton(fmt, monkeypatch):
         y = lin(x.to(DEVICE)).cpu().double()
         assert bool(used) == via_scaled
         assert (y - x.double() @ wd.T).abs().max() <= 1e-4 * (x.double().abs() @ wd.abs().T).max()
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8_g32", "fp8"])
+def test_glu_same_bits_as_product_then_silu(fmt):
+    """wquant_triton.launch_glu (a gate | up GEMV writing silu(gate) * up itself, its
+    programs pairing gate row j with up row F + j): the same bits as the product followed
+    by eager_fused's silu * up kernel, at 1-4 rows, F not a multiple of a program's pairs,
+    deferred sums and per-tile sums, one- and several-tile K ranges; the rule's own
+    choice too (here its split-K cut: the product, then the kernel)."""
+    from llamadist.kernels import eager_fused
+    kind = FORMATS_KIND[fmt]
+    cfgs = [T.GemvConfig(block_n=16, block_k=64, defer=True),
+            T.GemvConfig(block_n=8, block_k=32, prefetch=1),
+            T.GemvConfig(block_n=32, block_k=256)]
+    for j, (cfg, (n, k, dtype)) in enumerate(itertools.product(cfgs, CONFIG_RUNS)):
+        w = torch.randn(2 * n, k, generator=torch.Generator().manual_seed(k))
+        pw = FORMATS[fmt](w).to(DEVICE)
+        m = 1 + j % T.GEMV_MAX_M
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(j)).to(dtype).to(DEVICE)
+        for c in (cfg, None):
+            plain = eager_fused.silu_mul(T.launch(x, kind, pw.q, pw.scale, pw.offset, None,
+                                                  pw.group, 2 * n, k, c)).cpu()
+            y = T.launch_glu(x, kind, pw.q, pw.scale, pw.offset, pw.group, 2 * n, k, c).cpu()
+            assert y.shape == (m, n) and torch.equal(y, plain), (cfg.label(), n, k, m, c)
+
+
+def test_glu_refuses_a_cut_it_cannot_take():
+    pw = W.quantize_int8(torch.randn(64, 256)).to(DEVICE)
+    x = torch.randn(1, 256).to(DEVICE)
+    with pytest.raises(ValueError, match="one K range"):
+        T.launch_glu(x, "int8", pw.q, pw.scale, pw.offset, pw.group, 64, 256,
+                     T.GemvConfig(block_n=8, block_k=64, split=2))

@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from llamadist.kernels import cuda_int8, wquant_triton
-from llamadist.kernels.gpu import interpreted
+from llamadist.kernels.gpu import eager_fused, interpreted
 from llamadist.kernels.gpu.dependent import dependent, enter
 from llamadist.kernels.wquant_triton import (GEMV_MAX_M, KIND_IDS, GemvConfig, MmaConfig,
                                              _blocks, _x_operand, device_traits,
@@ -325,7 +326,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
                  EVEN_K: tl.constexpr, XDT: tl.constexpr, NATIVE: tl.constexpr,
                  GROUP_SUMS: tl.constexpr, PREFETCH: tl.constexpr, DEFER: tl.constexpr,
                  WIDE_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 PDL: tl.constexpr, EARLY: tl.constexpr, FIRST: tl.constexpr):
+                 PDL: tl.constexpr, EARLY: tl.constexpr, FIRST: tl.constexpr,
+                 GLU: tl.constexpr = False, PRECISE: tl.constexpr = False):
     """y rows 0..ROWS-1 (or, PARTIAL, float32 partials (splits, ROWS, N) at y_ptr) over
     codes bytes [pid_k * KS, +KS) of each row. KB bytes a row (int4: K inputs, x read as
     KB pair words); GROUP_B bytes per scale group, a multiple of BLOCK_K (WIDE_G: a
@@ -345,11 +347,23 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     loads the loop starts with (its first tile of codes and scales; PREFETCH's tiles) are
     issued before that wait, into registers, x's only after it (``wquant_triton.
     first_early``; without PDL the same loads in the same order; PREFETCH 0's first tile
-    is peeled off the loop: handed to its first step, it stays live through the loop)."""
+    is peeled off the loop: handed to its first step, it stays live through the loop).
+    GLU (no PARTIAL, no bias): W is a gate | up product of N = 2F rows and y (ROWS, F) =
+    silu(gate) * up: a program's BLOCK_N rows are BLOCK_N / 2 (gate, up) pairs, gate row j
+    next to up row F + j, and it writes their BLOCK_N / 2 outputs, each value rounded to
+    y's dtype where the separate silu * up kernel (eager_fused) would read or write it
+    (the same bits as the two kernels; PRECISE: CUDA's expf and a rounded division, as
+    that kernel compiled)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < N
+    if GLU:  # pairs: row 2i is gate row j, row 2i + 1 up row F + j (F = N / 2)
+        F = N // 2
+        pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
+        rn = pair + (tl.arange(0, BLOCK_N) % 2) * F
+        n_ok = pair < F
+    else:
+        rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = rn < N
     q_rows = q_ptr + rn[:, None] * stride_qn
     b_lo = pid_k * KS
     b_hi = tl.minimum(b_lo + KS, KB)
@@ -431,12 +445,31 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
             acc = acc3
         if not GROUPED:
             acc = acc * sc
-        if PARTIAL:
+        if GLU:
+            _glu_store(acc, y_ptr + m * stride_ym, pid_n, N // 2, PRECISE, BLOCK_N)
+        elif PARTIAL:
             tl.store(y_ptr + (pid_k * ROWS + m) * N + rn, acc, mask=n_ok)
         else:
             if HAS_BIAS:
                 acc = acc + tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
             tl.store(y_ptr + m * stride_ym + rn, acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _glu_store(acc, y_row, pid_n, F, PRECISE: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A GLU program's (BLOCK_N,) sums, (gate, up) pairs, -> silu(gate) * up at its
+    BLOCK_N / 2 columns of one row of y, rounded as gate_up's output, then eager_fused's
+    silu * up kernel, would round them."""
+    dt = y_row.dtype.element_ty
+    gate, up = tl.split(tl.reshape(acc.to(dt), (BLOCK_N // 2, 2)))
+    gate = gate.to(tl.float32)
+    if PRECISE:
+        e = libdevice.exp(-gate)
+    else:
+        e = tl.exp(-gate)
+    act = tl.math.div_rn(gate, 1.0 + e).to(dt)
+    cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
+    tl.store(y_row + cols, (act.to(tl.float32) * up.to(tl.float32)).to(dt), mask=cols < F)
 
 
 @triton.jit
@@ -623,18 +656,27 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
     return y
 
 
-def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
-         offset: torch.Tensor | None, bias: torch.Tensor | None, group: int, n: int, k: int,
-         cfg: GemvConfig) -> None:
-    """y (M, N) = x2 (M, K) @ W^T + bias through ``_gemv_kernel`` (M <= GEMV_MAX_M)."""
-    m = x2.shape[0]
+def _gemv_split(cfg: GemvConfig, kind: str, scale: torch.Tensor, group: int,
+                k: int) -> tuple[int, int, int, int | None, bool]:
+    """(split, bytes a K range, BLOCK_K, group bytes or None, WIDE_G) of ``cfg``."""
     kb = (k + 1) // 2 if kind == "int4" else k
     grouped = scale.shape[1] > 1 or kind == "int4"
     group_b = (group // 2 if kind == "int4" else group) if grouped else None
     bk, wide = tile_k(cfg, kind, group_b)
     split = max(1, min(cfg.split, -(-kb // bk)))
     ks = -(-kb // (split * bk)) * bk            # bytes per K range, whole tiles
-    split = -(-kb // ks)
+    return -(-kb // ks), ks, bk, group_b, wide
+
+
+def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
+         offset: torch.Tensor | None, bias: torch.Tensor | None, group: int, n: int, k: int,
+         cfg: GemvConfig, glu: bool = False) -> None:
+    """y (M, N) = x2 (M, K) @ W^T + bias through ``_gemv_kernel`` (M <= GEMV_MAX_M); glu:
+    y (M, N / 2) = silu(gate) * up of that product (``glu_fits`` first)."""
+    m = x2.shape[0]
+    kb = (k + 1) // 2 if kind == "int4" else k
+    grouped = scale.shape[1] > 1 or kind == "int4"
+    split, ks, bk, group_b, wide = _gemv_split(cfg, kind, scale, group, k)
     xk, xdt = _x_operand(x2, kind, k)
     qv = q.view(torch.uint8) if kind == "int8" else q
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
@@ -644,7 +686,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     if early and (early < 128 or early & (early - 1)):
         raise ValueError(f"wquant_triton.L2_EARLY is {early}: give 0 or a power of two >= 128")
     first = wquant_triton.first_early(kind, m, grouped, extra["PDL"])
-    _gemv_kernel[(triton.cdiv(n, cfg.block_n), split)](
+    rows = n // 2 if glu else n  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 outputs
+    _gemv_kernel[(triton.cdiv(rows, cfg.block_n // 2 if glu else cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
         bias if bias is not None else scale, out, kb, k, n, ks,
         xk.stride(0), q.stride(0), scale.stride(0), y.stride(0),
@@ -653,10 +696,49 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         ks % bk == 0, XDT=xdt, NATIVE=cfg.native and kind != "int4",
         GROUP_SUMS=cfg.group_sums and kind == "int4", PREFETCH=cfg.prefetch,
         DEFER=cfg.defer and not (cfg.group_sums and kind == "int4"), WIDE_G=wide,
-        BLOCK_N=cfg.block_n, BLOCK_K=bk, EARLY=early, FIRST=first, num_warps=cfg.warps,
-        **extra)
+        BLOCK_N=cfg.block_n, BLOCK_K=bk, EARLY=early, FIRST=first, GLU=glu,
+        PRECISE=glu and not interpreted(), num_warps=cfg.warps, **extra)
     if split > 1:
         _sum_splits(out, bias, y)
+
+
+def glu_fits(x2: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor, group: int,
+             n: int, k: int) -> GemvConfig | None:
+    """The GemvConfig with which ``_gemv_kernel`` writes silu(gate) * up of this gate | up
+    product itself (GLU), or None where ``launch`` would not take the GEMV for these rows
+    (int8_rows, the GEMM's tiles) or the cut does not fit it (split-K partials; programs
+    of one row)."""
+    m = x2.shape[0]
+    if (m == 0 or m > GEMV_MAX_M or kind == "int4" or n % 2
+            or kind == "int8" and wquant_triton.int8_rows(m) and _int8_rows(x2, q, scale, n)):
+        return None
+    cfg = gemv_config(kind, m, n, k, group, *device_traits(x2.device))
+    if cfg.block_n < 2 or _gemv_split(cfg, kind, scale, group, k)[0] > 1:
+        return None
+    return cfg
+
+
+def launch_glu(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
+               offset: torch.Tensor | None, group: int, n: int, k: int,
+               config: GemvConfig | None = None) -> torch.Tensor:
+    """llamadist.kernels.wquant_triton.launch_glu (the contract is there)."""
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    if config is not None:
+        if (x2.shape[0] > GEMV_MAX_M or kind == "int4" or n % 2 or config.block_n < 2
+                or _gemv_split(config, kind, scale, group, k)[0] > 1):
+            raise ValueError(f"launch_glu: {config.label()} does not fit {kind} "
+                             f"({x2.shape[0]} rows, N {n}, K {k}): give one K range, "
+                             f"BLOCK_N >= 2, an even N, <= {GEMV_MAX_M} rows, int8 / fp8")
+        cfg = config
+    else:
+        cfg = glu_fits(x2, kind, q, scale, group, n, k) if wquant_triton.GLU else None
+    if cfg is None:  # the product, then the separate silu * up kernel
+        return eager_fused.silu_mul(launch(x, kind, q, scale, offset, None, group, n, k))
+    y = torch.empty(x2.shape[0], n // 2, dtype=x.dtype, device=x.device)
+    gemv(x2, y, kind, q, scale, offset, None, group, n, k, cfg, glu=True)
+    return y.view(*x.shape[:-1], n // 2)
 
 
 def _int8_rows(x2: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, n: int) -> bool:
