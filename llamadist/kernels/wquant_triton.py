@@ -33,6 +33,8 @@ accumulated in float32:
   ``defer`` instead adds each row's products into a (BLOCK_N, BLOCK_K) float32 tile of
   its own, reduced along K once after the loop (no shuffles in the loop; the rule's
   choice for one row).
+  A gate | up product (a fused MLP's gate_up_proj) may write silu(gate) * up itself
+  (``launch_glu``; GLU): its programs pair gate row j with up row N / 2 + j.
   int4's x is read as pairs (x[2j], x[2j + 1]) in one 32-bit (64-bit for float32 x) word
   split with shifts: byte j's low nibble meets x[2j], its high one x[2j + 1], with wide
   loads of x. ``GemvConfig`` holds the tile, warps, split, prefetch depth and decode;
