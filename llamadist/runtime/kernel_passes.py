@@ -44,8 +44,9 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   for the steps that run eagerly (prefill and mixed steps; decode graphs of eager layers):
   residual add + RMSNorm (each RMSNorm's ``add_norm``), SiLU * up (each MLP's
   ``silu_mul``; an int8 / fp8 gate_up_proj on the Triton GEMV writes it itself: the
-  MLP's ``gate_up_silu``, wquant_triton.launch_glu) and q/k RoPE of the flat batches (each Attention's ``rotary_qk``). The
-  model runs its own formula under torch.compile, which Inductor fuses.
+  MLP's ``gate_up_silu``, wquant_triton.launch_glu) and q/k RoPE of the flat batches
+  (each Attention's ``rotary_qk``). The model runs its own formula under torch.compile,
+  which Inductor fuses.
 
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """

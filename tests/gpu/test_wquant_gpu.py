@@ -509,3 +509,43 @@ def test_glu_refuses_a_cut_it_cannot_take():
     with pytest.raises(ValueError, match="one K range"):
         T.launch_glu(x, "int8", pw.q, pw.scale, pw.offset, pw.group, 64, 256,
                      T.GemvConfig(block_n=8, block_k=64, split=2))
+
+
+@pytest.mark.parametrize("fmt,backend", [("int8", "triton"), ("fp8", "torch")])
+def test_mlp_gate_up_silu_same_output(fmt, backend, monkeypatch):
+    """A fused MLP whose gate_up_proj is a PackedLinear (the Triton path, or --wquant
+    torch's scaled path at its Triton rows) with ``gate_up_silu`` set as use_eager_fused
+    sets it: the same output as the product then silu_mul, the GLU kernel launched at 1-4
+    rows (a cut of one K range here) and not past the GEMV's rows (prefill's 9)."""
+    from torch import nn
+
+    from llamadist.config import ModelConfig
+    from llamadist.kernels import eager_fused
+    from llamadist.model.fuse import fuse_mlp
+    from llamadist.model.llama import MLP
+    gpu_wquant = gpu.load("wquant")
+    launched = []
+    gemv = gpu_wquant.gemv
+    monkeypatch.setattr(gpu_wquant, "gemv",
+                        lambda *a, **kw: launched.append(kw.get("glu", False)) or gemv(*a, **kw))
+    cfg = ModelConfig(hidden_size=256, intermediate_size=384, num_layers=1, num_heads=4,
+                      num_kv_heads=4, vocab_size=32, head_dim=64)
+    torch.manual_seed(0)
+    mlp = MLP(cfg)
+    fuse_mlp(mlp)
+    gu = mlp.gate_up_proj
+    pw = FORMATS[fmt](gu.weight.detach()).to(DEVICE)
+    lin = nn.Linear(256, 768, bias=False, device="meta")
+    del lin.weight
+    lin.weight = pw
+    mlp.gate_up_proj = W.as_packed_linear(lin, backend, torch.float16)
+    mlp = mlp.to(DEVICE, torch.float16)
+    mlp.silu_mul = eager_fused.silu_mul
+    for m in (1, 2, 4, 9):
+        x = torch.randn(m, 256).to(DEVICE, torch.float16)
+        mlp.gate_up_silu = None
+        ref = mlp(x)
+        mlp.gate_up_silu = mlp.gate_up_proj.silu_mul
+        launched.clear()
+        assert torch.equal(mlp(x), ref), m
+        assert (True in launched) == (m <= T.GEMV_MAX_M), (m, launched)
