@@ -8,7 +8,7 @@
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
-#         timeline28 glu28 dep28
+#         timeline28 glu28 dep28 machine28
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -952,14 +952,26 @@ dep28() {  # issue 16, session 28: bf16's batch-1 step with dependent launches a
     ab bf16_b1_again "" $b
 }
 
+machine28() {  # issue 16, session 28: which H200 this is (clocks, power limit, copy rate)
+    # beside bf16's and int8 + head's batch-1 steps, for the ratio's spread by machine (~2 min)
+    local b="--prompt-len 128 --gen-len 64 --batch 1"
+    step smi 20 nvidia-smi --query-gpu=name,pci.bus_id,power.limit,power.max_limit,clocks.max.sm,clocks.max.mem,clocks.sm,clocks.mem,temperature.gpu,driver_version --format=csv
+    step copy 60 python3 -c "
+import torch; from llamadist.cli.bench_shape import copy_bandwidth
+print('copy TB/s', copy_bandwidth(torch.device('cuda:0'), 4 << 30) / 1e12)"
+    checkpoint
+    ab bf16_b1 "" $b
+    ab int8h_b1 "" --quantize int8 --quantize-head $b
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
