@@ -260,11 +260,16 @@ def from_gguf(blocks: torch.Tensor, qtype: int, shape: tuple[int, int],
 
 
 # ---- torch functions -------------------------------------------------------------------
+def _triton_runs(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels take x: installed, and x on CUDA (or the interpreter)."""
+    return gpu.INSTALLED and (x.is_cuda or INTERPRET)
+
+
 def linear(x: torch.Tensor, w: PackedWeight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """F.linear(x, W, bias): x (..., K) -> (..., N) in x's dtype."""
     if x.shape[-1] != w.shape[1]:
         raise RuntimeError(f"linear: x has {x.shape[-1]} features, the weight {tuple(w.shape)}")
-    if gpu.INSTALLED and (x.is_cuda or INTERPRET):
+    if _triton_runs(x):
         return wquant_triton.packed_linear(x, w, bias)
     return F.linear(x, w.dequantize(x.dtype), bias)
 
@@ -292,10 +297,10 @@ class PackedLinear(nn.Linear):
             return wquant_torch.int4_linear(x, self.tg_weight, self.tg_scales_zeros,
                                             self.group, self.out_features, self.bias,
                                             self.tg_triton, self.tg_rows)
-        if self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1]:
+        if self._scaled_rows(x):
             return wquant_torch.scaled_linear(x, self.qweight, self.wscale, self.wkind,
                                               self.group, self.bias)
-        if gpu.INSTALLED and (x.is_cuda or INTERPRET):
+        if _triton_runs(x):
             return wquant_triton.packed_linear_op(
                 x, self.qweight, self.wscale, self.woffset, self.bias, self.kind_id,
                 self.group, self.out_features, self.in_features)
@@ -306,12 +311,15 @@ class PackedLinear(nn.Linear):
         gate_up_proj) through one Triton call (wquant_triton.launch_glu), or None where
         the rows do not take the Triton kernels (tinygemm, the scaled product's rows)."""
         if self.path == "tinygemm" or self.bias is not None or self.out_features % 2 \
-                or self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1] \
-                or not (gpu.INSTALLED and (x.is_cuda or INTERPRET)):
+                or self._scaled_rows(x) or not _triton_runs(x):
             return None
         return wquant_triton.packed_glu_op(x, self.qweight, self.wscale, self.woffset,
                                            self.kind_id, self.group, self.out_features,
                                            self.in_features)
+
+    def _scaled_rows(self, x: torch.Tensor) -> bool:
+        """Whether x's rows go to the scaled product (past its TRITON_ROWS)."""
+        return self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1]
 
 
 BACKENDS = ("torch", "triton")  # RuntimeConfig.wquant

@@ -38,26 +38,34 @@ def _add_rms_norm_kernel(X, R, S, Y, W, sx, sr, ss, sy, D, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr, PRECISE: tl.constexpr,
-                     PDL: tl.constexpr):
-    # Program (row, block of F columns): out = silu(gate).to(dtype) * up, gate = GU[:, :F],
-    # up = GU[:, F:], as F.silu(gate) * up (each op in float32, stored in dtype).
-    # PRECISE (compiled): CUDA's expf and a rounded division, as PyTorch's silu kernel;
-    # tl.exp and "/" are approximate there (fp16 outputs 2 ulps off, seen on the H200).
-    # The interpreter has no libdevice, and its numpy exp is accurate already.
-    enter(PDL)
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    keep = cols < F
-    gate = tl.load(GU + row * sg + cols, mask=keep, other=0.0).to(tl.float32)
-    up = tl.load(GU + row * sg + F + cols, mask=keep, other=0.0)
+def silu_times(gate, up, dt, PRECISE: tl.constexpr):
+    """silu(gate).to(dt) * up in dt, as F.silu(gate) * up rounds it (gate, up: values of
+    dtype dt; each op in float32). PRECISE (compiled): CUDA's expf and a rounded
+    division, as PyTorch's silu kernel; tl.exp and "/" are approximate there (fp16
+    outputs 2 ulps off, seen on the H200). The interpreter has no libdevice, and its
+    numpy exp is accurate already."""
+    gate = gate.to(tl.float32)
     if PRECISE:
         e = libdevice.exp(-gate)
     else:
         e = tl.exp(-gate)
-    act = tl.math.div_rn(gate, 1.0 + e).to(OUT.dtype.element_ty)
-    out = act.to(tl.float32) * up.to(tl.float32)
-    tl.store(OUT + row * so + cols, out.to(OUT.dtype.element_ty), mask=keep)
+    act = tl.math.div_rn(gate, 1.0 + e).to(dt)
+    return (act.to(tl.float32) * up.to(tl.float32)).to(dt)
+
+
+@triton.jit
+def _silu_mul_kernel(GU, OUT, sg, so, F, BLOCK: tl.constexpr, PRECISE: tl.constexpr,
+                     PDL: tl.constexpr):
+    # Program (row, block of F columns): out = silu(gate).to(dtype) * up, gate = GU[:, :F],
+    # up = GU[:, F:], as F.silu(gate) * up (``silu_times``).
+    enter(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    keep = cols < F
+    gate = tl.load(GU + row * sg + cols, mask=keep, other=0.0)
+    up = tl.load(GU + row * sg + F + cols, mask=keep, other=0.0)
+    out = silu_times(gate, up, OUT.dtype.element_ty, PRECISE)
+    tl.store(OUT + row * so + cols, out, mask=keep)
 
 
 @triton.jit

@@ -7,7 +7,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
 from llamadist.kernels import cuda_int8, wquant_triton
 from llamadist.kernels.gpu import eager_fused, interpreted
@@ -357,10 +356,10 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if GLU:  # pairs: row 2i is gate row j, row 2i + 1 up row F + j (F = N / 2)
-        F = N // 2
-        pair = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N) // 2
-        rn = pair + (tl.arange(0, BLOCK_N) % 2) * F
-        n_ok = pair < F
+        i = tl.arange(0, BLOCK_N)
+        pair = pid_n * (BLOCK_N // 2) + i // 2
+        rn = pair + (i % 2) * (N // 2)
+        n_ok = pair < N // 2
     else:
         rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = rn < N
@@ -462,14 +461,8 @@ def _glu_store(acc, y_row, pid_n, F, PRECISE: tl.constexpr, BLOCK_N: tl.constexp
     silu * up kernel, would round them."""
     dt = y_row.dtype.element_ty
     gate, up = tl.split(tl.reshape(acc.to(dt), (BLOCK_N // 2, 2)))
-    gate = gate.to(tl.float32)
-    if PRECISE:
-        e = libdevice.exp(-gate)
-    else:
-        e = tl.exp(-gate)
-    act = tl.math.div_rn(gate, 1.0 + e).to(dt)
     cols = pid_n * (BLOCK_N // 2) + tl.arange(0, BLOCK_N // 2)
-    tl.store(y_row + cols, (act.to(tl.float32) * up.to(tl.float32)).to(dt), mask=cols < F)
+    tl.store(y_row + cols, eager_fused.silu_times(gate, up, dt, PRECISE), mask=cols < F)
 
 
 @triton.jit
@@ -702,20 +695,25 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
         _sum_splits(out, bias, y)
 
 
+def _glu_cut(cfg: GemvConfig, m: int, kind: str, scale: torch.Tensor, group: int, n: int,
+             k: int) -> bool:
+    """Whether GLU runs ``cfg`` for m rows: int8 / fp8 GEMV rows, an even N, pairs a
+    program (BLOCK_N >= 2), one K range (no split-K partials)."""
+    return (0 < m <= GEMV_MAX_M and kind != "int4" and n % 2 == 0 and cfg.block_n >= 2
+            and _gemv_split(cfg, kind, scale, group, k)[0] == 1)
+
+
 def glu_fits(x2: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor, group: int,
              n: int, k: int) -> GemvConfig | None:
     """The GemvConfig with which ``_gemv_kernel`` writes silu(gate) * up of this gate | up
     product itself (GLU), or None where ``launch`` would not take the GEMV for these rows
-    (int8_rows, the GEMM's tiles) or the cut does not fit it (split-K partials; programs
-    of one row)."""
+    (int8_rows, the GEMM's tiles) or the rule's cut does not fit it (``_glu_cut``)."""
     m = x2.shape[0]
-    if (m == 0 or m > GEMV_MAX_M or kind == "int4" or n % 2
+    if (not 0 < m <= GEMV_MAX_M
             or kind == "int8" and wquant_triton.int8_rows(m) and _int8_rows(x2, q, scale, n)):
         return None
     cfg = gemv_config(kind, m, n, k, group, *device_traits(x2.device))
-    if cfg.block_n < 2 or _gemv_split(cfg, kind, scale, group, k)[0] > 1:
-        return None
-    return cfg
+    return cfg if _glu_cut(cfg, m, kind, scale, group, n, k) else None
 
 
 def launch_glu(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
@@ -726,11 +724,10 @@ def launch_glu(x: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     if config is not None:
-        if (x2.shape[0] > GEMV_MAX_M or kind == "int4" or n % 2 or config.block_n < 2
-                or _gemv_split(config, kind, scale, group, k)[0] > 1):
+        if not _glu_cut(config, x2.shape[0], kind, scale, group, n, k):
             raise ValueError(f"launch_glu: {config.label()} does not fit {kind} "
                              f"({x2.shape[0]} rows, N {n}, K {k}): give one K range, "
-                             f"BLOCK_N >= 2, an even N, <= {GEMV_MAX_M} rows, int8 / fp8")
+                             f"BLOCK_N >= 2, an even N, 1-{GEMV_MAX_M} rows, int8 / fp8")
         cfg = config
     else:
         cfg = glu_fits(x2, kind, q, scale, group, n, k) if wquant_triton.GLU else None
