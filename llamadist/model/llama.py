@@ -176,19 +176,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(f, d, bias=bias)
         self.gate_up_proj: nn.Linear | None = None  # set by llamadist.model.fuse
         self.silu_mul: SiluMul | None = None  # a fused kernel over gate_up_proj's output
-        # gate_up_proj and silu_mul in one kernel where it takes x (None where it does not)
-        self.gate_up_silu: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gate_up_proj is not None:
-            glu = eager(self.gate_up_silu)
-            act = glu(x) if glu is not None else None
-            if act is not None:
-                return self.down_proj(act)
-            gate_up = self.gate_up_proj(x)  # (..., 2F)
             fused = eager(self.silu_mul)
             if fused is not None:
-                return self.down_proj(fused(gate_up))
+                # a quantized product may write silu(gate) * up itself (PackedLinear's
+                # silu_mul: None where it does not take x)
+                glu = getattr(self.gate_up_proj, "silu_mul", None)
+                act = glu(x) if glu is not None else None
+                return self.down_proj(act if act is not None else fused(self.gate_up_proj(x)))
+            gate_up = self.gate_up_proj(x)  # (..., 2F)
             gate, up = gate_up.chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)

@@ -43,10 +43,10 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
 * ``use_eager_fused``: on CUDA, the fused Triton kernels of llamadist.kernels.eager_fused
   for the steps that run eagerly (prefill and mixed steps; decode graphs of eager layers):
   residual add + RMSNorm (each RMSNorm's ``add_norm``), SiLU * up (each MLP's
-  ``silu_mul``; an int8 / fp8 gate_up_proj on the Triton GEMV writes it itself: the
-  MLP's ``gate_up_silu``, wquant_triton.launch_glu) and q/k RoPE of the flat batches
-  (each Attention's ``rotary_qk``). The model runs its own formula under torch.compile,
-  which Inductor fuses.
+  ``silu_mul``; where it is set, an int8 / fp8 gate_up_proj on the Triton GEMV writes
+  it itself: PackedLinear.silu_mul, wquant_triton.launch_glu) and q/k RoPE of the flat
+  batches (each Attention's ``rotary_qk``). The model runs its own formula under
+  torch.compile, which Inductor fuses.
 
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """
@@ -67,7 +67,7 @@ from llamadist.kernels import eager_fused
 from llamadist.kernels import moe_grouped, moe_routed
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
-from llamadist.kernels.wquant import PackedLinear, as_packed_linear
+from llamadist.kernels.wquant import as_packed_linear
 from llamadist.model.cache import Start
 from llamadist.model.llama import (MLP, Attention, DecodeAttention, RMSNorm,
                                    sdpa_decode_attention)
@@ -157,9 +157,6 @@ def use_eager_fused(model: nn.Module, device: torch.device,
             module.add_norm = eager_fused.add_rms_norm if on else None
         elif isinstance(module, MLP):
             module.silu_mul = eager_fused.silu_mul if on else None
-            gu = module.gate_up_proj
-            module.gate_up_silu = gu.silu_mul if on and isinstance(gu, PackedLinear) \
-                and gu.wkind != "int4" else None
         elif isinstance(module, Attention):
             module.rotary_qk = eager_fused.rope if on else None
     return on
@@ -176,6 +173,7 @@ def compile_pays(model: nn.Module) -> bool:
     layer with the fused kernels decodes as fast in CUDA graphs of its eager layers (4.46
     ms) and starts without torch._dynamo; so do int8 / fp8 whose decode rows (up to
     wquant_torch.TRITON_ROWS, past any usual --max-batch) take the Triton kernels."""
+    from llamadist.kernels.wquant import PackedLinear
     return any(isinstance(m, SparseMoE)
                or (isinstance(m, PackedLinear) and (
                    m.path == "tinygemm" or (m.path == "scaled" and not m.triton_rows)))

@@ -513,10 +513,10 @@ def test_glu_refuses_a_cut_it_cannot_take():
 
 @pytest.mark.parametrize("fmt,backend", [("int8", "triton"), ("fp8", "torch")])
 def test_mlp_gate_up_silu_same_output(fmt, backend, monkeypatch):
-    """A fused MLP whose gate_up_proj is a PackedLinear (the Triton path, or --wquant
-    torch's scaled path at its Triton rows) with ``gate_up_silu`` set as use_eager_fused
-    sets it: the same output as the product then silu_mul, the GLU kernel launched at 1-4
-    rows (a cut of one K range here) and not past the GEMV's rows (prefill's 9)."""
+    """A fused MLP with the fused kernels on whose gate_up_proj is a PackedLinear (the
+    Triton path, or --wquant torch's scaled path at its Triton rows): the same output as
+    the product then silu_mul, the GLU kernel launched at 1-4 rows (a cut of one K range
+    here) and not past the GEMV's rows (prefill's 9)."""
     from torch import nn
 
     from llamadist.config import ModelConfig
@@ -543,9 +543,7 @@ def test_mlp_gate_up_silu_same_output(fmt, backend, monkeypatch):
     mlp.silu_mul = eager_fused.silu_mul
     for m in (1, 2, 4, 9):
         x = torch.randn(m, 256).to(DEVICE, torch.float16)
-        mlp.gate_up_silu = None
-        ref = mlp(x)
-        mlp.gate_up_silu = mlp.gate_up_proj.silu_mul
+        ref = mlp.down_proj(eager_fused.silu_mul(mlp.gate_up_proj(x)))
         launched.clear()
         assert torch.equal(mlp(x), ref), m
         assert (True in launched) == (m <= T.GEMV_MAX_M), (m, launched)
