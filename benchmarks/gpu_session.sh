@@ -8,7 +8,7 @@
 #         nocompile stalls loadpaths fixes targets worker q70b offload rows mmarows crossover defer near1 verify17 ab17 asm18 rows18 verify18 rows8 quantdecode verify16 prof19 compile19
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
-#         timeline28 glu28 dep28 machine28
+#         timeline28 glu28 dep28 machine28 biased29 rule29 tests29
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -964,14 +964,43 @@ print('copy TB/s', copy_bandwidth(torch.device('cuda:0'), 4 << 30) / 1e12)"
     ab int8h_b1 "" --quantize int8 --quantize-head $b
 }
 
+biased29() {  # issue 16, session 29: int8's one-row GEMV decoding q + 32 896 (one PRMT and
+    # one FMA a code, x's own sums beside the tile of sums, 32 896 times them off each
+    # lane once: wquant_triton.INT8_BIASED) against the exact decode,
+    # int8 + head at batch 1, bf16 for the ratio; then the kernel sweep's neighbours of the
+    # one-row cut with it (~8 min)
+    local b="--prompt-len 128 --gen-len 64 --batch 1" q="--quantize int8 --quantize-head"
+    checkpoint
+    ab int8h_b1_biased "" $q $b
+    ab int8h_b1_exact "T.INT8_BIASED = False" $q $b
+    ab bf16_b1 "" $b
+    step sweep29 240 python3 benchmarks/wquant_sweep.py --kinds int8 --m 1 --max-seconds 200
+    ab int8h_b1_biased2 "" $q $b
+}
+
+rule29() {  # issue 16, session 29: int8 + head at batch 1 with the biased decode's gate_up
+    # cut (256 bytes), bf16 for the ratio, then the GPU tests (~8 min)
+    local b="--prompt-len 128 --gen-len 64 --batch 1" q="--quantize int8 --quantize-head"
+    checkpoint
+    ab int8h_b1_rule "" $q $b
+    ab bf16_b1 "" $b
+    ab int8h_b1_rule2 "" $q $b
+    tests29
+}
+
+tests29() {  # issue 16, session 29: the GPU tests of the int8 decode, GLU, the MLP (~4 min)
+    step tests29 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_gpu.py \
+        -k "int8 or glu or mlp or tiny_quantized or first_tile or deferred"
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|tests29) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|tests29|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -144,7 +144,8 @@ def wquant_cases() -> None:
     deferred sums), the former GEMV ("v0") and the GEMM's tiles ("dot"). Row counts (GEMV
     1-4, GEMM BLOCK_M 16, 64, 128), x dtypes (bf16, fp16, float32: XDT and IEEE) and bias rotate over the cases,
     as the GPU test's do (every launch compiles for ~1 s). Then dependent launches, the
-    gate | up GEMV writing silu(gate) * up (GLU), tinygemm's int4 layout dequantized to
+    gate | up GEMV writing silu(gate) * up (GLU), int8's biased decode past K's end
+    (split-K), tinygemm's int4 layout dequantized to
     bf16 (two tile counts)."""
     from llamadist.kernels import gpu
     from llamadist.kernels import wquant as W
@@ -203,6 +204,10 @@ def wquant_cases() -> None:
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
                  None, 32, 64, 2048, GemvConfig(block_n=bn, block_k=bk, split=1, prefetch=0,
                                                 defer=True))
+    pw = W.quantize_int8(torch.randn(37, 300))  # int8's biased decode (one bf16 row,
+    m.launch(torch.zeros(1, 300, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,  # deferred)
+             None, 300, 37, 300, GemvConfig(block_n=8, block_k=64, split=3, prefetch=1,
+                                            defer=True))  # split-K, tiles past K
     for n, k, group, tiles in ((64, 256, 32, 8), (48, 96, 32, 2)):  # tinygemm's W, bf16
         m.tinygemm_dequant(torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2,
                                        dtype=torch.int32),

@@ -87,6 +87,10 @@ GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
 # Whether a gate | up GEMV writes silu(gate) * up itself (``launch_glu``), saving the
 # separate kernel (False: the product, then that kernel; A/B runs)
 GLU = True
+# Whether int8 with one scale a row and 16-bit x decodes its codes (the bit decode, not
+# the hardware's conversion) as q + 32 896, taking the offset off each row's sum once
+# (``kernels.gpu.wquant._INT8_BIASED``; False: q exactly, a subtraction a code; A/B runs)
+INT8_BIASED = True
 
 
 def int8_rows(m: int) -> bool:
@@ -276,7 +280,10 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     34.8; o and down keep 8 rows of 1 024 bytes: 7.5, 18.1; a layer 70.4 us, 0.60x bf16's
     117.1). fp8 takes the 16-row programs there too since session 19 (`sweeps19`:
     Llama-3-70B's o and down 19.5 and 59.2 us against 24.3 and 75.8 with 8 rows of 8 warps;
-    Llama-3-8B's qkv 9.36 us, the best of its grid). Where 8-row programs would be fewer
+    Llama-3-8B's qkv 9.36 us, the best of its grid). With the biased decode (session 29,
+    ``INT8_BIASED``: one PRMT and one FMA a code), int8's 16-row programs take 256 bytes
+    where they are more than 8 a SM (gate_up 32.90 us against 34.67 with 512, the
+    fastest of its 16 neighbours; `biased29`). Where 8-row programs would be fewer
     than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the cut above
     keeps its split-K and defers its sums (at that cut the sweep measured deferring 1-4%
     faster on all eight).
@@ -331,6 +338,8 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
                 native, prefetch = False, 0  # unit's rate binds once the shuffles are gone)
             if not few:  # 16-row programs where 8-row ones would be > 4 a SM
                 bn = 16
+            if kind == "int8" and INT8_BIASED and -(-n // 16) > 8 * sms:  # and, with the
+                bk = 256  # biased decode, half the tile where they are > 8 a SM
     if WIDE_GROUPS and kind == "int8" and gb is not None and rows8 >= 2 * sms:
         # grouped int8 (a GGUF Q8_0 on a GPU): whole rows in tiles of several groups, each
         # group's products summed, then scaled, sums deferred, the bit decode

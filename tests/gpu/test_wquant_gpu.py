@@ -232,22 +232,49 @@ def test_fp8_decodes_every_finite_code(native):
     assert torch.equal(y, want)
 
 
-def test_int8_bit_decode_every_code_in_place():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_bit_decode_every_code_in_place(dtype):
     """All 256 int8 codes through the bit decode (on a GPU one PTX byte permute a code,
     four codes a 32-bit word): row r holds codes 4r .. 4r + 3 in columns 0-3, so each
-    column of a word meets a one-hot x alone; per tile and deferred, exact in float32."""
+    column of a word meets a one-hot x alone; per tile and deferred, exact (bf16 x
+    deferred: the biased decode, q + 32 896 less x's sum times 32 896)."""
     codes = (torch.arange(64 * 32) % 256).view(64, 32)
     codes[:, :4] = torch.arange(256).view(64, 4)
     q = (codes - 128).to(torch.int8)
-    pw = W.PackedWeight("int8", q, torch.full((64, 1), 0.5), None, 32, (64, 32)).to(DEVICE)
+    pw = W.PackedWeight("int8", q, torch.full((64, 1), 0.5, dtype=dtype), None, 32,
+                        (64, 32)).to(DEVICE)
     for cfg in (T.GemvConfig(native=False, prefetch=0),
                 T.GemvConfig(block_n=8, block_k=32, native=False, prefetch=0, defer=True)):
         for c in (0, 1, 2, 3, 17):
-            x = torch.zeros(1, 32)
+            x = torch.zeros(1, 32, dtype=dtype)
             x[0, c] = 1.0
             y = T.launch(x.to(DEVICE), "int8", pw.q, pw.scale, None, None, 32, 64, 32,
                          cfg).cpu()[0]
-            assert torch.equal(y, q[:, c].float() * 0.5), (cfg.label(), c)
+            assert torch.equal(y, (q[:, c].float() * 0.5).to(dtype)), (cfg.label(), c)
+
+
+@pytest.mark.parametrize("mean", [0.0, 1.0])
+def test_int8_biased_decode_within_rounding(mean, monkeypatch):
+    """The one-row deferred int8 GEMV with bf16 x decodes q + 32 896 (the offset off each
+    lane's sum once, ``wquant_triton.INT8_BIASED``): the outputs stay within a bf16 ulp
+    of the float64 product (Triton's interpreter truncates to bf16) plus 2^-10 of its rms, with x centred and with x all
+    of one sign (each lane's sum then ~32 896 times a few x); the exact decode (q, a
+    subtraction a code) passes the same bound. Cuts: the 1-row rule's (16 rows, 512
+    bytes, the first tile peeled off) and an odd one (split-K, tails)."""
+    n, k = 48, 1000
+    g = torch.Generator().manual_seed(7)
+    pw = W.quantize_int8(torch.randn(n, k, generator=g)).to(DEVICE)
+    x = (torch.randn(1, k, generator=g) * 0.5 + mean).to(torch.bfloat16)
+    ref = x.double() @ pw.dequantize(torch.float64).cpu().t()
+    tol = 2.0 ** -7 * ref.abs() + 2.0 ** -10 * ref.pow(2).mean().sqrt()
+    cuts = [T.GemvConfig(block_n=16, block_k=512, native=False, prefetch=0, defer=True),
+            T.GemvConfig(block_n=8, block_k=64, split=3, native=False, prefetch=0,
+                         defer=True)]
+    for biased, cfg in itertools.product((True, False), cuts):
+        monkeypatch.setattr(T, "INT8_BIASED", biased)
+        y = T.launch(x.to(DEVICE), "int8", pw.q, pw.scale, None, None, k, n, k, cfg).cpu()
+        err = (y.double() - ref).abs()
+        assert (err <= tol).all(), (biased, cfg.label(), f"{(err - tol).max():.3g}")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int8_g32", "fp8", "int4"])

@@ -53,7 +53,7 @@ def test_rule_fills_an_h200_in_whole_groups(kind, group, m):
         assert cfg.prefetch in (0, 1)
 
 
-def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
+def test_rule_takes_the_measured_best_cuts_on_llama3_8b(monkeypatch):
     """The choices the docstring lists, each a configuration the H200 sweep timed:
     int4 splits K until the grid holds 24 warps per SM (gate_up 2, down 16; qkv and o stop
     at 4 tiles a range), without prefetch; groups of 32 keep 8 warps or half the rows."""
@@ -64,11 +64,14 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b():
     assert got == {"qkv": "n128k16w8s16pf0", "o": "n128k16w8s16pf0",
                    "gate_up": "n64k16w4s2pf0", "down": "n128k16w8s16pf0"}
     # one row of int8 / fp8 (sessions 17-19): 8-row programs, sums deferred, no split-K,
-    # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512 and 16 rows; fp8's
-    # gate_up (not split) keeps its cut
+    # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512 and 16 rows; int8's
+    # biased decode (session 29) 256 where those are > 8 a SM; fp8's gate_up (not split)
+    # keeps its cut
     got = {s: _rule("int8", 1, s).label() for s in SHAPES}
     assert got == {"qkv": "n16k512w4s1dfpf0", "o": "n8k1024w4s1dfpf0",
-                   "gate_up": "n16k512w4s1dfpf0", "down": "n8k1024w4s1dfpf0"}
+                   "gate_up": "n16k256w4s1dfpf0", "down": "n8k1024w4s1dfpf0"}
+    monkeypatch.setattr(T, "INT8_BIASED", False)  # the exact decode: the former cut
+    assert _rule("int8", 1, "gate_up").label() == "n16k512w4s1dfpf0"
     got = {s: _rule("fp8", 1, s).label() for s in SHAPES}
     assert got == {"qkv": "n16k512w8s1natdfpf0", "o": "n8k1024w8s1natdfpf0",
                    "gate_up": "n32k256w8s1natpf0", "down": "n8k1024w8s1natdfpf0"}
@@ -153,7 +156,9 @@ def test_rule_cuts_are_valid_for_shapes_no_sweep_timed(kind, group):
         if whole_rows:  # >= 2 programs a SM, whole tiles of a row (16 rows a program
             assert cfg.block_n == 8 or -(-n // 8) > 4 * sms, cfg  # where 8 would be > 4 a SM)
             assert -(-n // 8) >= 2 * sms and cfg.split == 1, cfg
-            assert cfg.block_k in (512, 1024) and kb % cfg.block_k == 0, (k, cfg)
+            assert kb % cfg.block_k == 0, (k, cfg)  # (int8's biased decode: 256 where
+            sixteens = kind == "int8" and -(-n // 16) > 8 * sms  # 16 rows are > 8 a SM)
+            assert cfg.block_k in ((256,) if sixteens else (512, 1024)), (k, cfg)
 
 
 def test_labels_name_every_field_that_changes_the_kernel():
