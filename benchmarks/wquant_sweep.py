@@ -93,10 +93,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    "and these (warps x 16-row tiles x chunks ahead)")
     p.add_argument("--m", default="1,2,4", type=lambda s: [int(v) for v in s.split(",")])
     p.add_argument("--configs", default="near",
-                   choices=["rule", "near", "wide", "defer", "cross"],
+                   choices=["rule", "near", "wide", "defer", "cross", "grid1"],
                    help="Triton GEMV configurations: the rule's, its neighbours, a grid; "
                    "defer: the rule's and each row's deferred sums (near has them too); "
-                   "cross: the rule's and the other 8-bit kind's (int8 <-> fp8) cut")
+                   "cross: the rule's and the other 8-bit kind's (int8 <-> fp8) cut; "
+                   "grid1: one row's deferred cuts (rows, tile, warps, split)")
     p.add_argument("--stages", default="", type=lambda s: [int(v) for v in s.split(",") if v],
                    help="also try the rule's config with these num_stages")
     p.add_argument("--rotate-mb", type=float, default=256.0,
@@ -223,6 +224,11 @@ def candidates(T, kind: str, m: int, n: int, k: int, group: int, sms: int, nativ
         other = T.gemv_config("fp8" if kind == "int8" else "int8", m, n, k, group, sms, native)
         for nat in (False, True) if kind == "int8" or native else (False,):
             out += [rep(other, native=nat, defer=d) for d in (False, True)]
+    if mode == "grid1" and m == 1 and kind != "int4":  # one row's deferred cuts, the rule's
+        # decode: 8-32 rows a program, tiles of 256-2 048 bytes, 4 or 8 warps, split 1 or 2
+        out += [rep(rule, block_n=bn, block_k=bk, warps=w, split=sp, defer=True, prefetch=0)
+                for bn in (8, 16, 32) for bk in (256, 512, 1024, 2048) for w in (4, 8)
+                for sp in (1, 2)]
     if mode == "wide":
         bks = (16, 32, 64, 128) if kind == "int4" else (64, 128, 256, 512)
         for bn in (8, 16, 32, 64, 128):
