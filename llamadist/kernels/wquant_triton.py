@@ -283,7 +283,10 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     Llama-3-8B's qkv 9.36 us, the best of its grid). With the biased decode (session 29,
     ``INT8_BIASED``: one PRMT and one FMA a code), int8's 16-row programs take 256 bytes
     where they are more than 8 a SM (gate_up 32.90 us against 34.67 with 512, the
-    fastest of its 16 neighbours; `biased29`). Where 8-row programs would be fewer
+    fastest of its 16 neighbours; `biased29`; and of the 48 one-row cuts of `grid29`), 8
+    warps where they are at most 4 a SM (qkv 9.74 / 9.61 us against 10.16 / 10.04 with 4,
+    the fastest in both sweeps; o and down keep their cuts, the fastest of `grid29`'s 48).
+    Where 8-row programs would be fewer
     than 2 a SM (N < 16 x SMs) or neither size divides the row (not timed), the cut above
     keeps its split-K and defers its sums (at that cut the sweep measured deferring 1-4%
     faster on all eight).
@@ -338,8 +341,12 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
                 native, prefetch = False, 0  # unit's rate binds once the shuffles are gone)
             if not few:  # 16-row programs where 8-row ones would be > 4 a SM
                 bn = 16
-            if kind == "int8" and INT8_BIASED and -(-n // 16) > 8 * sms:  # and, with the
-                bk = 256  # biased decode, half the tile where they are > 8 a SM
+                if kind == "int8" and INT8_BIASED:  # and, with the biased decode, half
+                    sixteens = -(-n // 16)  # the tile where they are > 8 a SM, 8 warps
+                    if sixteens > 8 * sms:  # where <= 4
+                        bk = 256
+                    elif sixteens <= 4 * sms:
+                        warps = 8
     if WIDE_GROUPS and kind == "int8" and gb is not None and rows8 >= 2 * sms:
         # grouped int8 (a GGUF Q8_0 on a GPU): whole rows in tiles of several groups, each
         # group's products summed, then scaled, sums deferred, the bit decode

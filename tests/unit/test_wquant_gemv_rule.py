@@ -65,13 +65,14 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b(monkeypatch):
                    "gate_up": "n64k16w4s2pf0", "down": "n128k16w8s16pf0"}
     # one row of int8 / fp8 (sessions 17-19): 8-row programs, sums deferred, no split-K,
     # BLOCK_K 1 024 where the grid holds <= 4 programs a SM, else 512 and 16 rows; int8's
-    # biased decode (session 29) 256 where those are > 8 a SM; fp8's gate_up (not split)
-    # keeps its cut
+    # biased decode (session 29) 256 where those are > 8 a SM, 8 warps where <= 4; fp8's
+    # gate_up (not split) keeps its cut
     got = {s: _rule("int8", 1, s).label() for s in SHAPES}
-    assert got == {"qkv": "n16k512w4s1dfpf0", "o": "n8k1024w4s1dfpf0",
+    assert got == {"qkv": "n16k512w8s1dfpf0", "o": "n8k1024w4s1dfpf0",
                    "gate_up": "n16k256w4s1dfpf0", "down": "n8k1024w4s1dfpf0"}
-    monkeypatch.setattr(T, "INT8_BIASED", False)  # the exact decode: the former cut
+    monkeypatch.setattr(T, "INT8_BIASED", False)  # the exact decode: the former cuts
     assert _rule("int8", 1, "gate_up").label() == "n16k512w4s1dfpf0"
+    assert _rule("int8", 1, "qkv").label() == "n16k512w4s1dfpf0"
     got = {s: _rule("fp8", 1, s).label() for s in SHAPES}
     assert got == {"qkv": "n16k512w8s1natdfpf0", "o": "n8k1024w8s1natdfpf0",
                    "gate_up": "n32k256w8s1natpf0", "down": "n8k1024w8s1natdfpf0"}
