@@ -90,10 +90,23 @@ GEMV_MAX_M = 4  # rows at most through the GEMV; more go through tl.dot tiles
 # Whether a gate | up GEMV writes silu(gate) * up itself (``launch_glu``), saving the
 # separate kernel (False: the product, then that kernel; A/B runs)
 GLU = True
-# Whether int8 with one scale a row and 16-bit x decodes its codes (the bit decode, not
-# the hardware's conversion) as q + 32 896, taking the offset off each row's sum once
-# (``kernels.gpu.wquant._INT8_BIASED``; False: q exactly, a subtraction a code; A/B runs)
+# Whether int8's one-row GEMV with one scale a row and bf16 x (the bit decode, sums
+# deferred) decodes its codes as q + 32 896, the offset taken off each lane of sums once
+# (``kernels.gpu.wquant._INT8_BIASED``; False: q exactly, a subtraction a code; A/B runs),
+# where a lane holds at most INT8_BIASED_LANES products (``int8_biased``)
 INT8_BIASED = True
+INT8_BIASED_LANES = 16
+
+
+def int8_biased(k_range: int, block_k: int) -> bool:
+    """Whether the biased decode serves a K range of ``k_range`` bytes in tiles of
+    ``block_k``: each lane of the deferred sums then adds ceil(k_range / block_k) products
+    of ~32 896 |x|, and float32 rounds each addition by ~2^-9 |x| (in units of a code):
+    an absolute error, not one relative to q x, that grows with the lane's length where x
+    has one sign. With <= 16 products a lane it stays within 4% of the int8 format's own
+    quantization error (benchmarks/int8_biased_error.py: 0.5-2.7% rms over centred, one-signed
+    and outlier x, rows with and without an outlier weight; 8% at 56)."""
+    return INT8_BIASED and -(-k_range // block_k) <= INT8_BIASED_LANES
 
 
 def int8_rows(m: int) -> bool:
@@ -284,7 +297,7 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     117.1). fp8 takes the 16-row programs there too since session 19 (`sweeps19`:
     Llama-3-70B's o and down 19.5 and 59.2 us against 24.3 and 75.8 with 8 rows of 8 warps;
     Llama-3-8B's qkv 9.36 us, the best of its grid). With the biased decode (session 29,
-    ``INT8_BIASED``: one PRMT and one FMA a code), int8's 16-row programs take 256 bytes
+    ``int8_biased``: one PRMT and one FMA a code), int8's 16-row programs take 256 bytes
     where they are more than 8 a SM (gate_up 32.90 us against 34.67 with 512, the
     fastest of its 16 neighbours; `biased29`; and of the 48 one-row cuts of `grid29`), 8
     warps where they are at most 4 a SM (qkv 9.74 / 9.61 us against 10.16 / 10.04 with 4,
@@ -344,12 +357,11 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
                 native, prefetch = False, 0  # unit's rate binds once the shuffles are gone)
             if not few:  # 16-row programs where 8-row ones would be > 4 a SM
                 bn = 16
-                if kind == "int8" and INT8_BIASED:  # and, with the biased decode, half
-                    sixteens = -(-n // 16)  # the tile where they are > 8 a SM, 8 warps
-                    if sixteens > 8 * sms:  # where <= 4
-                        bk = 256
-                    elif sixteens <= 4 * sms:
-                        warps = 8
+                sixteens = -(-n // 16)  # and, with the biased decode, half the tile
+                if kind == "int8" and sixteens > 8 * sms and int8_biased(kb, 256):  # where
+                    bk = 256  # they are > 8 a SM, 8 warps where <= 4
+                elif kind == "int8" and sixteens <= 4 * sms and int8_biased(kb, bk):
+                    warps = 8
     if WIDE_GROUPS and kind == "int8" and gb is not None and rows8 >= 2 * sms:
         # grouped int8 (a GGUF Q8_0 on a GPU): whole rows in tiles of several groups, each
         # group's products summed, then scaled, sums deferred, the bit decode

@@ -256,11 +256,14 @@ def test_int8_bit_decode_every_code_in_place(dtype):
 @pytest.mark.parametrize("mean", [0.0, 1.0])
 def test_int8_biased_decode_within_rounding(mean, monkeypatch):
     """The one-row deferred int8 GEMV with bf16 x decodes q + 32 896 (the offset off each
-    lane's sum once, ``wquant_triton.INT8_BIASED``): the outputs stay within a bf16 ulp
-    of the float64 product (Triton's interpreter truncates to bf16) plus 2^-10 of its rms, with x centred and with x all
-    of one sign (each lane's sum then ~32 896 times a few x); the exact decode (q, a
-    subtraction a code) passes the same bound. Cuts: the 1-row rule's (16 rows, 512
-    bytes, the first tile peeled off) and an odd one (split-K, tails)."""
+    lane's sum once, ``wquant_triton.int8_biased``): the outputs stay within a bf16 ulp of
+    the float64 product (Triton's interpreter truncates to bf16) plus 2^-10 of its rms,
+    with x centred and with x all of one sign (each lane's sum then ~32 896 times its x's
+    sum); the exact decode (q, a subtraction a code) passes the same bound. Cuts: 16 rows
+    of 512 bytes and an odd one (split-K, tails), each with its first tile in the loop
+    and peeled off it (``FIRST_EARLY``, as a dependent launch at one row runs it). Lanes
+    longer than INT8_BIASED_LANES products take the exact decode: the same bits either
+    way."""
     n, k = 48, 1000
     g = torch.Generator().manual_seed(7)
     pw = W.quantize_int8(torch.randn(n, k, generator=g)).to(DEVICE)
@@ -270,11 +273,19 @@ def test_int8_biased_decode_within_rounding(mean, monkeypatch):
     cuts = [T.GemvConfig(block_n=16, block_k=512, native=False, prefetch=0, defer=True),
             T.GemvConfig(block_n=8, block_k=64, split=3, native=False, prefetch=0,
                          defer=True)]
-    for biased, cfg in itertools.product((True, False), cuts):
+    for biased, cfg, first in itertools.product((True, False), cuts, (False, True)):
         monkeypatch.setattr(T, "INT8_BIASED", biased)
+        monkeypatch.setattr(T, "FIRST_EARLY", first)
         y = T.launch(x.to(DEVICE), "int8", pw.q, pw.scale, None, None, k, n, k, cfg).cpu()
         err = (y.double() - ref).abs()
-        assert (err <= tol).all(), (biased, cfg.label(), f"{(err - tol).max():.3g}")
+        assert (err <= tol).all(), (biased, cfg.label(), first, f"{(err - tol).max():.3g}")
+    long = T.GemvConfig(block_n=8, block_k=32, native=False, prefetch=0, defer=True)
+    assert not T.int8_biased(k, 32)  # 32 products a lane
+    ys = []
+    for biased in (True, False):
+        monkeypatch.setattr(T, "INT8_BIASED", biased)
+        ys.append(T.launch(x.to(DEVICE), "int8", pw.q, pw.scale, None, None, k, n, k, long))
+    assert torch.equal(ys[0], ys[1])
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int8_g32", "fp8", "int4"])

@@ -70,6 +70,10 @@ def test_rule_takes_the_measured_best_cuts_on_llama3_8b(monkeypatch):
     got = {s: _rule("int8", 1, s).label() for s in SHAPES}
     assert got == {"qkv": "n16k512w8s1dfpf0", "o": "n8k1024w4s1dfpf0",
                    "gate_up": "n16k256w4s1dfpf0", "down": "n8k1024w4s1dfpf0"}
+    # lanes of more than INT8_BIASED_LANES products (Llama-3-70B's gate_up, K 8 192 in 256
+    # bytes: 32) keep the exact decode's cut
+    assert T.gemv_config("int8", 1, 57344, 8192, 8192, 132).label() == "n16k512w4s1dfpf0"
+    assert T.gemv_config("int8", 1, 8192, 8192, 8192, 132).label() == "n16k512w8s1dfpf0"
     monkeypatch.setattr(T, "INT8_BIASED", False)  # the exact decode: the former cuts
     assert _rule("int8", 1, "gate_up").label() == "n16k512w4s1dfpf0"
     assert _rule("int8", 1, "qkv").label() == "n16k512w4s1dfpf0"
@@ -158,7 +162,8 @@ def test_rule_cuts_are_valid_for_shapes_no_sweep_timed(kind, group):
             assert cfg.block_n == 8 or -(-n // 8) > 4 * sms, cfg  # where 8 would be > 4 a SM)
             assert -(-n // 8) >= 2 * sms and cfg.split == 1, cfg
             assert kb % cfg.block_k == 0, (k, cfg)  # (int8's biased decode: 256 where
-            sixteens = kind == "int8" and -(-n // 16) > 8 * sms  # 16 rows are > 8 a SM)
+            sixteens = (kind == "int8" and -(-n // 16) > 8 * sms  # 16 rows are > 8 a SM
+                        and T.int8_biased(kb, 256))  # and its lanes are short enough)
             assert cfg.block_k in ((256,) if sixteens else (512, 1024)), (k, cfg)
 
 

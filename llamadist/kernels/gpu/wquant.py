@@ -27,12 +27,12 @@ _INT8_BITS = tl.constexpr(
     "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x4B000000, 0x7650; "
     "prmt.b32 $1, t, 0x4B000000, 0x7651; prmt.b32 $2, t, 0x4B000000, 0x7652; "
     "prmt.b32 $3, t, 0x4B000000, 0x7653; }")
-# The biased decode (``_gemv_kernel``'s BIASED): each (flipped) byte into bits 8-15 of
-# float32 2^15 (0x47000000): 2^15 + 128 + q, an integer kept as it is. With bf16 x (8
-# significant bits) each product with it is exact in float32 (16 + 8 bits); the offset,
-# 32 896 times x's sums, comes off each lane of the deferred sums once, after the loop:
-# one PRMT and one FMA a code, no subtraction (the one-row loop: 212 SASS instructions a
-# tile of 64 codes a thread against 262).
+# The biased decode (``_gemv_kernel``'s BIASED, ``wquant_triton.int8_biased``): each
+# (flipped) byte into bits 8-15 of float32 2^15 (0x47000000): 2^15 + 128 + q, an integer
+# kept as it is. With bf16 x (8 significant bits) each product with it is exact in float32
+# (16 + 8 bits); the offset, 32 896 times x's sums, comes off each lane of the deferred
+# sums once, after the loop: one PRMT and one FMA a code, no subtraction (the one-row
+# loop: 212 SASS instructions a tile of 64 codes a thread against 262).
 _INT8_BIASED = tl.constexpr(
     "{ .reg .b32 t; xor.b32 t, $4, 0x80808080; prmt.b32 $0, t, 0x47000000, 0x7604; "
     "prmt.b32 $1, t, 0x47000000, 0x7614; prmt.b32 $2, t, 0x47000000, 0x7624; "
@@ -200,7 +200,7 @@ def _decode_tile(raw, sc, off, KIND: tl.constexpr, NATIVE: tl.constexpr,
     nibbles' f = 1 + c / 16 exactly (c in float32's top mantissa bits: a shift and a
     mask, no conversion), and unless GROUP_SUMS their weights c s + o in one FMA each,
     w = 16 s f + (o - 16 s), within ~2^-19 s of w (the tests' float32 bound is ~1e-4 s
-    |x| a weight); int8 / fp8 the unscaled values (w, w)."""
+    |x| a weight); int8 / fp8 the unscaled values (w, w) (BIASED int8: q + INT8_BIAS)."""
     if KIND == 1:
         u = raw.to(tl.int32)
         f_lo = (((u << 19) & 0x780000) | 0x3F800000).to(tl.float32, bitcast=True)
@@ -378,11 +378,11 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, y_ptr, KB, K, N, KS,
     next to up row F + j, and it writes their BLOCK_N / 2 outputs, each value rounded to
     y's dtype where the separate silu * up kernel (eager_fused) would read or write it
     (the same bits as the two kernels; PRECISE: CUDA's expf and a rounded division, as
-    that kernel compiled). BIASED (DEFER, one row of 16-bit x, int8 with one scale a row):
+    that kernel compiled). BIASED (DEFER, one row of bf16 x, int8 with one scale a row):
     the codes decode to q + INT8_BIAS (_INT8_BIASED); x's own (BK,) sums xs accumulate
     beside the tile of sums, and each lane loses INT8_BIAS times its xs before the tile
-    is reduced (a lane holds ~KS / BK products, so its sum stays near 32 896 times a few
-    x: rounding there is ~2^-9 |x| where the exact decode's is ~2^-24 |q x|)."""
+    is reduced (each of a lane's KS / BK additions rounds by ~2^-9 |x| in units of a code:
+    wquant_triton.int8_biased bounds the lane's length)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     if GLU:  # pairs: row 2i is gate row j, row 2i + 1 up row F + j (F = N / 2)
@@ -712,8 +712,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     if early and (early < 128 or early & (early - 1)):
         raise ValueError(f"wquant_triton.L2_EARLY is {early}: give 0 or a power of two >= 128")
     first = wquant_triton.first_early(kind, m, grouped, extra["PDL"])
-    biased = (wquant_triton.INT8_BIASED and kind == "int8" and not cfg.native and not grouped
-              and cfg.defer and m == 1 and x2.dtype != torch.float32)
+    biased = (kind == "int8" and not cfg.native and not grouped and cfg.defer and m == 1
+              and x2.dtype == torch.bfloat16 and wquant_triton.int8_biased(ks, bk))
     rows = n // 2 if glu else n  # GLU: a program's BLOCK_N rows are BLOCK_N / 2 outputs
     _gemv_kernel[(triton.cdiv(rows, cfg.block_n // 2 if glu else cfg.block_n), split)](
         xk, qv, scale, offset if offset is not None else scale,
