@@ -13,8 +13,8 @@ accumulated in float32:
   tricks, not int->float conversions (a quarter-rate unit on NVIDIA GPUs):
   - int8: ``(u ^ 0x80) | 0x4B000000`` read as float32 is 2^23 + 128 + q; one exact
     subtraction gives q (on NVIDIA GPUs inline PTX builds those bits with one XOR a
-    word of four codes and one byte permute a code); at one row of 16-bit x with sums
-    deferred (``INT8_BIASED``) the byte goes into bits 8-15 of 2^15 instead, and
+    word of four codes and one byte permute a code); at one row of bf16 x with sums
+    deferred (``int8_biased``) the byte goes into bits 8-15 of 2^15 instead, and
     2^15 + 128 + q enters the FMA as it is (exact with bf16 x): 32 896 times x's own
     sums comes off each lane of sums once, after the loop;
   - int4: a nibble shifted into the top mantissa bits of 1.0 reads f = 1 + c / 16, and
