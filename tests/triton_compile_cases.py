@@ -204,10 +204,11 @@ def wquant_cases() -> None:
         m.launch(torch.zeros(rows, 2048, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
                  None, 32, 64, 2048, GemvConfig(block_n=bn, block_k=bk, split=1, prefetch=0,
                                                 defer=True))
-    pw = W.quantize_int8(torch.randn(37, 300))  # int8's biased decode (one bf16 row,
-    m.launch(torch.zeros(1, 300, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,  # deferred)
+    # int8's biased decode (one bf16 row, sums deferred) with split-K and tiles past K
+    pw = W.quantize_int8(torch.randn(37, 300))
+    m.launch(torch.zeros(1, 300, dtype=torch.bfloat16), "int8", pw.q, pw.scale, None,
              None, 300, 37, 300, GemvConfig(block_n=8, block_k=64, split=3, prefetch=1,
-                                            defer=True))  # split-K, tiles past K
+                                            defer=True))
     for n, k, group, tiles in ((64, 256, 32, 8), (48, 96, 32, 2)):  # tinygemm's W, bf16
         m.tinygemm_dequant(torch.zeros(n // 8, k // (16 * tiles), 32, tiles // 2,
                                        dtype=torch.int32),

@@ -355,11 +355,11 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
             bn, split, bk = 8, 1, bk8
             if kind == "int8":  # now the bit decode, without prefetch (the conversion
                 native, prefetch = False, 0  # unit's rate binds once the shuffles are gone)
-            if not few:  # 16-row programs where 8-row ones would be > 4 a SM
-                bn = 16
-                sixteens = -(-n // 16)  # and, with the biased decode, half the tile
-                if kind == "int8" and sixteens > 8 * sms and int8_biased(kb, 256):  # where
-                    bk = 256  # they are > 8 a SM, 8 warps where <= 4
+            if not few:  # 16-row programs where 8-row ones would be > 4 a SM; with the
+                bn = 16   # biased decode, 256-byte tiles where they are > 8 a SM and
+                sixteens = -(-n // 16)  # 8 warps where they are <= 4
+                if kind == "int8" and sixteens > 8 * sms and int8_biased(kb, 256):
+                    bk = 256
                 elif kind == "int8" and sixteens <= 4 * sms and int8_biased(kb, bk):
                     warps = 8
     if WIDE_GROUPS and kind == "int8" and gb is not None and rows8 >= 2 * sms:

@@ -215,14 +215,18 @@ def _decode_tile(raw, sc, off, KIND: tl.constexpr, NATIVE: tl.constexpr,
 
 
 @triton.jit
+def _x_run(x_row, rb, b_hi, EVEN_K: tl.constexpr):
+    """x_row[rb] as a 1-D load, zeros past b_hi (EVEN_K: a tile is wholly in, no mask)."""
+    if EVEN_K:
+        return tl.load(x_row + rb)
+    return tl.load(x_row + rb, mask=rb < b_hi, other=0)
+
+
+@triton.jit
 def _x_pair_row(x_row, rb, b_hi, EVEN_K: tl.constexpr, XDT: tl.constexpr):
     """int4's row of x for the tile's bytes rb: (x[2j], x[2j + 1]) as float32 (BK,) each,
     from pair words (x[2j] meets byte j's low nibble, x[2j + 1] its high one)."""
-    if EVEN_K:
-        xw = tl.load(x_row + rb)
-    else:
-        xw = tl.load(x_row + rb, mask=rb < b_hi, other=0)
-    return _x_pairs(xw, XDT)
+    return _x_pairs(_x_run(x_row, rb, b_hi, EVEN_K), XDT)
 
 
 @triton.jit
@@ -330,10 +334,7 @@ def _gemv_step(raw, sc, off, b0, b_hi, d0, d1, d2, d3, xs, acc0, acc1, acc2, acc
                                   * sc2[:, :, None], (BLOCK_N, BLOCK_K // SUB))
             d0, d1, d2, d3 = _acc_add(d0, d1, d2, d3, part, m)
         if BIASED:  # (one row) x's own sums, a 1-D load of its own
-            if EVEN_K:
-                xs += tl.load(x_ptr + rb).to(tl.float32)
-            else:
-                xs += tl.load(x_ptr + rb, mask=rb < b_hi, other=0.0).to(tl.float32)
+            xs += _x_run(x_ptr, rb, b_hi, EVEN_K).to(tl.float32)
     else:
         for m in tl.static_range(ROWS):
             part = _tile_part(w_a, w_b, sc, off, x_ptr + m * stride_xm, rb, b_hi, KIND,
@@ -701,8 +702,8 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     y (M, N / 2) = silu(gate) * up of that product (``glu_fits`` first)."""
     m = x2.shape[0]
     kb = (k + 1) // 2 if kind == "int4" else k
-    grouped = scale.shape[1] > 1 or kind == "int4"
     split, ks, bk, group_b, wide = _gemv_split(cfg, kind, scale, group, k)
+    grouped = group_b is not None
     xk, xdt = _x_operand(x2, kind, k)
     qv = q.view(torch.uint8) if kind == "int8" else q
     out = y if split == 1 else torch.empty(split, m, n, dtype=torch.float32, device=y.device)
