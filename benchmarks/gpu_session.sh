@@ -9,6 +9,7 @@
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
+#         forms30 forms30b final30
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1025,14 +1026,84 @@ tests29() {  # issue 16, session 29: the GPU tests of the int8 decode, GLU, the 
         -k "int8 or glu or mlp or tiny_quantized or first_tile or deferred"
 }
 
+form30() {  # form30 NAME "NxK=WARPSxNBxSTAGES ..." [ARGS]: int4 + head, batch 1, with those
+    # linears' int4_rows forms (one to eight rows) in place of the rule's
+    local name=$1 spec=$2; shift 2
+    ab $name "import llamadist.kernels.cuda_int4 as C
+r = C.rows_config
+F = {tuple(map(int, a.split('x'))): tuple(map(int, b.split('x'))) for a, b in (t.split('=') for t in '$spec'.split())}
+def rc(m, n, k):
+    f = F.get((n, k))
+    if f is None or m > 8:
+        return r(m, n, k)
+    return C.RowsConfig(warps=f[0], nb=f[1], rows=C.row_capacity(m), stages=f[2])
+C.rows_config = rc" --quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1 "$@"
+}
+
+forms30() {  # issue 16, session 30: int4 + head at batch 1, int4_rows forms per linear
+    # (qkv 6144x4096, o 4096x4096, gate_up 28672x4096, down 4096x14336, head 49152x4096)
+    # through llamadist bench, the rule's first and last (~7 min)
+    local q="6144x4096=8x4x2"
+    checkpoint
+    form30 f_rule ""
+    form30 f_q2 "$q"
+    form30 f_q3 "6144x4096=8x4x3"
+    form30 f_q16x4x2 "6144x4096=16x4x2"
+    form30 f_q8x2x2 "6144x4096=8x2x2"
+    form30 f_q2_o2 "$q 4096x4096=8x4x2"
+    form30 f_q2_o3 "$q 4096x4096=8x4x3"
+    form30 f_q2_o16x4x2 "$q 4096x4096=16x4x2"
+    form30 f_q2_d2 "$q 4096x14336=8x4x2"
+    form30 f_q2_d3 "$q 4096x14336=8x4x3"
+    form30 f_q2_g3 "$q 28672x4096=8x4x3"
+    form30 f_q2_g2 "$q 28672x4096=8x4x2"
+    form30 f_q2_h2 "$q 49152x4096=8x4x2"
+    form30 f_q2_again "$q"
+    form30 f_rule_again ""
+}
+forms30b() {  # issue 16, session 30: forms30's best per linear together, and the next
+    # variants around them; batch 4; bf16 (~7 min)
+    local c="6144x4096=8x4x2 4096x4096=16x4x2 28672x4096=8x4x2 4096x14336=8x4x2"
+    checkpoint
+    form30 f_c "$c"
+    form30 f_c_d16x4x2 "$c 4096x14336=16x4x2"
+    form30 f_c_g16x4x2 "$c 28672x4096=16x4x2"
+    form30 f_c_g8x2x2 "$c 28672x4096=8x2x2"
+    form30 f_c_g4x4x2 "$c 28672x4096=4x4x2"
+    form30 f_c_o16x2x2 "$c 4096x4096=16x2x2"
+    form30 f_c_o16x4x3 "$c 4096x4096=16x4x3"
+    form30 f_c_q16x2x2 "$c 6144x4096=16x2x2"
+    form30 f_c_q4x4x2 "$c 6144x4096=4x4x2"
+    form30 f_c_h16x4x2 "$c 49152x4096=16x4x2"
+    form30 f_c_again "$c"
+    form30 f_rule ""
+    form30 f_c_b4 "$c" --batch 4
+    form30 f_rule_b4 "" --batch 4
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+}
+final30() {  # issue 16, session 30: the rule's new forms (2 stages up to 4 rows, 16 warps
+    # where the grid is one wave): the int4 GPU tests, then int4 + head beside bf16 at batch
+    # 1 (twice each), 4 and 8 (~7 min)
+    local b="--prompt-len 128 --gen-len 64" q="--quantize int4 --quantize-head" i
+    step tests30 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_cuda_int4_gpu.py
+    checkpoint
+    for i in 1 2; do
+        ab i4h_b1_$i "" $q $b --batch 1
+        ab bf16_b1_$i "" $b --batch 1
+    done
+    ab i4h_b4 "" $q $b --batch 4
+    ab i4h_b8 "" $q $b --batch 8
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
             "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
+

@@ -103,17 +103,24 @@ def row_capacity(m: int) -> int:
     return 1 << (m - 1).bit_length()
 
 
-def rows_config(m: int, n: int, k: int) -> RowsConfig:
-    """The form a call of ``m`` rows of an N x K weight takes. Up to 8 rows (W as the A
-    operand): 8 warps x 4 n-tiles x 4 stages, on every Llama-3-8B linear at 1, 4 and 8 rows
-    the fastest form or within 10% of it (RESULTS.md, session 21's sweep of 11 forms),
-    persistent at 5-8 rows of a wide weight (N >= 4 K: gate_up, whose grid is several
-    waves; 28.2 against 31.6 us on Llama-3-8B's at 8 rows, slower at 1 and 4: session 22);
-    past 8 rows (x as the A operand) 4 x 2 x 4."""
+def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
+    """The form a call of ``m`` rows of an N x K weight takes on a device of ``sms`` SMs.
+    W is the mma's A operand up to 8 rows, 4 n-tiles a block. Up to 4 rows: 2 stages and
+    8 warps, or 16 where the grid is at most one block an SM (Llama-3-8B's o and down),
+    measured through the decode step (RESULTS.md, session 30: H200, Llama-3-8B, int4 +
+    head, batch 1 1.971-1.978 ms against 2.136-2.151, batch 4 2.162 against 2.360, at
+    session 21's 8 x 4 x 4, whose kernels alone had timed within 10% of the fastest of 11
+    forms). 5-8 rows: 8 x 4 x 4, persistent on a wide weight (N >= 4 K: gate_up, whose
+    grid is several waves; 28.2 against 31.6 us on Llama-3-8B's at 8 rows: session 22).
+    Past 8 rows (x as the A operand): 4 x 2 x 4."""
     rows = row_capacity(m)
     if rows > 8:
         return RowsConfig(warps=4, nb=2, rows=rows, stages=4)
-    return RowsConfig(warps=8, nb=4, rows=rows, stages=4, persist=rows == 8 and n >= 4 * k)
+    if rows > 4:
+        return RowsConfig(warps=8, nb=4, rows=rows, stages=4, persist=n >= 4 * k)
+    nb = 4
+    one_wave = -(-(n // 8) // nb) <= sms
+    return RowsConfig(warps=16 if one_wave else 8, nb=nb, rows=rows, stages=2)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
@@ -370,7 +377,8 @@ def smem_optin(index: int) -> int:
 def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int) -> RowsConfig:
     """The rule's form for calls of up to ``rows`` rows, fitted to device ``index``'s
     shared memory: once a shape, not on every launch."""
-    return rows_config(rows, n, k).fit(tiles, group, smem_optin(index))
+    sms = torch.cuda.get_device_properties(index).multi_processor_count
+    return rows_config(rows, n, k, sms).fit(tiles, group, smem_optin(index))
 
 
 def _rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,

@@ -137,6 +137,15 @@ def test_rows_rule():
     # W is the mma's A operand up to 8 rows (two n-tiles an mma), x past that
     assert [C.rows_config(m, n, k).a_w for m in (1, 8, 9)] == [True, True, False]
     assert not C.RowsConfig(4, 3, 1, 4).a_w and not C.RowsConfig(w_as_a=False).a_w
+    # up to 4 rows: 2 stages, and 16 warps where the grid is at most one block an SM
+    # (Llama-3-8B's o and down on 132 SMs), else 8; 5-8 rows: 8 warps, 4 stages
+    shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+    assert [C.rows_config(1, n, k).warps for n, k in shapes] == [8, 16, 8, 16]
+    assert [C.rows_config(4, n, k, sms=127).warps for n, k in shapes] == [8, 8, 8, 8]
+    assert {(C.rows_config(m, n, k).nb, C.rows_config(m, n, k).stages)
+            for m in (1, 2, 3, 4) for n, k in shapes} == {(4, 2)}
+    assert {(C.rows_config(m, n, k).warps, C.rows_config(m, n, k).stages)
+            for m in (5, 8) for n, k in shapes} == {(8, 4)}
     # persistent blocks only at 5-8 rows of a wide weight (gate_up: several waves of blocks)
     assert [C.rows_config(m, 28672, 4096).persist for m in (1, 4, 5, 8, 9)] == \
         [False, False, True, True, False]
