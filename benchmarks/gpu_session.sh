@@ -9,7 +9,7 @@
 #         sweeps19 q8e2e19 int4rows20 int4ncu21 int4rule21 int4tma21 int4stagger21 int4persist22 int4pdl23
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
-#         forms30 forms30b final30
+#         forms30 forms30b final30 split30
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1094,6 +1094,24 @@ final30() {  # issue 16, session 30: the rule's new forms (2 stages up to 4 rows
     ab i4h_b4 "" $q $b --batch 4
     ab i4h_b8 "" $q $b --batch 8
 }
+split30() {  # issue 16, session 30: the static-cache decode attention in one split (the
+    # split kernel writing the output, no merge kernel) against the rule's splits, bf16 and
+    # int4 + head at batch 1, prompts 128 (3 tiles of cache: 2 splits) and 448 (8: 8
+    # splits); the attention GPU tests first (~6 min)
+    local q="--quantize int4 --quantize-head" g="--gen-len 64 --batch 1"
+    local one="import llamadist.kernels.decode_attention as D; D.MAX_SPLITS = 1"
+    step tests_split 120 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_cuda_graph.py \
+        -k "split_kv or one_split"
+    checkpoint
+    ab i4h_p128 "" $q $g --prompt-len 128
+    ab i4h_p128_one "$one" $q $g --prompt-len 128
+    ab bf16_p128 "" $g --prompt-len 128
+    ab bf16_p128_one "$one" $g --prompt-len 128
+    ab i4h_p448 "" $q $g --prompt-len 448
+    ab i4h_p448_one "$one" $q $g --prompt-len 448
+    ab i4h_p128_again "" $q $g --prompt-len 128
+    ab i4h_p128_one_again "$one" $q $g --prompt-len 128
+}
 
 case ${1:-} in
     stash) stash; exit ;;
@@ -1101,7 +1119,7 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
             "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;

@@ -259,7 +259,8 @@ def decode_cases() -> None:
     """The static-cache decode kernels (split, merge): bf16 and float32, each at head
     sizes 128 (G = 4, many splits) and 64 (G = 1, few), with and without the additive
     mask and the in-kernel RoPE: each dtype both flags off and on at one size, one
-    flag alone at the other (mask for float32, RoPE for bf16)."""
+    flag alone at the other (mask for float32, RoPE for bf16); one split (one tile of
+    cache, bf16, both flags) plain and as a dependent launch."""
     from llamadist.kernels import gpu
     m = gpu.load("decode_attention")
     _patch(m)
@@ -276,6 +277,14 @@ def decode_cases() -> None:
                 if i == j == 0 and rope:  # as dependent launches
                     with _dependent():
                         m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
+    # one tile of cache: one split, which writes the output itself (no merge kernel)
+    q, kv = torch.zeros(1, 8, 4, 128, dtype=torch.bfloat16), torch.zeros(1, 8, 64, 128,
+                                                                         dtype=torch.bfloat16)
+    am, cs = torch.zeros(1, 1, 1, 64, dtype=torch.bfloat16), torch.zeros(1, 1, 1, 128,
+                                                                        dtype=torch.bfloat16)
+    m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
+    with _dependent():
+        m.launch(q, kv, kv, am, torch.zeros(1, dtype=torch.long), cs, cs)
 
 
 def eager_fused_cases() -> None:

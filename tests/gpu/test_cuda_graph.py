@@ -123,6 +123,7 @@ def test_fuse_is_idempotent(tiny_model):
     (3, 2, 3, 4224, 64, 0),     # first slot only; SmolLM2's 3 query heads per KV head
     (2, 1, 1, 100, 16, 99),     # MHA, cache full, a partial tile
     (32, 8, 4, 640, 128, 300),  # batch 32: few splits
+    (1, 2, 4, 64, 128, 40),     # one tile: one split, which writes the output itself
 ])
 @pytest.mark.parametrize("masked,rope", [(False, False), (True, False), (True, True)])
 @pytest.mark.gpu
@@ -156,6 +157,24 @@ def test_split_kv_decode_attention_equals_sdpa(dtype, tol, b, hk, g, s, d, start
                                     cos if rope else None, sin if rope else None)
     assert got.dtype == dtype and got.shape == q.shape
     assert ((got.double() - ref).norm() / ref.norm()).item() < tol
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs CUDA")
+def test_one_split_over_many_tiles_equals_the_merged_splits(dtype, tol, monkeypatch):
+    """MAX_SPLITS 1: one program a KV head reads every tile and writes the output with no
+    merge kernel; the same attention as the rule's splits merged."""
+    from llamadist.kernels import decode_attention as split_kv
+    torch.manual_seed(1)
+    dev = "cuda:0"
+    q = torch.randn(1, 8, 4, 128, device=dev, dtype=dtype)
+    k, v = (torch.randn(1, 8, 640, 128, device=dev, dtype=dtype) for _ in range(2))
+    start = torch.tensor(520, device=dev)
+    merged = split_kv.decode_attention(q, k, v, None, start, None, None)
+    monkeypatch.setattr(split_kv, "MAX_SPLITS", 1)
+    one = split_kv.decode_attention(q, k, v, None, start, None, None)
+    assert ((one.double() - merged.double()).norm() / merged.double().norm()).item() < tol
 
 
 def test_split_kv_decode_attention_declines_what_it_cannot_run():

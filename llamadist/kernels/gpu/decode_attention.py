@@ -13,9 +13,9 @@ from llamadist.kernels.gpu.dependent import dependent, enter
 
 
 @triton.jit
-def _split_kernel(Q, K, V, Mask, Start, Cos, Sin, Acc, ML,
+def _split_kernel(Q, K, V, Mask, Start, Cos, Sin, Acc, ML, Out,
                   sq_b, sq_h, sq_g, sk_b, sk_h, sk_s, sv_b, sv_h, sv_s, sm_b, sc_b,
-                  n_bh, H_KV, G, qk_scale,
+                  so_b, so_h, so_g, n_bh, H_KV, G, qk_scale,
                   D: tl.constexpr, G_PAD: tl.constexpr, BLOCK: tl.constexpr,
                   SPLITS: tl.constexpr, HAS_MASK: tl.constexpr, ROPE: tl.constexpr,
                   IEEE: tl.constexpr, PDL: tl.constexpr):
@@ -76,8 +76,13 @@ def _split_kernel(Q, K, V, Mask, Start, Cos, Sin, Acc, ML,
         acc = acc * alpha[:, None] + pv
         m_i = m_new
 
-    row = (bh * SPLITS + split) * G + offs_g  # partials laid out (B*H_kv, SPLITS, G)
     keep = offs_g < G
+    if SPLITS == 1:  # the whole cache in this program: the output itself, no merge
+        out = acc / l_i[:, None]  # the merge's sums over one split, to the bit
+        tl.store(Out + b * so_b + h * so_h + offs_g[:, None] * so_g + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=keep[:, None])
+        return
+    row = (bh * SPLITS + split) * G + offs_g  # partials laid out (B*H_kv, SPLITS, G)
     tl.store(Acc + row[:, None] * D + offs_d[None, :], acc, mask=keep[:, None])
     tl.store(ML + row, m_i, mask=keep)
     tl.store(ML + n_bh * SPLITS * G + row, l_i, mask=keep)
@@ -115,6 +120,7 @@ def launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
         raise ValueError("decode attention needs K/V with a contiguous last dimension")
     splits = num_splits(_multiprocessors(q.device.index or 0), b * h_kv, keys.shape[2])
     n_bh = b * h_kv
+    # the splits' partials (one split: never written, the kernel writes out itself)
     acc = torch.empty(n_bh, splits, g, d, dtype=torch.float32, device=q.device)
     ml = torch.empty(2, n_bh, splits, g, dtype=torch.float32, device=q.device)
     out = torch.empty(b, h_kv, g, d, dtype=q.dtype, device=q.device)
@@ -129,14 +135,17 @@ def launch(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     dep = dependent(q.device)
     _split_kernel[(n_bh, splits)](
         q, keys, values, q if mask is None else mask, start,
-        cos if rope else q, sin if rope else q, acc, ml,
+        cos if rope else q, sin if rope else q, acc, ml, out,
         q.stride(0), q.stride(1), q.stride(2), keys.stride(0), keys.stride(1), keys.stride(2),
         values.stride(0), values.stride(1), values.stride(2), sm_b,
         cos.stride(0) if rope and cos.shape[0] > 1 else 0,
+        out.stride(0), out.stride(1), out.stride(2),
         n_bh, h_kv, g, d ** -0.5 * 1.4426950408889634,
         D=d, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N, SPLITS=splits,
         HAS_MASK=mask is not None, ROPE=rope, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2, **dep)
+    if splits == 1:  # the split kernel wrote the output
+        return out
     _merge_kernel[(n_bh * g,)](acc, ml, out, out.stride(0), out.stride(1), out.stride(2),
                                n_bh, h_kv, g, D=d, SPLITS=splits, num_warps=4, **dep)
     return out
