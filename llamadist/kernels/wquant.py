@@ -63,7 +63,7 @@ class PackedWeight:
             raise ValueError(f"unknown weight format {kind!r}; choose one of {', '.join(KINDS)}")
         n, k = shape
         groups = -(-k // group)
-        cols = (k + 1) // 2 if kind == "int4" else k
+        cols = wquant_triton.code_bytes(kind, k)
         want_q = torch.int8 if kind == "int8" else torch.uint8
         if (q.dtype != want_q or tuple(q.shape) != (n, cols)
                 or tuple(scale.shape) != (n, groups)

@@ -122,6 +122,11 @@ def int8_rows(m: int) -> bool:
     return 3 <= m <= 8
 
 
+def code_bytes(kind: str, k: int) -> int:
+    """Bytes of codes a row of K inputs holds: int4 packs two a byte, int8 / fp8 one."""
+    return (k + 1) // 2 if kind == "int4" else k
+
+
 def first_early(kind: str, m: int, grouped: bool, dependent: bool) -> bool:
     """Whether the GEMV of ``m`` rows loads its first tile before it waits: FIRST_EARLY
     where set (also where it is not a ``dependent`` launch: the same loads, the first
@@ -316,7 +321,7 @@ def gemv_config(kind: str, m: int, n: int, k: int, group: int, sms: int = 132,
     than bf16's (session 19, Llama-3-8B, us: one row 153.5, 1.25x bf16's, against 69.7,
     0.58x; two rows 148.5 against 86.3; four 180.4 against 113.0; `sweeps19`, `q8e2e19`,
     the fastest neighbours on all four linears but gate_up at 2 and 4 rows, within 3-6%)."""
-    kb = (k + 1) // 2 if kind == "int4" else k
+    kb = code_bytes(kind, k)
     tile = 4096 if kind == "int4" else 8192          # code bytes a program-step
     bk = 64 if kind == "int4" else 256
     gb = None
