@@ -634,7 +634,7 @@ int4rule21() {  # issue 16, session 21: cuda_int4 with W as the A operand, its f
     # shape at 1, 4 and 8 rows, then 8B int4 decode end to end with the new rule, session
     # 20's form (x as the A operand, 4 x 2 x 4) and tinygemm in the same process path (~9 min)
     local b="--prompt-len 128 --gen-len 64"
-    local old="import llamadist.kernels.cuda_int4 as C; C.rows_config = lambda m, n, k: C.RowsConfig(4, 2, C.row_capacity(m), 4, False)"
+    local old="import llamadist.kernels.cuda_int4 as C; C.rows_config = lambda m, n, k, *a: C.RowsConfig(4, 2, C.row_capacity(m), 4, False)"
     [ -n "${SKIP_SWEEP:-}" ] || step test_int4rows 120 python3 -m pytest -q -p no:cacheprovider \
         -rf tests/gpu/test_cuda_int4_gpu.py
     [ -n "${SKIP_SWEEP:-}" ] || step rows8b 200 python3 benchmarks/wquant_rows.py --shape llama3-8b \
@@ -691,7 +691,7 @@ int4persist22() {  # issue 16, session 22: cuda_int4's persist forms (a grid of 
     # the forms by linear at 1, 4 and 8 rows, then 8B int4 decode with the rule's form made
     # persistent against the rule and bf16 (~7 min)
     local b="--prompt-len 128 --gen-len 64" p="x0x0x1x0x0x0x1"
-    local persist="import dataclasses, llamadist.kernels.cuda_int4 as C; r = C.rows_config; C.rows_config = lambda m, n, k: dataclasses.replace(r(m, n, k), persist=True)"
+    local persist="import dataclasses, llamadist.kernels.cuda_int4 as C; r = C.rows_config; C.rows_config = lambda m, n, k, *a: dataclasses.replace(r(m, n, k, *a), persist=True)"
     step test_persist 90 python3 -m pytest -q -p no:cacheprovider -rf -k persist \
         tests/gpu/test_cuda_int4_gpu.py
     step rows8b 170 python3 benchmarks/wquant_rows.py --shape llama3-8b \
@@ -1032,10 +1032,10 @@ form30() {  # form30 NAME "NxK=WARPSxNBxSTAGES ..." [ARGS]: int4 + head, batch 1
     ab $name "import llamadist.kernels.cuda_int4 as C
 r = C.rows_config
 F = {tuple(map(int, a.split('x'))): tuple(map(int, b.split('x'))) for a, b in (t.split('=') for t in '$spec'.split())}
-def rc(m, n, k):
+def rc(m, n, k, *a):
     f = F.get((n, k))
     if f is None or m > 8:
-        return r(m, n, k)
+        return r(m, n, k, *a)
     return C.RowsConfig(warps=f[0], nb=f[1], rows=C.row_capacity(m), stages=f[2])
 C.rows_config = rc" --quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1 "$@"
 }
@@ -1121,7 +1121,6 @@ case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
     kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
-

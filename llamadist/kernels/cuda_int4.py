@@ -33,6 +33,7 @@ import functools
 import glob
 import logging
 import os
+import re
 import sys
 import threading
 from dataclasses import dataclass, replace
@@ -104,15 +105,17 @@ def row_capacity(m: int) -> int:
 
 
 def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
-    """The form a call of ``m`` rows of an N x K weight takes on a device of ``sms`` SMs.
-    W is the mma's A operand up to 8 rows, 4 n-tiles a block. Up to 4 rows: 2 stages and
-    8 warps, or 16 where the grid is at most one block an SM (Llama-3-8B's o and down),
-    measured through the decode step (RESULTS.md, session 30: H200, Llama-3-8B, int4 +
-    head, batch 1 1.971-1.978 ms against 2.136-2.151, batch 4 2.162 against 2.360, at
-    session 21's 8 x 4 x 4, whose kernels alone had timed within 10% of the fastest of 11
-    forms). 5-8 rows: 8 x 4 x 4, persistent on a wide weight (N >= 4 K: gate_up, whose
-    grid is several waves; 28.2 against 31.6 us on Llama-3-8B's at 8 rows: session 22).
-    Past 8 rows (x as the A operand): 4 x 2 x 4."""
+    """The form a call of ``m`` rows of an N x K weight takes on a device of ``sms`` SMs
+    (``rule_form`` fits it to the device and checks its registers). W is the mma's A
+    operand up to 8 rows, 4 n-tiles a block. Up to 4 rows: 2 stages and 8 warps, or 16
+    where the grid is at most one block an SM and K gives each warp two k-tiles of 128
+    inputs (K >= 4 096: Llama-3-8B's o and down), measured through the decode step
+    (RESULTS.md, session 30: H200, Llama-3-8B, int4 + head, batch 1 1.967 / 1.970 ms
+    against 2.136-2.151, batch 4 2.164 against 2.360, at session 21's 8 x 4 x 4, whose
+    kernels alone had timed within 10% of the fastest of 11 forms). 5-8 rows: 8 x 4 x 4,
+    persistent on a wide weight (N >= 4 K: gate_up, whose grid is several waves; 28.2
+    against 31.6 us on Llama-3-8B's at 8 rows: session 22). Past 8 rows (x as the A
+    operand): 4 x 2 x 4."""
     rows = row_capacity(m)
     if rows > 8:
         return RowsConfig(warps=4, nb=2, rows=rows, stages=4)
@@ -120,7 +123,8 @@ def rows_config(m: int, n: int, k: int, sms: int = 132) -> RowsConfig:
         return RowsConfig(warps=8, nb=4, rows=rows, stages=4, persist=n >= 4 * k)
     nb = 4
     one_wave = -(-(n // 8) // nb) <= sms
-    return RowsConfig(warps=16 if one_wave else 8, nb=nb, rows=rows, stages=2)
+    return RowsConfig(warps=16 if one_wave and k >= 16 * 2 * 128 else 8, nb=nb, rows=rows,
+                      stages=2)
 
 
 # ---- NVRTC --------------------------------------------------------------------------------
@@ -156,6 +160,27 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None,
     ``arch`` ("90": sm_90) with these -D values, the kernels' own headers (``*.cuh``
     beside it) given to NVRTC in memory; RuntimeError with NVRTC's log on a compile
     error."""
+    return _compile(arch, defines, source, path)[0]
+
+
+def spill_bytes(arch: str, defines: dict[str, int]) -> int:
+    """Bytes int4_rows spills to local memory (ptxas's spill stores) compiled for
+    ``arch`` with these -D values (compiled once: ``kernel`` reuses the cubin)."""
+    log = _compiled(arch, tuple(sorted(defines.items())))[1]
+    found = re.search(r"(\d+) bytes spill stores", log)
+    if found is None:
+        raise RuntimeError(f"ptxas reported no spill count for int4_rows ({defines}):\n{log}")
+    return int(found.group(1))
+
+
+@functools.cache
+def _compiled(arch: str, defines: tuple[tuple[str, int], ...]) -> tuple[bytes, str]:
+    return _compile(arch, dict(defines), None, SOURCE)
+
+
+def _compile(arch: str, defines: dict[str, int], source: str | None,
+             path: Path) -> tuple[bytes, str]:
+    """(cubin, NVRTC's log with ptxas's resource report) of compile_cubin's arguments."""
     lib = nvrtc()
     if lib is None:
         raise RuntimeError("libnvrtc was not found (CUDA builds of torch bring it through the "
@@ -173,22 +198,22 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None,
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.name.encode(), len(headers),
                                  bodies, names), "create")
     try:
-        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"] + \
-            [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17",
+                b"--ptxas-options=-v"] + [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
         arr = (ctypes.c_char_p * len(opts))(*opts)
         rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, buf)
+        log = buf.value.decode(errors="replace")
         if rc != 0:
-            size = ctypes.c_size_t()
-            lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
-            buf = ctypes.create_string_buffer(size.value)
-            lib.nvrtcGetProgramLog(prog, buf)
-            raise RuntimeError(f"NVRTC could not compile {path.name} ({defines}):\n"
-                               f"{buf.value.decode(errors='replace')}")
+            raise RuntimeError(f"NVRTC could not compile {path.name} ({defines}):\n{log}")
         size = ctypes.c_size_t()
         check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
         buf = ctypes.create_string_buffer(size.value)
         check(lib.nvrtcGetCUBIN(prog, buf), "cubin")
-        return buf.raw
+        return buf.raw, log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
@@ -243,9 +268,9 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
                     raise ValueError(f"int4_rows form {cfg.label()} needs {need} bytes of "
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
-                cubin = compile_cubin(_arch(index), defines(tiles, group, cfg, CODES_EXACT,
-                                                            PROBE, HI_SHIFT, tma, stagger,
-                                                            pdl))
+                cubin = _compiled(_arch(index), tuple(sorted(defines(
+                    tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger,
+                    pdl).items())))[0]
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
@@ -268,11 +293,11 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     if scales_zeros.data_ptr() % 16:
         scales_zeros = scales_zeros.clone()
     index = device_index(x.device)
+    pdl = pdl_launch(index)
     if cfg is None:
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group)
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
-    pdl = pdl_launch(index)
     fn = kernel(index, tiles, group, cfg, pdl)
     y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
     blocks = -(-(n // 8) // cfg.nb)
@@ -374,11 +399,35 @@ def smem_optin(index: int) -> int:
 
 
 @functools.cache
-def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int) -> RowsConfig:
-    """The rule's form for calls of up to ``rows`` rows, fitted to device ``index``'s
-    shared memory: once a shape, not on every launch."""
-    sms = torch.cuda.get_device_properties(index).multi_processor_count
-    return rows_config(rows, n, k, sms).fit(tiles, group, smem_optin(index))
+def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
+               pdl: bool = False) -> RowsConfig:
+    """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape
+    (and launch kind), not on every launch."""
+    p = torch.cuda.get_device_properties(index)
+    return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
+                     p.shared_memory_per_block_optin, _arch(index), pdl)
+
+
+def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,
+              arch: str, pdl: bool) -> RowsConfig:
+    """``rows_config``'s form fitted to ``smem`` bytes of shared memory a block. Where its 2
+    stages or 16 warps make ptxas spill registers to local memory for ``arch`` (as 8 x 4 x
+    2 on sm_90 at 4 tiles and groups of 32 as a dependent launch, or on sm_80 at groups of
+    32: ptxas's register targets differ by form), the first of the same at 4 stages, at 8
+    warps, at both (session 21's 8 x 4 x 4) that does not, or else the one that spills
+    least. Compiled once each (``kernel`` reuses the cubin)."""
+    cfg = rows_config(rows, n, k, sms).fit(tiles, group, smem)
+    if cfg.stages != 2:
+        return cfg
+    best, least = cfg, None
+    for c in (cfg, replace(cfg, stages=4), replace(cfg, warps=8), replace(cfg, warps=8, stages=4)):
+        c = c.fit(tiles, group, smem)
+        spilled = spill_bytes(arch, defines(tiles, group, c, pdl=pdl))
+        if not spilled:
+            return c
+        if least is None or spilled < least:
+            best, least = c, spilled
+    return best
 
 
 def _rows(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,

@@ -7,8 +7,9 @@ for all ``max_seq_len`` slots whatever the live length. This kernel reads the li
 length (``start + 1``) from the device, so a captured graph stays valid as the
 sequence grows, splits those slots over ``SPLITS`` programs per (sequence, KV head),
 and skips the slots not yet written; a second kernel merges the splits' partial
-softmaxes (at one split the split kernel writes the output itself). The G query heads that share a KV head are
-the rows of one matrix product per tile, so each K/V tile is read once for all of them.
+softmaxes (at one split the split kernel writes the output itself: a one-tile cache, or
+B * H_kv >= 2 SMs). The G query heads that share a KV head are the rows of one matrix
+product per tile, so each K/V tile is read once for all of them.
 
 Registered as the custom op ``llamadist::decode_attention`` so that torch.compile keeps
 it as one opaque call inside the compiled decoder layer. The kernels themselves (and

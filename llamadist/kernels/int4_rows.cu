@@ -25,12 +25,13 @@
 // ring in shared memory: each lane reads back only its own words; the table's 8-byte
 // pairs (copied by the lanes of row 0) and x's rows (16-byte chunks, rows padded by 16
 // bytes so the fragments' reads do not share banks) are shared through __syncwarp.
-// Measured on an H200 (RESULTS.md, session 21), one row at the rule's form (8 x 4 x 4)
+// Measured on an H200 (RESULTS.md, session 21), one row at that session's rule (8 x 4 x 4)
 // takes 9.9 / 6.4 / 24.2 / 12.9 us on Llama-3-8B's qkv / o / gate_up / down against
 // tinygemm's 10.4 / 7.6 / 34.6 / 19.4; the loads alone (PROBE 1) take 90% of that, the math
 // alone (PROBE 2) 55-60%: the ring's loads (2.7 TB/s on gate_up) are what bounds it now.
-// Timed through the decode step instead (session 30), 2 stages beat 4 on every linear up to
-// 4 rows, and 16 warps beat 8 where the grid is one block an SM (cuda_int4.rows_config).
+// Timed through the decode step instead (session 30), 2 stages beat 4 on Llama-3-8B's four
+// linears up to 4 rows, and 16 warps beat 8 where the grid is one block an SM
+// (cuda_int4.rows_config; rule_form takes 4 stages or 8 warps where ptxas would spill).
 //
 // Compile-time parameters (-D): TILES (2, 4, 8), GROUP (32..256, a power of 2), WARPS,
 // NB, STAGES (>= 2), ROWS (the most rows M a launch may have: 1..16; the ring holds as

@@ -6,6 +6,7 @@ kernel's numbers are checked on a GPU (tests/gpu/test_cuda_int4_gpu.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import subprocess
@@ -92,6 +93,55 @@ def test_every_form_compiles_without_local_memory(arch, tmp_path):
 
 
 @needs_nvrtc
+def test_rule_forms_do_not_spill():
+    """The rule's 2-stage forms where ptxas keeps them in registers, else the first of the
+    same at 4 stages, at 8 warps, at both that does not spill: on sm_80 / sm_90, plain or
+    dependent, at Llama's 8 tiles and groups of 128 / 32 and the 4 tiles of K = 576
+    (SmolLM2), only 4 rows at 4 tiles and groups of 32 on sm_80 spill, as every such form
+    does there (session 21's 8 x 4 x 4 among them), and the least of them is taken."""
+    chosen, spilled = {}, set()
+    for arch, pdl in [("80", False), ("90", False), ("90", True)]:
+        for tiles, group in [(8, 128), (8, 32), (4, 32), (4, 64)]:
+            for m in (1, 4):
+                for n in (4096, 28672):  # one block an SM (16 warps), several waves (8)
+                    cfg = C.rule_form(m, n, 4096, tiles, group, 132, 232448, arch, pdl)
+                    assert cfg.rows == C.row_capacity(m) and cfg.nb == 4
+                    spill = {(w, s): C.spill_bytes(arch, C.defines(
+                        tiles, group, dataclasses.replace(cfg, warps=w, stages=s), pdl=pdl))
+                        for w in {8, C.rows_config(m, n, 4096).warps} for s in (2, 4)}
+                    assert spill[cfg.warps, cfg.stages] == min(spill.values()), \
+                        (arch, pdl, tiles, group, cfg, spill)
+                    if spill[cfg.warps, cfg.stages]:
+                        spilled.add((arch, pdl, tiles, group, m))
+                    chosen[arch, pdl, tiles, group, m, n] = cfg
+    assert spilled == {("80", False, 4, 32, 4)}
+    # Llama-3-8B int4 g128 on an H200 keeps the measured forms; 8 x 4 x 2 at 4 tiles and
+    # groups of 32 spills as a dependent launch on sm_90 (16 bytes), so it takes 4 stages
+    assert chosen["90", True, 8, 128, 1, 28672] == C.RowsConfig(8, 4, 1, 2)
+    assert chosen["90", True, 8, 128, 1, 4096] == C.RowsConfig(16, 4, 1, 2)
+    assert C.spill_bytes("90", C.defines(4, 32, C.RowsConfig(8, 4, 1, 2), pdl=True)) > 0
+    assert chosen["90", True, 4, 32, 1, 28672] == C.RowsConfig(8, 4, 1, 4)
+
+
+@needs_nvrtc
+def test_rule_form_reads_the_device(monkeypatch):
+    """A launch's form from the device's SMs, shared memory and architecture (an H200's
+    here, faked: the same glue a GPU runs), once a shape and launch kind."""
+    class Props:
+        multi_processor_count, shared_memory_per_block_optin, major, minor = 132, 232448, 9, 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: Props)
+    C._rule_form.cache_clear()
+    try:
+        assert C._rule_form(0, 1, 4096, 4096, 8, 128, True) == C.RowsConfig(16, 4, 1, 2)
+        assert C._rule_form(0, 3, 28672, 4096, 4, 32, True) == C.RowsConfig(8, 4, 4, 4)
+        Props.multi_processor_count = 100  # o's 128 blocks: more than one an SM
+        assert C._rule_form(0, 1, 4096, 4096, 8, 128, False) == C.RowsConfig(8, 4, 1, 2)
+    finally:
+        C._rule_form.cache_clear()
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("cfg", [C.RowsConfig(8, 4, 1, 4), C.RowsConfig(8, 4, 8, 4, persist=True),
                                  C.RowsConfig(4, 2, 16, 4)], ids=C.RowsConfig.label)
 def test_dependent_launch_form_waits_once(cfg, tmp_path):
@@ -137,11 +187,13 @@ def test_rows_rule():
     # W is the mma's A operand up to 8 rows (two n-tiles an mma), x past that
     assert [C.rows_config(m, n, k).a_w for m in (1, 8, 9)] == [True, True, False]
     assert not C.RowsConfig(4, 3, 1, 4).a_w and not C.RowsConfig(w_as_a=False).a_w
-    # up to 4 rows: 2 stages, and 16 warps where the grid is at most one block an SM
-    # (Llama-3-8B's o and down on 132 SMs), else 8; 5-8 rows: 8 warps, 4 stages
+    # up to 4 rows: 2 stages, and 16 warps where the grid is at most one block an SM and
+    # K >= 4 096 (Llama-3-8B's o and down on 132 SMs), else 8; 5-8 rows: 8 warps, 4 stages
     shapes = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
     assert [C.rows_config(1, n, k).warps for n, k in shapes] == [8, 16, 8, 16]
     assert [C.rows_config(4, n, k, sms=127).warps for n, k in shapes] == [8, 8, 8, 8]
+    assert C.rows_config(1, 576, 576).warps == 8  # SmolLM2's o: 9 k-tiles, fewer than 16
+    assert C.rows_config(1, 4096, 4095).warps == 8
     assert {(C.rows_config(m, n, k).nb, C.rows_config(m, n, k).stages)
             for m in (1, 2, 3, 4) for n, k in shapes} == {(4, 2)}
     assert {(C.rows_config(m, n, k).warps, C.rows_config(m, n, k).stages)
