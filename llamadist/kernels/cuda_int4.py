@@ -163,24 +163,36 @@ def compile_cubin(arch: str, defines: dict[str, int], source: str | None = None,
     return _compile(arch, defines, source, path)[0]
 
 
-def spill_bytes(arch: str, defines: dict[str, int]) -> int:
+def spill_bytes(arch: str, defines: dict[str, int]) -> int | None:
     """Bytes int4_rows spills to local memory (ptxas's spill stores) compiled for
-    ``arch`` with these -D values (compiled once: ``kernel`` reuses the cubin)."""
-    log = _compiled(arch, tuple(sorted(defines.items())))[1]
-    found = re.search(r"(\d+) bytes spill stores", log)
-    if found is None:
-        raise RuntimeError(f"ptxas reported no spill count for int4_rows ({defines}):\n{log}")
-    return int(found.group(1))
+    ``arch`` with these -D values, None where this NVRTC gives no such report (compiled
+    once: ``kernel`` reuses the cubin)."""
+    found = re.search(r"(\d+) bytes spill stores",
+                      _compiled(arch, tuple(sorted(defines.items())))[1])
+    return int(found.group(1)) if found else None
 
 
 @functools.cache
 def _compiled(arch: str, defines: tuple[tuple[str, int], ...]) -> tuple[bytes, str]:
-    return _compile(arch, dict(defines), None, SOURCE)
+    """int4_rows's (cubin, log) with ptxas's resource report, or without it (an empty log)
+    where this NVRTC does not take ptxas options (the same cubin: the report is a log)."""
+    try:
+        return _compile(arch, dict(defines), None, SOURCE, PTXAS_REPORT)
+    except InvalidOption:
+        return _compile(arch, dict(defines), None, SOURCE)[0], ""
 
 
-def _compile(arch: str, defines: dict[str, int], source: str | None,
-             path: Path) -> tuple[bytes, str]:
-    """(cubin, NVRTC's log with ptxas's resource report) of compile_cubin's arguments."""
+PTXAS_REPORT = ("--ptxas-options=-v",)
+NVRTC_ERROR_INVALID_OPTION = 5
+
+
+class InvalidOption(RuntimeError):
+    """NVRTC refused a compile option."""
+
+
+def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
+             extra: tuple[str, ...] = ()) -> tuple[bytes, str]:
+    """(cubin, NVRTC's log) of compile_cubin's arguments, with ``extra`` options."""
     lib = nvrtc()
     if lib is None:
         raise RuntimeError("libnvrtc was not found (CUDA builds of torch bring it through the "
@@ -198,10 +210,13 @@ def _compile(arch: str, defines: dict[str, int], source: str | None,
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.name.encode(), len(headers),
                                  bodies, names), "create")
     try:
-        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17",
-                b"--ptxas-options=-v"] + [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
+        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"] + \
+            [o.encode() for o in extra] + \
+            [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
         arr = (ctypes.c_char_p * len(opts))(*opts)
         rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
+        if rc == NVRTC_ERROR_INVALID_OPTION and extra:
+            raise InvalidOption(f"NVRTC refused {extra}")
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
         buf = ctypes.create_string_buffer(size.value)
@@ -423,7 +438,7 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     for c in (cfg, replace(cfg, stages=4), replace(cfg, warps=8), replace(cfg, warps=8, stages=4)):
         c = c.fit(tiles, group, smem)
         spilled = spill_bytes(arch, defines(tiles, group, c, pdl=pdl))
-        if not spilled:
+        if not spilled:  # none, or no report to go by (then the rule's form)
             return c
         if least is None or spilled < least:
             best, least = c, spilled

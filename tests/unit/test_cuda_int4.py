@@ -124,6 +124,21 @@ def test_rule_forms_do_not_spill():
 
 
 @needs_nvrtc
+def test_an_nvrtc_without_the_spill_report_keeps_the_rule(monkeypatch):
+    """Where NVRTC refuses the ptxas report's option, the kernel still compiles (the same
+    cubin) and the rule's form stands: no report, no fallback."""
+    d = C.defines(4, 32, C.RowsConfig(8, 4, 1, 2), pdl=True)
+    C._compiled.cache_clear()
+    monkeypatch.setattr(C, "PTXAS_REPORT", ("--no-such-option",))
+    try:
+        assert C.spill_bytes("90", d) is None
+        assert C._compiled("90", tuple(sorted(d.items())))[0] == C.compile_cubin("90", d)
+        assert C.rule_form(1, 28672, 4096, 4, 32, 132, 232448, "90", True).stages == 2
+    finally:
+        C._compiled.cache_clear()
+
+
+@needs_nvrtc
 def test_rule_form_reads_the_device(monkeypatch):
     """A launch's form from the device's SMs, shared memory and architecture (an H200's
     here, faked: the same glue a GPU runs), once a shape and launch kind."""
