@@ -167,7 +167,7 @@ def spill_bytes(arch: str, defines: dict[str, int]) -> int | None:
     """Bytes int4_rows spills to local memory (ptxas's spill stores) compiled for
     ``arch`` with these -D values, None where this NVRTC gives no such report (compiled
     once: ``kernel`` reuses the cubin)."""
-    found = re.search(r"(\d+) bytes spill stores",
+    found = re.search(r"Function properties for int4_rows\s*\n[^\n]*?(\d+) bytes spill stores",
                       _compiled(arch, tuple(sorted(defines.items())))[1])
     return int(found.group(1)) if found else None
 
@@ -178,16 +178,11 @@ def _compiled(arch: str, defines: tuple[tuple[str, int], ...]) -> tuple[bytes, s
     where this NVRTC does not take ptxas options (the same cubin: the report is a log)."""
     try:
         return _compile(arch, dict(defines), None, SOURCE, PTXAS_REPORT)
-    except InvalidOption:
-        return _compile(arch, dict(defines), None, SOURCE)[0], ""
+    except RuntimeError:  # the option refused (NVRTC's or ptxas's error): a plain compile,
+        return _compile(arch, dict(defines), None, SOURCE)[0], ""  # whose errors propagate
 
 
 PTXAS_REPORT = ("--ptxas-options=-v",)
-NVRTC_ERROR_INVALID_OPTION = 5
-
-
-class InvalidOption(RuntimeError):
-    """NVRTC refused a compile option."""
 
 
 def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
@@ -215,8 +210,6 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
             [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
         arr = (ctypes.c_char_p * len(opts))(*opts)
         rc = lib.nvrtcCompileProgram(prog, len(opts), arr)
-        if rc == NVRTC_ERROR_INVALID_OPTION and extra:
-            raise InvalidOption(f"NVRTC refused {extra}")
         size = ctypes.c_size_t()
         lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
         buf = ctypes.create_string_buffer(size.value)
@@ -266,12 +259,20 @@ def device_index(device: torch.device) -> int:
     return device.index if device.index is not None else torch.cuda.current_device()
 
 
+def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
+                   pdl: bool = False) -> dict[str, int]:
+    """int4_rows's -D values for this form on ``arch`` as launched now: the module's
+    switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER) where they apply."""
+    tma = BULK and int(arch) >= 90 and not cfg.persist
+    stagger = STAGGER and not tma and not cfg.persist  # cp.async options
+    return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl)
+
+
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once); ``pdl``: its programmatic-dependent-launch variant (``pdl_launch``)."""
-    tma = BULK and int(_arch(index)) >= 90 and not cfg.persist
-    stagger = STAGGER and not tma and not cfg.persist  # cp.async options
-    key = (index, tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl)
+    launched = launch_defines(tiles, group, cfg, _arch(index), pdl)
+    key = (index, tuple(sorted(launched.items())))
     fn = _KERNELS.get(key)
     if fn is None:
         with _LOCK:
@@ -283,9 +284,7 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
                     raise ValueError(f"int4_rows form {cfg.label()} needs {need} bytes of "
                                      f"shared memory a block, the device has {have}: fewer "
                                      "warps, n-tiles, stages or rows")
-                cubin = _compiled(_arch(index), tuple(sorted(defines(
-                    tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger,
-                    pdl).items())))[0]
+                cubin = _compiled(_arch(index), key[1])[0]
                 with torch.cuda.device(index):
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
@@ -310,7 +309,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     index = device_index(x.device)
     pdl = pdl_launch(index)
     if cfg is None:
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl)
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches())
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     fn = kernel(index, tiles, group, cfg, pdl)
@@ -415,12 +414,17 @@ def smem_optin(index: int) -> int:
 
 @functools.cache
 def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
-               pdl: bool = False) -> RowsConfig:
-    """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape
-    (and launch kind), not on every launch."""
+               pdl: bool = False, switches: tuple = ()) -> RowsConfig:
+    """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape,
+    launch kind and set of the module's ``switches``, not on every launch."""
     p = torch.cuda.get_device_properties(index)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
                      p.shared_memory_per_block_optin, _arch(index), pdl)
+
+
+def _switches() -> tuple:
+    """The module switches a launch's -D values follow (``_rule_form``'s cache key)."""
+    return CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,
@@ -437,7 +441,7 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     best, least = cfg, None
     for c in (cfg, replace(cfg, stages=4), replace(cfg, warps=8), replace(cfg, warps=8, stages=4)):
         c = c.fit(tiles, group, smem)
-        spilled = spill_bytes(arch, defines(tiles, group, c, pdl=pdl))
+        spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl))
         if not spilled:  # none, or no report to go by (then the rule's form)
             return c
         if least is None or spilled < least:

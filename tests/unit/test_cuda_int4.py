@@ -121,21 +121,54 @@ def test_rule_forms_do_not_spill():
     assert chosen["90", True, 8, 128, 1, 4096] == C.RowsConfig(16, 4, 1, 2)
     assert C.spill_bytes("90", C.defines(4, 32, C.RowsConfig(8, 4, 1, 2), pdl=True)) > 0
     assert chosen["90", True, 4, 32, 1, 28672] == C.RowsConfig(8, 4, 1, 4)
+    # 16 x 4 x 2 at 4 tiles and groups of 64 spills on sm_90 (plain): 16 x 4 x 4 does not
+    # and comes before 8 warps
+    assert chosen["90", False, 4, 64, 1, 4096] == C.RowsConfig(16, 4, 1, 4)
 
 
 @needs_nvrtc
-def test_an_nvrtc_without_the_spill_report_keeps_the_rule(monkeypatch):
-    """Where NVRTC refuses the ptxas report's option, the kernel still compiles (the same
-    cubin) and the rule's form stands: no report, no fallback."""
+@pytest.mark.parametrize("refused", [("--no-such-option",), ("--ptxas-options=-bogus",)])
+def test_an_nvrtc_without_the_spill_report_keeps_the_rule(refused, monkeypatch):
+    """Where NVRTC (or ptxas) refuses the report's option, the kernel still compiles and
+    the rule's form stands: no report, no fallback. With the report, the cubin is the one
+    compiled without it."""
     d = C.defines(4, 32, C.RowsConfig(8, 4, 1, 2), pdl=True)
+    key = tuple(sorted(d.items()))
     C._compiled.cache_clear()
-    monkeypatch.setattr(C, "PTXAS_REPORT", ("--no-such-option",))
     try:
+        assert C._compiled("90", key)[0] == C.compile_cubin("90", d)
+        assert C.spill_bytes("90", d) == 16
+        C._compiled.cache_clear()
+        monkeypatch.setattr(C, "PTXAS_REPORT", refused)
         assert C.spill_bytes("90", d) is None
-        assert C._compiled("90", tuple(sorted(d.items())))[0] == C.compile_cubin("90", d)
+        assert C._compiled("90", key)[0] == C.compile_cubin("90", d)
         assert C.rule_form(1, 28672, 4096, 4, 32, 132, 232448, "90", True).stages == 2
     finally:
         C._compiled.cache_clear()
+
+
+def test_rule_form_takes_the_first_that_does_not_spill_else_the_least(monkeypatch):
+    """The order: the rule's form, 4 stages, 8 warps, both; every candidate fitted to the
+    device's shared memory (spill counts stood in by a table)."""
+    table = {}
+    monkeypatch.setattr(C, "spill_bytes", lambda arch, d: table[d["WARPS"], d["STAGES"]])
+
+    def form(**spills):
+        table.clear()
+        table.update({(int(w[1:3]), int(w[4])): v for w, v in spills.items()})
+        return C.rule_form(1, 4096, 4096, 8, 128, 132, 232448, "90", True)
+
+    assert form(w16s2=0) == C.RowsConfig(16, 4, 1, 2)
+    assert form(w16s2=8, w16s4=0) == C.RowsConfig(16, 4, 1, 4)
+    assert form(w16s2=8, w16s4=8, w08s2=0) == C.RowsConfig(8, 4, 1, 2)
+    assert form(w16s2=8, w16s4=8, w08s2=8, w08s4=0) == C.RowsConfig(8, 4, 1, 4)
+    assert form(w16s2=24, w16s4=16, w08s2=8, w08s4=16) == C.RowsConfig(8, 4, 1, 2)
+    assert form(w16s2=8, w16s4=16, w08s2=8, w08s4=8) == C.RowsConfig(16, 4, 1, 2)  # a tie
+    # on a 99 KiB device the 4-stage 16-warp candidate is fitted (fewer stages or warps)
+    table.update({(16, 2): 8, (16, 4): 0, (8, 2): 8, (8, 4): 8, (16, 3): 0, (16, 1): 0,
+                  (8, 3): 0})
+    small = C.rule_form(1, 4096, 4096, 8, 128, 132, 101376, "90", True)
+    assert small.smem_bytes(8, 128) <= 101376 and small != C.RowsConfig(16, 4, 1, 4)
 
 
 @needs_nvrtc
