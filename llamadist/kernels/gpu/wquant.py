@@ -684,15 +684,16 @@ def tinygemm_mma(x2: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Ten
 
 
 def _gemv_split(cfg: GemvConfig, kind: str, scale: torch.Tensor, group: int,
-                k: int) -> tuple[int, int, int, int | None, bool]:
-    """(split, bytes a K range, BLOCK_K, group bytes or None, WIDE_G) of ``cfg``."""
+                k: int) -> tuple[int, int, int, int | None, bool, int]:
+    """(split, bytes a K range, BLOCK_K, group bytes or None, WIDE_G, code bytes a row) of
+    ``cfg``."""
     kb = wquant_triton.code_bytes(kind, k)
     grouped = scale.shape[1] > 1 or kind == "int4"
     group_b = (group // 2 if kind == "int4" else group) if grouped else None
     bk, wide = tile_k(cfg, kind, group_b)
     split = max(1, min(cfg.split, -(-kb // bk)))
     ks = -(-kb // (split * bk)) * bk            # bytes per K range, whole tiles
-    return -(-kb // ks), ks, bk, group_b, wide
+    return -(-kb // ks), ks, bk, group_b, wide, kb
 
 
 def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: torch.Tensor,
@@ -701,8 +702,7 @@ def gemv(x2: torch.Tensor, y: torch.Tensor, kind: str, q: torch.Tensor, scale: t
     """y (M, N) = x2 (M, K) @ W^T + bias through ``_gemv_kernel`` (M <= GEMV_MAX_M); glu:
     y (M, N / 2) = silu(gate) * up of that product (``glu_fits`` first)."""
     m = x2.shape[0]
-    kb = wquant_triton.code_bytes(kind, k)
-    split, ks, bk, group_b, wide = _gemv_split(cfg, kind, scale, group, k)
+    split, ks, bk, group_b, wide, kb = _gemv_split(cfg, kind, scale, group, k)
     grouped = group_b is not None
     xk, xdt = _x_operand(x2, kind, k)
     qv = q.view(torch.uint8) if kind == "int8" else q
