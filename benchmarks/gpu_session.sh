@@ -10,6 +10,7 @@
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
 #         forms30 forms30b final30 split30 verify30
+#         ablate31 nocompile31 verify31
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1119,14 +1120,54 @@ verify30() {  # issue 16, after session 30's CPU-only commits (cuda_int4.rule_fo
     final30
 }
 
+ablate31() {  # issue 16, session 31: how much of the int4 + head batch-1 step the small
+    # kernels hold: each ablated to no kernel (wrong numbers, the same int4_rows and
+    # attention launches): no add + RMSNorm, no silu * up, neither (~3 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
+    local e="import llamadist.kernels.gpu as G; E = G.load('eager_fused')"
+    checkpoint
+    ab i4h "" $q
+    ab i4h_nonorm "$e; E.add_rms_norm = lambda x, r, w, eps: (x, x)" $q
+    ab i4h_nosilu "$e; E.silu_mul = lambda gu: gu[..., : gu.shape[-1] // 2]" $q
+    ab i4h_neither "$e; E.add_rms_norm = lambda x, r, w, eps: (x, x)
+E.silu_mul = lambda gu: gu[..., : gu.shape[-1] // 2]" $q
+    ab i4h_again "" $q
+}
+
+nocompile31() {  # issue 16, session 31: int4 (tinygemm's words, int4_rows up to 8 rows)
+    # is torch.compiled by compile_pays; graphs of the eager layers with the fused kernels
+    # (--no-compile, dependent launches throughout) against it, batch 1 / 4 / 8 / 16 (~4 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    checkpoint
+    for b in 1 4 8 16; do
+        ab i4h_b${b} "" $q --batch $b
+        ab i4h_b${b}_nc "" $q --batch $b --no-compile
+    done
+}
+
+verify31() {  # issue 16, session 31: int4's buckets of at most wquant_torch.ROWS_MAX_M
+    # rows capture the eager layers (kernel_passes.compile_rows): the GPU tests that
+    # compile int4 or not, then the default (no flags) at batch 1 / 4 / 8 / 16 and bf16 at
+    # batch 1 (~5 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    step tests31 240 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_wquant_torch_gpu.py \
+        tests/gpu/test_wquant_gpu.py tests/gpu/test_cuda_graph.py \
+        -k "buckets_compile or tiny_quantized or dependent_launches or greedy_tokens_equal"
+    checkpoint
+    for b in 1 4 8 16; do
+        ab i4h_b${b} "" $q --batch $b
+    done
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 WARMUP_STEPS = 2
 
 
-def per_stage(flag: bool | Sequence[bool], n: int) -> list[bool]:
-    """A stage flag given for all ``n`` stages at once (a bool) or one per stage."""
-    flags = [flag] * n if isinstance(flag, bool) else list(flag)
+def per_stage(flag: bool | int | Sequence[bool | int], n: int) -> list:
+    """A stage setting given for all ``n`` stages at once (a bool or int) or one per
+    stage."""
+    flags = [flag] * n if isinstance(flag, (bool, int)) else list(flag)
     if len(flags) != n:
         raise ValueError(f"{len(flags)} flags for {n} stages")
     return flags
@@ -92,6 +93,12 @@ class GraphCapture:
     kind = "decode"
     prepare_s = 0.0
     artifacts = None  # the compile-artifact file (llamadist.runtime.compile_cache), or None
+    compile_from = 1  # buckets of fewer rows capture the eager layers (Engine.compile_from)
+
+    def layers(self, bk) -> object | None:
+        """The layer call of bucket ``bk``'s step: the compiled one from compile_from
+        rows on, else None (the eager layers)."""
+        return self.layer_fn if bk.size >= self.compile_from else None
 
     def keep_artifacts(self, folder: str | None) -> None:
         """With a compiled layer and a ``folder``: load this stage's artifacts file now
@@ -155,12 +162,13 @@ class StageDecoder(GraphCapture):
     """Static-shape decode of one stage; captured in CUDA graphs when on CUDA."""
 
     def __init__(self, stage: Stage, *, compile_layers: bool = True, capture: bool = True,
-                 compile_cache: str | None = None):
+                 compile_cache: str | None = None, compile_from: int = 1):
         self.stage = stage
         self.device = stage.device
         self.capture = capture and stage.device.type == "cuda"
         self.layer_fn = compiled_layer_call(stage.dependent_launches) if compile_layers \
             else None
+        self.compile_from = compile_from
         self.keep_artifacts(compile_cache)
         self.sizes = bucket_sizes(stage.batch_size)
         self.buckets: dict[int, _Bucket] = {}
@@ -211,7 +219,7 @@ class StageDecoder(GraphCapture):
         mask = torch.zeros(n, 1, 1, s, dtype=self.stage.dtype, device=self.device)
         mask.masked_fill_(~visible.view(n, 1, 1, s), float("-inf"))
         return self.stage.model(bk.x, bk.positions, bk.cache, bk.start, mask,
-                                logits="last", layer_fn=self.layer_fn)
+                                logits="last", layer_fn=self.layers(bk))
 
 class DecodeGraphs:
     """The engine's one-token decode through per-stage static steps (graphs on CUDA);
@@ -219,13 +227,14 @@ class DecodeGraphs:
 
     def __init__(self, stages: Sequence[Stage], *, compile_layers: bool | Sequence[bool] = True,
                  capture: bool = True, static_cpu: bool = False,
-                 compile_cache: str | None = None):
+                 compile_cache: str | None = None, compile_from: int | Sequence[int] = 1):
         self.stages = list(stages)
+        n = len(self.stages)
         self.decoders = [StageDecoder(s, compile_layers=c, capture=capture,
-                                      compile_cache=compile_cache)
+                                      compile_cache=compile_cache, compile_from=f)
                          if s.device.type == "cuda" or static_cpu else None
-                         for s, c in zip(self.stages,
-                                         per_stage(compile_layers, len(self.stages)))]
+                         for s, c, f in zip(self.stages, per_stage(compile_layers, n),
+                                            per_stage(compile_from, n))]
 
     @property
     def prepare_s(self) -> float:

@@ -15,7 +15,7 @@ from llamadist.config import ModelConfig, RuntimeConfig
 from llamadist.model.moe import SparseMoE
 from llamadist.runtime.compiled_layer import load_done
 from llamadist.runtime.cuda_graph import per_stage
-from llamadist.runtime.kernel_passes import compile_pays
+from llamadist.runtime.kernel_passes import compile_rows
 from llamadist.runtime.mask import attention_mask
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage, build_stage, parse_dtype, to_stage
@@ -56,10 +56,14 @@ class Engine:
                      "without CUDA graphs")
             self.cuda_graphs = False
         # torch.compile inside the graphs, one flag per stage: as the run says, or where
-        # it pays, stage by stage (tests may set one bool for all)
+        # it pays, stage by stage (tests may set one bool for all); where it pays only past
+        # some rows (compile_rows), the buckets of fewer rows capture the eager layers
+        rows = [(1 if self.runtime.compile else None) if self.runtime.compile is not None
+                else compile_rows(s.model) if s.device.type == "cuda" else None
+                for s in stages]
         self.compile_layers: bool | tuple[bool, ...] = tuple(
-            self.runtime.compile if self.runtime.compile is not None
-            else s.device.type == "cuda" and compile_pays(s.model) for s in stages)
+            r is not None and r <= s.batch_size for r, s in zip(rows, stages))
+        self.compile_from: int | tuple[int, ...] = tuple(r or 1 for r in rows)
         if (self.runtime.compile_cache and self.cuda_graphs
                 and not any(per_stage(self.compile_layers, len(stages)))):
             log.warning("--compile-cache %s: nothing here compiles (dense float layers "
@@ -171,6 +175,7 @@ class Engine:
         if self._graphs is None:
             from llamadist.runtime.cuda_graph import DecodeGraphs
             self._graphs = DecodeGraphs(self.stages, compile_layers=self.compile_layers,
+                                        compile_from=self.compile_from,
                                         compile_cache=self.runtime.compile_cache)
         return self._graphs
 
@@ -183,6 +188,7 @@ class Engine:
                 return None
             self._paged_graphs = PagedGraphs(self.stages, self.max_batch,
                                              compile_layers=self.compile_layers,
+                                             compile_from=self.compile_from,
                                              compile_cache=self.runtime.compile_cache)
         return self._paged_graphs
 

@@ -64,7 +64,7 @@ from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode, cpu_step, gpu, huge_pages
 from llamadist.kernels import decode_attention as split_kv
 from llamadist.kernels import eager_fused
-from llamadist.kernels import moe_grouped, moe_routed
+from llamadist.kernels import moe_grouped, moe_routed, wquant_torch
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
 from llamadist.kernels.wquant import as_packed_linear
@@ -162,37 +162,61 @@ def use_eager_fused(model: nn.Module, device: torch.device,
     return on
 
 
-def compile_pays(model: nn.Module) -> bool:
+def compile_pays(model: nn.Module, rows: int | None = None) -> bool:
     """Whether torch.compile should make the decode layers of ``model`` (a built CUDA
-    stage) when the run leaves it open (RuntimeConfig.compile None): where they hold what
-    the fused eager kernels do not cover, GPU-quantized weights on torch's products
-    (tinygemm, and the scaled matmul where Triton does not take decode's rows: compile
-    fuses their casts and scales) or mixture-of-experts blocks (routing), or where those
-    kernels are off (--eager-kernels torch, no Triton: graphs of PyTorch's eager ops
-    decode a batch-1 step in 5.98 ms against 4.50 compiled on the H200). A dense float
-    layer with the fused kernels decodes as fast in CUDA graphs of its eager layers (4.46
-    ms) and starts without torch._dynamo; so do int8 / fp8 whose decode rows (up to
-    wquant_torch.TRITON_ROWS, past any usual --max-batch) take the Triton kernels."""
+    stage) for steps of ``rows`` rows (None: of any rows) when the run leaves it open
+    (RuntimeConfig.compile None): where they hold what the fused eager kernels do not
+    cover, GPU-quantized weights on torch's products (tinygemm, and the scaled matmul where
+    Triton does not take decode's rows: compile fuses their casts and scales) or
+    mixture-of-experts blocks (routing), or where those kernels are off (--eager-kernels
+    torch, no Triton: graphs of PyTorch's eager ops decode a batch-1 step in 5.98 ms
+    against 4.50 compiled on the H200). A dense float layer with the fused kernels decodes
+    as fast in CUDA graphs of its eager layers (4.46 ms) and starts without torch._dynamo;
+    so do int8 / fp8 whose decode rows (up to wquant_torch.TRITON_ROWS, past any usual
+    --max-batch) take the Triton kernels, and int4 on tinygemm's words in steps of at
+    most wquant_torch.ROWS_MAX_M rows where cuda_int4.int4_rows takes them (``tg_rows``):
+    Llama-3-8B int4 + head on an H200 stepped batch 1 / 4 / 8 in 1.952 / 2.040 / 2.438
+    ms through the eager layers against 1.964 / 2.164 / 2.578 compiled (RESULTS.md,
+    session 31); past those rows tinygemm and the tensor-core tiles take them, and
+    compiling pays (batch 16: 7.606 against 7.717)."""
     from llamadist.kernels.wquant import PackedLinear
+
+    def tinygemm_pays(m: PackedLinear) -> bool:
+        return not (m.tg_rows and rows is not None and rows <= wquant_torch.ROWS_MAX_M)
+
     return any(isinstance(m, SparseMoE)
                or (isinstance(m, PackedLinear) and (
-                   m.path == "tinygemm" or (m.path == "scaled" and not m.triton_rows)))
+                   (m.path == "tinygemm" and tinygemm_pays(m))
+                   or (m.path == "scaled" and not m.triton_rows)))
                or (isinstance(m, RMSNorm) and m.add_norm is None)
                for m in model.modules())
 
 
-def compile_expected(config, runtime: RuntimeConfig, device: torch.device) -> bool:
-    """compile_pays predicted before a stage on ``device`` loads (to import the compiler
-    beside the load): ``runtime.compile``, or with None a mixture-of-experts model,
-    weights that --quantize quantizes for torch's products (int4's tinygemm; int8 / fp8
-    only without Triton, which the last term covers), or the fused eager kernels off.
+def compile_rows(model: nn.Module) -> int | None:
+    """The fewest rows of a decode step whose layers torch.compile should make when the
+    run leaves it open (compile_pays; it pays from some row count on, never less past
+    it), or None where it never pays."""
+    if not compile_pays(model):
+        return None
+    few = wquant_torch.ROWS_MAX_M
+    return few + 1 if not compile_pays(model, few) else 1
+
+
+def compile_expected(config, runtime: RuntimeConfig, device: torch.device,
+                     max_batch: int | None = None) -> bool:
+    """compile_pays predicted before a stage on ``device`` for steps of up to
+    ``max_batch`` rows (None: any) loads (to import the compiler beside the load):
+    ``runtime.compile``, or with None a mixture-of-experts model, weights that --quantize
+    quantizes for torch's products (int4's tinygemm past the rows cuda_int4 takes; int8 /
+    fp8 only without Triton, which the last term covers), or the fused eager kernels off.
     (Not foreseen: a GGUF's own blocks on a GPU, whose compile then imports the
-    compiler at the first decode; int4 whose product falls back to Triton, and MoE blocks
-    without the grouped kernel, which decode without graphs: an import for nothing.)"""
+    compiler at the first decode, as does int4 at few rows on a GPU where cuda_int4 does
+    not run; int4 whose product falls back to Triton, and MoE blocks without the grouped
+    kernel, which decode without graphs: an import for nothing.)"""
     if device.type != "cuda" or not runtime.cuda_graphs or runtime.compile is False:
         return False
     tinygemm = runtime.wquant == "torch" and (runtime.quantize_for(str(device)) or "") \
-        .startswith("int4")
+        .startswith("int4") and (max_batch is None or max_batch > wquant_torch.ROWS_MAX_M)
     return bool(runtime.compile or config.num_experts or tinygemm
                 or runtime.eager_kernels != "triton" or not gpu.INSTALLED)
 

@@ -16,8 +16,9 @@ slot (seq_len 1) and their outputs are dropped. The Triton paged kernel
 (llamadist.kernels.paged_attention) reads the tables and lengths from the buffer, so the
 graph serves any step of its bucket.
 The decoder layers run through torch.compile (the one compiled layer of
-llamadist.runtime.cuda_graph) when ``compile_layers``; if compilation fails, the eager
-layers are captured instead. Graphs need every stage on CUDA with the paged kernel
+llamadist.runtime.cuda_graph) when ``compile_layers``, in the buckets of at least
+``compile_from`` rows (the engine's: fewer where compiling pays only past some rows,
+kernel_passes.compile_rows); if compilation fails, the eager layers are captured instead. Graphs need every stage on CUDA with the paged kernel
 (``PagedGraphs.supports``); otherwise the engine runs the step eagerly.
 """
 
@@ -105,7 +106,8 @@ class PagedStageDecoder(GraphCapture):
     kind = "paged decode"
 
     def __init__(self, stage: Stage, max_blocks: int, *, compile_layers: bool = True,
-                 capture: bool = True, compile_cache: str | None = None):
+                 capture: bool = True, compile_cache: str | None = None,
+                 compile_from: int = 1):
         if stage.paged is None:
             raise RuntimeError("call init_paged() before making paged graphs")
         self.stage = stage
@@ -113,6 +115,7 @@ class PagedStageDecoder(GraphCapture):
         self.capture = capture and stage.device.type == "cuda"
         self.layer_fn = compiled_layer_call(stage.dependent_launches) if compile_layers \
             else None
+        self.compile_from = compile_from
         self.keep_artifacts(compile_cache)
         self.buckets: dict[int, PagedBucket] = {}
         self.pool = torch.cuda.graph_pool_handle() if self.capture else None
@@ -144,7 +147,7 @@ class PagedStageDecoder(GraphCapture):
     def _forward(self, bk: PagedBucket) -> torch.Tensor:
         st = self.stage
         return st.model(bk.x, bk.batch.positions.view(bk.size, 1), PagedStep(st.paged, bk.batch),
-                        0, None, "last", self.layer_fn,
+                        0, None, "last", self.layers(bk),
                         logits_index=bk.batch.last_token_index)
 
 
@@ -154,15 +157,17 @@ class PagedGraphs:
 
     def __init__(self, stages: Sequence[Stage], max_batch: int, *,
                  compile_layers: bool | Sequence[bool] = True, capture: bool = True,
-                 compile_cache: str | None = None):
+                 compile_cache: str | None = None, compile_from: int | Sequence[int] = 1):
         self.stages = list(stages)
         self.sizes = bucket_sizes(max_batch)
         self.block_size = self.stages[0].paged.block_size
         self.max_blocks = -(-max(s.max_seq_len for s in self.stages) // self.block_size)
+        n = len(self.stages)
         self.decoders = [PagedStageDecoder(s, self.max_blocks, compile_layers=c,
-                                           capture=capture, compile_cache=compile_cache)
-                         for s, c in zip(self.stages,
-                                         per_stage(compile_layers, len(self.stages)))]
+                                           capture=capture, compile_cache=compile_cache,
+                                           compile_from=f)
+                         for s, c, f in zip(self.stages, per_stage(compile_layers, n),
+                                            per_stage(compile_from, n))]
 
     @staticmethod
     def supports(stages: Sequence[Stage]) -> bool:

@@ -184,7 +184,7 @@ def build_stage(ckpt: Checkpoint, layers: range, device: torch.device | str, dty
     ``RuntimeConfig()``, every kernel that applies on ``device``."""
     device = torch.device(device)
     runtime = runtime or RuntimeConfig()
-    if compile_expected(ckpt.config, runtime, device):
+    if compile_expected(ckpt.config, runtime, device, batch_size):
         start_compiler_import()  # its seconds of imports beside the load (issue 13)
     with torch.device("meta"):
         model = Llama(ckpt.config, layers, has_embed=has_embed, has_head=has_head)

@@ -249,3 +249,35 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, bat
     if kind == "fp8" or kind == "int8" and batch < 3:
         assert not launched
     assert not gpu.launch_dependent(torch.device("cuda", 0))  # only inside the capture
+
+
+def test_int4_buckets_compile_only_past_cuda_int4s_rows(wide_model):
+    """int4 on tinygemm's words with torch.compile left open: the buckets whose rows
+    cuda_int4's kernel takes (up to wquant_torch.ROWS_MAX_M) capture the eager layers,
+    larger ones the compiled layer, and a max batch within those rows compiles nothing;
+    both kinds of bucket decode the eager (graph-free) run's greedy tokens."""
+    from llamadist.api import LLM
+    from llamadist.config import RuntimeConfig
+    from llamadist.kernels import wquant_torch
+    few = wquant_torch.ROWS_MAX_M
+    if not wquant_torch.int4_rows_ok(torch.device("cuda:0")):
+        pytest.skip("cuda_int4's kernel does not run on this GPU")
+    prompts = (["The quick brown fox", "1 2 3 4 5", "Once upon a time"] * 4)[:few + 2]
+
+    def llm(max_batch: int, graphs: bool = True):
+        return LLM(wide_model, devices="cuda:0", runtime=RuntimeConfig(
+            quantize="int4", dtype="bfloat16", wquant="torch", max_batch=max_batch,
+            cuda_graphs=graphs))
+    small = llm(few)
+    assert small.engine.compile_layers == (False,)
+    wide, eager = llm(few + 2), llm(few + 2, graphs=False)
+    assert wide.engine.compile_layers == (True,) and wide.engine.compile_from == (few + 1,)
+    for n in (2, few + 2):
+        _same_greedy_tokens(wide, eager, prompts[:n])
+    graphs = wide.engine.paged_graphs() or wide.engine.decode_graphs()
+    decoder = graphs.decoders[0]
+    assert decoder.layer_fn is not None and decoder.compile_from == few + 1
+    sizes = sorted(decoder.buckets)
+    assert sizes[0] <= 2 and sizes[-1] == few + 2, sizes
+    assert [decoder.layers(decoder.buckets[s]) is not None for s in sizes] == \
+        [s > few for s in sizes]

@@ -258,6 +258,44 @@ def test_compile_is_where_it_pays_unless_a_flag_says(tiny_model):
     assert not compile_pays(stage.model)  # dense float layers with the fused kernels
 
 
+def test_int4_compiles_only_past_the_rows_cuda_int4_takes(tiny_model):
+    """int4 on tinygemm's words compiles where torch's products serve the rows (past
+    wquant_torch.ROWS_MAX_M, or everywhere cuda_int4 does not run); fewer rows take
+    cuda_int4's kernel, whose steps run as fast through the eager layers. The engine's
+    buckets follow compile_rows, and the compiler's early import its max batch."""
+    from torch import nn
+
+    from llamadist.config import RuntimeConfig, named_shape
+    from llamadist.kernels import wquant, wquant_torch
+    from llamadist.model.llama import MLP, RMSNorm
+    from llamadist.runtime.kernel_passes import compile_expected, compile_pays, compile_rows
+    from llamadist.runtime.stage import build_stage
+    from llamadist.weights.checkpoint import open_checkpoint
+    few = wquant_torch.ROWS_MAX_M
+    dense, gpu = named_shape("llama3-8b"), torch.device("cuda:0")
+    int4 = RuntimeConfig(quantize="int4", wquant="torch")
+    assert compile_expected(dense, int4, gpu) and compile_expected(dense, int4, gpu, few + 1)
+    assert not compile_expected(dense, int4, gpu, few)
+    assert compile_expected(dense, RuntimeConfig(quantize="int4", wquant="torch", compile=True),
+                            gpu, 1)
+    ckpt = open_checkpoint(str(tiny_model))
+    stage = build_stage(ckpt, range(0, ckpt.config.num_layers), "cpu", torch.float32, 1, 32)
+    for m in stage.model.modules():  # as use_eager_fused sets them on a GPU
+        if isinstance(m, RMSNorm):
+            m.add_norm = lambda *a: None
+    assert compile_rows(stage.model) is None
+    mlp = next(m for m in stage.model.modules() if isinstance(m, MLP))
+    lin = nn.Linear(mlp.down_proj.in_features, mlp.down_proj.out_features, bias=False)
+    del lin.weight
+    lin.weight = wquant.quantize(mlp.down_proj.weight.detach(), "int4-g32")
+    mlp.down_proj = lin = wquant.as_packed_linear(lin, "torch")
+    assert lin.path == "tinygemm" and not lin.tg_rows  # cuda_int4 runs on CUDA only
+    assert compile_pays(stage.model, 1) and compile_rows(stage.model) == 1
+    lin.tg_rows = True  # as on a GPU where cuda_int4's kernel runs
+    assert [compile_pays(stage.model, r) for r in (1, few, few + 1)] == [False, False, True]
+    assert compile_pays(stage.model) and compile_rows(stage.model) == few + 1
+
+
 def test_kv_length_defaults_to_what_the_request_needs(smollm2):
     from llamadist.cli.jobs import chat_job, generate_job
     from llamadist.cli.main import build_parser

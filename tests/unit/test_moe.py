@@ -245,7 +245,7 @@ def test_moe_decodes_without_cuda_graphs(tiny_mixtrals):
     dense = replace(cfg, num_experts=0, num_experts_per_tok=0)
     with torch.device("meta"):
         moe_model, dense_model = Llama(cfg), Llama(dense)
-    on_cuda = [SimpleNamespace(device=torch.device("cuda"), model=moe_model)]
+    on_cuda = [SimpleNamespace(device=torch.device("cuda"), model=moe_model, batch_size=1)]
     assert Engine(cfg, on_cuda).cuda_graphs is False
     blocks = [m for m in moe_model.modules() if isinstance(m, SparseMoE)]
     for m in blocks[:-1]:
@@ -253,7 +253,7 @@ def test_moe_decodes_without_cuda_graphs(tiny_mixtrals):
     assert Engine(cfg, on_cuda).cuda_graphs is False  # one block still loops
     blocks[-1].expert_fn = lambda x, w, i: x
     assert Engine(cfg, on_cuda).cuda_graphs is True
-    dense_stage = [SimpleNamespace(device=torch.device("cuda"), model=dense_model)]
+    dense_stage = [SimpleNamespace(device=torch.device("cuda"), model=dense_model, batch_size=1)]
     assert Engine(dense, dense_stage).cuda_graphs
 
 

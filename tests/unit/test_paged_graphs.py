@@ -98,5 +98,12 @@ def test_each_stage_compiles_as_its_own_flag_says(tiny_model, monkeypatch):
     assert [d.layer_fn for d in graphs.decoders] == [marker, None]
     graphs = paged_graphs.PagedGraphs(model.stages, 2, compile_layers=False, capture=False)
     assert [d.layer_fn for d in graphs.decoders] == [None, None]
+    # where compiling pays only past some rows, the buckets of fewer capture eager layers
+    assert model.compile_from == (1, 1)
+    graphs = paged_graphs.PagedGraphs(model.stages, 4, compile_layers=True, capture=False,
+                                      compile_from=(1, 3))
+    rows = [graphs.decoders[i].bucket(b, i == 0, 64) for i in (0, 1) for b in (2, 4)]
+    assert [graphs.decoders[0].layers(bk) for bk in rows[:2]] == [marker, marker]
+    assert [graphs.decoders[1].layers(bk) for bk in rows[2:]] == [None, marker]
     with pytest.raises(ValueError, match="3 flags for 2 stages"):
         paged_graphs.PagedGraphs(model.stages, 2, compile_layers=(True,) * 3, capture=False)
