@@ -228,11 +228,12 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
-            stagger: bool = False, pdl: bool = False) -> dict[str, int]:
+            stagger: bool = False, pdl: bool = False, glu: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
-            "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl)}
+            "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
+            "GLU": int(glu)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -260,18 +261,20 @@ def device_index(device: torch.device) -> int:
 
 
 def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
-                   pdl: bool = False) -> dict[str, int]:
+                   pdl: bool = False, glu: bool = False) -> dict[str, int]:
     """int4_rows's -D values for this form on ``arch`` as launched now: the module's
     switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER) where they apply."""
     tma = BULK and int(arch) >= 90 and not cfg.persist
     stagger = STAGGER and not tma and not cfg.persist  # cp.async options
-    return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl)
+    return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, glu)
 
 
-def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False):
+def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False,
+           glu: bool = False):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
-    once); ``pdl``: its programmatic-dependent-launch variant (``pdl_launch``)."""
-    launched = launch_defines(tiles, group, cfg, _arch(index), pdl)
+    once); ``pdl``: its programmatic-dependent-launch variant (``pdl_launch``); ``glu``:
+    the variant writing silu(gate) * up of a gate | up weight."""
+    launched = launch_defines(tiles, group, cfg, _arch(index), pdl, glu)
     key = (index, tuple(sorted(launched.items())))
     fn = _KERNELS.get(key)
     if fn is None:
@@ -295,12 +298,15 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
 
 
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
-           group: int, tiles: int, cfg: RowsConfig | None = None) -> torch.Tensor:
+           group: int, tiles: int, cfg: RowsConfig | None = None,
+           glu: bool = False) -> torch.Tensor:
     """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
     (G, N, 2) bf16 table; 1 <= M <= MAX_ROWS. Without ``cfg``, the rule's form, fitted to
-    the device's shared memory."""
+    the device's shared memory. ``glu``: W is gate | up (N / 2 rows each, N a multiple of
+    16) and y (M, N / 2) = silu(gate) * up, the bits eager_fused.silu_mul gives of the
+    product."""
     m, k = x.shape
-    _check_args(x, packed, scales_zeros, n, k, group, tiles)
+    _check_args(x, packed, scales_zeros, n, k, group, tiles, glu)
     x = x.contiguous()
     if x.data_ptr() % 16:  # x's rows and the table are copied in 16-byte chunks
         x = x.clone()
@@ -309,14 +315,18 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     index = device_index(x.device)
     pdl = pdl_launch(index)
     if cfg is None:
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches())
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(), glu)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
-    fn = kernel(index, tiles, group, cfg, pdl)
-    y = torch.empty(m, n, dtype=torch.bfloat16, device=x.device)
-    blocks = -(-(n // 8) // cfg.nb)
+    if glu and cfg.nb % 2:
+        raise ValueError(f"int4_rows form {cfg.label()}: GLU takes an even number of n-tiles")
+    fn = kernel(index, tiles, group, cfg, pdl, glu)
+    y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
+    # a block's tiles: NB n-tiles, or (GLU) NB / 2 of gate's and the same of up's
+    blocks = -(-(n // 16) // (cfg.nb // 2)) if glu else -(-(n // 8) // cfg.nb)
     if cfg.persist:  # one wave, each block looping over its tiles
-        blocks = min(blocks, PERSIST_BLOCKS or resident_blocks(index, tiles, group, cfg, pdl))
+        blocks = min(blocks, PERSIST_BLOCKS
+                     or resident_blocks(index, tiles, group, cfg, pdl, glu))
     args, smem = [x, packed, scales_zeros, y, m, n, k], cfg.ring_bytes(tiles, group)
     with torch.cuda.device(x.device):
         if pdl:
@@ -368,10 +378,10 @@ def _launch_dependent(fn, blocks: int, threads: int, args: list, smem: int) -> N
 
 @functools.cache
 def resident_blocks(index: int, tiles: int, group: int, cfg: RowsConfig,
-                    pdl: bool = False) -> int:
+                    pdl: bool = False, glu: bool = False) -> int:
     """How many blocks of this form device ``index`` holds at once (a wave): the driver's
     occupancy of the compiled kernel, times the SMs."""
-    fn = kernel(index, tiles, group, cfg, pdl)
+    fn = kernel(index, tiles, group, cfg, pdl, glu)
     lib, per_sm = torch.cuda._utils._get_gpu_runtime_library(), ctypes.c_int(0)
     rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
         ctypes.byref(per_sm), fn.func, cfg.warps * 32,
@@ -380,9 +390,12 @@ def resident_blocks(index: int, tiles: int, group: int, cfg: RowsConfig,
     return sms * max(1, per_sm.value) if rc == 0 else sms
 
 
-def _check_args(x, packed, scales_zeros, n, k, group, tiles) -> None:
+def _check_args(x, packed, scales_zeros, n, k, group, tiles, glu=False) -> None:
     """What the kernel assumes and does not check itself (it would read out of bounds)."""
     problems = []
+    if glu and n % 16:
+        problems.append(f"a gate | up weight's N {n} must be a multiple of 16 (two halves "
+                        "of whole n-tiles)")
     if x.dtype != torch.bfloat16 or scales_zeros.dtype != torch.bfloat16:
         problems.append(f"x and the table must be bfloat16 (are {x.dtype}, "
                         f"{scales_zeros.dtype})")
@@ -414,12 +427,13 @@ def smem_optin(index: int) -> int:
 
 @functools.cache
 def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
-               pdl: bool = False, switches: tuple = ()) -> RowsConfig:
+               pdl: bool = False, switches: tuple = (), glu: bool = False) -> RowsConfig:
     """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape,
-    launch kind and set of the module's ``switches``, not on every launch."""
+    launch kind (``pdl``, ``glu``) and set of the module's ``switches``, not on every
+    launch."""
     p = torch.cuda.get_device_properties(index)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
-                     p.shared_memory_per_block_optin, _arch(index), pdl)
+                     p.shared_memory_per_block_optin, _arch(index), pdl, glu)
 
 
 def _switches() -> tuple:
@@ -428,7 +442,7 @@ def _switches() -> tuple:
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,
-              arch: str, pdl: bool) -> RowsConfig:
+              arch: str, pdl: bool, glu: bool = False) -> RowsConfig:
     """``rows_config``'s form fitted to ``smem`` bytes of shared memory a block. Where its 2
     stages or 16 warps make ptxas spill registers to local memory for ``arch`` (as 8 x 4 x
     2 on sm_90 at 4 tiles and groups of 32 as a dependent launch, or on sm_80 at groups of
@@ -441,7 +455,7 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     best, least = cfg, None
     for c in (cfg, replace(cfg, stages=4), replace(cfg, warps=8), replace(cfg, warps=8, stages=4)):
         c = c.fit(tiles, group, smem)
-        spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl))
+        spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl, glu))
         if not spilled:  # none, or no report to go by (then the rule's form)
             return c
         if least is None or spilled < least:
@@ -458,6 +472,17 @@ def _rows_shape(x, packed, scales_zeros, n, group, tiles):
     return x.new_empty(x.shape[0], n)
 
 
+def _glu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+         group: int, tiles: int) -> torch.Tensor:
+    return launch(x, packed, scales_zeros, n, group, tiles, glu=True)
+
+
+def _glu_shape(x, packed, scales_zeros, n, group, tiles):
+    return x.new_empty(x.shape[0], n // 2)
+
+
 # y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout for M <= MAX_ROWS (the custom op
-# torch.compile sees; outside compile the launch itself)
+# torch.compile sees; outside compile the launch itself), and silu(gate) * up (M, N / 2)
+# of a gate | up W the same way
 int4_rows = gpu.custom_op("llamadist::int4_rows", _rows, fake=_rows_shape)
+int4_rows_glu = gpu.custom_op("llamadist::int4_rows_glu", _glu, fake=_glu_shape)

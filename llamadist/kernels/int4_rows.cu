@@ -47,6 +47,9 @@
 // issues its whole tile at once, more bytes in flight than a ring that runs on). PDL (0,
 // 1; sm_90): a programmatic dependent launch (kernels.gpu.dependent_launches, the decode
 // graphs' default there): the first k-tiles of words before griddepcontrol.wait, x after.
+// GLU (0, 1; NB even): W is gate | up (N / 2 rows each) and y (M, N / 2) = silu(gate) * up,
+// as eager_fused's kernel writes it from the product: a block's first NB / 2 n-tiles are
+// gate's, the rest the same n-tiles of up's, and its sums end in that kernel's formula.
 
 #include "cuda_mma.cuh"
 
@@ -68,6 +71,12 @@
 #endif
 #ifndef PDL
 #define PDL 0
+#endif
+#ifndef GLU
+#define GLU 0
+#endif
+#if GLU && (NB % 2)
+#error "GLU pairs NB / 2 n-tiles of gate with as many of up"
 #endif
 #if PDL && TMA
 #error "PDL is a cp.async option"
@@ -300,12 +309,35 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 }
 #endif
 
-// the warps' partial sums of a tile's rows (n-tiles nt0 ..): d0, d1 are (row g, n 2c,
-// 2c + 1), d2, d3 the same at row g + 8 (WA: see ktile), summed over the warps through red
+// n-tile b of tile t (tiles of NB n-tiles; GLU: the first NB / 2 n-tiles of gate's half
+// of W, then the same of up's), clamped to the last (of the half) past the end: read, never
+// written
+static __device__ __forceinline__ int ntile(int t, int b, int NT) {
+#if GLU
+    const int half = NT >> 1, i = min(t * (NB / 2) + b % (NB / 2), half - 1);
+    return b < NB / 2 ? i : half + i;
+#else
+    return min(t * NB + b, NT - 1);
+#endif
+}
+
+#if GLU
+// silu(gate) * up as eager_fused's kernel writes it from the product's bf16 outputs:
+// CUDA's expf, a rounded division (NVRTC's default), each rounded to bf16
+static __device__ __forceinline__ u16 silu_times(float gate, float up) {
+    gate = lo_f(to_bf16(gate));
+    const float act = lo_f(to_bf16(gate / (1.f + expf(-gate))));
+    return to_bf16(act * lo_f(to_bf16(up)));
+}
+#endif
+
+// the warps' partial sums of tile t's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3 the
+// same at row g + 8 (WA: see ktile), summed over the warps through red; GLU: y (M, N / 2)
+// = silu(gate) * up of each gate n-tile and its up n-tile
 static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
                                                 float (&red)[WARPS][NB][ROWS16 ? 16 : 8][8],
                                                 u16* __restrict__ y, int warp, int g, int c,
-                                                int M, int N, int NT, int nt0) {
+                                                int M, int N, int NT, int t) {
 #if WA
 #pragma unroll
     for (int p = 0; p < NB / 2; ++p) {
@@ -327,15 +359,29 @@ static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
 #endif
     __syncthreads();
     const int rows = ROWS16 ? 16 : 8;
-    for (int t = threadIdx.x; t < NB * rows * 8; t += WARPS * 32) {
-        const int b = t / (rows * 8), m = (t / 8) % rows, j = t % 8;
-        if (m >= M || nt0 + b >= NT) continue;
+#if GLU
+    for (int e = threadIdx.x; e < NB / 2 * rows * 8; e += WARPS * 32) {
+        const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * (NB / 2) + b;
+        if (m >= M || nt >= NT / 2) continue;
+        float gate = 0.f, up = 0.f;
+#pragma unroll
+        for (int i = 0; i < WARPS; ++i) {
+            gate += red[i][b][m][j];
+            up += red[i][NB / 2 + b][m][j];
+        }
+        y[(size_t)m * (N / 2) + nt * 8 + j] = silu_times(gate, up);
+    }
+#else
+    for (int e = threadIdx.x; e < NB * rows * 8; e += WARPS * 32) {
+        const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * NB + b;
+        if (m >= M || nt >= NT) continue;
         float v = 0.f;
 #pragma unroll
         for (int i = 0; i < WARPS; ++i)
             v += red[i][b][m][j];
-        y[(size_t)m * N + (nt0 + b) * 8 + j] = to_bf16(v);
+        y[(size_t)m * N + nt * 8 + j] = to_bf16(v);
     }
+#endif
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -366,7 +412,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // blockIdx.x, + gridDim.x, ..., the ring running on from one tile's k-tiles to the next
     // so that the loads stay in flight through each tile's sums
 #if PERSIST
-    const int tiles = (NT + NB - 1) / NB;
+    const int tiles = GLU ? ((NT >> 1) + NB / 2 - 1) / (NB / 2) : (NT + NB - 1) / NB;
     const int my_tiles = (int)blockIdx.x < tiles ? (tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
 #else
     const int my_tiles = 1;
@@ -378,7 +424,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // issue (PERSIST: the table's n-tiles from the tile, not kept: four registers fewer)
     int next_i = 0, next_t = blockIdx.x;
 #if PERSIST
-#define NTB(b) min(next_t * NB + (b), NT - 1)
+#define NTB(b) ntile(next_t, b, NT)
 #else
     int ntb[NB];
 #define NTB(b) ntb[b]
@@ -388,7 +434,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     auto sources = [&](int t) {
 #pragma unroll
         for (int b = 0; b < NB; ++b) {
-            const int nt = min(t * NB + b, NT - 1);
+            const int nt = ntile(t, b, NT);
 #if !PERSIST
             ntb[b] = nt;
 #endif
@@ -559,7 +605,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #endif
             __syncwarp();  // every lane done with the slot before the next issue refills it
         }
-        sum_tile(out, red, y, warp, g, c, M, N, NT, (blockIdx.x + tt * gridDim.x) * NB);
+        sum_tile(out, red, y, warp, g, c, M, N, NT, blockIdx.x + tt * gridDim.x);
         if (PERSIST)
             __syncthreads();  // every sum of red read before the next tile's are written
     }

@@ -308,10 +308,16 @@ class PackedLinear(nn.Linear):
 
     def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
         """silu(gate) * up (..., out_features / 2) of this gate | up product (a fused MLP's
-        gate_up_proj) through one Triton call (wquant_triton.launch_glu), or None where
-        the rows do not take the Triton kernels (tinygemm, the scaled product's rows)."""
-        if self.path == "tinygemm" or self.bias is not None or self.out_features % 2 \
-                or self._scaled_rows(x) or not _triton_runs(x):
+        gate_up_proj) through one call that writes it: the Triton GEMV
+        (wquant_triton.launch_glu), or on tinygemm's words cuda_int4's kernel
+        (wquant_torch.int4_glu, where ``tg_rows`` and it takes the rows); None where
+        neither takes x (tinygemm's other products, the scaled product's rows)."""
+        if self.bias is not None or self.out_features % 2:
+            return None
+        if self.path == "tinygemm":
+            return wquant_torch.int4_glu(x, self.tg_weight, self.tg_scales_zeros, self.group,
+                                         self.out_features, self.tg_rows)
+        if self._scaled_rows(x) or not _triton_runs(x):
             return None
         return wquant_triton.packed_glu_op(x, self.qweight, self.wscale, self.woffset,
                                            self.kind_id, self.group, self.out_features,

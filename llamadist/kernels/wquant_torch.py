@@ -259,6 +259,22 @@ def int4_linear(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     return y.view(*x.shape[:-1], n)
 
 
+def int4_glu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+             n: int, cuda_rows: bool = False) -> torch.Tensor | None:
+    """silu(gate) * up (..., N / 2) of a gate | up weight (N rows: gate's N / 2, then
+    up's) in tinygemm's layout, through one cuda_int4.int4_rows launch that writes it (the
+    same bits as int4_linear, then eager_fused.silu_mul), where ``cuda_rows`` and the
+    rows take that kernel (int4_product's "rows"); else None (the caller runs the
+    product, then silu * up). N is a multiple of 16, as tinygemm_ok has it."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    if not (cuda_rows and x.is_cuda and int4_product(m, n, k, cuda_rows) == "rows"):
+        return None
+    y = cuda_int4.int4_rows_glu(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
+                                _inner_k_tiles(k))
+    return y.to(x.dtype).view(*x.shape[:-1], n // 2)
+
+
 def codes_as(q: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """int8 codes or fp8 e4m3 bits (uint8) -> their values in ``dtype`` (exact in bf16,
     float16 and float32)."""

@@ -250,3 +250,64 @@ def test_in_a_cuda_graph_and_through_packed_linear():
     ref = x.double().cpu() @ w64.t() + lin.bias.double().cpu()
     # the quantized table (bf16 scale and zero) differs from pw's float32 by 2^-9 relative
     torch.testing.assert_close(eager.double().cpu(), ref, rtol=2**-6, atol=2**-6)
+
+
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    from llamadist.kernels import eager_fused
+    return eager_fused.silu_mul(gu)
+
+
+@pytest.mark.parametrize("cfg", [None, C.RowsConfig(8, 4, 1, 2), C.RowsConfig(16, 4, 4, 2),
+                                 C.RowsConfig(4, 2, 16, 4), C.RowsConfig(8, 4, 8, 4,
+                                                                         persist=True)])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_glu_same_bits_as_product_then_silu(cfg, pdl, monkeypatch):
+    """GLU (a block's first n-tiles gate's, the same of up's after them; silu(gate) * up
+    in its sums' epilogue): the bits of the product followed by eager_fused.silu_mul, in
+    the rule's form and others (16 rows with x as the A operand, persistent blocks over
+    short last tiles), plain and as a dependent launch, and in a CUDA graph."""
+    if pdl and torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip("programmatic dependent launches need sm_90")
+    monkeypatch.setattr(C, "PDL", pdl)
+    monkeypatch.setattr(C, "PERSIST_BLOCKS", 3 if cfg is not None and cfg.persist else 0)
+    for n, k, group in SHAPES:  # N / 16: 3, 5, 17, 8, 256 gate n-tiles
+        packed, sz, w64, tiles = _case(n, k, group, seed=n + k)
+        for m in (1, 3, 8, 16):
+            form = cfg if cfg is None or m <= cfg.rows else None
+            x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+            want = _silu_mul(C.launch(x, packed, sz, n, group, tiles, form))
+            got = C.launch(x, packed, sz, n, group, tiles, form, glu=True)
+            assert got.shape == (m, n // 2) and torch.equal(got, want), (n, k, group, m, form)
+    assert torch.equal(_replayed(
+        lambda x: C.launch(x, packed, sz, n, group, tiles, form, glu=True), x), want)
+
+
+def test_glu_through_the_mlp(monkeypatch):
+    """A fused MLP's tinygemm gate_up_proj writes silu(gate) * up itself at the decode
+    rows (past them: None, and the MLP runs the product, then silu * up); the MLP's
+    output is the same either way."""
+    from llamadist.kernels import eager_fused
+    from llamadist.model.llama import MLP
+    n, k, group = 2 * 272, 640, 128
+    pw = W.quantize_int4(torch.randn(n, k) * 0.05, group)
+    lin = nn.Linear(k, n, bias=False, device="meta")
+    del lin.weight
+    lin.weight = pw.to(DEV)
+    lin = W.as_packed_linear(lin, "torch", torch.bfloat16)
+    assert lin.path == "tinygemm" and lin.tg_rows
+    for m in (1, 8, 9):
+        x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+        glu = lin.silu_mul(x)
+        assert (glu is None) == (m > WT.ROWS_MAX_M), m
+        if glu is not None:
+            assert torch.equal(glu, eager_fused.silu_mul(lin(x)))
+    cfg = type("Cfg", (), dict(hidden_size=k, intermediate_size=n // 2, mlp_bias=False))
+    mlp = MLP(cfg).to(DEV, torch.bfloat16)
+    mlp.gate_up_proj = lin
+    mlp.down_proj = nn.Linear(n // 2, k, bias=False, device=DEV, dtype=torch.bfloat16)
+    x = torch.randn(1, 2, k, device=DEV).to(torch.bfloat16)
+    unfused = mlp.down_proj(eager_fused.silu_mul(lin(x)))
+    mlp.silu_mul = eager_fused.silu_mul
+    calls, real = [], C.int4_rows_glu
+    monkeypatch.setattr(C, "int4_rows_glu", lambda *a: calls.append(1) or real(*a))
+    assert torch.equal(mlp(x), unfused) and calls == [1]

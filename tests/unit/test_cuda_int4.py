@@ -128,6 +128,23 @@ def test_rule_forms_do_not_spill():
 
 
 @needs_nvrtc
+def test_glu_rule_forms_compile_without_spilling():
+    """The GLU variant (silu(gate) * up in the sums' epilogue) of the rule's forms at 1-16
+    rows, Llama-3-8B's gate_up (g128) and SmolLM2's (K = 576: 4 tiles, g32), on sm_80 and
+    sm_90, plain and dependent: compiled, kept in registers (NVRTC 12.9.86), and another
+    cubin than the product's."""
+    for arch, pdl in [("80", False), ("90", False), ("90", True)]:
+        for n, k, tiles, group in [(28672, 4096, 8, 128), (3072, 576, 4, 32)]:
+            for m in (1, 4, 8, 16):
+                cfg = C.rule_form(m, n, k, tiles, group, 132, 232448, arch, pdl, glu=True)
+                glu = C.launch_defines(tiles, group, cfg, arch, pdl, glu=True)
+                assert glu["GLU"] == 1 and cfg.nb % 2 == 0
+                assert C.spill_bytes(arch, glu) == 0, (arch, pdl, n, m, cfg)
+                plain = C.launch_defines(tiles, group, cfg, arch, pdl)
+                assert C.compile_cubin(arch, glu) != C.compile_cubin(arch, plain)
+
+
+@needs_nvrtc
 @pytest.mark.parametrize("refused", [("--no-such-option",), ("--ptxas-options=-bogus",)])
 def test_an_nvrtc_without_the_spill_report_keeps_the_rule(refused, monkeypatch):
     """Where NVRTC (or ptxas) refuses the report's option, the kernel still compiles and
