@@ -393,8 +393,8 @@ class RuntimeConfig:
     compile          torch.compile the decoder layers inside the graphs: True, False, or
                      None (the default): where it pays, stage by stage
                      (kernel_passes.compile_pays: layers with GPU-quantized weights on
-                     torch's products (int4: in steps of more rows than cuda_int4's
-                     kernel takes), mixture-of-experts blocks, or the fused eager
+                     torch's products (int4: where cuda_int4's kernel runs, in steps of
+                     more rows than it takes), mixture-of-experts blocks, or the fused eager
                      kernels off); a dense float model's graphs capture its eager layers with the
                      fused kernels (eager_kernels): as fast on the H200 (batch-1 decode
                      4.46 ms against 4.50 compiled; 256 requests 7 782 / 8 337 tokens/s
@@ -403,7 +403,7 @@ class RuntimeConfig:
                      10.0 s after the command against 15.8 s compiled with warm caches)
     compile_cache    a folder where each stage keeps torch.compile's artifacts of its layer
                      (llamadist.runtime.compile_cache): loaded before its first compile,
-                     written after each batch bucket's first step, so a restarted worker or
+                     written after each compiled batch bucket's first step, so a restarted worker or
                      the next start on a fresh host loads instead of compiling (None: off;
                      Inductor's own cache in /tmp already serves one host)
     cpu_kernels      the C decode kernels on CPU devices (llamadist.kernels.cpu_decode)

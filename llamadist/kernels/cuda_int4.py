@@ -315,7 +315,8 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     index = device_index(x.device)
     pdl = pdl_launch(index)
     if cfg is None:
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(), glu)
+        # GLU takes the product's own form: the same warps sum each output in the same order
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches())
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     if glu and cfg.nb % 2:
@@ -427,13 +428,12 @@ def smem_optin(index: int) -> int:
 
 @functools.cache
 def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
-               pdl: bool = False, switches: tuple = (), glu: bool = False) -> RowsConfig:
+               pdl: bool = False, switches: tuple = ()) -> RowsConfig:
     """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape,
-    launch kind (``pdl``, ``glu``) and set of the module's ``switches``, not on every
-    launch."""
+    launch kind and set of the module's ``switches``, not on every launch."""
     p = torch.cuda.get_device_properties(index)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
-                     p.shared_memory_per_block_optin, _arch(index), pdl, glu)
+                     p.shared_memory_per_block_optin, _arch(index), pdl)
 
 
 def _switches() -> tuple:
@@ -442,7 +442,7 @@ def _switches() -> tuple:
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,
-              arch: str, pdl: bool, glu: bool = False) -> RowsConfig:
+              arch: str, pdl: bool) -> RowsConfig:
     """``rows_config``'s form fitted to ``smem`` bytes of shared memory a block. Where its 2
     stages or 16 warps make ptxas spill registers to local memory for ``arch`` (as 8 x 4 x
     2 on sm_90 at 4 tiles and groups of 32 as a dependent launch, or on sm_80 at groups of
@@ -455,7 +455,7 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     best, least = cfg, None
     for c in (cfg, replace(cfg, stages=4), replace(cfg, warps=8), replace(cfg, warps=8, stages=4)):
         c = c.fit(tiles, group, smem)
-        spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl, glu))
+        spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl))
         if not spilled:  # none, or no report to go by (then the rule's form)
             return c
         if least is None or spilled < least:

@@ -154,13 +154,15 @@ def tinygemm_layout_known(device: torch.device) -> bool:
 
 
 _ROWS_CHECKED: dict[int, bool] = {}
+_GLU_CHECKED: dict[int, bool] = {}  # the GLU variant's check, made beside int4_rows's
 
 
 def int4_rows_ok(device: torch.device) -> bool:
     """Whether cuda_int4's kernel serves int4 on ``device``: CUDA (not ROCm) sm_80+,
     ``tinygemm_layout_known``, NVRTC found, and a small case packed by tinygemm compiled,
     run and checked against its float64 product (once a device; a reason is logged once
-    where not: int4 then keeps tinygemm)."""
+    where not: int4 then keeps tinygemm). Its GLU variant (``int4_glu``) is checked
+    beside it on the same case."""
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     index = cuda_int4.device_index(device)
@@ -195,11 +197,34 @@ def _rows_check(device: torch.device) -> bool:
             log.warning("int4_rows on %s is off by %.3g (allowed %.3g): int4 keeps tinygemm",
                         device, err, tol)
             return False
+        _GLU_CHECKED[device.index] = _glu_check(x.to(device), packed, sz, n, group, y)
         return True
     except Exception as e:  # noqa: BLE001 - any failure: the kernel does not serve here
         log.warning("int4_rows does not run on %s (%s: %s): int4 keeps tinygemm", device,
                     type(e).__name__, e)
         return False
+
+
+def _glu_check(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, n: int, group: int,
+               y: torch.Tensor) -> bool:
+    """Whether the GLU variant gives silu(gate) * up of the product ``y`` (float32, on the
+    host) on the check's case, within a bf16 step (a reason is logged where not: the
+    product, then silu * up, serves)."""
+    try:
+        glu = cuda_int4.launch(x, packed, sz, n, group, _inner_k_tiles(x.shape[1]),
+                               glu=True).float().cpu()
+        gate, up = y[:, : n // 2], y[:, n // 2:]
+        ref = F.silu(gate) * up
+        err = (glu - ref).abs().max().item()
+        tol = 2**-6 * ref.abs().max().item()
+        if err <= tol:
+            return True
+        log.warning("int4_rows's silu * up on %s is off by %.3g (allowed %.3g): the product, "
+                    "then silu * up, serves", x.device, err, tol)
+    except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
+        log.warning("int4_rows's silu * up does not run on %s (%s: %s): the product, then "
+                    "silu * up, serves", x.device, type(e).__name__, e)
+    return False
 
 
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:
@@ -263,12 +288,15 @@ def int4_glu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, 
              n: int, cuda_rows: bool = False) -> torch.Tensor | None:
     """silu(gate) * up (..., N / 2) of a gate | up weight (N rows: gate's N / 2, then
     up's) in tinygemm's layout, through one cuda_int4.int4_rows launch that writes it (the
-    same bits as int4_linear, then eager_fused.silu_mul), where ``cuda_rows`` and the
-    rows take that kernel (int4_product's "rows"); else None (the caller runs the
-    product, then silu * up). N is a multiple of 16, as tinygemm_ok has it."""
+    same bits as int4_linear, then eager_fused.silu_mul, for bf16 x), where ``cuda_rows``,
+    the rows take that kernel (int4_product's "rows") and its variant passed its check on
+    the device (int4_rows_ok); else None (the caller runs the product, then silu * up).
+    N is a multiple of 16, as tinygemm_ok has it."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    if not (cuda_rows and x.is_cuda and int4_product(m, n, k, cuda_rows) == "rows"):
+    if not (cuda_rows and x.is_cuda and x.dtype == torch.bfloat16
+            and int4_product(m, n, k, cuda_rows) == "rows"
+            and _GLU_CHECKED.get(cuda_int4.device_index(x.device), False)):
         return None
     y = cuda_int4.int4_rows_glu(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
                                 _inner_k_tiles(k))

@@ -81,7 +81,8 @@ def _make_compiled_layer(pdl: bool = False):
 def compiled_layer_call(pdl: bool = False):
     """``layer_fn`` for Llama.forward: the decoder layer under torch.compile, shared by
     every layer (parameters are inputs). Shapes are static at the first batch size seen
-    (the one-sequence bucket, where fused kernels matter most) and dynamic in the batch
+    (the one-sequence bucket, where fused kernels matter most, or the first bucket past
+    the rows of a stage's ``compile_from``) and dynamic in the batch
     from the second (torch's automatic dynamic shapes): two compilations in all, and two
     more for a stage's first layer, which has no pending residual, instead of two per
     batch bucket (9 buckets at max_batch 256 took minutes to warm up). ``pdl``: Inductor's

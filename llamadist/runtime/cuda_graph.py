@@ -118,7 +118,7 @@ class GraphCapture:
             self._capture(bk)
         else:
             bk.out = self._forward(bk)
-        if first and self.artifacts is not None and self.layer_fn is not None:
+        if first and self.artifacts is not None and self.layers(bk) is not None:
             compile_cache.save(self.artifacts)  # what this bucket compiled, for the next process
         return bk.out
 
@@ -129,7 +129,7 @@ class GraphCapture:
             try:
                 self._forward(bk)
             except Exception as e:  # a compiler failure must not stop generation
-                if self.layer_fn is None:
+                if self.layers(bk) is None:  # the eager layers failed: not the compiler
                     raise
                 log.warning("torch.compile of the %s decoder layer failed (%s: %s); "
                             "capturing the eager layers instead", self.kind,

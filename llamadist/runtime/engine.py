@@ -66,9 +66,10 @@ class Engine:
         self.compile_from: int | tuple[int, ...] = tuple(r or 1 for r in rows)
         if (self.runtime.compile_cache and self.cuda_graphs
                 and not any(per_stage(self.compile_layers, len(stages)))):
-            log.warning("--compile-cache %s: nothing here compiles (dense float layers "
-                        "decode through graphs of their eager layers; --compile compiles "
-                        "them)", self.runtime.compile_cache)
+            log.warning("--compile-cache %s: nothing here compiles (dense float layers, "
+                        "and int4 batches of the rows cuda_int4 takes, decode through "
+                        "graphs of their eager layers; --compile compiles them)",
+                        self.runtime.compile_cache)
         self._graphs = None
         self._paged_graphs = None
         self.graphed = False  # the latest paged step ran through the decode graphs

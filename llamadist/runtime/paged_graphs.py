@@ -18,7 +18,8 @@ graph serves any step of its bucket.
 The decoder layers run through torch.compile (the one compiled layer of
 llamadist.runtime.cuda_graph) when ``compile_layers``, in the buckets of at least
 ``compile_from`` rows (the engine's: fewer where compiling pays only past some rows,
-kernel_passes.compile_rows); if compilation fails, the eager layers are captured instead. Graphs need every stage on CUDA with the paged kernel
+kernel_passes.compile_rows); if compilation fails, the eager layers are captured
+instead. Graphs need every stage on CUDA with the paged kernel
 (``PagedGraphs.supports``); otherwise the engine runs the step eagerly.
 """
 

@@ -129,19 +129,30 @@ def test_rule_forms_do_not_spill():
 
 @needs_nvrtc
 def test_glu_rule_forms_compile_without_spilling():
-    """The GLU variant (silu(gate) * up in the sums' epilogue) of the rule's forms at 1-16
-    rows, Llama-3-8B's gate_up (g128) and SmolLM2's (K = 576: 4 tiles, g32), on sm_80 and
-    sm_90, plain and dependent: compiled, kept in registers (NVRTC 12.9.86), and another
-    cubin than the product's."""
+    """The GLU variant (silu(gate) * up in the sums' epilogue) takes the product's own form
+    (the same warps sum each output: the same bits); at 1-16 rows of Llama-3-8B's gate_up
+    (g128) and SmolLM2's (K = 576: 4 tiles, g32), on sm_80 and sm_90, plain and
+    dependent, it compiles in those forms to another cubin than the product's, kept in
+    registers (NVRTC 12.9.86) except where the product's own form spills too (4 rows at 4
+    tiles and groups of 32 on sm_80, where every form does: test_rule_forms_do_not_spill)."""
+    spilled = set()
     for arch, pdl in [("80", False), ("90", False), ("90", True)]:
         for n, k, tiles, group in [(28672, 4096, 8, 128), (3072, 576, 4, 32)]:
             for m in (1, 4, 8, 16):
-                cfg = C.rule_form(m, n, k, tiles, group, 132, 232448, arch, pdl, glu=True)
+                cfg = C.rule_form(m, n, k, tiles, group, 132, 232448, arch, pdl)
                 glu = C.launch_defines(tiles, group, cfg, arch, pdl, glu=True)
                 assert glu["GLU"] == 1 and cfg.nb % 2 == 0
-                assert C.spill_bytes(arch, glu) == 0, (arch, pdl, n, m, cfg)
                 plain = C.launch_defines(tiles, group, cfg, arch, pdl)
+                if C.spill_bytes(arch, glu):
+                    spilled.add((arch, pdl, tiles, group, m))
+                    assert C.spill_bytes(arch, plain), (arch, pdl, n, m, cfg)
                 assert C.compile_cubin(arch, glu) != C.compile_cubin(arch, plain)
+    assert spilled == {("80", False, 4, 32, 4)}
+    # bulk copies and staggered k-tiles (measured options, off) compile with GLU too
+    cfg = C.RowsConfig(8, 4, 1, 4)
+    for tma, stagger in [(True, False), (False, True)]:
+        cubin = C.compile_cubin("90", C.defines(8, 128, cfg, tma=tma, stagger=stagger, glu=True))
+        assert cubin[:4] == b"\x7fELF"
 
 
 @needs_nvrtc

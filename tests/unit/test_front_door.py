@@ -294,6 +294,20 @@ def test_int4_compiles_only_past_the_rows_cuda_int4_takes(tiny_model):
     lin.tg_rows = True  # as on a GPU where cuda_int4's kernel runs
     assert [compile_pays(stage.model, r) for r in (1, few, few + 1)] == [False, False, True]
     assert compile_pays(stage.model) and compile_rows(stage.model) == few + 1
+    # the engine's stages (as CUDA stages): buckets of at most `few` rows stay eager, and
+    # a max batch within them compiles nothing, unless the run says --compile / --no-compile
+    from types import SimpleNamespace
+
+    from llamadist.runtime.engine import Engine
+    cuda = torch.device("cuda")
+    made = {(mb, c): Engine(ckpt.config, [SimpleNamespace(device=cuda, model=stage.model,
+                                                          batch_size=mb)],
+                            runtime=RuntimeConfig(compile=c))
+            for mb in (few, few + 1) for c in (None, True, False)}
+    assert {k: (e.compile_layers, e.compile_from) for k, e in made.items()} == {
+        (few, None): ((False,), (few + 1,)), (few + 1, None): ((True,), (few + 1,)),
+        (few, True): ((True,), (1,)), (few + 1, True): ((True,), (1,)),
+        (few, False): ((False,), (1,)), (few + 1, False): ((False,), (1,))}
 
 
 def test_kv_length_defaults_to_what_the_request_needs(smollm2):

@@ -107,3 +107,35 @@ def test_each_stage_compiles_as_its_own_flag_says(tiny_model, monkeypatch):
     assert [graphs.decoders[1].layers(bk) for bk in rows[2:]] == [None, marker]
     with pytest.raises(ValueError, match="3 flags for 2 stages"):
         paged_graphs.PagedGraphs(model.stages, 2, compile_layers=(True,) * 3, capture=False)
+
+
+def test_an_eager_bucket_failing_is_not_taken_for_a_compile_failure():
+    """A stage whose layers compile only from some rows on (compile_from): a bucket below
+    them that fails raises its error (its eager layers failed, not the compiler) and
+    keeps the compiled layer for the larger buckets; a compiled bucket that fails is
+    captured over the eager layers instead, as before."""
+    from types import SimpleNamespace
+
+    from llamadist.runtime.cuda_graph import GraphCapture
+    marker = object()
+
+    class Stub(GraphCapture):
+        layer_fn, compile_from = marker, 9
+
+        def __init__(self, fails):
+            self.fails, self.ran = fails, []
+
+        def _forward(self, bk):
+            layer = self.layers(bk)
+            self.ran.append((bk.size, layer))
+            if (bk.size, layer) in self.fails:
+                raise RuntimeError(f"bucket {bk.size} failed")
+
+    eager = Stub({(4, None)})
+    with pytest.raises(RuntimeError, match="bucket 4 failed"):
+        eager._warmup(SimpleNamespace(size=4))
+    assert eager.layer_fn is marker and eager.ran == [(4, None)]
+    compiled = Stub({(16, marker)})
+    compiled._warmup(SimpleNamespace(size=16))
+    assert compiled.layer_fn is None
+    assert compiled.ran == [(16, marker), (16, None), (16, None)]
