@@ -263,11 +263,11 @@ def test_int4_buckets_compile_only_past_cuda_int4s_rows(wide_model, monkeypatch)
     few = wquant_torch.ROWS_MAX_M
     if not wquant_torch.int4_rows_ok(torch.device("cuda:0")):
         pytest.skip("cuda_int4's kernel does not run on this GPU")
-    calls = []  # the compiled layer's calls, as the graphs' decoders make them
+    rows = set()  # the buckets' rows whose steps called the compiled layer
     for module in (cuda_graph, paged_graphs):
         real = module.compiled_layer_call
         monkeypatch.setattr(module, "compiled_layer_call", lambda pdl=False, real=real: (
-            lambda *a, fn=real(pdl): calls.append(1) or fn(*a)))
+            lambda layer, h, *a, fn=real(pdl): rows.add(h.shape[0]) or fn(layer, h, *a)))
     prompts = (["The quick brown fox", "1 2 3 4 5", "Once upon a time"] * 4)[:few + 2]
 
     def llm(max_batch: int, graphs: bool = True):
@@ -276,9 +276,10 @@ def test_int4_buckets_compile_only_past_cuda_int4s_rows(wide_model, monkeypatch)
             cuda_graphs=graphs))
     small = llm(few)
     assert small.engine.compile_layers == (False,)
+    assert not rows
     wide, eager = llm(few + 2), llm(few + 2, graphs=False)
     assert wide.engine.compile_layers == (True,) and wide.engine.compile_from == (few + 1,)
-    _same_greedy_tokens(wide, eager, prompts[:2])
-    assert not calls  # bucket 2: the eager layers
-    _same_greedy_tokens(wide, eager, prompts)
-    assert calls  # bucket few + 2: the compiled layer
+    # the warm-up captured buckets 1, 2, 4, 8 (eager layers) and few + 2 (compiled)
+    assert rows == {few + 2}
+    for n in (2, few + 2):
+        _same_greedy_tokens(wide, eager, prompts[:n])
