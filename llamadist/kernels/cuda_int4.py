@@ -453,8 +453,9 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     if cfg.stages != 2:
         return cfg
     best, least = cfg, None
-    for c in (cfg, replace(cfg, stages=4), replace(cfg, warps=8), replace(cfg, warps=8, stages=4)):
-        c = c.fit(tiles, group, smem)
+    candidates = (cfg, replace(cfg, stages=4), replace(cfg, warps=8),
+                  replace(cfg, warps=8, stages=4))
+    for c in dict.fromkeys(c.fit(tiles, group, smem) for c in candidates):  # each once
         spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl))
         if not spilled:  # none, or no report to go by (then the rule's form)
             return c

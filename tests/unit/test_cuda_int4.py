@@ -198,6 +198,13 @@ def test_rule_form_takes_the_first_that_does_not_spill_else_the_least(monkeypatc
                   (8, 3): 0})
     small = C.rule_form(1, 4096, 4096, 8, 128, 132, 101376, "90", True)
     assert small.smem_bytes(8, 128) <= 101376 and small != C.RowsConfig(16, 4, 1, 4)
+    # a rule form of 8 warps already (a grid of several waves): each candidate asked once
+    asked = []
+    monkeypatch.setattr(C, "spill_bytes", lambda arch, d: asked.append(
+        (d["WARPS"], d["STAGES"])) or 8)
+    assert C.rule_form(1, 28672, 4096, 8, 128, 132, 232448, "90", True) == \
+        C.RowsConfig(8, 4, 1, 2)
+    assert asked == [(8, 2), (8, 4)]
 
 
 @needs_nvrtc
