@@ -78,6 +78,7 @@
 #if GLU && (NB % 2)
 #error "GLU pairs NB / 2 n-tiles of gate with as many of up"
 #endif
+#define YNB (GLU ? NB / 2 : NB)  // the n-tiles of y a tile writes
 #if PDL && TMA
 #error "PDL is a cp.async option"
 #endif
@@ -309,16 +310,12 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 }
 #endif
 
-// n-tile b of tile t (tiles of NB n-tiles; GLU: the first NB / 2 n-tiles of gate's half
-// of W, then the same of up's), clamped to the last (of the half) past the end: read, never
+// n-tile b of tile t (tiles of NB n-tiles; GLU: the first YNB n-tiles of gate's half of
+// W, then the same of up's), clamped to the last (of the half) past the end: read, never
 // written
 static __device__ __forceinline__ int ntile(int t, int b, int NT) {
-#if GLU
-    const int half = NT >> 1, i = min(t * (NB / 2) + b % (NB / 2), half - 1);
-    return b < NB / 2 ? i : half + i;
-#else
-    return min(t * NB + b, NT - 1);
-#endif
+    const int nty = GLU ? NT >> 1 : NT, i = min(t * YNB + b % YNB, nty - 1);
+    return b < YNB ? i : nty + i;
 }
 
 #if GLU
@@ -359,29 +356,22 @@ static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
 #endif
     __syncthreads();
     const int rows = ROWS16 ? 16 : 8;
-#if GLU
-    for (int e = threadIdx.x; e < NB / 2 * rows * 8; e += WARPS * 32) {
-        const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * (NB / 2) + b;
-        if (m >= M || nt >= NT / 2) continue;
-        float gate = 0.f, up = 0.f;
+    for (int e = threadIdx.x; e < YNB * rows * 8; e += WARPS * 32) {
+        const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * YNB + b;
+        if (m >= M || nt >= (GLU ? NT / 2 : NT)) continue;  // past y's n-tiles
+        float v = 0.f, up = 0.f;
 #pragma unroll
         for (int i = 0; i < WARPS; ++i) {
-            gate += red[i][b][m][j];
-            up += red[i][NB / 2 + b][m][j];
-        }
-        y[(size_t)m * (N / 2) + nt * 8 + j] = silu_times(gate, up);
-    }
-#else
-    for (int e = threadIdx.x; e < NB * rows * 8; e += WARPS * 32) {
-        const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * NB + b;
-        if (m >= M || nt >= NT) continue;
-        float v = 0.f;
-#pragma unroll
-        for (int i = 0; i < WARPS; ++i)
             v += red[i][b][m][j];
+            if (GLU)
+                up += red[i][YNB + b][m][j];
+        }
+#if GLU
+        y[(size_t)m * (N / 2) + nt * 8 + j] = silu_times(v, up);
+#else
         y[(size_t)m * N + nt * 8 + j] = to_bf16(v);
-    }
 #endif
+    }
 }
 
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
@@ -412,7 +402,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // blockIdx.x, + gridDim.x, ..., the ring running on from one tile's k-tiles to the next
     // so that the loads stay in flight through each tile's sums
 #if PERSIST
-    const int tiles = GLU ? ((NT >> 1) + NB / 2 - 1) / (NB / 2) : (NT + NB - 1) / NB;
+    const int tiles = ((GLU ? NT >> 1 : NT) + YNB - 1) / YNB;
     const int my_tiles = (int)blockIdx.x < tiles ? (tiles - 1 - blockIdx.x) / gridDim.x + 1 : 0;
 #else
     const int my_tiles = 1;
