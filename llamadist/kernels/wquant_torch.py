@@ -298,9 +298,8 @@ def int4_glu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, 
             and int4_product(m, n, k, cuda_rows) == "rows"
             and _GLU_CHECKED.get(cuda_int4.device_index(x.device), False)):
         return None
-    y = cuda_int4.int4_rows_glu(x2.to(torch.bfloat16), packed, scales_zeros, n, group,
-                                _inner_k_tiles(k))
-    return y.to(x.dtype).view(*x.shape[:-1], n // 2)
+    y = cuda_int4.int4_rows_glu(x2, packed, scales_zeros, n, group, _inner_k_tiles(k))
+    return y.view(*x.shape[:-1], n // 2)
 
 
 def codes_as(q: torch.Tensor, kind: str, dtype: torch.dtype) -> torch.Tensor:
