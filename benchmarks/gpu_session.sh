@@ -10,7 +10,7 @@
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
 #         forms30 forms30b final30 split30 verify30
-#         ablate31 nocompile31 verify31 glu31 final31
+#         ablate31 nocompile31 verify31 glu31 final31 fused32
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1183,14 +1183,74 @@ final31() {  # issue 16, session 31, after review: the GPU tests of int4's eager
         -k "glu or buckets_compile or dependent_launches or tiny_quantized or greedy_tokens_equal"
 }
 
+fused32() {  # issue 16, session 32: the paged decode in one kernel (RoPE of q and k, the
+    # K/V write, the merge in the split that finishes last). Its GPU tests, then int4 +
+    # head at batch 1 / 4 / 8 and bf16 at batch 1, each beside the former three kernels
+    # (HEAD's file before, in .whl/old_paged_attention.py) and, at batch 1, beside the new
+    # kernel with RoPE left to eager_fused.rope, with the merge in a kernel of its own,
+    # and both (~9 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    local apart="import llamadist.runtime.paged_attention as R
+R.PagedLayer.attend_rotary = lambda self, *a: None"
+    local old="$apart
+import importlib.util, llamadist.kernels.paged_attention as P
+spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
+O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
+def former(q, k, v, kv, slots, tables, lens, splits, arrivals=None, cos=None, sin=None):
+    O.write_kv(k, v, kv, slots)
+    return O.attend(q, kv, tables, lens, splits)
+P.paged_decode = former"
+    local merge="import llamadist.kernels.gpu as G; G.load('paged_attention').MERGE_IN_KERNEL = False"
+    step tests_fused32 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_paged_gpu.py
+    checkpoint
+    ab i4h_b1 "" $q --batch 1
+    ab i4h_b1_former "$old" $q --batch 1
+    ab i4h_b1_rope_apart "$apart" $q --batch 1
+    ab i4h_b1_merge_kernel "$merge" $q --batch 1
+    ab i4h_b1_both_apart "$apart
+$merge" $q --batch 1
+    for b in 4 8; do
+        ab i4h_b${b} "" $q --batch $b
+        ab i4h_b${b}_former "$old" $q --batch $b
+    done
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+    ab bf16_b1_former "$old" --prompt-len 128 --gen-len 64 --batch 1
+    ab i4h_b1_again "" $q --batch 1
+    ab i4h_b1_former_again "$old" $q --batch 1
+}
+
+fused32b() {  # issue 16, session 32: why the one-kernel paged decode is slower in the
+    # int4 chain (dependent launches): the kernel letting the next one launch at its end,
+    # or launched as a plain kernel, against fused32's default and the former kernels
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
+    local m="import llamadist.kernels.gpu as G; M = G.load('paged_attention')"
+    local apart="import llamadist.runtime.paged_attention as R
+R.PagedLayer.attend_rotary = lambda self, *a: None"
+    local old="$apart
+import importlib.util, llamadist.kernels.paged_attention as P
+spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
+O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
+def former(q, k, v, kv, slots, tables, lens, splits, arrivals=None, cos=None, sin=None):
+    O.write_kv(k, v, kv, slots)
+    return O.attend(q, kv, tables, lens, splits)
+P.paged_decode = former"
+    checkpoint
+    ab i4h_b1 "" $q
+    ab i4h_b1_late "$m; M.LATE_DEPENDENTS = True" $q
+    ab i4h_b1_plain "$m; M.NO_PDL = True" $q
+    ab i4h_b1_former "$old" $q
+    ab i4h_b1_apart_late "$apart
+$m; M.LATE_DEPENDENTS = True" $q
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

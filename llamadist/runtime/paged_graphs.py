@@ -33,7 +33,7 @@ import torch
 
 from llamadist.runtime.cuda_graph import (GraphCapture, bucket_sizes, compiled_layer_call,
                                          per_stage)
-from llamadist.runtime.paged_attention import PagedStep
+from llamadist.runtime.paged_attention import PagedStep, decode_inputs
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage
 
@@ -132,12 +132,10 @@ class PagedStageDecoder(GraphCapture):
                                  device=dev)
             batch = static_batch(packed, size, self.max_blocks, st.paged.block_size)
             # The kernel's inputs, made here (outside torch.compile and capture): the
-            # static views themselves and the bucket's split count.
+            # static views themselves, the bucket's split count and arrival counters.
             h_kv = st.paged.num_kv_heads
-            from llamadist.kernels.paged_attention import splits_for
-            batch.cached[("kernel", h_kv)] = (
-                batch.block_tables, batch.seq_lens,
-                splits_for(dev, size * h_kv, self.max_blocks * st.paged.block_size))
+            batch.cached[("kernel", h_kv)] = decode_inputs(
+                batch.block_tables, batch.seq_lens, h_kv, st.paged.block_size)
             bk = self.buckets[size] = PagedBucket(size, x, packed, batch)
         return bk
 
