@@ -10,7 +10,7 @@
 #         pdlchain23 verify23 timeline23 gptfast25 early26 early27 first27 compile27 waves27 cross27 int8rows27 verify27
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
 #         forms30 forms30b final30 split30 verify30
-#         ablate31 nocompile31 verify31 glu31 final31 fused32
+#         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1243,14 +1243,62 @@ P.paged_decode = former"
 $m; M.LATE_DEPENDENTS = True" $q
 }
 
+fused32c() {  # issue 16, session 32: RoPE of q and k in the paged K/V write kernel (one
+    # small kernel where there were two; split and merge kernels as before). Its GPU tests,
+    # then int4 + head at batch 1 / 4 / 8 and bf16 at batch 1 beside the former kernels
+    # (HEAD~2's file in .whl/old_paged_attention.py, RoPE by eager_fused.rope) (~6 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    local old="import llamadist.runtime.paged_attention as R
+R.PagedLayer.attend_rotary = lambda self, *a: None
+import importlib.util, llamadist.kernels.paged_attention as P
+spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
+O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
+def former(q, k, v, kv, slots, tables, lens, splits):
+    O.write_kv(k, v, kv, slots)
+    return O.attend(q, kv, tables, lens, splits)
+P.paged_decode = former"
+    step tests_fused32c 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_paged_gpu.py
+    checkpoint
+    for b in 1 4 8; do
+        ab i4h_b${b} "" $q --batch $b
+        ab i4h_b${b}_former "$old" $q --batch $b
+    done
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+    ab bf16_b1_former "$old" --prompt-len 128 --gen-len 64 --batch 1
+    ab i4h_b1_again "" $q --batch 1
+    ab i4h_b1_former_again "$old" $q --batch 1
+}
+
+fused32d() {  # issue 16, session 32: fused32c's RoPE + write kernel with a program per
+    # (token, KV head), not per token: int4 + head at batch 1 and 8 beside the former
+    # kernels, then the paged kernel's GPU tests (~3 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    local old="import llamadist.runtime.paged_attention as R
+R.PagedLayer.attend_rotary = lambda self, *a: None
+import importlib.util, llamadist.kernels.paged_attention as P
+spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
+O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
+def former(q, k, v, kv, slots, tables, lens, splits):
+    O.write_kv(k, v, kv, slots)
+    return O.attend(q, kv, tables, lens, splits)
+P.paged_decode = former"
+    checkpoint
+    for b in 1 8; do
+        ab i4h_b${b} "" $q --batch $b
+        ab i4h_b${b}_former "$old" $q --batch $b
+    done
+    step tests_fused32d 100 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_paged_gpu.py \
+        -k "kernel_matches or compiles_once"
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

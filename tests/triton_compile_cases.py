@@ -230,13 +230,12 @@ def wquant_cases() -> None:
 
 
 def paged_cases() -> None:
-    """The paged decode kernel, one split (direct) and several (the last split merges),
-    with RoPE in the kernel and without (a mixed step's decodes): bf16 (the tensor-core
-    dot) at head sizes 128 and 64 (G = 4, 1), float32 (the IEEE dot) at 80, padded to 128
-    (G = 8; float32's tiles of 128 use the most shared memory). Other pairings differ
-    only in numbers, not in the code compiled."""
+    """The paged decode kernels (write, or RoPE and write; split, merge), one split
+    (direct) and several: bf16 (the tensor-core dot) at head sizes 128 and 64 (G = 4, 1),
+    float32 (the IEEE dot) at 80, padded to 128 (G = 8; float32's tiles of 128 use the
+    most shared memory). Other pairings differ only in numbers, not in the code
+    compiled."""
     from llamadist.kernels import gpu
-    from llamadist.kernels.paged_attention import arrival_counters
     m = gpu.load("paged_attention")
     _patch(m)
     for dtype, shapes in ((torch.bfloat16, ((32, 8, 128, 16), (8, 8, 64, 16))),
@@ -245,18 +244,18 @@ def paged_cases() -> None:
             s, nb = 3, 20
             q, kv = torch.zeros(s, h, d, dtype=dtype), torch.zeros(2, nb, h_kv, bs, d,
                                                                     dtype=dtype)
-            k = torch.zeros(s, h_kv, d, dtype=dtype)
-            cs = torch.zeros(s, d, dtype=dtype)
-            slots, lens = torch.zeros(s, dtype=torch.long), torch.ones(s, dtype=torch.int32)
+            k, cs = torch.zeros(s, h_kv, d, dtype=dtype), torch.zeros(s, d, dtype=dtype)
+            slots = torch.zeros(s, dtype=torch.long)
+            m.write_kv(k, k, kv, slots)
+            m.rope_write_kv(q, k, k, cs, cs, kv, slots)
             tables = torch.zeros(s, 8, dtype=torch.int32)
-            arrivals = arrival_counters(s * h_kv, q.device)
             for splits in (1, 4):
-                for rope in (cs, None):
-                    m.decode(q, k, k, kv, slots, tables, lens, splits, arrivals, rope, rope)
-            if d == 128:  # as dependent launches
+                m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
+            if d == 128:  # the same kernels as dependent launches
                 with _dependent():
-                    for splits in (1, 4):
-                        m.decode(q, k, k, kv, slots, tables, lens, splits, arrivals, cs, cs)
+                    m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, slots)
+                    m.rope_write_kv(q, k, k, cs, cs, kv, slots)
+                    m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
 
 
 def decode_cases() -> None:

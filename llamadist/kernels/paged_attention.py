@@ -6,21 +6,18 @@ a sequence's slot p lives in block ``block_tables[s, p // block_size]`` at offse
 (``seq_lens``) from the device, so a CUDA graph captured with block tables padded to a
 fixed width stays valid as sequences grow, and a step pays only for the slots each
 sequence holds. Like llamadist.kernels.decode_attention it splits a sequence's slots
-over SPLITS programs per (sequence, KV head) and merges their partial softmaxes; with one
-split the program writes the normalised output itself.
+over SPLITS programs per (sequence, KV head) and merges their partial softmaxes in a
+second kernel; with one split the first kernel writes the normalised output itself.
 The G query heads of a KV head are the rows of one tile, so each K/V tile is read once
 for all of them. A tile is BLOCK_N slots gathered across blocks (any block_size), and
 accumulation is in float32 for fp16/bf16/fp32 inputs.
 
-``paged_decode`` is one kernel for the whole step of one layer: it also rotates the
-step's q and k (RoPE, given cos/sin) as it loads them, writes the step's K/V (the program
-whose split holds the new slot; its tile takes them from registers, not the cache), and
-the split that finishes last merges the partials (an arrival counter per sequence and KV
-head, atomically counted: no merge kernel). Each launch a decode step saves costs about
-2 us of an int4 Llama-3-8B step on the H200 (RESULTS.md, session 31), where RoPE, the
-write and the merge were three. It is one custom op, ``llamadist::paged_decode``, that
-mutates the cache, so torch.compile keeps it opaque inside a compiled decoder layer and
-orders it after the projections that feed it. The kernel itself (and triton) is in
+``paged_decode`` also writes the step's K/V at ``slot_mapping`` first (one small kernel;
+given cos/sin, the same kernel rotates q and k, the step's RoPE: one launch a layer fewer,
+where the model would run eager_fused.rope first), and the pair is one custom op,
+``llamadist::paged_decode``, that mutates the cache, so torch.compile keeps it opaque
+inside a compiled decoder layer and orders it after the projections that feed it. The
+kernels themselves (and triton) are in
 llamadist.kernels.gpu.paged_attention, imported on the op's first call
 (llamadist.kernels.gpu says why).
 """
@@ -72,35 +69,29 @@ def splits_for(device: torch.device, rows: int, max_slots: int) -> int:
 
 def _paged_decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                        slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                       seq_lens: torch.Tensor, splits: int, arrivals: torch.Tensor,
-                       cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
-    return gpu.load("paged_attention").decode(q, k, v, kv, slot_mapping, block_tables,
-                                              seq_lens, splits, arrivals, cos, sin)
+                       seq_lens: torch.Tensor, splits: int, cos: torch.Tensor | None,
+                       sin: torch.Tensor | None) -> torch.Tensor:
+    kernels = gpu.load("paged_attention")
+    if cos is not None:
+        q = kernels.rope_write_kv(q, k, v, cos, sin, kv, slot_mapping)
+    else:
+        kernels.write_kv(k, v, kv, slot_mapping)
+    return kernels.attend(q, kv, block_tables, seq_lens, splits)
 
 
 _paged_decode_op = gpu.custom_op("llamadist::paged_decode", _paged_decode_impl,
-                                 mutates_args=("kv", "arrivals"))  # out: q's shape
+                                 mutates_args=("kv",))  # out: q's shape
 
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, splits: int, arrivals: torch.Tensor,
-                 cos: torch.Tensor | None = None, sin: torch.Tensor | None = None
-                 ) -> torch.Tensor:
-    """A decode step's attention for one layer, one kernel: with cos/sin (S, D), rotate
-    q (S, H, D) and k (S, H_kv, D) (rotate-half RoPE, eager_fused.rope's bits; without,
-    they are rotated already), write k/v at ``slot_mapping`` (S,) into kv (2, NB, H_kv,
-    bs, D), and attend q (heads h = kv_head * G + g) over each sequence's slots
-    [0, seq_lens[s]) through its ``block_tables`` row (S, MB) -> (S, H, D). The step's
-    token is slot seq_lens[s] - 1 of its sequence, the slot ``slot_mapping`` names.
-    ``splits``: see num_splits (a power of two, at most MAX_SPLITS); with more than one,
-    ``arrivals`` holds a zeroed int32 counter per (sequence, KV head) row (S * H_kv; the
-    kernel leaves them zeroed), which no other call may use at the same time.
-    Check ``usable`` first."""
+                 seq_lens: torch.Tensor, splits: int, cos: torch.Tensor | None = None,
+                 sin: torch.Tensor | None = None) -> torch.Tensor:
+    """A decode step's attention for one layer: write k/v (S, H_kv, D) at ``slot_mapping``
+    (S,) into kv (2, NB, H_kv, bs, D), then attend q (S, H, D) (heads h = kv_head * G + g)
+    over each sequence's slots [0, seq_lens[s]) through its ``block_tables`` row (S, MB)
+    -> (S, H, D). With cos/sin (S, D), q and k are not rotated yet: the write kernel
+    rotates them (rotate-half RoPE, eager_fused.rope's bits) as it stores k. ``splits``:
+    see num_splits (a power of two, at most MAX_SPLITS). Check ``usable`` first."""
     return _paged_decode_op(q, k, v, kv, slot_mapping, block_tables, seq_lens, splits,
-                            arrivals, cos, sin)
-
-
-def arrival_counters(rows: int, device: torch.device) -> torch.Tensor:
-    """Zeroed counters for ``rows`` (sequence, KV head) rows of paged_decode."""
-    return torch.zeros(rows, dtype=torch.int32, device=device)
+                            cos, sin)

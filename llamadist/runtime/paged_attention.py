@@ -214,13 +214,11 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
 
 def decode_inputs(tables: torch.Tensor, lens: torch.Tensor, h_kv: int, block_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
-    """The paged decode kernel's (block tables, lengths, splits, arrival counters) for S
-    sequences of int32 ``tables`` (S, MB) and ``lens`` (S,) with ``h_kv`` KV heads."""
-    rows = tables.shape[0] * h_kv
-    return (tables, lens,
-            paged_kernel.splits_for(tables.device, rows, tables.shape[1] * block_size),
-            paged_kernel.arrival_counters(rows, tables.device))
+                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The paged decode kernel's (block tables, lengths, splits) for S sequences of int32
+    ``tables`` (S, MB) and ``lens`` (S,) with ``h_kv`` KV heads."""
+    return tables, lens, paged_kernel.splits_for(tables.device, tables.shape[0] * h_kv,
+                                                 tables.shape[1] * block_size)
 
 
 class PagedLayer:
@@ -257,13 +255,11 @@ class PagedLayer:
             b.cached["int32"] = found
         return found
 
-    def kernel_inputs(self, h_kv: int) -> tuple[torch.Tensor, torch.Tensor, int, torch.Tensor]:
+    def kernel_inputs(self, h_kv: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         """For the paged decode kernel: block tables (S, MB) and sequence lengths (S,) as
         contiguous int32 (the tensors themselves when they already are: a CUDA graph's
-        static buffers), the split count for (S * H_kv) rows over MB blocks, and the
-        rows' arrival counters (the batch's own: each decode kernel of the step leaves
-        them zeroed for the next layer's); made once per batch, outside any compiled
-        region (the graph path makes it before capture)."""
+        static buffers), and the split count for (S * H_kv) rows over MB blocks; made once
+        per batch, outside any compiled region (the graph path makes it before capture)."""
         key = ("kernel", h_kv)
         found = self.batch.cached.get(key)
         if found is None:
@@ -279,9 +275,9 @@ class PagedLayer:
 
     def attend_rotary(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-        """``attend`` with q/k not rotated yet (cos/sin (N, D), each token's), in one
-        kernel that rotates them too, where the batch is decode-only and the kernel
-        serves; None otherwise (the caller rotates them and calls ``attend``)."""
+        """``attend`` with q/k not rotated yet (cos/sin (N, D), each token's): the paged
+        decode kernel's K/V write rotates them too, where the batch is decode-only and the
+        kernel serves; None otherwise (the caller rotates them and calls ``attend``)."""
         if not self.kernel_serves(q):
             return None
         return self.decode_fn(q, k, v, self.kv, self.batch.slot_mapping,

@@ -132,7 +132,7 @@ class PagedStageDecoder(GraphCapture):
                                  device=dev)
             batch = static_batch(packed, size, self.max_blocks, st.paged.block_size)
             # The kernel's inputs, made here (outside torch.compile and capture): the
-            # static views themselves, the bucket's split count and arrival counters.
+            # static views themselves and the bucket's split count.
             h_kv = st.paged.num_kv_heads
             batch.cached[("kernel", h_kv)] = decode_inputs(
                 batch.block_tables, batch.seq_lens, h_kv, st.paged.block_size)

@@ -37,14 +37,15 @@ def test_kernel_compiles_once_whatever_the_step():
     from tests.paged_kernel_cases import TOL, run_case
     kernels = gpu.load("paged_attention")
 
-    def compiled() -> int:
-        return sum(len(c[0]) for c in kernels._decode_kernel.device_caches.values())
+    def compiled() -> tuple[int, ...]:
+        return tuple(sum(len(c[0]) for c in k.device_caches.values())
+                     for k in (kernels._split_kernel, kernels._merge_kernel,
+                               kernels._rope_write_kernel))
 
     for rope in (False, True):  # D=80: no other test's shape
         run_case(8, 2, 80, 16, [5], torch.bfloat16, "cuda", 1, rope=rope)
         run_case(8, 2, 80, 16, [5, 40], torch.bfloat16, "cuda", 2, rope=rope)
     before = compiled()
-    # up to 36 sequences x 2 KV heads, each merged by whichever split finishes last
     for i, splits in enumerate((1, 2, 4, 8, 16, 32, 64, 3)):
         lens = [1 + (7 * i + 13 * j) % (70 * (i + 1)) for j in range(1 + 5 * i)]
         lens[-1] = 16 * 64 + i  # a long one: every split has slots
