@@ -1183,7 +1183,8 @@ final31() {  # issue 16, session 31, after review: the GPU tests of int4's eager
         -k "glu or buckets_compile or dependent_launches or tiny_quantized or greedy_tokens_equal"
 }
 
-fused32() {  # issue 16, session 32: the paged decode in one kernel (RoPE of q and k, the
+fused32() {  # issue 16, session 32, at commit f1f139d (reverted since): the paged decode in
+    # one kernel (RoPE of q and k, the
     # K/V write, the merge in the split that finishes last). Its GPU tests, then int4 +
     # head at batch 1 / 4 / 8 and bf16 at batch 1, each beside the former three kernels
     # (HEAD's file before, in .whl/old_paged_attention.py) and, at batch 1, beside the new
@@ -1219,7 +1220,9 @@ $merge" $q --batch 1
     ab i4h_b1_former_again "$old" $q --batch 1
 }
 
-fused32b() {  # issue 16, session 32: why the one-kernel paged decode is slower in the
+fused32b() {  # issue 16, session 32, at f1f139d with two switches since removed
+    # (LATE_DEPENDENTS, NO_PDL in its gpu/paged_attention.py): why the one-kernel paged
+    # decode is slower in the
     # int4 chain (dependent launches): the kernel letting the next one launch at its end,
     # or launched as a plain kernel, against fused32's default and the former kernels
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
@@ -1243,7 +1246,8 @@ P.paged_decode = former"
 $m; M.LATE_DEPENDENTS = True" $q
 }
 
-fused32c() {  # issue 16, session 32: RoPE of q and k in the paged K/V write kernel (one
+fused32c() {  # issue 16, session 32, at 316ae92 but with a program a token in the RoPE +
+    # write kernel (RESULTS.md, session 32): RoPE of q and k in the paged K/V write kernel (one
     # small kernel where there were two; split and merge kernels as before). Its GPU tests,
     # then int4 + head at batch 1 / 4 / 8 and bf16 at batch 1 beside the former kernels
     # (HEAD~2's file in .whl/old_paged_attention.py, RoPE by eager_fused.rope) (~6 min)
@@ -1269,7 +1273,8 @@ P.paged_decode = former"
     ab i4h_b1_former_again "$old" $q --batch 1
 }
 
-fused32d() {  # issue 16, session 32: fused32c's RoPE + write kernel with a program per
+fused32d() {  # issue 16, session 32, for commit 316ae92 (not run yet: no device time left):
+    # fused32c's RoPE + write kernel with a program per
     # (token, KV head), not per token: int4 + head at batch 1 and 8 beside the former
     # kernels, then the paged kernel's GPU tests (~3 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
