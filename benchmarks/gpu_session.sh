@@ -1183,114 +1183,86 @@ final31() {  # issue 16, session 31, after review: the GPU tests of int4's eager
         -k "glu or buckets_compile or dependent_launches or tiny_quantized or greedy_tokens_equal"
 }
 
-fused32() {  # issue 16, session 32, at commit f1f139d (reverted since): the paged decode in
-    # one kernel (RoPE of q and k, the
-    # K/V write, the merge in the split that finishes last). Its GPU tests, then int4 +
-    # head at batch 1 / 4 / 8 and bf16 at batch 1, each beside the former three kernels
-    # (HEAD's file before, in .whl/old_paged_attention.py) and, at batch 1, beside the new
-    # kernel with RoPE left to eager_fused.rope, with the merge in a kernel of its own,
-    # and both (~9 min)
-    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
-    local apart="import llamadist.runtime.paged_attention as R
+# session 32's A/B: RoPE by eager_fused.rope (the cache's attend_rotary off), and the former
+# paged decode kernels (9a97f93's gpu/paged_attention.py, kept in .whl/old_paged_attention.py)
+# in place of paged_decode, in the bench's own process
+APART32="import llamadist.runtime.paged_attention as R
 R.PagedLayer.attend_rotary = lambda self, *a: None"
-    local old="$apart
+FORMER32="$APART32
 import importlib.util, llamadist.kernels.paged_attention as P
 spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
 O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
-def former(q, k, v, kv, slots, tables, lens, splits, arrivals=None, cos=None, sin=None):
+def former(q, k, v, kv, slots, tables, lens, splits, *rest):
     O.write_kv(k, v, kv, slots)
     return O.attend(q, kv, tables, lens, splits)
 P.paged_decode = former"
+
+beside_former32() {  # beside_former32 NAME BENCH-ARGS...: the product, then the former kernels
+    local name=$1; shift
+    ab $name "" "$@"
+    ab ${name}_former "$FORMER32" "$@"
+}
+
+fused32() {  # issue 16, session 32, at commit f1f139d (reverted since): the paged decode
+    # in one kernel (RoPE of q and k, the K/V write, the merge in the split that finishes
+    # last). Its GPU tests, then int4 + head at batch 1 / 4 / 8 and bf16 at batch 1, each
+    # beside the former four kernels and, at batch 1, beside the new kernel with RoPE left
+    # to eager_fused.rope, with the merge in a kernel of its own, and both (~9 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
     local merge="import llamadist.kernels.gpu as G; G.load('paged_attention').MERGE_IN_KERNEL = False"
     step tests_fused32 300 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_paged_gpu.py
     checkpoint
-    ab i4h_b1 "" $q --batch 1
-    ab i4h_b1_former "$old" $q --batch 1
-    ab i4h_b1_rope_apart "$apart" $q --batch 1
+    beside_former32 i4h_b1 $q --batch 1
+    ab i4h_b1_rope_apart "$APART32" $q --batch 1
     ab i4h_b1_merge_kernel "$merge" $q --batch 1
-    ab i4h_b1_both_apart "$apart
+    ab i4h_b1_both_apart "$APART32
 $merge" $q --batch 1
     for b in 4 8; do
-        ab i4h_b${b} "" $q --batch $b
-        ab i4h_b${b}_former "$old" $q --batch $b
+        beside_former32 i4h_b${b} $q --batch $b
     done
-    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
-    ab bf16_b1_former "$old" --prompt-len 128 --gen-len 64 --batch 1
-    ab i4h_b1_again "" $q --batch 1
-    ab i4h_b1_former_again "$old" $q --batch 1
+    beside_former32 bf16_b1 --prompt-len 128 --gen-len 64 --batch 1
+    beside_former32 i4h_b1_again $q --batch 1
 }
 
 fused32b() {  # issue 16, session 32, at f1f139d with two switches since removed
     # (LATE_DEPENDENTS, NO_PDL in its gpu/paged_attention.py): why the one-kernel paged
-    # decode is slower in the
-    # int4 chain (dependent launches): the kernel letting the next one launch at its end,
-    # or launched as a plain kernel, against fused32's default and the former kernels
+    # decode is slower in the int4 chain (dependent launches): the kernel letting the next
+    # one launch at its end, or launched as a plain kernel, against fused32's default and
+    # the former kernels (~2 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
     local m="import llamadist.kernels.gpu as G; M = G.load('paged_attention')"
-    local apart="import llamadist.runtime.paged_attention as R
-R.PagedLayer.attend_rotary = lambda self, *a: None"
-    local old="$apart
-import importlib.util, llamadist.kernels.paged_attention as P
-spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
-O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
-def former(q, k, v, kv, slots, tables, lens, splits, arrivals=None, cos=None, sin=None):
-    O.write_kv(k, v, kv, slots)
-    return O.attend(q, kv, tables, lens, splits)
-P.paged_decode = former"
     checkpoint
     ab i4h_b1 "" $q
     ab i4h_b1_late "$m; M.LATE_DEPENDENTS = True" $q
     ab i4h_b1_plain "$m; M.NO_PDL = True" $q
-    ab i4h_b1_former "$old" $q
-    ab i4h_b1_apart_late "$apart
+    ab i4h_b1_former "$FORMER32" $q
+    ab i4h_b1_apart_late "$APART32
 $m; M.LATE_DEPENDENTS = True" $q
 }
 
 fused32c() {  # issue 16, session 32, at 316ae92 but with a program a token in the RoPE +
-    # write kernel (RESULTS.md, session 32): RoPE of q and k in the paged K/V write kernel (one
-    # small kernel where there were two; split and merge kernels as before). Its GPU tests,
-    # then int4 + head at batch 1 / 4 / 8 and bf16 at batch 1 beside the former kernels
-    # (HEAD~2's file in .whl/old_paged_attention.py, RoPE by eager_fused.rope) (~6 min)
+    # write kernel (RESULTS.md, session 32): RoPE of q and k in the paged K/V write kernel
+    # (one small kernel where there were two; split and merge kernels as before). Its GPU
+    # tests, then int4 + head at batch 1 / 4 / 8 and bf16 at batch 1 beside the former
+    # kernels (~6 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
-    local old="import llamadist.runtime.paged_attention as R
-R.PagedLayer.attend_rotary = lambda self, *a: None
-import importlib.util, llamadist.kernels.paged_attention as P
-spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
-O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
-def former(q, k, v, kv, slots, tables, lens, splits):
-    O.write_kv(k, v, kv, slots)
-    return O.attend(q, kv, tables, lens, splits)
-P.paged_decode = former"
     step tests_fused32c 200 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_paged_gpu.py
     checkpoint
     for b in 1 4 8; do
-        ab i4h_b${b} "" $q --batch $b
-        ab i4h_b${b}_former "$old" $q --batch $b
+        beside_former32 i4h_b${b} $q --batch $b
     done
-    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
-    ab bf16_b1_former "$old" --prompt-len 128 --gen-len 64 --batch 1
-    ab i4h_b1_again "" $q --batch 1
-    ab i4h_b1_former_again "$old" $q --batch 1
+    beside_former32 bf16_b1 --prompt-len 128 --gen-len 64 --batch 1
+    beside_former32 i4h_b1_again $q --batch 1
 }
 
-fused32d() {  # issue 16, session 32, for commit 316ae92 (not run yet: no device time left):
-    # fused32c's RoPE + write kernel with a program per
-    # (token, KV head), not per token: int4 + head at batch 1 and 8 beside the former
-    # kernels, then the paged kernel's GPU tests (~3 min)
+fused32d() {  # issue 16, session 32, for commit 316ae92 (not run yet: no device time
+    # left): fused32c's RoPE + write kernel with a program per (token, KV head), not per
+    # token: int4 + head at batch 1 and 8 beside the former kernels, then the paged
+    # kernel's GPU tests (~3 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
-    local old="import llamadist.runtime.paged_attention as R
-R.PagedLayer.attend_rotary = lambda self, *a: None
-import importlib.util, llamadist.kernels.paged_attention as P
-spec = importlib.util.spec_from_file_location('old_paged', '.whl/old_paged_attention.py')
-O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
-def former(q, k, v, kv, slots, tables, lens, splits):
-    O.write_kv(k, v, kv, slots)
-    return O.attend(q, kv, tables, lens, splits)
-P.paged_decode = former"
     checkpoint
     for b in 1 8; do
-        ab i4h_b${b} "" $q --batch $b
-        ab i4h_b${b}_former "$old" $q --batch $b
+        beside_former32 i4h_b${b} $q --batch $b
     done
     step tests_fused32d 100 python3 -m pytest -q -p no:cacheprovider -rf tests/gpu/test_paged_gpu.py \
         -k "kernel_matches or compiles_once"
