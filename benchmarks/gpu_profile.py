@@ -104,37 +104,51 @@ def kernel_profile(engine, b: int, rows: int) -> None:
     print(events.table(sort_by=key, row_limit=rows, max_name_column_width=70))
 
 
-def replay_timeline(engine, b: int, rows: int) -> None:
-    """Section 5: the kernels of one replay of bucket ``b``'s graph, in time order."""
+def replay_spans(graph: torch.cuda.CUDAGraph) -> list[tuple[float, float, str]]:
+    """(start, end, name) in us of each kernel of one replay of ``graph``, by start."""
     from torch.profiler import ProfilerActivity, profile
-    graph = engine._graphs.decoders[0].buckets[b].graph
     for _ in range(3):
         graph.replay()
     sync_all()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         graph.replay()
         sync_all()
-    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    if not spans:
-        print("  replay timeline: no kernels recorded (this profiler does not see a graph's)")
-        return
+    return sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                  if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def span_summary(spans: list[tuple[float, float, str]]) -> tuple[float, float, float, float]:
+    """(span, own, overlapped, idle) us of one replay's kernels ``spans``."""
     busy, reach = 0.0, spans[0][0]
     for start, end, _ in spans:  # the union of the kernels' intervals
         busy += max(0.0, end - max(start, reach))
         reach = max(reach, end)
     own = sum(end - start for start, end, _ in spans)
     span = reach - spans[0][0]
-    print(f"  replay timeline, batch {b}: {len(spans)} kernels over {span / 1e3:.3f} ms; "
-          f"their own time {own / 1e3:.3f} ms, overlapped {(own - busy) / 1e3:.3f} ms, "
-          f"idle {(span - busy) / 1e3:.3f} ms")
-    by_name: dict[str, list[float]] = {}
+    return span, own, own - busy, span - busy
+
+
+def by_name(spans: list[tuple[float, float, str]], rows: int) -> None:
+    """The ``rows`` kernel names of most time in ``spans``: us in all, count x median."""
+    times: dict[str, list[float]] = {}
     for start, end, name in spans:
-        by_name.setdefault(name, []).append(end - start)
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:rows]
-    for name, times in top:
-        print(f"    {sum(times):9.1f} us  {len(times):4d} x {statistics.median(times):7.2f} us"
+        times.setdefault(name, []).append(end - start)
+    for name, ts in sorted(times.items(), key=lambda kv: -sum(kv[1]))[:rows]:
+        print(f"    {sum(ts):9.1f} us  {len(ts):4d} x {statistics.median(ts):7.2f} us"
               f"  {name[:90]}")
+
+
+def replay_timeline(engine, b: int, rows: int) -> None:
+    """Section 5: the kernels of one replay of bucket ``b``'s graph, in time order."""
+    spans = replay_spans(engine._graphs.decoders[0].buckets[b].graph)
+    if not spans:
+        print("  replay timeline: no kernels recorded (this profiler does not see a graph's)")
+        return
+    span, own, over, idle = span_summary(spans)
+    print(f"  replay timeline, batch {b}: {len(spans)} kernels over {span / 1e3:.3f} ms; "
+          f"their own time {own / 1e3:.3f} ms, overlapped {over / 1e3:.3f} ms, "
+          f"idle {idle / 1e3:.3f} ms")
+    by_name(spans, rows)
 
 
 def attention_table(config, dev, dtype, batches: list[int], lengths: list[int],
