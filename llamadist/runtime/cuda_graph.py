@@ -86,14 +86,24 @@ class _Bucket:
 
 class GraphCapture:
     """Warm-up and capture of one stage's decode step for one bucket, shared by the static
-    and the paged decoders. Subclasses provide ``_forward(bucket)``, ``layer_fn`` (a
-    compiled layer call, or None for the eager layers), ``pool``, ``stage`` and ``kind``
-    (for the log); a bucket has ``out``, ``graph`` and ``size``."""
+    and the paged decoders: ``layer_fn`` is the compiled layer call (None: the eager
+    layers), from ``compile_from`` rows on (Engine.compile_from). Subclasses provide
+    ``_forward(bucket)`` and ``kind`` (for the log); a bucket has ``out``, ``graph`` and
+    ``size``."""
 
     kind = "decode"
-    prepare_s = 0.0
     artifacts = None  # the compile-artifact file (llamadist.runtime.compile_cache), or None
-    compile_from = 1  # buckets of fewer rows capture the eager layers (Engine.compile_from)
+
+    def __init__(self, stage: Stage, *, compile_layers: bool, capture: bool,
+                 compile_cache: str | None, compile_from: int):
+        self.stage = stage
+        self.capture = capture and stage.device.type == "cuda"
+        self.layer_fn = compiled_layer_call(stage.dependent_launches) if compile_layers \
+            else None
+        self.compile_from = compile_from  # buckets of fewer rows capture the eager layers
+        self.keep_artifacts(compile_cache)
+        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
+        self.prepare_s = 0.0  # warm-up, compilation and capture
 
     def layers(self, bk) -> object | None:
         """The layer call of bucket ``bk``'s step: the compiled one from compile_from
@@ -163,18 +173,12 @@ class StageDecoder(GraphCapture):
 
     def __init__(self, stage: Stage, *, compile_layers: bool = True, capture: bool = True,
                  compile_cache: str | None = None, compile_from: int = 1):
-        self.stage = stage
+        super().__init__(stage, compile_layers=compile_layers, capture=capture,
+                         compile_cache=compile_cache, compile_from=compile_from)
         self.device = stage.device
-        self.capture = capture and stage.device.type == "cuda"
-        self.layer_fn = compiled_layer_call(stage.dependent_launches) if compile_layers \
-            else None
-        self.compile_from = compile_from
-        self.keep_artifacts(compile_cache)
         self.sizes = bucket_sizes(stage.batch_size)
         self.buckets: dict[int, _Bucket] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.slots = torch.arange(stage.max_seq_len, device=stage.device)  # (S,)
-        self.prepare_s = 0.0  # warm-up, compilation and capture
 
     def _bucket(self, b: int, like: torch.Tensor) -> _Bucket:
         n = next((s for s in self.sizes if s >= b), None)

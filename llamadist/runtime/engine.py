@@ -58,9 +58,7 @@ class Engine:
         # torch.compile inside the graphs, one flag per stage: as the run says, or where
         # it pays, stage by stage (tests may set one bool for all); where it pays only past
         # some rows (compile_rows), the buckets of fewer rows capture the eager layers
-        rows = [(1 if self.runtime.compile else None) if self.runtime.compile is not None
-                else compile_rows(s.model) if s.device.type == "cuda" else None
-                for s in stages]
+        rows = [self._compile_rows(s) for s in stages]
         self.compile_layers: bool | tuple[bool, ...] = tuple(
             r is not None and r <= s.batch_size for r, s in zip(rows, stages))
         self.compile_from: int | tuple[int, ...] = tuple(r or 1 for r in rows)
@@ -73,6 +71,14 @@ class Engine:
         self._graphs = None
         self._paged_graphs = None
         self.graphed = False  # the latest paged step ran through the decode graphs
+
+    def _compile_rows(self, stage: Stage) -> int | None:
+        """The fewest rows of a decode step whose layers ``stage`` compiles, None for no
+        step: every step with --compile, none with --no-compile, else where it pays on
+        CUDA (kernel_passes.compile_rows)."""
+        if self.runtime.compile is not None:
+            return 1 if self.runtime.compile else None
+        return compile_rows(stage.model) if stage.device.type == "cuda" else None
 
     @property
     def max_seq_len(self) -> int:

@@ -31,8 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llamadist.runtime.cuda_graph import (GraphCapture, bucket_sizes, compiled_layer_call,
-                                         per_stage)
+from llamadist.runtime.cuda_graph import GraphCapture, bucket_sizes, per_stage
 from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage
@@ -111,16 +110,10 @@ class PagedStageDecoder(GraphCapture):
                  compile_from: int = 1):
         if stage.paged is None:
             raise RuntimeError("call init_paged() before making paged graphs")
-        self.stage = stage
+        super().__init__(stage, compile_layers=compile_layers, capture=capture,
+                         compile_cache=compile_cache, compile_from=compile_from)
         self.max_blocks = max_blocks
-        self.capture = capture and stage.device.type == "cuda"
-        self.layer_fn = compiled_layer_call(stage.dependent_launches) if compile_layers \
-            else None
-        self.compile_from = compile_from
-        self.keep_artifacts(compile_cache)
         self.buckets: dict[int, PagedBucket] = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.capture else None
-        self.prepare_s = 0.0
 
     def bucket(self, size: int, first: bool, hidden: int) -> PagedBucket:
         bk = self.buckets.get(size)

@@ -259,15 +259,14 @@ def test_int4_buckets_compile_only_past_cuda_int4s_rows(wide_model, monkeypatch)
     from llamadist.api import LLM
     from llamadist.config import RuntimeConfig
     from llamadist.kernels import wquant_torch
-    from llamadist.runtime import cuda_graph, paged_graphs
+    from llamadist.runtime import cuda_graph
     few = wquant_torch.ROWS_MAX_M
     if not wquant_torch.int4_rows_ok(torch.device("cuda:0")):
         pytest.skip("cuda_int4's kernel does not run on this GPU")
     rows = set()  # the buckets' rows whose steps called the compiled layer
-    for module in (cuda_graph, paged_graphs):
-        real = module.compiled_layer_call
-        monkeypatch.setattr(module, "compiled_layer_call", lambda pdl=False, real=real: (
-            lambda layer, h, *a, fn=real(pdl): rows.add(h.shape[0]) or fn(layer, h, *a)))
+    real = cuda_graph.compiled_layer_call  # GraphCapture's, the static and paged decoders'
+    monkeypatch.setattr(cuda_graph, "compiled_layer_call", lambda pdl=False: (
+        lambda layer, h, *a, fn=real(pdl): rows.add(h.shape[0]) or fn(layer, h, *a)))
     prompts = (["The quick brown fox", "1 2 3 4 5", "Once upon a time"] * 4)[:few + 2]
 
     def llm(max_batch: int, graphs: bool = True):

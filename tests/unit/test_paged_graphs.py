@@ -84,10 +84,10 @@ def test_each_stage_compiles_as_its_own_flag_says(tiny_model, monkeypatch):
     GPU-quantized weights compiles, a dense one beside it need not): the graphs take one
     flag per stage (or one for all), and refuse a count that is not the stages'."""
     from llamadist import config
-    from llamadist.runtime import paged_graphs
+    from llamadist.runtime import cuda_graph, paged_graphs
     from llamadist.runtime.engine import Engine
     marker = object()
-    monkeypatch.setattr(paged_graphs, "compiled_layer_call", lambda pdl=False: marker)
+    monkeypatch.setattr(cuda_graph, "compiled_layer_call", lambda pdl=False: marker)
     model = Engine.load(str(tiny_model), devices=["cpu", "cpu"],
                         layer_ranges=[range(0, 2), range(2, 5)], max_batch=2, max_seq_len=32,
                         runtime=config.RuntimeConfig(max_seq_len=32, max_batch=2))
