@@ -11,7 +11,7 @@
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
-#         timeline32
+#         timeline32 ceiling33
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1281,14 +1281,31 @@ timeline32() {  # issue 16, session 32: one decode step of the serving engine's 
     step tl_bf16 100 python3 benchmarks/paged_timeline.py $CK --devices cuda:0 $g
 }
 
+ceiling33() {  # issue 16, session 33: 0871e97's GPU tests (the bucket test now patches
+    # cuda_graph.compiled_layer_call), the floor under int4_rows (a plain streaming read of
+    # each linear's tinygemm words beside the rule's form and its loads alone), and one
+    # decode step kernel by kernel at HEAD, int4 + head and bf16 (~6 min)
+    step tests_ceiling33 200 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_wquant_torch_gpu.py tests/gpu/test_paged_gpu.py tests/gpu/test_cuda_graph.py \
+        -k "buckets_compile or paged or greedy_tokens_equal or dependent_launches"
+    step read33 150 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int4_g128 \
+        --m 1 --products rows,rows:*,read:* --rows-configs 8x4x2x0x1,16x4x2x0x1 \
+        --read-configs 1x4096x8,2x2048x8,4x2048x8,4x1024x4,8x1024x4,16x512x4,2x4096x16
+    checkpoint
+    local g="--prompt-len 128 --gen-len 16 --batch 1"
+    step tl_i4h 100 python3 benchmarks/paged_timeline.py $CK --devices cuda:0 \
+        --quantize int4 --quantize-head $g
+    step tl_bf16 100 python3 benchmarks/paged_timeline.py $CK --devices cuda:0 $g
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -27,7 +27,11 @@ past the L2 cache, the other quantized forms not):
   above), the ``--wquant triton`` product;
 * ``scaled`` (int8 / fp8): ``wquant_torch.scaled_linear``, the ``--wquant torch`` product
   past ``wquant_torch.TRITON_ROWS`` rows (fewer take the Triton kernels);
-* ``dequant``: the weight dequantized to bf16, then ``F.linear`` (what a large M could do).
+* ``dequant``: the weight dequantized to bf16, then ``F.linear`` (what a large M could do);
+* ``read:MULTxBLOCKxWARPS`` (int4, for each ``--read-configs`` entry): no product, a plain
+  streaming read of tinygemm's words (MULT programs an SM, each a contiguous run of the
+  words in BLOCK-word steps, its XOR stored), the floor a product of those words stands
+  on at this size: ``us`` and ``gbps`` of a read, ``err`` not checked.
 
 One JSON line per case on stdout (us, ratio to bf16, TFLOP/s, GB/s of the product's
 minimum bytes), a table on stderr. The largest error against the float32 product of the
@@ -79,6 +83,36 @@ def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact, probe
         cuda_int4.HI_SHIFT, cuda_int4.BULK, cuda_int4.STAGGER = False, False, False
 
 
+_READ = None
+
+
+def stream_read(words, programs: int, block: int, warps: int):
+    """A plain read of ``words`` (any int32 tensor) by ``programs`` programs, each XOR-ing
+    a contiguous run of it in ``block``-word steps (the tail masked) and storing that
+    (programs, block): what reading the bytes alone costs, no product."""
+    global _READ
+    import torch
+    import triton
+    import triton.language as tl
+    if _READ is None:
+        @triton.jit
+        def read(W, OUT, total, run, BLOCK: tl.constexpr):
+            pid = tl.program_id(0)
+            offs = tl.arange(0, BLOCK)
+            acc = tl.zeros([BLOCK], dtype=tl.int32)
+            start = pid.to(tl.int64) * run
+            for i in range(0, run, BLOCK):
+                at = start + i + offs
+                acc ^= tl.load(W + at, mask=at < total, other=0, cache_modifier=".cg")
+            tl.store(OUT + pid * BLOCK + offs, acc)
+        _READ = read
+    flat = words.view(torch.int32).reshape(-1)
+    run = triton.cdiv(triton.cdiv(flat.numel(), programs), block) * block
+    out = torch.empty(programs, block, dtype=torch.int32, device=words.device)
+    _READ[(programs,)](flat, out, flat.numel(), run, BLOCK=block, num_warps=warps)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama3-70b")
@@ -93,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
                    "variant)")
     p.add_argument("--mma-configs", default="", type=lambda s: [c for c in s.split(",") if c])
     p.add_argument("--rows-configs", default="", type=lambda s: [c for c in s.split(",") if c])
+    p.add_argument("--read-configs", default="", type=lambda s: [c for c in s.split(",") if c],
+                   help="MULTxBLOCKxWARPS streaming reads of the int4 words, e.g. 4x2048x8")
     a = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
@@ -141,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                     form = parse_form(spec)
                     products[f"rows:{spec}"] = lambda x, tg, form=form: \
                         rows_form(cuda_int4, x, tg, tz, n, g, tiles, *form)
+                for spec in a.read_configs:
+                    mult, block, warps = (int(v) for v in spec.split("x"))
+                    products[f"read:{spec}"] = lambda x, tg, c=(sms * mult, block, warps): \
+                        stream_read(tg, *c)
                 kernels = gpu.load("wquant")
                 for spec in a.mma_configs:  # split 0: the rule's for the tiles and M
                     bn, bm, warps, split, stages, pf = ([int(v) for v in spec.split("x")]
@@ -178,8 +218,10 @@ def main(argv: list[str] | None = None) -> int:
                     except ValueError as e:  # a form that does not fit the device
                         print(f"{sname} {kind} M={m} {prod}: {e}", file=sys.stderr)
                         continue
-                    err = (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-                    rot = tgs if prod in ("tinygemm", "torch") or prod.startswith(("mma", "rows")) \
+                    err = (float("nan") if prod.startswith("read") else
+                           (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
+                    rot = tgs if prod in ("tinygemm", "torch") or \
+                        prod.startswith(("mma", "rows", "read")) \
                         else tgs[:1]
                     us, _, mode = time_graph(torch, [lambda fn=fn, t=t: fn(x, t) for t in rot],
                                              max(4, len(rot)), a.reps)
