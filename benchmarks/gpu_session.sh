@@ -11,7 +11,7 @@
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
-#         timeline32 ceiling33
+#         timeline32 ceiling33 overlay33 ncu33 tile33
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1298,14 +1298,47 @@ ceiling33() {  # issue 16, session 33: 0871e97's GPU tests (the bucket test now 
     step tl_bf16 100 python3 benchmarks/paged_timeline.py $CK --devices cuda:0 $g
 }
 
+overlay33() {  # issue 16, session 33: the one-kernel paged decode (f1f139d) kernel by
+    # kernel in the int4 chain, then 316ae92's RoPE + K/V write kernel (fused32d); each
+    # commit's llamadist/ and tests/ from .whl/f1 and .whl/c316 (git archive) in place of
+    # the checkout's, this checkout's benchmarks/ (~5 min)
+    local g="--prompt-len 128 --gen-len 16 --batch 1"
+    checkpoint
+    rm -rf llamadist tests && cp -r .whl/f1/llamadist .whl/f1/tests .
+    step tl_i4h_onekernel 100 python3 benchmarks/paged_timeline.py $CK --devices cuda:0 \
+        --quantize int4 --quantize-head $g
+    rm -rf llamadist tests && cp -r .whl/c316/llamadist .whl/c316/tests .
+    fused32d
+}
+
+ncu33() {  # issue 16, session 33: Nsight Compute on gate_up and down at one row: the
+    # rule's form, its loads alone (PROBE 1) and a plain streaming read of the same words,
+    # which session 33 timed 4 us faster on gate_up than those loads (~3 min)
+    step ncu33 200 ncu --clock-control none --profile-from-start off --nvtx \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy \
+        --section LaunchStats --section WarpStateStats \
+        python3 benchmarks/int4_ncu.py --m 1 --linears gate_up,down --no-baselines \
+        --forms 8x4x2x0x1 --reads 4x2048x8,16x512x4
+    grep -E "^  [a-z_]+.*\(|Duration|DRAM Throughput|Memory Throughput|L2 Hit Rate|Achieved Occupancy|Theoretical Occupancy|Waves Per SM|Registers Per|Block Limit|Warp Cycles Per Issued|Grid Size|Block Size|Dynamic Shared" \
+        $OUT/ncu33.txt > $OUT/ncu33_key.txt
+}
+
+tile33() {  # issue 16, session 33: the int4 words read in int4_rows's own order (a
+    # program NB n-tiles, STEP k-tiles of each a step) beside a plain streaming read and the
+    # rule's form with its loads alone: is it the order or the kernel that reads slower (~2 min)
+    step tile33 120 python3 benchmarks/wquant_rows.py --shape llama3-8b --kinds int4_g128 \
+        --m 1 --products rows,rows:*,read:*,tileread:* --rows-configs 8x4x2x0x1 \
+        --read-configs 4x2048x8 --tileread-configs 4x8x8,4x16x8,4x32x8,8x8x8,16x8x8,4x8x4,2x8x4
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -2,7 +2,9 @@
 (issue 16: at one row cuda_int4's kernel and tinygemm both read ~1.3 TB/s where bf16's
 cuBLAS GEMV reads ~4): the region between cudaProfilerStart and Stop holds, per linear,
 bf16 ``F.linear``, tinygemm, ``cuda_int4`` in the rule's form and in its PROBE forms (1:
-no math, 2: no global loads), so ``ncu --profile-from-start off`` sees those kernels only.
+no math, 2: no global loads) and, per ``--reads`` entry, a plain streaming read of the
+same words (wquant_rows's ``read:MULTxBLOCKxWARPS``, the floor), so ``ncu
+--profile-from-start off`` sees those kernels only.
 
     ncu --clock-control none --profile-from-start off --section SpeedOfLight \\
         --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \\
@@ -17,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from wquant_rows import parse_form, rows_form  # noqa: E402
+from wquant_rows import parse_form, rows_form, stream_read  # noqa: E402
 from wquant_sweep import model_shapes  # noqa: E402
 
 
@@ -28,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--forms", default="", type=lambda s: [c for c in s.split(",") if c],
                    help="cuda_int4 forms WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]] besides the rule's")
+    p.add_argument("--reads", default="", type=lambda s: [c for c in s.split(",") if c],
+                   help="streaming reads of the words, MULTxBLOCKxWARPS (wquant_rows)")
+    p.add_argument("--no-baselines", action="store_true", help="leave bf16 and tinygemm out")
     a = p.parse_args(argv)
     import torch
     import torch.nn.functional as F
@@ -44,14 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         tz = wquant_torch.tinygemm_scales_zeros(pw.scale, pw.offset, torch.bfloat16)
         g, tiles = pw.group, wquant_torch._inner_k_tiles(k)
         x = torch.randn(a.m, k, device=dev, dtype=torch.bfloat16)
-        calls.append((f"{name} bf16", lambda x=x, w=w: F.linear(x, w)))
-        calls.append((f"{name} tinygemm", lambda x=x, tg=tg, tz=tz, g=g:
-                      torch.ops.aten._weight_int4pack_mm(x, tg, g, tz)))
+        if not a.no_baselines:
+            calls.append((f"{name} bf16", lambda x=x, w=w: F.linear(x, w)))
+            calls.append((f"{name} tinygemm", lambda x=x, tg=tg, tz=tz, g=g:
+                          torch.ops.aten._weight_int4pack_mm(x, tg, g, tz)))
         calls.append((f"{name} rows", lambda x=x, tg=tg, tz=tz, n=n, g=g, t=tiles:
                       cuda_int4.int4_rows(x, tg, tz, n, g, t)))
         for spec in a.forms:
             calls.append((f"{name} rows:{spec}", lambda x=x, tg=tg, tz=tz, n=n, g=g, t=tiles,
                           form=parse_form(spec): rows_form(cuda_int4, x, tg, tz, n, g, t, *form)))
+        sms = torch.cuda.get_device_properties(dev).multi_processor_count
+        for spec in a.reads:
+            mult, block, warps = (int(v) for v in spec.split("x"))
+            calls.append((f"{name} read:{spec}", lambda tg=tg, c=(sms * mult, block, warps):
+                          stream_read(tg, *c)))
     for _, fn in calls:  # compile and warm everything outside the profiled region
         fn()
     torch.cuda.synchronize()

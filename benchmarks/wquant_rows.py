@@ -31,7 +31,11 @@ past the L2 cache, the other quantized forms not):
 * ``read:MULTxBLOCKxWARPS`` (int4, for each ``--read-configs`` entry): no product, a plain
   streaming read of tinygemm's words (MULT programs an SM, each a contiguous run of the
   words in BLOCK-word steps, its XOR stored), the floor a product of those words stands
-  on at this size: ``us`` and ``gbps`` of a read, ``err`` not checked.
+  on at this size: ``us`` and ``gbps`` of a read, ``err`` not checked;
+* ``tileread:NBxSTEPxWARPS`` (int4): the same words read in int4_rows's order, a program
+  NB n-tiles (all of K), STEP k-tiles of each a step (int4_rows: its WARPS warps' k-tiles
+  w, w + WARPS, ..., together STEP = WARPS at a time): whether that order, not the kernel,
+  is what reads slower.
 
 One JSON line per case on stdout (us, ratio to bf16, TFLOP/s, GB/s of the product's
 minimum bytes), a table on stderr. The largest error against the float32 product of the
@@ -113,6 +117,37 @@ def stream_read(words, programs: int, block: int, warps: int):
     return out
 
 
+_TILE_READ = None
+
+
+def tile_read(words, n: int, k: int, nb: int, step: int, warps: int):
+    """tinygemm's int4 words of an N x K weight read in int4_rows's order: a program
+    takes NB consecutive n-tiles (8 rows each, all of K: 4 K words an n-tile, contiguous)
+    and reads STEP k-tiles (128 words each) of every one of them a step; its XOR stored."""
+    global _TILE_READ
+    import torch
+    import triton
+    import triton.language as tl
+    if _TILE_READ is None:
+        @triton.jit
+        def read(W, OUT, per_tile, NB: tl.constexpr, RUN: tl.constexpr):
+            pid = tl.program_id(0)
+            rows = (pid * NB + tl.arange(0, NB)).to(tl.int64)[:, None] * per_tile
+            offs = tl.arange(0, RUN)[None, :]
+            acc = tl.zeros([NB, RUN], dtype=tl.int32)
+            for i in range(0, per_tile, RUN):
+                acc ^= tl.load(W + rows + i + offs, cache_modifier=".cg")
+            tl.store(OUT + pid * NB * RUN + tl.arange(0, NB)[:, None] * RUN + offs, acc)
+        _TILE_READ = read
+    flat = words.view(torch.int32).reshape(-1)
+    tiles, per_tile = n // 8, flat.numel() // (n // 8)
+    if tiles % nb or per_tile % (128 * step):
+        raise ValueError(f"tileread {nb}x{step}: {tiles} n-tiles of {per_tile} words")
+    out = torch.empty(tiles // nb, nb * 128 * step, dtype=torch.int32, device=words.device)
+    _TILE_READ[(tiles // nb,)](flat, out, per_tile, NB=nb, RUN=128 * step, num_warps=warps)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shape", default="llama3-70b")
@@ -127,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
                    "variant)")
     p.add_argument("--mma-configs", default="", type=lambda s: [c for c in s.split(",") if c])
     p.add_argument("--rows-configs", default="", type=lambda s: [c for c in s.split(",") if c])
+    p.add_argument("--tileread-configs", default="",
+                   type=lambda s: [c for c in s.split(",") if c],
+                   help="NBxSTEPxWARPS reads of the int4 words in int4_rows's order")
     p.add_argument("--read-configs", default="", type=lambda s: [c for c in s.split(",") if c],
                    help="MULTxBLOCKxWARPS streaming reads of the int4 words, e.g. 4x2048x8")
     a = p.parse_args(argv)
@@ -181,6 +219,10 @@ def main(argv: list[str] | None = None) -> int:
                     mult, block, warps = (int(v) for v in spec.split("x"))
                     products[f"read:{spec}"] = lambda x, tg, c=(sms * mult, block, warps): \
                         stream_read(tg, *c)
+                for spec in a.tileread_configs:
+                    nb, step, warps = (int(v) for v in spec.split("x"))
+                    products[f"tileread:{spec}"] = lambda x, tg, c=(n, k, nb, step, warps): \
+                        tile_read(tg, *c)
                 kernels = gpu.load("wquant")
                 for spec in a.mma_configs:  # split 0: the rule's for the tiles and M
                     bn, bm, warps, split, stages, pf = ([int(v) for v in spec.split("x")]
@@ -218,10 +260,10 @@ def main(argv: list[str] | None = None) -> int:
                     except ValueError as e:  # a form that does not fit the device
                         print(f"{sname} {kind} M={m} {prod}: {e}", file=sys.stderr)
                         continue
-                    err = (float("nan") if prod.startswith("read") else
+                    err = (float("nan") if prod.startswith(("read", "tileread")) else
                            (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
                     rot = tgs if prod in ("tinygemm", "torch") or \
-                        prod.startswith(("mma", "rows", "read")) \
+                        prod.startswith(("mma", "rows", "read", "tileread")) \
                         else tgs[:1]
                     us, _, mode = time_graph(torch, [lambda fn=fn, t=t: fn(x, t) for t in rot],
                                              max(4, len(rot)), a.reps)
