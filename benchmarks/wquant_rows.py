@@ -122,7 +122,7 @@ _TILE_READ = None
 
 def tile_read(words, n: int, k: int, nb: int, step: int, warps: int):
     """tinygemm's int4 words of an N x K weight read in int4_rows's order: a program
-    takes NB consecutive n-tiles (8 rows each, all of K: 4 K words an n-tile, contiguous)
+    takes NB consecutive n-tiles (8 rows each, all of K: K words an n-tile, contiguous)
     and reads STEP k-tiles (128 words each) of every one of them a step; its XOR stored."""
     global _TILE_READ
     import torch
