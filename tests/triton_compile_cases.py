@@ -230,11 +230,10 @@ def wquant_cases() -> None:
 
 
 def paged_cases() -> None:
-    """The paged decode kernels (write, or RoPE and write; split, merge), one split
-    (direct) and several: bf16 (the tensor-core dot) at head sizes 128 and 64 (G = 4, 1),
-    float32 (the IEEE dot) at 80, padded to 128 (G = 8; float32's tiles of 128 use the
-    most shared memory). Other pairings differ only in numbers, not in the code
-    compiled."""
+    """The paged decode kernels (write, split, merge), one split (direct) and several:
+    bf16 (the tensor-core dot) at head sizes 128 and 64 (G = 4, 1), float32 (the IEEE
+    dot) at 80, padded to 128 (G = 8; float32's tiles of 128 use the most shared memory).
+    Other pairings differ only in numbers, not in the code compiled."""
     from llamadist.kernels import gpu
     m = gpu.load("paged_attention")
     _patch(m)
@@ -244,17 +243,15 @@ def paged_cases() -> None:
             s, nb = 3, 20
             q, kv = torch.zeros(s, h, d, dtype=dtype), torch.zeros(2, nb, h_kv, bs, d,
                                                                     dtype=dtype)
-            k, cs = torch.zeros(s, h_kv, d, dtype=dtype), torch.zeros(s, d, dtype=dtype)
-            slots = torch.zeros(s, dtype=torch.long)
-            m.write_kv(k, k, kv, slots)
-            m.rope_write_kv(q, k, k, cs, cs, kv, slots)
+            m.write_kv(torch.zeros(s, h_kv, d, dtype=dtype), torch.zeros(s, h_kv, d,
+                                                                         dtype=dtype),
+                       kv, torch.zeros(s, dtype=torch.long))
             tables = torch.zeros(s, 8, dtype=torch.int32)
             for splits in (1, 4):
                 m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
-            if d == 128:  # the same kernels as dependent launches
+            if d == 128:  # the same three kernels as dependent launches
                 with _dependent():
-                    m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, slots)
-                    m.rope_write_kv(q, k, k, cs, cs, kv, slots)
+                    m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, torch.zeros(s, dtype=torch.long))
                     m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
 
 

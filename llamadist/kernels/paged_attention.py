@@ -12,13 +12,10 @@ The G query heads of a KV head are the rows of one tile, so each K/V tile is rea
 for all of them. A tile is BLOCK_N slots gathered across blocks (any block_size), and
 accumulation is in float32 for fp16/bf16/fp32 inputs.
 
-``paged_decode`` also writes the step's K/V at ``slot_mapping`` first (one small kernel;
-given cos/sin, the same kernel rotates q and k, the step's RoPE: one launch a layer fewer,
-where the model would run eager_fused.rope first; the paged cache asks for that up to
-ROTARY_WRITE_MAX_SEQS sequences a step), and the pair is one custom op,
-``llamadist::paged_decode``, that mutates the cache, so torch.compile keeps it opaque
-inside a compiled decoder layer and orders it after the projections that feed it. The
-kernels themselves (and triton) are in
+``paged_decode`` also writes the step's K/V at ``slot_mapping`` first (one small kernel),
+and the pair is one custom op, ``llamadist::paged_decode``, that mutates the cache, so
+torch.compile keeps it opaque inside a compiled decoder layer and orders it after the
+projections that feed it. The kernels themselves (and triton) are in
 llamadist.kernels.gpu.paged_attention, imported on the op's first call
 (llamadist.kernels.gpu says why).
 """
@@ -62,14 +59,6 @@ def num_splits(rows: int, max_slots: int, multiprocessors: int = 132) -> int:
     return min(MAX_SPLITS, up, down)
 
 
-# RoPE in the K/V write kernel (``paged_decode`` given cos/sin) up to this many sequences
-# a step; past it the model rotates q and k (eager_fused.rope) and the write kernel only
-# stores. On the H200 (RESULTS.md, session 33; Llama-3-8B int4 + head) the fused kernel
-# took batch 1's step from 1.899 to 1.857 ms, but batch 8's from 2.342 to 2.400 (not
-# understood: the kernel's work is a few hundred bytes a sequence).
-ROTARY_WRITE_MAX_SEQS = 4
-
-
 def splits_for(device: torch.device, rows: int, max_slots: int) -> int:
     """num_splits with ``device``'s multiprocessor count (132, an H100/H200, off CUDA)."""
     mp = _multiprocessors(device.index or 0) if device.type == "cuda" else 132
@@ -78,13 +67,9 @@ def splits_for(device: torch.device, rows: int, max_slots: int) -> int:
 
 def _paged_decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                        slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                       seq_lens: torch.Tensor, splits: int, cos: torch.Tensor | None,
-                       sin: torch.Tensor | None) -> torch.Tensor:
+                       seq_lens: torch.Tensor, splits: int) -> torch.Tensor:
     kernels = gpu.load("paged_attention")
-    if cos is not None:
-        q = kernels.rope_write_kv(q, k, v, cos, sin, kv, slot_mapping)
-    else:
-        kernels.write_kv(k, v, kv, slot_mapping)
+    kernels.write_kv(k, v, kv, slot_mapping)
     return kernels.attend(q, kv, block_tables, seq_lens, splits)
 
 
@@ -94,13 +79,10 @@ _paged_decode_op = gpu.custom_op("llamadist::paged_decode", _paged_decode_impl,
 
 def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
                  slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                 seq_lens: torch.Tensor, splits: int, cos: torch.Tensor | None = None,
-                 sin: torch.Tensor | None = None) -> torch.Tensor:
+                 seq_lens: torch.Tensor, splits: int) -> torch.Tensor:
     """A decode step's attention for one layer: write k/v (S, H_kv, D) at ``slot_mapping``
-    (S,) into kv (2, NB, H_kv, bs, D), then attend q (S, H, D) (heads h = kv_head * G + g)
-    over each sequence's slots [0, seq_lens[s]) through its ``block_tables`` row (S, MB)
-    -> (S, H, D). With cos/sin (S, D), q and k are not rotated yet: the write kernel
-    rotates them (rotate-half RoPE, eager_fused.rope's bits) as it stores k. ``splits``:
-    see num_splits (a power of two, at most MAX_SPLITS). Check ``usable`` first."""
-    return _paged_decode_op(q, k, v, kv, slot_mapping, block_tables, seq_lens, splits,
-                            cos, sin)
+    (S,) into kv (2, NB, H_kv, bs, D), then attend q (S, H, D) (rotated; heads
+    h = kv_head * G + g) over each sequence's slots [0, seq_lens[s]) through its
+    ``block_tables`` row (S, MB) -> (S, H, D). ``splits``: see num_splits (a power of two,
+    at most MAX_SPLITS). Check ``usable`` first."""
+    return _paged_decode_op(q, k, v, kv, slot_mapping, block_tables, seq_lens, splits)

@@ -49,8 +49,3 @@ class FlatLayerKV(Protocol):
         attention of q (N, H, D) (rotated) over each token's own sequence, up to and
         including the token itself: (N, H, D)."""
         ...
-
-    # Optional: attend_rotary(q, k, v, cos, sin) -> (N, H, D) or None, ``attend`` with
-    # q/k not yet rotated (cos/sin (N, D)), where the cache rotates them itself (the paged
-    # decode kernel: llamadist.runtime.paged_attention.PagedLayer); None where it does not
-    # for this batch, and the model rotates them and calls ``attend``.

@@ -116,8 +116,9 @@ class Attention(nn.Module):
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.project(x)
-        if hasattr(cache, "attend"):
-            return self.forward_flat(q, k, v, cos, sin, cache)
+        attend = getattr(cache, "attend", None)
+        if attend is not None:
+            return self.forward_flat(q, k, v, cos, sin, attend)
         # Head counts come from the projection widths, so a tensor-parallel
         # shard of this module (fewer heads) runs through the same code.
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -146,29 +147,23 @@ class Attention(nn.Module):
 
 
     def forward_flat(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor, cache: FlatLayerKV) -> torch.Tensor:
+                     cos: torch.Tensor, sin: torch.Tensor,
+                     attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """A flat batch: the B*T tokens of q/k/v (B, T, *) are N independent tokens, each
-        at its own position; ``cache.attend`` stores k/v and attends each token over its
-        own sequence (``cache.attend_rotary``, where the cache has it, rotates q/k too).
-        cos/sin (B, 1, T, D)."""
+        at its own position; ``attend`` (FlatLayerKV.attend) stores k/v and attends each
+        token over its own sequence. cos/sin (B, 1, T, D)."""
         b, t, _ = q.shape
         hd = self.head_dim
         cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
         h, h_kv = q.shape[-1] // hd, k.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
-        v = v.reshape(b * t, h_kv, hd)
-        rotating = getattr(cache, "attend_rotary", None)
-        out = None if rotating is None else rotating(
-            q.view(b * t, h, hd), k.view(b * t, h_kv, hd), v, cos.reshape(b * t, hd),
-            sin.reshape(b * t, hd))
-        if out is None:
-            fused = eager(self.rotary_qk)
-            if fused is not None:
-                q, k = fused(q.view(b * t, h, hd), k.view(b * t, h_kv, hd),
-                             cos.reshape(b * t, hd), sin.reshape(b * t, hd))
-            else:
-                q = apply_rotary(q.view(b, t, h, hd), cos, sin).view(b * t, h, hd)  # (N, H, D)
-                k = apply_rotary(k.view(b, t, h_kv, hd), cos, sin).view(b * t, h_kv, hd)
-            out = cache.attend(q, k, v)  # (N, H, D)
+        fused = eager(self.rotary_qk)
+        if fused is not None:
+            q, k = fused(q.view(b * t, h, hd), k.view(b * t, h_kv, hd),
+                         cos.reshape(b * t, hd), sin.reshape(b * t, hd))
+        else:
+            q = apply_rotary(q.view(b, t, h, hd), cos, sin).view(b * t, h, hd)  # (N, H, D)
+            k = apply_rotary(k.view(b, t, h_kv, hd), cos, sin).view(b * t, h_kv, hd)
+        out = attend(q, k, v.reshape(b * t, h_kv, hd))  # (N, H, D)
         return self.o_proj(out.reshape(b, t, h * hd))
 
 

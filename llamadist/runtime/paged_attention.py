@@ -213,14 +213,6 @@ def group_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     return out if g.pad_index is None else out.index_select(0, g.pad_index)
 
 
-def decode_inputs(tables: torch.Tensor, lens: torch.Tensor, h_kv: int, block_size: int
-                  ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The paged decode kernel's (block tables, lengths, splits) for S sequences of int32
-    ``tables`` (S, MB) and ``lens`` (S,) with ``h_kv`` KV heads."""
-    return tables, lens, paged_kernel.splits_for(tables.device, tables.shape[0] * h_kv,
-                                                 tables.shape[1] * block_size)
-
-
 class PagedLayer:
     """One layer's view of the paged cache for one batch (a FlatLayerKV). ``k``/``v``
     (num_blocks, H_kv, bs, D) and ``batch`` are what the C decode layer reads too."""
@@ -270,34 +262,21 @@ class PagedLayer:
                 tables = tables.to(torch.int32).contiguous()
             if lens.dtype != torch.int32 or lens.stride(-1) != 1:
                 lens = lens.to(torch.int32).contiguous()
-            found = self.batch.cached[key] = decode_inputs(tables, lens, h_kv, b.block_size)
+            splits = paged_kernel.splits_for(b.device, b.num_seqs * h_kv,
+                                             tables.shape[1] * b.block_size)
+            found = self.batch.cached[key] = (tables, lens, splits)
         return found
-
-    def attend_rotary(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-        """``attend`` with q/k not rotated yet (cos/sin (N, D), each token's): the paged
-        decode kernel's K/V write rotates them too, where the batch is decode-only, the
-        kernel serves and the batch has at most ROTARY_WRITE_MAX_SEQS sequences; None
-        otherwise (the caller rotates them and calls ``attend``)."""
-        if q.shape[0] > paged_kernel.ROTARY_WRITE_MAX_SEQS or not self.kernel_serves(q):
-            return None
-        return self.decode_fn(q, k, v, self.kv, self.batch.slot_mapping,
-                              *self.kernel_inputs(k.shape[1]), cos, sin)
-
-    def kernel_serves(self, q: torch.Tensor) -> bool:
-        """Whether this batch's step runs in the paged decode kernel: decode-only, with
-        the kernel set and taking q over this cache."""
-        return (self.decode_fn is not None and self.batch.is_decode
-                and paged_kernel.usable(q, self.kv))
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """Write k/v (N, H_kv, D) at the batch's slots, then attend q (N, H, D) -> (N, H, D)."""
         n, h_kv, d = k.shape
-        if self.kernel_serves(q):
+        if (self.decode_fn is not None and self.batch.is_decode
+                and paged_kernel.usable(q, self.kv)):
             # One token per sequence: the kernel writes k/v and reads the block tables and
             # lengths on the device (no host-side lengths: graph-safe).
-            return self.decode_fn(q, k, v, self.kv, self.batch.slot_mapping,
-                                  *self.kernel_inputs(h_kv))
+            tables, lens, splits = self.kernel_inputs(h_kv)
+            return self.decode_fn(q, k, v, self.kv, self.batch.slot_mapping, tables, lens,
+                                  splits)
         rows = self.write_rows(h_kv)  # (N * H_kv,)
         self.k.view(-1, d).index_copy_(0, rows, k.reshape(n * h_kv, d).to(self.k.dtype))
         self.v.view(-1, d).index_copy_(0, rows, v.reshape(n * h_kv, d).to(self.v.dtype))
@@ -312,10 +291,10 @@ class PagedLayer:
             if kernel and g.q_len == 1:
                 # A mixed step's decodes through the kernel too: gathering their whole
                 # contexts for SDPA would read every cached K/V row twice over.
-                tokens, slots, *inputs = self.decode_subset(h_kv)
+                tokens, slots, tables, lens, splits = self.decode_subset(h_kv)
                 part = self.decode_fn(q.index_select(0, tokens), k.index_select(0, tokens),
-                                      v.index_select(0, tokens), self.kv, slots,
-                                      *inputs)  # rewrites the same K/V: harmless
+                                      v.index_select(0, tokens), self.kv, slots, tables,
+                                      lens, splits)  # rewrites the same K/V: harmless
             elif g.fresh:
                 part = fresh_attention(q.index_select(0, g.tokens), k.index_select(0, g.tokens),
                                        v.index_select(0, g.tokens), g)
@@ -326,8 +305,8 @@ class PagedLayer:
 
     def decode_subset(self, h_kv: int) -> tuple[torch.Tensor, ...]:
         """The kernel's inputs for the one-token sequences of a mixed batch: their flat
-        token indices (S_d,), slots (S_d,), then ``decode_inputs`` of their int32 block
-        tables (S_d, MB) and lengths (S_d,); made once per batch."""
+        token indices (S_d,), slots (S_d,), int32 block tables (S_d, MB) and lengths
+        (S_d,), and the split count; made once per batch."""
         key = ("decode_subset", h_kv)
         found = self.batch.cached.get(key)
         if found is None:
@@ -336,8 +315,9 @@ class PagedLayer:
             tokens = b.last_token_index[seqs]
             tables = b.block_tables[seqs].to(torch.int32).contiguous()
             lens = b.seq_lens[seqs].to(torch.int32).contiguous()
-            found = b.cached[key] = (tokens, b.slot_mapping[tokens],
-                                     *decode_inputs(tables, lens, h_kv, b.block_size))
+            splits = paged_kernel.splits_for(b.device, len(seqs) * h_kv,
+                                             tables.shape[1] * b.block_size)
+            found = b.cached[key] = (tokens, b.slot_mapping[tokens], tables, lens, splits)
         return found
 
 

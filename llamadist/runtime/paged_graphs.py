@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from llamadist.runtime.cuda_graph import GraphCapture, bucket_sizes, per_stage
-from llamadist.runtime.paged_attention import PagedStep, decode_inputs
+from llamadist.runtime.paged_attention import PagedStep
 from llamadist.runtime.paged_kv import PagedBatch
 from llamadist.runtime.stage import Stage
 
@@ -127,8 +127,10 @@ class PagedStageDecoder(GraphCapture):
             # The kernel's inputs, made here (outside torch.compile and capture): the
             # static views themselves and the bucket's split count.
             h_kv = st.paged.num_kv_heads
-            batch.cached[("kernel", h_kv)] = decode_inputs(
-                batch.block_tables, batch.seq_lens, h_kv, st.paged.block_size)
+            from llamadist.kernels.paged_attention import splits_for
+            batch.cached[("kernel", h_kv)] = (
+                batch.block_tables, batch.seq_lens,
+                splits_for(dev, size * h_kv, self.max_blocks * st.paged.block_size))
             bk = self.buckets[size] = PagedBucket(size, x, packed, batch)
         return bk
 

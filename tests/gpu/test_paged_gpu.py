@@ -37,20 +37,17 @@ def test_kernel_compiles_once_whatever_the_step():
     from tests.paged_kernel_cases import TOL, run_case
     kernels = gpu.load("paged_attention")
 
-    def compiled() -> tuple[int, ...]:
+    def compiled() -> tuple[int, int]:
         return tuple(sum(len(c[0]) for c in k.device_caches.values())
-                     for k in (kernels._split_kernel, kernels._merge_kernel,
-                               kernels._rope_write_kernel))
+                     for k in (kernels._split_kernel, kernels._merge_kernel))
 
-    for rope in (False, True):  # D=80: no other test's shape
-        run_case(8, 2, 80, 16, [5], torch.bfloat16, "cuda", 1, rope=rope)
-        run_case(8, 2, 80, 16, [5, 40], torch.bfloat16, "cuda", 2, rope=rope)
+    run_case(8, 2, 80, 16, [5], torch.bfloat16, "cuda", 1)  # D=80: no other test's shape
+    run_case(8, 2, 80, 16, [5, 40], torch.bfloat16, "cuda", 2)
     before = compiled()
     for i, splits in enumerate((1, 2, 4, 8, 16, 32, 64, 3)):
         lens = [1 + (7 * i + 13 * j) % (70 * (i + 1)) for j in range(1 + 5 * i)]
         lens[-1] = 16 * 64 + i  # a long one: every split has slots
-        err, kv_err = run_case(8, 2, 80, 16, lens, torch.bfloat16, "cuda", splits, seed=i,
-                               rope=i % 2 == 0)
+        err, kv_err = run_case(8, 2, 80, 16, lens, torch.bfloat16, "cuda", splits, seed=i)
         assert err < TOL[torch.bfloat16] and kv_err == 0, (splits, err, kv_err)
     assert compiled() == before, (before, compiled())
 
@@ -123,30 +120,3 @@ def test_engine_block_size_4_long_outputs(tiny_models):
     eager, _ = _engine_tokens(path, "float32", graphs=False, block_size=4)
     graph, _ = _engine_tokens(path, "float32", graphs=True, block_size=4)
     assert graph == eager == _static_alone(path, "float32")
-
-
-def test_rope_in_the_write_kernel_up_to_its_sequences(tiny_models, monkeypatch):
-    """Decode steps of up to ROTARY_WRITE_MAX_SEQS sequences rotate q and k in the K/V
-    write kernel, larger ones apart (eager_fused.rope, then the plain write): both ran,
-    and the tokens are those of every step rotating apart."""
-    from llamadist.kernels import gpu
-    from llamadist.kernels import paged_attention as front
-    kernels = gpu.load("paged_attention")
-    seen = {"rotating": [], "plain": []}
-
-    def counted(name, fn):
-        def call(q_or_k, *args):
-            seen[name].append(q_or_k.shape[0])
-            return fn(q_or_k, *args)
-        return call
-
-    monkeypatch.setattr(kernels, "rope_write_kv", counted("rotating", kernels.rope_write_kv))
-    monkeypatch.setattr(kernels, "write_kv", counted("plain", kernels.write_kv))
-    path = tiny_models["llama3"]
-    both, _ = _engine_tokens(path, "bfloat16", max_batch=6, graphs=False)
-    assert seen["rotating"] and max(seen["rotating"]) <= front.ROTARY_WRITE_MAX_SEQS
-    assert max(seen["plain"]) > front.ROTARY_WRITE_MAX_SEQS
-    monkeypatch.setattr(front, "ROTARY_WRITE_MAX_SEQS", 0)
-    seen["rotating"].clear()
-    apart, _ = _engine_tokens(path, "bfloat16", max_batch=6, graphs=False)
-    assert not seen["rotating"] and both == apart

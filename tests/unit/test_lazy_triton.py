@@ -79,13 +79,10 @@ eager = moe_routed.routed_expert_sum(x, w, idx, w13, w2)
 print("TRITON_AFTER_FIRST_CALL", "triton" in sys.modules)
 fn = torch.compile(moe_routed.routed_expert_sum, backend="eager", fullgraph=True)
 print("MOE_COMPILED_EQUAL", torch.equal(fn(x, w, idx, w13, w2), eager))
-# the paged op (mutates the cache): 2 sequences, H 4 over H_kv 2, D 16, blocks of 8, two
-# splits, RoPE in the write kernel
+# the paged op (mutates the cache): 2 sequences, H 4 over H_kv 2, D 16, blocks of 8
 kv = torch.randn(2, 6, 2, 8, 16)
 q, k, v = torch.randn(2, 4, 16), torch.randn(2, 2, 16), torch.randn(2, 2, 16)
-cos, sin = torch.rand(2, 16), torch.rand(2, 16)
-args = (torch.tensor([9, 20]), torch.tensor([[0, 1, 5], [2, 3, 4]], dtype=torch.int32),
-        torch.tensor([10, 13], dtype=torch.int32), 2, cos, sin)
+args = (torch.tensor([9, 20]), torch.tensor([[0, 1, 5], [2, 3, 4]]), torch.tensor([10, 13]), 1)
 kv2 = kv.clone()
 eager = paged_attention.paged_decode(q, k, v, kv, *args)
 fn = torch.compile(paged_attention.paged_decode, backend="eager", fullgraph=True)

@@ -80,20 +80,12 @@ def _rotate_heads(X, O, sx_n, sx_h, so_n, n, H, cos, sin, offs_d, partner, sign,
     keep = (offs_h < H)[:, None] & (offs_d < D)[None, :]
     rows = X + n * sx_n + offs_h[:, None] * sx_h
     x = tl.load(rows + offs_d[None, :], mask=keep, other=0.0)
-    pair = tl.load(rows + partner[None, :], mask=keep, other=0.0)
-    out = rotated(x, pair, cos[None, :], sin[None, :], sign[None, :], O.dtype.element_ty)
-    tl.store(O + n * so_n + offs_h[:, None] * D + offs_d[None, :], out, mask=keep)
-
-
-@triton.jit
-def rotated(x, pair, cos, sin, sign, dt: tl.constexpr):
-    """x * cos + rotate_half(x) * sin in ``dt``, ``pair`` x's values at the partner
-    columns (d + D/2, then d - D/2), ``sign`` -1 then +1, cos/sin float32: each product
-    and the sum rounded to dt as the eager formula's kernels store them (launch with
-    enable_fp_fusion=False, or a product and the sum contract into one FMA)."""
-    a = (x.to(tl.float32) * cos).to(dt)
-    b = (pair.to(tl.float32) * sign * sin).to(dt)
-    return (a.to(tl.float32) + b.to(tl.float32)).to(dt)
+    half = tl.load(rows + partner[None, :], mask=keep, other=0.0).to(tl.float32) * sign[None, :]
+    dt = O.dtype.element_ty
+    a = (x.to(tl.float32) * cos[None, :]).to(dt)
+    b = (half * sin[None, :]).to(dt)
+    out = a.to(tl.float32) + b.to(tl.float32)
+    tl.store(O + n * so_n + offs_h[:, None] * D + offs_d[None, :], out.to(dt), mask=keep)
 
 
 @triton.jit

@@ -1,6 +1,5 @@
 """The Triton code of llamadist.kernels.paged_attention (see its docstring): the K/V write
-kernel (or RoPE of q and k with the write), the split kernel over the paged cache and the
-merge kernel, and their launches.
+kernel, the split kernel over the paged cache and the merge kernel, and their launches.
 Imported only through llamadist.kernels.gpu.load, on the custom op's first call."""
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ import triton.language as tl
 
 from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.gpu.dependent import dependent, enter
-from llamadist.kernels.gpu.eager_fused import rotated
 from llamadist.kernels.paged_attention import BLOCK_N, LOG2E, MAX_SPLITS
 
 # Triton's CPU interpreter (tests) multiplies bf16 tiles as raw bits in tl.dot (triton
@@ -37,68 +35,6 @@ def _write_kernel(K, V, KV, Slots, sk_n, sk_h, sv_n, sv_h, skv_kv, skv_b, skv_h,
     v = tl.load(V + n * sv_n + h * sv_h + offs, mask=keep)
     tl.store(dst, k.to(KV.dtype.element_ty), mask=keep)
     tl.store(dst + skv_kv, v.to(KV.dtype.element_ty), mask=keep)
-
-
-@triton.jit
-def _rope_write_kernel(Q, K, V, CS, SN, QO, KV, Slots, sq_n, sq_h, sk_n, sk_h, sv_n, sv_h,
-                       sc_n, skv_kv, skv_b, skv_h, skv_s, H_KV, G, D: tl.constexpr,
-                       D_PAD: tl.constexpr, BS: tl.constexpr, G_PAD: tl.constexpr,
-                       PDL: tl.constexpr):
-    # One program per (token n, KV head j): q heads j * G + g rotated into QO (N, H, D),
-    # k head j rotated and v head j into the token's slot, with eager_fused.rope's
-    # roundings.
-    enter(PDL)
-    n = tl.program_id(0).to(tl.int64)
-    j = tl.program_id(1)
-    offs_d = tl.arange(0, D_PAD)
-    d_ok = offs_d < D
-    half_d = D // 2
-    partner = tl.where(offs_d < half_d, offs_d + half_d, offs_d - half_d)
-    sign = tl.where(offs_d < half_d, -1.0, 1.0)
-    cos = tl.load(CS + n * sc_n + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    sin = tl.load(SN + n * sc_n + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-    slot = tl.load(Slots + n).to(tl.int64)
-    heads = j * G + tl.arange(0, G_PAD)[:, None]
-    keep = (heads < (j + 1) * G) & d_ok[None, :]
-    rows = Q + n * sq_n + heads * sq_h
-    q = tl.load(rows + offs_d[None, :], mask=keep, other=0.0)
-    pair = tl.load(rows + partner[None, :], mask=keep, other=0.0)
-    tl.store(QO + n * H_KV * G * D + heads * D + offs_d[None, :],
-             rotated(q, pair, cos[None, :], sin[None, :], sign[None, :],
-                     QO.dtype.element_ty), mask=keep)
-    row = K + n * sk_n + j * sk_h
-    k = rotated(tl.load(row + offs_d, mask=d_ok, other=0.0),
-                tl.load(row + partner, mask=d_ok, other=0.0), cos, sin, sign,
-                K.dtype.element_ty)
-    v = tl.load(V + n * sv_n + j * sv_h + offs_d, mask=d_ok, other=0.0)
-    dst = KV + (slot // BS) * skv_b + j * skv_h + (slot % BS) * skv_s + offs_d
-    tl.store(dst, k.to(KV.dtype.element_ty), mask=d_ok)
-    tl.store(dst + skv_kv, v.to(KV.dtype.element_ty), mask=d_ok)
-
-
-def rope_write_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                  sin: torch.Tensor, kv: torch.Tensor, slot_mapping: torch.Tensor
-                  ) -> torch.Tensor:
-    """q (N, H, D), k/v (N, H_kv, D) not rotated, cos/sin (N, D): store rotated k and v at
-    slots ``slot_mapping`` (N,) of kv (2, NB, H_kv, bs, D) and return rotated q (N, H, D)
-    contiguous, in one kernel (RoPE as eager_fused.rope)."""
-    n, h, d = q.shape
-    h_kv = k.shape[1]
-    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
-    cos, sin = cos.reshape(n, d), sin.reshape(n, d)
-    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
-    qo = torch.empty(n, h, d, dtype=q.dtype, device=q.device)
-    d_pad = max(16, triton.next_power_of_2(d))
-    g = h // h_kv
-    g_pad = triton.next_power_of_2(g)
-    _rope_write_kernel[(n, h_kv)](
-        q, k, v, cos, sin, qo, kv, slot_mapping, q.stride(0), q.stride(1), k.stride(0),
-        k.stride(1), v.stride(0), v.stride(1), cos.stride(0), kv.stride(0), kv.stride(1),
-        kv.stride(2), kv.stride(3), h_kv, g, D=d, D_PAD=d_pad, BS=kv.shape[3], G_PAD=g_pad,
-        num_warps=max(1, min(4, g_pad * d_pad // 256)), enable_fp_fusion=False,
-        **dependent(q.device))
-    return qo
 
 
 # What changes from step to step (the split count, the sequences x KV heads, the block
