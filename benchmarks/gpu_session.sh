@@ -11,7 +11,7 @@
 #         timeline28 glu28 dep28 machine28 biased29 rule29 side29 grid29 final29 tests29
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
-#         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33
+#         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1353,14 +1353,33 @@ bf16b33() {  # issue 16, session 33: bf16 at batch 1 with rope33's kernel (RoPE 
     done
 }
 
+minb34() {  # issue 16, for session 34 (written in 33, not run): int4_rows with
+    # cuda_int4.MIN_BLOCKS = 3 (__launch_bounds__ asking for three blocks an SM: 80
+    # registers where the one-row rule forms take 88-100, two blocks), per linear (the
+    # product and its loads alone) beside the default, then int4 + head at batch 1 and 4
+    # beside the default in the bench's process path (~4 min)
+    local m3="import llamadist.kernels.cuda_int4 as C; C.MIN_BLOCKS = 3" r
+    local rows="import runpy, sys; sys.argv = ['wquant_rows.py', '--shape', 'llama3-8b',
+    '--kinds', 'int4_g128', '--m', '1,4', '--products', 'rows,rows:*', '--rows-configs',
+    '8x4x2x0x1']; runpy.run_path('benchmarks/wquant_rows.py', run_name='__main__')"
+    step rows_minb1 100 python3 -c "$rows"
+    step rows_minb3 100 python3 -c "$m3; $rows"
+    checkpoint
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    for b in 1 4; do
+        ab i4h_b$b "" $q --batch $b
+        ab i4h_b${b}_minb3 "$m3" $q --batch $b
+    done
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

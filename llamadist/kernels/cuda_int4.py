@@ -228,12 +228,13 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
 
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
-            stagger: bool = False, pdl: bool = False, glu: bool = False) -> dict[str, int]:
+            stagger: bool = False, pdl: bool = False, glu: bool = False,
+            min_blocks: int = 1) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
             "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
-            "GLU": int(glu)}
+            "GLU": int(glu), "MINB": min_blocks}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -244,6 +245,12 @@ PROBE = 0  # benchmarks only: 1 skips the math, 2 the global loads (wrong number
 HI_SHIFT = False  # True: the decode's shifts as IMAD.HI (FMA pipe), not SHF (ALU pipe)
 BULK = False  # True: on sm_90+, the ring filled by bulk copies (TMA) instead of cp.async
 STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async only)
+# Past 1: the blocks of a form that should share an SM, asked of ptxas through
+# __launch_bounds__ (fewer registers, maybe spills; capped by the threads an SM holds):
+# a measurement of whether more resident warps read the words faster (session 33's Nsight
+# Compute: the one-row rule forms, at 88-100 registers, hold two blocks an SM). Not
+# measured yet; the rule's spill check still applies.
+MIN_BLOCKS = 1
 PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many blocks (tests)
 # True: on sm_90+, always launched as a programmatic dependent launch (its words issued
 # before it waits for the kernel before it; see int4_rows.cu): tests and benchmarks. Else
@@ -263,10 +270,12 @@ def device_index(device: torch.device) -> int:
 def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
                    pdl: bool = False, glu: bool = False) -> dict[str, int]:
     """int4_rows's -D values for this form on ``arch`` as launched now: the module's
-    switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER) where they apply."""
+    switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS) where they apply."""
     tma = BULK and int(arch) >= 90 and not cfg.persist
     stagger = STAGGER and not tma and not cfg.persist  # cp.async options
-    return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, glu)
+    min_blocks = max(1, min(MIN_BLOCKS, 2048 // (cfg.warps * 32)))
+    return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, glu,
+                   min_blocks)
 
 
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False,
@@ -438,7 +447,7 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
 
 def _switches() -> tuple:
     """The module switches a launch's -D values follow (``_rule_form``'s cache key)."""
-    return CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER
+    return CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,

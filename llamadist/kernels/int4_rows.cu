@@ -50,6 +50,9 @@
 // GLU (0, 1; NB even): W is gate | up (N / 2 rows each) and y (M, N / 2) = silu(gate) * up,
 // as eager_fused's kernel writes it from the product: a block's first NB / 2 n-tiles are
 // gate's, the rest the same n-tiles of up's, and its sums end in that kernel's formula.
+// MINB (1; a measurement, see cuda_int4.MIN_BLOCKS): past 1, __launch_bounds__ asks ptxas
+// for registers that let MINB blocks share an SM (the rule's one-row forms take 88-100,
+// two blocks of 256 threads an SM; 80 would give three), spilling where it must.
 
 #include "cuda_mma.cuh"
 
@@ -74,6 +77,14 @@
 #endif
 #ifndef GLU
 #define GLU 0
+#endif
+#ifndef MINB
+#define MINB 1
+#endif
+#if MINB > 1  // (an explicit 1 is not the same to ptxas: it allocates registers otherwise)
+#define BOUNDS __launch_bounds__(WARPS * 32, MINB)
+#else
+#define BOUNDS __launch_bounds__(WARPS * 32)
 #endif
 #if GLU && (NB % 2)
 #error "GLU pairs NB / 2 n-tiles of gate with as many of up"
@@ -374,7 +385,7 @@ static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
     }
 }
 
-extern "C" __global__ void __launch_bounds__(WARPS * 32)
+extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
           const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
     __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];

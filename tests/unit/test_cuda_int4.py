@@ -93,6 +93,26 @@ def test_every_form_compiles_without_local_memory(arch, tmp_path):
 
 
 @needs_nvrtc
+def test_min_blocks_reaches_ptxas(monkeypatch):
+    """MIN_BLOCKS (a measurement switch, 1 in the product) asks ptxas for registers that
+    let that many blocks share an SM: gate | up's one-row form (8 x 4 x 2, GLU, dependent)
+    takes more than 80 registers, two blocks of 256 threads an SM; asked for three, at most
+    80. The ask is capped by the threads an SM holds (2 048)."""
+    cfg = C.RowsConfig(8, 4, 1, 2)
+
+    def registers(min_blocks: int) -> int:
+        monkeypatch.setattr(C, "MIN_BLOCKS", min_blocks)
+        d = C.launch_defines(8, 128, cfg, "90", pdl=True, glu=True)
+        assert d["MINB"] == min_blocks
+        log = C._compiled("90", tuple(sorted(d.items())))[1]
+        return int(re.search(r"Used (\d+) registers", log).group(1))
+
+    assert registers(3) <= 80 < registers(1)
+    monkeypatch.setattr(C, "MIN_BLOCKS", 8)
+    assert C.launch_defines(8, 128, C.RowsConfig(16, 4, 1, 2), "90")["MINB"] == 4
+
+
+@needs_nvrtc
 def test_rule_forms_do_not_spill():
     """The rule's 2-stage forms where ptxas keeps them in registers, else the first of the
     same at 4 stages, at 8 warps, at both that does not spill: on sm_80 / sm_90, plain or
