@@ -1357,11 +1357,13 @@ minb34() {  # issue 16, for session 34 (written in 33, not run): int4_rows with
     # cuda_int4.MIN_BLOCKS = 3 (__launch_bounds__ asking for three blocks an SM: 80
     # registers where the one-row rule forms take 88-100, two blocks), per linear (the
     # product and its loads alone) beside the default, then int4 + head at batch 1 and 4
-    # beside the default in the bench's process path (~4 min)
+    # beside the default in the bench's process path; first its GPU tests (~5 min)
     local m3="import llamadist.kernels.cuda_int4 as C; C.MIN_BLOCKS = 3" r
     local rows="import runpy, sys; sys.argv = ['wquant_rows.py', '--shape', 'llama3-8b',
     '--kinds', 'int4_g128', '--m', '1,4', '--products', 'rows,rows:*', '--rows-configs',
     '8x4x2x0x1']; runpy.run_path('benchmarks/wquant_rows.py', run_name='__main__')"
+    step tests_minb34 120 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_int4_gpu.py -k "min_blocks or glu"
     step rows_minb1 100 python3 -c "$rows"
     step rows_minb3 100 python3 -c "$m3; $rows"
     checkpoint

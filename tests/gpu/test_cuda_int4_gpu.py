@@ -109,6 +109,21 @@ def test_shifts_as_multiplies_give_the_same_bits(m, monkeypatch):
     _check(y, x, w64)
 
 
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("m", [1, 4, 8])
+def test_min_blocks_give_the_same_bits(m, glu, monkeypatch):
+    """MIN_BLOCKS (registers for three blocks an SM, spilling where ptxas must) changes
+    where values live, not one bit of the result, plain or as gate | up."""
+    packed, sz, w64, tiles = _case(272, 640, 128, seed=5)
+    x = torch.randn(m, 640, device=DEV).to(torch.bfloat16)
+    cfg = C.RowsConfig(8, 4, C.row_capacity(m), 2)
+    y = C.launch(x, packed, sz, 272, 128, tiles, cfg, glu=glu)
+    monkeypatch.setattr(C, "MIN_BLOCKS", 3)
+    assert torch.equal(C.launch(x, packed, sz, 272, 128, tiles, cfg, glu=glu), y)
+    if not glu:
+        _check(y, x, w64)
+
+
 @pytest.mark.skipif(torch.cuda.get_device_capability(0)[0] < 9 if torch.cuda.is_available()
                     else True, reason="bulk copies need sm_90")
 @pytest.mark.parametrize("warps,nb,stages", [(8, 4, 4), (4, 2, 3), (4, 3, 2), (2, 1, 5)])
