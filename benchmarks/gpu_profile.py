@@ -128,6 +128,18 @@ def span_summary(spans: list[tuple[float, float, str]]) -> tuple[float, float, f
     return span, own, own - busy, span - busy
 
 
+def advances(spans: list[tuple[float, float, str]]) -> list[float]:
+    """What each kernel of ``spans`` (by start) adds to the replay's span, us: how far its
+    end moves the latest end so far (0 for a kernel that ends under another). With
+    programmatic dependent launches a kernel starts before the one before it ends, so its
+    own time overstates its cost; these add up to the span exactly."""
+    reach, out = spans[0][0], []
+    for _, end, _ in spans:
+        out.append(max(0.0, end - reach))
+        reach = max(reach, end)
+    return out
+
+
 def by_name(spans: list[tuple[float, float, str]], rows: int) -> None:
     """The ``rows`` kernel names of most time in ``spans``: us in all, count x median."""
     times: dict[str, list[float]] = {}
