@@ -74,18 +74,20 @@ class RowsConfig:
         return (f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}{'a' if self.a_w else ''}"
                 f"{'p' if self.persist else ''}")
 
-    def ring_bytes(self, tiles: int, group: int) -> int:
-        """The dynamic shared memory a block takes (int4_rows.cu's ring)."""
+    def ring_bytes(self, tiles: int, group: int, norm_k: int = 0) -> int:
+        """The dynamic shared memory a block takes (int4_rows.cu's ring; NORM, for inputs
+        of ``norm_k``: the ring without x's rows, then x's whole rows)."""
         gpk = max(1, 16 * tiles // group)
-        x_rows = self.rows * (8 * tiles + 4)
+        x_rows = 0 if norm_k else self.rows * (8 * tiles + 4)
         slot = self.nb * 32 * tiles // 2 + self.nb * gpk * 8 + x_rows
-        return self.warps * self.stages * slot * 4
+        return (self.warps * self.stages * slot + self.rows * (norm_k // 2 + 4) * bool(norm_k)) * 4
 
-    def smem_bytes(self, tiles: int, group: int) -> int:
-        """The ring, the static sums over warps (16 rows past 8, else 8) and the slots'
-        mbarriers (BULK): a block's shared memory."""
-        return self.ring_bytes(tiles, group) + self.warps * self.nb * 8 * (
-            16 if self.rows > 8 else 8) * 4 + self.warps * self.stages * 8
+    def smem_bytes(self, tiles: int, group: int, norm_k: int = 0) -> int:
+        """The ring, the static sums over warps (16 rows past 8, else 8; NORM: and of h^2
+        a row) and the slots' mbarriers (BULK): a block's shared memory."""
+        return self.ring_bytes(tiles, group, norm_k) + self.warps * self.nb * 8 * (
+            16 if self.rows > 8 else 8) * 4 + self.warps * self.stages * 8 + \
+            (self.warps * self.rows * 4 if norm_k else 0)
 
     def fit(self, tiles: int, group: int, have: int) -> "RowsConfig":
         """This form, with fewer stages (to 2), then fewer warps, until a block's shared
@@ -229,12 +231,12 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
             stagger: bool = False, pdl: bool = False, glu: bool = False,
-            min_blocks: int = 1) -> dict[str, int]:
+            min_blocks: int = 1, norm: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
             "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
-            "GLU": int(glu), "MINB": min_blocks}
+            "GLU": int(glu), "MINB": min_blocks, "NORM": int(norm)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -268,22 +270,24 @@ def device_index(device: torch.device) -> int:
 
 
 def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
-                   pdl: bool = False, glu: bool = False) -> dict[str, int]:
+                   pdl: bool = False, glu: bool = False, norm: bool = False) -> dict[str, int]:
     """int4_rows's -D values for this form on ``arch`` as launched now: the module's
-    switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS) where they apply."""
-    tma = BULK and int(arch) >= 90 and not cfg.persist
-    stagger = STAGGER and not tma and not cfg.persist  # cp.async options
+    switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS) where they apply
+    (NORM: not BULK or STAGGER)."""
+    tma = BULK and int(arch) >= 90 and not cfg.persist and not norm
+    stagger = STAGGER and not tma and not cfg.persist and not norm  # cp.async options
     min_blocks = max(1, min(MIN_BLOCKS, 2048 // (cfg.warps * 32)))
     return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, glu,
-                   min_blocks)
+                   min_blocks, norm)
 
 
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False,
-           glu: bool = False):
+           glu: bool = False, norm: bool = False):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once); ``pdl``: its programmatic-dependent-launch variant (``pdl_launch``); ``glu``:
-    the variant writing silu(gate) * up of a gate | up weight."""
-    launched = launch_defines(tiles, group, cfg, _arch(index), pdl, glu)
+    the variant writing silu(gate) * up of a gate | up weight; ``norm``: the variant
+    taking RMSNorm(x + res) (its shared memory grows with K: all the device allows)."""
+    launched = launch_defines(tiles, group, cfg, _arch(index), pdl, glu, norm)
     key = (index, tuple(sorted(launched.items())))
     fn = _KERNELS.get(key)
     if fn is None:
@@ -301,7 +305,9 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
                     # the block's static shared memory counts against the same limit
-                    fn.set_shared_memory_config(max(cfg.ring_bytes(tiles, group), 48 * 1024))
+                    fn.set_shared_memory_config(
+                        have - (cfg.smem_bytes(tiles, group, 8) - cfg.ring_bytes(tiles, group, 8))
+                        if norm else max(cfg.ring_bytes(tiles, group), 48 * 1024))
                 _KERNELS[key] = fn
     return fn
 
@@ -346,6 +352,66 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     return y
 
 
+# NORM's rows a call may have: x's whole rows sit in shared memory (8 KB a row at K 4 096)
+NORM_MAX_ROWS = 4
+
+
+def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
+                eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+                group: int, tiles: int, cfg: RowsConfig | None = None, glu: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, y): h = x + residual (x itself for None), the residual stream, and y = launch's
+    product (``glu``: silu(gate) * up) of RMSNorm(h) with weight ``gamma`` (K,) and
+    ``eps``, as eager_fused.add_rms_norm then ``launch`` give them, in one kernel: each
+    block normalises x's rows itself (the norm's sums in another order than the Triton
+    kernel's: within an ulp of its bf16 output). 1 <= M <= NORM_MAX_ROWS."""
+    m, k = x.shape
+    _check_args(x, packed, scales_zeros, n, k, group, tiles, glu)
+    problems = []
+    if not 1 <= m <= NORM_MAX_ROWS:
+        problems.append(f"x has {m} rows (1..{NORM_MAX_ROWS} with the norm)")
+    if k % 8:
+        problems.append(f"K {k} must be a multiple of 8")
+    if tuple(gamma.shape) != (k,) or gamma.dtype != torch.bfloat16 or gamma.device != x.device:
+        problems.append(f"gamma must be bfloat16 ({k},) on x's device, is {gamma.dtype} "
+                        f"{tuple(gamma.shape)} on {gamma.device}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype
+                                 or residual.device != x.device):
+        problems.append(f"the residual must be like x {tuple(x.shape)} {x.dtype}, is "
+                        f"{tuple(residual.shape)} {residual.dtype} on {residual.device}")
+    if problems:
+        raise ValueError("int4_rows (norm): " + "; ".join(problems))
+    # rows read 16 bytes at a time: contiguous, 16-byte aligned
+    x, gamma = (t if t.is_contiguous() and t.data_ptr() % 16 == 0 else t.contiguous().clone()
+                for t in (x, gamma))
+    if residual is not None and (not residual.is_contiguous() or residual.data_ptr() % 16):
+        residual = residual.contiguous().clone()
+    if scales_zeros.data_ptr() % 16:
+        scales_zeros = scales_zeros.clone()
+    index = device_index(x.device)
+    pdl = pdl_launch(index)
+    if cfg is None:
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
+                         norm=True, glu=glu)
+    if m > cfg.rows or cfg.persist or (glu and cfg.nb % 2):
+        raise ValueError(f"int4_rows form {cfg.label()} with the norm: at most {cfg.rows} "
+                         "rows, not persistent, an even number of n-tiles for GLU")
+    smem, have = cfg.ring_bytes(tiles, group, k), smem_optin(index)
+    if cfg.smem_bytes(tiles, group, k) > have:
+        raise ValueError(f"int4_rows form {cfg.label()} with the norm needs "
+                         f"{cfg.smem_bytes(tiles, group, k)} bytes of shared memory a block "
+                         f"for K {k}, the device has {have}")
+    fn = kernel(index, tiles, group, cfg, pdl, glu, norm=True)
+    y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
+    h = x if residual is None else torch.empty_like(x)
+    blocks = -(-(n // 16) // (cfg.nb // 2)) if glu else -(-(n // 8) // cfg.nb)
+    args = [x, packed, scales_zeros, y, m, n, k, residual,
+            None if residual is None else h, gamma, ctypes.c_float(eps)]
+    with torch.cuda.device(x.device):
+        _launch_ex(fn, blocks, cfg.warps * 32, args, smem, pdl)
+    return h, y
+
+
 def pdl_launch(index: int) -> bool:
     """Whether int4_rows launches as a programmatic dependent launch on device ``index``
     now (``PDL`` or inside gpu.dependent_launches; sm_90 and later; not with BULK)."""
@@ -369,9 +435,17 @@ _PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREA
 
 def _launch_dependent(fn, blocks: int, threads: int, args: list, smem: int) -> None:
     """``fn`` on the current stream through cuLaunchKernelEx with programmatic stream
-    serialization allowed (CUDA graphs capture it as a programmatic edge). Tensors pass
-    as pointers, ints as C ints, as torch's own launcher passes them."""
-    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else ctypes.c_int(a)
+    serialization allowed (CUDA graphs capture it as a programmatic edge)."""
+    _launch_ex(fn, blocks, threads, args, smem, True)
+
+
+def _launch_ex(fn, blocks: int, threads: int, args: list, smem: int, pdl: bool) -> None:
+    """``fn`` on the current stream through cuLaunchKernelEx, as a programmatic dependent
+    launch or not. Tensors pass as pointers (None: a null one), ints as C ints, as torch's
+    own launcher passes them; ctypes values as they are (a float parameter: c_float)."""
+    values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
+              else ctypes.c_void_p(0) if a is None
+              else a if isinstance(a, ctypes._SimpleCData) else ctypes.c_int(a)
               for a in args]
     params = (ctypes.c_void_p * len(values))(
         *[ctypes.cast(ctypes.byref(v), ctypes.c_void_p) for v in values])
@@ -379,7 +453,8 @@ def _launch_dependent(fn, blocks: int, threads: int, args: list, smem: int) -> N
     config = _LaunchConfig(grid=(ctypes.c_uint * 3)(blocks, 1, 1),
                            block=(ctypes.c_uint * 3)(threads, 1, 1), shared=smem,
                            stream=torch.cuda.current_stream().cuda_stream,
-                           attrs=ctypes.pointer(attr), num_attrs=1)
+                           attrs=ctypes.pointer(attr) if pdl else None,
+                           num_attrs=1 if pdl else 0)
     lib = torch.cuda._utils._get_gpu_runtime_library()
     rc = lib.cuLaunchKernelEx(ctypes.byref(config), fn.func, params, None)
     if rc != 0:
@@ -437,12 +512,14 @@ def smem_optin(index: int) -> int:
 
 @functools.cache
 def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
-               pdl: bool = False, switches: tuple = ()) -> RowsConfig:
+               pdl: bool = False, switches: tuple = (), norm: bool = False,
+               glu: bool = False) -> RowsConfig:
     """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape,
-    launch kind and set of the module's ``switches``, not on every launch."""
+    launch kind and set of the module's ``switches``, not on every launch (``norm``, with
+    ``glu``: launch_norm's kernel, whose spills are its own)."""
     p = torch.cuda.get_device_properties(index)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
-                     p.shared_memory_per_block_optin, _arch(index), pdl)
+                     p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm)
 
 
 def _switches() -> tuple:
@@ -451,13 +528,15 @@ def _switches() -> tuple:
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,
-              arch: str, pdl: bool) -> RowsConfig:
+              arch: str, pdl: bool, glu: bool = False, norm: bool = False) -> RowsConfig:
     """``rows_config``'s form fitted to ``smem`` bytes of shared memory a block. Where its 2
     stages or 16 warps make ptxas spill registers to local memory for ``arch`` (as 8 x 4 x
     2 on sm_90 at 4 tiles and groups of 32 as a dependent launch, or on sm_80 at groups of
     32: ptxas's register targets differ by form), the first of the same at 4 stages, at 8
     warps, at both (session 21's 8 x 4 x 4) that does not, or else the one that spills
-    least. Compiled once each (``kernel`` reuses the cubin)."""
+    least. Compiled once each (``kernel`` reuses the cubin). ``norm`` (launch_norm's
+    kernel, ``glu`` its gate | up variant): the spills checked are that kernel's (the
+    product's GLU takes the product's own form, for the product's bits)."""
     cfg = rows_config(rows, n, k, sms).fit(tiles, group, smem)
     if cfg.stages != 2:
         return cfg
@@ -465,7 +544,8 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     candidates = (cfg, replace(cfg, stages=4), replace(cfg, warps=8),
                   replace(cfg, warps=8, stages=4))
     for c in dict.fromkeys(c.fit(tiles, group, smem) for c in candidates):  # each once
-        spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl))
+        spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl, glu and norm,
+                                                   norm))
         if not spilled:  # none, or no report to go by (then the rule's form)
             return c
         if least is None or spilled < least:

@@ -50,6 +50,13 @@
 // GLU (0, 1; NB even): W is gate | up (N / 2 rows each) and y (M, N / 2) = silu(gate) * up,
 // as eager_fused's kernel writes it from the product: a block's first NB / 2 n-tiles are
 // gate's, the rest the same n-tiles of up's, and its sums end in that kernel's formula.
+// NORM (0, 1; cp.async, not STAGGER): the product of RMSNorm(x + res) rather than of x,
+// as eager_fused.add_rms_norm gives it (the kernel it saves runs before qkv and gate | up
+// in every layer): after griddepcontrol.wait each block adds the rows of x and res (h =
+// bf16(x + res); res may be null, then h = x), block 0 stores h (the residual stream) at
+// hout, the block sums h^2 a row (its warps' sums in a fixed order) and writes bf16(gamma
+// * bf16(h * rsqrt(mean + eps))) into a whole-K buffer of x's rows in shared memory, which
+// the mma read in place of the ring's x.
 // MINB (1; a measurement, see cuda_int4.MIN_BLOCKS): past 1, __launch_bounds__ asks ptxas
 // for registers that let MINB blocks share an SM (the rule's one-row forms take 88-100,
 // two blocks of 256 threads an SM; 80 would give three), spilling where it must.
@@ -80,6 +87,12 @@
 #endif
 #ifndef MINB
 #define MINB 1
+#endif
+#ifndef NORM
+#define NORM 0
+#endif
+#if NORM && (TMA || STAGGER)
+#error "NORM is a cp.async option, without STAGGER"
 #endif
 #if MINB > 1  // (an explicit 1 is not the same to ptxas: it allocates registers otherwise)
 #define BOUNDS __launch_bounds__(WARPS * 32, MINB)
@@ -188,7 +201,7 @@ static __device__ __forceinline__ void scale_zero(u32 pair, float& s, float& z) 
 // the ring in dynamic shared memory: per warp, STAGES slots of NB n-tiles' words (32 W a
 // n-tile), of the table's pairs (GPK groups x 4 pairs of 8 bytes a n-tile) and of x's rows
 // (XR rows of KTILE bf16, padded to XROW words)
-#define XR ROWS
+#define XR (NORM ? 0 : ROWS)  // NORM: x's rows live in a whole-K buffer after the ring
 #define XROW (KTILE / 2 + 4)
 #define X_AT (NB * 32 * W + NB * GPK * 4 * 2)
 #define SLOT_WORDS (X_AT + XR * XROW)
@@ -385,10 +398,102 @@ static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
     }
 }
 
+#if NORM
+// h = bf16(a + b) of four words' bf16 pairs (b null: a), as torch adds bf16 tensors
+static __device__ __forceinline__ uint4 add_pairs(uint4 a, const uint4* b) {
+    if (!b)
+        return a;
+    const uint4 c = *b;
+    const u32 in[4] = {a.x, a.y, a.z, a.w}, with[4] = {c.x, c.y, c.z, c.w};
+    u32 out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        out[i] = (u32)to_bf16(lo_f(in[i]) + lo_f(with[i])) |
+                 ((u32)to_bf16(hi_f(in[i]) + hi_f(with[i])) << 16);
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+static __device__ __forceinline__ float squares(uint4 h) {
+    const u32 w[4] = {h.x, h.y, h.z, h.w};
+    float t = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        t += lo_f(w[i]) * lo_f(w[i]) + hi_f(w[i]) * hi_f(w[i]);
+    return t;
+}
+
+// bf16(g * bf16(h * r)) of four words' pairs, as RMSNorm.forward's last two roundings
+static __device__ __forceinline__ uint4 scaled(uint4 h, uint4 g, float r) {
+    const u32 hw[4] = {h.x, h.y, h.z, h.w}, gw[4] = {g.x, g.y, g.z, g.w};
+    u32 out[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        const float lo = lo_f(to_bf16(lo_f(hw[i]) * r)), hi = lo_f(to_bf16(hi_f(hw[i]) * r));
+        out[i] = (u32)to_bf16(lo_f(gw[i]) * lo) | ((u32)to_bf16(hi_f(gw[i]) * hi) << 16);
+    }
+    return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+// x's rows < M of the product: RMSNorm(x + res) with weight gamma into xbuf (row m at
+// m * xrow words), h = x + res stored at hout by block 0 (both null: no add, no store)
+static __device__ __forceinline__ void norm_rows(const u16* __restrict__ x,
+                                                 const u16* __restrict__ res,
+                                                 u16* __restrict__ hout,
+                                                 const u16* __restrict__ gamma, float eps,
+                                                 u32* xbuf, int xrow, float (&nred)[WARPS][ROWS],
+                                                 int M, int K, int warp, int lane) {
+    const int chunks = K >> 3;  // 16-byte chunks of 8 inputs a row
+    float ss[ROWS];
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        ss[m] = 0.f;
+        if (m < M)
+            for (int c = threadIdx.x; c < chunks; c += WARPS * 32) {
+                const size_t at = (size_t)m * K + 8 * c;
+                const uint4 h = add_pairs(*(const uint4*)(x + at),
+                                          res ? (const uint4*)(res + at) : nullptr);
+                ss[m] += squares(h);
+                *(uint4*)(xbuf + m * xrow + 4 * c) = h;
+                if (hout && blockIdx.x == 0)
+                    *(uint4*)(hout + at) = h;
+            }
+#pragma unroll
+        for (int o = 16; o; o >>= 1)
+            ss[m] += __shfl_xor_sync(0xFFFFFFFFu, ss[m], o);
+        if (lane == 0)
+            nred[warp][m] = ss[m];
+    }
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < ROWS; ++m) {
+        if (m >= M)
+            break;
+        float t = 0.f;
+#pragma unroll
+        for (int w = 0; w < WARPS; ++w)
+            t += nred[w][m];
+        const float r = rsqrtf(t / (float)K + eps);
+        for (int c = threadIdx.x; c < chunks; c += WARPS * 32) {
+            u32* at = xbuf + m * xrow + 4 * c;
+            *(uint4*)at = scaled(*(const uint4*)at, *(const uint4*)(gamma + 8 * c), r);
+        }
+    }
+    __syncthreads();
+}
+#endif
+
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K
+#if NORM
+          , const u16* __restrict__ res, u16* __restrict__ hout,
+          const u16* __restrict__ gamma, float eps
+#endif
+          ) {
     __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];
+#if NORM
+    __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
+#endif
 #if TMA
     __shared__ __align__(8) unsigned long long bars[WARPS][STAGES];  // a slot's mbarrier
 #endif
@@ -406,6 +511,15 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     // written, so no lane needs a predicate.
     const int rowg = min(g, M - 1) * XROW, rowq = min(g + 8, M - 1) * XROW;
     const u32 xlane = (min(lane & 7, M - 1) * XROW) * 4 + 16 * (lane >> 3);  // WA's ldmatrix
+#if NORM
+    // x's whole rows after the ring (NORM): row stride K / 2 + 4 words (16 bytes of pad, so
+    // that the fragments' reads do not share banks, as XROW)
+    const int xrow = K / 2 + 4;
+    u32* xbuf = ring + WARPS * STAGES * SLOT_WORDS;
+    const u32 xbuf_s = smem(xbuf);
+    const int nrowg = min(g, M - 1) * xrow, nrowq = min(g + 8, M - 1) * xrow;
+    const u32 nxlane = (min(lane & 7, M - 1) * xrow) * 4 + 16 * (lane >> 3);
+#endif
     u32* mine = ring + warp * STAGES * SLOT_WORDS;
     const u32 mine_s = smem(mine);  // the same, as a shared-memory address
     const int iters = warp < KT ? (KT - 1 - warp) / WARPS + 1 : 0;  // this warp's k-tiles
@@ -566,10 +680,16 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
             cp_x(mine_s + s * (SLOT_WORDS * 4),
                  x + (size_t)(warp + ((s + rot0) % iters) * WARPS) * KTILE, M, K, lane);
     asm volatile("cp.async.commit_group;" ::: "memory");  // one group: every slot's x
+#if NORM
+    norm_rows(x, res, hout, gamma, eps, xbuf, xrow, nred, M, K, warp, lane);
+#endif
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #else
     for (int s = 0; s < STAGES - 1; ++s)
         issue(s, true);
+#if NORM
+    norm_rows(x, res, hout, gamma, eps, xbuf, xrow, nred, M, K, warp, lane);
+#endif
 #endif
     for (int tt = 0, i = 0, use = 0; tt < my_tiles; ++tt) {
         float out[NOUT][4];
@@ -596,10 +716,19 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
                 for (int w = 0; w < W; ++w)
                     cw[b][w] = slot[b * 32 * W + lane * W + w];
+#if NORM
+            const int kt = warp + it * WARPS;  // this iteration's k-tile (no STAGGER)
+#endif
             if (PROBE != 1)
-#if WA
+#if WA && NORM
+                ktile(out, cw, xbuf_s + nxlane + kt * KTILE * 2, slot + NB * 32 * W, g, magic,
+                      ones, mul);
+#elif WA
                 ktile(out, cw, mine_s + (use * SLOT_WORDS + X_AT) * 4 + xlane,
                       slot + NB * 32 * W, g, magic, ones, mul);
+#elif NORM
+                ktile(out, cw, xbuf + kt * (KTILE / 2) + nrowg, xbuf + kt * (KTILE / 2) + nrowq,
+                      slot + NB * 32 * W, c, magic, ones, mul);
 #else
                 ktile(out, cw, slot + X_AT + rowg, slot + X_AT + rowq, slot + NB * 32 * W, c,
                       magic, ones, mul);

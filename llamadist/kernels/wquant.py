@@ -323,6 +323,19 @@ class PackedLinear(nn.Linear):
                                            self.kind_id, self.group, self.out_features,
                                            self.in_features)
 
+    def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None,
+                     weight: torch.Tensor, eps: float, glu: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(h, this product of RMSNorm(h)) with h = x + residual (``glu``: silu(gate) * up
+        of it, as ``silu_mul``), the norm inside the product's own kernel: on tinygemm's
+        words, cuda_int4's norm variant (wquant_torch.int4_norm, where ``tg_rows`` and it
+        takes the rows); None where it does not (the caller runs the norm, then this)."""
+        if self.path != "tinygemm" or self.bias is not None or (glu and self.out_features % 2):
+            return None
+        return wquant_torch.int4_norm(x, residual, weight, eps, self.tg_weight,
+                                      self.tg_scales_zeros, self.group, self.out_features,
+                                      self.tg_rows, glu)
+
     def _scaled_rows(self, x: torch.Tensor) -> bool:
         """Whether x's rows go to the scaled product (past its TRITON_ROWS)."""
         return self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1]

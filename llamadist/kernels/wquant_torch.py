@@ -155,6 +155,7 @@ def tinygemm_layout_known(device: torch.device) -> bool:
 
 _ROWS_CHECKED: dict[int, bool] = {}
 _GLU_CHECKED: dict[int, bool] = {}  # the GLU variant's check, made beside int4_rows's
+_NORM_CHECKED: dict[int, bool] = {}  # the norm variant's check, the same way
 
 
 def int4_rows_ok(device: torch.device) -> bool:
@@ -198,6 +199,7 @@ def _rows_check(device: torch.device) -> bool:
                         device, err, tol)
             return False
         _GLU_CHECKED[device.index] = _glu_check(x.to(device), packed, sz, n, group, y)
+        _NORM_CHECKED[device.index] = _norm_check(x.to(device), packed, sz, n, group)
         return True
     except Exception as e:  # noqa: BLE001 - any failure: the kernel does not serve here
         log.warning("int4_rows does not run on %s (%s: %s): int4 keeps tinygemm", device,
@@ -225,6 +227,56 @@ def _glu_check(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, n: int, 
         log.warning("int4_rows's silu * up does not run on %s (%s: %s): the product, then "
                     "silu * up, serves", x.device, type(e).__name__, e)
     return False
+
+
+def _norm_check(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, n: int,
+                group: int) -> bool:
+    """Whether the norm variant gives h = x + r exactly and the product of RMSNorm(h)
+    within a bf16 step of eager_fused's norm, then the product, on the check's case (a
+    reason is logged where not: the norm's kernel, then the product, serves)."""
+    try:
+        from llamadist.kernels import eager_fused
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        r = torch.randn(x.shape, generator=gen).to(x)
+        gamma = (1 + torch.randn(x.shape[1], generator=gen) / 4).to(x)
+        tiles = _inner_k_tiles(x.shape[1])
+        h, y = cuda_int4.launch_norm(x, r, gamma, 1e-5, packed, sz, n, group, tiles)
+        s, normed = eager_fused.add_rms_norm(x, r, gamma, 1e-5)
+        ref = cuda_int4.launch(normed, packed, sz, n, group, tiles).float()
+        err = (y.float() - ref).abs().max().item()
+        tol = 2**-6 * ref.abs().max().item()
+        if torch.equal(h, s) and err <= tol:
+            return True
+        log.warning("int4_rows's norm on %s is off (h exact: %s; product off by %.3g, allowed "
+                    "%.3g): the norm's kernel, then the product, serves", x.device,
+                    torch.equal(h, s), err, tol)
+    except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
+        log.warning("int4_rows's norm does not run on %s (%s: %s): the norm's kernel, then "
+                    "the product, serves", x.device, type(e).__name__, e)
+    return False
+
+
+def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+              eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+              n: int, cuda_rows: bool = False, glu: bool = False
+              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(h, y) with h = x + residual (x for None) and y = int4_linear's product (``glu``:
+    int4_glu's silu(gate) * up) of RMSNorm(h) with ``weight`` and ``eps``, through one
+    cuda_int4.launch_norm, where ``cuda_rows``, bf16 x on CUDA, at most
+    cuda_int4.NORM_MAX_ROWS rows that take that kernel, and its norm variant passed its
+    check on the device; else None (the caller runs the norm's kernel, then the product)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    if not (cuda_rows and x.is_cuda and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
+            and int4_product(m, n, k, cuda_rows) == "rows"
+            and _NORM_CHECKED.get(cuda_int4.device_index(x.device), False)
+            and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))):
+        return None
+    r2 = None if residual is None else residual.reshape(m, k)
+    h, y = cuda_int4.launch_norm(x2, r2, weight, eps, packed, scales_zeros, n, group,
+                                 _inner_k_tiles(k), glu=glu)
+    return h.view(x.shape), y.view(*x.shape[:-1], n // 2 if glu else n)
 
 
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:

@@ -111,11 +111,13 @@ class Attention(nn.Module):
             return self.qkv_proj(x).split(self.qkv_split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerKV | FlatLayerKV, start: Start,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        b, t, _ = x.shape
-        q, k, v = self.project(x)
+    def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerKV | FlatLayerKV, start: Start, mask: torch.Tensor | None,
+                projected: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """``projected``: q, k, v already (x then unused: the decoder layer's norm ran
+        inside the projection, ``norm_product``)."""
+        q, k, v = projected if projected is not None else self.project(x)
+        b, t, _ = q.shape
         attend = getattr(cache, "attend", None)
         if attend is not None:
             return self.forward_flat(q, k, v, cos, sin, attend)
@@ -223,10 +225,35 @@ class DecoderLayer(nn.Module):
         layer's output = x + mlp_out. Under torch.compile the add then fuses into this
         layer's first RMSNorm instead of costing a kernel of its own (eagerly, each add
         and the norm after it are one kernel where a pass set the norms' ``add_norm``)."""
-        x, normed = self.input_layernorm.add_forward(x, pending)
-        attn = self.self_attn(normed, cos, sin, cache, start, mask)
+        attn_in = norm_product(self.input_layernorm, x, pending, self.self_attn.qkv_proj)
+        if attn_in is not None:  # the norm ran in the q|k|v projection's kernel
+            x, qkv = attn_in
+            attn = self.self_attn(None, cos, sin, cache, start, mask,
+                                  projected=qkv.split(self.self_attn.qkv_split, dim=-1))
+        else:
+            x, normed = self.input_layernorm.add_forward(x, pending)
+            attn = self.self_attn(normed, cos, sin, cache, start, mask)
+        mlp = self.mlp
+        mlp_in = None if mlp is None or eager(mlp.silu_mul) is None else norm_product(
+            self.post_attention_layernorm, x, attn, mlp.gate_up_proj, glu=True)
+        if mlp_in is not None:  # the norm and silu * up ran in gate | up's kernel
+            x, act = mlp_in
+            return x, mlp.down_proj(act)
         x, normed = self.post_attention_layernorm.add_forward(x, attn)
         return x, self.feed_forward(normed)
+
+
+def norm_product(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+                 linear: nn.Module | None, glu: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(s, linear(norm(s))) with s = x + residual (``glu``: silu(gate) * up of the
+    product), the norm inside the linear's own kernel, where the linear offers that
+    (``norm_forward``: a PackedLinear on int4's decode rows) and the eager fused kernels
+    run (the norm's ``add_norm`` set, outside torch.compile); None otherwise."""
+    fused = getattr(linear, "norm_forward", None)
+    if fused is None or eager(norm.add_norm) is None:
+        return None
+    return fused(x, residual, norm.weight, norm.eps, glu)
 
 
 def _deferred(layer: DecoderLayer, h: torch.Tensor, pending: torch.Tensor | None,

@@ -109,6 +109,33 @@ def test_shifts_as_multiplies_give_the_same_bits(m, monkeypatch):
     _check(y, x, w64)
 
 
+@pytest.mark.parametrize("pdl", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("m", [1, 3, 4])
+def test_norm_in_the_kernel_against_the_norm_then_the_product(m, glu, with_residual, pdl,
+                                                               monkeypatch):
+    """launch_norm: h = x + residual exactly as eager_fused's add + RMSNorm kernel stores
+    it (every element written, by block 0), and the product of RMSNorm(h) within a bf16
+    step of that kernel's norm, then the product (the norm's sums in another order); the
+    plain product also against float64."""
+    from llamadist.kernels import eager_fused
+    monkeypatch.setattr(C, "PDL", pdl)
+    n, k, group = 272, 640, 128
+    packed, sz, w64, tiles = _case(n, k, group, seed=11)
+    gen = torch.Generator().manual_seed(m)
+    x = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16)
+    res = torch.randn(m, k, generator=gen).to(DEV, torch.bfloat16) if with_residual else None
+    gamma = (1 + torch.randn(k, generator=gen) / 4).to(DEV, torch.bfloat16)
+    h, y = C.launch_norm(x, res, gamma, 1e-5, packed, sz, n, group, tiles, glu=glu)
+    s, normed = eager_fused.add_rms_norm(x, res, gamma, 1e-5)
+    assert torch.equal(h, s)
+    ref = C.launch(normed, packed, sz, n, group, tiles, glu=glu).float()
+    assert (y.float() - ref).abs().max() <= 2**-6 * ref.abs().max(), (m, glu, with_residual)
+    if not glu:
+        _check(y, normed, w64)
+
+
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("m", [1, 4, 8])
 def test_min_blocks_give_the_same_bits(m, glu, monkeypatch):

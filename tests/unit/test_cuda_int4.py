@@ -93,6 +93,24 @@ def test_every_form_compiles_without_local_memory(arch, tmp_path):
 
 
 @needs_nvrtc
+def test_norm_forms_compile_and_the_dependent_ones_keep_registers():
+    """NORM (add + RMSNorm in the kernel, cuda_int4.launch_norm) compiles for the rule's
+    forms up to NORM_MAX_ROWS rows of Llama-3-8B's q | k | v and gate | up (GLU), on sm_80
+    and sm_90; as dependent launches (the decode graphs' on sm_90) the rule's form for the
+    norm (its spill check compiles the norm's kernel: 8 x 4 x 2 gate | up spills 8 bytes at
+    4 rows, 8 x 4 x 4 does not) spills nothing."""
+    for arch, pdl in [("80", False), ("90", False), ("90", True)]:
+        for m in (1, 2, 4):
+            for n, glu in ((6144, False), (28672, True)):  # Llama-3-8B's qkv, gate | up
+                cfg = C.rule_form(m, n, 4096, 8, 128, 132, 232448, arch, pdl, glu, norm=True)
+                spilled = C.spill_bytes(arch, C.defines(8, 128, cfg, pdl=pdl, glu=glu,
+                                                        norm=True))
+                assert spilled is not None, (arch, cfg)
+                if pdl:
+                    assert spilled == 0, (arch, m, n, glu, cfg, spilled)
+
+
+@needs_nvrtc
 def test_min_blocks_reaches_ptxas(monkeypatch):
     """MIN_BLOCKS (a measurement switch, 1 in the product) asks ptxas for registers that
     let that many blocks share an SM: gate | up's one-row form (8 x 4 x 2, GLU, dependent)
