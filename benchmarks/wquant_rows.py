@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wquant_sweep import copy_rate, model_shapes, time_graph  # noqa: E402
 
 KINDS = {"int4_g32": "int4-g32", "int4_g128": "int4", "int8": "int8", "fp8": "fp8"}
+READS = ("read", "tileread")  # products that only read the words: no result to check
 
 
 def parse_form(spec: str) -> list[int]:
@@ -260,10 +261,10 @@ def main(argv: list[str] | None = None) -> int:
                     except ValueError as e:  # a form that does not fit the device
                         print(f"{sname} {kind} M={m} {prod}: {e}", file=sys.stderr)
                         continue
-                    err = (float("nan") if prod.startswith(("read", "tileread")) else
+                    err = (float("nan") if prod.startswith(READS) else
                            (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
                     rot = tgs if prod in ("tinygemm", "torch") or \
-                        prod.startswith(("mma", "rows", "read", "tileread")) \
+                        prod.startswith(("mma", "rows") + READS) \
                         else tgs[:1]
                     us, _, mode = time_graph(torch, [lambda fn=fn, t=t: fn(x, t) for t in rot],
                                              max(4, len(rot)), a.reps)
