@@ -362,8 +362,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
                          f"device has {smem_optin(index)}: fewer warps, stages or rows")
     fn = kernel(index, tiles, group, cfg, pdl, glu)
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
-    # a block's tiles: NB n-tiles, or (GLU) NB / 2 of gate's and the same of up's
-    blocks = -(-(n // 16) // (cfg.nb // 2)) if glu else -(-(n // 8) // cfg.nb)
+    blocks = tiles_of(cfg, n, glu)
     if cfg.persist:  # one wave, each block looping over its tiles
         blocks = min(blocks, PERSIST_BLOCKS
                      or resident_blocks(index, tiles, group, cfg, pdl, glu))
@@ -374,6 +373,12 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         else:
             fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1), args=args, shared_mem=smem)
     return y
+
+
+def tiles_of(cfg: RowsConfig, n: int, glu: bool = False) -> int:
+    """A product's tiles (its grid, but for a persist form's one wave): NB n-tiles each, or
+    (GLU) NB / 2 of gate's and the same of up's."""
+    return -(-(n // 16) // (cfg.nb // 2)) if glu else -(-(n // 8) // cfg.nb)
 
 
 def pdl_launch(index: int) -> bool:
