@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llamadist.kernels import cuda_int4, wquant, wquant_torch
     dev = torch.device("cuda:0")
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count  # (the reads' grids)
     torch.manual_seed(0)
     calls = []
     for name in a.linears:
@@ -58,7 +59,6 @@ def main(argv: list[str] | None = None) -> int:
         for spec in a.forms:
             calls.append((f"{name} rows:{spec}", lambda x=x, tg=tg, tz=tz, n=n, g=g, t=tiles,
                           form=parse_form(spec): rows_form(cuda_int4, x, tg, tz, n, g, t, *form)))
-        sms = torch.cuda.get_device_properties(dev).multi_processor_count
         for spec in a.reads:
             mult, block, warps = (int(v) for v in spec.split("x"))
             calls.append((f"{name} read:{spec}", lambda tg=tg, c=(sms * mult, block, warps):

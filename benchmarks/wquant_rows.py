@@ -13,12 +13,13 @@ past the L2 cache, the other quantized forms not):
 * ``torch`` (int4): the ``--wquant torch`` product (``wquant_torch.int4_linear``: tinygemm,
   the tensor-core tiles on tinygemm's layout or W dequantized from it and cuBLAS, by rows);
 * ``rows`` (int4, M <= 16): ``cuda_int4.int4_rows`` (CUDA C++ on tinygemm's words, the
-  rule's form), and ``rows:WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]]``
+  rule's form), and ``rows:WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]][k]``
   for each ``--rows-configs`` entry (PROBE 1: without the math, 2: without the global
   loads, their errors large; WA 0: x as the mma's A operand, not W; HI 1: the decode's
   shifts as IMAD.HI; TMA 1: the ring filled by sm_90's bulk copies; STAGGER 1: each
   block's k-tiles from a rotated start; PERSIST 1: a grid of one wave looping over the
-  tiles);
+  tiles; a trailing k: the k-pair form, up to 4 rows, a warp's step two consecutive
+  k-tiles of one n-tile);
 * ``mma`` (int4): those tiles alone (``wquant_triton.tinygemm_mma``, the rule's config),
   and ``mma:LABEL`` for each ``--mma-configs`` entry (block_n x block_m x warps x split
   [x stages [x prefetch 0/1]], e.g. 64x16x4x0x1x1; split 0: the rule's for those tiles;
@@ -57,30 +58,35 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from wquant_sweep import copy_rate, model_shapes, time_graph  # noqa: E402
 
 KINDS = {"int4_g32": "int4-g32", "int4_g128": "int4", "int8": "int8", "fp8": "fp8"}
+READS = ("read", "tileread")  # products that only read the words: no result to check
 
 
 def parse_form(spec: str) -> list[int]:
-    """WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]] -> its ten numbers
-    (WA 1, the others 0 where left out)."""
-    vals = [int(v) for v in spec.split("x")]
+    """WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]][k] -> its eleven
+    numbers (WA 1, the others 0 where left out; a trailing k: the k-pair form, KP 1)."""
+    kp = spec.endswith("k")
+    try:
+        vals = [int(v) for v in spec.removesuffix("k").split("x")]
+    except ValueError:
+        vals = []
     if not 3 <= len(vals) <= 10:
-        raise SystemExit(f"--rows-configs: {spec!r} is not "
-                         "WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]]")
-    return vals + [0, 0, 1, 0, 0, 0, 0][len(vals) - 3:]
+        raise SystemExit(f"--rows-configs: {spec!r} is not WARPSxNBxSTAGES[xEXACT[xPROBE[xWA"
+                         "[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]][k]")
+    return vals + [0, 0, 1, 0, 0, 0, 0][len(vals) - 3:] + [int(kp)]
 
 
 def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact, probe, wa, hi,
-              tma, stagger, persist):
+              tma, stagger, persist, kp):
     """cuda_int4's kernel in one form (warps and n-tiles a block, stages, codes - 8 in bf16
     first; probe 1: no math, 2: no global loads, for where the time goes; wa 0: x as the
     A operand at any rows; hi 1: the decode's shifts as IMAD.HI; tma 1: bulk copies;
     stagger 1: each block's k-tiles from a rotated start; persist 1: a grid of one wave
-    looping over the tiles)."""
+    looping over the tiles; kp 1: a warp's step two consecutive k-tiles of one n-tile)."""
     cuda_int4.CODES_EXACT, cuda_int4.PROBE = bool(exact), probe
     cuda_int4.HI_SHIFT, cuda_int4.BULK, cuda_int4.STAGGER = bool(hi), bool(tma), bool(stagger)
     try:
         cfg = cuda_int4.RowsConfig(warps, nb, cuda_int4.row_capacity(x.shape[0]), stages,
-                                   bool(wa), bool(persist))
+                                   bool(wa), bool(persist), bool(kp))
         return cuda_int4.launch(x, tg, tz, n, g, tiles, cfg)
     finally:
         cuda_int4.CODES_EXACT, cuda_int4.PROBE = False, 0
@@ -260,10 +266,10 @@ def main(argv: list[str] | None = None) -> int:
                     except ValueError as e:  # a form that does not fit the device
                         print(f"{sname} {kind} M={m} {prod}: {e}", file=sys.stderr)
                         continue
-                    err = (float("nan") if prod.startswith(("read", "tileread")) else
+                    err = (float("nan") if prod.startswith(READS) else
                            (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30))
                     rot = tgs if prod in ("tinygemm", "torch") or \
-                        prod.startswith(("mma", "rows", "read", "tileread")) \
+                        prod.startswith(("mma", "rows") + READS) \
                         else tgs[:1]
                     us, _, mode = time_graph(torch, [lambda fn=fn, t=t: fn(x, t) for t in rot],
                                              max(4, len(rot)), a.reps)

@@ -56,13 +56,22 @@ class RowsConfig:
     most rows of x it takes (1..16: the ring holds as many), the k-tiles of words each warp
     has in flight + 1, whether W is the mma's A operand where it can be (``a_w``), and
     whether a grid of one wave of blocks loops over the tiles (``persist``: the ring runs
-    on from one tile to the next, so each block's loads stay in flight through its sums)."""
+    on from one tile to the next, so each block's loads stay in flight through its sums),
+    and whether a warp's step is two consecutive k-tiles of one n-tile (``kpair``, up to 4
+    rows: the block's n-tiles one after another, read in address order; int4_rows.cu's
+    KP)."""
     warps: int = 4
     nb: int = 2
     rows: int = 1
     stages: int = 4
     w_as_a: bool = True
     persist: bool = False
+    kpair: bool = False
+
+    def __post_init__(self):
+        if self.kpair and (self.rows > 4 or self.persist):
+            raise ValueError(f"int4_rows: a k-pair form takes up to 4 rows and no persist, "
+                             f"not {self.rows} rows{', persist' if self.persist else ''}")
 
     @property
     def a_w(self) -> bool:
@@ -71,29 +80,45 @@ class RowsConfig:
         return self.w_as_a and self.rows <= 8 and self.nb % 2 == 0
 
     def label(self) -> str:
+        if self.kpair:
+            return f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}k"
         return (f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}{'a' if self.a_w else ''}"
                 f"{'p' if self.persist else ''}")
 
-    def ring_bytes(self, tiles: int, group: int, norm_k: int = 0) -> int:
-        """The dynamic shared memory a block takes (int4_rows.cu's ring; NORM, for inputs
-        of ``norm_k``: the ring without x's rows, then x's whole rows)."""
+    def ring_bytes(self, tiles: int, group: int, k: int = 0, norm: bool = False) -> int:
+        """The dynamic shared memory a block takes (int4_rows.cu's ring; a k-pair form's
+        and NORM's also x's rows whole, ``k`` inputs each: the k-pair form's in k-tiles of
+        each row, an even number of them)."""
+        if (self.kpair or norm) and k <= 0:
+            raise ValueError("a k-pair or NORM form's shared memory depends on K: pass k")
         gpk = max(1, 16 * tiles // group)
-        x_rows = 0 if norm_k else self.rows * (8 * tiles + 4)
+        x_rows = self.rows * (8 * tiles + 4)
+        if self.kpair:
+            pairs = -(-(k // (16 * tiles)) // 2)
+            slot = 2 * 32 * tiles // 2 + 2 * gpk * 8
+            return (self.warps * self.stages * slot + 2 * pairs * x_rows) * 4
+        if norm:  # the ring without x's rows, then x's whole rows
+            slot = self.nb * 32 * tiles // 2 + self.nb * gpk * 8
+            return (self.warps * self.stages * slot + self.rows * (k // 2 + 4)) * 4
         slot = self.nb * 32 * tiles // 2 + self.nb * gpk * 8 + x_rows
-        return (self.warps * self.stages * slot + self.rows * (norm_k // 2 + 4) * bool(norm_k)) * 4
+        return self.warps * self.stages * slot * 4
 
-    def smem_bytes(self, tiles: int, group: int, norm_k: int = 0) -> int:
+    def smem_bytes(self, tiles: int, group: int, k: int = 0, norm: bool = False) -> int:
         """The ring, the static sums over warps (16 rows past 8, else 8; NORM: and of h^2
         a row) and the slots' mbarriers (BULK): a block's shared memory."""
-        return self.ring_bytes(tiles, group, norm_k) + self.warps * self.nb * 8 * (
-            16 if self.rows > 8 else 8) * 4 + self.warps * self.stages * 8 + \
-            (self.warps * self.rows * 4 if norm_k else 0)
+        return self.ring_bytes(tiles, group, k, norm) + self.static_bytes(norm)
 
-    def fit(self, tiles: int, group: int, have: int) -> "RowsConfig":
+    def static_bytes(self, norm: bool = False) -> int:
+        """A block's static shared memory: the sums over warps, the slots' mbarriers (BULK;
+        counted whether or not), NORM's sums of h^2."""
+        return self.warps * self.nb * 8 * (16 if self.rows > 8 else 8) * 4 + \
+            self.warps * self.stages * 8 + (self.warps * self.rows * 4 if norm else 0)
+
+    def fit(self, tiles: int, group: int, have: int, k: int = 0) -> "RowsConfig":
         """This form, with fewer stages (to 2), then fewer warps, until a block's shared
         memory fits ``have`` bytes (an A10 or L4 allows 99 KiB, an H200 227)."""
         cfg = self
-        while cfg.smem_bytes(tiles, group) > have and (cfg.stages > 2 or cfg.warps > 1):
+        while cfg.smem_bytes(tiles, group, k) > have and (cfg.stages > 2 or cfg.warps > 1):
             cfg = replace(cfg, stages=cfg.stages - 1) if cfg.stages > 2 else \
                 replace(cfg, warps=cfg.warps // 2)
         return cfg
@@ -236,7 +261,7 @@ def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
             "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
-            "GLU": int(glu), "MINB": min_blocks, "NORM": int(norm)}
+            "GLU": int(glu), "MINB": min_blocks, "NORM": int(norm), "KP": int(cfg.kpair)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -253,6 +278,11 @@ STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async 
 # Compute: the one-row rule forms, at 88-100 registers, hold two blocks an SM). Not
 # measured yet; the rule's spill check still applies.
 MIN_BLOCKS = 1
+# None, or a measurement: a function (rows, n, k) -> (warps, nb, stages) or None giving the
+# k-pair form (int4_rows.cu's KP: a warp's step two consecutive k-tiles of one n-tile, the
+# block's words in address order) that calls of up to 4 rows take instead of the rule's.
+# Not measured yet.
+KPAIR = None
 PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many blocks (tests)
 # True: on sm_90+, always launched as a programmatic dependent launch (its words issued
 # before it waits for the kernel before it; see int4_rows.cu): tests and benchmarks. Else
@@ -295,7 +325,8 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
             fn = _KERNELS.get(key)
             if fn is None:
                 from torch.cuda._utils import _cuda_load_module
-                need, have = cfg.smem_bytes(tiles, group), smem_optin(index)
+                have = smem_optin(index)
+                need = 0 if cfg.kpair or norm else cfg.smem_bytes(tiles, group)  # (a K: launch)
                 if need > have:
                     raise ValueError(f"int4_rows form {cfg.label()} needs {need} bytes of "
                                      f"shared memory a block, the device has {have}: fewer "
@@ -305,9 +336,11 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
                     # the block's static shared memory counts against the same limit
+                    # (a k-pair or NORM form's grows with K: all the device allows past
+                    # the static)
                     fn.set_shared_memory_config(
-                        have - (cfg.smem_bytes(tiles, group, 8) - cfg.ring_bytes(tiles, group, 8))
-                        if norm else max(cfg.ring_bytes(tiles, group), 48 * 1024))
+                        have - cfg.static_bytes(norm) if cfg.kpair or norm
+                        else max(cfg.ring_bytes(tiles, group), 48 * 1024))
                 _KERNELS[key] = fn
     return fn
 
@@ -336,20 +369,29 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     if glu and cfg.nb % 2:
         raise ValueError(f"int4_rows form {cfg.label()}: GLU takes an even number of n-tiles")
+    if cfg.kpair and cfg.smem_bytes(tiles, group, k) > smem_optin(index):
+        raise ValueError(f"int4_rows form {cfg.label()} needs {cfg.smem_bytes(tiles, group, k)} "
+                         f"bytes of shared memory a block at K {k} (x's rows whole), the "
+                         f"device has {smem_optin(index)}: fewer warps, stages or rows")
     fn = kernel(index, tiles, group, cfg, pdl, glu)
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
-    # a block's tiles: NB n-tiles, or (GLU) NB / 2 of gate's and the same of up's
-    blocks = -(-(n // 16) // (cfg.nb // 2)) if glu else -(-(n // 8) // cfg.nb)
+    blocks = tiles_of(cfg, n, glu)
     if cfg.persist:  # one wave, each block looping over its tiles
         blocks = min(blocks, PERSIST_BLOCKS
                      or resident_blocks(index, tiles, group, cfg, pdl, glu))
-    args, smem = [x, packed, scales_zeros, y, m, n, k], cfg.ring_bytes(tiles, group)
+    args, smem = [x, packed, scales_zeros, y, m, n, k], cfg.ring_bytes(tiles, group, k)
     with torch.cuda.device(x.device):
         if pdl:
             _launch_dependent(fn, blocks, cfg.warps * 32, args, smem)
         else:
             fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1), args=args, shared_mem=smem)
     return y
+
+
+def tiles_of(cfg: RowsConfig, n: int, glu: bool = False) -> int:
+    """A product's tiles (its grid, but for a persist form's one wave): NB n-tiles each, or
+    (GLU) NB / 2 of gate's and the same of up's."""
+    return -(-(n // 16) // (cfg.nb // 2)) if glu else -(-(n // 8) // cfg.nb)
 
 
 # NORM's rows a call may have: x's whole rows sit in shared memory (8 KB a row at K 4 096)
@@ -393,18 +435,18 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
     if cfg is None:
         cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
                          norm=True, glu=glu)
-    if m > cfg.rows or cfg.persist or (glu and cfg.nb % 2):
+    if m > cfg.rows or cfg.persist or cfg.kpair or (glu and cfg.nb % 2):
         raise ValueError(f"int4_rows form {cfg.label()} with the norm: at most {cfg.rows} "
-                         "rows, not persistent, an even number of n-tiles for GLU")
-    smem, have = cfg.ring_bytes(tiles, group, k), smem_optin(index)
-    if cfg.smem_bytes(tiles, group, k) > have:
+                         "rows, not persistent, not k-pair, an even number of n-tiles for GLU")
+    smem, have = cfg.ring_bytes(tiles, group, k, norm=True), smem_optin(index)
+    if cfg.smem_bytes(tiles, group, k, norm=True) > have:
         raise ValueError(f"int4_rows form {cfg.label()} with the norm needs "
-                         f"{cfg.smem_bytes(tiles, group, k)} bytes of shared memory a block "
-                         f"for K {k}, the device has {have}")
+                         f"{cfg.smem_bytes(tiles, group, k, norm=True)} bytes of shared "
+                         f"memory a block for K {k}, the device has {have}")
     fn = kernel(index, tiles, group, cfg, pdl, glu, norm=True)
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
     h = x if residual is None else torch.empty_like(x)
-    blocks = -(-(n // 16) // (cfg.nb // 2)) if glu else -(-(n // 8) // cfg.nb)
+    blocks = tiles_of(cfg, n, glu)
     args = [x, packed, scales_zeros, y, m, n, k, residual,
             None if residual is None else h, gamma, ctypes.c_float(eps)]
     with torch.cuda.device(x.device):
@@ -518,13 +560,18 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
     launch kind and set of the module's ``switches``, not on every launch (``norm``, with
     ``glu``: launch_norm's kernel, whose spills are its own)."""
     p = torch.cuda.get_device_properties(index)
+    form = KPAIR(rows, n, k) if KPAIR is not None and rows <= 4 and not norm else None
+    if form is not None:
+        warps, nb, stages = form
+        return RowsConfig(warps, nb, rows, stages, kpair=True).fit(
+            tiles, group, p.shared_memory_per_block_optin, k)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
                      p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm)
 
 
 def _switches() -> tuple:
     """The module switches a launch's -D values follow (``_rule_form``'s cache key)."""
-    return CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS
+    return CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS, KPAIR
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,

@@ -1,10 +1,14 @@
 // What int4_rows.cu and int8_rows.cu share, handed to NVRTC as an in-memory header
 // (kernels.cuda_int4.compile_cubin): the 32- and 16-bit words, bf16 rounding, and the bf16
 // tensor-core product they are built on. Only PTX through inline asm: no CUDA headers.
+// A CPU emulator of these kernels (tests/cuda_emu.hpp) that defines LLAMADIST_PTX_EMULATED
+// brings its own to_bf16 and mma (and cuda_ptx.cuh's instructions).
 #pragma once
 
 typedef unsigned int u32;
 typedef unsigned short u16;
+
+#ifndef LLAMADIST_PTX_EMULATED
 
 static __device__ __forceinline__ u16 to_bf16(float f) {
     u16 h;
@@ -24,3 +28,4 @@ static __device__ __forceinline__ void mma(float (&d)[4], u32 a0, u32 a1, u32 a2
         : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
+#endif  // LLAMADIST_PTX_EMULATED

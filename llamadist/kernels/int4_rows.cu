@@ -2,7 +2,8 @@
 // (torch's _convert_weight_to_int4pack, as kernels.wquant_torch.tinygemm_layout states it):
 // the small-batch decode product of int4 weights, compiled at first use by NVRTC
 // (kernels.cuda_int4 says how and why). No CUDA headers: only PTX through inline asm
-// (cuda_mma.cuh holds what it shares with int8_rows.cu).
+// (cuda_mma.cuh holds what it shares with int8_rows.cu, cuda_ptx.cuh the instructions it
+// builds on, which tests/cuda_emu.hpp emulates on a CPU).
 //
 // tinygemm's word [n/8][kt][lane][w] holds, for row n = 8 (n/8) + lane/4 and c = lane % 4,
 // the codes of k = 16 TILES kt + 32 w + 2c + {0, 1, 8, 9, 16, 17, 24, 25} (nibbles 0, 4,
@@ -61,7 +62,7 @@
 // for registers that let MINB blocks share an SM (the rule's one-row forms take 88-100,
 // two blocks of 256 threads an SM; 80 would give three), spilling where it must.
 
-#include "cuda_mma.cuh"
+#include "cuda_ptx.cuh"
 
 #define W (TILES / 2)          // words a lane holds per n-tile and k-tile
 #define KTILE (16 * TILES)     // inputs a k-tile
@@ -94,6 +95,12 @@
 #if NORM && (TMA || STAGGER)
 #error "NORM is a cp.async option, without STAGGER"
 #endif
+#ifndef KP
+#define KP 0
+#endif
+#if NORM && KP
+#error "NORM is a WA / x-as-A option (not KP)"
+#endif
 #if MINB > 1  // (an explicit 1 is not the same to ptxas: it allocates registers otherwise)
 #define BOUNDS __launch_bounds__(WARPS * 32, MINB)
 #else
@@ -108,24 +115,17 @@
 #endif
 #define NOUT (WA ? NB / 2 : NB)  // the mma outputs a lane sums: per n-tile, or pair (WA)
 
-static __device__ __forceinline__ u32 smem(const void* p) {
-    u32 a;
-    asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(a) : "l"(p));
-    return a;
-}
-
 // W words (4 W bytes) from global to shared memory, asynchronously
 static __device__ __forceinline__ void cp_words(u32 dst, const u32* src) {
 #if W == 4
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+    cp_async_cg16(dst, src);
 #else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], %2;" :: "r"(dst), "l"(src), "n"(4 * W)
-                 : "memory");
+    cp_async_ca<4 * W>(dst, src);
 #endif
 }
 
 static __device__ __forceinline__ void cp16(u32 dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(dst), "l"(src) : "memory");
+    cp_async_cg16(dst, src);
 }
 
 #if TMA
@@ -153,19 +153,15 @@ static __device__ __forceinline__ void bar_wait(u32 bar, u32 parity) {
 #endif
 
 static __device__ __forceinline__ void cp8(u32 dst, const u32* src) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" :: "r"(dst), "l"(src) : "memory");
+    cp_async_ca<8>(dst, src);
 }
 
 static __device__ __forceinline__ float lo_f(u32 v) {  // bf16 in the low half -> float
-    float f;
-    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v << 16));
-    return f;
+    return bits_float(v << 16);
 }
 
 static __device__ __forceinline__ float hi_f(u32 v) {  // bf16 in the high half -> float
-    float f;
-    asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v & 0xFFFF0000u));
-    return f;
+    return bits_float(v & 0xFFFF0000u);
 }
 
 // the pair of codes at nibbles (j, j + 4) as bf16 (128 + code), or code - 8 (CODES_EXACT):
@@ -175,14 +171,14 @@ static __device__ __forceinline__ float hi_f(u32 v) {  // bf16 in the high half 
 // LOP3s fill; ptxas keeps the multiply as the factors are registers to it)
 static __device__ __forceinline__ u32 codes(u32 word, int shift, u32 magic,
                                             const u32 (&mul)[4]) {
-    u32 v, sh = word >> shift;
+    u32 sh = word >> shift;
 #if HI_SHIFT
     if (shift)
-        asm("mul.hi.u32 %0, %1, %2;" : "=r"(sh) : "r"(word), "r"(mul[shift / 4]));
+        sh = mul_hi(word, mul[shift / 4]);
 #endif
-    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(v) : "r"(sh), "r"(magic));
+    u32 v = nibbles_or(sh, magic);
 #if CODES_EXACT
-    asm("fma.rn.bf16x2 %0, %0, %1, %2;" : "+r"(v) : "r"(0x3F803F80u), "r"(0xC308C308u));
+    v = fma_bf16x2(v, 0x3F803F80u, 0xC308C308u);
 #endif
     return v;
 }
@@ -206,15 +202,21 @@ static __device__ __forceinline__ void scale_zero(u32 pair, float& s, float& z) 
 #define X_AT (NB * 32 * W + NB * GPK * 4 * 2)
 #define SLOT_WORDS (X_AT + XR * XROW)
 
-// x's rows < M of a k-tile (src: row 0's first input of it) into a ring slot (its shared
-// address), in 16-byte chunks, 2 TILES a row
-static __device__ __forceinline__ void cp_x(u32 slot, const u16* src, int M, int K, int lane) {
+// x's rows < M of a k-tile (src: row 0's first input of it) to shared memory (base's
+// shared address, from word at; rows XROW words apart), in 16-byte chunks, 2 TILES a row
+static __device__ __forceinline__ void cp_rows(u32 base, int at, const u16* src, int M, int K,
+                                               int lane) {
 #pragma unroll
     for (int t = lane; t < XR * 2 * TILES; t += 32) {
         const int r = t / (2 * TILES), ch = t % (2 * TILES);
         if (r < M)
-            cp16(slot + (X_AT + r * XROW + 4 * ch) * 4, src + (size_t)r * K + 8 * ch);
+            cp16(base + (at + r * XROW + 4 * ch) * 4, src + (size_t)r * K + 8 * ch);
     }
+}
+
+// the same into a ring slot (its shared address)
+static __device__ __forceinline__ void cp_x(u32 slot, const u16* src, int M, int K, int lane) {
+    cp_rows(slot, X_AT, src, M, K, lane);
 }
 
 // x's A fragments for word w from a slot's rows (row g: rg, row g + 8: rq; lane's c)
@@ -250,10 +252,8 @@ static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 
     float acc[NB / 2][4], xs[4];
 #pragma unroll
     for (int w = 0; w < W; ++w) {
-        u32 xb[2][2];  // [s][0]: inputs 32 w + 16 s + 2 c, + 1 of row g; [s][1]: 8 further
-        asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
-                     : "=r"(xb[0][0]), "=r"(xb[0][1]), "=r"(xb[1][0]), "=r"(xb[1][1])
-                     : "r"(xa + 64 * w));
+        u32 xb[4];  // [2 s]: inputs 32 w + 16 s + 2 c, + 1 of row g; [2 s + 1]: 8 further
+        ldmatrix_x4(xb, xa + 64 * w);
         if ((32 * w) % GROUP == 0) {
             xs[0] = xs[1] = xs[2] = xs[3] = 0.f;
 #pragma unroll
@@ -262,7 +262,7 @@ static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 
         }
 #pragma unroll
         for (int s = 0; s < 2; ++s)
-            mma(xs, ones, ones, ones, ones, xb[s][0], xb[s][1]);
+            mma(xs, ones, ones, ones, ones, xb[2 * s], xb[2 * s + 1]);
 #pragma unroll
         for (int p = 0; p < NB / 2; ++p) {
 #pragma unroll
@@ -270,7 +270,7 @@ static __device__ __forceinline__ void ktile(float (&out)[NB / 2][4], const u32 
                 mma(acc[p], codes(cw[2 * p][w], 8 * s, magic, mul),
                     codes(cw[2 * p + 1][w], 8 * s, magic, mul),
                     codes(cw[2 * p][w], 8 * s + 4, magic, mul),
-                    codes(cw[2 * p + 1][w], 8 * s + 4, magic, mul), xb[s][0], xb[s][1]);
+                    codes(cw[2 * p + 1][w], 8 * s + 4, magic, mul), xb[2 * s], xb[2 * s + 1]);
         }
         if (w == W - 1 || (32 * w + 32) % GROUP == 0) {
             const int q = GPK > 1 ? (32 * w) / GROUP : 0;
@@ -352,6 +352,31 @@ static __device__ __forceinline__ u16 silu_times(float gate, float up) {
 }
 #endif
 
+// y's rows of tile t from the warps' partial sums in red (summed in warp order): per n-tile
+// b, red[warp][b][row of x][n of the n-tile]; GLU: silu(gate) * up of each gate n-tile and
+// its up n-tile (n-tile YNB + b)
+static __device__ __forceinline__ void write_tile(
+        const float (&red)[WARPS][NB][ROWS16 ? 16 : 8][8], u16* __restrict__ y, int M, int N,
+        int NT, int t) {
+    const int rows = ROWS16 ? 16 : 8;
+    for (int e = threadIdx.x; e < YNB * rows * 8; e += WARPS * 32) {
+        const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * YNB + b;
+        if (m >= M || nt >= (GLU ? NT / 2 : NT)) continue;  // past y's n-tiles
+        float v = 0.f, up = 0.f;
+#pragma unroll
+        for (int i = 0; i < WARPS; ++i) {
+            v += red[i][b][m][j];
+            if (GLU)
+                up += red[i][YNB + b][m][j];
+        }
+#if GLU
+        y[(size_t)m * (N / 2) + nt * 8 + j] = silu_times(v, up);
+#else
+        y[(size_t)m * N + nt * 8 + j] = to_bf16(v);
+#endif
+    }
+}
+
 // the warps' partial sums of tile t's rows: d0, d1 are (row g, n 2c, 2c + 1), d2, d3 the
 // same at row g + 8 (WA: see ktile), summed over the warps through red; GLU: y (M, N / 2)
 // = silu(gate) * up of each gate n-tile and its up n-tile
@@ -379,23 +404,7 @@ static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
     }
 #endif
     __syncthreads();
-    const int rows = ROWS16 ? 16 : 8;
-    for (int e = threadIdx.x; e < YNB * rows * 8; e += WARPS * 32) {
-        const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * YNB + b;
-        if (m >= M || nt >= (GLU ? NT / 2 : NT)) continue;  // past y's n-tiles
-        float v = 0.f, up = 0.f;
-#pragma unroll
-        for (int i = 0; i < WARPS; ++i) {
-            v += red[i][b][m][j];
-            if (GLU)
-                up += red[i][YNB + b][m][j];
-        }
-#if GLU
-        y[(size_t)m * (N / 2) + nt * 8 + j] = silu_times(v, up);
-#else
-        y[(size_t)m * N + nt * 8 + j] = to_bf16(v);
-#endif
-    }
+    write_tile(red, y, M, N, NT, t);
 }
 
 #if NORM
@@ -482,6 +491,177 @@ static __device__ __forceinline__ void norm_rows(const u16* __restrict__ x,
 }
 #endif
 
+#if KP
+// ---- KP: a warp's step is two consecutive k-tiles of one n-tile ----
+// W as the A operand (up to 4 rows): its rows 0-7 are the n-tile's 8 rows at k-tile kt0
+// (tinygemm's B fragments of that 512-byte run) and rows 8-15 the same rows at kt0 + 1 (the
+// next 512 bytes); B's columns 0-3 are x's rows at kt0 and 4-7 at kt0 + 1. Of D, the rows
+// 0-7 x columns 0-3 and rows 8-15 x columns 4-7 are the two k-tiles' products; the rest
+// (a k-tile's codes against the other's x) is never used. A lane (g, c) keeps those of
+// half h = c / 2: row g, x's rows 2 (c % 2) and + 1 of k-tile kt0 + h (d0, d1 at h 0; d2,
+// d3 at h 1), and lanes c and c ^ 2 add theirs at the n-tile's end.
+// Order: a block takes NB n-tiles one after another (KP2 = KT / 2 pairs each, rounded up);
+// warp w takes pairs w, w + WARPS, ... of each, so at any time the block's warps read one
+// contiguous run of about WARPS KB (at 8 TILES) where the WA form reads NB runs 16 KB apart
+// (K = 4 096): the order of a plain read, which reads the same words faster (RESULTS.md,
+// session 33). x is read once a block, into a buffer of all its k-tiles (a warp's own
+// pairs' k-tiles, with the first n-tile's pairs); the ring slots hold the pair's words and
+// table. An odd KT's last pair has a second k-tile of zeros in x's buffer (its words and
+// table the first's: zero products).
+#if ROWS > 4 || TMA || STAGGER || PERSIST || HI_SHIFT
+#error "KP takes up to 4 rows, cp.async, no PERSIST, STAGGER or HI_SHIFT"
+#endif
+#define KSLOT_WORDS (2 * 32 * W + 2 * GPK * 8)  // a slot: two runs of words, their table
+#define XKT (XR * XROW)                          // x's buffer: words a k-tile
+
+// the pair's products (cw[h]: k-tile kt0 + h's words; xa: this lane's ldmatrix address in
+// x's buffer at kt0; zs: the slot's table, (h, group, row) words) added to o0, o1: row g
+// against x's rows 2 (c % 2), + 1 of k-tile kt0 + h
+static __device__ __forceinline__ void kpair(float& o0, float& o1, const u32 (&cw)[2][W],
+                                             u32 xa, const u32* zs, int g, int h, u32 magic,
+                                             u32 ones, const u32 (&mul)[4]) {
+    float acc[4], xs[4];
+#pragma unroll
+    for (int w = 0; w < W; ++w) {
+        u32 xb[4];  // [2 s]: inputs 32 w + 16 s + 2 c, + 1 of column g; [2 s + 1]: 8 further
+        ldmatrix_x4(xb, xa + 64 * w);
+        if ((32 * w) % GROUP == 0)
+            acc[0] = acc[1] = acc[2] = acc[3] = xs[0] = xs[1] = xs[2] = xs[3] = 0.f;
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+            mma(xs, ones, ones, ones, ones, xb[2 * s], xb[2 * s + 1]);
+            mma(acc, codes(cw[0][w], 8 * s, magic, mul), codes(cw[1][w], 8 * s, magic, mul),
+                codes(cw[0][w], 8 * s + 4, magic, mul), codes(cw[1][w], 8 * s + 4, magic, mul),
+                xb[2 * s], xb[2 * s + 1]);
+        }
+        if (w == W - 1 || (32 * w + 32) % GROUP == 0) {
+            const int q = GPK > 1 ? (32 * w) / GROUP : 0;
+            float s, z;
+            scale_zero(zs[(h * GPK + q) * 8 + g], s, z);
+            o0 = fmaf(s, h ? acc[2] : acc[0], fmaf(z, xs[0], o0));
+            o1 = fmaf(s, h ? acc[3] : acc[1], fmaf(z, xs[1], o1));
+        }
+    }
+}
+
+extern "C" __global__ void BOUNDS
+int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
+    __shared__ float red[WARPS][NB][8][8];
+    SHARED_DYNAMIC(u32, ring);  // WARPS * STAGES slots, then x's buffer
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3, h = c >> 1;
+    const int NT = N >> 3, KT = K / KTILE, KP2 = (KT + 1) >> 1;
+    u32 magic = 0x43004300u, ones = 0x3F803F80u;
+    u32 mul[4] = {1u, 1u << 28, 1u << 24, 1u << 20};
+    asm volatile("" : "+r"(magic), "+r"(ones), "+r"(mul[1]), "+r"(mul[2]), "+r"(mul[3]));
+    u32* mine = ring + warp * STAGES * KSLOT_WORDS;
+    const u32 mine_s = smem(mine);
+    u32* xbuf = ring + WARPS * STAGES * KSLOT_WORDS;  // 2 KP2 k-tiles of x's rows
+    const u32 xbuf_s = smem(xbuf);
+    // ldmatrix: B's column n = lane % 8 is x's row n % 4 (the last row past M) of the pair's
+    // k-tile n / 4; matrix lane / 8 holds inputs 8 (lane / 8) .. + 7 of a word's 32
+    const int xn = lane & 7;
+    const u32 xlane = ((xn >> 2) * XKT + min(xn & 3, M - 1) * XROW) * 4 + 16 * (lane >> 3);
+    const int per = warp < KP2 ? (KP2 - 1 - warp) / WARPS + 1 : 0;  // pairs an n-tile
+    if ((KT & 1) && warp == (KP2 - 1) % WARPS)  // the phantom k-tile's x: zeros, this warp's
+        for (int e = lane; e < M * XROW; e += 32)
+            xbuf[KT * XKT + e] = 0u;
+
+    // iteration i's pair into slot i % STAGES, one commit group each: the next issue's n-tile
+    // (of the block's) and pair (of this warp's), moved on by each issue
+    int ib = per ? 0 : NB, iq = 0, fill = 0;
+    auto issue = [&](bool with_x) {
+        if (ib < NB && PROBE != 2) {
+            const u32 slot = mine_s + fill * (KSLOT_WORDS * 4);
+            const int nt = ntile(blockIdx.x, ib, NT), kt0 = 2 * (warp + iq * WARPS);
+            const int kt1 = min(kt0 + 1, KT - 1);  // (the phantom's: kt0's, against zeros)
+            const u32* run = words + (size_t)nt * KT * (32 * W) + lane * W;
+            cp_words(slot + lane * W * 4, run + (size_t)kt0 * (32 * W));
+            cp_words(slot + (32 * W + lane * W) * 4, run + (size_t)kt1 * (32 * W));
+            if (g == 0) {
+#pragma unroll
+                for (int hh = 0; hh < 2; ++hh) {
+                    const u32* zsrc = sz + (size_t)((hh ? kt1 : kt0) * KTILE / GROUP) * N
+                                      + nt * 8 + 2 * c;
+#pragma unroll
+                    for (int q = 0; q < GPK; ++q)
+                        cp8(slot + (2 * 32 * W + ((hh * GPK + q) * 4 + c) * 2) * 4,
+                            zsrc + (size_t)q * N);
+                }
+            }
+            if (with_x && ib == 0) {  // the first n-tile's pairs bring x's k-tiles
+                cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
+                if (kt0 + 1 < KT)
+                    cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
+            }
+            if (++iq == per) {
+                iq = 0;
+                ++ib;
+            }
+        }
+        fill = fill == STAGES - 1 ? 0 : fill + 1;
+        commit_group();
+    };
+
+#if PDL
+    // as the WA form: the first STAGES - 1 issues' words and table before the wait, their x
+    // (the first n-tile's pairs among them) after it, in one group
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s)
+        issue(false);
+    grid_wait();
+    if (PROBE != 2)
+        for (int q = 0; q < min(per, STAGES - 1); ++q) {
+            const int kt0 = 2 * (warp + q * WARPS);
+            cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
+            if (kt0 + 1 < KT)
+                cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
+        }
+    commit_group();
+    launch_dependents();
+#else
+    for (int s = 0; s < STAGES - 1; ++s)
+        issue(true);
+#endif
+    int i = 0, use = 0;
+#pragma unroll 1
+    for (int b = 0; b < NB; ++b) {
+        float o0 = 0.f, o1 = 0.f;
+        for (int q = 0; q < per; ++q, ++i, use = use == STAGES - 1 ? 0 : use + 1) {
+            issue(true);
+#if PDL
+            if (i == 0)  // the prologue's x came in a group after its words
+                wait_group<1>();
+            else
+#endif
+            wait_group<STAGES - 1>();
+            __syncwarp();  // the table's pairs and x's rows came from other lanes
+            const u32* slot = mine + use * KSLOT_WORDS;
+            u32 cw[2][W];
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+                    cw[hh][w] = slot[hh * 32 * W + lane * W + w];
+            if (PROBE != 1)
+                kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + xlane,
+                      slot + 2 * 32 * W, g, h, magic, ones, mul);
+            __syncwarp();  // every lane done with the slot before the next issue refills it
+        }
+        // lane c's sums of k-tile kt0 and lane c ^ 2's of kt0 + 1 are the same outputs
+        o0 += __shfl_xor_sync(0xFFFFFFFFu, o0, 2);
+        o1 += __shfl_xor_sync(0xFFFFFFFFu, o1, 2);
+        if (c < 2) {
+            red[warp][b][2 * c][g] = o0;
+            red[warp][b][2 * c + 1][g] = o1;
+        }
+    }
+    __syncthreads();
+    write_tile(red, y, M, N, NT, blockIdx.x);
+    wait_all();
+}
+#else
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
           const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K
@@ -497,7 +677,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #if TMA
     __shared__ __align__(8) unsigned long long bars[WARPS][STAGES];  // a slot's mbarrier
 #endif
-    extern __shared__ __align__(16) u32 ring[];  // WARPS * STAGES * SLOT_WORDS
+    SHARED_DYNAMIC(u32, ring);  // WARPS * STAGES * SLOT_WORDS
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3;
     const int NT = N >> 3, KT = K / KTILE;
@@ -653,7 +833,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #endif
         }
         fill = fill == STAGES - 1 ? 0 : fill + 1;
-        asm volatile("cp.async.commit_group;" ::: "memory");
+        commit_group();
     };
 
 #endif
@@ -668,7 +848,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
         issue(s, false);
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+    grid_wait();
 #if STAGGER
     const int rot0 = rot;
 #else
@@ -679,11 +859,11 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         if (s < total && PROBE != 2)
             cp_x(mine_s + s * (SLOT_WORDS * 4),
                  x + (size_t)(warp + ((s + rot0) % iters) * WARPS) * KTILE, M, K, lane);
-    asm volatile("cp.async.commit_group;" ::: "memory");  // one group: every slot's x
+    commit_group();  // one group: every slot's x
 #if NORM
     norm_rows(x, res, hout, gamma, eps, xbuf, xrow, nred, M, K, warp, lane);
 #endif
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+    launch_dependents();
 #else
     for (int s = 0; s < STAGES - 1; ++s)
         issue(s, true);
@@ -703,10 +883,10 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #else
 #if PDL
             if (i == 0)  // the prologue's x came in a group after its words: all but this one
-                asm volatile("cp.async.wait_group 1;" ::: "memory");
+                wait_group<1>();
             else
 #endif
-            asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1) : "memory");
+            wait_group<STAGES - 1>();
             __syncwarp();  // the table's pairs and x's rows came from other lanes
 #endif
             const u32* slot = mine + use * SLOT_WORDS;
@@ -740,6 +920,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
             __syncthreads();  // every sum of red read before the next tile's are written
     }
 #if !TMA
-    asm volatile("cp.async.wait_all;" ::: "memory");
+    wait_all();
 #endif
 }
+#endif  // KP

@@ -53,7 +53,11 @@ FORMS = ([(tiles, group, cfg, False) for tiles, group in [(8, 32), (8, 128)]
          + [(8, 128, C.RowsConfig(), True), (8, 128, C.RowsConfig(16, 1, 4, 3), False),
             (8, 128, C.RowsConfig(w_as_a=False), False), (8, 32, C.RowsConfig(8, 4, 8, 3), False),
             (8, 128, C.RowsConfig(8, 4, 1, 4, persist=True), False),
-            (4, 64, C.RowsConfig(4, 2, 16, 3, persist=True), True)])
+            (4, 64, C.RowsConfig(4, 2, 16, 3, persist=True), True)]
+         # k-pair forms (KP, a measurement switch: cuda_int4.KPAIR)
+         + [(8, 128, C.RowsConfig(8, 4, 1, 2, kpair=True), False),
+            (8, 32, C.RowsConfig(16, 2, 4, 2, kpair=True), False),
+            (4, 64, C.RowsConfig(4, 3, 2, 4, kpair=True), True)])
 
 
 def _nvdisasm() -> Path | None:
@@ -245,6 +249,24 @@ def test_rule_form_takes_the_first_that_does_not_spill_else_the_least(monkeypatc
     assert asked == [(8, 2), (8, 4)]
 
 
+def test_k_pair_forms():
+    """A k-pair form (KP): up to 4 rows, no persist; its shared memory holds x's rows whole
+    (an even number of k-tiles), so it needs K; its label ends in k."""
+    cfg = C.RowsConfig(8, 4, 1, 2, kpair=True)
+    assert cfg.label() == "w8nb4s2r1k" and C.defines(8, 128, cfg)["KP"] == 1
+    assert C.defines(8, 128, C.RowsConfig(8, 4, 1, 2))["KP"] == 0
+    with pytest.raises(ValueError, match="K"):
+        cfg.ring_bytes(8, 128)
+    slots = 8 * 2 * (2 * 32 * 4 + 2 * 1 * 8) * 4
+    assert cfg.ring_bytes(8, 128, 4096) == slots + 32 * (64 + 4) * 4
+    assert cfg.ring_bytes(8, 128, 640) == slots + 6 * (64 + 4) * 4  # 5 k-tiles: 6 held
+    assert cfg.smem_bytes(8, 128, 4096) > cfg.ring_bytes(8, 128, 4096)
+    with pytest.raises(ValueError, match="4 rows"):
+        C.RowsConfig(8, 4, 8, 2, kpair=True)
+    with pytest.raises(ValueError, match="persist"):
+        C.RowsConfig(8, 4, 1, 2, kpair=True, persist=True)
+
+
 @needs_nvrtc
 def test_rule_form_reads_the_device(monkeypatch):
     """A launch's form from the device's SMs, shared memory and architecture (an H200's
@@ -259,13 +281,21 @@ def test_rule_form_reads_the_device(monkeypatch):
         assert C._rule_form(0, 3, 28672, 4096, 4, 32, True) == C.RowsConfig(8, 4, 4, 4)
         Props.multi_processor_count = 100  # o's 128 blocks: more than one an SM
         assert C._rule_form(0, 1, 4096, 4096, 8, 128, False) == C.RowsConfig(8, 4, 1, 2)
+        # KPAIR (a measurement): calls of up to 4 rows take the k-pair form it gives
+        monkeypatch.setattr(C, "KPAIR", lambda rows, n, k: (8, 1 if n < 4 * k else 4, 3))
+        assert C._rule_form(0, 2, 28672, 4096, 8, 128, True, C._switches()) == \
+            C.RowsConfig(8, 4, 2, 3, kpair=True)
+        assert C._rule_form(0, 1, 4096, 4096, 8, 128, True, C._switches()) == \
+            C.RowsConfig(8, 1, 1, 3, kpair=True)
+        assert not C._rule_form(0, 8, 4096, 4096, 8, 128, True, C._switches()).kpair
     finally:
         C._rule_form.cache_clear()
 
 
 @needs_nvrtc
 @pytest.mark.parametrize("cfg", [C.RowsConfig(8, 4, 1, 4), C.RowsConfig(8, 4, 8, 4, persist=True),
-                                 C.RowsConfig(4, 2, 16, 4)], ids=C.RowsConfig.label)
+                                 C.RowsConfig(4, 2, 16, 4), C.RowsConfig(8, 4, 1, 2, kpair=True)],
+                         ids=C.RowsConfig.label)
 def test_dependent_launch_form_waits_once(cfg, tmp_path):
     """PDL: one griddepcontrol.wait (ACQBULK) and one launch_dependents (PREEXIT), the
     wait after the words' first copies and before x's; no local memory."""

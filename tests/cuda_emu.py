@@ -1,0 +1,100 @@
+"""int4_rows.cu run on a CPU: its source compiled by g++ with tests/cuda_emu.hpp forced in
+first (the header says what is emulated and checked), then launched as cuda_int4.launch
+launches it on a GPU, on CPU tensors. For tests of the kernel's logic where no GPU is; its
+numbers agree with a GPU's within float32's rounding of the sums, not to the bit."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from llamadist.kernels import cuda_int4 as C
+
+HERE = Path(__file__).resolve().parent
+HEADER = HERE / "cuda_emu.hpp"
+ENTRY = """
+#include "{source}"
+#include <string>
+extern "C" int emu_int4_rows(unsigned grid, unsigned threads, size_t shared,
+                             const u16* x, const u32* words, const u32* sz, u16* y,
+                             int M, int N, int K, const size_t* sizes, char* err, int n) {{
+    std::string e = emu::launch(grid, threads, shared,
+        {{{{(const char*)x, sizes[0]}}, {{(const char*)words, sizes[1]}},
+         {{(const char*)sz, sizes[2]}}}},
+        [=] {{ int4_rows(x, words, sz, y, M, N, K); }});
+    snprintf(err, n, "%s", e.c_str());
+    return e.empty() ? 0 : 1;
+}}
+"""
+
+
+def available() -> str | None:
+    """Why the emulator cannot build here (no g++), or None."""
+    return None if shutil.which("g++") else "g++ is not on PATH"
+
+
+def _cache_dir() -> Path:
+    d = Path(os.environ.get("LLAMADIST_EMU_CACHE", Path(tempfile.gettempdir()) / "llamadist-emu"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@functools.cache
+def library(defines: tuple[tuple[str, int], ...], source: str | None = None) -> ctypes.CDLL:
+    """int4_rows.cu (or ``source``, a variant of its text) with these -D values built for
+    the CPU (cached on disk by the sources' and the values' hash)."""
+    kernels = C.SOURCE.parent
+    text = source if source is not None else C.SOURCE.read_text()
+    headers = [HEADER, *sorted(kernels.glob("*.cuh"))]
+    key = hashlib.sha256(ENTRY.encode() + repr(defines).encode() + text.encode()
+                         + b"".join(p.read_bytes() for p in headers)).hexdigest()[:20]
+    lib = _cache_dir() / f"int4_rows_{key}.so"
+    if not lib.exists():
+        kernel = _cache_dir() / f"int4_rows_{key}.cu"
+        kernel.write_text(text)
+        entry = _cache_dir() / f"int4_rows_{key}.cpp"
+        entry.write_text(ENTRY.format(source=kernel.name))
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-include", str(HEADER),
+               f"-I{kernels}", *[f"-D{k}={v}" for k, v in defines], str(entry), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"g++ could not build int4_rows.cu {dict(defines)}:\n"
+                               f"{done.stderr[-4000:]}")
+        tmp.replace(lib)
+    return ctypes.CDLL(str(lib))
+
+
+def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+           group: int, tiles: int, cfg: C.RowsConfig, glu: bool = False, pdl: bool = False,
+           exact: bool = False, persist_blocks: int = 3,
+           source: str | None = None) -> torch.Tensor:
+    """cuda_int4.launch's product on CPU tensors, in the form ``cfg`` (a persist form's
+    grid: ``persist_blocks`` blocks; ``source``: a variant of the kernel's text)."""
+    m, k = x.shape
+    if m > cfg.rows:
+        raise ValueError(f"form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
+    x, packed, sz = x.contiguous(), packed.contiguous(), scales_zeros.contiguous()
+    d = C.defines(tiles, group, cfg, exact=exact, pdl=pdl, glu=glu)
+    fn = library(tuple(sorted(d.items())), source).emu_int4_rows
+    y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16)
+    blocks = C.tiles_of(cfg, n, glu)
+    if cfg.persist:
+        blocks = min(blocks, persist_blocks)
+    sizes = (ctypes.c_size_t * 3)(x.numel() * 2, packed.numel() * 4, sz.numel() * 2)
+    err = ctypes.create_string_buffer(512)
+    p = ctypes.c_void_p
+    rc = fn(ctypes.c_uint(blocks), ctypes.c_uint(cfg.warps * 32),
+            ctypes.c_size_t(cfg.ring_bytes(tiles, group, k)), p(x.data_ptr()),
+            p(packed.data_ptr()), p(sz.data_ptr()), p(y.data_ptr()), m, n, k, sizes, err, 512)
+    if rc:
+        raise RuntimeError(f"int4_rows {cfg.label()} (emulated): {err.value.decode()}")
+    return y

@@ -1,0 +1,126 @@
+"""int4_rows.cu's own source run on the CPU (tests/cuda_emu.hpp: each CUDA thread a
+coroutine, cp.async landing at its wait, the warp's collectives traded through barriers;
+tests/cuda_emu.py builds and launches it): every kind of form against the float64 product
+of the weight the words encode, at the GPU test's tolerance (tests/gpu/test_cuda_int4_gpu.py),
+on shapes with an odd number of k-tiles, fewer k-tiles than warps, groups within and across
+k-tiles, and n-tiles that do not fill the last block; gate | up against silu(gate) * up of
+the product; and the emulator's own checks (a read past a buffer, a slot read before its
+copies land). The forms the GPU has timed check the emulator; the k-pair forms (KP) are
+checked here before any GPU has run them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llamadist.kernels import cuda_int4 as C
+from llamadist.kernels import wquant as W
+from llamadist.kernels import wquant_torch as WT
+from tests import cuda_emu as E
+
+pytestmark = pytest.mark.skipif(E.available() is not None, reason=str(E.available()))
+
+# (n, k, group): k-tiles 3 (< warps, odd), 3 at 4 tiles, 5 at 8 (odd), a group over two
+# k-tiles, four groups a k-tile; n-tiles 6, 10, 34, 16, 8
+SHAPES = [(48, 96, 32), (80, 192, 64), (272, 640, 128), (128, 768, 256), (64, 256, 32)]
+
+
+def _case(n: int, k: int, group: int, seed: int = 0):
+    """tinygemm's words (CUDA's layout), the bf16 table and the float64 weight they encode."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=gen) * torch.logspace(-2, 0, n).view(-1, 1)
+    pw = W.quantize_int4(w, group)
+    tiles = WT._inner_k_tiles(k)
+    codes = W.unpack_int4(pw.q, k)
+    packed = WT.tinygemm_layout(codes.to(torch.int32), tiles)
+    sz = WT.tinygemm_scales_zeros(pw.scale, pw.offset)
+    s = sz.double()[..., 0].t().repeat_interleave(group, 1)
+    z = sz.double()[..., 1].t().repeat_interleave(group, 1)
+    return packed, sz, (codes.double() - 8) * s + z, tiles
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, w64: torch.Tensor) -> None:
+    x64 = x.double()
+    ref = x64 @ w64.t()
+    bound = 2**-8 * ref.abs() + 2**-16 * (x64.abs() @ w64.abs().t())
+    err = (y.double() - ref).abs()
+    assert bool((err <= bound).all()), f"worst error / bound {(err / bound).max():.3g}"
+
+
+def _x(m: int, k: int, seed: int) -> torch.Tensor:
+    return torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
+
+# (form, rows, dependent launch, codes - 8 first): the rule's one-row forms (8 and 16
+# warps, W as the A operand), x as the A operand past 8 rows, a persist form, and k-pair
+# forms of 1-4 rows, an odd number of n-tiles a block, 2-4 stages
+FORMS = [(C.RowsConfig(8, 4, 1, 2), 1, True, False),
+         (C.RowsConfig(16, 4, 1, 2), 1, False, True),
+         (C.RowsConfig(4, 2, 16, 4), 12, False, False),
+         (C.RowsConfig(8, 4, 8, 4, persist=True), 5, False, False),
+         (C.RowsConfig(8, 4, 1, 2, kpair=True), 1, True, False),
+         (C.RowsConfig(8, 1, 1, 3, kpair=True), 1, False, False),
+         (C.RowsConfig(4, 3, 4, 3, kpair=True), 3, False, False),
+         (C.RowsConfig(16, 2, 2, 2, kpair=True), 2, True, False),
+         (C.RowsConfig(2, 4, 4, 4, kpair=True), 4, False, True)]
+
+
+@pytest.mark.parametrize("cfg,m,pdl,exact", FORMS,
+                         ids=[f"{c.label()}m{m}{'d' if p else ''}{'x' if e else ''}"
+                              for c, m, p, e in FORMS])
+def test_the_kernel_against_float64(cfg, m, pdl, exact):
+    for i, (n, k, group) in enumerate(SHAPES):
+        packed, sz, w64, tiles = _case(n, k, group, seed=i)
+        x = _x(m, k, seed=100 + i)
+        _check(E.launch(x, packed, sz, n, group, tiles, cfg, pdl=pdl, exact=exact), x, w64)
+
+
+def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """int4_rows.cu's silu_times on the product's bf16 outputs, in float32."""
+    g = gate.float()
+    act = (g / (1 + torch.exp(-g))).to(torch.bfloat16).float()
+    return (act * up.float()).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("cfg,m", [(C.RowsConfig(8, 4, 1, 2, kpair=True), 1),
+                                   (C.RowsConfig(4, 2, 4, 3, kpair=True), 3),
+                                   (C.RowsConfig(8, 4, 1, 2), 1)], ids=lambda v: str(v))
+def test_gate_up_is_silu_of_the_product(cfg, m):
+    """GLU (a block's first NB / 2 n-tiles gate's, the rest up's) against silu(gate) * up
+    of the same form's product: the same sums, then the same roundings (the host's expf
+    against torch's exp: a bf16 step at most)."""
+    n, k, group = 160, 640, 128
+    packed, sz, w64, tiles = _case(n, k, group, seed=7)
+    x = _x(m, k, seed=8)
+    y = E.launch(x, packed, sz, n, group, tiles, cfg).float()
+    want = _silu_times(y[:, :n // 2], y[:, n // 2:]).float()
+    got = E.launch(x, packed, sz, n, group, tiles, cfg, glu=True, pdl=True).float()
+    assert got.shape == (m, n // 2)
+    step = 2.0 ** (torch.floor(torch.log2(want.abs().clamp_min(2**-100))) - 7)
+    assert bool(((got - want).abs() <= step).all())
+    assert (got == want).float().mean() > 0.95
+
+
+def test_a_read_past_the_words_is_caught():
+    """The emulator's bounds: words one n-tile short (the last n-tile's reads fall past
+    them) is an error that names the read, not a wrong number."""
+    n, k, group = 48, 96, 32
+    packed, sz, _, tiles = _case(n, k, group)
+    with pytest.raises(RuntimeError, match="outside every buffer"):
+        E.launch(_x(1, k, 0), packed[:-1].contiguous(), sz, n, group, tiles,
+                 C.RowsConfig(8, 4, 1, 2, kpair=True))
+
+
+def test_a_slot_read_before_its_copies_land_is_caught():
+    """A cp.async lands at its wait, so the kernel's text with one group too few waited
+    for reads slots still full of the block's start pattern (0xFF bytes: NaN), and fails
+    the check that the kernel as it is passes."""
+    source = C.SOURCE.read_text()
+    early = source.replace("wait_group<STAGES - 1>();", "wait_group<STAGES>();")
+    assert early != source
+    n, k, group = 80, 192, 64
+    packed, sz, w64, tiles = _case(n, k, group)
+    x, cfg = _x(1, k, 1), C.RowsConfig(4, 2, 1, 3, kpair=True)
+    _check(E.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
+    with pytest.raises(AssertionError):
+        _check(E.launch(x, packed, sz, n, group, tiles, cfg, source=early), x, w64)
