@@ -102,8 +102,13 @@ class RowsConfig:
     def smem_bytes(self, tiles: int, group: int, k: int = 0) -> int:
         """The ring, the static sums over warps (16 rows past 8, else 8) and the slots'
         mbarriers (BULK): a block's shared memory."""
-        return self.ring_bytes(tiles, group, k) + self.warps * self.nb * 8 * (
-            16 if self.rows > 8 else 8) * 4 + self.warps * self.stages * 8
+        return self.ring_bytes(tiles, group, k) + self.static_bytes()
+
+    def static_bytes(self) -> int:
+        """A block's static shared memory: the sums over warps, the slots' mbarriers (BULK;
+        counted whether or not)."""
+        return self.warps * self.nb * 8 * (16 if self.rows > 8 else 8) * 4 + \
+            self.warps * self.stages * 8
 
     def fit(self, tiles: int, group: int, have: int, k: int = 0) -> "RowsConfig":
         """This form, with fewer stages (to 2), then fewer warps, until a block's shared
@@ -325,8 +330,8 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
                     fn = _cuda_load_module(cubin, ["int4_rows"])["int4_rows"]
                     # the attribute raised past the 48 KiB default whatever the ring's size:
                     # the block's static shared memory counts against the same limit
-                    # (a k-pair form's grows with K: the device's most)
-                    fn.set_shared_memory_config(have if cfg.kpair else
+                    # (a k-pair form's grows with K: all the device allows past the static)
+                    fn.set_shared_memory_config(have - cfg.static_bytes() if cfg.kpair else
                                                 max(cfg.ring_bytes(tiles, group), 48 * 1024))
                 _KERNELS[key] = fn
     return fn
