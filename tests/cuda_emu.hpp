@@ -50,6 +50,16 @@ struct dim3 {
     unsigned x = 0, y = 0, z = 0;
 };
 
+struct alignas(16) uint4 {
+    unsigned x, y, z, w;
+};
+
+static inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) {
+    return {x, y, z, w};
+}
+
+static inline float rsqrtf(float v) { return 1.f / sqrtf(v); }
+
 namespace emu {
 
 struct Copy {

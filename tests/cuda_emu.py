@@ -25,11 +25,16 @@ ENTRY = """
 #include <string>
 extern "C" int emu_int4_rows(unsigned grid, unsigned threads, size_t shared,
                              const u16* x, const u32* words, const u32* sz, u16* y,
-                             int M, int N, int K, const size_t* sizes, char* err, int n) {{
+                             int M, int N, int K, const size_t* sizes, char* err, int n,
+                             const u16* res, u16* hout, const u16* gamma, float eps) {{
     std::string e = emu::launch(grid, threads, shared,
         {{{{(const char*)x, sizes[0]}}, {{(const char*)words, sizes[1]}},
          {{(const char*)sz, sizes[2]}}}},
+#if NORM
+        [=] {{ int4_rows(x, words, sz, y, M, N, K, res, hout, gamma, eps); }});
+#else
         [=] {{ int4_rows(x, words, sz, y, M, N, K); }});
+#endif
     snprintf(err, n, "%s", e.c_str());
     return e.empty() ? 0 : 1;
 }}
@@ -79,11 +84,28 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
            source: str | None = None) -> torch.Tensor:
     """cuda_int4.launch's product on CPU tensors, in the form ``cfg`` (a persist form's
     grid: ``persist_blocks`` blocks; ``source``: a variant of the kernel's text)."""
+    return _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu, pdl, exact,
+                   persist_blocks, source)[1]
+
+
+def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
+                eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+                group: int, tiles: int, cfg: C.RowsConfig, glu: bool = False,
+                pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuda_int4.launch_norm's (h, y) on CPU tensors, in the form ``cfg``."""
+    return _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu, pdl,
+                   norm=(residual, gamma, eps))
+
+
+def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False, exact=False,
+            persist_blocks=3, source=None, norm=None):
+    """(h, y): the NORM kernel's residual stream (``norm``: (residual or None, gamma,
+    eps)) or x, and the product."""
     m, k = x.shape
     if m > cfg.rows:
         raise ValueError(f"form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     x, packed, sz = x.contiguous(), packed.contiguous(), scales_zeros.contiguous()
-    d = C.defines(tiles, group, cfg, exact=exact, pdl=pdl, glu=glu)
+    d = C.defines(tiles, group, cfg, exact=exact, pdl=pdl, glu=glu, norm=norm is not None)
     fn = library(tuple(sorted(d.items())), source).emu_int4_rows
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16)
     blocks = C.tiles_of(cfg, n, glu)
@@ -92,9 +114,18 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     sizes = (ctypes.c_size_t * 3)(x.numel() * 2, packed.numel() * 4, sz.numel() * 2)
     err = ctypes.create_string_buffer(512)
     p = ctypes.c_void_p
+    res, h, gamma, eps = None, x, None, 0.0
+    if norm is not None:
+        res, gamma, eps = norm
+        gamma = gamma.contiguous()
+        if res is not None:
+            res, h = res.contiguous(), torch.empty_like(x)
     rc = fn(ctypes.c_uint(blocks), ctypes.c_uint(cfg.warps * 32),
-            ctypes.c_size_t(cfg.ring_bytes(tiles, group, k)), p(x.data_ptr()),
-            p(packed.data_ptr()), p(sz.data_ptr()), p(y.data_ptr()), m, n, k, sizes, err, 512)
+            ctypes.c_size_t(cfg.ring_bytes(tiles, group, k, norm is not None)),
+            p(x.data_ptr()), p(packed.data_ptr()), p(sz.data_ptr()), p(y.data_ptr()), m, n, k,
+            sizes, err, 512, p(res.data_ptr() if res is not None else 0),
+            p(h.data_ptr() if res is not None else 0),
+            p(gamma.data_ptr() if gamma is not None else 0), ctypes.c_float(eps))
     if rc:
         raise RuntimeError(f"int4_rows {cfg.label()} (emulated): {err.value.decode()}")
-    return y
+    return h, y

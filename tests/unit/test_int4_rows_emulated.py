@@ -124,3 +124,40 @@ def test_a_slot_read_before_its_copies_land_is_caught():
     _check(E.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
     with pytest.raises(AssertionError):
         _check(E.launch(x, packed, sz, n, group, tiles, cfg, source=early), x, w64)
+
+
+def _add_rms_norm(x, res, gamma, eps):
+    """(h, RMSNorm(h)) as eager_fused.add_rms_norm rounds them: h = bf16(x + res), then
+    bf16(gamma * bf16(h * rsqrt(mean(h^2) + eps)))."""
+    h = x if res is None else (x.float() + res.float()).to(torch.bfloat16)
+    hf = h.float()
+    r = torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)
+    return h, (gamma.float() * (hf * r).to(torch.bfloat16).float()).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("cfg", [C.RowsConfig(8, 4, 4, 2), C.RowsConfig(16, 4, 4, 4),
+                                 C.RowsConfig(4, 2, 4, 3, w_as_a=False)],
+                         ids=C.RowsConfig.label)
+@pytest.mark.parametrize("glu", [False, True])
+def test_the_norm_in_the_kernel(cfg, glu):
+    """NORM (add + RMSNorm in the kernel's prologue, x's whole rows in shared memory): h =
+    x + residual exactly (block 0 stores it), and the product of the norm within a bf16
+    step of the norm then the product (the norm's sums in another order), at 1-4 rows,
+    with and without a residual, W as the A operand or x."""
+    n, k, group = 160, 640, 128
+    packed, sz, w64, tiles = _case(n, k, group, seed=11)
+    for m in (1, 3, 4):
+        for with_residual in (False, True):
+            gen = torch.Generator().manual_seed(10 * m + with_residual)
+            x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+            res = torch.randn(m, k, generator=gen).to(torch.bfloat16) if with_residual \
+                else None
+            gamma = (1 + torch.randn(k, generator=gen) / 4).to(torch.bfloat16)
+            h, y = E.launch_norm(x, res, gamma, 1e-5, packed, sz, n, group, tiles, cfg,
+                                 glu=glu, pdl=m == 3)
+            want_h, normed = _add_rms_norm(x, res, gamma, 1e-5)
+            assert torch.equal(h, want_h)
+            ref = E.launch(normed, packed, sz, n, group, tiles, cfg, glu=glu).float()
+            assert (y.float() - ref).abs().max() <= 2**-6 * ref.abs().max(), (m, with_residual)
+            if not glu:
+                _check(y, normed, w64)
