@@ -1395,13 +1395,14 @@ norm34() {  # issue 16, for session 34 (branch norm-prologue, written in 33, not
 
 kp35() {  # issue 16, for session 35 (written in 34, not run): int4_rows's k-pair form
     # (KP: a warp's step two consecutive k-tiles of one n-tile, a block's words in address
-    # order, 56-70 registers; checked on the CPU by tests/cuda_emu.hpp, never on a GPU):
-    # its GPU tests, then per linear at 1 and 4 rows beside the rule (each form also its
-    # loads alone, PROBE 1), then int4 + head at batch 1 and 4 with cuda_int4.KPAIR on
-    # (two guesses at a rule) beside the default, in the bench's process path (~7 min)
+    # order, 56-80 registers; through the ring (k) or straight into registers (kr); checked
+    # on the CPU by tests/cuda_emu.hpp, never on a GPU): its GPU tests, then per linear at
+    # 1 and 4 rows beside the rule (each form also its loads alone, PROBE 1), then int4 +
+    # head at batch 1 and 4 with cuda_int4.KPAIR on (guesses at a rule) beside the default,
+    # in the bench's process path (~8 min)
     local kp="import llamadist.kernels.cuda_int4 as C; C.KPAIR = lambda r, n, k:" f forms=""
     for f in 8x4x2 8x4x3 8x2x3 8x1x3 16x2x2 16x1x2 4x4x3 8x4x4; do
-        forms="$forms,${f}k,${f}x0x1k"
+        forms="$forms,${f}k,${f}x0x1k,${f}kr,${f}x0x1kr"
     done
     step tests_kp35 150 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py -k "k_pair or glu_same_bits"
@@ -1413,6 +1414,7 @@ kp35() {  # issue 16, for session 35 (written in 34, not run): int4_rows's k-pai
         ab i4h_b$b "" $q --batch $b
         ab i4h_b${b}_kp842 "$kp (8, 4, 2)" $q --batch $b
         ab i4h_b${b}_kp823 "$kp (8, 2, 3)" $q --batch $b
+        ab i4h_b${b}_kr843 "$kp (8, 4, 3, 2)" $q --batch $b
     done
 }
 

@@ -19,7 +19,7 @@ past the L2 cache, the other quantized forms not):
   shifts as IMAD.HI; TMA 1: the ring filled by sm_90's bulk copies; STAGGER 1: each
   block's k-tiles from a rotated start; PERSIST 1: a grid of one wave looping over the
   tiles; a trailing k: the k-pair form, up to 4 rows, a warp's step two consecutive
-  k-tiles of one n-tile);
+  k-tiles of one n-tile, through the ring; kr: the same straight into registers);
 * ``mma`` (int4): those tiles alone (``wquant_triton.tinygemm_mma``, the rule's config),
   and ``mma:LABEL`` for each ``--mma-configs`` entry (block_n x block_m x warps x split
   [x stages [x prefetch 0/1]], e.g. 64x16x4x0x1x1; split 0: the rule's for those tiles;
@@ -62,17 +62,18 @@ READS = ("read", "tileread")  # products that only read the words: no result to 
 
 
 def parse_form(spec: str) -> list[int]:
-    """WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]][k] -> its eleven
-    numbers (WA 1, the others 0 where left out; a trailing k: the k-pair form, KP 1)."""
-    kp = spec.endswith("k")
+    """WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]][k|kr] -> its
+    eleven numbers (WA 1, the others 0 where left out; a trailing k: the k-pair form through
+    the ring, KP 1, kr: straight into registers, KP 2)."""
+    kp = 2 if spec.endswith("kr") else 1 if spec.endswith("k") else 0
     try:
-        vals = [int(v) for v in spec.removesuffix("k").split("x")]
+        vals = [int(v) for v in spec.removesuffix("kr").removesuffix("k").split("x")]
     except ValueError:
         vals = []
     if not 3 <= len(vals) <= 10:
         raise SystemExit(f"--rows-configs: {spec!r} is not WARPSxNBxSTAGES[xEXACT[xPROBE[xWA"
-                         "[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]][k]")
-    return vals + [0, 0, 1, 0, 0, 0, 0][len(vals) - 3:] + [int(kp)]
+                         "[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]][k|kr]")
+    return vals + [0, 0, 1, 0, 0, 0, 0][len(vals) - 3:] + [kp]
 
 
 def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact, probe, wa, hi,
@@ -81,12 +82,13 @@ def rows_form(cuda_int4, x, tg, tz, n, g, tiles, warps, nb, stages, exact, probe
     first; probe 1: no math, 2: no global loads, for where the time goes; wa 0: x as the
     A operand at any rows; hi 1: the decode's shifts as IMAD.HI; tma 1: bulk copies;
     stagger 1: each block's k-tiles from a rotated start; persist 1: a grid of one wave
-    looping over the tiles; kp 1: a warp's step two consecutive k-tiles of one n-tile)."""
+    looping over the tiles; kp 1: a warp's step two consecutive k-tiles of one n-tile, 2:
+    the same straight into registers)."""
     cuda_int4.CODES_EXACT, cuda_int4.PROBE = bool(exact), probe
     cuda_int4.HI_SHIFT, cuda_int4.BULK, cuda_int4.STAGGER = bool(hi), bool(tma), bool(stagger)
     try:
         cfg = cuda_int4.RowsConfig(warps, nb, cuda_int4.row_capacity(x.shape[0]), stages,
-                                   bool(wa), bool(persist), bool(kp))
+                                   bool(wa), bool(persist), kp)
         return cuda_int4.launch(x, tg, tz, n, g, tiles, cfg)
     finally:
         cuda_int4.CODES_EXACT, cuda_int4.PROBE = False, 0

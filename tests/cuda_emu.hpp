@@ -312,6 +312,25 @@ static inline void ldmatrix_x4(u32 (&r)[4], u32 addr) {
     emu::barrier(1);
 }
 
+static inline u32 ld_nc(const u32* p) {
+    emu::check_global(p, 4, "ld.global.nc");
+    return *p;
+}
+
+static inline void ld_nc_v2(u32 (&r)[2], const u32* p) {
+    emu::check_global(p, 8, "ld.global.nc");
+    if ((uintptr_t)p % 8)
+        emu::fail("ld.global.nc.v2: an address not aligned to 8 bytes");
+    memcpy(r, p, 8);
+}
+
+static inline void ld_nc_v4(u32 (&r)[4], const u32* p) {
+    emu::check_global(p, 16, "ld.global.nc");
+    if ((uintptr_t)p % 16)
+        emu::fail("ld.global.nc.v4: an address not aligned to 16 bytes");
+    memcpy(r, p, 16);
+}
+
 static inline float bits_float(u32 v) {
     float f;
     memcpy(&f, &v, 4);

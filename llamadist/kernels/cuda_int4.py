@@ -59,16 +59,19 @@ class RowsConfig:
     on from one tile to the next, so each block's loads stay in flight through its sums),
     and whether a warp's step is two consecutive k-tiles of one n-tile (``kpair``, up to 4
     rows: the block's n-tiles one after another, read in address order; int4_rows.cu's
-    KP)."""
+    KP: 1 through the ring, 2 each lane's words straight into its registers)."""
     warps: int = 4
     nb: int = 2
     rows: int = 1
     stages: int = 4
     w_as_a: bool = True
     persist: bool = False
-    kpair: bool = False
+    kpair: int = 0
 
     def __post_init__(self):
+        if self.kpair not in (0, 1, 2):
+            raise ValueError(f"int4_rows: kpair is 0, 1 (the ring) or 2 (registers), not "
+                             f"{self.kpair!r}")
         if self.kpair and (self.rows > 4 or self.persist):
             raise ValueError(f"int4_rows: a k-pair form takes up to 4 rows and no persist, "
                              f"not {self.rows} rows{', persist' if self.persist else ''}")
@@ -81,7 +84,7 @@ class RowsConfig:
 
     def label(self) -> str:
         if self.kpair:
-            return f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}k"
+            return f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}k{'r' * (self.kpair == 2)}"
         return (f"w{self.warps}nb{self.nb}s{self.stages}r{self.rows}{'a' if self.a_w else ''}"
                 f"{'p' if self.persist else ''}")
 
@@ -95,7 +98,7 @@ class RowsConfig:
         x_rows = self.rows * (8 * tiles + 4)
         if self.kpair:
             pairs = -(-(k // (16 * tiles)) // 2)
-            slot = 2 * 32 * tiles // 2 + 2 * gpk * 8
+            slot = 2 * 32 * tiles // 2 + 2 * gpk * 8 if self.kpair == 1 else 0  # (2: no ring)
             return (self.warps * self.stages * slot + 2 * pairs * x_rows) * 4
         if norm:  # the ring without x's rows, then x's whole rows
             slot = self.nb * 32 * tiles // 2 + self.nb * gpk * 8
@@ -278,10 +281,11 @@ STAGGER = False  # True: each block's warps start on a rotated k-tile (cp.async 
 # Compute: the one-row rule forms, at 88-100 registers, hold two blocks an SM). Not
 # measured yet; the rule's spill check still applies.
 MIN_BLOCKS = 1
-# None, or a measurement: a function (rows, n, k) -> (warps, nb, stages) or None giving the
-# k-pair form (int4_rows.cu's KP: a warp's step two consecutive k-tiles of one n-tile, the
-# block's words in address order) that calls of up to 4 rows take instead of the rule's.
-# Not measured yet.
+# None, or a measurement: a function (rows, n, k) -> (warps, nb, stages[, kind]) or None
+# giving the k-pair form (int4_rows.cu's KP: a warp's step two consecutive k-tiles of one
+# n-tile, the block's words in address order; kind 1 through the ring, the default, 2
+# straight into registers) that calls of up to 4 rows take instead of the rule's. Not
+# measured yet.
 KPAIR = None
 PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many blocks (tests)
 # True: on sm_90+, always launched as a programmatic dependent launch (its words issued
@@ -562,8 +566,8 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
     p = torch.cuda.get_device_properties(index)
     form = KPAIR(rows, n, k) if KPAIR is not None and rows <= 4 and not norm else None
     if form is not None:
-        warps, nb, stages = form
-        return RowsConfig(warps, nb, rows, stages, kpair=True).fit(
+        warps, nb, stages, kind = (*form, 1)[:4]
+        return RowsConfig(warps, nb, rows, stages, kpair=kind).fit(
             tiles, group, p.shared_memory_per_block_optin, k)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
                      p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm)

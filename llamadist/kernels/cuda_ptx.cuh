@@ -61,6 +61,24 @@ static __device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], u32 addr) {
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
+// words read once from global memory into registers: not kept in the L1, not written by
+// the kernel (the non-coherent path)
+static __device__ __forceinline__ u32 ld_nc(const u32* p) {
+    u32 r;
+    asm volatile("ld.global.nc.L1::no_allocate.u32 %0, [%1];" : "=r"(r) : "l"(p));
+    return r;
+}
+
+static __device__ __forceinline__ void ld_nc_v2(u32 (&r)[2], const u32* p) {
+    asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];"
+                 : "=r"(r[0]), "=r"(r[1]) : "l"(p));
+}
+
+static __device__ __forceinline__ void ld_nc_v4(u32 (&r)[4], const u32* p) {
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "l"(p));
+}
+
 static __device__ __forceinline__ float bits_float(u32 v) {
     float f;
     asm("mov.b32 %0, %1;" : "=f"(f) : "r"(v));

@@ -505,20 +505,23 @@ static __device__ __forceinline__ void norm_rows(const u16* __restrict__ x,
 // contiguous run of about WARPS KB (at 8 TILES) where the WA form reads NB runs 16 KB apart
 // (K = 4 096): the order of a plain read, which reads the same words faster (RESULTS.md,
 // session 33). x is read once a block, into a buffer of all its k-tiles (a warp's own
-// pairs' k-tiles, with the first n-tile's pairs); the ring slots hold the pair's words and
-// table. An odd KT's last pair has a second k-tile of zeros in x's buffer (its words and
-// table the first's: zero products).
-#if ROWS > 4 || TMA || STAGGER || PERSIST || HI_SHIFT
-#error "KP takes up to 4 rows, cp.async, no PERSIST, STAGGER or HI_SHIFT"
+// pairs' k-tiles, with the first n-tile's pairs). KP 1: the ring slots hold the pair's
+// words and table (cp.async, as the WA form); KP 2: no ring, each lane loads its own words
+// (its A fragments) and table words (its row's scale and zero) straight into registers,
+// STAGES - 1 pairs ahead of the one it multiplies, and a warp's x comes whole at its start.
+// An odd KT's last pair has a second k-tile of zeros in x's buffer (its words and table the
+// first's: zero products).
+#if ROWS > 4 || TMA || STAGGER || PERSIST || HI_SHIFT || KP > 2
+#error "KP (1, 2) takes up to 4 rows, cp.async, no PERSIST, STAGGER or HI_SHIFT"
 #endif
 #define KSLOT_WORDS (2 * 32 * W + 2 * GPK * 8)  // a slot: two runs of words, their table
 #define XKT (XR * XROW)                          // x's buffer: words a k-tile
 
 // the pair's products (cw[h]: k-tile kt0 + h's words; xa: this lane's ldmatrix address in
-// x's buffer at kt0; zs: the slot's table, (h, group, row) words) added to o0, o1: row g
-// against x's rows 2 (c % 2), + 1 of k-tile kt0 + h
+// x's buffer at kt0; tz: the table's words of the lane's row g and k-tile kt0 + h, a group
+// each) added to o0, o1: row g against x's rows 2 (c % 2), + 1 of k-tile kt0 + h
 static __device__ __forceinline__ void kpair(float& o0, float& o1, const u32 (&cw)[2][W],
-                                             u32 xa, const u32* zs, int g, int h, u32 magic,
+                                             u32 xa, const u32 (&tz)[GPK], int h, u32 magic,
                                              u32 ones, const u32 (&mul)[4]) {
     float acc[4], xs[4];
 #pragma unroll
@@ -537,13 +540,14 @@ static __device__ __forceinline__ void kpair(float& o0, float& o1, const u32 (&c
         if (w == W - 1 || (32 * w + 32) % GROUP == 0) {
             const int q = GPK > 1 ? (32 * w) / GROUP : 0;
             float s, z;
-            scale_zero(zs[(h * GPK + q) * 8 + g], s, z);
+            scale_zero(tz[q], s, z);
             o0 = fmaf(s, h ? acc[2] : acc[0], fmaf(z, xs[0], o0));
             o1 = fmaf(s, h ? acc[3] : acc[1], fmaf(z, xs[1], o1));
         }
     }
 }
 
+#if KP == 1
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
           const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
@@ -644,9 +648,13 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #pragma unroll
                 for (int w = 0; w < W; ++w)
                     cw[hh][w] = slot[hh * 32 * W + lane * W + w];
+            u32 tz[GPK];  // the lane's row and k-tile: (h, group, row) words in the slot
+#pragma unroll
+            for (int r = 0; r < GPK; ++r)
+                tz[r] = slot[2 * 32 * W + (h * GPK + r) * 8 + g];
             if (PROBE != 1)
-                kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + xlane,
-                      slot + 2 * 32 * W, g, h, magic, ones, mul);
+                kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + xlane, tz, h,
+                      magic, ones, mul);
             __syncwarp();  // every lane done with the slot before the next issue refills it
         }
         // lane c's sums of k-tile kt0 and lane c ^ 2's of kt0 + 1 are the same outputs
@@ -661,6 +669,128 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     write_tile(red, y, M, N, NT, blockIdx.x);
     wait_all();
 }
+#else  // KP 2
+// a lane's W words of a run, straight into registers (read once: past the L1)
+static __device__ __forceinline__ void ld_words(u32 (&r)[W], const u32* p) {
+#if W == 4
+    ld_nc_v4(r, p);
+#elif W == 2
+    ld_nc_v2(r, p);
+#else
+    r[0] = ld_nc(p);
+#endif
+}
+
+extern "C" __global__ void BOUNDS
+int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
+    __shared__ float red[WARPS][NB][8][8];
+    SHARED_DYNAMIC(u32, xbuf);  // x's buffer only: 2 KP2 k-tiles of x's rows
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int g = lane >> 2, c = lane & 3, h = c >> 1;
+    const int NT = N >> 3, KT = K / KTILE, KP2 = (KT + 1) >> 1;
+    u32 magic = 0x43004300u, ones = 0x3F803F80u;
+    u32 mul[4] = {1u, 1u << 28, 1u << 24, 1u << 20};
+    asm volatile("" : "+r"(magic), "+r"(ones), "+r"(mul[1]), "+r"(mul[2]), "+r"(mul[3]));
+    const u32 xbuf_s = smem(xbuf);
+    const int xn = lane & 7;  // (as KP 1's)
+    const u32 xlane = ((xn >> 2) * XKT + min(xn & 3, M - 1) * XROW) * 4 + 16 * (lane >> 3);
+    const int per = warp < KP2 ? (KP2 - 1 - warp) / WARPS + 1 : 0;  // pairs an n-tile
+    const int total = NB * per;
+    if ((KT & 1) && warp == (KP2 - 1) % WARPS)
+        for (int e = lane; e < M * XROW; e += 32)
+            xbuf[KT * XKT + e] = 0u;
+
+    // the pairs in flight: words and table words of pairs i + 1 .. i + D while pair i's
+    // multiply (D = STAGES - 1; constant indices only, so that they stay in registers)
+    constexpr int D = STAGES - 1;
+    u32 wq[D][2][W], tq[D][GPK];
+    int ib = per ? 0 : NB, iq = 0;  // the next load's n-tile (of the block's) and pair
+    auto load = [&](u32 (&wr)[2][W], u32 (&tr)[GPK]) {
+        if (ib < NB && PROBE != 2) {
+            const int nt = ntile(blockIdx.x, ib, NT), kt0 = 2 * (warp + iq * WARPS);
+            const int kt1 = min(kt0 + 1, KT - 1);
+            const u32* run = words + (size_t)nt * KT * (32 * W) + lane * W;
+            ld_words(wr[0], run + (size_t)kt0 * (32 * W));
+            ld_words(wr[1], run + (size_t)kt1 * (32 * W));
+            const u32* zsrc = sz + (size_t)((h ? kt1 : kt0) * KTILE / GROUP) * N + nt * 8 + g;
+#pragma unroll
+            for (int q = 0; q < GPK; ++q)
+                tr[q] = ld_nc(zsrc + (size_t)q * N);
+            if (++iq == per) {
+                iq = 0;
+                ++ib;
+            }
+        }
+    };
+
+    // the first D pairs' words (the model's: before the wait of a dependent launch), then
+    // the warp's k-tiles of x (the kernel before's output) in one group
+#pragma unroll
+    for (int s = 0; s < D; ++s)
+        load(wq[s], tq[s]);
+#if PDL
+    grid_wait();
+#endif
+    if (PROBE != 2)
+        for (int q = 0; q < per; ++q) {
+            const int kt0 = 2 * (warp + q * WARPS);
+            cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
+            if (kt0 + 1 < KT)
+                cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
+        }
+    commit_group();
+#if PDL
+    launch_dependents();
+#endif
+    wait_group<0>();
+    __syncwarp();  // x's rows came from other lanes (and the phantom's zeros)
+
+    float o0 = 0.f, o1 = 0.f;
+    for (int i = 0, b = 0, q = 0; i < total; ++i) {
+        u32 cw[2][W], tz[GPK];
+#pragma unroll
+        for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+            for (int w = 0; w < W; ++w)
+                cw[hh][w] = wq[0][hh][w];
+#pragma unroll
+        for (int r = 0; r < GPK; ++r)
+            tz[r] = tq[0][r];
+#pragma unroll
+        for (int s = 0; s + 1 < D; ++s) {
+#pragma unroll
+            for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+                for (int w = 0; w < W; ++w)
+                    wq[s][hh][w] = wq[s + 1][hh][w];
+#pragma unroll
+            for (int r = 0; r < GPK; ++r)
+                tq[s][r] = tq[s + 1][r];
+        }
+        load(wq[D - 1], tq[D - 1]);  // pair i + D
+        if (PROBE != 1)
+            kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + xlane, tz, h, magic,
+                  ones, mul);
+        if (++q == per) {  // the n-tile's last pair: lanes c and c ^ 2 add, as KP 1's
+            o0 += __shfl_xor_sync(0xFFFFFFFFu, o0, 2);
+            o1 += __shfl_xor_sync(0xFFFFFFFFu, o1, 2);
+            if (c < 2) {
+                red[warp][b][2 * c][g] = o0;
+                red[warp][b][2 * c + 1][g] = o1;
+            }
+            o0 = o1 = 0.f;
+            q = 0;
+            ++b;
+        }
+    }
+    if (!per && c < 2)  // a warp past the pairs: its sums are zeros
+        for (int b = 0; b < NB; ++b)
+            red[warp][b][2 * c][g] = red[warp][b][2 * c + 1][g] = 0.f;
+    __syncthreads();
+    write_tile(red, y, M, N, NT, blockIdx.x);
+}
+#endif  // KP 1, 2
 #else
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,

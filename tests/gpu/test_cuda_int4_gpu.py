@@ -96,13 +96,15 @@ def test_every_form(warps, nb, stages, exact, w_as_a, monkeypatch):
             _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
 
 
-@pytest.mark.parametrize("warps,nb,stages", [(8, 4, 2), (8, 1, 3), (16, 2, 2), (4, 3, 4)])
+@pytest.mark.parametrize("warps,nb,stages,kind", [(8, 4, 2, 1), (8, 1, 3, 1), (16, 2, 2, 1),
+                                                  (4, 3, 4, 1), (8, 4, 3, 2), (16, 1, 4, 2),
+                                                  (8, 2, 2, 2)])
 @pytest.mark.parametrize("pdl", [False, True])
-def test_k_pair_forms(warps, nb, stages, pdl, monkeypatch):
-    """KP (a warp's step two consecutive k-tiles of one n-tile; tests/unit/
-    test_int4_rows_emulated.py runs the same source on the CPU) at 1-4 rows, plain and as
-    a dependent launch, codes - 8 first or not; through the KPAIR switch inside a CUDA
-    graph."""
+def test_k_pair_forms(warps, nb, stages, kind, pdl, monkeypatch):
+    """KP (a warp's step two consecutive k-tiles of one n-tile, through the ring or
+    straight into registers; tests/unit/test_int4_rows_emulated.py runs the same source on
+    the CPU) at 1-4 rows, plain and as a dependent launch, codes - 8 first or not; through
+    the KPAIR switch inside a CUDA graph."""
     if pdl and torch.cuda.get_device_capability(0)[0] < 9:
         pytest.skip("programmatic dependent launches need sm_90")
     monkeypatch.setattr(C, "PDL", pdl)
@@ -112,9 +114,9 @@ def test_k_pair_forms(warps, nb, stages, pdl, monkeypatch):
             packed, sz, w64, tiles = _case(n, k, group, seed=n + 1)
             for m in (1, 2, 3, 4):
                 x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
-                cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages, kpair=True)
+                cfg = C.RowsConfig(warps, nb, C.row_capacity(m), stages, kpair=kind)
                 _check(C.launch(x, packed, sz, n, group, tiles, cfg), x, w64)
-    monkeypatch.setattr(C, "KPAIR", lambda rows, n, k: (warps, nb, stages))
+    monkeypatch.setattr(C, "KPAIR", lambda rows, n, k: (warps, nb, stages, kind))
     _check(_replayed(lambda x: C.launch(x, packed, sz, n, group, tiles), x), x, w64)
 
 
@@ -324,7 +326,8 @@ def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("cfg", [None, C.RowsConfig(8, 4, 1, 2), C.RowsConfig(16, 4, 4, 2),
                                  C.RowsConfig(4, 2, 16, 4), C.RowsConfig(8, 4, 8, 4,
                                                                          persist=True),
-                                 C.RowsConfig(8, 4, 4, 2, kpair=True)])
+                                 C.RowsConfig(8, 4, 4, 2, kpair=True),
+                                 C.RowsConfig(8, 4, 4, 3, kpair=2)])
 @pytest.mark.parametrize("pdl", [False, True])
 def test_glu_same_bits_as_product_then_silu(cfg, pdl, monkeypatch):
     """GLU (a block's first n-tiles gate's, the same of up's after them; silu(gate) * up

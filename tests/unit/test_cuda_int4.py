@@ -57,7 +57,9 @@ FORMS = ([(tiles, group, cfg, False) for tiles, group in [(8, 32), (8, 128)]
          # k-pair forms (KP, a measurement switch: cuda_int4.KPAIR)
          + [(8, 128, C.RowsConfig(8, 4, 1, 2, kpair=True), False),
             (8, 32, C.RowsConfig(16, 2, 4, 2, kpair=True), False),
-            (4, 64, C.RowsConfig(4, 3, 2, 4, kpair=True), True)])
+            (4, 64, C.RowsConfig(4, 3, 2, 4, kpair=True), True),
+            (8, 128, C.RowsConfig(8, 4, 1, 3, kpair=2), False),
+            (8, 32, C.RowsConfig(16, 2, 4, 3, kpair=2), False)])
 
 
 def _nvdisasm() -> Path | None:
@@ -261,6 +263,11 @@ def test_k_pair_forms():
     assert cfg.ring_bytes(8, 128, 4096) == slots + 32 * (64 + 4) * 4
     assert cfg.ring_bytes(8, 128, 640) == slots + 6 * (64 + 4) * 4  # 5 k-tiles: 6 held
     assert cfg.smem_bytes(8, 128, 4096) > cfg.ring_bytes(8, 128, 4096)
+    reg = C.RowsConfig(8, 4, 1, 2, kpair=2)  # straight into registers: no ring
+    assert reg.label() == "w8nb4s2r1kr" and C.defines(8, 128, reg)["KP"] == 2
+    assert reg.ring_bytes(8, 128, 4096) == 32 * (64 + 4) * 4
+    with pytest.raises(ValueError, match="kpair"):
+        C.RowsConfig(kpair=3)
     with pytest.raises(ValueError, match="4 rows"):
         C.RowsConfig(8, 4, 8, 2, kpair=True)
     with pytest.raises(ValueError, match="persist"):
@@ -294,7 +301,8 @@ def test_rule_form_reads_the_device(monkeypatch):
 
 @needs_nvrtc
 @pytest.mark.parametrize("cfg", [C.RowsConfig(8, 4, 1, 4), C.RowsConfig(8, 4, 8, 4, persist=True),
-                                 C.RowsConfig(4, 2, 16, 4), C.RowsConfig(8, 4, 1, 2, kpair=True)],
+                                 C.RowsConfig(4, 2, 16, 4), C.RowsConfig(8, 4, 1, 2, kpair=True),
+                                 C.RowsConfig(8, 4, 1, 3, kpair=2)],
                          ids=C.RowsConfig.label)
 def test_dependent_launch_form_waits_once(cfg, tmp_path):
     """PDL: one griddepcontrol.wait (ACQBULK) and one launch_dependents (PREEXIT), the
@@ -305,7 +313,8 @@ def test_dependent_launch_form_waits_once(cfg, tmp_path):
     assert sass.count("ACQBULK") == 1 and sass.count("PREEXIT") == 1, cfg
     assert not re.search(r"\b(LDL|STL)\b", sass)
     wait = sass.index("ACQBULK")
-    assert "LDGSTS" in sass[:wait] and "LDGSTS" in sass[wait:]  # words before, x after
+    before = "LDG.E.NA.128.CONSTANT" if cfg.kpair == 2 else "LDGSTS"  # (2: registers)
+    assert before in sass[:wait] and "LDGSTS" in sass[wait:]  # words before, x after
 
 
 @needs_nvrtc

@@ -53,7 +53,8 @@ def _x(m: int, k: int, seed: int) -> torch.Tensor:
 
 # (form, rows, dependent launch, codes - 8 first): the rule's one-row forms (8 and 16
 # warps, W as the A operand), x as the A operand past 8 rows, a persist form, and k-pair
-# forms of 1-4 rows, an odd number of n-tiles a block, 2-4 stages
+# forms of 1-4 rows, an odd number of n-tiles a block, 2-4 stages, through the ring (KP 1)
+# and straight into registers (KP 2)
 FORMS = [(C.RowsConfig(8, 4, 1, 2), 1, True, False),
          (C.RowsConfig(16, 4, 1, 2), 1, False, True),
          (C.RowsConfig(4, 2, 16, 4), 12, False, False),
@@ -62,7 +63,10 @@ FORMS = [(C.RowsConfig(8, 4, 1, 2), 1, True, False),
          (C.RowsConfig(8, 1, 1, 3, kpair=True), 1, False, False),
          (C.RowsConfig(4, 3, 4, 3, kpair=True), 3, False, False),
          (C.RowsConfig(16, 2, 2, 2, kpair=True), 2, True, False),
-         (C.RowsConfig(2, 4, 4, 4, kpair=True), 4, False, True)]
+         (C.RowsConfig(2, 4, 4, 4, kpair=True), 4, False, True),
+         (C.RowsConfig(8, 4, 1, 2, kpair=2), 1, True, False),
+         (C.RowsConfig(4, 3, 4, 3, kpair=2), 3, False, True),
+         (C.RowsConfig(16, 1, 2, 4, kpair=2), 2, True, False)]
 
 
 @pytest.mark.parametrize("cfg,m,pdl,exact", FORMS,
@@ -84,6 +88,7 @@ def _silu_times(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("cfg,m", [(C.RowsConfig(8, 4, 1, 2, kpair=True), 1),
                                    (C.RowsConfig(4, 2, 4, 3, kpair=True), 3),
+                                   (C.RowsConfig(8, 2, 4, 3, kpair=2), 4),
                                    (C.RowsConfig(8, 4, 1, 2), 1)], ids=lambda v: str(v))
 def test_gate_up_is_silu_of_the_product(cfg, m):
     """GLU (a block's first NB / 2 n-tiles gate's, the rest up's) against silu(gate) * up
@@ -101,14 +106,15 @@ def test_gate_up_is_silu_of_the_product(cfg, m):
     assert (got == want).float().mean() > 0.95
 
 
-def test_a_read_past_the_words_is_caught():
+@pytest.mark.parametrize("kind", [1, 2])
+def test_a_read_past_the_words_is_caught(kind):
     """The emulator's bounds: words one n-tile short (the last n-tile's reads fall past
-    them) is an error that names the read, not a wrong number."""
+    them) is an error that names the read, not a wrong number (cp.async, ld.global)."""
     n, k, group = 48, 96, 32
     packed, sz, _, tiles = _case(n, k, group)
     with pytest.raises(RuntimeError, match="outside every buffer"):
         E.launch(_x(1, k, 0), packed[:-1].contiguous(), sz, n, group, tiles,
-                 C.RowsConfig(8, 4, 1, 2, kpair=True))
+                 C.RowsConfig(8, 4, 1, 2, kpair=kind))
 
 
 def test_a_slot_read_before_its_copies_land_is_caught():
