@@ -12,6 +12,7 @@
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
+#         kpnorm35
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1393,6 +1394,23 @@ norm34() {  # issue 16, for session 34 (branch norm-prologue, written in 33, not
     ab i4h_b1_again "" $q --batch 1
 }
 
+kpnorm35() {  # issue 16, for session 35 (branch norm-prologue, written in 34, not run):
+    # NORM and KP together (launch_norm in a k-pair form: the norm into KP's own buffer of
+    # x), beside each alone and neither, int4 + head at batch 1 and 4 (~5 min; run norm34's
+    # and kp35's GPU tests first: both parts test the norm in k-pair forms)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    local off="import llamadist.kernels.cuda_int4 as C; C.NORM_MAX_ROWS = 0"
+    local kp="import llamadist.kernels.cuda_int4 as C; C.KPAIR = lambda r, n, k:"
+    checkpoint
+    for b in 1 4; do
+        ab i4h_b${b}_norm "" $q --batch $b
+        ab i4h_b${b}_norm_kr843 "$kp (8, 4, 3, 2)" $q --batch $b
+        ab i4h_b${b}_norm_kp842 "$kp (8, 4, 2)" $q --batch $b
+        ab i4h_b${b}_kr843 "$off; $kp (8, 4, 3, 2)" $q --batch $b
+        ab i4h_b${b}_neither "$off" $q --batch $b
+    done
+}
+
 kp35() {  # issue 16, for session 35 (written in 34, not run): int4_rows's k-pair form
     # (KP: a warp's step two consecutive k-tiles of one n-tile, a block's words in address
     # order, 56-80 registers; through the ring (k) or straight into registers (kr); checked
@@ -1424,8 +1442,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

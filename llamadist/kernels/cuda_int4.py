@@ -439,9 +439,9 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
     if cfg is None:
         cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
                          norm=True, glu=glu)
-    if m > cfg.rows or cfg.persist or cfg.kpair or (glu and cfg.nb % 2):
+    if m > cfg.rows or cfg.persist or (glu and cfg.nb % 2):
         raise ValueError(f"int4_rows form {cfg.label()} with the norm: at most {cfg.rows} "
-                         "rows, not persistent, not k-pair, an even number of n-tiles for GLU")
+                         "rows, not persistent, an even number of n-tiles for GLU")
     smem, have = cfg.ring_bytes(tiles, group, k, norm=True), smem_optin(index)
     if cfg.smem_bytes(tiles, group, k, norm=True) > have:
         raise ValueError(f"int4_rows form {cfg.label()} with the norm needs "
@@ -564,7 +564,7 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
     launch kind and set of the module's ``switches``, not on every launch (``norm``, with
     ``glu``: launch_norm's kernel, whose spills are its own)."""
     p = torch.cuda.get_device_properties(index)
-    form = KPAIR(rows, n, k) if KPAIR is not None and rows <= 4 and not norm else None
+    form = KPAIR(rows, n, k) if KPAIR is not None and rows <= 4 else None
     if form is not None:
         warps, nb, stages, kind = (*form, 1)[:4]
         return RowsConfig(warps, nb, rows, stages, kpair=kind).fit(

@@ -57,7 +57,7 @@
 // bf16(x + res); res may be null, then h = x), block 0 stores h (the residual stream) at
 // hout, the block sums h^2 a row (its warps' sums in a fixed order) and writes bf16(gamma
 // * bf16(h * rsqrt(mean + eps))) into a whole-K buffer of x's rows in shared memory, which
-// the mma read in place of the ring's x.
+// the mma read in place of the ring's x (KP: its own buffer of x, in k-tiles).
 // MINB (1; a measurement, see cuda_int4.MIN_BLOCKS): past 1, __launch_bounds__ asks ptxas
 // for registers that let MINB blocks share an SM (the rule's one-row forms take 88-100,
 // two blocks of 256 threads an SM; 80 would give three), spilling where it must.
@@ -97,9 +97,6 @@
 #endif
 #ifndef KP
 #define KP 0
-#endif
-#if NORM && KP
-#error "NORM is a WA / x-as-A option (not KP)"
 #endif
 #if MINB > 1  // (an explicit 1 is not the same to ptxas: it allocates registers otherwise)
 #define BOUNDS __launch_bounds__(WARPS * 32, MINB)
@@ -197,7 +194,8 @@ static __device__ __forceinline__ void scale_zero(u32 pair, float& s, float& z) 
 // the ring in dynamic shared memory: per warp, STAGES slots of NB n-tiles' words (32 W a
 // n-tile), of the table's pairs (GPK groups x 4 pairs of 8 bytes a n-tile) and of x's rows
 // (XR rows of KTILE bf16, padded to XROW words)
-#define XR (NORM ? 0 : ROWS)  // NORM: x's rows live in a whole-K buffer after the ring
+// (NORM: x's rows live in a whole-K buffer after the ring; KP keeps its own buffer)
+#define XR (NORM && !KP ? 0 : ROWS)
 #define XROW (KTILE / 2 + 4)
 #define X_AT (NB * 32 * W + NB * GPK * 4 * 2)
 #define SLOT_WORDS (X_AT + XR * XROW)
@@ -443,8 +441,18 @@ static __device__ __forceinline__ uint4 scaled(uint4 h, uint4 g, float r) {
     return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
-// x's rows < M of the product: RMSNorm(x + res) with weight gamma into xbuf (row m at
-// m * xrow words), h = x + res stored at hout by block 0 (both null: no add, no store)
+// where chunk c (inputs 8 c .. 8 c + 7) of x's row m sits in the whole-K buffer: rows of
+// xrow words, or KP's k-tiles of XR rows (XROW words each)
+static __device__ __forceinline__ u32* norm_at(u32* xbuf, int xrow, int m, int c) {
+#if KP
+    return xbuf + (c / (2 * TILES)) * (XR * XROW) + m * XROW + 4 * (c % (2 * TILES));
+#else
+    return xbuf + m * xrow + 4 * c;
+#endif
+}
+
+// x's rows < M of the product: RMSNorm(x + res) with weight gamma into xbuf (at norm_at),
+// h = x + res stored at hout by block 0 (both null: no add, no store)
 static __device__ __forceinline__ void norm_rows(const u16* __restrict__ x,
                                                  const u16* __restrict__ res,
                                                  u16* __restrict__ hout,
@@ -462,7 +470,7 @@ static __device__ __forceinline__ void norm_rows(const u16* __restrict__ x,
                 const uint4 h = add_pairs(*(const uint4*)(x + at),
                                           res ? (const uint4*)(res + at) : nullptr);
                 ss[m] += squares(h);
-                *(uint4*)(xbuf + m * xrow + 4 * c) = h;
+                *(uint4*)norm_at(xbuf, xrow, m, c) = h;
                 if (hout && blockIdx.x == 0)
                     *(uint4*)(hout + at) = h;
             }
@@ -483,7 +491,7 @@ static __device__ __forceinline__ void norm_rows(const u16* __restrict__ x,
             t += nred[w][m];
         const float r = rsqrtf(t / (float)K + eps);
         for (int c = threadIdx.x; c < chunks; c += WARPS * 32) {
-            u32* at = xbuf + m * xrow + 4 * c;
+            u32* at = norm_at(xbuf, xrow, m, c);
             *(uint4*)at = scaled(*(const uint4*)at, *(const uint4*)(gamma + 8 * c), r);
         }
     }
@@ -550,8 +558,16 @@ static __device__ __forceinline__ void kpair(float& o0, float& o1, const u32 (&c
 #if KP == 1
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K
+#if NORM
+          , const u16* __restrict__ res, u16* __restrict__ hout,
+          const u16* __restrict__ gamma, float eps
+#endif
+          ) {
     __shared__ float red[WARPS][NB][8][8];
+#if NORM
+    __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
+#endif
     SHARED_DYNAMIC(u32, ring);  // WARPS * STAGES slots, then x's buffer
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3, h = c >> 1;
@@ -594,7 +610,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                             zsrc + (size_t)q * N);
                 }
             }
-            if (with_x && ib == 0) {  // the first n-tile's pairs bring x's k-tiles
+            if (!NORM && with_x && ib == 0) {  // the first n-tile's pairs bring x's k-tiles
                 cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
                 if (kt0 + 1 < KT)
                     cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
@@ -615,7 +631,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     for (int s = 0; s < STAGES - 1; ++s)
         issue(false);
     grid_wait();
-    if (PROBE != 2)
+    if (PROBE != 2 && !NORM)
         for (int q = 0; q < min(per, STAGES - 1); ++q) {
             const int kt0 = 2 * (warp + q * WARPS);
             cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
@@ -623,10 +639,16 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                 cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
         }
     commit_group();
+#if NORM
+    norm_rows(x, res, hout, gamma, eps, xbuf, 0, nred, M, K, warp, lane);
+#endif
     launch_dependents();
 #else
     for (int s = 0; s < STAGES - 1; ++s)
         issue(true);
+#if NORM
+    norm_rows(x, res, hout, gamma, eps, xbuf, 0, nred, M, K, warp, lane);
+#endif
 #endif
     int i = 0, use = 0;
 #pragma unroll 1
@@ -683,8 +705,16 @@ static __device__ __forceinline__ void ld_words(u32 (&r)[W], const u32* p) {
 
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K) {
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K
+#if NORM
+          , const u16* __restrict__ res, u16* __restrict__ hout,
+          const u16* __restrict__ gamma, float eps
+#endif
+          ) {
     __shared__ float red[WARPS][NB][8][8];
+#if NORM
+    __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
+#endif
     SHARED_DYNAMIC(u32, xbuf);  // x's buffer only: 2 KP2 k-tiles of x's rows
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int g = lane >> 2, c = lane & 3, h = c >> 1;
@@ -732,6 +762,9 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #if PDL
     grid_wait();
 #endif
+#if NORM
+    norm_rows(x, res, hout, gamma, eps, xbuf, 0, nred, M, K, warp, lane);  // (synced)
+#else
     if (PROBE != 2)
         for (int q = 0; q < per; ++q) {
             const int kt0 = 2 * (warp + q * WARPS);
@@ -740,6 +773,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                 cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
         }
     commit_group();
+#endif
 #if PDL
     launch_dependents();
 #endif

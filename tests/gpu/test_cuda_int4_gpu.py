@@ -137,12 +137,15 @@ def test_shifts_as_multiplies_give_the_same_bits(m, monkeypatch):
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("m", [1, 3, 4])
+@pytest.mark.parametrize("kpair", [None, (8, 4, 2, 1), (8, 2, 3, 2)])
 def test_norm_in_the_kernel_against_the_norm_then_the_product(m, glu, with_residual, pdl,
-                                                               monkeypatch):
+                                                               kpair, monkeypatch):
     """launch_norm: h = x + residual exactly as eager_fused's add + RMSNorm kernel stores
     it (every element written, by block 0), and the product of RMSNorm(h) within a bf16
     step of that kernel's norm, then the product (the norm's sums in another order); the
-    plain product also against float64."""
+    plain product also against float64. In the rule's form and in k-pair forms (KPAIR:
+    their own buffer of x, in k-tiles)."""
+    monkeypatch.setattr(C, "KPAIR", None if kpair is None else lambda r, n, k: kpair)
     from llamadist.kernels import eager_fused
     monkeypatch.setattr(C, "PDL", pdl)
     n, k, group = 272, 640, 128

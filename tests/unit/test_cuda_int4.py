@@ -114,6 +114,10 @@ def test_norm_forms_compile_and_the_dependent_ones_keep_registers():
                 assert spilled is not None, (arch, cfg)
                 if pdl:
                     assert spilled == 0, (arch, m, n, glu, cfg, spilled)
+    for cfg in (C.RowsConfig(8, 4, 1, 2, kpair=1), C.RowsConfig(8, 4, 4, 3, kpair=2)):
+        for glu in (False, True):  # k-pair forms with the norm in their own x buffer
+            assert C.spill_bytes("90", C.defines(8, 128, cfg, pdl=True, glu=glu,
+                                                 norm=True)) == 0, (cfg, glu)
 
 
 @needs_nvrtc

@@ -142,14 +142,17 @@ def _add_rms_norm(x, res, gamma, eps):
 
 
 @pytest.mark.parametrize("cfg", [C.RowsConfig(8, 4, 4, 2), C.RowsConfig(16, 4, 4, 4),
-                                 C.RowsConfig(4, 2, 4, 3, w_as_a=False)],
+                                 C.RowsConfig(4, 2, 4, 3, w_as_a=False),
+                                 C.RowsConfig(8, 4, 4, 2, kpair=1),
+                                 C.RowsConfig(4, 2, 4, 3, kpair=2)],
                          ids=C.RowsConfig.label)
 @pytest.mark.parametrize("glu", [False, True])
 def test_the_norm_in_the_kernel(cfg, glu):
     """NORM (add + RMSNorm in the kernel's prologue, x's whole rows in shared memory): h =
     x + residual exactly (block 0 stores it), and the product of the norm within a bf16
     step of the norm then the product (the norm's sums in another order), at 1-4 rows,
-    with and without a residual, W as the A operand or x."""
+    with and without a residual, W as the A operand or x, and the k-pair forms (their own
+    buffer of x in k-tiles)."""
     n, k, group = 160, 640, 128
     packed, sz, w64, tiles = _case(n, k, group, seed=11)
     for m in (1, 3, 4):
