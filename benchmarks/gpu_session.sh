@@ -1406,6 +1406,7 @@ kpnorm35() {  # issue 16, for session 35 (branch norm-prologue, written in 34, n
         ab i4h_b${b}_norm "" $q --batch $b
         ab i4h_b${b}_norm_kr843 "$kp (8, 4, 3, 2)" $q --batch $b
         ab i4h_b${b}_norm_kp842 "$kp (8, 4, 2)" $q --batch $b
+        ab i4h_b${b}_norm_krwide "$kp (8, 4 if n >= 16384 else 1, 3, 2)" $q --batch $b
         ab i4h_b${b}_kr843 "$off; $kp (8, 4, 3, 2)" $q --batch $b
         ab i4h_b${b}_neither "$off" $q --batch $b
     done
@@ -1433,6 +1434,7 @@ kp35() {  # issue 16, for session 35 (written in 34, not run): int4_rows's k-pai
         ab i4h_b${b}_kp842 "$kp (8, 4, 2)" $q --batch $b
         ab i4h_b${b}_kp823 "$kp (8, 2, 3)" $q --batch $b
         ab i4h_b${b}_kr843 "$kp (8, 4, 3, 2)" $q --batch $b
+        ab i4h_b${b}_krwide "$kp (8, 4 if n >= 16384 else 1, 3, 2)" $q --batch $b
     done
 }
 
