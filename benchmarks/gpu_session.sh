@@ -1396,6 +1396,7 @@ kp35() {  # issue 16, for session 35 (written in 34, not run): int4_rows's k-pai
         ab i4h_b${b}_kp842 "$kp (8, 4, 2)" $q --batch $b
         ab i4h_b${b}_kp823 "$kp (8, 2, 3)" $q --batch $b
         ab i4h_b${b}_kr843 "$kp (8, 4, 3, 2)" $q --batch $b
+        ab i4h_b${b}_krwide "$kp (8, 4 if n >= 16384 else 1, 3, 2)" $q --batch $b
     done
 }
 
