@@ -555,6 +555,46 @@ static __device__ __forceinline__ void kpair(float& o0, float& o1, const u32 (&c
     }
 }
 
+// a lane's place in a k-pair block: its warp, lane (g, c), half h, the n-tiles and k-tiles,
+// the pairs a n-tile (KP2) and this warp's (per), its ldmatrix row address in x's buffer
+// (B's column n = lane % 8 is x's row n % 4, the last row past M, of the pair's k-tile n /
+// 4; matrix lane / 8 holds inputs 8 (lane / 8) .. + 7 of a word's 32)
+struct KpLane {
+    int warp, lane, g, c, h, NT, KT, KP2, per;
+    u32 xlane;
+};
+
+static __device__ __forceinline__ KpLane kp_lane(int M, int N, int K) {
+    KpLane l;
+    l.warp = threadIdx.x >> 5;
+    l.lane = threadIdx.x & 31;
+    l.g = l.lane >> 2;
+    l.c = l.lane & 3;
+    l.h = l.c >> 1;
+    l.NT = N >> 3;
+    l.KT = K / KTILE;
+    l.KP2 = (l.KT + 1) >> 1;
+    l.per = l.warp < l.KP2 ? (l.KP2 - 1 - l.warp) / WARPS + 1 : 0;
+    const int xn = l.lane & 7;
+    l.xlane = ((xn >> 2) * XKT + min(xn & 3, M - 1) * XROW) * 4 + 16 * (l.lane >> 3);
+    return l;
+}
+
+// an odd KT's phantom k-tile in x's buffer: zeros, written by the warp whose last pair it is
+static __device__ __forceinline__ void kp_phantom(u32* xbuf, const KpLane& l, int M) {
+    if ((l.KT & 1) && l.warp == (l.KP2 - 1) % WARPS)
+        for (int e = l.lane; e < M * XROW; e += 32)
+            xbuf[l.KT * XKT + e] = 0u;
+}
+
+// x's rows of the pair's k-tiles kt0 and kt0 + 1 (< KT) into x's buffer (its shared address)
+static __device__ __forceinline__ void cp_pair_x(u32 xbuf_s, const u16* x, int kt0,
+                                                 const KpLane& l, int M, int K) {
+    cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, l.lane);
+    if (kt0 + 1 < l.KT)
+        cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, l.lane);
+}
+
 #if KP == 1
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
@@ -569,9 +609,9 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
 #endif
     SHARED_DYNAMIC(u32, ring);  // WARPS * STAGES slots, then x's buffer
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, c = lane & 3, h = c >> 1;
-    const int NT = N >> 3, KT = K / KTILE, KP2 = (KT + 1) >> 1;
+    const KpLane l = kp_lane(M, N, K);
+    const int warp = l.warp, lane = l.lane, g = l.g, c = l.c, h = l.h, NT = l.NT, KT = l.KT;
+    const int per = l.per;
     u32 magic = 0x43004300u, ones = 0x3F803F80u;
     u32 mul[4] = {1u, 1u << 28, 1u << 24, 1u << 20};
     asm volatile("" : "+r"(magic), "+r"(ones), "+r"(mul[1]), "+r"(mul[2]), "+r"(mul[3]));
@@ -579,14 +619,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     const u32 mine_s = smem(mine);
     u32* xbuf = ring + WARPS * STAGES * KSLOT_WORDS;  // 2 KP2 k-tiles of x's rows
     const u32 xbuf_s = smem(xbuf);
-    // ldmatrix: B's column n = lane % 8 is x's row n % 4 (the last row past M) of the pair's
-    // k-tile n / 4; matrix lane / 8 holds inputs 8 (lane / 8) .. + 7 of a word's 32
-    const int xn = lane & 7;
-    const u32 xlane = ((xn >> 2) * XKT + min(xn & 3, M - 1) * XROW) * 4 + 16 * (lane >> 3);
-    const int per = warp < KP2 ? (KP2 - 1 - warp) / WARPS + 1 : 0;  // pairs an n-tile
-    if ((KT & 1) && warp == (KP2 - 1) % WARPS)  // the phantom k-tile's x: zeros, this warp's
-        for (int e = lane; e < M * XROW; e += 32)
-            xbuf[KT * XKT + e] = 0u;
+    kp_phantom(xbuf, l, M);
 
     // iteration i's pair into slot i % STAGES, one commit group each: the next issue's n-tile
     // (of the block's) and pair (of this warp's), moved on by each issue
@@ -610,11 +643,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                             zsrc + (size_t)q * N);
                 }
             }
-            if (!NORM && with_x && ib == 0) {  // the first n-tile's pairs bring x's k-tiles
-                cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
-                if (kt0 + 1 < KT)
-                    cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
-            }
+            if (!NORM && with_x && ib == 0)  // the first n-tile's pairs bring x's k-tiles
+                cp_pair_x(xbuf_s, x, kt0, l, M, K);
             if (++iq == per) {
                 iq = 0;
                 ++ib;
@@ -632,12 +662,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         issue(false);
     grid_wait();
     if (PROBE != 2 && !NORM)
-        for (int q = 0; q < min(per, STAGES - 1); ++q) {
-            const int kt0 = 2 * (warp + q * WARPS);
-            cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
-            if (kt0 + 1 < KT)
-                cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
-        }
+        for (int q = 0; q < min(per, STAGES - 1); ++q)
+            cp_pair_x(xbuf_s, x, 2 * (warp + q * WARPS), l, M, K);
     commit_group();
 #if NORM
     norm_rows(x, res, hout, gamma, eps, xbuf, 0, nred, M, K, warp, lane);
@@ -675,7 +701,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
             for (int r = 0; r < GPK; ++r)
                 tz[r] = slot[2 * 32 * W + (h * GPK + r) * 8 + g];
             if (PROBE != 1)
-                kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + xlane, tz, h,
+                kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + l.xlane, tz, h,
                       magic, ones, mul);
             __syncwarp();  // every lane done with the slot before the next issue refills it
         }
@@ -716,20 +742,14 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
 #endif
     SHARED_DYNAMIC(u32, xbuf);  // x's buffer only: 2 KP2 k-tiles of x's rows
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int g = lane >> 2, c = lane & 3, h = c >> 1;
-    const int NT = N >> 3, KT = K / KTILE, KP2 = (KT + 1) >> 1;
+    const KpLane l = kp_lane(M, N, K);
+    const int warp = l.warp, lane = l.lane, g = l.g, c = l.c, h = l.h, NT = l.NT, KT = l.KT;
+    const int per = l.per, total = NB * per;
     u32 magic = 0x43004300u, ones = 0x3F803F80u;
     u32 mul[4] = {1u, 1u << 28, 1u << 24, 1u << 20};
     asm volatile("" : "+r"(magic), "+r"(ones), "+r"(mul[1]), "+r"(mul[2]), "+r"(mul[3]));
     const u32 xbuf_s = smem(xbuf);
-    const int xn = lane & 7;  // (as KP 1's)
-    const u32 xlane = ((xn >> 2) * XKT + min(xn & 3, M - 1) * XROW) * 4 + 16 * (lane >> 3);
-    const int per = warp < KP2 ? (KP2 - 1 - warp) / WARPS + 1 : 0;  // pairs an n-tile
-    const int total = NB * per;
-    if ((KT & 1) && warp == (KP2 - 1) % WARPS)
-        for (int e = lane; e < M * XROW; e += 32)
-            xbuf[KT * XKT + e] = 0u;
+    kp_phantom(xbuf, l, M);
 
     // the pairs in flight: words and table words of pairs i + 1 .. i + D while pair i's
     // multiply (D = STAGES - 1; constant indices only, so that they stay in registers)
@@ -766,12 +786,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
     norm_rows(x, res, hout, gamma, eps, xbuf, 0, nred, M, K, warp, lane);  // (synced)
 #else
     if (PROBE != 2)
-        for (int q = 0; q < per; ++q) {
-            const int kt0 = 2 * (warp + q * WARPS);
-            cp_rows(xbuf_s, kt0 * XKT, x + (size_t)kt0 * KTILE, M, K, lane);
-            if (kt0 + 1 < KT)
-                cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, lane);
-        }
+        for (int q = 0; q < per; ++q)
+            cp_pair_x(xbuf_s, x, 2 * (warp + q * WARPS), l, M, K);
     commit_group();
 #endif
 #if PDL
@@ -804,8 +820,8 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         }
         load(wq[D - 1], tq[D - 1]);  // pair i + D
         if (PROBE != 1)
-            kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + xlane, tz, h, magic,
-                  ones, mul);
+            kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + l.xlane, tz, h,
+                  magic, ones, mul);
         if (++q == per) {  // the n-tile's last pair: lanes c and c ^ 2 add, as KP 1's
             o0 += __shfl_xor_sync(0xFFFFFFFFu, o0, 2);
             o1 += __shfl_xor_sync(0xFFFFFFFFu, o1, 2);
