@@ -26,15 +26,19 @@ ENTRY = """
 extern "C" int emu_int4_rows(unsigned grid, unsigned threads, size_t shared,
                              const u16* x, const u32* words, const u32* sz, u16* y,
                              int M, int N, int K, const size_t* sizes, char* err, int n,
-                             const u16* res, u16* hout, const u16* gamma, float eps) {{
+                             const u16* res, u16* hout, const u16* gamma, float eps,
+                             const u16* cs, const u16* sn, int rot) {{
     std::string e = emu::launch(grid, threads, shared,
         {{{{(const char*)x, sizes[0]}}, {{(const char*)words, sizes[1]}},
          {{(const char*)sz, sizes[2]}}}},
+        [=] {{ int4_rows(x, words, sz, y, M, N, K
 #if NORM
-        [=] {{ int4_rows(x, words, sz, y, M, N, K, res, hout, gamma, eps); }});
-#else
-        [=] {{ int4_rows(x, words, sz, y, M, N, K); }});
+                         , res, hout, gamma, eps
 #endif
+#if ROPE
+                         , cs, sn, rot
+#endif
+                         ); }});
     snprintf(err, n, "%s", e.c_str());
     return e.empty() ? 0 : 1;
 }}
@@ -81,11 +85,12 @@ def library(defines: tuple[tuple[str, int], ...], source: str | None = None) -> 
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
            group: int, tiles: int, cfg: C.RowsConfig, glu: bool = False, pdl: bool = False,
            exact: bool = False, persist_blocks: int = 3,
-           source: str | None = None) -> torch.Tensor:
+           source: str | None = None, rope: tuple | None = None) -> torch.Tensor:
     """cuda_int4.launch's product on CPU tensors, in the form ``cfg`` (a persist form's
-    grid: ``persist_blocks`` blocks; ``source``: a variant of the kernel's text)."""
+    grid: ``persist_blocks`` blocks; ``source``: a variant of the kernel's text; ``rope``:
+    launch's (cos, sin, rot))."""
     return _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu, pdl, exact,
-                   persist_blocks, source)[1]
+                   persist_blocks, source, rope=rope)[1]
 
 
 def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
@@ -98,17 +103,20 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
 
 
 def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False, exact=False,
-            persist_blocks=3, source=None, norm=None):
+            persist_blocks=3, source=None, norm=None, rope=None):
     """(h, y): the NORM kernel's residual stream (``norm``: (residual or None, gamma,
     eps)) or x, and the product."""
     m, k = x.shape
     if m > cfg.rows:
         raise ValueError(f"form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     x, packed, sz = x.contiguous(), packed.contiguous(), scales_zeros.contiguous()
-    d = C.defines(tiles, group, cfg, exact=exact, pdl=pdl, glu=glu, norm=norm is not None)
+    head = rope[0].shape[-1] if rope is not None else 0
+    cs, sn = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (None, None)
+    d = C.defines(tiles, group, cfg, exact=exact, pdl=pdl, glu=glu, norm=norm is not None,
+                  rope=head)
     fn = library(tuple(sorted(d.items())), source).emu_int4_rows
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16)
-    blocks = C.tiles_of(cfg, n, glu)
+    blocks = C.tiles_of(cfg, n, glu or bool(head))
     if cfg.persist:
         blocks = min(blocks, persist_blocks)
     sizes = (ctypes.c_size_t * 3)(x.numel() * 2, packed.numel() * 4, sz.numel() * 2)
@@ -125,7 +133,9 @@ def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False,
             p(x.data_ptr()), p(packed.data_ptr()), p(sz.data_ptr()), p(y.data_ptr()), m, n, k,
             sizes, err, 512, p(res.data_ptr() if res is not None else 0),
             p(h.data_ptr() if res is not None else 0),
-            p(gamma.data_ptr() if gamma is not None else 0), ctypes.c_float(eps))
+            p(gamma.data_ptr() if gamma is not None else 0), ctypes.c_float(eps),
+            *((p(cs.data_ptr()), p(sn.data_ptr()), rope[2]) if rope is not None
+              else (p(0), p(0), 0)))
     if rc:
         raise RuntimeError(f"int4_rows {cfg.label()} (emulated): {err.value.decode()}")
     return h, y

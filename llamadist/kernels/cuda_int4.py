@@ -259,12 +259,13 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
             stagger: bool = False, pdl: bool = False, glu: bool = False,
-            min_blocks: int = 1, norm: bool = False) -> dict[str, int]:
+            min_blocks: int = 1, norm: bool = False, rope: int = 0) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
             "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
-            "GLU": int(glu), "MINB": min_blocks, "NORM": int(norm), "KP": int(cfg.kpair)}
+            "GLU": int(glu), "MINB": min_blocks, "NORM": int(norm), "KP": int(cfg.kpair),
+            "ROPE": rope}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -304,7 +305,8 @@ def device_index(device: torch.device) -> int:
 
 
 def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
-                   pdl: bool = False, glu: bool = False, norm: bool = False) -> dict[str, int]:
+                   pdl: bool = False, glu: bool = False, norm: bool = False,
+                   rope: int = 0) -> dict[str, int]:
     """int4_rows's -D values for this form on ``arch`` as launched now: the module's
     switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS) where they apply
     (NORM: not BULK or STAGGER)."""
@@ -312,16 +314,17 @@ def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
     stagger = STAGGER and not tma and not cfg.persist and not norm  # cp.async options
     min_blocks = max(1, min(MIN_BLOCKS, 2048 // (cfg.warps * 32)))
     return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, glu,
-                   min_blocks, norm)
+                   min_blocks, norm, rope)
 
 
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False,
-           glu: bool = False, norm: bool = False):
+           glu: bool = False, norm: bool = False, rope: int = 0):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
     once); ``pdl``: its programmatic-dependent-launch variant (``pdl_launch``); ``glu``:
     the variant writing silu(gate) * up of a gate | up weight; ``norm``: the variant
-    taking RMSNorm(x + res) (its shared memory grows with K: all the device allows)."""
-    launched = launch_defines(tiles, group, cfg, _arch(index), pdl, glu, norm)
+    taking RMSNorm(x + res) (its shared memory grows with K: all the device allows);
+    ``rope``: the head dimension of the variant rotating q and k (0: none)."""
+    launched = launch_defines(tiles, group, cfg, _arch(index), pdl, glu, norm, rope)
     key = (index, tuple(sorted(launched.items())))
     fn = _KERNELS.get(key)
     if fn is None:
@@ -351,14 +354,17 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
 
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
            group: int, tiles: int, cfg: RowsConfig | None = None,
-           glu: bool = False) -> torch.Tensor:
+           glu: bool = False, rope: tuple | None = None) -> torch.Tensor:
     """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
     (G, N, 2) bf16 table; 1 <= M <= MAX_ROWS. Without ``cfg``, the rule's form, fitted to
     the device's shared memory. ``glu``: W is gate | up (N / 2 rows each, N a multiple of
     16) and y (M, N / 2) = silu(gate) * up, the bits eager_fused.silu_mul gives of the
-    product."""
+    product. ``rope``: (cos, sin, rot), cos and sin (M, D) bf16: W is q | k | v, heads of
+    D rows, and y's first ``rot`` columns (q's and k's heads) leave rotated, the bits
+    eager_fused.rope gives of the product's q and k."""
     m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles, glu)
+    head = _check_rope(rope, x, n, glu)
     x = x.contiguous()
     if x.data_ptr() % 16:  # x's rows and the table are copied in 16-byte chunks
         x = x.clone()
@@ -368,28 +374,56 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     pdl = pdl_launch(index)
     if cfg is None:
         # GLU takes the product's own form: the same warps sum each output in the same order
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches())
+        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
+                         rope=head)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
-    if glu and cfg.nb % 2:
-        raise ValueError(f"int4_rows form {cfg.label()}: GLU takes an even number of n-tiles")
+    if (glu or head) and cfg.nb % 2:
+        raise ValueError(f"int4_rows form {cfg.label()}: GLU and RoPE take an even number of "
+                         "n-tiles")
     if cfg.kpair and cfg.smem_bytes(tiles, group, k) > smem_optin(index):
         raise ValueError(f"int4_rows form {cfg.label()} needs {cfg.smem_bytes(tiles, group, k)} "
                          f"bytes of shared memory a block at K {k} (x's rows whole), the "
                          f"device has {smem_optin(index)}: fewer warps, stages or rows")
-    fn = kernel(index, tiles, group, cfg, pdl, glu)
+    fn = kernel(index, tiles, group, cfg, pdl, glu, head)
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
-    blocks = tiles_of(cfg, n, glu)
+    blocks = tiles_of(cfg, n, glu or bool(head))
     if cfg.persist:  # one wave, each block looping over its tiles
         blocks = min(blocks, PERSIST_BLOCKS
                      or resident_blocks(index, tiles, group, cfg, pdl, glu))
     args, smem = [x, packed, scales_zeros, y, m, n, k], cfg.ring_bytes(tiles, group, k)
     with torch.cuda.device(x.device):
-        if pdl:
+        if head:  # (a pointer past torch's launcher's arguments: through the driver)
+            cos, sin, rot = rope
+            _launch_ex(fn, blocks, cfg.warps * 32, args + [cos.contiguous(), sin.contiguous(),
+                                                           rot], smem, pdl)
+        elif pdl:
             _launch_dependent(fn, blocks, cfg.warps * 32, args, smem)
         else:
             fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1), args=args, shared_mem=smem)
     return y
+
+
+def _check_rope(rope: tuple | None, x: torch.Tensor, n: int, glu: bool) -> int:
+    """The head dimension D of launch's ``rope`` (0 for None), or a ValueError naming what
+    is wrong with it."""
+    if rope is None:
+        return 0
+    cos, sin, rot = rope
+    m, d = x.shape[0], cos.shape[-1]
+    problems = []
+    if glu:
+        problems.append("RoPE rotates q | k | v, not gate | up (glu)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != (m, d) or t.dtype != torch.bfloat16 or t.device != x.device:
+            problems.append(f"{name} must be bfloat16 ({m}, {d}) on x's device, is {t.dtype} "
+                            f"{tuple(t.shape)} on {t.device}")
+    if d % 16 or d <= 0 or n % d or rot % d or not 0 <= rot <= n:
+        problems.append(f"the head dimension {d} must be a multiple of 16 dividing N {n}, and "
+                        f"the rotated columns {rot} a multiple of it, at most N")
+    if problems:
+        raise ValueError("int4_rows (rope): " + "; ".join(problems))
+    return d
 
 
 def tiles_of(cfg: RowsConfig, n: int, glu: bool = False) -> int:
@@ -486,9 +520,10 @@ def _launch_dependent(fn, blocks: int, threads: int, args: list, smem: int) -> N
 
 
 def _launch_ex(fn, blocks: int, threads: int, args: list, smem: int, pdl: bool) -> None:
-    """``fn`` on the current stream through cuLaunchKernelEx, as a programmatic dependent
-    launch or not. Tensors pass as pointers (None: a null one), ints as C ints, as torch's
-    own launcher passes them; ctypes values as they are (a float parameter: c_float)."""
+    """``fn`` on the current stream through cuLaunchKernelEx, with programmatic stream
+    serialization allowed (``pdl``: CUDA graphs capture it as a programmatic edge) or not.
+    Tensors pass as pointers (None: a null one), ints as C ints, as torch's own launcher
+    passes them; ctypes values as they are (a float parameter: c_float)."""
     values = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor)
               else ctypes.c_void_p(0) if a is None
               else a if isinstance(a, ctypes._SimpleCData) else ctypes.c_int(a)
@@ -559,10 +594,11 @@ def smem_optin(index: int) -> int:
 @functools.cache
 def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
                pdl: bool = False, switches: tuple = (), norm: bool = False,
-               glu: bool = False) -> RowsConfig:
+               glu: bool = False, rope: int = 0) -> RowsConfig:
     """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape,
     launch kind and set of the module's ``switches``, not on every launch (``norm``, with
-    ``glu``: launch_norm's kernel, whose spills are its own)."""
+    ``glu``: launch_norm's kernel; ``rope``: the kernel rotating heads of that many
+    dimensions; their spills are their own)."""
     p = torch.cuda.get_device_properties(index)
     form = KPAIR(rows, n, k) if KPAIR is not None and rows <= 4 else None
     if form is not None:
@@ -570,7 +606,7 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
         return RowsConfig(warps, nb, rows, stages, kpair=kind).fit(
             tiles, group, p.shared_memory_per_block_optin, k)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
-                     p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm)
+                     p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm, rope)
 
 
 def _switches() -> tuple:
@@ -579,7 +615,8 @@ def _switches() -> tuple:
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,
-              arch: str, pdl: bool, glu: bool = False, norm: bool = False) -> RowsConfig:
+              arch: str, pdl: bool, glu: bool = False, norm: bool = False,
+              rope: int = 0) -> RowsConfig:
     """``rows_config``'s form fitted to ``smem`` bytes of shared memory a block. Where its 2
     stages or 16 warps make ptxas spill registers to local memory for ``arch`` (as 8 x 4 x
     2 on sm_90 at 4 tiles and groups of 32 as a dependent launch, or on sm_80 at groups of
@@ -587,7 +624,10 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     warps, at both (session 21's 8 x 4 x 4) that does not, or else the one that spills
     least. Compiled once each (``kernel`` reuses the cubin). ``norm`` (launch_norm's
     kernel, ``glu`` its gate | up variant): the spills checked are that kernel's (the
-    product's GLU takes the product's own form, for the product's bits)."""
+    product's GLU takes the product's own form, for the product's bits). ``rope``: the
+    same of the kernel rotating heads of that many dimensions (ROPE; 8 x 4 x 2 at one row
+    spills 12 bytes there on sm_90 as a dependent launch, 8 x 4 x 4 none: the same warps,
+    so the same sums as the product's form)."""
     cfg = rows_config(rows, n, k, sms).fit(tiles, group, smem)
     if cfg.stages != 2:
         return cfg
@@ -596,7 +636,7 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
                   replace(cfg, warps=8, stages=4))
     for c in dict.fromkeys(c.fit(tiles, group, smem) for c in candidates):  # each once
         spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl, glu and norm,
-                                                   norm))
+                                                   norm, rope))
         if not spilled:  # none, or no report to go by (then the rule's form)
             return c
         if least is None or spilled < least:

@@ -58,6 +58,12 @@
 // hout, the block sums h^2 a row (its warps' sums in a fixed order) and writes bf16(gamma
 // * bf16(h * rsqrt(mean + eps))) into a whole-K buffer of x's rows in shared memory, which
 // the mma read in place of the ring's x (KP: its own buffer of x, in k-tiles).
+// ROPE (0, or the head dimension D, a multiple of 16; NB even, not GLU): q and k leave the
+// kernel rotated, as eager_fused.rope rotates the product's bf16 outputs (RoPE's kernel
+// after the q | k | v projection, saved): a block's first NB / 2 n-tiles are the first
+// halves of heads (columns d < D / 2 of a head), the rest the same n-tiles' partners (d +
+// D / 2), so its sums end with both of each pair; the columns below rot (q's and k's
+// heads) are rotated by the rows' cos and sin (M, D), the rest (v's) written as they are.
 // MINB (1; a measurement, see cuda_int4.MIN_BLOCKS): past 1, __launch_bounds__ asks ptxas
 // for registers that let MINB blocks share an SM (the rule's one-row forms take 88-100,
 // two blocks of 256 threads an SM; 80 would give three), spilling where it must.
@@ -92,11 +98,23 @@
 #ifndef NORM
 #define NORM 0
 #endif
+#if NORM  // the kernel's parameters past K: the residual, h's output, the norm's weight, eps
+#define NORM_PARAMS , const u16* __restrict__ res, u16* __restrict__ hout, \
+                    const u16* __restrict__ gamma, float eps
+#else
+#define NORM_PARAMS
+#endif
 #if NORM && (TMA || STAGGER)
 #error "NORM is a cp.async option, without STAGGER"
 #endif
 #ifndef KP
 #define KP 0
+#endif
+#ifndef ROPE
+#define ROPE 0
+#endif
+#if ROPE && (GLU || NB % 2 || ROPE % 16)
+#error "ROPE pairs NB / 2 n-tiles of heads' first halves with their partners (D % 16 == 0)"
 #endif
 #if MINB > 1  // (an explicit 1 is not the same to ptxas: it allocates registers otherwise)
 #define BOUNDS __launch_bounds__(WARPS * 32, MINB)
@@ -106,7 +124,7 @@
 #if GLU && (NB % 2)
 #error "GLU pairs NB / 2 n-tiles of gate with as many of up"
 #endif
-#define YNB (GLU ? NB / 2 : NB)  // the n-tiles of y a tile writes
+#define YNB (GLU || ROPE ? NB / 2 : NB)  // a tile's n-tiles of y (ROPE: its pairs of them)
 #if PDL && TMA
 #error "PDL is a cp.async option"
 #endif
@@ -336,9 +354,41 @@ static __device__ __forceinline__ void ktile(float (&out)[NB][4], const u32 (&cw
 // W, then the same of up's), clamped to the last (of the half) past the end: read, never
 // written
 static __device__ __forceinline__ int ntile(int t, int b, int NT) {
+#if ROPE
+    // ROPE: pair u's n-tiles, u / (D / 16) the head and u % (D / 16) the n-tile of its first
+    // half: that one, and its partner D / 16 n-tiles on
+    const int half = ROPE / 16, u = min(t * YNB + b % YNB, NT / 2 - 1);
+    const int lo = (u / half) * 2 * half + u % half;
+    return b < YNB ? lo : lo + half;
+#else
     const int nty = GLU ? NT >> 1 : NT, i = min(t * YNB + b % YNB, nty - 1);
     return b < YNB ? i : nty + i;
+#endif
 }
+
+// ROPE's operands (unused else): cos and sin (M, D) bf16, and the columns it rotates
+struct Rope {
+    const u16* cs;
+    const u16* sn;
+    int rot;
+};
+#if ROPE
+#define ROPE_PARAMS , const u16* __restrict__ cs, const u16* __restrict__ sn, int rot
+#define ROPE_OF_PARAMS {cs, sn, rot}
+#else
+#define ROPE_PARAMS
+#define ROPE_OF_PARAMS {nullptr, nullptr, 0}
+#endif
+
+#if ROPE
+// out = x cos + rotate_half(x) sin at column d of a head, x its bf16 value and partner the
+// bf16 value D / 2 columns off (first half: rotate_half = -partner), each product and the
+// sum rounded to bf16, as eager_fused.rope's kernel rounds them
+static __device__ __forceinline__ u16 rotated(u16 x, u16 partner, bool first, u16 c, u16 s) {
+    const float p = first ? -lo_f(partner) : lo_f(partner);
+    return to_bf16(lo_f(to_bf16(lo_f(x) * lo_f(c))) + lo_f(to_bf16(p * lo_f(s))));
+}
+#endif
 
 #if GLU
 // silu(gate) * up as eager_fused's kernel writes it from the product's bf16 outputs:
@@ -355,20 +405,33 @@ static __device__ __forceinline__ u16 silu_times(float gate, float up) {
 // its up n-tile (n-tile YNB + b)
 static __device__ __forceinline__ void write_tile(
         const float (&red)[WARPS][NB][ROWS16 ? 16 : 8][8], u16* __restrict__ y, int M, int N,
-        int NT, int t) {
+        int NT, int t, const Rope& rp) {
     const int rows = ROWS16 ? 16 : 8;
     for (int e = threadIdx.x; e < YNB * rows * 8; e += WARPS * 32) {
         const int b = e / (rows * 8), m = (e / 8) % rows, j = e % 8, nt = t * YNB + b;
-        if (m >= M || nt >= (GLU ? NT / 2 : NT)) continue;  // past y's n-tiles
+        if (m >= M || nt >= (GLU || ROPE ? NT / 2 : NT)) continue;  // past y's n-tiles
         float v = 0.f, up = 0.f;
 #pragma unroll
         for (int i = 0; i < WARPS; ++i) {
             v += red[i][b][m][j];
-            if (GLU)
+            if (GLU || ROPE)
                 up += red[i][YNB + b][m][j];
         }
 #if GLU
         y[(size_t)m * (N / 2) + nt * 8 + j] = silu_times(v, up);
+#elif ROPE
+        // pair nt: column col of a head's first half (d < D / 2) and col + D / 2
+        const int col = ntile(t, b, NT) * 8 + j, d = col % ROPE;
+        u16 lo = to_bf16(v), hi = to_bf16(up);
+        if (col < rp.rot) {
+            const u16* cs = rp.cs + (size_t)m * ROPE;
+            const u16* sn = rp.sn + (size_t)m * ROPE;
+            const u16 a = rotated(lo, hi, true, cs[d], sn[d]);
+            hi = rotated(hi, lo, false, cs[d + ROPE / 2], sn[d + ROPE / 2]);
+            lo = a;
+        }
+        y[(size_t)m * N + col] = lo;
+        y[(size_t)m * N + col + ROPE / 2] = hi;
 #else
         y[(size_t)m * N + nt * 8 + j] = to_bf16(v);
 #endif
@@ -381,7 +444,7 @@ static __device__ __forceinline__ void write_tile(
 static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
                                                 float (&red)[WARPS][NB][ROWS16 ? 16 : 8][8],
                                                 u16* __restrict__ y, int warp, int g, int c,
-                                                int M, int N, int NT, int t) {
+                                                int M, int N, int NT, int t, const Rope& rp) {
 #if WA
 #pragma unroll
     for (int p = 0; p < NB / 2; ++p) {
@@ -402,7 +465,7 @@ static __device__ __forceinline__ void sum_tile(const float (&out)[NOUT][4],
     }
 #endif
     __syncthreads();
-    write_tile(red, y, M, N, NT, t);
+    write_tile(red, y, M, N, NT, t, rp);
 }
 
 #if NORM
@@ -598,12 +661,8 @@ static __device__ __forceinline__ void cp_pair_x(u32 xbuf_s, const u16* x, int k
 #if KP == 1
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K
-#if NORM
-          , const u16* __restrict__ res, u16* __restrict__ hout,
-          const u16* __restrict__ gamma, float eps
-#endif
-          ) {
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K NORM_PARAMS ROPE_PARAMS) {
+    const Rope rp = ROPE_OF_PARAMS;
     __shared__ float red[WARPS][NB][8][8];
 #if NORM
     __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
@@ -714,7 +773,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         }
     }
     __syncthreads();
-    write_tile(red, y, M, N, NT, blockIdx.x);
+    write_tile(red, y, M, N, NT, blockIdx.x, rp);
     wait_all();
 }
 #else  // KP 2
@@ -731,12 +790,8 @@ static __device__ __forceinline__ void ld_words(u32 (&r)[W], const u32* p) {
 
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K
-#if NORM
-          , const u16* __restrict__ res, u16* __restrict__ hout,
-          const u16* __restrict__ gamma, float eps
-#endif
-          ) {
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K NORM_PARAMS ROPE_PARAMS) {
+    const Rope rp = ROPE_OF_PARAMS;
     __shared__ float red[WARPS][NB][8][8];
 #if NORM
     __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
@@ -838,18 +893,14 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         for (int b = 0; b < NB; ++b)
             red[warp][b][2 * c][g] = red[warp][b][2 * c + 1][g] = 0.f;
     __syncthreads();
-    write_tile(red, y, M, N, NT, blockIdx.x);
+    write_tile(red, y, M, N, NT, blockIdx.x, rp);
 }
 #endif  // KP 1, 2
 #else
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K
-#if NORM
-          , const u16* __restrict__ res, u16* __restrict__ hout,
-          const u16* __restrict__ gamma, float eps
-#endif
-          ) {
+          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K NORM_PARAMS ROPE_PARAMS) {
+    const Rope rp = ROPE_OF_PARAMS;
     __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];
 #if NORM
     __shared__ float nred[WARPS][ROWS];  // the warps' sums of h^2 a row
@@ -1095,7 +1146,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #endif
             __syncwarp();  // every lane done with the slot before the next issue refills it
         }
-        sum_tile(out, red, y, warp, g, c, M, N, NT, blockIdx.x + tt * gridDim.x);
+        sum_tile(out, red, y, warp, g, c, M, N, NT, blockIdx.x + tt * gridDim.x, rp);
         if (PERSIST)
             __syncthreads();  // every sum of red read before the next tile's are written
     }

@@ -120,6 +120,38 @@ def test_k_pair_forms(warps, nb, stages, kind, pdl, monkeypatch):
     _check(_replayed(lambda x: C.launch(x, packed, sz, n, group, tiles), x), x, w64)
 
 
+@pytest.mark.parametrize("cfg", [None, C.RowsConfig(8, 4, 1, 4), C.RowsConfig(8, 4, 4, 2, kpair=1),
+                                 C.RowsConfig(8, 2, 2, 3, kpair=2)],
+                         ids=lambda c: c.label() if c else "rule")
+@pytest.mark.parametrize("pdl", [False, True])
+def test_rope_in_the_epilogue_against_the_product_then_rope(cfg, pdl, monkeypatch):
+    """ROPE: q and k leave int4_rows rotated, the bits of eager_fused.rope on the product's
+    q and k (the rule's form with the ROPE kernel's own spill check, or the same explicit
+    form for both), v as the product writes it, at 1-4 rows (past 8 too for the rule:
+    x as the A operand); inside a CUDA graph."""
+    from llamadist.kernels import eager_fused
+    if pdl and torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip("programmatic dependent launches need sm_90")
+    monkeypatch.setattr(C, "PDL", pdl)
+    d, hq, hkv, k, group = 128, 8, 2, 512, 128
+    n, rot = (hq + 2 * hkv) * d, (hq + hkv) * d
+    packed, sz, w64, tiles = _case(n, k, group, seed=3)
+    for m in (1, 3, 4) + ((12,) if cfg is None else ()):
+        x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+        cos, sin = (torch.randn(m, d, device=DEV).to(torch.bfloat16) for _ in range(2))
+        form = cfg if cfg is not None else C._rule_form(0, C.row_capacity(m), n, k, tiles,
+                                                         group, C.pdl_launch(0), C._switches(),
+                                                         rope=d)
+        y = C.launch(x, packed, sz, n, group, tiles, form)
+        q, kk = eager_fused.rope(y[:, :hq * d].view(m, hq, d),
+                                 y[:, hq * d:rot].view(m, hkv, d), cos, sin)
+        want = torch.cat([q.view(m, -1), kk.view(m, -1), y[:, rot:]], dim=1)
+        got = C.launch(x, packed, sz, n, group, tiles, cfg, rope=(cos, sin, rot))
+        assert torch.equal(got, want), (m, form)
+    assert torch.equal(_replayed(
+        lambda x: C.launch(x, packed, sz, n, group, tiles, cfg, rope=(cos, sin, rot)), x), want)
+
+
 @pytest.mark.parametrize("m", [1, 8, 16])
 def test_shifts_as_multiplies_give_the_same_bits(m, monkeypatch):
     """HI_SHIFT (the decode's shifts as IMAD.HI) changes which pipe runs them, not one bit

@@ -409,3 +409,38 @@ def test_launch_names_what_is_wrong_before_any_gpu_work():
     shifted = torch.zeros(packed.numel() + 1, dtype=torch.int32)[1:].view(packed.shape)
     with pytest.raises(ValueError, match="16-byte boundary"):
         C.launch(x.bfloat16(), shifted, sz, 32, 128, 8)
+
+
+@needs_nvrtc
+def test_rope_forms_compile_without_local_memory(tmp_path):
+    """ROPE (q and k rotated in the epilogue): the rule's forms for Llama-3-8B's q | k | v at
+    1-16 rows as dependent launches on sm_90 (whose spill check compiles the ROPE kernel:
+    at one row 8 x 4 x 2 spills there, so it takes 8 x 4 x 4) and plain on sm_80, and the
+    k-pair forms: no spills, no local memory."""
+    for arch, pdl in (("90", True), ("80", False)):
+        forms = {C.rule_form(m, 6144, 4096, 8, 128, 132, 232448, arch, pdl, rope=128)
+                 for m in (1, 2, 4, 8, 16)}
+        if arch == "90":
+            assert C.rule_form(1, 6144, 4096, 8, 128, 132, 232448, "90", True, rope=128) == \
+                C.RowsConfig(8, 4, 1, 4)
+        for cfg in sorted(forms, key=C.RowsConfig.label) + [
+                C.RowsConfig(8, 4, 1, 2, kpair=1), C.RowsConfig(8, 2, 1, 3, kpair=2)]:
+            d = C.defines(8, 128, cfg, pdl=pdl, rope=128)
+            assert C.spill_bytes(arch, d) in (0, None), (arch, cfg)
+            sass = sass_of(C.compile_cubin(arch, d), tmp_path)
+            assert sass is None or not re.search(r"\b(LDL|STL)\b", sass), (arch, cfg)
+
+
+def test_rope_arguments_are_checked():
+    """launch's rope (cos, sin, rot): what is wrong is named before any GPU work."""
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    cs = torch.zeros(2, 128, dtype=torch.bfloat16)
+    assert C._check_rope(None, x, 1024, False) == 0
+    assert C._check_rope((cs, cs, 768), x, 1024, False) == 128
+    for rope, n, glu, words in [((cs, cs, 768), 1024, True, "gate | up"),
+                                ((cs.float(), cs, 768), 1024, False, "cos must be bfloat16"),
+                                ((cs, cs[:1], 768), 1024, False, "sin must be"),
+                                ((cs, cs, 700), 1024, False, "multiple"),
+                                ((cs, cs, 0), 1000, False, "dividing N")]:
+        with pytest.raises(ValueError, match=words):
+            C._check_rope(rope, x, n, glu)

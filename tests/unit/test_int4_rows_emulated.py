@@ -170,3 +170,41 @@ def test_the_norm_in_the_kernel(cfg, glu):
             assert (y.float() - ref).abs().max() <= 2**-6 * ref.abs().max(), (m, with_residual)
             if not glu:
                 _check(y, normed, w64)
+
+
+def _rope(y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rot: int) -> torch.Tensor:
+    """eager_fused.rope's bits on the first ``rot`` columns of y (heads of D = cos's width):
+    x cos + rotate_half(x) sin, each product and the sum rounded to bf16."""
+    m, n = y.shape
+    d = cos.shape[-1]
+    heads = y[:, :rot].float().view(m, rot // d, d)
+    half = torch.cat([-heads[..., d // 2:], heads[..., :d // 2]], dim=-1)
+    a = (heads * cos.float()[:, None, :]).to(torch.bfloat16).float()
+    b = (half * sin.float()[:, None, :]).to(torch.bfloat16).float()
+    out = y.clone()
+    out[:, :rot] = (a + b).to(torch.bfloat16).view(m, rot)
+    return out
+
+
+@pytest.mark.parametrize("cfg,m", [(C.RowsConfig(8, 4, 1, 2), 1), (C.RowsConfig(4, 2, 4, 3), 3),
+                                   (C.RowsConfig(4, 2, 16, 4), 12),
+                                   (C.RowsConfig(8, 4, 4, 2, kpair=1), 4),
+                                   (C.RowsConfig(8, 2, 2, 3, kpair=2), 2)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("d", [64, 128])
+def test_rope_in_the_epilogue(cfg, m, d):
+    """ROPE (q and k rotated as the kernel writes them, a block's n-tiles pairs of a head's
+    column d and d + D / 2): the bits of the same form's product then eager_fused.rope's
+    formula, on q's and k's heads; v's columns as the product writes them. Heads of 64 and
+    128 (4 q heads, 2 k, 2 v), W as the A operand or x, the k-pair forms, dependent."""
+    n, k, group = 8 * d, 256, 64
+    rot = 6 * d
+    packed, sz, w64, tiles = _case(n, k, group, seed=d + m)
+    x = _x(m, k, seed=m)
+    gen = torch.Generator().manual_seed(d)
+    cos = torch.randn(m, d, generator=gen).to(torch.bfloat16)
+    sin = torch.randn(m, d, generator=gen).to(torch.bfloat16)
+    y = E.launch(x, packed, sz, n, group, tiles, cfg)
+    got = E.launch(x, packed, sz, n, group, tiles, cfg, pdl=True, rope=(cos, sin, rot))
+    assert torch.equal(got, _rope(y, cos, sin, rot))
+    assert not torch.equal(got[:, :rot], y[:, :rot])  # (the rotation did something)
