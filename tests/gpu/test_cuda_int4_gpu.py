@@ -141,7 +141,7 @@ def test_rope_in_the_epilogue_against_the_product_then_rope(cfg, pdl, monkeypatc
         cos, sin = (torch.randn(m, d, device=DEV).to(torch.bfloat16) for _ in range(2))
         form = cfg if cfg is not None else C._rule_form(0, C.row_capacity(m), n, k, tiles,
                                                          group, C.pdl_launch(0), C._switches(),
-                                                         d)
+                                                         rope=d)
         y = C.launch(x, packed, sz, n, group, tiles, form)
         q, kk = eager_fused.rope(y[:, :hq * d].view(m, hq, d),
                                  y[:, hq * d:rot].view(m, hkv, d), cos, sin)
