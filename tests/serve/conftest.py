@@ -3,6 +3,7 @@ tiny model (one process) for the whole session, started once."""
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -18,8 +19,32 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key"
 
 
+def _ephemeral() -> range:
+    """The ports the kernel gives outgoing connections (Linux's ip_local_port_range)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return range(int(low), int(high) + 1)
+    except (OSError, ValueError):
+        return range(32768, 61000)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, outside the ephemeral range: a port the kernel picked (bind to 0)
+    is one it also gives outgoing connections, and one of those (another test worker's
+    HTTP client) can take it in the seconds before the server binds it (a CI run lost the
+    shared server so: "Address already in use")."""
+    taken, rng = _ephemeral(), random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 65536)
+        if port in taken:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # (every try held: the kernel's pick)
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
