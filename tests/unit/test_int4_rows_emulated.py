@@ -5,8 +5,9 @@ of the weight the words encode, at the GPU test's tolerance (tests/gpu/test_cuda
 on shapes with an odd number of k-tiles, fewer k-tiles than warps, groups within and across
 k-tiles, and n-tiles that do not fill the last block; gate | up against silu(gate) * up of
 the product; and the emulator's own checks (a read past a buffer, a slot read before its
-copies land). The forms the GPU has timed check the emulator; the k-pair forms (KP) are
-checked here before any GPU has run them."""
+copies land); RoPE in the epilogue against the product then the formula. The forms the
+GPU has timed check the emulator; the k-pair forms (KP) and ROPE are checked here before
+any GPU has run them."""
 
 from __future__ import annotations
 
