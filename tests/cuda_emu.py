@@ -66,19 +66,23 @@ def library(defines: tuple[tuple[str, int], ...], source: str | None = None) -> 
     key = hashlib.sha256(ENTRY.encode() + repr(defines).encode() + text.encode()
                          + b"".join(p.read_bytes() for p in headers)).hexdigest()[:20]
     lib = _cache_dir() / f"int4_rows_{key}.so"
-    if not lib.exists():
-        kernel = _cache_dir() / f"int4_rows_{key}.cu"
+    if not lib.exists():  # (each process its own sources and output, the library renamed in)
+        own = f"int4_rows_{key}.{os.getpid()}"
+        kernel, entry = _cache_dir() / f"{own}.cu", _cache_dir() / f"{own}.cpp"
+        tmp = _cache_dir() / f"{own}.so.tmp"
         kernel.write_text(text)
-        entry = _cache_dir() / f"int4_rows_{key}.cpp"
         entry.write_text(ENTRY.format(source=kernel.name))
-        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
         cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", "-include", str(HEADER),
                f"-I{kernels}", *[f"-D{k}={v}" for k, v in defines], str(entry), "-o", str(tmp)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"g++ could not build int4_rows.cu {dict(defines)}:\n"
-                               f"{done.stderr[-4000:]}")
-        tmp.replace(lib)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"g++ could not build int4_rows.cu {dict(defines)}:\n"
+                                   f"{done.stderr[-4000:]}")
+            tmp.replace(lib)
+        finally:
+            for f in (kernel, entry, tmp):
+                f.unlink(missing_ok=True)
     return ctypes.CDLL(str(lib))
 
 
