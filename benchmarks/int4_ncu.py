@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--linears", default="qkv,gate_up,down", type=lambda s: s.split(","))
     p.add_argument("--m", type=int, default=1)
     p.add_argument("--forms", default="", type=lambda s: [c for c in s.split(",") if c],
-                   help="cuda_int4 forms WARPSxNBxSTAGES[xEXACT[xPROBE[xWA[xHI[xTMA[xSTAGGER[xPERSIST]]]]]]] besides the rule's")
+                   help="cuda_int4 forms besides the rule's, as wquant_rows.parse_form reads "
+                   "them: WARPSxNBxSTAGES[x...][k|kr]")
     p.add_argument("--reads", default="", type=lambda s: [c for c in s.split(",") if c],
                    help="streaming reads of the words, MULTxBLOCKxWARPS (wquant_rows)")
     p.add_argument("--no-baselines", action="store_true", help="leave bf16 and tinygemm out")

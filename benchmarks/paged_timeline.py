@@ -29,7 +29,8 @@ import sys
 
 import torch
 
-from gpu_profile import advances, by_name, replay_spans, span_summary  # (this folder: the script's own)
+from gpu_profile import (advances, by_name, replay_spans,  # (this folder: the script's own)
+                         span_summary)
 from llamadist.cli.main import build_parser
 
 

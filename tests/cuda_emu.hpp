@@ -184,12 +184,6 @@ inline bool runnable(const Thread& t) {
     return true;
 }
 
-// the kernel (a call of it with its arguments bound) on grid x threads, shared bytes of
-// dynamic shared memory, reading only the buffers given; the first error's words, or ""
-inline std::string launch(unsigned grid, unsigned threads, size_t shared,
-                          std::vector<std::pair<const char*, size_t>> buffers,
-                          std::function<void()> kernel);
-
 }  // namespace emu
 
 inline dim3 blockIdx, gridDim, blockDim;
@@ -352,6 +346,8 @@ static inline u32 fma_bf16x2(u32 a, u32 b, u32 c) {
 static inline u32 mul_hi(u32 a, u32 b) { return (u32)(((unsigned long long)a * b) >> 32); }
 
 namespace emu {
+// the kernel (a call of it with its arguments bound) on grid x threads, shared bytes of
+// dynamic shared memory, reading only the buffers given; the first error's words, or ""
 inline std::string launch(unsigned grid, unsigned threads, size_t shared,
                           std::vector<std::pair<const char*, size_t>> buffers,
                           std::function<void()> kernel) {

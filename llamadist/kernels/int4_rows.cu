@@ -658,6 +658,18 @@ static __device__ __forceinline__ void cp_pair_x(u32 xbuf_s, const u16* x, int k
         cp_rows(xbuf_s, (kt0 + 1) * XKT, x + (size_t)(kt0 + 1) * KTILE, M, K, l.lane);
 }
 
+// a warp's sums of n-tile b into red: lane c's sums of k-tile kt0 and lane c ^ 2's of kt0
+// + 1 are the same outputs (row g against x's rows 2 (c % 2), + 1), added first
+static __device__ __forceinline__ void kp_store(float (&red)[WARPS][NB][8][8], int b,
+                                                const KpLane& l, float o0, float o1) {
+    o0 += __shfl_xor_sync(0xFFFFFFFFu, o0, 2);
+    o1 += __shfl_xor_sync(0xFFFFFFFFu, o1, 2);
+    if (l.c < 2) {
+        red[l.warp][b][2 * l.c][l.g] = o0;
+        red[l.warp][b][2 * l.c + 1][l.g] = o1;
+    }
+}
+
 #if KP == 1
 extern "C" __global__ void BOUNDS
 int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
@@ -764,13 +776,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
                       magic, ones, mul);
             __syncwarp();  // every lane done with the slot before the next issue refills it
         }
-        // lane c's sums of k-tile kt0 and lane c ^ 2's of kt0 + 1 are the same outputs
-        o0 += __shfl_xor_sync(0xFFFFFFFFu, o0, 2);
-        o1 += __shfl_xor_sync(0xFFFFFFFFu, o1, 2);
-        if (c < 2) {
-            red[warp][b][2 * c][g] = o0;
-            red[warp][b][2 * c + 1][g] = o1;
-        }
+        kp_store(red, b, l, o0, o1);
     }
     __syncthreads();
     write_tile(red, y, M, N, NT, blockIdx.x, rp);
@@ -798,7 +804,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 #endif
     SHARED_DYNAMIC(u32, xbuf);  // x's buffer only: 2 KP2 k-tiles of x's rows
     const KpLane l = kp_lane(M, N, K);
-    const int warp = l.warp, lane = l.lane, g = l.g, c = l.c, h = l.h, NT = l.NT, KT = l.KT;
+    const int warp = l.warp, lane = l.lane, g = l.g, h = l.h, NT = l.NT, KT = l.KT;
     const int per = l.per, total = NB * per;
     u32 magic = 0x43004300u, ones = 0x3F803F80u;
     u32 mul[4] = {1u, 1u << 28, 1u << 24, 1u << 20};
@@ -877,21 +883,16 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
         if (PROBE != 1)
             kpair(o0, o1, cw, xbuf_s + 2 * (warp + q * WARPS) * XKT * 4 + l.xlane, tz, h,
                   magic, ones, mul);
-        if (++q == per) {  // the n-tile's last pair: lanes c and c ^ 2 add, as KP 1's
-            o0 += __shfl_xor_sync(0xFFFFFFFFu, o0, 2);
-            o1 += __shfl_xor_sync(0xFFFFFFFFu, o1, 2);
-            if (c < 2) {
-                red[warp][b][2 * c][g] = o0;
-                red[warp][b][2 * c + 1][g] = o1;
-            }
+        if (++q == per) {  // the n-tile's last pair
+            kp_store(red, b, l, o0, o1);
             o0 = o1 = 0.f;
             q = 0;
             ++b;
         }
     }
-    if (!per && c < 2)  // a warp past the pairs: its sums are zeros
+    if (!per)  // a warp past the pairs: its sums are zeros
         for (int b = 0; b < NB; ++b)
-            red[warp][b][2 * c][g] = red[warp][b][2 * c + 1][g] = 0.f;
+            kp_store(red, b, l, 0.f, 0.f);
     __syncthreads();
     write_tile(red, y, M, N, NT, blockIdx.x, rp);
 }
