@@ -585,8 +585,20 @@ def _glu_shape(x, packed, scales_zeros, n, group, tiles):
     return x.new_empty(x.shape[0], n // 2)
 
 
+def _rope(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+          group: int, tiles: int, cos: torch.Tensor, sin: torch.Tensor,
+          rot: int) -> torch.Tensor:
+    return launch(x, packed, scales_zeros, n, group, tiles, rope=(cos, sin, rot))
+
+
+def _rope_shape(x, packed, scales_zeros, n, group, tiles, cos, sin, rot):
+    return x.new_empty(x.shape[0], n)
+
+
 # y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout for M <= MAX_ROWS (the custom op
 # torch.compile sees; outside compile the launch itself), and silu(gate) * up (M, N / 2)
-# of a gate | up W the same way
+# of a gate | up W the same way, and a q | k | v W's product with q's and k's heads
+# rotated (cos, sin (M, D), the first ``rot`` columns)
 int4_rows = gpu.custom_op("llamadist::int4_rows", _rows, fake=_rows_shape)
 int4_rows_glu = gpu.custom_op("llamadist::int4_rows_glu", _glu, fake=_glu_shape)
+int4_rows_rope = gpu.custom_op("llamadist::int4_rows_rope", _rope, fake=_rope_shape)

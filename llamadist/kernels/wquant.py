@@ -323,6 +323,18 @@ class PackedLinear(nn.Linear):
                                            self.kind_id, self.group, self.out_features,
                                            self.in_features)
 
+    def rope_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     rot: int) -> torch.Tensor | None:
+        """This product of a fused q | k | v projection with its first ``rot`` columns (q's
+        and k's heads, D = cos.shape[-1] columns each) rotated by cos / sin (one row of
+        each a row of x), through one call that writes it: on tinygemm's words,
+        cuda_int4's RoPE variant (wquant_torch.int4_rope, where ``tg_rows`` and it takes
+        the rows); None where it does not (the caller runs the product, then RoPE)."""
+        if self.path != "tinygemm" or self.bias is not None:
+            return None
+        return wquant_torch.int4_rope(x, self.tg_weight, self.tg_scales_zeros, self.group,
+                                      self.out_features, cos, sin, rot, self.tg_rows)
+
     def _scaled_rows(self, x: torch.Tensor) -> bool:
         """Whether x's rows go to the scaled product (past its TRITON_ROWS)."""
         return self.path == "scaled" and x.numel() > self.triton_rows * x.shape[-1]

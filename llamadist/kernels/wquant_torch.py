@@ -65,6 +65,11 @@ WIDE_TINYGEMM_MAX_M = 14
 # Calls of up to this many rows take kernels.cuda_int4's int4_rows (CUDA C++ on tinygemm's
 # words, compiled by NVRTC) where it runs: the decode rows, in place of tinygemm (0: never).
 ROWS_MAX_M = 8
+# A q | k | v projection on int4_rows's decode rows rotates q's and k's heads in the
+# kernel's epilogue (int4_rope: one kernel fewer a layer, eager_fused.rope's 2.0 us in
+# session 33's batch-1 chain). Off until a GPU times the step with it (gpu_session.sh
+# ropestep35): checked on the CPU only (tests/cuda_emu.hpp runs int4_rows.cu).
+ROPE_EPILOGUE = False
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
@@ -155,6 +160,7 @@ def tinygemm_layout_known(device: torch.device) -> bool:
 
 _ROWS_CHECKED: dict[int, bool] = {}
 _GLU_CHECKED: dict[int, bool] = {}  # the GLU variant's check, made beside int4_rows's
+_ROPE_CHECKED: dict[int, bool] = {}  # the RoPE variant's, at its first use (int4_rope_ok)
 
 
 def int4_rows_ok(device: torch.device) -> bool:
@@ -162,13 +168,32 @@ def int4_rows_ok(device: torch.device) -> bool:
     ``tinygemm_layout_known``, NVRTC found, and a small case packed by tinygemm compiled,
     run and checked against its float64 product (once a device; a reason is logged once
     where not: int4 then keeps tinygemm). Its GLU variant (``int4_glu``) is checked
-    beside it on the same case."""
+    beside it on the same case, and its RoPE variant too where ``ROPE_EPILOGUE``."""
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     index = cuda_int4.device_index(device)
     if index not in _ROWS_CHECKED:
         _ROWS_CHECKED[index] = _rows_check(torch.device("cuda", index))
+        if _ROWS_CHECKED[index] and ROPE_EPILOGUE:
+            int4_rope_ok(device)
     return _ROWS_CHECKED[index]
+
+
+def _check_case(device: torch.device) -> tuple:
+    """The checks' small case: x (3, K) bf16 and an N x K weight in groups, packed by
+    tinygemm on ``device``, with its float64 product (on the host): (x, packed, sz, n,
+    group, ref)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, k, group = 32, 256, 64
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
+    offset = torch.randn(n, k // group, generator=gen) / 8
+    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+    packed = tinygemm_pack(_pair_codes(codes).to(device), k)
+    sz = tinygemm_scales_zeros(scale, offset).to(device)
+    s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
+    w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+    return x.to(device), packed, sz, n, group, x.double() @ w.double().t()
 
 
 def _rows_check(device: torch.device) -> bool:
@@ -178,26 +203,15 @@ def _rows_check(device: torch.device) -> bool:
     if not tinygemm_layout_known(device):
         return False
     try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        n, k, group = 32, 256, 64
-        codes = torch.randint(0, 16, (n, k), generator=gen)
-        scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
-        offset = torch.randn(n, k // group, generator=gen) / 8
-        x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
-        packed = tinygemm_pack(_pair_codes(codes).to(device), k)
-        sz = tinygemm_scales_zeros(scale, offset).to(device)
-        y = cuda_int4.launch(x.to(device), packed, sz, n, group,
-                             _inner_k_tiles(k)).float().cpu()
-        s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
-        w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
-        ref = x.double() @ w.double().t()
+        x, packed, sz, n, group, ref = _check_case(device)
+        y = cuda_int4.launch(x, packed, sz, n, group, _inner_k_tiles(x.shape[1])).float().cpu()
         err = (y.double() - ref).abs().max().item()
         tol = 2e-2 * ref.abs().max().item()
         if not err <= tol:
             log.warning("int4_rows on %s is off by %.3g (allowed %.3g): int4 keeps tinygemm",
                         device, err, tol)
             return False
-        _GLU_CHECKED[device.index] = _glu_check(x.to(device), packed, sz, n, group, y)
+        _GLU_CHECKED[device.index] = _glu_check(x, packed, sz, n, group, y)
         return True
     except Exception as e:  # noqa: BLE001 - any failure: the kernel does not serve here
         log.warning("int4_rows does not run on %s (%s: %s): int4 keeps tinygemm", device,
@@ -225,6 +239,68 @@ def _glu_check(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, n: int, 
         log.warning("int4_rows's silu * up does not run on %s (%s: %s): the product, then "
                     "silu * up, serves", x.device, type(e).__name__, e)
     return False
+
+
+def int4_rope_ok(device: torch.device) -> bool:
+    """Whether int4_rows's RoPE variant serves on ``device`` (where int4_rows does):
+    ``_rope_check`` once a device, at its first use outside a CUDA graph's capture (the
+    check reads its result on the host; inside a capture the answer is no)."""
+    index = cuda_int4.device_index(device)
+    if index not in _ROPE_CHECKED:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _ROPE_CHECKED[index] = int4_rows_ok(device) and _rope_check(
+            torch.device("cuda", index))
+    return _ROPE_CHECKED[index]
+
+
+def _rope_check(device: torch.device) -> bool:
+    """Whether the RoPE variant gives the product with its first head rotated and its
+    second as it is (the check's case: N = 32, heads of 16), within a bf16 step (a reason
+    is logged where not: the product, then eager_fused.rope, serves)."""
+    try:
+        x, packed, sz, n, group, _ = _check_case(device)
+        tiles, d = _inner_k_tiles(x.shape[1]), 16
+        gen = torch.Generator(device="cpu").manual_seed(2)
+        ang = torch.rand(x.shape[0], d // 2, generator=gen) * 100
+        ang = torch.cat((ang, ang), dim=-1)
+        cos, sin = ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+        y = cuda_int4.launch(x, packed, sz, n, group, tiles).float().cpu()
+        got = cuda_int4.launch(x, packed, sz, n, group, tiles,
+                               rope=(cos.to(device), sin.to(device), d)).float().cpu()
+        ref, q = y.clone(), y[:, :d]
+        ref[:, :d] = q * cos.float() + torch.cat((-q[:, d // 2:], q[:, :d // 2]), -1) * sin.float()
+        err = (got - ref).abs().max().item()
+        tol = 2**-6 * ref.abs().max().item()
+        if err <= tol:
+            return True
+        log.warning("int4_rows's RoPE on %s is off by %.3g (allowed %.3g): the product, then "
+                    "RoPE, serves", device, err, tol)
+    except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
+        log.warning("int4_rows's RoPE does not run on %s (%s: %s): the product, then RoPE, "
+                    "serves", device, type(e).__name__, e)
+    return False
+
+
+def int4_rope(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+              n: int, cos: torch.Tensor, sin: torch.Tensor, rot: int,
+              cuda_rows: bool = False) -> torch.Tensor | None:
+    """int4_linear's product (..., N) of a q | k | v weight (heads of D = cos.shape[-1]
+    rows) with its first ``rot`` columns (q's and k's heads) rotated by cos / sin (M, D),
+    one row per row of x: the bits eager_fused.rope gives of the product's q and k,
+    through one cuda_int4.int4_rows launch where ``ROPE_EPILOGUE``, ``cuda_rows``, bf16 x
+    and cos / sin on CUDA, rows that take that kernel (int4_product's "rows"), and its
+    variant passed its check on the device (int4_rope_ok); else None (the caller runs the
+    product, then RoPE)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    if not (ROPE_EPILOGUE and cuda_rows and x.is_cuda and x.dtype == torch.bfloat16
+            and cos.dtype == torch.bfloat16 and int4_product(m, n, k, cuda_rows) == "rows"
+            and int4_rope_ok(x.device)):
+        return None
+    y = cuda_int4.int4_rows_rope(x2, packed, scales_zeros, n, group, _inner_k_tiles(k),
+                                 cos.reshape(m, -1), sin.reshape(m, -1), rot)
+    return y.view(*x.shape[:-1], n)
 
 
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:

@@ -115,10 +115,10 @@ class Attention(nn.Module):
                 cache: LayerKV | FlatLayerKV, start: Start,
                 mask: torch.Tensor | None) -> torch.Tensor:
         b, t, _ = x.shape
-        q, k, v = self.project(x)
         attend = getattr(cache, "attend", None)
         if attend is not None:
-            return self.forward_flat(q, k, v, cos, sin, attend)
+            return self.forward_flat(x, cos, sin, attend)
+        q, k, v = self.project(x)
         # Head counts come from the projection widths, so a tensor-parallel
         # shard of this module (fewer heads) runs through the same code.
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -145,26 +145,37 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
         return self.o_proj(out)
 
-
-    def forward_flat(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     cos: torch.Tensor, sin: torch.Tensor,
+    def forward_flat(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                      attend: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """A flat batch: the B*T tokens of q/k/v (B, T, *) are N independent tokens, each
+        """A flat batch: the B*T tokens of x (B, T, hidden) are N independent tokens, each
         at its own position; ``attend`` (FlatLayerKV.attend) stores k/v and attends each
         token over its own sequence. cos/sin (B, 1, T, D)."""
-        b, t, _ = q.shape
+        b, t, _ = x.shape
         hd = self.head_dim
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
-        h, h_kv = q.shape[-1] // hd, k.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
+        cos, sin = (c.transpose(1, 2).reshape(b * t, hd) for c in (cos, sin))  # (N, D)
         fused = eager(self.rotary_qk)
-        if fused is not None:
-            q, k = fused(q.view(b * t, h, hd), k.view(b * t, h_kv, hd),
-                         cos.reshape(b * t, hd), sin.reshape(b * t, hd))
-        else:
-            q = apply_rotary(q.view(b, t, h, hd), cos, sin).view(b * t, h, hd)  # (N, H, D)
-            k = apply_rotary(k.view(b, t, h_kv, hd), cos, sin).view(b * t, h_kv, hd)
+        # q and k rotated by the projection's own kernel (int4's decode rows), where it can
+        qkv = None if fused is None else rotated_projection(
+            self.qkv_proj, x, cos, sin, sum(self.qkv_split[:2]))
+        q, k, v = self.project(x) if qkv is None else qkv.split(self.qkv_split, dim=-1)
+        h, h_kv = q.shape[-1] // hd, k.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
+        q, k = q.view(b * t, h, hd), k.view(b * t, h_kv, hd)  # (N, H, D)
+        if qkv is None and fused is not None:
+            q, k = fused(q, k, cos, sin)
+        elif qkv is None:
+            q, k = apply_rotary(q, cos[:, None], sin[:, None]), apply_rotary(k, cos[:, None],
+                                                                             sin[:, None])
         out = attend(q, k, v.reshape(b * t, h_kv, hd))  # (N, H, D)
         return self.o_proj(out.reshape(b, t, h * hd))
+
+
+def rotated_projection(linear: nn.Module | None, x: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, rot: int) -> torch.Tensor | None:
+    """q | k | v of x through a fused projection whose kernel also rotates q's and k's
+    heads (the first ``rot`` columns) by cos / sin (N, D), where the projection offers
+    that (``rope_forward``: a PackedLinear on int4's decode rows); None otherwise."""
+    fused = getattr(linear, "rope_forward", None)
+    return None if fused is None else fused(x, cos, sin, rot)
 
 
 class MLP(nn.Module):

@@ -384,3 +384,48 @@ def test_glu_through_the_mlp(monkeypatch):
     calls, real = [], C.int4_rows_glu
     monkeypatch.setattr(C, "int4_rows_glu", lambda *a: calls.append(1) or real(*a))
     assert torch.equal(mlp(x), unfused) and calls == [1]
+
+
+def test_rope_through_the_attention(monkeypatch):
+    """With wquant_torch.ROPE_EPILOGUE, a fused Attention's tinygemm q | k | v projection
+    rotates q and k itself at the decode rows (past them, or with the switch off: None,
+    and the attention runs the product, then eager_fused.rope); the attention's output is
+    the same bits either way, and inside a CUDA graph."""
+    from llamadist.kernels import eager_fused
+    from llamadist.model.llama import Attention
+    d, hq, hkv, hidden, group = 64, 4, 2, 256, 64
+    cfg = type("Cfg", (), dict(hidden_size=hidden, attention_bias=False, head_dim=d,
+                               q_size=hq * d, kv_size=hkv * d))
+    attn = Attention(cfg).to(DEV, torch.bfloat16)
+    n = (hq + 2 * hkv) * d
+    lin = nn.Linear(hidden, n, bias=False, device="meta")
+    del lin.weight
+    lin.weight = W.quantize_int4(torch.randn(n, hidden) * 0.05, group).to(DEV)
+    attn.qkv_proj = W.as_packed_linear(lin, "torch", torch.bfloat16)
+    attn.qkv_split = (hq * d, hkv * d, hkv * d)
+    assert attn.qkv_proj.path == "tinygemm" and attn.qkv_proj.tg_rows
+    attn.rotary_qk = eager_fused.rope
+
+    def attend(q, k, v):  # each token over itself: softmax of one score is 1, out = v
+        assert q.shape[1:] == (hq, d) and k.shape[1:] == v.shape[1:] == (hkv, d)
+        return (v.repeat_interleave(hq // hkv, dim=1) + q) * k.sum()
+
+    calls, real = [], C.int4_rows_rope
+    monkeypatch.setattr(C, "int4_rows_rope", lambda *a: calls.append(1) or real(*a))
+    for m in (1, 4, 9):
+        x = torch.randn(1, m, hidden, device=DEV).to(torch.bfloat16)
+        ang = torch.rand(1, 1, m, d // 2, device=DEV) * 100
+        cos, sin = (f(torch.cat((ang, ang), -1)).to(torch.bfloat16) for f in (torch.cos,
+                                                                             torch.sin))
+        monkeypatch.setattr(WT, "ROPE_EPILOGUE", False)
+        apart = attn.forward_flat(x, cos, sin, attend)
+        assert calls == []
+        monkeypatch.setattr(WT, "ROPE_EPILOGUE", True)
+        fused = attn.forward_flat(x, cos, sin, attend)
+        assert calls == ([1] if m <= WT.ROWS_MAX_M else []), m
+        assert torch.equal(fused, apart), m
+        calls.clear()
+    x = x[:, :1]
+    cos, sin = cos[..., :1, :], sin[..., :1, :]
+    want = attn.forward_flat(x, cos, sin, attend)
+    assert torch.equal(_replayed(lambda x: attn.forward_flat(x, cos, sin, attend), x), want)

@@ -169,3 +169,24 @@ def test_rope_in_the_epilogue(cfg, m, d):
     got = E.launch(x, packed, sz, n, group, tiles, cfg, pdl=True, rope=(cos, sin, rot))
     assert torch.equal(got, _rope(y, cos, sin, rot))
     assert not torch.equal(got[:, :rot], y[:, :rot])  # (the rotation did something)
+
+
+def test_the_device_check_of_rope_takes_the_kernel_and_refuses_a_fault(monkeypatch, caplog):
+    """wquant_torch's first-use check of the RoPE variant (what lets the decode step use
+    it) passes the kernel as it is, run by the emulator in the form the rule gives the
+    check's case, and refuses a kernel that rotates the other way (cos and sin swapped)."""
+    def pack(q, k):  # the CUDA words, from our packed bytes
+        return WT.tinygemm_layout(W.unpack_int4(q, k).to(torch.int32), WT._inner_k_tiles(k))
+
+    def emulated(x, packed, sz, n, group, tiles, cfg=None, glu=False, rope=None):
+        return E.launch(x, packed, sz, n, group, tiles, cfg or C.rows_config(x.shape[0], n, k),
+                        glu=glu, rope=rope)
+
+    k = 256  # the check's case
+    monkeypatch.setattr(WT, "tinygemm_pack", pack)
+    monkeypatch.setattr(C, "launch", emulated)
+    assert WT._rope_check(torch.device("cpu"))
+    monkeypatch.setattr(C, "launch", lambda *a, rope=None, **kw: emulated(
+        *a, rope=rope and (rope[1], rope[0], rope[2]), **kw))
+    assert not WT._rope_check(torch.device("cpu"))
+    assert "RoPE on cpu is off by" in caplog.text
