@@ -12,7 +12,7 @@
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
-#         kpnorm35 rope35
+#         kpnorm35 rope35 ropestep35 fold35
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1377,10 +1377,11 @@ minb34() {  # issue 16, for session 34 (written in 33, not run): int4_rows with
 
 norm34() {  # issue 16, for session 34 (branch norm-prologue, written in 33, not run):
     # add + RMSNorm inside qkv's and gate | up's int4_rows (cuda_int4.launch_norm, up to
-    # NORM_MAX_ROWS = 4 rows): its GPU tests, then int4 + head at batch 1 / 4 beside the
-    # norm's own kernel (NORM_MAX_ROWS = 0), bf16 at batch 1 (~6 min)
+    # NORM_MAX_ROWS = 4 rows; wquant_torch.NORM_PROLOGUE, off by default): its GPU tests,
+    # then int4 + head at batch 1 / 4 with it on beside the norm's own kernel (off), bf16
+    # at batch 1 (~6 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
-    local off="import llamadist.kernels.cuda_int4 as C; C.NORM_MAX_ROWS = 0"
+    local on="W.NORM_PROLOGUE = True"
     step tests_norm34 300 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
         tests/gpu/test_wquant_gpu.py tests/gpu/test_cuda_graph.py \
@@ -1388,10 +1389,10 @@ norm34() {  # issue 16, for session 34 (branch norm-prologue, written in 33, not
     checkpoint
     for b in 1 4; do
         ab i4h_b$b "" $q --batch $b
-        ab i4h_b${b}_normkernel "$off" $q --batch $b
+        ab i4h_b${b}_norm "$on" $q --batch $b
     done
     ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
-    ab i4h_b1_again "" $q --batch 1
+    ab i4h_b1_norm_again "$on" $q --batch 1
 }
 
 kpnorm35() {  # issue 16, for session 35 (branch norm-prologue, written in 34, not run):
@@ -1399,16 +1400,35 @@ kpnorm35() {  # issue 16, for session 35 (branch norm-prologue, written in 34, n
     # x), beside each alone and neither, int4 + head at batch 1 and 4 (~5 min; run norm34's
     # and kp35's GPU tests first: both parts test the norm in k-pair forms)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
-    local off="import llamadist.kernels.cuda_int4 as C; C.NORM_MAX_ROWS = 0"
+    local on="W.NORM_PROLOGUE = True"
     local kp="import llamadist.kernels.cuda_int4 as C; C.KPAIR = lambda r, n, k:"
     checkpoint
     for b in 1 4; do
-        ab i4h_b${b}_norm "" $q --batch $b
-        ab i4h_b${b}_norm_kr843 "$kp (8, 4, 3, 2)" $q --batch $b
-        ab i4h_b${b}_norm_kp842 "$kp (8, 4, 2)" $q --batch $b
-        ab i4h_b${b}_norm_krwide "$kp (8, 4 if n >= 16384 else 1, 3, 2)" $q --batch $b
-        ab i4h_b${b}_kr843 "$off; $kp (8, 4, 3, 2)" $q --batch $b
-        ab i4h_b${b}_neither "$off" $q --batch $b
+        ab i4h_b${b}_norm "$on" $q --batch $b
+        ab i4h_b${b}_norm_kr843 "$on; $kp (8, 4, 3, 2)" $q --batch $b
+        ab i4h_b${b}_norm_kp842 "$on; $kp (8, 4, 2)" $q --batch $b
+        ab i4h_b${b}_norm_krwide "$on; $kp (8, 4 if n >= 16384 else 1, 3, 2)" $q --batch $b
+        ab i4h_b${b}_kr843 "$kp (8, 4, 3, 2)" $q --batch $b
+        ab i4h_b${b}_neither "" $q --batch $b
+    done
+}
+
+fold35() {  # issue 16, for session 35 (written in 35, not run): the small kernels folded
+    # into int4_rows, each alone and together, int4 + head at batch 1 and 4 in the bench's
+    # process path: RoPE in q | k | v's epilogue (wquant_torch.ROPE_EPILOGUE), add +
+    # RMSNorm in qkv's and gate | up's prologue (NORM_PROLOGUE), both (q | k | v's kernel
+    # then takes the norm and rotates), beside neither; first the wiring's GPU tests
+    # (~7 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    local rope="W.ROPE_EPILOGUE = True" norm="W.NORM_PROLOGUE = True"
+    step tests_fold35 150 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_int4_gpu.py -k "through_the or norm_in_the_kernel"
+    checkpoint
+    for b in 1 4; do
+        ab i4h_b$b "" $q --batch $b
+        ab i4h_b${b}_rope "$rope" $q --batch $b
+        ab i4h_b${b}_norm "$norm" $q --batch $b
+        ab i4h_b${b}_both "$rope; $norm" $q --batch $b
     done
 }
 
@@ -1447,14 +1467,29 @@ rope35() {  # issue 16, for session 35 (branch rope-epilogue, written in 34, not
     step rope35 120 python3 benchmarks/rope_epilogue.py --shape llama3-8b --m 1,2,4
 }
 
+ropestep35() {  # issue 16, for session 35 (written in 35, not run): rope35 (the ROPE
+    # kernel's GPU tests, the kernel level), the wiring's GPU test, then int4 + head at
+    # batch 1 and 4 with wquant_torch.ROPE_EPILOGUE on (q | k | v's int4_rows rotates q and
+    # k; eager_fused.rope not launched) beside off, in the bench's process path (~6 min)
+    rope35
+    step tests_ropestep35 120 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_int4_gpu.py -k "rope_through_the_attention"
+    checkpoint
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
+    for b in 1 4; do
+        ab i4h_b$b "" $q --batch $b
+        ab i4h_b${b}_rope "W.ROPE_EPILOGUE = True" $q --batch $b
+    done
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|ropestep35|fold35) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|ropestep35|fold35|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

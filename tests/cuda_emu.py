@@ -100,10 +100,12 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
 def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
                 eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
                 group: int, tiles: int, cfg: C.RowsConfig, glu: bool = False,
-                pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """cuda_int4.launch_norm's (h, y) on CPU tensors, in the form ``cfg``."""
+                pdl: bool = False, rope: tuple | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuda_int4.launch_norm's (h, y) on CPU tensors, in the form ``cfg`` (``rope``:
+    launch's (cos, sin, rot))."""
     return _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu, pdl,
-                   norm=(residual, gamma, eps))
+                   norm=(residual, gamma, eps), rope=rope)
 
 
 def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False, exact=False,

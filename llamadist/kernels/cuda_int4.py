@@ -438,15 +438,17 @@ NORM_MAX_ROWS = 4
 
 def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
                 eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
-                group: int, tiles: int, cfg: RowsConfig | None = None, glu: bool = False
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                group: int, tiles: int, cfg: RowsConfig | None = None, glu: bool = False,
+                rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = x + residual (x itself for None), the residual stream, and y = launch's
-    product (``glu``: silu(gate) * up) of RMSNorm(h) with weight ``gamma`` (K,) and
-    ``eps``, as eager_fused.add_rms_norm then ``launch`` give them, in one kernel: each
-    block normalises x's rows itself (the norm's sums in another order than the Triton
-    kernel's: within an ulp of its bf16 output). 1 <= M <= NORM_MAX_ROWS."""
+    product (``glu``: silu(gate) * up; ``rope``: launch's, q's and k's heads rotated) of
+    RMSNorm(h) with weight ``gamma`` (K,) and ``eps``, as eager_fused.add_rms_norm then
+    ``launch`` give them, in one kernel: each block normalises x's rows itself (the norm's
+    sums in another order than the Triton kernel's: within an ulp of its bf16 output).
+    1 <= M <= NORM_MAX_ROWS."""
     m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles, glu)
+    head = _check_rope(rope, x, n, glu)
     problems = []
     if not 1 <= m <= NORM_MAX_ROWS:
         problems.append(f"x has {m} rows (1..{NORM_MAX_ROWS} with the norm)")
@@ -472,21 +474,23 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
     pdl = pdl_launch(index)
     if cfg is None:
         cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
-                         norm=True, glu=glu)
-    if m > cfg.rows or cfg.persist or (glu and cfg.nb % 2):
+                         norm=True, glu=glu, rope=head)
+    if m > cfg.rows or cfg.persist or ((glu or head) and cfg.nb % 2):
         raise ValueError(f"int4_rows form {cfg.label()} with the norm: at most {cfg.rows} "
-                         "rows, not persistent, an even number of n-tiles for GLU")
+                         "rows, not persistent, an even number of n-tiles for GLU and RoPE")
     smem, have = cfg.ring_bytes(tiles, group, k, norm=True), smem_optin(index)
     if cfg.smem_bytes(tiles, group, k, norm=True) > have:
         raise ValueError(f"int4_rows form {cfg.label()} with the norm needs "
                          f"{cfg.smem_bytes(tiles, group, k, norm=True)} bytes of shared "
                          f"memory a block for K {k}, the device has {have}")
-    fn = kernel(index, tiles, group, cfg, pdl, glu, norm=True)
+    fn = kernel(index, tiles, group, cfg, pdl, glu, norm=True, rope=head)
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
     h = x if residual is None else torch.empty_like(x)
-    blocks = tiles_of(cfg, n, glu)
+    blocks = tiles_of(cfg, n, glu or bool(head))
     args = [x, packed, scales_zeros, y, m, n, k, residual,
             None if residual is None else h, gamma, ctypes.c_float(eps)]
+    if head:
+        args += [rope[0].contiguous(), rope[1].contiguous(), rope[2]]
     with torch.cuda.device(x.device):
         _launch_ex(fn, blocks, cfg.warps * 32, args, smem, pdl)
     return h, y
@@ -662,8 +666,20 @@ def _glu_shape(x, packed, scales_zeros, n, group, tiles):
     return x.new_empty(x.shape[0], n // 2)
 
 
+def _rope(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+          group: int, tiles: int, cos: torch.Tensor, sin: torch.Tensor,
+          rot: int) -> torch.Tensor:
+    return launch(x, packed, scales_zeros, n, group, tiles, rope=(cos, sin, rot))
+
+
+def _rope_shape(x, packed, scales_zeros, n, group, tiles, cos, sin, rot):
+    return x.new_empty(x.shape[0], n)
+
+
 # y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout for M <= MAX_ROWS (the custom op
 # torch.compile sees; outside compile the launch itself), and silu(gate) * up (M, N / 2)
-# of a gate | up W the same way
+# of a gate | up W the same way, and a q | k | v W's product with q's and k's heads
+# rotated (cos, sin (M, D), the first ``rot`` columns)
 int4_rows = gpu.custom_op("llamadist::int4_rows", _rows, fake=_rows_shape)
 int4_rows_glu = gpu.custom_op("llamadist::int4_rows_glu", _glu, fake=_glu_shape)
+int4_rows_rope = gpu.custom_op("llamadist::int4_rows_rope", _rope, fake=_rope_shape)

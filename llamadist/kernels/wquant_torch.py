@@ -65,6 +65,16 @@ WIDE_TINYGEMM_MAX_M = 14
 # Calls of up to this many rows take kernels.cuda_int4's int4_rows (CUDA C++ on tinygemm's
 # words, compiled by NVRTC) where it runs: the decode rows, in place of tinygemm (0: never).
 ROWS_MAX_M = 8
+# A q | k | v projection on int4_rows's decode rows rotates q's and k's heads in the
+# kernel's epilogue (int4_rope: one kernel fewer a layer, eager_fused.rope's 2.0 us in
+# session 33's batch-1 chain). Off until a GPU times the step with it (gpu_session.sh
+# ropestep35): checked on the CPU only (tests/cuda_emu.hpp runs int4_rows.cu).
+ROPE_EPILOGUE = False
+# The decoder layer's add + RMSNorm before q | k | v and before gate | up runs in those
+# projections' int4_rows prologue on up to cuda_int4.NORM_MAX_ROWS rows (int4_norm: the
+# norm's kernel gone, 2.0-2.2 us a layer each in session 33's chain). Off until a GPU
+# times the step with it (gpu_session.sh norm34, kpnorm35, normrope35).
+NORM_PROLOGUE = False
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
@@ -155,7 +165,7 @@ def tinygemm_layout_known(device: torch.device) -> bool:
 
 _ROWS_CHECKED: dict[int, bool] = {}
 _GLU_CHECKED: dict[int, bool] = {}  # the GLU variant's check, made beside int4_rows's
-_NORM_CHECKED: dict[int, bool] = {}  # the norm variant's check, the same way
+_CHECKED: dict[tuple[str, int], bool] = {}  # a variant's check (variant_ok), by device
 
 
 def int4_rows_ok(device: torch.device) -> bool:
@@ -163,13 +173,35 @@ def int4_rows_ok(device: torch.device) -> bool:
     ``tinygemm_layout_known``, NVRTC found, and a small case packed by tinygemm compiled,
     run and checked against its float64 product (once a device; a reason is logged once
     where not: int4 then keeps tinygemm). Its GLU variant (``int4_glu``) is checked
-    beside it on the same case."""
+    beside it on the same case, its RoPE and norm variants too where their switches are
+    on (variant_ok)."""
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     index = cuda_int4.device_index(device)
     if index not in _ROWS_CHECKED:
         _ROWS_CHECKED[index] = _rows_check(torch.device("cuda", index))
+        for name, on in (("rope", ROPE_EPILOGUE), ("norm", NORM_PROLOGUE),
+                         ("norm_rope", ROPE_EPILOGUE and NORM_PROLOGUE)):
+            if on and _ROWS_CHECKED[index]:
+                variant_ok(name, device)
     return _ROWS_CHECKED[index]
+
+
+def _check_case(device: torch.device) -> tuple:
+    """The checks' small case: x (3, K) bf16 and an N x K weight in groups, packed by
+    tinygemm on ``device``, with its float64 product (on the host): (x, packed, sz, n,
+    group, ref)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n, k, group = 32, 256, 64
+    codes = torch.randint(0, 16, (n, k), generator=gen)
+    scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
+    offset = torch.randn(n, k // group, generator=gen) / 8
+    x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
+    packed = tinygemm_pack(_pair_codes(codes).to(device), k)
+    sz = tinygemm_scales_zeros(scale, offset).to(device)
+    s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
+    w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
+    return x.to(device), packed, sz, n, group, x.double() @ w.double().t()
 
 
 def _rows_check(device: torch.device) -> bool:
@@ -179,27 +211,15 @@ def _rows_check(device: torch.device) -> bool:
     if not tinygemm_layout_known(device):
         return False
     try:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        n, k, group = 32, 256, 64
-        codes = torch.randint(0, 16, (n, k), generator=gen)
-        scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
-        offset = torch.randn(n, k // group, generator=gen) / 8
-        x = torch.randn(3, k, generator=gen).to(torch.bfloat16)
-        packed = tinygemm_pack(_pair_codes(codes).to(device), k)
-        sz = tinygemm_scales_zeros(scale, offset).to(device)
-        y = cuda_int4.launch(x.to(device), packed, sz, n, group,
-                             _inner_k_tiles(k)).float().cpu()
-        s, z = sz.float().cpu()[..., 0].t(), sz.float().cpu()[..., 1].t()
-        w = (codes.float() - 8) * s.repeat_interleave(group, 1) + z.repeat_interleave(group, 1)
-        ref = x.double() @ w.double().t()
+        x, packed, sz, n, group, ref = _check_case(device)
+        y = cuda_int4.launch(x, packed, sz, n, group, _inner_k_tiles(x.shape[1])).float().cpu()
         err = (y.double() - ref).abs().max().item()
         tol = 2e-2 * ref.abs().max().item()
         if not err <= tol:
             log.warning("int4_rows on %s is off by %.3g (allowed %.3g): int4 keeps tinygemm",
                         device, err, tol)
             return False
-        _GLU_CHECKED[device.index] = _glu_check(x.to(device), packed, sz, n, group, y)
-        _NORM_CHECKED[device.index] = _norm_check(x.to(device), packed, sz, n, group)
+        _GLU_CHECKED[device.index] = _glu_check(x, packed, sz, n, group, y)
         return True
     except Exception as e:  # noqa: BLE001 - any failure: the kernel does not serve here
         log.warning("int4_rows does not run on %s (%s: %s): int4 keeps tinygemm", device,
@@ -229,54 +249,152 @@ def _glu_check(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, n: int, 
     return False
 
 
-def _norm_check(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, n: int,
-                group: int) -> bool:
+def variant_ok(name: str, device: torch.device) -> bool:
+    """Whether int4_rows's variant ``name`` ("rope": RoPE in q | k | v's epilogue; "norm":
+    add + RMSNorm in its prologue; "norm_rope": both) serves on ``device`` (where int4_rows
+    does): its check (VARIANT_CHECKS) once a device, at load where its switches are on
+    (int4_rows_ok) or at its first use outside a CUDA graph's capture (the check reads its result on the host;
+    inside a capture the answer is no)."""
+    key = (name, cuda_int4.device_index(device))
+    if key not in _CHECKED:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        _CHECKED[key] = int4_rows_ok(device) and VARIANT_CHECKS[name](
+            torch.device("cuda", key[1]))
+    return _CHECKED[key]
+
+
+def _rope_check(device: torch.device) -> bool:
+    """Whether the RoPE variant gives the product with its first head rotated and its
+    second as it is (the check's case: N = 32, heads of 16), within a bf16 step (a reason
+    is logged where not: the product, then eager_fused.rope, serves)."""
+    try:
+        x, packed, sz, n, group, _ = _check_case(device)
+        tiles, (cos, sin) = _inner_k_tiles(x.shape[1]), _check_angles(x.shape[0], device)
+        d = cos.shape[1]
+        y = cuda_int4.launch(x, packed, sz, n, group, tiles).float().cpu()
+        got = cuda_int4.launch(x, packed, sz, n, group, tiles, rope=(cos, sin, d))
+        err, tol = _rotated_error(got, y, cos, sin)
+        if err <= tol:
+            return True
+        log.warning("int4_rows's RoPE on %s is off by %.3g (allowed %.3g): the product, then "
+                    "RoPE, serves", device, err, tol)
+    except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
+        log.warning("int4_rows's RoPE does not run on %s (%s: %s): the product, then RoPE, "
+                    "serves", device, type(e).__name__, e)
+    return False
+
+
+def _check_angles(m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (m, 16) bf16 of random angles, on ``device``: the RoPE checks' heads."""
+    gen = torch.Generator(device="cpu").manual_seed(2)
+    ang = torch.rand(m, 8, generator=gen) * 100
+    ang = torch.cat((ang, ang), dim=-1)
+    return ang.cos().to(device, torch.bfloat16), ang.sin().to(device, torch.bfloat16)
+
+
+def _rotated_error(got: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[float, float]:
+    """How far ``got`` is from the product ``y`` (float32, on the host) with its first head
+    (cos's width) rotated and the rest as it is, and the bf16 step allowed."""
+    d = cos.shape[1]
+    ref, q = y.clone(), y[:, :d]
+    half = torch.cat((-q[:, d // 2:], q[:, :d // 2]), -1)
+    ref[:, :d] = q * cos.float().cpu() + half * sin.float().cpu()
+    return (got.float().cpu() - ref).abs().max().item(), 2**-6 * ref.abs().max().item()
+
+
+def _norm_check(device: torch.device, rope: bool = False) -> bool:
     """Whether the norm variant gives h = x + r exactly and the product of RMSNorm(h)
-    within a bf16 step of eager_fused's norm, then the product, on the check's case (a
-    reason is logged where not: the norm's kernel, then the product, serves)."""
+    within a bf16 step of eager_fused's norm, then the product (``rope``: with its first
+    head rotated, as _rope_check's), on the check's case (a reason is logged where not:
+    the norm's kernel, then the product, serves)."""
+    what = "norm with RoPE" if rope else "norm"
     try:
         from llamadist.kernels import eager_fused
+        x, packed, sz, n, group, _ = _check_case(device)
         gen = torch.Generator(device="cpu").manual_seed(1)
         r = torch.randn(x.shape, generator=gen).to(x)
         gamma = (1 + torch.randn(x.shape[1], generator=gen) / 4).to(x)
-        tiles = _inner_k_tiles(x.shape[1])
-        h, y = cuda_int4.launch_norm(x, r, gamma, 1e-5, packed, sz, n, group, tiles)
+        tiles, (cos, sin) = _inner_k_tiles(x.shape[1]), _check_angles(x.shape[0], device)
+        h, y = cuda_int4.launch_norm(x, r, gamma, 1e-5, packed, sz, n, group, tiles,
+                                     rope=(cos, sin, cos.shape[1]) if rope else None)
         s, normed = eager_fused.add_rms_norm(x, r, gamma, 1e-5)
-        ref = cuda_int4.launch(normed, packed, sz, n, group, tiles).float()
-        err = (y.float() - ref).abs().max().item()
-        tol = 2**-6 * ref.abs().max().item()
+        ref = cuda_int4.launch(normed, packed, sz, n, group, tiles).float().cpu()
+        if rope:
+            err, tol = _rotated_error(y, ref, cos, sin)
+        else:
+            err, tol = (y.float().cpu() - ref).abs().max().item(), 2**-6 * ref.abs().max().item()
         if torch.equal(h, s) and err <= tol:
             return True
-        log.warning("int4_rows's norm on %s is off (h exact: %s; product off by %.3g, allowed "
-                    "%.3g): the norm's kernel, then the product, serves", x.device,
+        log.warning("int4_rows's %s on %s is off (h exact: %s; product off by %.3g, allowed "
+                    "%.3g): the norm's kernel, then the product, serves", what, device,
                     torch.equal(h, s), err, tol)
     except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
-        log.warning("int4_rows's norm does not run on %s (%s: %s): the norm's kernel, then "
-                    "the product, serves", x.device, type(e).__name__, e)
+        log.warning("int4_rows's %s does not run on %s (%s: %s): the norm's kernel, then "
+                    "the product, serves", what, device, type(e).__name__, e)
     return False
+
+
+VARIANT_CHECKS = {"rope": _rope_check, "norm": _norm_check,
+                  "norm_rope": lambda device: _norm_check(device, rope=True)}
+
+
+def int4_rope(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
+              n: int, cos: torch.Tensor, sin: torch.Tensor, rot: int,
+              cuda_rows: bool = False) -> torch.Tensor | None:
+    """int4_linear's product (..., N) of a q | k | v weight (heads of D = cos.shape[-1]
+    rows) with its first ``rot`` columns (q's and k's heads) rotated by cos / sin (M, D),
+    one row per row of x: the bits eager_fused.rope gives of the product's q and k,
+    through one cuda_int4.int4_rows launch where ``ROPE_EPILOGUE``, ``cuda_rows``, bf16 x
+    and cos / sin on CUDA, rows that take that kernel (int4_product's "rows"), and its
+    variant passed its check on the device (variant_ok); else None (the caller runs the
+    product, then RoPE)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    m, k = x2.shape
+    if not (_rope_takes(cos) and _rows_take(x, n, cuda_rows)):
+        return None
+    y = cuda_int4.int4_rows_rope(x2, packed, scales_zeros, n, group, _inner_k_tiles(k),
+                                 cos.reshape(m, -1), sin.reshape(m, -1), rot)
+    return y.view(*x.shape[:-1], n)
 
 
 def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
               eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
-              n: int, cuda_rows: bool = False, glu: bool = False
+              n: int, cuda_rows: bool = False, glu: bool = False, rope: tuple | None = None
               ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(h, y) with h = x + residual (x for None) and y = int4_linear's product (``glu``:
-    int4_glu's silu(gate) * up) of RMSNorm(h) with ``weight`` and ``eps``, through one
-    cuda_int4.launch_norm, where ``cuda_rows``, bf16 x on CUDA, at most
-    cuda_int4.NORM_MAX_ROWS rows that take that kernel, and its norm variant passed its
-    check on the device; else None (the caller runs the norm's kernel, then the product)."""
+    int4_glu's silu(gate) * up; ``rope`` (cos, sin, rot): int4_rope's rotated product) of
+    RMSNorm(h) with ``weight`` and ``eps``, through one cuda_int4.launch_norm, where
+    ``NORM_PROLOGUE``, ``cuda_rows``, bf16 x on CUDA, at most cuda_int4.NORM_MAX_ROWS rows
+    that take that kernel, and its norm variant passed its check on the device (and
+    int4_glu's or int4_rope's conditions for theirs); else None (the caller runs the
+    norm's kernel, then the product)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    if not (cuda_rows and x.is_cuda and x.dtype == torch.bfloat16
-            and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
-            and int4_product(m, n, k, cuda_rows) == "rows"
-            and _NORM_CHECKED.get(cuda_int4.device_index(x.device), False)
-            and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))):
+    if not (NORM_PROLOGUE and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
+            and _rows_take(x, n, cuda_rows) and variant_ok("norm", x.device)
+            and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))
+            and (rope is None or _rope_takes(rope[0]) and variant_ok("norm_rope", x.device))):
         return None
     r2 = None if residual is None else residual.reshape(m, k)
+    if rope is not None:
+        rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
     h, y = cuda_int4.launch_norm(x2, r2, weight, eps, packed, scales_zeros, n, group,
-                                 _inner_k_tiles(k), glu=glu)
+                                 _inner_k_tiles(k), glu=glu, rope=rope)
     return h.view(x.shape), y.view(*x.shape[:-1], n // 2 if glu else n)
+
+
+def _rows_take(x: torch.Tensor, n: int, cuda_rows: bool) -> bool:
+    """Whether x's rows (bf16 on CUDA) take int4_rows (int4_product's "rows")."""
+    return (cuda_rows and x.is_cuda and x.dtype == torch.bfloat16
+            and int4_product(x.numel() // x.shape[-1], n, x.shape[-1], cuda_rows) == "rows")
+
+
+def _rope_takes(cos: torch.Tensor) -> bool:
+    """Whether RoPE rides in int4_rows's epilogue: ROPE_EPILOGUE, bf16 cos / sin, and its
+    variant's check passed on their device."""
+    return ROPE_EPILOGUE and cos.dtype == torch.bfloat16 and variant_ok("rope", cos.device)
 
 
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:

@@ -111,16 +111,77 @@ class Attention(nn.Module):
             return self.qkv_proj(x).split(self.qkv_split, dim=-1)
         return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
-    def forward(self, x: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LayerKV | FlatLayerKV, start: Start, mask: torch.Tensor | None,
-                projected: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
-        """``projected``: q, k, v already (x then unused: the decoder layer's norm ran
-        inside the projection, ``norm_product``)."""
-        q, k, v = projected if projected is not None else self.project(x)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LayerKV | FlatLayerKV, start: Start,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        q, k, v, rotated = self.qkv(x, cos, sin, cache)
+        return self.attention(q, k, v, rotated, cos, sin, cache, start, mask)
+
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+                       cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | FlatLayerKV,
+                       start: Start, mask: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, self(norm(s), ...)) with s = x + residual (x for None): the residual stream
+        and this attention over its norm. Where the eager fused kernels run, the norm may
+        ride in the q | k | v projection's own kernel (``norm_forward``: int4's decode rows),
+        with q and k rotated there too on a flat batch (as ``qkv``)."""
+        found = None if eager(norm.add_norm) is None else self.normed_qkv(
+            norm, x, residual, cos, sin, cache)
+        if found is None:
+            s, normed = norm.add_forward(x, residual)
+            return s, self(normed, cos, sin, cache, start, mask)
+        s, (q, k, v, rotated) = found
+        return s, self.attention(q, k, v, rotated, cos, sin, cache, start, mask)
+
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+            cache: LayerKV | FlatLayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        """q, k, v (B, T, *) of x, and whether q and k leave rotated: on a flat batch a fused
+        projection whose kernel rotates them (``rope_forward``: int4's decode rows) does."""
+        rope = self.flat_rope(x, cos, sin, cache)
+        fused = None if rope is None else getattr(self.qkv_proj, "rope_forward", None)
+        y = None if fused is None else fused(x, *rope)
+        if y is None:
+            return (*self.project(x), False)
+        return (*y.split(self.qkv_split, dim=-1), True)
+
+    def normed_qkv(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
+                   cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | FlatLayerKV
+                   ) -> tuple[torch.Tensor, tuple] | None:
+        """(s, qkv's answer) of ``norm``(s), s = x + residual, through a fused projection
+        that takes the norm in its own kernel (and RoPE where it can, as ``qkv``); None
+        where it does not."""
+        fused = getattr(self.qkv_proj, "norm_forward", None)
+        if fused is None:
+            return None
+        rope = self.flat_rope(x, cos, sin, cache)
+        got = None if rope is None else fused(x, residual, norm.weight, norm.eps, rope=rope)
+        rotated = got is not None
+        if got is None:
+            got = fused(x, residual, norm.weight, norm.eps)
+        if got is None:
+            return None
+        s, y = got
+        return s, (*y.split(self.qkv_split, dim=-1), rotated)
+
+    def flat_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: LayerKV | FlatLayerKV) -> tuple | None:
+        """(cos, sin, rot) for a projection that rotates q and k itself: a flat batch's
+        cos / sin one row a token (N, D) and the columns of q's and k's heads, where the
+        eager fused kernels run (``rotary_qk`` set, outside torch.compile); else None."""
+        if getattr(cache, "attend", None) is None or eager(self.rotary_qk) is None:
+            return None
+        n = x.shape[0] * x.shape[1]
+        return (_token_rows(cos, n), _token_rows(sin, n), sum(self.qkv_split[:2]))
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotated: bool,
+                  cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | FlatLayerKV,
+                  start: Start, mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention of q, k, v (B, T, *; q and k ``rotated`` already or not: only a
+        flat batch's are) and the output projection."""
         b, t, _ = q.shape
         attend = getattr(cache, "attend", None)
         if attend is not None:
-            return self.forward_flat(q, k, v, cos, sin, attend)
+            return self.forward_flat(q, k, v, rotated, cos, sin, attend)
         # Head counts come from the projection widths, so a tensor-parallel
         # shard of this module (fewer heads) runs through the same code.
         q = q.view(b, t, -1, self.head_dim).transpose(1, 2)  # (B, H, T, D)
@@ -147,26 +208,31 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
         return self.o_proj(out)
 
-
-    def forward_flat(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def forward_flat(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotated: bool,
                      cos: torch.Tensor, sin: torch.Tensor,
                      attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """A flat batch: the B*T tokens of q/k/v (B, T, *) are N independent tokens, each
         at its own position; ``attend`` (FlatLayerKV.attend) stores k/v and attends each
-        token over its own sequence. cos/sin (B, 1, T, D)."""
+        token over its own sequence. cos/sin (B, 1, T, D); q and k ``rotated`` already (by
+        the projection's kernel) or not."""
         b, t, _ = q.shape
         hd = self.head_dim
-        cos, sin = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, D)
         h, h_kv = q.shape[-1] // hd, k.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
-        fused = eager(self.rotary_qk)
-        if fused is not None:
-            q, k = fused(q.view(b * t, h, hd), k.view(b * t, h_kv, hd),
-                         cos.reshape(b * t, hd), sin.reshape(b * t, hd))
-        else:
-            q = apply_rotary(q.view(b, t, h, hd), cos, sin).view(b * t, h, hd)  # (N, H, D)
-            k = apply_rotary(k.view(b, t, h_kv, hd), cos, sin).view(b * t, h_kv, hd)
+        q, k = q.view(b * t, h, hd), k.view(b * t, h_kv, hd)  # (N, H, D)
+        if not rotated:
+            cos, sin = _token_rows(cos, b * t), _token_rows(sin, b * t)  # (N, D)
+            fused = eager(self.rotary_qk)
+            if fused is not None:
+                q, k = fused(q, k, cos, sin)
+            else:
+                q, k = (apply_rotary(z, cos[:, None], sin[:, None]) for z in (q, k))
         out = attend(q, k, v.reshape(b * t, h_kv, hd))  # (N, H, D)
         return self.o_proj(out.reshape(b, t, h * hd))
+
+
+def _token_rows(c: torch.Tensor, n: int) -> torch.Tensor:
+    """cos or sin (B, 1, T, D) as (N, D), one row a token of a flat batch (a view)."""
+    return c.transpose(1, 2).reshape(n, c.shape[-1])
 
 
 class MLP(nn.Module):
@@ -194,6 +260,21 @@ class MLP(nn.Module):
             gate, up = self.gate_proj(x), self.up_proj(x)
         return self.down_proj(F.silu(gate) * up)
 
+    def forward_normed(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, self(norm(s))) with s = x + residual (x for None): the residual stream and
+        this MLP of its norm. Where the eager fused kernels run, the norm (and silu * up)
+        may ride in gate | up's own kernel (``norm_forward``: int4's decode rows)."""
+        fused = getattr(self.gate_up_proj, "norm_forward", None)
+        got = None if (fused is None or eager(norm.add_norm) is None
+                       or eager(self.silu_mul) is None) else fused(
+            x, residual, norm.weight, norm.eps, glu=True)
+        if got is None:
+            s, normed = norm.add_forward(x, residual)
+            return s, self(normed)
+        s, act = got
+        return s, self.down_proj(act)
+
 
 class DecoderLayer(nn.Module):
     """Attention then the feed-forward block: a dense SwiGLU ``mlp`` (Llama) or a sparse
@@ -208,10 +289,6 @@ class DecoderLayer(nn.Module):
         self.mlp = None if config.is_moe else MLP(config)
         self.block_sparse_moe = SparseMoE(config) if config.is_moe else None
 
-    @property
-    def feed_forward(self) -> nn.Module:
-        return self.mlp if self.mlp is not None else self.block_sparse_moe
-
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LayerKV, start: Start, mask: torch.Tensor | None) -> torch.Tensor:
         x, mlp_out = self.forward_deferred(x, None, cos, sin, cache, start, mask)
@@ -224,36 +301,14 @@ class DecoderLayer(nn.Module):
         layer's pending MLP output (added here first) and returns (x, mlp_out) with the
         layer's output = x + mlp_out. Under torch.compile the add then fuses into this
         layer's first RMSNorm instead of costing a kernel of its own (eagerly, each add
-        and the norm after it are one kernel where a pass set the norms' ``add_norm``)."""
-        attn_in = norm_product(self.input_layernorm, x, pending, self.self_attn.qkv_proj)
-        if attn_in is not None:  # the norm ran in the q|k|v projection's kernel
-            x, qkv = attn_in
-            attn = self.self_attn(None, cos, sin, cache, start, mask,
-                                  projected=qkv.split(self.self_attn.qkv_split, dim=-1))
-        else:
-            x, normed = self.input_layernorm.add_forward(x, pending)
-            attn = self.self_attn(normed, cos, sin, cache, start, mask)
-        mlp = self.mlp
-        mlp_in = None if mlp is None or eager(mlp.silu_mul) is None else norm_product(
-            self.post_attention_layernorm, x, attn, mlp.gate_up_proj, glu=True)
-        if mlp_in is not None:  # the norm and silu * up ran in gate | up's kernel
-            x, act = mlp_in
-            return x, mlp.down_proj(act)
+        and the norm after it are one kernel where a pass set the norms' ``add_norm``, or
+        ride in the next projection's kernel: Attention's and MLP's forward_normed)."""
+        x, attn = self.self_attn.forward_normed(self.input_layernorm, x, pending, cos, sin,
+                                                cache, start, mask)
+        if self.mlp is not None:
+            return self.mlp.forward_normed(self.post_attention_layernorm, x, attn)
         x, normed = self.post_attention_layernorm.add_forward(x, attn)
-        return x, self.feed_forward(normed)
-
-
-def norm_product(norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
-                 linear: nn.Module | None, glu: bool = False
-                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(s, linear(norm(s))) with s = x + residual (``glu``: silu(gate) * up of the
-    product), the norm inside the linear's own kernel, where the linear offers that
-    (``norm_forward``: a PackedLinear on int4's decode rows) and the eager fused kernels
-    run (the norm's ``add_norm`` set, outside torch.compile); None otherwise."""
-    fused = getattr(linear, "norm_forward", None)
-    if fused is None or eager(norm.add_norm) is None:
-        return None
-    return fused(x, residual, norm.weight, norm.eps, glu)
+        return x, self.block_sparse_moe(normed)
 
 
 def _deferred(layer: DecoderLayer, h: torch.Tensor, pending: torch.Tensor | None,

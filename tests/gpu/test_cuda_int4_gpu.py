@@ -414,3 +414,95 @@ def test_glu_through_the_mlp(monkeypatch):
     calls, real = [], C.int4_rows_glu
     monkeypatch.setattr(C, "int4_rows_glu", lambda *a: calls.append(1) or real(*a))
     assert torch.equal(mlp(x), unfused) and calls == [1]
+
+
+def _int4_attention(d: int = 64, hq: int = 4, hkv: int = 2, hidden: int = 256,
+                    group: int = 64):
+    """A fused Attention on CUDA whose q | k | v is an int4 PackedLinear on tinygemm's words,
+    with eager_fused's RoPE kernel, and a flat batch's ``attend`` that checks q / k / v's
+    shapes (each token over itself, q + k + v of its heads: q, k and v all count)."""
+    from llamadist.kernels import eager_fused
+    from llamadist.model.llama import Attention
+    cfg = type("Cfg", (), dict(hidden_size=hidden, attention_bias=False, head_dim=d,
+                               q_size=hq * d, kv_size=hkv * d))
+    attn = Attention(cfg).to(DEV, torch.bfloat16)
+    n = (hq + 2 * hkv) * d
+    lin = nn.Linear(hidden, n, bias=False, device="meta")
+    del lin.weight
+    lin.weight = W.quantize_int4(torch.randn(n, hidden) * 0.05, group).to(DEV)
+    attn.qkv_proj = W.as_packed_linear(lin, "torch", torch.bfloat16)
+    attn.qkv_split = (hq * d, hkv * d, hkv * d)
+    assert attn.qkv_proj.path == "tinygemm" and attn.qkv_proj.tg_rows
+    attn.rotary_qk = eager_fused.rope
+
+    class Flat:
+        @staticmethod
+        def attend(q, k, v):
+            assert q.shape[1:] == (hq, d) and k.shape[1:] == v.shape[1:] == (hkv, d)
+            return q + (k + v).repeat_interleave(hq // hkv, dim=1)
+
+    return attn, Flat()
+
+
+def _angles(m: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (1, 1, m, d) bf16 of random angles on the device (RotaryTable's shape)."""
+    ang = torch.rand(1, 1, m, d // 2, device=DEV) * 100
+    ang = torch.cat((ang, ang), -1)
+    return ang.cos().to(torch.bfloat16), ang.sin().to(torch.bfloat16)
+
+
+def test_rope_through_the_attention(monkeypatch):
+    """With wquant_torch.ROPE_EPILOGUE, a fused Attention's tinygemm q | k | v projection
+    rotates q and k itself at the decode rows (past them, or with the switch off: None,
+    and the attention runs the product, then eager_fused.rope); the attention's output is
+    the same bits either way, and inside a CUDA graph."""
+    attn, flat = _int4_attention()
+    calls, real = [], C.int4_rows_rope
+    monkeypatch.setattr(C, "int4_rows_rope", lambda *a: calls.append(1) or real(*a))
+    for m in (1, 4, 9):
+        x = torch.randn(1, m, 256, device=DEV).to(torch.bfloat16)
+        cos, sin = _angles(m, 64)
+        monkeypatch.setattr(WT, "ROPE_EPILOGUE", False)
+        apart = attn(x, cos, sin, flat, 0, None)
+        assert calls == []
+        monkeypatch.setattr(WT, "ROPE_EPILOGUE", True)
+        fused = attn(x, cos, sin, flat, 0, None)
+        assert calls == ([1] if m <= WT.ROWS_MAX_M else []), m
+        assert torch.equal(fused, apart), m
+        calls.clear()
+    x = x[:, :1]
+    cos, sin = cos[..., :1, :], sin[..., :1, :]
+    want = attn(x, cos, sin, flat, 0, None)
+    assert torch.equal(_replayed(lambda x: attn(x, cos, sin, flat, 0, None), x), want)
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_norm_through_the_attention(rope, monkeypatch):
+    """With wquant_torch.NORM_PROLOGUE (and ROPE_EPILOGUE), Attention.forward_normed takes
+    add + RMSNorm in q | k | v's kernel (and RoPE with it) at up to NORM_MAX_ROWS rows:
+    the residual stream the same bits as eager_fused's norm kernel gives, the output
+    within a bf16 step of the norm's kernel, then the attention (the norm's sums in
+    another order); past those rows the norm's kernel runs."""
+    from llamadist.kernels import eager_fused
+    from llamadist.model.llama import RMSNorm
+    attn, flat = _int4_attention()
+    norm = RMSNorm(256, 1e-5).to(DEV, torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(1 + torch.randn(256) / 4)
+    norm.add_norm = eager_fused.add_rms_norm
+    monkeypatch.setattr(WT, "ROPE_EPILOGUE", rope)
+    calls, real = [], C.launch_norm
+    monkeypatch.setattr(C, "launch_norm", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    for m in (1, 4, 5):
+        x, res = (torch.randn(1, m, 256, device=DEV).to(torch.bfloat16) for _ in range(2))
+        cos, sin = _angles(m, 64)
+        monkeypatch.setattr(WT, "NORM_PROLOGUE", False)
+        s0, out0 = attn.forward_normed(norm, x, res, cos, sin, flat, 0, None)
+        monkeypatch.setattr(WT, "NORM_PROLOGUE", True)
+        s1, out1 = attn.forward_normed(norm, x, res, cos, sin, flat, 0, None)
+        taken = m <= C.NORM_MAX_ROWS
+        assert len(calls) == taken and (not taken or (calls[0]["rope"] is not None) == rope)
+        assert torch.equal(s1, s0)
+        err = (out1.float() - out0.float()).abs().max().item()
+        assert err <= 2**-6 * out0.float().abs().max().item(), (m, err)
+        calls.clear()

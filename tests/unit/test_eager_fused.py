@@ -111,6 +111,55 @@ def test_compiled_layer_runs_the_model_formula_not_the_kernels():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+class RotatingProjection(torch.nn.Linear):
+    """A stand-in for a q | k | v projection whose kernel rotates q and k (PackedLinear's
+    rope_forward on int4's decode rows): the product, then the formula, with its calls
+    recorded; ``offer`` False: it declines (None), as past the decode rows."""
+
+    def __init__(self, linear: torch.nn.Linear, offer: bool, calls: list):
+        super().__init__(linear.in_features, linear.out_features, bias=False)
+        self.weight, self.offer, self.calls = linear.weight, offer, calls
+
+    def rope_forward(self, x, cos, sin, rot):
+        from llamadist.model.rope import apply_rotary
+        self.calls.append((tuple(x.shape), tuple(cos.shape), tuple(sin.shape), rot))
+        if not self.offer:
+            return None
+        y = self(x).reshape(-1, self.out_features)
+        d = cos.shape[-1]
+        heads = y[:, :rot].view(y.shape[0], rot // d, d)
+        y = torch.cat([apply_rotary(heads, cos[:, None], sin[:, None]).flatten(1),
+                       y[:, rot:]], dim=1)
+        return y.view(*x.shape[:-1], -1)
+
+
+@pytest.mark.parametrize("offer", [True, False])
+def test_a_projection_that_rotates_skips_the_rope_kernel(offer):
+    """A flat batch's attention asks its fused q | k | v projection for q and k rotated
+    (cos / sin one row a token, the first H + H_kv heads' columns): where it gives them,
+    the RoPE kernel is not called; where it declines, the kernel rotates; the logits are
+    the same either way, and under torch.compile the projection is not asked."""
+    from tests.eager_fused_cases import OneSequence
+    model = random_model(32, 48, 4, 2, 8, torch.float32)
+    ids, pos = torch.tensor([[3, 1, 4, 1, 5]]), torch.arange(5)[None]
+    with torch.no_grad():
+        plain = model(ids, pos, OneSequence(), 0, logits="all")
+        _eager_formula_hooks(model)
+        calls, asked = count_calls(model), []
+        for layer in model.model.layers.values():
+            attn = layer.self_attn
+            attn.qkv_proj = RotatingProjection(attn.qkv_proj, offer, asked)
+        fused = model(ids, pos, OneSequence(), 0, logits="all")
+        # two layers: (x (1, 5, 32), cos / sin (5, D 8), rot = (4 + 2) heads x 8)
+        assert asked == [((1, 5, 32), (5, 8), (5, 8), 48)] * 2
+        assert calls.get("rotary_qk", 0) == (0 if offer else 2)
+        torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
+        compiled = torch.compile(lambda: model(ids, pos, OneSequence(), 0, logits="all"),
+                                 backend="eager", fullgraph=True)()
+    assert len(asked) == 2 and calls.get("rotary_qk", 0) == (0 if offer else 2)
+    torch.testing.assert_close(compiled, plain, rtol=1e-6, atol=1e-6)
+
+
 def test_eager_kernels_knob():
     """--eager-kernels: triton (the fused kernels, where Triton runs) by default since the
     H200 measured them (session 13), torch on request; a bad value is refused by name."""

@@ -209,3 +209,57 @@ def test_rope_in_the_epilogue(cfg, m, d):
     got = E.launch(x, packed, sz, n, group, tiles, cfg, pdl=True, rope=(cos, sin, rot))
     assert torch.equal(got, _rope(y, cos, sin, rot))
     assert not torch.equal(got[:, :rot], y[:, :rot])  # (the rotation did something)
+
+
+
+@pytest.mark.parametrize("cfg", [C.RowsConfig(8, 4, 4, 4), C.RowsConfig(8, 4, 4, 2, kpair=1)],
+                         ids=C.RowsConfig.label)
+def test_the_norm_and_rope_in_one_kernel(cfg):
+    """NORM and ROPE together (q | k | v's launch_norm with rope): the same h, and the
+    bits of the norm kernel's own product followed by eager_fused.rope's formula."""
+    d, k, group = 64, 256, 64
+    n, rot = 8 * d, 6 * d
+    packed, sz, _, tiles = _case(n, k, group, seed=5)
+    gen = torch.Generator().manual_seed(6)
+    for m in (1, 4):
+        x, res = (torch.randn(m, k, generator=gen).to(torch.bfloat16) for _ in range(2))
+        gamma = (1 + torch.randn(k, generator=gen) / 4).to(torch.bfloat16)
+        cos, sin = (torch.randn(m, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+        h, y = E.launch_norm(x, res, gamma, 1e-5, packed, sz, n, group, tiles, cfg)
+        h2, got = E.launch_norm(x, res, gamma, 1e-5, packed, sz, n, group, tiles, cfg,
+                                pdl=True, rope=(cos, sin, rot))
+        assert torch.equal(h2, h) and torch.equal(got, _rope(y, cos, sin, rot)), m
+
+def test_the_device_checks_of_rope_and_norm_take_the_kernel_and_refuse_a_fault(monkeypatch,
+                                                                               caplog):
+    """wquant_torch's checks of the RoPE and norm variants (what lets the decode step use
+    them: variant_ok) pass the kernel as it is, run by the emulator in the form the rule
+    gives the check's case, and refuse a kernel that rotates the other way (cos and sin
+    swapped)."""
+    from llamadist.kernels import eager_fused
+    def pack(q, k):  # the CUDA words, from our packed bytes
+        return WT.tinygemm_layout(W.unpack_int4(q, k).to(torch.int32), WT._inner_k_tiles(k))
+
+    def emulated(x, packed, sz, n, group, tiles, cfg=None, glu=False, rope=None):
+        return E.launch(x, packed, sz, n, group, tiles, cfg or C.rows_config(x.shape[0], n, k),
+                        glu=glu, rope=rope)
+
+    def emulated_norm(x, res, gamma, eps, packed, sz, n, group, tiles, glu=False, rope=None):
+        return E.launch_norm(x, res, gamma, eps, packed, sz, n, group, tiles,
+                             C.rows_config(x.shape[0], n, k), glu=glu, rope=rope)
+
+    k = 256  # the check's case
+    monkeypatch.setattr(WT, "tinygemm_pack", pack)
+    monkeypatch.setattr(C, "launch", emulated)
+    monkeypatch.setattr(C, "launch_norm", emulated_norm)
+    monkeypatch.setattr(eager_fused, "add_rms_norm", _add_rms_norm)
+    cpu = torch.device("cpu")
+    assert WT._rope_check(cpu) and WT._norm_check(cpu) and WT._norm_check(cpu, rope=True)
+    monkeypatch.setattr(C, "launch", lambda *a, rope=None, **kw: emulated(
+        *a, rope=rope and (rope[1], rope[0], rope[2]), **kw))
+    assert not WT._rope_check(cpu)
+    assert "RoPE on cpu is off by" in caplog.text
+    monkeypatch.setattr(C, "launch_norm", lambda *a, rope=None, **kw: emulated_norm(
+        *a, rope=rope and (rope[1], rope[0], rope[2]), **kw))
+    assert WT._norm_check(cpu) and not WT._norm_check(cpu, rope=True)
+    assert "norm with RoPE on cpu is off" in caplog.text
