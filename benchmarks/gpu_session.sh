@@ -12,7 +12,7 @@
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
-#         kpnorm35 rope35 ropestep35 fold35
+#         kpnorm35 rope35 ropestep35 fold35 fold35b
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1414,22 +1414,36 @@ kpnorm35() {  # issue 16, for session 35 (branch norm-prologue, written in 34, n
 }
 
 fold35() {  # issue 16, for session 35 (written in 35, not run): the small kernels folded
-    # into int4_rows, each alone and together, int4 + head at batch 1 and 4 in the bench's
-    # process path: RoPE in q | k | v's epilogue (wquant_torch.ROPE_EPILOGUE), add +
-    # RMSNorm in qkv's and gate | up's prologue (NORM_PROLOGUE), both (q | k | v's kernel
-    # then takes the norm and rotates), beside neither; first the wiring's GPU tests
-    # (~7 min)
-    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
-    local rope="W.ROPE_EPILOGUE = True" norm="W.NORM_PROLOGUE = True"
-    step tests_fold35 150 python3 -m pytest -q -p no:cacheprovider -rf \
-        tests/gpu/test_cuda_int4_gpu.py -k "through_the or norm_in_the_kernel"
+    # into int4_rows (wquant_torch's switches): RoPE in q | k | v's epilogue
+    # (ROPE_EPILOGUE), with k and v stored in the paged cache there too (KV_EPILOGUE), add
+    # + RMSNorm in q | k | v's and gate | up's prologue (NORM_PROLOGUE), all three (q | k |
+    # v's one kernel); first the kernels' and the wiring's GPU tests, then int4 + head at
+    # batch 1 with each beside none, in the bench's process path (~9 min; batch 4: fold35b)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64"
+    step tests_fold35 220 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
+        -k "through_the or norm_in_the_kernel or rope_in_the_epilogue or paged_cache or folds"
     checkpoint
-    for b in 1 4; do
-        ab i4h_b$b "" $q --batch $b
-        ab i4h_b${b}_rope "$rope" $q --batch $b
-        ab i4h_b${b}_norm "$norm" $q --batch $b
-        ab i4h_b${b}_both "$rope; $norm" $q --batch $b
-    done
+    fold_runs 1 $q
+}
+
+fold35b() {  # issue 16, for session 35: fold35's runs at batch 4, then bf16 at batch 1
+    # (whose step none of them touch) (~6 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64"
+    checkpoint
+    fold_runs 4 $q
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+}
+
+fold_runs() {  # fold_runs BATCH ARGS...: int4 + head beside each fold and all three
+    local b=$1 rope="W.ROPE_EPILOGUE = True" kv="W.KV_EPILOGUE = True"
+    local norm="W.NORM_PROLOGUE = True"
+    shift
+    ab i4h_b$b "" "$@" --batch $b
+    ab i4h_b${b}_rope "$rope" "$@" --batch $b
+    ab i4h_b${b}_ropekv "$rope; $kv" "$@" --batch $b
+    ab i4h_b${b}_norm "$norm" "$@" --batch $b
+    ab i4h_b${b}_all "$rope; $kv; $norm" "$@" --batch $b
 }
 
 kp35() {  # issue 16, for session 35 (written in 34, not run): int4_rows's k-pair form
@@ -1488,8 +1502,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|ropestep35|fold35) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|ropestep35|fold35|fold35b) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|ropestep35|fold35|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|ropestep35|fold35|fold35b|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -27,7 +27,9 @@ extern "C" int emu_int4_rows(unsigned grid, unsigned threads, size_t shared,
                              const u16* x, const u32* words, const u32* sz, u16* y,
                              int M, int N, int K, const size_t* sizes, char* err, int n,
                              const u16* res, u16* hout, const u16* gamma, float eps,
-                             const u16* cs, const u16* sn, int rot) {{
+                             const u16* cs, const u16* sn, int rot, u16* kv,
+                             const int* slots, int qcols, int bs, long long s_kv,
+                             long long s_b, long long s_h, long long s_s) {{
     std::string e = emu::launch(grid, threads, shared,
         {{{{(const char*)x, sizes[0]}}, {{(const char*)words, sizes[1]}},
          {{(const char*)sz, sizes[2]}}}},
@@ -37,6 +39,9 @@ extern "C" int emu_int4_rows(unsigned grid, unsigned threads, size_t shared,
 #endif
 #if ROPE
                          , cs, sn, rot
+#endif
+#if KVW
+                         , kv, slots, qcols, bs, s_kv, s_b, s_h, s_s
 #endif
                          ); }});
     snprintf(err, n, "%s", e.c_str());
@@ -89,27 +94,28 @@ def library(defines: tuple[tuple[str, int], ...], source: str | None = None) -> 
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
            group: int, tiles: int, cfg: C.RowsConfig, glu: bool = False, pdl: bool = False,
            exact: bool = False, persist_blocks: int = 3,
-           source: str | None = None, rope: tuple | None = None) -> torch.Tensor:
+           source: str | None = None, rope: tuple | None = None,
+           kv: tuple | None = None) -> torch.Tensor:
     """cuda_int4.launch's product on CPU tensors, in the form ``cfg`` (a persist form's
-    grid: ``persist_blocks`` blocks; ``source``: a variant of the kernel's text; ``rope``:
-    launch's (cos, sin, rot))."""
+    grid: ``persist_blocks`` blocks; ``source``: a variant of the kernel's text; ``rope``,
+    ``kv``: launch's (cos, sin, rot), (cache, slots, qcols))."""
     return _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu, pdl, exact,
-                   persist_blocks, source, rope=rope)[1]
+                   persist_blocks, source, rope=rope, kv=kv)[1]
 
 
 def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
                 eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
                 group: int, tiles: int, cfg: C.RowsConfig, glu: bool = False,
-                pdl: bool = False, rope: tuple | None = None
+                pdl: bool = False, rope: tuple | None = None, kv: tuple | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cuda_int4.launch_norm's (h, y) on CPU tensors, in the form ``cfg`` (``rope``:
-    launch's (cos, sin, rot))."""
+    """cuda_int4.launch_norm's (h, y) on CPU tensors, in the form ``cfg`` (``rope``,
+    ``kv``: launch's)."""
     return _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu, pdl,
-                   norm=(residual, gamma, eps), rope=rope)
+                   norm=(residual, gamma, eps), rope=rope, kv=kv)
 
 
 def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False, exact=False,
-            persist_blocks=3, source=None, norm=None, rope=None):
+            persist_blocks=3, source=None, norm=None, rope=None, kv=None):
     """(h, y): the NORM kernel's residual stream (``norm``: (residual or None, gamma,
     eps)) or x, and the product."""
     m, k = x.shape
@@ -119,7 +125,7 @@ def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False,
     head = rope[0].shape[-1] if rope is not None else 0
     cs, sn = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (None, None)
     d = C.defines(tiles, group, cfg, exact=exact, pdl=pdl, glu=glu, norm=norm is not None,
-                  rope=head)
+                  rope=head, kvw=kv is not None)
     fn = library(tuple(sorted(d.items())), source).emu_int4_rows
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16)
     blocks = C.tiles_of(cfg, n, glu or bool(head))
@@ -129,6 +135,7 @@ def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False,
     err = ctypes.create_string_buffer(512)
     p = ctypes.c_void_p
     res, h, gamma, eps = None, x, None, 0.0
+    slots32 = kv[1].to(torch.int32).contiguous() if kv is not None else None
     if norm is not None:
         res, gamma, eps = norm
         gamma = gamma.contiguous()
@@ -141,7 +148,10 @@ def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False,
             p(h.data_ptr() if res is not None else 0),
             p(gamma.data_ptr() if gamma is not None else 0), ctypes.c_float(eps),
             *((p(cs.data_ptr()), p(sn.data_ptr()), rope[2]) if rope is not None
-              else (p(0), p(0), 0)))
+              else (p(0), p(0), 0)),
+            *((p(kv[0].data_ptr()), p(slots32.data_ptr()), kv[2], kv[0].shape[3],
+               *(ctypes.c_longlong(kv[0].stride(i)) for i in range(4))) if kv is not None
+              else (p(0), p(0), 0, 0, *[ctypes.c_longlong(0)] * 4)))
     if rc:
         raise RuntimeError(f"int4_rows {cfg.label()} (emulated): {err.value.decode()}")
     return h, y

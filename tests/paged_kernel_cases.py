@@ -50,6 +50,37 @@ def run_case(h: int, h_kv: int, d: int, bs: int, lens: list[int], dtype: torch.d
             (kv.float() - ref_kv.float()).abs().max().item())
 
 
+def stored_case(device: str) -> int:
+    """A decode step whose k / v a projection stored itself at the cache's slots
+    (PagedLayer.cache_slots, as q | k | v's int4 kernel does): ``attend(q, None, None)``
+    through the kernel gives what attend(q, k, v) gives; without the kernel the layer
+    offers no slots and refuses k / v None. Returns 1 where it fails."""
+    from llamadist.kernels.paged_attention import paged_decode
+    from llamadist.runtime.paged_attention import PagedLayer
+    from llamadist.runtime.paged_kv import PagedBatch
+    g = torch.Generator().manual_seed(5)
+    h, h_kv, d, bs = 8, 2, 32, 4
+    batch = PagedBatch.build([([1, 2], 6, 1), ([4, 3, 5], 9, 1)], bs).to(device)
+    kv = torch.randn(2, 6, h_kv, bs, d, generator=g).to(device)
+    q, k, v = (torch.randn(2, n, d, generator=g).to(device) for n in (h, h_kv, h_kv))
+    want = PagedLayer(kv.clone(), batch, paged_decode).attend(q, k, v)
+    layer = PagedLayer(kv, batch, paged_decode)
+    cache, slots = layer.cache_slots()
+    for i, slot in enumerate(slots.tolist()):  # what the projection's kernel stores
+        cache[0, slot // bs, :, slot % bs], cache[1, slot // bs, :, slot % bs] = k[i], v[i]
+    err = (layer.attend(q, None, None) - want).abs().max().item()
+    plain = PagedLayer(kv, batch)
+    try:
+        plain.attend(q, None, None)
+        refused = False
+    except RuntimeError:
+        refused = True
+    ok = err <= TOL[torch.float32] and plain.cache_slots() is None and refused
+    print(f"stored k / v: out {err:.2e}, refused without the kernel: {refused}"
+          f"{'' if ok else '  FAIL'}")
+    return int(not ok)
+
+
 def patch_interpreter() -> None:
     """Triton's interpreter turns a scalar (a 1-element array) into a loop bound with
     ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension; use .item().
@@ -101,6 +132,7 @@ def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"))
                 bad += not ok
                 print(f"{name} {case} splits={splits}: out {err:.2e} kv {kv_err:.1e}"
                       f"{'' if ok else '  FAIL'}")
+    bad += stored_case(device)
     # more splits than the merge kernel's tile holds: refused, never a silent drop
     from llamadist.kernels.paged_attention import MAX_SPLITS
     try:

@@ -117,11 +117,13 @@ class RowsConfig:
         return self.warps * self.nb * 8 * (16 if self.rows > 8 else 8) * 4 + \
             self.warps * self.stages * 8 + (self.warps * self.rows * 4 if norm else 0)
 
-    def fit(self, tiles: int, group: int, have: int, k: int = 0) -> "RowsConfig":
+    def fit(self, tiles: int, group: int, have: int, k: int = 0,
+            norm: bool = False) -> "RowsConfig":
         """This form, with fewer stages (to 2), then fewer warps, until a block's shared
-        memory fits ``have`` bytes (an A10 or L4 allows 99 KiB, an H200 227)."""
+        memory (``norm``: NORM's, x's rows whole) fits ``have`` bytes (an A10 or L4 allows
+        99 KiB, an H200 227)."""
         cfg = self
-        while cfg.smem_bytes(tiles, group, k) > have and (cfg.stages > 2 or cfg.warps > 1):
+        while cfg.smem_bytes(tiles, group, k, norm) > have and (cfg.stages > 2 or cfg.warps > 1):
             cfg = replace(cfg, stages=cfg.stages - 1) if cfg.stages > 2 else \
                 replace(cfg, warps=cfg.warps // 2)
         return cfg
@@ -259,13 +261,14 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
 def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
             stagger: bool = False, pdl: bool = False, glu: bool = False,
-            min_blocks: int = 1, norm: bool = False, rope: int = 0) -> dict[str, int]:
+            min_blocks: int = 1, norm: bool = False, rope: int = 0,
+            kvw: bool = False) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
             "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
             "GLU": int(glu), "MINB": min_blocks, "NORM": int(norm), "KP": int(cfg.kpair),
-            "ROPE": rope}
+            "ROPE": rope, "KVW": int(kvw)}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -306,7 +309,7 @@ def device_index(device: torch.device) -> int:
 
 def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
                    pdl: bool = False, glu: bool = False, norm: bool = False,
-                   rope: int = 0) -> dict[str, int]:
+                   rope: int = 0, kvw: bool = False) -> dict[str, int]:
     """int4_rows's -D values for this form on ``arch`` as launched now: the module's
     switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS) where they apply
     (NORM: not BULK or STAGGER)."""
@@ -314,17 +317,19 @@ def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
     stagger = STAGGER and not tma and not cfg.persist and not norm  # cp.async options
     min_blocks = max(1, min(MIN_BLOCKS, 2048 // (cfg.warps * 32)))
     return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, glu,
-                   min_blocks, norm, rope)
+                   min_blocks, norm, rope, kvw)
 
 
-def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = False,
-           glu: bool = False, norm: bool = False, rope: int = 0):
+def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, *, pdl: bool = False,
+           glu: bool = False, norm: bool = False, rope: int = 0, kvw: bool = False):
     """The compiled int4_rows for CUDA device ``index`` and this form (compiled and loaded
-    once); ``pdl``: its programmatic-dependent-launch variant (``pdl_launch``); ``glu``:
-    the variant writing silu(gate) * up of a gate | up weight; ``norm``: the variant
-    taking RMSNorm(x + res) (its shared memory grows with K: all the device allows);
-    ``rope``: the head dimension of the variant rotating q and k (0: none)."""
-    launched = launch_defines(tiles, group, cfg, _arch(index), pdl, glu, norm, rope)
+    once; the variant's switches by keyword: a misplaced one would build a kernel whose
+    parameters are not the ones launched); ``pdl``: its programmatic-dependent-launch
+    variant (``pdl_launch``); ``glu``: the variant writing silu(gate) * up of a gate | up
+    weight; ``norm``: the variant taking RMSNorm(x + res) (its shared memory grows with
+    K: all the device allows); ``rope``: the head dimension of the variant rotating q and
+    k (0: none); ``kvw``: its variant writing k and v into the paged cache too."""
+    launched = launch_defines(tiles, group, cfg, _arch(index), pdl, glu, norm, rope, kvw)
     key = (index, tuple(sorted(launched.items())))
     fn = _KERNELS.get(key)
     if fn is None:
@@ -354,17 +359,22 @@ def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, pdl: bool = Fals
 
 def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
            group: int, tiles: int, cfg: RowsConfig | None = None,
-           glu: bool = False, rope: tuple | None = None) -> torch.Tensor:
+           glu: bool = False, rope: tuple | None = None,
+           kv: tuple | None = None) -> torch.Tensor:
     """y (M, N) bf16 = x (M, K) bf16 @ W^T, W in tinygemm's layout ``packed`` with its
     (G, N, 2) bf16 table; 1 <= M <= MAX_ROWS. Without ``cfg``, the rule's form, fitted to
     the device's shared memory. ``glu``: W is gate | up (N / 2 rows each, N a multiple of
     16) and y (M, N / 2) = silu(gate) * up, the bits eager_fused.silu_mul gives of the
     product. ``rope``: (cos, sin, rot), cos and sin (M, D) bf16: W is q | k | v, heads of
     D rows, and y's first ``rot`` columns (q's and k's heads) leave rotated, the bits
-    eager_fused.rope gives of the product's q and k."""
+    eager_fused.rope gives of the product's q and k. ``kv`` (with ``rope``): (cache,
+    slots, qcols): k's heads (columns qcols to rot) and v's (rot on) also go into the paged
+    cache (2, blocks, H_kv, bs, D) bf16 at each row's slot (slots (M,) int32 or int64), as
+    eager_fused.rope and then the paged K/V write would store them."""
     m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles, glu)
     head = _check_rope(rope, x, n, glu)
+    kvw = _check_kv(kv, x, n, rope)
     x = x.contiguous()
     if x.data_ptr() % 16:  # x's rows and the table are copied in 16-byte chunks
         x = x.clone()
@@ -375,7 +385,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     if cfg is None:
         # GLU takes the product's own form: the same warps sum each output in the same order
         cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
-                         rope=head)
+                         rope=head, kvw=kvw)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     if (glu or head) and cfg.nb % 2:
@@ -385,7 +395,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         raise ValueError(f"int4_rows form {cfg.label()} needs {cfg.smem_bytes(tiles, group, k)} "
                          f"bytes of shared memory a block at K {k} (x's rows whole), the "
                          f"device has {smem_optin(index)}: fewer warps, stages or rows")
-    fn = kernel(index, tiles, group, cfg, pdl, glu, head)
+    fn = kernel(index, tiles, group, cfg, pdl=pdl, glu=glu, rope=head, kvw=kvw)
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
     blocks = tiles_of(cfg, n, glu or bool(head))
     if cfg.persist:  # one wave, each block looping over its tiles
@@ -394,9 +404,7 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     args, smem = [x, packed, scales_zeros, y, m, n, k], cfg.ring_bytes(tiles, group, k)
     with torch.cuda.device(x.device):
         if head:  # (a pointer past torch's launcher's arguments: through the driver)
-            cos, sin, rot = rope
-            _launch_ex(fn, blocks, cfg.warps * 32, args + [cos.contiguous(), sin.contiguous(),
-                                                           rot], smem, pdl)
+            _launch_ex(fn, blocks, cfg.warps * 32, args + epilogue_args(rope, kv), smem, pdl)
         elif pdl:
             _launch_dependent(fn, blocks, cfg.warps * 32, args, smem)
         else:
@@ -426,6 +434,47 @@ def _check_rope(rope: tuple | None, x: torch.Tensor, n: int, glu: bool) -> int:
     return d
 
 
+def _check_kv(kv: tuple | None, x: torch.Tensor, n: int, rope: tuple | None) -> bool:
+    """Whether launch's ``kv`` is given (a ValueError naming what is wrong with it)."""
+    if kv is None:
+        return False
+    cache, slots, qcols = kv
+    problems = []
+    if rope is None:
+        raise ValueError("int4_rows (kv): the cache write needs rope (k's heads rotated)")
+    d, rot = rope[0].shape[-1], rope[2]
+    if (cache.dim() != 5 or cache.shape[0] != 2 or cache.shape[-1] != d
+            or cache.dtype != torch.bfloat16 or cache.device != x.device
+            or cache.stride(-1) != 1):
+        problems.append(f"the cache must be bfloat16 (2, blocks, H_kv, bs, {d}) with "
+                        f"contiguous heads on x's device, is {cache.dtype} "
+                        f"{tuple(cache.shape)} on {cache.device}")
+    elif not (qcols % d == 0 and rot - qcols == n - rot == cache.shape[2] * d):
+        problems.append(f"k's columns {qcols}..{rot} and v's {rot}..{n} must each be the "
+                        f"cache's {cache.shape[2]} heads of {d}")
+    if tuple(slots.shape) != (x.shape[0],) or slots.device != x.device \
+            or slots.dtype not in (torch.int32, torch.int64):
+        problems.append(f"slots must be int32 or int64 ({x.shape[0]},) on x's device, are "
+                        f"{slots.dtype} {tuple(slots.shape)} on {slots.device}")
+    if problems:
+        raise ValueError("int4_rows (kv): " + "; ".join(problems))
+    return True
+
+
+def epilogue_args(rope: tuple | None, kv: tuple | None) -> list:
+    """The kernel's parameters past NORM's for ``rope`` and ``kv`` (launch's): cos, sin,
+    rot, then the cache, the slots (as int32), qcols, the cache's block size and its
+    strides (k to v, a block, a head, a slot) as 64-bit ints."""
+    if rope is None:
+        return []
+    args = [rope[0].contiguous(), rope[1].contiguous(), rope[2]]
+    if kv is not None:
+        cache, slots, qcols = kv
+        args += [cache, slots.to(torch.int32).contiguous(), qcols, cache.shape[3],
+                 *(ctypes.c_longlong(cache.stride(i)) for i in range(4))]
+    return args
+
+
 def tiles_of(cfg: RowsConfig, n: int, glu: bool = False) -> int:
     """A product's tiles (its grid, but for a persist form's one wave): NB n-tiles each, or
     (GLU) NB / 2 of gate's and the same of up's."""
@@ -439,9 +488,11 @@ NORM_MAX_ROWS = 4
 def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
                 eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
                 group: int, tiles: int, cfg: RowsConfig | None = None, glu: bool = False,
-                rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: tuple | None = None, kv: tuple | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(h, y): h = x + residual (x itself for None), the residual stream, and y = launch's
-    product (``glu``: silu(gate) * up; ``rope``: launch's, q's and k's heads rotated) of
+    product (``glu``: silu(gate) * up; ``rope``, ``kv``: launch's, q's and k's heads
+    rotated, k and v into the cache) of
     RMSNorm(h) with weight ``gamma`` (K,) and ``eps``, as eager_fused.add_rms_norm then
     ``launch`` give them, in one kernel: each block normalises x's rows itself (the norm's
     sums in another order than the Triton kernel's: within an ulp of its bf16 output).
@@ -449,6 +500,7 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
     m, k = x.shape
     _check_args(x, packed, scales_zeros, n, k, group, tiles, glu)
     head = _check_rope(rope, x, n, glu)
+    kvw = _check_kv(kv, x, n, rope)
     problems = []
     if not 1 <= m <= NORM_MAX_ROWS:
         problems.append(f"x has {m} rows (1..{NORM_MAX_ROWS} with the norm)")
@@ -474,7 +526,7 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
     pdl = pdl_launch(index)
     if cfg is None:
         cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
-                         norm=True, glu=glu, rope=head)
+                         norm=True, glu=glu, rope=head, kvw=kvw)
     if m > cfg.rows or cfg.persist or ((glu or head) and cfg.nb % 2):
         raise ValueError(f"int4_rows form {cfg.label()} with the norm: at most {cfg.rows} "
                          "rows, not persistent, an even number of n-tiles for GLU and RoPE")
@@ -483,17 +535,25 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
         raise ValueError(f"int4_rows form {cfg.label()} with the norm needs "
                          f"{cfg.smem_bytes(tiles, group, k, norm=True)} bytes of shared "
                          f"memory a block for K {k}, the device has {have}")
-    fn = kernel(index, tiles, group, cfg, pdl, glu, norm=True, rope=head)
+    fn = kernel(index, tiles, group, cfg, pdl=pdl, glu=glu, norm=True, rope=head, kvw=kvw)
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16, device=x.device)
     h = x if residual is None else torch.empty_like(x)
     blocks = tiles_of(cfg, n, glu or bool(head))
     args = [x, packed, scales_zeros, y, m, n, k, residual,
             None if residual is None else h, gamma, ctypes.c_float(eps)]
-    if head:
-        args += [rope[0].contiguous(), rope[1].contiguous(), rope[2]]
+    args += epilogue_args(rope, kv)
     with torch.cuda.device(x.device):
         _launch_ex(fn, blocks, cfg.warps * 32, args, smem, pdl)
     return h, y
+
+
+def norm_fits(m: int, n: int, k: int, tiles: int, group: int, index: int,
+              glu: bool = False, rope: int = 0, kvw: bool = False) -> bool:
+    """Whether launch_norm's rule form for ``m`` rows of this shape fits device ``index``'s
+    shared memory (x's rows sit whole in it: a long K on a small device does not)."""
+    cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl_launch(index),
+                     _switches(), norm=True, glu=glu, rope=rope, kvw=kvw)
+    return cfg.smem_bytes(tiles, group, k, norm=True) <= smem_optin(index)
 
 
 def pdl_launch(index: int) -> bool:
@@ -551,7 +611,7 @@ def resident_blocks(index: int, tiles: int, group: int, cfg: RowsConfig,
                     pdl: bool = False, glu: bool = False) -> int:
     """How many blocks of this form device ``index`` holds at once (a wave): the driver's
     occupancy of the compiled kernel, times the SMs."""
-    fn = kernel(index, tiles, group, cfg, pdl, glu)
+    fn = kernel(index, tiles, group, cfg, pdl=pdl, glu=glu)
     lib, per_sm = torch.cuda._utils._get_gpu_runtime_library(), ctypes.c_int(0)
     rc = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(
         ctypes.byref(per_sm), fn.func, cfg.warps * 32,
@@ -598,11 +658,11 @@ def smem_optin(index: int) -> int:
 @functools.cache
 def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
                pdl: bool = False, switches: tuple = (), norm: bool = False,
-               glu: bool = False, rope: int = 0) -> RowsConfig:
+               glu: bool = False, rope: int = 0, kvw: bool = False) -> RowsConfig:
     """The rule's form for calls of up to ``rows`` rows on device ``index``: once a shape,
     launch kind and set of the module's ``switches``, not on every launch (``norm``, with
     ``glu``: launch_norm's kernel; ``rope``: the kernel rotating heads of that many
-    dimensions; their spills are their own)."""
+    dimensions, ``kvw`` writing k and v to the cache too; their spills are their own)."""
     p = torch.cuda.get_device_properties(index)
     form = KPAIR(rows, n, k) if KPAIR is not None and rows <= 4 else None
     if form is not None:
@@ -610,7 +670,7 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
         return RowsConfig(warps, nb, rows, stages, kpair=kind).fit(
             tiles, group, p.shared_memory_per_block_optin, k)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
-                     p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm, rope)
+                     p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm, rope, kvw)
 
 
 def _switches() -> tuple:
@@ -620,7 +680,7 @@ def _switches() -> tuple:
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,
               arch: str, pdl: bool, glu: bool = False, norm: bool = False,
-              rope: int = 0) -> RowsConfig:
+              rope: int = 0, kvw: bool = False) -> RowsConfig:
     """``rows_config``'s form fitted to ``smem`` bytes of shared memory a block. Where its 2
     stages or 16 warps make ptxas spill registers to local memory for ``arch`` (as 8 x 4 x
     2 on sm_90 at 4 tiles and groups of 32 as a dependent launch, or on sm_80 at groups of
@@ -631,16 +691,17 @@ def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem:
     product's GLU takes the product's own form, for the product's bits). ``rope``: the
     same of the kernel rotating heads of that many dimensions (ROPE; 8 x 4 x 2 at one row
     spills 12 bytes there on sm_90 as a dependent launch, 8 x 4 x 4 none: the same warps,
-    so the same sums as the product's form)."""
-    cfg = rows_config(rows, n, k, sms).fit(tiles, group, smem)
+    so the same sums as the product's form), and ``kvw`` of its variant writing the cache."""
+    cfg = rows_config(rows, n, k, sms).fit(tiles, group, smem, k if norm else 0, norm)
     if cfg.stages != 2:
         return cfg
     best, least = cfg, None
     candidates = (cfg, replace(cfg, stages=4), replace(cfg, warps=8),
                   replace(cfg, warps=8, stages=4))
-    for c in dict.fromkeys(c.fit(tiles, group, smem) for c in candidates):  # each once
+    for c in dict.fromkeys(c.fit(tiles, group, smem, k if norm else 0, norm)
+                           for c in candidates):  # each once
         spilled = spill_bytes(arch, launch_defines(tiles, group, c, arch, pdl, glu and norm,
-                                                   norm, rope))
+                                                   norm, rope, kvw))
         if not spilled:  # none, or no report to go by (then the rule's form)
             return c
         if least is None or spilled < least:
@@ -672,14 +733,24 @@ def _rope(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: 
     return launch(x, packed, scales_zeros, n, group, tiles, rope=(cos, sin, rot))
 
 
-def _rope_shape(x, packed, scales_zeros, n, group, tiles, cos, sin, rot):
+def _rope_shape(x, packed, scales_zeros, n, group, tiles, *rope):
     return x.new_empty(x.shape[0], n)
+
+
+def _rope_kv(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n: int,
+             group: int, tiles: int, cos: torch.Tensor, sin: torch.Tensor, rot: int,
+             cache: torch.Tensor, slots: torch.Tensor, qcols: int) -> torch.Tensor:
+    return launch(x, packed, scales_zeros, n, group, tiles, rope=(cos, sin, rot),
+                  kv=(cache, slots, qcols))
 
 
 # y (M, N) = x (M, K) @ W^T from tinygemm's int4 layout for M <= MAX_ROWS (the custom op
 # torch.compile sees; outside compile the launch itself), and silu(gate) * up (M, N / 2)
 # of a gate | up W the same way, and a q | k | v W's product with q's and k's heads
-# rotated (cos, sin (M, D), the first ``rot`` columns)
+# rotated (cos, sin (M, D), the first ``rot`` columns), k and v also stored in a paged
+# cache with rope_kv
 int4_rows = gpu.custom_op("llamadist::int4_rows", _rows, fake=_rows_shape)
 int4_rows_glu = gpu.custom_op("llamadist::int4_rows_glu", _glu, fake=_glu_shape)
 int4_rows_rope = gpu.custom_op("llamadist::int4_rows_rope", _rope, fake=_rope_shape)
+int4_rows_rope_kv = gpu.custom_op("llamadist::int4_rows_rope_kv", _rope_kv,
+                                  mutates_args=("cache",), fake=_rope_shape)

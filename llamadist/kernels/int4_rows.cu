@@ -64,6 +64,9 @@
 // halves of heads (columns d < D / 2 of a head), the rest the same n-tiles' partners (d +
 // D / 2), so its sums end with both of each pair; the columns below rot (q's and k's
 // heads) are rotated by the rows' cos and sin (M, D), the rest (v's) written as they are.
+// KVW (0, 1; with ROPE): k's and v's heads (the columns from qcols on) also go straight
+// into the paged KV cache, kv (2, blocks, H_kv, bs, D) by its strides, at each row's slot
+// (slots (M,) int32): the K/V write kernel after RoPE, saved (y still gets every column).
 // MINB (1; a measurement, see cuda_int4.MIN_BLOCKS): past 1, __launch_bounds__ asks ptxas
 // for registers that let MINB blocks share an SM (the rule's one-row forms take 88-100,
 // two blocks of 256 threads an SM; 80 would give three), spilling where it must.
@@ -104,14 +107,20 @@
 #else
 #define NORM_PARAMS
 #endif
-#if NORM && (TMA || STAGGER)
-#error "NORM is a cp.async option, without STAGGER"
+#if NORM && (TMA || STAGGER || PERSIST)
+#error "NORM is a cp.async option, without STAGGER, a tile a block (not PERSIST)"
 #endif
 #ifndef KP
 #define KP 0
 #endif
 #ifndef ROPE
 #define ROPE 0
+#endif
+#ifndef KVW
+#define KVW 0
+#endif
+#if KVW && !ROPE
+#error "KVW writes k's heads rotated: ROPE"
 #endif
 #if ROPE && (GLU || NB % 2 || ROPE % 16)
 #error "ROPE pairs NB / 2 n-tiles of heads' first halves with their partners (D % 16 == 0)"
@@ -366,18 +375,32 @@ static __device__ __forceinline__ int ntile(int t, int b, int NT) {
 #endif
 }
 
-// ROPE's operands (unused else): cos and sin (M, D) bf16, and the columns it rotates
+// ROPE's operands (unused else): cos and sin (M, D) bf16, and the columns it rotates; KVW's:
+// the cache, the rows' slots, k's first column, the cache's block size and strides
+// (elements: k to v, a block, a head, a slot)
 struct Rope {
     const u16* cs;
     const u16* sn;
     int rot;
+    u16* kv;
+    const int* slots;
+    int qcols, bs;
+    long long s_kv, s_b, s_h, s_s;
 };
 #if ROPE
-#define ROPE_PARAMS , const u16* __restrict__ cs, const u16* __restrict__ sn, int rot
-#define ROPE_OF_PARAMS {cs, sn, rot}
+#define ROPE_PARAMS , const u16* __restrict__ cs, const u16* __restrict__ sn, int rot KVW_PARAMS
 #else
 #define ROPE_PARAMS
-#define ROPE_OF_PARAMS {nullptr, nullptr, 0}
+#endif
+#if KVW
+#define KVW_PARAMS , u16* __restrict__ kv, const int* __restrict__ slots, int qcols, \
+                   int bs, long long s_kv, long long s_b, long long s_h, long long s_s
+#define ROPE_OF_PARAMS {cs, sn, rot, kv, slots, qcols, bs, s_kv, s_b, s_h, s_s}
+#elif ROPE
+#define KVW_PARAMS
+#define ROPE_OF_PARAMS {cs, sn, rot, nullptr, nullptr, 0, 0, 0, 0, 0, 0}
+#else
+#define ROPE_OF_PARAMS {nullptr, nullptr, 0, nullptr, nullptr, 0, 0, 0, 0, 0, 0}
 #endif
 
 #if ROPE
@@ -432,6 +455,17 @@ static __device__ __forceinline__ void write_tile(
         }
         y[(size_t)m * N + col] = lo;
         y[(size_t)m * N + col + ROPE / 2] = hi;
+#if KVW
+        if (col >= rp.qcols) {  // k's head (below rot) or v's: into the cache at m's slot
+            const bool is_v = col >= rp.rot;
+            const long long slot = rp.slots[m];  // (int32 in the graphs' buffers)
+            u16* dst = rp.kv + (is_v ? rp.s_kv : 0) + (slot / rp.bs) * rp.s_b
+                       + ((col - (is_v ? rp.rot : rp.qcols)) / ROPE) * rp.s_h
+                       + (slot % rp.bs) * rp.s_s + d;
+            dst[0] = lo;
+            dst[ROPE / 2] = hi;
+        }
+#endif
 #else
         y[(size_t)m * N + nt * 8 + j] = to_bf16(v);
 #endif

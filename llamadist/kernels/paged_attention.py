@@ -65,11 +65,13 @@ def splits_for(device: torch.device, rows: int, max_slots: int) -> int:
     return num_splits(rows, max_slots, mp)
 
 
-def _paged_decode_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
-                       slot_mapping: torch.Tensor, block_tables: torch.Tensor,
-                       seq_lens: torch.Tensor, splits: int) -> torch.Tensor:
+def _paged_decode_impl(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                       kv: torch.Tensor, slot_mapping: torch.Tensor,
+                       block_tables: torch.Tensor, seq_lens: torch.Tensor,
+                       splits: int) -> torch.Tensor:
     kernels = gpu.load("paged_attention")
-    kernels.write_kv(k, v, kv, slot_mapping)
+    if k is not None:
+        kernels.write_kv(k, v, kv, slot_mapping)
     return kernels.attend(q, kv, block_tables, seq_lens, splits)
 
 
@@ -77,11 +79,12 @@ _paged_decode_op = gpu.custom_op("llamadist::paged_decode", _paged_decode_impl,
                                  mutates_args=("kv",))  # out: q's shape
 
 
-def paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: torch.Tensor,
-                 slot_mapping: torch.Tensor, block_tables: torch.Tensor,
+def paged_decode(q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                 kv: torch.Tensor, slot_mapping: torch.Tensor, block_tables: torch.Tensor,
                  seq_lens: torch.Tensor, splits: int) -> torch.Tensor:
     """A decode step's attention for one layer: write k/v (S, H_kv, D) at ``slot_mapping``
-    (S,) into kv (2, NB, H_kv, bs, D), then attend q (S, H, D) (rotated; heads
+    (S,) into kv (2, NB, H_kv, bs, D) (None: written already, by q | k | v's kernel), then
+    attend q (S, H, D) (rotated; heads
     h = kv_head * G + g) over each sequence's slots [0, seq_lens[s]) through its
     ``block_tables`` row (S, MB) -> (S, H, D). ``splits``: see num_splits (a power of two,
     at most MAX_SPLITS). Check ``usable`` first."""

@@ -325,29 +325,33 @@ class PackedLinear(nn.Linear):
 
     def norm_forward(self, x: torch.Tensor, residual: torch.Tensor | None,
                      weight: torch.Tensor, eps: float, glu: bool = False,
-                     rope: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+                     rope: tuple | None = None, kv: tuple | None = None
+                     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(h, this product of RMSNorm(h)) with h = x + residual (``glu``: silu(gate) * up
-        of it, as ``silu_mul``; ``rope`` (cos, sin, rot): q's and k's heads rotated, as
-        ``rope_forward``), the norm inside the product's own kernel: on tinygemm's words,
-        cuda_int4's norm variant (wquant_torch.int4_norm, where ``tg_rows`` and it takes
-        the rows); None where it does not (the caller runs the norm, then this)."""
+        of it, as ``silu_mul``; ``rope``, ``kv``: as ``rope_forward``), the norm inside the
+        product's own kernel: on tinygemm's words, cuda_int4's norm variant
+        (wquant_torch.int4_norm, where ``tg_rows`` and it takes the rows); None where it
+        does not (the caller runs the norm, then this)."""
         if self.path != "tinygemm" or self.bias is not None or (glu and self.out_features % 2):
             return None
         return wquant_torch.int4_norm(x, residual, weight, eps, self.tg_weight,
                                       self.tg_scales_zeros, self.group, self.out_features,
-                                      self.tg_rows, glu, rope)
+                                      self.tg_rows, glu, rope, kv)
 
-    def rope_forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     rot: int) -> torch.Tensor | None:
+    def rope_forward(self, x: torch.Tensor, rope: tuple, kv: tuple | None = None
+                     ) -> torch.Tensor | None:
         """This product of a fused q | k | v projection with its first ``rot`` columns (q's
-        and k's heads, D = cos.shape[-1] columns each) rotated by cos / sin (one row of
-        each a row of x), through one call that writes it: on tinygemm's words,
-        cuda_int4's RoPE variant (wquant_torch.int4_rope, where ``tg_rows`` and it takes
-        the rows); None where it does not (the caller runs the product, then RoPE)."""
+        and k's heads, D = cos.shape[-1] columns each) rotated, ``rope`` (cos, sin, rot)
+        with cos / sin one row a row of x, through one call that writes it: on tinygemm's
+        words, cuda_int4's RoPE variant (wquant_torch.int4_rope, where ``tg_rows`` and it
+        takes the rows); None where it does not (the caller runs the product, then RoPE).
+        ``kv`` (cache, slots, qcols): k's and v's heads also stored in that paged cache at
+        the rows' slots (None where the kernel does not)."""
         if self.path != "tinygemm" or self.bias is not None:
             return None
+        cos, sin, rot = rope
         return wquant_torch.int4_rope(x, self.tg_weight, self.tg_scales_zeros, self.group,
-                                      self.out_features, cos, sin, rot, self.tg_rows)
+                                      self.out_features, cos, sin, rot, self.tg_rows, kv)
 
     def _scaled_rows(self, x: torch.Tensor) -> bool:
         """Whether x's rows go to the scaled product (past its TRITON_ROWS)."""

@@ -36,7 +36,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from llamadist.kernels import cuda_int4, wquant_triton
+from llamadist.kernels import cuda_int4, gpu, wquant_triton
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,10 @@ ROPE_EPILOGUE = False
 # norm's kernel gone, 2.0-2.2 us a layer each in session 33's chain). Off until a GPU
 # times the step with it (gpu_session.sh norm34, kpnorm35, normrope35).
 NORM_PROLOGUE = False
+# With ROPE_EPILOGUE, q | k | v's kernel also stores k and v in the paged cache where the
+# step's attention is the paged decode kernel (the K/V write kernel, 1.1 us a layer in
+# session 33's chain, not launched). Off until a GPU times the step with it (fold35).
+KV_EPILOGUE = False
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
@@ -165,7 +169,7 @@ def tinygemm_layout_known(device: torch.device) -> bool:
 
 _ROWS_CHECKED: dict[int, bool] = {}
 _GLU_CHECKED: dict[int, bool] = {}  # the GLU variant's check, made beside int4_rows's
-_CHECKED: dict[tuple[str, int], bool] = {}  # a variant's check (variant_ok), by device
+_CHECKED: dict[tuple, bool] = {}  # a variant's check (variant_ok): (device, norm, rope, kv)
 
 
 def int4_rows_ok(device: torch.device) -> bool:
@@ -173,17 +177,18 @@ def int4_rows_ok(device: torch.device) -> bool:
     ``tinygemm_layout_known``, NVRTC found, and a small case packed by tinygemm compiled,
     run and checked against its float64 product (once a device; a reason is logged once
     where not: int4 then keeps tinygemm). Its GLU variant (``int4_glu``) is checked
-    beside it on the same case, its RoPE and norm variants too where their switches are
-    on (variant_ok)."""
+    beside it on the same case, and the variants its switches turn on (NORM_PROLOGUE,
+    ROPE_EPILOGUE, KV_EPILOGUE: variant_ok) too."""
     if device.type != "cuda" or torch.version.hip is not None:
         return False
     index = cuda_int4.device_index(device)
     if index not in _ROWS_CHECKED:
         _ROWS_CHECKED[index] = _rows_check(torch.device("cuda", index))
-        for name, on in (("rope", ROPE_EPILOGUE), ("norm", NORM_PROLOGUE),
-                         ("norm_rope", ROPE_EPILOGUE and NORM_PROLOGUE)):
-            if on and _ROWS_CHECKED[index]:
-                variant_ok(name, device)
+        for norm in {False, NORM_PROLOGUE}:
+            for rope in {False, ROPE_EPILOGUE}:
+                for kv in {False, rope and KV_EPILOGUE}:
+                    if _ROWS_CHECKED[index] and (norm or rope):
+                        variant_ok(device, norm, rope, kv)
     return _ROWS_CHECKED[index]
 
 
@@ -249,40 +254,77 @@ def _glu_check(x: torch.Tensor, packed: torch.Tensor, sz: torch.Tensor, n: int, 
     return False
 
 
-def variant_ok(name: str, device: torch.device) -> bool:
-    """Whether int4_rows's variant ``name`` ("rope": RoPE in q | k | v's epilogue; "norm":
-    add + RMSNorm in its prologue; "norm_rope": both) serves on ``device`` (where int4_rows
-    does): its check (VARIANT_CHECKS) once a device, at load where its switches are on
-    (int4_rows_ok) or at its first use outside a CUDA graph's capture (the check reads its result on the host;
-    inside a capture the answer is no)."""
-    key = (name, cuda_int4.device_index(device))
+def variant_ok(device: torch.device, norm: bool = False, rope: bool = False,
+               kv: bool = False) -> bool:
+    """Whether int4_rows's variant with add + RMSNorm in its prologue (``norm``), RoPE in q
+    | k | v's epilogue (``rope``) and k / v stored in the paged cache there too (``kv``)
+    serves on ``device`` (where int4_rows does): _variant_check once a device and variant,
+    at load where its switches are on (int4_rows_ok) or at its first use outside a CUDA
+    graph's capture (the check reads its result on the host; inside a capture the answer
+    is no)."""
+    key = (cuda_int4.device_index(device), norm, rope, kv)
     if key not in _CHECKED:
         if torch.cuda.is_current_stream_capturing():
             return False
-        _CHECKED[key] = int4_rows_ok(device) and VARIANT_CHECKS[name](
-            torch.device("cuda", key[1]))
+        _CHECKED[key] = int4_rows_ok(device) and _variant_check(
+            torch.device("cuda", key[0]), norm, rope, kv)
     return _CHECKED[key]
 
 
-def _rope_check(device: torch.device) -> bool:
-    """Whether the RoPE variant gives the product with its first head rotated and its
-    second as it is (the check's case: N = 32, heads of 16), within a bf16 step (a reason
-    is logged where not: the product, then eager_fused.rope, serves)."""
-    try:
-        x, packed, sz, n, group, _ = _check_case(device)
-        tiles, (cos, sin) = _inner_k_tiles(x.shape[1]), _check_angles(x.shape[0], device)
-        d = cos.shape[1]
-        y = cuda_int4.launch(x, packed, sz, n, group, tiles).float().cpu()
-        got = cuda_int4.launch(x, packed, sz, n, group, tiles, rope=(cos, sin, d))
-        err, tol = _rotated_error(got, y, cos, sin)
-        if err <= tol:
-            return True
-        log.warning("int4_rows's RoPE on %s is off by %.3g (allowed %.3g): the product, then "
-                    "RoPE, serves", device, err, tol)
-    except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
-        log.warning("int4_rows's RoPE does not run on %s (%s: %s): the product, then RoPE, "
-                    "serves", device, type(e).__name__, e)
-    return False
+def _variant_check(device: torch.device, norm: bool, rope: bool, kv: bool) -> bool:
+    """Whether the variant gives, on the check's case: (``norm``) h = x + r exactly and the
+    product of RMSNorm(h) within a bf16 step of eager_fused's norm, then the product (else
+    the product of x); (``rope``) with its first head rotated by the rows' cos / sin (heads
+    of 16: N = 32 is then k's head and v's); (``kv``) those two heads' rows, to the bit,
+    in a paged cache at the rows' slots, the rest of the cache untouched. Launched plainly
+    and, where the decode graphs chain them (gpu.pdl_supported), as a dependent launch. A
+    reason is logged where not (the kernels apart serve)."""
+    what = " + ".join(name for name, on in (("norm", norm), ("RoPE", rope), ("K/V", kv)) if on)
+    chained = device.type == "cuda" and gpu.pdl_supported(cuda_int4.device_index(device))
+    for dependent in (False, True) if chained else (False,):
+        try:
+            with gpu.dependent_launches(dependent):
+                problem = _variant_case(device, norm, rope, kv)
+        except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
+            problem = f"does not run ({type(e).__name__}: {e})"
+        if problem is not None:
+            log.warning("int4_rows's %s on %s%s %s: the kernels apart serve", what, device,
+                        " (a dependent launch)" if dependent else "", problem)
+            return False
+    return True
+
+
+def _variant_case(device: torch.device, norm: bool, rope: bool, kv: bool) -> str | None:
+    """_variant_check's case run once: what is off, or None."""
+    x, packed, sz, n, group, _ = _check_case(device)
+    tiles, (cos, sin) = _inner_k_tiles(x.shape[1]), _check_angles(x.shape[0], device)
+    d, m = cos.shape[1], x.shape[0]
+    cache = torch.full((2, 2, 1, 4, d), -7.0, dtype=torch.bfloat16, device=device)
+    slots = torch.tensor([5, 0, 2][:m], device=device)
+    args = dict(rope=(cos, sin, d) if rope else None, kv=(cache, slots, 0) if kv else None)
+    h, s = x, x
+    if norm:
+        from llamadist.kernels import eager_fused
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        r = torch.randn(x.shape, generator=gen).to(x)
+        gamma = (1 + torch.randn(x.shape[1], generator=gen) / 4).to(x)
+        h, got = cuda_int4.launch_norm(x, r, gamma, 1e-5, packed, sz, n, group, tiles, **args)
+        s, x = eager_fused.add_rms_norm(x, r, gamma, 1e-5)
+    else:
+        got = cuda_int4.launch(x, packed, sz, n, group, tiles, **args)
+    y = cuda_int4.launch(x, packed, sz, n, group, tiles).float().cpu()
+    if rope:
+        y[:, :d] = y[:, :d] * cos.float().cpu() + torch.cat(
+            (-y[:, d // 2:d], y[:, :d // 2]), -1) * sin.float().cpu()
+    err, tol = (got.float().cpu() - y).abs().max().item(), 2**-6 * y.abs().max().item()
+    stored = torch.full_like(cache, -7.0)
+    if kv:
+        for row, slot in enumerate(slots.tolist()):
+            stored[:, slot // 4, 0, slot % 4] = got[row].view(2, d)
+    if torch.equal(h, s) and err <= tol and torch.equal(cache, stored):
+        return None
+    return (f"is off (h exact: {torch.equal(h, s)}, the cache's rows exact: "
+            f"{torch.equal(cache, stored)}; the output off by {err:.3g}, allowed {tol:.3g})")
 
 
 def _check_angles(m: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -293,95 +335,60 @@ def _check_angles(m: int, device: torch.device) -> tuple[torch.Tensor, torch.Ten
     return ang.cos().to(device, torch.bfloat16), ang.sin().to(device, torch.bfloat16)
 
 
-def _rotated_error(got: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-                   ) -> tuple[float, float]:
-    """How far ``got`` is from the product ``y`` (float32, on the host) with its first head
-    (cos's width) rotated and the rest as it is, and the bf16 step allowed."""
-    d = cos.shape[1]
-    ref, q = y.clone(), y[:, :d]
-    half = torch.cat((-q[:, d // 2:], q[:, :d // 2]), -1)
-    ref[:, :d] = q * cos.float().cpu() + half * sin.float().cpu()
-    return (got.float().cpu() - ref).abs().max().item(), 2**-6 * ref.abs().max().item()
-
-
-def _norm_check(device: torch.device, rope: bool = False) -> bool:
-    """Whether the norm variant gives h = x + r exactly and the product of RMSNorm(h)
-    within a bf16 step of eager_fused's norm, then the product (``rope``: with its first
-    head rotated, as _rope_check's), on the check's case (a reason is logged where not:
-    the norm's kernel, then the product, serves)."""
-    what = "norm with RoPE" if rope else "norm"
-    try:
-        from llamadist.kernels import eager_fused
-        x, packed, sz, n, group, _ = _check_case(device)
-        gen = torch.Generator(device="cpu").manual_seed(1)
-        r = torch.randn(x.shape, generator=gen).to(x)
-        gamma = (1 + torch.randn(x.shape[1], generator=gen) / 4).to(x)
-        tiles, (cos, sin) = _inner_k_tiles(x.shape[1]), _check_angles(x.shape[0], device)
-        h, y = cuda_int4.launch_norm(x, r, gamma, 1e-5, packed, sz, n, group, tiles,
-                                     rope=(cos, sin, cos.shape[1]) if rope else None)
-        s, normed = eager_fused.add_rms_norm(x, r, gamma, 1e-5)
-        ref = cuda_int4.launch(normed, packed, sz, n, group, tiles).float().cpu()
-        if rope:
-            err, tol = _rotated_error(y, ref, cos, sin)
-        else:
-            err, tol = (y.float().cpu() - ref).abs().max().item(), 2**-6 * ref.abs().max().item()
-        if torch.equal(h, s) and err <= tol:
-            return True
-        log.warning("int4_rows's %s on %s is off (h exact: %s; product off by %.3g, allowed "
-                    "%.3g): the norm's kernel, then the product, serves", what, device,
-                    torch.equal(h, s), err, tol)
-    except Exception as e:  # noqa: BLE001 - any failure: the variant does not serve here
-        log.warning("int4_rows's %s does not run on %s (%s: %s): the norm's kernel, then "
-                    "the product, serves", what, device, type(e).__name__, e)
-    return False
-
-
-VARIANT_CHECKS = {"rope": _rope_check, "norm": _norm_check,
-                  "norm_rope": lambda device: _norm_check(device, rope=True)}
-
-
 def int4_rope(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
               n: int, cos: torch.Tensor, sin: torch.Tensor, rot: int,
-              cuda_rows: bool = False) -> torch.Tensor | None:
+              cuda_rows: bool = False, kv: tuple | None = None) -> torch.Tensor | None:
     """int4_linear's product (..., N) of a q | k | v weight (heads of D = cos.shape[-1]
     rows) with its first ``rot`` columns (q's and k's heads) rotated by cos / sin (M, D),
     one row per row of x: the bits eager_fused.rope gives of the product's q and k,
     through one cuda_int4.int4_rows launch where ``ROPE_EPILOGUE``, ``cuda_rows``, bf16 x
     and cos / sin on CUDA, rows that take that kernel (int4_product's "rows"), and its
     variant passed its check on the device (variant_ok); else None (the caller runs the
-    product, then RoPE)."""
+    product, then RoPE). ``kv`` (cache, slots, qcols): k and v also stored in the paged
+    cache, as cuda_int4.launch's, where KV_EPILOGUE and that variant's check passed (else
+    None)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    if not (_rope_takes(cos) and _rows_take(x, n, cuda_rows)):
+    if not (_rows_take(x, n, cuda_rows) and _epilogue_takes(cos, False, kv)):
         return None
-    y = cuda_int4.int4_rows_rope(x2, packed, scales_zeros, n, group, _inner_k_tiles(k),
-                                 cos.reshape(m, -1), sin.reshape(m, -1), rot)
+    cos, sin = cos.reshape(m, -1), sin.reshape(m, -1)
+    if kv is not None:
+        y = cuda_int4.int4_rows_rope_kv(x2, packed, scales_zeros, n, group, _inner_k_tiles(k),
+                                        cos, sin, rot, *kv)
+    else:
+        y = cuda_int4.int4_rows_rope(x2, packed, scales_zeros, n, group, _inner_k_tiles(k),
+                                     cos, sin, rot)
     return y.view(*x.shape[:-1], n)
 
 
 def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
               eps: float, packed: torch.Tensor, scales_zeros: torch.Tensor, group: int,
-              n: int, cuda_rows: bool = False, glu: bool = False, rope: tuple | None = None
-              ) -> tuple[torch.Tensor, torch.Tensor] | None:
+              n: int, cuda_rows: bool = False, glu: bool = False, rope: tuple | None = None,
+              kv: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(h, y) with h = x + residual (x for None) and y = int4_linear's product (``glu``:
-    int4_glu's silu(gate) * up; ``rope`` (cos, sin, rot): int4_rope's rotated product) of
+    int4_glu's silu(gate) * up; ``rope`` (cos, sin, rot) and ``kv``: int4_rope's) of
     RMSNorm(h) with ``weight`` and ``eps``, through one cuda_int4.launch_norm, where
     ``NORM_PROLOGUE``, ``cuda_rows``, bf16 x on CUDA, at most cuda_int4.NORM_MAX_ROWS rows
-    that take that kernel, and its norm variant passed its check on the device (and
-    int4_glu's or int4_rope's conditions for theirs); else None (the caller runs the
-    norm's kernel, then the product)."""
+    that take that kernel, x's rows fit its shared memory (cuda_int4.norm_fits), and its
+    variant passed its check on the device (and int4_glu's or int4_rope's conditions for
+    theirs); else None (the caller runs the norm's kernel, then the product)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     if not (NORM_PROLOGUE and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
-            and _rows_take(x, n, cuda_rows) and variant_ok("norm", x.device)
+            and _rows_take(x, n, cuda_rows)
             and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))
-            and (rope is None or _rope_takes(rope[0]) and variant_ok("norm_rope", x.device))):
+            and (variant_ok(x.device, norm=True) if rope is None
+                 else _epilogue_takes(rope[0], True, kv))):
+        return None
+    if not cuda_int4.norm_fits(m, n, k, _inner_k_tiles(k), group,
+                               cuda_int4.device_index(x.device), glu,
+                               0 if rope is None else rope[0].shape[-1], kv is not None):
         return None
     r2 = None if residual is None else residual.reshape(m, k)
     if rope is not None:
         rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
     h, y = cuda_int4.launch_norm(x2, r2, weight, eps, packed, scales_zeros, n, group,
-                                 _inner_k_tiles(k), glu=glu, rope=rope)
+                                 _inner_k_tiles(k), glu=glu, rope=rope, kv=kv)
     return h.view(x.shape), y.view(*x.shape[:-1], n // 2 if glu else n)
 
 
@@ -391,10 +398,12 @@ def _rows_take(x: torch.Tensor, n: int, cuda_rows: bool) -> bool:
             and int4_product(x.numel() // x.shape[-1], n, x.shape[-1], cuda_rows) == "rows")
 
 
-def _rope_takes(cos: torch.Tensor) -> bool:
-    """Whether RoPE rides in int4_rows's epilogue: ROPE_EPILOGUE, bf16 cos / sin, and its
-    variant's check passed on their device."""
-    return ROPE_EPILOGUE and cos.dtype == torch.bfloat16 and variant_ok("rope", cos.device)
+def _epilogue_takes(cos: torch.Tensor, norm: bool, kv: tuple | None) -> bool:
+    """Whether RoPE (and the cache's K/V with ``kv``) ride in int4_rows's epilogue, with
+    the norm in its prologue or not: ROPE_EPILOGUE (and KV_EPILOGUE), bf16 cos / sin, and
+    the variant's check passed on their device."""
+    return (ROPE_EPILOGUE and cos.dtype == torch.bfloat16 and (kv is None or KV_EPILOGUE)
+            and variant_ok(cos.device, norm, True, kv is not None))
 
 
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:

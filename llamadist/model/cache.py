@@ -44,8 +44,11 @@ class FlatLayerKV(Protocol):
     """One decoder layer's keys and values for a flat batch of N tokens from S sequences,
     each token at its own position (the runtime's batch metadata says which sequence)."""
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None,
+               v: torch.Tensor | None) -> torch.Tensor:
         """Store k/v (N, H_kv, D) (k rotated) at each token's slot, then return causal
         attention of q (N, H, D) (rotated) over each token's own sequence, up to and
-        including the token itself: (N, H, D)."""
+        including the token itself: (N, H, D). k and v None: stored already, where the
+        cache offers ``cache_slots`` (optional: (kv, slots) or None, see
+        llamadist.runtime.paged_attention.PagedLayer)."""
         ...

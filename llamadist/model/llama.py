@@ -134,34 +134,52 @@ class Attention(nn.Module):
         return s, self.attention(q, k, v, rotated, cos, sin, cache, start, mask)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            cache: LayerKV | FlatLayerKV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-        """q, k, v (B, T, *) of x, and whether q and k leave rotated: on a flat batch a fused
-        projection whose kernel rotates them (``rope_forward``: int4's decode rows) does."""
-        rope = self.flat_rope(x, cos, sin, cache)
-        fused = None if rope is None else getattr(self.qkv_proj, "rope_forward", None)
-        y = None if fused is None else fused(x, *rope)
-        if y is None:
-            return (*self.project(x), False)
-        return (*y.split(self.qkv_split, dim=-1), True)
+            cache: LayerKV | FlatLayerKV) -> tuple:
+        """(q, k, v, rotated): q, k, v (B, T, *) of x and whether q and k leave rotated. On
+        a flat batch a fused projection whose kernel rotates them (``rope_forward``: int4's
+        decode rows) does, and may store k and v in the paged cache itself too (``asks``;
+        k and v are then None)."""
+        fused = getattr(self.qkv_proj, "rope_forward", None)
+        for ask in self.asks(x, cos, sin, cache) if fused is not None else ():
+            y = fused(x, **ask)
+            if y is not None:
+                return self.answer(y, ask)
+        return (*self.project(x), False)
 
     def normed_qkv(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
                    cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | FlatLayerKV
                    ) -> tuple[torch.Tensor, tuple] | None:
         """(s, qkv's answer) of ``norm``(s), s = x + residual, through a fused projection
-        that takes the norm in its own kernel (and RoPE where it can, as ``qkv``); None
-        where it does not."""
+        that takes the norm in its own kernel (and RoPE and the cache's K/V where it can,
+        as ``qkv``); None where it does not."""
         fused = getattr(self.qkv_proj, "norm_forward", None)
-        if fused is None:
-            return None
+        for ask in [*self.asks(x, cos, sin, cache), {}] if fused is not None else ():
+            got = fused(x, residual, norm.weight, norm.eps, **ask)
+            if got is not None:
+                return got[0], self.answer(got[1], ask)
+        return None
+
+    def asks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+             cache: LayerKV | FlatLayerKV) -> list[dict]:
+        """What a fused q | k | v projection may do in its own kernel on this batch, the
+        most first: RoPE with k and v stored in the paged cache (where the batch's
+        attention is the paged decode kernel: the cache's ``cache_slots``), then RoPE alone
+        (``flat_rope``); nothing where neither applies."""
         rope = self.flat_rope(x, cos, sin, cache)
-        got = None if rope is None else fused(x, residual, norm.weight, norm.eps, rope=rope)
-        rotated = got is not None
-        if got is None:
-            got = fused(x, residual, norm.weight, norm.eps)
-        if got is None:
-            return None
-        s, y = got
-        return s, (*y.split(self.qkv_split, dim=-1), rotated)
+        if rope is None:
+            return []
+        slots = getattr(cache, "cache_slots", None)
+        store = None if slots is None else slots()
+        first = [] if store is None else [dict(rope=rope, kv=(*store, self.qkv_split[0]))]
+        return first + [dict(rope=rope)]
+
+    def answer(self, y: torch.Tensor, ask: dict) -> tuple:
+        """(q, k, v, rotated) of a fused projection's output y that did what ``ask`` asked:
+        k and v None where it stored them in the cache."""
+        q, k, v = y.split(self.qkv_split, dim=-1)
+        if "kv" in ask:
+            return q, None, None, True
+        return q, k, v, "rope" in ask
 
     def flat_rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   cache: LayerKV | FlatLayerKV) -> tuple | None:
@@ -214,11 +232,16 @@ class Attention(nn.Module):
         """A flat batch: the B*T tokens of q/k/v (B, T, *) are N independent tokens, each
         at its own position; ``attend`` (FlatLayerKV.attend) stores k/v and attends each
         token over its own sequence. cos/sin (B, 1, T, D); q and k ``rotated`` already (by
-        the projection's kernel) or not."""
+        the projection's kernel) or not; k and v None: stored already (rotated), by the
+        projection's kernel too."""
         b, t, _ = q.shape
         hd = self.head_dim
-        h, h_kv = q.shape[-1] // hd, k.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
-        q, k = q.view(b * t, h, hd), k.view(b * t, h_kv, hd)  # (N, H, D)
+        h = q.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
+        q = q.view(b * t, h, hd)  # (N, H, D)
+        if k is None:  # stored in the cache by the projection's kernel (Attention.asks)
+            return self.o_proj(attend(q, None, None).reshape(b, t, h * hd))
+        h_kv = k.shape[-1] // hd
+        k = k.view(b * t, h_kv, hd)
         if not rotated:
             cos, sin = _token_rows(cos, b * t), _token_rows(sin, b * t)  # (N, D)
             fused = eager(self.rotary_qk)

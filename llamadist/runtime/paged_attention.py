@@ -267,8 +267,27 @@ class PagedLayer:
             found = self.batch.cached[key] = (tables, lens, splits)
         return found
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Write k/v (N, H_kv, D) at the batch's slots, then attend q (N, H, D) -> (N, H, D)."""
+    def cache_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(kv, slots) where this batch's attention is the paged decode kernel (decode only,
+        the kernel set): the cache (2, blocks, H_kv, bs, D) and each token's slot (N,), for
+        a projection that stores k (rotated) and v there itself, then ``attend(q, None,
+        None)``; else None."""
+        if self.decode_fn is None or not self.batch.is_decode:
+            return None
+        return self.kv, self.batch.slot_mapping
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor | None,
+               v: torch.Tensor | None) -> torch.Tensor:
+        """Write k/v (N, H_kv, D) at the batch's slots (None: stored already, at
+        ``cache_slots``), then attend q (N, H, D) -> (N, H, D)."""
+        if k is None:
+            if self.cache_slots() is None or not paged_kernel.usable(q, self.kv):
+                raise RuntimeError("attend without k / v takes a decode batch through the "
+                                   "paged kernel (cache_slots), for q "
+                                   f"{tuple(q.shape)} {q.dtype}")
+            tables, lens, splits = self.kernel_inputs(self.kv.shape[2])
+            return self.decode_fn(q, None, None, self.kv, self.batch.slot_mapping, tables,
+                                  lens, splits)
         n, h_kv, d = k.shape
         if (self.decode_fn is not None and self.batch.is_decode
                 and paged_kernel.usable(q, self.kv)):

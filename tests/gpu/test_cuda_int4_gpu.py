@@ -506,3 +506,39 @@ def test_norm_through_the_attention(rope, monkeypatch):
         err = (out1.float() - out0.float()).abs().max().item()
         assert err <= 2**-6 * out0.float().abs().max().item(), (m, err)
         calls.clear()
+
+
+@pytest.mark.parametrize("pdl", [False, True])
+def test_k_and_v_into_the_paged_cache_as_the_write_kernel(pdl, monkeypatch):
+    """KVW: q | k | v's kernel with RoPE stores k's and v's heads in the paged cache at the
+    rows' slots (int32, as the graphs' buffers hold them), the same bits as eager_fused.rope
+    then the paged write kernel store, y as RoPE alone writes it; inside a CUDA graph."""
+    from llamadist.kernels import eager_fused
+    from llamadist.kernels.gpu import paged_attention as PK
+    if pdl and torch.cuda.get_device_capability(0)[0] < 9:
+        pytest.skip("programmatic dependent launches need sm_90")
+    monkeypatch.setattr(C, "PDL", pdl)
+    d, hq, hkv, k, group, bs = 128, 8, 2, 512, 128, 16
+    n, qcols, rot = (hq + 2 * hkv) * d, hq * d, (hq + hkv) * d
+    packed, sz, _, tiles = _case(n, k, group, seed=4)
+    for m in (1, 3, 4):
+        x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
+        cos, sin = (torch.randn(m, d, device=DEV).to(torch.bfloat16) for _ in range(2))
+        slots = torch.randperm(6 * bs, device=DEV)[:m].to(torch.int32)
+        want_cache = torch.randn(2, 6, hkv, bs, d, device=DEV).to(torch.bfloat16)
+        cache = want_cache.clone()
+        y = C.launch(x, packed, sz, n, group, tiles)
+        q, kk = eager_fused.rope(y[:, :qcols].view(m, hq, d), y[:, qcols:rot].view(m, hkv, d),
+                                 cos, sin)
+        PK.write_kv(kk, y[:, rot:].view(m, hkv, d), want_cache, slots)
+        got = C.launch(x, packed, sz, n, group, tiles, rope=(cos, sin, rot),
+                       kv=(cache, slots, qcols))
+        assert torch.equal(got, C.launch(x, packed, sz, n, group, tiles, rope=(cos, sin, rot)))
+        assert torch.equal(cache, want_cache), m
+    cache.zero_()
+    _replayed(lambda x: C.launch(x, packed, sz, n, group, tiles, rope=(cos, sin, rot),
+                                 kv=(cache, slots, qcols)), x)
+    expect = torch.zeros_like(cache)
+    blocks, offsets = slots.long() // bs, slots.long() % bs
+    expect[:, blocks, :, offsets] = want_cache[:, blocks, :, offsets]
+    assert torch.equal(cache, expect)

@@ -191,6 +191,39 @@ def _same_greedy_tokens(graphs, eager, prompts: list[str], tie: float = 0.15) ->
             assert abs(g.logprob - e.logprob) <= tie, (g, e)
 
 
+@pytest.mark.parametrize("folds", [("ROPE_EPILOGUE", "KV_EPILOGUE"), ("NORM_PROLOGUE",),
+                                   ("ROPE_EPILOGUE", "KV_EPILOGUE", "NORM_PROLOGUE")],
+                         ids=lambda f: "+".join(x.split("_")[0].lower() for x in f))
+def test_int4_folds_serve_the_same_greedy_tokens(wide_model, folds, monkeypatch):
+    """The wide model in int4, served with CUDA graphs and the paged decode kernel, with
+    int4_rows's folds switched on (wquant_torch: RoPE and the cache's K/V in q | k | v's
+    epilogue, add + RMSNorm in q | k | v's and gate | up's prologue): their kernels run
+    (counted at capture), and the greedy tokens are those of the kernels apart (near-ties
+    aside: the norm's sums run in another order)."""
+    from llamadist.api import LLM
+    from llamadist.config import RuntimeConfig
+    from llamadist.kernels import cuda_int4 as C
+    from llamadist.kernels import wquant_torch as WT
+    rt = RuntimeConfig(quantize="int4", dtype="bfloat16", wquant="torch", max_batch=2)
+    prompts = ["The quick brown fox", "1 2 3 4 5"]
+    apart = LLM(wide_model, devices="cuda:0", runtime=rt)
+    for name in folds:
+        monkeypatch.setattr(WT, name, True)
+    dev = torch.device("cuda", 0)
+    norm, rope = "NORM_PROLOGUE" in folds, "ROPE_EPILOGUE" in folds
+    assert WT.variant_ok(dev, norm, rope, rope)  # (checked here, before any capture)
+    assert not norm or WT.variant_ok(dev, norm=True)
+    calls: dict = {}
+    for name in ("int4_rows_rope_kv", "launch_norm"):
+        real = getattr(C, name)
+        monkeypatch.setattr(C, name, lambda *a, _n=name, _f=real, **kw: (
+            calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(*a, **kw))[1])
+    fused = LLM(wide_model, devices="cuda:0", runtime=rt)
+    _same_greedy_tokens(fused, apart, prompts)
+    assert (calls.get("int4_rows_rope_kv", 0) > 0) == (rope and not norm), calls
+    assert (calls.get("launch_norm", 0) > 0) == norm, calls
+
+
 def test_smollm2_gguf_torch_backend_bf16(smollm2):
     """The GGUF's Q4_1 (int4 group 32: tinygemm) and Q8_0 (int8 group 32: scaled) layers:
     torch and Triton backends' bf16 logits agree with each other."""

@@ -6,6 +6,7 @@ kernel's numbers are checked on a GPU (tests/gpu/test_cuda_int4_gpu.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import re
@@ -444,3 +445,131 @@ def test_rope_arguments_are_checked():
                                 ((cs, cs, 0), 1000, False, "dividing N")]:
         with pytest.raises(ValueError, match=words):
             C._check_rope(rope, x, n, glu)
+
+
+@needs_nvrtc
+def test_kv_forms_compile_without_local_memory(tmp_path):
+    """KVW (k and v also stored in the paged cache, with ROPE): the rule's forms for
+    Llama-3-8B's q | k | v at 1-8 rows as dependent launches on sm_90 (the spill check
+    compiles the KVW kernel), with the norm in the prologue too, plain on sm_80, and a
+    k-pair form: no spills, no local memory."""
+    for arch, pdl in (("90", True), ("80", False)):
+        for norm in (False, True):
+            forms = {C.rule_form(m, 6144, 4096, 8, 128, 132, 232448, arch, pdl, norm=norm,
+                                 rope=128, kvw=True) for m in ((1, 2, 4) if norm else
+                                                               (1, 2, 4, 8))}
+            for cfg in sorted(forms, key=C.RowsConfig.label) + [
+                    C.RowsConfig(8, 2, 1, 3, kpair=2)]:
+                d = C.defines(8, 128, cfg, pdl=pdl, norm=norm, rope=128, kvw=True)
+                assert C.spill_bytes(arch, d) in (0, None), (arch, cfg, norm)
+                sass = sass_of(C.compile_cubin(arch, d), tmp_path)
+                assert sass is None or not re.search(r"\b(LDL|STL)\b", sass), (arch, cfg)
+
+
+def test_kv_arguments_are_checked():
+    """launch's kv (cache, slots, qcols): what is wrong is named before any GPU work."""
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    cs = torch.zeros(2, 64, dtype=torch.bfloat16)
+    rope = (cs, cs, 384)  # q 4 heads of 64, k 2, v 2: N 512
+    cache = torch.zeros(2, 3, 2, 16, 64, dtype=torch.bfloat16)
+    slots = torch.tensor([3, 9])
+    assert not C._check_kv(None, x, 512, rope)
+    assert C._check_kv((cache, slots, 256), x, 512, rope)
+    assert C._check_kv((cache, slots.int(), 256), x, 512, rope)
+    for kv, r, words in [((cache, slots, 256), None, "needs rope"),
+                         ((cache.float(), slots, 256), rope, "cache must be bfloat16"),
+                         ((cache[..., :32], slots, 256), rope, "cache must be"),
+                         ((cache, slots, 192), rope, "k's columns 192..384"),
+                         ((cache[:, :, :1], slots, 256), rope, "cache's 1 heads"),
+                         ((cache, slots[:1], 256), rope, "slots must be"),
+                         ((cache, slots.float(), 256), rope, "slots must be")]:
+        with pytest.raises(ValueError, match=words):
+            C._check_kv(kv, x, 512, r)
+
+
+def _ptx_params(defines: dict) -> list[str]:
+    """The .param types of int4_rows's entry in NVRTC's PTX for these -D values."""
+    lib = C.nvrtc()
+    prog = ctypes.c_void_p()
+    headers = sorted(C.SOURCE.parent.glob("*.cuh"))
+    bodies = (ctypes.c_char_p * len(headers))(*[h.read_bytes() for h in headers])
+    names = (ctypes.c_char_p * len(headers))(*[h.name.encode() for h in headers])
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), C.SOURCE.read_bytes(), b"int4_rows.cu",
+                                  len(headers), bodies, names) == 0
+    opts = [b"--gpu-architecture=compute_90", b"-std=c++17"] + \
+        [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
+    try:
+        assert lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) == 0
+        size = ctypes.c_size_t()
+        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        buf = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetPTX(prog, buf)
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))
+    entry = re.search(r"\.entry int4_rows\((.*?)\)", buf.value.decode(), re.S).group(1)
+    return [re.search(r"\.param \.(\w+)", p).group(1) for p in entry.split(",")]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("norm,epilogue", [(False, "rope"), (False, "rope+kv"), (True, ""),
+                                           (True, "rope"), (True, "rope+kv")])
+def test_launches_pass_the_parameters_of_the_kernel_they_build(norm, epilogue, monkeypatch):
+    """launch / launch_norm with rope and kv: the kernel they ask for (its -D values) takes
+    exactly the parameters they pass, in order and type (a kernel built for other switches
+    reads its parameters from the wrong places: on a GPU an illegal address that ends the
+    process). The device's part is stood in for on the CPU; NVRTC's PTX says what the
+    kernel takes."""
+    import contextlib
+    asked, passed = {}, []
+    cfg = C.RowsConfig(8, 4, 4, 2)
+
+    def kernel(index, tiles, group, form, **switches):
+        asked.update(C.launch_defines(tiles, group, form, "90", **switches))
+        return "fn"
+
+    for name, value in (("device_index", lambda d: 0), ("pdl_launch", lambda i: True),
+                        ("smem_optin", lambda i: 232448), ("kernel", kernel),
+                        ("_rule_form", lambda *a, **kw: cfg), ("_check_args", lambda *a: None),
+                        ("_launch_ex", lambda fn, b, t, args, smem, pdl: passed.extend(args))):
+        monkeypatch.setattr(C, name, value)
+    monkeypatch.setattr(torch.cuda, "device", lambda d: contextlib.nullcontext())
+    m, k, group, d = 2, 256, 64, 64
+    n, qcols, rot = 8 * d, 4 * d, 6 * d
+    x = torch.zeros(m, k, dtype=torch.bfloat16)
+    packed = torch.zeros(n // 8, k // 128, 32, 4, dtype=torch.int32)
+    sz = torch.zeros(k // group, n, 2, dtype=torch.bfloat16)
+    cs = torch.zeros(m, d, dtype=torch.bfloat16)
+    rope = (cs, cs, rot) if epilogue else None
+    kv = (torch.zeros(2, 3, 2, 16, d, dtype=torch.bfloat16), torch.zeros(m, dtype=torch.int64),
+          qcols) if epilogue == "rope+kv" else None
+    if norm:
+        C.launch_norm(x, x, torch.ones(k, dtype=torch.bfloat16), 1e-5, packed, sz, n, group,
+                      8, rope=rope, kv=kv)
+    else:  # (without either, launch goes through torch's launcher: its own arguments)
+        C.launch(x, packed, sz, n, group, 8, rope=rope, kv=kv)
+    assert asked["NORM"] == norm and asked["ROPE"] == (d if rope else 0)
+    assert asked["KVW"] == (kv is not None)
+
+    def ptx_type(a) -> str:
+        if a is None or isinstance(a, torch.Tensor):
+            return "u64"
+        return {ctypes.c_float: "f32", ctypes.c_longlong: "u64"}.get(type(a), "u32")
+    assert [ptx_type(a) for a in passed] == _ptx_params(asked)
+
+
+def test_the_norm_forms_fit_the_device_or_are_not_taken(monkeypatch):
+    """NORM's x rows sit whole in shared memory: the rule's form sheds warps until it fits
+    (Llama-3-8B's q | k | v at 4 rows on a 99 KiB device, K 8 192), and where no form fits
+    (K 16 384 there) norm_fits says so, so int4_norm leaves the norm to its own kernel
+    rather than raising; on an H200 (227 KiB) both fit."""
+    cfg = C.rows_config(4, 6144, 8192).fit(8, 128, 101376, 8192, norm=True)
+    assert cfg.warps < C.rows_config(4, 6144, 8192).warps
+    assert cfg.smem_bytes(8, 128, 8192, norm=True) <= 101376
+    for have, fits in ((101376, {8192: True, 16384: False}),
+                       (232448, {8192: True, 16384: True})):
+        monkeypatch.setattr(C, "smem_optin", lambda i: have)
+        monkeypatch.setattr(C, "pdl_launch", lambda i: False)
+        monkeypatch.setattr(C, "_rule_form", lambda index, rows, n, k, tiles, group, *a, **kw:
+                            C.rows_config(rows, n, k).fit(tiles, group, have, k, norm=True))
+        for k, want in fits.items():
+            assert C.norm_fits(4, 6144, k, 8, 128, 0) == want, (have, k)

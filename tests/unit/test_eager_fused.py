@@ -120,8 +120,10 @@ class RotatingProjection(torch.nn.Linear):
         super().__init__(linear.in_features, linear.out_features, bias=False)
         self.weight, self.offer, self.calls = linear.weight, offer, calls
 
-    def rope_forward(self, x, cos, sin, rot):
+    def rope_forward(self, x, rope, kv=None):
         from llamadist.model.rope import apply_rotary
+        cos, sin, rot = rope
+        assert kv is None  # (OneSequence offers no cache_slots)
         self.calls.append((tuple(x.shape), tuple(cos.shape), tuple(sin.shape), rot))
         if not self.offer:
             return None

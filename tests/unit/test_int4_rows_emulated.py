@@ -230,36 +230,82 @@ def test_the_norm_and_rope_in_one_kernel(cfg):
                                 pdl=True, rope=(cos, sin, rot))
         assert torch.equal(h2, h) and torch.equal(got, _rope(y, cos, sin, rot)), m
 
-def test_the_device_checks_of_rope_and_norm_take_the_kernel_and_refuse_a_fault(monkeypatch,
-                                                                               caplog):
-    """wquant_torch's checks of the RoPE and norm variants (what lets the decode step use
-    them: variant_ok) pass the kernel as it is, run by the emulator in the form the rule
-    gives the check's case, and refuse a kernel that rotates the other way (cos and sin
-    swapped)."""
+
+@pytest.mark.parametrize("cfg,norm", [(C.RowsConfig(8, 4, 4, 2), False),
+                                      (C.RowsConfig(8, 4, 4, 3, kpair=2), False),
+                                      (C.RowsConfig(8, 4, 4, 2), True)],
+                         ids=lambda v: v.label() if isinstance(v, C.RowsConfig) else str(v))
+def test_k_and_v_into_the_paged_cache(cfg, norm):
+    """KVW (with ROPE): y as ROPE alone writes it, and k's heads (rotated) and v's in the
+    paged cache (2, blocks, H_kv, bs, D) at each row's slot, every other element of the
+    cache untouched; the cache a slice of a larger one (its strides, not its shape)."""
+    d, hq, hkv, k, group, bs = 64, 4, 2, 256, 64, 4
+    n, qcols, rot = (hq + 2 * hkv) * d, hq * d, (hq + hkv) * d
+    packed, sz, _, tiles = _case(n, k, group, seed=8)
+    gen = torch.Generator().manual_seed(9)
+    for m, slots in ((1, [6]), (4, [0, 13, 7, 18])):
+        x, res = (torch.randn(m, k, generator=gen).to(torch.bfloat16) for _ in range(2))
+        gamma = (1 + torch.randn(k, generator=gen) / 4).to(torch.bfloat16)
+        cos, sin = (torch.randn(m, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+        whole = torch.full((2, 7, hkv, bs, d), -7.0, dtype=torch.bfloat16)
+        # slots int32 (as the graphs' buffers hold them) and int64
+        cache, slot_t = whole[:, 1:6], torch.tensor(slots, dtype=[torch.int32, torch.int64][m > 1])
+        rope, kv = (cos, sin, rot), (cache, slot_t, qcols)
+        if norm:
+            _, want = E.launch_norm(x, res, gamma, 1e-5, packed, sz, n, group, tiles, cfg,
+                                    rope=rope)
+            _, got = E.launch_norm(x, res, gamma, 1e-5, packed, sz, n, group, tiles, cfg,
+                                   pdl=True, rope=rope, kv=kv)
+        else:
+            want = E.launch(x, packed, sz, n, group, tiles, cfg, rope=rope)
+            got = E.launch(x, packed, sz, n, group, tiles, cfg, pdl=True, rope=rope, kv=kv)
+        assert torch.equal(got, want)
+        expect = torch.full_like(whole, -7.0)
+        for r, slot in enumerate(slots):
+            for which, lo in ((0, qcols), (1, rot)):
+                expect[which, 1 + slot // bs, :, slot % bs] = want[r, lo:lo + hkv * d].view(
+                    hkv, d)
+        assert torch.equal(whole, expect), m
+
+VARIANTS = [(False, True, False), (False, True, True), (True, False, False),
+            (True, True, False), (True, True, True)]  # (norm, rope, kv)
+
+
+def test_the_variants_device_checks_take_the_kernel_and_refuse_faults(monkeypatch, caplog):
+    """wquant_torch's check of each variant (what lets the decode step use it: variant_ok)
+    passes the kernel as it is, run by the emulator in the form the rule gives the check's
+    case, and refuses a kernel that rotates the other way (cos and sin swapped) or stores
+    a row at the wrong slot."""
     from llamadist.kernels import eager_fused
+
     def pack(q, k):  # the CUDA words, from our packed bytes
         return WT.tinygemm_layout(W.unpack_int4(q, k).to(torch.int32), WT._inner_k_tiles(k))
 
-    def emulated(x, packed, sz, n, group, tiles, cfg=None, glu=False, rope=None):
-        return E.launch(x, packed, sz, n, group, tiles, cfg or C.rows_config(x.shape[0], n, k),
-                        glu=glu, rope=rope)
+    def form(x, n):
+        return C.rows_config(x.shape[0], n, x.shape[1])
 
-    def emulated_norm(x, res, gamma, eps, packed, sz, n, group, tiles, glu=False, rope=None):
-        return E.launch_norm(x, res, gamma, eps, packed, sz, n, group, tiles,
-                             C.rows_config(x.shape[0], n, k), glu=glu, rope=rope)
+    def emulated(x, packed, sz, n, group, tiles, cfg=None, glu=False, rope=None, kv=None):
+        return E.launch(x, packed, sz, n, group, tiles, cfg or form(x, n), glu=glu, rope=rope,
+                        kv=kv)
 
-    k = 256  # the check's case
+    def emulated_norm(x, res, gamma, eps, packed, sz, n, group, tiles, glu=False, rope=None,
+                      kv=None):
+        return E.launch_norm(x, res, gamma, eps, packed, sz, n, group, tiles, form(x, n),
+                             glu=glu, rope=rope, kv=kv)
+
+    def faulty(fn, fault):  # fn with its rope / kv arguments changed by fault
+        return lambda *a, rope=None, kv=None, **kw: fn(*a, **fault(rope, kv), **kw)
+
+    swap = lambda rope, kv: dict(rope=rope and (rope[1], rope[0], rope[2]), kv=kv)  # noqa: E731
+    slot = lambda rope, kv: dict(rope=rope, kv=kv and (kv[0], kv[1].roll(1), kv[2]))  # noqa: E731
     monkeypatch.setattr(WT, "tinygemm_pack", pack)
-    monkeypatch.setattr(C, "launch", emulated)
-    monkeypatch.setattr(C, "launch_norm", emulated_norm)
     monkeypatch.setattr(eager_fused, "add_rms_norm", _add_rms_norm)
     cpu = torch.device("cpu")
-    assert WT._rope_check(cpu) and WT._norm_check(cpu) and WT._norm_check(cpu, rope=True)
-    monkeypatch.setattr(C, "launch", lambda *a, rope=None, **kw: emulated(
-        *a, rope=rope and (rope[1], rope[0], rope[2]), **kw))
-    assert not WT._rope_check(cpu)
-    assert "RoPE on cpu is off by" in caplog.text
-    monkeypatch.setattr(C, "launch_norm", lambda *a, rope=None, **kw: emulated_norm(
-        *a, rope=rope and (rope[1], rope[0], rope[2]), **kw))
-    assert WT._norm_check(cpu) and not WT._norm_check(cpu, rope=True)
-    assert "norm with RoPE on cpu is off" in caplog.text
+    for fault in (None, swap, slot):
+        monkeypatch.setattr(C, "launch", faulty(emulated, fault) if fault else emulated)
+        monkeypatch.setattr(C, "launch_norm",
+                            faulty(emulated_norm, fault) if fault else emulated_norm)
+        for norm, rope, kv in VARIANTS:
+            fails = (fault is swap and rope) or (fault is slot and kv)
+            assert WT._variant_check(cpu, norm, rope, kv) != fails, (fault, norm, rope, kv)
+    assert "int4_rows's norm + RoPE + K/V on cpu is off" in caplog.text

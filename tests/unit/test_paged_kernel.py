@@ -50,6 +50,7 @@ def test_kernel_interpreted_matches_pytorch_paged_path(interpreted):
     proc = interpreted["cpu"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert proc.stdout.count("splits=") == 24  # 2 dtypes x 4 cases x 3 split counts
+    assert "stored k / v: out" in proc.stdout  # attend(q, None, None) (stored_case)
     assert "refused: paged decode attention takes 1 to 64 splits, not 65" in proc.stdout
 
 
