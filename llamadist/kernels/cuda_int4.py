@@ -378,14 +378,9 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
     x = x.contiguous()
     if x.data_ptr() % 16:  # x's rows and the table are copied in 16-byte chunks
         x = x.clone()
-    if scales_zeros.data_ptr() % 16:
-        scales_zeros = scales_zeros.clone()
-    index = device_index(x.device)
-    pdl = pdl_launch(index)
-    if cfg is None:
-        # GLU takes the product's own form: the same warps sum each output in the same order
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
-                         rope=head, kvw=kvw)
+    # GLU takes the product's own form: the same warps sum each output in the same order
+    scales_zeros, index, pdl, cfg = _form(x, scales_zeros, n, k, tiles, group, cfg,
+                                          rope=head, kvw=kvw)
     if m > cfg.rows:
         raise ValueError(f"int4_rows form {cfg.label()} takes at most {cfg.rows} rows, not {m}")
     if (glu or head) and cfg.nb % 2:
@@ -410,6 +405,21 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
         else:
             fn(grid=(blocks, 1, 1), block=(cfg.warps * 32, 1, 1), args=args, shared_mem=smem)
     return y
+
+
+def _form(x: torch.Tensor, scales_zeros: torch.Tensor, n: int, k: int, tiles: int,
+          group: int, cfg: RowsConfig | None, **variant) -> tuple:
+    """(the table, 16-byte aligned: copied in 16-byte chunks; the device's index; whether
+    this launch is a dependent one; ``cfg``, or the rule's form for x's rows and the
+    kernel ``variant`` names: _rule_form's norm, glu, rope, kvw)."""
+    if scales_zeros.data_ptr() % 16:
+        scales_zeros = scales_zeros.clone()
+    index = device_index(x.device)
+    pdl = pdl_launch(index)
+    if cfg is None:
+        cfg = _rule_form(index, row_capacity(x.shape[0]), n, k, tiles, group, pdl,
+                         _switches(), **variant)
+    return scales_zeros, index, pdl, cfg
 
 
 def _check_rope(rope: tuple | None, x: torch.Tensor, n: int, glu: bool) -> int:
@@ -520,13 +530,8 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
                 for t in (x, gamma))
     if residual is not None and (not residual.is_contiguous() or residual.data_ptr() % 16):
         residual = residual.contiguous().clone()
-    if scales_zeros.data_ptr() % 16:
-        scales_zeros = scales_zeros.clone()
-    index = device_index(x.device)
-    pdl = pdl_launch(index)
-    if cfg is None:
-        cfg = _rule_form(index, row_capacity(m), n, k, tiles, group, pdl, _switches(),
-                         norm=True, glu=glu, rope=head, kvw=kvw)
+    scales_zeros, index, pdl, cfg = _form(x, scales_zeros, n, k, tiles, group, cfg,
+                                          norm=True, glu=glu, rope=head, kvw=kvw)
     if m > cfg.rows or cfg.persist or ((glu or head) and cfg.nb % 2):
         raise ValueError(f"int4_rows form {cfg.label()} with the norm: at most {cfg.rows} "
                          "rows, not persistent, an even number of n-tiles for GLU and RoPE")
