@@ -65,20 +65,21 @@ WIDE_TINYGEMM_MAX_M = 14
 # Calls of up to this many rows take kernels.cuda_int4's int4_rows (CUDA C++ on tinygemm's
 # words, compiled by NVRTC) where it runs: the decode rows, in place of tinygemm (0: never).
 ROWS_MAX_M = 8
-# A q | k | v projection on int4_rows's decode rows rotates q's and k's heads in the
-# kernel's epilogue (int4_rope: one kernel fewer a layer, eager_fused.rope's 2.0 us in
-# session 33's batch-1 chain). Off until a GPU times the step with it (gpu_session.sh
-# ropestep35): checked on the CPU only (tests/cuda_emu.hpp runs int4_rows.cu).
+# int4_rows's folds of the decode step's small kernels (session 33's batch-1 chain: 13 us
+# of a layer's 57 are kernels other than the four linears), each off until a GPU times the
+# step with it (gpu_session.sh fold35, fold35b), checked on the CPU only so far
+# (tests/cuda_emu.hpp runs int4_rows.cu); a variant serves once its check passes on the
+# device (variant_ok):
+# - ROPE_EPILOGUE: q | k | v's kernel rotates q's and k's heads in its epilogue
+#   (int4_rope; eager_fused.rope's kernel, 2.0 us, not launched);
+# - KV_EPILOGUE (with ROPE_EPILOGUE): it also stores k and v in the paged cache where the
+#   step's attention is the paged decode kernel (the K/V write kernel, 1.1 us);
+# - NORM_PROLOGUE: the decoder layer's add + RMSNorm before q | k | v and before gate | up
+#   runs in those projections' prologue on up to cuda_int4.NORM_MAX_ROWS rows (int4_norm;
+#   the norm's kernel, 2.0-2.2 us each).
 ROPE_EPILOGUE = False
-# The decoder layer's add + RMSNorm before q | k | v and before gate | up runs in those
-# projections' int4_rows prologue on up to cuda_int4.NORM_MAX_ROWS rows (int4_norm: the
-# norm's kernel gone, 2.0-2.2 us a layer each in session 33's chain). Off until a GPU
-# times the step with it (gpu_session.sh norm34, kpnorm35, normrope35).
-NORM_PROLOGUE = False
-# With ROPE_EPILOGUE, q | k | v's kernel also stores k and v in the paged cache where the
-# step's attention is the paged decode kernel (the K/V write kernel, 1.1 us a layer in
-# session 33's chain, not launched). Off until a GPU times the step with it (fold35).
 KV_EPILOGUE = False
+NORM_PROLOGUE = False
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
