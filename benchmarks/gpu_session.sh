@@ -44,13 +44,16 @@ setup() {
 
 ab() {  # ab NAME "PYTHON SET-UP" BENCH-ARGS...: `llamadist bench` on the 8B folder in one
     # process after SET-UP (a former rule's module constants; W: wquant_torch, T:
-    # wquant_triton), the same process path as the CLI
+    # wquant_triton), the same process path as the CLI; at its exit, which of int4_rows's
+    # variants passed their device checks (a fold whose check failed is not in the step)
     local name=$1 consts=$2; shift 2
     step $name 100 python3 -c "
-import dataclasses, runpy, sys
+import atexit, dataclasses, runpy, sys
 import llamadist.kernels.wquant_torch as W
 import llamadist.kernels.wquant_triton as T
 $consts
+atexit.register(lambda: W._CHECKED and print('int4_rows variants (device, norm, rope, kv):',
+                                             W._CHECKED))
 sys.argv = ['llamadist', 'bench', '$CK', '--devices', 'cuda:0', '--json'] + sys.argv[1:]
 runpy.run_module('llamadist', run_name='__main__')" "$@"
 }

@@ -471,6 +471,15 @@ def _check_kv(kv: tuple | None, x: torch.Tensor, n: int, rope: tuple | None) -> 
     return True
 
 
+def kv_fits(kv: tuple, x: torch.Tensor, n: int, rope: tuple) -> bool:
+    """Whether launch takes ``kv`` with these x, N and ``rope`` (_check_kv without the
+    error: a caller that can leave the write to the cache's own kernel asks this)."""
+    try:
+        return _check_kv(kv, x, n, rope)
+    except ValueError:
+        return False
+
+
 def epilogue_args(rope: tuple | None, kv: tuple | None) -> list:
     """The kernel's parameters past NORM's for ``rope`` and ``kv`` (launch's): cos, sin,
     rot, then the cache, the slots (as int32), qcols, the cache's block size and its
@@ -673,7 +682,7 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
     if form is not None:
         warps, nb, stages, kind = (*form, 1)[:4]
         return RowsConfig(warps, nb, rows, stages, kpair=kind).fit(
-            tiles, group, p.shared_memory_per_block_optin, k)
+            tiles, group, p.shared_memory_per_block_optin, k, norm)
     return rule_form(rows, n, k, tiles, group, p.multi_processor_count,
                      p.shared_memory_per_block_optin, _arch(index), pdl, glu, norm, rope, kvw)
 

@@ -12,8 +12,9 @@ The G query heads of a KV head are the rows of one tile, so each K/V tile is rea
 for all of them. A tile is BLOCK_N slots gathered across blocks (any block_size), and
 accumulation is in float32 for fp16/bf16/fp32 inputs.
 
-``paged_decode`` also writes the step's K/V at ``slot_mapping`` first (one small kernel),
-and the pair is one custom op, ``llamadist::paged_decode``, that mutates the cache, so
+``paged_decode`` also writes the step's K/V at ``slot_mapping`` first (one small kernel;
+none where q | k | v's int4 kernel stored them already: k and v None), and the pair is one
+custom op, ``llamadist::paged_decode``, that mutates the cache, so
 torch.compile keeps it opaque inside a compiled decoder layer and orders it after the
 projections that feed it. The kernels themselves (and triton) are in
 llamadist.kernels.gpu.paged_attention, imported on the op's first call
@@ -36,10 +37,16 @@ LOG2E = 1.4426950408889634
 def usable(q: torch.Tensor, kv: torch.Tensor) -> bool:
     """Whether the kernel serves q (N, H, D) over kv (2, NB, H_kv, bs, D): Triton installed,
     q and kv on one device of a dtype it takes, D at most 256."""
-    return (gpu.INSTALLED and q.dim() == 3 and kv.dim() == 5
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
-            and kv.dtype == q.dtype and q.device == kv.device and q.shape[-1] <= 256
-            and q.shape[1] % kv.shape[2] == 0 and kv.stride(-1) == 1)
+    return (usable_cache(kv) and q.dim() == 3 and kv.dtype == q.dtype
+            and q.device == kv.device and q.shape[-1] == kv.shape[-1]
+            and q.shape[1] % kv.shape[2] == 0)
+
+
+def usable_cache(kv: torch.Tensor) -> bool:
+    """Whether the kernel serves a query of kv's own dtype over kv (usable's part that
+    does not depend on q)."""
+    return (gpu.INSTALLED and kv.dim() == 5 and kv.shape[-1] <= 256 and kv.stride(-1) == 1
+            and kv.dtype in (torch.float16, torch.bfloat16, torch.float32))
 
 
 @functools.cache

@@ -193,12 +193,12 @@ def int4_rows_ok(device: torch.device) -> bool:
     return _ROWS_CHECKED[index]
 
 
-def _check_case(device: torch.device) -> tuple:
+def _check_case(device: torch.device, n: int = 32) -> tuple:
     """The checks' small case: x (3, K) bf16 and an N x K weight in groups, packed by
     tinygemm on ``device``, with its float64 product (on the host): (x, packed, sz, n,
     group, ref)."""
     gen = torch.Generator(device="cpu").manual_seed(0)
-    n, k, group = 32, 256, 64
+    k, group = 256, 64
     codes = torch.randint(0, 16, (n, k), generator=gen)
     scale = torch.rand(n, k // group, generator=gen) / 8 + 0.01
     offset = torch.randn(n, k // group, generator=gen) / 8
@@ -275,8 +275,8 @@ def variant_ok(device: torch.device, norm: bool = False, rope: bool = False,
 def _variant_check(device: torch.device, norm: bool, rope: bool, kv: bool) -> bool:
     """Whether the variant gives, on the check's case: (``norm``) h = x + r exactly and the
     product of RMSNorm(h) within a bf16 step of eager_fused's norm, then the product (else
-    the product of x); (``rope``) with its first head rotated by the rows' cos / sin (heads
-    of 16: N = 32 is then k's head and v's); (``kv``) those two heads' rows, to the bit,
+    the product of x); (``rope``) with its first two heads rotated by the rows' cos / sin
+    (heads of 16: N = 48 is q's head, k's and v's); (``kv``) k's and v's rows, to the bit,
     in a paged cache at the rows' slots, the rest of the cache untouched. Launched plainly
     and, where the decode graphs chain them (gpu.pdl_supported), as a dependent launch. A
     reason is logged where not (the kernels apart serve)."""
@@ -297,12 +297,12 @@ def _variant_check(device: torch.device, norm: bool, rope: bool, kv: bool) -> bo
 
 def _variant_case(device: torch.device, norm: bool, rope: bool, kv: bool) -> str | None:
     """_variant_check's case run once: what is off, or None."""
-    x, packed, sz, n, group, _ = _check_case(device)
+    x, packed, sz, n, group, _ = _check_case(device, 48)
     tiles, (cos, sin) = _inner_k_tiles(x.shape[1]), _check_angles(x.shape[0], device)
     d, m = cos.shape[1], x.shape[0]
     cache = torch.full((2, 2, 1, 4, d), -7.0, dtype=torch.bfloat16, device=device)
     slots = torch.tensor([5, 0, 2][:m], device=device)
-    args = dict(rope=(cos, sin, d) if rope else None, kv=(cache, slots, 0) if kv else None)
+    args = dict(rope=(cos, sin, 2 * d) if rope else None, kv=(cache, slots, d) if kv else None)
     h, s = x, x
     if norm:
         from llamadist.kernels import eager_fused
@@ -314,14 +314,15 @@ def _variant_case(device: torch.device, norm: bool, rope: bool, kv: bool) -> str
     else:
         got = cuda_int4.launch(x, packed, sz, n, group, tiles, **args)
     y = cuda_int4.launch(x, packed, sz, n, group, tiles).float().cpu()
-    if rope:
-        y[:, :d] = y[:, :d] * cos.float().cpu() + torch.cat(
-            (-y[:, d // 2:d], y[:, :d // 2]), -1) * sin.float().cpu()
+    for head in range(2 if rope else 0):  # q's and k's
+        z = y[:, head * d:(head + 1) * d]
+        z[:] = z * cos.float().cpu() + torch.cat((-z[:, d // 2:], z[:, :d // 2]), -1) * \
+            sin.float().cpu()
     err, tol = (got.float().cpu() - y).abs().max().item(), 2**-6 * y.abs().max().item()
     stored = torch.full_like(cache, -7.0)
     if kv:
         for row, slot in enumerate(slots.tolist()):
-            stored[:, slot // 4, 0, slot % 4] = got[row].view(2, d)
+            stored[:, slot // 4, 0, slot % 4] = got[row, d:].view(2, d)
     if torch.equal(h, s) and err <= tol and torch.equal(cache, stored):
         return None
     return (f"is off (h exact: {torch.equal(h, s)}, the cache's rows exact: "
@@ -346,13 +347,13 @@ def int4_rope(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor,
     and cos / sin on CUDA, rows that take that kernel (int4_product's "rows"), and its
     variant passed its check on the device (variant_ok); else None (the caller runs the
     product, then RoPE). ``kv`` (cache, slots, qcols): k and v also stored in the paged
-    cache, as cuda_int4.launch's, where KV_EPILOGUE and that variant's check passed (else
-    None)."""
+    cache, as cuda_int4.launch's, where KV_EPILOGUE, that variant's check passed and the
+    kernel takes that cache (else None)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    if not (_rows_take(x, n, cuda_rows) and _epilogue_takes(cos, False, kv)):
-        return None
     cos, sin = cos.reshape(m, -1), sin.reshape(m, -1)
+    if not (_rows_take(x, n, cuda_rows) and _epilogue_takes(x2, n, (cos, sin, rot), False, kv)):
+        return None
     if kv is not None:
         y = cuda_int4.int4_rows_rope_kv(x2, packed, scales_zeros, n, group, _inner_k_tiles(k),
                                         cos, sin, rot, *kv)
@@ -375,19 +376,19 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     theirs); else None (the caller runs the norm's kernel, then the product)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
+    if rope is not None:
+        rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
     if not (NORM_PROLOGUE and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
             and _rows_take(x, n, cuda_rows)
             and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))
-            and (variant_ok(x.device, norm=True) if rope is None
-                 else _epilogue_takes(rope[0], True, kv))):
+            and (rope is None or _epilogue_takes(x2, n, rope, True, kv))
+            and (rope is not None or variant_ok(x.device, norm=True))):
         return None
     if not cuda_int4.norm_fits(m, n, k, _inner_k_tiles(k), group,
                                cuda_int4.device_index(x.device), glu,
                                0 if rope is None else rope[0].shape[-1], kv is not None):
         return None
     r2 = None if residual is None else residual.reshape(m, k)
-    if rope is not None:
-        rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
     h, y = cuda_int4.launch_norm(x2, r2, weight, eps, packed, scales_zeros, n, group,
                                  _inner_k_tiles(k), glu=glu, rope=rope, kv=kv)
     return h.view(x.shape), y.view(*x.shape[:-1], n // 2 if glu else n)
@@ -399,12 +400,15 @@ def _rows_take(x: torch.Tensor, n: int, cuda_rows: bool) -> bool:
             and int4_product(x.numel() // x.shape[-1], n, x.shape[-1], cuda_rows) == "rows")
 
 
-def _epilogue_takes(cos: torch.Tensor, norm: bool, kv: tuple | None) -> bool:
-    """Whether RoPE (and the cache's K/V with ``kv``) ride in int4_rows's epilogue, with
-    the norm in its prologue or not: ROPE_EPILOGUE (and KV_EPILOGUE), bf16 cos / sin, and
-    the variant's check passed on their device."""
-    return (ROPE_EPILOGUE and cos.dtype == torch.bfloat16 and (kv is None or KV_EPILOGUE)
-            and variant_ok(cos.device, norm, True, kv is not None))
+def _epilogue_takes(x: torch.Tensor, n: int, rope: tuple, norm: bool,
+                    kv: tuple | None) -> bool:
+    """Whether RoPE (cos, sin (M, D), rot) of x's M rows, and the cache's K/V with ``kv``,
+    ride in int4_rows's epilogue, with the norm in its prologue or not: ROPE_EPILOGUE (and
+    KV_EPILOGUE, a cache the kernel takes: cuda_int4.kv_fits), bf16 cos / sin, and the
+    variant's check passed on x's device."""
+    return (ROPE_EPILOGUE and rope[0].dtype == torch.bfloat16
+            and (kv is None or KV_EPILOGUE and cuda_int4.kv_fits(kv, x, n, rope))
+            and variant_ok(x.device, norm, True, kv is not None))
 
 
 def tinygemm_bytes(q: torch.Tensor) -> torch.Tensor:

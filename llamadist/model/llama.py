@@ -191,11 +191,13 @@ class Attention(nn.Module):
         n = x.shape[0] * x.shape[1]
         return (_token_rows(cos, n), _token_rows(sin, n), sum(self.qkv_split[:2]))
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotated: bool,
-                  cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | FlatLayerKV,
-                  start: Start, mask: torch.Tensor | None) -> torch.Tensor:
-        """The attention of q, k, v (B, T, *; q and k ``rotated`` already or not: only a
-        flat batch's are) and the output projection."""
+    def attention(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                  rotated: bool, cos: torch.Tensor, sin: torch.Tensor,
+                  cache: LayerKV | FlatLayerKV, start: Start,
+                  mask: torch.Tensor | None) -> torch.Tensor:
+        """The attention of q, k, v (B, T, *; q and k ``rotated`` already or not, k and v
+        None where stored already: only a flat batch's, forward_flat) and the output
+        projection."""
         b, t, _ = q.shape
         attend = getattr(cache, "attend", None)
         if attend is not None:
@@ -226,8 +228,8 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, -1)  # (B, T, H*D)
         return self.o_proj(out)
 
-    def forward_flat(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotated: bool,
-                     cos: torch.Tensor, sin: torch.Tensor,
+    def forward_flat(self, q: torch.Tensor, k: torch.Tensor | None, v: torch.Tensor | None,
+                     rotated: bool, cos: torch.Tensor, sin: torch.Tensor,
                      attend: Callable[..., torch.Tensor]) -> torch.Tensor:
         """A flat batch: the B*T tokens of q/k/v (B, T, *) are N independent tokens, each
         at its own position; ``attend`` (FlatLayerKV.attend) stores k/v and attends each

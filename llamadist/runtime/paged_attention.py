@@ -269,12 +269,17 @@ class PagedLayer:
 
     def cache_slots(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(kv, slots) where this batch's attention is the paged decode kernel (decode only,
-        the kernel set): the cache (2, blocks, H_kv, bs, D) and each token's slot (N,), for
-        a projection that stores k (rotated) and v there itself, then ``attend(q, None,
-        None)``; else None."""
-        if self.decode_fn is None or not self.batch.is_decode:
+        the kernel set, a cache it takes: a query of the cache's dtype then takes it too):
+        the cache (2, blocks, H_kv, bs, D) and each token's slot (N,) int32 (made once per
+        batch where the batch's are not), for a projection that stores k (rotated) and v
+        there itself, then ``attend(q, None, None)``; else None."""
+        if (self.decode_fn is None or not self.batch.is_decode
+                or not paged_kernel.usable_cache(self.kv)):
             return None
-        return self.kv, self.batch.slot_mapping
+        slots = self.batch.cached.get("slots32")
+        if slots is None:
+            slots = self.batch.cached["slots32"] = self.batch.slot_mapping.to(torch.int32)
+        return self.kv, slots
 
     def attend(self, q: torch.Tensor, k: torch.Tensor | None,
                v: torch.Tensor | None) -> torch.Tensor:

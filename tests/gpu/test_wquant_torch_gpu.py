@@ -213,15 +213,21 @@ def test_int4_folds_serve_the_same_greedy_tokens(wide_model, folds, monkeypatch)
     norm, rope = "NORM_PROLOGUE" in folds, "ROPE_EPILOGUE" in folds
     assert WT.variant_ok(dev, norm, rope, rope)  # (checked here, before any capture)
     assert not norm or WT.variant_ok(dev, norm=True)
-    calls: dict = {}
+    calls: dict = {}  # (the kernel, with the cache's K/V) -> calls
     for name in ("int4_rows_rope_kv", "launch_norm"):
         real = getattr(C, name)
-        monkeypatch.setattr(C, name, lambda *a, _n=name, _f=real, **kw: (
-            calls.__setitem__(_n, calls.get(_n, 0) + 1), _f(*a, **kw))[1])
+
+        def counted(*a, _n=name, _f=real, **kw):
+            key = (_n, _n == "int4_rows_rope_kv" or kw.get("kv") is not None)
+            calls[key] = calls.get(key, 0) + 1
+            return _f(*a, **kw)
+        monkeypatch.setattr(C, name, counted)
     fused = LLM(wide_model, devices="cuda:0", runtime=rt)
     _same_greedy_tokens(fused, apart, prompts)
-    assert (calls.get("int4_rows_rope_kv", 0) > 0) == (rope and not norm), calls
-    assert (calls.get("launch_norm", 0) > 0) == norm, calls
+    # q | k | v stores the cache's K/V wherever RoPE is on: alone, or in the norm's kernel
+    assert (("int4_rows_rope_kv", True) in calls) == (rope and not norm), calls
+    assert (("launch_norm", True) in calls) == (rope and norm), calls
+    assert (("launch_norm", False) in calls) == norm, calls  # gate | up's (and q | k | v's)
 
 
 def test_smollm2_gguf_torch_backend_bf16(smollm2):
