@@ -1420,12 +1420,13 @@ fold35() {  # issue 16, for session 35 (written in 35, not run): the small kerne
     # into int4_rows (wquant_torch's switches): RoPE in q | k | v's epilogue
     # (ROPE_EPILOGUE), with k and v stored in the paged cache there too (KV_EPILOGUE), add
     # + RMSNorm in q | k | v's and gate | up's prologue (NORM_PROLOGUE), all three (q | k |
-    # v's one kernel); first the kernels' and the wiring's GPU tests, then int4 + head at
-    # batch 1 with each beside none, in the bench's process path (~9 min; batch 4: fold35b)
+    # v's one kernel); first the kernels' and the wiring's GPU tests (NORM's 72 kernel
+    # cases: norm34's), then int4 + head at batch 1 with each beside none, in the bench's
+    # process path (~9 min; batch 4: fold35b)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64"
     step tests_fold35 220 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
-        -k "through_the or norm_in_the_kernel or rope_in_the_epilogue or paged_cache or folds"
+        -k "through_the or rope_in_the_epilogue or paged_cache or folds"
     checkpoint
     fold_runs 1 $q
 }
