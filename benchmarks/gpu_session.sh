@@ -1431,11 +1431,16 @@ fold35() {  # issue 16, for session 35 (written in 35, not run): the small kerne
     fold_runs 1 $q
 }
 
-fold35b() {  # issue 16, for session 35: fold35's runs at batch 4, then bf16 at batch 1
-    # (whose step none of them touch) (~6 min)
-    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64"
+fold35b() {  # issue 16, for session 35: fold35's runs at batch 4, the norm before q | k | v
+    # only (NORM_PROLOGUE "qkv": gate | up's 896 blocks each re-read x, the residual and
+    # the norm's weight) at batch 1 and 4, then bf16 at batch 1 (whose step none of them
+    # touch) (~8 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
     checkpoint
     fold_runs 4 $q
+    for b in 1 4; do
+        ab i4h_b${b}_normqkv "W.NORM_PROLOGUE = 'qkv'" $q --batch $b
+    done
     ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
 }
 

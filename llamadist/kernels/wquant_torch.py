@@ -76,7 +76,9 @@ ROWS_MAX_M = 8
 #   step's attention is the paged decode kernel (the K/V write kernel, 1.1 us);
 # - NORM_PROLOGUE: the decoder layer's add + RMSNorm before q | k | v and before gate | up
 #   runs in those projections' prologue on up to cuda_int4.NORM_MAX_ROWS rows (int4_norm;
-#   the norm's kernel, 2.0-2.2 us each).
+#   the norm's kernel, 2.0-2.2 us each); "qkv": before q | k | v only (every block reads
+#   x, the residual and the norm's weight, 24 KB at one row of Llama-3-8B's width: gate |
+#   up's 896 blocks read 21 MB of them from the L2 a layer where its product reads 7).
 ROPE_EPILOGUE = False
 KV_EPILOGUE = False
 NORM_PROLOGUE = False
@@ -185,7 +187,7 @@ def int4_rows_ok(device: torch.device) -> bool:
     index = cuda_int4.device_index(device)
     if index not in _ROWS_CHECKED:
         _ROWS_CHECKED[index] = _rows_check(torch.device("cuda", index))
-        for norm in {False, NORM_PROLOGUE}:
+        for norm in {False, bool(NORM_PROLOGUE)}:
             for rope in {False, ROPE_EPILOGUE}:
                 for kv in {False, rope and KV_EPILOGUE}:
                     if _ROWS_CHECKED[index] and (norm or rope):
@@ -370,15 +372,17 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     """(h, y) with h = x + residual (x for None) and y = int4_linear's product (``glu``:
     int4_glu's silu(gate) * up; ``rope`` (cos, sin, rot) and ``kv``: int4_rope's) of
     RMSNorm(h) with ``weight`` and ``eps``, through one cuda_int4.launch_norm, where
-    ``NORM_PROLOGUE``, ``cuda_rows``, bf16 x on CUDA, at most cuda_int4.NORM_MAX_ROWS rows
-    that take that kernel, x's rows fit its shared memory (cuda_int4.norm_fits), and its
-    variant passed its check on the device (and int4_glu's or int4_rope's conditions for
-    theirs); else None (the caller runs the norm's kernel, then the product)."""
+    ``NORM_PROLOGUE`` (not "qkv" for ``glu``), ``cuda_rows``, bf16 x on CUDA, at most
+    cuda_int4.NORM_MAX_ROWS rows that take that kernel, x's rows fit its shared memory
+    (cuda_int4.norm_fits), and its variant passed its check on the device (and int4_glu's
+    or int4_rope's conditions for theirs); else None (the caller runs the norm's kernel,
+    then the product)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     if rope is not None:
         rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
-    if not (NORM_PROLOGUE and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
+    if not (NORM_PROLOGUE and (NORM_PROLOGUE != "qkv" or not glu)
+            and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
             and _rows_take(x, n, cuda_rows)
             and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))
             and (rope is None or _epilogue_takes(x2, n, rope, True, kv))

@@ -145,3 +145,30 @@ def test_int4_product_by_rows():
         assert WT.int4_product(WT.MMA_MAX_M + 1, n, k) == "dequant"
         assert WT.int4_product(4096, n, k) == "dequant"
     assert 1 <= WT.TINYGEMM_MAX_M < WT.WIDE_TINYGEMM_MAX_M < WT.MMA_MAX_M
+
+
+@pytest.mark.parametrize("switch", [False, True, "qkv"])
+def test_the_norm_switch_chooses_which_projections_take_the_norm(switch, monkeypatch):
+    """int4_norm under wquant_torch.NORM_PROLOGUE: off, it leaves the norm to its own kernel
+    (None); on, q | k | v and gate | up take it in their kernel (launch_norm); "qkv", only
+    q | k | v does. (The device's part stood in for: its kernels are tested in
+    tests/unit/test_int4_rows_emulated.py and on a GPU.)"""
+    from llamadist.kernels import cuda_int4 as C
+    launched = []
+    monkeypatch.setattr(WT, "NORM_PROLOGUE", switch)
+    monkeypatch.setattr(WT, "_rows_take", lambda x, n, cuda_rows: True)
+    monkeypatch.setattr(WT, "variant_ok", lambda *a, **kw: True)
+    monkeypatch.setitem(WT._GLU_CHECKED, 0, True)
+    monkeypatch.setattr(C, "device_index", lambda device: 0)
+    monkeypatch.setattr(C, "norm_fits", lambda *a: True)
+    monkeypatch.setattr(C, "launch_norm", lambda x, r, w, eps, p, sz, n, g, t, glu=False, **kw:
+                        launched.append(glu) or (x, x.new_zeros(x.shape[0], n // (1 + glu))))
+    x = torch.zeros(1, 2, 256, dtype=torch.bfloat16)
+    w = torch.ones(256, dtype=torch.bfloat16)
+    for glu in (False, True):
+        got = WT.int4_norm(x, None, w, 1e-5, None, None, 64, 512, True, glu)
+        takes = bool(switch) and (switch != "qkv" or not glu)
+        assert (got is not None) == takes, glu
+        if takes:
+            assert got[1].shape == (1, 2, 256 if glu else 512)
+    assert launched == [g for g in (False, True) if switch and (switch != "qkv" or not g)]
