@@ -5,9 +5,12 @@ of the weight the words encode, at the GPU test's tolerance (tests/gpu/test_cuda
 on shapes with an odd number of k-tiles, fewer k-tiles than warps, groups within and across
 k-tiles, and n-tiles that do not fill the last block; gate | up against silu(gate) * up of
 the product; and the emulator's own checks (a read past a buffer, a slot read before its
-copies land); RoPE in the epilogue against the product then the formula. The forms the
-GPU has timed check the emulator; the k-pair forms (KP) and ROPE are checked here before
-any GPU has run them."""
+copies land); the add + RMSNorm prologue (NORM) against the norm then the product; RoPE in
+the epilogue (ROPE) against the product then the formula, with the norm too; k and v into
+the paged cache (KVW) at the rows' slots; and wquant_torch's device checks of those
+variants against the emulated kernel and faults. The forms the GPU has timed check the
+emulator; the k-pair forms (KP), NORM, ROPE and KVW are checked here before any GPU has
+run them."""
 
 from __future__ import annotations
 
