@@ -403,6 +403,13 @@ struct Rope {
 #define ROPE_OF_PARAMS {nullptr, nullptr, 0, nullptr, nullptr, 0, 0, 0, 0, 0, 0}
 #endif
 
+// the kernel's entry: one parameter list for every form (the one cuda_int4's launches pass)
+#define INT4_ROWS_ENTRY                                                                   \
+    extern "C" __global__ void BOUNDS int4_rows(                                          \
+        const u16* __restrict__ x, const u32* __restrict__ words,                         \
+        const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K NORM_PARAMS \
+        ROPE_PARAMS)
+
 #if ROPE
 // out = x cos + rotate_half(x) sin at column d of a head, x its bf16 value and partner the
 // bf16 value D / 2 columns off (first half: rotate_half = -partner), each product and the
@@ -705,9 +712,7 @@ static __device__ __forceinline__ void kp_store(float (&red)[WARPS][NB][8][8], i
 }
 
 #if KP == 1
-extern "C" __global__ void BOUNDS
-int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K NORM_PARAMS ROPE_PARAMS) {
+INT4_ROWS_ENTRY {
     const Rope rp = ROPE_OF_PARAMS;
     __shared__ float red[WARPS][NB][8][8];
 #if NORM
@@ -828,9 +833,7 @@ static __device__ __forceinline__ void ld_words(u32 (&r)[W], const u32* p) {
 #endif
 }
 
-extern "C" __global__ void BOUNDS
-int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K NORM_PARAMS ROPE_PARAMS) {
+INT4_ROWS_ENTRY {
     const Rope rp = ROPE_OF_PARAMS;
     __shared__ float red[WARPS][NB][8][8];
 #if NORM
@@ -932,9 +935,7 @@ int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
 }
 #endif  // KP 1, 2
 #else
-extern "C" __global__ void BOUNDS
-int4_rows(const u16* __restrict__ x, const u32* __restrict__ words,
-          const u32* __restrict__ sz, u16* __restrict__ y, int M, int N, int K NORM_PARAMS ROPE_PARAMS) {
+INT4_ROWS_ENTRY {
     const Rope rp = ROPE_OF_PARAMS;
     __shared__ float red[WARPS][NB][ROWS16 ? 16 : 8][8];
 #if NORM
