@@ -481,9 +481,8 @@ def int4_glu(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, 
     the device (int4_rows_ok); else None (the caller runs the product, then silu * up).
     N is a multiple of 16, as tinygemm_ok has it."""
     x2 = x.reshape(-1, x.shape[-1])
-    m, k = x2.shape
-    if not (cuda_rows and x.is_cuda and x.dtype == torch.bfloat16
-            and int4_product(m, n, k, cuda_rows) == "rows"
+    k = x2.shape[1]
+    if not (_rows_take(x, n, cuda_rows)
             and _GLU_CHECKED.get(cuda_int4.device_index(x.device), False)):
         return None
     y = cuda_int4.int4_rows_glu(x2, packed, scales_zeros, n, group, _inner_k_tiles(k))
