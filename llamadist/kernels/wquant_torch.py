@@ -78,7 +78,8 @@ ROWS_MAX_M = 8
 #   runs in those projections' prologue on up to cuda_int4.NORM_MAX_ROWS rows (int4_norm;
 #   the norm's kernel, 2.0-2.2 us each); "qkv": before q | k | v only (every block reads
 #   x, the residual and the norm's weight, 24 KB at one row of Llama-3-8B's width: gate |
-#   up's 896 blocks read 21 MB of them from the L2 a layer where its product reads 7).
+#   up's 896 blocks read 21 MB of them from the L2 a layer where its product reads 7);
+#   "glu": before gate | up only.
 ROPE_EPILOGUE = False
 KV_EPILOGUE = False
 NORM_PROLOGUE = False
@@ -372,8 +373,8 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     """(h, y) with h = x + residual (x for None) and y = int4_linear's product (``glu``:
     int4_glu's silu(gate) * up; ``rope`` (cos, sin, rot) and ``kv``: int4_rope's) of
     RMSNorm(h) with ``weight`` and ``eps``, through one cuda_int4.launch_norm, where
-    ``NORM_PROLOGUE`` (not "qkv" for ``glu``), ``cuda_rows``, bf16 x on CUDA, at most
-    cuda_int4.NORM_MAX_ROWS rows that take that kernel, x's rows fit its shared memory
+    ``NORM_PROLOGUE`` (True, or "glu" / "qkv" for the one it is), ``cuda_rows``, bf16 x
+    on CUDA, at most cuda_int4.NORM_MAX_ROWS rows that take that kernel, x's rows fit its shared memory
     (cuda_int4.norm_fits), and its variant passed its check on the device (and int4_glu's
     or int4_rope's conditions for theirs); else None (the caller runs the norm's kernel,
     then the product)."""
@@ -381,7 +382,7 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     m, k = x2.shape
     if rope is not None:
         rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
-    if not (NORM_PROLOGUE and (NORM_PROLOGUE != "qkv" or not glu)
+    if not (NORM_PROLOGUE in (True, "glu" if glu else "qkv")
             and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
             and _rows_take(x, n, cuda_rows)
             and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))

@@ -147,11 +147,11 @@ def test_int4_product_by_rows():
     assert 1 <= WT.TINYGEMM_MAX_M < WT.WIDE_TINYGEMM_MAX_M < WT.MMA_MAX_M
 
 
-@pytest.mark.parametrize("switch", [False, True, "qkv"])
+@pytest.mark.parametrize("switch", [False, True, "qkv", "glu"])
 def test_the_norm_switch_chooses_which_projections_take_the_norm(switch, monkeypatch):
     """int4_norm under wquant_torch.NORM_PROLOGUE: off, it leaves the norm to its own kernel
     (None); on, q | k | v and gate | up take it in their kernel (launch_norm); "qkv", only
-    q | k | v does. (The device's part stood in for: its kernels are tested in
+    q | k | v does; "glu", only gate | up. (The device's part stood in for: its kernels are tested in
     tests/unit/test_int4_rows_emulated.py and on a GPU.)"""
     from llamadist.kernels import cuda_int4 as C
     launched = []
@@ -167,8 +167,8 @@ def test_the_norm_switch_chooses_which_projections_take_the_norm(switch, monkeyp
     w = torch.ones(256, dtype=torch.bfloat16)
     for glu in (False, True):
         got = WT.int4_norm(x, None, w, 1e-5, None, None, 64, 512, True, glu)
-        takes = bool(switch) and (switch != "qkv" or not glu)
+        takes = switch is True or switch == ("glu" if glu else "qkv")
         assert (got is not None) == takes, glu
         if takes:
             assert got[1].shape == (1, 2, 256 if glu else 512)
-    assert launched == [g for g in (False, True) if switch and (switch != "qkv" or not g)]
+    assert launched == [g for g in (False, True) if switch in (True, "glu" if g else "qkv")]
