@@ -1516,7 +1516,9 @@ fold36() {  # issue 16, session 36: the folds' step times again, each run twice 
     # interleaved (fold35's single runs differ by up to 0.04 ms where no fold differs), the
     # norm before gate | up only ("glu") and at one row only (NORM_MAX_ROWS 1: fold35b's
     # norm at 4 rows slowed the step 2.0 -> 2.9 ms), at batch 1, 2, 4, 8; the GPU tests
-    # fold35's run failed on (the tests' own faults) first (~8 min)
+    # fold35's run failed on (the tests' own faults) first; then the paged kernel's splits
+    # at 4 KV tiles a split at least (MIN_SPLIT_TILES; at 192 slots: one split, no merge)
+    # with int4 and bf16 (~9 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b r
     local rk="W.ROPE_EPILOGUE = W.KV_EPILOGUE = True" r1="C.NORM_MAX_ROWS = 1"
     local c="import llamadist.kernels.cuda_int4 as C"
@@ -1542,7 +1544,13 @@ fold36() {  # issue 16, session 36: the folds' step times again, each run twice 
         ab i4h_b${b}_ropekv "$rk" $q --batch $b
         ab i4h_b${b}_all "$rk; W.NORM_PROLOGUE = True" $q --batch $b
     done
+    local p="import llamadist.kernels.paged_attention as P; P.MIN_SPLIT_TILES = 4"
+    ab i4h_b1_ropekv_normglu_tiles4 "$p; $rk; W.NORM_PROLOGUE = 'glu'" $q --batch 1
+    ab i4h_b4_ropekv_tiles4 "$p; $rk" $q --batch 4
     ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+    ab bf16_b1_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch 1
+    ab bf16_b4 "" --prompt-len 128 --gen-len 64 --batch 4
+    ab bf16_b4_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch 4
 }
 
 case ${1:-} in

@@ -31,6 +31,10 @@ from llamadist.kernels import gpu
 
 BLOCK_N = 64  # KV slots per tile
 MAX_SPLITS = 64
+# The fewest KV tiles a split is given at the bucket's longest sequence: each split past
+# one costs the merge kernel (its launch, about 2 us of a decode step's chain on an H200),
+# so a short sequence is not split into one-tile programs (1: as many splits as tiles).
+MIN_SPLIT_TILES = 1
 LOG2E = 1.4426950408889634
 
 
@@ -57,10 +61,10 @@ def _multiprocessors(index: int) -> int:
 def num_splits(rows: int, max_slots: int, multiprocessors: int = 132) -> int:
     """Programs per (sequence, KV head) for ``rows`` = S * H_kv of them over at most
     ``max_slots`` slots a sequence: about two programs per multiprocessor in all, a power
-    of two (the merge kernel's tile), never more than the tiles of ``max_slots`` nor
-    MAX_SPLITS. Fixed per graph bucket: it depends on shapes only."""
+    of two (the merge kernel's tile), never more than the tiles of ``max_slots`` over
+    MIN_SPLIT_TILES nor MAX_SPLITS. Fixed per graph bucket: it depends on shapes only."""
     want = max(1, -(-2 * multiprocessors // max(1, rows)))
-    tiles = max(1, -(-max_slots // BLOCK_N))
+    tiles = max(1, -(-max_slots // BLOCK_N) // MIN_SPLIT_TILES)
     up = 1 << (want - 1).bit_length()      # smallest power of two >= want
     down = 1 << (tiles.bit_length() - 1)   # largest power of two <= tiles
     return min(MAX_SPLITS, up, down)
