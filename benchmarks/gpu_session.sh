@@ -1513,44 +1513,43 @@ rope35() {  # issue 16, for session 35 (branch rope-epilogue, written in 34, not
 }
 
 fold36() {  # issue 16, session 36: the folds' step times again, each run twice and
-    # interleaved (fold35's single runs differ by up to 0.04 ms where no fold differs), the
-    # norm before gate | up only ("glu") and at one row only (NORM_MAX_ROWS 1: fold35b's
-    # norm at 4 rows slowed the step 2.0 -> 2.9 ms), at batch 1, 2, 4, 8; the GPU tests
-    # fold35's run failed on (the tests' own faults) first; then the paged kernel's splits
-    # at 4 KV tiles a split at least (MIN_SPLIT_TILES; at 192 slots: one split, no merge)
-    # with int4 and bf16 (~9 min)
+    # interleaved, RoPE with the norm and without the K/V store (fold35: the store slowed
+    # the step at batch 1 and 4), the norm before gate | up only ("glu"), the norm at batch
+    # 2 and 8 (fold35b: at 4 rows it slowed the step 2.0 -> 2.9 ms); the GPU tests fold35's
+    # run failed on (the tests' own faults) first; then the paged kernel's splits at 4 KV
+    # tiles a split at least (MIN_SPLIT_TILES; at 192 slots: one split, no merge) with
+    # int4 and bf16 (~8 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b r
-    local rk="W.ROPE_EPILOGUE = W.KV_EPILOGUE = True" r1="C.NORM_MAX_ROWS = 1"
-    local c="import llamadist.kernels.cuda_int4 as C"
+    local ro="W.ROPE_EPILOGUE = True" rk="W.ROPE_EPILOGUE = W.KV_EPILOGUE = True"
+    local n="W.NORM_PROLOGUE = True" p="import llamadist.kernels.paged_attention as P"
+    p="$p; P.MIN_SPLIT_TILES = 4"
     step tests_fold36 150 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
         -k "through_the or rope_in_the_epilogue or paged_cache or folds"
     checkpoint
     for r in 1 2; do
         ab i4h_b1_r$r "" $q --batch 1
-        ab i4h_b1_rope_r$r "W.ROPE_EPILOGUE = True" $q --batch 1
+        ab i4h_b1_rope_r$r "$ro" $q --batch 1
         ab i4h_b1_ropekv_r$r "$rk" $q --batch 1
-        ab i4h_b1_all_r$r "$rk; W.NORM_PROLOGUE = True" $q --batch 1
+        ab i4h_b1_rope_norm_r$r "$ro; $n" $q --batch 1
+        ab i4h_b1_all_r$r "$rk; $n" $q --batch 1
+        ab i4h_b1_rope_normglu_r$r "$ro; W.NORM_PROLOGUE = 'glu'" $q --batch 1
         ab i4h_b1_ropekv_normglu_r$r "$rk; W.NORM_PROLOGUE = 'glu'" $q --batch 1
-        ab i4h_b1_ropekv_normqkv_r$r "$rk; W.NORM_PROLOGUE = 'qkv'" $q --batch 1
-        ab i4h_b1_normglu_r$r "W.NORM_PROLOGUE = 'glu'" $q --batch 1
         ab i4h_b4_r$r "" $q --batch 4
-        ab i4h_b4_rope_r$r "W.ROPE_EPILOGUE = True" $q --batch 4
+        ab i4h_b4_rope_r$r "$ro" $q --batch 4
         ab i4h_b4_ropekv_r$r "$rk" $q --batch 4
-        ab i4h_b4_all1_r$r "$c; $r1; $rk; W.NORM_PROLOGUE = True" $q --batch 4
     done
     for b in 2 8; do
         ab i4h_b$b "" $q --batch $b
-        ab i4h_b${b}_ropekv "$rk" $q --batch $b
-        ab i4h_b${b}_all "$rk; W.NORM_PROLOGUE = True" $q --batch $b
+        ab i4h_b${b}_rope "$ro" $q --batch $b
+        ab i4h_b${b}_rope_norm "$ro; $n" $q --batch $b
     done
-    local p="import llamadist.kernels.paged_attention as P; P.MIN_SPLIT_TILES = 4"
-    ab i4h_b1_ropekv_normglu_tiles4 "$p; $rk; W.NORM_PROLOGUE = 'glu'" $q --batch 1
-    ab i4h_b4_ropekv_tiles4 "$p; $rk" $q --batch 4
-    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
-    ab bf16_b1_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch 1
-    ab bf16_b4 "" --prompt-len 128 --gen-len 64 --batch 4
-    ab bf16_b4_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch 4
+    ab i4h_b1_rope_norm_tiles4 "$p; $ro; $n" $q --batch 1
+    ab i4h_b4_rope_tiles4 "$p; $ro" $q --batch 4
+    for b in 1 4; do
+        ab bf16_b$b "" --prompt-len 128 --gen-len 64 --batch $b
+        ab bf16_b${b}_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch $b
+    done
 }
 
 case ${1:-} in

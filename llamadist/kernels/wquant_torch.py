@@ -83,6 +83,7 @@ ROWS_MAX_M = 8
 ROPE_EPILOGUE = False
 KV_EPILOGUE = False
 NORM_PROLOGUE = False
+NORM_ROWS = 4  # the most rows that take NORM_PROLOGUE (cuda_int4.NORM_MAX_ROWS at most)
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an
@@ -374,7 +375,7 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     int4_glu's silu(gate) * up; ``rope`` (cos, sin, rot) and ``kv``: int4_rope's) of
     RMSNorm(h) with ``weight`` and ``eps``, through one cuda_int4.launch_norm, where
     ``NORM_PROLOGUE`` (True, or "glu" / "qkv" for the one it is), ``cuda_rows``, bf16 x
-    on CUDA, at most cuda_int4.NORM_MAX_ROWS rows that take that kernel, x's rows fit its shared memory
+    on CUDA, at most NORM_ROWS (and cuda_int4.NORM_MAX_ROWS) rows that take that kernel, x's rows fit its shared memory
     (cuda_int4.norm_fits), and its variant passed its check on the device (and int4_glu's
     or int4_rope's conditions for theirs); else None (the caller runs the norm's kernel,
     then the product)."""
@@ -383,7 +384,7 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     if rope is not None:
         rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
     if not (NORM_PROLOGUE in (True, "glu" if glu else "qkv")
-            and weight.dtype == torch.bfloat16 and m <= cuda_int4.NORM_MAX_ROWS
+            and weight.dtype == torch.bfloat16 and m <= min(NORM_ROWS, cuda_int4.NORM_MAX_ROWS)
             and _rows_take(x, n, cuda_rows)
             and (not glu or _GLU_CHECKED.get(cuda_int4.device_index(x.device), False))
             and (rope is None or _epilogue_takes(x2, n, rope, True, kv))
