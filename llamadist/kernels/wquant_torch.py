@@ -375,9 +375,9 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     int4_glu's silu(gate) * up; ``rope`` (cos, sin, rot) and ``kv``: int4_rope's) of
     RMSNorm(h) with ``weight`` and ``eps``, through one cuda_int4.launch_norm, where
     ``NORM_PROLOGUE`` (True, or "glu" / "qkv" for the one it is), ``cuda_rows``, bf16 x
-    on CUDA, at most NORM_ROWS (and cuda_int4.NORM_MAX_ROWS) rows that take that kernel, x's rows fit its shared memory
-    (cuda_int4.norm_fits), and its variant passed its check on the device (and int4_glu's
-    or int4_rope's conditions for theirs); else None (the caller runs the norm's kernel,
+    on CUDA, at most NORM_ROWS (and cuda_int4.NORM_MAX_ROWS) rows that take that kernel,
+    x's rows fit its shared memory (cuda_int4.norm_fits), and its variant passed its check
+    on the device (and int4_glu's or int4_rope's conditions for theirs); else None (the caller runs the norm's kernel,
     then the product)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape

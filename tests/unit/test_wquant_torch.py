@@ -151,8 +151,8 @@ def test_int4_product_by_rows():
 def test_the_norm_switch_chooses_which_projections_take_the_norm(switch, monkeypatch):
     """int4_norm under wquant_torch.NORM_PROLOGUE: off, it leaves the norm to its own kernel
     (None); on, q | k | v and gate | up take it in their kernel (launch_norm); "qkv", only
-    q | k | v does; "glu", only gate | up. (The device's part stood in for: its kernels are tested in
-    tests/unit/test_int4_rows_emulated.py and on a GPU.)"""
+    q | k | v does; "glu", only gate | up. (The device's part stood in for: its kernels
+    are tested in tests/unit/test_int4_rows_emulated.py and on a GPU.)"""
     from llamadist.kernels import cuda_int4 as C
     launched = []
     monkeypatch.setattr(WT, "NORM_PROLOGUE", switch)
