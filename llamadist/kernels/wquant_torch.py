@@ -377,8 +377,8 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     ``NORM_PROLOGUE`` (True, or "glu" / "qkv" for the one it is), ``cuda_rows``, bf16 x
     on CUDA, at most NORM_ROWS (and cuda_int4.NORM_MAX_ROWS) rows that take that kernel,
     x's rows fit its shared memory (cuda_int4.norm_fits), and its variant passed its check
-    on the device (and int4_glu's or int4_rope's conditions for theirs); else None (the caller runs the norm's kernel,
-    then the product)."""
+    on the device (and int4_glu's or int4_rope's conditions for theirs); else None (the
+    caller runs the norm's kernel, then the product)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
     if rope is not None:
