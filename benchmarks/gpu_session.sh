@@ -1512,40 +1512,41 @@ rope35() {  # issue 16, for session 35 (branch rope-epilogue, written in 34, not
     step rope35 120 python3 benchmarks/rope_epilogue.py --shape llama3-8b --m 1,2,4
 }
 
-fold36() {  # issue 16, session 36: the folds' step times again, each run twice and
+fold36() {  # issue 16, session 36: the folds' step times again, runs repeated and
     # interleaved, RoPE with the norm and without the K/V store (fold35: the store slowed
     # the step at batch 1 and 4), the norm before gate | up only ("glu"), the norm at batch
-    # 2 and 8 (fold35b: at 4 rows it slowed the step 2.0 -> 2.9 ms); the GPU tests fold35's
-    # run failed on (the tests' own faults) first; then the paged kernel's splits at 4 KV
-    # tiles a split at least (MIN_SPLIT_TILES; at 192 slots: one split, no merge) with
-    # int4 and bf16 (~8 min)
+    # 2 (fold35b: at 4 rows it slowed the step 2.0 -> 2.9 ms), the defaults (RoPE, the
+    # norm at one row); the GPU tests fold35's run failed on (the tests' own faults) first;
+    # then the paged kernel's splits at 4 KV tiles a split at least (MIN_SPLIT_TILES; at
+    # 192 slots: one split, no merge) with int4 and bf16 (~7 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b r
-    local ro="W.ROPE_EPILOGUE = True" rk="W.ROPE_EPILOGUE = W.KV_EPILOGUE = True"
-    local n="W.NORM_PROLOGUE = True" p="import llamadist.kernels.paged_attention as P"
-    p="$p; P.MIN_SPLIT_TILES = 4"
+    local o="W.ROPE_EPILOGUE = W.KV_EPILOGUE = W.NORM_PROLOGUE = False; W.NORM_ROWS = 4"
+    local ro="$o; W.ROPE_EPILOGUE = True" n="W.NORM_PROLOGUE = True"
+    local rk="$o; W.ROPE_EPILOGUE = W.KV_EPILOGUE = True"
+    local p="import llamadist.kernels.paged_attention as P; P.MIN_SPLIT_TILES = 4"
     step tests_fold36 100 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
         -k "through_the or rope_in_the_epilogue or paged_cache or folds"
     checkpoint
     for r in 1 2; do  # the second time round, fewer
-        ab i4h_b1_r$r "" $q --batch 1
+        ab i4h_b1_none_r$r "$o" $q --batch 1
+        ab i4h_b1_default_r$r "" $q --batch 1
         ab i4h_b1_rope_r$r "$ro" $q --batch 1
-        ab i4h_b1_rope_norm_r$r "$ro; $n" $q --batch 1
         ab i4h_b1_all_r$r "$rk; $n" $q --batch 1
         [ $r = 2 ] || ab i4h_b1_rope_normglu_r$r "$ro; W.NORM_PROLOGUE = 'glu'" $q --batch 1
-        ab i4h_b4_r$r "" $q --batch 4
-        ab i4h_b4_rope_r$r "$ro" $q --batch 4
+        ab i4h_b4_none_r$r "$o" $q --batch 4
+        ab i4h_b4_default_r$r "" $q --batch 4
         [ $r = 2 ] || ab i4h_b4_ropekv_r$r "$rk" $q --batch 4
         [ $r = 2 ] || ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
     done
     for b in 2 8; do
-        ab i4h_b$b "" $q --batch $b
-        ab i4h_b${b}_rope "$ro" $q --batch $b
-        [ $b = 8 ] || ab i4h_b${b}_rope_norm "$ro; $n" $q --batch $b
+        ab i4h_b${b}_none "$o" $q --batch $b
+        ab i4h_b${b}_default "" $q --batch $b
     done
-    ab i4h_b1_rope_norm_tiles4 "$p; $ro; $n" $q --batch 1
+    ab i4h_b2_rope_norm2 "$ro; $n" $q --batch 2
+    ab i4h_b1_default_tiles4 "$p" $q --batch 1
     ab bf16_b1_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch 1
-    ab i4h_b4_rope_tiles4 "$p; $ro" $q --batch 4
+    ab i4h_b4_default_tiles4 "$p" $q --batch 4
     ab bf16_b4 "" --prompt-len 128 --gen-len 64 --batch 4
     ab bf16_b4_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch 4
 }

@@ -66,24 +66,26 @@ WIDE_TINYGEMM_MAX_M = 14
 # words, compiled by NVRTC) where it runs: the decode rows, in place of tinygemm (0: never).
 ROWS_MAX_M = 8
 # int4_rows's folds of the decode step's small kernels (session 33's batch-1 chain: 13 us
-# of a layer's 57 are kernels other than the four linears), each off until a GPU times the
-# step with it (gpu_session.sh fold35, fold35b), checked on the CPU only so far
-# (tests/cuda_emu.hpp runs int4_rows.cu); a variant serves once its check passes on the
-# device (variant_ok):
-# - ROPE_EPILOGUE: q | k | v's kernel rotates q's and k's heads in its epilogue
-#   (int4_rope; eager_fused.rope's kernel, 2.0 us, not launched);
-# - KV_EPILOGUE (with ROPE_EPILOGUE): it also stores k and v in the paged cache where the
-#   step's attention is the paged decode kernel (the K/V write kernel, 1.1 us);
-# - NORM_PROLOGUE: the decoder layer's add + RMSNorm before q | k | v and before gate | up
-#   runs in those projections' prologue on up to cuda_int4.NORM_MAX_ROWS rows (int4_norm;
-#   the norm's kernel, 2.0-2.2 us each); "qkv": before q | k | v only (every block reads
-#   x, the residual and the norm's weight, 24 KB at one row of Llama-3-8B's width: gate |
-#   up's 896 blocks read 21 MB of them from the L2 a layer where its product reads 7);
-#   "glu": before gate | up only.
-ROPE_EPILOGUE = False
+# of a layer's 57 are kernels other than the four linears); a variant serves once its
+# check passes on the device (variant_ok). Timed on an H200 in session 36 (RESULTS.md;
+# gpu_session.sh fold35, fold35b, fold36), Llama-3-8B int4 + head, ms a decode step:
+# - ROPE_EPILOGUE (on): q | k | v's kernel rotates q's and k's heads in its epilogue
+#   (int4_rope; eager_fused.rope's kernel, 2.0 us, not launched): 1.897 -> 1.852 at
+#   batch 1, 1.984 -> 1.919 at batch 4;
+# - KV_EPILOGUE (off; with ROPE_EPILOGUE): it also stores k and v in the paged cache where
+#   the step's attention is the paged decode kernel (the K/V write kernel, 1.1 us, not
+#   launched): slower than RoPE alone, 1.852 -> 1.889 at batch 1, 1.919 -> 1.968 at 4;
+# - NORM_PROLOGUE (on, at one row: NORM_ROWS): the decoder layer's add + RMSNorm before
+#   q | k | v and before gate | up runs in those projections' prologue (int4_norm; the
+#   norm's kernel, 2.0-2.2 us each, not launched): 1.897 -> 1.864 at batch 1 (RoPE, K/V
+#   and the norm together 1.776), but 1.984 -> 2.859 at batch 4; "qkv": before q | k | v
+#   only (gate | up's 896 blocks each read x, the residual and the norm's weight, 21 MB a
+#   layer from the L2 where its product reads 7): 1.930 at batch 1, 2.195 at 4; "glu":
+#   before gate | up only.
+ROPE_EPILOGUE = True
 KV_EPILOGUE = False
-NORM_PROLOGUE = False
-NORM_ROWS = 4  # the most rows that take NORM_PROLOGUE (cuda_int4.NORM_MAX_ROWS at most)
+NORM_PROLOGUE = True
+NORM_ROWS = 1  # the most rows that take NORM_PROLOGUE (cuda_int4.NORM_MAX_ROWS at most)
 MMA_MAX_M = 128
 # int8 / fp8 calls of up to this many rows take the Triton kernels (wquant_triton: the
 # GEMV to 4 rows, then tl.dot tiles) rather than scaled_linear where Triton runs. On an

@@ -492,6 +492,8 @@ def test_norm_through_the_attention(rope, monkeypatch):
         norm.weight.copy_(1 + torch.randn(256) / 4)
     norm.add_norm = eager_fused.add_rms_norm
     monkeypatch.setattr(WT, "ROPE_EPILOGUE", rope)
+    monkeypatch.setattr(WT, "KV_EPILOGUE", False)
+    monkeypatch.setattr(WT, "NORM_ROWS", C.NORM_MAX_ROWS)
     # the variant's device check launches it too: made before the launches are counted
     assert WT.variant_ok(torch.device(DEV), norm=True, rope=rope)
     calls, real = [], C.launch_norm

@@ -196,7 +196,8 @@ def _same_steps(a: list[list], b: list[list], tie: float = 0.15) -> None:
             assert abs(g.logprob - e.logprob) <= tie, (g, e)
 
 
-@pytest.mark.parametrize("folds", [("ROPE_EPILOGUE", "KV_EPILOGUE"), ("NORM_PROLOGUE",),
+@pytest.mark.parametrize("folds", [("ROPE_EPILOGUE",), ("ROPE_EPILOGUE", "KV_EPILOGUE"),
+                                   ("NORM_PROLOGUE",), ("ROPE_EPILOGUE", "NORM_PROLOGUE"),
                                    ("ROPE_EPILOGUE", "KV_EPILOGUE", "NORM_PROLOGUE")],
                          ids=lambda f: "+".join(x.split("_")[0].lower() for x in f))
 def test_int4_folds_serve_the_same_greedy_tokens(wide_model, folds, monkeypatch):
@@ -211,16 +212,21 @@ def test_int4_folds_serve_the_same_greedy_tokens(wide_model, folds, monkeypatch)
     from llamadist.kernels import wquant_torch as WT
     rt = RuntimeConfig(quantize="int4", dtype="bfloat16", wquant="torch", max_batch=2)
     prompts = ["The quick brown fox", "1 2 3 4 5"]
-    # the kernels apart: run (its graphs captured) before any switch is on
+    # the kernels apart: every switch off, run (its graphs captured) before any is on; the
+    # norm's fold at both rows of the batch
+    for name in ("ROPE_EPILOGUE", "KV_EPILOGUE", "NORM_PROLOGUE"):
+        monkeypatch.setattr(WT, name, False)
+    monkeypatch.setattr(WT, "NORM_ROWS", C.NORM_MAX_ROWS)
     apart = _greedy_with_logprobs(LLM(wide_model, devices="cuda:0", runtime=rt), prompts)
     for name in folds:
         monkeypatch.setattr(WT, name, True)
     dev = torch.device("cuda", 0)
-    norm, rope = "NORM_PROLOGUE" in folds, "ROPE_EPILOGUE" in folds
-    assert WT.variant_ok(dev, norm, rope, rope)  # (checked here, before any capture)
+    norm, rope, kv = ("NORM_PROLOGUE" in folds, "ROPE_EPILOGUE" in folds,
+                      "KV_EPILOGUE" in folds)
+    assert WT.variant_ok(dev, norm, rope, kv)  # (checked here, before any capture)
     assert not norm or WT.variant_ok(dev, norm=True)
     calls: dict = {}  # (the kernel, with the cache's K/V) -> calls
-    for name in ("int4_rows_rope_kv", "launch_norm"):
+    for name in ("int4_rows_rope", "int4_rows_rope_kv", "launch_norm"):
         real = getattr(C, name)
 
         def counted(*a, _n=name, _f=real, **kw):
@@ -230,9 +236,11 @@ def test_int4_folds_serve_the_same_greedy_tokens(wide_model, folds, monkeypatch)
         monkeypatch.setattr(C, name, counted)
     fused = LLM(wide_model, devices="cuda:0", runtime=rt)
     _same_steps(_greedy_with_logprobs(fused, prompts), apart)
-    # q | k | v stores the cache's K/V wherever RoPE is on: alone, or in the norm's kernel
-    assert (("int4_rows_rope_kv", True) in calls) == (rope and not norm), calls
-    assert (("launch_norm", True) in calls) == (rope and norm), calls
+    # q | k | v rotates (and stores the cache's K/V) where its switch is on: alone, or in
+    # the norm's kernel
+    assert (("int4_rows_rope", False) in calls) == (rope and not kv and not norm), calls
+    assert (("int4_rows_rope_kv", True) in calls) == (kv and not norm), calls
+    assert (("launch_norm", True) in calls) == (kv and norm), calls
     assert (("launch_norm", False) in calls) == norm, calls  # gate | up's (and q | k | v's)
 
 

@@ -151,11 +151,13 @@ def test_int4_product_by_rows():
 def test_the_norm_switch_chooses_which_projections_take_the_norm(switch, monkeypatch):
     """int4_norm under wquant_torch.NORM_PROLOGUE: off, it leaves the norm to its own kernel
     (None); on, q | k | v and gate | up take it in their kernel (launch_norm); "qkv", only
-    q | k | v does; "glu", only gate | up. (The device's part stood in for: its kernels
-    are tested in tests/unit/test_int4_rows_emulated.py and on a GPU.)"""
+    q | k | v does; "glu", only gate | up; never past NORM_ROWS rows. (The device's part
+    stood in for: its kernels are tested in tests/unit/test_int4_rows_emulated.py and on a
+    GPU.)"""
     from llamadist.kernels import cuda_int4 as C
     launched = []
     monkeypatch.setattr(WT, "NORM_PROLOGUE", switch)
+    monkeypatch.setattr(WT, "NORM_ROWS", C.NORM_MAX_ROWS)
     monkeypatch.setattr(WT, "_rows_take", lambda x, n, cuda_rows: True)
     monkeypatch.setattr(WT, "variant_ok", lambda *a, **kw: True)
     monkeypatch.setitem(WT._GLU_CHECKED, 0, True)
@@ -172,3 +174,6 @@ def test_the_norm_switch_chooses_which_projections_take_the_norm(switch, monkeyp
         if takes:
             assert got[1].shape == (1, 2, 256 if glu else 512)
     assert launched == [g for g in (False, True) if switch in (True, "glu" if g else "qkv")]
+    monkeypatch.setattr(WT, "NORM_ROWS", 1)  # x's two rows: past the fold's rows
+    assert all(WT.int4_norm(x, None, w, 1e-5, None, None, 64, 512, True, glu) is None
+               for glu in (False, True))
