@@ -1445,6 +1445,8 @@ fold35b() {  # issue 16, for session 35: fold35's runs at batch 4, the norm befo
 }
 
 fold_runs() {  # fold_runs BATCH ARGS...: int4 + head beside each fold and all three
+    # (written when every fold was off by default; since b37bb3d a run with no set-up has
+    # RoPE and the norm at one row on: fold36 and fold36b turn them off for "none")
     local b=$1 rope="W.ROPE_EPILOGUE = True" kv="W.KV_EPILOGUE = True"
     local norm="W.NORM_PROLOGUE = True"
     shift
