@@ -237,8 +237,8 @@ def test_int4_folds_serve_the_same_greedy_tokens(wide_model, folds, monkeypatch)
     fused = LLM(wide_model, devices="cuda:0", runtime=rt)
     _same_steps(_greedy_with_logprobs(fused, prompts), apart)
     # q | k | v rotates (and stores the cache's K/V) where its switch is on: alone, or in
-    # the norm's kernel
-    assert (("int4_rows_rope", False) in calls) == (rope and not kv and not norm), calls
+    # the norm's kernel (RoPE alone may serve rows the others do not take: a prompt's)
+    assert ("int4_rows_rope", False) in calls or not (rope and not kv and not norm), calls
     assert (("int4_rows_rope_kv", True) in calls) == (kv and not norm), calls
     assert (("launch_norm", True) in calls) == (kv and norm), calls
     assert (("launch_norm", False) in calls) == norm, calls  # gate | up's (and q | k | v's)
