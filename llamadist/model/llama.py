@@ -125,36 +125,39 @@ class Attention(nn.Module):
         and this attention over its norm. Where the eager fused kernels run, the norm may
         ride in the q | k | v projection's own kernel (``norm_forward``: int4's decode rows),
         with q and k rotated there too on a flat batch (as ``qkv``)."""
-        found = None if eager(norm.add_norm) is None else self.normed_qkv(
-            norm, x, residual, cos, sin, cache)
-        if found is None:
+        takes = (eager(norm.add_norm) is not None
+                 and getattr(self.qkv_proj, "norm_forward", None) is not None)
+        asks = self.asks(x, cos, sin, cache) if takes else None
+        found = None if asks is None else self.normed_qkv(norm, x, residual, asks)
+        if found is None:  # (the norm apart; the same asks of the projection without it)
             s, normed = norm.add_forward(x, residual)
-            return s, self(normed, cos, sin, cache, start, mask)
-        s, (q, k, v, rotated) = found
+            q, k, v, rotated = self.qkv(normed, cos, sin, cache, asks)
+        else:
+            s, (q, k, v, rotated) = found
         return s, self.attention(q, k, v, rotated, cos, sin, cache, start, mask)
 
     def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-            cache: LayerKV | FlatLayerKV) -> tuple:
+            cache: LayerKV | FlatLayerKV, asks: list[dict] | None = None) -> tuple:
         """(q, k, v, rotated): q, k, v (B, T, *) of x and whether q and k leave rotated. On
         a flat batch a fused projection whose kernel rotates them (``rope_forward``: int4's
-        decode rows) does, and may store k and v in the paged cache itself too (``asks``;
-        k and v are then None)."""
+        decode rows) does, and may store k and v in the paged cache itself too (``asks``,
+        made here where not given; k and v are then None)."""
         fused = getattr(self.qkv_proj, "rope_forward", None)
-        for ask in self.asks(x, cos, sin, cache) if fused is not None else ():
+        if fused is not None and asks is None:
+            asks = self.asks(x, cos, sin, cache)
+        for ask in asks if fused is not None else ():
             y = fused(x, **ask)
             if y is not None:
                 return self.answer(y, ask)
         return (*self.project(x), False)
 
     def normed_qkv(self, norm: RMSNorm, x: torch.Tensor, residual: torch.Tensor | None,
-                   cos: torch.Tensor, sin: torch.Tensor, cache: LayerKV | FlatLayerKV
-                   ) -> tuple[torch.Tensor, tuple] | None:
-        """(s, qkv's answer) of ``norm``(s), s = x + residual, through a fused projection
-        that takes the norm in its own kernel (and RoPE and the cache's K/V where it can,
-        as ``qkv``); None where it does not."""
-        fused = getattr(self.qkv_proj, "norm_forward", None)
-        for ask in [*self.asks(x, cos, sin, cache), {}] if fused is not None else ():
-            got = fused(x, residual, norm.weight, norm.eps, **ask)
+                   asks: list[dict]) -> tuple[torch.Tensor, tuple] | None:
+        """(s, qkv's answer) of ``norm``(s), s = x + residual, through the fused projection's
+        ``norm_forward``, the norm in its own kernel (and RoPE and the cache's K/V where it
+        can: ``asks``, as ``qkv``); None where it does not."""
+        for ask in [*asks, {}]:
+            got = self.qkv_proj.norm_forward(x, residual, norm.weight, norm.eps, **ask)
             if got is not None:
                 return got[0], self.answer(got[1], ask)
         return None
