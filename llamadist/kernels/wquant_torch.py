@@ -383,8 +383,6 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
     caller runs the norm's kernel, then the product)."""
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
-    if rope is not None:
-        rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
     if not (NORM_PROLOGUE in (True, "glu" if glu else "qkv")
             and weight.dtype == torch.bfloat16 and m <= min(NORM_ROWS, cuda_int4.NORM_MAX_ROWS)
             and _rows_take(x, n, cuda_rows)
@@ -397,6 +395,8 @@ def int4_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tens
                                0 if rope is None else rope[0].shape[-1], kv is not None):
         return None
     r2 = None if residual is None else residual.reshape(m, k)
+    if rope is not None:  # cos / sin one row a row of x (the checks above read D alone)
+        rope = (rope[0].reshape(m, -1), rope[1].reshape(m, -1), rope[2])
     h, y = cuda_int4.launch_norm(x2, r2, weight, eps, packed, scales_zeros, n, group,
                                  _inner_k_tiles(k), glu=glu, rope=rope, kv=kv)
     return h.view(x.shape), y.view(*x.shape[:-1], n // 2 if glu else n)
