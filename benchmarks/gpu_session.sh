@@ -1514,32 +1514,24 @@ rope35() {  # issue 16, for session 35 (branch rope-epilogue, written in 34, not
     step rope35 120 python3 benchmarks/rope_epilogue.py --shape llama3-8b --m 1,2,4
 }
 
-fold36() {  # issue 16, session 36: the folds' step times again, runs repeated and
-    # interleaved, RoPE with the norm and without the K/V store (fold35: the store slowed
-    # the step at batch 1 and 4), the norm before gate | up only ("glu"), the norm at batch
-    # 2 (fold35b: at 4 rows it slowed the step 2.0 -> 2.9 ms), the defaults (RoPE, the
-    # norm at one row); the GPU tests fold35's run failed on (the tests' own faults) first;
-    # then the paged kernel's splits at 4 KV tiles a split at least (MIN_SPLIT_TILES; at
-    # 192 slots: one split, no merge) with int4 and bf16 (~7 min)
-    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b r
+fold36() {  # issue 16, session 36: fold36b's runs, then RoPE with the K/V store and the
+    # norm, the norm before gate | up only ("glu"), fold36b's first runs again (their
+    # noise), the defaults and none at batch 2 and 8, the norm at batch 2 (fold35b: at 4
+    # rows it slowed the step 2.0 -> 2.9 ms); then the paged kernel's splits at 4 KV
+    # tiles a split at least (MIN_SPLIT_TILES; at 192 slots: one split, no merge) with
+    # int4 and bf16 (~7 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
     local o="W.ROPE_EPILOGUE = W.KV_EPILOGUE = W.NORM_PROLOGUE = False; W.NORM_ROWS = 4"
     local ro="$o; W.ROPE_EPILOGUE = True" n="W.NORM_PROLOGUE = True"
     local rk="$o; W.ROPE_EPILOGUE = W.KV_EPILOGUE = True"
     local p="import llamadist.kernels.paged_attention as P; P.MIN_SPLIT_TILES = 4"
-    step tests_fold36 100 python3 -m pytest -q -p no:cacheprovider -rf \
-        tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
-        -k "through_the or rope_in_the_epilogue or paged_cache or folds"
-    checkpoint
-    for r in 1 2; do  # the second time round, fewer
-        ab i4h_b1_none_r$r "$o" $q --batch 1
-        ab i4h_b1_default_r$r "" $q --batch 1
-        ab i4h_b1_rope_r$r "$ro" $q --batch 1
-        ab i4h_b1_all_r$r "$rk; $n" $q --batch 1
-        [ $r = 2 ] || ab i4h_b1_rope_normglu_r$r "$ro; W.NORM_PROLOGUE = 'glu'" $q --batch 1
-        ab i4h_b4_none_r$r "$o" $q --batch 4
-        ab i4h_b4_default_r$r "" $q --batch 4
-        [ $r = 2 ] || ab i4h_b4_ropekv_r$r "$rk" $q --batch 4
-        [ $r = 2 ] || ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+    fold36b
+    ab i4h_b1_all "$rk; $n" $q --batch 1
+    ab i4h_b1_rope_normglu "$ro; W.NORM_PROLOGUE = 'glu'" $q --batch 1
+    ab i4h_b4_ropekv "$rk" $q --batch 4
+    for b in 1 4; do
+        ab i4h_b${b}_none_r2 "$o" $q --batch $b
+        ab i4h_b${b}_default_r2 "" $q --batch $b
     done
     for b in 2 8; do
         ab i4h_b${b}_none "$o" $q --batch $b
@@ -1553,14 +1545,14 @@ fold36() {  # issue 16, session 36: the folds' step times again, runs repeated a
     ab bf16_b4_tiles4 "$p" --prompt-len 128 --gen-len 64 --batch 4
 }
 
-fold36b() {  # issue 16, session 36: fold36's first runs only, for a short device budget:
-    # the GPU tests fold35 failed on, then the defaults (RoPE, the norm at one row) beside
-    # none and RoPE alone at batch 1 and 4, and bf16 at batch 1 (~3 min)
+fold36b() {  # issue 16, session 36: fold36's first runs, for a short device budget: the
+    # GPU tests fold35 failed on (the tests' own faults), then the defaults (RoPE, the norm
+    # at one row) beside none and RoPE alone at batch 1 and 4, and bf16 at batch 1 (~3 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
     local o="W.ROPE_EPILOGUE = W.KV_EPILOGUE = W.NORM_PROLOGUE = False"
-    step tests_fold36 80 python3 -m pytest -q -p no:cacheprovider -rf \
+    step tests_fold36 100 python3 -m pytest -q -p no:cacheprovider -rf \
         tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
-        -k "through_the or rope_in_the_epilogue or folds"
+        -k "through_the or rope_in_the_epilogue or paged_cache or folds"
     checkpoint
     for b in 1 4; do
         ab i4h_b${b}_none "$o" $q --batch $b
