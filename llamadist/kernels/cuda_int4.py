@@ -218,8 +218,9 @@ PTXAS_REPORT = ("--ptxas-options=-v",)
 
 
 def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
-             extra: tuple[str, ...] = ()) -> tuple[bytes, str]:
-    """(cubin, NVRTC's log) of compile_cubin's arguments, with ``extra`` options."""
+             extra: tuple[str, ...] = (), target: str = "CUBIN") -> tuple[bytes, str]:
+    """(cubin, NVRTC's log) of compile_cubin's arguments, with ``extra`` options
+    (``target`` "PTX": the PTX of the virtual architecture instead, NUL-terminated)."""
     lib = nvrtc()
     if lib is None:
         raise RuntimeError("libnvrtc was not found (CUDA builds of torch bring it through the "
@@ -237,7 +238,8 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
     check(lib.nvrtcCreateProgram(ctypes.byref(prog), src, path.name.encode(), len(headers),
                                  bodies, names), "create")
     try:
-        opts = [f"--gpu-architecture=sm_{arch}".encode(), b"-std=c++17"] + \
+        virtual = "compute" if target == "PTX" else "sm"
+        opts = [f"--gpu-architecture={virtual}_{arch}".encode(), b"-std=c++17"] + \
             [o.encode() for o in extra] + \
             [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
         arr = (ctypes.c_char_p * len(opts))(*opts)
@@ -250,9 +252,9 @@ def _compile(arch: str, defines: dict[str, int], source: str | None, path: Path,
         if rc != 0:
             raise RuntimeError(f"NVRTC could not compile {path.name} ({defines}):\n{log}")
         size = ctypes.c_size_t()
-        check(lib.nvrtcGetCUBINSize(prog, ctypes.byref(size)), "cubin size")
+        check(getattr(lib, f"nvrtcGet{target}Size")(prog, ctypes.byref(size)), f"{target} size")
         buf = ctypes.create_string_buffer(size.value)
-        check(lib.nvrtcGetCUBIN(prog, buf), "cubin")
+        check(getattr(lib, f"nvrtcGet{target}")(prog, buf), target)
         return buf.raw, log
     finally:
         lib.nvrtcDestroyProgram(ctypes.byref(prog))

@@ -489,24 +489,8 @@ def test_kv_arguments_are_checked():
 
 def _ptx_params(defines: dict) -> list[str]:
     """The .param types of int4_rows's entry in NVRTC's PTX for these -D values."""
-    lib = C.nvrtc()
-    prog = ctypes.c_void_p()
-    headers = sorted(C.SOURCE.parent.glob("*.cuh"))
-    bodies = (ctypes.c_char_p * len(headers))(*[h.read_bytes() for h in headers])
-    names = (ctypes.c_char_p * len(headers))(*[h.name.encode() for h in headers])
-    assert lib.nvrtcCreateProgram(ctypes.byref(prog), C.SOURCE.read_bytes(), b"int4_rows.cu",
-                                  len(headers), bodies, names) == 0
-    opts = [b"--gpu-architecture=compute_90", b"-std=c++17"] + \
-        [f"-D{k}={v}".encode() for k, v in sorted(defines.items())]
-    try:
-        assert lib.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts)) == 0
-        size = ctypes.c_size_t()
-        lib.nvrtcGetPTXSize(prog, ctypes.byref(size))
-        buf = ctypes.create_string_buffer(size.value)
-        lib.nvrtcGetPTX(prog, buf)
-    finally:
-        lib.nvrtcDestroyProgram(ctypes.byref(prog))
-    entry = re.search(r"\.entry int4_rows\((.*?)\)", buf.value.decode(), re.S).group(1)
+    ptx = C._compile("90", defines, None, C.SOURCE, target="PTX")[0]
+    entry = re.search(r"\.entry int4_rows\((.*?)\)", ptx.rstrip(b"\0").decode(), re.S).group(1)
     return [re.search(r"\.param \.(\w+)", p).group(1) for p in entry.split(",")]
 
 
