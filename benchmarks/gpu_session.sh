@@ -12,7 +12,7 @@
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
-#         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b
+#         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b fold37
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1514,18 +1514,22 @@ rope35() {  # issue 16, for session 35 (branch rope-epilogue, written in 34, not
     step rope35 120 python3 benchmarks/rope_epilogue.py --shape llama3-8b --m 1,2,4
 }
 
-fold36() {  # issue 16, session 36: fold36b's runs, then RoPE with the K/V store and the
+fold36() {  # issue 16, session 36: fold36b's runs, then fold36_more's (~7 min)
+    fold36b
+    fold36_more
+}
+
+fold36_more() {  # fold36's later runs: RoPE with the K/V store and the
     # norm, the norm before gate | up only ("glu"), fold36b's first runs again (their
     # noise), the defaults and none at batch 2 and 8, the norm at batch 2 (fold35b: at 4
     # rows it slowed the step 2.0 -> 2.9 ms); then the paged kernel's splits at 4 KV
     # tiles a split at least (MIN_SPLIT_TILES; at 192 slots: one split, no merge) with
-    # int4 and bf16 (~7 min)
+    # int4 and bf16 (~4 min)
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64" b
     local o="W.ROPE_EPILOGUE = W.KV_EPILOGUE = W.NORM_PROLOGUE = False; W.NORM_ROWS = 4"
     local ro="$o; W.ROPE_EPILOGUE = True" n="W.NORM_PROLOGUE = True"
     local rk="$o; W.ROPE_EPILOGUE = W.KV_EPILOGUE = True"
     local p="import llamadist.kernels.paged_attention as P; P.MIN_SPLIT_TILES = 4"
-    fold36b
     ab i4h_b1_all "$rk; $n" $q --batch 1
     ab i4h_b1_rope_normglu "$ro; W.NORM_PROLOGUE = 'glu'" $q --batch 1
     ab i4h_b4_ropekv "$rk" $q --batch 4
@@ -1562,14 +1566,28 @@ fold36b() {  # issue 16, session 36: fold36's first runs, for a short device bud
     ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
 }
 
+fold37() {  # issue 16, session 37: fold36b's runs, RoPE + the K/V store at batch 1 (its
+    # cache store now finds the slot's block in 32 bits), the GPU tests of the CUDA-graph
+    # path and the int4 model with the defaults (the norm's fold sums in another order),
+    # then fold36_more's runs (~9 min)
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64"
+    local o="W.ROPE_EPILOGUE = W.KV_EPILOGUE = W.NORM_PROLOGUE = False"
+    fold36b
+    ab i4h_b1_ropekv "$o; W.ROPE_EPILOGUE = W.KV_EPILOGUE = True" $q --batch 1
+    step tests_defaults37 150 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_graph.py tests/gpu/test_wquant_gpu.py \
+        -k "tiny_quantized or greedy_tokens_equal or glu"
+    fold36_more
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -465,10 +465,12 @@ static __device__ __forceinline__ void write_tile(
 #if KVW
         if (col >= rp.qcols) {  // k's head (below rot) or v's: into the cache at m's slot
             const bool is_v = col >= rp.rot;
-            const long long slot = rp.slots[m];  // (int32 in the graphs' buffers)
-            u16* dst = rp.kv + (is_v ? rp.s_kv : 0) + (slot / rp.bs) * rp.s_b
+            // the slot's block and place in it in 32 bits (a 64-bit division is a long
+            // call on the GPU, here once for each element stored)
+            const int slot = rp.slots[m], blk = slot / rp.bs, pos = slot - blk * rp.bs;
+            u16* dst = rp.kv + (is_v ? rp.s_kv : 0) + blk * rp.s_b
                        + ((col - (is_v ? rp.rot : rp.qcols)) / ROPE) * rp.s_h
-                       + (slot % rp.bs) * rp.s_s + d;
+                       + pos * rp.s_s + d;
             dst[0] = lo;
             dst[ROPE / 2] = hi;
         }
