@@ -64,7 +64,10 @@ TINYGEMM_MAX_M = 8
 WIDE_TINYGEMM_MAX_M = 14
 # Calls of up to this many rows take kernels.cuda_int4's int4_rows (CUDA C++ on tinygemm's
 # words, compiled by NVRTC) where it runs: the decode rows, in place of tinygemm (0: never).
-ROWS_MAX_M = 8
+# 16, its largest form (x the mma's A operand past 8 rows): on an H200, Llama-3-8B int4 +
+# head stepped batch 12 in 4.171 ms and batch 16 in 4.948 against 6.756 and 7.577 with 8
+# (past it tinygemm and the tiles, in compiled layers), bf16 4.864 at 16 (session 37).
+ROWS_MAX_M = 16
 # int4_rows's folds of the decode step's small kernels (session 33's batch-1 chain: 13 us
 # of a layer's 57 are kernels other than the four linears); a variant serves once its
 # check passes on the device (variant_ok). Timed on an H200 in session 36 (RESULTS.md;

@@ -178,7 +178,8 @@ def compile_pays(model: nn.Module, rows: int | None = None) -> bool:
     Llama-3-8B int4 + head on an H200 stepped batch 1 / 4 / 8 in 1.952 / 2.040 / 2.438
     ms through the eager layers against 1.964 / 2.164 / 2.578 compiled (RESULTS.md,
     session 31); past those rows tinygemm and the tensor-core tiles take them, and
-    compiling pays (batch 16: 7.606 against 7.717)."""
+    compiling pays (batch 16, when ROWS_MAX_M was 8: 7.606 against 7.717; since session
+    37 int4_rows takes 16 rows, 4.948 ms)."""
     from llamadist.kernels.wquant import PackedLinear
 
     def tinygemm_pays(m: PackedLinear) -> bool:

@@ -399,7 +399,7 @@ def test_glu_through_the_mlp(monkeypatch):
     lin.weight = pw.to(DEV)
     lin = W.as_packed_linear(lin, "torch", torch.bfloat16)
     assert lin.path == "tinygemm" and lin.tg_rows
-    for m in (1, 8, 9):
+    for m in (1, 8, 9, WT.ROWS_MAX_M + 1):
         x = torch.randn(m, k, device=DEV).to(torch.bfloat16)
         glu = lin.silu_mul(x)
         assert (glu is None) == (m > WT.ROWS_MAX_M), m
@@ -460,7 +460,7 @@ def test_rope_through_the_attention(monkeypatch):
     attn, flat = _int4_attention()
     calls, real = [], C.int4_rows_rope
     monkeypatch.setattr(C, "int4_rows_rope", lambda *a: calls.append(1) or real(*a))
-    for m in (1, 4, 9):
+    for m in (1, 4, 9, WT.ROWS_MAX_M + 1):
         x = torch.randn(1, m, 256, device=DEV).to(torch.bfloat16)
         cos, sin = _angles(m, 64)
         monkeypatch.setattr(WT, "ROPE_EPILOGUE", False)

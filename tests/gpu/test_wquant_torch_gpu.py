@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from llamadist.kernels import wquant as W
+from llamadist.kernels import wquant_torch as WT
 from llamadist.kernels.quant_ref import TYPE_IDS
 from tests.quant_blocks import random_blocks
 
@@ -209,7 +210,6 @@ def test_int4_folds_serve_the_same_greedy_tokens(wide_model, folds, monkeypatch)
     from llamadist.api import LLM
     from llamadist.config import RuntimeConfig
     from llamadist.kernels import cuda_int4 as C
-    from llamadist.kernels import wquant_torch as WT
     rt = RuntimeConfig(quantize="int4", dtype="bfloat16", wquant="torch", max_batch=2)
     prompts = ["The quick brown fox", "1 2 3 4 5"]
     # the kernels apart: every switch off, run (its graphs captured) before any is on; the
@@ -267,11 +267,12 @@ def test_smollm2_gguf_torch_backend_bf16(smollm2):
                     else True, reason="programmatic dependent launches need sm_90")
 @pytest.mark.parametrize("kind,compile_layers,batch", [("int4", True, 2), ("int8", False, 2),
                                                        ("int8", False, 1), ("fp8", True, 2),
-                                                       ("int4", True, 10), ("int8", False, 4)])
+                                                       ("int4", True, WT.ROWS_MAX_M + 2),
+                                                       ("int8", False, 4)])
 def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, batch,
                                            monkeypatch):
-    """Decode graphs captured as programmatic dependent launches (int4_rows, or past 8 rows
-    tinygemm's tensor-core tiles; int8_rows at 3-8 rows of int8; the Triton GEMV,
+    """Decode graphs captured as programmatic dependent launches (int4_rows, or past its
+    rows, wquant_torch.ROWS_MAX_M, tinygemm's tensor-core tiles; int8_rows at 3-8 rows of int8; the Triton GEMV,
     attention and fused kernels, and
     Inductor's where compiled: each waits for the kernel before it before reading x; here
     the GEMV asks L2 for its rows' first 1 KiB of codes before that,
@@ -286,7 +287,7 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, bat
     real = cuda_int4._launch_dependent
     monkeypatch.setattr(cuda_int4, "_launch_dependent",
                         lambda *a: launched.append(1) or real(*a))
-    prompts = (["The quick brown fox", "1 2 3 4 5"] * 5)[:batch]
+    prompts = (["The quick brown fox", "1 2 3 4 5"] * 9)[:batch]
     steps = {}
     for on in (False, True):
         rt = RuntimeConfig(quantize=kind, dtype="bfloat16", wquant="torch", max_batch=batch,
@@ -295,9 +296,9 @@ def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, bat
         assert all(s.dependent_launches == on for s in llm.engine.stages)
         steps[on] = _greedy_with_logprobs(llm, prompts)
     assert steps[True] == steps[False]
-    # int4_rows (up to 8 rows) and int8_rows (3-8) captured as dependent (they share the
-    # launch); fp8 and int8 at 1-2 rows never go through it
-    if kind == "int4" and batch <= 8 or kind == "int8" and 3 <= batch <= 8:
+    # int4_rows (up to ROWS_MAX_M rows) and int8_rows (3-8) captured as dependent (they
+    # share the launch); fp8 and int8 at 1-2 rows never go through it
+    if kind == "int4" and batch <= WT.ROWS_MAX_M or kind == "int8" and 3 <= batch <= 8:
         assert launched
     if kind == "fp8" or kind == "int8" and batch < 3:
         assert not launched
@@ -320,7 +321,7 @@ def test_int4_buckets_compile_only_past_cuda_int4s_rows(wide_model, monkeypatch)
     real = cuda_graph.compiled_layer_call  # GraphCapture's, the static and paged decoders'
     monkeypatch.setattr(cuda_graph, "compiled_layer_call", lambda pdl=False: (
         lambda layer, h, *a, fn=real(pdl): rows.add(h.shape[0]) or fn(layer, h, *a)))
-    prompts = (["The quick brown fox", "1 2 3 4 5", "Once upon a time"] * 4)[:few + 2]
+    prompts = (["The quick brown fox", "1 2 3 4 5", "Once upon a time"] * 6)[:few + 2]
 
     def llm(max_batch: int, graphs: bool = True):
         return LLM(wide_model, devices="cuda:0", runtime=RuntimeConfig(
