@@ -85,6 +85,9 @@ ROWS_MAX_M = 16
 #   only (gate | up's 896 blocks each read x, the residual and the norm's weight, 21 MB a
 #   layer from the L2 where its product reads 7): 1.930 at batch 1, 2.195 at 4; "glu":
 #   before gate | up only.
+# Session 37 (RESULTS.md), batch 1, the defaults (RoPE + the norm) against RoPE alone and
+# all three: H200 1.792 / 1.848 / 1.770 (bf16 4.314: 0.416x); H100 2.040 / 2.090 / 2.148
+# (bf16 5.82: 0.350x). The K/V store helps on the one and hurts on the other: it stays off.
 ROPE_EPILOGUE = True
 KV_EPILOGUE = False
 NORM_PROLOGUE = True
