@@ -12,7 +12,7 @@
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
-#         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b fold37
+#         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b fold37 rows37
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1580,14 +1580,46 @@ fold37() {  # issue 16, session 37: fold36b's runs, RoPE + the K/V store at batc
     fold36_more
 }
 
+form37() {  # form37 NAME BATCH "WARPSxNBxSTAGES[p]" [ARGS]: int4 + head at BATCH (9-16
+    # rows: int4_rows's 16-row form, x the mma's A operand) with that form for every linear
+    # in place of the rule's 4 x 2 x 4 ("p": persistent on the wide gate | up, N >= 4 K)
+    local name=$1 batch=$2 spec=$3; shift 3
+    ab $name "import dataclasses, llamadist.kernels.cuda_int4 as C
+r = C.rows_config
+w, nb, st = map(int, '$spec'.rstrip('p').split('x'))
+def rc(m, n, k, *a):
+    if m <= 8:
+        return r(m, n, k, *a)
+    return C.RowsConfig(warps=w, nb=nb, rows=16, stages=st, persist='$spec'.endswith('p') and n >= 4 * k)
+C.rows_config = rc" --quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch $batch "$@"
+}
+
+rows37() {  # issue 16, session 37: the GPU tests changed for ROWS_MAX_M = 16 (past the rows
+    # now ROWS_MAX_M + 1 / + 2), then int4_rows's 16-row forms through the batch-16 step
+    # (each checked for correctness on the CPU emulator and for spills by NVRTC), bf16
+    # beside them (~7 min)
+    local f
+    step tests_rows37 200 python3 -m pytest -q -p no:cacheprovider -rf \
+        tests/gpu/test_cuda_int4_gpu.py tests/gpu/test_wquant_torch_gpu.py \
+        -k "glu_through or rope_through or dependent_launches or buckets_compile"
+    checkpoint
+    ab bf16_b16 "" --prompt-len 128 --gen-len 64 --batch 16
+    for f in 4x2x4 8x2x4 8x4x4 8x4x3 4x4x4 16x2x2 8x4x4p; do
+        form37 i4h_b16_$f 16 $f
+    done
+    form37 i4h_b12_4x2x4 12 4x2x4
+    form37 i4h_b12_8x4x4 12 8x4x4
+    ab i4h_b8 "" --quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 8
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37) mkdir -p "$OUT"; setup; "$1" ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
