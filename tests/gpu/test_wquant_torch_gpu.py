@@ -272,8 +272,8 @@ def test_smollm2_gguf_torch_backend_bf16(smollm2):
 def test_dependent_launches_change_no_bits(wide_model, kind, compile_layers, batch,
                                            monkeypatch):
     """Decode graphs captured as programmatic dependent launches (int4_rows, or past its
-    rows, wquant_torch.ROWS_MAX_M, tinygemm's tensor-core tiles; int8_rows at 3-8 rows of int8; the Triton GEMV,
-    attention and fused kernels, and
+    rows, wquant_torch.ROWS_MAX_M, tinygemm's tensor-core tiles; int8_rows at 3-8 rows of
+    int8; the Triton GEMV, attention and fused kernels, and
     Inductor's where compiled: each waits for the kernel before it before reading x; here
     the GEMV asks L2 for its rows' first 1 KiB of codes before that,
     ``wquant_triton.L2_EARLY``, and loads its first tile, ``FIRST_EARLY``) give
@@ -332,7 +332,7 @@ def test_int4_buckets_compile_only_past_cuda_int4s_rows(wide_model, monkeypatch)
     assert not rows
     wide, eager = llm(few + 2), llm(few + 2, graphs=False)
     assert wide.engine.compile_layers == (True,) and wide.engine.compile_from == (few + 1,)
-    # the warm-up captured buckets 1, 2, 4, 8 (eager layers) and few + 2 (compiled)
+    # the warm-up captured buckets of up to few rows (eager layers) and few + 2 (compiled)
     assert rows == {few + 2}
     for n in (2, few + 2):
         _same_greedy_tokens(wide, eager, prompts[:n])
