@@ -28,7 +28,8 @@
 # From the repository root, with the wheels llamadist needs beside it in .whl/ and
 # .whl/serve/ (the device machine has no network: `pip download` them here). Every figure
 # goes through a checkpoint folder and the CLI or the benchmark scripts, as users run
-# them; the results land in $OUT, one file per command, for benchmarks/RESULTS.md.
+# them; the results land in $OUT, one file per command, for benchmarks/RESULTS.md, and
+# the part ends with a summary line per command on stdout (a call returns only a few files).
 set -u
 CK=/tmp/ck/llama3-8b-bfloat16
 
@@ -78,6 +79,20 @@ step() {  # step NAME SECONDS CMD...: CMD's output in $OUT/NAME.txt, its status 
     timeout -k 10 -s "${STEP_SIGNAL:-TERM}" "$limit" "$@" > "$OUT/$name.txt" 2>&1
     echo "== $name: rc=$?"
     tail -4 "$OUT/$name.txt"
+}
+
+summary() {  # one line a step of the part, last (a device call returns a few files and the
+    # output's tail): its name, ms a decode step (bench runs), which int4_rows variants
+    # passed their device checks, pytest's counts
+    local f
+    echo "== summary (ms a step; int4_rows variants (device, norm, rope, kv); tests)"
+    for f in "$OUT"/*.txt; do
+        case $f in */session.txt) continue ;; esac
+        echo "$(basename "$f" .txt)" \
+            "$(grep -o '"decode_ms_per_step": [0-9.]*' "$f" | head -1 | cut -d' ' -f2)" \
+            "$(grep -o 'variants (device, norm, rope, kv): .*' "$f" | head -1 | cut -d' ' -f6-)" \
+            "$(grep -E '^[0-9]+ (passed|failed)|^=+ .*(passed|failed|error)' "$f" | tail -1)"
+    done
 }
 
 sweep() {  # sweep NAME CMD...: CMD --max-seconds (what the part has left, at most 100),
@@ -1618,7 +1633,7 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37) mkdir -p "$OUT"; setup; "$1" ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37) mkdir -p "$OUT"; setup; "$1"; summary ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
             "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
