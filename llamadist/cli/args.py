@@ -96,7 +96,7 @@ def add_runtime(p: argparse.ArgumentParser) -> None:
     g.add_argument("--compile", dest="compile", action="store_const", const=True,
                    help="torch.compile the decoder layers inside the CUDA graphs (default: only "
                    "where it pays, quantized weights on torch's products (int4 where its "
-                   "CUDA kernel runs: in batch buckets past 8 rows) or MoE blocks)")
+                   "CUDA kernel runs: in batch buckets past its 16 rows) or MoE blocks)")
     g.add_argument("--no-compile", dest="compile", action="store_const", const=False,
                    help="never torch.compile: graphs capture the eager decoder layers")
     g.add_argument("--compile-cache", metavar="DIR",

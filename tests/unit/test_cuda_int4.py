@@ -450,14 +450,14 @@ def test_rope_arguments_are_checked():
 @needs_nvrtc
 def test_kv_forms_compile_without_local_memory(tmp_path):
     """KVW (k and v also stored in the paged cache, with ROPE): the rule's forms for
-    Llama-3-8B's q | k | v at 1-8 rows as dependent launches on sm_90 (the spill check
+    Llama-3-8B's q | k | v at 1-16 rows as dependent launches on sm_90 (the spill check
     compiles the KVW kernel), with the norm in the prologue too, plain on sm_80, and a
     k-pair form: no spills, no local memory."""
     for arch, pdl in (("90", True), ("80", False)):
         for norm in (False, True):
             forms = {C.rule_form(m, 6144, 4096, 8, 128, 132, 232448, arch, pdl, norm=norm,
                                  rope=128, kvw=True) for m in ((1, 2, 4) if norm else
-                                                               (1, 2, 4, 8))}
+                                                               (1, 2, 4, 8, 16))}
             for cfg in sorted(forms, key=C.RowsConfig.label) + [
                     C.RowsConfig(8, 2, 1, 3, kpair=2)]:
                 d = C.defines(8, 128, cfg, pdl=pdl, norm=norm, rope=128, kvw=True)

@@ -236,7 +236,8 @@ def test_the_norm_and_rope_in_one_kernel(cfg):
 
 @pytest.mark.parametrize("cfg,norm", [(C.RowsConfig(8, 4, 4, 2), False),
                                       (C.RowsConfig(8, 4, 4, 3, kpair=2), False),
-                                      (C.RowsConfig(8, 4, 4, 2), True)],
+                                      (C.RowsConfig(8, 4, 4, 2), True),
+                                      (C.RowsConfig(4, 2, 16, 4), False)],
                          ids=lambda v: v.label() if isinstance(v, C.RowsConfig) else str(v))
 def test_k_and_v_into_the_paged_cache(cfg, norm):
     """KVW (with ROPE): y as ROPE alone writes it, and k's heads (rotated) and v's in the
@@ -246,7 +247,9 @@ def test_k_and_v_into_the_paged_cache(cfg, norm):
     n, qcols, rot = (hq + 2 * hkv) * d, hq * d, (hq + hkv) * d
     packed, sz, _, tiles = _case(n, k, group, seed=8)
     gen = torch.Generator().manual_seed(9)
-    for m, slots in ((1, [6]), (4, [0, 13, 7, 18])):
+    cases = ((1, [6]), (4, [0, 13, 7, 18])) if cfg.rows <= 4 else \
+        ((12, [0, 13, 7, 18, 1, 2, 19, 5, 10, 11, 16, 3]),)  # (x the mma's A operand)
+    for m, slots in cases:
         x, res = (torch.randn(m, k, generator=gen).to(torch.bfloat16) for _ in range(2))
         gamma = (1 + torch.randn(k, generator=gen) / 4).to(torch.bfloat16)
         cos, sin = (torch.randn(m, d, generator=gen).to(torch.bfloat16) for _ in range(2))
@@ -269,6 +272,31 @@ def test_k_and_v_into_the_paged_cache(cfg, norm):
                 expect[which, 1 + slot // bs, :, slot % bs] = want[r, lo:lo + hkv * d].view(
                     hkv, d)
         assert torch.equal(whole, expect), m
+
+def test_the_rows_device_check_runs_both_forms_and_names_a_fault(monkeypatch):
+    """wquant_torch's check of int4_rows itself (what lets int4 take it: int4_rows_ok)
+    runs the rule's forms at 3 rows (W the mma's A operand) and at ROWS_MAX_M (past 8: x
+    the A operand), here by the emulator: it passes the kernel as it is, with its GLU
+    variant, and names the rows where a form is off."""
+    def pack(q, k):  # the CUDA words, from our packed bytes
+        return WT.tinygemm_layout(W.unpack_int4(q, k).to(torch.int32), WT._inner_k_tiles(k))
+
+    def emulated(x, packed, sz, n, group, tiles, cfg=None, glu=False):
+        return E.launch(x, packed, sz, n, group, tiles,
+                        cfg or C.rows_config(x.shape[0], n, x.shape[1]), glu=glu)
+
+    forms = []
+    monkeypatch.setattr(WT, "tinygemm_pack", pack)
+    monkeypatch.setattr(WT, "_GLU_CHECKED", {})
+    monkeypatch.setattr(C, "launch", lambda x, *a, **kw: forms.append(x.shape[0]) or
+                        emulated(x, *a, **kw))
+    cpu = torch.device("cpu")
+    assert WT._rows_case(cpu) is None and WT._GLU_CHECKED == {None: True}
+    assert sorted(set(forms)) == sorted({3, WT.ROWS_MAX_M}) and WT.ROWS_MAX_M > 8
+    monkeypatch.setattr(C, "launch", lambda x, *a, **kw: emulated(x, *a, **kw) *
+                        (1.1 if x.shape[0] > 8 else 1))
+    assert f"at {WT.ROWS_MAX_M} rows" in WT._rows_case(cpu)
+
 
 VARIANTS = [(False, True, False), (False, True, True), (True, False, False),
             (True, True, False), (True, True, True)]  # (norm, rope, kv)
