@@ -12,7 +12,7 @@
 #         forms30 forms30b final30 split30 verify30
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
-#         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b fold37 rows37 line37
+#         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b fold37 rows37 line37 attn37
 #         perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
@@ -1642,14 +1642,37 @@ P.MIN_SPLIT_TILES = 4" benchmarks/paged_timeline.py $CK --devices cuda:0 $g --ba
     with_set tl_i4h_b8 "" benchmarks/paged_timeline.py $CK --devices cuda:0 $g --batch 8
 }
 
+attn37() {  # issue 16, session 37: the paged split kernel's warps a program
+    # (paged_attention.SPLIT_WARPS 2 / 1 / 8 against 4): its GPU tests at 2, then int4 +
+    # head (the defaults) and bf16 at batch 1, int4 at batch 4 and at a 4 096-token prompt
+    # (~6 min)
+    local q="--quantize int4 --quantize-head --gen-len 64" w
+    local p="import llamadist.kernels.paged_attention as P; P.SPLIT_WARPS"
+    step tests_attn37 120 python3 -c "
+import sys, pytest, llamadist.kernels.paged_attention as P
+P.SPLIT_WARPS = 2
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_paged_gpu.py']))"
+    checkpoint
+    ab i4h_b1 "" $q --prompt-len 128 --batch 1
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+    for w in 2 1 8; do
+        ab i4h_b1_w$w "$p = $w" $q --prompt-len 128 --batch 1
+        ab bf16_b1_w$w "$p = $w" --prompt-len 128 --gen-len 64 --batch 1
+    done
+    ab i4h_b4 "" $q --prompt-len 128 --batch 4
+    ab i4h_b4_w2 "$p = 2" $q --prompt-len 128 --batch 4
+    ab i4h_p4k "" $q --prompt-len 4096 --batch 1
+    ab i4h_p4k_w2 "$p = 2" $q --prompt-len 4096 --batch 1
+}
+
 case ${1:-} in
     stash) stash; exit ;;
 esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37) mkdir -p "$OUT"; setup; "$1"; summary ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37) mkdir -p "$OUT"; setup; "$1"; summary ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

@@ -35,6 +35,11 @@ MAX_SPLITS = 64
 # one costs the merge kernel (its launch, about 2 us of a decode step's chain on an H200),
 # so a short sequence is not split into one-tile programs (1: as many splits as tiles).
 MIN_SPLIT_TILES = 1
+# Warps a program of the split kernel. Its K and V tiles already come in through one
+# cp.async ring (Triton's 2 stages issue a tile's K and V together); what the warps change
+# is how the softmax's row max and sum cross them (through shared memory, barriers). Not
+# yet timed against 4 (gpu_session.sh attn37).
+SPLIT_WARPS = 4
 LOG2E = 1.4426950408889634
 
 

@@ -10,6 +10,7 @@ import triton.language as tl
 
 from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.gpu.dependent import dependent, enter
+from llamadist.kernels import paged_attention as front
 from llamadist.kernels.paged_attention import BLOCK_N, LOG2E, MAX_SPLITS
 
 # Triton's CPU interpreter (tests) multiplies bf16 tiles as raw bits in tl.dot (triton
@@ -184,7 +185,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
         n_sh, h_kv, g, d ** -0.5 * LOG2E, splits,
         D=d, D_PAD=d_pad, BS=bs, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N,
         DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
-        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=4,
+        DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=front.SPLIT_WARPS,
         num_stages=2, **dep)
     if not direct:
         _merge_kernel[(n_sh * g,)](acc, ml, out, out.stride(0), out.stride(1), n_sh, h_kv, g,
