@@ -8,9 +8,9 @@ import torch
 import triton
 import triton.language as tl
 
+from llamadist.kernels import paged_attention as front
 from llamadist.kernels.gpu import interpreted
 from llamadist.kernels.gpu.dependent import dependent, enter
-from llamadist.kernels import paged_attention as front
 from llamadist.kernels.paged_attention import BLOCK_N, LOG2E, MAX_SPLITS
 
 # Triton's CPU interpreter (tests) multiplies bf16 tiles as raw bits in tl.dot (triton
