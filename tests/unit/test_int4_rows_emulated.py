@@ -273,6 +273,7 @@ def test_k_and_v_into_the_paged_cache(cfg, norm):
                     hkv, d)
         assert torch.equal(whole, expect), m
 
+
 def test_the_rows_device_check_runs_both_forms_and_names_a_fault(monkeypatch):
     """wquant_torch's check of int4_rows itself (what lets int4 take it: int4_rows_ok)
     runs the rule's forms at 3 rows (W the mma's A operand) and at ROWS_MAX_M (past 8: x
