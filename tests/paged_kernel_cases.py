@@ -122,6 +122,7 @@ def patch_interpreter() -> None:
 def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16")) -> int:
     if device == "cpu":
         patch_interpreter()
+    from llamadist.kernels import paged_attention as front
     bad = 0
     for name in dtypes:
         dtype = getattr(torch, name)
@@ -132,6 +133,20 @@ def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"))
                 bad += not ok
                 print(f"{name} {case} splits={splits}: out {err:.2e} kv {kv_err:.1e}"
                       f"{'' if ok else '  FAIL'}")
+    # Split ranges finer than a tile (SPLIT_GRAIN < BLOCK_N: programs reading part of one
+    # tile, ranges starting inside a tile, splits left empty by short sequences, which the
+    # merge does not read) and coarser (several tiles a range).
+    default = front.SPLIT_GRAIN
+    for grain in (8, 2 * front.BLOCK_N):
+        front.SPLIT_GRAIN = grain
+        for case in CASES:
+            for splits in (4, 16):
+                err, kv_err = run_case(*case, torch.float32, device, splits)
+                ok = err <= TOL[torch.float32] and kv_err == 0.0
+                bad += not ok
+                print(f"float32 {case} grain={grain} splits={splits}: out {err:.2e} "
+                      f"kv {kv_err:.1e}{'' if ok else '  FAIL'}")
+    front.SPLIT_GRAIN = default
     bad += stored_case(device)
     # more splits than the merge kernel's tile holds: refused, never a silent drop
     from llamadist.kernels.paged_attention import MAX_SPLITS

@@ -31,9 +31,17 @@ from llamadist.kernels import gpu
 
 BLOCK_N = 64  # KV slots per tile
 MAX_SPLITS = 64
-# The fewest KV tiles a split is given at the bucket's longest sequence: each split past
+# The slots a split's range is a multiple of (a power of two, at most BLOCK_N): a
+# sequence's slots are cut into ``splits`` ranges of ceil(length / splits) rounded up to
+# it. Below BLOCK_N a short sequence spreads over more programs, each reading part of one
+# tile (the rest of the tile masked: no bytes read), while a long one's ranges stay whole
+# tiles. On an H200 at 192 slots a 32-slot tile took 0.015 ms off int4's batch-1 step and
+# added 0.05 at 4 096 slots (RESULTS.md, session 37); a grain of 32 or 16 under 64-slot
+# tiles is to keep the first without the second. Not yet timed: 64 (gpu_session.sh grain38).
+SPLIT_GRAIN = BLOCK_N
+# The fewest grains a split is given at the bucket's longest sequence: each split past
 # one costs the merge kernel (its launch, about 2 us of a decode step's chain on an H200),
-# so a short sequence is not split into one-tile programs (1: as many splits as tiles).
+# so a short sequence is not split into one-grain programs (1: as many splits as grains).
 MIN_SPLIT_TILES = 1
 # Warps a program of the split kernel. Its K and V tiles already come in through one
 # cp.async ring (Triton's 2 stages issue a tile's K and V together); what the warps change
@@ -66,10 +74,11 @@ def _multiprocessors(index: int) -> int:
 def num_splits(rows: int, max_slots: int, multiprocessors: int = 132) -> int:
     """Programs per (sequence, KV head) for ``rows`` = S * H_kv of them over at most
     ``max_slots`` slots a sequence: about two programs per multiprocessor in all, a power
-    of two (the merge kernel's tile), never more than the tiles of ``max_slots`` over
-    MIN_SPLIT_TILES nor MAX_SPLITS. Fixed per graph bucket: it depends on shapes only."""
+    of two (the merge kernel's tile), never more than the SPLIT_GRAIN grains of
+    ``max_slots`` over MIN_SPLIT_TILES nor MAX_SPLITS. Fixed per graph bucket: it depends
+    on shapes only."""
     want = max(1, -(-2 * multiprocessors // max(1, rows)))
-    tiles = max(1, -(-max_slots // BLOCK_N) // MIN_SPLIT_TILES)
+    tiles = max(1, -(-max_slots // SPLIT_GRAIN) // MIN_SPLIT_TILES)
     up = 1 << (want - 1).bit_length()      # smallest power of two >= want
     down = 1 << (tiles.bit_length() - 1)   # largest power of two <= tiles
     return min(MAX_SPLITS, up, down)

@@ -11,7 +11,7 @@ import importlib.util
 
 import pytest
 
-from llamadist.kernels.paged_attention import BLOCK_N, MAX_SPLITS, num_splits
+from llamadist.kernels.paged_attention import MAX_SPLITS, SPLIT_GRAIN, num_splits
 from tests.interpreted import start_all
 
 
@@ -24,7 +24,18 @@ def test_num_splits():
         for slots in (1, 64, 65, 1000, 131072):
             n = num_splits(rows, slots)
             assert n & (n - 1) == 0 and 1 <= n <= MAX_SPLITS
-            assert n <= max(1, -(-slots // BLOCK_N))
+            assert n <= max(1, -(-slots // SPLIT_GRAIN))
+
+
+def test_num_splits_counts_grains(monkeypatch):
+    """A split's range is whole grains (SPLIT_GRAIN), not whole tiles: a finer grain gives a
+    short bucket more splits, a long one as many as before (two per SM)."""
+    from llamadist.kernels import paged_attention as front
+    assert num_splits(8, 256) == 4              # 4 tiles of 64 slots
+    monkeypatch.setattr(front, "SPLIT_GRAIN", 16)
+    assert num_splits(8, 256) == 16             # 16 grains of 16 slots
+    assert num_splits(8, 8192) == 64
+    assert num_splits(32, 8192) == 16           # batch 4: 2 * 132 / 32 rows, rounded up
 
 
 no_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
@@ -49,7 +60,8 @@ def interpreted(tiny_models, tmp_path_factory):
 def test_kernel_interpreted_matches_pytorch_paged_path(interpreted):
     proc = interpreted["cpu"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert proc.stdout.count("splits=") == 24  # 2 dtypes x 4 cases x 3 split counts
+    assert proc.stdout.count("splits=") == 40  # 2 dtypes x 4 cases x 3 split counts,
+    assert proc.stdout.count("grain=") == 16   # and 2 grains x 4 cases x 2 split counts
     assert "stored k / v: out" in proc.stdout  # attend(q, None, None) (stored_case)
     assert "refused: paged decode attention takes 1 to 64 splits, not 65" in proc.stdout
 

@@ -1,6 +1,8 @@
 """The Triton side of programmatic dependent launches (``llamadist.kernels.gpu``'s
 ``dependent_launches`` says when they are on): a kernel takes a ``PDL`` constexpr, calls
-``enter(PDL)`` before its first load, and is launched with ``**dependent(device)``."""
+``enter(PDL)`` before its first load of anything a kernel may have written this step (only
+what no kernel writes, such as weights or the step's lengths, may be read before it), and
+is launched with ``**dependent(device)``."""
 
 from __future__ import annotations
 

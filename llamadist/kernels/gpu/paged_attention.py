@@ -46,12 +46,19 @@ def _write_kernel(K, V, KV, Slots, sk_n, sk_h, sv_n, sv_h, skv_kv, skv_b, skv_h,
 VARYING = ["n_sh", "st_s", "splits"]
 
 
+@triton.jit
+def _per_split(length, splits, GRAIN: tl.constexpr):
+    """The slots of each split's range: ceil(length / splits) rounded up to GRAIN (at least
+    one grain); the splits past ceil(length / per_split) hold none."""
+    return tl.maximum(tl.cdiv(tl.cdiv(length, splits), GRAIN), 1) * GRAIN
+
+
 @triton.jit(do_not_specialize=VARYING)
 def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
                   sq_n, sq_h, so_n, so_h, skv_kv, skv_b, skv_h, skv_s, st_s,
                   n_sh, H_KV, G, qk_scale, splits,
                   D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
-                  G_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                  G_PAD: tl.constexpr, BLOCK: tl.constexpr, GRAIN: tl.constexpr,
                   DIRECT: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
                   PDL: tl.constexpr):
     enter(PDL)
@@ -60,7 +67,7 @@ def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
     s = sh // H_KV
     h = sh % H_KV
     length = tl.load(SeqLens + s).to(tl.int32)  # slots [0, length) hold tokens
-    per_split = tl.cdiv(tl.cdiv(length, splits), BLOCK) * BLOCK
+    per_split = _per_split(length, splits, GRAIN)
     lo = split * per_split
     hi = tl.minimum(lo + per_split, length)
 
@@ -123,18 +130,25 @@ def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
 
 
 @triton.jit(do_not_specialize=["n_sh", "splits"])
-def _merge_kernel(Acc, ML, Out, so_n, so_h, n_sh, H_KV, G, splits,
+def _merge_kernel(Acc, ML, Out, SeqLens, so_n, so_h, n_sh, H_KV, G, splits,
                   D: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
-                  PDL: tl.constexpr):
-    enter(PDL)
+                  GRAIN: tl.constexpr, PDL: tl.constexpr):
     pid = tl.program_id(0)  # one per (sequence, KV head, query row g)
     g = pid % G
     sh = pid // G
     s = sh // H_KV
     h = sh % H_KV
+    # Only the splits that held slots (a bucket's split count is set by its longest
+    # sequence: a shorter one leaves the rest empty, their partials not worth reading).
+    # The length is read before enter's wait, so its latency overlaps the split kernel's
+    # end: no kernel writes it, and this kernel starts only once every program of the split
+    # kernel has passed its own wait (and so the writes before it are all visible).
+    length = tl.load(SeqLens + s).to(tl.int32)
+    live = tl.minimum(tl.cdiv(length, _per_split(length, splits, GRAIN)), splits)
+    enter(PDL)
     offs_s = tl.arange(0, SPLITS_PAD)  # one tile for every split count (one compile)
     offs_d = tl.arange(0, D_PAD)
-    have = offs_s < splits
+    have = offs_s < live
     row = (sh * splits + offs_s) * G + g
     m_s = tl.load(ML + row, mask=have, other=float("-inf"))
     l_s = tl.load(ML + n_sh * splits * G + row, mask=have, other=0.0)
@@ -184,11 +198,11 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), block_tables.stride(0),
         n_sh, h_kv, g, d ** -0.5 * LOG2E, splits,
         D=d, D_PAD=d_pad, BS=bs, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N,
-        DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
+        GRAIN=front.SPLIT_GRAIN, DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=front.SPLIT_WARPS,
         num_stages=2, **dep)
     if not direct:
-        _merge_kernel[(n_sh * g,)](acc, ml, out, out.stride(0), out.stride(1), n_sh, h_kv, g,
-                                   splits, D=d, D_PAD=d_pad, SPLITS_PAD=MAX_SPLITS,
-                                   num_warps=4, **dep)
+        _merge_kernel[(n_sh * g,)](acc, ml, out, seq_lens, out.stride(0), out.stride(1), n_sh,
+                                   h_kv, g, splits, D=d, D_PAD=d_pad, SPLITS_PAD=MAX_SPLITS,
+                                   GRAIN=front.SPLIT_GRAIN, num_warps=4, **dep)
     return out
