@@ -1665,48 +1665,70 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_pag
     ab i4h_p4k_w2 "$p = 2" $q --prompt-len 4096 --batch 1
 }
 
-# session 38's A/B: the paged kernels before SPLIT_GRAIN and the merge's live splits
+# session 38's A/B: the K/V store in q | k | v's epilogue, the split kernel's early tile, its
+# grain; the paged kernels before SPLIT_GRAIN and the merge's live splits
 # (7eff09a's gpu/paged_attention.py, kept in .whl/pa37.py: `git show
 # 7eff09a:llamadist/kernels/gpu/paged_attention.py > .whl/pa37.py`) in the bench's process
+KV38="W.KV_EPILOGUE = True"
+EARLY38="import llamadist.kernels.paged_attention as P; P.EARLY_TILE = True"
+GRAIN38="import llamadist.kernels.paged_attention as P; P.SPLIT_GRAIN"
 PA37="import importlib.util, llamadist.kernels.gpu as G
 spec = importlib.util.spec_from_file_location('llamadist.kernels.gpu.pa37', '.whl/pa37.py')
 O = importlib.util.module_from_spec(spec); spec.loader.exec_module(O)
 G._MODULES['paged_attention'] = O"
 
-grain38() {  # issue 16, session 38: split ranges of whole grains under 64-slot tiles
-    # (paged_attention.SPLIT_GRAIN 32 / 16 against 64, the tile: a short sequence over more
-    # programs, a long one's ranges unchanged; session 37's 32-slot tiles took 0.015 ms off
-    # the batch-1 step at 192 slots and added 0.05 at 4 096), and the merge kernel reading
-    # only the splits that held slots (at --max-seq-len 8192 a batch-1 bucket has 64
-    # splits): the GPU tests first, then int4 + head and bf16 at batch 1, the all-three-folds
-    # step (H200: 1.770 with 64), batch 4, a 4 096-token prompt, and a serving-sized cache;
-    # the kernels of 7eff09a beside the defaults (PA37) (~9 min)
-    local q="--quantize int4 --quantize-head --gen-len 64" g
-    local p="import llamadist.kernels.paged_attention as P; P.SPLIT_GRAIN"
-    local kv="W.KV_EPILOGUE = True"
-    step tests_grain38 150 python3 -c "
+attn38() {  # issue 16, session 38: the paged split kernel's first tile loaded before its
+    # wait (paged_attention.EARLY_TILE: with the K/V store in q | k | v's epilogue those
+    # loads overlap that projection; with the write kernel between, only that kernel), and
+    # split ranges of whole grains under 64-slot tiles (paged_attention.SPLIT_GRAIN 16 / 32
+    # against 64, the tile: a short sequence over more programs, a long one's ranges
+    # unchanged; session 37's 32-slot tiles took 0.015 ms off the batch-1 step at 192 slots
+    # and added 0.05 at 4 096). The GPU tests with both on, then int4 + head and bf16 at
+    # batch 1, the likeliest first (~7 min); attn38b goes on.
+    local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
+    local b="--prompt-len 128 --gen-len 64 --batch 1"
+    step tests_attn38 150 python3 -c "
 import sys, pytest, llamadist.kernels.paged_attention as P
 P.SPLIT_GRAIN = 16
-sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_paged_gpu.py']))"
+P.EARLY_TILE = True
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_paged_gpu.py',
+                      'tests/gpu/test_cuda_graph.py', '-k', 'paged or greedy_tokens_equal']))"
+    checkpoint
+    ab i4h_b1 "" $q
+    ab bf16_b1 "" $b
+    ab i4h_b1_kv_early "$KV38
+$EARLY38" $q
+    ab i4h_b1_early "$EARLY38" $q
+    ab i4h_b1_kv "$KV38" $q
+    ab bf16_b1_early "$EARLY38" $b
+    ab i4h_b1_g16 "$GRAIN38 = 16" $q
+    ab bf16_b1_g16 "$GRAIN38 = 16" $b
+    ab i4h_b1_kv_early_g16 "$KV38
+$EARLY38
+P.SPLIT_GRAIN = 16" $q
+    ab i4h_b1_g32 "$GRAIN38 = 32" $q
+    ab bf16_b1_g32 "$GRAIN38 = 32" $b
+}
+
+attn38b() {  # issue 16, session 38, after attn38: 7eff09a's paged kernels (PA37: before
+    # SPLIT_GRAIN and the merge reading only the splits that held slots) beside the
+    # defaults; batch 4, a 4 096-token prompt and a serving-sized cache (--max-seq-len
+    # 8192: a batch-1 bucket of 64 splits) at grain 16 against 64; then EARLY_TILE at
+    # batch 4 (~7 min)
+    local q="--quantize int4 --quantize-head --gen-len 64"
     checkpoint
     ab i4h_b1 "" $q --prompt-len 128 --batch 1
     ab i4h_b1_pa37 "$PA37" $q --prompt-len 128 --batch 1
-    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
     ab bf16_b1_pa37 "$PA37" --prompt-len 128 --gen-len 64 --batch 1
-    for g in 16 32; do
-        ab i4h_b1_g$g "$p = $g" $q --prompt-len 128 --batch 1
-        ab bf16_b1_g$g "$p = $g" --prompt-len 128 --gen-len 64 --batch 1
-    done
-    ab i4h_b1_kv "$kv" $q --prompt-len 128 --batch 1
-    ab i4h_b1_kv_g16 "$kv
-$p = 16" $q --prompt-len 128 --batch 1
-    ab i4h_b4 "" $q --prompt-len 128 --batch 4
-    ab i4h_b4_g16 "$p = 16" $q --prompt-len 128 --batch 4
-    ab i4h_p4k "" $q --prompt-len 4096 --batch 1
-    ab i4h_p4k_g16 "$p = 16" $q --prompt-len 4096 --batch 1
     ab i4h_b1_m8k "" $q --prompt-len 128 --batch 1 --max-seq-len 8192
     ab i4h_b1_m8k_pa37 "$PA37" $q --prompt-len 128 --batch 1 --max-seq-len 8192
-    ab i4h_b1_m8k_g16 "$p = 16" $q --prompt-len 128 --batch 1 --max-seq-len 8192
+    ab i4h_b1_m8k_g16 "$GRAIN38 = 16" $q --prompt-len 128 --batch 1 --max-seq-len 8192
+    ab i4h_b4 "" $q --prompt-len 128 --batch 4
+    ab i4h_b4_g16 "$GRAIN38 = 16" $q --prompt-len 128 --batch 4
+    ab i4h_b4_early "$EARLY38" $q --prompt-len 128 --batch 4
+    ab i4h_p4k "" $q --prompt-len 4096 --batch 1
+    ab i4h_p4k_g16 "$GRAIN38 = 16" $q --prompt-len 4096 --batch 1
+    ab i4h_p4k_early "$EARLY38" $q --prompt-len 4096 --batch 1
 }
 
 case ${1:-} in
@@ -1715,8 +1737,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|grain38) mkdir -p "$OUT"; setup; "$1"; summary ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b) mkdir -p "$OUT"; setup; "$1"; summary ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|grain38|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

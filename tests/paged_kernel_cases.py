@@ -81,6 +81,68 @@ def stored_case(device: str) -> int:
     return int(not ok)
 
 
+def early_case() -> int:
+    """EARLY_TILE's contract, on Triton's interpreter (CPU): the split kernel reads this
+    step's slot only after enter's wait. The slot holds NaN at the start of every program
+    (a hook on the interpreter's grid) and its k / v appear only at the wait (a stand-in
+    enter stores them, as the kernel before would have by then), so a read before the wait
+    shows as NaN in the output. Each case against the PyTorch path on the stored cache;
+    returns the failures."""
+    import triton.runtime.interpreter as ti
+
+    from llamadist.kernels import gpu
+    from llamadist.kernels import paged_attention as front
+    from llamadist.runtime.paged_attention import PagedLayer
+    from llamadist.runtime.paged_kv import PagedBatch
+    m = gpu.load("paged_attention")
+    h, h_kv, d, bs = 8, 2, 32, 16
+    g = torch.Generator().manual_seed(11)
+    lens = [1, 17, 64, 65, 130]
+    need = [-(-n // bs) for n in lens]
+    ids = (torch.randperm(sum(need), generator=g) + 1).tolist()
+    tables = [ids[sum(need[:i]):sum(need[:i + 1])] for i in range(len(lens))]
+    batch = PagedBatch.build([(t, n - 1, 1) for t, n in zip(tables, lens)], bs)
+    kv = torch.randn(2, sum(need) + 1, h_kv, bs, d, generator=g)
+    q = torch.randn(len(lens), h, d, generator=g)
+    k, v = (torch.randn(len(lens), h_kv, d, generator=g) for _ in range(2))
+    want = PagedLayer(kv.clone(), batch).attend(q, k, v)
+    slots = batch.slot_mapping.tolist()
+
+    def store(cache, kk, vv):
+        for i, slot in enumerate(slots):
+            cache[0, slot // bs, :, slot % bs], cache[1, slot // bs, :, slot % bs] = kk[i], vv[i]
+
+    nan = torch.full_like(k, float("nan"))
+    saved = (m.enter, m.dependent, ti.interpreter_builder.set_grid_idx, front.EARLY_TILE,
+             front.SPLIT_GRAIN)
+    bad = 0
+    try:
+        front.EARLY_TILE = True
+        m.dependent = lambda device: {"PDL": True}
+        for grain in (front.BLOCK_N, 16):
+            front.SPLIT_GRAIN = grain
+            for splits in (1, 2, 4):
+                cache = kv.clone()
+                m.enter = lambda pdl, c=cache: store(c, k, v) if pdl else None
+
+                def program(x, y, z, c=cache):  # each program starts before the wait
+                    store(c, nan, nan)
+                    saved[2](x, y, z)
+                ti.interpreter_builder.set_grid_idx = program
+                out = m.attend(q, cache, batch.block_tables.to(torch.int32),
+                               batch.seq_lens.to(torch.int32), splits)
+                ti.interpreter_builder.set_grid_idx = saved[2]
+                err = (out - want).abs().max().item()  # NaN where read too early
+                ok = err <= TOL[torch.float32]
+                bad += not ok
+                print(f"early tile grain={grain} splits={splits}: out {err:.2e}"
+                      f"{'' if ok else '  FAIL'}")
+    finally:
+        (m.enter, m.dependent, ti.interpreter_builder.set_grid_idx, front.EARLY_TILE,
+         front.SPLIT_GRAIN) = saved
+    return bad
+
+
 def patch_interpreter() -> None:
     """Triton's interpreter turns a scalar (a 1-element array) into a loop bound with
     ``int(array)``, which NumPy >= 2.4 refuses for arrays of one dimension; use .item().
@@ -147,6 +209,8 @@ def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"))
                 print(f"float32 {case} grain={grain} splits={splits}: out {err:.2e} "
                       f"kv {kv_err:.1e}{'' if ok else '  FAIL'}")
     front.SPLIT_GRAIN = default
+    if device == "cpu":
+        bad += early_case()
     bad += stored_case(device)
     # more splits than the merge kernel's tile holds: refused, never a silent drop
     from llamadist.kernels.paged_attention import MAX_SPLITS

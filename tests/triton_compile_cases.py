@@ -235,6 +235,7 @@ def paged_cases() -> None:
     dot) at 80, padded to 128 (G = 8; float32's tiles of 128 use the most shared memory).
     Other pairings differ only in numbers, not in the code compiled."""
     from llamadist.kernels import gpu
+    from llamadist.kernels import paged_attention as front
     m = gpu.load("paged_attention")
     _patch(m)
     for dtype, shapes in ((torch.bfloat16, ((32, 8, 128, 16), (8, 8, 64, 16))),
@@ -249,10 +250,16 @@ def paged_cases() -> None:
             tables = torch.zeros(s, 8, dtype=torch.int32)
             for splits in (1, 4):
                 m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
-            if d == 128:  # the same three kernels as dependent launches
-                with _dependent():
+            if d == 128:  # the same three kernels as dependent launches, and the split
+                with _dependent():  # kernel's first tile before its wait (EARLY_TILE)
                     m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, torch.zeros(s, dtype=torch.long))
                     m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
+                    front.EARLY_TILE = True
+                    try:
+                        for splits in (1, 4):
+                            m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
+                    finally:
+                        front.EARLY_TILE = False
 
 
 def decode_cases() -> None:

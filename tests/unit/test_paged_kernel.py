@@ -60,8 +60,9 @@ def interpreted(tiny_models, tmp_path_factory):
 def test_kernel_interpreted_matches_pytorch_paged_path(interpreted):
     proc = interpreted["cpu"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert proc.stdout.count("splits=") == 40  # 2 dtypes x 4 cases x 3 split counts,
-    assert proc.stdout.count("grain=") == 16   # and 2 grains x 4 cases x 2 split counts
+    assert proc.stdout.count("splits=") == 46  # 2 dtypes x 4 cases x 3 split counts,
+    assert proc.stdout.count("grain=") == 22   # 2 grains x 4 cases x 2 split counts,
+    assert proc.stdout.count("early tile") == 6  # and EARLY_TILE's 2 grains x 3 splits
     assert "stored k / v: out" in proc.stdout  # attend(q, None, None) (stored_case)
     assert "refused: paged decode attention takes 1 to 64 splits, not 65" in proc.stdout
 

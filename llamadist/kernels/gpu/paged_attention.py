@@ -53,19 +53,45 @@ def _per_split(length, splits, GRAIN: tl.constexpr):
     return tl.maximum(tl.cdiv(tl.cdiv(length, splits), GRAIN), 1) * GRAIN
 
 
+@triton.jit
+def _tile(q, k, v, live, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
+    """One tile's K (BLOCK, D_PAD) and V into the running softmax (m_i, l_i, acc) of q's
+    rows: slots not ``live`` weigh 0."""
+    if DOT_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    if IEEE:
+        sc = tl.dot(q, tl.trans(k), input_precision="ieee")
+    else:
+        sc = tl.dot(q, tl.trans(k))
+    sc = sc * qk_scale  # log2 domain: exp2(sc) = e^(q.k / sqrt(D))
+    sc = tl.where(live[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # split with no slot yet
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(sc - m_ref[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if IEEE:
+        pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc * alpha[:, None] + pv
+
+
 @triton.jit(do_not_specialize=VARYING)
 def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
                   sq_n, sq_h, so_n, so_h, skv_kv, skv_b, skv_h, skv_s, st_s,
                   n_sh, H_KV, G, qk_scale, splits,
                   D: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr,
                   G_PAD: tl.constexpr, BLOCK: tl.constexpr, GRAIN: tl.constexpr,
-                  DIRECT: tl.constexpr, IEEE: tl.constexpr, DOT_F32: tl.constexpr,
-                  PDL: tl.constexpr):
-    enter(PDL)
+                  EARLY: tl.constexpr, DIRECT: tl.constexpr, IEEE: tl.constexpr,
+                  DOT_F32: tl.constexpr, PDL: tl.constexpr):
     sh = tl.program_id(0)
     split = tl.program_id(1)
     s = sh // H_KV
     h = sh % H_KV
+    # The lengths and block tables come from the host before the step (no kernel writes
+    # them), and so may be read before enter's wait (the merge kernel says why).
     length = tl.load(SeqLens + s).to(tl.int32)  # slots [0, length) hold tokens
     per_split = _per_split(length, splits, GRAIN)
     lo = split * per_split
@@ -76,47 +102,49 @@ def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
     offs_n = tl.arange(0, BLOCK)
     g_ok = offs_g < G
     d_ok = offs_d < D
+    k_head = KV + h * skv_h
+    table = Tables + s * st_s
+    if EARLY:
+        # The first tile of the range before the wait, but for this step's slot (length
+        # - 1): a decode step writes only that one (the kernel before this one may be
+        # writing it now), so the rest hold what earlier steps wrote. Its loads then
+        # overlap the kernel before (a dependent launch) instead of following it. The
+        # step's slot is loaded after the wait and replaces the row (``now``), whatever
+        # was read before.
+        n1 = lo + offs_n
+        live1 = n1 < hi
+        blk1 = tl.load(table + n1 // BS, mask=live1, other=0).to(tl.int64)
+        at1 = k_head + (blk1 * skv_b + (n1 % BS) * skv_s)[:, None] + offs_d[None, :]
+        before = (live1 & (n1 < length - 1))[:, None] & d_ok[None, :]
+        k1 = tl.load(at1, mask=before, other=0.0)
+        v1 = tl.load(at1 + skv_kv, mask=before, other=0.0)
+    enter(PDL)
     # Query heads h * G + g of sequence s: (G_PAD, D_PAD)
     q = tl.load(Q + s * sq_n + (h * G + offs_g)[:, None] * sq_h + offs_d[None, :],
                 mask=g_ok[:, None] & d_ok[None, :], other=0.0)
     if DOT_F32:
         q = q.to(tl.float32)
-    k_head = KV + h * skv_h
-    table = Tables + s * st_s
 
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
-    for n0 in range(lo, hi, BLOCK):
+    first = lo
+    if EARLY:
+        now = (live1 & (n1 == length - 1))[:, None] & d_ok[None, :]
+        k1 = tl.where(now, tl.load(at1, mask=now, other=0.0), k1)
+        v1 = tl.where(now, tl.load(at1 + skv_kv, mask=now, other=0.0), v1)
+        m_i, l_i, acc = _tile(q, k1, v1, live1, m_i, l_i, acc, qk_scale, IEEE, DOT_F32)
+        first = lo + BLOCK
+    for n0 in range(first, hi, BLOCK):
         n = n0 + offs_n  # (BLOCK,) slots of this tile, gathered from their blocks
         live = n < hi
         blk = tl.load(table + n // BS, mask=live, other=0).to(tl.int64)
-        rows = blk * skv_b + (n % BS) * skv_s  # (BLOCK,) element offset of each slot
+        rows = blk * skv_b + (n % BS) * skv_s
         tile_mask = live[:, None] & d_ok[None, :]
         k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
-        if DOT_F32:
-            k = k.to(tl.float32)
-        if IEEE:
-            sc = tl.dot(q, tl.trans(k), input_precision="ieee")
-        else:
-            sc = tl.dot(q, tl.trans(k))
-        sc = sc * qk_scale  # log2 domain: exp2(sc) = e^(q.k / sqrt(D))
-        sc = tl.where(live[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # split with no slot yet
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(sc - m_ref[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(k_head + skv_kv + rows[:, None] + offs_d[None, :], mask=tile_mask,
                     other=0.0)
-        if DOT_F32:
-            v = v.to(tl.float32)
-        if IEEE:
-            pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-        else:
-            pv = tl.dot(p.to(v.dtype), v)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        m_i, l_i, acc = _tile(q, k, v, live, m_i, l_i, acc, qk_scale, IEEE, DOT_F32)
 
     if DIRECT:  # one split: the softmax is complete here
         out = acc / l_i[:, None]
@@ -198,7 +226,7 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), block_tables.stride(0),
         n_sh, h_kv, g, d ** -0.5 * LOG2E, splits,
         D=d, D_PAD=d_pad, BS=bs, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N,
-        GRAIN=front.SPLIT_GRAIN, DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
+        GRAIN=front.SPLIT_GRAIN, EARLY=front.EARLY_TILE, DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=front.SPLIT_WARPS,
         num_stages=2, **dep)
     if not direct:
