@@ -1672,6 +1672,8 @@ sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_pag
 KV38="W.KV_EPILOGUE = True"
 EARLY38="import llamadist.kernels.paged_attention as P; P.EARLY_TILE = True"
 MINB38="import llamadist.kernels.cuda_int4 as C; C.MIN_BLOCKS = 3"
+PF38="import llamadist.kernels.cuda_int4 as C; C.L2_PREFETCH"
+TF38="import llamadist.kernels.gpu as G; G.TRIGGER_FIRST = True"
 GRAIN38="import llamadist.kernels.paged_attention as P; P.SPLIT_GRAIN"
 PA37="import importlib.util, llamadist.kernels.gpu as G
 spec = importlib.util.spec_from_file_location('llamadist.kernels.gpu.pa37', '.whl/pa37.py')
@@ -1680,43 +1682,65 @@ G._MODULES['paged_attention'] = O"
 
 attn38() {  # issue 16, session 38, THE FIRST CALL of a session with a device: what is
     # likeliest to bring int4's batch-1 step to 0.4x of bf16's on the H200 (1.792 against
-    # 4.314 in session 37; 0.4x needs 1.726, and what also speeds bf16's step counts 60%):
+    # 4.314 in session 37; 0.4x needs 1.726; what speeds bf16's step too counts 60%):
+    # - int4_rows's L2 prefetch (cuda_int4.L2_PREFETCH, bytes of words a dependent launch's
+    #   first blocks bring into the L2 before their wait: o's 8.4 MB during the merge
+    #   kernel, the first wave of gate | up's during o; int4 only);
+    # - the Triton kernels letting the next launch before their own wait (gpu.
+    #   TRIGGER_FIRST: o's int4 kernel then launches, and prefetches, while the split and
+    #   merge kernels run, not only the merge);
     # - the paged split kernel's first tile loaded before its wait (paged_attention.
     #   EARLY_TILE; with the K/V store in q | k | v's epilogue, KV_EPILOGUE, those loads
-    #   overlap that projection, with the write kernel between only that kernel);
-    # - int4_rows with registers for three blocks an SM (cuda_int4.MIN_BLOCKS = 3, minb34's,
-    #   never run; by NVRTC's report here the step's gate | up with the norm takes 78
-    #   registers already, three blocks, and o and down go from 16 warps x 2 stages to 8 x 4);
-    # - split ranges of 16-slot grains under 64-slot tiles (paged_attention.SPLIT_GRAIN;
-    #   session 37's 32-slot tiles took 0.015 ms off the step at 192 slots).
-    # The GPU tests first: the paged kernels with the grain and the early tile on, MIN_BLOCKS'
-    # bits, and the tests changed for ROWS_MAX_M = 16 in session 37 (rows37's, not yet run on
-    # a GPU); then int4 + head and bf16 at batch 1, the likeliest first (~9 min)
+    #   overlap that projection, with the write kernel between only that kernel).
+    # The GPU tests first, with the grain, the early tile and the early trigger on (the
+    # paged kernels, the served graphs' greedy tokens, the dependent launch with the
+    # prefetch, the tests changed for ROWS_MAX_M = 16 in session 37, not yet run on a GPU),
+    # then int4 + head and bf16 at batch 1 (~9 min); attn38c and attn38b go on.
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
-    local b="--prompt-len 128 --gen-len 64 --batch 1"
     step tests_attn38 240 python3 -c "
-import sys, pytest, llamadist.kernels.paged_attention as P
+import sys, pytest, llamadist.kernels.paged_attention as P, llamadist.kernels.gpu as G
 P.SPLIT_GRAIN = 16
 P.EARLY_TILE = True
+G.TRIGGER_FIRST = True
 sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_paged_gpu.py',
                       'tests/gpu/test_cuda_graph.py', 'tests/gpu/test_cuda_int4_gpu.py',
                       'tests/gpu/test_wquant_torch_gpu.py', '-k', 'paged or greedy_tokens_equal '
-                      'or min_blocks or glu_through or rope_through or dependent_launches '
-                      'or buckets_compile']))"
+                      'or dependent_launch_waits or glu_through or rope_through '
+                      'or dependent_launches or buckets_compile']))"
     checkpoint
     ab i4h_b1 "" $q
-    ab bf16_b1 "" $b
+    ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
+    ab i4h_b1_pf16 "$PF38 = 16 << 20" $q
     ab i4h_b1_kv_early "$KV38
 $EARLY38" $q
-    ab i4h_b1_early "$EARLY38" $q
-    ab bf16_b1_early "$EARLY38" $b
-    ab i4h_b1_g16 "$GRAIN38 = 16" $q
-    ab bf16_b1_g16 "$GRAIN38 = 16" $b
-    ab i4h_b1_kv "$KV38" $q
-    ab i4h_b1_minb3 "$MINB38" $q
-    ab i4h_b1_kv_early_g16 "$KV38
+    ab i4h_b1_kv_early_pf16 "$KV38
 $EARLY38
-P.SPLIT_GRAIN = 16" $q
+$PF38 = 16 << 20" $q
+    ab i4h_b1_tf_pf16 "$TF38
+$PF38 = 16 << 20" $q
+    ab i4h_b1_tf "$TF38" $q
+    ab i4h_b1_pf32 "$PF38 = 32 << 20" $q
+    ab i4h_b1_early "$EARLY38" $q
+}
+
+attn38c() {  # issue 16, session 38, after attn38: the early trigger and the early tile in
+    # bf16, 8 MB of prefetch, the grain, the K/V store alone, MIN_BLOCKS = 3 at batch 1, and
+    # the prefetch at batch 4 and 8 and a 4 096-token prompt (~9 min)
+    local q="--quantize int4 --quantize-head --gen-len 64" b="--prompt-len 128 --gen-len 64"
+    checkpoint
+    ab i4h_b1 "" $q --prompt-len 128 --batch 1
+    ab bf16_b1_tf "$TF38" $b --batch 1
+    ab i4h_b1_pf8 "$PF38 = 8 << 20" $q --prompt-len 128 --batch 1
+    ab bf16_b1_early "$EARLY38" $b --batch 1
+    ab i4h_b1_g16 "$GRAIN38 = 16" $q --prompt-len 128 --batch 1
+    ab bf16_b1_g16 "$GRAIN38 = 16" $b --batch 1
+    ab i4h_b1_kv "$KV38" $q --prompt-len 128 --batch 1
+    ab i4h_b1_minb3 "$MINB38" $q --prompt-len 128 --batch 1
+    ab i4h_b4 "" $q --prompt-len 128 --batch 4
+    ab i4h_b4_pf16 "$PF38 = 16 << 20" $q --prompt-len 128 --batch 4
+    ab i4h_b8_pf16 "$PF38 = 16 << 20" $q --prompt-len 128 --batch 8
+    ab i4h_p4k "" $q --prompt-len 4096 --batch 1
+    ab i4h_p4k_pf16 "$PF38 = 16 << 20" $q --prompt-len 4096 --batch 1
 }
 
 attn38b() {  # issue 16, session 38, after attn38: 7eff09a's paged kernels (PA37: before
@@ -1747,8 +1771,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b) mkdir -p "$OUT"; setup; "$1"; summary ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|attn38c) mkdir -p "$OUT"; setup; "$1"; summary ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|attn38c|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac

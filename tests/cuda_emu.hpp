@@ -293,6 +293,15 @@ static inline void wait_all() {
 static inline void grid_wait() {}
 static inline void launch_dependents() {}
 
+// a hint with no effect to emulate, but its range must lie in a buffer the launch reads
+static inline void prefetch_l2_bulk(const void* p, u32 bytes) {
+    if ((uintptr_t)p % 16 || bytes % 16 || bytes == 0)
+        emu::fail("cp.async.bulk.prefetch: an address or size not a multiple of 16 bytes");
+    emu::check_global(p, (int)bytes, "cp.async.bulk.prefetch");
+}
+
+static inline void prefetch_l2(const void* p) { emu::check_global(p, 1, "prefetch.global.L2"); }
+
 static inline void ldmatrix_x4(u32 (&r)[4], u32 addr) {
     emu::Scratch& s = emu::scratch();
     const int lane = emu::S->cur->lane;

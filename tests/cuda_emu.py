@@ -95,12 +95,13 @@ def launch(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, n:
            group: int, tiles: int, cfg: C.RowsConfig, glu: bool = False, pdl: bool = False,
            exact: bool = False, persist_blocks: int = 3,
            source: str | None = None, rope: tuple | None = None,
-           kv: tuple | None = None) -> torch.Tensor:
+           kv: tuple | None = None, prefetch: int = 0) -> torch.Tensor:
     """cuda_int4.launch's product on CPU tensors, in the form ``cfg`` (a persist form's
     grid: ``persist_blocks`` blocks; ``source``: a variant of the kernel's text; ``rope``,
-    ``kv``: launch's (cos, sin, rot), (cache, slots, qcols))."""
+    ``kv``: launch's (cos, sin, rot), (cache, slots, qcols); ``prefetch``: the kernel's
+    PREFETCH bytes, with ``pdl``)."""
     return _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu, pdl, exact,
-                   persist_blocks, source, rope=rope, kv=kv)[1]
+                   persist_blocks, source, rope=rope, kv=kv, prefetch=prefetch)[1]
 
 
 def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Tensor,
@@ -115,7 +116,7 @@ def launch_norm(x: torch.Tensor, residual: torch.Tensor | None, gamma: torch.Ten
 
 
 def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False, exact=False,
-            persist_blocks=3, source=None, norm=None, rope=None, kv=None):
+            persist_blocks=3, source=None, norm=None, rope=None, kv=None, prefetch=0):
     """(h, y): the NORM kernel's residual stream (``norm``: (residual or None, gamma,
     eps)) or x, and the product."""
     m, k = x.shape
@@ -125,7 +126,7 @@ def _launch(x, packed, scales_zeros, n, group, tiles, cfg, glu=False, pdl=False,
     head = rope[0].shape[-1] if rope is not None else 0
     cs, sn = (rope[0].contiguous(), rope[1].contiguous()) if rope is not None else (None, None)
     d = C.defines(tiles, group, cfg, exact=exact, pdl=pdl, glu=glu, norm=norm is not None,
-                  rope=head, kvw=kv is not None)
+                  rope=head, kvw=kv is not None, prefetch=prefetch)
     fn = library(tuple(sorted(d.items())), source).emu_int4_rows
     y = torch.empty(m, n // 2 if glu else n, dtype=torch.bfloat16)
     blocks = C.tiles_of(cfg, n, glu or bool(head))

@@ -264,13 +264,13 @@ def defines(tiles: int, group: int, cfg: RowsConfig, exact: bool = False,
             probe: int = 0, hi_shift: bool = False, tma: bool = False,
             stagger: bool = False, pdl: bool = False, glu: bool = False,
             min_blocks: int = 1, norm: bool = False, rope: int = 0,
-            kvw: bool = False) -> dict[str, int]:
+            kvw: bool = False, prefetch: int = 0) -> dict[str, int]:
     return {"TILES": tiles, "GROUP": group, "WARPS": cfg.warps, "NB": cfg.nb,
             "STAGES": cfg.stages, "ROWS": cfg.rows, "CODES_EXACT": int(exact), "PROBE": probe,
             "WA": int(cfg.a_w), "HI_SHIFT": int(hi_shift), "TMA": int(tma),
             "STAGGER": int(stagger), "PERSIST": int(cfg.persist), "PDL": int(pdl),
             "GLU": int(glu), "MINB": min_blocks, "NORM": int(norm), "KP": int(cfg.kpair),
-            "ROPE": rope, "KVW": int(kvw)}
+            "ROPE": rope, "KVW": int(kvw), "PREFETCH": prefetch}
 
 
 # ---- kernels on a device -------------------------------------------------------------------
@@ -293,6 +293,13 @@ MIN_BLOCKS = 1
 # straight into registers) that calls of up to 4 rows take instead of the rule's. Not
 # measured yet.
 KPAIR = None
+# Bytes of words a dependent launch's first blocks bring into the L2 before they wait for
+# the kernel before (int4_rows.cu's PREFETCH: each block its whole tile; 0: none). The
+# decode step's int4 linears read 55-60% of the DRAM's bandwidth and the attention's
+# kernels between q | k | v and o little of it (RESULTS.md, sessions 33 and 38): o's words
+# (8.4 MB on Llama-3-8B), launched during the merge kernel, could come in before it starts,
+# and the first wave of gate | up's while o runs. Not yet timed (gpu_session.sh attn38).
+L2_PREFETCH = 0
 PERSIST_BLOCKS = 0  # a persist form's grid: one wave (0), or at most this many blocks (tests)
 # True: on sm_90+, always launched as a programmatic dependent launch (its words issued
 # before it waits for the kernel before it; see int4_rows.cu): tests and benchmarks. Else
@@ -313,13 +320,15 @@ def launch_defines(tiles: int, group: int, cfg: RowsConfig, arch: str,
                    pdl: bool = False, glu: bool = False, norm: bool = False,
                    rope: int = 0, kvw: bool = False) -> dict[str, int]:
     """int4_rows's -D values for this form on ``arch`` as launched now: the module's
-    switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS) where they apply
-    (NORM: not BULK or STAGGER)."""
+    switches (CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS, L2_PREFETCH) where
+    they apply (NORM: not BULK or STAGGER; L2_PREFETCH: a dependent launch, a tile a
+    block)."""
     tma = BULK and int(arch) >= 90 and not cfg.persist and not norm
     stagger = STAGGER and not tma and not cfg.persist and not norm  # cp.async options
     min_blocks = max(1, min(MIN_BLOCKS, 2048 // (cfg.warps * 32)))
+    prefetch = L2_PREFETCH if pdl and not tma and not cfg.persist and not cfg.kpair else 0
     return defines(tiles, group, cfg, CODES_EXACT, PROBE, HI_SHIFT, tma, stagger, pdl, glu,
-                   min_blocks, norm, rope, kvw)
+                   min_blocks, norm, rope, kvw, prefetch)
 
 
 def kernel(index: int, tiles: int, group: int, cfg: RowsConfig, *, pdl: bool = False,
@@ -691,7 +700,7 @@ def _rule_form(index: int, rows: int, n: int, k: int, tiles: int, group: int,
 
 def _switches() -> tuple:
     """The module switches a launch's -D values follow (``_rule_form``'s cache key)."""
-    return CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS, KPAIR
+    return CODES_EXACT, PROBE, HI_SHIFT, BULK, STAGGER, MIN_BLOCKS, KPAIR, L2_PREFETCH
 
 
 def rule_form(rows: int, n: int, k: int, tiles: int, group: int, sms: int, smem: int,

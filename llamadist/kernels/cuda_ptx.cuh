@@ -1,6 +1,7 @@
 // The PTX instructions int4_rows.cu builds on, one inline function each (handed to NVRTC
 // in memory beside cuda_mma.cuh): shared-memory addresses, cp.async and its groups,
-// ldmatrix, programmatic dependent launches, and the bit operations of its decode. A CPU
+// ldmatrix, programmatic dependent launches, L2 prefetches, and the bit operations of its
+// decode. A CPU
 // emulator of the kernel (tests/cuda_emu.hpp) that defines LLAMADIST_PTX_EMULATED brings
 // its own of each, so that the kernel's source runs on a CPU as it is.
 #pragma once
@@ -52,6 +53,17 @@ static __device__ __forceinline__ void grid_wait() {
 // the kernel after this one may be launched (it waits for this one's end)
 static __device__ __forceinline__ void launch_dependents() {
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+}
+
+// sm_90: BYTES (a multiple of 16) of global memory from p (16-byte aligned) into the L2,
+// no copy anywhere else and nothing to wait for (a hint the memory system may drop)
+static __device__ __forceinline__ void prefetch_l2_bulk(const void* p, u32 bytes) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" :: "l"(p), "r"(bytes) : "memory");
+}
+
+// the line of global memory holding p into the L2 (a hint, as prefetch_l2_bulk)
+static __device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
 }
 
 // four 8 x 8 matrices of b16 from shared memory: lanes 8 q .. 8 q + 7 give matrix q's row

@@ -64,6 +64,11 @@
 // halves of heads (columns d < D / 2 of a head), the rest the same n-tiles' partners (d +
 // D / 2), so its sums end with both of each pair; the columns below rot (q's and k's
 // heads) are rotated by the rows' cos and sin (M, D), the rest (v's) written as they are.
+// PREFETCH (0, or bytes; PDL, a tile a block): before griddepcontrol.wait the grid's first
+// blocks, up to PREFETCH bytes of words in all, also bring the rest of their tile's words
+// and its table into the L2 (prefetch_tile), so that a dependent launch that waits long
+// (after the attention, whose kernels leave the DRAM mostly idle) reads its words from
+// the L2.
 // KVW (0, 1; with ROPE): k's and v's heads (the columns from qcols on) also go straight
 // into the paged KV cache, kv (2, blocks, H_kv, bs, D) by its strides, at each row's slot
 // (slots (M,) int32): the K/V write kernel after RoPE, saved (y still gets every column).
@@ -115,6 +120,12 @@
 #endif
 #ifndef ROPE
 #define ROPE 0
+#endif
+#ifndef PREFETCH
+#define PREFETCH 0
+#endif
+#if PREFETCH && (!PDL || PERSIST || KP)
+#error "PREFETCH is a dependent launch's (PDL) option, a tile a block (not PERSIST or KP)"
 #endif
 #ifndef KVW
 #define KVW 0
@@ -374,6 +385,29 @@ static __device__ __forceinline__ int ntile(int t, int b, int NT) {
     return b < YNB ? i : nty + i;
 #endif
 }
+
+#if PREFETCH
+// PREFETCH: the block's words (each n-tile's run over all of K, contiguous in tinygemm's
+// layout) and its table's lines into the L2, before griddepcontrol.wait, where the grid's
+// blocks before it and it hold at most PREFETCH bytes of words (blocks start in order: the
+// first wave's, whose wait may be long, while the kernel before, attention or another
+// projection, leaves the DRAM idle or half used). A hint: nothing waits for it, and the
+// ring's copies read the same bytes, from the L2 where they came in time.
+static __device__ __forceinline__ void prefetch_tile(const u32* words, const u32* sz, int N,
+                                                     int K, int KT, int NT) {
+    const int run = KT * 32 * W * 4, chunk = 16384;  // bytes of an n-tile's words; a hint's
+    if ((unsigned long long)(blockIdx.x + 1) * NB * run > (unsigned long long)PREFETCH)
+        return;
+    const int chunks = (run + chunk - 1) / chunk, threads = WARPS * 32;
+    for (int i = threadIdx.x; i < NB * chunks; i += threads) {
+        const int b = i / chunks, at = (i % chunks) * chunk;
+        prefetch_l2_bulk((const char*)(words + (size_t)ntile(blockIdx.x, b, NT) * KT * 32 * W)
+                         + at, min(chunk, run - at));
+    }
+    for (int i = threadIdx.x; i < (K / GROUP) * NB; i += threads)  // 32 bytes each
+        prefetch_l2(sz + (size_t)(i / NB) * N + ntile(blockIdx.x, i % NB, NT) * 8);
+}
+#endif
 
 // ROPE's operands (unused else): cos and sin (M, D) bf16, and the columns it rotates; KVW's:
 // the cache, the rows' slots, k's first column, the cache's block size and strides
@@ -1117,6 +1151,9 @@ INT4_ROWS_ENTRY {
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s)
         issue(s, false);
+#if PREFETCH
+    prefetch_tile(words, sz, N, K, KT, NT);
+#endif
     grid_wait();
 #if STAGGER
     const int rot0 = rot;

@@ -265,14 +265,18 @@ def test_persistent_blocks_give_the_same_bits(warps, nb, stages, blocks, monkeyp
 
 @pytest.mark.skipif(torch.cuda.get_device_capability(0)[0] < 9 if torch.cuda.is_available()
                     else True, reason="programmatic dependent launches need sm_90")
-@pytest.mark.parametrize("warps,nb,stages,persist,stagger",
-                         [(8, 4, 4, False, False), (4, 2, 3, False, False),
-                          (4, 3, 2, False, True), (8, 4, 4, True, False)])
-def test_dependent_launch_waits_for_x(warps, nb, stages, persist, stagger, monkeypatch):
+@pytest.mark.parametrize("warps,nb,stages,persist,stagger,prefetch",
+                         [(8, 4, 4, False, False, 0), (4, 2, 3, False, False, 0),
+                          (4, 3, 2, False, True, 0), (8, 4, 4, True, False, 0),
+                          (8, 4, 2, False, False, 1 << 30), (16, 4, 2, False, False, 1 << 16)])
+def test_dependent_launch_waits_for_x(warps, nb, stages, persist, stagger, prefetch,
+                                      monkeypatch):
     """PDL (launched while the kernel before it may run: the words issued first, x only
     after griddepcontrol.wait): the same bits as a plain launch, eagerly and in a CUDA
-    graph where x is the output of the GEMM just before it."""
+    graph where x is the output of the GEMM just before it; with the L2 prefetch of every
+    block's words, or of the first blocks' (L2_PREFETCH), too."""
     monkeypatch.setattr(C, "STAGGER", stagger)
+    monkeypatch.setattr(C, "L2_PREFETCH", prefetch)
     for n, k, group in SHAPES:
         packed, sz, w64, tiles = _case(n, k, group, seed=k + 5)
         for m in (1, 3, 8, 16):

@@ -7,8 +7,9 @@ k-tiles, and n-tiles that do not fill the last block; gate | up against silu(gat
 the product; and the emulator's own checks (a read past a buffer, a slot read before its
 copies land); the add + RMSNorm prologue (NORM) against the norm then the product; RoPE in
 the epilogue (ROPE) against the product then the formula, with the norm too; k and v into
-the paged cache (KVW) at the rows' slots; and wquant_torch's device checks of those
-variants against the emulated kernel and faults. The forms the GPU has timed check the
+the paged cache (KVW) at the rows' slots; the L2 prefetch (PREFETCH) changing no bit and
+staying in bounds; and wquant_torch's device checks of those variants against the emulated
+kernel and faults. The forms the GPU has timed check the
 emulator; the k-pair forms (KP), NORM, ROPE and KVW are checked here before any GPU has
 run them."""
 
@@ -119,6 +120,42 @@ def test_a_read_past_the_words_is_caught(kind):
     with pytest.raises(RuntimeError, match="outside every buffer"):
         E.launch(_x(1, k, 0), packed[:-1].contiguous(), sz, n, group, tiles,
                  C.RowsConfig(8, 4, 1, 2, kpair=kind))
+
+
+@pytest.mark.parametrize("glu", [False, True])
+def test_the_l2_prefetch_changes_no_bit(glu):
+    """PREFETCH (a dependent launch's first blocks bring their tiles into the L2 before
+    the wait): a hint, so the product is the same bits with none, the first block's and
+    every block's; each prefetch lies inside the words and the table (the emulator's
+    bounds), n-tiles clamped past N included (6 n-tiles in blocks of 4)."""
+    cfg = C.RowsConfig(8, 4, 1, 2)
+    for i, (n, k, group) in enumerate([(48, 96, 32), (272, 640, 128), (64, 2048, 128)]):
+        packed, sz, w64, tiles = _case(n, k, group, seed=20 + i)
+        x = _x(1, k, seed=30 + i)
+        want = E.launch(x, packed, sz, n, group, tiles, cfg, glu=glu, pdl=True)
+        block = 4 * packed.numel() * 4 // (n // 8)  # an n-tile's words x NB = 4
+        for budget in (block, 1 << 30):
+            got = E.launch(x, packed, sz, n, group, tiles, cfg, glu=glu, pdl=True,
+                           prefetch=budget)
+            assert torch.equal(got, want), (n, k, budget)
+        if not glu:
+            _check(want, x, w64)
+
+
+def test_a_prefetch_past_the_words_is_caught_and_the_budget_keeps_blocks_out():
+    """Words 16 bytes short: the last n-tile's prefetch (its whole run, before the wait,
+    ahead of the ring's copies of its last k-tile) reads past them, an error naming the
+    prefetch; with a budget of the first block only, that block's prefetch is in bounds
+    and the ring's own copy is what reads past them."""
+    n, k, group = 64, 2048, 128  # 16 k-tiles: more than the warps take before the wait
+    packed, sz, _, tiles = _case(n, k, group)
+    short = packed.flatten()[:-4].contiguous()
+    cfg = C.RowsConfig(8, 4, 1, 2)
+    with pytest.raises(RuntimeError, match="cp.async.bulk.prefetch: .* outside every buffer"):
+        E.launch(_x(1, k, 0), short, sz, n, group, tiles, cfg, pdl=True, prefetch=1 << 30)
+    with pytest.raises(RuntimeError, match="^int4_rows .*: cp.async: .* outside every buffer"):
+        E.launch(_x(1, k, 0), short, sz, n, group, tiles, cfg, pdl=True,
+                 prefetch=4 * packed.numel() * 4 // (n // 8))
 
 
 def test_a_slot_read_before_its_copies_land_is_caught():

@@ -126,6 +126,13 @@ def custom_op(name: str, impl: Callable, mutates_args: tuple[str, ...] = (),
 # each kernel asks ``launch_dependent`` as it launches.
 _CHAIN = threading.local()
 PDL_DRIVER = 12030  # CUDA 12.3: stream capture keeps programmatic launches as graph edges
+# Where llamadist's Triton kernels let the kernel after them launch: False, after their
+# own wait (the kernel after starts once this one's kernel before has ended); True, before
+# it (once this one has started: the wait is what orders the data, so both are correct),
+# so a chain of short kernels (the paged write, split and merge) lets the projection after
+# them launch at their start and issue its first words (and its L2 prefetch, cuda_int4.
+# L2_PREFETCH) while they run. Not yet timed (gpu_session.sh attn38).
+TRIGGER_FIRST = False
 
 
 @functools.cache

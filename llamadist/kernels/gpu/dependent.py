@@ -17,13 +17,19 @@ from llamadist.kernels import gpu
 def enter(PDL: tl.constexpr):
     """With PDL: wait until the kernel before this one has finished and its writes are
     visible, then let the kernel after this one launch (it waits for this one the same
-    way). Without: nothing."""
-    if PDL:
+    way); PDL 2 (gpu.TRIGGER_FIRST): let it launch first, then wait. Without: nothing."""
+    if PDL == 2:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    elif PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
 
 
 def dependent(device: torch.device) -> dict:
-    """A launch's keyword arguments on ``device``: the kernel's PDL constexpr and Triton's
-    ``launch_pdl`` together, on where ``gpu.launch_dependent`` says so."""
-    return {"PDL": True, "launch_pdl": True} if gpu.launch_dependent(device) else {"PDL": False}
+    """A launch's keyword arguments on ``device``: the kernel's PDL constexpr (2 where
+    gpu.TRIGGER_FIRST) and Triton's ``launch_pdl`` together, on where
+    ``gpu.launch_dependent`` says so."""
+    if not gpu.launch_dependent(device):
+        return {"PDL": False}
+    return {"PDL": 2 if gpu.TRIGGER_FIRST else True, "launch_pdl": True}
