@@ -82,12 +82,13 @@ def stored_case(device: str) -> int:
 
 
 def early_case() -> int:
-    """EARLY_TILE's contract, on Triton's interpreter (CPU): the split kernel reads this
-    step's slot only after enter's wait. The slot holds NaN at the start of every program
-    (a hook on the interpreter's grid) and its k / v appear only at the wait (a stand-in
-    enter stores them, as the kernel before would have by then), so a read before the wait
-    shows as NaN in the output. Each case against the PyTorch path on the stored cache;
-    returns the failures."""
+    """EARLY_TILE's contract, on Triton's interpreter (CPU): the split kernel uses what the
+    kernel before it writes (q, and this step's K/V slot) only as read after enter's wait.
+    Both hold NaN at the start of every program (a hook on the interpreter's grid, whose
+    calls are counted) and their values appear only at the wait (a stand-in enter stores
+    them, as the kernel before would have by then), so any use of a value read before the
+    wait shows as NaN in the output. float32 and bfloat16, against the PyTorch path on the
+    stored cache; returns the failures."""
     import triton.runtime.interpreter as ti
 
     from llamadist.kernels import gpu
@@ -102,41 +103,51 @@ def early_case() -> int:
     ids = (torch.randperm(sum(need), generator=g) + 1).tolist()
     tables = [ids[sum(need[:i]):sum(need[:i + 1])] for i in range(len(lens))]
     batch = PagedBatch.build([(t, n - 1, 1) for t, n in zip(tables, lens)], bs)
-    kv = torch.randn(2, sum(need) + 1, h_kv, bs, d, generator=g)
-    q = torch.randn(len(lens), h, d, generator=g)
-    k, v = (torch.randn(len(lens), h_kv, d, generator=g) for _ in range(2))
-    want = PagedLayer(kv.clone(), batch).attend(q, k, v)
+    kv32 = torch.randn(2, sum(need) + 1, h_kv, bs, d, generator=g)
+    q32 = torch.randn(len(lens), h, d, generator=g)
+    k32, v32 = (torch.randn(len(lens), h_kv, d, generator=g) for _ in range(2))
     slots = batch.slot_mapping.tolist()
 
     def store(cache, kk, vv):
         for i, slot in enumerate(slots):
             cache[0, slot // bs, :, slot % bs], cache[1, slot // bs, :, slot % bs] = kk[i], vv[i]
 
-    nan = torch.full_like(k, float("nan"))
     saved = (m.enter, m.dependent, ti.interpreter_builder.set_grid_idx, front.EARLY_TILE,
              front.SPLIT_GRAIN)
     bad = 0
     try:
         front.EARLY_TILE = True
         m.dependent = lambda device: {"PDL": True}
-        for grain in (front.BLOCK_N, 16):
-            front.SPLIT_GRAIN = grain
-            for splits in (1, 2, 4):
-                cache = kv.clone()
-                m.enter = lambda pdl, c=cache: store(c, k, v) if pdl else None
+        for dtype in (torch.float32, torch.bfloat16):
+            kv, q, k, v = (t.to(dtype) for t in (kv32, q32, k32, v32))
+            want = PagedLayer(kv.clone(), batch).attend(q, k, v)
+            nan_q, nan_kv = torch.full_like(q, float("nan")), torch.full_like(k, float("nan"))
+            for grain in (front.BLOCK_N, 16):
+                front.SPLIT_GRAIN = grain
+                for splits in (1, 2, 4):
+                    cache, q_in, calls = kv.clone(), q.clone(), [0]
 
-                def program(x, y, z, c=cache):  # each program starts before the wait
-                    store(c, nan, nan)
-                    saved[2](x, y, z)
-                ti.interpreter_builder.set_grid_idx = program
-                out = m.attend(q, cache, batch.block_tables.to(torch.int32),
-                               batch.seq_lens.to(torch.int32), splits)
-                ti.interpreter_builder.set_grid_idx = saved[2]
-                err = (out - want).abs().max().item()  # NaN where read too early
-                ok = err <= TOL[torch.float32]
-                bad += not ok
-                print(f"early tile grain={grain} splits={splits}: out {err:.2e}"
-                      f"{'' if ok else '  FAIL'}")
+                    def arrive(pdl, c=cache, qi=q_in):  # the kernel before has ended
+                        if pdl:
+                            qi.copy_(q)
+                            store(c, k, v)
+                    m.enter = arrive
+
+                    def program(x, y, z, c=cache, qi=q_in, n=calls):  # before the wait
+                        n[0] += 1
+                        qi.copy_(nan_q)
+                        store(c, nan_kv, nan_kv)
+                        saved[2](x, y, z)
+                    ti.interpreter_builder.set_grid_idx = program
+                    out = m.attend(q_in, cache, batch.block_tables.to(torch.int32),
+                                   batch.seq_lens.to(torch.int32), splits)
+                    ti.interpreter_builder.set_grid_idx = saved[2]
+                    programs = len(lens) * h_kv * (splits + (h // h_kv if splits > 1 else 0))
+                    err = (out.float() - want.float()).abs().max().item()  # NaN: read early
+                    ok = err <= TOL[dtype] and calls[0] == programs
+                    bad += not ok
+                    print(f"early tile {str(dtype)[6:]} grain={grain} splits={splits}: out "
+                          f"{err:.2e}, {calls[0]} programs hooked{'' if ok else '  FAIL'}")
     finally:
         (m.enter, m.dependent, ti.interpreter_builder.set_grid_idx, front.EARLY_TILE,
          front.SPLIT_GRAIN) = saved
@@ -199,16 +210,18 @@ def main(device: str = "cpu", dtypes: tuple[str, ...] = ("float32", "bfloat16"))
     # tile, ranges starting inside a tile, splits left empty by short sequences, which the
     # merge does not read) and coarser (several tiles a range).
     default = front.SPLIT_GRAIN
-    for grain in (8, 2 * front.BLOCK_N):
-        front.SPLIT_GRAIN = grain
-        for case in CASES:
-            for splits in (4, 16):
-                err, kv_err = run_case(*case, torch.float32, device, splits)
-                ok = err <= TOL[torch.float32] and kv_err == 0.0
-                bad += not ok
-                print(f"float32 {case} grain={grain} splits={splits}: out {err:.2e} "
-                      f"kv {kv_err:.1e}{'' if ok else '  FAIL'}")
-    front.SPLIT_GRAIN = default
+    try:
+        for grain in (8, 2 * front.BLOCK_N):
+            front.SPLIT_GRAIN = grain
+            for case in CASES:
+                for splits in (4, 16):
+                    err, kv_err = run_case(*case, torch.float32, device, splits)
+                    ok = err <= TOL[torch.float32] and kv_err == 0.0
+                    bad += not ok
+                    print(f"float32 {case} grain={grain} splits={splits}: out {err:.2e} "
+                          f"kv {kv_err:.1e}{'' if ok else '  FAIL'}")
+    finally:
+        front.SPLIT_GRAIN = default
     if device == "cpu":
         bad += early_case()
     bad += stored_case(device)

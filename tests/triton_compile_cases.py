@@ -254,12 +254,12 @@ def paged_cases() -> None:
                 with _dependent():  # kernel's first tile before its wait (EARLY_TILE)
                     m.write_kv(q[:, :h_kv], q[:, :h_kv], kv, torch.zeros(s, dtype=torch.long))
                     m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
-                    front.EARLY_TILE = True
+                    front.EARLY_TILE, front.SPLIT_GRAIN = True, 16  # and ranges of grains
                     try:
                         for splits in (1, 4):
                             m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), splits)
                     finally:
-                        front.EARLY_TILE = False
+                        front.EARLY_TILE, front.SPLIT_GRAIN = False, front.BLOCK_N
                     gpu.TRIGGER_FIRST = True  # each lets the next launch before its wait
                     try:
                         m.write_kv(q[:, :h_kv], q[:, :h_kv], kv,

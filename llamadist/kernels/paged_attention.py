@@ -34,20 +34,24 @@ MAX_SPLITS = 64
 # The slots a split's range is a multiple of: a sequence's slots are cut into ``splits``
 # ranges of ceil(length / splits) rounded up to it. Below BLOCK_N a short sequence spreads
 # over more programs, each reading part of one tile (the rest of the tile masked: no bytes
-# read), while a long one's ranges stay whole tiles. On an H200 at 192 slots a 32-slot
-# tile took 0.015 ms off int4's batch-1 step and added 0.05 at 4 096 slots (RESULTS.md,
-# session 37); a grain of 32 or 16 under 64-slot tiles is to keep the first without the
-# second. 64 until timed (gpu_session.sh attn38).
+# read); a long one's programs walk no more tiles than at a grain of BLOCK_N (a range of
+# 80 slots at grain 16: a whole tile and one of 16 rows), though more of them may hold
+# slots. On an H200 at 192 slots a 32-slot tile took 0.015 ms off int4's batch-1 step and
+# added 0.05 at 4 096 slots, where each program walked two tiles (RESULTS.md, session 37);
+# a grain of 32 or 16 under 64-slot tiles is to keep the first without the second. 64
+# until timed (gpu_session.sh attn38).
 SPLIT_GRAIN = BLOCK_N
 # With dependent launches (llamadist.kernels.gpu.dependent_launches), the split kernel
 # loads its first tile of K and V before it waits for the kernel before it (q | k | v's
 # projection, or the K/V write), all but this step's slot, which it loads after: those
-# loads then overlap that kernel instead of following it. Off: not yet timed
-# (gpu_session.sh attn38).
+# loads then overlap that kernel instead of following it. Its length, block table and
+# tile loads are a chain of three reads before the wait (and before it lets the next
+# kernel launch, unless gpu.TRIGGER_FIRST). Off: not yet timed (gpu_session.sh attn38).
 EARLY_TILE = False
-# The fewest grains a split is given at the bucket's longest sequence: each split past
-# one costs the merge kernel (its launch, about 2 us of a decode step's chain on an H200),
-# so a short sequence is not split into one-grain programs (1: as many splits as grains).
+# The fewest grains (SPLIT_GRAIN slots; tiles until grains were apart from them) a split
+# is given at the bucket's longest sequence: each split past one costs the merge kernel
+# (its launch, about 2 us of a decode step's chain on an H200), so a short sequence is not
+# split into one-grain programs (1: as many splits as grains).
 MIN_SPLIT_TILES = 1
 # Warps a program of the split kernel. Its K and V tiles already come in through one
 # cp.async ring (Triton's 2 stages issue a tile's K and V together); what the warps change

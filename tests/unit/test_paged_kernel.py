@@ -11,11 +11,13 @@ import importlib.util
 
 import pytest
 
-from llamadist.kernels.paged_attention import MAX_SPLITS, SPLIT_GRAIN, num_splits
+from llamadist.kernels.paged_attention import MAX_SPLITS, num_splits
 from tests.interpreted import start_all
 
 
-def test_num_splits():
+def test_num_splits(monkeypatch):
+    from llamadist.kernels import paged_attention as front
+    monkeypatch.setattr(front, "SPLIT_GRAIN", front.BLOCK_N)  # ranges of whole tiles
     assert num_splits(8, 8192) == 64        # Llama-3-8B batch 1, long context: 2 per SM
     assert num_splits(8, 640) == 8          # 10 tiles of 64: 8 splits, each with a tile
     assert num_splits(1024, 8192) == 1      # batch 128: the rows fill the SMs already
@@ -24,14 +26,15 @@ def test_num_splits():
         for slots in (1, 64, 65, 1000, 131072):
             n = num_splits(rows, slots)
             assert n & (n - 1) == 0 and 1 <= n <= MAX_SPLITS
-            assert n <= max(1, -(-slots // SPLIT_GRAIN))
+            assert n <= max(1, -(-slots // front.SPLIT_GRAIN))
 
 
 def test_num_splits_counts_grains(monkeypatch):
     """A split's range is whole grains (SPLIT_GRAIN), not whole tiles: a finer grain gives a
     short bucket more splits, a long one as many as before (two per SM)."""
     from llamadist.kernels import paged_attention as front
-    assert num_splits(8, 256) == 4              # 4 tiles of 64 slots
+    monkeypatch.setattr(front, "SPLIT_GRAIN", 64)
+    assert num_splits(8, 256) == 4              # 4 grains of 64 slots
     monkeypatch.setattr(front, "SPLIT_GRAIN", 16)
     assert num_splits(8, 256) == 16             # 16 grains of 16 slots
     assert num_splits(8, 8192) == 64
@@ -60,9 +63,11 @@ def interpreted(tiny_models, tmp_path_factory):
 def test_kernel_interpreted_matches_pytorch_paged_path(interpreted):
     proc = interpreted["cpu"].result()
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
-    assert proc.stdout.count("splits=") == 46  # 2 dtypes x 4 cases x 3 split counts,
-    assert proc.stdout.count("grain=") == 22   # 2 grains x 4 cases x 2 split counts,
-    assert proc.stdout.count("early tile") == 6  # and EARLY_TILE's 2 grains x 3 splits
+    # 2 dtypes x 4 cases x 3 split counts; grains 8 and 128 x 4 cases x 2 split counts;
+    # EARLY_TILE's 2 dtypes x 2 grains x 3 split counts (the last two lines name a grain)
+    assert proc.stdout.count("splits=") == 24 + 16 + 12
+    assert proc.stdout.count("grain=") == 16 + 12
+    assert proc.stdout.count("early tile") == 12
     assert "stored k / v: out" in proc.stdout  # attend(q, None, None) (stored_case)
     assert "refused: paged decode attention takes 1 to 64 splits, not 65" in proc.stdout
 

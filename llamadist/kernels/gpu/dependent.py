@@ -1,8 +1,9 @@
 """The Triton side of programmatic dependent launches (``llamadist.kernels.gpu``'s
 ``dependent_launches`` says when they are on): a kernel takes a ``PDL`` constexpr, calls
-``enter(PDL)`` before its first load of anything a kernel may have written this step (only
-what no kernel writes, such as weights or the step's lengths, may be read before it), and
-is launched with ``**dependent(device)``."""
+``enter(PDL)`` before its first load of anything a kernel of this step may have written
+(before it only what none writes: the weights, the decode graph's lengths and block tables
+copied from the host, the K/V of earlier steps), and is launched with
+``**dependent(device)``."""
 
 from __future__ import annotations
 

@@ -90,8 +90,10 @@ def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
     split = tl.program_id(1)
     s = sh // H_KV
     h = sh % H_KV
-    # The lengths and block tables come from the host before the step (no kernel writes
-    # them), and so may be read before enter's wait (the merge kernel says why).
+    # The lengths and block tables may be read before enter's wait: with dependent
+    # launches (only inside a decode graph's capture) they are the bucket's static buffer,
+    # filled by a copy from the host before the replay, and no kernel of the step writes
+    # them (the merge kernel says why that is enough).
     length = tl.load(SeqLens + s).to(tl.int32)  # slots [0, length) hold tokens
     per_split = _per_split(length, splits, GRAIN)
     lo = split * per_split
@@ -169,8 +171,10 @@ def _merge_kernel(Acc, ML, Out, SeqLens, so_n, so_h, n_sh, H_KV, G, splits,
     # Only the splits that held slots (a bucket's split count is set by its longest
     # sequence: a shorter one leaves the rest empty, their partials not worth reading).
     # The length is read before enter's wait, so its latency overlaps the split kernel's
-    # end: no kernel writes it, and this kernel starts only once every program of the split
-    # kernel has passed its own wait (and so the writes before it are all visible).
+    # end: no kernel of the step writes it (a decode graph's static buffer, filled from the
+    # host before the replay; dependent launches are on only inside those graphs), and this
+    # kernel starts only once every program of the split kernel has started, after the
+    # kernel before the split kernel's had ended.
     length = tl.load(SeqLens + s).to(tl.int32)
     live = tl.minimum(tl.cdiv(length, _per_split(length, splits, GRAIN)), splits)
     enter(PDL)
@@ -226,7 +230,8 @@ def attend(q: torch.Tensor, kv: torch.Tensor, block_tables: torch.Tensor,
         kv.stride(0), kv.stride(1), kv.stride(2), kv.stride(3), block_tables.stride(0),
         n_sh, h_kv, g, d ** -0.5 * LOG2E, splits,
         D=d, D_PAD=d_pad, BS=bs, G_PAD=max(16, triton.next_power_of_2(g)), BLOCK=BLOCK_N,
-        GRAIN=front.SPLIT_GRAIN, EARLY=front.EARLY_TILE, DIRECT=direct, IEEE=q.dtype == torch.float32 or INTERPRETED,
+        GRAIN=front.SPLIT_GRAIN, EARLY=front.EARLY_TILE, DIRECT=direct,
+        IEEE=q.dtype == torch.float32 or INTERPRETED,
         DOT_F32=INTERPRETED and q.dtype == torch.bfloat16, num_warps=front.SPLIT_WARPS,
         num_stages=2, **dep)
     if not direct:
