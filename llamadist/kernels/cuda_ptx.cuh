@@ -1,9 +1,9 @@
 // The PTX instructions int4_rows.cu builds on, one inline function each (handed to NVRTC
 // in memory beside cuda_mma.cuh): shared-memory addresses, cp.async and its groups,
 // ldmatrix, programmatic dependent launches, L2 prefetches, and the bit operations of its
-// decode. A CPU
-// emulator of the kernel (tests/cuda_emu.hpp) that defines LLAMADIST_PTX_EMULATED brings
-// its own of each, so that the kernel's source runs on a CPU as it is.
+// decode. A CPU emulator of the kernel (tests/cuda_emu.hpp) that defines
+// LLAMADIST_PTX_EMULATED brings its own of each, so that the kernel's source runs on a CPU
+// as it is.
 #pragma once
 #include "cuda_mma.cuh"
 
