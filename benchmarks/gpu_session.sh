@@ -1674,6 +1674,7 @@ EARLY38="import llamadist.kernels.paged_attention as P; P.EARLY_TILE = True"
 MINB38="import llamadist.kernels.cuda_int4 as C; C.MIN_BLOCKS = 3"
 PF38="import llamadist.kernels.cuda_int4 as C; C.L2_PREFETCH"
 TF38="import llamadist.kernels.gpu as G; G.TRIGGER_FIRST = True"
+L2OP38="import llamadist.kernels.l2_prefetch as L; L.BUDGET"
 GRAIN38="import llamadist.kernels.paged_attention as P; P.SPLIT_GRAIN"
 PA37="import importlib.util, llamadist.kernels.gpu as G
 spec = importlib.util.spec_from_file_location('llamadist.kernels.gpu.pa37', '.whl/pa37.py')
@@ -1691,7 +1692,9 @@ attn38() {  # issue 16, session 38, THE FIRST CALL of a session with a device: w
     #   merge kernels run, not only the merge);
     # - the paged split kernel's first tile loaded before its wait (paged_attention.
     #   EARLY_TILE; with the K/V store in q | k | v's epilogue, KV_EPILOGUE, those loads
-    #   overlap that projection, with the write kernel between only that kernel).
+    #   overlap that projection, with the write kernel between only that kernel);
+    # - a kernel after each layer's attention asking the L2 for o's words and gate | up's
+    #   first (kernels.l2_prefetch.BUDGET, bytes; eager layers: int4's at batch 1).
     # The GPU tests first, with the grain, the early tile and the early trigger on (the
     # paged kernels, the served graphs' greedy tokens, the dependent launch with the
     # prefetch, the tests changed for ROWS_MAX_M = 16 in session 37, not yet run on a GPU),
@@ -1705,6 +1708,7 @@ G.TRIGGER_FIRST = True
 sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_paged_gpu.py',
                       'tests/gpu/test_cuda_graph.py', 'tests/gpu/test_cuda_int4_gpu.py',
                       'tests/gpu/test_wquant_torch_gpu.py', '-k', 'paged or greedy_tokens_equal '
+                      'or l2_prefetch '
                       'or dependent_launch_waits or glu_through or rope_through '
                       'or dependent_launches or buckets_compile']))"
     checkpoint
@@ -1719,16 +1723,26 @@ $PF38 = 16 << 20" $q
     ab i4h_b1_tf_pf16 "$TF38
 $PF38 = 16 << 20" $q
     ab i4h_b1_tf "$TF38" $q
+    ab i4h_b1_tf_l2op24 "$TF38
+$L2OP38 = 24 << 20" $q
     ab i4h_b1_pf32 "$PF38 = 32 << 20" $q
-    ab i4h_b1_early "$EARLY38" $q
 }
 
-attn38c() {  # issue 16, session 38, after attn38: the early trigger and the early tile in
-    # bf16, 8 MB of prefetch, the grain, the K/V store alone, MIN_BLOCKS = 3 at batch 1, and
-    # the prefetch at batch 4 and 8 and a 4 096-token prompt (~9 min)
+attn38c() {  # issue 16, session 38, after attn38: the L2 prefetch kernel after the
+    # attention alone, with the early trigger and int4_rows' own prefetch, and in bf16 (its
+    # eager layers only); the early tile alone; the early trigger and the early tile in
+    # bf16, 8 MB of int4_rows' prefetch, the grain, the K/V store alone, MIN_BLOCKS = 3 at
+    # batch 1, and int4_rows' prefetch at batch 4 and 8 and a 4 096-token prompt (~12 min:
+    # PART_S cuts it where it must)
     local q="--quantize int4 --quantize-head --gen-len 64" b="--prompt-len 128 --gen-len 64"
     checkpoint
     ab i4h_b1 "" $q --prompt-len 128 --batch 1
+    ab i4h_b1_l2op24 "$L2OP38 = 24 << 20" $q --prompt-len 128 --batch 1
+    ab i4h_b1_tf_pf16_l2op24 "$TF38
+$PF38 = 16 << 20
+$L2OP38 = 24 << 20" $q --prompt-len 128 --batch 1
+    ab bf16_b1_l2op24 "$L2OP38 = 24 << 20" $b --batch 1
+    ab i4h_b1_early "$EARLY38" $q --prompt-len 128 --batch 1
     ab bf16_b1_tf "$TF38" $b --batch 1
     ab i4h_b1_pf8 "$PF38 = 8 << 20" $q --prompt-len 128 --batch 1
     ab bf16_b1_early "$EARLY38" $b --batch 1

@@ -69,7 +69,7 @@ class _CompileOnly:
                 ("1" if a == 1 else "16n" if isinstance(a, int) and a % 16 == 0 else
                  type(a).__name__) for a in args)
             try:  # (a launch seen before hits Triton's in-memory cache)
-                k = self.fn.warmup(*args, grid=grid, **kwargs)
+                k = self.last = self.fn.warmup(*args, grid=grid, **kwargs)
                 err = (None if k.metadata.shared <= MAX_SHARED else
                        f"shared memory {k.metadata.shared} B > {MAX_SHARED} B")
                 note = f"shared {k.metadata.shared}"
@@ -267,6 +267,30 @@ def paged_cases() -> None:
                         m.attend(q, kv, tables, torch.ones(s, dtype=torch.int32), 4)
                     finally:
                         gpu.TRIGGER_FIRST = False
+    l2_prefetch_cases()
+
+
+def l2_prefetch_cases() -> None:
+    """kernels.l2_prefetch's kernel (part of the paged group: it runs after the attention),
+    plain and as a dependent launch either way round; its PTX must hold the bulk prefetch
+    (an inline asm the interpreter cannot run)."""
+    from llamadist.kernels import gpu
+    m = gpu.load("l2_prefetch")
+    _patch(m)
+    words = torch.zeros(1 << 18, dtype=torch.uint8)
+    table = torch.zeros(4096, dtype=torch.bfloat16)
+    found = [(words, words.numel()), (table, table.nbytes - 16)]
+    m.prefetch(found)
+    with _dependent():
+        m.prefetch(found)
+        gpu.TRIGGER_FIRST = True
+        try:
+            m.prefetch(found)
+        finally:
+            gpu.TRIGGER_FIRST = False
+    if "cp.async.bulk.prefetch.L2.global" not in m._prefetch_kernel.last.asm["ptx"]:
+        print("_prefetch_kernel: no cp.async.bulk.prefetch.L2.global in its PTX  FAIL")
+        _bad.add("_prefetch_kernel ptx")
 
 
 def decode_cases() -> None:

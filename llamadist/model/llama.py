@@ -105,6 +105,9 @@ class Attention(nn.Module):
         # The one-token attention; a kernel pass may swap it (see DecodeAttention).
         self.decode_attention: DecodeAttention = sdpa_decode_attention
         self.rotary_qk: RotaryQK | None = None  # a fused kernel for forward_flat
+        # Set by a kernel pass: weights into the L2 after a flat batch's attention, before
+        # o (llamadist.kernels.l2_prefetch).
+        self.l2_prefetch: Callable[[], None] | None = None
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.qkv_proj is not None:
@@ -244,7 +247,7 @@ class Attention(nn.Module):
         h = q.shape[-1] // hd  # explicit: N may be 0 (a CP rank)
         q = q.view(b * t, h, hd)  # (N, H, D)
         if k is None:  # stored in the cache by the projection's kernel (Attention.asks)
-            return self.o_proj(attend(q, None, None).reshape(b, t, h * hd))
+            return self.project_out(attend(q, None, None).reshape(b, t, h * hd))
         h_kv = k.shape[-1] // hd
         k = k.view(b * t, h_kv, hd)
         if not rotated:
@@ -255,7 +258,15 @@ class Attention(nn.Module):
             else:
                 q, k = (apply_rotary(z, cos[:, None], sin[:, None]) for z in (q, k))
         out = attend(q, k, v.reshape(b * t, h_kv, hd))  # (N, H, D)
-        return self.o_proj(out.reshape(b, t, h * hd))
+        return self.project_out(out.reshape(b, t, h * hd))
+
+    def project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """o_proj of a flat batch's attention output, the weights after it asked into the
+        L2 first where a pass set ``l2_prefetch`` (eager layers)."""
+        ask = eager(self.l2_prefetch)
+        if ask is not None:
+            ask()
+        return self.o_proj(out)
 
 
 def _token_rows(c: torch.Tensor, n: int) -> torch.Tensor:

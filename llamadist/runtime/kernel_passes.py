@@ -48,6 +48,11 @@ kernel serves which module, from a ``RuntimeConfig`` and the stage's device:
   batches (each Attention's ``rotary_qk``). The model runs its own formula under
   torch.compile, which Inductor fuses.
 
+* ``use_l2_prefetch``: on CUDA sm_90+, where llamadist.kernels.l2_prefetch.BUDGET is set,
+  each Attention's ``l2_prefetch``: o's weights and the MLP's first bytes asked into the
+  L2 after a flat batch's attention (eager layers), while the attention's kernels leave
+  the DRAM idle.
+
 Run them after loading and fusion, as ``apply_kernel_passes`` does in ``build_stage``.
 """
 
@@ -63,13 +68,13 @@ from torch import nn
 from llamadist.config import RuntimeConfig
 from llamadist.kernels import cpu_decode, cpu_step, gpu, huge_pages
 from llamadist.kernels import decode_attention as split_kv
-from llamadist.kernels import eager_fused
+from llamadist.kernels import eager_fused, l2_prefetch
 from llamadist.kernels import moe_grouped, moe_routed, wquant_torch
 from llamadist.kernels import paged_attention as paged_kernel
 from llamadist.kernels.quant import QuantizedTensor, RowStack
 from llamadist.kernels.wquant import as_packed_linear
 from llamadist.model.cache import Start
-from llamadist.model.llama import (MLP, Attention, DecodeAttention, RMSNorm,
+from llamadist.model.llama import (MLP, Attention, DecodeAttention, DecoderLayer, RMSNorm,
                                    sdpa_decode_attention)
 from llamadist.model.moe import SparseMoE
 
@@ -159,6 +164,25 @@ def use_eager_fused(model: nn.Module, device: torch.device,
             module.silu_mul = eager_fused.silu_mul if on else None
         elif isinstance(module, Attention):
             module.rotary_qk = eager_fused.rope if on else None
+    return on
+
+
+def use_l2_prefetch(model: nn.Module, device: torch.device,
+                    budget: int | None = None) -> bool:
+    """Give each decoder layer's Attention an ``l2_prefetch`` that asks the L2 for o's
+    weights and the MLP's first bytes, ``budget`` bytes in all (None: l2_prefetch.BUDGET;
+    0: none), after its attention (llamadist.kernels.l2_prefetch), where that runs on
+    ``device``; or take it away. Returns whether they are set."""
+    budget = l2_prefetch.BUDGET if budget is None else budget
+    on = budget > 0 and l2_prefetch.usable(device)
+    for module in model.modules():
+        if isinstance(module, DecoderLayer):
+            attn, mlp = module.self_attn, module.mlp
+            head = [] if mlp is None else (
+                [mlp.gate_up_proj] if mlp.gate_up_proj is not None
+                else [mlp.gate_proj, mlp.up_proj])
+            found = l2_prefetch.ranges([attn.o_proj], head, budget) if on else []
+            attn.l2_prefetch = functools.partial(l2_prefetch.prefetch, found) if found else None
     return on
 
 
@@ -330,4 +354,5 @@ def apply_kernel_passes(model: nn.Module, device: torch.device, runtime: Runtime
         set_decode_attention(model, runtime.decode_attention)
         use_grouped_experts(model)
         use_eager_fused(model, device, dtype, on=runtime.eager_kernels == "triton")
+        use_l2_prefetch(model, device)
     return model

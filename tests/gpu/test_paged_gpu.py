@@ -1,6 +1,7 @@
 """The paged decode path on CUDA: the Triton paged kernel against the PyTorch paged path,
 and the decode-only CUDA graphs (llamadist.runtime.paged_graphs) against eager paged
-steps and the static decode path, on tiny random models. Marked ``gpu``, skipped
+steps and the static decode path, on tiny random models; the L2 prefetch after the
+attention in those graphs. Marked ``gpu``, skipped
 without CUDA (the kernel's CPU check: tests/unit/test_paged_kernel.py)."""
 
 from __future__ import annotations
@@ -120,3 +121,24 @@ def test_engine_block_size_4_long_outputs(tiny_models):
     eager, _ = _engine_tokens(path, "float32", graphs=False, block_size=4)
     graph, _ = _engine_tokens(path, "float32", graphs=True, block_size=4)
     assert graph == eager == _static_alone(path, "float32")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available()
+                    or torch.cuda.get_device_capability(0)[0] < 9,
+                    reason="the L2 bulk prefetch needs sm_90")
+@pytest.mark.parametrize("trigger_first", [False, True])
+def test_l2_prefetch_in_the_graphs_keeps_the_tokens(tiny_models, trigger_first, monkeypatch):
+    """kernels.l2_prefetch after each layer's attention (o's weights, the MLP's first
+    bytes), in the decode graphs' chain of dependent launches (and with every Triton kernel
+    letting the next launch first, gpu.TRIGGER_FIRST): a hint, so the served tokens are the
+    same as without it, and the hooks were set."""
+    from llamadist.kernels import gpu, l2_prefetch
+    from llamadist.model.llama import Attention
+    path = tiny_models["llama3"]
+    want, _ = _engine_tokens(path, "bfloat16", graphs=True)
+    monkeypatch.setattr(l2_prefetch, "BUDGET", 1 << 20)
+    monkeypatch.setattr(gpu, "TRIGGER_FIRST", trigger_first)
+    got, model = _engine_tokens(path, "bfloat16", graphs=True)
+    assert got == want
+    attns = [m for s in model.stages for m in s.model.modules() if isinstance(m, Attention)]
+    assert attns and all(a.l2_prefetch is not None for a in attns)
