@@ -30,10 +30,10 @@ ALIGN = 16  # the bulk prefetch's address and size unit
 
 
 def usable(device: torch.device) -> bool:
-    """Whether ``prefetch`` can run on ``device``: CUDA sm_90+ with Triton (never under the
-    interpreter: its programs are PTX)."""
-    return (device.type == "cuda" and gpu.INSTALLED and not gpu.interpreted()
-            and torch.cuda.get_device_capability(device)[0] >= 9)
+    """Whether ``prefetch`` can run on ``device``: NVIDIA sm_90+ with Triton (not ROCm, never
+    under the interpreter: its programs are PTX)."""
+    return (device.type == "cuda" and torch.version.hip is None and gpu.INSTALLED
+            and not gpu.interpreted() and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def read_tensors(module: nn.Module, device_type: str = "cuda") -> list[torch.Tensor]:
