@@ -13,7 +13,7 @@
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
 #         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b fold37 rows37 line37 attn37
-#         perplexity head18 (or stash)
+#         attn38 attn38b attn38c perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
