@@ -1700,17 +1700,20 @@ attn38() {  # issue 16, session 38, THE FIRST CALL of a session with a device: w
     # prefetch, the tests changed for ROWS_MAX_M = 16 in session 37, not yet run on a GPU),
     # then int4 + head and bf16 at batch 1 (~9 min); attn38c and attn38b go on.
     local q="--quantize int4 --quantize-head --prompt-len 128 --gen-len 64 --batch 1"
-    step tests_attn38 240 python3 -c "
-import sys, pytest, llamadist.kernels.paged_attention as P, llamadist.kernels.gpu as G
+    local on="import llamadist.kernels.paged_attention as P, llamadist.kernels.gpu as G
 P.SPLIT_GRAIN = 16
 P.EARLY_TILE = True
-G.TRIGGER_FIRST = True
+G.TRIGGER_FIRST = True"
+    step tests_attn38 150 python3 -c "$on
+import sys, pytest
 sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_paged_gpu.py',
-                      'tests/gpu/test_cuda_graph.py', 'tests/gpu/test_cuda_int4_gpu.py',
-                      'tests/gpu/test_wquant_torch_gpu.py', '-k', 'paged or greedy_tokens_equal '
-                      'or l2_prefetch '
-                      'or dependent_launch_waits or glu_through or rope_through '
-                      'or dependent_launches or buckets_compile']))"
+                      '-k', 'not compiled',
+                      'tests/gpu/test_cuda_graph.py::test_graph_greedy_tokens_equal_eager']))"
+    step tests_attn38_rows 150 python3 -c "$on
+import sys, pytest
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rf', 'tests/gpu/test_cuda_int4_gpu.py',
+                      'tests/gpu/test_wquant_torch_gpu.py', '-k', 'dependent_launch or '
+                      'glu_through or rope_through or paged_cache or buckets_compile']))"
     checkpoint
     ab i4h_b1 "" $q
     ab bf16_b1 "" --prompt-len 128 --gen-len 64 --batch 1
