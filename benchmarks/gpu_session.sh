@@ -13,7 +13,7 @@
 #         ablate31 nocompile31 verify31 glu31 final31 fused32 fused32b fused32c fused32d
 #         timeline32 ceiling33 overlay33 ncu33 tile33 rope33 bf16b33 minb34 norm34 kp35
 #         kpnorm35 rope35 fold35 fold35b foldline35 fold36 fold36b fold37 rows37 line37 attn37
-#         attn38 attn38b attn38c perplexity head18 (or stash)
+#         attn38 attn38b attn38c line38 perplexity head18 (or stash)
 #
 # SmolLM2's perplexity per --quantize format (issue 16) needs its 92 MB GGUF there, over one
 # call's 64 MiB working tree: send it in two halves through a git-ignored folder, in two
@@ -1760,6 +1760,21 @@ $L2OP38 = 24 << 20" $q --prompt-len 128 --batch 1
     ab i4h_p4k_pf16 "$PF38 = 16 << 20" $q --prompt-len 4096 --batch 1
 }
 
+line38() {  # issue 16, session 38: one batch-1 int4 step kernel by kernel (paged_timeline.py)
+    # with the defaults, with int4_rows' prefetch and the early trigger, with the prefetch
+    # kernel and the early trigger, and with the K/V store and the early tile: where each
+    # moves time (o's and gate | up's ends after the merge kernel's) (~4 min)
+    local g="--quantize int4 --quantize-head --prompt-len 128 --gen-len 16 --batch 1"
+    checkpoint
+    with_set tl38_i4h_b1 "" benchmarks/paged_timeline.py $CK --devices cuda:0 $g
+    with_set tl38_i4h_b1_tf_pf16 "$TF38
+$PF38 = 16 << 20" benchmarks/paged_timeline.py $CK --devices cuda:0 $g
+    with_set tl38_i4h_b1_tf_l2op24 "$TF38
+$L2OP38 = 24 << 20" benchmarks/paged_timeline.py $CK --devices cuda:0 $g
+    with_set tl38_i4h_b1_kv_early "$KV38
+$EARLY38" benchmarks/paged_timeline.py $CK --devices cuda:0 $g
+}
+
 attn38b() {  # issue 16, session 38, after attn38: 7eff09a's paged kernels (PA37: before
     # SPLIT_GRAIN and the merge reading only the splits that held slots) beside the
     # defaults; batch 4, a 4 096-token prompt and a serving-sized cache (--max-seq-len
@@ -1788,8 +1803,8 @@ esac
 OUT=${OUT:?set OUT to a folder for the results}
 case ${1:-} in
     perplexity|head18) stash && mkdir -p "$OUT" && setup && "$1" ;;
-    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|attn38c) mkdir -p "$OUT"; setup; "$1"; summary ;;
+    kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|attn38c|line38) mkdir -p "$OUT"; setup; "$1"; summary ;;
     *) echo "usage: OUT=DIR bash benchmarks/gpu_session.sh" \
-            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|attn38c|perplexity|head18" \
+            "kernels|dense|recovery|coldstart|prefill|profile|timed|fused|firsttoken|coldspy|nocompile|stalls|loadpaths|fixes|targets|worker|q70b|offload|rows|mmarows|crossover|defer|near1|verify17|ab17|asm18|rows18|verify18|rows8|quantdecode|verify16|prof19|compile19|sweeps19|q8e2e19|int4rows20|int4ncu21|int4rule21|int4tma21|int4stagger21|int4persist22|int4pdl23|pdlchain23|verify23|timeline23|gptfast25|early26|early27|first27|compile27|waves27|cross27|int8rows27|verify27|timeline28|glu28|dep28|machine28|biased29|rule29|side29|grid29|final29|tests29|forms30|forms30b|final30|split30|verify30|ablate31|nocompile31|verify31|glu31|final31|fused32|fused32b|fused32c|fused32d|timeline32|ceiling33|overlay33|ncu33|tile33|rope33|bf16b33|minb34|norm34|kp35|kpnorm35|rope35|fold35|fold35b|foldline35|fold36|fold36b|fold37|rows37|line37|attn37|attn38|attn38b|attn38c|line38|perplexity|head18" \
             "(or stash)" >&2; exit 2 ;;
 esac
