@@ -15,10 +15,12 @@ CHUNK = 65536  # bytes a program asks for (a multiple of 16, as the bulk prefetc
 
 
 @triton.jit
-def _ask(base, offset, size):
-    """``size`` bytes (a multiple of 16) at ``base`` + ``offset`` (16-byte aligned) into
-    the L2: a hint, nothing waits for it."""
-    p = base.to(tl.pointer_type(tl.uint8)) + offset
+def _ask(base, nbytes, chunk, CHUNK: tl.constexpr):
+    """Chunk ``chunk`` of the ``nbytes`` bytes (a multiple of 16) at ``base`` (16-byte
+    aligned) into the L2: a hint, nothing waits for it."""
+    at = chunk * CHUNK
+    size = tl.minimum(nbytes - at, CHUNK).to(tl.int32)
+    p = base.to(tl.pointer_type(tl.uint8)) + at
     tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\n\tmov.u32 $0, 0;",
                               "=r,l,r", [p, size], dtype=tl.int32, is_pure=False, pack=1)
 
@@ -32,17 +34,13 @@ def _prefetch_kernel(A, B, C, D, na, nb, nc, nd, CHUNK: tl.constexpr, PDL: tl.co
     cb = ca + tl.cdiv(nb, CHUNK)
     cc = cb + tl.cdiv(nc, CHUNK)
     if pid < ca:
-        at = pid * CHUNK
-        _ask(A, at, tl.minimum(na - at, CHUNK).to(tl.int32))
+        _ask(A, na, pid, CHUNK)
     elif pid < cb:
-        at = (pid - ca) * CHUNK
-        _ask(B, at, tl.minimum(nb - at, CHUNK).to(tl.int32))
+        _ask(B, nb, pid - ca, CHUNK)
     elif pid < cc:
-        at = (pid - cb) * CHUNK
-        _ask(C, at, tl.minimum(nc - at, CHUNK).to(tl.int32))
+        _ask(C, nc, pid - cb, CHUNK)
     else:
-        at = (pid - cc) * CHUNK
-        _ask(D, at, tl.minimum(nd - at, CHUNK).to(tl.int32))
+        _ask(D, nd, pid - cc, CHUNK)
     enter(PDL)
 
 

@@ -54,6 +54,14 @@ def _per_split(length, splits, GRAIN: tl.constexpr):
 
 
 @triton.jit
+def _slot_rows(table, n, live, skv_b, skv_s, BS: tl.constexpr):
+    """(BLOCK,) element offset of each slot ``n`` of a sequence in its block of the cache
+    (the block from the sequence's ``table``; 0 where not ``live``)."""
+    blk = tl.load(table + n // BS, mask=live, other=0).to(tl.int64)
+    return blk * skv_b + (n % BS) * skv_s
+
+
+@triton.jit
 def _tile(q, k, v, live, m_i, l_i, acc, qk_scale, IEEE: tl.constexpr, DOT_F32: tl.constexpr):
     """One tile's K (BLOCK, D_PAD) and V into the running softmax (m_i, l_i, acc) of q's
     rows: slots not ``live`` weigh 0."""
@@ -115,8 +123,7 @@ def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
         # was read before.
         n1 = lo + offs_n
         live1 = n1 < hi
-        blk1 = tl.load(table + n1 // BS, mask=live1, other=0).to(tl.int64)
-        at1 = k_head + (blk1 * skv_b + (n1 % BS) * skv_s)[:, None] + offs_d[None, :]
+        at1 = k_head + _slot_rows(table, n1, live1, skv_b, skv_s, BS)[:, None] + offs_d[None, :]
         before = (live1 & (n1 < length - 1))[:, None] & d_ok[None, :]
         k1 = tl.load(at1, mask=before, other=0.0)
         v1 = tl.load(at1 + skv_kv, mask=before, other=0.0)
@@ -140,8 +147,7 @@ def _split_kernel(Q, KV, Tables, SeqLens, Acc, ML, Out,
     for n0 in range(first, hi, BLOCK):
         n = n0 + offs_n  # (BLOCK,) slots of this tile, gathered from their blocks
         live = n < hi
-        blk = tl.load(table + n // BS, mask=live, other=0).to(tl.int64)
-        rows = blk * skv_b + (n % BS) * skv_s
+        rows = _slot_rows(table, n, live, skv_b, skv_s, BS)
         tile_mask = live[:, None] & d_ok[None, :]
         k = tl.load(k_head + rows[:, None] + offs_d[None, :], mask=tile_mask, other=0.0)
         v = tl.load(k_head + skv_kv + rows[:, None] + offs_d[None, :], mask=tile_mask,
