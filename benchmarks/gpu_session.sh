@@ -26,7 +26,15 @@
 #          OUT=$OUT bash benchmarks/gpu_session.sh perplexity   (~6 min)
 #
 # From the repository root, with the wheels llamadist needs beside it in .whl/ and
-# .whl/serve/ (the device machine has no network: `pip download` them here). Every figure
+# .whl/serve/ (the device machine has no network: `pip download` them here). A new
+# checkout has no .whl/ (git ignores it); in the project's venv, make what the parts read:
+#   pip download -q --no-deps gguf==0.19.0 -d .whl
+#   python -c "from llamadist.weights.checkpoint import resolve_model_path as r
+#   from llamadist.weights.gguf import convert_gguf_to_hf as c
+#   c(r('smollm2-135m'), '.whl/smollm2-tok', dtype='bfloat16', progress=False)"
+#   rm .whl/smollm2-tok/*.safetensors   # the tokenizer's files stay (3.5 MB)
+#   git show 7eff09a:llamadist/kernels/gpu/paged_attention.py > .whl/pa37.py  # attn38b
+# and carry [".whl"] on each call. Every figure
 # goes through a checkpoint folder and the CLI or the benchmark scripts, as users run
 # them; the results land in $OUT, one file per command, for benchmarks/RESULTS.md, and
 # the part ends with a summary line per command on stdout (a call returns only a few files).
