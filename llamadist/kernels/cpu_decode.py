@@ -132,8 +132,10 @@ def _load():
             lib = ctypes.CDLL(str(path))
         except (OSError, RuntimeError) as e:
             log.warning("llamadist: the CPU decode kernels are unavailable (%s); CPU decode uses "
-                        "PyTorch's matmul, about half as fast. Install a C compiler (gcc) or "
-                        "set CC; RuntimeConfig(cpu_kernels=False) silences this.", e)
+                        "PyTorch's matmul, about half as fast, and a GGUF's blocks are "
+                        "dequantized at load, as with --weights float32 (several times their "
+                        "memory). Install a C compiler (gcc) or set CC; "
+                        "RuntimeConfig(cpu_kernels=False) silences this.", e)
             return None
         _lib = lib
         _layer_fn = lib.llamadist_decode_layer_f32

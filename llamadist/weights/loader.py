@@ -6,7 +6,9 @@ ever read. Every expected weight must arrive exactly once, with the right shape.
 
 ``native=True`` keeps a quantized checkpoint's block tensors (GGUF Q4_0 ... Q6_K) as
 they are, a ``QuantizedTensor`` (llamadist.kernels.quant) in the module's ``weight``
-slot instead of a Parameter, on CPU stages; on a GPU stage the decoder layers' block
+slot instead of a Parameter, on CPU stages where the C kernels are built (without a C
+compiler every call would unpack them through numpy, about 30x slower than float32: they
+are dequantized to the run's dtype at load, as --weights float32); on a GPU stage the decoder layers' block
 linears convert to int8 / int4 (a ``PackedWeight``, llamadist.kernels.wquant) and the
 rest (embedding, head) dequantize. ``quantize`` ("int8" | "int4" | "fp8") quantizes the
 decoder layers' linear weights at load from their float values (a GGUF's dequantized):
@@ -146,7 +148,7 @@ def _load_one(ckpt: Checkpoint, pname: str, src: str, shard: Shard | None,
     if fmt is not None and (LAYER_LINEAR.search(pname) or head and pname == "lm_head.weight"):
         w = ckpt.get(src, shard)  # float (a block tensor dequantized)
         return _quantized(w, fmt, device, dtype, src, staging)
-    if native and qtype is not None and device.type == "cpu":
+    if native and qtype is not None and device.type == "cpu" and cpu_quant.available():
         return ckpt.get_quantized(src, shard, dtype)
     half = _half_kept(ckpt, src, dtype) if native and device.type == "cpu" else None
     if half is not None:  # as a GGUF's F16 / BF16 tensors
@@ -225,7 +227,7 @@ def native_bytes(ckpt: Checkpoint, kind: str,
         if qtype is None:
             continue
         n, k = ckpt.shape(name)
-        if kind == "cpu":
+        if kind == "cpu" and cpu_quant.available():
             block, size = block_shape(qtype)
             out[name] = (n * k, n * (k // block) * size)
         elif kind == "cuda" and qtype not in HALF_TYPES and LAYER_LINEAR.search(name):

@@ -109,6 +109,23 @@ def test_missing_weight_still_fails_native(tiny, tmp_path):
         build_stage(ck, range(LAYERS), "cpu", torch.float32, 1, 16)
 
 
+def test_without_the_kernels_blocks_load_as_floats(tiny, monkeypatch):
+    """No C compiler: a CPU stage's GGUF blocks would be unpacked through numpy at every
+    call (measured ~30x slower than float32 on SmolLM2), so they load as --weights
+    float32's floats, and the planner counts their float bytes, not the blocks'."""
+    from llamadist.weights.loader import native_bytes
+    ck = open_checkpoint(tiny)
+    assert native_bytes(ck, "cpu")  # with the kernels: the blocks' bytes
+    monkeypatch.setattr(cpu_quant, "available", lambda: False)
+    assert native_bytes(ck, "cpu") == {}
+    native, ref = stage(tiny, "native"), stage(tiny, "float32")
+    for name, m in native.model.named_modules():
+        if "proj" in name or "head" in name or "embed" in name:
+            assert isinstance(m.weight, torch.nn.Parameter), (name, type(m.weight))
+    ids = torch.tensor([[5, 9, 30, 7, 2]])
+    assert torch.equal(logits(native, ids), logits(ref, ids))
+
+
 # ---- SmolLM2 Q4_1 ------------------------------------------------------------------
 PROMPT = "The three primary colors are"
 
