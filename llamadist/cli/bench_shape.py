@@ -83,7 +83,7 @@ class ShapeOptions:
     no_cpu_kernels: bool = False
     decode_attention: str = "split"
     eager_kernels: str | None = None    # --eager-kernels (None: RuntimeConfig's default)
-    batch: list[int] = field(default_factory=lambda: [1])   # int or "1,8,32" or a list
+    batch: list[int] = field(default_factory=lambda: [4])   # int or "1,8,32" or a list
     prompt_len: int = 64
     gen_len: int = 32
     stages: list[int] = field(default_factory=lambda: [1])  # uniform stages on one device
