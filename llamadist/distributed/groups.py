@@ -58,10 +58,6 @@ class Group:
         return self.ranks[0]
 
     @property
-    def last_rank(self) -> int:
-        return self.ranks[-1]
-
-    @property
     def next_rank(self) -> int:
         """Global rank after this one (wrapping: the last stage's next is the first)."""
         return self.ranks[(self.rank_in_group + 1) % self.world_size]

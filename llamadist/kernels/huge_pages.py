@@ -115,15 +115,3 @@ def _trim() -> None:
             _malloc_trim = False
     if _malloc_trim:
         _malloc_trim(0)
-
-
-def anon_huge_bytes() -> int:
-    """AnonHugePages of this process (bytes, /proc/self/smaps_rollup), 0 where unknown."""
-    try:
-        with open("/proc/self/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("AnonHugePages:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0

@@ -95,12 +95,6 @@ class Plan:
         """One token through every stage in turn (a single sequence, no overlap)."""
         return sum(s.predicted_time_s for s in self.stages)
 
-    def stage_of_layer(self, layer: int) -> Stage:
-        for s in self.stages:
-            if s.start <= layer < s.end:
-                return s
-        raise PlanningError(f"layer {layer} is in no stage of this plan")
-
     def validate(self, num_layers: int | None = None) -> "Plan":
         validate_stages(self.stages, self.num_layers if num_layers is None else num_layers)
         return self
