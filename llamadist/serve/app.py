@@ -30,7 +30,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llamadist.serve import responses
 from llamadist.serve.metrics import HttpMetrics
 from llamadist.serve.openai_api import Frontend, Job, sse
-from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse
+from llamadist.serve.protocol import (MAX_BODY_BYTES, ApiError, ChatRequest,
+                                      CompletionRequest, parse, too_large)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,31 @@ async def client_left(receive) -> None:
     once the response is complete)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+# A body over MAX_BODY_BYTES is read to its end (and dropped, never held) up to this size,
+# so that a client still sending it reads the 413 instead of a reset connection; one
+# declared or sent past it is answered at once, the rest unread.
+DISCARD_BYTES = 64 << 20
+
+
+async def read_body(request: Request) -> bytes:
+    """The request's body, or ApiError 413 past MAX_BODY_BYTES: this process never holds
+    more than the limit of it (a declared Content-Length past DISCARD_BYTES is refused
+    before any byte is read)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > DISCARD_BYTES:
+        raise too_large(declared)
+    body, size = bytearray(), 0
+    async for part in request.stream():
+        size += len(part)
+        if size > DISCARD_BYTES:
+            raise too_large(f"over {size}")
+        if size <= MAX_BODY_BYTES:
+            body += part
+    if size > MAX_BODY_BYTES:
+        raise too_large(size)
+    return bytes(body)
 
 
 @dataclass
@@ -60,6 +86,10 @@ class Server:
     async def admit(self, job: Job) -> None:
         """Queue the job's choices, or 429 when the queue would be over its limit."""
         n = len(job.choices)
+        if n > self.config.max_queue:  # never, not "retry later" (429)
+            raise ApiError(400, f"n: {n} choices (prompts x n), more than the queue ever "
+                                f"holds (--max-queue {self.config.max_queue}); send fewer",
+                           "n")
         if self.in_flight + n > self.config.max_queue:
             raise ApiError(429, f"the queue is full ({self.in_flight} requests queued or "
                                 f"running, --max-queue {self.config.max_queue}); retry later",
@@ -117,7 +147,7 @@ class Server:
     # ---- one completion request -------------------------------------------------------
     async def complete(self, request: Request, kind: str) -> Response:
         self.check_key(request)
-        body = await request.body()
+        body = await read_body(request)
         if kind == "chat":
             job = self.frontend.chat_job(parse(ChatRequest, body))
         else:

@@ -101,6 +101,8 @@ class ChatRequest(Sampling):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def check(self) -> None:
+        if self.max_tokens == 0:
+            raise ApiError(400, "max_tokens: must be >= 1 for a chat completion", "max_tokens")
         # null content is an assistant's (OpenAI: a tool-call turn); a user or system
         # turn without it would be sent to the model as an empty message
         for i, m in enumerate(self.messages):
@@ -130,6 +132,11 @@ class CompletionRequest(Sampling):
     logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     suffix: None = None
 
+    def check(self) -> None:
+        if self.max_tokens == 0 and not self.echo:  # echo + max_tokens 0 scores a text
+            raise ApiError(400, "max_tokens: 0 generates nothing; ask for >= 1, or send "
+                                "echo true (with logprobs) to score the prompt", "max_tokens")
+
     def limit(self) -> int | None:
         return 16 if self.max_tokens is None else self.max_tokens  # OpenAI's default
 
@@ -148,6 +155,10 @@ UNION_FORMS = {
             f"characters",
     "content": 'a string or a list of text parts ({"type": "text", "text": "..."})',
 }
+
+
+def too_large(size: int | str) -> ApiError:
+    return ApiError(413, f"body: {size} bytes, more than the limit of {MAX_BODY_BYTES}")
 
 
 def _where(loc: tuple) -> str:
@@ -180,19 +191,39 @@ def _first_error(errors: list[dict]) -> tuple[str, str]:
     return _where(field), f"expected {forms}"
 
 
+def _not_text(value: Any, loc: tuple = ()) -> str | None:
+    """Where in a parsed body a string holds a lone surrogate (valid JSON, no Unicode text:
+    the tokenizer cannot take it), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return _where(loc)
+    elif isinstance(value, dict):  # a key too: an error naming it must encode
+        return next((w for k, v in value.items()
+                     if (w := _not_text(k, loc) or _not_text(v, loc + (k,)))), None)
+    elif isinstance(value, list):
+        return next((w for i, v in enumerate(value) if (w := _not_text(v, loc + (i,)))), None)
+    return None
+
+
 def parse(kind: type[Strict], body: bytes) -> Any:
     """The request object of ``body``, or ApiError 400 naming the first bad field."""
     if len(body) > MAX_BODY_BYTES:
-        raise ApiError(413, f"body: {len(body)} bytes, more than the limit of "
-                            f"{MAX_BODY_BYTES}")
+        raise too_large(len(body))
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
         raise ApiError(400, f"body: not UTF-8 ({e.reason} at byte {e.start})") from None
-    except (json.JSONDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, a 5 000-digit integer
         raise ApiError(400, f"body: not valid JSON ({e})") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"body: expected a JSON object, got {type(data).__name__}")
+    where = _not_text(data)
+    if where is not None:
+        raise ApiError(400, f"{where}: holds a lone UTF-16 surrogate (an escape such as "
+                            f"\\ud800 with no pair), which is no text; send valid Unicode",
+                       where)
     try:
         request = kind.model_validate(data)
     except ValidationError as e:

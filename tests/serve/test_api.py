@@ -182,9 +182,25 @@ def test_errors_api_key_model_queue(client, tiny_server):
         client.chat.completions.create(model="gpt-4", messages=MSG, max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
         client.chat.completions.create(model="tiny", messages=MSG, max_tokens=10_000)
-    with pytest.raises(openai.RateLimitError, match="queue is full"):
+    # 13 choices never fit --max-queue 12: 400, not 429 (which the client would retry)
+    with pytest.raises(openai.BadRequestError, match="more than the queue ever holds"):
         client.completions.create(model="tiny", prompt="hi", max_tokens=2, n=13)
-    assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+    stream = client.completions.create(model="tiny", prompt="hi", max_tokens=200, n=12,
+                                       stream=True, extra_body={"ignore_eos": True})
+    next(iter(stream))  # 12 choices queued or running: the queue is full for now
+    try:
+        with pytest.raises(openai.RateLimitError, match="queue is full"):
+            client.completions.create(model="tiny", prompt="hi", max_tokens=2)
+    finally:
+        stream.close()
+    deadline = time.monotonic() + 30  # the closed stream's choices are cancelled
+    while True:
+        try:
+            assert client.completions.create(model="tiny", prompt="hi", max_tokens=2).choices
+            break
+        except openai.RateLimitError:
+            assert time.monotonic() < deadline, "the closed stream's choices stayed queued"
+            time.sleep(0.1)
 
 
 def test_disconnected_whole_request_is_cancelled(tiny_server):

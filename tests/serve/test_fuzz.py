@@ -5,6 +5,8 @@ body; then a valid request still succeeds."""
 
 import json
 import random
+import socket
+from http.client import HTTPResponse
 
 from tests.serve.conftest import API_KEY, http
 
@@ -84,3 +86,24 @@ def test_hostile_requests_get_4xx_and_the_server_keeps_serving(tiny_server):
     status, answer = http("POST", tiny_server.url + "/v1/chat/completions", CHAT, AUTH)
     assert status == 200 and json.loads(answer)["choices"][0]["message"]["role"] == "assistant"
     assert http("GET", tiny_server.url + "/health")[0] == 200
+
+
+def test_a_request_the_queue_can_never_hold_is_400_not_429(tiny_server):
+    """429 says retry later (the openai client retries it); 16 choices never fit 12."""
+    body = {**COMPLETION, "prompt": ["a", "b", "c", "d"], "n": 4}
+    status, answer = http("POST", tiny_server.url + "/v1/completions", body, AUTH)
+    assert status == 400, answer
+    assert "--max-queue 12" in json.loads(answer)["error"]["message"]
+
+
+def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(tiny_server):
+    """A 1 GiB Content-Length is answered 413 at once: nothing of it is read or held."""
+    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1073741824\r\n\r\n")
+    with socket.create_connection(("127.0.0.1", tiny_server.port), timeout=30) as s:
+        s.sendall(head + b'{"prompt": "')
+        answer = HTTPResponse(s)
+        answer.begin()
+        assert answer.status == 413
+        assert "more than the limit" in json.loads(answer.read())["error"]["message"]

@@ -59,3 +59,39 @@ def test_a_union_field_is_named_as_written(kind, body, param, says):
     assert err.param == param
     assert says in err.message
     assert "str" not in err.param and "[" not in err.param
+
+
+@pytest.mark.parametrize("kind, body, param", [
+    (CompletionRequest, '{"prompt": "\\ud800"}', "prompt"),
+    (CompletionRequest, '{"prompt": ["a", "b\\udc00"]}', "prompt.1"),
+    (ChatRequest, '{"messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages.0.content"),
+    (ChatRequest, '{"messages": [{"role": "user", "content": [{"type": "text", '
+                  '"text": "\\udc00"}]}]}', "messages.0.content.0.text"),
+    (ChatRequest, '{"messages": [{"role": "user", "content": "x", "\\ud800": 1}]}',
+     "messages.0"),
+])
+def test_a_lone_surrogate_is_no_text(kind, body, param):
+    """Valid JSON, but no Unicode text: the tokenizer raised on it (a 500)."""
+    with pytest.raises(ApiError) as info:
+        parse(kind, body.encode())
+    assert (info.value.status, info.value.param) == (400, param)
+    assert "surrogate" in info.value.message
+    json.dumps(info.value.body(), ensure_ascii=False).encode()  # the answer itself encodes
+
+
+def test_an_integer_past_python_s_digit_limit_is_bad_json():
+    """json.loads raises a plain ValueError past 4 300 digits (not a JSONDecodeError)."""
+    for body in ('{"prompt": "hi", "max_tokens": %s}', '{"prompt": [%s]}'):
+        with pytest.raises(ApiError) as info:
+            parse(CompletionRequest, (body % ("9" * 5000)).encode())
+        assert info.value.status == 400 and "not valid JSON" in info.value.message
+
+
+def test_max_tokens_zero_only_scores_a_prompt():
+    """0 new tokens means something only as echo + logprobs (scoring a text)."""
+    assert refusal(ChatRequest, {"messages": [{"role": "user", "content": "hi"}],
+                                 "max_tokens": 0}).param == "max_tokens"
+    assert "echo" in refusal(CompletionRequest, {"prompt": "hi", "max_tokens": 0}).message
+    parse(CompletionRequest, json.dumps({"prompt": "hi", "max_tokens": 0, "echo": True,
+                                         "logprobs": 1}).encode())
