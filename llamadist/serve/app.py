@@ -321,13 +321,22 @@ def build_app(server: Server) -> App:
         server.metrics.requests.labels("completions", str(resp.status_code)).inc()
         return resp
 
+    def model_card() -> dict:
+        return {"id": server.config.model_name, "object": "model", "created": 0,
+                "owned_by": "llamadist", "max_model_len": server.frontend.max_seq_len}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict:
         server.check_key(request)
-        f = server.frontend
-        return {"object": "list", "data": [{
-            "id": server.config.model_name, "object": "model", "created": 0,
-            "owned_by": "llamadist", "max_model_len": f.max_seq_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")  # the openai client's models.retrieve
+    async def model(request: Request, name: str) -> dict:
+        server.check_key(request)
+        if name != server.config.model_name:
+            raise ApiError(404, f"model: {name!r} is not served here (this server serves "
+                                f"{server.config.model_name!r})", "model", "not_found_error")
+        return model_card()
 
     @app.get("/health")
     async def health() -> Response:

@@ -74,7 +74,8 @@ class Frontend:
         if not self.tokenizer.chat_template:  # the tokenizer's own advice is the CLI's
             raise ApiError(400, "messages: this model has no chat template; send the text "
                                 "as a prompt to /v1/completions instead", "messages")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        messages = [{"role": "system" if m.role == "developer" else m.role,
+                     "content": m.text()} for m in body.messages]
         try:
             ids = self.tokenizer.encode_chat(messages)
         except TokenizerError as e:

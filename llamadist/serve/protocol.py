@@ -55,7 +55,8 @@ class TextPart(Strict):
 
 
 class Message(Strict):
-    role: Literal["system", "user", "assistant"]
+    # "developer": OpenAI's newer name for the system turn (the template gets "system")
+    role: Literal["system", "developer", "user", "assistant"]
     content: Union[StrictStr, list[TextPart], None] = None
     name: StrictStr | None = None
 
@@ -86,6 +87,10 @@ class Sampling(Strict):
     ignore_eos: StrictBool = False
     user: Annotated[StrictStr, Field(max_length=256)] | None = None
 
+    def check(self) -> None:
+        if self.stream_options is not None and not self.stream:
+            raise ApiError(400, "stream_options: only with stream true", "stream_options")
+
     def stops(self) -> tuple[str, ...]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if any(not s for s in stops):
@@ -101,6 +106,7 @@ class ChatRequest(Sampling):
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
     def check(self) -> None:
+        super().check()
         if self.max_tokens == 0:
             raise ApiError(400, "max_tokens: must be >= 1 for a chat completion", "max_tokens")
         # null content is an assistant's (OpenAI: a tool-call turn); a user or system
@@ -133,6 +139,7 @@ class CompletionRequest(Sampling):
     suffix: None = None
 
     def check(self) -> None:
+        super().check()
         if self.max_tokens == 0 and not self.echo:  # echo + max_tokens 0 scores a text
             raise ApiError(400, "max_tokens: 0 generates nothing; ask for >= 1, or send "
                                 "echo true (with logprobs) to score the prompt", "max_tokens")

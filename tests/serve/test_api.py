@@ -171,6 +171,20 @@ def test_health_metrics_models(client, tiny_server):
                  "llamadist_kv_cache_usage", "process_resident_memory_bytes"):
         assert name in m1
     assert [m.id for m in client.models.list()] == ["tiny"]
+    assert client.models.retrieve("tiny").max_model_len == 256
+    with pytest.raises(openai.NotFoundError, match="not served here"):
+        client.models.retrieve("gpt-4")
+
+
+def test_a_developer_turn_is_the_system_turn(client):
+    """OpenAI's newer clients send the system prompt as role "developer"."""
+    kw = dict(model="tiny", max_tokens=4, temperature=0, logprobs=True)
+    as_system = client.chat.completions.create(
+        messages=[{"role": "system", "content": "Be brief."}, *MSG], **kw)
+    as_developer = client.chat.completions.create(
+        messages=[{"role": "developer", "content": "Be brief."}, *MSG], **kw)
+    assert as_developer.usage.prompt_tokens == as_system.usage.prompt_tokens
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
 
 
 def test_errors_api_key_model_queue(client, tiny_server):

@@ -95,3 +95,11 @@ def test_max_tokens_zero_only_scores_a_prompt():
     assert "echo" in refusal(CompletionRequest, {"prompt": "hi", "max_tokens": 0}).message
     parse(CompletionRequest, json.dumps({"prompt": "hi", "max_tokens": 0, "echo": True,
                                          "logprobs": 1}).encode())
+
+
+def test_stream_options_only_with_a_stream():
+    for kind, body in ((ChatRequest, {"messages": [{"role": "user", "content": "hi"}]}),
+                       (CompletionRequest, {"prompt": "hi"})):
+        opts = {"stream_options": {"include_usage": True}}
+        assert refusal(kind, {**body, **opts}).param == "stream_options"
+        parse(kind, json.dumps({**body, **opts, "stream": True}).encode())
