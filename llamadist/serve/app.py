@@ -26,6 +26,7 @@ from importlib import resources
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from llamadist.serve import responses
 from llamadist.serve.metrics import HttpMetrics
@@ -58,12 +59,15 @@ async def read_body(request: Request) -> bytes:
     if declared.isdigit() and int(declared) > DISCARD_BYTES:
         raise too_large(declared)
     body, size = bytearray(), 0
-    async for part in request.stream():
-        size += len(part)
-        if size > DISCARD_BYTES:
-            raise too_large(f"over {size}")
-        if size <= MAX_BODY_BYTES:
-            body += part
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > DISCARD_BYTES:
+                raise too_large(f"over {size}")
+            if size <= MAX_BODY_BYTES:
+                body += part
+    except ClientDisconnect:  # answered to no one, but not logged as the app's failure
+        raise ApiError(499, "the client disconnected while sending its body") from None
     if size > MAX_BODY_BYTES:
         raise too_large(size)
     return bytes(body)

@@ -107,3 +107,16 @@ def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(tiny_server
         answer.begin()
         assert answer.status == 413
         assert "more than the limit" in json.loads(answer.read())["error"]["message"]
+
+
+def test_a_client_gone_mid_body_is_no_app_failure(tiny_server):
+    """A body cut short by the client's leaving: the request ends quietly (no "Exception
+    in ASGI application" with a traceback in the server's log) and serving goes on."""
+    with socket.create_connection(("127.0.0.1", tiny_server.port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                  + API_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n" + b'{"prompt"')
+    status, _ = http("POST", tiny_server.url + "/v1/completions", COMPLETION, AUTH)
+    assert status == 200
+    tiny_server.log.flush()
+    log = open(tiny_server.log.name).read()
+    assert "ClientDisconnect" not in log and "Exception in ASGI" not in log, log[-2000:]
