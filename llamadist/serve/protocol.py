@@ -198,19 +198,23 @@ def _first_error(errors: list[dict]) -> tuple[str, str]:
     return _where(field), f"expected {forms}"
 
 
-def _not_text(value: Any, loc: tuple = ()) -> str | None:
+def _not_text(data: Any) -> str | None:
     """Where in a parsed body a string holds a lone surrogate (valid JSON, no Unicode text:
-    the tokenizer cannot take it), or None."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return _where(loc)
-    elif isinstance(value, dict):  # a key too: an error naming it must encode
-        return next((w for k, v in value.items()
-                     if (w := _not_text(k, loc) or _not_text(v, loc + (k,)))), None)
-    elif isinstance(value, list):
-        return next((w for i, v in enumerate(value) if (w := _not_text(v, loc + (i,)))), None)
+    the tokenizer cannot take it), or None. A walk without recursion: a body nests as
+    deep as json.loads allows."""
+    todo = [((), data)]
+    while todo:
+        loc, value = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return _where(loc)
+        elif isinstance(value, dict):  # a key too: an error naming it must encode
+            for key, item in value.items():
+                todo += [(loc + (key,), item), (loc, key)]
+        elif isinstance(value, list):
+            todo += [(loc + (i,), item) for i, item in enumerate(value)]
     return None
 
 

@@ -103,3 +103,11 @@ def test_stream_options_only_with_a_stream():
         opts = {"stream_options": {"include_usage": True}}
         assert refusal(kind, {**body, **opts}).param == "stream_options"
         parse(kind, json.dumps({**body, **opts, "stream": True}).encode())
+
+
+def test_the_deepest_body_json_reads_is_answered_400():
+    """As deep as json.loads goes: the surrogate walk must not recurse past the limit."""
+    depth = 600  # json.loads: one frame a level; a recursive walk took two
+    with pytest.raises(ApiError) as info:
+        parse(CompletionRequest, ('{"prompt": ' + "[" * depth + "]" * depth + "}").encode())
+    assert (info.value.status, info.value.param) == (400, "prompt")
