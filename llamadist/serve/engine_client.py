@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 _END = object()
 
 
+class Stopping(RuntimeError):
+    """What a stream still open at the end of a shutdown's grace period ends with."""
+
+
 @dataclass(slots=True)
 class StepOutput:
     """One engine step's output for one request (engine.engine.RequestOutput's fields)."""
@@ -232,6 +236,22 @@ class EngineClient:
     def _forget(self, streams: list[EngineStream]) -> None:
         for s in streams:
             self._streams.pop(s.request_id, None)
+
+    def end_streams(self, why: str) -> None:
+        """Every open stream ends now, its reader raising ``Stopping(why)``; their requests
+        are cancelled (the server stops: a whole response is then answered 503, a stream
+        ends with an error event, not cut off)."""
+        streams = list(self._streams.values())
+        for s in streams:
+            s._push(Stopping(why))  # before cancel's end: the reader meets it first
+        self.cancel(streams)
+
+    def end_streams_later(self, delay_s: float, why: str) -> None:
+        """``end_streams`` in ``delay_s`` seconds; callable from any thread (a signal
+        handler)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.call_later, delay_s,
+                                            self.end_streams, why)
 
     def cancel(self, streams: list[EngineStream]) -> None:
         """Cancel the streams' requests (those not over yet); each stream ends now."""

@@ -70,6 +70,10 @@ class UvicornServer(uvicorn.Server):
         def stop(sig: int, _frame) -> None:
             if self.should_exit:  # a second signal: do not wait for open requests
                 self.force_exit = True
+            elif self.client is not None:  # what is still open near the grace period's
+                # end is answered (503, a stream's error event) before uvicorn cuts it
+                self.client.end_streams_later(max(GRACE_S - 1, 0), "the server is "
+                                              "shutting down (SIGTERM or SIGINT)")
             self.should_exit = True
         old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from llamadist.generation.params import SamplingParams
 from llamadist.generation.tokenizer import Tokenizer, TokenizerError
-from llamadist.serve.engine_client import EngineClient, EngineStream, StepOutput
+from llamadist.serve.engine_client import EngineClient, EngineStream, StepOutput, Stopping
 from llamadist.serve.protocol import ApiError, ChatRequest, CompletionRequest, Sampling
 
 
@@ -170,8 +170,8 @@ class Frontend:
                 if outs[-1].finished:
                     c.finish_reason = outs[-1].finish_reason
                 yield c, outs
-        except RuntimeError as e:  # the engine failed: the reader learns it
-            raise ApiError(503, f"the engine failed: {e}", kind="server_error") from None
+        except RuntimeError as e:  # the engine failed, or the server stops
+            raise _ended(e) from None
         finally:
             self.cancel(job)
 
@@ -202,7 +202,7 @@ class Frontend:
                     left -= 1
                     continue
                 if isinstance(out, BaseException):
-                    raise ApiError(503, f"the engine failed: {out}", kind="server_error")
+                    raise _ended(out)
                 c.outputs.append(out)
                 c.text += out.text
                 if out.finished:
@@ -212,6 +212,13 @@ class Frontend:
             self.cancel(job)
             for t in tasks:
                 t.cancel()
+
+
+def _ended(e: BaseException) -> ApiError:
+    """The 503 of a request whose stream ended in an error: the engine's, or the server's
+    stopping (engine_client.Stopping)."""
+    return ApiError(503, str(e) if isinstance(e, Stopping) else f"the engine failed: {e}",
+                    kind="server_error")
 
 
 def sse(data: dict | str) -> str:

@@ -5,6 +5,7 @@ with its watcher for a client that leaves."""
 
 import asyncio
 import json
+import pickle
 
 import pytest
 
@@ -175,3 +176,42 @@ def test_a_whole_stream_is_not_cut_by_its_own_end():
     assert [m.get("body") for m in sent[1:]] == [b"data: 0\n\n", b"data: 1\n\n",
                                                  b"data: 2\n\n", b""]
     assert released == [job] and cancelling == 0
+
+
+class Conn:
+    def __init__(self):
+        self.sent = []
+
+    def send_bytes(self, data: bytes) -> None:
+        self.sent.append(pickle.loads(data))
+
+
+@pytest.mark.parametrize("choices", [1, 2])
+def test_a_shutdown_ends_open_streams_with_a_503(choices):
+    """At the end of a shutdown's grace period (EngineClient.end_streams, scheduled by the
+    HTTP process's SIGTERM) an open request is answered, not cut: its reader (one choice:
+    ``steps``; several: ``outputs``) raises a 503 that says why, and its engine requests
+    are cancelled."""
+    from llamadist.serve.engine_client import EngineClient
+    from llamadist.serve.openai_api import Frontend
+    from llamadist.serve.protocol import ApiError
+
+    async def run():
+        conn = Conn()
+        client = EngineClient(conn)
+        client._loop = asyncio.get_running_loop()
+        job = Job("completion", None, [Choice(i, [1]) for i in range(choices)], None)
+        for i, c in enumerate(job.choices):
+            c.stream = client._streams[f"h{i}"] = EngineStream(client, f"h{i}")
+            c.stream._push(out(0))
+        client.end_streams_later(0.01, "the server is shutting down")
+        got = []
+        with pytest.raises(ApiError) as info:
+            async for _, o in Frontend(client, None, "m", 64, 10).outputs(job):
+                got.append(o)
+        return conn.sent, got, info.value
+
+    sent, got, err = asyncio.run(run())
+    assert len(got) == choices  # what came before is read first
+    assert err.status == 503 and err.message == "the server is shutting down"
+    assert sorted(sent[0][1]) == [f"h{i}" for i in range(choices)] and sent[0][0] == "cancel"
