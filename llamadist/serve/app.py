@@ -128,12 +128,11 @@ class Server:
         409 the only one serving); answers once the engine thread has done it."""
         self.check_key(request)
         given = request.query_params.get("replica")
-        try:
-            key = int(given)
-        except (TypeError, ValueError):
-            got = "none was given" if given is None else f"not {given!r}"
+        if given is None or not given.isdecimal() or not given.isascii():  # int() would
+            got = "none was given" if given is None else f"not {given!r}"  # take "1_0"
             raise ApiError(400, f"give the replica to {what} as ?replica=K (an integer), "
-                                f"{got}", param="replica") from None
+                                f"{got}", param="replica")
+        key = int(given)
         kw = {}
         if what == "drain":  # the running requests' KV: auto | migrate | replay [-direct|-relay]
             kw["kv"] = request.query_params.get("kv", "auto")  # checked by the engine's side

@@ -28,3 +28,10 @@ def test_a_missing_replica_is_said_to_be_missing():
 
 def test_a_bad_replica_is_quoted():
     assert "not 'x'" in admin(b"replica=x").message
+
+
+@pytest.mark.parametrize("given", ["1_0", "%201%20", "%D9%A1", "-1", "1.0"])
+def test_only_plain_digits_name_a_replica(given):
+    """int() takes "1_0" (10), " 1 " and other scripts' digits: a typo must not drain
+    another replica."""
+    assert "?replica=K" in admin(f"replica={given}".encode()).message
