@@ -22,6 +22,7 @@ import hmac
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -125,8 +126,15 @@ class Server:
 
     async def admin(self, request: Request, what: str) -> dict:
         """Drain or undrain replica ``?replica=K`` (400 a bad K, 404 no such replica,
-        409 the only one serving); answers once the engine thread has done it."""
+        409 the only one serving); answers once the engine thread has done it. A
+        browser's request from another site's page (its Origin not this server) is
+        refused (403): without a key, any page a user opens could drain a replica."""
         self.check_key(request)
+        origin = request.headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != request.headers.get("host"):
+            raise ApiError(403, f"admin requests come from this server's own origin, not "
+                                f"{origin!r} (a page of another site)",
+                           kind="permission_error")
         given = request.query_params.get("replica")
         if given is None or not given.isdecimal() or not given.isascii():  # int() would
             got = "none was given" if given is None else f"not {given!r}"  # take "1_0"

@@ -35,3 +35,18 @@ def test_only_plain_digits_name_a_replica(given):
     """int() takes "1_0" (10), " 1 " and other scripts' digits: a typo must not drain
     another replica."""
     assert "?replica=K" in admin(f"replica={given}".encode()).message
+
+
+@pytest.mark.parametrize("origin, status", [(b"http://evil.example", 403),
+                                            (b"http://127.0.0.1:8000", 400)])
+def test_another_site_s_page_cannot_drain(origin, status):
+    """A page of another site that POSTs /admin/drain from the user's browser (no key
+    needed on a keyless server) is refused before anything else; the server's own origin
+    goes on to the replica check."""
+    server = Server(None, None, ServeConfig("m"))
+    request = Request({"type": "http", "method": "POST", "path": "/admin/drain",
+                       "query_string": b"", "headers": [(b"origin", origin),
+                                                       (b"host", b"127.0.0.1:8000")]})
+    with pytest.raises(ApiError) as info:
+        asyncio.run(server.admin(request, "drain"))
+    assert info.value.status == status
