@@ -136,8 +136,9 @@ class Server:
                                 f"{origin!r} (a page of another site)",
                            kind="permission_error")
         given = request.query_params.get("replica")
-        if given is None or not given.isdecimal() or not given.isascii():  # int() would
-            got = "none was given" if given is None else f"not {given!r}"  # take "1_0"
+        # plain ASCII digits only: int() would take "1_0" (10) and " 1 "
+        if given is None or not (given.isascii() and given.isdecimal()):
+            got = "none was given" if given is None else f"not {given!r}"
             raise ApiError(400, f"give the replica to {what} as ?replica=K (an integer), "
                                 f"{got}", param="replica")
         key = int(given)
