@@ -1,5 +1,6 @@
 """The OpenAI API's request bodies, checked strictly: every field's type and range, no
-unknown field (a typo must not be silently ignored), the body's size. A bad request
+unknown field (a typo must not be silently ignored), the body's size (its limit here,
+enforced as app.read_body reads it). A bad request
 becomes ``ApiError`` (HTTP status, a message naming the field and the limit, the field),
 answered in the OpenAI error format; the server keeps serving.
 
@@ -219,9 +220,8 @@ def _not_text(data: Any) -> str | None:
 
 
 def parse(kind: type[Strict], body: bytes) -> Any:
-    """The request object of ``body``, or ApiError 400 naming the first bad field."""
-    if len(body) > MAX_BODY_BYTES:
-        raise too_large(len(body))
+    """The request object of ``body`` (app.read_body has held it to MAX_BODY_BYTES), or
+    ApiError 400 naming the first bad field."""
     try:
         data = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:
