@@ -96,13 +96,17 @@ def test_a_request_the_queue_can_never_hold_is_400_not_429(tiny_server):
     assert "--max-queue 12" in json.loads(answer)["error"]["message"]
 
 
+def raw_post(length: int, start: bytes) -> bytes:
+    """A completion request's head declaring a body of ``length`` bytes, and ``start``."""
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+            + API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {length}\r\n\r\n".encode() + start)
+
+
 def test_a_declared_body_over_the_limit_is_refused_before_it_is_read(tiny_server):
     """A 1 GiB Content-Length is answered 413 at once: nothing of it is read or held."""
-    head = (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-            + API_KEY.encode() + b"\r\nContent-Type: application/json\r\n"
-            b"Content-Length: 1073741824\r\n\r\n")
     with socket.create_connection(("127.0.0.1", tiny_server.port), timeout=30) as s:
-        s.sendall(head + b'{"prompt": "')
+        s.sendall(raw_post(1 << 30, b'{"prompt": "'))
         answer = HTTPResponse(s)
         answer.begin()
         assert answer.status == 413
@@ -113,8 +117,7 @@ def test_a_client_gone_mid_body_is_no_app_failure(tiny_server):
     """A body cut short by the client's leaving: the request ends quietly (no "Exception
     in ASGI application" with a traceback in the server's log) and serving goes on."""
     with socket.create_connection(("127.0.0.1", tiny_server.port), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                  + API_KEY.encode() + b"\r\nContent-Length: 100\r\n\r\n" + b'{"prompt"')
+        s.sendall(raw_post(100, b'{"prompt"'))
     status, _ = http("POST", tiny_server.url + "/v1/completions", COMPLETION, AUTH)
     assert status == 200
     tiny_server.log.flush()

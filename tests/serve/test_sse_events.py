@@ -178,14 +178,6 @@ def test_a_whole_stream_is_not_cut_by_its_own_end():
     assert released == [job] and cancelling == 0
 
 
-class Conn:
-    def __init__(self):
-        self.sent = []
-
-    def send_bytes(self, data: bytes) -> None:
-        self.sent.append(pickle.loads(data))
-
-
 @pytest.mark.parametrize("choices", [1, 2])
 def test_a_shutdown_ends_open_streams_with_a_503(choices):
     """At the end of a shutdown's grace period (EngineClient.end_streams, scheduled by the
@@ -195,6 +187,7 @@ def test_a_shutdown_ends_open_streams_with_a_503(choices):
     from llamadist.serve.engine_client import EngineClient
     from llamadist.serve.openai_api import Frontend
     from llamadist.serve.protocol import ApiError
+    from tests.serve.test_step_message import Conn
 
     async def run():
         conn = Conn()
@@ -209,7 +202,7 @@ def test_a_shutdown_ends_open_streams_with_a_503(choices):
         with pytest.raises(ApiError) as info:
             async for _, o in Frontend(client, None, "m", 64, 10).outputs(job):
                 got.append(o)
-        return conn.sent, got, info.value
+        return [pickle.loads(m) for m in conn.sent], got, info.value
 
     sent, got, err = asyncio.run(run())
     assert len(got) == choices  # what came before is read first
